@@ -1,0 +1,444 @@
+"""Channel coupling analysis: which weight slices must be removed together.
+
+Start reading at `analyze`. The algorithm:
+
+1. Every tensor axis that a rule mentions (a *dim*, ``(tensor, axis)`` with a static size > 1) gets one
+   *atom* per position along that axis.
+2. Each operator's `ChannelRule.couple` links atoms that are the same channel: an element-wise op links
+   each position of its input with the same position of its output; a Concat links input positions to
+   output positions at an offset; a Flatten links one input channel to a block of output features; a
+   Reshape into heads links one head to ``head_dim`` positions of the flat axis; a grouped conv links a
+   whole conv group. Linking many positions to one is how coarser units (heads, conv groups, GQA KV
+   heads) appear: they are simply larger connected components.
+3. Rules also *freeze* dims whose positions cannot be removed independently (graph inputs and outputs,
+   operators without a rule, axes a rule does not map, dims that meet run-time shapes) and mark dims
+   whose removal is only approximately equivalent as *inexact* (normalisation statistics over the axis).
+4. Connected components of the atom graph (scipy, vectorised) are *channels*: a channel is removed as a
+   whole. A channel is prunable when no frozen atom is in it and at least one initializer holds it.
+5. Channels that occupy exactly the same dims form a `ChannelGroup`: they compete with each other for
+   removal and always shrink the same tensors.
+
+Nothing here edits the model: `rewrite.apply_plan` does that, given the `ChannelAnalysis` and a plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import scipy.sparse
+import scipy.sparse.csgraph
+
+from onnxprune.graph import ModelGraph
+
+
+@dataclass(frozen=True)
+class DimRef:
+    tensor: str
+    axis: int
+
+    def __str__(self) -> str:
+        return f"{self.tensor}:{self.axis}"
+
+
+@dataclass(frozen=True)
+class Barrier:
+    node: str
+    op_type: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"node": self.node, "op_type": self.op_type, "reason": self.reason}
+
+
+class RuleBarrier(Exception):
+    """Raised by a rule: this node cannot pass channels; all its dims are frozen."""
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelSlice:
+    """The positions of one tensor axis that belong to a group, and which channel each one is."""
+
+    tensor: str
+    axis: int
+    positions: np.ndarray  # sorted positions along `axis`
+    channel_of: np.ndarray  # channel index (0..group.size-1) of each position
+    is_param: bool  # an initializer (its data is sliced), not an activation
+
+    def __str__(self) -> str:
+        return f"{self.tensor}[axis {self.axis}]"
+
+
+@dataclass(eq=False)
+class ChannelGroup:
+    """Coupled channels: removing channel k removes `positions[channel_of == k]` from every member."""
+
+    id: int
+    size: int
+    members: tuple[ChannelSlice, ...]
+    labels: np.ndarray  # component label of each channel
+    params_per_channel: np.ndarray  # parameter elements each channel holds
+    inexact: bool = False
+
+    @property
+    def params(self) -> int:
+        return int(self.params_per_channel.sum())
+
+    @property
+    def param_members(self) -> list[ChannelSlice]:
+        return [m for m in self.members if m.is_param]
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "channels": self.size,
+            "params": self.params,
+            "members": [str(m) for m in self.members if m.is_param],
+        }
+
+
+@dataclass
+class CouplingContext:
+    """What a rule sees while coupling one node; collects atom links, frozen and inexact dims."""
+
+    graph: ModelGraph
+    dims: dict[DimRef, tuple[int, int]] = field(default_factory=dict)  # -> (first atom, size)
+    n_atoms: int = 0
+    edges_a: list[np.ndarray] = field(default_factory=list)
+    edges_b: list[np.ndarray] = field(default_factory=list)
+    frozen: dict[DimRef, str] = field(default_factory=dict)
+    inexact: dict[DimRef, str] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
+    mentioned: set[DimRef] = field(default_factory=set)  # by the current node
+    node: onnx.NodeProto | None = None
+
+    # ---- shapes and constants -------------------------------------------------------------------
+    def shape(self, name: str):
+        return self.graph.shape(name)
+
+    def rank(self, name: str) -> int | None:
+        return self.graph.rank(name)
+
+    def size(self, name: str, axis: int):
+        return self.graph.size(name, axis)
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self.graph.const(name) if name else None
+
+    def axis(self, name: str, axis: int) -> int:
+        rank = self.rank(name)
+        if rank is None:
+            raise RuleBarrier(f"rank of {name!r} unknown")
+        if not -rank <= axis < rank:
+            raise RuleBarrier(f"axis {axis} out of range for {name!r}")
+        return axis % rank
+
+    # ---- coupling primitives --------------------------------------------------------------------
+    def atoms(self, name: str, axis: int) -> np.ndarray | None:
+        """Atom ids of a dim, allocated on first use; None if the dim is not static."""
+        ref = DimRef(name, axis)
+        if ref in self.dims:
+            start, n = self.dims[ref]
+            return np.arange(start, start + n)
+        n = self.size(name, axis)
+        if not isinstance(n, int) or n < 1:
+            return None
+        self.dims[ref] = (self.n_atoms, n)
+        self.n_atoms += n
+        return np.arange(self.n_atoms - n, self.n_atoms)
+
+    def link(self, a: str, axis_a: int, b: str, axis_b: int, pos_a=None, pos_b=None) -> None:
+        """Positions `pos_a` of dim (a, axis_a) are the same channels as `pos_b` of (b, axis_b).
+
+        With no positions given, the dims are identified position by position. A size-1 dim facing a
+        larger one is broadcasting and is left independent.
+        """
+        if not a or not b:
+            return
+        ra, rb = self.rank(a), self.rank(b)
+        if ra is None or rb is None:
+            return self._unknown(a, axis_a, b, axis_b)
+        axis_a, axis_b = axis_a % ra, axis_b % rb
+        self.mentioned.add(DimRef(a, axis_a))
+        self.mentioned.add(DimRef(b, axis_b))
+        sa, sb = self.size(a, axis_a), self.size(b, axis_b)
+        if pos_a is None and pos_b is None:
+            if sa == 1 or sb == 1:
+                return  # broadcasting: independent
+            if not isinstance(sa, int) or not isinstance(sb, int):
+                return self._unknown(a, axis_a, b, axis_b)
+            if sa != sb:
+                self.freeze(a, axis_a, f"size mismatch with {b}")
+                self.freeze(b, axis_b, f"size mismatch with {a}")
+                return
+        atoms_a, atoms_b = self.atoms(a, axis_a), self.atoms(b, axis_b)
+        if atoms_a is None or atoms_b is None:
+            if atoms_a is None and atoms_b is None:
+                return
+            return self._unknown(a, axis_a, b, axis_b)
+        ia = atoms_a if pos_a is None else atoms_a[np.asarray(pos_a, dtype=np.int64)]
+        ib = atoms_b if pos_b is None else atoms_b[np.asarray(pos_b, dtype=np.int64)]
+        if ia.shape != ib.shape:
+            raise ValueError(f"link of {a}:{axis_a} and {b}:{axis_b} with {ia.shape} vs {ib.shape} positions")
+        self.edges_a.append(ia)
+        self.edges_b.append(ib)
+
+    def _unknown(self, a: str, axis_a: int, b: str, axis_b: int) -> None:
+        # One side has no static size: the other side cannot be mapped position by position.
+        for name, ax in ((a, axis_a), (b, axis_b)):
+            if self.rank(name) is not None:
+                self.freeze(name, ax, "coupled to a dim of unknown size")
+
+    def link_all(self, a: str, b: str, axes_a=None, axes_b=None) -> None:
+        """Identify every axis of `a` with the matching axis of `b`, numpy-broadcasting from the right."""
+        ra, rb = self.rank(a), self.rank(b)
+        if ra is None or rb is None:
+            return self._freeze_both_all(a, b)
+        n = min(ra, rb)
+        for k in range(1, n + 1):
+            self.link(a, ra - k, b, rb - k)
+
+    def _freeze_both_all(self, a: str, b: str) -> None:
+        for name in (a, b):
+            self.freeze_tensor(name, "rank unknown")
+
+    def independent(self, name: str, axis: int) -> None:
+        """This dim is deliberately not coupled through the current node (e.g. read only for its shape)."""
+        rank = self.rank(name)
+        if rank is not None:
+            self.mentioned.add(DimRef(name, axis % rank))
+
+    def independent_tensor(self, name: str) -> None:
+        rank = self.rank(name)
+        for ax in range(rank or 0):
+            self.independent(name, ax)
+
+    def freeze(self, name: str, axis: int, reason: str) -> None:
+        rank = self.rank(name)
+        if rank is None:
+            return
+        axis %= rank
+        ref = DimRef(name, axis)
+        self.mentioned.add(ref)
+        if self.atoms(name, axis) is not None:
+            self.frozen.setdefault(ref, reason)
+
+    def freeze_tensor(self, name: str, reason: str) -> None:
+        for ax in range(self.rank(name) or 0):
+            self.freeze(name, ax, reason)
+
+    def mark_inexact(self, name: str, axis: int, reason: str) -> None:
+        """Removing channels of this dim changes results (e.g. a mean over it): prunable only on request."""
+        rank = self.rank(name)
+        if rank is None:
+            return
+        ref = DimRef(name, axis % rank)
+        self.mentioned.add(ref)
+        if self.atoms(name, axis % rank) is not None:
+            self.inexact.setdefault(ref, reason)
+
+    def set_role(self, name: str, role: str) -> None:
+        """Tag an initializer: 'weight' (scored), 'bias', 'scale', 'variance' or 'divisor' (masked to 1)."""
+        if self.graph.is_initializer(name):
+            self.roles.setdefault(name, role)
+
+
+@dataclass
+class ChannelAnalysis:
+    """Result of `analyze`: groups, barriers and the atom labelling the rewrite needs."""
+
+    graph: ModelGraph
+    groups: list[ChannelGroup]
+    barriers: list[Barrier]
+    dims: dict[DimRef, tuple[int, int]]
+    labels: np.ndarray  # component label of each atom
+    roles: dict[str, str]
+    frozen_reasons: dict[DimRef, str]
+
+    def group(self, gid: int) -> ChannelGroup:
+        return self.groups[gid]
+
+    def dim_labels(self, ref: DimRef) -> np.ndarray:
+        start, n = self.dims[ref]
+        return self.labels[start : start + n]
+
+    def removed_positions(self, removed_labels: np.ndarray) -> dict[DimRef, np.ndarray]:
+        """Positions to delete on every dim, given the component labels of the removed channels."""
+        out: dict[DimRef, np.ndarray] = {}
+        if len(removed_labels) == 0:
+            return out
+        removed_labels = np.asarray(removed_labels)
+        for ref in self.dims:
+            hit = np.flatnonzero(np.isin(self.dim_labels(ref), removed_labels))
+            if len(hit):
+                out[ref] = hit
+        return out
+
+    @property
+    def prunable_params(self) -> int:
+        return sum(g.params for g in self.groups if not g.inexact)
+
+
+def analyze(graph: ModelGraph, *, allow_inexact: bool = False) -> ChannelAnalysis:
+    """Find all coupled channel groups of a model.
+
+    Args:
+        graph: the model to analyse (normalised and shape-inferred, see `importer.import_model`).
+        allow_inexact: also return groups whose removal is only approximately equivalent (for
+            example hidden sizes normalised by LayerNorm); they are flagged ``inexact``.
+    """
+    from onnxprune.rules import RULES
+
+    ctx = CouplingContext(graph)
+    barriers: list[Barrier] = []
+    data_tensors_of: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        rule = RULES.get(node.domain, node.op_type)
+        ctx.mentioned = set()
+        ctx.node = node
+        tensors = [n for n in node.output if n]
+        if rule is None:
+            reason = f"no channel rule for {node.domain + '::' if node.domain else ''}{node.op_type}"
+            _freeze_node(ctx, node, reason)
+            barriers.append(Barrier(node.name, node.op_type, reason))
+            continue
+        if _has_subgraph(node):
+            reason = f"{node.op_type} has subgraphs"
+            _freeze_node(ctx, node, reason)
+            barriers.append(Barrier(node.name, node.op_type, reason))
+            continue
+        try:
+            rule.couple(node, ctx)
+        except RuleBarrier as exc:
+            _freeze_node(ctx, node, str(exc))
+            barriers.append(Barrier(node.name, node.op_type, str(exc)))
+            continue
+        # Safe by default: a dim of a data input/output that the rule did not map is frozen.
+        static = rule.static_inputs(node)
+        for i in static:
+            if i < len(node.input) and node.input[i]:
+                ctx.freeze_tensor(node.input[i], f"shape parameter of {node.name}")
+        tensors += [n for i, n in enumerate(node.input) if n and i not in static]
+        for name in tensors:
+            for ax in range(ctx.rank(name) or 0):
+                if DimRef(name, ax) not in ctx.mentioned:
+                    ctx.freeze(name, ax, f"{node.op_type} {node.name} does not map axis {ax}")
+        data_tensors_of[node.name] = tensors
+    for name in graph.graph_inputs + graph.graph_outputs:
+        ctx.freeze_tensor(name, "graph input/output")
+    _freeze_subgraph_references(ctx, graph)
+
+    labels = _components(ctx)
+    frozen_labels = _labels_of(ctx, labels, ctx.frozen)
+    inexact_labels = _labels_of(ctx, labels, ctx.inexact)
+    groups = _build_groups(ctx, labels, frozen_labels, inexact_labels, allow_inexact)
+    return ChannelAnalysis(graph, groups, barriers, dict(ctx.dims), labels, dict(ctx.roles), dict(ctx.frozen))
+
+
+def _freeze_node(ctx: CouplingContext, node: onnx.NodeProto, reason: str) -> None:
+    for name in list(node.input) + list(node.output):
+        if name:
+            ctx.freeze_tensor(name, reason)
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _freeze_subgraph_references(ctx: CouplingContext, graph: ModelGraph) -> None:
+    from onnxprune.importer import _subgraph_inputs
+
+    for node in graph.nodes:
+        if _has_subgraph(node):
+            for name in _subgraph_inputs(node):
+                ctx.freeze_tensor(name, f"read inside a subgraph of {node.name}")
+
+
+def _components(ctx: CouplingContext) -> np.ndarray:
+    n = ctx.n_atoms
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if ctx.edges_a:
+        a = np.concatenate(ctx.edges_a)
+        b = np.concatenate(ctx.edges_b)
+    else:
+        a = b = np.zeros(0, dtype=np.int64)
+    adj = scipy.sparse.coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    _, labels = scipy.sparse.csgraph.connected_components(adj, directed=False)
+    return labels.astype(np.int64)
+
+
+def _labels_of(ctx: CouplingContext, labels: np.ndarray, dims: dict[DimRef, str]) -> set[int]:
+    out: set[int] = set()
+    for ref in dims:
+        start, n = ctx.dims[ref]
+        out.update(np.unique(labels[start : start + n]).tolist())
+    return out
+
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+def _build_groups(ctx, labels, frozen_labels, inexact_labels, allow_inexact) -> list[ChannelGroup]:
+    graph = ctx.graph
+    # Which labels hold weights at all: only those can be worth removing.
+    param_labels: set[int] = set()
+    for ref, (start, n) in ctx.dims.items():
+        if graph.is_initializer(ref.tensor) and graph.dtype(ref.tensor) in _FLOAT_TYPES:
+            param_labels.update(np.unique(labels[start : start + n]).tolist())
+    blocked = frozen_labels if allow_inexact else frozen_labels | inexact_labels
+    prunable = np.array(sorted(param_labels - blocked), dtype=np.int64)
+    if len(prunable) == 0:
+        return []
+    # Signature of a label = the dims it occupies; labels with one signature form one group.
+    signature: dict[int, list[int]] = {}
+    dim_list = list(ctx.dims.items())
+    for d, (ref, (start, n)) in enumerate(dim_list):
+        present = np.unique(labels[start : start + n])
+        present = present[np.isin(present, prunable)]
+        for lab in present.tolist():
+            signature.setdefault(lab, []).append(d)
+    by_sig: dict[tuple[int, ...], list[int]] = {}
+    for lab, dims in signature.items():
+        by_sig.setdefault(tuple(dims), []).append(lab)
+    by_sig = {sig: labs for sig, labs in by_sig.items() if len(labs) > 1}  # one channel: never removable
+
+    groups: list[ChannelGroup] = []
+    for sig, labs in by_sig.items():
+        # Channel order: by first position in the first dim (stable, readable).
+        first_ref, (start, n) = dim_list[sig[0]]
+        first_labels = labels[start : start + n]
+        order = sorted(labs, key=lambda lab: int(np.argmax(first_labels == lab)))
+        lab_arr = np.array(order, dtype=np.int64)
+        index_of = {lab: i for i, lab in enumerate(order)}
+        members: list[ChannelSlice] = []
+        params = np.zeros(len(order), dtype=np.int64)
+        for d in sig:
+            ref, (start, n) = dim_list[d]
+            dim_labels = labels[start : start + n]
+            pos = np.flatnonzero(np.isin(dim_labels, lab_arr))
+            ch = np.array([index_of[lab] for lab in dim_labels[pos].tolist()], dtype=np.int64)
+            is_param = graph.is_initializer(ref.tensor)
+            members.append(ChannelSlice(ref.tensor, ref.axis, pos, ch, is_param))
+            if is_param:
+                shape = graph.shape(ref.tensor)
+                per_position = int(np.prod([s for i, s in enumerate(shape) if i != ref.axis], dtype=np.int64))
+                np.add.at(params, ch, per_position)
+        inexact = bool(set(order) & inexact_labels)
+        groups.append(ChannelGroup(len(groups), len(order), tuple(members), lab_arr, params, inexact))
+    groups.sort(key=lambda g: min(_first_node_index(ctx, m.tensor) for m in g.members))
+    for i, g in enumerate(groups):
+        g.id = i
+    return groups
+
+
+def _first_node_index(ctx: CouplingContext, tensor: str) -> int:
+    cache = getattr(ctx, "_node_index", None)
+    if cache is None:
+        cache = {}
+        for i, node in enumerate(ctx.graph.nodes):
+            for name in list(node.input) + list(node.output):
+                cache.setdefault(name, i)
+        ctx._node_index = cache
+    return cache.get(tensor, 1 << 30)

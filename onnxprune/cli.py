@@ -1,0 +1,167 @@
+"""Command line: a thin composition of the importer and passes.
+
+    onnxprune MODEL.onnx                 same as `onnxprune prune MODEL.onnx`
+    onnxprune analyze MODEL.onnx [--json]
+    onnxprune prune MODEL.onnx [-o OUT] [--ratio R] [--global] [--round-to N] [--criterion C] [--json]
+
+Exit codes: 0 success, 1 model or run error, 2 usage error; errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from onnxprune import __version__
+from onnxprune.errors import OnnxPruneError, UsageError
+
+SUBCOMMANDS = ("analyze", "prune", "compile", "run", "sensitivity")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        raise UsageError(message)
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxprune", description="Structured channel pruning for any ONNX model.")
+    parser.add_argument("--version", action="version", version=f"onnxprune {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("analyze", help="coupled channel groups, prunable params and MACs, barriers")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--allow-inexact", action="store_true", help="include LayerNorm/softmax-coupled groups")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("prune", help="remove channels and write the pruned model")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", help="output path (default: MODEL.pruned.onnx beside the input)")
+    p.add_argument("--ratio", type=_ratio, default=0.3, help="fraction of channels to remove per group [0, 1)")
+    p.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups")
+    p.add_argument("--round-to", type=_positive_int, default=1, help="keep a multiple of N channels")
+    p.add_argument("--criterion", default="l1", help="importance criterion: l1, l2, random")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random criterion")
+    p.add_argument("--allow-inexact", action="store_true", help="also prune LayerNorm/softmax-coupled groups")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_prune)
+
+    try:
+        from onnxprune.targets import cli as targets_cli
+    except ImportError:
+        targets_cli = None
+    if targets_cli is not None and hasattr(targets_cli, "register"):
+        targets_cli.register(sub)
+    return parser
+
+
+def _load(path: str):
+    from onnxprune.importer import import_model
+
+    return import_model(path)
+
+
+def cmd_analyze(args) -> int:
+    from onnxprune.channels import analyze
+    from onnxprune.graph import ModelGraph
+    from onnxprune.metrics import count_macs, count_params
+
+    graph = ModelGraph(_load(args.model))
+    analysis = analyze(graph, allow_inexact=args.allow_inexact)
+    result = {
+        "input": args.model,
+        "params": count_params(graph),
+        "macs": count_macs(graph),
+        "prunable_params": analysis.prunable_params,
+        "groups": [g.as_dict() for g in analysis.groups],
+        "barriers": [b.as_dict() for b in analysis.barriers],
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        from onnxprune.report import print_analysis
+
+        print_analysis(result, analysis)
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from onnxprune.io import save_model
+    from onnxprune.passes.pruning import PruneConfig, PrunePass
+
+    src = Path(args.model)
+    out = Path(args.output) if args.output else src.with_name(src.name.removesuffix(".onnx") + ".pruned.onnx")
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise UsageError("output path equals the input path; the input is never overwritten")
+    config = PruneConfig(
+        ratio=args.ratio, criterion=args.criterion, global_ranking=args.global_ranking,
+        round_to=args.round_to, allow_inexact=args.allow_inexact, seed=args.seed,
+    )
+    prune = PrunePass(config)
+    prune.criterion()  # fail on a bad criterion before loading the model
+    model = _load(args.model)
+    result = prune.run(model)
+    save_model(result.model, out)
+    summary = dict(result.info["summary"])
+    summary = {"input": str(src), "output": str(out), **summary}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        from onnxprune.report import print_prune_summary
+
+        print_prune_summary(summary)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        argv.insert(0, "prune")  # `onnxprune MODEL.onnx` = `onnxprune prune MODEL.onnx`
+    try:
+        parser = build_parser()
+        if not argv:
+            parser.print_help(sys.stderr)
+            return 2
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            raise UsageError("missing command")
+        return int(args.func(args) or 0)
+    except OnnxPruneError as exc:
+        print(f"onnxprune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxprune: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("onnxprune: error: out of memory", file=sys.stderr)
+        return 1
+    except Exception as exc:  # last line of defence: never a traceback
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"onnxprune: internal error: {type(exc).__name__}: {first}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

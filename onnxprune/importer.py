@@ -1,0 +1,432 @@
+"""Framework-agnostic importer: load, validate and normalise an ONNX model.
+
+Exporters differ in ways that do not matter to pruning but would otherwise leak into every rule:
+weights held in ``Constant`` nodes (Paddle) or behind ``Identity`` (TensorFlow, some torch paths),
+initializers also listed as graph inputs (IR < 4), unnamed nodes, and small shape computations made of
+constants (torch's legacy exporter builds Reshape targets with Unsqueeze/Concat of constants). The
+importer turns all of these into one canonical form: weights are initializers, every node has a unique
+name, constant shape arithmetic is folded, and shapes are inferred.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.errors import ModelError, UnsupportedModelError
+
+# Models whose protobuf would exceed this are saved with external data.
+PROTOBUF_LIMIT = 2**31 - 1
+MIN_OPSET = 7
+
+
+def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+    """Load a model file with its external data, refusing anything that is not a valid ONNX model.
+
+    Raises:
+        ModelError: missing, empty, truncated or non-ONNX file; a model that fails the checker.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelError(f"{path}: is a directory, not an ONNX file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: file is empty")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
+        raise ModelError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+    if not model.graph.node and not model.graph.output:
+        raise ModelError(f"{path}: not an ONNX model (no graph)")
+    _load_external_data(model, path.parent)
+    if check:
+        check_model(model, path)
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    base = base_dir.resolve()
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or base not in target.parents:
+            raise ModelError(f"external data path {location!r} of tensor {tensor.name!r} escapes the model folder")
+        if not target.is_file():
+            raise ModelError(f"external data file {location!r} of tensor {tensor.name!r} is missing")
+    try:
+        onnx.load_external_data_for_model(model, str(base))
+    except Exception as exc:
+        raise ModelError(f"cannot read external data: {_first_line(exc)}") from None
+
+
+def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
+    """Run the ONNX checker with shape checking; raise ModelError with one line on failure."""
+    where = f"{path}: " if path else ""
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            # The checker cannot take >2 GB protos in memory; check the graph structure only.
+            onnx.checker.check_model(_without_weights(model))
+        else:
+            onnx.checker.check_model(model, full_check=True)
+    except ValueError as exc:  # ByteSize overflow on very large models
+        raise ModelError(f"{where}model too large to check in memory ({_first_line(exc)})") from None
+    except Exception as exc:
+        raise ModelError(f"{where}model fails the ONNX checker: {_first_line(exc)}") from None
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    for t in light.graph.initializer:
+        t.ClearField("raw_data")
+        t.ClearField("float_data")
+        t.data_location = onnx.TensorProto.DEFAULT
+        del t.external_data[:]
+        t.dims[:] = [0] * len(t.dims)
+    return light
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation
+
+
+def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
+    for imp in model.opset_import:
+        if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return imp.version
+    return 0
+
+
+def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """Return an equivalent model in canonical form, and whether anything changed.
+
+    The input proto is not modified.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    opset = opset_of(out)
+    if opset and opset < MIN_OPSET:
+        raise UnsupportedModelError(f"opset {opset} is too old (need >= {MIN_OPSET})")
+    changed = False
+    changed |= _name_nodes(g)
+    changed |= _drop_initializer_inputs(out)
+    changed |= _constants_to_initializers(g)
+    changed |= _fold_constant_shape_ops(g)
+    changed |= _remove_dead_code(g)
+    return out, changed
+
+
+def _name_nodes(g: onnx.GraphProto) -> bool:
+    seen: set[str] = set()
+    changed = False
+    for i, node in enumerate(g.node):
+        if not node.name or node.name in seen:
+            base = node.name or f"{node.op_type}_{i}"
+            name, k = base, 0
+            while name in seen:
+                k += 1
+                name = f"{base}_{k}"
+            node.name = name
+            changed = True
+        seen.add(node.name)
+    return changed
+
+
+def _drop_initializer_inputs(model: onnx.ModelProto) -> bool:
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    keep = [i for i in g.input if i.name not in inits]
+    if len(keep) == len(g.input):
+        return False
+    del g.input[:]
+    g.input.extend(keep)
+    if model.ir_version < 4:
+        model.ir_version = 4
+    return True
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None  # sparse_value / string values stay as nodes
+
+
+def _constants_to_initializers(g: onnx.GraphProto) -> bool:
+    """Constant nodes become initializers; Identity of an initializer is bypassed."""
+    outputs = {o.name for o in g.output}
+    inits = {t.name: t for t in g.initializer}
+    keep: list[onnx.NodeProto] = []
+    rename: dict[str, str] = {}
+    changed = False
+    for node in g.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            value = _constant_value(node)
+            if value is not None:
+                t = numpy_helper.from_array(value, node.output[0])
+                g.initializer.append(t)
+                inits[t.name] = t
+                changed = True
+                continue
+        if (
+            node.op_type == "Identity"
+            and node.domain in ("", "ai.onnx")
+            and rename.get(node.input[0], node.input[0]) in inits
+            and node.output[0] not in outputs
+        ):
+            rename[node.output[0]] = rename.get(node.input[0], node.input[0])
+            changed = True
+            continue
+        keep.append(node)
+    if changed:
+        for node in keep:
+            for i, name in enumerate(node.input):
+                if name in rename:
+                    node.input[i] = rename[name]
+        del g.node[:]
+        g.node.extend(keep)
+    return changed
+
+
+# Small numpy implementations of shape-arithmetic ops whose inputs are all constants.
+def _fold(node: onnx.NodeProto, args: list[np.ndarray | None], opset: int = 17) -> np.ndarray | None:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    op = node.op_type
+    if op == "Unsqueeze":
+        axes = attrs.get("axes", None)
+        if axes is None and len(args) > 1:
+            axes = args[1]
+        if axes is None:
+            return None
+        out = args[0]
+        rank = out.ndim + len(axes)
+        for ax in sorted(int(a) % rank for a in axes):
+            out = np.expand_dims(out, ax)
+        return out
+    if op == "Squeeze":
+        axes = attrs.get("axes", None)
+        if axes is None and len(args) > 1:
+            axes = args[1]
+        return np.squeeze(args[0], axis=None if axes is None else tuple(int(a) for a in axes))
+    if op == "Concat":
+        return np.concatenate(args, axis=attrs["axis"])
+    if op == "Cast":
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        return args[0].astype(tensor_dtype_to_np_dtype(attrs["to"]))
+    if op == "Identity":
+        return args[0]
+    if op == "Gather" and args[0].ndim <= 1:
+        return np.take(args[0], args[1], axis=attrs.get("axis", 0))
+    if op in ("Add", "Sub", "Mul") and args[0].dtype.kind == "i" and args[0].size <= 16:
+        fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op]
+        return fn(args[0], args[1])
+    if op == "Div" and args[0].dtype.kind == "i" and args[0].size <= 16:
+        return np.floor_divide(args[0], args[1])
+    return None
+
+
+_FOLDABLE = {"Unsqueeze", "Squeeze", "Concat", "Cast", "Identity", "Gather", "Add", "Sub", "Mul", "Div"}
+_FOLD_LIMIT = 64  # elements: only small shape-like tensors are folded
+
+
+def _fold_constant_shape_ops(g: onnx.GraphProto) -> bool:
+    outputs = {o.name for o in g.output}
+    inits = {t.name: t for t in g.initializer}
+    values: dict[str, np.ndarray] = {}
+
+    def value(name: str) -> np.ndarray | None:
+        if name in values:
+            return values[name]
+        t = inits.get(name)
+        if t is None or _numel(t) > _FOLD_LIMIT:
+            return None
+        values[name] = numpy_helper.to_array(t)
+        return values[name]
+
+    keep: list[onnx.NodeProto] = []
+    changed = False
+    for node in g.node:
+        if (
+            node.op_type in _FOLDABLE
+            and node.domain in ("", "ai.onnx")
+            and len(node.output) == 1
+            and node.output[0] not in outputs
+            and all(name for name in node.input)
+        ):
+            args = [value(name) for name in node.input]
+            if all(a is not None for a in args) and all(a.dtype.kind in "iub" for a in args[:1]):
+                try:
+                    result = _fold(node, args)
+                except Exception:
+                    result = None
+                if result is not None and result.size <= _FOLD_LIMIT:
+                    t = numpy_helper.from_array(np.asarray(result), node.output[0])
+                    g.initializer.append(t)
+                    inits[t.name] = t
+                    values[t.name] = np.asarray(result)
+                    changed = True
+                    continue
+        keep.append(node)
+    if changed:
+        del g.node[:]
+        g.node.extend(keep)
+    return changed
+
+
+def _numel(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n
+
+
+def _remove_dead_code(g: onnx.GraphProto) -> bool:
+    """Drop nodes and initializers that no graph output depends on (subgraph references count)."""
+    needed = {o.name for o in g.output}
+    live: list[onnx.NodeProto] = []
+    for node in reversed(g.node):
+        if any(o in needed for o in node.output if o):
+            live.append(node)
+            needed.update(i for i in node.input if i)
+            needed.update(_subgraph_inputs(node))
+    live.reverse()
+    changed = len(live) != len(g.node)
+    if changed:
+        del g.node[:]
+        g.node.extend(live)
+    keep_inits = [t for t in g.initializer if t.name in needed]
+    if len(keep_inits) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(keep_inits)
+        changed = True
+    return changed
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read from the outer scope (conservatively: every name they use)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attr.g)
+        for sub in graphs:
+            for n in sub.node:
+                names.update(i for i in n.input if i)
+                names.update(_subgraph_inputs(n))
+            names.update(o.name for o in sub.output)
+    return names
+
+
+# Ops whose first output has the first input's shape and type; used where onnx's inference gives up
+# (e.g. function ops such as GroupNormalization-21).
+SAME_SHAPE_OPS = {
+    "GroupNormalization", "LayerNormalization", "InstanceNormalization", "BatchNormalization",
+    "RMSNormalization", "Relu", "Sigmoid", "Tanh", "Gelu", "HardSwish", "HardSigmoid", "LeakyRelu",
+    "Softmax", "LogSoftmax", "Dropout", "Identity", "Clip", "Erf", "Mish", "Softplus", "Elu", "Selu", "PRelu",
+}  # fmt: skip
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference with data propagation, completed for same-shape ops onnx cannot infer."""
+    for _ in range(4):
+        model = _infer_once(model)
+        if not _fill_same_shape(model):
+            break
+    return model
+
+
+def _fill_same_shape(model: onnx.ModelProto) -> bool:
+    g = model.graph
+    known = {vi.name: vi for vi in list(g.input) + list(g.value_info) + list(g.output) if _has_shape(vi)}
+    filled = False
+    for node in g.node:
+        if node.op_type not in SAME_SHAPE_OPS or not node.output or node.output[0] in known:
+            continue
+        src = known.get(node.input[0]) if node.input else None
+        if src is None:
+            continue
+        vi = onnx.ValueInfoProto()
+        vi.CopyFrom(src)
+        vi.name = node.output[0]
+        outputs = {o.name: o for o in g.output}
+        if vi.name in outputs:
+            outputs[vi.name].type.CopyFrom(src.type)
+        else:
+            g.value_info.append(vi)
+        known[vi.name] = vi
+        filled = True
+    return filled
+
+
+def _has_shape(vi: onnx.ValueInfoProto) -> bool:
+    return vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
+
+
+def _infer_once(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            raise ValueError("too large")
+        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        pass
+    # Large models: infer on a weight-less copy with initializers replaced by typed graph inputs.
+    return _infer_shapes_light(model)
+
+
+def _infer_shapes_light(model: onnx.ModelProto) -> onnx.ModelProto:
+    light = onnx.ModelProto()
+    light.CopyFrom(model) if model.ByteSize() <= PROTOBUF_LIMIT else _copy_without_big_weights(model, light)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        return model
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
+
+
+def _copy_without_big_weights(model: onnx.ModelProto, light: onnx.ModelProto) -> None:
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    for t in model.graph.initializer:
+        if _numel(t) <= _FOLD_LIMIT:
+            g.initializer.append(t)
+        else:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+
+
+def import_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load, check, normalise and shape-infer a model: the one entry point the CLI uses."""
+    model = load_model(path)
+    model, _ = normalize(model)
+    return infer_shapes(model)

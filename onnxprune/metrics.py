@@ -1,0 +1,53 @@
+"""Parameter and multiply-accumulate counts, from initializers and inferred shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.graph import ModelGraph, attrs
+
+
+def count_params(graph: ModelGraph) -> int:
+    """Elements of floating-point initializers (integer shape constants are not parameters)."""
+    total = 0
+    for t in graph.initializers.values():
+        if t.data_type in (1, 10, 11, 16):  # float, float16, double, bfloat16
+            total += int(np.prod(t.dims, dtype=np.int64))
+    return total
+
+
+def _numel(shape) -> int:
+    if shape is None:
+        return 0
+    return int(np.prod([d if isinstance(d, int) else 1 for d in shape], dtype=np.int64))
+
+
+def node_macs(graph: ModelGraph, node) -> int:
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose"):
+        w = graph.shape(node.input[1])
+        if w is None:
+            return 0
+        per_output = int(np.prod(w[1:], dtype=np.int64))
+        if op == "Conv":
+            return _numel(graph.shape(node.output[0])) * per_output
+        # ConvTranspose: every input element scatters into C_out/g * k outputs.
+        return _numel(graph.shape(node.input[0])) * per_output
+    if op == "Gemm":
+        a = graph.shape(node.input[0])
+        if a is None:
+            return 0
+        k = a[0] if attrs(node).get("transA", 0) else a[-1]
+        return _numel(graph.shape(node.output[0])) * (k if isinstance(k, int) else 1)
+    if op == "MatMul":
+        a = graph.shape(node.input[0])
+        if not a:
+            return 0
+        k = a[-1]
+        return _numel(graph.shape(node.output[0])) * (k if isinstance(k, int) else 1)
+    return 0
+
+
+def count_macs(graph: ModelGraph) -> int:
+    """MACs of Conv/ConvTranspose/Gemm/MatMul at batch 1 (symbolic dims count as 1)."""
+    return sum(node_macs(graph, n) for n in graph.nodes)

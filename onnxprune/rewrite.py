@@ -1,0 +1,188 @@
+"""Physical pruning: delete the positions of removed channels from initializers and fix every node whose
+attributes or shape constants depend on the sizes that changed. Also `apply_mask`, the oracle: the same
+channels silenced (set to zero) in the original model, which a pruned model must reproduce exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.channels import ChannelAnalysis, DimRef
+from onnxprune.graph import ModelGraph
+
+
+class RewriteContext:
+    """What a rule's `rewrite` sees: old and new sizes, removed positions, and constant edits."""
+
+    def __init__(self, graph: ModelGraph, removed: dict[DimRef, np.ndarray]):
+        self.graph = graph
+        self._removed = removed
+        self.element_edits: dict[tuple[str, int], dict[int, int]] = {}
+        self.input_replacements: dict[tuple[str, int], np.ndarray] = {}
+        self._nodes: dict[str, onnx.NodeProto] = {}
+
+    # What rules read
+    def removed(self, tensor: str, axis: int) -> np.ndarray:
+        rank = self.graph.rank(tensor) or 1
+        return self._removed.get(DimRef(tensor, axis % rank), np.zeros(0, dtype=np.int64))
+
+    def old_size(self, tensor: str, axis: int):
+        return self.graph.size(tensor, axis)
+
+    def new_size(self, tensor: str, axis: int):
+        old = self.old_size(tensor, axis)
+        return old - len(self.removed(tensor, axis)) if isinstance(old, int) else old
+
+    def const(self, name: str):
+        return self.graph.const(name)
+
+    def shape(self, name: str):
+        return self.graph.shape(name)
+
+    def size(self, name: str, axis: int):
+        return self.graph.size(name, axis)
+
+    def rank(self, name: str):
+        return self.graph.rank(name)
+
+    # What rules write (applied after all rules ran, so shared constants are never edited in place)
+    def set_element(self, location, value: int) -> None:
+        node, index, element = location
+        self._nodes[node.name] = node
+        self.element_edits.setdefault((node.name, index), {})[element] = int(value)
+
+    def replace_input(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
+        self._nodes[node.name] = node
+        self.input_replacements[(node.name, index)] = np.asarray(value)
+
+
+def apply_plan(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.ModelProto:
+    """Return a new model without the channels whose component labels are `removed_labels`."""
+    from onnxprune.rules import RULES
+
+    graph = analysis.graph
+    removed = analysis.removed_positions(removed_labels)
+    model = _copy_without_weights(graph.model)
+    g = model.graph
+    by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for ref, pos in removed.items():
+        by_tensor.setdefault(ref.tensor, []).append((ref.axis, pos))
+    for t in graph.model.graph.initializer:
+        cuts = by_tensor.get(t.name)
+        if not cuts:
+            g.initializer.append(t)
+            continue
+        array = graph.const(t.name)
+        for axis, pos in cuts:
+            array = np.delete(array, pos, axis=axis)
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), t.name))
+
+    ctx = RewriteContext(graph, removed)
+    nodes = {n.name: n for n in g.node}
+    # Rules read the original nodes (attributes, shape sources) and edit the copies.
+    originals = {n.name: n for n in graph.nodes}
+    for name, node in nodes.items():
+        rule = RULES.get(node.domain, node.op_type)
+        if rule is not None and _touches_changed(node, ctx):
+            rule.rewrite(node, ctx)
+    _materialize_edits(g, nodes, originals, ctx)
+    _remove_unused_initializers(g)
+    return model
+
+
+def _touches_changed(node: onnx.NodeProto, ctx: RewriteContext) -> bool:
+    tensors = set(node.input) | set(node.output)
+    return any(ref.tensor in tensors for ref in ctx._removed)
+
+
+def _materialize_edits(g, nodes, originals, ctx: RewriteContext) -> None:
+    existing = {t.name for t in g.initializer}
+
+    def fresh(base: str) -> str:
+        name, k = f"{base}_pruned", 0
+        while name in existing:
+            k += 1
+            name = f"{base}_pruned{k}"
+        existing.add(name)
+        return name
+
+    for (node_name, index), value in ctx.input_replacements.items():
+        node = nodes[node_name]
+        old = node.input[index] if index < len(node.input) else ""
+        name = fresh(old or f"{node_name}_in{index}")
+        g.initializer.append(numpy_helper.from_array(value, name))
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = name
+    for (node_name, index), edits in ctx.element_edits.items():
+        node = nodes[node_name]
+        old = originals[node_name].input[index]
+        value = ctx.graph.const(old).copy()
+        flat = value.reshape(-1)
+        for element, v in edits.items():
+            flat[element] = v
+        name = fresh(old)
+        g.initializer.append(numpy_helper.from_array(value, name))
+        node.input[index] = name
+
+
+def _copy_without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip=("graph",))
+    _copy_fields(model.graph, out.graph, skip=("initializer", "value_info"))
+    return out
+
+
+def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        if hasattr(value, "extend"):  # repeated field
+            getattr(dst, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def _remove_unused_initializers(g: onnx.GraphProto) -> None:
+    from onnxprune.importer import _subgraph_inputs
+
+    used = {o.name for o in g.output}
+    for node in g.node:
+        used.update(node.input)
+        used.update(_subgraph_inputs(node))
+    keep = [t for t in g.initializer if t.name in used]
+    if len(keep) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(keep)
+
+
+# Roles whose silenced value is 1, not 0 (a zero variance or divisor would make inf, not silence).
+_ONE_ROLES = {"variance", "divisor"}
+
+
+def apply_mask(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.ModelProto:
+    """The original model with the removed channels' weights set to zero: the pruning oracle."""
+    graph = analysis.graph
+    removed = analysis.removed_positions(removed_labels)
+    model = _copy_without_weights(graph.model)
+    by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for ref, pos in removed.items():
+        by_tensor.setdefault(ref.tensor, []).append((ref.axis, pos))
+    for t in graph.model.graph.initializer:
+        cuts = by_tensor.get(t.name)
+        array = graph.const(t.name)
+        if not cuts or array.dtype.kind != "f":
+            model.graph.initializer.append(t)
+            continue
+        array = array.copy()
+        fill = 1 if analysis.roles.get(t.name) in _ONE_ROLES else 0
+        for axis, pos in cuts:
+            index = [slice(None)] * array.ndim
+            index[axis] = pos
+            array[tuple(index)] = fill
+        model.graph.initializer.append(numpy_helper.from_array(array, t.name))
+    return model

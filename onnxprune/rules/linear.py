@@ -1,0 +1,59 @@
+"""Gemm and MatMul: the contraction axis couples the two operands, the free axes map to the output.
+
+Removing a contracted channel from both operands drops only terms that the masked model multiplies by
+zero, so a MatMul between two activations (attention scores) is exact as well.
+"""
+
+from __future__ import annotations
+
+from onnxprune.channels import RuleBarrier
+from onnxprune.graph import attrs
+from onnxprune.rules.base import ChannelRule, register
+
+
+@register("Gemm")
+class Gemm(ChannelRule):
+    def couple(self, node, ctx):
+        a, b, y = node.input[0], node.input[1], node.output[0]
+        at = attrs(node)
+        a_m, a_k = (1, 0) if at.get("transA", 0) else (0, 1)
+        b_k, b_n = (1, 0) if at.get("transB", 0) else (0, 1)
+        ctx.link(a, a_k, b, b_k)
+        ctx.link(a, a_m, y, 0)
+        ctx.link(b, b_n, y, 1)
+        ctx.set_role(b, "weight")
+        ctx.set_role(a, "weight")
+        if len(node.input) > 2 and node.input[2]:
+            ctx.link_all(node.input[2], y)
+            ctx.set_role(node.input[2], "bias")
+
+
+@register("MatMul")
+class MatMul(ChannelRule):
+    def couple(self, node, ctx):
+        a, b, y = node.input[0], node.input[1], node.output[0]
+        ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
+        if ra is None or rb is None or ry is None:
+            raise RuleBarrier("operand ranks unknown")
+        ctx.set_role(a, "weight")
+        ctx.set_role(b, "weight")
+        b_k = rb - 2 if rb >= 2 else 0
+        ctx.link(a, ra - 1, b, b_k)
+        if ra >= 2 and rb >= 2:
+            ctx.link(a, ra - 2, y, ry - 2)
+            ctx.link(b, rb - 1, y, ry - 1)
+            batch_a, batch_b, batch_y = ra - 2, rb - 2, ry - 2
+        elif ra == 1 and rb >= 2:
+            ctx.link(b, rb - 1, y, ry - 1)
+            batch_a, batch_b, batch_y = 0, rb - 2, ry - 1
+        elif rb == 1 and ra >= 2:
+            ctx.link(a, ra - 2, y, ry - 1)
+            batch_a, batch_b, batch_y = ra - 2, 0, ry - 1
+        else:
+            return
+        # Batch axes broadcast from the right.
+        for k in range(1, batch_y + 1):
+            if batch_a - k >= 0:
+                ctx.link(a, batch_a - k, y, batch_y - k)
+            if batch_b - k >= 0:
+                ctx.link(b, batch_b - k, y, batch_y - k)

@@ -1,0 +1,95 @@
+"""Normalisations.
+
+BatchNormalization and InstanceNormalization are per channel: exact. GroupNormalization computes
+statistics per group of channels, so a whole norm group is one channel (removing it leaves the other
+groups' statistics untouched). LayerNormalization / RMSNormalization average over their normalised axes:
+removing channels there changes every statistic, so those dims are *inexact* (prunable only on request).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.channels import RuleBarrier
+from onnxprune.graph import attrs, set_attr
+from onnxprune.rules.base import ChannelRule, register
+
+
+@register("BatchNormalization")
+class BatchNorm(ChannelRule):
+    def couple(self, node, ctx):
+        if attrs(node).get("training_mode", 0) or sum(1 for o in node.output if o) > 1:
+            raise RuleBarrier("BatchNormalization in training mode")
+        x, y = node.input[0], node.output[0]
+        ctx.link_all(x, y)
+        for name, role in zip(node.input[1:5], ("scale", "bias", "bias", "variance")):
+            ctx.link(name, 0, x, 1)
+            ctx.set_role(name, role)
+
+
+@register("InstanceNormalization")
+class InstanceNorm(ChannelRule):
+    def couple(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        ctx.link(x, 0, y, 0)
+        ctx.link(x, 1, y, 1)
+        for name, role in zip(node.input[1:3], ("scale", "bias")):
+            ctx.link(name, 0, x, 1)
+            ctx.set_role(name, role)
+
+
+@register("GroupNormalization")
+class GroupNorm(ChannelRule):
+    def couple(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        c = ctx.size(x, 1)
+        groups = attrs(node)["num_groups"]
+        if not isinstance(c, int):
+            raise RuleBarrier("channel count unknown")
+        per = c // groups
+        ctx.link(x, 0, y, 0)
+        ctx.link(x, 1, y, 1)
+        ctx.link(x, 1, x, 1, np.arange(c), (np.arange(c) // per) * per)
+        for name, role in zip(node.input[1:3], ("scale", "bias")):
+            ctx.set_role(name, role)
+            if ctx.size(name, 0) == c:
+                ctx.link(name, 0, x, 1)
+            else:  # opset 18: one scale per group
+                ctx.link(name, 0, x, 1, np.arange(groups), np.arange(groups) * per)
+
+    def rewrite(self, node, ctx):
+        x = node.input[0]
+        old, new = ctx.old_size(x, 1), ctx.new_size(x, 1)
+        if old != new:
+            set_attr(node, "num_groups", attrs(node)["num_groups"] * new // old)
+
+
+class _NormOverTrailingAxes(ChannelRule):
+    """Statistics over axes >= `axis`: those dims are inexact; scale/bias broadcast onto them."""
+
+    def couple(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        rank = ctx.rank(x)
+        if rank is None:
+            raise RuleBarrier("rank unknown")
+        axis = attrs(node).get("axis", -1) % rank
+        ctx.link_all(x, y)
+        for ax in range(axis, rank):
+            ctx.mark_inexact(x, ax, f"{node.op_type} normalises over this axis")
+        for name, role in zip(node.input[1:3], ("scale", "bias")):
+            if name:
+                ctx.link_all(name, x)
+                ctx.set_role(name, role)
+        for extra in node.output[1:]:  # Mean / InvStdDev: shape of x with normalised axes = 1
+            if extra:
+                ctx.link_all(x, extra)
+
+
+@register("LayerNormalization")
+class LayerNorm(_NormOverTrailingAxes):
+    pass
+
+
+@register("RMSNormalization")
+class RMSNorm(_NormOverTrailingAxes):
+    pass

@@ -1,0 +1,445 @@
+"""Layout operators: Reshape/Flatten, Transpose, Squeeze/Unsqueeze, Concat, Split, Slice, Expand, Tile,
+Gather, Shape.
+
+Reshape is decomposed into segments of input and output axes with equal products. A 1:1 segment is an
+identity. When axes merge (``[C, H, W] -> [C*H*W]``) the major input axis owns blocks of the merged axis:
+channel c becomes positions ``c*H*W .. (c+1)*H*W-1``. When an axis splits (``[C] -> [heads, head_dim]``)
+the major output axis (heads) owns blocks of the input axis, so a head is one channel. The minor axes of
+a merge or split cannot lose positions independently and are frozen.
+
+Shape constants (Reshape targets, Split sizes, Slice bounds, Expand shapes) are rewritten in place when a
+dim shrinks; a dim whose target value is computed at run time is frozen instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.channels import RuleBarrier
+from onnxprune.graph import attrs, set_attr
+from onnxprune.rules.base import ChannelRule, register
+
+INT_MAX = 2**62
+
+
+def shape_elements(ctx, node, index: int):
+    """Where each element of a 1-D shape input comes from.
+
+    Returns a list with, per element, ``(value, (node, input_index, element_index))`` when the element is
+    a constant that can be rewritten, or ``(None, None)`` when it is computed at run time; or None when
+    even the length is unknown.
+    """
+    name = node.input[index] if index < len(node.input) else ""
+    if not name:
+        return None
+    value = ctx.const(name)
+    if value is not None:
+        return [(int(v), (node, index, k)) for k, v in enumerate(value.reshape(-1))]
+    producer = ctx.graph.producer.get(name)
+    if producer is not None and producer.op_type == "Concat":
+        out = []
+        for j, piece in enumerate(producer.input):
+            pv = ctx.const(piece)
+            if pv is not None:
+                out += [(int(v), (producer, j, k)) for k, v in enumerate(pv.reshape(-1))]
+                continue
+            n = ctx.size(piece, 0) if ctx.rank(piece) == 1 else (1 if ctx.rank(piece) == 0 else None)
+            if not isinstance(n, int):
+                return None
+            out += [(None, None)] * n
+        return out
+    n = ctx.size(name, 0)
+    return [(None, None)] * n if isinstance(n, int) else None
+
+
+def _same(a, b) -> bool:
+    return a is not None and a == b
+
+
+def reshape_segments(in_shape, out_shape):
+    """Split two shapes into aligned segments ``(in_axes, out_axes)`` with equal element counts."""
+    segs: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    ri, ro = len(in_shape), len(out_shape)
+    while i < ri or j < ro:
+        if i < ri and j < ro and _same(in_shape[i], out_shape[j]):
+            segs.append(([i], [j]))
+            i, j = i + 1, j + 1
+        elif i < ri and in_shape[i] == 1:
+            segs.append(([i], []))
+            i += 1
+        elif j < ro and out_shape[j] == 1:
+            segs.append(([], [j]))
+            j += 1
+        else:
+            if i >= ri or j >= ro or not isinstance(in_shape[i], int) or not isinstance(out_shape[j], int):
+                return None
+            pi, pj, ii, jj = in_shape[i], out_shape[j], [i], [j]
+            i, j = i + 1, j + 1
+            while pi != pj:
+                if pi < pj:
+                    if i >= ri or not isinstance(in_shape[i], int):
+                        return None
+                    pi *= in_shape[i]
+                    ii.append(i)
+                    i += 1
+                else:
+                    if j >= ro or not isinstance(out_shape[j], int):
+                        return None
+                    pj *= out_shape[j]
+                    jj.append(j)
+                    j += 1
+            segs.append((ii, jj))
+    return segs
+
+
+def _couple_reshape(ctx, x: str, y: str, targets=None) -> None:
+    """Couple a reshape from x to y. `targets` (from `shape_elements`) says which output sizes can be
+    rewritten; without it (Flatten) every output size follows the input automatically."""
+    in_shape, out_shape = ctx.shape(x), ctx.shape(y)
+    if in_shape is None or out_shape is None:
+        raise RuleBarrier("reshape shapes unknown")
+    segs = reshape_segments(in_shape, out_shape)
+    if segs is None:
+        raise RuleBarrier(f"cannot map reshape {list(in_shape)} -> {list(out_shape)}")
+
+    def rewritable(j: int) -> bool:
+        if targets is None:
+            return True
+        if targets is False or j >= len(targets):
+            return False
+        value, loc = targets[j]
+        return loc is not None or value in (0, -1)
+
+    for ii, jj in segs:
+        if not ii or not jj:
+            continue
+        big_in = [a for a in ii if in_shape[a] != 1]
+        big_out = [b for b in jj if out_shape[b] != 1]
+        if len(big_in) == 1 and len(big_out) == 1:
+            a, b = big_in[0], big_out[0]
+            if rewritable(b):
+                ctx.link(x, a, y, b)
+            else:
+                ctx.freeze(x, a, "reshape target computed at run time")
+                ctx.freeze(y, b, "reshape target computed at run time")
+            continue
+        if len(big_out) == 1 and rewritable(big_out[0]):  # merge: major input axis owns blocks
+            b = big_out[0]
+            major, inner = big_in[0], int(np.prod([in_shape[a] for a in big_in[1:]]))
+            n = out_shape[b]
+            ctx.link(x, major, y, b, np.arange(n) // inner, np.arange(n))
+            for a in big_in[1:]:
+                ctx.freeze(x, a, "merged into a larger axis by reshape")
+            continue
+        if len(big_in) == 1 and rewritable(big_out[0]):  # split: major output axis owns blocks
+            a = big_in[0]
+            major, inner = big_out[0], int(np.prod([out_shape[b] for b in big_out[1:]]))
+            n = in_shape[a]
+            ctx.link(x, a, y, major, np.arange(n), np.arange(n) // inner)
+            for b in big_out[1:]:
+                ctx.freeze(y, b, "split off a larger axis by reshape")
+            continue
+        for a in ii:
+            ctx.freeze(x, a, "reshape regroups axes")
+        for b in jj:
+            ctx.freeze(y, b, "reshape regroups axes")
+
+
+@register("Reshape")
+class Reshape(ChannelRule):
+    def static_inputs(self, node):
+        return {1}
+
+    def couple(self, node, ctx):
+        targets = shape_elements(ctx, node, 1)
+        _couple_reshape(ctx, node.input[0], node.output[0], targets if targets is not None else False)
+
+    def rewrite(self, node, ctx):
+        y = node.output[0]
+        targets = shape_elements(ctx, node, 1)
+        for j, (value, loc) in enumerate(targets or []):
+            if ctx.new_size(y, j) != ctx.old_size(y, j) and value not in (0, -1) and loc is not None:
+                ctx.set_element(loc, ctx.new_size(y, j))
+
+
+@register("Flatten")
+class Flatten(ChannelRule):
+    def couple(self, node, ctx):
+        _couple_reshape(ctx, node.input[0], node.output[0])
+
+
+@register("Transpose")
+class Transpose(ChannelRule):
+    def couple(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        rank = ctx.rank(x)
+        if rank is None:
+            raise RuleBarrier("rank unknown")
+        perm = attrs(node).get("perm", list(reversed(range(rank))))
+        for out_axis, in_axis in enumerate(perm):
+            ctx.link(x, in_axis, y, out_axis)
+
+
+def _axes(node, ctx, index: int, default=None):
+    """Axes from the attribute (old opsets) or the constant input (new opsets)."""
+    at = attrs(node)
+    if "axes" in at:
+        return list(at["axes"])
+    if index < len(node.input) and node.input[index]:
+        value = ctx.const(node.input[index])
+        if value is None:
+            raise RuleBarrier("axes computed at run time")
+        return [int(v) for v in value.reshape(-1)]
+    return default
+
+
+@register("Squeeze")
+class Squeeze(ChannelRule):
+    def static_inputs(self, node):
+        return {1}
+
+    def couple(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        shape = ctx.shape(x)
+        if shape is None:
+            raise RuleBarrier("rank unknown")
+        axes = _axes(node, ctx, 1)
+        if axes is None:
+            axes = [a for a, d in enumerate(shape) if d == 1]
+        axes = {a % len(shape) for a in axes}
+        kept = [a for a in range(len(shape)) if a not in axes]
+        for out_axis, in_axis in enumerate(kept):
+            ctx.link(x, in_axis, y, out_axis)
+
+
+@register("Unsqueeze")
+class Unsqueeze(ChannelRule):
+    def static_inputs(self, node):
+        return {1}
+
+    def couple(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        ry = ctx.rank(y)
+        if ry is None:
+            raise RuleBarrier("rank unknown")
+        axes = {a % ry for a in _axes(node, ctx, 1, [])}
+        kept = [a for a in range(ry) if a not in axes]
+        for in_axis, out_axis in enumerate(kept):
+            ctx.link(x, in_axis, y, out_axis)
+
+
+@register("Concat")
+class Concat(ChannelRule):
+    def couple(self, node, ctx):
+        y = node.output[0]
+        rank = ctx.rank(y)
+        if rank is None:
+            raise RuleBarrier("rank unknown")
+        axis = attrs(node)["axis"] % rank
+        offset = 0
+        for x in node.input:
+            if not x:
+                continue
+            for ax in range(rank):
+                if ax != axis:
+                    ctx.link(x, ax, y, ax)
+            n = ctx.size(x, axis)
+            if not isinstance(n, int):
+                ctx.freeze(y, axis, "concat of an input with unknown size")
+                ctx.freeze(x, axis, "concat input with unknown size")
+                offset = None
+                continue
+            if offset is not None:
+                if n > 0:
+                    ctx.link(x, axis, y, axis, np.arange(n), offset + np.arange(n))
+                offset += n
+
+
+@register("Split")
+class Split(ChannelRule):
+    def static_inputs(self, node):
+        return {1}
+
+    def couple(self, node, ctx):
+        x = node.input[0]
+        rank = ctx.rank(x)
+        if rank is None:
+            raise RuleBarrier("rank unknown")
+        axis = attrs(node).get("axis", 0) % rank
+        offset = 0
+        for y in node.output:
+            n = ctx.size(y, axis) if y else None
+            for ax in range(rank):
+                if ax != axis and y:
+                    ctx.link(x, ax, y, ax)
+            if not isinstance(n, int):
+                raise RuleBarrier("split sizes unknown")
+            if n > 0 and y:
+                ctx.link(x, axis, y, axis, offset + np.arange(n), np.arange(n))
+            offset += n
+
+    def rewrite(self, node, ctx):
+        x = node.input[0]
+        axis = attrs(node).get("axis", 0) % len(ctx.graph.shape(x))
+        if ctx.new_size(x, axis) == ctx.old_size(x, axis):
+            return
+        sizes = np.array([ctx.new_size(y, axis) for y in node.output], dtype=np.int64)
+        if "split" in attrs(node):
+            set_attr(node, "split", [int(s) for s in sizes])
+        elif len(node.input) > 1 and node.input[1]:
+            ctx.replace_input(node, 1, sizes)
+        else:  # equal split (num_outputs / implicit): make the sizes explicit
+            for i, a in enumerate(node.attribute):
+                if a.name == "num_outputs":
+                    del node.attribute[i]
+                    break
+            ctx.replace_input(node, 1, sizes)
+
+
+@register("Slice")
+class Slice(ChannelRule):
+    def static_inputs(self, node):
+        return {1, 2, 3, 4}
+
+    def _params(self, node, ctx):
+        x = node.input[0]
+        shape = ctx.shape(x)
+        at = attrs(node)
+        if "starts" in at:  # opset < 10
+            starts, ends = list(at["starts"]), list(at["ends"])
+            axes = list(at.get("axes", range(len(starts))))
+            steps = [1] * len(starts)
+        else:
+            vals = [ctx.const(node.input[i]) if i < len(node.input) and node.input[i] else None for i in range(1, 5)]
+            if vals[0] is None or vals[1] is None or (len(node.input) > 3 and node.input[3] and vals[2] is None):
+                raise RuleBarrier("slice bounds computed at run time")
+            if len(node.input) > 4 and node.input[4] and vals[3] is None:
+                raise RuleBarrier("slice steps computed at run time")
+            starts, ends = [int(v) for v in vals[0]], [int(v) for v in vals[1]]
+            axes = [int(v) for v in vals[2]] if vals[2] is not None else list(range(len(starts)))
+            steps = [int(v) for v in vals[3]] if vals[3] is not None else [1] * len(starts)
+        return shape, [a % len(shape) for a in axes], starts, ends, steps
+
+    def couple(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        shape, axes, starts, ends, steps = self._params(node, ctx)
+        sliced = dict(zip(axes, zip(starts, ends, steps)))
+        for ax in range(len(shape)):
+            if ax not in sliced:
+                ctx.link(x, ax, y, ax)
+                continue
+            s, e, step = sliced[ax]
+            n = shape[ax]
+            if step != 1 or not isinstance(n, int):
+                ctx.freeze(x, ax, "strided or unsized slice")
+                ctx.freeze(y, ax, "strided or unsized slice")
+                continue
+            s, e = _clamp(s, n), _clamp(e, n)
+            if e - s > 0:
+                ctx.link(x, ax, y, ax, np.arange(s, e), np.arange(e - s))
+            ctx.independent(x, ax)  # positions outside [s, e) only move the bounds
+
+    def rewrite(self, node, ctx):
+        x = node.input[0]
+        shape, axes, starts, ends, steps = self._params(node, ctx)
+        new_starts, new_ends = list(starts), list(ends)
+        changed = False
+        for k, ax in enumerate(axes):
+            removed = ctx.removed(x, ax)
+            if len(removed) == 0:
+                continue
+            n = shape[ax]
+            s, e = _clamp(starts[k], n), _clamp(ends[k], n)
+            new_starts[k] = s - int(np.sum(removed < s))
+            new_ends[k] = INT_MAX if ends[k] >= n else e - int(np.sum(removed < e))
+            changed = True
+        if not changed:
+            return
+        if "starts" in attrs(node):
+            set_attr(node, "starts", new_starts)
+            set_attr(node, "ends", new_ends)
+        else:
+            ctx.replace_input(node, 1, np.array(new_starts, dtype=ctx.const(node.input[1]).dtype))
+            ctx.replace_input(node, 2, np.array(new_ends, dtype=ctx.const(node.input[2]).dtype))
+
+
+def _clamp(v: int, n: int) -> int:
+    if v < 0:
+        v += n
+    return max(0, min(v, n))
+
+
+@register("Expand")
+class Expand(ChannelRule):
+    def static_inputs(self, node):
+        return {1}
+
+    def couple(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        rx, ry = ctx.rank(x), ctx.rank(y)
+        if rx is None or ry is None:
+            raise RuleBarrier("rank unknown")
+        targets = shape_elements(ctx, node, 1)
+        offset = ry - (len(targets) if targets else ry)
+        for k in range(1, ry + 1):
+            out_axis = ry - k
+            in_axis = rx - k
+            sx = ctx.size(x, in_axis) if in_axis >= 0 else 1
+            value, loc = targets[out_axis - offset] if targets and out_axis - offset >= 0 else (1, None)
+            if sx != 1 and (value == 1 or loc is not None):
+                ctx.link(x, in_axis, y, out_axis)
+            elif sx != 1:
+                ctx.freeze(x, in_axis, "expand target computed at run time")
+                ctx.freeze(y, out_axis, "expand target computed at run time")
+            # sx == 1: the output size is created by the target shape: left unmapped, hence frozen
+
+    def rewrite(self, node, ctx):
+        y = node.output[0]
+        targets = shape_elements(ctx, node, 1) or []
+        offset = ctx.graph.rank(y) - len(targets)
+        for k, (value, loc) in enumerate(targets):
+            ax = k + offset
+            if ax >= 0 and value not in (1, None) and loc is not None and ctx.new_size(y, ax) != ctx.old_size(y, ax):
+                ctx.set_element(loc, ctx.new_size(y, ax))
+
+
+@register("Tile")
+class Tile(ChannelRule):
+    def static_inputs(self, node):
+        return {1}
+
+    def couple(self, node, ctx):
+        repeats = ctx.const(node.input[1])
+        if repeats is None:
+            raise RuleBarrier("tile repeats computed at run time")
+        for ax, r in enumerate(repeats.reshape(-1)):
+            if int(r) == 1:
+                ctx.link(node.input[0], ax, node.output[0], ax)
+
+
+@register("Gather")
+class Gather(ChannelRule):
+    def couple(self, node, ctx):
+        data, idx, y = node.input[0], node.input[1], node.output[0]
+        rd, ri = ctx.rank(data), ctx.rank(idx)
+        if rd is None or ri is None:
+            raise RuleBarrier("rank unknown")
+        axis = attrs(node).get("axis", 0) % rd
+        for ax in range(rd):
+            if ax < axis:
+                ctx.link(data, ax, y, ax)
+            elif ax > axis:
+                ctx.link(data, ax, y, ax + ri - 1)
+        for ax in range(ri):
+            ctx.link(idx, ax, y, axis + ax)
+        ctx.freeze(data, axis, "gathered axis")
+        ctx.set_role(data, "weight")
+
+
+@register("Shape", "Size")
+class ShapeOf(ChannelRule):
+    """Reads only sizes; shape arithmetic that feeds a Reshape/Expand is checked by that rule."""
+
+    def couple(self, node, ctx):
+        ctx.independent_tensor(node.input[0])
