@@ -1,12 +1,19 @@
-"""Every model in ``models.testmodels.TEST_MODELS`` is valid ONNX, deterministic and runs in onnxruntime."""
+"""Every model in ``models.testmodels.TEST_MODELS`` is valid ONNX, deterministic and runs in onnxruntime;
+the bundled Fashion-MNIST model is valid and accurate; the dataset loader reads IDX files."""
 
 from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
+from models import fashion_mnist
 from models.testmodels import IR_VERSION, OPSET, TEST_MODELS, make_inputs
 
 
@@ -71,3 +78,67 @@ def test_biases_are_nonzero() -> None:
                 init = {t.name: t for t in model.graph.initializer}.get(node.input[2])
                 if init is not None:
                     assert np.abs(onnx.numpy_helper.to_array(init)).min() > 0, (name, node.name)
+
+
+# -- bundled default model -------------------------------------------------------------------------
+BUNDLED_ONNX = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_cnn.onnx"
+
+
+def test_bundled_model_is_valid_and_small() -> None:
+    assert BUNDLED_ONNX.stat().st_size < 2_000_000
+    model = onnx.load(BUNDLED_ONNX)
+    onnx.checker.check_model(model, full_check=True)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"Conv", "BatchNormalization", "Add", "Concat", "Gemm"} <= ops
+    assert [i.name for i in model.graph.input] == ["image"]
+    assert [o.name for o in model.graph.output] == ["logits"]
+    meta = json.loads(BUNDLED_ONNX.with_suffix(".json").read_text())
+    assert meta["input"] == "image" and meta["dataset"] == fashion_mnist.DEBIAN_PACKAGE
+    params = sum(
+        int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+    )
+    assert params >= meta["params"]  # BN running stats are initializers too, not torch parameters
+
+
+def test_bundled_model_accuracy_on_fashion_mnist() -> None:
+    if not fashion_mnist.is_available():
+        pytest.skip(f"Fashion-MNIST not installed: apt-get install -y {fashion_mnist.DEBIAN_PACKAGE}")
+    images, labels = fashion_mnist.load_fashion_mnist("test")
+    images, labels = images[:2000], labels[:2000]
+    (logits,) = _session(onnx.load(BUNDLED_ONNX)).run(None, {"image": images})
+    top1 = float((logits.argmax(axis=1) == labels).mean())
+    assert top1 >= 0.85, top1
+
+
+def test_fashion_mnist_loader_shapes() -> None:
+    if not fashion_mnist.is_available():
+        pytest.skip(f"Fashion-MNIST not installed: apt-get install -y {fashion_mnist.DEBIAN_PACKAGE}")
+    images, labels = fashion_mnist.load_fashion_mnist("test")
+    assert images.shape == (10000, 1, 28, 28) and images.dtype == np.float32
+    assert labels.shape == (10000,) and labels.dtype == np.int64
+    assert images.min() == 0.0 and images.max() == 1.0
+    assert set(np.unique(labels)) == set(range(10))
+
+
+def test_fashion_mnist_loader_names_package_when_missing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ONNXPRUNE_FASHION_MNIST_DIR", str(tmp_path))
+    assert not fashion_mnist.is_available()
+    with pytest.raises(fashion_mnist.DatasetMissingError, match=fashion_mnist.DEBIAN_PACKAGE):
+        fashion_mnist.load_fashion_mnist("train")
+    with pytest.raises(ValueError, match="split"):
+        fashion_mnist.load_fashion_mnist("valid")  # type: ignore[arg-type]
+
+
+def test_fashion_mnist_loader_reads_idx(tmp_path: Path, monkeypatch) -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+    classes = np.asarray([7, 0, 9], dtype=np.uint8)
+    for prefix in ("train", "t10k"):
+        with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as fh:
+            fh.write(struct.pack(">IIII", 0x803, 3, 28, 28) + pixels.tobytes())
+        with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as fh:
+            fh.write(struct.pack(">II", 0x801, 3) + classes.tobytes())
+    monkeypatch.setenv("ONNXPRUNE_FASHION_MNIST_DIR", str(tmp_path))
+    images, labels = fashion_mnist.load_fashion_mnist("train")
+    np.testing.assert_array_equal(images[:, 0], pixels.astype(np.float32) / 255.0)
+    np.testing.assert_array_equal(labels, classes.astype(np.int64))
