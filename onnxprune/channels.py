@@ -277,7 +277,18 @@ class ChannelAnalysis:
 
     @property
     def prunable_params(self) -> int:
-        return sum(g.params for g in self.groups if not g.inexact)
+        """Parameter elements that at least one group can remove (each element counted once)."""
+        covered: dict[str, dict[int, set[int]]] = {}
+        for g in self.groups:
+            for m in g.param_members:
+                covered.setdefault(m.tensor, {}).setdefault(m.axis, set()).update(m.positions.tolist())
+        total = 0
+        for name, axes in covered.items():
+            shape = self.graph.shape(name)
+            numel = int(np.prod(shape, dtype=np.int64))
+            untouched = int(np.prod([shape[a] - len(axes.get(a, ())) for a in range(len(shape))], dtype=np.int64))
+            total += numel - untouched
+        return total
 
 
 def analyze(graph: ModelGraph, *, allow_inexact: bool = False) -> ChannelAnalysis:

@@ -1,0 +1,32 @@
+"""Shared fixtures: seeded test models, canonicalised the way the CLI does it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `models/` holds the model builders; it is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+
+def canonical(model):
+    from onnxprune.importer import infer_shapes, normalize
+
+    out, _ = normalize(model)
+    return infer_shapes(out)
+
+
+@pytest.fixture
+def tmp_model(tmp_path):
+    """Save a model to a temp file and return the path."""
+    import onnx
+
+    def save(model, name="model.onnx"):
+        path = tmp_path / name
+        onnx.save(model, str(path))
+        return path
+
+    return save

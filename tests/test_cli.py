@@ -1,0 +1,155 @@
+"""The CLI contract (flags, JSON keys, exit codes) and bad-input handling."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from models.testmodels import TEST_MODELS
+from onnxprune.cli import main
+from onnxprune.verify import max_rel_error, random_inputs, run
+
+PRUNE_KEYS = {"input", "output", "params_before", "params_after", "macs_before", "macs_after", "groups",
+              "groups_pruned", "barriers"}  # fmt: skip
+ANALYZE_KEYS = {"params", "macs", "prunable_params", "groups", "barriers"}
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "onnxprune.cli", *map(str, args)], capture_output=True, text=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture
+def residual(tmp_model):
+    return tmp_model(TEST_MODELS["residual"](), "residual.onnx")
+
+
+def test_default_command_writes_pruned_model_next_to_input(residual):
+    digest = _sha(residual)
+    code, out, err = _cli(residual)
+    assert code == 0, err
+    pruned = residual.with_name("residual.pruned.onnx")
+    assert pruned.exists()
+    assert "params" in out
+    assert _sha(residual) == digest  # the input is never modified
+    onnx.checker.check_model(onnx.load(str(pruned)), full_check=True)
+
+
+def test_prune_json_contract(residual, tmp_path):
+    out_path = tmp_path / "out.onnx"
+    code, out, err = _cli("prune", residual, "-o", out_path, "--ratio", "0.5", "--global", "--round-to", "2",
+                          "--criterion", "l2", "--json")  # fmt: skip
+    assert code == 0, err
+    data = json.loads(out)
+    assert PRUNE_KEYS <= data.keys()
+    assert data["output"] == str(out_path)
+    assert data["params_after"] < data["params_before"]
+    assert data["macs_after"] < data["macs_before"]
+    assert data["groups_pruned"] >= 1
+    pruned = onnx.load(str(out_path))
+    assert any(p.key == "onnxprune.summary" for p in pruned.metadata_props)
+
+
+def test_analyze_json_contract(residual):
+    code, out, err = _cli("analyze", residual, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert ANALYZE_KEYS <= data.keys()
+    assert data["prunable_params"] > 0
+    assert {"id", "channels", "params", "members"} <= data["groups"][0].keys()
+
+
+def test_barrier_reported_for_op_without_rule(tmp_model, capsys):
+    model = TEST_MODELS["chain"]()
+    node = next(n for n in model.graph.node if n.op_type == "Relu")
+    node.op_type = "LpNormalization"  # a real op that has no channel rule
+    path = tmp_model(model, "barrier.onnx")
+    assert main(["analyze", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    barrier = next(b for b in data["barriers"] if b["node"] == node.name)
+    assert barrier["op_type"] == "LpNormalization" and "no channel rule" in barrier["reason"]
+    # The channels through the barrier are frozen, the others are still prunable.
+    assert data["groups"] and data["prunable_params"] < data["params"]
+
+
+def test_ratio_zero_roundtrip(residual, tmp_path):
+    out_path = tmp_path / "zero.onnx"
+    assert main(["prune", str(residual), "--ratio", "0", "-o", str(out_path), "--json"]) == 0
+    original, pruned = onnx.load(str(residual)), onnx.load(str(out_path))
+    inputs = random_inputs(original)
+    assert max_rel_error(run(original, inputs), run(pruned, inputs)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "empty"), (b"this is not onnx", "not a readable"), (None, "no such file")],
+)
+def test_bad_files_one_line_error(tmp_path, content, message):
+    path = tmp_path / "bad.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    code, out, err = _cli(path)
+    assert code == 1
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("*.pruned.onnx"))
+
+
+def test_truncated_model(residual, tmp_path):
+    data = residual.read_bytes()
+    path = tmp_path / "trunc.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    code, _, err = _cli(path)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+
+
+def test_checker_failure(tmp_path):
+    model = TEST_MODELS["chain"]()
+    model.graph.node[0].input[1] = "does_not_exist"
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, str(path))
+    code, _, err = _cli(path)
+    assert code == 1 and "checker" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [["--ratio", "1.0"], ["--ratio", "-0.1"], ["--ratio", "abc"], ["--round-to", "0"],
+                                  ["--criterion", "nope"], ["--bogus"]])  # fmt: skip
+def test_usage_errors_exit_2(residual, args):
+    code, _, err = _cli("prune", residual, *args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_output_equal_to_input_refused(residual):
+    digest = _sha(residual)
+    code, _, err = _cli("prune", residual, "-o", residual)
+    assert code == 2 and _sha(residual) == digest
+
+
+def test_unwritable_output(residual, tmp_path):
+    target = tmp_path / "a_folder.onnx"
+    target.mkdir()  # a directory cannot be replaced by the output file, even as root
+    code, _, err = _cli("prune", residual, "-o", target)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_missing_output_folder(residual, tmp_path):
+    code, _, err = _cli("prune", residual, "-o", tmp_path / "nope" / "x.onnx")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+
+
+def test_version_and_help():
+    assert _cli("--version")[0] == 0
+    assert _cli("--help")[0] == 0
+    assert _cli("prune", "--help")[0] == 0

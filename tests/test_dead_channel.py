@@ -1,0 +1,102 @@
+"""Dead-channel equivalence on every group of every seeded test model, and ratio-0 identity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import canonical
+
+from models.testmodels import TEST_MODELS
+from onnxprune.channels import analyze
+from onnxprune.graph import ModelGraph
+from onnxprune.metrics import count_params
+from onnxprune.passes.pruning import PruneConfig, PrunePass
+from onnxprune.verify import dead_channel_check, max_rel_error, random_inputs, run
+
+# Groups each model must expose (guards against a rule silently freezing everything).
+MIN_GROUPS = {"chain": 3, "residual": 4, "concat": 4, "depthwise": 4, "attention": 2, "attention_dynamic": 2}
+
+
+@pytest.mark.parametrize("name", sorted(TEST_MODELS))
+def test_every_group_dead_channel_equivalent(name):
+    model = canonical(TEST_MODELS[name]())
+    analysis = analyze(ModelGraph(model))
+    assert len(analysis.groups) >= MIN_GROUPS.get(name, 1)
+    inputs = random_inputs(model, seed=1)
+    tol = 1e-2 if name == "fp16" else 1e-5
+    for group in analysis.groups:
+        result = dead_channel_check(analysis, group, inputs)
+        assert result.error <= tol, f"group {group.id} ({[str(m) for m in group.members]}): {result.error}"
+
+
+@pytest.mark.parametrize("name", sorted(TEST_MODELS))
+def test_ratio_zero_reproduces_original(name):
+    model = canonical(TEST_MODELS[name]())
+    result = PrunePass(PruneConfig(ratio=0.0)).run(model)
+    assert result.modified is False
+    inputs = random_inputs(model)
+    assert max_rel_error(run(model, inputs), run(result.model, inputs)) == 0.0
+
+
+@pytest.mark.parametrize("global_ranking", [False, True])
+@pytest.mark.parametrize("name", ["residual", "concat", "depthwise", "attention", "grouped", "split"])
+def test_prune_runs_and_shrinks(name, global_ranking):
+    model = canonical(TEST_MODELS[name]())
+    result = PrunePass(PruneConfig(ratio=0.5, global_ranking=global_ranking)).run(model)
+    assert result.modified
+    before, after = count_params(ModelGraph(model)), count_params(ModelGraph(result.model))
+    assert after < before
+    inputs = random_inputs(model)
+    ref, out = run(model, inputs), run(result.model, inputs)
+    assert [o.shape for o in ref] == [o.shape for o in out]
+    assert all(np.isfinite(o).all() for o in out)
+
+
+def test_groups_never_empty_and_round_to():
+    model = canonical(TEST_MODELS["residual"]())
+    analysis = analyze(ModelGraph(model))
+    result = PrunePass(PruneConfig(ratio=0.95, round_to=4)).run(model)
+    plan = result.info["plan"]
+    for g in analysis.groups:
+        kept = g.size - len(plan.removed.get(g.id, []))
+        assert kept >= 1
+        assert kept % 4 == 0 or kept == g.size
+
+
+def test_attention_heads_are_one_group():
+    model = canonical(TEST_MODELS["attention"]())
+    analysis = analyze(ModelGraph(model))
+    sizes = sorted(g.size for g in analysis.groups)
+    assert 4 in sizes  # 4 heads: Q, K, V columns and O rows of a head go together
+    heads = next(g for g in analysis.groups if g.size == 4)
+    assert len(heads.param_members) >= 4
+
+
+def _layernorm_mlp():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((32, 48)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal(48).astype(np.float32), "gamma"),
+        numpy_helper.from_array(rng.standard_normal(48).astype(np.float32), "beta"),
+        numpy_helper.from_array(rng.standard_normal((48, 32)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["n"], axis=-1),
+        helper.make_node("MatMul", ["n", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "ln_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 32])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_layernorm_hidden_is_inexact_and_opt_in():
+    model = canonical(_layernorm_mlp())
+    default = analyze(ModelGraph(model))
+    allowed = analyze(ModelGraph(model), allow_inexact=True)
+    assert not any(g.inexact for g in default.groups)
+    assert any(g.inexact for g in allowed.groups)
