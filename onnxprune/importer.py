@@ -129,7 +129,48 @@ def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     changed |= _constants_to_initializers(g)
     changed |= _fold_constant_shape_ops(g)
     changed |= _remove_dead_code(g)
+    changed |= _unshare_small_initializers(g)
     return out, changed
+
+
+# Exporters deduplicate identical initializers (freshly initialised BatchNorm scales are all ones), which
+# would couple unrelated layers. Shared tensors up to this size get one copy per use; larger ones are
+# genuine ties (embeddings) and stay shared, so their coupling is real.
+UNSHARE_LIMIT = 1 << 20
+
+
+def _unshare_small_initializers(g: onnx.GraphProto) -> bool:
+    inits = {t.name: t for t in g.initializer}
+    uses: dict[str, int] = {}
+    for node in g.node:
+        for name in node.input:
+            if name in inits:
+                uses[name] = uses.get(name, 0) + 1
+    outputs = {o.name for o in g.output}
+    shared = {n for n, k in uses.items() if k > 1 and _numel(inits[n]) <= UNSHARE_LIMIT and n not in outputs}
+    shared = {n for n in shared if inits[n].data_type in (1, 10, 11, 16)}  # weights, not shape constants
+    if not shared:
+        return False
+    taken = set(inits) | {o for n in g.node for o in n.output}
+    seen: dict[str, int] = {}
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name not in shared:
+                continue
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] == 1:
+                continue  # the first use keeps the original
+            new, k = f"{name}__{seen[name]}", seen[name]
+            while new in taken:
+                k += 1
+                new = f"{name}__{k}"
+            taken.add(new)
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[name])
+            copy.name = new
+            g.initializer.append(copy)
+            node.input[i] = new
+    return True
 
 
 def _name_nodes(g: onnx.GraphProto) -> bool:
@@ -425,8 +466,62 @@ def _copy_without_big_weights(model: onnx.ModelProto, light: onnx.ModelProto) ->
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
+def fold_static_shapes(model: onnx.ModelProto) -> bool:
+    """Replace `Shape(x)` (and `Gather(Shape(x), k)`) by constants where x's inferred sizes are static.
+
+    Exporters compute sizes at run time even for static models (torch's `chunk` becomes
+    Shape/Gather/Div/Slice); folding them lets the channel rules see constant bounds.
+    """
+    from onnxprune.graph import ModelGraph
+
+    graph = ModelGraph(model)
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    keep, changed = [], False
+    for node in g.node:
+        value = None
+        if node.op_type == "Shape" and node.output[0] not in outputs:
+            shape = graph.shape(node.input[0])
+            at = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if shape is not None:
+                part = shape[at.get("start", 0) : at.get("end", len(shape))] if at else shape
+                if all(isinstance(d, int) for d in part):
+                    value = np.array(part, dtype=np.int64)
+        elif node.op_type == "Gather" and node.output[0] not in outputs:
+            src = graph.producer.get(node.input[0])
+            idx = graph.const(node.input[1])
+            if src is not None and src.op_type == "Shape" and idx is not None and not src.attribute:
+                shape = graph.shape(src.input[0])
+                if shape is not None:
+                    picked = [shape[int(i)] for i in idx.reshape(-1)]
+                    if all(isinstance(d, int) for d in picked):
+                        value = np.array(picked, dtype=np.int64).reshape(idx.shape)
+        if value is not None:
+            g.initializer.append(numpy_helper.from_array(value, node.output[0]))
+            changed = True
+            continue
+        keep.append(node)
+    if changed:
+        del g.node[:]
+        g.node.extend(keep)
+        _fold_constant_shape_ops(g)
+        _remove_dead_code(g)
+    return changed
+
+
+def canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """`normalize`, infer shapes, and fold sizes that became static; returns (model, changed)."""
+    model, changed = normalize(model)
+    model = infer_shapes(model)
+    for _ in range(3):
+        if not fold_static_shapes(model):
+            break
+        changed = True
+        del model.graph.value_info[:]
+        model = infer_shapes(model)
+    return model, changed
+
+
 def import_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load, check, normalise and shape-infer a model: the one entry point the CLI uses."""
-    model = load_model(path)
-    model, _ = normalize(model)
-    return infer_shapes(model)
+    """Load, check and canonicalize a model: the one entry point the CLI uses."""
+    return canonicalize(load_model(path))[0]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from onnxprune.importer import infer_shapes, normalize
+from onnxprune.importer import canonicalize
 from onnxprune.passmanager import Pass, PassResult
 
 
 class NormalizePass(Pass):
     def call(self, model):
-        out, changed = normalize(model)
-        return PassResult(infer_shapes(out), changed)
+        out, changed = canonicalize(model)
+        return PassResult(out, changed)

@@ -13,10 +13,9 @@ if str(ROOT) not in sys.path:  # `models/` holds the model builders; it is not a
 
 
 def canonical(model):
-    from onnxprune.importer import infer_shapes, normalize
+    from onnxprune.importer import canonicalize
 
-    out, _ = normalize(model)
-    return infer_shapes(out)
+    return canonicalize(model)[0]
 
 
 @pytest.fixture
