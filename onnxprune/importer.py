@@ -50,49 +50,73 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
 
 
 def _load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    """Validate external data references (refusing paths outside the folder); large tensors stay lazy."""
+    from onnxprune.external import attach
 
-    base = base_dir.resolve()
-    for tensor in _get_all_tensors(model):
-        if not uses_external_data(tensor):
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        target = (base / location).resolve()
-        if os.path.isabs(location) or base not in target.parents:
-            raise ModelError(f"external data path {location!r} of tensor {tensor.name!r} escapes the model folder")
-        if not target.is_file():
-            raise ModelError(f"external data file {location!r} of tensor {tensor.name!r} is missing")
-    try:
-        onnx.load_external_data_for_model(model, str(base))
-    except Exception as exc:
-        raise ModelError(f"cannot read external data: {_first_line(exc)}") from None
+    attach(model, base_dir)
 
 
 def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
-    """Run the ONNX checker with shape checking; raise ModelError with one line on failure."""
+    """Run the ONNX checker with shape checking; raise ModelError with one line on failure.
+
+    The checker runs on a copy whose large weights are replaced by typed graph inputs (fast for any
+    size, and possible beyond the 2 GB protobuf limit); weight byte counts are checked here.
+    """
     where = f"{path}: " if path else ""
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            # The checker cannot take >2 GB protos in memory; check the graph structure only.
-            onnx.checker.check_model(_without_weights(model))
-        else:
-            onnx.checker.check_model(model, full_check=True)
-    except ValueError as exc:  # ByteSize overflow on very large models
-        raise ModelError(f"{where}model too large to check in memory ({_first_line(exc)})") from None
+        _check_weight_sizes(model)
+        onnx.checker.check_model(light_copy(model), full_check=True)
+    except ModelError:
+        raise
     except Exception as exc:
         raise ModelError(f"{where}model fails the ONNX checker: {_first_line(exc)}") from None
 
 
-def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+def _check_weight_sizes(model: onnx.ModelProto) -> None:
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    for t in model.graph.initializer:
+        if t.raw_data and t.data_location != onnx.TensorProto.EXTERNAL:
+            try:
+                itemsize = np.dtype(tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            except Exception:
+                continue
+            if t.data_type in (onnx.TensorProto.STRING,) or itemsize == 0:
+                continue
+            if len(t.raw_data) != _numel(t) * itemsize and t.data_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+                raise ModelError(f"initializer {t.name!r} holds {len(t.raw_data)} bytes for shape {list(t.dims)}")
+
+
+LIGHT_LIMIT = 1 << 16  # initializers up to this many elements stay in light copies (shape constants)
+
+
+def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every large initializer replaced by a typed graph input of the same shape."""
     light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for t in light.graph.initializer:
-        t.ClearField("raw_data")
-        t.ClearField("float_data")
-        t.data_location = onnx.TensorProto.DEFAULT
-        del t.external_data[:]
-        t.dims[:] = [0] * len(t.dims)
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            continue
+        if hasattr(value, "extend"):
+            getattr(light, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(light, field.name).CopyFrom(value)
+        else:
+            setattr(light, field.name, value)
+    g, src = light.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    g.sparse_initializer.extend(src.sparse_initializer)
+    names = {i.name for i in src.input}
+    for t in src.initializer:
+        if _numel(t) <= LIGHT_LIMIT and t.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(t)
+        elif t.name not in names:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    if light.ir_version < 4:
+        light.ir_version = 4
     return light
 
 
@@ -127,7 +151,7 @@ def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     changed |= _name_nodes(g)
     changed |= _drop_initializer_inputs(out)
     changed |= _constants_to_initializers(g)
-    changed |= _fold_constant_shape_ops(g)
+    changed |= _fold_constant_shape_ops(g, opset or 17)
     changed |= _remove_dead_code(g)
     changed |= _unshare_small_initializers(g)
     return out, changed
@@ -253,49 +277,32 @@ def _constants_to_initializers(g: onnx.GraphProto) -> bool:
     return changed
 
 
-# Small numpy implementations of shape-arithmetic ops whose inputs are all constants.
-def _fold(node: onnx.NodeProto, args: list[np.ndarray | None], opset: int = 17) -> np.ndarray | None:
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    op = node.op_type
-    if op == "Unsqueeze":
-        axes = attrs.get("axes", None)
-        if axes is None and len(args) > 1:
-            axes = args[1]
-        if axes is None:
-            return None
-        out = args[0]
-        rank = out.ndim + len(axes)
-        for ax in sorted(int(a) % rank for a in axes):
-            out = np.expand_dims(out, ax)
-        return out
-    if op == "Squeeze":
-        axes = attrs.get("axes", None)
-        if axes is None and len(args) > 1:
-            axes = args[1]
-        return np.squeeze(args[0], axis=None if axes is None else tuple(int(a) for a in axes))
-    if op == "Concat":
-        return np.concatenate(args, axis=attrs["axis"])
-    if op == "Cast":
-        from onnx.helper import tensor_dtype_to_np_dtype
-
-        return args[0].astype(tensor_dtype_to_np_dtype(attrs["to"]))
-    if op == "Identity":
-        return args[0]
-    if op == "Gather" and args[0].ndim <= 1:
-        return np.take(args[0], args[1], axis=attrs.get("axis", 0))
-    if op in ("Add", "Sub", "Mul") and args[0].dtype.kind == "i" and args[0].size <= 16:
-        fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op]
-        return fn(args[0], args[1])
-    if op == "Div" and args[0].dtype.kind == "i" and args[0].size <= 16:
-        return np.floor_divide(args[0], args[1])
-    return None
+# Constant folding: nodes whose inputs are all constants are evaluated once (onnx's reference
+# evaluator), but only for small tensors — shape arithmetic, masks, index vectors — never to rewrite
+# large weights (folding a Cast of fp16 weights would double the model).
+_FOLD_LIMIT = 1 << 16  # elements, inputs and output
+_NO_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+            "Bernoulli", "Constant", "If", "Loop", "Scan", "SequenceConstruct"}  # fmt: skip
 
 
-_FOLDABLE = {"Unsqueeze", "Squeeze", "Concat", "Cast", "Identity", "Gather", "Add", "Sub", "Mul", "Div"}
-_FOLD_LIMIT = 64  # elements: only small shape-like tensors are folded
+def _evaluate(node: onnx.NodeProto, args: list[np.ndarray], opset: int) -> list[np.ndarray] | None:
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = [numpy_helper.from_array(a, f"i{k}") for k, a in enumerate(args)]
+    single = onnx.helper.make_node(
+        node.op_type, [f"i{k}" if n else "" for k, n in enumerate(node.input)],
+        [f"o{k}" for k in range(len(node.output))], domain=node.domain,
+    )
+    single.attribute.extend(node.attribute)
+    graph = onnx.helper.make_graph(
+        [single], "fold", [], [onnx.helper.make_tensor_value_info(f"o{k}", 0, None) for k in range(len(node.output))],
+        [t for t, n in zip(inputs, node.input) if n],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    return ReferenceEvaluator(model).run(None, {})
 
 
-def _fold_constant_shape_ops(g: onnx.GraphProto) -> bool:
+def _fold_constant_shape_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
     outputs = {o.name for o in g.output}
     inits = {t.name: t for t in g.initializer}
     values: dict[str, np.ndarray] = {}
@@ -304,7 +311,7 @@ def _fold_constant_shape_ops(g: onnx.GraphProto) -> bool:
         if name in values:
             return values[name]
         t = inits.get(name)
-        if t is None or _numel(t) > _FOLD_LIMIT:
+        if t is None or _numel(t) > _FOLD_LIMIT or t.data_location == onnx.TensorProto.EXTERNAL:
             return None
         values[name] = numpy_helper.to_array(t)
         return values[name]
@@ -312,24 +319,27 @@ def _fold_constant_shape_ops(g: onnx.GraphProto) -> bool:
     keep: list[onnx.NodeProto] = []
     changed = False
     for node in g.node:
-        if (
-            node.op_type in _FOLDABLE
-            and node.domain in ("", "ai.onnx")
-            and len(node.output) == 1
-            and node.output[0] not in outputs
-            and all(name for name in node.input)
-        ):
-            args = [value(name) for name in node.input]
-            if all(a is not None for a in args) and all(a.dtype.kind in "iub" for a in args[:1]):
+        foldable = (
+            node.domain in ("", "ai.onnx")
+            and node.op_type not in _NO_FOLD
+            and node.input
+            and not any(o in outputs for o in node.output)
+            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+        )
+        if foldable:
+            args = [value(name) if name else np.zeros(0) for name in node.input]
+            if all(a is not None for a in args):
                 try:
-                    result = _fold(node, args)
+                    results = _evaluate(node, args, opset)
                 except Exception:
-                    result = None
-                if result is not None and result.size <= _FOLD_LIMIT:
-                    t = numpy_helper.from_array(np.asarray(result), node.output[0])
-                    g.initializer.append(t)
-                    inits[t.name] = t
-                    values[t.name] = np.asarray(result)
+                    results = None
+                if results is not None and all(np.asarray(r).size <= _FOLD_LIMIT for r in results):
+                    for name, r in zip(node.output, results):
+                        if name:
+                            t = numpy_helper.from_array(np.asarray(r), name)
+                            g.initializer.append(t)
+                            inits[name] = t
+                            values[name] = np.asarray(r)
                     changed = True
                     continue
         keep.append(node)
@@ -393,7 +403,10 @@ SAME_SHAPE_OPS = {
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference with data propagation, completed for same-shape ops onnx cannot infer."""
+    """Shape inference with data propagation, completed for same-shape ops onnx cannot infer.
+
+    Updates `model.graph.value_info` in place and returns the model.
+    """
     for _ in range(4):
         model = _infer_once(model)
         if not _fill_same_shape(model):
@@ -429,41 +442,21 @@ def _has_shape(vi: onnx.ValueInfoProto) -> bool:
 
 
 def _infer_once(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Infer on the light copy and graft the inferred value_info back (weights are never serialised)."""
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            raise ValueError("too large")
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-    except Exception:
-        pass
-    # Large models: infer on a weight-less copy with initializers replaced by typed graph inputs.
-    return _infer_shapes_light(model)
-
-
-def _infer_shapes_light(model: onnx.ModelProto) -> onnx.ModelProto:
-    light = onnx.ModelProto()
-    light.CopyFrom(model) if model.ByteSize() <= PROTOBUF_LIMIT else _copy_without_big_weights(model, light)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(
+            light_copy(model), check_type=False, strict_mode=False, data_prop=True
+        )
     except Exception:
         return model
     del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred.graph.value_info)
+    inits = {t.name for t in model.graph.initializer}
+    model.graph.value_info.extend(vi for vi in inferred.graph.value_info if vi.name not in inits)
+    outputs = {o.name: o for o in inferred.graph.output}
+    for o in model.graph.output:
+        if o.name in outputs and not _has_shape(o):
+            o.type.CopyFrom(outputs[o.name].type)
     return model
-
-
-def _copy_without_big_weights(model: onnx.ModelProto, light: onnx.ModelProto) -> None:
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    g = light.graph
-    g.name = model.graph.name
-    g.node.extend(model.graph.node)
-    g.input.extend(model.graph.input)
-    g.output.extend(model.graph.output)
-    for t in model.graph.initializer:
-        if _numel(t) <= _FOLD_LIMIT:
-            g.initializer.append(t)
-        else:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
 def fold_static_shapes(model: onnx.ModelProto) -> bool:
@@ -504,7 +497,7 @@ def fold_static_shapes(model: onnx.ModelProto) -> bool:
     if changed:
         del g.node[:]
         g.node.extend(keep)
-        _fold_constant_shape_ops(g)
+        _fold_constant_shape_ops(g, opset_of(model) or 17)
         _remove_dead_code(g)
     return changed
 
