@@ -93,6 +93,25 @@ def reshape_segments(in_shape, out_shape):
     return segs
 
 
+def _carrier(sizes: list[int]) -> int:
+    """Which of the axes a flat axis splits into carries its channels.
+
+    The major axis by default (``C -> [heads, head_dim]``: a head is a channel). A small leading axis in
+    front of a much larger one is a stack of tensors instead (``3*E -> [3, E]`` for fused Q/K/V,
+    ``2*E -> [2, E]`` for fused K/V): then the larger axis carries the channels, and channel j of each
+    stacked tensor is removed together.
+    """
+    if len(sizes) == 2 and sizes[0] <= 4 and sizes[1] >= 4 * sizes[0]:
+        return 1
+    return 0
+
+
+def _carrier_index(n: int, sizes: list[int], c: int) -> np.ndarray:
+    """For each flat position 0..n-1, its index along axis `c` of the split `sizes`."""
+    inner = int(np.prod(sizes[c + 1 :], dtype=np.int64))
+    return (np.arange(n) // inner) % sizes[c]
+
+
 def _couple_reshape(ctx, x: str, y: str, targets=None) -> None:
     """Couple a reshape from x to y. `targets` (from `shape_elements`) says which output sizes can be
     rewritten; without it (Flatten) every output size follows the input automatically."""
@@ -124,21 +143,25 @@ def _couple_reshape(ctx, x: str, y: str, targets=None) -> None:
                 ctx.freeze(x, a, "reshape target computed at run time")
                 ctx.freeze(y, b, "reshape target computed at run time")
             continue
-        if len(big_out) == 1 and rewritable(big_out[0]):  # merge: major input axis owns blocks
+        if len(big_out) == 1 and rewritable(big_out[0]):  # merge: one input axis owns the merged axis
             b = big_out[0]
-            major, inner = big_in[0], int(np.prod([in_shape[a] for a in big_in[1:]]))
+            sizes = [in_shape[a] for a in big_in]
+            c = _carrier(sizes)
             n = out_shape[b]
-            ctx.link(x, major, y, b, np.arange(n) // inner, np.arange(n))
-            for a in big_in[1:]:
-                ctx.freeze(x, a, "merged into a larger axis by reshape")
+            ctx.link(x, big_in[c], y, b, _carrier_index(n, sizes, c), np.arange(n))
+            for a in big_in:
+                if a != big_in[c]:
+                    ctx.freeze(x, a, "merged into a larger axis by reshape")
             continue
-        if len(big_in) == 1 and rewritable(big_out[0]):  # split: major output axis owns blocks
+        if len(big_in) == 1 and all(rewritable(b) for b in big_out):  # split: one output axis owns it
             a = big_in[0]
-            major, inner = big_out[0], int(np.prod([out_shape[b] for b in big_out[1:]]))
+            sizes = [out_shape[b] for b in big_out]
+            c = _carrier(sizes)
             n = in_shape[a]
-            ctx.link(x, a, y, major, np.arange(n), np.arange(n) // inner)
-            for b in big_out[1:]:
-                ctx.freeze(y, b, "split off a larger axis by reshape")
+            ctx.link(x, a, y, big_out[c], np.arange(n), _carrier_index(n, sizes, c))
+            for b in big_out:
+                if b != big_out[c]:
+                    ctx.freeze(y, b, "split off a larger axis by reshape")
             continue
         for a in ii:
             ctx.freeze(x, a, "reshape regroups axes")
