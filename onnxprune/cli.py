@@ -122,8 +122,15 @@ def cmd_prune(args) -> int:
     prune = PrunePass(config)
     prune.criterion()  # fail on a bad criterion before loading the model
     model = _load(args.model)
+    from onnxprune.external import has_lazy
+
+    keep_external = has_lazy(model) or None  # weights came in a data file: write them to one too
     result = prune.run(model)
-    save_model(result.model, out)
+    if not result.modified:  # nothing removed: the output still says what was done
+        from onnxprune.passes.pruning import stamp
+
+        stamp(result.model, result.info["summary"])
+    save_model(result.model, out, external_data=keep_external)
     summary = dict(result.info["summary"])
     summary = {"input": str(src), "output": str(out), **summary}
     if args.json:

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.external import is_lazy, tensor_array
+
 Dim = int | str | None  # static size, symbolic name, or unknown
 
 
@@ -83,6 +85,8 @@ class ModelGraph:
         t = self.initializers.get(name)
         if t is None:
             return None
+        if is_lazy(t):  # external data: a fresh read-only memory map, not cached (pages stay reclaimable)
+            return tensor_array(t)
         value = numpy_helper.to_array(t)
         self._consts[name] = value
         return value

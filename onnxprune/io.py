@@ -1,80 +1,187 @@
-"""Atomic model output: write to a temporary file in the destination folder, then rename.
+"""Atomic model output: write to temporary files in the destination folder, then rename.
 
-A failure or a kill part-way leaves the destination untouched (old file or nothing) and no temp files
-behind when the process can clean up. Models over the protobuf limit are written with external data
-(`NAME.onnx.data` beside the model), also through temporary names.
+A failure or a kill part-way leaves the destination untouched (old file or nothing). Temporary files are
+named ``.NAME.<random>.tmp`` so that the debris a SIGKILL cannot clean up is recognisable; any other
+failure removes them.
+
+Models whose weights are lazy external data (see `onnxprune.external`), or whose proto would exceed the
+protobuf limit, are written with their large tensors in one data file beside the model. Untouched lazy
+tensors are streamed from their source file, so they stay byte-identical and never sit in memory. The
+data file gets a fresh name when ``NAME.data`` already exists (it may belong to the old destination or
+to the input), is renamed into place before the model, and the old destination's data file is removed
+only after the new model is in place: at every instant the destination names a complete model.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
 import onnx
 
+from onnxprune import external as ext
 from onnxprune.errors import OnnxPruneError
 from onnxprune.importer import PROTOBUF_LIMIT
 
+EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
+ALIGN = 64
+
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Write `model` to `path` atomically; returns the path. `model` is not modified.
+
+    Args:
+        external_data: force (True) or forbid (False) a data file; by default one is used when the model
+            has lazy external tensors or would exceed the protobuf limit.
+    """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OnnxPruneError(f"{path}: output folder does not exist")
     if not os.access(folder, os.W_OK):
         raise OnnxPruneError(f"{path}: output folder is not writable")
+    if path.is_dir():
+        raise OnnxPruneError(f"{path}: output path is a directory")
     if path.exists() and not os.access(path, os.W_OK):
         raise OnnxPruneError(f"{path}: output file is not writable")
     if external_data is None:
-        external_data = _too_big(model)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp_data = None
+        external_data = ext.has_lazy(model) or _too_big(model)
+    if not external_data and ext.has_lazy(model):
+        model = ext.materialize(model)
+    temps: list[Path] = []
     try:
+        tmp = _mkstemp(f".{path.name}.", folder)
+        temps.append(tmp)
+        old_data = _data_files(path) if path.exists() else set()
         if external_data:
-            data_name = f"{path.name}.data"
-            tmp_data = folder / f".{data_name}.{os.getpid()}.tmp"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model) if not _too_big(model) else _share(model, copy)
-            onnx.save_model(
-                copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                location=tmp_data.name, size_threshold=1024,
-            )
-            # The model refers to the final data name; rename the data first, then the model.
-            _relocate(tmp, tmp_data.name, data_name)
+            data_name = _data_name(path, model)
+            tmp_data = _mkstemp(f".{data_name}.", folder)
+            temps.append(tmp_data)
+            header = _write_external(model, tmp_data, data_name)
+            _write_proto(header, tmp)
             os.replace(tmp_data, folder / data_name)
+            temps.remove(tmp_data)
         else:
-            onnx.save_model(model, tmp)
+            data_name = None
+            _write_proto(model, tmp)
         os.replace(tmp, path)
+        temps.remove(tmp)
+        for stale in old_data - ({data_name} if data_name else set()):
+            _remove_quietly(folder / stale)
     except OnnxPruneError:
         raise
     except OSError as exc:
         raise OnnxPruneError(f"{path}: cannot write ({exc.strerror or exc})") from None
     except Exception as exc:
-        raise OnnxPruneError(f"{path}: cannot write ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OnnxPruneError(f"{path}: cannot write ({text})") from None
     finally:
-        for leftover in (Path(tmp), tmp_data):
-            if leftover is not None and leftover.exists():
-                leftover.unlink()
+        for leftover in temps:
+            _remove_quietly(leftover)
     return path
+
+
+def _mkstemp(prefix: str, folder: Path) -> Path:
+    """A recognisable temp file (``.NAME.<random>.tmp``) with the permissions a plain open() would give."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return Path(tmp)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _write_proto(model: onnx.ModelProto, path: Path) -> None:
+    data = model.SerializeToString()
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _too_big(model: onnx.ModelProto) -> bool:
     try:
-        return model.ByteSize() > PROTOBUF_LIMIT
+        return model.ByteSize() + ext.lazy_bytes(model) > PROTOBUF_LIMIT
     except Exception:
         return True
 
 
-def _share(model: onnx.ModelProto, copy: onnx.ModelProto) -> None:
-    copy.MergeFrom(model)
+def _data_files(path: Path) -> set[str]:
+    """Data files (in the same folder, named after the model) referenced by an existing model file."""
+    try:
+        old = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return set()
+    names = set()
+    for t in ext.all_tensors(old):
+        if ext.is_external(t):
+            loc = {e.key: e.value for e in t.external_data}.get("location", "")
+            if loc.startswith(path.name) and "/" not in loc and "\\" not in loc:
+                names.add(loc)
+    return names
 
 
-def _relocate(model_path: str, old: str, new: str) -> None:
-    m = onnx.load(model_path, load_external_data=False)
-    for t in onnx.external_data_helper._get_all_tensors(m):
-        for e in t.external_data:
-            if e.key == "location" and e.value == old:
-                e.value = new
-    onnx.save_model(m, model_path)
+def _data_name(path: Path, model: onnx.ModelProto) -> str:
+    name = f"{path.name}.data"
+    sources = {ext.source(t)[0].resolve() for t in model.graph.initializer if ext.is_lazy(t)}
+    while (path.parent / name).exists() or (path.parent / name).resolve() in sources:
+        name = f"{path.name}.{secrets.token_hex(4)}.data"
+    return name
+
+
+def _write_external(model: onnx.ModelProto, data_path: Path, data_name: str) -> onnx.ModelProto:
+    """Stream the large main-graph tensors into `data_path`; return the model header that refers to it."""
+    header = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            continue
+        if hasattr(value, "extend"):
+            getattr(header, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(header, field.name).CopyFrom(value)
+        else:
+            setattr(header, field.name, value)
+    for field, value in model.graph.ListFields():
+        if field.name == "initializer":
+            continue
+        if hasattr(value, "extend"):
+            getattr(header.graph, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(header.graph, field.name).CopyFrom(value)
+        else:
+            setattr(header.graph, field.name, value)
+    with open(data_path, "wb") as f:
+        for t in model.graph.initializer:
+            lazy = ext.is_lazy(t)
+            if not lazy and ext.nbytes(t) < EXTERNAL_THRESHOLD:
+                header.graph.initializer.append(t)
+                continue
+            pad = (-f.tell()) % ALIGN
+            if pad:
+                f.write(b"\0" * pad)
+            offset = f.tell()
+            if lazy:
+                src, src_offset, length = ext.source(t)
+                ext.copy_range(src, src_offset, length, f)
+            else:
+                data = ext.payload(t)
+                length = len(data)
+                f.write(data)
+                del data
+            out = ext.strip_lazy(t)
+            out.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                out.external_data.add(key=key, value=value)
+            header.graph.initializer.append(out)
+        f.flush()
+        os.fsync(f.fileno())
+    return header

@@ -24,8 +24,28 @@ def session(model: onnx.ModelProto | str, optimize: bool = False):
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     opts.log_severity_level = 3
-    data = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    if isinstance(model, str):
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    from onnxprune import external
+
+    if external.has_lazy(model):  # weights in external files: onnxruntime needs them in memory or on disk
+        if external.lazy_bytes(model) + model.ByteSize() > (1 << 30):
+            return _session_from_disk(model, opts)
+        model = external.materialize(model)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _session_from_disk(model: onnx.ModelProto, opts):
+    """Large lazy models: write a copy (streamed) to a temporary folder and load it from there."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from onnxprune.io import save_model
+
+    with tempfile.TemporaryDirectory(prefix="onnxprune-verify-") as folder:
+        path = save_model(model, f"{folder}/model.onnx", external_data=True)
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def run(model: onnx.ModelProto | str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -85,12 +85,18 @@ class PrunePass(Pass):
             "groups": len(analysis.groups),
             "groups_pruned": plan.groups_pruned,
             "channels_removed": plan.channels_removed,
+            "plan": {str(gid): int(len(idx)) for gid, idx in plan.removed.items() if len(idx)},
             "barriers": [b.as_dict() for b in analysis.barriers],
             "seconds": round(time.perf_counter() - start, 3),
         }
         if len(labels):
-            _set_metadata(pruned, SUMMARY_KEY, json.dumps({k: v for k, v in summary.items() if k != "barriers"}))
+            stamp(pruned, summary)
         return PassResult(pruned, bool(len(labels)), {"summary": summary, "analysis": analysis, "plan": plan})
+
+
+def stamp(model: onnx.ModelProto, summary: dict) -> None:
+    """Record what was done (tool, config, plan, sizes) in the model's metadata_props for auditing."""
+    _set_metadata(model, SUMMARY_KEY, json.dumps({k: v for k, v in summary.items() if k != "barriers"}))
 
 
 def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
