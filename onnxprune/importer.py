@@ -506,7 +506,7 @@ def canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     """`normalize`, infer shapes, and fold sizes that became static; returns (model, changed)."""
     model, changed = normalize(model)
     model = infer_shapes(model)
-    for _ in range(3):
+    for _ in range(32):  # each round can make more sizes static
         if not fold_static_shapes(model):
             break
         changed = True

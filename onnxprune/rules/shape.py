@@ -98,11 +98,11 @@ def _carrier(sizes: list[int]) -> int:
 
     The major axis by default (``C -> [heads, head_dim]``: a head is a channel). A small leading axis in
     front of a much larger one is a stack of tensors instead (``3*E -> [3, E]`` for fused Q/K/V,
-    ``2*E -> [2, E]`` for fused K/V): then the larger axis carries the channels, and channel j of each
-    stacked tensor is removed together.
+    ``3*E -> [3, heads, head_dim]``): then the axis after the stack carries the channels, and channel j
+    of each stacked tensor is removed together.
     """
-    if len(sizes) == 2 and sizes[0] <= 4 and sizes[1] >= 4 * sizes[0]:
-        return 1
+    if len(sizes) >= 2 and sizes[0] <= 4 and int(np.prod(sizes[1:])) >= 4 * sizes[0]:
+        return 1  # [3, E] or [3, heads, head_dim]: the axis after the stack
     return 0
 
 
