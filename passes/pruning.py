@@ -35,29 +35,96 @@ class PruneConfig:
     allow_inexact: bool = False  # also prune hidden sizes under LayerNorm / softmax axes
     max_group_ratio: float = 0.9
     seed: int = 0
+    repair: str = "none"  # none | bias (data-free, BatchNorm statistics) | ls (calibrated least squares)
+    allocation: str | None = None  # uniform | global | lamp; None: global if global_ranking else uniform
+    target_params: str | None = None  # keep N parameters, or P% of them (overrides ratio)
+    target_macs: str | None = None  # keep N MACs, or P% of them (overrides ratio)
+    calib_samples: int | None = None
 
     def __post_init__(self) -> None:
+        from onnxprune.allocation import ALLOCATIONS
+        from onnxprune.passes.repair import REPAIRS
+
         if not 0 <= self.ratio < 1:
             raise UsageError(f"ratio must be in [0, 1), got {self.ratio}")
         if self.round_to < 1:
             raise UsageError(f"round-to must be >= 1, got {self.round_to}")
+        if self.repair not in REPAIRS:
+            raise UsageError(f"unknown repair {self.repair!r} (choose from {', '.join(REPAIRS)})")
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise UsageError(f"unknown allocation {self.allocation!r} (choose from {', '.join(ALLOCATIONS)})")
+        if self.target_params is not None and self.target_macs is not None:
+            raise UsageError("give at most one of --target-params and --target-macs")
+
+    @property
+    def allocation_name(self) -> str:
+        return self.allocation or ("global" if self.global_ranking else "uniform")
 
 
 class PrunePass(Pass):
-    def __init__(self, config: PruneConfig | None = None, criterion=None) -> None:
+    """Analyse, score, allocate, (repair,) remove.
+
+    Args:
+        config: what to remove and how.
+        criterion: a Criterion instance overriding `config.criterion`.
+        calib: calibration samples (`calibration.CalibrationData`) for data criteria and `repair="ls"`.
+    """
+
+    def __init__(self, config: PruneConfig | None = None, criterion=None, calib=None) -> None:
         self.config = config or PruneConfig()
         self._criterion = criterion
+        self.calib = calib
+        self.notices: list[str] = []
 
-    def criterion(self):
+    def criterion(self, stats=None):
         if self._criterion is not None:
             return self._criterion
         from onnxprune.passes.scoring import get_criterion
 
-        return get_criterion(self.config.criterion, self.config.seed)
+        return get_criterion(self.config.criterion, self.config.seed, stats)
 
-    def plan(self, analysis: ChannelAnalysis) -> PruningPlan:
+    def check_data(self) -> list[str]:
+        """Fail early when data is required but missing; one-line notices for data-free fallbacks."""
+        from onnxprune.passes.scoring import DATA_CRITERIA
+
         c = self.config
-        scores = self.criterion().score_all(analysis)
+        if self.calib is None and self._criterion is None and c.criterion in DATA_CRITERIA:
+            raise UsageError(f"criterion {c.criterion!r} needs calibration data: pass --calib FILE.npz")
+        if self.calib is None and c.repair == "ls":
+            raise UsageError("repair 'ls' needs calibration data: pass --calib FILE.npz (or use --repair bias)")
+        notices = []
+        if self.calib is None and self._criterion is None and c.criterion == "obs":
+            notices.append("criterion obs without --calib: using the data-free BatchNorm Hessian surrogate")
+        return notices
+
+    def statistics(self, model):
+        """Calibration statistics when the criterion or the repair reads them, else None."""
+        c = self.config
+        data_criterion = self._criterion is None and c.criterion in ("activation", "apoz", "obs")
+        if self.calib is None or not (data_criterion or c.repair == "ls"):
+            return None
+        from onnxprune.calibration import check_calib, collect_stats
+
+        data = check_calib(self.calib, model, c.calib_samples)
+        return collect_stats(model, data, hessian=c.repair == "ls" or c.criterion == "obs", seed=c.seed)
+
+    def plan(self, analysis: ChannelAnalysis, stats=None) -> PruningPlan:
+        from onnxprune import allocation as alloc
+
+        c = self.config
+        criterion = self.criterion(stats)
+        scores = criterion.score_all(analysis)
+        targets = {"params": c.target_params, "macs": c.target_macs}
+        if c.allocation_name == "lamp" or any(v is not None for v in targets.values()):
+            units = alloc.removal_order(
+                analysis, scores, c.allocation_name, round_to=c.round_to, max_group_ratio=c.max_group_ratio,
+                comparable=getattr(criterion, "comparable", False),
+            )
+            for metric, text in targets.items():
+                if text is not None:
+                    total = count_params(analysis.graph) if metric == "params" else count_macs(analysis.graph)
+                    return alloc.plan_for_target(units, analysis, alloc.parse_target(text, total, metric), metric)
+            return alloc.plan_for_ratio(units, analysis, c.ratio)
         return make_plan(
             analysis, scores, c.ratio, global_ranking=c.global_ranking, round_to=c.round_to,
             max_group_ratio=c.max_group_ratio,
@@ -65,12 +132,22 @@ class PrunePass(Pass):
 
     def call(self, model):
         start = time.perf_counter()
+        self.notices = self.check_data()
         graph = ModelGraph(model)
         analysis = analyze(graph, allow_inexact=self.config.allow_inexact)
-        plan = self.plan(analysis)
+        stats = self.statistics(model)
+        plan = self.plan(analysis, stats)
         labels = plan.labels(analysis)
+        repair_info = None
         if len(labels):
-            pruned = infer_shapes(apply_plan(analysis, labels))
+            work, work_labels = analysis, labels
+            if self.config.repair != "none":
+                from onnxprune.passes.repair import repair_weights
+
+                repaired, report = repair_weights(analysis, labels, self.config.repair, stats)
+                repair_info = report.as_dict()
+                work, work_labels = _reanalyze(analysis, labels, repaired, self.config.allow_inexact)
+            pruned = infer_shapes(apply_plan(work, work_labels))
             check_model(pruned)
         else:
             pruned = model
@@ -87,6 +164,8 @@ class PrunePass(Pass):
             "channels_removed": plan.channels_removed,
             "plan": {str(gid): int(len(idx)) for gid, idx in plan.removed.items() if len(idx)},
             "barriers": [b.as_dict() for b in analysis.barriers],
+            "repair": repair_info,
+            "notices": list(self.notices),
             "seconds": round(time.perf_counter() - start, 3),
         }
         if len(labels):
@@ -97,6 +176,23 @@ class PrunePass(Pass):
 def stamp(model: onnx.ModelProto, summary: dict) -> None:
     """Record what was done (tool, config, plan, sizes) in the model's metadata_props for auditing."""
     _set_metadata(model, SUMMARY_KEY, json.dumps({k: v for k, v in summary.items() if k != "barriers"}))
+
+
+def _reanalyze(analysis: ChannelAnalysis, labels, model: onnx.ModelProto, allow_inexact: bool):
+    """Analysis of the repaired model and the labels there of the same removed positions."""
+    import numpy as np
+
+    if model is analysis.graph.model:
+        return analysis, labels
+    new = analyze(ModelGraph(model), allow_inexact=allow_inexact)
+    removed = analysis.removed_positions(labels)
+    parts = [new.dim_labels(ref)[pos] for ref, pos in removed.items() if ref in new.dims]
+    new_labels = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+    check = new.removed_positions(new_labels)
+    for ref, pos in removed.items():
+        if ref in new.dims and not np.array_equal(check.get(ref, np.zeros(0)), pos):
+            raise RuntimeError(f"repair changed the channel coupling of {ref}")
+    return new, new_labels
 
 
 def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:

@@ -18,6 +18,7 @@ from onnxprune.channels import ChannelAnalysis, ChannelGroup, ChannelSlice
 class Criterion:
     name = "base"
     needs_data = False
+    comparable = False  # scores already compare across groups (no per-group renormalisation)
 
     def score(self, group: ChannelGroup, analysis: ChannelAnalysis) -> np.ndarray:
         raise NotImplementedError
@@ -76,18 +77,219 @@ class Random(Criterion):
         return np.random.default_rng([self.seed, group.id]).random(group.size)
 
 
+def _normalised_mean(parts: list[np.ndarray], size: int) -> np.ndarray:
+    """Average of per-member channel scores, each divided by its mean (layers of any scale compare)."""
+    if not parts:
+        return np.ones(size)
+    return sum(p / (np.mean(np.abs(p)) + 1e-12) for p in parts) / len(parts)
+
+
+def _member(group: ChannelGroup, tensor: str, axis: int) -> ChannelSlice | None:
+    for m in group.members:
+        if m.tensor == tensor and m.axis == axis:
+            return m
+    return None
+
+
+@dataclass(frozen=True)
+class BNScale(Criterion):
+    """|gamma| of the normalisation scales in the group (network slimming); L1 where a group has none."""
+
+    name = "bn"
+
+    def score(self, group, analysis):
+        parts = []
+        for m in group.param_members:
+            if analysis.roles.get(m.tensor) == "scale":
+                gamma = np.abs(np.asarray(analysis.graph.const(m.tensor), dtype=np.float64)).reshape(-1)
+                parts.append(per_channel(m, gamma[m.positions], group.size))
+        return _normalised_mean(parts, group.size) if parts else Magnitude(1).score(group, analysis)
+
+
+@dataclass(frozen=True)
+class FPGM(Criterion):
+    """Filter pruning via geometric median: a channel close to all others in its layer is redundant.
+
+    Each member's positions are vectors (the weight sliced on the member axis); a position scores the sum
+    of its Euclidean distances to the other positions of the same member.
+    """
+
+    name = "fpgm"
+
+    def score(self, group, analysis):
+        parts = []
+        for m in scored_members(group, analysis):
+            w = np.asarray(analysis.graph.const(m.tensor), dtype=np.float64)
+            vec = np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1)[m.positions]
+            sq = (vec**2).sum(axis=1)
+            d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * vec @ vec.T, 0.0)
+            parts.append(per_channel(m, np.sqrt(d2).sum(axis=1), group.size))
+        return _normalised_mean(parts, group.size)
+
+
+def lamp_transform(values: np.ndarray) -> np.ndarray:
+    """LAMP score: v_i^2 / sum of v_j^2 over all j with v_j >= v_i (in (0, 1], the largest scores 1)."""
+    sq = np.asarray(values, dtype=np.float64) ** 2
+    order = np.argsort(sq, kind="stable")
+    suffix = np.cumsum(sq[order][::-1])[::-1]
+    out = np.empty_like(sq)
+    out[order] = sq[order] / np.maximum(suffix, 1e-300)
+    return out
+
+
+@dataclass(frozen=True)
+class LAMP(Criterion):
+    """Layer-adaptive magnitude pruning (Lee et al. 2021) on channel L2 norms.
+
+    Scores are comparable across layers as they are (a layer's largest channel scores 1), so a global
+    ranking uses them without renormalisation (`comparable = True`).
+    """
+
+    name = "lamp"
+    comparable = True
+
+    def score(self, group, analysis):
+        l2 = Magnitude(2).score(group, analysis)
+        return lamp_transform(l2)
+
+
+class DataCriterion(Criterion):
+    """A criterion that reads calibration statistics (`onnxprune.calibration.collect_stats`)."""
+
+    needs_data = True
+
+    def consumer_members(self, group, analysis):
+        """(consumer, weight member on its input axis, stats) for every consumer layer reading the group."""
+        stats = self.stats
+        out = []
+        for c in stats.consumers.values():
+            m = _member(group, c.weight, c.in_axis)
+            if m is not None and c.name in stats.stats:
+                out.append((c, m, stats.stats[c.name]))
+        return out
+
+
+@dataclass(frozen=True)
+class Activation(DataCriterion):
+    """Mean |activation| of each channel at the inputs of the layers that read it (calibration data)."""
+
+    stats: object = None
+    name = "activation"
+
+    def score(self, group, analysis):
+        parts = [per_channel(m, st.mean_abs[m.positions], group.size) for _, m, st in self.consumer_members(group, analysis)]
+        return _normalised_mean(parts, group.size) if parts else Magnitude(1).score(group, analysis)
+
+
+@dataclass(frozen=True)
+class APoZ(DataCriterion):
+    """1 - average percentage of zeros of each channel at its consumers' inputs (calibration data)."""
+
+    stats: object = None
+    name = "apoz"
+
+    def score(self, group, analysis):
+        parts = []
+        for _, m, st in self.consumer_members(group, analysis):
+            counts = np.bincount(m.channel_of, minlength=group.size).clip(1)
+            parts.append(per_channel(m, 1.0 - st.apoz[m.positions], group.size) / counts + 1e-6)
+        return _normalised_mean(parts, group.size) if parts else Magnitude(1).score(group, analysis)
+
+
+@dataclass(frozen=True)
+class OBS(DataCriterion):
+    """Optimal Brain Surgeon saliency over all consumer layers of the group.
+
+    For a consumer y = W x + b with input Hessian H = E[[x 1][x 1]^T] (damped), removing the features F
+    of one channel and optimally updating the remaining weights costs
+    ``tr(W_F (H^-1)_FF^-1 W_F^T)``; it is divided by the consumer's output energy ``tr(W H W^T)`` so
+    layers compare, and summed over consumers. Without calibration data (`stats` None) H is the
+    data-free surrogate from BatchNorm statistics: diagonal, the channel variance (the mean is restored
+    by bias compensation), so the saliency becomes sum(W_F^2) * var.
+    """
+
+    stats: object = None
+    damp: float = 0.01
+    name = "obs"
+
+    @property
+    def needs_data(self) -> bool:  # works data-free with the BatchNorm surrogate
+        return False
+
+    def consumer_members(self, group, analysis):
+        if self.stats is not None:
+            return super().consumer_members(group, analysis)
+        from onnxprune.calibration import consumers
+
+        out = []
+        for c in consumers(analysis.graph):
+            m = _member(group, c.weight, c.in_axis)
+            if m is not None:
+                out.append((c, m, None))
+        return out
+
+    def score(self, group, analysis):
+        from onnxprune.calibration import channel_moments
+
+        total = np.zeros(group.size)
+        found = False
+        for c, m, st in self.consumer_members(group, analysis):
+            w = np.asarray(analysis.graph.const(c.weight), dtype=np.float64)
+            wm = c.weight_matrix(w)
+            feat_pos = c.feature_channel(w.shape)
+            pos_channel = np.full(w.shape[c.in_axis], -1)
+            pos_channel[m.positions] = m.channel_of
+            feat_ch = pos_channel[feat_pos]
+            if st is not None:
+                H = st.H
+                Hd = H + self.damp * np.mean(np.diag(H)[:-1]) * np.eye(len(H))
+                Hinv = np.linalg.inv(Hd)
+                wa = np.concatenate([wm, np.zeros((wm.shape[0], 1))], axis=1)
+                energy = float(np.einsum("of,fg,og->", wa, H, wa)) + 1e-12
+                sal = np.zeros(group.size)
+                for k in range(group.size):
+                    f = np.flatnonzero(feat_ch == k)
+                    if len(f) == 0:
+                        continue
+                    wf = wm[:, f]
+                    sal[k] = np.trace(wf @ np.linalg.solve(Hinv[np.ix_(f, f)], wf.T))
+            else:
+                mom = channel_moments(analysis.graph, c.x, c.x_axis)
+                var = np.ones(w.shape[c.in_axis]) if mom is None else mom[1] + 1e-12
+                mean2 = np.zeros(w.shape[c.in_axis]) if mom is None else mom[0] ** 2
+                contrib = (wm**2).sum(axis=0)
+                energy = float((contrib * (var + mean2)[feat_pos]).sum()) + 1e-12
+                sal = np.bincount(feat_ch[feat_ch >= 0], weights=(contrib * var[feat_pos])[feat_ch >= 0],
+                                  minlength=group.size)
+            total += sal / energy
+            found = True
+        return total if found else Magnitude(2).score(group, analysis)
+
+
 CRITERIA: dict[str, Criterion] = {
     "l1": Magnitude(1),
     "l2": Magnitude(2),
     "random": Random(0),
+    "bn": BNScale(),
+    "fpgm": FPGM(),
+    "lamp": LAMP(),
+    "activation": Activation(),
+    "apoz": APoZ(),
+    "obs": OBS(),
 }
+DATA_CRITERIA = {"activation", "apoz"}  # need --calib; obs falls back to a data-free surrogate
 
 
-def get_criterion(name: str, seed: int = 0) -> Criterion:
+def get_criterion(name: str, seed: int = 0, stats=None) -> Criterion:
+    """The criterion called `name`; data criteria get the calibration statistics `stats`."""
     from onnxprune.errors import UsageError
 
     if name == "random":
         return Random(seed)
     if name not in CRITERIA:
         raise UsageError(f"unknown criterion {name!r} (choose from {', '.join(sorted(CRITERIA))})")
+    if name in DATA_CRITERIA and stats is None:
+        raise UsageError(f"criterion {name!r} needs calibration data: pass --calib FILE.npz")
+    if name in ("activation", "apoz", "obs") and stats is not None:
+        return type(CRITERIA[name])(stats=stats)
     return CRITERIA[name]

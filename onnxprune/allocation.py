@@ -1,0 +1,179 @@
+"""Allocation: how many channels each group loses, for a ratio or a parameter / MAC target.
+
+Start reading at `removal_order`. Every allocation is a single *order of removal units* (one unit =
+`round_to` channels of one group, lowest scores first within the group):
+
+* ``uniform``: units interleaved so every group loses the same fraction at every point of the order;
+* ``global``: units ranked by their score normalised by the group's mean score (or raw scores when the
+  criterion's scores already compare across groups, e.g. LAMP);
+* ``lamp``: scores turned into LAMP scores per group (s^2 / sum of s_j^2 >= s^2), ranked globally, so
+  each layer keeps its own large channels (layer-adaptive sparsity, Lee et al. 2021).
+
+A target (`--target-params`, `--target-macs`: what to *keep*, an absolute count or a percentage) is met
+by binary search over prefixes of that order, counting parameters and MACs from the analysis alone (the
+pruned shape of every dim), so the result is the smallest removal that meets the target: consecutive
+prefixes differ by one unit of one group, which is the granularity guarantee.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxprune.channels import ChannelAnalysis, DimRef
+from onnxprune.errors import UsageError
+from onnxprune.metrics import count_macs
+from onnxprune.plan import PruningPlan
+
+ALLOCATIONS = ("uniform", "global", "lamp")
+
+
+@dataclass(frozen=True)
+class Unit:
+    group: int
+    channels: np.ndarray
+    key: float
+
+
+def parse_target(text: str | None, total: int, what: str) -> int | None:
+    """'N' (absolute count to keep) or 'P%' (percent of the original to keep) -> count to keep."""
+    if text is None:
+        return None
+    t = str(text).strip()
+    try:
+        if t.endswith("%"):
+            pct = float(t[:-1])
+            if not 0 < pct <= 100:
+                raise UsageError(f"target-{what} percentage must be in (0, 100], got {t}")
+            return int(math.floor(total * pct / 100.0))
+        value = float(t)
+    except ValueError:
+        raise UsageError(f"target-{what} must be a count or a percentage like 80%, got {t!r}") from None
+    if value <= 0 or value != int(value):
+        raise UsageError(f"target-{what} must be a positive integer count, got {t!r}")
+    return int(value)
+
+
+def _caps(group, round_to: int, max_group_ratio: float) -> int:
+    """Largest number of channels a group may lose."""
+    keep = max(min(group.size, max(1, round_to)), int(math.ceil(group.size * (1 - max_group_ratio))))
+    return max(0, group.size - keep)
+
+
+def removal_order(
+    analysis: ChannelAnalysis,
+    scores: dict[int, np.ndarray],
+    allocation: str = "uniform",
+    *,
+    round_to: int = 1,
+    max_group_ratio: float = 0.9,
+    comparable: bool = False,
+) -> list[Unit]:
+    """All removal units of all groups in the order they are removed."""
+    from onnxprune.passes.scoring import lamp_transform
+
+    if allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown allocation {allocation!r} (choose from {', '.join(ALLOCATIONS)})")
+    units: list[Unit] = []
+    for g in analysis.groups:
+        s = np.asarray(scores[g.id], dtype=np.float64)
+        order = np.argsort(s, kind="stable")
+        cap = _caps(g, round_to, max_group_ratio)
+        step = round_to if g.size >= round_to else 1
+        if allocation == "lamp":
+            key_of = lamp_transform(s)
+        elif allocation == "global" and not comparable:
+            key_of = s / (np.mean(np.abs(s)) + 1e-12)
+        else:
+            key_of = s
+        for j in range(cap // step):
+            chunk = order[j * step : (j + 1) * step]
+            key = (j + 1) * step / g.size if allocation == "uniform" else float(key_of[chunk].max())
+            units.append(Unit(g.id, chunk, key))
+    units.sort(key=lambda u: (u.key, u.group))
+    return units
+
+
+def plan_from_units(units: list[Unit]) -> PruningPlan:
+    chosen: dict[int, list[np.ndarray]] = {}
+    for u in units:
+        chosen.setdefault(u.group, []).append(u.channels)
+    return PruningPlan({gid: np.sort(np.concatenate(parts)) for gid, parts in chosen.items()})
+
+
+class _PrunedView:
+    """Duck-typed ModelGraph whose shapes are those after a plan (for `metrics.count_macs`)."""
+
+    def __init__(self, analysis: ChannelAnalysis, plan: PruningPlan):
+        self.graph = analysis.graph
+        self.nodes = self.graph.nodes
+        self.cut: dict[DimRef, int] = {}
+        for gid, idx in plan.removed.items():
+            if not len(idx):
+                continue
+            for m in analysis.groups[gid].members:
+                n = int(np.isin(m.channel_of, idx).sum())
+                ref = DimRef(m.tensor, m.axis)
+                self.cut[ref] = self.cut.get(ref, 0) + n
+
+    def shape(self, name: str):
+        s = self.graph.shape(name)
+        if s is None:
+            return None
+        return tuple(d - self.cut.get(DimRef(name, i), 0) if isinstance(d, int) else d for i, d in enumerate(s))
+
+    def params(self) -> int:
+        total = 0
+        for name, t in self.graph.initializers.items():
+            if t.data_type in (1, 10, 11, 16):
+                total += int(np.prod(self.shape(name), dtype=np.int64))
+        return total
+
+    def macs(self) -> int:
+        return count_macs(self)  # type: ignore[arg-type]
+
+
+def predicted(analysis: ChannelAnalysis, plan: PruningPlan) -> tuple[int, int]:
+    """(parameters, MACs) the model will have after `plan`, without rewriting it."""
+    view = _PrunedView(analysis, plan)
+    return view.params(), view.macs()
+
+
+def plan_for_ratio(units: list[Unit], analysis: ChannelAnalysis, ratio: float) -> PruningPlan:
+    """Prefix of the order removing about `ratio` of all channels."""
+    budget = int(math.floor(ratio * sum(g.size for g in analysis.groups) + 1e-9))
+    taken, count = [], 0
+    for u in units:
+        if count >= budget:
+            break
+        taken.append(u)
+        count += len(u.channels)
+    return plan_from_units(taken)
+
+
+def plan_for_target(units: list[Unit], analysis: ChannelAnalysis, target: int, metric: str) -> PruningPlan:
+    """Shortest prefix of the order whose predicted `metric` ("params"/"macs") is <= target.
+
+    Raises:
+        UsageError: the target is below what removing every removable unit reaches.
+    """
+    index = 0 if metric == "params" else 1
+
+    def value(k: int) -> int:
+        return predicted(analysis, plan_from_units(units[:k]))[index]
+
+    if value(0) <= target:
+        return PruningPlan()
+    lo, hi = 0, len(units)
+    best = value(hi)
+    if best > target:
+        raise UsageError(f"target {metric} {target} is unreachable: the smallest this model can get is {best}")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if value(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return plan_from_units(units[:hi])

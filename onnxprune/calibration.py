@@ -1,0 +1,352 @@
+"""Calibration data and activation statistics, computed with onnxruntime on the original model.
+
+Start reading at `collect_stats`. A copy of the model exposes the input tensor of every *consumer layer*
+(a Conv with group 1, a Gemm or a MatMul whose weight is an initializer) as an extra graph output. The
+calibration samples are fed one at a time (``arr[i:i+1]``) and, for each consumer, streamed into
+
+* the input Hessian ``H = [X 1]^T [X 1]`` (conv inputs unfolded with im2col, so features are
+  ``(c_in, kh, kw)``; a row budget subsamples spatial positions so large models stay fast), and
+* per input position: mean ``|x|``, the fraction of exact zeros (APoZ), mean and mean square.
+
+Only the statistics are kept, never the activations, so memory is bounded by the Hessians.
+Importance criteria (`passes/scoring.py`) and the calibrated repair (`passes/repair.py`) read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import UsageError
+from onnxprune.graph import ModelGraph, attrs
+
+__all__ = ["CalibrationData", "ConsumerStats", "Consumer", "consumers", "load_calib", "collect_stats"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calibration files
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CalibrationData:
+    """Samples per model input name; every array's first axis enumerates samples."""
+
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def n(self) -> int:
+        return min(len(a) for a in self.arrays.values()) if self.arrays else 0
+
+    def sample(self, i: int) -> dict[str, np.ndarray]:
+        return {k: v[i : i + 1] for k, v in self.arrays.items()}
+
+    def head(self, n: int) -> CalibrationData:
+        return CalibrationData({k: v[:n] for k, v in self.arrays.items()})
+
+
+def load_calib(path: str | Path, model: onnx.ModelProto, samples: int | None = None) -> CalibrationData:
+    """Load ``FILE.npz`` (keys = the model's input names) and keep the first `samples` samples."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"calibration file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: np.asarray(data[k]) for k in data.files}
+    except Exception as exc:  # zipfile/pickle/format errors all mean "not a usable npz"
+        raise UsageError(f"cannot read calibration file {path}: {type(exc).__name__}") from None
+    return check_calib(CalibrationData(arrays), model, samples, str(path))
+
+
+def check_calib(
+    data: CalibrationData, model: onnx.ModelProto, samples: int | None = None, where: str = "calibration data"
+) -> CalibrationData:
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    graph = ModelGraph(model)
+    inputs = {vi.name: vi for vi in model.graph.input if vi.name in graph.graph_inputs}
+    missing = sorted(set(inputs) - set(data.arrays))
+    if missing:
+        raise UsageError(f"{where} lacks model input(s) {', '.join(missing)} (has {', '.join(sorted(data.arrays)) or 'none'})")
+    arrays = {}
+    for name, vi in inputs.items():
+        arr = data.arrays[name]
+        rank = len(vi.type.tensor_type.shape.dim)
+        if arr.ndim != rank or len(arr) == 0:
+            raise UsageError(f"{where}: {name!r} has shape {arr.shape}, expected rank {rank} with samples on axis 0")
+        arrays[name] = arr.astype(tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type), copy=False)
+    out = CalibrationData(arrays)
+    if samples is not None:
+        if samples < 1:
+            raise UsageError(f"calib-samples must be >= 1, got {samples}")
+        out = out.head(samples)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Consumer layers
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Consumer:
+    """A linear layer reading a channel axis: y = W x (+ b), with W an initializer.
+
+    `in_axis` is the weight axis that runs over the input features, `x_axis` the matching axis of the
+    activation `x`. For a Conv the Hessian features are (c_in, kh, kw) in weight memory order.
+    """
+
+    node: onnx.NodeProto
+    kind: str  # "conv" | "gemm" | "matmul"
+    x: str
+    weight: str
+    in_axis: int
+    out_axis: int
+    x_axis: int
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    def weight_matrix(self, w: np.ndarray) -> np.ndarray:
+        """W as [outputs, features] with features in Hessian order."""
+        if self.kind == "conv":
+            return w.reshape(w.shape[0], -1)
+        return w.T if self.in_axis == 0 else w
+
+    def from_matrix(self, m: np.ndarray, like: np.ndarray) -> np.ndarray:
+        if self.kind == "conv":
+            return m.reshape(like.shape).astype(like.dtype)
+        return (m.T if self.in_axis == 0 else m).astype(like.dtype)
+
+    def feature_channel(self, w_shape) -> np.ndarray:
+        """Input position (on `in_axis`) of each Hessian feature."""
+        if self.kind == "conv":
+            return np.repeat(np.arange(w_shape[1]), int(np.prod(w_shape[2:], dtype=np.int64)))
+        return np.arange(w_shape[self.in_axis])
+
+
+def consumers(graph: ModelGraph) -> list[Consumer]:
+    """Every linear layer whose weight is a float initializer (Conv group 1, Gemm transA 0, 2-D MatMul)."""
+    out = []
+    for node in graph.nodes:
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        x, w = node.input[0], node.input[1]
+        wv = graph.const(w)
+        if wv is None or wv.dtype.kind != "f" or graph.const(x) is not None:
+            continue
+        a = attrs(node)
+        if op == "Conv" and a.get("group", 1) == 1 and wv.ndim >= 3 and graph.rank(x) == wv.ndim:
+            out.append(Consumer(node, "conv", x, w, 1, 0, 1))
+        elif op == "Gemm" and not a.get("transA", 0) and wv.ndim == 2:
+            tb = a.get("transB", 0)
+            out.append(Consumer(node, "gemm", x, w, 1 if tb else 0, 0 if tb else 1, 1))
+        elif op == "MatMul" and wv.ndim == 2 and (graph.rank(x) or 0) >= 2:
+            out.append(Consumer(node, "matmul", x, w, 0, 1, graph.rank(x) - 1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class ConsumerStats:
+    """Streaming statistics of one consumer's input."""
+
+    hessian: np.ndarray  # [F+1, F+1], last feature is the constant 1
+    rows: int = 0
+    abs_sum: np.ndarray | None = None  # per input position (on x_axis)
+    zero_sum: np.ndarray | None = None
+    sum: np.ndarray | None = None
+    sq_sum: np.ndarray | None = None
+    count: int = 0
+
+    @property
+    def H(self) -> np.ndarray:
+        return self.hessian / max(1, self.rows)
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.abs_sum / max(1, self.count)
+
+    @property
+    def apoz(self) -> np.ndarray:
+        return self.zero_sum / max(1, self.count)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(1, self.count)
+
+    @property
+    def var(self) -> np.ndarray:
+        return np.maximum(self.sq_sum / max(1, self.count) - self.mean**2, 0.0)
+
+
+@dataclass
+class CalibrationStats:
+    """Statistics per consumer node name, from `collect_stats`."""
+
+    consumers: dict[str, Consumer]
+    stats: dict[str, ConsumerStats] = field(default_factory=dict)
+    samples: int = 0
+
+
+def _im2col(x: np.ndarray, node: onnx.NodeProto, kshape) -> np.ndarray:
+    """[1, C, *spatial] -> [positions, C * prod(kernel)] in weight memory order."""
+    a = attrs(node)
+    nd = len(kshape)
+    strides = a.get("strides", [1] * nd)
+    dil = a.get("dilations", [1] * nd)
+    pads = a.get("pads", [0] * (2 * nd))
+    auto = a.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * (2 * nd)
+        for i in range(nd):
+            size = x.shape[2 + i]
+            out = -(-size // strides[i])
+            total = max(0, (out - 1) * strides[i] + (kshape[i] - 1) * dil[i] + 1 - size)
+            lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
+            pads[i], pads[nd + i] = lo, total - lo
+    x = np.pad(x[0], [(0, 0)] + [(pads[i], pads[nd + i]) for i in range(nd)])
+    ext = [(kshape[i] - 1) * dil[i] + 1 for i in range(nd)]
+    win = np.lib.stride_tricks.sliding_window_view(x, ext, axis=tuple(range(1, nd + 1)))
+    # win: [C, *out_full, *ext] -> stride and dilate
+    sl = (slice(None),) + tuple(slice(None, None, strides[i]) for i in range(nd))
+    sl += tuple(slice(None, None, dil[i]) for i in range(nd))
+    win = win[sl]
+    c = x.shape[0]
+    out_shape = win.shape[1 : 1 + nd]
+    # -> [*out, C, *k]
+    perm = tuple(range(1, 1 + nd)) + (0,) + tuple(range(1 + nd, 1 + 2 * nd))
+    return win.transpose(perm).reshape(int(np.prod(out_shape)), c * int(np.prod(kshape)))
+
+
+def _rows(x: np.ndarray, c: Consumer, graph: ModelGraph, w_shape) -> np.ndarray:
+    if c.kind == "conv":
+        return np.concatenate([_im2col(x[i : i + 1], c.node, w_shape[2:]) for i in range(x.shape[0])])
+    return np.moveaxis(x, c.x_axis, -1).reshape(-1, x.shape[c.x_axis])
+
+
+def collect_stats(
+    model: onnx.ModelProto,
+    data: CalibrationData,
+    which: list[Consumer] | None = None,
+    *,
+    hessian: bool = True,
+    max_rows: int = 65536,
+    seed: int = 0,
+) -> CalibrationStats:
+    """Run the calibration samples through `model` and accumulate every consumer's input statistics."""
+    from onnxprune.verify import session
+
+    graph = ModelGraph(model)
+    which = consumers(graph) if which is None else which
+    by_name = {c.name: c for c in which}
+    tensors = sorted({c.x for c in which})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in tensors:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    sess = session(probe)
+    names = [o.name for o in sess.get_outputs()]
+    feeds = {i.name for i in sess.get_inputs()}
+    result = CalibrationStats(by_name, samples=data.n)
+    rng = np.random.default_rng(seed)
+    per_sample = max(1, -(-max_rows // max(1, data.n)))
+    for i in range(data.n):
+        values = dict(zip(names, sess.run(None, {k: v for k, v in data.sample(i).items() if k in feeds})))
+        for c in which:
+            x = np.asarray(values[c.x], dtype=np.float64)
+            w_shape = graph.shape(c.weight)
+            st = result.stats.get(c.name)
+            if st is None:
+                feats = int(np.prod(w_shape[1:], dtype=np.int64)) if c.kind == "conv" else w_shape[c.in_axis]
+                n_pos = x.shape[c.x_axis]
+                st = ConsumerStats(
+                    np.zeros((feats + 1, feats + 1)) if hessian else np.zeros((0, 0)),
+                    abs_sum=np.zeros(n_pos), zero_sum=np.zeros(n_pos), sum=np.zeros(n_pos), sq_sum=np.zeros(n_pos),
+                )
+                result.stats[c.name] = st
+            per_pos = np.moveaxis(x, c.x_axis, 0).reshape(x.shape[c.x_axis], -1)
+            st.abs_sum += np.abs(per_pos).mean(axis=1)
+            st.zero_sum += (per_pos == 0).mean(axis=1)
+            st.sum += per_pos.mean(axis=1)
+            st.sq_sum += (per_pos**2).mean(axis=1)
+            st.count += 1
+            if hessian:
+                rows = _rows(x, c, graph, w_shape)
+                if len(rows) > per_sample:
+                    rows = rows[rng.choice(len(rows), per_sample, replace=False)]
+                rows = np.concatenate([rows, np.ones((len(rows), 1))], axis=1)
+                st.hessian += rows.T @ rows
+                st.rows += len(rows)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data-free moments from BatchNorm running statistics
+# ---------------------------------------------------------------------------------------------------
+def _rectified(mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of max(0, y) for y ~ N(mean, var)."""
+    from scipy.special import ndtr
+
+    s = np.sqrt(np.maximum(var, 0.0))
+    safe = np.where(s > 0, s, 1.0)
+    a = mean / safe
+    cdf, pdf = ndtr(a), np.exp(-0.5 * a**2) / np.sqrt(2 * np.pi)
+    m1 = np.where(s > 0, mean * cdf + s * pdf, np.maximum(mean, 0.0))
+    m2 = np.where(s > 0, (mean**2 + var) * cdf + mean * s * pdf, np.maximum(mean, 0.0) ** 2)
+    return m1, np.maximum(m2 - m1**2, 0.0)
+
+
+def channel_moments(graph: ModelGraph, tensor: str, axis: int = 1, _depth: int = 0):
+    """(mean, var) per position of `tensor` along channel `axis`, from the BatchNorm statistics upstream.
+
+    A BatchNorm in inference mode maps x ~ N(running_mean, running_var) to N(beta, gamma^2 v/(v+eps));
+    Relu rectifies that Gaussian; pooling, Identity and Dropout keep the moments (an approximation for
+    MaxPool); Add sums them (independence assumed); Concat on the channel axis and Flatten of an NCHW map
+    rearrange them. Anything else returns None: no data-free estimate.
+    """
+    rank = graph.rank(tensor)
+    node = graph.producer.get(tensor)
+    if node is None or rank is None or axis % rank != 1 or _depth > 64:
+        return None
+    op, a = node.op_type, attrs(node)
+    rec = lambda name, ax=1: channel_moments(graph, name, ax, _depth + 1)  # noqa: E731
+    if op == "BatchNormalization" and len(node.input) >= 5 and not a.get("training_mode", 0):
+        gamma, beta, var = (graph.const(n) for n in (node.input[1], node.input[2], node.input[4]))
+        if gamma is None or beta is None or var is None:
+            return None
+        eps = a.get("epsilon", 1e-5)
+        return beta.astype(np.float64), (gamma.astype(np.float64) ** 2) * var / (var + eps)
+    if op == "Relu":
+        m = rec(node.input[0])
+        return None if m is None else _rectified(*m)
+    if op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Dropout"):
+        return rec(node.input[0])
+    if op == "Add" and all(graph.const(i) is None for i in node.input):
+        if graph.shape(node.input[0]) != graph.shape(node.input[1]):
+            return None
+        m0, m1 = rec(node.input[0]), rec(node.input[1])
+        if m0 is None or m1 is None:
+            return None
+        return m0[0] + m1[0], m0[1] + m1[1]
+    if op == "Concat" and a.get("axis") % rank == 1:
+        parts = [rec(i) for i in node.input]
+        if any(p is None for p in parts):
+            return None
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    if op == "Flatten" and a.get("axis", 1) == 1:
+        src = graph.shape(node.input[0])
+        if src is None or not all(isinstance(d, int) for d in src[1:]):
+            return None
+        m = rec(node.input[0])
+        if m is None:
+            return None
+        block = int(np.prod(src[2:], dtype=np.int64))
+        return np.repeat(m[0], block), np.repeat(m[1], block)
+    return None
