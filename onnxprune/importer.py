@@ -150,6 +150,9 @@ def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     changed = False
     changed |= _name_nodes(g)
     changed |= _drop_initializer_inputs(out)
+    if out.ir_version < 4:  # the canonical form keeps initializers out of the inputs (IR >= 4)
+        out.ir_version = 4
+        changed = True
     changed |= _constants_to_initializers(g)
     changed |= _fold_constant_shape_ops(g, opset or 17)
     changed |= _remove_dead_code(g)
