@@ -1,0 +1,623 @@
+"""Unconstrained pruning (UPSCALE): coupled layers keep different channels; exact export with few copies.
+
+Start reading at `UnconstrainedPass.call`. The algorithm:
+
+1. **Boundaries** (`split_boundaries`). In every coupled group, walk forward from each *producer* weight
+   (a Conv/Gemm/MatMul writing the group's channels) through single-input per-channel ops until the
+   tensor forks or meets a merge (an op with two of the group's activations: Add, Mul, a contraction);
+   walk backward from each *consumer* weight (reading the group's channels) the same way. Where a walk
+   stops an `Identity` is inserted (after a producer: one on the tensor; before a consumer: one on that
+   edge), so that after re-analysis each side of it is a separate dim that may have its own width.
+2. **Pieces** (`build_plan`). The group's dims, joined through every non-boundary node, fall into
+   *pieces*. A piece holding a producer or consumer weight is a *unit*: it keeps its own top channels by
+   its own weights' L1 (or L2) norms (per-member mean-normalised, as the constrained criterion), the same
+   count per unit as constrained pruning would keep. The *stream* (every other piece) keeps the union U.
+3. **Oracle** (`mask_model`): the original model with each parameter silenced outside its own piece's
+   kept set (zero; 1 for variances/divisors). The export computes exactly this.
+4. **Export** (`export`). Every dim takes the positions of its width (a unit's own set when the unit is
+   *narrowed*, else U) in the chosen channel order; parameters are masked then taken. Boundaries whose
+   two sides differ become copies: narrowing -> `Slice` (contiguous) or `Gather`, widening -> `Pad`
+   (contiguous) or `Pad`+`Gather` (zero channel appended, then gathered into place). A unit is narrowed
+   only where that is exact: a consumer piece (only incoming boundaries), a producer piece (only
+   outgoing boundaries, every op maps a silenced channel to zero), or a piece without boundaries (a
+   producer->consumer chain: plain constrained pruning). Any other unit is *absorbed*: it runs at width
+   U with its silenced channels as zero rows/columns, which is the oracle itself.
+5. **Reordering** (`passes.reorder`): with ``reorder=True`` each group's channel order is chosen so the
+   narrowed units' kept sets are contiguous runs of U, then a per-unit cost model (`CostModel`) chooses
+   between copying (Slice/Pad/Gather bytes and per-op overhead) and absorbing (extra MACs of the zero
+   rows/columns and extra element-wise traffic of the piece). The naive export (``reorder=False``) keeps
+   the original order and narrows every unit it can with Gather / Pad+Gather.
+
+`copy_report(model)` counts the copy ops the export inserted and the bytes they write per inference.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxprune.channels import ChannelAnalysis, ChannelGroup, ChannelSlice, DimRef, analyze
+from onnxprune.errors import UsageError
+from onnxprune.graph import ModelGraph, attrs
+from onnxprune.importer import check_model, infer_shapes
+from onnxprune.metrics import count_params, node_macs
+from onnxprune.passes.reorder import choose_order, dim_takes
+from onnxprune.passes.scoring import per_channel, position_norms
+from onnxprune.passmanager import Pass, PassResult
+
+BOUNDARY = "upscale_boundary"
+COPY = "upscale_copy"
+COPY_OPS = ("Gather", "GatherElements", "ScatterND", "ScatterElements", "Slice", "Pad", "Concat")
+
+# Ops that map an all-silenced channel to exactly zero (parameters silenced as in `mask_model`).
+_ZERO_PRESERVING = {
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Relu", "LeakyRelu", "PRelu", "Elu",
+    "Selu", "Celu", "Gelu", "HardSwish", "Mish", "Tanh", "Erf", "Neg", "Abs", "Softsign", "Sin", "Atan",
+    "Asin", "Sinh", "Asinh", "Atanh", "Tan", "Sqrt", "Identity", "Dropout", "Add", "Sub", "Mul", "Div",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool", "Reshape",
+    "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Resize", "Upsample",
+    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "Expand", "Tile", "Cast", "DepthToSpace",
+    "SpaceToDepth", "Sign", "Round", "Floor", "Ceil",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Rough CPU costs used to choose, per unit, between a copy and zero rows/columns in the weights."""
+
+    op_overhead_s: float = 4e-6
+    copy_bytes_per_s: float = 6e9  # Slice / Pad
+    gather_bytes_per_s: float = 3e9
+    macs_per_s: float = 2.5e10
+    elementwise_bytes_per_s: float = 6e9
+
+
+@dataclass(frozen=True)
+class UnconstrainedConfig:
+    """ratio: fraction of channels each unit drops; p: norm of the scores (1 or 2)."""
+
+    ratio: float = 0.3
+    p: int = 1
+    reorder: bool = True
+    absorb: bool = True  # let the cost model absorb copies into weights (reordered export only)
+    cost: CostModel = field(default_factory=CostModel)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio < 1:
+            raise UsageError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.p not in (1, 2):
+            raise UsageError(f"p must be 1 or 2, got {self.p}")
+
+
+# ---- 1. boundaries ----------------------------------------------------------------------------------
+@dataclass
+class _Roles:
+    """How the nodes touching one group relate to it."""
+
+    acts: set[str]
+    weights: set[str]
+    g_in: dict[str, list[int]]  # node name -> input indices that are group activations
+    g_out: dict[str, list[str]]  # node name -> outputs that are group activations
+    has_weight: dict[str, bool]  # node name -> reads a weight member of the group
+
+
+def _roles(graph: ModelGraph, analysis: ChannelAnalysis, group: ChannelGroup) -> _Roles:
+    acts = {m.tensor for m in group.members if not m.is_param}
+    weights = {m.tensor for m in group.param_members if analysis.roles.get(m.tensor) == "weight"}
+    r = _Roles(acts, weights, {}, {}, {})
+    for node in graph.nodes:
+        gi = [i for i, n in enumerate(node.input) if n in acts]
+        go = [n for n in node.output if n in acts]
+        if gi or go:
+            r.g_in[node.name] = gi
+            r.g_out[node.name] = go
+            r.has_weight[node.name] = any(n in weights for n in node.input)
+    return r
+
+
+def _kind(r: _Roles, node: onnx.NodeProto) -> str:
+    gi, go = r.g_in.get(node.name, []), r.g_out.get(node.name, [])
+    if r.has_weight.get(node.name) and go and not gi:
+        return "producer"
+    if r.has_weight.get(node.name) and gi and not go:
+        return "consumer"
+    if len(gi) >= 2:
+        return "merge"
+    if len(gi) == 1 and len(go) == 1:
+        return "chain"
+    return "other"
+
+
+def split_boundaries(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Insert boundary Identity nodes where unit pieces meet the stream (see the module docstring)."""
+    graph = ModelGraph(model)
+    analysis = analyze(graph)
+    tensor_cuts: set[str] = set()
+    edge_cuts: set[tuple[str, str, int]] = set()  # (tensor, node name, input index)
+    for group in analysis.groups:
+        r = _roles(graph, analysis, group)
+        for node in graph.nodes:
+            kind = _kind(r, node)
+            if kind == "producer":
+                _walk_forward(graph, r, node, tensor_cuts, edge_cuts)
+            elif kind == "consumer":
+                _walk_backward(graph, r, node, edge_cuts)
+    if not tensor_cuts and not edge_cuts:
+        return model, 0
+    return _insert_identities(model, graph, tensor_cuts, edge_cuts)
+
+
+def _walk_forward(graph, r, node, tensor_cuts, edge_cuts) -> None:
+    outs = r.g_out[node.name]
+    if len(outs) != 1:
+        return
+    t = outs[0]
+    while True:
+        uses = graph.consumers.get(t, [])
+        if len(uses) >= 2:
+            tensor_cuts.add(t)
+            return
+        if len(uses) != 1:
+            return
+        nxt = uses[0].node
+        kind = _kind(r, nxt)
+        if kind == "merge":
+            edge_cuts.add((t, nxt.name, uses[0].index))
+            return
+        if kind != "chain":
+            return
+        t = r.g_out[nxt.name][0]
+
+
+def _walk_backward(graph, r, node, edge_cuts) -> None:
+    ins = r.g_in[node.name]
+    if len(ins) != 1:
+        return
+    cur, index = node, ins[0]
+    while True:
+        t = cur.input[index]
+        if len(graph.consumers.get(t, [])) >= 2:
+            edge_cuts.add((t, cur.name, index))
+            return
+        prev = graph.producer.get(t)
+        if prev is None:
+            return
+        kind = _kind(r, prev)
+        if kind == "merge":
+            edge_cuts.add((t, cur.name, index))
+            return
+        if kind != "chain":
+            return
+        cur, index = prev, r.g_in[prev.name][0]
+
+
+def _insert_identities(model, graph, tensor_cuts, edge_cuts) -> tuple[onnx.ModelProto, int]:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    del g.value_info[:]
+    nodes = list(g.node)
+    by_name = {n.name: n for n in nodes}
+    after: dict[str, list[onnx.NodeProto]] = {}  # tensor -> boundary nodes reading it
+    count = 0
+
+    def identity(src: str) -> tuple[onnx.NodeProto, str]:
+        nonlocal count
+        count += 1
+        dst = f"{src}__{BOUNDARY}{count}"
+        node = helper.make_node("Identity", [src], [dst], name=f"{BOUNDARY}_{count}")
+        after.setdefault(src, []).append(node)
+        return node, dst
+
+    renamed: dict[str, str] = {}
+    for t in sorted(tensor_cuts):
+        _, dst = identity(t)
+        renamed[t] = dst
+        for use in graph.consumers.get(t, []):
+            n = by_name[use.node.name]
+            n.input[use.index] = dst
+    for t, node_name, index in sorted(edge_cuts):
+        _, dst = identity(renamed.get(t, t))
+        by_name[node_name].input[index] = dst
+    ordered: list[onnx.NodeProto] = []
+
+    def emit_boundaries(tensor: str) -> None:
+        for b in after.pop(tensor, []):
+            ordered.append(b)
+            emit_boundaries(b.output[0])
+
+    for name in list(graph.graph_inputs) + [t.name for t in g.initializer]:
+        emit_boundaries(name)
+    for n in nodes:
+        ordered.append(n)
+        for o in n.output:
+            emit_boundaries(o)
+    del g.node[:]
+    g.node.extend(ordered)
+    return infer_shapes(out), count
+
+
+# ---- 2. pieces and the plan -------------------------------------------------------------------------
+@dataclass(eq=False)
+class Piece:
+    """Dims of one group joined through non-boundary nodes; a unit when it holds a producer/consumer."""
+
+    id: int
+    dims: list[DimRef]
+    nodes: list[str]
+    members: list[ChannelSlice]
+    weights: list[ChannelSlice]  # producer / consumer weight members (scored)
+    has_producer: bool
+    has_consumer: bool
+    in_boundaries: list[str]
+    out_boundaries: list[str]
+    zero_preserving: bool
+    keep: np.ndarray | None = None  # bool over the group's channels (units only)
+    narrow: bool = False  # exported at its own width (True) or at the stream's width
+
+    @property
+    def is_unit(self) -> bool:
+        return bool(self.weights)
+
+    @property
+    def narrowable(self) -> bool:
+        if not self.is_unit:
+            return False
+        if not self.in_boundaries and not self.out_boundaries:
+            return True
+        if self.in_boundaries and not self.out_boundaries:
+            return not self.has_producer
+        if self.out_boundaries and not self.in_boundaries:
+            return self.has_producer and not self.has_consumer and self.zero_preserving
+        return False
+
+
+@dataclass(eq=False)
+class GroupPlan:
+    group: ChannelGroup
+    pieces: list[Piece]
+    piece_of: dict[DimRef, int]
+    union: np.ndarray  # bool over channels: the stream
+    order: np.ndarray = None  # channel order used by the export
+
+    def width(self, ref: DimRef) -> np.ndarray:
+        piece = self.pieces[self.piece_of[ref]]
+        return piece.keep if piece.narrow else self.union
+
+    def mask_set(self, ref: DimRef) -> np.ndarray:
+        piece = self.pieces[self.piece_of[ref]]
+        return piece.keep if piece.keep is not None else self.union
+
+
+@dataclass(eq=False)
+class UnconstrainedPlan:
+    model: onnx.ModelProto  # the model with boundary Identity nodes
+    analysis: ChannelAnalysis
+    groups: list[GroupPlan]
+    boundaries: int
+
+    def group_plan(self, gid: int) -> GroupPlan | None:
+        return next((gp for gp in self.groups if gp.group.id == gid), None)
+
+
+def _pieces(analysis: ChannelAnalysis, group: ChannelGroup) -> tuple[list[Piece], dict[DimRef, int]]:
+    graph = analysis.graph
+    r = _roles(graph, analysis, group)
+    by_tensor: dict[str, list[ChannelSlice]] = {}
+    for m in group.members:
+        by_tensor.setdefault(m.tensor, []).append(m)
+    refs = [DimRef(m.tensor, m.axis) for m in group.members]
+    index = {ref: i for i, ref in enumerate(refs)}
+    parent = list(range(len(refs)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    node_dims: dict[str, list[int]] = {}
+    for node in graph.nodes:
+        if node.name.startswith(BOUNDARY):
+            continue
+        dims = [index[DimRef(m.tensor, m.axis)] for n in list(node.input) + list(node.output) for m in by_tensor.get(n, [])]
+        if not dims:
+            continue
+        node_dims[node.name] = dims
+        for d in dims[1:]:
+            a, b = find(dims[0]), find(d)
+            if a != b:
+                parent[a] = b
+    roots = sorted({find(i) for i in range(len(refs))})
+    piece_index = {root: k for k, root in enumerate(roots)}
+    pieces = [Piece(k, [], [], [], [], False, False, [], [], True) for k in range(len(roots))]
+    piece_of: dict[DimRef, int] = {}
+    for i, ref in enumerate(refs):
+        p = pieces[piece_index[find(i)]]
+        p.dims.append(ref)
+        p.members.append(group.members[i])
+        piece_of[ref] = p.id
+    nodes = {n.name: n for n in graph.nodes}
+    for name, dims in node_dims.items():
+        p = pieces[piece_index[find(dims[0])]]
+        p.nodes.append(name)
+        node = nodes[name]
+        kind = _kind(r, node)
+        if kind in ("producer", "consumer"):
+            p.has_producer |= kind == "producer"
+            p.has_consumer |= kind == "consumer"
+            for m in by_tensor.get(node.input[1] if len(node.input) > 1 else "", []) + by_tensor.get(node.input[0], []):
+                if m.tensor in r.weights and m not in p.weights:
+                    p.weights.append(m)
+        if not _zero_preserving(node, analysis):
+            p.zero_preserving = False
+    for node in graph.nodes:
+        if not node.name.startswith(BOUNDARY):
+            continue
+        for m in by_tensor.get(node.input[0], []):
+            pieces[piece_of[DimRef(m.tensor, m.axis)]].out_boundaries.append(node.name)
+        for m in by_tensor.get(node.output[0], []):
+            pieces[piece_of[DimRef(m.tensor, m.axis)]].in_boundaries.append(node.name)
+    return pieces, piece_of
+
+
+def _zero_preserving(node: onnx.NodeProto, analysis: ChannelAnalysis) -> bool:
+    if node.op_type == "Clip":
+        lo = analysis.graph.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        hi = analysis.graph.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        return (lo is None or float(lo) <= 0) and (hi is None or float(hi) >= 0)
+    if node.op_type == "Pad":
+        return attrs(node).get("mode", b"constant") in (b"constant", "constant", b"reflect", b"edge") and (
+            len(node.input) < 3 or not node.input[2] or float(np.asarray(analysis.graph.const(node.input[2])).reshape(-1)[0]) == 0
+        )
+    return node.op_type in _ZERO_PRESERVING
+
+
+def unit_scores(piece: Piece, analysis: ChannelAnalysis, size: int, p: int = 1) -> np.ndarray:
+    """Per-channel importance from the unit's own weights (each member mean-normalised)."""
+    total = np.zeros(size)
+    for m in piece.weights:
+        norms = position_norms(analysis.graph.const(m.tensor), m.axis, p)[m.positions]
+        ch = per_channel(m, norms, size)
+        if p == 2:
+            ch = np.sqrt(ch)
+        total += ch / (ch.mean() + 1e-12)
+    return total
+
+
+def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict | None = None) -> UnconstrainedPlan:
+    """Split boundaries, find pieces, choose each unit's kept channels.
+
+    Args:
+        keeps: optional ``{(group id, piece id): bool mask}`` overriding the scores (tests use it to
+            draw random kept sets).
+    """
+    split, count = split_boundaries(model)
+    analysis = analyze(ModelGraph(split))
+    plans: list[GroupPlan] = []
+    for group in analysis.groups:
+        pieces, piece_of = _pieces(analysis, group)
+        units = [pc for pc in pieces if pc.is_unit]
+        if not units:
+            continue
+        n_keep = max(1, group.size - int(math.floor(config.ratio * group.size + 1e-9)))
+        for pc in units:
+            override = (keeps or {}).get((group.id, pc.id))
+            if override is not None:
+                keep = np.asarray(override, dtype=bool).copy()
+                if not keep.any():
+                    keep[0] = True
+            else:
+                order = np.argsort(-unit_scores(pc, analysis, group.size, config.p), kind="stable")
+                keep = np.zeros(group.size, dtype=bool)
+                keep[order[:n_keep]] = True
+            pc.keep = keep
+            pc.narrow = pc.narrowable
+        union = np.logical_or.reduce([pc.keep for pc in units])
+        plans.append(GroupPlan(group, pieces, piece_of, union, np.arange(group.size)))
+    return UnconstrainedPlan(split, analysis, plans, count)
+
+
+# ---- 3. the oracle ----------------------------------------------------------------------------------
+_ONE_ROLES = {"variance", "divisor"}
+
+
+def masked_arrays(plan: UnconstrainedPlan) -> dict[str, np.ndarray]:
+    """Every parameter silenced outside its piece's kept set (units) or outside the stream (others)."""
+    graph, roles = plan.analysis.graph, plan.analysis.roles
+    arrays: dict[str, np.ndarray] = {}
+    for gp in plan.groups:
+        for m in gp.group.param_members:
+            keep = gp.mask_set(DimRef(m.tensor, m.axis))
+            silent = m.positions[~keep[m.channel_of]]
+            if len(silent) == 0:
+                continue
+            array = arrays.get(m.tensor)
+            if array is None:
+                array = graph.const(m.tensor)
+                if array.dtype.kind != "f":
+                    continue
+                array = arrays[m.tensor] = array.copy()
+            index = [slice(None)] * array.ndim
+            index[m.axis] = silent
+            array[tuple(index)] = 1 if roles.get(m.tensor) in _ONE_ROLES else 0
+    return arrays
+
+
+def mask_model(model: onnx.ModelProto, plan: UnconstrainedPlan) -> onnx.ModelProto:
+    """The oracle: `model` (the original) with every layer's own mask applied to its parameters."""
+    arrays = masked_arrays(plan)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i, t in enumerate(out.graph.initializer):
+        if t.name in arrays:
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
+    return out
+
+
+# ---- 4. export --------------------------------------------------------------------------------------
+def _takes(plan: UnconstrainedPlan) -> dict[DimRef, np.ndarray]:
+    by_id = {gp.group.id: gp for gp in plan.groups}
+    orders = {gp.group.id: gp.order for gp in plan.groups}
+
+    def keeps(gid: int, m: ChannelSlice):
+        gp = by_id.get(gid)
+        return None if gp is None else gp.width(DimRef(m.tensor, m.axis))
+
+    return dim_takes(plan.analysis, orders, keeps)
+
+
+def export(plan: UnconstrainedPlan, contiguous_ops: bool = True) -> onnx.ModelProto:
+    """The pruned model: parameters masked and taken, boundaries turned into copies (or bypassed)."""
+    from onnxprune.rewrite import RewriteContext, _copy_without_weights, _materialize_edits, _remove_unused_initializers
+    from onnxprune.rules import RULES
+
+    graph = plan.analysis.graph
+    takes = _takes(plan)
+    arrays = masked_arrays(plan)
+    removed: dict[DimRef, np.ndarray] = {}
+    for ref, take in takes.items():
+        n = graph.size(ref.tensor, ref.axis)
+        gone = np.setdiff1d(np.arange(n), take)
+        if len(gone):
+            removed[ref] = gone
+    model = _copy_without_weights(graph.model)
+    g = model.graph
+    by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for ref, take in takes.items():
+        by_tensor.setdefault(ref.tensor, []).append((ref.axis, take))
+    for t in graph.model.graph.initializer:
+        if t.name not in by_tensor and t.name not in arrays:
+            g.initializer.append(t)
+            continue
+        array = arrays.get(t.name)
+        array = graph.const(t.name) if array is None else array
+        for axis, take in by_tensor.get(t.name, []):
+            array = np.take(array, take, axis=axis)
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), t.name))
+    ctx = RewriteContext(graph, removed)
+    nodes = {n.name: n for n in g.node}
+    originals = {n.name: n for n in graph.nodes}
+    changed = {ref.tensor for ref in removed}
+    for name, node in nodes.items():
+        rule = RULES.get(node.domain, node.op_type)
+        if rule is not None and (set(node.input) | set(node.output)) & changed:
+            rule.rewrite(node, ctx)
+    _materialize_edits(g, nodes, originals, ctx)
+    _lower_boundaries(g, graph, takes, contiguous_ops)
+    _remove_unused_initializers(g)
+    return model
+
+
+def _lower_boundaries(g: onnx.GraphProto, graph: ModelGraph, takes, contiguous_ops: bool) -> None:
+    originals = {n.name: n for n in graph.nodes if n.name.startswith(BOUNDARY)}
+    new_nodes: list[onnx.NodeProto] = []
+    rename: dict[str, str] = {}
+    count = 0
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        if not node.name.startswith(BOUNDARY):
+            new_nodes.append(node)
+            continue
+        src, dst = originals[node.name].input[0], node.output[0]
+        cur = node.input[0]
+        rank = graph.rank(dst) or 0
+        for axis in range(rank):
+            n = graph.size(dst, axis)
+            full = np.arange(n) if isinstance(n, int) else None
+            t_in = takes.get(DimRef(src, axis), full)
+            t_out = takes.get(DimRef(dst, axis), full)
+            if t_in is None or t_out is None or np.array_equal(t_in, t_out):
+                continue
+            ops, cur, count = _copy_ops(g, cur, rank, axis, t_in, t_out, contiguous_ops, count)
+            new_nodes.extend(ops)
+        rename[dst] = cur
+    for o in g.output:
+        if o.name in rename:
+            raise UsageError(f"boundary on graph output {o.name}")
+    del g.node[:]
+    g.node.extend(new_nodes)
+
+
+def _pads(rank: int, axis: int, before: int, after: int) -> np.ndarray:
+    pads = np.zeros(2 * rank, dtype=np.int64)
+    pads[axis], pads[rank + axis] = before, after
+    return pads
+
+
+def _copy_ops(g, x: str, rank: int, axis: int, t_in, t_out, contiguous_ops: bool, count: int):
+    """Ops turning `x` (positions `t_in` of the original axis) into positions `t_out` (zeros where new)."""
+    pos_in = {int(p): j for j, p in enumerate(t_in.tolist())}
+    idx = np.array([pos_in.get(int(q), -1) for q in t_out.tolist()], dtype=np.int64)
+    ops: list[onnx.NodeProto] = []
+
+    def name(op: str) -> str:
+        nonlocal count
+        count += 1
+        return f"{COPY}_{op}_{count}"
+
+    def const(value: np.ndarray, base: str) -> str:
+        cname = f"{base}_c"
+        g.initializer.append(numpy_helper.from_array(np.asarray(value), cname))
+        return cname
+
+    k = len(t_in)
+    present = idx >= 0
+    if present.all():  # narrowing (or reordering)
+        if contiguous_ops and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx))):
+            n = name("Slice")
+            ins = [x, const(np.array([idx[0]], np.int64), n + "s"), const(np.array([idx[0] + len(idx)], np.int64), n + "e"),
+                   const(np.array([axis], np.int64), n + "a")]
+            ops.append(helper.make_node("Slice", ins, [n], name=n))
+        else:
+            n = name("Gather")
+            ops.append(helper.make_node("Gather", [x, const(idx, n)], [n], name=n, axis=axis))
+        return ops, n, count
+    first = int(np.argmax(present))
+    if contiguous_ops and np.array_equal(idx[present], np.arange(k)) and present[first : first + k].all():
+        n = name("Pad")
+        pads = _pads(rank, axis, first, len(idx) - first - k)
+        ops.append(helper.make_node("Pad", [x, const(pads, n)], [n], name=n, mode="constant"))
+        return ops, n, count
+    # Scatter: one zero channel appended, then every output slot gathers its source (or the zero).
+    p = name("Pad")
+    ops.append(helper.make_node("Pad", [x, const(_pads(rank, axis, 0, 1), p)], [p], name=p, mode="constant"))
+    n = name("Gather")
+    ops.append(helper.make_node("Gather", [p, const(np.where(present, idx, k), n)], [n], name=n, axis=axis))
+    return ops, n, count
+
+
+# ---- 5. copy report ---------------------------------------------------------------------------------
+def copy_report(model: onnx.ModelProto) -> dict:
+    """Copy ops the export inserted (by op type) and the bytes they write per inference."""
+    graph = ModelGraph(infer_shapes(_clone(model)))
+    ops: dict[str, int] = {}
+    written = 0
+    for node in graph.nodes:
+        if not node.name.startswith(COPY) or node.op_type not in COPY_OPS:
+            continue
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        shape = graph.shape(node.output[0]) or ()
+        numel = int(np.prod([d if isinstance(d, int) else 1 for d in shape], dtype=np.int64))
+        written += numel * _itemsize(graph.dtype(node.output[0]))
+    return {"ops": dict(sorted(ops.items())), "copy_ops": sum(ops.values()), "bytes": written,
+            "gather_scatter": sum(ops.get(k, 0) for k in ("Gather", "GatherElements", "ScatterND", "ScatterElements"))}
+
+
+def _itemsize(elem_type: int | None) -> int:
+    if elem_type is None:
+        return 4
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+
+
+def _clone(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
