@@ -621,3 +621,153 @@ def _clone(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
+
+
+# ---- 6. reordering and the per-unit copy/absorb choice ----------------------------------------------
+def _bytes_per_channel(graph: ModelGraph, ref: DimRef, group: ChannelGroup) -> float:
+    shape = graph.shape(ref.tensor) or ()
+    numel = int(np.prod([d if isinstance(d, int) else 1 for d in shape], dtype=np.int64))
+    n = shape[ref.axis] if isinstance(shape[ref.axis], int) else 1
+    return numel / max(1, n) * _itemsize(graph.dtype(ref.tensor)) * n / max(1, group.size)
+
+
+def _contiguous(keep: np.ndarray, union: np.ndarray, order: np.ndarray) -> bool:
+    seq = [c for c in order.tolist() if union[c]]
+    where = [i for i, c in enumerate(seq) if keep[c]]
+    return bool(where) and where[-1] - where[0] + 1 == len(where)
+
+
+def _copy_cost(gp: GroupPlan, pc: Piece, graph: ModelGraph, cost: CostModel, contiguous: bool) -> float:
+    k, u = int(pc.keep.sum()), int(gp.union.sum())
+    if k == u:
+        return 0.0
+    total = 0.0
+    for ref in pc.dims:
+        if not graph.is_initializer(ref.tensor) and any(
+            b.name.startswith(BOUNDARY) and (ref.tensor in b.input or ref.tensor in b.output)
+            for b in _boundary_nodes(graph)
+        ):
+            bpc = _bytes_per_channel(graph, ref, gp.group)
+            if pc.in_boundaries:  # narrowing: Slice or Gather writes k channels
+                bw = cost.copy_bytes_per_s if contiguous else cost.gather_bytes_per_s
+                total += cost.op_overhead_s + k * bpc / bw
+            else:  # widening: Pad writes u channels; naive: Pad (k+1) then Gather u
+                total += cost.op_overhead_s + u * bpc / cost.copy_bytes_per_s
+                if not contiguous:
+                    total += cost.op_overhead_s + (k + 1) * bpc / cost.copy_bytes_per_s + u * bpc / cost.gather_bytes_per_s
+                    total -= u * bpc / cost.copy_bytes_per_s
+    return total
+
+
+def _boundary_nodes(graph: ModelGraph) -> list[onnx.NodeProto]:
+    cached = getattr(graph, "_upscale_boundaries", None)
+    if cached is None:
+        cached = [n for n in graph.nodes if n.name.startswith(BOUNDARY)]
+        graph._upscale_boundaries = cached
+    return cached
+
+
+def _absorb_cost(gp: GroupPlan, pc: Piece, analysis: ChannelAnalysis, cost: CostModel, ratio: float) -> float:
+    graph = analysis.graph
+    extra = int(gp.union.sum() - pc.keep.sum())
+    if extra == 0:
+        return 0.0
+    frac = extra / gp.group.size
+    nodes = {n.name: n for n in graph.nodes}
+    weight_nodes = set()
+    for m in pc.weights:
+        for use in graph.consumers.get(m.tensor, []):
+            weight_nodes.add(use.node.name)
+    total = 0.0
+    for name in pc.nodes:
+        node = nodes[name]
+        if name in weight_nodes:
+            total += node_macs(graph, node) * frac * (1 - ratio) / cost.macs_per_s
+        else:
+            for o in node.output:
+                if any(DimRef(o, ax) in gp.piece_of for ax in range(graph.rank(o) or 0)):
+                    shape = graph.shape(o) or ()
+                    numel = int(np.prod([d if isinstance(d, int) else 1 for d in shape], dtype=np.int64))
+                    total += 2 * numel * frac * 4 / cost.elementwise_bytes_per_s
+    return total
+
+
+def optimize_layout(plan: UnconstrainedPlan, config: UnconstrainedConfig) -> dict:
+    """Choose each group's channel order and, per narrowable unit, copy or absorb (see docstring)."""
+    graph = plan.analysis.graph
+    decisions = {"narrowed": 0, "absorbed": 0, "contiguous": 0, "scattered": 0}
+    for gp in plan.groups:
+        candidates = [pc for pc in gp.pieces if pc.is_unit and pc.narrowable and (pc.in_boundaries or pc.out_boundaries)]
+        if not candidates:
+            continue
+        for _ in range(3):
+            narrowed = [pc for pc in candidates if pc.narrow]
+            weights = [_copy_cost(gp, pc, graph, config.cost, False) + 1e-9 for pc in narrowed]
+            gp.order = choose_order(gp.union, [pc.keep for pc in narrowed], weights)
+            changed = False
+            for pc in candidates:
+                contiguous = _contiguous(pc.keep, gp.union, gp.order)
+                copy = _copy_cost(gp, pc, graph, config.cost, contiguous)
+                absorb = _absorb_cost(gp, pc, plan.analysis, config.cost, config.ratio)
+                want = not (config.absorb and absorb < copy)
+                if want != pc.narrow:
+                    pc.narrow, changed = want, True
+            if not changed:
+                break
+        for pc in candidates:
+            if pc.narrow:
+                decisions["narrowed"] += 1
+                key = "contiguous" if _contiguous(pc.keep, gp.union, gp.order) else "scattered"
+                decisions[key] += 1
+            else:
+                decisions["absorbed"] += 1
+    return decisions
+
+
+def effective_params(model: onnx.ModelProto) -> int:
+    """Nonzero floating-point parameter elements (zero rows/columns kept for absorption do not count)."""
+    graph = ModelGraph(model)
+    total = 0
+    for t in graph.initializers.values():
+        if t.data_type in (1, 10, 11, 16):
+            total += int(np.count_nonzero(graph.const(t.name)))
+    return total
+
+
+class UnconstrainedPass(Pass):
+    """Unconstrained pruning with an exact export; `info` has the plan, summary and copy report."""
+
+    def __init__(self, config: UnconstrainedConfig | None = None, keeps: dict | None = None) -> None:
+        self.config = config or UnconstrainedConfig()
+        self.keeps = keeps
+
+    def call(self, model):
+        start = time.perf_counter()
+        c = self.config
+        if c.ratio == 0 and not self.keeps:
+            return PassResult(model, False, {"summary": {"mode": "unconstrained", "groups_pruned": 0}})
+        plan = build_plan(model, c, self.keeps)
+        layout = optimize_layout(plan, c) if c.reorder else {}
+        pruned = infer_shapes(export(plan, contiguous_ops=c.reorder))
+        check_model(pruned)
+        report = copy_report(pruned)
+        before = count_params(ModelGraph(model))
+        summary = {
+            "mode": "unconstrained",
+            "config": {k: v for k, v in asdict(c).items() if k != "cost"},
+            "params_before": before,
+            "params_after": count_params(ModelGraph(pruned)),
+            "effective_params_after": effective_params(pruned),
+            "groups_pruned": len(plan.groups),
+            "units": sum(pc.is_unit for gp in plan.groups for pc in gp.pieces),
+            "boundaries": plan.boundaries,
+            "layout": layout,
+            "copies": report,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        from onnxprune.passes.pruning import SUMMARY_KEY, _set_metadata
+
+        import json
+
+        _set_metadata(pruned, SUMMARY_KEY, json.dumps(summary))
+        return PassResult(pruned, True, {"summary": summary, "plan": plan, "copies": report})
