@@ -93,17 +93,64 @@ def reshape_segments(in_shape, out_shape):
     return segs
 
 
-def _carrier(sizes: list[int]) -> int:
+def _carrier(sizes: list[int], stacked: bool = False) -> int:
     """Which of the axes a flat axis splits into carries its channels.
 
-    The major axis by default (``C -> [heads, head_dim]``: a head is a channel). A small leading axis in
-    front of a much larger one is a stack of tensors instead (``3*E -> [3, E]`` for fused Q/K/V,
-    ``3*E -> [3, heads, head_dim]``): then the axis after the stack carries the channels, and channel j
-    of each stacked tensor is removed together.
+    The major axis by default (``C -> [heads, head_dim]``: a head is a channel). A small leading axis
+    that is later taken apart (Gather/Split/Slice: fused Q/K/V ``3*E -> [3, E]`` or
+    ``[3, heads, head_dim]``) is a stack of tensors instead: then the axis after it carries the
+    channels, and channel j of each stacked tensor is removed together.
     """
-    if len(sizes) >= 2 and sizes[0] <= 4 and int(np.prod(sizes[1:])) >= 4 * sizes[0]:
-        return 1  # [3, E] or [3, heads, head_dim]: the axis after the stack
+    if stacked and len(sizes) >= 2 and sizes[0] <= 4 and int(np.prod(sizes[1:])) >= 4 * sizes[0]:
+        return 1
     return 0
+
+
+_LAYOUT_OPS = {"Transpose", "Squeeze", "Unsqueeze", "Identity"}
+
+
+def _is_unstacked(ctx, name: str, axis: int, depth: int = 4) -> bool:
+    """Is `axis` of `name` taken apart (indexed, split or sliced) after only layout ops?"""
+    for use in ctx.graph.consumers.get(name, []):
+        node, at = use.node, attrs(use.node)
+        if use.index != 0:
+            continue
+        rank = ctx.rank(name) or 0
+        if node.op_type in ("Gather", "Split") and at.get("axis", 0) % max(rank, 1) == axis:
+            return True
+        if node.op_type == "Slice" and len(node.input) > 3:
+            axes = ctx.const(node.input[3])
+            if axes is not None and axis in [int(a) % rank for a in axes.reshape(-1)]:
+                return True
+        if depth and node.op_type in _LAYOUT_OPS:
+            moved = _follow_axis(ctx, node, name, axis)
+            if moved is not None and _is_unstacked(ctx, node.output[0], moved, depth - 1):
+                return True
+    return False
+
+
+def _follow_axis(ctx, node, name: str, axis: int) -> int | None:
+    """Where `axis` of the input lands in the output of a layout op (None if it disappears)."""
+    y = node.output[0]
+    if node.op_type == "Identity":
+        return axis
+    if node.op_type == "Transpose":
+        perm = attrs(node).get("perm", list(reversed(range(ctx.rank(name) or 0))))
+        return list(perm).index(axis)
+    try:
+        if node.op_type == "Unsqueeze":
+            ry = ctx.rank(y)
+            inserted = {a % ry for a in _axes(node, ctx, 1, [])}
+            return [a for a in range(ry) if a not in inserted][axis]
+        if node.op_type == "Squeeze":
+            rx = ctx.rank(name)
+            removed = {a % rx for a in (_axes(node, ctx, 1, None) or [])}
+            if axis in removed:
+                return None
+            return [a for a in range(rx) if a not in removed].index(axis)
+    except (RuleBarrier, IndexError, TypeError, ZeroDivisionError):
+        return None
+    return None
 
 
 def _carrier_index(n: int, sizes: list[int], c: int) -> np.ndarray:
@@ -156,7 +203,7 @@ def _couple_reshape(ctx, x: str, y: str, targets=None) -> None:
         if len(big_in) == 1 and all(rewritable(b) for b in big_out):  # split: one output axis owns it
             a = big_in[0]
             sizes = [out_shape[b] for b in big_out]
-            c = _carrier(sizes)
+            c = _carrier(sizes, stacked=_is_unstacked(ctx, y, big_out[0]))
             n = in_shape[a]
             ctx.link(x, a, y, big_out[c], np.arange(n), _carrier_index(n, sizes, c))
             for b in big_out:
