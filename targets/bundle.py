@@ -1,0 +1,279 @@
+"""Deployment bundles: the model signature, ``manifest.json``, and running a bundle on this machine.
+
+A bundle is a folder that runs on its target with nothing but its own files and the TVM runtime library
+for that target::
+
+    manifest.json     model name + sha256, inputs/outputs, target, tvm version, sha256 of every other file
+    model.so          compiled library with the weights embedded (model.wasm for wasm)
+    runner            the target's runner program (runner.js for wasm), source in runner.cc
+    lib/              libtvm_runtime.so + libtvm_ffi.so for the target (shared-library targets)
+    README.md         how to run it on the device
+
+Runners read inputs as ``.npy`` files and write ``output_<i>.npy``; :func:`run_bundle` converts from and to
+dicts of arrays. Nothing here imports tvm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import ModelError, ToolchainError, UnsupportedModelError, UsageError
+
+from .table import TargetSpec, get_target
+from .toolchains import require
+
+__all__ = [
+    "MANIFEST",
+    "TensorSpec",
+    "file_sha256",
+    "model_signature",
+    "pruning_summary",
+    "read_manifest",
+    "run_bundle",
+    "write_manifest",
+]
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+SUMMARY_KEY = "onnxprune.summary"
+
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT16: "int16",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, static shape and numpy dtype of one model input or output."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _value_info_spec(
+    vi: onnx.ValueInfoProto, shapes: dict[str, tuple[int, ...]], *, is_input: bool
+) -> TensorSpec:
+    tt = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type") or tt.elem_type not in _ONNX_TO_NUMPY:
+        raise UnsupportedModelError(f"{'input' if is_input else 'output'} {vi.name!r}: only tensors of "
+                                    f"{', '.join(sorted(set(_ONNX_TO_NUMPY.values())))} are supported")
+    dtype = _ONNX_TO_NUMPY[tt.elem_type]
+    if vi.name in shapes:
+        given = tuple(int(d) for d in shapes[vi.name])
+        if len(given) != len(tt.shape.dim):
+            raise UsageError(f"--shape {vi.name}: model input has rank {len(tt.shape.dim)}, got {len(given)} dims")
+        for d, g in zip(tt.shape.dim, given):
+            if d.HasField("dim_value") and d.dim_value != g:
+                raise UsageError(f"--shape {vi.name}: dim {d.dim_value} is fixed in the model, got {g}")
+        return TensorSpec(vi.name, given, dtype)
+    dims = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif is_input:
+            example = ",".join(str(x.dim_value) if x.HasField("dim_value") else "1" for x in tt.shape.dim)
+            label = d.dim_param or "?"
+            raise UnsupportedModelError(
+                f"input {vi.name!r} has dynamic dim {label!r}; fix it with --shape {vi.name}={example}"
+            )
+        else:
+            dims.append(-1)  # output dims are filled in from the compiled function
+    return TensorSpec(vi.name, tuple(dims), dtype)
+
+
+def model_signature(
+    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs (with static shapes) and outputs of a model.
+
+    Args:
+        model: The ONNX model.
+        shapes: Overrides for inputs with dynamic dims, by input name.
+
+    Raises:
+        UnsupportedModelError: An input has a dynamic dim not fixed by ``shapes``.
+        UsageError: ``shapes`` names an unknown input or contradicts a fixed dim.
+    """
+    shapes = dict(shapes or {})
+    inits = {i.name for i in model.graph.initializer}
+    graph_inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    unknown = set(shapes) - {vi.name for vi in graph_inputs}
+    if unknown:
+        raise UsageError(f"--shape names unknown input(s) {sorted(unknown)}; inputs: "
+                         f"{[vi.name for vi in graph_inputs]}")
+    ins = [_value_info_spec(vi, shapes, is_input=True) for vi in graph_inputs]
+    outs = [_value_info_spec(vi, {}, is_input=False) for vi in model.graph.output]
+    return ins, outs
+
+
+def pruning_summary(model: onnx.ModelProto) -> object | None:
+    """The pruning summary stored by ``onnxprune prune`` in metadata_props, parsed, or None."""
+    for prop in model.metadata_props:
+        if prop.key == SUMMARY_KEY:
+            try:
+                return json.loads(prop.value)
+            except json.JSONDecodeError:
+                return {"unparsed": prop.value}
+    return None
+
+
+def write_manifest(bundle: Path, fields: dict[str, object]) -> Path:
+    """Write ``manifest.json``: ``fields`` plus the sha256 of every other file in the bundle."""
+    files = {
+        p.relative_to(bundle).as_posix(): file_sha256(p)
+        for p in sorted(bundle.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"format": "onnxprune-bundle", "format_version": FORMAT_VERSION, **fields, "files": files}
+    path = bundle / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_manifest(bundle: Path, *, verify: bool = True) -> dict:
+    """Read and (by default) verify a bundle's manifest against the files' sha256.
+
+    Raises:
+        ModelError: No manifest, not a bundle, or a file is missing or changed.
+    """
+    path = Path(bundle) / MANIFEST
+    if not path.is_file():
+        raise ModelError(f"{bundle}: not a bundle (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: invalid JSON ({e})") from None
+    if manifest.get("format") != "onnxprune-bundle":
+        raise ModelError(f"{path}: not an onnxprune bundle manifest")
+    if verify:
+        for rel, digest in manifest.get("files", {}).items():
+            f = Path(bundle) / rel
+            if not f.is_file():
+                raise ModelError(f"{bundle}: bundle file {rel} is missing")
+            if file_sha256(f) != digest:
+                raise ModelError(f"{bundle}: bundle file {rel} does not match its sha256 in the manifest")
+    return manifest
+
+
+def _check_inputs(specs: list[dict], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    names = [s["name"] for s in specs]
+    missing = [n for n in names if n not in inputs]
+    extra = [n for n in inputs if n not in names]
+    if missing or extra:
+        raise UsageError(f"bundle inputs are {names}; missing {missing}, unexpected {extra}")
+    arrays = []
+    for s in specs:
+        a = np.asarray(inputs[s["name"]])
+        if tuple(a.shape) != tuple(s["shape"]):
+            raise UsageError(f"input {s['name']!r}: shape {tuple(a.shape)}, bundle expects {tuple(s['shape'])}")
+        if a.dtype != np.dtype(s["dtype"]):
+            raise UsageError(f"input {s['name']!r}: dtype {a.dtype}, bundle expects {s['dtype']}")
+        arrays.append(np.ascontiguousarray(a))
+    return arrays
+
+
+def runner_command(bundle: Path, spec: TargetSpec, manifest: dict) -> list[str]:
+    """The command that runs a bundle's runner on this machine (before the OUT_DIR and input arguments)."""
+    runner = manifest["runner"]
+    if spec.runner == "native":
+        return [str(bundle / runner["program"]), str(bundle / manifest["library"])]
+    if spec.runner == "qemu":
+        qemu = require(spec.emulator, f"to run {spec.name} bundles on this machine")
+        sysroot = "/usr/aarch64-linux-gnu"
+        if not Path(sysroot).is_dir():
+            raise ToolchainError(f"aarch64 C/C++ runtime not found at {sysroot}; apt-get install "
+                                 "libc6-arm64-cross libstdc++6-arm64-cross")
+        return [qemu, "-L", sysroot, str(bundle / runner["program"]), str(bundle / manifest["library"])]
+    if spec.runner == "node":
+        node = require(spec.emulator, f"to run {spec.name} bundles on this machine")
+        return [node, "--no-experimental-fetch", str(bundle / runner["program"]), "system"]
+    raise ToolchainError(f"bundles for target {spec.name} cannot be run by onnxprune run on this machine")
+
+
+def run_bundle(
+    bundle_dir: str | Path, inputs: dict[str, np.ndarray], *, repeat: int = 0, verify: bool = True
+) -> dict[str, np.ndarray]:
+    """Run a bundle where this machine can (x86 natively, arm under qemu-user, wasm under node).
+
+    Args:
+        bundle_dir: The bundle folder written by ``compile_bundle``.
+        inputs: One array per model input, by name, with the bundle's shapes and dtypes.
+        repeat: If > 0, the runner also times that many calls; the median (ms) is stored under the
+            key ``"__median_ms__"`` of the result as a 0-d array.
+        verify: Check every file against the manifest's sha256 first.
+
+    Returns:
+        Outputs by name, in the model's output order.
+    """
+    bundle = Path(bundle_dir)
+    manifest = read_manifest(bundle, verify=verify)
+    spec = get_target(manifest["target"]["name"])
+    arrays = _check_inputs(manifest["inputs"], inputs)
+    cmd = runner_command(bundle, spec, manifest)
+    with tempfile.TemporaryDirectory(prefix="onnxprune-run-") as tmp:
+        tmpd = Path(tmp)
+        paths = []
+        for i, a in enumerate(arrays):
+            p = tmpd / f"input_{i}.npy"
+            np.save(p, a)
+            paths.append(str(p))
+        full = [*cmd, str(tmpd), *paths] + (["--repeat", str(repeat)] if repeat else [])
+        try:
+            proc = subprocess.run(full, capture_output=True, text=True, timeout=3600, cwd=bundle)
+        except FileNotFoundError as e:
+            raise ToolchainError(f"cannot start the bundle runner: {e}") from None
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise ModelError(f"bundle runner failed (exit {proc.returncode}): {last}")
+        outs: dict[str, np.ndarray] = {}
+        for i, s in enumerate(manifest["outputs"]):
+            p = tmpd / f"output_{i}.npy"
+            if not p.is_file():
+                raise ModelError(f"bundle runner wrote no output {i} ({s['name']})")
+            outs[s["name"]] = np.load(p)
+        if repeat:
+            for line in proc.stdout.splitlines():
+                if line.startswith("median_ms "):
+                    outs["__median_ms__"] = np.array(float(line.split()[1]))
+    return outs
+
+
+def spec_dicts(specs: list[TensorSpec]) -> list[dict]:
+    """TensorSpecs as JSON-ready dicts."""
+    return [{**asdict(s), "shape": list(s.shape)} for s in specs]
+
+
+def clean_dir(path: Path) -> None:
+    """Empty an existing bundle folder (only if it looks like a bundle) or create it."""
+    if path.exists():
+        if any(path.iterdir()) and not (path / MANIFEST).is_file():
+            raise UsageError(f"{path} exists and is not a bundle; refusing to overwrite it")
+        shutil.rmtree(path)
+    path.mkdir(parents=True)

@@ -1,0 +1,99 @@
+"""``onnxprune compile`` and ``onnxprune run``: registered on the main CLI's subparsers by :func:`register`.
+
+    onnxprune compile MODEL.onnx --target x86|arm|wasm|cuda|<device tag> [-o BUNDLE] [--tune N]
+                      [--shape name=d1,d2,...]
+    onnxprune run BUNDLE --inputs in.npz [-o out.npz] [--repeat N]
+
+Problems are raised as the typed errors of :mod:`onnxprune.errors`; the main CLI prints one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from onnxprune.errors import ModelError, UsageError
+
+from .table import TARGETS
+
+__all__ = ["parse_shapes", "register"]
+
+
+def parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """``["image=1,1,28,28", …]`` -> ``{"image": (1, 1, 28, 28)}``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in items or []:
+        name, sep, dims = item.rpartition("=")
+        if not sep or not name:
+            raise UsageError(f"--shape expects name=d1,d2,..., got {item!r}")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            raise UsageError(f"--shape {name}: dims must be integers, got {dims!r}") from None
+        if any(d < 0 for d in shape):
+            raise UsageError(f"--shape {name}: dims must be >= 0")
+        shapes[name] = shape
+    return shapes
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    """Compile a model into a bundle; print the bundle folder (or a JSON object with --json)."""
+    from . import compile_bundle, read_manifest
+
+    bundle = compile_bundle(
+        args.model, args.target, out_dir=args.output, tune=args.tune, shapes=parse_shapes(args.shape)
+    )
+    manifest = read_manifest(bundle, verify=False)
+    if getattr(args, "json", False):
+        print(json.dumps({"bundle": str(bundle), "target": manifest["target"]["name"],
+                          "compile_seconds": manifest["compile_seconds"]}))
+    else:
+        print(f"{bundle}  ({manifest['target']['name']}, {manifest['compile_seconds']:.1f} s)")
+    return 0
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{p}: no such file")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - numpy raises several types for bad files
+        raise ModelError(f"{p}: not a readable .npz file ({type(e).__name__})") from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a bundle on this machine; write the outputs to an .npz file."""
+    from . import run_bundle
+
+    outputs = run_bundle(args.bundle, _load_npz(args.inputs), repeat=args.repeat)
+    median = outputs.pop("__median_ms__", None)
+    out = Path(args.output) if args.output else Path(args.bundle) / "outputs.npz"
+    np.savez(out, **outputs)
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs.items())
+    print(f"{out}: {shapes}" + (f"; median {float(median):.3f} ms" if median is not None else ""))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``compile`` and ``run`` subcommands to the main CLI."""
+    names = ", ".join(t.name for t in TARGETS)
+    p = subparsers.add_parser("compile", help="compile a model into a deployment bundle with TVM")
+    p.add_argument("model", help="ONNX model")
+    p.add_argument("--target", "-t", required=True, help=f"target or device tag: {names}")
+    p.add_argument("-o", "--output", help="bundle folder (default: MODEL.<target> beside the model)")
+    p.add_argument("--tune", type=int, default=0, metavar="N", help="MetaSchedule trials (default 0: no tuning)")
+    p.add_argument("--shape", action="append", metavar="NAME=D1,D2,...", help="static shape for an input")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_compile)
+
+    p = subparsers.add_parser("run", help="run a bundle on this machine (x86 native, arm qemu, wasm node)")
+    p.add_argument("bundle", help="bundle folder")
+    p.add_argument("--inputs", required=True, help=".npz with one array per model input")
+    p.add_argument("-o", "--output", help="output .npz (default: BUNDLE/outputs.npz)")
+    p.add_argument("--repeat", type=int, default=0, metavar="N", help="also time N runs, print the median")
+    p.set_defaults(func=cmd_run)

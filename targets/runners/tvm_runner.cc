@@ -1,0 +1,176 @@
+// onnxprune bundle runner: loads a TVM Relax VM library, feeds it .npy inputs, writes .npy outputs.
+//
+// Usage: runner LIB OUT_DIR IN0.npy [IN1.npy ...] [--repeat N]
+//   LIB is the bundle's compiled library (model.so) or "system" for a statically linked system library
+//   (the wasm build). Outputs go to OUT_DIR/output_<i>.npy; with --repeat N the runner times N calls of
+//   main and prints "median_ms <value>" on stdout.
+//
+// Depends only on the tvm-ffi headers (tvm/ffi/*, dlpack) and, at run time, on libtvm_runtime (which
+// registers the Relax VM loader) and libtvm_ffi.
+#include <tvm/ffi/any.h>
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace ffi = tvm::ffi;
+
+namespace {
+
+struct CPUAlloc {
+  void AllocData(DLTensor* t) {
+    size_t n = ffi::GetDataSize(*t);
+    t->data = std::aligned_alloc(64, (n + 63) / 64 * 64 + 64);
+  }
+  void FreeData(DLTensor* t) { std::free(t->data); }
+};
+
+[[noreturn]] void Fail(const std::string& msg) {
+  std::cerr << "runner: " << msg << std::endl;
+  std::exit(1);
+}
+
+// numpy descr <-> DLDataType (little-endian only).
+DLDataType DescrToDType(const std::string& d) {
+  struct Row { const char* descr; uint8_t code; uint8_t bits; };
+  static const Row rows[] = {{"<f4", kDLFloat, 32}, {"<f8", kDLFloat, 64}, {"<f2", kDLFloat, 16},
+                             {"<i8", kDLInt, 64},   {"<i4", kDLInt, 32},   {"<i2", kDLInt, 16},
+                             {"|i1", kDLInt, 8},    {"|u1", kDLUInt, 8},   {"|b1", kDLBool, 8}};
+  for (const Row& r : rows) {
+    if (d == r.descr) return DLDataType{r.code, r.bits, 1};
+  }
+  Fail("unsupported npy dtype " + d);
+}
+
+std::string DTypeToDescr(DLDataType t) {
+  if (t.code == kDLFloat) return t.bits == 16 ? "<f2" : (t.bits == 64 ? "<f8" : "<f4");
+  if (t.code == kDLInt) return t.bits == 8 ? "|i1" : "<i" + std::to_string(t.bits / 8);
+  if (t.code == kDLUInt) return "|u1";
+  if (t.code == kDLBool) return "|b1";
+  Fail("unsupported output dtype");
+}
+
+std::string HeaderField(const std::string& h, const std::string& key) {
+  size_t p = h.find("'" + key + "'");
+  if (p == std::string::npos) Fail("npy header lacks " + key);
+  p = h.find(':', p) + 1;
+  while (h[p] == ' ') ++p;
+  size_t e = h[p] == '(' ? h.find(')', p) + 1 : h.find_first_of(",}", p);
+  return h.substr(p, e - p);
+}
+
+ffi::Tensor ReadNpy(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) Fail("cannot open " + path);
+  char magic[8];
+  f.read(magic, 8);
+  if (std::memcmp(magic, "\x93NUMPY", 6) != 0) Fail(path + " is not a .npy file");
+  uint32_t hlen = 0;
+  if (magic[6] == 1) {
+    uint16_t h16;
+    f.read(reinterpret_cast<char*>(&h16), 2);
+    hlen = h16;
+  } else {
+    f.read(reinterpret_cast<char*>(&hlen), 4);
+  }
+  std::string header(hlen, '\0');
+  f.read(&header[0], hlen);
+  std::string descr = HeaderField(header, "descr");
+  descr = descr.substr(1, descr.size() - 2);
+  if (HeaderField(header, "fortran_order") != "False") Fail(path + ": fortran order not supported");
+  std::string shp = HeaderField(header, "shape");
+  std::vector<int64_t> shape;
+  std::stringstream ss(shp.substr(1, shp.size() - 2));
+  std::string tok;
+  while (std::getline(ss, tok, ',')) {
+    if (tok.find_first_not_of(' ') != std::string::npos) shape.push_back(std::stoll(tok));
+  }
+  ffi::Tensor t = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(shape.data(), shape.size()),
+                                           DescrToDType(descr), DLDevice{kDLCPU, 0});
+  f.read(static_cast<char*>(t.data_ptr()), ffi::GetDataSize(t));
+  if (!f) Fail(path + " is truncated");
+  return t;
+}
+
+void WriteNpy(const std::string& path, const ffi::Tensor& t) {
+  std::string shape = "(";
+  for (int i = 0; i < t.ndim(); ++i) {
+    shape += std::to_string(t.shape()[i]) + (t.ndim() == 1 ? "," : (i + 1 < t.ndim() ? ", " : ""));
+  }
+  shape += ")";
+  std::string header = "{'descr': '" + DTypeToDescr(t.dtype()) + "', 'fortran_order': False, 'shape': " + shape + ", }";
+  size_t total = 10 + header.size() + 1;
+  header += std::string((64 - total % 64) % 64, ' ') + "\n";
+  std::ofstream f(path, std::ios::binary);
+  if (!f) Fail("cannot write " + path);
+  f.write("\x93NUMPY\x01\x00", 8);
+  uint16_t hlen = static_cast<uint16_t>(header.size());
+  f.write(reinterpret_cast<const char*>(&hlen), 2);
+  f.write(header.data(), header.size());
+  f.write(static_cast<const char*>(t.data_ptr()), ffi::GetDataSize(t));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> pos;
+  int repeat = 0;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--repeat" && i + 1 < argc) {
+      repeat = std::atoi(argv[++i]);
+    } else {
+      pos.push_back(a);
+    }
+  }
+  if (pos.size() < 2) Fail("usage: runner LIB OUT_DIR IN0.npy [IN1.npy ...] [--repeat N]");
+  try {
+    ffi::Module lib = pos[0] == "system"
+                          ? ffi::Function::GetGlobalRequired("ffi.SystemLib")().cast<ffi::Module>()
+                          : ffi::Module::LoadFromFile(pos[0]);
+    ffi::Module vm = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
+    // device type, device id, allocator type (2 = pooled), for the host device.
+    vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2);
+    ffi::Function main_fn = vm->GetFunction("main").value();
+    std::vector<ffi::Any> args;
+    for (size_t i = 2; i < pos.size(); ++i) args.push_back(ReadNpy(pos[i]));
+    std::vector<ffi::AnyView> views(args.begin(), args.end());
+    ffi::Any ret;
+    main_fn.CallPacked(views.data(), static_cast<int32_t>(views.size()), &ret);
+    if (repeat > 0) {
+      std::vector<double> ms;
+      for (int r = 0; r < repeat; ++r) {
+        auto t0 = std::chrono::steady_clock::now();
+        ffi::Any tmp;
+        main_fn.CallPacked(views.data(), static_cast<int32_t>(views.size()), &tmp);
+        ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+      std::sort(ms.begin(), ms.end());
+      std::printf("median_ms %.6f\n", ms[ms.size() / 2]);
+    }
+    std::vector<ffi::Tensor> outs;
+    if (auto t = ret.as<ffi::Tensor>()) {
+      outs.push_back(*t);
+    } else if (auto arr = ret.as<ffi::Array<ffi::Any>>()) {
+      for (const ffi::Any& v : *arr) outs.push_back(v.cast<ffi::Tensor>());
+    } else {
+      Fail("main returned neither a tensor nor a tuple of tensors");
+    }
+    for (size_t i = 0; i < outs.size(); ++i) WriteNpy(pos[1] + "/output_" + std::to_string(i) + ".npy", outs[i]);
+  } catch (const std::exception& e) {
+    Fail(e.what());
+  }
+  return 0;
+}

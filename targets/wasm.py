@@ -1,0 +1,3 @@
+"""wasm export (placeholder)."""
+def export_wasm(ex, spec, out):
+    raise NotImplementedError

@@ -1,0 +1,274 @@
+"""Targets: compiled bundles are executed and their outputs compared with onnxruntime (optimisations off).
+
+x86 runs natively, aarch64 under qemu-user, wasm under node; each skips cleanly (saying what is missing)
+where a toolchain or runtime is absent. CUDA code generation is checked without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.errors import ModelError, ToolchainError, UnsupportedModelError, UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION = ROOT / "models" / "fashion_mnist_cnn.onnx"
+HAVE_TVM = importlib.util.find_spec("tvm") is not None
+needs_tvm = pytest.mark.skipif(not HAVE_TVM, reason="apache-tvm not installed (bash .ci/install-tvm.sh)")
+RTOL = 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def ort_reference(model_path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """onnxruntime outputs with every graph optimisation off."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, inputs)
+
+
+def assert_matches(outputs: dict[str, np.ndarray], reference: list[np.ndarray]) -> None:
+    """Every output equals the reference within RTOL relative to the output's magnitude."""
+    assert len(outputs) == len(reference)
+    for (name, got), ref in zip(outputs.items(), reference):
+        assert got.shape == ref.shape, name
+        assert got.dtype == ref.dtype, name
+        scale = float(np.max(np.abs(ref))) or 1.0
+        np.testing.assert_allclose(got, ref, rtol=RTOL, atol=RTOL * scale, err_msg=name)
+
+
+def tiny_cnn(path: Path, *, dynamic_batch: bool = False, summary: dict | None = None) -> Path:
+    """Conv-BN-ReLU, depthwise conv, max-pool, global pool, Gemm: the kernels the CPU rules schedule."""
+    rng = np.random.RandomState(0)
+
+    def init(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.randn(*shape) * 0.3).astype(np.float32), name)
+
+    inits = [
+        init("w1", 16, 3, 3, 3), init("b1", 16),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "bn_s"),
+        init("bn_b", 16), init("bn_m", 16),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "bn_v"),
+        init("wd", 16, 1, 3, 3), init("w2", 24, 16, 1, 1), init("wf", 10, 24), init("bf", 10),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r1"]),
+        helper.make_node("Conv", ["r1", "wd"], ["dw"], pads=[1, 1, 1, 1], group=16, strides=[2, 2]),
+        helper.make_node("Conv", ["dw", "w2"], ["c2"]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("MaxPool", ["r2"], ["mp"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["mp"], ["gp"]),
+        helper.make_node("Flatten", ["gp"], ["fl"]),
+        helper.make_node("Gemm", ["fl", "wf", "bf"], ["y"], transB=1),
+    ]
+    batch: str | int = "N" if dynamic_batch else 1
+    graph = helper.make_graph(
+        nodes, "tiny_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 20, 20])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])],
+        inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if summary is not None:
+        helper.set_model_props(model, {"onnxprune.summary": json.dumps(summary)})
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def random_inputs(manifest: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.RandomState(seed)
+    return {i["name"]: rng.randn(*i["shape"]).astype(i["dtype"]) for i in manifest["inputs"]}
+
+
+def compile_and_check(model: Path, target: str, out: Path, shapes=None) -> dict:
+    from onnxprune.targets import compile_bundle, read_manifest, run_bundle
+
+    bundle = compile_bundle(model, target, out, shapes=shapes)
+    manifest = read_manifest(bundle)
+    inputs = random_inputs(manifest)
+    outputs = run_bundle(bundle, inputs)
+    assert_matches(outputs, ort_reference(model, inputs))
+    return manifest
+
+
+def skip_unless_tools(*programs: str, package_hint: str) -> None:
+    missing = [p for p in programs if shutil.which(p) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed ({package_hint})")
+
+
+# ------------------------------------------------------------------------------------------------
+# no tvm needed
+# ------------------------------------------------------------------------------------------------
+def test_import_does_not_import_tvm():
+    code = "import sys, onnxprune.targets, onnxprune.targets.cli; sys.exit('tvm' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_target_table_names_and_aliases():
+    from onnxprune.targets import TARGETS, get_target
+
+    assert {"x86", "arm", "wasm", "cuda", "raspberry-pi-4"} <= {t.name for t in TARGETS}
+    assert get_target("aarch64").name == "arm"
+    assert get_target("RPI4").family == "arm"
+    assert get_target("cuda").gpu
+    with pytest.raises(UsageError, match="unknown target"):
+        get_target("z80")
+
+
+def test_parse_shapes():
+    from onnxprune.targets.cli import parse_shapes
+
+    assert parse_shapes(["image=1,1,28,28", "ids=1x16"]) == {"image": (1, 1, 28, 28), "ids": (1, 16)}
+    with pytest.raises(UsageError):
+        parse_shapes(["image"])
+    with pytest.raises(UsageError):
+        parse_shapes(["image=1,a"])
+
+
+def test_signature_requires_static_shapes(tmp_path):
+    from onnxprune.targets.bundle import model_signature
+
+    model = onnx.load(tiny_cnn(tmp_path / "m.onnx", dynamic_batch=True))
+    with pytest.raises(UnsupportedModelError, match=r"--shape x=1,3,20,20"):
+        model_signature(model)
+    ins, outs = model_signature(model, {"x": (2, 3, 20, 20)})
+    assert ins[0].shape == (2, 3, 20, 20) and outs[0].name == "y"
+    with pytest.raises(UsageError, match="fixed"):
+        model_signature(model, {"x": (2, 4, 20, 20)})
+    with pytest.raises(UsageError, match="unknown input"):
+        model_signature(model, {"nope": (1,)})
+
+
+def test_missing_toolchain_names_the_package(monkeypatch):
+    from onnxprune.targets import toolchains
+    from onnxprune.targets.table import get_target
+
+    monkeypatch.setattr(toolchains.shutil, "which", lambda _: None)
+    with pytest.raises(ToolchainError, match="apt-get install g\\+\\+-aarch64-linux-gnu"):
+        toolchains.require(get_target("arm").compiler, "to build arm bundles")
+
+
+def test_run_rejects_non_bundle(tmp_path):
+    from onnxprune.targets import run_bundle
+
+    with pytest.raises(ModelError, match="not a bundle"):
+        run_bundle(tmp_path, {})
+
+
+# ------------------------------------------------------------------------------------------------
+# x86: compiled, executed natively, compared with onnxruntime
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def x86_bundle(tmp_path_factory):
+    if not HAVE_TVM:
+        pytest.skip("apache-tvm not installed (bash .ci/install-tvm.sh)")
+    skip_unless_tools("g++", package_hint="apt-get install g++")
+    tmp = tmp_path_factory.mktemp("x86")
+    model = tiny_cnn(tmp / "tiny.onnx", summary={"ratio": 0.5, "params_before": 100, "params_after": 50})
+    manifest = compile_and_check(model, "x86", tmp / "bundle")
+    return tmp / "bundle", manifest, model
+
+
+@needs_tvm
+def test_x86_bundle_matches_onnxruntime(x86_bundle):
+    bundle, manifest, _ = x86_bundle
+    assert manifest["target"]["name"] == "x86"
+    assert manifest["outputs"] == [{"name": "y", "shape": [1, 10], "dtype": "float32"}]
+    assert manifest["pruning_summary"] == {"ratio": 0.5, "params_before": 100, "params_after": 50}
+    assert set(manifest["files"]) >= {"model.so", "runner", "runner.cc", "README.md", "lib/libtvm_runtime.so",
+                                      "lib/libtvm_ffi.so"}
+
+
+@needs_tvm
+def test_x86_bundle_is_self_contained(x86_bundle, tmp_path):
+    """The bundle runs from a copy of its folder alone: runner + model.so + lib/."""
+    bundle, manifest, model = x86_bundle
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    inputs = random_inputs(manifest, seed=3)
+    np.save(tmp_path / "x.npy", inputs["x"])
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {"PATH": "/usr/bin:/bin"}  # no LD_LIBRARY_PATH, no python
+    subprocess.run([str(copy / "runner"), str(copy / "model.so"), str(out), str(tmp_path / "x.npy")],
+                   check=True, env=env, cwd=tmp_path)  # fmt: skip
+    assert_matches({"y": np.load(out / "output_0.npy")}, ort_reference(model, inputs))
+
+
+@needs_tvm
+def test_tampered_bundle_is_refused(x86_bundle, tmp_path):
+    from onnxprune.targets import run_bundle
+
+    bundle, manifest, _ = x86_bundle
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    with open(copy / "model.so", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelError, match="sha256"):
+        run_bundle(copy, random_inputs(manifest))
+
+
+@needs_tvm
+def test_run_checks_input_shapes(x86_bundle):
+    from onnxprune.targets import run_bundle
+
+    bundle, _, _ = x86_bundle
+    with pytest.raises(UsageError, match="shape"):
+        run_bundle(bundle, {"x": np.zeros((1, 3, 8, 8), np.float32)})
+    with pytest.raises(UsageError, match="missing"):
+        run_bundle(bundle, {})
+
+
+@needs_tvm
+def test_cli_compile_and_run(tmp_path):
+    model = tiny_cnn(tmp_path / "tiny.onnx", dynamic_batch=True)
+    exe = [sys.executable, "-m", "onnxprune.cli"] if not shutil.which("onnxprune") else ["onnxprune"]
+    r = subprocess.run([*exe, "compile", str(model), "--target", "x86"], capture_output=True, text=True)
+    assert r.returncode == 1 and "--shape x=1,3,20,20" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([*exe, "compile", str(model), "--target", "x86", "--shape", "x=2,3,20,20",
+                        "-o", str(tmp_path / "b")], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    x = np.random.RandomState(1).randn(2, 3, 20, 20).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    r = subprocess.run([*exe, "run", str(tmp_path / "b"), "--inputs", str(tmp_path / "in.npz"),
+                        "-o", str(tmp_path / "out.npz")], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "out.npz") as z:
+        assert_matches({"y": z["y"]}, ort_reference(model, {"x": x}))
+
+
+@needs_tvm
+def test_unsupported_op_is_one_line_error(tmp_path):
+    from onnxprune.targets import compile_bundle
+
+    node = helper.make_node("FancyOp", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.example", 1)])  # fmt: skip
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(UnsupportedModelError, match="lacks op.*com.example::FancyOp"):
+        compile_bundle(tmp_path / "m.onnx", "x86", tmp_path / "b")
+
+
+@needs_tvm
+@pytest.mark.skipif(not FASHION.is_file(), reason="models/fashion_mnist_cnn.onnx not built")
+def test_x86_fashion_mnist_matches_onnxruntime(tmp_path):
+    skip_unless_tools("g++", package_hint="apt-get install g++")
+    compile_and_check(FASHION, "x86", tmp_path / "b", shapes={"image": (1, 1, 28, 28)})
