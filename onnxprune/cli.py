@@ -62,13 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=_ratio, default=0.3, help="fraction of channels to remove per group [0, 1)")
     p.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups")
     p.add_argument("--round-to", type=_positive_int, default=1, help="keep a multiple of N channels")
-    p.add_argument("--criterion", default="l1", help="importance criterion: l1, l2, random")
+    p.add_argument("--criterion", default="l1",
+                   help="importance: l1, l2, bn, random, fpgm, lamp, activation, apoz, obs")
     p.add_argument("--seed", type=int, default=0, help="seed for the random criterion")
     p.add_argument("--allow-inexact", action="store_true", help="also prune LayerNorm/softmax-coupled groups")
     p.add_argument("--mode", choices=("constrained", "unconstrained"), default="constrained",
                    help="unconstrained: each coupled layer keeps its own channels (UPSCALE export)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_accuracy_options(p)
+    p.add_argument("--allocation", choices=("uniform", "global", "lamp"), help="how groups share the removal")
+    p.add_argument("--target-params", help="parameters to keep: a count N or a percentage P%%")
+    p.add_argument("--target-macs", help="MACs to keep: a count N or a percentage P%%")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("sensitivity", help="per-group output error vs ratio (table and PNG plot)")
+    p.add_argument("model")
+    p.add_argument("--criterion", default="l1", help="importance criterion used to order channels")
+    p.add_argument("--ratios", default="0.1,0.25,0.5,0.75", help="comma-separated ratios in (0, 1)")
+    p.add_argument("--plot", help="PNG path (default: MODEL.sensitivity.png beside the input)")
+    p.add_argument("--allow-inexact", action="store_true", help="include LayerNorm/softmax-coupled groups")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_accuracy_options(p, samples=32)
+    p.set_defaults(func=cmd_sensitivity)
 
     try:
         from onnxprune.targets import cli as targets_cli
@@ -77,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     if targets_cli is not None and hasattr(targets_cli, "register"):
         targets_cli.register(sub)
     return parser
+
+
+def _add_accuracy_options(p, samples: int | None = None) -> None:
+    p.add_argument("--repair", default="none", choices=("none", "bias", "ls"),
+                   help="after removal: none, bias (data-free, BatchNorm stats), ls (calibrated least squares)")
+    p.add_argument("--calib", help="calibration inputs: .npz, keys = input names, axis 0 = samples")
+    p.add_argument("--calib-samples", type=_positive_int, default=samples, help="use the first N samples")
+
+
+def _calib(args, model):
+    if not getattr(args, "calib", None):
+        return None
+    from onnxprune.calibration import load_calib
+
+    return load_calib(args.calib, model, args.calib_samples)
 
 
 def _load(path: str):
@@ -121,11 +151,15 @@ def cmd_prune(args) -> int:
         return _prune_unconstrained(args, src, out)
     config = PruneConfig(
         ratio=args.ratio, criterion=args.criterion, global_ranking=args.global_ranking,
-        round_to=args.round_to, allow_inexact=args.allow_inexact, seed=args.seed,
+        round_to=args.round_to, allow_inexact=args.allow_inexact, seed=args.seed, repair=args.repair,
+        allocation=args.allocation, target_params=args.target_params, target_macs=args.target_macs,
+        calib_samples=args.calib_samples,
     )
-    prune = PrunePass(config)
-    prune.criterion()  # fail on a bad criterion before loading the model
+    prune = PrunePass(config, calib=object() if args.calib else None)
+    for notice in prune.check_data():  # fail on a bad criterion / missing --calib before loading the model
+        print(f"onnxprune: note: {notice}", file=sys.stderr)
     model = _load(args.model)
+    prune.calib = _calib(args, model)
     from onnxprune.external import has_lazy
 
     keep_external = has_lazy(model) or None  # weights came in a data file: write them to one too
@@ -168,6 +202,57 @@ def _prune_unconstrained(args, src: Path, out: Path) -> int:
         print(f"{s['input']} -> {s['output']} (unconstrained)")
         print(f"params {s.get('params_before')} -> {s.get('params_after')} stored, {s.get('effective_params_after')} nonzero")
         print(f"copy ops {c.get('copy_ops', 0)} {c.get('ops', {})}, {c.get('bytes', 0)} bytes per inference")
+    return 0
+
+
+def cmd_sensitivity(args) -> int:
+    import numpy as np
+
+    from onnxprune.calibration import CalibrationData, check_calib
+    from onnxprune.passes.pruning import PruneConfig, PrunePass
+    from onnxprune.sensitivity import plot, sensitivity
+
+    try:
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    except ValueError:
+        raise UsageError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
+    if not ratios or not all(0 < r < 1 for r in ratios):
+        raise UsageError(f"--ratios must lie in (0, 1), got {args.ratios!r}")
+    probe = PrunePass(PruneConfig(criterion=args.criterion, repair=args.repair), calib=object() if args.calib else None)
+    probe.check_data()
+    model = _load(args.model)
+    data = _calib(args, model)
+    if data is None:
+        from onnxprune.verify import random_inputs
+
+        print("onnxprune: note: no --calib: measuring on 8 random inputs", file=sys.stderr)
+        samples = [random_inputs(model, seed=i) for i in range(8)]
+        data = check_calib(CalibrationData({k: np.concatenate([s[k] for s in samples]) for k in samples[0]}), model)
+    probe.calib = data
+    stats = probe.statistics(model)
+    rows = sensitivity(model, data, ratios, args.criterion, args.repair, stats, args.allow_inexact)
+    src = Path(args.model)
+    png = Path(args.plot) if args.plot else src.with_name(src.name.removesuffix(".onnx") + ".sensitivity.png")
+    plot(rows, ratios, png, title=f"{src.name}: sensitivity ({args.criterion}, repair {args.repair})")
+    result = {"input": str(src), "plot": str(png), "ratios": ratios,
+              "groups": [{"id": r.group, "channels": r.channels, "params": r.params, "members": r.members,
+                          "errors": [None if np.isnan(e) else e for e in r.errors]} for r in rows]}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"output error when pruning one group ({args.criterion}, repair {args.repair})")
+        for col in ("group", "channels", "params", "members"):
+            table.add_column(col)
+        for r in ratios:
+            table.add_column(f"{r:.0%}", justify="right")
+        for row in rows:
+            table.add_row(str(row.group), str(row.channels), str(row.params), row.members,
+                          *("-" if np.isnan(e) else f"{e:.3g}" for e in row.errors))
+        Console().print(table)
+        print(f"plot: {png}")
     return 0
 
 

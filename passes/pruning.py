@@ -85,9 +85,11 @@ class PrunePass(Pass):
 
     def check_data(self) -> list[str]:
         """Fail early when data is required but missing; one-line notices for data-free fallbacks."""
-        from onnxprune.passes.scoring import DATA_CRITERIA
+        from onnxprune.passes.scoring import CRITERIA, DATA_CRITERIA
 
         c = self.config
+        if self._criterion is None and c.criterion not in CRITERIA:
+            raise UsageError(f"unknown criterion {c.criterion!r} (choose from {', '.join(sorted(CRITERIA))})")
         if self.calib is None and self._criterion is None and c.criterion in DATA_CRITERIA:
             raise UsageError(f"criterion {c.criterion!r} needs calibration data: pass --calib FILE.npz")
         if self.calib is None and c.repair == "ls":
