@@ -52,6 +52,10 @@ class Barrier:
         return {"node": self.node, "op_type": self.op_type, "reason": self.reason}
 
 
+# Dims larger than this are never treated as channels (no real layer has them; fuzzed shapes do).
+MAX_CHANNELS = 1 << 26
+
+
 class RuleBarrier(Exception):
     """Raised by a rule: this node cannot pass channels; all its dims are frozen."""
 
@@ -142,8 +146,8 @@ class CouplingContext:
             start, n = self.dims[ref]
             return np.arange(start, start + n)
         n = self.size(name, axis)
-        if not isinstance(n, int) or n < 1:
-            return None
+        if not isinstance(n, int) or n < 1 or n > MAX_CHANNELS:
+            return None  # not static, or a declared size no real channel dim has (fuzzed inputs)
         self.dims[ref] = (self.n_atoms, n)
         self.n_atoms += n
         return np.arange(self.n_atoms - n, self.n_atoms)
@@ -159,6 +163,8 @@ class CouplingContext:
         ra, rb = self.rank(a), self.rank(b)
         if ra is None or rb is None:
             return self._unknown(a, axis_a, b, axis_b)
+        if not (-ra <= axis_a < ra and -rb <= axis_b < rb):
+            raise RuleBarrier(f"axis out of range linking {a!r} (rank {ra}) and {b!r} (rank {rb})")
         axis_a, axis_b = axis_a % ra, axis_b % rb
         self.mentioned.add(DimRef(a, axis_a))
         self.mentioned.add(DimRef(b, axis_b))
@@ -177,8 +183,11 @@ class CouplingContext:
             if atoms_a is None and atoms_b is None:
                 return
             return self._unknown(a, axis_a, b, axis_b)
-        ia = atoms_a if pos_a is None else atoms_a[np.asarray(pos_a, dtype=np.int64)]
-        ib = atoms_b if pos_b is None else atoms_b[np.asarray(pos_b, dtype=np.int64)]
+        try:
+            ia = atoms_a if pos_a is None else atoms_a[np.asarray(pos_a, dtype=np.int64)]
+            ib = atoms_b if pos_b is None else atoms_b[np.asarray(pos_b, dtype=np.int64)]
+        except IndexError:
+            raise RuleBarrier(f"positions out of range linking {a!r} and {b!r} (inconsistent shapes)") from None
         if ia.shape != ib.shape:
             raise ValueError(f"link of {a}:{axis_a} and {b}:{axis_b} with {ia.shape} vs {ib.shape} positions")
         self.edges_a.append(ia)
