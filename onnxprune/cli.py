@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-inexact", action="store_true", help="also prune LayerNorm/softmax-coupled groups")
     p.add_argument("--mode", choices=("constrained", "unconstrained"), default="constrained",
                    help="unconstrained: each coupled layer keeps its own channels (UPSCALE export)")
+    p.add_argument("--mode", choices=("constrained", "unconstrained"), default="constrained",
+                   help="unconstrained: each coupled layer keeps its own channels (UPSCALE export)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_accuracy_options(p)
     p.add_argument("--allocation", choices=("uniform", "global", "lamp"), help="how groups share the removal")
@@ -147,6 +149,8 @@ def cmd_prune(args) -> int:
     out = Path(args.output) if args.output else src.with_name(src.name.removesuffix(".onnx") + ".pruned.onnx")
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise UsageError("output path equals the input path; the input is never overwritten")
+    if args.mode == "unconstrained":
+        return _prune_unconstrained(args, src, out)
     if args.mode == "unconstrained":
         return _prune_unconstrained(args, src, out)
     config = PruneConfig(
@@ -253,6 +257,31 @@ def cmd_sensitivity(args) -> int:
                           *("-" if np.isnan(e) else f"{e:.3g}" for e in row.errors))
         Console().print(table)
         print(f"plot: {png}")
+    return 0
+
+
+def _prune_unconstrained(args, src: Path, out: Path) -> int:
+    """`prune --mode unconstrained`: per-layer kept channels, exact export with reordered channels."""
+    from onnxprune.io import save_model
+    from onnxprune.passes.unconstrained import UnconstrainedConfig, UnconstrainedPass
+
+    if args.criterion not in ("l1", "l2"):
+        raise UsageError("--mode unconstrained scores each layer by its own weights: use --criterion l1 or l2")
+    if args.global_ranking or args.round_to != 1 or args.allow_inexact:
+        raise UsageError("--global, --round-to and --allow-inexact apply to --mode constrained only")
+    for option in ("repair", "allocation", "target_params", "target_macs", "calib"):
+        if getattr(args, option, None) not in (None, "none"):
+            raise UsageError(f"--{option.replace('_', '-')} applies to --mode constrained only")
+    result = UnconstrainedPass(UnconstrainedConfig(ratio=args.ratio, p=int(args.criterion[1]))).run(_load(args.model))
+    save_model(result.model, out)
+    s = {"input": str(src), "output": str(out), **result.info["summary"]}
+    if args.json:
+        print(json.dumps(s))
+    else:
+        c = s.get("copies", {})
+        print(f"{s['input']} -> {s['output']} (unconstrained)")
+        print(f"params {s.get('params_before')} -> {s.get('params_after')} stored, {s.get('effective_params_after')} nonzero")
+        print(f"copy ops {c.get('copy_ops', 0)} {c.get('ops', {})}, {c.get('bytes', 0)} bytes per inference")
     return 0
 
 
