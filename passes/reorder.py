@@ -206,6 +206,9 @@ class ReorderPass(Pass):
     def call(self, model):
         analysis = analyze(ModelGraph(model))
         orders = self.orders(analysis) if callable(self.orders) else self.orders
+        for gid in orders:
+            if not 0 <= gid < len(analysis.groups):
+                raise UsageError(f"no channel group {gid} (the model has {len(analysis.groups)})")
         orders = {
             gid: np.asarray(o, dtype=np.int64)
             for gid, o in orders.items()

@@ -1,0 +1,205 @@
+"""Unconstrained pruning (UPSCALE): exact export against the per-layer masked original, reordering."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import canonical
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from models.testmodels import TEST_MODELS
+from onnxprune.channels import analyze
+from onnxprune.cli import main
+from onnxprune.graph import ModelGraph
+from onnxprune.metrics import count_params
+from onnxprune.passes.reorder import ReorderPass, choose_order, runs
+from onnxprune.passes.unconstrained import (
+    UnconstrainedConfig,
+    UnconstrainedPass,
+    build_plan,
+    copy_report,
+    mask_model,
+)
+from onnxprune.verify import max_rel_error, random_inputs, run
+
+TOPOLOGIES = ["residual", "concat", "depthwise"]
+
+
+def _check(model, result, inputs):
+    oracle = mask_model(model, result.info["plan"])
+    expected, got = run(oracle, inputs), run(result.model, inputs)
+    assert [o.shape for o in expected] == [o.shape for o in got]
+    assert max_rel_error(expected, got) <= 1e-5
+    return oracle, expected
+
+
+@pytest.mark.parametrize("reorder", [False, True])
+@pytest.mark.parametrize("name", TOPOLOGIES + ["split", "attention", "chain", "gemm_head", "mixed_ops"])
+def test_export_equals_masked_original(name, reorder):
+    model = canonical(TEST_MODELS[name]())
+    inputs = random_inputs(model, seed=1)
+    result = UnconstrainedPass(UnconstrainedConfig(ratio=0.5, reorder=reorder)).run(model)
+    assert result.modified
+    oracle, expected = _check(model, result, inputs)
+    # The oracle really is pruned (not the original), and the export is smaller.
+    assert max_rel_error(run(model, inputs), expected) > 1e-3
+    assert count_params(ModelGraph(result.model)) < count_params(ModelGraph(model))
+
+
+def test_units_choose_different_channels_on_a_residual_stream():
+    model = canonical(TEST_MODELS["residual"]())
+    plan = build_plan(model, UnconstrainedConfig(ratio=0.5))
+    streams = [gp for gp in plan.groups if sum(pc.is_unit for pc in gp.pieces) >= 3]
+    assert streams, "the residual model has a stream with several writers and readers"
+    gp = streams[0]
+    keeps = {tuple(np.flatnonzero(pc.keep)) for pc in gp.pieces if pc.is_unit}
+    assert len(keeps) > 1  # unconstrained: not all the same set
+    assert gp.union.sum() > max(len(k) for k in keeps)  # the stream keeps the union
+
+
+def test_naive_export_copies_and_reordering_reduces_them():
+    model = canonical(TEST_MODELS["residual"]())
+    naive = UnconstrainedPass(UnconstrainedConfig(ratio=0.5, reorder=False)).run(model)
+    reordered = UnconstrainedPass(UnconstrainedConfig(ratio=0.5, reorder=True)).run(model)
+    n, r = copy_report(naive.model), copy_report(reordered.model)
+    assert n["gather_scatter"] > 0 and n["bytes"] > 0
+    assert r["gather_scatter"] < n["gather_scatter"] and r["bytes"] < n["bytes"]
+    assert naive.info["summary"]["copies"] == n
+
+
+def _unit_ids(model):
+    plan = build_plan(model, UnconstrainedConfig(ratio=0.5))
+    return [(gp.group.id, pc.id, gp.group.size) for gp in plan.groups for pc in gp.pieces if pc.is_unit]
+
+
+_UNITS = {name: _unit_ids(canonical(TEST_MODELS[name]())) for name in TOPOLOGIES}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(TOPOLOGIES), seed=st.integers(0, 2**31 - 1), reorder=st.booleans(),
+       density=st.floats(0.1, 0.95))
+def test_random_kept_sets_are_exact(name, seed, reorder, density):
+    model = canonical(TEST_MODELS[name]())
+    rng = np.random.default_rng(seed)
+    keeps = {(g, p): rng.random(size) < density for g, p, size in _UNITS[name]}
+    result = UnconstrainedPass(UnconstrainedConfig(ratio=0.5, reorder=reorder), keeps=keeps).run(model)
+    _check(model, result, random_inputs(model, seed=seed % 1000))
+
+
+def test_no_gather_when_a_reordering_removes_them():
+    """Kept sets that are intervals of a hidden channel order: reordering finds it, no Gather remains."""
+    model = canonical(TEST_MODELS["residual"]())
+    rng = np.random.default_rng(3)
+    keeps = {}
+    hidden = {}
+    for g, p, size in _UNITS["residual"]:
+        perm = hidden.setdefault(g, rng.permutation(size))
+        start = p % max(1, size // 2)
+        mask = np.zeros(size, dtype=bool)
+        mask[perm[start : start + size // 2]] = True
+        keeps[(g, p)] = mask
+    naive = UnconstrainedPass(UnconstrainedConfig(reorder=False), keeps=keeps).run(model)
+    config = UnconstrainedConfig(reorder=True, absorb=False)  # copies only: the order alone must do it
+    reordered = UnconstrainedPass(config, keeps=keeps).run(model)
+    inputs = random_inputs(model, seed=2)
+    _check(model, naive, inputs)
+    _check(model, reordered, inputs)
+    assert copy_report(naive.model)["gather_scatter"] > 0
+    report = copy_report(reordered.model)
+    assert report["gather_scatter"] == 0
+    assert report["copy_ops"] > 0  # the copies are there, as Slice/Pad
+
+
+def test_choose_order_finds_consecutive_ones_order():
+    rng = np.random.default_rng(0)
+    n = 24
+    hidden = rng.permutation(n)
+    intervals = [(0, 10), (5, 15), (12, 24), (3, 7), (0, 24)]
+    sets = []
+    for a, b in intervals:
+        m = np.zeros(n, dtype=bool)
+        m[hidden[a:b]] = True
+        sets.append(m)
+    union = np.ones(n, dtype=bool)
+    order = choose_order(union, sets)
+    assert sorted(order.tolist()) == list(range(n))
+    pos = np.empty(n, dtype=np.int64)
+    pos[order] = np.arange(n)
+    for m in sets:
+        where = np.sort(pos[m])
+        assert where[-1] - where[0] + 1 == len(where)
+
+
+def test_choose_order_prefers_heavy_sets_when_not_all_fit():
+    # Three pairwise-overlapping sets with every region nonempty: at most two can be intervals.
+    member = np.array([[1, 1, 0, 1, 0, 1, 1], [1, 0, 1, 1, 1, 0, 1], [0, 1, 1, 1, 1, 1, 0]], dtype=bool)
+    sets = [np.repeat(row, 2) for row in member]
+    union = np.ones(14, dtype=bool)
+    order = choose_order(union, sets, weights=[1.0, 5.0, 5.0])
+    pos = np.empty(14, dtype=np.int64)
+    pos[order] = np.arange(14)
+    contiguous = []
+    for m in sets:
+        where = np.sort(pos[m])
+        contiguous.append(where[-1] - where[0] + 1 == len(where))
+    assert contiguous[1] and contiguous[2]
+    assert runs([0, 1], np.array([[True, False]])).tolist() == [1]
+
+
+@pytest.mark.parametrize("name", ["residual", "concat", "depthwise", "attention", "split", "gemm_head", "grouped"])
+def test_reorder_pass_preserves_semantics(name):
+    model = canonical(TEST_MODELS[name]())
+    analysis = analyze(ModelGraph(model))
+    rng = np.random.default_rng(5)
+    orders = {g.id: rng.permutation(g.size) for g in analysis.groups}
+    result = ReorderPass(orders).run(model)
+    assert result.modified
+    inputs = random_inputs(model, seed=4)
+    assert max_rel_error(run(model, inputs), run(result.model, inputs)) <= 1e-5
+    changed = sum(
+        not np.array_equal(ModelGraph(model).const(t.name), ModelGraph(result.model).const(t.name))
+        for t in model.graph.initializer
+    )
+    assert changed > 0  # the permutation was folded into the weights
+    again = ReorderPass({g.id: np.arange(g.size) for g in analysis.groups}).run(model)
+    assert again.modified is False
+
+
+def test_reorder_pass_rejects_a_non_permutation():
+    from onnxprune.errors import UsageError
+
+    model = canonical(TEST_MODELS["residual"]())
+    with pytest.raises(UsageError):
+        ReorderPass({0: np.zeros(16, dtype=np.int64)}).run(model)
+
+
+def test_cli_mode_unconstrained(tmp_model, tmp_path, capsys):
+    src = tmp_model(canonical(TEST_MODELS["residual"]()))
+    out = tmp_path / "u.onnx"
+    assert main(["prune", str(src), "-o", str(out), "--mode", "unconstrained", "--ratio", "0.5", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["mode"] == "unconstrained" and out.exists()
+    assert summary["params_after"] < summary["params_before"]
+    assert main(["prune", str(src), "-o", str(out), "--mode", "unconstrained", "--criterion", "random"]) == 2
+    assert "error" in capsys.readouterr().err
+    assert main(["prune", str(src), "-o", str(tmp_path / "c.onnx"), "--mode", "constrained"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "densenet121", "mobilenet_v2", "efficientnet_b0"])
+def test_zoo_export_equals_masked_original(name):
+    zoo = pytest.importorskip("models.zoo")
+    try:
+        path = zoo.zoo_model(name)
+    except zoo.ZooError as exc:
+        pytest.skip(f"{name}: {exc}")
+    from onnxprune.importer import import_model
+
+    model = import_model(path)
+    inputs = random_inputs(model, seed=0)
+    for reorder in (False, True):
+        result = UnconstrainedPass(UnconstrainedConfig(ratio=0.5, reorder=reorder)).run(model)
+        _check(model, result, inputs)
