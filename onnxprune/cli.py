@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from onnxprune import __version__
@@ -66,8 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="importance: l1, l2, bn, random, fpgm, lamp, activation, apoz, obs")
     p.add_argument("--seed", type=int, default=0, help="seed for the random criterion")
     p.add_argument("--allow-inexact", action="store_true", help="also prune LayerNorm/softmax-coupled groups")
-    p.add_argument("--mode", choices=("constrained", "unconstrained"), default="constrained",
-                   help="unconstrained: each coupled layer keeps its own channels (UPSCALE export)")
     p.add_argument("--mode", choices=("constrained", "unconstrained"), default="constrained",
                    help="unconstrained: each coupled layer keeps its own channels (UPSCALE export)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -151,8 +150,6 @@ def cmd_prune(args) -> int:
         raise UsageError("output path equals the input path; the input is never overwritten")
     if args.mode == "unconstrained":
         return _prune_unconstrained(args, src, out)
-    if args.mode == "unconstrained":
-        return _prune_unconstrained(args, src, out)
     config = PruneConfig(
         ratio=args.ratio, criterion=args.criterion, global_ranking=args.global_ranking,
         round_to=args.round_to, allow_inexact=args.allow_inexact, seed=args.seed, repair=args.repair,
@@ -181,31 +178,6 @@ def cmd_prune(args) -> int:
         from onnxprune.report import print_prune_summary
 
         print_prune_summary(summary)
-    return 0
-
-
-def _prune_unconstrained(args, src: Path, out: Path) -> int:
-    """`prune --mode unconstrained`: per-layer kept channels, exact export with reordered channels."""
-    from onnxprune.io import save_model
-    from onnxprune.passes.unconstrained import UnconstrainedConfig, UnconstrainedPass
-
-    if args.criterion not in ("l1", "l2"):
-        raise UsageError("--mode unconstrained scores each layer by its own weights: use --criterion l1 or l2")
-    if args.global_ranking or args.round_to != 1 or args.allow_inexact:
-        raise UsageError("--global, --round-to and --allow-inexact apply to --mode constrained only")
-    for option in ("repair", "allocation", "target_params", "target_macs", "calib"):
-        if getattr(args, option, None) not in (None, "none"):
-            raise UsageError(f"--{option.replace('_', '-')} applies to --mode constrained only")
-    result = UnconstrainedPass(UnconstrainedConfig(ratio=args.ratio, p=int(args.criterion[1]))).run(_load(args.model))
-    save_model(result.model, out)
-    s = {"input": str(src), "output": str(out), **result.info["summary"]}
-    if args.json:
-        print(json.dumps(s))
-    else:
-        c = s.get("copies", {})
-        print(f"{s['input']} -> {s['output']} (unconstrained)")
-        print(f"params {s.get('params_before')} -> {s.get('params_after')} stored, {s.get('effective_params_after')} nonzero")
-        print(f"copy ops {c.get('copy_ops', 0)} {c.get('ops', {})}, {c.get('bytes', 0)} bytes per inference")
     return 0
 
 
@@ -286,6 +258,13 @@ def _prune_unconstrained(args, src: Path, out: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code. Library warnings are silenced: output is results or one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
         argv.insert(0, "prune")  # `onnxprune MODEL.onnx` = `onnxprune prune MODEL.onnx`
