@@ -410,10 +410,11 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Updates `model.graph.value_info` in place and returns the model.
     """
-    for _ in range(4):
-        model = _infer_once(model)
+    model = _infer_once(model)
+    for _ in range(8):
         if not _fill_same_shape(model):
             break
+        model = _infer_once(model)
     return model
 
 
@@ -437,7 +438,100 @@ def _fill_same_shape(model: onnx.ModelProto) -> bool:
             g.value_info.append(vi)
         known[vi.name] = vi
         filled = True
+    filled |= _fill_reshape_dims(model, known)
     return filled
+
+
+def _fill_reshape_dims(model: onnx.ModelProto, known: dict) -> bool:
+    """Complete Reshape output dims that onnx left unknown though the target names them.
+
+    Dynamic-length exports build targets as Concat(Shape(x)[k], ..., const heads, const head_dim): each
+    piece is a constant, a copy (0), or a size of another tensor; onnx gives up on the mix.
+    """
+    from onnxprune.graph import ModelGraph
+
+    graph = ModelGraph(model)
+    filled = False
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or node.output[0] not in known:
+            continue
+        vi = known[node.output[0]]
+        dims = vi.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") or d.HasField("dim_param") and not d.dim_param.startswith("unk__") for d in dims):
+            continue
+        elements = _target_elements(graph, node.input[1])
+        in_shape = graph.shape(node.input[0])
+        if elements is None or len(elements) != len(dims):
+            continue
+        elements = [in_shape[k] if e == 0 and in_shape and k < len(in_shape) else e for k, e in enumerate(elements)]
+        if elements.count(-1) == 1 and in_shape is not None:
+            elements[elements.index(-1)] = _infer_minus_one(list(in_shape), [e for e in elements if e != -1])
+        for k, (d, e) in enumerate(zip(dims, elements)):
+            if d.HasField("dim_value") or (d.HasField("dim_param") and not d.dim_param.startswith("unk__")):
+                continue
+            if e == 0 and in_shape is not None and k < len(in_shape):
+                e = in_shape[k]
+            if isinstance(e, int) and e > 0:
+                d.Clear()
+                d.dim_value = e
+                filled = True
+            elif isinstance(e, str) and e != d.dim_param and not e.startswith("unk__"):
+                d.Clear()
+                d.dim_param = e
+                filled = True
+    return filled
+
+
+def _infer_minus_one(in_dims: list, out_dims: list):
+    """The size a -1 in a Reshape target stands for, cancelling symbols on both sides; None if unknown."""
+    in_dims, out_dims = list(in_dims), list(out_dims)
+    for d in list(out_dims):
+        if isinstance(d, str) and d in in_dims:
+            in_dims.remove(d)
+            out_dims.remove(d)
+    if not all(isinstance(d, int) and d > 0 for d in in_dims + out_dims):
+        return None
+    num, den = int(np.prod(in_dims, dtype=np.int64)), int(np.prod(out_dims, dtype=np.int64))
+    return num // den if den and num % den == 0 else None
+
+
+def _target_elements(graph, name: str):
+    """Per element of a 1-D shape tensor: an int, a dim symbol (str), or None when unknown."""
+    value = graph.const(name)
+    if value is not None:
+        return [int(v) for v in value.reshape(-1)]
+    node = graph.producer.get(name)
+    if node is None:
+        return None
+    if node.op_type == "Concat":
+        out = []
+        for piece in node.input:
+            part = _target_elements(graph, piece)
+            if part is None:
+                n = graph.size(piece, 0) if graph.rank(piece) == 1 else None
+                if not isinstance(n, int):
+                    return None
+                part = [None] * n
+            out += part
+        return out
+    if node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+        return _target_elements(graph, node.input[0])
+    if node.op_type == "Shape":
+        shape = graph.shape(node.input[0])
+        if shape is None:
+            return None
+        at = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        return [d if d else None for d in shape[at.get("start", 0) : at.get("end", len(shape))]]
+    if node.op_type == "Gather":
+        src = _target_elements(graph, node.input[0])
+        idx = graph.const(node.input[1])
+        if src is None or idx is None:
+            return None
+        try:
+            return [src[int(i)] for i in idx.reshape(-1)]
+        except IndexError:
+            return None
+    return None
 
 
 def _has_shape(vi: onnx.ValueInfoProto) -> bool:

@@ -57,34 +57,54 @@ def _same(a, b) -> bool:
 
 
 def reshape_segments(in_shape, out_shape):
-    """Split two shapes into aligned segments ``(in_axes, out_axes)`` with equal element counts."""
-    segs: list[tuple[list[int], list[int]]] = []
-    i = j = 0
+    """Split two shapes into aligned segments ``(in_axes, out_axes)`` with equal element counts.
+
+    Equal leading and trailing sizes (static or the same symbol) match one to one; the middle is
+    factored by products of static sizes. A middle that cannot be factored (unknown sizes) becomes one
+    segment, which the caller freezes, so the matched prefix and suffix still carry channels.
+    """
     ri, ro = len(in_shape), len(out_shape)
-    while i < ri or j < ro:
-        if i < ri and j < ro and _same(in_shape[i], out_shape[j]):
+    head = 0
+    while head < min(ri, ro) and _same(in_shape[head], out_shape[head]):
+        head += 1
+    tail = 0
+    while tail < min(ri, ro) - head and _same(in_shape[ri - 1 - tail], out_shape[ro - 1 - tail]):
+        tail += 1
+    segs = [([k], [k]) for k in range(head)]
+    middle = _factor(in_shape, out_shape, head, ri - tail, head, ro - tail)
+    if middle is None:
+        middle = [(list(range(head, ri - tail)), list(range(head, ro - tail)))]
+    segs += middle
+    segs += [([ri - tail + k], [ro - tail + k]) for k in range(tail)]
+    return segs
+
+
+def _factor(in_shape, out_shape, i, i_end, j, j_end):
+    segs: list[tuple[list[int], list[int]]] = []
+    while i < i_end or j < j_end:
+        if i < i_end and j < j_end and _same(in_shape[i], out_shape[j]):
             segs.append(([i], [j]))
             i, j = i + 1, j + 1
-        elif i < ri and in_shape[i] == 1:
+        elif i < i_end and in_shape[i] == 1:
             segs.append(([i], []))
             i += 1
-        elif j < ro and out_shape[j] == 1:
+        elif j < j_end and out_shape[j] == 1:
             segs.append(([], [j]))
             j += 1
         else:
-            if i >= ri or j >= ro or not isinstance(in_shape[i], int) or not isinstance(out_shape[j], int):
+            if i >= i_end or j >= j_end or not isinstance(in_shape[i], int) or not isinstance(out_shape[j], int):
                 return None
             pi, pj, ii, jj = in_shape[i], out_shape[j], [i], [j]
             i, j = i + 1, j + 1
             while pi != pj:
                 if pi < pj:
-                    if i >= ri or not isinstance(in_shape[i], int):
+                    if i >= i_end or not isinstance(in_shape[i], int):
                         return None
                     pi *= in_shape[i]
                     ii.append(i)
                     i += 1
                 else:
-                    if j >= ro or not isinstance(out_shape[j], int):
+                    if j >= j_end or not isinstance(out_shape[j], int):
                         return None
                     pj *= out_shape[j]
                     jj.append(j)
@@ -166,8 +186,6 @@ def _couple_reshape(ctx, x: str, y: str, targets=None) -> None:
     if in_shape is None or out_shape is None:
         raise RuleBarrier("reshape shapes unknown")
     segs = reshape_segments(in_shape, out_shape)
-    if segs is None:
-        raise RuleBarrier(f"cannot map reshape {list(in_shape)} -> {list(out_shape)}")
 
     def rewritable(j: int) -> bool:
         if targets is None:
@@ -182,6 +200,17 @@ def _couple_reshape(ctx, x: str, y: str, targets=None) -> None:
             continue
         big_in = [a for a in ii if in_shape[a] != 1]
         big_out = [b for b in jj if out_shape[b] != 1]
+        if not all(isinstance(in_shape[a], int) for a in big_in + [] ) or not all(
+            isinstance(out_shape[b], int) for b in big_out
+        ):
+            if len(big_in) == 1 and len(big_out) == 1 and _same(in_shape[big_in[0]], out_shape[big_out[0]]):
+                ctx.link(x, big_in[0], y, big_out[0])
+                continue
+            for a in ii:
+                ctx.freeze(x, a, "reshape of sizes unknown before run time")
+            for b in jj:
+                ctx.freeze(y, b, "reshape of sizes unknown before run time")
+            continue
         if len(big_in) == 1 and len(big_out) == 1:
             a, b = big_in[0], big_out[0]
             if rewritable(b):
