@@ -1,0 +1,275 @@
+"""Criteria, calibration statistics, repair and allocation targets (issue 4)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import ROOT, canonical
+
+from models.testmodels import TEST_MODELS
+from onnxprune.allocation import plan_for_target, plan_from_units, predicted, removal_order
+from onnxprune.calibration import CalibrationData, collect_stats, consumers
+from onnxprune.channels import analyze
+from onnxprune.cli import main
+from onnxprune.errors import UsageError
+from onnxprune.graph import ModelGraph
+from onnxprune.importer import import_model, infer_shapes
+from onnxprune.metrics import count_macs, count_params
+from onnxprune.passes.pruning import PruneConfig, PrunePass, _reanalyze
+from onnxprune.passes.repair import repair_weights
+from onnxprune.passes.scoring import CRITERIA, get_criterion
+from onnxprune.rewrite import apply_mask, apply_plan
+from onnxprune.verify import max_rel_error, random_inputs, run
+
+FMNIST = ROOT / "models" / "fashion_mnist_cnn.onnx"
+SMALL = ("chain", "residual", "concat", "depthwise", "gemm_head")
+
+
+def _calib(model, n=16, seed=0) -> CalibrationData:
+    samples = [random_inputs(model, seed=seed + i) for i in range(n)]
+    return CalibrationData({k: np.concatenate([s[k] for s in samples]) for k in samples[0]})
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_every_criterion_scores_every_group(name):
+    model = canonical(TEST_MODELS[name]())
+    analysis = analyze(ModelGraph(model))
+    stats = collect_stats(model, _calib(model, 4))
+    for crit in sorted(CRITERIA):
+        c = get_criterion(crit, 0, stats if crit in ("activation", "apoz", "obs") else None)
+        for g in analysis.groups:
+            s = c.score(g, analysis)
+            assert s.shape == (g.size,), crit
+            assert np.all(np.isfinite(s)), (crit, g.id)
+
+
+def test_data_criteria_need_calibration():
+    with pytest.raises(UsageError, match="calibration"):
+        get_criterion("activation")
+    with pytest.raises(UsageError, match="calibration"):
+        PrunePass(PruneConfig(criterion="apoz")).run(canonical(TEST_MODELS["chain"]()))
+    with pytest.raises(UsageError, match="calibration"):
+        PrunePass(PruneConfig(repair="ls")).run(canonical(TEST_MODELS["chain"]()))
+    p = PrunePass(PruneConfig(criterion="obs"))
+    p.run(canonical(TEST_MODELS["chain"]()))
+    assert p.notices and "data-free" in p.notices[0]
+
+
+def test_lamp_and_bn_and_fpgm_rank_sensibly():
+    model = canonical(TEST_MODELS["chain"]())
+    analysis = analyze(ModelGraph(model))
+    g = analysis.groups[0]
+    lamp = get_criterion("lamp").score(g, analysis)
+    assert np.isclose(lamp.max(), 1.0) and np.all(lamp > 0)
+    l2 = get_criterion("l2").score(g, analysis)
+    assert np.array_equal(np.argsort(lamp), np.argsort(l2))  # LAMP is monotone in the magnitude
+
+
+def test_hessian_matches_im2col_definition():
+    """H from streamed im2col equals X^T X built by hand from the conv's unfolded input (stride 1, pad 1)."""
+    model = canonical(TEST_MODELS["chain"]())
+    graph = ModelGraph(model)
+    data = _calib(model, 2)
+    convs = [c for c in consumers(graph) if c.kind == "conv"]
+    stats = collect_stats(model, data, convs[:1], max_rows=10**9)
+    c = convs[0]
+    x = data.arrays[c.x]
+    w = graph.const(c.weight)
+    kh, kw = w.shape[2:]
+    rows = []
+    pads = [a for a in c.node.attribute if a.name == "pads"]
+    p = list(pads[0].ints)[0] if pads else 0
+    for i in range(len(x)):
+        xp = np.pad(x[i], ((0, 0), (p, p), (p, p)))
+        for r in range(xp.shape[1] - kh + 1):
+            for s in range(xp.shape[2] - kw + 1):
+                rows.append(np.append(xp[:, r : r + kh, s : s + kw].reshape(-1), 1.0))
+    rows = np.array(rows, dtype=np.float64)
+    np.testing.assert_allclose(stats.stats[c.name].H, rows.T @ rows / len(rows), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("repair", ["bias", "ls"])
+@pytest.mark.parametrize("name", ["chain", "residual", "gemm_head"])
+def test_repair_at_ratio_zero_is_a_noop(name, repair):
+    model = canonical(TEST_MODELS[name]())
+    calib = _calib(model, 4)
+    result = PrunePass(PruneConfig(ratio=0.0, repair=repair, criterion="obs"), calib=calib).run(model)
+    assert result.modified is False
+    inputs = random_inputs(model)
+    assert max_rel_error(run(model, inputs), run(result.model, inputs)) == 0.0
+    analysis = analyze(ModelGraph(model))
+    stats = collect_stats(model, calib)
+    repaired, report = repair_weights(analysis, np.zeros(0, dtype=np.int64), repair, stats)
+    assert repaired is model and not report.repaired
+
+
+@pytest.mark.parametrize("repair", ["bias", "ls"])
+@pytest.mark.parametrize("name", ["chain", "residual", "concat", "gemm_head"])
+def test_repaired_pruned_equals_repaired_masked(name, repair):
+    """Repair changes weights, never the dead-channel semantics of the removal that follows."""
+    model = canonical(TEST_MODELS[name]())
+    calib = _calib(model, 4)
+    analysis = analyze(ModelGraph(model))
+    stats = collect_stats(model, calib)
+    labels = PrunePass(PruneConfig(ratio=0.4)).plan(analysis).labels(analysis)
+    assert len(labels)
+    repaired, report = repair_weights(analysis, labels, repair, stats)
+    if repair == "ls":
+        assert report.repaired
+    work, work_labels = _reanalyze(analysis, labels, repaired, False)
+    pruned = infer_shapes(apply_plan(work, work_labels))
+    masked = apply_mask(work, work_labels)
+    inputs = random_inputs(model, seed=3)
+    assert max_rel_error(run(masked, inputs), run(pruned, inputs)) <= 1e-5
+
+
+def test_ls_repair_is_exact_when_removed_inputs_are_linear_in_kept_ones():
+    """A Gemm whose removed inputs are copies of kept ones is reconstructed exactly by LS repair."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 4)).astype(np.float32)
+    w1 = np.concatenate([w1, w1[:, :2] * 2], axis=1)  # hidden 4, 5 = 2 * hidden 0, 1 (linear)
+    w2 = rng.standard_normal((6, 3)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = canonical(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    onnx.checker.check_model(model)
+    analysis = analyze(ModelGraph(model))
+    (group,) = analysis.groups
+    labels = group.labels[[4, 5]]
+    data = CalibrationData({"x": rng.standard_normal((64, 8)).astype(np.float32)})
+    stats = collect_stats(model, data)
+    inputs = {"x": rng.standard_normal((1, 8)).astype(np.float32)}
+    plain = infer_shapes(apply_plan(analysis, labels))
+    repaired, _ = repair_weights(analysis, labels, "ls", stats, damp=1e-9)
+    work, wl = _reanalyze(analysis, labels, repaired, False)
+    fixed = infer_shapes(apply_plan(work, wl))
+    ref = run(model, inputs)
+    assert max_rel_error(ref, run(plain, inputs)) > 0.05
+    assert max_rel_error(ref, run(fixed, inputs)) < 1e-3
+
+
+def test_bias_repair_restores_mean_through_batchnorm_relu():
+    """Data-free: the removed channel's BN/Relu expectation moves into the consumer (BN mean or bias)."""
+    model = canonical(TEST_MODELS["chain"]())
+    analysis = analyze(ModelGraph(model))
+    labels = PrunePass(PruneConfig(ratio=0.25)).plan(analysis).labels(analysis)
+    repaired, report = repair_weights(analysis, labels, "bias")
+    assert report.repaired
+    before = {t.name: t.raw_data for t in model.graph.initializer}
+    changed = [t.name for t in repaired.graph.initializer if t.name in before and before[t.name] != t.raw_data]
+    assert changed  # a bias or a running mean moved
+
+
+def _fmnist():
+    from models.fashion_mnist import is_available, load_fashion_mnist
+
+    if not is_available():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    return load_fashion_mnist("train")[0], load_fashion_mnist("test")[0]
+
+
+def _output_error(model, pruned, x):
+    from onnxprune.verify import session
+
+    ref = session(model).run(None, {"image": x})[0]
+    got = session(pruned).run(None, {"image": x})[0]
+    return float(np.linalg.norm(ref - got) / np.linalg.norm(ref))
+
+
+@pytest.fixture(scope="module")
+def fmnist_setup():
+    train, test = _fmnist()
+    model = import_model(str(FMNIST))
+    calib = CalibrationData({"image": train[np.random.default_rng(0).choice(len(train), 128, replace=False)]})
+    return model, calib, test[:300]
+
+
+def test_repair_reduces_output_error_on_fashion_mnist(fmnist_setup):
+    model, calib, test = fmnist_setup
+    errors = {}
+    for repair, ratio in (("none", 0.3), ("ls", 0.3), ("none", 0.1), ("bias", 0.1)):
+        cfg = PruneConfig(ratio=ratio, criterion="l1", repair=repair)
+        pruned = PrunePass(cfg, calib=calib).run(model).model
+        errors[repair, ratio] = _output_error(model, pruned, test)
+    assert errors["ls", 0.3] < 0.5 * errors["none", 0.3], errors
+    assert errors["bias", 0.1] < errors["none", 0.1], errors
+
+
+def test_obs_beats_l1_without_repair_on_fashion_mnist(fmnist_setup):
+    model, calib, test = fmnist_setup
+    err = {}
+    for crit in ("l1", "obs"):
+        pruned = PrunePass(PruneConfig(ratio=0.2, criterion=crit), calib=calib).run(model).model
+        err[crit] = _output_error(model, pruned, test)
+    assert err["obs"] < err["l1"], err
+
+
+@pytest.mark.parametrize("metric", ["params", "macs"])
+@pytest.mark.parametrize("allocation", ["uniform", "global", "lamp"])
+def test_targets_met_within_one_unit(metric, allocation):
+    model = canonical(TEST_MODELS["residual"]())
+    graph = ModelGraph(model)
+    analysis = analyze(graph)
+    scores = get_criterion("l2").score_all(analysis)
+    units = removal_order(analysis, scores, allocation)
+    total = count_params(graph) if metric == "params" else count_macs(graph)
+    target = int(total * 0.7)
+    plan = plan_for_target(units, analysis, target, metric)
+    pruned = ModelGraph(infer_shapes(apply_plan(analysis, plan.labels(analysis))))
+    actual = count_params(pruned) if metric == "params" else count_macs(pruned)
+    assert actual == predicted(analysis, plan)[0 if metric == "params" else 1]
+    assert actual <= target
+    k = plan.channels_removed  # units are single channels here
+    one_less = predicted(analysis, plan_from_units(units[: k - 1]))[0 if metric == "params" else 1]
+    assert one_less > target
+
+
+def test_target_percentage_through_the_pass():
+    model = canonical(TEST_MODELS["concat"]())
+    result = PrunePass(PruneConfig(target_params="80%", allocation="lamp")).run(model)
+    s = result.info["summary"]
+    assert s["params_after"] <= 0.8 * s["params_before"]
+    assert s["params_after"] > 0.6 * s["params_before"]
+    with pytest.raises(UsageError):
+        PrunePass(PruneConfig(target_params="150%")).run(model)
+    with pytest.raises(UsageError):
+        PruneConfig(target_params="50%", target_macs="50%")
+
+
+def test_cli_calibrated_prune_and_sensitivity(tmp_path, tmp_model, capsys):
+    model = canonical(TEST_MODELS["chain"]())
+    path = tmp_model(model)
+    calib = _calib(model, 6)
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, **calib.arrays)
+    out = tmp_path / "out.onnx"
+    rc = main(["prune", str(path), "-o", str(out), "--criterion", "activation", "--repair", "ls", "--calib",
+               str(npz), "--calib-samples", "4", "--target-params", "75%", "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["params_after"] <= 0.75 * summary["params_before"]
+    assert summary["repair"]["repaired"] >= 1
+    rc = main(["prune", str(path), "-o", str(out), "--criterion", "apoz"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--calib" in err
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, wrong=np.zeros((2, 3)))
+    rc = main(["prune", str(path), "-o", str(out), "--repair", "ls", "--calib", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    png = tmp_path / "sens.png"
+    rc = main(["sensitivity", str(path), "--calib", str(npz), "--ratios", "0.25,0.5", "--plot", str(png), "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert all(len(g["errors"]) == 2 for g in result["groups"])
+    assert any(g["errors"][1] is not None and g["errors"][1] > 0 for g in result["groups"])
