@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--allow-inexact", action="store_true", help="include LayerNorm/softmax-coupled groups")
+    _add_shape_option(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("prune", help="remove channels and write the pruned model")
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unconstrained: each coupled layer keeps its own channels (UPSCALE export)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_accuracy_options(p)
+    _add_shape_option(p)
     p.add_argument("--allocation", choices=("uniform", "global", "lamp"), help="how groups share the removal")
     p.add_argument("--target-params", help="parameters to keep: a count N or a percentage P%%")
     p.add_argument("--target-macs", help="MACs to keep: a count N or a percentage P%%")
@@ -95,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_shape_option(p) -> None:
+    p.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
+                   help="fix a dynamic input's sizes (repeatable); lets run-time shape arithmetic fold")
+
+
 def _add_accuracy_options(p, samples: int | None = None) -> None:
     p.add_argument("--repair", default="none", choices=("none", "bias", "ls"),
                    help="after removal: none, bias (data-free, BatchNorm stats), ls (calibrated least squares)")
@@ -110,10 +118,10 @@ def _calib(args, model):
     return load_calib(args.calib, model, args.calib_samples)
 
 
-def _load(path: str):
-    from onnxprune.importer import import_model
+def _load(path: str, args=None):
+    from onnxprune.importer import import_model, parse_shapes
 
-    return import_model(path)
+    return import_model(path, parse_shapes(getattr(args, "shape", None)))
 
 
 def cmd_analyze(args) -> int:
@@ -121,7 +129,7 @@ def cmd_analyze(args) -> int:
     from onnxprune.graph import ModelGraph
     from onnxprune.metrics import count_macs, count_params
 
-    graph = ModelGraph(_load(args.model))
+    graph = ModelGraph(_load(args.model, args))
     analysis = analyze(graph, allow_inexact=args.allow_inexact)
     result = {
         "input": args.model,
@@ -159,7 +167,7 @@ def cmd_prune(args) -> int:
     prune = PrunePass(config, calib=object() if args.calib else None)
     for notice in prune.check_data():  # fail on a bad criterion / missing --calib before loading the model
         print(f"onnxprune: note: {notice}", file=sys.stderr)
-    model = _load(args.model)
+    model = _load(args.model, args)
     prune.calib = _calib(args, model)
     from onnxprune.external import has_lazy
 
@@ -196,7 +204,7 @@ def cmd_sensitivity(args) -> int:
         raise UsageError(f"--ratios must lie in (0, 1), got {args.ratios!r}")
     probe = PrunePass(PruneConfig(criterion=args.criterion, repair=args.repair), calib=object() if args.calib else None)
     probe.check_data()
-    model = _load(args.model)
+    model = _load(args.model, args)
     data = _calib(args, model)
     if data is None:
         from onnxprune.verify import random_inputs
@@ -244,7 +252,7 @@ def _prune_unconstrained(args, src: Path, out: Path) -> int:
     for option in ("repair", "allocation", "target_params", "target_macs", "calib"):
         if getattr(args, option, None) not in (None, "none"):
             raise UsageError(f"--{option.replace('_', '-')} applies to --mode constrained only")
-    result = UnconstrainedPass(UnconstrainedConfig(ratio=args.ratio, p=int(args.criterion[1]))).run(_load(args.model))
+    result = UnconstrainedPass(UnconstrainedConfig(ratio=args.ratio, p=int(args.criterion[1]))).run(_load(args.model, args))
     save_model(result.model, out)
     s = {"input": str(src), "output": str(out), **result.info["summary"]}
     if args.json:
@@ -286,7 +294,9 @@ def _main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("onnxprune: error: out of memory", file=sys.stderr)
         return 1
-    except Exception as exc:  # last line of defence: never a traceback
+    except Exception as exc:  # last line of defence: never a traceback (ONNXPRUNE_DEBUG=1 shows it)
+        if os.environ.get("ONNXPRUNE_DEBUG"):
+            raise
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"onnxprune: internal error: {type(exc).__name__}: {first}", file=sys.stderr)
         return 1

@@ -612,6 +612,48 @@ def canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     return model, changed
 
 
-def import_model(path: str | os.PathLike) -> onnx.ModelProto:
+def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """Set graph input sizes (e.g. a dynamic sequence length or image size) to static values in place.
+
+    Static sizes let constant folding resolve run-time shape arithmetic, so more channels are prunable;
+    the pruned model then accepts exactly these shapes.
+    """
+    inputs = {i.name: i for i in model.graph.input}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise UnsupportedModelError(f"--shape names {name!r}, which is not a model input ({', '.join(inputs)})")
+        tt = inputs[name].type.tensor_type
+        if len(tt.shape.dim) != len(dims):
+            raise UnsupportedModelError(f"--shape {name}: model input has rank {len(tt.shape.dim)}, got {len(dims)} sizes")
+        for d, v in zip(tt.shape.dim, dims):
+            if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != v:
+                raise UnsupportedModelError(f"--shape {name}: size {v} conflicts with the model's {d.dim_value}")
+            d.Clear()
+            d.dim_value = int(v)
+    del model.graph.value_info[:]
+    return model
+
+
+def parse_shapes(specs: list[str] | None) -> dict[str, list[int]]:
+    """`name=1,3,224,224` strings to a dict; raises UsageError on bad syntax."""
+    from onnxprune.errors import UsageError
+
+    out: dict[str, list[int]] = {}
+    for spec in specs or []:
+        name, _, dims = spec.partition("=")
+        try:
+            values = [int(v) for v in dims.replace("x", ",").split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not name or not values or any(v <= 0 for v in values):
+            raise UsageError(f"bad --shape {spec!r}: expected NAME=D1,D2,... with positive sizes")
+        out[name] = values
+    return out
+
+
+def import_model(path: str | os.PathLike, shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
     """Load, check and canonicalize a model: the one entry point the CLI uses."""
-    return canonicalize(load_model(path))[0]
+    model = load_model(path)
+    if shapes:
+        fix_input_shapes(model, shapes)
+    return canonicalize(model)[0]

@@ -67,10 +67,10 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0, dims: dict[str, int] | 
         tt = vi.type.tensor_type
         shape = []
         for k, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value"):
+            if d.HasField("dim_value") and d.dim_value > 0:
                 shape.append(d.dim_value)
             else:
-                shape.append((dims or {}).get(d.dim_param, 1 if k == 0 else 8))
+                shape.append((dims or {}).get(d.dim_param, 1 if k == 0 else 32))
         dtype = tensor_dtype_to_np_dtype(tt.elem_type)
         if dtype.kind in "iu":
             out[vi.name] = rng.integers(0, 16, size=shape).astype(dtype)
