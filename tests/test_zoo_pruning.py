@@ -1,0 +1,83 @@
+"""Real exported architectures: dead-channel equivalence on sampled groups and a 50% prune that runs.
+
+The fast tier runs a representative subset (a ResNet, a depthwise+SE MobileNet, a Concat network, a
+transformer with attention heads, a GQA decoder, a pretrained PP-OCR model); the slow tier runs the
+whole zoo. Models are exported by `models/zoo.py` into its cache (built on first use).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxprune.channels import analyze
+from onnxprune.graph import ModelGraph
+from onnxprune.importer import check_model, import_model
+from onnxprune.metrics import count_params
+from onnxprune.passes.pruning import PruneConfig, PrunePass
+from onnxprune.verify import dead_channel_check, random_inputs, run
+
+zoo = pytest.importorskip("models.zoo")
+
+FAST = ["resnet18", "mobilenet_v3_small", "googlenet", "bert_tiny", "llama_tiny", "ppocrv4_det"]
+# Input sizes for models whose inputs are dynamic (PP-OCR: any image size; use a small one).
+SHAPES = {"ppocrv4_det": {"x": [1, 3, 64, 64]}, "ppocrv4_rec": {"x": [1, 3, 48, 96]},
+          "ppocr_mobile_v2_cls": {"x": [1, 3, 48, 96]}}  # fmt: skip
+# Groups the analysis must find (guards against a regression that freezes a family).
+EXPECT_GROUPS = {"resnet18": 12, "mobilenet_v3_small": 20, "googlenet": 50, "bert_tiny": 4, "llama_tiny": 4}
+
+
+# PP-OCR's detector ends in DB binarisation (a sigmoid of 50x its input): float32 rounding noise of
+# 1e-7 before it becomes 1e-2 after it, so the oracle compares the logits that feed it.
+COMPARE_BEFORE_SIGMOID = {"ppocrv4_det"}
+
+
+def _model(name):
+    try:
+        path = zoo.zoo_model(name)
+    except zoo.ZooError as exc:
+        pytest.skip(str(exc))
+    model = import_model(path, SHAPES.get(name))
+    if name in COMPARE_BEFORE_SIGMOID:
+        import onnx
+
+        from onnxprune.importer import canonicalize
+
+        producers = {o: n for n in model.graph.node for o in n.output}
+        last = producers[model.graph.output[0].name]
+        assert last.op_type == "Sigmoid"
+        del model.graph.output[:]
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(last.input[0]))
+        model = canonicalize(model)[0]
+    return model
+
+
+def _check(name: str, max_groups: int):
+    model = _model(name)
+    analysis = analyze(ModelGraph(model))
+    assert len(analysis.groups) >= EXPECT_GROUPS.get(name, 1), [g.size for g in analysis.groups]
+    inputs = random_inputs(model, seed=3)
+    rng = np.random.default_rng(0)
+    groups = analysis.groups
+    if len(groups) > max_groups:
+        groups = [groups[i] for i in sorted(rng.choice(len(groups), max_groups, replace=False))]
+    for group in groups:
+        result = dead_channel_check(analysis, group, inputs)
+        assert result.error <= 1e-5, f"{name} group {group.id} {[str(m) for m in group.param_members][:4]}"
+    pruned = PrunePass(PruneConfig(ratio=0.5)).run(model).model
+    check_model(pruned)
+    before, after = count_params(ModelGraph(model)), count_params(ModelGraph(pruned))
+    assert after < before
+    ref, out = run(model, inputs), run(pruned, inputs)
+    assert [o.shape for o in ref] == [o.shape for o in out]
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_zoo_subset(name):
+    _check(name, max_groups=6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_zoo_all(name):
+    _check(name, max_groups=50)
