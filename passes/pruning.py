@@ -68,12 +68,14 @@ class PrunePass(Pass):
         config: what to remove and how.
         criterion: a Criterion instance overriding `config.criterion`.
         calib: calibration samples (`calibration.CalibrationData`) for data criteria and `repair="ls"`.
+        stats: precomputed `calibration.collect_stats` of the model (reused across runs, e.g. benchmarks).
     """
 
-    def __init__(self, config: PruneConfig | None = None, criterion=None, calib=None) -> None:
+    def __init__(self, config: PruneConfig | None = None, criterion=None, calib=None, stats=None) -> None:
         self.config = config or PruneConfig()
         self._criterion = criterion
         self.calib = calib
+        self.stats = stats
         self.notices: list[str] = []
 
     def criterion(self, stats=None):
@@ -90,6 +92,8 @@ class PrunePass(Pass):
         c = self.config
         if self._criterion is None and c.criterion not in CRITERIA:
             raise UsageError(f"unknown criterion {c.criterion!r} (choose from {', '.join(sorted(CRITERIA))})")
+        if self.stats is not None:
+            return []
         if self.calib is None and self._criterion is None and c.criterion in DATA_CRITERIA:
             raise UsageError(f"criterion {c.criterion!r} needs calibration data: pass --calib FILE.npz")
         if self.calib is None and c.repair == "ls":
@@ -102,6 +106,8 @@ class PrunePass(Pass):
     def statistics(self, model):
         """Calibration statistics when the criterion or the repair reads them, else None."""
         c = self.config
+        if self.stats is not None:
+            return self.stats
         data_criterion = self._criterion is None and c.criterion in ("activation", "apoz", "obs")
         if self.calib is None or not (data_criterion or c.repair == "ls"):
             return None
