@@ -193,8 +193,12 @@ def _export(ex: "relax.Executable", spec: TargetSpec, out: Path) -> dict[str, ob
 
 def _export_cuda(ex: "relax.Executable", spec: TargetSpec, out: Path) -> dict[str, object]:
     """Keep the generated CUDA C (and PTX when nvcc is present) plus the host library."""
-    lib = ex.mod
-    dev = [m for m in lib.imports if m.kind in ("cuda",)] or list(lib.imports)
+    def walk(m):  # the CUDA module is imported by the host module, itself imported by the VM
+        yield m
+        for sub in m.imports:
+            yield from walk(sub)
+
+    dev = [m for m in walk(ex.mod) if m.kind == "cuda"]
     if not dev:
         raise UnsupportedModelError("TVM produced no CUDA device module")
     src = dev[0].inspect_source("")

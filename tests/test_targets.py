@@ -272,3 +272,62 @@ def test_unsupported_op_is_one_line_error(tmp_path):
 def test_x86_fashion_mnist_matches_onnxruntime(tmp_path):
     skip_unless_tools("g++", package_hint="apt-get install g++")
     compile_and_check(FASHION, "x86", tmp_path / "b", shapes={"image": (1, 1, 28, 28)})
+
+
+# ------------------------------------------------------------------------------------------------
+# arm (aarch64): cross-compiled, executed under qemu-user
+# ------------------------------------------------------------------------------------------------
+def _skip_unless_arm() -> None:
+    if not HAVE_TVM:
+        pytest.skip("apache-tvm not installed (bash .ci/install-tvm.sh)")
+    skip_unless_tools("aarch64-linux-gnu-g++", "qemu-aarch64-static",
+                      package_hint="apt-get install g++-aarch64-linux-gnu qemu-user-static")  # fmt: skip
+    from onnxprune.targets.toolchains import runtime_libs
+
+    try:
+        runtime_libs("aarch64")
+    except ToolchainError as e:
+        pytest.skip(str(e))
+
+
+@needs_tvm
+def test_arm_bundle_matches_onnxruntime_under_qemu(tmp_path):
+    _skip_unless_arm()
+    model = tiny_cnn(tmp_path / "tiny.onnx")
+    manifest = compile_and_check(model, "arm", tmp_path / "bundle")
+    assert manifest["target"]["arch"] == "aarch64"
+    out = subprocess.run(["file", str(tmp_path / "bundle" / "runner")], capture_output=True, text=True).stdout
+    assert "aarch64" in out or not out  # `file` may be absent
+
+
+@needs_tvm
+@pytest.mark.skipif(not FASHION.is_file(), reason="models/fashion_mnist_cnn.onnx not built")
+def test_raspberry_pi_4_fashion_mnist_under_qemu(tmp_path):
+    _skip_unless_arm()
+    compile_and_check(FASHION, "raspberry-pi-4", tmp_path / "b", shapes={"image": (1, 1, 28, 28)})
+
+
+# ------------------------------------------------------------------------------------------------
+# cuda: code generated and checked here; executed only where a GPU is present
+# ------------------------------------------------------------------------------------------------
+@needs_tvm
+def test_cuda_codegen(tmp_path):
+    from onnxprune.targets import compile_bundle, read_manifest
+
+    model = tiny_cnn(tmp_path / "tiny.onnx")
+    bundle = compile_bundle(model, "cuda", tmp_path / "bundle")
+    manifest = read_manifest(bundle)
+    src = (bundle / "model.cu").read_text()
+    assert "__global__" in src and "threadIdx.x" in src and "blockIdx.x" in src
+    assert manifest["target"]["tvm_target"]["kind"] == "cuda"
+    import tvm
+
+    if not tvm.cuda().exist:
+        pytest.skip("CUDA code generated and checked; no GPU here to execute it")
+    from tvm import relax
+
+    ex = tvm.runtime.load_module(str(bundle / "model.so"))
+    vm = relax.VirtualMachine(ex, tvm.cuda())
+    inputs = random_inputs(manifest)
+    got = vm["main"](tvm.runtime.tensor(inputs["x"], device=tvm.cuda())).numpy()
+    assert_matches({"y": got}, ort_reference(model, inputs))
