@@ -245,14 +245,14 @@ def _prune_unconstrained(args, src: Path, out: Path) -> int:
     from onnxprune.io import save_model
     from onnxprune.passes.unconstrained import UnconstrainedConfig, UnconstrainedPass
 
-    if args.criterion not in ("l1", "l2"):
-        raise UsageError("--mode unconstrained scores each layer by its own weights: use --criterion l1 or l2")
+    if args.criterion not in ("l1", "l2", "energy"):
+        raise UsageError("--mode unconstrained scores each layer by its own weights: use --criterion l1, l2 or energy")
     if args.global_ranking or args.round_to != 1 or args.allow_inexact:
         raise UsageError("--global, --round-to and --allow-inexact apply to --mode constrained only")
     for option in ("repair", "allocation", "target_params", "target_macs", "calib"):
         if getattr(args, option, None) not in (None, "none"):
             raise UsageError(f"--{option.replace('_', '-')} applies to --mode constrained only")
-    result = UnconstrainedPass(UnconstrainedConfig(ratio=args.ratio, p=int(args.criterion[1]))).run(_load(args.model, args))
+    result = UnconstrainedPass(UnconstrainedConfig(ratio=args.ratio, criterion=args.criterion)).run(_load(args.model, args))
     save_model(result.model, out)
     s = {"input": str(src), "output": str(out), **result.info["summary"]}
     if args.json:

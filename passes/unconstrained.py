@@ -79,10 +79,10 @@ class CostModel:
 
 @dataclass(frozen=True)
 class UnconstrainedConfig:
-    """ratio: fraction of channels each unit drops; p: norm of the scores (1 or 2)."""
+    """ratio: fraction of channels each unit drops; criterion: how a unit scores its own channels."""
 
     ratio: float = 0.3
-    p: int = 1
+    criterion: str = "energy"  # "energy" (BN-aware, data-free), "l1" or "l2" (BN-folded weight norms)
     reorder: bool = True
     absorb: bool = True  # let the cost model absorb copies into weights (reordered export only)
     cost: CostModel = field(default_factory=CostModel)
@@ -90,8 +90,8 @@ class UnconstrainedConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.ratio < 1:
             raise UsageError(f"ratio must be in [0, 1), got {self.ratio}")
-        if self.p not in (1, 2):
-            raise UsageError(f"p must be 1 or 2, got {self.p}")
+        if self.criterion not in ("energy", "l1", "l2"):
+            raise UsageError(f"unconstrained criterion must be energy, l1 or l2, got {self.criterion!r}")
 
 
 # ---- 1. boundaries ----------------------------------------------------------------------------------
@@ -379,7 +379,11 @@ def _zero_preserving(node: onnx.NodeProto, analysis: ChannelAnalysis) -> bool:
 
 
 def unit_scores(piece: Piece, analysis: ChannelAnalysis, size: int, p: int = 1) -> np.ndarray:
-    """Per-channel importance from the unit's own weights (each member mean-normalised)."""
+    """Per-channel importance from the unit's own weights (each member mean-normalised).
+
+    A BatchNormalization inside the piece rescales each channel by ``|scale| / sqrt(var + eps)``; the
+    unit's effective weights are the folded ones, so the norms are multiplied by that factor.
+    """
     total = np.zeros(size)
     for m in piece.weights:
         norms = position_norms(analysis.graph.const(m.tensor), m.axis, p)[m.positions]
@@ -387,7 +391,94 @@ def unit_scores(piece: Piece, analysis: ChannelAnalysis, size: int, p: int = 1) 
         if p == 2:
             ch = np.sqrt(ch)
         total += ch / (ch.mean() + 1e-12)
-    return total
+    return total * _bn_factor(piece, analysis, size)
+
+
+def _relu_after(node: onnx.NodeProto, graph: ModelGraph) -> bool:
+    uses = graph.consumers.get(node.output[0], [])
+    return len(uses) == 1 and uses[0].node.op_type in ("Relu", "Clip")
+
+
+def _relu_energy(mu: np.ndarray, sd: np.ndarray, relu: bool) -> np.ndarray:
+    """E[z^2] for z ~ N(mu, sd^2), or E[relu(z)^2]."""
+    if not relu:
+        return mu**2 + sd**2
+    from scipy.stats import norm
+
+    sd = np.maximum(sd, 1e-12)
+    t = mu / sd
+    return (mu**2 + sd**2) * norm.cdf(t) + mu * sd * norm.pdf(t)
+
+
+def _bn_energy(piece: Piece, analysis: ChannelAnalysis, size: int) -> np.ndarray | None:
+    """Per-channel E[out^2] after the piece's BatchNormalization (N(beta, gamma^2) model), or None."""
+    graph = analysis.graph
+    members = {m.tensor: m for m in piece.members}
+    for node in graph.nodes:
+        if node.op_type != "BatchNormalization" or node.name not in piece.nodes:
+            continue
+        ms, mb = members.get(node.input[1]), members.get(node.input[2])
+        if ms is None or mb is None:
+            continue
+        gamma = np.abs(graph.const(node.input[1])[ms.positions]).astype(np.float64)
+        beta = graph.const(node.input[2])[mb.positions].astype(np.float64)
+        e = _relu_energy(beta, gamma, _relu_after(node, graph))
+        counts = np.maximum(np.bincount(ms.channel_of, minlength=size), 1)
+        return np.bincount(ms.channel_of, weights=e, minlength=size) / counts
+    return None
+
+
+def energy_scores(piece: Piece, pieces: list[Piece], analysis: ChannelAnalysis, size: int) -> np.ndarray:
+    """Data-free expected squared contribution of each channel to what the unit computes.
+
+    Producer: E[out_c^2] of its output after BatchNormalization (and ReLU), from (beta, gamma).
+    Consumer: ||W[:, c]||^2 * E[x_c^2], the input energy taken from its own pre-activation BatchNorm, or
+    else estimated as the sum of the stream producers' output energies. Falls back to L2 norms.
+    """
+    own = _bn_energy(piece, analysis, size)
+    consumers = [m for m in piece.weights if _is_consumer_member(m, analysis)]
+    if not consumers:
+        return own if own is not None else unit_scores(piece, analysis, size, 2)
+    cols = np.zeros(size)
+    for m in consumers:
+        ch = per_channel(m, position_norms(analysis.graph.const(m.tensor), m.axis, 2)[m.positions], size)
+        cols += ch / (ch.mean() + 1e-12)
+    if own is None:
+        stream = [_bn_energy(pc, analysis, size) for pc in pieces if pc.has_producer and pc is not piece]
+        stream = [e for e in stream if e is not None]
+        own = np.sum(stream, axis=0) if stream else np.ones(size)
+    return cols * own
+
+
+def _is_consumer_member(m: ChannelSlice, analysis: ChannelAnalysis) -> bool:
+    graph = analysis.graph
+    for use in graph.consumers.get(m.tensor, []):
+        node = use.node
+        if node.op_type == "Conv":
+            return m.axis == 1
+        if node.op_type == "Gemm":
+            return m.axis == (0 if not attrs(node).get("transB", 0) else 1)
+        if node.op_type == "MatMul":
+            return m.axis == (graph.rank(m.tensor) or 2) - 2
+    return False
+
+
+def _bn_factor(piece: Piece, analysis: ChannelAnalysis, size: int) -> np.ndarray:
+    graph = analysis.graph
+    members = {m.tensor: m for m in piece.members}
+    factor = np.ones(size)
+    for node in graph.nodes:
+        if node.op_type != "BatchNormalization" or node.name not in piece.nodes:
+            continue
+        scale, var = node.input[1], node.input[4]
+        ms, mv = members.get(scale), members.get(var)
+        if ms is None or mv is None:
+            continue
+        eps = attrs(node).get("epsilon", 1e-5)
+        f = np.abs(graph.const(scale)[ms.positions]) / np.sqrt(graph.const(var)[mv.positions] + eps)
+        counts = np.maximum(np.bincount(ms.channel_of, minlength=size), 1)
+        factor *= np.bincount(ms.channel_of, weights=f, minlength=size) / counts
+    return factor
 
 
 def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict | None = None) -> UnconstrainedPlan:
@@ -413,7 +504,11 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
                 if not keep.any():
                     keep[0] = True
             else:
-                order = np.argsort(-unit_scores(pc, analysis, group.size, config.p), kind="stable")
+                if config.criterion == "energy":
+                    scores = energy_scores(pc, pieces, analysis, group.size)
+                else:
+                    scores = unit_scores(pc, analysis, group.size, 2 if config.criterion == "l2" else 1)
+                order = np.argsort(-scores, kind="stable")
                 keep = np.zeros(group.size, dtype=bool)
                 keep[order[:n_keep]] = True
             pc.keep = keep

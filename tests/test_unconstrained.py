@@ -184,6 +184,7 @@ def test_cli_mode_unconstrained(tmp_model, tmp_path, capsys):
     assert summary["mode"] == "unconstrained" and out.exists()
     assert summary["params_after"] < summary["params_before"]
     assert main(["prune", str(src), "-o", str(out), "--mode", "unconstrained", "--criterion", "random"]) == 2
+    assert main(["prune", str(src), "-o", str(out), "--mode", "unconstrained", "--criterion", "energy"]) == 0
     assert "error" in capsys.readouterr().err
     assert main(["prune", str(src), "-o", str(tmp_path / "c.onnx"), "--mode", "constrained"]) == 0
 

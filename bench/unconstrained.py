@@ -1,0 +1,201 @@
+"""Unconstrained pruning (UPSCALE) benchmark: latency of four exports, copy ops, and accuracy.
+
+    python bench/unconstrained.py [--ratio 0.5] [--rounds 30] [--only resnet50] [--skip-accuracy]
+
+Latency: onnxruntime CPU (graph optimisations on, as deployed), batch 1, the median of many runs, all
+exports of one model measured in the same process and interleaved round by round: dense, constrained
+(`PrunePass`), unconstrained-naive (original order, Gather / Pad+Gather) and unconstrained-reordered
+(`UnconstrainedPass` with reordering and the copy/absorb cost model), at the same ratio — so the same
+number of channels per layer and about the same number of nonzero parameters (printed). Models come
+from `models/zoo.py` (random-weight torchvision exports); without it they are exported here.
+
+Exactness: both unconstrained exports are compared with the per-layer masked original in onnxruntime with
+optimisations off (max relative error printed; must be <= 1e-5).
+
+Accuracy: the bundled Fashion-MNIST CNN, constrained vs unconstrained at equal ratios, on the 10k test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from onnxprune.graph import ModelGraph  # noqa: E402
+from onnxprune.importer import import_model  # noqa: E402
+from onnxprune.metrics import count_params  # noqa: E402
+from onnxprune.passes.pruning import PruneConfig, PrunePass  # noqa: E402
+from onnxprune.passes.unconstrained import (  # noqa: E402
+    UnconstrainedConfig,
+    UnconstrainedPass,
+    copy_report,
+    effective_params,
+    mask_model,
+)
+from onnxprune.verify import max_rel_error, random_inputs, run  # noqa: E402
+
+MODELS = ("resnet50", "densenet121", "mobilenet_v2", "efficientnet_b0")
+
+
+def model_path(name: str) -> Path:
+    try:
+        from models.zoo import zoo_model
+    except ImportError:
+        return _export_here(name)
+    return zoo_model(name)
+
+
+def _export_here(name: str) -> Path:
+    """Fallback without models/zoo.py: export the torchvision model (random weights) to a temp cache."""
+    import torch
+
+    try:
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _export_here.lib = lib  # keep the schemas alive
+    except RuntimeError:
+        pass
+    import torchvision
+
+    path = ROOT / "models" / "cache" / f"{name}.onnx"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        net = getattr(torchvision.models, name)(weights=None).eval()
+        with torch.no_grad():
+            torch.onnx.export(net, (torch.randn(1, 3, 224, 224),), str(path), dynamo=False,
+                              do_constant_folding=False, opset_version=17, input_names=["input"],
+                              output_names=["logits"])
+    return path
+
+
+def session(model):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def latencies(models: dict, inputs: dict, rounds: int, per_round: int) -> dict[str, float]:
+    """Median ms per export; exports run interleaved round by round in this one process."""
+    sessions = {k: session(m) for k, m in models.items()}
+    feeds = {k: {i.name: inputs[i.name] for i in s.get_inputs()} for k, s in sessions.items()}
+    for k, s in sessions.items():  # warm-up
+        for _ in range(3):
+            s.run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                s.run(None, feeds[k])
+                times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_model(name: str, ratio: float, rounds: int, per_round: int) -> dict:
+    dense = import_model(model_path(name))
+    inputs = random_inputs(dense, seed=0)
+    t = time.perf_counter()
+    constrained = PrunePass(PruneConfig(ratio=ratio)).run(dense).model
+    naive = UnconstrainedPass(UnconstrainedConfig(ratio=ratio, reorder=False)).run(dense)
+    reordered = UnconstrainedPass(UnconstrainedConfig(ratio=ratio, reorder=True)).run(dense)
+    prune_s = time.perf_counter() - t
+    oracle = mask_model(dense, reordered.info["plan"])
+    expected = run(oracle, inputs)
+    errors = {"naive": max_rel_error(expected, run(naive.model, inputs)),
+              "reordered": max_rel_error(expected, run(reordered.model, inputs))}
+    exports = {"dense": dense, "constrained": constrained, "naive": naive.model, "reordered": reordered.model}
+    ms = latencies(exports, inputs, rounds, per_round)
+    return {
+        "name": name, "ms": ms, "errors": errors, "prune_s": prune_s,
+        "params": {k: count_params(ModelGraph(m)) for k, m in exports.items()},
+        "nonzero": {k: effective_params(m) for k, m in exports.items()},
+        "copies": {"naive": copy_report(naive.model), "reordered": copy_report(reordered.model)},
+        "layout": reordered.info["summary"]["layout"],
+    }
+
+
+def accuracy(ratios: list[float]) -> list[dict]:
+    from models.fashion_mnist import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    dense = import_model(ROOT / "models" / "fashion_mnist_cnn.onnx")
+
+    def top1(model) -> float:
+        s = session(model)
+        name = s.get_inputs()[0].name
+        hits = 0
+        for i in range(0, len(images), 1000):
+            logits = s.run(None, {name: images[i : i + 1000]})[0]
+            hits += int((logits.argmax(axis=1) == labels[i : i + 1000]).sum())
+        return hits / len(images)
+
+    rows = [{"ratio": 0.0, "constrained": top1(dense), "unconstrained": top1(dense),
+             "nonzero_c": effective_params(dense), "nonzero_u": effective_params(dense)}]
+    for r in ratios:
+        c = PrunePass(PruneConfig(ratio=r)).run(dense).model
+        u = UnconstrainedPass(UnconstrainedConfig(ratio=r)).run(dense).model
+        rows.append({"ratio": r, "constrained": top1(c), "unconstrained": top1(u),
+                     "nonzero_c": effective_params(c), "nonzero_u": effective_params(u)})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--rounds", type=int, default=25)
+    ap.add_argument("--per-round", type=int, default=4)
+    ap.add_argument("--only", action="append", choices=MODELS)
+    ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--skip-latency", action="store_true")
+    args = ap.parse_args(argv)
+
+    import onnxruntime
+
+    print(f"onnxruntime {onnxruntime.__version__}, CPU, batch 1, ratio {args.ratio}, "
+          f"median of {args.rounds * args.per_round} runs per export (interleaved)")
+    if not args.skip_latency:
+        results = []
+        for name in args.only or MODELS:
+            r = bench_model(name, args.ratio, args.rounds, args.per_round)
+            results.append(r)
+            ms, c = r["ms"], r["copies"]
+            print(f"\n== {name}  (pruning {r['prune_s']:.1f} s; max rel error vs masked original: "
+                  f"naive {r['errors']['naive']:.1e}, reordered {r['errors']['reordered']:.1e})")
+            print(f"{'export':<13}{'ms':>9}{'x dense':>9}{'params':>11}{'nonzero':>11}")
+            for k in ("dense", "constrained", "naive", "reordered"):
+                print(f"{k:<13}{ms[k]:>9.2f}{ms['dense'] / ms[k]:>9.2f}{r['params'][k]:>11}{r['nonzero'][k]:>11}")
+            for k in ("naive", "reordered"):
+                print(f"copies {k:<10} ops {c[k]['copy_ops']:>3} (Gather/Scatter {c[k]['gather_scatter']:>3}) "
+                      f"{c[k]['ops']}  {c[k]['bytes'] / 1e6:.2f} MB/inference")
+            print(f"layout: {r['layout']}")
+            print(f"ratios: naive/reordered latency {ms['naive'] / ms['reordered']:.2f}x, "
+                  f"reordered/constrained {ms['reordered'] / ms['constrained']:.2f}, "
+                  f"nonzero params reordered/constrained {r['nonzero']['reordered'] / r['nonzero']['constrained']:.3f}")
+        print("\nsummary (speedup of reordered over naive; reordered latency relative to constrained)")
+        for r in results:
+            ms = r["ms"]
+            print(f"  {r['name']:<16} {ms['naive'] / ms['reordered']:>5.2f}x  {ms['reordered'] / ms['constrained']:>5.2f}")
+    if not args.skip_accuracy:
+        print("\n== Fashion-MNIST CNN (bundled, trained): top-1 on 10k test images")
+        print(f"{'ratio':>6}{'constrained':>13}{'unconstrained':>15}{'nonzero c':>11}{'nonzero u':>11}")
+        for row in accuracy([0.3, 0.5, 0.7]):
+            print(f"{row['ratio']:>6.2f}{row['constrained']:>13.4f}{row['unconstrained']:>15.4f}"
+                  f"{row['nonzero_c']:>11}{row['nonzero_u']:>11}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
