@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--criteria", default=",".join(ALL_CRITERIA))
     ap.add_argument("--repairs", default="none,bias,ls")
     ap.add_argument("--calib-samples", type=int, default=256)
-    ap.add_argument("--allocation", default="uniform", choices=("uniform", "global", "lamp"))
+    ap.add_argument("--allocation", default="lamp", choices=("uniform", "global", "lamp"))
     ap.add_argument("--plot", default=str(ROOT / "bench" / "accuracy.png"))
     args = ap.parse_args(argv)
     fractions = [float(f) for f in args.fractions.split(",")]

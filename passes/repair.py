@@ -9,7 +9,10 @@ that follows (`rewrite.apply_plan`) deletes exactly the columns repair accounted
   upstream give that expectation (`calibration.channel_moments`: BN output ~ N(beta, gamma^2), rectified
   by Relu, passed through pooling/Add/Concat/Flatten), and ``sum_k W[:, c, k] * E[x_c]`` is folded into
   the consumer's bias. This is the least-squares solution under the data-free Hessian surrogate
-  (independent channels with BN moments): the kept weights stay, only the mean is restored.
+  (independent channels with BN moments): the kept weights stay, only the mean is restored. When the
+  consumer feeds a BatchNorm, that BN's running variance is also scaled by the fraction of the output
+  variance the kept channels carry under the same surrogate (``sum_kept W^2 var / sum_all W^2 var``),
+  so the BN keeps normalising its output to the variance the next layers were trained on.
 * ``ls`` (calibrated): ridge least squares on the calibration Hessian H = E[[x 1][x 1]^T] of the
   consumer's input (im2col for convolutions): ``[W_K b'] = [W b] H[:, K] (H[K, K] + lambda I)^-1``, the
   Optimal Brain Surgeon update of the kept columns K; the constant feature makes it correct the mean
@@ -131,6 +134,16 @@ def repair_weights(
                 continue
             delta = wm[:, gone] @ mom[0][feat_pos[gone]]
             new_w = None
+            if slot.kind == "bn_mean":
+                # The BatchNorm after the consumer normalised the full output variance; estimate the part
+                # the removed channels carried (independent channels) and renormalise what is left.
+                bn = slot.node
+                var_name = bn.input[4]
+                run_var = np.asarray(new_values.get(var_name, graph.const(var_name)), dtype=np.float64)
+                contrib = (wm**2) * mom[1][feat_pos][None, :]
+                frac = contrib[:, ~gone].sum(1) / np.maximum(contrib.sum(1), 1e-30)
+                new_var = run_var * np.clip(frac, 0.05, 1.0)
+                new_values[var_name] = new_var.astype(graph.const(var_name).dtype)
         else:
             st = stats.stats.get(c.name)
             if st is None:
