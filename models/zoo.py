@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ZOO", "ZooEntry", "ZooError", "cache_dir", "zoo_model"]
+__all__ = ["INPUT_SHAPES", "ZOO", "ZooEntry", "ZooError", "cache_dir", "zoo_model"]
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = HERE / "cache"
@@ -347,6 +347,14 @@ _ENTRIES = [
 ]
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
+
+# Static input sizes for entries whose inputs are dynamic (PP-OCR takes any image size): what the
+# tests and benchmarks feed them, and what `onnxprune --shape` fixes for analysis.
+INPUT_SHAPES: dict[str, dict[str, list[int]]] = {
+    "ppocrv4_det": {"x": [1, 3, 64, 64]},
+    "ppocrv4_rec": {"x": [1, 3, 48, 96]},
+    "ppocr_mobile_v2_cls": {"x": [1, 3, 48, 96]},
+}
 
 
 def _missing_modules(entry: ZooEntry) -> list[str]:

@@ -149,6 +149,7 @@ def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         raise UnsupportedModelError(f"opset {opset} is too old (need >= {MIN_OPSET})")
     changed = False
     changed |= _name_nodes(g)
+    changed |= _negative_dims_to_symbols(g)
     changed |= _drop_initializer_inputs(out)
     if out.ir_version < 4:  # the canonical form keeps initializers out of the inputs (IR >= 4)
         out.ir_version = 4
@@ -198,6 +199,20 @@ def _unshare_small_initializers(g: onnx.GraphProto) -> bool:
             g.initializer.append(copy)
             node.input[i] = new
     return True
+
+
+def _negative_dims_to_symbols(g: onnx.GraphProto) -> bool:
+    """Some exporters (Paddle) declare dynamic sizes as -1; ONNX wants a symbol or nothing."""
+    changed = False
+    for k, vi in enumerate(list(g.input) + list(g.output) + list(g.value_info)):
+        if not vi.type.HasField("tensor_type"):
+            continue
+        for j, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value < 0:
+                d.Clear()
+                d.dim_param = f"{vi.name}_dim{j}"
+                changed = True
+    return changed
 
 
 def _name_nodes(g: onnx.GraphProto) -> bool:

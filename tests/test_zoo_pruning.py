@@ -20,9 +20,6 @@ from onnxprune.verify import dead_channel_check, random_inputs, run
 zoo = pytest.importorskip("models.zoo")
 
 FAST = ["resnet18", "mobilenet_v3_small", "googlenet", "bert_tiny", "llama_tiny", "ppocrv4_det"]
-# Input sizes for models whose inputs are dynamic (PP-OCR: any image size; use a small one).
-SHAPES = {"ppocrv4_det": {"x": [1, 3, 64, 64]}, "ppocrv4_rec": {"x": [1, 3, 48, 96]},
-          "ppocr_mobile_v2_cls": {"x": [1, 3, 48, 96]}}  # fmt: skip
 # Groups the analysis must find (guards against a regression that freezes a family).
 EXPECT_GROUPS = {"resnet18": 12, "mobilenet_v3_small": 20, "googlenet": 50, "bert_tiny": 4, "llama_tiny": 4}
 
@@ -37,7 +34,7 @@ def _model(name):
         path = zoo.zoo_model(name)
     except zoo.ZooError as exc:
         pytest.skip(str(exc))
-    model = import_model(path, SHAPES.get(name))
+    model = import_model(path, zoo.INPUT_SHAPES.get(name))
     if name in COMPARE_BEFORE_SIGMOID:
         import onnx
 
