@@ -74,7 +74,17 @@ def test_zoo_subset(name):
     _check(name, max_groups=6)
 
 
+# Known gap: GPT-2 exported with a dynamic sequence length computes every Reshape target of its Conv1D
+# layers from Shape() at run time, so no channel is provably safe to remove (use --shape to fix the
+# length, or the static export). Strict: the test fails loudly once this starts to work.
+KNOWN_GAPS = {"gpt2_tiny_dynseq": "run-time reshape targets in every layer"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_GAPS[n], strict=True)) if n in KNOWN_GAPS else n
+     for n in sorted(zoo.ZOO)],
+)  # fmt: skip
 def test_zoo_all(name):
     _check(name, max_groups=50)
