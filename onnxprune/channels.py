@@ -390,11 +390,13 @@ def _components(ctx: CouplingContext) -> np.ndarray:
 
 
 def _labels_of(ctx: CouplingContext, labels: np.ndarray, dims: dict[DimRef, str]) -> set[int]:
-    out: set[int] = set()
+    if not dims or not len(labels):
+        return set()
+    hit = np.zeros(int(labels.max()) + 1, dtype=bool)
     for ref in dims:
         start, n = ctx.dims[ref]
-        out.update(np.unique(labels[start : start + n]).tolist())
-    return out
+        hit[labels[start : start + n]] = True
+    return set(np.flatnonzero(hit).tolist())
 
 
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
@@ -402,51 +404,60 @@ _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 
 def _build_groups(ctx, labels, frozen_labels, inexact_labels, allow_inexact) -> list[ChannelGroup]:
     graph = ctx.graph
+    dim_list = list(ctx.dims.items())
+    if not dim_list:
+        return []
+    n_labels = int(labels.max()) + 1 if len(labels) else 0
+    atom_dim = np.empty(ctx.n_atoms, dtype=np.int64)
+    for d, (_, (start, n)) in enumerate(dim_list):
+        atom_dim[start : start + n] = d
     # Which labels hold weights at all: only those can be worth removing.
-    param_labels: set[int] = set()
-    for ref, (start, n) in ctx.dims.items():
-        if graph.is_initializer(ref.tensor) and graph.dtype(ref.tensor) in _FLOAT_TYPES:
-            param_labels.update(np.unique(labels[start : start + n]).tolist())
+    is_param_dim = np.array(
+        [graph.is_initializer(ref.tensor) and graph.dtype(ref.tensor) in _FLOAT_TYPES for ref, _ in dim_list]
+    )
+    prunable = np.zeros(n_labels, dtype=bool)
+    prunable[labels[is_param_dim[atom_dim]]] = True
     blocked = frozen_labels if allow_inexact else frozen_labels | inexact_labels
-    prunable = np.array(sorted(param_labels - blocked), dtype=np.int64)
-    if len(prunable) == 0:
+    if blocked:
+        prunable[np.fromiter(blocked, dtype=np.int64, count=len(blocked))] = False
+    keep = prunable[labels]
+    if not keep.any():
         return []
     # Signature of a label = the dims it occupies; labels with one signature form one group.
-    signature: dict[int, list[int]] = {}
-    dim_list = list(ctx.dims.items())
-    for d, (ref, (start, n)) in enumerate(dim_list):
-        present = np.unique(labels[start : start + n])
-        present = present[np.isin(present, prunable)]
-        for lab in present.tolist():
-            signature.setdefault(lab, []).append(d)
+    pairs = np.sort(labels[keep] * len(dim_list) + atom_dim[keep])
+    pairs = pairs[np.r_[True, np.diff(pairs) != 0]]
+    pair_label, pair_dim = pairs // len(dim_list), pairs % len(dim_list)
+    bounds = np.flatnonzero(np.diff(pair_label)) + 1
+    first_atom = np.full(n_labels, ctx.n_atoms, dtype=np.int64)
+    np.minimum.at(first_atom, labels, np.arange(ctx.n_atoms))
     by_sig: dict[tuple[int, ...], list[int]] = {}
-    for lab, dims in signature.items():
-        by_sig.setdefault(tuple(dims), []).append(lab)
-    by_sig = {sig: labs for sig, labs in by_sig.items() if len(labs) > 1}  # one channel: never removable
+    for lab, dims in zip(pair_label[np.r_[0, bounds]].tolist(), np.split(pair_dim, bounds)):
+        by_sig.setdefault(tuple(dims.tolist()), []).append(lab)
 
     groups: list[ChannelGroup] = []
+    lookup = np.full(n_labels, -1, dtype=np.int64)
     for sig, labs in by_sig.items():
-        # Channel order: by first position in the first dim (stable, readable).
-        first_ref, (start, n) = dim_list[sig[0]]
-        first_labels = labels[start : start + n]
-        order = sorted(labs, key=lambda lab: int(np.argmax(first_labels == lab)))
-        lab_arr = np.array(order, dtype=np.int64)
-        index_of = {lab: i for i, lab in enumerate(order)}
+        if len(labs) < 2:
+            continue  # one channel: never removable
+        lab_arr = np.array(labs, dtype=np.int64)
+        lab_arr = lab_arr[np.argsort(first_atom[lab_arr], kind="stable")]  # by position in the first dim
+        lookup[lab_arr] = np.arange(len(lab_arr))
         members: list[ChannelSlice] = []
-        params = np.zeros(len(order), dtype=np.int64)
+        params = np.zeros(len(lab_arr), dtype=np.int64)
         for d in sig:
             ref, (start, n) = dim_list[d]
-            dim_labels = labels[start : start + n]
-            pos = np.flatnonzero(np.isin(dim_labels, lab_arr))
-            ch = np.array([index_of[lab] for lab in dim_labels[pos].tolist()], dtype=np.int64)
+            chan = lookup[labels[start : start + n]]
+            pos = np.flatnonzero(chan >= 0)
+            ch = chan[pos]
             is_param = graph.is_initializer(ref.tensor)
             members.append(ChannelSlice(ref.tensor, ref.axis, pos, ch, is_param))
             if is_param:
                 shape = graph.shape(ref.tensor)
                 per_position = int(np.prod([s for i, s in enumerate(shape) if i != ref.axis], dtype=np.int64))
-                np.add.at(params, ch, per_position)
-        inexact = bool(set(order) & inexact_labels)
-        groups.append(ChannelGroup(len(groups), len(order), tuple(members), lab_arr, params, inexact))
+                params += np.bincount(ch, minlength=len(lab_arr)) * per_position
+        lookup[lab_arr] = -1
+        inexact = bool(set(lab_arr.tolist()) & inexact_labels)
+        groups.append(ChannelGroup(len(groups), len(lab_arr), tuple(members), lab_arr, params, inexact))
     groups.sort(key=lambda g: min(_first_node_index(ctx, m.tensor) for m in g.members))
     for i, g in enumerate(groups):
         g.id = i

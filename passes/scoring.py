@@ -39,10 +39,13 @@ def per_channel(member: ChannelSlice, values_per_position: np.ndarray, size: int
 
 
 def position_norms(array: np.ndarray, axis: int, p: int) -> np.ndarray:
-    moved = np.moveaxis(np.asarray(array, dtype=np.float64), axis, 0).reshape(array.shape[axis], -1)
-    if p == 1:
-        return np.abs(moved).sum(axis=1)
-    return (moved**2).sum(axis=1)
+    """Sum of |w| (p=1) or w^2 (p=2) over every axis but `axis`, one value per position."""
+    a = np.asarray(array)
+    if a.dtype != np.float64:
+        a = a.astype(np.float32, copy=False)  # fp16 sums overflow; float32 pairwise sums are accurate
+    others = tuple(i for i in range(a.ndim) if i != axis)
+    values = np.abs(a) if p == 1 else np.square(a)
+    return values.sum(axis=others).astype(np.float64)
 
 
 @dataclass(frozen=True)
