@@ -111,39 +111,44 @@ def attach(model: onnx.ModelProto, base_dir: str | os.PathLike) -> None:
             end of the file, or a length that does not match the tensor's shape.
     """
     base = Path(base_dir).resolve()
-    main = {id(t) for t in model.graph.initializer}
-    for t in all_tensors(model):
-        if not is_external(t):
-            continue
-        info = _info(t)
-        location = info.get("location", "")
-        where = f"external data {location!r} of tensor {t.name!r}"
-        if not location or os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
-            raise ModelError(f"{where}: absolute or empty path refused (must be inside the model folder)")
-        target = (base / location).resolve()
-        if base not in target.parents:
-            raise ModelError(f"{where} escapes the model folder")
-        if not target.is_file():
-            raise ModelError(f"{where}: file is missing")
-        try:
-            offset = int(info.get("offset", 0) or 0)
-            size = target.stat().st_size
-            length = int(info["length"]) if "length" in info else size - offset
-        except ValueError:
-            raise ModelError(f"{where}: offset/length are not integers") from None
-        if offset < 0 or length < 0 or offset + length > size:
-            raise ModelError(f"{where}: range [{offset}, {offset + length}) is past the end of the file ({size} bytes)")
-        dtype = _MMAP_TYPES.get(t.data_type)
-        if dtype is not None and length != numel(t) * np.dtype(dtype).itemsize:
-            raise ModelError(f"{where}: {length} bytes do not match shape {list(t.dims)}")
-        if id(t) in main and dtype is not None and length > EAGER_MAX_BYTES:
-            t.external_data.add(key=BASE_KEY, value=str(base))
-            # Normalise the location to the resolved relative path (no `./` or `..` detours).
-            for e in t.external_data:
-                if e.key == "location":
-                    e.value = target.relative_to(base).as_posix()
-            continue
-        _load_into(t, target, offset, length)
+    for t in model.graph.initializer:  # main-graph weights may stay lazy
+        if is_external(t):
+            _attach_one(t, base, may_stay_lazy=True)
+    for t in all_tensors(model):  # subgraph and attribute tensors are always read
+        if is_external(t) and not is_lazy(t):
+            _attach_one(t, base, may_stay_lazy=False)
+
+
+def _attach_one(t: onnx.TensorProto, base: Path, may_stay_lazy: bool) -> None:
+    info = _info(t)
+    location = info.get("location", "")
+    where = f"external data {location!r} of tensor {t.name!r}"
+    if not location or os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
+        raise ModelError(f"{where}: absolute or empty path refused (must be inside the model folder)")
+    target = (base / location).resolve()
+    if base not in target.parents:
+        raise ModelError(f"{where} escapes the model folder")
+    if not target.is_file():
+        raise ModelError(f"{where}: file is missing")
+    try:
+        offset = int(info.get("offset", 0) or 0)
+        size = target.stat().st_size
+        length = int(info["length"]) if "length" in info else size - offset
+    except ValueError:
+        raise ModelError(f"{where}: offset/length are not integers") from None
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ModelError(f"{where}: range [{offset}, {offset + length}) is past the end of the file ({size} bytes)")
+    dtype = _MMAP_TYPES.get(t.data_type)
+    if dtype is not None and length != numel(t) * np.dtype(dtype).itemsize:
+        raise ModelError(f"{where}: {length} bytes do not match shape {list(t.dims)}")
+    if may_stay_lazy and dtype is not None and length > EAGER_MAX_BYTES:
+        t.external_data.add(key=BASE_KEY, value=str(base))
+        # Normalise the location to the resolved relative path (no `./` or `..` detours).
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = target.relative_to(base).as_posix()
+        return
+    _load_into(t, target, offset, length)
 
 
 def _load_into(t: onnx.TensorProto, path: Path, offset: int, length: int) -> None:

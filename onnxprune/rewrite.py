@@ -77,7 +77,7 @@ def apply_plan(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.Mo
         array = graph.const(t.name)
         for axis, pos in cuts:
             array = np.delete(array, pos, axis=axis)
-        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), t.name))
+        _append_array(g, t, array)
 
     ctx = RewriteContext(graph, removed)
     nodes = {n.name: n for n in g.node}
@@ -90,6 +90,20 @@ def apply_plan(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.Mo
     _materialize_edits(g, nodes, originals, ctx)
     _remove_unused_initializers(g)
     return model
+
+
+def _append_array(g: onnx.GraphProto, old: onnx.TensorProto, array: np.ndarray) -> None:
+    """Add a sliced copy of `old` holding `array`, built in place (one copy of the bytes, not three)."""
+    from onnxprune.external import _MMAP_TYPES
+
+    if _MMAP_TYPES.get(old.data_type) != array.dtype.type or array.dtype.byteorder == ">":
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), old.name))
+        return
+    t = g.initializer.add()
+    t.name = old.name
+    t.data_type = old.data_type
+    t.dims.extend(array.shape)
+    t.raw_data = np.ascontiguousarray(array).tobytes()
 
 
 def _touches_changed(node: onnx.NodeProto, ctx: RewriteContext) -> bool:
@@ -154,10 +168,10 @@ def _remove_unused_initializers(g: onnx.GraphProto) -> None:
     for node in g.node:
         used.update(node.input)
         used.update(_subgraph_inputs(node))
-    keep = [t for t in g.initializer if t.name in used]
-    if len(keep) != len(g.initializer):
-        del g.initializer[:]
-        g.initializer.extend(keep)
+    # Delete in place: rebuilding the list would copy every (possibly GB-sized) tensor once more.
+    for i in reversed(range(len(g.initializer))):
+        if g.initializer[i].name not in used:
+            del g.initializer[i]
 
 
 # Roles whose silenced value is 1, not 0 (a zero variance or divisor would make inf, not silence).
