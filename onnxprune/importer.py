@@ -136,13 +136,16 @@ def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
     return 0
 
 
-def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+def normalize(model: onnx.ModelProto, inplace: bool = False) -> tuple[onnx.ModelProto, bool]:
     """Return an equivalent model in canonical form, and whether anything changed.
 
-    The input proto is not modified.
+    The input proto is not modified unless `inplace` (the importer owns a freshly loaded model and
+    saves copying every weight).
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = model
+    if not inplace:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     g = out.graph
     opset = opset_of(out)
     if opset and opset < MIN_OPSET:
@@ -614,9 +617,9 @@ def fold_static_shapes(model: onnx.ModelProto) -> bool:
     return changed
 
 
-def canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+def canonicalize(model: onnx.ModelProto, inplace: bool = False) -> tuple[onnx.ModelProto, bool]:
     """`normalize`, infer shapes, and fold sizes that became static; returns (model, changed)."""
-    model, changed = normalize(model)
+    model, changed = normalize(model, inplace)
     model = infer_shapes(model)
     for _ in range(32):  # each round can make more sizes static
         if not fold_static_shapes(model):
@@ -671,4 +674,4 @@ def import_model(path: str | os.PathLike, shapes: dict[str, list[int]] | None = 
     model = load_model(path)
     if shapes:
         fix_input_shapes(model, shapes)
-    return canonicalize(model)[0]
+    return canonicalize(model, inplace=True)[0]
