@@ -310,16 +310,29 @@ def test_raspberry_pi_4_fashion_mnist_under_qemu(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # cuda: code generated and checked here; executed only where a GPU is present
 # ------------------------------------------------------------------------------------------------
-@needs_tvm
-def test_cuda_codegen(tmp_path):
+@pytest.fixture(scope="module")
+def cuda_bundle(tmp_path_factory):
+    if not HAVE_TVM:
+        pytest.skip("apache-tvm not installed (bash .ci/install-tvm.sh)")
     from onnxprune.targets import compile_bundle, read_manifest
 
-    model = tiny_cnn(tmp_path / "tiny.onnx")
-    bundle = compile_bundle(model, "cuda", tmp_path / "bundle")
-    manifest = read_manifest(bundle)
+    tmp = tmp_path_factory.mktemp("cuda")
+    model = tiny_cnn(tmp / "tiny.onnx")
+    bundle = compile_bundle(model, "cuda", tmp / "bundle")
+    return bundle, read_manifest(bundle), model
+
+
+@needs_tvm
+def test_cuda_codegen(cuda_bundle):
+    bundle, manifest, _ = cuda_bundle
     src = (bundle / "model.cu").read_text()
     assert "__global__" in src and "threadIdx.x" in src and "blockIdx.x" in src
     assert manifest["target"]["tvm_target"]["kind"] == "cuda"
+
+
+@needs_tvm
+def test_cuda_bundle_executes_on_gpu(cuda_bundle):
+    bundle, manifest, model = cuda_bundle
     import tvm
 
     if not tvm.cuda().exist:
@@ -331,3 +344,13 @@ def test_cuda_codegen(tmp_path):
     inputs = random_inputs(manifest)
     got = vm["main"](tvm.runtime.tensor(inputs["x"], device=tvm.cuda())).numpy()
     assert_matches({"y": got}, ort_reference(model, inputs))
+
+
+@needs_tvm
+def test_wasm_reports_unfinished_target(tmp_path):
+    from onnxprune.targets import compile_bundle
+
+    if shutil.which("emcc") is None:
+        pytest.skip("emcc not installed (apt-get install emscripten)")
+    with pytest.raises(ToolchainError, match="not available yet"):
+        compile_bundle(tiny_cnn(tmp_path / "tiny.onnx"), "wasm", tmp_path / "b")
