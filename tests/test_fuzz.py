@@ -84,3 +84,16 @@ def test_each_hostile_kind(kind, bases, tmp_path):
         assert outcome.status in ("ok", "error"), outcome.detail
         if kind in ("external_escape", "external_symlink", "external_missing", "external_truncated"):
             assert outcome.status == "error", f"{kind} on {base} must be refused"
+
+
+# Hypothesis explores the case generator's seed space (and shrinks a failure to its smallest seed).
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=20_000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(min_value=0, max_value=2**31 - 1))
+def test_hypothesis_seeds(seed, bases, tmp_path_factory):
+    case = make_case(seed, bases)
+    outcome = run_case(case, tmp_path_factory.mktemp("hyp"))
+    assert outcome.status in ("ok", "error"), f"{case.name}: {outcome.detail}"
