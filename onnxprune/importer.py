@@ -423,16 +423,16 @@ SAME_SHAPE_OPS = {
 }  # fmt: skip
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+def infer_shapes(model: onnx.ModelProto, symbolic: bool = True) -> onnx.ModelProto:
     """Shape inference with data propagation, completed for same-shape ops onnx cannot infer.
 
     Updates `model.graph.value_info` in place and returns the model.
     """
-    model = _infer_once(model)
+    model = _infer_once(model, symbolic)
     for _ in range(8):
         if not _fill_same_shape(model):
             break
-        model = _infer_once(model)
+        model = _infer_once(model, False)
     return model
 
 
@@ -556,14 +556,60 @@ def _has_shape(vi: onnx.ValueInfoProto) -> bool:
     return vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
 
 
-def _infer_once(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Infer on the light copy and graft the inferred value_info back (weights are never serialised)."""
+def _has_unknown_dims(model: onnx.ModelProto) -> bool:
+    for vi in model.graph.value_info:
+        if not _has_shape(vi):
+            return True
+        for d in vi.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value") and (not d.HasField("dim_param") or d.dim_param.startswith("unk__")):
+                return True
+    return False
+
+
+def _symbolic_module():
+    """onnxruntime/tools/symbolic_shape_infer.py loaded by path: importing it through its package
+    would import torch when torch is installed (seconds), for nothing."""
+    import importlib.util
+    import sys
+
+    name = "_onnxprune_symbolic_shape_infer"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("onnxruntime")
+    path = Path(spec.origin).parent / "tools" / "symbolic_shape_infer.py"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
+
+
+def _symbolic_infer(light: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's symbolic shape inference: follows shape arithmetic that onnx's inference drops
+    (dynamic-length transformers: masks, run-time Reshape targets)."""
+    import contextlib
+    import io
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(
-            light_copy(model), check_type=False, strict_mode=False, data_prop=True
-        )
+        SymbolicShapeInference = _symbolic_module().SymbolicShapeInference
+    except Exception:
+        return None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
+    except Exception:
+        return None
+
+
+def _infer_once(model: onnx.ModelProto, symbolic: bool = True) -> onnx.ModelProto:
+    """Infer on the light copy and graft the inferred value_info back (weights are never serialised)."""
+    light = light_copy(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
         return model
+    if symbolic and _has_unknown_dims(inferred):  # slow (sympy): at most once per import
+        inferred = _symbolic_infer(light) or inferred
     del model.graph.value_info[:]
     inits = {t.name for t in model.graph.initializer}
     model.graph.value_info.extend(vi for vi in inferred.graph.value_info if vi.name not in inits)
@@ -618,15 +664,21 @@ def fold_static_shapes(model: onnx.ModelProto) -> bool:
 
 
 def canonicalize(model: onnx.ModelProto, inplace: bool = False) -> tuple[onnx.ModelProto, bool]:
-    """`normalize`, infer shapes, and fold sizes that became static; returns (model, changed)."""
+    """`normalize`, infer shapes, and fold sizes that became static; returns (model, changed).
+
+    onnx's own inference runs first and between folding rounds (fast); onnxruntime's symbolic
+    inference (slow) runs once at the end, only if sizes are still unknown.
+    """
     model, changed = normalize(model, inplace)
-    model = infer_shapes(model)
+    model = infer_shapes(model, symbolic=False)
     for _ in range(32):  # each round can make more sizes static
         if not fold_static_shapes(model):
             break
         changed = True
         del model.graph.value_info[:]
-        model = infer_shapes(model)
+        model = infer_shapes(model, symbolic=False)
+    if _has_unknown_dims(model):
+        model = infer_shapes(model, symbolic=True)
     return model, changed
 
 

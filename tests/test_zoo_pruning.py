@@ -15,7 +15,7 @@ from onnxprune.graph import ModelGraph
 from onnxprune.importer import check_model, import_model
 from onnxprune.metrics import count_params
 from onnxprune.passes.pruning import PruneConfig, PrunePass
-from onnxprune.verify import dead_channel_check, random_inputs, run
+from onnxprune.verify import dead_channel_check, max_rel_error, random_inputs, run
 
 zoo = pytest.importorskip("models.zoo")
 
@@ -74,10 +74,26 @@ def test_zoo_subset(name):
     _check(name, max_groups=6)
 
 
-# Known gap: GPT-2 exported with a dynamic sequence length computes every Reshape target of its Conv1D
-# layers from Shape() at run time, so no channel is provably safe to remove (use --shape to fix the
-# length, or the static export). Strict: the test fails loudly once this starts to work.
-KNOWN_GAPS = {"gpt2_tiny_dynseq": "run-time reshape targets in every layer"}
+KNOWN_GAPS: dict[str, str] = {}  # name -> reason; strict xfail, so a fixed gap fails loudly
+
+
+@pytest.mark.parametrize("name", ["llama_tiny_dynseq", "gpt2_tiny_dynseq"])
+def test_dynamic_sequence_length(name):
+    """Heads (GQA KV heads for LLaMA) and MLP channels prune with run-time shapes, and the pruned model
+    still takes any sequence length, matching the masked original at each."""
+    from onnxprune.rewrite import apply_mask
+
+    model = _model(name)
+    analysis = analyze(ModelGraph(model))
+    assert len(analysis.groups) >= 4  # per layer: one attention-head group and one MLP group
+    result = PrunePass(PruneConfig(ratio=0.5)).run(model)
+    plan = result.info["plan"]
+    masked = apply_mask(analysis, plan.labels(analysis))
+    for length in (5, 11):
+        inputs = random_inputs(model, seed=length, dims={"seq": length})
+        got, expected = run(result.model, inputs), run(masked, inputs)
+        assert got[0].shape[1] == length
+        assert max_rel_error(expected, got) <= 1e-5
 
 
 @pytest.mark.slow

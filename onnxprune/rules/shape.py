@@ -26,8 +26,9 @@ def shape_elements(ctx, node, index: int):
     """Where each element of a 1-D shape input comes from.
 
     Returns a list with, per element, ``(value, (node, input_index, element_index))`` when the element is
-    a constant that can be rewritten, or ``(None, None)`` when it is computed at run time; or None when
-    even the length is unknown.
+    a constant that can be rewritten, ``(("size", tensor, axis), None)`` when it is read at run time from
+    a tensor's size (``x.size(-1)``: it follows that size after pruning by itself), or ``(None, None)``
+    when it is computed otherwise; or None when even the length is unknown.
     """
     name = node.input[index] if index < len(node.input) else ""
     if not name:
@@ -36,12 +37,24 @@ def shape_elements(ctx, node, index: int):
     if value is not None:
         return [(int(v), (node, index, k)) for k, v in enumerate(value.reshape(-1))]
     producer = ctx.graph.producer.get(name)
+    if producer is not None and producer.op_type in ("Identity", "Cast", "Reshape") and ctx.rank(name) == 1:
+        return shape_elements(ctx, producer, 0)
+    if producer is not None and producer.op_type == "Where" and _is_minus_one_guard(ctx, producer):
+        # torch exports expand(*sizes) as Where(Equal(s, -1), 1, s): with no -1 left, it is s.
+        inner = shape_elements(ctx, producer, 2)
+        if inner is not None and all(v != -1 for v, _ in inner):
+            return inner
+        return None
     if producer is not None and producer.op_type == "Concat":
         out = []
         for j, piece in enumerate(producer.input):
             pv = ctx.const(piece)
             if pv is not None:
                 out += [(int(v), (producer, j, k)) for k, v in enumerate(pv.reshape(-1))]
+                continue
+            sizes = _runtime_sizes(ctx, piece)
+            if sizes is not None:
+                out += [(sz, None) for sz in sizes]
                 continue
             n = ctx.size(piece, 0) if ctx.rank(piece) == 1 else (1 if ctx.rank(piece) == 0 else None)
             if not isinstance(n, int):
@@ -50,6 +63,48 @@ def shape_elements(ctx, node, index: int):
         return out
     n = ctx.size(name, 0)
     return [(None, None)] * n if isinstance(n, int) else None
+
+
+def _is_minus_one_guard(ctx, where) -> bool:
+    cond = ctx.graph.producer.get(where.input[0])
+    if cond is None or cond.op_type != "Equal" or where.input[2] not in cond.input:
+        return False
+    other = cond.input[1] if cond.input[0] == where.input[2] else cond.input[0]
+    value = ctx.const(other)
+    return value is not None and bool(np.all(value == -1))
+
+
+def _runtime_sizes(ctx, name: str, depth: int = 4):
+    """``[("size", tensor, axis), ...]`` if `name` is read from tensor sizes (Shape, Gather of Shape)."""
+    node = ctx.graph.producer.get(name)
+    while node is not None and depth and node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+        node, depth = ctx.graph.producer.get(node.input[0]), depth - 1
+    if node is None:
+        return None
+    if node.op_type == "Shape":
+        rank = ctx.rank(node.input[0])
+        at = attrs(node)
+        if rank is None:
+            return None
+        start, end = at.get("start", 0), at.get("end", rank)
+        return [("size", node.input[0], k) for k in range(rank)[start:end]]
+    if node.op_type == "Slice" and len(node.input) >= 3:
+        src = _runtime_sizes(ctx, node.input[0], depth - 1)
+        bounds = [ctx.const(n) if n else None for n in list(node.input[1:5]) + [""] * (5 - len(node.input))]
+        if src is None or bounds[0] is None or bounds[1] is None:
+            return None
+        step = int(bounds[3].reshape(-1)[0]) if bounds[3] is not None else 1
+        return src[int(bounds[0].reshape(-1)[0]) : int(bounds[1].reshape(-1)[0]) : step]
+    if node.op_type == "Gather":
+        src = _runtime_sizes(ctx, node.input[0], depth - 1)
+        idx = ctx.const(node.input[1])
+        if src is None or idx is None:
+            return None
+        try:
+            return [src[int(i)] for i in idx.reshape(-1)]
+        except IndexError:
+            return None
+    return None
 
 
 def _same(a, b) -> bool:
@@ -187,13 +242,13 @@ def _couple_reshape(ctx, x: str, y: str, targets=None) -> None:
         raise RuleBarrier("reshape shapes unknown")
     segs = reshape_segments(in_shape, out_shape)
 
-    def rewritable(j: int) -> bool:
+    def rewritable(j: int, a: int | None = None) -> bool:
         if targets is None:
             return True
         if targets is False or j >= len(targets):
             return False
         value, loc = targets[j]
-        return loc is not None or value in (0, -1)
+        return loc is not None or value in (0, -1) or (a is not None and value == ("size", x, a))
 
     for ii, jj in segs:
         if not ii or not jj:
@@ -213,7 +268,7 @@ def _couple_reshape(ctx, x: str, y: str, targets=None) -> None:
             continue
         if len(big_in) == 1 and len(big_out) == 1:
             a, b = big_in[0], big_out[0]
-            if rewritable(b):
+            if rewritable(b, a):
                 ctx.link(x, a, y, b)
             else:
                 ctx.freeze(x, a, "reshape target computed at run time")
@@ -486,7 +541,7 @@ class Expand(ChannelRule):
             in_axis = rx - k
             sx = ctx.size(x, in_axis) if in_axis >= 0 else 1
             value, loc = targets[out_axis - offset] if targets and out_axis - offset >= 0 else (1, None)
-            if sx != 1 and (value == 1 or loc is not None):
+            if sx != 1 and (value == 1 or loc is not None or value == ("size", x, in_axis)):
                 ctx.link(x, in_axis, y, out_axis)
             elif sx != 1:
                 ctx.freeze(x, in_axis, "expand target computed at run time")
