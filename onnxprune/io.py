@@ -46,6 +46,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         raise OnnxPruneError(f"{path}: output path is a directory")
     if path.exists() and not os.access(path, os.W_OK):
         raise OnnxPruneError(f"{path}: output file is not writable")
+    sources = {ext.source(t)[0].resolve() for t in model.graph.initializer if ext.is_lazy(t)}
+    if path.resolve() in sources:
+        raise OnnxPruneError(f"{path}: is the external data file of the input; the input is never overwritten")
     if external_data is None:
         external_data = ext.has_lazy(model) or _too_big(model)
     if not external_data and ext.has_lazy(model):
