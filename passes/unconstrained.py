@@ -5,14 +5,18 @@ Start reading at `UnconstrainedPass.call`. The algorithm:
 1. **Boundaries** (`split_boundaries`). In every coupled group, walk forward from each *producer* weight
    (a Conv/Gemm/MatMul writing the group's channels) through single-input per-channel ops until the
    tensor forks or meets a merge (an op with two of the group's activations: Add, Mul, a contraction)
-   or a Concat;
-   walk backward from each *consumer* weight (reading the group's channels) the same way. Where a walk
+   (if the walk passed a Concat, the cut moves before that Concat, so a widening copies only this
+   producer's channels); walk backward from each *consumer* weight (reading the group's channels) the same way. Where a walk
    stops an `Identity` is inserted (after a producer: one on the tensor; before a consumer: one on that
    edge), so that after re-analysis each side of it is a separate dim that may have its own width.
 2. **Pieces** (`build_plan`). The group's dims, joined through every non-boundary node, fall into
    *pieces*. A piece holding a producer or consumer weight is a *unit*: it keeps its own top channels by
-   its own weights' L1 (or L2) norms (per-member mean-normalised, as the constrained criterion), the same
-   count per unit as constrained pruning would keep. The *stream* (every other piece) keeps the union U.
+   its own scores, the same count per unit as constrained pruning keeps per group. Scores
+   (`energy_scores`, default): a producer's channel energy E[out^2] after its BatchNorm (+ReLU) from
+   (beta, gamma); a consumer's ||W[:, c]||^2 times its input energy (its own pre-activation BatchNorm,
+   else the stream producers' energies); ``l1``/``l2`` use BatchNorm-folded weight norms instead. The
+   *stream* (every other piece) keeps the union U, rounded up to a multiple of ``stream_multiple``
+   with channels no unit keeps (exact: every reader has zero columns there).
 3. **Oracle** (`mask_model`): the original model with each parameter silenced outside its own piece's
    kept set (zero; 1 for variances/divisors). The export computes exactly this.
 4. **Export** (`export`). Every dim takes the positions of its width (a unit's own set when the unit is
@@ -216,22 +220,31 @@ def _walk_forward(graph, r, node, tensor_cuts, edge_cuts) -> None:
     if len(outs) != 1:
         return
     t = outs[0]
+    before_concat = None  # the edge into the first Concat on the way: a cheaper place to widen
+
+    def cut(tensor_cut: str | None, edge_cut: tuple | None) -> None:
+        if before_concat is not None:
+            edge_cuts.add(before_concat)
+        elif tensor_cut is not None:
+            tensor_cuts.add(tensor_cut)
+        else:
+            edge_cuts.add(edge_cut)
+
     while True:
         uses = graph.consumers.get(t, [])
         if len(uses) >= 2:
-            tensor_cuts.add(t)
-            return
+            return cut(t, None)
         if len(uses) != 1:
             return
         nxt = uses[0].node
         kind = _kind(r, nxt)
-        if kind == "merge" or nxt.op_type == "Concat":
-            # Widen before a Concat: the scatter then copies this producer's channels only, not the
-            # whole concatenation.
-            edge_cuts.add((t, nxt.name, uses[0].index))
-            return
+        if kind == "merge":
+            return cut(None, (t, nxt.name, uses[0].index))
         if kind != "chain":
-            return
+            return  # a consumer (a producer->consumer chain: no boundary) or the group ends
+        if nxt.op_type == "Concat" and before_concat is None:
+            # Widening before the Concat copies this producer's channels only, not the concatenation.
+            before_concat = (t, nxt.name, uses[0].index)
         t = r.g_out[nxt.name][0]
 
 
