@@ -100,3 +100,56 @@ def test_layernorm_hidden_is_inexact_and_opt_in():
     allowed = analyze(ModelGraph(model), allow_inexact=True)
     assert not any(g.inexact for g in default.groups)
     assert any(g.inexact for g in allowed.groups)
+
+
+@pytest.mark.parametrize("opset", [18, 21])
+@pytest.mark.parametrize("name", ["residual", "split", "attention", "mixed_ops"])
+def test_newer_opsets(name, opset):
+    """Upgraded models use the input forms of Split sizes, Squeeze/Reduce axes, Slice bounds."""
+    from onnx import version_converter
+
+    model = canonical(version_converter.convert_version(TEST_MODELS[name](), opset))
+    analysis = analyze(ModelGraph(model))
+    assert analysis.groups
+    inputs = random_inputs(model, seed=2)
+    for group in analysis.groups:
+        assert dead_channel_check(analysis, group, inputs).error <= 1e-5
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_older_opsets_from_torch(opset, tmp_path):
+    """Old opsets (attribute forms of Split/Squeeze/Unsqueeze/Reduce) from a real exporter."""
+    torch = pytest.importorskip("torch")
+    import onnx
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(16)
+            self.a = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.b = torch.nn.Conv2d(8, 12, 1)
+            self.dw = torch.nn.Conv2d(20, 20, 3, padding=1, groups=20)
+            self.fc = torch.nn.Linear(20, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.bn(self.stem(x)))
+            left, right = torch.chunk(x, 2, dim=1)  # Split
+            y = torch.cat([torch.relu(self.a(left)), self.b(right)], dim=1)
+            y = self.dw(y) * torch.sigmoid(y.mean(dim=(2, 3), keepdim=True))  # ReduceMean, SE-like gate
+            return self.fc(y.mean(dim=(2, 3)).unsqueeze(1).squeeze(1))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / f"net{opset}.onnx"
+    torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, opset_version=opset,
+                      do_constant_folding=False, input_names=["x"], output_names=["y"])  # fmt: skip
+    model = canonical(onnx.load(str(path)))
+    analysis = analyze(ModelGraph(model))
+    assert len(analysis.groups) >= 3
+    inputs = random_inputs(model, seed=4)
+    for group in analysis.groups:
+        assert dead_channel_check(analysis, group, inputs).error <= 1e-5
