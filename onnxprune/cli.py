@@ -156,6 +156,10 @@ def cmd_prune(args) -> int:
     out = Path(args.output) if args.output else src.with_name(src.name.removesuffix(".onnx") + ".pruned.onnx")
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise UsageError("output path equals the input path; the input is never overwritten")
+    from onnxprune.external import referenced_files
+
+    if out.exists() and out.resolve() in referenced_files(src):
+        raise UsageError("output path is an external data file of the input; the input is never overwritten")
     if args.mode == "unconstrained":
         return _prune_unconstrained(args, src, out)
     config = PruneConfig(

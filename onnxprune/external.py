@@ -217,3 +217,19 @@ def copy_range(src: Path, offset: int, length: int, dst, chunk: int = 64 << 20) 
                 raise ModelError(f"{src}: external data file shrank while reading")
             dst.write(block)
             left -= len(block)
+
+
+def referenced_files(path: str | os.PathLike) -> set[Path]:
+    """Resolved paths of the external data files a model file refers to (empty if unreadable)."""
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return set()
+    out = set()
+    for t in all_tensors(model):
+        if is_external(t):
+            location = _info(t).get("location", "")
+            if location:
+                out.add((path.parent / location).resolve())
+    return out

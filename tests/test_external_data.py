@@ -166,6 +166,6 @@ def test_range_past_end_is_refused(tmp_path):
 def test_output_onto_input_data_file_is_refused(tmp_path, capsys):
     src = _save_external(TEST_MODELS["residual"](), tmp_path / "m.onnx")
     before = _digest(tmp_path)
-    assert main(["prune", str(src), "-o", str(tmp_path / "m.onnx.data")]) == 1
+    assert main(["prune", str(src), "-o", str(tmp_path / "m.onnx.data")]) == 2
     assert "never overwritten" in capsys.readouterr().err
     assert _digest(tmp_path) == before
