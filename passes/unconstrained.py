@@ -6,7 +6,8 @@ Start reading at `UnconstrainedPass.call`. The algorithm:
    (a Conv/Gemm/MatMul writing the group's channels) through single-input per-channel ops until the
    tensor forks or meets a merge (an op with two of the group's activations: Add, Mul, a contraction)
    (if the walk passed a Concat, the cut moves before that Concat, so a widening copies only this
-   producer's channels); walk backward from each *consumer* weight (reading the group's channels) the same way. Where a walk
+   producer's channels); walk backward from each *consumer* weight (reading the group's channels) the
+   same way (past a Concat, the cut moves after it: one gather then serves all of its inputs). Where a walk
    stops an `Identity` is inserted (after a producer: one on the tensor; before a consumer: one on that
    edge), so that after re-analysis each side of it is a separate dim that may have its own width.
 2. **Pieces** (`build_plan`). The group's dims, joined through every non-boundary node, fall into
@@ -253,20 +254,25 @@ def _walk_backward(graph, r, node, edge_cuts) -> None:
     if len(ins) != 1:
         return
     cur, index = node, ins[0]
+    after_concat = None  # the edge out of the nearest Concat: one gather there serves every input
+
+    def cut(edge: tuple) -> None:
+        edge_cuts.add(after_concat if after_concat is not None else edge)
+
     while True:
         t = cur.input[index]
         if len(graph.consumers.get(t, [])) >= 2:
-            edge_cuts.add((t, cur.name, index))
-            return
+            return cut((t, cur.name, index))
         prev = graph.producer.get(t)
         if prev is None:
             return
         kind = _kind(r, prev)
         if kind == "merge":
-            edge_cuts.add((t, cur.name, index))
-            return
+            return cut((t, cur.name, index))
         if kind != "chain":
             return
+        if prev.op_type == "Concat" and after_concat is None:
+            after_concat = (t, cur.name, index)
         cur, index = prev, r.g_in[prev.name][0]
 
 
