@@ -104,3 +104,17 @@ def test_dynamic_sequence_length(name):
 )  # fmt: skip
 def test_zoo_all(name):
     _check(name, max_groups=50)
+
+
+def test_hidden_size_is_one_opt_in_group():
+    """The residual stream's hidden size (RMSNorm-coupled) is one big inexact group, off by default."""
+    model = _model("llama_tiny")
+    assert not any(g.inexact for g in analyze(ModelGraph(model)).groups)
+    hidden = [g for g in analyze(ModelGraph(model), allow_inexact=True).groups if g.inexact]
+    assert len(hidden) == 1 and hidden[0].size == 128
+    names = {m.tensor for m in hidden[0].param_members}
+    assert any("embed_tokens" in n for n in names)  # the embedding table's hidden axis is in it
+    pruned = PrunePass(PruneConfig(ratio=0.25, allow_inexact=True)).run(model).model
+    check_model(pruned)
+    out = run(pruned, random_inputs(model))
+    assert out[0].shape == (1, 16, 1000) and np.isfinite(out[0]).all()
