@@ -594,9 +594,19 @@ def _symbolic_infer(light: onnx.ModelProto) -> onnx.ModelProto | None:
         SymbolicShapeInference = _symbolic_module().SymbolicShapeInference
     except Exception:
         return None
+    import tempfile
+
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
+        # On incomplete inference it saves "sym_shape_infer_temp.onnx" into the working directory: run it
+        # in a scratch folder so nothing is ever written beside the user's files.
+        with tempfile.TemporaryDirectory(prefix="onnxprune-ssi-") as scratch:
+            cwd = os.getcwd()
+            os.chdir(scratch)
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    return SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
+            finally:
+                os.chdir(cwd)
     except Exception:
         return None
 
