@@ -11,8 +11,9 @@ namespace tvm {
 namespace support {
 class BytesInStream : public Stream {
  public:
-  explicit BytesInStream(const std::string& s) : data_(s.data()), size_(s.size()) {}
-  BytesInStream(const char* d, size_t n) : data_(d), size_(n) {}
+  // Keeps its own copy: callers pass ffi::Bytes, which converts to a temporary std::string.
+  explicit BytesInStream(std::string s) : owned_(std::move(s)), data_(owned_.data()), size_(owned_.size()) {}
+  BytesInStream(const char* d, size_t n) : owned_(d, n), data_(owned_.data()), size_(owned_.size()) {}
   using Stream::Read;
   using Stream::Write;
   size_t Read(void* ptr, size_t size) override {
@@ -24,6 +25,7 @@ class BytesInStream : public Stream {
   size_t Write(const void*, size_t) override { return 0; }
 
  private:
+  std::string owned_;
   const char* data_;
   size_t size_;
   size_t pos_ = 0;
