@@ -2,7 +2,8 @@
 
     python bench/unconstrained.py [--ratio 0.5] [--rounds 30] [--only resnet50] [--skip-accuracy]
 
-Latency: onnxruntime CPU (graph optimisations on, as deployed), batch 1, the median of many runs, all
+Latency: onnxruntime CPU (graph optimisations on, as deployed; one intra-op thread by default, which is
+least disturbed by other load on the machine), batch 1, the median of many runs, all
 exports of one model measured in the same process and interleaved round by round: dense, constrained
 (`PrunePass`), unconstrained-naive (original order, Gather / Pad+Gather) and unconstrained-reordered
 (`UnconstrainedPass` with reordering and the copy/absorb cost model), at the same ratio — so the same
@@ -34,6 +35,7 @@ from onnxprune.importer import import_model  # noqa: E402
 from onnxprune.metrics import count_params  # noqa: E402
 from onnxprune.passes.pruning import PruneConfig, PrunePass  # noqa: E402
 from onnxprune.passes.unconstrained import (  # noqa: E402
+    CostModel,
     UnconstrainedConfig,
     UnconstrainedPass,
     copy_report,
@@ -78,10 +80,15 @@ def _export_here(name: str) -> Path:
     return path
 
 
+THREADS = 1
+
+
 def session(model):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -104,13 +111,13 @@ def latencies(models: dict, inputs: dict, rounds: int, per_round: int) -> dict[s
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_model(name: str, ratio: float, rounds: int, per_round: int) -> dict:
+def bench_model(name: str, ratio: float, rounds: int, per_round: int, cost: CostModel | None = None) -> dict:
     dense = import_model(model_path(name))
     inputs = random_inputs(dense, seed=0)
     t = time.perf_counter()
     constrained = PrunePass(PruneConfig(ratio=ratio)).run(dense).model
     naive = UnconstrainedPass(UnconstrainedConfig(ratio=ratio, reorder=False)).run(dense)
-    reordered = UnconstrainedPass(UnconstrainedConfig(ratio=ratio, reorder=True)).run(dense)
+    reordered = UnconstrainedPass(UnconstrainedConfig(ratio=ratio, reorder=True, cost=cost or CostModel())).run(dense)
     prune_s = time.perf_counter() - t
     oracle = mask_model(dense, reordered.info["plan"])
     expected = run(oracle, inputs)
@@ -162,16 +169,22 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", choices=MODELS)
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (1: least noisy)")
+    ap.add_argument("--fixed-cost", action="store_true", help="use the default CostModel, do not measure")
     args = ap.parse_args(argv)
+    global THREADS
+    THREADS = args.threads
 
     import onnxruntime
 
-    print(f"onnxruntime {onnxruntime.__version__}, CPU, batch 1, ratio {args.ratio}, "
+    print(f"onnxruntime {onnxruntime.__version__}, CPU ({args.threads} thread), batch 1, ratio {args.ratio}, "
           f"median of {args.rounds * args.per_round} runs per export (interleaved)")
     if not args.skip_latency:
+        cost = CostModel() if args.fixed_cost else CostModel.measure(threads=args.threads)
+        print(f"cost model ({'default' if args.fixed_cost else 'measured here'}): {cost}")
         results = []
         for name in args.only or MODELS:
-            r = bench_model(name, args.ratio, args.rounds, args.per_round)
+            r = bench_model(name, args.ratio, args.rounds, args.per_round, cost)
             results.append(r)
             ms, c = r["ms"], r["copies"]
             print(f"\n== {name}  (pruning {r['prune_s']:.1f} s; max rel error vs masked original: "
