@@ -142,6 +142,26 @@ class CostModel:
         )
 
 
+@dataclass(frozen=True)
+class UnconstrainedConfig:
+    """ratio: fraction of channels each unit drops; criterion: how a unit scores its own channels."""
+
+    ratio: float = 0.3
+    criterion: str = "energy"  # "energy" (BN-aware, data-free), "l1" or "l2" (BN-folded weight norms)
+    reorder: bool = True
+    absorb: bool = True  # let the cost model absorb copies into weights (reordered export only)
+    stream_multiple: int = 8  # round the stream width up to a multiple of this (1: exact union)
+    cost: CostModel = field(default_factory=CostModel)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio < 1:
+            raise UsageError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.stream_multiple < 1:
+            raise UsageError(f"stream_multiple must be >= 1, got {self.stream_multiple}")
+        if self.criterion not in ("energy", "l1", "l2"):
+            raise UsageError(f"unconstrained criterion must be energy, l1 or l2, got {self.criterion!r}")
+
+
 # ---- 1. boundaries ----------------------------------------------------------------------------------
 @dataclass
 class _Roles:
