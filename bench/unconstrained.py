@@ -24,17 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from onnxprune.graph import ModelGraph  # noqa: E402
-from onnxprune.importer import import_model  # noqa: E402
-from onnxprune.metrics import count_params  # noqa: E402
-from onnxprune.passes.pruning import PruneConfig, PrunePass  # noqa: E402
-from onnxprune.passes.unconstrained import (  # noqa: E402
+from onnxprune.passes.pruning import PruneConfig, PrunePass
+from onnxprune.passes.unconstrained import (
     CostModel,
     UnconstrainedConfig,
     UnconstrainedPass,
@@ -42,7 +37,11 @@ from onnxprune.passes.unconstrained import (  # noqa: E402
     effective_params,
     mask_model,
 )
-from onnxprune.verify import max_rel_error, random_inputs, run  # noqa: E402
+
+from onnxprune.graph import ModelGraph
+from onnxprune.importer import import_model
+from onnxprune.metrics import count_params
+from onnxprune.verify import max_rel_error, random_inputs, run
 
 MODELS = ("resnet50", "densenet121", "mobilenet_v2", "efficientnet_b0")
 

@@ -46,14 +46,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnxprune.passes.reorder import choose_order, dim_takes
+from onnxprune.passes.scoring import per_channel, position_norms
 
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, ChannelSlice, DimRef, analyze
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph, attrs
 from onnxprune.importer import check_model, infer_shapes
 from onnxprune.metrics import count_params, node_macs
-from onnxprune.passes.reorder import choose_order, dim_takes
-from onnxprune.passes.scoring import per_channel, position_norms
 from onnxprune.passmanager import Pass, PassResult
 
 BOUNDARY = "upscale_boundary"
@@ -131,7 +131,7 @@ class CostModel:
         gathered = timed(helper.make_node("Gather", ["x", "i"], ["y"], axis=1), big, [i64(idx, "i")])
         overhead = timed(helper.make_node("Slice", ["x", "s", "e", "a"], ["y"]), tiny, [i64([0], "s"), i64([4], "e"), i64([1], "a")])
         nbytes = half * size * size * 4
-        clip = lambda v: float(np.clip(v, 1e8, 1e11))  # noqa: E731
+        clip = lambda v: float(np.clip(v, 1e8, 1e11))
         copy_bw = clip(nbytes / max(sliced - overhead, 1e-7))
         return cls(
             op_overhead_s=overhead,
@@ -580,7 +580,7 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
         units = [pc for pc in pieces if pc.is_unit]
         if not units:
             continue
-        n_keep = max(1, group.size - int(math.floor(config.ratio * group.size + 1e-9)))
+        n_keep = max(1, group.size - math.floor(config.ratio * group.size + 1e-9))
         for pc in units:
             override = (keeps or {}).get((group.id, pc.id))
             if override is not None:
@@ -658,7 +658,12 @@ def _takes(plan: UnconstrainedPlan) -> dict[DimRef, np.ndarray]:
 
 def export(plan: UnconstrainedPlan, contiguous_ops: bool = True) -> onnx.ModelProto:
     """The pruned model: parameters masked and taken, boundaries turned into copies (or bypassed)."""
-    from onnxprune.rewrite import RewriteContext, _copy_without_weights, _materialize_edits, _remove_unused_initializers
+    from onnxprune.rewrite import (
+        RewriteContext,
+        _copy_without_weights,
+        _materialize_edits,
+        _remove_unused_initializers,
+    )
     from onnxprune.rules import RULES
 
     graph = plan.analysis.graph
@@ -688,7 +693,7 @@ def export(plan: UnconstrainedPlan, contiguous_ops: bool = True) -> onnx.ModelPr
     nodes = {n.name: n for n in g.node}
     originals = {n.name: n for n in graph.nodes}
     changed = {ref.tensor for ref in removed}
-    for name, node in nodes.items():
+    for node in nodes.values():
         rule = RULES.get(node.domain, node.op_type)
         if rule is not None and (set(node.input) | set(node.output)) & changed:
             rule.rewrite(node, ctx)
@@ -951,9 +956,9 @@ class UnconstrainedPass(Pass):
             "copies": report,
             "seconds": round(time.perf_counter() - start, 3),
         }
-        from onnxprune.passes.pruning import SUMMARY_KEY, _set_metadata
-
         import json
+
+        from onnxprune.passes.pruning import SUMMARY_KEY, _set_metadata
 
         _set_metadata(pruned, SUMMARY_KEY, json.dumps(summary))
         return PassResult(pruned, True, {"summary": summary, "plan": plan, "copies": report})
