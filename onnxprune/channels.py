@@ -334,6 +334,13 @@ def analyze(graph: ModelGraph, *, allow_inexact: bool = False) -> ChannelAnalysi
             _freeze_node(ctx, node, str(exc))
             barriers.append(Barrier(node.name, node.op_type, str(exc)))
             continue
+        except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            # A malformed node (shapes/attributes the checker let through): refuse with one line.
+            from onnxprune.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"{node.op_type} {node.name}: inconsistent shapes or attributes ({type(exc).__name__}: {exc})"
+            ) from None
         # Safe by default: a dim of a data input/output that the rule did not map is frozen.
         static = rule.static_inputs(node)
         for i in static:

@@ -110,6 +110,7 @@ def attach(model: onnx.ModelProto, base_dir: str | os.PathLike) -> None:
         ModelError: a location that is absolute or escapes `base_dir`, a missing file, a range past the
             end of the file, or a length that does not match the tensor's shape.
     """
+    check_tensor_types(model)
     base = Path(base_dir).resolve()
     for t in model.graph.initializer:  # main-graph weights may stay lazy
         if is_external(t):
@@ -233,3 +234,14 @@ def referenced_files(path: str | os.PathLike) -> set[Path]:
             if location:
                 out.add((path.parent / location).resolve())
     return out
+
+
+def check_tensor_types(model: onnx.ModelProto) -> None:
+    """Refuse initializers whose element type onnx does not know (the checker lets some through)."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    for t in all_tensors(model):
+        try:
+            tensor_dtype_to_np_dtype(t.data_type)
+        except Exception:
+            raise ModelError(f"tensor {t.name!r} has unknown element type {t.data_type}") from None

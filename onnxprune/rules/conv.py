@@ -21,7 +21,11 @@ def _sizes(node, ctx, transpose: bool):
     wshape = ctx.shape(w)
     if not isinstance(c_in, int) or wshape is None or not all(isinstance(d, int) for d in wshape[:2]):
         raise RuleBarrier("channel sizes unknown")
+    if len(wshape) < 2 or len(wshape) != ctx.rank(x):
+        raise RuleBarrier(f"weight rank {len(wshape)} does not match input rank {ctx.rank(x)}")
     group = attrs(node).get("group", 1)
+    if not isinstance(group, int) or group < 1:
+        raise RuleBarrier(f"invalid group {group!r}")
     if transpose:
         c_out = wshape[1] * group
         cin_g, cout_g = wshape[0] // group, wshape[1]
