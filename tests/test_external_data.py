@@ -169,3 +169,18 @@ def test_output_onto_input_data_file_is_refused(tmp_path, capsys):
     assert main(["prune", str(src), "-o", str(tmp_path / "m.onnx.data")]) == 2
     assert "never overwritten" in capsys.readouterr().err
     assert _digest(tmp_path) == before
+
+
+def test_in_memory_model_over_the_limit_is_written_with_external_data(tmp_path, monkeypatch):
+    from onnxprune import io
+
+    model = TEST_MODELS["residual"]()
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 50_000)  # stand-in for 2 GB: the model is 176 kB
+    path = save_model(model, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").exists()
+    header = onnx.load(str(path), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
+    assert _tensors(path) == {t.name: numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 2**31 - 1)
+    small = save_model(model, tmp_path / "small.onnx")
+    assert not (tmp_path / "small.onnx.data").exists() and _tensors(small) == _tensors(path)
