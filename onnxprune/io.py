@@ -72,7 +72,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         os.replace(tmp, path)
         temps.remove(tmp)
         for stale in old_data - ({data_name} if data_name else set()):
-            _remove_quietly(folder / stale)
+            if (folder / stale).resolve() not in sources:  # never delete what the model still reads
+                _remove_quietly(folder / stale)
     except OnnxPruneError:
         raise
     except OSError as exc:
