@@ -157,13 +157,14 @@ def accuracy(ratios: list[float]) -> list[dict]:
         return hits / len(images)
 
     base = top1(dense)
-    rows = [{"ratio": 0.0, "constrained": base, "unconstrained": base, "unconstrained_l1": base,
+    rows = [{"ratio": 0.0, "constrained": base, "constrained_bn": base, "unconstrained": base, "unconstrained_l1": base,
              "nonzero_c": effective_params(dense), "nonzero_u": effective_params(dense)}]
     for r in ratios:
         c = PrunePass(PruneConfig(ratio=r)).run(dense).model
+        cbn = PrunePass(PruneConfig(ratio=r, criterion="bn")).run(dense).model
         u = UnconstrainedPass(UnconstrainedConfig(ratio=r)).run(dense).model
         u1 = UnconstrainedPass(UnconstrainedConfig(ratio=r, criterion="l1")).run(dense).model
-        rows.append({"ratio": r, "constrained": top1(c), "unconstrained": top1(u), "unconstrained_l1": top1(u1),
+        rows.append({"ratio": r, "constrained": top1(c), "constrained_bn": top1(cbn), "unconstrained": top1(u), "unconstrained_l1": top1(u1),
                      "nonzero_c": effective_params(c), "nonzero_u": effective_params(u)})
     return rows
 
@@ -212,11 +213,12 @@ def main(argv=None) -> int:
             print(f"  {r['name']:<16} {ms['naive'] / ms['reordered']:>5.2f}x  {ms['reordered'] / ms['constrained']:>5.2f}")
     if not args.skip_accuracy:
         print("\n== Fashion-MNIST CNN (bundled, trained): top-1 on 10k test images")
-        print("constrained: PrunePass l1; unconstrained: energy criterion (default); unconstrained_l1: l1")
-        print(f"{'ratio':>6}{'constrained':>13}{'unconstrained':>15}{'unconstr_l1':>13}{'nonzero c':>11}{'nonzero u':>11}")
+        print("constrained: PrunePass l1 / bn (|gamma|); unconstrained: energy criterion (default) / l1")
+        print(f"{'ratio':>6}{'constr_l1':>11}{'constr_bn':>11}{'unconstr':>10}{'unconstr_l1':>13}"
+              f"{'nonzero c':>11}{'nonzero u':>11}")
         for row in accuracy([0.05, 0.1, 0.2, 0.3, 0.5]):
-            print(f"{row['ratio']:>6.2f}{row['constrained']:>13.4f}{row['unconstrained']:>15.4f}"
-                  f"{row['unconstrained_l1']:>13.4f}"
+            print(f"{row['ratio']:>6.2f}{row['constrained']:>11.4f}{row['constrained_bn']:>11.4f}"
+                  f"{row['unconstrained']:>10.4f}{row['unconstrained_l1']:>13.4f}"
                   f"{row['nonzero_c']:>11}{row['nonzero_u']:>11}")
     return 0
 

@@ -158,8 +158,8 @@ class UnconstrainedConfig:
             raise UsageError(f"ratio must be in [0, 1), got {self.ratio}")
         if self.stream_multiple < 1:
             raise UsageError(f"stream_multiple must be >= 1, got {self.stream_multiple}")
-        if self.criterion not in ("energy", "l1", "l2"):
-            raise UsageError(f"unconstrained criterion must be energy, l1 or l2, got {self.criterion!r}")
+        if self.criterion not in ("energy", "bn", "l1", "l2"):
+            raise UsageError(f"unconstrained criterion must be energy, bn, l1 or l2, got {self.criterion!r}")
 
 
 # ---- 1. boundaries ----------------------------------------------------------------------------------
@@ -478,6 +478,19 @@ def unit_scores(piece: Piece, analysis: ChannelAnalysis, size: int, p: int = 1) 
     return total * _bn_factor(piece, analysis, size)
 
 
+def _bn_gamma(piece: Piece, analysis: ChannelAnalysis, size: int) -> np.ndarray | None:
+    """|gamma| of the piece's BatchNormalization per channel (the ``bn`` criterion), or None."""
+    graph = analysis.graph
+    members = {m.tensor: m for m in piece.members}
+    for node in graph.nodes:
+        if node.op_type == "BatchNormalization" and node.name in piece.nodes and node.input[1] in members:
+            m = members[node.input[1]]
+            counts = np.maximum(np.bincount(m.channel_of, minlength=size), 1)
+            g = np.abs(graph.const(node.input[1])[m.positions]).astype(np.float64)
+            return np.bincount(m.channel_of, weights=g, minlength=size) / counts
+    return None
+
+
 def _relu_after(node: onnx.NodeProto, graph: ModelGraph) -> bool:
     uses = graph.consumers.get(node.output[0], [])
     return len(uses) == 1 and uses[0].node.op_type in ("Relu", "Clip")
@@ -590,6 +603,9 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
             else:
                 if config.criterion == "energy":
                     scores = energy_scores(pc, pieces, analysis, group.size)
+                elif config.criterion == "bn":
+                    gamma = _bn_gamma(pc, analysis, group.size)
+                    scores = gamma if gamma is not None else energy_scores(pc, pieces, analysis, group.size)
                 else:
                     scores = unit_scores(pc, analysis, group.size, 2 if config.criterion == "l2" else 1)
                 order = np.argsort(-scores, kind="stable")
