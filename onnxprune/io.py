@@ -71,9 +71,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
             _write_proto(model, tmp)
         os.replace(tmp, path)
         temps.remove(tmp)
+        # The replaced destination's data files go with it (also when they fed this very model: saving a
+        # model over the file it was loaded from must not leave a multi-GB orphan behind).
         for stale in old_data - ({data_name} if data_name else set()):
-            if (folder / stale).resolve() not in sources:  # never delete what the model still reads
-                _remove_quietly(folder / stale)
+            _remove_quietly(folder / stale)
     except OnnxPruneError:
         raise
     except OSError as exc:
