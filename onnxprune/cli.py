@@ -249,8 +249,8 @@ def _prune_unconstrained(args, src: Path, out: Path) -> int:
     from onnxprune.io import save_model
     from onnxprune.passes.unconstrained import UnconstrainedConfig, UnconstrainedPass
 
-    if args.criterion not in ("l1", "l2", "energy"):
-        raise UsageError("--mode unconstrained scores each layer by its own weights: use --criterion l1, l2 or energy")
+    if args.criterion not in ("l1", "l2", "energy", "bn"):
+        raise UsageError("--mode unconstrained scores each layer by its own weights: --criterion energy, bn, l1 or l2")
     if args.global_ranking or args.round_to != 1 or args.allow_inexact:
         raise UsageError("--global, --round-to and --allow-inexact apply to --mode constrained only")
     for option in ("repair", "allocation", "target_params", "target_macs", "calib"):
