@@ -899,6 +899,15 @@ def _absorb_cost(gp: GroupPlan, pc: Piece, analysis: ChannelAnalysis, cost: Cost
     return total
 
 
+def _reorderable(group: ChannelGroup) -> bool:
+    """Relabelling needs every channel to hold the same number of positions in each dim."""
+    for m in group.members:
+        counts = np.bincount(m.channel_of, minlength=group.size)
+        if counts.min() != counts.max():
+            return False
+    return True
+
+
 def optimize_layout(plan: UnconstrainedPlan, config: UnconstrainedConfig) -> dict:
     """Choose each group's channel order and, per narrowable unit, copy or absorb (see docstring)."""
     graph = plan.analysis.graph
@@ -907,6 +916,8 @@ def optimize_layout(plan: UnconstrainedPlan, config: UnconstrainedConfig) -> dic
         candidates = [pc for pc in gp.pieces if pc.is_unit and pc.narrowable and (pc.in_boundaries or pc.out_boundaries)]
         if not candidates:
             continue
+        if not _reorderable(gp.group):
+            continue  # channels with different position counts in some dim: keep the original order
         for _ in range(3):
             narrowed = [pc for pc in candidates if pc.narrow]
             weights = [_copy_cost(gp, pc, graph, config.cost, False) + 1e-9 for pc in narrowed]
