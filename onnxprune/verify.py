@@ -73,7 +73,8 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0, dims: dict[str, int] | 
                 shape.append((dims or {}).get(d.dim_param, 1 if k == 0 else 32))
         dtype = tensor_dtype_to_np_dtype(tt.elem_type)
         if dtype.kind in "iu":
-            out[vi.name] = rng.integers(0, 16, size=shape).astype(dtype)
+            high = 2 if any(k in vi.name for k in ("mask", "type")) else 16  # masks, segment ids
+            out[vi.name] = rng.integers(0, high, size=shape).astype(dtype)
         elif dtype.kind == "b":
             out[vi.name] = rng.random(shape) > 0.5
         else:
