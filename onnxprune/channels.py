@@ -465,18 +465,12 @@ def _build_groups(ctx, labels, frozen_labels, inexact_labels, allow_inexact) -> 
         lookup[lab_arr] = -1
         inexact = bool(set(lab_arr.tolist()) & inexact_labels)
         groups.append(ChannelGroup(len(groups), len(lab_arr), tuple(members), lab_arr, params, inexact))
-    groups.sort(key=lambda g: min(_first_node_index(ctx, m.tensor) for m in g.members))
+    # Groups in graph order (by the first node touching any member): stable, readable ids.
+    first_use: dict[str, int] = {}
+    for i, node in enumerate(graph.nodes):
+        for name in list(node.input) + list(node.output):
+            first_use.setdefault(name, i)
+    groups.sort(key=lambda g: min(first_use.get(m.tensor, 1 << 30) for m in g.members))
     for i, g in enumerate(groups):
         g.id = i
     return groups
-
-
-def _first_node_index(ctx: CouplingContext, tensor: str) -> int:
-    cache = getattr(ctx, "_node_index", None)
-    if cache is None:
-        cache = {}
-        for i, node in enumerate(ctx.graph.nodes):
-            for name in list(node.input) + list(node.output):
-                cache.setdefault(name, i)
-        ctx._node_index = cache
-    return cache.get(tensor, 1 << 30)
