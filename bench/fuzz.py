@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.fuzzing import FuzzRunner, Outcome, base_models, layout, make_case, save_crasher, summarize  # noqa: E402
+from onnxprune.fuzzing import FuzzRunner, Outcome, base_models, layout, make_case, save_crasher, summarize
 
 
 def run_subprocess(case, timeout: float) -> Outcome:

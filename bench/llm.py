@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.decoder import CONFIGS, build_decoder  # noqa: E402
+from models.decoder import CONFIGS, build_decoder
 
 
 def run_child(cmd: list[str]) -> tuple[float, int, str]:

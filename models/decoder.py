@@ -188,8 +188,8 @@ def build_decoder(cfg: DecoderConfig, folder: str | os.PathLike, name: str = "de
         act = node("Mul", [gate, node("Sigmoid", [gate])])  # SiLU
         h = node("Add", [h, linear(node("Mul", [act, up]), f"{p}.mlp.down_proj", cfg.ffn, d)])
     h = rmsnorm(h, "norm")
-    logits = node("MatMul", [h, w.random("lm_head.weight", (d, cfg.vocab), 1.0 / np.sqrt(d))])
-    nodes[-1].output[0] = "logits"
+    node("MatMul", [h, w.random("lm_head.weight", (d, cfg.vocab), 1.0 / np.sqrt(d))])
+    nodes[-1].output[0] = "logits"  # the LM head's output is the graph output
     w.close()
     graph = helper.make_graph(
         nodes, "decoder",

@@ -10,15 +10,19 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from onnxprune.passes.block_removal import (
+    BlockRemovalConfig,
+    BlockRemovalPass,
+    _relative_change,
+    find_blocks,
+    remove_block,
+)  # fmt: skip
 
 from models.decoder import CONFIGS, build_decoder, token_inputs
 from onnxprune.external import materialize
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import check_model, import_model
 from onnxprune.metrics import count_params
-from onnxprune.passes.block_removal import (
-    BlockRemovalConfig, BlockRemovalPass, _relative_change, find_blocks, remove_block,
-)  # fmt: skip
 from onnxprune.verify import run
 
 CFG = CONFIGS["tiny"]

@@ -87,8 +87,8 @@ def test_each_hostile_kind(kind, bases, tmp_path):
 
 
 # Hypothesis explores the case generator's seed space (and shrinks a failure to its smallest seed).
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 @settings(max_examples=25, deadline=20_000, suppress_health_check=[HealthCheck.function_scoped_fixture])
