@@ -586,7 +586,11 @@ def _symbolic_module():
 
 def _symbolic_infer(light: onnx.ModelProto) -> onnx.ModelProto | None:
     """onnxruntime's symbolic shape inference: follows shape arithmetic that onnx's inference drops
-    (dynamic-length transformers: masks, run-time Reshape targets)."""
+    (dynamic-length transformers: masks, run-time Reshape targets).
+
+    Driven step by step rather than through `SymbolicShapeInference.infer_shapes`, which saves the
+    model into the working directory when inference is incomplete; a partial result is still useful.
+    """
     import contextlib
     import io
 
@@ -594,19 +598,14 @@ def _symbolic_infer(light: onnx.ModelProto) -> onnx.ModelProto | None:
         SymbolicShapeInference = _symbolic_module().SymbolicShapeInference
     except Exception:
         return None
-    import tempfile
-
     try:
-        # On incomplete inference it saves "sym_shape_infer_temp.onnx" into the working directory: run it
-        # in a scratch folder so nothing is ever written beside the user's files.
-        with tempfile.TemporaryDirectory(prefix="onnxprune-ssi-") as scratch:
-            cwd = os.getcwd()
-            os.chdir(scratch)
-            try:
-                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                    return SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
-            finally:
-                os.chdir(cwd)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            engine = SymbolicShapeInference(2**31 - 1, True, False, 0)
+            engine._preprocess(light)
+            while engine.run_:
+                engine._infer_impl()
+            engine._update_output_from_vi()
+            return engine.out_mp_
     except Exception:
         return None
 
