@@ -284,6 +284,32 @@ class ChannelAnalysis:
                 out[ref] = hit
         return out
 
+    def frozen_weights(self) -> list[dict]:
+        """Weight axes no group can shrink, each with the reason that froze its channels.
+
+        The reason is taken from a frozen dim sharing a channel with the weight axis (a barrier, a graph
+        input/output, a run-time shape); weight axes that are simply not channels (kernel sizes,
+        gathered vocabulary rows) are reported with the reason recorded on them.
+        """
+        in_group = {(m.tensor, m.axis) for g in self.groups for m in g.param_members}
+        reason_of_label: dict[int, str] = {}
+        for ref, reason in self.frozen_reasons.items():
+            for lab in np.unique(self.dim_labels(ref)).tolist():
+                reason_of_label.setdefault(lab, f"{reason} ({ref})")
+        out = []
+        for ref in self.dims:
+            if self.roles.get(ref.tensor) != "weight" or (ref.tensor, ref.axis) in in_group:
+                continue
+            shape = self.graph.shape(ref.tensor)
+            if not shape or shape[ref.axis] <= 1:
+                continue
+            labels = np.unique(self.dim_labels(ref)).tolist()
+            reason = next((reason_of_label[lab] for lab in labels if lab in reason_of_label), None)
+            if reason is None:
+                reason = "removal would be inexact (normalisation statistics); see --allow-inexact"
+            out.append({"tensor": ref.tensor, "axis": ref.axis, "size": int(shape[ref.axis]), "reason": reason})
+        return out
+
     @property
     def prunable_params(self) -> int:
         """Parameter elements that at least one group can remove (each element counted once)."""

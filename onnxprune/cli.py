@@ -138,6 +138,7 @@ def cmd_analyze(args) -> int:
         "prunable_params": analysis.prunable_params,
         "groups": [g.as_dict() for g in analysis.groups],
         "barriers": [b.as_dict() for b in analysis.barriers],
+        "frozen_weights": analysis.frozen_weights(),
     }
     if args.json:
         print(json.dumps(result))

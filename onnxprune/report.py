@@ -46,6 +46,23 @@ def print_analysis(result: dict, analysis) -> None:
         table.add_row(str(g["id"]), str(g["channels"]), _fmt(g["params"]), members)
     console.print(table)
     _print_barriers(console, result["barriers"])
+    _print_frozen(console, result.get("frozen_weights", []))
+
+
+def _print_frozen(console: Console, frozen: list[dict]) -> None:
+    """Why weight axes are not prunable, grouped by reason (most weights first)."""
+    if not frozen:
+        return
+    by_reason: dict[str, list[str]] = {}
+    for f in frozen:
+        reason = f["reason"].split(" (")[0]
+        by_reason.setdefault(reason, []).append(f"{f['tensor']}:{f['axis']}")
+    table = Table(title="weight axes that stay whole, by reason")
+    for col in ("reason", "weight axes", "examples"):
+        table.add_column(col)
+    for reason, items in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        table.add_row(reason, str(len(items)), ", ".join(items[:3]) + (" ..." if len(items) > 3 else ""))
+    console.print(table)
 
 
 def _print_barriers(console: Console, barriers: list[dict]) -> None:

@@ -153,3 +153,12 @@ def test_version_and_help():
     assert _cli("--version")[0] == 0
     assert _cli("--help")[0] == 0
     assert _cli("prune", "--help")[0] == 0
+
+
+def test_analyze_explains_frozen_weights(tmp_model, capsys):
+    """A weight next to a graph output cannot shrink there; analyze says which and why."""
+    path = tmp_model(TEST_MODELS["chain"](), "chain.onnx")
+    assert main(["analyze", str(path), "--json"]) == 0
+    frozen = json.loads(capsys.readouterr().out)["frozen_weights"]
+    head = [f for f in frozen if f["reason"].startswith("graph input/output")]
+    assert head and all({"tensor", "axis", "size", "reason"} <= f.keys() for f in frozen)
