@@ -152,6 +152,11 @@ class UnconstrainedConfig:
     absorb: bool = True  # let the cost model absorb copies into weights (reordered export only)
     stream_multiple: int = 8  # round the stream width up to a multiple of this (1: exact union)
     cost: CostModel = field(default_factory=CostModel)
+    # Blend of each unit's own ranking with the group's shared (constrained) ranking: a unit scores its
+    # channels by (1 - share) * own + share * shared, both mean-normalised. 0: fully unconstrained;
+    # 1: every unit keeps the same channels (constrained pruning with the same criterion, no copies).
+    # In between the kept sets overlap more, so the stream union (and the copies) stay narrower.
+    share: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.ratio < 1:
@@ -160,6 +165,8 @@ class UnconstrainedConfig:
             raise UsageError(f"stream_multiple must be >= 1, got {self.stream_multiple}")
         if self.criterion not in ("energy", "bn", "l1", "l2"):
             raise UsageError(f"unconstrained criterion must be energy, bn, l1 or l2, got {self.criterion!r}")
+        if not 0 <= self.share <= 1:
+            raise UsageError(f"share must be in [0, 1], got {self.share}")
 
 
 # ---- 1. boundaries ----------------------------------------------------------------------------------
@@ -594,6 +601,8 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
         if not units:
             continue
         n_keep = max(1, group.size - math.floor(config.ratio * group.size + 1e-9))
+        own = {pc.id: _own_scores(pc, pieces, analysis, group.size, config.criterion) for pc in units}
+        shared = _shared_scores(group, analysis, config.criterion, list(own.values())) if config.share else None
         for pc in units:
             override = (keeps or {}).get((group.id, pc.id))
             if override is not None:
@@ -601,26 +610,50 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
                 if not keep.any():
                     keep[0] = True
             else:
-                if config.criterion == "energy":
-                    scores = energy_scores(pc, pieces, analysis, group.size)
-                elif config.criterion == "bn":
-                    gamma = _bn_gamma(pc, analysis, group.size)
-                    scores = gamma if gamma is not None else energy_scores(pc, pieces, analysis, group.size)
-                else:
-                    scores = unit_scores(pc, analysis, group.size, 2 if config.criterion == "l2" else 1)
-                order = np.argsort(-scores, kind="stable")
-                keep = np.zeros(group.size, dtype=bool)
-                keep[order[:n_keep]] = True
+                scores = _normalised(own[pc.id])
+                if shared is not None:
+                    scores = (1 - config.share) * scores + config.share * shared
+                # Lowest scores go first; a stable sort of the scores (not of their negation) breaks
+                # ties like constrained pruning does (`plan.make_plan`), so share=1 reproduces it exactly.
+                order = np.argsort(scores, kind="stable")
+                keep = np.ones(group.size, dtype=bool)
+                keep[order[: group.size - n_keep]] = False
             pc.keep = keep
             pc.narrow = pc.narrowable
         union = np.logical_or.reduce([pc.keep for pc in units])
         deficit = -int(union.sum()) % max(1, config.stream_multiple)
-        if deficit and union.sum() + deficit <= group.size:
+        same = all(np.array_equal(pc.keep, union) for pc in units)  # constrained: no stream to widen
+        if deficit and not same and union.sum() + deficit <= group.size:
             # Channels no unit keeps: every reader has zero columns there, so widening the stream to a
             # SIMD-friendly width is exact, and lets runtimes keep blocked layouts (NCHWc) for its convs.
             union[np.flatnonzero(~union)[:deficit]] = True
         plans.append(GroupPlan(group, pieces, piece_of, union, np.arange(group.size)))
     return UnconstrainedPlan(split, analysis, plans, count)
+
+
+def _own_scores(pc: Piece, pieces: list[Piece], analysis: ChannelAnalysis, size: int, criterion: str) -> np.ndarray:
+    """A unit's own per-channel importance under `criterion`."""
+    if criterion == "energy":
+        return energy_scores(pc, pieces, analysis, size)
+    if criterion == "bn":
+        gamma = _bn_gamma(pc, analysis, size)
+        return gamma if gamma is not None else energy_scores(pc, pieces, analysis, size)
+    return unit_scores(pc, analysis, size, 2 if criterion == "l2" else 1)
+
+
+def _normalised(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    return scores / (np.mean(np.abs(scores)) + 1e-12)
+
+
+def _shared_scores(group: ChannelGroup, analysis: ChannelAnalysis, criterion: str, own: list[np.ndarray]) -> np.ndarray:
+    """The group's one ranking: the constrained criterion of the same name (l1, l2, bn: exactly what
+    `PrunePass` scores), or for ``energy`` (no constrained twin) the mean of the units' normalised scores."""
+    if criterion in ("l1", "l2", "bn"):
+        from onnxprune.passes.scoring import get_criterion
+
+        return _normalised(get_criterion(criterion).score(group, analysis))
+    return _normalised(np.mean([_normalised(o) for o in own], axis=0))
 
 
 # ---- 3. the oracle ----------------------------------------------------------------------------------

@@ -72,6 +72,39 @@ def test_units_choose_different_channels_on_a_residual_stream():
     assert gp.union.sum() > max(len(k) for k in keeps)  # the stream keeps the union
 
 
+@pytest.mark.parametrize("criterion", ["l1", "bn"])
+@pytest.mark.parametrize("name", ["residual", "concat"])
+def test_share_one_is_constrained_pruning(name, criterion):
+    """share=1: every unit keeps the group's shared ranking = PrunePass with the same criterion."""
+    from onnxprune.passes.pruning import PruneConfig, PrunePass
+
+    model = canonical(TEST_MODELS[name]())
+    inputs = random_inputs(model, seed=2)
+    constrained = PrunePass(PruneConfig(ratio=0.4, criterion=criterion)).run(model).model
+    result = UnconstrainedPass(UnconstrainedConfig(ratio=0.4, criterion=criterion, share=1.0)).run(model)
+    assert result.info["copies"]["copy_ops"] == 0
+    assert count_params(ModelGraph(result.model)) == count_params(ModelGraph(constrained))
+    assert rel_error(run(constrained, inputs), run(result.model, inputs)) <= 1e-6
+
+
+def test_share_narrows_the_stream_union():
+    model = canonical(TEST_MODELS["residual"]())
+
+    def widest(share):
+        plan = build_plan(model, UnconstrainedConfig(ratio=0.5, criterion="l1", share=share, stream_multiple=1))
+        return max(int(gp.union.sum()) for gp in plan.groups)
+
+    assert widest(1.0) <= widest(0.5) <= widest(0.0)
+    assert widest(1.0) < widest(0.0)
+
+
+def test_share_out_of_range_is_a_usage_error():
+    from onnxprune.errors import UsageError
+
+    with pytest.raises(UsageError, match="share"):
+        UnconstrainedConfig(share=1.5)
+
+
 def test_naive_export_copies_and_reordering_reduces_them():
     model = canonical(TEST_MODELS["residual"]())
     naive = UnconstrainedPass(UnconstrainedConfig(ratio=0.5, reorder=False)).run(model)
