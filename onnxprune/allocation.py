@@ -70,8 +70,15 @@ def removal_order(
     round_to: int = 1,
     max_group_ratio: float = 0.9,
     comparable: bool = False,
+    budget_scores: dict[int, np.ndarray] | None = None,
 ) -> list[Unit]:
-    """All removal units of all groups in the order they are removed."""
+    """All removal units of all groups in the order they are removed.
+
+    With `budget_scores`, *how many* channels each group loses at every point of the order follows those
+    scores (the ordering keys of the j-th unit of a group come from the j-th lowest budget scores), while
+    *which* channels go follows `scores`. `PrunePass` passes channel magnitudes here for the LAMP
+    allocation, so every criterion is compared on the same layer-adaptive budgets.
+    """
     from onnxprune.passes.scoring import lamp_transform
 
     if allocation not in ALLOCATIONS:
@@ -82,15 +89,22 @@ def removal_order(
         order = np.argsort(s, kind="stable")
         cap = _caps(g, round_to, max_group_ratio)
         step = round_to if g.size >= round_to else 1
+        b = s if budget_scores is None else np.asarray(budget_scores[g.id], dtype=np.float64)
         if allocation == "lamp":
-            key_of = lamp_transform(s)
-        elif allocation == "global" and not comparable:
-            key_of = s / (np.mean(np.abs(s)) + 1e-12)
+            key_of = lamp_transform(b)
+        elif allocation == "global" and not (comparable and budget_scores is None):
+            key_of = b / (np.mean(np.abs(b)) + 1e-12)
         else:
-            key_of = s
+            key_of = b
+        key_sorted = np.sort(key_of) if budget_scores is not None else None
         for j in range(cap // step):
             chunk = order[j * step : (j + 1) * step]
-            key = (j + 1) * step / g.size if allocation == "uniform" else float(key_of[chunk].max())
+            if allocation == "uniform":
+                key = (j + 1) * step / g.size
+            elif key_sorted is not None:
+                key = float(key_sorted[(j + 1) * step - 1])
+            else:
+                key = float(key_of[chunk].max())
             units.append(Unit(g.id, chunk, key))
     units.sort(key=lambda u: (u.key, u.group))
     return units

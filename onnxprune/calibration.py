@@ -229,6 +229,32 @@ def _rows(x: np.ndarray, c: Consumer, graph: ModelGraph, w_shape) -> np.ndarray:
     return np.moveaxis(x, c.x_axis, -1).reshape(-1, x.shape[c.x_axis])
 
 
+def activation_source(graph: ModelGraph, tensor: str, axis: int) -> str:
+    """The tensor a channel's activation is read from for mean |x| and APoZ.
+
+    A consumer reading pooled features (``Flatten(GlobalAveragePool(relu))``) sees averages that are
+    almost never exactly zero, so APoZ there is meaningless; walk back through pooling and a Flatten of
+    1x1 maps (channel axis 1 is kept position for position) to the activation map itself.
+    """
+    if axis != 1:
+        return tensor
+    for _ in range(8):
+        node = graph.producer.get(tensor)
+        if node is None or not node.input:
+            break
+        src = node.input[0]
+        if node.op_type in ("GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool"):
+            tensor = src
+        elif node.op_type == "Flatten" and attrs(node).get("axis", 1) == 1:
+            shape = graph.shape(src)
+            if shape is None or len(shape) < 2 or any(d != 1 for d in shape[2:]):
+                break
+            tensor = src
+        else:
+            break
+    return tensor
+
+
 def collect_stats(
     model: onnx.ModelProto,
     data: CalibrationData,
@@ -244,7 +270,8 @@ def collect_stats(
     graph = ModelGraph(model)
     which = consumers(graph) if which is None else which
     by_name = {c.name: c for c in which}
-    tensors = sorted({c.x for c in which})
+    source = {c.name: activation_source(graph, c.x, c.x_axis) for c in which}
+    tensors = sorted({c.x for c in which} | set(source.values()))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
@@ -272,8 +299,13 @@ def collect_stats(
                 )
                 result.stats[c.name] = st
             per_pos = np.moveaxis(x, c.x_axis, 0).reshape(x.shape[c.x_axis], -1)
-            st.abs_sum += np.abs(per_pos).mean(axis=1)
-            st.zero_sum += (per_pos == 0).mean(axis=1)
+            if source[c.name] != c.x:
+                act = np.asarray(values[source[c.name]])
+                act = np.moveaxis(act, 1, 0).reshape(act.shape[1], -1)
+            else:
+                act = per_pos
+            st.abs_sum += np.abs(act).mean(axis=1)
+            st.zero_sum += (act == 0).mean(axis=1)
             st.sum += per_pos.mean(axis=1)
             st.sq_sum += (per_pos**2).mean(axis=1)
             st.count += 1

@@ -83,7 +83,7 @@ class PrunePass(Pass):
             return self._criterion
         from onnxprune.passes.scoring import get_criterion
 
-        return get_criterion(self.config.criterion, self.config.seed, stats)
+        return get_criterion(self.config.criterion, self.config.seed, stats, self.config.repair)
 
     def check_data(self) -> list[str]:
         """Fail early when data is required but missing; one-line notices for data-free fallbacks."""
@@ -124,9 +124,18 @@ class PrunePass(Pass):
         scores = criterion.score_all(analysis)
         targets = {"params": c.target_params, "macs": c.target_macs}
         if c.allocation_name == "lamp" or any(v is not None for v in targets.values()):
+            budget = None
+            if c.allocation_name == "lamp":
+                # LAMP is layer-adaptive *magnitude* pruning: the per-layer budgets come from LAMP scores
+                # of the channel L1 norms, whatever the criterion; the criterion picks which channels go.
+                # So every criterion is compared on the same budgets (not on budgets its own score
+                # distribution happens to induce, e.g. uniform for random, [0, 1] plateaus for APoZ).
+                from onnxprune.passes.scoring import Magnitude
+
+                budget = Magnitude(1).score_all(analysis)
             units = alloc.removal_order(
                 analysis, scores, c.allocation_name, round_to=c.round_to, max_group_ratio=c.max_group_ratio,
-                comparable=getattr(criterion, "comparable", False),
+                comparable=getattr(criterion, "comparable", False), budget_scores=budget,
             )
             for metric, text in targets.items():
                 if text is not None:

@@ -209,10 +209,16 @@ class OBS(DataCriterion):
     layers compare, and summed over consumers. Without calibration data (`stats` None) H is the
     data-free surrogate from BatchNorm statistics: diagonal, the channel variance (the mean is restored
     by bias compensation), so the saliency becomes sum(W_F^2) * var.
+
+    The saliency is the output error that the repair actually applied leaves behind (`repair`): with
+    ``ls`` the OBS update above; with ``bias`` only the mean is restored, so the cost is
+    ``tr(W_F Cov_FF W_F^T)`` (centred second moment); with ``none`` nothing is restored and the cost is
+    ``tr(W_F H_FF W_F^T)`` (OBD with the off-diagonal terms, uncentred). Data-free: var or var + mean^2.
     """
 
     stats: object = None
     damp: float = 0.01
+    repair: str = "ls"
     name = "obs"
 
     @property
@@ -245,24 +251,32 @@ class OBS(DataCriterion):
             feat_ch = pos_channel[feat_pos]
             if st is not None:
                 H = st.H
-                Hd = H + self.damp * np.mean(np.diag(H)[:-1]) * np.eye(len(H))
-                Hinv = np.linalg.inv(Hd)
                 wa = np.concatenate([wm, np.zeros((wm.shape[0], 1))], axis=1)
                 energy = float(np.einsum("of,fg,og->", wa, H, wa)) + 1e-12
                 sal = np.zeros(group.size)
+                if self.repair == "ls":
+                    Hd = H + self.damp * np.mean(np.diag(H)[:-1]) * np.eye(len(H))
+                    K = np.linalg.inv(Hd)
+                else:  # no weight update: the error is the removed part's own (centred if bias-repaired) energy
+                    mu = H[-1, :-1]
+                    K = H[:-1, :-1] - (np.outer(mu, mu) if self.repair == "bias" else 0.0)
                 for k in range(group.size):
                     f = np.flatnonzero(feat_ch == k)
                     if len(f) == 0:
                         continue
                     wf = wm[:, f]
-                    sal[k] = np.trace(wf @ np.linalg.solve(Hinv[np.ix_(f, f)], wf.T))
+                    if self.repair == "ls":
+                        sal[k] = np.trace(wf @ np.linalg.solve(K[np.ix_(f, f)], wf.T))
+                    else:
+                        sal[k] = np.einsum("of,fg,og->", wf, K[np.ix_(f, f)], wf)
             else:
                 mom = channel_moments(analysis.graph, c.x, c.x_axis)
                 var = np.ones(w.shape[c.in_axis]) if mom is None else mom[1] + 1e-12
                 mean2 = np.zeros(w.shape[c.in_axis]) if mom is None else mom[0] ** 2
                 contrib = (wm**2).sum(axis=0)
                 energy = float((contrib * (var + mean2)[feat_pos]).sum()) + 1e-12
-                sal = np.bincount(feat_ch[feat_ch >= 0], weights=(contrib * var[feat_pos])[feat_ch >= 0],
+                lost = var if self.repair != "none" else var + mean2
+                sal = np.bincount(feat_ch[feat_ch >= 0], weights=(contrib * lost[feat_pos])[feat_ch >= 0],
                                   minlength=group.size)
             total += sal / energy
             found = True
@@ -283,8 +297,12 @@ CRITERIA: dict[str, Criterion] = {
 DATA_CRITERIA = {"activation", "apoz"}  # need --calib; obs falls back to a data-free surrogate
 
 
-def get_criterion(name: str, seed: int = 0, stats=None) -> Criterion:
-    """The criterion called `name`; data criteria get the calibration statistics `stats`."""
+def get_criterion(name: str, seed: int = 0, stats=None, repair: str = "ls") -> Criterion:
+    """The criterion called `name`; data criteria get the calibration statistics `stats`.
+
+    `repair` is the repair that will follow (none | bias | ls): the OBS saliency measures the error left
+    after exactly that repair.
+    """
     from onnxprune.errors import UsageError
 
     if name == "random":
@@ -293,6 +311,8 @@ def get_criterion(name: str, seed: int = 0, stats=None) -> Criterion:
         raise UsageError(f"unknown criterion {name!r} (choose from {', '.join(sorted(CRITERIA))})")
     if name in DATA_CRITERIA and stats is None:
         raise UsageError(f"criterion {name!r} needs calibration data: pass --calib FILE.npz")
-    if name in ("activation", "apoz", "obs") and stats is not None:
+    if name == "obs":
+        return OBS(stats=stats, repair=repair)
+    if name in ("activation", "apoz") and stats is not None:
         return type(CRITERIA[name])(stats=stats)
     return CRITERIA[name]

@@ -273,3 +273,38 @@ def test_cli_calibrated_prune_and_sensitivity(tmp_path, tmp_model, capsys):
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert all(len(g["errors"]) == 2 for g in result["groups"])
     assert any(g["errors"][1] is not None and g["errors"][1] > 0 for g in result["groups"])
+
+
+def test_apoz_reads_the_activation_map_not_pooled_features():
+    """The Fashion-MNIST head reads Flatten(GlobalAveragePool(relu)): APoZ comes from the relu map."""
+    from onnxprune.calibration import activation_source
+
+    model = import_model(str(FMNIST))
+    graph = ModelGraph(model)
+    fc = next(c for c in consumers(graph) if c.kind == "gemm")
+    src = activation_source(graph, fc.x, fc.x_axis)
+    assert graph.producer[src].op_type == "Relu"
+    stats = collect_stats(model, CalibrationData({"image": np.random.default_rng(0).random((4, 1, 28, 28), np.float32)}),
+                          [fc], hessian=False)
+    assert stats.stats[fc.name].apoz.max() > 0.05  # pooled features are never exactly zero; the map is
+
+
+def test_obs_saliency_follows_the_repair():
+    """Without repair the OBS/OBD cost of a channel is its whole (uncentred) contribution; with bias repair
+    the centred one (never larger); with ls the optimal-update cost (never larger than the bias one)."""
+    model = canonical(TEST_MODELS["chain"]())
+    analysis = analyze(ModelGraph(model))
+    stats = collect_stats(model, _calib(model, 8))
+    g = analysis.groups[0]
+    s = {r: get_criterion("obs", 0, stats, r).score(g, analysis) for r in ("none", "bias", "ls")}
+    assert np.all(s["bias"] <= s["none"] + 1e-9)
+    assert np.all(s["ls"] <= s["bias"] * (1 + 1e-3) + 1e-9)
+
+
+def test_lamp_allocation_budgets_do_not_depend_on_the_criterion():
+    model = import_model(str(FMNIST))
+    counts = {}
+    for crit in ("l1", "random", "bn"):
+        res = PrunePass(PruneConfig(criterion=crit, allocation="lamp", target_params="70%")).run(model)
+        counts[crit] = res.info["summary"]["plan"]
+    assert counts["l1"] == counts["random"] == counts["bn"]
