@@ -141,6 +141,8 @@ def build_executable(
     try:
         return relax.build(mod, target, relax_pipeline=pipeline, system_lib=spec.exporter == "wasm")
     except Exception as e:  # noqa: BLE001
+        if os.environ.get("ONNXPRUNE_DEBUG"):  # keep the traceback when debugging the backend
+            raise
         raise UnsupportedModelError(f"TVM failed to compile for {spec.name}: {_one_line(e)}") from None
 
 

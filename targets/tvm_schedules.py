@@ -23,7 +23,6 @@ cached per target under the tuning cache folder and reused across compiles.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import tvm
@@ -264,17 +263,7 @@ class ApplyCPUSchedules:
 
 
 def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Path | None) -> tvm.IRModule:
-    """MetaSchedule-tune the module's kernels (``trials`` in total); database cached per target + model."""
-    from tvm.s_tir import meta_schedule as ms
+    """MetaSchedule-tune the module's kernels (``trials`` in total); see :mod:`.tvm_tune`."""
+    from .tvm_tune import tune as _tune
 
-    key = hashlib.sha256((str(target) + mod.script()).encode()).hexdigest()[:16]
-    root = Path(work_dir or Path.home() / ".cache" / "onnxprune" / "tune") / key
-    root.mkdir(parents=True, exist_ok=True)
-    from tvm.relax.transform import MetaScheduleApplyDatabase, MetaScheduleTuneIRMod
-
-    del ms
-
-    with target, tvm.transform.PassContext(opt_level=3):
-        mod = MetaScheduleTuneIRMod(params={}, work_dir=str(root), max_trials_global=trials)(mod)
-        mod = MetaScheduleApplyDatabase(str(root))(mod)
-    return mod
+    return _tune(mod, target, trials, work_dir)

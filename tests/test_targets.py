@@ -95,10 +95,10 @@ def random_inputs(manifest: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return {i["name"]: rng.randn(*i["shape"]).astype(i["dtype"]) for i in manifest["inputs"]}
 
 
-def compile_and_check(model: Path, target: str, out: Path, shapes=None) -> dict:
+def compile_and_check(model: Path, target: str, out: Path, shapes=None, tune: int = 0) -> dict:
     from onnxprune.targets import compile_bundle, read_manifest, run_bundle
 
-    bundle = compile_bundle(model, target, out, shapes=shapes)
+    bundle = compile_bundle(model, target, out, shapes=shapes, tune=tune)
     manifest = read_manifest(bundle)
     inputs = random_inputs(manifest)
     outputs = run_bundle(bundle, inputs)
@@ -272,6 +272,28 @@ def test_unsupported_op_is_one_line_error(tmp_path):
 def test_x86_fashion_mnist_matches_onnxruntime(tmp_path):
     skip_unless_tools("g++", package_hint="apt-get install g++")
     compile_and_check(FASHION, "x86", tmp_path / "b", shapes={"image": (1, 1, 28, 28)})
+
+
+@needs_tvm
+def test_tune_runs_metaschedule_and_reuses_its_database(tmp_path, monkeypatch):
+    """--tune N: default schedules seeded as candidates, N MetaSchedule trials measured, database reused."""
+    skip_unless_tools("g++", package_hint="apt-get install g++")
+    from onnxprune.targets import compile_bundle
+
+    monkeypatch.setenv("ONNXPRUNE_TUNE_CACHE", str(tmp_path / "tune"))
+    model = tiny_cnn(tmp_path / "tiny.onnx")
+    manifest = compile_and_check(model, "x86", tmp_path / "b", tune=8)
+    assert manifest["tune_trials"] == 8
+    (db,) = (tmp_path / "tune").glob("*/database_tuning_record.json")
+    records = [json.loads(line) for line in db.read_text().splitlines()]
+    workloads = {r[0] for r in records}
+    assert len(workloads) >= 4  # conv, depthwise, 1x1 conv, pooling, dense … each a task
+    seeded = [r for r in records[: len(workloads)]]
+    assert all(max(r[1][1]) < 1.0 for r in seeded), "default schedules were not measured"
+    assert len(records) - len(workloads) >= 8, "MetaSchedule measured fewer than 8 candidates"
+    # Same model, same trials: nothing is tuned again, the database is only applied.
+    compile_bundle(model, "x86", tmp_path / "b2", tune=8)
+    assert len(db.read_text().splitlines()) == len(records)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,232 @@
+"""``--tune N``: MetaSchedule tuning of a model's kernels, in process, never slower than the default schedules.
+
+How it runs (:func:`tune`):
+
+1. Tasks are extracted from the legalized, fused module (one per distinct kernel, weighted by use count).
+2. **The default schedule is a candidate.** Each task's kernel is scheduled by
+   :class:`~.tvm_schedules.ApplyCPUSchedules`'s rules, built, timed, and committed to the database as a
+   tuning record (its schedule trace + measured time). MetaSchedule's candidates then have to beat it: the
+   database keeps the fastest record per kernel, so tuning can only replace a kernel by a faster one.
+3. MetaSchedule searches ``N`` trials in total (evolutionary search, XGBoost cost model when ``xgboost`` is
+   installed, else random), with an **in-process builder and runner**: candidates are compiled with
+   ``tvm.compile`` and timed with ``time_evaluator`` in this process. The stock ``LocalBuilder``/``LocalRunner``
+   start worker processes that each import ``tvm.s_tir.tensor_intrin`` (20-70 s per worker) and export/tar/
+   reload every candidate, which dominated short tuning runs.
+4. The database lives in ``<tune cache>/<hash of target + module>/`` and is reused: a compile asking for no
+   more trials than the database already holds for that module tunes nothing and only applies it.
+
+Only this module, :mod:`.tvm_schedules` and :mod:`.tvm_backend` import tvm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
+from tvm.s_tir.meta_schedule.runner import PyRunner, RunnerInput
+from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
+
+from . import tvm_schedules
+
+__all__ = ["InProcessBuilder", "InProcessRunner", "tune"]
+
+log = logging.getLogger("onnxprune.targets.tune")
+
+#: Per measurement: ``number`` calls per repeat, ``repeat`` repeats, at least ``MIN_REPEAT_MS`` per repeat.
+NUMBER, REPEAT, MIN_REPEAT_MS = 1, 5, 20
+STATE = "onnxprune_tune.json"
+#: Evolutionary search population (MetaSchedule's 512 costs ~5 s of search per round for small trial budgets).
+POPULATION = 64
+
+
+@derived_object
+class InProcessBuilder(PyBuilder):
+    """Builds candidates with ``tvm.compile`` in this process and keeps the modules in memory.
+
+    The "artifact path" handed to the runner is a key into :attr:`built`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.built: dict[str, tvm.runtime.Module] = {}
+        self._ids = itertools.count()
+
+    def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+        results = []
+        for bi in build_inputs:
+            try:
+                mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(bi.mod)
+                key = f"inprocess:{next(self._ids)}"
+                self.built[key] = tvm.compile(mod, target=bi.target).mod
+                results.append(BuilderResult(key, None))
+            except Exception as e:  # noqa: BLE001 - a failed candidate is a result, not an error
+                results.append(BuilderResult(None, f"{type(e).__name__}: {str(e)[:500]}"))
+        return results
+
+
+@derived_object
+class InProcessRunner(PyRunner):
+    """Times built candidates in this process (random inputs, median-friendly repeats)."""
+
+    def __init__(self, builder: InProcessBuilder) -> None:
+        super().__init__()
+        self.builder = builder
+        self.rng = np.random.default_rng(0)
+
+    def measure(self, rt_mod: tvm.runtime.Module, args_info: list) -> list[float]:
+        dev = tvm.cpu()
+        args = []
+        for info in args_info:
+            _, dtype, shape = info.as_json()
+            data = self.rng.standard_normal(tuple(int(s) for s in shape)).astype(str(dtype))
+            args.append(tvm.runtime.tensor(data, device=dev))
+        ev = rt_mod.time_evaluator(
+            rt_mod.entry_name, dev, number=NUMBER, repeat=REPEAT, min_repeat_ms=MIN_REPEAT_MS
+        )
+        return [float(x) for x in ev(*args).results]
+
+    def run(self, runner_inputs: list[RunnerInput]) -> list:
+        futures = []
+        for ri in runner_inputs:
+            rt_mod = self.builder.built.pop(str(ri.artifact_path), None)
+            if rt_mod is None:
+                futures.append(LocalRunnerFuture(error_message="candidate was not built"))
+                continue
+            try:
+                futures.append(LocalRunnerFuture(res=self.measure(rt_mod, list(ri.args_info))))
+            except Exception as e:  # noqa: BLE001
+                futures.append(LocalRunnerFuture(error_message=f"{type(e).__name__}: {str(e)[:500]}"))
+        return futures
+
+
+def _cpu_tensor_intrinsics_only() -> None:
+    """Register only the CPU tensor intrinsics before MetaSchedule imports ``tvm.s_tir.tensor_intrin``.
+
+    ``TuneContext`` imports that package, whose ``__init__`` registers every intrinsic of every backend
+    (CUDA MMA, ROCm, Hexagon …): ~19 s. CPU tuning needs only the x86 and Arm ones (1.4 s), so the package is
+    entered in ``sys.modules`` without running its ``__init__`` and just those two submodules are imported.
+    """
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.submodule_search_locations is None:
+        return
+    pkg = types.ModuleType(name)
+    pkg.__path__ = list(spec.submodule_search_locations)
+    pkg.__spec__ = spec
+    sys.modules[name] = pkg
+    try:
+        for sub in ("x86", "arm_cpu"):
+            setattr(pkg, sub, importlib.import_module(f"{name}.{sub}"))
+    except Exception:  # noqa: BLE001 - fall back to the full (slow) import
+        del sys.modules[name]
+
+
+def cache_dir(mod: tvm.IRModule, target: tvm.target.Target, work_dir: Path | None) -> Path:
+    """The database folder for this module on this target."""
+    key = hashlib.sha256((str(target) + mod.script(show_meta=True)).encode()).hexdigest()[:16]
+    root = Path(work_dir or Path.home() / ".cache" / "onnxprune" / "tune") / key
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _seed_default_schedules(tasks, database, target, builder, runner) -> int:
+    """Commit each task's default-schedule trace with its measured time; returns how many were committed."""
+    lanes = tvm_schedules.vector_lanes(target)
+    committed = 0
+    for task in tasks:
+        mod = task.dispatched[0]
+        func = mod["main"]
+        try:
+            kernel = tvm_schedules._Kernel(func, lanes)
+            kernel.run()
+            sch = kernel.sch
+            (res,) = builder.build([BuilderInput(sch.mod, target)])
+            if res.error_msg:
+                continue
+            secs = runner.measure(
+                builder.built.pop(str(res.artifact_path)), ms.arg_info.ArgInfo.from_prim_func(func)
+            )
+        except Exception as e:  # noqa: BLE001 - a kernel without a default schedule is just tuned from scratch
+            log.debug("default schedule of %s not seeded: %s", task.task_name, e)
+            continue
+        workload = database.commit_workload(mod)
+        record = ms.database.TuningRecord(
+            sch.trace, workload, run_secs=secs, target=target,
+            args_info=ms.arg_info.ArgInfo.from_prim_func(func),
+        )  # fmt: skip
+        database.commit_tuning_record(record)
+        committed += 1
+    return committed
+
+
+def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Path | None) -> tvm.IRModule:
+    """Tune the module's kernels with ``trials`` MetaSchedule trials in total and apply the best schedules.
+
+    Kernels found in the database get the fastest recorded schedule (default or tuned) and are marked
+    scheduled; the rest are left to :class:`~.tvm_schedules.ApplyCPUSchedules`.
+    """
+    from tvm.relax.transform import MetaScheduleApplyDatabase
+    from tvm.s_tir.meta_schedule.relax_integration import extract_tasks, extracted_tasks_to_tune_contexts
+
+    if "num-cores" not in target.attrs:  # MetaSchedule's parallel rules need the core count
+        import psutil
+
+        cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+        target = tvm.target.Target({**dict(target.export()), "num-cores": int(cores)})
+    if target.kind.name == "llvm":
+        _cpu_tensor_intrinsics_only()
+    root = cache_dir(mod, target, work_dir)
+    state_path = root / STATE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"trials": 0, "seeded": False}
+    database = ms.database.JSONDatabase(work_dir=str(root))
+    if state["trials"] < trials or not state["seeded"]:
+        tasks = [t for t in extract_tasks(mod, target) if not t.mod.attrs.get("tirx.is_scheduled", False)]
+        builder = InProcessBuilder()
+        runner = InProcessRunner(builder)
+        if not state["seeded"]:
+            _seed_default_schedules(tasks, database, target, builder, runner)
+            state["seeded"] = True
+            state_path.write_text(json.dumps(state))
+        todo = trials - state["trials"]
+        if todo > 0 and tasks:
+            try:
+                import xgboost  # noqa: F401
+
+                cost_model = "xgb"
+            except ImportError:
+                cost_model = "random"
+            strategy = ms.search_strategy.EvolutionarySearch(
+                population_size=POPULATION, init_min_unmeasured=16, genetic_num_iters=2
+            )
+            contexts, weights = extracted_tasks_to_tune_contexts(
+                tasks, str(root), strategy=strategy, num_threads="physical", seed=0
+            )
+            ms.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=str(root), max_trials_global=todo,
+                num_trials_per_iter=min(64, max(4, todo // max(1, len(contexts)))), builder=builder,
+                runner=runner, database=database, cost_model=cost_model,
+                # the default callbacks also delete each artifact's folder; ours live in memory
+                measure_callbacks=[ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel()],
+            )  # fmt: skip
+            state["trials"] += todo
+            state_path.write_text(json.dumps(state))
+    with target, database:
+        mod = MetaScheduleApplyDatabase(str(root))(mod)
+    return mod
