@@ -10,7 +10,8 @@ for that target::
     README.md         how to run it on the device
 
 Runners read inputs as ``.npy`` files and write ``output_<i>.npy``; :func:`run_bundle` converts from and to
-dicts of arrays. Nothing here imports tvm.
+dicts of arrays. Nothing here imports tvm at module level
+(CUDA bundles run through the installed TVM runtime, imported only then).
 """
 
 from __future__ import annotations
@@ -236,6 +237,8 @@ def run_bundle(
     manifest = read_manifest(bundle, verify=verify)
     spec = get_target(manifest["target"]["name"])
     arrays = _check_inputs(manifest["inputs"], inputs)
+    if spec.runner == "cuda":
+        return _run_cuda(bundle, spec, manifest, arrays, repeat)
     cmd = runner_command(bundle, spec, manifest)
     with tempfile.TemporaryDirectory(prefix="onnxprune-run-") as tmp:
         tmpd = Path(tmp)
@@ -262,6 +265,41 @@ def run_bundle(
             for line in proc.stdout.splitlines():
                 if line.startswith("median_ms "):
                     outs["__median_ms__"] = np.array(float(line.split()[1]))
+    return outs
+
+
+def _run_cuda(bundle: Path, spec: TargetSpec, manifest: dict, arrays: list[np.ndarray], repeat: int) -> dict:
+    """Run a CUDA bundle on this machine's GPU through the TVM runtime of the installed wheel.
+
+    Raises:
+        ToolchainError: The bundle's host is another architecture, or there is no CUDA GPU here.
+    """
+    import platform
+    import time
+
+    if spec.arch != platform.machine():
+        raise ToolchainError(f"{spec.name} bundles run on an {spec.arch} host, this machine is {platform.machine()}")
+    try:
+        import tvm
+        from tvm import relax
+    except ImportError:
+        raise ToolchainError("running CUDA bundles here needs apache-tvm (bash .ci/install-tvm.sh)") from None
+    dev = tvm.cuda(0)
+    if not dev.exist:
+        raise ToolchainError("no CUDA GPU on this machine: the bundle's code was generated but cannot run here")
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(bundle / manifest["library"])), dev)
+    args = [tvm.runtime.tensor(a, device=dev) for a in arrays]
+    ret = vm["main"](*args)
+    results = [ret] if hasattr(ret, "numpy") else list(ret)
+    outs = {s["name"]: r.numpy() for s, r in zip(manifest["outputs"], results)}
+    if repeat:
+        ms = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            vm["main"](*args)
+            dev.sync()
+            ms.append((time.perf_counter() - t) * 1e3)
+        outs["__median_ms__"] = np.array(float(np.median(ms)))
     return outs
 
 
