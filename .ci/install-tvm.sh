@@ -7,7 +7,8 @@
 #   - apt: g++ (x86 runner), the aarch64 cross toolchain + qemu-user (arm bundles), emscripten + lld +
 #     nodejs (wasm bundles).
 #   - the aarch64 TVM runtime (libtvm_runtime.so, libtvm_ffi.so) from the aarch64 wheels of the same
-#     versions, fetched with `pip download` into $ONNXPRUNE_TVM_RUNTIME_CACHE (~/.cache/onnxprune/tvm-runtime).
+#     versions, fetched with `pip download` into $ONNXPRUNE_TVM_RUNTIME_CACHE (~/.cache/onnxprune/tvm-runtime);
+#   - the wasm32 TVM runtime, built with emscripten into the same cache.
 set -euo pipefail
 
 PY="${PYTHON:-python3}"
@@ -58,4 +59,15 @@ EOF
 }
 fetch_runtime aarch64 manylinux_2_28_aarch64
 
-echo "install-tvm: apache-tvm $TVM_VERSION, apache-tvm-ffi $FFI_VERSION, aarch64 runtime in $CACHE/aarch64"
+
+# 4. The TVM runtime for wasm bundles, compiled once with emscripten (~5 min on 2 cores) into the same cache,
+#    so the wasm tests only link the model against it (the first wasm compile would build it otherwise).
+if [ ! -f "$CACHE/wasm32/libtvm_wasm_runtime.a" ]; then
+  ONNXPRUNE_TVM_RUNTIME_CACHE="$CACHE" "$PY" -c "
+import shutil, sys
+from onnxprune.targets.wasm import wasm_runtime
+emcc = shutil.which('emcc') or sys.exit('emcc not found')
+print('install-tvm: wasm runtime', wasm_runtime(emcc))"
+fi
+
+echo "install-tvm: apache-tvm $TVM_VERSION, apache-tvm-ffi $FFI_VERSION, aarch64 + wasm32 runtimes in $CACHE"

@@ -369,8 +369,25 @@ def test_cuda_bundle_runs_on_gpu_or_says_why_not(cuda_bundle):
 
 
 @needs_tvm
-@pytest.mark.slow  # the first run builds the TVM runtime with emscripten (~5 min on 2 cores), then cached
 @pytest.mark.skipif(not FASHION.is_file(), reason="models/fashion_mnist_cnn.onnx not built")
 def test_wasm_fashion_mnist_matches_onnxruntime_under_node(tmp_path):
+    # CI builds the emscripten TVM runtime in .ci/install-tvm.sh (cached); without it the first run here
+    # builds it (~5 min on 2 cores).
     skip_unless_tools("emcc", "node", package_hint="apt-get install emscripten nodejs")
     compile_and_check(FASHION, "wasm", tmp_path / "b", shapes={"image": (1, 1, 28, 28)})
+
+
+# ------------------------------------------------------------------------------------------------
+# zoo models (torchvision exports): x86 numerics, slow tier (each compiles for ~1 min on 2 cores)
+# ------------------------------------------------------------------------------------------------
+@needs_tvm
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "resnet50"])
+def test_x86_zoo_model_matches_onnxruntime(name, tmp_path):
+    skip_unless_tools("g++", package_hint="apt-get install g++")
+    zoo = pytest.importorskip("models.zoo")
+    try:
+        path = zoo.zoo_model(name)
+    except zoo.ZooError as e:
+        pytest.skip(str(e))
+    compile_and_check(path, "x86", tmp_path / "b")
