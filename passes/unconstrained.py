@@ -157,6 +157,8 @@ class UnconstrainedConfig:
     # 1: every unit keeps the same channels (constrained pruning with the same criterion, no copies).
     # In between the kept sets overlap more, so the stream union (and the copies) stay narrower.
     share: float = 0.0
+    # "mean": calibrated mean repair (`mean_repair`), needs calibration inputs; "none": masks only.
+    repair: str = "none"
 
     def __post_init__(self) -> None:
         if not 0 <= self.ratio < 1:
@@ -165,6 +167,8 @@ class UnconstrainedConfig:
             raise UsageError(f"stream_multiple must be >= 1, got {self.stream_multiple}")
         if self.criterion not in ("energy", "bn", "l1", "l2"):
             raise UsageError(f"unconstrained criterion must be energy, bn, l1 or l2, got {self.criterion!r}")
+        if self.repair not in ("none", "mean"):
+            raise UsageError(f"unconstrained repair must be none or mean, got {self.repair!r}")
         if not 0 <= self.share <= 1:
             raise UsageError(f"share must be in [0, 1], got {self.share}")
 
@@ -682,15 +686,101 @@ def masked_arrays(plan: UnconstrainedPlan) -> dict[str, np.ndarray]:
     return arrays
 
 
+def mean_repair(model: onnx.ModelProto, plan: UnconstrainedPlan, calib: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Calibrated mean repair, for constrained (share=1) and unconstrained plans alike.
+
+    Silencing channels shifts the mean of every later Conv/Gemm output: a consumer loses the inputs it
+    dropped, and in an unconstrained plan a stream channel it still reads has lost the contribution of
+    each writer that dropped it. Walking the Conv/Gemm nodes in graph order, the mean (over batch and
+    space) of each node's output in the masked model is compared with the original's on `calib`, and
+    the difference is added to that node's bias (or subtracted from the running mean of the
+    BatchNormalization it feeds). Returns the original model with those values changed; masking it with
+    the same kept sets (`build_plan(..., keeps)`) gives the oracle the export must equal.
+    """
+    import onnxruntime as ort
+
+    graph = ModelGraph(model)
+    targets = [n for n in graph.nodes if n.op_type in ("Conv", "Gemm") and graph.is_initializer(n.input[1])]
+    if not targets:
+        return model
+    names = [n.output[0] for n in targets]
+
+    def means(m: onnx.ModelProto, wanted: list[str]) -> dict[str, np.ndarray]:
+        probe = _clone(m)
+        have = {o.name for o in probe.graph.output}
+        probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in wanted if t not in have)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        outs = sess.run(wanted, {i.name: calib[i.name] for i in sess.get_inputs()})
+        return {t: v.astype(np.float64).mean(axis=tuple(a for a in range(v.ndim) if a != 1)) for t, v in zip(wanted, outs)}
+
+    reference = means(model, names)
+    values = {t.name: graph.const(t.name).copy() for t in model.graph.initializer}
+    repaired = _clone(model)
+    silent = _silent_positions(plan)
+
+    def masked() -> onnx.ModelProto:
+        out = _clone(model)
+        for i, t in enumerate(out.graph.initializer):
+            array = values[t.name]
+            if t.name in silent and array.dtype.kind == "f":
+                array = array.copy()
+                for axis, positions, fill in silent[t.name]:
+                    index = [slice(None)] * array.ndim
+                    index[axis] = positions
+                    array[tuple(index)] = fill
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(array, t.name))
+        return out
+
+    for node, name in zip(targets, names):
+        delta = reference[name] - means(masked(), [name])[name]
+        uses = graph.consumers.get(name, [])
+        if len(node.input) > 2 and node.input[2] and values[node.input[2]].shape == delta.shape:
+            values[node.input[2]] = (values[node.input[2]] + delta).astype(values[node.input[2]].dtype)
+        elif len(uses) == 1 and uses[0].node.op_type == "BatchNormalization" and uses[0].index == 0:
+            mean = uses[0].node.input[3]
+            if values[mean].shape == delta.shape:
+                values[mean] = (values[mean] - delta).astype(values[mean].dtype)
+    for i, t in enumerate(repaired.graph.initializer):
+        repaired.graph.initializer[i].CopyFrom(numpy_helper.from_array(values[t.name], t.name))
+    return repaired
+
+
+def _silent_positions(plan: UnconstrainedPlan) -> dict[str, list[tuple[int, np.ndarray, float]]]:
+    """tensor -> [(axis, positions, fill)] that `masked_arrays` silences."""
+    roles = plan.analysis.roles
+    out: dict[str, list] = {}
+    for gp in plan.groups:
+        for m in gp.group.param_members:
+            keep = gp.mask_set(DimRef(m.tensor, m.axis))
+            positions = m.positions[~keep[m.channel_of]]
+            if len(positions):
+                out.setdefault(m.tensor, []).append((m.axis, positions, 1.0 if roles.get(m.tensor) in _ONE_ROLES else 0.0))
+    return out
+
+
 def mask_model(model: onnx.ModelProto, plan: UnconstrainedPlan) -> onnx.ModelProto:
     """The oracle: `model` (the original) with every layer's own mask applied to its parameters."""
     arrays = masked_arrays(plan)
+    graph = plan.analysis.graph  # the plan's own values (a repaired model's, after `mean_repair`)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for i, t in enumerate(out.graph.initializer):
         if t.name in arrays:
             out.graph.initializer[i].CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
+        elif graph.is_initializer(t.name):
+            out.graph.initializer[i].CopyFrom(graph.model.graph.initializer[_init_index(graph, t.name)])
     return out
+
+
+def _init_index(graph: ModelGraph, name: str) -> int:
+    index = getattr(graph, "_upscale_init_index", None)
+    if index is None:
+        index = {t.name: i for i, t in enumerate(graph.model.graph.initializer)}
+        graph._upscale_init_index = index
+    return index[name]
 
 
 # ---- 4. export --------------------------------------------------------------------------------------
@@ -988,9 +1078,13 @@ def effective_params(model: onnx.ModelProto) -> int:
 class UnconstrainedPass(Pass):
     """Unconstrained pruning with an exact export; `info` has the plan, summary and copy report."""
 
-    def __init__(self, config: UnconstrainedConfig | None = None, keeps: dict | None = None) -> None:
+    def __init__(self, config: UnconstrainedConfig | None = None, keeps: dict | None = None,
+                 calib: dict[str, np.ndarray] | None = None) -> None:
         self.config = config or UnconstrainedConfig()
         self.keeps = keeps
+        self.calib = calib
+        if self.config.repair == "mean" and calib is None:
+            raise UsageError("unconstrained repair 'mean' needs calibration inputs (calib={input: array})")
 
     def call(self, model):
         start = time.perf_counter()
@@ -998,6 +1092,9 @@ class UnconstrainedPass(Pass):
         if c.ratio == 0 and not self.keeps:
             return PassResult(model, False, {"summary": {"mode": "unconstrained", "groups_pruned": 0}})
         plan = build_plan(model, c, self.keeps)
+        if c.repair == "mean":
+            keeps = {(gp.group.id, pc.id): pc.keep for gp in plan.groups for pc in gp.pieces if pc.is_unit}
+            plan = build_plan(mean_repair(model, plan, self.calib), c, keeps)
         layout = optimize_layout(plan, c) if c.reorder else {}
         pruned = infer_shapes(export(plan, contiguous_ops=c.reorder))
         check_model(pruned)

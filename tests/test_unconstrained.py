@@ -98,6 +98,30 @@ def test_share_narrows_the_stream_union():
     assert widest(1.0) < widest(0.0)
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_mean_repair_is_exact_and_restores_output_means(share):
+    model = canonical(TEST_MODELS["residual"]())
+    calib = random_inputs(model, seed=3)
+    config = UnconstrainedConfig(ratio=0.5, criterion="l1", share=share)
+    plain = UnconstrainedPass(config).run(model)
+    repaired = UnconstrainedPass(UnconstrainedConfig(ratio=0.5, criterion="l1", share=share, repair="mean"), calib=calib).run(model)
+    _check(model, repaired, calib)  # the export equals the masked repaired original
+    def mean(m):  # per output channel, over batch and space (what the repair restores)
+        y = run(m, calib)[0]
+        return y.mean(axis=tuple(a for a in range(y.ndim) if a != 1))
+
+    before = np.abs(mean(plain.model) - mean(model)).max()
+    after = np.abs(mean(repaired.model) - mean(model)).max()
+    assert after < 0.1 * before
+
+
+def test_mean_repair_without_calibration_is_a_usage_error():
+    from onnxprune.errors import UsageError
+
+    with pytest.raises(UsageError, match="calibration"):
+        UnconstrainedPass(UnconstrainedConfig(repair="mean"))
+
+
 def test_share_out_of_range_is_a_usage_error():
     from onnxprune.errors import UsageError
 
