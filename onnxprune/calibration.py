@@ -255,6 +255,13 @@ def activation_source(graph: ModelGraph, tensor: str, axis: int) -> str:
     return tensor
 
 
+def row_budget(features: int, max_rows: int = 65536, flops: float = 2e10) -> int:
+    """Hessian rows kept for a consumer with `features` inputs: at most `max_rows`, and at most what an
+    ``X^T X`` of `flops` multiply-adds allows, but never fewer than 4 rows per feature (a well-posed ridge
+    fit). Small layers keep everything; a 3x3 conv over 512 channels keeps ~18k rows instead of 65k."""
+    return int(min(max_rows, max(4 * features, flops // max(1, features) ** 2)))
+
+
 def collect_stats(
     model: onnx.ModelProto,
     data: CalibrationData,
@@ -263,8 +270,17 @@ def collect_stats(
     hessian: bool = True,
     max_rows: int = 65536,
     seed: int = 0,
+    batch: int = 16,
 ) -> CalibrationStats:
-    """Run the calibration samples through `model` and accumulate every consumer's input statistics."""
+    """Run the calibration samples through `model` and accumulate every consumer's input statistics.
+
+    Samples are fed ``arr[i:i+1]`` one at a time, or `batch` at a time when every model input has a
+    dynamic first axis (statistics are reductions over every axis but the channel one, so batching does
+    not change them). Hessian rows are float32 (products accumulated in float64), subsampled uniformly
+    per sample to `row_budget` rows per consumer.
+    """
+    from scipy.linalg.blas import ssyrk
+
     from onnxprune.verify import session
 
     graph = ModelGraph(model)
@@ -280,18 +296,27 @@ def collect_stats(
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     sess = session(probe)
     names = [o.name for o in sess.get_outputs()]
-    feeds = {i.name for i in sess.get_inputs()}
+    inputs = [i for i in sess.get_inputs() if i.name in data.arrays]
+    feeds = {i.name for i in inputs}
+    dynamic = bool(inputs) and all(i.shape and not isinstance(i.shape[0], int) for i in inputs)
+    step = max(1, batch) if dynamic else 1
     result = CalibrationStats(by_name, samples=data.n)
     rng = np.random.default_rng(seed)
-    per_sample = max(1, -(-max_rows // max(1, data.n)))
-    for i in range(data.n):
-        values = dict(zip(names, sess.run(None, {k: v for k, v in data.sample(i).items() if k in feeds})))
+    w_shapes = {c.name: graph.shape(c.weight) for c in which}
+    feats_of = {
+        c.name: int(np.prod(w_shapes[c.name][1:], dtype=np.int64)) if c.kind == "conv" else w_shapes[c.name][c.in_axis]
+        for c in which
+    }
+    per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n))) for k, f in feats_of.items()}
+    for i in range(0, data.n, step):
+        k = min(step, data.n - i)
+        feed = {n: v[i : i + k] for n, v in data.arrays.items() if n in feeds}
+        values = dict(zip(names, sess.run(None, feed)))
         for c in which:
-            x = np.asarray(values[c.x], dtype=np.float64)
-            w_shape = graph.shape(c.weight)
+            x = np.asarray(values[c.x], dtype=np.float32)
             st = result.stats.get(c.name)
             if st is None:
-                feats = int(np.prod(w_shape[1:], dtype=np.int64)) if c.kind == "conv" else w_shape[c.in_axis]
+                feats = feats_of[c.name]
                 n_pos = x.shape[c.x_axis]
                 st = ConsumerStats(
                     np.zeros((feats + 1, feats + 1)) if hessian else np.zeros((0, 0)),
@@ -304,18 +329,22 @@ def collect_stats(
                 act = np.moveaxis(act, 1, 0).reshape(act.shape[1], -1)
             else:
                 act = per_pos
-            st.abs_sum += np.abs(act).mean(axis=1)
-            st.zero_sum += (act == 0).mean(axis=1)
-            st.sum += per_pos.mean(axis=1)
-            st.sq_sum += (per_pos**2).mean(axis=1)
-            st.count += 1
+            st.abs_sum += k * np.abs(act).mean(axis=1, dtype=np.float64)
+            st.zero_sum += k * (act == 0).mean(axis=1, dtype=np.float64)
+            st.sum += k * per_pos.mean(axis=1, dtype=np.float64)
+            st.sq_sum += k * np.square(per_pos).mean(axis=1, dtype=np.float64)
+            st.count += k
             if hessian:
-                rows = _rows(x, c, graph, w_shape)
-                if len(rows) > per_sample:
-                    rows = rows[rng.choice(len(rows), per_sample, replace=False)]
-                rows = np.concatenate([rows, np.ones((len(rows), 1))], axis=1)
-                st.hessian += rows.T @ rows
+                rows = _rows(x, c, graph, w_shapes[c.name])
+                budget = per_sample[c.name] * k
+                if len(rows) > budget:
+                    rows = rows[np.sort(rng.choice(len(rows), budget, replace=False))]
+                rows = np.concatenate([rows, np.ones((len(rows), 1), np.float32)], axis=1)
+                st.hessian += ssyrk(1.0, rows, trans=1, lower=0)  # upper triangle of rows^T rows
                 st.rows += len(rows)
+    if hessian:
+        for st in result.stats.values():
+            st.hessian = np.triu(st.hessian) + np.triu(st.hessian, 1).T
     return result
 
 
