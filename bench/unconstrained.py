@@ -13,7 +13,10 @@ from `models/zoo.py` (random-weight torchvision exports); without it they are ex
 Exactness: both unconstrained exports are compared with the per-layer masked original in onnxruntime with
 optimisations off (max relative error printed; must be <= 1e-5).
 
-Accuracy: the bundled Fashion-MNIST CNN, constrained vs unconstrained at equal ratios, on the 10k test set.
+Accuracy: the bundled Fashion-MNIST CNN on the 10k test set, constrained vs unconstrained at equal nonzero
+parameter counts (each method's ratio searched), same criterion, with and without repair (`accuracy`).
+`--share` sets `UnconstrainedConfig.share` of the latency exports (a blend with the shared ranking
+narrows the stream unions).
 """
 
 from __future__ import annotations
@@ -120,13 +123,14 @@ def latencies(models: dict, inputs: dict, rounds: int, per_round: int) -> dict[s
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_model(name: str, ratio: float, rounds: int, per_round: int, cost: CostModel | None = None) -> dict:
+def bench_model(name: str, ratio: float, rounds: int, per_round: int, cost: CostModel | None = None,
+                share: float = 0.0) -> dict:
     dense = import_model(model_path(name))
     inputs = random_inputs(dense, seed=0)
     t = time.perf_counter()
     constrained = PrunePass(PruneConfig(ratio=ratio)).run(dense).model
-    naive = UnconstrainedPass(UnconstrainedConfig(ratio=ratio, reorder=False)).run(dense)
-    reordered = UnconstrainedPass(UnconstrainedConfig(ratio=ratio, reorder=True, cost=cost or CostModel())).run(dense)
+    naive = UnconstrainedPass(UnconstrainedConfig(ratio=ratio, reorder=False, share=share)).run(dense)
+    reordered = UnconstrainedPass(UnconstrainedConfig(ratio=ratio, reorder=True, cost=cost or CostModel(), share=share)).run(dense)
     prune_s = time.perf_counter() - t
     oracle = mask_model(dense, reordered.info["plan"])
     expected = run(oracle, inputs)
@@ -143,31 +147,68 @@ def bench_model(name: str, ratio: float, rounds: int, per_round: int, cost: Cost
     }
 
 
-def accuracy(ratios: list[float]) -> list[dict]:
+def _ratio_for(target: int, make, lo: float = 0.0, hi: float = 0.6, steps: int = 9) -> float:
+    """Smallest ratio whose export has at most `target` nonzero parameters (bisection; monotone)."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if effective_params(make(mid)) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+ACCURACY_METHODS = (
+    # name, share (None: PrunePass), repair
+    ("constrained PrunePass", None, "none"),
+    ("constrained PrunePass +bias", None, "bias"),
+    ("constrained share=1 +mean", 1.0, "mean"),
+    ("unconstrained share=0", 0.0, "none"),
+    ("unconstrained share=0 +mean", 0.0, "mean"),
+    ("blend share=0.5 +mean", 0.5, "mean"),
+    ("blend share=0.8 +mean", 0.8, "mean"),
+)
+
+
+def accuracy(removals: list[float], criteria=("l1", "bn"), calib_n: int = 1000) -> list[dict]:
+    """Top-1 at equal nonzero parameter counts: for each target removal of the dense parameters, each
+    method's ratio is searched (bisection) for the largest export with at most the target's nonzero
+    parameters (stream unions and zero rows/columns counted as they are exported). Same criterion for
+    every method; repairs: PrunePass `bias` (data-free) and the calibrated mean repair (`mean`, on
+    `calib_n` training images) applied to constrained (share=1) and unconstrained plans alike."""
     from models.fashion_mnist import load_fashion_mnist
 
     images, labels = load_fashion_mnist("test")
+    train, _ = load_fashion_mnist("train")
     dense = import_model(ROOT / "models" / "fashion_mnist_cnn.onnx")
+    calib = {"image": train[:calib_n]}
 
     def top1(model) -> float:
         s = session(model)
         name = s.get_inputs()[0].name
         hits = 0
-        for i in range(0, len(images), 1000):
-            logits = s.run(None, {name: images[i : i + 1000]})[0]
-            hits += int((logits.argmax(axis=1) == labels[i : i + 1000]).sum())
+        for i in range(0, len(images), 2000):
+            logits = s.run(None, {name: images[i : i + 2000]})[0]
+            hits += int((logits.argmax(axis=1) == labels[i : i + 2000]).sum())
         return hits / len(images)
 
-    base = top1(dense)
-    rows = [{"ratio": 0.0, "constrained": base, "constrained_bn": base, "unconstrained": base, "unconstrained_l1": base,
-             "nonzero_c": effective_params(dense), "nonzero_u": effective_params(dense)}]
-    for r in ratios:
-        c = PrunePass(PruneConfig(ratio=r)).run(dense).model
-        cbn = PrunePass(PruneConfig(ratio=r, criterion="bn")).run(dense).model
-        u = UnconstrainedPass(UnconstrainedConfig(ratio=r)).run(dense).model
-        u1 = UnconstrainedPass(UnconstrainedConfig(ratio=r, criterion="l1")).run(dense).model
-        rows.append({"ratio": r, "constrained": top1(c), "constrained_bn": top1(cbn), "unconstrained": top1(u), "unconstrained_l1": top1(u1),
-                     "nonzero_c": effective_params(c), "nonzero_u": effective_params(u)})
+    total = effective_params(dense)
+    rows = [{"removal": 0.0, "criterion": "-", "method": "dense", "ratio": 0.0, "top1": top1(dense), "nonzero": total}]
+    for crit in criteria:
+        for removal in removals:
+            target = int(total * (1 - removal))
+            for method, share, repair in ACCURACY_METHODS:
+                if share is None:
+                    def make(r, rep="none"):
+                        return PrunePass(PruneConfig(ratio=r, criterion=crit, repair=rep)).run(dense).model
+                else:
+                    def make(r, rep="none"):
+                        cfg = UnconstrainedConfig(ratio=r, criterion=crit, share=share, repair=rep)
+                        return UnconstrainedPass(cfg, calib=calib if rep == "mean" else None).run(dense).model
+                ratio = _ratio_for(target, make)
+                model = make(ratio, repair)
+                rows.append({"removal": removal, "criterion": crit, "method": method, "ratio": ratio,
+                             "top1": top1(model), "nonzero": effective_params(model)})
     return rows
 
 
@@ -179,6 +220,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", choices=MODELS)
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--removals", type=float, nargs="+", default=[0.1, 0.2, 0.3],
+                    help="accuracy: fractions of the dense nonzero parameters removed")
+    ap.add_argument("--share", type=float, default=0.0, help="latency: UnconstrainedConfig.share of both "
+                    "unconstrained exports (0: fully unconstrained; 1: constrained)")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (1: least noisy)")
     ap.add_argument("--fixed-cost", action="store_true", help="use the default CostModel, do not measure")
     args = ap.parse_args(argv)
@@ -188,13 +233,13 @@ def main(argv=None) -> int:
     import onnxruntime
 
     print(f"onnxruntime {onnxruntime.__version__}, CPU ({args.threads} thread), batch 1, ratio {args.ratio}, "
-          f"median of {args.rounds * args.per_round} runs per export (interleaved)")
+          f"median of {args.rounds * args.per_round} runs per export (interleaved), share {args.share}")
     if not args.skip_latency:
         cost = CostModel() if args.fixed_cost else CostModel.measure(threads=args.threads)
         print(f"cost model ({'default' if args.fixed_cost else 'measured here'}): {cost}")
         results = []
         for name in args.only or MODELS:
-            r = bench_model(name, args.ratio, args.rounds, args.per_round, cost)
+            r = bench_model(name, args.ratio, args.rounds, args.per_round, cost, args.share)
             results.append(r)
             ms, c = r["ms"], r["copies"]
             print(f"\n== {name}  (pruning {r['prune_s']:.1f} s; max rel error vs masked original: "
@@ -214,14 +259,12 @@ def main(argv=None) -> int:
             ms = r["ms"]
             print(f"  {r['name']:<16} {ms['naive'] / ms['reordered']:>5.2f}x  {ms['reordered'] / ms['constrained']:>5.2f}")
     if not args.skip_accuracy:
-        print("\n== Fashion-MNIST CNN (bundled, trained): top-1 on 10k test images")
-        print("constrained: PrunePass l1 / bn (|gamma|); unconstrained: energy criterion (default) / l1")
-        print(f"{'ratio':>6}{'constr_l1':>11}{'constr_bn':>11}{'unconstr':>10}{'unconstr_l1':>13}"
-              f"{'nonzero c':>11}{'nonzero u':>11}")
-        for row in accuracy([0.05, 0.1, 0.2, 0.3, 0.5]):
-            print(f"{row['ratio']:>6.2f}{row['constrained']:>11.4f}{row['constrained_bn']:>11.4f}"
-                  f"{row['unconstrained']:>10.4f}{row['unconstrained_l1']:>13.4f}"
-                  f"{row['nonzero_c']:>11}{row['nonzero_u']:>11}")
+        print("\n== Fashion-MNIST CNN (bundled, trained): top-1 on 10k test images at equal nonzero params")
+        print("each method's ratio searched to the largest export with <= the target's nonzero parameters")
+        print(f"{'removed':>8} {'crit':<5}{'method':<30}{'ratio':>7}{'top1':>8}{'nonzero':>9}")
+        for row in accuracy(args.removals):
+            print(f"{row['removal']:>8.2f} {row['criterion']:<5}{row['method']:<30}{row['ratio']:>7.3f}"
+                  f"{row['top1']:>8.4f}{row['nonzero']:>9}")
     return 0
 
 
