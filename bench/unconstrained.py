@@ -199,10 +199,10 @@ def accuracy(removals: list[float], criteria=("l1", "bn"), calib_n: int = 1000) 
             target = int(total * (1 - removal))
             for method, share, repair in ACCURACY_METHODS:
                 if share is None:
-                    def make(r, rep="none"):
+                    def make(r, rep="none", crit=crit, share=share):
                         return PrunePass(PruneConfig(ratio=r, criterion=crit, repair=rep)).run(dense).model
                 else:
-                    def make(r, rep="none"):
+                    def make(r, rep="none", crit=crit, share=share):
                         cfg = UnconstrainedConfig(ratio=r, criterion=crit, share=share, repair=rep)
                         return UnconstrainedPass(cfg, calib=calib if rep == "mean" else None).run(dense).model
                 ratio = _ratio_for(target, make)
