@@ -17,7 +17,12 @@ Start reading at `UnconstrainedPass.call`. The algorithm:
    (beta, gamma); a consumer's ||W[:, c]||^2 times its input energy (its own pre-activation BatchNorm,
    else the stream producers' energies); ``l1``/``l2`` use BatchNorm-folded weight norms instead. The
    *stream* (every other piece) keeps the union U, rounded up to a multiple of ``stream_multiple``
-   with channels no unit keeps (exact: every reader has zero columns there).
+   with channels no unit keeps (exact: every reader has zero columns there). ``share`` blends each
+   unit's (mean-normalised) own scores with the group's shared ranking, the constrained criterion of
+   the same name: share=1 is exactly constrained pruning (`PrunePass`, no copies), values in between
+   make the kept sets overlap more, so the union and the copies stay narrower.
+   ``repair="mean"`` (`mean_repair`, calibration inputs) then restores each Conv/Gemm output's mean on
+   calibration data by its bias / the following BatchNorm's running mean, for any share.
 3. **Oracle** (`mask_model`): the original model with each parameter silenced outside its own piece's
    kept set (zero; 1 for variances/divisors). The export computes exactly this.
 4. **Export** (`export`). Every dim takes the positions of its width (a unit's own set when the unit is
