@@ -27,7 +27,7 @@ from onnxprune.errors import UsageError
 from onnxprune.metrics import count_macs
 from onnxprune.plan import PruningPlan
 
-ALLOCATIONS = ("uniform", "global", "lamp")
+ALLOCATIONS = ("uniform", "global", "lamp", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,41 @@ def removal_order(
             else:
                 key = float(key_of[chunk].max())
             units.append(Unit(g.id, chunk, key))
+    units.sort(key=lambda u: (u.key, u.group))
+    return units
+
+
+def sensitivity_order(
+    analysis: ChannelAnalysis,
+    scores: dict[int, np.ndarray],
+    rows,
+    ratios: list[float],
+    *,
+    round_to: int = 1,
+    max_group_ratio: float = 0.9,
+) -> list[Unit]:
+    """Removal order from measured per-group sensitivity (`onnxprune.sensitivity.sensitivity` rows).
+
+    The key of a group's unit is the output error measured when that group alone loses that fraction of
+    its channels (interpolated between the measured ratios, made non-decreasing), so the order removes
+    channels wherever the end-to-end error stays lowest; no group loses more than the largest measured
+    ratio. Within a group the criterion's lowest scores go first.
+    """
+    by_group = {r.group: r for r in rows}
+    grid = np.array([0.0] + list(ratios))
+    units: list[Unit] = []
+    for g in analysis.groups:
+        row = by_group.get(g.id)
+        if row is None:
+            continue
+        errs = np.array([0.0] + [0.0 if not np.isfinite(e) else e for e in row.errors])
+        errs = np.maximum.accumulate(errs)
+        order = np.argsort(np.asarray(scores[g.id], dtype=np.float64), kind="stable")
+        cap = min(_caps(g, round_to, max_group_ratio), int(math.floor(max(ratios) * g.size + 1e-9)))
+        step = round_to if g.size >= round_to else 1
+        for j in range(cap // step):
+            frac = (j + 1) * step / g.size
+            units.append(Unit(g.id, order[j * step : (j + 1) * step], float(np.interp(frac, grid, errs))))
     units.sort(key=lambda u: (u.key, u.group))
     return units
 

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_accuracy_options(p)
     _add_shape_option(p)
-    p.add_argument("--allocation", choices=("uniform", "global", "lamp"), help="how groups share the removal")
+    p.add_argument("--allocation", choices=("uniform", "global", "lamp", "sensitivity"),
+                   help="how groups share the removal (sensitivity: measured per-group output error, needs --calib)")
     p.add_argument("--target-params", help="parameters to keep: a count N or a percentage P%%")
     p.add_argument("--target-macs", help="MACs to keep: a count N or a percentage P%%")
     p.set_defaults(func=cmd_prune)

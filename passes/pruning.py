@@ -36,7 +36,7 @@ class PruneConfig:
     max_group_ratio: float = 0.9
     seed: int = 0
     repair: str = "none"  # none | bias (data-free, BatchNorm statistics) | ls (calibrated least squares)
-    allocation: str | None = None  # uniform | global | lamp; None: global if global_ranking else uniform
+    allocation: str | None = None  # uniform | global | lamp | sensitivity; None: global if global_ranking else uniform
     target_params: str | None = None  # keep N parameters, or P% of them (overrides ratio)
     target_macs: str | None = None  # keep N MACs, or P% of them (overrides ratio)
     calib_samples: int | None = None
@@ -123,9 +123,11 @@ class PrunePass(Pass):
         criterion = self.criterion(stats)
         scores = criterion.score_all(analysis)
         targets = {"params": c.target_params, "macs": c.target_macs}
-        if c.allocation_name == "lamp" or any(v is not None for v in targets.values()):
+        if c.allocation_name in ("lamp", "sensitivity") or any(v is not None for v in targets.values()):
             budget = None
-            if c.allocation_name == "lamp":
+            if c.allocation_name == "sensitivity":
+                units = self._sensitivity_units(analysis, scores, stats)
+            elif c.allocation_name == "lamp":
                 # LAMP is layer-adaptive *magnitude* pruning: the per-layer budgets come from LAMP scores
                 # of the channel L1 norms, whatever the criterion; the criterion picks which channels go.
                 # So every criterion is compared on the same budgets (not on budgets its own score
@@ -133,10 +135,11 @@ class PrunePass(Pass):
                 from onnxprune.passes.scoring import Magnitude
 
                 budget = Magnitude(1).score_all(analysis)
-            units = alloc.removal_order(
-                analysis, scores, c.allocation_name, round_to=c.round_to, max_group_ratio=c.max_group_ratio,
-                comparable=getattr(criterion, "comparable", False), budget_scores=budget,
-            )
+            if c.allocation_name != "sensitivity":
+                units = alloc.removal_order(
+                    analysis, scores, c.allocation_name, round_to=c.round_to, max_group_ratio=c.max_group_ratio,
+                    comparable=getattr(criterion, "comparable", False), budget_scores=budget,
+                )
             for metric, text in targets.items():
                 if text is not None:
                     total = count_params(analysis.graph) if metric == "params" else count_macs(analysis.graph)
@@ -146,6 +149,25 @@ class PrunePass(Pass):
             analysis, scores, c.ratio, global_ranking=c.global_ranking, round_to=c.round_to,
             max_group_ratio=c.max_group_ratio,
         )
+
+    SENSITIVITY_RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7)
+    SENSITIVITY_SAMPLES = 16
+
+    def _sensitivity_units(self, analysis: ChannelAnalysis, scores, stats):
+        """Units ordered by each group's measured end-to-end output error (needs calibration samples)."""
+        from onnxprune import allocation as alloc
+        from onnxprune.calibration import check_calib
+        from onnxprune.sensitivity import sensitivity
+
+        c = self.config
+        if self.calib is None:
+            raise UsageError("allocation 'sensitivity' needs calibration data: pass --calib FILE.npz")
+        model = analysis.graph.model
+        data = check_calib(self.calib, model, min(self.calib.n, self.SENSITIVITY_SAMPLES))
+        rows = sensitivity(model, data, list(self.SENSITIVITY_RATIOS), c.criterion,
+                           c.repair, stats, c.allow_inexact)
+        return alloc.sensitivity_order(analysis, scores, rows, list(self.SENSITIVITY_RATIOS),
+                                       round_to=c.round_to, max_group_ratio=c.max_group_ratio)
 
     def call(self, model):
         start = time.perf_counter()

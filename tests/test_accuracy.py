@@ -309,3 +309,12 @@ def test_lamp_allocation_budgets_do_not_depend_on_the_criterion():
         res = PrunePass(PruneConfig(criterion=crit, allocation="lamp", target_params="70%")).run(model)
         counts[crit] = res.info["summary"]["plan"]
     assert counts["l1"] == counts["random"] == counts["bn"]
+
+
+def test_sensitivity_allocation_meets_target_and_needs_data():
+    model = canonical(TEST_MODELS["residual"]())
+    with pytest.raises(UsageError, match="calibration"):
+        PrunePass(PruneConfig(allocation="sensitivity", target_params="80%")).run(model)
+    res = PrunePass(PruneConfig(allocation="sensitivity", target_params="80%"), calib=_calib(model, 4)).run(model)
+    s = res.info["summary"]
+    assert s["params_after"] <= 0.8 * s["params_before"] and s["channels_removed"] > 0
