@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
 
@@ -37,15 +38,61 @@ ACC_VECTORS = 16
 
 
 def relax_layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """Relax passes that put convolutions in NHWC/HWIO and fold the weight transposes away."""
+    """Relax passes that put convolutions in NHWC/HWIO, fold the weight transposes away, and pad odd
+    output-channel counts (see :func:`pad_conv_channels`)."""
     desired = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
     return [
         relax.transform.CanonicalizeBindings(),
         relax.transform.ConvertLayout(desired),
         relax.transform.FoldConstant(),
+        pad_conv_channels(vector_lanes(target)),
         relax.transform.CanonicalizeBindings(),
         relax.transform.DeadCodeElimination(),
     ]
+
+
+def pad_conv_channels(lanes: int) -> tvm.transform.Pass:
+    """Give NHWC convolutions whose output-channel count is not a multiple of the vector width (pruned
+    models: 23, 45 … channels) zero-padded weights, and slice the extra channels off the result.
+
+    The kernel then vectorises over whole registers instead of falling back to scalar code (a prime channel
+    count has no divisor to vectorise by); the slice is a cheap copy fused with the epilogue that follows.
+    Grouped/depthwise convolutions and non-constant weights are left alone.
+    """
+
+    @relax.expr_functor.mutator
+    class _Pad(relax.PyExprMutator):
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+            return call
+        attrs = call.attrs
+        weight = call.args[1]
+        if (attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO" or int(attrs.groups) != 1
+                    or not isinstance(weight, tvm.ir.expr.Constant)):  # fmt: skip
+            return call
+        w = weight.value.numpy()
+        out_ch = w.shape[3]
+        if out_ch <= lanes or out_ch % lanes == 0:
+            return call
+        padded = -(-out_ch // lanes) * lanes
+        wp = np.zeros(w.shape[:3] + (padded,), dtype=w.dtype)
+        wp[..., :out_ch] = w
+        conv = relax.op.nn.conv2d(
+                call.args[0], relax.const(wp), strides=attrs.strides, padding=attrs.padding,
+                dilation=attrs.dilation, groups=1, data_layout="NHWC", kernel_layout="HWIO",
+                out_layout=attrs.out_layout, out_dtype=attrs.out_dtype,
+            )  # fmt: skip
+        return relax.op.strided_slice(self.builder_.normalize(conv), axes=[3], begin=[0], end=[out_ch])
+
+    @tvm.transform.module_pass(opt_level=0, name="PadConvChannels")
+    def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                mutator = _Pad(mod)
+                mod[gv] = mutator.visit_expr(func)
+        return mod
+
+    return _pass
 
 
 def vector_lanes(target: tvm.target.Target, bits: int = 32) -> int:
@@ -61,6 +108,13 @@ def vector_lanes(target: tvm.target.Target, bits: int = 32) -> int:
 
 def _const_int(x: object) -> int | None:
     return int(x.value) if isinstance(x, tirx.IntImm) else (x if isinstance(x, int) else None)
+
+
+def _written_shape(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> list[int | None]:
+    """Shape of the buffer a block writes (``TensorRegion.source`` is the buffer in TVM 0.27)."""
+    region = sch.get(block).writes[0]
+    buf = region.source if hasattr(region, "source") else region.buffer
+    return [_const_int(d) for d in buf.shape]
 
 
 def _largest_divisor(n: int, limit: int) -> int:
@@ -167,8 +221,13 @@ class _Kernel:
             sch.parallel(fused)
         # Accumulate the tile in a local buffer and write it back (with the epilogue) per tile.
         consumers = list(sch.get_consumers(block))
+        out_shape = _written_shape(sch, block)
         cache = sch.cache_write(block, 0, "local")
         for c in consumers:
+            # Only consumers writing the same shape (the epilogue): TVM also lets a slicing consumer be
+            # inlined (padded channels, see pad_conv_channels) and then writes the tile out of bounds.
+            if _written_shape(sch, c) != out_shape:
+                continue
             try:
                 sch.reverse_compute_inline(c)
             except Exception:  # noqa: BLE001 - e.g. a consumer that reads other tiles; left for later
@@ -178,7 +237,6 @@ class _Kernel:
         if red:
             init = sch.decompose_reduction(block, red[0])
             self._vectorize_tail(init, len(inner))
-
 
     def _vectorize_tail(self, block: s_tir.schedule.SBlockRV, n_inner: int) -> None:
         """Vectorise the innermost loop of a write-back/init block (unrolling the one before)."""
