@@ -62,27 +62,28 @@ def pad_conv_channels(lanes: int) -> tvm.transform.Pass:
 
     @relax.expr_functor.mutator
     class _Pad(relax.PyExprMutator):
-        call = super().visit_call_(call)
-        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
-            return call
-        attrs = call.attrs
-        weight = call.args[1]
-        if (attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO" or int(attrs.groups) != 1
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+                return call
+            attrs = call.attrs
+            weight = call.args[1]
+            if (attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO" or int(attrs.groups) != 1
                     or not isinstance(weight, tvm.ir.expr.Constant)):  # fmt: skip
-            return call
-        w = weight.value.numpy()
-        out_ch = w.shape[3]
-        if out_ch <= lanes or out_ch % lanes == 0:
-            return call
-        padded = -(-out_ch // lanes) * lanes
-        wp = np.zeros(w.shape[:3] + (padded,), dtype=w.dtype)
-        wp[..., :out_ch] = w
-        conv = relax.op.nn.conv2d(
+                return call
+            w = weight.value.numpy()
+            out_ch = w.shape[3]
+            if out_ch <= lanes or out_ch % lanes == 0:
+                return call
+            padded = -(-out_ch // lanes) * lanes
+            wp = np.zeros(w.shape[:3] + (padded,), dtype=w.dtype)
+            wp[..., :out_ch] = w
+            conv = relax.op.nn.conv2d(
                 call.args[0], relax.const(wp), strides=attrs.strides, padding=attrs.padding,
                 dilation=attrs.dilation, groups=1, data_layout="NHWC", kernel_layout="HWIO",
                 out_layout=attrs.out_layout, out_dtype=attrs.out_dtype,
             )  # fmt: skip
-        return relax.op.strided_slice(self.builder_.normalize(conv), axes=[3], begin=[0], end=[out_ch])
+            return relax.op.strided_slice(self.builder_.normalize(conv), axes=[3], begin=[0], end=[out_ch])
 
     @tvm.transform.module_pass(opt_level=0, name="PadConvChannels")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
