@@ -6,7 +6,8 @@
 Model: the bundled Fashion-MNIST CNN (models/fashion_mnist_cnn.onnx). Calibration images are drawn
 from the *train* split (seeded), top-1 is measured on the full 10k *test* split. Each row is pruned to
 the same parameter budget (``--target-params (1-f)*100%``) so all combinations compare at equal
-parameter count. Printed side by side: top-1, the drop from the unpruned model, and the ratio of each
+parameter count; with the LAMP allocation the per-layer budgets are also the same for every criterion
+(LAMP of channel L1 norms), so rows differ only in which channels each criterion picks and the repair. Printed side by side: top-1, the drop from the unpruned model, and the ratio of each
 combination's error rate to plain L1 without repair at the same budget. The last lines check the
 issue's acceptance numbers at 30% removed.
 """
@@ -122,6 +123,18 @@ def main(argv=None) -> int:
             ref = results["l1", "none", 0.3][0]
             losers = [f"{c}/{r}" for (c, r, f), (a, _) in results.items() if f == 0.3 and (c, r) != ("l1", "none") and a <= ref]
             print(f"  every combination beats l1/none ({ref:.2f}%): {'PASS' if not losers else 'FAIL: ' + ', '.join(losers)}")
+            why = {
+                "random": "random choice: no information about the channels, cannot be expected to beat a magnitude criterion",
+                "activation": "weight-blind (mean |x| ignores the consumer's weights); without repair the removed channels' "
+                              "mean shift goes uncorrected",
+                "apoz": "weight-blind (fraction of zeros only); without repair the removed channels' mean shift goes uncorrected",
+                "l2": "a plain magnitude variant: same information as l1, differs only by ranking noise",
+                "lamp": "within a layer LAMP is monotone in l2 (same channels as l2); budgets are shared",
+                "fpgm": "a weight-geometry criterion without activation information",
+            }
+            for c in dict.fromkeys(x.split("/")[0] for x in losers):
+                if c in why:
+                    print(f"    {c}: {why[c]}")
 
     import matplotlib
 
