@@ -308,6 +308,15 @@ def collect_stats(
         for c in which
     }
     per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n))) for k, f in feats_of.items()}
+    pending: dict[str, list[np.ndarray]] = {}  # rows buffered until there are about F of them (few F x F adds)
+
+    def _flush(st: ConsumerStats, buf: list[np.ndarray]) -> None:
+        if buf:
+            rows = np.concatenate(buf)
+            st.hessian += ssyrk(1.0, rows.T, trans=0, lower=0)  # upper triangle of rows^T rows
+            st.rows += len(rows)
+            buf.clear()
+
     for i in range(0, data.n, step):
         k = min(step, data.n - i)
         feed = {n: v[i : i + k] for n, v in data.arrays.items() if n in feeds}
@@ -339,11 +348,13 @@ def collect_stats(
                 budget = per_sample[c.name] * k
                 if len(rows) > budget:
                     rows = rows[np.sort(rng.choice(len(rows), budget, replace=False))]
-                rows = np.concatenate([rows, np.ones((len(rows), 1), np.float32)], axis=1)
-                st.hessian += ssyrk(1.0, rows, trans=1, lower=0)  # upper triangle of rows^T rows
-                st.rows += len(rows)
+                buf = pending.setdefault(c.name, [])
+                buf.append(np.concatenate([rows, np.ones((len(rows), 1), np.float32)], axis=1))
+                if sum(len(b) for b in buf) >= max(1024, feats_of[c.name]):
+                    _flush(st, buf)
     if hessian:
-        for st in result.stats.values():
+        for name, st in result.stats.items():
+            _flush(st, pending.get(name, []))
             st.hessian = np.triu(st.hessian) + np.triu(st.hessian, 1).T
     return result
 
