@@ -4,7 +4,9 @@ A bundle is a folder that runs on its target with nothing but its own files and 
 for that target::
 
     manifest.json     model name + sha256, inputs/outputs, target, tvm version, sha256 of every other file
-    model.so          compiled library with the weights embedded (model.wasm for wasm)
+    model.so          compiled library (kernels + VM code; runner.wasm for wasm)
+    weights.bin       the folded, layout-transformed weights (TVM parameter dict), passed to main after
+                      the inputs; CUDA bundles keep theirs embedded in the library
     runner            the target's runner program (runner.js for wasm), source in runner.cc
     lib/              libtvm_runtime.so + libtvm_ffi.so for the target (shared-library targets)
     README.md         how to run it on the device
@@ -248,6 +250,9 @@ def run_bundle(
             np.save(p, a)
             paths.append(str(p))
         full = [*cmd, str(tmpd), *paths] + (["--repeat", str(repeat)] if repeat else [])
+        w = manifest.get("weights")
+        if isinstance(w, dict):
+            full += ["--weights", str(bundle / w["file"])]
         try:
             proc = subprocess.run(full, capture_output=True, text=True, timeout=3600, cwd=bundle)
         except FileNotFoundError as e:

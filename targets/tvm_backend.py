@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from onnxprune.errors import ModelError, ToolchainError, UnsupportedModelError, UsageError
@@ -35,8 +36,10 @@ try:
     import tvm
     from tvm import relax
 except ImportError as _e:  # pragma: no cover - depends on the environment
-    raise ToolchainError(f"apache-tvm is not installed ({_e}); pip install apache-tvm==0.27.0.post1 "
-                         "apache-tvm-ffi==0.1.14.post1") from None
+    raise ToolchainError(
+        f"apache-tvm is not installed ({_e}); pip install apache-tvm==0.27.0.post1 "
+        "apache-tvm-ffi==0.1.14.post1"
+    ) from None
 
 __all__ = ["compile_bundle", "import_onnx", "build_target", "build_executable"]
 
@@ -90,7 +93,9 @@ def import_onnx(model: onnx.ModelProto, inputs: list[B.TensorSpec]) -> "tvm.IRMo
     except (NotImplementedError, tvm.error.OpNotImplemented) as e:
         raise UnsupportedModelError(f"TVM's ONNX importer cannot convert the model: {_one_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - importer errors come as ValueError, TVMError, AssertionError…
-        raise UnsupportedModelError(f"TVM's ONNX importer failed: {type(e).__name__}: {_one_line(e)}") from None
+        raise UnsupportedModelError(
+            f"TVM's ONNX importer failed: {type(e).__name__}: {_one_line(e)}"
+        ) from None
     return relax.transform.DecomposeOpsForInference()(mod)
 
 
@@ -99,8 +104,58 @@ def _one_line(e: BaseException) -> str:
     return lines[-1][:300] if lines else type(e).__name__
 
 
-def _relax_pipeline(spec: TargetSpec, target: "tvm.target.Target", tune: int, work_dir: Path | None):
-    """Relax pipeline: legalize + fuse, schedule the kernels, then lower to VM code."""
+#: Constants with fewer elements stay in the library (scalars, shapes); larger ones go to ``weights.bin``.
+MIN_WEIGHT_ELEMENTS = 16
+WEIGHTS_FILE = "weights.bin"
+
+
+def lift_weights(mod: "tvm.IRModule") -> tuple["tvm.IRModule", list[np.ndarray]]:
+    """Turn the large constants of ``main`` into trailing parameters; return them in parameter order.
+
+    Runs after constant folding and the layout passes, so the lifted tensors are the final, ready-to-use
+    weights (NHWC/HWIO, BatchNorm folded, channel-padded): the runner passes them to ``main`` after the
+    model inputs, as loaded from ``weights.bin`` (TVM's parameter-dict format, keys ``w0000``, ``w0001`` …).
+    """
+    lifted: list[np.ndarray] = []
+    new_params: list[relax.Var] = []
+
+    @relax.expr_functor.mutator
+    class _Lift(relax.PyExprMutator):
+        def visit_generic_const_(self, const: relax.Expr) -> relax.Expr:
+            value = const.value
+            if not hasattr(value, "numpy") or int(np.prod(value.shape)) < MIN_WEIGHT_ELEMENTS:
+                return const
+            var = relax.Var(f"w{len(lifted):04d}", const.ty)
+            lifted.append(value.numpy())
+            new_params.append(var)
+            return var
+
+    func = mod["main"]
+    body = _Lift(mod).visit_expr(func)
+    if not lifted:
+        return mod, []
+    n_inputs = len(func.params)
+    new = relax.Function(list(body.params) + new_params, body.body, body.ret_ty, body.is_pure, func.attrs)
+    new = new.with_attr("num_input", n_inputs)
+    mod = tvm.IRModule(
+        {**{gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"}}, attrs=mod.attrs
+    )
+    mod["main"] = new
+    return mod, lifted
+
+
+def _relax_pipeline(
+    spec: TargetSpec,
+    target: "tvm.target.Target",
+    tune: int,
+    work_dir: Path | None,
+    weights: list | None = None,
+):
+    """Relax pipeline: legalize + fuse, schedule the kernels, then lower to VM code.
+
+    With a ``weights`` list, the folded weights are lifted out of the library (:func:`lift_weights`) and
+    appended to it.
+    """
     from tvm.relax.backend import cpu_generic
 
     from . import tvm_schedules
@@ -117,9 +172,13 @@ def _relax_pipeline(spec: TargetSpec, target: "tvm.target.Target", tune: int, wo
                 [
                     relax.transform.FoldConstant(),
                     *tvm_schedules.relax_layout_passes(target),
-                    *cpu_generic.library_dispatch_passes(target),
-                    *cpu_generic.legalize_passes(target),
                 ]
+            )(mod)
+            if weights is not None:
+                mod, lifted = lift_weights(mod)
+                weights.extend(lifted)
+            mod = tvm.transform.Sequential(
+                [*cpu_generic.library_dispatch_passes(target), *cpu_generic.legalize_passes(target)]
             )(mod)
             if tune > 0:
                 mod = tvm_schedules.tune(mod, target, tune, work_dir)
@@ -133,11 +192,16 @@ def _relax_pipeline(spec: TargetSpec, target: "tvm.target.Target", tune: int, wo
 
 
 def build_executable(
-    mod: "tvm.IRModule", spec: TargetSpec, *, tune: int = 0, work_dir: Path | None = None
+    mod: "tvm.IRModule",
+    spec: TargetSpec,
+    *,
+    tune: int = 0,
+    work_dir: Path | None = None,
+    weights: list | None = None,
 ) -> "relax.Executable":
-    """Compile a Relax module for a table row."""
+    """Compile a Relax module for a table row (lifting the weights into ``weights`` when given)."""
     target = build_target(spec)
-    pipeline = _relax_pipeline(spec, target, tune, work_dir)
+    pipeline = _relax_pipeline(spec, target, tune, work_dir, weights)
     try:
         return relax.build(mod, target, relax_pipeline=pipeline, system_lib=spec.exporter == "wasm")
     except Exception as e:  # noqa: BLE001
@@ -195,6 +259,7 @@ def _export(ex: "relax.Executable", spec: TargetSpec, out: Path) -> dict[str, ob
 
 def _export_cuda(ex: "relax.Executable", spec: TargetSpec, out: Path) -> dict[str, object]:
     """Keep the generated CUDA C (and PTX when nvcc is present) plus the host library."""
+
     def walk(m):  # the CUDA module is imported by the host module, itself imported by the VM
         yield m
         for sub in m.imports:
@@ -205,8 +270,12 @@ def _export_cuda(ex: "relax.Executable", spec: TargetSpec, out: Path) -> dict[st
         raise UnsupportedModelError("TVM produced no CUDA device module")
     src = dev[0].inspect_source("")
     (out / "model.cu").write_text(src)
-    fields: dict[str, object] = {"library": "model.so", "device_source": "model.cu",
-                                 "runner": {"program": None, "kind": "cuda"}, "runtime": []}
+    fields: dict[str, object] = {
+        "library": "model.so",
+        "device_source": "model.cu",
+        "runner": {"program": None, "kind": "cuda"},
+        "runtime": [],
+    }
     if spec.arch == os.uname().machine:
         ex.export_library(str(out / "model.so"))
     else:
@@ -226,6 +295,8 @@ def _target_json(target: "tvm.target.Target") -> object:
 
 def _readme(spec: TargetSpec, manifest: dict[str, Any]) -> str:
     ins = " ".join(f"{i['name']}.npy" for i in manifest["inputs"])
+    w = manifest.get("weights")
+    wflag = f" --weights {w['file']}" if isinstance(w, dict) else ""
     lines = [
         f"# {manifest['model']['name']} for {spec.name}",
         "",
@@ -234,6 +305,15 @@ def _readme(spec: TargetSpec, manifest: dict[str, Any]) -> str:
         "Inputs (.npy, C order):",
         *[f"- `{i['name']}`: {i['dtype']} {i['shape']}" for i in manifest["inputs"]],
         "",
+        *(
+            [
+                f"Weights: `{w['file']}` ({w['count']} tensors, TVM parameter dict), already in the kernels' "
+                "layout; the runner passes them to `main` after the inputs.",
+                "",
+            ]
+            if isinstance(w, dict)
+            else []
+        ),
         "Outputs (written as output_<i>.npy):",
         *[f"- {k}: `{o['name']}`: {o['dtype']} {o['shape']}" for k, o in enumerate(manifest["outputs"])],
         "",
@@ -246,7 +326,7 @@ def _readme(spec: TargetSpec, manifest: dict[str, Any]) -> str:
             "",
             "```sh",
             "mkdir -p out",
-            f"./runner ./model.so out {ins}          # add --repeat 100 to print the median latency",
+            f"./runner ./model.so out {ins}{wflag}          # add --repeat 100 to print the median latency",
             "```",
             "",
             f"Rebuild the runner on the device if needed: `g++ -O2 -std=c++17 -I<tvm_ffi>/include runner.cc "
@@ -258,7 +338,7 @@ def _readme(spec: TargetSpec, manifest: dict[str, Any]) -> str:
             "",
             "```sh",
             "mkdir -p out",
-            f"node --no-experimental-fetch runner.js system out {ins}",
+            f"node --no-experimental-fetch runner.js system out {ins}{wflag}",
             "```",
         ]
     else:
@@ -294,22 +374,41 @@ def compile_bundle(
     mod = import_onnx(model, inputs)
     outputs = _output_specs(mod, outputs)
     work_dir = Path(os.environ.get("ONNXPRUNE_TUNE_CACHE", Path.home() / ".cache" / "onnxprune" / "tune"))
-    ex = build_executable(mod, spec, tune=tune, work_dir=work_dir)
+    weights: list[np.ndarray] | None = None if spec.gpu else []
+    ex = build_executable(mod, spec, tune=tune, work_dir=work_dir, weights=weights)
     B.clean_dir(out)
     fields = _export(ex, spec, out)
+    if weights:
+        blob = tvm.runtime.save_param_dict(
+            {f"w{i:04d}": tvm.runtime.tensor(w) for i, w in enumerate(weights)}
+        )
+        (out / WEIGHTS_FILE).write_bytes(blob)
+        weights_field: object = {
+            "file": WEIGHTS_FILE, "format": "tvm-param-dict", "count": len(weights),
+            "bytes": len(blob), "passed_as": "main(inputs..., w0000, w0001, ...)",
+        }  # fmt: skip
+    else:
+        weights_field = "embedded in the library (constants)"
     compile_s = time.perf_counter() - t0
     model_bytes = model_path.read_bytes()
     manifest: dict[str, Any] = {
-        "model": {"name": model.graph.name or model_path.stem, "file": model_path.name,
-                  "sha256": hashlib.sha256(model_bytes).hexdigest()},
+        "model": {
+            "name": model.graph.name or model_path.stem,
+            "file": model_path.name,
+            "sha256": hashlib.sha256(model_bytes).hexdigest(),
+        },
         "inputs": B.spec_dicts(inputs),
         "outputs": B.spec_dicts(outputs),
-        "target": {"name": spec.name, "family": spec.family, "arch": spec.arch,
-                   "tvm_target": _target_json(build_target(spec))},
+        "target": {
+            "name": spec.name,
+            "family": spec.family,
+            "arch": spec.arch,
+            "tvm_target": _target_json(build_target(spec)),
+        },
         "tvm_version": tvm_version(),
         "tune_trials": tune,
         "compile_seconds": round(compile_s, 3),
-        "weights": "embedded in the library (constants)",
+        "weights": weights_field,
         **fields,
         "pruning_summary": B.pruning_summary(model),
     }

@@ -191,8 +191,9 @@ def test_x86_bundle_matches_onnxruntime(x86_bundle):
     assert manifest["target"]["name"] == "x86"
     assert manifest["outputs"] == [{"name": "y", "shape": [1, 10], "dtype": "float32"}]
     assert manifest["pruning_summary"] == {"ratio": 0.5, "params_before": 100, "params_after": 50}
-    assert set(manifest["files"]) >= {"model.so", "runner", "runner.cc", "README.md", "lib/libtvm_runtime.so",
-                                      "lib/libtvm_ffi.so"}
+    assert set(manifest["files"]) >= {"model.so", "weights.bin", "runner", "runner.cc", "README.md",
+                                      "lib/libtvm_runtime.so", "lib/libtvm_ffi.so"}  # fmt: skip
+    assert manifest["weights"]["file"] == "weights.bin" and manifest["weights"]["count"] >= 5
 
 
 @needs_tvm
@@ -206,22 +207,43 @@ def test_x86_bundle_is_self_contained(x86_bundle, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     env = {"PATH": "/usr/bin:/bin"}  # no LD_LIBRARY_PATH, no python
-    subprocess.run([str(copy / "runner"), str(copy / "model.so"), str(out), str(tmp_path / "x.npy")],
-                   check=True, env=env, cwd=tmp_path)  # fmt: skip
+    subprocess.run([str(copy / "runner"), str(copy / "model.so"), str(out), str(tmp_path / "x.npy"),
+                    "--weights", str(copy / "weights.bin")], check=True, env=env, cwd=tmp_path)  # fmt: skip
     assert_matches({"y": np.load(out / "output_0.npy")}, ort_reference(model, inputs))
 
 
 @needs_tvm
-def test_tampered_bundle_is_refused(x86_bundle, tmp_path):
+@pytest.mark.parametrize("victim", ["model.so", "weights.bin"])
+def test_tampered_bundle_is_refused(x86_bundle, tmp_path, victim):
     from onnxprune.targets import run_bundle
 
     bundle, manifest, _ = x86_bundle
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
-    with open(copy / "model.so", "ab") as f:
+    with open(copy / victim, "ab") as f:
         f.write(b"\0")
     with pytest.raises(ModelError, match="sha256"):
         run_bundle(copy, random_inputs(manifest))
+
+
+@needs_tvm
+def test_weights_file_is_what_the_model_computes_with(x86_bundle, tmp_path):
+    """The weights come from weights.bin: with every lifted tensor zeroed, the output is the Gemm bias (10
+    elements, below the lifting threshold, so it stays in the library)."""
+    import tvm
+
+    bundle, manifest, model = x86_bundle
+    assert (bundle / "model.so").stat().st_size < 4 * (bundle / "weights.bin").stat().st_size + 200_000
+    params = tvm.runtime.load_param_dict((bundle / "weights.bin").read_bytes())
+    zeros = {k: tvm.runtime.tensor(np.zeros_like(v.numpy())) for k, v in params.items()}
+    (tmp_path / "w0.bin").write_bytes(tvm.runtime.save_param_dict(zeros))
+    np.save(tmp_path / "x.npy", random_inputs(manifest)["x"])
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run([str(bundle / "runner"), str(bundle / "model.so"), str(out), str(tmp_path / "x.npy"),
+                    "--weights", str(tmp_path / "w0.bin")], check=True)  # fmt: skip
+    bias = next(numpy_helper.to_array(i) for i in onnx.load(model).graph.initializer if i.name == "bf")
+    np.testing.assert_allclose(np.load(out / "output_0.npy")[0], bias, rtol=1e-6)
 
 
 @needs_tvm

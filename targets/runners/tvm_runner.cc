@@ -1,17 +1,20 @@
 // onnxprune bundle runner: loads a TVM Relax VM library, feeds it .npy inputs, writes .npy outputs.
 //
-// Usage: runner LIB OUT_DIR IN0.npy [IN1.npy ...] [--repeat N]
+// Usage: runner LIB OUT_DIR IN0.npy [IN1.npy ...] [--weights weights.bin] [--repeat N]
 //   LIB is the bundle's compiled library (model.so) or "system" for a statically linked system library
-//   (the wasm build). Outputs go to OUT_DIR/output_<i>.npy; with --repeat N the runner times N calls of
-//   main and prints "median_ms <value>" on stdout.
+//   (the wasm build). --weights loads the model's weights (TVM parameter-dict format, keys w0000, w0001 …)
+//   and passes them to main after the inputs. Outputs go to OUT_DIR/output_<i>.npy; with --repeat N the
+//   runner times N calls of main and prints "median_ms <value>" on stdout.
 //
 // Depends only on the tvm-ffi headers (tvm/ffi/*, dlpack) and, at run time, on libtvm_runtime (which
 // registers the Relax VM loader) and libtvm_ffi.
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/map.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
+#include <tvm/ffi/string.h>
 
 #include <algorithm>
 #include <chrono>
@@ -21,6 +24,7 @@
 #include <cstring>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -122,20 +126,42 @@ void WriteNpy(const std::string& path, const ffi::Tensor& t) {
   f.write(static_cast<const char*>(t.data_ptr()), ffi::GetDataSize(t));
 }
 
+// Loads weights.bin (written by tvm.runtime.save_param_dict) with the runtime's own reader.
+std::vector<ffi::Tensor> ReadWeights(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) Fail("cannot open " + path);
+  std::string data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  auto params = ffi::Function::GetGlobalRequired("runtime.LoadParams")(ffi::Bytes(data))
+                    .cast<ffi::Map<ffi::String, ffi::Tensor>>();
+  std::vector<ffi::Tensor> out;
+  for (size_t i = 0;; ++i) {
+    char key[16];
+    std::snprintf(key, sizeof(key), "w%04zu", i);
+    auto it = params.find(ffi::String(key));
+    if (it == params.end()) break;
+    out.push_back((*it).second);
+  }
+  if (out.size() != params.size()) Fail(path + ": weight names are not w0000, w0001, ...");
+  return out;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::vector<std::string> pos;
   int repeat = 0;
+  std::string weights;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--repeat" && i + 1 < argc) {
       repeat = std::atoi(argv[++i]);
+    } else if (a == "--weights" && i + 1 < argc) {
+      weights = argv[++i];
     } else {
       pos.push_back(a);
     }
   }
-  if (pos.size() < 2) Fail("usage: runner LIB OUT_DIR IN0.npy [IN1.npy ...] [--repeat N]");
+  if (pos.size() < 2) Fail("usage: runner LIB OUT_DIR IN0.npy [IN1.npy ...] [--weights FILE] [--repeat N]");
   try {
     ffi::Module lib = pos[0] == "system"
                           ? ffi::Function::GetGlobalRequired("ffi.SystemLib")().cast<ffi::Module>()
@@ -146,6 +172,9 @@ int main(int argc, char** argv) {
     ffi::Function main_fn = vm->GetFunction("main").value();
     std::vector<ffi::Any> args;
     for (size_t i = 2; i < pos.size(); ++i) args.push_back(ReadNpy(pos[i]));
+    if (!weights.empty()) {
+      for (ffi::Tensor& w : ReadWeights(weights)) args.push_back(w);
+    }
     std::vector<ffi::AnyView> views(args.begin(), args.end());
     ffi::Any ret;
     main_fn.CallPacked(views.data(), static_cast<int32_t>(views.size()), &ret);
