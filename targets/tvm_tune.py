@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -192,9 +193,10 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
         target = tvm.target.Target({**dict(target.export()), "num-cores": int(cores)})
     if target.kind.name == "llvm":
         _cpu_tensor_intrinsics_only()
-    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
-    if ms_log.level == logging.NOTSET:  # progress tables go to <cache>/logs, only warnings to the console
-        ms_log.setLevel(logging.WARNING)
+    # Progress tables go to <cache>/logs; the console gets warnings only unless ONNXPRUNE_TUNE_VERBOSE is set.
+    # (MetaSchedule sizes its console handler from this logger's level, then resets the level to DEBUG.)
+    if not os.environ.get("ONNXPRUNE_TUNE_VERBOSE"):
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     root = cache_dir(mod, target, work_dir)
     state_path = root / STATE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"trials": 0, "seeded": False}
