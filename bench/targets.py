@@ -6,8 +6,8 @@
     python -m bench.targets --targets x86,arm,wasm,cuda   # compile time per target (default), '' to skip
 
 Everything is measured in one run on this machine, batch 1: onnxruntime in-process (default session options,
-all graph optimisations on), the TVM bundle through its own C++ runner (``--repeat``: median over N calls
-inside one process). The pruned model is made here from the dense one with
+all graph optimisations on), the TVM bundle through its own C++ runner; ``--repeat`` calls each, in 5
+interleaved rounds (median of the round medians). The pruned model is made here from the dense one with
 ``PrunePass(PruneConfig(ratio=0.3))``. Printed ratios:
 
 - ``tvm/ort``: TVM latency / onnxruntime latency on the same model (lower is better; the issue asks
@@ -34,6 +34,7 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models" / "fashion_mnist_cnn.onnx"
+ROUNDS = 5
 
 
 @dataclass
@@ -47,8 +48,7 @@ class Measure:
         return self.tvm_ms / self.ort_ms
 
 
-def ort_median_ms(model: Path, inputs: dict[str, np.ndarray], repeat: int) -> float:
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+def ort_median_ms(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], repeat: int) -> float:
     for _ in range(5):
         sess.run(None, inputs)
     ts = []
@@ -92,9 +92,15 @@ def measure(model: Path, trials: int, repeat: int, work: Path, tag: str) -> Meas
     manifest = read_manifest(bundle, verify=False)
     rng = np.random.RandomState(0)
     inputs = {i["name"]: rng.randn(*i["shape"]).astype(i["dtype"]) for i in manifest["inputs"]}
-    out = run_bundle(bundle, inputs, repeat=repeat)
-    tvm_ms = float(out.pop("__median_ms__"))
-    return Measure(tvm_ms, ort_median_ms(model, inputs, repeat), compile_s)
+    # Interleaved rounds (TVM runner, then onnxruntime, ROUNDS times; median of the round medians): this
+    # machine's speed drifts over seconds (shared host), which a single back-to-back pair turns into noise.
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    per = max(10, repeat // ROUNDS)
+    tvm_ms, ort_ms = [], []
+    for _ in range(ROUNDS):
+        tvm_ms.append(float(run_bundle(bundle, inputs, repeat=per, verify=False).pop("__median_ms__")))
+        ort_ms.append(ort_median_ms(sess, inputs, per))
+    return Measure(float(np.median(tvm_ms)), float(np.median(ort_ms)), compile_s)
 
 
 def _cols(m: Measure | None) -> str:
