@@ -310,8 +310,8 @@ def test_tune_runs_metaschedule_and_reuses_its_database(tmp_path, monkeypatch):
     records = [json.loads(line) for line in db.read_text().splitlines()]
     workloads = {r[0] for r in records}
     assert len(workloads) >= 4  # conv, depthwise, 1x1 conv, pooling, dense … each a task
-    seeded = [r for r in records[: len(workloads)]]
-    assert all(max(r[1][1]) < 1.0 for r in seeded), "default schedules were not measured"
+    measured = {r[0] for r in records if max(r[1][1]) < 1.0}  # failed candidates record 1e10 s
+    assert measured == workloads, "some kernel has no measured schedule (the default one is seeded first)"
     assert len(records) - len(workloads) >= 8, "MetaSchedule measured fewer than 8 candidates"
     # Same model, same trials: nothing is tuned again, the database is only applied.
     compile_bundle(model, "x86", tmp_path / "b2", tune=8)
