@@ -29,6 +29,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__) && !defined(__EMSCRIPTEN__)
+#include <sched.h>
+#endif
+
 namespace ffi = tvm::ffi;
 
 namespace {
@@ -145,9 +149,23 @@ std::vector<ffi::Tensor> ReadWeights(const std::string& path) {
   return out;
 }
 
+// One TVM worker per CPU this process may run on, unless TVM_NUM_THREADS says otherwise. TVM's own default
+// (measured on a 2-vCPU VM) ran the Fashion-MNIST model 2x slower than an explicit TVM_NUM_THREADS=2.
+void DefaultThreadCount() {
+#if defined(__linux__) && !defined(__EMSCRIPTEN__)
+  if (std::getenv("TVM_NUM_THREADS") != nullptr) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) {
+    setenv("TVM_NUM_THREADS", std::to_string(CPU_COUNT(&set)).c_str(), 0);
+  }
+#endif
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  DefaultThreadCount();
   std::vector<std::string> pos;
   int repeat = 0;
   std::string weights;
