@@ -36,8 +36,12 @@ Start reading at `UnconstrainedPass.call`. The algorithm:
 5. **Reordering** (`passes.reorder`): with ``reorder=True`` each group's channel order is chosen so the
    narrowed units' kept sets are contiguous runs of U, then a per-unit cost model (`CostModel`) chooses
    between copying (Slice/Pad/Gather bytes and per-op overhead) and absorbing (extra MACs of the zero
-   rows/columns and extra element-wise traffic of the piece). The naive export (``reorder=False``) keeps
-   the original order and narrows every unit it can with Gather / Pad+Gather.
+   rows/columns and extra element-wise traffic of the piece).
+6. **Naive export** (``reorder=False``): UPSCALE's definition — the original channel order, every unit
+   narrowed where that is exact, each writer's output *scattered* into a zero stream (`ConstantOfShape`
+   + `ScatterND`, what an exporter emits for ``out = zeros(...); out[:, idx] = y``) and each reader's
+   subset *gathered* (`Gather`, for ``x[:, idx]``). ``naive="pad_gather"`` is a partly optimised
+   variant (one zero channel appended by `Pad`, then a single `Gather` places every channel).
 
 `copy_report(model)` counts the copy ops the export inserted and the bytes they write per inference.
 """
@@ -164,6 +168,10 @@ class UnconstrainedConfig:
     share: float = 0.0
     # "mean": calibrated mean repair (`mean_repair`), needs calibration inputs; "none": masks only.
     repair: str = "none"
+    # How the naive export (reorder=False) scatters a writer's channels into the stream: "scatter" is
+    # UPSCALE's naive export (ScatterND into a zero stream, what `out[:, idx] = y` exports to);
+    # "pad_gather" is a cheaper scatter (one zero channel appended by Pad, then one Gather).
+    naive: str = "scatter"
 
     def __post_init__(self) -> None:
         if not 0 <= self.ratio < 1:
@@ -176,6 +184,8 @@ class UnconstrainedConfig:
             raise UsageError(f"unconstrained repair must be none or mean, got {self.repair!r}")
         if not 0 <= self.share <= 1:
             raise UsageError(f"share must be in [0, 1], got {self.share}")
+        if self.naive not in ("scatter", "pad_gather"):
+            raise UsageError(f"naive export must be scatter or pad_gather, got {self.naive!r}")
 
 
 # ---- 1. boundaries ----------------------------------------------------------------------------------
@@ -800,8 +810,15 @@ def _takes(plan: UnconstrainedPlan) -> dict[DimRef, np.ndarray]:
     return dim_takes(plan.analysis, orders, keeps)
 
 
-def export(plan: UnconstrainedPlan, contiguous_ops: bool = True) -> onnx.ModelProto:
-    """The pruned model: parameters masked and taken, boundaries turned into copies (or bypassed)."""
+def export(plan: UnconstrainedPlan, contiguous_ops: bool = True, scatter: str = "pad_gather") -> onnx.ModelProto:
+    """The pruned model: parameters masked and taken, boundaries turned into copies (or bypassed).
+
+    Args:
+        contiguous_ops: contiguous ranges become Slice / Pad (the reordered export); else every copy is
+            a Gather / scatter (the naive export).
+        scatter: how a non-contiguous widening is written: "scatter" (ScatterND into a zero stream) or
+            "pad_gather" (Pad one zero channel, then Gather).
+    """
     from onnxprune.rewrite import (
         RewriteContext,
         _copy_without_weights,
@@ -842,12 +859,12 @@ def export(plan: UnconstrainedPlan, contiguous_ops: bool = True) -> onnx.ModelPr
         if rule is not None and (set(node.input) | set(node.output)) & changed:
             rule.rewrite(node, ctx)
     _materialize_edits(g, nodes, originals, ctx)
-    _lower_boundaries(g, graph, takes, contiguous_ops)
+    _lower_boundaries(g, graph, takes, contiguous_ops, scatter)
     _remove_unused_initializers(g)
     return model
 
 
-def _lower_boundaries(g: onnx.GraphProto, graph: ModelGraph, takes, contiguous_ops: bool) -> None:
+def _lower_boundaries(g: onnx.GraphProto, graph: ModelGraph, takes, contiguous_ops: bool, scatter: str) -> None:
     originals = {n.name: n for n in graph.nodes if n.name.startswith(BOUNDARY)}
     new_nodes: list[onnx.NodeProto] = []
     rename: dict[str, str] = {}
@@ -869,7 +886,10 @@ def _lower_boundaries(g: onnx.GraphProto, graph: ModelGraph, takes, contiguous_o
             t_out = takes.get(DimRef(dst, axis), full)
             if t_in is None or t_out is None or np.array_equal(t_in, t_out):
                 continue
-            ops, cur, count = _copy_ops(g, cur, rank, axis, t_in, t_out, contiguous_ops, count)
+            shape = list(graph.shape(dst) or [None] * rank)
+            shape[axis] = len(t_out)
+            ops, cur, count = _copy_ops(g, cur, shape, axis, t_in, t_out, contiguous_ops, count, scatter,
+                                        graph.dtype(dst) or onnx.TensorProto.FLOAT)
             new_nodes.extend(ops)
         rename[dst] = cur
     for o in g.output:
@@ -885,8 +905,12 @@ def _pads(rank: int, axis: int, before: int, after: int) -> np.ndarray:
     return pads
 
 
-def _copy_ops(g, x: str, rank: int, axis: int, t_in, t_out, contiguous_ops: bool, count: int):
-    """Ops turning `x` (positions `t_in` of the original axis) into positions `t_out` (zeros where new)."""
+def _copy_ops(g, x: str, shape: list, axis: int, t_in, t_out, contiguous_ops: bool, count: int,
+              scatter: str = "pad_gather", dtype: int = onnx.TensorProto.FLOAT):
+    """Ops turning `x` (positions `t_in` of the original axis) into positions `t_out` (zeros where new).
+
+    `shape` is the output's shape (ints where static)."""
+    rank = len(shape)
     pos_in = {int(p): j for j, p in enumerate(t_in.tolist())}
     idx = np.array([pos_in.get(int(q), -1) for q in t_out.tolist()], dtype=np.int64)
     ops: list[onnx.NodeProto] = []
@@ -918,6 +942,38 @@ def _copy_ops(g, x: str, rank: int, axis: int, t_in, t_out, contiguous_ops: bool
         n = name("Pad")
         pads = _pads(rank, axis, first, len(idx) - first - k)
         ops.append(helper.make_node("Pad", [x, const(pads, n)], [n], name=n, mode="constant"))
+        return ops, n, count
+    if scatter == "scatter" and all(isinstance(d, int) for d in shape[: axis + 1]):
+        # UPSCALE's naive scatter: a zero stream, the k channels written at their slots by ScatterND.
+        # Indices address every (leading dims, channel) pair: shape lead + [k, axis + 1].
+        n = name("ScatterND")
+        out_shape = [d if isinstance(d, int) else -1 for d in shape]
+        zeros = name("ConstantOfShape")
+        if all(d >= 0 for d in out_shape):
+            shape_in = const(np.array(out_shape, np.int64), zeros)
+            pre: list[onnx.NodeProto] = []
+        else:  # dynamic trailing dims: the input's shape with the axis widened
+            sh = name("Shape")
+            pre = [helper.make_node("Shape", [x], [sh], name=sh)]
+            onehot = np.zeros(rank, np.int64)
+            onehot[axis] = 1
+            mul, add = name("Mul"), name("Add")
+            pre.append(helper.make_node("Mul", [sh, const(1 - onehot, mul)], [mul], name=mul))
+            pre.append(helper.make_node("Add", [mul, const(onehot * len(t_out), add)], [add], name=add))
+            shape_in = add
+        zero = numpy_helper.from_array(np.zeros(1, helper.tensor_dtype_to_np_dtype(dtype)))
+        ops.extend(pre)
+        ops.append(helper.make_node("ConstantOfShape", [shape_in], [zeros], name=zeros, value=zero))
+        slots = np.flatnonzero(present)  # the output slots that receive an input channel
+        src = idx[present]  # ... and which input channel each receives
+        if not np.array_equal(src, np.arange(k)):  # some input channels dropped or out of order
+            gname = name("Gather")
+            ops.append(helper.make_node("Gather", [x, const(src, gname)], [gname], name=gname, axis=axis))
+            x = gname
+        lead = [int(d) for d in shape[:axis]]
+        grids = np.meshgrid(*[np.arange(d) for d in lead], np.arange(len(slots)), indexing="ij")
+        indices = np.stack(list(grids[:-1]) + [slots[grids[-1]]], axis=-1).astype(np.int64)
+        ops.append(helper.make_node("ScatterND", [zeros, const(indices, n), x], [n], name=n))
         return ops, n, count
     # Scatter: one zero channel appended, then every output slot gathers its source (or the zero).
     p = name("Pad")
@@ -1101,7 +1157,7 @@ class UnconstrainedPass(Pass):
             keeps = {(gp.group.id, pc.id): pc.keep for gp in plan.groups for pc in gp.pieces if pc.is_unit}
             plan = build_plan(mean_repair(model, plan, self.calib), c, keeps)
         layout = optimize_layout(plan, c) if c.reorder else {}
-        pruned = infer_shapes(export(plan, contiguous_ops=c.reorder))
+        pruned = infer_shapes(export(plan, contiguous_ops=c.reorder, scatter=c.naive))
         check_model(pruned)
         report = copy_report(pruned)
         before = count_params(ModelGraph(model))

@@ -139,6 +139,22 @@ def test_naive_export_copies_and_reordering_reduces_them():
     assert naive.info["summary"]["copies"] == n
 
 
+@pytest.mark.parametrize("naive", ["scatter", "pad_gather"])
+@pytest.mark.parametrize("name", TOPOLOGIES)
+def test_naive_exports_are_exact_and_scatter_is_scatternd(name, naive):
+    """UPSCALE's naive export writes each writer's channels into a zero stream with ScatterND; the
+    pad_gather variant appends one zero channel and gathers. Both equal the masked original."""
+    model = canonical(TEST_MODELS[name]())
+    result = UnconstrainedPass(UnconstrainedConfig(ratio=0.5, reorder=False, naive=naive)).run(model)
+    _check(model, result, random_inputs(model, seed=4))
+    ops = copy_report(result.model)["ops"]
+    assert ops.get("Gather", 0) > 0
+    if naive == "scatter":
+        assert ops.get("ScatterND", 0) > 0 and "Pad" not in ops
+    else:
+        assert "ScatterND" not in ops and ops.get("Pad", 0) > 0
+
+
 def _unit_ids(model):
     plan = build_plan(model, UnconstrainedConfig(ratio=0.5))
     return [(gp.group.id, pc.id, gp.group.size) for gp in plan.groups for pc in gp.pieces if pc.is_unit]
