@@ -16,10 +16,15 @@ import onnx
 from onnxprune.channels import ChannelAnalysis, ChannelGroup
 
 
-def session(model: onnx.ModelProto | str, optimize: bool = False):
+def session(model: onnx.ModelProto | str, optimize: bool = False, spin: bool = True):
+    """An onnxruntime CPU session; `spin=False` stops its threads busy-waiting between runs (callers that
+    do heavy numpy/BLAS work between runs, e.g. calibration statistics, would otherwise fight them)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
