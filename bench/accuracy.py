@@ -9,7 +9,11 @@ the same parameter budget (``--target-params (1-f)*100%``) so all combinations c
 parameter count; with the LAMP allocation the per-layer budgets are also the same for every criterion
 (LAMP of channel L1 norms), so rows differ only in which channels each criterion picks and the repair. Printed side by side: top-1, the drop from the unpruned model, and the ratio of each
 combination's error rate to plain L1 without repair at the same budget. The last lines check the
-issue's acceptance numbers at 30% removed.
+issue's acceptance numbers at 30% removed, and how many fractions each combination beats plain L1.
+
+Baselines (``--baselines``): onnxsim 0.8.1's `apply_structured_pruning` (L2) and
+`apply_structured_wanda_pruning` (calibrated with the same train images), after ``onnxsim.simplify``,
+with their sparsity bisected to the same fraction of parameters removed (bench/onnxsim_baseline.py).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from onnxprune.metrics import count_params  # noqa: E402
 from onnxprune.passes.pruning import PruneConfig, PrunePass  # noqa: E402
 from onnxprune.verify import session  # noqa: E402
 
+from bench.onnxsim_baseline import match_fraction, pruner, simplified  # noqa: E402
+
 ALL_CRITERIA = ("l1", "l2", "bn", "random", "fpgm", "lamp", "activation", "apoz", "obs")
 DATA_FREE_CRITERIA = ("l1", "l2", "bn", "random", "fpgm", "lamp", "obs")
 
@@ -49,11 +55,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repairs", default="none,bias,ls")
     ap.add_argument("--calib-samples", type=int, default=256)
     ap.add_argument("--allocation", default="lamp", choices=("uniform", "global", "lamp"))
+    ap.add_argument("--baselines", default="onnxsim-l2,onnxsim-wanda", help="comma list, or '' for none")
     ap.add_argument("--plot", default=str(ROOT / "bench" / "accuracy.png"))
     args = ap.parse_args(argv)
     fractions = [float(f) for f in args.fractions.split(",")]
     criteria = args.criteria.split(",")
     repairs = args.repairs.split(",")
+    baselines = [b for b in args.baselines.split(",") if b]
 
     model = import_model(str(ROOT / "models" / "fashion_mnist_cnn.onnx"))
     train_x, _ = load_fashion_mnist("train")
@@ -68,6 +76,12 @@ def main(argv=None) -> int:
     print(f"Fashion-MNIST CNN: {params} params, top-1 {base:.2f}% on 10000 test images; "
           f"calibration: {args.calib_samples} train images, statistics in {t_stats:.1f}s; allocation {args.allocation}")
 
+    simple = simplified(model) if baselines else None
+    calib_batches = [{"image": train_x[pick[i : i + 16]]} for i in range(0, len(pick), 16)]
+    baseline_fns = {b: pruner(b, calib_batches) for b in baselines}
+    if baselines:
+        print(f"onnxsim baselines {', '.join(baselines)}: simplified model {count_params(ModelGraph(simple))} params, "
+              f"top-1 {top1(simple, test_x, test_y):.2f}%")
     results: dict[tuple[str, str, float], tuple[float, float]] = {}
     for f in fractions:
         for crit in criteria:
@@ -83,33 +97,51 @@ def main(argv=None) -> int:
                 results[crit, rep, f] = (top1(res.model, test_x, test_y), removed)
                 print(f"  f={f:.1f} {crit:>10} {rep:>4}: top-1 {results[crit, rep, f][0]:6.2f}  "
                       f"removed {removed:.3f}  ({seconds:.1f}s)", flush=True)
+        for b in baselines:
+            t = time.perf_counter()
+            got = match_fraction(simple, baseline_fns[b], f)
+            seconds = time.perf_counter() - t
+            if got is None:
+                print(f"  f={f:.1f} {b}: cannot prune this model", flush=True)
+                continue
+            results[b, "-", f] = (top1(got.model, test_x, test_y), got.removed)
+            print(f"  f={f:.1f} {b:>15}: top-1 {results[b, '-', f][0]:6.2f}  removed {got.removed:.3f}  "
+                  f"(sparsity {got.sparsity:.4f}, bisection {seconds:.1f}s)", flush=True)
+
+    rows = [(c, r) for c in criteria for r in repairs] + [(b, "-") for b in baselines]
+
+    def data_of(c: str, r: str) -> str:
+        if c.startswith("onnxsim"):
+            return "calib" if c == "onnxsim-wanda" else "free"
+        return "calib" if c in ("activation", "apoz") or r == "ls" else "free"
+
+    def cell(c: str, r: str, f: float, fmt) -> str:
+        return fmt(results[c, r, f]) if (c, r, f) in results else f"{'n/a':>6}"
 
     print()
-    head = f"{'criterion':>10} {'repair':>6} {'data':>5} | " + " ".join(f"{int(f * 100):>5}%" for f in fractions)
+    head = f"{'criterion':>13} {'repair':>6} {'data':>5} | " + " ".join(f"{int(f * 100):>5}%" for f in fractions)
     print("top-1 (%) vs fraction of parameters removed")
     print(head)
     print("-" * len(head))
-    for crit in criteria:
-        for rep in repairs:
-            data = "calib" if crit in ("activation", "apoz") or rep == "ls" else "free"
-            row = " ".join(f"{results[crit, rep, f][0]:6.2f}" for f in fractions)
-            print(f"{crit:>10} {rep:>6} {data:>5} | {row}")
-    if ("l1", "none", fractions[0]) in results:
+    for c, r in rows:
+        print(f"{c:>13} {r:>6} {data_of(c, r):>5} | " + " ".join(cell(c, r, f, lambda v: f"{v[0]:6.2f}") for f in fractions))
+    if baselines:
+        print("onnxsim fraction actually removed (bisected sparsity; ours: target within one channel)")
+        for b in baselines:
+            print(f"{b:>13} {'-':>6} {data_of(b, '-'):>5} | " + " ".join(cell(b, "-", f, lambda v: f"{v[1]:6.3f}") for f in fractions))
+    have_ref = all(("l1", "none", f) in results for f in fractions)
+    if have_ref:
         print()
         print("error-rate ratio vs l1/none at equal parameter count (< 1 is better)")
         print(head)
         print("-" * len(head))
-        for crit in criteria:
-            for rep in repairs:
-                data = "calib" if crit in ("activation", "apoz") or rep == "ls" else "free"
-                row = " ".join(
-                    f"{(100 - results[crit, rep, f][0]) / max(1e-9, 100 - results['l1', 'none', f][0]):6.2f}"
-                    for f in fractions
-                )
-                print(f"{crit:>10} {rep:>6} {data:>5} | {row}")
+        for c, r in rows:
+            print(f"{c:>13} {r:>6} {data_of(c, r):>5} | " + " ".join(
+                cell(c, r, f, lambda v, f=f: f"{(100 - v[0]) / max(1e-9, 100 - results['l1', 'none', f][0]):6.2f}")
+                for f in fractions))
 
+    print()
     if 0.3 in fractions:
-        print()
         print(f"acceptance at 30% removed (base {base:.2f}%):")
         ls = [(c, base - results[c, "ls", 0.3][0]) for c in criteria if (c, "ls", 0.3) in results]
         free = [(c, base - results[c, "bias", 0.3][0]) for c in criteria if (c, "bias", 0.3) in results and c in DATA_FREE_CRITERIA]
@@ -119,41 +151,63 @@ def main(argv=None) -> int:
         if free:
             c, d = min(free, key=lambda x: x[1])
             print(f"  data-free (bias) best drop {d:.2f} pt [{c}] -> {'PASS' if d <= 3.0 else 'FAIL'} (<= 3.0)")
-        if ("l1", "none", 0.3) in results:
-            ref = results["l1", "none", 0.3][0]
-            losers = [f"{c}/{r}" for (c, r, f), (a, _) in results.items() if f == 0.3 and (c, r) != ("l1", "none") and a <= ref]
-            print(f"  every combination beats l1/none ({ref:.2f}%): {'PASS' if not losers else 'FAIL: ' + ', '.join(losers)}")
-            why = {
-                "random": "random choice: no information about the channels, cannot be expected to beat a magnitude criterion",
-                "activation": "weight-blind (mean |x| ignores the consumer's weights); without repair the removed channels' "
-                              "mean shift goes uncorrected",
-                "apoz": "weight-blind (fraction of zeros only); without repair the removed channels' mean shift goes uncorrected",
-                "l2": "a plain magnitude variant: same information as l1, differs only by ranking noise",
-                "lamp": "within a layer LAMP is monotone in l2 (same channels as l2); budgets are shared",
-                "fpgm": "a weight-geometry criterion without activation information",
-            }
-            for c in dict.fromkeys(x.split("/")[0] for x in losers):
-                if c in why:
-                    print(f"    {c}: {why[c]}")
+    if have_ref:
+        why = {
+            "random": "random choice: no information about the channels, cannot be expected to beat a magnitude criterion",
+            "activation": "weight-blind: mean |x| ignores the consumer's weights; the final layer's sparse, "
+                          "class-specific features (low mean, large fc weights) go first, and without repair "
+                          "their mean shift goes uncorrected",
+            "apoz": "weight-blind (fraction of zeros only), same failure as activation in the last group",
+            "l2": "same information as l1 (norms of the same weights); which wins flips between fractions",
+            "lamp": "within a group LAMP is monotone in l2, and budgets are shared: identical channels to l2",
+            "fpgm": "redundancy (distance to the other filters), not magnitude; wins or loses by fraction",
+        }
+        for f in fractions:
+            ref = results["l1", "none", f][0]
+            losers = [f"{c}/{r}" for c, r in rows if (c, r) != ("l1", "none") and not c.startswith("onnxsim")
+                      and (c, r, f) in results and results[c, r, f][0] <= ref]
+            print(f"  {int(f * 100)}%: every combination beats l1/none ({ref:.2f}%): "
+                  f"{'PASS' if not losers else 'FAIL: ' + ', '.join(losers)}")
+        print("  fractions (of %d) at which each no-repair criterion beats l1/none:" % len(fractions))
+        for c in criteria:
+            if c != "l1" and "none" in repairs:
+                wins = sum(results[c, "none", f][0] > results["l1", "none", f][0] for f in fractions)
+                print(f"    {c:>10}: {wins}/{len(fractions)}" + (f"  ({why[c]})" if c in why and wins < len(fractions) else ""))
+    if baselines:
+        print("  ours vs onnxsim at equal parameter count (worst / best of our combinations vs the better onnxsim):")
+        for f in fractions:
+            theirs = [results[b, "-", f][0] for b in baselines if (b, "-", f) in results]
+            ours = [results[c, r, f][0] for c in criteria for r in repairs if (c, r, f) in results]
+            if not theirs:
+                print(f"    {int(f * 100)}%: onnxsim cannot prune this model")
+                continue
+            worse = [f"{c}/{r}" for c in criteria for r in repairs if results[c, r, f][0] <= max(theirs)]
+            print(f"    {int(f * 100)}%: onnxsim best {max(theirs):6.2f}; ours worst {min(ours):6.2f}, best {max(ours):6.2f} "
+                  f"-> {'every combination better' if not worse else 'not better: ' + ', '.join(worse)}")
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(repairs), figsize=(5 * len(repairs), 4.2), dpi=110, sharey=True)
+    fig, axes = plt.subplots(1, len(repairs), figsize=(5 * len(repairs), 4.4), dpi=110, sharey=True)
     axes = np.atleast_1d(axes)
+    styles = {"onnxsim-l2": dict(color="k", ls=":", marker="x"), "onnxsim-wanda": dict(color="0.4", ls="-.", marker="+")}
     for ax, rep in zip(axes, repairs):
         for crit in criteria:
             ax.plot([results[crit, rep, f][1] * 100 for f in fractions], [results[crit, rep, f][0] for f in fractions],
-                    marker="o", label=crit)
+                    marker="o", ms=3, label=crit)
+        for b in baselines:
+            pts = [(results[b, "-", f][1] * 100, results[b, "-", f][0]) for f in fractions if (b, "-", f) in results]
+            if pts:
+                ax.plot(*zip(*pts), label=b, **styles.get(b, {}))
         ax.axhline(base, color="k", ls="--", lw=0.8, label="unpruned")
         ax.set_title(f"repair: {rep}")
         ax.set_xlabel("parameters removed (%)")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("top-1 (%) on Fashion-MNIST test")
     axes[-1].legend(fontsize=7)
-    fig.suptitle("Fashion-MNIST CNN, no fine-tuning")
+    fig.suptitle("Fashion-MNIST CNN, no fine-tuning (onnxsim: dotted / dash-dot)")
     fig.tight_layout()
     fig.savefig(args.plot)
     print(f"plot: {args.plot}")
