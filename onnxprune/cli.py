@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-inexact", action="store_true", help="also prune LayerNorm/softmax-coupled groups")
     p.add_argument("--mode", choices=("constrained", "unconstrained"), default="constrained",
                    help="unconstrained: each coupled layer keeps its own channels (UPSCALE export)")
+    p.add_argument("--share", type=float, default=0.0,
+                   help="unconstrained: blend of each layer's ranking with the group's shared one (0..1; 1 = constrained)")
+    p.add_argument("--union-cap", type=float, default=None,
+                   help="unconstrained: the stream keeps at most this x the per-layer kept channels (>= 1)")
+    p.add_argument("--no-reorder", action="store_true",
+                   help="unconstrained: naive export (original order, ScatterND/Gather copies)")
+    p.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="unconstrained: time a few copy/absorb layouts in onnxruntime (N runs each), keep the fastest")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_accuracy_options(p)
     _add_shape_option(p)
@@ -105,8 +113,9 @@ def _add_shape_option(p) -> None:
 
 
 def _add_accuracy_options(p, samples: int | None = None) -> None:
-    p.add_argument("--repair", default="none", choices=("none", "bias", "ls"),
-                   help="after removal: none, bias (data-free, BatchNorm stats), ls (calibrated least squares)")
+    p.add_argument("--repair", default="none", choices=("none", "bias", "ls", "mean"),
+                   help="after removal: none, bias (data-free, BatchNorm stats), ls (calibrated least squares); "
+                        "--mode unconstrained: none or mean (calibrated output means, needs --calib)")
     p.add_argument("--calib", help="calibration inputs: .npz, keys = input names, axis 0 = samples")
     p.add_argument("--calib-samples", type=_positive_int, default=samples, help="use the first N samples")
 
@@ -164,6 +173,8 @@ def cmd_prune(args) -> int:
         raise UsageError("output path is an external data file of the input; the input is never overwritten")
     if args.mode == "unconstrained":
         return _prune_unconstrained(args, src, out)
+    if args.repair == "mean" or args.share or args.union_cap is not None or args.no_reorder or args.tune:
+        raise UsageError("--repair mean, --share, --union-cap, --no-reorder and --tune apply to --mode unconstrained only")
     config = PruneConfig(
         ratio=args.ratio, criterion=args.criterion, global_ranking=args.global_ranking,
         round_to=args.round_to, allow_inexact=args.allow_inexact, seed=args.seed, repair=args.repair,
@@ -255,10 +266,18 @@ def _prune_unconstrained(args, src: Path, out: Path) -> int:
         raise UsageError("--mode unconstrained scores each layer by its own weights: --criterion energy, bn, l1 or l2")
     if args.global_ranking or args.round_to != 1 or args.allow_inexact:
         raise UsageError("--global, --round-to and --allow-inexact apply to --mode constrained only")
-    for option in ("repair", "allocation", "target_params", "target_macs", "calib"):
+    for option in ("allocation", "target_params", "target_macs"):
         if getattr(args, option, None) not in (None, "none"):
             raise UsageError(f"--{option.replace('_', '-')} applies to --mode constrained only")
-    result = UnconstrainedPass(UnconstrainedConfig(ratio=args.ratio, criterion=args.criterion)).run(_load(args.model, args))
+    if args.repair not in ("none", "mean"):
+        raise UsageError("--mode unconstrained repairs with --repair none or mean")
+    if args.repair == "mean" and not args.calib:
+        raise UsageError("--repair mean needs --calib (calibration inputs)")
+    config = UnconstrainedConfig(ratio=args.ratio, criterion=args.criterion, share=args.share, union_cap=args.union_cap,
+                                 reorder=not args.no_reorder, tune=args.tune, repair=args.repair)
+    model = _load(args.model, args)
+    calib = _calib(args, model)
+    result = UnconstrainedPass(config, calib=calib.arrays if calib is not None else None).run(model)
     save_model(result.model, out)
     s = {"input": str(src), "output": str(out), **result.info["summary"]}
     if args.json:
