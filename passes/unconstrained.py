@@ -100,7 +100,14 @@ class CostModel:
 
     @classmethod
     def measure(cls, channels: int = 256, size: int = 56, runs: int = 40, threads: int = 1) -> CostModel:
-        """Time a lone 1x1 Conv, Slice, Gather and a tiny Slice in onnxruntime on this machine."""
+        """Fit the costs to onnxruntime on this machine (optimisations on, as deployed).
+
+        Lone ops give the bandwidths, the per-op overhead and the MAC rate. `layout_break` is then fitted
+        to the decision the model has to make: a chain Conv -> Slice(half) -> Conv(half) (narrowed, with
+        its layout conversions and lost fusions) against Conv -> Conv (absorbed: the second Conv reads
+        every channel, zero columns for the dropped half); the copy's extra cost beyond its bytes is
+        expressed as that many extra copies of the wide side.
+        """
         import statistics
 
         import onnxruntime as ort
@@ -108,9 +115,9 @@ class CostModel:
         rng = np.random.default_rng(0)
         half = channels // 2
 
-        def timed(node: onnx.NodeProto, shape: tuple, inits: list) -> float:
+        def timed(nodes: list[onnx.NodeProto], shape: tuple, inits: list) -> float:
             graph = helper.make_graph(
-                [node], "m", [helper.make_tensor_value_info("x", 1, list(shape))],
+                nodes, "m", [helper.make_tensor_value_info("x", 1, list(shape))],
                 [helper.make_tensor_value_info("y", 1, None)], inits,
             )
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -131,23 +138,41 @@ class CostModel:
         def i64(v, name):
             return numpy_helper.from_array(np.array(v, dtype=np.int64), name)
 
+        def weight(out_c: int, in_c: int, name: str):
+            return numpy_helper.from_array(rng.standard_normal((out_c, in_c, 1, 1)).astype(np.float32), name)
+
         big, tiny = (1, channels, size, size), (1, 8, 2, 2)
-        w = numpy_helper.from_array(rng.standard_normal((channels, channels, 1, 1)).astype(np.float32), "w")
-        conv = timed(helper.make_node("Conv", ["x", "w"], ["y"]), big, [w])
+        w = weight(channels, channels, "w")
+        conv = timed([helper.make_node("Conv", ["x", "w"], ["y"])], big, [w])
         slice_inits = [i64([0], "s"), i64([half], "e"), i64([1], "a")]
-        sliced = timed(helper.make_node("Slice", ["x", "s", "e", "a"], ["y"]), big, slice_inits)
+        sliced = timed([helper.make_node("Slice", ["x", "s", "e", "a"], ["y"])], big, slice_inits)
         idx = np.sort(rng.choice(channels, half, replace=False))
-        gathered = timed(helper.make_node("Gather", ["x", "i"], ["y"], axis=1), big, [i64(idx, "i")])
-        overhead = timed(helper.make_node("Slice", ["x", "s", "e", "a"], ["y"]), tiny, [i64([0], "s"), i64([4], "e"), i64([1], "a")])
+        gathered = timed([helper.make_node("Gather", ["x", "i"], ["y"], axis=1)], big, [i64(idx, "i")])
+        overhead = timed([helper.make_node("Slice", ["x", "s", "e", "a"], ["y"])], tiny,
+                         [i64([0], "s"), i64([4], "e"), i64([1], "a")])
         nbytes = half * size * size * 4
         clip = lambda v: float(np.clip(v, 1e8, 1e11))
         copy_bw = clip(nbytes / max(sliced - overhead, 1e-7))
+        macs_per_s = float(np.clip(channels * channels * size * size / max(conv - overhead, 1e-7), 1e8, 1e12))
+        # The decision itself: narrowed (Slice between two convs) against absorbed (zero columns).
+        relu = lambda i, o: helper.make_node("Relu", [i], [o])
+        absorbed = timed([helper.make_node("Conv", ["x", "w"], ["h"]), relu("h", "r"),
+                          helper.make_node("Conv", ["r", "w2"], ["y"])], big, [w, weight(channels, channels, "w2")])
+        narrowed = timed([helper.make_node("Conv", ["x", "w"], ["h"]), relu("h", "r"),
+                          helper.make_node("Slice", ["r", "s", "e", "a"], ["q"]),
+                          helper.make_node("Conv", ["q", "w2"], ["y"])], big,
+                         [w, weight(channels, half, "w2")] + slice_inits)
+        saved = channels * half * size * size / macs_per_s  # the MACs narrowing saves
+        plain_copy = overhead + nbytes / copy_bw
+        wide_copy = 2 * nbytes / copy_bw
+        layout_break = float(np.clip((narrowed - absorbed + saved - plain_copy) / wide_copy, 0.0, 20.0))
         return cls(
             op_overhead_s=overhead,
             copy_bytes_per_s=copy_bw,
             gather_bytes_per_s=clip(nbytes / max(gathered - overhead, 1e-7)),
-            macs_per_s=float(np.clip(channels * channels * size * size / max(conv - overhead, 1e-7), 1e8, 1e12)),
+            macs_per_s=macs_per_s,
             elementwise_bytes_per_s=copy_bw,
+            layout_break=layout_break,
         )
 
 
@@ -168,6 +193,15 @@ class UnconstrainedConfig:
     share: float = 0.0
     # "mean": calibrated mean repair (`mean_repair`), needs calibration inputs; "none": masks only.
     repair: str = "none"
+    # Stream budget: the stream (union) may hold at most union_cap x the per-unit kept count channels,
+    # the group's top ones by the shared ranking; each unit keeps its own top channels among them.
+    # None: unbounded (UPSCALE: the union is whatever the units choose); 1: constrained-like streams.
+    union_cap: float | None = None
+    # Measured layout choice (reordered export): with tune > 0 the export is built under a few cost
+    # models (the fitted one, copies cheaper / dearer, everything absorbed, copies only) and the one
+    # running fastest in onnxruntime (median of `tune` runs, `tune_threads` intra-op threads) is kept.
+    tune: int = 0
+    tune_threads: int = 1
     # How the naive export (reorder=False) scatters a writer's channels into the stream: "scatter" is
     # UPSCALE's naive export (ScatterND into a zero stream, what `out[:, idx] = y` exports to);
     # "pad_gather" is a cheaper scatter (one zero channel appended by Pad, then one Gather).
@@ -184,6 +218,10 @@ class UnconstrainedConfig:
             raise UsageError(f"unconstrained repair must be none or mean, got {self.repair!r}")
         if not 0 <= self.share <= 1:
             raise UsageError(f"share must be in [0, 1], got {self.share}")
+        if self.tune < 0 or self.tune_threads < 1:
+            raise UsageError(f"tune must be >= 0 and tune_threads >= 1, got {self.tune}, {self.tune_threads}")
+        if self.union_cap is not None and self.union_cap < 1:
+            raise UsageError(f"union_cap must be >= 1 (or None), got {self.union_cap}")
         if self.naive not in ("scatter", "pad_gather"):
             raise UsageError(f"naive export must be scatter or pad_gather, got {self.naive!r}")
 
@@ -621,7 +659,14 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
             continue
         n_keep = max(1, group.size - math.floor(config.ratio * group.size + 1e-9))
         own = {pc.id: _own_scores(pc, pieces, analysis, group.size, config.criterion) for pc in units}
-        shared = _shared_scores(group, analysis, config.criterion, list(own.values())) if config.share else None
+        need_shared = config.share or config.union_cap is not None
+        shared = _shared_scores(group, analysis, config.criterion, list(own.values())) if need_shared else None
+        allowed = np.ones(group.size, dtype=bool)
+        if config.union_cap is not None and len(units) > 1:
+            # The stream budget: the group's top channels by the shared ranking (stable, like `make_plan`).
+            width = min(group.size, max(n_keep, math.ceil(config.union_cap * n_keep - 1e-9)))
+            allowed[:] = False
+            allowed[np.argsort(-shared, kind="stable")[:width]] = True
         for pc in units:
             override = (keeps or {}).get((group.id, pc.id))
             if override is not None:
@@ -630,8 +675,9 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
                     keep[0] = True
             else:
                 scores = _normalised(own[pc.id])
-                if shared is not None:
+                if config.share:
                     scores = (1 - config.share) * scores + config.share * shared
+                scores = np.where(allowed, scores, -np.inf)  # outside the stream budget: dropped first
                 # Lowest scores go first; a stable sort of the scores (not of their negation) breaks
                 # ties like constrained pruning does (`plan.make_plan`), so share=1 reproduces it exactly.
                 order = np.argsort(scores, kind="stable")
@@ -642,9 +688,10 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
         union = np.logical_or.reduce([pc.keep for pc in units])
         deficit = -int(union.sum()) % max(1, config.stream_multiple)
         same = all(np.array_equal(pc.keep, union) for pc in units)  # constrained: no stream to widen
-        if deficit and not same and union.sum() + deficit <= group.size:
+        if deficit and not same and union.sum() + deficit <= group.size and deficit * 8 <= union.sum():
             # Channels no unit keeps: every reader has zero columns there, so widening the stream to a
-            # SIMD-friendly width is exact, and lets runtimes keep blocked layouts (NCHWc) for its convs.
+            # SIMD-friendly width is exact, and lets runtimes keep blocked layouts (NCHWc) for its convs
+            # (only where it adds at most 1/8: a Concat input's few channels gain nothing from it).
             union[np.flatnonzero(~union)[:deficit]] = True
         plans.append(GroupPlan(group, pieces, piece_of, union, np.arange(group.size)))
     return UnconstrainedPlan(split, analysis, plans, count)
@@ -728,8 +775,19 @@ def mean_repair(model: onnx.ModelProto, plan: UnconstrainedPlan, calib: dict[str
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.log_severity_level = 3
         sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        outs = sess.run(wanted, {i.name: calib[i.name] for i in sess.get_inputs()})
-        return {t: v.astype(np.float64).mean(axis=tuple(a for a in range(v.ndim) if a != 1)) for t, v in zip(wanted, outs)}
+        feeds = {i.name: calib[i.name] for i in sess.get_inputs()}
+        n = min(len(v) for v in feeds.values())
+        batch = min((i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)), default=n)
+        if n < batch:
+            raise UsageError(f"mean repair needs at least {batch} calibration samples (the model's batch), got {n}")
+        sums: dict[str, np.ndarray] = {}
+        for start in range(0, n - n % batch, batch):  # a static batch dim: in chunks
+            outs = sess.run(wanted, {k: v[start : start + batch] for k, v in feeds.items()})
+            for t, v in zip(wanted, outs):
+                m = v.astype(np.float64).mean(axis=tuple(a for a in range(v.ndim) if a != 1))
+                sums[t] = sums.get(t, 0) + m
+        chunks = max(1, n // batch)
+        return {t: v / chunks for t, v in sums.items()}
 
     reference = means(model, names)
     values = {t.name: graph.const(t.name).copy() for t in model.graph.initializer}
@@ -1013,11 +1071,25 @@ def _clone(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 # ---- 6. reordering and the per-unit copy/absorb choice ----------------------------------------------
+def _share_of_axis(graph: ModelGraph, ref: DimRef, group: ChannelGroup) -> float:
+    """The fraction of the dim's positions one channel of `group` holds (1 / width for a plain stream;
+    smaller where the group is one input of a Concat, e.g. a DenseNet layer's growth channels)."""
+    n = graph.size(ref.tensor, ref.axis)
+    members = _members_by_dim(group)
+    m = members.get(ref)
+    if not isinstance(n, int) or n <= 0 or m is None:
+        return 1.0 / max(1, group.size)
+    return len(m.positions) / max(1, group.size) / n
+
+
+def _members_by_dim(group: ChannelGroup) -> dict[DimRef, ChannelSlice]:
+    return {DimRef(m.tensor, m.axis): m for m in group.members}
+
+
 def _bytes_per_channel(graph: ModelGraph, ref: DimRef, group: ChannelGroup) -> float:
     shape = graph.shape(ref.tensor) or ()
     numel = int(np.prod([d if isinstance(d, int) else 1 for d in shape], dtype=np.int64))
-    n = shape[ref.axis] if isinstance(shape[ref.axis], int) else 1
-    return numel / max(1, n) * _itemsize(graph.dtype(ref.tensor)) * n / max(1, group.size)
+    return numel * _itemsize(graph.dtype(ref.tensor)) * _share_of_axis(graph, ref, group)
 
 
 def _contiguous(keep: np.ndarray, union: np.ndarray, order: np.ndarray) -> bool:
@@ -1063,22 +1135,24 @@ def _absorb_cost(gp: GroupPlan, pc: Piece, analysis: ChannelAnalysis, cost: Cost
     extra = int(gp.union.sum() - pc.keep.sum())
     if extra == 0:
         return 0.0
-    frac = extra / gp.group.size
     nodes = {n.name: n for n in graph.nodes}
-    weight_nodes = set()
+    weight_nodes: dict[str, float] = {}  # node -> fraction of its MACs the extra channels add
     for m in pc.weights:
+        frac = extra * _share_of_axis(graph, DimRef(m.tensor, m.axis), gp.group)
         for use in graph.consumers.get(m.tensor, []):
-            weight_nodes.add(use.node.name)
+            weight_nodes[use.node.name] = frac
     total = 0.0
     for name in pc.nodes:
         node = nodes[name]
         if name in weight_nodes:
-            total += node_macs(graph, node) * frac * (1 - ratio) / cost.macs_per_s
+            total += node_macs(graph, node) * weight_nodes[name] * (1 - ratio) / cost.macs_per_s
         else:
             for o in node.output:
-                if any(DimRef(o, ax) in gp.piece_of for ax in range(graph.rank(o) or 0)):
+                refs = [DimRef(o, ax) for ax in range(graph.rank(o) or 0) if DimRef(o, ax) in gp.piece_of]
+                if refs:
                     shape = graph.shape(o) or ()
                     numel = int(np.prod([d if isinstance(d, int) else 1 for d in shape], dtype=np.int64))
+                    frac = extra * _share_of_axis(graph, refs[0], gp.group)
                     total += 2 * numel * frac * 4 / cost.elementwise_bytes_per_s
     return total
 
@@ -1126,6 +1200,70 @@ def optimize_layout(plan: UnconstrainedPlan, config: UnconstrainedConfig) -> dic
     return decisions
 
 
+def _layout_candidates(config: UnconstrainedConfig) -> dict[str, UnconstrainedConfig]:
+    from dataclasses import replace
+
+    cost = config.cost
+    return {
+        "fitted": config,
+        "copies cheaper": replace(config, cost=replace(cost, layout_break=0.0)),
+        "copies dearer": replace(config, cost=replace(cost, layout_break=4 * cost.layout_break + 4)),
+        "absorb all": replace(config, cost=replace(cost, op_overhead_s=1.0)),
+        "copies only": replace(config, absorb=False),
+    }
+
+
+def ort_session(model: onnx.ModelProto, threads: int = 1):
+    """An onnxruntime CPU session as deployed (optimisations on), `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def tune_layout(plan: UnconstrainedPlan, config: UnconstrainedConfig) -> tuple[dict, onnx.ModelProto, dict]:
+    """Export the plan under each candidate cost model (`_layout_candidates`); keep the fastest.
+
+    All candidates compute the same function (the masked original); only where copies sit differs.
+    The candidates are timed round-robin (`config.tune` rounds of one run each) so that load on the
+    machine hits them alike. Returns (layout decisions, model, {candidate: median ms, "chosen": name}).
+    """
+    exports: dict[str, tuple[dict, onnx.ModelProto]] = {}
+    seen: dict[bytes, str] = {}
+    for name, cfg in _layout_candidates(config).items():
+        for gp in plan.groups:
+            gp.order = np.arange(gp.group.size)
+            for pc in gp.pieces:
+                pc.narrow = pc.narrowable
+        layout = optimize_layout(plan, cfg)
+        model = infer_shapes(export(plan, contiguous_ops=True, scatter="pad_gather"))
+        key = model.SerializeToString()
+        if key in seen:  # the same decisions as an earlier candidate
+            continue
+        seen[key] = name
+        exports[name] = (layout, model)
+    from onnxprune.verify import random_inputs
+
+    inputs = random_inputs(next(iter(exports.values()))[1], seed=0)
+    sessions = {k: ort_session(m, config.tune_threads) for k, (_, m) in exports.items()}
+    feeds = {k: {i.name: inputs[i.name] for i in s.get_inputs()} for k, s in sessions.items()}
+    for k, sess in sessions.items():
+        sess.run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in exports}
+    for _ in range(config.tune):
+        for k, sess in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, feeds[k])
+            times[k].append(time.perf_counter() - t)
+    medians = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    best = min(medians, key=medians.get)
+    layout, model = exports[best]
+    return layout, model, {"ms": {k: round(v, 3) for k, v in medians.items()}, "chosen": best}
+
+
 def effective_params(model: onnx.ModelProto) -> int:
     """Nonzero floating-point parameter elements (zero rows/columns kept for absorption do not count)."""
     graph = ModelGraph(model)
@@ -1156,8 +1294,13 @@ class UnconstrainedPass(Pass):
         if c.repair == "mean":
             keeps = {(gp.group.id, pc.id): pc.keep for gp in plan.groups for pc in gp.pieces if pc.is_unit}
             plan = build_plan(mean_repair(model, plan, self.calib), c, keeps)
-        layout = optimize_layout(plan, c) if c.reorder else {}
-        pruned = infer_shapes(export(plan, contiguous_ops=c.reorder, scatter=c.naive))
+        if c.reorder and c.tune:
+            layout, pruned, tuned = tune_layout(plan, c)
+        else:
+            layout = optimize_layout(plan, c) if c.reorder else {}
+            # The reordered export's few remaining scatters use Pad+Gather (cheaper than ScatterND here).
+            pruned = infer_shapes(export(plan, contiguous_ops=c.reorder, scatter="pad_gather" if c.reorder else c.naive))
+            tuned = None
         check_model(pruned)
         report = copy_report(pruned)
         before = count_params(ModelGraph(model))
@@ -1171,6 +1314,7 @@ class UnconstrainedPass(Pass):
             "units": sum(pc.is_unit for gp in plan.groups for pc in gp.pieces),
             "boundaries": plan.boundaries,
             "layout": layout,
+            "tuned": tuned,
             "copies": report,
             "seconds": round(time.perf_counter() - start, 3),
         }

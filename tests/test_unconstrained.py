@@ -274,6 +274,37 @@ def test_cli_mode_unconstrained(tmp_model, tmp_path, capsys):
     assert main(["prune", str(src), "-o", str(tmp_path / "c.onnx"), "--mode", "constrained"]) == 0
 
 
+def test_cli_unconstrained_flags(tmp_model, tmp_path, capsys):
+    model = canonical(TEST_MODELS["residual"]())
+    src = tmp_model(model)
+    out = tmp_path / "u.onnx"
+    base = ["prune", str(src), "-o", str(out), "--mode", "unconstrained", "--ratio", "0.5", "--json"]
+    assert main(base + ["--share", "0.5", "--union-cap", "1.25"]) == 0
+    capped = json.loads(capsys.readouterr().out)
+    assert capped["config"]["share"] == 0.5 and capped["config"]["union_cap"] == 1.25
+    assert main(base + ["--no-reorder"]) == 0
+    naive = json.loads(capsys.readouterr().out)
+    assert naive["copies"]["ops"].get("ScatterND", 0) > 0 and naive["layout"] == {}
+    # the naive export is exact: same function as the reordered one at the same plan
+    inputs = random_inputs(model, seed=5)
+    import onnx
+
+    naive_out = run(onnx.load(str(out)), inputs)
+    assert main(base) == 0
+    capsys.readouterr()
+    assert rel_error(naive_out, run(onnx.load(str(out)), inputs)) <= 1e-5
+    assert main(base + ["--repair", "mean"]) == 2  # needs --calib
+    assert "--calib" in capsys.readouterr().err
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **{k: np.concatenate([random_inputs(model, seed=i)[k] for i in range(4)]) for k in inputs})
+    assert main(base + ["--repair", "mean", "--calib", str(calib), "--share", "0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["repair"] == "mean"
+    assert main(base + ["--repair", "ls"]) == 2
+    constrained = ["prune", str(src), "-o", str(tmp_path / "c.onnx"), "--mode", "constrained"]
+    assert main(constrained + ["--share", "0.5"]) == 2
+    assert main(constrained + ["--repair", "mean"]) == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "densenet121", "mobilenet_v2", "efficientnet_b0"])
 def test_zoo_export_equals_masked_original(name):
