@@ -184,7 +184,9 @@ class UnconstrainedConfig:
     criterion: str = "energy"  # "energy" (BN-aware, data-free), "l1" or "l2" (BN-folded weight norms)
     reorder: bool = True
     absorb: bool = True  # let the cost model absorb copies into weights (reordered export only)
-    stream_multiple: int = 8  # round the stream width up to a multiple of this (1: exact union)
+    # Round the stream width up to a multiple of this (1: exact union): onnxruntime's blocked NCHWc convs
+    # need channel counts that are multiples of the block (16 with AVX-512, 8 with AVX2).
+    stream_multiple: int = 16
     cost: CostModel = field(default_factory=CostModel)
     # Blend of each unit's own ranking with the group's shared (constrained) ranking: a unit scores its
     # channels by (1 - share) * own + share * shared, both mean-normalised. 0: fully unconstrained;
@@ -664,7 +666,9 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
         allowed = np.ones(group.size, dtype=bool)
         if config.union_cap is not None and len(units) > 1:
             # The stream budget: the group's top channels by the shared ranking (stable, like `make_plan`).
-            width = min(group.size, max(n_keep, math.ceil(config.union_cap * n_keep - 1e-9)))
+            # Rounded to the nearest multiple of `stream_multiple`, so an absorbed stream keeps blocked layouts.
+            m = max(1, config.stream_multiple)
+            width = min(group.size, max(n_keep, round(config.union_cap * n_keep / m) * m))
             allowed[:] = False
             allowed[np.argsort(-shared, kind="stable")[:width]] = True
         for pc in units:
