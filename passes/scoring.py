@@ -252,7 +252,7 @@ class OBS(DataCriterion):
             if st is not None:
                 H = st.H
                 wa = np.concatenate([wm, np.zeros((wm.shape[0], 1))], axis=1)
-                energy = float(np.einsum("of,fg,og->", wa, H, wa)) + 1e-12
+                energy = float(((wa @ H) * wa).sum()) + 1e-12
                 sal = np.zeros(group.size)
                 if self.repair == "ls":
                     Hd = H + self.damp * np.mean(np.diag(H)[:-1]) * np.eye(len(H))
@@ -268,7 +268,7 @@ class OBS(DataCriterion):
                     if self.repair == "ls":
                         sal[k] = np.trace(wf @ np.linalg.solve(K[np.ix_(f, f)], wf.T))
                     else:
-                        sal[k] = np.einsum("of,fg,og->", wf, K[np.ix_(f, f)], wf)
+                        sal[k] = float(((wf @ K[np.ix_(f, f)]) * wf).sum())
             else:
                 mom = channel_moments(analysis.graph, c.x, c.x_axis)
                 var = np.ones(w.shape[c.in_axis]) if mom is None else mom[1] + 1e-12
