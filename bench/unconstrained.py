@@ -172,14 +172,16 @@ def _ratio_for(target: int, make, lo: float = 0.0, hi: float = 0.6, steps: int =
 
 
 ACCURACY_METHODS = (
-    # name, share (None: PrunePass), repair
-    ("constrained PrunePass", None, "none"),
-    ("constrained PrunePass +bias", None, "bias"),
-    ("constrained share=1 +mean", 1.0, "mean"),
-    ("unconstrained share=0", 0.0, "none"),
-    ("unconstrained share=0 +mean", 0.0, "mean"),
-    ("blend share=0.5 +mean", 0.5, "mean"),
-    ("blend share=0.8 +mean", 0.8, "mean"),
+    # name, share (None: PrunePass), repair, union_cap
+    ("constrained PrunePass", None, "none", None),
+    ("constrained PrunePass +bias", None, "bias", None),
+    ("constrained share=1 +mean", 1.0, "mean", None),
+    ("unconstrained share=0", 0.0, "none", None),
+    ("unconstrained share=0 +mean", 0.0, "mean", None),
+    ("blend share=0.5 +mean", 0.5, "mean", None),
+    ("blend share=0.8 +mean", 0.8, "mean", None),
+    ("capped 1.25 share=0 +mean", 0.0, "mean", 1.25),
+    ("capped 1.25 share=0.5 +mean", 0.5, "mean", 1.25),
 )
 
 
@@ -210,13 +212,13 @@ def accuracy(removals: list[float], criteria=("l1", "bn"), calib_n: int = 1000) 
     for crit in criteria:
         for removal in removals:
             target = int(total * (1 - removal))
-            for method, share, repair in ACCURACY_METHODS:
+            for method, share, repair, cap in ACCURACY_METHODS:
                 if share is None:
                     def make(r, rep="none", crit=crit, share=share):
                         return PrunePass(PruneConfig(ratio=r, criterion=crit, repair=rep)).run(dense).model
                 else:
-                    def make(r, rep="none", crit=crit, share=share):
-                        cfg = UnconstrainedConfig(ratio=r, criterion=crit, share=share, repair=rep)
+                    def make(r, rep="none", crit=crit, share=share, cap=cap):
+                        cfg = UnconstrainedConfig(ratio=r, criterion=crit, share=share, repair=rep, union_cap=cap)
                         return UnconstrainedPass(cfg, calib=calib if rep == "mean" else None).run(dense).model
                 ratio = _ratio_for(target, make)
                 model = make(ratio, repair)

@@ -20,7 +20,11 @@ Start reading at `UnconstrainedPass.call`. The algorithm:
    with channels no unit keeps (exact: every reader has zero columns there). ``share`` blends each
    unit's (mean-normalised) own scores with the group's shared ranking, the constrained criterion of
    the same name: share=1 is exactly constrained pruning (`PrunePass`, no copies), values in between
-   make the kept sets overlap more, so the union and the copies stay narrower.
+   make the kept sets overlap more, so the union and the copies stay narrower. ``union_cap`` bounds
+   the stream instead: it holds the group's top ``union_cap x k`` channels by the shared ranking
+   (rounded to a multiple of ``stream_multiple``) and each unit keeps its own top k among them. With
+   random or weakly correlated scores an unbounded union is nearly the whole group, so every absorbed
+   layer and every stream op runs almost dense; the cap is what keeps the export near constrained cost.
    ``repair="mean"`` (`mean_repair`, calibration inputs) then restores each Conv/Gemm output's mean on
    calibration data by its bias / the following BatchNorm's running mean, for any share.
 3. **Oracle** (`mask_model`): the original model with each parameter silenced outside its own piece's
@@ -36,7 +40,12 @@ Start reading at `UnconstrainedPass.call`. The algorithm:
 5. **Reordering** (`passes.reorder`): with ``reorder=True`` each group's channel order is chosen so the
    narrowed units' kept sets are contiguous runs of U, then a per-unit cost model (`CostModel`) chooses
    between copying (Slice/Pad/Gather bytes and per-op overhead) and absorbing (extra MACs of the zero
-   rows/columns and extra element-wise traffic of the piece).
+   rows/columns and extra element-wise traffic of the piece). `CostModel.measure` fits the costs to
+   onnxruntime here, including ``layout_break`` (a copy between two convs also costs layout
+   conversions and lost fusions, fitted on a Conv -> Slice -> Conv chain against the absorbed chain).
+   With ``tune=N`` (`tune_layout`) the plan is exported under a few cost models (fitted, copies
+   cheaper, copies dearer, absorb everything, copies only) and the fastest export in onnxruntime is
+   kept: all candidates compute the same function, so this is a pure layout choice.
 6. **Naive export** (``reorder=False``): UPSCALE's definition — the original channel order, every unit
    narrowed where that is exact, each writer's output *scattered* into a zero stream (`ConstantOfShape`
    + `ScatterND`, what an exporter emits for ``out = zeros(...); out[:, idx] = y``) and each reader's
