@@ -98,6 +98,41 @@ def test_share_narrows_the_stream_union():
     assert widest(1.0) < widest(0.0)
 
 
+@pytest.mark.parametrize("name", TOPOLOGIES)
+def test_union_cap_bounds_the_stream_and_stays_exact(name):
+    model = canonical(TEST_MODELS[name]())
+    inputs = random_inputs(model, seed=6)
+    for cap in (1.0, 1.5):
+        config = UnconstrainedConfig(ratio=0.5, union_cap=cap, stream_multiple=1)
+        result = UnconstrainedPass(config).run(model)
+        _check(model, result, inputs)
+        for gp in result.info["plan"].groups:
+            units = [pc for pc in gp.pieces if pc.is_unit]
+            k = max(int(pc.keep.sum()) for pc in units)
+            assert all(int(pc.keep.sum()) == k for pc in units)
+            if len(units) > 1:
+                assert int(gp.union.sum()) <= max(k, round(cap * k))
+                assert all(not (pc.keep & ~gp.union).any() for pc in units)
+    uncapped = build_plan(model, UnconstrainedConfig(ratio=0.5, stream_multiple=1))
+    capped = build_plan(model, UnconstrainedConfig(ratio=0.5, stream_multiple=1, union_cap=1.0))
+    assert sum(int(gp.union.sum()) for gp in capped.groups) <= sum(int(gp.union.sum()) for gp in uncapped.groups)
+
+
+def test_union_cap_below_one_is_a_usage_error():
+    from onnxprune.errors import UsageError
+
+    with pytest.raises(UsageError, match="union_cap"):
+        UnconstrainedConfig(union_cap=0.5)
+
+
+def test_tuned_layout_is_exact_and_keeps_the_fastest_candidate():
+    model = canonical(TEST_MODELS["residual"]())
+    result = UnconstrainedPass(UnconstrainedConfig(ratio=0.5, tune=3)).run(model)
+    _check(model, result, random_inputs(model, seed=7))
+    tuned = result.info["summary"]["tuned"]
+    assert tuned["chosen"] in tuned["ms"] and tuned["ms"][tuned["chosen"]] == min(tuned["ms"].values())
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_mean_repair_is_exact_and_restores_output_means(share):
     model = canonical(TEST_MODELS["residual"]())
