@@ -192,8 +192,8 @@ class CalibrationStats:
     samples: int = 0
 
 
-def _im2col(x: np.ndarray, node: onnx.NodeProto, kshape) -> np.ndarray:
-    """[1, C, *spatial] -> [positions, C * prod(kernel)] in weight memory order."""
+def _conv_windows(x: np.ndarray, node: onnx.NodeProto, kshape) -> np.ndarray:
+    """[C, *spatial] -> a strided view [C, *out, *kernel] of every receptive field (no copy but the pad)."""
     a = attrs(node)
     nd = len(kshape)
     strides = a.get("strides", [1] * nd)
@@ -204,29 +204,63 @@ def _im2col(x: np.ndarray, node: onnx.NodeProto, kshape) -> np.ndarray:
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         pads = [0] * (2 * nd)
         for i in range(nd):
-            size = x.shape[2 + i]
+            size = x.shape[1 + i]
             out = -(-size // strides[i])
             total = max(0, (out - 1) * strides[i] + (kshape[i] - 1) * dil[i] + 1 - size)
             lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
             pads[i], pads[nd + i] = lo, total - lo
-    x = np.pad(x[0], [(0, 0)] + [(pads[i], pads[nd + i]) for i in range(nd)])
+    if any(pads):
+        x = np.pad(x, [(0, 0)] + [(pads[i], pads[nd + i]) for i in range(nd)])
     ext = [(kshape[i] - 1) * dil[i] + 1 for i in range(nd)]
     win = np.lib.stride_tricks.sliding_window_view(x, ext, axis=tuple(range(1, nd + 1)))
     # win: [C, *out_full, *ext] -> stride and dilate
     sl = (slice(None),) + tuple(slice(None, None, strides[i]) for i in range(nd))
     sl += tuple(slice(None, None, dil[i]) for i in range(nd))
-    win = win[sl]
-    c = x.shape[0]
-    out_shape = win.shape[1 : 1 + nd]
-    # -> [*out, C, *k]
-    perm = tuple(range(1, 1 + nd)) + (0,) + tuple(range(1 + nd, 1 + 2 * nd))
-    return win.transpose(perm).reshape(int(np.prod(out_shape)), c * int(np.prod(kshape)))
+    return win[sl]
 
 
-def _rows(x: np.ndarray, c: Consumer, graph: ModelGraph, w_shape) -> np.ndarray:
-    if c.kind == "conv":
-        return np.concatenate([_im2col(x[i : i + 1], c.node, w_shape[2:]) for i in range(x.shape[0])])
-    return np.moveaxis(x, c.x_axis, -1).reshape(-1, x.shape[c.x_axis])
+def _rows(x: np.ndarray, c: Consumer, w_shape, per_sample: int, rng: np.random.Generator) -> np.ndarray:
+    """Hessian rows of `x` (a batch) for consumer `c`: at most `per_sample` uniformly drawn positions per
+    sample, conv inputs unfolded (im2col) only at the drawn positions, features in weight memory order."""
+    parts = []
+    for i in range(x.shape[0]):
+        if c.kind == "conv":
+            win = _conv_windows(x[i], c.node, w_shape[2:])
+            nd = len(w_shape) - 2
+            out = win.shape[1 : 1 + nd]
+            total = int(np.prod(out))
+            pick = None if total <= per_sample else np.sort(rng.choice(total, per_sample, replace=False))
+            if pick is None:
+                perm = tuple(range(1, 1 + nd)) + (0,) + tuple(range(1 + nd, 1 + 2 * nd))
+                rows = win.transpose(perm).reshape(total, -1)
+            else:
+                sel = win[(slice(None),) + np.unravel_index(pick, out)]  # [C, n, *kernel]
+                rows = np.moveaxis(sel, 1, 0).reshape(len(pick), -1)
+        else:
+            xi = np.moveaxis(x[i : i + 1], c.x_axis, -1)
+            rows = xi.reshape(-1, xi.shape[-1])
+            if len(rows) > per_sample:
+                rows = rows[np.sort(rng.choice(len(rows), per_sample, replace=False))]
+        parts.append(rows)
+    return np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])
+
+
+def _cached_moments(cache: dict, values: dict, name: str, axis: int) -> tuple[np.ndarray, ...]:
+    if (name, axis) not in cache:
+        cache[name, axis] = _position_moments(np.asarray(values[name], dtype=np.float32), axis)
+    return cache[name, axis]
+
+
+def _position_moments(x: np.ndarray, axis: int) -> tuple[np.ndarray, ...]:
+    """Per position on `axis`: mean |x|, fraction of zeros, mean, mean square (float64)."""
+    v = x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), x.shape[axis], -1)
+    ax = (0, 2)
+    return (
+        np.abs(v).mean(axis=ax, dtype=np.float64),
+        (v == 0).mean(axis=ax, dtype=np.float64),
+        v.mean(axis=ax, dtype=np.float64),
+        np.square(v).mean(axis=ax, dtype=np.float64),
+    )
 
 
 def activation_source(graph: ModelGraph, tensor: str, axis: int) -> str:
@@ -294,7 +328,7 @@ def collect_stats(
     for name in tensors:
         if name not in existing:
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    sess = session(probe)
+    sess = session(probe, spin=False)
     names = [o.name for o in sess.get_outputs()]
     inputs = [i for i in sess.get_inputs() if i.name in data.arrays]
     feeds = {i.name for i in inputs}
@@ -321,6 +355,7 @@ def collect_stats(
         k = min(step, data.n - i)
         feed = {n: v[i : i + k] for n, v in data.arrays.items() if n in feeds}
         values = dict(zip(names, sess.run(None, feed)))
+        moments: dict[tuple[str, int], tuple[np.ndarray, ...]] = {}  # a tensor read by several consumers
         for c in which:
             x = np.asarray(values[c.x], dtype=np.float32)
             st = result.stats.get(c.name)
@@ -332,30 +367,25 @@ def collect_stats(
                     abs_sum=np.zeros(n_pos), zero_sum=np.zeros(n_pos), sum=np.zeros(n_pos), sq_sum=np.zeros(n_pos),
                 )
                 result.stats[c.name] = st
-            per_pos = np.moveaxis(x, c.x_axis, 0).reshape(x.shape[c.x_axis], -1)
-            if source[c.name] != c.x:
-                act = np.asarray(values[source[c.name]])
-                act = np.moveaxis(act, 1, 0).reshape(act.shape[1], -1)
-            else:
-                act = per_pos
-            st.abs_sum += k * np.abs(act).mean(axis=1, dtype=np.float64)
-            st.zero_sum += k * (act == 0).mean(axis=1, dtype=np.float64)
-            st.sum += k * per_pos.mean(axis=1, dtype=np.float64)
-            st.sq_sum += k * np.square(per_pos).mean(axis=1, dtype=np.float64)
+            m_x = _cached_moments(moments, values, c.x, c.x_axis)
+            m_act = _cached_moments(moments, values, source[c.name], 1) if source[c.name] != c.x else m_x
+            st.abs_sum += k * m_act[0]
+            st.zero_sum += k * m_act[1]
+            st.sum += k * m_x[2]
+            st.sq_sum += k * m_x[3]
             st.count += k
             if hessian:
-                rows = _rows(x, c, graph, w_shapes[c.name])
-                budget = per_sample[c.name] * k
-                if len(rows) > budget:
-                    rows = rows[np.sort(rng.choice(len(rows), budget, replace=False))]
+                rows = _rows(x, c, w_shapes[c.name], per_sample[c.name], rng)
                 buf = pending.setdefault(c.name, [])
                 buf.append(np.concatenate([rows, np.ones((len(rows), 1), np.float32)], axis=1))
-                if sum(len(b) for b in buf) >= max(1024, feats_of[c.name]):
+                if sum(len(b) for b in buf) >= max(2048, feats_of[c.name]):
                     _flush(st, buf)
     if hessian:
         for name, st in result.stats.items():
             _flush(st, pending.get(name, []))
-            st.hessian = np.triu(st.hessian) + np.triu(st.hessian, 1).T
+            upper = np.triu(st.hessian)
+            st.hessian = upper + upper.T
+            st.hessian[np.diag_indices_from(upper)] = np.diag(upper)
     return result
 
 

@@ -158,16 +158,12 @@ def repair_weights(
             else:
                 H = H[:-1, :-1]
                 wa = wm
-            Hk = H[np.ix_(keep, keep)]
-            lam = damp * float(np.mean(np.diag(Hk))) + 1e-12
-            solved = np.linalg.solve(Hk + lam * np.eye(len(keep)), (wa @ H[:, keep]).T).T
+            solved = _ridge_solve(H, keep, wa, damp)
             new_w = wm.copy()
             n_feat = int((~gone).sum())
             new_w[:, ~gone] = solved[:, :n_feat]
             if slot is not None:
-                delta = solved[:, -1] - wa[:, -1]
-                if slot.kind == "bn_mean":
-                    delta = delta  # wa carried the conv's implicit zero bias
+                delta = solved[:, -1] - wa[:, -1]  # for bn_mean, wa carried the conv's implicit zero bias
             else:
                 delta = None
         if new_w is not None:
@@ -181,6 +177,19 @@ def repair_weights(
                 new_values[slot.tensor] = (base + (slot.sign * delta).reshape(base.shape)).astype(base.dtype)
         report.repaired.append(c.name)
     return _with_values(graph.model, new_values, new_biases), report
+
+
+def _ridge_solve(H: np.ndarray, keep: np.ndarray, wa: np.ndarray, damp: float) -> np.ndarray:
+    """``wa H[:, K] (H[K, K] + lambda I)^-1`` for a symmetric H, `lambda` = `damp` x mean diagonal of H[K, K].
+
+    Rows of H are gathered once (contiguous copies) and the ridge is added in place. LU, not Cholesky:
+    OpenBLAS's LU keeps both cores busy where its Cholesky stalls on a loaded machine.
+    """
+    rows = H[keep]  # = H[:, K]^T
+    rhs = rows @ wa.T  # [K, outputs]
+    Hk = rows[:, keep]
+    Hk[np.diag_indices(len(keep))] += damp * float(np.mean(np.diag(Hk))) + 1e-12
+    return np.linalg.solve(Hk, rhs).T
 
 
 def _slot_value(graph: ModelGraph, slot: _BiasSlot, n_out: int) -> np.ndarray:
