@@ -1234,6 +1234,8 @@ def ort_session(model: onnx.ModelProto, threads: int = 1):
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if threads > 1:  # no spin-waiting: on a shared machine spinning workers starve each other
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
