@@ -113,8 +113,9 @@ def _add_shape_option(p) -> None:
 
 
 def _add_accuracy_options(p, samples: int | None = None) -> None:
-    p.add_argument("--repair", default="none", choices=("none", "bias", "ls", "mean"),
-                   help="after removal: none, bias (data-free, BatchNorm stats), ls (calibrated least squares); "
+    p.add_argument("--repair", default="none", choices=("none", "bias", "ls", "seq", "mean"),
+                   help="after removal: none, bias (data-free, BatchNorm stats), ls (calibrated least squares), "
+                        "seq (ls fitted layer by layer on the pruned model's own activations); "
                         "--mode unconstrained: none or mean (calibrated output means, needs --calib)")
     p.add_argument("--calib", help="calibration inputs: .npz, keys = input names, axis 0 = samples")
     p.add_argument("--calib-samples", type=_positive_int, default=samples, help="use the first N samples")

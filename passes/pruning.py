@@ -83,7 +83,8 @@ class PrunePass(Pass):
             return self._criterion
         from onnxprune.passes.scoring import get_criterion
 
-        return get_criterion(self.config.criterion, self.config.seed, stats, self.config.repair)
+        repair = "ls" if self.config.repair == "seq" else self.config.repair  # OBS: both leave the OBS error
+        return get_criterion(self.config.criterion, self.config.seed, stats, repair)
 
     def check_data(self) -> list[str]:
         """Fail early when data is required but missing; one-line notices for data-free fallbacks."""
@@ -92,6 +93,8 @@ class PrunePass(Pass):
         c = self.config
         if self._criterion is None and c.criterion not in CRITERIA:
             raise UsageError(f"unknown criterion {c.criterion!r} (choose from {', '.join(sorted(CRITERIA))})")
+        if self.calib is None and c.repair == "seq":
+            raise UsageError("repair 'seq' needs calibration samples: pass --calib FILE.npz (or use --repair bias)")
         if self.stats is not None:
             return []
         if self.calib is None and self._criterion is None and c.criterion in DATA_CRITERIA:
@@ -180,7 +183,16 @@ class PrunePass(Pass):
         repair_info = None
         if len(labels):
             work, work_labels = analysis, labels
-            if self.config.repair != "none":
+            if self.config.repair == "seq":
+                from onnxprune.passes.repair import repair_sequential
+
+                from onnxprune.calibration import check_calib
+
+                data = check_calib(self.calib, model, self.config.calib_samples)
+                repaired, report = repair_sequential(analysis, labels, data, seed=self.config.seed)
+                repair_info = report.as_dict()
+                work, work_labels = _reanalyze(analysis, labels, repaired, self.config.allow_inexact)
+            elif self.config.repair != "none":
                 from onnxprune.passes.repair import repair_weights
 
                 repaired, report = repair_weights(analysis, labels, self.config.repair, stats)
