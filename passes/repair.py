@@ -13,6 +13,9 @@ that follows (`rewrite.apply_plan`) deletes exactly the columns repair accounted
   consumer feeds a BatchNorm, that BN's running variance is also scaled by the fraction of the output
   variance the kept channels carry under the same surrogate (``sum_kept W^2 var / sum_all W^2 var``),
   so the BN keeps normalising its output to the variance the next layers were trained on.
+* ``seq`` (calibrated, sequential; `repair_sequential`): the same least squares, but each consumer is
+  fitted on the inputs it will really see, those of the *pruned* model whose earlier consumers are already
+  repaired (Optimal Brain Compression / SparseGPT order), so errors do not compound through depth.
 * ``ls`` (calibrated): ridge least squares on the calibration Hessian H = E[[x 1][x 1]^T] of the
   consumer's input (im2col for convolutions): ``[W_K b'] = [W b] H[:, K] (H[K, K] + lambda I)^-1``, the
   Optimal Brain Surgeon update of the kept columns K; the constant feature makes it correct the mean
@@ -36,7 +39,7 @@ from onnxprune.channels import ChannelAnalysis, DimRef
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
 
-REPAIRS = ("none", "bias", "ls")
+REPAIRS = ("none", "bias", "ls", "seq")
 
 
 @dataclass
@@ -102,6 +105,8 @@ def repair_weights(
     """
     if method not in REPAIRS:
         raise UsageError(f"unknown repair {method!r} (choose from {', '.join(REPAIRS)})")
+    if method == "seq":
+        raise UsageError("repair 'seq' runs the model on calibration samples: use repair_sequential")
     if method == "ls" and stats is None:
         raise UsageError("repair 'ls' needs calibration data: pass --calib FILE.npz (or use --repair bias)")
     graph = analysis.graph
@@ -217,3 +222,212 @@ def _with_values(model: onnx.ModelProto, values: dict[str, np.ndarray], new_bias
                 target.input.append("")
             target.input[2] = name
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sequential repair
+# ---------------------------------------------------------------------------------------------------
+def repair_sequential(
+    analysis: ChannelAnalysis,
+    removed_labels: np.ndarray,
+    data,
+    damp: float = 0.01,
+    max_rows: int = 65536,
+    seed: int = 0,
+) -> tuple[onnx.ModelProto, RepairReport]:
+    """Least-squares repair of every consumer on the pruned model's own inputs, in waves through depth.
+
+    The pruned model is simulated at the original shapes (`rewrite.apply_mask`: removed channels are zero).
+    Consumers whose input differs from the original's (downstream of a removal) or whose columns are cut
+    are fitted in *waves*: wave k holds the consumers with k fitted consumers on their deepest input path,
+    so when a wave runs, everything upstream is final. For each consumer, with x the original input and
+    x~ the current pruned-and-repaired input (same sampled rows; [x 1] with the constant feature):
+
+        [W'_K b'] = ([W b] E[x x~_K^T] + lambda [W_K b]) (E[x~_K x~_K^T] + lambda I)^-1
+
+    the ridge solution of min E||W x + b - W'_K x~_K - b'||^2 + lambda ||W'_K - W_K||^2, pulled towards
+    the original weights, so a consumer whose input did not change and loses nothing stays exactly as it
+    was. `lambda` is `damp` x the mean diagonal of the Hessian block. With nothing removed it is a no-op.
+
+    Args:
+        analysis: channel analysis of the model to repair.
+        removed_labels: component labels of the channels that will be removed.
+        data: calibration samples (`calibration.CalibrationData`).
+        damp: ridge term, relative to the mean diagonal of the kept block of the pruned input's Hessian.
+        max_rows: row budget per consumer and wave (`calibration.row_budget`).
+        seed: sampling of the rows (convolution positions).
+    """
+    from onnxprune.calibration import _rows, row_budget
+    from onnxprune.rewrite import apply_mask
+
+    graph = analysis.graph
+    report = RepairReport()
+    removed = analysis.removed_positions(removed_labels)
+    if not removed:
+        return graph.model, report
+    cons = [c for c in consumers(graph) if len(graph.consumers.get(c.weight, [])) == 1]
+    for c in consumers(graph):
+        if len(graph.consumers.get(c.weight, [])) != 1 and DimRef(c.weight, c.in_axis) in removed:
+            report.skipped[c.name] = "weight shared with other nodes"
+    by_node = {id(c.node): c for c in cons}
+    cut_of = {c.name: removed.get(DimRef(c.weight, c.in_axis)) for c in cons}
+    # Which tensors differ from the original, and the wave of every consumer to fit.
+    changed = {ref.tensor for ref in removed}
+    level: dict[str, int] = {}
+    wave_of: dict[str, int] = {}
+    for node in graph.nodes:
+        ins = [i for i in node.input if i]
+        lv = max([level.get(i, 0) for i in ins], default=0)
+        dirty = any(i in changed for i in ins)
+        c = by_node.get(id(node))
+        if c is not None and (c.x in changed or cut_of[c.name] is not None):
+            wave_of[c.name] = level.get(c.x, 0)
+            lv = max(lv, wave_of[c.name] + 1)
+            dirty = True
+        for o in node.output:
+            level[o] = lv
+            if dirty:
+                changed.add(o)
+    waves: dict[int, list] = {}
+    for c in cons:
+        if c.name in wave_of:
+            waves.setdefault(wave_of[c.name], []).append(c)
+    base = apply_mask(analysis, removed_labels)
+    new_values: dict[str, np.ndarray] = {}
+    new_biases: list[tuple[onnx.NodeProto, str, np.ndarray]] = []
+    cur_values: dict[str, np.ndarray] = {}  # the same values with the removed positions masked again
+    cur_biases: list[tuple[onnx.NodeProto, str, np.ndarray]] = []
+    base_values = {t.name: t for t in base.graph.initializer}
+    slots = {}
+    for c in cons:
+        if c.name in wave_of:
+            w = graph.const(c.weight)
+            slots[c.name] = _bias_slot(graph, c, c.weight_matrix(w).shape[0])
+    for k in sorted(waves):
+        wave = waves[k]
+        current = _with_values(base, cur_values, cur_biases)
+        acc = _cross_stats(graph.model, current, wave, data, max_rows, seed + 7919 * k, _rows, row_budget)
+        for c in wave:
+            Ht, C = acc[c.name]
+            w = graph.const(c.weight)
+            wm = c.weight_matrix(w).astype(np.float64)
+            n_out = wm.shape[0]
+            slot = slots[c.name]
+            feat_pos = c.feature_channel(w.shape)
+            cut = cut_of[c.name]
+            gone = np.isin(feat_pos, cut) if cut is not None else np.zeros(len(feat_pos), bool)
+            keep = np.flatnonzero(~gone)
+            if slot is not None:
+                keep = np.append(keep, len(Ht) - 1)
+                b0 = _slot_value(graph, slot, n_out)
+                wa = np.concatenate([wm, b0[:, None]], axis=1)
+            else:
+                Ht, C = Ht[:-1, :-1], C[:-1, :-1]
+                wa = wm
+            Hk = Ht[np.ix_(keep, keep)]
+            lam = damp * float(np.mean(np.diag(Hk))) + 1e-12
+            Hk[np.diag_indices(len(keep))] += lam
+            rhs = wa @ C[:, keep] + lam * wa[:, keep]
+            solved = np.linalg.solve(Hk, rhs.T).T
+            n_feat = int((~gone).sum())
+            new_w = wm.copy()
+            new_w[:, ~gone] = solved[:, :n_feat]
+            new_values[c.weight] = c.from_matrix(new_w, w)
+            cur_values[c.weight] = _remask(removed, base_values, c.weight, new_values[c.weight])
+            if slot is not None:
+                delta = solved[:, -1] - wa[:, -1]
+                if np.any(delta != 0):
+                    if slot.kind == "new":
+                        new_biases.append((c.node, slot.tensor, delta.astype(w.dtype)))
+                        cut_out = removed.get(DimRef(c.weight, c.out_axis))
+                        masked_delta = delta.copy()
+                        if cut_out is not None:
+                            masked_delta[cut_out] = 0.0
+                        cur_biases.append((c.node, slot.tensor, masked_delta.astype(w.dtype)))
+                        report.added_biases.append(slot.tensor)
+                    else:
+                        src = new_values.get(slot.tensor, graph.const(slot.tensor))
+                        val = (src + (slot.sign * delta).reshape(src.shape)).astype(src.dtype)
+                        new_values[slot.tensor] = val
+                        cur_values[slot.tensor] = _remask(removed, base_values, slot.tensor, val)
+            report.repaired.append(c.name)
+    return _with_values(graph.model, new_values, new_biases), report
+
+
+def _remask(removed: dict, base_values: dict, name: str, value: np.ndarray) -> np.ndarray:
+    """`value` with every removed position of tensor `name` reset to the masked model's value there."""
+    out = np.array(value, copy=True)
+    masked = None
+    for ref, pos in removed.items():
+        if ref.tensor != name:
+            continue
+        if masked is None:
+            masked = numpy_helper.to_array(base_values[name])
+        index = [slice(None)] * out.ndim
+        index[ref.axis] = pos
+        out[tuple(index)] = masked[tuple(index)]
+    return out
+
+
+def _truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """`model` computing only `outputs` (the nodes they need), which become its graph outputs."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = list(out.graph.node)
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute):
+        keep_nodes = nodes  # subgraphs read outer tensors implicitly: keep everything
+    else:
+        need, keep_nodes = set(outputs), []
+        for n in reversed(nodes):
+            if any(o in need for o in n.output):
+                keep_nodes.append(n)
+                need.update(i for i in n.input if i)
+        keep_nodes.reverse()
+        used = {i for n in keep_nodes for i in n.input}
+        inits = [t for t in out.graph.initializer if t.name in used]
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(inits)
+    kept = [onnx.NodeProto() for _ in keep_nodes]
+    for dst, src in zip(kept, keep_nodes):
+        dst.CopyFrom(src)
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    del out.graph.output[:]
+    for name in outputs:
+        out.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return out
+
+
+def _cross_stats(original, current, wave, data, max_rows, seed, rows_fn, budget_fn):
+    """Per consumer of `wave`: (E[x~ x~^T], E[x x~^T]) over the same sampled rows, [x 1] features."""
+    from onnxprune.verify import session
+
+    names = sorted({c.x for c in wave})
+    s_orig = session(_truncated(original, names), spin=False)
+    s_cur = session(_truncated(current, names), spin=False)
+    feeds_o = {i.name for i in s_orig.get_inputs()}
+    feeds_c = {i.name for i in s_cur.get_inputs()}
+    graph = ModelGraph(original)
+    w_shapes = {c.name: graph.shape(c.weight) for c in wave}
+    feats = {
+        c.name: int(np.prod(w_shapes[c.name][1:], dtype=np.int64)) if c.kind == "conv" else w_shapes[c.name][c.in_axis]
+        for c in wave
+    }
+    per_sample = {k: max(1, -(-budget_fn(f, max_rows) // max(1, data.n))) for k, f in feats.items()}
+    acc = {c.name: [np.zeros((feats[c.name] + 1,) * 2), np.zeros((feats[c.name] + 1,) * 2), 0] for c in wave}
+    for i in range(data.n):
+        sample = data.sample(i)
+        xo = dict(zip(names, s_orig.run(names, {k: v for k, v in sample.items() if k in feeds_o})))
+        xc = dict(zip(names, s_cur.run(names, {k: v for k, v in sample.items() if k in feeds_c})))
+        for j, c in enumerate(wave):
+            ro = rows_fn(np.asarray(xo[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
+                         np.random.default_rng([seed, i, j]))
+            rc = rows_fn(np.asarray(xc[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
+                         np.random.default_rng([seed, i, j]))
+            one = np.ones((len(rc), 1), np.float32)
+            ro, rc = np.concatenate([ro, one], axis=1), np.concatenate([rc, one], axis=1)
+            a = acc[c.name]
+            a[0] += rc.T @ rc
+            a[1] += ro.T @ rc
+            a[2] += len(rc)
+    return {name: (h / max(1, n), cr / max(1, n)) for name, (h, cr, n) in acc.items()}

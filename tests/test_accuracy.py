@@ -18,8 +18,9 @@ from onnxprune.graph import ModelGraph
 from onnxprune.importer import import_model, infer_shapes
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.passes.pruning import PruneConfig, PrunePass, _reanalyze
-from onnxprune.passes.repair import repair_weights
+from onnxprune.passes.repair import repair_sequential, repair_weights
 from onnxprune.passes.scoring import CRITERIA, get_criterion
+from onnxprune.plan import PruningPlan
 from onnxprune.rewrite import apply_mask, apply_plan
 from onnxprune.verify import max_rel_error, random_inputs, run
 
@@ -126,6 +127,48 @@ def test_repaired_pruned_equals_repaired_masked(name, repair):
     assert max_rel_error(run(masked, inputs), run(pruned, inputs)) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["chain", "residual", "concat", "gemm_head"])
+def test_sequential_repair_keeps_dead_channel_semantics_and_is_a_noop_at_zero(name):
+    """seq: pruned == masked after repair; nothing removed -> the very same model, nothing run."""
+    model = canonical(TEST_MODELS[name]())
+    calib = _calib(model, 6)
+    analysis = analyze(ModelGraph(model))
+    same, report = repair_sequential(analysis, np.zeros(0, dtype=np.int64), calib)
+    assert same is model and not report.repaired
+    result = PrunePass(PruneConfig(ratio=0.0, repair="seq"), calib=calib).run(model)
+    inputs = random_inputs(model, seed=3)
+    assert result.modified is False and max_rel_error(run(model, inputs), run(result.model, inputs)) == 0.0
+    labels = PrunePass(PruneConfig(ratio=0.4)).plan(analysis).labels(analysis)
+    repaired, report = repair_sequential(analysis, labels, calib)
+    assert report.repaired
+    work, work_labels = _reanalyze(analysis, labels, repaired, False)
+    pruned = infer_shapes(apply_plan(work, work_labels))
+    assert max_rel_error(run(apply_mask(work, work_labels), inputs), run(pruned, inputs)) <= 1e-5
+
+
+def test_sequential_repair_leaves_unaffected_consumers_alone():
+    """Only consumers downstream of a removal are refitted; the ridge pulls towards the original weights,
+    so a consumer whose input is unchanged and loses nothing would be kept exactly."""
+    model = canonical(TEST_MODELS["chain"]())
+    calib = _calib(model, 6)
+    analysis = analyze(ModelGraph(model))
+    last = max(analysis.groups, key=lambda g: g.id)
+    labels = PruningPlan({last.id: np.array([0, 1])}).labels(analysis)
+    repaired, report = repair_sequential(analysis, labels, calib)
+    graph = ModelGraph(model)
+    changed = {t.name for t in repaired.graph.initializer
+               if graph.const(t.name) is not None and not np.array_equal(graph.const(t.name), _array(t))}
+    upstream = [c for c in consumers(graph) if c.name not in report.repaired]
+    assert report.repaired and upstream
+    assert not changed & {c.weight for c in upstream}
+
+
+def _array(t):
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(t)
+
+
 def test_ls_repair_is_exact_when_removed_inputs_are_linear_in_kept_ones():
     """A Gemm whose removed inputs are copies of kept ones is reconstructed exactly by LS repair."""
     import onnx
@@ -205,6 +248,18 @@ def test_repair_reduces_output_error_on_fashion_mnist(fmnist_setup):
     assert errors["bias", 0.1] < errors["none", 0.1], errors
 
 
+def test_sequential_repair_beats_ls_on_fashion_mnist(fmnist_setup):
+    """Fitting each layer on the pruned model's own activations leaves less output error than fitting it on
+    the original's (errors no longer compound through depth)."""
+    model, calib, test = fmnist_setup
+    stats = collect_stats(model, calib)
+    err = {}
+    for repair in ("ls", "seq"):
+        cfg = PruneConfig(ratio=0.4, criterion="l1", repair=repair)
+        err[repair] = _output_error(model, PrunePass(cfg, calib=calib, stats=stats).run(model).model, test)
+    assert err["seq"] < err["ls"], err
+
+
 def test_obs_beats_l1_without_repair_on_fashion_mnist(fmnist_setup):
     model, calib, test = fmnist_setup
     err = {}
@@ -259,6 +314,11 @@ def test_cli_calibrated_prune_and_sensitivity(tmp_path, tmp_model, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["params_after"] <= 0.75 * summary["params_before"]
     assert summary["repair"]["repaired"] >= 1
+    rc = main(["prune", str(path), "-o", str(out), "--repair", "seq", "--calib", str(npz), "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["repair"]["repaired"] >= 1
+    rc = main(["prune", str(path), "-o", str(out), "--repair", "seq"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--calib" in err
     rc = main(["prune", str(path), "-o", str(out), "--criterion", "apoz"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--calib" in err
