@@ -133,11 +133,10 @@ class FPGM(Criterion):
 def lamp_transform(values: np.ndarray) -> np.ndarray:
     """LAMP score: v_i^2 / sum of v_j^2 over all j with v_j >= v_i (in (0, 1], the largest scores 1)."""
     sq = np.asarray(values, dtype=np.float64) ** 2
-    order = np.argsort(sq, kind="stable")
-    suffix = np.cumsum(sq[order][::-1])[::-1]
-    out = np.empty_like(sq)
-    out[order] = sq[order] / np.maximum(suffix, 1e-300)
-    return out
+    ordered = np.sort(sq)
+    suffix = np.cumsum(ordered[::-1])[::-1]  # suffix[i] = sum of ordered[i:]
+    first = np.searchsorted(ordered, sq, side="left")  # ties share the sum over every v_j >= v_i
+    return sq / np.maximum(suffix[first], 1e-300)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,127 @@
+"""Importance criteria on a handcrafted two-layer MLP whose channel ranking is known by construction.
+
+y = W2 relu(W1 x + b1), six hidden channels (one group):
+  c0 = [.5, .5, .5, .5]   L1 2.0, L2 1.0   -> the L2 minimum
+  c1 = [1.5, 0, 0, 0]     L1 1.5, L2 1.5   -> the L1 minimum
+  c2 = [2, -2, 2, -2], bias -100: never active -> the activation / APoZ / OBS(no repair) minimum
+  c3 = [0, 0, 3, 1]
+  c4 = c5 = [1, -1, .5, 2]: duplicates -> OBS with the least-squares update can remove one for free
+The consumer W2 has identical columns, so magnitude rankings are set by W1 alone. Each criterion's
+choice is then pruned for real and run in onnxruntime against the original with that channel zeroed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import canonical
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.calibration import CalibrationData, collect_stats
+from onnxprune.channels import analyze
+from onnxprune.graph import ModelGraph
+from onnxprune.passes.pruning import PruneConfig, PrunePass
+from onnxprune.passes.scoring import get_criterion
+from onnxprune.verify import max_rel_error, run
+
+W1 = np.array(
+    [[0.5, 0.5, 0.5, 0.5], [1.5, 0, 0, 0], [2, -2, 2, -2], [0, 0, 3, 1], [1, -1, 0.5, 2], [1, -1, 0.5, 2]],
+    dtype=np.float32,
+)
+B1 = np.array([0.1, 0.1, -100, 0.1, 0.2, 0.2], dtype=np.float32)
+W2 = np.ones((3, 6), dtype=np.float32)
+
+
+def mlp(w1: np.ndarray = W1, b1: np.ndarray = B1) -> onnx.ModelProto:
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(W2, "w2")],
+    )  # fmt: skip
+    return canonical(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = mlp()
+    x = np.random.default_rng(0).standard_normal((64, 1, 4)).astype(np.float32)
+    stats = collect_stats(model, CalibrationData({"x": x.reshape(64, 4)}))
+    analysis = analyze(ModelGraph(model))
+    assert len(analysis.groups) == 1 and analysis.groups[0].size == 6
+    return model, stats, analysis, x
+
+
+def scores(setup, name, repair="none"):
+    model, stats, analysis, _ = setup
+    return get_criterion(name, 0, stats, repair).score(analysis.groups[0], analysis)
+
+
+def test_l1_and_l2_rank_by_their_own_norm(setup):
+    assert np.argmin(scores(setup, "l1")) == 1
+    assert np.argmin(scores(setup, "l2")) == 0
+
+
+def test_lamp_is_in_unit_interval_and_monotone_in_l2(setup):
+    lamp, l2 = scores(setup, "lamp"), scores(setup, "l2")
+    assert np.isclose(lamp.max(), 1.0) and np.all((lamp > 0) & (lamp <= 1))
+    assert np.argmin(lamp) == 0
+    assert np.all(np.diff(lamp[np.argsort(l2)]) >= -1e-12)
+    assert lamp[4] == lamp[5]  # equal magnitudes, equal LAMP scores (the sum runs over every v_j >= v_i)
+
+
+def test_activation_and_apoz_find_the_dead_channel(setup):
+    act, apoz = scores(setup, "activation"), scores(setup, "apoz")
+    assert np.argmin(act) == 2 and act[2] == 0
+    assert np.argmin(apoz) == 2 and np.all(np.delete(apoz, 2) > apoz[2])
+
+
+def test_fpgm_is_the_sum_of_distances_to_the_other_filters(setup):
+    d = np.sqrt(((W1[:, None, :].astype(np.float64) - W1[None, :, :]) ** 2).sum(-1)).sum(1)
+    s = scores(setup, "fpgm")
+    assert np.allclose(s / s.mean(), d / d.mean())  # W2's identical columns add nothing
+
+
+def test_obs_saliency_follows_the_repair(setup):
+    none = scores(setup, "obs", "none")
+    assert np.argmin(none) == 2 and none[2] == pytest.approx(0.0, abs=1e-12)  # dead: removing it costs nothing
+    ls = scores(setup, "obs", "ls")
+    low = set(np.argsort(ls)[:3])
+    assert low == {2, 4, 5}  # dead, or absorbed by its duplicate through the least-squares update
+    assert ls[1] > 5 * max(ls[4], ls[5])  # the L1 choice is expensive once the data is seen
+
+
+def test_random_is_reproducible_and_seed_dependent(setup):
+    _, _, analysis, _ = setup
+    g = analysis.groups[0]
+    a, b = get_criterion("random", 0).score(g, analysis), get_criterion("random", 0).score(g, analysis)
+    assert np.array_equal(a, b) and not np.array_equal(a, get_criterion("random", 1).score(g, analysis))
+
+
+@pytest.mark.parametrize(
+    "name,repair,expected",
+    [("l1", "none", {1}), ("l2", "none", {0}), ("lamp", "none", {0}), ("activation", "none", {2}),
+     ("apoz", "none", {2}), ("obs", "none", {2})],
+)  # fmt: skip
+def test_pruning_removes_the_chosen_channel_in_onnxruntime(setup, name, repair, expected):
+    model, stats, _, x = setup
+    result = PrunePass(PruneConfig(criterion=name, repair=repair, ratio=1 / 6), stats=stats).run(model)
+    pruned_w1 = numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == "w1"))
+    assert pruned_w1.shape == (5, 4)
+    removed = [k for k in range(6) if not any(np.array_equal(W1[k], r) for r in pruned_w1)]
+    assert set(removed) == expected
+    (k,) = removed
+    w1, b1 = W1.copy(), B1.copy()
+    w1[k], b1[k] = 0, 0
+    zeroed = mlp(w1, b1)
+    for i in range(8):
+        feeds = {"x": x[i]}
+        assert max_rel_error(run(zeroed, feeds), run(result.model, feeds)) <= 1e-5
+        if k == 2:  # the dead channel: pruning changes nothing at all
+            assert max_rel_error(run(model, feeds), run(result.model, feeds)) <= 1e-6
