@@ -54,12 +54,12 @@ def sensitivity(
 ) -> list[SensitivityRow]:
     from onnxprune.importer import infer_shapes
     from onnxprune.passes.pruning import _reanalyze
-    from onnxprune.passes.repair import repair_weights
+    from onnxprune.passes.repair import repair_sequential, repair_weights
     from onnxprune.passes.scoring import get_criterion
     from onnxprune.rewrite import apply_plan
 
     analysis = analyze(ModelGraph(model), allow_inexact=allow_inexact)
-    scores = get_criterion(criterion, 0, stats).score_all(analysis)
+    scores = get_criterion(criterion, 0, stats, "ls" if repair == "seq" else repair).score_all(analysis)
     reference = _outputs(model, data)
     rows = []
     for g in analysis.groups:
@@ -72,7 +72,10 @@ def sensitivity(
                 continue
             labels = PruningPlan({g.id: np.sort(order[:n])}).labels(analysis)
             work, work_labels = analysis, labels
-            if repair != "none":
+            if repair == "seq":
+                repaired, _ = repair_sequential(analysis, labels, data)
+                work, work_labels = _reanalyze(analysis, labels, repaired, allow_inexact)
+            elif repair != "none":
                 repaired, _ = repair_weights(analysis, labels, repair, stats)
                 work, work_labels = _reanalyze(analysis, labels, repaired, allow_inexact)
             pruned = infer_shapes(apply_plan(work, work_labels))

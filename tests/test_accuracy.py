@@ -163,6 +163,19 @@ def test_sequential_repair_leaves_unaffected_consumers_alone():
     assert not changed & {c.weight for c in upstream}
 
 
+def test_sensitivity_with_sequential_repair_is_below_no_repair():
+    from onnxprune.sensitivity import sensitivity
+
+    model = canonical(TEST_MODELS["residual"]())
+    calib = _calib(model, 8)
+    stats = collect_stats(model, calib)
+    none = sensitivity(model, calib, [0.5], "l2", "none", stats)
+    seq = sensitivity(model, calib, [0.5], "l2", "seq", stats)
+    errs = [(a.errors[0], b.errors[0]) for a, b in zip(none, seq) if np.isfinite(a.errors[0])]
+    assert errs and all(np.isfinite(b) for _, b in errs)
+    assert sum(b for _, b in errs) < sum(a for a, _ in errs), errs
+
+
 def _array(t):
     from onnx import numpy_helper
 
