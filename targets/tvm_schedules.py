@@ -29,12 +29,12 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
 
-__all__ = ["ApplyCPUSchedules", "relax_layout_passes", "tune", "vector_lanes"]
+__all__ = ["ApplyCPUSchedules", "relax_layout_passes", "tune", "vector_lanes", "vector_registers"]
 
 #: Minimum work (multiply-adds) before a kernel is run in parallel; below it the fork costs more.
 PARALLEL_MIN_WORK = 1 << 15
-#: Target number of accumulator vectors in the register tile.
-ACC_VECTORS = 16
+#: Most weight vectors in one register tile row.
+MAX_TILE_VECTORS = 4
 
 
 def relax_layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
@@ -107,6 +107,14 @@ def vector_lanes(target: tvm.target.Target, bits: int = 32) -> int:
     return max(1, width // bits)
 
 
+def vector_registers(target: tvm.target.Target) -> int:
+    """SIMD registers of the target: 32 with AVX-512 and on AArch64 (NEON/SVE), else 16 (AVX2, SSE)."""
+    triple = str(target.attrs.get("mtriple", "")) if hasattr(target, "attrs") else ""
+    if vector_lanes(target) >= 16 or triple.startswith(("aarch64", "arm64")):
+        return 32
+    return 16
+
+
 def _const_int(x: object) -> int | None:
     return int(x.value) if isinstance(x, tirx.IntImm) else (x if isinstance(x, int) else None)
 
@@ -125,26 +133,37 @@ def _largest_divisor(n: int, limit: int) -> int:
     return 1
 
 
-def _register_tile(v_ext: int, t_ext: int, lanes: int) -> tuple[int, int]:
-    """(vector tile, row tile) maximising accumulator vectors up to ACC_VECTORS, both dividing their axes."""
+def _register_tile(v_ext: int, t_ext: int, lanes: int, registers: int = 32) -> tuple[int, int]:
+    """(vector tile, row tile) for a register-tiled reduction, both dividing their axes.
+
+    Each reduction step loads ``n_vec`` weight vectors and broadcasts ``rows`` input values into registers, then
+    issues ``n_vec * rows`` FMAs into the accumulator tile. The tile must fit the register file (accumulators +
+    the weight vectors + one broadcast <= ``registers``, else LLVM spills inside the loop) and should do as
+    many FMAs per load as possible: the score is ``n_vec * rows / (n_vec + rows)``, ties going to the larger
+    tile. (16 x 14 and 32 x 7 both make 14 accumulators, but the first issues one load per FMA.)
+    """
     if v_ext < lanes or v_ext % lanes:
         vecs = [_largest_divisor(v_ext, lanes)]
     else:
-        vecs = [lanes * k for k in (4, 2, 1) if (v_ext // lanes) % k == 0]
-    best = (0, 0, 0)
+        vecs = [lanes * k for k in range(1, MAX_TILE_VECTORS + 1) if (v_ext // lanes) % k == 0]
+    best: tuple[float, int, int, int] = (0.0, 0, 0, 0)
     for vec in vecs:
         n_vec = -(-vec // lanes)
-        tile = _largest_divisor(t_ext, max(1, ACC_VECTORS // n_vec))
-        best = max(best, (n_vec * tile, tile, vec))
-    return best[2], best[1]
+        for rows in range(1, t_ext + 1):
+            if t_ext % rows or n_vec * rows + n_vec + 1 > registers:
+                continue
+            score = n_vec * rows / (n_vec + rows)
+            best = max(best, (round(score, 6), n_vec * rows, vec, rows))
+    return best[2], best[3]
 
 
 class _Kernel:
     """Schedules one PrimFunc. Each public step leaves the schedule valid; a failure skips only itself."""
 
-    def __init__(self, func: tirx.PrimFunc, lanes: int) -> None:
+    def __init__(self, func: tirx.PrimFunc, lanes: int, registers: int = 32) -> None:
         self.sch = s_tir.Schedule(func)
         self.lanes = lanes
+        self.registers = registers
 
     # -- analysis ---------------------------------------------------------------------------------
     def blocks(self) -> list[s_tir.schedule.SBlockRV]:
@@ -199,7 +218,9 @@ class _Kernel:
         # Vector axis: the innermost spatial axis; tile axis: the next one out with extent > 1.
         v_axis = spatial[-1]
         t_axis = next((i for i in reversed(spatial[:-1]) if extents[i] > 1), None)
-        vec, tile = _register_tile(extents[v_axis], extents[t_axis] if t_axis is not None else 1, self.lanes)
+        vec, tile = _register_tile(
+            extents[v_axis], extents[t_axis] if t_axis is not None else 1, self.lanes, self.registers
+        )
         v_out, v_in = sch.split(loops[v_axis], [None, vec])
         outer = [loops[i] for i in spatial if i not in (v_axis, t_axis)]
         if t_axis is not None:
@@ -217,8 +238,12 @@ class _Kernel:
         if len(inner) == 2:
             sch.unroll(inner[0])
         sch.vectorize(inner[-1])
-        fused = sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0]
-        if work >= PARALLEL_MIN_WORK and len(outer) > 1:
+        # One parallel loop over all output tiles (channel chunk innermost, so a thread's consecutive tiles
+        # share their input rows): a 7x7 output then has 7 x (channels / vec) work items instead of 7 rows,
+        # which two or four threads split evenly.
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        outer = [fused]
+        if work >= PARALLEL_MIN_WORK:
             sch.parallel(fused)
         # Accumulate the tile in a local buffer and write it back (with the epilogue) per tile.
         consumers = list(sch.get_consumers(block))
@@ -304,6 +329,7 @@ class ApplyCPUSchedules:
 
     def __init__(self, target: tvm.target.Target) -> None:
         self.lanes = vector_lanes(target)
+        self.registers = vector_registers(target)
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         updates = {}
@@ -311,7 +337,7 @@ class ApplyCPUSchedules:
             if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", 0):
                 continue
             try:
-                new = _Kernel(func, self.lanes).run()
+                new = _Kernel(func, self.lanes, self.registers).run()
             except Exception:  # noqa: BLE001 - never fail a compile over a schedule
                 new = None
             if new is not None:

@@ -150,12 +150,13 @@ def cache_dir(mod: tvm.IRModule, target: tvm.target.Target, work_dir: Path | Non
 def _seed_default_schedules(tasks, database, target, builder, runner) -> int:
     """Commit each task's default-schedule trace with its measured time; returns how many were committed."""
     lanes = tvm_schedules.vector_lanes(target)
+    registers = tvm_schedules.vector_registers(target)
     committed = 0
     for task in tasks:
         mod = task.dispatched[0]
         func = mod["main"]
         try:
-            kernel = tvm_schedules._Kernel(func, lanes)
+            kernel = tvm_schedules._Kernel(func, lanes, registers)
             kernel.run()
             sch = kernel.sch
             (res,) = builder.build([BuilderInput(sch.mod, target)])
