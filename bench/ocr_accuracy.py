@@ -1,6 +1,6 @@
 """PP-OCRv4 recognition without fine-tuning: exact-match rate of pruned vs original on rendered text lines.
 
-    python bench/ocr_accuracy.py [--fractions 0.1,0.2,0.3] [--test 200] [--calib 64] [--width 320]
+    python bench/ocr_accuracy.py [--fractions 0.1,0.2,0.3] [--repairs ls,seq] [--test 200] [--calib 64]
 
 Model: ``ch_PP-OCRv4_rec_infer.onnx`` from ``rapidocr-onnxruntime==1.4.4`` (``zoo_model("ppocrv4_rec")``),
 imported with the fixed input shape ``x = [1, 3, 48, W]``. Text lines (words, numbers, dates, codes drawn
@@ -9,12 +9,15 @@ normalised as PP-OCR does, ``(x / 255 - 0.5) / 0.5``. The output [1, T, 6625] is
 the dictionary stored in the model's metadata (``character``; index 0 is blank, the last one a space, as
 rapidocr's ``CTCLabelDecode``). Calibration lines are generated from a different seed and checked
 disjoint from the test lines. Each row is pruned to the same parameter budget (``--target-params``).
+Calibrated repairs: ``ls`` fits every consumer on the original model's activations, ``seq`` fits them in
+order on the pruned model's own activations (errors stop compounding through the 50 layers).
 Acceptance (issue 4): at 20% of parameters removed with calibrated repair the exact-match drop is <= 5 pt.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fractions", default="0.1,0.2,0.3")
     ap.add_argument("--criteria", default="obs")
-    ap.add_argument("--repairs", default="ls")
+    ap.add_argument("--repairs", default="ls,seq")
     ap.add_argument("--test", type=int, default=200)
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--width", type=int, default=320)
@@ -133,7 +136,7 @@ def main(argv=None) -> int:
     t_stats = time.perf_counter() - t0
     print(f"PP-OCRv4 rec (x = 1x3x48x{W}): {params} params; exact match {base:.1f}% on {args.test} rendered "
           f"test lines (DejaVuSans); calibration: {len(calib_lines)} disjoint lines, statistics in {t_stats:.1f}s; "
-          f"allocation {args.allocation}")
+          f"allocation {args.allocation}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"  sample: {test_lines[:3]} -> {base_pred[:3]}")
     results = {}
     for f in fractions:
@@ -152,8 +155,9 @@ def main(argv=None) -> int:
                 results[f, crit, rep] = (acc, removed)
                 print(f"  f={f:.2f} {crit:>6} {rep:>4}: exact {acc:5.1f}%  (drop {base - acc:5.1f} pt, "
                       f"same text as original {agree:5.1f}%)  removed {removed:.3f}  ({sec:.1f}s)", flush=True)
-    if any(f == 0.2 for f, _, r in results if r == "ls"):
-        best = max((a for (f, _, r), (a, _) in results.items() if f == 0.2 and r == "ls"))
+    calibrated = ("ls", "seq")
+    if any(f == 0.2 for f, _, r in results if r in calibrated):
+        best = max((a for (f, _, r), (a, _) in results.items() if f == 0.2 and r in calibrated))
         print(f"acceptance at 20% removed, calibrated repair: best drop {base - best:.1f} pt -> "
               f"{'PASS' if base - best <= 5.0 else 'FAIL'} (<= 5)")
     return 0
