@@ -179,15 +179,17 @@ def _relax_pipeline(
                     *tvm_schedules.relax_layout_passes(target),
                 ]
             )(mod)
-            if weights is not None:
-                mod, lifted = lift_weights(mod)
-                weights.extend(lifted)
             mod = tvm.transform.Sequential(
                 [*cpu_generic.library_dispatch_passes(target), *cpu_generic.legalize_passes(target)]
             )(mod)
             if tune > 0:
                 mod = tvm_schedules.tune(mod, target, tune, work_dir)
+            # Schedules may repack constant weights (conv weights in register-tile order), so the weights are
+            # lifted after scheduling, as the kernels read them.
             mod = tvm_schedules.ApplyCPUSchedules(target)(mod)
+            if weights is not None:
+                mod, lifted = lift_weights(mod)
+                weights.extend(lifted)
             mod = tvm.transform.Sequential(
                 [*cpu_generic.pipeline.dataflow_lower_passes(target), *cpu_generic.finalize_passes(target)]
             )(mod)

@@ -13,7 +13,10 @@ onnxruntime). This module gives every kernel a schedule chosen from its shape:
    small unrolled tile, the reduction loops go in between, the accumulator tile lives in a local buffer
    (registers), and the epilogue (bias, BN, ReLU, residual add) is applied as the tile is written back. The
    outer output loops are fused and run in parallel when the kernel is big enough to pay for a fork.
-   Padding stays a separate vectorised copy so the inner loop has no conditionals.
+   Padding stays a separate vectorised copy so the inner loop has no conditionals. The tile shape is
+   chosen for the most FMAs per load that fit the register file (:func:`_register_tile`).
+   Constant conv weights are **repacked at compile time** to ``[O / vec, H, W, I, vec]`` (each tile's weight
+   slice contiguous, read front to back; :meth:`_Kernel._pack_weights`, :func:`_pack_constants`).
 3. Whatever is left (transposes, concat, softmax …) gets the generic rule: fuse the loops, vectorise the
    innermost run, parallelise the rest.
 
@@ -160,10 +163,17 @@ def _register_tile(v_ext: int, t_ext: int, lanes: int, registers: int = 32) -> t
 class _Kernel:
     """Schedules one PrimFunc. Each public step leaves the schedule valid; a failure skips only itself."""
 
-    def __init__(self, func: tirx.PrimFunc, lanes: int, registers: int = 32) -> None:
+    def __init__(
+        self, func: tirx.PrimFunc, lanes: int, registers: int = 32, packable: frozenset[str] = frozenset()
+    ) -> None:
         self.sch = s_tir.Schedule(func)
         self.lanes = lanes
         self.registers = registers
+        #: Parameters (by name) that are compile-time constants, so their layout may change (see
+        #: :meth:`_pack_weights`); ``packed`` maps the index of each repacked parameter to its chunk width.
+        self.packable = packable
+        self.params = [p.name for p in func.params]
+        self.packed: dict[int, int] = {}
 
     # -- analysis ---------------------------------------------------------------------------------
     def blocks(self) -> list[s_tir.schedule.SBlockRV]:
@@ -221,6 +231,8 @@ class _Kernel:
         vec, tile = _register_tile(
             extents[v_axis], extents[t_axis] if t_axis is not None else 1, self.lanes, self.registers
         )
+        if self._pack_weights(block, spatial, reduce, extents, vec):
+            loops = sch.get_loops(block)
         v_out, v_in = sch.split(loops[v_axis], [None, vec])
         outer = [loops[i] for i in spatial if i not in (v_axis, t_axis)]
         if t_axis is not None:
@@ -264,6 +276,36 @@ class _Kernel:
             init = sch.decompose_reduction(block, red[0])
             self._vectorize_tail(init, len(inner))
 
+    def _pack_weights(
+        self,
+        block: s_tir.schedule.SBlockRV,
+        spatial: list[int],
+        reduce: list[int],
+        extents: list[int],
+        vec: int,
+    ) -> bool:
+        """Repack a convolution's constant HWIO weight as ``[O / vec, H, W, I, vec]``.
+
+        The register tile reads ``vec`` output channels of one (h, w, i) weight row per reduction step; in HWIO
+        those rows are ``O`` floats apart (a new cache line and, every few rows, a new page for each step), in
+        the packed layout one tile's whole weight slice is contiguous and read front to back. The relayout
+        is done on the constant at compile time (:func:`_pack_constants`), so a run pays nothing.
+        """
+        if not self.packable or len(spatial) != 4 or len(reduce) != 3 or vec % self.lanes:
+            return False
+        v_ext, i_ext = extents[spatial[-1]], extents[reduce[-1]]
+        if v_ext <= vec:
+            return False
+        reads = self.sch.get(block).reads
+        for i, region in enumerate(reads):
+            buf = region.source
+            shape = [_const_int(d) for d in buf.shape]
+            if buf.name in self.packable and len(shape) == 4 and shape[2:] == [i_ext, v_ext]:
+                self.sch.transform_layout(block, ("read", i), lambda h, w, c, o: (o // vec, h, w, c, o % vec))
+                self.packed[self.params.index(buf.name)] = vec
+                return True
+        return False
+
     def _vectorize_tail(self, block: s_tir.schedule.SBlockRV, n_inner: int) -> None:
         """Vectorise the innermost loop of a write-back/init block (unrolling the one before)."""
         loops = self.sch.get_loops(block)
@@ -303,11 +345,11 @@ class _Kernel:
         self.inline_elementwise()
         reductions = [b for b in self.blocks() if self.is_reduction(b)]
         for b in reductions:
-            saved = self.sch.copy()
+            saved, packed = self.sch.copy(), dict(self.packed)
             try:
                 self.schedule_reduction(b)
             except Exception:  # noqa: BLE001 - an unexpected shape: keep the kernel unscheduled
-                self.sch = saved
+                self.sch, self.packed = saved, packed
         for b in self.blocks():
             if self.is_reduction(b):
                 continue
@@ -333,18 +375,97 @@ class ApplyCPUSchedules:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         updates = {}
+        packs: dict[tvm.ir.GlobalVar, tuple[tirx.PrimFunc, dict[int, int]]] = {}
+        constant = _constant_params(mod)
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", 0):
                 continue
             try:
-                new = _Kernel(func, self.lanes, self.registers).run()
+                kernel = _Kernel(func, self.lanes, self.registers, constant.get(gv.name_hint, frozenset()))
+                new = kernel.run()
             except Exception:  # noqa: BLE001 - never fail a compile over a schedule
-                new = None
-            if new is not None:
-                updates[gv] = new.with_attr("tirx.is_scheduled", True)
+                continue
+            if new is None:
+                continue
+            new = new.with_attr("tirx.is_scheduled", True)
+            if kernel.packed:
+                packs[gv] = (new, kernel.packed)
+            else:
+                updates[gv] = new
         for gv, func in updates.items():
             mod[gv] = func
-        return mod
+        return _pack_constants(mod, packs) if packs else mod
+
+
+_CALL_TIR = "relax.call_tir"
+
+
+def _tir_calls(mod: tvm.IRModule):
+    """(caller, call) for every ``call_tir`` in the module's Relax functions."""
+    found = []
+    for _gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(
+                func,
+                lambda e: (
+                    found.append(e)
+                    if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == _CALL_TIR
+                    else None
+                ),
+            )
+    return found
+
+
+def _constant_params(mod: tvm.IRModule) -> dict[str, frozenset[str]]:
+    """For each PrimFunc, the names of its parameters that every ``call_tir`` passes a constant."""
+    result: dict[str, frozenset[str]] = {}
+    for call in _tir_calls(mod):
+        name = call.args[0].name_hint
+        func = mod[call.args[0]]
+        args = list(call.args[1].fields) if isinstance(call.args[1], relax.Tuple) else [call.args[1]]
+        const = frozenset(p.name for p, a in zip(func.params, args) if isinstance(a, tvm.ir.expr.Constant))
+        result[name] = result[name] & const if name in result else const
+    return result
+
+
+def _pack_constants(
+    mod: tvm.IRModule, packs: dict[tvm.ir.GlobalVar, tuple[tirx.PrimFunc, dict[int, int]]]
+) -> tvm.IRModule:
+    """Swap in kernels whose weight parameters were repacked and relayout the constants their calls pass
+    (HWIO -> ``[O / vec, H, W, I, vec]``).
+
+    A kernel's signature changed, so it gets a new GlobalVar (a GlobalVar carries its function's type).
+    """
+    bb = relax.BlockBuilder(mod)
+    swap = {old: (bb.add_func(func, old.name_hint), todo) for old, (func, todo) in packs.items()}
+    mod = bb.get()
+
+    def packed(const: tvm.ir.expr.Constant, vec: int) -> tvm.ir.expr.Constant:
+        w = const.value.numpy()
+        h, kw, c, o = w.shape
+        return relax.const(np.ascontiguousarray(w.reshape(h, kw, c, o // vec, vec).transpose(3, 0, 1, 2, 4)))
+
+    @relax.expr_functor.mutator
+    class _Pack(relax.PyExprMutator):
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == _CALL_TIR):
+                return call
+            hit = swap.get(call.args[0])
+            if hit is None:
+                return call
+            gv, todo = hit
+            fields = list(call.args[1].fields)
+            for i, vec in todo.items():
+                fields[i] = packed(fields[i], vec)
+            return relax.Call(call.op, [gv, relax.Tuple(fields), *call.args[2:]], call.attrs, call.ty_args)
+
+    funcs = {}
+    for gv, func in mod.functions_items():
+        if gv in swap:
+            continue
+        funcs[gv] = _Pack(mod).visit_expr(func) if isinstance(func, relax.Function) else func
+    return tvm.IRModule(funcs, attrs=mod.attrs)
 
 
 def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Path | None) -> tvm.IRModule:
