@@ -6,7 +6,9 @@ How it runs (:func:`tune`):
 2. **The default schedule is a candidate.** Each task's kernel is scheduled by
    :class:`~.tvm_schedules.ApplyCPUSchedules`'s rules, built, timed, and committed to the database as a
    tuning record (its schedule trace + measured time). MetaSchedule's candidates then have to beat it: the
-   database keeps the fastest record per kernel, so tuning can only replace a kernel by a faster one.
+   database keeps the fastest record per kernel. The default schedule as really built (conv weights
+   repacked at compile time, which a trace cannot express) is timed too, and a kernel's best record is
+   applied only if it is at least ``MIN_GAIN`` faster than that; otherwise the default schedule is used.
 3. MetaSchedule searches ``N`` trials in total (evolutionary search, XGBoost cost model when ``xgboost`` is
    installed, else random), with an **in-process builder and runner**: candidates are compiled with
    ``tvm.compile`` and timed with ``time_evaluator`` in this process. The stock ``LocalBuilder``/``LocalRunner``
@@ -44,6 +46,8 @@ log = logging.getLogger("onnxprune.targets.tune")
 #: Per measurement: ``number`` calls per repeat, ``repeat`` repeats, at least ``MIN_REPEAT_MS`` per repeat.
 NUMBER, REPEAT, MIN_REPEAT_MS = 1, 5, 20
 STATE = "onnxprune_tune.json"
+#: A tuned kernel replaces the default one only if it is at least this much faster (measurement noise).
+MIN_GAIN = 0.03
 #: Evolutionary search population (MetaSchedule's 512 costs ~5 s of search per round for small trial budgets).
 POPULATION = 64
 
@@ -178,6 +182,56 @@ def _seed_default_schedules(tasks, database, target, builder, runner) -> int:
     return committed
 
 
+def _default_times(tasks, target, builder, runner) -> dict[str, float]:
+    """Median time of each task's kernel as :class:`~.tvm_schedules.ApplyCPUSchedules` will really build it
+    (with its weights repacked, which a tuning record cannot express); a tuned record must beat this."""
+    lanes = tvm_schedules.vector_lanes(target)
+    registers = tvm_schedules.vector_registers(target)
+    times: dict[str, float] = {}
+    for task in tasks:
+        func = task.dispatched[0]["main"]
+        try:
+            kernel = tvm_schedules._Kernel(func, lanes, registers, frozenset(p.name for p in func.params))
+            new = kernel.run()
+            (res,) = builder.build([BuilderInput(tvm.IRModule({"main": new}), target)])
+            if res.error_msg:
+                continue
+            secs = runner.measure(
+                builder.built.pop(str(res.artifact_path)), ms.arg_info.ArgInfo.from_prim_func(new)
+            )
+        except Exception as e:  # noqa: BLE001 - then any measured record is taken
+            log.debug("default schedule of %s not measured: %s", task.task_name, e)
+            continue
+        times[task.task_name] = float(np.median(secs))
+    return times
+
+
+def _faster_than_default(database, tasks, target, defaults: dict[str, float]):
+    """A database holding, per task, the best record only where it beats the default schedule's time."""
+    chosen = ms.database.MemoryDatabase()
+    for task in tasks:
+        mod = task.dispatched[0]
+        if not database.has_workload(mod):
+            continue
+        top = database.get_top_k(database.commit_workload(mod), 1)
+        if not top or not top[0].run_secs:
+            continue
+        best = float(np.median([float(x) for x in top[0].run_secs]))
+        default = defaults.get(task.task_name)
+        if default is not None and best >= default * (1 - MIN_GAIN):
+            log.info(
+                "%s: tuned %.1f us vs default %.1f us -> default", task.task_name, best * 1e6, default * 1e6
+            )
+            continue
+        rec = top[0]
+        workload = chosen.commit_workload(mod)
+        chosen.commit_tuning_record(
+            ms.database.TuningRecord(rec.trace, workload, run_secs=rec.run_secs, target=rec.target,
+                                     args_info=rec.args_info)
+        )  # fmt: skip
+    return chosen
+
+
 def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Path | None) -> tvm.IRModule:
     """Tune the module's kernels with ``trials`` MetaSchedule trials in total and apply the best schedules.
 
@@ -202,10 +256,13 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
     state_path = root / STATE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"trials": 0, "seeded": False}
     database = ms.database.JSONDatabase(work_dir=str(root))
+    tasks = [t for t in extract_tasks(mod, target) if not t.mod.attrs.get("tirx.is_scheduled", False)]
+    builder = InProcessBuilder()
+    runner = InProcessRunner(builder)
+    if "default_secs" not in state:
+        state["default_secs"] = _default_times(tasks, target, builder, runner)
+        state_path.write_text(json.dumps(state))
     if state["trials"] < trials or not state["seeded"]:
-        tasks = [t for t in extract_tasks(mod, target) if not t.mod.attrs.get("tirx.is_scheduled", False)]
-        builder = InProcessBuilder()
-        runner = InProcessRunner(builder)
         if not state["seeded"]:
             _seed_default_schedules(tasks, database, target, builder, runner)
             state["seeded"] = True
@@ -233,6 +290,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
             )  # fmt: skip
             state["trials"] += todo
             state_path.write_text(json.dumps(state))
-    with target, database:
+    chosen = _faster_than_default(database, tasks, target, state["default_secs"])
+    with target, chosen:
         mod = MetaScheduleApplyDatabase(str(root))(mod)
     return mod
