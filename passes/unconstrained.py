@@ -16,8 +16,9 @@ Start reading at `UnconstrainedPass.call`. The algorithm:
    (`energy_scores`, default): a producer's channel energy E[out^2] after its BatchNorm (+ReLU) from
    (beta, gamma); a consumer's ||W[:, c]||^2 times its input energy (its own pre-activation BatchNorm,
    else the stream producers' energies); ``l1``/``l2`` use BatchNorm-folded weight norms instead. The
-   *stream* (every other piece) keeps the union U, rounded up to a multiple of ``stream_multiple``
-   with channels no unit keeps (exact: every reader has zero columns there). ``share`` blends each
+   *stream* (every other piece) keeps the union U, rounded up to a multiple of ``stream_multiple`` (16,
+   the NCHWc block; only where that adds at most 1/8) with channels no unit keeps (exact: every reader
+   has zero columns there). ``share`` blends each
    unit's (mean-normalised) own scores with the group's shared ranking, the constrained criterion of
    the same name: share=1 is exactly constrained pruning (`PrunePass`, no copies), values in between
    make the kept sets overlap more, so the union and the copies stay narrower. ``union_cap`` bounds
