@@ -91,6 +91,7 @@ def import_onnx(model: onnx.ModelProto, inputs: list[B.TensorSpec]) -> "tvm.IRMo
     from tvm.relax.frontend.onnx import from_onnx
 
     _check_ops(model)
+    model = _fold_shape_computations(model, inputs)
     shape_dict = {s.name: list(s.shape) for s in inputs}
     dtype_dict = {s.name: s.dtype for s in inputs}
     try:
@@ -102,6 +103,32 @@ def import_onnx(model: onnx.ModelProto, inputs: list[B.TensorSpec]) -> "tvm.IRMo
             f"TVM's ONNX importer failed: {type(e).__name__}: {_one_line(e)}"
         ) from None
     return relax.transform.DecomposeOpsForInference()(mod)
+
+
+def _fold_shape_computations(model: onnx.ModelProto, inputs: list[B.TensorSpec]) -> onnx.ModelProto:
+    """With the input shapes fixed, fold the sizes exporters compute at run time (torch's ``chunk`` becomes
+    Shape/Gather/Div/Slice) into constants, with onnxprune's own canonicalisation.
+
+    TVM's importer turns such a Slice into a ``dynamic_strided_slice`` of unknown shape, which its
+    FoldConstant/legalization then reject (ShuffleNetV2). Models without ``Shape`` ops are left as they are.
+    """
+    if not any(n.op_type == "Shape" for n in model.graph.node):
+        return model
+    from onnxprune.importer import canonicalize
+
+    fixed = {s.name: s.shape for s in inputs}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for vi in out.graph.input:
+        if vi.name in fixed:
+            for d, size in zip(vi.type.tensor_type.shape.dim, fixed[vi.name]):
+                d.Clear()
+                d.dim_value = int(size)
+    try:
+        out, _ = canonicalize(out, inplace=True)
+    except Exception:  # noqa: BLE001 - folding is an optimisation; TVM's importer gets the original
+        return model
+    return out
 
 
 def _one_line(e: BaseException) -> str:
