@@ -28,15 +28,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.fashion_mnist import load_fashion_mnist  # noqa: E402
-from onnxprune.calibration import CalibrationData, collect_stats  # noqa: E402
-from onnxprune.graph import ModelGraph  # noqa: E402
-from onnxprune.importer import import_model  # noqa: E402
-from onnxprune.metrics import count_params  # noqa: E402
-from onnxprune.passes.pruning import PruneConfig, PrunePass  # noqa: E402
-from onnxprune.verify import session  # noqa: E402
+from onnxprune.passes.pruning import PruneConfig, PrunePass
 
-from bench.onnxsim_baseline import match_fraction, pruner, simplified  # noqa: E402
+from bench.onnxsim_baseline import match_fraction, pruner, simplified
+from models.fashion_mnist import load_fashion_mnist
+from onnxprune.calibration import CalibrationData, collect_stats
+from onnxprune.graph import ModelGraph
+from onnxprune.importer import import_model
+from onnxprune.metrics import count_params
+from onnxprune.verify import session
 
 ALL_CRITERIA = ("l1", "l2", "bn", "random", "fpgm", "lamp", "activation", "apoz", "obs")
 DATA_FREE_CRITERIA = ("l1", "l2", "bn", "random", "fpgm", "lamp", "obs")
@@ -52,8 +52,9 @@ def removal_error_report(model, stats, criteria, parts=(6, 3, 2)) -> list[str]:
     """Per criterion: classifier output error when the first 1/6, 1/3, 1/2 of its ranking in the group that
     feeds the classifier is removed without repair (E||W_S x_S||^2 from the calibration Hessian; in
     brackets the part from the removed channels' mean, which no repair leaves uncorrected)."""
-    from onnxprune.channels import analyze
     from onnxprune.passes.scoring import get_criterion
+
+    from onnxprune.channels import analyze
 
     graph = ModelGraph(model)
     analysis = analyze(graph)
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
                       and (c, r, f) in results and results[c, r, f][0] <= ref]
             print(f"  {int(f * 100)}%: every combination beats l1/none ({ref:.2f}%): "
                   f"{'PASS' if not losers else 'FAIL: ' + ', '.join(losers)}")
-        print("  fractions (of %d) at which each no-repair criterion beats l1/none:" % len(fractions))
+        print(f"  fractions (of {len(fractions)}) at which each no-repair criterion beats l1/none:")
         for c in criteria:
             if c != "l1" and "none" in repairs:
                 wins = sum(results[c, "none", f][0] > results["l1", "none", f][0] for f in fractions)
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
 
     fig, axes = plt.subplots(1, len(repairs), figsize=(5 * len(repairs), 4.4), dpi=110, sharey=True)
     axes = np.atleast_1d(axes)
-    styles = {"onnxsim-l2": dict(color="k", ls=":", marker="x"), "onnxsim-wanda": dict(color="0.4", ls="-.", marker="+")}
+    styles = {"onnxsim-l2": {"color": "k", "ls": ":", "marker": "x"}, "onnxsim-wanda": {"color": "0.4", "ls": "-.", "marker": "+"}}
     for ax, rep in zip(axes, repairs):
         for crit in criteria:
             ax.plot([results[crit, rep, f][1] * 100 for f in fractions], [results[crit, rep, f][0] for f in fractions],

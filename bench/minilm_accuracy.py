@@ -38,14 +38,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.onnxsim_baseline import match_fraction, pruner, simplified  # noqa: E402
-from onnxprune.calibration import CalibrationData, collect_stats  # noqa: E402
-from onnxprune.channels import analyze  # noqa: E402
-from onnxprune.graph import ModelGraph  # noqa: E402
-from onnxprune.importer import import_model  # noqa: E402
-from onnxprune.metrics import count_params  # noqa: E402
-from onnxprune.passes.pruning import PruneConfig, PrunePass  # noqa: E402
-from onnxprune.verify import session  # noqa: E402
+from onnxprune.passes.pruning import PruneConfig, PrunePass
+
+from bench.onnxsim_baseline import match_fraction, pruner, simplified
+from onnxprune.calibration import CalibrationData, collect_stats
+from onnxprune.channels import analyze
+from onnxprune.graph import ModelGraph
+from onnxprune.importer import import_model
+from onnxprune.metrics import count_params
+from onnxprune.verify import session
 
 MODEL = ROOT / "models" / "cache" / "minilm_l6.onnx"
 MAX_LEN = 64
@@ -94,7 +95,7 @@ def sentences(n: int, seed: int = 0) -> list[str]:
     def pick(xs):
         return xs[int(rng.integers(len(xs)))]
 
-    subj = lambda: pick(PEOPLE + ANIMALS if rng.random() < 0.2 else PEOPLE)  # noqa: E731
+    subj = lambda: pick(PEOPLE + ANIMALS if rng.random() < 0.2 else PEOPLE)
     patterns = [
         lambda: f"{_cap(subj())} {pick(VERBS_T)[0]} {pick(THINGS)} {pick(PLACES)} {pick(TIMES)}.",
         lambda: f"{_cap(subj())} {pick(VERBS_I)[0]} {pick(ADVERBS)} {pick(PLACES)}.",
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
 
     results: dict[tuple[str, str, float], tuple[float, float]] = {}
     for f in fractions:
-        keep = total - int(round(f * prunable))
+        keep = total - round(f * prunable)
         for crit in criteria:
             for rep in repairs:
                 cfg = PruneConfig(criterion=crit, repair=rep, allocation=args.allocation, target_params=str(keep))

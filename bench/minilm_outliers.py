@@ -21,12 +21,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.minilm_accuracy import CALIB_LEN, MODEL, fold_weight_transposes, packed, sentences, tokenizer  # noqa: E402
-from onnxprune.calibration import CalibrationData, collect_stats  # noqa: E402
-from onnxprune.channels import analyze  # noqa: E402
-from onnxprune.graph import ModelGraph  # noqa: E402
-from onnxprune.importer import import_model  # noqa: E402
-from onnxprune.passes.scoring import Magnitude, get_criterion  # noqa: E402
+from onnxprune.passes.scoring import Magnitude, get_criterion
+
+from bench.minilm_accuracy import CALIB_LEN, MODEL, fold_weight_transposes, packed, sentences, tokenizer
+from onnxprune.calibration import CalibrationData, collect_stats
+from onnxprune.channels import analyze
+from onnxprune.graph import ModelGraph
+from onnxprune.importer import import_model
 
 
 def main(argv=None) -> int:

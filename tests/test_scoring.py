@@ -17,12 +17,12 @@ import onnx
 import pytest
 from conftest import canonical
 from onnx import TensorProto, helper, numpy_helper
+from onnxprune.passes.pruning import PruneConfig, PrunePass
+from onnxprune.passes.scoring import get_criterion
 
 from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.channels import analyze
 from onnxprune.graph import ModelGraph
-from onnxprune.passes.pruning import PruneConfig, PrunePass
-from onnxprune.passes.scoring import get_criterion
 from onnxprune.verify import max_rel_error, run
 
 W1 = np.array(
@@ -59,7 +59,7 @@ def setup():
 
 
 def scores(setup, name, repair="none"):
-    model, stats, analysis, _ = setup
+    _, stats, analysis, _ = setup
     return get_criterion(name, 0, stats, repair).score(analysis.groups[0], analysis)
 
 
