@@ -6,7 +6,8 @@
     python -m bench.targets --targets x86,arm,wasm,cuda   # compile time per target (default), '' to skip
 
 Everything is measured in one run on this machine, batch 1: onnxruntime in-process (default session options,
-all graph optimisations on), the TVM bundle through its own C++ runner; ``--repeat`` calls each, in 5
+all graph optimisations on, as many intra-op threads as the TVM runner has workers), the TVM bundle through
+its own C++ runner; ``--repeat`` calls each, in 5
 interleaved rounds (median of the round medians). The pruned model is made here from the dense one with
 ``PrunePass(PruneConfig(ratio=0.3))``. Printed ratios:
 
@@ -46,6 +47,26 @@ class Measure:
     @property
     def ratio(self) -> float:
         return self.tvm_ms / self.ort_ms
+
+
+def threads() -> int:
+    """CPUs this process may use: the TVM runner's worker count (unless TVM_NUM_THREADS says otherwise)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return int(os.environ.get("TVM_NUM_THREADS", n))
+
+
+def ort_options() -> ort.SessionOptions:
+    """onnxruntime with as many intra-op threads as the TVM runner has workers (like with like)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads()
+    return so
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 def ort_median_ms(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], repeat: int) -> float:
@@ -94,7 +115,7 @@ def measure(model: Path, trials: int, repeat: int, work: Path, tag: str) -> Meas
     inputs = {i["name"]: rng.randn(*i["shape"]).astype(i["dtype"]) for i in manifest["inputs"]}
     # Interleaved rounds (TVM runner, then onnxruntime, ROUNDS times; median of the round medians): this
     # machine's speed drifts over seconds (shared host), which a single back-to-back pair turns into noise.
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(model), ort_options(), providers=["CPUExecutionProvider"])
     per = max(10, repeat // ROUNDS)
     tvm_ms, ort_ms = [], []
     for _ in range(ROUNDS):
@@ -135,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["ONNXPRUNE_TUNE_CACHE"] = args.tune_cache or str(work / "tune")
         head = f"{'tvm ms':>8} {'ort ms':>8} {'tvm/ort':>7} {'compile':>8}"
         print(
-            f"TVM x86 vs onnxruntime, batch 1, median of {args.repeat}; pruned = PrunePass(ratio={args.ratio})"
+            f"TVM x86 vs onnxruntime, batch 1, median of {args.repeat};"
+            f" pruned = PrunePass(ratio={args.ratio});"
+            f" {threads()} threads each (TVM_NUM_THREADS / ort intra_op_num_threads);"
+            f" load average {load_average()}"
         )
         print(f"{'model':<20} {'build':<9} | dense {head} | pruned {head} | pruned/dense tvm   ort")
         for name, path, with_pruned in models:
@@ -146,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                 rel = f"{pm.tvm_ms / dense.tvm_ms:16.2f} {pm.ort_ms / dense.ort_ms:5.2f}" if pm else ""
                 build = f"tuned {trials}" if trials else "untuned"
                 print(
-                    f"{name:<20} {build:<9} |       {_cols(dense)} |        {_cols(pm)} | {rel}", flush=True
+                    f"{name:<20} {build:<9} |       {_cols(dense)} |        {_cols(pm)} | {rel}"
+                    f"   (load {load_average()})",
+                    flush=True,
                 )
         targets = [t for t in args.targets.split(",") if t]
         if targets and models:

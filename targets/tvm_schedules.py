@@ -148,7 +148,8 @@ def _register_tile(v_ext: int, t_ext: int, lanes: int, registers: int = 32) -> t
     if v_ext < lanes or v_ext % lanes:
         vecs = [_largest_divisor(v_ext, lanes)]
     else:
-        vecs = [lanes * k for k in range(1, MAX_TILE_VECTORS + 1) if (v_ext // lanes) % k == 0]
+        # powers of two only: LLVM scalarises parts of a <48 x float> tile (3 AVX-512 vectors), 20x slower
+        vecs = [lanes * k for k in (1, 2, 4) if k <= MAX_TILE_VECTORS and (v_ext // lanes) % k == 0]
     best: tuple[float, int, int, int] = (0.0, 0, 0, 0)
     for vec in vecs:
         n_vec = -(-vec // lanes)
