@@ -22,13 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.ocr_accuracy import charset, exact, make_lines, recognise, render  # noqa: E402
-from bench.onnxsim_baseline import match_fraction, pruner, simplified  # noqa: E402
-from onnxprune.calibration import CalibrationData, collect_stats  # noqa: E402
-from onnxprune.graph import ModelGraph  # noqa: E402
-from onnxprune.importer import import_model  # noqa: E402
-from onnxprune.metrics import count_params  # noqa: E402
-from onnxprune.passes.pruning import PruneConfig, PrunePass  # noqa: E402
+from onnxprune.passes.pruning import PruneConfig, PrunePass
+
+from bench.ocr_accuracy import charset, exact, make_lines, recognise, render
+from bench.onnxsim_baseline import match_fraction, pruner, simplified
+from onnxprune.calibration import CalibrationData, collect_stats
+from onnxprune.graph import ModelGraph
+from onnxprune.importer import import_model
+from onnxprune.metrics import count_params
 
 
 def main(argv=None) -> int:
@@ -88,14 +89,15 @@ def main(argv=None) -> int:
                 print(f"  f={f:.3f} {b:>15}: exact {results[b, f][0]:5.1f}%  removed {got.removed:.3f}", flush=True)
 
     t0 = time.perf_counter()
-    stats = collect_stats(model, CalibrationData({"x": calib_x}))
+    calib = CalibrationData({"x": calib_x})  # repair 'seq' reruns the calibration samples through the pruned model
+    stats = collect_stats(model, calib)
     print(f"our calibration statistics: {time.perf_counter() - t0:.1f}s")
     for f in sorted(fractions + extra):
         for crit, rep in rows:
             cfg = PruneConfig(criterion=crit, repair=rep, allocation=args.allocation, target_params=f"{(1 - f) * 100:.6f}%")
             uses = crit in ("activation", "apoz", "obs") or rep == "ls"
             t = time.perf_counter()
-            res = PrunePass(cfg, stats=stats if uses else None).run(model)
+            res = PrunePass(cfg, stats=stats if uses else None, calib=calib).run(model)
             sec = time.perf_counter() - t
             s = res.info["summary"]
             removed = 1 - s["params_after"] / s["params_before"]
