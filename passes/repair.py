@@ -400,6 +400,7 @@ def _truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
 
 def _cross_stats(original, current, wave, data, max_rows, seed, rows_fn, budget_fn):
     """Per consumer of `wave`: (E[x~ x~^T], E[x x~^T]) over the same sampled rows, [x 1] features."""
+    from onnxprune.calibration import single_threaded_blas
     from onnxprune.verify import session
 
     names = sorted({c.x for c in wave})
@@ -415,19 +416,20 @@ def _cross_stats(original, current, wave, data, max_rows, seed, rows_fn, budget_
     }
     per_sample = {k: max(1, -(-budget_fn(f, max_rows) // max(1, data.n))) for k, f in feats.items()}
     acc = {c.name: [np.zeros((feats[c.name] + 1,) * 2), np.zeros((feats[c.name] + 1,) * 2), 0] for c in wave}
-    for i in range(data.n):
-        sample = data.sample(i)
-        xo = dict(zip(names, s_orig.run(names, {k: v for k, v in sample.items() if k in feeds_o})))
-        xc = dict(zip(names, s_cur.run(names, {k: v for k, v in sample.items() if k in feeds_c})))
-        for j, c in enumerate(wave):
-            ro = rows_fn(np.asarray(xo[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
-                         np.random.default_rng([seed, i, j]))
-            rc = rows_fn(np.asarray(xc[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
-                         np.random.default_rng([seed, i, j]))
-            one = np.ones((len(rc), 1), np.float32)
-            ro, rc = np.concatenate([ro, one], axis=1), np.concatenate([rc, one], axis=1)
-            a = acc[c.name]
-            a[0] += rc.T @ rc
-            a[1] += ro.T @ rc
-            a[2] += len(rc)
+    with single_threaded_blas():  # BLAS calls alternate with onnxruntime runs
+        for i in range(data.n):
+            sample = data.sample(i)
+            xo = dict(zip(names, s_orig.run(names, {k: v for k, v in sample.items() if k in feeds_o})))
+            xc = dict(zip(names, s_cur.run(names, {k: v for k, v in sample.items() if k in feeds_c})))
+            for j, c in enumerate(wave):
+                ro = rows_fn(np.asarray(xo[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
+                             np.random.default_rng([seed, i, j]))
+                rc = rows_fn(np.asarray(xc[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
+                             np.random.default_rng([seed, i, j]))
+                one = np.ones((len(rc), 1), np.float32)
+                ro, rc = np.concatenate([ro, one], axis=1), np.concatenate([rc, one], axis=1)
+                a = acc[c.name]
+                a[0] += rc.T @ rc
+                a[1] += ro.T @ rc
+                a[2] += len(rc)
     return {name: (h / max(1, n), cr / max(1, n)) for name, (h, cr, n) in acc.items()}
