@@ -15,6 +15,7 @@ Importance criteria (`passes/scoring.py`) and the calibrated repair (`passes/rep
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -393,12 +394,20 @@ def collect_stats(
             st.rows += len(rows)
             buf.clear()
 
-    with single_threaded_blas():
+    def _flush_all(jobs: list[tuple[ConsumerStats, list[np.ndarray]]]) -> None:
+        for st, buf in jobs:
+            _flush(st, buf)
+
+    # Hessian updates run in one worker thread (one BLAS thread) while the next sample's forward pass runs
+    # on onnxruntime's threads; at most one batch of updates is in flight, so memory stays bounded.
+    inflight = None
+    with single_threaded_blas(), ThreadPoolExecutor(max_workers=1) as pool:
         for i in range(0, data.n, step):
             k = min(step, data.n - i)
             feed = {n: v[i : i + k] for n, v in data.arrays.items() if n in feeds}
             values = dict(zip(names, sess.run(None, feed)))
             moments: dict[tuple[str, int], tuple[np.ndarray, ...]] = {}  # a tensor read by several consumers
+            jobs: list[tuple[ConsumerStats, list[np.ndarray]]] = []
             for c in which:
                 x = np.asarray(values[c.x], dtype=np.float32)
                 st = result.stats.get(c.name)
@@ -422,7 +431,14 @@ def collect_stats(
                     buf = pending.setdefault(c.name, [])
                     buf.append(np.concatenate([rows, np.ones((len(rows), 1), np.float32)], axis=1))
                     if sum(len(b) for b in buf) >= max(2048, feats_of[c.name]):
-                        _flush(st, buf)
+                        jobs.append((st, list(buf)))
+                        buf.clear()
+            if jobs:
+                if inflight is not None:
+                    inflight.result()
+                inflight = pool.submit(_flush_all, jobs)
+        if inflight is not None:
+            inflight.result()
     if hessian:
         for name, st in result.stats.items():
             _flush(st, pending.get(name, []))
