@@ -382,11 +382,7 @@ def _truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
             if any(o in need for o in n.output):
                 keep_nodes.append(n)
                 need.update(i for i in n.input if i)
-        keep_nodes.reverse()
-        used = {i for n in keep_nodes for i in n.input}
-        inits = [t for t in out.graph.initializer if t.name in used]
-        del out.graph.initializer[:]
-        out.graph.initializer.extend(inits)
+        keep_nodes.reverse()  # initializers stay (some models also list them as graph inputs)
     kept = [onnx.NodeProto() for _ in keep_nodes]
     for dst, src in zip(kept, keep_nodes):
         dst.CopyFrom(src)
