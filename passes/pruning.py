@@ -35,7 +35,7 @@ class PruneConfig:
     allow_inexact: bool = False  # also prune hidden sizes under LayerNorm / softmax axes
     max_group_ratio: float = 0.9
     seed: int = 0
-    repair: str = "none"  # none | bias (data-free, BatchNorm statistics) | ls (calibrated least squares)
+    repair: str = "none"  # none | bias (data-free, BatchNorm statistics) | ls | seq (calibrated least squares)
     allocation: str | None = None  # uniform | global | lamp | sensitivity; None: global if global_ranking else uniform
     target_params: str | None = None  # keep N parameters, or P% of them (overrides ratio)
     target_macs: str | None = None  # keep N MACs, or P% of them (overrides ratio)
