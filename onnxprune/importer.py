@@ -2,10 +2,11 @@
 
 Exporters differ in ways that do not matter to pruning but would otherwise leak into every rule:
 weights held in ``Constant`` nodes (Paddle) or behind ``Identity`` (TensorFlow, some torch paths),
-initializers also listed as graph inputs (IR < 4), unnamed nodes, and small shape computations made of
+weights stored in another layout behind a ``Transpose``/``Reshape`` (transformer exports keep Linear
+weights as [out, in] and transpose them in the graph), initializers also listed as graph inputs (IR < 4), unnamed nodes, and small shape computations made of
 constants (torch's legacy exporter builds Reshape targets with Unsqueeze/Concat of constants). The
-importer turns all of these into one canonical form: weights are initializers, every node has a unique
-name, constant shape arithmetic is folded, and shapes are inferred.
+importer turns all of these into one canonical form: weights are initializers in the layout their
+consumer reads, every node has a unique name, constant shape arithmetic is folded, and shapes are inferred.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def normalize(model: onnx.ModelProto, inplace: bool = False) -> tuple[onnx.Model
         changed = True
     changed |= _constants_to_initializers(g)
     changed |= _fold_constant_shape_ops(g, opset or 17)
+    changed |= _fold_weight_layout_ops(g, opset or 17)
     changed |= _remove_dead_code(g)
     changed |= _unshare_small_initializers(g)
     return out, changed
@@ -368,6 +370,135 @@ def _fold_constant_shape_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
         del g.node[:]
         g.node.extend(keep)
     return changed
+
+
+# Layout ops applied to a weight (any size): the export stores a Linear weight as [out, in] and feeds
+# MatMul through Transpose(W), or reshapes a weight in the graph. Folding them makes the consumer read an
+# initializer, which the channel rules, calibration statistics and repairs need. Transpose moves data (a
+# new array; lazy external weights are read once); Reshape/Squeeze/Unsqueeze/Flatten only change dims,
+# so the folded tensor keeps the payload as it is (raw bytes, typed fields or the external reference).
+_LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
+
+
+def _fold_weight_layout_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
+    """Replace layout ops whose data input is an initializer by the re-laid-out initializer.
+
+    A weight that is also read elsewhere and larger than `UNSHARE_LIMIT` is a genuine tie (a tied
+    embedding feeding Gather and, transposed, the output projection): it stays as it is rather than
+    being stored twice.
+    """
+    from onnxprune import external as ext
+
+    inits = {t.name: t for t in g.initializer}
+    uses: dict[str, int] = {}
+    for node in g.node:
+        for name in list(node.input) + sorted(_subgraph_inputs(node)):
+            uses[name] = uses.get(name, 0) + 1
+    outputs = {o.name for o in g.output}
+    for name in outputs:
+        uses[name] = uses.get(name, 0) + 1
+    keep: list[onnx.NodeProto] = []
+    changed = False
+    for node in g.node:
+        src = inits.get(node.input[0]) if node.input else None
+        folded = None
+        if (
+            src is not None
+            and node.op_type in _LAYOUT_OPS
+            and node.domain in ("", "ai.onnx")
+            and node.output[0] not in outputs
+            and (uses.get(src.name, 0) == 1 or _numel(src) <= UNSHARE_LIMIT)
+        ):
+            folded = _fold_layout(node, src, inits, opset, ext)
+        if folded is None:
+            keep.append(node)
+            continue
+        g.initializer.append(folded)
+        inits[folded.name] = folded
+        uses[src.name] -= 1
+        changed = True
+    if changed:
+        del g.node[:]
+        g.node.extend(keep)
+    return changed
+
+
+def _fold_layout(node, src: onnx.TensorProto, inits: dict, opset: int, ext) -> onnx.TensorProto | None:
+    """The tensor `node` computes from initializer `src`, or None when it cannot be folded safely."""
+    at = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    dims = [int(d) for d in src.dims]
+    if node.op_type == "Transpose":
+        dtype = ext._MMAP_TYPES.get(src.data_type)
+        if dtype is None or (src.data_location == onnx.TensorProto.EXTERNAL and not ext.is_lazy(src)):
+            return None  # packed / string / bfloat16 types: left to onnxruntime
+        perm = [int(p) for p in at.get("perm", range(len(dims) - 1, -1, -1))]
+        if sorted(perm) != list(range(len(dims))):
+            return None
+        value = np.ascontiguousarray(np.transpose(ext.tensor_array(src), perm))
+        out = numpy_helper.from_array(value, node.output[0])
+        if out.data_type != src.data_type:
+            return None
+        return out
+    # The rest only change dims: the payload is kept, in whatever form it is stored.
+    args = []
+    for name in node.input[1:]:
+        t = inits.get(name) if name else None
+        if name and (t is None or _numel(t) > _FOLD_LIMIT or t.data_location == onnx.TensorProto.EXTERNAL):
+            return None
+        args.append(numpy_helper.to_array(t).astype(np.int64).reshape(-1).tolist() if t is not None else None)
+    new = _layout_dims(node.op_type, dims, at, args, opset)
+    if new is None or any(d < 0 for d in new) or int(np.prod(new, dtype=np.int64)) != _numel(src):
+        return None
+    out = onnx.TensorProto()
+    out.CopyFrom(src)
+    out.name = node.output[0]
+    del out.dims[:]
+    out.dims.extend(new)
+    return out
+
+
+def _layout_dims(op: str, dims: list[int], at: dict, args: list, opset: int) -> list[int] | None:
+    """Output dims of a dims-only layout op on a tensor of `dims`, None if not foldable."""
+    rank = len(dims)
+    if op == "Reshape":
+        shape = args[0] if args else None
+        if shape is None or shape.count(-1) > 1:
+            return None
+        if not at.get("allowzero", 0):
+            if any(s == 0 and k >= rank for k, s in enumerate(shape)):
+                return None
+            shape = [dims[k] if s == 0 else s for k, s in enumerate(shape)]
+        if -1 in shape:
+            rest = int(np.prod([s for s in shape if s != -1], dtype=np.int64))
+            total = int(np.prod(dims, dtype=np.int64))
+            if rest == 0 or total % rest:
+                return None
+            shape = [total // rest if s == -1 else s for s in shape]
+        return shape
+    if op == "Flatten":
+        axis = int(at.get("axis", 1))
+        axis += rank if axis < 0 else 0
+        if not 0 <= axis <= rank:
+            return None
+        return [int(np.prod(dims[:axis], dtype=np.int64)), int(np.prod(dims[axis:], dtype=np.int64))]
+    axes = at.get("axes") if opset < 13 else (args[0] if args else None)
+    if op == "Unsqueeze":
+        if axes is None:
+            return None
+        out_rank = rank + len(axes)
+        axes = sorted(a + out_rank if a < 0 else a for a in axes)
+        if len(set(axes)) != len(axes) or any(not 0 <= a < out_rank for a in axes):
+            return None
+        it = iter(dims)
+        return [1 if k in axes else next(it) for k in range(out_rank)]
+    if op == "Squeeze":
+        if axes is None:
+            return [d for d in dims if d != 1]
+        axes = {a + rank if a < 0 else a for a in axes}
+        if any(not 0 <= a < rank or dims[a] != 1 for a in axes):
+            return None
+        return [d for k, d in enumerate(dims) if k not in axes]
+    return None
 
 
 def _numel(t: onnx.TensorProto) -> int:
