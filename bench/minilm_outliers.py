@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from onnxprune.passes.scoring import Magnitude, get_criterion
 
-from bench.minilm_accuracy import CALIB_LEN, MODEL, fold_weight_transposes, packed, sentences, tokenizer
+from bench.minilm_accuracy import CALIB_LEN, MODEL, packed, sentences, tokenizer
 from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.channels import analyze
 from onnxprune.graph import ModelGraph
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     criteria = args.criteria.split(",")
     texts = sentences(args.calib_samples + 300)[: args.calib_samples]  # the benchmark's calibration sentences
-    model, _ = fold_weight_transposes(import_model(str(MODEL)))
+    model = import_model(str(MODEL))
     stats = collect_stats(model, CalibrationData(packed(tokenizer(), texts, CALIB_LEN)))
     graph = ModelGraph(model)
     analysis = analyze(graph)
