@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from onnxprune.passes.pruning import PruneConfig, PrunePass
 
-from bench.onnxsim_baseline import match_fraction, pruner, simplified
+from bench.onnxsim_baseline import match_fraction, plot_curves, pruner, simplified
 from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.channels import analyze
 from onnxprune.graph import ModelGraph
@@ -178,38 +178,6 @@ def embed(model, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return np.stack(out)
 
 
-def fold_weight_transposes(model):
-    """Equivalent model with every ``Transpose(initializer)`` replaced by the transposed initializer.
-
-    This export stores each Linear weight as [out, in] behind a Transpose node; the calibration consumers
-    (activation, obs, ls repair) are MatMuls whose weight is an initializer, so fold them first.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    uses: dict[str, int] = {}
-    for node in g.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    keep, folded = [], 0
-    for node in g.node:
-        src = node.input[0] if node.input else None
-        if node.op_type == "Transpose" and src in inits and uses.get(src) == 1:
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            w = numpy_helper.to_array(inits[src])
-            g.initializer.remove(inits[src])
-            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(np.transpose(w, perm)), node.output[0]))
-            folded += 1
-            continue
-        keep.append(node)
-    del g.node[:]
-    g.node.extend(keep)
-    onnx.checker.check_model(model)
-    return model, folded
-
-
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     num = (a * b).sum(1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12
@@ -240,7 +208,7 @@ def main(argv=None) -> int:
     tok = tokenizer()
     calib_feeds = packed(tok, calib_texts, CALIB_LEN)  # fixed length: each sample is fed arr[i:i+1]
     test_feeds = encode(tok, test_texts)
-    model, folded = fold_weight_transposes(import_model(str(MODEL)))
+    model = import_model(str(MODEL))  # the importer folds the Transpose in front of every Linear weight
     graph = ModelGraph(model)
     total = count_params(graph)
     prunable = analyze(graph).prunable_params
@@ -251,7 +219,7 @@ def main(argv=None) -> int:
     lengths = test_feeds["attention_mask"].sum(1)
     print(f"all-MiniLM-L6-v2: {total} params, {prunable} prunable (heads + FFN); {len(test_texts)} test sentences "
           f"({lengths.min()}-{lengths.max()} tokens), {len(calib_texts)} disjoint calibration sentences "
-          f"packed into {len(calib_feeds['input_ids'])} samples of {CALIB_LEN} tokens (statistics in {t_stats:.1f}s); allocation {args.allocation}; {folded} weight Transposes folded")
+          f"packed into {len(calib_feeds['input_ids'])} samples of {CALIB_LEN} tokens (statistics in {t_stats:.1f}s); allocation {args.allocation}")
     print(f"  e.g. test: {test_texts[0]!r} / {test_texts[5]!r}")
 
     results: dict[tuple[str, str, float], tuple[float, float]] = {}
@@ -304,30 +272,10 @@ def main(argv=None) -> int:
     best = {f: max((results[c, r, f][0], f"{c}/{r}") for c in criteria for r in repairs) for f in fractions}
     print("best combination per fraction: " + ", ".join(f"{int(f * 100)}% {v[1]} {v[0]:.4f}" for f, v in best.items()))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(repairs), figsize=(5 * len(repairs), 4.2), dpi=110, sharey=True)
-    axes = np.atleast_1d(axes)
-    for ax, rep in zip(axes, repairs):
-        for crit in criteria:
-            ax.plot([results[crit, rep, f][1] * 100 for f in fractions], [results[crit, rep, f][0] for f in fractions],
-                    marker="o", ms=3, label=crit)
-        for b in baselines:
-            pts = [(results[b, "-", f][1] * 100, results[b, "-", f][0]) for f in fractions if (b, "-", f) in results]
-            if pts:
-                ax.plot(*zip(*pts), color="k", ls=":", marker="x", label=b)
-        ax.set_title(f"repair: {rep}")
-        ax.set_xlabel("prunable parameters removed (%)")
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("mean cosine similarity to original")
-    axes[-1].legend(fontsize=7)
-    fig.suptitle("all-MiniLM-L6-v2, no fine-tuning" + (" (onnxsim: cannot prune)" if baseline_note else ""))
-    fig.tight_layout()
-    fig.savefig(args.plot)
-    print(f"plot: {args.plot}")
+    plot_curves(args.plot, results, fractions, criteria, repairs, baselines, xlabel="prunable parameters removed (%)",
+                ylabel="mean cosine similarity to original", height=4.2,
+                styles={b: {"color": "k", "ls": ":", "marker": "x"} for b in baselines},
+                title="all-MiniLM-L6-v2, no fine-tuning" + (" (onnxsim: cannot prune)" if baseline_note else ""))  # fmt: skip
     return 0
 
 
