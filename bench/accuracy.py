@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from onnxprune.passes.pruning import PruneConfig, PrunePass
 
-from bench.onnxsim_baseline import match_fraction, pruner, simplified
+from bench.onnxsim_baseline import match_fraction, plot_curves, pruner, simplified
 from models.fashion_mnist import load_fashion_mnist
 from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.graph import ModelGraph
@@ -220,32 +220,9 @@ def main(argv=None) -> int:
         for line in removal_error_report(model, stats, criteria):
             print("    " + line)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(repairs), figsize=(5 * len(repairs), 4.4), dpi=110, sharey=True)
-    axes = np.atleast_1d(axes)
-    styles = {"onnxsim-l2": {"color": "k", "ls": ":", "marker": "x"}, "onnxsim-wanda": {"color": "0.4", "ls": "-.", "marker": "+"}}
-    for ax, rep in zip(axes, repairs):
-        for crit in criteria:
-            ax.plot([results[crit, rep, f][1] * 100 for f in fractions], [results[crit, rep, f][0] for f in fractions],
-                    marker="o", ms=3, label=crit)
-        for b in baselines:
-            pts = [(results[b, "-", f][1] * 100, results[b, "-", f][0]) for f in fractions if (b, "-", f) in results]
-            if pts:
-                ax.plot(*zip(*pts), label=b, **styles.get(b, {}))
-        ax.axhline(base, color="k", ls="--", lw=0.8, label="unpruned")
-        ax.set_title(f"repair: {rep}")
-        ax.set_xlabel("parameters removed (%)")
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("top-1 (%) on Fashion-MNIST test")
-    axes[-1].legend(fontsize=7)
-    fig.suptitle("Fashion-MNIST CNN, no fine-tuning (onnxsim: dotted / dash-dot)")
-    fig.tight_layout()
-    fig.savefig(args.plot)
-    print(f"plot: {args.plot}")
+    plot_curves(args.plot, results, fractions, criteria, repairs, baselines, xlabel="parameters removed (%)",
+                ylabel="top-1 (%) on Fashion-MNIST test", reference=base,
+                title="Fashion-MNIST CNN, no fine-tuning (onnxsim: dotted / dash-dot)")  # fmt: skip
     return 0
 
 

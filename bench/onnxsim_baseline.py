@@ -87,3 +87,48 @@ def match_fraction(
         else:
             hi_s = mid
     return min(cache.values(), key=lambda r: (abs(r.removed - fraction), r.sparsity))
+
+
+BASELINE_STYLES = {
+    "onnxsim-l2": {"color": "k", "ls": ":", "marker": "x"},
+    "onnxsim-wanda": {"color": "0.4", "ls": "-.", "marker": "+"},
+}
+
+
+def plot_curves(
+    path: str, results: dict, fractions: Sequence[float], criteria: Sequence[str], repairs: Sequence[str],
+    baselines: Sequence[str], *, xlabel: str, ylabel: str, title: str, styles: dict | None = None,
+    reference: float | None = None, height: float = 4.4,
+) -> None:  # fmt: skip
+    """One panel per repair: each criterion's score against the percentage removed, onnxsim on every panel.
+
+    `results[criterion, repair, fraction]` and `results[baseline, "-", fraction]` are (score, fraction
+    removed); a baseline misses fractions it could not reach. `reference` draws the unpruned score.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = BASELINE_STYLES if styles is None else styles
+    fig, axes = plt.subplots(1, len(repairs), figsize=(5 * len(repairs), height), dpi=110, sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, rep in zip(axes, repairs):
+        for crit in criteria:
+            ax.plot([results[crit, rep, f][1] * 100 for f in fractions], [results[crit, rep, f][0] for f in fractions],
+                    marker="o", ms=3, label=crit)  # fmt: skip
+        for b in baselines:
+            pts = [(results[b, "-", f][1] * 100, results[b, "-", f][0]) for f in fractions if (b, "-", f) in results]
+            if pts:
+                ax.plot(*zip(*pts), label=b, **styles.get(b, {}))
+        if reference is not None:
+            ax.axhline(reference, color="k", ls="--", lw=0.8, label="unpruned")
+        ax.set_title(f"repair: {rep}")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot: {path}")
