@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from onnxprune.passes.pruning import PruneConfig, PrunePass
 
-from bench.onnxsim_baseline import match_fraction, plot_curves, pruner, simplified
+from bench.onnxsim_baseline import match_fraction, plot_curves, pruner, simplified, sweep_args
 from models.fashion_mnist import load_fashion_mnist
 from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.graph import ModelGraph
@@ -79,18 +79,10 @@ def removal_error_report(model, stats, criteria, parts=(6, 3, 2)) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fractions", default="0.1,0.2,0.3,0.4,0.5,0.6")
-    ap.add_argument("--criteria", default=",".join(ALL_CRITERIA))
-    ap.add_argument("--repairs", default="none,bias,ls")
-    ap.add_argument("--calib-samples", type=int, default=256)
-    ap.add_argument("--allocation", default="lamp", choices=("uniform", "global", "lamp"))
-    ap.add_argument("--baselines", default="onnxsim-l2,onnxsim-wanda", help="comma list, or '' for none")
-    ap.add_argument("--plot", default=str(ROOT / "bench" / "accuracy.png"))
-    args = ap.parse_args(argv)
-    fractions = [float(f) for f in args.fractions.split(",")]
-    criteria = args.criteria.split(",")
-    repairs = args.repairs.split(",")
-    baselines = [b for b in args.baselines.split(",") if b]
+    args, fractions, criteria, repairs, baselines = sweep_args(
+        ap, argv, fractions="0.1,0.2,0.3,0.4,0.5,0.6", criteria=",".join(ALL_CRITERIA), repairs="none,bias,ls",
+        allocation="lamp", calib_samples=256, plot=str(ROOT / "bench" / "accuracy.png"),
+    )  # fmt: skip
 
     model = import_model(str(ROOT / "models" / "fashion_mnist_cnn.onnx"))
     train_x, _ = load_fashion_mnist("train")

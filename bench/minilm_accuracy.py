@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from onnxprune.passes.pruning import PruneConfig, PrunePass
 
-from bench.onnxsim_baseline import match_fraction, plot_curves, pruner, simplified
+from bench.onnxsim_baseline import match_fraction, plot_curves, pruner, simplified, sweep_args
 from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.channels import analyze
 from onnxprune.graph import ModelGraph
@@ -186,19 +186,11 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fractions", default="0.1,0.2,0.3,0.4,0.5")
-    ap.add_argument("--criteria", default="l1,l2,random,fpgm,activation,obs")
-    ap.add_argument("--repairs", default="none,ls")
-    ap.add_argument("--allocation", default="uniform", choices=("uniform", "global", "lamp"))
-    ap.add_argument("--calib-samples", type=int, default=1024)
     ap.add_argument("--test-samples", type=int, default=300)
-    ap.add_argument("--baselines", default="onnxsim-l2,onnxsim-wanda", help="comma list, or '' for none")
-    ap.add_argument("--plot", default=str(ROOT / "bench" / "minilm_accuracy.png"))
-    args = ap.parse_args(argv)
-    fractions = [float(f) for f in args.fractions.split(",")]
-    criteria = args.criteria.split(",")
-    repairs = args.repairs.split(",")
-    baselines = [b for b in args.baselines.split(",") if b]
+    args, fractions, criteria, repairs, baselines = sweep_args(
+        ap, argv, fractions="0.1,0.2,0.3,0.4,0.5", criteria="l1,l2,random,fpgm,activation,obs", repairs="none,ls",
+        allocation="uniform", calib_samples=1024, plot=str(ROOT / "bench" / "minilm_accuracy.png"),
+    )  # fmt: skip
     if not MODEL.is_file():
         raise SystemExit(f"{MODEL} missing: python -m models.zoo minilm_l6")
 

@@ -132,3 +132,20 @@ def plot_curves(
     fig.tight_layout()
     fig.savefig(path)
     print(f"plot: {path}")
+
+
+def sweep_args(
+    ap, argv, *, fractions: str, criteria: str, repairs: str, allocation: str, calib_samples: int, plot: str
+) -> tuple:
+    """Add the options of a criterion x repair x fraction sweep against onnxsim (with these defaults) to the
+    parser `ap` and parse `argv`; returns (args, fractions, criteria, repairs, baselines) as lists."""
+    ap.add_argument("--fractions", default=fractions)
+    ap.add_argument("--criteria", default=criteria)
+    ap.add_argument("--repairs", default=repairs)
+    ap.add_argument("--allocation", default=allocation, choices=("uniform", "global", "lamp"))
+    ap.add_argument("--calib-samples", type=int, default=calib_samples)
+    ap.add_argument("--baselines", default=",".join(METHODS), help="comma list, or '' for none")
+    ap.add_argument("--plot", default=plot)
+    args = ap.parse_args(argv)
+    split = [float(f) for f in args.fractions.split(",")], args.criteria.split(","), args.repairs.split(",")
+    return (args, *split, [b for b in args.baselines.split(",") if b])
