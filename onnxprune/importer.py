@@ -3,8 +3,9 @@
 Exporters differ in ways that do not matter to pruning but would otherwise leak into every rule:
 weights held in ``Constant`` nodes (Paddle) or behind ``Identity`` (TensorFlow, some torch paths),
 weights stored in another layout behind a ``Transpose``/``Reshape`` (transformer exports keep Linear
-weights as [out, in] and transpose them in the graph), initializers also listed as graph inputs (IR < 4), unnamed nodes, and small shape computations made of
-constants (torch's legacy exporter builds Reshape targets with Unsqueeze/Concat of constants). The
+weights as [out, in] and transpose them in the graph), initializers also listed as graph inputs
+(IR < 4), unnamed nodes, and small shape computations made of constants (torch's legacy exporter
+builds Reshape targets with Unsqueeze/Concat of constants). The
 importer turns all of these into one canonical form: weights are initializers in the layout their
 consumer reads, every node has a unique name, constant shape arithmetic is folded, and shapes are inferred.
 """
