@@ -27,16 +27,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.calibration import CalibrationData, collect_stats  # noqa: E402
-from onnxprune.graph import ModelGraph  # noqa: E402
-from onnxprune.importer import import_model  # noqa: E402
-from onnxprune.metrics import count_params  # noqa: E402
-from onnxprune.passes.pruning import PruneConfig, PrunePass  # noqa: E402
-from onnxprune.verify import session  # noqa: E402
+from onnxprune.passes.pruning import PruneConfig, PrunePass
 
-WORDS = ("invoice total amount paid order number customer account balance due date street city phone "
-         "email price quantity item delivery address shipping tax discount receipt station platform "
-         "ticket seat gate flight hotel room check bank transfer reference code model serial version").split()
+from onnxprune.calibration import CalibrationData, collect_stats
+from onnxprune.graph import ModelGraph
+from onnxprune.importer import import_model
+from onnxprune.metrics import count_params
+from onnxprune.verify import session
+
+WORDS = ["invoice", "total", "amount", "paid", "order", "number", "customer", "account", "balance", "due", "date", "street", "city", "phone", "email", "price", "quantity", "item", "delivery", "address", "shipping", "tax", "discount", "receipt", "station", "platform", "ticket", "seat", "gate", "flight", "hotel", "room", "check", "bank", "transfer", "reference", "code", "model", "serial", "version"]
 
 
 def make_lines(n: int, seed: int) -> list[str]:
@@ -108,6 +107,17 @@ def exact(pred: list[str], truth: list[str]) -> float:
     return 100.0 * float(np.mean([p == t for p, t in zip(pred, truth)]))
 
 
+def ocr_data(n_test: int, n_calib: int, width: int):
+    """The PP-OCRv4 rec model at input width `width`, its charset, and disjoint rendered test/calibration lines."""
+    from models.zoo import zoo_model
+
+    model = import_model(str(zoo_model("ppocrv4_rec")), {"x": [1, 3, 48, width]})
+    test_lines = make_lines(n_test, seed=1)
+    calib_lines = [s for s in make_lines(n_calib * 2, seed=2) if s not in set(test_lines)][:n_calib]
+    assert not set(calib_lines) & set(test_lines)
+    return model, charset(model), test_lines, calib_lines, render(test_lines, width), render(calib_lines, width)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fractions", default="0.1,0.2,0.3")
@@ -118,16 +128,9 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=320)
     ap.add_argument("--allocation", default="lamp", choices=("uniform", "global", "lamp", "sensitivity"))
     args = ap.parse_args(argv)
-    from models.zoo import zoo_model
-
     fractions = [float(f) for f in args.fractions.split(",")]
     W = args.width
-    model = import_model(str(zoo_model("ppocrv4_rec")), {"x": [1, 3, 48, W]})
-    chars = charset(model)
-    test_lines = make_lines(args.test, seed=1)
-    calib_lines = [s for s in make_lines(args.calib * 2, seed=2) if s not in set(test_lines)][: args.calib]
-    assert not set(calib_lines) & set(test_lines)
-    test_x, calib_x = render(test_lines, W), render(calib_lines, W)
+    model, chars, test_lines, calib_lines, test_x, calib_x = ocr_data(args.test, args.calib, W)
     base_pred = recognise(model, test_x, chars)
     base = exact(base_pred, test_lines)
     params = count_params(ModelGraph(model))

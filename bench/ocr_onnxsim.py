@@ -24,11 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from onnxprune.passes.pruning import PruneConfig, PrunePass
 
-from bench.ocr_accuracy import charset, exact, make_lines, recognise, render
+from bench.ocr_accuracy import exact, ocr_data, recognise
 from bench.onnxsim_baseline import match_fraction, pruner, simplified
 from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.graph import ModelGraph
-from onnxprune.importer import import_model
 from onnxprune.metrics import count_params
 
 
@@ -42,18 +41,11 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=320)
     ap.add_argument("--allocation", default="lamp", choices=("uniform", "global", "lamp"))
     args = ap.parse_args(argv)
-    from models.zoo import zoo_model
-
     W = args.width
     fractions = [float(f) for f in args.fractions.split(",")]
     rows = [tuple(r.split(":")) for r in args.rows.split(",")]
     baselines = [b for b in args.baselines.split(",") if b]
-    model = import_model(str(zoo_model("ppocrv4_rec")), {"x": [1, 3, 48, W]})
-    chars = charset(model)
-    test_lines = make_lines(args.test, seed=1)
-    calib_lines = [s for s in make_lines(args.calib * 2, seed=2) if s not in set(test_lines)][: args.calib]
-    assert not set(calib_lines) & set(test_lines)
-    test_x, calib_x = render(test_lines, W), render(calib_lines, W)
+    model, chars, test_lines, calib_lines, test_x, calib_x = ocr_data(args.test, args.calib, W)
     base = exact(recognise(model, test_x, chars), test_lines)
     params = count_params(ModelGraph(model))
     print(f"PP-OCRv4 rec (x = 1x3x48x{W}): {params} params, exact match {base:.1f}% on {args.test} rendered lines; "
