@@ -8,7 +8,8 @@ How it runs (:func:`tune`):
    tuning record (its schedule trace + measured time). MetaSchedule's candidates then have to beat it: the
    database keeps the fastest record per kernel. The default schedule as really built (conv weights
    repacked at compile time, which a trace cannot express) is timed too, and a kernel's best record is
-   applied only if it is at least ``MIN_GAIN`` faster than that; otherwise the default schedule is used.
+   applied only if it is at least ``MIN_GAIN`` faster than that, also when both are re-measured side by side
+   (:func:`_confirm`); otherwise the default schedule is used.
 3. MetaSchedule searches ``N`` trials in total (evolutionary search, XGBoost cost model when ``xgboost`` is
    installed, else random), with an **in-process builder and runner**: candidates are compiled with
    ``tvm.compile`` and timed with ``time_evaluator`` in this process. The stock ``LocalBuilder``/``LocalRunner``
@@ -206,6 +207,35 @@ def _default_times(tasks, target, builder, runner) -> dict[str, float]:
     return times
 
 
+def _confirm(database, task, target, rounds: int = 3) -> bool:
+    """Re-measure the best record against the default schedule (repacked weights), interleaved: on a loaded
+    machine one tuning measurement can be lucky by more than ``MIN_GAIN``."""
+    mod = task.dispatched[0]
+    func = mod["main"]
+    lanes = tvm_schedules.vector_lanes(target)
+    registers = tvm_schedules.vector_registers(target)
+    builder = InProcessBuilder()
+    runner = InProcessRunner(builder)
+    try:
+        sch = database.query_schedule(mod, target, workload_name="main")
+        default = tvm_schedules._Kernel(func, lanes, registers, frozenset(p.name for p in func.params)).run()
+        cands = [sch.mod["main"], default]
+        built = []
+        for f in cands:
+            (res,) = builder.build([BuilderInput(tvm.IRModule({"main": f}), target)])
+            if res.error_msg:
+                return f is default  # the default does not build: take the record
+            built.append((builder.built.pop(str(res.artifact_path)), ms.arg_info.ArgInfo.from_prim_func(f)))
+        times: list[list[float]] = [[], []]
+        for _ in range(rounds):
+            for i, (rt_mod, info) in enumerate(built):
+                times[i] += runner.measure(rt_mod, info)
+    except Exception as e:  # noqa: BLE001 - cannot compare: keep the default
+        log.debug("%s: tuned record not re-measured: %s", task.task_name, e)
+        return False
+    return float(np.median(times[0])) < float(np.median(times[1])) * (1 - MIN_GAIN)
+
+
 def _faster_than_default(database, tasks, target, defaults: dict[str, float]):
     """A database holding, per task, the best record only where it beats the default schedule's time."""
     chosen = ms.database.MemoryDatabase()
@@ -222,6 +252,9 @@ def _faster_than_default(database, tasks, target, defaults: dict[str, float]):
             log.info(
                 "%s: tuned %.1f us vs default %.1f us -> default", task.task_name, best * 1e6, default * 1e6
             )
+            continue
+        if default is not None and not _confirm(database, task, target):
+            log.info("%s: tuned record not faster when re-measured next to the default", task.task_name)
             continue
         rec = top[0]
         workload = chosen.commit_workload(mod)
