@@ -92,6 +92,7 @@ def import_onnx(model: onnx.ModelProto, inputs: list[B.TensorSpec]) -> "tvm.IRMo
 
     _check_ops(model)
     model = _fold_shape_computations(model, inputs)
+    model = _fold_batchnorm(model)
     shape_dict = {s.name: list(s.shape) for s in inputs}
     dtype_dict = {s.name: s.dtype for s in inputs}
     try:
@@ -103,6 +104,73 @@ def import_onnx(model: onnx.ModelProto, inputs: list[B.TensorSpec]) -> "tvm.IRMo
             f"TVM's ONNX importer failed: {type(e).__name__}: {_one_line(e)}"
         ) from None
     return relax.transform.DecomposeOpsForInference()(mod)
+
+
+def _fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold inference BatchNormalization into the preceding Conv's constant weight and bias.
+
+    TVM decomposes BatchNormalization into subtract/divide/multiply/add on every output element (a divide per
+    element in each conv kernel's epilogue); folded, the conv only adds a bias. Only a Conv whose weight (and
+    bias) are initializers, whose output feeds nothing but the BatchNormalization, is folded.
+    """
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    consumers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    graph_outputs = {o.name for o in model.graph.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    fold: dict[int, onnx.NodeProto] = {}  # id(bn) -> conv
+    for bn in model.graph.node:
+        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or len(bn.output) != 1:
+            continue
+        conv = producer.get(bn.input[0])
+        if (
+            conv is None or conv.op_type != "Conv" or consumers.get(conv.output[0]) != 1
+            or conv.output[0] in graph_outputs
+            or not all(i in inits for i in [*conv.input[1:], *bn.input[1:5]] if i)
+        ):  # fmt: skip
+            continue
+        fold[id(bn)] = conv
+    if not fold:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    producer = {o: n for n in out.graph.node for o in n.output}
+    keep, new_inits = [], []
+    for bn in out.graph.node:
+        conv = producer.get(bn.input[0]) if bn.op_type == "BatchNormalization" else None
+        if conv is None or not any(c.output[0] == conv.output[0] for c in fold.values()):
+            keep.append(bn)
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        g, b, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
+        w = numpy_helper.to_array(inits[conv.input[1]])
+        bias = (
+            numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+            if len(conv.input) > 2 and conv.input[2]
+            else np.zeros(w.shape[0])
+        )
+        scale = g / np.sqrt(var + eps)
+        w2 = (w.astype(np.float64) * scale.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype)
+        b2 = ((bias - mean) * scale + b).astype(w.dtype)
+        wname, bname = f"{conv.output[0]}__bnfold_w", f"{conv.output[0]}__bnfold_b"
+        new_inits += [numpy_helper.from_array(w2, wname), numpy_helper.from_array(b2, bname)]
+        inputs = [conv.input[0], wname, bname]
+        del conv.input[:]
+        conv.input.extend(inputs)
+        conv.output[0] = bn.output[0]
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    out.graph.initializer.extend(new_inits)
+    used = {i for n in out.graph.node for i in n.input} | {o.name for o in out.graph.output}
+    dead = [t for t in out.graph.initializer if t.name not in used]
+    for t in dead:
+        out.graph.initializer.remove(t)
+    return out
 
 
 def _fold_shape_computations(model: onnx.ModelProto, inputs: list[B.TensorSpec]) -> onnx.ModelProto:

@@ -297,6 +297,22 @@ def test_x86_fashion_mnist_matches_onnxruntime(tmp_path):
 
 
 @needs_tvm
+@pytest.mark.skipif(not FASHION.is_file(), reason="models/fashion_mnist_cnn.onnx not built")
+def test_batchnorm_folded_into_conv_before_import(tmp_path):
+    from onnxprune.targets.tvm_backend import _fold_batchnorm
+
+    model = onnx.load(FASHION)
+    folded = _fold_batchnorm(model)
+    ops = [n.op_type for n in folded.graph.node]
+    assert "BatchNormalization" not in ops and ops.count("Conv") == 7
+    onnx.checker.check_model(folded)
+    onnx.save(folded, tmp_path / "folded.onnx")
+    x = {"image": np.random.RandomState(0).randn(2, 1, 28, 28).astype(np.float32)}
+    (want,), (got,) = ort_reference(FASHION, x), ort_reference(tmp_path / "folded.onnx", x)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max())
+
+
+@needs_tvm
 def test_tune_runs_metaschedule_and_reuses_its_database(tmp_path, monkeypatch):
     """--tune N: default schedules seeded as candidates, N MetaSchedule trials measured, database reused."""
     skip_unless_tools("g++", package_hint="apt-get install g++")
