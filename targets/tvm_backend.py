@@ -116,6 +116,10 @@ def _fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
+    # torch's exporter shares equal tensors through Identity nodes (ResNet-50's BN statistics).
+    for n in model.graph.node:
+        if n.op_type == "Identity" and n.input[0] in inits:
+            inits[n.output[0]] = inits[n.input[0]]
     consumers: dict[str, int] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -139,6 +143,9 @@ def _fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {t.name: t for t in out.graph.initializer}
+    for n in out.graph.node:
+        if n.op_type == "Identity" and n.input[0] in inits:
+            inits[n.output[0]] = inits[n.input[0]]
     producer = {o: n for n in out.graph.node for o in n.output}
     keep, new_inits = [], []
     for bn in out.graph.node:
