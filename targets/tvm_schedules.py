@@ -34,13 +34,10 @@ from tvm import relax, s_tir, tirx
 
 __all__ = ["ApplyCPUSchedules", "relax_layout_passes", "tune", "vector_lanes", "vector_registers"]
 
-#: Minimum work (multiply-adds) before a reduction kernel (conv, matmul) is run in parallel. TVM's pool splits a
-#: parallel loop statically, one share per worker, and joins at the end of each kernel: on this 2-vCPU VM with
-#: the other vCPU busy, every parallel kernel waits for a descheduled worker. Measured on the bundled
-#: Fashion-MNIST model (kernels of 0.2-5.4 M MACs, 2 threads, load 1.4-1.9): all convs parallel 0.126 ms,
-#: those >= 1.5 M MACs 0.116 ms, >= 4 M 0.105 ms, none 0.102 ms; on a quiet machine parallel halves a
-#: 5.4 M-MAC conv (43 -> 23 us). ResNet-50's convs (>= 12.8 M MACs) stay parallel.
-PARALLEL_MIN_WORK = 1 << 22
+#: Minimum work (multiply-adds) before a reduction kernel (conv, matmul) is run in parallel; below it the fork
+#: costs more. Measured on the bundled Fashion-MNIST model (convs of 0.1-5.4 M MACs, 2 threads, warm runner):
+#: all convs parallel 0.065 ms, those >= 1 M MACs 0.066, >= 4 M 0.083, none 0.099.
+PARALLEL_MIN_WORK = 1 << 15
 #: Minimum elements before an elementwise/pooling kernel is run in parallel.
 SPATIAL_PARALLEL_MIN = 1 << 17
 #: Most weight vectors in one register tile row.
