@@ -42,6 +42,8 @@ PARALLEL_MIN_WORK = 1 << 15
 SPATIAL_PARALLEL_MIN = 1 << 17
 #: Most weight vectors in one register tile row.
 MAX_TILE_VECTORS = 4
+#: Depthwise convolutions with an odd channel count get zero channels too (see :func:`pad_conv_channels`).
+PAD_DEPTHWISE = True
 
 
 def relax_layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
@@ -64,7 +66,9 @@ def pad_conv_channels(lanes: int) -> tvm.transform.Pass:
 
     The kernel then vectorises over whole registers instead of falling back to scalar code (a prime channel
     count has no divisor to vectorise by); the slice is a cheap copy fused with the epilogue that follows.
-    Grouped/depthwise convolutions and non-constant weights are left alone.
+    Depthwise convolutions (any odd channel count) also get zero input channels, added by one ``nn.pad`` that
+    does the spatial padding too (pruned MobileNetV2, depthwise 23 … 672 channels, 2 threads: 4.33 -> 3.06
+    ms, onnxruntime 2.16 ms). Other grouped convolutions and non-constant weights are left alone.
     """
 
     @relax.expr_functor.mutator
@@ -75,19 +79,45 @@ def pad_conv_channels(lanes: int) -> tvm.transform.Pass:
                 return call
             attrs = call.attrs
             weight = call.args[1]
-            if (attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO" or int(attrs.groups) != 1
+            if (attrs.data_layout != "NHWC" or attrs.kernel_layout != "HWIO"
                     or not isinstance(weight, tvm.ir.expr.Constant)):  # fmt: skip
                 return call
             w = weight.value.numpy()
             out_ch = w.shape[3]
-            if out_ch <= lanes or out_ch % lanes == 0:
+            if out_ch % lanes == 0:
                 return call
             padded = -(-out_ch // lanes) * lanes
+            if int(attrs.groups) != 1:
+                return self._pad_depthwise(call, w, padded) if PAD_DEPTHWISE else call
+            if out_ch <= lanes:
+                return call
             wp = np.zeros(w.shape[:3] + (padded,), dtype=w.dtype)
             wp[..., :out_ch] = w
             conv = relax.op.nn.conv2d(
                 call.args[0], relax.const(wp), strides=attrs.strides, padding=attrs.padding,
                 dilation=attrs.dilation, groups=1, data_layout="NHWC", kernel_layout="HWIO",
+                out_layout=attrs.out_layout, out_dtype=attrs.out_dtype,
+            )  # fmt: skip
+            return relax.op.strided_slice(self.builder_.normalize(conv), axes=[3], begin=[0], end=[out_ch])
+
+        def _pad_depthwise(self, call: relax.Call, w: np.ndarray, padded: int) -> relax.Expr:
+            # Depthwise (groups == in == out channels, weight [kh, kw, 1, C]): the input gets zero channels
+            # too, in the same copy that does the spatial padding, so the conv itself has no padding.
+            attrs = call.attrs
+            out_ch = w.shape[3]
+            shape = getattr(call.args[0].ty, "shape", None)
+            if (w.shape[2] != 1 or int(attrs.groups) != out_ch or shape is None or len(shape) != 4
+                    or _const_int(shape[3]) != out_ch):  # fmt: skip
+                return call
+            pad = [int(x) for x in attrs.padding]  # top, left, bottom, right
+            wp = np.zeros(w.shape[:3] + (padded,), dtype=w.dtype)
+            wp[..., :out_ch] = w
+            data = self.builder_.normalize(
+                relax.op.nn.pad(call.args[0], [0, 0, pad[0], pad[2], pad[1], pad[3], 0, padded - out_ch])
+            )
+            conv = relax.op.nn.conv2d(
+                data, relax.const(wp), strides=attrs.strides, padding=[0, 0, 0, 0],
+                dilation=attrs.dilation, groups=padded, data_layout="NHWC", kernel_layout="HWIO",
                 out_layout=attrs.out_layout, out_dtype=attrs.out_dtype,
             )  # fmt: skip
             return relax.op.strided_slice(self.builder_.normalize(conv), axes=[3], begin=[0], end=[out_ch])

@@ -289,6 +289,46 @@ def test_unsupported_op_is_one_line_error(tmp_path):
         compile_bundle(tmp_path / "m.onnx", "x86", tmp_path / "b")
 
 
+def odd_depthwise_cnn(path: Path) -> Path:
+    """Depthwise convs with pruned-looking channel counts (37, 13: no multiple of any vector width), with
+    symmetric and asymmetric padding and stride 1 and 2, between 1x1 convs."""
+    rng = np.random.RandomState(1)
+
+    def init(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.randn(*shape) * 0.3).astype(np.float32), name)
+
+    inits = [
+        init("w1", 37, 3, 1, 1), init("b1", 37), init("d1", 37, 1, 3, 3), init("db1", 37),
+        init("d2", 37, 1, 3, 3), init("w2", 13, 37, 1, 1), init("d3", 13, 1, 5, 5), init("db3", 13),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "d1", "db1"], ["dw1"], pads=[1, 1, 1, 1], group=37),
+        helper.make_node("Relu", ["dw1"], ["r2"]),
+        helper.make_node("Conv", ["r2", "d2"], ["dw2"], pads=[0, 0, 1, 1], group=37, strides=[2, 2]),
+        helper.make_node("Conv", ["dw2", "w2"], ["c2"]),
+        helper.make_node("Conv", ["c2", "d3", "db3"], ["y"], pads=[2, 1, 2, 3], group=13),
+    ]
+    graph = helper.make_graph(
+        nodes, "odd_depthwise",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 17, 17])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 13, 8, 8])],
+        inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+@needs_tvm
+def test_x86_odd_channel_depthwise_matches_onnxruntime(tmp_path):
+    """Odd depthwise channel counts are padded to whole vectors (input zero-padded, result sliced)."""
+    skip_unless_tools("g++", package_hint="apt-get install g++")
+    compile_and_check(odd_depthwise_cnn(tmp_path / "m.onnx"), "x86", tmp_path / "b")
+
+
 @needs_tvm
 @pytest.mark.skipif(not FASHION.is_file(), reason="models/fashion_mnist_cnn.onnx not built")
 def test_x86_fashion_mnist_matches_onnxruntime(tmp_path):
