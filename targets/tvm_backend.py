@@ -115,19 +115,21 @@ def _fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     from onnx import numpy_helper
 
-    inits = {t.name: t for t in model.graph.initializer}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
     # torch's exporter shares equal tensors through Identity nodes (ResNet-50's BN statistics).
-    for n in model.graph.node:
+    for n in out.graph.node:
         if n.op_type == "Identity" and n.input[0] in inits:
             inits[n.output[0]] = inits[n.input[0]]
     consumers: dict[str, int] = {}
-    for n in model.graph.node:
+    for n in out.graph.node:
         for i in n.input:
             consumers[i] = consumers.get(i, 0) + 1
-    graph_outputs = {o.name for o in model.graph.output}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    fold: dict[int, onnx.NodeProto] = {}  # id(bn) -> conv
-    for bn in model.graph.node:
+    graph_outputs = {o.name for o in out.graph.output}
+    producer = {o: n for n in out.graph.node for o in n.output}
+    fold: dict[str, onnx.NodeProto] = {}  # BN output -> the Conv folded into it
+    for bn in out.graph.node:
         if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or len(bn.output) != 1:
             continue
         conv = producer.get(bn.input[0])
@@ -137,20 +139,13 @@ def _fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
             or not all(i in inits for i in [*conv.input[1:], *bn.input[1:5]] if i)
         ):  # fmt: skip
             continue
-        fold[id(bn)] = conv
+        fold[bn.output[0]] = conv
     if not fold:
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = {t.name: t for t in out.graph.initializer}
-    for n in out.graph.node:
-        if n.op_type == "Identity" and n.input[0] in inits:
-            inits[n.output[0]] = inits[n.input[0]]
-    producer = {o: n for n in out.graph.node for o in n.output}
     keep, new_inits = [], []
     for bn in out.graph.node:
-        conv = producer.get(bn.input[0]) if bn.op_type == "BatchNormalization" else None
-        if conv is None or not any(c.output[0] == conv.output[0] for c in fold.values()):
+        conv = fold.get(bn.output[0]) if bn.op_type == "BatchNormalization" else None
+        if conv is None:
             keep.append(bn)
             continue
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
@@ -189,17 +184,12 @@ def _fold_shape_computations(model: onnx.ModelProto, inputs: list[B.TensorSpec])
     """
     if not any(n.op_type == "Shape" for n in model.graph.node):
         return model
-    from onnxprune.importer import canonicalize
+    from onnxprune.importer import canonicalize, fix_input_shapes
 
-    fixed = {s.name: s.shape for s in inputs}
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for vi in out.graph.input:
-        if vi.name in fixed:
-            for d, size in zip(vi.type.tensor_type.shape.dim, fixed[vi.name]):
-                d.Clear()
-                d.dim_value = int(size)
     try:
+        fix_input_shapes(out, {s.name: list(s.shape) for s in inputs})
         out, _ = canonicalize(out, inplace=True)
     except Exception:  # noqa: BLE001 - folding is an optimisation; TVM's importer gets the original
         return model
