@@ -272,7 +272,7 @@ def _relax_pipeline(
                 ]
             )(mod)
             mod = tvm.transform.Sequential(
-                [*cpu_generic.library_dispatch_passes(target), *cpu_generic.legalize_passes(target)]
+                [*cpu_generic.library_dispatch_passes(target), *tvm_schedules.legalize_passes(target)]
             )(mod)
             if tune > 0:
                 mod = tvm_schedules.tune(mod, target, tune, work_dir)

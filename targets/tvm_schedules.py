@@ -32,7 +32,9 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
 
-__all__ = ["ApplyCPUSchedules", "relax_layout_passes", "tune", "vector_lanes", "vector_registers"]
+from . import tvm_winograd
+
+__all__ = ["ApplyCPUSchedules", "legalize_passes", "relax_layout_passes", "tune", "vector_lanes", "vector_registers"]
 
 #: Minimum work (multiply-adds) before a reduction kernel (conv, matmul) is run in parallel; below it the fork
 #: costs more. Measured on the bundled Fashion-MNIST model (convs of 0.1-5.4 M MACs, 2 threads, warm runner):
@@ -55,9 +57,20 @@ def relax_layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         relax.transform.ConvertLayout(desired),
         relax.transform.FoldConstant(),
         pad_conv_channels(vector_lanes(target)),
+        tvm_winograd.winograd_conv2d(vector_lanes(target), vector_registers(target)),
         relax.transform.CanonicalizeBindings(),
         relax.transform.DeadCodeElimination(),
     ]
+
+
+def legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """TVM's CPU legalization (``cpu_generic.legalize_passes``) with the Winograd kernels declared fusable
+    with their epilogue (:func:`~.tvm_winograd.mark_fusable`) between op-pattern annotation and fusion."""
+    from tvm.relax.backend import cpu_generic
+
+    passes = list(cpu_generic.legalize_passes(target))
+    at = next(i for i, p in enumerate(passes) if p.info.name == "AnnotateTIROpPattern") + 1
+    return [*passes[:at], tvm_winograd.mark_fusable, *passes[at:]]
 
 
 def pad_conv_channels(lanes: int) -> tvm.transform.Pass:
@@ -378,6 +391,9 @@ class _Kernel:
 
     def run(self) -> tirx.PrimFunc | None:
         self.inline_elementwise()
+        if tvm_winograd.is_winograd(self.sch):
+            tvm_winograd.schedule(self.sch, self.lanes, self.registers)
+            return self.sch.mod["main"]
         reductions = [b for b in self.blocks() if self.is_reduction(b)]
         for b in reductions:
             saved, packed = self.sch.copy(), dict(self.packed)

@@ -18,7 +18,7 @@ How it runs (:func:`tune`):
 4. The database lives in ``<tune cache>/<hash of target + module>/`` and is reused: a compile asking for no
    more trials than the database already holds for that module tunes nothing and only applies it.
 
-Only this module, :mod:`.tvm_schedules` and :mod:`.tvm_backend` import tvm.
+Only this module, :mod:`.tvm_schedules`, :mod:`.tvm_winograd` and :mod:`.tvm_backend` import tvm.
 """
 
 from __future__ import annotations

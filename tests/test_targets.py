@@ -329,6 +329,65 @@ def test_x86_odd_channel_depthwise_matches_onnxruntime(tmp_path):
     compile_and_check(odd_depthwise_cnn(tmp_path / "m.onnx"), "x86", tmp_path / "b")
 
 
+def winograd_cnn(path: Path) -> Path:
+    """3x3 stride-1 convs the Winograd kernels take: maps that are not whole tiles (15x15 in F(4,3) tiles, 7x7
+    in F(2,3) tiles), asymmetric and zero padding, pruned-looking channel counts (37 in, 21 out: padded to
+    whole vectors then sliced), with bias + ReLU + residual add fused into the output transform."""
+    rng = np.random.RandomState(2)
+
+    def init(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.randn(*shape) * 0.2).astype(np.float32), name)
+
+    inits = [
+        init("w0", 37, 3, 1, 1), init("w1", 32, 37, 3, 3), init("b1", 32), init("w2", 32, 32, 3, 3),
+        init("w3", 21, 32, 3, 3), init("b3", 21), init("w4", 48, 21, 3, 3),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"]),  # 15x15x37
+        helper.make_node("Conv", ["c0", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),  # 15x15x32, F(4,3)
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["a2"]),  # residual add in the epilogue
+        helper.make_node("Relu", ["a2"], ["r2"]),
+        helper.make_node("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),  # 7x7
+        helper.make_node("Conv", ["p2", "w3", "b3"], ["c3"], pads=[0, 1, 2, 1]),  # 7x7x21, F(2,3)
+        helper.make_node("Conv", ["c3", "w4"], ["y"]),  # no padding: 5x5x48
+    ]
+    graph = helper.make_graph(
+        nodes, "winograd",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 15, 15])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48, 5, 5])],
+        inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+@needs_tvm
+def test_x86_winograd_convs_match_onnxruntime(tmp_path):
+    """Every 3x3 conv of the model is taken by the Winograd pass, and the bundle matches onnxruntime."""
+    skip_unless_tools("g++", package_hint="apt-get install g++")
+    import tvm
+
+    from onnxprune.targets import bundle, tvm_backend, tvm_schedules, tvm_winograd
+    from onnxprune.targets.table import get_target
+
+    path = winograd_cnn(tmp_path / "m.onnx")
+    model = onnx.load(path)
+    inputs, _ = bundle.model_signature(model, None)
+    target = tvm_backend.build_target(get_target("x86"))
+    with target:
+        mod = tvm.transform.Sequential(tvm_schedules.relax_layout_passes(target))(
+            tvm_backend.import_onnx(model, inputs)
+        )
+    kernels = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len([k for k in kernels if k.startswith("conv2d_winograd")]) == 4, kernels
+    assert tvm_winograd.tile_size(15, 15) == 4 and tvm_winograd.tile_size(7, 7) == 2
+    compile_and_check(path, "x86", tmp_path / "b")
+
+
 @needs_tvm
 @pytest.mark.skipif(not FASHION.is_file(), reason="models/fashion_mnist_cnn.onnx not built")
 def test_x86_fashion_mnist_matches_onnxruntime(tmp_path):
