@@ -244,9 +244,14 @@ class _Kernel:
         while changed:
             changed = False
             for b in self.blocks():
-                if self.is_reduction(b) or self.is_padding(b):
+                if self.is_reduction(b) or self.is_padding(b) or tvm_winograd.is_stage(self.sch, b):
                     continue
-                for op in (self.sch.compute_inline, self.sch.reverse_compute_inline):
+                ops = (self.sch.compute_inline, self.sch.reverse_compute_inline)
+                if tvm_winograd.is_output_stage(self.sch, b) or any(
+                    tvm_winograd.is_stage(self.sch, p) for p in self.sch.get_producers(b)
+                ):  # Winograd's tile-to-NHWC write goes into its epilogue, never into the output transform
+                    ops = ops[:1]
+                for op in ops:
                     try:
                         op(b)
                     except Exception:  # noqa: BLE001 - "cannot inline" is the common, expected case

@@ -42,7 +42,10 @@ ENABLED = True
 #: Below this many input channels the GEMM is too short to pay for the two transforms.
 MIN_IN_CHANNELS = 16
 #: Block names (the TE stage names) the scheduler looks for.
-PAD, PACK, GEMM, INVERSE = "winograd_pad", "winograd_data_pack", "winograd_bgemm", "winograd_inverse"
+PAD, PACK_ROWS, PACK, GEMM = "winograd_pad", "winograd_pack_rows", "winograd_data_pack", "winograd_bgemm"
+INVERSE_ROWS, INVERSE, OUTPUT = "winograd_inverse_rows", "winograd_inverse", "winograd_output"
+#: Stages kept as they are by the generic element-wise inlining (inlining would undo the separable transforms).
+STAGES = (PAD, PACK_ROWS, PACK, INVERSE_ROWS, INVERSE)
 #: Relax's op pattern kind "output element-wise fusable" (conv2d's): elementwise consumers fuse into it.
 OUT_ELEMWISE_FUSABLE = 4
 
@@ -67,16 +70,23 @@ def transform_weight(w_hwio: np.ndarray, m: int, vec: int) -> np.ndarray:
     return np.ascontiguousarray(u, dtype=np.float32)
 
 
-def _const_matrix(mat: np.ndarray, name: str) -> te.Tensor:
-    """A small constant matrix as a TE stage; unrolled loops fold its Select chain to constants."""
+def _sum_by(index: tirx.PrimExpr, extent: int, term) -> tirx.PrimExpr:
+    """``Select(index == 0, term(0), Select(index == 1, term(1), ...))``: once the loop over ``index`` is
+    unrolled the chain folds to the one explicit sum, so zero coefficients cost nothing."""
+    expr = term(extent - 1)
+    for k in range(extent - 2, -1, -1):
+        expr = tirx.Select(index == k, term(k), expr)
+    return expr
 
-    def value(i, j):
-        e = tirx.const(0.0, "float32")
-        for a, b in zip(*np.nonzero(mat)):
-            e = tirx.Select(tirx.all(i == int(a), j == int(b)), tirx.const(float(mat[a, b]), "float32"), e)
-        return e
 
-    return te.compute(mat.shape, value, name=name)
+def _linear(mat: np.ndarray, col: int, load) -> tirx.PrimExpr:
+    """``sum_r mat[r, col] * load(r)`` over the nonzero coefficients only."""
+    total = None
+    for r in np.flatnonzero(mat[:, col]):
+        c = float(mat[r, col])
+        t = load(int(r)) if c == 1.0 else (-load(int(r)) if c == -1.0 else load(int(r)) * tirx.const(c, "float32"))
+        total = t if total is None else total + t
+    return total if total is not None else tirx.const(0.0, "float32")
 
 
 def _compute(data: te.Tensor, u: te.Tensor, pads: tuple[int, int, int, int], m: int, lanes: int) -> te.Tensor:
@@ -84,6 +94,8 @@ def _compute(data: te.Tensor, u: te.Tensor, pads: tuple[int, int, int, int], m: 
 
     The padding copy also pads the channels to whole vectors (a pruned layer's 37 input channels become 48,
     the extra ones zero) so the input transform vectorises; the GEMM reduces over the real channels only.
+    Both transforms are separable (``B^T d B`` = rows, then columns) and written as explicit sums of the
+    nonzero coefficients.
     """
     n_, h_, w_, ci_ = (int(d) for d in data.shape)
     ci_pad = -(-ci_ // lanes) * lanes
@@ -102,14 +114,18 @@ def _compute(data: te.Tensor, u: te.Tensor, pads: tuple[int, int, int, int], m: 
         ),
         name=PAD,
     )
-    bm, am = _const_matrix(b_mat, "winograd_B"), _const_matrix(a_mat, "winograd_A")
-    ra, rb = te.reduce_axis((0, alpha), "ra"), te.reduce_axis((0, alpha), "rb")
-    packed = te.compute(
+
+    def tile(p, a, b, c):
+        return padded[p // (nh * nw), p // nw % nh * m + a, p % nw * m + b, c]
+
+    rows = te.compute(  # B^T d: [e, b]
         (alpha, alpha, tiles, ci_pad),
-        lambda e, v, p, c: te.sum(
-            padded[p // (nh * nw), p // nw % nh * m + ra, p % nw * m + rb, c] * bm[ra, e] * bm[rb, v],
-            axis=[ra, rb],
-        ),
+        lambda e, b, p, c: _sum_by(e, alpha, lambda k: _linear(b_mat, k, lambda a: tile(p, a, b, c))),
+        name=PACK_ROWS,
+    )
+    packed = te.compute(  # (B^T d) B: [e, v]
+        (alpha, alpha, tiles, ci_pad),
+        lambda e, v, p, c: _sum_by(v, alpha, lambda k: _linear(b_mat, k, lambda b: rows[e, b, p, c])),
         name=PACK,
     )
     rc = te.reduce_axis((0, ci_), "rc")
@@ -118,16 +134,20 @@ def _compute(data: te.Tensor, u: te.Tensor, pads: tuple[int, int, int, int], m: 
         lambda e, v, p, o: te.sum(packed[e, v, p, rc] * u[e, v, o // vec, rc, o % vec], axis=[rc]),
         name=GEMM,
     )
-    ra2, rb2 = te.reduce_axis((0, alpha), "ra2"), te.reduce_axis((0, alpha), "rb2")
-    inverse = te.compute(
+    inv_rows = te.compute(  # A^T M: [i, b]
+        (m, alpha, tiles, co_),
+        lambda i, b, p, o: _sum_by(i, m, lambda k: _linear(a_mat, k, lambda a: gemm[a, b, p, o])),
+        name=INVERSE_ROWS,
+    )
+    inverse = te.compute(  # (A^T M) A: [i, j]
         (m, m, tiles, co_),
-        lambda i, j, p, o: te.sum(gemm[ra2, rb2, p, o] * am[ra2, i] * am[rb2, j], axis=[ra2, rb2]),
+        lambda i, j, p, o: _sum_by(j, m, lambda k: _linear(a_mat, k, lambda b: inv_rows[i, b, p, o])),
         name=INVERSE,
     )
     return te.compute(
         (n_, oh, ow, co_),
         lambda n, h, w, o: inverse[h % m, w % m, n * nh * nw + h // m * nw + w // m, o],
-        name="winograd_output",
+        name=OUTPUT,
     )
 
 
@@ -205,6 +225,16 @@ def mark_fusable(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRMo
     return mod
 
 
+def is_stage(sch: s_tir.Schedule, block) -> bool:
+    """A Winograd stage the generic element-wise inlining must leave alone."""
+    return sch.get(block).name_hint in STAGES
+
+
+def is_output_stage(sch: s_tir.Schedule, block) -> bool:
+    """The tile-to-NHWC write: it may be inlined into its epilogue, never into the output transform."""
+    return sch.get(block).name_hint == OUTPUT
+
+
 def is_winograd(sch: s_tir.Schedule) -> bool:
     try:
         sch.get_sblock(GEMM)
@@ -223,36 +253,31 @@ def schedule(sch: s_tir.Schedule, lanes: int, registers: int) -> None:
         sch.parallel(sch.fuse(*parallel_loops) if len(parallel_loops) > 1 else parallel_loops[0])
         return outer
 
-    for b in list(sch.get_child_blocks(sch.get_sblock("root"))):
-        if sch.get(b).name_hint in ("winograd_A", "winograd_B"):
-            sch.compute_inline(b)
     # zero padding: a vectorised copy, parallel over rows
     n, h, w, c = sch.get_loops(sch.get_sblock(PAD))
-    if _extent(sch, c) % lanes == 0:
-        vectorised_split(c, [n, h])
-    else:
-        sch.parallel(sch.fuse(n, h))
+    vectorised_split(c, [n, h])
 
-    def transform(name: str) -> None:
-        # (tile, channel chunk) in parallel; the (m+2)^2 or m^2 outputs x (m+2)^2 terms unrolled so the
-        # constant matrices fold; one vector accumulator per output element.
+    def transform(rows_name: str, name: str) -> None:
+        # (tile, channel vector) in parallel; per tile the row pass into a small local buffer, then the
+        # column pass, both unrolled so the explicit sums are straight-line vector code.
         b = sch.get_sblock(name)
-        i, j, p, c, ra, rb = sch.get_loops(b)
-        vector = _extent(sch, c) % lanes == 0  # else (a pruned, odd channel count) one channel at a time
-        c_o, c_i = sch.split(c, [None, lanes if vector else 1])
-        sch.reorder(p, c_o, i, j, ra, rb, c_i)
+        i, j, p, c = sch.get_loops(b)
+        c_o, c_i = sch.split(c, [None, lanes])
+        sch.reorder(p, c_o, i, j, c_i)
         sch.parallel(sch.fuse(p, c_o))
-        for lp in (i, j, ra, rb):
+        sch.unroll(i)
+        sch.unroll(j)
+        sch.vectorize(c_i)
+        rows = sch.get_sblock(rows_name)
+        sch.compute_at(rows, sch.get_loops(b)[0], preserve_unit_loops=True)
+        sch.set_scope(rows, 0, "local")
+        loops = sch.get_loops(rows)
+        sch.vectorize(loops[-1])
+        for lp in loops[1:-2]:
             sch.unroll(lp)
-        cache = sch.cache_write(b, 0, "local")
-        sch.reverse_compute_at(cache, j, preserve_unit_loops=True)
-        if vector:
-            sch.vectorize(c_i)
-            sch.vectorize(sch.get_loops(cache)[-1])
-        sch.decompose_reduction(b, ra)
 
-    transform(PACK)
-    transform(INVERSE)
+    transform(PACK_ROWS, PACK)
+    transform(INVERSE_ROWS, INVERSE)
 
     # batched GEMM: vector tile over co (the weight's chunk width), row tile over tiles p
     b = sch.get_sblock(GEMM)

@@ -384,6 +384,14 @@ def test_x86_winograd_convs_match_onnxruntime(tmp_path):
         )
     kernels = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len([k for k in kernels if k.startswith("conv2d_winograd")]) == 4, kernels
+    # ... and each fused Winograd kernel (with its bias / ReLU / residual-add epilogue) gets its schedule: a
+    # schedule failure would silently leave a naive loop nest, ~30x slower but numerically the same
+    with target:
+        mod = tvm_schedules.ApplyCPUSchedules(target)(
+            tvm.transform.Sequential(tvm_schedules.legalize_passes(target))(mod)
+        )
+    fused = {gv.name_hint: f for gv, f in mod.functions_items() if "winograd" in gv.name_hint}
+    assert len(fused) == 4 and all(f.attrs.get("tirx.is_scheduled", 0) for f in fused.values()), list(fused)
     assert tvm_winograd.tile_size(15, 15) == 4 and tvm_winograd.tile_size(7, 7) == 2
     compile_and_check(path, "x86", tmp_path / "b")
 
