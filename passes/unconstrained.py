@@ -26,6 +26,17 @@ Start reading at `UnconstrainedPass.call`. The algorithm:
    (rounded to a multiple of ``stream_multiple``) and each unit keeps its own top k among them. With
    random or weakly correlated scores an unbounded union is nearly the whole group, so every absorbed
    layer and every stream op runs almost dense; the cap is what keeps the export near constrained cost.
+   A unit that is its group's only unit (a producer->consumer chain) ranks by the group's criterion:
+   there unconstrained and constrained pruning coincide. ``drive`` orders the choices
+   (`_reaching_writers` finds, per tensor, which writer units' outputs reach each reader):
+   ``"free"`` every unit its own top channels (a reader may then keep channels no writer reaching it
+   keeps, and a writer channels no reader reads: both waste their share of the budget, and a
+   producer->readers fork loses the channels the writer and its readers disagree on);
+   ``"writer"`` writers choose, each reader chooses among what the writers reaching it keep, then
+   each writer drops what none of its readers reads (only where every reader of the stream is a unit;
+   UPSCALE's writer-driven setting: a single-writer fork is never narrowed twice, a residual stream's
+   readers choose among the writers' union); ``"reader"`` readers choose and each writer keeps what
+   the readers it reaches keep (a writer may then keep more than k).
    ``repair="mean"`` (`mean_repair`, calibration inputs) then restores each Conv/Gemm output's mean on
    calibration data by its bias / the following BatchNorm's running mean, for any share.
 3. **Oracle** (`mask_model`): the original model with each parameter silenced outside its own piece's
@@ -77,6 +88,7 @@ from onnxprune.passmanager import Pass, PassResult
 
 BOUNDARY = "upscale_boundary"
 COPY = "upscale_copy"
+DRIVES = ("free", "writer", "reader")
 COPY_OPS = ("Gather", "GatherElements", "ScatterND", "ScatterElements", "Slice", "Pad", "Concat")
 
 # Ops that map an all-silenced channel to exactly zero (parameters silenced as in `mask_model`).
@@ -218,6 +230,12 @@ class UnconstrainedConfig:
     # UPSCALE's naive export (ScatterND into a zero stream, what `out[:, idx] = y` exports to);
     # "pad_gather" is a cheaper scatter (one zero channel appended by Pad, then one Gather).
     naive: str = "scatter"
+    # Who chooses the channels of a stream (see `build_plan`): "free": every unit its own top ones;
+    # "writer": writers (producer units) choose, each reader chooses among the channels the writers that
+    # reach it keep (UPSCALE's writer-driven setting: a producer->readers fork is never hurt, a residual
+    # stream's readers choose among the union); "reader": readers choose, each writer keeps what the
+    # readers it reaches keep (a writer with no reader reached keeps its own top ones).
+    drive: str = "free"
 
     def __post_init__(self) -> None:
         if not 0 <= self.ratio < 1:
@@ -234,6 +252,8 @@ class UnconstrainedConfig:
             raise UsageError(f"tune must be >= 0 and tune_threads >= 1, got {self.tune}, {self.tune_threads}")
         if self.union_cap is not None and self.union_cap < 1:
             raise UsageError(f"union_cap must be >= 1 (or None), got {self.union_cap}")
+        if self.drive not in DRIVES:
+            raise UsageError(f"drive must be one of {', '.join(DRIVES)}, got {self.drive!r}")
         if self.naive not in ("scatter", "pad_gather"):
             raise UsageError(f"naive export must be scatter or pad_gather, got {self.naive!r}")
 
@@ -671,8 +691,11 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
             continue
         n_keep = max(1, group.size - math.floor(config.ratio * group.size + 1e-9))
         own = {pc.id: _own_scores(pc, pieces, analysis, group.size, config.criterion) for pc in units}
-        need_shared = config.share or config.union_cap is not None
+        single = len(units) == 1  # the unit is the whole group: its own ranking is the group's
+        need_shared = config.share or config.union_cap is not None or single
         shared = _shared_scores(group, analysis, config.criterion, list(own.values())) if need_shared else None
+        if single:
+            own = {pc.id: shared for pc in units}
         allowed = np.ones(group.size, dtype=bool)
         if config.union_cap is not None and len(units) > 1:
             # The stream budget: the group's top channels by the shared ranking (stable, like `make_plan`).
@@ -681,23 +704,60 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
             width = min(group.size, max(n_keep, round(config.union_cap * n_keep / m) * m))
             allowed[:] = False
             allowed[np.argsort(-shared, kind="stable")[:width]] = True
+        def choose(pc: Piece, within: np.ndarray) -> np.ndarray:
+            scores = _normalised(own[pc.id])
+            if config.share:
+                scores = (1 - config.share) * scores + config.share * shared
+            scores = np.where(within, scores, -np.inf)  # outside the stream budget: dropped first
+            # Lowest scores go first; a stable sort of the scores (not of their negation) breaks
+            # ties like constrained pruning does (`plan.make_plan`), so share=1 reproduces it exactly.
+            order = np.argsort(scores, kind="stable")
+            keep = np.ones(group.size, dtype=bool)
+            keep[order[: group.size - n_keep]] = False
+            return keep & within if within.sum() >= n_keep else keep
+
+        fixed = {pc.id for pc in units if (group.id, pc.id) in (keeps or {})}
         for pc in units:
-            override = (keeps or {}).get((group.id, pc.id))
-            if override is not None:
-                keep = np.asarray(override, dtype=bool).copy()
+            if pc.id in fixed:
+                keep = np.asarray(keeps[(group.id, pc.id)], dtype=bool).copy()
                 if not keep.any():
                     keep[0] = True
-            else:
-                scores = _normalised(own[pc.id])
-                if config.share:
-                    scores = (1 - config.share) * scores + config.share * shared
-                scores = np.where(allowed, scores, -np.inf)  # outside the stream budget: dropped first
-                # Lowest scores go first; a stable sort of the scores (not of their negation) breaks
-                # ties like constrained pruning does (`plan.make_plan`), so share=1 reproduces it exactly.
-                order = np.argsort(scores, kind="stable")
-                keep = np.ones(group.size, dtype=bool)
-                keep[order[: group.size - n_keep]] = False
-            pc.keep = keep
+                pc.keep = keep
+        reach = _reaching_writers(analysis, group, pieces, piece_of) if config.drive != "free" else {}
+        writers = [pc for pc in units if pc.has_producer]
+        readers = [pc for pc in units if not pc.has_producer]
+        first, second = (writers, readers) if config.drive == "writer" else (readers, writers)
+        if config.drive == "free":
+            first, second = units, []
+        for pc in first:
+            if pc.id not in fixed:
+                pc.keep = choose(pc, allowed)
+        for pc in second:
+            if pc.id in fixed:
+                continue
+            if config.drive == "writer":  # a reader: among what the writers reaching it keep
+                srcs = reach.get(pc.id)
+                within = allowed if srcs is None else allowed & np.logical_or.reduce([pieces[w].keep for w in srcs])
+                pc.keep = choose(pc, within)
+            else:  # a writer: what the readers it reaches keep
+                dsts = [r.id for r in readers if pc.id in (reach.get(r.id) or ())]
+                if dsts:
+                    pc.keep = allowed & np.logical_or.reduce([pieces[r].keep for r in dsts])
+                    if not pc.keep.any():
+                        pc.keep = choose(pc, allowed)
+                else:
+                    pc.keep = choose(pc, allowed)
+        if config.drive == "writer" and _closed(analysis, group, pieces):
+            # Then each writer drops what none of the readers it reaches reads (it would only add
+            # parameters: every reader has zero columns there).
+            for pc in writers:
+                dsts = [r.id for r in readers if pc.id in (reach.get(r.id) or ())]
+                if pc.id in fixed or not dsts:
+                    continue
+                read = np.logical_or.reduce([pieces[r].keep for r in dsts])
+                if (pc.keep & read).any():
+                    pc.keep = pc.keep & read
+        for pc in units:
             pc.narrow = pc.narrowable
         union = np.logical_or.reduce([pc.keep for pc in units])
         deficit = -int(union.sum()) % max(1, config.stream_multiple)
@@ -709,6 +769,66 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
             union[np.flatnonzero(~union)[:deficit]] = True
         plans.append(GroupPlan(group, pieces, piece_of, union, np.arange(group.size)))
     return UnconstrainedPlan(split, analysis, plans, count)
+
+
+def _reaching_writers(analysis: ChannelAnalysis, group: ChannelGroup, pieces: list[Piece],
+                      piece_of: dict[DimRef, int]) -> dict[int, frozenset[int] | None]:
+    """For each reader unit (a unit without a producer), the writer units whose output reaches the
+    tensors it reads through the stream (None: something else reaches it too, e.g. a graph input or a
+    writer outside the group, so it may read any channel). Tensor-level: a reader of a residual block's
+    input is reached by the writer of that input only, not by the block's own writers."""
+    graph = analysis.graph
+    dim_piece = {ref.tensor: piece_of[ref] for ref in piece_of}
+    writers = {pc.id for pc in pieces if pc.is_unit and pc.has_producer}
+    src: dict[str, frozenset[int] | None] = {}
+    for node in graph.nodes:
+        for out in node.output:
+            if out not in dim_piece:
+                continue
+            pid = dim_piece[out]
+            if pid in writers:
+                src[out] = frozenset([pid])
+                continue
+            ins = [t for t in node.input if t in dim_piece and t not in graph.initializers]
+            got: set[int] = set()
+            for t in ins:
+                if src.get(t, None) is None:
+                    got = None
+                    break
+                got |= src[t]
+            src[out] = None if got is None or not ins else frozenset(got)
+    reach: dict[int, frozenset[int] | None] = {}
+    for pc in pieces:
+        if not pc.is_unit or pc.has_producer:
+            continue
+        acc: set[int] | None = set()
+        for ref in pc.dims:
+            if ref.tensor in graph.initializers:
+                continue
+            s_t = src.get(ref.tensor)
+            if s_t is None:
+                acc = None
+                break
+            acc |= s_t
+        reach[pc.id] = frozenset(acc) if acc else None
+    return reach
+
+
+def _closed(analysis: ChannelAnalysis, group: ChannelGroup, pieces: list[Piece]) -> bool:
+    """True when every reader of the group's activations is a node of one of its pieces (or a boundary)
+    and none is a graph output: then a channel no reader unit reads reaches nothing."""
+    graph = analysis.graph
+    inside = {n for pc in pieces for n in pc.nodes}
+    outputs = {o.name for o in graph.model.graph.output}
+    for m in group.members:
+        if m.is_param:
+            continue
+        if m.tensor in outputs:
+            return False
+        for use in graph.consumers.get(m.tensor, []):
+            if use.node.name not in inside and not use.node.name.startswith(BOUNDARY):
+                return False
+    return True
 
 
 def _own_scores(pc: Piece, pieces: list[Piece], analysis: ChannelAnalysis, size: int, criterion: str) -> np.ndarray:

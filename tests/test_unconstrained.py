@@ -87,6 +87,72 @@ def test_share_one_is_constrained_pruning(name, criterion):
     assert rel_error(run(constrained, inputs), run(result.model, inputs)) <= 1e-6
 
 
+@pytest.mark.parametrize("drive", ["writer", "reader"])
+@pytest.mark.parametrize("name", TOPOLOGIES + ["chain", "split", "mixed_ops"])
+def test_drive_modes_export_equals_masked_original(name, drive):
+    model = canonical(TEST_MODELS[name]())
+    inputs = random_inputs(model, seed=11)
+    for cap in (None, 1.125):
+        result = UnconstrainedPass(UnconstrainedConfig(ratio=0.5, drive=drive, union_cap=cap)).run(model)
+        _check(model, result, inputs)
+    zero = UnconstrainedPass(UnconstrainedConfig(ratio=0.0, drive=drive)).run(model)
+    assert not zero.modified and rel_error(run(model, inputs), run(zero.model, inputs)) == 0
+
+
+def _units(gp):
+    writers = [pc for pc in gp.pieces if pc.is_unit and pc.has_producer]
+    readers = [pc for pc in gp.pieces if pc.is_unit and not pc.has_producer]
+    return writers, readers
+
+
+@pytest.mark.parametrize("name", ["residual", "concat"])
+def test_writer_drive_reads_only_what_is_written(name):
+    """drive=writer: a reader keeps only channels some writer reaching it keeps, a writer only channels
+    some reader reads (so no kept parameter is wasted), and a single-writer fork is never narrowed twice:
+    its readers keep exactly the writer's channels."""
+    from onnxprune.passes.unconstrained import _pieces, _reaching_writers
+
+    model = canonical(TEST_MODELS[name]())
+    plan = build_plan(model, UnconstrainedConfig(ratio=0.5, criterion="l1", drive="writer"))
+    checked = 0
+    for gp in plan.groups:
+        writers, readers = _units(gp)
+        if not writers or not readers:
+            continue
+        pieces, piece_of = _pieces(plan.analysis, gp.group)
+        reach = _reaching_writers(plan.analysis, gp.group, pieces, piece_of)
+        for r in readers:
+            srcs = reach[r.id]
+            assert srcs, "every reader of these models is reached by writer units"
+            written = np.logical_or.reduce([gp.pieces[w].keep for w in srcs])
+            assert not (r.keep & ~written).any()
+            if len(srcs) == 1:
+                assert np.array_equal(r.keep, gp.pieces[next(iter(srcs))].keep)
+            checked += 1
+        read = np.logical_or.reduce([r.keep for r in readers])
+        assert all(not (w.keep & ~read).any() for w in writers)
+    assert checked >= 2
+
+
+def test_reader_drive_writes_what_is_read():
+    model = canonical(TEST_MODELS["residual"]())
+    plan = build_plan(model, UnconstrainedConfig(ratio=0.5, criterion="l1", drive="reader", stream_multiple=1))
+    stream = [gp for gp in plan.groups if len(_units(gp)[0]) >= 2]
+    assert stream
+    for gp in stream:
+        writers, readers = _units(gp)
+        read = np.logical_or.reduce([r.keep for r in readers])
+        assert all(not (w.keep & ~read).any() for w in writers)
+        assert np.array_equal(np.logical_or.reduce([w.keep for w in writers]), read)
+
+
+def test_drive_must_be_known():
+    from onnxprune.errors import UsageError
+
+    with pytest.raises(UsageError, match="drive"):
+        UnconstrainedConfig(drive="both")
+
+
 def test_share_narrows_the_stream_union():
     model = canonical(TEST_MODELS["residual"]())
 
