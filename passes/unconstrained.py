@@ -704,17 +704,8 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
             width = min(group.size, max(n_keep, round(config.union_cap * n_keep / m) * m))
             allowed[:] = False
             allowed[np.argsort(-shared, kind="stable")[:width]] = True
-        def choose(pc: Piece, within: np.ndarray) -> np.ndarray:
-            scores = _normalised(own[pc.id])
-            if config.share:
-                scores = (1 - config.share) * scores + config.share * shared
-            scores = np.where(within, scores, -np.inf)  # outside the stream budget: dropped first
-            # Lowest scores go first; a stable sort of the scores (not of their negation) breaks
-            # ties like constrained pruning does (`plan.make_plan`), so share=1 reproduces it exactly.
-            order = np.argsort(scores, kind="stable")
-            keep = np.ones(group.size, dtype=bool)
-            keep[order[: group.size - n_keep]] = False
-            return keep & within if within.sum() >= n_keep else keep
+        def choose(pc: Piece, within: np.ndarray, own=own, shared=shared, n_keep=n_keep) -> np.ndarray:
+            return _top_channels(own[pc.id], shared, config.share, within, n_keep)
 
         fixed = {pc.id for pc in units if (group.id, pc.id) in (keeps or {})}
         for pc in units:
@@ -769,6 +760,21 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
             union[np.flatnonzero(~union)[:deficit]] = True
         plans.append(GroupPlan(group, pieces, piece_of, union, np.arange(group.size)))
     return UnconstrainedPlan(split, analysis, plans, count)
+
+
+def _top_channels(own: np.ndarray, shared: np.ndarray | None, share: float, within: np.ndarray, n_keep: int) -> np.ndarray:
+    """The unit's top `n_keep` channels among `within` by its own scores blended with the shared ranking
+    (all of `within` when it has fewer; `within` empty: the top `n_keep` overall)."""
+    scores = _normalised(own)
+    if share:
+        scores = (1 - share) * scores + share * shared
+    scores = np.where(within, scores, -np.inf)  # outside the stream budget: dropped first
+    # Lowest scores go first; a stable sort of the scores (not of their negation) breaks ties like
+    # constrained pruning does (`plan.make_plan`), so share=1 reproduces it exactly.
+    order = np.argsort(scores, kind="stable")
+    keep = np.ones(len(scores), dtype=bool)
+    keep[order[: len(scores) - n_keep]] = False
+    return keep & within if within.any() else keep
 
 
 def _reaching_writers(analysis: ChannelAnalysis, group: ChannelGroup, pieces: list[Piece],
