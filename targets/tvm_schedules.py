@@ -75,7 +75,8 @@ def legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
 
 def pad_conv_channels(lanes: int) -> tvm.transform.Pass:
     """Give NHWC convolutions whose output-channel count is not a multiple of the vector width (pruned
-    models: 23, 45 … channels) zero-padded weights, and slice the extra channels off the result.
+    models: 23, 45 … channels) zero-padded weights, and slice the extra channels off the result; likewise
+    matmuls by a constant weight (a 1000-class head: 1008 columns).
 
     The kernel then vectorises over whole registers instead of falling back to scalar code (a prime channel
     count has no divisor to vectorise by); the slice is a cheap copy fused with the epilogue that follows.
@@ -88,6 +89,8 @@ def pad_conv_channels(lanes: int) -> tvm.transform.Pass:
     class _Pad(relax.PyExprMutator):
         def visit_call_(self, call: relax.Call) -> relax.Expr:
             call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul":
+                return self._pad_dense(call)
             if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
                 return call
             attrs = call.attrs
@@ -112,6 +115,24 @@ def pad_conv_channels(lanes: int) -> tvm.transform.Pass:
                 out_layout=attrs.out_layout, out_dtype=attrs.out_dtype,
             )  # fmt: skip
             return relax.op.strided_slice(self.builder_.normalize(conv), axes=[3], begin=[0], end=[out_ch])
+
+        def _pad_dense(self, call: relax.Call) -> relax.Expr:
+            # x @ W with a constant [K, N] weight (Gemm, pre-transposed): N = 1000 classes would vectorise by
+            # 8 or 10 lanes; zero columns up to a whole number of vectors, then slice.
+            weight = call.args[1]
+            if not isinstance(weight, tvm.ir.expr.Constant):
+                return call
+            w = weight.value.numpy()
+            if w.ndim != 2 or w.shape[1] % lanes == 0 or w.shape[1] <= lanes:
+                return call
+            n = w.shape[1]
+            wp = np.zeros((w.shape[0], -(-n // lanes) * lanes), dtype=w.dtype)
+            wp[:, :n] = w
+            out = self.builder_.normalize(
+                relax.op.matmul(call.args[0], relax.const(wp), out_dtype=call.attrs.out_dtype)
+            )
+            rank = len(out.ty.shape)
+            return relax.op.strided_slice(out, axes=[rank - 1], begin=[0], end=[n])
 
         def _pad_depthwise(self, call: relax.Call, w: np.ndarray, padded: int) -> relax.Expr:
             # Depthwise (groups == in == out channels, weight [kh, kw, 1, C]): the input gets zero channels

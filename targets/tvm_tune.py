@@ -38,7 +38,7 @@ from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuild
 from tvm.s_tir.meta_schedule.runner import PyRunner, RunnerInput
 from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 
-from . import tvm_schedules
+from . import tvm_schedules, tvm_winograd
 
 __all__ = ["InProcessBuilder", "InProcessRunner", "tune"]
 
@@ -289,7 +289,11 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
     state_path = root / STATE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"trials": 0, "seeded": False}
     database = ms.database.JSONDatabase(work_dir=str(root))
-    tasks = [t for t in extract_tasks(mod, target) if not t.mod.attrs.get("tirx.is_scheduled", False)]
+    # Winograd kernels keep their own schedule (MetaSchedule's search aborts on their compute_at structure).
+    tasks = [
+        t for t in extract_tasks(mod, target)
+        if not t.mod.attrs.get("tirx.is_scheduled", False) and not tvm_winograd.is_winograd_func(t.mod["main"])
+    ]  # fmt: skip
     builder = InProcessBuilder()
     runner = InProcessRunner(builder)
     if "default_secs" not in state:

@@ -220,9 +220,13 @@ def _has_block(func: tirx.PrimFunc, name: str) -> bool:
 def mark_fusable(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
     """Run after AnnotateTIROpPattern: Winograd kernels fuse with their element-wise epilogue like conv2d."""
     for gv, func in list(mod.functions_items()):
-        if isinstance(func, tirx.PrimFunc) and _has_block(func, GEMM):
+        if isinstance(func, tirx.PrimFunc) and is_winograd_func(func):
             mod[gv] = func.with_attr("op_pattern", OUT_ELEMWISE_FUSABLE)
     return mod
+
+
+def is_winograd_func(func: tirx.PrimFunc) -> bool:
+    return _has_block(func, GEMM)
 
 
 def is_stage(sch: s_tir.Schedule, block) -> bool:

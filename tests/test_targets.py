@@ -441,6 +441,18 @@ def test_tune_runs_metaschedule_and_reuses_its_database(tmp_path, monkeypatch):
     assert len(db.read_text().splitlines()) == len(records)
 
 
+@needs_tvm
+def test_tune_leaves_winograd_kernels_to_their_own_schedule(tmp_path, monkeypatch):
+    """--tune on a model with Winograd kernels: they are not MetaSchedule tasks (its search aborts on their
+    compute_at structure), the other kernels are tuned, and the bundle matches onnxruntime."""
+    skip_unless_tools("g++", package_hint="apt-get install g++")
+    monkeypatch.setenv("ONNXPRUNE_TUNE_CACHE", str(tmp_path / "tune"))
+    manifest = compile_and_check(winograd_cnn(tmp_path / "m.onnx"), "x86", tmp_path / "b", tune=4)
+    assert manifest["tune_trials"] == 4
+    (db,) = (tmp_path / "tune").glob("*/database_tuning_record.json")
+    assert db.read_text().strip(), "the non-Winograd kernels (1x1 conv, pooling) were not tuned"
+
+
 # ------------------------------------------------------------------------------------------------
 # arm (aarch64): cross-compiled, executed under qemu-user
 # ------------------------------------------------------------------------------------------------
