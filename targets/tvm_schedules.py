@@ -17,7 +17,10 @@ onnxruntime). This module gives every kernel a schedule chosen from its shape:
    chosen for the most FMAs per load that fit the register file (:func:`_register_tile`).
    Constant conv weights are **repacked at compile time** to ``[O / vec, H, W, I, vec]`` (each tile's weight
    slice contiguous, read front to back; :meth:`_Kernel._pack_weights`, :func:`_pack_constants`).
-3. Whatever is left (transposes, concat, softmax …) gets the generic rule: fuse the loops, vectorise the
+3. **Winograd** (:mod:`.tvm_winograd`): 3x3 stride-1 convolutions become F(4,3) / F(2,3) Winograd kernels
+   (a quarter / 4/9 of the multiply-adds; weights transformed at compile time) before legalization, and get
+   their own schedule here (the batched GEMM register tiled like every other reduction).
+4. Whatever is left (transposes, concat, softmax …) gets the generic rule: fuse the loops, vectorise the
    innermost run, parallelise the rest.
 
 Start reading at :class:`ApplyCPUSchedules`. :func:`tune` runs MetaSchedule instead, with its database
