@@ -438,6 +438,7 @@ class Piece:
     out_boundaries: list[str]
     zero_preserving: bool
     keep: np.ndarray | None = None  # bool over the group's channels (units only)
+    sources: frozenset[int] | None = None  # reader units: the writer pieces reaching it (`_reaching_writers`)
     narrow: bool = False  # exported at its own width (True) or at the stream's width
 
     @property
@@ -637,10 +638,23 @@ def energy_scores(piece: Piece, pieces: list[Piece], analysis: ChannelAnalysis, 
         ch = per_channel(m, position_norms(analysis.graph.const(m.tensor), m.axis, 2)[m.positions], size)
         cols += ch / (ch.mean() + 1e-12)
     if own is None:
-        stream = [_bn_energy(pc, analysis, size) for pc in pieces if pc.has_producer and pc is not piece]
-        stream = [e for e in stream if e is not None]
-        own = np.sum(stream, axis=0) if stream else np.ones(size)
-    return cols * own
+        own = _input_energy(piece, pieces, analysis, size)
+    return cols * (own if own is not None else 1.0)
+
+
+def _input_energy(piece: Piece, pieces: list[Piece], analysis: ChannelAnalysis, size: int) -> np.ndarray | None:
+    """E[x_c^2] of a reader's input: its own pre-activation BatchNorm's output, else the sum of the
+    BatchNorm output energies of the writers reaching it (writers add up on a residual stream; all the
+    group's writers where that is unknown), else None."""
+    own = _bn_energy(piece, analysis, size)
+    if own is not None:
+        return own
+    writers = [pc for pc in pieces if pc.has_producer and pc is not piece]
+    if piece.sources:
+        writers = [pc for pc in writers if pc.id in piece.sources]
+    stream = [_bn_energy(pc, analysis, size) for pc in writers]
+    stream = [e for e in stream if e is not None]
+    return np.sum(stream, axis=0) if stream else None
 
 
 def _is_consumer_member(m: ChannelSlice, analysis: ChannelAnalysis) -> bool:
@@ -690,6 +704,9 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
         if not units:
             continue
         n_keep = max(1, group.size - math.floor(config.ratio * group.size + 1e-9))
+        reach = _reaching_writers(analysis, group, pieces, piece_of)
+        for pid, srcs in reach.items():
+            pieces[pid].sources = srcs
         own = {pc.id: _own_scores(pc, pieces, analysis, group.size, config.criterion) for pc in units}
         single = len(units) == 1  # the unit is the whole group: its own ranking is the group's
         need_shared = config.share or config.union_cap is not None or single
@@ -714,7 +731,6 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
                 if not keep.any():
                     keep[0] = True
                 pc.keep = keep
-        reach = _reaching_writers(analysis, group, pieces, piece_of) if config.drive != "free" else {}
         writers = [pc for pc in units if pc.has_producer]
         readers = [pc for pc in units if not pc.has_producer]
         first, second = (writers, readers) if config.drive == "writer" else (readers, writers)
@@ -844,7 +860,18 @@ def _own_scores(pc: Piece, pieces: list[Piece], analysis: ChannelAnalysis, size:
     if criterion == "bn":
         gamma = _bn_gamma(pc, analysis, size)
         return gamma if gamma is not None else energy_scores(pc, pieces, analysis, size)
-    return unit_scores(pc, analysis, size, 2 if criterion == "l2" else 1)
+    p = 2 if criterion == "l2" else 1
+    if not pc.has_producer:
+        # A reader: its folded weights are its columns times its input's scale, so each column norm is
+        # weighted by the input channel's RMS (the writers' BatchNorm outputs), the same folding a
+        # writer's rows get from its own BatchNorm. A column reading a weak channel matters little.
+        cols = np.zeros(size)
+        for m in pc.weights:
+            ch = per_channel(m, position_norms(analysis.graph.const(m.tensor), m.axis, p)[m.positions], size)
+            cols += (np.sqrt(ch) if p == 2 else ch) / (ch.mean() + 1e-12)
+        energy = _input_energy(pc, pieces, analysis, size)
+        return cols if energy is None else cols * np.sqrt(energy)
+    return unit_scores(pc, analysis, size, p)
 
 
 def _normalised(scores: np.ndarray) -> np.ndarray:
