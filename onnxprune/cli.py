@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unconstrained: blend of each layer's ranking with the group's shared one (0..1; 1 = constrained)")
     p.add_argument("--union-cap", type=float, default=None,
                    help="unconstrained: the stream keeps at most this x the per-layer kept channels (>= 1)")
+    p.add_argument("--drive", choices=("free", "writer", "reader"), default="free",
+                   help="unconstrained: free = every layer its own top channels; writer = readers choose among what "
+                        "reaches them; reader = writers keep what their readers read")
     p.add_argument("--no-reorder", action="store_true",
                    help="unconstrained: naive export (original order, ScatterND/Gather copies)")
     p.add_argument("--tune", type=int, default=0, metavar="N",
@@ -174,8 +177,10 @@ def cmd_prune(args) -> int:
         raise UsageError("output path is an external data file of the input; the input is never overwritten")
     if args.mode == "unconstrained":
         return _prune_unconstrained(args, src, out)
-    if args.repair == "mean" or args.share or args.union_cap is not None or args.no_reorder or args.tune:
-        raise UsageError("--repair mean, --share, --union-cap, --no-reorder and --tune apply to --mode unconstrained only")
+    if (args.repair == "mean" or args.share or args.union_cap is not None or args.no_reorder or args.tune
+            or args.drive != "free"):
+        raise UsageError("--repair mean, --share, --union-cap, --drive, --no-reorder and --tune apply to --mode "
+                         "unconstrained only")
     config = PruneConfig(
         ratio=args.ratio, criterion=args.criterion, global_ranking=args.global_ranking,
         round_to=args.round_to, allow_inexact=args.allow_inexact, seed=args.seed, repair=args.repair,
@@ -275,7 +280,7 @@ def _prune_unconstrained(args, src: Path, out: Path) -> int:
     if args.repair == "mean" and not args.calib:
         raise UsageError("--repair mean needs --calib (calibration inputs)")
     config = UnconstrainedConfig(ratio=args.ratio, criterion=args.criterion, share=args.share, union_cap=args.union_cap,
-                                 reorder=not args.no_reorder, tune=args.tune, repair=args.repair)
+                                 drive=args.drive, reorder=not args.no_reorder, tune=args.tune, repair=args.repair)
     model = _load(args.model, args)
     calib = _calib(args, model)
     result = UnconstrainedPass(config, calib=calib.arrays if calib is not None else None).run(model)

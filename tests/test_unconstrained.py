@@ -383,6 +383,8 @@ def test_cli_unconstrained_flags(tmp_model, tmp_path, capsys):
     assert main(base + ["--share", "0.5", "--union-cap", "1.25"]) == 0
     capped = json.loads(capsys.readouterr().out)
     assert capped["config"]["share"] == 0.5 and capped["config"]["union_cap"] == 1.25
+    assert main(base + ["--drive", "reader"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["drive"] == "reader"
     assert main(base + ["--no-reorder"]) == 0
     naive = json.loads(capsys.readouterr().out)
     assert naive["copies"]["ops"].get("ScatterND", 0) > 0 and naive["layout"] == {}
@@ -403,6 +405,7 @@ def test_cli_unconstrained_flags(tmp_model, tmp_path, capsys):
     assert main(base + ["--repair", "ls"]) == 2
     constrained = ["prune", str(src), "-o", str(tmp_path / "c.onnx"), "--mode", "constrained"]
     assert main(constrained + ["--share", "0.5"]) == 2
+    assert main(constrained + ["--drive", "writer"]) == 2
     assert main(constrained + ["--repair", "mean"]) == 2
 
 
