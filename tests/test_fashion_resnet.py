@@ -57,7 +57,7 @@ def test_resnet_streams_have_several_writers_and_readers() -> None:
     assert all(r >= 2 for w, r in streams if w >= 3), streams
 
 
-@pytest.mark.parametrize("drive", ["writer", "free"])
+@pytest.mark.parametrize("drive", ["reader", "writer", "free"])
 def test_resnet_unconstrained_export_equals_masked_original(drive) -> None:
     model = import_model(RESNET)
     inputs = random_inputs(model, seed=3)
