@@ -21,8 +21,15 @@ Models come from `models/zoo.py` (random-weight torchvision exports); without it
 Exactness: every unconstrained export is compared with the per-layer masked original in onnxruntime with
 optimisations off (max relative error printed; must be <= 1e-5).
 
-Accuracy: the bundled Fashion-MNIST CNN on the 10k test set, constrained vs unconstrained at equal nonzero
-parameter counts (each method's ratio searched), same criterion, with and without repair (`accuracy`).
+Accuracy (`accuracy`, `verdicts`): the two bundled trained Fashion-MNIST models (the CNN: one residual Add
+and one Concat; the ResNet: three residual streams with three writers each) on the 10k test set,
+constrained vs unconstrained at equal nonzero parameter counts (each method's ratio searched), same
+criterion, with and without the calibrated mean repair; one verdict line per model/criterion/removal/
+repair for the chosen unconstrained configuration (`ACCURACY_DEFAULT`), then for the unbounded union
+and for ``drive="free"`` (every unit its own top-k, the mode before `UnconstrainedConfig.drive`).
+
+    python bench/unconstrained.py --skip-latency [--removals 0.1 0.2 0.3 0.4] [--criteria l1 bn]
+                                  [--accuracy-models fashion_mnist_resnet] [--drive reader]
 """
 
 from __future__ import annotations
@@ -182,33 +189,46 @@ def _ratio_for(target: int, make, lo: float = 0.0, hi: float = 0.6, steps: int =
     return hi
 
 
+ACCURACY_MODELS = {
+    # name: (path, short label)
+    "fashion_mnist_cnn": (ROOT / "models" / "fashion_mnist_cnn.onnx", "CNN: one residual Add + one Concat"),
+    "fashion_mnist_resnet": (ROOT / "models" / "fashion_mnist_resnet.onnx",
+                             "ResNet: 3 stages x 2 basic blocks, 3 writers per stream"),
+}
+# The unconstrained configuration the verdict lines judge (`UnconstrainedConfig` fields; ratio, criterion
+# and repair are set per row). The union cap is the latency default (1.125 x the per-layer kept channels).
+ACCURACY_DEFAULT = {"drive": "reader", "share": 0.0, "union_cap": 1.125}
 ACCURACY_METHODS = (
-    # name, share (None: PrunePass), repair, union_cap
-    ("constrained PrunePass", None, "none", None),
-    ("constrained PrunePass +bias", None, "bias", None),
-    ("constrained share=1 +mean", 1.0, "mean", None),
-    ("unconstrained share=0", 0.0, "none", None),
-    ("unconstrained share=0 +mean", 0.0, "mean", None),
-    ("blend share=0.5 +mean", 0.5, "mean", None),
-    ("blend share=0.8 +mean", 0.8, "mean", None),
-)  # union_cap rows: the Fashion-MNIST CNN's 32/64-channel groups round a capped stream to the whole group
+    # name, UnconstrainedConfig overrides (None: constrained), repair
+    ("constrained", None, "none"),
+    ("constrained +mean", None, "mean"),  # = UnconstrainedConfig(share=1) + mean repair
+    ("unconstrained", {}, "none"),
+    ("unconstrained +mean", {}, "mean"),
+    ("unconstrained unbounded", {"union_cap": None}, "none"),
+    ("unconstrained unbounded +mean", {"union_cap": None}, "mean"),
+    ("free", {"drive": "free", "union_cap": None}, "none"),
+    ("free +mean", {"drive": "free", "union_cap": None}, "mean"),
+)
 
 
-def accuracy(removals: list[float], criteria=("l1", "bn"), calib_n: int = 1000) -> list[dict]:
-    """Top-1 at equal nonzero parameter counts: for each target removal of the dense parameters, each
-    method's ratio is searched (bisection) for the largest export with at most the target's nonzero
-    parameters (stream unions and zero rows/columns counted as they are exported). Same criterion for
-    every method; repairs: PrunePass `bias` (data-free) and the calibrated mean repair (`mean`, on
-    `calib_n` training images) applied to constrained (share=1) and unconstrained plans alike."""
+def accuracy(removals: list[float], criteria=("l1", "bn"), calib_n: int = 1000, model: str = "fashion_mnist_cnn",
+             methods=ACCURACY_METHODS, default: dict | None = None) -> list[dict]:
+    """Top-1 on the 10k Fashion-MNIST test images at equal nonzero parameter counts: for each target
+    removal of the dense parameters, each method's ratio is searched (bisection) for the largest export
+    with at most the target's nonzero parameters (stream unions and zero rows/columns counted as they
+    are exported). Same criterion for every method; repairs: none, or the calibrated mean repair
+    (`mean`, on `calib_n` training images) applied to constrained (share=1) and unconstrained plans
+    alike. The unconstrained rows use `default` (`ACCURACY_DEFAULT`) plus each method's overrides."""
     from models.fashion_mnist import load_fashion_mnist
 
     images, labels = load_fashion_mnist("test")
     train, _ = load_fashion_mnist("train")
-    dense = import_model(ROOT / "models" / "fashion_mnist_cnn.onnx")
+    dense = import_model(ACCURACY_MODELS[model][0])
     calib = {"image": train[:calib_n]}
+    default = ACCURACY_DEFAULT if default is None else default
 
-    def top1(model) -> float:
-        s = session(model)
+    def top1(m) -> float:
+        s = session(m)
         name = s.get_inputs()[0].name
         hits = 0
         for i in range(0, len(images), 2000):
@@ -217,23 +237,51 @@ def accuracy(removals: list[float], criteria=("l1", "bn"), calib_n: int = 1000) 
         return hits / len(images)
 
     total = effective_params(dense)
-    rows = [{"removal": 0.0, "criterion": "-", "method": "dense", "ratio": 0.0, "top1": top1(dense), "nonzero": total}]
+    rows = [{"model": model, "removal": 0.0, "criterion": "-", "method": "dense", "repair": "none", "ratio": 0.0,
+             "top1": top1(dense), "nonzero": total}]
     for crit in criteria:
         for removal in removals:
             target = int(total * (1 - removal))
-            for method, share, repair, cap in ACCURACY_METHODS:
-                if share is None:
-                    def make(r, rep="none", crit=crit, share=share):
-                        return PrunePass(PruneConfig(ratio=r, criterion=crit, repair=rep)).run(dense).model
+            for method, overrides, repair in methods:
+                if overrides is None:
+                    def make(r, rep="none", crit=crit):
+                        if rep == "none" and crit != "energy":
+                            return PrunePass(PruneConfig(ratio=r, criterion=crit)).run(dense).model
+                        # share=1: constrained pruning (tested equal to PrunePass for l1/l2/bn); "energy"
+                        # has no PrunePass twin: its group ranking is the mean of the units' energies.
+                        cfg = UnconstrainedConfig(ratio=r, criterion=crit, share=1.0, repair=rep)
+                        return UnconstrainedPass(cfg, calib=calib if rep == "mean" else None).run(dense).model
                 else:
-                    def make(r, rep="none", crit=crit, share=share, cap=cap):
-                        cfg = UnconstrainedConfig(ratio=r, criterion=crit, share=share, repair=rep, union_cap=cap)
+                    fields = {**default, **overrides}
+
+                    def make(r, rep="none", crit=crit, fields=fields):
+                        cfg = UnconstrainedConfig(ratio=r, criterion=crit, repair=rep, **fields)
                         return UnconstrainedPass(cfg, calib=calib if rep == "mean" else None).run(dense).model
                 ratio = _ratio_for(target, make)
-                model = make(ratio, repair)
-                rows.append({"removal": removal, "criterion": crit, "method": method, "ratio": ratio,
-                             "top1": top1(model), "nonzero": effective_params(model)})
+                pruned = make(ratio, repair)
+                rows.append({"model": model, "removal": removal, "criterion": crit, "method": method,
+                             "repair": repair, "ratio": ratio, "top1": top1(pruned), "nonzero": effective_params(pruned)})
     return rows
+
+
+def verdicts(rows: list[dict], unconstrained: str = "unconstrained") -> list[str]:
+    """One line per model/criterion/removal/repair: `unconstrained` (the default config) vs constrained."""
+    lines, wins, total = [], 0, 0
+    by = {(r["model"], r["criterion"], r["removal"], r["method"]): r for r in rows}
+    for (model, crit, removal, method), c in by.items():
+        if not method.startswith("constrained"):
+            continue
+        suffix = method[len("constrained"):]
+        u = by.get((model, crit, removal, unconstrained + suffix))
+        if u is None:
+            continue
+        total += 1
+        wins += u["top1"] >= c["top1"]
+        lines.append(f"  {model:<21} {crit:<3} removed {removal:.2f} repair {c['repair']:<5} constrained {c['top1']:.4f}"
+                     f"  {unconstrained} {u['top1']:.4f}  {u['top1'] - c['top1']:+.4f}  "
+                     f"{'>=' if u['top1'] >= c['top1'] else '<'}  (nonzero {u['nonzero']} vs {c['nonzero']})")
+    lines.append(f"  {unconstrained} >= constrained in {wins} of {total} cases")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -244,7 +292,13 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", choices=MODELS)
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
-    ap.add_argument("--removals", type=float, nargs="+", default=[0.1, 0.2, 0.3],
+    ap.add_argument("--accuracy-models", nargs="+", choices=sorted(ACCURACY_MODELS), default=sorted(ACCURACY_MODELS))
+    ap.add_argument("--criteria", nargs="+", default=["l1", "bn"], choices=["l1", "l2", "bn", "energy"])
+    ap.add_argument("--drive", default=ACCURACY_DEFAULT["drive"], choices=["free", "writer", "reader"],
+                    help="accuracy: UnconstrainedConfig.drive of the unconstrained rows")
+    ap.add_argument("--accuracy-share", type=float, default=ACCURACY_DEFAULT["share"],
+                    help="accuracy: UnconstrainedConfig.share of the unconstrained rows")
+    ap.add_argument("--removals", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4],
                     help="accuracy: fractions of the dense nonzero parameters removed")
     ap.add_argument("--share", type=float, default=0.0, help="latency: UnconstrainedConfig.share of both "
                     "unconstrained exports (0: fully unconstrained; 1: constrained)")
@@ -302,12 +356,21 @@ def main(argv=None) -> int:
               f"never slower than naive: {'met' if never else 'NOT met'}; within 10% of constrained: "
               f"{within} of {len(results)} ({'met' if within == len(results) else 'NOT met'})")
     if not args.skip_accuracy:
-        print("\n== Fashion-MNIST CNN (bundled, trained): top-1 on 10k test images at equal nonzero params")
+        default = {**ACCURACY_DEFAULT, "drive": args.drive, "share": args.accuracy_share}
+        print(f"\n== accuracy: top-1 on the 10k Fashion-MNIST test images at equal nonzero params; unconstrained "
+              f"= {default} (rows 'unbounded': union_cap None; 'free': every unit its own top-k, UPSCALE-style)")
         print("each method's ratio searched to the largest export with <= the target's nonzero parameters")
-        print(f"{'removed':>8} {'crit':<5}{'method':<30}{'ratio':>7}{'top1':>8}{'nonzero':>9}")
-        for row in accuracy(args.removals):
-            print(f"{row['removal']:>8.2f} {row['criterion']:<5}{row['method']:<30}{row['ratio']:>7.3f}"
-                  f"{row['top1']:>8.4f}{row['nonzero']:>9}")
+        rows = []
+        for name in args.accuracy_models:
+            print(f"\n-- {name} ({ACCURACY_MODELS[name][1]})")
+            print(f"{'removed':>8} {'crit':<5}{'method':<32}{'ratio':>7}{'top1':>8}{'nonzero':>9}")
+            for row in accuracy(args.removals, tuple(args.criteria), model=name, default=default):
+                rows.append(row)
+                print(f"{row['removal']:>8.2f} {row['criterion']:<5}{row['method']:<32}{row['ratio']:>7.3f}"
+                      f"{row['top1']:>8.4f}{row['nonzero']:>9}", flush=True)
+        for method in ("unconstrained", "unconstrained unbounded", "free"):
+            print(f"\nverdict: {method} vs constrained (same criterion, same repair, equal nonzero params)")
+            print("\n".join(verdicts(rows, method)))
     return 0
 
 
