@@ -396,6 +396,60 @@ def test_x86_winograd_convs_match_onnxruntime(tmp_path):
     compile_and_check(path, "x86", tmp_path / "b")
 
 
+def clip_cnn(path: Path) -> Path:
+    """ReLU6 (Clip 0..6, bounds as inputs), a Clip with only a lower bound, and one with only an upper bound."""
+    rng = np.random.RandomState(3)
+    inits = [
+        numpy_helper.from_array((rng.randn(32, 3, 3, 3) * 2).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.randn(32, 1, 3, 3)).astype(np.float32), "wd"),
+        numpy_helper.from_array((rng.randn(16, 32, 1, 1)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+        numpy_helper.from_array(np.array(-1.5, np.float32), "lo2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
+        helper.make_node("Conv", ["r1", "wd"], ["dw"], pads=[1, 1, 1, 1], group=32),
+        helper.make_node("Clip", ["dw", "lo2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w2"], ["c2"]),
+        helper.make_node("Clip", ["c2", "", "hi"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "clip",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 12, 12])],
+        inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+@needs_tvm
+def test_clip_stays_in_nhwc_and_matches_onnxruntime(tmp_path):
+    """Clip (ReLU6) becomes layout-free maximum/minimum, so ConvertLayout adds no transposes around it."""
+    skip_unless_tools("g++", package_hint="apt-get install g++")
+    import tvm
+
+    from onnxprune.targets import bundle, tvm_backend, tvm_schedules
+    from onnxprune.targets.table import get_target
+
+    path = clip_cnn(tmp_path / "m.onnx")
+    model = onnx.load(path)
+    inputs, _ = bundle.model_signature(model, None)
+    target = tvm_backend.build_target(get_target("x86"))
+    with target:
+        mod = tvm.transform.Sequential(tvm_schedules.relax_layout_passes(target))(
+            tvm_backend.import_onnx(model, inputs)
+        )
+    text = mod["main"].script()
+    assert text.count("R.permute_dims(") == 2, text  # the model's input and output only
+    assert "R.call_tir(" not in text, text
+    compile_and_check(path, "x86", tmp_path / "b")
+
+
 @needs_tvm
 @pytest.mark.skipif(not FASHION.is_file(), reason="models/fashion_mnist_cnn.onnx not built")
 def test_x86_fashion_mnist_matches_onnxruntime(tmp_path):
