@@ -329,6 +329,37 @@ def test_x86_odd_channel_depthwise_matches_onnxruntime(tmp_path):
     compile_and_check(odd_depthwise_cnn(tmp_path / "m.onnx"), "x86", tmp_path / "b")
 
 
+def save_graph(path: Path, nodes, inits, name: str, x_shape: list[int], y_shape: list[int]) -> Path:
+    """A one-input ("x") one-output ("y") float model, checked and saved."""
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def x86_layout_module(path: Path):
+    """(x86 target, the model's Relax module after the layout passes: NHWC, Winograd, Clip rewrite)."""
+    import tvm
+
+    from onnxprune.targets import bundle, tvm_backend, tvm_schedules
+    from onnxprune.targets.table import get_target
+
+    model = onnx.load(path)
+    inputs, _ = bundle.model_signature(model, None)
+    target = tvm_backend.build_target(get_target("x86"))
+    with target:
+        mod = tvm.transform.Sequential(tvm_schedules.relax_layout_passes(target))(
+            tvm_backend.import_onnx(model, inputs)
+        )
+    return target, mod
+
+
 def winograd_cnn(path: Path) -> Path:
     """3x3 stride-1 convs the Winograd kernels take: maps that are not whole tiles (15x15 in F(4,3) tiles, 7x7
     in F(2,3) tiles), asymmetric and zero padding, pruned-looking channel counts (37 in, 21 out: padded to
@@ -353,16 +384,7 @@ def winograd_cnn(path: Path) -> Path:
         helper.make_node("Conv", ["p2", "w3", "b3"], ["c3"], pads=[0, 1, 2, 1]),  # 7x7x21, F(2,3)
         helper.make_node("Conv", ["c3", "w4"], ["y"]),  # no padding: 5x5x48
     ]
-    graph = helper.make_graph(
-        nodes, "winograd",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 15, 15])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48, 5, 5])],
-        inits,
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
-    return path
+    return save_graph(path, nodes, inits, "winograd", [1, 3, 15, 15], [1, 48, 5, 5])
 
 
 @needs_tvm
@@ -371,17 +393,10 @@ def test_x86_winograd_convs_match_onnxruntime(tmp_path):
     skip_unless_tools("g++", package_hint="apt-get install g++")
     import tvm
 
-    from onnxprune.targets import bundle, tvm_backend, tvm_schedules, tvm_winograd
-    from onnxprune.targets.table import get_target
+    from onnxprune.targets import tvm_schedules, tvm_winograd
 
     path = winograd_cnn(tmp_path / "m.onnx")
-    model = onnx.load(path)
-    inputs, _ = bundle.model_signature(model, None)
-    target = tvm_backend.build_target(get_target("x86"))
-    with target:
-        mod = tvm.transform.Sequential(tvm_schedules.relax_layout_passes(target))(
-            tvm_backend.import_onnx(model, inputs)
-        )
+    target, mod = x86_layout_module(path)
     kernels = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len([k for k in kernels if k.startswith("conv2d_winograd")]) == 4, kernels
     # ... and each fused Winograd kernel (with its bias / ReLU / residual-add epilogue) gets its schedule: a
@@ -415,35 +430,15 @@ def clip_cnn(path: Path) -> Path:
         helper.make_node("Conv", ["r2", "w2"], ["c2"]),
         helper.make_node("Clip", ["c2", "", "hi"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes, "clip",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 12, 12])],
-        inits,
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
-    return path
+    return save_graph(path, nodes, inits, "clip", [1, 3, 12, 12], [1, 16, 12, 12])
 
 
 @needs_tvm
 def test_clip_stays_in_nhwc_and_matches_onnxruntime(tmp_path):
     """Clip (ReLU6) becomes layout-free maximum/minimum, so ConvertLayout adds no transposes around it."""
     skip_unless_tools("g++", package_hint="apt-get install g++")
-    import tvm
-
-    from onnxprune.targets import bundle, tvm_backend, tvm_schedules
-    from onnxprune.targets.table import get_target
-
     path = clip_cnn(tmp_path / "m.onnx")
-    model = onnx.load(path)
-    inputs, _ = bundle.model_signature(model, None)
-    target = tvm_backend.build_target(get_target("x86"))
-    with target:
-        mod = tvm.transform.Sequential(tvm_schedules.relax_layout_passes(target))(
-            tvm_backend.import_onnx(model, inputs)
-        )
+    _, mod = x86_layout_module(path)
     text = mod["main"].script()
     assert text.count("R.permute_dims(") == 2, text  # the model's input and output only
     assert "R.call_tir(" not in text, text
