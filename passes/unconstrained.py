@@ -36,7 +36,8 @@ Start reading at `UnconstrainedPass.call`. The algorithm:
    each writer drops what none of its readers reads (only where every reader of the stream is a unit;
    UPSCALE's writer-driven setting: a single-writer fork is never narrowed twice, a residual stream's
    readers choose among the writers' union); ``"reader"`` readers choose and each writer keeps what
-   the readers it reaches keep (a writer may then keep more than k).
+   the readers it reaches keep (a writer may then keep more than k; with ``group_budget`` the readers
+   keep fewer until the group holds no more parameters than constrained pruning at the same ratio).
    ``repair="mean"`` (`mean_repair`, calibration inputs) then restores each Conv/Gemm output's mean on
    calibration data by its bias / the following BatchNorm's running mean, for any share.
 3. **Oracle** (`mask_model`): the original model with each parameter silenced outside its own piece's
@@ -236,6 +237,9 @@ class UnconstrainedConfig:
     # stream's readers choose among the union); "reader": readers choose, each writer keeps what the
     # readers it reaches keep (a writer with no reader reached keeps its own top ones).
     drive: str = "free"
+    # drive="reader" only: readers keep fewer channels until each group holds no more parameters than
+    # constrained pruning keeps at the same ratio (writers keep their readers' union, more than k).
+    group_budget: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.ratio < 1:
@@ -736,24 +740,28 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
         first, second = (writers, readers) if config.drive == "writer" else (readers, writers)
         if config.drive == "free":
             first, second = units, []
-        for pc in first:
+        if config.drive == "reader":
+            args = (readers, writers, pieces, reach, fixed, allowed, choose)
+            _reader_first(n_keep, *args)
+            if config.group_budget and readers and writers:
+                # Readers keep fewer channels until the group holds no more parameters than constrained
+                # pruning keeps at this ratio (writers grow to their readers' union): equal parameters
+                # per group, so the global ratio (and every chain group) stays where constrained has it.
+                per = {pc.id: _params_per_channel(pc, analysis) for pc in units}
+                budget = n_keep * sum(per.values())
+                n = n_keep
+                while n > 1 and sum(int(pc.keep.sum()) * per[pc.id] for pc in units) > budget:
+                    n -= 1
+                    _reader_first(n, *args)
+        for pc in first if config.drive != "reader" else []:
             if pc.id not in fixed:
                 pc.keep = choose(pc, allowed)
-        for pc in second:
+        for pc in second if config.drive == "writer" else []:  # a reader: among what the writers reaching it keep
             if pc.id in fixed:
                 continue
-            if config.drive == "writer":  # a reader: among what the writers reaching it keep
-                srcs = reach.get(pc.id)
-                within = allowed if srcs is None else allowed & np.logical_or.reduce([pieces[w].keep for w in srcs])
-                pc.keep = choose(pc, within)
-            else:  # a writer: what the readers it reaches keep
-                dsts = [r.id for r in readers if pc.id in (reach.get(r.id) or ())]
-                if dsts:
-                    pc.keep = allowed & np.logical_or.reduce([pieces[r].keep for r in dsts])
-                    if not pc.keep.any():
-                        pc.keep = choose(pc, allowed)
-                else:
-                    pc.keep = choose(pc, allowed)
+            srcs = reach.get(pc.id)
+            within = allowed if srcs is None else allowed & np.logical_or.reduce([pieces[w].keep for w in srcs])
+            pc.keep = choose(pc, within)
         if config.drive == "writer" and _closed(analysis, group, pieces):
             # Then each writer drops what none of the readers it reaches reads (it would only add
             # parameters: every reader has zero columns there).
@@ -776,6 +784,32 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
             union[np.flatnonzero(~union)[:deficit]] = True
         plans.append(GroupPlan(group, pieces, piece_of, union, np.arange(group.size)))
     return UnconstrainedPlan(split, analysis, plans, count)
+
+
+def _reader_first(n, readers, writers, pieces, reach, fixed, allowed, choose) -> None:
+    """drive="reader": each reader its top `n` channels, each writer what the readers it reaches keep."""
+    for pc in readers:
+        if pc.id not in fixed:
+            pc.keep = choose(pc, allowed, n_keep=n)
+    for pc in writers:
+        if pc.id in fixed:
+            continue
+        dsts = [r.id for r in readers if pc.id in (reach.get(r.id) or ())]
+        keep = allowed & np.logical_or.reduce([pieces[r].keep for r in dsts]) if dsts else None
+        pc.keep = keep if keep is not None and keep.any() else choose(pc, allowed)
+
+
+def _params_per_channel(pc: Piece, analysis: ChannelAnalysis) -> float:
+    """Parameter elements one channel of the unit holds (its parameter members, all positions)."""
+    total = 0.0
+    for m in pc.members:
+        if not m.is_param:
+            continue
+        array = analysis.graph.const(m.tensor)
+        if array is None or array.ndim == 0:
+            continue
+        total += array.size / array.shape[m.axis] * len(m.positions) / max(1, int(m.channel_of.max()) + 1)
+    return total
 
 
 def _top_channels(own: np.ndarray, shared: np.ndarray | None, share: float, within: np.ndarray, n_keep: int) -> np.ndarray:

@@ -146,6 +146,22 @@ def test_reader_drive_writes_what_is_read():
         assert np.array_equal(np.logical_or.reduce([w.keep for w in writers]), read)
 
 
+@pytest.mark.parametrize("name", ["residual", "concat"])
+def test_reader_drive_group_budget_keeps_constrained_params(name):
+    """group_budget: readers give up channels until no group holds more parameters than constrained
+    pruning at the same ratio; the export stays exact."""
+    from onnxprune.passes.pruning import PruneConfig, PrunePass
+    from onnxprune.passes.unconstrained import effective_params
+
+    model = canonical(TEST_MODELS[name]())
+    constrained = effective_params(PrunePass(PruneConfig(ratio=0.4, criterion="l1")).run(model).model)
+    free = UnconstrainedPass(UnconstrainedConfig(ratio=0.4, criterion="l1", drive="reader", stream_multiple=1)).run(model)
+    config = UnconstrainedConfig(ratio=0.4, criterion="l1", drive="reader", group_budget=True, stream_multiple=1)
+    budgeted = UnconstrainedPass(config).run(model)
+    _check(model, budgeted, random_inputs(model, seed=12))
+    assert effective_params(budgeted.model) <= constrained < effective_params(free.model)
+
+
 def test_drive_must_be_known():
     from onnxprune.errors import UsageError
 
