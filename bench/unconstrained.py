@@ -206,6 +206,8 @@ ACCURACY_METHODS = (
     ("unconstrained +mean", {}, "mean"),
     ("unconstrained unbounded", {"union_cap": None}, "none"),
     ("unconstrained unbounded +mean", {"union_cap": None}, "mean"),
+    ("unconstrained budget", {"group_budget": True}, "none"),  # readers give up channels: group params <= constrained
+    ("unconstrained budget +mean", {"group_budget": True}, "mean"),
     ("free", {"drive": "free", "union_cap": None}, "none"),
     ("free +mean", {"drive": "free", "union_cap": None}, "mean"),
 )
@@ -277,7 +279,7 @@ def verdicts(rows: list[dict], unconstrained: str = "unconstrained") -> list[str
             continue
         total += 1
         wins += u["top1"] >= c["top1"]
-        lines.append(f"  {model:<21} {crit:<3} removed {removal:.2f} repair {c['repair']:<5} constrained {c['top1']:.4f}"
+        lines.append(f"  {model:<21} {crit:<6} removed {removal:.2f} repair {c['repair']:<5} constrained {c['top1']:.4f}"
                      f"  {unconstrained} {u['top1']:.4f}  {u['top1'] - c['top1']:+.4f}  "
                      f"{'>=' if u['top1'] >= c['top1'] else '<'}  (nonzero {u['nonzero']} vs {c['nonzero']})")
     lines.append(f"  {unconstrained} >= constrained in {wins} of {total} cases")
@@ -358,17 +360,18 @@ def main(argv=None) -> int:
     if not args.skip_accuracy:
         default = {**ACCURACY_DEFAULT, "drive": args.drive, "share": args.accuracy_share}
         print(f"\n== accuracy: top-1 on the 10k Fashion-MNIST test images at equal nonzero params; unconstrained "
-              f"= {default} (rows 'unbounded': union_cap None; 'free': every unit its own top-k, UPSCALE-style)")
+              f"= {default} (rows 'unbounded': union_cap None; 'budget': group_budget, readers keep fewer channels "
+              "so each group holds <= constrained's params; 'free': every unit its own top-k, UPSCALE-style)")
         print("each method's ratio searched to the largest export with <= the target's nonzero parameters")
         rows = []
         for name in args.accuracy_models:
             print(f"\n-- {name} ({ACCURACY_MODELS[name][1]})")
-            print(f"{'removed':>8} {'crit':<5}{'method':<32}{'ratio':>7}{'top1':>8}{'nonzero':>9}")
+            print(f"{'removed':>8} {'crit':<7}{'method':<32}{'ratio':>7}{'top1':>8}{'nonzero':>9}")
             for row in accuracy(args.removals, tuple(args.criteria), model=name, default=default):
                 rows.append(row)
-                print(f"{row['removal']:>8.2f} {row['criterion']:<5}{row['method']:<32}{row['ratio']:>7.3f}"
+                print(f"{row['removal']:>8.2f} {row['criterion']:<7}{row['method']:<32}{row['ratio']:>7.3f}"
                       f"{row['top1']:>8.4f}{row['nonzero']:>9}", flush=True)
-        for method in ("unconstrained", "unconstrained unbounded", "free"):
+        for method in ("unconstrained", "unconstrained unbounded", "unconstrained budget", "free"):
             print(f"\nverdict: {method} vs constrained (same criterion, same repair, equal nonzero params)")
             print("\n".join(verdicts(rows, method)))
     return 0
