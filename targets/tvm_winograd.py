@@ -46,6 +46,10 @@ PAD, PACK_ROWS, PACK, GEMM = "winograd_pad", "winograd_pack_rows", "winograd_dat
 INVERSE_ROWS, INVERSE, OUTPUT = "winograd_inverse_rows", "winograd_inverse", "winograd_output"
 #: Stages kept as they are by the generic element-wise inlining (inlining would undo the separable transforms).
 STAGES = (PAD, PACK_ROWS, PACK, INVERSE_ROWS, INVERSE)
+#: Smallest batched GEMM (multiply-adds) whose five stages all run in parallel; below it each fork/join
+#: costs more than the stage, and only the GEMM does (from GEMM_PARALLEL_MIN_WORK, like any reduction).
+PARALLEL_MIN_WORK = 1 << 22
+GEMM_PARALLEL_MIN_WORK = 1 << 15
 #: Relax's op pattern kind "output element-wise fusable" (conv2d's): elementwise consumers fuse into it.
 OUT_ELEMWISE_FUSABLE = 4
 
@@ -251,10 +255,22 @@ def schedule(sch: s_tir.Schedule, lanes: int, registers: int) -> None:
     """Schedule a (fused) Winograd PrimFunc in place; element-wise blocks must already be inlined."""
     from .tvm_schedules import _register_tile
 
+    # Five stages, five fork/join points: in a small kernel (the bundled model's 14x14x32 convs) only the
+    # GEMM runs in parallel, so it forks once like a direct conv.
+    gemm_block = sch.get_sblock(GEMM)
+    work = 1
+    for lp in sch.get_loops(gemm_block):
+        work *= _extent(sch, lp)
+    threaded = work >= PARALLEL_MIN_WORK
+
+    def parallel(loop) -> None:
+        if threaded:
+            sch.parallel(loop)
+
     def vectorised_split(loop, parallel_loops):
         outer, inner = sch.split(loop, [None, lanes])
         sch.vectorize(inner)
-        sch.parallel(sch.fuse(*parallel_loops) if len(parallel_loops) > 1 else parallel_loops[0])
+        parallel(sch.fuse(*parallel_loops) if len(parallel_loops) > 1 else parallel_loops[0])
         return outer
 
     # zero padding: a vectorised copy, parallel over rows
@@ -268,7 +284,7 @@ def schedule(sch: s_tir.Schedule, lanes: int, registers: int) -> None:
         i, j, p, c = sch.get_loops(b)
         c_o, c_i = sch.split(c, [None, lanes])
         sch.reorder(p, c_o, i, j, c_i)
-        sch.parallel(sch.fuse(p, c_o))
+        parallel(sch.fuse(p, c_o))
         sch.unroll(i)
         sch.unroll(j)
         sch.vectorize(c_i)
@@ -294,7 +310,8 @@ def schedule(sch: s_tir.Schedule, lanes: int, registers: int) -> None:
     sch.unroll(p_i)
     sch.vectorize(o_i)
     fused = sch.fuse(e, v, p_o, o_o)
-    sch.parallel(fused)
+    if threaded or work >= GEMM_PARALLEL_MIN_WORK:
+        sch.parallel(fused)
     cache = sch.cache_write(b, 0, "local")
     sch.reverse_compute_at(cache, fused)
     loops = sch.get_loops(cache)
