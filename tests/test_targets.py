@@ -289,6 +289,20 @@ def test_unsupported_op_is_one_line_error(tmp_path):
         compile_bundle(tmp_path / "m.onnx", "x86", tmp_path / "b")
 
 
+def save_graph(path: Path, nodes, inits, name: str, x_shape: list[int], y_shape: list[int]) -> Path:
+    """A one-input ("x") one-output ("y") float model, checked and saved."""
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
 def odd_depthwise_cnn(path: Path) -> Path:
     """Depthwise convs with pruned-looking channel counts (37, 13: no multiple of any vector width), with
     symmetric and asymmetric padding and stride 1 and 2, between 1x1 convs."""
@@ -310,16 +324,7 @@ def odd_depthwise_cnn(path: Path) -> Path:
         helper.make_node("Conv", ["dw2", "w2"], ["c2"]),
         helper.make_node("Conv", ["c2", "d3", "db3"], ["y"], pads=[2, 1, 2, 3], group=13),
     ]
-    graph = helper.make_graph(
-        nodes, "odd_depthwise",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 17, 17])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 13, 8, 8])],
-        inits,
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
-    return path
+    return save_graph(path, nodes, inits, "odd_depthwise", [1, 3, 17, 17], [1, 13, 8, 8])
 
 
 @needs_tvm
@@ -329,27 +334,16 @@ def test_x86_odd_channel_depthwise_matches_onnxruntime(tmp_path):
     compile_and_check(odd_depthwise_cnn(tmp_path / "m.onnx"), "x86", tmp_path / "b")
 
 
-def save_graph(path: Path, nodes, inits, name: str, x_shape: list[int], y_shape: list[int]) -> Path:
-    """A one-input ("x") one-output ("y") float model, checked and saved."""
-    graph = helper.make_graph(
-        nodes, name,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
-        inits,
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
-    return path
-
-
-def x86_layout_module(path: Path):
-    """(x86 target, the model's Relax module after the layout passes: NHWC, Winograd, Clip rewrite)."""
+def x86_layout_module(make_model, tmp_path: Path):
+    """(model file, x86 target, the model's Relax module after the layout passes: NHWC, Winograd, Clip
+    rewrite) for a test that then compiles and runs the model natively."""
+    skip_unless_tools("g++", package_hint="apt-get install g++")
     import tvm
 
     from onnxprune.targets import bundle, tvm_backend, tvm_schedules
     from onnxprune.targets.table import get_target
 
+    path = make_model(tmp_path / "m.onnx")
     model = onnx.load(path)
     inputs, _ = bundle.model_signature(model, None)
     target = tvm_backend.build_target(get_target("x86"))
@@ -357,7 +351,7 @@ def x86_layout_module(path: Path):
         mod = tvm.transform.Sequential(tvm_schedules.relax_layout_passes(target))(
             tvm_backend.import_onnx(model, inputs)
         )
-    return target, mod
+    return path, target, mod
 
 
 def winograd_cnn(path: Path) -> Path:
@@ -390,13 +384,11 @@ def winograd_cnn(path: Path) -> Path:
 @needs_tvm
 def test_x86_winograd_convs_match_onnxruntime(tmp_path):
     """Every 3x3 conv of the model is taken by the Winograd pass, and the bundle matches onnxruntime."""
-    skip_unless_tools("g++", package_hint="apt-get install g++")
     import tvm
 
     from onnxprune.targets import tvm_schedules, tvm_winograd
 
-    path = winograd_cnn(tmp_path / "m.onnx")
-    target, mod = x86_layout_module(path)
+    path, target, mod = x86_layout_module(winograd_cnn, tmp_path)
     kernels = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len([k for k in kernels if k.startswith("conv2d_winograd")]) == 4, kernels
     # ... and each fused Winograd kernel (with its bias / ReLU / residual-add epilogue) gets its schedule: a
@@ -436,9 +428,7 @@ def clip_cnn(path: Path) -> Path:
 @needs_tvm
 def test_clip_stays_in_nhwc_and_matches_onnxruntime(tmp_path):
     """Clip (ReLU6) becomes layout-free maximum/minimum, so ConvertLayout adds no transposes around it."""
-    skip_unless_tools("g++", package_hint="apt-get install g++")
-    path = clip_cnn(tmp_path / "m.onnx")
-    _, mod = x86_layout_module(path)
+    path, _, mod = x86_layout_module(clip_cnn, tmp_path)
     text = mod["main"].script()
     assert text.count("R.permute_dims(") == 2, text  # the model's input and output only
     assert "R.call_tir(" not in text, text
