@@ -274,7 +274,7 @@ def schedule(sch: s_tir.Schedule, lanes: int, registers: int) -> None:
         return outer
 
     # zero padding: a vectorised copy, parallel over rows
-    n, h, w, c = sch.get_loops(sch.get_sblock(PAD))
+    n, h, _, c = sch.get_loops(sch.get_sblock(PAD))
     vectorised_split(c, [n, h])
 
     def transform(rows_name: str, name: str) -> None:
