@@ -18,10 +18,12 @@ Where it is used (:func:`winograd_conv2d`, a Relax pass run after the NHWC layou
 ``conv2d`` with a constant 3x3 HWIO weight, stride 1, dilation 1, one group, at least
 :data:`MIN_IN_CHANNELS` input channels and an output-channel count that fills whole vectors. The tile size
 is :func:`tile_size`: F(4, 3) on maps of 14 and more, F(2, 3) below (a 7x7 map in 4x4 tiles pads to 8x8
-and leaves the GEMM only 4 rows). Measured on the 2-vCPU AVX-512 VM, 2 threads, one 3x3 conv of ResNet-50
-each (direct default schedule -> Winograd): 56x56x64 0.91 -> 0.66 ms, 28x28x128 0.90 -> 0.44,
-14x14x256 0.94 -> 0.45, 7x7x512 1.27 -> 0.36. Rounding: max error 2-5e-6 of the output's magnitude
-for F(4, 3) (points 0, +-1, +-1/2, +-2), well inside the 1e-4 the bundles are checked to.
+and leaves the GEMM only 4 rows). ResNet-50's 3x3 convs in the model, 2-vCPU AVX-512 VM, 1 thread (direct
+default schedule -> Winograd): 56x56x64 0.97 -> 0.41 ms, 28x28x128 0.95 -> 0.38, 14x14x256 1.01 -> 0.59,
+7x7x512 1.31 -> 1.07 (its transformed weights, 16 MB, stream from memory); at 2 threads onnxruntime's
+take 0.44 / 0.45 / 0.48 / 0.63 ms, these 0.20 / 0.19 / 0.33 / 0.62. Rounding: max error 2-5e-6 of the
+output's magnitude for one F(4, 3) conv (points 0, +-1, +-1/2, +-2), 1e-6 for all of ResNet-50: well
+inside the 1e-4 the bundles are checked to.
 
 The kernel is scheduled by :func:`schedule` (called from :class:`~.tvm_schedules.ApplyCPUSchedules` for any
 PrimFunc holding a ``winograd_bgemm`` block); it reaches that point fused with its epilogue because
