@@ -737,9 +737,6 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
                 pc.keep = keep
         writers = [pc for pc in units if pc.has_producer]
         readers = [pc for pc in units if not pc.has_producer]
-        first, second = (writers, readers) if config.drive == "writer" else (readers, writers)
-        if config.drive == "free":
-            first, second = units, []
         if config.drive == "reader":
             args = (readers, writers, pieces, reach, fixed, allowed, choose)
             _reader_first(n_keep, *args)
@@ -753,25 +750,24 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
                 while n > 1 and sum(int(pc.keep.sum()) * per[pc.id] for pc in units) > budget:
                     n -= 1
                     _reader_first(n, *args)
-        for pc in first if config.drive != "reader" else []:
-            if pc.id not in fixed:
-                pc.keep = choose(pc, allowed)
-        for pc in second if config.drive == "writer" else []:  # a reader: among what the writers reaching it keep
-            if pc.id in fixed:
-                continue
-            srcs = reach.get(pc.id)
-            within = allowed if srcs is None else allowed & np.logical_or.reduce([pieces[w].keep for w in srcs])
-            pc.keep = choose(pc, within)
-        if config.drive == "writer" and _closed(analysis, group, pieces):
-            # Then each writer drops what none of the readers it reaches reads (it would only add
-            # parameters: every reader has zero columns there).
-            for pc in writers:
-                dsts = [r.id for r in readers if pc.id in (reach.get(r.id) or ())]
-                if pc.id in fixed or not dsts:
+        else:  # "free": every unit chooses; "writer": the writers choose first
+            for pc in units if config.drive == "free" else writers:
+                if pc.id not in fixed:
+                    pc.keep = choose(pc, allowed)
+        if config.drive == "writer":
+            for pc in readers:  # among what the writers reaching it keep
+                if pc.id in fixed:
                     continue
-                read = np.logical_or.reduce([pieces[r].keep for r in dsts])
-                if (pc.keep & read).any():
-                    pc.keep = pc.keep & read
+                srcs = reach.get(pc.id)
+                within = allowed if srcs is None else allowed & np.logical_or.reduce([pieces[w].keep for w in srcs])
+                pc.keep = choose(pc, within)
+            if _closed(analysis, group, pieces):
+                # Then each writer drops what none of the readers it reaches reads (it would only add
+                # parameters: every reader has zero columns there).
+                for pc in writers:
+                    read = _read_by(pc, readers, reach, pieces)
+                    if pc.id not in fixed and read is not None and (pc.keep & read).any():
+                        pc.keep = pc.keep & read
         for pc in units:
             pc.narrow = pc.narrowable
         union = np.logical_or.reduce([pc.keep for pc in units])
@@ -794,9 +790,15 @@ def _reader_first(n, readers, writers, pieces, reach, fixed, allowed, choose) ->
     for pc in writers:
         if pc.id in fixed:
             continue
-        dsts = [r.id for r in readers if pc.id in (reach.get(r.id) or ())]
-        keep = allowed & np.logical_or.reduce([pieces[r].keep for r in dsts]) if dsts else None
+        read = _read_by(pc, readers, reach, pieces)
+        keep = allowed & read if read is not None else None
         pc.keep = keep if keep is not None and keep.any() else choose(pc, allowed)
+
+
+def _read_by(writer: Piece, readers: list[Piece], reach, pieces: list[Piece]) -> np.ndarray | None:
+    """The channels the readers this writer reaches keep (their union); None when it reaches none."""
+    dsts = [r.id for r in readers if writer.id in (reach.get(r.id) or ())]
+    return np.logical_or.reduce([pieces[r].keep for r in dsts]) if dsts else None
 
 
 def _params_per_channel(pc: Piece, analysis: ChannelAnalysis) -> float:
