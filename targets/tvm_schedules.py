@@ -80,10 +80,6 @@ def clip_as_elementwise() -> tvm.transform.Pass:
 
     @relax.expr_functor.mutator
     class _Clip(relax.PyExprMutator):
-        def __init__(self, mod: tvm.IRModule) -> None:
-            super().__init__(mod)
-            self.mod = mod
-
         def visit_call_(self, call: relax.Call) -> relax.Expr:
             call = super().visit_call_(call)
             if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.call_tir":

@@ -214,9 +214,9 @@ def winograd_conv2d(lanes: int, registers: int) -> tvm.transform.Pass:
     return _pass
 
 
-def _has_block(func: tirx.PrimFunc, name: str) -> bool:
+def _has_block(sch: s_tir.Schedule, name: str) -> bool:
     try:
-        s_tir.Schedule(func).get_sblock(name)
+        sch.get_sblock(name)
     except Exception:  # noqa: BLE001 - "no such block"
         return False
     return True
@@ -232,7 +232,7 @@ def mark_fusable(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRMo
 
 
 def is_winograd_func(func: tirx.PrimFunc) -> bool:
-    return _has_block(func, GEMM)
+    return is_winograd(s_tir.Schedule(func))
 
 
 def is_stage(sch: s_tir.Schedule, block) -> bool:
@@ -246,11 +246,7 @@ def is_output_stage(sch: s_tir.Schedule, block) -> bool:
 
 
 def is_winograd(sch: s_tir.Schedule) -> bool:
-    try:
-        sch.get_sblock(GEMM)
-    except Exception:  # noqa: BLE001
-        return False
-    return True
+    return _has_block(sch, GEMM)
 
 
 def schedule(sch: s_tir.Schedule, lanes: int, registers: int) -> None:
