@@ -52,7 +52,7 @@ def removal_error_report(model, stats, criteria, parts=(6, 3, 2)) -> list[str]:
     """Per criterion: classifier output error when the first 1/6, 1/3, 1/2 of its ranking in the group that
     feeds the classifier is removed without repair (E||W_S x_S||^2 from the calibration Hessian; in
     brackets the part from the removed channels' mean, which no repair leaves uncorrected)."""
-    from onnxprune.passes.scoring import get_criterion
+    from onnxprune.criteria import get_criterion
 
     from onnxprune.channels import analyze
 

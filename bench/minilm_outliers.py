@@ -21,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.passes.scoring import Magnitude, get_criterion
+from onnxprune.criteria import Magnitude, get_criterion
 
 from bench.minilm_accuracy import CALIB_LEN, MODEL, packed, sentences, tokenizer
 from onnxprune.calibration import CalibrationData, collect_stats

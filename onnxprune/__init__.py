@@ -15,7 +15,7 @@ from onnxprune.io import save_model  # noqa: E402
 from onnxprune.passes.cleanup import CheckPass, DeadCodeEliminationPass, ShapeInferencePass  # noqa: E402
 from onnxprune.passes.normalize import NormalizePass  # noqa: E402
 from onnxprune.passes.pruning import PruneConfig, PrunePass  # noqa: E402
-from onnxprune.passes.scoring import CRITERIA, Criterion, Magnitude, Random  # noqa: E402
+from onnxprune.criteria import CRITERIA, Criterion, Magnitude, Random  # noqa: E402
 from onnxprune.passmanager import (  # noqa: E402
     DumpInstrument, Instrument, Pass, PassManager, PassResult, TimingInstrument,
 )

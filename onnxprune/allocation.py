@@ -79,7 +79,7 @@ def removal_order(
     *which* channels go follows `scores`. `PrunePass` passes channel magnitudes here for the LAMP
     allocation, so every criterion is compared on the same layer-adaptive budgets.
     """
-    from onnxprune.passes.scoring import lamp_transform
+    from onnxprune.criteria import lamp_transform
 
     if allocation not in ALLOCATIONS:
         raise UsageError(f"unknown allocation {allocation!r} (choose from {', '.join(ALLOCATIONS)})")

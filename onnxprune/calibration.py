@@ -9,7 +9,7 @@ calibration samples are fed one at a time (``arr[i:i+1]``) and, for each consume
 * per input position: mean ``|x|``, the fraction of exact zeros (APoZ), mean and mean square.
 
 Only the statistics are kept, never the activations, so memory is bounded by the Hessians.
-Importance criteria (`passes/scoring.py`) and the calibrated repair (`passes/repair.py`) read them.
+Importance criteria (`criteria.py`) and the calibrated repair (`repair.py`) read them.
 """
 
 from __future__ import annotations

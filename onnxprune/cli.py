@@ -197,7 +197,7 @@ def cmd_prune(args) -> int:
     keep_external = has_lazy(model) or None  # weights came in a data file: write them to one too
     result = prune.run(model)
     if not result.modified:  # nothing removed: the output still says what was done
-        from onnxprune.passes.pruning import stamp
+        from onnxprune.metadata import stamp
 
         stamp(result.model, result.info["summary"])
     save_model(result.model, out, external_data=keep_external)

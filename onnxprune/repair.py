@@ -35,7 +35,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.calibration import CalibrationStats, Consumer, channel_moments, consumers
-from onnxprune.channels import ChannelAnalysis, DimRef
+from onnxprune.channels import ChannelAnalysis, DimRef, analyze
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
 
@@ -429,3 +429,22 @@ def _cross_stats(original, current, wave, data, max_rows, seed, rows_fn, budget_
                 a[1] += ro.T @ rc
                 a[2] += len(rc)
     return {name: (h / max(1, n), cr / max(1, n)) for name, (h, cr, n) in acc.items()}
+
+
+def reanalyze(analysis: ChannelAnalysis, labels: np.ndarray, model: onnx.ModelProto, allow_inexact: bool):
+    """Analysis of the repaired model and the labels there of the same removed positions.
+
+    Repair only changes values, never the graph's structure, so every removed position still exists; a
+    coupling change would mean the repair broke the model, hence the check.
+    """
+    if model is analysis.graph.model:
+        return analysis, labels
+    new = analyze(ModelGraph(model), allow_inexact=allow_inexact)
+    removed = analysis.removed_positions(labels)
+    parts = [new.dim_labels(ref)[pos] for ref, pos in removed.items() if ref in new.dims]
+    new_labels = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+    check = new.removed_positions(new_labels)
+    for ref, pos in removed.items():
+        if ref in new.dims and not np.array_equal(check.get(ref, np.zeros(0)), pos):
+            raise RuntimeError(f"repair changed the channel coupling of {ref}")
+    return new, new_labels

@@ -53,9 +53,8 @@ def sensitivity(
     allow_inexact: bool = False,
 ) -> list[SensitivityRow]:
     from onnxprune.importer import infer_shapes
-    from onnxprune.passes.pruning import _reanalyze
-    from onnxprune.passes.repair import repair_sequential, repair_weights
-    from onnxprune.passes.scoring import get_criterion
+    from onnxprune.repair import reanalyze, repair_sequential, repair_weights
+    from onnxprune.criteria import get_criterion
     from onnxprune.rewrite import apply_plan
 
     analysis = analyze(ModelGraph(model), allow_inexact=allow_inexact)
@@ -74,10 +73,10 @@ def sensitivity(
             work, work_labels = analysis, labels
             if repair == "seq":
                 repaired, _ = repair_sequential(analysis, labels, data)
-                work, work_labels = _reanalyze(analysis, labels, repaired, allow_inexact)
+                work, work_labels = reanalyze(analysis, labels, repaired, allow_inexact)
             elif repair != "none":
                 repaired, _ = repair_weights(analysis, labels, repair, stats)
-                work, work_labels = _reanalyze(analysis, labels, repaired, allow_inexact)
+                work, work_labels = reanalyze(analysis, labels, repaired, allow_inexact)
             pruned = infer_shapes(apply_plan(work, work_labels))
             errors.append(relative_error(reference, _outputs(pruned, data)))
         members = ", ".join(str(m) for m in g.param_members[:2]) + (" …" if len(g.param_members) > 2 else "")

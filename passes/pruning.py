@@ -5,7 +5,6 @@ The pass's `info["summary"]` is the record written into the model's metadata and
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 
@@ -19,10 +18,9 @@ from onnxprune.importer import check_model, infer_shapes
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.passmanager import Pass, PassResult
 from onnxprune.plan import PruningPlan, make_plan
+from onnxprune.metadata import stamp
+from onnxprune.repair import reanalyze
 from onnxprune.rewrite import apply_plan
-
-SUMMARY_KEY = "onnxprune.summary"
-
 
 @dataclass(frozen=True)
 class PruneConfig:
@@ -43,7 +41,7 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         from onnxprune.allocation import ALLOCATIONS
-        from onnxprune.passes.repair import REPAIRS
+        from onnxprune.repair import REPAIRS
 
         if not 0 <= self.ratio < 1:
             raise UsageError(f"ratio must be in [0, 1), got {self.ratio}")
@@ -81,14 +79,14 @@ class PrunePass(Pass):
     def criterion(self, stats=None):
         if self._criterion is not None:
             return self._criterion
-        from onnxprune.passes.scoring import get_criterion
+        from onnxprune.criteria import get_criterion
 
         repair = "ls" if self.config.repair == "seq" else self.config.repair  # OBS: both leave the OBS error
         return get_criterion(self.config.criterion, self.config.seed, stats, repair)
 
     def check_data(self) -> list[str]:
         """Fail early when data is required but missing; one-line notices for data-free fallbacks."""
-        from onnxprune.passes.scoring import CRITERIA, DATA_CRITERIA
+        from onnxprune.criteria import CRITERIA, DATA_CRITERIA
 
         c = self.config
         if self._criterion is None and c.criterion not in CRITERIA:
@@ -135,7 +133,7 @@ class PrunePass(Pass):
                 # of the channel L1 norms, whatever the criterion; the criterion picks which channels go.
                 # So every criterion is compared on the same budgets (not on budgets its own score
                 # distribution happens to induce, e.g. uniform for random, [0, 1] plateaus for APoZ).
-                from onnxprune.passes.scoring import Magnitude
+                from onnxprune.criteria import Magnitude
 
                 budget = Magnitude(1).score_all(analysis)
             if c.allocation_name != "sensitivity":
@@ -184,20 +182,20 @@ class PrunePass(Pass):
         if len(labels):
             work, work_labels = analysis, labels
             if self.config.repair == "seq":
-                from onnxprune.passes.repair import repair_sequential
+                from onnxprune.repair import repair_sequential
 
                 from onnxprune.calibration import check_calib
 
                 data = check_calib(self.calib, model, self.config.calib_samples)
                 repaired, report = repair_sequential(analysis, labels, data, seed=self.config.seed)
                 repair_info = report.as_dict()
-                work, work_labels = _reanalyze(analysis, labels, repaired, self.config.allow_inexact)
+                work, work_labels = reanalyze(analysis, labels, repaired, self.config.allow_inexact)
             elif self.config.repair != "none":
-                from onnxprune.passes.repair import repair_weights
+                from onnxprune.repair import repair_weights
 
                 repaired, report = repair_weights(analysis, labels, self.config.repair, stats)
                 repair_info = report.as_dict()
-                work, work_labels = _reanalyze(analysis, labels, repaired, self.config.allow_inexact)
+                work, work_labels = reanalyze(analysis, labels, repaired, self.config.allow_inexact)
             pruned = infer_shapes(apply_plan(work, work_labels))
             check_model(pruned)
         else:
@@ -222,33 +220,3 @@ class PrunePass(Pass):
         if len(labels):
             stamp(pruned, summary)
         return PassResult(pruned, bool(len(labels)), {"summary": summary, "analysis": analysis, "plan": plan})
-
-
-def stamp(model: onnx.ModelProto, summary: dict) -> None:
-    """Record what was done (tool, config, plan, sizes) in the model's metadata_props for auditing."""
-    _set_metadata(model, SUMMARY_KEY, json.dumps({k: v for k, v in summary.items() if k != "barriers"}))
-
-
-def _reanalyze(analysis: ChannelAnalysis, labels, model: onnx.ModelProto, allow_inexact: bool):
-    """Analysis of the repaired model and the labels there of the same removed positions."""
-    import numpy as np
-
-    if model is analysis.graph.model:
-        return analysis, labels
-    new = analyze(ModelGraph(model), allow_inexact=allow_inexact)
-    removed = analysis.removed_positions(labels)
-    parts = [new.dim_labels(ref)[pos] for ref, pos in removed.items() if ref in new.dims]
-    new_labels = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
-    check = new.removed_positions(new_labels)
-    for ref, pos in removed.items():
-        if ref in new.dims and not np.array_equal(check.get(ref, np.zeros(0)), pos):
-            raise RuntimeError(f"repair changed the channel coupling of {ref}")
-    return new, new_labels
-
-
-def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
-    for prop in model.metadata_props:
-        if prop.key == key:
-            prop.value = value
-            return
-    model.metadata_props.add(key=key, value=value)

@@ -77,8 +77,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from onnxprune.passes.reorder import choose_order, dim_takes
-from onnxprune.passes.scoring import per_channel, position_norms
+from onnxprune.ordering import choose_order, dim_takes
+from onnxprune.criteria import per_channel, position_norms
 
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, ChannelSlice, DimRef, analyze
 from onnxprune.errors import UsageError
@@ -919,7 +919,7 @@ def _shared_scores(group: ChannelGroup, analysis: ChannelAnalysis, criterion: st
     """The group's one ranking: the constrained criterion of the same name (l1, l2, bn: exactly what
     `PrunePass` scores), or for ``energy`` (no constrained twin) the mean of the units' normalised scores."""
     if criterion in ("l1", "l2", "bn"):
-        from onnxprune.passes.scoring import get_criterion
+        from onnxprune.criteria import get_criterion
 
         return _normalised(get_criterion(criterion).score(group, analysis))
     return _normalised(np.mean([_normalised(o) for o in own], axis=0))
@@ -1525,7 +1525,7 @@ class UnconstrainedPass(Pass):
         }
         import json
 
-        from onnxprune.passes.pruning import SUMMARY_KEY, _set_metadata
+        from onnxprune.metadata import SUMMARY_KEY, set_metadata
 
-        _set_metadata(pruned, SUMMARY_KEY, json.dumps(summary))
+        set_metadata(pruned, SUMMARY_KEY, json.dumps(summary))
         return PassResult(pruned, True, {"summary": summary, "plan": plan, "copies": report})

@@ -17,9 +17,9 @@ from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import import_model, infer_shapes
 from onnxprune.metrics import count_macs, count_params
-from onnxprune.passes.pruning import PruneConfig, PrunePass, _reanalyze
-from onnxprune.passes.repair import repair_sequential, repair_weights
-from onnxprune.passes.scoring import CRITERIA, get_criterion
+from onnxprune.passes.pruning import PruneConfig, PrunePass
+from onnxprune.repair import reanalyze, repair_sequential, repair_weights
+from onnxprune.criteria import CRITERIA, get_criterion
 from onnxprune.plan import PruningPlan
 from onnxprune.rewrite import apply_mask, apply_plan
 from onnxprune.verify import max_rel_error, random_inputs, run
@@ -120,7 +120,7 @@ def test_repaired_pruned_equals_repaired_masked(name, repair):
     repaired, report = repair_weights(analysis, labels, repair, stats)
     if repair == "ls":
         assert report.repaired
-    work, work_labels = _reanalyze(analysis, labels, repaired, False)
+    work, work_labels = reanalyze(analysis, labels, repaired, False)
     pruned = infer_shapes(apply_plan(work, work_labels))
     masked = apply_mask(work, work_labels)
     inputs = random_inputs(model, seed=3)
@@ -141,7 +141,7 @@ def test_sequential_repair_keeps_dead_channel_semantics_and_is_a_noop_at_zero(na
     labels = PrunePass(PruneConfig(ratio=0.4)).plan(analysis).labels(analysis)
     repaired, report = repair_sequential(analysis, labels, calib)
     assert report.repaired
-    work, work_labels = _reanalyze(analysis, labels, repaired, False)
+    work, work_labels = reanalyze(analysis, labels, repaired, False)
     pruned = infer_shapes(apply_plan(work, work_labels))
     assert max_rel_error(run(apply_mask(work, work_labels), inputs), run(pruned, inputs)) <= 1e-5
 
@@ -207,7 +207,7 @@ def test_ls_repair_is_exact_when_removed_inputs_are_linear_in_kept_ones():
     inputs = {"x": rng.standard_normal((1, 8)).astype(np.float32)}
     plain = infer_shapes(apply_plan(analysis, labels))
     repaired, _ = repair_weights(analysis, labels, "ls", stats, damp=1e-9)
-    work, wl = _reanalyze(analysis, labels, repaired, False)
+    work, wl = reanalyze(analysis, labels, repaired, False)
     fixed = infer_shapes(apply_plan(work, wl))
     ref = run(model, inputs)
     assert max_rel_error(ref, run(plain, inputs)) > 0.05

@@ -18,7 +18,7 @@ import pytest
 from conftest import canonical
 from onnx import TensorProto, helper, numpy_helper
 from onnxprune.passes.pruning import PruneConfig, PrunePass
-from onnxprune.passes.scoring import get_criterion
+from onnxprune.criteria import get_criterion
 
 from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.channels import analyze

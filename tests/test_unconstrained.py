@@ -9,7 +9,8 @@ import pytest
 from conftest import canonical
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnxprune.passes.reorder import ReorderPass, choose_order, runs
+from onnxprune.ordering import choose_order, runs
+from onnxprune.passes.reorder import ReorderPass
 from onnxprune.passes.unconstrained import (
     UnconstrainedConfig,
     UnconstrainedPass,
