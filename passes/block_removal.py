@@ -1,10 +1,18 @@
 """Whole-block removal (ShortGPT / BlockPruner style): drop the residual blocks that matter least.
 
-A *residual block* is an ``Add(skip, branch)`` whose branch is computed from ``skip`` alone: walking back
-from ``branch``, every path ends at ``skip`` or at a constant, and no tensor inside the branch is used
-outside it. Removing the block replaces the Add's output by ``skip`` (the branch becomes dead code).
-In a transformer each attention sub-block and each MLP sub-block is one; in a ResNet each identity-skip
-stage is one.
+A *residual block* is an ``Add(skip, branch)`` whose branch is computed from ``skip`` alone and used
+nowhere else. Both halves are questions about the dependency graph `ModelGraph.nx`:
+
+- *computed from skip alone*: ``skip`` dominates ``branch`` (`ModelGraph.dominates`, from networkx's
+  immediate dominators with a virtual source feeding every graph input): every run-time path to the branch
+  passes through the skip, so walking back from ``branch`` without crossing ``skip`` meets only the branch's
+  own nodes and constants. That walk (`ModelGraph.ancestors`) gives the branch's nodes.
+- *used nowhere else*: no tensor the branch's nodes produce is a graph output or read by a node outside
+  the branch other than the Add (a subgraph reading it counts). This is checked directly on the branch's
+  out-edges rather than by post-dominance, which would have to ignore readers that lead to no output.
+
+Removing the block replaces the Add's output by ``skip`` (the branch becomes dead code). In a transformer
+each attention sub-block and each MLP sub-block is one; in a ResNet each identity-skip stage is one.
 
 Start reading at `find_blocks`, then `BlockRemovalPass.call`: on calibration inputs, each candidate is
 removed in turn and scored by how much the model's outputs change (``metric="output"``, BlockPruner's
@@ -58,15 +66,14 @@ class BlockRemovalConfig:
 def find_blocks(model: onnx.ModelProto) -> list[ResidualBlock]:
     """Every Add whose one operand is a self-contained branch computed from the other operand."""
     graph = ModelGraph(model)
-    outputs = set(graph.graph_outputs)
     blocks = []
-    for node in graph.nodes:
+    for index, node in enumerate(graph.nodes):
         if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             continue
         for skip, branch in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
             if graph.shape(skip) is None or graph.shape(skip) != graph.shape(node.output[0]):
                 continue
-            cone = _branch(graph, skip, branch, node, outputs)
+            cone = _branch(graph, skip, branch, index)
             if cone:
                 params = sum(
                     int(np.prod(graph.shape(i))) for n in cone for i in n.input
@@ -77,41 +84,25 @@ def find_blocks(model: onnx.ModelProto) -> list[ResidualBlock]:
     return blocks
 
 
-def _branch(graph: ModelGraph, skip: str, branch: str, add: onnx.NodeProto, outputs: set[str]):
-    """Nodes computing `branch` from `skip` and constants only, used nowhere else; [] if not a block."""
-    cone: dict[str, onnx.NodeProto] = {}
-    stack = [branch]
-    seen = set()
-    touches_skip = False
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        if name == skip:
-            touches_skip = True
-            continue
-        if graph.is_initializer(name):
-            continue
-        producer = graph.producer.get(name)
-        if producer is None:  # a graph input other than the skip: not self-contained
-            return []
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in producer.attribute):
-            return []
-        cone[producer.name] = producer
-        stack.extend(i for i in producer.input if i)
-    if not cone or not touches_skip:
+def _branch(graph: ModelGraph, skip: str, branch: str, add: int) -> list[onnx.NodeProto]:
+    """Nodes (in graph order) computing `branch` from `skip` and constants only, used nowhere else but by the
+    Add at index `add`; [] if not a block."""
+    if skip == branch or not graph.dominates(skip, branch):
         return []
-    inside = set(cone)
-    for n in cone.values():
-        for o in n.output:
-            if o in outputs:
+    cone = sorted(index for kind, index in graph.ancestors(branch, stop=(skip,)) if kind == "op")
+    nodes = [graph.nodes[index] for index in cone]
+    if not nodes or any(_has_subgraph(n) for n in nodes):  # a subgraph may read anything: never a block
+        return []
+    inside = {("op", index) for index in cone} | {("op", add)}
+    for index in cone:
+        for tensor in graph.nx.successors(("op", index)):
+            if graph.nx.nodes[tensor]["graph_output"] or any(r not in inside for r in graph.nx.successors(tensor)):
                 return []
-            for use in graph.consumers.get(o, []):
-                if use.node.name not in inside and use.node is not add and use.node.name != add.name:
-                    return []
-    order = {n.name: k for k, n in enumerate(graph.nodes)}
-    return sorted(cone.values(), key=lambda n: order[n.name])
+    return nodes
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
 def remove_block(model: onnx.ModelProto, block: ResidualBlock) -> onnx.ModelProto:
