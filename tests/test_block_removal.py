@@ -86,3 +86,67 @@ def test_nearly_inert_block_is_chosen(decoder, metric):
 def test_zero_blocks_is_a_no_op(decoder):
     result = BlockRemovalPass(BlockRemovalConfig(num_blocks=0)).run(decoder)
     assert result.modified is False and result.model is decoder
+
+
+# ---- which Adds are blocks: small graphs built by hand ---------------------------------------------------
+def _residual(extra_nodes=(), branch_input="h", extra_inputs=(), extra_outputs=()):
+    """x -> Relu -> a; branch h = Relu(Mul(a, w)), b = Mul(<branch_input>, w2); out = Add(a, b)."""
+    from onnx import TensorProto, helper
+
+    def info(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4])
+
+    w = numpy_helper.from_array(np.full((1, 4), 0.5, np.float32), "w")
+    w2 = numpy_helper.from_array(np.full((1, 4), 2.0, np.float32), "w2")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="pre"),
+        helper.make_node("Mul", ["a", "w"], ["m"], name="mul"),
+        helper.make_node("Relu", ["m"], ["h"], name="act"),
+        helper.make_node("Mul", [branch_input, "w2"], ["b"], name="mul2"),
+        helper.make_node("Add", ["a", "b"], ["y"], name="add"),
+        *extra_nodes,
+    ]
+    inputs = [info("x")] + [info(n) for n in extra_inputs]
+    graph = helper.make_graph(nodes, "g", inputs, [info("y")] + [info(n) for n in extra_outputs], [w, w2])
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_self_contained_branch_is_a_block():
+    (block,) = find_blocks(_residual())
+    assert (block.add, block.skip, block.nodes, block.params) == ("add", "a", ("mul", "act", "mul2"), 8)
+
+
+def test_branch_reading_a_second_graph_input_is_not_a_block():
+    from onnx import helper
+
+    mix = helper.make_node("Add", ["h", "z"], ["hz"], name="mix")
+    assert find_blocks(_residual([mix], branch_input="hz", extra_inputs=["z"])) == []
+
+
+def test_branch_with_an_outside_consumer_is_not_a_block():
+    from onnx import helper
+
+    tap = helper.make_node("Sigmoid", ["h"], ["side"], name="tap")
+    assert find_blocks(_residual([tap], extra_outputs=["side"])) == []
+    assert find_blocks(_residual(extra_outputs=["h"])) == []  # a branch tensor that is a graph output
+
+
+def test_branch_read_inside_an_outside_subgraph_is_not_a_block():
+    from onnx import TensorProto, helper
+
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["h"], ["t"])], "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 4])]
+    )  # fmt: skip
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    branch = helper.make_node("If", ["cond"], ["side"], name="if", then_branch=then, else_branch=then)
+    model = _residual([branch], extra_outputs=["side"])
+    model.graph.initializer.append(cond)
+    assert find_blocks(model) == []
+
+
+def test_empty_node_names_do_not_confuse_the_branch():
+    model = _residual()
+    for node in model.graph.node:
+        node.name = ""
+    (block,) = find_blocks(model)
+    assert block.skip == "a" and len(block.nodes) == 3
