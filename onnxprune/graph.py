@@ -157,10 +157,12 @@ class ModelGraph:
 
     def op(self, key: Key) -> onnx.NodeProto:
         """The node behind an op key of `nx`."""
-        return self.nodes[key[1]]
+        index = key[1]
+        assert isinstance(index, int), key
+        return self.nodes[index]
 
     def topological_nodes(self) -> list[onnx.NodeProto]:
-        return [self.nodes[key[1]] for key in nx.topological_sort(self.nx) if key[0] == "op"]
+        return [self.op(key) for key in nx.topological_sort(self.nx) if key[0] == "op"]
 
     def has_cycle(self) -> bool:
         return not nx.is_directed_acyclic_graph(self.nx)

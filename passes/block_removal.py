@@ -79,7 +79,8 @@ def find_blocks(model: onnx.ModelProto) -> list[ResidualBlock]:
                     int(np.prod(graph.shape(i))) for n in cone for i in n.input
                     if graph.is_initializer(i) and graph.dtype(i) in (1, 10, 11, 16)
                 )  # fmt: skip
-                blocks.append(ResidualBlock(node.name, skip, node.output[0], tuple(n.name for n in cone), params))
+                names = tuple(n.name for n in cone)
+                blocks.append(ResidualBlock(node.name, skip, node.output[0], names, params))
                 break
     return blocks
 
@@ -94,9 +95,11 @@ def _branch(graph: ModelGraph, skip: str, branch: str, add: int) -> list[onnx.No
     if not nodes or any(_has_subgraph(n) for n in nodes):  # a subgraph may read anything: never a block
         return []
     inside = {("op", index) for index in cone} | {("op", add)}
+    flow = graph.nx
     for index in cone:
-        for tensor in graph.nx.successors(("op", index)):
-            if graph.nx.nodes[tensor]["graph_output"] or any(r not in inside for r in graph.nx.successors(tensor)):
+        for tensor in flow.successors(("op", index)):
+            readers = flow.successors(tensor)
+            if flow.nodes[tensor]["graph_output"] or any(reader not in inside for reader in readers):
                 return []
     return nodes
 

@@ -10,6 +10,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+
+from models.decoder import CONFIGS, build_decoder, token_inputs
+from onnxprune.external import materialize
+from onnxprune.graph import ModelGraph
+from onnxprune.importer import check_model, import_model
+from onnxprune.metrics import count_params
 from onnxprune.passes.block_removal import (
     BlockRemovalConfig,
     BlockRemovalPass,
@@ -17,12 +23,6 @@ from onnxprune.passes.block_removal import (
     find_blocks,
     remove_block,
 )  # fmt: skip
-
-from models.decoder import CONFIGS, build_decoder, token_inputs
-from onnxprune.external import materialize
-from onnxprune.graph import ModelGraph
-from onnxprune.importer import check_model, import_model
-from onnxprune.metrics import count_params
 from onnxprune.verify import run
 
 CFG = CONFIGS["tiny"]
