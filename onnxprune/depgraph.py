@@ -31,19 +31,16 @@ Python objects per atom and per link. Measured on a ResNet-50-sized model (bottl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import networkx as nx
 
 from onnxprune.channels import ChannelAnalysis
-from onnxprune.errors import OnnxPruneError, UsageError
+from onnxprune.errors import UsageError
 from onnxprune.graph import Key
+from onnxprune.io import write_atomically
 
 FORMATS = (".graphml", ".json")
 
@@ -129,10 +126,10 @@ def write_graph(analysis: ChannelAnalysis, path: str | os.PathLike) -> Path:
         data = _node_link_data(exported)
         data["groups"] = groups
         text = json.dumps(data).encode()
-        _replace_atomically(path, lambda f: f.write(text))
+        write_atomically(path, lambda f: f.write(text))
     else:
         _scalar_attributes(exported)
-        _replace_atomically(path, lambda f: nx.write_graphml(exported, f))
+        write_atomically(path, lambda f: nx.write_graphml(exported, f))
     return path
 
 
@@ -159,30 +156,3 @@ def _scalar_attributes(graph: nx.DiGraph) -> None:
                 del data[name]
             elif not isinstance(value, (str, int, float, bool)):
                 data[name] = json.dumps(value)
-
-
-def _replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through a temporary file beside `path` (``.NAME.<random>.tmp``), then rename it over `path`."""
-    folder = path.parent
-    if not folder.is_dir():
-        raise OnnxPruneError(f"{path}: output folder does not exist")
-    if path.is_dir():
-        raise OnnxPruneError(f"{path}: output path is a directory")
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # the permissions a plain open() would give
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise OnnxPruneError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)

@@ -14,10 +14,13 @@ only after the new model is in place: at every instant the destination names a c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 
@@ -99,10 +102,8 @@ def _mkstemp(prefix: str, folder: Path) -> Path:
 
 
 def _remove_quietly(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         path.unlink()
-    except OSError:
-        pass
 
 
 def _write_proto(model: onnx.ModelProto, path: Path) -> None:
@@ -190,3 +191,30 @@ def _write_external(model: onnx.ModelProto, data_path: Path, data_name: str) -> 
         f.flush()
         os.fsync(f.fileno())
     return header
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write through a temporary file beside `path` (``.NAME.<random>.tmp``), then rename it over `path`."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise OnnxPruneError(f"{path}: output folder does not exist")
+    if path.is_dir():
+        raise OnnxPruneError(f"{path}: output path is a directory")
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # the permissions a plain open() would give
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise OnnxPruneError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
