@@ -85,13 +85,15 @@ def sensitivity(
 
 
 def plot(rows: list[SensitivityRow], ratios: list[float], path, title: str = "") -> None:
-    """PNG: output error vs ratio, one line per group."""
-    import matplotlib
+    """PNG: output error vs ratio, one line per group.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Draws on a standalone `Figure` (Agg canvas), never through pyplot: the caller's matplotlib backend and
+    open figures are left alone.
+    """
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    ax = fig.subplots()
     for row in rows:
         ax.plot([r * 100 for r in ratios], row.errors, marker="o", label=f"group {row.group} ({row.channels} ch)")
     ax.set_xlabel("channels removed from the group (%)")
@@ -102,4 +104,3 @@ def plot(rows: list[SensitivityRow], ratios: list[float], path, title: str = "")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

@@ -8,6 +8,7 @@ channels (`rewrite.apply_plan`), and compare every output.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,9 +17,11 @@ import onnx
 from onnxprune.channels import ChannelAnalysis, ChannelGroup
 
 
-def session(model: onnx.ModelProto | str, optimize: bool = False, spin: bool = True):
-    """An onnxruntime CPU session; `spin=False` stops its threads busy-waiting between runs (callers that
-    do heavy numpy/BLAS work between runs, e.g. calibration statistics, would otherwise fight them)."""
+def session(model: onnx.ModelProto | str | os.PathLike, optimize: bool = False, spin: bool = True):
+    """An onnxruntime CPU session of a model or a model file (str or path-like).
+
+    `spin=False` stops its threads busy-waiting between runs (callers that do heavy numpy/BLAS work between
+    runs, e.g. calibration statistics, would otherwise fight them)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -29,8 +32,8 @@ def session(model: onnx.ModelProto | str, optimize: bool = False, spin: bool = T
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     opts.log_severity_level = 3
-    if isinstance(model, str):
-        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(os.fspath(model), opts, providers=["CPUExecutionProvider"])
     from onnxprune import external
 
     if external.has_lazy(model):  # weights in external files: onnxruntime needs them in memory or on disk
@@ -53,7 +56,7 @@ def _session_from_disk(model: onnx.ModelProto, opts):
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def run(model: onnx.ModelProto | str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     sess = session(model)
     names = {i.name for i in sess.get_inputs()}
     return sess.run(None, {k: v for k, v in inputs.items() if k in names})

@@ -1,0 +1,43 @@
+"""Small API contracts a library user relies on: path-like arguments, typed package, no global side effects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from models.testmodels import TEST_MODELS
+from onnxprune.verify import random_inputs, run, session
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_verify_accepts_path_like(tmp_path):
+    model = TEST_MODELS["concat"]()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    inputs = random_inputs(model)
+    expected = run(model, inputs)
+    for form in (path, str(path)):
+        got = run(form, inputs)
+        assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+    assert session(path).get_inputs()[0].name == model.graph.input[0].name
+
+
+def test_package_is_typed():
+    assert (ROOT / "onnxprune" / "py.typed").is_file()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"onnxprune" = ["py.typed"]' in pyproject
+
+
+def test_sensitivity_plot_leaves_the_callers_backend_alone(tmp_path):
+    import matplotlib
+
+    from onnxprune.sensitivity import SensitivityRow, plot
+
+    before = matplotlib.get_backend()
+    rows = [SensitivityRow(group=0, channels=8, params=100, members="w", errors=[0.1, 0.2])]
+    plot(rows, [0.25, 0.5], tmp_path / "s.png", title="t")
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == before
