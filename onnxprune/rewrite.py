@@ -200,3 +200,63 @@ def apply_mask(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.Mo
             array[tuple(index)] = fill
         model.graph.initializer.append(numpy_helper.from_array(array, t.name))
     return model
+
+
+def silence(array: np.ndarray, cuts: list[tuple[int, np.ndarray]], role: str | None = None) -> np.ndarray:
+    """A copy of `array` with each cut's positions silenced the way `apply_mask` silences channels.
+
+    Args:
+        array: a parameter's values.
+        cuts: ``(axis, positions)`` pairs to silence.
+        role: the parameter's role in the channel analysis; variances and divisors get 1 (a zero would make
+            inf, not silence), everything else 0.
+    """
+    out = array.copy()
+    fill = 1 if role in _ONE_ROLES else 0
+    for axis, positions in cuts:
+        index = [slice(None)] * out.ndim
+        index[axis] = positions
+        out[tuple(index)] = fill
+    return out
+
+
+def apply_takes(
+    graph: ModelGraph, takes: dict[DimRef, np.ndarray], values: dict[str, np.ndarray] | None = None
+) -> onnx.ModelProto:
+    """A new model keeping, on every dim in `takes`, the positions listed there in that order.
+
+    The general form of `apply_plan`: a take may narrow a dim, reorder it, or both, and each dim has its own
+    (unconstrained pruning gives coupled dims different widths). Initializers are taken from `values` where
+    given (e.g. silenced copies), else from the model; rules fix every node touching a narrowed dim.
+    """
+    from onnxprune.rules import RULES
+
+    values = values or {}
+    removed: dict[DimRef, np.ndarray] = {}
+    by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for ref, take in takes.items():
+        gone = np.setdiff1d(np.arange(graph.size(ref.tensor, ref.axis)), take)
+        if len(gone):
+            removed[ref] = gone
+        by_tensor.setdefault(ref.tensor, []).append((ref.axis, take))
+    model = _copy_without_weights(graph.model)
+    g = model.graph
+    for t in graph.model.graph.initializer:
+        if t.name not in by_tensor and t.name not in values:
+            g.initializer.append(t)
+            continue
+        array = values.get(t.name)
+        array = graph.const(t.name) if array is None else array
+        for axis, take in by_tensor.get(t.name, []):
+            array = np.take(array, take, axis=axis)
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), t.name))
+    ctx = RewriteContext(graph, removed)
+    nodes = {n.name: n for n in g.node}
+    originals = {n.name: n for n in graph.nodes}
+    for node in nodes.values():
+        rule = RULES.get(node.domain, node.op_type)
+        if rule is not None and _touches_changed(node, ctx):
+            rule.rewrite(node, ctx)
+    _materialize_edits(g, nodes, originals, ctx)
+    _remove_unused_initializers(g)
+    return model
