@@ -30,7 +30,11 @@ import onnx
 import scipy.sparse
 import scipy.sparse.csgraph
 
-from onnxprune.graph import ModelGraph
+from onnxprune.errors import UnsupportedModelError
+from onnxprune.graph import ModelGraph, subgraph_reads
+from onnxprune.onnx_utils import has_subgraph, opset_of
+from onnxprune.rules import RULES
+from onnxprune.rules.protocols import RuleBarrier
 
 
 @dataclass(frozen=True)
@@ -54,10 +58,6 @@ class Barrier:
 
 # Dims larger than this are never treated as channels (no real layer has them; fuzzed shapes do).
 MAX_CHANNELS = 1 << 26
-
-
-class RuleBarrier(Exception):
-    """Raised by a rule: this node cannot pass channels; all its dims are frozen."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,7 +104,8 @@ class ChannelGroup:
 
 @dataclass
 class CouplingContext:
-    """What a rule sees while coupling one node; collects atom links, frozen and inexact dims."""
+    """What a rule sees while coupling one node (`rules.protocols.CouplingContext`); collects atom links,
+    frozen and inexact dims."""
 
     graph: ModelGraph
     dims: dict[DimRef, tuple[int, int]] = field(default_factory=dict)  # -> (first atom, size)
@@ -334,13 +335,14 @@ def analyze(graph: ModelGraph, *, allow_inexact: bool = False) -> ChannelAnalysi
         allow_inexact: also return groups whose removal is only approximately equivalent (for
             example hidden sizes normalised by LayerNorm); they are flagged ``inexact``.
     """
-    from onnxprune.rules import RULES
-
     ctx = CouplingContext(graph)
     barriers: list[Barrier] = []
     data_tensors_of: dict[str, list[str]] = {}
+    opsets: dict[str, int | None] = {}
     for node in graph.nodes:
-        rule = RULES.get(node.domain, node.op_type)
+        if node.domain not in opsets:
+            opsets[node.domain] = opset_of(graph.model, node.domain) or None
+        rule = RULES.get(node.domain, node.op_type, opsets[node.domain])
         ctx.mentioned = set()
         ctx.node = node
         tensors = [n for n in node.output if n]
@@ -349,7 +351,7 @@ def analyze(graph: ModelGraph, *, allow_inexact: bool = False) -> ChannelAnalysi
             _freeze_node(ctx, node, reason)
             barriers.append(Barrier(node.name, node.op_type, reason))
             continue
-        if _has_subgraph(node):
+        if has_subgraph(node):
             reason = f"{node.op_type} has subgraphs"
             _freeze_node(ctx, node, reason)
             barriers.append(Barrier(node.name, node.op_type, reason))
@@ -362,8 +364,6 @@ def analyze(graph: ModelGraph, *, allow_inexact: bool = False) -> ChannelAnalysi
             continue
         except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
             # A malformed node (shapes/attributes the checker let through): refuse with one line.
-            from onnxprune.errors import UnsupportedModelError
-
             raise UnsupportedModelError(
                 f"{node.op_type} {node.name}: inconsistent shapes or attributes ({type(exc).__name__}: {exc})"
             ) from None
@@ -395,16 +395,10 @@ def _freeze_node(ctx: CouplingContext, node: onnx.NodeProto, reason: str) -> Non
             ctx.freeze_tensor(name, reason)
 
 
-def _has_subgraph(node: onnx.NodeProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
-
-
 def _freeze_subgraph_references(ctx: CouplingContext, graph: ModelGraph) -> None:
-    from onnxprune.importer import _subgraph_inputs
-
     for node in graph.nodes:
-        if _has_subgraph(node):
-            for name in _subgraph_inputs(node):
+        if has_subgraph(node):
+            for name in subgraph_reads(node):
                 ctx.freeze_tensor(name, f"read inside a subgraph of {node.name}")
 
 

@@ -27,12 +27,13 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import ModelError
+from onnxprune.onnx_utils import node_subgraphs
 
 BASE_KEY = "onnxprune.base"
 EAGER_MAX_BYTES = 4096  # external tensors up to this size are read into the proto at load time
 
 # Fixed-size element types that can be memory-mapped directly.
-_MMAP_TYPES = {
+MMAP_TYPES = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
     onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT16: np.int16,
     onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT32: np.uint32,
@@ -65,7 +66,7 @@ def nbytes(t: onnx.TensorProto) -> int:
         info = _info(t)
         if "length" in info:
             return int(info["length"])
-        itemsize = np.dtype(_MMAP_TYPES.get(t.data_type, np.uint8)).itemsize
+        itemsize = np.dtype(MMAP_TYPES.get(t.data_type, np.uint8)).itemsize
         return numel(t) * itemsize
     if t.HasField("raw_data"):
         return len(t.raw_data)
@@ -86,9 +87,49 @@ def main_graph_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 
 def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    from onnx.external_data_helper import _get_all_tensors
+    """Every tensor a model holds: initializers (dense, and the values and indices of sparse ones) of the
+    main graph and of every subgraph, then tensors in node attributes (``Constant`` values, TENSOR(S) and
+    SPARSE_TENSOR(S) attributes) of the graphs and of the model's functions.
 
-    yield from _get_all_tensors(model)
+    The order of the dense tensors is the one ``onnx.external_data_helper`` walks in.
+    """
+    yield from _graph_initializers(model.graph)
+    yield from _attribute_tensors(model.graph)
+    for function in model.functions:
+        yield from _attribute_tensors(function)
+
+
+def _graph_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from _sparse_parts(sparse)
+    for node in graph.node:
+        for sub in node_subgraphs(node):
+            yield from _graph_initializers(sub)
+
+
+def _attribute_tensors(body: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx.TensorProto]:
+    for node in body.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield from _sparse_parts(attr.sparse_tensor)
+            for sparse in attr.sparse_tensors:
+                yield from _sparse_parts(sparse)
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _attribute_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _attribute_tensors(sub)
+
+
+def _sparse_parts(sparse: onnx.SparseTensorProto) -> Iterator[onnx.TensorProto]:
+    if sparse.HasField("values"):
+        yield sparse.values
+    if sparse.HasField("indices"):
+        yield sparse.indices
 
 
 def has_lazy(model: onnx.ModelProto) -> bool:
@@ -139,7 +180,7 @@ def _attach_one(t: onnx.TensorProto, base: Path, may_stay_lazy: bool) -> None:
         raise ModelError(f"{where}: offset/length are not integers") from None
     if offset < 0 or length < 0 or offset + length > size:
         raise ModelError(f"{where}: range [{offset}, {offset + length}) is past the end of the file ({size} bytes)")
-    dtype = _MMAP_TYPES.get(t.data_type)
+    dtype = MMAP_TYPES.get(t.data_type)
     if dtype is not None and length != numel(t) * np.dtype(dtype).itemsize:
         raise ModelError(f"{where}: {length} bytes do not match shape {list(t.dims)}")
     if may_stay_lazy and dtype is not None and length > EAGER_MAX_BYTES:
@@ -166,7 +207,7 @@ def tensor_array(t: onnx.TensorProto) -> np.ndarray:
     if not is_lazy(t):
         return numpy_helper.to_array(t)
     path, offset, length = source(t)
-    dtype = np.dtype(_MMAP_TYPES[t.data_type])
+    dtype = np.dtype(MMAP_TYPES[t.data_type])
     shape = tuple(int(d) for d in t.dims)
     if length == 0:
         return np.zeros(shape, dtype=dtype)

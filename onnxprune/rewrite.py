@@ -10,11 +10,15 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.channels import ChannelAnalysis, DimRef
-from onnxprune.graph import ModelGraph
+from onnxprune.external import MMAP_TYPES
+from onnxprune.graph import ModelGraph, subgraph_reads
+from onnxprune.onnx_utils import opset_of, value_names
+from onnxprune.rules import RULES
 
 
 class RewriteContext:
-    """What a rule's `rewrite` sees: old and new sizes, removed positions, and constant edits."""
+    """What a rule's `rewrite` sees (`rules.protocols.RewriteContext`): old and new sizes, removed
+    positions, and constant edits."""
 
     def __init__(self, graph: ModelGraph, removed: dict[DimRef, np.ndarray]):
         self.graph = graph
@@ -60,8 +64,6 @@ class RewriteContext:
 
 def apply_plan(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.ModelProto:
     """Return a new model without the channels whose component labels are `removed_labels`."""
-    from onnxprune.rules import RULES
-
     graph = analysis.graph
     removed = analysis.removed_positions(removed_labels)
     model = _copy_without_weights(graph.model)
@@ -83,8 +85,8 @@ def apply_plan(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.Mo
     nodes = {n.name: n for n in g.node}
     # Rules read the original nodes (attributes, shape sources) and edit the copies.
     originals = {n.name: n for n in graph.nodes}
-    for name, node in nodes.items():
-        rule = RULES.get(node.domain, node.op_type)
+    for node in nodes.values():
+        rule = RULES.get(node.domain, node.op_type, opset_of(graph.model, node.domain) or None)
         if rule is not None and _touches_changed(node, ctx):
             rule.rewrite(node, ctx)
     _materialize_edits(g, nodes, originals, ctx)
@@ -94,9 +96,7 @@ def apply_plan(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.Mo
 
 def _append_array(g: onnx.GraphProto, old: onnx.TensorProto, array: np.ndarray) -> None:
     """Add a sliced copy of `old` holding `array`, built in place (one copy of the bytes, not three)."""
-    from onnxprune.external import _MMAP_TYPES
-
-    if _MMAP_TYPES.get(old.data_type) != array.dtype.type or array.dtype.byteorder == ">":
+    if MMAP_TYPES.get(old.data_type) != array.dtype.type or array.dtype.byteorder == ">":
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), old.name))
         return
     t = g.initializer.add()
@@ -112,7 +112,9 @@ def _touches_changed(node: onnx.NodeProto, ctx: RewriteContext) -> bool:
 
 
 def _materialize_edits(g, nodes, originals, ctx: RewriteContext) -> None:
-    existing = {t.name for t in g.initializer}
+    # Every value name (node outputs, graph inputs/outputs, subgraph names too), not just initializers:
+    # a new constant named like an existing activation would make an invalid graph.
+    existing = value_names(g)
 
     def fresh(base: str) -> str:
         name, k = f"{base}_pruned", 0
@@ -162,12 +164,10 @@ def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
 
 
 def _remove_unused_initializers(g: onnx.GraphProto) -> None:
-    from onnxprune.importer import _subgraph_inputs
-
     used = {o.name for o in g.output}
     for node in g.node:
         used.update(node.input)
-        used.update(_subgraph_inputs(node))
+        used.update(subgraph_reads(node))
     # Delete in place: rebuilding the list would copy every (possibly GB-sized) tensor once more.
     for i in reversed(range(len(g.initializer))):
         if g.initializer[i].name not in used:

@@ -52,7 +52,7 @@ def sensitivity(
     stats=None,
     allow_inexact: bool = False,
 ) -> list[SensitivityRow]:
-    from onnxprune.importer import infer_shapes
+    from onnxprune.shape_inference import infer_shapes
     from onnxprune.repair import reanalyze, repair_sequential, repair_weights
     from onnxprune.criteria import get_criterion
     from onnxprune.rewrite import apply_plan

@@ -118,7 +118,8 @@ def dead_channel_check(
     seed: int = 0,
 ) -> CheckResult:
     """Remove about half of a group's channels two ways (masked vs physically pruned) and compare."""
-    from onnxprune.importer import check_model, infer_shapes
+    from onnxprune.importer import check_model
+    from onnxprune.shape_inference import infer_shapes
     from onnxprune.rewrite import apply_mask, apply_plan
 
     rng = np.random.default_rng([seed, group.id])

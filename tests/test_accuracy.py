@@ -15,13 +15,14 @@ from onnxprune.channels import analyze
 from onnxprune.cli import main
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
-from onnxprune.importer import import_model, infer_shapes
+from onnxprune.importer import import_model
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.passes.pruning import PruneConfig, PrunePass
 from onnxprune.repair import reanalyze, repair_sequential, repair_weights
 from onnxprune.criteria import CRITERIA, get_criterion
 from onnxprune.plan import PruningPlan
 from onnxprune.rewrite import apply_mask, apply_plan
+from onnxprune.shape_inference import infer_shapes
 from onnxprune.verify import max_rel_error, random_inputs, run
 
 FMNIST = ROOT / "models" / "fashion_mnist_cnn.onnx"

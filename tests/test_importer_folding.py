@@ -13,9 +13,10 @@ from onnxprune.passes.pruning import PruneConfig, PrunePass
 
 from onnxprune import external
 from onnxprune.calibration import CalibrationData, collect_stats
+from onnxprune.canonical import normalize
 from onnxprune.channels import analyze
 from onnxprune.graph import ModelGraph
-from onnxprune.importer import canonicalize, import_model, normalize
+from onnxprune.importer import canonicalize, import_model
 from onnxprune.metrics import count_params
 from onnxprune.rewrite import apply_mask
 from onnxprune.verify import max_rel_error, random_inputs, run

@@ -1,8 +1,12 @@
-"""Channel rules, one module per operator family, all registered in `RULES`."""
+"""Channel rules, one module per operator family, all registered in `RULES`.
 
-from onnxprune.rules.base import RULES, ChannelRule, register
+Start reading at `base` (the rule class and the registry) and `protocols` (what a rule may ask of the
+analysis); `facts` answers per-operator questions from the same registry.
+"""
 
-# Importing the families registers their rules.
-from onnxprune.rules import elementwise, conv, linear, norm, shape, pool  # noqa: E402,F401
+from onnxprune.rules import conv, elementwise, linear, norm, pool, shape  # noqa: F401  (registers the rules)
+from onnxprune.rules.base import RULES, ChannelRule, OpFacts, register
 
-__all__ = ["RULES", "ChannelRule", "register"]
+RULES.check()
+
+__all__ = ["RULES", "ChannelRule", "OpFacts", "register"]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.channels import RuleBarrier
 from onnxprune.graph import attrs, set_attr
 from onnxprune.rules.base import ChannelRule, register
+from onnxprune.rules.protocols import RuleBarrier
 
 
 def _sizes(node, ctx, transpose: bool):
@@ -63,7 +63,7 @@ def _couple(node, ctx, transpose: bool) -> None:
     # Grouped: one channel per conv group (all its inputs and outputs together).
     ctx.link(y, 1, y, 1, np.arange(c_out), (np.arange(c_out) // cout_g) * cout_g)
     ctx.link(x, 1, y, 1, np.arange(c_in), (np.arange(c_in) // cin_g) * cout_g)
-    ctx.freeze(w, 1 if not transpose else 1, "channels inside a conv group")
+    ctx.freeze(w, 1, "channels inside a conv group")  # the within-group axis, for both layouts
 
 
 def _rewrite(node, ctx, transpose: bool) -> None:
@@ -79,6 +79,11 @@ def _rewrite(node, ctx, transpose: bool) -> None:
 
 @register("Conv")
 class Conv(ChannelRule):
+    zero_preserving = ("Conv",)
+
+    def linear_axes(self, node, graph):
+        return (1, 0) if len(node.input) >= 2 else None
+
     def couple(self, node, ctx):
         _couple(node, ctx, transpose=False)
 
@@ -88,6 +93,8 @@ class Conv(ChannelRule):
 
 @register("ConvTranspose")
 class ConvTranspose(ChannelRule):
+    zero_preserving = ("ConvTranspose",)
+
     def couple(self, node, ctx):
         _couple(node, ctx, transpose=True)
 

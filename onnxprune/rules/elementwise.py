@@ -25,6 +25,17 @@ _OPERAND_ROLE = {"Add": "bias", "Sub": "bias", "Mul": "scale", "Div": "divisor",
 
 @register(*UNARY)
 class Unary(ChannelRule):
+    # f(0) == 0; Sigmoid, Exp, Cos, Log, ... map a silenced channel to a constant that is not zero.
+    zero_preserving = (
+        "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "HardSwish", "Mish", "Tanh", "Erf", "Neg", "Abs",
+        "Softsign", "Sin", "Atan", "Asin", "Sinh", "Asinh", "Atanh", "Tan", "Sqrt", "Identity", "Cast", "Sign",
+        "Round", "Floor", "Ceil",
+    )  # fmt: skip
+    same_shape = (
+        "Relu", "Sigmoid", "Tanh", "Gelu", "HardSwish", "HardSigmoid", "LeakyRelu", "Identity", "Erf", "Mish",
+        "Softplus", "Elu", "Selu",
+    )  # fmt: skip
+
     def static_inputs(self, node):
         return {1} if node.op_type == "CastLike" else set()
 
@@ -36,6 +47,9 @@ class Unary(ChannelRule):
 
 @register("Dropout")
 class Dropout(ChannelRule):
+    zero_preserving = ("Dropout",)
+    same_shape = ("Dropout",)
+
     def static_inputs(self, node):
         return {1, 2}
 
@@ -47,6 +61,8 @@ class Dropout(ChannelRule):
 
 @register("Clip")
 class Clip(ChannelRule):
+    same_shape = ("Clip",)  # zero-preserving only when 0 lies in [min, max]: not a fact of the operator
+
     def static_inputs(self, node):
         return {1, 2}  # scalar min / max
 
@@ -56,6 +72,10 @@ class Clip(ChannelRule):
 
 @register(*BINARY)
 class Broadcasting(ChannelRule):
+    # With the silenced operand (bias 0, scale 0, divisor 1): 0 + 0, 0 - 0, 0 * s, 0 / 1, PRelu(0).
+    zero_preserving = ("Add", "Sub", "Mul", "Div", "PRelu")
+    same_shape = ("PRelu",)
+
     def couple(self, node, ctx):
         out = node.output[0]
         for i, name in enumerate(node.input):

@@ -6,13 +6,20 @@ zero, so a MatMul between two activations (attention scores) is exact as well.
 
 from __future__ import annotations
 
-from onnxprune.channels import RuleBarrier
 from onnxprune.graph import attrs
 from onnxprune.rules.base import ChannelRule, register
+from onnxprune.rules.protocols import RuleBarrier
 
 
 @register("Gemm")
 class Gemm(ChannelRule):
+    zero_preserving = ("Gemm",)
+
+    def linear_axes(self, node, graph):
+        if len(node.input) < 2:
+            return None
+        return (1, 0) if attrs(node).get("transB", 0) else (0, 1)
+
     def couple(self, node, ctx):
         a, b, y = node.input[0], node.input[1], node.output[0]
         at = attrs(node)
@@ -30,6 +37,15 @@ class Gemm(ChannelRule):
 
 @register("MatMul")
 class MatMul(ChannelRule):
+    zero_preserving = ("MatMul",)
+
+    def linear_axes(self, node, graph):
+        """The weight's last two axes (in, out); a weight of unknown rank counts as a matrix."""
+        if len(node.input) < 2:
+            return None
+        rank = graph.rank(node.input[1]) or 2
+        return rank - 2, rank - 1
+
     def couple(self, node, ctx):
         a, b, y = node.input[0], node.input[1], node.output[0]
         ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)

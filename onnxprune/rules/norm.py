@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.channels import RuleBarrier
 from onnxprune.graph import attrs, set_attr
 from onnxprune.rules.base import ChannelRule, register
+from onnxprune.rules.protocols import RuleBarrier
 
 
 @register("BatchNormalization")
 class BatchNorm(ChannelRule):
+    zero_preserving = ("BatchNormalization",)
+    same_shape = ("BatchNormalization",)
+
     def couple(self, node, ctx):
         if attrs(node).get("training_mode", 0) or sum(1 for o in node.output if o) > 1:
             raise RuleBarrier("BatchNormalization in training mode")
@@ -29,6 +32,8 @@ class BatchNorm(ChannelRule):
 
 @register("InstanceNormalization")
 class InstanceNorm(ChannelRule):
+    same_shape = ("InstanceNormalization",)
+
     def couple(self, node, ctx):
         x, y = node.input[0], node.output[0]
         ctx.link(x, 0, y, 0)
@@ -40,6 +45,8 @@ class InstanceNorm(ChannelRule):
 
 @register("GroupNormalization")
 class GroupNorm(ChannelRule):
+    same_shape = ("GroupNormalization",)
+
     def couple(self, node, ctx):
         x, y = node.input[0], node.output[0]
         c = ctx.size(x, 1)
@@ -87,9 +94,9 @@ class _NormOverTrailingAxes(ChannelRule):
 
 @register("LayerNormalization")
 class LayerNorm(_NormOverTrailingAxes):
-    pass
+    same_shape = ("LayerNormalization",)
 
 
 @register("RMSNormalization")
 class RMSNorm(_NormOverTrailingAxes):
-    pass
+    same_shape = ("RMSNormalization",)

@@ -4,16 +4,20 @@ inexact: removing zeros from a mean, max or softmax changes its value."""
 
 from __future__ import annotations
 
-from onnxprune.channels import RuleBarrier
+import onnx
+
 from onnxprune.graph import attrs
 from onnxprune.rules.base import ChannelRule, register
-from onnxprune.rules.shape import _axes, shape_elements
+from onnxprune.rules.protocols import RuleBarrier
+from onnxprune.rules.shape_inputs import read_axes, shape_elements
 
 
 @register(
     "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool",
 )
 class Pool(ChannelRule):
+    zero_preserving = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+
     def couple(self, node, ctx):
         if len(node.output) > 1 and node.output[1]:
             raise RuleBarrier("MaxPool indices encode channel offsets")
@@ -43,7 +47,7 @@ class _SameSizeAxes(ChannelRule):
         if self.sizes_input is None:
             return
         y = node.output[0]
-        for ax, (value, loc) in enumerate(shape_elements(ctx, node, self.sizes_input) or []):
+        for ax, (_value, loc) in enumerate(shape_elements(ctx, node, self.sizes_input) or []):
             if loc is not None and ctx.new_size(y, ax) != ctx.old_size(y, ax):
                 ctx.set_element(loc, ctx.new_size(y, ax))
 
@@ -51,6 +55,7 @@ class _SameSizeAxes(ChannelRule):
 @register("Resize")
 class Resize(_SameSizeAxes):
     sizes_input = 3
+    zero_preserving = ("Resize",)
 
     def static_inputs(self, node):
         return {1, 2, 3}
@@ -63,6 +68,8 @@ class Resize(_SameSizeAxes):
 
 @register("Upsample")
 class Upsample(_SameSizeAxes):
+    zero_preserving = ("Upsample",)
+
     def static_inputs(self, node):
         return {1}
 
@@ -80,7 +87,7 @@ class Pad(_SameSizeAxes):
                 raise RuleBarrier("pads computed at run time")
             pads = [int(v) for v in value]
         rank = ctx.rank(node.input[0])
-        axes = _axes(node, ctx, 3, list(range(rank or 0)))
+        axes = read_axes(node, ctx, 3, list(range(rank or 0)))
         padded = {a % rank for a, lo, hi in zip(axes, pads[: len(axes)], pads[len(axes) :]) if lo or hi}
         super().couple(node, ctx, frozenset(padded))
 
@@ -93,6 +100,8 @@ _EXACT_REDUCTIONS = {"ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2"}
     "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
 )
 class Reduce(ChannelRule):
+    zero_preserving = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
+
     def static_inputs(self, node):
         return {1}
 
@@ -102,7 +111,7 @@ class Reduce(ChannelRule):
         if rank is None:
             raise RuleBarrier("rank unknown")
         at = attrs(node)
-        axes = _axes(node, ctx, 1, None)
+        axes = read_axes(node, ctx, 1, None)
         if not axes:
             if at.get("noop_with_empty_axes", 0):
                 return ctx.link_all(x, y)
@@ -139,19 +148,35 @@ class ArgReduce(ChannelRule):
                 ctx.link(x, ax, y, ax if (keepdims or ax < axis) else ax - 1)
 
 
-@register("Softmax", "LogSoftmax", "Hardmax")
-class Softmax(ChannelRule):
+class _SoftmaxFamily(ChannelRule):
+    """Softmax-like normalisation over `normalised_axes`: those dims are inexact, the rest pass through."""
+
+    same_shape = ("Softmax", "LogSoftmax")
+
+    def normalised_axes(self, node: onnx.NodeProto, rank: int) -> list[int]:
+        raise NotImplementedError
+
     def couple(self, node, ctx):
         x, y = node.input[0], node.output[0]
         rank = ctx.rank(x)
         if rank is None:
             raise RuleBarrier("rank unknown")
-        from onnxprune.importer import opset_of
-
-        opset = opset_of(ctx.graph.model)
-        default = -1 if opset >= 13 else 1
-        axis = attrs(node).get("axis", default) % rank
         ctx.link_all(x, y)
-        normalised = [axis] if opset >= 13 else range(axis, rank)
-        for ax in normalised:
+        for ax in self.normalised_axes(node, rank):
             ctx.mark_inexact(x, ax, f"{node.op_type} over this axis")
+
+
+@register("Softmax", "LogSoftmax", "Hardmax", until=12)
+class SoftmaxCoerced(_SoftmaxFamily):
+    """Opsets < 13 flatten the input to 2-D at `axis` (default 1): every axis from `axis` on is normalised."""
+
+    def normalised_axes(self, node, rank):
+        return list(range(attrs(node).get("axis", 1) % rank, rank))
+
+
+@register("Softmax", "LogSoftmax", "Hardmax", since=13)
+class Softmax(_SoftmaxFamily):
+    """Opset 13 on: normalised along `axis` alone (default -1)."""
+
+    def normalised_axes(self, node, rank):
+        return [attrs(node).get("axis", -1) % rank]

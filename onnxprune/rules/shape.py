@@ -15,96 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.channels import RuleBarrier
 from onnxprune.graph import attrs, set_attr
 from onnxprune.rules.base import ChannelRule, register
+from onnxprune.rules.protocols import RuleBarrier
+from onnxprune.rules.shape_inputs import read_axes, shape_elements
 
 INT_MAX = 2**62
-
-
-def shape_elements(ctx, node, index: int):
-    """Where each element of a 1-D shape input comes from.
-
-    Returns a list with, per element, ``(value, (node, input_index, element_index))`` when the element is
-    a constant that can be rewritten, ``(("size", tensor, axis), None)`` when it is read at run time from
-    a tensor's size (``x.size(-1)``: it follows that size after pruning by itself), or ``(None, None)``
-    when it is computed otherwise; or None when even the length is unknown.
-    """
-    name = node.input[index] if index < len(node.input) else ""
-    if not name:
-        return None
-    value = ctx.const(name)
-    if value is not None:
-        return [(int(v), (node, index, k)) for k, v in enumerate(value.reshape(-1))]
-    producer = ctx.graph.producer.get(name)
-    if producer is not None and producer.op_type in ("Identity", "Cast", "Reshape") and ctx.rank(name) == 1:
-        return shape_elements(ctx, producer, 0)
-    if producer is not None and producer.op_type == "Where" and _is_minus_one_guard(ctx, producer):
-        # torch exports expand(*sizes) as Where(Equal(s, -1), 1, s): with no -1 left, it is s.
-        inner = shape_elements(ctx, producer, 2)
-        if inner is not None and all(v != -1 for v, _ in inner):
-            return inner
-        return None
-    if producer is not None and producer.op_type == "Concat":
-        out = []
-        for j, piece in enumerate(producer.input):
-            pv = ctx.const(piece)
-            if pv is not None:
-                out += [(int(v), (producer, j, k)) for k, v in enumerate(pv.reshape(-1))]
-                continue
-            sizes = _runtime_sizes(ctx, piece)
-            if sizes is not None:
-                out += [(sz, None) for sz in sizes]
-                continue
-            n = ctx.size(piece, 0) if ctx.rank(piece) == 1 else (1 if ctx.rank(piece) == 0 else None)
-            if not isinstance(n, int):
-                return None
-            out += [(None, None)] * n
-        return out
-    n = ctx.size(name, 0)
-    return [(None, None)] * n if isinstance(n, int) else None
-
-
-def _is_minus_one_guard(ctx, where) -> bool:
-    cond = ctx.graph.producer.get(where.input[0])
-    if cond is None or cond.op_type != "Equal" or where.input[2] not in cond.input:
-        return False
-    other = cond.input[1] if cond.input[0] == where.input[2] else cond.input[0]
-    value = ctx.const(other)
-    return value is not None and bool(np.all(value == -1))
-
-
-def _runtime_sizes(ctx, name: str, depth: int = 4):
-    """``[("size", tensor, axis), ...]`` if `name` is read from tensor sizes (Shape, Gather of Shape)."""
-    node = ctx.graph.producer.get(name)
-    while node is not None and depth and node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
-        node, depth = ctx.graph.producer.get(node.input[0]), depth - 1
-    if node is None:
-        return None
-    if node.op_type == "Shape":
-        rank = ctx.rank(node.input[0])
-        at = attrs(node)
-        if rank is None:
-            return None
-        start, end = at.get("start", 0), at.get("end", rank)
-        return [("size", node.input[0], k) for k in range(rank)[start:end]]
-    if node.op_type == "Slice" and len(node.input) >= 3:
-        src = _runtime_sizes(ctx, node.input[0], depth - 1)
-        bounds = [ctx.const(n) if n else None for n in list(node.input[1:5]) + [""] * (5 - len(node.input))]
-        if src is None or bounds[0] is None or bounds[1] is None:
-            return None
-        step = int(bounds[3].reshape(-1)[0]) if bounds[3] is not None else 1
-        return src[int(bounds[0].reshape(-1)[0]) : int(bounds[1].reshape(-1)[0]) : step]
-    if node.op_type == "Gather":
-        src = _runtime_sizes(ctx, node.input[0], depth - 1)
-        idx = ctx.const(node.input[1])
-        if src is None or idx is None:
-            return None
-        try:
-            return [src[int(i)] for i in idx.reshape(-1)]
-        except IndexError:
-            return None
-    return None
 
 
 def _same(a, b) -> bool:
@@ -215,11 +131,11 @@ def _follow_axis(ctx, node, name: str, axis: int) -> int | None:
     try:
         if node.op_type == "Unsqueeze":
             ry = ctx.rank(y)
-            inserted = {a % ry for a in _axes(node, ctx, 1, [])}
+            inserted = {a % ry for a in read_axes(node, ctx, 1, [])}
             return [a for a in range(ry) if a not in inserted][axis]
         if node.op_type == "Squeeze":
             rx = ctx.rank(name)
-            removed = {a % rx for a in (_axes(node, ctx, 1, None) or [])}
+            removed = {a % rx for a in (read_axes(node, ctx, 1, None) or [])}
             if axis in removed:
                 return None
             return [a for a in range(rx) if a not in removed].index(axis)
@@ -255,7 +171,7 @@ def _couple_reshape(ctx, x: str, y: str, targets=None) -> None:
             continue
         big_in = [a for a in ii if in_shape[a] != 1]
         big_out = [b for b in jj if out_shape[b] != 1]
-        if not all(isinstance(in_shape[a], int) for a in big_in + [] ) or not all(
+        if not all(isinstance(in_shape[a], int) for a in big_in) or not all(
             isinstance(out_shape[b], int) for b in big_out
         ):
             if len(big_in) == 1 and len(big_out) == 1 and _same(in_shape[big_in[0]], out_shape[big_out[0]]):
@@ -302,6 +218,8 @@ def _couple_reshape(ctx, x: str, y: str, targets=None) -> None:
 
 @register("Reshape")
 class Reshape(ChannelRule):
+    zero_preserving = ("Reshape",)
+
     def static_inputs(self, node):
         return {1}
 
@@ -319,12 +237,16 @@ class Reshape(ChannelRule):
 
 @register("Flatten")
 class Flatten(ChannelRule):
+    zero_preserving = ("Flatten",)
+
     def couple(self, node, ctx):
         _couple_reshape(ctx, node.input[0], node.output[0])
 
 
 @register("Transpose")
 class Transpose(ChannelRule):
+    zero_preserving = ("Transpose",)
+
     def couple(self, node, ctx):
         x, y = node.input[0], node.output[0]
         rank = ctx.rank(x)
@@ -335,21 +257,10 @@ class Transpose(ChannelRule):
             ctx.link(x, in_axis, y, out_axis)
 
 
-def _axes(node, ctx, index: int, default=None):
-    """Axes from the attribute (old opsets) or the constant input (new opsets)."""
-    at = attrs(node)
-    if "axes" in at:
-        return list(at["axes"])
-    if index < len(node.input) and node.input[index]:
-        value = ctx.const(node.input[index])
-        if value is None:
-            raise RuleBarrier("axes computed at run time")
-        return [int(v) for v in value.reshape(-1)]
-    return default
-
-
 @register("Squeeze")
 class Squeeze(ChannelRule):
+    zero_preserving = ("Squeeze",)
+
     def static_inputs(self, node):
         return {1}
 
@@ -358,7 +269,7 @@ class Squeeze(ChannelRule):
         shape = ctx.shape(x)
         if shape is None:
             raise RuleBarrier("rank unknown")
-        axes = _axes(node, ctx, 1)
+        axes = read_axes(node, ctx, 1)
         if axes is None:
             axes = [a for a, d in enumerate(shape) if d == 1]
         axes = {a % len(shape) for a in axes}
@@ -369,6 +280,8 @@ class Squeeze(ChannelRule):
 
 @register("Unsqueeze")
 class Unsqueeze(ChannelRule):
+    zero_preserving = ("Unsqueeze",)
+
     def static_inputs(self, node):
         return {1}
 
@@ -377,7 +290,7 @@ class Unsqueeze(ChannelRule):
         ry = ctx.rank(y)
         if ry is None:
             raise RuleBarrier("rank unknown")
-        axes = {a % ry for a in _axes(node, ctx, 1, [])}
+        axes = {a % ry for a in read_axes(node, ctx, 1, [])}
         kept = [a for a in range(ry) if a not in axes]
         for in_axis, out_axis in enumerate(kept):
             ctx.link(x, in_axis, y, out_axis)
@@ -385,6 +298,8 @@ class Unsqueeze(ChannelRule):
 
 @register("Concat")
 class Concat(ChannelRule):
+    zero_preserving = ("Concat",)
+
     def couple(self, node, ctx):
         y = node.output[0]
         rank = ctx.rank(y)
@@ -412,6 +327,8 @@ class Concat(ChannelRule):
 
 @register("Split")
 class Split(ChannelRule):
+    zero_preserving = ("Split",)
+
     def static_inputs(self, node):
         return {1}
 
@@ -453,6 +370,8 @@ class Split(ChannelRule):
 
 @register("Slice")
 class Slice(ChannelRule):
+    zero_preserving = ("Slice",)
+
     def static_inputs(self, node):
         return {1, 2, 3, 4}
 
@@ -496,7 +415,7 @@ class Slice(ChannelRule):
 
     def rewrite(self, node, ctx):
         x = node.input[0]
-        shape, axes, starts, ends, steps = self._params(node, ctx)
+        shape, axes, starts, ends, _steps = self._params(node, ctx)
         new_starts, new_ends = list(starts), list(ends)
         changed = False
         for k, ax in enumerate(axes):
@@ -526,6 +445,8 @@ def _clamp(v: int, n: int) -> int:
 
 @register("Expand")
 class Expand(ChannelRule):
+    zero_preserving = ("Expand",)
+
     def static_inputs(self, node):
         return {1}
 
@@ -560,6 +481,8 @@ class Expand(ChannelRule):
 
 @register("Tile")
 class Tile(ChannelRule):
+    zero_preserving = ("Tile",)
+
     def static_inputs(self, node):
         return {1}
 
@@ -597,3 +520,15 @@ class ShapeOf(ChannelRule):
 
     def couple(self, node, ctx):
         ctx.independent_tensor(node.input[0])
+
+
+@register("DepthToSpace", "SpaceToDepth")
+class DepthSpace(ChannelRule):
+    """Facts only: channels interleave with spatial blocks and no rule maps them yet, so the analysis
+    treats these operators as barriers ("no channel rule"); what they guarantee is still known."""
+
+    couples = False
+    zero_preserving = ("DepthToSpace", "SpaceToDepth")
+
+    def couple(self, node, ctx):
+        raise RuleBarrier(f"no channel rule for {node.op_type}")
