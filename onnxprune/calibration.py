@@ -14,16 +14,17 @@ Importance criteria (`criteria.py`) and the calibrated repair (`repair.py`) read
 
 from __future__ import annotations
 
-import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph, attrs
+from onnxprune.rules.facts import linear_axes
 
 __all__ = ["CalibrationData", "ConsumerStats", "Consumer", "consumers", "load_calib", "collect_stats"]
 
@@ -128,24 +129,29 @@ class Consumer:
 
 
 def consumers(graph: ModelGraph) -> list[Consumer]:
-    """Every linear layer whose weight is a float initializer (Conv group 1, Gemm transA 0, 2-D MatMul)."""
+    """Every linear layer whose weight is a float initializer (Conv group 1, Gemm transA 0, 2-D MatMul).
+
+    Which operators are linear layers, and their weight's input/output axes, come from the rules
+    (`rules.facts.linear_axes`); the conditions here are what the statistics support: an ungrouped conv
+    (im2col features), a Gemm reading samples on its first axis, a matrix weight for MatMul.
+    """
     out = []
     for node in graph.nodes:
-        op = node.op_type
-        if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        axes = linear_axes(node, graph)
+        if axes is None:
             continue
+        in_axis, out_axis = axes
         x, w = node.input[0], node.input[1]
         wv = graph.const(w)
         if wv is None or wv.dtype.kind != "f" or graph.const(x) is not None:
             continue
-        a = attrs(node)
+        op, a = node.op_type, attrs(node)
         if op == "Conv" and a.get("group", 1) == 1 and wv.ndim >= 3 and graph.rank(x) == wv.ndim:
-            out.append(Consumer(node, "conv", x, w, 1, 0, 1))
+            out.append(Consumer(node, "conv", x, w, in_axis, out_axis, 1))
         elif op == "Gemm" and not a.get("transA", 0) and wv.ndim == 2:
-            tb = a.get("transB", 0)
-            out.append(Consumer(node, "gemm", x, w, 1 if tb else 0, 0 if tb else 1, 1))
+            out.append(Consumer(node, "gemm", x, w, in_axis, out_axis, 1))
         elif op == "MatMul" and wv.ndim == 2 and (graph.rank(x) or 0) >= 2:
-            out.append(Consumer(node, "matmul", x, w, 0, 1, graph.rank(x) - 1))
+            out.append(Consumer(node, "matmul", x, w, in_axis, out_axis, graph.rank(x) - 1))
     return out
 
 
@@ -298,45 +304,15 @@ def row_budget(features: int, max_rows: int = 65536, flops: float = 2e10) -> int
     return int(min(max_rows, max(4 * features, flops // max(1, features) ** 2)))
 
 
-_SET_THREADS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
-                "openblas_set_num_threads64_")
-
-
-@contextlib.contextmanager
-def single_threaded_blas():
-    """OpenBLAS (numpy's and scipy's copies) limited to one thread inside the block, restored after.
+def single_threaded_blas() -> threadpool_limits:
+    """Every loaded BLAS (numpy's and scipy's OpenBLAS copies, MKL, BLIS) limited to one thread inside
+    the ``with`` block, restored after (threadpoolctl).
 
     Statistics alternate onnxruntime runs with many mid-sized BLAS calls; OpenBLAS's worker threads
     busy-wait between calls and fight onnxruntime's threads (and anything else on the machine) for the
-    cores: measured on 2 cores, one BLAS thread made the whole collection 2-3x faster. A no-op where no
-    OpenBLAS is loaded (or off Linux).
+    cores: measured on 2 cores, one BLAS thread made the whole collection 2-3x faster.
     """
-    import ctypes
-
-    libs = []
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line})
-    except OSError:
-        paths = []
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in _SET_THREADS:
-            setter = getattr(lib, name, None)
-            getter = getattr(lib, name.replace("set_num", "get_num"), None)
-            if setter is not None and getter is not None:
-                getter.restype = ctypes.c_int
-                libs.append((setter, int(getter())))
-                setter(ctypes.c_int(1))
-                break
-    try:
-        yield
-    finally:
-        for setter, n in libs:
-            setter(ctypes.c_int(n))
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def collect_stats(
