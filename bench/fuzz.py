@@ -20,7 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.fuzzing import FuzzRunner, Outcome, base_models, layout, make_case, save_crasher, summarize
+from models.testmodels import TEST_MODELS  # noqa: E402
+from onnxprune.cli import main as cli_main  # noqa: E402
+from onnxprune.fuzzing import FuzzRunner, Outcome, base_models, layout, make_case, save_crasher, summarize  # noqa: E402
+
+SEED_FILES = [ROOT / "models" / "fashion_mnist_cnn.onnx"]
 
 
 def run_subprocess(case, timeout: float) -> Outcome:
@@ -54,10 +58,10 @@ def main() -> int:
     p.add_argument("--save-crashers", action="store_true", help="store failing cases in tests/fuzz_corpus/")
     a = p.parse_args()
 
-    bases = base_models()
+    bases = base_models(TEST_MODELS, SEED_FILES)
     cases = [make_case(s, bases) for s in range(a.seed, a.seed + a.cases)]
     start = time.perf_counter()
-    runner = FuzzRunner(workers=a.workers, timeout=a.timeout)
+    runner = FuzzRunner(cli_main, workers=a.workers, timeout=a.timeout)
     try:
         results = runner.run(cases)
     finally:

@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from models.testmodels import TEST_MODELS
+from onnxprune.cli import main as cli_main
+from onnxprune.fuzz_mutations import HOSTILE
 from onnxprune.fuzzing import Case, FuzzRunner, base_models, layout, make_case, run_case, summarize
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
+SEED_FILES = [Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_cnn.onnx"]
 
 
 def _corpus_cases() -> list[Case]:
@@ -26,18 +30,23 @@ def _corpus_cases() -> list[Case]:
 
 @pytest.mark.parametrize("case", _corpus_cases(), ids=lambda c: c.name)
 def test_corpus_case_ends_in_success_or_one_line_error(case, tmp_path):
-    outcome = run_case(case, tmp_path)
+    outcome = run_case(case, tmp_path, cli_main)
     assert outcome.status in ("ok", "error"), outcome.detail
 
 
 @pytest.fixture(scope="module")
 def bases():
-    return base_models()
+    return base_models(TEST_MODELS, SEED_FILES)
+
+
+def test_base_models_are_the_callers_seeds(bases):
+    assert set(bases) == set(TEST_MODELS) | {"fashion_mnist_cnn"}
+    assert base_models({"only": TEST_MODELS["chain"]}, [Path("/nonexistent/x.onnx")]).keys() == {"only"}
 
 
 def test_generated_cases_fast_subset(bases):
     cases = [make_case(seed, bases) for seed in range(5000, 5100)]
-    runner = FuzzRunner(workers=2, timeout=30)
+    runner = FuzzRunner(cli_main, workers=2, timeout=30)
     try:
         results = runner.run(cases)
     finally:
@@ -70,8 +79,6 @@ def test_each_hostile_kind(kind, bases, tmp_path):
     import numpy as np
     import onnx
 
-    from onnxprune.fuzzing import HOSTILE
-
     for k, base in enumerate(["residual", "attention", "fashion_mnist_cnn"]):
         m = onnx.ModelProto()
         m.ParseFromString(bases[base])
@@ -80,7 +87,7 @@ def test_each_hostile_kind(kind, bases, tmp_path):
         files["model.onnx"] = m.SerializeToString()
         links = {key.split(":", 1)[1]: files.pop(key).decode() for key in [x for x in files if x.startswith("__link__:")]}
         case = Case(f"{kind}/{base}", files, ["prune", "{model}", "-o", "{out}", "--ratio", "0.5"], links)
-        outcome = run_case(case, tmp_path / f"{k}")
+        outcome = run_case(case, tmp_path / f"{k}", cli_main)
         assert outcome.status in ("ok", "error"), outcome.detail
         if kind in ("external_escape", "external_symlink", "external_missing", "external_truncated"):
             assert outcome.status == "error", f"{kind} on {base} must be refused"
@@ -95,5 +102,5 @@ from hypothesis import strategies as st
 @given(seed=st.integers(min_value=0, max_value=2**31 - 1))
 def test_hypothesis_seeds(seed, bases, tmp_path_factory):
     case = make_case(seed, bases)
-    outcome = run_case(case, tmp_path_factory.mktemp("hyp"))
+    outcome = run_case(case, tmp_path_factory.mktemp("hyp"), cli_main)
     assert outcome.status in ("ok", "error"), f"{case.name}: {outcome.detail}"
