@@ -8,7 +8,10 @@ from pathlib import Path
 
 import onnx
 import pytest
-from onnxprune.passes.unconstrained import UnconstrainedConfig, UnconstrainedPass, build_plan, mask_model
+from onnxprune.passes.unconstrained import UnconstrainedPass
+from onnxprune.upscale.config import UnconstrainedConfig
+from onnxprune.upscale.oracle import mask_model
+from onnxprune.upscale.plan import build_plan
 
 from models import fashion_mnist
 from onnxprune.importer import import_model

@@ -11,13 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnxprune.ordering import choose_order, runs
 from onnxprune.passes.reorder import ReorderPass
-from onnxprune.passes.unconstrained import (
-    UnconstrainedConfig,
-    UnconstrainedPass,
-    build_plan,
-    copy_report,
-    mask_model,
-)
+from onnxprune.passes.unconstrained import UnconstrainedPass
+from onnxprune.upscale.config import UnconstrainedConfig
+from onnxprune.upscale.oracle import mask_model
+from onnxprune.upscale.plan import build_plan
+from onnxprune.upscale.report import copy_report
 
 from models.testmodels import TEST_MODELS
 from onnxprune.channels import analyze
@@ -73,6 +71,25 @@ def test_units_choose_different_channels_on_a_residual_stream():
     assert gp.union.sum() > max(len(k) for k in keeps)  # the stream keeps the union
 
 
+def test_boundaries_are_recognised_by_record_not_by_name():
+    """Nodes of the input model named like the inserted boundaries (as in a model split before) are ordinary
+    nodes: the plan, the copies and the function are those of the same model with other names."""
+    import onnx
+
+    model = canonical(TEST_MODELS["residual"]())
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    for i, node in enumerate(renamed.graph.node):
+        node.name = f"upscale_boundary_{i + 1}"
+    inputs = random_inputs(model, seed=8)
+    config = UnconstrainedConfig(ratio=0.5)
+    plain, odd = UnconstrainedPass(config).run(model), UnconstrainedPass(config).run(renamed)
+    _check(renamed, odd, inputs)
+    assert odd.info["summary"]["boundaries"] == plain.info["summary"]["boundaries"] > 0
+    assert odd.info["copies"] == plain.info["copies"]
+    assert rel_error(run(plain.model, inputs), run(odd.model, inputs)) <= 1e-6
+
+
 @pytest.mark.parametrize("criterion", ["l1", "bn"])
 @pytest.mark.parametrize("name", ["residual", "concat"])
 def test_share_one_is_constrained_pruning(name, criterion):
@@ -111,7 +128,7 @@ def test_writer_drive_reads_only_what_is_written(name):
     """drive=writer: a reader keeps only channels some writer reaching it keeps, a writer only channels
     some reader reads (so no kept parameter is wasted), and a single-writer fork is never narrowed twice:
     its readers keep exactly the writer's channels."""
-    from onnxprune.passes.unconstrained import _pieces, _reaching_writers
+    from onnxprune.upscale.plan import find_pieces, reaching_writers
 
     model = canonical(TEST_MODELS[name]())
     plan = build_plan(model, UnconstrainedConfig(ratio=0.5, criterion="l1", drive="writer"))
@@ -120,8 +137,8 @@ def test_writer_drive_reads_only_what_is_written(name):
         writers, readers = _units(gp)
         if not writers or not readers:
             continue
-        pieces, piece_of = _pieces(plan.analysis, gp.group)
-        reach = _reaching_writers(plan.analysis, gp.group, pieces, piece_of)
+        pieces, piece_of = find_pieces(plan.analysis, gp.group, plan.split)
+        reach = reaching_writers(plan.analysis, gp.group, pieces, piece_of)
         for r in readers:
             srcs = reach[r.id]
             assert srcs, "every reader of these models is reached by writer units"
@@ -152,7 +169,7 @@ def test_reader_drive_group_budget_keeps_constrained_params(name):
     """group_budget: readers give up channels until no group holds more parameters than constrained
     pruning at the same ratio; the export stays exact."""
     from onnxprune.passes.pruning import PruneConfig, PrunePass
-    from onnxprune.passes.unconstrained import effective_params
+    from onnxprune.upscale.report import effective_params
 
     model = canonical(TEST_MODELS[name]())
     constrained = effective_params(PrunePass(PruneConfig(ratio=0.4, criterion="l1")).run(model).model)

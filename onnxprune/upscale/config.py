@@ -1,0 +1,74 @@
+"""The options of unconstrained pruning (`UnconstrainedConfig`); each field's comment says what it changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from onnxprune.errors import UsageError
+from onnxprune.upscale.costmodel import CostModel
+
+DRIVES = ("free", "writer", "reader")
+CRITERIA = ("energy", "bn", "l1", "l2")
+
+
+@dataclass(frozen=True)
+class UnconstrainedConfig:
+    """ratio: fraction of channels each unit drops; criterion: how a unit scores its own channels."""
+
+    ratio: float = 0.3
+    criterion: str = "energy"  # "energy" (BN-aware, data-free), "l1" or "l2" (BN-folded weight norms)
+    reorder: bool = True
+    absorb: bool = True  # let the cost model absorb copies into weights (reordered export only)
+    # Round the stream width up to a multiple of this (1: exact union): onnxruntime's blocked NCHWc convs
+    # need channel counts that are multiples of the block (16 with AVX-512, 8 with AVX2).
+    stream_multiple: int = 16
+    cost: CostModel = field(default_factory=CostModel)
+    # Blend of each unit's own ranking with the group's shared (constrained) ranking: a unit scores its
+    # channels by (1 - share) * own + share * shared, both mean-normalised. 0: fully unconstrained;
+    # 1: every unit keeps the same channels (constrained pruning with the same criterion, no copies).
+    # In between the kept sets overlap more, so the stream union (and the copies) stay narrower.
+    share: float = 0.0
+    # "mean": calibrated mean repair (`mean_repair`), needs calibration inputs; "none": masks only.
+    repair: str = "none"
+    # Stream budget: the stream (union) may hold at most union_cap x the per-unit kept count channels,
+    # the group's top ones by the shared ranking; each unit keeps its own top channels among them.
+    # None: unbounded (UPSCALE: the union is whatever the units choose); 1: constrained-like streams.
+    union_cap: float | None = None
+    # Measured layout choice (reordered export): with tune > 0 the export is built under a few cost
+    # models (the fitted one, copies cheaper / dearer, everything absorbed, copies only) and the one
+    # running fastest in onnxruntime (median of `tune` runs, `tune_threads` intra-op threads) is kept.
+    tune: int = 0
+    tune_threads: int = 1
+    # How the naive export (reorder=False) scatters a writer's channels into the stream: "scatter" is
+    # UPSCALE's naive export (ScatterND into a zero stream, what `out[:, idx] = y` exports to);
+    # "pad_gather" is a cheaper scatter (one zero channel appended by Pad, then one Gather).
+    naive: str = "scatter"
+    # Who chooses the channels of a stream (see `build_plan`): "free": every unit its own top ones;
+    # "writer": writers (producer units) choose, each reader chooses among the channels the writers that
+    # reach it keep (UPSCALE's writer-driven setting: a producer->readers fork is never hurt, a residual
+    # stream's readers choose among the union); "reader": readers choose, each writer keeps what the
+    # readers it reaches keep (a writer with no reader reached keeps its own top ones).
+    drive: str = "free"
+    # drive="reader" only: readers keep fewer channels until each group holds no more parameters than
+    # constrained pruning keeps at the same ratio (writers keep their readers' union, more than k).
+    group_budget: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio < 1:
+            raise UsageError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.stream_multiple < 1:
+            raise UsageError(f"stream_multiple must be >= 1, got {self.stream_multiple}")
+        if self.criterion not in CRITERIA:
+            raise UsageError(f"unconstrained criterion must be energy, bn, l1 or l2, got {self.criterion!r}")
+        if self.repair not in ("none", "mean"):
+            raise UsageError(f"unconstrained repair must be none or mean, got {self.repair!r}")
+        if not 0 <= self.share <= 1:
+            raise UsageError(f"share must be in [0, 1], got {self.share}")
+        if self.tune < 0 or self.tune_threads < 1:
+            raise UsageError(f"tune must be >= 0 and tune_threads >= 1, got {self.tune}, {self.tune_threads}")
+        if self.union_cap is not None and self.union_cap < 1:
+            raise UsageError(f"union_cap must be >= 1 (or None), got {self.union_cap}")
+        if self.drive not in DRIVES:
+            raise UsageError(f"drive must be one of {', '.join(DRIVES)}, got {self.drive!r}")
+        if self.naive not in ("scatter", "pad_gather"):
+            raise UsageError(f"naive export must be scatter or pad_gather, got {self.naive!r}")

@@ -1,0 +1,297 @@
+"""Step 2 of UPSCALE: which channels every unit keeps, and the stream each group keeps for them.
+
+Start reading at `build_plan`: it splits the boundaries (`boundaries.split_boundaries`), finds each group's
+pieces (`find_pieces`), scores every unit (`scores.own_scores`), then lets the units choose in the order
+``config.drive`` sets (writers first, readers first, or each on its own; `reaching_writers` says which
+writers' outputs reach a reader) and rounds the stream (the union) up to ``stream_multiple``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+
+from onnxprune.channels import ChannelAnalysis, ChannelGroup, ChannelSlice, DimRef, analyze
+from onnxprune.graph import ModelGraph, attrs
+from onnxprune.rules.facts import op_facts
+from onnxprune.upscale.boundaries import SplitModel, roles, split_boundaries
+from onnxprune.upscale.config import UnconstrainedConfig
+from onnxprune.upscale.records import GroupPlan, Piece, UnconstrainedPlan
+from onnxprune.upscale.scores import normalised, own_scores, shared_scores
+
+Reach = dict[int, frozenset[int] | None]  # reader piece id -> the writer pieces reaching it (None: unknown)
+
+def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict | None = None) -> UnconstrainedPlan:
+    """Split boundaries, find pieces, choose each unit's kept channels.
+
+    Args:
+        keeps: optional ``{(group id, piece id): bool mask}`` overriding the scores (tests use it to
+            draw random kept sets).
+    """
+    split = split_boundaries(model)
+    analysis = analyze(ModelGraph(split.model))
+    plans: list[GroupPlan] = []
+    for group in analysis.groups:
+        pieces, piece_of = find_pieces(analysis, group, split)
+        units = [pc for pc in pieces if pc.is_unit]
+        if not units:
+            continue
+        n_keep = max(1, group.size - math.floor(config.ratio * group.size + 1e-9))
+        reach = reaching_writers(analysis, group, pieces, piece_of)
+        for pid, srcs in reach.items():
+            pieces[pid].sources = srcs
+        own = {pc.id: own_scores(pc, pieces, analysis, group.size, config.criterion) for pc in units}
+        single = len(units) == 1  # the unit is the whole group: its own ranking is the group's
+        need_shared = config.share or config.union_cap is not None or single
+        shared = shared_scores(group, analysis, config.criterion, list(own.values())) if need_shared else None
+        if single:
+            own = {pc.id: shared for pc in units}
+        allowed = np.ones(group.size, dtype=bool)
+        if config.union_cap is not None and len(units) > 1:
+            # The stream budget: the group's top channels by the shared ranking (stable, like `make_plan`).
+            # Rounded to the nearest multiple of `stream_multiple`, so an absorbed stream keeps blocked layouts.
+            m = max(1, config.stream_multiple)
+            width = min(group.size, max(n_keep, round(config.union_cap * n_keep / m) * m))
+            allowed[:] = False
+            allowed[np.argsort(-shared, kind="stable")[:width]] = True
+
+        def choose(pc: Piece, within: np.ndarray, own=own, shared=shared, n_keep=n_keep) -> np.ndarray:
+            return _top_channels(own[pc.id], shared, config.share, within, n_keep)
+
+        fixed = {pc.id for pc in units if (group.id, pc.id) in (keeps or {})}
+        for pc in units:
+            if pc.id in fixed:
+                keep = np.asarray(keeps[(group.id, pc.id)], dtype=bool).copy()
+                if not keep.any():
+                    keep[0] = True
+                pc.keep = keep
+        writers = [pc for pc in units if pc.has_producer]
+        readers = [pc for pc in units if not pc.has_producer]
+        if config.drive == "reader":
+            args = (readers, writers, pieces, reach, fixed, allowed, choose)
+            _reader_first(n_keep, *args)
+            if config.group_budget and readers and writers:
+                # Readers keep fewer channels until the group holds no more parameters than constrained
+                # pruning keeps at this ratio (writers grow to their readers' union): equal parameters
+                # per group, so the global ratio (and every chain group) stays where constrained has it.
+                per = {pc.id: _params_per_channel(pc, analysis) for pc in units}
+                budget = n_keep * sum(per.values())
+                n = n_keep
+                while n > 1 and sum(int(pc.keep.sum()) * per[pc.id] for pc in units) > budget:
+                    n -= 1
+                    _reader_first(n, *args)
+        else:  # "free": every unit chooses; "writer": the writers choose first
+            for pc in units if config.drive == "free" else writers:
+                if pc.id not in fixed:
+                    pc.keep = choose(pc, allowed)
+        if config.drive == "writer":
+            for pc in readers:  # among what the writers reaching it keep
+                if pc.id in fixed:
+                    continue
+                srcs = reach.get(pc.id)
+                within = allowed if srcs is None else allowed & np.logical_or.reduce([pieces[w].keep for w in srcs])
+                pc.keep = choose(pc, within)
+            if _closed(analysis, group, pieces, split):
+                # Then each writer drops what none of the readers it reaches reads (it would only add
+                # parameters: every reader has zero columns there).
+                for pc in writers:
+                    read = _read_by(pc, readers, reach, pieces)
+                    if pc.id not in fixed and read is not None and (pc.keep & read).any():
+                        pc.keep = pc.keep & read
+        for pc in units:
+            pc.narrow = pc.narrowable
+        union = np.logical_or.reduce([pc.keep for pc in units])
+        deficit = -int(union.sum()) % max(1, config.stream_multiple)
+        same = all(np.array_equal(pc.keep, union) for pc in units)  # constrained: no stream to widen
+        if deficit and not same and union.sum() + deficit <= group.size and deficit * 8 <= union.sum():
+            # Channels no unit keeps: every reader has zero columns there, so widening the stream to a
+            # SIMD-friendly width is exact, and lets runtimes keep blocked layouts (NCHWc) for its convs
+            # (only where it adds at most 1/8: a Concat input's few channels gain nothing from it).
+            union[np.flatnonzero(~union)[:deficit]] = True
+        plans.append(GroupPlan(group, pieces, piece_of, union, np.arange(group.size)))
+    return UnconstrainedPlan(split, analysis, plans)
+
+
+def _reader_first(n: int, readers: list[Piece], writers: list[Piece], pieces: list[Piece], reach: Reach,
+                  fixed: set[int], allowed: np.ndarray, choose: Callable[..., np.ndarray]) -> None:  # fmt: skip
+    """drive="reader": each reader its top `n` channels, each writer what the readers it reaches keep."""
+    for pc in readers:
+        if pc.id not in fixed:
+            pc.keep = choose(pc, allowed, n_keep=n)
+    for pc in writers:
+        if pc.id in fixed:
+            continue
+        read = _read_by(pc, readers, reach, pieces)
+        keep = allowed & read if read is not None else None
+        pc.keep = keep if keep is not None and keep.any() else choose(pc, allowed)
+
+
+def _read_by(writer: Piece, readers: list[Piece], reach: Reach, pieces: list[Piece]) -> np.ndarray | None:
+    """The channels the readers this writer reaches keep (their union); None when it reaches none."""
+    dsts = [r.id for r in readers if writer.id in (reach.get(r.id) or ())]
+    return np.logical_or.reduce([pieces[r].keep for r in dsts]) if dsts else None
+
+
+def _params_per_channel(pc: Piece, analysis: ChannelAnalysis) -> float:
+    """Parameter elements one channel of the unit holds (its parameter members, all positions)."""
+    total = 0.0
+    for m in pc.members:
+        if not m.is_param:
+            continue
+        array = analysis.graph.const(m.tensor)
+        if array is None or array.ndim == 0:
+            continue
+        total += array.size / array.shape[m.axis] * len(m.positions) / max(1, int(m.channel_of.max()) + 1)
+    return total
+
+
+def _top_channels(own: np.ndarray, shared: np.ndarray | None, share: float, within: np.ndarray, n_keep: int) -> np.ndarray:
+    """The unit's top `n_keep` channels among `within` by its own scores blended with the shared ranking
+    (all of `within` when it has fewer; `within` empty: the top `n_keep` overall)."""
+    scores = normalised(own)
+    if share:
+        scores = (1 - share) * scores + share * shared
+    scores = np.where(within, scores, -np.inf)  # outside the stream budget: dropped first
+    # Lowest scores go first; a stable sort of the scores (not of their negation) breaks ties like
+    # constrained pruning does (`plan.make_plan`), so share=1 reproduces it exactly.
+    order = np.argsort(scores, kind="stable")
+    keep = np.ones(len(scores), dtype=bool)
+    keep[order[: len(scores) - n_keep]] = False
+    return keep & within if within.any() else keep
+
+
+def find_pieces(analysis: ChannelAnalysis, group: ChannelGroup, split: SplitModel) -> tuple[list[Piece], dict[DimRef, int]]:
+    """The group's dims joined through every node but the split's boundaries, and which piece holds each dim."""
+    graph = analysis.graph
+    r = roles(graph, analysis, group)
+    by_tensor: dict[str, list[ChannelSlice]] = {}
+    for m in group.members:
+        by_tensor.setdefault(m.tensor, []).append(m)
+    refs = [DimRef(m.tensor, m.axis) for m in group.members]
+    index = {ref: i for i, ref in enumerate(refs)}
+    parent = list(range(len(refs)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    node_dims: dict[str, list[int]] = {}
+    for node in graph.nodes:
+        if split.is_boundary(node):
+            continue
+        dims = [index[DimRef(m.tensor, m.axis)] for n in list(node.input) + list(node.output) for m in by_tensor.get(n, [])]
+        if not dims:
+            continue
+        node_dims[node.name] = dims
+        for d in dims[1:]:
+            a, b = find(dims[0]), find(d)
+            if a != b:
+                parent[a] = b
+    roots = sorted({find(i) for i in range(len(refs))})
+    piece_index = {root: k for k, root in enumerate(roots)}
+    pieces = [Piece(k, [], [], [], [], False, False, [], [], True) for k in range(len(roots))]
+    piece_of: dict[DimRef, int] = {}
+    for i, ref in enumerate(refs):
+        p = pieces[piece_index[find(i)]]
+        p.dims.append(ref)
+        p.members.append(group.members[i])
+        piece_of[ref] = p.id
+    nodes = {n.name: n for n in graph.nodes}
+    for name, dims in node_dims.items():
+        p = pieces[piece_index[find(dims[0])]]
+        p.nodes.append(name)
+        node = nodes[name]
+        kind = r.kind(node)
+        if kind in ("producer", "consumer"):
+            p.has_producer |= kind == "producer"
+            p.has_consumer |= kind == "consumer"
+            for m in by_tensor.get(node.input[1] if len(node.input) > 1 else "", []) + by_tensor.get(node.input[0], []):
+                if m.tensor in r.weights and m not in p.weights:
+                    p.weights.append(m)
+        if not _zero_preserving(node, analysis):
+            p.zero_preserving = False
+    for node in graph.nodes:
+        if not split.is_boundary(node):
+            continue
+        for m in by_tensor.get(node.input[0], []):
+            pieces[piece_of[DimRef(m.tensor, m.axis)]].out_boundaries.append(node.name)
+        for m in by_tensor.get(node.output[0], []):
+            pieces[piece_of[DimRef(m.tensor, m.axis)]].in_boundaries.append(node.name)
+    return pieces, piece_of
+
+
+def _zero_preserving(node: onnx.NodeProto, analysis: ChannelAnalysis) -> bool:
+    if node.op_type == "Clip":
+        lo = analysis.graph.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        hi = analysis.graph.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        return (lo is None or float(lo) <= 0) and (hi is None or float(hi) >= 0)
+    if node.op_type == "Pad":
+        return attrs(node).get("mode", b"constant") in (b"constant", "constant", b"reflect", b"edge") and (
+            len(node.input) < 3 or not node.input[2] or float(np.asarray(analysis.graph.const(node.input[2])).reshape(-1)[0]) == 0
+        )
+    return op_facts(node.op_type, node.domain).zero_preserving
+
+
+def reaching_writers(analysis: ChannelAnalysis, group: ChannelGroup, pieces: list[Piece],
+                     piece_of: dict[DimRef, int]) -> Reach:
+    """For each reader unit (a unit without a producer), the writer units whose output reaches the
+    tensors it reads through the stream (None: something else reaches it too, e.g. a graph input or a
+    writer outside the group, so it may read any channel). Tensor-level: a reader of a residual block's
+    input is reached by the writer of that input only, not by the block's own writers."""
+    graph = analysis.graph
+    dim_piece = {ref.tensor: piece_of[ref] for ref in piece_of}
+    writers = {pc.id for pc in pieces if pc.is_unit and pc.has_producer}
+    src: dict[str, frozenset[int] | None] = {}
+    for node in graph.nodes:
+        for out in node.output:
+            if out not in dim_piece:
+                continue
+            pid = dim_piece[out]
+            if pid in writers:
+                src[out] = frozenset([pid])
+                continue
+            ins = [t for t in node.input if t in dim_piece and t not in graph.initializers]
+            got: set[int] = set()
+            for t in ins:
+                if src.get(t, None) is None:
+                    got = None
+                    break
+                got |= src[t]
+            src[out] = None if got is None or not ins else frozenset(got)
+    reach: dict[int, frozenset[int] | None] = {}
+    for pc in pieces:
+        if not pc.is_unit or pc.has_producer:
+            continue
+        acc: set[int] | None = set()
+        for ref in pc.dims:
+            if ref.tensor in graph.initializers:
+                continue
+            s_t = src.get(ref.tensor)
+            if s_t is None:
+                acc = None
+                break
+            acc |= s_t
+        reach[pc.id] = frozenset(acc) if acc else None
+    return reach
+
+
+def _closed(analysis: ChannelAnalysis, group: ChannelGroup, pieces: list[Piece], split: SplitModel) -> bool:
+    """True when every reader of the group's activations is a node of one of its pieces (or a boundary)
+    and none is a graph output: then a channel no reader unit reads reaches nothing."""
+    graph = analysis.graph
+    inside = {n for pc in pieces for n in pc.nodes}
+    outputs = {o.name for o in graph.model.graph.output}
+    for m in group.members:
+        if m.is_param:
+            continue
+        if m.tensor in outputs:
+            return False
+        for use in graph.consumers.get(m.tensor, []):
+            if use.node.name not in inside and not split.is_boundary(use.node):
+                return False
+    return True
