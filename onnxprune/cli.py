@@ -1,8 +1,13 @@
 """Command line: a thin composition of the importer and passes.
 
     onnxprune MODEL.onnx                 same as `onnxprune prune MODEL.onnx`
-    onnxprune analyze MODEL.onnx [--json]
+    onnxprune analyze MODEL.onnx [--json] [--graph OUT.graphml|OUT.json]
     onnxprune prune MODEL.onnx [-o OUT] [--ratio R] [--global] [--round-to N] [--criterion C] [--json]
+
+Each command loads the model (`importer.load_model`), then runs a pipeline of passes through `PassManager`,
+starting with `NormalizePass`; `prune` runs normalize -> select channels -> repair -> remove -> check with a
+`StampInstrument` writing the summary into the output model. Usage errors that need no model (a bad
+criterion, a missing --calib) come before the model is read.
 
 Exit codes: 0 success, 1 model or run error, 2 usage error; errors are one line on stderr.
 """
@@ -56,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--allow-inexact", action="store_true", help="include LayerNorm/softmax-coupled groups")
+    p.add_argument("--graph", metavar="OUT.graphml|OUT.json",
+                   help="also write the dependency graph annotated with the groups (GraphML or node-link JSON)")
     _add_shape_option(p)
     p.set_defaults(func=cmd_analyze)
 
@@ -132,19 +139,45 @@ def _calib(args, model):
     return load_calib(args.calib, model, args.calib_samples)
 
 
-def _load(path: str, args=None):
-    from onnxprune.importer import import_model, parse_shapes
+def _load(args):
+    """The model file as stored, with any --shape sizes fixed (normalisation is the pipeline's first pass)."""
+    from onnxprune.importer import fix_input_shapes, load_model, parse_shapes
 
-    return import_model(path, parse_shapes(getattr(args, "shape", None)))
+    shapes = parse_shapes(getattr(args, "shape", None))  # a bad --shape is a usage error, before reading
+    model = load_model(args.model)
+    if shapes:
+        fix_input_shapes(model, shapes)
+    return model
+
+
+def _pipeline(passes, args, *instruments):
+    """The passes as one `PassManager`, with a progress line on a terminal (never with --json)."""
+    from onnxprune.passmanager import PassManager, ProgressInstrument
+
+    progress = ProgressInstrument(enabled=None if not getattr(args, "json", False) else False)
+    return PassManager(passes, instruments=[*instruments, progress])
+
+
+def _normalize():
+    from onnxprune.passes.normalize import NormalizePass
+
+    return NormalizePass(inplace=True)  # the CLI owns the freshly loaded model: no copy of its weights
 
 
 def cmd_analyze(args) -> int:
-    from onnxprune.channels import analyze
-    from onnxprune.graph import ModelGraph
+    from onnxprune.channels import ChannelAnalysis
     from onnxprune.metrics import count_macs, count_params
+    from onnxprune.passes.select import AnalyzeChannelsPass
 
-    graph = ModelGraph(_load(args.model, args))
-    analysis = analyze(graph, allow_inexact=args.allow_inexact)
+    if args.graph:
+        from onnxprune.depgraph import FORMATS
+
+        if Path(args.graph).suffix.lower() not in FORMATS:  # fail before reading the model
+            raise UsageError(f"--graph {args.graph}: must end in .graphml or .json")
+    model = _load(args)
+    result = _pipeline([_normalize(), AnalyzeChannelsPass(args.allow_inexact)], args).run(model)
+    analysis = result.get(ChannelAnalysis)
+    graph = analysis.graph
     result = {
         "input": args.model,
         "params": count_params(graph),
@@ -154,25 +187,35 @@ def cmd_analyze(args) -> int:
         "barriers": [b.as_dict() for b in analysis.barriers],
         "frozen_weights": analysis.frozen_weights(),
     }
+    if args.graph:
+        from onnxprune.depgraph import write_graph
+
+        result["graph"] = str(write_graph(analysis, args.graph))
     if args.json:
         print(json.dumps(result))
     else:
         from onnxprune.report import print_analysis
 
         print_analysis(result, analysis)
+        if args.graph:
+            print(f"graph: {result['graph']}")
     return 0
 
 
 def cmd_prune(args) -> int:
+    from onnxprune.external import has_lazy, referenced_files
     from onnxprune.io import save_model
-    from onnxprune.passes.pruning import PruneConfig, PrunePass
+    from onnxprune.passes.cleanup import CheckPass
+    from onnxprune.passes.config import PruneConfig, check_data
+    from onnxprune.passes.remove import PruneSummary, RemoveChannelsPass
+    from onnxprune.passes.repair import RepairChannelsPass
+    from onnxprune.passes.select import SelectChannelsPass
+    from onnxprune.passmanager import StampInstrument
 
     src = Path(args.model)
     out = Path(args.output) if args.output else src.with_name(src.name.removesuffix(".onnx") + ".pruned.onnx")
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise UsageError("output path equals the input path; the input is never overwritten")
-    from onnxprune.external import referenced_files
-
     if out.exists() and out.resolve() in referenced_files(src):
         raise UsageError("output path is an external data file of the input; the input is never overwritten")
     if args.mode == "unconstrained":
@@ -187,22 +230,18 @@ def cmd_prune(args) -> int:
         allocation=args.allocation, target_params=args.target_params, target_macs=args.target_macs,
         calib_samples=args.calib_samples,
     )
-    prune = PrunePass(config, calib=object() if args.calib else None)
-    for notice in prune.check_data():  # fail on a bad criterion / missing --calib before loading the model
+    for notice in check_data(config, has_calib=bool(args.calib)):  # bad criterion / missing --calib: before loading
         print(f"onnxprune: note: {notice}", file=sys.stderr)
-    model = _load(args.model, args)
-    prune.calib = _calib(args, model)
-    from onnxprune.external import has_lazy
-
-    keep_external = has_lazy(model) or None  # weights came in a data file: write them to one too
-    result = prune.run(model)
-    if not result.modified:  # nothing removed: the output still says what was done
-        from onnxprune.metadata import stamp
-
-        stamp(result.model, result.info["summary"])
+    model = _load(args)
+    calib = _calib(args, model)
+    # StampInstrument(always=True): the output says what was done even when nothing was removed.
+    pipeline = _pipeline([_normalize(), SelectChannelsPass(config, calib=calib), RepairChannelsPass(calib),
+                     RemoveChannelsPass(), CheckPass()], args, StampInstrument(always=True))
+    result = pipeline.run(model)
+    normalized = result.steps[0][1].model
+    keep_external = has_lazy(normalized) or None  # weights came in a data file: write them to one too
     save_model(result.model, out, external_data=keep_external)
-    summary = dict(result.info["summary"])
-    summary = {"input": str(src), "output": str(out), **summary}
+    summary = {"input": str(src), "output": str(out), **result.get(PruneSummary).as_dict()}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -216,7 +255,8 @@ def cmd_sensitivity(args) -> int:
     import numpy as np
 
     from onnxprune.calibration import CalibrationData, check_calib
-    from onnxprune.passes.pruning import PruneConfig, PrunePass
+    from onnxprune.passes.config import PruneConfig, check_data
+    from onnxprune.passes.select import calibration_statistics
     from onnxprune.sensitivity import plot, sensitivity
 
     try:
@@ -225,9 +265,9 @@ def cmd_sensitivity(args) -> int:
         raise UsageError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
     if not ratios or not all(0 < r < 1 for r in ratios):
         raise UsageError(f"--ratios must lie in (0, 1), got {args.ratios!r}")
-    probe = PrunePass(PruneConfig(criterion=args.criterion, repair=args.repair), calib=object() if args.calib else None)
-    probe.check_data()
-    model = _load(args.model, args)
+    config = PruneConfig(criterion=args.criterion, repair=args.repair)
+    check_data(config, has_calib=bool(args.calib))
+    model = _pipeline([_normalize()], args).run(_load(args)).model
     data = _calib(args, model)
     if data is None:
         from onnxprune.verify import random_inputs
@@ -235,8 +275,7 @@ def cmd_sensitivity(args) -> int:
         print("onnxprune: note: no --calib: measuring on 8 random inputs", file=sys.stderr)
         samples = [random_inputs(model, seed=i) for i in range(8)]
         data = check_calib(CalibrationData({k: np.concatenate([s[k] for s in samples]) for k in samples[0]}), model)
-    probe.calib = data
-    stats = probe.statistics(model)
+    stats = calibration_statistics(config, model, data)
     rows = sensitivity(model, data, ratios, args.criterion, args.repair, stats, args.allow_inexact)
     src = Path(args.model)
     png = Path(args.plot) if args.plot else src.with_name(src.name.removesuffix(".onnx") + ".sensitivity.png")
@@ -247,18 +286,9 @@ def cmd_sensitivity(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        from rich.console import Console
-        from rich.table import Table
+        from onnxprune.report import print_sensitivity
 
-        table = Table(title=f"output error when pruning one group ({args.criterion}, repair {args.repair})")
-        for col in ("group", "channels", "params", "members"):
-            table.add_column(col)
-        for r in ratios:
-            table.add_column(f"{r:.0%}", justify="right")
-        for row in rows:
-            table.add_row(str(row.group), str(row.channels), str(row.params), row.members,
-                          *("-" if np.isnan(e) else f"{e:.3g}" for e in row.errors))
-        Console().print(table)
+        print_sensitivity(rows, ratios, args.criterion, args.repair)
         print(f"plot: {png}")
     return 0
 
@@ -281,18 +311,18 @@ def _prune_unconstrained(args, src: Path, out: Path) -> int:
         raise UsageError("--repair mean needs --calib (calibration inputs)")
     config = UnconstrainedConfig(ratio=args.ratio, criterion=args.criterion, share=args.share, union_cap=args.union_cap,
                                  drive=args.drive, reorder=not args.no_reorder, tune=args.tune, repair=args.repair)
-    model = _load(args.model, args)
+    model = _load(args)
     calib = _calib(args, model)
-    result = UnconstrainedPass(config, calib=calib.arrays if calib is not None else None).run(model)
+    unconstrained = UnconstrainedPass(config, calib=calib.arrays if calib is not None else None)
+    result = _pipeline([_normalize(), unconstrained], args).run(model)
     save_model(result.model, out)
     s = {"input": str(src), "output": str(out), **result.info["summary"]}
     if args.json:
         print(json.dumps(s))
     else:
-        c = s.get("copies", {})
-        print(f"{s['input']} -> {s['output']} (unconstrained)")
-        print(f"params {s.get('params_before')} -> {s.get('params_after')} stored, {s.get('effective_params_after')} nonzero")
-        print(f"copy ops {c.get('copy_ops', 0)} {c.get('ops', {})}, {c.get('bytes', 0)} bytes per inference")
+        from onnxprune.report import print_unconstrained_summary
+
+        print_unconstrained_summary(s)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Human-readable tables (rich) for the CLI."""
+"""Human-readable output for the CLI: rich tables for prune, analyze and sensitivity, the unconstrained summary."""
 
 from __future__ import annotations
 
@@ -76,3 +76,26 @@ def _print_barriers(console: Console, barriers: list[dict]) -> None:
     console.print(table)
     if len(barriers) > 30:
         console.print(f"... and {len(barriers) - 30} more")
+
+
+def print_sensitivity(rows, ratios: list[float], criterion: str, repair: str) -> None:
+    """Per-group output error at each ratio (`sensitivity.SensitivityRow`s); '-' where no channel goes."""
+    import math
+
+    table = Table(title=f"output error when pruning one group ({criterion}, repair {repair})")
+    for col in ("group", "channels", "params", "members"):
+        table.add_column(col)
+    for r in ratios:
+        table.add_column(f"{r:.0%}", justify="right")
+    for row in rows:
+        table.add_row(str(row.group), str(row.channels), str(row.params), row.members,
+                      *("-" if math.isnan(e) else f"{e:.3g}" for e in row.errors))
+    Console().print(table)
+
+
+def print_unconstrained_summary(s: dict) -> None:
+    """Three lines: input -> output, stored and nonzero parameters, copy operators per inference."""
+    c = s.get("copies", {})
+    print(f"{s['input']} -> {s['output']} (unconstrained)")
+    print(f"params {s.get('params_before')} -> {s.get('params_after')} stored, {s.get('effective_params_after')} nonzero")
+    print(f"copy ops {c.get('copy_ops', 0)} {c.get('ops', {})}, {c.get('bytes', 0)} bytes per inference")

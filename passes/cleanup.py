@@ -1,11 +1,17 @@
-"""Cleanup and checking passes: shape re-inference, dead-code removal, the ONNX checker."""
+"""Cleanup and checking passes: shape re-inference, dead-code removal, the ONNX checker.
+
+All three keep the model's semantics; only dead-code elimination reports `modified` (when it removed
+something), and running any of them again changes nothing.
+"""
 
 from __future__ import annotations
 
 import onnx
 
-from onnxprune.importer import _remove_dead_code, check_model, infer_shapes
+from onnxprune.canonical import remove_dead_code
+from onnxprune.importer import check_model
 from onnxprune.passmanager import Pass, PassResult
+from onnxprune.shape_inference import infer_shapes
 
 
 class ShapeInferencePass(Pass):
@@ -24,12 +30,12 @@ class DeadCodeEliminationPass(Pass):
     def call(self, model):
         out = onnx.ModelProto()
         out.CopyFrom(model)
-        changed = _remove_dead_code(out.graph)
+        changed = remove_dead_code(out.graph)
         return PassResult(out if changed else model, changed)
 
 
 class CheckPass(Pass):
-    """Full ONNX checker; raises ModelError with one line on failure."""
+    """Full ONNX checker; raises ModelError with one line on failure. Changes nothing."""
 
     def call(self, model):
         check_model(model)

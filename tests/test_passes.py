@@ -22,7 +22,7 @@ def test_pass_manager_composes_and_times(tmp_path):
     result = pm.run(model)
     assert result.modified
     assert [name for name, _ in timing.times] == ["NormalizePass", "PrunePass", "ShapeInferencePass", "CheckPass"]
-    assert [r.modified for _, r in pm.results][1:] == [True, False, False]
+    assert [r.modified for _, r in result.steps][1:] == [True, False, False]
     assert list((tmp_path / "dump").glob("*PrunePass.onnx"))
     assert result.info["summary"]["params_after"] < result.info["summary"]["params_before"]
 

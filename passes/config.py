@@ -1,0 +1,81 @@
+"""PruneConfig: what constrained channel pruning removes and how it chooses, and its data requirements.
+
+One config drives the whole pruning pipeline (select -> repair -> remove, see `onnxprune.passes.pruning`):
+the selection records it, the repair reads its method from there and the summary reports it. `check_data`
+says, before any model is read, whether the config needs calibration data it does not have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnxprune.allocation import ALLOCATIONS
+from onnxprune.criteria import CRITERIA, DATA_CRITERIA
+from onnxprune.errors import UsageError
+from onnxprune.repair import REPAIRS
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to remove and how to choose it."""
+
+    ratio: float = 0.3
+    criterion: str = "l1"
+    global_ranking: bool = False
+    round_to: int = 1
+    allow_inexact: bool = False  # also prune hidden sizes under LayerNorm / softmax axes
+    max_group_ratio: float = 0.9
+    seed: int = 0
+    repair: str = "none"  # none | bias (data-free, BatchNorm statistics) | ls | seq (calibrated least squares)
+    allocation: str | None = None  # uniform | global | lamp | sensitivity; None: global if global_ranking else uniform
+    target_params: str | None = None  # keep N parameters, or P% of them (overrides ratio)
+    target_macs: str | None = None  # keep N MACs, or P% of them (overrides ratio)
+    calib_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio < 1:
+            raise UsageError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.round_to < 1:
+            raise UsageError(f"round-to must be >= 1, got {self.round_to}")
+        if self.repair not in REPAIRS:
+            raise UsageError(f"unknown repair {self.repair!r} (choose from {', '.join(REPAIRS)})")
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise UsageError(f"unknown allocation {self.allocation!r} (choose from {', '.join(ALLOCATIONS)})")
+        if self.target_params is not None and self.target_macs is not None:
+            raise UsageError("give at most one of --target-params and --target-macs")
+
+    @property
+    def allocation_name(self) -> str:
+        return self.allocation or ("global" if self.global_ranking else "uniform")
+
+
+def check_data(
+    config: PruneConfig, *, has_calib: bool, has_stats: bool = False, custom_criterion: bool = False
+) -> list[str]:
+    """Fail early when data is required but missing; return one-line notices for data-free fallbacks.
+
+    Args:
+        config: the pruning config.
+        has_calib: calibration samples will be given.
+        has_stats: precomputed calibration statistics will be given (they stand in for samples, except
+            for the sequential repair, which runs the model).
+        custom_criterion: a `Criterion` instance replaces `config.criterion`.
+
+    Raises:
+        UsageError: an unknown criterion, or a criterion, repair or allocation that needs samples without them.
+    """
+    c = config
+    if not custom_criterion and c.criterion not in CRITERIA:
+        raise UsageError(f"unknown criterion {c.criterion!r} (choose from {', '.join(sorted(CRITERIA))})")
+    if not has_calib and c.repair == "seq":
+        raise UsageError("repair 'seq' needs calibration samples: pass --calib FILE.npz (or use --repair bias)")
+    if has_stats:
+        return []
+    if not has_calib and not custom_criterion and c.criterion in DATA_CRITERIA:
+        raise UsageError(f"criterion {c.criterion!r} needs calibration data: pass --calib FILE.npz")
+    if not has_calib and c.repair == "ls":
+        raise UsageError("repair 'ls' needs calibration data: pass --calib FILE.npz (or use --repair bias)")
+    notices = []
+    if not has_calib and not custom_criterion and c.criterion == "obs":
+        notices.append("criterion obs without --calib: using the data-free BatchNorm Hessian surrogate")
+    return notices

@@ -1,0 +1,53 @@
+"""RepairChannelsPass: refit the consumers of the selected channels before they are removed.
+
+The second pass of constrained pruning (select -> repair -> remove). It reads the pending
+`ChannelSelection` and repairs with the selection's config: ``bias`` (data-free, BatchNorm statistics) and
+``ls`` (calibrated least squares, on the selection's statistics) via `onnxprune.repair.repair_weights`,
+``seq`` (least squares layer by layer on the pruned model's own activations) via `repair_sequential`.
+
+Repair changes weights (and may add biases), never which positions exist, so the selection carries over:
+`onnxprune.repair.reanalyze` analyses the repaired model once and maps the removed positions onto it (and
+checks that the coupling did not change). The re-analysed selection is recorded as pending on the repaired
+model for `RemoveChannelsPass`. With repair ``none`` or nothing selected the pass changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from onnxprune.calibration import CalibrationData, check_calib
+from onnxprune.errors import UsageError
+from onnxprune.passes.select import ChannelSelection, pending_selection
+from onnxprune.passmanager import Pass, PassResult, analyses
+from onnxprune.repair import reanalyze, repair_sequential, repair_weights
+
+
+class RepairChannelsPass(Pass):
+    """Repair the model for the pending channel removal, as the selection's config says.
+
+    Args:
+        calib: calibration samples; required by the ``seq`` repair, which runs the model on them.
+    """
+
+    def __init__(self, calib: CalibrationData | None = None) -> None:
+        self.calib = calib
+
+    def requires(self, model):
+        selection = pending_selection(model)
+        if selection.config.repair == "seq" and self.calib is None:
+            raise UsageError("repair 'seq' needs calibration samples: pass --calib FILE.npz (or use --repair bias)")
+
+    def call(self, model):
+        selection = pending_selection(model)
+        c = selection.config
+        if c.repair == "none" or selection.empty:
+            return PassResult(model, False)
+        if c.repair == "seq":
+            data = check_calib(self.calib, model, c.calib_samples)
+            repaired, report = repair_sequential(selection.analysis, selection.labels, data, seed=c.seed)
+        else:
+            repaired, report = repair_weights(selection.analysis, selection.labels, c.repair, selection.stats)
+        analysis, labels = reanalyze(selection.analysis, selection.labels, repaired, c.allow_inexact)
+        after = replace(selection, analysis=analysis, labels=labels, repair=report)
+        analyses().put(repaired, ChannelSelection, after)
+        return PassResult(repaired, repaired is not model, artifacts=(report,))

@@ -1,0 +1,223 @@
+"""Channel selection: analyse the coupled channel groups, score them, allocate the removal; change nothing.
+
+`SelectChannelsPass` is the first pass of constrained pruning (select -> repair -> remove, composed as
+`onnxprune.passes.pruning.PrunePass`). Start at `SelectChannelsPass.call`:
+
+1. `channel_analysis` - the model's `ChannelAnalysis` (`channels.analyze`), computed once per model object
+   and kept in the running PassManager's `AnalysisCache`, so the passes after it reuse it;
+2. `calibration_statistics` - activation statistics, only when the criterion or the repair reads them;
+3. `choose_plan` - criterion scores (`criteria`), then the allocation (`plan.make_plan` for uniform/global
+   ratios, `allocation` for LAMP budgets, measured sensitivity and parameter/MAC targets): a `PruningPlan`.
+
+The decision is a `ChannelSelection`: returned as an artifact, and recorded in the cache as the pending
+selection of this very model object, which `RepairChannelsPass` and `RemoveChannelsPass` read
+(`pending_selection`). The model itself is returned untouched (`modified=False`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxprune import allocation as alloc
+from onnxprune.calibration import CalibrationData, CalibrationStats, check_calib, collect_stats
+from onnxprune.channels import ChannelAnalysis, analyze
+from onnxprune.criteria import Criterion, Magnitude, get_criterion
+from onnxprune.errors import PreconditionError, UsageError
+from onnxprune.graph import ModelGraph
+from onnxprune.metrics import count_macs, count_params
+from onnxprune.passes.config import PruneConfig, check_data
+from onnxprune.passmanager import Pass, PassResult, analyses
+from onnxprune.plan import PruningPlan, make_plan
+from onnxprune.repair import RepairReport
+from onnxprune.sensitivity import sensitivity
+
+
+@dataclass(frozen=True)
+class ChannelSelection:
+    """The channels chosen for removal from one model, pending until `RemoveChannelsPass` removes them.
+
+    Attributes:
+        config: the config the selection was made with (the repair reads its method here).
+        analysis: channel analysis of the model the selection is pending on (re-analysed after a repair).
+        labels: component labels, in `analysis`, of the channels to remove.
+        plan: group id -> removed channel indices, in the groups of `source`.
+        source: channel analysis of the model the selection was made on (before any repair).
+        stats: calibration statistics the criterion or the repair reads, or None.
+        notices: one-line notices (data-free fallbacks).
+        repair: what the repair did, once it ran.
+        started: `time.perf_counter()` when the selection began (the summary's `seconds`).
+    """
+
+    config: PruneConfig
+    analysis: ChannelAnalysis
+    labels: np.ndarray
+    plan: PruningPlan
+    source: ChannelAnalysis
+    stats: CalibrationStats | None = None
+    notices: tuple[str, ...] = ()
+    repair: RepairReport | None = None
+    started: float = 0.0
+
+    @property
+    def empty(self) -> bool:
+        return len(self.labels) == 0
+
+
+def channel_analysis(model: onnx.ModelProto, allow_inexact: bool = False) -> ChannelAnalysis:
+    """The model's channel analysis, from the running PassManager's cache when an earlier pass made it."""
+    cache = analyses()
+    key = (ChannelAnalysis, allow_inexact)
+    found = cache.get(model, key)
+    if found is None:
+        found = analyze(ModelGraph(model), allow_inexact=allow_inexact)
+        cache.put(model, key, found)
+    return found
+
+
+def pending_selection(model: onnx.ModelProto) -> ChannelSelection:
+    """The selection pending on this model object in the running PassManager.
+
+    Raises:
+        PreconditionError: no `SelectChannelsPass` ran on this model object in the same PassManager (or a
+            pass other than the repair changed the model in between).
+    """
+    found = analyses().get(model, ChannelSelection)
+    if found is None:
+        raise PreconditionError("no channel selection pending on this model: run SelectChannelsPass before it "
+                                "in the same PassManager (only RepairChannelsPass may run in between)")
+    return found
+
+
+def calibration_statistics(
+    config: PruneConfig, model: onnx.ModelProto, calib: CalibrationData | None, custom_criterion: bool = False
+) -> CalibrationStats | None:
+    """Calibration statistics of `model` when the criterion or the repair reads them, else None."""
+    data_criterion = not custom_criterion and config.criterion in ("activation", "apoz", "obs")
+    if calib is None or not (data_criterion or config.repair == "ls"):
+        return None
+    data = check_calib(calib, model, config.calib_samples)
+    return collect_stats(model, data, hessian=config.repair == "ls" or config.criterion == "obs", seed=config.seed)
+
+
+def criterion_for(config: PruneConfig, stats: CalibrationStats | None = None) -> Criterion:
+    """The named criterion; OBS measures the error left after the configured repair."""
+    repair = "ls" if config.repair == "seq" else config.repair  # both leave the OBS error
+    return get_criterion(config.criterion, config.seed, stats, repair)
+
+
+SENSITIVITY_RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7)
+SENSITIVITY_SAMPLES = 16
+
+
+def choose_plan(
+    config: PruneConfig,
+    analysis: ChannelAnalysis,
+    criterion: Criterion,
+    stats: CalibrationStats | None = None,
+    calib: CalibrationData | None = None,
+) -> PruningPlan:
+    """Which channels of which group go: scores, then the configured allocation and target."""
+    c = config
+    scores = criterion.score_all(analysis)
+    targets = {"params": c.target_params, "macs": c.target_macs}
+    if c.allocation_name not in ("lamp", "sensitivity") and all(v is None for v in targets.values()):
+        return make_plan(analysis, scores, c.ratio, global_ranking=c.global_ranking, round_to=c.round_to,
+                         max_group_ratio=c.max_group_ratio)
+    if c.allocation_name == "sensitivity":
+        units = _sensitivity_units(config, analysis, scores, stats, calib)
+    else:
+        budget = None
+        if c.allocation_name == "lamp":
+            # LAMP is layer-adaptive *magnitude* pruning: the per-layer budgets come from LAMP scores
+            # of the channel L1 norms, whatever the criterion; the criterion picks which channels go.
+            # So every criterion is compared on the same budgets (not on budgets its own score
+            # distribution happens to induce, e.g. uniform for random, [0, 1] plateaus for APoZ).
+            budget = Magnitude(1).score_all(analysis)
+        units = alloc.removal_order(
+            analysis, scores, c.allocation_name, round_to=c.round_to, max_group_ratio=c.max_group_ratio,
+            comparable=getattr(criterion, "comparable", False), budget_scores=budget,
+        )
+    for metric, text in targets.items():
+        if text is not None:
+            total = count_params(analysis.graph) if metric == "params" else count_macs(analysis.graph)
+            return alloc.plan_for_target(units, analysis, alloc.parse_target(text, total, metric), metric)
+    return alloc.plan_for_ratio(units, analysis, c.ratio)
+
+
+def _sensitivity_units(config: PruneConfig, analysis: ChannelAnalysis, scores, stats, calib):
+    """Units ordered by each group's measured end-to-end output error (needs calibration samples)."""
+    c = config
+    if calib is None:
+        raise UsageError("allocation 'sensitivity' needs calibration data: pass --calib FILE.npz")
+    model = analysis.graph.model
+    data = check_calib(calib, model, min(calib.n, SENSITIVITY_SAMPLES))
+    ratios = list(SENSITIVITY_RATIOS)
+    rows = sensitivity(model, data, ratios, c.criterion, c.repair, stats, c.allow_inexact)
+    return alloc.sensitivity_order(analysis, scores, rows, ratios, round_to=c.round_to,
+                                   max_group_ratio=c.max_group_ratio)
+
+
+class AnalyzeChannelsPass(Pass):
+    """Analyse the coupled channel groups; the `ChannelAnalysis` is the artifact. Changes nothing."""
+
+    def __init__(self, allow_inexact: bool = False) -> None:
+        self.allow_inexact = allow_inexact
+
+    def call(self, model):
+        return PassResult(model, False, artifacts=(channel_analysis(model, self.allow_inexact),))
+
+
+class SelectChannelsPass(Pass):
+    """Choose the channels to remove (analyse, score, allocate); the model is returned unchanged.
+
+    Args:
+        config: what to remove and how.
+        criterion: a `Criterion` instance overriding `config.criterion`.
+        calib: calibration samples for data criteria, `repair="ls"`/`"seq"` and the sensitivity allocation.
+        stats: precomputed `calibration.collect_stats` of the model (reused across runs, e.g. benchmarks).
+    """
+
+    def __init__(
+        self,
+        config: PruneConfig | None = None,
+        *,
+        criterion: Criterion | None = None,
+        calib: CalibrationData | None = None,
+        stats: CalibrationStats | None = None,
+    ) -> None:
+        self.config = config or PruneConfig()
+        self.criterion = criterion
+        self.calib = calib
+        self.stats = stats
+
+    def check_data(self) -> list[str]:
+        """Raise UsageError when the config needs data this pass was not given; notices for fallbacks."""
+        return check_data(self.config, has_calib=self.calib is not None, has_stats=self.stats is not None,
+                          custom_criterion=self.criterion is not None)
+
+    def requires(self, model):
+        self.check_data()
+
+    def statistics(self, model: onnx.ModelProto) -> CalibrationStats | None:
+        if self.stats is not None:
+            return self.stats
+        return calibration_statistics(self.config, model, self.calib, self.criterion is not None)
+
+    def plan(self, analysis: ChannelAnalysis, stats: CalibrationStats | None = None) -> PruningPlan:
+        criterion = self.criterion or criterion_for(self.config, stats)
+        return choose_plan(self.config, analysis, criterion, stats, self.calib)
+
+    def call(self, model):
+        started = time.perf_counter()
+        notices = tuple(self.check_data())
+        analysis = channel_analysis(model, self.config.allow_inexact)
+        stats = self.statistics(model)
+        plan = self.plan(analysis, stats)
+        selection = ChannelSelection(self.config, analysis, plan.labels(analysis), plan, analysis, stats, notices,
+                                     started=started)
+        analyses().put(model, ChannelSelection, selection)
+        return PassResult(model, False, artifacts=(selection,))
