@@ -49,14 +49,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from onnxprune.passes.pruning import PruneConfig, PrunePass
-from onnxprune.passes.unconstrained import (
-    CostModel,
-    UnconstrainedConfig,
-    UnconstrainedPass,
-    copy_report,
-    effective_params,
-    mask_model,
-)
+from onnxprune.passes.unconstrained import UnconstrainedPass
+from onnxprune.upscale.config import UnconstrainedConfig
+from onnxprune.upscale.costmodel import CostModel, deployed_session
+from onnxprune.upscale.oracle import mask_model
+from onnxprune.upscale.report import copy_report, effective_params
 
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import import_model
@@ -111,16 +108,8 @@ def rel_error(expected, got) -> float:
 
 
 def session(model):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if THREADS > 1:  # no spin-waiting: on a shared, loaded machine spinning workers starve each other
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    """onnxruntime as deployed (optimisations on), `THREADS` intra-op threads, no spinning above one."""
+    return deployed_session(model, THREADS)
 
 
 def latencies(models: dict, inputs: dict, rounds: int, per_round: int, stat=statistics.median) -> dict[str, float]:
