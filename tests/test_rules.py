@@ -1,0 +1,512 @@
+"""Every channel rule, one row each in `TABLE`: a tiny model around the operator, checked three ways.
+
+Adding an operator = one rule file + one row here (`test_every_registered_op_has_a_row` fails without it).
+For each (row, op type):
+
+* coupling: the analysis finds groups of the expected sizes, or the operator is a barrier;
+* dead-channel equivalence: every group, half its channels silenced in the original (`rewrite.apply_mask`)
+  vs removed (`rewrite.apply_plan`), gives the same outputs in onnxruntime with optimisations off
+  (`verify.dead_channel_check`);
+* facts (`rules.facts.op_facts`): ``same_shape`` - the output has the input's shape and type;
+  ``zero_preserving`` - with one channel silenced, the operator's output channel is exactly zero.
+
+Most rows put the operator between two 1x1 convolutions (`sandwich`), so the channels it passes have a
+producer and a consumer holding weights: ``x -> Conv(3->C) -> t -> [op] -> u -> Conv(->2) -> y``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+from conftest import canonical
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.channels import ChannelAnalysis, analyze
+from onnxprune.graph import ModelGraph
+from onnxprune.rewrite import apply_mask
+from onnxprune.rules import RULES, ChannelRule
+from onnxprune.rules.base import RuleRegistry
+from onnxprune.rules.elementwise import BINARY, UNARY
+from onnxprune.rules.facts import op_facts
+from onnxprune.verify import dead_channel_check, random_inputs, run, session
+
+C = 4  # channels of the tensor every row's operator reads
+FLOAT, DOUBLE, INT32, INT64, UINT8 = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT32, TensorProto.INT64,
+                                      TensorProto.UINT8)  # fmt: skip
+
+
+class Builder:
+    """Nodes and seeded weights of one small graph."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.k = 0
+
+    def fresh(self, prefix: str) -> str:
+        self.k += 1
+        return f"{prefix}{self.k}"
+
+    def const(self, value, prefix: str = "c") -> str:
+        name = self.fresh(prefix)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def normal(self, shape) -> str:
+        return self.const(self.rng.standard_normal(shape).astype(np.float32), "w")
+
+    def positive(self, shape, lo: float = 0.5, hi: float = 1.5) -> str:
+        return self.const(self.rng.uniform(lo, hi, shape).astype(np.float32), "p")
+
+    def ints(self, values, dtype=np.int64) -> str:
+        return self.const(np.array(values, dtype=dtype), "i")
+
+    def scalar(self, value, dtype=np.float32) -> str:
+        return self.const(np.array([value], dtype=dtype), "s")
+
+    def __call__(self, op: str, inputs: list[str], n_out: int = 1, **attrs) -> str:
+        outs = [self.fresh(op.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.fresh(f"{op}_"), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def conv(self, x: str, cin: int, cout: int, rank: int = 4) -> str:
+        w = self.normal((cout, cin) + (1,) * (rank - 2))
+        return self("Conv", [x, w, self.normal((cout,))])
+
+    def model(self, inputs: list[tuple[str, int, list]], outputs: list[str], opset: int) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, "rule_row", [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+            [helper.make_tensor_value_info(o, FLOAT, None) for o in outputs], self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        inferred = onnx.shape_inference.infer_shapes(model)
+        del model.graph.output[:]
+        model.graph.output.extend(inferred.graph.output)
+        return model
+
+
+Body = Callable[[Builder, str, str], tuple[str, int]]  # (builder, op, t) -> (u, channels of u)
+
+
+def sandwich(body: Body, rank: int = 4, spatial: int | str = 3, cin: int = C) -> Callable[[str, int], onnx.ModelProto]:
+    """``x -> Conv(3->cin) -> t -> body -> u -> Conv(->2) -> y`` (convolutions 1x1, `rank`-D)."""
+
+    def build(op: str, opset: int) -> onnx.ModelProto:
+        b = Builder()
+        t = b.conv("x", 3, cin, rank)
+        u, channels = body(b, op, t)
+        y = b.conv(u, channels, 2, rank)
+        return b.model([("x", FLOAT, [1, 3] + [spatial] * (rank - 2))], [y], opset)
+
+    return build
+
+
+# ---- bodies -----------------------------------------------------------------------------------------
+# Inputs some unary ops need in their domain (a silenced channel must not turn into NaN or inf either).
+_UNARY_PRE = {
+    "Log": ["Exp"], "Reciprocal": ["Exp"], "Sqrt": ["Abs"], "Acos": ["Tanh"], "Asin": ["Tanh"],
+    "Atanh": ["Tanh", "half"], "Acosh": ["Exp", "plus1"],
+}  # fmt: skip
+
+
+def unary(b: Builder, op: str, t: str) -> tuple[str, int]:
+    for pre in _UNARY_PRE.get(op, []):
+        if pre == "half":
+            t = b("Mul", [t, b.scalar(0.5)])
+        elif pre == "plus1":
+            t = b("Add", [t, b.scalar(1.0)])
+        else:
+            t = b(pre, [t])
+    if op == "Not":
+        return b("Cast", [b("Not", [b("Greater", [t, b.scalar(0.0)])])], to=FLOAT), C
+    if op in ("IsNaN", "IsInf"):
+        return b("Cast", [b(op, [t])], to=FLOAT), C
+    if op == "BitwiseNot":
+        return b("Cast", [b(op, [b("Cast", [t], to=INT32)])], to=FLOAT), C
+    if op == "Cast":
+        return b("Cast", [b(op, [t], to=DOUBLE)], to=FLOAT), C
+    if op == "CastLike":
+        return b("Cast", [b(op, [t, b.scalar(0.0, np.float64)])], to=FLOAT), C
+    return b(op, [t]), C
+
+
+def broadcasting(b: Builder, op: str, t: str) -> tuple[str, int]:
+    per_channel = (1, C, 1, 1)
+    if op in ("Add", "Sub", "Mul", "Max", "Min", "Mean", "Sum"):
+        return b(op, [t, b.normal(per_channel)]), C
+    if op == "Div":
+        return b(op, [t, b.positive(per_channel)]), C
+    if op == "Pow":
+        return b(op, [b("Abs", [t]), b.positive(per_channel)]), C
+    if op == "PRelu":
+        return b(op, [t, b.positive((C, 1, 1), 0.1, 0.3)]), C
+    if op == "Mod":
+        return b(op, [t, b.scalar(1.5)], fmod=1), C
+    if op in ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"):
+        return b("Cast", [b(op, [t, b.normal(per_channel)])], to=FLOAT), C
+    if op in ("And", "Or", "Xor"):
+        return b("Cast", [b(op, [b("Greater", [t, b.scalar(0.0)]), b("Less", [t, b.scalar(0.5)])])], to=FLOAT), C
+    if op == "Where":
+        return b(op, [b("Greater", [t, b.scalar(0.0)]), t, b.normal(per_channel)]), C
+    if op == "BitShift":
+        return b("Cast", [b(op, [b("Cast", [t], to=UINT8), b.ints([1], np.uint8)], direction="LEFT")], to=FLOAT), C
+    if op in ("BitwiseAnd", "BitwiseOr", "BitwiseXor"):
+        ints = b.ints(np.arange(C).reshape(per_channel) + 1, np.int32)
+        return b("Cast", [b(op, [b("Cast", [t], to=INT32), ints])], to=FLOAT), C
+    raise AssertionError(op)
+
+
+def passthrough(b: Builder, op: str, t: str) -> tuple[str, int]:
+    return b(op, [t]), C
+
+
+def clip(b: Builder, op: str, t: str) -> tuple[str, int]:
+    return b(op, [t, b.const(np.float32(-0.5)), b.const(np.float32(0.7))]), C
+
+
+def resize(b: Builder, op: str, t: str) -> tuple[str, int]:
+    scales = b.const(np.array([1, 1, 2, 2], np.float32))
+    return b(op, [t, "", scales] if op == "Resize" else [t, scales]), C
+
+
+def pad(b: Builder, op: str, t: str) -> tuple[str, int]:
+    return b(op, [t, b.ints([0, 0, 1, 1, 0, 0, 1, 1])]), C
+
+
+def arg_reduce(b: Builder, op: str, t: str) -> tuple[str, int]:
+    return b("Cast", [b(op, [t], axis=2)], to=FLOAT), C
+
+
+def reduce_channels(b: Builder, op: str, t: str) -> tuple[str, int]:
+    return b(op, [t, b.ints([1])], keepdims=1), 1
+
+
+def along(axis: int) -> Body:
+    return lambda b, op, t: (b(op, [t], axis=axis), C)
+
+
+def pool(b: Builder, op: str, t: str) -> tuple[str, int]:
+    if op.startswith("Global"):
+        return b(op, [t]), C
+    if op == "MaxRoiPool":
+        return b(op, [t, b.const(np.array([[0, 0, 0, 2, 2]], np.float32))], pooled_shape=[2, 2]), C
+    return b(op, [t], kernel_shape=[2, 2]), C
+
+
+def reduce(b: Builder, op: str, t: str) -> tuple[str, int]:
+    if op == "ReduceLogSum":
+        t = b("Exp", [t])
+    return b(op, [t, b.ints([2, 3])], keepdims=1), C
+
+
+def conv_variant(kind: str) -> Callable[[str, int], onnx.ModelProto]:
+    """Regular, depthwise (multiplier 2) and grouped (2 groups) Conv; ConvTranspose."""
+
+    def build(op: str, opset: int) -> onnx.ModelProto:
+        b = Builder()
+        t = b.conv("x", 3, C)
+        if op == "ConvTranspose":
+            u, cu = b(op, [t, b.normal((C, 3, 1, 1)), b.normal((3,))]), 3
+        elif kind == "depthwise":
+            u, cu = b(op, [t, b.normal((2 * C, 1, 1, 1)), b.normal((2 * C,))], group=C), 2 * C
+        elif kind == "grouped":
+            u, cu = b(op, [t, b.normal((C, C // 2, 1, 1)), b.normal((C,))], group=2), C
+        else:
+            u, cu = b("Relu", [t]), C
+        y = b.conv(u, cu, 2)
+        return b.model([("x", FLOAT, [1, 3, 3, 3])], [y], opset)
+
+    return build
+
+
+def linear(op: str, opset: int) -> onnx.ModelProto:
+    """Gemm: ``[2, 6] -> Gemm(6->C) -> Relu -> Gemm(C->2, transB)``; MatMul: ``[1, 5, 6] -> MatMul -> Add -> MatMul``."""
+    b = Builder()
+    if op == "Gemm":
+        h = b("Relu", [b(op, ["x", b.normal((6, C)), b.normal((C,))])])
+        return b.model([("x", FLOAT, [2, 6])], [b(op, [h, b.normal((2, C))], transB=1)], opset)
+    h = b("Add", [b(op, ["x", b.normal((6, C))]), b.normal((C,))])
+    return b.model([("x", FLOAT, [1, 5, 6])], [b(op, [h, b.normal((C, 3))])], opset)
+
+
+def norm(b: Builder, op: str, t: str) -> tuple[str, int]:
+    if op == "BatchNormalization":
+        return b(op, [t, b.normal((C,)), b.normal((C,)), b.normal((C,)), b.positive((C,))]), C
+    if op == "InstanceNormalization":
+        return b(op, [t, b.normal((C,)), b.normal((C,))]), C
+    if op == "GroupNormalization":
+        return b(op, [t, b.normal((C,)), b.normal((C,))], num_groups=2), C
+    return b(op, [t, b.normal((5,)), b.normal((5,))] if op == "LayerNormalization" else [t, b.normal((5,))], axis=-1), C
+
+
+def to_matrix(b: Builder, t: str, features: int) -> str:
+    """A [1, features] tensor times a weight matrix: the channels' consumer after a flattening op."""
+    return b("MatMul", [t, b.normal((features, 2))])
+
+
+def layout(op: str, opset: int) -> onnx.ModelProto:
+    b = Builder()
+    t = b.conv("x", 3, C)
+    if op == "Reshape":
+        y = to_matrix(b, b(op, [t, b.ints([1, C * 9])]), C * 9)
+    elif op == "Flatten":
+        y = to_matrix(b, b(op, [t], axis=1), C * 9)
+    elif op == "Transpose":
+        y = to_matrix(b, b(op, [t], perm=[0, 2, 3, 1]), C)
+    elif op == "Squeeze":
+        y = to_matrix(b, b(op, [b("GlobalAveragePool", [t]), b.ints([2, 3])]), C)
+    elif op == "Expand":
+        y = b.conv(b(op, [b("GlobalAveragePool", [t]), b.ints([1, C, 3, 3])]), C, 2)
+    elif op == "Tile":
+        y = b.conv(b(op, [t, b.ints([1, 1, 2, 1])]), C, 2)
+    elif op == "Slice":  # channels 1..C of C+2: the two cut ones form a group of their own
+        t = b.conv("x", 3, C + 2)
+        y = b.conv(b(op, [t, b.ints([1]), b.ints([C + 1]), b.ints([1])]), C, 2)
+    elif op == "Concat":
+        y = b.conv(b(op, [t, b.conv("x", 3, C)], axis=1), 2 * C, 2)
+    elif op == "Split":
+        left, right = b(op, [t, b.ints([C // 2, C // 2])], n_out=2, axis=1)
+        y = b("Add", [b.conv(left, C // 2, 2), b.conv(right, C // 2, 2)])
+    else:
+        raise AssertionError(op)
+    return b.model([("x", FLOAT, [1, 3, 3, 3])], [y], opset)
+
+
+def unsqueeze(op: str, opset: int) -> onnx.ModelProto:
+    b = Builder()
+    h = b("MatMul", ["x", b.normal((6, C))])
+    y = b.conv(b(op, [h, b.ints([2, 3])]), C, 2)
+    return b.model([("x", FLOAT, [1, 6])], [y], opset)
+
+
+def gather(op: str, opset: int) -> onnx.ModelProto:
+    """An embedding lookup: ``ids [1, 5] -> Gather(E [16, C]) -> MatMul(C->3)``."""
+    b = Builder()
+    y = b("MatMul", [b(op, [b.normal((16, C)), "x"]), b.normal((C, 3))])
+    return b.model([("x", INT64, [1, 5])], [y], opset)
+
+
+def shape_reader(op: str, opset: int) -> onnx.ModelProto:
+    """Shape/Size read the sizes of t (dynamic H, so they are not folded); the value is multiplied by 0."""
+    b = Builder()
+    t = b.conv("x", 3, C)
+    size = b(op, [t])
+    if op == "Shape":
+        size = b("ReduceSum", [size], keepdims=0)
+    zero = b("Mul", [b("Cast", [size], to=FLOAT), b.scalar(0.0)])
+    y = b("Add", [b.conv(b("Relu", [t]), C, 2), zero])
+    return b.model([("x", FLOAT, [1, 3, "H", 3])], [y], opset)
+
+
+def depth_space(op: str, opset: int) -> onnx.ModelProto:
+    b = Builder()
+    if op == "DepthToSpace":
+        y = b.conv(b(op, [b.conv("x", 3, 4 * C)], blocksize=2), C, 2)
+    else:
+        y = b.conv(b(op, [b.conv("x", 3, C)], blocksize=2), 4 * C, 2)
+    return b.model([("x", FLOAT, [1, 3, 4, 4])], [y], opset)
+
+
+def depth_space_zero_check(op: str, opset: int) -> None:
+    """DCR order: output channel c of DepthToSpace reads input channels c, C+c, 2C+c, 3C+c (and the
+    reverse for SpaceToDepth): zeroing those inputs must zero that output."""
+    c = 1
+    if op == "DepthToSpace":
+        shape, zeroed, out_channels = [1, 4 * C, 2, 2], [c + k * C for k in range(4)], [c]
+    else:
+        shape, zeroed, out_channels = [1, C, 4, 4], [c], [c + k * C for k in range(4)]
+    node = helper.make_node(op, ["x"], ["y"], blocksize=2)
+    graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("x", FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", FLOAT, None)])  # fmt: skip
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    x[:, zeroed] = 0
+    y = run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), {"x": x})[0]
+    assert np.all(y[:, out_channels] == 0) and np.any(y != 0)
+
+
+# ---- the table --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One rule (or one variant of it): the op types it covers, at which opset, and what the analysis finds.
+
+    `groups` are the sorted sizes of the groups the analysis finds; None means the operator is a barrier
+    (then `zero_check` checks a declared zero-preserving fact directly, as no group passes the operator).
+    """
+
+    name: str
+    ops: tuple[str, ...]
+    build: Callable[[str, int], onnx.ModelProto]
+    groups: tuple[int, ...] | None
+    opset: int = 21
+    zero_check: Callable[[str, int], None] | None = None
+    tolerance: float = 1e-5
+    check_facts: bool = True  # False where the operator does not pass the channel on (reduces it)
+
+
+POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")  # fmt: skip
+REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+              "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")  # fmt: skip
+SOFTMAXES = ("Softmax", "LogSoftmax", "Hardmax")
+
+TABLE = [
+    Row("unary", UNARY, sandwich(unary), (C,)),
+    Row("dropout", ("Dropout",), sandwich(passthrough), (C,)),
+    Row("clip", ("Clip",), sandwich(clip), (C,)),
+    Row("broadcasting", BINARY, sandwich(broadcasting), (C,)),
+    Row("conv", ("Conv",), conv_variant("regular"), (C,)),
+    Row("conv depthwise", ("Conv",), conv_variant("depthwise"), (C,)),
+    Row("conv grouped", ("Conv",), conv_variant("grouped"), (2,)),
+    Row("conv transpose", ("ConvTranspose",), conv_variant("regular"), (3, C)),
+    Row("linear", ("Gemm", "MatMul"), linear, (C,)),
+    Row("per-channel norms", ("BatchNormalization", "InstanceNormalization"), sandwich(norm), (C,)),
+    Row("group norm", ("GroupNormalization",), sandwich(norm), (2,)),
+    Row("layer norm", ("LayerNormalization",), sandwich(norm, rank=3, spatial=5), (C,)),
+    Row("rms norm", ("RMSNormalization",), sandwich(norm, rank=3, spatial=5), (C,), opset=23),
+    Row("pool", POOLS, sandwich(pool), (C,)),
+    Row("resize", ("Resize",), sandwich(resize), (C,)),
+    Row("upsample", ("Upsample",), sandwich(resize), (C,), opset=9),
+    Row("pad", ("Pad",), sandwich(pad), (C,)),
+    Row("reduce", REDUCTIONS, sandwich(reduce), (C,)),
+    Row("reduce over channels", ("ReduceSum",), sandwich(reduce_channels), (C,), check_facts=False),
+    Row("arg reduce", ("ArgMax", "ArgMin"), sandwich(arg_reduce), (C,)),
+    Row("softmax", SOFTMAXES, sandwich(along(-1)), (C,)),
+    Row("softmax coerced", SOFTMAXES, sandwich(along(2)), (C,), opset=11),
+    Row("layout", ("Reshape", "Flatten", "Transpose", "Squeeze", "Expand", "Tile"), layout, (C,)),
+    Row("concat", ("Concat",), layout, (C, C)),
+    Row("split", ("Split",), layout, (C // 2, C // 2)),
+    Row("slice", ("Slice",), layout, (2, C)),
+    Row("unsqueeze", ("Unsqueeze",), unsqueeze, (C,)),
+    Row("gather", ("Gather",), gather, (C,)),
+    Row("shape readers", ("Shape", "Size"), shape_reader, (C,)),
+    Row("depth/space (facts only)", ("DepthToSpace", "SpaceToDepth"), depth_space, None, zero_check=depth_space_zero_check),
+]  # fmt: skip
+
+CASES = [pytest.param(row, op, id=f"{row.name}:{op}") for row in TABLE for op in row.ops]
+
+
+def _node_of(model: onnx.ModelProto, op: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.op_type == op)
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in {o.name for o in out.graph.output})
+    return out
+
+
+@pytest.fixture(scope="module")
+def analysed():
+    """(row, op) -> (canonical model, analysis), built once per module."""
+    cache: dict[tuple[str, str], tuple[onnx.ModelProto, ChannelAnalysis]] = {}
+
+    def get(row: Row, op: str):
+        if (row.name, op) not in cache:
+            model = canonical(row.build(op, row.opset))
+            cache[row.name, op] = model, analyze(ModelGraph(model))
+        return cache[row.name, op]
+
+    return get
+
+
+@pytest.mark.parametrize(("row", "op"), CASES)
+def test_coupling(row: Row, op: str, analysed):
+    model, analysis = analysed(row, op)
+    assert any(n.op_type == op for n in model.graph.node), f"canonicalisation removed the {op} under test"
+    barriers = [b.op_type for b in analysis.barriers]
+    if row.groups is None:
+        assert op in barriers
+        return
+    assert not barriers, analysis.barriers
+    assert tuple(sorted(g.size for g in analysis.groups)) == row.groups
+
+
+@pytest.mark.parametrize(("row", "op"), CASES)
+def test_dead_channel_equivalence(row: Row, op: str, analysed):
+    model, analysis = analysed(row, op)
+    inputs = random_inputs(model, seed=3)
+    assert all(np.isfinite(o).all() for o in run(model, inputs)), "the row must compute finite values"
+    for group in analysis.groups:
+        result = dead_channel_check(analysis, group, inputs)
+        assert result.error <= row.tolerance, f"group {group.id} {[str(m) for m in group.members]}: {result.error}"
+
+
+@pytest.mark.parametrize(("row", "op"), CASES)
+def test_declared_facts_hold(row: Row, op: str, analysed):
+    if not row.check_facts:
+        pytest.skip("the operator reduces the channel axis here; its facts are checked in another row")
+    facts = op_facts(op, "", row.opset)
+    model, analysis = analysed(row, op)
+    node = _node_of(model, op)
+    x, y = node.input[0], node.output[0]
+    inputs = random_inputs(model, seed=4)
+    if facts.same_shape:
+        got_x, got_y = run(_with_outputs(model, [x, y]), inputs)[-2:]
+        assert got_y.shape == got_x.shape and got_y.dtype == got_x.dtype
+    if not facts.zero_preserving:
+        return
+    if row.zero_check is not None:
+        row.zero_check(op, row.opset)
+        return
+    # Silence one channel of the group that holds the operator's output; that output channel must be 0.
+    group = next(g for g in analysis.groups if any(m.tensor == y for m in g.members))
+    masked = _with_outputs(apply_mask(analysis, group.labels[:1]), [x, y])
+    values = dict(zip([o.name for o in session(masked).get_outputs()], run(masked, inputs)))
+    for member in group.members:
+        if member.tensor in (x, y):
+            positions = member.positions[member.channel_of == 0]
+            silenced = np.take(values[member.tensor], positions, axis=member.axis)
+            assert silenced.size and np.all(silenced == 0), f"{member}: silenced channel is not zero"
+
+
+def test_every_registered_op_has_a_row():
+    """A new rule (or a new opset range of one) needs a row in TABLE."""
+    missing = []
+    for reg in RULES.registrations():
+        if not any(reg.op_type in row.ops and reg.covers(row.opset) for row in TABLE):
+            missing.append(f"{reg.op_type} (opsets {reg.since}..{reg.until or ''}, {type(reg.rule).__name__})")
+    assert not missing, "rows missing in tests/test_rules.py TABLE: " + ", ".join(missing)
+
+
+def test_registry_opset_ranges_and_facts_only_entries():
+    registry = RuleRegistry()
+
+    class Old(ChannelRule):
+        zero_preserving = ("Op",)
+
+    class New(ChannelRule):
+        same_shape = ("Op",)
+
+    class FactsOnly(ChannelRule):
+        couples = False
+
+    registry.register("Op", until=12)(Old)
+    registry.register("Op", since=13)(New)
+    registry.register("Other")(FactsOnly)
+    assert isinstance(registry.get("", "Op", 11), Old) and isinstance(registry.get("ai.onnx", "Op", 13), New)
+    assert isinstance(registry.get("", "Op"), New)  # opset unknown: the newest rule
+    assert registry.get("", "Other") is None and registry.registration("", "Other").rule.facts("Other").same_shape is False
+    assert registry.get("com.example", "Op", 13) is None
+    assert registry.op_types() == ["Op"]
+    with pytest.raises(ValueError, match="two channel rules"):
+        registry.register("Op", since=12)(New)
+    registry.check()
+
+    class Typo(ChannelRule):
+        zero_preserving = ("Rleu",)
+
+    registry.register("Relu")(Typo)
+    with pytest.raises(ValueError, match="Rleu"):
+        registry.check()
+
+
+def test_softmax_rule_follows_the_opset():
+    """Softmax changed at opset 13: before, it normalises every axis from `axis` on (input coerced to 2-D)."""
+    assert type(RULES.get("", "Softmax", 11)).__name__ == "SoftmaxCoerced"
+    assert type(RULES.get("", "Softmax", 13)).__name__ == "Softmax"
+    assert RULES.get("", "DepthToSpace") is None and op_facts("DepthToSpace").zero_preserving
