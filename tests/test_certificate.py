@@ -83,7 +83,7 @@ def test_perturbed_pruned_model_fails():
 def test_pruned_from_another_plan_fails():
     """A pruned model that removed different channels than the labels say is caught."""
     model = canonical(TEST_MODELS["residual"]())
-    analysis, labels, pruned = _prune(model, ratio=0.3)
+    analysis, _, pruned = _prune(model, ratio=0.3)
     other = make_plan(analysis, {g.id: -Magnitude(1).score_all(analysis)[g.id] for g in analysis.groups}, 0.3)
     cert = certify(model, pruned, analysis, other.labels(analysis))
     assert not cert.passed
