@@ -8,13 +8,21 @@ tensor (it follows that tensor after pruning by itself), or unknown.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import onnx
 
 from onnxprune.graph import attrs
 from onnxprune.rules.protocols import RuleBarrier, ShapeView
+
+
+@overload
+def read_axes(node: onnx.NodeProto, ctx: ShapeView, index: int, default: list[int]) -> list[int]: ...
+
+
+@overload
+def read_axes(node: onnx.NodeProto, ctx: ShapeView, index: int, default: None = None) -> list[int] | None: ...
 
 
 def read_axes(node: onnx.NodeProto, ctx: ShapeView, index: int, default: list[int] | None = None) -> list[int] | None:
@@ -58,7 +66,7 @@ def shape_elements(ctx: ShapeView, node: onnx.NodeProto, index: int) -> list[tup
             return inner
         return None
     if producer is not None and producer.op_type == "Concat":
-        out = []
+        out: list[tuple[Any, Any]] = []
         for j, piece in enumerate(producer.input):
             pv = ctx.const(piece)
             if pv is not None:
