@@ -41,8 +41,9 @@ from onnxprune.errors import ModelError
 from onnxprune.io import write_atomically
 from onnxprune.metadata import SUMMARY_KEY
 
-MAX_PLOTTED_LAYERS = 200  # a bar per layer stays readable up to about this many
+MAX_PLOTTED_LAYERS = 300  # a bar per layer stays visible up to about this many
 MAX_LEGEND_GROUPS = 12
+MAX_NAMED_LAYERS = 80  # beyond this, bars without names (the table has them)
 
 _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
@@ -403,26 +404,37 @@ def _sensitivity_section(sens) -> str:
 
 # ---- plots ------------------------------------------------------------------------------------------
 def _layer_plot(rows: list[LayerRow], known: bool) -> str:
+    """Bars of output channels per layer: horizontal with names up to `MAX_NAMED_LAYERS`, else unnamed."""
     from matplotlib.figure import Figure
 
     n = len(rows)
-    fig = Figure(figsize=(min(16.0, max(6.0, 0.28 * n)), 3.8))
+    named = n <= MAX_NAMED_LAYERS
+    fig = Figure(figsize=(8.0, 1.2 + 0.17 * n) if named else (min(16.0, max(8.0, 0.05 * n)), 3.6))
     ax = fig.subplots()
+    bar = ax.barh if named else ax.bar
     x = range(n)
     if known:
-        ax.bar(x, [r.channels_before or 0 for r in rows], color="#c9d6ea", label="before")
-    ax.bar(x, [r.channels for r in rows], color="#2f6db5", label="after" if known else "output channels")
-    ax.set_ylabel("output channels")
-    ax.set_xlim(-0.6, n - 0.4)
-    if n <= 60:
-        ax.set_xticks(list(x), [r.node for r in rows], rotation=70, ha="right", fontsize=7, parse_math=False)
+        bar(x, [r.channels_before or 0 for r in rows], color="#c9d6ea", label="before")
+    bar(x, [r.channels for r in rows], color="#2f6db5", label="after" if known else "output channels")
+    if named:
+        ax.set_yticks(list(x), [_shorten(r.node) for r in rows], fontsize=7, parse_math=False)
+        ax.set_ylim(n - 0.4, -0.6)  # graph order from the top
+        ax.set_xlabel("output channels")
+        ax.grid(True, axis="x", alpha=0.3)
     else:
+        ax.set_xlim(-0.6, n - 0.4)
         ax.set_xlabel("layer (graph order)")
+        ax.set_ylabel("output channels")
+        ax.grid(True, axis="y", alpha=0.3)
     if known:
         ax.legend(fontsize=8)
-    ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     return _svg(fig, "layers")
+
+
+def _shorten(name: str, limit: int = 48) -> str:
+    """A plot label: long names keep their start and end (the table has them whole)."""
+    return name if len(name) <= limit else name[: limit // 2 - 1] + "…" + name[-(limit // 2) :]
 
 
 def _sensitivity_plot(groups: list[dict], ratios: list[float]) -> str:
