@@ -162,3 +162,40 @@ def test_analyze_explains_frozen_weights(tmp_model, capsys):
     frozen = json.loads(capsys.readouterr().out)["frozen_weights"]
     head = [f for f in frozen if f["reason"].startswith("graph input/output")]
     assert head and all({"tensor", "axis", "size", "reason"} <= f.keys() for f in frozen)
+
+
+@pytest.mark.parametrize("suffix", [".graphml", ".json"])
+def test_analyze_writes_the_dependency_graph(residual, tmp_path, suffix, capsys):
+    import networkx as nx
+
+    path = tmp_path / f"deps{suffix}"
+    assert main(["analyze", str(residual), "--graph", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["graph"] == str(path) and ANALYZE_KEYS <= data.keys()
+    if suffix == ".json":
+        graph = json.loads(path.read_text())
+        assert len(graph["groups"]) == len(data["groups"]) and graph["nodes"]
+    else:
+        graph = nx.read_graphml(path)
+        assert any(node.startswith("op:") for node in graph.nodes)
+    assert main(["analyze", str(residual), "--graph", str(path)]) == 0  # text mode names the file
+    assert f"graph: {path}" in capsys.readouterr().out
+
+
+def test_analyze_graph_suffix_checked_before_reading(tmp_path):
+    code, _, err = _cli("analyze", tmp_path / "missing.onnx", "--graph", tmp_path / "deps.txt")
+    assert code == 2 and ".graphml or .json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_notices_come_before_reading_the_model(tmp_path):
+    code, _, err = _cli("prune", tmp_path / "missing.onnx", "--criterion", "obs")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 2
+    assert lines[0].startswith("onnxprune: note: criterion obs") and "no such file" in lines[1]
+
+
+def test_prune_stamps_even_when_nothing_is_removed(residual, tmp_path):
+    out_path = tmp_path / "zero.onnx"
+    assert main(["prune", str(residual), "--ratio", "0", "-o", str(out_path), "--json"]) == 0
+    record = json.loads({p.key: p.value for p in onnx.load(str(out_path)).metadata_props}["onnxprune.summary"])
+    assert record["channels_removed"] == 0 and record["params_after"] == record["params_before"]
