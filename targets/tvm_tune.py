@@ -17,17 +17,24 @@ How it runs (:func:`tune`):
    reload every candidate, which dominated short tuning runs.
 4. The database lives in ``<tune cache>/<hash of target + module>/`` and is reused: a compile asking for no
    more trials than the database already holds for that module tunes nothing and only applies it.
+5. Logging is set up per run by :func:`_tuning_logs` and taken down afterwards: progress tables go to
+   ``<database folder>/logs``, the console gets MetaSchedule's warnings only (``ONNXPRUNE_TUNE_VERBOSE=1``:
+   everything). MetaSchedule's own set-up is not used: it reconfigures the whole process with
+   ``logging.config.dictConfig`` and failed on a handler without a name (see :func:`_tuning_logs`).
 
 Only this module, :mod:`.tvm_schedules`, :mod:`.tvm_winograd` and :mod:`.tvm_backend` import tvm.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +44,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
 from tvm.s_tir.meta_schedule.runner import PyRunner, RunnerInput
 from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
+from tvm.s_tir.meta_schedule.utils import fork_seed
 
 from . import tvm_schedules, tvm_winograd
 
@@ -51,6 +59,9 @@ STATE = "onnxprune_tune.json"
 MIN_GAIN = 0.03
 #: Evolutionary search population (MetaSchedule's 512 costs ~5 s of search per round for small trial budgets).
 POPULATION = 64
+#: The logger MetaSchedule's task scheduler writes its progress tables to (and its children, warnings).
+MS_LOGGER = "tvm.s_tir.meta_schedule"
+_LOG_FORMAT = ("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
 
 
 @derived_object
@@ -142,6 +153,68 @@ def _cpu_tensor_intrinsics_only() -> None:
             setattr(pkg, sub, importlib.import_module(f"{name}.{sub}"))
     except Exception:  # noqa: BLE001 - fall back to the full (slow) import
         del sys.modules[name]
+
+
+@contextlib.contextmanager
+def _tuning_logs(log_dir: Path, task_names: list[str]) -> Iterator[list[logging.Logger]]:
+    """Loggers for one tuning run, one per task (in ``task_names`` order); removed again on exit.
+
+    The task scheduler logs to :data:`MS_LOGGER`: its records go to ``log_dir/task_scheduler.log`` and, from
+    WARNING up (everything with ``ONNXPRUNE_TUNE_VERBOSE``), to stdout; each task logs to a file of its own.
+    The handlers, level and ``propagate`` of :data:`MS_LOGGER` are restored afterwards, and handlers someone
+    else attached there stay untouched.
+
+    Why not MetaSchedule's ``get_loggers_from_work_dir`` (which ``extracted_tasks_to_tune_contexts`` calls):
+    it runs ``logging.config.dictConfig`` over the whole process (closing every handler of the process) and
+    passes the names of the handlers already on :data:`MS_LOGGER` through ``str.format``; a handler without
+    a name there (attached by the host application or a test harness) makes every later tuned compile in
+    that process fail with "'NoneType' object has no attribute 'format'".
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    formatter = logging.Formatter(*_LOG_FORMAT)
+    added: list[tuple[logging.Logger, logging.Handler]] = []
+
+    def attach(logger: logging.Logger, handler: logging.Handler) -> None:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+        added.append((logger, handler))
+
+    scheduler = logging.getLogger(MS_LOGGER)
+    saved = (scheduler.level, scheduler.propagate)
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.DEBUG if os.environ.get("ONNXPRUNE_TUNE_VERBOSE") else logging.WARNING)
+    attach(scheduler, console)
+    attach(scheduler, logging.FileHandler(log_dir / "task_scheduler.log", delay=True))
+    scheduler.setLevel(logging.DEBUG)
+    scheduler.propagate = False
+    loggers = []
+    width = len(str(max(len(task_names) - 1, 0)))
+    for i, name in enumerate(task_names):
+        logger = logging.getLogger(f"{log.name}.task_{i:0{width}d}_{name[:100]}")
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        attach(logger, logging.FileHandler(log_dir / f"task_{i:0{width}d}_{name[:100]}.log", delay=True))
+        loggers.append(logger)
+    try:
+        yield loggers
+    finally:
+        for logger, handler in added:
+            logger.removeHandler(handler)
+            handler.close()
+        scheduler.setLevel(saved[0])
+        scheduler.propagate = saved[1]
+
+
+def _tune_contexts(tasks, strategy, loggers: list[logging.Logger]) -> list:
+    """One MetaSchedule ``TuneContext`` per task (as ``extracted_tasks_to_tune_contexts`` builds them)."""
+    return [
+        ms.TuneContext(
+            mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
+            search_strategy=strategy, task_name=task.task_name, logger=logger, rand_state=seed,
+            num_threads="physical",
+        ).clone()
+        for task, logger, seed in zip(tasks, loggers, fork_seed(0, n=len(tasks)))
+    ]  # fmt: skip
 
 
 def cache_dir(mod: tvm.IRModule, target: tvm.target.Target, work_dir: Path | None) -> Path:
@@ -272,7 +345,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
     scheduled; the rest are left to :class:`~.tvm_schedules.ApplyCPUSchedules`.
     """
     from tvm.relax.transform import MetaScheduleApplyDatabase
-    from tvm.s_tir.meta_schedule.relax_integration import extract_tasks, extracted_tasks_to_tune_contexts
+    from tvm.s_tir.meta_schedule.relax_integration import extract_tasks
 
     if "num-cores" not in target.attrs:  # MetaSchedule's parallel rules need the core count
         import psutil
@@ -281,10 +354,6 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
         target = tvm.target.Target({**dict(target.export()), "num-cores": int(cores)})
     if target.kind.name == "llvm":
         _cpu_tensor_intrinsics_only()
-    # Progress tables go to <cache>/logs; the console gets warnings only unless ONNXPRUNE_TUNE_VERBOSE is set.
-    # (MetaSchedule sizes its console handler from this logger's level, then resets the level to DEBUG.)
-    if not os.environ.get("ONNXPRUNE_TUNE_VERBOSE"):
-        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     root = cache_dir(mod, target, work_dir)
     state_path = root / STATE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"trials": 0, "seeded": False}
@@ -315,16 +384,15 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
             strategy = ms.search_strategy.EvolutionarySearch(
                 population_size=POPULATION, init_min_unmeasured=16, genetic_num_iters=2
             )
-            contexts, weights = extracted_tasks_to_tune_contexts(
-                tasks, str(root), strategy=strategy, num_threads="physical", seed=0
-            )
-            ms.tune_tasks(
-                tasks=contexts, task_weights=weights, work_dir=str(root), max_trials_global=todo,
-                num_trials_per_iter=min(64, max(4, todo // max(1, len(contexts)))), builder=builder,
-                runner=runner, database=database, cost_model=cost_model,
-                # the default callbacks also delete each artifact's folder; ours live in memory
-                measure_callbacks=[ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel()],
-            )  # fmt: skip
+            with _tuning_logs(root / "logs", [t.task_name for t in tasks]) as loggers:
+                ms.tune_tasks(
+                    tasks=_tune_contexts(tasks, strategy, loggers), task_weights=[t.weight for t in tasks],
+                    work_dir=str(root), max_trials_global=todo,
+                    num_trials_per_iter=min(64, max(4, todo // len(tasks))), builder=builder, runner=runner,
+                    database=database, cost_model=cost_model,
+                    # the default callbacks also delete each artifact's folder; ours live in memory
+                    measure_callbacks=[ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel()],
+                )  # fmt: skip
             state["trials"] += todo
             state_path.write_text(json.dumps(state))
     chosen = _faster_than_default(database, tasks, target, state["default_secs"])

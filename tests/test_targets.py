@@ -492,6 +492,38 @@ def test_tune_leaves_winograd_kernels_to_their_own_schedule(tmp_path, monkeypatc
     assert db.read_text().strip(), "the non-Winograd kernels (1x1 conv, pooling) were not tuned"
 
 
+def matmul_model(path: Path) -> Path:
+    """One MatMul by a constant weight: a single, cheap tuning task."""
+    w = numpy_helper.from_array(np.random.RandomState(4).randn(16, 8).astype(np.float32), "w")
+    return save_graph(path, [helper.make_node("MatMul", ["x", "w"], ["y"])], [w], "matmul", [4, 16], [4, 8])
+
+
+@needs_tvm
+def test_two_tuned_compiles_in_one_process(tmp_path, monkeypatch):
+    """Regression: MetaSchedule's logging set-up (``logging.config.dictConfig`` over the whole process, the
+    names of the handlers on its logger passed through ``str.format``) failed every tuned compile once a
+    handler without a name sat on its logger ("'NoneType' object has no attribute 'format'"), so a second
+    ``--tune`` compile in a test run failed. Now the tuning logs are set up and taken down per run."""
+    import logging
+    import logging.handlers
+
+    skip_unless_tools("g++", package_hint="apt-get install g++")
+    meta = logging.getLogger("tvm.s_tir.meta_schedule")
+    before = (meta.level, meta.propagate)
+    foreign = logging.handlers.BufferingHandler(10_000)  # unnamed, as a host application attaches one
+    meta.addHandler(foreign)
+    try:
+        model = matmul_model(tmp_path / "m.onnx")
+        for i in range(2):
+            monkeypatch.setenv("ONNXPRUNE_TUNE_CACHE", str(tmp_path / f"tune{i}"))  # fresh database: both tune
+            assert compile_and_check(model, "x86", tmp_path / f"b{i}", tune=2)["tune_trials"] == 2
+            (log,) = (tmp_path / f"tune{i}").glob("*/logs/task_scheduler.log")
+            assert "Initializing Task" in log.read_text(), "the progress table was not written"
+        assert meta.handlers == [foreign] and (meta.level, meta.propagate) == before
+    finally:
+        meta.removeHandler(foreign)
+
+
 # ------------------------------------------------------------------------------------------------
 # arm (aarch64): cross-compiled, executed under qemu-user
 # ------------------------------------------------------------------------------------------------
