@@ -54,7 +54,7 @@ class PruneSummary(Summary):
             groups=len(source.groups),
             groups_pruned=plan.groups_pruned,
             channels_removed=plan.channels_removed,
-            plan={str(gid): int(len(idx)) for gid, idx in plan.removed.items() if len(idx)},
+            plan={str(gid): len(idx) for gid, idx in plan.removed.items() if len(idx)},
             barriers=[b.as_dict() for b in source.barriers],
             repair=selection.repair.as_dict() if selection.repair is not None else None,
             notices=list(selection.notices),

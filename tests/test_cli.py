@@ -97,7 +97,7 @@ def test_bad_files_one_line_error(tmp_path, content, message):
     path = tmp_path / "bad.onnx"
     if content is not None:
         path.write_bytes(content)
-    code, out, err = _cli(path)
+    code, _, err = _cli(path)
     assert code == 1
     assert message in err
     assert len(err.strip().splitlines()) == 1
@@ -132,7 +132,7 @@ def test_usage_errors_exit_2(residual, args):
 
 def test_output_equal_to_input_refused(residual):
     digest = _sha(residual)
-    code, _, err = _cli("prune", residual, "-o", residual)
+    code, _, _ = _cli("prune", residual, "-o", residual)
     assert code == 2 and _sha(residual) == digest
 
 

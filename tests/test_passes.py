@@ -19,9 +19,25 @@ from onnx import helper
 
 from models.testmodels import TEST_MODELS
 from onnxprune import (
-    AnalysisCache, AnalyzeChannelsPass, ChannelAnalysis, CheckPass, DeadCodeEliminationPass, DumpInstrument,
-    Instrument, ModelError, NormalizePass, Pass, PassManager, PassResult, ProgressInstrument, PruneConfig,
-    PrunePass, ShapeInferencePass, StampInstrument, Summary, TimingInstrument,
+    AnalysisCache,
+    AnalyzeChannelsPass,
+    ChannelAnalysis,
+    CheckPass,
+    DeadCodeEliminationPass,
+    DumpInstrument,
+    Instrument,
+    ModelError,
+    NormalizePass,
+    Pass,
+    PassManager,
+    PassResult,
+    ProgressInstrument,
+    PruneConfig,
+    PrunePass,
+    ShapeInferencePass,
+    StampInstrument,
+    Summary,
+    TimingInstrument,
 )
 from onnxprune.external import BASE_KEY, has_lazy
 from onnxprune.importer import load_model

@@ -10,11 +10,23 @@ import json
 
 import numpy as np
 import pytest
+from conftest import canonical
 
 from models.testmodels import TEST_MODELS
 from onnxprune import (
-    AnalyzeChannelsPass, ChannelSelection, CheckPass, NormalizePass, PassManager, PreconditionError, PruneConfig,
-    PrunePass, PruneSummary, RemoveChannelsPass, RepairChannelsPass, SelectChannelsPass, ShapeInferencePass,
+    AnalyzeChannelsPass,
+    ChannelSelection,
+    CheckPass,
+    NormalizePass,
+    PassManager,
+    PreconditionError,
+    PruneConfig,
+    PrunePass,
+    PruneSummary,
+    RemoveChannelsPass,
+    RepairChannelsPass,
+    SelectChannelsPass,
+    ShapeInferencePass,
     StampInstrument,
 )
 from onnxprune.calibration import CalibrationData, check_calib
@@ -22,7 +34,6 @@ from onnxprune.errors import UsageError
 from onnxprune.repair import RepairReport, reanalyze
 from onnxprune.rewrite import apply_mask
 from onnxprune.verify import max_rel_error, random_inputs, run
-from conftest import canonical
 
 SUMMARY_KEYS = ["tool", "config", "params_before", "params_after", "macs_before", "macs_after", "groups",
                 "groups_pruned", "channels_removed", "plan", "barriers", "repair", "notices", "seconds"]
@@ -135,8 +146,8 @@ def test_hand_composed_pipeline_equals_prune_pass():
     composed = PrunePass(config).run(model)
     a, b = by_hand.get(PruneSummary).as_dict(), composed.info["summary"]
     assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
-    strip = [p for p in by_hand.model.metadata_props], [p for p in composed.model.metadata_props]
-    assert [p.key for p in strip[0]] == [p.key for p in strip[1]] == ["onnxprune.summary"]
+    keys = [[p.key for p in m.metadata_props] for m in (by_hand.model, composed.model)]
+    assert keys == [["onnxprune.summary"], ["onnxprune.summary"]]
     by_hand.model.ClearField("metadata_props")
     composed.model.ClearField("metadata_props")
     assert by_hand.model.SerializeToString() == composed.model.SerializeToString()
