@@ -229,8 +229,6 @@ def apply_takes(
     (unconstrained pruning gives coupled dims different widths). Initializers are taken from `values` where
     given (e.g. silenced copies), else from the model; rules fix every node touching a narrowed dim.
     """
-    from onnxprune.rules import RULES
-
     values = values or {}
     removed: dict[DimRef, np.ndarray] = {}
     by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
@@ -254,7 +252,7 @@ def apply_takes(
     nodes = {n.name: n for n in g.node}
     originals = {n.name: n for n in graph.nodes}
     for node in nodes.values():
-        rule = RULES.get(node.domain, node.op_type)
+        rule = RULES.get(node.domain, node.op_type, opset_of(graph.model, node.domain) or None)
         if rule is not None and _touches_changed(node, ctx):
             rule.rewrite(node, ctx)
     _materialize_edits(g, nodes, originals, ctx)
