@@ -25,6 +25,7 @@ from threadpoolctl import threadpool_limits
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph, attrs
 from onnxprune.rules.facts import linear_axes
+from onnxprune.verify import session
 
 __all__ = ["CalibrationData", "ConsumerStats", "Consumer", "consumers", "load_calib", "collect_stats"]
 
@@ -333,8 +334,6 @@ def collect_stats(
     per sample to `row_budget` rows per consumer.
     """
     from scipy.linalg.blas import ssyrk
-
-    from onnxprune.verify import session
 
     graph = ModelGraph(model)
     which = consumers(graph) if which is None else which
