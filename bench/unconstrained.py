@@ -48,16 +48,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from onnxprune.graph import ModelGraph
+from onnxprune.importer import import_model
+from onnxprune.metrics import count_params
 from onnxprune.passes.pruning import PruneConfig, PrunePass
 from onnxprune.passes.unconstrained import UnconstrainedPass
 from onnxprune.upscale.config import UnconstrainedConfig
 from onnxprune.upscale.costmodel import CostModel, deployed_session
 from onnxprune.upscale.oracle import mask_model
 from onnxprune.upscale.report import copy_report, effective_params
-
-from onnxprune.graph import ModelGraph
-from onnxprune.importer import import_model
-from onnxprune.metrics import count_params
 from onnxprune.verify import random_inputs, run
 
 MODELS = ("resnet50", "densenet121", "mobilenet_v2", "efficientnet_b0")

@@ -2,8 +2,8 @@
 
 The algorithm lives in `onnxprune.upscale` (its package docstring explains it and says where to start
 reading); `UnconstrainedPass.call` runs its steps in order — plan, optional mean repair, layout, export —
-and reports what it did in an `UnconstrainedSummary` (``info["summary"]``: printed by the CLI, stamped
-into the model's metadata).
+and reports what it did in an `UnconstrainedSummary` (its artifact; ``info["summary"]`` is its `as_dict`,
+printed by the CLI and stamped into the model's metadata).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from onnxprune.graph import ModelGraph
 from onnxprune.importer import check_model, infer_shapes
 from onnxprune.metadata import stamp
 from onnxprune.metrics import count_params
-from onnxprune.passmanager import Pass, PassResult
+from onnxprune.passmanager import Pass, PassResult, Summary
 from onnxprune.upscale.config import UnconstrainedConfig
 from onnxprune.upscale.export import export
 from onnxprune.upscale.layout import optimize_layout
@@ -34,8 +34,8 @@ MODE = "unconstrained"
 
 
 @dataclass(frozen=True)
-class UnconstrainedSummary:
-    """What one run of `UnconstrainedPass` did; `as_dict` gives ``info["summary"]``."""
+class UnconstrainedSummary(Summary):
+    """What one run of `UnconstrainedPass` did (its `PassResult` artifact); `as_dict` gives ``info["summary"]``."""
 
     config: UnconstrainedConfig
     params_before: int
@@ -117,5 +117,6 @@ class UnconstrainedPass(Pass):
             seconds=round(time.perf_counter() - start, 3),
         )
         record = summary.as_dict()
+        # Stamped here, not by a `StampInstrument`: callers running the pass alone get the record too.
         stamp(pruned, record)
-        return PassResult(pruned, True, {"summary": record, "plan": plan, "copies": report})
+        return PassResult(pruned, True, {"summary": record, "plan": plan, "copies": report}, (summary,))

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import onnx
 import pytest
+
+from models import fashion_mnist
+from onnxprune.importer import import_model
 from onnxprune.passes.unconstrained import UnconstrainedPass
 from onnxprune.upscale.config import UnconstrainedConfig
 from onnxprune.upscale.oracle import mask_model
 from onnxprune.upscale.plan import build_plan
-
-from models import fashion_mnist
-from onnxprune.importer import import_model
 from onnxprune.verify import max_rel_error, random_inputs, run
 
 RESNET = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_resnet.onnx"

@@ -9,6 +9,12 @@ import pytest
 from conftest import canonical
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from models.testmodels import TEST_MODELS
+from onnxprune.channels import analyze
+from onnxprune.cli import main
+from onnxprune.graph import ModelGraph
+from onnxprune.metrics import count_params
 from onnxprune.ordering import choose_order, runs
 from onnxprune.passes.reorder import ReorderPass
 from onnxprune.passes.unconstrained import UnconstrainedPass
@@ -16,12 +22,6 @@ from onnxprune.upscale.config import UnconstrainedConfig
 from onnxprune.upscale.oracle import mask_model
 from onnxprune.upscale.plan import build_plan
 from onnxprune.upscale.report import copy_report
-
-from models.testmodels import TEST_MODELS
-from onnxprune.channels import analyze
-from onnxprune.cli import main
-from onnxprune.graph import ModelGraph
-from onnxprune.metrics import count_params
 from onnxprune.verify import max_rel_error, random_inputs, run
 
 TOPOLOGIES = ["residual", "concat", "depthwise"]

@@ -110,7 +110,7 @@ class CostModel:
         narrowed = timed([helper.make_node("Conv", ["x", "w"], ["h"]), relu("h", "r"),
                           helper.make_node("Slice", ["r", "s", "e", "a"], ["q"]),
                           helper.make_node("Conv", ["q", "w2"], ["y"])], big,
-                         [w, weight(channels, half, "w2")] + slice_inits)  # fmt: skip
+                         [w, weight(channels, half, "w2"), *slice_inits])  # fmt: skip
         saved = channels * half * size * size / macs_per_s  # the MACs narrowing saves
         plain_copy = overhead + nbytes / copy_bw
         wide_copy = 2 * nbytes / copy_bw

@@ -69,6 +69,6 @@ def scatter_nd_copy(w: CopyWriter, x: str, shape: list, axis: int, idx: np.ndarr
         x = gname
     lead = [int(d) for d in shape[:axis]]
     grids = np.meshgrid(*[np.arange(d) for d in lead], np.arange(len(slots)), indexing="ij")
-    indices = np.stack(list(grids[:-1]) + [slots[grids[-1]]], axis=-1).astype(np.int64)
+    indices = np.stack([*grids[:-1], slots[grids[-1]]], axis=-1).astype(np.int64)
     ops.append(helper.make_node("ScatterND", [zeros, w.const(indices, n), x], [n], name=n))
     return ops, n
