@@ -42,6 +42,7 @@ from onnxprune.metadata import set_metadata
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.rewrite import apply_mask
 from onnxprune.verify import max_rel_error, random_inputs, session
+from onnxprune.version import __version__
 
 if TYPE_CHECKING:
     from onnxprune.channels import ChannelAnalysis
@@ -198,16 +199,8 @@ def _outputs(
 
 
 def tool_version() -> str:
-    """``"onnxprune X.Y.Z"`` from the installed distribution's metadata.
-
-    Read from the distribution, not from ``onnxprune.__version__``: importing the package facade from a core
-    module would pull the passes in (and could close an import cycle)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"onnxprune {version('onnxprune')}"
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        return "onnxprune (version unknown)"
+    """``"onnxprune X.Y.Z"``, from `onnxprune.version` (the one place the version lives)."""
+    return f"onnxprune {__version__}"
 
 
 def sha256_of(path: str | os.PathLike) -> str:

@@ -30,10 +30,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from onnxprune import __version__
+from onnxprune.canonical import remove_dead_code
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
 from onnxprune.passmanager import Pass, PassResult
+from onnxprune.shape_inference import infer_shapes
+from onnxprune.version import __version__
 
 METADATA_KEY = "onnxprune.block_removal"
 
@@ -110,8 +112,6 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
 
 def remove_block(model: onnx.ModelProto, block: ResidualBlock) -> onnx.ModelProto:
     """A copy of `model` with the block's Add bypassed and its branch deleted."""
-    from onnxprune.importer import _remove_dead_code
-
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -128,7 +128,7 @@ def remove_block(model: onnx.ModelProto, block: ResidualBlock) -> onnx.ModelProt
             for i, name in enumerate(node.input):
                 if name == block.output:
                     node.input[i] = block.skip
-    _remove_dead_code(g)
+    remove_dead_code(g)
     kept = {n.name for n in g.node}
     keep_vi = [vi for vi in g.value_info if vi.name != block.output]
     del g.value_info[:]
@@ -204,8 +204,6 @@ class BlockRemovalPass(Pass):
             current = remove_block(current, blocks[best])
         if not removed:
             return PassResult(model, False, {"removed": [], "scores": history})
-        from onnxprune.importer import infer_shapes
-
         del current.graph.value_info[:]
         current = infer_shapes(current)
         record = {"tool": f"onnxprune {__version__}", "config": asdict(self.config), "removed": removed}
