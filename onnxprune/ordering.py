@@ -27,7 +27,7 @@ scatter). This is the weighted consecutive-ones problem (NP-hard to optimise in 
    nested and contiguous) and improve by first-improvement block moves (remove one block, reinsert it
    elsewhere) until no move helps or a move budget is spent.
 
-Channels outside ``U`` (removed everywhere) go last. `passes.unconstrained` then decides per edge between
+Channels outside ``U`` (removed everywhere) go last. `upscale.layout` then decides per edge between
 copy and absorption with its cost model.
 """
 

@@ -17,11 +17,15 @@ import onnx
 from onnxprune.channels import ChannelAnalysis, ChannelGroup
 
 
-def session(model: onnx.ModelProto | str | os.PathLike, optimize: bool = False, spin: bool = True):
+def session(
+    model: onnx.ModelProto | str | os.PathLike, optimize: bool = False, spin: bool = True, threads: int | None = None
+):
     """An onnxruntime CPU session of a model or a model file (str or path-like).
 
     `spin=False` stops its threads busy-waiting between runs (callers that do heavy numpy/BLAS work between
-    runs, e.g. calibration statistics, would otherwise fight them)."""
+    runs, e.g. calibration statistics, would otherwise fight them). `threads` fixes the intra-op thread count
+    (and one inter-op thread), so timings do not depend on the machine's core count; None: onnxruntime's
+    default."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -32,6 +36,9 @@ def session(model: onnx.ModelProto | str | os.PathLike, optimize: bool = False, 
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(os.fspath(model), opts, providers=["CPUExecutionProvider"])
     from onnxprune import external
@@ -119,8 +126,8 @@ def dead_channel_check(
 ) -> CheckResult:
     """Remove about half of a group's channels two ways (masked vs physically pruned) and compare."""
     from onnxprune.importer import check_model
-    from onnxprune.shape_inference import infer_shapes
     from onnxprune.rewrite import apply_mask, apply_plan
+    from onnxprune.shape_inference import infer_shapes
 
     rng = np.random.default_rng([seed, group.id])
     n_remove = max(1, group.size // 2) if group.size > 1 else 0

@@ -14,22 +14,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxprune.verify import session
+
 
 def deployed_session(model: onnx.ModelProto, threads: int = 1):
-    """An onnxruntime CPU session as deployed (optimisations on), `threads` intra-op threads.
+    """An onnxruntime CPU session as deployed (optimisations on) with `threads` intra-op threads.
 
-    `onnxprune.verify.session` has no thread count, and timings must not depend on the machine's core
-    count, so timing sessions are built here (the one place in `upscale`).
+    Timings must not depend on the machine's core count, hence the fixed thread count; with more than one
+    thread, no spin-waiting (on a shared machine spinning workers starve each other).
     """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if threads > 1:  # no spin-waiting: on a shared machine spinning workers starve each other
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return session(model, optimize=True, spin=threads <= 1, threads=threads)
 
 
 @dataclass(frozen=True)
