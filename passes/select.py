@@ -36,7 +36,7 @@ from onnxprune.repair import RepairReport
 from onnxprune.sensitivity import sensitivity
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays and analyses: compared by identity
 class ChannelSelection:
     """The channels chosen for removal from one model, pending until `RemoveChannelsPass` removes them.
 
