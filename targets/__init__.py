@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from .bundle import read_manifest, run_bundle
-from .table import TARGETS, TargetSpec, get_target
+from .spec import TargetSpec
+from .table import TARGETS, get_target
 
 __all__ = ["TARGETS", "TargetSpec", "compile_bundle", "get_target", "read_manifest", "run_bundle"]
 

@@ -12,8 +12,7 @@ for that target::
     README.md         how to run it on the device
 
 Runners read inputs as ``.npy`` files and write ``output_<i>.npy``; :func:`run_bundle` converts from and to
-dicts of arrays. Nothing here imports tvm at module level
-(CUDA bundles run through the installed TVM runtime, imported only then).
+dicts of arrays; each target's row says how its bundles run here (:mod:`.launch`). Nothing here imports tvm.
 """
 
 from __future__ import annotations
@@ -21,18 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnxprune.errors import ModelError, ToolchainError, UnsupportedModelError, UsageError
+from onnxprune.errors import ModelError, UnsupportedModelError, UsageError
 
-from .table import TargetSpec, get_target
-from .toolchains import require
+from .table import get_target
 
 __all__ = [
     "MANIFEST",
@@ -202,28 +198,11 @@ def _check_inputs(specs: list[dict], inputs: dict[str, np.ndarray]) -> list[np.n
     return arrays
 
 
-def runner_command(bundle: Path, spec: TargetSpec, manifest: dict) -> list[str]:
-    """The command that runs a bundle's runner on this machine (before the OUT_DIR and input arguments)."""
-    runner = manifest["runner"]
-    if spec.runner == "native":
-        return [str(bundle / runner["program"]), str(bundle / manifest["library"])]
-    if spec.runner == "qemu":
-        qemu = require(spec.emulator, f"to run {spec.name} bundles on this machine")
-        sysroot = "/usr/aarch64-linux-gnu"
-        if not Path(sysroot).is_dir():
-            raise ToolchainError(f"aarch64 C/C++ runtime not found at {sysroot}; apt-get install "
-                                 "libc6-arm64-cross libstdc++6-arm64-cross")
-        return [qemu, "-L", sysroot, str(bundle / runner["program"]), str(bundle / manifest["library"])]
-    if spec.runner == "node":
-        node = require(spec.emulator, f"to run {spec.name} bundles on this machine")
-        return [node, "--no-experimental-fetch", str(bundle / runner["program"]), "system"]
-    raise ToolchainError(f"bundles for target {spec.name} cannot be run by onnxprune run on this machine")
-
-
 def run_bundle(
     bundle_dir: str | Path, inputs: dict[str, np.ndarray], *, repeat: int = 0, verify: bool = True
 ) -> dict[str, np.ndarray]:
-    """Run a bundle where this machine can (x86 natively, arm under qemu-user, wasm under node).
+    """Run a bundle where this machine can (x86 natively, arm under qemu-user, wasm under node, CUDA on a GPU),
+    with the runner its target's row names (:mod:`.launch`).
 
     Args:
         bundle_dir: The bundle folder written by ``compile_bundle``.
@@ -239,73 +218,7 @@ def run_bundle(
     manifest = read_manifest(bundle, verify=verify)
     spec = get_target(manifest["target"]["name"])
     arrays = _check_inputs(manifest["inputs"], inputs)
-    if spec.runner == "cuda":
-        return _run_cuda(bundle, spec, manifest, arrays, repeat)
-    cmd = runner_command(bundle, spec, manifest)
-    with tempfile.TemporaryDirectory(prefix="onnxprune-run-") as tmp:
-        tmpd = Path(tmp)
-        paths = []
-        for i, a in enumerate(arrays):
-            p = tmpd / f"input_{i}.npy"
-            np.save(p, a)
-            paths.append(str(p))
-        full = [*cmd, str(tmpd), *paths] + (["--repeat", str(repeat)] if repeat else [])
-        w = manifest.get("weights")
-        if isinstance(w, dict):
-            full += ["--weights", str(bundle / w["file"])]
-        try:
-            proc = subprocess.run(full, capture_output=True, text=True, timeout=3600, cwd=bundle)
-        except FileNotFoundError as e:
-            raise ToolchainError(f"cannot start the bundle runner: {e}") from None
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise ModelError(f"bundle runner failed (exit {proc.returncode}): {last}")
-        outs: dict[str, np.ndarray] = {}
-        for i, s in enumerate(manifest["outputs"]):
-            p = tmpd / f"output_{i}.npy"
-            if not p.is_file():
-                raise ModelError(f"bundle runner wrote no output {i} ({s['name']})")
-            outs[s["name"]] = np.load(p)
-        if repeat:
-            for line in proc.stdout.splitlines():
-                if line.startswith("median_ms "):
-                    outs["__median_ms__"] = np.array(float(line.split()[1]))
-    return outs
-
-
-def _run_cuda(bundle: Path, spec: TargetSpec, manifest: dict, arrays: list[np.ndarray], repeat: int) -> dict:
-    """Run a CUDA bundle on this machine's GPU through the TVM runtime of the installed wheel.
-
-    Raises:
-        ToolchainError: The bundle's host is another architecture, or there is no CUDA GPU here.
-    """
-    import platform
-    import time
-
-    if spec.arch != platform.machine():
-        raise ToolchainError(f"{spec.name} bundles run on an {spec.arch} host, this machine is {platform.machine()}")
-    try:
-        import tvm
-        from tvm import relax
-    except ImportError:
-        raise ToolchainError("running CUDA bundles here needs apache-tvm (bash .ci/install-tvm.sh)") from None
-    dev = tvm.cuda(0)
-    if not dev.exist:
-        raise ToolchainError("no CUDA GPU on this machine: the bundle's code was generated but cannot run here")
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(bundle / manifest["library"])), dev)
-    args = [tvm.runtime.tensor(a, device=dev) for a in arrays]
-    ret = vm["main"](*args)
-    results = [ret] if hasattr(ret, "numpy") else list(ret)
-    outs = {s["name"]: r.numpy() for s, r in zip(manifest["outputs"], results)}
-    if repeat:
-        ms = []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            vm["main"](*args)
-            dev.sync()
-            ms.append((time.perf_counter() - t) * 1e3)
-        outs["__median_ms__"] = np.array(float(np.median(ms)))
-    return outs
+    return spec.runner.run(bundle, spec, manifest, arrays, repeat)
 
 
 def spec_dicts(specs: list[TensorSpec]) -> list[dict]:

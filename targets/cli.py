@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +41,19 @@ def parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]]:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    """Compile a model into a bundle; print the bundle folder (or a JSON object with --json)."""
+    """Compile a model into a bundle; print the bundle folder (or a JSON object with --json), and a one-line
+    warning on stderr if some kernel got no schedule."""
     from . import compile_bundle, read_manifest
 
     bundle = compile_bundle(
         args.model, args.target, out_dir=args.output, tune=args.tune, shapes=parse_shapes(args.shape)
     )
     manifest = read_manifest(bundle, verify=False)
+    naive = manifest.get("unscheduled_kernels") or []
+    if naive:  # never silent: such a kernel runs as a naive loop nest, 30-100x slower
+        shown = ", ".join(naive[:5]) + (f" and {len(naive) - 5} more" if len(naive) > 5 else "")
+        print(f"warning: {len(naive)} kernel(s) got no schedule and run as naive loop nests: {shown} "
+              f"(see unscheduled_kernels in {bundle / 'manifest.json'})", file=sys.stderr)  # fmt: skip
     if getattr(args, "json", False):
         print(json.dumps({"bundle": str(bundle), "target": manifest["target"]["name"],
                           "compile_seconds": manifest["compile_seconds"]}))

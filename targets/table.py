@@ -1,77 +1,24 @@
 """The ONE target table: every deployment target onnxprune compiles for is a row here.
 
-A row says which TVM target to generate code for, which host the bundle's runner runs on, which compiler
-links the library and the runner, how the library is exported and how ``onnxprune run`` executes the bundle
-on this machine. Named device tags (``raspberry-pi-4``, ``jetson-orin``) are rows too, refining a base target
-with a CPU or GPU model. Nothing here imports tvm: the backend turns a row into TVM objects.
+A row (:class:`~.spec.TargetSpec`) says which TVM target to generate code for, which host the bundle's runner
+runs on, which compiler links the library and the runner, how the library is exported (an
+:class:`~.spec.Exporter` of :mod:`.exporters`) and how ``onnxprune run`` executes the bundle on this machine
+(a :class:`~.spec.Runner` of :mod:`.launch`). Named device tags (``raspberry-pi-4``, ``jetson-orin``) are rows
+too, refining a base target with a CPU or GPU model. Nothing here imports tvm: the backend turns a row into
+TVM objects.
 
 Start reading at :data:`TARGETS` and :func:`get_target`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 from onnxprune.errors import UsageError
 
-__all__ = ["TARGETS", "Toolchain", "TargetSpec", "get_target", "target_names"]
+from .exporters import CudaLibrary, SharedLibrary, WasmProgram
+from .launch import CudaRunner, NativeRunner, NodeRunner, QemuRunner
+from .spec import HOST_CPU, TargetSpec, Toolchain
 
-#: ``mcpu`` value meaning "the CPU of the machine that compiles" (LLVM's ``mcpu=native`` is discarded).
-HOST_CPU = "<host>"
-
-
-@dataclass(frozen=True)
-class Toolchain:
-    """An external program a target needs, and the Debian package that provides it.
-
-    Attributes:
-        program: Executable looked up on ``PATH``.
-        apt_package: What to ``apt-get install`` when it is missing.
-    """
-
-    program: str
-    apt_package: str
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """One row of the target table.
-
-    Attributes:
-        name: Canonical name used on the command line and in the manifest.
-        tvm_target: TVM target in dict form (``mcpu: HOST_CPU`` is resolved at compile time).
-        arch: Machine architecture of the bundle's runner (``x86_64``, ``aarch64``, ``wasm32``).
-        exporter: How the library is written: ``shared`` (a ``.so`` loaded at run time), ``wasm`` (a
-            system-lib object linked with the runtime into one ``.wasm``) or ``cuda`` (device code, kept as
-            CUDA C / PTX next to a host ``.so``).
-        runner: How ``onnxprune run`` executes the bundle here: ``native``, ``qemu``, ``node`` or ``cuda``.
-        compiler: The C++ compiler that links library and runner.
-        emulator: Program that runs the bundle on this machine when the architecture differs.
-        aliases: Other names accepted for this row.
-        description: One line shown in ``--help`` and the README.
-        gpu: True when kernels run on a GPU (GPU schedule rules instead of CPU ones).
-    """
-
-    name: str
-    tvm_target: dict[str, object]
-    arch: str
-    exporter: Literal["shared", "wasm", "cuda"]
-    runner: Literal["native", "qemu", "node", "cuda"]
-    compiler: Toolchain
-    emulator: Toolchain | None = None
-    aliases: tuple[str, ...] = ()
-    description: str = ""
-    gpu: bool = False
-    extra_tools: tuple[Toolchain, ...] = field(default=())
-
-    @property
-    def family(self) -> str:
-        """Base target this row refines (``x86``, ``arm``, ``wasm`` or ``cuda``)."""
-        if self.gpu:
-            return "cuda"
-        return {"x86_64": "x86", "aarch64": "arm", "wasm32": "wasm"}[self.arch]
-
+__all__ = ["TARGETS", "get_target", "target_names"]
 
 _GXX = Toolchain("g++", "g++")
 _AARCH64_GXX = Toolchain("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")
@@ -90,8 +37,8 @@ TARGETS: tuple[TargetSpec, ...] = (
         name="x86",
         tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": HOST_CPU},
         arch="x86_64",
-        exporter="shared",
-        runner="native",
+        exporter=SharedLibrary(),
+        runner=NativeRunner(),
         compiler=_GXX,
         aliases=("x86_64", "x86-64", "host"),
         description="x86-64 Linux, tuned for the CPU of the compiling machine",
@@ -100,8 +47,8 @@ TARGETS: tuple[TargetSpec, ...] = (
         name="x86-avx2",
         tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
         arch="x86_64",
-        exporter="shared",
-        runner="native",
+        exporter=SharedLibrary(),
+        runner=NativeRunner(),
         compiler=_GXX,
         description="portable x86-64 Linux with AVX2/FMA (Haswell and newer)",
     ),
@@ -109,8 +56,8 @@ TARGETS: tuple[TargetSpec, ...] = (
         name="arm",
         tvm_target=_arm("generic", mattr=["+neon"]),
         arch="aarch64",
-        exporter="shared",
-        runner="qemu",
+        exporter=SharedLibrary(),
+        runner=QemuRunner(),
         compiler=_AARCH64_GXX,
         emulator=_QEMU,
         aliases=("aarch64", "arm64"),
@@ -120,8 +67,8 @@ TARGETS: tuple[TargetSpec, ...] = (
         name="raspberry-pi-4",
         tvm_target=_arm("cortex-a72", mattr=["+neon"]),
         arch="aarch64",
-        exporter="shared",
-        runner="qemu",
+        exporter=SharedLibrary(),
+        runner=QemuRunner(),
         compiler=_AARCH64_GXX,
         emulator=_QEMU,
         aliases=("rpi4",),
@@ -131,8 +78,8 @@ TARGETS: tuple[TargetSpec, ...] = (
         name="raspberry-pi-5",
         tvm_target=_arm("cortex-a76", mattr=["+neon"]),
         arch="aarch64",
-        exporter="shared",
-        runner="qemu",
+        exporter=SharedLibrary(),
+        runner=QemuRunner(),
         compiler=_AARCH64_GXX,
         emulator=_QEMU,
         aliases=("rpi5",),
@@ -142,8 +89,8 @@ TARGETS: tuple[TargetSpec, ...] = (
         name="wasm",
         tvm_target={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"},
         arch="wasm32",
-        exporter="wasm",
-        runner="node",
+        exporter=WasmProgram(),
+        runner=NodeRunner(),
         compiler=_EMCC,
         emulator=_NODE,
         aliases=("wasm32", "webassembly"),
@@ -154,8 +101,8 @@ TARGETS: tuple[TargetSpec, ...] = (
         name="cuda",
         tvm_target={"kind": "cuda", "arch": "sm_80"},
         arch="x86_64",
-        exporter="cuda",
-        runner="cuda",
+        exporter=CudaLibrary(),
+        runner=CudaRunner(),
         compiler=_GXX,
         description="NVIDIA GPU (sm_80), x86-64 host",
         gpu=True,
@@ -164,8 +111,8 @@ TARGETS: tuple[TargetSpec, ...] = (
         name="jetson-orin",
         tvm_target={"kind": "cuda", "arch": "sm_87"},
         arch="aarch64",
-        exporter="cuda",
-        runner="cuda",
+        exporter=CudaLibrary(),
+        runner=CudaRunner(),
         compiler=_AARCH64_GXX,
         description="NVIDIA Jetson Orin (sm_87), AArch64 host; code generation only",
         gpu=True,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from onnxprune.errors import ToolchainError
 
-from .table import TargetSpec, Toolchain
+from .spec import TargetSpec, Toolchain
 
 __all__ = [
     "RUNNER_SOURCE",

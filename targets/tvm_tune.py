@@ -22,7 +22,7 @@ How it runs (:func:`tune`):
    everything). MetaSchedule's own set-up is not used: it reconfigures the whole process with
    ``logging.config.dictConfig`` and failed on a handler without a name (see :func:`_tuning_logs`).
 
-Only this module, :mod:`.tvm_schedules`, :mod:`.tvm_winograd` and :mod:`.tvm_backend` import tvm.
+Like every ``tvm_*`` module of :mod:`onnxprune.targets`, this one imports tvm; nothing outside the package does.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ from tvm.s_tir.meta_schedule.runner import PyRunner, RunnerInput
 from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 from tvm.s_tir.meta_schedule.utils import fork_seed
 
-from . import tvm_schedules, tvm_winograd
+from . import tvm_winograd
+from .tvm_schedules import Kernel
+from .tvm_tiles import vector_lanes, vector_registers
 
 __all__ = ["InProcessBuilder", "InProcessRunner", "tune"]
 
@@ -227,14 +229,14 @@ def cache_dir(mod: tvm.IRModule, target: tvm.target.Target, work_dir: Path | Non
 
 def _seed_default_schedules(tasks, database, target, builder, runner) -> int:
     """Commit each task's default-schedule trace with its measured time; returns how many were committed."""
-    lanes = tvm_schedules.vector_lanes(target)
-    registers = tvm_schedules.vector_registers(target)
+    lanes = vector_lanes(target)
+    registers = vector_registers(target)
     committed = 0
     for task in tasks:
         mod = task.dispatched[0]
         func = mod["main"]
         try:
-            kernel = tvm_schedules._Kernel(func, lanes, registers)
+            kernel = Kernel(func, lanes, registers)
             kernel.run()
             sch = kernel.sch
             (res,) = builder.build([BuilderInput(sch.mod, target)])
@@ -259,13 +261,13 @@ def _seed_default_schedules(tasks, database, target, builder, runner) -> int:
 def _default_times(tasks, target, builder, runner) -> dict[str, float]:
     """Median time of each task's kernel as :class:`~.tvm_schedules.ApplyCPUSchedules` will really build it
     (with its weights repacked, which a tuning record cannot express); a tuned record must beat this."""
-    lanes = tvm_schedules.vector_lanes(target)
-    registers = tvm_schedules.vector_registers(target)
+    lanes = vector_lanes(target)
+    registers = vector_registers(target)
     times: dict[str, float] = {}
     for task in tasks:
         func = task.dispatched[0]["main"]
         try:
-            kernel = tvm_schedules._Kernel(func, lanes, registers, frozenset(p.name for p in func.params))
+            kernel = Kernel(func, lanes, registers, frozenset(p.name for p in func.params))
             new = kernel.run()
             (res,) = builder.build([BuilderInput(tvm.IRModule({"main": new}), target)])
             if res.error_msg:
@@ -285,13 +287,13 @@ def _confirm(database, task, target, rounds: int = 3) -> bool:
     machine one tuning measurement can be lucky by more than ``MIN_GAIN``."""
     mod = task.dispatched[0]
     func = mod["main"]
-    lanes = tvm_schedules.vector_lanes(target)
-    registers = tvm_schedules.vector_registers(target)
+    lanes = vector_lanes(target)
+    registers = vector_registers(target)
     builder = InProcessBuilder()
     runner = InProcessRunner(builder)
     try:
         sch = database.query_schedule(mod, target, workload_name="main")
-        default = tvm_schedules._Kernel(func, lanes, registers, frozenset(p.name for p in func.params)).run()
+        default = Kernel(func, lanes, registers, frozenset(p.name for p in func.params)).run()
         cands = [sch.mod["main"], default]
         built = []
         for f in cands:

@@ -37,6 +37,8 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
 
+from .tvm_tiles import register_tile
+
 __all__ = ["mark_fusable", "schedule", "tile_size", "transform_weight", "winograd_conv2d"]
 
 #: Use Winograd for eligible convolutions (a switch for A/B measurements).
@@ -177,8 +179,11 @@ def _eligible(call: relax.Call, lanes: int) -> np.ndarray | None:
 
 
 def winograd_conv2d(lanes: int, registers: int) -> tvm.transform.Pass:
-    """Relax pass: eligible 3x3 convolutions become a ``call_tir`` of the Winograd kernel (module doc)."""
-    from .tvm_schedules import _register_tile  # one tile-shape rule for every GEMM-like kernel
+    """Relax pass: eligible 3x3 convolutions become a ``call_tir`` of the Winograd kernel (module doc).
+
+    The GEMM's vector tile (the transformed weight's chunk width) comes from the same register-tile rule as
+    every other reduction (:func:`.tvm_tiles.register_tile`).
+    """
 
     @relax.expr_functor.mutator
     class _Winograd(relax.PyExprMutator):
@@ -192,7 +197,7 @@ def winograd_conv2d(lanes: int, registers: int) -> tvm.transform.Pass:
             oh, ow = h + pads[0] + pads[2] - 2, wd + pads[1] + pads[3] - 2
             m = tile_size(oh, ow)
             tiles = -(-oh // m) * -(-ow // m)
-            vec, _ = _register_tile(w.shape[3], tiles, lanes, registers)
+            vec, _ = register_tile(w.shape[3], tiles, lanes, registers)
             u = relax.const(transform_weight(w, m, vec))
             return self.builder_.call_te(
                 lambda x, uu: _compute(x, uu, pads, m, lanes), call.args[0], u,
@@ -251,8 +256,6 @@ def is_winograd(sch: s_tir.Schedule) -> bool:
 
 def schedule(sch: s_tir.Schedule, lanes: int, registers: int) -> None:
     """Schedule a (fused) Winograd PrimFunc in place; element-wise blocks must already be inlined."""
-    from .tvm_schedules import _register_tile
-
     # Five stages, five fork/join points: in a small kernel (the bundled model's 14x14x32 convs) only the
     # GEMM runs in parallel, so it forks once like a direct conv.
     gemm_block = sch.get_sblock(GEMM)
@@ -301,7 +304,7 @@ def schedule(sch: s_tir.Schedule, lanes: int, registers: int) -> None:
     b = sch.get_sblock(GEMM)
     e, v, p, o, rc = sch.get_loops(b)
     vec = _weight_vec(sch, b)
-    _, rows = _register_tile(vec, _extent(sch, p), lanes, registers)
+    _, rows = register_tile(vec, _extent(sch, p), lanes, registers)
     o_o, o_i = sch.split(o, [None, vec])
     p_o, p_i = sch.split(p, [None, rows])
     sch.reorder(e, v, p_o, o_o, rc, p_i, o_i)

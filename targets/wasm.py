@@ -19,7 +19,7 @@ from pathlib import Path
 
 from onnxprune.errors import ToolchainError
 
-from .table import TargetSpec
+from .spec import TargetSpec
 from .toolchains import RUNNER_SOURCE, RUNNERS_DIR, _package_dir, require, runtime_cache
 
 SHIM = RUNNERS_DIR / "wasm" / "shim"

@@ -60,7 +60,9 @@ def conv_bn_model() -> onnx.ModelProto:
         helper.make_node("BatchNormalization", ["c1", "bn1_s", "bn1_b", "bn1_m", "bn1_v"], ["n1"]),
         helper.make_node("Relu", ["n1"], ["r1"]),
         helper.make_node("Conv", ["r1", "w2"], ["c2"]),
-        helper.make_node("BatchNormalization", ["c2", "bn2_s", "bn2_b", "bn2_m", "bn2_v"], ["n2"], epsilon=1e-3),
+        helper.make_node(
+            "BatchNormalization", ["c2", "bn2_s", "bn2_b", "bn2_m", "bn2_v"], ["n2"], epsilon=1e-3
+        ),
         helper.make_node("Conv", ["n2", "w3"], ["c3"], pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["c3", "bn3_s", "bn3_b", "bn3_m", "bn3_v"], ["n3"]),
         helper.make_node("Add", ["n3", "c3"], ["y"]),
