@@ -21,8 +21,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from onnxprune import __version__
 from onnxprune.errors import OnnxPruneError, UsageError
+from onnxprune.version import __version__
 
 SUBCOMMANDS = ("analyze", "prune", "compile", "run", "sensitivity")
 
@@ -296,7 +296,8 @@ def cmd_sensitivity(args) -> int:
 def _prune_unconstrained(args, src: Path, out: Path) -> int:
     """`prune --mode unconstrained`: per-layer kept channels, exact export with reordered channels."""
     from onnxprune.io import save_model
-    from onnxprune.passes.unconstrained import UnconstrainedConfig, UnconstrainedPass
+    from onnxprune.passes.unconstrained import UnconstrainedPass
+    from onnxprune.upscale.config import UnconstrainedConfig
 
     if args.criterion not in ("l1", "l2", "energy", "bn"):
         raise UsageError("--mode unconstrained scores each layer by its own weights: --criterion energy, bn, l1 or l2")

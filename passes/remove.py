@@ -13,13 +13,13 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from onnxprune import __version__
 from onnxprune.graph import ModelGraph
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.passes.select import ChannelSelection, pending_selection
 from onnxprune.passmanager import Pass, PassResult, Summary
 from onnxprune.rewrite import apply_plan
 from onnxprune.shape_inference import infer_shapes
+from onnxprune.version import __version__
 
 
 @dataclass(frozen=True)
