@@ -3,7 +3,8 @@
 A bundle is a folder that runs on its target with nothing but its own files and the TVM runtime library
 for that target::
 
-    manifest.json     model name + sha256, inputs/outputs, target, tvm version, sha256 of every other file
+    manifest.json     model name + sha256, inputs/outputs, target, tvm version, kernels left unscheduled
+                      (``unscheduled_kernels``, normally empty), sha256 of every other file
     model.so          compiled library (kernels + VM code; runner.wasm for wasm)
     weights.bin       the folded, layout-transformed weights (TVM parameter dict), passed to main after
                       the inputs; CUDA bundles keep theirs embedded in the library
