@@ -28,14 +28,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.passes.pruning import PruneConfig, PrunePass
-
 from bench.onnxsim_baseline import match_fraction, plot_curves, pruner, simplified, sweep_args
 from models.fashion_mnist import load_fashion_mnist
 from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import import_model
 from onnxprune.metrics import count_params
+from onnxprune.passes.pruning import PruneConfig, PrunePass
 from onnxprune.verify import session
 
 ALL_CRITERIA = ("l1", "l2", "bn", "random", "fpgm", "lamp", "activation", "apoz", "obs")
@@ -52,9 +51,8 @@ def removal_error_report(model, stats, criteria, parts=(6, 3, 2)) -> list[str]:
     """Per criterion: classifier output error when the first 1/6, 1/3, 1/2 of its ranking in the group that
     feeds the classifier is removed without repair (E||W_S x_S||^2 from the calibration Hessian; in
     brackets the part from the removed channels' mean, which no repair leaves uncorrected)."""
-    from onnxprune.criteria import get_criterion
-
     from onnxprune.channels import analyze
+    from onnxprune.criteria import get_criterion
 
     graph = ModelGraph(model)
     analysis = analyze(graph)

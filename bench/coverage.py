@@ -25,13 +25,12 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import zoo  # noqa: E402
-from onnxprune.channels import analyze  # noqa: E402
-from onnxprune.graph import ModelGraph  # noqa: E402
-from onnxprune.importer import import_model  # noqa: E402
-from onnxprune.metrics import count_params  # noqa: E402
-from onnxprune.passes.pruning import PruneConfig, PrunePass  # noqa: E402
-from onnxprune.verify import random_inputs, run  # noqa: E402
+from models import zoo
+from onnxprune.graph import ModelGraph
+from onnxprune.importer import import_model
+from onnxprune.metrics import count_params
+from onnxprune.passes.pruning import PruneConfig, PrunePass
+from onnxprune.verify import random_inputs, run
 
 RATIO = 0.5
 

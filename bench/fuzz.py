@@ -20,9 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.testmodels import TEST_MODELS  # noqa: E402
-from onnxprune.cli import main as cli_main  # noqa: E402
-from onnxprune.fuzzing import FuzzRunner, Outcome, base_models, layout, make_case, save_crasher, summarize  # noqa: E402
+from models.testmodels import TEST_MODELS
+from onnxprune.cli import main as cli_main
+from onnxprune.fuzzing import FuzzRunner, Outcome, base_models, layout, make_case, save_crasher, summarize
 
 SEED_FILES = [ROOT / "models" / "fashion_mnist_cnn.onnx"]
 

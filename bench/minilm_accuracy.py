@@ -38,14 +38,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.passes.pruning import PruneConfig, PrunePass
-
 from bench.onnxsim_baseline import match_fraction, plot_curves, pruner, simplified, sweep_args
 from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.channels import analyze
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import import_model
 from onnxprune.metrics import count_params
+from onnxprune.passes.pruning import PruneConfig, PrunePass
 from onnxprune.verify import session
 
 MODEL = ROOT / "models" / "cache" / "minilm_l6.onnx"

@@ -21,11 +21,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.criteria import Magnitude, get_criterion
-
 from bench.minilm_accuracy import CALIB_LEN, MODEL, packed, sentences, tokenizer
 from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.channels import analyze
+from onnxprune.criteria import Magnitude, get_criterion
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import import_model
 

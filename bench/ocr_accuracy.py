@@ -27,12 +27,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.passes.pruning import PruneConfig, PrunePass
-
 from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import import_model
 from onnxprune.metrics import count_params
+from onnxprune.passes.pruning import PruneConfig, PrunePass
 from onnxprune.verify import session
 
 WORDS = ["invoice", "total", "amount", "paid", "order", "number", "customer", "account", "balance", "due", "date", "street", "city", "phone", "email", "price", "quantity", "item", "delivery", "address", "shipping", "tax", "discount", "receipt", "station", "platform", "ticket", "seat", "gate", "flight", "hotel", "room", "check", "bank", "transfer", "reference", "code", "model", "serial", "version"]
@@ -70,7 +69,7 @@ def render(lines: list[str], width: int, height: int = 48) -> np.ndarray:
         while True:
             font = ImageFont.truetype(path, size)
             x0, y0, x1, y1 = font.getbbox(text)
-            if x1 - x0 <= width - 8 and y1 - y0 <= height - 6 or size <= 10:
+            if (x1 - x0 <= width - 8 and y1 - y0 <= height - 6) or size <= 10:
                 break
             size -= 1
         img = Image.new("L", (width, height), 255)

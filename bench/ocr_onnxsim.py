@@ -22,13 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.passes.pruning import PruneConfig, PrunePass
-
 from bench.ocr_accuracy import exact, ocr_data, recognise
 from bench.onnxsim_baseline import match_fraction, pruner, simplified
 from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.graph import ModelGraph
 from onnxprune.metrics import count_params
+from onnxprune.passes.pruning import PruneConfig, PrunePass
 
 
 def main(argv=None) -> int:

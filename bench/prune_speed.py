@@ -22,13 +22,13 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnxprune.channels import analyze  # noqa: E402
-from onnxprune.graph import ModelGraph  # noqa: E402
-from onnxprune.importer import check_model, import_model  # noqa: E402
-from onnxprune.shape_inference import infer_shapes  # noqa: E402
-from onnxprune.criteria import Magnitude  # noqa: E402
-from onnxprune.plan import make_plan  # noqa: E402
-from onnxprune.rewrite import apply_plan  # noqa: E402
+from onnxprune.channels import analyze
+from onnxprune.criteria import Magnitude
+from onnxprune.graph import ModelGraph
+from onnxprune.importer import check_model, import_model
+from onnxprune.plan import make_plan
+from onnxprune.rewrite import apply_plan
+from onnxprune.shape_inference import infer_shapes
 
 
 def once(path: str) -> dict[str, float]:

@@ -24,10 +24,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.calibration import CalibrationData, collect_stats  # noqa: E402
-from onnxprune.importer import import_model  # noqa: E402
-from onnxprune.passes.pruning import PruneConfig, PrunePass  # noqa: E402
-from onnxprune.verify import session  # noqa: E402
+from onnxprune.calibration import CalibrationData, collect_stats
+from onnxprune.importer import import_model
+from onnxprune.passes.pruning import PruneConfig, PrunePass
+from onnxprune.verify import session
 
 
 def main(argv=None) -> int:

@@ -64,7 +64,7 @@ class _Writer:
 
     def __init__(self, data_path: Path, seed: int) -> None:
         self.path = data_path
-        self.file = open(data_path, "wb")
+        self.file = open(data_path, "wb")  # noqa: SIM115 - closed by close(), the writer streams many tensors
         self.rng = np.random.default_rng(seed)
         self.initializers: list[onnx.TensorProto] = []
 

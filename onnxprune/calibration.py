@@ -27,7 +27,7 @@ from onnxprune.graph import ModelGraph, attrs
 from onnxprune.rules.facts import linear_axes
 from onnxprune.verify import session
 
-__all__ = ["CalibrationData", "ConsumerStats", "Consumer", "consumers", "load_calib", "collect_stats"]
+__all__ = ["CalibrationData", "Consumer", "ConsumerStats", "collect_stats", "consumers", "load_calib"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -452,7 +452,7 @@ def channel_moments(graph: ModelGraph, tensor: str, axis: int = 1, _depth: int =
     if node is None or rank is None or axis % rank != 1 or _depth > 64:
         return None
     op, a = node.op_type, attrs(node)
-    rec = lambda name, ax=1: channel_moments(graph, name, ax, _depth + 1)  # noqa: E731
+    rec = lambda name, ax=1: channel_moments(graph, name, ax, _depth + 1)
     if op == "BatchNormalization" and len(node.input) >= 5 and not a.get("training_mode", 0):
         gamma, beta, var = (graph.const(n) for n in (node.input[1], node.input[2], node.input[4]))
         if gamma is None or beta is None or var is None:

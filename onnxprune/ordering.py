@@ -34,6 +34,7 @@ copy and absorption with its cost model.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -41,7 +42,6 @@ from onnx import numpy_helper
 
 from onnxprune.channels import ChannelAnalysis, ChannelSlice, DimRef
 from onnxprune.errors import UsageError
-from onnxprune.graph import ModelGraph
 
 EXACT_BLOCKS = 7
 MAX_MOVES = 20000

@@ -167,10 +167,8 @@ def repair_weights(
             new_w = wm.copy()
             n_feat = int((~gone).sum())
             new_w[:, ~gone] = solved[:, :n_feat]
-            if slot is not None:
-                delta = solved[:, -1] - wa[:, -1]  # for bn_mean, wa carried the conv's implicit zero bias
-            else:
-                delta = None
+            # for bn_mean, wa carried the conv's implicit zero bias
+            delta = solved[:, -1] - wa[:, -1] if slot is not None else None
         if new_w is not None:
             new_values[c.weight] = c.from_matrix(new_w, w)
         if delta is not None and slot is not None and np.any(delta != 0):

@@ -52,10 +52,10 @@ def sensitivity(
     stats=None,
     allow_inexact: bool = False,
 ) -> list[SensitivityRow]:
-    from onnxprune.shape_inference import infer_shapes
-    from onnxprune.repair import reanalyze, repair_sequential, repair_weights
     from onnxprune.criteria import get_criterion
+    from onnxprune.repair import reanalyze, repair_sequential, repair_weights
     from onnxprune.rewrite import apply_plan
+    from onnxprune.shape_inference import infer_shapes
 
     analysis = analyze(ModelGraph(model), allow_inexact=allow_inexact)
     scores = get_criterion(criterion, 0, stats, "ls" if repair == "seq" else repair).score_all(analysis)

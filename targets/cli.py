@@ -69,7 +69,7 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
     try:
         with np.load(p, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except Exception as e:  # noqa: BLE001 - numpy raises several types for bad files
+    except Exception as e:
         raise ModelError(f"{p}: not a readable .npz file ({type(e).__name__})") from None
 
 

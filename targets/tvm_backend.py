@@ -74,7 +74,7 @@ def _load(model_path: str | Path) -> onnx.ModelProto:
         raise ModelError(f"{path}: no such file")
     try:
         model = onnx.load(str(path))
-    except Exception as e:  # noqa: BLE001 - onnx raises several unrelated types for bad files
+    except Exception as e:
         raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
     if not model.graph.node:
         raise ModelError(f"{path}: the graph has no nodes")
@@ -105,7 +105,7 @@ def import_onnx(model: onnx.ModelProto, inputs: list[B.TensorSpec]) -> tvm.IRMod
         mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
     except (NotImplementedError, tvm.error.OpNotImplemented) as e:
         raise UnsupportedModelError(f"TVM's ONNX importer cannot convert the model: {_one_line(e)}") from None
-    except Exception as e:  # noqa: BLE001 - importer errors come as ValueError, TVMError, AssertionError…
+    except Exception as e:
         raise UnsupportedModelError(
             f"TVM's ONNX importer failed: {type(e).__name__}: {_one_line(e)}"
         ) from None
@@ -128,7 +128,7 @@ def _fold_shape_computations(model: onnx.ModelProto, inputs: list[B.TensorSpec])
     try:
         fix_input_shapes(out, {s.name: list(s.shape) for s in inputs})
         out, _ = canonicalize(out, inplace=True)
-    except Exception:  # noqa: BLE001 - folding is an optimisation; TVM's importer gets the original
+    except Exception:
         return model
     return out
 
@@ -244,7 +244,7 @@ def build_executable(
     pipeline = _relax_pipeline(spec, target, tune, work_dir, weights, unscheduled)
     try:
         return relax.build(mod, target, relax_pipeline=pipeline, **spec.exporter.build_kwargs())
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         if os.environ.get("ONNXPRUNE_DEBUG"):  # keep the traceback when debugging the backend
             raise
         raise UnsupportedModelError(f"TVM failed to compile for {spec.name}: {_one_line(e)}") from None

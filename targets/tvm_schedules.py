@@ -28,6 +28,8 @@ schedules as the candidates to beat.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
@@ -101,7 +103,7 @@ class Kernel:
                 for op in ops:
                     try:
                         op(b)
-                    except Exception:  # noqa: BLE001 - "cannot inline" is the common, expected case
+                    except Exception:
                         continue
                     changed = True
                     break
@@ -170,10 +172,8 @@ class Kernel:
             # inlined (padded channels, see pad_conv_channels) and then writes the tile out of bounds.
             if _written_shape(sch, c) != out_shape:
                 continue
-            try:
+            with contextlib.suppress(Exception):
                 sch.reverse_compute_inline(c)
-            except Exception:  # noqa: BLE001 - e.g. a consumer that reads other tiles; left for later
-                pass
         sch.reverse_compute_at(cache, outer[-1], preserve_unit_loops=True)
         self._vectorize_tail(cache, len(inner))
         if red:
@@ -220,7 +220,7 @@ class Kernel:
             self.sch.vectorize(loops[-1])
             if n_inner == 2 and len(loops) >= 2:
                 self.sch.unroll(loops[-2])
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
     def schedule_spatial(self, block: s_tir.schedule.SBlockRV) -> bool:
@@ -259,7 +259,7 @@ class Kernel:
             if rule(block):
                 return
             reason = f"{what} rule does not apply to its loop nest"
-        except Exception as e:  # noqa: BLE001 - an unexpected shape; recorded, the block stays naive
+        except Exception as e:
             reason = f"{what} rule failed: {type(e).__name__}: {_last_line(e)}"
         self.sch, self.packed = saved, packed
         self.naive_blocks.append(f"{name}: {reason}")
@@ -308,7 +308,7 @@ class ApplyCPUSchedules:
             try:
                 kernel = Kernel(func, self.lanes, self.registers, constant.get(gv.name_hint, frozenset()))
                 new = kernel.run()
-            except Exception as e:  # noqa: BLE001 - never fail a compile over a schedule; recorded
+            except Exception as e:
                 self.unscheduled[gv.name_hint] = f"no schedule: {type(e).__name__}: {_last_line(e)}"
                 continue
             if kernel.naive_blocks:

@@ -28,7 +28,7 @@ def vector_lanes(target: tvm.target.Target, bits: int = 32) -> int:
     """float32 lanes of the target's SIMD registers (16 with AVX-512, 8 with AVX2, 4 with NEON/SSE)."""
     try:
         width = int(tvm.target.codegen.llvm_get_vector_width(target))
-    except Exception:  # noqa: BLE001 - non-LLVM targets
+    except Exception:
         width = 128
     if width <= 0:
         width = 128

@@ -88,7 +88,7 @@ class InProcessBuilder(PyBuilder):
                 key = f"inprocess:{next(self._ids)}"
                 self.built[key] = tvm.compile(mod, target=bi.target).mod
                 results.append(BuilderResult(key, None))
-            except Exception as e:  # noqa: BLE001 - a failed candidate is a result, not an error
+            except Exception as e:
                 results.append(BuilderResult(None, f"{type(e).__name__}: {str(e)[:500]}"))
         return results
 
@@ -123,7 +123,7 @@ class InProcessRunner(PyRunner):
                 continue
             try:
                 futures.append(LocalRunnerFuture(res=self.measure(rt_mod, list(ri.args_info))))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 futures.append(LocalRunnerFuture(error_message=f"{type(e).__name__}: {str(e)[:500]}"))
         return futures
 
@@ -153,7 +153,7 @@ def _cpu_tensor_intrinsics_only() -> None:
     try:
         for sub in ("x86", "arm_cpu"):
             setattr(pkg, sub, importlib.import_module(f"{name}.{sub}"))
-    except Exception:  # noqa: BLE001 - fall back to the full (slow) import
+    except Exception:
         del sys.modules[name]
 
 
@@ -245,7 +245,7 @@ def _seed_default_schedules(tasks, database, target, builder, runner) -> int:
             secs = runner.measure(
                 builder.built.pop(str(res.artifact_path)), ms.arg_info.ArgInfo.from_prim_func(func)
             )
-        except Exception as e:  # noqa: BLE001 - a kernel without a default schedule is just tuned from scratch
+        except Exception as e:
             log.debug("default schedule of %s not seeded: %s", task.task_name, e)
             continue
         workload = database.commit_workload(mod)
@@ -275,7 +275,7 @@ def _default_times(tasks, target, builder, runner) -> dict[str, float]:
             secs = runner.measure(
                 builder.built.pop(str(res.artifact_path)), ms.arg_info.ArgInfo.from_prim_func(new)
             )
-        except Exception as e:  # noqa: BLE001 - then any measured record is taken
+        except Exception as e:
             log.debug("default schedule of %s not measured: %s", task.task_name, e)
             continue
         times[task.task_name] = float(np.median(secs))
@@ -305,7 +305,7 @@ def _confirm(database, task, target, rounds: int = 3) -> bool:
         for _ in range(rounds):
             for i, (rt_mod, info) in enumerate(built):
                 times[i] += runner.measure(rt_mod, info)
-    except Exception as e:  # noqa: BLE001 - cannot compare: keep the default
+    except Exception as e:
         log.debug("%s: tuned record not re-measured: %s", task.task_name, e)
         return False
     return float(np.median(times[0])) < float(np.median(times[1])) * (1 - MIN_GAIN)

@@ -13,14 +13,14 @@ from onnxprune.allocation import plan_for_target, plan_from_units, predicted, re
 from onnxprune.calibration import CalibrationData, collect_stats, consumers
 from onnxprune.channels import analyze
 from onnxprune.cli import main
+from onnxprune.criteria import CRITERIA, get_criterion
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import import_model
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.passes.pruning import PruneConfig, PrunePass
-from onnxprune.repair import reanalyze, repair_sequential, repair_weights
-from onnxprune.criteria import CRITERIA, get_criterion
 from onnxprune.plan import PruningPlan
+from onnxprune.repair import reanalyze, repair_sequential, repair_weights
 from onnxprune.rewrite import apply_mask, apply_plan
 from onnxprune.shape_inference import infer_shapes
 from onnxprune.verify import max_rel_error, random_inputs, run
@@ -82,7 +82,7 @@ def test_hessian_matches_im2col_definition():
     kh, kw = w.shape[2:]
     rows = []
     pads = [a for a in c.node.attribute if a.name == "pads"]
-    p = list(pads[0].ints)[0] if pads else 0
+    p = next(iter(pads[0].ints)) if pads else 0
     for i in range(len(x)):
         xp = np.pad(x[i], ((0, 0), (p, p), (p, p)))
         for r in range(xp.shape[1] - kh + 1):

@@ -100,7 +100,7 @@ def test_no_import_cycles(graph):
             # through a parent package that a submodule imports back is not counted twice.
             if imported.startswith("onnxprune") and not m.startswith(imported + "."):
                 digraph.add_edge(m, imported)
-    cycles = [c for c in nx.simple_cycles(digraph, length_bound=12)]
+    cycles = list(nx.simple_cycles(digraph, length_bound=12))
     shown = "\n".join(" -> ".join(c + [c[0]]) for c in sorted(cycles, key=len)[:10])
     assert not cycles, f"{len(cycles)} import cycles, e.g.:\n{shown}"
 

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from models.testmodels import TEST_MODELS
 from onnxprune.cli import main as cli_main
@@ -94,8 +96,6 @@ def test_each_hostile_kind(kind, bases, tmp_path):
 
 
 # Hypothesis explores the case generator's seed space (and shrinks a failure to its smallest seed).
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 
 @settings(max_examples=25, deadline=20_000, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxprune.passes.pruning import PruneConfig, PrunePass
 
 from onnxprune import external
 from onnxprune.calibration import CalibrationData, collect_stats
@@ -18,6 +17,7 @@ from onnxprune.channels import analyze
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import canonicalize, import_model
 from onnxprune.metrics import count_params
+from onnxprune.passes.pruning import PruneConfig, PrunePass
 from onnxprune.rewrite import apply_mask
 from onnxprune.verify import max_rel_error, random_inputs, run
 

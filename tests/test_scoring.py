@@ -17,12 +17,12 @@ import onnx
 import pytest
 from conftest import canonical
 from onnx import TensorProto, helper, numpy_helper
-from onnxprune.passes.pruning import PruneConfig, PrunePass
-from onnxprune.criteria import get_criterion
 
 from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.channels import analyze
+from onnxprune.criteria import get_criterion
 from onnxprune.graph import ModelGraph
+from onnxprune.passes.pruning import PruneConfig, PrunePass
 from onnxprune.verify import max_rel_error, run
 
 W1 = np.array(

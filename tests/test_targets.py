@@ -210,7 +210,7 @@ def x86_bundle(tmp_path_factory):
 
 @needs_tvm
 def test_x86_bundle_matches_onnxruntime(x86_bundle):
-    bundle, manifest, _ = x86_bundle
+    _bundle, manifest, _ = x86_bundle
     assert manifest["target"]["name"] == "x86"
     assert manifest["outputs"] == [{"name": "y", "shape": [1, 10], "dtype": "float32"}]
     assert manifest["pruning_summary"] == {"ratio": 0.5, "params_before": 100, "params_after": 50}
@@ -340,7 +340,7 @@ def test_unsupported_op_is_one_line_error(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.example", 1)])  # fmt: skip
     onnx.save(model, tmp_path / "m.onnx")
-    with pytest.raises(UnsupportedModelError, match="lacks op.*com.example::FancyOp"):
+    with pytest.raises(UnsupportedModelError, match=r"lacks op.*com\.example::FancyOp"):
         compile_bundle(tmp_path / "m.onnx", "x86", tmp_path / "b")
 
 
