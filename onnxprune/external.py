@@ -32,8 +32,8 @@ from onnxprune.onnx_utils import node_subgraphs
 BASE_KEY = "onnxprune.base"
 EAGER_MAX_BYTES = 4096  # external tensors up to this size are read into the proto at load time
 
-# Fixed-size element types that can be memory-mapped directly.
-MMAP_TYPES = {
+# Fixed-size element types that can be memory-mapped directly (keyed by `TensorProto.data_type`, a plain int).
+MMAP_TYPES: dict[int, type[np.generic]] = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
     onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT16: np.int16,
     onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT32: np.uint32,
