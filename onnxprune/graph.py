@@ -100,6 +100,17 @@ class ModelGraph:
         self._consts[name] = value
         return value
 
+    def initializer_value(self, name: str) -> np.ndarray:
+        """Value of `name`, which the caller knows is an initializer (e.g. a weight a channel analysis found).
+
+        Raises:
+            KeyError: `name` is not an initializer of this graph (a broken invariant, not a model problem).
+        """
+        value = self.const(name)
+        if value is None:
+            raise KeyError(f"{name!r} is not an initializer of the graph")
+        return value
+
     def is_graph_io(self, name: str) -> bool:
         return name in self._io
 
