@@ -81,6 +81,17 @@ class ModelGraph:
             return None
         return s[axis]
 
+    def static_size(self, name: str, axis: int) -> int:
+        """Size of a dim the caller knows is static (every dim of a channel analysis is).
+
+        Raises:
+            ValueError: the dim's size is symbolic or unknown (a broken invariant, not a model problem).
+        """
+        size = self.size(name, axis)
+        if not isinstance(size, int):
+            raise ValueError(f"axis {axis} of {name!r} has no static size ({size!r})")
+        return size
+
     def dtype(self, name: str) -> int | None:
         return self._dtypes.get(name)
 
