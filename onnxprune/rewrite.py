@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from onnxprune.channels import ChannelAnalysis, DimRef
 from onnxprune.external import MMAP_TYPES
-from onnxprune.graph import ModelGraph, subgraph_reads
+from onnxprune.graph import Dim, ModelGraph, subgraph_reads
 from onnxprune.onnx_utils import opset_of, value_names
 from onnxprune.rules import RULES
 
@@ -32,27 +32,27 @@ class RewriteContext:
         rank = self.graph.rank(tensor) or 1
         return self._removed.get(DimRef(tensor, axis % rank), np.zeros(0, dtype=np.int64))
 
-    def old_size(self, tensor: str, axis: int):
+    def old_size(self, tensor: str, axis: int) -> Dim:
         return self.graph.size(tensor, axis)
 
-    def new_size(self, tensor: str, axis: int):
+    def new_size(self, tensor: str, axis: int) -> Dim:
         old = self.old_size(tensor, axis)
         return old - len(self.removed(tensor, axis)) if isinstance(old, int) else old
 
-    def const(self, name: str):
+    def const(self, name: str) -> np.ndarray | None:
         return self.graph.const(name)
 
-    def shape(self, name: str):
+    def shape(self, name: str) -> tuple[Dim, ...] | None:
         return self.graph.shape(name)
 
-    def size(self, name: str, axis: int):
+    def size(self, name: str, axis: int) -> Dim:
         return self.graph.size(name, axis)
 
-    def rank(self, name: str):
+    def rank(self, name: str) -> int | None:
         return self.graph.rank(name)
 
     # What rules write (applied after all rules ran, so shared constants are never edited in place)
-    def set_element(self, location, value: int) -> None:
+    def set_element(self, location: tuple[onnx.NodeProto, int, int], value: int) -> None:
         node, index, element = location
         self._nodes[node.name] = node
         self.element_edits.setdefault((node.name, index), {})[element] = int(value)
@@ -76,7 +76,7 @@ def apply_plan(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.Mo
         if not cuts:
             g.initializer.append(t)
             continue
-        array = graph.const(t.name)
+        array = graph.initializer_value(t.name)
         for axis, pos in cuts:
             array = np.delete(array, pos, axis=axis)
         _append_array(g, t, array)
@@ -111,7 +111,12 @@ def _touches_changed(node: onnx.NodeProto, ctx: RewriteContext) -> bool:
     return any(ref.tensor in tensors for ref in ctx._removed)
 
 
-def _materialize_edits(g, nodes, originals, ctx: RewriteContext) -> None:
+def _materialize_edits(
+    g: onnx.GraphProto,
+    nodes: dict[str, onnx.NodeProto],
+    originals: dict[str, onnx.NodeProto],
+    ctx: RewriteContext,
+) -> None:
     # Every value name (node outputs, graph inputs/outputs, subgraph names too), not just initializers:
     # a new constant named like an existing activation would make an invalid graph.
     existing = value_names(g)
@@ -135,7 +140,7 @@ def _materialize_edits(g, nodes, originals, ctx: RewriteContext) -> None:
     for (node_name, index), edits in ctx.element_edits.items():
         node = nodes[node_name]
         old = originals[node_name].input[index]
-        value = ctx.graph.const(old).copy()
+        value = ctx.graph.initializer_value(old).copy()
         flat = value.reshape(-1)
         for element, v in edits.items():
             flat[element] = v
@@ -188,14 +193,14 @@ def apply_mask(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.Mo
         by_tensor.setdefault(ref.tensor, []).append((ref.axis, pos))
     for t in graph.model.graph.initializer:
         cuts = by_tensor.get(t.name)
-        array = graph.const(t.name)
+        array = graph.initializer_value(t.name)
         if not cuts or array.dtype.kind != "f":
             model.graph.initializer.append(t)
             continue
         array = array.copy()
         fill = 1 if analysis.roles.get(t.name) in _ONE_ROLES else 0
         for axis, pos in cuts:
-            index = [slice(None)] * array.ndim
+            index: list[slice | np.ndarray] = [slice(None)] * array.ndim
             index[axis] = pos
             array[tuple(index)] = fill
         model.graph.initializer.append(numpy_helper.from_array(array, t.name))
@@ -214,7 +219,7 @@ def silence(array: np.ndarray, cuts: list[tuple[int, np.ndarray]], role: str | N
     out = array.copy()
     fill = 1 if role in _ONE_ROLES else 0
     for axis, positions in cuts:
-        index = [slice(None)] * out.ndim
+        index: list[slice | np.ndarray] = [slice(None)] * out.ndim
         index[axis] = positions
         out[tuple(index)] = fill
     return out
@@ -233,7 +238,7 @@ def apply_takes(
     removed: dict[DimRef, np.ndarray] = {}
     by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
     for ref, take in takes.items():
-        gone = np.setdiff1d(np.arange(graph.size(ref.tensor, ref.axis)), take)
+        gone = np.setdiff1d(np.arange(graph.static_size(ref.tensor, ref.axis)), take)
         if len(gone):
             removed[ref] = gone
         by_tensor.setdefault(ref.tensor, []).append((ref.axis, take))
@@ -244,7 +249,7 @@ def apply_takes(
             g.initializer.append(t)
             continue
         array = values.get(t.name)
-        array = graph.const(t.name) if array is None else array
+        array = graph.initializer_value(t.name) if array is None else array
         for axis, take in by_tensor.get(t.name, []):
             array = np.take(array, take, axis=axis)
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), t.name))
