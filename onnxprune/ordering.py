@@ -161,7 +161,7 @@ def dim_takes(
             if keep is None and np.array_equal(order, np.arange(g.size)):
                 continue
             ref = DimRef(m.tensor, m.axis)
-            n = analysis.graph.size(m.tensor, m.axis)
+            n = analysis.graph.static_size(m.tensor, m.axis)
             src = source.setdefault(ref, np.arange(n))
             flag = flags.setdefault(ref, np.ones(n, dtype=bool))
             slots, s, k = relabel_take(m, order, keep)
@@ -185,7 +185,7 @@ def permute_channels(analysis: ChannelAnalysis, orders: dict[int, np.ndarray]) -
             by_tensor.setdefault(ref.tensor, []).append((ref.axis, take))
     for i, t in enumerate(model.graph.initializer):
         if t.name in by_tensor:
-            array = analysis.graph.const(t.name)
+            array = analysis.graph.initializer_value(t.name)
             for axis, take in by_tensor[t.name]:
                 array = np.take(array, take, axis=axis)
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), t.name))
