@@ -196,7 +196,7 @@ _NO_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformL
             "Bernoulli", "Constant", "If", "Loop", "Scan", "SequenceConstruct"}  # fmt: skip
 
 
-def _evaluate(node: onnx.NodeProto, args: list[np.ndarray], opset: int) -> list[np.ndarray] | None:
+def _evaluate(node: onnx.NodeProto, args: list[np.ndarray], opset: int) -> list[np.ndarray]:
     from onnx.reference import ReferenceEvaluator
 
     inputs = [numpy_helper.from_array(a, f"i{k}") for k, a in enumerate(args)]
@@ -210,7 +210,10 @@ def _evaluate(node: onnx.NodeProto, args: list[np.ndarray], opset: int) -> list[
         [t for t, n in zip(inputs, node.input) if n],
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
-    return ReferenceEvaluator(model).run(None, {})
+    results = ReferenceEvaluator(model).run(None, {})
+    if not isinstance(results, list):  # a dict only when intermediate results are asked for
+        raise TypeError(f"ReferenceEvaluator returned {type(results).__name__}, not a list of outputs")
+    return results
 
 
 def _fold_constant_shape_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
@@ -239,9 +242,11 @@ def _fold_constant_shape_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
         )
         if foldable:
             args = [value(name) if name else np.zeros(0) for name in node.input]
-            if all(a is not None for a in args):
+            known = [a for a in args if a is not None]
+            if len(known) == len(args):
+                results: list[np.ndarray] | None
                 try:
-                    results = _evaluate(node, args, opset)
+                    results = _evaluate(node, known, opset)
                 except Exception:
                     results = None
                 if results is not None and all(np.asarray(r).size <= _FOLD_LIMIT for r in results):
@@ -296,7 +301,7 @@ def _fold_weight_layout_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
             and (uses.get(src.name, 0) == 1 or numel(src) <= UNSHARE_LIMIT)
         ):
             folded = _fold_layout(node, src, inits, opset)
-        if folded is None:
+        if src is None or folded is None:
             keep.append(node)
             continue
         g.initializer.append(folded)
