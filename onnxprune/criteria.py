@@ -16,9 +16,13 @@ from onnxprune.channels import ChannelAnalysis, ChannelGroup, ChannelSlice
 
 
 class Criterion:
-    name = "base"
     needs_data = False
     comparable = False  # scores already compare across groups (no per-group renormalisation)
+
+    @property
+    def name(self) -> str:
+        """The criterion's name (`CRITERIA` key); subclasses set it as a class attribute or a property."""
+        return "base"
 
     def score(self, group: ChannelGroup, analysis: ChannelAnalysis) -> np.ndarray:
         raise NotImplementedError
@@ -220,9 +224,7 @@ class OBS(DataCriterion):
     repair: str = "ls"
     name = "obs"
 
-    @property
-    def needs_data(self) -> bool:  # works data-free with the BatchNorm surrogate
-        return False
+    needs_data = False  # works data-free with the BatchNorm surrogate
 
     def consumer_members(self, group, analysis):
         if self.stats is not None:
@@ -312,6 +314,8 @@ def get_criterion(name: str, seed: int = 0, stats=None, repair: str = "ls") -> C
         raise UsageError(f"criterion {name!r} needs calibration data: pass --calib FILE.npz")
     if name == "obs":
         return OBS(stats=stats, repair=repair)
-    if name in ("activation", "apoz") and stats is not None:
-        return type(CRITERIA[name])(stats=stats)
+    if name == "activation" and stats is not None:
+        return Activation(stats=stats)
+    if name == "apoz" and stats is not None:
+        return APoZ(stats=stats)
     return CRITERIA[name]
