@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
-from onnxprune.graph import ModelGraph, attrs
+from onnxprune.graph import Dim, ModelGraph, attrs
 
 
 def count_params(graph: ModelGraph) -> int:
@@ -16,19 +17,19 @@ def count_params(graph: ModelGraph) -> int:
     return total
 
 
-def _numel(shape) -> int:
+def _numel(shape: tuple[Dim, ...] | None) -> int:
     if shape is None:
         return 0
     return int(np.prod([d if isinstance(d, int) else 1 for d in shape], dtype=np.int64))
 
 
-def node_macs(graph: ModelGraph, node) -> int:
+def node_macs(graph: ModelGraph, node: onnx.NodeProto) -> int:
     op = node.op_type
     if op in ("Conv", "ConvTranspose"):
         w = graph.shape(node.input[1])
         if w is None:
             return 0
-        per_output = int(np.prod(w[1:], dtype=np.int64))
+        per_output = _numel(w[1:])  # a run-time weight may have symbolic dims: they count as 1
         if op == "Conv":
             return _numel(graph.shape(node.output[0])) * per_output
         # ConvTranspose: every input element scatters into C_out/g * k outputs.
