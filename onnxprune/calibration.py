@@ -14,7 +14,8 @@ Importance criteria (`criteria.py`) and the calibrated repair (`repair.py`) read
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +23,24 @@ import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from onnxprune.errors import UsageError
-from onnxprune.graph import ModelGraph, attrs
+from onnxprune.errors import DataError, UsageError
+from onnxprune.graph import Dim, ModelGraph, attrs
+from onnxprune.progress import task
 from onnxprune.rules.facts import linear_axes
 from onnxprune.verify import session
 
-__all__ = ["CalibrationData", "Consumer", "ConsumerStats", "collect_stats", "consumers", "load_calib"]
+__all__ = [
+    "CalibrationData",
+    "CalibrationStats",
+    "Consumer",
+    "ConsumerStats",
+    "check_calib",
+    "collect_stats",
+    "consumers",
+    "hessian_rows",
+    "load_calib",
+    "row_budget",
+]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -51,41 +64,111 @@ class CalibrationData:
 
 
 def load_calib(path: str | Path, model: onnx.ModelProto, samples: int | None = None) -> CalibrationData:
-    """Load ``FILE.npz`` (keys = the model's input names) and keep the first `samples` samples."""
+    """Load ``FILE.npz`` (keys = the model's input names) and keep the first `samples` samples.
+
+    Raises:
+        DataError: the file is missing, unreadable or not an .npz archive, or its arrays do not fit the
+            model's inputs (`check_calib`); the message is one line naming the file.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"calibration file not found: {path}")
+    where = str(path)
+    if not path.exists():
+        raise DataError(f"{where}: calibration file not found")
+    if path.is_dir():
+        raise DataError(f"{where}: is a directory, not an .npz calibration file")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: np.asarray(data[k]) for k in data.files}
-    except Exception as exc:  # zipfile/pickle/format errors all mean "not a usable npz"
-        raise UsageError(f"cannot read calibration file {path}: {type(exc).__name__}") from None
-    return check_calib(CalibrationData(arrays), model, samples, str(path))
+        with path.open("rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        raise DataError(f"{where}: cannot read the calibration file ({exc.strerror or exc})") from None
+    if magic.startswith(b"\x93NUMPY"):
+        raise DataError(f"{where}: a single .npy array, not an .npz archive of named inputs "
+                        "(write one with numpy.savez(path, input_name=array))")
+    if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise DataError(f"{where}: not an .npz archive (write one with numpy.savez(path, input_name=array))")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:  # zipfile/zlib/format errors all mean "not a usable npz"
+        raise DataError(f"{where}: not a readable .npz archive (numpy could not read it: {_first_line(exc)})") from None
+    arrays = {}
+    with archive:
+        for key in archive.files:
+            try:
+                arrays[key] = np.asarray(archive[key])
+            except ValueError as exc:
+                if "allow_pickle" in str(exc):
+                    raise DataError(f"{where}: array {key!r} holds Python objects; calibration inputs must be "
+                                    "numeric arrays") from None
+                raise DataError(f"{where}: array {key!r} cannot be read ({_first_line(exc)})") from None
+            except Exception as exc:  # a damaged member: zlib/zipfile/EOF errors
+                raise DataError(f"{where}: array {key!r} cannot be read ({_first_line(exc)})") from None
+    return check_calib(CalibrationData(arrays), model, samples, where)
 
 
 def check_calib(
     data: CalibrationData, model: onnx.ModelProto, samples: int | None = None, where: str = "calibration data"
 ) -> CalibrationData:
-    from onnx.helper import tensor_dtype_to_np_dtype
+    """`data` checked against the model's inputs and cast to their dtypes, before anything runs.
 
+    Every graph input needs an array whose axis 0 enumerates samples and whose other axes match the
+    input's static sizes (symbolic or unknown sizes accept anything); values must be numbers, and whole
+    numbers for an integer input. Arrays for names that are not model inputs are ignored.
+
+    Raises:
+        DataError: an input has no array, or its array has the wrong shape or dtype (one line, naming `where`).
+        UsageError: `samples` < 1.
+    """
     graph = ModelGraph(model)
     inputs = {vi.name: vi for vi in model.graph.input if vi.name in graph.graph_inputs}
     missing = sorted(set(inputs) - set(data.arrays))
     if missing:
-        raise UsageError(f"{where} lacks model input(s) {', '.join(missing)} (has {', '.join(sorted(data.arrays)) or 'none'})")
+        has = ", ".join(repr(k) for k in sorted(data.arrays)) or "none"
+        raise DataError(f"{where}: no array for model input(s) {', '.join(repr(m) for m in missing)} (it has {has}; "
+                        "keys must be the model's input names)")
     arrays = {}
     for name, vi in inputs.items():
-        arr = data.arrays[name]
-        rank = len(vi.type.tensor_type.shape.dim)
-        if arr.ndim != rank or len(arr) == 0:
-            raise UsageError(f"{where}: {name!r} has shape {arr.shape}, expected rank {rank} with samples on axis 0")
-        arrays[name] = arr.astype(tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type), copy=False)
+        arrays[name] = _fit_input(data.arrays[name], name, graph.shape(name), vi.type.tensor_type.elem_type, where)
     out = CalibrationData(arrays)
     if samples is not None:
         if samples < 1:
             raise UsageError(f"calib-samples must be >= 1, got {samples}")
         out = out.head(samples)
     return out
+
+
+def _fit_input(arr: np.ndarray, name: str, dims: tuple[Dim, ...] | None, elem_type: int, where: str) -> np.ndarray:
+    """`arr` cast to the input's dtype, or a `DataError` saying why it cannot feed input `name`."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    if dims is not None:
+        # axis 0 holds the samples (fed one or a batch at a time): only the other axes must match
+        fits = arr.ndim == len(dims) and all(not isinstance(d, int) or d == n for d, n in zip(dims[1:], arr.shape[1:]))
+        if not fits:
+            raise DataError(f"{where}: input {name!r} has shape {tuple(arr.shape)} but the model expects "
+                            f"{_format_dims(dims)} (N = samples)")
+    if arr.ndim == 0 or len(arr) == 0:
+        raise DataError(f"{where}: input {name!r} has no samples (shape {tuple(arr.shape)}; axis 0 enumerates samples)")
+    try:
+        target = np.dtype(tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, TypeError, ValueError):  # an element type numpy has no dtype for: leave the array as it is
+        return arr
+    if target.kind in "biuf":
+        if arr.dtype.kind not in "biuf":
+            raise DataError(f"{where}: input {name!r} holds {arr.dtype} values but the model expects {target} numbers")
+        if target.kind in "biu" and arr.dtype.kind == "f" and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
+            raise DataError(f"{where}: input {name!r} holds fractional {arr.dtype} values but the model expects {target}")
+    return arr.astype(target, copy=False)
+
+
+def _format_dims(dims: tuple[Dim, ...]) -> str:
+    """The model's input shape as a tuple, samples axis as N, symbolic sizes by name, unknown ones as ?."""
+    parts = ["N"] + [str(d) if d is not None else "?" for d in dims[1:]] if dims else []
+    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,7 +205,17 @@ class Consumer:
             return m.reshape(like.shape).astype(like.dtype)
         return (m.T if self.in_axis == 0 else m).astype(like.dtype)
 
-    def feature_channel(self, w_shape) -> np.ndarray:
+    def weight_shape(self, graph: ModelGraph) -> tuple[int, ...]:
+        """The weight's shape (an initializer's, so every size is static)."""
+        return tuple(int(d) for d in graph.initializers[self.weight].dims)
+
+    def feature_count(self, w_shape: tuple[int, ...]) -> int:
+        """Hessian features F of a weight of shape `w_shape`: (c_in, kh, kw) for a conv, inputs otherwise."""
+        if self.kind == "conv":
+            return int(np.prod(w_shape[1:], dtype=np.int64))
+        return w_shape[self.in_axis]
+
+    def feature_channel(self, w_shape: tuple[int, ...]) -> np.ndarray:
         """Input position (on `in_axis`) of each Hessian feature."""
         if self.kind == "conv":
             return np.repeat(np.arange(w_shape[1]), int(np.prod(w_shape[2:], dtype=np.int64)))
@@ -147,12 +240,13 @@ def consumers(graph: ModelGraph) -> list[Consumer]:
         if wv is None or wv.dtype.kind != "f" or graph.const(x) is not None:
             continue
         op, a = node.op_type, attrs(node)
-        if op == "Conv" and a.get("group", 1) == 1 and wv.ndim >= 3 and graph.rank(x) == wv.ndim:
+        x_rank = graph.rank(x)
+        if op == "Conv" and a.get("group", 1) == 1 and wv.ndim >= 3 and x_rank == wv.ndim:
             out.append(Consumer(node, "conv", x, w, in_axis, out_axis, 1))
         elif op == "Gemm" and not a.get("transA", 0) and wv.ndim == 2:
             out.append(Consumer(node, "gemm", x, w, in_axis, out_axis, 1))
-        elif op == "MatMul" and wv.ndim == 2 and (graph.rank(x) or 0) >= 2:
-            out.append(Consumer(node, "matmul", x, w, in_axis, out_axis, graph.rank(x) - 1))
+        elif op == "MatMul" and wv.ndim == 2 and x_rank is not None and x_rank >= 2:
+            out.append(Consumer(node, "matmul", x, w, in_axis, out_axis, x_rank - 1))
     return out
 
 
@@ -165,10 +259,10 @@ class ConsumerStats:
 
     hessian: np.ndarray  # [F+1, F+1], last feature is the constant 1
     rows: int = 0
-    abs_sum: np.ndarray | None = None  # per input position (on x_axis)
-    zero_sum: np.ndarray | None = None
-    sum: np.ndarray | None = None
-    sq_sum: np.ndarray | None = None
+    abs_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per input position (on x_axis)
+    zero_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    sq_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
     count: int = 0
 
     @property
@@ -201,7 +295,7 @@ class CalibrationStats:
     samples: int = 0
 
 
-def _conv_windows(x: np.ndarray, node: onnx.NodeProto, kshape) -> np.ndarray:
+def _conv_windows(x: np.ndarray, node: onnx.NodeProto, kshape: tuple[int, ...]) -> np.ndarray:
     """[C, *spatial] -> a strided view [C, *out, *kernel] of every receptive field (no copy but the pad)."""
     a = attrs(node)
     nd = len(kshape)
@@ -228,7 +322,9 @@ def _conv_windows(x: np.ndarray, node: onnx.NodeProto, kshape) -> np.ndarray:
     return win[sl]
 
 
-def _rows(x: np.ndarray, c: Consumer, w_shape, per_sample: int, rng: np.random.Generator) -> np.ndarray:
+def hessian_rows(
+    x: np.ndarray, c: Consumer, w_shape: tuple[int, ...], per_sample: int, rng: np.random.Generator
+) -> np.ndarray:
     """Hessian rows of `x` (a batch) for consumer `c`: at most `per_sample` uniformly drawn positions per
     sample, conv inputs unfolded (im2col) only at the drawn positions, features in weight memory order."""
     parts = []
@@ -354,11 +450,8 @@ def collect_stats(
     step = max(1, batch) if dynamic else 1
     result = CalibrationStats(by_name, samples=data.n)
     rng = np.random.default_rng(seed)
-    w_shapes = {c.name: graph.shape(c.weight) for c in which}
-    feats_of = {
-        c.name: int(np.prod(w_shapes[c.name][1:], dtype=np.int64)) if c.kind == "conv" else w_shapes[c.name][c.in_axis]
-        for c in which
-    }
+    w_shapes = {c.name: c.weight_shape(graph) for c in which}
+    feats_of = {c.name: c.feature_count(w_shapes[c.name]) for c in which}
     per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n))) for k, f in feats_of.items()}
     pending: dict[str, list[np.ndarray]] = {}  # rows buffered until there are about F of them (few F x F adds)
 
@@ -375,8 +468,12 @@ def collect_stats(
 
     # Hessian updates run in one worker thread (one BLAS thread) while the next sample's forward pass runs
     # on onnxruntime's threads; at most one batch of updates is in flight, so memory stays bounded.
-    inflight = None
-    with single_threaded_blas(), ThreadPoolExecutor(max_workers=1) as pool:
+    inflight: Future[None] | None = None
+    with (
+        single_threaded_blas(),
+        ThreadPoolExecutor(max_workers=1) as pool,
+        task("calibration statistics", total=data.n) as progress,
+    ):
         for i in range(0, data.n, step):
             k = min(step, data.n - i)
             feed = {n: v[i : i + k] for n, v in data.arrays.items() if n in feeds}
@@ -402,7 +499,7 @@ def collect_stats(
                 st.sq_sum += k * m_x[3]
                 st.count += k
                 if hessian:
-                    rows = _rows(x, c, w_shapes[c.name], per_sample[c.name], rng)
+                    rows = hessian_rows(x, c, w_shapes[c.name], per_sample[c.name], rng)
                     buf = pending.setdefault(c.name, [])
                     buf.append(np.concatenate([rows, np.ones((len(rows), 1), np.float32)], axis=1))
                     if sum(len(b) for b in buf) >= max(2048, feats_of[c.name]):
@@ -412,6 +509,7 @@ def collect_stats(
                 if inflight is not None:
                     inflight.result()
                 inflight = pool.submit(_flush_all, jobs)
+            progress.advance(k)
         if inflight is not None:
             inflight.result()
     if hessian:
@@ -471,7 +569,8 @@ def channel_moments(graph: ModelGraph, tensor: str, axis: int = 1, _depth: int =
         if m0 is None or m1 is None:
             return None
         return m0[0] + m1[0], m0[1] + m1[1]
-    if op == "Concat" and a.get("axis") % rank == 1:
+    axis_attr = a.get("axis")
+    if op == "Concat" and axis_attr is not None and axis_attr % rank == 1:
         parts = [rec(i) for i in node.input]
         if any(p is None for p in parts):
             return None
@@ -483,6 +582,6 @@ def channel_moments(graph: ModelGraph, tensor: str, axis: int = 1, _depth: int =
         m = rec(node.input[0])
         if m is None:
             return None
-        block = int(np.prod(src[2:], dtype=np.int64))
+        block = math.prod(d for d in src[2:] if isinstance(d, int))  # all static (checked above)
         return np.repeat(m[0], block), np.repeat(m[1], block)
     return None

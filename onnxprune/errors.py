@@ -21,6 +21,10 @@ class PreconditionError(OnnxPruneError):
     """A pass was asked to run on a model that does not meet its requirements."""
 
 
+class DataError(OnnxPruneError):
+    """Input data (a calibration file) is missing, unreadable, or does not fit the model's inputs."""
+
+
 class ToolchainError(OnnxPruneError):
     """A compiler, cross toolchain or runtime needed for a target is missing."""
 

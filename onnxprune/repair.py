@@ -34,10 +34,20 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.calibration import CalibrationStats, Consumer, channel_moments, consumers
+from onnxprune.calibration import (
+    CalibrationData,
+    CalibrationStats,
+    Consumer,
+    channel_moments,
+    consumers,
+    hessian_rows,
+    row_budget,
+    single_threaded_blas,
+)
 from onnxprune.channels import ChannelAnalysis, DimRef, analyze
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
+from onnxprune.progress import task
 
 REPAIRS = ("none", "bias", "ls", "seq")
 
@@ -116,69 +126,73 @@ def repair_weights(
         return graph.model, report
     new_values: dict[str, np.ndarray] = {}
     new_biases: list[tuple[onnx.NodeProto, str, np.ndarray]] = []
+    cuts: list[tuple[Consumer, np.ndarray]] = []  # the consumers losing input columns, and which ones
     for c in consumers(graph):
         cut = removed.get(DimRef(c.weight, c.in_axis))
-        if cut is None or len(cut) == 0:
-            continue
-        if len(graph.consumers.get(c.weight, [])) != 1:
-            report.skipped[c.name] = "weight shared with other nodes"
-            continue
-        w = graph.const(c.weight)
-        wm = c.weight_matrix(w).astype(np.float64)
-        n_out = wm.shape[0]
-        slot = _bias_slot(graph, c, n_out)
-        feat_pos = c.feature_channel(w.shape)
-        gone = np.isin(feat_pos, cut)
-        if method == "bias":
-            mom = channel_moments(graph, c.x, c.x_axis)
-            if mom is None:
-                report.skipped[c.name] = "no BatchNorm statistics upstream"
+        if cut is not None and len(cut) > 0:
+            cuts.append((c, cut))
+    with task(f"repair ({method})", total=len(cuts)) as progress:
+        for c, cut in progress.track(cuts):
+            if len(graph.consumers.get(c.weight, [])) != 1:
+                report.skipped[c.name] = "weight shared with other nodes"
                 continue
-            if slot is None:
-                report.skipped[c.name] = "no bias to compensate into"
-                continue
-            delta = wm[:, gone] @ mom[0][feat_pos[gone]]
-            new_w = None
-            if slot.kind == "bn_mean":
-                # The BatchNorm after the consumer normalised the full output variance; estimate the part
-                # the removed channels carried (independent channels) and renormalise what is left.
-                bn = slot.node
-                var_name = bn.input[4]
-                run_var = np.asarray(new_values.get(var_name, graph.const(var_name)), dtype=np.float64)
-                contrib = (wm**2) * mom[1][feat_pos][None, :]
-                frac = contrib[:, ~gone].sum(1) / np.maximum(contrib.sum(1), 1e-30)
-                new_var = run_var * np.clip(frac, 0.05, 1.0)
-                new_values[var_name] = new_var.astype(graph.const(var_name).dtype)
-        else:
-            st = stats.stats.get(c.name)
-            if st is None:
-                report.skipped[c.name] = "no calibration statistics"
-                continue
-            H = st.H
-            keep = np.flatnonzero(~gone)
-            if slot is not None:
-                keep = np.append(keep, len(H) - 1)  # the constant feature: solves the bias too
-                b0 = _slot_value(graph, slot, n_out)
-                wa = np.concatenate([wm, (slot.sign * b0)[:, None] if slot.kind == "bn_mean" else b0[:, None]], axis=1)
+            w = graph.initializer_value(c.weight)
+            wm = c.weight_matrix(w).astype(np.float64)
+            n_out = wm.shape[0]
+            slot = _bias_slot(graph, c, n_out)
+            feat_pos = c.feature_channel(w.shape)
+            gone = np.isin(feat_pos, cut)
+            if method == "bias":
+                mom = channel_moments(graph, c.x, c.x_axis)
+                if mom is None:
+                    report.skipped[c.name] = "no BatchNorm statistics upstream"
+                    continue
+                if slot is None:
+                    report.skipped[c.name] = "no bias to compensate into"
+                    continue
+                delta = wm[:, gone] @ mom[0][feat_pos[gone]]
+                new_w = None
+                if slot.kind == "bn_mean":
+                    # The BatchNorm after the consumer normalised the full output variance; estimate the part
+                    # the removed channels carried (independent channels) and renormalise what is left.
+                    bn = slot.node
+                    var_name = bn.input[4]
+                    stored_var = graph.initializer_value(var_name)
+                    run_var = np.asarray(new_values.get(var_name, stored_var), dtype=np.float64)
+                    contrib = (wm**2) * mom[1][feat_pos][None, :]
+                    frac = contrib[:, ~gone].sum(1) / np.maximum(contrib.sum(1), 1e-30)
+                    new_var = run_var * np.clip(frac, 0.05, 1.0)
+                    new_values[var_name] = new_var.astype(stored_var.dtype)
             else:
-                H = H[:-1, :-1]
-                wa = wm
-            solved = _ridge_solve(H, keep, wa, damp)
-            new_w = wm.copy()
-            n_feat = int((~gone).sum())
-            new_w[:, ~gone] = solved[:, :n_feat]
-            # for bn_mean, wa carried the conv's implicit zero bias
-            delta = solved[:, -1] - wa[:, -1] if slot is not None else None
-        if new_w is not None:
-            new_values[c.weight] = c.from_matrix(new_w, w)
-        if delta is not None and slot is not None and np.any(delta != 0):
-            if slot.kind == "new":
-                new_biases.append((c.node, slot.tensor, delta.astype(w.dtype)))
-                report.added_biases.append(slot.tensor)
-            else:
-                base = new_values.get(slot.tensor, graph.const(slot.tensor))
-                new_values[slot.tensor] = (base + (slot.sign * delta).reshape(base.shape)).astype(base.dtype)
-        report.repaired.append(c.name)
+                st = stats.stats.get(c.name) if stats is not None else None  # not None: checked above
+                if st is None:
+                    report.skipped[c.name] = "no calibration statistics"
+                    continue
+                H = st.H
+                keep = np.flatnonzero(~gone)
+                if slot is not None:
+                    keep = np.append(keep, len(H) - 1)  # the constant feature: solves the bias too
+                    b0 = _slot_value(graph, slot, n_out)
+                    wa = np.concatenate([wm, (slot.sign * b0)[:, None] if slot.kind == "bn_mean" else b0[:, None]], axis=1)
+                else:
+                    H = H[:-1, :-1]
+                    wa = wm
+                solved = _ridge_solve(H, keep, wa, damp)
+                new_w = wm.copy()
+                n_feat = int((~gone).sum())
+                new_w[:, ~gone] = solved[:, :n_feat]
+                # for bn_mean, wa carried the conv's implicit zero bias
+                delta = solved[:, -1] - wa[:, -1] if slot is not None else None
+            if new_w is not None:
+                new_values[c.weight] = c.from_matrix(new_w, w)
+            if delta is not None and slot is not None and np.any(delta != 0):
+                if slot.kind == "new":
+                    new_biases.append((c.node, slot.tensor, delta.astype(w.dtype)))
+                    report.added_biases.append(slot.tensor)
+                else:
+                    base = new_values.get(slot.tensor, graph.initializer_value(slot.tensor))
+                    new_values[slot.tensor] = (base + (slot.sign * delta).reshape(base.shape)).astype(base.dtype)
+            report.repaired.append(c.name)
     return _with_values(graph.model, new_values, new_biases), report
 
 
@@ -228,7 +242,7 @@ def _with_values(model: onnx.ModelProto, values: dict[str, np.ndarray], new_bias
 def repair_sequential(
     analysis: ChannelAnalysis,
     removed_labels: np.ndarray,
-    data,
+    data: CalibrationData,
     damp: float = 0.01,
     max_rows: int = 65536,
     seed: int = 0,
@@ -255,7 +269,6 @@ def repair_sequential(
         max_rows: row budget per consumer and wave (`calibration.row_budget`).
         seed: sampling of the rows (convolution positions).
     """
-    from onnxprune.calibration import _rows, row_budget
     from onnxprune.rewrite import apply_mask
 
     graph = analysis.graph
@@ -277,16 +290,16 @@ def repair_sequential(
         ins = [i for i in node.input if i]
         lv = max([level.get(i, 0) for i in ins], default=0)
         dirty = any(i in changed for i in ins)
-        c = by_node.get(id(node))
-        if c is not None and (c.x in changed or cut_of[c.name] is not None):
-            wave_of[c.name] = level.get(c.x, 0)
-            lv = max(lv, wave_of[c.name] + 1)
+        fit = by_node.get(id(node))
+        if fit is not None and (fit.x in changed or cut_of[fit.name] is not None):
+            wave_of[fit.name] = level.get(fit.x, 0)
+            lv = max(lv, wave_of[fit.name] + 1)
             dirty = True
         for o in node.output:
             level[o] = lv
             if dirty:
                 changed.add(o)
-    waves: dict[int, list] = {}
+    waves: dict[int, list[Consumer]] = {}
     for c in cons:
         if c.name in wave_of:
             waves.setdefault(wave_of[c.name], []).append(c)
@@ -299,56 +312,58 @@ def repair_sequential(
     slots = {}
     for c in cons:
         if c.name in wave_of:
-            w = graph.const(c.weight)
+            w = graph.initializer_value(c.weight)
             slots[c.name] = _bias_slot(graph, c, c.weight_matrix(w).shape[0])
-    for k in sorted(waves):
-        wave = waves[k]
-        current = _with_values(base, cur_values, cur_biases)
-        acc = _cross_stats(graph.model, current, wave, data, max_rows, seed + 7919 * k, _rows, row_budget)
-        for c in wave:
-            Ht, C = acc[c.name]
-            w = graph.const(c.weight)
-            wm = c.weight_matrix(w).astype(np.float64)
-            n_out = wm.shape[0]
-            slot = slots[c.name]
-            feat_pos = c.feature_channel(w.shape)
-            cut = cut_of[c.name]
-            gone = np.isin(feat_pos, cut) if cut is not None else np.zeros(len(feat_pos), bool)
-            keep = np.flatnonzero(~gone)
-            if slot is not None:
-                keep = np.append(keep, len(Ht) - 1)
-                b0 = _slot_value(graph, slot, n_out)
-                wa = np.concatenate([wm, b0[:, None]], axis=1)
-            else:
-                Ht, C = Ht[:-1, :-1], C[:-1, :-1]
-                wa = wm
-            Hk = Ht[np.ix_(keep, keep)]
-            lam = damp * float(np.mean(np.diag(Hk))) + 1e-12
-            Hk[np.diag_indices(len(keep))] += lam
-            rhs = wa @ C[:, keep] + lam * wa[:, keep]
-            solved = np.linalg.solve(Hk, rhs.T).T
-            n_feat = int((~gone).sum())
-            new_w = wm.copy()
-            new_w[:, ~gone] = solved[:, :n_feat]
-            new_values[c.weight] = c.from_matrix(new_w, w)
-            cur_values[c.weight] = _remask(removed, base_values, c.weight, new_values[c.weight])
-            if slot is not None:
-                delta = solved[:, -1] - wa[:, -1]
-                if np.any(delta != 0):
-                    if slot.kind == "new":
-                        new_biases.append((c.node, slot.tensor, delta.astype(w.dtype)))
-                        cut_out = removed.get(DimRef(c.weight, c.out_axis))
-                        masked_delta = delta.copy()
-                        if cut_out is not None:
-                            masked_delta[cut_out] = 0.0
-                        cur_biases.append((c.node, slot.tensor, masked_delta.astype(w.dtype)))
-                        report.added_biases.append(slot.tensor)
-                    else:
-                        src = new_values.get(slot.tensor, graph.const(slot.tensor))
-                        val = (src + (slot.sign * delta).reshape(src.shape)).astype(src.dtype)
-                        new_values[slot.tensor] = val
-                        cur_values[slot.tensor] = _remask(removed, base_values, slot.tensor, val)
-            report.repaired.append(c.name)
+    with task("sequential repair", total=len(wave_of)) as progress:
+        for number, k in enumerate(sorted(waves), 1):
+            wave = waves[k]
+            progress.update(f"sequential repair: wave {number}/{len(waves)}")
+            current = _with_values(base, cur_values, cur_biases)
+            acc = _cross_stats(graph.model, current, wave, data, max_rows, seed + 7919 * k)
+            for c in progress.track(wave):
+                Ht, C = acc[c.name]
+                w = graph.initializer_value(c.weight)
+                wm = c.weight_matrix(w).astype(np.float64)
+                n_out = wm.shape[0]
+                slot = slots[c.name]
+                feat_pos = c.feature_channel(w.shape)
+                cut = cut_of[c.name]
+                gone = np.isin(feat_pos, cut) if cut is not None else np.zeros(len(feat_pos), bool)
+                keep = np.flatnonzero(~gone)
+                if slot is not None:
+                    keep = np.append(keep, len(Ht) - 1)
+                    b0 = _slot_value(graph, slot, n_out)
+                    wa = np.concatenate([wm, b0[:, None]], axis=1)
+                else:
+                    Ht, C = Ht[:-1, :-1], C[:-1, :-1]
+                    wa = wm
+                Hk = Ht[np.ix_(keep, keep)]
+                lam = damp * float(np.mean(np.diag(Hk))) + 1e-12
+                Hk[np.diag_indices(len(keep))] += lam
+                rhs = wa @ C[:, keep] + lam * wa[:, keep]
+                solved = np.linalg.solve(Hk, rhs.T).T
+                n_feat = int((~gone).sum())
+                new_w = wm.copy()
+                new_w[:, ~gone] = solved[:, :n_feat]
+                new_values[c.weight] = c.from_matrix(new_w, w)
+                cur_values[c.weight] = _remask(removed, base_values, c.weight, new_values[c.weight])
+                if slot is not None:
+                    delta = solved[:, -1] - wa[:, -1]
+                    if np.any(delta != 0):
+                        if slot.kind == "new":
+                            new_biases.append((c.node, slot.tensor, delta.astype(w.dtype)))
+                            cut_out = removed.get(DimRef(c.weight, c.out_axis))
+                            masked_delta = delta.copy()
+                            if cut_out is not None:
+                                masked_delta[cut_out] = 0.0
+                            cur_biases.append((c.node, slot.tensor, masked_delta.astype(w.dtype)))
+                            report.added_biases.append(slot.tensor)
+                        else:
+                            src = new_values.get(slot.tensor, graph.initializer_value(slot.tensor))
+                            val = (src + (slot.sign * delta).reshape(src.shape)).astype(src.dtype)
+                            new_values[slot.tensor] = val
+                            cur_values[slot.tensor] = _remask(removed, base_values, slot.tensor, val)
+                report.repaired.append(c.name)
     return _with_values(graph.model, new_values, new_biases), report
 
 
@@ -392,9 +407,15 @@ def _truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     return out
 
 
-def _cross_stats(original, current, wave, data, max_rows, seed, rows_fn, budget_fn):
+def _cross_stats(
+    original: onnx.ModelProto,
+    current: onnx.ModelProto,
+    wave: list[Consumer],
+    data: CalibrationData,
+    max_rows: int,
+    seed: int,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per consumer of `wave`: (E[x~ x~^T], E[x x~^T]) over the same sampled rows, [x 1] features."""
-    from onnxprune.calibration import single_threaded_blas
     from onnxprune.verify import session
 
     names = sorted({c.x for c in wave})
@@ -403,30 +424,29 @@ def _cross_stats(original, current, wave, data, max_rows, seed, rows_fn, budget_
     feeds_o = {i.name for i in s_orig.get_inputs()}
     feeds_c = {i.name for i in s_cur.get_inputs()}
     graph = ModelGraph(original)
-    w_shapes = {c.name: graph.shape(c.weight) for c in wave}
-    feats = {
-        c.name: int(np.prod(w_shapes[c.name][1:], dtype=np.int64)) if c.kind == "conv" else w_shapes[c.name][c.in_axis]
-        for c in wave
-    }
-    per_sample = {k: max(1, -(-budget_fn(f, max_rows) // max(1, data.n))) for k, f in feats.items()}
-    acc = {c.name: [np.zeros((feats[c.name] + 1,) * 2), np.zeros((feats[c.name] + 1,) * 2), 0] for c in wave}
-    with single_threaded_blas():  # BLAS calls alternate with onnxruntime runs
-        for i in range(data.n):
+    w_shapes = {c.name: c.weight_shape(graph) for c in wave}
+    feats = {c.name: c.feature_count(w_shapes[c.name]) for c in wave}
+    per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n))) for k, f in feats.items()}
+    hessians = {c.name: np.zeros((feats[c.name] + 1,) * 2) for c in wave}
+    crosses = {c.name: np.zeros((feats[c.name] + 1,) * 2) for c in wave}
+    counts = dict.fromkeys(hessians, 0)
+    # BLAS calls alternate with onnxruntime runs
+    with single_threaded_blas(), task("layer inputs, original and pruned", total=data.n) as progress:
+        for i in progress.track(range(data.n)):
             sample = data.sample(i)
             xo = dict(zip(names, s_orig.run(names, {k: v for k, v in sample.items() if k in feeds_o})))
             xc = dict(zip(names, s_cur.run(names, {k: v for k, v in sample.items() if k in feeds_c})))
             for j, c in enumerate(wave):
-                ro = rows_fn(np.asarray(xo[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
-                             np.random.default_rng([seed, i, j]))
-                rc = rows_fn(np.asarray(xc[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
-                             np.random.default_rng([seed, i, j]))
+                ro = hessian_rows(np.asarray(xo[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
+                                  np.random.default_rng([seed, i, j]))
+                rc = hessian_rows(np.asarray(xc[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
+                                  np.random.default_rng([seed, i, j]))
                 one = np.ones((len(rc), 1), np.float32)
                 ro, rc = np.concatenate([ro, one], axis=1), np.concatenate([rc, one], axis=1)
-                a = acc[c.name]
-                a[0] += rc.T @ rc
-                a[1] += ro.T @ rc
-                a[2] += len(rc)
-    return {name: (h / max(1, n), cr / max(1, n)) for name, (h, cr, n) in acc.items()}
+                hessians[c.name] += rc.T @ rc
+                crosses[c.name] += ro.T @ rc
+                counts[c.name] += len(rc)
+    return {name: (hessians[name] / max(1, n), crosses[name] / max(1, n)) for name, n in counts.items()}
 
 
 def reanalyze(analysis: ChannelAnalysis, labels: np.ndarray, model: onnx.ModelProto, allow_inexact: bool):

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnxprune.calibration import CalibrationData
+from onnxprune.calibration import CalibrationData, CalibrationStats
 from onnxprune.channels import analyze
 from onnxprune.graph import ModelGraph
 from onnxprune.plan import PruningPlan
+from onnxprune.progress import task
 
 
 @dataclass
@@ -49,9 +51,20 @@ def sensitivity(
     ratios: list[float],
     criterion: str = "l1",
     repair: str = "none",
-    stats=None,
+    stats: CalibrationStats | None = None,
     allow_inexact: bool = False,
 ) -> list[SensitivityRow]:
+    """One row per channel group: the relative output error with only that group pruned, per ratio.
+
+    Args:
+        model: the model to measure (normalised).
+        data: calibration samples the errors are measured on.
+        ratios: fractions of each group's channels to remove, in (0, 1).
+        criterion: importance criterion ordering each group's channels (`criteria.CRITERIA`).
+        repair: "none", "bias", "ls" or "seq", applied after each removal.
+        stats: calibration statistics of `model`, for data-driven criteria and the "ls" repair.
+        allow_inexact: include LayerNorm/softmax-coupled groups.
+    """
     from onnxprune.criteria import get_criterion
     from onnxprune.repair import reanalyze, repair_sequential, repair_weights
     from onnxprune.rewrite import apply_plan
@@ -61,30 +74,33 @@ def sensitivity(
     scores = get_criterion(criterion, 0, stats, "ls" if repair == "seq" else repair).score_all(analysis)
     reference = _outputs(model, data)
     rows = []
-    for g in analysis.groups:
-        order = np.argsort(scores[g.id], kind="stable")
-        errors = []
-        for r in ratios:
-            n = min(g.size - 1, int(math.floor(r * g.size + 1e-9)))
-            if n <= 0:
-                errors.append(float("nan"))
-                continue
-            labels = PruningPlan({g.id: np.sort(order[:n])}).labels(analysis)
-            work, work_labels = analysis, labels
-            if repair == "seq":
-                repaired, _ = repair_sequential(analysis, labels, data)
-                work, work_labels = reanalyze(analysis, labels, repaired, allow_inexact)
-            elif repair != "none":
-                repaired, _ = repair_weights(analysis, labels, repair, stats)
-                work, work_labels = reanalyze(analysis, labels, repaired, allow_inexact)
-            pruned = infer_shapes(apply_plan(work, work_labels))
-            errors.append(relative_error(reference, _outputs(pruned, data)))
-        members = ", ".join(str(m) for m in g.param_members[:2]) + (" …" if len(g.param_members) > 2 else "")
-        rows.append(SensitivityRow(g.id, g.size, g.params, members, errors))
+    groups = analysis.groups
+    with task("sensitivity", total=len(groups) * len(ratios)) as progress:
+        for number, g in enumerate(groups, 1):
+            progress.update(f"sensitivity: group {number}/{len(groups)}")
+            order = np.argsort(scores[g.id], kind="stable")
+            errors = []
+            for r in progress.track(ratios):
+                n = min(g.size - 1, int(math.floor(r * g.size + 1e-9)))
+                if n <= 0:
+                    errors.append(float("nan"))
+                    continue
+                labels = PruningPlan({g.id: np.sort(order[:n])}).labels(analysis)
+                work, work_labels = analysis, labels
+                if repair == "seq":
+                    repaired, _ = repair_sequential(analysis, labels, data)
+                    work, work_labels = reanalyze(analysis, labels, repaired, allow_inexact)
+                elif repair != "none":
+                    repaired, _ = repair_weights(analysis, labels, repair, stats)
+                    work, work_labels = reanalyze(analysis, labels, repaired, allow_inexact)
+                pruned = infer_shapes(apply_plan(work, work_labels))
+                errors.append(relative_error(reference, _outputs(pruned, data)))
+            members = ", ".join(str(m) for m in g.param_members[:2]) + (" …" if len(g.param_members) > 2 else "")
+            rows.append(SensitivityRow(g.id, g.size, g.params, members, errors))
     return rows
 
 
-def plot(rows: list[SensitivityRow], ratios: list[float], path, title: str = "") -> None:
+def plot(rows: list[SensitivityRow], ratios: list[float], path: str | Path, title: str = "") -> None:
     """PNG: output error vs ratio, one line per group.
 
     Draws on a standalone `Figure` (Agg canvas), never through pyplot: the caller's matplotlib backend and
