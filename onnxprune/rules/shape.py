@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.graph import attrs, set_attr
+from onnxprune.graph import Dim, attrs, set_attr
 from onnxprune.rules.base import ChannelRule, register
 from onnxprune.rules.protocols import RuleBarrier
 from onnxprune.rules.shape_inputs import read_axes, shape_elements
@@ -23,11 +23,14 @@ from onnxprune.rules.shape_inputs import read_axes, shape_elements
 INT_MAX = 2**62
 
 
-def _same(a, b) -> bool:
+Segments = list[tuple[list[int], list[int]]]  # aligned (input axes, output axes) of a reshape
+
+
+def _same(a: Dim, b: Dim) -> bool:
     return a is not None and a == b
 
 
-def reshape_segments(in_shape, out_shape):
+def reshape_segments(in_shape: tuple[Dim, ...], out_shape: tuple[Dim, ...]) -> Segments:
     """Split two shapes into aligned segments ``(in_axes, out_axes)`` with equal element counts.
 
     Equal leading and trailing sizes (static or the same symbol) match one to one; the middle is
@@ -50,8 +53,10 @@ def reshape_segments(in_shape, out_shape):
     return segs
 
 
-def _factor(in_shape, out_shape, i, i_end, j, j_end):
-    segs: list[tuple[list[int], list[int]]] = []
+def _factor(
+    in_shape: tuple[Dim, ...], out_shape: tuple[Dim, ...], i: int, i_end: int, j: int, j_end: int
+) -> Segments | None:
+    segs: Segments = []
     while i < i_end or j < j_end:
         if i < i_end and j < j_end and _same(in_shape[i], out_shape[j]):
             segs.append(([i], [j]))
@@ -63,25 +68,36 @@ def _factor(in_shape, out_shape, i, i_end, j, j_end):
             segs.append(([], [j]))
             j += 1
         else:
-            if i >= i_end or j >= j_end or not isinstance(in_shape[i], int) or not isinstance(out_shape[j], int):
+            pi, pj = _static_at(in_shape, i, i_end), _static_at(out_shape, j, j_end)
+            if pi is None or pj is None:
                 return None
-            pi, pj, ii, jj = in_shape[i], out_shape[j], [i], [j]
+            ii, jj = [i], [j]
             i, j = i + 1, j + 1
             while pi != pj:
                 if pi < pj:
-                    if i >= i_end or not isinstance(in_shape[i], int):
+                    size = _static_at(in_shape, i, i_end)
+                    if size is None:
                         return None
-                    pi *= in_shape[i]
+                    pi *= size
                     ii.append(i)
                     i += 1
                 else:
-                    if j >= j_end or not isinstance(out_shape[j], int):
+                    size = _static_at(out_shape, j, j_end)
+                    if size is None:
                         return None
-                    pj *= out_shape[j]
+                    pj *= size
                     jj.append(j)
                     j += 1
             segs.append((ii, jj))
     return segs
+
+
+def _static_at(shape: tuple[Dim, ...], k: int, end: int) -> int | None:
+    """``shape[k]`` when `k` is before `end` and that size is static, else None."""
+    if k >= end:
+        return None
+    size = shape[k]
+    return size if isinstance(size, int) else None
 
 
 def _carrier(sizes: list[int], stacked: bool = False) -> int:
