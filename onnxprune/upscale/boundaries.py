@@ -118,24 +118,24 @@ def _walk_forward(graph: ModelGraph, r: Roles, node: onnx.NodeProto, tensor_cuts
     t = outs[0]
     before_concat = None  # the edge into the first Concat on the way: a cheaper place to widen
 
-    def cut(tensor_cut: str | None, edge_cut: Edge | None) -> None:
+    def cut(at: str | Edge) -> None:  # a tensor (every reader's copy) or one edge
         if before_concat is not None:
             edge_cuts.add(before_concat)
-        elif tensor_cut is not None:
-            tensor_cuts.add(tensor_cut)
+        elif isinstance(at, str):
+            tensor_cuts.add(at)
         else:
-            edge_cuts.add(edge_cut)
+            edge_cuts.add(at)
 
     while True:
         uses = graph.consumers.get(t, [])
         if len(uses) >= 2:
-            return cut(t, None)
+            return cut(t)
         if len(uses) != 1:
             return
         nxt = uses[0].node
         kind = r.kind(nxt)
         if kind == "merge":
-            return cut(None, (t, nxt.name, uses[0].index))
+            return cut((t, nxt.name, uses[0].index))
         if kind != "chain":
             return  # a consumer (a producer->consumer chain: no boundary) or the group ends
         if nxt.op_type == "Concat" and before_concat is None:

@@ -53,7 +53,7 @@ def _contiguous(keep: np.ndarray, union: np.ndarray, order: np.ndarray) -> bool:
 def _copy_cost(gp: GroupPlan, pc: Piece, graph: ModelGraph, boundary_tensors: frozenset[str], cost: CostModel,
                contiguous: bool) -> float:  # fmt: skip
     """Seconds the unit's copies cost per inference (0 when it keeps the whole stream)."""
-    k, u = int(pc.keep.sum()), int(gp.union.sum())
+    k, u = int(pc.kept.sum()), int(gp.union.sum())
     if k == u:
         return 0.0
     total = 0.0
@@ -77,7 +77,7 @@ def _absorb_cost(gp: GroupPlan, pc: Piece, analysis: ChannelAnalysis, cost: Cost
     """Seconds absorbing the unit costs per inference: the MACs of its zero rows/columns and the extra
     element-wise traffic of its piece at the stream's width."""
     graph = analysis.graph
-    extra = int(gp.union.sum() - pc.keep.sum())
+    extra = int(gp.union.sum() - pc.kept.sum())
     if extra == 0:
         return 0.0
     nodes = {n.name: n for n in graph.nodes}
@@ -129,10 +129,10 @@ def optimize_layout(plan: UnconstrainedPlan, config: UnconstrainedConfig) -> dic
         for _ in range(3):
             narrowed = [pc for pc in candidates if pc.narrow]
             weights = [_copy_cost(gp, pc, graph, boundary_tensors, config.cost, False) + 1e-9 for pc in narrowed]
-            gp.order = choose_order(gp.union, [pc.keep for pc in narrowed], weights)
+            gp.order = choose_order(gp.union, [pc.kept for pc in narrowed], weights)
             changed = False
             for pc in candidates:
-                contiguous = _contiguous(pc.keep, gp.union, gp.order)
+                contiguous = _contiguous(pc.kept, gp.union, gp.order)
                 copy = _copy_cost(gp, pc, graph, boundary_tensors, config.cost, contiguous)
                 absorb = _absorb_cost(gp, pc, plan.analysis, config.cost, config.ratio)
                 want = not (config.absorb and absorb < copy)
@@ -143,7 +143,7 @@ def optimize_layout(plan: UnconstrainedPlan, config: UnconstrainedConfig) -> dic
         for pc in candidates:
             if pc.narrow:
                 decisions["narrowed"] += 1
-                key = "contiguous" if _contiguous(pc.keep, gp.union, gp.order) else "scattered"
+                key = "contiguous" if _contiguous(pc.kept, gp.union, gp.order) else "scattered"
                 decisions[key] += 1
             else:
                 decisions["absorbed"] += 1

@@ -53,7 +53,7 @@ def masked_arrays(plan: UnconstrainedPlan) -> dict[str, np.ndarray]:
     graph = plan.analysis.graph
     arrays: dict[str, np.ndarray] = {}
     for name, silenced in silenced_positions(plan).items():
-        array = graph.const(name)
+        array = graph.initializer_value(name)
         if array.dtype.kind == "f":
             arrays[name] = silenced.apply(array)
     return arrays
@@ -90,7 +90,7 @@ def mean_repair(model: onnx.ModelProto, plan: UnconstrainedPlan, calib: dict[str
         return model
     names = [n.output[0] for n in targets]
     reference = _channel_means(model, names, calib)
-    values = {t.name: graph.const(t.name).copy() for t in model.graph.initializer}
+    values = {t.name: graph.initializer_value(t.name).copy() for t in model.graph.initializer}
     silenced = silenced_positions(plan)
 
     def masked() -> onnx.ModelProto:

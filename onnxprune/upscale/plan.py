@@ -31,6 +31,7 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
         keeps: optional ``{(group id, piece id): bool mask}`` overriding the scores (tests use it to
             draw random kept sets).
     """
+    fixed_keeps = keeps or {}
     split = split_boundaries(model)
     analysis = analyze(ModelGraph(split.model))
     plans: list[GroupPlan] = []
@@ -45,26 +46,28 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
             pieces[pid].sources = srcs
         own = {pc.id: own_scores(pc, pieces, analysis, group.size, config.criterion) for pc in units}
         single = len(units) == 1  # the unit is the whole group: its own ranking is the group's
-        need_shared = config.share or config.union_cap is not None or single
-        shared = shared_scores(group, analysis, config.criterion, list(own.values())) if need_shared else None
-        if single:
-            own = {pc.id: shared for pc in units}
         allowed = np.ones(group.size, dtype=bool)
-        if config.union_cap is not None and len(units) > 1:
-            # The stream budget: the group's top channels by the shared ranking (stable, like `make_plan`).
-            # Rounded to the nearest multiple of `stream_multiple`, so an absorbed stream keeps blocked layouts.
-            m = max(1, config.stream_multiple)
-            width = min(group.size, max(n_keep, round(config.union_cap * n_keep / m) * m))
-            allowed[:] = False
-            allowed[np.argsort(-shared, kind="stable")[:width]] = True
+        shared: np.ndarray | None = None
+        if config.share or config.union_cap is not None or single:
+            shared = shared_scores(group, analysis, config.criterion, list(own.values()))
+            if single:
+                own = {pc.id: shared for pc in units}
+            if config.union_cap is not None and len(units) > 1:
+                # The stream budget: the group's top channels by the shared ranking (stable, like `make_plan`).
+                # Rounded to the nearest multiple of `stream_multiple`, so an absorbed stream keeps blocked
+                # layouts.
+                m = max(1, config.stream_multiple)
+                width = min(group.size, max(n_keep, round(config.union_cap * n_keep / m) * m))
+                allowed[:] = False
+                allowed[np.argsort(-shared, kind="stable")[:width]] = True
 
         def choose(pc: Piece, within: np.ndarray, own=own, shared=shared, n_keep=n_keep) -> np.ndarray:
             return _top_channels(own[pc.id], shared, config.share, within, n_keep)
 
-        fixed = {pc.id for pc in units if (group.id, pc.id) in (keeps or {})}
+        fixed = {pc.id for pc in units if (group.id, pc.id) in fixed_keeps}
         for pc in units:
             if pc.id in fixed:
-                keep = np.asarray(keeps[(group.id, pc.id)], dtype=bool).copy()
+                keep = np.asarray(fixed_keeps[(group.id, pc.id)], dtype=bool).copy()
                 if not keep.any():
                     keep[0] = True
                 pc.keep = keep
@@ -80,7 +83,7 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
                 per = {pc.id: _params_per_channel(pc, analysis) for pc in units}
                 budget = n_keep * sum(per.values())
                 n = n_keep
-                while n > 1 and sum(int(pc.keep.sum()) * per[pc.id] for pc in units) > budget:
+                while n > 1 and sum(int(pc.kept.sum()) * per[pc.id] for pc in units) > budget:
                     n -= 1
                     _reader_first(n, *args)
         else:  # "free": every unit chooses; "writer": the writers choose first
@@ -92,20 +95,20 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
                 if pc.id in fixed:
                     continue
                 srcs = reach.get(pc.id)
-                within = allowed if srcs is None else allowed & np.logical_or.reduce([pieces[w].keep for w in srcs])
+                within = allowed if srcs is None else allowed & np.logical_or.reduce([pieces[w].kept for w in srcs])
                 pc.keep = choose(pc, within)
             if _closed(analysis, group, pieces, split):
                 # Then each writer drops what none of the readers it reaches reads (it would only add
                 # parameters: every reader has zero columns there).
                 for pc in writers:
                     read = _read_by(pc, readers, reach, pieces)
-                    if pc.id not in fixed and read is not None and (pc.keep & read).any():
-                        pc.keep = pc.keep & read
+                    if pc.id not in fixed and read is not None and (pc.kept & read).any():
+                        pc.keep = pc.kept & read
         for pc in units:
             pc.narrow = pc.narrowable
-        union = np.logical_or.reduce([pc.keep for pc in units])
+        union = np.logical_or.reduce([pc.kept for pc in units])
         deficit = -int(union.sum()) % max(1, config.stream_multiple)
-        same = all(np.array_equal(pc.keep, union) for pc in units)  # constrained: no stream to widen
+        same = all(np.array_equal(pc.kept, union) for pc in units)  # constrained: no stream to widen
         if deficit and not same and union.sum() + deficit <= group.size and deficit * 8 <= union.sum():
             # Channels no unit keeps: every reader has zero columns there, so widening the stream to a
             # SIMD-friendly width is exact, and lets runtimes keep blocked layouts (NCHWc) for its convs
@@ -132,7 +135,7 @@ def _reader_first(n: int, readers: list[Piece], writers: list[Piece], pieces: li
 def _read_by(writer: Piece, readers: list[Piece], reach: Reach, pieces: list[Piece]) -> np.ndarray | None:
     """The channels the readers this writer reaches keep (their union); None when it reaches none."""
     dsts = [r.id for r in readers if writer.id in (reach.get(r.id) or ())]
-    return np.logical_or.reduce([pieces[r].keep for r in dsts]) if dsts else None
+    return np.logical_or.reduce([pieces[r].kept for r in dsts]) if dsts else None
 
 
 def _params_per_channel(pc: Piece, analysis: ChannelAnalysis) -> float:
@@ -153,6 +156,8 @@ def _top_channels(own: np.ndarray, shared: np.ndarray | None, share: float, with
     (all of `within` when it has fewer; `within` empty: the top `n_keep` overall)."""
     scores = normalised(own)
     if share:
+        if shared is None:
+            raise ValueError("blending in the shared ranking (share > 0) needs the shared scores")
         scores = (1 - share) * scores + share * shared
     scores = np.where(within, scores, -np.inf)  # outside the stream budget: dropped first
     # Lowest scores go first; a stable sort of the scores (not of their negation) breaks ties like
@@ -256,28 +261,21 @@ def reaching_writers(analysis: ChannelAnalysis, group: ChannelGroup, pieces: lis
                 src[out] = frozenset([pid])
                 continue
             ins = [t for t in node.input if t in dim_piece and t not in graph.initializers]
-            got: set[int] = set()
-            for t in ins:
-                if src.get(t, None) is None:
-                    got = None
-                    break
-                got |= src[t]
-            src[out] = None if got is None or not ins else frozenset(got)
+            got = _union_if_known([src.get(t) for t in ins])
+            src[out] = None if got is None or not ins else got
     reach: dict[int, frozenset[int] | None] = {}
     for pc in pieces:
         if not pc.is_unit or pc.has_producer:
             continue
-        acc: set[int] | None = set()
-        for ref in pc.dims:
-            if ref.tensor in graph.initializers:
-                continue
-            s_t = src.get(ref.tensor)
-            if s_t is None:
-                acc = None
-                break
-            acc |= s_t
-        reach[pc.id] = frozenset(acc) if acc else None
+        acc = _union_if_known([src.get(ref.tensor) for ref in pc.dims if ref.tensor not in graph.initializers])
+        reach[pc.id] = acc if acc else None
     return reach
+
+
+def _union_if_known(sets: list[frozenset[int] | None]) -> frozenset[int] | None:
+    """The union of `sets`, or None when any of them is unknown (None)."""
+    known = [s for s in sets if s is not None]
+    return frozenset[int]().union(*known) if len(known) == len(sets) else None
 
 
 def _closed(analysis: ChannelAnalysis, group: ChannelGroup, pieces: list[Piece], split: SplitModel) -> bool:

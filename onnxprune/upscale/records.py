@@ -38,6 +38,17 @@ class Piece:
         return bool(self.weights)
 
     @property
+    def kept(self) -> np.ndarray:
+        """`keep` of a unit whose channels `plan.build_plan` has chosen.
+
+        Raises:
+            ValueError: the piece is not a unit, or its channels are not chosen yet.
+        """
+        if self.keep is None:
+            raise ValueError(f"piece {self.id} has no kept channels (not a unit, or not chosen yet)")
+        return self.keep
+
+    @property
     def narrowable(self) -> bool:
         """Whether exporting the unit at its own width is exact (see step 4 of the package docstring)."""
         if not self.is_unit:
@@ -64,7 +75,7 @@ class GroupPlan:
     def width(self, ref: DimRef) -> np.ndarray:
         """The channels the export keeps on a dim: the unit's own when it is narrowed, else the stream."""
         piece = self.pieces[self.piece_of[ref]]
-        return piece.keep if piece.narrow else self.union
+        return piece.kept if piece.narrow else self.union
 
     def mask_set(self, ref: DimRef) -> np.ndarray:
         """The channels the oracle keeps on a dim: the unit's own, else the stream."""

@@ -43,7 +43,7 @@ def effective_params(model: onnx.ModelProto) -> int:
     total = 0
     for t in graph.initializers.values():
         if t.data_type in _FLOAT_TYPES:
-            total += int(np.count_nonzero(graph.const(t.name)))
+            total += int(np.count_nonzero(graph.initializer_value(t.name)))
     return total
 
 

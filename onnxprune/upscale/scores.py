@@ -27,7 +27,7 @@ def unit_scores(piece: Piece, analysis: ChannelAnalysis, size: int, p: int = 1) 
     """
     total = np.zeros(size)
     for m in piece.weights:
-        norms = position_norms(analysis.graph.const(m.tensor), m.axis, p)[m.positions]
+        norms = position_norms(analysis.graph.initializer_value(m.tensor), m.axis, p)[m.positions]
         ch = per_channel(m, norms, size)
         if p == 2:
             ch = np.sqrt(ch)
@@ -43,7 +43,7 @@ def _bn_gamma(piece: Piece, analysis: ChannelAnalysis, size: int) -> np.ndarray 
         if node.op_type == "BatchNormalization" and node.name in piece.nodes and node.input[1] in members:
             m = members[node.input[1]]
             counts = np.maximum(np.bincount(m.channel_of, minlength=size), 1)
-            g = np.abs(graph.const(node.input[1])[m.positions]).astype(np.float64)
+            g = np.abs(graph.initializer_value(node.input[1])[m.positions]).astype(np.float64)
             return np.bincount(m.channel_of, weights=g, minlength=size) / counts
     return None
 
@@ -74,8 +74,8 @@ def _bn_energy(piece: Piece, analysis: ChannelAnalysis, size: int) -> np.ndarray
         ms, mb = members.get(node.input[1]), members.get(node.input[2])
         if ms is None or mb is None:
             continue
-        gamma = np.abs(graph.const(node.input[1])[ms.positions]).astype(np.float64)
-        beta = graph.const(node.input[2])[mb.positions].astype(np.float64)
+        gamma = np.abs(graph.initializer_value(node.input[1])[ms.positions]).astype(np.float64)
+        beta = graph.initializer_value(node.input[2])[mb.positions].astype(np.float64)
         e = _relu_energy(beta, gamma, _relu_after(node, graph))
         counts = np.maximum(np.bincount(ms.channel_of, minlength=size), 1)
         return np.bincount(ms.channel_of, weights=e, minlength=size) / counts
@@ -95,7 +95,8 @@ def energy_scores(piece: Piece, pieces: list[Piece], analysis: ChannelAnalysis, 
         return own if own is not None else unit_scores(piece, analysis, size, 2)
     cols = np.zeros(size)
     for m in consumers:
-        ch = per_channel(m, position_norms(analysis.graph.const(m.tensor), m.axis, 2)[m.positions], size)
+        weight = analysis.graph.initializer_value(m.tensor)
+        ch = per_channel(m, position_norms(weight, m.axis, 2)[m.positions], size)
         cols += ch / (ch.mean() + 1e-12)
     if own is None:
         own = _input_energy(piece, pieces, analysis, size)
@@ -112,8 +113,8 @@ def _input_energy(piece: Piece, pieces: list[Piece], analysis: ChannelAnalysis, 
     writers = [pc for pc in pieces if pc.has_producer and pc is not piece]
     if piece.sources:
         writers = [pc for pc in writers if pc.id in piece.sources]
-    stream = [_bn_energy(pc, analysis, size) for pc in writers]
-    stream = [e for e in stream if e is not None]
+    energies = [_bn_energy(pc, analysis, size) for pc in writers]
+    stream = [e for e in energies if e is not None]
     return np.sum(stream, axis=0) if stream else None
 
 
@@ -138,7 +139,8 @@ def _bn_factor(piece: Piece, analysis: ChannelAnalysis, size: int) -> np.ndarray
         if ms is None or mv is None:
             continue
         eps = attrs(node).get("epsilon", 1e-5)
-        f = np.abs(graph.const(scale)[ms.positions]) / np.sqrt(graph.const(var)[mv.positions] + eps)
+        gamma, variance = graph.initializer_value(scale), graph.initializer_value(var)
+        f = np.abs(gamma[ms.positions]) / np.sqrt(variance[mv.positions] + eps)
         counts = np.maximum(np.bincount(ms.channel_of, minlength=size), 1)
         factor *= np.bincount(ms.channel_of, weights=f, minlength=size) / counts
     return factor
@@ -158,7 +160,8 @@ def own_scores(pc: Piece, pieces: list[Piece], analysis: ChannelAnalysis, size: 
         # writer's rows get from its own BatchNorm. A column reading a weak channel matters little.
         cols = np.zeros(size)
         for m in pc.weights:
-            ch = per_channel(m, position_norms(analysis.graph.const(m.tensor), m.axis, p)[m.positions], size)
+            weight = analysis.graph.initializer_value(m.tensor)
+            ch = per_channel(m, position_norms(weight, m.axis, p)[m.positions], size)
             cols += (np.sqrt(ch) if p == 2 else ch) / (ch.mean() + 1e-12)
         energy = _input_energy(pc, pieces, analysis, size)
         return cols if energy is None else cols * np.sqrt(energy)

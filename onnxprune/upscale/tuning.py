@@ -67,6 +67,6 @@ def tune_layout(plan: UnconstrainedPlan, config: UnconstrainedConfig) -> tuple[d
             sess.run(None, feeds[k])
             times[k].append(time.perf_counter() - t)
     medians = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-    best = min(medians, key=medians.get)
+    best = min(medians, key=medians.__getitem__)
     layout, model = exports[best]
     return layout, model, {"ms": {k: round(v, 3) for k, v in medians.items()}, "chosen": best}
