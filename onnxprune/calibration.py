@@ -512,12 +512,13 @@ def collect_stats(
             progress.advance(k)
         if inflight is not None:
             inflight.result()
-    if hessian:
-        for name, st in result.stats.items():
-            _flush(st, pending.get(name, []))
-            upper = np.triu(st.hessian)
-            st.hessian = upper + upper.T
-            st.hessian[np.diag_indices_from(upper)] = np.diag(upper)
+    if hessian:  # the rows still buffered, then the lower triangles: seconds on large models, so a step of its own
+        with task("calibration statistics: Hessians", total=len(result.stats)) as progress:
+            for name, st in progress.track(result.stats.items()):
+                _flush(st, pending.get(name, []))
+                upper = np.triu(st.hessian)
+                st.hessian = upper + upper.T
+                st.hessian[np.diag_indices_from(upper)] = np.diag(upper)
     return result
 
 
