@@ -81,16 +81,7 @@ def apply_plan(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.Mo
             array = np.delete(array, pos, axis=axis)
         _append_array(g, t, array)
 
-    ctx = RewriteContext(graph, removed)
-    nodes = {n.name: n for n in g.node}
-    # Rules read the original nodes (attributes, shape sources) and edit the copies.
-    originals = {n.name: n for n in graph.nodes}
-    for node in nodes.values():
-        rule = RULES.get(node.domain, node.op_type, opset_of(graph.model, node.domain) or None)
-        if rule is not None and _touches_changed(node, ctx):
-            rule.rewrite(node, ctx)
-    _materialize_edits(g, nodes, originals, ctx)
-    _remove_unused_initializers(g)
+    _rewrite_nodes(g, graph, removed)
     return model
 
 
@@ -253,6 +244,14 @@ def apply_takes(
         for axis, take in by_tensor.get(t.name, []):
             array = np.take(array, take, axis=axis)
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), t.name))
+    _rewrite_nodes(g, graph, removed)
+    return model
+
+
+def _rewrite_nodes(g: onnx.GraphProto, graph: ModelGraph, removed: dict[DimRef, np.ndarray]) -> None:
+    """Let each rule fix the attributes and shape constants of the nodes whose channels changed, then drop
+    initializers nothing reads any more. Rules read the original nodes (attributes, shape sources) and
+    edit the copies in `g`."""
     ctx = RewriteContext(graph, removed)
     nodes = {n.name: n for n in g.node}
     originals = {n.name: n for n in graph.nodes}
@@ -262,4 +261,3 @@ def apply_takes(
             rule.rewrite(node, ctx)
     _materialize_edits(g, nodes, originals, ctx)
     _remove_unused_initializers(g)
-    return model
