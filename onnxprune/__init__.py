@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "Random": "onnxprune.criteria",
     "dependency_graph": "onnxprune.depgraph",
     "write_graph": "onnxprune.depgraph",
+    "DataError": "onnxprune.errors",
     "ModelError": "onnxprune.errors",
     "OnnxPruneError": "onnxprune.errors",
     "PreconditionError": "onnxprune.errors",
@@ -89,6 +90,7 @@ __all__ = [
     "ChannelSlice",
     "CheckPass",
     "Criterion",
+    "DataError",
     "DeadCodeEliminationPass",
     "DumpInstrument",
     "FoldBatchNormPass",
@@ -158,6 +160,7 @@ if TYPE_CHECKING:  # what static type checkers and IDEs see
     from onnxprune.criteria import CRITERIA, Criterion, Magnitude, Random
     from onnxprune.depgraph import dependency_graph, write_graph
     from onnxprune.errors import (
+        DataError,
         ModelError,
         OnnxPruneError,
         PreconditionError,

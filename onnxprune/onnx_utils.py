@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import onnx
 
 # Initializers up to this many elements stay in light copies (shape constants).
@@ -103,3 +104,14 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     if light.ir_version < 4:
         light.ir_version = 4
     return light
+
+
+def gather_list(source: list | None, indices: np.ndarray | None) -> list | None:
+    """``source[indices]`` for a Python list of (possibly symbolic) sizes, as ONNX ``Gather`` on a shape
+    computes it; None when either side is unknown or an index is out of range."""
+    if source is None or indices is None:
+        return None
+    try:
+        return [source[int(i)] for i in indices.reshape(-1)]
+    except IndexError:
+        return None

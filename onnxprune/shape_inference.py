@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from onnxprune.graph import ModelGraph
-from onnxprune.onnx_utils import light_copy, opset_of
+from onnxprune.onnx_utils import gather_list, light_copy, opset_of
 from onnxprune.rules.facts import op_facts
 
 
@@ -139,14 +139,7 @@ def _target_elements(graph, name: str):
         at = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         return [d if d else None for d in shape[at.get("start", 0) : at.get("end", len(shape))]]
     if node.op_type == "Gather":
-        src = _target_elements(graph, node.input[0])
-        idx = graph.const(node.input[1])
-        if src is None or idx is None:
-            return None
-        try:
-            return [src[int(i)] for i in idx.reshape(-1)]
-        except IndexError:
-            return None
+        return gather_list(_target_elements(graph, node.input[0]), graph.const(node.input[1]))
     return None
 
 

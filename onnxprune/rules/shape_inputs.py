@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from onnxprune.graph import attrs
+from onnxprune.onnx_utils import gather_list
 from onnxprune.rules.protocols import RuleBarrier, ShapeView
 
 
@@ -116,12 +117,5 @@ def _runtime_sizes(ctx: ShapeView, name: str, depth: int = 4) -> list[Any] | Non
         step = int(bounds[3].reshape(-1)[0]) if bounds[3] is not None else 1
         return src[int(bounds[0].reshape(-1)[0]) : int(bounds[1].reshape(-1)[0]) : step]
     if node.op_type == "Gather":
-        src = _runtime_sizes(ctx, node.input[0], depth - 1)
-        idx = ctx.const(node.input[1])
-        if src is None or idx is None:
-            return None
-        try:
-            return [src[int(i)] for i in idx.reshape(-1)]
-        except IndexError:
-            return None
+        return gather_list(_runtime_sizes(ctx, node.input[0], depth - 1), ctx.const(node.input[1]))
     return None
