@@ -15,7 +15,10 @@ and the time the check took. `store` writes it as JSON into the pruned model's `
 (``onnxprune.certificate``), `read` gets it back, so anyone receiving a pruned model can audit it.
 
 When a weight repair ran, the pruned model was cut from the REPAIRED model: pass that model's analysis and
-labels (its masked version is what the pruned model must equal) and the untouched original as `original`.
+labels (its masked version is what the pruned model must equal; the constrained pipeline's
+`RemovedChannels` artifact holds both) and the untouched original as `original`. `certify_against` takes
+the model the pruned one must equal directly: unconstrained pruning's oracle (`upscale.oracle.mask_model`)
+is built from its plan, not from one set of labels.
 
 `is_cheap` estimates the check's time from the model's size (session builds grow with the parameters, runs
 with the MACs) so that a caller can turn the check on by default only when it costs about two seconds.
@@ -29,7 +32,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -131,13 +134,39 @@ def certify(
         OnnxPruneError: a model does not run in onnxruntime on these inputs.
     """
     start = time.perf_counter()
+    masked = apply_mask(analysis, np.asarray(labels, dtype=np.int64))
+    cert = certify_against(original, masked, pruned, inputs, samples, seed, input_path, tolerance)
+    return replace(cert, seconds=round(time.perf_counter() - start, 3))  # the masking counts too
+
+
+def certify_against(
+    original: onnx.ModelProto,
+    expected: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    inputs: CalibrationData | Sequence[dict[str, np.ndarray]] | None = None,
+    samples: int = 4,
+    seed: int = 0,
+    input_path: str | os.PathLike | None = None,
+    tolerance: float | None = None,
+) -> Certificate:
+    """`certify` with the reference given: `pruned` must compute what `expected` computes.
+
+    Args:
+        original: the model before pruning (for `output_change` and, without `input_path`, the hash).
+        expected: the model `pruned` must equal: the original with the removed channels silenced.
+        pruned: the pruned model to certify.
+        inputs, samples, seed, input_path, tolerance: as for `certify`.
+
+    Raises:
+        OnnxPruneError: a model does not run in onnxruntime on these inputs.
+    """
+    start = time.perf_counter()
     tolerance = default_tolerance(original) if tolerance is None else tolerance
     feeds, described = _feeds(original, inputs, samples, seed)
-    masked = apply_mask(analysis, np.asarray(labels, dtype=np.int64))
     reference = _outputs(original, feeds, "original")
-    expected = _outputs(masked, feeds, "masked original")
+    wanted = _outputs(expected, feeds, "masked original")
     got = _outputs(pruned, feeds, "pruned")
-    exact = max((max_rel_error(e, g) for e, g in zip(expected, got)), default=0.0)
+    exact = max((max_rel_error(e, g) for e, g in zip(wanted, got)), default=0.0)
     change = max((max_rel_error(r, g) for r, g in zip(reference, got)), default=0.0)
     return Certificate(
         exact_max_error=exact,

@@ -113,6 +113,7 @@ class CouplingContext:
     edges_a: list[np.ndarray] = field(default_factory=list)
     edges_b: list[np.ndarray] = field(default_factory=list)
     frozen: dict[DimRef, str] = field(default_factory=dict)
+    frozen_nodes: dict[DimRef, str] = field(default_factory=dict)  # the node being coupled when a dim froze
     inexact: dict[DimRef, str] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
     mentioned: set[DimRef] = field(default_factory=set)  # by the current node
@@ -176,8 +177,8 @@ class CouplingContext:
             if not isinstance(sa, int) or not isinstance(sb, int):
                 return self._unknown(a, axis_a, b, axis_b)
             if sa != sb:
-                self.freeze(a, axis_a, f"size mismatch with {b}")
-                self.freeze(b, axis_b, f"size mismatch with {a}")
+                self.freeze(a, axis_a, "size mismatch between coupled axes")
+                self.freeze(b, axis_b, "size mismatch between coupled axes")
                 return
         atoms_a, atoms_b = self.atoms(a, axis_a), self.atoms(b, axis_b)
         if atoms_a is None or atoms_b is None:
@@ -231,8 +232,9 @@ class CouplingContext:
         axis %= rank
         ref = DimRef(name, axis)
         self.mentioned.add(ref)
-        if self.atoms(name, axis) is not None:
-            self.frozen.setdefault(ref, reason)
+        if self.atoms(name, axis) is not None and ref not in self.frozen:
+            self.frozen[ref] = reason
+            self.frozen_nodes[ref] = self.node.name if self.node is not None else ""
 
     def freeze_tensor(self, name: str, reason: str) -> None:
         for ax in range(self.rank(name) or 0):
@@ -264,7 +266,8 @@ class ChannelAnalysis:
     dims: dict[DimRef, tuple[int, int]]
     labels: np.ndarray  # component label of each atom
     roles: dict[str, str]
-    frozen_reasons: dict[DimRef, str]
+    frozen_reasons: dict[DimRef, str]  # reasons never hold node names: those are in `frozen_nodes`
+    frozen_nodes: dict[DimRef, str] = field(default_factory=dict)  # the node that froze each dim ("" for none)
 
     def group(self, gid: int) -> ChannelGroup:
         return self.groups[gid]
@@ -285,19 +288,24 @@ class ChannelAnalysis:
                 out[ref] = hit
         return out
 
-    def frozen_weights(self) -> list[dict]:
-        """Weight axes no group can shrink, each with the reason that froze its channels.
+    def frozen_weights(self, examples: int = 3) -> list[dict]:
+        """Weight axes no group can shrink, one row per reason, the most frequent reason first.
 
-        The reason is taken from a frozen dim sharing a channel with the weight axis (a barrier, a graph
-        input/output, a run-time shape); weight axes that are simply not channels (kernel sizes,
-        gathered vocabulary rows) are reported with the reason recorded on them.
+        A weight axis takes the reason of a frozen dim sharing a channel with it (a barrier, a graph
+        input/output, a run-time shape); weight axes that are simply not channels (kernel sizes, gathered
+        vocabulary rows) have the reason recorded on them. Reasons never hold names, so axes frozen for the
+        same reason share one row.
+
+        Returns:
+            ``[{"reason": str, "count": weight axes, "examples": ["tensor:axis", ...], "nodes": [node, ...]}]``
+            with up to `examples` example axes and the distinct nodes that froze them (as many).
         """
         in_group = {(m.tensor, m.axis) for g in self.groups for m in g.param_members}
-        reason_of_label: dict[int, str] = {}
+        cause_of_label: dict[int, tuple[str, str]] = {}
         for ref, reason in self.frozen_reasons.items():
             for lab in np.unique(self.dim_labels(ref)).tolist():
-                reason_of_label.setdefault(lab, f"{reason} ({ref})")
-        out = []
+                cause_of_label.setdefault(lab, (reason, self.frozen_nodes.get(ref, "")))
+        rows: dict[str, dict] = {}
         for ref in self.dims:
             if self.roles.get(ref.tensor) != "weight" or (ref.tensor, ref.axis) in in_group:
                 continue
@@ -305,11 +313,17 @@ class ChannelAnalysis:
             if not shape or shape[ref.axis] <= 1:
                 continue
             labels = np.unique(self.dim_labels(ref)).tolist()
-            reason = next((reason_of_label[lab] for lab in labels if lab in reason_of_label), None)
-            if reason is None:
-                reason = "removal would be inexact (normalisation statistics); see --allow-inexact"
-            out.append({"tensor": ref.tensor, "axis": ref.axis, "size": int(shape[ref.axis]), "reason": reason})
-        return out
+            reason, node = next(
+                (cause_of_label[lab] for lab in labels if lab in cause_of_label),
+                ("removal would be inexact (normalisation statistics); see --allow-inexact", ""),
+            )
+            row = rows.setdefault(reason, {"reason": reason, "count": 0, "examples": [], "nodes": []})
+            row["count"] += 1
+            if len(row["examples"]) < examples:
+                row["examples"].append(str(ref))
+            if node and node not in row["nodes"] and len(row["nodes"]) < examples:
+                row["nodes"].append(node)
+        return sorted(rows.values(), key=lambda r: -r["count"])
 
     @property
     def prunable_params(self) -> int:
@@ -371,13 +385,14 @@ def analyze(graph: ModelGraph, *, allow_inexact: bool = False) -> ChannelAnalysi
         static = rule.static_inputs(node)
         for i in static:
             if i < len(node.input) and node.input[i]:
-                ctx.freeze_tensor(node.input[i], f"shape parameter of {node.name}")
+                ctx.freeze_tensor(node.input[i], f"shape parameter of {node.op_type}")
         tensors += [n for i, n in enumerate(node.input) if n and i not in static]
         for name in tensors:
             for ax in range(ctx.rank(name) or 0):
                 if DimRef(name, ax) not in ctx.mentioned:
-                    ctx.freeze(name, ax, f"{node.op_type} {node.name} does not map axis {ax}")
+                    ctx.freeze(name, ax, f"not a channel axis of {node.op_type}")
         data_tensors_of[node.name] = tensors
+    ctx.node = None
     for name in graph.graph_inputs + graph.graph_outputs:
         ctx.freeze_tensor(name, "graph input/output")
     _freeze_subgraph_references(ctx, graph)
@@ -386,7 +401,8 @@ def analyze(graph: ModelGraph, *, allow_inexact: bool = False) -> ChannelAnalysi
     frozen_labels = _labels_of(ctx, labels, ctx.frozen)
     inexact_labels = _labels_of(ctx, labels, ctx.inexact)
     groups = _build_groups(ctx, labels, frozen_labels, inexact_labels, allow_inexact)
-    return ChannelAnalysis(graph, groups, barriers, dict(ctx.dims), labels, dict(ctx.roles), dict(ctx.frozen))
+    return ChannelAnalysis(graph, groups, barriers, dict(ctx.dims), labels, dict(ctx.roles), dict(ctx.frozen),
+                           dict(ctx.frozen_nodes))
 
 
 def _freeze_node(ctx: CouplingContext, node: onnx.NodeProto, reason: str) -> None:
@@ -398,8 +414,10 @@ def _freeze_node(ctx: CouplingContext, node: onnx.NodeProto, reason: str) -> Non
 def _freeze_subgraph_references(ctx: CouplingContext, graph: ModelGraph) -> None:
     for node in graph.nodes:
         if has_subgraph(node):
+            ctx.node = node
             for name in subgraph_reads(node):
-                ctx.freeze_tensor(name, f"read inside a subgraph of {node.name}")
+                ctx.freeze_tensor(name, f"read inside a subgraph of {node.op_type}")
+    ctx.node = None
 
 
 def _components(ctx: CouplingContext) -> np.ndarray:

@@ -2,14 +2,19 @@
 
     onnxprune MODEL.onnx                 same as `onnxprune prune MODEL.onnx`
     onnxprune analyze MODEL.onnx [--json] [--graph OUT.graphml|OUT.json]
-    onnxprune prune MODEL.onnx [-o OUT] [--ratio R] [--global] [--round-to N] [--criterion C] [--json]
+    onnxprune prune MODEL.onnx [-o OUT] [--ratio R] [--global] [--round-to N] [--criterion C] [--verify] [--json]
+    onnxprune sensitivity MODEL.onnx [--calib FILE.npz] [--ratios R1,R2,...] [--plot OUT.png] [--json]
+    onnxprune report MODEL.pruned.onnx [-o OUT.html] [--original MODEL.onnx] [--json]
 
 Each command loads the model (`importer.load_model`), then runs a pipeline of passes through `PassManager`,
 starting with `NormalizePass`; `prune` runs normalize -> select channels -> repair -> remove -> check with a
-`StampInstrument` writing the summary into the output model. Usage errors that need no model (a bad
-criterion, a missing --calib) come before the model is read.
+`StampInstrument` writing the summary into the output model, then (`--verify`, on by default for models
+whose check is cheap) certifies the result (`certificate`) before writing it. Usage errors that need no
+model (a bad criterion, a missing --calib, contradicting flags) come before the model is read. The flags
+are defined in `cli_options`; progress of long steps goes to stderr on a terminal (`progress`).
 
-Exit codes: 0 success, 1 model or run error, 2 usage error; errors are one line on stderr.
+Exit codes: 0 success, 1 model, data or run error (a missing or bad model or calibration file, an output
+that cannot be written, a failed verification), 2 usage error; errors are one line on stderr.
 """
 
 from __future__ import annotations
@@ -20,118 +25,53 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from onnxprune import cli_options as opts
 from onnxprune.errors import OnnxPruneError, UsageError
 from onnxprune.version import __version__
 
-SUBCOMMANDS = ("analyze", "prune", "compile", "run", "sensitivity")
+if TYPE_CHECKING:
+    import onnx
 
+    from onnxprune.calibration import CalibrationData
+    from onnxprune.certificate import Certificate
+    from onnxprune.passmanager import Instrument, Pass, PassManager
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        raise UsageError(message)
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+SUBCOMMANDS = ("analyze", "prune", "compile", "run", "sensitivity", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="onnxprune", description="Structured channel pruning for any ONNX model.")
+    """The parser of every subcommand (``compile`` and ``run`` come from `onnxprune.targets.cli`)."""
+    parser = opts.Parser(prog="onnxprune", description="Structured channel pruning for any ONNX model.",
+                         formatter_class=opts.DefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"onnxprune {__version__}")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-
-    p = sub.add_parser("analyze", help="coupled channel groups, prunable params and MACs, barriers")
-    p.add_argument("model")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--allow-inexact", action="store_true", help="include LayerNorm/softmax-coupled groups")
-    p.add_argument("--graph", metavar="OUT.graphml|OUT.json",
-                   help="also write the dependency graph annotated with the groups (GraphML or node-link JSON)")
-    _add_shape_option(p)
-    p.set_defaults(func=cmd_analyze)
-
-    p = sub.add_parser("prune", help="remove channels and write the pruned model")
-    p.add_argument("model")
-    p.add_argument("-o", "--output", help="output path (default: MODEL.pruned.onnx beside the input)")
-    p.add_argument("--ratio", type=_ratio, default=0.3, help="fraction of channels to remove per group [0, 1)")
-    p.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups")
-    p.add_argument("--round-to", type=_positive_int, default=1, help="keep a multiple of N channels")
-    p.add_argument("--criterion", default="l1",
-                   help="importance: l1, l2, bn, random, fpgm, lamp, activation, apoz, obs")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random criterion")
-    p.add_argument("--allow-inexact", action="store_true", help="also prune LayerNorm/softmax-coupled groups")
-    p.add_argument("--mode", choices=("constrained", "unconstrained"), default="constrained",
-                   help="unconstrained: each coupled layer keeps its own channels (UPSCALE export)")
-    p.add_argument("--share", type=float, default=0.0,
-                   help="unconstrained: blend of each layer's ranking with the group's shared one (0..1; 1 = constrained)")
-    p.add_argument("--union-cap", type=float, default=None,
-                   help="unconstrained: the stream keeps at most this x the per-layer kept channels (>= 1)")
-    p.add_argument("--drive", choices=("free", "writer", "reader"), default="free",
-                   help="unconstrained: free = every layer its own top channels; writer = readers choose among what "
-                        "reaches them; reader = writers keep what their readers read")
-    p.add_argument("--no-reorder", action="store_true",
-                   help="unconstrained: naive export (original order, ScatterND/Gather copies)")
-    p.add_argument("--tune", type=int, default=0, metavar="N",
-                   help="unconstrained: time a few copy/absorb layouts in onnxruntime (N runs each), keep the fastest")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_accuracy_options(p)
-    _add_shape_option(p)
-    p.add_argument("--allocation", choices=("uniform", "global", "lamp", "sensitivity"),
-                   help="how groups share the removal (sensitivity: measured per-group output error, needs --calib)")
-    p.add_argument("--target-params", help="parameters to keep: a count N or a percentage P%%")
-    p.add_argument("--target-macs", help="MACs to keep: a count N or a percentage P%%")
-    p.set_defaults(func=cmd_prune)
-
-    p = sub.add_parser("sensitivity", help="per-group output error vs ratio (table and PNG plot)")
-    p.add_argument("model")
-    p.add_argument("--criterion", default="l1", help="importance criterion used to order channels")
-    p.add_argument("--ratios", default="0.1,0.25,0.5,0.75", help="comma-separated ratios in (0, 1)")
-    p.add_argument("--plot", help="PNG path (default: MODEL.sensitivity.png beside the input)")
-    p.add_argument("--allow-inexact", action="store_true", help="include LayerNorm/softmax-coupled groups")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_accuracy_options(p, samples=32)
-    p.set_defaults(func=cmd_sensitivity)
-
+    sub = parser.add_subparsers(dest="command", parser_class=opts.Parser)
+    commands = (
+        ("analyze", "coupled channel groups, prunable params and MACs, barriers", opts.add_analyze_options,
+         cmd_analyze),
+        ("prune", "remove channels and write the pruned model", opts.add_prune_options, cmd_prune),
+        ("sensitivity", "per-group output error vs ratio (table and PNG plot)", opts.add_sensitivity_options,
+         cmd_sensitivity),
+        ("report", "an HTML report of a pruned model (sizes, settings, verification, kept channels)",
+         opts.add_report_options, cmd_report),
+    )
+    for name, text, add_options, func in commands:
+        p = sub.add_parser(name, help=text, description=text)
+        add_options(p)
+        p.set_defaults(func=func)
     try:
         from onnxprune.targets import cli as targets_cli
     except ImportError:
         targets_cli = None
     if targets_cli is not None and hasattr(targets_cli, "register"):
         targets_cli.register(sub)
+    for p in sub.choices.values():  # every subcommand's --help states its defaults
+        p.formatter_class = opts.DefaultsHelpFormatter
     return parser
 
 
-def _add_shape_option(p) -> None:
-    p.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
-                   help="fix a dynamic input's sizes (repeatable); lets run-time shape arithmetic fold")
-
-
-def _add_accuracy_options(p, samples: int | None = None) -> None:
-    p.add_argument("--repair", default="none", choices=("none", "bias", "ls", "seq", "mean"),
-                   help="after removal: none, bias (data-free, BatchNorm stats), ls (calibrated least squares), "
-                        "seq (ls fitted layer by layer on the pruned model's own activations); "
-                        "--mode unconstrained: none or mean (calibrated output means, needs --calib)")
-    p.add_argument("--calib", help="calibration inputs: .npz, keys = input names, axis 0 = samples")
-    p.add_argument("--calib-samples", type=_positive_int, default=samples, help="use the first N samples")
-
-
-def _calib(args, model):
+def _calib(args: argparse.Namespace, model: onnx.ModelProto) -> CalibrationData | None:
     if not getattr(args, "calib", None):
         return None
     from onnxprune.calibration import load_calib
@@ -139,7 +79,7 @@ def _calib(args, model):
     return load_calib(args.calib, model, args.calib_samples)
 
 
-def _load(args):
+def _load(args: argparse.Namespace) -> onnx.ModelProto:
     """The model file as stored, with any --shape sizes fixed (normalisation is the pipeline's first pass)."""
     from onnxprune.importer import fix_input_shapes, load_model, parse_shapes
 
@@ -150,21 +90,29 @@ def _load(args):
     return model
 
 
-def _pipeline(passes, args, *instruments):
-    """The passes as one `PassManager`, with a progress line on a terminal (never with --json)."""
+def _pipeline(passes: list[Pass], *instruments: Instrument) -> PassManager:
+    """The passes as one `PassManager`, reporting each pass as progress (shown on a terminal, never with
+    --json: `main` installs the reporter)."""
     from onnxprune.passmanager import PassManager, ProgressInstrument
 
-    progress = ProgressInstrument(enabled=None if not getattr(args, "json", False) else False)
-    return PassManager(passes, instruments=[*instruments, progress])
+    return PassManager(passes, instruments=[*instruments, ProgressInstrument()])
 
 
-def _normalize():
+def _normalize() -> Pass:
     from onnxprune.passes.normalize import NormalizePass
 
     return NormalizePass(inplace=True)  # the CLI owns the freshly loaded model: no copy of its weights
 
 
-def cmd_analyze(args) -> int:
+def _print(result: dict, args: argparse.Namespace, text: Any) -> None:
+    """`result` as one JSON object with --json, else `text()` (human-readable output)."""
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+    else:
+        text()
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
     from onnxprune.channels import ChannelAnalysis
     from onnxprune.metrics import count_macs, count_params
     from onnxprune.passes.select import AnalyzeChannelsPass
@@ -175,8 +123,8 @@ def cmd_analyze(args) -> int:
         if Path(args.graph).suffix.lower() not in FORMATS:  # fail before reading the model
             raise UsageError(f"--graph {args.graph}: must end in .graphml or .json")
     model = _load(args)
-    result = _pipeline([_normalize(), AnalyzeChannelsPass(args.allow_inexact)], args).run(model)
-    analysis = result.get(ChannelAnalysis)
+    analysis = _pipeline([_normalize(), AnalyzeChannelsPass(args.allow_inexact)]).run(model).get(ChannelAnalysis)
+    assert analysis is not None  # AnalyzeChannelsPass's artifact
     graph = analysis.graph
     result = {
         "input": args.model,
@@ -191,26 +139,21 @@ def cmd_analyze(args) -> int:
         from onnxprune.depgraph import write_graph
 
         result["graph"] = str(write_graph(analysis, args.graph))
-    if args.json:
-        print(json.dumps(result))
-    else:
+
+    def text() -> None:
         from onnxprune.report import print_analysis
 
         print_analysis(result, analysis)
         if args.graph:
             print(f"graph: {result['graph']}")
+
+    _print(result, args, text)
     return 0
 
 
-def cmd_prune(args) -> int:
-    from onnxprune.external import has_lazy, referenced_files
-    from onnxprune.io import save_model
-    from onnxprune.passes.cleanup import CheckPass
-    from onnxprune.passes.config import PruneConfig, check_data
-    from onnxprune.passes.remove import PruneSummary, RemoveChannelsPass
-    from onnxprune.passes.repair import RepairChannelsPass
-    from onnxprune.passes.select import SelectChannelsPass
-    from onnxprune.passmanager import StampInstrument
+def _output_path(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(input, output) paths of `prune`; refuses an output that would overwrite the input or its data."""
+    from onnxprune.external import referenced_files
 
     src = Path(args.model)
     out = Path(args.output) if args.output else src.with_name(src.name.removesuffix(".onnx") + ".pruned.onnx")
@@ -218,14 +161,29 @@ def cmd_prune(args) -> int:
         raise UsageError("output path equals the input path; the input is never overwritten")
     if out.exists() and out.resolve() in referenced_files(src):
         raise UsageError("output path is an external data file of the input; the input is never overwritten")
+    return src, out
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from onnxprune.external import has_lazy
+    from onnxprune.io import save_model
+    from onnxprune.passes.cleanup import CheckPass
+    from onnxprune.passes.config import PruneConfig, check_data
+    from onnxprune.passes.remove import PruneSummary, RemoveChannelsPass, RemovedChannels
+    from onnxprune.passes.repair import RepairChannelsPass
+    from onnxprune.passes.select import SelectChannelsPass
+    from onnxprune.passmanager import StampInstrument
+
+    src, out = _output_path(args)
+    ratio = opts.check_prune_flags(args)
     if args.mode == "unconstrained":
-        return _prune_unconstrained(args, src, out)
+        return _prune_unconstrained(args, ratio, src, out)
     if (args.repair == "mean" or args.share or args.union_cap is not None or args.no_reorder or args.tune
             or args.drive != "free"):
         raise UsageError("--repair mean, --share, --union-cap, --drive, --no-reorder and --tune apply to --mode "
                          "unconstrained only")
     config = PruneConfig(
-        ratio=args.ratio, criterion=args.criterion, global_ranking=args.global_ranking,
+        ratio=ratio, criterion=args.criterion, global_ranking=args.global_ranking,
         round_to=args.round_to, allow_inexact=args.allow_inexact, seed=args.seed, repair=args.repair,
         allocation=args.allocation, target_params=args.target_params, target_macs=args.target_macs,
         calib_samples=args.calib_samples,
@@ -236,67 +194,68 @@ def cmd_prune(args) -> int:
     calib = _calib(args, model)
     # StampInstrument(always=True): the output says what was done even when nothing was removed.
     pipeline = _pipeline([_normalize(), SelectChannelsPass(config, calib=calib), RepairChannelsPass(calib),
-                     RemoveChannelsPass(), CheckPass()], args, StampInstrument(always=True))
+                          RemoveChannelsPass(), CheckPass()], StampInstrument(always=True))
     result = pipeline.run(model)
-    normalized = result.steps[0][1].model
+    normalized = result.steps[0][1].model  # the original, canonicalised in place
+    summary_record, removed = result.get(PruneSummary), result.get(RemovedChannels)
+    assert summary_record is not None and removed is not None  # RemoveChannelsPass's artifacts
+    cert = None
+    if _wants_verification(args, normalized):
+        from onnxprune.certificate import certify
+
+        with _task("verifying in onnxruntime"):
+            cert = certify(normalized, result.model, removed.analysis, removed.labels, inputs=calib,
+                           input_path=src)
+        _store_if_passed(result.model, cert)
     keep_external = has_lazy(normalized) or None  # weights came in a data file: write them to one too
     save_model(result.model, out, external_data=keep_external)
-    summary = {"input": str(src), "output": str(out), **result.get(PruneSummary).as_dict()}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        from onnxprune.report import print_prune_summary
-
-        print_prune_summary(summary)
+    summary = {"input": str(src), "output": str(out), **summary_record.as_dict(),
+               "verification": cert.as_dict() if cert is not None else None}
+    _print(summary, args, lambda: _print_summary(summary))
     return 0
 
 
-def cmd_sensitivity(args) -> int:
-    import numpy as np
+def _print_summary(summary: dict) -> None:
+    from onnxprune.report import print_prune_summary
 
-    from onnxprune.calibration import CalibrationData, check_calib
-    from onnxprune.passes.config import PruneConfig, check_data
-    from onnxprune.passes.select import calibration_statistics
-    from onnxprune.sensitivity import plot, sensitivity
-
-    try:
-        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    except ValueError:
-        raise UsageError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
-    if not ratios or not all(0 < r < 1 for r in ratios):
-        raise UsageError(f"--ratios must lie in (0, 1), got {args.ratios!r}")
-    config = PruneConfig(criterion=args.criterion, repair=args.repair)
-    check_data(config, has_calib=bool(args.calib))
-    model = _pipeline([_normalize()], args).run(_load(args)).model
-    data = _calib(args, model)
-    if data is None:
-        from onnxprune.verify import random_inputs
-
-        print("onnxprune: note: no --calib: measuring on 8 random inputs", file=sys.stderr)
-        samples = [random_inputs(model, seed=i) for i in range(8)]
-        data = check_calib(CalibrationData({k: np.concatenate([s[k] for s in samples]) for k in samples[0]}), model)
-    stats = calibration_statistics(config, model, data)
-    rows = sensitivity(model, data, ratios, args.criterion, args.repair, stats, args.allow_inexact)
-    src = Path(args.model)
-    png = Path(args.plot) if args.plot else src.with_name(src.name.removesuffix(".onnx") + ".sensitivity.png")
-    plot(rows, ratios, png, title=f"{src.name}: sensitivity ({args.criterion}, repair {args.repair})")
-    result = {"input": str(src), "plot": str(png), "ratios": ratios,
-              "groups": [{"id": r.group, "channels": r.channels, "params": r.params, "members": r.members,
-                          "errors": [None if np.isnan(e) else e for e in r.errors]} for r in rows]}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        from onnxprune.report import print_sensitivity
-
-        print_sensitivity(rows, ratios, args.criterion, args.repair)
-        print(f"plot: {png}")
-    return 0
+    print_prune_summary(summary)
 
 
-def _prune_unconstrained(args, src: Path, out: Path) -> int:
+def _task(description: str) -> Any:
+    from onnxprune.progress import task
+
+    return task(description)
+
+
+def _wants_verification(args: argparse.Namespace, model: onnx.ModelProto) -> bool:
+    """--verify / --no-verify, else on when the check is estimated to be cheap (a one-line note when not)."""
+    if args.verify is not None:
+        return bool(args.verify)
+    from onnxprune.certificate import CHEAP_SECONDS, estimate_seconds
+
+    seconds = estimate_seconds(model)
+    if seconds <= CHEAP_SECONDS:
+        return True
+    print(f"onnxprune: note: not verified (the check would take about {seconds:.0f} s): pass --verify to run it",
+          file=sys.stderr)
+    return False
+
+
+def _store_if_passed(pruned: onnx.ModelProto, cert: Certificate) -> None:
+    """Store the certificate in the pruned model's metadata, or fail (exit 1) so that nothing is written."""
+    from onnxprune.certificate import store
+
+    if not cert.passed:
+        raise OnnxPruneError(f"verification failed: max error {cert.exact_max_error:.3g} > tolerance "
+                             f"{cert.tolerance:.3g} (the pruned model does not compute what the original computes "
+                             "with the removed channels silenced; nothing was written)")
+    store(pruned, cert)
+
+
+def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out: Path) -> int:
     """`prune --mode unconstrained`: per-layer kept channels, exact export with reordered channels."""
     from onnxprune.io import save_model
-    from onnxprune.passes.unconstrained import UnconstrainedPass
+    from onnxprune.passes.unconstrained import UnconstrainedPass, UnconstrainedSummary
     from onnxprune.upscale.config import UnconstrainedConfig
 
     if args.criterion not in ("l1", "l2", "energy", "bn"):
@@ -310,20 +269,85 @@ def _prune_unconstrained(args, src: Path, out: Path) -> int:
         raise UsageError("--mode unconstrained repairs with --repair none or mean")
     if args.repair == "mean" and not args.calib:
         raise UsageError("--repair mean needs --calib (calibration inputs)")
-    config = UnconstrainedConfig(ratio=args.ratio, criterion=args.criterion, share=args.share, union_cap=args.union_cap,
+    config = UnconstrainedConfig(ratio=ratio, criterion=args.criterion, share=args.share, union_cap=args.union_cap,
                                  drive=args.drive, reorder=not args.no_reorder, tune=args.tune, repair=args.repair)
     model = _load(args)
     calib = _calib(args, model)
     unconstrained = UnconstrainedPass(config, calib=calib.arrays if calib is not None else None)
-    result = _pipeline([_normalize(), unconstrained], args).run(model)
-    save_model(result.model, out)
-    s = {"input": str(src), "output": str(out), **result.info["summary"]}
-    if args.json:
-        print(json.dumps(s))
-    else:
-        from onnxprune.report import print_unconstrained_summary
+    result = _pipeline([_normalize(), unconstrained]).run(model)
+    normalized = result.steps[0][1].model
+    summary_record = result.get(UnconstrainedSummary)
+    assert summary_record is not None  # UnconstrainedPass's artifact
+    cert = None
+    if _wants_verification(args, normalized):
+        from onnxprune.certificate import certify_against
+        from onnxprune.upscale.oracle import mask_model
 
-        print_unconstrained_summary(s)
+        with _task("verifying in onnxruntime"):
+            # The oracle: the original with every layer's own mask applied (the plan's repaired values
+            # after --repair mean); with nothing pruned, the original itself.
+            plan = result.info.get("plan")
+            expected = mask_model(normalized, plan) if plan is not None else normalized
+            cert = certify_against(normalized, expected, result.model, inputs=calib, input_path=src)
+        _store_if_passed(result.model, cert)
+    save_model(result.model, out)
+    summary = {"input": str(src), "output": str(out), **summary_record.as_dict(),
+               "verification": cert.as_dict() if cert is not None else None}
+    _print(summary, args, lambda: _print_summary(summary))
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from onnxprune.calibration import CalibrationData, check_calib
+    from onnxprune.passes.config import PruneConfig, check_data
+    from onnxprune.passes.select import SensitivityReport, calibration_statistics
+    from onnxprune.sensitivity import plot, sensitivity
+
+    try:
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    except ValueError:
+        raise UsageError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
+    if not ratios or not all(0 < r < 1 for r in ratios):
+        raise UsageError(f"--ratios must lie in (0, 1), got {args.ratios!r}")
+    src = Path(args.model)
+    png = Path(args.plot) if args.plot else src.with_name(src.name.removesuffix(".onnx") + ".sensitivity.png")
+    if not png.parent.is_dir():  # fail before the measurement, like every output
+        raise OnnxPruneError(f"{png}: output folder does not exist")
+    config = PruneConfig(criterion=args.criterion, repair=args.repair)
+    check_data(config, has_calib=bool(args.calib))
+    model = _pipeline([_normalize()]).run(_load(args)).model
+    data = _calib(args, model)
+    if data is None:
+        from onnxprune.verify import random_inputs
+
+        print("onnxprune: note: no --calib: measuring on 8 random inputs", file=sys.stderr)
+        samples = [random_inputs(model, seed=i) for i in range(8)]
+        data = check_calib(CalibrationData({k: np.concatenate([s[k] for s in samples]) for k in samples[0]}), model)
+    stats = calibration_statistics(config, model, data)
+    rows = sensitivity(model, data, ratios, args.criterion, args.repair, stats, args.allow_inexact)
+    try:
+        plot(rows, ratios, png, title=f"{src.name}: sensitivity ({args.criterion}, repair {args.repair})")
+    except OSError as exc:
+        raise OnnxPruneError(f"{png}: cannot write ({exc.strerror or exc})") from None
+    result = {"input": str(src), "plot": str(png), **SensitivityReport(tuple(ratios), tuple(rows)).as_dict()}
+
+    def text() -> None:
+        from onnxprune.report import print_sensitivity
+
+        print_sensitivity(rows, ratios, args.criterion, args.repair)
+        print(f"plot: {png}")
+
+    _print(result, args, text)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from onnxprune.html_report import write_report
+
+    path = write_report(args.model, args.output, args.original)
+    _print({"report": str(path)}, args, lambda: print(f"report: {path}"))
     return 0
 
 
@@ -334,8 +358,21 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
+def _run(args: argparse.Namespace) -> int:
+    """The command, with progress of long steps on stderr when it is a terminal and no --json was asked."""
+    from onnxprune.progress import progress_to_stderr
+
+    with progress_to_stderr(sys.stderr.isatty() and not getattr(args, "json", False)):
+        code = int(args.func(args) or 0)
+    sys.stdout.flush()  # inside the handlers below: a closed pipe is seen here, not at exit
+    return code
+
+
 def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--version"]:  # answered without building the parser (which imports the targets' table)
+        print(f"onnxprune {__version__}")
+        return 0
     if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
         argv.insert(0, "prune")  # `onnxprune MODEL.onnx` = `onnxprune prune MODEL.onnx`
     try:
@@ -346,7 +383,13 @@ def _main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             raise UsageError("missing command")
-        return int(args.func(args) or 0)
+        return _run(args)
+    except BrokenPipeError:
+        # The reader went away (`onnxprune analyze M | head`): not an error. Later writes (and the
+        # interpreter's final flush) go to /dev/null, as Python's documentation recommends.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except OnnxPruneError as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -25,15 +25,17 @@ typed passes fill it, if at all, from their artifacts only.
 from __future__ import annotations
 
 import contextvars
-import sys
 import time
 from collections.abc import Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import onnx
+
+if TYPE_CHECKING:
+    from onnxprune.progress import Task
 
 T = TypeVar("T")
 
@@ -252,37 +254,32 @@ class StampInstrument(Instrument):
 
 
 class ProgressInstrument(Instrument):
-    """A transient rich progress line on stderr naming the running pass.
+    """Reports a manager's run as one `progress.task` ("onnxprune", one unit per pass, described by the
+    running pass); long steps inside a pass appear as tasks nested under it.
 
-    Args:
-        enabled: None (default) shows it only when stderr is a terminal; the CLI passes False for --json.
+    Whether anything is shown is up to the active progress reporter (`progress.progress_to_stderr`, which
+    the CLI installs on a terminal without --json): with none, nothing is printed.
     """
 
-    def __init__(self, enabled: bool | None = None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self._progress = None
-        self._task = None
+    def __init__(self) -> None:
+        self._stack: ExitStack | None = None
+        self._task: Task | None = None
 
     def before_run(self, manager, model):
-        if not self.enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+        from onnxprune.progress import task
 
-        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                  console=Console(stderr=True), transient=True)
-        self._progress.start()
-        self._task = self._progress.add_task("onnxprune", total=len(manager.passes))
+        self._stack = ExitStack()
+        self._task = self._stack.enter_context(task("onnxprune", total=len(manager.passes)))
 
     def before_pass(self, p, model):
-        if self._progress is not None:
-            self._progress.update(self._task, description=p.name)
+        if self._task is not None:
+            self._task.update(description=p.name)
 
     def after_pass(self, p, result):
-        if self._progress is not None:
-            self._progress.advance(self._task)
+        if self._task is not None:
+            self._task.advance()
 
     def after_run(self, manager, result):
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+        if self._stack is not None:
+            self._stack.close()  # leaves the task, also when a pass raised
+        self._stack = self._task = None

@@ -1,9 +1,31 @@
-"""Human-readable output for the CLI: rich tables for prune, analyze and sensitivity, the unconstrained summary."""
+"""Human-readable output for the CLI: rich tables for prune (both modes), analyze and sensitivity.
+
+`print_prune_summary` prints one layout for every prune mode: a size table (parameters, MACs, and for
+unconstrained pruning the non-zero parameters) and a settings table naming the mode, criterion, ratio or
+target, allocation, rounding, repair, what was removed and the verification result. rich is imported only
+when something is printed, so importing this module costs nothing.
+"""
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.table import Table
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from onnxprune.channels import ChannelAnalysis
+    from onnxprune.sensitivity import SensitivityRow
+
+# What `sensitivity.relative_error` measures: sqrt(sum (pruned - original)^2 / sum original^2) over every
+# element of every output and every sample. Named in the sensitivity table's title and its JSON (`metric`).
+SENSITIVITY_METRIC = "relative L2 error of all outputs"
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console()
 
 
 def _fmt(n: int) -> str:
@@ -18,22 +40,96 @@ def _pct(after: int, before: int) -> str:
 
 
 def print_prune_summary(s: dict) -> None:
-    console = Console()
-    table = Table(title=f"onnxprune: {s['input']} -> {s['output']}")
+    """The summary of `onnxprune prune`, constrained or unconstrained (the CLI's JSON record)."""
+    from rich.table import Table
+
+    console = _console()
+    unconstrained = s.get("mode") == "unconstrained"
+    title = f"onnxprune: {s['input']} -> {s['output']}" + (" (unconstrained)" if unconstrained else "")
+    console.print(title, markup=False, highlight=False)  # a line, not a table title: long paths stay whole
+    sizes = Table()
     for col in ("", "before", "after", "removed"):
-        table.add_column(col, justify="right")
-    table.add_row("params", _fmt(s["params_before"]), _fmt(s["params_after"]), _pct(s["params_after"], s["params_before"]))
-    table.add_row("MACs", _fmt(s["macs_before"]), _fmt(s["macs_after"]), _pct(s["macs_after"], s["macs_before"]))
-    console.print(table)
-    console.print(
-        f"groups pruned: {s['groups_pruned']} of {s['groups']}, channels removed: {s['channels_removed']}, "
-        f"{s['seconds']:.2f} s"
-    )
-    _print_barriers(console, s["barriers"])
+        sizes.add_column(col, justify="right")
+    stored = "params (stored)" if unconstrained else "params"
+    sizes.add_row(stored, _fmt(s["params_before"]), _fmt(s["params_after"]), _pct(s["params_after"], s["params_before"]))
+    if unconstrained and "effective_params_after" in s:
+        eff = s["effective_params_after"]
+        sizes.add_row("params (nonzero)", _fmt(s["params_before"]), _fmt(eff), _pct(eff, s["params_before"]))
+    sizes.add_row("MACs", _fmt(s["macs_before"]), _fmt(s["macs_after"]), _pct(s["macs_after"], s["macs_before"]))
+    console.print(sizes)
+    settings = Table(show_header=False, title="how")
+    settings.add_column("setting", style="bold")
+    settings.add_column("value")
+    for name, value in settings_rows(s):
+        settings.add_row(name, value)
+    console.print(settings)
+    _print_barriers(console, s.get("barriers") or [])
 
 
-def print_analysis(result: dict, analysis) -> None:
-    console = Console()
+def settings_rows(s: dict) -> list[tuple[str, str]]:
+    """(setting, value) rows of a prune summary: how the channels were chosen, what went, the check."""
+    config = s.get("config") or {}
+    unconstrained = s.get("mode") == "unconstrained"
+    rows = [("mode", "unconstrained (each coupled layer keeps its own channels)" if unconstrained else "constrained")]
+    rows.append(("criterion", str(config.get("criterion", "-"))))
+    target = next(((k, config[k]) for k in ("target_params", "target_macs") if config.get(k) is not None), None)
+    if target is not None:
+        rows.append(("target", f"keep {target[1]} of the {'parameters' if target[0] == 'target_params' else 'MACs'}"))
+    else:
+        rows.append(("ratio", f"{config.get('ratio', '-')} of the channels of each group"
+                     if not unconstrained else f"{config.get('ratio', '-')} of the channels of each layer"))
+    if unconstrained:
+        extra = [f"drive {config.get('drive', 'free')}"]
+        if config.get("share"):
+            extra.append(f"share {config['share']}")
+        if config.get("union_cap") is not None:
+            extra.append(f"union cap {config['union_cap']}")
+        rows.append(("allocation", "per layer, " + ", ".join(extra)))
+        multiple = config.get("stream_multiple", 1)
+        rows.append(("rounding", "none" if multiple == 1 else f"stream widths a multiple of {multiple}"))
+    else:
+        allocation = config.get("allocation") or ("global" if config.get("global_ranking") else "uniform")
+        rows.append(("allocation", str(allocation)))
+        round_to = config.get("round_to", 1)
+        rows.append(("rounding", "none" if round_to == 1 else f"kept channels a multiple of {round_to}"))
+    rows.append(("repair", _repair_text(str(config.get("repair", "none")), s.get("repair"))))
+    pruned = f"{s.get('groups_pruned', 0)} of {s.get('groups', '-')}"
+    if "channels_removed" in s:
+        pruned += f", {s['channels_removed']} channels removed"
+    rows.append(("groups pruned", pruned))
+    if unconstrained:
+        copies = s.get("copies") or {}
+        rows.append(("copies", f"{copies.get('copy_ops', 0)} copy ops, {copies.get('bytes', 0)} bytes per inference"))
+    rows.append(("verification", verification_text(s.get("verification"))))
+    if "seconds" in s:
+        rows.append(("time", f"{s['seconds']:.2f} s"))
+    return rows
+
+
+def _repair_text(method: str, info: dict | None) -> str:
+    if not isinstance(info, dict):
+        return method
+    skipped = info.get("skipped")
+    n_skipped = len(skipped) if isinstance(skipped, dict) else skipped
+    return f"{method}: {info.get('repaired', 0)} layers repaired, {n_skipped or 0} skipped"
+
+
+def verification_text(cert: dict | None) -> str:
+    """One line about an equivalence certificate (`certificate.Certificate.as_dict`), or 'not run'."""
+    if not cert:
+        return "not run (--verify checks the pruned model in onnxruntime)"
+    error = cert.get("exact_max_error")
+    shown = "non-finite" if error is None else f"{error:.2g}"
+    verdict = "passed" if cert.get("passed") else "FAILED"
+    sign = "<=" if cert.get("passed") else ">"
+    return f"{verdict}: max error {shown} {sign} tolerance {cert.get('tolerance', 0):.0e} ({cert.get('inputs', '')})"
+
+
+def print_analysis(result: dict, analysis: ChannelAnalysis | None = None) -> None:
+    """The summary of `onnxprune analyze`: sizes, groups, barriers, weights that stay whole."""
+    from rich.table import Table
+
+    console = _console()
     console.print(
         f"params {_fmt(result['params'])}, MACs {_fmt(result['macs'])}, "
         f"prunable params {_fmt(result['prunable_params'])} in {len(result['groups'])} groups"
@@ -50,22 +146,23 @@ def print_analysis(result: dict, analysis) -> None:
 
 
 def _print_frozen(console: Console, frozen: list[dict]) -> None:
-    """Why weight axes are not prunable, grouped by reason (most weights first)."""
+    """Why weight axes are not prunable: one row per reason (`ChannelAnalysis.frozen_weights`)."""
+    from rich.table import Table
+
     if not frozen:
         return
-    by_reason: dict[str, list[str]] = {}
-    for f in frozen:
-        reason = f["reason"].split(" (")[0]
-        by_reason.setdefault(reason, []).append(f"{f['tensor']}:{f['axis']}")
     table = Table(title="weight axes that stay whole, by reason")
-    for col in ("reason", "weight axes", "examples"):
+    for col in ("reason", "weight axes", "examples", "at nodes"):
         table.add_column(col)
-    for reason, items in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
-        table.add_row(reason, str(len(items)), ", ".join(items[:3]) + (" ..." if len(items) > 3 else ""))
+    for row in frozen:
+        more = " ..." if row["count"] > len(row["examples"]) else ""
+        table.add_row(row["reason"], str(row["count"]), ", ".join(row["examples"]) + more, ", ".join(row["nodes"]))
     console.print(table)
 
 
 def _print_barriers(console: Console, barriers: list[dict]) -> None:
+    from rich.table import Table
+
     if not barriers:
         return
     table = Table(title=f"barriers ({len(barriers)}): channels through these are frozen")
@@ -78,11 +175,11 @@ def _print_barriers(console: Console, barriers: list[dict]) -> None:
         console.print(f"... and {len(barriers) - 30} more")
 
 
-def print_sensitivity(rows, ratios: list[float], criterion: str, repair: str) -> None:
+def print_sensitivity(rows: list[SensitivityRow], ratios: list[float], criterion: str, repair: str) -> None:
     """Per-group output error at each ratio (`sensitivity.SensitivityRow`s); '-' where no channel goes."""
-    import math
+    from rich.table import Table
 
-    table = Table(title=f"output error when pruning one group ({criterion}, repair {repair})")
+    table = Table(title=f"{SENSITIVITY_METRIC} when pruning one group ({criterion}, repair {repair})")
     for col in ("group", "channels", "params", "members"):
         table.add_column(col)
     for r in ratios:
@@ -90,12 +187,4 @@ def print_sensitivity(rows, ratios: list[float], criterion: str, repair: str) ->
     for row in rows:
         table.add_row(str(row.group), str(row.channels), str(row.params), row.members,
                       *("-" if math.isnan(e) else f"{e:.3g}" for e in row.errors))
-    Console().print(table)
-
-
-def print_unconstrained_summary(s: dict) -> None:
-    """Three lines: input -> output, stored and nonzero parameters, copy operators per inference."""
-    c = s.get("copies", {})
-    print(f"{s['input']} -> {s['output']} (unconstrained)")
-    print(f"params {s.get('params_before')} -> {s.get('params_after')} stored, {s.get('effective_params_after')} nonzero")
-    print(f"copy ops {c.get('copy_ops', 0)} {c.get('ops', {})}, {c.get('bytes', 0)} bytes per inference")
+    _console().print(table)

@@ -5,7 +5,9 @@ deletes its channels with `onnxprune.rewrite.apply_plan` (weights sliced, every 
 shape constants depend on a changed size fixed) and re-infers shapes, so the output is ready for the
 checker (`CheckPass`) and for MAC counting. Its artifact is the `PruneSummary` of the whole selection:
 sizes before and after, the plan, barriers, the repair, notices; `StampInstrument` writes it into the
-model's metadata, the CLI prints it. With nothing selected the model is returned unchanged.
+model's metadata, the CLI prints it. Its second artifact, `RemovedChannels`, says what the pruned model was
+cut from (the analysis and labels of the REPAIRED model when a repair ran): what `certificate.certify` masks
+to check the result. With nothing selected the model is returned unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
+from onnxprune.channels import ChannelAnalysis
 from onnxprune.graph import ModelGraph
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.passes.select import ChannelSelection, pending_selection
@@ -40,6 +45,8 @@ class PruneSummary(Summary):
     repair: dict | None
     notices: list[str]
     seconds: float
+    group_sizes: dict[str, int]  # group id -> channels before pruning, for every group
+    sensitivity: dict | None  # the measured rows when the sensitivity allocation ran (`SensitivityReport`)
 
     @classmethod
     def of(cls, selection: ChannelSelection, pruned_graph: ModelGraph) -> PruneSummary:
@@ -59,14 +66,34 @@ class PruneSummary(Summary):
             repair=selection.repair.as_dict() if selection.repair is not None else None,
             notices=list(selection.notices),
             seconds=round(time.perf_counter() - selection.started, 3),
+            group_sizes={str(g.id): g.size for g in source.groups},
+            sensitivity=selection.sensitivity.as_dict() if selection.sensitivity is not None else None,
         )
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass(frozen=True, eq=False)  # holds an analysis and arrays: compared by identity
+class RemovedChannels:
+    """What a pruned model was cut from: `rewrite.apply_plan(analysis, labels)` is the pruned model.
+
+    Attributes:
+        analysis: channel analysis of the model the channels were removed from (the repaired model when a
+            repair ran, else the selection's source); masking it (`rewrite.apply_mask`) gives the model the
+            pruned one must compute exactly.
+        labels: component labels, in `analysis`, of the removed channels.
+    """
+
+    analysis: ChannelAnalysis
+    labels: np.ndarray
+
+
 class RemoveChannelsPass(Pass):
-    """Remove the pending selection's channels and re-infer shapes; the artifact is a `PruneSummary`."""
+    """Remove the pending selection's channels and re-infer shapes.
+
+    Artifacts: the `PruneSummary` and the `RemovedChannels` (what the pruned model was cut from).
+    """
 
     def requires(self, model):
         pending_selection(model)
@@ -79,4 +106,5 @@ class RemoveChannelsPass(Pass):
         else:
             pruned = infer_shapes(apply_plan(selection.analysis, selection.labels))
             graph = ModelGraph(pruned)
-        return PassResult(pruned, pruned is not model, artifacts=(PruneSummary.of(selection, graph),))
+        removed = RemovedChannels(selection.analysis, selection.labels)
+        return PassResult(pruned, pruned is not model, artifacts=(PruneSummary.of(selection, graph), removed))

@@ -6,7 +6,9 @@
 1. `channel_analysis` - the model's `ChannelAnalysis` (`channels.analyze`), computed once per model object
    and kept in the running PassManager's `AnalysisCache`, so the passes after it reuse it;
 2. `calibration_statistics` - activation statistics, only when the criterion or the repair reads them;
-3. `choose_plan` - criterion scores (`criteria`), then the allocation (`plan.make_plan` for uniform/global
+3. `measure_sensitivity` - only for the sensitivity allocation: each group's measured output error
+   (`sensitivity.sensitivity`), kept in the selection as a `SensitivityReport` for the summary;
+4. `choose_plan` - criterion scores (`criteria`), then the allocation (`plan.make_plan` for uniform/global
    ratios, `allocation` for LAMP budgets, measured sensitivity and parameter/MAC targets): a `PruningPlan`.
 
 The decision is a `ChannelSelection`: returned as an artifact, and recorded in the cache as the pending
@@ -16,6 +18,7 @@ selection of this very model object, which `RepairChannelsPass` and `RemoveChann
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -33,7 +36,29 @@ from onnxprune.passes.config import PruneConfig, check_data
 from onnxprune.passmanager import Pass, PassResult, analyses
 from onnxprune.plan import PruningPlan, make_plan
 from onnxprune.repair import RepairReport
-from onnxprune.sensitivity import sensitivity
+from onnxprune.report import SENSITIVITY_METRIC
+from onnxprune.sensitivity import SensitivityRow, sensitivity
+
+
+@dataclass(frozen=True)
+class SensitivityReport:
+    """Per-group output error measured at a few ratios (`sensitivity.sensitivity`), one row per group."""
+
+    ratios: tuple[float, ...]
+    rows: tuple[SensitivityRow, ...]
+
+    def as_dict(self) -> dict:
+        """The record ``onnxprune sensitivity --json`` prints and the summary's ``sensitivity`` entry holds
+        (the shape `html_report` reads); a ratio that removes no channel has a null error."""
+        return {
+            "metric": SENSITIVITY_METRIC,
+            "ratios": list(self.ratios),
+            "groups": [
+                {"id": r.group, "channels": r.channels, "params": r.params, "members": r.members,
+                 "errors": [None if math.isnan(e) else e for e in r.errors]}
+                for r in self.rows
+            ],
+        }
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays and analyses: compared by identity
@@ -49,6 +74,7 @@ class ChannelSelection:
         stats: calibration statistics the criterion or the repair reads, or None.
         notices: one-line notices (data-free fallbacks).
         repair: what the repair did, once it ran.
+        sensitivity: the measured per-group errors, when the sensitivity allocation ran.
         started: `time.perf_counter()` when the selection began (the summary's `seconds`).
     """
 
@@ -60,6 +86,7 @@ class ChannelSelection:
     stats: CalibrationStats | None = None
     notices: tuple[str, ...] = ()
     repair: RepairReport | None = None
+    sensitivity: SensitivityReport | None = None
     started: float = 0.0
 
     @property
@@ -119,8 +146,14 @@ def choose_plan(
     criterion: Criterion,
     stats: CalibrationStats | None = None,
     calib: CalibrationData | None = None,
+    measured: SensitivityReport | None = None,
 ) -> PruningPlan:
-    """Which channels of which group go: scores, then the configured allocation and target."""
+    """Which channels of which group go: scores, then the configured allocation and target.
+
+    Args:
+        measured: for the sensitivity allocation, the measured errors (`measure_sensitivity`); None
+            measures them here (needs `calib`).
+    """
     c = config
     scores = criterion.score_all(analysis)
     targets = {"params": c.target_params, "macs": c.target_macs}
@@ -128,7 +161,9 @@ def choose_plan(
         return make_plan(analysis, scores, c.ratio, global_ranking=c.global_ranking, round_to=c.round_to,
                          max_group_ratio=c.max_group_ratio)
     if c.allocation_name == "sensitivity":
-        units = _sensitivity_units(config, analysis, scores, stats, calib)
+        measured = measured or measure_sensitivity(config, analysis, stats, calib)
+        units = alloc.sensitivity_order(analysis, scores, list(measured.rows), list(measured.ratios),
+                                        round_to=c.round_to, max_group_ratio=c.max_group_ratio)
     else:
         budget = None
         if c.allocation_name == "lamp":
@@ -148,8 +183,13 @@ def choose_plan(
     return alloc.plan_for_ratio(units, analysis, c.ratio)
 
 
-def _sensitivity_units(config: PruneConfig, analysis: ChannelAnalysis, scores, stats, calib):
-    """Units ordered by each group's measured end-to-end output error (needs calibration samples)."""
+def measure_sensitivity(
+    config: PruneConfig,
+    analysis: ChannelAnalysis,
+    stats: CalibrationStats | None,
+    calib: CalibrationData | None,
+) -> SensitivityReport:
+    """Each group's measured end-to-end output error at `SENSITIVITY_RATIOS` (needs calibration samples)."""
     c = config
     if calib is None:
         raise UsageError("allocation 'sensitivity' needs calibration data: pass --calib FILE.npz")
@@ -157,8 +197,7 @@ def _sensitivity_units(config: PruneConfig, analysis: ChannelAnalysis, scores, s
     data = check_calib(calib, model, min(calib.n, SENSITIVITY_SAMPLES))
     ratios = list(SENSITIVITY_RATIOS)
     rows = sensitivity(model, data, ratios, c.criterion, c.repair, stats, c.allow_inexact)
-    return alloc.sensitivity_order(analysis, scores, rows, ratios, round_to=c.round_to,
-                                   max_group_ratio=c.max_group_ratio)
+    return SensitivityReport(tuple(ratios), tuple(rows))
 
 
 class AnalyzeChannelsPass(Pass):
@@ -207,17 +246,25 @@ class SelectChannelsPass(Pass):
             return self.stats
         return calibration_statistics(self.config, model, self.calib, self.criterion is not None)
 
-    def plan(self, analysis: ChannelAnalysis, stats: CalibrationStats | None = None) -> PruningPlan:
+    def plan(
+        self,
+        analysis: ChannelAnalysis,
+        stats: CalibrationStats | None = None,
+        measured: SensitivityReport | None = None,
+    ) -> PruningPlan:
         criterion = self.criterion or criterion_for(self.config, stats)
-        return choose_plan(self.config, analysis, criterion, stats, self.calib)
+        return choose_plan(self.config, analysis, criterion, stats, self.calib, measured)
 
     def call(self, model):
         started = time.perf_counter()
         notices = tuple(self.check_data())
         analysis = channel_analysis(model, self.config.allow_inexact)
         stats = self.statistics(model)
-        plan = self.plan(analysis, stats)
+        measured = None
+        if self.config.allocation_name == "sensitivity":
+            measured = measure_sensitivity(self.config, analysis, stats, self.calib)
+        plan = self.plan(analysis, stats, measured)
         selection = ChannelSelection(self.config, analysis, plan.labels(analysis), plan, analysis, stats, notices,
-                                     started=started)
+                                     sensitivity=measured, started=started)
         analyses().put(model, ChannelSelection, selection)
         return PassResult(model, False, artifacts=(selection,))

@@ -3,7 +3,10 @@
 The algorithm lives in `onnxprune.upscale` (its package docstring explains it and says where to start
 reading); `UnconstrainedPass.call` runs its steps in order — plan, optional mean repair, layout, export —
 and reports what it did in an `UnconstrainedSummary` (its artifact; ``info["summary"]`` is its `as_dict`,
-printed by the CLI and stamped into the model's metadata).
+printed by the CLI and stamped into the model's metadata). The summary holds every key of constrained
+pruning's `PruneSummary` that means the same here (sizes and MACs before and after, the input's groups and
+barriers), so both modes print and serialise alike; ``info["plan"]`` is what `upscale.oracle.mask_model`
+needs to build the model the export must equal.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import check_model, infer_shapes
 from onnxprune.metadata import stamp
-from onnxprune.metrics import count_params
+from onnxprune.metrics import count_macs, count_params
+from onnxprune.passes.select import channel_analysis
 from onnxprune.passmanager import Pass, PassResult, Summary
 from onnxprune.upscale.config import UnconstrainedConfig
 from onnxprune.upscale.export import export
 from onnxprune.upscale.layout import optimize_layout
 from onnxprune.upscale.oracle import mean_repair
 from onnxprune.upscale.plan import build_plan
+from onnxprune.upscale.records import UnconstrainedPlan
 from onnxprune.upscale.report import copy_report, effective_params
 from onnxprune.upscale.tuning import tune_layout
 
@@ -41,6 +46,11 @@ class UnconstrainedSummary(Summary):
     params_before: int
     params_after: int  # stored, including the zero rows/columns of absorbed units
     effective_params_after: int  # nonzero
+    macs_before: int
+    macs_after: int  # of the stored weights (zero rows/columns count), batch 1
+    groups: int  # coupled groups of the input (its channel analysis)
+    group_sizes: dict[str, int]  # group id -> channels before pruning
+    barriers: list[dict]  # of the input's channel analysis
     groups_pruned: int
     units: int
     boundaries: int
@@ -57,6 +67,11 @@ class UnconstrainedSummary(Summary):
             "params_before": self.params_before,
             "params_after": self.params_after,
             "effective_params_after": self.effective_params_after,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "groups": self.groups,
+            "group_sizes": self.group_sizes,
+            "barriers": self.barriers,
             "groups_pruned": self.groups_pruned,
             "units": self.units,
             "boundaries": self.boundaries,
@@ -88,7 +103,8 @@ class UnconstrainedPass(Pass):
         start = time.perf_counter()
         c = self.config
         if c.ratio == 0 and not self.keeps:
-            return PassResult(model, False, {"summary": {"mode": MODE, "groups_pruned": 0}})
+            summary = self._summary(model, model, None, {}, None, start)
+            return PassResult(model, False, {"summary": summary.as_dict()}, (summary,))
         plan = build_plan(model, c, self.keeps)
         if c.repair == "mean":
             keeps = {(gp.group.id, pc.id): pc.keep for gp in plan.groups for pc in gp.pieces if pc.is_unit}
@@ -102,21 +118,32 @@ class UnconstrainedPass(Pass):
             pruned = infer_shapes(export(plan, contiguous_ops=c.reorder, scatter=scatter))
             tuned = None
         check_model(pruned)
-        report = copy_report(pruned)
-        summary = UnconstrainedSummary(
-            config=c,
-            params_before=count_params(ModelGraph(model)),
-            params_after=count_params(ModelGraph(pruned)),
-            effective_params_after=effective_params(pruned),
-            groups_pruned=len(plan.groups),
-            units=sum(pc.is_unit for gp in plan.groups for pc in gp.pieces),
-            boundaries=plan.boundaries,
-            layout=layout,
-            tuned=tuned,
-            copies=report,
-            seconds=round(time.perf_counter() - start, 3),
-        )
+        summary = self._summary(model, pruned, plan, layout, tuned, start)
         record = summary.as_dict()
         # Stamped here, not by a `StampInstrument`: callers running the pass alone get the record too.
         stamp(pruned, record)
-        return PassResult(pruned, True, {"summary": record, "plan": plan, "copies": report}, (summary,))
+        return PassResult(pruned, True, {"summary": record, "plan": plan, "copies": summary.copies}, (summary,))
+
+    def _summary(self, model: onnx.ModelProto, pruned: onnx.ModelProto, plan: UnconstrainedPlan | None,
+                 layout: dict[str, int], tuned: dict | None, start: float) -> UnconstrainedSummary:  # fmt: skip
+        """The record of one run; `plan` None: nothing was pruned (`pruned` is `model`)."""
+        analysis = channel_analysis(model)  # the input's groups and barriers, as constrained pruning sees them
+        before, after = ModelGraph(model), ModelGraph(pruned)
+        return UnconstrainedSummary(
+            config=self.config,
+            params_before=count_params(before),
+            params_after=count_params(after),
+            effective_params_after=effective_params(pruned),
+            macs_before=count_macs(before),
+            macs_after=count_macs(after),
+            groups=len(analysis.groups),
+            group_sizes={str(g.id): g.size for g in analysis.groups},
+            barriers=[b.as_dict() for b in analysis.barriers],
+            groups_pruned=len(plan.groups) if plan is not None else 0,
+            units=sum(pc.is_unit for gp in plan.groups for pc in gp.pieces) if plan is not None else 0,
+            boundaries=plan.boundaries if plan is not None else 0,
+            layout=layout,
+            tuned=tuned,
+            copies=copy_report(pruned),
+            seconds=round(time.perf_counter() - start, 3),
+        )

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import onnx
 import pytest
@@ -17,6 +18,7 @@ from onnxprune.verify import max_rel_error, random_inputs, run
 PRUNE_KEYS = {"input", "output", "params_before", "params_after", "macs_before", "macs_after", "groups",
               "groups_pruned", "barriers"}  # fmt: skip
 ANALYZE_KEYS = {"params", "macs", "prunable_params", "groups", "barriers"}
+FASHION = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_cnn.onnx"
 
 
 def _sha(path) -> str:
@@ -161,7 +163,22 @@ def test_analyze_explains_frozen_weights(tmp_model, capsys):
     assert main(["analyze", str(path), "--json"]) == 0
     frozen = json.loads(capsys.readouterr().out)["frozen_weights"]
     head = [f for f in frozen if f["reason"].startswith("graph input/output")]
-    assert head and all({"tensor", "axis", "size", "reason"} <= f.keys() for f in frozen)
+    assert head and all({"reason", "count", "examples", "nodes"} <= f.keys() for f in frozen)
+    assert len({f["reason"] for f in frozen}) == len(frozen)  # one row per reason
+
+
+def test_analyze_groups_frozen_weights_by_reason(capsys, monkeypatch):
+    """Kernel axes of every conv share one row: node names are a field of their own, not part of the reason."""
+    assert main(["analyze", str(FASHION), "--json"]) == 0
+    frozen = json.loads(capsys.readouterr().out)["frozen_weights"]
+    kernels = [f for f in frozen if f["reason"] == "not a channel axis of Conv"]
+    assert len(kernels) == 1 and kernels[0]["count"] >= 6 and len(kernels[0]["examples"]) == 3
+    names = [n.name for n in onnx.load(str(FASHION)).graph.node]
+    assert not [f["reason"] for f in frozen if any(name in f["reason"] for name in names)]
+    assert kernels[0]["nodes"][0] in names
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps cells to the terminal width
+    assert main(["analyze", str(FASHION)]) == 0
+    assert capsys.readouterr().out.count("not a channel axis of") == 1  # the text table has one row too
 
 
 @pytest.mark.parametrize("suffix", [".graphml", ".json"])

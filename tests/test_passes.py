@@ -195,17 +195,30 @@ class _Boom(Pass):
 
 
 def test_instruments_see_the_end_of_a_failed_run():
-    record, progress = _Record(), ProgressInstrument(enabled=True)
-    with pytest.raises(ModelError):
+    from onnxprune.progress import RecordingReporter, reporting
+
+    record, progress = _Record(), ProgressInstrument()
+    with reporting(RecordingReporter()) as reporter, pytest.raises(ModelError):
         PassManager([NormalizePass(), _Boom()], instruments=[record, progress]).run(TEST_MODELS["chain"]())
     assert record.events == ["start", "failed"]
-    assert progress._progress is None  # the live display was stopped
+    # the run's task was left (the live display stops with its last task), having done one of two passes
+    assert [(t.description, t.completed, t.total) for t in reporter.finished()] == [("_Boom", 1, 2)]
 
 
-def test_progress_instrument_is_off_without_a_terminal(capsys):
-    progress = ProgressInstrument()  # pytest's stderr is not a terminal
-    assert progress.enabled is False
-    PassManager([NormalizePass()], instruments=[progress]).run(TEST_MODELS["chain"]())
+def test_progress_instrument_reports_each_pass_as_one_task():
+    from onnxprune.progress import RecordingReporter, reporting
+
+    with reporting(RecordingReporter()) as reporter:
+        PassManager([NormalizePass(), DeadCodeEliminationPass()], instruments=[ProgressInstrument()]).run(
+            TEST_MODELS["chain"]()
+        )
+    updates = [e[1] for e in reporter.events if e[0] == "update"]
+    assert "NormalizePass" in updates and "DeadCodeEliminationPass" in updates
+    assert [(t.completed, t.total) for t in reporter.finished()] == [(2, 2)]
+
+
+def test_progress_instrument_is_silent_without_a_reporter(capsys):
+    PassManager([NormalizePass()], instruments=[ProgressInstrument()]).run(TEST_MODELS["chain"]())
     assert capsys.readouterr().err == ""
 
 

@@ -36,7 +36,8 @@ from onnxprune.rewrite import apply_mask
 from onnxprune.verify import max_rel_error, random_inputs, run
 
 SUMMARY_KEYS = ["tool", "config", "params_before", "params_after", "macs_before", "macs_after", "groups",
-                "groups_pruned", "channels_removed", "plan", "barriers", "repair", "notices", "seconds"]
+                "groups_pruned", "channels_removed", "plan", "barriers", "repair", "notices", "seconds", "group_sizes",
+                "sensitivity"]
 
 
 def _calib(model, n: int = 4) -> CalibrationData:
