@@ -63,52 +63,111 @@ def _fill_same_shape(model: onnx.ModelProto) -> bool:
 def _fill_reshape_dims(model: onnx.ModelProto, known: dict) -> bool:
     """Complete Reshape output dims that onnx left unknown though the target names them.
 
-    Dynamic-length exports build targets as Concat(Shape(x)[k], ..., const heads, const head_dim): each
-    piece is a constant, a copy (0), or a size of another tensor; onnx gives up on the mix.
+    Dynamic-size exports build targets as Concat(Shape(x)[k], ..., const heads, const head_dim) or
+    Concat(Shape(x)[:2], -1): each piece is a constant, a copy (0), a size of another tensor or the
+    rest (-1); onnx gives up on the mix, often dropping even the output's rank, and everything after it
+    loses its shape. A -1 over symbolic sizes becomes their product (``"unk__3*unk__4"``), one symbol
+    that later reshapes of the same tensor name again, so sizes stay comparable without sympy.
     """
     graph = ModelGraph(model)
     filled = False
     for node in model.graph.node:
-        if node.op_type != "Reshape" or node.output[0] not in known:
+        if node.op_type != "Reshape" or len(node.input) < 2:
             continue
-        vi = known[node.output[0]]
-        dims = vi.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") or (d.HasField("dim_param") and not d.dim_param.startswith("unk__")) for d in dims):
+        vi = known.get(node.output[0])
+        if vi is not None and all(_settled(d) for d in vi.type.tensor_type.shape.dim):
             continue
         elements = _target_elements(graph, node.input[1])
-        in_shape = graph.shape(node.input[0])
-        if elements is None or len(elements) != len(dims):
+        if elements is None:
             continue
-        elements = [in_shape[k] if e == 0 and in_shape and k < len(in_shape) else e for k, e in enumerate(elements)]
-        if elements.count(-1) == 1 and in_shape is not None:
-            elements[elements.index(-1)] = _infer_minus_one(list(in_shape), [e for e in elements if e != -1])
-        for k, (d, e) in enumerate(zip(dims, elements)):
-            if d.HasField("dim_value") or (d.HasField("dim_param") and not d.dim_param.startswith("unk__")):
+        if vi is None:
+            vi = _value_info_for(model, node.output[0], graph.dtype(node.input[0]), len(elements))
+            if vi is None:
                 continue
-            if e == 0 and in_shape is not None and k < len(in_shape):
-                e = in_shape[k]
-            if isinstance(e, int) and e > 0:
+            known[vi.name] = vi
+            filled = True
+        dims = vi.type.tensor_type.shape.dim
+        if len(elements) != len(dims):
+            continue
+        in_shape = graph.shape(node.input[0])
+        copies = not _attr(node, "allowzero", 0)
+        elements = [
+            (in_shape[k] if in_shape and k < len(in_shape) else None) if e == 0 and copies else e
+            for k, e in enumerate(elements)
+        ]
+        if elements.count(-1) == 1:
+            rest = [e for e in elements if e != -1]
+            elements[elements.index(-1)] = _infer_minus_one(list(in_shape), rest) if in_shape is not None else None
+        for d, e in zip(dims, elements):
+            if _settled(d):
+                continue
+            if isinstance(e, (int, np.integer)) and not isinstance(e, bool) and e > 0:
                 d.Clear()
-                d.dim_value = e
+                d.dim_value = int(e)
                 filled = True
-            elif isinstance(e, str) and e != d.dim_param and not e.startswith("unk__"):
+            elif isinstance(e, str) and e and e != d.dim_param:
                 d.Clear()
                 d.dim_param = e
                 filled = True
     return filled
 
 
+def _settled(d: onnx.TensorShapeProto.Dimension) -> bool:
+    """A static size or a named symbol: nothing to complete (onnx's ``unk__N`` placeholders are not)."""
+    return d.HasField("dim_value") or (d.HasField("dim_param") and not d.dim_param.startswith("unk__"))
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _value_info_for(model: onnx.ModelProto, name: str, dtype: int | None, rank: int) -> onnx.ValueInfoProto | None:
+    """A ranked, unsized type for `name`: the existing unshaped entry (value_info or output) or a new one."""
+    g = model.graph
+    for vi in list(g.value_info) + list(g.output):
+        if vi.name == name:
+            if not vi.type.HasField("tensor_type"):
+                return None
+            break
+    else:
+        if not dtype:
+            return None
+        vi = g.value_info.add()
+        vi.name = name
+        vi.type.tensor_type.elem_type = dtype
+    shape = vi.type.tensor_type.shape
+    del shape.dim[:]
+    for _ in range(rank):
+        shape.dim.add()
+    return vi
+
+
 def _infer_minus_one(in_dims: list, out_dims: list):
-    """The size a -1 in a Reshape target stands for, cancelling symbols on both sides; None if unknown."""
+    """The size a -1 in a Reshape target stands for, cancelling symbols on both sides; None if unknown.
+
+    Symbols left on the input side make a symbolic product (``"2*h*w"``): the number of elements
+    is then known only at run time, but it has a name.
+    """
     in_dims, out_dims = list(in_dims), list(out_dims)
     for d in list(out_dims):
         if isinstance(d, str) and d in in_dims:
             in_dims.remove(d)
             out_dims.remove(d)
-    if not all(isinstance(d, int) and d > 0 for d in in_dims + out_dims):
+    if not all(isinstance(d, int) and d > 0 for d in out_dims):
         return None
-    num, den = int(np.prod(in_dims, dtype=np.int64)), int(np.prod(out_dims, dtype=np.int64))
-    return num // den if den and num % den == 0 else None
+    if not all((isinstance(d, int) and d > 0) or (isinstance(d, str) and d) for d in in_dims):
+        return None
+    num = int(np.prod([d for d in in_dims if isinstance(d, int)], dtype=np.int64))
+    den = int(np.prod(out_dims, dtype=np.int64))
+    if not den or num % den:
+        return None
+    symbols = [d for d in in_dims if isinstance(d, str)]
+    if not symbols:
+        return num // den
+    return "*".join(([str(num // den)] if num // den != 1 else []) + symbols)
 
 
 def _target_elements(graph, name: str):
@@ -140,7 +199,26 @@ def _target_elements(graph, name: str):
         return [d if d else None for d in shape[at.get("start", 0) : at.get("end", len(shape))]]
     if node.op_type == "Gather":
         return gather_list(_target_elements(graph, node.input[0]), graph.const(node.input[1]))
+    if node.op_type == "Slice":
+        return _slice_list(graph, node, _target_elements(graph, node.input[0]))
     return None
+
+
+def _slice_list(graph, node: onnx.NodeProto, source: list | None) -> list | None:
+    """``source[start:end:step]`` for a Slice of a 1-D shape vector with constant bounds; None otherwise."""
+    if source is None:
+        return None
+    if _attr(node, "starts", None) is not None:  # opset < 10
+        bounds = [_attr(node, "starts", None), _attr(node, "ends", None), _attr(node, "axes", None), None]
+    else:
+        bounds = [graph.const(n) if n else None for n in list(node.input[1:5]) + [""] * (5 - len(node.input))]
+        if any(n and b is None for n, b in zip(list(node.input[1:5]), bounds)):
+            return None  # a bound computed at run time
+    starts, ends, axes, steps = (None if b is None else [int(v) for v in np.asarray(b).reshape(-1)] for b in bounds)
+    if starts is None or ends is None or len(starts) != 1 or (axes is not None and axes[0] not in (0, -1)):
+        return None
+    step = steps[0] if steps else 1
+    return source[starts[0] : ends[0] : step] if step else None
 
 
 def _has_shape(vi: onnx.ValueInfoProto) -> bool:

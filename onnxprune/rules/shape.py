@@ -394,6 +394,8 @@ class Slice(ChannelRule):
     def _params(self, node, ctx):
         x = node.input[0]
         shape = ctx.shape(x)
+        if shape is None:  # onnx's inference gave up upstream (run-time shapes): nothing to map
+            raise RuleBarrier("rank unknown")
         at = attrs(node)
         if "starts" in at:  # opset < 10
             starts, ends = list(at["starts"]), list(at["ends"])
