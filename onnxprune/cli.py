@@ -122,6 +122,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
         if Path(args.graph).suffix.lower() not in FORMATS:  # fail before reading the model
             raise UsageError(f"--graph {args.graph}: must end in .graphml or .json")
+        if not Path(args.graph).parent.is_dir():
+            raise OnnxPruneError(f"{args.graph}: output folder does not exist")
     model = _load(args)
     analysis = _pipeline([_normalize(), AnalyzeChannelsPass(args.allow_inexact)]).run(model).get(ChannelAnalysis)
     assert analysis is not None  # AnalyzeChannelsPass's artifact
@@ -161,6 +163,8 @@ def _output_path(args: argparse.Namespace) -> tuple[Path, Path]:
         raise UsageError("output path equals the input path; the input is never overwritten")
     if out.exists() and out.resolve() in referenced_files(src):
         raise UsageError("output path is an external data file of the input; the input is never overwritten")
+    if not out.parent.is_dir():  # before the work, not after it
+        raise OnnxPruneError(f"{out}: output folder does not exist")
     return src, out
 
 

@@ -31,7 +31,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         if (
             not action.option_strings
-            or action.default in (None, False, argparse.SUPPRESS)
+            or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS))  # 0 is a default
             or "default" in text.lower()
             or "%(default)" in text
         ):
@@ -72,13 +72,13 @@ def add_analyze_options(p: argparse.ArgumentParser) -> None:
 
 def add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ONNX model")
-    p.add_argument("-o", "--output", help="output path (default: MODEL.pruned.onnx beside the input)")
-    p.add_argument("--ratio", type=ratio, default=None,
+    p.add_argument("-o", "--output", metavar="OUT", help="output path (default: MODEL.pruned.onnx beside the input)")
+    p.add_argument("--ratio", type=ratio, default=None, metavar="R",
                    help=f"fraction of channels to remove per group, in [0, 1) (default: {DEFAULT_RATIO}; "
                         "not with --target-params/--target-macs)")
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels across groups (= --allocation global)")
-    p.add_argument("--round-to", type=positive_int, default=1, help="keep a multiple of N channels")
+    p.add_argument("--round-to", type=positive_int, default=1, metavar="N", help="keep a multiple of N channels")
     p.add_argument("--criterion", default="l1",
                    help="importance: l1, l2, bn, random, fpgm, lamp, activation, apoz, obs; "
                         "--mode unconstrained: energy, bn, l1, l2")
@@ -86,9 +86,9 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-inexact", action="store_true", help="also prune LayerNorm/softmax-coupled groups")
     p.add_argument("--mode", choices=("constrained", "unconstrained"), default="constrained",
                    help="unconstrained: each coupled layer keeps its own channels (UPSCALE export)")
-    p.add_argument("--share", type=float, default=0.0,
+    p.add_argument("--share", type=float, default=0.0, metavar="S",
                    help="unconstrained: blend of each layer's ranking with the group's shared one (0..1; 1 = constrained)")
-    p.add_argument("--union-cap", type=float, default=None,
+    p.add_argument("--union-cap", type=float, default=None, metavar="C",
                    help="unconstrained: the stream keeps at most this x the per-layer kept channels (>= 1)")
     p.add_argument("--drive", choices=("free", "writer", "reader"), default="free",
                    help="unconstrained: free = every layer its own top channels; writer = readers choose among what "
@@ -107,8 +107,8 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocation", choices=("uniform", "global", "lamp", "sensitivity"),
                    help="how groups share the removal (sensitivity: measured per-group output error, needs --calib; "
                         "default: uniform, or global with --global)")
-    p.add_argument("--target-params", help="parameters to keep: a count N or a percentage P%%")
-    p.add_argument("--target-macs", help="MACs to keep: a count N or a percentage P%%")
+    p.add_argument("--target-params", metavar="N|P%", help="parameters to keep: a count N or a percentage P%%")
+    p.add_argument("--target-macs", metavar="N|P%", help="MACs to keep: a count N or a percentage P%%")
 
 
 def add_sensitivity_options(p: argparse.ArgumentParser) -> None:
@@ -141,8 +141,8 @@ def add_accuracy_options(p: argparse.ArgumentParser, samples: int | None = None,
     if unconstrained:
         text += "; --mode unconstrained: none or mean (calibrated output means, needs --calib)"
     p.add_argument("--repair", default="none", choices=repairs, help=text)
-    p.add_argument("--calib", help="calibration inputs: .npz, keys = input names, axis 0 = samples")
-    p.add_argument("--calib-samples", type=positive_int, default=samples,
+    p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs: .npz, keys = input names, axis 0 = samples")
+    p.add_argument("--calib-samples", type=positive_int, default=samples, metavar="N",
                    help="use the first N samples" + ("" if samples is not None else " (default: all)"))
 
 

@@ -23,9 +23,15 @@ SENSITIVITY_METRIC = "relative L2 error of all outputs"
 
 
 def _console() -> Console:
+    """A rich console on stdout whose closed pipe raises BrokenPipeError (the CLI then exits quietly with 0;
+    rich's own handling would exit with status 1)."""
     from rich.console import Console
 
-    return Console()
+    class _PipeConsole(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+    return _PipeConsole()
 
 
 def _fmt(n: int) -> str:
