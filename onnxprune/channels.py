@@ -309,8 +309,7 @@ class ChannelAnalysis:
         for ref in self.dims:
             if self.roles.get(ref.tensor) != "weight" or (ref.tensor, ref.axis) in in_group:
                 continue
-            shape = self.graph.shape(ref.tensor)
-            if not shape or shape[ref.axis] <= 1:
+            if self.dims[ref][1] <= 1:  # the dim's static size
                 continue
             labels = np.unique(self.dim_labels(ref)).tolist()
             reason, node = next(
@@ -334,7 +333,7 @@ class ChannelAnalysis:
                 covered.setdefault(m.tensor, {}).setdefault(m.axis, set()).update(m.positions.tolist())
         total = 0
         for name, axes in covered.items():
-            shape = self.graph.shape(name)
+            shape = tuple(int(d) for d in self.graph.initializers[name].dims)  # param members are initializers
             numel = int(np.prod(shape, dtype=np.int64))
             untouched = int(np.prod([shape[a] - len(axes.get(a, ())) for a in range(len(shape))], dtype=np.int64))
             total += numel - untouched

@@ -10,6 +10,7 @@ flags are usage errors: one line on stderr, exit code 2.
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 
 from onnxprune.errors import UsageError
 
@@ -19,7 +20,7 @@ DEFAULT_RATIO = 0.3  # --ratio when neither it nor a target is given (PruneConfi
 class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are `UsageError`s (one line, exit code 2), never a usage dump."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
 
