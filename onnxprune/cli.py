@@ -161,7 +161,10 @@ def _output_path(args: argparse.Namespace) -> tuple[Path, Path]:
     out = Path(args.output) if args.output else src.with_name(src.name.removesuffix(".onnx") + ".pruned.onnx")
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise UsageError("output path equals the input path; the input is never overwritten")
-    if out.exists() and out.resolve() in referenced_files(src):
+    # External data lives inside the model's folder (`external.attach` refuses anything else): only an
+    # existing output there can be one, and only then is the input's proto read for its references.
+    inside = out.exists() and src.parent.resolve() in out.resolve().parents
+    if inside and out.resolve() in referenced_files(src):
         raise UsageError("output path is an external data file of the input; the input is never overwritten")
     if not out.parent.is_dir():  # before the work, not after it
         raise OnnxPruneError(f"{out}: output folder does not exist")

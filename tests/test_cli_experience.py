@@ -321,3 +321,12 @@ def test_version_needs_no_parser():
             "print(sorted(m for m in ('onnx', 'numpy', 'onnxprune.targets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[0].startswith("onnxprune ") and out.splitlines()[1] == "[]"
+
+
+def test_the_inputs_data_file_is_never_the_output(tmp_path):
+    model = TEST_MODELS["residual"]()
+    src = tmp_path / "ext.onnx"
+    onnx.save(model, str(src), save_as_external_data=True, location="ext.data", size_threshold=0)
+    data = (tmp_path / "ext.data").read_bytes()
+    assert main(["prune", str(src), "-o", str(tmp_path / "ext.data"), "--no-verify"]) == 2
+    assert (tmp_path / "ext.data").read_bytes() == data
