@@ -4,13 +4,15 @@ A bundle is a folder that runs on its target with nothing but its own files and 
 for that target::
 
     manifest.json     model name + sha256, inputs/outputs, target, tvm version, kernels left unscheduled
-                      (``unscheduled_kernels``, normally empty), sha256 of every other file
-    model.so          compiled library (kernels + VM code; runner.wasm for wasm)
+                      (``unscheduled_kernels``, normally empty), inputs whose dynamic batch was compiled as 1
+                      (``batch_defaulted_to_1``), ``compile_log``, sha256 of every other file
+    model.so          compiled library (kernels + VM code); wasm: runner.wasm, runtime and runner linked in
     weights.bin       the folded, layout-transformed weights (TVM parameter dict), passed to main after
                       the inputs; CUDA bundles keep theirs embedded in the library
-    runner            the target's runner program (runner.js for wasm), source in runner.cc
+    runner            the target's runner program, source in runner.cc (wasm: runner.js, no source)
     lib/              libtvm_runtime.so + libtvm_ffi.so for the target (shared-library targets)
     README.md         how to run it on the device
+    compile.log       TVM's own messages during the compile, only when it printed any
 
 Runners read inputs as ``.npy`` files and write ``output_<i>.npy``; :func:`run_bundle` converts from and to
 dicts of arrays; each target's row says how its bundles run here (:mod:`.launch`). Nothing here imports tvm.
@@ -34,6 +36,7 @@ from .table import get_target
 __all__ = [
     "MANIFEST",
     "TensorSpec",
+    "dynamic_batch_inputs",
     "file_sha256",
     "model_signature",
     "pruning_summary",
@@ -77,8 +80,18 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _is_dynamic_batch(vi: onnx.ValueInfoProto) -> bool:
+    """True when the input's leading dim (its batch, by convention) is not a fixed size."""
+    dims = vi.type.tensor_type.shape.dim
+    return bool(dims) and not dims[0].HasField("dim_value")
+
+
 def _value_info_spec(
-    vi: onnx.ValueInfoProto, shapes: dict[str, tuple[int, ...]], *, is_input: bool
+    vi: onnx.ValueInfoProto,
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    is_input: bool,
+    batch_default: int | None = None,
 ) -> TensorSpec:
     tt = vi.type.tensor_type
     if not vi.type.HasField("tensor_type") or tt.elem_type not in _ONNX_TO_NUMPY:
@@ -94,41 +107,60 @@ def _value_info_spec(
                 raise UsageError(f"--shape {vi.name}: dim {d.dim_value} is fixed in the model, got {g}")
         return TensorSpec(vi.name, given, dtype)
     dims = []
-    for d in tt.shape.dim:
+    for axis, d in enumerate(tt.shape.dim):
         if d.HasField("dim_value"):
             dims.append(int(d.dim_value))
+        elif is_input and axis == 0 and batch_default is not None:
+            dims.append(batch_default)
         elif is_input:
             example = ",".join(str(x.dim_value) if x.HasField("dim_value") else "1" for x in tt.shape.dim)
             label = d.dim_param or "?"
+            why = " (only a dynamic batch, the leading dim, defaults to 1)" if batch_default is not None else ""
             raise UnsupportedModelError(
-                f"input {vi.name!r} has dynamic dim {label!r}; fix it with --shape {vi.name}={example}"
+                f"input {vi.name!r} has dynamic dim {label!r}{why}; fix it with --shape {vi.name}={example}"
             )
         else:
             dims.append(-1)  # output dims are filled in from the compiled function
     return TensorSpec(vi.name, tuple(dims), dtype)
 
 
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {i.name for i in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in inits]
+
+
+def dynamic_batch_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None) -> list[str]:
+    """Inputs whose leading (batch) dim is dynamic and not fixed by ``shapes``, in input order: the ones
+    ``model_signature(..., batch_default=1)`` compiles for batch 1."""
+    shapes = shapes or {}
+    return [vi.name for vi in _graph_inputs(model) if vi.name not in shapes and _is_dynamic_batch(vi)]
+
+
 def model_signature(
-    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None
+    model: onnx.ModelProto,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    *,
+    batch_default: int | None = None,
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Inputs (with static shapes) and outputs of a model.
 
     Args:
         model: The ONNX model.
         shapes: Overrides for inputs with dynamic dims, by input name.
+        batch_default: The size given to an input's dynamic leading (batch) dim when ``shapes`` does not
+            fix that input (see :func:`dynamic_batch_inputs`); None: such a dim is an error too.
 
     Raises:
-        UnsupportedModelError: An input has a dynamic dim not fixed by ``shapes``.
+        UnsupportedModelError: An input has a dynamic dim not fixed by ``shapes`` (or by ``batch_default``).
         UsageError: ``shapes`` names an unknown input or contradicts a fixed dim.
     """
     shapes = dict(shapes or {})
-    inits = {i.name for i in model.graph.initializer}
-    graph_inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    graph_inputs = _graph_inputs(model)
     unknown = set(shapes) - {vi.name for vi in graph_inputs}
     if unknown:
         raise UsageError(f"--shape names unknown input(s) {sorted(unknown)}; inputs: "
                          f"{[vi.name for vi in graph_inputs]}")
-    ins = [_value_info_spec(vi, shapes, is_input=True) for vi in graph_inputs]
+    ins = [_value_info_spec(vi, shapes, is_input=True, batch_default=batch_default) for vi in graph_inputs]
     outs = [_value_info_spec(vi, {}, is_input=False) for vi in model.graph.output]
     return ins, outs
 
@@ -215,7 +247,7 @@ def run_bundle(
     Returns:
         Outputs by name, in the model's output order.
     """
-    bundle = Path(bundle_dir)
+    bundle = Path(bundle_dir).resolve()  # runners start in the bundle folder; relative paths would break
     manifest = read_manifest(bundle, verify=verify)
     spec = get_target(manifest["target"]["name"])
     arrays = _check_inputs(manifest["inputs"], inputs)

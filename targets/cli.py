@@ -4,7 +4,9 @@
                       [--shape name=d1,d2,...]
     onnxprune run BUNDLE --inputs in.npz [-o out.npz] [--repeat N]
 
-Problems are raised as the typed errors of :mod:`onnxprune.errors`; the main CLI prints one line.
+Problems are raised as the typed errors of :mod:`onnxprune.errors`; the main CLI prints one line. The main CLI
+builds its parser on every start (``onnxprune --version`` too), so registering imports nothing heavy: numpy,
+onnx and tvm are imported by the command functions.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from onnxprune.errors import ModelError, UsageError
 
 from .table import TARGETS
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["parse_shapes", "register"]
 
@@ -63,6 +67,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
+    import numpy as np
+
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"{p}: no such file")
@@ -75,6 +81,8 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a bundle on this machine; write the outputs to an .npz file."""
+    import numpy as np
+
     from . import run_bundle
 
     outputs = run_bundle(args.bundle, _load_npz(args.inputs), repeat=args.repeat)

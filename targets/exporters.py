@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from onnxprune import progress
 from onnxprune.errors import UnsupportedModelError
 
 from . import wasm
@@ -50,12 +51,14 @@ class SharedLibrary(Exporter):
     def write(self, ex: Any, out: Path, spec: TargetSpec) -> dict[str, object]:
         require(spec.compiler, f"to link {spec.name} code")
         libs = runtime_libs(spec.arch)  # fail before the (slow) link if the runtime is missing
-        _export_library(ex, out / "model.so", spec, f"to link {spec.name} code")
+        with progress.task("linking model.so"):
+            _export_library(ex, out / "model.so", spec, f"to link {spec.name} code")
         (out / "lib").mkdir()
         for lib in libs:
             shutil.copy2(lib, out / "lib" / lib.name)
         shutil.copy2(RUNNER_SOURCE, out / "runner.cc")
-        build_native_runner(spec, out / "runner", out / "lib")
+        with progress.task("building the runner"):
+            build_native_runner(spec, out / "runner", out / "lib")
         return {
             "library": "model.so",
             "runner": {"program": "runner", "source": "runner.cc", "kind": spec.runner.kind},
@@ -88,7 +91,7 @@ class WasmProgram(Exporter):
 
     def readme(self, inputs: str, weights_flag: str) -> list[str]:
         return [
-            "`model.wasm` holds the model and the TVM runtime; `runner.js` is the emscripten loader.",
+            "`runner.wasm` holds the model, the TVM runtime and the runner; `runner.js` is the emscripten loader.",
             "",
             "```sh",
             "mkdir -p out",
@@ -113,7 +116,8 @@ class CudaLibrary(Exporter):
         if not dev:
             raise UnsupportedModelError("TVM produced no CUDA device module")
         (out / "model.cu").write_text(dev[0].inspect_source(""))
-        _export_library(ex, out / "model.so", spec, f"to link the {spec.name} host code")
+        with progress.task("linking model.so"):
+            _export_library(ex, out / "model.so", spec, f"to link the {spec.name} host code")
         return {
             "library": "model.so",
             "device_source": "model.cu",

@@ -7,7 +7,8 @@
 * :class:`CudaRunner`: in this process, through the installed TVM runtime, on this machine's GPU.
 
 The first three start a runner program (:class:`ProcessRunner`): inputs go to it as ``.npy`` files and it writes
-``output_<i>.npy`` (see :mod:`.bundle`). Only :class:`CudaRunner` imports tvm, when it runs.
+``output_<i>.npy`` (see :mod:`.bundle`). Only :class:`CudaRunner` imports tvm, when it runs; numpy is imported
+when a bundle runs too, not with the table (the CLI's parser reads the table: start-up time).
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import time
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from onnxprune.errors import ModelError, ToolchainError
 
 from .spec import Runner, TargetSpec
 from .toolchains import require
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["CudaRunner", "NativeRunner", "NodeRunner", "ProcessRunner", "QemuRunner"]
 
@@ -44,7 +47,10 @@ class ProcessRunner(Runner):
     def run(
         self, bundle: Path, spec: TargetSpec, manifest: dict, arrays: list[np.ndarray], repeat: int
     ) -> dict[str, np.ndarray]:
+        import numpy as np
+
         self.check(spec)
+        bundle = bundle.resolve()  # the runner starts in the bundle folder: a relative path would not resolve
         cmd = self.command(bundle, spec, manifest)
         with tempfile.TemporaryDirectory(prefix="onnxprune-run-") as tmp:
             tmpd = Path(tmp)
@@ -151,6 +157,7 @@ class CudaRunner(Runner):
         self, bundle: Path, spec: TargetSpec, manifest: dict, arrays: list[np.ndarray], repeat: int
     ) -> dict[str, np.ndarray]:
         self.check(spec)
+        import numpy as np
         import tvm
         from tvm import relax
 

@@ -4,7 +4,7 @@ the two strategies a row holds: how its compiled library becomes bundle files (:
 
 The rows are in :mod:`.table` (THE target table); the strategies in :mod:`.exporters` and :mod:`.launch`.
 Code that compiles or runs a bundle asks the row's strategy instead of testing the target's name. This is
-a leaf module (the strategy modules import it), and nothing here imports tvm.
+a leaf module (the strategy modules import it), and nothing here imports tvm, onnx or numpy.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from onnxprune.errors import ToolchainError
+
+if TYPE_CHECKING:  # numpy is not imported at run time: the CLI's parser reads the table (start-up time)
+    import numpy as np
 
 __all__ = ["HOST_CPU", "Exporter", "Runner", "TargetSpec", "Toolchain"]
 

@@ -8,7 +8,6 @@ unpacked by ``.ci/install-tvm.sh`` into :func:`runtime_cache`. Nothing here impo
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -48,6 +47,8 @@ def require(tool: Toolchain | None, why: str) -> str:
 
 def tvm_version() -> str:
     """Installed apache-tvm version, without importing tvm."""
+    import importlib.metadata  # not at module level: the CLI's parser imports this module (start-up time)
+
     try:
         return importlib.metadata.version("apache-tvm")
     except importlib.metadata.PackageNotFoundError:

@@ -4,14 +4,18 @@ This module and the ``tvm_*`` modules it uses are the only places that import tv
 lazily by :func:`onnxprune.targets.compile_bundle`, so ``onnxprune prune`` never pays the 1.5-5 s tvm import.
 
 Pipeline (:func:`compile_bundle`):
-  1. load + check the ONNX model, fix its input shapes (``--shape``), refuse ops the importer lacks, fold
-     BatchNorm into the convolutions (:func:`onnxprune.fold.fold_batchnorm`);
+  1. load + check the ONNX model (a file or a ``ModelProto``), fix its input shapes (``--shape``; a dynamic
+     batch not fixed there is compiled as 1, with a note), refuse ops the importer lacks, fold BatchNorm
+     into the convolutions (:func:`onnxprune.fold.fold_batchnorm`);
   2. ``from_onnx`` -> Relax; fold constants, NHWC layout and Winograd (:mod:`.tvm_layout`), legalize to TIR,
      fuse;
   3. schedule every kernel: CPU rules from :mod:`.tvm_schedules` (no tuning run needed), or MetaSchedule
      tuning with a cached database when ``tune > 0`` (:mod:`.tvm_tune`); dlight GPU rules for CUDA;
   4. build for the row's TVM target and export it with the row's exporter (:mod:`.exporters`);
   5. add the README and ``manifest.json`` (which lists the kernels no schedule applied to).
+
+Each step is a :func:`onnxprune.progress.task`. TVM's own messages (Python logging and warnings, C++ ``LOG``
+on fd 2) are kept off the terminal in the bundle's ``compile.log`` (:mod:`.messages`), named by one note.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,10 +32,12 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxprune import progress
 from onnxprune.errors import ModelError, ToolchainError, UnsupportedModelError, UsageError
 from onnxprune.fold import fold_batchnorm
 
 from . import bundle as B
+from .messages import note, tvm_messages
 from .spec import HOST_CPU, TargetSpec
 from .table import get_target
 from .toolchains import require, tvm_version
@@ -68,17 +75,22 @@ def build_target(spec: TargetSpec) -> tvm.target.Target:
     return tvm.target.Target(d)
 
 
-def _load(model_path: str | Path) -> onnx.ModelProto:
-    path = Path(model_path)
+def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
+    """The model and the file it came from (None for a ``ModelProto``)."""
+    if isinstance(model, onnx.ModelProto):
+        if not model.graph.node:
+            raise ModelError("the model's graph has no nodes")
+        return model, None
+    path = Path(model)
     if not path.is_file():
         raise ModelError(f"{path}: no such file")
     try:
-        model = onnx.load(str(path))
+        proto = onnx.load(str(path))
     except Exception as e:
         raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
-    if not model.graph.node:
+    if not proto.graph.node:
         raise ModelError(f"{path}: the graph has no nodes")
-    return model
+    return proto, path
 
 
 def _check_ops(model: onnx.ModelProto) -> None:
@@ -138,6 +150,8 @@ def _one_line(e: BaseException) -> str:
     return lines[-1][:300] if lines else type(e).__name__
 
 
+#: Where TVM's messages during a compile are kept, in the bundle folder (only when it printed any).
+COMPILE_LOG = "compile.log"
 #: Constants with fewer elements stay in the library (scalars, shapes); larger ones go to ``weights.bin``.
 MIN_WEIGHT_ELEMENTS = 16
 WEIGHTS_FILE = "weights.bin"
@@ -185,12 +199,14 @@ def _relax_pipeline(
     work_dir: Path | None,
     weights: list | None = None,
     unscheduled: dict[str, str] | None = None,
+    build_task: progress.Task | None = None,
 ):
     """Relax pipeline: legalize + fuse, schedule the kernels, then lower to VM code.
 
     With a ``weights`` list, the folded weights are lifted out of the library (:func:`lift_weights`) and
     appended to it; an ``unscheduled`` dict receives the kernels no CPU schedule applied to (by name, with
-    the reason).
+    the reason). Each step is a progress task; ``build_task`` (the task around ``relax.build``) then says
+    that code generation, what ``relax.build`` does after the pipeline, is under way.
     """
     from tvm.relax.backend import cpu_generic
 
@@ -202,15 +218,16 @@ def _relax_pipeline(
     @tvm.transform.module_pass(opt_level=0, name="OnnxpruneCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
-            mod = tvm.transform.Sequential(
-                [
-                    relax.transform.FoldConstant(),
-                    *tvm_layout.relax_layout_passes(target),
-                ]
-            )(mod)
-            mod = tvm.transform.Sequential(
-                [*cpu_generic.library_dispatch_passes(target), *tvm_layout.legalize_passes(target)]
-            )(mod)
+            with progress.task("folding constants, NHWC layout, legalizing"):
+                mod = tvm.transform.Sequential(
+                    [
+                        relax.transform.FoldConstant(),
+                        *tvm_layout.relax_layout_passes(target),
+                    ]
+                )(mod)
+                mod = tvm.transform.Sequential(
+                    [*cpu_generic.library_dispatch_passes(target), *tvm_layout.legalize_passes(target)]
+                )(mod)
             if tune > 0:
                 from . import tvm_tune  # only tuned compiles pay for importing MetaSchedule
 
@@ -218,12 +235,15 @@ def _relax_pipeline(
             # Schedules may repack constant weights (conv weights in register-tile order), so the weights are
             # lifted after scheduling, as the kernels read them.
             mod = tvm_schedules.ApplyCPUSchedules(target, unscheduled)(mod)
-            if weights is not None:
-                mod, lifted = lift_weights(mod)
-                weights.extend(lifted)
-            mod = tvm.transform.Sequential(
-                [*cpu_generic.pipeline.dataflow_lower_passes(target), *cpu_generic.finalize_passes(target)]
-            )(mod)
+            with progress.task("lowering to VM code"):
+                if weights is not None:
+                    mod, lifted = lift_weights(mod)
+                    weights.extend(lifted)
+                mod = tvm.transform.Sequential(
+                    [*cpu_generic.pipeline.dataflow_lower_passes(target), *cpu_generic.finalize_passes(target)]
+                )(mod)
+        if build_task is not None:
+            build_task.update(description=f"generating {spec.name} code")
         return mod
 
     return _pipeline
@@ -241,13 +261,14 @@ def build_executable(
     """Compile a Relax module for a table row (lifting the weights into ``weights`` and naming the kernels
     left unscheduled in ``unscheduled`` when given)."""
     target = build_target(spec)
-    pipeline = _relax_pipeline(spec, target, tune, work_dir, weights, unscheduled)
-    try:
-        return relax.build(mod, target, relax_pipeline=pipeline, **spec.exporter.build_kwargs())
-    except Exception as e:
-        if os.environ.get("ONNXPRUNE_DEBUG"):  # keep the traceback when debugging the backend
-            raise
-        raise UnsupportedModelError(f"TVM failed to compile for {spec.name}: {_one_line(e)}") from None
+    with progress.task(f"building for {spec.name} with TVM") as job:
+        pipeline = _relax_pipeline(spec, target, tune, work_dir, weights, unscheduled, build_task=job)
+        try:
+            return relax.build(mod, target, relax_pipeline=pipeline, **spec.exporter.build_kwargs())
+        except Exception as e:
+            if os.environ.get("ONNXPRUNE_DEBUG"):  # keep the traceback when debugging the backend
+                raise
+            raise UnsupportedModelError(f"TVM failed to compile for {spec.name}: {_one_line(e)}") from None
 
 
 def _output_specs(mod: tvm.IRModule, names: list[B.TensorSpec]) -> list[B.TensorSpec]:
@@ -288,6 +309,16 @@ def _readme(spec: TargetSpec, manifest: dict[str, Any]) -> str:
         "",
         *(
             [
+                f"The model's batch is dynamic; this bundle is compiled for batch 1 "
+                f"({', '.join(f'`{n}`' for n in manifest['batch_defaulted_to_1'])}). For another batch, "
+                "compile again with `--shape NAME=N,...`.",
+                "",
+            ]
+            if manifest["batch_defaulted_to_1"]
+            else []
+        ),
+        *(
+            [
                 f"Weights: `{w['file']}` ({w['count']} tensors, TVM parameter dict), already in the kernels' "
                 "layout; the runner passes them to `main` after the inputs.",
                 "",
@@ -302,63 +333,76 @@ def _readme(spec: TargetSpec, manifest: dict[str, Any]) -> str:
         "",
         *spec.exporter.readme(ins, wflag),
     ]
-    lines += ["", "`manifest.json` lists the sha256 of every file; check them with `sha256sum`.", ""]
-    return "\n".join(lines)
+    lines += ["", "`manifest.json` lists the sha256 of every file; check them with `sha256sum`."]
+    if manifest["compile_log"]:
+        lines += [f"`{manifest['compile_log']}` holds what TVM printed while compiling (not needed to run)."]
+    return "\n".join([*lines, ""])
+
+
+def _model_field(model: onnx.ModelProto, path: Path | None) -> dict[str, object]:
+    """The manifest's ``model``: a file's name and sha256, or a proto's sha256 of its serialized bytes."""
+    data = path.read_bytes() if path is not None else model.SerializeToString()
+    name = model.graph.name or (path.stem if path is not None else "model")
+    return {"name": name, "file": path.name if path is not None else None,
+            "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
 
 
 def compile_bundle(
-    model_path: str | Path,
+    model: str | Path | onnx.ModelProto,
     target: str,
     out_dir: str | Path | None = None,
     tune: int = 0,
     shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> Path:
-    """Compile an ONNX model into a bundle for a target (see :mod:`onnxprune.targets.bundle`).
+    """Compile an ONNX model (a file or a ``ModelProto``) into a bundle for a target (see
+    :mod:`onnxprune.targets.bundle` and :func:`onnxprune.targets.compile_bundle`).
 
     Kernels no CPU schedule applied to (they run as naive loop nests, 30-100x slower) are listed in the
     manifest's ``unscheduled_kernels`` (with ``unscheduled_kernel_count``); the reasons are logged at INFO
-    on the ``onnxprune.targets`` logger.
+    on the ``onnxprune.targets`` logger. Inputs whose dynamic batch is compiled as 1 get a note on stderr and
+    are listed in ``batch_defaulted_to_1``; TVM's messages go to ``compile.log`` (``compile_log``).
     """
     if tune < 0:
         raise UsageError("--tune must be >= 0")
     spec = get_target(target)
-    model_path = Path(model_path)
-    model = _load(model_path)
-    inputs, outputs = B.model_signature(model, shapes)
-    out = Path(out_dir) if out_dir is not None else model_path.with_name(f"{model_path.stem}.{spec.name}")
+    model, model_path = _load(model)
+    if out_dir is not None:
+        out = Path(out_dir)
+    elif model_path is not None:
+        out = model_path.with_name(f"{model_path.stem}.{spec.name}")
+    else:
+        raise UsageError("compile_bundle: out_dir is required when the model is a ModelProto")
+    inputs, outputs = B.model_signature(model, shapes, batch_default=1)
     # Check the toolchain before the slow part.
     require(spec.compiler, f"to build {spec.name} bundles")
     spec.exporter.check_toolchain(spec)
+    defaulted = B.dynamic_batch_inputs(model, shapes)
+    for name in defaulted:
+        note(f"input {name!r} has a dynamic batch; compiling for batch 1 (use --shape to choose)")
+    label = model_path.name if model_path is not None else (model.graph.name or "the model")
     t0 = time.perf_counter()
-    mod = import_onnx(model, inputs)
-    outputs = _output_specs(mod, outputs)
-    work_dir = Path(os.environ.get("ONNXPRUNE_TUNE_CACHE", Path.home() / ".cache" / "onnxprune" / "tune"))
-    weights: list[np.ndarray] | None = None if spec.gpu else []
-    unscheduled: dict[str, str] = {}
-    ex = build_executable(mod, spec, tune=tune, work_dir=work_dir, weights=weights, unscheduled=unscheduled)
-    for kernel, reason in sorted(unscheduled.items()):
-        log.info("kernel %s runs (partly) unscheduled: %s", kernel, reason)
-    B.clean_dir(out)
-    fields = spec.exporter.write(ex, out, spec)
-    if weights:
-        blob = tvm.runtime.save_param_dict(
-            {f"w{i:04d}": tvm.runtime.tensor(w) for i, w in enumerate(weights)}
-        )
-        (out / WEIGHTS_FILE).write_bytes(blob)
-        weights_field: object = {
-            "file": WEIGHTS_FILE, "format": "tvm-param-dict", "count": len(weights),
-            "bytes": len(blob), "passed_as": "main(inputs..., w0000, w0001, ...)",
-        }  # fmt: skip
-    else:
-        weights_field = "embedded in the library (constants)"
+    with (
+        progress.task(f"compiling {label} for {spec.name}", total=3) as job,
+        tempfile.TemporaryDirectory(prefix="onnxprune-compile-") as tmp,
+    ):
+        captured = Path(tmp) / COMPILE_LOG
+        try:
+            with tvm_messages(captured):
+                fields, weights_field, outputs, unscheduled = _compile_into(out, spec, model, inputs, outputs,
+                                                                            tune, job)  # fmt: skip
+        except BaseException:
+            if captured.is_file():  # the messages may explain the failure: keep them where it can be found
+                kept = Path(tempfile.mkstemp(prefix="onnxprune-compile-", suffix=".log")[1])
+                kept.write_bytes(captured.read_bytes())
+                note(f"TVM messages in {kept}")
+            raise
+        compile_log = None
+        if captured.is_file():
+            compile_log = COMPILE_LOG
+            (out / COMPILE_LOG).write_bytes(captured.read_bytes())
     compile_s = time.perf_counter() - t0
-    model_bytes = model_path.read_bytes()
     manifest: dict[str, Any] = {
-        "model": {
-            "name": model.graph.name or model_path.stem,
-            "file": model_path.name,
-            "sha256": hashlib.sha256(model_bytes).hexdigest(),
-        },
+        "model": _model_field(model, model_path),
         "inputs": B.spec_dicts(inputs),
         "outputs": B.spec_dicts(outputs),
         "target": {
@@ -375,8 +419,55 @@ def compile_bundle(
         "pruning_summary": B.pruning_summary(model),
         "unscheduled_kernels": sorted(unscheduled),
         "unscheduled_kernel_count": len(unscheduled),
+        "batch_defaulted_to_1": defaulted,
+        "compile_log": compile_log,
     }
     (out / "README.md").write_text(_readme(spec, manifest))
     B.write_manifest(out, manifest)
     json.loads((out / B.MANIFEST).read_text())
+    if compile_log:
+        note(f"TVM messages in {out / compile_log}")
     return out
+
+
+def _compile_into(
+    out: Path,
+    spec: TargetSpec,
+    model: onnx.ModelProto,
+    inputs: list[B.TensorSpec],
+    outputs: list[B.TensorSpec],
+    tune: int,
+    job: progress.Task,
+) -> tuple[dict[str, object], object, list[B.TensorSpec], dict[str, str]]:
+    """Import, build and export into ``out`` (emptied first), advancing ``job`` once per step.
+
+    Returns:
+        The exporter's manifest fields, the manifest's ``weights``, the outputs with their compiled shapes,
+        and the kernels left unscheduled (with the reasons).
+    """
+    with progress.task("importing the ONNX model"):
+        mod = import_onnx(model, inputs)
+        outputs = _output_specs(mod, outputs)
+    job.advance()
+    work_dir = Path(os.environ.get("ONNXPRUNE_TUNE_CACHE", Path.home() / ".cache" / "onnxprune" / "tune"))
+    weights: list[np.ndarray] | None = None if spec.gpu else []
+    unscheduled: dict[str, str] = {}
+    ex = build_executable(mod, spec, tune=tune, work_dir=work_dir, weights=weights, unscheduled=unscheduled)
+    for kernel, reason in sorted(unscheduled.items()):
+        log.info("kernel %s runs (partly) unscheduled: %s", kernel, reason)
+    job.advance()
+    B.clean_dir(out)
+    with progress.task(f"writing the {spec.name} bundle"):
+        fields = spec.exporter.write(ex, out, spec)
+        weights_field: object = "embedded in the library (constants)"
+        if weights:
+            blob = tvm.runtime.save_param_dict(
+                {f"w{i:04d}": tvm.runtime.tensor(w) for i, w in enumerate(weights)}
+            )
+            (out / WEIGHTS_FILE).write_bytes(blob)
+            weights_field = {
+                "file": WEIGHTS_FILE, "format": "tvm-param-dict", "count": len(weights),
+                "bytes": len(blob), "passed_as": "main(inputs..., w0000, w0001, ...)",
+            }  # fmt: skip
+    job.advance()
+    return fields, weights_field, outputs, unscheduled

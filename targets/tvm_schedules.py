@@ -34,6 +34,8 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
 
+from onnxprune import progress
+
 from . import tvm_winograd
 from .tvm_tiles import const_int, largest_divisor, register_tile, vector_lanes, vector_registers
 
@@ -302,22 +304,25 @@ class ApplyCPUSchedules:
         updates = {}
         packs: dict[tvm.ir.GlobalVar, tuple[tirx.PrimFunc, dict[int, int]]] = {}
         constant = _constant_params(mod)
-        for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", 0):
-                continue
-            try:
-                kernel = Kernel(func, self.lanes, self.registers, constant.get(gv.name_hint, frozenset()))
-                new = kernel.run()
-            except Exception as e:
-                self.unscheduled[gv.name_hint] = f"no schedule: {type(e).__name__}: {_last_line(e)}"
-                continue
-            if kernel.naive_blocks:
-                self.unscheduled[gv.name_hint] = "; ".join(kernel.naive_blocks)
-            new = new.with_attr("tirx.is_scheduled", True)
-            if kernel.packed:
-                packs[gv] = (new, kernel.packed)
-            else:
-                updates[gv] = new
+        todo = [
+            (gv, func) for gv, func in mod.functions_items()
+            if isinstance(func, tirx.PrimFunc) and not func.attrs.get("tirx.is_scheduled", 0)
+        ]  # fmt: skip
+        with progress.task("scheduling kernels", total=len(todo)) as job:
+            for gv, func in job.track(todo):
+                try:
+                    kernel = Kernel(func, self.lanes, self.registers, constant.get(gv.name_hint, frozenset()))
+                    new = kernel.run()
+                except Exception as e:
+                    self.unscheduled[gv.name_hint] = f"no schedule: {type(e).__name__}: {_last_line(e)}"
+                    continue
+                if kernel.naive_blocks:
+                    self.unscheduled[gv.name_hint] = "; ".join(kernel.naive_blocks)
+                new = new.with_attr("tirx.is_scheduled", True)
+                if kernel.packed:
+                    packs[gv] = (new, kernel.packed)
+                else:
+                    updates[gv] = new
         for gv, func in updates.items():
             mod[gv] = func
         return _pack_constants(mod, packs) if packs else mod

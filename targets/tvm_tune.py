@@ -18,9 +18,11 @@ How it runs (:func:`tune`):
 4. The database lives in ``<tune cache>/<hash of target + module>/`` and is reused: a compile asking for no
    more trials than the database already holds for that module tunes nothing and only applies it.
 5. Logging is set up per run by :func:`_tuning_logs` and taken down afterwards: progress tables go to
-   ``<database folder>/logs``, the console gets MetaSchedule's warnings only (``ONNXPRUNE_TUNE_VERBOSE=1``:
-   everything). MetaSchedule's own set-up is not used: it reconfigures the whole process with
-   ``logging.config.dictConfig`` and failed on a handler without a name (see :func:`_tuning_logs`).
+   ``<database folder>/logs``, ``sys.stdout`` gets MetaSchedule's warnings only (``ONNXPRUNE_TUNE_VERBOSE=1``:
+   everything); during a compile ``sys.stdout`` is the bundle's ``compile.log`` (:mod:`.messages`) unless
+   ``ONNXPRUNE_TUNE_VERBOSE`` is set. MetaSchedule's own set-up is not used: it reconfigures the whole process
+   with ``logging.config.dictConfig`` and failed on a handler without a name (see :func:`_tuning_logs`).
+6. Each step is an :func:`onnxprune.progress.task`; the search advances its task once per measured candidate.
 
 Like every ``tvm_*`` module of :mod:`onnxprune.targets`, this one imports tvm; nothing outside the package does.
 """
@@ -46,11 +48,13 @@ from tvm.s_tir.meta_schedule.runner import PyRunner, RunnerInput
 from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 from tvm.s_tir.meta_schedule.utils import fork_seed
 
+from onnxprune import progress
+
 from . import tvm_winograd
 from .tvm_schedules import Kernel
 from .tvm_tiles import vector_lanes, vector_registers
 
-__all__ = ["InProcessBuilder", "InProcessRunner", "tune"]
+__all__ = ["InProcessBuilder", "InProcessRunner", "ProgressCallback", "tune"]
 
 log = logging.getLogger("onnxprune.targets.tune")
 
@@ -126,6 +130,18 @@ class InProcessRunner(PyRunner):
             except Exception as e:
                 futures.append(LocalRunnerFuture(error_message=f"{type(e).__name__}: {str(e)[:500]}"))
         return futures
+
+
+@derived_object
+class ProgressCallback(ms.measure_callback.PyMeasureCallback):
+    """Advances a progress task by the number of candidates measured in each search round."""
+
+    def __init__(self, job: progress.Task) -> None:
+        super().__init__()
+        self.job = job
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        self.job.advance(len(runner_results))
 
 
 def _cpu_tensor_intrinsics_only() -> None:
@@ -232,29 +248,30 @@ def _seed_default_schedules(tasks, database, target, builder, runner) -> int:
     lanes = vector_lanes(target)
     registers = vector_registers(target)
     committed = 0
-    for task in tasks:
-        mod = task.dispatched[0]
-        func = mod["main"]
-        try:
-            kernel = Kernel(func, lanes, registers)
-            kernel.run()
-            sch = kernel.sch
-            (res,) = builder.build([BuilderInput(sch.mod, target)])
-            if res.error_msg:
+    with progress.task("seeding the database with the default schedules", total=len(tasks)) as job:
+        for task in job.track(tasks):
+            mod = task.dispatched[0]
+            func = mod["main"]
+            try:
+                kernel = Kernel(func, lanes, registers)
+                kernel.run()
+                sch = kernel.sch
+                (res,) = builder.build([BuilderInput(sch.mod, target)])
+                if res.error_msg:
+                    continue
+                secs = runner.measure(
+                    builder.built.pop(str(res.artifact_path)), ms.arg_info.ArgInfo.from_prim_func(func)
+                )
+            except Exception as e:
+                log.debug("default schedule of %s not seeded: %s", task.task_name, e)
                 continue
-            secs = runner.measure(
-                builder.built.pop(str(res.artifact_path)), ms.arg_info.ArgInfo.from_prim_func(func)
-            )
-        except Exception as e:
-            log.debug("default schedule of %s not seeded: %s", task.task_name, e)
-            continue
-        workload = database.commit_workload(mod)
-        record = ms.database.TuningRecord(
-            sch.trace, workload, run_secs=secs, target=target,
-            args_info=ms.arg_info.ArgInfo.from_prim_func(func),
-        )  # fmt: skip
-        database.commit_tuning_record(record)
-        committed += 1
+            workload = database.commit_workload(mod)
+            record = ms.database.TuningRecord(
+                sch.trace, workload, run_secs=secs, target=target,
+                args_info=ms.arg_info.ArgInfo.from_prim_func(func),
+            )  # fmt: skip
+            database.commit_tuning_record(record)
+            committed += 1
     return committed
 
 
@@ -264,21 +281,22 @@ def _default_times(tasks, target, builder, runner) -> dict[str, float]:
     lanes = vector_lanes(target)
     registers = vector_registers(target)
     times: dict[str, float] = {}
-    for task in tasks:
-        func = task.dispatched[0]["main"]
-        try:
-            kernel = Kernel(func, lanes, registers, frozenset(p.name for p in func.params))
-            new = kernel.run()
-            (res,) = builder.build([BuilderInput(tvm.IRModule({"main": new}), target)])
-            if res.error_msg:
+    with progress.task("timing the default schedules", total=len(tasks)) as job:
+        for task in job.track(tasks):
+            func = task.dispatched[0]["main"]
+            try:
+                kernel = Kernel(func, lanes, registers, frozenset(p.name for p in func.params))
+                new = kernel.run()
+                (res,) = builder.build([BuilderInput(tvm.IRModule({"main": new}), target)])
+                if res.error_msg:
+                    continue
+                secs = runner.measure(
+                    builder.built.pop(str(res.artifact_path)), ms.arg_info.ArgInfo.from_prim_func(new)
+                )
+            except Exception as e:
+                log.debug("default schedule of %s not measured: %s", task.task_name, e)
                 continue
-            secs = runner.measure(
-                builder.built.pop(str(res.artifact_path)), ms.arg_info.ArgInfo.from_prim_func(new)
-            )
-        except Exception as e:
-            log.debug("default schedule of %s not measured: %s", task.task_name, e)
-            continue
-        times[task.task_name] = float(np.median(secs))
+            times[task.task_name] = float(np.median(secs))
     return times
 
 
@@ -314,29 +332,30 @@ def _confirm(database, task, target, rounds: int = 3) -> bool:
 def _faster_than_default(database, tasks, target, defaults: dict[str, float]):
     """A database holding, per task, the best record only where it beats the default schedule's time."""
     chosen = ms.database.MemoryDatabase()
-    for task in tasks:
-        mod = task.dispatched[0]
-        if not database.has_workload(mod):
-            continue
-        top = database.get_top_k(database.commit_workload(mod), 1)
-        if not top or not top[0].run_secs:
-            continue
-        best = float(np.median([float(x) for x in top[0].run_secs]))
-        default = defaults.get(task.task_name)
-        if default is not None and best >= default * (1 - MIN_GAIN):
-            log.info(
-                "%s: tuned %.1f us vs default %.1f us -> default", task.task_name, best * 1e6, default * 1e6
-            )
-            continue
-        if default is not None and not _confirm(database, task, target):
-            log.info("%s: tuned record not faster when re-measured next to the default", task.task_name)
-            continue
-        rec = top[0]
-        workload = chosen.commit_workload(mod)
-        chosen.commit_tuning_record(
-            ms.database.TuningRecord(rec.trace, workload, run_secs=rec.run_secs, target=rec.target,
-                                     args_info=rec.args_info)
-        )  # fmt: skip
+    with progress.task("keeping tuned kernels that beat the defaults", total=len(tasks)) as job:
+        for task in job.track(tasks):
+            mod = task.dispatched[0]
+            if not database.has_workload(mod):
+                continue
+            top = database.get_top_k(database.commit_workload(mod), 1)
+            if not top or not top[0].run_secs:
+                continue
+            best = float(np.median([float(x) for x in top[0].run_secs]))
+            default = defaults.get(task.task_name)
+            if default is not None and best >= default * (1 - MIN_GAIN):
+                log.info(
+                    "%s: tuned %.1f us vs default %.1f us -> default", task.task_name, best * 1e6, default * 1e6
+                )
+                continue
+            if default is not None and not _confirm(database, task, target):
+                log.info("%s: tuned record not faster when re-measured next to the default", task.task_name)
+                continue
+            rec = top[0]
+            workload = chosen.commit_workload(mod)
+            chosen.commit_tuning_record(
+                ms.database.TuningRecord(rec.trace, workload, run_secs=rec.run_secs, target=rec.target,
+                                         args_info=rec.args_info)
+            )  # fmt: skip
     return chosen
 
 
@@ -346,6 +365,11 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
     Kernels found in the database get the fastest recorded schedule (default or tuned) and are marked
     scheduled; the rest are left to :class:`~.tvm_schedules.ApplyCPUSchedules`.
     """
+    with progress.task(f"tuning ({trials} MetaSchedule trials)"):
+        return _tune(mod, target, trials, work_dir)
+
+
+def _tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Path | None) -> tvm.IRModule:
     from tvm.relax.transform import MetaScheduleApplyDatabase
     from tvm.s_tir.meta_schedule.relax_integration import extract_tasks
 
@@ -361,10 +385,11 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"trials": 0, "seeded": False}
     database = ms.database.JSONDatabase(work_dir=str(root))
     # Winograd kernels keep their own schedule (MetaSchedule's search aborts on their compute_at structure).
-    tasks = [
-        t for t in extract_tasks(mod, target)
-        if not t.mod.attrs.get("tirx.is_scheduled", False) and not tvm_winograd.is_winograd_func(t.mod["main"])
-    ]  # fmt: skip
+    with progress.task("extracting tuning tasks"):
+        tasks = [
+            t for t in extract_tasks(mod, target)
+            if not t.mod.attrs.get("tirx.is_scheduled", False) and not tvm_winograd.is_winograd_func(t.mod["main"])
+        ]  # fmt: skip
     builder = InProcessBuilder()
     runner = InProcessRunner(builder)
     if "default_secs" not in state:
@@ -386,18 +411,22 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: Pa
             strategy = ms.search_strategy.EvolutionarySearch(
                 population_size=POPULATION, init_min_unmeasured=16, genetic_num_iters=2
             )
-            with _tuning_logs(root / "logs", [t.task_name for t in tasks]) as loggers:
+            with (
+                _tuning_logs(root / "logs", [t.task_name for t in tasks]) as loggers,
+                progress.task(f"searching {len(tasks)} kernels' schedules", total=todo) as job,
+            ):
                 ms.tune_tasks(
                     tasks=_tune_contexts(tasks, strategy, loggers), task_weights=[t.weight for t in tasks],
                     work_dir=str(root), max_trials_global=todo,
                     num_trials_per_iter=min(64, max(4, todo // len(tasks))), builder=builder, runner=runner,
                     database=database, cost_model=cost_model,
                     # the default callbacks also delete each artifact's folder; ours live in memory
-                    measure_callbacks=[ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel()],
+                    measure_callbacks=[ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel(),
+                                       ProgressCallback(job)],
                 )  # fmt: skip
             state["trials"] += todo
             state_path.write_text(json.dumps(state))
     chosen = _faster_than_default(database, tasks, target, state["default_secs"])
-    with target, chosen:
+    with target, chosen, progress.task("applying the tuned schedules"):
         mod = MetaScheduleApplyDatabase(str(root))(mod)
     return mod

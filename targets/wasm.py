@@ -5,7 +5,8 @@ the C++ sources the apache-tvm / apache-tvm-ffi wheels ship) is compiled once pe
 emscripten into ``<runtime cache>/wasm32/libtvm_wasm_runtime.a``, using the minimal support headers in
 ``runners/wasm/shim`` (the wheel lacks them) and ``-fexceptions`` (TVM reports errors as C++ exceptions).
 ``runners/wasm/parallel_serial.cc`` runs parallel loops serially. The bundle's ``runner.js`` +
-``runner.wasm`` run under node (``NODERAWFS``: plain file paths) with the same arguments as the C++ runner.
+``runner.wasm`` run under node (``NODERAWFS``: plain file paths) with the same arguments as the C++ runner. The
+runner's source is not shipped: it is linked into ``runner.wasm`` and a device cannot rebuild it alone.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import os
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from onnxprune import progress
 from onnxprune.errors import ToolchainError
 
 from .spec import TargetSpec
@@ -66,11 +67,16 @@ def wasm_runtime(emcc: str) -> Path:
             _run([emcc, *flags, "-c", str(f), "-o", str(obj)], f"emcc {f.name}")
             return obj
 
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            objs = list(pool.map(compile_one, files))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_ar = out.with_suffix(".tmp.a")
-        _run([shutil.which("emar") or "emar", "rcs", str(tmp_ar), *map(str, objs)], "emar")
+        from concurrent.futures import ThreadPoolExecutor
+
+        with (
+            progress.task("building the TVM runtime for wasm (once per machine)", total=len(files)) as job,
+            ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool,
+        ):
+            objs = list(job.track(pool.map(compile_one, files)))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp_ar = out.with_suffix(".tmp.a")
+            _run([shutil.which("emar") or "emar", "rcs", str(tmp_ar), *map(str, objs)], "emar")
         tmp_ar.replace(out)
     return out
 
@@ -91,14 +97,15 @@ def export_wasm(ex: object, spec: TargetSpec, out: Path) -> dict[str, object]:
             Path(output).write_bytes(b"")
 
         collect.output_format = "o"  # type: ignore[attr-defined]
-        ex.export_library(str(Path(tmp) / "model.out"), fcompile=collect)
-        shutil.copy2(RUNNER_SOURCE, out / "runner.cc")
+        with progress.task("writing the model's wasm objects"):
+            ex.export_library(str(Path(tmp) / "model.out"), fcompile=collect)
         cmd = [
             emcc, "-O2", "-std=c++17", "-fexceptions", *_includes(), str(RUNNER_SOURCE), str(SERIAL), *objs,
             "-Wl,--whole-archive", str(runtime), "-Wl,--no-whole-archive", "-s", "NODERAWFS=1",
             "-s", "ALLOW_MEMORY_GROWTH=1", "-s", "INITIAL_MEMORY=128MB", "-s", "DISABLE_EXCEPTION_CATCHING=0",
             "-o", str(out / "runner.js"),
         ]  # fmt: skip
-        _run(cmd, "linking the wasm bundle with emcc")
-    return {"library": "runner.wasm", "runner": {"program": "runner.js", "source": "runner.cc", "kind": "node"},
+        with progress.task("linking runner.wasm with emcc"):
+            _run(cmd, "linking the wasm bundle with emcc")
+    return {"library": "runner.wasm", "runner": {"program": "runner.js", "kind": "node"},
             "runtime": ["runner.wasm (TVM runtime linked in)"]}  # fmt: skip

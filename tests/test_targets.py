@@ -169,7 +169,7 @@ def test_signature_requires_static_shapes(tmp_path):
 
     model = onnx.load(tiny_cnn(tmp_path / "m.onnx", dynamic_batch=True))
     with pytest.raises(UnsupportedModelError, match=r"--shape x=1,3,20,20"):
-        model_signature(model)
+        model_signature(model)  # without batch_default (compile_bundle passes 1: tests/test_targets_edges.py)
     ins, outs = model_signature(model, {"x": (2, 3, 20, 20)})
     assert ins[0].shape == (2, 3, 20, 20) and outs[0].name == "y"
     with pytest.raises(UsageError, match="fixed"):
@@ -221,6 +221,7 @@ def test_x86_bundle_matches_onnxruntime(x86_bundle):
     assert manifest["runner"] == {"program": "runner", "source": "runner.cc", "kind": "native"}
     assert manifest["runtime"] == ["lib/libtvm_runtime.so", "lib/libtvm_ffi.so"]
     assert manifest["unscheduled_kernels"] == [] and manifest["unscheduled_kernel_count"] == 0
+    assert manifest["batch_defaulted_to_1"] == [] and manifest["compile_log"] is None
 
 
 @needs_tvm
@@ -288,11 +289,15 @@ def test_run_checks_input_shapes(x86_bundle):
 def test_cli_compile_and_run(tmp_path):
     model = tiny_cnn(tmp_path / "tiny.onnx", dynamic_batch=True)
     exe = [sys.executable, "-m", "onnxprune.cli"] if not shutil.which("onnxprune") else ["onnxprune"]
-    r = subprocess.run([*exe, "compile", str(model), "--target", "x86"], capture_output=True, text=True)
-    assert r.returncode == 1 and "--shape x=1,3,20,20" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    spatial = onnx.load(model)  # a dynamic dim other than the batch still needs --shape
+    spatial.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "W"
+    onnx.save(spatial, tmp_path / "spatial.onnx")
+    r = subprocess.run([*exe, "compile", str(tmp_path / "spatial.onnx"), "--target", "x86"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1 and "--shape x=1,3,20,1" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = subprocess.run([*exe, "compile", str(model), "--target", "x86", "--shape", "x=2,3,20,20",
                         "-o", str(tmp_path / "b")], capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and r.stderr == "", r.stderr  # the batch is given: no note
     x = np.random.RandomState(1).randn(2, 3, 20, 20).astype(np.float32)
     np.savez(tmp_path / "in.npz", x=x)
     r = subprocess.run([*exe, "run", str(tmp_path / "b"), "--inputs", str(tmp_path / "in.npz"),
@@ -492,15 +497,41 @@ def test_clip_stays_in_nhwc_and_matches_onnxruntime(tmp_path):
     compile_and_check(path, "x86", tmp_path / "b")
 
 
+def compile_with_cli(model: Path, target: str, out: Path, capfd) -> dict:
+    """``onnxprune compile MODEL --target T -o OUT`` through ``onnxprune.cli.main`` (no --shape: the bundled
+    models' batch is dynamic); the bundle runs and matches onnxruntime on a batch-1 input. Returns the
+    manifest, with the compile's stderr lines under ``"__stderr__"``."""
+    from onnxprune.cli import main
+    from onnxprune.targets import read_manifest, run_bundle
+
+    rc = main(["compile", str(model), "--target", target, "-o", str(out)])
+    captured = capfd.readouterr()
+    assert rc == 0, captured.err
+    assert captured.out.startswith(f"{out}  ({target}, "), captured.out
+    manifest = read_manifest(out)
+    assert manifest["unscheduled_kernels"] == [], "kernels left as naive loop nests"
+    assert manifest["inputs"][0]["shape"][0] == 1 and manifest["batch_defaulted_to_1"] == ["image"]
+    inputs = random_inputs(manifest)
+    assert_matches(run_bundle(out, inputs), ort_reference(model, inputs))
+    return {**manifest, "__stderr__": captured.err.splitlines()}
+
+
+FASHION_NOTE = "onnxprune: note: input 'image' has a dynamic batch; compiling for batch 1 (use --shape to choose)"
+
+
 @needs_tvm
 @pytest.mark.skipif(not FASHION.is_file(), reason="models/fashion_mnist_cnn.onnx not built")
-def test_x86_fashion_mnist_matches_onnxruntime(tmp_path):
+def test_x86_fashion_mnist_matches_onnxruntime(tmp_path, capfd):
+    """The README's example on the bundled model: a dynamic batch compiles as 1, and stderr holds that note
+    and nothing else (TVM's messages, if any, would be in compile.log, named by a second note)."""
     skip_unless_tools("g++", package_hint="apt-get install g++")
-    compile_and_check(FASHION, "x86", tmp_path / "b", shapes={"image": (1, 1, 28, 28)})
+    manifest = compile_with_cli(FASHION, "x86", tmp_path / "b", capfd)
+    log_note = [f"onnxprune: note: TVM messages in {tmp_path / 'b' / 'compile.log'}"] if manifest["compile_log"] else []
+    assert manifest["__stderr__"] == [FASHION_NOTE, *log_note]
 
 
 @needs_tvm
-def test_tune_runs_metaschedule_and_reuses_its_database(tmp_path, monkeypatch):
+def test_tune_runs_metaschedule_and_reuses_its_database(tmp_path, monkeypatch, capfd):
     """--tune N: default schedules seeded as candidates, N MetaSchedule trials measured, database reused."""
     skip_unless_tools("g++", package_hint="apt-get install g++")
     from onnxprune.targets import compile_bundle
@@ -509,6 +540,16 @@ def test_tune_runs_metaschedule_and_reuses_its_database(tmp_path, monkeypatch):
     model = tiny_cnn(tmp_path / "tiny.onnx")
     manifest = compile_and_check(model, "x86", tmp_path / "b", tune=8)
     assert manifest["tune_trials"] == 8
+    # MetaSchedule's C++ warnings ("Unknown schedule rule meta_schedule.pool_max") land in compile.log, named
+    # by one note; nothing else reaches the terminal
+    out, err = capfd.readouterr()
+    assert out == ""
+    if manifest["compile_log"]:
+        assert manifest["compile_log"] == "compile.log" and "compile.log" in manifest["files"]
+        assert err.splitlines() == [f"onnxprune: note: TVM messages in {tmp_path / 'b' / 'compile.log'}"]
+        assert (tmp_path / "b" / "compile.log").read_text().strip()
+    else:
+        assert err == ""
     (db,) = (tmp_path / "tune").glob("*/database_tuning_record.json")
     records = [json.loads(line) for line in db.read_text().splitlines()]
     workloads = {r[0] for r in records}
@@ -639,11 +680,19 @@ def test_cuda_bundle_runs_on_gpu_or_says_why_not(cuda_bundle):
 
 @needs_tvm
 @pytest.mark.skipif(not FASHION.is_file(), reason="models/fashion_mnist_cnn.onnx not built")
-def test_wasm_fashion_mnist_matches_onnxruntime_under_node(tmp_path):
+def test_wasm_fashion_mnist_matches_onnxruntime_under_node(tmp_path, capfd):
     # CI builds the emscripten TVM runtime in .ci/install-tvm.sh (cached); without it the first run here
     # builds it (~5 min on 2 cores).
     skip_unless_tools("emcc", "node", package_hint="apt-get install emscripten nodejs")
-    compile_and_check(FASHION, "wasm", tmp_path / "b", shapes={"image": (1, 1, 28, 28)})
+    manifest = compile_with_cli(FASHION, "wasm", tmp_path / "b", capfd)
+    # LLVM's "Set native vector bits to be 128 for wasm32" (x6) is gone: the row sets vector-width 128
+    assert manifest["__stderr__"] == [FASHION_NOTE] and manifest["compile_log"] is None
+    assert manifest["target"]["tvm_target"]["vector-width"] == 128
+    # the runner is linked into runner.wasm: its C++ source is not shipped, and nothing names it
+    assert manifest["runner"] == {"program": "runner.js", "kind": "node"}
+    assert set(manifest["files"]) == {"README.md", "runner.js", "runner.wasm", "weights.bin"}
+    readme = (tmp_path / "b" / "README.md").read_text()
+    assert "runner.cc" not in readme and "model.wasm" not in readme and "`runner.wasm`" in readme
 
 
 # ------------------------------------------------------------------------------------------------
