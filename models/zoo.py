@@ -382,6 +382,13 @@ _ENTRIES = [
         "pretrained PP-OCRv4 text recogniser",
     ),
     ZooEntry(
+        "ppocrv4_rec_dynamic",
+        "ocr",
+        _wheel_file("rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx"),
+        _OCR,
+        "the same recogniser with the wheel's dynamic input kept (any batch, height, width)",
+    ),
+    ZooEntry(
         "ppocr_mobile_v2_cls",
         "ocr",
         _wheel_file("rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
@@ -401,7 +408,8 @@ _ENTRIES = [
 ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
 
 # Static input sizes for entries whose inputs are dynamic (PP-OCR takes any image size): what the
-# tests and benchmarks feed them, and what `onnxprune --shape` fixes for analysis.
+# tests and benchmarks feed them, and what `onnxprune --shape` fixes for analysis. `ppocrv4_rec_dynamic`
+# has none on purpose: it is analysed and pruned with its run-time sizes.
 INPUT_SHAPES: dict[str, dict[str, list[int]]] = {
     "ppocrv4_det": {"x": [1, 3, 64, 64]},
     "ppocrv4_rec": {"x": [1, 3, 48, 96]},

@@ -57,6 +57,7 @@ def _fill_same_shape(model: onnx.ModelProto) -> bool:
         known[vi.name] = vi
         filled = True
     filled |= _fill_reshape_dims(model, known)
+    filled |= _fill_slice_dims(model, known)
     return filled
 
 
@@ -110,6 +111,68 @@ def _fill_reshape_dims(model: onnx.ModelProto, known: dict) -> bool:
                 d.dim_param = e
                 filled = True
     return filled
+
+
+def _fill_slice_dims(model: onnx.ModelProto, known: dict) -> bool:
+    """Give a Slice's output the input's sizes on the axes it does not slice.
+
+    onnx drops every output size when a bound is computed at run time (a crop to another tensor's
+    width), though the axes it does not touch, the channels among them, keep their sizes.
+    """
+    graph = ModelGraph(model)
+    filled = False
+    for node in model.graph.node:
+        if node.op_type != "Slice" or not node.output or not node.output[0]:
+            continue
+        in_shape = graph.shape(node.input[0])
+        vi = known.get(node.output[0])
+        if in_shape is None or (vi is not None and all(_settled(d) for d in vi.type.tensor_type.shape.dim)):
+            continue
+        axes = _slice_axes(graph, node, len(in_shape))
+        if axes is None:
+            continue
+        if vi is None:
+            vi = _value_info_for(model, node.output[0], graph.dtype(node.input[0]), len(in_shape))
+            if vi is None:
+                continue
+            known[vi.name] = vi
+            filled = True
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != len(in_shape):
+            continue
+        for k, (d, size) in enumerate(zip(dims, in_shape)):
+            if k in axes or _settled(d):
+                continue
+            if isinstance(size, int) and size > 0:
+                d.Clear()
+                d.dim_value = size
+                filled = True
+            elif isinstance(size, str) and size and size != d.dim_param:
+                d.Clear()
+                d.dim_param = size
+                filled = True
+    return filled
+
+
+def _slice_axes(graph: ModelGraph, node: onnx.NodeProto, rank: int) -> set[int] | None:
+    """The axes a Slice cuts (normalised), None when they are computed at run time."""
+    axes = _attr(node, "axes", None)
+    starts = _attr(node, "starts", None)
+    if starts is not None:  # opset < 10
+        listed = list(axes) if axes is not None else list(range(len(starts)))
+    elif len(node.input) > 3 and node.input[3]:
+        value = graph.const(node.input[3])
+        if value is None:
+            return None
+        listed = [int(a) for a in value.reshape(-1)]
+    else:
+        count = graph.size(node.input[1], 0) if len(node.input) > 1 and graph.rank(node.input[1]) == 1 else None
+        if not isinstance(count, int):
+            return None
+        listed = list(range(count))
+    if any(not -rank <= a < rank for a in listed):
+        return None
+    return {a % rank for a in listed}
 
 
 def _settled(d: onnx.TensorShapeProto.Dimension) -> bool:

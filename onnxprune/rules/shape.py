@@ -127,7 +127,7 @@ def _is_unstacked(ctx, name: str, axis: int, depth: int = 4) -> bool:
             return True
         if node.op_type == "Slice" and len(node.input) > 3:
             axes = ctx.const(node.input[3])
-            if axes is not None and axis in [int(a) % rank for a in axes.reshape(-1)]:
+            if axes is not None and axis in [int(a) % max(rank, 1) for a in axes.reshape(-1)]:
                 return True
         if depth and node.op_type in _LAYOUT_OPS:
             moved = _follow_axis(ctx, node, name, axis)
@@ -392,6 +392,8 @@ class Slice(ChannelRule):
         return {1, 2, 3, 4}
 
     def _params(self, node, ctx):
+        """``(shape, axes, starts, ends, steps)``; a bound computed at run time is None (its axes are
+        frozen, the others still map one to one)."""
         x = node.input[0]
         shape = ctx.shape(x)
         if shape is None:  # onnx's inference gave up upstream (run-time shapes): nothing to map
@@ -400,17 +402,25 @@ class Slice(ChannelRule):
         if "starts" in at:  # opset < 10
             starts, ends = list(at["starts"]), list(at["ends"])
             axes = list(at.get("axes", range(len(starts))))
-            steps = [1] * len(starts)
+            return shape, [a % len(shape) for a in axes], starts, ends, [1] * len(starts)
+        given = [i < len(node.input) and bool(node.input[i]) for i in range(5)]
+        vals = [ctx.const(node.input[i]) if given[i] else None for i in range(5)]
+        if given[3] and vals[3] is None:
+            raise RuleBarrier("slice axes computed at run time")
+        if vals[3] is not None:
+            axes = [int(v) for v in vals[3].reshape(-1)]
         else:
-            vals = [ctx.const(node.input[i]) if i < len(node.input) and node.input[i] else None for i in range(1, 5)]
-            if vals[0] is None or vals[1] is None or (len(node.input) > 3 and node.input[3] and vals[2] is None):
+            count = ctx.size(node.input[1], 0) if ctx.rank(node.input[1]) == 1 else None
+            if not isinstance(count, int):
                 raise RuleBarrier("slice bounds computed at run time")
-            if len(node.input) > 4 and node.input[4] and vals[3] is None:
-                raise RuleBarrier("slice steps computed at run time")
-            starts, ends = [int(v) for v in vals[0]], [int(v) for v in vals[1]]
-            axes = [int(v) for v in vals[2]] if vals[2] is not None else list(range(len(starts)))
-            steps = [int(v) for v in vals[3]] if vals[3] is not None else [1] * len(starts)
-        return shape, [a % len(shape) for a in axes], starts, ends, steps
+            axes = list(range(count))
+
+        def bound(i: int, default: int | None = None) -> list:
+            if not given[i]:
+                return [default] * len(axes)
+            return [None] * len(axes) if vals[i] is None else [int(v) for v in vals[i].reshape(-1)]
+
+        return shape, [a % len(shape) for a in axes], bound(1), bound(2), bound(4, 1)
 
     def couple(self, node, ctx):
         x, y = node.input[0], node.output[0]
@@ -422,6 +432,10 @@ class Slice(ChannelRule):
                 continue
             s, e, step = sliced[ax]
             n = shape[ax]
+            if s is None or e is None or step is None:
+                ctx.freeze(x, ax, "slice bounds computed at run time")
+                ctx.freeze(y, ax, "slice bounds computed at run time")
+                continue
             if step != 1 or not isinstance(n, int):
                 ctx.freeze(x, ax, "strided or unsized slice")
                 ctx.freeze(y, ax, "strided or unsized slice")
@@ -439,7 +453,7 @@ class Slice(ChannelRule):
         for k, ax in enumerate(axes):
             removed = ctx.removed(x, ax)
             if len(removed) == 0:
-                continue
+                continue  # run-time bounds only slice frozen axes, which lose nothing
             n = shape[ax]
             s, e = _clamp(starts[k], n), _clamp(ends[k], n)
             new_starts[k] = s - int(np.sum(removed < s))
