@@ -239,7 +239,7 @@ class OBS(DataCriterion):
         return out
 
     def score(self, group, analysis):
-        from onnxprune.calibration import channel_moments
+        from onnxprune.moments import channel_moments
 
         total = np.zeros(group.size)
         found = False

@@ -6,7 +6,7 @@ consumer's remaining weights and bias **in the original model** (same shapes), s
 that follows (`rewrite.apply_plan`) deletes exactly the columns repair accounted for:
 
 * ``bias`` (data-free): a removed channel c carried E[x_c] on average. BatchNorm running statistics
-  upstream give that expectation (`calibration.channel_moments`: BN output ~ N(beta, gamma^2), rectified
+  upstream give that expectation (`moments.channel_moments`: BN output ~ N(beta, gamma^2), rectified
   by Relu, passed through pooling/Add/Concat/Flatten), and ``sum_k W[:, c, k] * E[x_c]`` is folded into
   the consumer's bias. This is the least-squares solution under the data-free Hessian surrogate
   (independent channels with BN moments): the kept weights stay, only the mean is restored. When the
@@ -38,7 +38,6 @@ from onnxprune.calibration import (
     CalibrationData,
     CalibrationStats,
     Consumer,
-    channel_moments,
     consumers,
     hessian_rows,
     row_budget,
@@ -47,6 +46,7 @@ from onnxprune.calibration import (
 from onnxprune.channels import ChannelAnalysis, DimRef, analyze
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
+from onnxprune.moments import channel_moments
 from onnxprune.progress import task
 
 REPAIRS = ("none", "bias", "ls", "seq")
