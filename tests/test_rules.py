@@ -329,6 +329,20 @@ def depth_space_zero_check(op: str, opset: int) -> None:
     assert np.all(y[:, out_channels] == 0) and np.any(y != 0)
 
 
+def recurrent(op: str, opset: int) -> onnx.ModelProto:
+    """A bidirectional layer with initial states (hidden 3) between MatMuls over its input and hidden sizes:
+    ``x [5, 1, 6] -> MatMul(6->C) -> op -> Y [5, 2, 1, 3] -> MatMul(3->2)``."""
+    b = Builder()
+    gates, hidden = {"LSTM": 4, "GRU": 3, "RNN": 1}[op], 3
+    x = b("MatMul", ["x", b.normal((6, C))])
+    inputs = [x, b.normal((2, gates * hidden, C)), b.normal((2, gates * hidden, hidden)),
+              b.normal((2, 2 * gates * hidden)), "", b.normal((2, 1, hidden))]  # fmt: skip
+    if op == "LSTM":
+        inputs += [b.normal((2, 1, hidden)), b.normal((2, 3 * hidden))]  # initial_c, peepholes
+    y, _ = b(op, inputs, n_out=2, hidden_size=hidden, direction="bidirectional")
+    return b.model([("x", FLOAT, [5, 1, 6])], [b("MatMul", [y, b.normal((hidden, 2))])], opset)
+
+
 # ---- the table --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Row:
@@ -383,6 +397,7 @@ TABLE = [
     Row("unsqueeze", ("Unsqueeze",), unsqueeze, (C,)),
     Row("gather", ("Gather",), gather, (C,)),
     Row("shape readers", ("Shape", "Size"), shape_reader, (C,)),
+    Row("recurrent", ("LSTM", "GRU", "RNN"), recurrent, (3, C)),
     Row("depth/space (facts only)", ("DepthToSpace", "SpaceToDepth"), depth_space, None, zero_check=depth_space_zero_check),
 ]  # fmt: skip
 

@@ -46,10 +46,10 @@ class _Recurrent(ChannelRule):
         io = _Io(node)
         at = attrs(node)
         self._check_activations(node, at)
-        r_shape = ctx.shape(io.r)
-        if r_shape is None or len(r_shape) != 3 or not all(isinstance(d, int) for d in r_shape):
+        r_sizes = [d for d in ctx.shape(io.r) or () if isinstance(d, int)]
+        if len(r_sizes) != 3 or ctx.rank(io.r) != 3:
             raise RuleBarrier("recurrence weight shape unknown")
-        dirs, rows, hidden = r_shape
+        dirs, rows, hidden = r_sizes
         if rows != self.gates * hidden:
             raise RuleBarrier(f"recurrence weight has {rows} rows, not {self.gates} x hidden size {hidden}")
         layout = at.get("layout", 0)
@@ -97,8 +97,8 @@ class _Recurrent(ChannelRule):
     def rewrite(self, node: onnx.NodeProto, ctx: RewriteContext) -> None:
         r = node.input[2]
         old, new = ctx.old_size(r, 2), ctx.new_size(r, 2)
-        if old != new:
-            set_attr(node, "hidden_size", int(new))
+        if old != new and isinstance(new, int):
+            set_attr(node, "hidden_size", new)
 
     def _check_activations(self, node: onnx.NodeProto, at: dict) -> None:
         per_dir = len(self.default_activations)
