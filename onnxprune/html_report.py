@@ -11,9 +11,10 @@ Start reading at `render_report`. The page is built from:
 Two optional summary entries add sections when present:
 
 * ``group_sizes``: ``{group id: channels before pruning}`` for every group: kept/total per group;
-* ``sensitivity``: the shape ``onnxprune sensitivity --json`` prints, ``{"ratios": [0.1, 0.3, ...],
+* ``sensitivity``: the shape ``onnxprune sensitivity --json`` prints, ``{"metric": "relative L2 error of all
+  outputs", "ratios": [0.1, 0.3, ...],
   "groups": [{"id": 0, "channels": 64, "params": 36928, "members": "conv1.weight[axis 0]", "errors":
-  [float | null, ...]}, ...]}`` with one error per ratio (the relative output error when only that group
+  [float | null, ...]}, ...]}`` with one error per ratio (the `report.SENSITIVITY_METRIC` when only that group
   loses that fraction of its channels; null where the ratio removes no channel): a table and curves.
 
 Self-contained means readable offline and inert: inline CSS, plots as inline SVG drawn by matplotlib on a
@@ -40,6 +41,7 @@ from onnxprune.certificate import read as read_certificate
 from onnxprune.errors import ModelError
 from onnxprune.io import write_atomically
 from onnxprune.metadata import SUMMARY_KEY
+from onnxprune.report import SENSITIVITY_METRIC
 
 MAX_PLOTTED_LAYERS = 300  # a bar per layer stays visible up to about this many
 MAX_LEGEND_GROUPS = 12
@@ -393,7 +395,8 @@ def _sensitivity_section(sens) -> str:
             ]
         )
     numeric = {1, 2} | set(range(4, 4 + len(ratios)))
-    caption = "Relative output error when only one group loses the given fraction of its channels"
+    metric = str(sens.get("metric") or SENSITIVITY_METRIC)
+    caption = f"{metric[:1].upper()}{metric[1:]} when only one group loses the given fraction of its channels"
     return (
         "<section>\n<h2>Sensitivity</h2>\n"
         + _figure(_sensitivity_plot(groups, ratios), caption)
@@ -451,7 +454,7 @@ def _sensitivity_plot(groups: list[dict], ratios: list[float]) -> str:
         ax.plot([r * 100 for r in ratios[: len(errors)]], errors, marker="o", markersize=3, label=label)
         drawn += 1
     ax.set_xlabel("channels removed from the group (%)")
-    ax.set_ylabel("relative output error")
+    ax.set_ylabel(SENSITIVITY_METRIC)
     if drawn:
         ax.set_yscale("log")
         if drawn <= MAX_LEGEND_GROUPS:
