@@ -392,14 +392,16 @@ def compile_bundle(
                                                                             tune, job)  # fmt: skip
         except BaseException:
             if captured.is_file():  # the messages may explain the failure: keep them where it can be found
-                kept = Path(tempfile.mkstemp(prefix="onnxprune-compile-", suffix=".log")[1])
-                kept.write_bytes(captured.read_bytes())
+                fd, kept = tempfile.mkstemp(prefix="onnxprune-compile-", suffix=".log")
+                with os.fdopen(fd, "wb") as f:
+                    f.write(captured.read_bytes())
                 note(f"TVM messages in {kept}")
             raise
         compile_log = None
         if captured.is_file():
             compile_log = COMPILE_LOG
-            (out / COMPILE_LOG).write_bytes(captured.read_bytes())
+            text = captured.read_bytes()
+            (out / COMPILE_LOG).write_bytes(text if text.endswith(b"\n") else text + b"\n")
     compile_s = time.perf_counter() - t0
     manifest: dict[str, Any] = {
         "model": _model_field(model, model_path),

@@ -542,14 +542,12 @@ def test_tune_runs_metaschedule_and_reuses_its_database(tmp_path, monkeypatch, c
     assert manifest["tune_trials"] == 8
     # MetaSchedule's C++ warnings ("Unknown schedule rule meta_schedule.pool_max") land in compile.log, named
     # by one note; nothing else reaches the terminal
+    # (TVM 0.27 has no CPU rule for pooling blocks tagged "meta_schedule.pool_max": it warns, from C++, on fd 2)
     out, err = capfd.readouterr()
     assert out == ""
-    if manifest["compile_log"]:
-        assert manifest["compile_log"] == "compile.log" and "compile.log" in manifest["files"]
-        assert err.splitlines() == [f"onnxprune: note: TVM messages in {tmp_path / 'b' / 'compile.log'}"]
-        assert (tmp_path / "b" / "compile.log").read_text().strip()
-    else:
-        assert err == ""
+    assert manifest["compile_log"] == "compile.log" and "compile.log" in manifest["files"]
+    assert err.splitlines() == [f"onnxprune: note: TVM messages in {tmp_path / 'b' / 'compile.log'}"]
+    assert "pool_max" in (tmp_path / "b" / "compile.log").read_text()
     (db,) = (tmp_path / "tune").glob("*/database_tuning_record.json")
     records = [json.loads(line) for line in db.read_text().splitlines()]
     workloads = {r[0] for r in records}

@@ -201,3 +201,29 @@ def test_proto_without_out_dir_and_other_dynamic_dims_are_one_line_errors(tmp_pa
     err = capfd.readouterr().err.splitlines()
     assert len(err) == 1 and "dynamic dim 'H'" in err[0] and "--shape x=1,3,1,20" in err[0], err
     assert not (tmp_path / "b").exists()
+
+
+@needs_tvm
+def test_failed_compile_keeps_tvm_messages_and_names_them(tmp_path, capfd, monkeypatch):
+    """TVM's messages may explain a failure: they are kept in a temporary log, named by a note, and the
+    error stays one line."""
+    _skip_unless_x86()
+    from onnxprune.cli import main
+    from onnxprune.targets import tvm_backend
+
+    def failing_import(model, inputs):
+        os.write(2, b"TVM: something went wrong in C++\n")
+        raise UnsupportedModelError("TVM's ONNX importer failed: forced")
+
+    monkeypatch.setattr(tvm_backend, "import_onnx", failing_import)
+    model = tiny_cnn(tmp_path / "tiny.onnx")
+    assert main(["compile", str(model), "--target", "x86", "-o", str(tmp_path / "b")]) == 1
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("onnxprune: note: TVM messages in "), err
+    assert err[1] == "onnxprune: error: TVM's ONNX importer failed: forced"
+    kept = Path(err[0].rsplit(" ", 1)[1])
+    try:
+        assert kept.read_text() == "TVM: something went wrong in C++\n"
+    finally:
+        kept.unlink()
+    assert not (tmp_path / "b").exists()
