@@ -249,7 +249,7 @@ def _weight_elements(model: onnx.ModelProto) -> int:
     return total
 
 
-def _torch_crnn(path: Path, rnn: str, bidirectional: bool, folding: bool) -> Path:
+def _torch_crnn(path: Path, rnn: str, bidirectional: bool, folding: bool, dynamic_batch: bool = False) -> Path:
     torch = pytest.importorskip("torch")
     nn = torch.nn
 
@@ -269,10 +269,12 @@ def _torch_crnn(path: Path, rnn: str, bidirectional: bool, folding: bool) -> Pat
             return self.fc(y)
 
     torch.manual_seed(0)
+    axes = {"x": {0: "batch", 3: "width"}, "y": {0: "steps", 1: "batch"}} if dynamic_batch else {
+        "x": {3: "width"}, "y": {0: "steps"}}  # fmt: skip
     with torch.no_grad():
-        torch.onnx.export(CRNN().eval(), (torch.randn(1, 1, 16, 32),), str(path), dynamo=False, opset_version=17,
-                          do_constant_folding=folding, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {3: "width"}, "y": {0: "steps"}})  # fmt: skip
+        torch.onnx.export(CRNN().eval(), (torch.randn(2 if dynamic_batch else 1, 1, 16, 32),), str(path),
+                          dynamo=False, opset_version=17, do_constant_folding=folding, input_names=["x"],
+                          output_names=["y"], dynamic_axes=axes)  # fmt: skip
     return path
 
 
@@ -295,6 +297,28 @@ def _check_crnn(model: onnx.ModelProto) -> None:
 def test_torch_crnn_unidirectional(tmp_path, rnn: str, folding: bool):
     """Y [seq, 1, batch, H] -> Squeeze -> Linear; dynamic width (the reshape into a sequence reads it)."""
     _check_crnn(canonical(onnx.load(str(_torch_crnn(tmp_path / "crnn.onnx", rnn, False, folding)))))
+
+
+def test_torch_crnn_dynamic_batch_zero_state(tmp_path):
+    """With a run-time batch size the zero initial state is ``ConstantOfShape(Concat(1, batch, H))``."""
+    model = canonical(onnx.load(str(_torch_crnn(tmp_path / "crnn.onnx", "lstm", False, True, dynamic_batch=True))))
+    assert "ConstantOfShape" in {n.op_type for n in model.graph.node}
+    _check_crnn(model)
+
+
+def test_constant_of_shape_elsewhere_stays_a_barrier():
+    """Only a recurrent layer's zero initial state passes channels; a filled tensor elsewhere is a barrier."""
+    model = recurrent_model(Variant("GRU"))
+    g = model.graph
+    g.input[0].type.tensor_type.shape.dim[1].dim_param = "batch"  # a run-time size: nothing folds
+    g.node.extend([
+        helper.make_node("Shape", ["Y"], ["y_shape"]),
+        helper.make_node("ConstantOfShape", ["y_shape"], ["zeros"]),
+        helper.make_node("Add", ["Y", "zeros"], ["Y_plus"]),
+    ])  # fmt: skip
+    g.output.append(helper.make_tensor_value_info("Y_plus", TensorProto.FLOAT, None))
+    analysis = analyze(ModelGraph(canonical(model)))
+    assert [(b.op_type, b.reason) for b in analysis.barriers] == [("ConstantOfShape", "no channel rule for ConstantOfShape")]
 
 
 @pytest.mark.xfail(

@@ -343,6 +343,20 @@ def recurrent(op: str, opset: int) -> onnx.ModelProto:
     return b.model([("x", FLOAT, [5, 1, 6])], [b("MatMul", [y, b.normal((hidden, 2))])], opset)
 
 
+def zero_state(op: str, opset: int) -> onnx.ModelProto:
+    """A zero initial state of the run-time batch size, as exporters build it, for a forward LSTM (hidden 3):
+    ``ConstantOfShape(Concat([1], batch of X, [3])) -> initial_h, initial_c``; x [5, N, 6]."""
+    b = Builder()
+    hidden = 3
+    x = b("MatMul", ["x", b.normal((6, C))])
+    batch = b("Unsqueeze", [b("Gather", [b("Shape", [x]), b.const(np.array(1, np.int64))], axis=0), b.ints([0])])
+    shape = b("Concat", [b.ints([1]), batch, b.ints([hidden])], axis=0)
+    state = b(op, [shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    w, r = b.normal((1, 4 * hidden, C)), b.normal((1, 4 * hidden, hidden))
+    y, _ = b("LSTM", [x, w, r, "", "", state, state], n_out=2, hidden_size=hidden)
+    return b.model([("x", FLOAT, [5, "N", 6])], [b("MatMul", [y, b.normal((hidden, 2))])], opset)
+
+
 # ---- the table --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Row:
@@ -398,6 +412,7 @@ TABLE = [
     Row("gather", ("Gather",), gather, (C,)),
     Row("shape readers", ("Shape", "Size"), shape_reader, (C,)),
     Row("recurrent", ("LSTM", "GRU", "RNN"), recurrent, (3, C)),
+    Row("recurrent zero state", ("ConstantOfShape",), zero_state, (3, C)),
     Row("depth/space (facts only)", ("DepthToSpace", "SpaceToDepth"), depth_space, None, zero_check=depth_space_zero_check),
 ]  # fmt: skip
 
