@@ -66,7 +66,18 @@ CHEAP_SECONDS = 2.0
 SECONDS_PER_PARAM = 3 * 15e-9 + 7e-9
 SECONDS_PER_MAC = 1 / 35e9
 SECONDS_FIXED = 0.1
+# Random inputs cost about 5 ns per element to draw (and are held in memory for every sample): a model
+# whose inputs are huge (a fuzzed 2**40 dim) is never cheap, and past `MAX_RANDOM_ELEMENTS` per sample
+# the check refuses with one line instead of trying to allocate them.
+SECONDS_PER_INPUT_ELEMENT = 5e-9
+MAX_RANDOM_ELEMENTS = 1 << 28
 SYMBOLIC_DIM = 32  # what `verify.random_inputs` substitutes for a symbolic non-batch dim
+
+
+class VerificationUnavailable(OnnxPruneError):
+    """The check cannot run at all: the ORIGINAL model does not run in onnxruntime (a custom op, say), or
+    random inputs for it would be too large. Says nothing about the pruning (a pruned model that fails to
+    run while the original runs is an ordinary `OnnxPruneError`)."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +169,8 @@ def certify_against(
         inputs, samples, seed, input_path, tolerance: as for `certify`.
 
     Raises:
-        OnnxPruneError: a model does not run in onnxruntime on these inputs.
+        VerificationUnavailable: the original does not run in onnxruntime, or random inputs would be too large.
+        OnnxPruneError: the masked original or the pruned model does not run on these inputs.
     """
     start = time.perf_counter()
     tolerance = default_tolerance(original) if tolerance is None else tolerance
@@ -199,6 +211,10 @@ def _feeds(
     if samples < 1:
         raise OnnxPruneError(f"verification needs at least one sample, got {samples}")
     if inputs is None:
+        elements = input_elements(model)
+        if elements > MAX_RANDOM_ELEMENTS:
+            raise VerificationUnavailable(f"verification: the model's inputs hold {elements} elements per sample, too many "
+                                 "for random inputs (pass --calib, or --no-verify)")
         feeds = [random_inputs(model, seed=seed + i) for i in range(samples)]
         return feeds, f"random: {len(feeds)} sample{'s' * (len(feeds) != 1)}, seed {seed}"
     if isinstance(inputs, CalibrationData):  # one sample per run: models often have a static batch of 1
@@ -222,9 +238,8 @@ def _outputs(
         raise
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidArgument, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxPruneError(
-            f"verification: the {which} model does not run in onnxruntime: {first}"
-        ) from None
+        error = VerificationUnavailable if which == "original" else OnnxPruneError
+        raise error(f"verification: the {which} model does not run in onnxruntime: {first}") from None
 
 
 def tool_version() -> str:
@@ -251,7 +266,23 @@ def estimate_seconds(model: onnx.ModelProto, samples: int = 4) -> float:
     graph = ModelGraph(model)
     macs = count_macs(graph) * SYMBOLIC_DIM ** _symbolic_dims(model)  # count_macs counts those dims as 1
     runs = 3 * samples  # original, masked and pruned (the pruned one is smaller: this is an upper bound)
-    return SECONDS_FIXED + count_params(graph) * SECONDS_PER_PARAM + runs * macs * SECONDS_PER_MAC
+    inputs = samples * input_elements(model) * SECONDS_PER_INPUT_ELEMENT
+    return SECONDS_FIXED + count_params(graph) * SECONDS_PER_PARAM + runs * macs * SECONDS_PER_MAC + inputs
+
+
+def input_elements(model: onnx.ModelProto) -> int:
+    """Elements of one sample of random inputs (symbolic dims: 1 on the batch axis, else `SYMBOLIC_DIM`)."""
+    inits = {t.name for t in model.graph.initializer}
+    total = 0
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        elements = 1
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            static = d.HasField("dim_value") and d.dim_value > 0
+            elements *= d.dim_value if static else (1 if k == 0 else SYMBOLIC_DIM)
+        total += elements
+    return total
 
 
 def _symbolic_dims(model: onnx.ModelProto) -> int:

@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -206,14 +207,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     normalized = result.steps[0][1].model  # the original, canonicalised in place
     summary_record, removed = result.get(PruneSummary), result.get(RemovedChannels)
     assert summary_record is not None and removed is not None  # RemoveChannelsPass's artifacts
-    cert = None
-    if _wants_verification(args, normalized):
+
+    def check() -> Certificate:
         from onnxprune.certificate import certify
 
-        with _task("verifying in onnxruntime"):
-            cert = certify(normalized, result.model, removed.analysis, removed.labels, inputs=calib,
-                           input_path=src)
-        _store_if_passed(result.model, cert)
+        return certify(normalized, result.model, removed.analysis, removed.labels, inputs=calib, input_path=src)
+
+    cert = _verify(args, normalized, result.model, check)
     keep_external = has_lazy(normalized) or None  # weights came in a data file: write them to one too
     save_model(result.model, out, external_data=keep_external)
     summary = {"input": str(src), "output": str(out), **summary_record.as_dict(),
@@ -228,10 +228,29 @@ def _print_summary(summary: dict) -> None:
     print_prune_summary(summary)
 
 
-def _task(description: str) -> Any:
+def _verify(
+    args: argparse.Namespace, original: onnx.ModelProto, pruned: onnx.ModelProto, check: Callable[[], Certificate]
+) -> Certificate | None:
+    """Run `check` when verification is on and store its passing certificate in `pruned`; None when off.
+
+    A failed check is an error (exit 1; the caller writes nothing). A check that cannot run at all (the
+    original does not run in onnxruntime) is an error only with an explicit --verify, else a note.
+    """
+    from onnxprune.certificate import VerificationUnavailable
     from onnxprune.progress import task
 
-    return task(description)
+    if not _wants_verification(args, original):
+        return None
+    try:
+        with task("verifying in onnxruntime"):
+            cert = check()
+    except VerificationUnavailable as exc:
+        if args.verify:
+            raise
+        print(f"onnxprune: note: not verified: {str(exc).removeprefix('verification: ')}", file=sys.stderr)
+        return None
+    _store_if_passed(pruned, cert)
+    return cert
 
 
 def _wants_verification(args: argparse.Namespace, model: onnx.ModelProto) -> bool:
@@ -285,18 +304,18 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
     normalized = result.steps[0][1].model
     summary_record = result.get(UnconstrainedSummary)
     assert summary_record is not None  # UnconstrainedPass's artifact
-    cert = None
-    if _wants_verification(args, normalized):
+
+    def check() -> Certificate:
         from onnxprune.certificate import certify_against
         from onnxprune.upscale.oracle import mask_model
 
-        with _task("verifying in onnxruntime"):
-            # The oracle: the original with every layer's own mask applied (the plan's repaired values
-            # after --repair mean); with nothing pruned, the original itself.
-            plan = result.info.get("plan")
-            expected = mask_model(normalized, plan) if plan is not None else normalized
-            cert = certify_against(normalized, expected, result.model, inputs=calib, input_path=src)
-        _store_if_passed(result.model, cert)
+        # The oracle: the original with every layer's own mask applied (the plan's repaired values after
+        # --repair mean); with nothing pruned, the original itself.
+        plan = result.info.get("plan")
+        expected = mask_model(normalized, plan) if plan is not None else normalized
+        return certify_against(normalized, expected, result.model, inputs=calib, input_path=src)
+
+    cert = _verify(args, normalized, result.model, check)
     save_model(result.model, out)
     summary = {"input": str(src), "output": str(out), **summary_record.as_dict(),
                "verification": cert.as_dict() if cert is not None else None}

@@ -330,3 +330,29 @@ def test_the_inputs_data_file_is_never_the_output(tmp_path):
     data = (tmp_path / "ext.data").read_bytes()
     assert main(["prune", str(src), "-o", str(tmp_path / "ext.data"), "--no-verify"]) == 2
     assert (tmp_path / "ext.data").read_bytes() == data
+
+
+def test_an_original_onnxruntime_cannot_run_is_a_note_unless_verify_was_asked(residual, tmp_path, capsys,
+                                                                               monkeypatch):  # fmt: skip
+    def no_runtime(model, *args, **kwargs):
+        raise RuntimeError("custom op without a kernel")
+
+    monkeypatch.setattr(certificate, "session", no_runtime)
+    out = tmp_path / "p.onnx"
+    assert main(["prune", str(residual), "-o", str(out), "--json"]) == 0  # the default: a note, the output
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["verification"] is None and out.exists()
+    assert captured.err.strip() == ("onnxprune: note: not verified: the original model does not run in "
+                                    "onnxruntime: custom op without a kernel")  # fmt: skip
+    out.unlink()
+    assert main(["prune", str(residual), "-o", str(out), "--json", "--verify"]) == 1  # asked for: an error
+    assert not out.exists() and "does not run in onnxruntime" in capsys.readouterr().err
+
+
+def test_huge_random_inputs_are_refused_in_one_line(tmp_path, capsys):
+    model = TEST_MODELS["residual"]()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2**40
+    assert certificate.input_elements(model) > certificate.MAX_RANDOM_ELEMENTS
+    assert not certificate.is_cheap(model)
+    with pytest.raises(certificate.VerificationUnavailable, match="too many for random inputs"):
+        certificate.certify_against(model, model, model)
