@@ -58,6 +58,7 @@ def _fill_same_shape(model: onnx.ModelProto) -> bool:
         filled = True
     filled |= _fill_reshape_dims(model, known)
     filled |= _fill_slice_dims(model, known)
+    filled |= _fill_expand_dims(model, known)
     return filled
 
 
@@ -150,6 +151,41 @@ def _fill_slice_dims(model: onnx.ModelProto, known: dict) -> bool:
             elif isinstance(size, str) and size and size != d.dim_param:
                 d.Clear()
                 d.dim_param = size
+                filled = True
+    return filled
+
+
+def _fill_expand_dims(model: onnx.ModelProto, known: dict) -> bool:
+    """Complete Expand output dims from the input's sizes broadcast against the target's elements.
+
+    Exports repeat key/value heads (grouped-query attention) with Expand to a target assembled at run
+    time; onnx then loses every output size, the head axes among them.
+    """
+    graph = ModelGraph(model)
+    filled = False
+    for node in model.graph.node:
+        if node.op_type != "Expand" or len(node.input) < 2 or node.output[0] not in known:
+            continue
+        dims = known[node.output[0]].type.tensor_type.shape.dim
+        in_shape = graph.shape(node.input[0])
+        if in_shape is None or all(_settled(d) for d in dims):
+            continue
+        target = _target_elements(graph, node.input[1])
+        if target is None or len(dims) != max(len(in_shape), len(target)):
+            continue
+        sizes = [1] * (len(dims) - len(in_shape)) + list(in_shape)
+        wanted = [1] * (len(dims) - len(target)) + list(target)
+        for d, size, want in zip(dims, sizes, wanted):
+            out = size if want == 1 or (size != 1 and size is not None) else (want if size == 1 else None)
+            if _settled(d) or out is None:
+                continue
+            if isinstance(out, int) and out > 0:
+                d.Clear()
+                d.dim_value = out
+                filled = True
+            elif isinstance(out, str) and out and out != d.dim_param:
+                d.Clear()
+                d.dim_param = out
                 filled = True
     return filled
 
@@ -264,7 +300,25 @@ def _target_elements(graph, name: str):
         return gather_list(_target_elements(graph, node.input[0]), graph.const(node.input[1]))
     if node.op_type == "Slice":
         return _slice_list(graph, node, _target_elements(graph, node.input[0]))
+    if node.op_type == "Reshape" and graph.rank(node.input[0]) == 1 and graph.rank(name) == 1:
+        return _target_elements(graph, node.input[0])  # a vector flattened to itself
+    if node.op_type == "Where" and _is_minus_one_guard(graph, node):
+        # torch exports expand(*sizes) as Where(Equal(s, -1), fill, s): each -1 of s becomes fill
+        inner, fill = _target_elements(graph, node.input[2]), graph.const(node.input[1])
+        if inner is None or fill is None or fill.size not in (1, len(inner)):
+            return None
+        fills = np.broadcast_to(fill.reshape(-1), (len(inner),))
+        return [int(f) if e == -1 else e for e, f in zip(inner, fills)]
     return None
+
+
+def _is_minus_one_guard(graph: ModelGraph, where: onnx.NodeProto) -> bool:
+    cond = graph.producer.get(where.input[0])
+    if cond is None or cond.op_type != "Equal" or where.input[2] not in cond.input:
+        return False
+    other = cond.input[1] if cond.input[0] == where.input[2] else cond.input[0]
+    value = graph.const(other)
+    return value is not None and bool(np.all(value == -1))
 
 
 def _slice_list(graph, node: onnx.NodeProto, source: list | None) -> list | None:

@@ -189,6 +189,30 @@ def test_slice_of_unshaped_tensor_is_a_barrier():
     assert any(b.op_type == "Slice" and "rank unknown" in b.reason for b in analysis.barriers)
 
 
+def test_expand_to_a_runtime_target_keeps_its_sizes():
+    """torch's ``x.expand(-1, 2, -1, -1)`` (grouped-query attention repeats key/value heads this way) becomes
+    Expand to Where(Equal(s, -1), 1, s) with s built at run time; onnx drops the output sizes, the
+    completion gives them back: -1 keeps the input's size, 2 is the new one."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, "seq", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    n = helper.make_node
+    nodes = [
+        n("Shape", ["x"], ["xs"]),
+        n("Gather", ["xs", "i2"], ["seq"], axis=0),
+        n("Concat", ["minus_one", "two", "seq", "minus_one"], ["sizes"], axis=0),
+        n("Equal", ["sizes", "minus_ones"], ["is_keep"]),
+        n("Where", ["is_keep", "ones", "sizes"], ["target"]),
+        n("Expand", ["x", "target"], ["y"]),
+    ]
+    inits = [_const("i2", [2]), _const("minus_one", [-1]), _const("two", [2]), _const("minus_ones", [-1] * 4),
+             _const("ones", [1] * 4)]  # fmt: skip
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    graph = ModelGraph(shape_inference.infer_shapes(model, symbolic=False))
+    assert graph.shape("y") == (1, 2, "seq", 8)
+
+
 # ------------------------------------------------------------------------------------------------
 # the PP-OCR models as the rapidocr-onnxruntime wheel ships them (dynamic inputs)
 # ------------------------------------------------------------------------------------------------
