@@ -16,13 +16,16 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from onnxprune.external import is_lazy, tensor_array
+
+if TYPE_CHECKING:  # networkx costs ~0.3 s to import; only the graph queries below need it
+    import networkx as nx
 
 Dim = int | str | None  # static size, symbolic name, or unknown
 Key = tuple[str, int | str]  # a node of `ModelGraph.nx`: ("op", node index) or ("tensor", name)
@@ -140,6 +143,8 @@ class ModelGraph:
         ``slots`` are the input (tensor -> op) or output (op -> tensor) positions it stands for; an
         outer-scope tensor read inside a node's subgraph has ``slots=()``.
         """
+        import networkx as nx
+
         graph = nx.DiGraph()
         inputs, outputs = set(self.graph_inputs), set(self.graph_outputs)
 
@@ -184,13 +189,19 @@ class ModelGraph:
         return self.nodes[index]
 
     def topological_nodes(self) -> list[onnx.NodeProto]:
+        import networkx as nx
+
         return [self.op(key) for key in nx.topological_sort(self.nx) if key[0] == "op"]
 
     def has_cycle(self) -> bool:
+        import networkx as nx
+
         return not nx.is_directed_acyclic_graph(self.nx)
 
     def reachable_from(self, tensor: str) -> set[Key]:
         """Every op and tensor computed (transitively) from `tensor`: its readers, their outputs, and so on."""
+        import networkx as nx
+
         return nx.descendants(self.nx, ("tensor", tensor))
 
     def ancestors(self, tensor: str, stop: Collection[str] = ()) -> set[Key]:
@@ -221,6 +232,8 @@ class ModelGraph:
         graph inputs, and names nothing defines). Nodes computed from constants alone are not reachable from
         it and are absent; `SOURCE` itself is absent too.
         """
+        import networkx as nx
+
         flow = nx.DiGraph()
         flow.add_edges_from(self.nx.edges)
         flow.add_edges_from(

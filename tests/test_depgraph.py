@@ -176,3 +176,20 @@ def test_unknown_suffix_is_a_usage_error(residual, tmp_path, name):
         write_graph(residual, tmp_path / name)
     assert "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_graph_queries_import_networkx_on_demand():
+    """`onnxprune.graph` defers `import networkx` (start-up time); every query must still work."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from models.testmodels import TEST_MODELS; from onnxprune.graph import ModelGraph\n"
+        "g = ModelGraph(TEST_MODELS['concat']())\n"
+        "assert 'networkx' not in sys.modules\n"
+        "assert g.has_cycle() is False and g.topological_nodes()\n"
+        "t = g.graph_inputs[0]; assert g.reachable_from(t) and g.immediate_dominators\n"
+    )
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
