@@ -26,20 +26,49 @@ def infer_shapes(model: onnx.ModelProto, symbolic: bool = True) -> onnx.ModelPro
     """
     model = _infer_once(model, symbolic)
     for _ in range(8):
-        if not _fill_same_shape(model):
+        filled = _fill_same_shape(model)
+        if not filled:
             break
+        _forget_placeholders_after(model, filled)
         model = _infer_once(model, False)
     return model
 
 
-def _fill_same_shape(model: onnx.ModelProto) -> bool:
+def _forget_placeholders_after(model: onnx.ModelProto, filled: set[str]) -> None:
+    """Drop the inferred types downstream of completed tensors that hold placeholders (``unk__N``) or no
+    shape: onnx keeps an existing symbol over a newly inferred one, so they would never pick up the
+    completed sizes."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    after: set[str] = set()
+    todo = list(filled)
+    while todo:
+        for node in consumers.get(todo.pop(), []):
+            for out in node.output:
+                if out and out not in after:
+                    after.add(out)
+                    todo.append(out)
+    after -= filled
+    keep = [
+        vi for vi in model.graph.value_info
+        if vi.name not in after or (_has_shape(vi) and all(_settled(d) for d in vi.type.tensor_type.shape.dim))
+    ]  # fmt: skip
+    if len(keep) != len(model.graph.value_info):
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(keep)
+
+
+def _fill_same_shape(model: onnx.ModelProto) -> set[str]:
     """Give the output of a same-shape operator its input's type where onnx's inference gave up (function
     ops such as GroupNormalization-21). Looked up by op type in the default domain: a contrib op named
-    like a standard one (com.microsoft Gelu) keeps the standard op's shape contract."""
+    like a standard one (com.microsoft Gelu) keeps the standard op's shape contract. Returns the names of
+    the tensors given (more of) a shape."""
     g = model.graph
     known = {vi.name: vi for vi in list(g.input) + list(g.value_info) + list(g.output) if _has_shape(vi)}
     opset = opset_of(model) or None
-    filled = False
+    filled: set[str] = set()
     for node in g.node:
         if not op_facts(node.op_type, "", opset).same_shape or not node.output or node.output[0] in known:
             continue
@@ -55,14 +84,14 @@ def _fill_same_shape(model: onnx.ModelProto) -> bool:
         else:
             g.value_info.append(vi)
         known[vi.name] = vi
-        filled = True
+        filled.add(vi.name)
     filled |= _fill_reshape_dims(model, known)
     filled |= _fill_slice_dims(model, known)
     filled |= _fill_expand_dims(model, known)
     return filled
 
 
-def _fill_reshape_dims(model: onnx.ModelProto, known: dict) -> bool:
+def _fill_reshape_dims(model: onnx.ModelProto, known: dict) -> set[str]:
     """Complete Reshape output dims that onnx left unknown though the target names them.
 
     Dynamic-size exports build targets as Concat(Shape(x)[k], ..., const heads, const head_dim) or
@@ -72,7 +101,7 @@ def _fill_reshape_dims(model: onnx.ModelProto, known: dict) -> bool:
     that later reshapes of the same tensor name again, so sizes stay comparable without sympy.
     """
     graph = ModelGraph(model)
-    filled = False
+    filled: set[str] = set()
     for node in model.graph.node:
         if node.op_type != "Reshape" or len(node.input) < 2:
             continue
@@ -87,7 +116,7 @@ def _fill_reshape_dims(model: onnx.ModelProto, known: dict) -> bool:
             if vi is None:
                 continue
             known[vi.name] = vi
-            filled = True
+            filled.add(node.output[0])
         dims = vi.type.tensor_type.shape.dim
         if len(elements) != len(dims):
             continue
@@ -106,22 +135,22 @@ def _fill_reshape_dims(model: onnx.ModelProto, known: dict) -> bool:
             if isinstance(e, (int, np.integer)) and not isinstance(e, bool) and e > 0:
                 d.Clear()
                 d.dim_value = int(e)
-                filled = True
+                filled.add(node.output[0])
             elif isinstance(e, str) and e and e != d.dim_param:
                 d.Clear()
                 d.dim_param = e
-                filled = True
+                filled.add(node.output[0])
     return filled
 
 
-def _fill_slice_dims(model: onnx.ModelProto, known: dict) -> bool:
+def _fill_slice_dims(model: onnx.ModelProto, known: dict) -> set[str]:
     """Give a Slice's output the input's sizes on the axes it does not slice.
 
     onnx drops every output size when a bound is computed at run time (a crop to another tensor's
     width), though the axes it does not touch, the channels among them, keep their sizes.
     """
     graph = ModelGraph(model)
-    filled = False
+    filled: set[str] = set()
     for node in model.graph.node:
         if node.op_type != "Slice" or not node.output or not node.output[0]:
             continue
@@ -137,7 +166,7 @@ def _fill_slice_dims(model: onnx.ModelProto, known: dict) -> bool:
             if vi is None:
                 continue
             known[vi.name] = vi
-            filled = True
+            filled.add(node.output[0])
         dims = vi.type.tensor_type.shape.dim
         if len(dims) != len(in_shape):
             continue
@@ -147,22 +176,22 @@ def _fill_slice_dims(model: onnx.ModelProto, known: dict) -> bool:
             if isinstance(size, int) and size > 0:
                 d.Clear()
                 d.dim_value = size
-                filled = True
+                filled.add(node.output[0])
             elif isinstance(size, str) and size and size != d.dim_param:
                 d.Clear()
                 d.dim_param = size
-                filled = True
+                filled.add(node.output[0])
     return filled
 
 
-def _fill_expand_dims(model: onnx.ModelProto, known: dict) -> bool:
+def _fill_expand_dims(model: onnx.ModelProto, known: dict) -> set[str]:
     """Complete Expand output dims from the input's sizes broadcast against the target's elements.
 
     Exports repeat key/value heads (grouped-query attention) with Expand to a target assembled at run
     time; onnx then loses every output size, the head axes among them.
     """
     graph = ModelGraph(model)
-    filled = False
+    filled: set[str] = set()
     for node in model.graph.node:
         if node.op_type != "Expand" or len(node.input) < 2 or node.output[0] not in known:
             continue
@@ -182,11 +211,11 @@ def _fill_expand_dims(model: onnx.ModelProto, known: dict) -> bool:
             if isinstance(out, int) and out > 0:
                 d.Clear()
                 d.dim_value = out
-                filled = True
+                filled.add(node.output[0])
             elif isinstance(out, str) and out and out != d.dim_param:
                 d.Clear()
                 d.dim_param = out
-                filled = True
+                filled.add(node.output[0])
     return filled
 
 
