@@ -1,10 +1,16 @@
 """Shape inference: onnx's (with data propagation), onnxruntime's symbolic inference where sizes stay
-unknown, and two completions of our own.
+unknown, and completions of our own.
 
 Start reading at `infer_shapes`. Inference runs on a light copy of the model (`onnx_utils.light_copy`:
 weights are never serialised) and the inferred value_info is grafted back. Where onnx gives up, an
-operator whose rule declares ``same_shape`` (`rules.facts.op_facts`) gets its input's shape, and Reshape
-outputs get the sizes their target names (`_fill_reshape_dims`).
+operator whose rule declares ``same_shape`` (`rules.facts.op_facts`) gets its input's shape, Reshape
+outputs get the sizes their target names (`_fill_reshape_dims`; a -1 over symbolic sizes becomes a
+product symbol), Slice outputs keep the sizes of the axes they do not cut (`_fill_slice_dims`) and
+Expand outputs the input's sizes broadcast against the target (`_fill_expand_dims`). These keep
+dynamic-size models (run-time Shape -> Slice -> Concat -> Reshape arithmetic) analysable when
+onnxruntime's symbolic inference is unavailable (it needs sympy, which onnxruntime no longer
+installs). After each completion round, placeholder types downstream are dropped and re-inferred
+(`_forget_placeholders_after`), since onnx keeps an existing ``unk__N`` over a newly inferred size.
 """
 
 from __future__ import annotations
