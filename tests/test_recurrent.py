@@ -210,11 +210,6 @@ def _bidirectional_features(op: str, opset: int = 21) -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs rules/shape.py: a reshape merging an RNN's direction axis with its hidden axis ([2, H] -> 2H) "
-    "must carry the hidden channels (the stacked axis is the direction), not freeze them",
-)
 @pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
 def test_bidirectional_features_merge_into_one_axis(op: str):
     """Both directions' channel j sit at positions j and H + j of the 2H features: one channel."""
@@ -321,11 +316,6 @@ def test_constant_of_shape_elsewhere_stays_a_barrier():
     assert [(b.op_type, b.reason) for b in analysis.barriers] == [("ConstantOfShape", "no channel rule for ConstantOfShape")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs rules/shape.py: the reshape [seq, batch, 2, H] -> [seq, batch, 2H] after a bidirectional "
-    "layer freezes the hidden channels (see test_bidirectional_features_merge_into_one_axis)",
-)
 @pytest.mark.parametrize("name", ["crnn_lstm", "crnn_gru"])
 def test_zoo_crnn_bidirectional(name: str):
     zoo = pytest.importorskip("models.zoo")

@@ -62,6 +62,11 @@ class ChannelRule:
     def facts(self, op_type: str) -> OpFacts:
         return OpFacts(zero_preserving=op_type in self.zero_preserving, same_shape=op_type in self.same_shape)
 
+    def stacked_axes(self, node: onnx.NodeProto, output: int) -> set[int]:
+        """Axes of output `output` that stack separate tensors (an RNN's directions): a reshape merging such an
+        axis with the next one keeps the next one's channels (``[dirs, H] -> dirs*H``: channel j at ``d*H + j``)."""
+        return set()
+
     def linear_axes(self, node: onnx.NodeProto, graph: ModelGraph) -> tuple[int, int] | None:
         """For a linear layer: (input-channel axis, output-channel axis) of its weight (input 1)."""
         return None

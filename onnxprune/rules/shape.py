@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune.graph import Dim, attrs, set_attr
-from onnxprune.rules.base import ChannelRule, register
+from onnxprune.onnx_utils import opset_of
+from onnxprune.rules.base import RULES, ChannelRule, register
 from onnxprune.rules.protocols import RuleBarrier
 from onnxprune.rules.shape_inputs import read_axes, shape_elements
 
@@ -160,6 +161,20 @@ def _follow_axis(ctx, node, name: str, axis: int) -> int | None:
     return None
 
 
+def _is_stacked(ctx, name: str, axis: int, depth: int = 4) -> bool:
+    """Is `axis` of `name` a stack of separate tensors (`ChannelRule.stacked_axes`: an RNN's directions),
+    reached back through layout ops only?"""
+    node = ctx.graph.producer.get(name)
+    if node is None or (node.op_type in _LAYOUT_OPS and not depth):
+        return False
+    if node.op_type in _LAYOUT_OPS:
+        x = node.input[0]
+        back = next((a for a in range(ctx.rank(x) or 0) if _follow_axis(ctx, node, x, a) == axis), None)
+        return back is not None and _is_stacked(ctx, x, back, depth - 1)
+    rule = RULES.get(node.domain, node.op_type, opset_of(ctx.graph.model, node.domain) or None)
+    return rule is not None and axis in rule.stacked_axes(node, list(node.output).index(name))
+
+
 def _carrier_index(n: int, sizes: list[int], c: int) -> np.ndarray:
     """For each flat position 0..n-1, its index along axis `c` of the split `sizes`."""
     inner = int(np.prod(sizes[c + 1 :], dtype=np.int64))
@@ -209,7 +224,7 @@ def _couple_reshape(ctx, x: str, y: str, targets=None) -> None:
         if len(big_out) == 1 and rewritable(big_out[0]):  # merge: one input axis owns the merged axis
             b = big_out[0]
             sizes = [in_shape[a] for a in big_in]
-            c = _carrier(sizes)
+            c = 1 if _is_stacked(ctx, x, big_in[0]) else _carrier(sizes)  # [dirs, H] -> dirs*H: H carries
             n = out_shape[b]
             ctx.link(x, big_in[c], y, b, _carrier_index(n, sizes, c), np.arange(n))
             for a in big_in:
