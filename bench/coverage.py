@@ -36,7 +36,7 @@ RATIO = 0.5
 
 
 def weight_names(graph: ModelGraph, transformer: bool = False) -> set[str]:
-    """Initializers used as weights of Conv/ConvTranspose/Gemm/MatMul.
+    """Initializers used as weights of Conv/ConvTranspose/Gemm/MatMul and of LSTM/GRU/RNN (W and R).
 
     For transformers the embeddings (gathered tables, a patch-embedding conv reading the graph input)
     and the vocabulary/classifier head (a layer whose output is a graph output) are excluded, as the
@@ -46,6 +46,9 @@ def weight_names(graph: ModelGraph, transformer: bool = False) -> set[str]:
     outputs = set(graph.graph_outputs)
     names = set()
     for node in graph.nodes:
+        if node.op_type in ("LSTM", "GRU", "RNN"):  # input (W) and recurrence (R) weights
+            names.update(n for n in node.input[1:3] if graph.is_initializer(n) and n not in gathered)
+            continue
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             continue
         if transformer and (set(node.input) & set(graph.graph_inputs) or _feeds_output(graph, node, outputs)):
