@@ -183,8 +183,7 @@ def _constants_to_initializers(g: onnx.GraphProto) -> bool:
             for i, name in enumerate(node.input):
                 if name in rename:
                     node.input[i] = rename[name]
-        del g.node[:]
-        g.node.extend(keep)
+        _set_nodes(g, keep)
     return changed
 
 
@@ -260,8 +259,7 @@ def _fold_constant_shape_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
                     continue
         keep.append(node)
     if changed:
-        del g.node[:]
-        g.node.extend(keep)
+        _set_nodes(g, keep)
     return changed
 
 
@@ -309,8 +307,7 @@ def _fold_weight_layout_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
         uses[src.name] -= 1
         changed = True
     if changed:
-        del g.node[:]
-        g.node.extend(keep)
+        _set_nodes(g, keep)
     return changed
 
 
@@ -404,8 +401,7 @@ def remove_dead_code(g: onnx.GraphProto) -> bool:
     live.reverse()
     changed = len(live) != len(g.node)
     if changed:
-        del g.node[:]
-        g.node.extend(live)
+        _set_nodes(g, live)
     keep_inits = [t for t in g.initializer if t.name in needed]
     if len(keep_inits) != len(g.initializer):
         del g.initializer[:]
@@ -448,9 +444,13 @@ def fold_static_shapes(model: onnx.ModelProto) -> bool:
             continue
         keep.append(node)
     if changed:
-        del g.node[:]
-        g.node.extend(keep)
+        _set_nodes(g, keep)
         _fold_constant_shape_ops(g, opset_of(model) or 17)
         remove_dead_code(g)
     return changed
 
+
+def _set_nodes(g: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Replace `g`'s node list (the passes above filter it and rebuild it only when something changed)."""
+    del g.node[:]
+    g.node.extend(nodes)

@@ -41,7 +41,8 @@ import onnx
 from onnxprune.calibration import CalibrationData
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import ModelGraph
-from onnxprune.metadata import set_metadata
+from onnxprune.io import file_sha256
+from onnxprune.metadata import read_json_entry, set_metadata
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.rewrite import apply_mask
 from onnxprune.verify import max_rel_error, random_inputs, session
@@ -50,6 +51,7 @@ from onnxprune.version import __version__
 if TYPE_CHECKING:
     from onnxprune.channels import ChannelAnalysis
 
+Inputs = CalibrationData | Sequence[dict[str, np.ndarray]] | None  # calibration data, feeds, or random
 CERTIFICATE_KEY = "onnxprune.certificate"
 DEFAULT_TOLERANCE = 1e-4
 # Half-precision outputs carry ~1e-3 relative round-off, and removing terms reorders their sums.
@@ -115,17 +117,9 @@ class Certificate:
         return out
 
 
-def certify(
-    original: onnx.ModelProto,
-    pruned: onnx.ModelProto,
-    analysis: ChannelAnalysis,
-    labels: np.ndarray,
-    inputs: CalibrationData | Sequence[dict[str, np.ndarray]] | None = None,
-    samples: int = 4,
-    seed: int = 0,
-    input_path: str | os.PathLike | None = None,
-    tolerance: float | None = None,
-) -> Certificate:
+def certify(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: ChannelAnalysis, labels: np.ndarray,
+            inputs: Inputs = None, samples: int = 4, seed: int = 0, input_path: str | os.PathLike | None = None,
+            tolerance: float | None = None) -> Certificate:
     """Check that `pruned` equals the original with the removed channels silenced, and measure the change.
 
     Args:
@@ -154,7 +148,7 @@ def certify_against(
     original: onnx.ModelProto,
     expected: onnx.ModelProto,
     pruned: onnx.ModelProto,
-    inputs: CalibrationData | Sequence[dict[str, np.ndarray]] | None = None,
+    inputs: Inputs = None,
     samples: int = 4,
     seed: int = 0,
     input_path: str | os.PathLike | None = None,
@@ -249,11 +243,7 @@ def tool_version() -> str:
 
 def sha256_of(path: str | os.PathLike) -> str:
     """SHA-256 (hex) of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def sha256_of_proto(model: onnx.ModelProto) -> str:
@@ -319,13 +309,7 @@ def read(model: onnx.ModelProto) -> dict | None:
     Raises:
         OnnxPruneError: the entry exists but is not a JSON object.
     """
-    for prop in model.metadata_props:
-        if prop.key == CERTIFICATE_KEY:
-            try:
-                value = json.loads(prop.value)
-            except json.JSONDecodeError:
-                value = None
-            if not isinstance(value, dict):
-                raise OnnxPruneError(f"metadata entry {CERTIFICATE_KEY!r} is not a JSON object")
-            return value
-    return None
+    try:
+        return read_json_entry(model, CERTIFICATE_KEY)
+    except ValueError as exc:
+        raise OnnxPruneError(str(exc)) from None

@@ -40,7 +40,7 @@ import onnx
 from onnxprune.certificate import read as read_certificate
 from onnxprune.errors import ModelError
 from onnxprune.io import write_atomically
-from onnxprune.metadata import SUMMARY_KEY
+from onnxprune.metadata import SUMMARY_KEY, read_json_entry
 from onnxprune.report import SENSITIVITY_METRIC
 
 MAX_PLOTTED_LAYERS = 300  # a bar per layer stays visible up to about this many
@@ -143,16 +143,13 @@ def read_summary(model: onnx.ModelProto, where: str = "model") -> dict:
     Raises:
         ModelError: there is none, or it is not a JSON object.
     """
-    for prop in model.metadata_props:
-        if prop.key == SUMMARY_KEY:
-            try:
-                value = json.loads(prop.value)
-            except json.JSONDecodeError:
-                value = None
-            if not isinstance(value, dict):
-                raise ModelError(f"{where}: metadata entry {SUMMARY_KEY!r} is not a JSON object")
-            return value
-    raise ModelError(f"{where}: no onnxprune metadata (was it written by onnxprune?)")
+    try:
+        value = read_json_entry(model, SUMMARY_KEY)
+    except ValueError as exc:
+        raise ModelError(f"{where}: {exc}") from None
+    if value is None:
+        raise ModelError(f"{where}: no onnxprune metadata (was it written by onnxprune?)")
+    return value
 
 
 # ---- layers -----------------------------------------------------------------------------------------

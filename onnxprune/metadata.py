@@ -21,3 +21,21 @@ def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
             prop.value = value
             return
     model.metadata_props.add(key=key, value=value)
+
+
+def read_json_entry(model: onnx.ModelProto, key: str) -> dict | None:
+    """The JSON object stored under ``metadata_props[key]``, or None when there is no such entry.
+
+    Raises:
+        ValueError: the entry exists but is not a JSON object.
+    """
+    for prop in model.metadata_props:
+        if prop.key == key:
+            try:
+                value = json.loads(prop.value)
+            except json.JSONDecodeError:
+                value = None
+            if not isinstance(value, dict):
+                raise ValueError(f"metadata entry {key!r} is not a JSON object")
+            return value
+    return None

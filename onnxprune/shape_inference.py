@@ -117,14 +117,8 @@ def _fill_reshape_dims(model: onnx.ModelProto, known: dict) -> set[str]:
         elements = _target_elements(graph, node.input[1])
         if elements is None:
             continue
-        if vi is None:
-            vi = _value_info_for(model, node.output[0], graph.dtype(node.input[0]), len(elements))
-            if vi is None:
-                continue
-            known[vi.name] = vi
-            filled.add(node.output[0])
-        dims = vi.type.tensor_type.shape.dim
-        if len(elements) != len(dims):
+        dims = _output_dims(model, known, filled, node, graph.dtype(node.input[0]), len(elements))
+        if dims is None:
             continue
         in_shape = graph.shape(node.input[0])
         copies = not _attr(node, "allowzero", 0)
@@ -167,25 +161,11 @@ def _fill_slice_dims(model: onnx.ModelProto, known: dict) -> set[str]:
         axes = _slice_axes(graph, node, len(in_shape))
         if axes is None:
             continue
-        if vi is None:
-            vi = _value_info_for(model, node.output[0], graph.dtype(node.input[0]), len(in_shape))
-            if vi is None:
-                continue
-            known[vi.name] = vi
-            filled.add(node.output[0])
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) != len(in_shape):
+        dims = _output_dims(model, known, filled, node, graph.dtype(node.input[0]), len(in_shape))
+        if dims is None:
             continue
         for k, (d, size) in enumerate(zip(dims, in_shape)):
-            if k in axes or _settled(d):
-                continue
-            if isinstance(size, int) and size > 0:
-                d.Clear()
-                d.dim_value = size
-                filled.add(node.output[0])
-            elif isinstance(size, str) and size and size != d.dim_param:
-                d.Clear()
-                d.dim_param = size
+            if k not in axes and not _settled(d) and _set_dim(d, size):
                 filled.add(node.output[0])
     return filled
 
@@ -212,15 +192,7 @@ def _fill_expand_dims(model: onnx.ModelProto, known: dict) -> set[str]:
         wanted = [1] * (len(dims) - len(target)) + list(target)
         for d, size, want in zip(dims, sizes, wanted):
             out = size if want == 1 or (size != 1 and size is not None) else (want if size == 1 else None)
-            if _settled(d) or out is None:
-                continue
-            if isinstance(out, int) and out > 0:
-                d.Clear()
-                d.dim_value = out
-                filled.add(node.output[0])
-            elif isinstance(out, str) and out and out != d.dim_param:
-                d.Clear()
-                d.dim_param = out
+            if not _settled(d) and _set_dim(d, out):
                 filled.add(node.output[0])
     return filled
 
@@ -450,3 +422,31 @@ def _infer_once(model: onnx.ModelProto, symbolic: bool = True) -> onnx.ModelProt
             o.type.CopyFrom(outputs[o.name].type)
     return model
 
+
+def _output_dims(model: onnx.ModelProto, known: dict, filled: set[str], node: onnx.NodeProto, dtype: int | None,
+                 rank: int):
+    """The dims of `node`'s first output to complete in place: its value info (created with `rank` unknown
+    dims when it has none, and recorded in `known` and `filled`), or None when its rank is not `rank`."""
+    name = node.output[0]
+    vi = known.get(name)
+    if vi is None:
+        vi = _value_info_for(model, name, dtype, rank)
+        if vi is None:
+            return None
+        known[vi.name] = vi
+        filled.add(name)
+    dims = vi.type.tensor_type.shape.dim
+    return dims if len(dims) == rank else None
+
+
+def _set_dim(d: onnx.TensorShapeProto.Dimension, size: int | str | None) -> bool:
+    """Write a known size (a positive int or a symbol) into `d`; True when `d` changed."""
+    if isinstance(size, int) and size > 0:
+        d.Clear()
+        d.dim_value = size
+        return True
+    if isinstance(size, str) and size and size != d.dim_param:
+        d.Clear()
+        d.dim_param = size
+        return True
+    return False

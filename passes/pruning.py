@@ -31,21 +31,12 @@ __all__ = ["PruneConfig", "PrunePass"]
 class PrunePass(PassManager):
     """Analyse, score, allocate, (repair,) remove, check; stamps the summary into a modified model.
 
-    Args:
-        config: what to remove and how.
-        criterion: a Criterion instance overriding `config.criterion`.
-        calib: calibration samples (`calibration.CalibrationData`) for data criteria, `repair="ls"`/`"seq"`
-            and the sensitivity allocation.
-        stats: precomputed `calibration.collect_stats` of the model (reused across runs, e.g. benchmarks).
+    The arguments are `SelectChannelsPass`'s (`calib` also feeds the `seq` repair); the positional order is
+    kept for callers that predate the split into select / repair / remove passes.
     """
 
-    def __init__(
-        self,
-        config: PruneConfig | None = None,
-        criterion: Criterion | None = None,
-        calib: CalibrationData | None = None,
-        stats: CalibrationStats | None = None,
-    ) -> None:
+    def __init__(self, config: PruneConfig | None = None, criterion: Criterion | None = None,
+                 calib: CalibrationData | None = None, stats: CalibrationStats | None = None) -> None:
         self.config = config or PruneConfig()
         self.select = SelectChannelsPass(self.config, criterion=criterion, calib=calib, stats=stats)
         super().__init__([self.select, RepairChannelsPass(calib), RemoveChannelsPass(), CheckPass()],

@@ -20,7 +20,6 @@ dicts of arrays; each target's row says how its bundles run here (:mod:`.launch`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import ModelError, UnsupportedModelError, UsageError
+from onnxprune.io import file_sha256
 
 from .table import get_target
 
@@ -69,15 +69,6 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _is_dynamic_batch(vi: onnx.ValueInfoProto) -> bool:

@@ -256,12 +256,9 @@ def _seed_default_schedules(tasks, database, target, builder, runner) -> int:
                 kernel = Kernel(func, lanes, registers)
                 kernel.run()
                 sch = kernel.sch
-                (res,) = builder.build([BuilderInput(sch.mod, target)])
-                if res.error_msg:
+                secs = _build_and_time(sch.mod, func, target, builder, runner)
+                if secs is None:
                     continue
-                secs = runner.measure(
-                    builder.built.pop(str(res.artifact_path)), ms.arg_info.ArgInfo.from_prim_func(func)
-                )
             except Exception as e:
                 log.debug("default schedule of %s not seeded: %s", task.task_name, e)
                 continue
@@ -287,12 +284,9 @@ def _default_times(tasks, target, builder, runner) -> dict[str, float]:
             try:
                 kernel = Kernel(func, lanes, registers, frozenset(p.name for p in func.params))
                 new = kernel.run()
-                (res,) = builder.build([BuilderInput(tvm.IRModule({"main": new}), target)])
-                if res.error_msg:
+                secs = _build_and_time(tvm.IRModule({"main": new}), new, target, builder, runner)
+                if secs is None:
                     continue
-                secs = runner.measure(
-                    builder.built.pop(str(res.artifact_path)), ms.arg_info.ArgInfo.from_prim_func(new)
-                )
             except Exception as e:
                 log.debug("default schedule of %s not measured: %s", task.task_name, e)
                 continue
@@ -430,3 +424,11 @@ def _tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, work_dir: P
     with target, chosen, progress.task("applying the tuned schedules"):
         mod = MetaScheduleApplyDatabase(str(root))(mod)
     return mod
+
+
+def _build_and_time(mod, func, target, builder, runner):
+    """Build one scheduled kernel and time it (the runner's repeated seconds), or None if it fails to build."""
+    (res,) = builder.build([BuilderInput(mod, target)])
+    if res.error_msg:
+        return None
+    return runner.measure(builder.built.pop(str(res.artifact_path)), ms.arg_info.ArgInfo.from_prim_func(func))
