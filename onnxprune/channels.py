@@ -35,6 +35,7 @@ from onnxprune.graph import ModelGraph, subgraph_reads
 from onnxprune.onnx_utils import has_subgraph, opset_of
 from onnxprune.rules import RULES
 from onnxprune.rules.protocols import RuleBarrier
+from onnxprune.subgraphs import analysed_nodes, body_reason, descended, refusal, scoped_graph
 
 
 @dataclass(frozen=True)
@@ -348,11 +349,12 @@ def analyze(graph: ModelGraph, *, allow_inexact: bool = False) -> ChannelAnalysi
         allow_inexact: also return groups whose removal is only approximately equivalent (for
             example hidden sizes normalised by LayerNorm); they are flagged ``inexact``.
     """
+    graph = scoped_graph(graph)  # descends into If branches (`subgraphs`)
     ctx = CouplingContext(graph)
     barriers: list[Barrier] = []
     data_tensors_of: dict[str, list[str]] = {}
     opsets: dict[str, int | None] = {}
-    for node in graph.nodes:
+    for node in analysed_nodes(graph):
         if node.domain not in opsets:
             opsets[node.domain] = opset_of(graph.model, node.domain) or None
         rule = RULES.get(node.domain, node.op_type, opsets[node.domain])
@@ -360,14 +362,14 @@ def analyze(graph: ModelGraph, *, allow_inexact: bool = False) -> ChannelAnalysi
         ctx.node = node
         tensors = [n for n in node.output if n]
         if rule is None:
-            reason = f"no channel rule for {node.domain + '::' if node.domain else ''}{node.op_type}"
+            reason = body_reason(node) or f"no channel rule for {node.domain + '::' if node.domain else ''}{node.op_type}"
             _freeze_node(ctx, node, reason)
             barriers.append(Barrier(node.name, node.op_type, reason))
             continue
-        if has_subgraph(node):
-            reason = f"{node.op_type} has subgraphs"
-            _freeze_node(ctx, node, reason)
-            barriers.append(Barrier(node.name, node.op_type, reason))
+        refused = refusal(graph, node) if has_subgraph(node) else None
+        if refused:
+            _freeze_node(ctx, node, refused)
+            barriers.append(Barrier(node.name, node.op_type, refused))
             continue
         try:
             rule.couple(node, ctx)
@@ -408,11 +410,14 @@ def _freeze_node(ctx: CouplingContext, node: onnx.NodeProto, reason: str) -> Non
     for name in list(node.input) + list(node.output):
         if name:
             ctx.freeze_tensor(name, reason)
+    if node.name in descended(ctx.graph):  # a barrier If's branches: their outputs are its outputs
+        for name in sorted(subgraph_reads(node)):
+            ctx.freeze_tensor(name, reason)
 
 
 def _freeze_subgraph_references(ctx: CouplingContext, graph: ModelGraph) -> None:
-    for node in graph.nodes:
-        if has_subgraph(node):
+    for node in analysed_nodes(graph):
+        if has_subgraph(node) and refusal(graph, node):
             ctx.node = node
             for name in subgraph_reads(node):
                 ctx.freeze_tensor(name, f"read inside a subgraph of {node.op_type}")

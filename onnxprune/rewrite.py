@@ -14,6 +14,13 @@ from onnxprune.external import MMAP_TYPES
 from onnxprune.graph import Dim, ModelGraph, subgraph_reads
 from onnxprune.onnx_utils import opset_of, value_names
 from onnxprune.rules import RULES
+from onnxprune.subgraphs import (
+    analysed_nodes,
+    descended,
+    descended_nodes,
+    fix_branch_types,
+    replace_branch_initializers,
+)
 
 
 class RewriteContext:
@@ -81,8 +88,20 @@ def apply_plan(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.Mo
             array = np.delete(array, pos, axis=axis)
         _append_array(g, t, array)
 
+    def cut(t: onnx.TensorProto) -> onnx.TensorProto | None:
+        array = graph.initializer_value(t.name)
+        for axis, pos in by_tensor.get(t.name, ()):
+            array = np.delete(array, pos, axis=axis)
+        return numpy_helper.from_array(np.ascontiguousarray(array), t.name) if t.name in by_tensor else None
+
+    replace_branch_initializers(g, descended(graph), cut)
     _rewrite_nodes(g, graph, removed)
     return model
+
+
+def _changed_size(ctx: RewriteContext, name: str, axis: int) -> int | None:
+    size = ctx.new_size(name, axis) if len(ctx.removed(name, axis)) else None
+    return size if isinstance(size, int) else None
 
 
 def _append_array(g: onnx.GraphProto, old: onnx.TensorProto, array: np.ndarray) -> None:
@@ -195,6 +214,14 @@ def apply_mask(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.Mo
             index[axis] = pos
             array[tuple(index)] = fill
         model.graph.initializer.append(numpy_helper.from_array(array, t.name))
+
+    def mask(t: onnx.TensorProto) -> onnx.TensorProto | None:
+        array = graph.initializer_value(t.name)
+        if t.name not in by_tensor or array.dtype.kind != "f":
+            return None
+        return numpy_helper.from_array(silence(array, by_tensor[t.name], analysis.roles.get(t.name)), t.name)
+
+    replace_branch_initializers(model.graph, descended(graph), mask)
     return model
 
 
@@ -244,6 +271,17 @@ def apply_takes(
         for axis, take in by_tensor.get(t.name, []):
             array = np.take(array, take, axis=axis)
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), t.name))
+
+    def take_branch(t: onnx.TensorProto) -> onnx.TensorProto | None:
+        if t.name not in by_tensor and t.name not in values:
+            return None
+        array = values.get(t.name)
+        array = graph.initializer_value(t.name) if array is None else array
+        for axis, kept in by_tensor.get(t.name, []):
+            array = np.take(array, kept, axis=axis)
+        return numpy_helper.from_array(np.ascontiguousarray(array), t.name)
+
+    replace_branch_initializers(g, descended(graph), take_branch)
     _rewrite_nodes(g, graph, removed)
     return model
 
@@ -255,6 +293,13 @@ def _rewrite_nodes(g: onnx.GraphProto, graph: ModelGraph, removed: dict[DimRef, 
     ctx = RewriteContext(graph, removed)
     nodes = {n.name: n for n in g.node}
     originals = {n.name: n for n in graph.nodes}
+    # Nodes of descended If branches have names unique in the model (`subgraphs`): one namespace serves all.
+    inner = descended(graph)
+    for n in descended_nodes(g, inner):
+        nodes.setdefault(n.name, n)
+    for n in analysed_nodes(graph):
+        originals.setdefault(n.name, n)
+    fix_branch_types(g, inner, lambda name, axis: _changed_size(ctx, name, axis))
     for node in nodes.values():
         rule = RULES.get(node.domain, node.op_type, opset_of(graph.model, node.domain) or None)
         if rule is not None and _touches_changed(node, ctx):

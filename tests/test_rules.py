@@ -357,6 +357,22 @@ def zero_state(op: str, opset: int) -> onnx.ModelProto:
     return b.model([("x", FLOAT, [5, "N", 6])], [b("MatMul", [y, b.normal((hidden, 2))])], opset)
 
 
+def if_branches(op: str, opset: int) -> onnx.ModelProto:
+    """``x -> Conv(3->C) -> t -> If(cond: Relu(t) | Conv(t, w) with w inside the branch) -> u -> Conv(->2)``."""
+    b = Builder()
+    t = b.conv("x", 3, C)
+    w = numpy_helper.from_array(b.rng.standard_normal((C, C, 1, 1)).astype(np.float32), "if_else_w")
+    shape = [1, C, 3, 3]
+    then = helper.make_graph([helper.make_node("Relu", [t], ["if_then_u"], name="if_then_relu")], "then", [],
+                             [helper.make_tensor_value_info("if_then_u", FLOAT, shape)])
+    other = helper.make_graph([helper.make_node("Conv", [t, "if_else_w"], ["if_else_u"], name="if_else_conv")],
+                              "else", [], [helper.make_tensor_value_info("if_else_u", FLOAT, shape)], [w])
+    u = b(op, ["cond"], then_branch=then, else_branch=other)
+    y = b.conv(u, C, 2)
+    # cond of shape [1]: for shape [] `verify.random_inputs` gives a numpy scalar, which onnxruntime refuses
+    return b.model([("cond", TensorProto.BOOL, [1]), ("x", FLOAT, [1, 3, 3, 3])], [y], opset)
+
+
 # ---- the table --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Row:
@@ -413,6 +429,7 @@ TABLE = [
     Row("shape readers", ("Shape", "Size"), shape_reader, (C,)),
     Row("recurrent", ("LSTM", "GRU", "RNN"), recurrent, (3, C)),
     Row("recurrent zero state", ("ConstantOfShape",), zero_state, (3, C)),
+    Row("if", ("If",), if_branches, (C,)),
     Row("depth/space (facts only)", ("DepthToSpace", "SpaceToDepth"), depth_space, None, zero_check=depth_space_zero_check),
 ]  # fmt: skip
 

@@ -1,0 +1,160 @@
+"""Channel analysis through control flow: `If` branches are analysed like inlined code (`onnxprune.subgraphs`).
+
+Hand-built models, canonicalised as the CLI does, checked in onnxruntime with optimisations off: every group,
+half its channels removed (`rewrite.apply_plan`) vs silenced (`rewrite.apply_mask`), gives the same outputs
+for both values of the condition; the pruned model passes the checker; a ratio-0 plan reproduces the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import canonical
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.channels import analyze
+from onnxprune.graph import ModelGraph
+from onnxprune.importer import check_model
+from onnxprune.rewrite import apply_plan
+from onnxprune.shape_inference import infer_shapes
+from onnxprune.verify import dead_channel_check, run
+
+RNG = np.random.default_rng(0)
+X_SHAPE = [1, 3, 6, 6]
+
+
+def _w(name: str, *shape: int) -> onnx.TensorProto:
+    return numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32), name)
+
+
+def _branch(tag: str, outer_weights: bool, hidden: int = 8, out: int = 6) -> tuple[onnx.GraphProto, list]:
+    """conv(3->hidden) -> relu -> conv3x3(hidden->out) on the outer input x; weights in the branch or outside."""
+    weights = [_w(f"{tag}_w1", hidden, 3, 1, 1), _w(f"{tag}_b1", hidden), _w(f"{tag}_w2", out, hidden, 3, 3)]
+    nodes = [
+        helper.make_node("Conv", ["x", f"{tag}_w1", f"{tag}_b1"], [f"{tag}_h"], name=f"{tag}_conv1"),
+        helper.make_node("Relu", [f"{tag}_h"], [f"{tag}_r"], name=f"{tag}_relu"),
+        helper.make_node("Conv", [f"{tag}_r", f"{tag}_w2"], [f"{tag}_y"], name=f"{tag}_conv2", pads=[1, 1, 1, 1]),
+    ]
+    y = helper.make_tensor_value_info(f"{tag}_y", TensorProto.FLOAT, [1, out, 6, 6])
+    graph = helper.make_graph(nodes, f"{tag}_branch", [], [y], initializer=[] if outer_weights else weights)
+    return graph, (weights if outer_weights else [])
+
+
+def if_model(outer_weights: bool = False) -> onnx.ModelProto:
+    then, then_outer = _branch("then", outer_weights)
+    other, else_outer = _branch("else", outer_weights)
+    nodes = [
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other),
+        helper.make_node("Relu", ["y"], ["yr"], name="relu_out"),
+        helper.make_node("Conv", ["yr", "w_out"], ["z"], name="conv_out"),
+    ]
+    graph = helper.make_graph(
+        nodes, "if_model",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, X_SHAPE)],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 6, 6])],
+        initializer=[_w("w_out", 4, 6, 1, 1), *then_outer, *else_outer],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return canonical(model)
+
+
+def loop_model() -> onnx.ModelProto:
+    """A Loop carrying a tensor through a conv of its body (weights outside): kept as a barrier."""
+    body_nodes = [
+        helper.make_node("Identity", ["c_in"], ["c_out"], name="loop_cond"),
+        helper.make_node("Conv", ["s_in", "w_loop"], ["s_out"], name="loop_conv", pads=[1, 1, 1, 1]),
+    ]
+    body = helper.make_graph(
+        body_nodes, "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [1, 8, 6, 6])],
+    )  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w_in"], ["h"], name="conv_in"),
+        helper.make_node("Loop", ["trip", "keep", "h"], ["s"], name="loop", body=body),
+        helper.make_node("Conv", ["s", "w_out"], ["z"], name="conv_out"),
+    ]
+    graph = helper.make_graph(
+        nodes, "loop_model",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, X_SHAPE)],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 6, 6])],
+        initializer=[_w("w_in", 8, 3, 1, 1), _w("w_loop", 8, 8, 3, 3), _w("w_out", 4, 8, 1, 1),
+                     numpy_helper.from_array(np.array(2, dtype=np.int64), "trip"),
+                     numpy_helper.from_array(np.array(True), "keep")],
+    )  # fmt: skip
+    return canonical(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _inputs(cond: bool) -> dict[str, np.ndarray]:
+    return {"cond": np.array(cond), "x": np.random.default_rng(1).standard_normal(X_SHAPE).astype(np.float32)}
+
+
+@pytest.mark.parametrize("outer_weights", [False, True], ids=["branch weights", "outer weights"])
+def test_if_groups_descend_into_branches(outer_weights: bool):
+    analysis = analyze(ModelGraph(if_model(outer_weights)))
+    assert not analysis.barriers, analysis.barriers
+    members = sorted(sorted(str(m) for m in g.param_members) for g in analysis.groups)
+    assert members == [
+        ["else_b1[axis 0]", "else_w1[axis 0]", "else_w2[axis 1]"],
+        ["else_w2[axis 0]", "then_w2[axis 0]", "w_out[axis 1]"],  # the If output: both branches' last convs
+        ["then_b1[axis 0]", "then_w1[axis 0]", "then_w2[axis 1]"],
+    ]
+
+
+@pytest.mark.parametrize("outer_weights", [False, True], ids=["branch weights", "outer weights"])
+@pytest.mark.parametrize("cond", [True, False], ids=["then", "else"])
+def test_if_dead_channel_equivalence(outer_weights: bool, cond: bool):
+    analysis = analyze(ModelGraph(if_model(outer_weights)))
+    for group in analysis.groups:
+        result = dead_channel_check(analysis, group, _inputs(cond))
+        assert result.error <= 1e-5, f"group {group.id} {[str(m) for m in group.members]}: {result.error}"
+
+
+def test_if_prunes_half_of_every_group_and_runs():
+    model = if_model()
+    analysis = analyze(ModelGraph(model))
+    labels = np.concatenate([g.labels[: g.size // 2] for g in analysis.groups])
+    pruned = infer_shapes(apply_plan(analysis, labels))
+    check_model(pruned)
+    branches = {a.name: a.g for a in next(n for n in pruned.graph.node if n.op_type == "If").attribute}
+    shapes = {t.name: list(t.dims) for b in branches.values() for t in b.initializer}
+    assert shapes["then_w2"] == [3, 4, 3, 3] and shapes["else_w1"] == [4, 3, 1, 1]
+    assert [d.dim_value for d in branches["then_branch"].output[0].type.tensor_type.shape.dim] == [1, 3, 6, 6]
+    for cond in (True, False):
+        assert run(pruned, _inputs(cond))[0].shape == (1, 4, 6, 6)
+
+
+def test_ratio_zero_reproduces_the_model():
+    model = if_model()
+    analysis = analyze(ModelGraph(model))
+    pruned = infer_shapes(apply_plan(analysis, np.zeros(0, dtype=np.int64)))
+    check_model(pruned)
+    for cond in (True, False):
+        np.testing.assert_array_equal(run(pruned, _inputs(cond))[0], run(model, _inputs(cond))[0])
+
+
+def test_if_with_identical_branches_stays_a_barrier():
+    model = if_model()
+    node = model.graph.node[0]
+    then = next(a.g for a in node.attribute if a.name == "then_branch")
+    next(a for a in node.attribute if a.name == "else_branch").g.CopyFrom(then)
+    analysis = analyze(ModelGraph(model))
+    assert [(b.op_type, b.reason) for b in analysis.barriers] == [
+        ("If", "If branches define value names another scope defines too")
+    ]
+    assert all("then_" not in str(m) for g in analysis.groups for m in g.members)
+
+
+def test_loop_is_a_barrier_with_a_reason():
+    model = loop_model()
+    analysis = analyze(ModelGraph(model))
+    assert [(b.op_type, b.reason) for b in analysis.barriers] == [
+        ("Loop", "Loop body not analysed: channels carried across iterations stay frozen")
+    ]
+    assert not analysis.groups  # the loop freezes its carried tensor, so neither outer conv can shrink
