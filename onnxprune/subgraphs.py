@@ -1,16 +1,18 @@
-"""Channel analysis inside `If` branches: which subgraphs the analysis descends into, and their tensors.
+"""Channel analysis inside ``If`` branches and ``Loop`` bodies: which subgraphs the analysis descends into.
 
-Start reading at `scoped_graph`. An ``If`` whose branches are *descendable* is analysed like inlined code:
-its branch nodes are coupled by the same rules as the main graph's nodes, a tensor of the outer scope read
-inside a branch is the same tensor (the same name, so the same atoms), the ``If`` rule
-(`rules.control.IfRule`) links output k of the ``If`` with output k of both branches (they must keep the
-same channels), and weights that live in a branch's initializers are pruned like outer ones.
+Start reading at `scoped_graph`. An ``If`` or ``Loop`` whose subgraphs (here: *branches*, a loop body
+included) are *descendable* is analysed like inlined code: the branch nodes are coupled by the same rules
+as the main graph's nodes, a tensor of the outer scope read inside a branch is the same tensor (the same
+name, so the same atoms), the operator's rule (`rules.control`) joins the scopes (output k of an ``If``
+with output k of both branches; a ``Loop``'s carried values with the body's inputs and outputs for them,
+its scan outputs with the body's), and weights that live in a branch's initializers are pruned like outer
+ones.
 
 Names are the bookkeeping keys of the analysis (atoms are keyed by tensor name, rewrites by node name), so
-an ``If`` is descended only when every value name its branches define (inputs, initializers, node outputs,
+a node is descended only when every value name its branches define (inputs, initializers, node outputs,
 in any nesting depth) is defined by no other scope, and every node name in its branches is non-empty and
-unique in the whole model. Otherwise (e.g. both branches are one and the same graph) it stays a barrier
-with that reason. ``Loop`` and ``Scan`` bodies are not descended: the analysis freezes what they touch.
+unique in the whole model. Otherwise (e.g. both branches of an ``If`` are one and the same graph) it stays
+a barrier with that reason. ``Scan`` bodies are not descended: the analysis freezes what they touch.
 """
 
 from __future__ import annotations
@@ -23,16 +25,16 @@ import onnx
 from onnxprune.graph import ModelGraph, _dim
 from onnxprune.onnx_utils import all_graphs, light_copy, node_subgraphs
 
-DESCENDED_OPS = ("If",)
+DESCENDED_OPS = ("If", "Loop")
 
 
 class ScopedGraph(ModelGraph):
-    """A `ModelGraph` that also knows the shapes and initializers of the descendable ``If`` branches.
+    """A `ModelGraph` that also knows the shapes and initializers of the descendable branches.
 
     Attributes:
-        scoped_nodes: the main graph's nodes followed, after each descended ``If``, by its branches' nodes.
-        descended: names of the ``If`` nodes whose branches are analysed.
-        refusals: ``If`` node name -> why its branches are not analysed.
+        scoped_nodes: the main graph's nodes followed, after each descended node, by its branches' nodes.
+        descended: names of the ``If``/``Loop`` nodes whose branches are analysed.
+        refusals: ``If``/``Loop`` node name -> why its branches are not analysed.
     """
 
     def __init__(self, model: onnx.ModelProto):
@@ -105,7 +107,7 @@ def _refusal(node: onnx.NodeProto, defined: Counter[str], node_names: Counter[st
 
 
 def scoped_graph(graph: ModelGraph) -> ModelGraph:
-    """`graph` itself when it has no ``If``; else a `ScopedGraph` of the same model."""
+    """`graph` itself when it has no ``If`` or ``Loop``; else a `ScopedGraph` of the same model."""
     if isinstance(graph, ScopedGraph) or not any(n.op_type in DESCENDED_OPS for n in graph.nodes):
         return graph
     return ScopedGraph(graph.model)
@@ -117,7 +119,7 @@ def analysed_nodes(graph: ModelGraph) -> list[onnx.NodeProto]:
 
 
 def descended(graph: ModelGraph) -> set[str]:
-    """Names of the ``If`` nodes whose branches the analysis of `graph` descends into."""
+    """Names of the ``If``/``Loop`` nodes whose branches the analysis of `graph` descends into."""
     return graph.descended if isinstance(graph, ScopedGraph) else set()
 
 
@@ -131,18 +133,17 @@ def refusal(graph: ModelGraph, node: onnx.NodeProto) -> str | None:
 
 
 _BODY_REASONS = {
-    "Loop": "Loop body not analysed: channels carried across iterations stay frozen",
     "Scan": "Scan body not analysed: scanned and carried channels stay frozen",
 }
 
 
 def body_reason(node: onnx.NodeProto) -> str | None:
-    """Why a ``Loop``/``Scan`` is a barrier (None for other operators)."""
+    """Why a ``Scan`` is a barrier (None for other operators)."""
     return _BODY_REASONS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
 
 
 def descended_graphs(g: onnx.GraphProto, names: set[str]) -> Iterator[onnx.GraphProto]:
-    """The branches (nested too) of the ``If`` nodes of `g` named in `names`, in a model (or its copy)."""
+    """The branches (nested too) of the ``If``/``Loop`` nodes of `g` named in `names`, in a model (or its copy)."""
     for node in g.node:
         if node.name in names and node.op_type in DESCENDED_OPS:
             for sub in node_subgraphs(node):

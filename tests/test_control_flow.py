@@ -61,11 +61,14 @@ def if_model(outer_weights: bool = False) -> onnx.ModelProto:
     return canonical(model)
 
 
-def loop_model() -> onnx.ModelProto:
-    """A Loop carrying a tensor through a conv of its body (weights outside): kept as a barrier."""
+def loop_model(inner_weight: bool = False) -> onnx.ModelProto:
+    """A Loop carrying a tensor through a conv of its body and scanning the conv's relu; the body's weight is
+    read from the outer scope or lives in the body."""
+    w_loop = _w("w_loop", 8, 8, 3, 3)
     body_nodes = [
         helper.make_node("Identity", ["c_in"], ["c_out"], name="loop_cond"),
         helper.make_node("Conv", ["s_in", "w_loop"], ["s_out"], name="loop_conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["s_out"], ["scan_out"], name="loop_relu"),
     ]
     body = helper.make_graph(
         body_nodes, "body",
@@ -73,22 +76,29 @@ def loop_model() -> onnx.ModelProto:
          helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
          helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [1, 8, 6, 6])],
         [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [1, 8, 6, 6])],
+         helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [1, 8, 6, 6]),
+         helper.make_tensor_value_info("scan_out", TensorProto.FLOAT, [1, 8, 6, 6])],
+        initializer=[w_loop] if inner_weight else [],
     )  # fmt: skip
     nodes = [
         helper.make_node("Conv", ["x", "w_in"], ["h"], name="conv_in"),
-        helper.make_node("Loop", ["trip", "keep", "h"], ["s"], name="loop", body=body),
-        helper.make_node("Conv", ["s", "w_out"], ["z"], name="conv_out"),
+        helper.make_node("Loop", ["trip", "keep", "h"], ["s", "scans"], name="loop", body=body),
+        helper.make_node("ReduceMean", ["scans", "axis0"], ["scan_mean"], name="scan_mean", keepdims=0),
+        helper.make_node("Add", ["s", "scan_mean"], ["sum"], name="add"),
+        helper.make_node("Conv", ["sum", "w_out"], ["z"], name="conv_out"),
     ]
     graph = helper.make_graph(
         nodes, "loop_model",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, X_SHAPE)],
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 6, 6])],
-        initializer=[_w("w_in", 8, 3, 1, 1), _w("w_loop", 8, 8, 3, 3), _w("w_out", 4, 8, 1, 1),
+        initializer=[_w("w_in", 8, 3, 1, 1), _w("w_out", 4, 8, 1, 1), *([] if inner_weight else [w_loop]),
                      numpy_helper.from_array(np.array(2, dtype=np.int64), "trip"),
-                     numpy_helper.from_array(np.array(True), "keep")],
+                     numpy_helper.from_array(np.array(True), "keep"),
+                     numpy_helper.from_array(np.array([0], dtype=np.int64), "axis0")],
     )  # fmt: skip
-    return canonical(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model, full_check=True)
+    return canonical(model)
 
 
 def _inputs(cond: bool) -> dict[str, np.ndarray]:
@@ -151,10 +161,20 @@ def test_if_with_identical_branches_stays_a_barrier():
     assert all("then_" not in str(m) for g in analysis.groups for m in g.members)
 
 
-def test_loop_is_a_barrier_with_a_reason():
-    model = loop_model()
+@pytest.mark.parametrize("inner_weight", [False, True], ids=["outer weight", "body weight"])
+def test_loop_carried_channels_are_one_channel(inner_weight: bool):
+    """The carried tensor's channels: conv_in's outputs, the body conv's inputs and outputs, the scanned
+    relu's, conv_out's inputs; pruned at 0.5, the model passes the checker and keeps its output shape."""
+    model = loop_model(inner_weight)
     analysis = analyze(ModelGraph(model))
-    assert [(b.op_type, b.reason) for b in analysis.barriers] == [
-        ("Loop", "Loop body not analysed: channels carried across iterations stay frozen")
-    ]
-    assert not analysis.groups  # the loop freezes its carried tensor, so neither outer conv can shrink
+    assert not analysis.barriers, analysis.barriers
+    members = [sorted(str(m) for m in g.param_members) for g in analysis.groups]
+    assert members == [["w_in[axis 0]", "w_loop[axis 0]", "w_loop[axis 1]", "w_out[axis 1]"]]
+    inputs = {"x": _inputs(True)["x"]}
+    for group in analysis.groups:
+        assert dead_channel_check(analysis, group, inputs).error <= 1e-5
+    pruned = infer_shapes(apply_plan(analysis, analysis.groups[0].labels[:4]))
+    check_model(pruned)
+    body = next(n for n in pruned.graph.node if n.op_type == "Loop").attribute[0].g
+    assert [d.dim_value for d in body.input[2].type.tensor_type.shape.dim] == [1, 4, 6, 6]
+    assert run(pruned, inputs)[0].shape == (1, 4, 6, 6)

@@ -382,6 +382,27 @@ def if_branches(op: str, opset: int) -> onnx.ModelProto:
     return b.model([("cond", TensorProto.BOOL, [1]), ("x", FLOAT, [1, 3, 3, 3])], [y], opset)
 
 
+def loop_carry(op: str, opset: int) -> onnx.ModelProto:
+    """``x -> Conv(3->C) -> t -> Loop(2 iterations carrying t through Relu(Conv(s, w)), w in the body) -> u ->
+    Conv(->2)``: the carried channels are one channel (the body conv's inputs and outputs)."""
+    b = Builder()
+    t = b.conv("x", 3, C)
+    w = numpy_helper.from_array(b.rng.standard_normal((C, C, 1, 1)).astype(np.float32), "loop_w")
+    state = [helper.make_tensor_value_info(n, FLOAT, [1, C, 3, 3]) for n in ("loop_s_in", "loop_s_out")]
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["loop_c_in"], ["loop_c_out"], name="loop_cond"),
+         helper.make_node("Conv", ["loop_s_in", "loop_w"], ["loop_h"], name="loop_conv"),
+         helper.make_node("Relu", ["loop_h"], ["loop_s_out"], name="loop_relu")],
+        "body",
+        [helper.make_tensor_value_info("loop_i", INT64, []), helper.make_tensor_value_info("loop_c_in", TensorProto.BOOL, []),
+         state[0]],
+        [helper.make_tensor_value_info("loop_c_out", TensorProto.BOOL, []), state[1]], [w],
+    )  # fmt: skip
+    keep = b.const(np.array(True), "keep")
+    u = b(op, [b.const(np.array(2, np.int64), "trip"), keep, t], body=body)
+    return b.model([("x", FLOAT, [1, 3, 3, 3])], [b.conv(u, C, 2)], opset)
+
+
 # ---- the table --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Row:
@@ -440,6 +461,7 @@ TABLE = [
     Row("recurrent", ("LSTM", "GRU", "RNN"), recurrent, (3, C)),
     Row("recurrent zero state", ("ConstantOfShape",), zero_state, (3, C)),
     Row("if", ("If",), if_branches, (C,)),
+    Row("loop", ("Loop",), loop_carry, (C,)),
     Row("depth/space (facts only)", ("DepthToSpace", "SpaceToDepth"), depth_space, None, zero_check=depth_space_zero_check),
 ]  # fmt: skip
 
