@@ -149,6 +149,34 @@ def test_ratio_zero_reproduces_the_model():
         np.testing.assert_array_equal(run(pruned, _inputs(cond))[0], run(model, _inputs(cond))[0])
 
 
+def test_nested_if():
+    """An If inside a branch: its branches' weights are pruned and its output is coupled through both levels."""
+    inner_then, _ = _branch("in_then", False)
+    inner_else, _ = _branch("in_else", False)
+    then = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["nested_y"], name="inner_if", then_branch=inner_then, else_branch=inner_else),
+         helper.make_node("Relu", ["nested_y"], ["then_y"], name="then_relu")],
+        "then_branch", [], [helper.make_tensor_value_info("then_y", TensorProto.FLOAT, [1, 6, 6, 6])],
+    )  # fmt: skip
+    other, _ = _branch("else", False)
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other),
+         helper.make_node("Conv", ["y", "w_out"], ["z"], name="conv_out")],
+        "nested", [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                   helper.make_tensor_value_info("x", TensorProto.FLOAT, X_SHAPE)],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 6, 6])], initializer=[_w("w_out", 4, 6, 1, 1)],
+    )  # fmt: skip
+    model = canonical(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    analysis = analyze(ModelGraph(model))
+    assert not analysis.barriers, analysis.barriers
+    out = next(g for g in analysis.groups if any(m.tensor == "w_out" for m in g.members))
+    assert {m.tensor for m in out.param_members} == {"w_out", "in_then_w2", "in_else_w2", "else_w2"}
+    assert len(analysis.groups) == 4
+    for cond in (True, False):
+        for group in analysis.groups:
+            assert dead_channel_check(analysis, group, _inputs(cond)).error <= 1e-5
+
+
 def test_if_with_identical_branches_stays_a_barrier():
     model = if_model()
     node = model.graph.node[0]
