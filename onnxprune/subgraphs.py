@@ -1,18 +1,18 @@
-"""Channel analysis inside ``If`` branches and ``Loop`` bodies: which subgraphs the analysis descends into.
+"""Channel analysis inside ``If`` branches and ``Loop``/``Scan`` bodies: which subgraphs are descended into.
 
-Start reading at `scoped_graph`. An ``If`` or ``Loop`` whose subgraphs (here: *branches*, a loop body
+Start reading at `scoped_graph`. An ``If``, ``Loop`` or ``Scan`` whose subgraphs (*branches*, bodies
 included) are *descendable* is analysed like inlined code: the branch nodes are coupled by the same rules
 as the main graph's nodes, a tensor of the outer scope read inside a branch is the same tensor (the same
 name, so the same atoms), the operator's rule (`rules.control`) joins the scopes (output k of an ``If``
-with output k of both branches; a ``Loop``'s carried values with the body's inputs and outputs for them,
-its scan outputs with the body's), and weights that live in a branch's initializers are pruned like outer
-ones.
+with output k of both branches; the values a ``Loop`` or ``Scan`` carries with the body's inputs and outputs
+for them, scanned inputs and outputs with the body's slices), and weights that live in a branch's
+initializers are pruned like outer ones.
 
 Names are the bookkeeping keys of the analysis (atoms are keyed by tensor name, rewrites by node name), so
 a node is descended only when every value name its branches define (inputs, initializers, node outputs,
 in any nesting depth) is defined by no other scope, and every node name in its branches is non-empty and
 unique in the whole model. Otherwise (e.g. both branches of an ``If`` are one and the same graph) it stays
-a barrier with that reason. ``Scan`` bodies are not descended: the analysis freezes what they touch.
+a barrier with that reason.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import onnx
 from onnxprune.graph import ModelGraph, _dim
 from onnxprune.onnx_utils import all_graphs, light_copy, node_subgraphs
 
-DESCENDED_OPS = ("If", "Loop")
+DESCENDED_OPS = ("If", "Loop", "Scan")
 
 
 class ScopedGraph(ModelGraph):
@@ -33,8 +33,8 @@ class ScopedGraph(ModelGraph):
 
     Attributes:
         scoped_nodes: the main graph's nodes followed, after each descended node, by its branches' nodes.
-        descended: names of the ``If``/``Loop`` nodes whose branches are analysed.
-        refusals: ``If``/``Loop`` node name -> why its branches are not analysed.
+        descended: names of the ``If``/``Loop``/``Scan`` nodes whose branches are analysed.
+        refusals: ``If``/``Loop``/``Scan`` node name -> why its branches are not analysed.
     """
 
     def __init__(self, model: onnx.ModelProto):
@@ -107,7 +107,7 @@ def _refusal(node: onnx.NodeProto, defined: Counter[str], node_names: Counter[st
 
 
 def scoped_graph(graph: ModelGraph) -> ModelGraph:
-    """`graph` itself when it has no ``If`` or ``Loop``; else a `ScopedGraph` of the same model."""
+    """`graph` itself when it has no ``If``, ``Loop`` or ``Scan``; else a `ScopedGraph` of the same model."""
     if isinstance(graph, ScopedGraph) or not any(n.op_type in DESCENDED_OPS for n in graph.nodes):
         return graph
     return ScopedGraph(graph.model)
@@ -119,7 +119,7 @@ def analysed_nodes(graph: ModelGraph) -> list[onnx.NodeProto]:
 
 
 def descended(graph: ModelGraph) -> set[str]:
-    """Names of the ``If``/``Loop`` nodes whose branches the analysis of `graph` descends into."""
+    """Names of the ``If``/``Loop``/``Scan`` nodes whose branches the analysis of `graph` descends into."""
     return graph.descended if isinstance(graph, ScopedGraph) else set()
 
 
@@ -133,17 +133,17 @@ def refusal(graph: ModelGraph, node: onnx.NodeProto) -> str | None:
 
 
 _BODY_REASONS = {
-    "Scan": "Scan body not analysed: scanned and carried channels stay frozen",
+    "Scan": "Scan before opset 9 (sequence lengths, batch axis) is not analysed",
 }
 
 
 def body_reason(node: onnx.NodeProto) -> str | None:
-    """Why a ``Scan`` is a barrier (None for other operators)."""
+    """Why an operator with a body but no rule at the model's opset is a barrier (None: not such an operator)."""
     return _BODY_REASONS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
 
 
 def descended_graphs(g: onnx.GraphProto, names: set[str]) -> Iterator[onnx.GraphProto]:
-    """The branches (nested too) of the ``If``/``Loop`` nodes of `g` named in `names`, in a model (or its copy)."""
+    """The branches (nested too) of the ``If``/``Loop``/``Scan`` nodes of `g` named in `names`, in a model (or its copy)."""
     for node in g.node:
         if node.name in names and node.op_type in DESCENDED_OPS:
             for sub in node_subgraphs(node):

@@ -101,6 +101,42 @@ def loop_model(inner_weight: bool = False) -> onnx.ModelProto:
     return canonical(model)
 
 
+def scan_model() -> onnx.ModelProto:
+    """A Scan over the rows of a conv's output (axis 2): each row through a 1-D conv, summed into a state,
+    the rows stacked back along axis 2; the body's weight lives in the body."""
+    body = helper.make_graph(
+        [helper.make_node("Conv", ["row", "w_scan"], ["row_h"], name="scan_conv"),
+         helper.make_node("Relu", ["row_h"], ["row_y"], name="scan_relu"),
+         helper.make_node("Add", ["acc_in", "row_y"], ["acc_out"], name="scan_add")],
+        "scan_body",
+        [helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1, 6, 6]),
+         helper.make_tensor_value_info("row", TensorProto.FLOAT, [1, 8, 6])],
+        [helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1, 6, 6]),
+         helper.make_tensor_value_info("row_y", TensorProto.FLOAT, [1, 6, 6])],
+        initializer=[_w("w_scan", 6, 8, 1)],
+    )  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w_in"], ["h"], name="conv_in"),
+        helper.make_node("Scan", ["acc0", "h"], ["acc", "rows"], name="scan", body=body, num_scan_inputs=1,
+                         scan_input_axes=[2], scan_output_axes=[2]),
+        helper.make_node("Conv", ["rows", "w_out"], ["z"], name="conv_out"),
+        helper.make_node("Unsqueeze", ["acc", "axis2"], ["acc4"], name="acc_unsqueeze"),
+        helper.make_node("Conv", ["acc4", "w_acc"], ["za"], name="conv_acc"),
+    ]
+    graph = helper.make_graph(
+        nodes, "scan_model",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, X_SHAPE)],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 6, 6]),
+         helper.make_tensor_value_info("za", TensorProto.FLOAT, [1, 4, 1, 6])],
+        initializer=[_w("w_in", 8, 3, 1, 1), _w("w_out", 4, 6, 1, 1), _w("w_acc", 4, 6, 1, 1),
+                     numpy_helper.from_array(np.zeros((1, 6, 6), np.float32), "acc0"),
+                     numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return canonical(model)
+
+
 def _inputs(cond: bool) -> dict[str, np.ndarray]:
     return {"cond": np.array(cond), "x": np.random.default_rng(1).standard_normal(X_SHAPE).astype(np.float32)}
 
@@ -206,3 +242,19 @@ def test_loop_carried_channels_are_one_channel(inner_weight: bool):
     body = next(n for n in pruned.graph.node if n.op_type == "Loop").attribute[0].g
     assert [d.dim_value for d in body.input[2].type.tensor_type.shape.dim] == [1, 4, 6, 6]
     assert run(pruned, inputs)[0].shape == (1, 4, 6, 6)
+
+
+def test_scan_slices_and_stacks_channels():
+    """The scanned conv's inputs are conv_in's outputs; its outputs are the stacked rows', the state's and
+    both consumers' inputs."""
+    model = scan_model()
+    analysis = analyze(ModelGraph(model))
+    assert not analysis.barriers, analysis.barriers
+    members = sorted(sorted(str(m) for m in g.param_members) for g in analysis.groups)
+    assert members == [
+        ["acc0[axis 1]", "w_acc[axis 1]", "w_out[axis 1]", "w_scan[axis 0]"],
+        ["w_in[axis 0]", "w_scan[axis 1]"],
+    ]
+    inputs = {"x": _inputs(True)["x"]}
+    for group in analysis.groups:
+        assert dead_channel_check(analysis, group, inputs).error <= 1e-5

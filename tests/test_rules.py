@@ -403,6 +403,20 @@ def loop_carry(op: str, opset: int) -> onnx.ModelProto:
     return b.model([("x", FLOAT, [1, 3, 3, 3])], [b.conv(u, C, 2)], opset)
 
 
+def scan_rows(op: str, opset: int) -> onnx.ModelProto:
+    """``x -> Conv(3->C) -> t -> Scan(rows of t along axis 2 through Relu, stacked back along axis 2) -> u ->
+    Conv(->2)``: a row's channels are the scanned tensor's channels."""
+    b = Builder()
+    t = b.conv("x", 3, C)
+    body = helper.make_graph(
+        [helper.make_node("Relu", ["scan_row"], ["scan_y"], name="scan_relu")], "body",
+        [helper.make_tensor_value_info("scan_row", FLOAT, [1, C, 3])],
+        [helper.make_tensor_value_info("scan_y", FLOAT, [1, C, 3])],
+    )  # fmt: skip
+    u = b(op, [t], body=body, num_scan_inputs=1, scan_input_axes=[2], scan_output_axes=[2])
+    return b.model([("x", FLOAT, [1, 3, 3, 3])], [b.conv(u, C, 2)], opset)
+
+
 # ---- the table --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Row:
@@ -462,6 +476,7 @@ TABLE = [
     Row("recurrent zero state", ("ConstantOfShape",), zero_state, (3, C)),
     Row("if", ("If",), if_branches, (C,)),
     Row("loop", ("Loop",), loop_carry, (C,)),
+    Row("scan", ("Scan",), scan_rows, (C,)),
     Row("depth/space (facts only)", ("DepthToSpace", "SpaceToDepth"), depth_space, None, zero_check=depth_space_zero_check),
 ]  # fmt: skip
 
