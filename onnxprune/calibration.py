@@ -23,7 +23,7 @@ import onnx
 from threadpoolctl import threadpool_limits
 
 from onnxprune.errors import DataError, UsageError
-from onnxprune.graph import Dim, ModelGraph, attrs
+from onnxprune.graph import Dim, ModelGraph, attrs, subgraph_reads
 from onnxprune.progress import task
 from onnxprune.rules.facts import linear_axes
 from onnxprune.verify import session
@@ -229,6 +229,8 @@ def consumers(graph: ModelGraph) -> list[Consumer]:
     (im2col features), a Gemm reading samples on its first axis, a matrix weight for MatMul.
     """
     out = []
+    # A weight also read inside an If/Loop/Scan body is not repaired: new values would change the body too.
+    read_in_bodies = set().union(*(subgraph_reads(n) for n in graph.nodes))
     for node in graph.nodes:
         axes = linear_axes(node, graph)
         if axes is None:
@@ -236,7 +238,7 @@ def consumers(graph: ModelGraph) -> list[Consumer]:
         in_axis, out_axis = axes
         x, w = node.input[0], node.input[1]
         wv = graph.const(w)
-        if wv is None or wv.dtype.kind != "f" or graph.const(x) is not None:
+        if wv is None or wv.dtype.kind != "f" or graph.const(x) is not None or w in read_in_bodies:
             continue
         op, a = node.op_type, attrs(node)
         x_rank = graph.rank(x)

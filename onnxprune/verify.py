@@ -89,11 +89,12 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0, dims: dict[str, int] | 
         dtype = tensor_dtype_to_np_dtype(tt.elem_type)
         if dtype.kind in "iu":
             high = 2 if any(k in vi.name for k in ("mask", "type")) else 16  # masks, segment ids
-            out[vi.name] = rng.integers(0, high, size=shape).astype(dtype)
+            value = rng.integers(0, high, size=shape).astype(dtype)
         elif dtype.kind == "b":
-            out[vi.name] = rng.random(shape) > 0.5
+            value = rng.random(shape) > 0.5
         else:
-            out[vi.name] = rng.standard_normal(shape).astype(dtype)
+            value = rng.standard_normal(shape).astype(dtype)
+        out[vi.name] = np.asarray(value)  # a rank-0 input (an If's condition) must be an array, not a scalar
     return out
 
 

@@ -258,3 +258,36 @@ def test_scan_slices_and_stacks_channels():
     inputs = {"x": _inputs(True)["x"]}
     for group in analysis.groups:
         assert dead_channel_check(analysis, group, inputs).error <= 1e-5
+
+
+def test_weight_read_inside_a_body_is_not_repaired_and_scalar_inputs_run():
+    """A conv weight the main graph and an If branch both read must keep its values under calibrated repair
+    (new values would change the branch too); a rank-0 condition input gets a real array from random_inputs."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune.calibration import consumers
+    from onnxprune.graph import ModelGraph
+    from onnxprune.verify import random_inputs, run
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w")
+    branch = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["b_out"])], "then",
+                               [], [helper.make_tensor_value_info("b_out", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e_out"])], "else",
+                              [], [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"]),
+         helper.make_node("If", ["cond"], ["z"], then_branch=branch, else_branch=other),
+         helper.make_node("Add", ["y", "z"], ["out"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3, 3]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [w],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert consumers(ModelGraph(model)) == []
+    feeds = random_inputs(model)
+    assert isinstance(feeds["cond"], np.ndarray) and feeds["cond"].shape == ()
+    assert run(model, feeds)[0].shape == (1, 4, 3, 3)
