@@ -1,4 +1,8 @@
-"""Parameter and multiply-accumulate counts, from initializers and inferred shapes."""
+"""Parameter and multiply-accumulate counts, from initializers and inferred shapes.
+
+Weights and layers inside ``If``/``Loop``/``Scan`` bodies count too (a Loop body's MACs once, per iteration
+unknown); MACs inside a body are counted where the channel analysis can see the body's shapes.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,17 @@ import numpy as np
 import onnx
 
 from onnxprune.graph import Dim, ModelGraph, attrs
+from onnxprune.onnx_utils import all_graphs
+from onnxprune.subgraphs import analysed_nodes, scoped_graph
 
 
 def count_params(graph: ModelGraph) -> int:
     """Elements of floating-point initializers (integer shape constants are not parameters)."""
     total = 0
-    for t in graph.initializers.values():
-        if t.data_type in (1, 10, 11, 16):  # float, float16, double, bfloat16
-            total += int(np.prod(t.dims, dtype=np.int64))
+    for g in all_graphs(graph.model.graph):
+        for t in g.initializer:
+            if t.data_type in (1, 10, 11, 16):  # float, float16, double, bfloat16
+                total += int(np.prod(t.dims, dtype=np.int64))
     return total
 
 
@@ -51,4 +58,5 @@ def node_macs(graph: ModelGraph, node: onnx.NodeProto) -> int:
 
 def count_macs(graph: ModelGraph) -> int:
     """MACs of Conv/ConvTranspose/Gemm/MatMul at batch 1 (symbolic dims count as 1)."""
-    return sum(node_macs(graph, n) for n in graph.nodes)
+    scoped = scoped_graph(graph)
+    return sum(node_macs(scoped, n) for n in analysed_nodes(scoped))

@@ -291,3 +291,15 @@ def test_weight_read_inside_a_body_is_not_repaired_and_scalar_inputs_run():
     feeds = random_inputs(model)
     assert isinstance(feeds["cond"], np.ndarray) and feeds["cond"].shape == ()
     assert run(model, feeds)[0].shape == (1, 4, 3, 3)
+
+
+def test_params_and_macs_count_weights_inside_branches():
+    """Sizes in the summary include the layers that live in If branches (equal in both weight layouts)."""
+    from onnxprune.metrics import count_macs, count_params, node_macs
+
+    inner, outer = ModelGraph(if_model(False)), ModelGraph(if_model(True))
+    assert count_params(inner) == count_params(outer) > 0
+    assert count_macs(inner) == count_macs(outer)
+    main_only = sum(int(np.prod(t.dims)) for t in inner.model.graph.initializer if t.data_type == 1)
+    assert count_params(inner) > main_only  # the branch weights are counted
+    assert count_macs(inner) > sum(node_macs(inner, n) for n in inner.nodes)  # and the branch convs' MACs
