@@ -6,7 +6,6 @@ where a toolchain or runtime is absent. CUDA code generation is checked without 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -15,107 +14,25 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import ModelError, ToolchainError, UnsupportedModelError, UsageError
-
-ROOT = Path(__file__).resolve().parents[1]
-FASHION = ROOT / "models" / "fashion_mnist_cnn.onnx"
-HAVE_TVM = importlib.util.find_spec("tvm") is not None
-needs_tvm = pytest.mark.skipif(not HAVE_TVM, reason="apache-tvm not installed (bash .ci/install-tvm.sh)")
-RTOL = 1e-4
-
-
-# ------------------------------------------------------------------------------------------------
-# helpers
-# ------------------------------------------------------------------------------------------------
-def ort_reference(model_path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """onnxruntime outputs with every graph optimisation off."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, inputs)
+from tests.tvm_helpers import (
+    FASHION,
+    HAVE_TVM,
+    assert_matches,
+    compile_and_check,
+    needs_tvm,
+    ort_reference,
+    random_inputs,
+    save_graph,
+    skip_unless_tools,
+    tiny_cnn,
+    winograd_cnn,
+)  # fmt: skip
 
 
-def assert_matches(outputs: dict[str, np.ndarray], reference: list[np.ndarray]) -> None:
-    """Every output equals the reference within RTOL relative to the output's magnitude."""
-    assert len(outputs) == len(reference)
-    for (name, got), ref in zip(outputs.items(), reference):
-        assert got.shape == ref.shape, name
-        assert got.dtype == ref.dtype, name
-        scale = float(np.max(np.abs(ref))) or 1.0
-        np.testing.assert_allclose(got, ref, rtol=RTOL, atol=RTOL * scale, err_msg=name)
-
-
-def tiny_cnn(path: Path, *, dynamic_batch: bool = False, summary: dict | None = None) -> Path:
-    """Conv-BN-ReLU, depthwise conv, max-pool, global pool, Gemm: the kernels the CPU rules schedule."""
-    rng = np.random.RandomState(0)
-
-    def init(name: str, *shape: int) -> onnx.TensorProto:
-        return numpy_helper.from_array((rng.randn(*shape) * 0.3).astype(np.float32), name)
-
-    inits = [
-        init("w1", 16, 3, 3, 3), init("b1", 16),
-        numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "bn_s"),
-        init("bn_b", 16), init("bn_m", 16),
-        numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "bn_v"),
-        init("wd", 16, 1, 3, 3), init("w2", 24, 16, 1, 1), init("wf", 10, 24), init("bf", 10),
-    ]  # fmt: skip
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c1", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"]),
-        helper.make_node("Relu", ["bn"], ["r1"]),
-        helper.make_node("Conv", ["r1", "wd"], ["dw"], pads=[1, 1, 1, 1], group=16, strides=[2, 2]),
-        helper.make_node("Conv", ["dw", "w2"], ["c2"]),
-        helper.make_node("Relu", ["c2"], ["r2"]),
-        helper.make_node("MaxPool", ["r2"], ["mp"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("GlobalAveragePool", ["mp"], ["gp"]),
-        helper.make_node("Flatten", ["gp"], ["fl"]),
-        helper.make_node("Gemm", ["fl", "wf", "bf"], ["y"], transB=1),
-    ]
-    batch: str | int = "N" if dynamic_batch else 1
-    graph = helper.make_graph(
-        nodes, "tiny_cnn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 20, 20])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])],
-        inits,
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    if summary is not None:
-        helper.set_model_props(model, {"onnxprune.summary": json.dumps(summary)})
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
-    return path
-
-
-def random_inputs(manifest: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.RandomState(seed)
-    return {i["name"]: rng.randn(*i["shape"]).astype(i["dtype"]) for i in manifest["inputs"]}
-
-
-def compile_and_check(model: Path, target: str, out: Path, shapes=None, tune: int = 0) -> dict:
-    from onnxprune.targets import compile_bundle, read_manifest, run_bundle
-
-    bundle = compile_bundle(model, target, out, shapes=shapes, tune=tune)
-    manifest = read_manifest(bundle)
-    assert manifest["unscheduled_kernels"] == [], "kernels left as naive loop nests"
-    inputs = random_inputs(manifest)
-    outputs = run_bundle(bundle, inputs)
-    assert_matches(outputs, ort_reference(model, inputs))
-    return manifest
-
-
-def skip_unless_tools(*programs: str, package_hint: str) -> None:
-    missing = [p for p in programs if shutil.which(p) is None]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed ({package_hint})")
-
-
-# ------------------------------------------------------------------------------------------------
-# no tvm needed
-# ------------------------------------------------------------------------------------------------
 def test_import_does_not_import_tvm():
     code = "import sys, onnxprune.targets, onnxprune.targets.cli; sys.exit('tvm' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -347,154 +264,6 @@ def test_unsupported_op_is_one_line_error(tmp_path):
     onnx.save(model, tmp_path / "m.onnx")
     with pytest.raises(UnsupportedModelError, match=r"lacks op.*com\.example::FancyOp"):
         compile_bundle(tmp_path / "m.onnx", "x86", tmp_path / "b")
-
-
-def save_graph(path: Path, nodes, inits, name: str, x_shape: list[int], y_shape: list[int]) -> Path:
-    """A one-input ("x") one-output ("y") float model, checked and saved."""
-    graph = helper.make_graph(
-        nodes, name,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
-        inits,
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
-    return path
-
-
-def odd_depthwise_cnn(path: Path) -> Path:
-    """Depthwise convs with pruned-looking channel counts (37, 13: no multiple of any vector width), with
-    symmetric and asymmetric padding and stride 1 and 2, between 1x1 convs."""
-    rng = np.random.RandomState(1)
-
-    def init(name: str, *shape: int) -> onnx.TensorProto:
-        return numpy_helper.from_array((rng.randn(*shape) * 0.3).astype(np.float32), name)
-
-    inits = [
-        init("w1", 37, 3, 1, 1), init("b1", 37), init("d1", 37, 1, 3, 3), init("db1", 37),
-        init("d2", 37, 1, 3, 3), init("w2", 13, 37, 1, 1), init("d3", 13, 1, 5, 5), init("db3", 13),
-    ]  # fmt: skip
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]),
-        helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "d1", "db1"], ["dw1"], pads=[1, 1, 1, 1], group=37),
-        helper.make_node("Relu", ["dw1"], ["r2"]),
-        helper.make_node("Conv", ["r2", "d2"], ["dw2"], pads=[0, 0, 1, 1], group=37, strides=[2, 2]),
-        helper.make_node("Conv", ["dw2", "w2"], ["c2"]),
-        helper.make_node("Conv", ["c2", "d3", "db3"], ["y"], pads=[2, 1, 2, 3], group=13),
-    ]
-    return save_graph(path, nodes, inits, "odd_depthwise", [1, 3, 17, 17], [1, 13, 8, 8])
-
-
-@needs_tvm
-def test_x86_odd_channel_depthwise_matches_onnxruntime(tmp_path):
-    """Odd depthwise channel counts are padded to whole vectors (input zero-padded, result sliced)."""
-    skip_unless_tools("g++", package_hint="apt-get install g++")
-    compile_and_check(odd_depthwise_cnn(tmp_path / "m.onnx"), "x86", tmp_path / "b")
-
-
-def x86_layout_module(make_model, tmp_path: Path):
-    """(model file, x86 target, the model's Relax module after the layout passes: NHWC, Winograd, Clip
-    rewrite) for a test that then compiles and runs the model natively."""
-    skip_unless_tools("g++", package_hint="apt-get install g++")
-    import tvm
-
-    from onnxprune.targets import bundle, tvm_backend, tvm_layout
-    from onnxprune.targets.table import get_target
-
-    path = make_model(tmp_path / "m.onnx")
-    model = onnx.load(path)
-    inputs, _ = bundle.model_signature(model, None)
-    target = tvm_backend.build_target(get_target("x86"))
-    with target:
-        mod = tvm.transform.Sequential(tvm_layout.relax_layout_passes(target))(
-            tvm_backend.import_onnx(model, inputs)
-        )
-    return path, target, mod
-
-
-def winograd_cnn(path: Path) -> Path:
-    """3x3 stride-1 convs the Winograd kernels take: maps that are not whole tiles (15x15 in F(4,3) tiles, 7x7
-    in F(2,3) tiles), asymmetric and zero padding, pruned-looking channel counts (37 in, 21 out: padded to
-    whole vectors then sliced), with bias + ReLU + residual add fused into the output transform."""
-    rng = np.random.RandomState(2)
-
-    def init(name: str, *shape: int) -> onnx.TensorProto:
-        return numpy_helper.from_array((rng.randn(*shape) * 0.2).astype(np.float32), name)
-
-    inits = [
-        init("w0", 37, 3, 1, 1), init("w1", 32, 37, 3, 3), init("b1", 32), init("w2", 32, 32, 3, 3),
-        init("w3", 21, 32, 3, 3), init("b3", 21), init("w4", 48, 21, 3, 3),
-    ]  # fmt: skip
-    nodes = [
-        helper.make_node("Conv", ["x", "w0"], ["c0"]),  # 15x15x37
-        helper.make_node("Conv", ["c0", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),  # 15x15x32, F(4,3)
-        helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
-        helper.make_node("Add", ["c2", "r1"], ["a2"]),  # residual add in the epilogue
-        helper.make_node("Relu", ["a2"], ["r2"]),
-        helper.make_node("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),  # 7x7
-        helper.make_node("Conv", ["p2", "w3", "b3"], ["c3"], pads=[0, 1, 2, 1]),  # 7x7x21, F(2,3)
-        helper.make_node("Conv", ["c3", "w4"], ["y"]),  # no padding: 5x5x48
-    ]
-    return save_graph(path, nodes, inits, "winograd", [1, 3, 15, 15], [1, 48, 5, 5])
-
-
-@needs_tvm
-def test_x86_winograd_convs_match_onnxruntime(tmp_path):
-    """Every 3x3 conv of the model is taken by the Winograd pass, and the bundle matches onnxruntime."""
-    import tvm
-
-    from onnxprune.targets import tvm_layout, tvm_schedules, tvm_winograd
-
-    path, target, mod = x86_layout_module(winograd_cnn, tmp_path)
-    kernels = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert len([k for k in kernels if k.startswith("conv2d_winograd")]) == 4, kernels
-    # ... and each fused Winograd kernel (with its bias / ReLU / residual-add epilogue) gets its schedule: a
-    # schedule failure would leave a naive loop nest, ~30x slower but numerically the same
-    unscheduled: dict[str, str] = {}
-    with target:
-        mod = tvm_schedules.ApplyCPUSchedules(target, unscheduled)(
-            tvm.transform.Sequential(tvm_layout.legalize_passes(target))(mod)
-        )
-    fused = {gv.name_hint: f for gv, f in mod.functions_items() if "winograd" in gv.name_hint}
-    assert len(fused) == 4 and all(f.attrs.get("tirx.is_scheduled", 0) for f in fused.values()), list(fused)
-    assert unscheduled == {}
-    assert tvm_winograd.tile_size(15, 15) == 4 and tvm_winograd.tile_size(7, 7) == 2
-    compile_and_check(path, "x86", tmp_path / "b")
-
-
-def clip_cnn(path: Path) -> Path:
-    """ReLU6 (Clip 0..6, bounds as inputs), a Clip with only a lower bound, and one with only an upper bound."""
-    rng = np.random.RandomState(3)
-    inits = [
-        numpy_helper.from_array((rng.randn(32, 3, 3, 3) * 2).astype(np.float32), "w1"),
-        numpy_helper.from_array((rng.randn(32, 1, 3, 3)).astype(np.float32), "wd"),
-        numpy_helper.from_array((rng.randn(16, 32, 1, 1)).astype(np.float32), "w2"),
-        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
-        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
-        numpy_helper.from_array(np.array(-1.5, np.float32), "lo2"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
-        helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
-        helper.make_node("Conv", ["r1", "wd"], ["dw"], pads=[1, 1, 1, 1], group=32),
-        helper.make_node("Clip", ["dw", "lo2"], ["r2"]),
-        helper.make_node("Conv", ["r2", "w2"], ["c2"]),
-        helper.make_node("Clip", ["c2", "", "hi"], ["y"]),
-    ]
-    return save_graph(path, nodes, inits, "clip", [1, 3, 12, 12], [1, 16, 12, 12])
-
-
-@needs_tvm
-def test_clip_stays_in_nhwc_and_matches_onnxruntime(tmp_path):
-    """Clip (ReLU6) becomes layout-free maximum/minimum, so ConvertLayout adds no transposes around it."""
-    path, _, mod = x86_layout_module(clip_cnn, tmp_path)
-    text = mod["main"].script()
-    assert text.count("R.permute_dims(") == 2, text  # the model's input and output only
-    assert "R.call_tir(" not in text, text
-    compile_and_check(path, "x86", tmp_path / "b")
 
 
 def compile_with_cli(model: Path, target: str, out: Path, capfd) -> dict:

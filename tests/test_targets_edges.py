@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from test_targets import HAVE_TVM, assert_matches, ort_reference, skip_unless_tools, tiny_cnn
 
 from onnxprune.errors import UnsupportedModelError, UsageError
+from tests.tvm_helpers import HAVE_TVM, assert_matches, ort_reference, skip_unless_tools, tiny_cnn
 
 BATCH_NOTE = "onnxprune: note: input 'x' has a dynamic batch; compiling for batch 1 (use --shape to choose)"
 needs_tvm = pytest.mark.skipif(not HAVE_TVM, reason="apache-tvm not installed (bash .ci/install-tvm.sh)")
