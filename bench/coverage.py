@@ -5,7 +5,8 @@ For each model of `models/zoo.py`, pruned at 0.5:
           (embedding tables and the vocabulary head excluded),
 plus params before/after, time, and whether the pruned model still runs in onnxruntime. The same row is
 measured for `onnxsim.pruning.apply_structured_pruning(m, sparsity=0.5)` (bench-only extra:
-`pip install onnxsim==0.8.1`). Finally the barrier list of the whole zoo is printed.
+`pip install onnxsim==0.8.1`). Finally what stays whole is printed per model, grouped by reason: barrier ops
+(an op without a rule, or one a rule refused) and frozen weight axes.
 
     python bench/coverage.py [--only NAME ...] [--json OUT.json]
 """
@@ -124,6 +125,7 @@ def measure(name: str) -> dict:
     row["ours_reach"] = reach(result.model, w_before, fam == "transformer")
     row["ours_runs"] = runs(result.model, inputs)
     row["barriers"] = result.info["summary"]["barriers"]
+    row["frozen_weights"] = result.info["analysis"].frozen_weights()
 
     try:
         from onnxsim.pruning import apply_structured_pruning
@@ -189,18 +191,26 @@ def main() -> int:
         f"runs: {ok_runs}/{len(rows)}  reach target met (cnn/ocr >= 0.9, transformer >= 0.8): "
         f"{ok_reach}/{len(rows)}  reach >= onnxsim: {beats}/{len(rows)}"
     )
-    barrier_table = Table(title="barriers across the zoo (ops whose channels are frozen)")
-    for col in ("model", "node", "op", "reason"):
-        barrier_table.add_column(col)
+    # One row per model and reason (node names go to an examples column): a model with 40 run-time slices
+    # reads as one line, and the reasons are what the rules have to learn next.
+    table = Table(title="what stays whole, per model and reason (barrier ops; weight axes no group can shrink)")
+    for col in ("model", "kind", "reason", "count", "examples"):
+        table.add_column(col)
     count = 0
     for r in rows:
+        by_reason: dict[str, list[str]] = {}
         for b in r["barriers"]:
-            barrier_table.add_row(r["model"], b["node"], b["op_type"], b["reason"])
+            by_reason.setdefault(f"{b['op_type']}: {b['reason']}", []).append(b["node"] or "(unnamed)")
+        for reason, nodes in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+            table.add_row(r["model"], "barrier", reason, str(len(nodes)), ", ".join(nodes[:3]))
+            count += 1
+        for f in r.get("frozen_weights", []):
+            table.add_row(r["model"], "weights", f["reason"], str(f["count"]), ", ".join(f["examples"][:3]))
             count += 1
     if count:
-        console.print(barrier_table)
+        console.print(table)
     else:
-        console.print("barriers across the zoo: none")
+        console.print("barriers and frozen weights across the zoo: none")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
     return 0
