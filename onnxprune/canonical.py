@@ -291,24 +291,75 @@ def _fold_weight_layout_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
     for node in g.node:
         src = inits.get(node.input[0]) if node.input else None
         folded = None
+        plain = node.domain in ("", "ai.onnx") and bool(node.output) and node.output[0] not in outputs
         if (
             src is not None
             and node.op_type in _LAYOUT_OPS
-            and node.domain in ("", "ai.onnx")
-            and node.output[0] not in outputs
+            and plain
             and (uses.get(src.name, 0) == 1 or numel(src) <= UNSHARE_LIMIT)
         ):
             folded = _fold_layout(node, src, inits, opset)
-        if src is None or folded is None:
+        elif plain and node.op_type in ("Slice", "Concat"):
+            data = [n for n in (node.input[:1] if node.op_type == "Slice" else node.input) if n]
+            if data and all(n in inits and (uses.get(n, 0) == 1 or numel(inits[n]) <= UNSHARE_LIMIT) for n in data):
+                folded = _fold_select(node, inits, opset)
+        if folded is None:
             keep.append(node)
             continue
         g.initializer.append(folded)
         inits[folded.name] = folded
-        uses[src.name] -= 1
+        for name in node.input:
+            if name in uses:
+                uses[name] -= 1
         changed = True
     if changed:
         _set_nodes(g, keep)
     return changed
+
+
+def _fold_select(node: onnx.NodeProto, inits: dict, opset: int) -> onnx.TensorProto | None:
+    """A constant `Slice` of an initializer or `Concat` of initializers, computed; None when unsafe.
+
+    Exports without constant folding assemble weights this way (torch's LSTM reorders its gate blocks by
+    slicing the weight into gates and concatenating them back): folded, the weight is an initializer the
+    layer reads directly, so its channels couple with the layer instead of with pieces of a copy.
+    """
+    at = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    data = node.input[:1] if node.op_type == "Slice" else [n for n in node.input if n]
+    tensors = [inits[n] for n in data]
+    if any(ext.MMAP_TYPES.get(t.data_type) is None or t.data_type != tensors[0].data_type for t in tensors):
+        return None  # packed / string / bfloat16 / mixed types: left to onnxruntime
+    if any(t.data_location == onnx.TensorProto.EXTERNAL and not ext.is_lazy(t) for t in tensors):
+        return None
+    arrays = [ext.tensor_array(t) for t in tensors]
+    if node.op_type == "Concat":
+        if "axis" not in at or any(a.ndim != arrays[0].ndim for a in arrays):
+            return None
+        value = np.concatenate(arrays, axis=int(at["axis"]))
+    else:
+        if opset < 10:
+            bounds = [at.get("starts"), at.get("ends"), at.get("axes"), None]
+        else:
+            bounds = []
+            for name in list(node.input[1:5]) + [""] * (5 - len(node.input)):
+                t = inits.get(name) if name else None
+                if name and (t is None or numel(t) > _FOLD_LIMIT):
+                    return None
+                bounds.append(numpy_helper.to_array(t).reshape(-1).tolist() if t is not None else None)
+        starts, ends, axes, steps = bounds
+        if starts is None or ends is None:
+            return None
+        rank = arrays[0].ndim
+        axes = list(range(len(starts))) if axes is None else axes
+        steps = [1] * len(starts) if steps is None else steps
+        index = [slice(None)] * rank
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            if step == 0:
+                return None
+            index[int(axis) % rank] = slice(int(start), int(end), int(step))
+        value = arrays[0][tuple(index)]
+    out = numpy_helper.from_array(np.ascontiguousarray(value), node.output[0])
+    return out if out.data_type == tensors[0].data_type else None
 
 
 def _fold_layout(node: onnx.NodeProto, src: onnx.TensorProto, inits: dict, opset: int) -> onnx.TensorProto | None:

@@ -207,3 +207,35 @@ def test_minilm_zoo_weights_are_initializers():
     assert not any(n.op_type == "Transpose" and n.input[0] in inits for n in model.graph.node)
     inputs = random_inputs(model, seed=0, dims={})
     assert max_rel_error(run(original, inputs), run(model, inputs)) <= 1e-5
+
+
+@pytest.mark.parametrize("opset", [9, 17])
+def test_weight_assembled_by_slice_and_concat_folds_into_one_initializer(opset: int):
+    """Exports without constant folding build weights from pieces (torch's LSTM reorders its gate blocks as
+    Concat(Slice(w), Slice(w), ...)). Folded, the layer reads one initializer: same outputs, the pieces and
+    their copies are gone, and the layer's output channels form one group with the whole weight."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 12)).astype(np.float32), "w")
+    consts = [numpy_helper.from_array(np.array(v, np.int64), n)
+              for n, v in (("s0", [0]), ("e0", [6]), ("s1", [6]), ("e1", [12]), ("ax", [1]))]  # fmt: skip
+    if opset >= 10:
+        slices = [helper.make_node("Slice", ["w", "s1", "e1", "ax"], ["hi"]),
+                  helper.make_node("Slice", ["w", "s0", "e0", "ax"], ["lo"])]  # fmt: skip
+    else:
+        slices = [helper.make_node("Slice", ["w"], ["hi"], starts=[6], ends=[12], axes=[1]),
+                  helper.make_node("Slice", ["w"], ["lo"], starts=[0], ends=[6], axes=[1])]  # fmt: skip
+    nodes = [*slices, helper.make_node("Concat", ["hi", "lo"], ["w_swapped"], axis=1),
+             helper.make_node("MatMul", ["x", "w_swapped"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]  # fmt: skip
+    w2 = numpy_helper.from_array(rng.standard_normal((12, 4)).astype(np.float32), "w2")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [w, w2, *consts])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    folded = canonicalize(model)[0]
+    assert [n.op_type for n in folded.graph.node] == ["MatMul", "Relu", "MatMul"]
+    assert count_params(ModelGraph(folded)) == 8 * 12 + 12 * 4  # no leftover copies of the pieces
+    inputs = random_inputs(model)
+    assert max_rel_error(run(model, inputs), run(folded, inputs)) == 0.0
+    (group,) = [g for g in analyze(ModelGraph(folded)).groups if g.size == 12]
+    assert {m.tensor for m in group.param_members} == {folded.graph.node[0].input[1], "w2"}
