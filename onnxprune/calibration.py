@@ -62,13 +62,24 @@ class CalibrationData:
         return CalibrationData({k: v[:n] for k, v in self.arrays.items()})
 
 
-def load_calib(path: str | Path, model: onnx.ModelProto, samples: int | None = None) -> CalibrationData:
+def load_calib(path: str | Path, model: onnx.ModelProto, samples: int | None = None, seed: int = 0) -> CalibrationData:
     """Load ``FILE.npz`` (keys = the model's input names) and keep the first `samples` samples.
+
+    ``synthetic`` or ``synthetic:N`` instead of a path distils N inputs (default 64) from the model's
+    BatchNorm statistics (`onnxprune.synthetic`, deterministic for `seed`); a file of that name still loads
+    when it exists.
 
     Raises:
         DataError: the file is missing, unreadable or not an .npz archive, or its arrays do not fit the
             model's inputs (`check_calib`); the message is one line naming the file.
+        UnsupportedModelError: synthetic data for a model whose input path has an op without a gradient rule.
     """
+    if isinstance(path, str) and not Path(path).exists():
+        from onnxprune.synthetic import parse_spec, synthesize
+
+        n = parse_spec(path)
+        if n is not None:
+            return check_calib(CalibrationData(synthesize(model, n, seed)), model, samples, path)
     path = Path(path)
     where = str(path)
     if not path.exists():

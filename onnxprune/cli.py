@@ -77,7 +77,7 @@ def _calib(args: argparse.Namespace, model: onnx.ModelProto) -> CalibrationData 
         return None
     from onnxprune.calibration import load_calib
 
-    return load_calib(args.calib, model, args.calib_samples)
+    return load_calib(args.calib, model, args.calib_samples, seed=getattr(args, "seed", 0))  # seed: --calib synthetic
 
 
 def _load(args: argparse.Namespace) -> onnx.ModelProto:
