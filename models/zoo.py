@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.cifar_resnet import build_cifar_resnet
 from models.zoo_builders import (
     ZooError,
     _audio_cond,
@@ -198,6 +199,14 @@ _ENTRIES = [
         "gpt2_tiny_fused", "transformer", _transformers_builder("gpt2", False, batch=2, dynamo=True, attention="sdpa"),
         ("torch", "transformers", "onnxscript"),
         "GPT-2 LM (fused c_attn + Split), torch.export-based exporter, SDPA attention, static batch 2",
+    ),
+    ZooEntry(
+        "cifar_resnet20", "cnn", build_cifar_resnet("resnet20"), ("torch",),
+        "pretrained CIFAR-10 ResNet20 (../shared/datasets), option-A Slice + zero-Pad shortcuts, dynamic batch",
+    ),
+    ZooEntry(
+        "cifar_resnet44", "cnn", build_cifar_resnet("resnet44"), ("torch",),
+        "pretrained CIFAR-10 ResNet44 (../shared/datasets), option-A Slice + zero-Pad shortcuts, dynamic batch",
     ),
     ZooEntry(
         "audio_cond_dynamo", "cnn", _audio_cond, ("torch", "onnxscript"),

@@ -178,6 +178,28 @@ def pad(b: Builder, op: str, t: str) -> tuple[str, int]:
     return b(op, [t, b.ints([0, 0, 1, 1, 0, 0, 1, 1])]), C
 
 
+def pad_channels(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """Zero-pads the channel axis (1 before, 2 after) as option-A ResNet shortcuts do; the padded positions
+    are channels of the consumer alone."""
+    return b(op, [t, b.ints([0, 1, 0, 0, 0, 2, 0, 0])]), C + 3
+
+
+def pad_channels_attribute(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """`pad_channels` before opset 11 (pads as an attribute)."""
+    return b(op, [t], pads=[0, 1, 0, 0, 0, 2, 0, 0]), C + 3
+
+
+def crop_channels(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """A negative pad crops channels 0 and 1: they stay (dead) channels of the producer alone."""
+    return b(op, [t, b.ints([0, -2, 1, 0, 0, 0, 1, 0])]), C - 2
+
+
+def pad_residual(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """Option-A shortcut: the padded stream is added to a wider branch (one group across the pad, one of the
+    padded positions shared with the branch)."""
+    return b("Add", [b(op, [t, b.ints([0, 2, 0, 0, 0, 2, 0, 0])]), b.conv(t, C, 2 * C)]), 2 * C
+
+
 def arg_reduce(b: Builder, op: str, t: str) -> tuple[str, int]:
     return b("Cast", [b(op, [t], axis=2)], to=FLOAT), C
 
@@ -459,6 +481,10 @@ TABLE = [
     Row("resize", ("Resize",), sandwich(resize), (C,)),
     Row("upsample", ("Upsample",), sandwich(resize), (C,), opset=9),
     Row("pad", ("Pad",), sandwich(pad), (C,)),
+    Row("pad channels", ("Pad",), sandwich(pad_channels), (3, C)),
+    Row("pad channels opset 10", ("Pad",), sandwich(pad_channels_attribute), (3, C), opset=10),
+    Row("crop channels", ("Pad",), sandwich(crop_channels), (2, C - 2)),
+    Row("pad residual", ("Pad",), sandwich(pad_residual), (C, C)),
     Row("reduce", REDUCTIONS, sandwich(reduce), (C,)),
     Row("reduce over channels", ("ReduceSum",), sandwich(reduce_channels), (C,), check_facts=False),
     Row("arg reduce", ("ArgMax", "ArgMin"), sandwich(arg_reduce), (C,)),

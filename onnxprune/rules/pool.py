@@ -4,9 +4,10 @@ inexact: removing zeros from a mean, max or softmax changes its value."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
-from onnxprune.graph import attrs
+from onnxprune.graph import attrs, set_attr
 from onnxprune.rules.base import ChannelRule, register
 from onnxprune.rules.protocols import RuleBarrier
 from onnxprune.rules.shape_inputs import read_axes, shape_elements
@@ -76,10 +77,17 @@ class Upsample(_SameSizeAxes):
 
 @register("Pad")
 class Pad(_SameSizeAxes):
+    """Unpadded axes pass through. A constant-mode pad of a channel axis is a Concat with constant blocks
+    (the CIFAR ResNets' option-A shortcut zero-pads 16 -> 32 channels): input channel i is output channel
+    ``i + begin``; padded positions are channels of their own (their values are constants, so removing one
+    only shrinks the pad), cropped inputs (negative pads) only move the bounds. Other modes copy input
+    values into the padding, so their padded axes stay unmapped (frozen)."""
+
     def static_inputs(self, node):
         return {1, 2, 3}
 
-    def couple(self, node, ctx):
+    def _pads(self, node, ctx) -> dict[int, tuple[int, int]]:
+        """Padded axis -> (begin, end) pad; raises RuleBarrier when the pads are computed at run time."""
         pads = attrs(node).get("pads")
         if pads is None:
             value = ctx.const(node.input[1]) if len(node.input) > 1 else None
@@ -88,8 +96,47 @@ class Pad(_SameSizeAxes):
             pads = [int(v) for v in value]
         rank = ctx.rank(node.input[0])
         axes = read_axes(node, ctx, 3, list(range(rank or 0)))
-        padded = {a % rank for a, lo, hi in zip(axes, pads[: len(axes)], pads[len(axes) :]) if lo or hi}
+        if rank is None or axes is None:
+            raise RuleBarrier("rank or pad axes unknown")
+        return {a % rank: (lo, hi) for a, lo, hi in zip(axes, pads[: len(axes)], pads[len(axes) :]) if lo or hi}
+
+    def couple(self, node, ctx):
+        padded = self._pads(node, ctx)
         super().couple(node, ctx, frozenset(padded))
+        if attrs(node).get("mode", b"constant") not in (b"constant", "constant"):
+            return
+        x, y = node.input[0], node.output[0]
+        for ax, (lo, hi) in padded.items():
+            n = ctx.size(x, ax)
+            if not isinstance(n, int):
+                continue
+            kept = np.arange(max(0, -lo), n - max(0, -hi))  # input positions that survive a crop
+            if len(kept):
+                ctx.link(x, ax, y, ax, kept, kept + lo)
+            ctx.independent(x, ax)  # cropped inputs and padded outputs are channels of their own
+
+    def rewrite(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        padded = self._pads(node, ctx)
+        new = {}
+        for ax, (lo, hi) in padded.items():
+            rx, ry = ctx.removed(x, ax), ctx.removed(y, ax)
+            if not len(rx) and not len(ry):
+                continue
+            nx, ny = ctx.old_size(x, ax), ctx.old_size(y, ax)
+            new_lo = lo - int(np.sum(ry < lo)) if lo >= 0 else lo + int(np.sum(rx < -lo))
+            new_hi = hi - int(np.sum(ry >= ny - hi)) if hi >= 0 else hi + int(np.sum(rx >= nx + hi))
+            new[ax] = (new_lo, new_hi)
+        if not new:
+            return
+        rank = len(ctx.graph.shape(x))
+        axes = [a % rank for a in read_axes(node, ctx, 3, list(range(rank)))]
+        begins = [new.get(a, padded.get(a, (0, 0)))[0] for a in axes]
+        ends = [new.get(a, padded.get(a, (0, 0)))[1] for a in axes]
+        if "pads" in attrs(node):
+            set_attr(node, "pads", begins + ends)
+        else:
+            ctx.replace_input(node, 1, np.array(begins + ends, dtype=ctx.const(node.input[1]).dtype))
 
 
 _EXACT_REDUCTIONS = {"ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2"}
