@@ -39,6 +39,7 @@ def compile_bundle(
     out_dir: str | Path | None = None,
     tune: int = 0,
     shapes: dict[str, tuple[int, ...]] | None = None,
+    sparse: str = "auto",
 ) -> Path:
     """Compile an ONNX model into a deployment bundle for ``target``.
 
@@ -55,6 +56,8 @@ def compile_bundle(
         out_dir: Bundle folder; default ``<model stem>.<target>`` next to the model file (required for a proto).
         tune: MetaSchedule trials (0: the default schedules only, no tuning run).
         shapes: Static shapes for inputs with dynamic dims, by input name.
+        sparse: ``auto`` (layers with sparse weights run as sparse kernels where measured faster), ``off``
+            or ``force`` (:mod:`.tvm_sparse_choice`); the manifest's ``sparse`` says what was chosen.
 
     Returns:
         The bundle folder.
@@ -65,4 +68,4 @@ def compile_bundle(
     with progress.task("loading TVM"):
         from .tvm_backend import compile_bundle as _compile
 
-    return _compile(model, target, out_dir=out_dir, tune=tune, shapes=shapes)
+    return _compile(model, target, out_dir=out_dir, tune=tune, shapes=shapes, sparse=sparse)

@@ -1,7 +1,7 @@
 """``onnxprune compile`` and ``onnxprune run``: registered on the main CLI's subparsers by :func:`register`.
 
     onnxprune compile MODEL.onnx --target x86|arm|wasm|cuda|<device tag> [-o BUNDLE] [--tune N]
-                      [--shape name=d1,d2,...]
+                      [--shape name=d1,d2,...] [--sparse auto|off|force]
     onnxprune run BUNDLE --inputs in.npz [-o out.npz] [--repeat N]
 
 Problems are raised as the typed errors of :mod:`onnxprune.errors`; the main CLI prints one line. The main CLI
@@ -50,9 +50,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from . import compile_bundle, read_manifest
 
     bundle = compile_bundle(
-        args.model, args.target, out_dir=args.output, tune=args.tune, shapes=parse_shapes(args.shape)
+        args.model, args.target, out_dir=args.output, tune=args.tune, shapes=parse_shapes(args.shape),
+        sparse=args.sparse,
     )
     manifest = read_manifest(bundle, verify=False)
+    _print_sparse(manifest)
     naive = manifest.get("unscheduled_kernels") or []
     if naive:  # never silent: such a kernel runs as a naive loop nest, 30-100x slower
         shown = ", ".join(naive[:5]) + (f" and {len(naive) - 5} more" if len(naive) > 5 else "")
@@ -64,6 +66,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     else:
         print(f"{bundle}  ({manifest['target']['name']}, {manifest['compile_seconds']:.1f} s)")
     return 0
+
+
+def _print_sparse(manifest: dict) -> None:
+    """One line on stderr when layers went sparse: how many, and how the weights file shrank."""
+    sp = manifest.get("sparse") or {}
+    n = sp.get("sparse_layer_count", 0)
+    if not n:
+        return
+    dense, packed = sp.get("dense_weight_bytes_replaced", 0), sp.get("sparse_weight_bytes", 0)
+    w = manifest.get("weights")
+    total = f"; weights file {w['bytes'] / 1e6:.2f} MB" if isinstance(w, dict) else ""
+    print(f"sparse: {n} of {len(sp.get('layers', []))} sparse-weight layer(s) run as sparse kernels; their "
+          f"weights {dense / 1e6:.2f} MB -> {packed / 1e6:.2f} MB compressed{total}", file=sys.stderr)
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
@@ -103,6 +118,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", help="bundle folder (default: MODEL.<target> beside the model)")
     p.add_argument("--tune", type=int, default=0, metavar="N", help="MetaSchedule trials (default 0: no tuning)")
     p.add_argument("--shape", action="append", metavar="NAME=D1,D2,...", help="static shape for an input")
+    p.add_argument("--sparse", choices=("auto", "off", "force"), default="auto",
+                   help="sparse kernels for layers with sparse weights: auto (measured per layer, kept where "
+                        "faster; default), off (all dense), force (every layer with zeros)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_compile)
 

@@ -57,7 +57,8 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
     ) from None
 
 # after the tvm import check above, so a missing tvm is reported as one line
-from . import tvm_layout, tvm_schedules
+from . import tvm_layout, tvm_schedules, tvm_sparse_choice
+from .tvm_tiles import vector_lanes, vector_registers
 
 __all__ = ["build_executable", "build_target", "compile_bundle", "import_onnx"]
 
@@ -200,8 +201,14 @@ def _relax_pipeline(
     weights: list | None = None,
     unscheduled: dict[str, str] | None = None,
     build_task: progress.Task | None = None,
+    sparse: str = "off",
+    sparse_report: dict | None = None,
 ):
     """Relax pipeline: legalize + fuse, schedule the kernels, then lower to VM code.
+
+    ``sparse`` (``auto|off|force``) lets :mod:`.tvm_sparse_choice` replace layers with sparse weights by
+    sparse kernels (after the NHWC layout, before Winograd and channel padding); what it chose goes into
+    ``sparse_report`` (the manifest's ``sparse``).
 
     With a ``weights`` list, the folded weights are lifted out of the library (:func:`lift_weights`) and
     appended to it; an ``unscheduled`` dict receives the kernels no CPU schedule applied to (by name, with
@@ -210,21 +217,35 @@ def _relax_pipeline(
     """
     from tvm.relax.backend import cpu_generic
 
+    report = sparse_report if sparse_report is not None else {}
+    lanes, registers = vector_lanes(target), vector_registers(target)
+    # layers are timed dense vs sparse in-process, so only where the target's code runs on this machine
+    measure = None
+    if spec.family == "x86" and spec.runner.can_run_here(spec):
+        measure = lambda m: build_executable(m, spec, sparse="off")  # noqa: E731
+
     if spec.gpu:
         from tvm.relax.backend import cuda
 
-        return cuda.get_default_pipeline(target)
+        @tvm.transform.module_pass(opt_level=0, name="OnnxpruneCUDAPipeline")
+        def _cuda(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+            with target:
+                mod = relax.transform.FoldConstant()(mod)
+                mod = tvm_sparse_choice.apply(mod, sparse, spec, target, lanes, registers, None, report)
+                return cuda.get_default_pipeline(target)(mod)
+
+        return _cuda
 
     @tvm.transform.module_pass(opt_level=0, name="OnnxpruneCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
-            with progress.task("folding constants, NHWC layout, legalizing"):
-                mod = tvm.transform.Sequential(
-                    [
-                        relax.transform.FoldConstant(),
-                        *tvm_layout.relax_layout_passes(target),
-                    ]
-                )(mod)
+            with progress.task("folding constants, NHWC layout"):
+                layout = tvm_layout.relax_layout_passes(target)
+                at = next(i for i, p in enumerate(layout) if p.info.name == "PadConvChannels")
+                mod = tvm.transform.Sequential([relax.transform.FoldConstant(), *layout[:at]])(mod)
+            mod = tvm_sparse_choice.apply(mod, sparse, spec, target, lanes, registers, measure, report)
+            with progress.task("Winograd, channel padding, legalizing"):
+                mod = tvm.transform.Sequential(layout[at:])(mod)
                 mod = tvm.transform.Sequential(
                     [*cpu_generic.library_dispatch_passes(target), *tvm_layout.legalize_passes(target)]
                 )(mod)
@@ -257,12 +278,15 @@ def build_executable(
     work_dir: Path | None = None,
     weights: list | None = None,
     unscheduled: dict[str, str] | None = None,
+    sparse: str = "off",
+    sparse_report: dict | None = None,
 ) -> relax.Executable:
     """Compile a Relax module for a table row (lifting the weights into ``weights`` and naming the kernels
-    left unscheduled in ``unscheduled`` when given)."""
+    left unscheduled in ``unscheduled`` when given; sparse kernels per ``sparse``, see :func:`_relax_pipeline`)."""
     target = build_target(spec)
     with progress.task(f"building for {spec.name} with TVM") as job:
-        pipeline = _relax_pipeline(spec, target, tune, work_dir, weights, unscheduled, build_task=job)
+        pipeline = _relax_pipeline(spec, target, tune, work_dir, weights, unscheduled, build_task=job,
+                                   sparse=sparse, sparse_report=sparse_report)  # fmt: skip
         try:
             return relax.build(mod, target, relax_pipeline=pipeline, **spec.exporter.build_kwargs())
         except Exception as e:
@@ -353,6 +377,7 @@ def compile_bundle(
     out_dir: str | Path | None = None,
     tune: int = 0,
     shapes: dict[str, tuple[int, ...]] | None = None,
+    sparse: str = "auto",
 ) -> Path:
     """Compile an ONNX model (a file or a ``ModelProto``) into a bundle for a target (see
     :mod:`onnxprune.targets.bundle` and :func:`onnxprune.targets.compile_bundle`).
@@ -380,6 +405,7 @@ def compile_bundle(
     for name in defaulted:
         note(f"input {name!r} has a dynamic batch; compiling for batch 1 (use --shape to choose)")
     label = model_path.name if model_path is not None else (model.graph.name or "the model")
+    sparse_report: dict[str, Any] = {}
     t0 = time.perf_counter()
     with (
         progress.task(f"compiling {label} for {spec.name}", total=3) as job,
@@ -389,7 +415,8 @@ def compile_bundle(
         try:
             with tvm_messages(captured):
                 fields, weights_field, outputs, unscheduled = _compile_into(out, spec, model, inputs, outputs,
-                                                                            tune, job)  # fmt: skip
+                                                                            tune, job, sparse_report,
+                                                                            sparse)  # fmt: skip
         except BaseException:
             if captured.is_file():  # the messages may explain the failure: keep them where it can be found
                 fd, kept = tempfile.mkstemp(prefix="onnxprune-compile-", suffix=".log")
@@ -423,6 +450,7 @@ def compile_bundle(
         "unscheduled_kernel_count": len(unscheduled),
         "batch_defaulted_to_1": defaulted,
         "compile_log": compile_log,
+        "sparse": sparse_report,
     }
     (out / "README.md").write_text(_readme(spec, manifest))
     B.write_manifest(out, manifest)
@@ -440,6 +468,8 @@ def _compile_into(
     outputs: list[B.TensorSpec],
     tune: int,
     job: progress.Task,
+    sparse_report: dict[str, Any] | None = None,
+    sparse: str = "off",
 ) -> tuple[dict[str, object], object, list[B.TensorSpec], dict[str, str]]:
     """Import, build and export into ``out`` (emptied first), advancing ``job`` once per step.
 
@@ -454,7 +484,8 @@ def _compile_into(
     work_dir = Path(os.environ.get("ONNXPRUNE_TUNE_CACHE", Path.home() / ".cache" / "onnxprune" / "tune"))
     weights: list[np.ndarray] | None = None if spec.gpu else []
     unscheduled: dict[str, str] = {}
-    ex = build_executable(mod, spec, tune=tune, work_dir=work_dir, weights=weights, unscheduled=unscheduled)
+    ex = build_executable(mod, spec, tune=tune, work_dir=work_dir, weights=weights, unscheduled=unscheduled,
+                          sparse=sparse, sparse_report=sparse_report)  # fmt: skip
     for kernel, reason in sorted(unscheduled.items()):
         log.info("kernel %s runs (partly) unscheduled: %s", kernel, reason)
     job.advance()

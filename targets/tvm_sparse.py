@@ -1,0 +1,468 @@
+"""Sparse kernels in TensorIR and the Relax pass that puts them in place of dense layers.
+
+A layer whose constant weight has many zeros (``onnxprune prune --sparsity``, or any pruned model) can run as
+a block-sparse kernel over the compressed weight (:class:`.sparse_formats.BSR`: values, K-block indices,
+block-column pointers). Three kernels are written here as TIR, scheduled by hand (register tile, vector
+width of the target):
+
+* :func:`cpu_matmul_kernel`: ``Y[M, N] = X[M, K] @ W[K, N]`` (Gemm / MatMul with a constant weight). One
+  work item is a tile of ``rows`` inputs by one block column (``bn`` outputs); the accumulator tile
+  ``[rows, bn]`` lives in registers; for each stored block and each of its ``bk`` reduction rows the kernel
+  broadcasts ``rows`` input values and issues ``rows`` vector FMAs of width ``bn``. Zero blocks cost nothing.
+* :func:`cpu_conv_kernel`: a direct NHWC convolution (1x1 pointwise and KxK, any stride/dilation, groups 1)
+  with the same inner loop: the reduction index ``k`` of the ``[KH*KW*C, N]`` weight is decoded into
+  ``(kh, kw, c)`` once per reduction row (im2col without the copy); the tile is ``rows`` neighbouring output
+  pixels of one output row. The input is zero-padded by a separate ``nn.pad``.
+* :func:`cuda_matmul_kernel`: the matmul for CUDA, one thread per output (block column on ``blockIdx.x``,
+  input rows on ``blockIdx.y``, the block's ``bn`` outputs on ``threadIdx.x``).
+
+Each kernel has a fused epilogue: ``+ bias`` then ``max(lo)`` / ``min(hi)`` (ReLU, ReLU6), so the sparse
+kernel replaces the dense kernel *with* its epilogue (:func:`fuse_epilogues`).
+
+:func:`sparsify` is the Relax pass (run after the NHWC layout conversion, before the Winograd pass and
+channel padding): for each ``matmul`` / ``conv2d`` with a constant weight it asks a ``decide`` callback
+(:mod:`.tvm_sparse_choice` times dense against sparse) and, when told, replaces the op by ``call_tir`` of a
+sparse kernel whose compressed weights are constants, which :func:`.tvm_backend.lift_weights` then moves
+into the bundle's weights file (so the file shrinks with the sparsity). Start reading at :func:`sparsify`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+from tvm.script import tirx as T
+
+from .sparse_formats import BSR, to_bsr
+
+__all__ = [
+    "KERNEL_PREFIX",
+    "Layer",
+    "cpu_conv_kernel",
+    "cpu_matmul_kernel",
+    "cuda_matmul_kernel",
+    "fuse_epilogues",
+    "sparsify",
+]
+
+#: Name prefix of every sparse kernel (the manifest, the schedules and the tests find them by it).
+KERNEL_PREFIX = "sparse_"
+#: Multiply-adds (stored) before a kernel's tiles run in parallel.
+PARALLEL_MIN_WORK = 1 << 16
+#: Most input rows in one register tile (more unrolls for little gain).
+MAX_ROWS = 8
+_BIG = 3.0e38
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A dense layer the pass could make sparse, as :func:`sparsify` found it.
+
+    Attributes:
+        index: Order in the model (0, 1, …), the manifest's layer id with ``kind``.
+        kind: ``"matmul"`` or ``"conv2d"``.
+        weight: The constant weight as ``[K, N]`` (a conv's HWIO flattened to ``[KH*KW*C, N]``).
+        x_shape: The input's static shape (NHWC for a conv).
+        conv: For a conv: ``(KH, KW, strides, padding (top, left, bottom, right), dilation)``.
+        out_shape: The output's static shape.
+    """
+
+    index: int
+    kind: str
+    weight: np.ndarray
+    x_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    conv: tuple | None = None
+
+    @property
+    def name(self) -> str:
+        k, n = self.weight.shape
+        if self.conv is None:
+            return f"matmul{self.index}[{k}x{n}]"
+        kh, kw = self.conv[:2]
+        return f"conv{self.index}[{kh}x{kw}x{k // (kh * kw)}->{n}]"
+
+    @property
+    def rows(self) -> int:
+        """Input rows of the matmul the layer is (batch x pixels)."""
+        return int(np.prod(self.out_shape[:-1]))
+
+
+def _rows_tile(extent: int, bn: int, lanes: int, registers: int) -> int:
+    """Largest row tile dividing ``extent`` whose accumulators + one weight vector + one broadcast fit."""
+    n_vec = -(-bn // lanes)
+    best = 1
+    for r in range(1, min(extent, MAX_ROWS) + 1):
+        if extent % r == 0 and r * n_vec + n_vec + 1 <= registers:
+            best = r
+    return best
+
+
+def cpu_matmul_kernel(
+    m: int, bsr: BSR, lanes: int, registers: int, lo: float = -_BIG, hi: float = _BIG
+) -> tirx.PrimFunc:
+    """``y[m, n] = clip(x @ W + bias, lo, hi)`` for a BSR weight, vectorised along the block's ``bn``."""
+    k, n = bsr.shape
+    bk, bn = bsr.block
+    nnzb, nb = bsr.data.shape[0], n // bn
+    rows = _rows_tile(m, bn, lanes, registers)
+    tiles = (m // rows) * nb
+    outer = T.parallel if bsr.nnz_blocks * bk * bn * m >= PARALLEL_MIN_WORK else T.serial
+    inner = T.vectorized if bn > 1 else T.serial
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((m, k), "float32"),
+        data: T.Buffer((nnzb, bk, bn), "float32"),
+        indices: T.Buffer((nnzb,), "int32"),
+        indptr: T.Buffer((nb + 1,), "int32"),
+        bias: T.Buffer((n,), "float32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        for p in outer(tiles):
+            acc = T.alloc_buffer((rows, bn), "float32", scope="local")
+            for t in T.unroll(rows):
+                for v in inner(bn):
+                    acc[t, v] = T.float32(0)
+            for e in T.serial(indptr[p % nb], indptr[p % nb + 1]):
+                for kk in T.unroll(bk):
+                    for t in T.unroll(rows):
+                        for v in inner(bn):
+                            acc[t, v] = acc[t, v] + x[p // nb * rows + t, indices[e] * bk + kk] * data[e, kk, v]
+            for t in T.unroll(rows):
+                for v in inner(bn):
+                    y[p // nb * rows + t, p % nb * bn + v] = T.min(
+                        T.max(acc[t, v] + bias[p % nb * bn + v], T.float32(lo)), T.float32(hi)
+                    )
+
+    return kernel
+
+
+def cpu_conv_kernel(
+    x_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    conv: tuple,
+    bsr: BSR,
+    lanes: int,
+    registers: int,
+    lo: float = -_BIG,
+    hi: float = _BIG,
+) -> tirx.PrimFunc:
+    """Direct NHWC convolution over an already padded input ``x`` with a BSR ``[KH*KW*C, N]`` weight."""
+    nb_, hp, wp, c = x_shape
+    _, oh, ow, n = out_shape
+    kh, kw, strides, _pad, dilation = conv
+    sh, sw = strides
+    dh, dw = dilation
+    k = kh * kw * c
+    bk, bn = bsr.block
+    nnzb, nb = bsr.data.shape[0], n // bn
+    rows = _rows_tile(ow, bn, lanes, registers)
+    per_row = ow // rows
+    tiles = nb_ * oh * per_row * nb
+    outer = T.parallel if bsr.nnz_blocks * bk * bn * nb_ * oh * ow >= PARALLEL_MIN_WORK else T.serial
+    inner = T.vectorized if bn > 1 else T.serial
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((nb_, hp, wp, c), "float32"),
+        data: T.Buffer((nnzb, bk, bn), "float32"),
+        indices: T.Buffer((nnzb,), "int32"),
+        indptr: T.Buffer((nb + 1,), "int32"),
+        bias: T.Buffer((n,), "float32"),
+        y: T.Buffer((nb_, oh, ow, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        for p in outer(tiles):
+            acc = T.alloc_buffer((rows, bn), "float32", scope="local")
+            for t in T.unroll(rows):
+                for v in inner(bn):
+                    acc[t, v] = T.float32(0)
+            for e in T.serial(indptr[p % nb], indptr[p % nb + 1]):
+                for kk in T.unroll(bk):
+                    for t in T.unroll(rows):
+                        for v in inner(bn):
+                            acc[t, v] = acc[t, v] + x[
+                                p // (nb * per_row * oh),
+                                p // (nb * per_row) % oh * sh + (indices[e] * bk + kk) // (kw * c) * dh,
+                                (p // nb % per_row * rows + t) * sw + (indices[e] * bk + kk) // c % kw * dw,
+                                (indices[e] * bk + kk) % c,
+                            ] * data[e, kk, v]
+            for t in T.unroll(rows):
+                for v in inner(bn):
+                    y[p // (nb * per_row * oh), p // (nb * per_row) % oh, p // nb % per_row * rows + t,
+                      p % nb * bn + v] = T.min(
+                        T.max(acc[t, v] + bias[p % nb * bn + v], T.float32(lo)), T.float32(hi)
+                    )  # fmt: skip
+
+    assert k == bsr.shape[0]
+    return kernel
+
+
+def cuda_matmul_kernel(m: int, bsr: BSR, lo: float = -_BIG, hi: float = _BIG) -> tirx.PrimFunc:
+    """The BSR matmul for CUDA: one thread per output element, the block columns across thread blocks."""
+    k, n = bsr.shape
+    bk, bn = bsr.block
+    nnzb, nb = bsr.data.shape[0], n // bn
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((m, k), "float32"),
+        data: T.Buffer((nnzb, bk, bn), "float32"),
+        indices: T.Buffer((nnzb,), "int32"),
+        indptr: T.Buffer((nb + 1,), "int32"),
+        bias: T.Buffer((n,), "float32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        for j in T.thread_binding(nb, thread="blockIdx.x"):
+            for i in T.thread_binding(m, thread="blockIdx.y"):
+                for v in T.thread_binding(bn, thread="threadIdx.x"):
+                    acc = T.alloc_buffer((1,), "float32", scope="local")
+                    acc[0] = T.float32(0)
+                    for e in T.serial(indptr[j], indptr[j + 1]):
+                        for kk in T.serial(bk):
+                            acc[0] = acc[0] + x[i, indices[e] * bk + kk] * data[e, kk, v]
+                    y[i, j * bn + v] = T.min(T.max(acc[0] + bias[j * bn + v], T.float32(lo)), T.float32(hi))
+
+    return kernel
+
+
+# ------------------------------------------------------------------------------------------------
+# The Relax pass
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Decision:
+    """What :func:`sparsify`'s ``decide`` callback answers for a layer it wants sparse: the block shape."""
+
+    block: tuple[int, int]
+
+
+@dataclass
+class _Made:
+    """A sparse call the pass emitted (so epilogue ops can be fused into it)."""
+
+    layer: Layer
+    bsr: BSR
+    lo: float = -_BIG
+    hi: float = _BIG
+    has_bias: bool = False
+
+
+@dataclass
+class KernelFactory:
+    """Makes the PrimFunc of a sparse call for the target (CPU or CUDA)."""
+
+    lanes: int
+    registers: int
+    gpu: bool = False
+    made: dict[str, _Made] = field(default_factory=dict)
+
+    def func(self, made: _Made) -> tirx.PrimFunc:
+        layer = made.layer
+        if self.gpu:
+            f = cuda_matmul_kernel(layer.rows, made.bsr, made.lo, made.hi)
+        elif layer.conv is None:
+            f = cpu_matmul_kernel(layer.rows, made.bsr, self.lanes, self.registers, made.lo, made.hi)
+        else:
+            f = cpu_conv_kernel(_padded(layer), layer.out_shape, layer.conv, made.bsr, self.lanes,
+                                self.registers, made.lo, made.hi)  # fmt: skip
+        return f.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)  # opaque: never fused
+
+
+def _padded(layer: Layer) -> tuple[int, ...]:
+    n, h, w, c = layer.x_shape
+    top, left, bottom, right = layer.conv[3]
+    return (n, h + top + bottom, w + left + right, c)
+
+
+def _static(shape: object) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(d) for d in shape.values)  # type: ignore[attr-defined]
+    except (TypeError, AttributeError):
+        return None
+
+
+def _const(call_arg: relax.Expr) -> np.ndarray | None:
+    return call_arg.value.numpy() if isinstance(call_arg, tvm.ir.expr.Constant) else None
+
+
+def sparsify(
+    decide: Callable[[Layer, str], Decision | None],
+    lanes: int,
+    registers: int,
+    gpu: bool = False,
+    record: list | None = None,
+) -> tvm.transform.Pass:
+    """Relax pass: replace each ``matmul`` / NHWC ``conv2d`` (groups 1) with a constant float32 weight by a
+    sparse kernel when ``decide(layer, function name)`` returns a :class:`Decision` for it, then fuse bias / ReLU / ReLU6 epilogues
+    into the sparse kernels (:func:`fuse_epilogues`). On CUDA only matmuls are considered.
+
+    ``record`` (when given) receives every :class:`Layer` offered to ``decide``, in model order.
+    """
+    factory = KernelFactory(lanes, registers, gpu)
+    seen: list[Layer] = record if record is not None else []
+
+    @relax.expr_functor.mutator
+    class _Sparsify(relax.PyExprMutator):
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op):
+                return call
+            layer = self._layer(call)
+            if layer is None:
+                return call
+            seen.append(layer)
+            decision = decide(layer, self.func_name)
+            if decision is None:
+                return call
+            bsr = to_bsr(layer.weight, decision.block)
+            x = call.args[0]
+            if layer.conv is not None:
+                top, left, bottom, right = layer.conv[3]
+                if top or left or bottom or right:
+                    x = self.builder_.normalize(relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0]))
+            elif len(layer.x_shape) != 2:
+                x = self.builder_.normalize(relax.op.reshape(x, [layer.rows, layer.weight.shape[0]]))
+            return self._emit(_Made(layer, bsr), x, relax.const(np.zeros(layer.weight.shape[1], np.float32)))
+
+        def _emit(self, made: _Made, x: relax.Expr, bias: relax.Expr) -> relax.Expr:
+            gv = self.builder_.add_func(factory.func(made), f"{KERNEL_PREFIX}{made.layer.kind}")
+            factory.made[gv.name_hint] = made
+            layer = made.layer
+            out_shape = layer.out_shape if (layer.conv is not None) else (layer.rows, layer.weight.shape[1])
+            args = [x, relax.const(made.bsr.data), relax.const(made.bsr.indices), relax.const(made.bsr.indptr),
+                    bias]  # fmt: skip
+            y = relax.call_tir(gv, args, relax.TensorType(out_shape, "float32"))
+            if layer.conv is None and len(layer.out_shape) != 2:
+                y = relax.op.reshape(self.builder_.normalize(y), layer.out_shape)
+            return y
+
+        def _layer(self, call: relax.Call) -> Layer | None:
+            name = call.op.name
+            if name not in ("relax.matmul", "relax.nn.conv2d") or (gpu and name != "relax.matmul"):
+                return None
+            w = _const(call.args[1])
+            x_shape = _static(getattr(call.args[0].ty, "shape", None))
+            out_shape = _static(getattr(call.ty, "shape", None))
+            if w is None or w.dtype != np.float32 or x_shape is None or out_shape is None:
+                return None
+            if str(call.args[0].ty.dtype) != "float32":
+                return None
+            if name == "relax.matmul":
+                if w.ndim != 2 or len(x_shape) < 2:
+                    return None
+                return Layer(len(seen), "matmul", w, x_shape, out_shape)
+            a = call.attrs
+            if (a.data_layout != "NHWC" or a.kernel_layout != "HWIO" or int(a.groups) != 1
+                    or (a.out_layout or "NHWC") != "NHWC" or len(x_shape) != 4):  # fmt: skip
+                return None
+            kh, kw, c, n = w.shape
+            conv = (kh, kw, tuple(int(s) for s in a.strides), tuple(int(p) for p in a.padding),
+                    tuple(int(d) for d in a.dilation))  # fmt: skip
+            return Layer(len(seen), "conv2d", w.reshape(kh * kw * c, n), x_shape, out_shape, conv)
+
+    @tvm.transform.module_pass(opt_level=0, name="SparsifyWeights")
+    def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                mutator = _Sparsify(mod)
+                mutator.func_name = gv.name_hint
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+                mod = mutator.builder_.get()
+        mod = relax.transform.DeadCodeElimination()(mod)
+        return fuse_epilogues(factory)(mod) if factory.made else mod
+
+    return _pass
+
+
+def _scalar(e: relax.Expr) -> float | None:
+    v = _const(e)
+    return float(v) if v is not None and v.size == 1 else None
+
+
+def fuse_epilogues(factory: KernelFactory) -> tvm.transform.Pass:
+    """Relax pass: fold ``add(sparse, bias)``, ``maximum(sparse, lo)``, ``minimum(sparse, hi)`` into the sparse
+    kernel that produced the value (a bias that is constant along all but the last axis; scalar bounds), when
+    the sparse value has no other use. The replaced call becomes dead code."""
+
+    def uses(func: relax.Function) -> dict[relax.Var, int]:
+        count: dict[relax.Var, int] = {}
+
+        def visit(e: relax.Expr) -> None:
+            if isinstance(e, relax.Call):
+                for a in list(e.args) + [f for a in e.args if isinstance(a, relax.Tuple) for f in a.fields]:
+                    if isinstance(a, relax.Var):
+                        count[a] = count.get(a, 0) + 1
+
+        relax.analysis.post_order_visit(func, visit)
+        return count
+
+    @relax.expr_functor.mutator
+    class _Fuse(relax.PyExprMutator):
+        def __init__(self, mod: tvm.IRModule, n_uses: dict) -> None:
+            super().__init__(mod)
+            self.n_uses = n_uses
+
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op) or call.op.name not in (
+                "relax.add", "relax.maximum", "relax.minimum", "relax.nn.relu"
+            ):  # fmt: skip
+                return call
+            src = call.args[0]
+            inner = self.lookup_binding(src) if isinstance(src, relax.Var) else None
+            reshape_to = None
+            if isinstance(inner, relax.Call) and inner.op == tvm.ir.Op.get("relax.reshape"):
+                reshape_to, src = inner.args[1], inner.args[0]
+                inner = self.lookup_binding(src) if isinstance(src, relax.Var) else None
+            if not (isinstance(inner, relax.Call) and inner.op == tvm.ir.Op.get("relax.call_tir")):
+                return call
+            made = factory.made.get(inner.args[0].name_hint)
+            # only the sparse value's one consumer (vars made in this round have no count yet: next round)
+            if made is None or self.n_uses.get(src) != 1 or self.n_uses.get(call.args[0]) != 1:
+                return call
+            n = made.layer.weight.shape[1]
+            new = _Made(made.layer, made.bsr, made.lo, made.hi, made.has_bias)
+            fields = list(inner.args[1].fields)
+            if call.op.name == "relax.add":
+                b = _const(call.args[1])
+                if made.has_bias or made.lo > -_BIG or made.hi < _BIG or b is None or b.size != n:
+                    return call
+                if b.shape[-1] != n:
+                    return call
+                fields[4] = relax.const(b.reshape(n).astype(np.float32))
+                new.has_bias = True
+            else:
+                bound = 0.0 if call.op.name == "relax.nn.relu" else _scalar(call.args[1])
+                if bound is None:
+                    return call
+                if call.op.name in ("relax.maximum", "relax.nn.relu") and made.hi >= _BIG:
+                    new.lo = max(made.lo, bound)
+                elif call.op.name == "relax.minimum":
+                    new.hi = min(made.hi, bound)
+                else:
+                    return call
+            gv = self.builder_.add_func(factory.func(new), f"{KERNEL_PREFIX}{made.layer.kind}")
+            factory.made[gv.name_hint] = new
+            y = relax.call_tir(gv, fields, inner.ty)
+            if reshape_to is not None:
+                y = relax.op.reshape(self.builder_.normalize(y), reshape_to)
+            return y
+
+    @tvm.transform.module_pass(opt_level=0, name="FuseSparseEpilogues")
+    def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        for _round in range(4):  # bias, then lo, then hi: one op per round (each needs the previous fused)
+            for gv, func in list(mod.functions_items()):
+                if isinstance(func, relax.Function):
+                    mutator = _Fuse(mod, uses(func))
+                    mutator.builder_.update_func(gv, mutator.visit_expr(func))
+                    mod = mutator.builder_.get()
+            mod = relax.transform.DeadCodeElimination()(mod)
+        return mod
+
+    return _pass
