@@ -1,0 +1,254 @@
+"""Measurement backends: where a latency is measured, and the registry that names them.
+
+Start reading at `LatencyBackend`, the protocol every backend implements, then `OrtBackend`, the one
+built into the core (onnxruntime, any execution provider). `get_backend` turns the text of
+``--latency-backend`` into a backend: ``ort`` or ``ort:EPName`` are built in; other prefixes (``x86``,
+``wasm``, ``arm``, ``cuda``, ``rpc``) are registered by `onnxprune.targets.latency` with
+`register_backend` when the CLI imports it, so the core never imports the targets.
+
+A backend's `key` names the backend *and the device* (cpu model, instruction set, threads, library
+versions): the latency tables cache on disk under it, so a table measured on one machine is never reused on
+another. A backend whose numbers are not timing (``arm`` under qemu) says ``emulated = True`` and callers
+refuse to build tables from it.
+
+**Probe counts on onnxruntime.** `OrtBackend.probe_counts` chooses which kept channel counts a table
+measures. onnxruntime's CPU convolutions run in the NCHWc layout with blocks of 16 channels on AVX-512
+(8 on AVX2), and input channels that are not a multiple of 4 leave that fast path (see
+`onnxprune.latency.grid` for the measured curves). So the probes are every count in a fine window of the
+last `FINE_WINDOW` = 32 counts below the dense size (two blocks: enough to see a period of up to 16 twice
+and its phase, and the costly non-multiples of 4) plus a coarse sweep of at most `COARSE_POINTS` counts on
+multiples of 32 (every block period onnxruntime uses divides it, so these are step bottoms whatever the
+period) down to the lowest count; `grid.keep_counts` extends the period seen in the window over the coarse
+range. Dims of at most 64 channels above the lowest count are measured at every count (they are cheap).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import UsageError
+from onnxprune.latency.timing import Timing, interleaved
+from onnxprune.progress import Task
+
+__all__ = [
+    "BACKENDS",
+    "LatencyBackend",
+    "OrtBackend",
+    "device_fingerprint",
+    "get_backend",
+    "ort_probe_counts",
+    "random_array",
+    "random_feeds",
+    "register_backend",
+]
+
+FINE_WINDOW = 32  # counts below the dense size measured one by one
+COARSE_STEP = 32  # the coarse sweep's counts are multiples of this
+COARSE_POINTS = 8  # at most this many coarse counts
+ALL_COUNTS_BELOW = 64  # dims with at most this many counts above `lowest` are measured at every count
+
+
+@runtime_checkable
+class LatencyBackend(Protocol):
+    """Something that times ONNX models on one device.
+
+    Attributes:
+        name: what the user named, e.g. ``"ort:CPUExecutionProvider"``, ``"tvm:x86"``, ``"rpc:KEY"``.
+        key: the cache key: `name` plus a device fingerprint (cpu model, threads, library versions).
+        emulated: True when the numbers are not timing (an emulator): callers refuse to build tables.
+    """
+
+    name: str
+    key: str
+    emulated: bool
+
+    def time_models(
+        self, models: Sequence[onnx.ModelProto], *, warmup: int = 3, repeat: int = 15, progress: Task | None = None
+    ) -> list[Timing]:
+        """Time each model (static input shapes; random inputs made by the backend), interleaved."""
+        ...
+
+    def probe_counts(self, size: int, lowest: int) -> list[int]:
+        """Kept channel counts worth measuring for a dim of `size` channels, none below `lowest`, ascending,
+        always including `size`."""
+        ...
+
+
+@functools.lru_cache(maxsize=1)
+def device_fingerprint() -> str:
+    """The cpu model, instruction set level and core count of this machine, for cache keys."""
+    cpu, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith(("flags", "Features")) and not flags:
+                    flags = line.split(":", 1)[1]
+    except OSError:
+        pass
+    words = set(flags.split())
+    isa = next((f for f in ("avx512f", "avx2", "avx", "sse4_2", "asimd", "neon") if f in words), platform.machine())
+    return f"cpu={cpu}|isa={isa}|cores={os.cpu_count()}"
+
+
+def ort_probe_counts(size: int, lowest: int) -> list[int]:
+    """Counts to measure on onnxruntime: a fine window below `size` and a coarse sweep (module docstring)."""
+    lowest = max(1, min(int(lowest), int(size)))
+    if size - lowest <= ALL_COUNTS_BELOW:
+        return list(range(lowest, size + 1))
+    fine = list(range(max(lowest, size - FINE_WINDOW), size + 1))
+    multiples = [c for c in range(COARSE_STEP, fine[0], COARSE_STEP) if c >= lowest]
+    if len(multiples) > COARSE_POINTS:  # evenly thinned, always keeping the lowest and the highest
+        picks = np.linspace(0, len(multiples) - 1, COARSE_POINTS).round().astype(int)
+        multiples = [multiples[i] for i in sorted(set(picks.tolist()))]
+    if not multiples or multiples[0] > lowest:
+        multiples.insert(0, lowest)  # the lowest count anchors the curve (interpolation needs it)
+    return sorted(set(multiples) | set(fine))
+
+
+class OrtBackend:
+    """onnxruntime with the given execution providers, `threads` intra-op threads, one inter-op thread,
+    sequential execution and every graph optimisation on (what a deployment runs)."""
+
+    emulated = False
+
+    def __init__(self, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 1):
+        import onnxruntime as ort
+
+        if threads < 1:
+            raise UsageError(f"latency threads must be at least 1, got {threads}")
+        available = ort.get_available_providers()
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise UsageError(
+                f"onnxruntime execution provider {missing[0]} is not available here (available: {', '.join(available)})"
+            )
+        self.providers = tuple(providers)
+        self.threads = int(threads)
+        self.name = f"ort:{self.providers[0]}"
+        self.key = f"{self.name}|threads={self.threads}|onnxruntime={ort.__version__}|{device_fingerprint()}"
+
+    def __repr__(self) -> str:
+        return f"OrtBackend({self.providers!r}, threads={self.threads})"
+
+    def session(self, model: onnx.ModelProto) -> Any:
+        """An inference session configured as this backend measures."""
+        import onnxruntime as ort
+
+        from onnxprune import external
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if external.has_lazy(model):  # onnxruntime needs the weights in memory
+            model = external.materialize(model)
+        providers = list(self.providers)
+        if "CPUExecutionProvider" not in providers:
+            providers.append("CPUExecutionProvider")  # nodes the provider does not take fall back to CPU
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+
+    def time_models(
+        self, models: Sequence[onnx.ModelProto], *, warmup: int = 3, repeat: int = 15, progress: Task | None = None
+    ) -> list[Timing]:
+        runs: list[Callable[[], None]] = []
+        for k, model in enumerate(models):
+            _require_static(model)
+            sess = self.session(model)
+            feeds = random_feeds(model, seed=k)
+            runs.append(functools.partial(sess.run, None, feeds))
+        return interleaved(runs, warmup=warmup, repeat=repeat, progress=progress)
+
+    def probe_counts(self, size: int, lowest: int) -> list[int]:
+        return ort_probe_counts(size, lowest)
+
+
+def random_array(rng: np.random.Generator, shape: Sequence[int], dtype: int) -> np.ndarray:
+    """Random values of an onnx element type, cheaply (timing does not depend on them, except that they
+    must be normal floats: no denormals, no zeros a kernel could skip)."""
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    if np_dtype.kind == "f":
+        return (rng.random(shape, dtype=np.float32) + 0.5).astype(np_dtype, copy=False)
+    if np_dtype.kind == "b":
+        return rng.random(shape, dtype=np.float32) > 0.5
+    return rng.integers(0, 2, size=shape).astype(np_dtype)
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random values for every graph input of a model with static input shapes."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name not in inits:
+            tt = vi.type.tensor_type
+            feeds[vi.name] = np.asarray(random_array(rng, [d.dim_value for d in tt.shape.dim], tt.elem_type))
+    return feeds
+
+
+def _require_static(model: onnx.ModelProto) -> None:
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if not (d.HasField("dim_value") and d.dim_value > 0):
+                raise UsageError(
+                    f"input {vi.name!r} has a dynamic size on axis {axis}: give it with --shape "
+                    f"(measurement needs static input shapes; see onnxprune.latency.measure.static_inputs)"
+                )
+
+
+# ---- registry --------------------------------------------------------------------------------------
+
+#: prefix -> factory(option, *, threads, rpc, device_key). ``option`` is the text after ``prefix:``
+#: (``""`` when there is none), e.g. the execution provider of ``ort:CUDAExecutionProvider``.
+BACKENDS: dict[str, Callable[..., LatencyBackend]] = {}
+
+
+def register_backend(prefix: str, factory: Callable[..., LatencyBackend]) -> None:
+    """Make ``--latency-backend PREFIX[:OPTION]`` build a backend with
+    ``factory(option, threads=..., rpc=..., device_key=...)``; registering a prefix again replaces it."""
+    BACKENDS[prefix] = factory
+
+
+def _ort_factory(option: str, *, threads: int = 1, rpc: str | None = None, device_key: str | None = None) -> OrtBackend:
+    if rpc is not None or device_key is not None:
+        raise UsageError("--rpc and --device-key measure through TVM: use --latency-backend rpc, not ort")
+    if not option:
+        return OrtBackend(threads=threads)
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = option if option.endswith("ExecutionProvider") else option + "ExecutionProvider"
+    match = [p for p in available if p.lower() == wanted.lower()]
+    if not match:
+        raise UsageError(f"onnxruntime execution provider {option!r} is not available (available: {', '.join(available)})")
+    return OrtBackend((match[0],), threads=threads)
+
+
+register_backend("ort", _ort_factory)
+
+
+def get_backend(text: str, *, threads: int = 1, rpc: str | None = None, device_key: str | None = None) -> LatencyBackend:
+    """The backend ``--latency-backend TEXT`` names: ``PREFIX`` or ``PREFIX:OPTION``.
+
+    Raises:
+        UsageError: unknown prefix (the message lists the known ones), or the factory refused the options.
+    """
+    prefix, _, option = text.strip().partition(":")
+    factory = BACKENDS.get(prefix)
+    if factory is None:
+        known = ", ".join(sorted(BACKENDS))
+        raise UsageError(f"unknown latency backend {text!r} (known: {known}; the TVM targets register theirs when the CLI loads)")
+    return factory(option, threads=threads, rpc=rpc, device_key=device_key)

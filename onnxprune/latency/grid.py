@@ -1,0 +1,200 @@
+"""Hardware-friendly channel counts: the kept counts at the bottom of each latency step.
+
+Start reading at `keep_counts`. A kernel's latency is step-shaped in the channel count: onnxruntime's CPU
+convolutions work in NCHWc blocks (16 channels on AVX-512), so 49..64 output channels cost the same as 64;
+input channel counts that are not a multiple of 4 leave the blocked path altogether. Measured on this
+machine (onnxruntime 1.32, 1 thread, AMD EPYC with AVX-512, 28x28 maps, median ms of 20 interleaved runs):
+
+==================================  =====  =====  =====  =====  =====
+count                                  48     56     63     64     65
+==================================  =====  =====  =====  =====  =====
+3x3 conv, 64 in, count out           0.271  0.325  0.328  0.327  0.419
+3x3 conv, count in, 64 out           0.266  0.345  0.505  0.341  0.518
+depthwise 3x3 conv, count channels   0.074  0.105  0.196  0.086  0.203
+==================================  =====  =====  =====  =====  =====
+
+So output counts step every 16 (49..64 cost as 64), an input count that is not a multiple of 4 costs up
+to 1.5x its rounded-up neighbour, and a depthwise conv is 2.3x slower at 63 than at 64 and fastest at
+multiples of 16 (48 and 64 beat 52..60). A pruned MobileNetV2 whose counts land anywhere (``--round-to
+1``) was slower than the dense model; the grid keeps each group at counts that buy latency.
+
+**The rule**, per group curve (`table.GroupCurve`: the summed latency of the layers the group touches at
+the measured counts), with ``tol(c) = f(c) * max(tolerance, spread(c) / 2)`` (the measured noise raises the
+tolerance; half the interquartile range is about two standard errors of a median of ~9 runs):
+
+1. *Flat*: if the whole curve stays within ``tol`` of its dense value (tiny layers: the time is call
+   overhead), latency does not care: every count 1..size is allowed.
+2. *Dominated* counts go: a measured count is dropped if a larger measured count is faster by more than
+   ``tol`` (63 input channels: 64 is clearly faster and keeps more).
+3. *Period*: the fine window of consecutive measured counts below the dense size (`backend` probes the last
+   32 on onnxruntime) is fitted with staircases ``f(c) = a + b * ceil((c - r) / P)`` for every period ``P``
+   >= 2 and phase ``r``, and with a line (P = 1). The best staircase wins if it halves the line's residual
+   and its step height ``b`` exceeds the noise; ties (within 10%) go to the smaller period. The allowed
+   counts are then ``c = r (mod P)`` over the whole range (the coarse sweep's counts are multiples of 32, so
+   they agree with any period dividing 32) plus the dense size, minus dominated measured counts.
+4. Without a fine window (a backend that probes sparsely, e.g. TVM where each count is a compile), the
+   allowed counts are the measured ones that are not dominated and top their plateau (the most channels
+   among consecutive counts within ``tol`` of each other), plus the size.
+
+Everything is a function of the table, so the grid is deterministic for a given table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from onnxprune.channels import ChannelAnalysis
+from onnxprune.latency.table import GroupCurve, LatencyTable
+
+__all__ = ["GridChoice", "curve_counts", "fit_period", "fit_residues", "keep_counts", "multiples"]
+
+MIN_WINDOW = 8  # consecutive measured counts needed to fit a period
+PERIODS = (2, 4, 8, 16, 32, 64)  # vector lanes and layout blocks (a 32-count window cannot tell 12 from noise)
+MIN_STEP = 0.005  # a staircase's step must exceed this fraction of the dense latency
+NOISE_OF_SPREAD = 0.5  # noise of a median, as a fraction of the runs' interquartile range over median
+MAX_NOISE = 0.2  # a relative noise above this is a load spike in some runs; the median is robust to it
+
+
+class GridChoice:
+    """Why a group got its grid: ``"flat"``, ``"period P phase r"``, ``"linear"`` or ``"measured"``."""
+
+    def __init__(self, kind: str, period: int = 1, phase: int = 0):
+        self.kind, self.period, self.phase = kind, period, phase
+
+    def __repr__(self) -> str:
+        return f"GridChoice({self.kind!r}, period={self.period}, phase={self.phase})"
+
+
+def keep_counts(table: LatencyTable, analysis: ChannelAnalysis, *, tolerance: float = 0.03) -> dict[int, tuple[int, ...]]:
+    """The allowed kept counts of every group of `analysis`, ascending, always including the group size.
+
+    A group without a curve in `table` (it touches no measured layer) may keep any count. See the module
+    docstring for the rule.
+    """
+    out: dict[int, tuple[int, ...]] = {}
+    for g in analysis.groups:
+        curve = table.curves.get(g.id)
+        out[g.id] = tuple(range(1, g.size + 1)) if curve is None else curve_counts(curve, tolerance=tolerance)[0]
+    return out
+
+
+def multiples(analysis: ChannelAnalysis, n: int) -> dict[int, tuple[int, ...]]:
+    """The grid of ``--round-to N``: multiples of `n` plus the group size; groups smaller than `n` keep
+    any count."""
+    if n < 1:
+        raise ValueError(f"round-to must be at least 1, got {n}")
+    out: dict[int, tuple[int, ...]] = {}
+    for g in analysis.groups:
+        if g.size < n:
+            out[g.id] = tuple(range(1, g.size + 1))
+        else:
+            out[g.id] = tuple(sorted(set(range(n, g.size + 1, n)) | {g.size}))
+    return out
+
+
+def curve_counts(curve: GroupCurve, *, tolerance: float = 0.03) -> tuple[tuple[int, ...], GridChoice]:
+    """The allowed counts of one curve (1..size) and which branch of the rule chose them."""
+    counts = np.asarray(curve.counts, dtype=np.int64)
+    f = np.asarray(curve.ms, dtype=np.float64)
+    size = int(counts[-1])
+    spread = np.asarray(curve.spread, dtype=np.float64) if len(curve.spread) == len(f) else np.zeros_like(f)
+    tol = f * np.maximum(tolerance, np.minimum(spread * NOISE_OF_SPREAD, MAX_NOISE))
+    everything = range(1, size + 1)
+    if np.all(np.abs(f - f[-1]) <= tol[-1]):
+        return tuple(everything), GridChoice("flat")
+    # best latency among strictly larger counts: a count is dominated when that beats it by more than tol
+    suffix_min = np.minimum.accumulate(f[::-1])[::-1]
+    better_above = np.append(suffix_min[1:], np.inf)
+    dominated = better_above < f - tol
+    dropped = {int(c) for c in counts[dominated]}
+    n = len(_window(counts))
+    if n >= MIN_WINDOW:
+        window, fw, alive = counts[-n:], f[-n:], ~dominated[-n:]
+        period, phase = fit_residues(window, alive)
+        on = alive & ((window - phase) % period == 0)
+        step, step_phase = fit_period(window[on], fw[on], f[-1] * MIN_STEP, multiple_of=period, phase_of=phase)
+        if step > 1:
+            period, phase = step, step_phase
+        allowed = {c for c in everything if (c - phase) % period == 0} | {size}
+        kind = "linear" if period == 1 else "period"
+        return tuple(sorted(allowed - dropped | {size})), GridChoice(kind, period, phase % period)
+    # sparse probes: the measured counts that top their plateau
+    allowed = set()
+    alive_idx = [i for i in range(len(counts)) if not dominated[i]]
+    for j, i in enumerate(alive_idx):
+        nxt = alive_idx[j + 1] if j + 1 < len(alive_idx) else None
+        if nxt is None or f[nxt] - f[i] > tol[i]:
+            allowed.add(int(counts[i]))
+    return tuple(sorted(allowed | {size})), GridChoice("measured")
+
+
+def fit_residues(window: np.ndarray, alive: np.ndarray) -> tuple[int, int]:
+    """The residue class ``c = phase (mod period)`` that best matches the counts of `window` that are not
+    dominated (`alive`): fewest counts in one set and not the other; ties go to the smaller period."""
+    best = (int(np.sum(~alive)), 1, 0)  # period 1: every count
+    for period in PERIODS:
+        if period * 2 > len(window):
+            break
+        for phase in range(period):
+            member = (window - phase) % period == 0
+            best = min(best, (int(np.sum(member != alive)), period, phase))
+    return best[1], best[2]
+
+
+def fit_period(
+    counts: Sequence[int] | np.ndarray,
+    ms: Sequence[float] | np.ndarray,
+    noise: float,
+    *,
+    multiple_of: int = 1,
+    phase_of: int = 0,
+) -> tuple[int, int]:
+    """The period and phase of the staircase that best explains `ms` over `counts`, or (1, 0) for a line.
+
+    A staircase ``ms = a + b * ceil((count - phase) / period)`` is preferred over a line when it at least
+    halves the residual and its step `b` exceeds `noise` (an absolute latency); among staircases within 10%
+    of the best residual the smallest period wins. Periods are multiples of `multiple_of` whose phase agrees
+    with `phase_of` (the residue class already found).
+    """
+    c = np.asarray(counts, dtype=np.float64)
+    y = np.asarray(ms, dtype=np.float64)
+    if len(c) < 4:
+        return 1, 0
+    line_rss = _rss(c, y)
+    span = int(c[-1] - c[0])
+    fits: list[tuple[float, int, int, float]] = []
+    for period in PERIODS:
+        if 2 * period > span or period % multiple_of or period <= multiple_of:  # two periods seen
+            continue
+        for phase in range(phase_of % multiple_of, period, multiple_of):
+            steps = np.ceil((c - phase) / period)
+            if np.unique(steps).size < 2:
+                continue
+            rss, slope = _rss(steps, y, slope=True)
+            fits.append((rss, period, phase, slope))
+    if not fits:
+        return 1, 0
+    best = min(f[0] for f in fits)
+    good = [f for f in fits if f[0] <= best * 1.1 + 1e-18]
+    rss, period, phase, slope = min(good, key=lambda f: (f[1], f[0], f[2]))
+    if rss <= 0.5 * line_rss and slope > noise:
+        return period, phase
+    return 1, 0
+
+
+def _rss(x: np.ndarray, y: np.ndarray, slope: bool = False):
+    """Residual sum of squares of the least-squares line y ~ a + b x (and b if asked)."""
+    a = np.vstack([np.ones_like(x), x]).T
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    rss = float(np.sum((a @ coef - y) ** 2))
+    return (rss, float(coef[1])) if slope else rss
+
+
+def _window(counts: np.ndarray) -> np.ndarray:
+    """The run of consecutive counts that ends at the dense size."""
+    k = len(counts) - 1
+    while k > 0 and counts[k - 1] == counts[k] - 1:
+        k -= 1
+    return counts[k:]

@@ -1,0 +1,235 @@
+"""Single-operator micro-models: the compute-heavy layer a channel group touches, at any kept count.
+
+Start reading at `touched_ops`. For one `ChannelGroup` it finds every Conv, ConvTranspose, Gemm and
+MatMul whose weight the group slices and records, per such node, an `OpSpec` (the node with its real
+attributes and static input shapes: the *op signature*, shared by every node that computes the same thing,
+which ResNet-50 repeats many times) and the dims of its inputs the group owns. `variant` gives the input
+shapes (and the ``group`` attribute of a grouped or depthwise convolution, which changes with the count) at
+a kept count, and `micro_model` builds the one-node model that a backend times: the real attributes, random
+weights as initializers (so the runtime pre-packs them as it does in the real model), one graph input.
+
+Shapes come from the analysis' `ModelGraph`: a symbolic first axis of the activation input is taken as
+batch 1; a node with any other unknown size is skipped, with a notice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxprune.channels import ChannelAnalysis, ChannelGroup
+from onnxprune.graph import ModelGraph
+from onnxprune.latency.backend import random_array
+from onnxprune.onnx_utils import opset_of
+
+__all__ = [
+    "HEAVY_OPS", "OpSpec", "Touch", "Variant", "dense_variant", "micro_model", "touched_ops",
+    "variant", "variant_macs",
+]
+
+HEAVY_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Which input holds the weight: Conv/ConvTranspose/Gemm read it at input 1; MatMul at 1 (or 0: x @ W vs W @ x).
+_WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1, 0), "MatMul": (1, 0)}
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One compute-heavy node as a micro-benchmark: op type, attributes and dense input shapes."""
+
+    op_type: str
+    attrs: tuple[tuple[str, object], ...]  # (name, JSON-able value), sorted; ``group`` included
+    shapes: tuple[tuple[int, ...], ...]  # static shape of every input used, in input order
+    dtypes: tuple[int, ...]  # onnx element type of every input
+    params: tuple[bool, ...]  # which inputs are initializers (constants in the micro-model)
+    opset: int
+    ir_version: int
+
+    @property
+    def signature(self) -> str:
+        """A stable text naming what this node computes (nodes with equal signatures share timings)."""
+        return json.dumps(
+            {"op": self.op_type, "attrs": self.attrs, "shapes": self.shapes, "dtypes": self.dtypes,
+             "params": self.params, "opset": self.opset}, sort_keys=True, separators=(",", ":"), default=list,
+        )
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.signature.encode()).hexdigest()[:24]
+
+    def attr(self, name: str, default: object = None) -> object:
+        return dict(self.attrs).get(name, default)
+
+    @property
+    def macs(self) -> int:
+        """Approximate multiply-accumulates at the dense size (input spatial size; for choosing repetitions)."""
+        return _macs(self.op_type, self.shapes, self.attr("group", 1))
+
+
+@dataclass(frozen=True)
+class Touch:
+    """A group's hold on one node: the node, its spec and the input dims the group owns."""
+
+    node: str
+    spec: OpSpec
+    dims: tuple[tuple[int, int, int], ...]  # (input index, axis, positions of the group on that axis)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A node's inputs at one kept count: shapes and the conv ``group`` attribute (None: unchanged)."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    group: int | None = None
+
+    @property
+    def key(self) -> str:
+        return json.dumps({"shapes": self.shapes, "group": self.group}, separators=(",", ":"), default=list)
+
+
+def touched_ops(analysis: ChannelAnalysis, group: ChannelGroup) -> tuple[list[Touch], list[str]]:
+    """The compute-heavy nodes whose weight `group` slices, and notices about nodes that were skipped."""
+    graph = analysis.graph
+    members: dict[tuple[str, int], int] = {(m.tensor, m.axis): len(m.positions) for m in group.members}
+    touches: list[Touch] = []
+    notices: list[str] = []
+    seen: set[int] = set()
+    for m in group.param_members:
+        for use in graph.consumers.get(m.tensor, []):
+            node = use.node
+            if node.op_type not in HEAVY_OPS or node.domain not in ("", "ai.onnx") or id(node) in seen:
+                continue
+            if use.index not in _WEIGHT_INPUTS[node.op_type]:
+                continue
+            seen.add(id(node))
+            spec, why = _spec(graph, node)
+            if spec is None:
+                notices.append(f"{node.op_type} {node.name or node.output[0]!r} not measured: {why}")
+                continue
+            dims = tuple(
+                (i, axis, members[(name, axis)])
+                for i, name in enumerate(node.input[: len(spec.shapes)])
+                for axis in range(len(spec.shapes[i]))
+                if (name, axis) in members
+            )
+            touches.append(Touch(node.name or node.output[0], spec, dims))
+    return touches, notices
+
+
+def variant(touch: Touch, size: int, kept: int) -> Variant | None:
+    """The inputs of `touch`'s node when its group keeps `kept` of `size` channels (None: not expressible,
+    e.g. a conv group count that would not divide)."""
+    shapes = [list(s) for s in touch.spec.shapes]
+    for i, axis, positions in touch.dims:
+        kept_positions = int(round(positions * kept / size))
+        shapes[i][axis] = shapes[i][axis] - positions + kept_positions
+        if shapes[i][axis] < 1:
+            return None
+    spec = touch.spec
+    group = None
+    g = int(spec.attr("group", 1))  # type: ignore[call-overload]
+    if spec.op_type == "Conv" and g > 1:
+        x_channels, w_per_group = shapes[0][1], shapes[1][1]
+        if x_channels % w_per_group or shapes[1][0] % (x_channels // w_per_group):
+            return None
+        group = x_channels // w_per_group
+    elif spec.op_type == "ConvTranspose" and g > 1:
+        dense_x = spec.shapes[0][1]
+        if (g * shapes[0][1]) % dense_x:
+            return None
+        group = g * shapes[0][1] // dense_x
+    if group == g:
+        group = None  # unchanged: the same key as the dense node
+    return Variant(tuple(tuple(s) for s in shapes), group)
+
+
+def dense_variant(spec: OpSpec) -> Variant:
+    return Variant(spec.shapes, None)
+
+
+def micro_model(spec: OpSpec, var: Variant, seed: int = 0) -> onnx.ModelProto:
+    """The one-node model of `spec` with the inputs of `var`: random initializers, one graph input."""
+    rng = np.random.default_rng(seed)
+    inputs, inits, names = [], [], []
+    for i, (shape, dtype, is_param) in enumerate(zip(var.shapes, spec.dtypes, spec.params)):
+        name = f"in{i}"
+        names.append(name)
+        if is_param:
+            value = random_array(rng, shape, dtype)
+            inits.append(onnx.numpy_helper.from_array(value, name))
+        else:
+            inputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
+    attrs: dict[str, Any] = dict(spec.attrs)
+    if var.group is not None:
+        attrs["group"] = var.group
+    node = helper.make_node(spec.op_type, names, ["out"], **attrs)
+    out = helper.make_tensor_value_info("out", spec.dtypes[0], None)
+    graph = helper.make_graph([node], f"micro_{spec.op_type}", inputs, [out], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.opset)], ir_version=spec.ir_version)
+
+
+def variant_macs(spec: OpSpec, var: Variant) -> int:
+    """Approximate multiply-accumulates of `spec` with the inputs of `var`."""
+    return _macs(spec.op_type, var.shapes, var.group or spec.attr("group", 1))
+
+
+# ---- specs --------------------------------------------------------------------------------------
+
+def _spec(graph: ModelGraph, node: onnx.NodeProto) -> tuple[OpSpec | None, str]:
+    n_inputs = len(node.input)
+    while n_inputs and not node.input[n_inputs - 1]:
+        n_inputs -= 1
+    shapes: list[tuple[int, ...]] = []
+    dtypes: list[int] = []
+    params: list[bool] = []
+    for i, name in enumerate(node.input[:n_inputs]):
+        if not name:
+            return None, f"input {i} is omitted"
+        shape = graph.shape(name)
+        if shape is None:
+            return None, f"shape of {name!r} unknown"
+        is_param = graph.is_initializer(name)
+        static = []
+        for axis, d in enumerate(shape):
+            if isinstance(d, int) and d > 0:
+                static.append(d)
+            elif axis == 0 and not is_param:
+                static.append(1)  # a symbolic leading axis is the batch: measure batch 1
+            else:
+                return None, f"size {d!r} of {name!r} on axis {axis} is not static (give it with --shape)"
+        dtype = graph.dtype(name)
+        if dtype is None:
+            return None, f"element type of {name!r} unknown"
+        shapes.append(tuple(static))
+        dtypes.append(dtype)
+        params.append(is_param)
+    if node.op_type == "MatMul" and (len(shapes) != 2 or all(params) or not any(params)):
+        return None, "not an activation times a weight"
+    attrs = []
+    for a in node.attribute:
+        value = helper.get_attribute_value(a)
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, (int, float, str)) or (isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)):
+            attrs.append((a.name, value))
+        else:
+            return None, f"attribute {a.name!r} is not a plain value"
+    opset = opset_of(graph.model)
+    return OpSpec(node.op_type, tuple(sorted(attrs, key=lambda kv: kv[0])), tuple(shapes), tuple(dtypes),
+                  tuple(params), opset, graph.model.ir_version), ""
+
+
+def _macs(op_type: str, shapes: tuple[tuple[int, ...], ...], group: object) -> int:
+    if op_type in ("Conv", "ConvTranspose") and len(shapes) >= 2:
+        x, w = shapes[0], shapes[1]
+        spatial = int(np.prod(x[2:], dtype=np.int64)) if len(x) > 2 else 1
+        return int(x[0] * spatial * int(np.prod(w, dtype=np.int64)))
+    if len(shapes) >= 2:
+        a, b = shapes[0], shapes[1]
+        return int(np.prod(a, dtype=np.int64) * (b[-1] if op_type == "MatMul" else max(b)))
+    return 0

@@ -1,0 +1,334 @@
+"""Latency tables: what each prunable group's layers cost on a backend, at candidate kept counts.
+
+Start reading at `build_table`. For every group of a `ChannelAnalysis` it finds the compute-heavy nodes the
+group slices (`microbench.touched_ops`: Conv, ConvTranspose, Gemm, MatMul with a weight; the ``group``
+attribute of depthwise and grouped convs follows the count), asks the backend which kept counts are worth
+measuring (`LatencyBackend.probe_counts`), and times one-node micro-models of those nodes with the real
+attributes and shapes, the group's dims shrunk to each count. The group's curve is the sum over its nodes.
+
+Measurement is shared and cached:
+
+* nodes that compute the same thing (same op signature: type, attributes, shapes) are timed once, whichever
+  groups touch them (ResNet-50: 53 Conv/Gemm nodes, 21 signatures);
+* every count of a signature is timed in one interleaved batch together with the dense node (batches that
+  would hold too many weights are split, each with the dense node again; their timings are rescaled to the
+  first batch's dense median, so drift between batches cancels too);
+* timings are cached as JSON, one file per (op signature, backend key), written atomically: a second build
+  on the same device times nothing. The folder is ``cache_dir``, else ``$ONNXPRUNE_LATENCY_CACHE``, else
+  ``~/.cache/onnxprune/latency``.
+
+What a table costs (onnxruntime 1.32 CPU, 1 thread, this 2-core AMD EPYC (AVX-512), first build, empty
+cache; see the report of issue 13 for load averages): filled in below by measurement.
+
+The curves are per group and add independently (`predict.predicted_ms`): a node touched by two groups (its
+input and output channels) is approximated as the sum of both changes, without the interaction term.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from onnxprune.channels import ChannelAnalysis
+from onnxprune.errors import OnnxPruneError, UsageError
+from onnxprune.io import write_atomically
+from onnxprune.latency.backend import LatencyBackend
+from onnxprune.latency.microbench import (
+    OpSpec,
+    Touch,
+    Variant,
+    dense_variant,
+    micro_model,
+    touched_ops,
+    variant,
+    variant_macs,
+)
+from onnxprune.latency.timing import Timing
+from onnxprune.progress import Task, task
+
+__all__ = ["GroupCurve", "LatencyTable", "build_table", "default_cache_dir"]
+
+CACHE_VERSION = 1  # bump when micro-models change in a way that changes timings
+BATCH_MODELS = 24  # models per interleaved batch (sessions alive at once)
+BATCH_WEIGHT_BYTES = 96 << 20  # weight bytes per batch (each session also keeps a pre-packed copy)
+WARMUP = 1  # sessions pre-pack their weights when created; one untimed round warms the caches
+BATCH_BUDGET_MS = 150.0  # timed rounds of one batch take about this long (more rounds for small layers)
+MIN_REPEAT, MAX_REPEAT = 5, 15
+CALL_MS = 0.01  # fixed cost of one run call (Python and runtime overhead), for the pace estimate
+
+
+@dataclass
+class GroupCurve:
+    """The latency of the layers one group touches at each measured kept count.
+
+    Attributes:
+        counts: ascending kept counts; the last one is the group size (dense).
+        ms: summed median latency of the touched layers at each count.
+        spread: relative spread of each sum (interquartile range over median, combined over the layers).
+        nodes: the touched nodes.
+    """
+
+    group: int
+    counts: tuple[int, ...]
+    ms: tuple[float, ...]
+    spread: tuple[float, ...] = ()
+    nodes: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return self.counts[-1]
+
+    def at(self, kept: int) -> float:
+        """Latency at `kept` channels: exact at measured counts, linear in between, proportional below the
+        lowest measured count, the dense value above the size."""
+        if kept >= self.counts[-1]:
+            return self.ms[-1]
+        if kept < self.counts[0]:
+            return self.ms[0] * max(kept, 0) / self.counts[0]
+        return float(np.interp(kept, self.counts, self.ms))
+
+    def as_dict(self) -> dict:
+        return {"group": self.group, "counts": list(self.counts), "ms": [round(v, 5) for v in self.ms],
+                "spread": [round(v, 4) for v in self.spread], "nodes": list(self.nodes)}
+
+
+@dataclass
+class LatencyTable:
+    """Per-group latency curves of one model on one backend.
+
+    Attributes:
+        backend: the backend's name.
+        dense_ms: sum over the measured layers (each node once) at their dense size.
+        curves: group id -> curve; groups that touch no measured layer have none.
+        notices: layers that could not be measured and why.
+        measured_ops: op signatures timed by this build (0: everything came from the cache).
+        cached_ops: op signatures found in the cache.
+        seconds: wall time of the build.
+    """
+
+    backend: str
+    dense_ms: float
+    curves: dict[int, GroupCurve]
+    notices: tuple[str, ...] = ()
+    measured_ops: int = 0
+    cached_ops: int = 0
+    seconds: float = 0.0
+    backend_key: str = field(default="", repr=False)
+
+    def at(self, group: int, kept: int) -> float:
+        """Latency of `group`'s layers at `kept` channels (interpolated between measured counts, exact at
+        them); 0.0 for a group without a curve (no measured layer depends on it)."""
+        curve = self.curves.get(group)
+        return 0.0 if curve is None else curve.at(kept)
+
+    def as_dict(self) -> dict:
+        return {"backend": self.backend, "dense_ms": round(self.dense_ms, 5), "measured_ops": self.measured_ops,
+                "cached_ops": self.cached_ops, "seconds": round(self.seconds, 3), "notices": list(self.notices),
+                "curves": [c.as_dict() for c in self.curves.values()]}
+
+
+def default_cache_dir() -> Path:
+    """``$ONNXPRUNE_LATENCY_CACHE`` or ``~/.cache/onnxprune/latency``."""
+    env = os.environ.get("ONNXPRUNE_LATENCY_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "onnxprune" / "latency"
+
+
+def build_table(
+    analysis: ChannelAnalysis,
+    backend: LatencyBackend,
+    *,
+    cache_dir: Path | str | None = None,
+    progress: Task | None = None,
+    min_keep_ratio: float = 0.1,
+) -> LatencyTable:
+    """Measure (or read from the cache) the latency curve of every group of `analysis` on `backend`.
+
+    Args:
+        analysis: the channel analysis of the model (its `ModelGraph` gives the shapes).
+        backend: where to measure; an emulated backend is refused.
+        cache_dir: the cache folder (default: `default_cache_dir`).
+        progress: a `Task` advanced once per op signature timed; None opens a task of its own.
+        min_keep_ratio: no count below this fraction of a group's size is measured.
+
+    Raises:
+        UsageError: the backend is emulated (its numbers are not timing).
+    """
+    if backend.emulated:
+        raise UsageError(f"latency backend {backend.name} is emulated: its numbers are not timing, so no table is built")
+    start = time.perf_counter()
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    plans: dict[int, tuple[list[Touch], list[int]]] = {}
+    notices: list[str] = []
+    wanted: dict[str, tuple[OpSpec, dict[str, Variant]]] = {}
+    for g in analysis.groups:
+        touches, skipped = touched_ops(analysis, g)
+        notices.extend(skipped)
+        if not touches:
+            continue
+        lowest = max(1, math.ceil(min_keep_ratio * g.size))
+        counts = sorted({c for c in backend.probe_counts(g.size, lowest) if 1 <= c <= g.size} | {g.size})
+        plans[g.id] = (touches, counts)
+        for t in touches:
+            spec, variants = wanted.setdefault(t.spec.digest, (t.spec, {}))
+            dense = dense_variant(spec)
+            variants[dense.key] = dense
+            for c in counts:
+                v = variant(t, g.size, c)
+                if v is not None:
+                    variants[v.key] = v
+    timings: dict[str, dict[str, Timing]] = {}
+    todo: list[tuple[str, OpSpec, list[Variant]]] = []
+    for digest, (spec, variants) in wanted.items():
+        timings[digest] = _load(folder, spec, backend.key)
+        missing = [v for k, v in variants.items() if k not in timings[digest]]
+        if missing:
+            todo.append((digest, spec, missing))
+    if todo:
+        with contextlib.suppress(OSError):
+            folder.mkdir(parents=True, exist_ok=True)
+        opened = task(f"latency table on {backend.name}", total=len(todo)) if progress is None else nullcontext(progress)
+        pace = _Pace()
+        with opened as tk:
+            for digest, spec, missing in todo:
+                tk.update(description=f"latency table on {backend.name}: {spec.op_type} {_shape_text(spec)}")
+                timings[digest].update(_measure(spec, missing, timings[digest], backend, pace))
+                _store(folder, spec, backend.key, timings[digest])
+                tk.advance()
+    curves: dict[int, GroupCurve] = {}
+    dense_by_node: dict[str, float] = {}
+    for gid, (touches, counts) in plans.items():
+        curve = _curve(gid, analysis.groups[gid].size, touches, counts, timings)
+        if curve is None:
+            notices.append(f"group {gid}: no count could be timed on every layer it touches")
+            continue
+        curves[gid] = curve
+        for t in touches:
+            dense_by_node[t.node] = timings[t.spec.digest][dense_variant(t.spec).key].median_ms
+    return LatencyTable(
+        backend=backend.name, dense_ms=float(sum(dense_by_node.values())), curves=curves,
+        notices=tuple(dict.fromkeys(notices)), measured_ops=len(todo), cached_ops=len(wanted) - len(todo),
+        seconds=time.perf_counter() - start, backend_key=backend.key,
+    )
+
+
+def _curve(
+    gid: int, size: int, touches: list[Touch], counts: list[int], timings: dict[str, dict[str, Timing]]
+) -> GroupCurve | None:
+    kept_counts, ms, spreads = [], [], []
+    for c in counts:
+        parts = []
+        for t in touches:
+            v = variant(t, size, c)
+            timing = None if v is None else timings[t.spec.digest].get(v.key)
+            if timing is None:
+                break
+            parts.append(timing)
+        else:
+            total = sum(p.median_ms for p in parts)
+            kept_counts.append(c)
+            ms.append(total)
+            spreads.append(math.sqrt(sum((p.spread * p.median_ms) ** 2 for p in parts)) / total if total > 0 else 0.0)
+    if not kept_counts or kept_counts[-1] != size:
+        return None
+    return GroupCurve(gid, tuple(kept_counts), tuple(ms), tuple(spreads), tuple(t.node for t in touches))
+
+
+@dataclass
+class _Pace:
+    """What this build has learnt of the backend's speed, to give every batch about `ROUND_BUDGET_MS`."""
+
+    ms: float = 0.0
+    macs: float = 0.0
+
+    def repeat(self, spec: OpSpec, batch: list[Variant]) -> int:
+        if self.macs <= 0:
+            return MAX_REPEAT
+        per_mac = self.ms / self.macs
+        round_ms = sum(variant_macs(spec, v) * per_mac + CALL_MS for v in batch)
+        return int(np.clip(round(BATCH_BUDGET_MS / max(round_ms, 1e-3)), MIN_REPEAT, MAX_REPEAT))
+
+    def learn(self, spec: OpSpec, batch: list[Variant], timings: list[Timing]) -> None:
+        for v, t in zip(batch, timings):
+            self.ms += max(t.median_ms - CALL_MS, 0.0)
+            self.macs += variant_macs(spec, v)
+
+
+def _measure(
+    spec: OpSpec, variants: list[Variant], cached: dict[str, Timing], backend: LatencyBackend, pace: _Pace
+) -> dict[str, Timing]:
+    """Time `variants` of `spec`, interleaved with the dense node in every batch, rescaled to one reference."""
+    dense = dense_variant(spec)
+    reference = cached.get(dense.key)
+    out: dict[str, Timing] = {}
+    todo = [v for v in variants if v.key != dense.key]
+    for batch in list(_batches(todo, spec)) or [[]]:
+        variants_timed = [dense, *batch]
+        models = [micro_model(spec, v, seed=k) for k, v in enumerate(variants_timed)]
+        measured = backend.time_models(models, warmup=WARMUP, repeat=pace.repeat(spec, variants_timed))
+        pace.learn(spec, variants_timed, measured)
+        if reference is None:
+            reference = measured[0]
+            out[dense.key] = reference
+        scale = reference.median_ms / measured[0].median_ms if measured[0].median_ms > 0 else 1.0
+        for v, timing in zip(batch, measured[1:]):
+            out[v.key] = Timing(timing.median_ms * scale, timing.spread, timing.runs)
+    return out
+
+
+def _batches(variants: list[Variant], spec: OpSpec) -> Iterable[list[Variant]]:
+    batch: list[Variant] = []
+    weight = _weight_bytes(dense_variant(spec), spec)
+    used = weight
+    for v in variants:
+        w = _weight_bytes(v, spec)
+        if batch and (len(batch) + 1 >= BATCH_MODELS or used + w > BATCH_WEIGHT_BYTES):
+            yield batch
+            batch, used = [], weight
+        batch.append(v)
+        used += w
+    if batch:
+        yield batch
+
+
+def _weight_bytes(v: Variant, spec: OpSpec) -> int:
+    return sum(4 * int(np.prod(s, dtype=np.int64)) for s, p in zip(v.shapes, spec.params) if p)
+
+
+def _shape_text(spec: OpSpec) -> str:
+    return " ".join("x".join(map(str, s)) for s in spec.shapes[:2])
+
+
+# ---- cache --------------------------------------------------------------------------------------
+
+def _cache_path(folder: Path, spec: OpSpec, backend_key: str) -> Path:
+    digest = hashlib.sha256(f"{CACHE_VERSION}|{backend_key}|{spec.signature}".encode()).hexdigest()[:32]
+    return folder / f"{spec.op_type.lower()}-{digest}.json"
+
+
+def _load(folder: Path, spec: OpSpec, backend_key: str) -> dict[str, Timing]:
+    path = _cache_path(folder, spec, backend_key)
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != CACHE_VERSION or data.get("backend") != backend_key or data.get("signature") != spec.signature:
+            return {}
+        return {k: Timing.from_dict(v) for k, v in data["timings"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # absent or unreadable: measure again
+
+
+def _store(folder: Path, spec: OpSpec, backend_key: str, timings: dict[str, Timing]) -> None:
+    data = {"version": CACHE_VERSION, "backend": backend_key, "signature": spec.signature,
+            "timings": {k: t.as_dict() for k, t in sorted(timings.items())}}
+    payload = json.dumps(data, indent=1).encode()
+    with contextlib.suppress(OnnxPruneError, OSError):  # an unwritable cache costs time next run, never the result
+        write_atomically(_cache_path(folder, spec, backend_key), lambda f: f.write(payload))

@@ -1,0 +1,82 @@
+"""Honest timing of several callables: warm-up, repetitions, round-robin interleaving, median and spread.
+
+Start reading at `interleaved`. Every round runs each function once, the order rotated by one position per
+round, so slow drift of the machine (other processes, frequency scaling, a cache warming up) hits every
+function alike instead of whichever happened to be measured last. The result of each function is the
+median of its runs (robust to the odd preempted run) and the spread, the interquartile range relative to
+the median, which callers use as the noise level when they compare timings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxprune.progress import Task, task
+
+__all__ = ["Timing", "interleaved"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The median of `runs` timed runs in milliseconds, and their spread: (p75 - p25) / median."""
+
+    median_ms: float
+    spread: float
+    runs: int
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> Timing:
+        """Summarise run times given in seconds."""
+        ms = np.asarray(seconds, dtype=np.float64) * 1e3
+        median = float(np.median(ms))
+        p25, p75 = np.percentile(ms, [25, 75])
+        spread = float((p75 - p25) / median) if median > 0 else 0.0
+        return cls(median, spread, len(ms))
+
+    def as_dict(self) -> dict:
+        return {"median_ms": self.median_ms, "spread": self.spread, "runs": self.runs}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Timing:
+        return cls(float(d["median_ms"]), float(d["spread"]), int(d["runs"]))
+
+
+def interleaved(
+    run_fns: Sequence[Callable[[], None]], *, warmup: int, repeat: int, progress: Task | None = None
+) -> list[Timing]:
+    """Time every function of `run_fns` `repeat` times, round-robin, after `warmup` untimed rounds.
+
+    Args:
+        run_fns: the functions to time (each one run = one call).
+        warmup: untimed rounds first (lazy initialisation, caches, pre-packed weights).
+        repeat: timed rounds; each yields one run of every function.
+        progress: a `Task` advanced by one per timed round; None opens a task of its own.
+
+    Returns:
+        One `Timing` per function, in the order of `run_fns`.
+    """
+    n = len(run_fns)
+    if n == 0:
+        return []
+    if repeat < 1:
+        raise ValueError("repeat must be at least 1")
+    for _ in range(max(0, warmup)):
+        for fn in run_fns:
+            fn()
+    seconds: list[list[float]] = [[] for _ in range(n)]
+    clock = time.perf_counter
+    opened = task(f"timing {n} model{'s' if n > 1 else ''}", total=repeat) if progress is None else nullcontext(progress)
+    with opened as t:
+        for r in range(repeat):
+            for j in range(n):
+                i = (j + r) % n  # rotate the order so no function always runs first (or after the slowest)
+                start = clock()
+                run_fns[i]()
+                seconds[i].append(clock() - start)
+            t.advance()
+    return [Timing.of(s) for s in seconds]
