@@ -1,7 +1,8 @@
 """Allocation: how many channels each group loses, for a ratio or a parameter / MAC target.
 
-Start reading at `removal_order`. Every allocation is a single *order of removal units* (one unit =
-`round_to` channels of one group, lowest scores first within the group):
+Start reading at `removal_order`. Every allocation is a single *order of removal units*: one unit takes a
+group from one allowed kept count to the next lower one (`plan.KeepCounts`: every count, the multiples of
+``round_to``, or the bottoms of measured latency steps), lowest scores first within the group:
 
 * ``uniform``: units interleaved so every group loses the same fraction at every point of the order;
 * ``global``: units ranked by their score normalised by the group's mean score (or raw scores when the
@@ -12,11 +13,13 @@ Start reading at `removal_order`. Every allocation is a single *order of removal
 A target (`--target-params`, `--target-macs`: what to *keep*, an absolute count or a percentage) is met
 by binary search over prefixes of that order, counting parameters and MACs from the analysis alone (the
 pruned shape of every dim), so the result is the smallest removal that meets the target: consecutive
-prefixes differ by one unit of one group, which is the granularity guarantee.
+prefixes differ by one unit of one group, which is the granularity guarantee. A latency target orders
+the same units by importance lost per millisecond saved instead (`latency_allocation`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -25,7 +28,7 @@ import numpy as np
 from onnxprune.channels import ChannelAnalysis, DimRef
 from onnxprune.errors import UsageError
 from onnxprune.metrics import count_macs
-from onnxprune.plan import PruningPlan
+from onnxprune.plan import KeepCounts, PruningPlan, allowed_counts, floor_keep, multiples_grid, snap_keep
 
 ALLOCATIONS = ("uniform", "global", "lamp", "sensitivity")
 
@@ -56,10 +59,19 @@ def parse_target(text: str | None, total: int, what: str) -> int | None:
     return int(value)
 
 
-def _caps(group, round_to: int, max_group_ratio: float) -> int:
-    """Largest number of channels a group may lose."""
-    keep = max(min(group.size, max(1, round_to)), int(math.ceil(group.size * (1 - max_group_ratio))))
-    return max(0, group.size - keep)
+def group_steps(
+    analysis: ChannelAnalysis, round_to: int, keep_counts: KeepCounts | None, max_group_ratio: float
+) -> dict[int, np.ndarray]:
+    """Group id -> the kept counts its removal units pass through, descending from its size to the fewest it
+    may keep (`plan.floor_keep`, snapped up to the grid); a group that may lose nothing has just its size."""
+    if keep_counts is None and round_to > 1:
+        keep_counts = multiples_grid(analysis, round_to)
+    steps = {}
+    for g in analysis.groups:
+        allowed = allowed_counts(g, keep_counts)
+        lowest = snap_keep(floor_keep(g, allowed, max_group_ratio, round_to), allowed)
+        steps[g.id] = allowed[allowed >= lowest][::-1]
+    return steps
 
 
 def removal_order(
@@ -71,8 +83,11 @@ def removal_order(
     max_group_ratio: float = 0.9,
     comparable: bool = False,
     budget_scores: dict[int, np.ndarray] | None = None,
+    keep_counts: KeepCounts | None = None,
 ) -> list[Unit]:
     """All removal units of all groups in the order they are removed.
+
+    `keep_counts` (allowed kept counts per group) replaces `round_to` when given.
 
     With `budget_scores`, *how many* channels each group loses at every point of the order follows those
     scores (the ordering keys of the j-th unit of a group come from the j-th lowest budget scores), while
@@ -84,11 +99,10 @@ def removal_order(
     if allocation not in ALLOCATIONS:
         raise UsageError(f"unknown allocation {allocation!r} (choose from {', '.join(ALLOCATIONS)})")
     units: list[Unit] = []
+    steps = group_steps(analysis, round_to, keep_counts, max_group_ratio)
     for g in analysis.groups:
         s = np.asarray(scores[g.id], dtype=np.float64)
         order = np.argsort(s, kind="stable")
-        cap = _caps(g, round_to, max_group_ratio)
-        step = round_to if g.size >= round_to else 1
         b = s if budget_scores is None else np.asarray(budget_scores[g.id], dtype=np.float64)
         if allocation == "lamp":
             key_of = lamp_transform(b)
@@ -97,12 +111,12 @@ def removal_order(
         else:
             key_of = b
         key_sorted = np.sort(key_of) if budget_scores is not None else None
-        for j in range(cap // step):
-            chunk = order[j * step : (j + 1) * step]
+        for before, after in itertools.pairwise(steps[g.id]):
+            chunk = order[g.size - before : g.size - after]
             if allocation == "uniform":
-                key = (j + 1) * step / g.size
+                key = (g.size - after) / g.size
             elif key_sorted is not None:
-                key = float(key_sorted[(j + 1) * step - 1])
+                key = float(key_sorted[g.size - after - 1])
             else:
                 key = float(key_of[chunk].max())
             units.append(Unit(g.id, chunk, key))
@@ -118,6 +132,7 @@ def sensitivity_order(
     *,
     round_to: int = 1,
     max_group_ratio: float = 0.9,
+    keep_counts: KeepCounts | None = None,
 ) -> list[Unit]:
     """Removal order from measured per-group sensitivity (`onnxprune.sensitivity.sensitivity` rows).
 
@@ -129,6 +144,7 @@ def sensitivity_order(
     by_group = {r.group: r for r in rows}
     grid = np.array([0.0] + list(ratios))
     units: list[Unit] = []
+    steps = group_steps(analysis, round_to, keep_counts, max_group_ratio)
     for g in analysis.groups:
         row = by_group.get(g.id)
         if row is None:
@@ -136,11 +152,11 @@ def sensitivity_order(
         errs = np.array([0.0] + [0.0 if not np.isfinite(e) else e for e in row.errors])
         errs = np.maximum.accumulate(errs)
         order = np.argsort(np.asarray(scores[g.id], dtype=np.float64), kind="stable")
-        cap = min(_caps(g, round_to, max_group_ratio), int(math.floor(max(ratios) * g.size + 1e-9)))
-        step = round_to if g.size >= round_to else 1
-        for j in range(cap // step):
-            frac = (j + 1) * step / g.size
-            units.append(Unit(g.id, order[j * step : (j + 1) * step], float(np.interp(frac, grid, errs))))
+        counts = steps[g.id]
+        counts = counts[g.size - counts <= int(math.floor(max(ratios) * g.size + 1e-9))]
+        for before, after in itertools.pairwise(counts):
+            frac = (g.size - after) / g.size
+            units.append(Unit(g.id, order[g.size - before : g.size - after], float(np.interp(frac, grid, errs))))
     units.sort(key=lambda u: (u.key, u.group))
     return units
 

@@ -2,7 +2,7 @@
 
     onnxprune MODEL.onnx                 same as `onnxprune prune MODEL.onnx`
     onnxprune analyze MODEL.onnx [--json] [--graph OUT.graphml|OUT.json]
-    onnxprune prune MODEL.onnx [-o OUT] [--ratio R] [--global] [--round-to N] [--criterion C] [--verify] [--json]
+    onnxprune prune MODEL.onnx [-o OUT] [--ratio R | --target-latency 0.6x] [--round-to auto|N] [--criterion C] [--json]
     onnxprune sensitivity MODEL.onnx [--calib FILE.npz] [--ratios R1,R2,...] [--plot OUT.png] [--json]
     onnxprune report MODEL.pruned.onnx [-o OUT.html] [--original MODEL.onnx] [--json]
 
@@ -25,6 +25,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -179,11 +180,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from onnxprune.passes.config import PruneConfig, check_data
     from onnxprune.passes.remove import PruneSummary, RemoveChannelsPass, RemovedChannels
     from onnxprune.passes.repair import RepairChannelsPass
-    from onnxprune.passes.select import SelectChannelsPass
+    from onnxprune.passes.select import ChannelSelection, SelectChannelsPass
     from onnxprune.passmanager import StampInstrument
 
     src, out = _output_path(args)
     ratio = opts.check_prune_flags(args)
+    sparse = opts.sparsity_config(args)  # --sparsity: a usage error comes before the model is read
+    if sparse is not None:
+        sparse.check_data(has_calib=bool(args.calib))
     if args.mode == "unconstrained":
         return _prune_unconstrained(args, ratio, src, out)
     if (args.repair == "mean" or args.share or args.union_cap is not None or args.no_reorder or args.tune
@@ -194,32 +198,106 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ratio=ratio, criterion=args.criterion, global_ranking=args.global_ranking,
         round_to=args.round_to, allow_inexact=args.allow_inexact, seed=args.seed, repair=args.repair,
         allocation=args.allocation, target_params=args.target_params, target_macs=args.target_macs,
-        calib_samples=args.calib_samples,
+        calib_samples=args.calib_samples, target_latency=args.target_latency, latency_backend=args.latency_backend,
+        latency_threads=args.latency_threads, rpc=args.rpc, device_key=args.device_key, latency_cache=args.latency_cache,
     )
+    _latency_backends(config)
     for notice in check_data(config, has_calib=bool(args.calib)):  # bad criterion / missing --calib: before loading
         print(f"onnxprune: note: {notice}", file=sys.stderr)
     model = _load(args)
     calib = _calib(args, model)
     # StampInstrument(always=True): the output says what was done even when nothing was removed.
     pipeline = _pipeline([_normalize(), SelectChannelsPass(config, calib=calib), RepairChannelsPass(calib),
-                          RemoveChannelsPass(), CheckPass()], StampInstrument(always=True))
+                          RemoveChannelsPass(), *_sparsify(sparse, calib), CheckPass()], StampInstrument(always=True))
     result = pipeline.run(model)
     normalized = result.steps[0][1].model  # the original, canonicalised in place
     summary_record, removed = result.get(PruneSummary), result.get(RemovedChannels)
     assert summary_record is not None and removed is not None  # RemoveChannelsPass's artifacts
+    summary_record = _with_sparsity(result, summary_record)
 
     def check() -> Certificate:
         from onnxprune.certificate import certify
 
-        return certify(normalized, result.model, removed.analysis, removed.labels, inputs=calib, input_path=src)
+        # with --sparsity the certificate covers the channel removal (SparsifyPass checks its own patterns)
+        return certify(normalized, _channels_model(result), removed.analysis, removed.labels, inputs=calib,
+                       input_path=src)
 
     cert = _verify(args, normalized, result.model, check)
+    latency = _latency(config, result.get(ChannelSelection), normalized, result.model)
     keep_external = has_lazy(normalized) or None  # weights came in a data file: write them to one too
     save_model(result.model, out, external_data=keep_external)
     summary = {"input": str(src), "output": str(out), **summary_record.as_dict(),
                "verification": cert.as_dict() if cert is not None else None}
+    if latency is not None:
+        summary["latency"] = latency
     _print(summary, args, lambda: _print_summary(summary))
     return 0
+
+
+def _latency_backends(config: Any) -> None:
+    """Register the compile targets' latency backends (TVM) when the config names one: the core knows only
+    onnxruntime, and importing the targets costs time, so only then."""
+    if not config.measures_latency or (config.latency_backend.split(":")[0] == "ort" and config.rpc is None):
+        return
+    try:
+        import onnxprune.targets.latency  # noqa: F401  (registers x86, wasm, arm, cuda, rpc)
+    except ImportError as exc:
+        raise UsageError(f"--latency-backend {config.latency_backend} needs the compile targets (TVM): {exc}") from None
+
+
+def _latency(config: Any, selection: Any, original: onnx.ModelProto, pruned: onnx.ModelProto) -> dict | None:
+    """The summary's ``latency`` record: the latency target's verified measurement, or after auto rounding the
+    written model measured against the original; None when nothing was measured or removed."""
+    if selection is None or selection.latency_table is None or selection.empty:
+        return None
+    if selection.latency is not None:
+        return selection.latency.as_dict()
+    from onnxprune.passes.latency_select import dynamic_input, measure_latency
+
+    dynamic = dynamic_input(original)
+    if dynamic is not None:
+        print(f"onnxprune: note: latency not measured: input {dynamic!r} has a dynamic size (fix it with --shape)",
+              file=sys.stderr)
+        return None
+    return measure_latency(config, selection.source, selection.plan, selection.latency_table, original,
+                           pruned).as_dict()
+
+
+def _sparsify(config: Any, calib: CalibrationData | None) -> list[Pass]:
+    """[SparsifyPass] when --sparsity asked for fine-grained pruning, else []."""
+    if config is None:
+        return []
+    from onnxprune.passes.sparsify import SparsifyPass
+
+    return [SparsifyPass(config, calib)]
+
+
+def _channels_model(result: Any) -> onnx.ModelProto:
+    """The model as the channel removal left it (before any SparsifyPass)."""
+    return next(step.model for name, step in result.steps if name == "RemoveChannelsPass")
+
+
+@dataclass(frozen=True)
+class _WithSparsity:
+    """The channel summary with the fine-grained step's report under ``sparsity`` (None without --sparsity)."""
+
+    channels: Any
+    sparsity: dict | None
+
+    def as_dict(self) -> dict:
+        return {**self.channels.as_dict(), "sparsity": self.sparsity}
+
+
+def _with_sparsity(result: Any, record: Any) -> _WithSparsity:
+    """`record` plus the `SparsityReport` of the run; with one, the merged record is stamped into the model."""
+    from onnxprune.metadata import stamp
+    from onnxprune.sparsity import SparsityReport
+
+    report = result.get(SparsityReport)
+    merged = _WithSparsity(record, report.as_dict() if report is not None else None)
+    if report is not None:
+        stamp(result.model, merged.as_dict())
+    return merged
 
 
 def _print_summary(summary: dict) -> None:
@@ -286,9 +364,10 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
 
     if args.criterion not in ("l1", "l2", "energy", "bn"):
         raise UsageError("--mode unconstrained scores each layer by its own weights: --criterion energy, bn, l1 or l2")
-    if args.global_ranking or args.round_to != 1 or args.allow_inexact:
+    # --round-to auto (the default) applies to constrained pruning only: unconstrained keeps every count
+    if args.global_ranking or args.round_to not in (1, "auto") or args.allow_inexact:
         raise UsageError("--global, --round-to and --allow-inexact apply to --mode constrained only")
-    for option in ("allocation", "target_params", "target_macs"):
+    for option in ("allocation", "target_params", "target_macs", "target_latency"):
         if getattr(args, option, None) not in (None, "none"):
             raise UsageError(f"--{option.replace('_', '-')} applies to --mode constrained only")
     if args.repair not in ("none", "mean"):

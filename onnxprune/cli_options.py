@@ -62,6 +62,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def round_to(text: str) -> int | str:
+    """``auto`` or an integer >= 1."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+
+
 def add_analyze_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ONNX model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -79,7 +84,9 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
                         "not with --target-params/--target-macs)")
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels across groups (= --allocation global)")
-    p.add_argument("--round-to", type=positive_int, default=1, metavar="N", help="keep a multiple of N channels")
+    p.add_argument("--round-to", type=round_to, default="auto", metavar="auto|N",
+                   help="auto: keep each group at the bottom of a latency step measured on --latency-backend "
+                        "(a latency table per model, cached); N: keep a multiple of N channels (1: any count)")
     p.add_argument("--criterion", default="l1",
                    help="importance: l1, l2, bn, random, fpgm, lamp, activation, apoz, obs; "
                         "--mode unconstrained: energy, bn, l1, l2")
@@ -110,6 +117,62 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
                         "default: uniform, or global with --global)")
     p.add_argument("--target-params", metavar="N|P%", help="parameters to keep: a count N or a percentage P%%")
     p.add_argument("--target-macs", metavar="N|P%", help="MACs to keep: a count N or a percentage P%%")
+    add_sparsity_options(p)
+    add_latency_options(p)
+
+
+def add_latency_options(p: argparse.ArgumentParser) -> None:
+    """--target-latency and where latency is measured (--latency-backend, --rpc, ...)."""
+    p.add_argument("--target-latency", metavar="Fx|Tms",
+                   help="latency to reach: a fraction of the dense latency (0.6x) or milliseconds (12ms); chooses "
+                        "channels by importance per millisecond saved and verifies by measuring the pruned model")
+    p.add_argument("--latency-backend", default="ort", metavar="NAME",
+                   help="where latency is measured: ort, ort:EPName (an onnxruntime execution provider), or a "
+                        "compile target (x86, wasm, cuda; rpc with --rpc)")
+    p.add_argument("--latency-threads", type=positive_int, default=1, metavar="N", help="threads when measuring")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="measure on a remote device through this TVM RPC tracker")
+    p.add_argument("--device-key", metavar="KEY", help="with --rpc: the key the device registered with the tracker")
+    p.add_argument("--latency-cache", metavar="DIR",
+                   help="folder of cached latency tables (default: $ONNXPRUNE_LATENCY_CACHE or "
+                        "~/.cache/onnxprune/latency)")
+
+
+def add_sparsity_options(p: argparse.ArgumentParser) -> None:
+    """--sparsity, --pattern, --sparse-criterion: fine-grained pruning after the channels (`onnxprune.sparsity`)."""
+    p.add_argument("--sparsity", type=ratio, default=None, metavar="S",
+                   help="then zero this fraction of the prunable weights in --pattern (weights stay, plain ONNX; "
+                        "without --ratio or a target no channels are removed; 0: off)")
+    p.add_argument("--pattern", metavar="P",
+                   help="fine-grained pattern along each weight's reduction axis: unstructured (default), group:RxC "
+                        "(1x4, 4x1), nm:N:M (2:4, 4:8; zeroes 1-N/M, so --sparsity may be left out), block:RxC "
+                        "(16x1, 4x4, 8x8)")
+    p.add_argument("--sparse-criterion", choices=("magnitude", "wanda", "obs"),
+                   help="which weights --sparsity zeroes: magnitude, wanda (|W| x input RMS, needs --calib) or obs "
+                        "(SparseGPT's second-order choice, needs --calib) (default: magnitude without --calib, wanda "
+                        "with it, obs with --repair ls or seq)")
+
+
+def sparsity_config(args: argparse.Namespace):  # -> SparsityConfig | None (imported only when asked for)
+    """The fine-grained pruning asked for by --sparsity/--pattern, or None (also for --sparsity 0).
+
+    --repair, --allocation (uniform, global, lamp), --seed and --calib-samples apply to it as to the channels.
+    """
+    if getattr(args, "sparsity", None) is None and not getattr(args, "pattern", None):
+        return None
+    from onnxprune.sparsity.config import SparsityConfig
+    from onnxprune.sparsity.patterns import parse_pattern
+
+    pattern = parse_pattern(args.pattern or "unstructured")
+    sparsity = args.sparsity if args.sparsity is not None else pattern.fixed_sparsity
+    if sparsity is None:
+        raise UsageError(f"--pattern {pattern.text} needs --sparsity S (the fraction of the weights to zero)")
+    if args.mode == "unconstrained":
+        raise UsageError("--sparsity and --pattern apply to --mode constrained only")
+    if not sparsity:
+        return None
+    allocation = args.allocation or ("global" if args.global_ranking else "uniform")
+    return SparsityConfig(sparsity=sparsity, pattern=pattern.text, criterion=args.sparse_criterion,
+                          allocation=allocation, repair=args.repair, seed=args.seed, calib_samples=args.calib_samples)
 
 
 def add_sensitivity_options(p: argparse.ArgumentParser) -> None:
@@ -150,12 +213,20 @@ def add_accuracy_options(p: argparse.ArgumentParser, samples: int | None = None,
 def check_prune_flags(args: argparse.Namespace) -> float:
     """Refuse contradicting prune flags (UsageError, exit 2) and return the ratio to use.
 
-    ``--ratio`` and a target both say how much to remove; ``--global`` is ``--allocation global`` and
+    ``--ratio`` and a target (or two targets) both say how much to remove; ``--rpc`` needs
+    ``--device-key``; ``--global`` is ``--allocation global`` and
     contradicts any other allocation.
     """
-    targets = [f"--{name.replace('_', '-')}" for name in ("target_params", "target_macs") if getattr(args, name)]
+    names = ("target_params", "target_macs", "target_latency")
+    targets = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name, None)]
     if args.ratio is not None and targets:
         raise UsageError(f"--ratio and {targets[0]} both say how much to remove: give one of them")
+    if len(targets) > 1:
+        raise UsageError(f"{targets[0]} and {targets[1]} both say how much to remove: give one of them")
+    if getattr(args, "rpc", None) and not getattr(args, "device_key", None):
+        raise UsageError("--rpc needs --device-key (the key the device registered with the tracker)")
     if args.global_ranking and args.allocation not in (None, "global"):
         raise UsageError(f"--global means --allocation global: it contradicts --allocation {args.allocation}")
+    if args.ratio is None and not targets and (getattr(args, "sparsity", None) is not None or getattr(args, "pattern", None)):
+        return 0.0  # --sparsity alone zeroes weights and removes no channel
     return DEFAULT_RATIO if args.ratio is None else args.ratio

@@ -2,17 +2,29 @@
 
 `make_plan` supports a uniform ratio per group and a global ranking across groups (scores are
 normalised per group by their mean, so groups of different scale compare). A group never loses all its
-channels, and with ``round_to`` the kept count is a multiple of it.
+channels, and its kept count is one of the group's *allowed counts* (a grid, `KeepCounts`): every count
+by default, the multiples of N with ``round_to=N`` (`latency.grid.multiples`), or the bottoms of the
+latency steps measured on a backend (`latency.grid.keep_counts`, the CLI's ``--round-to auto``).
+
+Snapping a kept count to the grid goes *up*: the allowed count at or above the asked one. A latency grid's
+counts are the most channels for their latency, so rounding up keeps accuracy at the same latency (and for
+``--round-to N`` it is what the flag always did). One exception, `top="nearest"` (latency grids only): when
+rounding up would leave untouched a group the ratio asked to prune, the group goes down to the next allowed
+count if that is at least as near; otherwise a small ratio would prune nothing at all on grids whose top
+step is wide (a 2048-channel group at ratio 0.005 asks 10 channels, the grid allows 16).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from onnxprune.channels import ChannelAnalysis, ChannelGroup
+
+KeepCounts = Mapping[int, Sequence[int]]  # group id -> allowed kept counts, ascending, ending at the group size
 
 
 @dataclass
@@ -36,15 +48,44 @@ class PruningPlan:
     def params_removed(self, analysis: ChannelAnalysis) -> int:
         return int(sum(analysis.groups[g].params_per_channel[idx].sum() for g, idx in self.removed.items()))
 
+    def kept(self, analysis: ChannelAnalysis) -> dict[int, int]:
+        """Group id -> kept channel count, for the groups that lose any."""
+        return {gid: analysis.groups[gid].size - len(idx) for gid, idx in self.removed.items() if len(idx)}
 
-def min_keep(group: ChannelGroup, round_to: int) -> int:
-    return min(group.size, max(1, round_to))
+
+def multiples_grid(analysis: ChannelAnalysis, n: int) -> dict[int, tuple[int, ...]]:
+    """The grid of ``round_to=n``: multiples of n plus the group size; a group smaller than n keeps any count."""
+    from onnxprune.latency.grid import multiples
+
+    return multiples(analysis, n)
 
 
-def _round_keep(keep: int, size: int, round_to: int) -> int:
-    if round_to > 1 and size >= round_to:
-        keep = min(size, int(math.ceil(keep / round_to) * round_to))
-    return max(1, keep)
+def allowed_counts(group: ChannelGroup, keep_counts: KeepCounts | None) -> np.ndarray:
+    """The group's allowed kept counts (ascending, >= 1, ending at its size); every count without a grid."""
+    if keep_counts is None or group.id not in keep_counts:
+        return np.arange(1, group.size + 1)
+    counts = sorted({int(c) for c in keep_counts[group.id] if 1 <= int(c) <= group.size} | {group.size})
+    return np.asarray(counts, dtype=np.int64)
+
+
+def snap_keep(keep: int, allowed: np.ndarray, top: str = "up") -> int:
+    """The allowed count at or above `keep` (see the module docstring for `top="nearest"`)."""
+    size = int(allowed[-1])
+    keep = max(1, min(size, int(keep)))
+    snapped = int(allowed[np.searchsorted(allowed, keep)])
+    if top == "nearest" and snapped == size and keep < size and len(allowed) > 1:
+        below = int(allowed[-2])
+        if keep - below <= size - keep:
+            return below
+    return snapped
+
+
+def floor_keep(group: ChannelGroup, allowed: np.ndarray, max_group_ratio: float, round_to: int = 1) -> int:
+    """The fewest channels a group may keep before snapping: its smallest allowed count, no fewer than
+    ``1 - max_group_ratio`` of its channels, and with ``round_to=N`` at least N (a group smaller than N is
+    not pruned by a ranking or an order, as before grids existed; a uniform ratio still prunes it)."""
+    lowest = max(int(allowed[0]), int(math.ceil(group.size * (1 - max_group_ratio))), int(round_to))
+    return min(group.size, lowest)
 
 
 def make_plan(
@@ -56,15 +97,25 @@ def make_plan(
     round_to: int = 1,
     max_group_ratio: float = 0.9,
     groups: list[ChannelGroup] | None = None,
+    keep_counts: KeepCounts | None = None,
+    top: str = "up",
 ) -> PruningPlan:
-    """Remove about `ratio` of the channels, lowest scores first."""
+    """Remove about `ratio` of the channels, lowest scores first.
+
+    Args:
+        keep_counts: allowed kept counts per group; None: the multiples of `round_to` (every count at 1).
+        top: "up" or "nearest", how a kept count snaps to the grid (module docstring).
+    """
     groups = analysis.groups if groups is None else groups
     plan = PruningPlan()
     if ratio <= 0:
         return plan
+    if keep_counts is None and round_to > 1:
+        keep_counts = multiples_grid(analysis, round_to)
+    grid = {g.id: allowed_counts(g, keep_counts) for g in groups}
     if not global_ranking:
         for g in groups:
-            keep = _round_keep(g.size - int(math.floor(ratio * g.size + 1e-9)), g.size, round_to)
+            keep = snap_keep(g.size - int(math.floor(ratio * g.size + 1e-9)), grid[g.id], top)
             order = np.argsort(scores[g.id], kind="stable")
             plan.removed[g.id] = np.sort(order[: g.size - keep])
         return plan
@@ -78,7 +129,7 @@ def make_plan(
     entries.sort()
     total = sum(g.size for g in groups)
     budget = int(math.floor(ratio * total + 1e-9))
-    cap = {g.id: g.size - max(min_keep(g, round_to), int(math.ceil(g.size * (1 - max_group_ratio)))) for g in groups}
+    cap = {g.id: g.size - floor_keep(g, grid[g.id], max_group_ratio, round_to) for g in groups}
     chosen: dict[int, list[int]] = {g.id: [] for g in groups}
     for _, gid, i in entries:
         if budget <= 0:
@@ -89,8 +140,11 @@ def make_plan(
     by_id = {g.id: g for g in groups}
     for gid, idx in chosen.items():
         g = by_id[gid]
-        keep = _round_keep(g.size - len(idx), g.size, round_to)
-        # Rounding up the kept count gives back the highest-scoring removals.
-        idx = sorted(idx, key=lambda i: scores[gid][i])[: g.size - keep]
+        keep = snap_keep(g.size - len(idx), grid[gid], top if idx else "up")
+        if g.size - keep <= len(idx):
+            # Rounding up the kept count gives back the highest-scoring removals.
+            idx = sorted(idx, key=lambda i: scores[gid][i])[: g.size - keep]
+        else:  # the nearest step lies below what the ranking chose: the group's lowest scores go
+            idx = list(np.argsort(scores[gid], kind="stable")[: g.size - keep])
         plan.removed[gid] = np.array(sorted(idx), dtype=np.int64)
     return plan

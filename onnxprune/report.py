@@ -94,10 +94,14 @@ def settings_rows(s: dict) -> list[tuple[str, str]]:
         multiple = config.get("stream_multiple", 1)
         rows.append(("rounding", "none" if multiple == 1 else f"stream widths a multiple of {multiple}"))
     else:
-        allocation = config.get("allocation") or ("global" if config.get("global_ranking") else "uniform")
+        allocation = config.get("allocation") or (
+            "global" if config.get("global_ranking") or config.get("target_latency") else "uniform")
+        if config.get("target_latency"):
+            allocation += ", importance per millisecond saved" if allocation != "uniform" else ""
+            wanted = str(config["target_latency"])
+            rows[-1] = ("target", f"latency {wanted}" + (" of the dense model's" if wanted.lower().endswith("x") else ""))
         rows.append(("allocation", str(allocation)))
-        round_to = config.get("round_to", 1)
-        rows.append(("rounding", "none" if round_to == 1 else f"kept channels a multiple of {round_to}"))
+        rows.append(("rounding", rounding_text(config)))
     rows.append(("repair", _repair_text(str(config.get("repair", "none")), s.get("repair"))))
     pruned = f"{s.get('groups_pruned', 0)} of {s.get('groups', '-')}"
     if "channels_removed" in s:
@@ -106,10 +110,41 @@ def settings_rows(s: dict) -> list[tuple[str, str]]:
     if unconstrained:
         copies = s.get("copies") or {}
         rows.append(("copies", f"{copies.get('copy_ops', 0)} copy ops, {copies.get('bytes', 0)} bytes per inference"))
+    if s.get("sparsity"):
+        rows.append(("sparsity", sparsity_text(s["sparsity"])))
     rows.append(("verification", verification_text(s.get("verification"))))
+    if s.get("latency"):
+        rows.append(("latency", latency_text(s["latency"])))
     if "seconds" in s:
         rows.append(("time", f"{s['seconds']:.2f} s"))
     return rows
+
+
+def rounding_text(config: dict) -> str:
+    """How kept channel counts were rounded (``round_to``: 1, N or auto)."""
+    round_to = config.get("round_to", 1)
+    if round_to == "auto":
+        return f"auto: kept channels at the bottom of latency steps measured on {config.get('latency_backend', 'ort')}"
+    return "none" if round_to == 1 else f"kept channels a multiple of {round_to}"
+
+
+def latency_text(latency: dict) -> str:
+    """One line about a measured latency (the summary's ``latency`` record)."""
+    text = (f"{latency['speedup']:.2f}x faster on {latency['backend']} ({latency['dense_ms']:.3g} -> "
+            f"{latency['pruned_ms']:.3g} ms; predicted {latency['predicted_speedup']:.2f}x), MACs "
+            f"{latency['macs_reduction']:.2f}x fewer: efficiency {latency['efficiency']:.2f}")
+    if latency.get("target"):
+        text += f"; target {latency['target']} {'reached' if latency.get('reached') else 'NOT reached'} " \
+                f"after {latency.get('iterations', 1)} measurement(s)"
+    return text
+
+
+def sparsity_text(sp: dict) -> str:
+    """One line about fine-grained pruning (the summary's ``sparsity`` record, `sparsity.SparsityReport`)."""
+    return (f"{sp.get('pattern')}: {sp.get('achieved', 0):.1%} of {_fmt(sp.get('prunable_weights', 0))} prunable "
+            f"weights zero ({sp.get('model_sparsity', 0):.1%} of the model) in {len(sp.get('layers') or {})} layers, "
+            f"{len(sp.get('dense') or {})} dense; {sp.get('criterion')}, {sp.get('allocation')}, repair "
+            f"{sp.get('repair')} ({sp.get('repaired', 0)} repaired)")
 
 
 def _repair_text(method: str, info: dict | None) -> str:

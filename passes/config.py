@@ -3,6 +3,12 @@
 One config drives the whole pruning pipeline (select -> repair -> remove, see `onnxprune.passes.pruning`):
 the selection records it, the repair reads its method from there and the summary reports it. `check_data`
 says, before any model is read, whether the config needs calibration data it does not have.
+
+Latency: ``round_to="auto"`` keeps every group at the bottom of a latency step measured on
+`latency_backend` (a latency table per model, cached on disk under `latency_cache`); ``target_latency``
+("0.6x" or "12ms") chooses the removal by importance per millisecond and verifies it by measurement. The
+library's default stays ``round_to=1`` (nothing is measured unless asked); the command line's default is
+``auto``.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from dataclasses import dataclass
 from onnxprune.allocation import ALLOCATIONS
 from onnxprune.criteria import CRITERIA, DATA_CRITERIA
 from onnxprune.errors import UsageError
+from onnxprune.latency_allocation import parse_latency_target
 from onnxprune.repair import REPAIRS
 
 
@@ -22,7 +29,7 @@ class PruneConfig:
     ratio: float = 0.3
     criterion: str = "l1"
     global_ranking: bool = False
-    round_to: int = 1
+    round_to: int | str = 1  # N: kept counts are multiples of N; "auto": bottoms of measured latency steps
     allow_inexact: bool = False  # also prune hidden sizes under LayerNorm / softmax axes
     max_group_ratio: float = 0.9
     seed: int = 0
@@ -31,12 +38,27 @@ class PruneConfig:
     target_params: str | None = None  # keep N parameters, or P% of them (overrides ratio)
     target_macs: str | None = None  # keep N MACs, or P% of them (overrides ratio)
     calib_samples: int | None = None
+    target_latency: str | None = None  # "0.6x" of the dense latency or "12ms" (overrides ratio)
+    latency_backend: str = "ort"  # where latency is measured: ort, ort:EPName, or a target (x86, rpc, ...)
+    latency_threads: int = 1
+    rpc: str | None = None  # HOST:PORT of a TVM RPC tracker
+    device_key: str | None = None  # the tracker's device key
+    latency_cache: str | None = None  # folder of cached latency tables (default $ONNXPRUNE_LATENCY_CACHE)
 
     def __post_init__(self) -> None:
         if not 0 <= self.ratio < 1:
             raise UsageError(f"ratio must be in [0, 1), got {self.ratio}")
-        if self.round_to < 1:
-            raise UsageError(f"round-to must be >= 1, got {self.round_to}")
+        if self.round_to != "auto" and (
+                isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1):
+            raise UsageError(f"round-to must be auto or an integer >= 1, got {self.round_to!r}")
+        if self.target_latency is not None:
+            parse_latency_target(self.target_latency)
+            if self.target_params is not None or self.target_macs is not None:
+                raise UsageError("give at most one of --target-latency, --target-params and --target-macs")
+        if self.latency_threads < 1:
+            raise UsageError(f"latency threads must be >= 1, got {self.latency_threads}")
+        if self.rpc is not None and not self.device_key:
+            raise UsageError("--rpc needs --device-key (the key the device registered with the tracker)")
         if self.repair not in REPAIRS:
             raise UsageError(f"unknown repair {self.repair!r} (choose from {', '.join(REPAIRS)})")
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
@@ -46,7 +68,13 @@ class PruneConfig:
 
     @property
     def allocation_name(self) -> str:
-        return self.allocation or ("global" if self.global_ranking else "uniform")
+        """The allocation; by default global with --global or a latency target (importance per ms), else uniform."""
+        return self.allocation or ("global" if self.global_ranking or self.target_latency else "uniform")
+
+    @property
+    def measures_latency(self) -> bool:
+        """Whether the selection measures latency (auto rounding or a latency target)."""
+        return self.round_to == "auto" or self.target_latency is not None
 
 
 def check_data(

@@ -8,8 +8,13 @@
 2. `calibration_statistics` - activation statistics, only when the criterion or the repair reads them;
 3. `measure_sensitivity` - only for the sensitivity allocation: each group's measured output error
    (`sensitivity.sensitivity`), kept in the selection as a `SensitivityReport` for the summary;
-4. `choose_plan` - criterion scores (`criteria`), then the allocation (`plan.make_plan` for uniform/global
-   ratios, `allocation` for LAMP budgets, measured sensitivity and parameter/MAC targets): a `PruningPlan`.
+4. `latency_select.latency_grid` - the allowed kept counts per group: every count, the multiples of
+   ``round_to``, or with ``round_to="auto"`` the bottoms of the latency steps of the model's latency table
+   (built once per model and backend, cached on disk); a latency target builds the table too;
+5. `choose_plan` - criterion scores (`criteria`), then the allocation (`plan.make_plan` for uniform/global
+   ratios, `allocation` for LAMP budgets, measured sensitivity and parameter/MAC targets): a `PruningPlan`
+   whose kept counts lie on the grid; with a latency target `choose_latency_plan` instead (importance per
+   millisecond, verified by measurement: `latency_allocation`).
 
 The decision is a `ChannelSelection`: returned as an artifact, and recorded in the cache as the pending
 selection of this very model object, which `RepairChannelsPass` and `RemoveChannelsPass` read
@@ -21,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -31,13 +37,18 @@ from onnxprune.channels import ChannelAnalysis, analyze
 from onnxprune.criteria import Criterion, Magnitude, get_criterion
 from onnxprune.errors import PreconditionError, UsageError
 from onnxprune.graph import ModelGraph
+from onnxprune.latency_allocation import latency_order
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.passes.config import PruneConfig, check_data
+from onnxprune.passes.latency_select import LatencyReport, latency_grid, plan_for_target_latency
 from onnxprune.passmanager import Pass, PassResult, analyses
-from onnxprune.plan import PruningPlan, make_plan
+from onnxprune.plan import KeepCounts, PruningPlan, make_plan
 from onnxprune.repair import RepairReport
 from onnxprune.report import SENSITIVITY_METRIC
 from onnxprune.sensitivity import SensitivityRow, sensitivity
+
+if TYPE_CHECKING:
+    from onnxprune.latency.table import LatencyTable
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,8 @@ class ChannelSelection:
         repair: what the repair did, once it ran.
         sensitivity: the measured per-group errors, when the sensitivity allocation ran.
         started: `time.perf_counter()` when the selection began (the summary's `seconds`).
+        latency_table: the model's latency table, when auto rounding or a latency target built one.
+        latency: the measured latency of the plan, when a latency target verified it.
     """
 
     config: PruneConfig
@@ -88,6 +101,8 @@ class ChannelSelection:
     repair: RepairReport | None = None
     sensitivity: SensitivityReport | None = None
     started: float = 0.0
+    latency_table: LatencyTable | None = None
+    latency: LatencyReport | None = None
 
     @property
     def empty(self) -> bool:
@@ -147,40 +162,102 @@ def choose_plan(
     stats: CalibrationStats | None = None,
     calib: CalibrationData | None = None,
     measured: SensitivityReport | None = None,
+    *,
+    keep_counts: KeepCounts | None = None,
+    top: str = "up",
 ) -> PruningPlan:
     """Which channels of which group go: scores, then the configured allocation and target.
 
     Args:
         measured: for the sensitivity allocation, the measured errors (`measure_sensitivity`); None
             measures them here (needs `calib`).
+        keep_counts: allowed kept counts per group (`latency_select.latency_grid`); None: multiples of an
+            integer ``config.round_to``.
+        top: how a uniform or global ratio snaps kept counts to the grid (`plan.snap_keep`).
     """
     c = config
+    round_to = c.round_to if isinstance(c.round_to, int) else 1
     scores = criterion.score_all(analysis)
     targets = {"params": c.target_params, "macs": c.target_macs}
     if c.allocation_name not in ("lamp", "sensitivity") and all(v is None for v in targets.values()):
-        return make_plan(analysis, scores, c.ratio, global_ranking=c.global_ranking, round_to=c.round_to,
-                         max_group_ratio=c.max_group_ratio)
-    if c.allocation_name == "sensitivity":
-        measured = measured or measure_sensitivity(config, analysis, stats, calib)
-        units = alloc.sensitivity_order(analysis, scores, list(measured.rows), list(measured.ratios),
-                                        round_to=c.round_to, max_group_ratio=c.max_group_ratio)
-    else:
-        budget = None
-        if c.allocation_name == "lamp":
-            # LAMP is layer-adaptive *magnitude* pruning: the per-layer budgets come from LAMP scores
-            # of the channel L1 norms, whatever the criterion; the criterion picks which channels go.
-            # So every criterion is compared on the same budgets (not on budgets its own score
-            # distribution happens to induce, e.g. uniform for random, [0, 1] plateaus for APoZ).
-            budget = Magnitude(1).score_all(analysis)
-        units = alloc.removal_order(
-            analysis, scores, c.allocation_name, round_to=c.round_to, max_group_ratio=c.max_group_ratio,
-            comparable=getattr(criterion, "comparable", False), budget_scores=budget,
-        )
+        return make_plan(analysis, scores, c.ratio, global_ranking=c.global_ranking, round_to=round_to,
+                         max_group_ratio=c.max_group_ratio, keep_counts=keep_counts, top=top)
+    units = _removal_units(config, analysis, criterion, scores, stats, calib, measured, keep_counts)
     for metric, text in targets.items():
         if text is not None:
             total = count_params(analysis.graph) if metric == "params" else count_macs(analysis.graph)
-            return alloc.plan_for_target(units, analysis, alloc.parse_target(text, total, metric), metric)
+            target = alloc.parse_target(text, total, metric)
+            assert target is not None  # text is not None
+            return alloc.plan_for_target(units, analysis, target, metric)
     return alloc.plan_for_ratio(units, analysis, c.ratio)
+
+
+def _lamp_budget(config: PruneConfig, analysis: ChannelAnalysis) -> dict[int, np.ndarray] | None:
+    # LAMP is layer-adaptive *magnitude* pruning: the per-layer budgets come from LAMP scores of the
+    # channel L1 norms, whatever the criterion; the criterion picks which channels go. So every criterion
+    # is compared on the same budgets (not on budgets its own score distribution happens to induce, e.g.
+    # uniform for random, [0, 1] plateaus for APoZ).
+    return Magnitude(1).score_all(analysis) if config.allocation_name == "lamp" else None
+
+
+def _removal_units(
+    config: PruneConfig,
+    analysis: ChannelAnalysis,
+    criterion: Criterion,
+    scores: dict[int, np.ndarray],
+    stats: CalibrationStats | None,
+    calib: CalibrationData | None,
+    measured: SensitivityReport | None,
+    keep_counts: KeepCounts | None,
+) -> list[alloc.Unit]:
+    """The allocation's order of removal units (LAMP budgets, measured sensitivity, or normalised scores)."""
+    c = config
+    round_to = c.round_to if isinstance(c.round_to, int) else 1
+    if c.allocation_name == "sensitivity":
+        measured = measured or measure_sensitivity(config, analysis, stats, calib)
+        return alloc.sensitivity_order(analysis, scores, list(measured.rows), list(measured.ratios),
+                                       round_to=round_to, max_group_ratio=c.max_group_ratio, keep_counts=keep_counts)
+    return alloc.removal_order(
+        analysis, scores, c.allocation_name, round_to=round_to, max_group_ratio=c.max_group_ratio,
+        comparable=getattr(criterion, "comparable", False), budget_scores=_lamp_budget(config, analysis),
+        keep_counts=keep_counts,
+    )
+
+
+def choose_latency_plan(
+    config: PruneConfig,
+    analysis: ChannelAnalysis,
+    criterion: Criterion,
+    table: LatencyTable,
+    stats: CalibrationStats | None = None,
+    calib: CalibrationData | None = None,
+    measured: SensitivityReport | None = None,
+    *,
+    keep_counts: KeepCounts | None = None,
+) -> tuple[PruningPlan, LatencyReport]:
+    """The plan meeting ``config.target_latency``: units ordered by importance lost per predicted
+    millisecond saved (`latency_allocation.latency_order`; an explicit uniform allocation keeps its own
+    order and only the amount follows the latency), verified by measurement.
+
+    Raises:
+        OnnxPruneError: the target cannot be reached (`latency_select.plan_for_target_latency`).
+    """
+    c = config
+    round_to = c.round_to if isinstance(c.round_to, int) else 1
+    scores = criterion.score_all(analysis)
+    if c.allocation_name == "uniform":
+        units = _removal_units(config, analysis, criterion, scores, stats, calib, measured, keep_counts)
+    else:
+        rows = None
+        if c.allocation_name == "sensitivity":
+            measured = measured or measure_sensitivity(config, analysis, stats, calib)
+            rows = (list(measured.rows), list(measured.ratios))
+        units = latency_order(
+            analysis, scores, table, c.allocation_name, round_to=round_to, keep_counts=keep_counts,
+            max_group_ratio=c.max_group_ratio, comparable=getattr(criterion, "comparable", False),
+            budget_scores=_lamp_budget(config, analysis), sensitivity=rows,
+        )
+    return plan_for_target_latency(config, analysis, table, units)
 
 
 def measure_sensitivity(
@@ -252,8 +329,27 @@ class SelectChannelsPass(Pass):
         stats: CalibrationStats | None = None,
         measured: SensitivityReport | None = None,
     ) -> PruningPlan:
+        return self.choose(analysis, stats, measured)[0]
+
+    def choose(
+        self,
+        analysis: ChannelAnalysis,
+        stats: CalibrationStats | None = None,
+        measured: SensitivityReport | None = None,
+    ) -> tuple[PruningPlan, LatencyTable | None, LatencyReport | None, tuple[str, ...]]:
+        """(the plan, the latency table, the verified latency, notices) for an analysed model."""
         criterion = self.criterion or criterion_for(self.config, stats)
-        return choose_plan(self.config, analysis, criterion, stats, self.calib, measured)
+        keep_counts, table, notices = latency_grid(self.config, analysis)
+        if self.config.target_latency is not None:
+            assert table is not None  # a latency target always builds the table
+            plan, report = choose_latency_plan(self.config, analysis, criterion, table, stats, self.calib, measured,
+                                               keep_counts=keep_counts)
+            notices += (report.message,) if report.message else ()
+            return plan, table, report, notices
+        top = "nearest" if self.config.round_to == "auto" else "up"
+        plan = choose_plan(self.config, analysis, criterion, stats, self.calib, measured, keep_counts=keep_counts,
+                           top=top)
+        return plan, table, None, notices
 
     def call(self, model):
         started = time.perf_counter()
@@ -263,8 +359,9 @@ class SelectChannelsPass(Pass):
         measured = None
         if self.config.allocation_name == "sensitivity":
             measured = measure_sensitivity(self.config, analysis, stats, self.calib)
-        plan = self.plan(analysis, stats, measured)
-        selection = ChannelSelection(self.config, analysis, plan.labels(analysis), plan, analysis, stats, notices,
-                                     sensitivity=measured, started=started)
+        plan, table, latency, more = self.choose(analysis, stats, measured)
+        selection = ChannelSelection(self.config, analysis, plan.labels(analysis), plan, analysis, stats,
+                                     notices + more, sensitivity=measured, started=started, latency_table=table,
+                                     latency=latency)
         analyses().put(model, ChannelSelection, selection)
         return PassResult(model, False, artifacts=(selection,))

@@ -1,0 +1,329 @@
+"""Latency-aware allocation: meet ``--target-latency`` (0.6x or 12ms) with the least importance lost,
+checked by measuring the whole pruned model.
+
+Start at `solve_latency_target`. Three steps:
+
+1. `latency_order` - a knapsack solved greedily: the removal units of every group (one unit takes a group
+   from one allowed kept count to the next, `allocation.group_steps`) ordered by *importance lost per
+   predicted millisecond saved*. Importance is the allocation's own measure (group-normalised criterion
+   scores for ``global`` (the default under a latency target), LAMP scores for ``lamp``, the measured
+   output error for ``sensitivity``); the milliseconds come from the latency table (`latency.table`). A
+   group's units must go in order (lowest scores first), so its per-unit ratios are made non-decreasing by
+   pooling adjacent units (the greatest convex minorant of its cost-vs-saving curve: a unit that saves
+   nothing on its own pools with the next step, which saves a lot). Sorting all units by that ratio gives
+   the greedy knapsack order; every prefix is a plan.
+2. `plan_for_latency` - the shortest prefix whose *predicted* latency (`latency.predict`) meets a predicted
+   budget.
+3. `solve_latency_target` - verify and iterate: measure the pruned model against the dense one
+   (interleaved), and when the measured ratio misses the target, correct the predicted budget: the first
+   correction assumes the measured saving is a fixed fraction of the predicted one (what the table cannot
+   see, layers outside any group and the runtime's overhead, scales the saving, not the latency); later ones
+   interpolate between the two latest (predicted, measured) points (secant). At most `max_iterations`
+   measurements; the closest plan within `tolerance` of the target wins. A target below what the smallest
+   allowed model measures is unreachable: `LatencyOutcome.reached` is False and `message` says why.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from onnxprune.allocation import Unit, group_steps, plan_from_units
+from onnxprune.channels import ChannelAnalysis
+from onnxprune.errors import UsageError
+from onnxprune.plan import KeepCounts, PruningPlan
+
+if TYPE_CHECKING:
+    from onnxprune.latency.table import LatencyTable
+
+
+@dataclass(frozen=True)
+class LatencyTarget:
+    """A parsed ``--target-latency``: a fraction of the dense latency ("0.6x") or milliseconds ("12ms")."""
+
+    text: str
+    fraction: float | None = None
+    ms: float | None = None
+
+    def fraction_of(self, dense_ms: float) -> float:
+        """The target as a fraction of a dense latency of `dense_ms` milliseconds."""
+        return self.fraction if self.fraction is not None else float(self.ms or 0.0) / dense_ms
+
+
+def parse_latency_target(text: str) -> LatencyTarget:
+    """'0.6x' (a fraction in (0, 1] of the dense latency) or '12ms' (milliseconds) -> `LatencyTarget`.
+
+    Raises:
+        UsageError: anything else.
+    """
+    t = str(text).strip().lower()
+    try:
+        if t.endswith("ms"):
+            ms = float(t[:-2])
+            if ms > 0 and math.isfinite(ms):
+                return LatencyTarget(str(text), ms=ms)
+        elif t.endswith("x"):
+            fraction = float(t[:-1])
+            if 0 < fraction <= 1:
+                return LatencyTarget(str(text), fraction=fraction)
+    except ValueError:
+        pass
+    raise UsageError(f"target-latency must be a fraction of the dense latency like 0.6x (in (0, 1]) or "
+                     f"milliseconds like 12ms, got {text!r}")
+
+
+def _unit_costs(
+    analysis: ChannelAnalysis,
+    scores: Mapping[int, np.ndarray],
+    steps: Mapping[int, np.ndarray],
+    allocation: str,
+    *,
+    comparable: bool,
+    budget_scores: Mapping[int, np.ndarray] | None,
+    sensitivity: tuple[list, list[float]] | None,
+) -> dict[int, list[tuple[np.ndarray, float]]]:
+    """Group id -> its units in removal order: (channels, importance lost by the unit)."""
+    from onnxprune.criteria import lamp_transform
+
+    rows = {r.group: r for r in sensitivity[0]} if sensitivity is not None else {}
+    out: dict[int, list[tuple[np.ndarray, float]]] = {}
+    for g in analysis.groups:
+        s = np.asarray(scores[g.id], dtype=np.float64)
+        order = np.argsort(s, kind="stable")
+        b = s if budget_scores is None else np.asarray(budget_scores[g.id], dtype=np.float64)
+        if allocation == "lamp":
+            per_channel = lamp_transform(b)
+        elif comparable and budget_scores is None:
+            per_channel = b
+        else:
+            per_channel = b / (np.mean(np.abs(b)) + 1e-12)
+        # cost of the j-th channel removed: the criterion's own order, or the budget's (`removal_order`)
+        position_cost = np.sort(per_channel) if budget_scores is not None else per_channel[order]
+        cumulative = np.concatenate([[0.0], np.cumsum(np.maximum(position_cost, 0.0))])
+        if sensitivity is not None:
+            row = rows.get(g.id)
+            if row is None:
+                continue
+            grid = np.array([0.0] + list(sensitivity[1]))
+            errs = np.maximum.accumulate(np.array([0.0] + [e if np.isfinite(e) else 0.0 for e in row.errors]))
+            fractions = np.arange(g.size + 1) / g.size
+            cumulative = np.interp(fractions, grid, errs, right=np.inf)
+        units = []
+        for before, after in itertools.pairwise(steps[g.id]):
+            lo, hi = g.size - int(before), g.size - int(after)
+            units.append((order[lo:hi], float(cumulative[hi] - cumulative[lo])))
+        out[g.id] = [u for u in units if math.isfinite(u[1])]
+    return out
+
+
+def _pooled_ratios(costs: list[float], savings: list[float]) -> list[float]:
+    """Non-decreasing cost-per-saving ratios of consecutive units (pool adjacent violators): each unit
+    gets the ratio of the pooled block it falls in; a block that saves nothing has an infinite ratio."""
+    blocks: list[list[float]] = []  # [cost, saving, units]
+
+    def ratio(block: list[float]) -> float:
+        return block[0] / block[1] if block[1] > 1e-12 else math.inf
+
+    for c, s in zip(costs, savings):
+        block = [c, s, 1.0]
+        while blocks and ratio(blocks[-1]) >= ratio(block) and not (
+                math.isinf(ratio(blocks[-1])) and math.isinf(ratio(block))):
+            top = blocks.pop()
+            block = [top[0] + block[0], top[1] + block[1], top[2] + block[2]]
+        blocks.append(block)
+    return [ratio(b) for b in blocks for _ in range(int(b[2]))]
+
+
+def latency_order(
+    analysis: ChannelAnalysis,
+    scores: Mapping[int, np.ndarray],
+    table: LatencyTable,
+    allocation: str = "global",
+    *,
+    round_to: int = 1,
+    keep_counts: KeepCounts | None = None,
+    max_group_ratio: float = 0.9,
+    comparable: bool = False,
+    budget_scores: Mapping[int, np.ndarray] | None = None,
+    sensitivity: tuple[list, list[float]] | None = None,
+) -> list[Unit]:
+    """Every removal unit, ordered by importance lost per predicted millisecond saved (the greedy knapsack).
+
+    Args:
+        allocation: "global", "lamp" or "sensitivity": how importance is measured (module docstring).
+        sensitivity: (`sensitivity.SensitivityRow`s, their ratios) for the sensitivity allocation.
+        Others: as `allocation.removal_order`.
+    """
+    steps = group_steps(analysis, round_to, keep_counts, max_group_ratio)
+    per_group = _unit_costs(analysis, scores, steps, allocation, comparable=comparable,
+                            budget_scores=budget_scores, sensitivity=sensitivity)
+    units: list[Unit] = []
+    for gid, group_units in per_group.items():
+        counts = steps[gid]
+        savings = [_ms(table, gid, int(counts[j])) - _ms(table, gid, int(counts[j + 1]))
+                   for j in range(len(group_units))]
+        keys = _pooled_ratios([c for _, c in group_units], savings)
+        units.extend(Unit(gid, chunk, key) for (chunk, _), key in zip(group_units, keys))
+    units.sort(key=lambda u: (u.key, u.group))
+    return units
+
+
+def _ms(table: LatencyTable, group: int, kept: int) -> float:
+    return table.at(group, kept) if group in table.curves else 0.0
+
+
+@dataclass(frozen=True)
+class LatencyPlan:
+    """A prefix of a removal order with the latency the table predicts for it (`plan_for_latency`)."""
+
+    plan: PruningPlan
+    units: int
+    predicted_ms: float
+    dense_ms: float  # the table's dense total (the predicted ratio's denominator)
+
+    @property
+    def predicted_ratio(self) -> float:
+        return self.predicted_ms / self.dense_ms if self.dense_ms > 0 else 1.0
+
+
+def _prefix_predictions(units: list[Unit], analysis: ChannelAnalysis, table: LatencyTable) -> np.ndarray:
+    """Predicted milliseconds after each prefix of `units` (index k: the first k units removed)."""
+    kept = {g.id: g.size for g in analysis.groups}
+    total = table.dense_ms
+    out = [total]
+    for u in units:
+        before = kept[u.group]
+        kept[u.group] = before - len(u.channels)
+        total += _ms(table, u.group, kept[u.group]) - _ms(table, u.group, before)
+        out.append(total)
+    return np.asarray(out)
+
+
+def plan_for_latency(units: list[Unit], analysis: ChannelAnalysis, table: LatencyTable, budget_ms: float) -> LatencyPlan:
+    """The shortest prefix of `units` whose predicted latency is <= `budget_ms` (all units when none is)."""
+    predictions = _prefix_predictions(units, analysis, table)
+    meets = np.flatnonzero(predictions <= budget_ms + 1e-12)
+    k = int(meets[0]) if len(meets) else _smallest_prefix(predictions)
+    return LatencyPlan(plan_from_units(units[:k]), k, float(predictions[k]), table.dense_ms)
+
+
+def _smallest_prefix(predictions: np.ndarray) -> int:
+    """The shortest prefix reaching the lowest prediction (units after it only remove channels)."""
+    return int(np.argmin(predictions))
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One verified plan: its predicted and measured latency ratios (pruned / dense)."""
+
+    plan: LatencyPlan
+    measured_ratio: float
+    dense_ms: float
+    pruned_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return 1.0 / self.measured_ratio if self.measured_ratio > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class LatencyOutcome:
+    """What `solve_latency_target` found: the chosen attempt, every attempt, and whether it is on target."""
+
+    target: float  # the target as a fraction of the dense latency
+    chosen: Attempt
+    attempts: tuple[Attempt, ...] = field(default_factory=tuple)
+    reached: bool = False
+    message: str = ""
+
+    @property
+    def plan(self) -> PruningPlan:
+        return self.chosen.plan.plan
+
+
+Measure = Callable[[PruningPlan], tuple[float, float]]  # plan -> (dense ms, pruned ms), measured interleaved
+
+
+def solve_latency_target(
+    units: list[Unit],
+    analysis: ChannelAnalysis,
+    table: LatencyTable,
+    target: float,
+    measure: Measure,
+    *,
+    max_iterations: int = 4,
+    tolerance: float = 0.10,
+    stop_within: float = 0.04,
+    max_group_ratio: float = 0.9,
+) -> LatencyOutcome:
+    """Find the prefix of `units` whose *measured* latency ratio is nearest `target` (module docstring).
+
+    Args:
+        target: wanted pruned / dense latency, in (0, 1].
+        measure: measures a plan's pruned model against the dense model (interleaved).
+        tolerance: a plan is on target when its measured ratio is at most ``target * (1 + tolerance)``
+            and at least ``target * (1 - tolerance)``, or faster than asked when nothing slower is within.
+        stop_within: stop measuring once a plan is this close to the target.
+        max_group_ratio: the cap the units were made with (named when the target is out of reach).
+    """
+    predictions = _prefix_predictions(units, analysis, table)
+    lowest = predictions[_smallest_prefix(predictions)] / table.dense_ms if table.dense_ms > 0 else 1.0
+    attempts: list[Attempt] = []
+    asked = target  # the predicted ratio asked of the table this round
+    for _ in range(max_iterations):
+        candidate = plan_for_latency(units, analysis, table, max(asked, lowest) * table.dense_ms)
+        if attempts and any(a.plan.units == candidate.units for a in attempts):
+            break  # the correction asks for a plan already measured: no further information
+        dense_ms, pruned_ms = measure(candidate.plan)
+        attempts.append(Attempt(candidate, pruned_ms / dense_ms, dense_ms, pruned_ms))
+        measured = attempts[-1].measured_ratio
+        if abs(measured / target - 1) <= stop_within:
+            break
+        if candidate.units == _smallest_prefix(predictions) and measured > target:
+            break  # the smallest model allowed is measured and still too slow
+        asked = _next_ask(attempts, target)
+    return _choose(attempts, target, tolerance, lowest, max_group_ratio)
+
+
+def _next_ask(attempts: list[Attempt], target: float) -> float:
+    """The predicted ratio to ask for next (module docstring: saving-proportional, then secant)."""
+    last = attempts[-1]
+    p, m = last.plan.predicted_ratio, last.measured_ratio
+    if len(attempts) >= 2:
+        prev = attempts[-2]
+        p0, m0 = prev.plan.predicted_ratio, prev.measured_ratio
+        if abs(p - p0) > 1e-6 and (m - m0) / (p - p0) > 0:
+            return float(np.clip(p + (target - m) * (p - p0) / (m - m0), 0.0, 1.0))
+    saved_predicted, saved_measured = 1 - p, 1 - m
+    if saved_measured <= 1e-3 or saved_predicted <= 1e-3:
+        return float(np.clip(p - (m - target), 0.0, 1.0))  # no saving to scale: step by the miss
+    return float(np.clip(1 - (1 - target) * saved_predicted / saved_measured, 0.0, 1.0))
+
+
+def _choose(
+    attempts: list[Attempt], target: float, tolerance: float, lowest: float, max_group_ratio: float
+) -> LatencyOutcome:
+    within = [a for a in attempts if abs(a.measured_ratio / target - 1) <= tolerance]
+    faster = [a for a in attempts if a.measured_ratio < target * (1 - tolerance)]
+    if within:
+        chosen = min(within, key=lambda a: abs(a.measured_ratio / target - 1))
+        return LatencyOutcome(target, chosen, tuple(attempts), True)
+    if faster:  # the grid steps over the target: the slowest plan that is still faster than asked
+        chosen = max(faster, key=lambda a: a.measured_ratio)
+        return LatencyOutcome(target, chosen, tuple(attempts), True,
+                              f"the nearest allowed channel counts give {chosen.measured_ratio:.2f}x, faster than "
+                              f"the {target:.2f}x asked")
+    chosen = min(attempts, key=lambda a: a.measured_ratio)
+    smallest = chosen.plan.predicted_ratio <= lowest + 1e-9
+    keeps = 1 - max_group_ratio
+    why = (f"the smallest model the caps allow (every group keeps at least {keeps:.0%} of its channels, on its "
+           f"channel grid) measures {chosen.measured_ratio:.2f}x" if smallest else
+           f"after {len(attempts)} measurements the closest measures {chosen.measured_ratio:.2f}x (the table "
+           f"predicted {chosen.plan.predicted_ratio:.2f}x)")
+    return LatencyOutcome(target, chosen, tuple(attempts), False,
+                          f"cannot reach {target:.2f}x of the dense latency: {why}")
