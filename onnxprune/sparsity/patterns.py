@@ -96,11 +96,12 @@ def parse_pattern(text: str) -> Pattern:
 # Tiles
 # ---------------------------------------------------------------------------------------------------
 def tile_scores(scores: np.ndarray, pattern: Pattern) -> tuple[np.ndarray, np.ndarray]:
-    """Per tile of the ``[rows, cols]`` element `scores`: the sum of squared scores, and the tile's size.
+    """Per tile of the ``[rows, cols]`` element `scores`: the mean squared score, and the tile's size.
 
     Squares, because the output error of removing a unit is a sum of squares (the OBS saliency
-    w^2 / [H^-1]_jj is already a square: pass its square root). Returns two arrays of shape
-    ``[ceil(rows/R), ceil(cols/C)]``.
+    w^2 / [H^-1]_jj is already a square: pass its square root); the mean, so that the smaller tiles at the
+    matrix's edges compete on equal terms (their sums would be lower just for their size). Returns two
+    arrays of shape ``[ceil(rows/R), ceil(cols/C)]``.
     """
     r, c = pattern.rows, pattern.cols
     nr, nc = -(-scores.shape[0] // r), -(-scores.shape[1] // c)
@@ -110,7 +111,7 @@ def tile_scores(scores: np.ndarray, pattern: Pattern) -> tuple[np.ndarray, np.nd
     ones[: scores.shape[0], : scores.shape[1]] = 1
     sums = padded.reshape(nr, r, nc, c).sum(axis=(1, 3))
     sizes = ones.reshape(nr, r, nc, c).sum(axis=(1, 3))
-    return sums, sizes
+    return sums / sizes, sizes
 
 
 def expand_tiles(keep_tiles: np.ndarray, pattern: Pattern, shape: tuple[int, int]) -> np.ndarray:
@@ -194,8 +195,8 @@ def check_mask(keep: np.ndarray, pattern: Pattern) -> bool:
         if full and keep[:, :full].reshape(rows, full // m, m).sum(axis=2).max(initial=0) > n:
             return False
         return not (cols > full and keep[:, full:].sum(axis=1).max(initial=0) > n)
-    kept, sizes = tile_scores(keep.astype(np.float64), pattern)
-    return bool(np.all((kept == 0) | (kept == sizes)))
+    kept, _ = tile_scores(keep.astype(np.float64), pattern)
+    return bool(np.all((kept == 0) | (kept == 1)))
 
 
 def zero_tiles(values: np.ndarray, pattern: Pattern) -> int:

@@ -258,9 +258,9 @@ def _sequential(state: _State, model: onnx.ModelProto, active: list[SparseLayer]
     waves: dict[int, list[SparseLayer]] = {}
     for node in graph.nodes:
         lv = max([level.get(i, 0) for i in node.input if i], default=0)
-        layer = fitted.get(id(node))
-        if layer is not None:
-            waves.setdefault(lv, []).append(layer)
+        found = fitted.get(id(node))
+        if found is not None:
+            waves.setdefault(lv, []).append(found)
             lv += 1
         for o in node.output:
             level[o] = lv
