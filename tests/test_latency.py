@@ -1,0 +1,274 @@
+"""Latency tables, step grids, prediction and measurement (onnxprune.latency).
+
+The grid logic and the table cache run on a deterministic fake backend (exact expectations); one test
+measures onnxruntime for real, with interleaved ratios and a generous margin (the machine is loaded).
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.channels import analyze
+from onnxprune.errors import UsageError
+from onnxprune.graph import ModelGraph
+from onnxprune.latency.backend import OrtBackend, get_backend, ort_probe_counts
+from onnxprune.latency.grid import curve_counts, keep_counts, multiples
+from onnxprune.latency.measure import measure_speedup, static_inputs
+from onnxprune.latency.microbench import touched_ops, variant
+from onnxprune.latency.predict import predicted_ms
+from onnxprune.latency.table import GroupCurve, LatencyTable, build_table
+from onnxprune.latency.timing import Timing, interleaved
+from onnxprune.progress import RecordingReporter, reporting
+from tests.conftest import canonical
+
+# ---- models -------------------------------------------------------------------------------------
+
+
+def _conv(name, x, cin, cout, k, group=1, rng=None):
+    rng = rng or np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((cout, cin // group, k, k)).astype(np.float32) * 0.1, f"{name}.w")
+    b = numpy_helper.from_array(np.zeros(cout, np.float32), f"{name}.b")
+    node = helper.make_node("Conv", [x, w.name, b.name], [f"{name}.y"], pads=[k // 2] * 4, group=group, name=name)
+    return node, [w, b]
+
+
+def conv_chain(width=64, hw=16, batch: int | str = 1):
+    """Conv 3x3 (8 -> width) -> Relu -> depthwise 3x3 (width) -> Relu -> Conv 1x1 (width -> 16) -> pool -> Gemm."""
+    nodes, inits = [], []
+    for args in (("c1", "x", 8, width, 3), ("dw", "r1", width, width, 3, width), ("c2", "r2", width, 16, 1)):
+        node, ws = _conv(*args)
+        nodes.append(node)
+        inits += ws
+        if args[0] != "c2":
+            nodes.append(helper.make_node("Relu", [node.output[0]], ["r1" if args[0] == "c1" else "r2"]))
+    nodes.append(helper.make_node("GlobalAveragePool", ["c2.y"], ["gap"]))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
+    fc = numpy_helper.from_array(np.random.default_rng(1).standard_normal((16, 10)).astype(np.float32), "fc.w")
+    nodes.append(helper.make_node("Gemm", ["flat", "fc.w"], ["out"], name="fc"))
+    inits.append(fc)
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 8, hw, hw])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [batch, 10])], inits,
+    )
+    return canonical(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _width_group(analysis, width):
+    return next(g for g in analysis.groups if g.size == width and any(m.tensor == "dw.w" for m in g.members))
+
+
+# ---- a deterministic fake backend ------------------------------------------------------------------
+
+
+class FakeBackend:
+    """Latency = a function of the micro-model's weight shape; counts every model it is asked to time."""
+
+    name = "fake"
+    key = "fake|test"
+    emulated = False
+
+    def __init__(self, block=16):
+        self.block = block
+        self.timed = 0
+
+    def ms(self, model: onnx.ModelProto) -> float:
+        node = model.graph.node[0]
+        w = next(t for t in model.graph.initializer if t.name == node.input[1])
+        x = model.graph.input[0].type.tensor_type.shape.dim
+        out_blocks = math.ceil(w.dims[0] / self.block) if node.op_type == "Conv" else w.dims[-1]
+        cin = x[1].dim_value
+        misaligned = 1.5 if node.op_type == "Conv" and cin % 4 else 1.0  # the slow path of onnxruntime
+        return 0.01 * out_blocks * self.block * int(np.prod(w.dims[1:])) * misaligned / 100
+
+    def time_models(self, models, *, warmup=3, repeat=15, progress=None):
+        self.timed += len(models)
+        return [Timing(self.ms(m), 0.01, repeat) for m in models]
+
+    def probe_counts(self, size, lowest):
+        return ort_probe_counts(size, lowest)
+
+
+def _curve(counts, fn, spread=0.0):
+    counts = tuple(counts)
+    return GroupCurve(0, counts, tuple(float(fn(c)) for c in counts), tuple(spread for _ in counts))
+
+
+# ---- grids ----------------------------------------------------------------------------------------
+
+
+def test_step_curve_gives_the_step_bottoms():
+    # output channels in blocks of 16: 113..128 cost as 128
+    counts, why = curve_counts(_curve(ort_probe_counts(128, 13), lambda c: 1 + math.ceil(c / 16)))
+    assert counts == tuple(range(16, 129, 16))
+    assert (why.kind, why.period, why.phase) == ("period", 16, 0)
+
+
+def test_step_period_and_misaligned_inputs_combine():
+    # input channels: multiples of 4 on the fast path, steps every 16 among them; size not a multiple of 16
+    f = lambda c: (1 + math.ceil(c / 16)) * (1.5 if c % 4 else 1.0)
+    counts, why = curve_counts(_curve(ort_probe_counts(200, 20), f))
+    assert counts == tuple(range(16, 193, 16)) + (200,)
+    assert why.period == 16
+
+
+def test_misaligned_penalty_alone_gives_multiples_of_four():
+    f = lambda c: 0.01 * c * (1.5 if c % 4 else 1.0)
+    counts, why = curve_counts(_curve(ort_probe_counts(256, 26), f))
+    assert counts == tuple(range(4, 257, 4))
+    assert why.period == 4
+
+
+def test_flat_and_linear_curves_allow_every_count():
+    flat, why = curve_counts(_curve(ort_probe_counts(96, 10), lambda c: 0.05 + 1e-5 * (c % 3)))
+    assert flat == tuple(range(1, 97)) and why.kind == "flat"
+    linear, why = curve_counts(_curve(ort_probe_counts(300, 30), lambda c: 0.01 * c))
+    assert linear == tuple(range(1, 301)) and why.kind == "linear"
+
+
+def test_noise_within_tolerance_does_not_change_the_grid():
+    rng = np.random.default_rng(7)
+    counts = ort_probe_counts(512, 52)
+    clean = _curve(counts, lambda c: 1 + math.ceil(c / 16))
+    for _ in range(5):
+        noise = 1 + rng.uniform(-0.01, 0.01, len(counts))  # +-1%: within the 3% tolerance
+        noisy = GroupCurve(0, clean.counts, tuple(np.asarray(clean.ms) * noise), clean.spread)
+        assert curve_counts(noisy)[0] == curve_counts(clean)[0]
+    assert curve_counts(clean)[0] == tuple(range(16, 513, 16))
+
+
+def test_sparse_probes_keep_the_measured_plateau_tops():
+    counts = tuple(range(8, 129, 8))  # a backend that compiles each count probes sparsely
+    got, why = curve_counts(_curve(counts, lambda c: 1 + math.ceil(c / 32)))
+    assert why.kind == "measured"
+    assert got == (32, 64, 96, 128)
+
+
+def test_keep_counts_and_multiples_cover_every_group():
+    analysis = SimpleNamespace(groups=[SimpleNamespace(id=0, size=64), SimpleNamespace(id=1, size=6)])
+    table = LatencyTable("fake", 10.0, {0: _curve(ort_probe_counts(64, 7), lambda c: 1 + math.ceil(c / 16))})
+    grids = keep_counts(table, analysis)  # type: ignore[arg-type]
+    assert grids == {0: (16, 32, 48, 64), 1: (1, 2, 3, 4, 5, 6)}  # group 1 has no curve: every count
+    assert multiples(analysis, 8) == {0: tuple(range(8, 65, 8)), 1: (1, 2, 3, 4, 5, 6)}  # type: ignore[arg-type]
+
+
+def test_probe_counts_window_and_sweep():
+    counts = ort_probe_counts(2048, 205)
+    assert counts[-33:] == list(range(2016, 2049))  # the fine window
+    coarse = counts[:-33]
+    assert coarse[0] == 205 and all(c % 32 == 0 for c in coarse[1:]) and len(coarse) <= 9
+    assert ort_probe_counts(40, 4) == list(range(4, 41))
+
+
+# ---- tables -----------------------------------------------------------------------------------------
+
+
+def test_table_build_and_cache_round_trip(tmp_path):
+    analysis = analyze(ModelGraph(conv_chain()))
+    backend = FakeBackend()
+    first = build_table(analysis, backend, cache_dir=tmp_path)
+    assert backend.timed > 0 and first.measured_ops == 4 and first.cached_ops == 0  # c1, dw, c2, fc
+    group = _width_group(analysis, 64)
+    curve = first.curves[group.id]
+    assert set(curve.nodes) == {"c1", "dw", "c2"}
+    assert curve.counts[-1] == 64 and curve.counts == tuple(range(7, 65))
+    timed = backend.timed
+    second = build_table(analysis, backend, cache_dir=tmp_path)
+    assert backend.timed == timed  # nothing measured again
+    assert second.measured_ops == 0 and second.cached_ops == first.measured_ops
+    assert second.curves[group.id].ms == pytest.approx(curve.ms)
+    assert second.dense_ms == pytest.approx(first.dense_ms)
+    # the fake latency is exact: the curve is the sum of the three layers' fake times
+    grid = keep_counts(first, analysis)[group.id]
+    assert grid == (16, 32, 48, 64)
+
+
+def test_depthwise_variant_changes_the_group_attribute():
+    analysis = analyze(ModelGraph(conv_chain()))
+    group = _width_group(analysis, 64)
+    touches, notices = touched_ops(analysis, group)
+    assert not notices
+    dw = next(t for t in touches if t.node == "dw")
+    v = variant(dw, 64, 40)
+    assert v is not None and v.group == 40 and v.shapes[0][1] == 40 and v.shapes[1][:2] == (40, 1)
+    assert variant(dw, 64, 64).group is None  # dense: the same key as the dense node
+
+
+def test_predicted_ms_adds_group_changes(tmp_path):
+    analysis = analyze(ModelGraph(conv_chain()))
+    table = build_table(analysis, FakeBackend(), cache_dir=tmp_path)
+    assert predicted_ms(table, {}) == pytest.approx(table.dense_ms)
+    gids = sorted(table.curves)
+    kept = {gid: table.curves[gid].counts[len(table.curves[gid].counts) // 2] for gid in gids}
+    expected = table.dense_ms + sum(table.at(g, k) - table.curves[g].ms[-1] for g, k in kept.items())
+    assert predicted_ms(table, kept) == pytest.approx(expected)
+    assert predicted_ms(table, kept) < table.dense_ms
+    curve = table.curves[gids[0]]
+    assert table.at(gids[0], curve.counts[3]) == curve.ms[3]  # exact at a measured count
+    assert table.at(10_000, 3) == 0.0  # no curve: no latency
+
+
+def test_dynamic_batch_is_measured_at_one(tmp_path):
+    analysis = analyze(ModelGraph(conv_chain(batch="N")))
+    table = build_table(analysis, FakeBackend(), cache_dir=tmp_path)
+    assert not table.notices and _width_group(analysis, 64).id in table.curves
+
+
+def test_emulated_backend_and_unknown_backend_are_refused(tmp_path):
+    backend = FakeBackend()
+    backend.emulated = True
+    with pytest.raises(UsageError, match="emulated"):
+        build_table(analyze(ModelGraph(conv_chain())), backend, cache_dir=tmp_path)
+    with pytest.raises(UsageError, match=r"known: .*ort"):
+        get_backend("nosuch")
+    assert get_backend("ort", threads=2).key.startswith("ort:CPUExecutionProvider|threads=2|")
+
+
+# ---- timing and measurement ---------------------------------------------------------------------------
+
+
+def test_interleaved_rotates_the_order_and_reports_progress():
+    calls: list[int] = []
+    fns = [lambda i=i: calls.append(i) for i in range(3)]
+    recorder = RecordingReporter()
+    with reporting(recorder):
+        timings = interleaved(fns, warmup=1, repeat=4)
+    assert [t.runs for t in timings] == [4, 4, 4]
+    rounds = [calls[k : k + 3] for k in range(3, len(calls), 3)]
+    assert rounds == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
+    assert recorder.finished("timing")[0].completed == 4
+
+
+def test_static_inputs_fixes_batch_and_names_unknown_dims():
+    model = conv_chain(batch="N")
+    fixed = static_inputs(model, None)
+    assert fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"  # the input is untouched
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    with pytest.raises(UsageError, match=r"'x'.*--shape x="):
+        static_inputs(model, None)
+    assert static_inputs(model, {"x": [2, 8, 12, 16]}).graph.input[0].type.tensor_type.shape.dim[2].dim_value == 12
+    with pytest.raises(UsageError, match="conflicts"):
+        static_inputs(model, {"x": [2, 8, 12, 12]})
+    with pytest.raises(UsageError, match="not a model input"):
+        static_inputs(model, {"y": [1]})
+    with pytest.raises(UsageError, match="rank 4"):
+        static_inputs(model, {"x": [1, 8]})
+
+
+def test_onnxruntime_depthwise_steps_are_real(tmp_path):
+    """onnxruntime: a depthwise conv at 63 channels is slower than at 64 (measured 2-3x, asserted 1.25x),
+    and the table's grid for that group keeps 64 and drops 63."""
+    backend = OrtBackend(threads=1)
+    m63, m64 = conv_chain(width=63, hw=28), conv_chain(width=64, hw=28)
+    speed = measure_speedup(m63, m64, backend, repeat=25)
+    assert speed.speedup > 1.25, speed
+    analysis = analyze(ModelGraph(conv_chain(width=64, hw=28)))
+    table = build_table(analysis, backend, cache_dir=tmp_path)
+    grid = keep_counts(table, analysis)[_width_group(analysis, 64).id]
+    assert 64 in grid and 63 not in grid and 61 not in grid
