@@ -11,6 +11,8 @@ Extra packages (install with ``bash models/install_zoo_deps.sh``)::
     pip install transformers==5.24.0                            # transformer family
     pip install onnxscript==0.7.2                               # the *_dynamo entries (torch.export)
     pip install --no-deps rapidocr-onnxruntime==1.4.4           # ocr family (pretrained ONNX files)
+    pip install tensorflow-cpu==2.21.0 tf2onnx==1.17.0          # keras_* entries (models/zoo_frameworks.py)
+    pip install jax==0.10.2 jaxlib==0.10.2 jax2onnx==0.17.1     # jax_* entries
 
 Command line (from the repo root)::
 
@@ -50,6 +52,7 @@ from models.zoo_builders import (
     _vit_tiny,
     _wheel_file,
 )
+from models.zoo_frameworks import _child as _framework_child
 
 __all__ = ["INPUT_SHAPES", "ZOO", "ZooEntry", "ZooError", "cache_dir", "zoo_model"]
 
@@ -212,6 +215,19 @@ _ENTRIES = [
         "audio_cond_dynamo", "cnn", _audio_cond, ("torch", "onnxscript"),
         "keyword spotter inside If branches (torch.cond on the sample rate), torch.export-based exporter",
     ),
+]
+
+_TF = ("tensorflow", "tf2onnx", "keras")
+_JAX = ("jax", "flax", "jax2onnx")
+_ENTRIES += [  # other frameworks' exporters (built in a child process: models/zoo_frameworks.py)
+    ZooEntry("keras_mobilenet_v2", "cnn", _framework_child("keras_mobilenet_v2"), _TF,
+             "Keras MobileNetV2 (alpha 0.5) via tf2onnx: NHWC Transposes, folded BatchNorm, dynamic batch and size"),
+    ZooEntry("keras_text_transformer", "transformer", _framework_child("keras_text_transformer"), _TF,
+             "Keras encoder via tf2onnx: MultiHeadAttention as Einsum/MatMul, static [1, 32] signature"),
+    ZooEntry("jax_resnet", "cnn", _framework_child("jax_resnet"), _JAX,
+             "Flax NNX ResNet via jax2onnx: Transpose-Conv-Transpose, BatchNorm, projection shortcuts"),
+    ZooEntry("jax_vit", "transformer", _framework_child("jax_vit"), _JAX,
+             "Flax NNX ViT via jax2onnx: patch Conv, nnx.MultiHeadAttention, dynamic batch"),
 ]
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}

@@ -49,8 +49,27 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         raise ModelError(f"{path}: not an ONNX model (no graph)")
     attach(model, path.parent)  # validate external references; large tensors stay lazy
     if check:
-        check_model(model, path)
+        try:
+            check_model(model, path)
+        except ModelError:
+            if not drop_shape_hints(model):
+                raise
+            check_model(model, path)  # still failing without the hints: the model itself is wrong
     return model
+
+
+def drop_shape_hints(model: onnx.ModelProto) -> bool:
+    """Delete the intermediate `value_info` shapes of the main graph; True when there were any.
+
+    They are hints, not semantics: onnxruntime merges a contradicting hint leniently, and shape
+    inference re-derives every one of them. Some exporters leave stale ones behind (jax2onnx 0.17
+    folds NHWC<->NCHW Transpose pairs and keeps the NHWC shapes of the values in between), which the
+    strict checker rejects; such a model is loaded without them.
+    """
+    if not len(model.graph.value_info):
+        return False
+    del model.graph.value_info[:]
+    return True
 
 
 def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:

@@ -374,8 +374,31 @@ def _symbolic_module():
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    _follow_reduce_prod(module)
     sys.modules[name] = module
     return module
+
+
+def _follow_reduce_prod(module) -> None:
+    """Teach the symbolic engine ``ReduceProd(keepdims=1)`` of a 1-D shape vector.
+
+    It only follows ``keepdims=0, axes=[0]``; tf2onnx computes every dynamic Einsum reshape (Keras'
+    MultiHeadAttention with a dynamic batch) as ``Concat(ReduceProd(Gather(Shape(x))), ...)`` with
+    the default keepdims=1, and without the product the attention's sizes were lost (its heads frozen).
+    """
+    engine = module.SymbolicShapeInference
+    original = engine._infer_ReduceProd
+
+    def infer(self, node):
+        original(self, node)
+        keep = module.get_attribute(node, "keepdims", 1)
+        axes = module.get_attribute(node, "axes")
+        if keep == 1 and axes in (None, [0], [-1]) and len(node.input) == 1:
+            data = self._get_int_or_float_values(node)[0]
+            if isinstance(data, list) and data:
+                self.sympy_data_[node.output[0]] = [module.sympy_reduce_product(data)]
+
+    engine._infer_ReduceProd = infer
 
 
 def _symbolic_infer(light: onnx.ModelProto) -> onnx.ModelProto | None:

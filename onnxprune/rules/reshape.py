@@ -71,6 +71,12 @@ def _factor(
         elif j < j_end and out_shape[j] == 1:
             segs.append(([], [j]))
             j += 1
+        elif (k := _product_run(in_shape[i], out_shape, j, j_end)) is not None:
+            segs.append(([i], list(range(j, j + k))))  # [B*T, C] -> [B, T, ...] with symbolic B, T
+            i, j = i + 1, j + k
+        elif (k := _product_run(out_shape[j], in_shape, i, i_end)) is not None:
+            segs.append((list(range(i, i + k)), [j]))
+            i, j = i + k, j + 1
         else:
             pi, pj = _static_at(in_shape, i, i_end), _static_at(out_shape, j, j_end)
             if pi is None or pj is None:
@@ -94,6 +100,18 @@ def _factor(
                     j += 1
             segs.append((ii, jj))
     return segs
+
+
+def _product_run(merged: Dim, shape: tuple[Dim, ...], k: int, end: int) -> int | None:
+    """How many sizes of `shape` from `k` a symbolic product ``"a*b"`` spans (onnxruntime's symbolic
+    inference names a merged dynamic size that way), or None."""
+    if not isinstance(merged, str) or "*" not in merged:
+        return None
+    factors = merged.split("*")
+    if k + len(factors) > end:
+        return None
+    run = [str(shape[k + t]) for t in range(len(factors))]
+    return len(factors) if sorted(run) == sorted(factors) else None  # "64*B" spans [B, 64] too
 
 
 def _static_at(shape: tuple[Dim, ...], k: int, end: int) -> int | None:
