@@ -159,10 +159,11 @@ def test_keep_counts_and_multiples_cover_every_group():
 
 def test_probe_counts_window_and_sweep():
     counts = ort_probe_counts(2048, 205)
-    assert counts[-33:] == list(range(2016, 2049))  # the fine window
-    coarse = counts[:-33]
+    window = [c for c in counts if c >= 2016]
+    assert window == list(range(2016, 2041, 2)) + list(range(2041, 2049))  # even counts, every count at the top
+    coarse = [c for c in counts if c < 2016]
     assert coarse[0] == 205 and all(c % 32 == 0 for c in coarse[1:]) and len(coarse) <= 9
-    assert ort_probe_counts(40, 4) == list(range(4, 41))
+    assert ort_probe_counts(40, 5) == [5, *range(6, 33, 2), *range(33, 41)]  # small: the window reaches the lowest
 
 
 # ---- tables -----------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_table_build_and_cache_round_trip(tmp_path):
     group = _width_group(analysis, 64)
     curve = first.curves[group.id]
     assert set(curve.nodes) == {"c1", "dw", "c2"}
-    assert curve.counts[-1] == 64 and curve.counts == tuple(range(7, 65))
+    assert curve.counts == tuple(ort_probe_counts(64, 7))
     timed = backend.timed
     second = build_table(analysis, backend, cache_dir=tmp_path)
     assert backend.timed == timed  # nothing measured again

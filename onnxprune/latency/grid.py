@@ -26,8 +26,8 @@ tolerance; half the interquartile range is about two standard errors of a median
    overhead), latency does not care: every count 1..size is allowed.
 2. *Dominated* counts go: a measured count is dropped if a larger measured count is faster by more than
    ``tol`` (63 input channels: 64 is clearly faster and keeps more).
-3. *Period*: the fine window of consecutive measured counts below the dense size (`backend` probes the last
-   32 on onnxruntime) is fitted with staircases ``f(c) = a + b * ceil((c - r) / P)`` for every period ``P``
+3. *Period*: the fine window of densely measured counts below the dense size (`backend` probes the last
+   32 on onnxruntime, even counts and the top odd ones) is fitted with staircases ``f(c) = a + b * ceil((c - r) / P)`` for every period ``P``
    >= 2 and phase ``r``, and with a line (P = 1). The best staircase wins if it halves the line's residual
    and its step height ``b`` exceeds the noise; ties (within 10%) go to the smaller period. The allowed
    counts are then ``c = r (mod P)`` over the whole range (the coarse sweep's counts are multiples of 32, so
@@ -50,7 +50,8 @@ from onnxprune.latency.table import GroupCurve, LatencyTable
 
 __all__ = ["GridChoice", "curve_counts", "fit_period", "fit_residues", "keep_counts", "multiples"]
 
-MIN_WINDOW = 8  # consecutive measured counts needed to fit a period
+MIN_WINDOW = 8  # densely measured counts needed to fit a period
+MAX_GAP = 2  # counts at most this far apart are dense (a backend may measure only the even ones)
 PERIODS = (2, 4, 8, 16, 32, 64)  # vector lanes and layout blocks (a 32-count window cannot tell 12 from noise)
 MIN_STEP = 0.005  # a staircase's step must exceed this fraction of the dense latency
 NOISE_OF_SPREAD = 0.5  # noise of a median, as a fraction of the runs' interquartile range over median
@@ -134,8 +135,9 @@ def fit_residues(window: np.ndarray, alive: np.ndarray) -> tuple[int, int]:
     """The residue class ``c = phase (mod period)`` that best matches the counts of `window` that are not
     dominated (`alive`): fewest counts in one set and not the other; ties go to the smaller period."""
     best = (int(np.sum(~alive)), 1, 0)  # period 1: every count
+    span = int(window[-1] - window[0])
     for period in PERIODS:
-        if period * 2 > len(window):
+        if period * 2 > span:
             break
         for phase in range(period):
             member = (window - phase) % period == 0
@@ -193,8 +195,8 @@ def _rss(x: np.ndarray, y: np.ndarray, slope: bool = False):
 
 
 def _window(counts: np.ndarray) -> np.ndarray:
-    """The run of consecutive counts that ends at the dense size."""
+    """The densely measured counts below the dense size: the longest suffix with gaps of at most 2."""
     k = len(counts) - 1
-    while k > 0 and counts[k - 1] == counts[k] - 1:
+    while k > 0 and counts[k] - counts[k - 1] <= MAX_GAP:
         k -= 1
     return counts[k:]

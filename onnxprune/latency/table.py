@@ -58,7 +58,7 @@ from onnxprune.progress import Task, task
 
 __all__ = ["GroupCurve", "LatencyTable", "build_table", "default_cache_dir"]
 
-CACHE_VERSION = 1  # bump when micro-models change in a way that changes timings
+CACHE_VERSION = 2  # bump when micro-models change in a way that changes timings
 BATCH_MODELS = 24  # models per interleaved batch (sessions alive at once)
 BATCH_WEIGHT_BYTES = 96 << 20  # weight bytes per batch (each session also keeps a pre-packed copy)
 WARMUP = 1  # sessions pre-pack their weights when created; one untimed round warms the caches
@@ -73,7 +73,7 @@ class GroupCurve:
 
     Attributes:
         counts: ascending kept counts; the last one is the group size (dense).
-        ms: summed median latency of the touched layers at each count.
+        ms: summed latency of the touched layers at each count (their fastest runs: `Timing.best_ms`).
         spread: relative spread of each sum (interquartile range over median, combined over the layers).
         nodes: the touched nodes.
     """
@@ -213,7 +213,7 @@ def build_table(
             continue
         curves[gid] = curve
         for t in touches:
-            dense_by_node[t.node] = timings[t.spec.digest][dense_variant(t.spec).key].median_ms
+            dense_by_node[t.node] = timings[t.spec.digest][dense_variant(t.spec).key].best_ms
     return LatencyTable(
         backend=backend.name, dense_ms=float(sum(dense_by_node.values())), curves=curves,
         notices=tuple(dict.fromkeys(notices)), measured_ops=len(todo), cached_ops=len(wanted) - len(todo),
@@ -234,10 +234,10 @@ def _curve(
                 break
             parts.append(timing)
         else:
-            total = sum(p.median_ms for p in parts)
+            total = sum(p.best_ms for p in parts)
             kept_counts.append(c)
             ms.append(total)
-            spreads.append(math.sqrt(sum((p.spread * p.median_ms) ** 2 for p in parts)) / total if total > 0 else 0.0)
+            spreads.append(math.sqrt(sum((p.spread * p.best_ms) ** 2 for p in parts)) / total if total > 0 else 0.0)
     if not kept_counts or kept_counts[-1] != size:
         return None
     return GroupCurve(gid, tuple(kept_counts), tuple(ms), tuple(spreads), tuple(t.node for t in touches))
@@ -259,7 +259,7 @@ class _Pace:
 
     def learn(self, spec: OpSpec, batch: list[Variant], timings: list[Timing]) -> None:
         for v, t in zip(batch, timings):
-            self.ms += max(t.median_ms - CALL_MS, 0.0)
+            self.ms += max(t.best_ms - CALL_MS, 0.0)
             self.macs += variant_macs(spec, v)
 
 
@@ -279,9 +279,9 @@ def _measure(
         if reference is None:
             reference = measured[0]
             out[dense.key] = reference
-        scale = reference.median_ms / measured[0].median_ms if measured[0].median_ms > 0 else 1.0
+        scale = reference.best_ms / measured[0].best_ms if measured[0].best_ms > 0 else 1.0
         for v, timing in zip(batch, measured[1:]):
-            out[v.key] = Timing(timing.median_ms * scale, timing.spread, timing.runs)
+            out[v.key] = timing.scaled(scale)
     return out
 
 
