@@ -1,7 +1,8 @@
 """The unconstrained pruning pass (UPSCALE): coupled layers keep different channels; exact export.
 
 The algorithm lives in `onnxprune.upscale` (its package docstring explains it and says where to start
-reading); `UnconstrainedPass.call` runs its steps in order — plan, optional mean repair, layout, export —
+reading); `UnconstrainedPass.call` runs its steps in order — plan (per-group counts from the allocation or
+the parameter target, `upscale.allocate`), optional calibrated repair (`upscale.repair`), layout, export —
 and reports what it did in an `UnconstrainedSummary` (its artifact; ``info["summary"]`` is its `as_dict`,
 printed by the CLI and stamped into the model's metadata). The summary holds every key of constrained
 pruning's `PruneSummary` that means the same here (sizes and MACs before and after, the input's groups and
@@ -24,12 +25,13 @@ from onnxprune.metadata import stamp
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.passes.select import channel_analysis
 from onnxprune.passmanager import Pass, PassResult, Summary
+from onnxprune.upscale.allocate import allocate, split_group_ids
 from onnxprune.upscale.config import UnconstrainedConfig
 from onnxprune.upscale.export import export
 from onnxprune.upscale.layout import optimize_layout
-from onnxprune.upscale.oracle import mean_repair
-from onnxprune.upscale.plan import build_plan
+from onnxprune.upscale.plan import Prepared, build_plan, prepare, unit_key
 from onnxprune.upscale.records import UnconstrainedPlan
+from onnxprune.upscale.repair import repair_plan
 from onnxprune.upscale.report import copy_report, effective_params
 from onnxprune.upscale.tuning import tune_layout
 
@@ -88,7 +90,7 @@ class UnconstrainedPass(Pass):
     Args:
         config: the options (`upscale.config.UnconstrainedConfig`).
         keeps: optional ``{(group id, piece id): bool mask}`` fixing units' kept channels (tests).
-        calib: calibration inputs ``{input name: array}``, needed by ``repair="mean"``.
+        calib: calibration inputs ``{input name: array}``, needed by the repairs (mean, ls, seq).
     """
 
     def __init__(self, config: UnconstrainedConfig | None = None, keeps: dict | None = None,
@@ -96,19 +98,26 @@ class UnconstrainedPass(Pass):
         self.config = config or UnconstrainedConfig()
         self.keeps = keeps
         self.calib = calib
-        if self.config.repair == "mean" and calib is None:
-            raise UsageError("unconstrained repair 'mean' needs calibration inputs (calib={input: array})")
+        if self.config.repair != "none" and calib is None:
+            raise UsageError(f"unconstrained repair {self.config.repair!r} needs calibration inputs (calib={{input: array}})")
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         start = time.perf_counter()
         c = self.config
-        if c.ratio == 0 and not self.keeps:
+        if c.ratio == 0 and c.target_params is None and not self.keeps:
             summary = self._summary(model, model, None, {}, None, start)
             return PassResult(model, False, {"summary": summary.as_dict()}, (summary,))
-        plan = build_plan(model, c, self.keeps)
-        if c.repair == "mean":
-            keeps = {(gp.group.id, pc.id): pc.keep for gp in plan.groups for pc in gp.pieces if pc.is_unit}
-            plan = build_plan(mean_repair(model, plan, self.calib), c, keeps)
+        if self.keeps:
+            plan = build_plan(model, c, self.keeps)
+        else:
+            prep = prepare(model, c)
+            plan, _ = allocate(prep, c, c.target_params, self._allowed(model, prep))
+        if c.repair != "none":
+            assert self.calib is not None  # checked in __init__
+            repaired, _ = repair_plan(model, plan, c.repair, self.calib)
+            # Repair changes values (and may add a bias input), so the re-analysed units are found by name.
+            keeps = {unit_key(pc): pc.keep for gp in plan.groups for pc in gp.pieces if pc.is_unit}
+            plan = build_plan(repaired, c, keeps)
         if c.reorder and c.tune:
             layout, pruned, tuned = tune_layout(plan, c)
         else:
@@ -123,6 +132,13 @@ class UnconstrainedPass(Pass):
         # Stamped here, not by a `StampInstrument`: callers running the pass alone get the record too.
         stamp(pruned, record)
         return PassResult(pruned, True, {"summary": record, "plan": plan, "copies": summary.copies}, (summary,))
+
+    def _allowed(self, model: onnx.ModelProto, prep: Prepared) -> dict[int, tuple[int, ...]] | None:
+        """``config.keep_counts`` (keyed by the input's group ids) keyed by the split model's group ids."""
+        if not self.config.keep_counts:
+            return None
+        ids = split_group_ids(channel_analysis(model), prep.analysis)
+        return {ids[gid]: tuple(counts) for gid, counts in self.config.keep_counts.items() if gid in ids}
 
     def _summary(self, model: onnx.ModelProto, pruned: onnx.ModelProto, plan: UnconstrainedPlan | None,
                  layout: dict[str, int], tuned: dict | None, start: float) -> UnconstrainedSummary:  # fmt: skip

@@ -9,6 +9,8 @@ from onnxprune.upscale.costmodel import CostModel
 
 DRIVES = ("free", "writer", "reader")
 CRITERIA = ("energy", "bn", "l1", "l2")
+REPAIRS = ("none", "mean", "ls", "seq")
+ALLOCATIONS = ("uniform", "global", "lamp")
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,9 @@ class UnconstrainedConfig:
     # 1: every unit keeps the same channels (constrained pruning with the same criterion, no copies).
     # In between the kept sets overlap more, so the stream union (and the copies) stay narrower.
     share: float = 0.0
-    # "mean": calibrated mean repair (`mean_repair`), needs calibration inputs; "none": masks only.
+    # After the plan, on calibration inputs (`upscale.repair.repair_plan`): "mean" restores every Conv/Gemm
+    # output's mean; "ls" refits each layer's kept columns by ridge least squares on the original's inputs;
+    # "seq" the same on the masked, already repaired model's own inputs, layer by layer; "none": masks only.
     repair: str = "none"
     # Stream budget: the stream (union) may hold at most union_cap x the per-unit kept count channels,
     # the group's top ones by the shared ranking; each unit keeps its own top channels among them.
@@ -52,6 +56,14 @@ class UnconstrainedConfig:
     # drive="reader" only: readers keep fewer channels until each group holds no more parameters than
     # constrained pruning keeps at the same ratio (writers keep their readers' union, more than k).
     group_budget: bool = False
+    # How groups share the removal (`upscale.allocate`, constrained pruning's allocations): "uniform" (every
+    # group the ratio), "global" or "lamp" (layer-adaptive budgets); with a target, the order it walks.
+    allocation: str = "uniform"
+    # Parameters to keep (a count of nonzero parameters: what every unit keeps); None: the ratio decides.
+    target_params: int | None = None
+    # Allowed kept counts per group id of the unsplit model's channel analysis (ascending, ending with the
+    # group size; `--round-to N` multiples or a latency grid): every unit keeps one of them.
+    keep_counts: dict[int, tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.ratio < 1:
@@ -60,8 +72,15 @@ class UnconstrainedConfig:
             raise UsageError(f"stream_multiple must be >= 1, got {self.stream_multiple}")
         if self.criterion not in CRITERIA:
             raise UsageError(f"unconstrained criterion must be energy, bn, l1 or l2, got {self.criterion!r}")
-        if self.repair not in ("none", "mean"):
-            raise UsageError(f"unconstrained repair must be none or mean, got {self.repair!r}")
+        if self.repair not in REPAIRS:
+            raise UsageError(f"unconstrained repair must be one of {', '.join(REPAIRS)}, got {self.repair!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"unconstrained allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.target_params is not None and self.target_params < 1:
+            raise UsageError(f"target_params must be a positive count, got {self.target_params}")
+        for gid, counts in (self.keep_counts or {}).items():
+            if not counts or any(c < 1 for c in counts) or list(counts) != sorted(set(counts)):
+                raise UsageError(f"keep_counts of group {gid} must be ascending positive counts, got {counts}")
         if not 0 <= self.share <= 1:
             raise UsageError(f"share must be in [0, 1], got {self.share}")
         if self.tune < 0 or self.tune_threads < 1:

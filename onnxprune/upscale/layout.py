@@ -12,6 +12,7 @@ extra MACs of its zero rows/columns and the extra element-wise traffic of its pi
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, ChannelSlice, DimRef
 from onnxprune.graph import ModelGraph
@@ -102,13 +103,28 @@ def _absorb_cost(gp: GroupPlan, pc: Piece, analysis: ChannelAnalysis, cost: Cost
     return total
 
 
-def _reorderable(group: ChannelGroup) -> bool:
-    """Relabelling needs every channel to hold the same number of positions in each dim."""
+def _reorderable(group: ChannelGroup, graph: ModelGraph) -> bool:
+    """Relabelling needs every channel to hold the same number of positions in each dim, and no dim whose
+    channel axis a Pad or Slice resizes: there channels sit at fixed places (the padded sides, the slice
+    window; CIFAR ResNets' option-A shortcut pads a stream into the middle of a wider one), and moving a
+    channel across them is not something the op's attributes can say."""
     for m in group.members:
         counts = np.bincount(m.channel_of, minlength=group.size)
         if counts.min() != counts.max():
             return False
+        ends = [graph.producer.get(m.tensor)] + [u.node for u in graph.consumers.get(m.tensor, [])]
+        for node in ends:
+            if node is not None and node.op_type in ("Pad", "Slice") and _resizes(graph, node, m.axis):
+                return False
     return True
+
+
+def _resizes(graph: ModelGraph, node: onnx.NodeProto, axis: int) -> bool:
+    """Whether `node` changes (or may change: a size unknown) its first input's size along `axis`."""
+    before, after = graph.shape(node.input[0]), graph.shape(node.output[0])
+    if before is None or after is None or len(before) <= axis or len(after) <= axis:
+        return True
+    return not (isinstance(before[axis], int) and before[axis] == after[axis])
 
 
 def optimize_layout(plan: UnconstrainedPlan, config: UnconstrainedConfig) -> dict:
@@ -124,7 +140,7 @@ def optimize_layout(plan: UnconstrainedPlan, config: UnconstrainedConfig) -> dic
         candidates = [pc for pc in gp.pieces if pc.is_unit and pc.narrowable and (pc.in_boundaries or pc.out_boundaries)]
         if not candidates:
             continue
-        if not _reorderable(gp.group):
+        if not _reorderable(gp.group, graph):
             continue  # channels with different position counts in some dim: keep the original order
         for _ in range(3):
             narrowed = [pc for pc in candidates if pc.narrow]

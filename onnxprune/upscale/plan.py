@@ -1,15 +1,19 @@
 """Step 2 of UPSCALE: which channels every unit keeps, and the stream each group keeps for them.
 
-Start reading at `build_plan`: it splits the boundaries (`boundaries.split_boundaries`), finds each group's
-pieces (`find_pieces`), scores every unit (`scores.own_scores`), then lets the units choose in the order
-``config.drive`` sets (writers first, readers first, or each on its own; `reaching_writers` says which
-writers' outputs reach a reader) and rounds the stream (the union) up to ``stream_multiple``.
+Start reading at `build_plan`: `prepare` splits the boundaries (`boundaries.split_boundaries`), finds each
+group's pieces (`find_pieces`) and scores every unit (`scores.own_scores`, and the group's shared ranking);
+`choose` then lets the units choose in the order ``config.drive`` sets (writers first, readers first, or
+each on its own; `reaching_writers` says which writers' outputs reach a reader), with one kept count per
+group (the ratio's, or per-group counts from `upscale.allocate`), and rounds the stream (the union) up to
+``stream_multiple`` (or to the group's next allowed count of ``keep_counts``). `prepare` runs once; a
+parameter target (`allocate.plan_for_target`) calls `choose` for many per-group counts.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -24,98 +28,207 @@ from onnxprune.upscale.scores import normalised, own_scores, shared_scores
 
 Reach = dict[int, frozenset[int] | None]  # reader piece id -> the writer pieces reaching it (None: unknown)
 
-def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict | None = None) -> UnconstrainedPlan:
+
+@dataclass(eq=False)
+class PreparedGroup:
+    """One group with units: its pieces, which writers reach each reader, and the scores (own and shared)."""
+
+    group: ChannelGroup
+    pieces: list[Piece]
+    piece_of: dict[DimRef, int]
+    reach: Reach
+    own: dict[int, np.ndarray]  # unit piece id -> its own scores (the shared ones for a group's only unit)
+    shared: np.ndarray  # the group's one ranking (`scores.shared_scores`), mean-normalised
+
+    @property
+    def units(self) -> list[Piece]:
+        return [pc for pc in self.pieces if pc.is_unit]
+
+
+@dataclass(eq=False)
+class Prepared:
+    """What `choose` needs and does not change: the split model, its analysis, every group with units."""
+
+    split: SplitModel
+    analysis: ChannelAnalysis
+    groups: list[PreparedGroup]
+
+
+def unit_key(pc: Piece) -> tuple[tuple[str, int, int], ...]:
+    """A unit's name that survives re-analysis (its weight axes and where its positions start there: one
+    axis may hold channels of several groups, e.g. behind a channel Pad), for keeps carried across a repair."""
+    return tuple(sorted({(m.tensor, m.axis, int(m.positions[0])) for m in pc.weights}))
+
+
+def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict | None = None,
+               counts: dict[int, int] | None = None) -> UnconstrainedPlan:  # fmt: skip
     """Split boundaries, find pieces, choose each unit's kept channels.
 
     Args:
-        keeps: optional ``{(group id, piece id): bool mask}`` overriding the scores (tests use it to
-            draw random kept sets).
+        keeps: optional kept masks overriding the scores, keyed by ``(group id, piece id)`` (tests draw
+            random kept sets) or by `unit_key` (keeps carried from a plan of the same model before repair).
+        counts: optional kept count per group id of the split model's analysis (else the ratio's).
     """
-    fixed_keeps = keeps or {}
+    return choose(prepare(model, config), config, keeps, counts)
+
+
+def prepare(model: onnx.ModelProto, config: UnconstrainedConfig) -> Prepared:
+    """Split the boundaries, analyse the split model, find each group's pieces and score its units."""
     split = split_boundaries(model)
     analysis = analyze(ModelGraph(split.model))
-    plans: list[GroupPlan] = []
+    groups: list[PreparedGroup] = []
     for group in analysis.groups:
         pieces, piece_of = find_pieces(analysis, group, split)
         units = [pc for pc in pieces if pc.is_unit]
         if not units:
             continue
-        n_keep = max(1, group.size - math.floor(config.ratio * group.size + 1e-9))
         reach = reaching_writers(analysis, group, pieces, piece_of)
         for pid, srcs in reach.items():
             pieces[pid].sources = srcs
         own = {pc.id: own_scores(pc, pieces, analysis, group.size, config.criterion) for pc in units}
-        single = len(units) == 1  # the unit is the whole group: its own ranking is the group's
-        allowed = np.ones(group.size, dtype=bool)
-        shared: np.ndarray | None = None
-        if config.share or config.union_cap is not None or single:
-            shared = shared_scores(group, analysis, config.criterion, list(own.values()))
-            if single:
-                own = {pc.id: shared for pc in units}
-            if config.union_cap is not None and len(units) > 1:
-                # The stream budget: the group's top channels by the shared ranking (stable, like `make_plan`).
-                # Rounded to the nearest multiple of `stream_multiple`, so an absorbed stream keeps blocked
-                # layouts.
-                m = max(1, config.stream_multiple)
-                width = min(group.size, max(n_keep, round(config.union_cap * n_keep / m) * m))
-                allowed[:] = False
-                allowed[np.argsort(-shared, kind="stable")[:width]] = True
+        shared = shared_scores(group, analysis, config.criterion, list(own.values()))
+        if len(units) == 1:  # the unit is the whole group: its own ranking is the group's
+            own = {pc.id: shared for pc in units}
+        groups.append(PreparedGroup(group, pieces, piece_of, reach, own, shared))
+    return Prepared(split, analysis, groups)
 
-        def choose(pc: Piece, within: np.ndarray, own=own, shared=shared, n_keep=n_keep) -> np.ndarray:
-            return _top_channels(own[pc.id], shared, config.share, within, n_keep)
 
-        fixed = {pc.id for pc in units if (group.id, pc.id) in fixed_keeps}
+def ratio_keep(size: int, ratio: float) -> int:
+    """Channels a unit keeps at `ratio` (the count constrained pruning keeps per group)."""
+    return max(1, size - math.floor(ratio * size + 1e-9))
+
+
+def choose(prep: Prepared, config: UnconstrainedConfig, keeps: dict | None = None,
+           counts: dict[int, int] | None = None, allowed_counts: dict[int, tuple[int, ...]] | None = None,
+           ) -> UnconstrainedPlan:  # fmt: skip
+    """Every unit's kept channels and every group's stream (see the module docstring).
+
+    Args:
+        keeps: as in `build_plan`.
+        counts: kept count per group id (default: the ratio's).
+        allowed_counts: per group id, the kept counts a unit may have (ascending; `allocate.snap`): a
+            unit keeping another count drops its lowest channels down to the next allowed one, and the
+            stream widens to an allowed count where it can.
+    """
+    fixed_keeps = keeps or {}
+    plans: list[GroupPlan] = []
+    for pg in prep.groups:
+        group, pieces = pg.group, pg.pieces
+        units = pg.units
+        n_keep = counts[group.id] if counts is not None and group.id in counts else ratio_keep(group.size, config.ratio)
+        grid = (allowed_counts or {}).get(group.id)
+        fixed: set[int] = set()
         for pc in units:
-            if pc.id in fixed:
-                keep = np.asarray(fixed_keeps[(group.id, pc.id)], dtype=bool).copy()
+            keep = fixed_keeps.get((group.id, pc.id), fixed_keeps.get(unit_key(pc)))
+            if keep is not None:
+                keep = np.asarray(keep, dtype=bool).copy()
                 if not keep.any():
                     keep[0] = True
                 pc.keep = keep
-        writers = [pc for pc in units if pc.has_producer]
-        readers = [pc for pc in units if not pc.has_producer]
+                fixed.add(pc.id)
+        _choose_group(prep, pg, config, n_keep, fixed, grid)
+        for pc in units:
+            pc.narrow = pc.narrowable
+        union = np.logical_or.reduce([pc.kept for pc in units])
+        same = all(np.array_equal(pc.kept, union) for pc in units)  # constrained: no stream to widen
+        if not same:
+            _widen_stream(union, config.stream_multiple, grid)
+        plans.append(GroupPlan(group, pieces, pg.piece_of, union, np.arange(group.size)))
+    return UnconstrainedPlan(prep.split, prep.analysis, plans)
+
+
+def _widen_stream(union: np.ndarray, multiple: int, grid: tuple[int, ...] | None) -> None:
+    """Widen the stream in place with channels no unit keeps (every reader has zero columns there, so
+    this is exact): to the group's next allowed count, else to a multiple of `multiple` where that adds at
+    most 1/8 (runtimes keep blocked layouts, NCHWc, for SIMD-friendly widths; a Concat input's few
+    channels gain nothing from it)."""
+    have = int(union.sum())
+    if grid is not None:
+        target = next((n for n in grid if n >= have), have)
+        deficit = target - have
+    else:
+        deficit = -have % max(1, multiple)
+        if deficit * 8 > have:
+            deficit = 0
+    if deficit and have + deficit <= len(union):
+        union[np.flatnonzero(~union)[:deficit]] = True
+
+
+def _choose_group(prep: Prepared, pg: PreparedGroup, config: UnconstrainedConfig, n_keep: int, fixed: set[int],
+                  grid: tuple[int, ...] | None) -> None:  # fmt: skip
+    """Every unit's `keep` in one group, in the order ``config.drive`` sets; with ``group_budget`` the
+    count shrinks until the group holds no more parameters than constrained pruning keeps at `n_keep`."""
+    group, pieces, reach = pg.group, pg.pieces, pg.reach
+    units = pg.units
+    allowed = np.ones(group.size, dtype=bool)
+    if config.union_cap is not None and len(units) > 1:
+        # The stream budget: the group's top channels by the shared ranking (stable, like `make_plan`).
+        # Rounded to the nearest multiple of `stream_multiple`, so an absorbed stream keeps blocked layouts.
+        m = max(1, config.stream_multiple)
+        width = min(group.size, max(n_keep, round(config.union_cap * n_keep / m) * m))
+        allowed[:] = False
+        allowed[np.argsort(-pg.shared, kind="stable")[:width]] = True
+    shared = pg.shared if config.share else None
+
+    def choose_one(pc: Piece, within: np.ndarray, n: int) -> np.ndarray:
+        return _top_channels(pg.own[pc.id], shared, config.share, within, n)
+
+    writers = [pc for pc in units if pc.has_producer]
+    readers = [pc for pc in units if not pc.has_producer]
+
+    def run(n: int) -> None:
         if config.drive == "reader":
-            args = (readers, writers, pieces, reach, fixed, allowed, choose)
-            _reader_first(n_keep, *args)
-            if config.group_budget and readers and writers:
-                # Readers keep fewer channels until the group holds no more parameters than constrained
-                # pruning keeps at this ratio (writers grow to their readers' union): equal parameters
-                # per group, so the global ratio (and every chain group) stays where constrained has it.
-                per = {pc.id: _params_per_channel(pc, analysis) for pc in units}
-                budget = n_keep * sum(per.values())
-                n = n_keep
-                while n > 1 and sum(int(pc.kept.sum()) * per[pc.id] for pc in units) > budget:
-                    n -= 1
-                    _reader_first(n, *args)
+            # A writer no reader reads keeps the group's own count (its channels cost what constrained's do).
+            def choose_k(pc: Piece, within: np.ndarray, k: int = n_keep) -> np.ndarray:
+                return choose_one(pc, within, k)
+
+            _reader_first(n, readers, writers, pieces, reach, fixed, allowed, choose_k)
         else:  # "free": every unit chooses; "writer": the writers choose first
             for pc in units if config.drive == "free" else writers:
                 if pc.id not in fixed:
-                    pc.keep = choose(pc, allowed)
+                    pc.keep = choose_one(pc, allowed, n)
         if config.drive == "writer":
             for pc in readers:  # among what the writers reaching it keep
                 if pc.id in fixed:
                     continue
                 srcs = reach.get(pc.id)
                 within = allowed if srcs is None else allowed & np.logical_or.reduce([pieces[w].kept for w in srcs])
-                pc.keep = choose(pc, within)
-            if _closed(analysis, group, pieces, split):
+                pc.keep = choose_one(pc, within, n)
+            if _closed(prep.analysis, group, pieces, prep.split):
                 # Then each writer drops what none of the readers it reaches reads (it would only add
                 # parameters: every reader has zero columns there).
                 for pc in writers:
                     read = _read_by(pc, readers, reach, pieces)
                     if pc.id not in fixed and read is not None and (pc.kept & read).any():
                         pc.keep = pc.kept & read
-        for pc in units:
-            pc.narrow = pc.narrowable
-        union = np.logical_or.reduce([pc.kept for pc in units])
-        deficit = -int(union.sum()) % max(1, config.stream_multiple)
-        same = all(np.array_equal(pc.kept, union) for pc in units)  # constrained: no stream to widen
-        if deficit and not same and union.sum() + deficit <= group.size and deficit * 8 <= union.sum():
-            # Channels no unit keeps: every reader has zero columns there, so widening the stream to a
-            # SIMD-friendly width is exact, and lets runtimes keep blocked layouts (NCHWc) for its convs
-            # (only where it adds at most 1/8: a Concat input's few channels gain nothing from it).
-            union[np.flatnonzero(~union)[:deficit]] = True
-        plans.append(GroupPlan(group, pieces, piece_of, union, np.arange(group.size)))
-    return UnconstrainedPlan(split, analysis, plans)
+        if grid is not None:
+            for pc in units:
+                if pc.id not in fixed:
+                    pc.keep = _snap_keep(pc.kept, pg.own[pc.id], grid)
+
+    run(n_keep)
+    if config.group_budget and len(units) > 1 and len(fixed) < len(units):
+        # Units keep fewer channels until the group holds no more parameters than constrained pruning keeps
+        # at n_keep (a reader-driven writer grows to its readers' union): equal parameters per group, so the
+        # global budget (and every chain group) stays where constrained has it.
+        per = {pc.id: _params_per_channel(pc, prep.analysis) for pc in units}
+        budget = n_keep * sum(per.values())
+        n = n_keep
+        while n > 1 and sum(int(pc.kept.sum()) * per[pc.id] for pc in units) > budget:
+            n = max([c for c in grid if c < n], default=1) if grid is not None else n - 1
+            run(n)
+
+
+def _snap_keep(keep: np.ndarray, own: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
+    """`keep` down to the largest allowed count it reaches (its lowest-scored channels dropped first)."""
+    have = int(keep.sum())
+    target = max([n for n in grid if n <= have], default=min(grid[0], have))
+    if target >= have or target < 1:
+        return keep
+    kept = np.flatnonzero(keep)
+    out = keep.copy()
+    out[kept[np.argsort(normalised(own)[kept], kind="stable")[: have - target]]] = False
+    return out
 
 
 def _reader_first(n: int, readers: list[Piece], writers: list[Piece], pieces: list[Piece], reach: Reach,
@@ -123,7 +236,7 @@ def _reader_first(n: int, readers: list[Piece], writers: list[Piece], pieces: li
     """drive="reader": each reader its top `n` channels, each writer what the readers it reaches keep."""
     for pc in readers:
         if pc.id not in fixed:
-            pc.keep = choose(pc, allowed, n_keep=n)
+            pc.keep = choose(pc, allowed, n)
     for pc in writers:
         if pc.id in fixed:
             continue

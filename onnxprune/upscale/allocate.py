@@ -1,0 +1,158 @@
+"""Per-group kept counts for unconstrained plans: the allocations and parameter targets of constrained pruning.
+
+Start reading at `allocate`. Constrained pruning turns a criterion into one *removal order* of all groups'
+channels (`onnxprune.allocation.removal_order`: uniform, global or LAMP budgets) and meets a parameter
+target with the shortest prefix of that order whose model is small enough. An unconstrained plan is
+driven by the same order: a prefix says how many channels each group keeps (`counts_of`), every unit of the
+group keeps that many of its own (`plan.choose`), and the target search measures the *unconstrained*
+plan's parameters (`plan_params`, nonzero: what every unit keeps) at each probed prefix. So widening one
+stream costs that stream's own budget (with ``group_budget`` its units keep fewer), never a channel of
+every producer->consumer chain, and the result meets the target at the same granularity as constrained
+pruning (one step of one group).
+
+``keep_counts`` (per group, the kept counts allowed, e.g. `--round-to N` or a latency grid, keyed by the
+group ids of the *unsplit* model's analysis; `split_group_ids` maps them) makes the order's steps end on
+allowed counts only, and `plan.choose` snaps every unit onto them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from onnxprune.allocation import Unit, removal_order
+from onnxprune.channels import ChannelAnalysis, DimRef
+from onnxprune.criteria import Magnitude
+from onnxprune.errors import UsageError
+from onnxprune.upscale.config import UnconstrainedConfig
+from onnxprune.upscale.oracle import silenced_positions
+from onnxprune.upscale.plan import Prepared, choose
+from onnxprune.upscale.records import UnconstrainedPlan
+
+MAX_GROUP_RATIO = 0.9  # constrained pruning's default (`PruneConfig.max_group_ratio`)
+
+
+def split_group_ids(original: ChannelAnalysis, split: ChannelAnalysis) -> dict[int, int]:
+    """Group id of the unsplit model's analysis -> the id of the split model's group holding the same
+    parameter axes (the split only inserts Identity nodes, so every parameter keeps its name)."""
+    where = {DimRef(m.tensor, m.axis): g.id for g in split.groups for m in g.param_members}
+    out: dict[int, int] = {}
+    for g in original.groups:
+        for m in g.param_members:
+            gid = where.get(DimRef(m.tensor, m.axis))
+            if gid is not None:
+                out[g.id] = gid
+                break
+    return out
+
+
+def plan_params(plan: UnconstrainedPlan) -> int:
+    """Nonzero parameters of the model the plan computes (every unit's kept rows/columns; floats only, as
+    constrained pruning counts them)."""
+    cut: dict[str, dict[int, set[int]]] = {}
+    for name, s in silenced_positions(plan).items():
+        for axis, positions in s.cuts:
+            cut.setdefault(name, {}).setdefault(axis, set()).update(int(p) for p in positions)
+    graph = plan.analysis.graph
+    total = 0
+    for name, t in graph.initializers.items():
+        if t.data_type not in (1, 10, 11, 16):
+            continue
+        dims = list(t.dims)
+        for axis, gone in cut.get(name, {}).items():
+            dims[axis] -= len(gone)
+        total += int(np.prod(dims, dtype=np.int64))
+    return total
+
+
+def removal_steps(prep: Prepared, allocation: str, allowed: dict[int, tuple[int, ...]] | None = None) -> list[Unit]:
+    """The removal order of the prepared groups under `allocation` (constrained pruning's, on the groups'
+    shared scores; LAMP budgets from channel L1 norms, as `SelectChannelsPass` has them). With `allowed`
+    a group's steps end on its allowed kept counts only (each step's key is that of its last channel)."""
+    groups = [pg.group for pg in prep.groups]
+    view = replace(prep.analysis, groups=groups)
+    scores = {pg.group.id: pg.shared for pg in prep.groups}
+    budget = Magnitude(1).score_all(view) if allocation == "lamp" else None
+    units = removal_order(view, scores, allocation, max_group_ratio=MAX_GROUP_RATIO, budget_scores=budget)
+    if not allowed:
+        return units
+    sizes = {g.id: g.size for g in groups}
+    by_group: dict[int, list[Unit]] = {}
+    for u in units:
+        by_group.setdefault(u.group, []).append(u)
+    steps: list[Unit] = []
+    for gid, seq in by_group.items():
+        grid = allowed.get(gid)
+        if grid is None:
+            steps.extend(seq)
+            continue
+        removed, chunk = 0, []
+        for u in seq:
+            removed += len(u.channels)
+            chunk.append(u.channels)
+            if sizes[gid] - removed in grid:
+                steps.append(Unit(gid, np.concatenate(chunk), u.key))
+                chunk = []
+    steps.sort(key=lambda u: (u.key, u.group))
+    return steps
+
+
+def counts_of(prep: Prepared, steps: list[Unit]) -> dict[int, int]:
+    """Kept channels per group after removing `steps`."""
+    counts = {pg.group.id: pg.group.size for pg in prep.groups}
+    for u in steps:
+        counts[u.group] -= len(u.channels)
+    return counts
+
+
+def allocate(prep: Prepared, config: UnconstrainedConfig, target_params: int | None = None,
+             allowed: dict[int, tuple[int, ...]] | None = None) -> tuple[UnconstrainedPlan, dict[int, int]]:  # fmt: skip
+    """The plan and its per-group kept counts for the config's allocation and ratio, or for a target.
+
+    Args:
+        target_params: parameters to keep (nonzero, `plan_params`): the shortest prefix of the removal
+            order whose unconstrained plan has at most this many.
+        allowed: per split group id, the kept counts allowed (ascending, ending with the group size).
+
+    Raises:
+        UsageError: the target is below what removing every removable step reaches.
+    """
+    if target_params is None and config.allocation == "uniform":
+        counts = {pg.group.id: _ratio_count(pg.group.size, config.ratio, allowed, pg.group.id) for pg in prep.groups}
+        return choose(prep, config, counts=counts, allowed_counts=allowed), counts
+    steps = removal_steps(prep, config.allocation, allowed)
+    if target_params is None:  # the prefix removing `ratio` of all channels, as `allocation.plan_for_ratio`
+        budget = math.floor(config.ratio * sum(pg.group.size for pg in prep.groups) + 1e-9)
+        k, removed = 0, 0
+        while k < len(steps) and removed < budget:
+            removed += len(steps[k].channels)
+            k += 1
+        counts = counts_of(prep, steps[:k])
+        return choose(prep, config, counts=counts, allowed_counts=allowed), counts
+
+    def at(k: int) -> tuple[UnconstrainedPlan, dict[int, int], int]:
+        counts = counts_of(prep, steps[:k])
+        plan = choose(prep, config, counts=counts, allowed_counts=allowed)
+        return plan, counts, plan_params(plan)
+
+    lo, hi = 0, len(steps)
+    if at(lo)[2] <= target_params:
+        return at(lo)[:2]
+    if at(hi)[2] > target_params:
+        raise UsageError(f"target params {target_params} is unreachable: the smallest this plan can get is {at(hi)[2]}")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if at(mid)[2] <= target_params:
+            hi = mid
+        else:
+            lo = mid
+    return at(hi)[:2]
+
+
+def _ratio_count(size: int, ratio: float, allowed: dict[int, tuple[int, ...]] | None, gid: int) -> int:
+    """The ratio's kept count (`plan.ratio_keep`), rounded to the nearest allowed count."""
+    n = max(1, size - math.floor(ratio * size + 1e-9))
+    grid = (allowed or {}).get(gid)
+    return min(grid, key=lambda c: (abs(c - n), -c)) if grid else n

@@ -1,0 +1,91 @@
+"""Calibrated least-squares repair of an unconstrained plan (``repair="ls"`` and ``"seq"``).
+
+Start reading at `repair_plan`. Constrained repair (`onnxprune.repair`) rewrites every consumer that loses
+input columns, given the positions the removal deletes (`ChannelAnalysis.removed_positions`). An
+unconstrained plan deletes per *parameter*, not per group channel: each unit silences its own positions
+(`oracle.silenced_positions`), and a reader of a stream loses the columns it does not keep while the
+stream channels it still reads carry only the writers that kept them. Both are exactly "positions of
+parameter axes that become zero", so the same maths applies unchanged once the plan's silenced positions
+stand in for the removed ones: `PlanRemovals` is a `ChannelAnalysis` whose ``removed_positions`` are the
+plan's (whatever labels are asked for), and whose masked model (`rewrite.apply_mask`) is the oracle.
+
+* ``ls``: ridge least squares of every consumer's kept columns on the original model's calibration
+  Hessian (`repair.repair_weights`), the Optimal Brain Surgeon update; one forward pass.
+* ``seq``: the same fitted wave by wave on the *masked and already repaired* model's own inputs
+  (`repair.repair_sequential`): a reader of a residual stream sees the stream as the writers that kept
+  each channel leave it, so the error of every earlier layer is compensated where it lands.
+
+The result is the original model with new values (same shapes, possibly a new bias input); masking it with
+the same kept sets (`plan.build_plan` with the units' keeps) gives the oracle the export must equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import onnx
+
+from onnxprune.calibration import CalibrationData, collect_stats
+from onnxprune.channels import ChannelAnalysis, DimRef
+from onnxprune.errors import UsageError
+from onnxprune.graph import ModelGraph
+from onnxprune.repair import RepairReport, repair_sequential, repair_weights
+from onnxprune.upscale.config import REPAIRS
+from onnxprune.upscale.oracle import mean_repair, silenced_positions
+from onnxprune.upscale.records import UnconstrainedPlan
+
+# A removal label that stands for "the plan's silenced positions" (`PlanRemovals` ignores the labels, but
+# the repair functions treat an empty label array as "nothing removed").
+_ALL = np.zeros(1, dtype=np.int64)
+
+
+@dataclass
+class PlanRemovals(ChannelAnalysis):
+    """A `ChannelAnalysis` of the model to repair whose removed positions are an unconstrained plan's
+    silenced ones (``silenced``), for every label asked: what constrained repair reads of an analysis is
+    the graph, the roles (which fill a silenced position takes) and the removed positions."""
+
+    silenced: dict[DimRef, np.ndarray] = field(default_factory=dict)
+
+    def removed_positions(self, removed_labels: np.ndarray) -> dict[DimRef, np.ndarray]:
+        return dict(self.silenced) if len(removed_labels) else {}
+
+
+def plan_removals(model: onnx.ModelProto, plan: UnconstrainedPlan) -> PlanRemovals:
+    """The plan's silenced parameter positions as removed positions over `model` (the unsplit original:
+    the split model only adds Identity nodes, so parameter names and shapes are the same)."""
+    silenced: dict[DimRef, np.ndarray] = {}
+    for name, s in silenced_positions(plan).items():
+        for axis, positions in s.cuts:
+            ref = DimRef(name, axis)
+            old = silenced.get(ref)
+            silenced[ref] = np.unique(positions if old is None else np.concatenate([old, positions]))
+    base = plan.analysis
+    values = {f.name: getattr(base, f.name) for f in fields(ChannelAnalysis)}
+    values.update(graph=ModelGraph(model), groups=[], barriers=[], dims={}, labels=np.zeros(0, dtype=np.int64),
+                  frozen_reasons={}, frozen_nodes={})
+    return PlanRemovals(**values, silenced=silenced)
+
+
+def repair_plan(model: onnx.ModelProto, plan: UnconstrainedPlan, method: str, calib: dict[str, np.ndarray],
+                *, damp: float = 0.01, seed: int = 0) -> tuple[onnx.ModelProto, RepairReport]:  # fmt: skip
+    """`model` (the unsplit original) with its layers refitted for `plan` on calibration inputs `calib`.
+
+    Args:
+        method: "mean" (`oracle.mean_repair`), "ls" or "seq" (see the module docstring); "none": unchanged.
+        calib: calibration inputs ``{input name: array}``, samples on axis 0.
+        damp: ridge term, relative to the mean diagonal of each consumer's Hessian block.
+    """
+    if method not in REPAIRS:
+        raise UsageError(f"unconstrained repair must be one of {', '.join(REPAIRS)}, got {method!r}")
+    if method == "none":
+        return model, RepairReport()
+    if method == "mean":
+        return mean_repair(model, plan, calib), RepairReport()
+    removals = plan_removals(model, plan)
+    data = CalibrationData({k: np.asarray(v) for k, v in calib.items()})
+    if method == "seq":
+        return repair_sequential(removals, _ALL, data, damp=damp, seed=seed)
+    stats = collect_stats(model, data, seed=seed)
+    return repair_weights(removals, _ALL, "ls", stats, damp=damp)
