@@ -42,6 +42,7 @@ Everything is a function of the table, so the grid is deterministic for a given 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -58,14 +59,13 @@ NOISE_OF_SPREAD = 0.5  # noise of a median, as a fraction of the runs' interquar
 MAX_NOISE = 0.2  # a relative noise above this is a load spike in some runs; the median is robust to it
 
 
+@dataclass(frozen=True)
 class GridChoice:
-    """Why a group got its grid: ``"flat"``, ``"period P phase r"``, ``"linear"`` or ``"measured"``."""
+    """Which branch of the rule chose a group's grid: ``"flat"``, ``"linear"``, ``"period"`` (multiples of
+    `period`) or ``"measured"`` (sparse probes)."""
 
-    def __init__(self, kind: str, period: int = 1, phase: int = 0):
-        self.kind, self.period, self.phase = kind, period, phase
-
-    def __repr__(self) -> str:
-        return f"GridChoice({self.kind!r}, period={self.period}, phase={self.phase})"
+    kind: str
+    period: int = 1
 
 
 def keep_counts(table: LatencyTable, analysis: ChannelAnalysis, *, tolerance: float = 0.03) -> dict[int, tuple[int, ...]]:
@@ -113,14 +113,11 @@ def curve_counts(curve: GroupCurve, *, tolerance: float = 0.03) -> tuple[tuple[i
     n = len(_window(counts))
     if n >= MIN_WINDOW:
         window, fw, alive = counts[-n:], f[-n:], ~dominated[-n:]
-        period, phase = fit_residues(window, alive)
-        on = alive & ((window - phase) % period == 0)
-        step, step_phase = fit_period(window[on], fw[on], f[-1] * MIN_STEP, multiple_of=period, phase_of=phase)
-        if step > 1:
-            period, phase = step, step_phase
-        allowed = {c for c in everything if (c - phase) % period == 0} | {size}
-        kind = "linear" if period == 1 else "period"
-        return tuple(sorted(allowed - dropped | {size})), GridChoice(kind, period, phase % period)
+        period = fit_residues(window, alive)
+        on = alive & (window % period == 0)
+        period = max(period, fit_period(window[on], fw[on], f[-1] * MIN_STEP, multiple_of=period))
+        allowed = {c for c in everything if c % period == 0} | {size}
+        return tuple(sorted(allowed - dropped | {size})), GridChoice("linear" if period == 1 else "period", period)
     # sparse probes: the measured counts that top their plateau
     allowed = set()
     alive_idx = [i for i in range(len(counts)) if not dominated[i]]
@@ -131,59 +128,46 @@ def curve_counts(curve: GroupCurve, *, tolerance: float = 0.03) -> tuple[tuple[i
     return tuple(sorted(allowed | {size})), GridChoice("measured")
 
 
-def fit_residues(window: np.ndarray, alive: np.ndarray) -> tuple[int, int]:
-    """The residue class ``c = phase (mod period)`` that best matches the counts of `window` that are not
-    dominated (`alive`): fewest counts in one set and not the other; ties go to the smaller period."""
-    best = (int(np.sum(~alive)), 1, 0)  # period 1: every count
+def fit_residues(window: np.ndarray, alive: np.ndarray) -> int:
+    """The period whose multiples best match the counts of `window` that are not dominated (`alive`):
+    fewest counts in one set and not the other; ties go to the smaller period (1: every count)."""
+    best = (int(np.sum(~alive)), 1)
     span = int(window[-1] - window[0])
     for period in PERIODS:
         if period * 2 > span:
             break
-        for phase in range(period):
-            member = (window - phase) % period == 0
-            best = min(best, (int(np.sum(member != alive)), period, phase))
-    return best[1], best[2]
+        best = min(best, (int(np.sum((window % period == 0) != alive)), period))
+    return best[1]
 
 
 def fit_period(
-    counts: Sequence[int] | np.ndarray,
-    ms: Sequence[float] | np.ndarray,
-    noise: float,
-    *,
-    multiple_of: int = 1,
-    phase_of: int = 0,
-) -> tuple[int, int]:
-    """The period and phase of the staircase that best explains `ms` over `counts`, or (1, 0) for a line.
+    counts: Sequence[int] | np.ndarray, ms: Sequence[float] | np.ndarray, noise: float, *, multiple_of: int = 1
+) -> int:
+    """The period of the staircase that best explains `ms` over `counts`, or 1 for a line.
 
-    A staircase ``ms = a + b * ceil((count - phase) / period)`` is preferred over a line when it at least
-    halves the residual and its step `b` exceeds `noise` (an absolute latency); among staircases within 10%
-    of the best residual the smallest period wins. Periods are multiples of `multiple_of` whose phase agrees
-    with `phase_of` (the residue class already found).
+    Staircases ``ms = a + b * ceil(count / P)`` for the periods P of `PERIODS` that are multiples of
+    `multiple_of` (at least two periods inside the counts) compete with a line. The staircase with the
+    smallest residual wins if its residual is no larger than the line's and its step `b` exceeds `noise`
+    (an absolute latency).
     """
     c = np.asarray(counts, dtype=np.float64)
     y = np.asarray(ms, dtype=np.float64)
     if len(c) < 4:
-        return 1, 0
+        return 1
     line_rss = _rss(c, y)
-    span = int(c[-1] - c[0])
-    fits: list[tuple[float, int, int, float]] = []
+    fits: list[tuple[float, int, float]] = []
     for period in PERIODS:
-        if 2 * period > span or period % multiple_of or period <= multiple_of:  # two periods seen
+        if 2 * period > c[-1] - c[0] or period % multiple_of or period <= multiple_of:
             continue
-        for phase in range(phase_of % multiple_of, period, multiple_of):
-            steps = np.ceil((c - phase) / period)
-            if np.unique(steps).size < 2:
-                continue
-            rss, slope = _rss(steps, y, slope=True)
-            fits.append((rss, period, phase, slope))
+        steps = np.ceil(c / period)
+        if np.unique(steps).size < 3:
+            continue
+        rss, slope = _rss(steps, y, slope=True)
+        fits.append((rss, period, slope))
     if not fits:
-        return 1, 0
-    best = min(f[0] for f in fits)
-    good = [f for f in fits if f[0] <= best * 1.1 + 1e-18]
-    rss, period, phase, slope = min(good, key=lambda f: (f[1], f[0], f[2]))
-    if rss <= 0.5 * line_rss and slope > noise:
-        return period, phase
-    return 1, 0
+        return 1
+    rss, period, slope = min(fits)
+    return period if rss <= line_rss and slope > noise else 1
 
 
 def _rss(x: np.ndarray, y: np.ndarray, slope: bool = False):
