@@ -191,9 +191,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.mode == "unconstrained":
         return _prune_unconstrained(args, ratio, src, out)
     if (args.repair == "mean" or args.share or args.union_cap is not None or args.no_reorder or args.tune
-            or args.drive != "free"):
-        raise UsageError("--repair mean, --share, --union-cap, --drive, --no-reorder and --tune apply to --mode "
-                         "unconstrained only")
+            or args.drive != "free" or args.group_budget):
+        raise UsageError("--repair mean, --share, --union-cap, --drive, --group-budget, --no-reorder and --tune apply "
+                         "to --mode unconstrained only")
     config = PruneConfig(
         ratio=ratio, criterion=args.criterion, global_ranking=args.global_ranking,
         round_to=args.round_to, allow_inexact=args.allow_inexact, seed=args.seed, repair=args.repair,
@@ -252,12 +252,11 @@ def _latency(config: Any, selection: Any, original: onnx.ModelProto, pruned: onn
         return None
     if selection.latency is not None:
         return selection.latency.as_dict()
-    from onnxprune.passes.latency_select import dynamic_input, measure_latency
+    from onnxprune.passes.latency_select import measure_latency, unmeasurable
 
-    dynamic = dynamic_input(original)
-    if dynamic is not None:
-        print(f"onnxprune: note: latency not measured: input {dynamic!r} has a dynamic size (fix it with --shape)",
-              file=sys.stderr)
+    why = unmeasurable(original)
+    if why is not None:
+        print(f"onnxprune: note: latency not measured: {why}", file=sys.stderr)
         return None
     return measure_latency(config, selection.source, selection.plan, selection.latency_table, original,
                            pruned).as_dict()
@@ -365,17 +364,21 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
     if args.criterion not in ("l1", "l2", "energy", "bn"):
         raise UsageError("--mode unconstrained scores each layer by its own weights: --criterion energy, bn, l1 or l2")
     # --round-to auto (the default) applies to constrained pruning only: unconstrained keeps every count
-    if args.global_ranking or args.round_to not in (1, "auto") or args.allow_inexact:
-        raise UsageError("--global, --round-to and --allow-inexact apply to --mode constrained only")
-    for option in ("allocation", "target_params", "target_macs", "target_latency"):
+    if args.round_to not in (1, "auto") or args.allow_inexact:
+        raise UsageError("--round-to and --allow-inexact apply to --mode constrained only")
+    for option in ("target_macs", "target_latency"):
         if getattr(args, option, None) not in (None, "none"):
             raise UsageError(f"--{option.replace('_', '-')} applies to --mode constrained only")
-    if args.repair not in ("none", "mean"):
-        raise UsageError("--mode unconstrained repairs with --repair none or mean")
-    if args.repair == "mean" and not args.calib:
-        raise UsageError("--repair mean needs --calib (calibration inputs)")
+    if args.allocation == "sensitivity":
+        raise UsageError("--mode unconstrained allocates with --allocation uniform, global or lamp")
+    if args.repair not in ("none", "mean", "ls", "seq"):
+        raise UsageError("--mode unconstrained repairs with --repair none, mean, ls or seq")
+    if args.repair != "none" and not args.calib:
+        raise UsageError(f"--repair {args.repair} needs --calib (calibration inputs)")
     config = UnconstrainedConfig(ratio=ratio, criterion=args.criterion, share=args.share, union_cap=args.union_cap,
-                                 drive=args.drive, reorder=not args.no_reorder, tune=args.tune, repair=args.repair)
+                                 drive=args.drive, reorder=not args.no_reorder, tune=args.tune, repair=args.repair,
+                                 allocation=args.allocation or ("global" if args.global_ranking else "uniform"),
+                                 target_params=args.target_params, group_budget=args.group_budget)
     model = _load(args)
     calib = _calib(args, model)
     unconstrained = UnconstrainedPass(config, calib=calib.arrays if calib is not None else None)

@@ -19,8 +19,9 @@ Start at `solve_latency_target`. Three steps:
    correction assumes the measured saving is a fixed fraction of the predicted one (what the table cannot
    see, layers outside any group and the runtime's overhead, scales the saving, not the latency); later ones
    interpolate between the two latest (predicted, measured) points (secant). At most `max_iterations`
-   measurements; the closest plan within `tolerance` of the target wins. A target below what the smallest
-   allowed model measures is unreachable: `LatencyOutcome.reached` is False and `message` says why.
+   measurements; the closest plan within `tolerance` of the target wins. When every plan measured is too
+   slow, the smallest model the caps allow is measured too (one more measurement): a target below it is
+   unreachable, `LatencyOutcome.reached` is False and `message` says so with the number.
 """
 
 from __future__ import annotations
@@ -287,7 +288,14 @@ def solve_latency_target(
         if candidate.units == _smallest_prefix(predictions) and measured > target:
             break  # the smallest model allowed is measured and still too slow
         asked = _next_ask(attempts, target)
-    return _choose(attempts, target, tolerance, lowest, max_group_ratio)
+    smallest = len(units)  # every unit removed: the smallest model the caps allow
+    measured_smallest = any(a.plan.units == smallest for a in attempts)
+    if not measured_smallest and min(a.measured_ratio for a in attempts) > target * (1 + tolerance):
+        # Out of reach so far: measure the smallest model allowed, so the answer says why for certain.
+        plan = LatencyPlan(plan_from_units(units[:smallest]), smallest, float(predictions[smallest]), table.dense_ms)
+        dense_ms, pruned_ms = measure(plan.plan)
+        attempts.append(Attempt(plan, pruned_ms / dense_ms, dense_ms, pruned_ms))
+    return _choose(attempts, target, tolerance, smallest, max_group_ratio)
 
 
 def _next_ask(attempts: list[Attempt], target: float) -> float:
@@ -306,7 +314,7 @@ def _next_ask(attempts: list[Attempt], target: float) -> float:
 
 
 def _choose(
-    attempts: list[Attempt], target: float, tolerance: float, lowest: float, max_group_ratio: float
+    attempts: list[Attempt], target: float, tolerance: float, smallest_units: int, max_group_ratio: float
 ) -> LatencyOutcome:
     within = [a for a in attempts if abs(a.measured_ratio / target - 1) <= tolerance]
     faster = [a for a in attempts if a.measured_ratio < target * (1 - tolerance)]
@@ -318,12 +326,12 @@ def _choose(
         return LatencyOutcome(target, chosen, tuple(attempts), True,
                               f"the nearest allowed channel counts give {chosen.measured_ratio:.2f}x, faster than "
                               f"the {target:.2f}x asked")
-    chosen = min(attempts, key=lambda a: a.measured_ratio)
-    smallest = chosen.plan.predicted_ratio <= lowest + 1e-9
+    full = next((a for a in attempts if a.plan.units == smallest_units), None)
+    chosen = full or min(attempts, key=lambda a: a.measured_ratio)
     keeps = 1 - max_group_ratio
     why = (f"the smallest model the caps allow (every group keeps at least {keeps:.0%} of its channels, on its "
-           f"channel grid) measures {chosen.measured_ratio:.2f}x" if smallest else
+           f"channel grid) measures {chosen.measured_ratio:.2f}x" if full is not None else
            f"after {len(attempts)} measurements the closest measures {chosen.measured_ratio:.2f}x (the table "
-           f"predicted {chosen.plan.predicted_ratio:.2f}x)")
+           f"predicted {max(0.0, chosen.plan.predicted_ratio):.2f}x)")
     return LatencyOutcome(target, chosen, tuple(attempts), False,
                           f"cannot reach {target:.2f}x of the dense latency: {why}")

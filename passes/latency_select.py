@@ -100,15 +100,14 @@ def latency_table(config: PruneConfig, analysis: ChannelAnalysis, backend: Laten
     return table
 
 
-def dynamic_input(model: onnx.ModelProto) -> str | None:
-    """The name of the first graph input with a size that is not a fixed positive number, or None."""
-    inits = {t.name for t in model.graph.initializer}
-    for inp in model.graph.input:
-        if inp.name in inits or not inp.type.HasField("tensor_type"):
-            continue
-        for d in inp.type.tensor_type.shape.dim:
-            if not (d.HasField("dim_value") and d.dim_value > 0):
-                return inp.name
+def unmeasurable(model: onnx.ModelProto) -> str | None:
+    """Why `model` cannot be measured as it is (an input size other than the batch is dynamic), or None."""
+    from onnxprune.latency.measure import static_inputs
+
+    try:
+        static_inputs(model, None)
+    except UsageError as exc:
+        return str(exc)
     return None
 
 
@@ -119,7 +118,8 @@ def latency_grid(
 
     ``round_to=N``: the multiples of N, no table (a latency target still builds one to predict with).
     ``"auto"``: the bottoms of the measured latency steps (layers whose sizes are not fixed are not
-    measured: the table's notices say which, and their groups keep every count).
+    measured: the table's notices say which, and their groups keep every count). A dynamic batch is
+    measured at 1.
 
     Raises:
         UsageError: a latency target on a model with a dynamic input size (the model cannot be measured).
@@ -130,10 +130,9 @@ def latency_grid(
     grid = multiples(analysis, int(config.round_to)) if explicit and config.round_to != 1 else None
     if not config.measures_latency:
         return grid, None, ()
-    dynamic = dynamic_input(analysis.graph.model)
-    if dynamic is not None and config.target_latency is not None:
-        raise UsageError(f"--target-latency measures the model, but input {dynamic!r} has a dynamic size: "
-                         f"fix it with --shape {dynamic}=D1,D2,...")
+    why = unmeasurable(analysis.graph.model) if config.target_latency is not None else None
+    if why is not None:
+        raise UsageError(f"--target-latency measures the model: {why}")
     table = latency_table(config, analysis, latency_backend(config))
     if explicit:
         return grid, table, table.notices

@@ -29,3 +29,18 @@ def tmp_model(tmp_path):
         return path
 
     return save
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _latency_cache(tmp_path_factory):
+    """Latency tables (``--round-to auto``, the CLI's default) go to one temporary folder per test run, never
+    to ~/.cache: every test of the run shares the tables measured so far."""
+    import os
+
+    before = os.environ.get("ONNXPRUNE_LATENCY_CACHE")
+    os.environ["ONNXPRUNE_LATENCY_CACHE"] = str(tmp_path_factory.mktemp("latency-cache"))
+    yield
+    if before is None:
+        os.environ.pop("ONNXPRUNE_LATENCY_CACHE", None)
+    else:
+        os.environ["ONNXPRUNE_LATENCY_CACHE"] = before
