@@ -125,23 +125,26 @@ class BlockChoice:
     relative_cost: float
 
 
-def choose_block(w: np.ndarray, lanes: int) -> BlockChoice:
+def choose_block(w: np.ndarray, lanes: int, align: int | None = None) -> BlockChoice:
     """Pick the block shape that makes the sparse kernel cheapest for this weight's zero pattern.
 
     Cost model (per dense FMA, in vector instructions): a stored block of ``bk x bn`` costs ``bk *
     ceil(bn / lanes)`` vector FMAs plus one index load; the dense kernel costs ``1 / lanes`` per element.
     Narrow blocks (``bn < lanes``) waste lanes; wide blocks store more zeros. The estimate only ranks
     shapes; whether the sparse kernel is kept is decided by measuring it (:mod:`.tvm_sparse_choice`).
+    ``align``: block heights must divide it (a conv's input channels: a block never straddles two window
+    positions).
     """
     k, n = w.shape
     widths = [b for b in (4 * lanes, 2 * lanes, lanes, 8, 4, 1) if n % b == 0 and b <= n]
     best: BlockChoice | None = None
     for bn in dict.fromkeys(widths):
         for bk in BLOCK_ROWS:
-            if k % bk:
+            if k % bk or (align is not None and align % bk):
                 continue
             d = block_density(w, (bk, bn))
-            vec_ops = bk * -(-bn // lanes)
+            # bn > 1: bk vector FMAs of bn lanes; bn == 1: the run itself is the vector (partial sums)
+            vec_ops = bk * -(-bn // lanes) if bn > 1 else -(-bk // lanes) + 1
             cost = d * (vec_ops + 0.5) / (bk * bn) * lanes  # per element, relative to dense (1/lanes each)
             if best is None or cost < best.relative_cost - 1e-9:
                 best = BlockChoice((bk, bn), d, cost)

@@ -222,7 +222,7 @@ def _relax_pipeline(
     # layers are timed dense vs sparse in-process, so only where the target's code runs on this machine
     measure = None
     if spec.family == "x86" and spec.runner.can_run_here(spec):
-        measure = lambda m: build_executable(m, spec, sparse="off")  # noqa: E731
+        measure = lambda m: build_executable(m, spec, sparse="off")
 
     if spec.gpu:
         from tvm.relax.backend import cuda

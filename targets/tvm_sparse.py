@@ -104,42 +104,11 @@ def _rows_tile(extent: int, bn: int, lanes: int, registers: int) -> int:
 def cpu_matmul_kernel(
     m: int, bsr: BSR, lanes: int, registers: int, lo: float = -_BIG, hi: float = _BIG
 ) -> tirx.PrimFunc:
-    """``y[m, n] = clip(x @ W + bias, lo, hi)`` for a BSR weight, vectorised along the block's ``bn``."""
+    """``y[1, 1, m, n] = clip(x[1, 1, m, k] @ W + bias, lo, hi)`` for a BSR weight: the conv kernel with a
+    1x1 window over an ``m``-pixel image (the Relax side reshapes to and from 4-D, which costs nothing)."""
     k, n = bsr.shape
-    bk, bn = bsr.block
-    nnzb, nb = bsr.data.shape[0], n // bn
-    rows = _rows_tile(m, bn, lanes, registers)
-    tiles = (m // rows) * nb
-    outer = T.parallel if bsr.nnz_blocks * bk * bn * m >= PARALLEL_MIN_WORK else T.serial
-    inner = T.vectorized if bn > 1 else T.serial
-
-    @T.prim_func(private=True)
-    def kernel(
-        x: T.Buffer((m, k), "float32"),
-        data: T.Buffer((nnzb, bk, bn), "float32"),
-        indices: T.Buffer((nnzb,), "int32"),
-        indptr: T.Buffer((nb + 1,), "int32"),
-        bias: T.Buffer((n,), "float32"),
-        y: T.Buffer((m, n), "float32"),
-    ):
-        T.func_attr({"tirx.noalias": True})
-        for p in outer(tiles):
-            acc = T.alloc_buffer((rows, bn), "float32", scope="local")
-            for t in T.unroll(rows):
-                for v in inner(bn):
-                    acc[t, v] = T.float32(0)
-            for e in T.serial(indptr[p % nb], indptr[p % nb + 1]):
-                for kk in T.unroll(bk):
-                    for t in T.unroll(rows):
-                        for v in inner(bn):
-                            acc[t, v] = acc[t, v] + x[p // nb * rows + t, indices[e] * bk + kk] * data[e, kk, v]
-            for t in T.unroll(rows):
-                for v in inner(bn):
-                    y[p // nb * rows + t, p % nb * bn + v] = T.min(
-                        T.max(acc[t, v] + bias[p % nb * bn + v], T.float32(lo)), T.float32(hi)
-                    )
-
-    return kernel
+    return cpu_conv_kernel((1, 1, m, k), (1, 1, m, n), (1, 1, (1, 1), (0, 0, 0, 0), (1, 1)), bsr, lanes,
+                           registers, lo, hi)  # fmt: skip
 
 
 def cpu_conv_kernel(
@@ -152,25 +121,73 @@ def cpu_conv_kernel(
     lo: float = -_BIG,
     hi: float = _BIG,
 ) -> tirx.PrimFunc:
-    """Direct NHWC convolution over an already padded input ``x`` with a BSR ``[KH*KW*C, N]`` weight."""
+    """Direct NHWC convolution over an already padded input ``x`` with a BSR ``[KH*KW*C, N]`` weight.
+
+    Two inner loops: blocks with ``bn > 1`` vectorise along the block's outputs (one broadcast + one vector
+    FMA per reduction row and tile row); blocks with ``bn == 1`` (runs along the reduction axis, group
+    sparsity ``1xR``) vectorise along the run (contiguous input channels) into per-lane partial sums, added up
+    once per output. ``bk`` divides the input channels, so a block never straddles two window positions.
+    """
     nb_, hp, wp, c = x_shape
     _, oh, ow, n = out_shape
     kh, kw, strides, _pad, dilation = conv
     sh, sw = strides
     dh, dw = dilation
-    k = kh * kw * c
     bk, bn = bsr.block
+    assert kh * kw * c == bsr.shape[0] and c % bk == 0
     nnzb, nb = bsr.data.shape[0], n // bn
-    rows = _rows_tile(ow, bn, lanes, registers)
+    by_outputs = bn > 1 or bk == 1
+    rows = _rows_tile(ow, bn if by_outputs else bk, lanes, registers)
     per_row = ow // rows
     tiles = nb_ * oh * per_row * nb
     outer = T.parallel if bsr.nnz_blocks * bk * bn * nb_ * oh * ow >= PARALLEL_MIN_WORK else T.serial
-    inner = T.vectorized if bn > 1 else T.serial
+
+    if by_outputs:
+
+        @T.prim_func(private=True)
+        def kernel(
+            x: T.Buffer((nb_, hp, wp, c), "float32"),
+            data: T.Buffer((nnzb, bk, bn), "float32"),
+            indices: T.Buffer((nnzb,), "int32"),
+            indptr: T.Buffer((nb + 1,), "int32"),
+            bias: T.Buffer((n,), "float32"),
+            y: T.Buffer((nb_, oh, ow, n), "float32"),
+        ):
+            T.func_attr({"tirx.noalias": True})
+            for p in outer(tiles):
+                acc = T.alloc_buffer((rows, bn), "float32", scope="local")
+                for t in T.unroll(rows):
+                    for v in T.vectorized(bn):
+                        acc[t, v] = T.float32(0)
+                for e in T.serial(indptr[p % nb], indptr[p % nb + 1]):
+                    for kk in T.unroll(bk):
+                        for t in T.unroll(rows):
+                            for v in T.vectorized(bn):
+                                acc[t, v] = (
+                                    acc[t, v]
+                                    + x[
+                                        p // (nb * per_row * oh),
+                                        p // (nb * per_row) % oh * sh + indices[e] * bk // (kw * c) * dh,
+                                        (p // nb % per_row * rows + t) * sw + indices[e] * bk // c % kw * dw,
+                                        indices[e] * bk % c + kk,
+                                    ]
+                                    * data[e, kk, v]
+                                )
+                for t in T.unroll(rows):
+                    for v in T.vectorized(bn):
+                        y[
+                            p // (nb * per_row * oh),
+                            p // (nb * per_row) % oh,
+                            p // nb % per_row * rows + t,
+                            p % nb * bn + v,
+                        ] = T.min(T.max(acc[t, v] + bias[p % nb * bn + v], T.float32(lo)), T.float32(hi))
+
+        return kernel
 
     @T.prim_func(private=True)
-    def kernel(
+    def kernel_runs(
         x: T.Buffer((nb_, hp, wp, c), "float32"),
-        data: T.Buffer((nnzb, bk, bn), "float32"),
+        data: T.Buffer((nnzb, bk, 1), "float32"),
         indices: T.Buffer((nnzb,), "int32"),
         indptr: T.Buffer((nb + 1,), "int32"),
         bias: T.Buffer((n,), "float32"),
@@ -178,29 +195,33 @@ def cpu_conv_kernel(
     ):
         T.func_attr({"tirx.noalias": True})
         for p in outer(tiles):
-            acc = T.alloc_buffer((rows, bn), "float32", scope="local")
+            acc = T.alloc_buffer((rows, bk), "float32", scope="local")
+            total = T.alloc_buffer((rows,), "float32", scope="local")
             for t in T.unroll(rows):
-                for v in inner(bn):
-                    acc[t, v] = T.float32(0)
+                for kk in T.vectorized(bk):
+                    acc[t, kk] = T.float32(0)
             for e in T.serial(indptr[p % nb], indptr[p % nb + 1]):
-                for kk in T.unroll(bk):
-                    for t in T.unroll(rows):
-                        for v in inner(bn):
-                            acc[t, v] = acc[t, v] + x[
+                for t in T.unroll(rows):
+                    for kk in T.vectorized(bk):
+                        acc[t, kk] = (
+                            acc[t, kk]
+                            + x[
                                 p // (nb * per_row * oh),
-                                p // (nb * per_row) % oh * sh + (indices[e] * bk + kk) // (kw * c) * dh,
-                                (p // nb % per_row * rows + t) * sw + (indices[e] * bk + kk) // c % kw * dw,
-                                (indices[e] * bk + kk) % c,
-                            ] * data[e, kk, v]
+                                p // (nb * per_row) % oh * sh + indices[e] * bk // (kw * c) * dh,
+                                (p // nb % per_row * rows + t) * sw + indices[e] * bk // c % kw * dw,
+                                indices[e] * bk % c + kk,
+                            ]
+                            * data[e, kk, 0]
+                        )
             for t in T.unroll(rows):
-                for v in inner(bn):
-                    y[p // (nb * per_row * oh), p // (nb * per_row) % oh, p // nb % per_row * rows + t,
-                      p % nb * bn + v] = T.min(
-                        T.max(acc[t, v] + bias[p % nb * bn + v], T.float32(lo)), T.float32(hi)
-                    )  # fmt: skip
+                total[t] = bias[p % nb]
+                for kk in T.serial(bk):
+                    total[t] = total[t] + acc[t, kk]
+                y[
+                    p // (nb * per_row * oh), p // (nb * per_row) % oh, p // nb % per_row * rows + t, p % nb
+                ] = T.min(T.max(total[t], T.float32(lo)), T.float32(hi))
 
-    assert k == bsr.shape[0]
-    return kernel
+    return kernel_runs
 
 
 def cuda_matmul_kernel(m: int, bsr: BSR, lo: float = -_BIG, hi: float = _BIG) -> tirx.PrimFunc:
@@ -326,6 +347,8 @@ def sparsify(
                 top, left, bottom, right = layer.conv[3]
                 if top or left or bottom or right:
                     x = self.builder_.normalize(relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0]))
+            elif not gpu:
+                x = self.builder_.normalize(relax.op.reshape(x, [1, 1, layer.rows, layer.weight.shape[0]]))
             elif len(layer.x_shape) != 2:
                 x = self.builder_.normalize(relax.op.reshape(x, [layer.rows, layer.weight.shape[0]]))
             return self._emit(_Made(layer, bsr), x, relax.const(np.zeros(layer.weight.shape[1], np.float32)))
@@ -334,11 +357,18 @@ def sparsify(
             gv = self.builder_.add_func(factory.func(made), f"{KERNEL_PREFIX}{made.layer.kind}")
             factory.made[gv.name_hint] = made
             layer = made.layer
-            out_shape = layer.out_shape if (layer.conv is not None) else (layer.rows, layer.weight.shape[1])
+            n = layer.weight.shape[1]
+            out_shape = (
+                layer.out_shape
+                if layer.conv is not None
+                else (layer.rows, n)
+                if gpu
+                else (1, 1, layer.rows, n)
+            )
             args = [x, relax.const(made.bsr.data), relax.const(made.bsr.indices), relax.const(made.bsr.indptr),
                     bias]  # fmt: skip
             y = relax.call_tir(gv, args, relax.TensorType(out_shape, "float32"))
-            if layer.conv is None and len(layer.out_shape) != 2:
+            if tuple(out_shape) != tuple(layer.out_shape):
                 y = relax.op.reshape(self.builder_.normalize(y), layer.out_shape)
             return y
 
@@ -395,7 +425,7 @@ def fuse_epilogues(factory: KernelFactory) -> tvm.transform.Pass:
 
         def visit(e: relax.Expr) -> None:
             if isinstance(e, relax.Call):
-                for a in list(e.args) + [f for a in e.args if isinstance(a, relax.Tuple) for f in a.fields]:
+                for a in list(e.args) + [f for t in e.args if isinstance(t, relax.Tuple) for f in t.fields]:
                     if isinstance(a, relax.Var):
                         count[a] = count.get(a, 0) + 1
 
@@ -463,6 +493,22 @@ def fuse_epilogues(factory: KernelFactory) -> tvm.transform.Pass:
                     mutator.builder_.update_func(gv, mutator.visit_expr(func))
                     mod = mutator.builder_.get()
             mod = relax.transform.DeadCodeElimination()(mod)
-        return mod
+        return _drop_uncalled(mod)
 
     return _pass
+
+
+def _drop_uncalled(mod: tvm.IRModule) -> tvm.IRModule:
+    """Remove the sparse kernels no call refers to any more (those an epilogue was fused past)."""
+    called: set[str] = set()
+
+    def visit(e: relax.Expr) -> None:
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir":
+            called.add(e.args[0].name_hint)
+
+    for _gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    keep = {gv: f for gv, f in mod.functions_items()
+            if not (gv.name_hint.startswith(KERNEL_PREFIX) and gv.name_hint not in called)}  # fmt: skip
+    return tvm.IRModule(keep, attrs=mod.attrs)

@@ -152,7 +152,7 @@ def apply(
         s = sparsity(layer.weight)
         if s == 0 or (mode == "auto" and s < MIN_SPARSITY):
             continue
-        choice = choose_block(layer.weight, lanes)
+        choice = choose_block(layer.weight, lanes, align=layer.x_shape[-1])
         entry = {"layer": layer.name, "kind": layer.kind, "sparsity": round(s, 4), "block": list(choice.block),
                  "block_density": round(choice.density, 4), "estimate": round(choice.relative_cost, 3)}  # fmt: skip
         entries[layer.index] = entry
