@@ -50,10 +50,9 @@ __all__ = ["WASM_REFUSAL", "EmulatedBackend", "make_backend", "parse_address", "
 
 #: Why ``--latency-backend wasm`` is refused.
 WASM_REFUSAL = (
-    "wasm latency is not measured: a wasm module runs only inside its emscripten-linked program, so every "
-    "probe would be a full bundle link (emcc, ~1 min) and node's timer adds its own noise; measure in a "
-    "browser or node through a TVM RPC tracker (--latency-backend rpc:wasm is not supported by this "
-    "version either), or use --latency-backend ort"
+    "wasm latency is not measured: a wasm model runs only linked into its emscripten program, so every probe "
+    "of a latency table would be a bundle compile and link (15-25 s each for a small CNN) timed in a node "
+    "process of its own; use --latency-backend ort or x86"
 )
 #: Why a backend of another architecture does not time under emulation.
 EMULATION_REFUSAL = (

@@ -1,0 +1,458 @@
+"""Do pruned models get faster? Efficiency = realized speedup / MACs reduction, per model, ratio and rounding.
+
+    python bench/latency.py [--quick | --full] [--models resnet50,...] [--ratios 0.1,0.3,...]
+                            [--roundings auto,1,16] [--threads 1,2] [--tvm MODEL@R,...] [--no-accuracy]
+                            [--out bench/latency_results]
+
+Part 1, **efficiency** (issue 13): every zoo model (ONNXPRUNE_MODEL_CACHE, see models/zoo.py) is pruned with
+the command line a user types, ``onnxprune prune MODEL --ratio R --round-to X --no-verify --json`` (X = auto,
+the default, whose latency table is measured on onnxruntime CPU 1 thread and cached; 1: any count; 16), then
+all pruned variants of a model are timed in one process on onnxruntime CPU (1 and 2 intra-op threads,
+batch 1), round-robin with the dense model in every round (:func:`onnxprune.latency.timing.interleaved`;
+chunks of :data:`CHUNK` variants, each with the dense model, so memory stays bounded and every speedup is
+against a dense model timed in the same rounds). MACs come from the summary. A subset is also timed as TVM x86
+bundles run (:class:`onnxprune.targets.tvm_latency.TvmBackend`: the bundle's compile, TVM's time_evaluator,
+interleaved the same way). The issue's Torch-Pruning 1.6.1 numbers (and its own "before" numbers) are
+printed as quoted reference rows.
+
+Part 2, **accuracy at equal measured latency** on the two bundled trained Fashion-MNIST models (data: Debian
+package dataset-fashion-mnist): latency-aware (``--target-latency Fx``), FLOPs-based (``--allocation global
+--target-macs P%``) and uniform (``--ratio R``) pruning; every model is timed interleaved with the dense one
+(batch 1, onnxruntime 1 thread), top-1 on the test split; the FLOPs-based and uniform curves (accuracy vs
+measured latency) are interpolated at each latency-aware model's measured latency.
+
+The machine's load average is printed with the results: timings on a shared machine are provisional.
+Default mode: ratios 0.1/0.3/0.5/0.7, both thread counts, TVM for MobileNetV2 0.3/0.5 (about 15 minutes on
+a quiet 2-core machine once the latency tables are cached; the first run measures them). ``--quick``: two
+models, two ratios, 1 thread, no TVM, a short accuracy part. ``--full``: ratios 0.1..0.7 in steps of 0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models import zoo
+from onnxprune.latency.backend import LatencyBackend, OrtBackend
+from onnxprune.latency.measure import static_inputs
+from onnxprune.latency.timing import Timing
+
+#: Variants timed together with one dense model (bounded memory; every speedup against its own dense).
+CHUNK = 8
+#: zoo name -> (label, --shape flags for dynamic inputs)
+MODELS: dict[str, tuple[str, dict[str, list[int]]]] = {
+    "resnet50": ("ResNet-50", {}),
+    "mobilenet_v2": ("MobileNetV2", {}),
+    "efficientnet_b0": ("EfficientNet-B0", {}),
+    "minilm_l6": ("MiniLM-L6 (BERT-like, seq 128)",
+                  {"input_ids": [1, 128], "attention_mask": [1, 128], "token_type_ids": [1, 128]}),
+    "bert_tiny": ("BERT-tiny (seq 16)", {}),
+}  # fmt: skip
+DEFAULT_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "minilm_l6")
+#: Quoted from issue 13 (torch 2.13 exports, onnxruntime CPU, 1 thread, batch 1, interleaved): efficiency of
+#: onnxprune before the latency work (defaults = round-to 1; round-to 8; round-to 16) and Torch-Pruning 1.6.1.
+QUOTED = [
+    ("MobileNetV2", 0.3, {"onnxprune before, round-to 1": 0.46, "onnxprune before, round-to 8": 0.81,
+                          "onnxprune before, round-to 16": 0.90, "Torch-Pruning 1.6.1": 0.47}),
+    ("MobileNetV2", 0.5, {"onnxprune before, round-to 1": 0.61, "onnxprune before, round-to 8": 0.65,
+                          "onnxprune before, round-to 16": 0.78, "Torch-Pruning 1.6.1": 0.73}),
+    ("ResNet-50", 0.3, {"onnxprune before, round-to 1": 0.69, "onnxprune before, round-to 8": 0.95,
+                        "onnxprune before, round-to 16": 0.99, "Torch-Pruning 1.6.1": 0.80}),
+    ("ResNet-50", 0.5, {"onnxprune before, round-to 1": 0.94, "onnxprune before, round-to 8": 0.95,
+                        "onnxprune before, round-to 16": 0.96, "Torch-Pruning 1.6.1": 1.01}),
+]  # fmt: skip
+FASHION = ("fashion_mnist_cnn", "fashion_mnist_resnet")
+
+
+@dataclass
+class Variant:
+    """One pruned model: how it was made, its MACs, and its measured speedups by backend."""
+
+    model: str
+    ratio: float
+    rounding: str
+    path: str
+    macs_before: int
+    macs_after: int
+    prune_s: float
+    cli_latency: dict | None = None  # the summary's ``latency`` record (auto rounding measures it)
+    speedup: dict[str, float] = field(default_factory=dict)
+    spread: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def macs_reduction(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
+
+    def efficiency(self, backend: str) -> float | None:
+        s = self.speedup.get(backend)
+        return None if s is None else s / self.macs_reduction
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} cpus)"
+
+
+def shape_flags(shapes: dict[str, list[int]]) -> list[str]:
+    return [a for name, dims in shapes.items() for a in ("--shape", f"{name}={','.join(map(str, dims))}")]
+
+
+def prune_cli(model: Path, out: Path, flags: Sequence[str], cache: Path) -> tuple[dict, float]:
+    """``onnxprune prune MODEL -o OUT FLAGS --no-verify --json`` in a subprocess; (summary, seconds)."""
+    cmd = [sys.executable, "-m", "onnxprune.cli", "prune", str(model), "-o", str(out), *flags,
+           "--no-verify", "--json", "--latency-cache", str(cache)]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"{' '.join(cmd[3:])}: exit {proc.returncode}: {last}")
+    return json.loads(proc.stdout), seconds
+
+
+def timed_against_dense(
+    dense: onnx.ModelProto, models: Sequence[onnx.ModelProto], backend: LatencyBackend, repeat: int
+) -> list[tuple[float, float]]:
+    """(speedup, spread) of every model against ``dense``, timed round-robin in chunks that each include it."""
+    out: list[tuple[float, float]] = []
+    for start in range(0, len(models), CHUNK):
+        chunk = list(models[start : start + CHUNK])
+        timings: list[Timing] = backend.time_models([dense, *chunk], warmup=3, repeat=repeat)
+        ref = timings[0].median_ms
+        out += [(ref / t.median_ms, max(t.spread, timings[0].spread)) for t in timings[1:]]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ part 1
+
+
+def prune_all(args: argparse.Namespace, work: Path, cache: Path, log: list[str]) -> list[Variant]:
+    variants: list[Variant] = []
+    for name in args.models:
+        label, shapes = MODELS[name]
+        src = zoo.zoo_model(name)
+        for ratio in args.ratios:
+            for rounding in args.roundings:
+                out = work / f"{name}_{ratio}_{rounding}.onnx"
+                flags = ["--ratio", str(ratio), "--round-to", rounding, *shape_flags(shapes)]
+                try:
+                    summary, seconds = prune_cli(src, out, flags, cache)
+                except RuntimeError as e:
+                    log.append(f"FAILED {name} ratio {ratio} round-to {rounding}: {e}")
+                    print(log[-1], flush=True)
+                    continue
+                v = Variant(name, ratio, rounding, str(out), int(summary["macs_before"]), int(summary["macs_after"]),
+                            round(seconds, 1), summary.get("latency"))  # fmt: skip
+                variants.append(v)
+                print(f"  pruned {label} ratio {ratio} round-to {rounding}: MACs /{v.macs_reduction:.2f} "
+                      f"in {seconds:.0f} s", flush=True)  # fmt: skip
+    return variants
+
+
+def measure_all(variants: list[Variant], args: argparse.Namespace) -> None:
+    for name in args.models:
+        mine = [v for v in variants if v.model == name]
+        if not mine:
+            continue
+        shapes = MODELS[name][1]
+        dense = static_inputs(onnx.load(str(zoo.zoo_model(name))), shapes or None)
+        pruned = [static_inputs(onnx.load(v.path), shapes or None) for v in mine]
+        for threads in args.threads:
+            key = f"ort{threads}"
+            t0 = time.perf_counter()
+            for v, (s, spread) in zip(
+                mine, timed_against_dense(dense, pruned, OrtBackend(threads=threads), args.repeat)
+            ):
+                v.speedup[key], v.spread[key] = s, spread
+            print(f"  timed {len(mine)} {MODELS[name][0]} variants on onnxruntime, {threads} thread(s), "
+                  f"in {time.perf_counter() - t0:.0f} s; {load()}", flush=True)  # fmt: skip
+
+
+def measure_tvm(variants: list[Variant], args: argparse.Namespace) -> None:
+    """TVM x86 bundles: the subset ``--tvm MODEL@RATIO``, every rounding, 1 thread."""
+    wanted = [(m, float(r)) for m, _, r in (item.partition("@") for item in args.tvm)]
+    if not wanted:
+        return
+    try:
+        import onnxprune.targets.latency  # noqa: F401  (registers the TVM backends)
+        from onnxprune.latency.backend import get_backend
+
+        backend = get_backend("x86", threads=1)
+    except Exception as e:  # no tvm here: the ort part stands alone
+        print(f"  TVM x86 skipped: {e}", flush=True)
+        return
+    for name in dict.fromkeys(m for m, _ in wanted):
+        mine = [v for v in variants if v.model == name and (name, v.ratio) in wanted]
+        if not mine:
+            continue
+        shapes = MODELS[name][1]
+        dense = static_inputs(onnx.load(str(zoo.zoo_model(name))), shapes or None)
+        t0 = time.perf_counter()
+        pruned = [static_inputs(onnx.load(v.path), shapes or None) for v in mine]
+        for v, (s, spread) in zip(
+            mine, timed_against_dense(dense, pruned, backend, max(7, args.repeat // 2))
+        ):
+            v.speedup["tvm"], v.spread["tvm"] = s, spread
+        print(f"  compiled and timed {len(mine) + 1} {MODELS[name][0]} models with TVM x86 in "
+              f"{time.perf_counter() - t0:.0f} s; {load()}", flush=True)  # fmt: skip
+
+
+def efficiency_table(variants: list[Variant], args: argparse.Namespace) -> list[str]:
+    backends = [f"ort{t}" for t in args.threads] + (
+        ["tvm"] if any("tvm" in v.speedup for v in variants) else []
+    )
+    names = {"ort1": "ort 1T", "ort2": "ort 2T", "tvm": "TVM x86"}
+    head = f"{'model':<32} {'ratio':>5} {'round-to':>8} {'MACs /':>7}"
+    for b in backends:
+        head += f" {names.get(b, b) + ' speedup':>16} {'eff':>5}"
+    lines = [head, "-" * len(head)]
+    for v in variants:
+        row = f"{MODELS[v.model][0]:<32} {v.ratio:>5.2f} {v.rounding:>8} {v.macs_reduction:>7.2f}"
+        for b in backends:
+            s, e = v.speedup.get(b), v.efficiency(b)
+            if s is None or e is None:
+                row += f" {'-':>16} {'-':>5}"
+            else:
+                mark = "!" if s < 1 else " "  # slower than the dense model
+                row += f" {s:>15.2f}{mark} {e:>5.2f}"
+        lines.append(row)
+    lines += [
+        "",
+        "Quoted reference rows (issue 13, same measure: onnxruntime CPU 1 thread; not re-measured here):",
+    ]
+    for label, ratio, cells in QUOTED:
+        lines.append(
+            f"  {label:<12} {ratio:.1f}  " + "  ".join(f"{k}: {val:.2f}" for k, val in cells.items())
+        )
+    lines += ["", "Judged (issue 13): efficiency >= 0.9 and speedup >= 1 with the defaults (round-to auto):"]
+    for b in backends:
+        auto = [v for v in variants if v.rounding == "auto" and b in v.speedup and v.model != "minilm_l6"]
+        if auto:
+            worst = min(auto, key=lambda v: v.efficiency(b) or 0.0)
+            slower = [f"{v.model}@{v.ratio}" for v in auto if v.speedup[b] < 1]
+            ok = sum((v.efficiency(b) or 0) >= 0.9 for v in auto)
+            lines.append(f"  {names.get(b, b)}: {ok}/{len(auto)} CNN variants reach 0.9; worst {worst.model}@"
+                         f"{worst.ratio} {worst.efficiency(b):.2f}; slower than dense: {', '.join(slower) or 'none'}")  # fmt: skip
+    lines += ["", "auto vs round-to 1 (speedup ratio, > 1: auto is faster):"]
+    for b in backends:
+        pairs = [(a, o) for a in variants for o in variants if a.rounding == "auto" and o.rounding == "1"
+                 and a.model == o.model and a.ratio == o.ratio and b in a.speedup and b in o.speedup]  # fmt: skip
+        if pairs:
+            r = [a.speedup[b] / o.speedup[b] for a, o in pairs]
+            lines.append(
+                f"  {names.get(b, b)}: min {min(r):.2f}, median {float(np.median(r)):.2f} over {len(r)}"
+            )
+    return lines
+
+
+def plot(variants: list[Variant], args: argparse.Namespace, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = [n for n in args.models if any(v.model == n for v in variants)]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for rounding in args.roundings:
+            for threads, style in zip(args.threads, ("-", "--")):
+                pts = sorted((v.ratio, v.efficiency(f"ort{threads}")) for v in variants
+                             if v.model == name and v.rounding == rounding and f"ort{threads}" in v.speedup)  # fmt: skip
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", label=f"round-to {rounding}, {threads}T")
+        ax.axhline(0.9, color="grey", lw=0.8)
+        ax.set_title(MODELS[name][0], fontsize=9)
+        ax.set_xlabel("--ratio")
+        ax.set_ylim(0, 1.4)
+    axes[0][0].set_ylabel("speedup / MACs reduction (ort CPU)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------------------------------------ part 2
+
+
+def accuracy_part(args: argparse.Namespace, work: Path, cache: Path) -> tuple[list[str], list[dict]]:
+    """Accuracy at equal measured latency: latency-aware vs FLOPs-based vs uniform (module docstring)."""
+    try:
+        from models.fashion_mnist import load_fashion_mnist
+
+        images, labels = load_fashion_mnist("test")
+    except Exception as e:
+        return [f"accuracy part skipped: {e}"], []
+    n = 2000 if args.quick else len(images)
+    images, labels = images[:n], labels[:n]
+    targets = (0.7, 0.5) if args.quick else (0.8, 0.65, 0.5, 0.4)
+    macs = (80, 60, 40) if args.quick else (90, 75, 60, 50, 40, 30, 20)
+    ratios = (0.2, 0.4, 0.6) if args.quick else (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    shape = ["--shape", "image=1,1,28,28"]
+    lines: list[str] = []
+    records: list[dict] = []
+    for name in FASHION:
+        src = ROOT / "models" / f"{name}.onnx"
+        runs: list[tuple[str, str, list[str]]] = (
+            [("latency-aware", f"{t}x", ["--target-latency", f"{t}x"]) for t in targets]
+            + [("FLOPs-based", f"{p}%", ["--allocation", "global", "--target-macs", f"{p}%"]) for p in macs]
+            + [("uniform", f"{r}", ["--ratio", str(r)]) for r in ratios]
+        )
+        made: list[tuple[str, str, Path, dict]] = []
+        for kind, setting, flags in runs:
+            out = work / f"{name}_{kind}_{setting}.onnx".replace("%", "pct")
+            try:
+                summary, _ = prune_cli(src, out, [*flags, *shape], cache)
+            except RuntimeError as e:
+                lines.append(f"  {name} {kind} {setting}: FAILED {e}")
+                continue
+            made.append((kind, setting, out, summary))
+            print(f"  pruned {name} {kind} {setting}", flush=True)
+        if not made:
+            continue
+        dense = static_inputs(onnx.load(str(src)), {"image": [1, 1, 28, 28]})
+        pruned = [onnx.load(str(p)) for _, _, p, _ in made]
+        speedups = timed_against_dense(
+            dense, pruned, OrtBackend(threads=1), max(args.repeat, 41)
+        )  # ~0.1 ms models
+        base = top1(dense, images, labels)
+        for (kind, setting, _, summary), model, (s, _) in zip(made, pruned, speedups):
+            records.append({"model": name, "kind": kind, "setting": setting, "speedup": s,
+                            "latency_fraction": 1 / s, "top1": top1(model, images, labels), "dense_top1": base,
+                            "macs_reduction": summary["macs_before"] / max(summary["macs_after"], 1),
+                            "cli_latency": summary.get("latency")})  # fmt: skip
+        lines += [f"{name}: dense top-1 {base:.2f}% on {n} test images", _accuracy_rows(name, records)]
+    return lines, records
+
+
+def top1(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0].name
+    batch = sess.get_inputs()[0].shape[0]
+    step = batch if isinstance(batch, int) else 1000
+    out = np.concatenate(
+        [sess.run(None, {inp: images[i : i + step]})[0] for i in range(0, len(images), step)]
+    )
+    return float((out.argmax(1) == labels).mean() * 100)
+
+
+def _accuracy_rows(name: str, records: list[dict]) -> str:
+    mine = [r for r in records if r["model"] == name]
+    rows = [f"  {'kind':<14} {'setting':>8} {'latency':>8} {'MACs /':>7} {'top-1':>7}"]
+    for r in mine:
+        rows.append(f"  {r['kind']:<14} {r['setting']:>8} {r['latency_fraction']:>7.2f}x {r['macs_reduction']:>7.2f} "
+                    f"{r['top1']:>6.2f}%")  # fmt: skip
+    rows.append(
+        "  at equal measured latency (FLOPs-based / uniform interpolated on their accuracy-vs-latency curves):"
+    )
+    for r in (x for x in mine if x["kind"] == "latency-aware"):
+        cells = [f"latency-aware {r['top1']:.2f}%"]
+        for kind in ("FLOPs-based", "uniform"):
+            curve = sorted((x["latency_fraction"], x["top1"]) for x in mine if x["kind"] == kind)
+            if len(curve) >= 2 and curve[0][0] <= r["latency_fraction"] <= curve[-1][0]:
+                lat, acc = zip(*curve)
+                cells.append(f"{kind} {float(np.interp(r['latency_fraction'], lat, acc)):.2f}%")
+            else:
+                cells.append(f"{kind} - (outside its measured range)")
+        rows.append(f"    {r['latency_fraction']:.2f}x: " + ", ".join(cells))
+    return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="two models, two ratios, 1 thread, no TVM")
+    p.add_argument("--full", action="store_true", help="ratios 0.1..0.7 in steps of 0.1")
+    p.add_argument(
+        "--models", default=None, help=f"comma-separated zoo names (default {','.join(DEFAULT_MODELS)})"
+    )
+    p.add_argument("--ratios", default=None)
+    p.add_argument("--roundings", default="auto,1,16")
+    p.add_argument("--threads", default=None, help="onnxruntime intra-op threads to time with (default 1,2)")
+    p.add_argument("--tvm", default=None, help="MODEL@RATIO,... timed as TVM x86 bundles ('' for none)")
+    p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 15, quick 9)")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the Fashion-MNIST accuracy part")
+    p.add_argument(
+        "--out", default=str(ROOT / "bench" / "latency_results"), help="results stem (.txt, .json, .png)"
+    )
+    p.add_argument("--work", default=None, help="folder for the pruned models (default: a temporary one)")
+    args = p.parse_args(argv)
+    args.models = (
+        args.models or ("mobilenet_v2,resnet50" if args.quick else ",".join(DEFAULT_MODELS))
+    ).split(",")
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    default_ratios = (
+        "0.3,0.5" if args.quick else ("0.1,0.2,0.3,0.4,0.5,0.6,0.7" if args.full else "0.1,0.3,0.5,0.7")
+    )
+    args.ratios = [float(r) for r in (args.ratios or default_ratios).split(",")]
+    args.roundings = args.roundings.split(",")
+    args.threads = [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]
+    tvm_default = "" if args.quick else "mobilenet_v2@0.3,mobilenet_v2@0.5"
+    args.tvm = [t for t in (tvm_default if args.tvm is None else args.tvm).split(",") if t]
+    args.repeat = args.repeat or (9 if args.quick else 15)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    out = Path(args.out)
+    started = time.time()
+    log: list[str] = [f"bench/latency.py {' '.join(sys.argv[1:])}", f"start: {load()}"]
+    print(log[-1], flush=True)
+    with tempfile.TemporaryDirectory(prefix="onnxprune-bench-latency-") as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        cache = Path(
+            os.environ.get("ONNXPRUNE_LATENCY_CACHE", Path.home() / ".cache" / "onnxprune" / "latency")
+        )
+        variants = prune_all(args, work, cache, log)
+        log.append(f"after pruning ({len(variants)} variants): {load()}")
+        measure_all(variants, args)
+        measure_tvm(variants, args)
+        log.append(f"after timing: {load()}")
+        table = efficiency_table(variants, args)
+        acc_lines: list[str] = []
+        acc_records: list[dict] = []
+        if not args.no_accuracy:
+            acc_lines, acc_records = accuracy_part(args, work, cache)
+            log.append(f"after the accuracy part: {load()}")
+    text = [
+        "Efficiency = realized speedup / MACs reduction (batch 1; onnxruntime CPU N threads = ort NT; TVM x86 = "
+        "the bundle's compile timed with time_evaluator, 1 thread). '!' marks a model slower than dense.",
+        *table, "", "Accuracy at equal measured latency (Fashion-MNIST, onnxruntime CPU 1 thread, batch 1):",
+        *(acc_lines or ["  (skipped)"]), "", *log, f"total {time.time() - started:.0f} s",
+    ]  # fmt: skip
+    report = "\n".join(text) + "\n"
+    print(report)
+    out.with_suffix(".txt").write_text(report)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"args": vars(args), "log": log,
+         "variants": [{**asdict(v), "macs_reduction": v.macs_reduction,
+                       "efficiency": {b: v.efficiency(b) for b in v.speedup}} for v in variants],
+         "accuracy": acc_records, "quoted": QUOTED}, indent=1))  # fmt: skip
+    plot(variants, args, out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
