@@ -125,7 +125,7 @@ def sparsify_model(
             new = matrices[layer.name] * masks[layer.name]
             state.set_weight(layer, new, masks[layer.name])
             if config.repair == "bias":
-                _bias_correction(state, layer, matrices[layer.name] - new, report)
+                _bias_correction(state, layer, matrices[layer.name], new, report)
     elif config.repair == "ls":
         with task("SparseGPT", total=len(active)) as progress:
             for layer in progress.track(active):
@@ -175,19 +175,28 @@ class _State:
         self.values[slot.tensor] = (base + (slot.sign * delta).reshape(base.shape)).astype(base.dtype)
 
 
-def _bias_correction(state: _State, layer: SparseLayer, removed: np.ndarray, report: SparsityReport) -> None:
-    """Data-free repair: the removed weights times their input's BatchNorm mean, added to the bias."""
+def _bias_correction(state: _State, layer: SparseLayer, w: np.ndarray, new: np.ndarray, report: SparsityReport) -> None:
+    """Data-free repair: the removed weights times their input's BatchNorm mean go into the bias; a BatchNorm
+    right after the layer also gets its running variance renormalised."""
     c = layer.consumer
     if c is None:
         report.not_repaired[layer.name] = "not a calibration consumer (grouped conv, ConvTranspose, ...)"
         return
     mom = channel_moments(state.graph, c.x, c.x_axis)
-    slot = _bias_slot(state.graph, c, removed.shape[0])
+    slot = _bias_slot(state.graph, c, w.shape[0])
     if mom is None or slot is None:
         report.not_repaired[layer.name] = "no BatchNorm statistics upstream" if mom is None else "no bias to correct"
         return
-    delta = removed @ mom[0][c.feature_channel(layer.shape)]
-    state.add_bias(c, slot, delta, state.graph.initializer_value(layer.weight).dtype)
+    feat = c.feature_channel(layer.shape)
+    state.add_bias(c, slot, (w - new) @ mom[0][feat], state.graph.initializer_value(layer.weight).dtype)
+    if slot.kind == "bn_mean":
+        # The BatchNorm normalised the full output variance; the kept weights carry sum_kept W^2 var /
+        # sum_all W^2 var of it (independent inputs, as for channels in `repair`): renormalise, so the next
+        # layers see the variance they were trained on.
+        var_name = slot.node.input[4]
+        stored = state.graph.initializer_value(var_name)
+        frac = ((new**2) @ mom[1][feat]) / np.maximum((w**2) @ mom[1][feat], 1e-30)
+        state.values[var_name] = (np.asarray(stored, np.float64) * np.clip(frac, 0.05, 1.0)).astype(stored.dtype)
     report.repaired += 1
 
 
