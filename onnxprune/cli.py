@@ -224,6 +224,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     cert = _verify(args, normalized, result.model, check)
     latency = _latency(config, result.get(ChannelSelection), normalized, result.model)
+    if latency is not None:  # the stored summary says how fast the model measured, too
+        from onnxprune.metadata import stamp
+
+        stamp(result.model, {**summary_record.as_dict(), "latency": latency})
     keep_external = has_lazy(normalized) or None  # weights came in a data file: write them to one too
     save_model(result.model, out, external_data=keep_external)
     summary = {"input": str(src), "output": str(out), **summary_record.as_dict(),

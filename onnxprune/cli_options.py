@@ -101,6 +101,9 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drive", choices=("free", "writer", "reader"), default="free",
                    help="unconstrained: free = every layer its own top channels; writer = readers choose among what "
                         "reaches them; reader = writers keep what their readers read")
+    p.add_argument("--group-budget", action="store_true",
+                   help="unconstrained: a group's layers keep fewer channels until it holds no more parameters than "
+                        "constrained pruning keeps there (a reader-driven writer keeps its readers' union)")
     p.add_argument("--no-reorder", action="store_true",
                    help="unconstrained: naive export (original order, ScatterND/Gather copies)")
     p.add_argument("--tune", type=int, default=0, metavar="N",
@@ -198,12 +201,13 @@ def add_shape_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_accuracy_options(p: argparse.ArgumentParser, samples: int | None = None, unconstrained: bool = False) -> None:
-    """--repair, --calib, --calib-samples; `unconstrained`: the command has --mode, whose repair is `mean`."""
+    """--repair, --calib, --calib-samples; `unconstrained`: the command has --mode, which adds repair `mean`."""
     repairs = ("none", "bias", "ls", "seq") + (("mean",) if unconstrained else ())
     text = ("after removal: none, bias (data-free, BatchNorm stats), ls (calibrated least squares), "
             "seq (ls fitted layer by layer on the pruned model's own activations)")
     if unconstrained:
-        text += "; --mode unconstrained: none or mean (calibrated output means, needs --calib)"
+        text += ("; --mode unconstrained: none, mean (calibrated output means), ls or seq (each layer's kept "
+                 "channels refitted), all need --calib")
     p.add_argument("--repair", default="none", choices=repairs, help=text)
     p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs: .npz, keys = input names, axis 0 = samples")
     p.add_argument("--calib-samples", type=positive_int, default=samples, metavar="N",

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
+from onnxprune.allocation import parse_target
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import check_model, infer_shapes
@@ -111,7 +112,9 @@ class UnconstrainedPass(Pass):
             plan = build_plan(model, c, self.keeps)
         else:
             prep = prepare(model, c)
-            plan, _ = allocate(prep, c, c.target_params, self._allowed(model, prep))
+            target = parse_target(str(c.target_params), count_params(ModelGraph(model)), "params") \
+                if c.target_params is not None else None  # fmt: skip
+            plan, _ = allocate(prep, c, target, self._allowed(model, prep))
         if c.repair != "none":
             assert self.calib is not None  # checked in __init__
             repaired, _ = repair_plan(model, plan, c.repair, self.calib)

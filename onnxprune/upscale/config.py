@@ -59,8 +59,9 @@ class UnconstrainedConfig:
     # How groups share the removal (`upscale.allocate`, constrained pruning's allocations): "uniform" (every
     # group the ratio), "global" or "lamp" (layer-adaptive budgets); with a target, the order it walks.
     allocation: str = "uniform"
-    # Parameters to keep (a count of nonzero parameters: what every unit keeps); None: the ratio decides.
-    target_params: int | None = None
+    # Parameters to keep: a count or "P%" of the input's (nonzero parameters: what every unit keeps; the
+    # pass resolves a percentage on the model it prunes); None: the ratio decides.
+    target_params: int | str | None = None
     # Allowed kept counts per group id of the unsplit model's channel analysis (ascending, ending with the
     # group size; `--round-to N` multiples or a latency grid): every unit keeps one of them.
     keep_counts: dict[int, tuple[int, ...]] | None = None
@@ -76,7 +77,7 @@ class UnconstrainedConfig:
             raise UsageError(f"unconstrained repair must be one of {', '.join(REPAIRS)}, got {self.repair!r}")
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"unconstrained allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
-        if self.target_params is not None and self.target_params < 1:
+        if isinstance(self.target_params, int) and self.target_params < 1:
             raise UsageError(f"target_params must be a positive count, got {self.target_params}")
         for gid, counts in (self.keep_counts or {}).items():
             if not counts or any(c < 1 for c in counts) or list(counts) != sorted(set(counts)):

@@ -1,0 +1,157 @@
+"""Unconstrained plans with per-group allocation, parameter targets, allowed kept counts and calibrated
+least-squares repair (``ls``, ``seq``): exact against the repaired masked original in onnxruntime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import canonical
+
+from models import fashion_mnist
+from models.testmodels import TEST_MODELS
+from onnxprune.channels import analyze
+from onnxprune.cli import main
+from onnxprune.errors import UsageError
+from onnxprune.graph import ModelGraph
+from onnxprune.importer import import_model
+from onnxprune.metrics import count_params
+from onnxprune.passes.config import PruneConfig
+from onnxprune.passes.pruning import PrunePass
+from onnxprune.passes.unconstrained import UnconstrainedPass
+from onnxprune.upscale.allocate import plan_params, split_group_ids
+from onnxprune.upscale.config import UnconstrainedConfig
+from onnxprune.upscale.oracle import mask_model
+from onnxprune.verify import random_inputs, run
+
+RESNET = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_resnet.onnx"
+
+
+def _exact(model: onnx.ModelProto, result, inputs: dict) -> None:
+    """The export computes the oracle: the (repaired) original with every unit's own mask."""
+    expected = run(mask_model(model, result.info["plan"]), inputs)
+    got = run(result.model, inputs)
+    scale = max(float(np.abs(e).max()) for e in expected)
+    assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= 1e-5 * scale
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    if not RESNET.is_file():
+        pytest.skip("models/fashion_mnist_resnet.onnx not built")
+    if not fashion_mnist.is_available():
+        pytest.skip(f"Fashion-MNIST not installed: apt-get install -y {fashion_mnist.DEBIAN_PACKAGE}")
+    train, _ = fashion_mnist.load_fashion_mnist("train")
+    test, _ = fashion_mnist.load_fashion_mnist("test")
+    return import_model(RESNET), {"image": train[:64]}, {"image": test[::40]}  # 250 held-out images
+
+
+def test_ls_and_seq_repair_beat_mean_on_a_real_model(fashion):
+    """On the trained ResNet (three residual streams, three writers each), held-out logits end closer to
+    the original's after least-squares repair than after mean repair, and every export is exact."""
+    model, calib, held_out = fashion
+    reference = run(model, held_out)[0]
+    errors = {}
+    for repair in ("mean", "ls", "seq"):
+        config = UnconstrainedConfig(ratio=0.3, criterion="l1", drive="reader", repair=repair)
+        result = UnconstrainedPass(config, calib=calib).run(model)
+        _exact(model, result, held_out)
+        errors[repair] = float(np.linalg.norm(run(result.model, held_out)[0] - reference))
+    assert errors["seq"] < 0.8 * errors["mean"], errors
+    assert errors["ls"] < errors["mean"], errors
+
+
+@pytest.mark.parametrize("drive", ["free", "reader"])
+def test_target_params_is_met_like_constrained(fashion, drive):
+    """A parameter target: the plan has at most that many (nonzero) parameters, within one step of one
+    group of it; with share=1 it is exactly constrained pruning's plan for the same target."""
+    model, _, held_out = fashion
+    total = count_params(ModelGraph(model))
+    target = int(total * 0.7)
+    config = UnconstrainedConfig(criterion="l1", drive=drive, group_budget=True, target_params="70%")
+    result = UnconstrainedPass(config).run(model)
+    summary = result.info["summary"]
+    planned = plan_params(result.info["plan"])
+    assert 0.97 * target <= planned <= target
+    # The export's nonzero count adds only the variances of silenced BatchNorm channels (filled with 1).
+    assert planned <= summary["effective_params_after"] <= planned * 1.001
+    _exact(model, result, held_out)
+    same = UnconstrainedPass(UnconstrainedConfig(criterion="l1", share=1.0, target_params=target)).run(model)
+    constrained = PrunePass(PruneConfig(criterion="l1", target_params=str(target))).run(model)
+    assert same.info["summary"]["params_after"] == count_params(ModelGraph(constrained.model))
+
+
+@pytest.mark.parametrize("allocation", ["global", "lamp"])
+def test_allocations_give_groups_different_counts(fashion, allocation):
+    model, _, held_out = fashion
+    config = UnconstrainedConfig(criterion="l1", drive="reader", group_budget=True, allocation=allocation,
+                                 target_params="60%")  # fmt: skip
+    result = UnconstrainedPass(config).run(model)
+    plan = result.info["plan"]
+    fractions = {round(float(pc.kept.mean()), 3) for gp in plan.groups for pc in gp.pieces if pc.is_unit}
+    assert len(fractions) > 3  # layer-adaptive: not one kept fraction everywhere
+    assert result.info["summary"]["effective_params_after"] <= int(count_params(ModelGraph(model)) * 0.6)
+    _exact(model, result, held_out)
+
+
+@pytest.mark.parametrize("drive", ["free", "writer", "reader"])
+@pytest.mark.parametrize("name", ["residual", "concat"])
+def test_keep_counts_are_honoured(name, drive):
+    """Every unit keeps an allowed count of its group (multiples of 4 here, as ``--round-to 4``)."""
+    model = canonical(TEST_MODELS[name]())
+    original = analyze(ModelGraph(model))
+    grid = {g.id: tuple(sorted({*range(4, g.size + 1, 4), g.size})) for g in original.groups}
+    config = UnconstrainedConfig(ratio=0.4, drive=drive, keep_counts=grid, stream_multiple=1)
+    result = UnconstrainedPass(config).run(model)
+    plan = result.info["plan"]
+    ids = {v: k for k, v in split_group_ids(original, plan.analysis).items()}
+    checked = 0
+    for gp in plan.groups:
+        allowed = grid[ids[gp.group.id]]
+        for pc in gp.pieces:
+            if pc.is_unit:
+                assert int(pc.kept.sum()) in allowed, (gp.group.id, int(pc.kept.sum()), allowed)
+                checked += 1
+    assert checked > 0 and any(int(pc.kept.sum()) < gp.group.size for gp in plan.groups for pc in gp.pieces if pc.is_unit)
+    _exact(model, result, random_inputs(model, seed=2))
+
+
+@pytest.mark.parametrize("repair", ["ls", "seq"])
+def test_nothing_removed_reproduces_the_original(repair):
+    model = canonical(TEST_MODELS["residual"]())
+    inputs = random_inputs(model, seed=4)
+    calib = {k: np.concatenate([random_inputs(model, seed=i)[k] for i in range(4)]) for k in inputs}
+    result = UnconstrainedPass(UnconstrainedConfig(ratio=0.0, repair=repair), calib=calib).run(model)
+    assert not result.modified
+    full = UnconstrainedPass(UnconstrainedConfig(target_params="100%", repair=repair), calib=calib).run(model)
+    assert full.info["summary"]["effective_params_after"] == count_params(ModelGraph(model))
+    for a, b in zip(run(model, inputs), run(full.model, inputs)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * float(np.abs(a).max()))
+
+
+def test_config_and_cli_checks(tmp_model, tmp_path, capsys):
+    with pytest.raises(UsageError, match="allocation"):
+        UnconstrainedConfig(allocation="sensitivity")
+    with pytest.raises(UsageError, match="keep_counts"):
+        UnconstrainedConfig(keep_counts={0: (8, 4)})
+    with pytest.raises(UsageError, match="calibration"):
+        UnconstrainedPass(UnconstrainedConfig(repair="seq"))
+    model = canonical(TEST_MODELS["residual"]())
+    src = tmp_model(model)
+    calib = tmp_path / "calib.npz"
+    inputs = random_inputs(model, seed=0)
+    np.savez(calib, **{k: np.concatenate([random_inputs(model, seed=i)[k] for i in range(4)]) for k in inputs})
+    base = ["prune", str(src), "-o", str(tmp_path / "u.onnx"), "--mode", "unconstrained", "--json"]
+    args = ["--target-params", "70%", "--allocation", "lamp", "--drive", "reader", "--group-budget",
+            "--repair", "seq", "--calib", str(calib)]  # fmt: skip
+    assert main(base + args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["config"]["repair"] == "seq" and summary["config"]["allocation"] == "lamp"
+    assert summary["effective_params_after"] <= int(summary["params_before"] * 0.7)
+    assert summary["verification"]["passed"]
+    assert main(base + ["--allocation", "sensitivity"]) == 2
+    assert main(base + ["--target-macs", "50%"]) == 2
+    assert main(base + ["--repair", "seq"]) == 2  # needs --calib
