@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from onnxprune import external as ext
 from onnxprune.errors import UnsupportedModelError
 from onnxprune.graph import ModelGraph, subgraph_reads
-from onnxprune.onnx_utils import numel, opset_of
+from onnxprune.onnx_utils import all_graphs, node_subgraphs, numel, opset_of
 
 MIN_OPSET = 7
 
@@ -47,6 +47,7 @@ def normalize(model: onnx.ModelProto, inplace: bool = False) -> tuple[onnx.Model
         out.ir_version = 4
         changed = True
     changed |= _constants_to_initializers(g)
+    changed |= _branch_constants_to_initializers(g)
     changed |= _fold_constant_shape_ops(g, opset or 17)
     changed |= _fold_weight_layout_ops(g, opset or 17)
     changed |= remove_dead_code(g)
@@ -109,18 +110,24 @@ def _negative_dims_to_symbols(g: onnx.GraphProto) -> bool:
 
 
 def _name_nodes(g: onnx.GraphProto) -> bool:
+    """Give every node, in the main graph and in every If/Loop/Scan body, a name unique in the model.
+
+    Reports and the analysis address nodes by name; exporters often leave branch nodes unnamed or reuse
+    a name in each branch (silero-vad's If on the sample rate), which kept whole models frozen.
+    """
     seen: set[str] = set()
     changed = False
-    for i, node in enumerate(g.node):
-        if not node.name or node.name in seen:
-            base = node.name or f"{node.op_type}_{i}"
-            name, k = base, 0
-            while name in seen:
-                k += 1
-                name = f"{base}_{k}"
-            node.name = name
-            changed = True
-        seen.add(node.name)
+    for sub in all_graphs(g):
+        for i, node in enumerate(sub.node):
+            if not node.name or node.name in seen:
+                base = node.name or f"{node.op_type}_{i}"
+                name, k = base, 0
+                while name in seen:
+                    k += 1
+                    name = f"{base}_{k}"
+                node.name = name
+                changed = True
+            seen.add(node.name)
     return changed
 
 
@@ -152,8 +159,9 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None  # sparse_value / string values stay as nodes
 
 
-def _constants_to_initializers(g: onnx.GraphProto) -> bool:
-    """Constant nodes become initializers; Identity of an initializer is bypassed."""
+def _constants_to_initializers(g: onnx.GraphProto, bypass_identity: bool = True) -> bool:
+    """Constant nodes become initializers; Identity of an initializer is bypassed (`bypass_identity`:
+    off in If/Loop/Scan bodies, whose nested bodies may read the Identity's output by name)."""
     outputs = {o.name for o in g.output}
     inits = {t.name: t for t in g.initializer}
     keep: list[onnx.NodeProto] = []
@@ -169,7 +177,8 @@ def _constants_to_initializers(g: onnx.GraphProto) -> bool:
                 changed = True
                 continue
         if (
-            node.op_type == "Identity"
+            bypass_identity
+            and node.op_type == "Identity"
             and node.domain in ("", "ai.onnx")
             and rename.get(node.input[0], node.input[0]) in inits
             and node.output[0] not in outputs
@@ -184,6 +193,17 @@ def _constants_to_initializers(g: onnx.GraphProto) -> bool:
                 if name in rename:
                     node.input[i] = rename[name]
         _set_nodes(g, keep)
+    return changed
+
+
+def _branch_constants_to_initializers(g: onnx.GraphProto) -> bool:
+    """Constant nodes of every If/Loop/Scan body (any depth) become that body's initializers: rules read
+    Slice/Pad/Reshape arguments there as they do in the main graph (silero-vad's branches hold ~60)."""
+    changed = False
+    for node in g.node:
+        for sub in node_subgraphs(node):  # walked after the parent's rewrite: nodes may have been copied
+            changed |= _constants_to_initializers(sub, bypass_identity=False)
+            changed |= _branch_constants_to_initializers(sub)
     return changed
 
 

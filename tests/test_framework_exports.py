@@ -1,4 +1,4 @@
-"""Models exported by other frameworks' converters: TensorFlow/Keras (tf2onnx) and JAX/Flax (jax2onnx).
+"""Models from other toolchains: TensorFlow/Keras (tf2onnx), JAX/Flax (jax2onnx), and silero-vad's wheel.
 
 Each zoo entry of `models/zoo_frameworks.py` is pruned at 0.5 as a user would: it passes the checker,
 reaches the coverage bench's bar (>= 0.9 of the asked removal for CNNs, >= 0.8 for transformers, same
@@ -153,3 +153,61 @@ def test_symbolic_inference_follows_reduce_prod_keepdims():
     (r,) = [vi for vi in out.graph.value_info if vi.name == "r"]
     dims = [d.dim_value or d.dim_param for d in r.type.tensor_type.shape.dim]
     assert len(dims) == 2 and dims[1] == 8 and sorted(str(dims[0]).split("*")) == ["4", "B"]
+
+
+SILERO = ("silero_vad", "silero_vad_16k_op15", "silero_vad_op18_ifless")
+
+
+def _silero(name: str) -> Path:
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("silero-vad is not installed (models/install_zoo_deps.sh)")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / f"{name}.onnx"
+
+
+def _weights_everywhere(model: onnx.ModelProto) -> int:
+    """Elements of Conv/LSTM weights in the main graph and every If/Loop/Scan body."""
+    from onnxprune.onnx_utils import all_graphs
+
+    total = 0
+    inits = {t.name: t for g in all_graphs(model.graph) for t in g.initializer}  # outer scope included
+    for g in all_graphs(model.graph):
+        for node in g.node:
+            if node.op_type in ("Conv", "LSTM"):
+                for name in node.input[1:3] if node.op_type == "LSTM" else node.input[1:2]:
+                    if name in inits:
+                        total += int(np.prod(inits[name].dims))
+    return total
+
+
+@pytest.mark.parametrize("name", SILERO)
+def test_pretrained_audio_model_with_nested_branches(name):
+    """silero-vad (a pretrained voice-activity detector shipped in its PyPI wheel): STFT conv, encoder
+    convs and an LSTM decoder, in the default form inside an If on the sample rate whose branches
+    nest more Ifs and hold unnamed nodes and ~60 Constant nodes each. Every group passes dead-channel
+    equivalence at the sample rate whose branch holds it, the pruned model matches the masked original
+    at 16 kHz (512 samples) and 8 kHz (256 samples) for batch 1 and 2, and half of the weights go."""
+    model = import_model(_silero(name))
+    analysis = analyze(ModelGraph(model))
+    assert analysis.groups
+    rates = ((16000, 512),) if "16k" in name else ((16000, 512), (8000, 256))
+    rng = np.random.default_rng(0)
+
+    def feeds(sr: int, n: int, batch: int) -> dict[str, np.ndarray]:
+        f = {"input": (0.1 * rng.standard_normal((batch, n))).astype(np.float32),
+             "state": (0.1 * rng.standard_normal((2, batch, 128))).astype(np.float32),
+             "sr": np.array(sr, dtype=np.int64)}
+        return {k: v for k, v in f.items() if k in {i.name for i in model.graph.input}}
+
+    for group in analysis.groups:
+        # 1e-4: float32 re-association through the STFT magnitude and the LSTM (seen up to 1.6e-5)
+        assert min(dead_channel_check(analysis, group, feeds(sr, n, 1)).error for sr, n in rates) <= 1e-4
+    result = PrunePass(PruneConfig(ratio=0.5)).run(model)
+    check_model(result.model)
+    masked = apply_mask(analysis, result.info["plan"].labels(analysis))
+    for sr, n in rates:
+        for batch in (1, 2):
+            inputs = feeds(sr, n, batch)
+            assert max_rel_error(run(masked, inputs), run(result.model, inputs)) <= 1e-4
+    removed = 1 - _weights_everywhere(result.model) / _weights_everywhere(model)
+    assert removed >= 0.5 * 0.9 * (0.5 if name == "silero_vad" else 1.0)  # two branches: one sample rate each
