@@ -59,5 +59,8 @@ class PrunePass(PassManager):
         result = super().call(model)
         summary = result.get(PruneSummary)
         selection = result.get(ChannelSelection)
-        info = {"summary": summary.as_dict(), "analysis": selection.source, "plan": selection.plan}
+        record = summary.as_dict()
+        if selection.latency is not None:  # a latency target: its verified measurement
+            record["latency"] = selection.latency.as_dict()
+        info = {"summary": record, "analysis": selection.source, "plan": selection.plan}
         return PassResult(result.model, result.modified, info, result.artifacts, result.steps)

@@ -300,3 +300,5 @@ def test_text_report_has_one_latency_line(convnet, tmp_path, capsys):
     assert main(["prune", str(convnet), "-o", str(tmp_path / "t.onnx"), "--ratio", "0.3"]) == 0
     out = capsys.readouterr().out
     assert "latency" in out and "faster on ort" in out and "efficiency" in out
+    stored = {p.key: p.value for p in onnx.load(str(tmp_path / "t.onnx")).metadata_props}
+    assert json.loads(stored["onnxprune.summary"])["latency"]["speedup"] > 0  # the output remembers it
