@@ -214,10 +214,16 @@ def test_predicted_ms_adds_group_changes(tmp_path):
     assert table.at(10_000, 3) == 0.0  # no curve: no latency
 
 
-def test_dynamic_batch_is_measured_at_one(tmp_path):
+def test_dynamic_batch_is_measured_at_one_and_other_dynamic_sizes_are_named(tmp_path):
     analysis = analyze(ModelGraph(conv_chain(batch="N")))
     table = build_table(analysis, FakeBackend(), cache_dir=tmp_path)
     assert not table.notices and _width_group(analysis, 64).id in table.curves
+    model = conv_chain()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    del model.graph.value_info[:]
+    analysis = analyze(ModelGraph(canonical(model)))
+    table = build_table(analysis, FakeBackend(), cache_dir=tmp_path)
+    assert any("not static (give it with --shape)" in n and "'c1'" in n for n in table.notices), table.notices
 
 
 def test_emulated_backend_and_unknown_backend_are_refused(tmp_path):

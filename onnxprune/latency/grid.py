@@ -19,19 +19,28 @@ multiples of 16 (48 and 64 beat 52..60). A pruned MobileNetV2 whose counts land 
 1``) was slower than the dense model; the grid keeps each group at counts that buy latency.
 
 **The rule**, per group curve (`table.GroupCurve`: the summed latency of the layers the group touches at
-the measured counts), with ``tol(c) = f(c) * max(tolerance, spread(c) / 2)`` (the measured noise raises the
-tolerance; half the interquartile range is about two standard errors of a median of ~9 runs):
+the measured counts), with ``tol(c) = f(c) * max(tolerance, min(spread(c) / 2, 0.2))`` (measured noise
+raises the tolerance; half the interquartile range is about two standard errors of a median of ~9 runs;
+beyond 20% the spread is load spikes, which the fastest runs the table uses do not see):
 
 1. *Flat*: if the whole curve stays within ``tol`` of its dense value (tiny layers: the time is call
    overhead), latency does not care: every count 1..size is allowed.
 2. *Dominated* counts go: a measured count is dropped if a larger measured count is faster by more than
    ``tol`` (63 input channels: 64 is clearly faster and keeps more).
-3. *Period*: the fine window of densely measured counts below the dense size (`backend` probes the last
-   32 on onnxruntime, even counts and the top odd ones) is fitted with staircases ``f(c) = a + b * ceil((c - r) / P)`` for every period ``P``
-   >= 2 and phase ``r``, and with a line (P = 1). The best staircase wins if it halves the line's residual
-   and its step height ``b`` exceeds the noise; ties (within 10%) go to the smaller period. The allowed
-   counts are then ``c = r (mod P)`` over the whole range (the coarse sweep's counts are multiples of 32, so
-   they agree with any period dividing 32) plus the dense size, minus dominated measured counts.
+3. *Period*, from the fine window (the densely measured counts below the dense size: the last 32 on
+   onnxruntime, see `backend`):
+
+   a. the *alignment*: the period ``P`` (2, 4, ..., 64; at most half the window) whose multiples best
+      match the window's counts that are not dominated (fewest counts in one set but not the other; ties
+      go to the smaller period, 1 = every count). Misaligned counts that cost extra show up here;
+   b. the *staircase* among the aligned counts: ``f(c) = a + b * ceil(c / Q)`` for multiples ``Q`` of
+      ``P`` seen at least twice in the window, against a line. The best staircase replaces ``P`` if its
+      residual is no larger than the line's and its step ``b`` exceeds 0.5% of the dense latency (a
+      staircase whose residual only ties the line costs nothing, while a missed step costs latency).
+
+   The allowed counts are the multiples of ``P`` over the whole range (blocks and lanes align to zero;
+   the coarse sweep's counts are multiples of 32, which every such period divides) plus the dense size,
+   minus the dominated measured counts.
 4. Without a fine window (a backend that probes sparsely, e.g. TVM where each count is a compile), the
    allowed counts are the measured ones that are not dominated and top their plateau (the most channels
    among consecutive counts within ``tol`` of each other), plus the size.

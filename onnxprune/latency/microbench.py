@@ -92,12 +92,13 @@ class Variant:
         return json.dumps({"shapes": self.shapes, "group": self.group}, separators=(",", ":"), default=list)
 
 
-def touched_ops(analysis: ChannelAnalysis, group: ChannelGroup) -> tuple[list[Touch], list[str]]:
-    """The compute-heavy nodes whose weight `group` slices, and notices about nodes that were skipped."""
+def touched_ops(analysis: ChannelAnalysis, group: ChannelGroup) -> tuple[list[Touch], list[tuple[str, str]]]:
+    """The compute-heavy nodes whose weight `group` slices, and the skipped ones as ``(node, reason)``
+    (reasons name no tensor, so that nodes skipped for the same reason can be reported together)."""
     graph = analysis.graph
     members: dict[tuple[str, int], int] = {(m.tensor, m.axis): len(m.positions) for m in group.members}
     touches: list[Touch] = []
-    notices: list[str] = []
+    notices: list[tuple[str, str]] = []
     seen: set[int] = set()
     for m in group.param_members:
         for use in graph.consumers.get(m.tensor, []):
@@ -109,7 +110,7 @@ def touched_ops(analysis: ChannelAnalysis, group: ChannelGroup) -> tuple[list[To
             seen.add(id(node))
             spec, why = _spec(graph, node)
             if spec is None:
-                notices.append(f"{node.op_type} {node.name or node.output[0]!r} not measured: {why}")
+                notices.append((f"{node.op_type} {node.name or node.output[0]!r}", why))
                 continue
             dims = tuple(
                 (i, axis, members[(name, axis)])
@@ -192,7 +193,7 @@ def _spec(graph: ModelGraph, node: onnx.NodeProto) -> tuple[OpSpec | None, str]:
             return None, f"input {i} is omitted"
         shape = graph.shape(name)
         if shape is None:
-            return None, f"shape of {name!r} unknown"
+            return None, f"the shape of input {i} is unknown"
         is_param = graph.is_initializer(name)
         static = []
         for axis, d in enumerate(shape):
@@ -201,10 +202,10 @@ def _spec(graph: ModelGraph, node: onnx.NodeProto) -> tuple[OpSpec | None, str]:
             elif axis == 0 and not is_param:
                 static.append(1)  # a symbolic leading axis is the batch: measure batch 1
             else:
-                return None, f"size {d!r} of {name!r} on axis {axis} is not static (give it with --shape)"
+                return None, f"size {d!r} on axis {axis} of input {i} is not static (give it with --shape)"
         dtype = graph.dtype(name)
         if dtype is None:
-            return None, f"element type of {name!r} unknown"
+            return None, f"the element type of input {i} is unknown"
         shapes.append(tuple(static))
         dtypes.append(dtype)
         params.append(is_param)

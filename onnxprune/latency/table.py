@@ -169,10 +169,13 @@ def build_table(
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     plans: dict[int, tuple[list[Touch], list[int]]] = {}
     notices: list[str] = []
+    skipped_by_reason: dict[str, list[str]] = {}
     wanted: dict[str, tuple[OpSpec, dict[str, Variant]]] = {}
     for g in analysis.groups:
         touches, skipped = touched_ops(analysis, g)
-        notices.extend(skipped)
+        for node, reason in skipped:
+            if node not in skipped_by_reason.setdefault(reason, []):
+                skipped_by_reason[reason].append(node)
         if not touches:
             continue
         lowest = max(1, math.ceil(min_keep_ratio * g.size))
@@ -186,6 +189,9 @@ def build_table(
                 v = variant(t, g.size, c)
                 if v is not None:
                     variants[v.key] = v
+    for reason, nodes in skipped_by_reason.items():
+        more = f" and {len(nodes) - 3} more" if len(nodes) > 3 else ""
+        notices.append(f"{len(nodes)} layer(s) not measured ({reason}): {', '.join(nodes[:3])}{more}")
     timings: dict[str, dict[str, Timing]] = {}
     todo: list[tuple[str, OpSpec, list[Variant]]] = []
     for digest, (spec, variants) in wanted.items():
@@ -196,11 +202,13 @@ def build_table(
     if todo:
         with contextlib.suppress(OSError):
             folder.mkdir(parents=True, exist_ok=True)
-        opened = task(f"latency table on {backend.name}", total=len(todo)) if progress is None else nullcontext(progress)
+        title = f"latency table on {backend.name}"
+        opened = task(title, total=len(todo)) if progress is None else nullcontext(progress)
         pace = _Pace()
         with opened as tk:
             for digest, spec, missing in todo:
-                tk.update(description=f"latency table on {backend.name}: {spec.op_type} {_shape_text(spec)}")
+                if progress is None:  # a caller's task keeps its own description
+                    tk.update(description=f"{title}: {spec.op_type} {_shape_text(spec)}")
                 timings[digest].update(_measure(spec, missing, timings[digest], backend, pace))
                 _store(folder, spec, backend.key, timings[digest])
                 tk.advance()
