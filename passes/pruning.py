@@ -59,6 +59,7 @@ class PrunePass(PassManager):
         result = super().call(model)
         summary = result.get(PruneSummary)
         selection = result.get(ChannelSelection)
+        assert summary is not None and selection is not None  # the remove and select passes' artifacts
         record = summary.as_dict()
         if selection.latency is not None:  # a latency target: its verified measurement
             record["latency"] = selection.latency.as_dict()
