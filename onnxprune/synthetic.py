@@ -31,12 +31,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from onnxprune.autodiff import Emitter, append_backward, differentiated_nodes, float_tensor_names
+from onnxprune.autodiff import append_backward, differentiated_nodes, float_tensor_names, static_shapes
 from onnxprune.canonical import normalize, remove_dead_code
 from onnxprune.errors import DataError, UnsupportedModelError
 from onnxprune.external import tensor_array
+from onnxprune.gradients import Emitter
 from onnxprune.importer import fix_input_shapes
 from onnxprune.onnx_utils import opset_of
 from onnxprune.progress import task
@@ -58,6 +59,7 @@ class SynthesisConfig:
     lr: float = 0.1
     tv: float = 1e-4
     l2: float = 1e-5
+    classes: float = 0.0  # weight of a cross-entropy pull toward balanced random labels (classifier outputs)
 
 
 def parse_spec(spec: str) -> int | None:
@@ -82,6 +84,10 @@ class _Objective:
     input_name: str
     shape: tuple[int, ...]  # with the batch
     taps: int
+    classes: int = 0  # > 0: the objective takes one-hot targets of this many classes as TARGETS
+
+
+TARGETS = "synthetic/targets"
 
 
 def _input_of(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, tuple[int, ...]]:
@@ -101,18 +107,6 @@ def _input_of(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, tuple[int, .
                             f"fix it with --shape {vi.name}=...")
         dims.append(d.dim_value if d.HasField("dim_value") else 0)
     return vi, tuple(dims[1:])
-
-
-def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    g = model.graph
-    shapes: dict[str, tuple[int, ...]] = {}
-    for vi in [*g.input, *g.value_info, *g.output]:
-        dims = vi.type.tensor_type.shape.dim
-        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-            shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
-    for t in g.initializer:
-        shapes[t.name] = tuple(int(d) for d in t.dims)
-    return shapes
 
 
 def _bn_taps(model: onnx.ModelProto, name: str, floats: set[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -149,7 +143,24 @@ def _emit_bn_loss(em: Emitter, x: str, shape: tuple[int, ...], mean: np.ndarray,
     return em.op("Add", parts), gx
 
 
-def _build_objective(model: onnx.ModelProto, batch: int) -> _Objective | None:
+def _classifier_output(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int) -> tuple[str, int] | None:
+    """The model's logits (its first output when shaped [batch, classes]), else None."""
+    out = m.graph.output[0].name
+    shape = shapes.get(out)
+    if shape is not None and len(shape) == 2 and shape[0] == batch and shape[1] >= 2:
+        return out, shape[1]
+    return None
+
+
+def _emit_class_loss(em: Emitter, logits: str, classes: int, batch: int, weight: float) -> tuple[str, str]:
+    """Cross-entropy toward the one-hot TARGETS input, and its gradient ``(softmax - targets) / batch``."""
+    p = em.op("Softmax", [logits], axis=1)
+    loss = em.scale(em.op("ReduceSum", [em.mul(em.op("Log", [em.op("Add", [p, em.const(1e-12)])]), TARGETS)],
+                          keepdims=0), -weight / batch)
+    return loss, em.scale(em.op("Sub", [p, TARGETS]), weight / batch)
+
+
+def _build_objective(model: onnx.ModelProto, batch: int, class_weight: float = 0.0) -> _Objective | None:
     """The ONNX model returning (BN statistics loss, d loss / d input) for a batch; None without BN taps."""
     vi, dims = _input_of(model)
     m = onnx.ModelProto()
@@ -158,18 +169,27 @@ def _build_objective(model: onnx.ModelProto, batch: int) -> _Objective | None:
     m, _ = normalize(m, inplace=True)
     m = infer_shapes(m, symbolic=False)
     floats = float_tensor_names(m)
-    shapes = _static_shapes(m)
+    shapes = static_shapes(m)
     taps = _bn_taps(m, vi.name, floats)
     if not taps:
         return None
     em = Emitter(m.graph, opset_of(m), prefix="synthetic")
-    losses, seeds = [], {}
+    losses: list[str] = []
+    seeds: dict[str, str] = {}
     for x, mean, var in taps:
         if x not in shapes:
             raise UnsupportedModelError(f"synthetic calibration: BatchNormalization input {x!r} has no static shape")
         loss, gx = _emit_bn_loss(em, x, shapes[x], mean, var)
         losses.append(loss)
         seeds[x] = gx if x not in seeds else em.op("Add", [seeds[x], gx])
+    classes = 0
+    head = _classifier_output(m, shapes, batch) if class_weight else None
+    if head is not None:
+        logits, classes = head
+        m.graph.input.append(helper.make_tensor_value_info(TARGETS, onnx.TensorProto.FLOAT, [batch, classes]))
+        loss, gl = _emit_class_loss(em, logits, classes, batch, class_weight)
+        losses.append(loss)
+        seeds[logits] = gl if logits not in seeds else em.op("Add", [seeds[logits], gl])
     grad = append_backward(m, vi.name, seeds, em, shapes, floats)
     total = losses[0] if len(losses) == 1 else em.op("Sum", losses)
     del m.graph.output[:]
@@ -177,7 +197,7 @@ def _build_objective(model: onnx.ModelProto, batch: int) -> _Objective | None:
                            helper.make_tensor_value_info(grad, onnx.TensorProto.FLOAT, [batch, *dims])])
     del m.graph.value_info[:]
     remove_dead_code(m.graph)
-    return _Objective(session(m, optimize=True), vi.name, (batch, *dims), len(taps))
+    return _Objective(session(m, optimize=True), vi.name, (batch, *dims), len(taps), classes)
 
 
 def _image_axes(shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -242,7 +262,7 @@ def synthesize(model: onnx.ModelProto, n: int = DEFAULT_SAMPLES, seed: int = 0,
     batch = max(1, min(n, cfg.batch))
     image = _image_axes((batch, *dims))
     rng = np.random.default_rng(seed)
-    objective = _build_objective(model, batch)
+    objective = _build_objective(model, batch, cfg.classes)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
     if objective is None:
         print("onnxprune: note: synthetic calibration: the model has no BatchNormalization statistics on its input's "
@@ -255,9 +275,14 @@ def synthesize(model: onnx.ModelProto, n: int = DEFAULT_SAMPLES, seed: int = 0,
               total=batches * cfg.steps) as t:
         for _ in range(batches):
             x = rng.standard_normal(objective.shape).astype(np.float32)
+            feed = {name: x}
+            if objective.classes:  # balanced random labels, one per sample
+                labels = rng.permutation(np.arange(batch) % objective.classes)
+                feed[TARGETS] = np.eye(objective.classes, dtype=np.float32)[labels]
             m1, m2 = np.zeros_like(x), np.zeros_like(x)
             for step in range(1, cfg.steps + 1):
-                _, g = sess.run(None, {name: x})  # type: ignore[attr-defined]
+                feed[name] = x
+                _, g = sess.run(None, feed)  # type: ignore[attr-defined]
                 g = g + _prior(x, cfg, image)
                 m1 = 0.9 * m1 + 0.1 * g
                 m2 = 0.999 * m2 + 0.001 * g * g

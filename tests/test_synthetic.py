@@ -1,0 +1,231 @@
+"""Synthetic calibration (``--calib synthetic[:N]``): the ONNX backward graph, BN-statistics matching, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.autodiff import append_backward, float_tensor_names, static_shapes
+from onnxprune.calibration import load_calib
+from onnxprune.errors import DataError, UnsupportedModelError
+from onnxprune.gradients import Emitter, supported_ops
+from onnxprune.shape_inference import infer_shapes
+from onnxprune.synthetic import SynthesisConfig, bn_loss, parse_spec, synthesize
+from onnxprune.verify import session
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION_RESNET = ROOT / "models" / "fashion_mnist_resnet.onnx"
+X = (2, 4, 6, 6)
+RNG = np.random.default_rng(0)
+
+
+def _w(*shape: int, scale: float = 0.5) -> np.ndarray:
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _model(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray], out: str = "y", shape: tuple = X,
+           opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _n(op: str, inputs: list[str], output: str = "y", **kw: object) -> onnx.NodeProto:
+    return helper.make_node(op, inputs, [output], **kw)
+
+
+def _i64(*v: int) -> np.ndarray:
+    return np.array(v, np.int64)
+
+
+# one small model per supported op (or family); x is [2, 4, 6, 6] unless the case says otherwise
+CASES: dict[str, Callable[[], onnx.ModelProto]] = {
+    "Conv": lambda: _model([_n("Conv", ["x", "w", "b"], strides=[2, 2], pads=[1, 0, 1, 1], dilations=[1, 2],
+                               group=2)], {"w": _w(6, 2, 3, 3), "b": _w(6)}),
+    "Conv_same": lambda: _model([_n("Conv", ["x", "w"], auto_pad="SAME_UPPER", strides=[2, 2])], {"w": _w(3, 4, 2, 2)}),
+    "BatchNormalization": lambda: _model([_n("BatchNormalization", ["x", "s", "b", "m", "v"])],
+                                         {"s": _w(4), "b": _w(4), "m": _w(4), "v": np.abs(_w(4)) + 0.5}),
+    "Relu": lambda: _model([_n("Relu", ["x"])], {}),
+    "LeakyRelu": lambda: _model([_n("LeakyRelu", ["x"], alpha=0.1)], {}),
+    "Clip": lambda: _model([_n("Clip", ["x", "lo", "hi"])], {"lo": np.float32(-0.5), "hi": np.float32(0.7)}),
+    "Sigmoid": lambda: _model([_n("Sigmoid", ["x"])], {}),
+    "Tanh": lambda: _model([_n("Tanh", ["x"])], {}),
+    "HardSigmoid": lambda: _model([_n("HardSigmoid", ["x"], alpha=0.3)], {}),
+    "HardSwish": lambda: _model([_n("HardSwish", ["x"])], {}),
+    "Sqrt+Pow": lambda: _model([_n("Sigmoid", ["x"], "s"), _n("Sqrt", ["s"], "r"), _n("Pow", ["r", "p"])],
+                               {"p": np.float32(3.0)}),
+    "Mul+Div+Sub (broadcast, both active)": lambda: _model(
+        [_n("GlobalAveragePool", ["x"], "g"), _n("Sigmoid", ["g"], "s"), _n("Mul", ["x", "s"], "m"),
+         _n("Add", ["s", "k"], "d"), _n("Div", ["m", "d"], "q"), _n("Sub", ["q", "g"])], {"k": np.float32(1.5)}),
+    "AveragePool": lambda: _model([_n("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])],
+                                  {}),
+    "AveragePool_include_pad": lambda: _model([_n("AveragePool", ["x"], kernel_shape=[2, 3], strides=[1, 2],
+                                                  pads=[0, 1, 1, 1], count_include_pad=1)], {}),
+    "MaxPool": lambda: _model([_n("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])], {}),
+    "Pad": lambda: _model([_n("Pad", ["x", "p"])], {"p": _i64(0, 1, 0, 2, 0, 1, 1, 0)}),
+    "Slice": lambda: _model([_n("Slice", ["x", "s", "e", "a"])], {"s": _i64(1, 2), "e": _i64(3, 100), "a": _i64(1, 3)}),
+    "Slice_strided": lambda: _model([_n("Slice", ["x", "s", "e", "a", "t"])],
+                                    {"s": _i64(0, 1), "e": _i64(100, 100), "a": _i64(2, 3), "t": _i64(2, 2)}),
+    "Concat": lambda: _model([_n("Relu", ["x"], "r"), _n("Concat", ["x", "c", "r"], axis=1)], {"c": _w(2, 3, 6, 6)}),
+    "ReduceMean+ReduceSum": lambda: _model([_n("ReduceMean", ["x", "a"], "m", keepdims=0),
+                                            _n("ReduceSum", ["m", "b"], keepdims=1)], {"a": _i64(2, 3), "b": _i64(0)},
+                                           opset=18),
+    "Softmax": lambda: _model([_n("Softmax", ["x"], axis=2)], {}),
+    "MatMul (weight and both active)": lambda: _model(
+        [_n("Reshape", ["x", "s"], "r"), _n("MatMul", ["r", "w"], "q"), _n("Transpose", ["q"], "t", perm=[0, 2, 1]),
+         _n("MatMul", ["q", "t"])], {"s": _i64(2, 4, 36), "w": _w(36, 5)}),
+    "Gemm+Flatten": lambda: _model([_n("Flatten", ["x"], "f"), _n("Gemm", ["f", "w", "b"], alpha=0.5, transB=1)],
+                                   {"w": _w(7, 144, scale=0.1), "b": _w(7)}),
+    "Squeeze+Unsqueeze+Identity+Dropout+Cast": lambda: _model(
+        [_n("Unsqueeze", ["x", "a"], "u"), _n("Identity", ["u"], "i"), _n("Dropout", ["i"], "d"),
+         _n("Cast", ["d"], "c", to=TensorProto.FLOAT), _n("Squeeze", ["c", "a"])], {"a": _i64(0)}),
+}
+
+
+def _gradient_session(model: onnx.ModelProto, seed_value: np.ndarray | None = None):
+    """Session returning (y, d sum(y * R) / dx) for a fixed random R."""
+    m = infer_shapes(model, symbolic=False)
+    shapes = static_shapes(m)
+    y_shape = shapes[m.graph.output[0].name]
+    r = seed_value if seed_value is not None else np.random.default_rng(1).standard_normal(y_shape).astype(np.float32)
+    em = Emitter(m.graph, m.opset_import[0].version)
+    g = append_backward(m, "x", {"y": em.const(r, "seed")}, em, shapes, float_tensor_names(m))
+    m.graph.output.append(helper.make_tensor_value_info(g, TensorProto.FLOAT, None))
+    return session(m), r
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_backward_graph_matches_finite_differences(case):
+    model = CASES[case]()
+    sess, r = _gradient_session(model)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(X).astype(np.float32)
+    _, g = sess.run(None, {"x": x})
+    assert g.shape == x.shape
+    plain = session(model)
+    for _ in range(3):  # directional derivatives: <g, v> against central differences in float64 accumulation
+        v = rng.standard_normal(X).astype(np.float32)
+        eps = 1e-3
+        lp = float((plain.run(None, {"x": x + eps * v})[0].astype(np.float64) * r).sum())
+        lm = float((plain.run(None, {"x": x - eps * v})[0].astype(np.float64) * r).sum())
+        fd, an = (lp - lm) / (2 * eps), float((g.astype(np.float64) * v).sum())
+        assert abs(fd - an) <= 2e-2 * max(1.0, abs(fd)), (case, fd, an)
+
+
+def test_every_rule_has_a_case():
+    covered = {op for name in CASES for op in name.split(" ")[0].replace("_", "+").split("+")}
+    covered |= {"Add", "Transpose", "Reshape", "Sub", "Div", "GlobalAveragePool"}
+    assert set(supported_ops()) <= covered, set(supported_ops()) - covered
+
+
+def test_backward_graph_matches_torch_autograd():
+    torch = pytest.importorskip("torch")
+    model = CASES["Conv"]()
+    sess, r = _gradient_session(model)
+    x = np.random.default_rng(3).standard_normal(X).astype(np.float32)
+    _, g = sess.run(None, {"x": x})
+    inits = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer}
+    xt = torch.from_numpy(x).requires_grad_(True)
+    xp = torch.nn.functional.pad(xt, (0, 1, 1, 1))  # ONNX pads [top, left, bottom, right] = [1, 0, 1, 1]
+    y = torch.nn.functional.conv2d(xp, inits["w"], inits["b"], stride=2, dilation=(1, 2), groups=2)
+    (y * torch.from_numpy(r)).sum().backward()
+    np.testing.assert_allclose(g, xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_synthetic_inputs_reduce_the_bn_statistics_loss():
+    model = onnx.load(FASHION_RESNET)
+    cfg = SynthesisConfig(steps=40, batch=8)
+    x = synthesize(model, 8, seed=0, config=cfg)["image"]
+    start = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)  # synthesis starts from this
+    assert bn_loss(model, x) < 0.3 * bn_loss(model, start)
+
+
+def test_deterministic_for_a_seed():
+    model = onnx.load(FASHION_RESNET)
+    cfg = SynthesisConfig(steps=5, batch=4)
+    a = synthesize(model, 6, seed=3, config=cfg)["image"]
+    b = synthesize(model, 6, seed=3, config=cfg)["image"]
+    c = synthesize(model, 6, seed=4, config=cfg)["image"]
+    assert a.shape == (6, 1, 28, 28) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_spec_parsing():
+    assert parse_spec("synthetic") == 64 and parse_spec("synthetic:8") == 8 and parse_spec("calib.npz") is None
+    for bad in ("synthetic:0", "synthetic:x", "synthetic:-3"):
+        with pytest.raises(DataError, match="synthetic:N"):
+            parse_spec(bad)
+
+
+def test_model_without_batchnorm_falls_back_with_a_notice(capsys):
+    model = _model([_n("Conv", ["x", "w"]), ], {"w": _w(3, 4, 3, 3)}, shape=(1, 4, 6, 6))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    data = load_calib("synthetic:5", model)
+    assert data.arrays["x"].shape == (5, 4, 6, 6)
+    assert "no BatchNormalization statistics" in capsys.readouterr().err
+
+
+def test_dynamic_spatial_size_asks_for_shape():
+    model = _model([_n("BatchNormalization", ["x", "s", "b", "m", "v"])],
+                   {"s": _w(4), "b": _w(4), "m": _w(4), "v": np.abs(_w(4)) + 0.5})
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    with pytest.raises(DataError, match="--shape x="):
+        synthesize(model, 2)
+
+
+def _cli(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "onnxprune.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_unsupported_op_on_the_path_is_one_line_exit_1(tmp_path):
+    model = _model([_n("Erf", ["x"], "e"), _n("BatchNormalization", ["e", "s", "b", "m", "v"], "bn"),
+                    _n("Conv", ["bn", "w"])],
+                   {"s": _w(4), "b": _w(4), "m": _w(4), "v": np.abs(_w(4)) + 0.5, "w": _w(8, 4, 3, 3)})
+    path = tmp_path / "erf.onnx"
+    onnx.save(model, path)
+    proc = _cli("prune", path, "-o", tmp_path / "out.onnx", "--criterion", "obs", "--repair", "seq",
+                "--calib", "synthetic:4")
+    assert proc.returncode == 1
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "no gradient for Erf" in err[0], proc.stderr
+
+
+def _accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
+    logits = session(onnx.load(path)).run(None, {"image": images})[0]
+    return float((logits.argmax(1) == labels).mean())
+
+
+def test_cli_synthetic_calibration_end_to_end(tmp_path):
+    out = tmp_path / "syn.onnx"
+    proc = _cli("prune", FASHION_RESNET, "-o", out, "--ratio", "0.3", "--criterion", "obs", "--repair", "seq",
+                "--calib", "synthetic:8", "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    pruned = onnx.load(out)
+    assert sum(numpy_helper.to_array(t).size for t in pruned.graph.initializer) < sum(
+        numpy_helper.to_array(t).size for t in onnx.load(FASHION_RESNET).graph.initializer)
+    from models.fashion_mnist import is_available, load_fashion_mnist
+
+    if not is_available():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist): accuracy not compared")
+    images, labels = load_fashion_mnist("test")
+    pick = np.random.default_rng(0).permutation(len(labels))[:1000]
+    images, labels = images[pick], labels[pick]
+    l1 = tmp_path / "l1.onnx"
+    assert _cli("prune", FASHION_RESNET, "-o", l1, "--ratio", "0.3", "--criterion", "l1").returncode == 0
+    assert _accuracy(out, images, labels) > _accuracy(l1, images, labels)
+
+
+def test_unsupported_error_is_typed():
+    model = _model([_n("Erf", ["x"], "e"), _n("BatchNormalization", ["e", "s", "b", "m", "v"])],
+                   {"s": _w(4), "b": _w(4), "m": _w(4), "v": np.abs(_w(4)) + 0.5})
+    with pytest.raises(UnsupportedModelError, match="no gradient for Erf"):
+        synthesize(model, 2, config=SynthesisConfig(steps=1))
