@@ -9,16 +9,32 @@ attributes and shapes, the group's dims shrunk to each count. The group's curve 
 Measurement is shared and cached:
 
 * nodes that compute the same thing (same op signature: type, attributes, shapes) are timed once, whichever
-  groups touch them (ResNet-50: 53 Conv/Gemm nodes, 21 signatures);
+  groups touch them (ResNet-50: 54 Conv/Gemm nodes, 24 signatures; MobileNetV2: 53 nodes, 31 signatures);
 * every count of a signature is timed in one interleaved batch together with the dense node (batches that
   would hold too many weights are split, each with the dense node again; their timings are rescaled to the
-  first batch's dense median, so drift between batches cancels too);
+  first batch's dense node, so drift between batches cancels too); each timing is the fastest of 5-15
+  runs (`timing.Timing.best_ms`), robust on a loaded machine, and each batch gets about 150 ms of runs;
 * timings are cached as JSON, one file per (op signature, backend key), written atomically: a second build
   on the same device times nothing. The folder is ``cache_dir``, else ``$ONNXPRUNE_LATENCY_CACHE``, else
   ``~/.cache/onnxprune/latency``.
 
-What a table costs (onnxruntime 1.32 CPU, 1 thread, this 2-core AMD EPYC (AVX-512), first build, empty
-cache; see the report of issue 13 for load averages): filled in below by measurement.
+**What a table costs** (onnxruntime 1.32 CPU, 1 thread, this 2-core AMD EPYC (AVX-512),
+`bench/latency_tables.py`; the machine was shared, load average 25 on 2 cores, so the CPU seconds are what a quiet machine needs):
+
+============  ==========  ======================  =====================  ============
+model         signatures  first build, CPU        first build, wall      cached build
+============  ==========  ======================  =====================  ============
+ResNet-50     24          28.0 s                  127.7 s (load 25)      0.41 s
+MobileNetV2   31          10.6 s                  64.9 s (load 25)       0.41 s
+============  ==========  ======================  =====================  ============
+
+About half is onnxruntime running the micro-models, a quarter creating their sessions (weight pre-packing),
+the rest making random weights. The probes (`backend.ort_probe_counts`: 30 per 512-2048-channel dim, 34
+per 64-channel dim) keep this under a minute; every count would take ~40x longer for ResNet-50.
+
+A single-node model pays layout conversions at its input and output that a chain of NCHWc convolutions in
+the real model does not, a cost linear in the channel count: it lowers the relative height of the steps but
+moves none of them.
 
 The curves are per group and add independently (`predict.predicted_ms`): a node touched by two groups (its
 input and output channels) is approximated as the sum of both changes, without the interaction term.
