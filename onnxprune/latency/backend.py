@@ -55,6 +55,7 @@ FINE_WINDOW = 32  # the even counts this far below the dense size are measured
 ODD_WINDOW = 8  # and every count this close to it (odd counts: off every vector width)
 COARSE_STEP = 32  # the coarse sweep's counts are multiples of this
 COARSE_POINTS = 8  # at most this many coarse counts
+RANDOM_POOL = 65_521  # random floats drawn per array at most (a prime: the tiling does not align with rows)
 ALL_COUNTS_BELOW = 64  # dims with at most this many counts above `lowest`: the window reaches `lowest`
 
 
@@ -180,6 +181,10 @@ def random_array(rng: np.random.Generator, shape: Sequence[int], dtype: int) -> 
     must be normal floats: no denormals, no zeros a kernel could skip)."""
     np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
     if np_dtype.kind == "f":
+        n = int(np.prod(shape, dtype=np.int64))
+        if n > RANDOM_POOL:  # tile a random pool: drawing millions of numbers per micro-model costs seconds per table
+            pool = rng.random(RANDOM_POOL, dtype=np.float32) + 0.5
+            return np.resize(pool, tuple(shape)).astype(np_dtype, copy=False)
         return (rng.random(shape, dtype=np.float32) + 0.5).astype(np_dtype, copy=False)
     if np_dtype.kind == "b":
         return rng.random(shape, dtype=np.float32) > 0.5
