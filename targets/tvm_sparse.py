@@ -54,6 +54,8 @@ KERNEL_PREFIX = "sparse_"
 PARALLEL_MIN_WORK = 1 << 16
 #: Most input rows in one register tile (more unrolls for little gain).
 MAX_ROWS = 8
+#: Independent accumulators per output vector (covers the FMA latency when the row tile is short).
+CHAINS = 4
 _BIG = 3.0e38
 
 
@@ -137,10 +139,15 @@ def cpu_conv_kernel(
     assert kh * kw * c == bsr.shape[0] and c % bk == 0
     nnzb, nb = bsr.data.shape[0], n // bn
     by_outputs = bn > 1 or bk == 1
-    rows = _rows_tile(ow, bn if by_outputs else bk, lanes, registers)
+    width = bn if by_outputs else bk
+    rows = _rows_tile(ow, width, lanes, registers)
+    # independent accumulator chains: with a short tile the FMAs of consecutive blocks would otherwise wait
+    # on each other (4-cycle latency); blocks are taken `chains` at a time, each into its own accumulators
+    chains = max(1, CHAINS // rows)
     per_row = ow // rows
     tiles = nb_ * oh * per_row * nb
     outer = T.parallel if bsr.nnz_blocks * bk * bn * nb_ * oh * ow >= PARALLEL_MIN_WORK else T.serial
+    img, win = nb * per_row * oh, nb * per_row  # tile index p -> (image, output row, column tile, block col)
 
     if by_outputs:
 
@@ -155,32 +162,54 @@ def cpu_conv_kernel(
         ):
             T.func_attr({"tirx.noalias": True})
             for p in outer(tiles):
-                acc = T.alloc_buffer((rows, bn), "float32", scope="local")
-                for t in T.unroll(rows):
-                    for v in T.vectorized(bn):
-                        acc[t, v] = T.float32(0)
-                for e in T.serial(indptr[p % nb], indptr[p % nb + 1]):
+                acc = T.alloc_buffer((chains, rows, bn), "float32", scope="local")
+                for a in T.unroll(chains):
+                    for t in T.unroll(rows):
+                        for v in T.vectorized(bn):
+                            acc[a, t, v] = T.float32(0)
+                for e4 in T.serial((indptr[p % nb + 1] - indptr[p % nb]) // chains):
+                    for a in T.unroll(chains):
+                        for kk in T.unroll(bk):
+                            for t in T.unroll(rows):
+                                for v in T.vectorized(bn):
+                                    acc[a, t, v] = (
+                                        acc[a, t, v]
+                                        + x[
+                                            p // img,
+                                            p // win % oh * sh
+                                            + indices[indptr[p % nb] + e4 * chains + a] * bk // (kw * c) * dh,
+                                            (p // nb % per_row * rows + t) * sw
+                                            + indices[indptr[p % nb] + e4 * chains + a] * bk // c % kw * dw,
+                                            indices[indptr[p % nb] + e4 * chains + a] * bk % c + kk,
+                                        ]
+                                        * data[indptr[p % nb] + e4 * chains + a, kk, v]
+                                    )
+                for e in T.serial(
+                    indptr[p % nb] + (indptr[p % nb + 1] - indptr[p % nb]) // chains * chains,
+                    indptr[p % nb + 1],
+                ):
                     for kk in T.unroll(bk):
                         for t in T.unroll(rows):
                             for v in T.vectorized(bn):
-                                acc[t, v] = (
-                                    acc[t, v]
+                                acc[0, t, v] = (
+                                    acc[0, t, v]
                                     + x[
-                                        p // (nb * per_row * oh),
-                                        p // (nb * per_row) % oh * sh + indices[e] * bk // (kw * c) * dh,
+                                        p // img,
+                                        p // win % oh * sh + indices[e] * bk // (kw * c) * dh,
                                         (p // nb % per_row * rows + t) * sw + indices[e] * bk // c % kw * dw,
                                         indices[e] * bk % c + kk,
                                     ]
                                     * data[e, kk, v]
                                 )
+                for a in T.unroll(1, chains):
+                    for t in T.unroll(rows):
+                        for v in T.vectorized(bn):
+                            acc[0, t, v] = acc[0, t, v] + acc[a, t, v]
                 for t in T.unroll(rows):
                     for v in T.vectorized(bn):
-                        y[
-                            p // (nb * per_row * oh),
-                            p // (nb * per_row) % oh,
-                            p // nb % per_row * rows + t,
-                            p % nb * bn + v,
-                        ] = T.min(T.max(acc[t, v] + bias[p % nb * bn + v], T.float32(lo)), T.float32(hi))
+                        y[p // img, p // win % oh, p // nb % per_row * rows + t, p % nb * bn + v] = T.min(
+                            T.max(acc[0, t, v] + bias[p % nb * bn + v], T.float32(lo)), T.float32(hi)
+                        )
 
         return kernel
 
@@ -195,19 +224,38 @@ def cpu_conv_kernel(
     ):
         T.func_attr({"tirx.noalias": True})
         for p in outer(tiles):
-            acc = T.alloc_buffer((rows, bk), "float32", scope="local")
+            acc = T.alloc_buffer((chains, rows, bk), "float32", scope="local")
             total = T.alloc_buffer((rows,), "float32", scope="local")
-            for t in T.unroll(rows):
-                for kk in T.vectorized(bk):
-                    acc[t, kk] = T.float32(0)
-            for e in T.serial(indptr[p % nb], indptr[p % nb + 1]):
+            for a in T.unroll(chains):
                 for t in T.unroll(rows):
                     for kk in T.vectorized(bk):
-                        acc[t, kk] = (
-                            acc[t, kk]
+                        acc[a, t, kk] = T.float32(0)
+            for e4 in T.serial((indptr[p % nb + 1] - indptr[p % nb]) // chains):
+                for a in T.unroll(chains):
+                    for t in T.unroll(rows):
+                        for kk in T.vectorized(bk):
+                            acc[a, t, kk] = (
+                                acc[a, t, kk]
+                                + x[
+                                    p // img,
+                                    p // win % oh * sh
+                                    + indices[indptr[p % nb] + e4 * chains + a] * bk // (kw * c) * dh,
+                                    (p // nb % per_row * rows + t) * sw
+                                    + indices[indptr[p % nb] + e4 * chains + a] * bk // c % kw * dw,
+                                    indices[indptr[p % nb] + e4 * chains + a] * bk % c + kk,
+                                ]
+                                * data[indptr[p % nb] + e4 * chains + a, kk, 0]
+                            )
+            for e in T.serial(
+                indptr[p % nb] + (indptr[p % nb + 1] - indptr[p % nb]) // chains * chains, indptr[p % nb + 1]
+            ):
+                for t in T.unroll(rows):
+                    for kk in T.vectorized(bk):
+                        acc[0, t, kk] = (
+                            acc[0, t, kk]
                             + x[
-                                p // (nb * per_row * oh),
-                                p // (nb * per_row) % oh * sh + indices[e] * bk // (kw * c) * dh,
+                                p // img,
+                                p // win % oh * sh + indices[e] * bk // (kw * c) * dh,
                                 (p // nb % per_row * rows + t) * sw + indices[e] * bk // c % kw * dw,
                                 indices[e] * bk % c + kk,
                             ]
@@ -215,11 +263,12 @@ def cpu_conv_kernel(
                         )
             for t in T.unroll(rows):
                 total[t] = bias[p % nb]
-                for kk in T.serial(bk):
-                    total[t] = total[t] + acc[t, kk]
-                y[
-                    p // (nb * per_row * oh), p // (nb * per_row) % oh, p // nb % per_row * rows + t, p % nb
-                ] = T.min(T.max(total[t], T.float32(lo)), T.float32(hi))
+                for a in T.serial(chains):
+                    for kk in T.serial(bk):
+                        total[t] = total[t] + acc[a, t, kk]
+                y[p // img, p // win % oh, p // nb % per_row * rows + t, p % nb] = T.min(
+                    T.max(total[t], T.float32(lo)), T.float32(hi)
+                )
 
     return kernel_runs
 
