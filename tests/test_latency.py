@@ -200,17 +200,21 @@ def test_depthwise_variant_changes_the_group_attribute():
     assert variant(dw, 64, 64).group is None  # dense: the same key as the dense node
 
 
-def test_predicted_ms_adds_group_changes(tmp_path):
+def test_predicted_ms_scales_each_layer_by_its_groups(tmp_path):
     analysis = analyze(ModelGraph(conv_chain()))
-    table = build_table(analysis, FakeBackend(), cache_dir=tmp_path)
+    table = build_table(analysis, FakeBackend(block=4), cache_dir=tmp_path)
     assert predicted_ms(table, {}) == pytest.approx(table.dense_ms)
-    gids = sorted(table.curves)
-    kept = {gid: table.curves[gid].counts[len(table.curves[gid].counts) // 2] for gid in gids}
-    expected = table.dense_ms + sum(table.at(g, k) - table.curves[g].ms[-1] for g, k in kept.items())
-    assert predicted_ms(table, kept) == pytest.approx(expected)
-    assert predicted_ms(table, kept) < table.dense_ms
-    curve = table.curves[gids[0]]
-    assert table.at(gids[0], curve.counts[3]) == curve.ms[3]  # exact at a measured count
+    assert table.dense_ms == pytest.approx(sum(table.node_dense_ms.values()))
+    wide = _width_group(analysis, 64).id
+    narrow = next(g.id for g in analysis.groups if g.size == 16)  # c2's outputs = fc's inputs
+    one = predicted_ms(table, {wide: 32})
+    assert one == pytest.approx(table.dense_ms + table.at(wide, 32) - table.at(wide, 64))  # one group: its change
+    # c1 and dw halve; c2 halves its inputs (wide) and its outputs (narrow): a quarter of it is left
+    dense = table.node_dense_ms
+    both = predicted_ms(table, {wide: 32, narrow: 8})
+    assert both == pytest.approx(table.dense_ms - 0.5 * dense["c1"] - 0.5 * dense["dw"] - 0.75 * dense["c2"])
+    curve = table.curves[wide]
+    assert table.at(wide, curve.counts[3]) == curve.ms[3]  # exact at a measured count
     assert table.at(10_000, 3) == 0.0  # no curve: no latency
 
 

@@ -92,6 +92,8 @@ class GroupCurve:
         ms: summed latency of the touched layers at each count (their fastest runs: `Timing.best_ms`).
         spread: relative spread of each sum (interquartile range over median, combined over the layers).
         nodes: the touched nodes.
+        node_ms: each node's latency at each count (aligned with `nodes`; their sum is `ms`); empty when
+            unknown.
     """
 
     group: int
@@ -99,6 +101,7 @@ class GroupCurve:
     ms: tuple[float, ...]
     spread: tuple[float, ...] = ()
     nodes: tuple[str, ...] = ()
+    node_ms: tuple[tuple[float, ...], ...] = ()
 
     @property
     def size(self) -> int:
@@ -107,15 +110,24 @@ class GroupCurve:
     def at(self, kept: int) -> float:
         """Latency at `kept` channels: exact at measured counts, linear in between, proportional below the
         lowest measured count, the dense value above the size."""
-        if kept >= self.counts[-1]:
-            return self.ms[-1]
-        if kept < self.counts[0]:
-            return self.ms[0] * max(kept, 0) / self.counts[0]
-        return float(np.interp(kept, self.counts, self.ms))
+        return _interpolate(self.counts, self.ms, kept)
+
+    def node_ratio(self, index: int, kept: int) -> float:
+        """Node `nodes[index]`'s latency at `kept` channels relative to its dense latency."""
+        series = self.node_ms[index]
+        return _interpolate(self.counts, series, kept) / series[-1] if series[-1] > 0 else 1.0
 
     def as_dict(self) -> dict:
         return {"group": self.group, "counts": list(self.counts), "ms": [round(v, 5) for v in self.ms],
                 "spread": [round(v, 4) for v in self.spread], "nodes": list(self.nodes)}
+
+
+def _interpolate(counts: tuple[int, ...], ms: tuple[float, ...], kept: int) -> float:
+    if kept >= counts[-1]:
+        return ms[-1]
+    if kept < counts[0]:
+        return ms[0] * max(kept, 0) / counts[0]
+    return float(np.interp(kept, counts, ms))
 
 
 @dataclass
@@ -126,6 +138,7 @@ class LatencyTable:
         backend: the backend's name.
         dense_ms: sum over the measured layers (each node once) at their dense size.
         curves: group id -> curve; groups that touch no measured layer have none.
+        node_dense_ms: each measured node's latency at its dense size (their sum is `dense_ms`).
         notices: layers that could not be measured and why.
         measured_ops: op signatures timed by this build (0: everything came from the cache).
         cached_ops: op signatures found in the cache.
@@ -140,6 +153,7 @@ class LatencyTable:
     cached_ops: int = 0
     seconds: float = 0.0
     backend_key: str = field(default="", repr=False)
+    node_dense_ms: dict[str, float] = field(default_factory=dict, repr=False)
 
     def at(self, group: int, kept: int) -> float:
         """Latency of `group`'s layers at `kept` channels (interpolated between measured counts, exact at
@@ -241,14 +255,14 @@ def build_table(
     return LatencyTable(
         backend=backend.name, dense_ms=float(sum(dense_by_node.values())), curves=curves,
         notices=tuple(dict.fromkeys(notices)), measured_ops=len(todo), cached_ops=len(wanted) - len(todo),
-        seconds=time.perf_counter() - start, backend_key=backend.key,
+        seconds=time.perf_counter() - start, backend_key=backend.key, node_dense_ms=dense_by_node,
     )
 
 
 def _curve(
     gid: int, size: int, touches: list[Touch], counts: list[int], timings: dict[str, dict[str, Timing]]
 ) -> GroupCurve | None:
-    kept_counts, ms, spreads = [], [], []
+    kept_counts, ms, spreads, per_node = [], [], [], []
     for c in counts:
         parts = []
         for t in touches:
@@ -261,10 +275,12 @@ def _curve(
             total = sum(p.best_ms for p in parts)
             kept_counts.append(c)
             ms.append(total)
+            per_node.append([p.best_ms for p in parts])
             spreads.append(math.sqrt(sum((p.spread * p.best_ms) ** 2 for p in parts)) / total if total > 0 else 0.0)
     if not kept_counts or kept_counts[-1] != size:
         return None
-    return GroupCurve(gid, tuple(kept_counts), tuple(ms), tuple(spreads), tuple(t.node for t in touches))
+    node_ms = tuple(tuple(row[i] for row in per_node) for i in range(len(touches)))
+    return GroupCurve(gid, tuple(kept_counts), tuple(ms), tuple(spreads), tuple(t.node for t in touches), node_ms)
 
 
 @dataclass
