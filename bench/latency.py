@@ -140,9 +140,11 @@ def timed_against_dense(
 # ------------------------------------------------------------------------------------------------ part 1
 
 
-def prune_all(args: argparse.Namespace, work: Path, cache: Path, log: list[str]) -> list[Variant]:
+def prune_all(
+    args: argparse.Namespace, names: Sequence[str], work: Path, cache: Path, log: list[str]
+) -> list[Variant]:
     variants: list[Variant] = []
-    for name in args.models:
+    for name in names:
         label, shapes = MODELS[name]
         src = zoo.zoo_model(name)
         for ratio in args.ratios:
@@ -164,7 +166,7 @@ def prune_all(args: argparse.Namespace, work: Path, cache: Path, log: list[str])
 
 
 def measure_all(variants: list[Variant], args: argparse.Namespace) -> None:
-    for name in args.models:
+    for name in dict.fromkeys(v.model for v in variants):
         mine = [v for v in variants if v.model == name]
         if not mine:
             continue
@@ -419,39 +421,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     log: list[str] = [f"bench/latency.py {' '.join(sys.argv[1:])}", f"start: {load()}"]
     print(log[-1], flush=True)
+    variants: list[Variant] = []
+    accuracy: tuple[list[str], list[dict]] = (["  (not run)"], [])
     with tempfile.TemporaryDirectory(prefix="onnxprune-bench-latency-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         cache = Path(
             os.environ.get("ONNXPRUNE_LATENCY_CACHE", Path.home() / ".cache" / "onnxprune" / "latency")
         )
-        variants = prune_all(args, work, cache, log)
-        log.append(f"after pruning ({len(variants)} variants): {load()}")
-        measure_all(variants, args)
-        measure_tvm(variants, args)
-        log.append(f"after timing: {load()}")
-        table = efficiency_table(variants, args)
-        acc_lines: list[str] = []
-        acc_records: list[dict] = []
+        for name in args.models:  # model by model, the results written after each (a long run stays useful)
+            mine = prune_all(args, [name], work, cache, log)
+            measure_all(mine, args)
+            measure_tvm(mine, args)
+            variants += mine
+            log.append(f"{name}: {len(mine)} variants pruned and timed; {load()}")
+            write_results(out, args, variants, accuracy, log, started, final=False)
         if not args.no_accuracy:
-            acc_lines, acc_records = accuracy_part(args, work, cache)
+            accuracy = accuracy_part(args, work, cache)
             log.append(f"after the accuracy part: {load()}")
+    print(write_results(out, args, variants, accuracy, log, started, final=True))
+    return 0
+
+
+def write_results(
+    out: Path,
+    args: argparse.Namespace,
+    variants: list[Variant],
+    accuracy: tuple[list[str], list[dict]],
+    log: list[str],
+    started: float,
+    *,
+    final: bool,
+) -> str:
+    """Write ``out``.txt/.json/.png; returns the text."""
     text = [
         "Efficiency = realized speedup / MACs reduction (batch 1; onnxruntime CPU N threads = ort NT; TVM x86 = "
         "the bundle's compile timed with time_evaluator, 1 thread). '!' marks a model slower than dense.",
-        *table, "", "Accuracy at equal measured latency (Fashion-MNIST, onnxruntime CPU 1 thread, batch 1):",
-        *(acc_lines or ["  (skipped)"]), "", *log, f"total {time.time() - started:.0f} s",
+        *([] if final else ["(partial: the run is still going)"]),
+        *efficiency_table(variants, args), "",
+        "Accuracy at equal measured latency (Fashion-MNIST, onnxruntime CPU 1 thread, batch 1):",
+        *accuracy[0], "", *log, f"total {time.time() - started:.0f} s",
     ]  # fmt: skip
     report = "\n".join(text) + "\n"
-    print(report)
     out.with_suffix(".txt").write_text(report)
     out.with_suffix(".json").write_text(json.dumps(
         {"args": vars(args), "log": log,
          "variants": [{**asdict(v), "macs_reduction": v.macs_reduction,
                        "efficiency": {b: v.efficiency(b) for b in v.speedup}} for v in variants],
-         "accuracy": acc_records, "quoted": QUOTED}, indent=1))  # fmt: skip
-    plot(variants, args, out.with_suffix(".png"))
-    return 0
+         "accuracy": accuracy[1], "quoted": QUOTED}, indent=1))  # fmt: skip
+    if variants:
+        plot(variants, args, out.with_suffix(".png"))
+    return report
 
 
 if __name__ == "__main__":
