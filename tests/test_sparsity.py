@@ -195,7 +195,7 @@ def test_second_order_repair_reduces_layer_output_error(resnet):
     held-out images, E||W x - W' x||^2 with x the original model's layer input, and the logits' error."""
     from onnxprune.calibration import CalibrationData, collect_stats
 
-    calib, test = _fashion(64, 64)
+    calib, test = _fashion(32, 32)
     data = CalibrationData({"image": calib})
     held_out = collect_stats(resnet, CalibrationData({"image": test}))
     graph = ModelGraph(resnet)
