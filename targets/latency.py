@@ -20,10 +20,14 @@ Importing this module is cheap (no tvm): the CLI imports it to register the name
 when it builds a TVM backend.
 
 **What a table costs on x86.** Each probe of :func:`.probes.tvm_probe_counts` is a compile of a one-layer
-model (0.5-2 s here) plus its timing. Measured on this 2-core AMD EPYC (znver5, AVX-512, 16 lanes) while
-other jobs shared it: see the ``onnxprune.latency.table`` cache — a ResNet-50 table is {RESNET50_TABLE}.
-That is too slow for a default on every prune, so ``ort`` stays the default backend; the table is cached on
-disk per (op signature, backend key), so a second prune of the same architecture pays nothing.
+model plus its timing. ResNet-50 (24 op signatures) needs 449 such models on x86 with AVX-512 (16 lanes),
+against 1,322 on onnxruntime (whose probes are cheap sessions). Measured on this 2-core AMD EPYC (znver5):
+a one-layer compile takes 0.9 s at load 0.3, so a ResNet-50 table costs about 449 x (0.9 s + ~0.3 s timing)
+~ 9 minutes on a quiet machine (estimate from the parts); at load 15-20 (eight agents sharing the machine)
+17 of the 24 signatures took 26 minutes. Through the CLI, ``--round-to auto --latency-backend x86`` on the
+bundled Fashion-MNIST CNN took 11.7 minutes at that load (table and verification). Too slow for a default
+on every prune, so ``ort`` stays the default backend; tables are cached on disk per (op signature, backend
+key), so a second prune of the same architecture measures nothing.
 """
 
 from __future__ import annotations
