@@ -170,6 +170,9 @@ class TvmBackend:
         self.remote = remote
         self.target = build_target(self.spec)
         self.lanes = vector_lanes(self.target)
+        #: The channel step of this target's kernels (output channels pad to whole vectors): a grid builder
+        #: may allow every multiple of it, not only the few counts measured.
+        self.period = self.lanes
         if remote is None:
             self.name = f"tvm:{self.spec.name}"
             device = f"{device_fingerprint()}|mcpu={tvm.get_global_func('target.llvm_get_system_cpu')()}"

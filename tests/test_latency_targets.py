@@ -143,6 +143,11 @@ def test_x86_backend_matches_onnxruntime_and_times(tmp_path: Path) -> None:
     assert isinstance(backend, TvmBackend) and backend.emulated is False
     assert backend.name == "tvm:x86" and "threads=1" in backend.key and "tvm=0." in backend.key
     assert get_backend("x86", threads=2).key != backend.key
+    assert backend.period in (4, 8, 16)  # float32 lanes of SSE/NEON, AVX2, AVX-512
+    assert all(
+        c % backend.period == 0 or c in (25, 256) or c % backend.period == 1
+        for c in backend.probe_counts(256, 25)
+    )
     model = onnx.load(tiny_cnn(tmp_path / "tiny.onnx"))
     x = np.random.RandomState(1).randn(1, 3, 20, 20).astype(np.float32)
     (got,) = backend.outputs(model, {"x": x})
