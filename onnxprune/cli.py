@@ -20,6 +20,7 @@ that cannot be written, a failed verification), 2 usage error; errors are one li
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -224,6 +225,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     cert = _verify(args, normalized, result.model, check)
     latency = _latency(config, result.get(ChannelSelection), normalized, result.model)
+    if latency is not None and "not_measured" in latency:
+        notice, latency = f"latency not measured: {latency['not_measured']}", None
+        summary_record = _WithNotice(summary_record, notice)
     if latency is not None:  # the stored summary says how fast the model measured, too
         from onnxprune.metadata import stamp
 
@@ -251,7 +255,8 @@ def _latency_backends(config: Any) -> None:
 
 def _latency(config: Any, selection: Any, original: onnx.ModelProto, pruned: onnx.ModelProto) -> dict | None:
     """The summary's ``latency`` record: the latency target's verified measurement, or after auto rounding the
-    written model measured against the original; None when nothing was measured or removed."""
+    written model measured against the original; None when nothing was measured or removed, and
+    ``{"not_measured": why}`` when the model cannot be measured (it does not run on the backend)."""
     if selection is None or selection.latency_table is None or selection.empty:
         return None
     if selection.latency is not None:
@@ -260,10 +265,14 @@ def _latency(config: Any, selection: Any, original: onnx.ModelProto, pruned: onn
 
     why = unmeasurable(original)
     if why is not None:
-        print(f"onnxprune: note: latency not measured: {why}", file=sys.stderr)
-        return None
-    return measure_latency(config, selection.source, selection.plan, selection.latency_table, original,
-                           pruned).as_dict()
+        return {"not_measured": why}
+    try:
+        return measure_latency(config, selection.source, selection.plan, selection.latency_table, original,
+                               pruned).as_dict()
+    except OnnxPruneError as exc:  # the pruned model itself is fine: the summary says why (stderr stays one line)
+        if isinstance(exc, UsageError):
+            raise
+        return {"not_measured": str(exc)}
 
 
 def _sparsify(config: Any, calib: CalibrationData | None) -> list[Pass]:
@@ -301,6 +310,31 @@ def _with_sparsity(result: Any, record: Any) -> _WithSparsity:
     if report is not None:
         stamp(result.model, merged.as_dict())
     return merged
+
+
+def _latency_grid(args: argparse.Namespace, model: onnx.ModelProto) -> dict[int, tuple[int, ...]] | None:
+    """--round-to auto for --mode unconstrained: the latency grid of the (normalised) model's groups."""
+    from onnxprune.passes.config import PruneConfig
+    from onnxprune.passes.latency_select import latency_grid
+    from onnxprune.passes.select import channel_analysis
+
+    config = PruneConfig(round_to="auto", latency_backend=args.latency_backend, latency_threads=args.latency_threads,
+                         rpc=args.rpc, device_key=args.device_key, latency_cache=args.latency_cache)
+    _latency_backends(config)
+    grid, _, _ = latency_grid(config, channel_analysis(model))
+    return {gid: tuple(counts) for gid, counts in grid.items()} if grid else None
+
+
+@dataclass(frozen=True)
+class _WithNotice:
+    """A summary record with one more notice (why latency was not measured)."""
+
+    record: Any
+    notice: str
+
+    def as_dict(self) -> dict:
+        d = self.record.as_dict()
+        return {**d, "notices": [*d.get("notices", []), self.notice]}
 
 
 def _print_summary(summary: dict) -> None:
@@ -367,7 +401,7 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
 
     if args.criterion not in ("l1", "l2", "energy", "bn"):
         raise UsageError("--mode unconstrained scores each layer by its own weights: --criterion energy, bn, l1 or l2")
-    # --round-to auto (the default) applies to constrained pruning only: unconstrained keeps every count
+    # --round-to auto (the default): every unit keeps a count of its group's latency grid; N stays constrained-only
     if args.round_to not in (1, "auto") or args.allow_inexact:
         raise UsageError("--round-to and --allow-inexact apply to --mode constrained only")
     for option in ("target_macs", "target_latency"):
@@ -385,6 +419,9 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
                                  target_params=args.target_params, group_budget=args.group_budget)
     model = _load(args)
     calib = _calib(args, model)
+    if args.round_to == "auto" and (ratio > 0 or args.target_params is not None):
+        model = _pipeline([_normalize()]).run(model).model  # the grid is keyed by the normalised model's groups
+        config = dataclasses.replace(config, keep_counts=_latency_grid(args, model))
     unconstrained = UnconstrainedPass(config, calib=calib.arrays if calib is not None else None)
     result = _pipeline([_normalize(), unconstrained]).run(model)
     normalized = result.steps[0][1].model

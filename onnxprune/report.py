@@ -115,6 +115,10 @@ def settings_rows(s: dict) -> list[tuple[str, str]]:
     rows.append(("verification", verification_text(s.get("verification"))))
     if s.get("latency"):
         rows.append(("latency", latency_text(s["latency"])))
+    else:
+        missing = next((n for n in s.get("notices") or [] if n.startswith("latency not measured")), None)
+        if missing:
+            rows.append(("latency", missing.removeprefix("latency ")))
     if "seconds" in s:
         rows.append(("time", f"{s['seconds']:.2f} s"))
     return rows

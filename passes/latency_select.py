@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from onnxprune.allocation import predicted
 from onnxprune.channels import ChannelAnalysis
 from onnxprune.errors import OnnxPruneError, UsageError
+from onnxprune.graph import ModelGraph
 from onnxprune.latency_allocation import LatencyOutcome, parse_latency_target, solve_latency_target
 from onnxprune.metrics import count_macs
 from onnxprune.passes.config import PruneConfig
@@ -133,10 +133,25 @@ def latency_grid(
     why = unmeasurable(analysis.graph.model) if config.target_latency is not None else None
     if why is not None:
         raise UsageError(f"--target-latency measures the model: {why}")
-    table = latency_table(config, analysis, latency_backend(config))
+    backend = latency_backend(config)
+    try:
+        table = latency_table(config, analysis, backend)
+    except OnnxPruneError:
+        raise
+    except Exception as exc:  # a model onnxruntime cannot run piecewise (custom domains, broken weights, ...)
+        if config.target_latency is not None:
+            raise OnnxPruneError(f"--target-latency: cannot measure this model on {backend.name}: {_first_line(exc)}") \
+                from None
+        return grid, None, (f"auto rounding could not measure this model on {backend.name} ({_first_line(exc)}): "
+                            "channel counts are not rounded",)
     if explicit:
         return grid, table, table.notices
     return never_slower(keep_counts(table, analysis), table), table, table.notices
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 def never_slower(grid: KeepCounts, table: LatencyTable) -> dict[int, tuple[int, ...]]:
@@ -167,9 +182,10 @@ def _static(model: onnx.ModelProto) -> onnx.ModelProto:
     return static_inputs(model, None)
 
 
-def _macs_reduction(analysis: ChannelAnalysis, plan: PruningPlan) -> float:
-    before, after = count_macs(analysis.graph), predicted(analysis, plan)[1]
-    return before / after if after > 0 else 1.0
+def macs_reduction(dense: onnx.ModelProto, pruned: onnx.ModelProto) -> float:
+    """MACs of `dense` / MACs of `pruned` (counted on the models, so layers inside If/Loop/Scan bodies count)."""
+    after = count_macs(ModelGraph(pruned))
+    return count_macs(ModelGraph(dense)) / after if after > 0 else 1.0
 
 
 def plan_for_target_latency(
@@ -193,10 +209,13 @@ def plan_for_target_latency(
         # (a budget the dense model already meets asks for no pruning: the plan stays empty)
         fraction = min(1.0, target.fraction_of(backend.time_models([dense])[0].median_ms))
 
+    reductions: dict[int, float] = {}  # id of a measured plan -> its MACs reduction
+
     with task("verifying latency", total=4) as progress:
         def measure(plan: PruningPlan) -> tuple[float, float]:
             pruned = _static(apply_plan(analysis, plan.labels(analysis))) if plan.removed else dense
             found = measure_speedup(dense, pruned, backend)
+            reductions[id(plan)] = macs_reduction(dense, pruned)
             progress.advance()
             return found.dense.median_ms, found.pruned.median_ms
 
@@ -205,12 +224,11 @@ def plan_for_target_latency(
     if not outcome.reached:
         raise OnnxPruneError(f"--target-latency {target.text} on {backend.name}: {outcome.message} "
                              "(nothing was written)")
-    return outcome.plan, _report(backend.name, outcome, analysis, config.target_latency)
+    return outcome.plan, _report(backend.name, outcome, reductions.get(id(outcome.plan), 1.0), config.target_latency)
 
 
-def _report(backend: str, outcome: LatencyOutcome, analysis: ChannelAnalysis, target: str) -> LatencyReport:
+def _report(backend: str, outcome: LatencyOutcome, reduction: float, target: str) -> LatencyReport:
     chosen = outcome.chosen
-    reduction = _macs_reduction(analysis, outcome.plan)
     predicted_ratio = chosen.plan.predicted_ratio
     return LatencyReport(
         backend=backend, dense_ms=chosen.dense_ms, pruned_ms=chosen.pruned_ms, speedup=chosen.speedup,
@@ -228,16 +246,25 @@ def measure_latency(
     dense: onnx.ModelProto,
     pruned: onnx.ModelProto,
 ) -> LatencyReport:
-    """Measure `pruned` against `dense` (interleaved) on the configured backend: the summary's record."""
+    """Measure `pruned` against `dense` (interleaved) on the configured backend: the summary's record.
+
+    Raises:
+        OnnxPruneError: the measurement failed (the models do not run on the backend); the message is one line.
+    """
     from onnxprune.latency.measure import measure_speedup
     from onnxprune.latency.predict import predicted_ms
     from onnxprune.progress import task
 
     backend = latency_backend(config)
-    with task("measuring the pruned model's latency"):
-        found = measure_speedup(_static(dense), _static(pruned), backend)
+    try:
+        with task("measuring the pruned model's latency"):
+            found = measure_speedup(_static(dense), _static(pruned), backend)
+    except OnnxPruneError:
+        raise
+    except Exception as exc:  # the model does not run on the backend: the pruned model is still fine
+        raise OnnxPruneError(_first_line(exc)) from None
     predicted_ratio = predicted_ms(table, plan.kept(analysis)) / table.dense_ms if table.dense_ms > 0 else 1.0
-    reduction = _macs_reduction(analysis, plan)
+    reduction = macs_reduction(dense, pruned)
     return LatencyReport(
         backend=backend.name, dense_ms=found.dense.median_ms, pruned_ms=found.pruned.median_ms,
         speedup=found.speedup, predicted_speedup=1 / predicted_ratio if predicted_ratio > 0 else 1.0,

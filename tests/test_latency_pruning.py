@@ -294,6 +294,11 @@ def test_unconstrained_mode_accepts_the_auto_default(convnet, tmp_path, capsys):
     code, summary, err = _prune(capsys, convnet, "-o", tmp_path / "u.onnx", "--mode", "unconstrained")
     assert code == 0, err
     assert summary["mode"] == "unconstrained"
+    grid = summary["config"]["keep_counts"]  # auto: every unit keeps a count of its group's latency grid
+    assert grid and all(counts == sorted(counts) for counts in grid.values())
+    assert main(["prune", str(convnet), "-o", str(tmp_path / "u1.onnx"), "--mode", "unconstrained", "--round-to", "1",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["keep_counts"] is None
 
 
 def test_text_report_has_one_latency_line(convnet, tmp_path, capsys):
