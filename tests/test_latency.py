@@ -218,6 +218,21 @@ def test_predicted_ms_scales_each_layer_by_its_groups(tmp_path):
     assert table.at(10_000, 3) == 0.0  # no curve: no latency
 
 
+def test_off_grid_counts_are_priced_with_the_measured_penalty():
+    # multiples of 4 fast, others 1.5x slower; the coarse range (below 224) is measured on multiples of 32 only
+    f = lambda c: 0.01 * c * (1.5 if c % 4 else 1.0)
+    curve = _curve(ort_probe_counts(256, 26), f)
+    curve = GroupCurve(0, curve.counts, curve.ms, curve.spread, ("conv",), (curve.ms,))
+    table = LatencyTable("fake", curve.ms[-1], {0: curve}, node_dense_ms={"conv": curve.ms[-1]})
+    grids = {0: curve_counts(curve)[0]}
+    assert 101 not in curve.counts and 101 not in grids[0]
+    assert predicted_ms(table, {0: 101}) == pytest.approx(1.01)  # interpolated between 96 and 128: optimistic
+    # as 104, times the measured penalty (the median of f(c) / f(next multiple of 4): 1.5 * c / (c + 1..3))
+    assert 1.04 * 1.45 < predicted_ms(table, {0: 101}, grids=grids) < 1.04 * 1.5
+    assert predicted_ms(table, {0: 104}, grids=grids) == pytest.approx(1.04)  # on the grid: as measured/interpolated
+    assert predicted_ms(table, {0: 255}, grids=grids) == pytest.approx(f(255))  # measured: as measured
+
+
 def test_dynamic_batch_is_measured_at_one_and_other_dynamic_sizes_are_named(tmp_path):
     analysis = analyze(ModelGraph(conv_chain(batch="N")))
     table = build_table(analysis, FakeBackend(), cache_dir=tmp_path)

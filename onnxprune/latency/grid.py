@@ -68,7 +68,10 @@ import numpy as np
 from onnxprune.channels import ChannelAnalysis
 from onnxprune.latency.table import GroupCurve, LatencyTable
 
-__all__ = ["GridChoice", "curve_counts", "fit_period", "fit_residues", "keep_counts", "multiples"]
+__all__ = [
+    "GridChoice", "curve_counts", "fit_period", "fit_residues", "keep_counts", "multiples", "next_on_grid",
+    "off_grid_penalty",
+]
 
 MIN_WINDOW = 8  # densely measured counts needed to fit a period
 MAX_GAP = 2  # counts at most this far apart are dense (a backend may measure only the even ones)
@@ -203,3 +206,23 @@ def _window(counts: np.ndarray) -> np.ndarray:
     while k > 0 and counts[k] - counts[k - 1] <= MAX_GAP:
         k -= 1
     return counts[k:]
+
+
+def off_grid_penalty(curve: GroupCurve, grid: Sequence[int]) -> float:
+    """How much slower a count off `grid` runs than the next grid count up: the median ratio over the
+    measured off-grid counts of `curve` (at least 1.0; 1.0 when none was measured)."""
+    allowed = np.asarray(sorted(grid), dtype=np.int64)
+    values = dict(zip(curve.counts, curve.ms))
+    ratios = []
+    for c, ms in values.items():
+        k = int(np.searchsorted(allowed, c))
+        if k < len(allowed) and allowed[k] != c and int(allowed[k]) in values and values[int(allowed[k])] > 0:
+            ratios.append(ms / values[int(allowed[k])])
+    return max(1.0, float(np.median(ratios))) if ratios else 1.0
+
+
+def next_on_grid(grid: Sequence[int], kept: int) -> int:
+    """The smallest count of `grid` that is at least `kept` (the largest one if none is)."""
+    allowed = sorted(grid)
+    k = int(np.searchsorted(np.asarray(allowed), kept))
+    return int(allowed[min(k, len(allowed) - 1)])
