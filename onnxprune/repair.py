@@ -46,6 +46,7 @@ from onnxprune.calibration import (
 from onnxprune.channels import ChannelAnalysis, DimRef, analyze
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
+from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.moments import channel_moments
 from onnxprune.progress import task
 
@@ -314,12 +315,13 @@ def repair_sequential(
         if c.name in wave_of:
             w = graph.initializer_value(c.weight)
             slots[c.name] = _bias_slot(graph, c, c.weight_matrix(w).shape[0])
+    runners = (FrontierRunner(data), FrontierRunner(data))  # frontier tensors cached from wave to wave
     with task("sequential repair", total=len(wave_of)) as progress:
         for number, k in enumerate(sorted(waves), 1):
             wave = waves[k]
             progress.update(f"sequential repair: wave {number}/{len(waves)}")
             current = _with_values(base, cur_values, cur_biases)
-            acc = _cross_stats(graph.model, current, wave, data, max_rows, seed + 7919 * k)
+            acc = _cross_stats(graph.model, current, wave, data, max_rows, seed + 7919 * k, runners)
             for c in progress.track(wave):
                 Ht, C = acc[c.name]
                 w = graph.initializer_value(c.weight)
@@ -382,31 +384,6 @@ def _remask(removed: dict, base_values: dict, name: str, value: np.ndarray) -> n
     return out
 
 
-def _truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """`model` computing only `outputs` (the nodes they need), which become its graph outputs."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    nodes = list(out.graph.node)
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute):
-        keep_nodes = nodes  # subgraphs read outer tensors implicitly: keep everything
-    else:
-        need, keep_nodes = set(outputs), []
-        for n in reversed(nodes):
-            if any(o in need for o in n.output):
-                keep_nodes.append(n)
-                need.update(i for i in n.input if i)
-        keep_nodes.reverse()  # initializers stay (some models also list them as graph inputs)
-    kept = [onnx.NodeProto() for _ in keep_nodes]
-    for dst, src in zip(kept, keep_nodes):
-        dst.CopyFrom(src)
-    del out.graph.node[:]
-    out.graph.node.extend(kept)
-    del out.graph.output[:]
-    for name in outputs:
-        out.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return out
-
-
 def _cross_stats(
     original: onnx.ModelProto,
     current: onnx.ModelProto,
@@ -414,15 +391,17 @@ def _cross_stats(
     data: CalibrationData,
     max_rows: int,
     seed: int,
+    runners: tuple[FrontierRunner, FrontierRunner] | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per consumer of `wave`: (E[x~ x~^T], E[x x~^T]) over the same sampled rows, [x 1] features."""
-    from onnxprune.verify import session
+    """Per consumer of `wave`: (E[x~ x~^T], E[x x~^T]) over the same sampled rows, [x 1] features.
+
+    `runners` (original, current) carry cached frontier tensors from wave to wave (`layer_inputs`); without
+    them every sample runs from the graph inputs.
+    """
+    from itertools import zip_longest
 
     names = sorted({c.x for c in wave})
-    s_orig = session(_truncated(original, names), spin=False)
-    s_cur = session(_truncated(current, names), spin=False)
-    feeds_o = {i.name for i in s_orig.get_inputs()}
-    feeds_c = {i.name for i in s_cur.get_inputs()}
+    run_o, run_c = runners or (FrontierRunner(data, budget=0), FrontierRunner(data, budget=0))
     graph = ModelGraph(original)
     w_shapes = {c.name: c.weight_shape(graph) for c in wave}
     feats = {c.name: c.feature_count(w_shapes[c.name]) for c in wave}
@@ -430,12 +409,10 @@ def _cross_stats(
     hessians = {c.name: np.zeros((feats[c.name] + 1,) * 2) for c in wave}
     crosses = {c.name: np.zeros((feats[c.name] + 1,) * 2) for c in wave}
     counts = dict.fromkeys(hessians, 0)
+    samples = zip_longest(run_o.run(original, names), run_c.run(current, names))  # both run to the end
     # BLAS calls alternate with onnxruntime runs
     with single_threaded_blas(), task("layer inputs, original and pruned", total=data.n) as progress:
-        for i in progress.track(range(data.n)):
-            sample = data.sample(i)
-            xo = dict(zip(names, s_orig.run(names, {k: v for k, v in sample.items() if k in feeds_o})))
-            xc = dict(zip(names, s_cur.run(names, {k: v for k, v in sample.items() if k in feeds_c})))
+        for i, (xo, xc) in enumerate(progress.track(samples)):
             for j, c in enumerate(wave):
                 ro = hessian_rows(np.asarray(xo[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
                                   np.random.default_rng([seed, i, j]))

@@ -1,0 +1,56 @@
+"""Frontier caching of layer inputs (onnxprune/layer_inputs.py): the values never depend on the cache."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import canonical
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.calibration import CalibrationData
+from onnxprune.layer_inputs import FrontierRunner
+
+
+def _chain(depth: int = 4, width: int = 4):
+    """x -> (Conv 1x1 -> Relu) x depth with a residual Add around each block."""
+    rng = np.random.default_rng(0)
+    nodes, inits, t = [], [], "x"
+    for k in range(depth):
+        w = numpy_helper.from_array(rng.standard_normal((width, width, 1, 1)).astype(np.float32) * 0.5, f"w{k}")
+        inits.append(w)
+        nodes += [helper.make_node("Conv", [t, f"w{k}"], [f"c{k}"], name=f"conv{k}"),
+                  helper.make_node("Relu", [f"c{k}"], [f"r{k}"], name=f"relu{k}"),
+                  helper.make_node("Add", [t, f"r{k}"], [f"a{k}"], name=f"add{k}")]
+        t = f"a{k}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width, 3, 3])],
+                              [helper.make_tensor_value_info(t, TensorProto.FLOAT, None)], inits)
+    return canonical(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _with_weight(model, name: str, value: np.ndarray):
+    out = model.__class__()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(numpy_helper.from_array(value, name))
+    return out
+
+
+def test_cached_runs_match_plain_runs_while_downstream_weights_change():
+    model = _chain()
+    data = CalibrationData({"x": np.random.default_rng(1).standard_normal((5, 1, 4, 3, 3)).astype(np.float32)[:, 0]})
+    cached, plain, tiny = FrontierRunner(data), FrontierRunner(data, budget=0), FrontierRunner(data, budget=200)
+    current = model
+    for k in range(4):
+        names = [f"a{k - 1}", f"r{k - 1}"] if k else ["x"]  # inputs of the wave's consumer (conv k)
+        got = [list(r.run(current, names)) for r in (cached, plain, tiny)]
+        for a, b, c in zip(*got):
+            for name in names:
+                np.testing.assert_array_equal(a[name], b[name])
+                np.testing.assert_array_equal(c[name], b[name])
+        if k:
+            assert cached.cache and all(v.shape[0] == 5 for v in cached.cache.values())
+        assert sum(v.nbytes for v in tiny.cache.values()) <= 200
+        # the wave's consumer is "repaired": only nodes downstream of what was asked for change (as in
+        # sequential repair, which asks for consumer inputs and then rewrites those consumers)
+        current = _with_weight(current, f"w{k}", np.full((4, 4, 1, 1), 0.1 * (k + 1), np.float32))
+    assert not plain.cache
