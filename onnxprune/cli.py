@@ -199,7 +199,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ratio=ratio, criterion=args.criterion, global_ranking=args.global_ranking,
         round_to=args.round_to, allow_inexact=args.allow_inexact, seed=args.seed, repair=args.repair,
         allocation=args.allocation, target_params=args.target_params, target_macs=args.target_macs,
-        calib_samples=args.calib_samples, target_latency=args.target_latency, latency_backend=args.latency_backend,
+        calib_samples=args.calib_samples, target_latency=args.target_latency, latency_backend=_backend_name(args),
         latency_threads=args.latency_threads, rpc=args.rpc, device_key=args.device_key, latency_cache=args.latency_cache,
     )
     _latency_backends(config)
@@ -240,6 +240,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         summary["latency"] = latency
     _print(summary, args, lambda: _print_summary(summary))
     return 0
+
+
+def _backend_name(args: argparse.Namespace) -> str:
+    """--latency-backend, where --rpc alone means the TVM RPC backend (onnxruntime cannot measure remotely)."""
+    return "rpc" if args.rpc and args.latency_backend == "ort" else args.latency_backend
 
 
 def _latency_backends(config: Any) -> None:
@@ -318,7 +323,7 @@ def _latency_grid(args: argparse.Namespace, model: onnx.ModelProto) -> dict[int,
     from onnxprune.passes.latency_select import latency_grid
     from onnxprune.passes.select import channel_analysis
 
-    config = PruneConfig(round_to="auto", latency_backend=args.latency_backend, latency_threads=args.latency_threads,
+    config = PruneConfig(round_to="auto", latency_backend=_backend_name(args), latency_threads=args.latency_threads,
                          rpc=args.rpc, device_key=args.device_key, latency_cache=args.latency_cache)
     _latency_backends(config)
     grid, _, _ = latency_grid(config, channel_analysis(model))
