@@ -245,6 +245,21 @@ def test_dynamic_batch_is_measured_at_one_and_other_dynamic_sizes_are_named(tmp_
     assert any("not static (give it with --shape)" in n and "'c1'" in n for n in table.notices), table.notices
 
 
+def test_a_rejected_micro_model_costs_its_layers_not_the_table(tmp_path):
+    class PickyBackend(FakeBackend):
+        def time_models(self, models, **kwargs):
+            if any(m.graph.node[0].op_type == "Gemm" for m in models):
+                raise RuntimeError("no Gemm here\nsecond line")
+            return super().time_models(models, **kwargs)
+
+    analysis = analyze(ModelGraph(conv_chain()))
+    table = build_table(analysis, PickyBackend(), cache_dir=tmp_path)
+    assert any("Gemm" in n and "RuntimeError: no Gemm here" in n for n in table.notices), table.notices
+    narrow = next(g.id for g in analysis.groups if g.size == 16)  # touches c2 and the Gemm
+    assert narrow not in table.curves and _width_group(analysis, 64).id in table.curves
+    assert not any(p.name.startswith("gemm-") for p in tmp_path.iterdir())  # nothing cached for it
+
+
 def test_emulated_backend_and_unknown_backend_are_refused(tmp_path):
     backend = FakeBackend()
     backend.emulated = True

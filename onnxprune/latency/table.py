@@ -239,13 +239,19 @@ def build_table(
             for digest, spec, missing in todo:
                 if progress is None:  # a caller's task keeps its own description
                     tk.update(description=f"{title}: {spec.op_type} {_shape_text(spec)}")
-                timings[digest].update(_measure(spec, missing, timings[digest], backend, pace))
-                _store(folder, spec, backend.key, timings[digest])
+                try:
+                    timings[digest].update(_measure(spec, missing, timings[digest], backend, pace))
+                except OnnxPruneError:
+                    raise  # the backend's own refusals (a missing toolchain, a bad option) are the user's to see
+                except Exception as exc:  # a runtime that rejects one micro-model costs its layers, not the table
+                    notices.append(f"{spec.op_type} {_shape_text(spec)} not measured: {type(exc).__name__}: {_first_line(exc)}")
+                else:
+                    _store(folder, spec, backend.key, timings[digest])
                 tk.advance()
     curves: dict[int, GroupCurve] = {}
     dense_by_node: dict[str, float] = {}
     for gid, (touches, counts) in plans.items():
-        curve = _curve(gid, analysis.groups[gid].size, touches, counts, timings)
+        curve = _curve(gid, analysis.group(gid).size, touches, counts, timings)
         if curve is None:
             notices.append(f"group {gid}: no count could be timed on every layer it touches")
             continue
@@ -342,6 +348,11 @@ def _batches(variants: list[Variant], spec: OpSpec) -> Iterable[list[Variant]]:
 
 def _weight_bytes(v: Variant, spec: OpSpec) -> int:
     return sum(4 * int(np.prod(s, dtype=np.int64)) for s, p in zip(v.shapes, spec.params) if p)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
 
 
 def _shape_text(spec: OpSpec) -> str:
