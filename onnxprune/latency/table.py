@@ -38,8 +38,9 @@ the real model does not, and does not pay those a misaligned layer forces on its
 0.406 ms at c = 64 and 0.595 ms at 63 (1.47x), the sum of the two single-node models 0.472 and 0.649 ms
 (1.37x). The steps stay where they are, a little lower; whole models lose more off-grid (see `predict`).
 
-The curves are per group and add independently (`predict.predicted_ms`): a node touched by two groups (its
-input and output channels) is approximated as the sum of both changes, without the interaction term.
+Each curve keeps its per-node series (`GroupCurve.node_ms`), so that `predict.predicted_ms` can scale a
+node touched by two groups (its input and output channels) by the product of both ratios; `LatencyTable.at`
+is per group (what a knapsack over groups needs).
 """
 
 from __future__ import annotations
