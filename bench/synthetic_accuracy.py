@@ -60,7 +60,7 @@ def main() -> None:
                     out = Path(tmp) / "pruned.onnx"
                     flags = [f.format(real=real) for f in ROWS[row]]
                     cmd = ["onnxprune", "prune", str(model), "-o", str(out), "--target-params", target,
-                           "--no-verify", *flags]
+                           "--no-verify", "--round-to", "1", *flags]
                     t0 = time.perf_counter()
                     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                     seconds = time.perf_counter() - t0

@@ -209,7 +209,8 @@ def add_accuracy_options(p: argparse.ArgumentParser, samples: int | None = None,
         text += ("; --mode unconstrained: none, mean (calibrated output means), ls or seq (each layer's kept "
                  "channels refitted), all need --calib")
     p.add_argument("--repair", default="none", choices=repairs, help=text)
-    p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs: .npz, keys = input names, axis 0 = samples")
+    p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs: .npz, keys = input names, axis 0 = samples; "
+                   "or synthetic[:N]: N inputs (default 64) distilled from the model's BatchNorm statistics (data-free)")
     p.add_argument("--calib-samples", type=positive_int, default=samples, metavar="N",
                    help="use the first N samples" + ("" if samples is not None else " (default: all)"))
 

@@ -165,7 +165,12 @@ def _build_objective(model: onnx.ModelProto, batch: int, class_weight: float = 0
     vi, dims = _input_of(model)
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    for graph_input in m.graph.input:  # the batch axis is ours, even when --shape fixed it (to 1, usually)
+        if graph_input.name == vi.name:
+            graph_input.type.tensor_type.shape.dim[0].Clear()
     fix_input_shapes(m, {vi.name: [batch, *dims]})
+    for graph_output in m.graph.output:  # declared outputs keep a symbolic batch: let inference fill them
+        graph_output.type.tensor_type.ClearField("shape")
     m, _ = normalize(m, inplace=True)
     m = infer_shapes(m, symbolic=False)
     floats = float_tensor_names(m)

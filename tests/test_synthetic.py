@@ -31,9 +31,9 @@ def _w(*shape: int, scale: float = 0.5) -> np.ndarray:
 
 
 def _model(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray], out: str = "y", shape: tuple = X,
-           opset: int = 17) -> onnx.ModelProto:
+           opset: int = 17, out_shape: list | None = None) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)],
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
@@ -189,7 +189,8 @@ def _cli(*args: object) -> subprocess.CompletedProcess:
 def test_unsupported_op_on_the_path_is_one_line_exit_1(tmp_path):
     model = _model([_n("Erf", ["x"], "e"), _n("BatchNormalization", ["e", "s", "b", "m", "v"], "bn"),
                     _n("Conv", ["bn", "w"])],
-                   {"s": _w(4), "b": _w(4), "m": _w(4), "v": np.abs(_w(4)) + 0.5, "w": _w(8, 4, 3, 3)})
+                   {"s": _w(4), "b": _w(4), "m": _w(4), "v": np.abs(_w(4)) + 0.5, "w": _w(8, 4, 3, 3)},
+                   shape=("N", 4, 6, 6), out_shape=["N", 8, 4, 4])
     path = tmp_path / "erf.onnx"
     onnx.save(model, path)
     proc = _cli("prune", path, "-o", tmp_path / "out.onnx", "--criterion", "obs", "--repair", "seq",
