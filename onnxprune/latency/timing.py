@@ -9,6 +9,7 @@ the median, which callers use as the noise level when they compare timings.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -88,12 +89,18 @@ def interleaved(
     seconds: list[list[float]] = [[] for _ in range(n)]
     clock = time.perf_counter
     opened = task(f"timing {n} model{'s' if n > 1 else ''}", total=repeat) if progress is None else nullcontext(progress)
-    with opened as t:
-        for r in range(repeat):
-            for j in range(n):
-                i = (j + r) % n  # rotate the order so no function always runs first (or after the slowest)
-                start = clock()
-                run_fns[i]()
-                seconds[i].append(clock() - start)
-            t.advance()
+    collecting = gc.isenabled()
+    gc.disable()  # as timeit does: a collection inside a timed run is not the model's time
+    try:
+        with opened as t:
+            for r in range(repeat):
+                for j in range(n):
+                    i = (j + r) % n  # rotate the order so no function always runs first (or after the slowest)
+                    start = clock()
+                    run_fns[i]()
+                    seconds[i].append(clock() - start)
+                t.advance()
+    finally:
+        if collecting:
+            gc.enable()
     return [Timing.of(s) for s in seconds]
