@@ -92,7 +92,9 @@ def mobilenet_v1(path: Path, size: int = 224, seed: int = 0) -> Path:
 
     def conv(x: str, cin: int, cout: int, k: int, stride: int, group: int = 1) -> str:
         i = len(nodes)
-        w = rng.standard_normal((cout, cin // group, k, k)).astype(np.float32) * np.sqrt(2 / (cin // group * k * k))
+        w = (rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2 / (cin // group * k * k))).astype(
+            np.float32
+        )
         inits.extend([numpy_helper.from_array(w, f"w{i}"),
                       numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, f"b{i}")])  # fmt: skip
         nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[k // 2] * 4,
@@ -189,7 +191,9 @@ def time_bundles(bundles: dict[str, Path], model: Path, repeat: int) -> dict[str
     inputs = {}
     for i in manifest["inputs"]:
         if i["dtype"].startswith("int"):
-            inputs[i["name"]] = (rng.integers(0, 100, i["shape"]) if "ids" in i["name"] else np.ones(i["shape"])).astype(i["dtype"])
+            inputs[i["name"]] = (
+                rng.integers(0, 100, i["shape"]) if "ids" in i["name"] else np.ones(i["shape"])
+            ).astype(i["dtype"])
         else:
             inputs[i["name"]] = rng.standard_normal(i["shape"]).astype(i["dtype"])
     sess = ort.InferenceSession(str(model), ort_options(), providers=["CPUExecutionProvider"])
@@ -209,7 +213,9 @@ def end_to_end(label: str, model: Path, sparsities: list[float], pattern: str, w
     t = time.perf_counter()
     dense = compile_bundle(model, "x86", work / f"{label}.dense", sparse="off", shapes=shapes)
     dense_w = read_manifest(dense, verify=False)["weights"]["bytes"]
-    say(f"  {label}: dense bundle compiled in {time.perf_counter() - t:.0f} s, weights {dense_w / 1e6:.2f} MB")
+    say(
+        f"  {label}: dense bundle compiled in {time.perf_counter() - t:.0f} s, weights {dense_w / 1e6:.2f} MB"
+    )
     rows = []
     for s in sparsities:
         sp_model = sparsify(model, work / f"{label}.s{int(s * 100)}.onnx", s, pattern)
@@ -242,7 +248,9 @@ E2E_HEADER = (f"  {'model':<13} {'spars':>5} {'dense ms':>9} {'sparse ms':>9} {'
 
 def part_b(quick: bool, repeat: int, work: Path) -> None:
     sparsities = [0.3, 0.9] if quick else [0.3, 0.5, 0.7, 0.9]
-    say("(b) group:1x4 sparsity end to end (x86): sparse bundle (--sparse auto) vs dense bundle vs onnxruntime")
+    say(
+        "(b) group:1x4 sparsity end to end (x86): sparse bundle (--sparse auto) vs dense bundle vs onnxruntime"
+    )
     say(E2E_HEADER)
     rows = end_to_end("mobilenet_v1", mobilenet_v1(work / "mobilenet_v1.onnx"), sparsities, "group:1x4", work,
                       repeat)  # fmt: skip
@@ -301,7 +309,9 @@ def part_d(quick: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer cases (a: 90%% batch 1; b: 30/90%%; c: MiniLM)")
+    ap.add_argument(
+        "--quick", action="store_true", help="fewer cases (a: 90%% batch 1; b: 30/90%%; c: MiniLM)"
+    )
     ap.add_argument("--parts", default="a,b,c,d", help="which parts, comma separated (default a,b,c,d)")
     ap.add_argument("--repeat", type=int, default=100, help="calls per measurement (split over the rounds)")
     ap.add_argument("--cache", help="layer-timing cache folder to reuse (default: a fresh one per run)")
@@ -311,8 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         os.environ["ONNXPRUNE_TUNE_CACHE"] = args.cache or str(work / "cache")
         t0 = time.time()
-        say(f"bench/sparse.py{' --quick' if args.quick else ''}  {time.strftime('%Y-%m-%d %H:%M')}  "
-            f"load average before: {load_average()}  threads: {ort_options().intra_op_num_threads}")
+        say(
+            f"bench/sparse.py{' --quick' if args.quick else ''}  {time.strftime('%Y-%m-%d %H:%M')}  "
+            f"load average before: {load_average()}  threads: {ort_options().intra_op_num_threads}"
+        )
         for part, fn in (("a", part_a), ("b", part_b), ("c", part_c)):
             if part in parts:
                 fn(args.quick, args.repeat, work)

@@ -45,12 +45,13 @@ __all__ = ["MODES", "apply"]
 MODES = ("auto", "off", "force")
 #: Fewest zeros (fraction) for a layer to be considered in ``auto`` mode.
 MIN_SPARSITY = 0.2
-#: A measured sparse kernel must be this much faster than dense to be kept (noise margin).
-MIN_GAIN = 1.05
+#: A measured sparse kernel must be this much faster than dense to be kept: a noise margin, and the epilogue
+#: ops a sparse kernel cannot absorb (a residual add) run as a kernel of their own.
+MIN_GAIN = 1.1
 #: Cost-model estimate (relative to dense) below which a layer goes sparse where nothing can be measured.
 MODEL_CROSSOVER = 0.6
 #: Candidates estimated above this relative cost are not even measured.
-MAX_ESTIMATE = 1.3
+MAX_ESTIMATE = 0.9
 CACHE_FILE = "sparse_timings.json"
 
 

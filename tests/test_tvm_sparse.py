@@ -28,7 +28,9 @@ from tests.tvm_helpers import (
 )
 
 
-def zero_pattern(w_kn: np.ndarray, block: tuple[int, int], sparsity_: float, rng: np.random.Generator) -> np.ndarray:
+def zero_pattern(
+    w_kn: np.ndarray, block: tuple[int, int], sparsity_: float, rng: np.random.Generator
+) -> np.ndarray:
     """``w_kn`` with a ``sparsity_`` fraction of its ``block``-shaped tiles zeroed."""
     bk, bn = block
     k, n = w_kn.shape
@@ -143,7 +145,10 @@ def tune_cache(tmp_path, monkeypatch):
 
 
 @needs_tvm
-@pytest.mark.parametrize(("block", "batch"), [((1, 16), 1), ((4, 4), 4), ((4, 1), 3)])
+@pytest.mark.parametrize(
+    ("block", "batch"),
+    [((1, 16), 1), ((4, 1), 3), pytest.param((4, 4), 4, marks=pytest.mark.slow)],
+)
 def test_x86_sparse_matmul_matches_onnxruntime(tmp_path, tune_cache, block, batch):
     """Block-sparse (16x1, 4x4) and group-sparse (runs of 4 along K) Gemm+bias+ReLU and MatMul, forced."""
     _skip_unless_x86()
@@ -239,6 +244,7 @@ def test_choice_keeps_dense_where_sparse_loses(tmp_path, tune_cache, monkeypatch
 
 
 @needs_tvm
+@pytest.mark.slow
 def test_auto_measures_for_real_and_picks_sparse_at_95_percent(tmp_path, tune_cache):
     """A real measurement: a 95% block-sparse 512x1024 layer at batch 1 measures faster sparse."""
     _skip_unless_x86()
@@ -246,7 +252,7 @@ def test_auto_measures_for_real_and_picks_sparse_at_95_percent(tmp_path, tune_ca
     manifest = compile_and_check(model, "x86", tmp_path / "b")
     layers = manifest["sparse"]["layers"]
     assert all(e["decided_by"] == "measured" and e["dense_us"] > 0 and e["sparse_us"] > 0 for e in layers)
-    assert any(e["choice"] == "sparse" and e["gain"] >= 1.05 for e in layers), layers
+    assert any(e["choice"] == "sparse" and e["gain"] >= 1.1 for e in layers), layers
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,7 +271,9 @@ def test_cuda_sparse_codegen(tmp_path, tune_cache):
     kernels = set(re.findall(r"__global__ void \S* ?(sparse_matmul\w*)_kernel\(", src))
     assert len(kernels) == 2, kernels  # one per layer, each with its bias/ReLU fused
     assert "threadIdx.x" in src and "blockIdx.x" in src and "blockIdx.y" in src
-    assert [(e["choice"], e["decided_by"]) for e in manifest["sparse"]["layers"]] == [("sparse", "cost-model")] * 2
+    assert [(e["choice"], e["decided_by"]) for e in manifest["sparse"]["layers"]] == [
+        ("sparse", "cost-model")
+    ] * 2
 
 
 @needs_tvm
@@ -309,4 +317,3 @@ def test_parser_has_sparse_flag():
     assert parser.parse_args(["compile", "m.onnx", "-t", "x86", "--sparse", "off"]).sparse == "off"
     with pytest.raises(SystemExit):
         parser.parse_args(["compile", "m.onnx", "-t", "x86", "--sparse", "maybe"])
-
