@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from onnxprune.channels import ChannelAnalysis, DimRef
 from onnxprune.external import MMAP_TYPES
 from onnxprune.graph import Dim, ModelGraph, subgraph_reads
-from onnxprune.onnx_utils import opset_of, value_names
+from onnxprune.onnx_utils import all_graphs, opset_of, value_names
 from onnxprune.rules import RULES
 from onnxprune.subgraphs import (
     analysed_nodes,
@@ -32,7 +32,10 @@ class RewriteContext:
         self._removed = removed
         self.element_edits: dict[tuple[str, int], dict[int, int]] = {}
         self.input_replacements: dict[tuple[str, int], np.ndarray] = {}
+        self.node_replacements: dict[str, tuple[list[onnx.NodeProto], dict[str, np.ndarray]]] = {}
         self._nodes: dict[str, onnx.NodeProto] = {}
+        self._issued: set[str] = set()
+        self._taken: set[str] | None = None
 
     # What rules read
     def removed(self, tensor: str, axis: int) -> np.ndarray:
@@ -67,6 +70,25 @@ class RewriteContext:
     def replace_input(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
         self._nodes[node.name] = node
         self.input_replacements[(node.name, index)] = np.asarray(value)
+
+    def fresh_name(self, base: str) -> str:
+        """A value/node name no tensor of the model uses (``__stat`` names never meet `_materialize_edits`'
+        ``_pruned`` names)."""
+        if self._taken is None:
+            self._taken = value_names(self.graph.model.graph) | {n.name for n in analysed_nodes(self.graph)}
+        name, k = f"{base}__stat", 0
+        while name in self._taken or name in self._issued:
+            k += 1
+            name = f"{base}__stat{k}"
+        self._issued.add(name)
+        return name
+
+    def opset(self) -> int:
+        return opset_of(self.graph.model) or 17
+
+    def replace_node(self, node: onnx.NodeProto, nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray]) -> None:
+        """Replace `node` (same outputs) by `nodes` reading `constants` (new initializers)."""
+        self.node_replacements[node.name] = (nodes, constants)
 
 
 def apply_plan(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.ModelProto:
@@ -305,4 +327,27 @@ def _rewrite_nodes(g: onnx.GraphProto, graph: ModelGraph, removed: dict[DimRef, 
         if rule is not None and _touches_changed(node, ctx):
             rule.rewrite(node, ctx)
     _materialize_edits(g, nodes, originals, ctx)
+    _replace_nodes(g, ctx.node_replacements)
     _remove_unused_initializers(g)
+
+
+def _replace_nodes(g: onnx.GraphProto, replacements: dict[str, tuple[list[onnx.NodeProto], dict]]) -> None:
+    """Splice each replaced node's nodes in at its position, in whichever (branch) graph holds it."""
+    if not replacements:
+        return
+    for graph in list(all_graphs(g)):
+        if not any(n.name in replacements for n in graph.node):
+            continue
+        spliced: list[onnx.NodeProto] = []
+        for node in graph.node:
+            if node.name not in replacements:
+                spliced.append(node)
+                continue
+            new_nodes, constants = replacements[node.name]
+            spliced.extend(new_nodes)
+            graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
+        kept = [onnx.NodeProto() for _ in spliced]
+        for dst, src in zip(kept, spliced):
+            dst.CopyFrom(src)
+        del graph.node[:]
+        graph.node.extend(kept)

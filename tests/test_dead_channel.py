@@ -72,7 +72,7 @@ def test_attention_heads_are_one_group():
     assert len(heads.param_members) >= 4
 
 
-def _layernorm_mlp():
+def _layernorm_mlp(between: str | None = None):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -83,7 +83,8 @@ def _layernorm_mlp():
         numpy_helper.from_array(rng.standard_normal((48, 32)).astype(np.float32), "w2"),
     ]
     nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+        helper.make_node(between or "Identity", ["h0"], ["h"]),
         helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["n"], axis=-1),
         helper.make_node("MatMul", ["n", "w2"], ["y"]),
     ]
@@ -94,8 +95,23 @@ def _layernorm_mlp():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_layernorm_hidden_is_inexact_and_opt_in():
-    model = canonical(_layernorm_mlp())
+@pytest.mark.parametrize("between", [None, "Relu", "Exp"])
+def test_layernorm_hidden_is_exact_with_original_statistics(between):
+    """A LayerNorm over a pruned hidden size is rewritten to keep the statistics of its original width
+    (`onnxprune.statistics`): the removed channels' value is known (zero from the MatMul, exp(0) = 1
+    after an Exp), so the group is exact and pruned by default; dead-channel equivalence holds."""
+    model = canonical(_layernorm_mlp(between))
+    default = analyze(ModelGraph(model))
+    hidden = [g for g in default.groups if g.size == 48]
+    assert len(hidden) == 1 and not hidden[0].inexact
+    inputs = random_inputs(model, seed=0)
+    assert dead_channel_check(default, hidden[0], inputs).error <= 1e-5
+
+
+def test_layernorm_hidden_of_unknown_value_stays_inexact_and_opt_in():
+    """Behind an op whose value at a removed channel is not derived (Sin here), the statistics cannot be
+    kept: the hidden size stays inexact, only with allow_inexact."""
+    model = canonical(_layernorm_mlp("Sin"))
     default = analyze(ModelGraph(model))
     allowed = analyze(ModelGraph(model), allow_inexact=True)
     assert not any(g.inexact for g in default.groups)
@@ -153,3 +169,58 @@ def test_older_opsets_from_torch(opset, tmp_path):
     inputs = random_inputs(model, seed=4)
     for group in analysis.groups:
         assert dead_channel_check(analysis, group, inputs).error <= 1e-5
+
+
+def _decomposed_layernorm(keepdims_second: int = 1):
+    """Paddle's (and torch's pre-opset-17) LayerNorm: ReduceMean, Sub, Pow, ReduceMean, Add eps, Sqrt,
+    Div, Mul scale, Add bias, between two MatMuls; the hidden size (48) is the pruned axis."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    arrays = {
+        "w1": rng.standard_normal((32, 48)), "b1": rng.standard_normal(48), "gamma": rng.standard_normal(48),
+        "beta": rng.standard_normal(48), "w2": rng.standard_normal((48, 32)), "two": np.array(2.0),
+        "eps": np.array(1e-5),
+    }
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items()]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+        helper.make_node("Add", ["h0", "b1"], ["h"]),
+        helper.make_node("ReduceMean", ["h"], ["m"], axes=[-1], keepdims=1),
+        helper.make_node("Sub", ["h", "m"], ["d"]),
+        helper.make_node("Pow", ["d", "two"], ["d2"]),
+        helper.make_node("ReduceMean", ["d2"], ["v"], axes=[-1], keepdims=1),
+        helper.make_node("Add", ["v", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["s"]),
+        helper.make_node("Div", ["d", "s"], ["n0"]),
+        helper.make_node("Mul", ["n0", "gamma"], ["n1"]),
+        helper.make_node("Add", ["n1", "beta"], ["n"]),
+        helper.make_node("MatMul", ["n", "w2"], ["y0"]),
+        helper.make_node("ReduceMean", ["h"], ["pooled"], axes=[-1], keepdims=keepdims_second),
+    ]
+    graph = helper.make_graph(
+        nodes, "decomposed_ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 32])],
+        [helper.make_tensor_value_info("y0", TensorProto.FLOAT, [2, 8, 32]),
+         helper.make_tensor_value_info("pooled", TensorProto.FLOAT, None)], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+
+
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_decomposed_layernorm_keeps_original_statistics(keepdims):
+    """Both means of a decomposed LayerNorm (and a plain mean over the hidden size) are rewritten as
+    (sum of kept + removed x their value) / original width: the second mean's removed value is mean^2,
+    not zero. Exact at 1/4 and 3/4 of the hidden size removed, and the pruned model keeps fewer weights."""
+    from onnxprune.rewrite import apply_mask
+
+    model = canonical(_decomposed_layernorm(keepdims))
+    analysis = analyze(ModelGraph(model))
+    (hidden,) = [g for g in analysis.groups if g.size == 48]
+    assert not hidden.inexact
+    inputs = random_inputs(model, seed=3)
+    assert dead_channel_check(analysis, hidden, inputs).error <= 1e-5
+    for ratio in (0.25, 0.75):
+        result = PrunePass(PruneConfig(ratio=ratio)).run(model)
+        masked = apply_mask(analysis, result.info["plan"].labels(analysis))
+        assert max_rel_error(run(masked, inputs), run(result.model, inputs)) <= 1e-5
+        assert sum(int(np.prod(t.dims)) for t in result.model.graph.initializer if t.name == "w2") < 48 * 32

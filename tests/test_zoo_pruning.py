@@ -106,15 +106,21 @@ def test_zoo_all(name):
     _check(name, max_groups=50)
 
 
-def test_hidden_size_is_one_opt_in_group():
-    """The residual stream's hidden size (RMSNorm-coupled) is one big inexact group, off by default."""
+def test_hidden_size_is_one_exact_group():
+    """The residual stream's hidden size (RMSNorm-coupled) is one big group, exact by default: the
+    RMS statistics keep the original width (`onnxprune.statistics`), so the pruned model equals the
+    original with the group's channels silenced."""
+    from onnxprune.rewrite import apply_mask
+
     model = _model("llama_tiny")
-    assert not any(g.inexact for g in analyze(ModelGraph(model)).groups)
-    hidden = [g for g in analyze(ModelGraph(model), allow_inexact=True).groups if g.inexact]
-    assert len(hidden) == 1 and hidden[0].size == 128
+    analysis = analyze(ModelGraph(model))
+    hidden = [g for g in analysis.groups if g.size == 128]
+    assert len(hidden) == 1 and not hidden[0].inexact
     names = {m.tensor for m in hidden[0].param_members}
     assert any("embed_tokens" in n for n in names)  # the embedding table's hidden axis is in it
-    pruned = PrunePass(PruneConfig(ratio=0.25, allow_inexact=True)).run(model).model
-    check_model(pruned)
-    out = run(pruned, random_inputs(model))
-    assert out[0].shape == (1, 16, 1000) and np.isfinite(out[0]).all()
+    inputs = random_inputs(model)
+    assert dead_channel_check(analysis, hidden[0], inputs).error <= 1e-5
+    result = PrunePass(PruneConfig(ratio=0.25)).run(model)
+    check_model(result.model)
+    out, expected = run(result.model, inputs), run(apply_mask(analysis, result.info["plan"].labels(analysis)), inputs)
+    assert out[0].shape == (1, 16, 1000) and max_rel_error(expected, out) <= 1e-4

@@ -3,16 +3,20 @@
 BatchNormalization and InstanceNormalization are per channel: exact. GroupNormalization computes
 statistics per group of channels, so a whole norm group is one channel (removing it leaves the other
 groups' statistics untouched). LayerNormalization / RMSNormalization average over their normalised axes:
-removing channels there changes every statistic, so those dims are *inexact* (prunable only on request).
+removing channels there changes every statistic, so those dims are *inexact* (prunable only on request) —
+except a LayerNormalization over the last axis whose input's removed channels have a computable value
+(`onnxprune.statistics`): it is rewritten to keep the statistics of its original width, exactly.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from onnxprune.graph import attrs, set_attr
 from onnxprune.rules.base import ChannelRule, register
 from onnxprune.rules.protocols import RuleBarrier
+from onnxprune.statistics import NodeBuilder, layer_norm_nodes, phantom_chain
 
 
 @register("BatchNormalization")
@@ -74,6 +78,20 @@ class GroupNorm(ChannelRule):
 class _NormOverTrailingAxes(ChannelRule):
     """Statistics over axes >= `axis`: those dims are inexact; scale/bias broadcast onto them."""
 
+    exact_statistics = False  # LayerNormalization: rewritten with the original width's statistics
+
+    def correctable(self, node, ctx) -> bool:
+        """One normalised axis (the last), no Mean/InvStdDev outputs, and a computable phantom."""
+        x = node.input[0]
+        rank = ctx.rank(x)
+        return (
+            self.exact_statistics
+            and rank is not None
+            and attrs(node).get("axis", -1) % rank == rank - 1
+            and not any(node.output[1:])
+            and phantom_chain(ctx.graph, x, rank - 1) is not None
+        )
+
     def couple(self, node, ctx):
         x, y = node.input[0], node.output[0]
         rank = ctx.rank(x)
@@ -81,8 +99,9 @@ class _NormOverTrailingAxes(ChannelRule):
             raise RuleBarrier("rank unknown")
         axis = attrs(node).get("axis", -1) % rank
         ctx.link_all(x, y)
-        for ax in range(axis, rank):
-            ctx.mark_inexact(x, ax, f"{node.op_type} normalises over this axis")
+        if not self.correctable(node, ctx):
+            for ax in range(axis, rank):
+                ctx.mark_inexact(x, ax, f"{node.op_type} normalises over this axis")
         for name, role in zip(node.input[1:3], ("scale", "bias")):
             if name:
                 ctx.link_all(name, x)
@@ -95,6 +114,16 @@ class _NormOverTrailingAxes(ChannelRule):
 @register("LayerNormalization")
 class LayerNorm(_NormOverTrailingAxes):
     same_shape = ("LayerNormalization",)
+    exact_statistics = True
+
+    def rewrite(self, node, ctx):
+        x = node.input[0]
+        rank = ctx.rank(x)
+        if rank is None or not len(ctx.removed(x, rank - 1)) or not self.correctable(node, ctx):
+            return
+        b = NodeBuilder(ctx.fresh_name, ctx.graph.dtype(x) or onnx.TensorProto.FLOAT, ctx.opset())
+        layer_norm_nodes(b, ctx.graph, node, len(ctx.removed(x, rank - 1)), attrs(node).get("epsilon", 1e-5))
+        ctx.replace_node(node, b.nodes, b.constants)
 
 
 @register("RMSNormalization")

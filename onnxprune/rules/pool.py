@@ -11,6 +11,7 @@ from onnxprune.graph import attrs, set_attr
 from onnxprune.rules.base import ChannelRule, register
 from onnxprune.rules.protocols import RuleBarrier
 from onnxprune.rules.shape_inputs import read_axes, shape_elements
+from onnxprune.statistics import NodeBuilder, phantom_chain, reduce_mean_nodes
 
 
 @register(
@@ -168,7 +169,7 @@ class Reduce(ChannelRule):
         out_axis = 0
         for ax in range(rank):
             if ax in reduced:
-                if node.op_type in _EXACT_REDUCTIONS:
+                if node.op_type in _EXACT_REDUCTIONS or self._correctable_mean(node, ctx, ax, reduced):
                     ctx.independent(x, ax)
                 else:
                     ctx.mark_inexact(x, ax, f"{node.op_type} over this axis")
@@ -177,6 +178,27 @@ class Reduce(ChannelRule):
                 continue
             ctx.link(x, ax, y, out_axis)
             out_axis += 1
+
+
+    @staticmethod
+    def _correctable_mean(node, ctx, axis: int, reduced: set[int]) -> bool:
+        """A mean over one axis whose removed channels have a computable value (`onnxprune.statistics`)."""
+        return node.op_type == "ReduceMean" and len(reduced) == 1 and phantom_chain(ctx.graph, node.input[0], axis) is not None
+
+    def rewrite(self, node, ctx):
+        if node.op_type != "ReduceMean":
+            return
+        x = node.input[0]
+        rank = ctx.rank(x)
+        axes = read_axes(node, ctx, 1, None) or list(range(rank or 0))
+        reduced = sorted({a % rank for a in axes}) if rank else []
+        changed = [a for a in reduced if len(ctx.removed(x, a))]
+        if len(reduced) != 1 or len(changed) != 1 or not self._correctable_mean(node, ctx, changed[0], set(reduced)):
+            return
+        b = NodeBuilder(ctx.fresh_name, ctx.graph.dtype(x) or onnx.TensorProto.FLOAT, ctx.opset())
+        reduce_mean_nodes(b, ctx.graph, node, reduced, changed[0], len(ctx.removed(x, changed[0])),
+                          bool(attrs(node).get("keepdims", 1)))
+        ctx.replace_node(node, b.nodes, b.constants)
 
 
 @register("ArgMax", "ArgMin")
