@@ -193,7 +193,10 @@ def reduce_mean_nodes(b: NodeBuilder, graph: ModelGraph, node: onnx.NodeProto, a
                       removed: int, keepdims: bool) -> None:
     """ReduceMean(x) over `axes` of the original sizes, `removed` channels gone from `axis`."""
     x, y = node.input[0], node.output[0]
-    total = int(np.prod([graph.size(x, a) for a in axes]))
+    sizes = [graph.size(x, a) for a in axes]
+    if not all(isinstance(n, int) for n in sizes):
+        raise ValueError(f"{node.name}: reduced sizes must be static")
+    total = int(np.prod([int(n) for n in sizes if isinstance(n, int)]))
     s = b.reduce_sum(x, axes, f"{y}_sum")
     phantom = replay_phantom(b, graph, phantom_chain(graph, x, axis) or [], x, axis)
     if phantom is not None:
@@ -211,6 +214,8 @@ def layer_norm_nodes(b: NodeBuilder, graph: ModelGraph, node: onnx.NodeProto, re
     rank = graph.rank(x) or 1
     axis = rank - 1
     count = graph.size(x, axis)
+    if not isinstance(count, int):
+        raise ValueError(f"{node.name}: normalised size must be static")
     inv = b.const(1.0 / count, f"{y}_inv_count")
     k = b.const(removed, f"{y}_removed")
     px = replay_phantom(b, graph, phantom_chain(graph, x, axis) or [], x, axis)
