@@ -34,9 +34,10 @@ beyond 20% the spread is load spikes, which the fastest runs the table uses do n
       match the window's counts that are not dominated (fewest counts in one set but not the other; ties
       go to the smaller period, 1 = every count). Misaligned counts that cost extra show up here;
    b. the *staircase* among the aligned counts: ``f(c) = a + b * ceil(c / Q)`` for multiples ``Q`` of
-      ``P`` seen at least twice in the window, against a line. The best staircase replaces ``P`` if its
-      residual is no larger than the line's and its step ``b`` exceeds 0.5% of the dense latency (a
-      staircase whose residual only ties the line costs nothing, while a missed step costs latency).
+      ``P`` seen at least twice in the window, against a line. The best staircase (near-ties, within 10%
+      of the best residual, go to the larger period) replaces ``P`` if its residual is no larger than the
+      line's and its step ``b`` exceeds 0.5% of the dense latency: a coarser grid only costs choice, a
+      missed step costs latency.
 
    The allowed counts are the multiples of ``P`` over the whole range (blocks and lanes align to zero;
    the coarse sweep's counts are multiples of 32, which every such period divides) plus the dense size,
@@ -76,6 +77,7 @@ __all__ = [
 MIN_WINDOW = 8  # densely measured counts needed to fit a period
 MAX_GAP = 2  # counts at most this far apart are dense (a backend may measure only the even ones)
 PERIODS = (2, 4, 8, 16, 32, 64)  # vector lanes and layout blocks (a 32-count window cannot tell 12 from noise)
+NEAR_TIE = 1.1  # staircase residuals within 10% of the best one count as equally good
 MIN_STEP = 0.005  # a staircase's step must exceed this fraction of the dense latency
 NOISE_OF_SPREAD = 0.5  # noise of a median, as a fraction of the runs' interquartile range over median
 MAX_NOISE = 0.2  # a relative noise above this is a load spike in some runs; the median is robust to it
@@ -169,8 +171,8 @@ def fit_period(
 
     Staircases ``ms = a + b * ceil(count / P)`` for the periods P of `PERIODS` that are multiples of
     `multiple_of` (at least two periods inside the counts) compete with a line. The staircase with the
-    smallest residual wins if its residual is no larger than the line's and its step `b` exceeds `noise`
-    (an absolute latency).
+    smallest residual (the largest period among those within 10% of it) wins if its residual is no larger
+    than the line's and its step `b` exceeds `noise` (an absolute latency).
     """
     c = np.asarray(counts, dtype=np.float64)
     y = np.asarray(ms, dtype=np.float64)
@@ -186,10 +188,12 @@ def fit_period(
             continue
         rss, slope = _rss(steps, y, slope=True)
         fits.append((rss, period, slope))
-    if not fits:
+    good = [(rss, period) for rss, period, slope in fits if rss <= line_rss and slope > noise]
+    if not good:
         return 1
-    rss, period, slope = min(fits)
-    return period if rss <= line_rss and slope > noise else 1
+    best = min(rss for rss, _ in good)
+    # near-ties go to the larger period: a missed step costs latency, a coarser grid only costs choice
+    return max(period for rss, period in good if rss <= best * NEAR_TIE)
 
 
 def _rss(x: np.ndarray, y: np.ndarray, slope: bool = False):
