@@ -53,10 +53,13 @@ block 8), relative to the dense latency (fastest of 5-15 runs, load average 24 o
 354: 1.30, 356: 0.94, 358: 1.24, 360: 0.98, 364: 0.95, 368: 0.97, 372: 1.02, 376: 1.04, 377: 1.37, 380:
 1.01, 383: 1.41, 384: 1.00. Every count that is not a multiple of 4 is dominated (1.24-1.5x: the depthwise
 conv off its blocked path), so the alignment is 4; among the multiples of 4 the staircase of 16 fits no
-worse than a line, so the group keeps multiples of 16 (272, 288, ..., 368, 384). Over whole models (onnxruntime 1.32, 1 thread, load average ~25 on 2 cores, so noisy):
-ResNet-50 25 of 37 groups multiples of 16, 8 of 8, 2 of 4, 2 linear; MobileNetV2 9 of 16, 5 of 8, 7 of
-4, 4 linear (groups of 16-40 channels); EfficientNet-B0 3 of 16, 9 of 8, 9 of 4, 9 linear and 10 flat
-(the squeeze-excitation layers of 4-10 channels on a 1x1 map, whose cost is call overhead).
+worse than a line, so the group keeps multiples of 16 (272, 288, ..., 368, 384). Over whole models (onnxruntime 1.32, 1 thread, tables
+built at load averages 15-25 on 2 cores, so noisy): ResNet-50 11 of its 37 groups multiples of 16, 13 of
+8, 6 of 4, 1 of 2, 6 linear (mostly 64-channel groups); MobileNetV2 (25 groups) 7 of 16, 6 of 8, 7 of 4, 5
+linear (groups of 16-96 channels and the 1280 before the classifier); EfficientNet-B0 (40 groups) 11 of
+16, 5 of 8, 10 of 4, 2 linear and 12 flat (squeeze-excitation layers of 4-10 channels on a 1x1 map, whose
+cost is call overhead). Under that load two builds of one model disagree on some groups, mostly 8 against
+16; `bench/latency_tables.py` re-measures on a quiet machine.
 """
 
 from __future__ import annotations
