@@ -18,7 +18,8 @@ Start at `solve_latency_target`. Three steps:
    (interleaved), and when the measured ratio misses the target, correct the predicted budget: the first
    correction assumes the measured saving is a fixed fraction of the predicted one (what the table cannot
    see, layers outside any group and the runtime's overhead, scales the saving, not the latency); later ones
-   interpolate between the two latest (predicted, measured) points (secant). At most `max_iterations`
+   interpolate between the two latest (predicted, measured) points (secant); a correction finer than the
+   grid (it asks for a plan already measured) steps one unit of the order instead. At most `max_iterations`
    measurements; the closest plan within `tolerance` of the target wins. When every plan measured is too
    slow, the smallest model the caps allow is measured too (one more measurement): a target below it is
    unreachable, `LatencyOutcome.reached` is False and `message` says so with the number.
@@ -279,7 +280,12 @@ def solve_latency_target(
     for _ in range(max_iterations):
         candidate = plan_for_latency(units, analysis, table, max(asked, lowest) * table.dense_ms)
         if attempts and any(a.plan.units == candidate.units for a in attempts):
-            break  # the correction asks for a plan already measured: no further information
+            # The correction is finer than the grid: step one unit towards the target from the nearest
+            # measured plan on the wrong side, unless that plan was measured too.
+            step = _neighbour(attempts, target, units, predictions, table.dense_ms)
+            if step is None:
+                break
+            candidate = step
         dense_ms, pruned_ms = measure(candidate.plan)
         attempts.append(Attempt(candidate, pruned_ms / dense_ms, dense_ms, pruned_ms))
         measured = attempts[-1].measured_ratio
@@ -296,6 +302,18 @@ def solve_latency_target(
         dense_ms, pruned_ms = measure(plan.plan)
         attempts.append(Attempt(plan, pruned_ms / dense_ms, dense_ms, pruned_ms))
     return _choose(attempts, target, tolerance, smallest, max_group_ratio)
+
+
+def _neighbour(
+    attempts: list[Attempt], target: float, units: list[Unit], predictions: np.ndarray, dense_ms: float
+) -> LatencyPlan | None:
+    """The prefix one unit beyond the measured plan closest to `target` (longer when it measured too slow,
+    shorter when too fast), or None when that prefix was measured already or does not exist."""
+    closest = min(attempts, key=lambda a: abs(a.measured_ratio / target - 1))
+    k = closest.plan.units + (1 if closest.measured_ratio > target else -1)
+    if not 0 <= k <= len(units) or any(a.plan.units == k for a in attempts):
+        return None
+    return LatencyPlan(plan_from_units(units[:k]), k, float(predictions[k]), dense_ms)
 
 
 def _next_ask(attempts: list[Attempt], target: float) -> float:

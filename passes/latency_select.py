@@ -199,6 +199,7 @@ def plan_for_target_latency(
     from onnxprune.latency.measure import measure_speedup
     from onnxprune.progress import task
     from onnxprune.rewrite import apply_plan
+    from onnxprune.shape_inference import infer_shapes
 
     assert config.target_latency is not None
     backend = latency_backend(config)
@@ -213,7 +214,8 @@ def plan_for_target_latency(
 
     with task("verifying latency", total=4) as progress:
         def measure(plan: PruningPlan) -> tuple[float, float]:
-            pruned = _static(apply_plan(analysis, plan.labels(analysis))) if plan.removed else dense
+            # shapes re-inferred, as `RemoveChannelsPass` does: the MACs are counted on them
+            pruned = _static(infer_shapes(apply_plan(analysis, plan.labels(analysis)))) if plan.removed else dense
             found = measure_speedup(dense, pruned, backend)
             reductions[id(plan)] = macs_reduction(dense, pruned)
             progress.advance()

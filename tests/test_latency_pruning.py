@@ -227,6 +227,7 @@ def test_auto_is_never_slower_than_unrounded(convnet, tmp_path, capsys):
     assert record["backend"].startswith("ort") and record["reached"] and record["iterations"] == 1
     assert record["speedup"] == pytest.approx(record["dense_ms"] / record["pruned_ms"], rel=1e-3)
     assert record["efficiency"] == pytest.approx(record["speedup"] / record["macs_reduction"], rel=1e-3)
+    assert record["macs_reduction"] == pytest.approx(auto["macs_before"] / auto["macs_after"], rel=1e-3)
     assert auto["config"]["round_to"] == "auto"
     dense, t_auto, t_plain = _interleaved(convnet, tmp_path / "auto.onnx", tmp_path / "plain.onnx")
     assert t_auto <= t_plain * 1.1, (dense, t_auto, t_plain)
@@ -242,6 +243,7 @@ def test_target_latency_lands_within_ten_percent(convnet, tmp_path, capsys):
     record = summary["latency"]
     assert record["reached"] and record["target"] == "0.6x" and 1 <= record["iterations"] <= 4
     assert abs(record["pruned_ms"] / record["dense_ms"] / 0.6 - 1) <= 0.10, record
+    assert record["macs_reduction"] == pytest.approx(summary["macs_before"] / summary["macs_after"], rel=1e-3)
     dense, pruned = _interleaved(convnet, out)
     assert abs(pruned / dense / 0.6 - 1) <= 0.25, (dense, pruned)  # re-measured independently, loaded machine
     x = random_inputs(onnx.load(str(out)), seed=0)
