@@ -19,18 +19,20 @@ Measurement is shared and cached:
   ``~/.cache/onnxprune/latency``.
 
 **What a table costs** (onnxruntime 1.32 CPU, 1 thread, this 2-core AMD EPYC (AVX-512),
-`bench/latency_tables.py`; the machine was shared, load average 25 on 2 cores, so the CPU seconds are what a quiet machine needs):
+`bench/latency_tables.py`; the machine was shared, load average 26-28 on 2 cores, so the CPU seconds are
+what a quiet machine needs):
 
-============  ==========  ======================  =====================  ============
-model         signatures  first build, CPU        first build, wall      cached build
-============  ==========  ======================  =====================  ============
-ResNet-50     24          28.0 s                  127.7 s (load 25)      0.41 s
-MobileNetV2   31          10.6 s                  64.9 s (load 25)       0.41 s
-============  ==========  ======================  =====================  ============
+============  ==========  ==================  =====================  ============
+model         signatures  first build, CPU    first build, wall      cached build
+============  ==========  ==================  =====================  ============
+ResNet-50     24          24.6 s              137.5 s (load 26)      0.37 s
+MobileNetV2   31          8.4 s               33.6 s (load 28)       0.38 s
+============  ==========  ==================  =====================  ============
 
-About half is onnxruntime running the micro-models, a quarter creating their sessions (weight pre-packing),
-the rest making random weights. The probes (`backend.ort_probe_counts`: 30 per 512-2048-channel dim, 34
-per 64-channel dim) keep this under a minute; every count would take ~40x longer for ResNet-50.
+More than half of it is onnxruntime running the micro-models, an eighth creating their sessions (weight
+pre-packing), the rest building them. The probes (`backend.ort_probe_counts`: 30 per 512-2048-channel
+dim, 34 per 64-channel dim) keep this well under a minute; every count would take ~40x longer for
+ResNet-50.
 
 A single-node model pays layout conversions at its input and output that a chain of NCHWc convolutions in
 the real model does not, and does not pay those a misaligned layer forces on its neighbours. Measured
