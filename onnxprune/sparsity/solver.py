@@ -15,7 +15,9 @@ weights: tile patterns (unstructured, group, block) pick their tiles for a whole
 start (adaptive mask selection), spreading the layer's tile count evenly over blocks; N:M patterns pick
 at the first column of every run of M. A fixed `mask` (magnitude or Wanda selection) skips the choice and
 keeps only the updates. An extra trailing column (the bias, a constant feature 1 in H) is never pruned
-and receives the updates like any later column: the bias correction comes for free.
+and receives the updates like any later column: the bias correction comes for free. Convolution and
+small-model layers can afford what SparseGPT avoids on LLMs: once the mask is chosen, `refit_rows` solves
+each row's kept weights exactly (a Cholesky per distinct row mask, within a cost budget).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def sparsegpt(
     mask: np.ndarray | None = None,
     damp: float = 0.01,
     block: int = 128,
+    refit_budget: float = 2e10,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Prune `w` to `pattern` at `sparsity` with second-order updates; returns (new weights, keep mask).
 
@@ -51,13 +54,15 @@ def sparsegpt(
         mask: a fixed ``[rows, prunable]`` keep mask instead of the solver's own choice.
         damp: ridge added to H's diagonal, relative to its mean (SparseGPT's percdamp).
         block: columns per block (rounded up to the pattern's run length).
+        refit_budget: after the pass, refit every row's kept weights exactly (`refit_rows`) when that costs at
+            most this many multiply-adds (0: never).
     """
     with single_threaded_blas():  # OpenBLAS threads stall on a loaded machine (4x slower measured on 2 cores)
-        return _sparsegpt(w, hessian, pattern, sparsity, prunable, mask, damp, block)
+        return _sparsegpt(w, hessian, pattern, sparsity, prunable, mask, damp, block, refit_budget)
 
 
 def _sparsegpt(w: np.ndarray, hessian: np.ndarray, pattern: Pattern, sparsity: float, prunable: int | None,
-               mask: np.ndarray | None, damp: float, block: int) -> tuple[np.ndarray, np.ndarray]:
+               mask: np.ndarray | None, damp: float, block: int, refit_budget: float) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = w.shape
     f = cols if prunable is None else prunable
     run = pattern.m if pattern.kind == "nm" else pattern.cols
@@ -112,7 +117,42 @@ def _sparsegpt(w: np.ndarray, hessian: np.ndarray, pattern: Pattern, sparsity: f
         if i2 < cols:
             W[:, i2:] -= err @ U[i1:i2, i2:]
     W[:, :f][~keep] = 0.0
+    if refit_budget > 0:
+        W = refit_rows(np.asarray(w, dtype=np.float64), H, keep, refit_budget, fallback=W)
     return W, keep
+
+
+def refit_rows(w: np.ndarray, H: np.ndarray, keep: np.ndarray, budget: float, fallback: np.ndarray) -> np.ndarray:
+    """The exact least-squares weights for the mask: per row, ``w'_K = (H_KK)^-1 H_K,: w`` over its kept columns K
+    (and the unprunable ones after ``keep``'s width), the optimum that SparseGPT's one-pass update approximates.
+
+    Rows sharing a mask (the rows of a tile) share one factorisation. When the solves would cost more than
+    `budget` multiply-adds, `fallback` (SparseGPT's weights) is returned.
+    """
+    rows, f = keep.shape
+    extra = np.ones((rows, w.shape[1] - f), bool)
+    full = np.concatenate([keep, extra], axis=1)
+    groups: dict[bytes, list[int]] = {}
+    for i in range(rows):
+        groups.setdefault(np.packbits(full[i]).tobytes(), []).append(i)
+    cost = sum(float(full[members[0]].sum()) ** 3 / 3 for members in groups.values())
+    if cost > budget:
+        return fallback
+    out = np.zeros_like(w)
+    rhs_all = w @ H  # row i: (H w_i)^T, H symmetric
+    for group in groups.values():
+        members = np.asarray(group)
+        cols = np.flatnonzero(full[members[0]])
+        if len(cols) == 0:
+            continue
+        Hk = H[np.ix_(cols, cols)]
+        try:
+            factor = scipy.linalg.cho_factor(Hk, lower=True, check_finite=False)
+            out[np.ix_(members, cols)] = scipy.linalg.cho_solve(factor, rhs_all[np.ix_(members, cols)].T,
+                                                                check_finite=False).T
+        except np.linalg.LinAlgError:
+            out[members] = fallback[members]
+    return out
 
 
 def inverse_cholesky(H: np.ndarray) -> np.ndarray:
