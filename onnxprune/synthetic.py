@@ -38,7 +38,9 @@ from onnxprune.canonical import normalize, remove_dead_code
 from onnxprune.errors import DataError, UnsupportedModelError
 from onnxprune.external import tensor_array
 from onnxprune.gradients import Emitter
+from onnxprune.graph import ModelGraph
 from onnxprune.importer import fix_input_shapes
+from onnxprune.metrics import count_macs
 from onnxprune.onnx_utils import opset_of
 from onnxprune.progress import task
 from onnxprune.shape_inference import infer_shapes
@@ -54,12 +56,20 @@ SPEC = "synthetic"
 class SynthesisConfig:
     """How to distil inputs: Adam `steps` per batch of `batch` samples, learning rate, prior weights."""
 
-    steps: int = 200
+    steps: int = 100
     batch: int = 64
-    lr: float = 0.1
+    lr: float = 0.25
     tv: float = 1e-4
     l2: float = 1e-5
     classes: float = 0.0  # weight of a cross-entropy pull toward balanced random labels (classifier outputs)
+    budget: float = 90.0  # seconds on the reference 2-core machine: fewer steps for large models (`_steps`)
+    min_steps: int = 20
+
+
+#: Multiply-accumulates per second of a forward + backward step on the reference 2-core machine (CIFAR
+#: ResNet20 at batch 64: 3 x 41 MMAC x 64 = 7.9 GMAC per step in 0.22 s, quiet machine). Steps are planned
+#: from MACs, not timed, so the result does not depend on the machine's load.
+MACS_PER_SECOND = 3.5e10
 
 
 def parse_spec(spec: str) -> int | None:
@@ -84,6 +94,7 @@ class _Objective:
     input_name: str
     shape: tuple[int, ...]  # with the batch
     taps: int
+    macs: int  # one forward pass of the batch
     classes: int = 0  # > 0: the objective takes one-hot targets of this many classes as TARGETS
 
 
@@ -173,6 +184,7 @@ def _build_objective(model: onnx.ModelProto, batch: int, class_weight: float = 0
         graph_output.type.tensor_type.ClearField("shape")
     m, _ = normalize(m, inplace=True)
     m = infer_shapes(m, symbolic=False)
+    macs = count_macs(ModelGraph(m))  # the forward pass at this batch, before the backward nodes join
     floats = float_tensor_names(m)
     shapes = static_shapes(m)
     taps = _bn_taps(m, vi.name, floats)
@@ -202,7 +214,7 @@ def _build_objective(model: onnx.ModelProto, batch: int, class_weight: float = 0
                            helper.make_tensor_value_info(grad, onnx.TensorProto.FLOAT, [batch, *dims])])
     del m.graph.value_info[:]
     remove_dead_code(m.graph)
-    return _Objective(session(m, optimize=True), vi.name, (batch, *dims), len(taps), classes)
+    return _Objective(session(m, optimize=True), vi.name, (batch, *dims), len(taps), macs, classes)
 
 
 def _image_axes(shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -237,6 +249,13 @@ def _smoothed_noise(rng: np.random.Generator, shape: tuple[int, ...], image: tup
                 x = (np.roll(x, 1, ax) + x + np.roll(x, -1, ax)) / 3.0
         x /= x.std() + 1e-8
     return x
+
+
+def _steps(cfg: SynthesisConfig, macs: int, batches: int) -> int:
+    """Adam steps per batch: `cfg.steps`, fewer when the estimated time (forward + backward ~ 3x the forward
+    MACs) would exceed `cfg.budget`, never fewer than `cfg.min_steps`."""
+    affordable = int(cfg.budget * MACS_PER_SECOND / (3.0 * max(macs, 1) * batches))
+    return max(cfg.min_steps, min(cfg.steps, affordable))
 
 
 def bn_loss(model: onnx.ModelProto, x: np.ndarray) -> float:
@@ -274,10 +293,11 @@ def synthesize(model: onnx.ModelProto, n: int = DEFAULT_SAMPLES, seed: int = 0,
               "path (folded or LayerNorm): using smoothed noise, a weak substitute for data", file=sys.stderr)
         return {vi.name: _smoothed_noise(rng, (n, *dims), image).astype(dtype)}
     batches = -(-n // batch)
+    steps = _steps(cfg, objective.macs, batches)
     out = []
     sess, name = objective.session, objective.input_name
     with task(f"synthetic calibration data ({n} samples, {objective.taps} BatchNorm layers)",
-              total=batches * cfg.steps) as t:
+              total=batches * steps) as t:
         for _ in range(batches):
             x = rng.standard_normal(objective.shape).astype(np.float32)
             feed = {name: x}
@@ -285,13 +305,13 @@ def synthesize(model: onnx.ModelProto, n: int = DEFAULT_SAMPLES, seed: int = 0,
                 labels = rng.permutation(np.arange(batch) % objective.classes)
                 feed[TARGETS] = np.eye(objective.classes, dtype=np.float32)[labels]
             m1, m2 = np.zeros_like(x), np.zeros_like(x)
-            for step in range(1, cfg.steps + 1):
+            for step in range(1, steps + 1):
                 feed[name] = x
                 _, g = sess.run(None, feed)  # type: ignore[attr-defined]
                 g = g + _prior(x, cfg, image)
                 m1 = 0.9 * m1 + 0.1 * g
                 m2 = 0.999 * m2 + 0.001 * g * g
-                lr = cfg.lr * 0.5 * (1 + np.cos(np.pi * (step - 1) / cfg.steps))  # cosine decay
+                lr = cfg.lr * 0.5 * (1 + np.cos(np.pi * (step - 1) / steps))  # cosine decay
                 x = x - (lr * (m1 / (1 - 0.9**step)) / (np.sqrt(m2 / (1 - 0.999**step)) + 1e-8)).astype(np.float32)
                 t.advance()
             out.append(x)
