@@ -1,6 +1,6 @@
 """Sparse kernels vs dense, from one layer to whole models (issue 14, part 5).
 
-    python bench/sparse.py [--quick] [--parts a,b,c,d] [--repeat N] [--cache DIR]
+    python bench/sparse.py [--quick] [--parts a,b,c,d] [--repeat N] [--cache DIR] [--threads N]
 
 (a) One linear layer 768x3072 (BERT-base FFN) at batch 1 and 16, block sparsity (``block:16x1``: 16 outputs
     share one input position, stored as [1, 16] blocks, one AVX-512 vector) and group sparsity (``group:1x4``:
@@ -315,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="a,b,c,d", help="which parts, comma separated (default a,b,c,d)")
     ap.add_argument("--repeat", type=int, default=100, help="calls per measurement (split over the rounds)")
     ap.add_argument("--cache", help="layer-timing cache folder to reuse (default: a fresh one per run)")
+    ap.add_argument("--threads", type=int, help="threads for TVM and onnxruntime (default: every usable CPU); "
+                    "1 keeps a loaded machine's thread-pool stalls out of the numbers")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.threads:  # read by TVM's thread pool (in-process and in the bundle runners) and bench.targets
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
     parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory(prefix="onnxprune-sparse-bench-") as tmp:
         work = Path(tmp)
@@ -325,9 +329,10 @@ def main(argv: list[str] | None = None) -> int:
             f"bench/sparse.py{' --quick' if args.quick else ''}  {time.strftime('%Y-%m-%d %H:%M')}  "
             f"load average before: {load_average()}  threads: {ort_options().intra_op_num_threads}"
         )
-        for part, fn in (("a", part_a), ("b", part_b), ("c", part_c)):
-            if part in parts:
-                fn(args.quick, args.repeat, work)
+        steps = {"a": part_a, "b": part_b, "c": part_c}
+        for part in args.parts.split(","):  # in the order given
+            if part in steps:
+                steps[part](args.quick, args.repeat, work)
                 say()
         if "d" in parts:
             part_d(args.quick)
