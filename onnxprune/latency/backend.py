@@ -12,9 +12,9 @@ another. A backend whose numbers are not timing (``arm`` under qemu) says ``emul
 refuse to build tables from it.
 
 **Probe counts on onnxruntime.** `OrtBackend.probe_counts` chooses which kept channel counts a table
-measures. onnxruntime's CPU convolutions run in the NCHWc layout with blocks of 16 channels on AVX-512
-(8 on AVX2), and input channels that are not a multiple of 4 leave that fast path (see
-`onnxprune.latency.grid` for the measured curves). So the probes are a fine window of the last
+measures. onnxruntime's CPU convolutions run in the NCHWc layout, measured here (AVX-512) in blocks of 16
+output channels, and input channels that are not a multiple of 4 leave that fast path (see
+`onnxprune.latency.grid` for the measured curves; other instruction sets block differently). So the probes are a fine window of the last
 `FINE_WINDOW` = 32 counts below the dense size (two blocks: enough to see a period of up to 16 twice and
 its phase), its even counts only except the last `ODD_WINDOW` = 8 (odd counts are off every vector width;
 four of them show whether that costs), plus a coarse sweep of at most `COARSE_POINTS` counts on multiples
