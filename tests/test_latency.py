@@ -172,8 +172,13 @@ def test_probe_counts_window_and_sweep():
 def test_table_build_and_cache_round_trip(tmp_path):
     analysis = analyze(ModelGraph(conv_chain()))
     backend = FakeBackend()
-    first = build_table(analysis, backend, cache_dir=tmp_path)
+    recorder = RecordingReporter()
+    with reporting(recorder):
+        first = build_table(analysis, backend, cache_dir=tmp_path)
     assert backend.timed > 0 and first.measured_ops == 4 and first.cached_ops == 0  # c1, dw, c2, fc
+    shown = recorder.finished("latency table on fake")
+    assert len(shown) == 1 and shown[0].completed == shown[0].total == 4  # one step per op signature
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["conv", "conv", "conv", "gemm"]
     group = _width_group(analysis, 64)
     curve = first.curves[group.id]
     assert set(curve.nodes) == {"c1", "dw", "c2"}
