@@ -21,7 +21,7 @@ from onnxprune.latency.backend import OrtBackend, get_backend, ort_probe_counts
 from onnxprune.latency.grid import curve_counts, keep_counts, multiples
 from onnxprune.latency.measure import measure_speedup, static_inputs
 from onnxprune.latency.microbench import touched_ops, variant
-from onnxprune.latency.predict import predicted_ms
+from onnxprune.latency.predict import Predictor, predicted_ms
 from onnxprune.latency.table import GroupCurve, LatencyTable, build_table
 from onnxprune.latency.timing import Timing, interleaved
 from onnxprune.progress import RecordingReporter, reporting
@@ -221,6 +221,18 @@ def test_predicted_ms_scales_each_layer_by_its_groups(tmp_path):
     curve = table.curves[wide]
     assert table.at(wide, curve.counts[3]) == curve.ms[3]  # exact at a measured count
     assert table.at(10_000, 3) == 0.0  # no curve: no latency
+
+
+def test_incremental_predictor_matches_predicted_ms(tmp_path):
+    analysis = analyze(ModelGraph(conv_chain()))
+    table = build_table(analysis, FakeBackend(block=4), cache_dir=tmp_path)
+    predictor = Predictor(table)
+    kept: dict[int, int] = {}
+    rng = np.random.default_rng(3)
+    for _ in range(30):  # groups changed one at a time, some several times, some back to dense
+        g = analysis.groups[int(rng.integers(len(analysis.groups)))]
+        kept[g.id] = int(rng.integers(1, g.size + 1))
+        assert predictor.set(g.id, kept[g.id]) == pytest.approx(predicted_ms(table, kept))
 
 
 def test_off_grid_counts_are_priced_with_the_measured_penalty():

@@ -7,6 +7,8 @@ is scaled by the product of both ratios: halving both leaves a quarter of a conv
 two groups' changes would predict nothing left (every ResNet bottleneck conv is such a layer). Tables
 without per-layer curves fall back to adding each group's change.
 
+`Predictor` keeps the same prediction up to date while a greedy allocation changes one group at a time.
+
 Counts between measured ones are interpolated, which is right on a grid but optimistic off it: an
 unrounded count in the coarse range (101 of 144 channels) lands between two measured multiples of 32 and
 looks cheap, while onnxruntime runs it off its blocked path. Given the `grids` (`grid.keep_counts`), an
@@ -24,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from onnxprune.latency.grid import next_on_grid, off_grid_penalty
 from onnxprune.latency.table import GroupCurve, LatencyTable
 
-__all__ = ["predicted_ms", "predicted_speedup"]
+__all__ = ["Predictor", "predicted_ms", "predicted_speedup"]
 
 
 def predicted_ms(
@@ -64,3 +66,52 @@ def _priced_count(curve: GroupCurve, count: int, grid: Sequence[int] | None) -> 
     if grid is None or count in grid or count in curve.counts or count >= curve.size:
         return count, 1.0
     return next_on_grid(grid, count), off_grid_penalty(curve, grid)
+
+
+class Predictor:
+    """`predicted_ms` kept up to date while groups change one at a time (a greedy allocation's loop).
+
+    ``Predictor(table).set(group, kept)`` returns the predicted latency with every group set so far at its
+    count (the others dense), in time proportional to the layers the group touches.
+    """
+
+    def __init__(self, table: LatencyTable, grids: Mapping[int, Sequence[int]] | None = None):
+        self.table, self.grids = table, grids
+        self.kept: dict[int, int] = {}
+        self.total = table.dense_ms
+        self._group_ratio: dict[tuple[int, str], float] = {}  # (group, node) -> that group's ratio for the node
+        self._node_ratio: dict[str, float] = {}  # node -> product over its groups
+
+    def set(self, group: int, kept: int) -> float:
+        """Set `group` to `kept` channels; returns the predicted total in milliseconds."""
+        curve = self.table.curves.get(group)
+        self.kept[group] = int(kept)
+        if curve is None:
+            return self.total
+        count, penalty = _priced_count(curve, int(kept), None if self.grids is None else self.grids.get(group))
+        if len(curve.node_ms) != len(curve.nodes) or not self.table.node_dense_ms:
+            old = self._group_ratio.get((group, ""), curve.ms[-1])
+            new = curve.at(count) * penalty
+            self._group_ratio[(group, "")] = new
+            self.total += new - old
+            return self.total
+        for i, node in enumerate(curve.nodes):
+            dense = self.table.node_dense_ms.get(node, 0.0)
+            before = self._node_ratio.get(node, 1.0)
+            mine = curve.node_ratio(i, count) * penalty
+            old_mine = self._group_ratio.get((group, node), 1.0)
+            after = before / old_mine * mine if old_mine > 0 else _product(self._group_ratio, node, group, mine)
+            self._group_ratio[(group, node)] = mine
+            self._node_ratio[node] = after
+            self.total += dense * (after - before)
+        return self.total
+
+
+def _product(ratios: dict[tuple[int, str], float], node: str, group: int, mine: float) -> float:
+    """The product of every group's ratio for `node`, with `group`'s replaced by `mine` (a ratio of 0 cannot
+    be divided out)."""
+    out = mine
+    for (g, n), r in ratios.items():
+        if n == node and g != group:
+            out *= r
+    return out
