@@ -392,6 +392,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--tvm", default=None, help="MODEL@RATIO,... timed as TVM x86 bundles ('' for none)")
     p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 15, quick 9)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the Fashion-MNIST accuracy part")
+    p.add_argument("--no-efficiency", action="store_true", help="skip the efficiency part (accuracy only)")
     p.add_argument(
         "--out", default=str(ROOT / "bench" / "latency_results"), help="results stem (.txt, .json, .png)"
     )
@@ -429,7 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache = Path(
             os.environ.get("ONNXPRUNE_LATENCY_CACHE", Path.home() / ".cache" / "onnxprune" / "latency")
         )
-        for name in args.models:  # model by model, the results written after each (a long run stays useful)
+        for name in (
+            [] if args.no_efficiency else args.models
+        ):  # model by model, the results written after each (a long run stays useful)
             mine = prune_all(args, [name], work, cache, log)
             measure_all(mine, args)
             measure_tvm(mine, args)
