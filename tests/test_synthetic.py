@@ -193,7 +193,7 @@ def test_unsupported_op_on_the_path_is_one_line_exit_1(tmp_path):
                    shape=("N", 4, 6, 6), out_shape=["N", 8, 4, 4])
     path = tmp_path / "erf.onnx"
     onnx.save(model, path)
-    proc = _cli("prune", path, "-o", tmp_path / "out.onnx", "--criterion", "obs", "--repair", "seq",
+    proc = _cli("prune", path, "-o", tmp_path / "out.onnx", "--round-to", "1", "--criterion", "obs", "--repair", "seq",
                 "--calib", "synthetic:4")
     assert proc.returncode == 1
     err = proc.stderr.strip().splitlines()
@@ -207,8 +207,8 @@ def _accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
 
 def test_cli_synthetic_calibration_end_to_end(tmp_path):
     out = tmp_path / "syn.onnx"
-    proc = _cli("prune", FASHION_RESNET, "-o", out, "--ratio", "0.3", "--criterion", "obs", "--repair", "seq",
-                "--calib", "synthetic:8", "--seed", "1")
+    proc = _cli("prune", FASHION_RESNET, "-o", out, "--ratio", "0.3", "--round-to", "1", "--criterion", "obs",
+                "--repair", "seq", "--calib", "synthetic:8", "--seed", "1")
     assert proc.returncode == 0, proc.stderr
     pruned = onnx.load(out)
     assert sum(numpy_helper.to_array(t).size for t in pruned.graph.initializer) < sum(
@@ -221,7 +221,7 @@ def test_cli_synthetic_calibration_end_to_end(tmp_path):
     pick = np.random.default_rng(0).permutation(len(labels))[:1000]
     images, labels = images[pick], labels[pick]
     l1 = tmp_path / "l1.onnx"
-    assert _cli("prune", FASHION_RESNET, "-o", l1, "--ratio", "0.3", "--criterion", "l1").returncode == 0
+    assert _cli("prune", FASHION_RESNET, "-o", l1, "--ratio", "0.3", "--round-to", "1", "--criterion", "l1").returncode == 0
     assert _accuracy(out, images, labels) > _accuracy(l1, images, labels)
 
 
