@@ -259,7 +259,7 @@ def test_dynamic_batch_is_measured_at_one_and_other_dynamic_sizes_are_named(tmp_
     del model.graph.value_info[:]
     analysis = analyze(ModelGraph(canonical(model)))
     table = build_table(analysis, FakeBackend(), cache_dir=tmp_path)
-    assert any("not static (give it with --shape)" in n and "'c1'" in n for n in table.notices), table.notices
+    assert any("dynamic (give the model's input sizes with --shape)" in n and "'c1'" in n for n in table.notices)
 
 
 def test_a_rejected_micro_model_costs_its_layers_not_the_table(tmp_path):

@@ -202,7 +202,7 @@ def _spec(graph: ModelGraph, node: onnx.NodeProto) -> tuple[OpSpec | None, str]:
             elif axis == 0 and not is_param:
                 static.append(1)  # a symbolic leading axis is the batch: measure batch 1
             else:
-                return None, f"size {d!r} on axis {axis} of input {i} is not static (give it with --shape)"
+                return None, "sizes other than the batch are dynamic (give the model's input sizes with --shape)"
         dtype = graph.dtype(name)
         if dtype is None:
             return None, f"the element type of input {i} is unknown"
