@@ -190,10 +190,9 @@ def time_bundles(bundles: dict[str, Path], model: Path, repeat: int) -> dict[str
     rng = np.random.default_rng(0)
     inputs = {}
     for i in manifest["inputs"]:
-        if i["dtype"].startswith("int"):
-            inputs[i["name"]] = (
-                rng.integers(0, 100, i["shape"]) if "ids" in i["name"] else np.ones(i["shape"])
-            ).astype(i["dtype"])
+        if i["dtype"].startswith("int"):  # token ids; mask all ones; token types (and other ids) zero
+            ids = rng.integers(0, 100, i["shape"]) if i["name"] == "input_ids" else np.zeros(i["shape"])
+            inputs[i["name"]] = (np.ones(i["shape"]) if "mask" in i["name"] else ids).astype(i["dtype"])
         else:
             inputs[i["name"]] = rng.standard_normal(i["shape"]).astype(i["dtype"])
     sess = ort.InferenceSession(str(model), ort_options(), providers=["CPUExecutionProvider"])
