@@ -262,10 +262,10 @@ def _latency(config: Any, selection: Any, original: onnx.ModelProto, pruned: onn
     """The summary's ``latency`` record: the latency target's verified measurement, or after auto rounding the
     written model measured against the original; None when nothing was measured or removed, and
     ``{"not_measured": why}`` when the model cannot be measured (it does not run on the backend)."""
+    if selection is not None and selection.latency is not None:  # a latency target's verified measurement
+        return selection.latency.as_dict()
     if selection is None or selection.latency_table is None or selection.empty:
         return None
-    if selection.latency is not None:
-        return selection.latency.as_dict()
     from onnxprune.passes.latency_select import measure_latency, unmeasurable
 
     why = unmeasurable(original)

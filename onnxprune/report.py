@@ -140,6 +140,8 @@ def latency_text(latency: dict) -> str:
     if latency.get("target"):
         text += f"; target {latency['target']} {'reached' if latency.get('reached') else 'NOT reached'} " \
                 f"after {latency.get('iterations', 1)} measurement(s)"
+    if latency.get("message"):
+        text += f" ({latency['message']})"
     return text
 
 

@@ -14,7 +14,7 @@ the model written).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -205,10 +205,12 @@ def plan_for_target_latency(
     backend = latency_backend(config)
     dense = _static(analysis.graph.model)
     target = parse_latency_target(config.target_latency)
-    fraction = target.fraction
+    fraction, met = target.fraction, ""
     if fraction is None:  # milliseconds: a fraction of the dense latency measured here
-        # (a budget the dense model already meets asks for no pruning: the plan stays empty)
-        fraction = min(1.0, target.fraction_of(backend.time_models([dense])[0].median_ms))
+        dense_ms = backend.time_models([dense])[0].median_ms
+        fraction = target.fraction_of(dense_ms)
+        if fraction >= 1:  # a budget the dense model already meets asks for no pruning
+            fraction, met = 1.0, f"the dense model already measures {dense_ms:.3g} ms: nothing to remove"
 
     reductions: dict[int, float] = {}  # id of a measured plan -> its MACs reduction
 
@@ -226,7 +228,8 @@ def plan_for_target_latency(
     if not outcome.reached:
         raise OnnxPruneError(f"--target-latency {target.text} on {backend.name}: {outcome.message} "
                              "(nothing was written)")
-    return outcome.plan, _report(backend.name, outcome, reductions.get(id(outcome.plan), 1.0), config.target_latency)
+    report = _report(backend.name, outcome, reductions.get(id(outcome.plan), 1.0), config.target_latency)
+    return outcome.plan, replace(report, message=met) if met else report
 
 
 def _report(backend: str, outcome: LatencyOutcome, reduction: float, target: str) -> LatencyReport:

@@ -250,6 +250,16 @@ def test_target_latency_lands_within_ten_percent(convnet, tmp_path, capsys):
     assert run(onnx.load(str(out)), x)[0].shape == run(onnx.load(str(convnet)), x)[0].shape
 
 
+def test_target_in_milliseconds_and_the_cache_folder(convnet, tmp_path, capsys):
+    cache = tmp_path / "tables"
+    out = tmp_path / "ms.onnx"
+    code, summary, err = _prune(capsys, convnet, "-o", out, "--target-latency", "10000ms", "--latency-cache", cache)
+    assert code == 0, err
+    assert summary["groups_pruned"] == 0 and summary["params_after"] == summary["params_before"]
+    assert "already measures" in summary["latency"]["message"] and summary["latency"]["reached"]
+    assert any(cache.rglob("*.json"))  # the latency table went to --latency-cache
+
+
 def test_unreachable_target_says_why_and_writes_nothing(convnet, tmp_path, capsys):
     out = tmp_path / "never.onnx"
     code, _, err = _prune(capsys, convnet, "-o", out, "--target-latency", "0.02x")
