@@ -111,7 +111,7 @@ class UnconstrainedPass(Pass):
         if self.keeps:
             plan = build_plan(model, c, self.keeps)
         else:
-            prep = prepare(model, c)
+            prep = prepare(model, c, self.calib if c.measure else None)
             target = parse_target(str(c.target_params), count_params(ModelGraph(model)), "params") \
                 if c.target_params is not None else None  # fmt: skip
             plan, _ = allocate(prep, c, target, self._allowed(model, prep))

@@ -3,9 +3,10 @@
 Start reading at `plan.build_plan` (what every layer keeps), then `export.export` (how the model is rebuilt
 from it); `onnxprune.passes.unconstrained.UnconstrainedPass` runs the steps below in order.
 
-Modules: `config` (the options), `boundaries` (step 1), `records` (the plan's dataclasses), `scores` and
-`plan` (step 2), `oracle` (step 3 and the mean repair), `export` with `copies` (step 4), `costmodel`,
-`layout` and `tuning` (step 5), `naive` (step 6), `report` (copy ops and nonzero parameters of an export).
+Modules: `config` (the options), `boundaries` (step 1), `records` (the plan's dataclasses), `scores`,
+`plan` and `allocate` (step 2), `oracle` (step 3 and the mean repair), `repair` (least-squares repairs of
+a plan), `export` with `copies` (step 4), `costmodel`, `layout` and `tuning` (step 5), `naive` (step 6),
+`report` (copy ops and nonzero parameters of an export).
 
 The algorithm:
 
@@ -44,9 +45,16 @@ The algorithm:
    single-writer fork is never narrowed twice, a residual stream's readers choose among the writers'
    union); ``"reader"`` readers choose and each writer keeps what the readers it reaches keep (a writer may
    then keep more than k; with ``group_budget`` the readers keep fewer until the group holds no more
-   parameters than constrained pruning at the same ratio). ``repair="mean"`` (`oracle.mean_repair`,
-   calibration inputs) then restores each Conv/Gemm output's mean on calibration data by its bias / the
-   following BatchNorm's running mean, for any share.
+   parameters than constrained pruning at the same ratio). How many channels a group's units keep comes
+   from the ratio, or per group from constrained pruning's allocations and parameter targets
+   (`allocate.allocate`: uniform / global / LAMP removal orders, the shortest prefix whose *unconstrained*
+   plan meets ``target_params``), optionally on allowed counts per group (``keep_counts``). With calibration
+   inputs, a reader weights its columns by its input's measured per-channel energy
+   (`scores.measured_energy`). Repairs on calibration inputs (`repair.repair_plan`): ``mean``
+   (`oracle.mean_repair`) restores each Conv/Gemm output's mean by its bias / the following BatchNorm's
+   running mean; ``ls`` and ``seq`` refit every layer's kept columns by ridge least squares (constrained
+   repair's maths with the plan's silenced positions as the removed ones; ``seq`` fits layer by layer on the
+   masked, already repaired model's own inputs).
 3. **Oracle** (`oracle.mask_model`): the original model with each parameter silenced outside its own
    piece's kept set (zero; 1 for variances/divisors: `oracle.silenced_positions`, one description of what
    is silenced, used by the oracle, the export and the repair alike). The export computes exactly this.

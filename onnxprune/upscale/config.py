@@ -34,6 +34,9 @@ class UnconstrainedConfig:
     # output's mean; "ls" refits each layer's kept columns by ridge least squares on the original's inputs;
     # "seq" the same on the masked, already repaired model's own inputs, layer by layer; "none": masks only.
     repair: str = "none"
+    # With calibration inputs (a repair needs them): readers weight their columns by their input's
+    # measured per-channel energy (`scores.measured_energy`) instead of BatchNorm statistics.
+    measure: bool = True
     # Stream budget: the stream (union) may hold at most union_cap x the per-unit kept count channels,
     # the group's top ones by the shared ranking; each unit keeps its own top channels among them.
     # None: unbounded (UPSCALE: the union is whatever the units choose); 1: constrained-like streams.

@@ -24,7 +24,7 @@ from onnxprune.rules.facts import op_facts
 from onnxprune.upscale.boundaries import SplitModel, roles, split_boundaries
 from onnxprune.upscale.config import UnconstrainedConfig
 from onnxprune.upscale.records import GroupPlan, Piece, UnconstrainedPlan
-from onnxprune.upscale.scores import normalised, own_scores, shared_scores
+from onnxprune.upscale.scores import measured_energy, normalised, own_scores, shared_scores
 
 Reach = dict[int, frozenset[int] | None]  # reader piece id -> the writer pieces reaching it (None: unknown)
 
@@ -72,20 +72,30 @@ def build_plan(model: onnx.ModelProto, config: UnconstrainedConfig, keeps: dict 
     return choose(prepare(model, config), config, keeps, counts)
 
 
-def prepare(model: onnx.ModelProto, config: UnconstrainedConfig) -> Prepared:
-    """Split the boundaries, analyse the split model, find each group's pieces and score its units."""
+def prepare(model: onnx.ModelProto, config: UnconstrainedConfig, calib: dict[str, np.ndarray] | None = None) -> Prepared:
+    """Split the boundaries, analyse the split model, find each group's pieces and score its units.
+
+    Args:
+        calib: calibration inputs: readers weight their columns by their input's measured energy
+            (`scores.measured_energy`) instead of an estimate from BatchNorm statistics.
+    """
     split = split_boundaries(model)
     analysis = analyze(ModelGraph(split.model))
-    groups: list[PreparedGroup] = []
+    found: list[tuple[ChannelGroup, list[Piece], dict[DimRef, int]]] = []
     for group in analysis.groups:
         pieces, piece_of = find_pieces(analysis, group, split)
+        if any(pc.is_unit for pc in pieces):
+            found.append((group, pieces, piece_of))
+    measured = None
+    if calib is not None:
+        measured = measured_energy(split.model, [pc for _, pieces, _ in found for pc in pieces], calib)
+    groups: list[PreparedGroup] = []
+    for group, pieces, piece_of in found:
         units = [pc for pc in pieces if pc.is_unit]
-        if not units:
-            continue
         reach = reaching_writers(analysis, group, pieces, piece_of)
         for pid, srcs in reach.items():
             pieces[pid].sources = srcs
-        own = {pc.id: own_scores(pc, pieces, analysis, group.size, config.criterion) for pc in units}
+        own = {pc.id: own_scores(pc, pieces, analysis, group.size, config.criterion, measured) for pc in units}
         shared = shared_scores(group, analysis, config.criterion, list(own.values()))
         if len(units) == 1:  # the unit is the whole group: its own ranking is the group's
             own = {pc.id: shared for pc in units}

@@ -146,9 +146,66 @@ def _bn_factor(piece: Piece, analysis: ChannelAnalysis, size: int) -> np.ndarray
     return factor
 
 
-def own_scores(pc: Piece, pieces: list[Piece], analysis: ChannelAnalysis, size: int, criterion: str) -> np.ndarray:
-    """A unit's own per-channel importance under `criterion`."""
+def measured_energy(model: onnx.ModelProto, pieces: list[Piece], calib: dict[str, np.ndarray],
+                    samples: int = 32) -> dict[str, np.ndarray]:  # fmt: skip
+    """E[x^2] per position of axis 1 of every reader unit's input activation, on the first `samples`
+    calibration inputs of `model` (the split model): tensor name -> array."""
+    from onnx import helper
+
+    from onnxprune.verify import session
+
+    names = (_reader_input(pc) for pc in pieces if pc.is_unit and not pc.has_producer)
+    wanted = sorted({name for name in names if name is not None})
+    if not wanted:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in wanted if t not in have)
+    sess = session(probe, spin=False)
+    inputs = sess.get_inputs()
+    n = min(samples, min(len(calib[i.name]) for i in inputs))
+    # A static batch dim: in chunks of it; else all samples at once.
+    step = next((int(i.shape[0]) for i in inputs if i.shape and isinstance(i.shape[0], int)), n)
+    sums: dict[str, np.ndarray] = {}
+    runs = 0
+    for start in range(0, n - n % step if n >= step else 0, step):
+        outs = sess.run(wanted, {i.name: calib[i.name][start : start + step] for i in inputs})
+        runs += 1
+        for name, v in zip(wanted, outs):
+            v = np.asarray(v, dtype=np.float64)
+            sums[name] = sums.get(name, 0) + (v**2).mean(axis=tuple(a for a in range(v.ndim) if a != 1))
+    return {k: v / runs for k, v in sums.items()}
+
+
+def _reader_input(pc: Piece) -> str | None:
+    """The activation a reader unit reads (its first non-parameter member on axis 1), or None."""
+    return next((m.tensor for m in pc.members if not m.is_param and m.axis == 1), None)
+
+
+def _measured_input(pc: Piece, measured: dict[str, np.ndarray] | None, size: int) -> np.ndarray | None:
+    """A reader's measured E[x_c^2] per group channel (`measured_energy`), or None."""
+    name = _reader_input(pc) if measured else None
+    if name is None or measured is None or name not in measured:
+        return None
+    m = next(m for m in pc.members if m.tensor == name and m.axis == 1)
+    counts = np.maximum(np.bincount(m.channel_of, minlength=size), 1)
+    return np.bincount(m.channel_of, weights=measured[name][m.positions], minlength=size) / counts
+
+
+def own_scores(pc: Piece, pieces: list[Piece], analysis: ChannelAnalysis, size: int, criterion: str,
+               measured: dict[str, np.ndarray] | None = None) -> np.ndarray:  # fmt: skip
+    """A unit's own per-channel importance under `criterion`.
+
+    A reader's column norms are weighted by its input's per-channel energy: measured on calibration inputs
+    where `measured` (`measured_energy`) has it, else estimated from BatchNorm statistics (a BatchNorm
+    folded into the convs leaves no statistics: then only the measurement sees that one stream channel
+    carries a hundred times the signal of another).
+    """
+    energy = None if pc.has_producer else _measured_input(pc, measured, size)
     if criterion == "energy":
+        if energy is not None:
+            return _column_norms(pc, analysis, size, 2, squared=True) * energy
         return energy_scores(pc, pieces, analysis, size)
     if criterion == "bn":
         gamma = _bn_gamma(pc, analysis, size)
@@ -156,16 +213,23 @@ def own_scores(pc: Piece, pieces: list[Piece], analysis: ChannelAnalysis, size: 
     p = 2 if criterion == "l2" else 1
     if not pc.has_producer:
         # A reader: its folded weights are its columns times its input's scale, so each column norm is
-        # weighted by the input channel's RMS (the writers' BatchNorm outputs), the same folding a
-        # writer's rows get from its own BatchNorm. A column reading a weak channel matters little.
-        cols = np.zeros(size)
-        for m in pc.weights:
-            weight = analysis.graph.initializer_value(m.tensor)
-            ch = per_channel(m, position_norms(weight, m.axis, p)[m.positions], size)
-            cols += (np.sqrt(ch) if p == 2 else ch) / (ch.mean() + 1e-12)
-        energy = _input_energy(pc, pieces, analysis, size)
+        # weighted by the input channel's RMS (measured, or the writers' BatchNorm outputs), the same
+        # folding a writer's rows get from its own BatchNorm. A column reading a weak channel matters little.
+        cols = _column_norms(pc, analysis, size, p)
+        if energy is None:
+            energy = _input_energy(pc, pieces, analysis, size)
         return cols if energy is None else cols * np.sqrt(energy)
     return unit_scores(pc, analysis, size, p)
+
+
+def _column_norms(pc: Piece, analysis: ChannelAnalysis, size: int, p: int, squared: bool = False) -> np.ndarray:
+    """A reader's per-channel column norms (L1, or L2 for p=2; `squared`: L2^2), each member mean-normalised."""
+    cols = np.zeros(size)
+    for m in pc.weights:
+        weight = analysis.graph.initializer_value(m.tensor)
+        ch = per_channel(m, position_norms(weight, m.axis, p)[m.positions], size)
+        cols += (np.sqrt(ch) if p == 2 and not squared else ch) / (ch.mean() + 1e-12)
+    return cols
 
 
 def normalised(scores: np.ndarray) -> np.ndarray:
