@@ -250,6 +250,16 @@ def test_target_latency_lands_within_ten_percent(convnet, tmp_path, capsys):
     assert run(onnx.load(str(out)), x)[0].shape == run(onnx.load(str(convnet)), x)[0].shape
 
 
+@pytest.mark.parametrize("extra", [["--criterion", "bn", "--repair", "bias"], ["--allocation", "lamp", "--criterion", "fpgm"],
+                                   ["--allocation", "uniform"]])
+def test_target_latency_with_other_criteria_repairs_and_allocations(convnet, tmp_path, capsys, extra):
+    code, summary, err = _prune(capsys, convnet, "-o", tmp_path / "o.onnx", "--target-latency", "0.7x", *extra)
+    assert code == 0, err
+    assert summary["latency"]["reached"] and summary["groups_pruned"] > 0
+    assert summary["latency"]["pruned_ms"] / summary["latency"]["dense_ms"] <= 0.7 * 1.1
+    assert summary["verification"]["passed"]  # the repair ran on the chosen channels and the result is exact
+
+
 def test_target_in_milliseconds_and_the_cache_folder(convnet, tmp_path, capsys):
     cache = tmp_path / "tables"
     out = tmp_path / "ms.onnx"
