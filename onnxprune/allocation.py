@@ -201,7 +201,18 @@ class _PrunedView:
 
 
 def predicted(analysis: ChannelAnalysis, plan: PruningPlan) -> tuple[int, int]:
-    """(parameters, MACs) the model will have after `plan`, without rewriting it."""
+    """(parameters, MACs) the model will have after `plan`, without rewriting it (a model with If/Loop/Scan
+    bodies is rewritten and counted: their layers' shapes live in the bodies, which the view cannot cut)."""
+    from onnxprune.subgraphs import DESCENDED_OPS
+
+    if any(n.op_type in DESCENDED_OPS for n in analysis.graph.nodes):
+        from onnxprune.graph import ModelGraph
+        from onnxprune.metrics import count_params
+        from onnxprune.rewrite import apply_plan
+        from onnxprune.shape_inference import infer_shapes
+
+        pruned = ModelGraph(infer_shapes(apply_plan(analysis, plan.labels(analysis))))
+        return count_params(pruned), count_macs(pruned)
     view = _PrunedView(analysis, plan)
     return view.params(), view.macs()
 

@@ -165,6 +165,20 @@ def test_solve_iterates_to_the_measured_target_and_says_when_it_cannot():
     assert "smallest model the caps allow" in unreachable.message
 
 
+def test_predicted_sizes_count_layers_inside_control_flow_bodies():
+    """`allocation.predicted` (MAC and parameter targets) on a model whose convs live in If branches."""
+    from onnxprune.metrics import count_macs, count_params
+    from onnxprune.rewrite import apply_plan
+    from onnxprune.shape_inference import infer_shapes
+    from tests.test_control_flow import if_model
+
+    analysis = analyze(ModelGraph(if_model()))
+    plan = make_plan(analysis, Magnitude(1).score_all(analysis), 0.5)
+    pruned = ModelGraph(infer_shapes(apply_plan(analysis, plan.labels(analysis))))
+    assert alloc.predicted(analysis, plan) == (count_params(pruned), count_macs(pruned))
+    assert alloc.predicted(analysis, plan)[1] < count_macs(analysis.graph)
+
+
 def test_config_and_target_parsing():
     assert parse_latency_target("0.6x").fraction == 0.6 and parse_latency_target("12ms").ms == 12.0
     for bad in ("fast", "1.5x", "0x", "-3ms"):
