@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +76,8 @@ QUOTED = [
                         "onnxprune before, round-to 16": 0.96, "Torch-Pruning 1.6.1": 1.01}),
 ]  # fmt: skip
 FASHION = ("fashion_mnist_cnn", "fashion_mnist_resnet")
+#: A timing whose interquartile spread exceeds this fraction of its median is marked "?" (a loaded machine).
+NOISY = 0.25
 
 
 @dataclass
@@ -229,7 +231,8 @@ def efficiency_table(variants: list[Variant], args: argparse.Namespace) -> list[
             if s is None or e is None:
                 row += f" {'-':>16} {'-':>5}"
             else:
-                mark = "!" if s < 1 else " "  # slower than the dense model
+                # "!": slower than the dense model; "?": noisy (interquartile spread over NOISY of the median)
+                mark = "!" if s < 1 else ("?" if v.spread.get(b, 0.0) > NOISY else " ")
                 row += f" {s:>15.2f}{mark} {e:>5.2f}"
         lines.append(row)
     lines += [
@@ -394,6 +397,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-accuracy", action="store_true", help="skip the Fashion-MNIST accuracy part")
     p.add_argument("--no-efficiency", action="store_true", help="skip the efficiency part (accuracy only)")
     p.add_argument(
+        "--render",
+        metavar="RESULTS.json",
+        help="re-write the text and plot of an earlier run, measure nothing",
+    )
+    p.add_argument(
         "--out", default=str(ROOT / "bench" / "latency_results"), help="results stem (.txt, .json, .png)"
     )
     p.add_argument("--work", default=None, help="folder for the pruned models (default: a temporary one)")
@@ -418,6 +426,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    if args.render:
+        return render(Path(args.render), args)
     out = Path(args.out)
     started = time.time()
     log: list[str] = [f"bench/latency.py {' '.join(sys.argv[1:])}", f"start: {load()}"]
@@ -459,7 +469,7 @@ def write_results(
     """Write ``out``.txt/.json/.png; returns the text."""
     text = [
         "Efficiency = realized speedup / MACs reduction (batch 1; onnxruntime CPU N threads = ort NT; TVM x86 = "
-        "the bundle's compile timed with time_evaluator, 1 thread). '!' marks a model slower than dense.",
+        "the bundle's compile timed with time_evaluator, 1 thread). '!' marks a model slower than dense, '?' a noisy timing (spread > 25%).",
         *([] if final else ["(partial: the run is still going)"]),
         *efficiency_table(variants, args), "",
         "Accuracy at equal measured latency (Fashion-MNIST, onnxruntime CPU 1 thread, batch 1):",
@@ -475,6 +485,20 @@ def write_results(
     if variants:
         plot(variants, args, out.with_suffix(".png"))
     return report
+
+
+def render(path: Path, args: argparse.Namespace) -> int:
+    """Re-write ``path``'s .txt/.png from its .json (the table's format changed, or to merge by hand)."""
+    data = json.loads(path.read_text())
+    keep = {f.name for f in fields(Variant)}
+    variants = [Variant(**{k: v for k, v in d.items() if k in keep}) for d in data["variants"]]
+    for key in ("models", "ratios", "roundings", "threads"):
+        setattr(args, key, data["args"][key])
+    accuracy: tuple[list[str], list[dict]] = ([], data.get("accuracy", []))
+    names = dict.fromkeys(r["model"] for r in accuracy[1])
+    accuracy[0].extend(_accuracy_rows(n, accuracy[1]) for n in names)
+    print(write_results(path.with_suffix(""), args, variants, accuracy, data["log"], time.time(), final=True))
+    return 0
 
 
 if __name__ == "__main__":
