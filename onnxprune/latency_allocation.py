@@ -12,8 +12,8 @@ Start at `solve_latency_target`. Three steps:
    pooling adjacent units (the greatest convex minorant of its cost-vs-saving curve: a unit that saves
    nothing on its own pools with the next step, which saves a lot). Sorting all units by that ratio gives
    the greedy knapsack order; every prefix is a plan.
-2. `plan_for_latency` - the shortest prefix whose *predicted* latency (`latency.predict`) meets a predicted
-   budget.
+2. `plan_for_latency` - the shortest prefix whose *predicted* latency (`latency.predict.Predictor`: layers
+   touched by two pruned groups scale by the product of their ratios) meets a predicted budget.
 3. `solve_latency_target` - verify and iterate: measure the pruned model against the dense one
    (interleaved), and when the measured ratio misses the target, correct the predicted budget: the first
    correction assumes the measured saving is a fixed fraction of the predicted one (what the table cannot
@@ -194,15 +194,16 @@ class LatencyPlan:
 
 
 def _prefix_predictions(units: list[Unit], analysis: ChannelAnalysis, table: LatencyTable) -> np.ndarray:
-    """Predicted milliseconds after each prefix of `units` (index k: the first k units removed)."""
+    """Predicted milliseconds after each prefix of `units` (index k: the first k units removed), by
+    `latency.predict.Predictor` (a layer two pruned groups touch scales by the product of their ratios)."""
+    from onnxprune.latency.predict import Predictor
+
+    predictor = Predictor(table)
     kept = {g.id: g.size for g in analysis.groups}
-    total = table.dense_ms
-    out = [total]
+    out = [table.dense_ms]
     for u in units:
-        before = kept[u.group]
-        kept[u.group] = before - len(u.channels)
-        total += _ms(table, u.group, kept[u.group]) - _ms(table, u.group, before)
-        out.append(total)
+        kept[u.group] -= len(u.channels)
+        out.append(predictor.set(u.group, kept[u.group]))
     return np.asarray(out)
 
 
