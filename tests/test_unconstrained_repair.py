@@ -155,3 +155,35 @@ def test_config_and_cli_checks(tmp_model, tmp_path, capsys):
     assert main(base + ["--allocation", "sensitivity"]) == 2
     assert main(base + ["--target-macs", "50%"]) == 2
     assert main(base + ["--repair", "seq"]) == 2  # needs --calib
+
+
+def test_readers_score_by_measured_input_energy():
+    """With calibration inputs a reader's column norms are weighted by E[x_c^2] of its input, measured in
+    onnxruntime (`scores.measured_energy`): checked against the activations themselves."""
+    from onnx import helper
+
+    from onnxprune.upscale.plan import prepare
+    from onnxprune.upscale.scores import measured_energy
+
+    model = canonical(TEST_MODELS["residual"]())
+    inputs = random_inputs(model, seed=0)
+    calib = {k: np.concatenate([random_inputs(model, seed=i)[k] for i in range(6)]) for k in inputs}
+    prep = prepare(model, UnconstrainedConfig(criterion="l1"), calib)
+    pieces = [pc for pg in prep.groups for pc in pg.pieces]
+    measured = measured_energy(prep.split.model, pieces, calib)
+    assert measured
+    probe = onnx.ModelProto()
+    probe.CopyFrom(prep.split.model)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in measured)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    for name, got in measured.items():  # the model's batch is 1: one sample at a time, averaged
+        xs = [sess.run([name], {i.name: calib[i.name][j : j + 1] for i in sess.get_inputs()})[0] for j in range(6)]
+        want = np.mean([(x.astype(np.float64) ** 2).mean(axis=(0, *range(2, x.ndim))) for x in xs], axis=0)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    plain = prepare(model, UnconstrainedConfig(criterion="l1"))
+    readers = [(pg.group.id, pc.id) for pg in prep.groups for pc in pg.units if not pc.has_producer]
+    own = {(pg.group.id, k): v for pg in prep.groups for k, v in pg.own.items()}
+    base = {(pg.group.id, k): v for pg in plain.groups for k, v in pg.own.items()}
+    assert any(not np.allclose(own[r], base[r]) for r in readers)  # the measurement changed a ranking input
