@@ -47,7 +47,10 @@ def test_groups_per_layer(tiny):
         per_head = kv[0].params_per_channel[0]
         hd, rep = cfg.head_dim, cfg.heads // cfg.kv_heads
         assert per_head == cfg.hidden * hd * (2 + 2 * rep)
-    assert len(analysis.groups) == 2 * cfg.layers
+    # plus the residual stream's hidden size: one exact group (RMSNorm keeps its original-width statistics)
+    hidden = [g for g in analysis.groups if ("embed_tokens.weight", 1) in _param_sets(g)]
+    assert len(hidden) == 1 and hidden[0].size == cfg.hidden and not hidden[0].inexact
+    assert len(analysis.groups) == 2 * cfg.layers + 1
 
 
 def test_every_group_dead_channel_equivalent(tiny):
@@ -66,9 +69,9 @@ def test_cli_prunes_mlp_and_kv_heads(tiny, tmp_path):
     onnx.checker.check_model(str(out), full_check=True)
     pruned = onnx.load(str(out), load_external_data=False)
     summary = json.loads({p.key: p.value for p in pruned.metadata_props}["onnxprune.summary"])
-    assert summary["groups_pruned"] == 2 * CONFIGS["tiny"].layers
+    assert summary["groups_pruned"] == 2 * CONFIGS["tiny"].layers + 1  # + the hidden size
     dims = {t.name: list(t.dims) for t in pruned.graph.initializer}
     cfg = CONFIGS["tiny"]
-    assert dims["layers.0.mlp.gate_proj.weight"] == [cfg.hidden, cfg.ffn // 2]
-    assert dims["layers.0.self_attn.k_proj.weight"] == [cfg.hidden, cfg.head_dim * cfg.kv_heads // 2]
+    assert dims["layers.0.mlp.gate_proj.weight"] == [cfg.hidden // 2, cfg.ffn // 2]  # hidden size halved too
+    assert dims["layers.0.self_attn.k_proj.weight"] == [cfg.hidden // 2, cfg.head_dim * cfg.kv_heads // 2]
     assert run(str(out), token_inputs(cfg))[0].shape == (1, cfg.seq, cfg.vocab)
