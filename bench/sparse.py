@@ -235,9 +235,15 @@ def end_to_end(label: str, model: Path, sparsities: list[float], pattern: str, w
             f"{ms['ort']:>9.3f} {ms['ort'] / ms['sparse']:>7.2f}x {len(went):>3}/{len(layers):<3} "
             f"{m['weights']['bytes'] / dense_w:>6.2f}")  # fmt: skip
         gains = [f"{e['layer']}:{e.get('gain', 0):.1f}x" for e in went][:8]
-        kept = [f"{e['layer']}:{e.get('gain', 0):.2f}x" for e in layers if e["choice"] == "dense"][:6]
+        kept = [
+            f"{e['layer']}:{e['gain']:.2f}x" if "gain" in e else f"{e['layer']}:est {e['estimate']:.2f}"
+            for e in layers
+            if e["choice"] == "dense"
+        ][:6]
         say(f"      sparse: {', '.join(gains) or '-'}{' ...' if len(went) > 8 else ''}")
-        say(f"      kept dense (measured gain): {', '.join(kept) or '-'}")
+        say(
+            f"      kept dense (measured gain, or the cost model's estimate vs dense): {', '.join(kept) or '-'}"
+        )
     return rows
 
 
