@@ -1,0 +1,320 @@
+"""Issue 17's table: real pretrained models, real labelled data, every method side by side at equal parameters.
+
+    python bench/accuracy_real.py [--models cifar_resnet20,cifar_resnet44,efficientnet_lite0]
+                                  [--fractions 0.2,0.4] [--calib-samples 256] [--synthetic 64]
+                                  [--methods l1,l2-bias,synthetic,calibrated,constrained,unconstrained,onnxsim]
+                                  [--out bench/accuracy_real_results]
+
+Models: the pretrained CIFAR-10 ResNet20/44 (`models/cifar_resnet.py`, option-A shortcuts; top-1 on all
+10,000 test images; calibration: a stratified subset of ``calib_train2000.npz``, training images) and
+EfficientNet-Lite0 with its ImageNet weights. There are no ImageNet images on this machine, so Lite0's
+accuracy cells are "n/a" and its rows measure time and peak RSS only (calibration inputs: seeded
+N(0, 1) noise at 224x224, which costs what images cost).
+
+Each model is pruned to ``--target-params (1-f)*100%`` by every method (uniform allocation, round-to 1):
+
+* ``l1``: L1 norm, no repair (the reference everything must beat); ``l2-bias``: L2 + BatchNorm-mean bias
+  repair (data-free);
+* ``synthetic``: ``obs`` + ``seq`` on ``--calib synthetic:N`` (inputs distilled from the BatchNorm
+  statistics, `onnxprune.synthetic`; data-free);
+* ``calibrated``: ``obs`` + ``seq`` on the calibration images;
+* ``constrained`` / ``unconstrained``: the same criterion and repair (``l2`` + ``seq``, calibrated) in the
+  two modes (UPSCALE export for unconstrained);
+* ``onnxsim``: onnxsim 0.8.1 ``apply_structured_pruning`` (L2) after ``onnxsim.simplify``, its sparsity
+  bisected to the same fraction of its own (BN-folded) model's parameters (`bench/onnxsim_baseline.py`);
+  needs onnxsim (``/tmp/venv-bench/bin/python bench/accuracy_real.py`` when it lives in a venv).
+
+Calibration statistics (and the synthetic inputs) are computed once per model and shared by every row;
+each row runs in a forked child, so its time (prune + repair, excluding the shared statistics, which are
+printed per model) and peak RSS (ru_maxrss of the child: includes the shared data it inherits) are its
+own. The issue's bars are printed per row. Results: ``--out``.txt / .json / .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.cifar_resnet import DatasetMissing, load_cifar10, top1
+from models.zoo import ZooError, zoo_model
+from onnxprune.calibration import CalibrationData, collect_stats, load_calib
+from onnxprune.graph import ModelGraph
+from onnxprune.importer import import_model
+from onnxprune.metrics import count_params
+from onnxprune.passes.pruning import PruneConfig, PrunePass
+
+METHODS = ("l1", "l2-bias", "synthetic", "calibrated", "constrained", "unconstrained", "onnxsim")
+LABELS = {
+    "original": "original",
+    "l1": "l1, no repair",
+    "l2-bias": "l2 + bias (data-free)",
+    "synthetic": "obs + seq, synthetic (data-free)",
+    "calibrated": "obs + seq (calibrated)",
+    "constrained": "constrained l2 + seq",
+    "unconstrained": "unconstrained l2 + seq",
+    "onnxsim": "onnxsim 0.8.1 (l2)",
+}
+RESIDUAL = {"cifar_resnet20", "cifar_resnet44"}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_child(fn, *args) -> dict[str, Any]:
+    """Runs `fn(*args)` (-> dict) in a forked child; adds its wall time and peak RSS, or the error."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read)
+        try:
+            out = fn(*args)
+        except Exception as exc:  # reported in the table, the bench goes on
+            out = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}",
+                   "trace": traceback.format_exc()[-800:]}
+        with os.fdopen(write, "wb") as f:
+            pickle.dump(out, f)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return pickle.loads(data) if data else {"error": "child died"}
+
+
+class Bench:
+    """One model: its data, shared statistics, and one row per method and fraction."""
+
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        self.name = name
+        self.args = args
+        self.model = import_model(str(zoo_model(name)))
+        self.input = self.model.graph.input[0].name
+        self.params = count_params(ModelGraph(self.model))
+        self.notes: list[str] = []
+        if name.startswith("cifar_"):
+            self.test = load_cifar10("test")
+            calib_x, _ = load_cifar10("calib", n=args.calib_samples)
+        else:
+            self.test = None
+            calib_x = np.random.default_rng(0).standard_normal((args.calib_samples, 3, 224, 224), dtype=np.float32)
+            self.notes.append("no ImageNet images here: accuracy n/a; calibration inputs are N(0,1) noise (timing)")
+        self.calib = CalibrationData({self.input: calib_x})
+        t = time.perf_counter()
+        self.stats = collect_stats(self.model, self.calib)
+        self.t_stats = time.perf_counter() - t
+        self.syn: CalibrationData | None = None
+        self.syn_stats = None
+        self.t_syn = self.t_syn_stats = float("nan")
+        self.base = top1(self.model, *self.test) if self.test is not None else None
+
+    def synthetic(self) -> None:
+        t = time.perf_counter()
+        self.syn = load_calib(f"synthetic:{self.args.synthetic}", self.model)
+        self.t_syn = time.perf_counter() - t
+        t = time.perf_counter()
+        self.syn_stats = collect_stats(self.model, self.syn)
+        self.t_syn_stats = time.perf_counter() - t
+
+    def row(self, method: str, fraction: float) -> dict[str, Any]:
+        return in_child(self._row, method, fraction)
+
+    def _row(self, method: str, fraction: float) -> dict[str, Any]:
+        target = f"{(1 - fraction) * 100:.6f}%"
+        t = time.perf_counter()
+        if method == "onnxsim":
+            from bench.onnxsim_baseline import match_fraction, pruner, simplified
+
+            simple = simplified(self.model)
+            got = match_fraction(simple, pruner("onnxsim-l2"), fraction)
+            if got is None:
+                raise RuntimeError("onnxsim cannot prune this model")
+            pruned, removed = got.model, got.removed
+        elif method == "unconstrained":
+            from onnxprune.passes.unconstrained import UnconstrainedPass
+            from onnxprune.upscale.config import UnconstrainedConfig
+
+            cfg = UnconstrainedConfig(criterion="l2", repair="seq", target_params=target)
+            res = UnconstrainedPass(cfg, calib=self.calib.arrays).run(self.model)
+            pruned = res.model
+            removed = 1 - count_params(ModelGraph(pruned)) / self.params
+        else:
+            crit, rep, calib, stats = {
+                "l1": ("l1", "none", None, None),
+                "l2-bias": ("l2", "bias", None, None),
+                "synthetic": ("obs", "seq", self.syn, self.syn_stats),
+                "calibrated": ("obs", "seq", self.calib, self.stats),
+                "constrained": ("l2", "seq", self.calib, self.stats),
+            }[method]
+            cfg = PruneConfig(criterion=crit, repair=rep, target_params=target, round_to=1, allocation="uniform")
+            res = PrunePass(cfg, calib=calib, stats=stats).run(self.model)
+            pruned = res.model
+            s = res.info["summary"]
+            removed = 1 - s["params_after"] / s["params_before"]
+        seconds = time.perf_counter() - t
+        rss = _peak_rss_mb()
+        acc = top1(pruned, *self.test) if self.test is not None else None
+        return {"top1": acc, "removed": removed, "seconds": seconds, "rss_mb": rss}
+
+
+def bars(name: str, method: str, fraction: float, cell: dict, base: float | None, rows: dict) -> str:
+    """The issue's bar for this row: PASS / FAIL with the number, or '' where the issue sets none."""
+    if "error" in cell or cell.get("top1") is None or base is None:
+        return ""
+    drop = base - cell["top1"]
+    at20 = fraction <= 0.2 + 1e-9
+    if method == "calibrated":
+        lim = 1.0 if at20 else 3.0
+        return f"{'PASS' if drop <= lim else 'FAIL'} drop {drop:.2f} <= {lim:g}"
+    if method in ("l2-bias", "synthetic"):
+        lim = 2.0 if at20 else 6.0
+        return f"{'PASS' if drop <= lim else 'FAIL'} drop {drop:.2f} <= {lim:g}"
+    if method == "unconstrained":
+        ref = rows.get(("constrained", fraction), {})
+        if ref.get("top1") is None:
+            return ""
+        margin = 1.0 if (not at20 and name in RESIDUAL) else 0.0
+        gain = cell["top1"] - ref["top1"]
+        return f"{'PASS' if gain >= margin else 'FAIL'} vs constrained {gain:+.2f} >= {margin:+g}"
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="cifar_resnet20,cifar_resnet44,efficientnet_lite0")
+    ap.add_argument("--fractions", default="0.2,0.4")
+    ap.add_argument("--calib-samples", type=int, default=256)
+    ap.add_argument("--synthetic", type=int, default=64, help="synthetic samples (--calib synthetic:N)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--lite0-methods", default="l1,l2-bias,calibrated",
+                    help="methods run on EfficientNet-Lite0 (no images: time and RSS only)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "accuracy_real_results"))
+    args = ap.parse_args(argv)
+    fractions = [float(f) for f in args.fractions.split(",")]
+    load_before = os.getloadavg()
+    results: dict[str, Any] = {"fractions": fractions, "models": {}, "calib_samples": args.calib_samples,
+                               "synthetic_samples": args.synthetic}
+    lines: list[str] = []
+
+    def emit(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    for name in args.models.split(","):
+        methods = [m for m in (args.lite0_methods if name == "efficientnet_lite0" else args.methods).split(",") if m]
+        try:
+            bench = Bench(name, args)
+        except (ZooError, DatasetMissing) as exc:
+            emit(f"{name}: skipped ({exc})")
+            continue
+        if "synthetic" in methods:
+            try:
+                bench.synthetic()
+            except Exception as exc:
+                emit(f"{name}: synthetic calibration failed: {type(exc).__name__}: {exc}")
+                methods.remove("synthetic")
+        base = f"{bench.base:.2f}%" if bench.base is not None else "n/a"
+        emit(f"{name}: {bench.params} params, top-1 {base}; statistics of {args.calib_samples} calibration "
+             f"samples {bench.t_stats:.1f}s" + (f"; synthetic:{args.synthetic} generated in {bench.t_syn:.1f}s "
+                                                f"(statistics {bench.t_syn_stats:.1f}s)" if bench.syn else ""))
+        for note in bench.notes:
+            emit(f"  note: {note}")
+        rows: dict[tuple[str, float], dict] = {}
+        for f in fractions:
+            for m in methods:
+                cell = bench.row(m, f)
+                rows[m, f] = cell
+                if "error" in cell:
+                    emit(f"  {int(f * 100)}% {LABELS[m]}: ERROR {cell['error']}")
+                else:
+                    acc = f"{cell['top1']:.2f}" if cell["top1"] is not None else "n/a"
+                    emit(f"  {int(f * 100)}% {LABELS[m]}: top-1 {acc} removed {cell['removed']:.3f} "
+                         f"{cell['seconds']:.1f}s {cell['rss_mb']:.0f} MB")
+        results["models"][name] = {
+            "params": bench.params, "top1": bench.base, "stats_seconds": bench.t_stats,
+            "synthetic_seconds": bench.t_syn if bench.syn else None, "notes": bench.notes,
+            "rows": {f"{m}@{f}": {**c, "bar": bars(name, m, f, c, bench.base, rows)} for (m, f), c in rows.items()},
+        }
+        del bench
+        write(args, results, list(lines), load_before)  # partial results survive an interrupted run
+
+    write(args, results, lines, load_before)
+    return 0
+
+
+def write(args: argparse.Namespace, results: dict, lines: list[str], load_before: tuple[float, ...]) -> None:
+    """The per-row log, then one table of every model so far, to ``--out``.txt / .json / .png."""
+    fractions = results["fractions"]
+    out_lines = list(lines)
+    out_lines.append("")
+    out_lines.append(f"load average before {'/'.join(f'{v:.1f}' for v in load_before)}, after "
+         f"{'/'.join(f'{v:.1f}' for v in os.getloadavg())} ({os.cpu_count()} cores, shared); time = prune + repair "
+         "per row (shared statistics excluded, see above); RSS = the row's process peak")
+    head = f"{'model':16} {'removed':>7} {'method':34} {'top-1':>6} {'drop':>6} {'real':>6} {'s':>6} {'MB':>5}  bar"
+    out_lines.append(head)
+    out_lines.append("-" * len(head))
+    for name, res in results["models"].items():
+        out_lines.append(f"{name:16} {'0%':>7} {'original':34} {res['top1'] if res['top1'] is not None else 'n/a':>6}")
+        for f in fractions:
+            for key, cell in res["rows"].items():
+                m, ff = key.split("@")
+                if float(ff) != f:
+                    continue
+                if "error" in cell:
+                    out_lines.append(f"{name:16} {int(f * 100):>6}% {LABELS[m]:34} error: {cell['error'][:60]}")
+                    continue
+                acc = cell["top1"]
+                drop = f"{res['top1'] - acc:6.2f}" if acc is not None and res["top1"] is not None else f"{'n/a':>6}"
+                out_lines.append(f"{name:16} {int(f * 100):>6}% {LABELS[m]:34} {acc if acc is None else round(acc, 2)!s:>6} "
+                     f"{drop} {cell['removed'] * 100:5.1f}% {cell['seconds']:6.1f} {cell['rss_mb']:5.0f}  {cell['bar']}")
+    out = Path(args.out)
+    out.with_suffix(".txt").write_text("\n".join(out_lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    plot(out.with_suffix(".png"), results)
+    print("\n".join(out_lines[len(lines):]), flush=True)
+
+
+def plot(path: Path, results: dict) -> None:
+    """One panel per model with images: top-1 per method, bars grouped by fraction removed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = {k: v for k, v in results["models"].items() if v["top1"] is not None}
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.2), dpi=110, squeeze=False)
+    for ax, (name, res) in zip(axes[0], models.items()):
+        methods = list(dict.fromkeys(k.split("@")[0] for k in res["rows"]))
+        width = 0.8 / max(1, len(methods))
+        for j, m in enumerate(methods):
+            ys = [res["rows"].get(f"{m}@{f}", {}).get("top1") or 0 for f in results["fractions"]]
+            xs = np.arange(len(results["fractions"])) + (j - len(methods) / 2 + 0.5) * width
+            ax.bar(xs, ys, width, label=LABELS[m])
+        ax.axhline(res["top1"], color="k", ls="--", lw=0.8, label="original")
+        ax.set_xticks(range(len(results["fractions"])), [f"{int(f * 100)}% removed" for f in results["fractions"]])
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{name} (CIFAR-10 test, 10,000 images)")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
