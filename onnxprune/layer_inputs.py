@@ -10,6 +10,8 @@ that cross the cut between the nodes run so far and the rest (the *frontier*, ty
 outputs), for every sample, and the next wave runs only the nodes between that frontier and its own
 inputs. The cache holds at most `budget` bytes (tensors nearest the cut first); whatever does not fit is
 recomputed from earlier cached tensors or the graph inputs, so the result never depends on the budget.
+The sessions run with onnxruntime's graph optimisations (`OPTIMIZE`: BatchNorm folded, activations fused;
+~30% less CPU on Lite0; layer inputs then differ from the unoptimised graph's by float32 rounding).
 
 Start reading at `FrontierRunner.run`.
 """
@@ -28,6 +30,7 @@ from onnxprune.verify import session
 __all__ = ["FrontierRunner", "truncated"]
 
 DEFAULT_BUDGET = 192 << 20  # bytes of cached frontier tensors per model (all samples)
+OPTIMIZE = True  # onnxruntime graph optimisations (BatchNorm folded into Conv, fused activations)
 
 
 def truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
@@ -86,7 +89,7 @@ class FrontierRunner:
         wanted = self._frontier(nodes, producer, needed, done)
         candidates = [t for t in wanted if t not in self.cache and t not in names]
         sub, cached_inputs = self._submodel(model, nodes, needed, list(names) + candidates)
-        sess = session(sub, spin=False)
+        sess = session(sub, optimize=OPTIMIZE, spin=False)
         feeds = {i.name for i in sess.get_inputs()}
         n = self.data.n
         keep: list[str] = []
@@ -119,7 +122,7 @@ class FrontierRunner:
         return kept
 
     def _run_plain(self, model: onnx.ModelProto, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
-        sess = session(truncated(model, names), spin=False)
+        sess = session(truncated(model, names), optimize=OPTIMIZE, spin=False)
         feeds = {i.name for i in sess.get_inputs()}
         for i in range(self.data.n):
             sample = self.data.sample(i)

@@ -410,6 +410,20 @@ def _cross_stats(
     crosses = {c.name: np.zeros((feats[c.name] + 1,) * 2) for c in wave}
     counts = dict.fromkeys(hessians, 0)
     samples = zip_longest(run_o.run(original, names), run_c.run(current, names))  # both run to the end
+    pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {c.name: [] for c in wave}
+
+    def flush(name: str) -> None:
+        # rows of many samples in one product: a few large GEMMs instead of one tiny one per sample
+        if pending[name]:
+            ro = np.concatenate([p[0] for p in pending[name]])
+            rc = np.concatenate([p[1] for p in pending[name]])
+            one = np.ones((len(rc), 1), np.float32)
+            ro, rc = np.concatenate([ro, one], axis=1), np.concatenate([rc, one], axis=1)
+            hessians[name] += rc.T @ rc
+            crosses[name] += ro.T @ rc
+            counts[name] += len(rc)
+            pending[name].clear()
+
     # BLAS calls alternate with onnxruntime runs
     with single_threaded_blas(), task("layer inputs, original and pruned", total=data.n) as progress:
         for i, (xo, xc) in enumerate(progress.track(samples)):
@@ -418,11 +432,11 @@ def _cross_stats(
                                   np.random.default_rng([seed, i, j]))
                 rc = hessian_rows(np.asarray(xc[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
                                   np.random.default_rng([seed, i, j]))
-                one = np.ones((len(rc), 1), np.float32)
-                ro, rc = np.concatenate([ro, one], axis=1), np.concatenate([rc, one], axis=1)
-                hessians[c.name] += rc.T @ rc
-                crosses[c.name] += ro.T @ rc
-                counts[c.name] += len(rc)
+                pending[c.name].append((ro, rc))
+                if sum(len(p[1]) for p in pending[c.name]) >= max(1024, feats[c.name]):
+                    flush(c.name)
+        for c in wave:
+            flush(c.name)
     return {name: (hessians[name] / max(1, n), crosses[name] / max(1, n)) for name, n in counts.items()}
 
 
