@@ -22,9 +22,12 @@ package dataset-fashion-mnist): latency-aware (``--target-latency Fx``), FLOPs-b
 measured latency) are interpolated at each latency-aware model's measured latency.
 
 The machine's load average is printed with the results: timings on a shared machine are provisional.
-Default mode: ratios 0.1/0.3/0.5/0.7, both thread counts, TVM for MobileNetV2 0.3/0.5 (about 15 minutes on
-a quiet 2-core machine once the latency tables are cached; the first run measures them). ``--quick``: two
-models, two ratios, 1 thread, no TVM, a short accuracy part. ``--full``: ratios 0.1..0.7 in steps of 0.1.
+Default mode: ratios 0.1/0.3/0.5/0.7, both thread counts, TVM for MobileNetV2 0.3/0.5. Measured at load
+17-27 (eight agents on this 2-core machine): 46 min for the efficiency part (first-run onnxruntime latency
+tables included, 14 min of them TVM compiles) and 23 min for the accuracy part; on a quiet machine with the
+tables cached it is expected to take a fraction of that (not yet timed). ``--tvm ''`` and ``--no-accuracy``
+trim it; ``--quick``: two models, two ratios, 1 thread, no TVM, a short accuracy part; ``--full``: ratios
+0.1..0.7 in steps of 0.1; ``--render RESULTS.json`` re-writes the text and plot of an earlier run.
 """
 
 from __future__ import annotations
@@ -337,10 +340,10 @@ def accuracy_part(args: argparse.Namespace, work: Path, cache: Path) -> tuple[li
         base = top1(dense, images, labels)
         for (kind, setting, _, summary), model, (s, _) in zip(made, pruned, speedups):
             records.append({"model": name, "kind": kind, "setting": setting, "speedup": s,
-                            "latency_fraction": 1 / s, "top1": top1(model, images, labels), "dense_top1": base,
+                            "latency_fraction": 1 / s, "top1": top1(model, images, labels), "dense_top1": base, "images": n,
                             "macs_reduction": summary["macs_before"] / max(summary["macs_after"], 1),
                             "cli_latency": summary.get("latency")})  # fmt: skip
-        lines += [f"{name}: dense top-1 {base:.2f}% on {n} test images", _accuracy_rows(name, records)]
+        lines.append(_accuracy_rows(name, records))
     return lines, records
 
 
@@ -359,7 +362,8 @@ def top1(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> floa
 
 def _accuracy_rows(name: str, records: list[dict]) -> str:
     mine = [r for r in records if r["model"] == name]
-    rows = [f"  {'kind':<14} {'setting':>8} {'latency':>8} {'MACs /':>7} {'top-1':>7}"]
+    rows = [f"{name}: dense top-1 {mine[0]['dense_top1']:.2f}% on {mine[0].get('images', '?')} test images"]
+    rows += [f"  {'kind':<14} {'setting':>8} {'latency':>8} {'MACs /':>7} {'top-1':>7}"]
     for r in mine:
         rows.append(f"  {r['kind']:<14} {r['setting']:>8} {r['latency_fraction']:>7.2f}x {r['macs_reduction']:>7.2f} "
                     f"{r['top1']:>6.2f}%")  # fmt: skip
@@ -473,7 +477,7 @@ def write_results(
         *([] if final else ["(partial: the run is still going)"]),
         *efficiency_table(variants, args), "",
         "Accuracy at equal measured latency (Fashion-MNIST, onnxruntime CPU 1 thread, batch 1):",
-        *accuracy[0], "", *log, f"total {time.time() - started:.0f} s",
+        *accuracy[0], "", *log, *([f"total {time.time() - started:.0f} s"] if started else []),
     ]  # fmt: skip
     report = "\n".join(text) + "\n"
     out.with_suffix(".txt").write_text(report)
@@ -497,7 +501,7 @@ def render(path: Path, args: argparse.Namespace) -> int:
     accuracy: tuple[list[str], list[dict]] = ([], data.get("accuracy", []))
     names = dict.fromkeys(r["model"] for r in accuracy[1])
     accuracy[0].extend(_accuracy_rows(n, accuracy[1]) for n in names)
-    print(write_results(path.with_suffix(""), args, variants, accuracy, data["log"], time.time(), final=True))
+    print(write_results(path.with_suffix(""), args, variants, accuracy, data["log"], 0.0, final=True))
     return 0
 
 
