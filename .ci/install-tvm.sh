@@ -3,7 +3,7 @@
 # when its result is already there.
 #   - pip: apache-tvm 0.27.0.post1 with apache-tvm-ffi pinned to 0.1.14.post1 (0.1.15.x segfaults in
 #     tvm.ir.save_json, which MetaSchedule uses), psutil + cloudpickle + xgboost-cpu (MetaSchedule, its
-#     cost model).
+#     cost model), tornado (TVM's RPC tracker: `--rpc` latency measurement).
 #   - apt: g++ (x86 runner), the aarch64 cross toolchain + qemu-user (arm bundles), emscripten + lld +
 #     nodejs (wasm bundles).
 #   - the aarch64 TVM runtime (libtvm_runtime.so, libtvm_ffi.so) from the aarch64 wheels of the same
@@ -21,8 +21,8 @@ have_pkg() { "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('
 
 # 1. Python packages.
 if ! have_pkg apache-tvm "$TVM_VERSION" || ! have_pkg apache-tvm-ffi "$FFI_VERSION" \
-  || ! "$PY" -c "import psutil, cloudpickle, xgboost" 2>/dev/null; then
-  "$PY" -m pip install -q "apache-tvm==$TVM_VERSION" "apache-tvm-ffi==$FFI_VERSION" psutil cloudpickle xgboost-cpu
+  || ! "$PY" -c "import psutil, cloudpickle, xgboost, tornado" 2>/dev/null; then
+  "$PY" -m pip install -q "apache-tvm==$TVM_VERSION" "apache-tvm-ffi==$FFI_VERSION" psutil cloudpickle xgboost-cpu tornado
 fi
 
 # 2. Debian packages: cross toolchain, emulator, wasm toolchain.
