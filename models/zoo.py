@@ -230,6 +230,16 @@ _ENTRIES += [  # other frameworks' exporters (built in a child process: models/z
              "Flax NNX ViT via jax2onnx: patch Conv, nnx.MultiHeadAttention, dynamic batch"),
 ]
 
+_ENTRIES += [  # newer pretrained models shipped in wheels
+    ZooEntry("ppocrv6_rec_small", "ocr", _wheel_file("rapidocr", "models/PP-OCRv6_rec_small.onnx"), ("rapidocr",),
+             "pretrained PP-OCRv6 small recogniser (rapidocr 3.10 wheel): SVTR mixing blocks with Paddle's "
+             "decomposed LayerNorm, dynamic batch and width kept"),
+    ZooEntry("ppocrv6_det_small", "ocr", _wheel_file("rapidocr", "models/PP-OCRv6_det_small.onnx"), ("rapidocr",),
+             "pretrained PP-OCRv6 small text detector (rapidocr 3.10 wheel)"),
+    ZooEntry("yolov8n_nudenet", "cnn", _wheel_file("nudenet", "320n.onnx"), ("nudenet",),
+             "pretrained YOLOv8n detector (nudenet 3.4 wheel, ultralytics export): C2f Split/Concat, DFL head"),
+]
+
 ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
 
 # Static input sizes for entries whose inputs are dynamic (PP-OCR takes any image size): what the
@@ -239,6 +249,7 @@ INPUT_SHAPES: dict[str, dict[str, list[int]]] = {
     "ppocrv4_det": {"x": [1, 3, 64, 64]},
     "ppocrv4_rec": {"x": [1, 3, 48, 96]},
     "ppocr_mobile_v2_cls": {"x": [1, 3, 48, 96]},
+    "ppocrv6_det_small": {"x": [1, 3, 64, 64]},
 }
 
 
