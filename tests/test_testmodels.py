@@ -177,6 +177,11 @@ def test_zoo_model_builds_and_runs(name: str) -> None:
     missing = [m for m in ZOO[name].requires if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"{name} needs {', '.join(missing)}: bash models/install_zoo_deps.sh")
-    path = zoo.zoo_model(name)
+    from models.cifar_resnet import DatasetMissing
+
+    try:
+        path = zoo.zoo_model(name)
+    except DatasetMissing as exc:  # the CIFAR entries need ../shared/datasets
+        pytest.skip(str(exc))
     onnx.checker.check_model(str(path))
     assert zoo.check_runs(path)
