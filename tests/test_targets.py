@@ -239,7 +239,7 @@ def test_schedule_failure_is_reported_not_swallowed(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(tvm_schedules.Kernel, "schedule_reduction", broken)
     model = tiny_cnn(tmp_path / "tiny.onnx")
-    args = argparse.Namespace(model=str(model), target="x86", output=str(tmp_path / "b"), tune=0, shape=None,
+    args = argparse.Namespace(model=str(model), target="x86", output=str(tmp_path / "b"), tune=0, shape=None, sparse="auto",
                               json=False)  # fmt: skip
     assert cmd_compile(args) == 0
     manifest = read_manifest(tmp_path / "b")

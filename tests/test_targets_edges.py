@@ -171,7 +171,8 @@ def test_proto_dynamic_batch_progress_and_relative_run(tmp_path, capfd, monkeypa
     assert "compiled for batch 1 (`x`)" in (bundle / "README.md").read_text()
 
     finished = [t.description for t in recorder.finished()]
-    for step in ("importing the ONNX model", "folding constants, NHWC layout, legalizing", "scheduling kernels",
+    for step in ("importing the ONNX model", "folding constants, NHWC layout", "Winograd, channel padding, legalizing",
+                 "scheduling kernels",
                  "lowering to VM code", "generating x86 code", "linking model.so", "building the runner",
                  "writing the x86 bundle", "compiling tiny_cnn for x86"):  # fmt: skip
         assert any(d.startswith(step) for d in finished), (step, finished)
