@@ -328,8 +328,10 @@ def _fix_ocr_dims(model: Any, feeds: dict[str, Any]) -> dict[str, Any]:
         if len(dims) == 4 and np.issubdtype(arr.dtype, np.floating):
             shape = [d.dim_value if d.dim_value > 0 else s for d, s in zip(dims, arr.shape)]
             shape[0] = 1
-            shape[2] = dims[2].dim_value or 64
-            shape[3] = dims[3].dim_value or 160
+            nhwc = dims[3].dim_value in (1, 3)  # channels last (Keras / tf2onnx): H, W are axes 1, 2
+            h, w = (1, 2) if nhwc else (2, 3)
+            shape[h] = dims[h].dim_value or 64
+            shape[w] = dims[w].dim_value or 160
             arr = rng.standard_normal(shape).astype(arr.dtype)
         fixed[value.name] = arr
     return fixed
