@@ -59,34 +59,34 @@ neutral (88.45 vs 88.00 at 20%, 78.90 vs 80.65 at 40%) and stays off.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from onnxprune.autodiff import append_backward, differentiated_nodes, float_tensor_names, static_shapes
-from onnxprune.canonical import normalize, remove_dead_code
 from onnxprune.errors import DataError, UnsupportedModelError
-from onnxprune.external import tensor_array
-from onnxprune.gradients import Emitter
-from onnxprune.graph import ModelGraph
-from onnxprune.importer import fix_input_shapes
-from onnxprune.metrics import count_macs
-from onnxprune.onnx_utils import opset_of
 from onnxprune.progress import task
-from onnxprune.shape_inference import infer_shapes
-from onnxprune.verify import session
+from onnxprune.synthetic_objective import TARGETS, Objective, build_objective, model_input
 
-__all__ = ["DEFAULT_SAMPLES", "SynthesisConfig", "bn_loss", "parse_spec", "synthesize"]
+__all__ = ["AUTO_SAMPLES", "DEFAULT_SAMPLES", "SynthesisConfig", "bn_loss", "parse_spec", "plan", "synthesize"]
 
+#: ``synthetic`` without N: the number of samples is planned from the time budget (`plan`), at most this many.
 DEFAULT_SAMPLES = 64
+#: The sample count `parse_spec` returns for plain ``synthetic`` (= let `plan` choose).
+AUTO_SAMPLES = 0
 SPEC = "synthetic"
 
 
 @dataclass(frozen=True)
 class SynthesisConfig:
-    """How to distil inputs: Adam `steps` per batch of `batch` samples, learning rate, prior weights."""
+    """How to distil inputs: Adam `steps` per batch of `batch` samples, learning rate, priors, augmentation.
+
+    `budget` (seconds on the reference 2-core machine) caps the planned work (`plan`); `min_samples` and
+    `min_steps` are floors the budget does not go below. `resolution` < 1 optimises images at that fraction of
+    their height and width and upsamples them (convolutional nets only; the full size is the fallback when the
+    smaller graph does not build). `jitter` (pixels) and `flip` move the image randomly at every step
+    (DeepInversion), `first_weight` weighs the first BatchNorm layer's statistics.
+    """
 
     steps: int = 100
     batch: int = 64
@@ -94,8 +94,14 @@ class SynthesisConfig:
     tv: float = 1e-4
     l2: float = 1e-5
     classes: float = 0.0  # weight of a cross-entropy pull toward balanced random labels (classifier outputs)
-    budget: float = 90.0  # seconds on the reference 2-core machine: fewer steps for large models (`_steps`)
+    first_weight: float = 1.0
+    jitter: int = 0
+    flip: bool = False
+    resolution: float = 1.0
+    budget: float = 90.0
     min_steps: int = 20
+    min_samples: int = 16
+    threads: int | None = None  # onnxruntime intra-op threads (None: its default, all cores)
 
 
 #: Multiply-accumulates per second of a forward + backward step on the reference 2-core machine (CIFAR
@@ -105,7 +111,7 @@ MACS_PER_SECOND = 3.5e10
 
 
 def parse_spec(spec: str) -> int | None:
-    """``synthetic`` -> DEFAULT_SAMPLES, ``synthetic:N`` -> N; None when `spec` is not a synthetic spec.
+    """``synthetic`` -> AUTO_SAMPLES (planned from the budget), ``synthetic:N`` -> N; None for other specs.
 
     Raises:
         DataError: ``synthetic:`` followed by something that is not a positive integer.
@@ -114,139 +120,10 @@ def parse_spec(spec: str) -> int | None:
     if head != SPEC:
         return None
     if not tail:
-        return DEFAULT_SAMPLES
+        return AUTO_SAMPLES
     if not tail.isdigit() or int(tail) < 1:
         raise DataError(f"--calib {spec}: expected synthetic or synthetic:N with N >= 1 samples")
     return int(tail)
-
-
-@dataclass
-class _Objective:
-    session: object
-    input_name: str
-    shape: tuple[int, ...]  # with the batch
-    taps: int
-    macs: int  # one forward pass of the batch
-    classes: int = 0  # > 0: the objective takes one-hot targets of this many classes as TARGETS
-
-
-TARGETS = "synthetic/targets"
-
-
-def _input_of(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, tuple[int, ...]]:
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [vi for vi in model.graph.input if vi.name not in inits]
-    if len(inputs) != 1:
-        raise UnsupportedModelError(f"synthetic calibration supports models with one input (this one has {len(inputs)}: "
-                                    f"{', '.join(vi.name for vi in inputs)})")
-    vi = inputs[0]
-    if vi.type.tensor_type.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
-        raise UnsupportedModelError(f"synthetic calibration: input {vi.name!r} is not floating point "
-                                    "(token ids cannot be optimised by gradient)")
-    dims = []
-    for i, d in enumerate(vi.type.tensor_type.shape.dim):
-        if i and not (d.HasField("dim_value") and d.dim_value > 0):
-            raise DataError(f"synthetic calibration: input {vi.name!r} has a dynamic size on axis {i}; "
-                            f"fix it with --shape {vi.name}=...")
-        dims.append(d.dim_value if d.HasField("dim_value") else 0)
-    return vi, tuple(dims[1:])
-
-
-def _bn_taps(model: onnx.ModelProto, name: str, floats: set[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(BN input, running mean, running var) of every inference BN whose input depends on the model input."""
-    inits = {t.name: t for t in model.graph.initializer}
-    _, active = differentiated_nodes(model.graph, name, set(), floats)
-    taps = []
-    for node in model.graph.node:
-        if node.op_type != "BatchNormalization" or node.input[0] not in active:
-            continue
-        if node.input[3] in inits and node.input[4] in inits:
-            taps.append((node.input[0], tensor_array(inits[node.input[3]]), tensor_array(inits[node.input[4]])))
-    return taps
-
-
-def _emit_bn_loss(em: Emitter, x: str, shape: tuple[int, ...], mean: np.ndarray, var: np.ndarray) -> tuple[str, str]:
-    """Nodes computing ``||mean_b - mean|| + ||var_b - var||`` at `x` and its gradient (analytic)."""
-    rank = len(shape)
-    axes = [0, *range(2, rank)]
-    count = float(np.prod([shape[i] for i in axes]))
-    stat_shape = (1, -1) + (1,) * (rank - 2)
-    mu = em.reduce("ReduceMean", x, axes)
-    d = em.op("Sub", [x, mu])
-    var_b = em.reduce("ReduceMean", em.mul(d, d), axes)
-    parts, grads = [], []
-    for stat, target in ((mu, mean), (var_b, var)):
-        err = em.op("Sub", [stat, em.const(target.astype(np.float32).reshape(stat_shape), "target")])
-        norm = em.op("Sqrt", [em.op("Add", [em.reduce("ReduceSum", em.mul(err, err), list(range(rank)), False),
-                                            em.const(1e-12)])])
-        parts.append(norm)
-        grads.append(em.op("Div", [err, norm]))
-    # d||mu - m||/dx = g_mu / count (every element moves the mean); d var_b/dx = 2 (x - mu) / count
-    gx = em.op("Add", [em.scale(grads[0], 1.0 / count), em.mul(em.scale(grads[1], 2.0 / count), d)])
-    return em.op("Add", parts), gx
-
-
-def _classifier_output(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int) -> tuple[str, int] | None:
-    """The model's logits (its first output when shaped [batch, classes]), else None."""
-    out = m.graph.output[0].name
-    shape = shapes.get(out)
-    if shape is not None and len(shape) == 2 and shape[0] == batch and shape[1] >= 2:
-        return out, shape[1]
-    return None
-
-
-def _emit_class_loss(em: Emitter, logits: str, classes: int, batch: int, weight: float) -> tuple[str, str]:
-    """Cross-entropy toward the one-hot TARGETS input, and its gradient ``(softmax - targets) / batch``."""
-    p = em.op("Softmax", [logits], axis=1)
-    loss = em.scale(em.op("ReduceSum", [em.mul(em.op("Log", [em.op("Add", [p, em.const(1e-12)])]), TARGETS)],
-                          keepdims=0), -weight / batch)
-    return loss, em.scale(em.op("Sub", [p, TARGETS]), weight / batch)
-
-
-def _build_objective(model: onnx.ModelProto, batch: int, class_weight: float = 0.0) -> _Objective | None:
-    """The ONNX model returning (BN statistics loss, d loss / d input) for a batch; None without BN taps."""
-    vi, dims = _input_of(model)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for graph_input in m.graph.input:  # the batch axis is ours, even when --shape fixed it (to 1, usually)
-        if graph_input.name == vi.name:
-            graph_input.type.tensor_type.shape.dim[0].Clear()
-    fix_input_shapes(m, {vi.name: [batch, *dims]})
-    for graph_output in m.graph.output:  # declared outputs keep a symbolic batch: let inference fill them
-        graph_output.type.tensor_type.ClearField("shape")
-    m, _ = normalize(m, inplace=True)
-    m = infer_shapes(m, symbolic=False)
-    macs = count_macs(ModelGraph(m))  # the forward pass at this batch, before the backward nodes join
-    floats = float_tensor_names(m)
-    shapes = static_shapes(m)
-    taps = _bn_taps(m, vi.name, floats)
-    if not taps:
-        return None
-    em = Emitter(m.graph, opset_of(m), prefix="synthetic")
-    losses: list[str] = []
-    seeds: dict[str, str] = {}
-    for x, mean, var in taps:
-        if x not in shapes:
-            raise UnsupportedModelError(f"synthetic calibration: BatchNormalization input {x!r} has no static shape")
-        loss, gx = _emit_bn_loss(em, x, shapes[x], mean, var)
-        losses.append(loss)
-        seeds[x] = gx if x not in seeds else em.op("Add", [seeds[x], gx])
-    classes = 0
-    head = _classifier_output(m, shapes, batch) if class_weight else None
-    if head is not None:
-        logits, classes = head
-        m.graph.input.append(helper.make_tensor_value_info(TARGETS, onnx.TensorProto.FLOAT, [batch, classes]))
-        loss, gl = _emit_class_loss(em, logits, classes, batch, class_weight)
-        losses.append(loss)
-        seeds[logits] = gl if logits not in seeds else em.op("Add", [seeds[logits], gl])
-    grad = append_backward(m, vi.name, seeds, em, shapes, floats)
-    total = losses[0] if len(losses) == 1 else em.op("Sum", losses)
-    del m.graph.output[:]
-    m.graph.output.extend([helper.make_tensor_value_info(total, onnx.TensorProto.FLOAT, []),
-                           helper.make_tensor_value_info(grad, onnx.TensorProto.FLOAT, [batch, *dims])])
-    del m.graph.value_info[:]
-    remove_dead_code(m.graph)
-    return _Objective(session(m, optimize=True), vi.name, (batch, *dims), len(taps), macs, classes)
 
 
 def _image_axes(shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -283,68 +160,160 @@ def _smoothed_noise(rng: np.random.Generator, shape: tuple[int, ...], image: tup
     return x
 
 
-def _steps(cfg: SynthesisConfig, macs: int, batches: int) -> int:
-    """Adam steps per batch: `cfg.steps`, fewer when the estimated time (forward + backward ~ 3x the forward
-    MACs) would exceed `cfg.budget`, never fewer than `cfg.min_steps`."""
-    affordable = int(cfg.budget * MACS_PER_SECOND / (3.0 * max(macs, 1) * batches))
-    return max(cfg.min_steps, min(cfg.steps, affordable))
+def _resize_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """[size_out, size_in] bilinear interpolation (align_corners=False, edges clamped)."""
+    pos = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, size_in - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, size_in - 1)
+    frac = (pos - lo).astype(np.float32)
+    mat = np.zeros((size_out, size_in), np.float32)
+    mat[np.arange(size_out), lo] += 1 - frac
+    mat[np.arange(size_out), hi] += frac
+    return mat
+
+
+def _upsample(x: np.ndarray, image: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of the image axes of `x` to `size`."""
+    for ax, n in zip(image, size):
+        if x.shape[ax] != n:
+            x = np.moveaxis(np.tensordot(x, _resize_matrix(x.shape[ax], n), axes=([ax], [1])), -1, ax)
+    return x.astype(np.float32)
+
+
+def _low_resolution_dims(dims: tuple[int, ...], image: tuple[int, int] | None,
+                         resolution: float) -> tuple[int, ...] | None:
+    """The input dims (without batch) at `resolution` of the image size; None when it would not shrink."""
+    if image is None or resolution >= 1.0:
+        return None
+    out = list(dims)
+    for ax in image:
+        out[ax - 1] = max(8, round(dims[ax - 1] * resolution))
+    return tuple(out) if tuple(out) != dims else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `synthesize` will do: samples, batches of `batch`, Adam steps per batch, input size optimised."""
+
+    samples: int
+    batch: int
+    steps: int
+    dims: tuple[int, ...]
+    seconds: float  # estimated on the reference machine (MACS_PER_SECOND)
+
+
+def plan(cfg: SynthesisConfig, n: int, macs_per_sample: float, dims: tuple[int, ...]) -> Plan:
+    """Samples and steps that fit `cfg.budget` (forward + backward ~ 3x the forward MACs per step).
+
+    `n` = AUTO_SAMPLES: as many samples as the budget affords at `cfg.steps` steps, between `cfg.min_samples`
+    and DEFAULT_SAMPLES (rounded to whole batches); below `min_samples` the steps shrink instead, never under
+    `cfg.min_steps`. `n` >= 1 is forced; only the steps adapt. Deterministic (MACs, not clocks).
+    """
+    step_cost = 3.0 * max(macs_per_sample, 1.0) / MACS_PER_SECOND  # seconds per sample per step
+    affordable = cfg.budget / step_cost  # sample-steps
+    if n == AUTO_SAMPLES:
+        n = int(min(DEFAULT_SAMPLES, max(cfg.min_samples, affordable // cfg.steps)))
+    batch = max(1, min(n, cfg.batch))
+    batches = -(-n // batch)
+    steps = max(cfg.min_steps, min(cfg.steps, int(affordable // (batches * batch))))
+    return Plan(n, batch, steps, dims, steps * batches * batch * step_cost)
 
 
 def bn_loss(model: onnx.ModelProto, x: np.ndarray) -> float:
     """The BatchNorm-statistics loss of the batch `x` (for tests and diagnostics)."""
-    objective = _build_objective(model, len(x))
+    objective = build_objective(model, len(x), dims=tuple(x.shape[1:]))
     if objective is None:
         raise UnsupportedModelError("the model has no BatchNormalization statistics on its input's path")
     loss, _ = objective.session.run(None, {objective.input_name: x.astype(np.float32)})  # type: ignore[attr-defined]
     return float(loss)
 
 
-def synthesize(model: onnx.ModelProto, n: int = DEFAULT_SAMPLES, seed: int = 0,
+def _augment(rng: np.random.Generator, cfg: SynthesisConfig, image: tuple[int, int] | None):
+    """A random (shift, flip) for one step and its forward/inverse maps on a batch (identity without image)."""
+    if image is None or not (cfg.jitter or cfg.flip):
+        return (lambda a: a), (lambda a: a)
+    shift = tuple(int(s) for s in rng.integers(-cfg.jitter, cfg.jitter + 1, 2)) if cfg.jitter else (0, 0)
+    flip = bool(cfg.flip and rng.random() < 0.5)
+
+    def forward(a: np.ndarray) -> np.ndarray:
+        a = np.roll(a, shift, axis=image)
+        return np.flip(a, axis=image[1]) if flip else a
+
+    def inverse(a: np.ndarray) -> np.ndarray:  # the transpose of forward (both are permutations)
+        a = np.flip(a, axis=image[1]) if flip else a
+        return np.roll(a, (-shift[0], -shift[1]), axis=image)
+
+    return forward, inverse
+
+
+def _optimise(objective: Objective, cfg: SynthesisConfig, steps: int, rng: np.random.Generator,
+              image: tuple[int, int] | None, advance) -> np.ndarray:
+    """One batch: Adam with cosine-decayed learning rate on d(loss + prior)/dx from N(0, 1)."""
+    sess, name = objective.session, objective.input_name
+    x = rng.standard_normal(objective.shape).astype(np.float32)
+    feed = {name: x}
+    if objective.classes:  # balanced random labels, one per sample
+        labels = rng.permutation(np.arange(objective.shape[0]) % objective.classes)
+        feed[TARGETS] = np.eye(objective.classes, dtype=np.float32)[labels]
+    m1, m2 = np.zeros_like(x), np.zeros_like(x)
+    for step in range(1, steps + 1):
+        forward, inverse = _augment(rng, cfg, image)
+        feed[name] = np.ascontiguousarray(forward(x))
+        _, g = sess.run(None, feed)  # type: ignore[attr-defined]
+        g = inverse(g) + _prior(x, cfg, image)
+        m1 = 0.9 * m1 + 0.1 * g
+        m2 = 0.999 * m2 + 0.001 * g * g
+        lr = cfg.lr * 0.5 * (1 + np.cos(np.pi * (step - 1) / steps))  # cosine decay
+        x = x - (lr * (m1 / (1 - 0.9**step)) / (np.sqrt(m2 / (1 - 0.999**step)) + 1e-8)).astype(np.float32)
+        advance()
+    return x
+
+
+def synthesize(model: onnx.ModelProto, n: int = AUTO_SAMPLES, seed: int = 0,
                config: SynthesisConfig | None = None) -> dict[str, np.ndarray]:
-    """`n` calibration inputs distilled from `model`'s BatchNorm statistics: {input name: array [n, ...]}.
+    """Calibration inputs distilled from `model`'s BatchNorm statistics: {input name: array [n, ...]}.
 
     Args:
         model: the model as loaded (dynamic sizes other than the batch fixed with ``--shape``).
-        n: number of samples; they are optimised in batches of ``config.batch``.
-        seed: the random start (the result is deterministic for a seed).
-        config: steps, learning rate and prior weights (defaults: `SynthesisConfig`).
+        n: number of samples (AUTO_SAMPLES: planned from ``config.budget``, `plan`); optimised in batches.
+        seed: the random start and augmentation (the result is deterministic for a seed).
+        config: steps, learning rate, priors, augmentation, budget (defaults: `SynthesisConfig`).
 
     Raises:
         UnsupportedModelError: more than one input, a non-float input, or an op without a gradient rule.
         DataError: a dynamic input size other than the batch.
     """
     cfg = config or SynthesisConfig()
-    vi, dims = _input_of(model)
-    batch = max(1, min(n, cfg.batch))
-    image = _image_axes((batch, *dims))
+    vi, dims = model_input(model)
+    image = _image_axes((1, *dims))
     rng = np.random.default_rng(seed)
-    objective = _build_objective(model, batch, cfg.classes)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+    batch = max(1, min(n or DEFAULT_SAMPLES, cfg.batch))
+    objective = None
+    low = _low_resolution_dims(dims, image, cfg.resolution)
+    if low is not None:
+        try:
+            objective = build_objective(model, batch, cfg.classes, cfg.first_weight, low, cfg.threads)
+        except Exception:  # noqa: BLE001 - a graph that only builds at its own size (fixed Reshape targets, ...)
+            low = None
+    if objective is None:
+        objective = build_objective(model, batch, cfg.classes, cfg.first_weight, None, cfg.threads)
     if objective is None:
         print("onnxprune: note: synthetic calibration: the model has no BatchNormalization statistics on its input's "
               "path (folded or LayerNorm): using smoothed noise, a weak substitute for data", file=sys.stderr)
-        return {vi.name: _smoothed_noise(rng, (n, *dims), image).astype(dtype)}
-    batches = -(-n // batch)
-    steps = _steps(cfg, objective.macs, batches)
+        return {vi.name: _smoothed_noise(rng, (n or DEFAULT_SAMPLES, *dims), image).astype(dtype)}
+    todo = plan(cfg, n, objective.macs / batch, objective.shape[1:])
+    if todo.batch != batch:  # the budget chose fewer samples than one batch: rebuild at that batch
+        objective = build_objective(model, todo.batch, cfg.classes, cfg.first_weight, low, cfg.threads)
+        assert objective is not None
+    batches = -(-todo.samples // todo.batch)
+    size = "" if low is None else f", optimised at {'x'.join(str(low[a - 1]) for a in image)} and upsampled"
     out = []
-    sess, name = objective.session, objective.input_name
-    with task(f"synthetic calibration data ({n} samples, {objective.taps} BatchNorm layers)",
-              total=batches * steps) as t:
+    with task(f"synthetic calibration data ({todo.samples} samples, {todo.steps} steps, {objective.taps} BatchNorm "
+              f"layers{size})", total=batches * todo.steps) as t:
         for _ in range(batches):
-            x = rng.standard_normal(objective.shape).astype(np.float32)
-            feed = {name: x}
-            if objective.classes:  # balanced random labels, one per sample
-                labels = rng.permutation(np.arange(batch) % objective.classes)
-                feed[TARGETS] = np.eye(objective.classes, dtype=np.float32)[labels]
-            m1, m2 = np.zeros_like(x), np.zeros_like(x)
-            for step in range(1, steps + 1):
-                feed[name] = x
-                _, g = sess.run(None, feed)  # type: ignore[attr-defined]
-                g = g + _prior(x, cfg, image)
-                m1 = 0.9 * m1 + 0.1 * g
-                m2 = 0.999 * m2 + 0.001 * g * g
-                lr = cfg.lr * 0.5 * (1 + np.cos(np.pi * (step - 1) / steps))  # cosine decay
-                x = x - (lr * (m1 / (1 - 0.9**step)) / (np.sqrt(m2 / (1 - 0.999**step)) + 1e-8)).astype(np.float32)
-                t.advance()
-            out.append(x)
-    return {vi.name: np.concatenate(out)[:n].astype(dtype)}
+            out.append(_optimise(objective, cfg, todo.steps, rng, image, t.advance))
+    x = np.concatenate(out)[: todo.samples]
+    if low is not None:
+        x = _upsample(x, image, tuple(dims[a - 1] for a in image))
+    return {vi.name: x.astype(dtype)}

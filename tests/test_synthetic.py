@@ -17,7 +17,7 @@ from onnxprune.calibration import load_calib
 from onnxprune.errors import DataError, UnsupportedModelError
 from onnxprune.gradients import Emitter, supported_ops
 from onnxprune.shape_inference import infer_shapes
-from onnxprune.synthetic import SynthesisConfig, bn_loss, parse_spec, synthesize
+from onnxprune.synthetic import AUTO_SAMPLES, SynthesisConfig, bn_loss, parse_spec, synthesize
 from onnxprune.verify import session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def test_deterministic_for_a_seed():
 
 
 def test_spec_parsing():
-    assert parse_spec("synthetic") == 64 and parse_spec("synthetic:8") == 8 and parse_spec("calib.npz") is None
+    assert parse_spec("synthetic") == AUTO_SAMPLES and parse_spec("synthetic:8") == 8 and parse_spec("calib.npz") is None
     for bad in ("synthetic:0", "synthetic:x", "synthetic:-3"):
         with pytest.raises(DataError, match="synthetic:N"):
             parse_spec(bad)
