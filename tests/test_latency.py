@@ -18,7 +18,7 @@ from onnxprune.channels import analyze
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
 from onnxprune.latency.backend import OrtBackend, get_backend, ort_probe_counts
-from onnxprune.latency.grid import curve_counts, keep_counts, multiples
+from onnxprune.latency.grid import aligned, curve_counts, keep_counts, multiples
 from onnxprune.latency.measure import measure_speedup, static_inputs
 from onnxprune.latency.microbench import touched_ops, variant
 from onnxprune.latency.predict import Predictor, predicted_ms
@@ -155,6 +155,18 @@ def test_keep_counts_and_multiples_cover_every_group():
     grids = keep_counts(table, analysis)  # type: ignore[arg-type]
     assert grids == {0: (16, 32, 48, 64), 1: (1, 2, 3, 4, 5, 6)}  # group 1 has no curve: every count
     assert multiples(analysis, 8) == {0: tuple(range(8, 65, 8)), 1: (1, 2, 3, 4, 5, 6)}  # type: ignore[arg-type]
+
+
+def test_backend_alignment_keeps_larger_groups_on_its_multiples(tmp_path):
+    analysis = SimpleNamespace(groups=[SimpleNamespace(id=0, size=64), SimpleNamespace(id=1, size=10)])
+    linear = {0: _curve(ort_probe_counts(64, 7), lambda c: 0.1 * c), 1: _curve(range(1, 11), lambda c: 0.1 * c)}
+    assert keep_counts(LatencyTable("fake", 10.0, dict(linear)), analysis)[0] == tuple(range(1, 65))  # type: ignore[arg-type]
+    grids = keep_counts(LatencyTable("fake", 10.0, dict(linear), alignment=4), analysis)  # type: ignore[arg-type]
+    assert grids[0] == tuple(range(4, 65, 4))  # a linear curve: every multiple of 4
+    assert grids[1] == tuple(range(1, 11))  # below 16 channels the alignment does not apply
+    assert aligned((20, 30, 33), 33, 4) == (20, 33) and aligned((30, 33), 33, 4) == (30, 33)  # never only the size
+    assert OrtBackend().alignment == 4
+    assert build_table(analyze(ModelGraph(conv_chain())), FakeBackend(), cache_dir=tmp_path).alignment == 1
 
 
 def test_probe_counts_window_and_sweep():

@@ -67,6 +67,9 @@ class LatencyBackend(Protocol):
         name: what the user named, e.g. ``"ort:CPUExecutionProvider"``, ``"tvm:x86"``, ``"rpc:KEY"``.
         key: the cache key: `name` plus a device fingerprint (cpu model, threads, library versions).
         emulated: True when the numbers are not timing (an emulator): callers refuse to build tables.
+
+    Optional attribute ``alignment: int`` (read with ``getattr``, default 1): channel counts of groups of 16
+    or more are kept on its multiples (`grid.aligned`), for constraints a one-layer micro-model cannot show.
     """
 
     name: str
@@ -136,6 +139,9 @@ class OrtBackend:
             )
         self.providers = tuple(providers)
         self.threads = int(threads)
+        # CPU convolutions stay on the blocked NCHWc path only with input channel counts that are multiples
+        # of 4 (16 or more channels; measured on 1.32, see `grid.aligned`); other providers: no prior
+        self.alignment = 4 if self.providers[0] == "CPUExecutionProvider" else 1
         self.name = f"ort:{self.providers[0]}"
         self.key = f"{self.name}|threads={self.threads}|onnxruntime={ort.__version__}|{device_fingerprint()}"
 

@@ -148,6 +148,8 @@ class LatencyTable:
         measured_ops: op signatures timed by this build (0: everything came from the cache).
         cached_ops: op signatures found in the cache.
         seconds: wall time of the build.
+        alignment: the backend's channel alignment (`LatencyBackend.alignment`, 1 if it has none):
+            `grid.keep_counts` keeps larger groups on its multiples.
     """
 
     backend: str
@@ -159,6 +161,7 @@ class LatencyTable:
     seconds: float = 0.0
     backend_key: str = field(default="", repr=False)
     node_dense_ms: dict[str, float] = field(default_factory=dict, repr=False)
+    alignment: int = 1
 
     def at(self, group: int, kept: int) -> float:
         """Latency of `group`'s layers at `kept` channels (interpolated between measured counts, exact at
@@ -267,6 +270,7 @@ def build_table(
         backend=backend.name, dense_ms=float(sum(dense_by_node.values())), curves=curves,
         notices=tuple(dict.fromkeys(notices)), measured_ops=len(todo), cached_ops=len(wanted) - len(todo),
         seconds=time.perf_counter() - start, backend_key=backend.key, node_dense_ms=dense_by_node,
+        alignment=int(getattr(backend, "alignment", 1) or 1),
     )
 
 
