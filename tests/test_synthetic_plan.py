@@ -1,0 +1,84 @@
+"""Synthetic calibration: the time-budget plan, augmentation, low-resolution generation, data-free accuracy."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune.synthetic import (AUTO_SAMPLES, DEFAULT_SAMPLES, MACS_PER_SECOND, SynthesisConfig, _augment,
+                                 _resize_matrix, _upsample, bn_loss, plan, synthesize)
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION_RESNET = ROOT / "models" / "fashion_mnist_resnet.onnx"
+
+
+def test_plan_fits_the_budget_and_respects_floors():
+    cfg = SynthesisConfig(budget=90.0)
+    dims = (3, 32, 32)
+    small = plan(cfg, AUTO_SAMPLES, 41e6, dims)  # CIFAR ResNet20: the budget affords more than the cap
+    assert small.samples == DEFAULT_SAMPLES and small.steps == cfg.steps and small.seconds <= cfg.budget
+    mid = plan(cfg, AUTO_SAMPLES, 0.3e9, dims)  # fewer samples, full steps, inside the budget
+    assert cfg.min_samples <= mid.samples < DEFAULT_SAMPLES and mid.steps == cfg.steps
+    assert mid.seconds <= cfg.budget
+    big = plan(cfg, AUTO_SAMPLES, 4.1e9, dims)  # ResNet-50 at 224: floors win (min samples, min steps)
+    assert big.samples == cfg.min_samples and big.steps == cfg.min_steps
+    assert big.seconds == pytest.approx(cfg.min_samples * cfg.min_steps * 3 * 4.1e9 / MACS_PER_SECOND)
+    forced = plan(cfg, 400, 41e6, dims)  # synthetic:N forces N; the steps adapt
+    assert forced.samples == 400 and forced.seconds <= cfg.budget and forced.steps < cfg.steps
+
+
+def test_time_budget_scales_the_work_and_is_respected():
+    """Interleaved wall times on a small model: 4x the budget costs ~4x the time, and a run stays within its
+    budget with a margin for a loaded machine (the plan is in reference-machine seconds)."""
+    model = onnx.load(FASHION_RESNET)
+    small, large = SynthesisConfig(budget=1.0, min_steps=5), SynthesisConfig(budget=4.0, min_steps=5)
+    times: dict[float, list[float]] = {1.0: [], 4.0: []}
+    for _ in range(2):
+        for cfg in (small, large):
+            t = time.perf_counter()
+            synthesize(model, AUTO_SAMPLES, 0, cfg)
+            times[cfg.budget].append(time.perf_counter() - t)
+    t_small, t_large = min(times[1.0]), min(times[4.0])
+    assert 1.8 < t_large / t_small < 8.0, times
+    assert t_large < 4.0 * 8 + 5, times  # load up to 8x the reference machine's
+
+
+def test_augmentation_inverse_is_the_transpose():
+    rng = np.random.default_rng(0)
+    cfg = SynthesisConfig(jitter=3, flip=True)
+    a, b = rng.standard_normal((2, 3, 8, 10)), rng.standard_normal((2, 3, 8, 10))
+    for _ in range(5):
+        forward, inverse = _augment(rng, cfg, (2, 3))
+        np.testing.assert_array_equal(inverse(forward(a)), a)
+        assert float((forward(a) * b).sum()) == pytest.approx(float((a * inverse(b)).sum()))
+
+
+def test_upsample_is_bilinear():
+    mat = _resize_matrix(4, 8)
+    np.testing.assert_allclose(mat.sum(1), 1.0, rtol=1e-6)
+    x = np.ones((1, 1, 4, 4), np.float32) * np.arange(4, dtype=np.float32)[None, None, None, :]
+    up = _upsample(x, (2, 3), (8, 8))
+    assert up.shape == (1, 1, 8, 8)
+    np.testing.assert_allclose(up[0, 0, 0], [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3], atol=1e-6)
+    np.testing.assert_allclose(up[0, 0, :, 3], 1.25, atol=1e-6)  # constant along H stays constant
+
+
+def test_deterministic_with_augmentation_and_low_resolution():
+    model = onnx.load(FASHION_RESNET)
+    cfg = SynthesisConfig(steps=5, batch=4, jitter=2, flip=True, resolution=0.5)
+    a = synthesize(model, 6, seed=3, config=cfg)["image"]
+    b = synthesize(model, 6, seed=3, config=cfg)["image"]
+    assert a.shape == (6, 1, 28, 28)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_low_resolution_generation_still_matches_statistics_at_full_size():
+    model = onnx.load(FASHION_RESNET)
+    cfg = SynthesisConfig(steps=60, batch=8, resolution=0.5)
+    x = synthesize(model, 8, seed=0, config=cfg)["image"]
+    start = _upsample(np.random.default_rng(0).standard_normal((8, 1, 14, 14)).astype(np.float32), (2, 3), (28, 28))
+    assert bn_loss(model, x) < 0.5 * bn_loss(model, start)
