@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from onnxprune.errors import UsageError
 from onnxprune.upscale.costmodel import CostModel
 
-DRIVES = ("free", "writer", "reader")
+DRIVES = ("free", "writer", "reader", "coupled")
 CRITERIA = ("energy", "bn", "l1", "l2")
 REPAIRS = ("none", "mean", "ls", "seq")
 ALLOCATIONS = ("uniform", "global", "lamp")

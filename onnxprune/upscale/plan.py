@@ -23,6 +23,7 @@ from onnxprune.graph import ModelGraph, attrs
 from onnxprune.rules.facts import op_facts
 from onnxprune.upscale.boundaries import SplitModel, roles, split_boundaries
 from onnxprune.upscale.config import UnconstrainedConfig
+from onnxprune.upscale.coupled import coupled_keeps
 from onnxprune.upscale.records import GroupPlan, Piece, UnconstrainedPlan
 from onnxprune.upscale.scores import measured_energy, normalised, own_scores, shared_scores
 
@@ -183,6 +184,9 @@ def _choose_group(prep: Prepared, pg: PreparedGroup, config: UnconstrainedConfig
     def choose_one(pc: Piece, within: np.ndarray, n: int) -> np.ndarray:
         return _top_channels(pg.own[pc.id], shared, config.share, within, n)
 
+    def choose_scored(pc: Piece, scores: np.ndarray, within: np.ndarray, n: int) -> np.ndarray:
+        return _top_channels(scores, shared, config.share, within, n)
+
     writers = [pc for pc in units if pc.has_producer]
     readers = [pc for pc in units if not pc.has_producer]
 
@@ -193,6 +197,8 @@ def _choose_group(prep: Prepared, pg: PreparedGroup, config: UnconstrainedConfig
                 return choose_one(pc, within, k)
 
             _reader_first(n, readers, writers, pieces, reach, fixed, allowed, choose_k)
+        elif config.drive == "coupled":  # writers and readers choose for each other (`coupled`)
+            coupled_keeps(units, pg.own, prep.analysis, group.size, fixed, choose_scored, allowed, n)
         else:  # "free": every unit chooses; "writer": the writers choose first
             for pc in units if config.drive == "free" else writers:
                 if pc.id not in fixed:

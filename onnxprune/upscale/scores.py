@@ -64,7 +64,7 @@ def _relu_energy(mu: np.ndarray, sd: np.ndarray, relu: bool) -> np.ndarray:
     return (mu**2 + sd**2) * norm.cdf(t) + mu * sd * norm.pdf(t)
 
 
-def _bn_energy(piece: Piece, analysis: ChannelAnalysis, size: int) -> np.ndarray | None:
+def bn_energy(piece: Piece, analysis: ChannelAnalysis, size: int) -> np.ndarray | None:
     """Per-channel E[out^2] after the piece's BatchNormalization (N(beta, gamma^2) model), or None."""
     graph = analysis.graph
     members = {m.tensor: m for m in piece.members}
@@ -89,7 +89,7 @@ def energy_scores(piece: Piece, pieces: list[Piece], analysis: ChannelAnalysis, 
     Consumer: ||W[:, c]||^2 * E[x_c^2], the input energy taken from its own pre-activation BatchNorm, or
     else estimated as the sum of the stream producers' output energies. Falls back to L2 norms.
     """
-    own = _bn_energy(piece, analysis, size)
+    own = bn_energy(piece, analysis, size)
     consumers = [m for m in piece.weights if _is_consumer_member(m, analysis)]
     if not consumers:
         return own if own is not None else unit_scores(piece, analysis, size, 2)
@@ -107,13 +107,13 @@ def _input_energy(piece: Piece, pieces: list[Piece], analysis: ChannelAnalysis, 
     """E[x_c^2] of a reader's input: its own pre-activation BatchNorm's output, else the sum of the
     BatchNorm output energies of the writers reaching it (writers add up on a residual stream; all the
     group's writers where that is unknown), else None."""
-    own = _bn_energy(piece, analysis, size)
+    own = bn_energy(piece, analysis, size)
     if own is not None:
         return own
     writers = [pc for pc in pieces if pc.has_producer and pc is not piece]
     if piece.sources:
         writers = [pc for pc in writers if pc.id in piece.sources]
-    energies = [_bn_energy(pc, analysis, size) for pc in writers]
+    energies = [bn_energy(pc, analysis, size) for pc in writers]
     stream = [e for e in energies if e is not None]
     return np.sum(stream, axis=0) if stream else None
 
@@ -205,7 +205,7 @@ def own_scores(pc: Piece, pieces: list[Piece], analysis: ChannelAnalysis, size: 
     energy = None if pc.has_producer else _measured_input(pc, measured, size)
     if criterion == "energy":
         if energy is not None:
-            return _column_norms(pc, analysis, size, 2, squared=True) * energy
+            return column_norms(pc, analysis, size, 2, squared=True) * energy
         return energy_scores(pc, pieces, analysis, size)
     if criterion == "bn":
         gamma = _bn_gamma(pc, analysis, size)
@@ -215,14 +215,14 @@ def own_scores(pc: Piece, pieces: list[Piece], analysis: ChannelAnalysis, size: 
         # A reader: its folded weights are its columns times its input's scale, so each column norm is
         # weighted by the input channel's RMS (measured, or the writers' BatchNorm outputs), the same
         # folding a writer's rows get from its own BatchNorm. A column reading a weak channel matters little.
-        cols = _column_norms(pc, analysis, size, p)
+        cols = column_norms(pc, analysis, size, p)
         if energy is None:
             energy = _input_energy(pc, pieces, analysis, size)
         return cols if energy is None else cols * np.sqrt(energy)
     return unit_scores(pc, analysis, size, p)
 
 
-def _column_norms(pc: Piece, analysis: ChannelAnalysis, size: int, p: int, squared: bool = False) -> np.ndarray:
+def column_norms(pc: Piece, analysis: ChannelAnalysis, size: int, p: int, squared: bool = False) -> np.ndarray:
     """A reader's per-channel column norms (L1, or L2 for p=2; `squared`: L2^2), each member mean-normalised."""
     cols = np.zeros(size)
     for m in pc.weights:
