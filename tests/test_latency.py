@@ -79,6 +79,9 @@ class FakeBackend:
 
     def ms(self, model: onnx.ModelProto) -> float:
         node = model.graph.node[0]
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):  # memory-bound: proportional to the elements read
+            x = model.graph.input[0].type.tensor_type.shape.dim
+            return 0.001 + 1e-6 * int(np.prod([d.dim_value for d in x]))
         w = next(t for t in model.graph.initializer if t.name == node.input[1])
         x = model.graph.input[0].type.tensor_type.shape.dim
         out_blocks = math.ceil(w.dims[0] / self.block) if node.op_type == "Conv" else w.dims[-1]
@@ -187,13 +190,14 @@ def test_table_build_and_cache_round_trip(tmp_path):
     recorder = RecordingReporter()
     with reporting(recorder):
         first = build_table(analysis, backend, cache_dir=tmp_path)
-    assert backend.timed > 0 and first.measured_ops == 4 and first.cached_ops == 0  # c1, dw, c2, fc
+    assert backend.timed > 0 and first.measured_ops == 5 and first.cached_ops == 0  # c1, dw, c2, fc, the pool
     shown = recorder.finished("latency table on fake")
-    assert len(shown) == 1 and shown[0].completed == shown[0].total == 4  # one step per op signature
-    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["conv", "conv", "conv", "gemm"]
+    assert len(shown) == 1 and shown[0].completed == shown[0].total == 5  # one step per op signature
+    files = sorted(p.name.split("-")[0] for p in tmp_path.iterdir())
+    assert files == ["conv", "conv", "conv", "gemm", "globalaveragepool"]
     group = _width_group(analysis, 64)
     curve = first.curves[group.id]
-    assert set(curve.nodes) == {"c1", "dw", "c2"}
+    assert set(curve.nodes) == {"c1", "dw", "c2"}  # the Relus after c1 and dw are fused: not priced
     assert curve.counts == tuple(ort_probe_counts(64, 7))
     timed = backend.timed
     second = build_table(analysis, backend, cache_dir=tmp_path)
@@ -204,6 +208,32 @@ def test_table_build_and_cache_round_trip(tmp_path):
     # the fake latency is exact: the curve is the sum of the three layers' fake times
     grid = keep_counts(first, analysis)[group.id]
     assert grid == (16, 32, 48, 64)
+
+
+def _silu_net():
+    """Conv (8 -> 16) -> SiLU (Sigmoid, Mul) -> Conv 1x1 (16 -> 16) -> Relu (the model's output)."""
+    c1, w1 = _conv("c1", "x", 8, 16, 3)
+    c2, w2 = _conv("c2", "silu", 16, 16, 1)
+    nodes = [c1, helper.make_node("Sigmoid", ["c1.y"], ["sig"], name="sig"),
+             helper.make_node("Mul", ["c1.y", "sig"], ["silu"], name="mul"), c2,
+             helper.make_node("Relu", ["c2.y"], ["out"], name="relu")]
+    graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 12, 12])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 16, 12, 12])], w1 + w2)
+    return canonical(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_memory_bound_nodes_are_priced_unless_fused(tmp_path):
+    analysis = analyze(ModelGraph(_silu_net()))
+    group = next(g for g in analysis.groups if any(m.tensor == "c1.w" for m in g.members))
+    touches, _ = touched_ops(analysis, group)
+    assert {t.node for t in touches} == {"c1", "sig", "mul", "c2"}  # SiLU runs as kernels of its own
+    assert {t.node for t in touched_ops(analysis, group, light=False)[0]} == {"c1", "c2"}
+    mul = next(t for t in touches if t.node == "mul")
+    assert variant(mul, 16, 8).shapes == ((1, 8, 12, 12), (1, 8, 12, 12))  # both operands shrink
+    table = build_table(analysis, FakeBackend(), cache_dir=tmp_path)
+    light = table.node_dense_ms["sig"]
+    assert light == pytest.approx(0.001 + 1e-6 * 16 * 12 * 12)  # priced as the fake backend times it
+    assert predicted_ms(table, {group.id: 8}) < table.dense_ms - 0.5 * light  # and shrinks with the group
 
 
 def test_depthwise_variant_changes_the_group_attribute():
@@ -229,7 +259,10 @@ def test_predicted_ms_scales_each_layer_by_its_groups(tmp_path):
     # c1 and dw halve; c2 halves its inputs (wide) and its outputs (narrow): a quarter of it is left
     dense = table.node_dense_ms
     both = predicted_ms(table, {wide: 32, narrow: 8})
-    assert both == pytest.approx(table.dense_ms - 0.5 * dense["c1"] - 0.5 * dense["dw"] - 0.75 * dense["c2"])
+    pool_left = (0.001 + 1e-6 * 8 * 16 * 16) / (0.001 + 1e-6 * 16 * 16 * 16)  # the fake pool at 8 of 16 channels
+    assert dense["GlobalAveragePool_5"] == pytest.approx(0.001 + 1e-6 * 16 * 16 * 16)
+    assert both == pytest.approx(table.dense_ms - 0.5 * dense["c1"] - 0.5 * dense["dw"] - 0.75 * dense["c2"]
+                                 - (1 - pool_left) * dense["GlobalAveragePool_5"])
     curve = table.curves[wide]
     assert table.at(wide, curve.counts[3]) == curve.ms[3]  # exact at a measured count
     assert table.at(10_000, 3) == 0.0  # no curve: no latency

@@ -29,11 +29,28 @@ from onnxprune.latency.backend import random_array
 from onnxprune.onnx_utils import opset_of
 
 __all__ = [
-    "HEAVY_OPS", "OpSpec", "Touch", "Variant", "dense_variant", "micro_model", "touched_ops",
-    "variant", "variant_macs",
+    "HEAVY_OPS",
+    "LIGHT_OPS",
+    "OpSpec",
+    "Touch",
+    "Variant",
+    "dense_variant",
+    "light_nodes",
+    "micro_model",
+    "touched_ops",
+    "variant",
+    "variant_macs",
 ]
 
 HEAVY_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: memory-bound ops priced when a group slices their activations (`light_nodes`)
+LIGHT_OPS = (
+    "Add", "Sub", "Mul", "Div", "Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh", "Erf",
+    "BatchNormalization", "GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "Resize", "Concat",
+    "ReduceMean",
+)
+#: ops fused into the convolution or matrix product that feeds them (onnxruntime and TVM alike)
+_EPILOGUE_OPS = ("Relu", "Clip", "LeakyRelu", "HardSigmoid", "Sigmoid", "Tanh", "BatchNormalization", "Add")
 # Which input holds the weight: Conv/ConvTranspose/Gemm read it at input 1; MatMul at 1 (or 0: x @ W vs W @ x).
 _WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1, 0), "MatMul": (1, 0)}
 
@@ -92,14 +109,18 @@ class Variant:
         return json.dumps({"shapes": self.shapes, "group": self.group}, separators=(",", ":"), default=list)
 
 
-def touched_ops(analysis: ChannelAnalysis, group: ChannelGroup) -> tuple[list[Touch], list[tuple[str, str]]]:
-    """The compute-heavy nodes whose weight `group` slices, and the skipped ones as ``(node, reason)``
-    (reasons name no tensor, so that nodes skipped for the same reason can be reported together)."""
+def touched_ops(
+    analysis: ChannelAnalysis, group: ChannelGroup, *, light: bool = True
+) -> tuple[list[Touch], list[tuple[str, str]]]:
+    """The compute-heavy nodes whose weight `group` slices (and with `light`, the memory-bound nodes whose
+    activations it slices: `light_nodes`), and the skipped ones as ``(node, reason)`` (reasons name no
+    tensor, so that nodes skipped for the same reason can be reported together)."""
     graph = analysis.graph
     members: dict[tuple[str, int], int] = {(m.tensor, m.axis): len(m.positions) for m in group.members}
     touches: list[Touch] = []
     notices: list[tuple[str, str]] = []
     seen: set[int] = set()
+    candidates: list[onnx.NodeProto] = []
     for m in group.param_members:
         for use in graph.consumers.get(m.tensor, []):
             node = use.node
@@ -108,18 +129,70 @@ def touched_ops(analysis: ChannelAnalysis, group: ChannelGroup) -> tuple[list[To
             if use.index not in _WEIGHT_INPUTS[node.op_type]:
                 continue
             seen.add(id(node))
-            spec, why = _spec(graph, node)
-            if spec is None:
-                notices.append((f"{node.op_type} {node.name or node.output[0]!r}", why))
-                continue
-            dims = tuple(
-                (i, axis, members[(name, axis)])
-                for i, name in enumerate(node.input[: len(spec.shapes)])
-                for axis in range(len(spec.shapes[i]))
-                if (name, axis) in members
-            )
-            touches.append(Touch(node.name or node.output[0], spec, dims))
+            candidates.append(node)
+    if light:
+        for node in light_nodes(graph, group):
+            if id(node) not in seen:
+                seen.add(id(node))
+                candidates.append(node)
+    for node in candidates:
+        spec, why = _spec(graph, node)
+        if spec is None:
+            notices.append((f"{node.op_type} {node.name or node.output[0]!r}", why))
+            continue
+        dims = tuple(
+            (i, axis, members[(name, axis)])
+            for i, name in enumerate(node.input[: len(spec.shapes)])
+            for axis in range(len(spec.shapes[i]))
+            if (name, axis) in members
+        )
+        touches.append(Touch(node.name or node.output[0], spec, dims))
     return touches, notices
+
+
+def light_nodes(graph: ModelGraph, group: ChannelGroup) -> list[onnx.NodeProto]:
+    """The memory-bound nodes whose channels `group` slices and which a backend runs as kernels of their own.
+
+    A node of `LIGHT_OPS` counts when one of its inputs is an activation member of the group, unless it is
+    an *epilogue*: an activation, batch norm or add whose input comes from a convolution or matrix product
+    (or from another epilogue) that has no other consumer. onnxruntime folds those into the convolution
+    (Conv+BatchNorm, Conv+Relu/Clip/Sigmoid, the NCHWc Conv+Add "Sum" input) and TVM fuses them, so pricing
+    them as kernels of their own would count time that the real model does not spend. What stays priced:
+    SiLU's sigmoid and product (EfficientNet: onnxruntime runs them as one QuickGelu kernel between two
+    layout conversions), squeeze-excitation products and pools, pooling, Resize, Concat, and adds that
+    follow no convolution. Only feature maps (4-D activations) are priced: the elementwise chains of
+    transformers are fused by pattern (Gelu, LayerNorm, attention), which single nodes cannot stand for.
+    """
+    members = {m.tensor for m in group.members if not m.is_param and _rank(graph, m.tensor) == 4}
+    out: list[onnx.NodeProto] = []
+    seen: set[int] = set()
+    for tensor in members:
+        for use in graph.consumers.get(tensor, []):
+            node = use.node
+            if id(node) in seen or node.op_type not in LIGHT_OPS or node.domain not in ("", "ai.onnx"):
+                continue
+            seen.add(id(node))
+            if not _is_epilogue(graph, node):
+                out.append(node)
+    return out
+
+
+def _rank(graph: ModelGraph, name: str) -> int | None:
+    shape = graph.shape(name)
+    return None if shape is None else len(shape)
+
+
+def _is_epilogue(graph: ModelGraph, node: onnx.NodeProto, depth: int = 0) -> bool:
+    """`node` is fused into the kernel that produces its input (see `light_nodes`)."""
+    if node.op_type not in _EPILOGUE_OPS or depth > 4:
+        return False
+    for name in node.input[:2] if node.op_type == "Add" else node.input[:1]:
+        producer = graph.producer.get(name)
+        if producer is None or len(graph.consumers.get(name, [])) != 1:
+            continue
+        if producer.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") or _is_epilogue(graph, producer, depth + 1):
+            return True
+    return False
 
 
 def variant(touch: Touch, size: int, kept: int) -> Variant | None:
@@ -226,6 +299,8 @@ def _spec(graph: ModelGraph, node: onnx.NodeProto) -> tuple[OpSpec | None, str]:
 
 
 def _macs(op_type: str, shapes: tuple[tuple[int, ...], ...], group: object) -> int:
+    if op_type not in HEAVY_OPS:  # memory-bound: one operation per element of the first input
+        return int(np.prod(shapes[0], dtype=np.int64)) if shapes else 0
     if op_type in ("Conv", "ConvTranspose") and len(shapes) >= 2:
         x, w = shapes[0], shapes[1]
         spatial = int(np.prod(x[2:], dtype=np.int64)) if len(x) > 2 else 1
