@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -43,10 +42,9 @@ from onnxprune.graph import ModelGraph
 from onnxprune.importer import canonicalize
 from onnxprune.latency.backend import OrtBackend, random_feeds
 from onnxprune.latency.measure import static_inputs
-from onnxprune.latency.predict import predicted_ms
-from onnxprune.latency.table import LatencyTable, build_table
+from onnxprune.latency.predict import predicted_ms, uniform_bound
+from onnxprune.latency.table import build_table
 from onnxprune.latency.timing import Timing
-from onnxprune.metrics import count_macs, node_macs
 
 
 def load() -> str:
@@ -75,25 +73,6 @@ def kept_counts(analysis: ChannelAnalysis, pruned: onnx.ModelProto) -> dict[int,
                 out[g.id] = int(round(g.size - removed * g.size / len(m.positions)))
                 break
     return out
-
-
-def uniform_bound(analysis: ChannelAnalysis, table: LatencyTable, ratio: float) -> tuple[float, float]:
-    """(ideal MACs reduction, best efficiency) of keeping ``1 - ratio`` of every group (module docstring)."""
-    groups_of: dict[str, list[int]] = {}
-    for gid, curve in table.curves.items():
-        for node in curve.nodes:
-            groups_of.setdefault(node, []).append(gid)
-    sizes = {g.id: g.size for g in analysis.groups}
-    factor = {node: math.prod(max(1, round((1 - ratio) * sizes[g])) / sizes[g] for g in gids)
-              for node, gids in groups_of.items()}
-    graph = analysis.graph
-    macs_total = count_macs(graph)
-    by_name = {(n.name or n.output[0]): n for n in graph.model.graph.node}
-    macs_touched = {node: node_macs(graph, by_name[node]) for node in factor if node in by_name}
-    macs_after = macs_total - sum(macs_touched.values()) + sum(m * factor[n] for n, m in macs_touched.items())
-    time_after = sum(ms * factor.get(node, 1.0) for node, ms in table.node_dense_ms.items())
-    macs_frac, time_frac = macs_after / macs_total, time_after / table.dense_ms
-    return 1 / macs_frac, macs_frac / time_frac
 
 
 def prune(src: Path, out: Path, ratio: float, threads: int) -> dict:
@@ -148,7 +127,8 @@ def bench(name: str, ratios: list[float], threads: int, repeat: int, work: Path,
         for table in (heavy, full):
             predicted = table.dense_ms / predicted_ms(table, kept)
             cells.append((predicted, predicted / measured - 1))
-        ideal, eff = uniform_bound(analysis, full, r)
+        bound = uniform_bound(full, analysis, r)
+        ideal, eff = bound.macs_reduction, bound.efficiency
         lines.append(f"{r:>5.2f} {red:>7.2f} {measured:>8.2f} {measured / red:>5.2f} | {cells[0][0]:>16.2f} "
                      f"{cells[0][1]:>+6.0%} | {cells[1][0]:>14.2f} {cells[1][1]:>+6.0%} | {ideal:>21.2f} {eff:>5.2f}")
     return lines

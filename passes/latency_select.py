@@ -201,6 +201,31 @@ def never_slower(grid: KeepCounts, table: LatencyTable) -> dict[int, tuple[int, 
     return out
 
 
+def weighted_ratio_plan(
+    config: PruneConfig,
+    analysis: ChannelAnalysis,
+    scores: dict[int, np.ndarray],
+    table: LatencyTable | None,
+    keep_counts: KeepCounts | None,
+) -> PruningPlan | None:
+    """The latency-weighted plan of a plain ``--ratio`` under auto rounding, or None when the configuration
+    asks for something else.
+
+    It applies when the rounding is ``auto`` with a table, the allocation was not chosen (``allocation`` is
+    None, no ``--global``) and no parameter, MAC or latency target replaces the ratio: then the same fraction
+    of channels is removed, each group's share weighted by its time per MAC (`latency.weighted`). An
+    explicit ``--allocation uniform`` keeps the uniform ratio.
+    """
+    from onnxprune.latency.weighted import weighted_plan
+
+    if (config.round_to != "auto" or table is None or not table.curves or config.ratio <= 0
+            or config.allocation is not None or config.global_ranking or config.target_latency is not None
+            or config.target_params is not None or config.target_macs is not None):
+        return None
+    return weighted_plan(analysis, scores, table, config.ratio, keep_counts=keep_counts,
+                         max_group_ratio=config.max_group_ratio)
+
+
 def _static(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxprune.latency.measure import static_inputs
 

@@ -375,3 +375,43 @@ def test_onnxruntime_depthwise_steps_are_real(tmp_path):
     table = build_table(analysis, backend, cache_dir=tmp_path)
     grid = keep_counts(table, analysis)[_width_group(analysis, 64).id]
     assert 64 in grid and 63 not in grid and 61 not in grid
+
+
+# ---- latency-weighted ratios -----------------------------------------------------------------------
+
+
+def test_weighted_fractions_keep_the_channel_budget_and_follow_density():
+    from onnxprune.latency.weighted import weighted_fractions
+
+    f = weighted_fractions({0: 100, 1: 100}, {0: 1.0, 1: 4.0}, 0.3, alpha=1.0)
+    assert f[0] == pytest.approx(0.12) and f[1] == pytest.approx(0.48)  # 12 + 48 = 30% of 200 channels
+    capped = weighted_fractions({0: 100, 1: 100}, {0: 1.0, 1: 100.0}, 0.5, alpha=2.0, max_group_ratio=0.9)
+    assert capped[1] == pytest.approx(0.9) and capped[0] == pytest.approx(0.1)  # the cap moves the rest
+    assert weighted_fractions({0: 10}, {0: 3.0}, 0.0) == {0: 0.0}
+    assert weighted_fractions({0: 10, 1: 30}, {}, 0.25) == pytest.approx({0: 0.25, 1: 0.25})  # no density: uniform
+
+
+def test_weighted_plan_removes_the_ratio_where_time_per_mac_is_high(tmp_path):
+    from onnxprune.criteria import Magnitude
+    from onnxprune.latency.weighted import time_density, weighted_plan
+    from onnxprune.passes.config import PruneConfig
+    from onnxprune.passes.latency_select import weighted_ratio_plan
+
+    analysis = analyze(ModelGraph(conv_chain()))
+    table = build_table(analysis, FakeBackend(), cache_dir=tmp_path)
+    density = time_density(table, analysis)
+    assert all(d > 0 for d in density.values())
+    scores = Magnitude(1).score_all(analysis)
+    total = sum(g.size for g in analysis.groups)
+    plan = weighted_plan(analysis, scores, table, 0.5)
+    assert abs(plan.channels_removed - 0.5 * total) <= 0.1 * total
+    for gid, removed in plan.removed.items():  # lowest scores first
+        kept = np.setdiff1d(np.arange(len(scores[gid])), removed)
+        assert scores[gid][removed].max() <= scores[gid][kept].min()
+    assert weighted_plan(analysis, scores, table, 0.0).channels_removed == 0
+    auto = PruneConfig(ratio=0.5, round_to="auto")
+    made = weighted_ratio_plan(auto, analysis, scores, table, None)
+    assert made is not None and made.channels_removed == plan.channels_removed
+    for other in (PruneConfig(ratio=0.5, round_to=1), PruneConfig(ratio=0.5, round_to="auto", allocation="uniform"),
+                  PruneConfig(ratio=0.5, round_to="auto", global_ranking=True), PruneConfig(ratio=0.0, round_to="auto")):
+        assert weighted_ratio_plan(other, analysis, scores, table, None) is None  # explicit choices stay

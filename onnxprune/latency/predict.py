@@ -23,12 +23,16 @@ blocked path also converts layouts to and from its neighbours, which single-node
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
+from onnxprune.channels import ChannelAnalysis
 from onnxprune.latency.grid import next_on_grid, off_grid_penalty
 from onnxprune.latency.table import GroupCurve, LatencyTable
+from onnxprune.metrics import count_macs, node_macs
 
-__all__ = ["Predictor", "predicted_ms", "predicted_speedup"]
+__all__ = ["Predictor", "UniformBound", "predicted_ms", "predicted_speedup", "uniform_bound"]
 
 
 def predicted_ms(
@@ -117,3 +121,53 @@ def _product(ratios: dict[tuple[int, str], float], node: str, group: int, mine: 
         if n == node and g != group:
             out *= r
     return out
+
+
+@dataclass(frozen=True)
+class UniformBound:
+    """What uniform pruning can reach at best (`uniform_bound`).
+
+    Attributes:
+        ratio: every group keeps ``1 - ratio`` of its channels.
+        macs_reduction: MACs before / after.
+        speedup: priced time before / after, every priced node scaled as its MACs.
+        efficiency: speedup / macs_reduction, the best a uniform ratio can reach.
+        linear_share: share of the priced time in nodes one group scales (depthwise convs, stems, heads,
+            memory-bound nodes): the time that falls only as ``1 - ratio`` while the MACs of pointwise
+            layers fall as ``(1 - ratio)**2``.
+    """
+
+    ratio: float
+    macs_reduction: float
+    speedup: float
+    efficiency: float
+    linear_share: float
+
+
+def uniform_bound(table: LatencyTable, analysis: ChannelAnalysis, ratio: float) -> UniformBound:
+    """The best efficiency (speedup / MACs reduction) of pruning every group by `ratio` (an Amdahl bound).
+
+    Every priced node is taken to run in time proportional to its MACs (a layer two groups touch: the
+    product of both groups' kept fractions; a depthwise convolution or a memory-bound node: its one group's
+    fraction; layers no group touches: unchanged), so steps, alignment and overheads are ignored: no
+    rounding does better. The time shares come from the table, the MACs from the model (`metrics`).
+    """
+    groups_of: dict[str, list[int]] = {}
+    for gid, curve in table.curves.items():
+        for node in curve.nodes:
+            groups_of.setdefault(node, []).append(gid)
+    sizes = {g.id: g.size for g in analysis.groups}
+    factor = {node: math.prod(max(1, round((1 - ratio) * sizes[g])) / sizes[g] for g in gids)
+              for node, gids in groups_of.items()}
+    graph = analysis.graph
+    by_name = {(n.name or n.output[0]): n for n in graph.model.graph.node}
+    macs_total = count_macs(graph)
+    touched = {node: node_macs(graph, by_name[node]) for node in factor if node in by_name}
+    macs_after = macs_total - sum(touched.values()) + sum(m * factor[n] for n, m in touched.items())
+    dense = sum(table.node_dense_ms.values())
+    time_after = sum(ms * factor.get(node, 1.0) for node, ms in table.node_dense_ms.items())
+    linear = sum(ms for node, ms in table.node_dense_ms.items() if len(groups_of.get(node, ())) == 1)
+    macs_reduction = macs_total / macs_after if macs_after > 0 else 1.0
+    speedup = dense / time_after if time_after > 0 else 1.0
+    return UniformBound(ratio, macs_reduction, speedup, speedup / macs_reduction,
+                        linear / dense if dense > 0 else 0.0)
