@@ -409,9 +409,16 @@ def test_weighted_plan_removes_the_ratio_where_time_per_mac_is_high(tmp_path):
         kept = np.setdiff1d(np.arange(len(scores[gid])), removed)
         assert scores[gid][removed].max() <= scores[gid][kept].min()
     assert weighted_plan(analysis, scores, table, 0.0).channels_removed == 0
-    auto = PruneConfig(ratio=0.5, round_to="auto")
-    made = weighted_ratio_plan(auto, analysis, scores, table, None)
-    assert made is not None and made.channels_removed == plan.channels_removed
+    from onnxprune.latency.predict import uniform_bound
+
+    table.node_dense_ms["dw"] *= 100  # a depthwise conv that takes most of the time with few MACs
+    bound = uniform_bound(table, analysis, 0.7)
+    assert bound.efficiency < 0.9 and bound.linear_share > 0.9  # its time falls as 0.3, c2's MACs as 0.09
+    assert bound.macs_reduction > bound.speedup > 1
+    made = weighted_ratio_plan(PruneConfig(ratio=0.7, round_to="auto"), analysis, scores, table, None)
+    assert made is not None and made.channels_removed == weighted_plan(analysis, scores, table, 0.7).channels_removed
+    assert uniform_bound(table, analysis, 0.1).efficiency >= 0.9  # a bound that reaches 0.9: uniform stays
+    assert weighted_ratio_plan(PruneConfig(ratio=0.1, round_to="auto"), analysis, scores, table, None) is None
     for other in (PruneConfig(ratio=0.5, round_to=1), PruneConfig(ratio=0.5, round_to="auto", allocation="uniform"),
                   PruneConfig(ratio=0.5, round_to="auto", global_ranking=True), PruneConfig(ratio=0.0, round_to="auto")):
         assert weighted_ratio_plan(other, analysis, scores, table, None) is None  # explicit choices stay
