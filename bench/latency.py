@@ -1,12 +1,15 @@
 """Do pruned models get faster? Efficiency = realized speedup / MACs reduction, per model, ratio and rounding.
 
     python bench/latency.py [--quick | --full] [--models resnet50,...] [--ratios 0.1,0.3,...]
-                            [--roundings auto,1,16] [--threads 1,2] [--tvm MODEL@R,...] [--no-accuracy]
+                            [--roundings auto,auto-w,1,16] [--threads 1,2] [--tvm MODEL@R,...] [--no-accuracy]
+                            [--loaded]
                             [--out bench/latency_results]
 
 Part 1, **efficiency** (issue 13): every zoo model (ONNXPRUNE_MODEL_CACHE, see models/zoo.py) is pruned with
 the command line a user types, ``onnxprune prune MODEL --ratio R --round-to X --no-verify --json`` (X = auto,
-the default, whose latency table is measured on onnxruntime CPU 1 thread and cached; 1: any count; 16), then
+the default, whose latency table is measured on onnxruntime CPU 1 thread and cached; auto-w: the proposed
+auto default for ``--ratio``, latency-weighted ratios through bench/latency_weighted_cli.py; 1: any count;
+16), then
 all pruned variants of a model are timed in one process on onnxruntime CPU (1 and 2 intra-op threads,
 batch 1), round-robin with the dense model in every round (:func:`onnxprune.latency.timing.interleaved`;
 chunks of :data:`CHUNK` variants, each with the dense model, so memory stays bounded and every speedup is
@@ -21,7 +24,11 @@ package dataset-fashion-mnist): latency-aware (``--target-latency Fx``), FLOPs-b
 (batch 1, onnxruntime 1 thread), top-1 on the test split; the FLOPs-based and uniform curves (accuracy vs
 measured latency) are interpolated at each latency-aware model's measured latency.
 
-The machine's load average is printed with the results: timings on a shared machine are provisional.
+After each model, the Amdahl bound of uniform ``--ratio`` (`onnxprune.latency.predict.uniform_bound`, from
+its latency table) is printed next to the measured efficiencies, with the reason where it is below 0.9.
+
+The machine's load average is printed with the results: timings on a shared machine are provisional
+(``--loaded`` times 1-thread rows by thread CPU time and compares fastest runs, for such a machine).
 Default mode: ratios 0.1/0.3/0.5/0.7, both thread counts, TVM for MobileNetV2 0.3/0.5. Measured at load
 17-27 (eight agents on this 2-core machine): 46 min for the efficiency part (first-run onnxruntime latency
 tables included, 14 min of them TVM compiles) and 23 min for the accuracy part; on a quiet machine with the
@@ -81,6 +88,9 @@ QUOTED = [
 FASHION = ("fashion_mnist_cnn", "fashion_mnist_resnet")
 #: A timing whose interquartile spread exceeds this fraction of its median is marked "?" (a loaded machine).
 NOISY = 0.25
+#: The rounding label of the proposed auto default for --ratio: latency-weighted ratios
+#: (bench/latency_weighted_cli.py; uniform where the uniform bound reaches 0.9).
+WEIGHTED = "auto-w"
 
 
 @dataclass
@@ -116,9 +126,13 @@ def shape_flags(shapes: dict[str, list[int]]) -> list[str]:
     return [a for name, dims in shapes.items() for a in ("--shape", f"{name}={','.join(map(str, dims))}")]
 
 
-def prune_cli(model: Path, out: Path, flags: Sequence[str], cache: Path) -> tuple[dict, float]:
-    """``onnxprune prune MODEL -o OUT FLAGS --no-verify --json`` in a subprocess; (summary, seconds)."""
-    cmd = [sys.executable, "-m", "onnxprune.cli", "prune", str(model), "-o", str(out), *flags,
+def prune_cli(
+    model: Path, out: Path, flags: Sequence[str], cache: Path, weighted: bool = False
+) -> tuple[dict, float]:
+    """``onnxprune prune MODEL -o OUT FLAGS --no-verify --json`` in a subprocess; (summary, seconds).
+    `weighted`: through bench/latency_weighted_cli.py (the proposed auto default for ``--ratio``)."""
+    entry = [str(ROOT / "bench" / "latency_weighted_cli.py")] if weighted else ["-m", "onnxprune.cli"]
+    cmd = [sys.executable, *entry, "prune", str(model), "-o", str(out), *flags,
            "--no-verify", "--json", "--latency-cache", str(cache)]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -130,15 +144,25 @@ def prune_cli(model: Path, out: Path, flags: Sequence[str], cache: Path) -> tupl
 
 
 def timed_against_dense(
-    dense: onnx.ModelProto, models: Sequence[onnx.ModelProto], backend: LatencyBackend, repeat: int
+    dense: onnx.ModelProto, models: Sequence[onnx.ModelProto], backend: LatencyBackend, repeat: int,
+    loaded: bool = False,
 ) -> list[tuple[float, float]]:
-    """(speedup, spread) of every model against ``dense``, timed round-robin in chunks that each include it."""
+    """(speedup, spread) of every model against ``dense``, timed round-robin in chunks that each include it.
+
+    `loaded` (``--loaded``, for a shared machine): 1-thread onnxruntime runs are timed by thread CPU time and
+    compared by their fastest runs (other threads: wall time, fastest runs); otherwise wall-time medians."""
     out: list[tuple[float, float]] = []
     for start in range(0, len(models), CHUNK):
         chunk = list(models[start : start + CHUNK])
-        timings: list[Timing] = backend.time_models([dense, *chunk], warmup=3, repeat=repeat)
-        ref = timings[0].median_ms
-        out += [(ref / t.median_ms, max(t.spread, timings[0].spread)) for t in timings[1:]]
+        if loaded and isinstance(backend, OrtBackend) and backend.threads == 1:
+            from bench.latency_predict import cpu_timed
+
+            timings: list[Timing] = cpu_timed([dense, *chunk], backend, repeat)
+        else:
+            timings = backend.time_models([dense, *chunk], warmup=3, repeat=repeat)
+        pick = (lambda t: t.best_ms) if loaded else (lambda t: t.median_ms)
+        ref = pick(timings[0])
+        out += [(ref / pick(t), max(t.spread, timings[0].spread)) for t in timings[1:]]
     return out
 
 
@@ -155,9 +179,10 @@ def prune_all(
         for ratio in args.ratios:
             for rounding in args.roundings:
                 out = work / f"{name}_{ratio}_{rounding}.onnx"
-                flags = ["--ratio", str(ratio), "--round-to", rounding, *shape_flags(shapes)]
+                weighted = rounding == WEIGHTED
+                flags = ["--ratio", str(ratio), "--round-to", "auto" if weighted else rounding, *shape_flags(shapes)]
                 try:
-                    summary, seconds = prune_cli(src, out, flags, cache)
+                    summary, seconds = prune_cli(src, out, flags, cache, weighted)
                 except RuntimeError as e:
                     log.append(f"FAILED {name} ratio {ratio} round-to {rounding}: {e}")
                     print(log[-1], flush=True)
@@ -182,7 +207,7 @@ def measure_all(variants: list[Variant], args: argparse.Namespace) -> None:
             key = f"ort{threads}"
             t0 = time.perf_counter()
             for v, (s, spread) in zip(
-                mine, timed_against_dense(dense, pruned, OrtBackend(threads=threads), args.repeat)
+                mine, timed_against_dense(dense, pruned, OrtBackend(threads=threads), args.repeat, args.loaded)
             ):
                 v.speedup[key], v.spread[key] = s, spread
             print(f"  timed {len(mine)} {MODELS[name][0]} variants on onnxruntime, {threads} thread(s), "
@@ -211,7 +236,7 @@ def measure_tvm(variants: list[Variant], args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         pruned = [static_inputs(onnx.load(v.path), shapes or None) for v in mine]
         for v, (s, spread) in zip(
-            mine, timed_against_dense(dense, pruned, backend, max(7, args.repeat // 2))
+            mine, timed_against_dense(dense, pruned, backend, max(7, args.repeat // 2), args.loaded)
         ):
             v.speedup["tvm"], v.spread["tvm"] = s, spread
         print(f"  compiled and timed {len(mine) + 1} {MODELS[name][0]} models with TVM x86 in "
@@ -248,23 +273,29 @@ def efficiency_table(variants: list[Variant], args: argparse.Namespace) -> list[
         )
     lines += ["", "Judged (issue 13): efficiency >= 0.9 and speedup >= 1 with the defaults (round-to auto):"]
     for b in backends:
-        auto = [v for v in variants if v.rounding == "auto" and b in v.speedup and v.model != "minilm_l6"]
-        if auto:
-            worst = min(auto, key=lambda v: v.efficiency(b) or 0.0)
-            slower = [f"{v.model}@{v.ratio}" for v in auto if v.speedup[b] < 1]
-            ok = sum((v.efficiency(b) or 0) >= 0.9 for v in auto)
-            lines.append(f"  {names.get(b, b)}: {ok}/{len(auto)} CNN variants reach 0.9; worst {worst.model}@"
-                         f"{worst.ratio} {worst.efficiency(b):.2f}; slower than dense: {', '.join(slower) or 'none'}")  # fmt: skip
-    lines += ["", "auto vs round-to 1 (speedup ratio, > 1: auto is faster):"]
-    for b in backends:
-        pairs = [(a, o) for a in variants for o in variants if a.rounding == "auto" and o.rounding == "1"
-                 and a.model == o.model and a.ratio == o.ratio and b in a.speedup and b in o.speedup]  # fmt: skip
-        if pairs:
-            r = [a.speedup[b] / o.speedup[b] for a, o in pairs]
-            lines.append(
-                f"  {names.get(b, b)}: min {min(r):.2f}, median {float(np.median(r)):.2f} over {len(r)}"
-            )
+        for rounding in ("auto", WEIGHTED):
+            judged_row(lines, [v for v in variants if v.rounding == rounding and b in v.speedup
+                               and v.model != "minilm_l6"], b, f"{names.get(b, b)} {rounding}")  # fmt: skip
+    for first, second in (("auto", "1"), (WEIGHTED, "1"), (WEIGHTED, "auto")):
+        head = f"{first} vs round-to {second} (speedup ratio at the same --ratio, > 1: {first} is faster):"
+        for b in backends:
+            pairs = [(a, o) for a in variants for o in variants if a.rounding == first and o.rounding == second
+                     and a.model == o.model and a.ratio == o.ratio and b in a.speedup and b in o.speedup]  # fmt: skip
+            if pairs:
+                lines += ["", head] if head else []
+                head = ""
+                r = [a.speedup[b] / o.speedup[b] for a, o in pairs]
+                lines.append(f"  {names.get(b, b)}: min {min(r):.2f}, median {float(np.median(r)):.2f} over {len(r)}")
     return lines
+
+
+def judged_row(lines: list[str], auto: list[Variant], b: str, label: str) -> None:
+    if auto:
+        worst = min(auto, key=lambda v: v.efficiency(b) or 0.0)
+        slower = [f"{v.model}@{v.ratio}" for v in auto if v.speedup[b] < 1]
+        ok = sum((v.efficiency(b) or 0) >= 0.9 for v in auto)
+        lines.append(f"  {label}: {ok}/{len(auto)} CNN variants reach 0.9; worst {worst.model}@"
+                     f"{worst.ratio} {worst.efficiency(b):.2f}; slower than dense: {', '.join(slower) or 'none'}")  # fmt: skip
 
 
 def plot(variants: list[Variant], args: argparse.Namespace, path: Path) -> None:
@@ -292,6 +323,48 @@ def plot(variants: list[Variant], args: argparse.Namespace, path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def uniform_bounds(name: str, ratios: Sequence[float], cache: Path) -> dict:
+    """The Amdahl bound of uniform ``--ratio`` on `name` (`onnxprune.latency.predict.uniform_bound`), from
+    the model's latency table on onnxruntime CPU, 1 thread (the CLI's; cached)."""
+    from onnxprune.channels import analyze
+    from onnxprune.graph import ModelGraph
+    from onnxprune.importer import canonicalize
+    from onnxprune.latency.predict import uniform_bound
+    from onnxprune.latency.table import build_table
+
+    model = static_inputs(canonicalize(onnx.load(str(zoo.zoo_model(name))))[0], MODELS[name][1] or None)
+    analysis = analyze(ModelGraph(model))
+    table = build_table(analysis, OrtBackend(threads=1), cache_dir=cache)
+    rows = [uniform_bound(table, analysis, r) for r in ratios]
+    return {"model": name, "linear_share": rows[0].linear_share if rows else 0.0,
+            "rows": [{"ratio": b.ratio, "macs_reduction": b.macs_reduction, "efficiency": b.efficiency} for b in rows]}
+
+
+def bound_lines(bounds: list[dict], variants: list[Variant], args: argparse.Namespace) -> list[str]:
+    if not bounds:
+        return []
+    lines = ["", "Amdahl bound of uniform --ratio (latency table, onnxruntime 1 thread; every priced layer's time "
+             "taken proportional to its MACs, so no rounding does better; 'linear' = share of the priced time in "
+             "layers one group scales: depthwise convs, stems, heads, SiLU/squeeze-excitation nodes):"]  # fmt: skip
+    short = []
+    for b in bounds:
+        cells = []
+        for row in b["rows"]:
+            measured = [f"{v.rounding} {e:.2f}" for v in variants if v.model == b["model"] and v.ratio == row["ratio"]
+                        and v.rounding in ("auto", WEIGHTED) and (e := v.efficiency("ort1")) is not None]  # fmt: skip
+            cells.append(f"{row['ratio']:.1f}: {row['efficiency']:.2f}" + (f" ({', '.join(measured)})" if measured else ""))
+            if row["efficiency"] < 0.9:
+                short.append(f"{MODELS[b['model']][0]}@{row['ratio']:.1f} {row['efficiency']:.2f}")
+        lines.append(f"  {MODELS[b['model']][0]:<16} linear {b['linear_share']:4.0%}  " + "  ".join(cells))
+    if short:
+        lines.append("  0.9 is out of reach of a uniform --ratio at: " + ", ".join(short) + ". Reason: the layers "
+                     "one group scales shrink in time as (1 - r) while the pointwise layers' MACs, between two "
+                     "pruned groups, shrink as (1 - r)^2, so the MACs fall faster than the time. auto-w (the "
+                     "proposed default, bench/latency_weighted_cli.py) removes the same fraction of channels with "
+                     "each group's share weighted by its time per MAC.")  # fmt: skip
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ part 2
@@ -394,11 +467,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--models", default=None, help=f"comma-separated zoo names (default {','.join(DEFAULT_MODELS)})"
     )
     p.add_argument("--ratios", default=None)
-    p.add_argument("--roundings", default="auto,1,16")
+    p.add_argument("--roundings", default="auto,auto-w,1,16", help="auto, auto-w (proposed default), or N")
     p.add_argument("--threads", default=None, help="onnxruntime intra-op threads to time with (default 1,2)")
     p.add_argument("--tvm", default=None, help="MODEL@RATIO,... timed as TVM x86 bundles ('' for none)")
     p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 15, quick 9)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the Fashion-MNIST accuracy part")
+    p.add_argument("--loaded", action="store_true",
+                   help="a shared machine: 1-thread rows by thread CPU time, every speedup from the fastest runs")
     p.add_argument("--no-efficiency", action="store_true", help="skip the efficiency part (accuracy only)")
     p.add_argument(
         "--render",
@@ -437,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log: list[str] = [f"bench/latency.py {' '.join(sys.argv[1:])}", f"start: {load()}"]
     print(log[-1], flush=True)
     variants: list[Variant] = []
+    bounds: list[dict] = []
     accuracy: tuple[list[str], list[dict]] = (["  (not run)"], [])
     with tempfile.TemporaryDirectory(prefix="onnxprune-bench-latency-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
@@ -451,12 +527,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             measure_all(mine, args)
             measure_tvm(mine, args)
             variants += mine
+            try:
+                bounds.append(uniform_bounds(name, args.ratios, cache))
+            except Exception as e:  # the bound is commentary: the measured rows stand without it
+                log.append(f"{name}: uniform bound not computed: {type(e).__name__}: {e}")
             log.append(f"{name}: {len(mine)} variants pruned and timed; {load()}")
-            write_results(out, args, variants, accuracy, log, started, final=False)
+            write_results(out, args, variants, accuracy, log, started, final=False, bounds=bounds)
         if not args.no_accuracy:
             accuracy = accuracy_part(args, work, cache)
             log.append(f"after the accuracy part: {load()}")
-    print(write_results(out, args, variants, accuracy, log, started, final=True))
+    print(write_results(out, args, variants, accuracy, log, started, final=True, bounds=bounds))
     return 0
 
 
@@ -469,13 +549,16 @@ def write_results(
     started: float,
     *,
     final: bool,
+    bounds: list[dict] | None = None,
 ) -> str:
     """Write ``out``.txt/.json/.png; returns the text."""
     text = [
         "Efficiency = realized speedup / MACs reduction (batch 1; onnxruntime CPU N threads = ort NT; TVM x86 = "
         "the bundle's compile timed with time_evaluator, 1 thread). '!' marks a model slower than dense, '?' a noisy timing (spread > 25%).",
+        *(["Timed with --loaded: onnxruntime 1-thread rows by thread CPU time, every speedup from the fastest runs "
+           "(provisional: a shared machine)."] if getattr(args, "loaded", False) else []),
         *([] if final else ["(partial: the run is still going)"]),
-        *efficiency_table(variants, args), "",
+        *efficiency_table(variants, args), *bound_lines(bounds or [], variants, args), "",
         "Accuracy at equal measured latency (Fashion-MNIST, onnxruntime CPU 1 thread, batch 1):",
         *accuracy[0], "", *log, *([f"total {time.time() - started:.0f} s"] if started else []),
     ]  # fmt: skip
@@ -485,7 +568,7 @@ def write_results(
         {"args": vars(args), "log": log,
          "variants": [{**asdict(v), "macs_reduction": v.macs_reduction,
                        "efficiency": {b: v.efficiency(b) for b in v.speedup}} for v in variants],
-         "accuracy": accuracy[1], "quoted": QUOTED}, indent=1))  # fmt: skip
+         "accuracy": accuracy[1], "quoted": QUOTED, "bounds": bounds or []}, indent=1))  # fmt: skip
     if variants:
         plot(variants, args, out.with_suffix(".png"))
     return report
@@ -501,7 +584,8 @@ def render(path: Path, args: argparse.Namespace) -> int:
     accuracy: tuple[list[str], list[dict]] = ([], data.get("accuracy", []))
     names = dict.fromkeys(r["model"] for r in accuracy[1])
     accuracy[0].extend(_accuracy_rows(n, accuracy[1]) for n in names)
-    print(write_results(path.with_suffix(""), args, variants, accuracy, data["log"], 0.0, final=True))
+    print(write_results(path.with_suffix(""), args, variants, accuracy, data["log"], 0.0, final=True,
+                        bounds=data.get("bounds", [])))
     return 0
 
 
