@@ -102,6 +102,7 @@ class SynthesisConfig:
     min_steps: int = 20
     min_samples: int = 16
     threads: int | None = None  # onnxruntime intra-op threads (None: its default, all cores)
+    copies: int = 1  # each optimised image also enters as copies - 1 flipped / shifted views (images only)
 
 
 #: Multiply-accumulates per second of a forward + backward step on the reference 2-core machine (CIFAR
@@ -219,6 +220,26 @@ def plan(cfg: SynthesisConfig, n: int, macs_per_sample: float, dims: tuple[int, 
     return Plan(n, batch, steps, dims, steps * batches * batch * step_cost)
 
 
+def _views(x: np.ndarray, copies: int, image: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """`x` followed by copies - 1 augmented views of it: the horizontal flip, then random shifts by up to 1/8
+    of the size (edge pixels repeated) of the image or its flip, as CIFAR/ImageNet training augments."""
+    out = [x]
+    h, w = x.shape[image[0]], x.shape[image[1]]
+    for k in range(1, copies):
+        v = np.flip(x, axis=image[1]) if k % 2 else x
+        if k >= 2:
+            dy, dx = (int(d) for d in rng.integers(-max(1, h // 8), max(1, h // 8) + 1, 2))
+            pad = [(0, 0)] * x.ndim
+            pad[image[0]], pad[image[1]] = (abs(dy), abs(dy)), (abs(dx), abs(dx))
+            v = np.pad(v, pad, mode="edge")
+            sl = [slice(None)] * x.ndim
+            sl[image[0]] = slice(abs(dy) + dy, abs(dy) + dy + h)
+            sl[image[1]] = slice(abs(dx) + dx, abs(dx) + dx + w)
+            v = v[tuple(sl)]
+        out.append(np.ascontiguousarray(v))
+    return np.concatenate(out)
+
+
 def bn_loss(model: onnx.ModelProto, x: np.ndarray) -> float:
     """The BatchNorm-statistics loss of the batch `x` (for tests and diagnostics)."""
     objective = build_objective(model, len(x), dims=tuple(x.shape[1:]))
@@ -294,7 +315,9 @@ def synthesize(model: onnx.ModelProto, n: int = AUTO_SAMPLES, seed: int = 0,
     if low is not None:
         try:
             objective = build_objective(model, batch, cfg.classes, cfg.first_weight, low, cfg.threads)
-        except Exception:  # noqa: BLE001 - a graph that only builds at its own size (fixed Reshape targets, ...)
+        except Exception as exc:  # noqa: BLE001 - graphs that only build at their own size (fixed Reshape targets)
+            print(f"onnxprune: note: synthetic calibration at full resolution ({type(exc).__name__} at "
+                  f"{'x'.join(str(low[a - 1]) for a in image)})", file=sys.stderr)
             low = None
     if objective is None:
         objective = build_objective(model, batch, cfg.classes, cfg.first_weight, None, cfg.threads)
@@ -316,4 +339,6 @@ def synthesize(model: onnx.ModelProto, n: int = AUTO_SAMPLES, seed: int = 0,
     x = np.concatenate(out)[: todo.samples]
     if low is not None:
         x = _upsample(x, image, tuple(dims[a - 1] for a in image))
+    if image is not None and cfg.copies > 1:
+        x = _views(x, cfg.copies, image, rng)
     return {vi.name: x.astype(dtype)}

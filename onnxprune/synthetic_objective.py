@@ -141,8 +141,9 @@ def build_objective(model: onnx.ModelProto, batch: int, class_weight: float = 0.
     m = onnx.ModelProto()
     m.CopyFrom(model)
     for graph_input in m.graph.input:  # the batch axis is ours, even when --shape fixed it (to 1, usually)
-        if graph_input.name == vi.name:
-            graph_input.type.tensor_type.shape.dim[0].Clear()
+        if graph_input.name == vi.name:  # ... and so are the spatial sizes of low-resolution generation
+            for axis in range(len(dims) + 1 if dims != own else 1):
+                graph_input.type.tensor_type.shape.dim[axis].Clear()
     fix_input_shapes(m, {vi.name: [batch, *dims]})
     for graph_output in m.graph.output:  # declared outputs keep a symbolic batch: let inference fill them
         graph_output.type.tensor_type.ClearField("shape")
