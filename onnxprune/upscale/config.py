@@ -56,6 +56,10 @@ class UnconstrainedConfig:
     # stream's readers choose among the union); "reader": readers choose, each writer keeps what the
     # readers it reaches keep (a writer with no reader reached keeps its own top ones).
     drive: str = "free"
+    # drive="coupled" only, with calibration inputs: "ls" lets each reader keep the input channels whose
+    # removal its least-squares refit (the ls/seq repair) repairs worst (`coupled.ReaderLS`, OBS on its
+    # calibration Hessian) instead of its own criterion ranking; "score": the criterion's ranking.
+    reader_choice: str = "score"
     # drive="reader" only: readers keep fewer channels until each group holds no more parameters than
     # constrained pruning keeps at the same ratio (writers keep their readers' union, more than k).
     group_budget: bool = False
@@ -93,5 +97,9 @@ class UnconstrainedConfig:
             raise UsageError(f"union_cap must be >= 1 (or None), got {self.union_cap}")
         if self.drive not in DRIVES:
             raise UsageError(f"drive must be one of {', '.join(DRIVES)}, got {self.drive!r}")
+        if self.reader_choice not in ("score", "ls"):
+            raise UsageError(f"reader_choice must be score or ls, got {self.reader_choice!r}")
+        if self.reader_choice == "ls" and self.drive != "coupled":
+            raise UsageError("reader_choice='ls' chooses within drive='coupled' only")
         if self.naive not in ("scatter", "pad_gather"):
             raise UsageError(f"naive export must be scatter or pad_gather, got {self.naive!r}")

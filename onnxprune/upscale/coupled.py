@@ -31,26 +31,29 @@ same group counts, with freedom inside the group.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from onnxprune.channels import ChannelAnalysis
 from onnxprune.upscale.records import Piece
-from onnxprune.upscale.scores import bn_energy, column_norms, normalised
+from onnxprune.upscale.scores import bn_energy, column_norms, measured_on, normalised, writer_output
 
 ROUNDS = 8  # alternations of readers and writers (ResNet20/44 settle in 2-4)
 USAGE_FLOOR = 1e-3  # relative to a writer's mean usage: a channel no reader keeps still ranks by own score
 
 
-def coupled_keeps(units: list[Piece], own: dict[int, np.ndarray], analysis: ChannelAnalysis, size: int,
-                  fixed: set[int], choose: Callable[[Piece, np.ndarray, np.ndarray, int], np.ndarray],
-                  allowed: np.ndarray, n: int) -> None:  # fmt: skip
+def coupled_keeps(units: list[Piece], own: dict[int, np.ndarray], energy: dict[int, np.ndarray],
+                  analysis: ChannelAnalysis, size: int, fixed: set[int],
+                  choose: Callable[[Piece, np.ndarray, np.ndarray, int], np.ndarray], allowed: np.ndarray,
+                  n: int, least_squares: dict[int, ReaderLS] | None = None) -> None:  # fmt: skip
     """Set every non-fixed unit's `keep` (n channels among `allowed`) by the coupled descent.
 
     Args:
         units: the group's units (writers have a producer; readers' ``sources`` say which writers reach them).
         own: each unit's own scores (the criterion's).
         choose: ``choose(unit, scores, within, n)`` -> the unit's top `n` channels among `within` by `scores`.
+        least_squares: readers that choose by their least-squares error (`ReaderLS`), by piece id.
     """
     writers = [pc for pc in units if pc.has_producer]
     readers = [pc for pc in units if not pc.has_producer]
@@ -59,7 +62,7 @@ def coupled_keeps(units: list[Piece], own: dict[int, np.ndarray], analysis: Chan
             pc.keep = choose(pc, normalised(own[pc.id]), allowed, n)
     if not writers or not readers:
         return
-    energy = {pc.id: _writer_energy(pc, own[pc.id], analysis, size) for pc in writers}
+    energy = {pc.id: energy.get(pc.id, normalised(own[pc.id]) ** 2) for pc in writers}
     columns = {pc.id: column_norms(pc, analysis, size, 2, squared=True) for pc in readers}
     reached_by = {pc.id: _sources(pc, writers) for pc in readers}
     for _ in range(ROUNDS):
@@ -67,7 +70,10 @@ def coupled_keeps(units: list[Piece], own: dict[int, np.ndarray], analysis: Chan
         for pc in readers:
             if pc.id not in fixed:
                 cover = _coverage(reached_by[pc.id], energy)
-                pc.keep = choose(pc, normalised(own[pc.id]) ** 2 * cover, allowed, n)
+                if least_squares is not None and pc.id in least_squares:
+                    pc.keep = least_squares[pc.id].select(cover, allowed, n)
+                else:
+                    pc.keep = choose(pc, normalised(own[pc.id]) ** 2 * cover, allowed, n)
         for pc in writers:
             if pc.id not in fixed:
                 usage = _usage(pc, readers, reached_by, columns, energy)
@@ -83,9 +89,13 @@ def _sources(reader: Piece, writers: list[Piece]) -> list[Piece]:
     return [w for w in writers if w.id in reader.sources]
 
 
-def _writer_energy(pc: Piece, own: np.ndarray, analysis: ChannelAnalysis, size: int) -> np.ndarray:
-    """E[out_c^2] of a writer's contribution (after its BatchNorm), else its squared own score."""
-    e = bn_energy(pc, analysis, size)
+def writer_energy(pc: Piece, own: np.ndarray, analysis: ChannelAnalysis, size: int,
+                  measured: dict[str, np.ndarray] | None, boundary_input: dict[str, str]) -> np.ndarray:  # fmt: skip
+    """E[out_c^2] of a writer's contribution: measured on calibration inputs (`scores.measured_energy`), else
+    from its BatchNorm (`scores.bn_energy`), else its squared own scores (mean-normalised)."""
+    e = measured_on(pc, writer_output(pc, boundary_input), measured, size)
+    if e is None:
+        e = bn_energy(pc, analysis, size)
     return e if e is not None else normalised(own) ** 2
 
 
@@ -112,3 +122,64 @@ def _usage(writer: Piece, readers: list[Piece], reached_by: dict[int, list[Piece
         usage += q * r.kept
     floor = USAGE_FLOOR * (usage.mean() if usage.any() else 1.0)
     return usage + floor
+
+
+@dataclass(eq=False)
+class ReaderLS:
+    """A reader's least-squares channel choice (``select="ls"``): the columns the repair can refit best.
+
+    For y = W x with input Hessian H = E[x x^T] (calibration, damped), dropping the features F of one
+    channel and refitting the rest by least squares (what ``ls``/``seq`` repair does) costs
+    ``tr(W_F (K_FF)^-1 W_F^T)`` with K = H^-1 (Optimal Brain Surgeon). `select` removes channels greedily
+    by that cost, scaled by how much of each channel the writers reaching the reader still carry
+    (``cover``: a channel half of whose energy is gone is worth half), updating K after every removal
+    (K <- K - K_:F (K_FF)^-1 K_F:), so a channel that another kept channel predicts well goes first.
+    """
+
+    weight: np.ndarray  # [out, features]
+    inverse: np.ndarray  # K = (H + damp)^-1 over the features
+    feature_channel: np.ndarray  # group channel of every feature (-1: not the group's)
+
+    def select(self, cover: np.ndarray, allowed: np.ndarray, n: int) -> np.ndarray:
+        """The `n` channels of `allowed` left after greedy removal (see the class docstring)."""
+        keep = allowed.copy()
+        chans = np.flatnonzero(np.bincount(self.feature_channel[self.feature_channel >= 0], minlength=len(cover)))
+        feats = {int(c): np.flatnonzero(self.feature_channel == c) for c in chans}
+        K = self.inverse.copy()
+        while int(keep.sum()) > n:
+            cand = [int(c) for c in np.flatnonzero(keep)]
+            costs = np.zeros(len(cand))
+            with_feats = [i for i, c in enumerate(cand) if c in feats]
+            if with_feats:
+                idx = np.stack([feats[cand[i]] for i in with_feats])  # [C, r]: every channel has r features
+                blocks = K[idx[:, :, None], idx[:, None, :]]  # [C, r, r]
+                wf = self.weight[:, idx].transpose(1, 2, 0)  # [C, r, out]
+                solved = np.linalg.solve(blocks, wf)
+                costs[with_feats] = np.einsum("cro,cro->c", wf, solved)
+            costs *= cover[cand]
+            gone = cand[int(np.argmin(costs))]
+            keep[gone] = False
+            f = feats.pop(gone, None)
+            if f is not None:
+                K = K - K[:, f] @ np.linalg.solve(K[np.ix_(f, f)], K[f, :])
+        return keep
+
+
+def reader_least_squares(pc: Piece, analysis: ChannelAnalysis, size: int, stats, damp: float = 0.01) -> ReaderLS | None:
+    """The `ReaderLS` of a reader unit with one weight member and calibration statistics, else None."""
+    if len(pc.weights) != 1 or stats is None:
+        return None
+    m = pc.weights[0]
+    c = next((c for c in stats.consumers.values() if c.weight == m.tensor and c.in_axis == m.axis), None)
+    if c is None or c.name not in stats.stats:
+        return None
+    w = np.asarray(analysis.graph.const(c.weight), dtype=np.float64)
+    wm = c.weight_matrix(w)
+    # With the constant feature (never removed: the repair refits the bias) and the repair's damping.
+    H = stats.stats[c.name].H.astype(np.float64)
+    H = H + damp * float(np.mean(np.diag(H)[:-1])) * np.eye(len(H))
+    pos_channel = np.full(w.shape[c.in_axis], -1)
+    pos_channel[m.positions] = m.channel_of
+    feature_channel = np.append(pos_channel[c.feature_channel(w.shape)], -1)
+    weight = np.concatenate([wm, np.zeros((wm.shape[0], 1))], axis=1)
+    return ReaderLS(weight, np.linalg.inv(H), feature_channel)

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
+from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, ChannelSlice, DimRef, analyze
 from onnxprune.graph import ModelGraph, attrs
 from onnxprune.rules.facts import op_facts
 from onnxprune.upscale.boundaries import SplitModel, roles, split_boundaries
 from onnxprune.upscale.config import UnconstrainedConfig
-from onnxprune.upscale.coupled import coupled_keeps
+from onnxprune.upscale.coupled import ReaderLS, coupled_keeps, reader_least_squares, writer_energy
 from onnxprune.upscale.records import GroupPlan, Piece, UnconstrainedPlan
 from onnxprune.upscale.scores import measured_energy, normalised, own_scores, shared_scores
 
@@ -40,6 +41,10 @@ class PreparedGroup:
     reach: Reach
     own: dict[int, np.ndarray]  # unit piece id -> its own scores (the shared ones for a group's only unit)
     shared: np.ndarray  # the group's one ranking (`scores.shared_scores`), mean-normalised
+    # writer unit piece id -> E[out_c^2] of its output (measured, else its BatchNorm's model, else its own
+    # squared scores): how much of a stream channel each writer carries (`coupled`)
+    energy: dict[int, np.ndarray] = field(default_factory=dict)
+    least_squares: dict[int, ReaderLS] = field(default_factory=dict)  # reader_choice="ls": by reader piece id
 
     @property
     def units(self) -> list[Piece]:
@@ -90,6 +95,10 @@ def prepare(model: onnx.ModelProto, config: UnconstrainedConfig, calib: dict[str
     measured = None
     if calib is not None:
         measured = measured_energy(split.model, [pc for _, pieces, _ in found for pc in pieces], calib)
+    boundary_input = {n.name: n.input[0] for n in split.model.graph.node if split.is_boundary(n)}
+    stats = None
+    if calib is not None and config.reader_choice == "ls":
+        stats = collect_stats(model, CalibrationData({k: np.asarray(v) for k, v in calib.items()}))
     groups: list[PreparedGroup] = []
     for group, pieces, piece_of in found:
         units = [pc for pc in pieces if pc.is_unit]
@@ -100,7 +109,15 @@ def prepare(model: onnx.ModelProto, config: UnconstrainedConfig, calib: dict[str
         shared = shared_scores(group, analysis, config.criterion, list(own.values()))
         if len(units) == 1:  # the unit is the whole group: its own ranking is the group's
             own = {pc.id: shared for pc in units}
-        groups.append(PreparedGroup(group, pieces, piece_of, reach, own, shared))
+        energy = {pc.id: writer_energy(pc, own[pc.id], analysis, group.size, measured, boundary_input)
+                  for pc in units if pc.has_producer}  # fmt: skip
+        fits: dict[int, ReaderLS] = {}
+        if stats is not None and len(units) > 1:
+            for pc in units:
+                fit = None if pc.has_producer else reader_least_squares(pc, analysis, group.size, stats)
+                if fit is not None:
+                    fits[pc.id] = fit
+        groups.append(PreparedGroup(group, pieces, piece_of, reach, own, shared, energy, fits))
     return Prepared(split, analysis, groups)
 
 
@@ -198,7 +215,8 @@ def _choose_group(prep: Prepared, pg: PreparedGroup, config: UnconstrainedConfig
 
             _reader_first(n, readers, writers, pieces, reach, fixed, allowed, choose_k)
         elif config.drive == "coupled":  # writers and readers choose for each other (`coupled`)
-            coupled_keeps(units, pg.own, prep.analysis, group.size, fixed, choose_scored, allowed, n)
+            coupled_keeps(units, pg.own, pg.energy, prep.analysis, group.size, fixed, choose_scored, allowed, n,
+                          pg.least_squares)
         else:  # "free": every unit chooses; "writer": the writers choose first
             for pc in units if config.drive == "free" else writers:
                 if pc.id not in fixed:

@@ -148,13 +148,16 @@ def _bn_factor(piece: Piece, analysis: ChannelAnalysis, size: int) -> np.ndarray
 
 def measured_energy(model: onnx.ModelProto, pieces: list[Piece], calib: dict[str, np.ndarray],
                     samples: int = 32) -> dict[str, np.ndarray]:  # fmt: skip
-    """E[x^2] per position of axis 1 of every reader unit's input activation, on the first `samples`
-    calibration inputs of `model` (the split model): tensor name -> array."""
+    """E[x^2] per position of axis 1 of every reader unit's input activation and every writer unit's output
+    (`writer_output`), on the first `samples` calibration inputs of `model` (the split model): tensor name
+    -> array."""
     from onnx import helper
 
     from onnxprune.verify import session
 
-    names = (_reader_input(pc) for pc in pieces if pc.is_unit and not pc.has_producer)
+    boundary_input = {n.name: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
+    names = [_reader_input(pc) for pc in pieces if pc.is_unit and not pc.has_producer]
+    names += [writer_output(pc, boundary_input) for pc in pieces if pc.is_unit and pc.has_producer]
     wanted = sorted({name for name in names if name is not None})
     if not wanted:
         return {}
@@ -181,6 +184,22 @@ def measured_energy(model: onnx.ModelProto, pieces: list[Piece], calib: dict[str
 def _reader_input(pc: Piece) -> str | None:
     """The activation a reader unit reads (its first non-parameter member on axis 1), or None."""
     return next((m.tensor for m in pc.members if not m.is_param and m.axis == 1), None)
+
+
+def writer_output(pc: Piece, boundary_input: dict[str, str]) -> str | None:
+    """The activation a writer unit leaves its piece with (the input of one of its outgoing boundaries,
+    ``boundary_input``: boundary node name -> its input), or None."""
+    inside = {m.tensor for m in pc.members if not m.is_param and m.axis == 1}
+    return next((boundary_input[b] for b in pc.out_boundaries if boundary_input.get(b) in inside), None)
+
+
+def measured_on(pc: Piece, name: str | None, measured: dict[str, np.ndarray] | None, size: int) -> np.ndarray | None:
+    """The measured E[x_c^2] (`measured_energy`) of the unit's activation `name` per group channel, or None."""
+    if name is None or measured is None or name not in measured:
+        return None
+    m = next(m for m in pc.members if m.tensor == name and m.axis == 1)
+    counts = np.maximum(np.bincount(m.channel_of, minlength=size), 1)
+    return np.bincount(m.channel_of, weights=measured[name][m.positions], minlength=size) / counts
 
 
 def _measured_input(pc: Piece, measured: dict[str, np.ndarray] | None, size: int) -> np.ndarray | None:
