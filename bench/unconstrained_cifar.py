@@ -1,7 +1,7 @@
 """Unconstrained vs constrained pruning on the pretrained CIFAR-10 ResNets, at equal parameters.
 
-    python bench/unconstrained_cifar.py [--arch resnet20] [--keeps 0.8 0.6] [--criteria l1]
-        [--repairs seq] [--test-n 10000] [--calib-n 128] [--configs reader_budget free]
+    python bench/unconstrained_cifar.py [--arch resnet20] [--keeps 0.8 0.6] [--criteria l2]
+        [--repairs seq] [--test-n 10000] [--calib-n 256] [--configs free coupled coupled_ls]
 
 For every criterion x repair x parameter fraction kept: constrained pruning (`PrunePass`, uniform
 allocation, ``round_to=1``, the shortest removal meeting ``target_params``) and each unconstrained
@@ -41,6 +41,9 @@ CONFIGS: dict[str, dict] = {
     "free": {"drive": "free"},  # every unit its own top channels (UPSCALE's literal setting)
     "reader_budget": {"drive": "reader", "group_budget": True},  # readers choose, writers keep what is read
     "reader_budget_share": {"drive": "reader", "group_budget": True, "share": 0.5},
+    # writers keep what their readers use, readers what their writers cover (`upscale.coupled`)
+    "coupled": {"drive": "coupled"},
+    "coupled_ls": {"drive": "coupled", "reader_choice": "ls"},  # readers: least-squares (OBS) column choice
 }
 
 
@@ -72,11 +75,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="resnet20", choices=["resnet20", "resnet44"])
     ap.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.6], help="fractions of parameters kept")
-    ap.add_argument("--criteria", nargs="+", default=["l1"], choices=["l1", "l2", "bn"])
+    ap.add_argument("--criteria", nargs="+", default=["l2"], choices=["l1", "l2", "bn"])
     ap.add_argument("--repairs", nargs="+", default=["seq"], choices=["none", "mean", "ls", "seq"])
-    ap.add_argument("--configs", nargs="+", default=["free", "reader_budget"], choices=sorted(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=["free", "coupled", "coupled_ls"], choices=sorted(CONFIGS))
     ap.add_argument("--test-n", type=int, default=10000)
-    ap.add_argument("--calib-n", type=int, default=128)
+    ap.add_argument("--calib-n", type=int, default=256, help="calibration images (bench/accuracy_real.py's 256)")
     ap.add_argument("--repeat", type=int, default=200, help="latency runs per model")
     args = ap.parse_args(argv)
     try:
@@ -97,11 +100,12 @@ def main(argv=None) -> int:
     print(f"{'kept':>5} {'crit':<5}{'repair':<7}{'method':<22}{'top1':>7}{'params':>9}{'nonzero':>9}{'s':>7}"
           f"{'x constr. ms':>14}{'x dense ms':>12}")
     for keep in args.keeps:
-        target = int(total * keep)
+        target = f"{keep * 100:.6f}%"  # as bench/accuracy_real.py states it
         for crit in args.criteria:
             for repair in args.repairs:
                 start = time.perf_counter()
-                config = PruneConfig(criterion=crit, repair=repair, target_params=str(target), round_to=1)
+                config = PruneConfig(criterion=crit, repair=repair, target_params=target, round_to=1,
+                                     allocation="uniform")
                 from onnxprune.calibration import CalibrationData
 
                 data = CalibrationData(calib) if repair != "none" else None
