@@ -17,7 +17,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from . import tvm_winograd
+from . import tvm_rowwise, tvm_winograd
 from .tvm_tiles import const_int, vector_lanes, vector_registers
 
 __all__ = ["clip_as_elementwise", "legalize_passes", "pad_conv_channels", "relax_layout_passes"]
@@ -27,12 +27,14 @@ PAD_DEPTHWISE = True
 
 
 def relax_layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """Relax passes that put convolutions in NHWC/HWIO, fold the weight transposes away, and pad odd
-    output-channel counts (see :func:`pad_conv_channels`)."""
+    """Relax passes that put convolutions in NHWC/HWIO, fold the weight transposes away, give softmax and
+    LayerNorm row-wise kernels (:mod:`.tvm_rowwise`) and pad odd output-channel counts (see
+    :func:`pad_conv_channels`)."""
     desired = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
     return [
         relax.transform.FoldConstant(),
         clip_as_elementwise(),
+        tvm_rowwise.rowwise_ops(vector_lanes(target)),
         relax.transform.CanonicalizeBindings(),
         relax.transform.ConvertLayout(desired),
         relax.transform.FoldConstant(),

@@ -36,7 +36,7 @@ from tvm import relax, s_tir, tirx
 
 from onnxprune import progress
 
-from . import tvm_winograd
+from . import tvm_fastmath, tvm_winograd
 from .tvm_tiles import const_int, largest_divisor, register_tile, vector_lanes, vector_registers
 
 __all__ = ["ApplyCPUSchedules", "Kernel"]
@@ -328,6 +328,7 @@ class ApplyCPUSchedules:
         self.lanes = vector_lanes(target)
         self.registers = vector_registers(target)
         self.unscheduled = unscheduled if unscheduled is not None else {}
+        tvm_fastmath.install()  # float32 exp / erf as vectorisable polynomials when the kernels are lowered
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         updates = {}
