@@ -8,7 +8,10 @@ group from one allowed kept count to the next lower one (`plan.KeepCounts`: ever
 * ``global``: units ranked by their score normalised by the group's mean score (or raw scores when the
   criterion's scores already compare across groups, e.g. LAMP);
 * ``lamp``: scores turned into LAMP scores per group (s^2 / sum of s_j^2 >= s^2), ranked globally, so
-  each layer keeps its own large channels (layer-adaptive sparsity, Lee et al. 2021).
+  each layer keeps its own large channels (layer-adaptive sparsity, Lee et al. 2021);
+* ``sensitivity``: units ranked by the measured end-to-end error of their group (`sensitivity_order`);
+* ``knapsack``: units ranked by measured end-to-end error per parameter (or MAC) removed, the greedy
+  knapsack over the groups' measured cost curves (`onnxprune.allocation_knapsack`).
 
 A target (`--target-params`, `--target-macs`: what to *keep*, an absolute count or a percentage) is met
 by binary search over prefixes of that order, counting parameters and MACs from the analysis alone (the
@@ -30,7 +33,7 @@ from onnxprune.errors import UsageError
 from onnxprune.metrics import count_macs
 from onnxprune.plan import KeepCounts, PruningPlan, allowed_counts, floor_keep, multiples_grid, snap_keep
 
-ALLOCATIONS = ("uniform", "global", "lamp", "sensitivity")
+ALLOCATIONS = ("uniform", "global", "lamp", "sensitivity", "knapsack")
 
 
 @dataclass(frozen=True)
@@ -229,8 +232,15 @@ def plan_for_ratio(units: list[Unit], analysis: ChannelAnalysis, ratio: float) -
     return plan_from_units(taken)
 
 
-def plan_for_target(units: list[Unit], analysis: ChannelAnalysis, target: int, metric: str) -> PruningPlan:
+def plan_for_target(
+    units: list[Unit], analysis: ChannelAnalysis, target: int, metric: str, *, tight: bool = False
+) -> PruningPlan:
     """Shortest prefix of the order whose predicted `metric` ("params"/"macs") is <= target.
+
+    With `tight`, the prefix's last unit may be swapped for the next unit of another group that meets
+    the target by less (units of very different sizes, e.g. one channel of a wide residual stream and one
+    of a narrow inner conv, otherwise overshoot by up to one large unit); the order within every group
+    is kept.
 
     Raises:
         UsageError: the target is below what removing every removable unit reaches.
@@ -252,4 +262,19 @@ def plan_for_target(units: list[Unit], analysis: ChannelAnalysis, target: int, m
             hi = mid
         else:
             lo = mid
-    return plan_from_units(units[:hi])
+    return _tightest(units, hi, analysis, target, index) if tight else plan_from_units(units[:hi])
+
+
+def _tightest(units: list[Unit], k: int, analysis: ChannelAnalysis, target: int, index: int) -> PruningPlan:
+    """`units[:k]` meets the target and `units[:k-1]` misses it: of the units that may follow
+    `units[:k-1]` (each group's next one), the one meeting the target closest (earliest on ties)."""
+    base = units[: k - 1]
+    nxt: dict[int, Unit] = {}
+    for u in units[k - 1 :]:
+        nxt.setdefault(u.group, u)
+    best, best_value = units[k - 1], predicted(analysis, plan_from_units(units[:k]))[index]
+    for u in nxt.values():
+        v = predicted(analysis, plan_from_units([*base, u]))[index]
+        if best_value < v <= target:
+            best, best_value = u, v
+    return plan_from_units([*base, best])

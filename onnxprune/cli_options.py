@@ -116,9 +116,10 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_accuracy_options(p, unconstrained=True)
     add_shape_option(p)
-    p.add_argument("--allocation", choices=("uniform", "global", "lamp", "sensitivity"),
-                   help="how groups share the removal (sensitivity: measured per-group output error, needs --calib; "
-                        "default: uniform, or global with --global)")
+    p.add_argument("--allocation", choices=("uniform", "global", "lamp", "sensitivity", "knapsack"),
+                   help="how groups share the removal (sensitivity: measured per-group output error; knapsack: "
+                        "measured output error per parameter removed, best for --target-params with --repair "
+                        "seq/ls; both need --calib, synthetic works; default: uniform, or global with --global)")
     p.add_argument("--target-params", metavar="N|P%", help="parameters to keep: a count N or a percentage P%%")
     p.add_argument("--target-macs", metavar="N|P%", help="MACs to keep: a count N or a percentage P%%")
     add_sparsity_options(p)

@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 
 from onnxprune import allocation as alloc
+from onnxprune import allocation_knapsack as knapsack
 from onnxprune.calibration import CalibrationData, CalibrationStats, check_calib, collect_stats
 from onnxprune.channels import ChannelAnalysis, analyze
 from onnxprune.criteria import Criterion, Magnitude, get_criterion
@@ -179,7 +180,7 @@ def choose_plan(
     round_to = c.round_to if isinstance(c.round_to, int) else 1
     scores = criterion.score_all(analysis)
     targets = {"params": c.target_params, "macs": c.target_macs}
-    if c.allocation_name not in ("lamp", "sensitivity") and all(v is None for v in targets.values()):
+    if c.allocation_name not in ("lamp", "sensitivity", "knapsack") and all(v is None for v in targets.values()):
         return make_plan(analysis, scores, c.ratio, global_ranking=c.global_ranking, round_to=round_to,
                          max_group_ratio=c.max_group_ratio, keep_counts=keep_counts, top=top)
     units = _removal_units(config, analysis, criterion, scores, stats, calib, measured, keep_counts)
@@ -188,7 +189,7 @@ def choose_plan(
             total = count_params(analysis.graph) if metric == "params" else count_macs(analysis.graph)
             target = alloc.parse_target(text, total, metric)
             assert target is not None  # text is not None
-            return alloc.plan_for_target(units, analysis, target, metric)
+            return alloc.plan_for_target(units, analysis, target, metric, tight=c.allocation_name == "knapsack")
     return alloc.plan_for_ratio(units, analysis, c.ratio)
 
 
@@ -213,6 +214,12 @@ def _removal_units(
     """The allocation's order of removal units (LAMP budgets, measured sensitivity, or normalised scores)."""
     c = config
     round_to = c.round_to if isinstance(c.round_to, int) else 1
+    if c.allocation_name == "knapsack":
+        measured = measured or measure_sensitivity(config, analysis, stats, calib)
+        weight = (None if c.target_params is not None else knapsack.macs_per_channel(analysis)
+                  if c.target_macs is not None else {g.id: 1.0 for g in analysis.groups})
+        return knapsack.knapsack_order(analysis, scores, list(measured.rows), list(measured.ratios), weight=weight,
+                                       round_to=round_to, max_group_ratio=c.max_group_ratio, keep_counts=keep_counts)
     if c.allocation_name == "sensitivity":
         measured = measured or measure_sensitivity(config, analysis, stats, calib)
         return alloc.sensitivity_order(analysis, scores, list(measured.rows), list(measured.ratios),
@@ -249,7 +256,7 @@ def choose_latency_plan(
         units = _removal_units(config, analysis, criterion, scores, stats, calib, measured, keep_counts)
     else:
         rows = None
-        if c.allocation_name == "sensitivity":
+        if c.allocation_name in ("sensitivity", "knapsack"):
             measured = measured or measure_sensitivity(config, analysis, stats, calib)
             rows = (list(measured.rows), list(measured.ratios))
         units = latency_order(
@@ -266,11 +273,17 @@ def measure_sensitivity(
     stats: CalibrationStats | None,
     calib: CalibrationData | None,
 ) -> SensitivityReport:
-    """Each group's measured end-to-end output error at `SENSITIVITY_RATIOS` (needs calibration samples)."""
+    """Each group's measured end-to-end output error at `SENSITIVITY_RATIOS` (needs calibration samples);
+    for the knapsack allocation its finer curves (`allocation_knapsack.measure_curves`)."""
     c = config
     if calib is None:
-        raise UsageError("allocation 'sensitivity' needs calibration data: pass --calib FILE.npz")
+        raise UsageError(f"allocation {c.allocation_name!r} needs calibration data: pass --calib FILE.npz "
+                         "(or --calib synthetic)")
     model = analysis.graph.model
+    if c.allocation_name == "knapsack":
+        data = check_calib(calib, model)
+        rows = knapsack.measure_curves(model, data, c.criterion, c.repair, stats, c.allow_inexact)
+        return SensitivityReport(tuple(knapsack.RATIOS), tuple(rows))
     data = check_calib(calib, model, min(calib.n, SENSITIVITY_SAMPLES))
     ratios = list(SENSITIVITY_RATIOS)
     rows = sensitivity(model, data, ratios, c.criterion, c.repair, stats, c.allow_inexact)
@@ -357,7 +370,7 @@ class SelectChannelsPass(Pass):
         analysis = channel_analysis(model, self.config.allow_inexact)
         stats = self.statistics(model)
         measured = None
-        if self.config.allocation_name == "sensitivity":
+        if self.config.allocation_name in ("sensitivity", "knapsack"):
             measured = measure_sensitivity(self.config, analysis, stats, self.calib)
         plan, table, latency, more = self.choose(analysis, stats, measured)
         selection = ChannelSelection(self.config, analysis, plan.labels(analysis), plan, analysis, stats,
