@@ -37,6 +37,7 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from .sparse_formats import BSR, to_bsr
+from .tvm_sparse_matmul import cpu_block_matmul_kernel
 
 __all__ = [
     "KERNEL_PREFIX",
@@ -106,9 +107,12 @@ def _rows_tile(extent: int, bn: int, lanes: int, registers: int) -> int:
 def cpu_matmul_kernel(
     m: int, bsr: BSR, lanes: int, registers: int, lo: float = -_BIG, hi: float = _BIG
 ) -> tirx.PrimFunc:
-    """``y[1, 1, m, n] = clip(x[1, 1, m, k] @ W + bias, lo, hi)`` for a BSR weight: the conv kernel with a
+    """``y[1, 1, m, n] = clip(x[1, 1, m, k] @ W + bias, lo, hi)`` for a BSR weight: with output blocks
+    (``bn > 1``) :func:`.tvm_sparse_matmul.cpu_block_matmul_kernel`, with runs along K the conv kernel with a
     1x1 window over an ``m``-pixel image (the Relax side reshapes to and from 4-D, which costs nothing)."""
     k, n = bsr.shape
+    if bsr.block[1] > 1:  # output blocks: the direct kernel (no conv index decoding)
+        return cpu_block_matmul_kernel(m, bsr, lanes, registers, lo, hi)
     return cpu_conv_kernel((1, 1, m, k), (1, 1, m, n), (1, 1, (1, 1), (0, 0, 0, 0), (1, 1)), bsr, lanes,
                            registers, lo, hi)  # fmt: skip
 
