@@ -130,11 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     def emit(line: str) -> None:
         print(line, flush=True)
         lines.append(line)
+        args.out.write_text("\n".join(lines) + "\n")  # every line: a long run keeps what it measured
 
     parts = {"cifar": cifar, "time": timing, "ocr": ocr}
     for part in args.parts.split(","):
-        parts[part](args, emit)
-    args.out.write_text("\n".join(lines) + "\n")
+        try:
+            parts[part](args, emit)
+        except Exception as exc:  # noqa: BLE001 - one failing part is reported, the others still run
+            emit(f"{part}: failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    emit(f"# load average at the end {_load()}")
     return 0
 
 

@@ -71,7 +71,9 @@ from onnxprune.synthetic_objective import TARGETS, Objective, build_objective, m
 __all__ = ["AUTO_SAMPLES", "DEFAULT_SAMPLES", "SynthesisConfig", "bn_loss", "parse_spec", "plan", "synthesize"]
 
 #: ``synthetic`` without N: the number of samples is planned from the time budget (`plan`), at most this many.
-DEFAULT_SAMPLES = 64
+DEFAULT_SAMPLES = 256
+#: Fewest samples optimised when the budget is tight (ResNet-50 at 224: 12 x 21 steps in the 90 s budget).
+MIN_OPTIMISED = 4
 #: The sample count `parse_spec` returns for plain ``synthetic`` (= let `plan` choose).
 AUTO_SAMPLES = 0
 SPEC = "synthetic"
@@ -102,7 +104,7 @@ class SynthesisConfig:
     min_steps: int = 20
     min_samples: int = 16
     threads: int | None = None  # onnxruntime intra-op threads (None: its default, all cores)
-    copies: int = 1  # each optimised image also enters as copies - 1 flipped / shifted views (images only)
+    views: int = 4  # calibration samples per optimised image at most: itself, its flip, shifted copies
 
 
 #: Multiply-accumulates per second of a forward + backward step on the reference 2-core machine (CIFAR
@@ -194,30 +196,44 @@ def _low_resolution_dims(dims: tuple[int, ...], image: tuple[int, int] | None,
 
 @dataclass(frozen=True)
 class Plan:
-    """What `synthesize` will do: samples, batches of `batch`, Adam steps per batch, input size optimised."""
+    """What `synthesize` will do: `optimised` samples by Adam (`steps` per batch of `batch`), grown to `samples`
+    calibration inputs by augmented views; `seconds` is the estimate on the reference machine."""
 
     samples: int
+    optimised: int
     batch: int
     steps: int
-    dims: tuple[int, ...]
-    seconds: float  # estimated on the reference machine (MACS_PER_SECOND)
+    seconds: float
 
 
-def plan(cfg: SynthesisConfig, n: int, macs_per_sample: float, dims: tuple[int, ...]) -> Plan:
-    """Samples and steps that fit `cfg.budget` (forward + backward ~ 3x the forward MACs per step).
+def plan(cfg: SynthesisConfig, n: int, macs_per_sample: float, views: int) -> Plan:
+    """How many samples to optimise, and for how many steps, to fit `cfg.budget` (a step costs forward +
+    backward ~ 3x the forward MACs per sample). Deterministic: planned from MACs, not clocks.
 
-    `n` = AUTO_SAMPLES: as many samples as the budget affords at `cfg.steps` steps, between `cfg.min_samples`
-    and DEFAULT_SAMPLES (rounded to whole batches); below `min_samples` the steps shrink instead, never under
-    `cfg.min_steps`. `n` >= 1 is forced; only the steps adapt. Deterministic (MACs, not clocks).
+    `n` = AUTO_SAMPLES: optimise as many samples as the budget affords at `cfg.steps` steps; when that is
+    under `cfg.min_samples` the steps shrink (never under `cfg.min_steps`), then the samples (never under
+    MIN_OPTIMISED, the one case that may exceed the budget); return up to `views` times as many samples, at
+    most DEFAULT_SAMPLES. `n` >= 1 forces the number returned; at least n / `views` are optimised.
+
+    Args:
+        cfg: steps, batch and budget.
+        n: calibration samples wanted (AUTO_SAMPLES: planned).
+        macs_per_sample: forward multiply-accumulates of one sample.
+        views: calibration samples per optimised sample at most (1 when the input is not an image).
     """
     step_cost = 3.0 * max(macs_per_sample, 1.0) / MACS_PER_SECOND  # seconds per sample per step
     affordable = cfg.budget / step_cost  # sample-steps
     if n == AUTO_SAMPLES:
-        n = int(min(DEFAULT_SAMPLES, max(cfg.min_samples, affordable // cfg.steps)))
-    batch = max(1, min(n, cfg.batch))
-    batches = -(-n // batch)
+        optimised = int(min(DEFAULT_SAMPLES, affordable // cfg.steps))
+        if optimised < cfg.min_samples:  # a large model: fewer steps first, then fewer samples (>= MIN_OPTIMISED)
+            optimised = int(max(MIN_OPTIMISED, min(cfg.min_samples, affordable // cfg.min_steps)))
+        n = min(DEFAULT_SAMPLES, optimised * views)
+    else:
+        optimised = int(min(n, max(-(-n // views), min(cfg.min_samples, n), affordable // cfg.steps)))
+    batch = max(1, min(optimised, cfg.batch))
+    batches = -(-optimised // batch)
     steps = max(cfg.min_steps, min(cfg.steps, int(affordable // (batches * batch))))
-    return Plan(n, batch, steps, dims, steps * batches * batch * step_cost)
+    return Plan(n, optimised, batch, steps, steps * batches * batch * step_cost)
 
 
 def _views(x: np.ndarray, copies: int, image: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -309,7 +325,7 @@ def synthesize(model: onnx.ModelProto, n: int = AUTO_SAMPLES, seed: int = 0,
     image = _image_axes((1, *dims))
     rng = np.random.default_rng(seed)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-    batch = max(1, min(n or DEFAULT_SAMPLES, cfg.batch))
+    batch = max(1, min(n or DEFAULT_SAMPLES, cfg.batch))  # rebuilt below when the plan picks a smaller one
     objective = None
     low = _low_resolution_dims(dims, image, cfg.resolution)
     if low is not None:
@@ -319,26 +335,36 @@ def synthesize(model: onnx.ModelProto, n: int = AUTO_SAMPLES, seed: int = 0,
             print(f"onnxprune: note: synthetic calibration at full resolution ({type(exc).__name__} at "
                   f"{'x'.join(str(low[a - 1]) for a in image)})", file=sys.stderr)
             low = None
+    if objective is None and batch > 1:
+        try:
+            objective = build_objective(model, batch, cfg.classes, cfg.first_weight, None, cfg.threads)
+        except UnsupportedModelError as exc:  # Reshape targets with a literal batch of 1 (Paddle exports)
+            if "no static shape" not in str(exc):
+                raise
+            print("onnxprune: note: synthetic calibration: the graph only builds for one sample at a time (fixed "
+                  "batch in a Reshape): statistics are matched per sample", file=sys.stderr)
+            batch = 1
+            cfg = replace(cfg, batch=1)
     if objective is None:
         objective = build_objective(model, batch, cfg.classes, cfg.first_weight, None, cfg.threads)
     if objective is None:
         print("onnxprune: note: synthetic calibration: the model has no BatchNormalization statistics on its input's "
               "path (folded or LayerNorm): using smoothed noise, a weak substitute for data", file=sys.stderr)
         return {vi.name: _smoothed_noise(rng, (n or DEFAULT_SAMPLES, *dims), image).astype(dtype)}
-    todo = plan(cfg, n, objective.macs / batch, objective.shape[1:])
+    todo = plan(cfg, n, objective.macs / batch, max(1, cfg.views) if image is not None else 1)
     if todo.batch != batch:  # the budget chose fewer samples than one batch: rebuild at that batch
         objective = build_objective(model, todo.batch, cfg.classes, cfg.first_weight, low, cfg.threads)
         assert objective is not None
-    batches = -(-todo.samples // todo.batch)
+    batches = -(-todo.optimised // todo.batch)
     size = "" if low is None else f", optimised at {'x'.join(str(low[a - 1]) for a in image)} and upsampled"
     out = []
-    with task(f"synthetic calibration data ({todo.samples} samples, {todo.steps} steps, {objective.taps} BatchNorm "
-              f"layers{size})", total=batches * todo.steps) as t:
+    with task(f"synthetic calibration data ({todo.optimised} samples x {todo.steps} steps, {objective.taps} BatchNorm "
+              f"layers{size}; ~{todo.seconds:.0f}s on 2 quiet cores)", total=batches * todo.steps) as t:
         for _ in range(batches):
             out.append(_optimise(objective, cfg, todo.steps, rng, image, t.advance))
-    x = np.concatenate(out)[: todo.samples]
+    x = np.concatenate(out)[: todo.optimised]
     if low is not None:
         x = _upsample(x, image, tuple(dims[a - 1] for a in image))
-    if image is not None and cfg.copies > 1:
-        x = _views(x, cfg.copies, image, rng)
+    if todo.samples > todo.optimised:
+        x = _views(x, -(-todo.samples // todo.optimised), image, rng)[: todo.samples]
     return {vi.name: x.astype(dtype)}

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from onnxprune.synthetic import (AUTO_SAMPLES, DEFAULT_SAMPLES, MACS_PER_SECOND, SynthesisConfig, _augment,
-                                 _resize_matrix, _upsample, bn_loss, plan, synthesize)
+                                 _resize_matrix, _upsample, _views, bn_loss, plan, synthesize)
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_RESNET = ROOT / "models" / "fashion_mnist_resnet.onnx"
@@ -18,17 +18,37 @@ FASHION_RESNET = ROOT / "models" / "fashion_mnist_resnet.onnx"
 
 def test_plan_fits_the_budget_and_respects_floors():
     cfg = SynthesisConfig(budget=90.0)
-    dims = (3, 32, 32)
-    small = plan(cfg, AUTO_SAMPLES, 41e6, dims)  # CIFAR ResNet20: the budget affords more than the cap
-    assert small.samples == DEFAULT_SAMPLES and small.steps == cfg.steps and small.seconds <= cfg.budget
-    mid = plan(cfg, AUTO_SAMPLES, 0.3e9, dims)  # fewer samples, full steps, inside the budget
-    assert cfg.min_samples <= mid.samples < DEFAULT_SAMPLES and mid.steps == cfg.steps
-    assert mid.seconds <= cfg.budget
-    big = plan(cfg, AUTO_SAMPLES, 4.1e9, dims)  # ResNet-50 at 224: floors win (min samples, min steps)
-    assert big.samples == cfg.min_samples and big.steps == cfg.min_steps
-    assert big.seconds == pytest.approx(cfg.min_samples * cfg.min_steps * 3 * 4.1e9 / MACS_PER_SECOND)
-    forced = plan(cfg, 400, 41e6, dims)  # synthetic:N forces N; the steps adapt
-    assert forced.samples == 400 and forced.seconds <= cfg.budget and forced.steps < cfg.steps
+    small = plan(cfg, AUTO_SAMPLES, 41e6, 4)  # CIFAR ResNet20: the budget affords the cap, optimised
+    assert small.samples == small.optimised == DEFAULT_SAMPLES and small.steps == cfg.steps
+    assert small.seconds <= cfg.budget
+    mid = plan(cfg, AUTO_SAMPLES, 0.3e9, 4)  # fewer optimised samples at full steps, views fill up
+    assert cfg.min_samples <= mid.optimised < DEFAULT_SAMPLES and mid.steps == cfg.steps
+    assert mid.samples == min(DEFAULT_SAMPLES, 4 * mid.optimised) and mid.seconds <= cfg.budget
+    big = plan(cfg, AUTO_SAMPLES, 4.1e9, 4)  # ResNet-50 at 224: fewer steps, then fewer samples
+    assert 4 <= big.optimised < cfg.min_samples and cfg.min_steps <= big.steps < cfg.steps
+    assert big.samples == 4 * big.optimised and big.seconds <= cfg.budget
+    assert big.seconds == pytest.approx(big.optimised * big.steps * 3 * 4.1e9 / MACS_PER_SECOND)
+    huge = plan(cfg, AUTO_SAMPLES, 40e9, 4)  # the floors: 4 samples x min_steps, over the budget
+    assert huge.optimised == 4 and huge.steps == cfg.min_steps
+    forced = plan(cfg, 400, 41e6, 4)  # synthetic:N forces N; what the budget does not afford are views
+    assert forced.samples == 400 and forced.optimised == 256 and forced.seconds <= cfg.budget
+    slow = plan(cfg, 2000, 41e6, 4)  # a quarter is optimised even over the budget: the steps shrink
+    assert slow.optimised == 500 and cfg.min_steps <= slow.steps < cfg.steps
+    forced_big = plan(cfg, 64, 4.1e9, 4)  # at least a quarter is optimised, the rest are views
+    assert forced_big.samples == 64 and forced_big.optimised == 16
+    assert plan(cfg, AUTO_SAMPLES, 4.1e9, 1).samples == big.optimised  # no views for non-images
+
+
+def test_views_are_flips_and_shifts_of_the_optimised_images():
+    x = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    v = _views(x, 4, (2, 3), np.random.default_rng(1))
+    assert v.shape == (12, 3, 16, 16)
+    np.testing.assert_array_equal(v[:3], x)
+    np.testing.assert_array_equal(v[3:6], x[..., ::-1])
+    for view, source in ((v[6:9], x), (v[9:12], x[..., ::-1])):  # shifted by at most 16 / 8 = 2 pixels
+        shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                  if np.array_equal(view[..., 2:-2, 2:-2], source[..., 2 + dy:14 + dy, 2 + dx:14 + dx])]
+        assert len(shifts) == 1, shifts
 
 
 def test_time_budget_scales_the_work_and_is_respected():
