@@ -212,7 +212,8 @@ def add_accuracy_options(p: argparse.ArgumentParser, samples: int | None = None,
                  "channels refitted), all need --calib")
     p.add_argument("--repair", default="none", choices=repairs, help=text)
     p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs: .npz, keys = input names, axis 0 = samples; "
-                   "or synthetic[:N]: N inputs (default 64) distilled from the model's BatchNorm statistics (data-free)")
+                   "or synthetic[:N]: N inputs distilled from the model's BatchNorm statistics (data-free; default: "
+                   "as many as fit a 90 s budget, up to 256)")
     p.add_argument("--calib-samples", type=positive_int, default=samples, metavar="N",
                    help="use the first N samples" + ("" if samples is not None else " (default: all)"))
 
