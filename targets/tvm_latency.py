@@ -161,6 +161,9 @@ class TvmBackend:
     """
 
     emulated = False
+    # TVM fuses elementwise ops into the convolution before them, and every micro-model is a compile: tables
+    # on TVM price the Conv/Gemm/MatMul layers only (`onnxprune.latency.microbench.light_nodes`)
+    light_ops = False
 
     def __init__(self, target: str = "x86", *, threads: int = 1, remote: RemoteDevice | None = None) -> None:
         if threads < 1:

@@ -234,6 +234,9 @@ def test_memory_bound_nodes_are_priced_unless_fused(tmp_path):
     light = table.node_dense_ms["sig"]
     assert light == pytest.approx(0.001 + 1e-6 * 16 * 12 * 12)  # priced as the fake backend times it
     assert predicted_ms(table, {group.id: 8}) < table.dense_ms - 0.5 * light  # and shrinks with the group
+    fusing = FakeBackend()
+    fusing.light_ops = False  # a backend that fuses them (TVM): Conv/Gemm/MatMul only
+    assert set(build_table(analysis, fusing, cache_dir=tmp_path).node_dense_ms) == {"c1", "c2"}
 
 
 def test_depthwise_variant_changes_the_group_attribute():

@@ -211,8 +211,9 @@ def build_table(
         cache_dir: the cache folder (default: `default_cache_dir`).
         progress: a `Task` advanced once per op signature timed; None opens a task of its own.
         min_keep_ratio: no count below this fraction of a group's size is measured.
-        light: also price the memory-bound nodes the groups slice (`microbench.light_nodes`); False: only
-            Conv/Gemm/MatMul (the tables before 2026-12-03, for comparing predictions).
+        light: also price the memory-bound nodes the groups slice (`microbench.light_nodes`), unless the
+            backend says ``light_ops = False`` (TVM: it fuses them, and every micro-model is a compile); False:
+            only Conv/Gemm/MatMul (the tables before 2026-12-03, for comparing predictions).
 
     Raises:
         UsageError: the backend is emulated (its numbers are not timing).
@@ -226,7 +227,7 @@ def build_table(
     skipped_by_reason: dict[str, list[str]] = {}
     wanted: dict[str, tuple[OpSpec, dict[str, Variant]]] = {}
     for g in analysis.groups:
-        touches, skipped = touched_ops(analysis, g, light=light)
+        touches, skipped = touched_ops(analysis, g, light=light and getattr(backend, "light_ops", True))
         for node, reason in skipped:
             if node not in skipped_by_reason.setdefault(reason, []):
                 skipped_by_reason[reason].append(node)
