@@ -497,7 +497,10 @@ def fuse_epilogues(factory: KernelFactory) -> tvm.transform.Pass:
                 "relax.add", "relax.maximum", "relax.minimum", "relax.nn.relu"
             ):  # fmt: skip
                 return call
-            src = call.args[0]
+            value, other = call.args[0], (call.args[1] if len(call.args) > 1 else None)
+            if call.op.name == "relax.add" and _const(value) is not None:
+                value, other = other, value  # bias + x (Hugging Face exports)
+            src = value
             inner = self.lookup_binding(src) if isinstance(src, relax.Var) else None
             reshape_to = None
             if isinstance(inner, relax.Call) and inner.op == tvm.ir.Op.get("relax.reshape"):
@@ -507,13 +510,13 @@ def fuse_epilogues(factory: KernelFactory) -> tvm.transform.Pass:
                 return call
             made = factory.made.get(inner.args[0].name_hint)
             # only the sparse value's one consumer (vars made in this round have no count yet: next round)
-            if made is None or self.n_uses.get(src) != 1 or self.n_uses.get(call.args[0]) != 1:
+            if made is None or self.n_uses.get(src) != 1 or self.n_uses.get(value) != 1:
                 return call
             n = made.layer.weight.shape[1]
             new = _Made(made.layer, made.bsr, made.lo, made.hi, made.has_bias)
             fields = list(inner.args[1].fields)
             if call.op.name == "relax.add":
-                b = _const(call.args[1])
+                b = _const(other)
                 if made.has_bias or made.lo > -_BIG or made.hi < _BIG or b is None or b.size != n:
                     return call
                 if b.shape[-1] != n:
@@ -521,7 +524,7 @@ def fuse_epilogues(factory: KernelFactory) -> tvm.transform.Pass:
                 fields[4] = relax.const(b.reshape(n).astype(np.float32))
                 new.has_bias = True
             else:
-                bound = 0.0 if call.op.name == "relax.nn.relu" else _scalar(call.args[1])
+                bound = 0.0 if call.op.name == "relax.nn.relu" else _scalar(other)
                 if bound is None:
                     return call
                 if call.op.name in ("relax.maximum", "relax.nn.relu") and made.hi >= _BIG:
