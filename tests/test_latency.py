@@ -392,6 +392,11 @@ def test_weighted_fractions_keep_the_channel_budget_and_follow_density():
     assert capped[1] == pytest.approx(0.9) and capped[0] == pytest.approx(0.1)  # the cap moves the rest
     assert weighted_fractions({0: 10}, {0: 3.0}, 0.0) == {0: 0.0}
     assert weighted_fractions({0: 10, 1: 30}, {}, 0.25) == pytest.approx({0: 0.25, 1: 0.25})  # no density: uniform
+    from onnxprune.latency.weighted import _scalable_ms
+
+    assert _scalable_ms(_curve(range(2, 11), lambda c: 1.0)) == 0.0  # a flat curve: its channels buy no time
+    assert _scalable_ms(_curve(range(2, 11), lambda c: 0.1 * c)) == pytest.approx(1.0)  # linear: all of it
+    assert _scalable_ms(_curve(range(2, 11), lambda c: 0.5 + 0.05 * c)) == pytest.approx(0.5)  # a fixed part
 
 
 def test_weighted_plan_removes_the_ratio_where_time_per_mac_is_high(tmp_path):

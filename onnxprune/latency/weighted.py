@@ -4,7 +4,8 @@ Start reading at `weighted_fractions`. A uniform ratio shrinks every group alike
 layers (touched by two pruned groups) fall as ``(1 - r)**2`` while the time of depthwise convolutions, stems,
 heads and memory-bound nodes (touched by one) falls as ``1 - r``: on depthwise networks the MACs fall
 faster than the time (`predict.uniform_bound`). Here each group's removed fraction is weighted by its
-*time density* ``rho = (its layers' share of the table's time) / (their share of the MACs)``:
+*time density* ``rho = (its layers' share of the table's time) / (their share of the MACs)``, the time being
+what its channels buy (the fall of its curve, extrapolated to zero channels: a flat curve buys nothing):
 ``f_g = min(max_group_ratio, c * r * rho_g ** alpha)``, with ``c`` chosen (bisection) so that the channels
 removed over all groups are the same as with the uniform ratio. Groups without a curve weigh 1.
 
@@ -24,7 +25,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from onnxprune.channels import ChannelAnalysis
-from onnxprune.latency.table import LatencyTable
+from onnxprune.latency.table import GroupCurve, LatencyTable
 from onnxprune.metrics import count_macs, node_macs
 from onnxprune.plan import KeepCounts, PruningPlan, allowed_counts, snap_keep
 
@@ -34,7 +35,8 @@ MAX_DENSITY = 100.0  # a group whose layers hold no MACs (memory-bound only) wei
 
 
 def time_density(table: LatencyTable, analysis: ChannelAnalysis) -> dict[int, float]:
-    """Group id -> its layers' share of the priced time over their share of the MACs (1.0 without a curve)."""
+    """Group id -> the share of the priced time its channels buy over its layers' share of the MACs (1.0
+    without a curve)."""
     graph = analysis.graph
     by_name = {(n.name or n.output[0]): n for n in graph.model.graph.node}
     macs_total = max(count_macs(graph), 1)
@@ -45,11 +47,21 @@ def time_density(table: LatencyTable, analysis: ChannelAnalysis) -> dict[int, fl
         if curve is None:
             out[g.id] = 1.0
             continue
-        ms = sum(table.node_dense_ms.get(n, 0.0) for n in curve.nodes)
+        ms = _scalable_ms(curve)
         macs = sum(node_macs(graph, by_name[n]) for n in curve.nodes if n in by_name)
         share = macs / macs_total
         out[g.id] = MAX_DENSITY if share <= 0 else min(MAX_DENSITY, (ms / time_total) / share)
     return out
+
+
+def _scalable_ms(curve: GroupCurve) -> float:
+    """The time of a group's layers that its channels buy: the fall of its curve from the dense size to its
+    lowest measured count, extrapolated to zero channels (a flat curve, e.g. a squeeze-excitation layer on a
+    1x1 map whose time is the call, buys none, so pruning it would cost accuracy for nothing)."""
+    lowest, size = curve.counts[0], curve.size
+    if size <= lowest:
+        return 0.0
+    return max(curve.ms[-1] - curve.ms[0], 0.0) / (1 - lowest / size)
 
 
 def weighted_fractions(
