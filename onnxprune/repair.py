@@ -66,35 +66,39 @@ class RepairReport:
 
 
 @dataclass
-class _BiasSlot:
+class BiasSlot:
+    """Where a layer's per-output bias change goes: its own bias input, the mean of the BatchNorm right after
+    it (sign -1), the constant of the Add right after it, or a new bias input."""
+
     kind: str  # "bias" | "bn_mean" | "add" | "new"
     tensor: str
     node: onnx.NodeProto
     sign: float = 1.0
 
 
-def _bias_slot(graph: ModelGraph, c: Consumer, n_out: int) -> _BiasSlot | None:
+def bias_slot(graph: ModelGraph, c: Consumer, n_out: int) -> BiasSlot | None:
+    """The `BiasSlot` of consumer `c` with `n_out` outputs, or None when its bias cannot change alone."""
     node = c.node
     if c.kind in ("conv", "gemm"):
         if len(node.input) > 2 and node.input[2]:
             b = graph.const(node.input[2])
             if b is not None and b.size == n_out and len(graph.consumers.get(node.input[2], [])) == 1:
-                return _BiasSlot("bias", node.input[2], node)
+                return BiasSlot("bias", node.input[2], node)
             return None
         uses = graph.consumers.get(node.output[0], [])
         if c.kind == "conv" and len(uses) == 1 and uses[0].node.op_type == "BatchNormalization" and uses[0].index == 0:
             bn = uses[0].node
             mean = graph.const(bn.input[3]) if len(bn.input) > 3 else None
             if mean is not None and len(graph.consumers.get(bn.input[3], [])) == 1:
-                return _BiasSlot("bn_mean", bn.input[3], bn, -1.0)
-        return _BiasSlot("new", f"{node.name or node.output[0]}_repair_bias", node)
+                return BiasSlot("bn_mean", bn.input[3], bn, -1.0)
+        return BiasSlot("new", f"{node.name or node.output[0]}_repair_bias", node)
     uses = graph.consumers.get(node.output[0], [])
     if len(uses) == 1 and uses[0].node.op_type == "Add":
         add = uses[0].node
         other = add.input[1 - uses[0].index]
         b = graph.const(other)
         if b is not None and b.size == n_out and b.shape[-1] == n_out and len(graph.consumers.get(other, [])) == 1:
-            return _BiasSlot("add", other, add)
+            return BiasSlot("add", other, add)
     return None
 
 
@@ -140,7 +144,7 @@ def repair_weights(
             w = graph.initializer_value(c.weight)
             wm = c.weight_matrix(w).astype(np.float64)
             n_out = wm.shape[0]
-            slot = _bias_slot(graph, c, n_out)
+            slot = bias_slot(graph, c, n_out)
             feat_pos = c.feature_channel(w.shape)
             gone = np.isin(feat_pos, cut)
             if method == "bias":
@@ -173,7 +177,7 @@ def repair_weights(
                 keep = np.flatnonzero(~gone)
                 if slot is not None:
                     keep = np.append(keep, len(H) - 1)  # the constant feature: solves the bias too
-                    b0 = _slot_value(graph, slot, n_out)
+                    b0 = slot_value(graph, slot, n_out)
                     wa = np.concatenate([wm, (slot.sign * b0)[:, None] if slot.kind == "bn_mean" else b0[:, None]], axis=1)
                 else:
                     H = H[:-1, :-1]
@@ -194,7 +198,7 @@ def repair_weights(
                     base = new_values.get(slot.tensor, graph.initializer_value(slot.tensor))
                     new_values[slot.tensor] = (base + (slot.sign * delta).reshape(base.shape)).astype(base.dtype)
             report.repaired.append(c.name)
-    return _with_values(graph.model, new_values, new_biases), report
+    return with_values(graph.model, new_values, new_biases), report
 
 
 def _ridge_solve(H: np.ndarray, keep: np.ndarray, wa: np.ndarray, damp: float) -> np.ndarray:
@@ -210,13 +214,15 @@ def _ridge_solve(H: np.ndarray, keep: np.ndarray, wa: np.ndarray, damp: float) -
     return np.linalg.solve(Hk, rhs).T
 
 
-def _slot_value(graph: ModelGraph, slot: _BiasSlot, n_out: int) -> np.ndarray:
+def slot_value(graph: ModelGraph, slot: BiasSlot, n_out: int) -> np.ndarray:
+    """The slot's current per-output bias (zero for a new bias and a BatchNorm mean, which shift relatively)."""
     if slot.kind in ("new", "bn_mean"):
         return np.zeros(n_out)  # the conv itself has no bias; the BN mean shift is applied with sign -1
     return np.asarray(graph.const(slot.tensor), dtype=np.float64).reshape(-1)
 
 
-def _with_values(model: onnx.ModelProto, values: dict[str, np.ndarray], new_biases) -> onnx.ModelProto:
+def with_values(model: onnx.ModelProto, values: dict[str, np.ndarray], new_biases) -> onnx.ModelProto:
+    """A copy of `model` with initializers replaced by `values` and the `new_biases` (node, name, value) added."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for t in out.graph.initializer:
@@ -314,14 +320,14 @@ def repair_sequential(
     for c in cons:
         if c.name in wave_of:
             w = graph.initializer_value(c.weight)
-            slots[c.name] = _bias_slot(graph, c, c.weight_matrix(w).shape[0])
+            slots[c.name] = bias_slot(graph, c, c.weight_matrix(w).shape[0])
     runners = (FrontierRunner(data), FrontierRunner(data))  # frontier tensors cached from wave to wave
     with task("sequential repair", total=len(wave_of)) as progress:
         for number, k in enumerate(sorted(waves), 1):
             wave = waves[k]
             progress.update(f"sequential repair: wave {number}/{len(waves)}")
-            current = _with_values(base, cur_values, cur_biases)
-            acc = _cross_stats(graph.model, current, wave, data, max_rows, seed + 7919 * k, runners)
+            current = with_values(base, cur_values, cur_biases)
+            acc = cross_stats(graph.model, current, wave, data, max_rows, seed + 7919 * k, runners)
             for c in progress.track(wave):
                 Ht, C = acc[c.name]
                 w = graph.initializer_value(c.weight)
@@ -334,7 +340,7 @@ def repair_sequential(
                 keep = np.flatnonzero(~gone)
                 if slot is not None:
                     keep = np.append(keep, len(Ht) - 1)
-                    b0 = _slot_value(graph, slot, n_out)
+                    b0 = slot_value(graph, slot, n_out)
                     wa = np.concatenate([wm, b0[:, None]], axis=1)
                 else:
                     Ht, C = Ht[:-1, :-1], C[:-1, :-1]
@@ -366,7 +372,7 @@ def repair_sequential(
                             new_values[slot.tensor] = val
                             cur_values[slot.tensor] = _remask(removed, base_values, slot.tensor, val)
                 report.repaired.append(c.name)
-    return _with_values(graph.model, new_values, new_biases), report
+    return with_values(graph.model, new_values, new_biases), report
 
 
 def _remask(removed: dict, base_values: dict, name: str, value: np.ndarray) -> np.ndarray:
@@ -384,7 +390,7 @@ def _remask(removed: dict, base_values: dict, name: str, value: np.ndarray) -> n
     return out
 
 
-def _cross_stats(
+def cross_stats(
     original: onnx.ModelProto,
     current: onnx.ModelProto,
     wave: list[Consumer],

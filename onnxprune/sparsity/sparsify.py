@@ -28,10 +28,11 @@ import onnx
 
 from onnxprune.calibration import CalibrationData, CalibrationStats, Consumer, collect_stats
 from onnxprune.graph import ModelGraph
+from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.metrics import count_params
 from onnxprune.moments import channel_moments
 from onnxprune.progress import task
-from onnxprune.repair import _bias_slot, _BiasSlot, _cross_stats, _slot_value, _with_values
+from onnxprune.repair import bias_slot, BiasSlot, cross_stats, slot_value, with_values
 from onnxprune.sparsity.config import SparsityConfig
 from onnxprune.sparsity.layers import SparseLayer, sparse_layers
 from onnxprune.sparsity.patterns import Pattern, check_mask, mask_for
@@ -135,7 +136,7 @@ def sparsify_model(
     else:
         assert data is not None  # check_data: seq has samples
         _sequential(state, model, active, matrices, data, pattern, share, masks, config, report)
-    out = _with_values(model, state.values, state.new_biases)
+    out = with_values(model, state.values, state.new_biases)
     report.added_biases = len(state.new_biases)
     for layer in active:
         keep = state.masks[layer.name]
@@ -164,8 +165,8 @@ class _State:
         self.values[layer.weight] = np.ascontiguousarray(layer.from_matrix(matrix).astype(like.dtype))
         self.masks[layer.name] = keep
 
-    def add_bias(self, c: Consumer, slot: _BiasSlot, delta: np.ndarray, dtype: np.dtype) -> None:
-        """Add `delta` (per output) to the layer's bias slot (`repair._bias_slot`)."""
+    def add_bias(self, c: Consumer, slot: BiasSlot, delta: np.ndarray, dtype: np.dtype) -> None:
+        """Add `delta` (per output) to the layer's bias slot (`repair.bias_slot`)."""
         if not np.any(delta != 0):
             return
         if slot.kind == "new":
@@ -183,7 +184,7 @@ def _bias_correction(state: _State, layer: SparseLayer, w: np.ndarray, new: np.n
         report.not_repaired[layer.name] = "not a calibration consumer (grouped conv, ConvTranspose, ...)"
         return
     mom = channel_moments(state.graph, c.x, c.x_axis)
-    slot = _bias_slot(state.graph, c, w.shape[0])
+    slot = bias_slot(state.graph, c, w.shape[0])
     if mom is None or slot is None:
         report.not_repaired[layer.name] = "no BatchNorm statistics upstream" if mom is None else "no bias to correct"
         return
@@ -236,9 +237,9 @@ def _solve(state: _State, layer: SparseLayer, w: np.ndarray, H: np.ndarray | Non
         report.not_repaired[layer.name] = "no calibration statistics (grouped conv, ConvTranspose, ...)"
         return
     n_out, f = w.shape
-    slot = _bias_slot(state.graph, c, n_out)
+    slot = bias_slot(state.graph, c, n_out)
     if slot is not None:
-        b0 = _slot_value(state.graph, slot, n_out)
+        b0 = slot_value(state.graph, slot, n_out)
         wa = np.concatenate([w, b0[:, None]], axis=1) if base is None else base
         Ha = H
     else:
@@ -247,7 +248,7 @@ def _solve(state: _State, layer: SparseLayer, w: np.ndarray, H: np.ndarray | Non
     new, keep = sparsegpt(wa, Ha, pattern, sparsity, prunable=f, mask=mask, damp=config.damp, block=config.block)
     state.set_weight(layer, new[:, :f], keep)
     if slot is not None:
-        delta = new[:, f] - _slot_value(state.graph, slot, n_out)
+        delta = new[:, f] - slot_value(state.graph, slot, n_out)
         state.add_bias(c, slot, delta, state.graph.initializer_value(layer.weight).dtype)
     report.repaired += 1
 
@@ -273,22 +274,23 @@ def _sequential(state: _State, model: onnx.ModelProto, active: list[SparseLayer]
             lv += 1
         for o in node.output:
             level[o] = lv
+    runners = (FrontierRunner(data), FrontierRunner(data))  # layer inputs resume from the last wave's frontier
     with task("sequential SparseGPT", total=len(fitted)) as progress:
         for number, k in enumerate(sorted(waves), 1):
             wave = waves[k]
             progress.update(f"sequential SparseGPT: wave {number}/{len(waves)}")
-            current = _with_values(model, state.values, state.new_biases)
+            current = with_values(model, state.values, state.new_biases)
             consumers = [layer.consumer for layer in wave if layer.consumer is not None]
-            acc = _cross_stats(model, current, consumers, data, 65536, config.seed + 7919 * k)
+            acc = cross_stats(model, current, consumers, data, 65536, config.seed + 7919 * k, runners)
             for layer in progress.track(wave):
                 c = layer.consumer
                 assert c is not None
                 Ht, C = acc[c.name]
                 w = matrices[layer.name]
                 n_out, f = w.shape
-                slot = _bias_slot(graph, c, n_out)
+                slot = bias_slot(graph, c, n_out)
                 if slot is not None:
-                    wa, Hr, Cr = np.concatenate([w, _slot_value(graph, slot, n_out)[:, None]], axis=1), Ht, C
+                    wa, Hr, Cr = np.concatenate([w, slot_value(graph, slot, n_out)[:, None]], axis=1), Ht, C
                 else:
                     wa, Hr, Cr = w, Ht[:f, :f], C[:f, :f]
                 # W* = (W C + lam W)(Ht + lam I)^-1: the refit on the sparsified inputs, pulled to W
