@@ -9,12 +9,27 @@ what its channels buy (the fall of its curve, extrapolated to zero channels: a f
 ``f_g = min(max_group_ratio, c * r * rho_g ** alpha)``, with ``c`` chosen (bisection) so that the channels
 removed over all groups are the same as with the uniform ratio. Groups without a curve weigh 1.
 
-Measured (onnxruntime 1 thread, thread CPU time, MobileNetV2, load average 7-8; `bench/latency_predict.py`
-re-measures): at ``--ratio 0.7`` the uniform plan ran 3.49x faster for MACs / 6.23 (efficiency 0.56),
-``alpha = 1`` 3.70x for MACs / 5.97 (0.62), ``alpha = 2`` 3.84x for MACs / 5.41 (0.71); at 0.5: 2.45x
-(0.68), 2.50x (0.78), 2.48x (0.80) - the same fraction of channels, as fast or faster, and the latency
-follows the MACs more closely. It moves channels from MAC-heavy to time-heavy groups, so the accuracy
-trade-off differs from uniform pruning (not measured here).
+Measured (onnxruntime 1 thread, thread CPU time, fastest of 25 interleaved runs, load average 9-11 on 2
+cores; ``bench/latency.py`` rows ``auto-w`` re-measure), speedup (efficiency) at the same channel fraction:
+
+===============  =====  ===============  ===============  ================================
+model            ratio  uniform          weighted         weighted by the dense layer time
+===============  =====  ===============  ===============  ================================
+EfficientNet-B0  0.3    1.37x (0.75)     1.81x (0.96)     1.82x (0.94)
+EfficientNet-B0  0.5    2.22x (0.65)     2.48x (0.88)     2.51x (0.86)
+EfficientNet-B0  0.7    3.48x (0.50)     3.73x (0.70)     3.79x (0.69)
+MobileNetV2      0.5    2.45x (0.68)                      2.48x (0.80)
+MobileNetV2      0.7    3.49x (0.56)                      3.84x (0.71)
+ResNet-50        0.3    1.88x (1.02)                      1.69x (0.95)
+ResNet-50        0.7    7.46x (0.91)                      6.41x (0.93)
+===============  =====  ===============  ===============  ================================
+
+(``alpha = 2``; the last column weighed each group by its layers' whole dense time, before `_scalable_ms`.)
+On depthwise networks the weighted plan is as fast or faster than the uniform one and its latency follows
+the MACs more closely; on ResNet-50, whose uniform bound is ~1.0, it is slower, so
+`passes.latency_select.weighted_ratio_plan` keeps uniform ratios where the bound reaches 0.9. It moves
+channels from MAC-heavy to time-heavy groups, so the accuracy trade-off differs from uniform pruning (not
+measured here).
 """
 
 from __future__ import annotations
