@@ -56,6 +56,7 @@ RESULTS: dict[str, object] = {}
 def say(line: str = "") -> None:
     print(line, flush=True)
     LINES.append(line)
+    OUT.write_text("\n".join(LINES) + "\n")  # as it goes: a long run cut short keeps what it measured
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", help="layer-timing cache folder to reuse (default: a fresh one per run)")
     ap.add_argument("--threads", type=int, help="threads for TVM and onnxruntime (default: every usable CPU); "
                     "1 keeps a loaded machine's thread-pool stalls out of the numbers")  # fmt: skip
+    ap.add_argument("--out", help="results file (default bench/sparse_results.txt; .json next to it)")
     args = ap.parse_args(argv)
+    if args.out:
+        global OUT
+        OUT = Path(args.out)
     if args.threads:  # read by TVM's thread pool (in-process and in the bundle runners) and bench.targets
         os.environ["TVM_NUM_THREADS"] = str(args.threads)
     parts = set(args.parts.split(","))

@@ -37,6 +37,7 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from .sparse_formats import BSR, to_bsr
+from .tvm_sparse_group import cpu_group_kernel, group_kernel_applies
 from .tvm_sparse_matmul import cpu_block_matmul_kernel
 
 __all__ = [
@@ -340,6 +341,12 @@ class KernelFactory:
         layer = made.layer
         if self.gpu:
             f = cuda_matmul_kernel(layer.rows, made.bsr, made.lo, made.hi)
+        elif group_kernel_applies(made.bsr, layer.rows, self.lanes, (1, 1) if layer.conv is None else layer.conv[:2]):
+            k, n = layer.weight.shape
+            x_shape, out_shape = ((1, 1, layer.rows, k), (1, 1, layer.rows, n)) if layer.conv is None else (
+                _padded(layer), layer.out_shape)  # fmt: skip
+            strides = (1, 1) if layer.conv is None else layer.conv[2]
+            f = cpu_group_kernel(x_shape, out_shape, strides, made.bsr, self.lanes, made.lo, made.hi)
         elif layer.conv is None:
             f = cpu_matmul_kernel(layer.rows, made.bsr, self.lanes, self.registers, made.lo, made.hi)
         else:
