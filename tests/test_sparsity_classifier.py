@@ -9,6 +9,8 @@ error is lower than with the classifier kept dense (the old rule, ``dense_last_s
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import onnx
 import pytest
@@ -26,7 +28,7 @@ SIZES = (32, 64, 64, 64, 512)  # input, three hidden layers, classes: the classi
 def _mlp(seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     nodes, inits, x = [], [], "x"
-    for i, (a, b) in enumerate(zip(SIZES, SIZES[1:])):
+    for i, (a, b) in enumerate(pairwise(SIZES)):
         w = (rng.normal(size=(a, b)) / np.sqrt(a)).astype(np.float32)
         bias = (0.1 * rng.normal(size=b)).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(bias, f"b{i}")]
