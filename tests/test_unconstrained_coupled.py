@@ -88,3 +88,40 @@ def test_coupled_beats_free_on_a_trained_model(fashion):
         params[drive] = result.info["summary"]["effective_params_after"]
     assert abs(params["coupled"] - params["free"]) <= 0.01 * params["free"], params
     assert errors["coupled"] < 0.95 * errors["free"], errors
+
+
+def _refit_error(w: np.ndarray, x: np.ndarray, keep_features: np.ndarray) -> float:
+    """E||W x - W' x_K||^2 after the least-squares refit of W' on the kept features."""
+    y = x @ w.T
+    coef, *_ = np.linalg.lstsq(x[:, keep_features], y, rcond=None)
+    return float(((y - x[:, keep_features] @ coef) ** 2).mean())
+
+
+def test_reader_least_squares_choice_beats_magnitude():
+    """`coupled.ReaderLS` keeps the channels the least-squares refit needs: on inputs where some channels
+    are near-copies of others, its choice leaves a smaller refit error than the top column norms
+    (the criterion's ranking), with the same count."""
+    from onnxprune.upscale.coupled import ReaderLS
+
+    rng = np.random.default_rng(0)
+    n_ch, n_out, n_samples, keep_n = 12, 6, 4000, 6
+    base = rng.standard_normal((n_samples, 6))
+    x = np.concatenate([base, base + 0.05 * rng.standard_normal((n_samples, 6))], axis=1)  # 6 near-copies
+    w = rng.standard_normal((n_out, n_ch)) * np.tile([3.0, 3.0, 3.0, 1.0, 1.0, 1.0], 2)  # big columns in pairs
+    H = x.T @ x / n_samples
+    fit = ReaderLS(w, np.linalg.inv(H + 1e-6 * np.eye(n_ch)), np.arange(n_ch))
+    chosen = fit.select(np.ones(n_ch), np.ones(n_ch, dtype=bool), keep_n)
+    assert int(chosen.sum()) == keep_n
+    magnitude = np.zeros(n_ch, dtype=bool)
+    magnitude[np.argsort(-(w**2).sum(axis=0) * np.diag(H))[:keep_n]] = True
+    ls_error, mag_error = _refit_error(w, x, chosen), _refit_error(w, x, magnitude)
+    assert ls_error < 0.5 * mag_error, (ls_error, mag_error)
+
+
+def test_reader_choice_is_checked():
+    from onnxprune.errors import UsageError
+
+    with pytest.raises(UsageError, match="reader_choice"):
+        UnconstrainedConfig(reader_choice="obs")
+    with pytest.raises(UsageError, match="coupled"):
+        UnconstrainedConfig(reader_choice="ls", drive="free")
