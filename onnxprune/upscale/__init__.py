@@ -4,7 +4,7 @@ Start reading at `plan.build_plan` (what every layer keeps), then `export.export
 from it); `onnxprune.passes.unconstrained.UnconstrainedPass` runs the steps below in order.
 
 Modules: `config` (the options), `boundaries` (step 1), `records` (the plan's dataclasses), `scores`,
-`plan` and `allocate` (step 2), `oracle` (step 3 and the mean repair), `repair` (least-squares repairs of
+`plan`, `coupled` and `allocate` (step 2), `oracle` (step 3 and the mean repair), `repair` (least-squares repairs of
 a plan), `export` with `copies` (step 4), `costmodel`, `layout` and `tuning` (step 5), `naive` (step 6),
 `report` (copy ops and nonzero parameters of an export).
 
@@ -45,8 +45,14 @@ The algorithm:
    single-writer fork is never narrowed twice, a residual stream's readers choose among the writers'
    union); ``"reader"`` readers choose and each writer keeps what the readers it reaches keep (a writer may
    then keep more than k; with ``group_budget`` the readers keep fewer until the group holds no more
-   parameters than constrained pruning at the same ratio). How many channels a group's units keep comes
-   from the ratio, or per group from constrained pruning's allocations and parameter targets
+   parameters than constrained pruning at the same ratio); ``"coupled"`` (`coupled.coupled_keeps`) writers
+   and readers choose for each other by coordinate descent on a first-order error model: a writer ranks its
+   channels by its own score times how much the readers it reaches (and that keep them) weigh them, a reader
+   by its own score times the fraction of each channel's energy the writers reaching it still write
+   (measured writer output energies with calibration inputs); every unit keeps its group's count, so any
+   allocation carries over. ``reader_choice="ls"`` makes a coupled reader keep the columns its least-squares
+   refit needs (`coupled.ReaderLS`: greedy OBS on its calibration Hessian). How many channels a group's
+   units keep comes from the ratio, or per group from constrained pruning's allocations and parameter targets
    (`allocate.allocate`: uniform / global / LAMP removal orders, the shortest prefix whose *unconstrained*
    plan meets ``target_params``), optionally on allowed counts per group (``keep_counts``). With calibration
    inputs, a reader weights its columns by its input's measured per-channel energy
