@@ -222,7 +222,8 @@ def weighted_ratio_plan(
     can track its MACs (`latency.predict.uniform_bound` at least `UNIFORM_ENOUGH`): measured on ResNet-50
     (bound 0.98-1.0; thread CPU time, load 7), weighting made the model slower at the same ratio (0.3: 1.69x
     against 1.88x; 0.7: 6.41x against 7.46x), while on EfficientNet-B0 (bound 0.83/0.69/0.52 at 0.3/0.5/0.7)
-    it made it faster (1.92x against 1.40x, 2.47x against 2.10x, 3.77x against 2.95x).
+    it made it faster (1.81x against 1.37x, 2.48x against 2.22x, 3.73x against 3.48x; the table in
+    `latency.weighted`).
     """
     from onnxprune.latency.predict import uniform_bound
     from onnxprune.latency.weighted import weighted_plan
