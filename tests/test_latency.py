@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune.channels import analyze
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
-from onnxprune.latency.backend import OrtBackend, get_backend, ort_probe_counts
+from onnxprune.latency.backend import OrtBackend, get_backend, nchwc_block, ort_probe_counts
 from onnxprune.latency.grid import aligned, curve_counts, keep_counts, multiples
 from onnxprune.latency.measure import measure_speedup, static_inputs
 from onnxprune.latency.microbench import touched_ops, variant
@@ -168,7 +168,8 @@ def test_backend_alignment_keeps_larger_groups_on_its_multiples(tmp_path):
     assert grids[0] == tuple(range(4, 65, 4))  # a linear curve: every multiple of 4
     assert grids[1] == tuple(range(1, 11))  # below 16 channels the alignment does not apply
     assert aligned((20, 30, 33), 33, 4) == (20, 33) and aligned((30, 33), 33, 4) == (30, 33)  # never only the size
-    assert OrtBackend().alignment == 4
+    assert OrtBackend().alignment == nchwc_block() in (4, 8, 16)
+    assert OrtBackend(("CPUExecutionProvider",)).alignment == nchwc_block()
     assert build_table(analyze(ModelGraph(conv_chain())), FakeBackend(), cache_dir=tmp_path).alignment == 1
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "OrtBackend",
     "device_fingerprint",
     "get_backend",
+    "nchwc_block",
     "ort_probe_counts",
     "random_array",
     "random_feeds",
@@ -108,6 +109,13 @@ def device_fingerprint() -> str:
     return f"cpu={cpu}|isa={isa}|cores={os.cpu_count()}"
 
 
+def nchwc_block() -> int:
+    """onnxruntime's NCHWc channel block on this CPU (MLAS: 16 with AVX-512, 8 with AVX/AVX2); 4 elsewhere
+    (the input alignment of its blocked convolutions)."""
+    isa = device_fingerprint().split("|isa=")[-1].split("|")[0]
+    return {"avx512f": 16, "avx2": 8, "avx": 8}.get(isa, 4)
+
+
 def ort_probe_counts(size: int, lowest: int) -> list[int]:
     """Counts to measure on onnxruntime: a fine window below `size` and a coarse sweep (module docstring)."""
     lowest = max(1, min(int(lowest), int(size)))
@@ -141,9 +149,10 @@ class OrtBackend:
             )
         self.providers = tuple(providers)
         self.threads = int(threads)
-        # CPU convolutions stay on the blocked NCHWc path only with input channel counts that are multiples
-        # of 4 (16 or more channels; measured on 1.32, see `grid.aligned`); other providers: no prior
-        self.alignment = 4 if self.providers[0] == "CPUExecutionProvider" else 1
+        # CPU convolutions run in NCHWc blocks: counts between multiples of the block cost as the next one up
+        # in a whole model, and input counts off a multiple of 4 leave the blocked path (`grid.aligned`);
+        # other providers: no prior
+        self.alignment = nchwc_block() if self.providers[0] == "CPUExecutionProvider" else 1
         self.name = f"ort:{self.providers[0]}"
         self.key = f"{self.name}|threads={self.threads}|onnxruntime={ort.__version__}|{device_fingerprint()}"
 

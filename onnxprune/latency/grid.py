@@ -121,12 +121,20 @@ def aligned(counts: Sequence[int], size: int, alignment: int) -> tuple[int, ...]
     `ALIGN_FROM` channels; unchanged when that would leave only the size or the alignment is 1.
 
     Why a prior and not a measurement: a one-layer micro-model converts layouts at its input and output
-    whatever the count, so it cannot see that a whole model's chain of blocked convolutions breaks at a
-    misaligned count. Measured on onnxruntime 1.32 (CPU, AVX-512, this machine): a 1x1 conv whose input
-    channel count is 16 or more and not a multiple of 4 (18, 21, 22, 30) leaves the NCHWc path, with a
-    reorder on each side; MobileNetV2 at ``--ratio 0.7`` kept 21, 18 and 22 of its 24-, 32- and 64-channel
-    stream groups (their one-layer curves looked linear), and its eight expand convs ran as NCHW convs
-    with 16 reorders (0.35 of its 1.57 ms).
+    whatever the count, so it cannot see what a whole model's chain of blocked convolutions does with a
+    count. Measured on onnxruntime 1.32 (CPU, AVX-512, this machine; `backend.nchwc_block` = 16):
+
+    * a 1x1 conv whose input channel count is 16 or more and not a multiple of 4 (18, 21, 22, 30) leaves the
+      NCHWc path, with a reorder on each side; MobileNetV2 at ``--ratio 0.7`` kept 21, 18 and 22 of its
+      24-, 32- and 64-channel stream groups (their one-layer curves looked linear), and its eight expand
+      convs ran as NCHW convs with 16 reorders (0.35 of its 1.57 ms);
+    * on the path, both channel counts are padded to the block (a 24-channel input is reordered as 32), so
+      a count between two multiples of 16 removes MACs and no time: ResNet-50 at ``--ratio 0.7`` kept 24 and
+      32 of its 64-channel groups with alignment 4 (MACs / 8.18, 7.12x faster, efficiency 0.87) and 16/32
+      with alignment 16 (MACs / 7.46, 7.11x, 0.95); EfficientNet-B0 (latency-weighted ratios) 1.05x/1.85x/
+      2.61x/3.73x at 0.1/0.3/0.5/0.7 with alignment 4, 1.18x/1.86x/2.52x/3.97x with 16 (efficiency
+      0.89/0.98/0.93/0.70 against 0.97/1.04/0.99/0.85); MobileNetV2 0.95/0.84/0.94/0.90 against
+      0.92/0.92/1.07/0.85 (thread CPU time, fastest of 20 interleaved runs, load average 9).
     """
     if alignment <= 1 or size < ALIGN_FROM:
         return tuple(counts)
