@@ -30,6 +30,9 @@ __all__ = ["BSR", "BlockChoice", "block_density", "choose_block", "sparsity", "t
 
 #: Reduction-axis block heights tried by :func:`choose_block`.
 BLOCK_ROWS = (1, 2, 4, 8, 16)
+#: Estimated cost of one stored element of a run in the pixel-vectorised group kernel, relative to dense
+#: (plus the run's index load, shared by its ``bk`` elements).
+PIXEL_RUN_COST = 1.1
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ class BlockChoice:
     relative_cost: float
 
 
-def choose_block(w: np.ndarray, lanes: int, align: int | None = None) -> BlockChoice:
+def choose_block(w: np.ndarray, lanes: int, align: int | None = None, pixel_runs: bool = False) -> BlockChoice:
     """Pick the block shape that makes the sparse kernel cheapest for this weight's zero pattern.
 
     Cost model (per dense FMA, in vector instructions): a stored block of ``bk x bn`` costs ``bk *
@@ -133,7 +136,9 @@ def choose_block(w: np.ndarray, lanes: int, align: int | None = None) -> BlockCh
     Narrow blocks (``bn < lanes``) waste lanes; wide blocks store more zeros. The estimate only ranks
     shapes; whether the sparse kernel is kept is decided by measuring it (:mod:`.tvm_sparse_choice`).
     ``align``: block heights must divide it (a conv's input channels: a block never straddles two window
-    positions).
+    positions). ``pixel_runs``: runs (``bn == 1``) go to the group kernel that vectorises over pixels
+    (:mod:`.tvm_sparse_group`: a matmul or 1x1 conv with at least one vector of rows), whose FMAs are as wide
+    as the dense kernel's but need about one more load each: ``PIXEL_RUN_COST`` per stored element.
     """
     k, n = w.shape
     widths = [b for b in (4 * lanes, 2 * lanes, lanes, 8, 4, 1) if n % b == 0 and b <= n]
@@ -148,6 +153,8 @@ def choose_block(w: np.ndarray, lanes: int, align: int | None = None) -> BlockCh
             # 344 us, runs of 16 768 us)
             vec_ops = bk * -(-bn // lanes) + 0.5 if bn > 1 else bk / 4 + 1
             cost = d * vec_ops / (bk * bn) * lanes  # per element, relative to dense (1/lanes each)
+            if bn == 1 and bk > 1 and pixel_runs:
+                cost = d * (PIXEL_RUN_COST + 0.4 / bk)  # + one index load per run
             if best is None or cost < best.relative_cost - 1e-9:
                 best = BlockChoice((bk, bn), d, cost)
     assert best is not None  # bn = 1 and bk = 1 always tile

@@ -153,7 +153,9 @@ def apply(
         s = sparsity(layer.weight)
         if s == 0 or (mode == "auto" and s < MIN_SPARSITY):
             continue
-        choice = choose_block(layer.weight, lanes, align=layer.x_shape[-1])
+        window = (1, 1) if layer.conv is None else layer.conv[:2]
+        pixel_runs = not spec.gpu and tuple(window) == (1, 1) and layer.rows >= lanes  # the group kernel
+        choice = choose_block(layer.weight, lanes, align=layer.x_shape[-1], pixel_runs=pixel_runs)
         entry = {"layer": layer.name, "kind": layer.kind, "sparsity": round(s, 4), "block": list(choice.block),
                  "block_density": round(choice.density, 4), "estimate": round(choice.relative_cost, 3)}  # fmt: skip
         entries[layer.index] = entry
