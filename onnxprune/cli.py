@@ -421,7 +421,8 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
     config = UnconstrainedConfig(ratio=ratio, criterion=args.criterion, share=args.share, union_cap=args.union_cap,
                                  drive=args.drive, reorder=not args.no_reorder, tune=args.tune, repair=args.repair,
                                  allocation=args.allocation or ("global" if args.global_ranking else "uniform"),
-                                 target_params=args.target_params, group_budget=args.group_budget)
+                                 target_params=args.target_params, group_budget=args.group_budget,
+                                 reader_choice=args.reader_choice)
     model = _load(args)
     calib = _calib(args, model)
     if args.round_to == "auto" and (ratio > 0 or args.target_params is not None):

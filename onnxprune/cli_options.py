@@ -102,6 +102,9 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="unconstrained: free = every layer its own top channels; writer = readers choose among what "
                         "reaches them; reader = writers keep what their readers read; coupled = writers keep what "
                         "their readers use, readers what their writers cover")
+    p.add_argument("--reader-choice", choices=("score", "ls"), default="score",
+                   help="unconstrained --drive coupled with --calib: ls = each reader keeps the input channels its "
+                        "least-squares refit needs (OBS on its calibration Hessian); score = its criterion ranking")
     p.add_argument("--group-budget", action="store_true",
                    help="unconstrained: a group's layers keep fewer channels until it holds no more parameters than "
                         "constrained pruning keeps there (a reader-driven writer keeps its readers' union)")
