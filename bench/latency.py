@@ -1,15 +1,15 @@
 """Do pruned models get faster? Efficiency = realized speedup / MACs reduction, per model, ratio and rounding.
 
     python bench/latency.py [--quick | --full] [--models resnet50,...] [--ratios 0.1,0.3,...]
-                            [--roundings auto,auto-w,1,16] [--threads 1,2] [--tvm MODEL@R,...] [--no-accuracy]
+                            [--roundings auto,auto-u,1,16] [--threads 1,2] [--tvm MODEL@R,...] [--no-accuracy]
                             [--loaded]
                             [--out bench/latency_results]
 
 Part 1, **efficiency** (issue 13): every zoo model (ONNXPRUNE_MODEL_CACHE, see models/zoo.py) is pruned with
 the command line a user types, ``onnxprune prune MODEL --ratio R --round-to X --no-verify --json`` (X = auto,
-the default, whose latency table is measured on onnxruntime CPU 1 thread and cached; auto-w: the proposed
-auto default for ``--ratio``, latency-weighted ratios through bench/latency_weighted_cli.py; 1: any count;
-16), then
+the default, whose latency table is measured on onnxruntime CPU 1 thread and cached: latency-weighted ratios
+where a uniform ratio cannot track the MACs; auto-u: auto rounding with ``--allocation uniform``, the uniform
+ratio of earlier versions; 1: any count; 16), then
 all pruned variants of a model are timed in one process on onnxruntime CPU (1 and 2 intra-op threads,
 batch 1), round-robin with the dense model in every round (:func:`onnxprune.latency.timing.interleaved`;
 chunks of :data:`CHUNK` variants, each with the dense model, so memory stays bounded and every speedup is
@@ -88,9 +88,9 @@ QUOTED = [
 FASHION = ("fashion_mnist_cnn", "fashion_mnist_resnet")
 #: A timing whose interquartile spread exceeds this fraction of its median is marked "?" (a loaded machine).
 NOISY = 0.25
-#: The rounding label of the proposed auto default for --ratio: latency-weighted ratios
-#: (bench/latency_weighted_cli.py; uniform where the uniform bound reaches 0.9).
-WEIGHTED = "auto-w"
+#: The rounding label of auto rounding with a uniform --ratio (``--allocation uniform``); plain "auto" is the
+#: default, latency-weighted where the uniform bound is below 0.9 (`passes.latency_select.weighted_ratio_plan`).
+UNIFORM = "auto-u"
 
 
 @dataclass
@@ -127,12 +127,10 @@ def shape_flags(shapes: dict[str, list[int]]) -> list[str]:
 
 
 def prune_cli(
-    model: Path, out: Path, flags: Sequence[str], cache: Path, weighted: bool = False
+    model: Path, out: Path, flags: Sequence[str], cache: Path
 ) -> tuple[dict, float]:
-    """``onnxprune prune MODEL -o OUT FLAGS --no-verify --json`` in a subprocess; (summary, seconds).
-    `weighted`: through bench/latency_weighted_cli.py (the proposed auto default for ``--ratio``)."""
-    entry = [str(ROOT / "bench" / "latency_weighted_cli.py")] if weighted else ["-m", "onnxprune.cli"]
-    cmd = [sys.executable, *entry, "prune", str(model), "-o", str(out), *flags,
+    """``onnxprune prune MODEL -o OUT FLAGS --no-verify --json`` in a subprocess; (summary, seconds)."""
+    cmd = [sys.executable, "-m", "onnxprune.cli", "prune", str(model), "-o", str(out), *flags,
            "--no-verify", "--json", "--latency-cache", str(cache)]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -179,10 +177,11 @@ def prune_all(
         for ratio in args.ratios:
             for rounding in args.roundings:
                 out = work / f"{name}_{ratio}_{rounding}.onnx"
-                weighted = rounding == WEIGHTED
-                flags = ["--ratio", str(ratio), "--round-to", "auto" if weighted else rounding, *shape_flags(shapes)]
+                uniform = rounding == UNIFORM
+                flags = ["--ratio", str(ratio), "--round-to", "auto" if uniform else rounding, *shape_flags(shapes),
+                         *(["--allocation", "uniform"] if uniform else [])]
                 try:
-                    summary, seconds = prune_cli(src, out, flags, cache, weighted)
+                    summary, seconds = prune_cli(src, out, flags, cache)
                 except RuntimeError as e:
                     log.append(f"FAILED {name} ratio {ratio} round-to {rounding}: {e}")
                     print(log[-1], flush=True)
@@ -273,10 +272,10 @@ def efficiency_table(variants: list[Variant], args: argparse.Namespace) -> list[
         )
     lines += ["", "Judged (issue 13): efficiency >= 0.9 and speedup >= 1 with the defaults (round-to auto):"]
     for b in backends:
-        for rounding in ("auto", WEIGHTED):
+        for rounding in ("auto", UNIFORM):
             judged_row(lines, [v for v in variants if v.rounding == rounding and b in v.speedup
                                and v.model != "minilm_l6"], b, f"{names.get(b, b)} {rounding}")  # fmt: skip
-    for first, second in (("auto", "1"), (WEIGHTED, "1"), (WEIGHTED, "auto")):
+    for first, second in (("auto", "1"), (UNIFORM, "1"), ("auto", UNIFORM)):
         head = f"{first} vs round-to {second} (speedup ratio at the same --ratio, > 1: {first} is faster):"
         for b in backends:
             pairs = [(a, o) for a in variants for o in variants if a.rounding == first and o.rounding == second
@@ -353,7 +352,7 @@ def bound_lines(bounds: list[dict], variants: list[Variant], args: argparse.Name
         cells = []
         for row in b["rows"]:
             measured = [f"{v.rounding} {e:.2f}" for v in variants if v.model == b["model"] and v.ratio == row["ratio"]
-                        and v.rounding in ("auto", WEIGHTED) and (e := v.efficiency("ort1")) is not None]  # fmt: skip
+                        and v.rounding in ("auto", UNIFORM) and (e := v.efficiency("ort1")) is not None]  # fmt: skip
             cells.append(f"{row['ratio']:.1f}: {row['efficiency']:.2f}" + (f" ({', '.join(measured)})" if measured else ""))
             if row["efficiency"] < 0.9:
                 short.append(f"{MODELS[b['model']][0]}@{row['ratio']:.1f} {row['efficiency']:.2f}")
@@ -361,9 +360,9 @@ def bound_lines(bounds: list[dict], variants: list[Variant], args: argparse.Name
     if short:
         lines.append("  0.9 is out of reach of a uniform --ratio at: " + ", ".join(short) + ". Reason: the layers "
                      "one group scales shrink in time as (1 - r) while the pointwise layers' MACs, between two "
-                     "pruned groups, shrink as (1 - r)^2, so the MACs fall faster than the time. auto-w (the "
-                     "proposed default, bench/latency_weighted_cli.py) removes the same fraction of channels with "
-                     "each group's share weighted by its time per MAC.")  # fmt: skip
+                     "pruned groups, shrink as (1 - r)^2, so the MACs fall faster than the time. The default auto "
+                     "(not auto-u) then removes the same fraction of channels with each group's share weighted by "
+                     "its time per MAC.")  # fmt: skip
     return lines
 
 
@@ -467,7 +466,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--models", default=None, help=f"comma-separated zoo names (default {','.join(DEFAULT_MODELS)})"
     )
     p.add_argument("--ratios", default=None)
-    p.add_argument("--roundings", default="auto,auto-w,1,16", help="auto, auto-w (proposed default), or N")
+    p.add_argument("--roundings", default="auto,auto-u,1,16", help="auto (the default), auto-u (auto, --allocation uniform), or N")
     p.add_argument("--threads", default=None, help="onnxruntime intra-op threads to time with (default 1,2)")
     p.add_argument("--tvm", default=None, help="MODEL@RATIO,... timed as TVM x86 bundles ('' for none)")
     p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 15, quick 9)")

@@ -41,7 +41,12 @@ from onnxprune.graph import ModelGraph
 from onnxprune.latency_allocation import latency_order
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.passes.config import PruneConfig, check_data
-from onnxprune.passes.latency_select import LatencyReport, latency_grid, plan_for_target_latency
+from onnxprune.passes.latency_select import (
+    LatencyReport,
+    latency_grid,
+    plan_for_target_latency,
+    weighted_ratio_plan,
+)
 from onnxprune.passmanager import Pass, PassResult, analyses
 from onnxprune.plan import KeepCounts, PruningPlan, make_plan
 from onnxprune.repair import RepairReport
@@ -359,6 +364,9 @@ class SelectChannelsPass(Pass):
                                                keep_counts=keep_counts)
             notices += (report.message,) if report.message else ()
             return plan, table, report, notices
+        weighted = weighted_ratio_plan(self.config, analysis, criterion.score_all(analysis), table, keep_counts)
+        if weighted is not None:
+            return weighted, table, None, notices
         top = "nearest" if self.config.round_to == "auto" else "up"
         plan = choose_plan(self.config, analysis, criterion, stats, self.calib, measured, keep_counts=keep_counts,
                            top=top)

@@ -10,7 +10,7 @@ what its channels buy (the fall of its curve, extrapolated to zero channels: a f
 removed over all groups are the same as with the uniform ratio. Groups without a curve weigh 1.
 
 Measured (onnxruntime 1 thread, thread CPU time, fastest of 25 interleaved runs, load average 9-11 on 2
-cores; ``bench/latency.py`` rows ``auto-w`` re-measure), speedup (efficiency) at the same channel fraction:
+cores; ``bench/latency.py`` rows ``auto`` (weighted) and ``auto-u`` (uniform) re-measure), speedup (efficiency) at the same channel fraction:
 
 ===============  =====  ===============  ===============  ================================
 model            ratio  uniform          weighted         weighted by the dense layer time
