@@ -9,13 +9,15 @@ pruning's `PruneSummary` that means the same here (sizes and MACs before and aft
 barriers), so both modes print and serialise alike; ``info["plan"]`` is what `upscale.oracle.mask_model`
 needs to build the model the export must equal.
 
-Best configuration (pretrained CIFAR-10 ResNet20 with BatchNorm, 2,000 stratified test images, equal
-parameters, `bench/unconstrained_cifar.py`; dense 90.35): data-free, ``criterion="energy", drive="free"``
-beats the same ranking constrained (``share=1``) at 20% / 40% of parameters removed, 67.1 vs 64.3 and 28.3
-vs 20.7. With calibrated repair constrained pruning stays ahead: ``repair="seq"`` l1 87.7 vs 86.5 (free) and
-82.0 vs 78.2 (free) / 76.8 (reader + group_budget); energy at 40% 80.0 vs 78.9; ``share=0.8`` 81.3. Mean
-repair hurts unconstrained plans (energy free at 40%: 28.3 -> 21.1) while helping constrained ones (20.7 ->
-22.9): it restores each layer's output mean, not the stream channels only some writers dropped.
+Best configuration with calibration data (pretrained CIFAR-10 ResNet20/44, all 10,000 test images, 256
+calibration images, equal parameters, l2 + ``repair="seq"`` in both modes, `bench/unconstrained_cifar.py`):
+``drive="coupled", reader_choice="ls"`` (CLI ``--drive coupled --reader-choice ls``): R20 90.00 / 86.00 vs
+constrained 89.60 / 85.12 at 20% / 40% of parameters removed, R44 91.89 / 88.75 vs 91.14 / 87.73.
+``drive="free"`` loses on R20 (89.29 / 83.53): writers keep rows no reader reads and readers read stream
+channels some writers dropped (`upscale.coupled` explains it). Data-free (2,000 test images, l1/energy):
+``criterion="energy", drive="free"`` beats the same ranking constrained (``share=1``), 67.1 vs 64.3 and 28.3
+vs 20.7. Mean repair hurts unconstrained plans (energy free at 40%: 28.3 -> 21.1) while helping constrained
+ones (20.7 -> 22.9): it restores each layer's output mean, not the stream channels only some writers dropped.
 """
 
 from __future__ import annotations

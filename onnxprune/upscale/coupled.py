@@ -19,13 +19,15 @@ The coupled choice minimises a first-order model of the output error the mismatc
   reaches and that keep c weigh that channel (each reader's squared column norms, normalised so that every
   reader counts alike, `_usage`), plus a small floor so a writer with no reader keeps its own ranking.
 
-``e_i(c)`` is writer i's output energy on channel c after its BatchNorm (`scores.bn_energy`: the same
-data-free N(beta, gamma^2) model as the ``energy`` criterion), else its own squared score. Starting from the
+``e_i(c)`` is writer i's output energy on channel c (`writer_energy`: measured on calibration inputs, else
+from its BatchNorm, the ``energy`` criterion's N(beta, gamma^2) model, else its own squared score). Starting from the
 free choice, a few rounds settle (a round that changes nothing ends the loop). Constrained pruning (every
 unit the same channels) is one fixed point; the free choice is the start; the descent moves each unit only
 where its neighbours make its own ranking pay off. Counts are untouched, so any per-group allocation of the
 constrained path (uniform, global, LAMP, a parameter target, ``keep_counts``) carries over unchanged: the
-same group counts, with freedom inside the group.
+same group counts, with freedom inside the group. Result (same model and data, `bench/unconstrained_cifar.py`):
+R20 89.78 / 86.04 at 20% / 40% removed (constrained 89.60 / 85.12), and 90.00 / 86.00 with
+``reader_choice="ls"`` (`ReaderLS`); R44 91.68 / 88.65, with ``ls`` 91.89 / 88.75 (constrained 91.14 / 87.73).
 """
 
 from __future__ import annotations
