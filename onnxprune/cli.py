@@ -192,7 +192,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.mode == "unconstrained":
         return _prune_unconstrained(args, ratio, src, out)
     if (args.repair == "mean" or args.share or args.union_cap is not None or args.no_reorder or args.tune
-            or args.drive != "free" or args.group_budget):
+            or args.drive is not None or args.group_budget):
         raise UsageError("--repair mean, --share, --union-cap, --drive, --group-budget, --no-reorder and --tune apply "
                          "to --mode unconstrained only")
     config = PruneConfig(
@@ -419,7 +419,7 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
     if args.repair != "none" and not args.calib:
         raise UsageError(f"--repair {args.repair} needs --calib (calibration inputs)")
     config = UnconstrainedConfig(ratio=ratio, criterion=args.criterion, share=args.share, union_cap=args.union_cap,
-                                 drive=args.drive, reorder=not args.no_reorder, tune=args.tune, repair=args.repair,
+                                 drive=args.drive or "coupled", reorder=not args.no_reorder, tune=args.tune, repair=args.repair,
                                  allocation=args.allocation or ("global" if args.global_ranking else "uniform"),
                                  target_params=args.target_params, group_budget=args.group_budget,
                                  reader_choice=args.reader_choice)

@@ -98,8 +98,8 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="unconstrained: blend of each layer's ranking with the group's shared one (0..1; 1 = constrained)")
     p.add_argument("--union-cap", type=float, default=None, metavar="C",
                    help="unconstrained: the stream keeps at most this x the per-layer kept channels (>= 1)")
-    p.add_argument("--drive", choices=("free", "writer", "reader", "coupled"), default="free",
-                   help="unconstrained: free = every layer its own top channels; writer = readers choose among what "
+    p.add_argument("--drive", choices=("free", "writer", "reader", "coupled"), default=None,
+                   help="unconstrained (default coupled): free = every layer its own top channels; writer = readers choose among what "
                         "reaches them; reader = writers keep what their readers read; coupled = writers keep what "
                         "their readers use, readers what their writers cover")
     p.add_argument("--reader-choice", choices=("score", "ls"), default="score",
