@@ -54,8 +54,11 @@ class UnconstrainedConfig:
     # "writer": writers (producer units) choose, each reader chooses among the channels the writers that
     # reach it keep (UPSCALE's writer-driven setting: a producer->readers fork is never hurt, a residual
     # stream's readers choose among the union); "reader": readers choose, each writer keeps what the
-    # readers it reaches keep (a writer with no reader reached keeps its own top ones).
-    drive: str = "free"
+    # readers it reaches keep (a writer with no reader reached keeps its own top ones); "coupled" (default):
+    # writers keep what their readers use, readers what their writers cover (`coupled`; better than "free"
+    # in accuracy, CIFAR ResNet20 at 40%: 86.04 vs 83.53 with seq repair, 31.45 vs 23.09 data-free, and
+    # in latency: its streams stay narrow).
+    drive: str = "coupled"
     # drive="coupled" only, with calibration inputs: "ls" lets each reader keep the input channels whose
     # removal its least-squares refit (the ls/seq repair) repairs worst (`coupled.ReaderLS`, OBS on its
     # calibration Hessian) instead of its own criterion ranking; "score": the criterion's ranking.
