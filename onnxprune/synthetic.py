@@ -39,10 +39,13 @@ Adam steps, up to DEFAULT_SAMPLES = 256; a large model first gets fewer steps (>
 1/8 of the size, edges repeated: the training augmentation of CIFAR/ImageNet nets) fill up to 4x as many
 calibration samples. ``synthetic:N`` forces N samples (at least N/4 optimised, the steps shrink to fit). The
 progress bar shows the plan and its estimate. Plans: CIFAR ResNet20 256 optimised x 100 steps (~90 s quiet);
-ResNet44 106 x 100 + views = 256; EfficientNet-Lite0 at 224 ~26 x 100 + views; ResNet-50 at 224 12 x 21 +
-views = 48 (estimate 88 s). Measured step times match the estimate within ~10% at one onnxruntime thread under a
-load of 6-9 (ResNet-50 at batch 16: 11.1 s per step at 224, 1.47 s at 112); all cores under that load are
-slower, not faster (26.7 s).
+ResNet44 106 x 100 + views = 256; ResNet-50 at 224 12 x 21 + views = 48 (estimate 88 s; measured 214 s under
+a load of ~11 on the 2 cores). Step times of ResNets match the estimate within ~10% at one onnxruntime thread
+under a load of 6-9 (ResNet-50 at batch 16: 11.1 s per step at 224, 1.47 s at 112); all cores under that load
+are slower, not faster (26.7 s). Known gap: depthwise convolutions (EfficientNet-Lite0, MobileNets) run their
+backward (grouped ConvTranspose) far below MACS_PER_SECOND: Lite0's plan (~26 x 100, "90 s") was still running
+after 8.5 min under load; those models need ``synthetic:N`` with a small N until the plan prices depthwise
+layers separately.
 
 What was measured (``bench/synthetic_accuracy.py`` and one-off runs of this session; CIFAR-10 ResNet20, all
 10,000 test images, obs + seq, ``--round-to 1``, uniform allocation, seed 0, one onnxruntime thread)::
