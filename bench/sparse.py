@@ -1,6 +1,6 @@
 """Sparse kernels vs dense, from one layer to whole models (issue 14, part 5).
 
-    python bench/sparse.py [--quick] [--parts a,b,c,d] [--repeat N] [--cache DIR] [--threads N]
+    python bench/sparse.py [--quick] [--parts a,b,c,d] [--repeat N] [--cache DIR] [--threads N] [--out FILE]
 
 (a) One linear layer 768x3072 (BERT-base FFN) at batch 1 and 16, block sparsity (``block:16x1``: 16 outputs
     share one input position, stored as [1, 16] blocks, one AVX-512 vector) and group sparsity (``group:1x4``:
@@ -20,9 +20,11 @@ the dense bundle at 30% group sparsity, more at higher sparsity; (c) >= 3x at 90
 
 Bundles run through their own runner (``run_bundle(repeat=...)``), onnxruntime in-process with as many
 threads as the runner; each is called in ``ROUNDS`` interleaved rounds, median of the round medians. Load
-averages are printed before and after (other processes on a shared machine make every number noisy). Layer
+averages are printed before and after (other processes on a shared machine make every number noisy). Do
+not edit the kernel sources while it runs: TVMScript re-reads a kernel's source file each time it builds one. Layer
 timings of the choice are cached in a fresh folder per run unless ``--cache`` names one. Results go to
-``bench/sparse_results.txt`` and ``bench/sparse_results.json``.
+``bench/sparse_results.txt`` and ``bench/sparse_results.json`` (``--out``: another file; the text is
+written as it is measured). The last (b) run is in ``bench/sparse_results_b.txt``.
 """
 
 from __future__ import annotations
