@@ -412,7 +412,7 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
     for option in ("target_macs", "target_latency"):
         if getattr(args, option, None) not in (None, "none"):
             raise UsageError(f"--{option.replace('_', '-')} applies to --mode constrained only")
-    if args.allocation == "sensitivity":
+    if args.allocation in ("sensitivity", "knapsack"):
         raise UsageError("--mode unconstrained allocates with --allocation uniform, global or lamp")
     if args.repair not in ("none", "mean", "ls", "seq"):
         raise UsageError("--mode unconstrained repairs with --repair none, mean, ls or seq")
