@@ -16,8 +16,8 @@ from tests.tvm_helpers import needs_tvm
 @pytest.mark.parametrize(
     ("x_shape", "out_shape", "strides", "keep"),
     [((1, 1, 40, 32), (1, 1, 40, 48), (1, 1), 0.4), ((2, 9, 9, 16), (2, 5, 5, 32), (2, 2), 0.7),
-     ((1, 1, 16, 8), (1, 1, 16, 16), (1, 1), 0.0)],  # fmt: skip
-)
+     ((1, 1, 16, 8), (1, 1, 16, 16), (1, 1), 0.0)],
+)  # fmt: skip
 def test_group_kernel_matches_numpy(x_shape, out_shape, strides, keep):
     import tvm
 

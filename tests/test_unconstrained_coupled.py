@@ -48,7 +48,7 @@ def test_coupled_keeps_the_counts_and_is_exact(name):
     model = canonical(TEST_MODELS[name]())
     free = build_plan(model, UnconstrainedConfig(ratio=0.4, drive="free", stream_multiple=1))
     coupled = build_plan(model, UnconstrainedConfig(ratio=0.4, drive="coupled", stream_multiple=1))
-    counts = lambda plan: [int(pc.kept.sum()) for gp in plan.groups for pc in gp.pieces if pc.is_unit]  # noqa: E731
+    counts = lambda plan: [int(pc.kept.sum()) for gp in plan.groups for pc in gp.pieces if pc.is_unit]
     assert counts(coupled) == counts(free) and len(counts(free)) > 2
     assert plan_params(coupled) == plan_params(free)
     result = UnconstrainedPass(UnconstrainedConfig(ratio=0.4, drive="coupled")).run(model)
