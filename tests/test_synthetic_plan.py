@@ -21,9 +21,12 @@ def test_plan_fits_the_budget_and_respects_floors():
     small = plan(cfg, AUTO_SAMPLES, 41e6, 4)  # CIFAR ResNet20: the budget affords the cap, optimised
     assert small.samples == small.optimised == DEFAULT_SAMPLES and small.steps == cfg.steps
     assert small.seconds <= cfg.budget
-    mid = plan(cfg, AUTO_SAMPLES, 0.3e9, 4)  # fewer optimised samples at full steps, views fill up
-    assert cfg.min_samples <= mid.optimised < DEFAULT_SAMPLES and mid.steps == cfg.steps
-    assert mid.samples == min(DEFAULT_SAMPLES, 4 * mid.optimised) and mid.seconds <= cfg.budget
+    mid = plan(cfg, AUTO_SAMPLES, 0.1e9, 4)  # fewer optimised samples at full steps, views fill up
+    assert cfg.min_samples <= mid.optimised < DEFAULT_SAMPLES and 0.8 * cfg.steps <= mid.steps <= cfg.steps
+    assert mid.samples == DEFAULT_SAMPLES and mid.seconds <= cfg.budget
+    ocr = plan(cfg, AUTO_SAMPLES, 0.7e9, 4)  # PP-OCRv4 rec: min_samples optimised at fewer steps, 4x views
+    assert ocr.optimised == cfg.min_samples and cfg.min_steps <= ocr.steps < cfg.steps
+    assert ocr.samples == DEFAULT_SAMPLES and ocr.seconds <= cfg.budget
     big = plan(cfg, AUTO_SAMPLES, 4.1e9, 4)  # ResNet-50 at 224: fewer steps, then fewer samples
     assert 4 <= big.optimised < cfg.min_samples and cfg.min_steps <= big.steps < cfg.steps
     assert big.samples == 4 * big.optimised and big.seconds <= cfg.budget
