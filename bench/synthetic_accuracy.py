@@ -31,13 +31,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.cifar_resnet import load_cifar10  # noqa: E402
-from models.zoo import zoo_model  # noqa: E402
-from onnxprune.calibration import CalibrationData, collect_stats  # noqa: E402
-from onnxprune.importer import import_model  # noqa: E402
-from onnxprune.passes.pruning import PruneConfig, PrunePass  # noqa: E402
-from onnxprune.synthetic import AUTO_SAMPLES, SynthesisConfig, synthesize  # noqa: E402
-from onnxprune.verify import session  # noqa: E402
+from models.cifar_resnet import load_cifar10
+from models.zoo import zoo_model
+from onnxprune.calibration import CalibrationData, collect_stats
+from onnxprune.importer import import_model
+from onnxprune.passes.pruning import PruneConfig, PrunePass
+from onnxprune.synthetic import AUTO_SAMPLES, SynthesisConfig, synthesize
+from onnxprune.verify import session
 
 RESULTS = ROOT / "bench" / "synthetic_accuracy_results.txt"
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     for part in args.parts.split(","):
         try:
             parts[part](args, emit)
-        except Exception as exc:  # noqa: BLE001 - one failing part is reported, the others still run
+        except Exception as exc:
             emit(f"{part}: failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     emit(f"# load average at the end {_load()}")
     return 0

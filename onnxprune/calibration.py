@@ -65,7 +65,7 @@ class CalibrationData:
 def load_calib(path: str | Path, model: onnx.ModelProto, samples: int | None = None, seed: int = 0) -> CalibrationData:
     """Load ``FILE.npz`` (keys = the model's input names) and keep the first `samples` samples.
 
-    ``synthetic`` or ``synthetic:N`` instead of a path distils N inputs (default 64) from the model's
+    ``synthetic`` or ``synthetic:N`` instead of a path distils N inputs (default: planned from a 90 s budget, up to 256; `onnxprune.synthetic.plan`) from the model's
     BatchNorm statistics (`onnxprune.synthetic`, deterministic for `seed`); a file of that name still loads
     when it exists.
 

@@ -349,9 +349,9 @@ def synthesize(model: onnx.ModelProto, n: int = AUTO_SAMPLES, seed: int = 0,
     if low is not None:
         try:
             objective = build_objective(model, batch, cfg.classes, cfg.first_weight, low, cfg.threads)
-        except Exception as exc:  # noqa: BLE001 - graphs that only build at their own size (fixed Reshape targets)
+        except Exception as exc:
             print(f"onnxprune: note: synthetic calibration at full resolution ({type(exc).__name__} at "
-                  f"{'x'.join(str(low[a - 1]) for a in image)})", file=sys.stderr)
+                  f"{'x'.join(str(low[a - 1]) for a in image or ())})", file=sys.stderr)
             low = None
     if objective is None and batch > 1:
         try:
@@ -374,7 +374,7 @@ def synthesize(model: onnx.ModelProto, n: int = AUTO_SAMPLES, seed: int = 0,
         objective = build_objective(model, todo.batch, cfg.classes, cfg.first_weight, low, cfg.threads)
         assert objective is not None
     batches = -(-todo.optimised // todo.batch)
-    size = "" if low is None else f", optimised at {'x'.join(str(low[a - 1]) for a in image)} and upsampled"
+    size = "" if low is None else f", optimised at {'x'.join(str(low[a - 1]) for a in image or ())} and upsampled"
     out = []
     with task(f"synthetic calibration data ({todo.optimised} samples x {todo.steps} steps, {objective.taps} BatchNorm "
               f"layers{size}; ~{todo.seconds:.0f}s on 2 quiet cores)", total=batches * todo.steps) as t:
@@ -382,7 +382,9 @@ def synthesize(model: onnx.ModelProto, n: int = AUTO_SAMPLES, seed: int = 0,
             out.append(_optimise(objective, cfg, todo.steps, rng, image, t.advance))
     x = np.concatenate(out)[: todo.optimised]
     if low is not None:
-        x = _upsample(x, image, tuple(dims[a - 1] for a in image))
+        assert image is not None  # a low resolution is only chosen for image inputs
+        x = _upsample(x, image, (dims[image[0] - 1], dims[image[1] - 1]))
     if todo.samples > todo.optimised:
+        assert image is not None  # copies (flips, shifts) are only planned for image inputs
         x = _views(x, -(-todo.samples // todo.optimised), image, rng)[: todo.samples]
     return {vi.name: x.astype(dtype)}

@@ -9,8 +9,19 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.synthetic import (AUTO_SAMPLES, DEFAULT_SAMPLES, MACS_PER_SECOND, SynthesisConfig, _augment,
-                                 _resize_matrix, _upsample, _views, bn_loss, plan, synthesize)
+from onnxprune.synthetic import (
+    AUTO_SAMPLES,
+    DEFAULT_SAMPLES,
+    MACS_PER_SECOND,
+    SynthesisConfig,
+    _augment,
+    _resize_matrix,
+    _upsample,
+    _views,
+    bn_loss,
+    plan,
+    synthesize,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_RESNET = ROOT / "models" / "fashion_mnist_resnet.onnx"
