@@ -44,3 +44,32 @@ def _latency_cache(tmp_path_factory):
         os.environ.pop("ONNXPRUNE_LATENCY_CACHE", None)
     else:
         os.environ["ONNXPRUNE_LATENCY_CACHE"] = before
+
+
+def unconstrained_exact(model, result, inputs: dict) -> None:
+    """An unconstrained export computes its oracle: the (repaired) original with every unit's own mask."""
+    import numpy as np
+
+    from onnxprune.upscale.oracle import mask_model
+    from onnxprune.verify import run
+
+    expected = run(mask_model(model, result.info["plan"]), inputs)
+    got = run(result.model, inputs)
+    scale = max(float(np.abs(e).max()) for e in expected)
+    assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= 1e-5 * scale
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    """The trained Fashion-MNIST ResNet, 64 calibration images (train) and 250 held-out images (test)."""
+    from models import fashion_mnist
+    from onnxprune.importer import import_model
+
+    resnet = ROOT / "models" / "fashion_mnist_resnet.onnx"
+    if not resnet.is_file():
+        pytest.skip("models/fashion_mnist_resnet.onnx not built")
+    if not fashion_mnist.is_available():
+        pytest.skip(f"Fashion-MNIST not installed: apt-get install -y {fashion_mnist.DEBIAN_PACKAGE}")
+    train, _ = fashion_mnist.load_fashion_mnist("train")
+    test, _ = fashion_mnist.load_fashion_mnist("test")
+    return import_model(resnet), {"image": train[:64]}, {"image": test[::40]}

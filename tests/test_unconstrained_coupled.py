@@ -8,37 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import canonical
+from conftest import canonical, unconstrained_exact
 
-from models import fashion_mnist
 from models.testmodels import TEST_MODELS
-from onnxprune.importer import import_model
 from onnxprune.passes.unconstrained import UnconstrainedPass
 from onnxprune.upscale.allocate import plan_params
 from onnxprune.upscale.config import UnconstrainedConfig
-from onnxprune.upscale.oracle import mask_model
 from onnxprune.upscale.plan import build_plan
 from onnxprune.verify import random_inputs, run
 
 RESNET = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_resnet.onnx"
 
 
-def _exact(model, result, inputs: dict) -> None:
-    expected = run(mask_model(model, result.info["plan"]), inputs)
-    got = run(result.model, inputs)
-    scale = max(float(np.abs(e).max()) for e in expected)
-    assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= 1e-5 * scale
-
-
-@pytest.fixture(scope="module")
-def fashion():
-    if not RESNET.is_file():
-        pytest.skip("models/fashion_mnist_resnet.onnx not built")
-    if not fashion_mnist.is_available():
-        pytest.skip(f"Fashion-MNIST not installed: apt-get install -y {fashion_mnist.DEBIAN_PACKAGE}")
-    train, _ = fashion_mnist.load_fashion_mnist("train")
-    test, _ = fashion_mnist.load_fashion_mnist("test")
-    return import_model(RESNET), {"image": train[:64]}, {"image": test[::40]}  # 250 held-out images
 
 
 @pytest.mark.parametrize("name", ["residual", "concat"])
@@ -52,7 +33,7 @@ def test_coupled_keeps_the_counts_and_is_exact(name):
     assert counts(coupled) == counts(free) and len(counts(free)) > 2
     assert plan_params(coupled) == plan_params(free)
     result = UnconstrainedPass(UnconstrainedConfig(ratio=0.4, drive="coupled")).run(model)
-    _exact(model, result, random_inputs(model, seed=3))
+    unconstrained_exact(model, result, random_inputs(model, seed=3))
 
 
 def test_coupled_aligns_writers_and_readers(fashion):
@@ -83,7 +64,7 @@ def test_coupled_beats_free_on_a_trained_model(fashion):
     for drive in ("free", "coupled"):
         config = UnconstrainedConfig(criterion="l2", drive=drive, repair="seq", target_params="60%")
         result = UnconstrainedPass(config, calib=calib).run(model)
-        _exact(model, result, held_out)
+        unconstrained_exact(model, result, held_out)
         errors[drive] = float(np.linalg.norm(run(result.model, held_out)[0] - reference))
         params[drive] = result.info["summary"]["effective_params_after"]
     assert abs(params["coupled"] - params["free"]) <= 0.01 * params["free"], params

@@ -9,44 +9,24 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import canonical
+from conftest import canonical, unconstrained_exact
 
-from models import fashion_mnist
 from models.testmodels import TEST_MODELS
 from onnxprune.channels import analyze
 from onnxprune.cli import main
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
-from onnxprune.importer import import_model
 from onnxprune.metrics import count_params
 from onnxprune.passes.config import PruneConfig
 from onnxprune.passes.pruning import PrunePass
 from onnxprune.passes.unconstrained import UnconstrainedPass
 from onnxprune.upscale.allocate import plan_params, split_group_ids
 from onnxprune.upscale.config import UnconstrainedConfig
-from onnxprune.upscale.oracle import mask_model
 from onnxprune.verify import random_inputs, run
 
 RESNET = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_resnet.onnx"
 
 
-def _exact(model: onnx.ModelProto, result, inputs: dict) -> None:
-    """The export computes the oracle: the (repaired) original with every unit's own mask."""
-    expected = run(mask_model(model, result.info["plan"]), inputs)
-    got = run(result.model, inputs)
-    scale = max(float(np.abs(e).max()) for e in expected)
-    assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= 1e-5 * scale
-
-
-@pytest.fixture(scope="module")
-def fashion():
-    if not RESNET.is_file():
-        pytest.skip("models/fashion_mnist_resnet.onnx not built")
-    if not fashion_mnist.is_available():
-        pytest.skip(f"Fashion-MNIST not installed: apt-get install -y {fashion_mnist.DEBIAN_PACKAGE}")
-    train, _ = fashion_mnist.load_fashion_mnist("train")
-    test, _ = fashion_mnist.load_fashion_mnist("test")
-    return import_model(RESNET), {"image": train[:64]}, {"image": test[::40]}  # 250 held-out images
 
 
 def test_ls_and_seq_repair_beat_mean_on_a_real_model(fashion):
@@ -58,7 +38,7 @@ def test_ls_and_seq_repair_beat_mean_on_a_real_model(fashion):
     for repair in ("mean", "ls", "seq"):
         config = UnconstrainedConfig(ratio=0.3, criterion="l1", drive="reader", repair=repair)
         result = UnconstrainedPass(config, calib=calib).run(model)
-        _exact(model, result, held_out)
+        unconstrained_exact(model, result, held_out)
         errors[repair] = float(np.linalg.norm(run(result.model, held_out)[0] - reference))
     assert errors["seq"] < 0.8 * errors["mean"], errors
     assert errors["ls"] < errors["mean"], errors
@@ -78,7 +58,7 @@ def test_target_params_is_met_like_constrained(fashion, drive):
     assert 0.97 * target <= planned <= target
     # The export's nonzero count adds only the variances of silenced BatchNorm channels (filled with 1).
     assert planned <= summary["effective_params_after"] <= planned * 1.001
-    _exact(model, result, held_out)
+    unconstrained_exact(model, result, held_out)
     same = UnconstrainedPass(UnconstrainedConfig(criterion="l1", share=1.0, target_params=target)).run(model)
     constrained = PrunePass(PruneConfig(criterion="l1", target_params=str(target))).run(model)
     assert same.info["summary"]["params_after"] == count_params(ModelGraph(constrained.model))
@@ -94,7 +74,7 @@ def test_allocations_give_groups_different_counts(fashion, allocation):
     fractions = {round(float(pc.kept.mean()), 3) for gp in plan.groups for pc in gp.pieces if pc.is_unit}
     assert len(fractions) > 3  # layer-adaptive: not one kept fraction everywhere
     assert result.info["summary"]["effective_params_after"] <= int(count_params(ModelGraph(model)) * 0.6)
-    _exact(model, result, held_out)
+    unconstrained_exact(model, result, held_out)
 
 
 @pytest.mark.parametrize("drive", ["free", "writer", "reader"])
@@ -116,7 +96,7 @@ def test_keep_counts_are_honoured(name, drive):
                 assert int(pc.kept.sum()) in allowed, (gp.group.id, int(pc.kept.sum()), allowed)
                 checked += 1
     assert checked > 0 and any(int(pc.kept.sum()) < gp.group.size for gp in plan.groups for pc in gp.pieces if pc.is_unit)
-    _exact(model, result, random_inputs(model, seed=2))
+    unconstrained_exact(model, result, random_inputs(model, seed=2))
 
 
 @pytest.mark.parametrize("repair", ["ls", "seq"])
