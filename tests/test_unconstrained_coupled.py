@@ -4,8 +4,6 @@ the free choice on a trained residual model at equal parameters."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from conftest import canonical, unconstrained_exact
@@ -16,10 +14,6 @@ from onnxprune.upscale.allocate import plan_params
 from onnxprune.upscale.config import UnconstrainedConfig
 from onnxprune.upscale.plan import build_plan
 from onnxprune.verify import random_inputs, run
-
-RESNET = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_resnet.onnx"
-
-
 
 
 @pytest.mark.parametrize("name", ["residual", "concat"])

@@ -4,7 +4,6 @@ least-squares repair (``ls``, ``seq``): exact against the repaired masked origin
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,10 +22,6 @@ from onnxprune.passes.unconstrained import UnconstrainedPass
 from onnxprune.upscale.allocate import plan_params, split_group_ids
 from onnxprune.upscale.config import UnconstrainedConfig
 from onnxprune.verify import random_inputs, run
-
-RESNET = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_resnet.onnx"
-
-
 
 
 def test_ls_and_seq_repair_beat_mean_on_a_real_model(fashion):
