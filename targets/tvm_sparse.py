@@ -38,7 +38,7 @@ from tvm.script import tirx as T
 
 from .sparse_formats import BSR, to_bsr
 from .tvm_sparse_group import cpu_group_kernel, group_kernel_applies
-from .tvm_sparse_matmul import cpu_block_matmul_kernel
+from .tvm_sparse_matmul import cpu_block_matmul_kernel, rows_tile
 
 __all__ = [
     "KERNEL_PREFIX",
@@ -95,16 +95,6 @@ class Layer:
         return int(np.prod(self.out_shape[:-1]))
 
 
-def _rows_tile(extent: int, bn: int, lanes: int, registers: int) -> int:
-    """Largest row tile dividing ``extent`` whose accumulators + one weight vector + one broadcast fit."""
-    n_vec = -(-bn // lanes)
-    best = 1
-    for r in range(1, min(extent, MAX_ROWS) + 1):
-        if extent % r == 0 and r * n_vec + n_vec + 1 <= registers:
-            best = r
-    return best
-
-
 def cpu_matmul_kernel(
     m: int, bsr: BSR, lanes: int, registers: int, lo: float = -_BIG, hi: float = _BIG
 ) -> tirx.PrimFunc:
@@ -145,7 +135,7 @@ def cpu_conv_kernel(
     nnzb, nb = bsr.data.shape[0], n // bn
     by_outputs = bn > 1 or bk == 1
     width = bn if by_outputs else bk
-    rows = _rows_tile(ow, width, lanes, registers)
+    rows = rows_tile(ow, width, lanes, registers, MAX_ROWS)
     # independent accumulator chains: with a short tile the FMAs of consecutive blocks would otherwise wait
     # on each other (4-cycle latency); blocks are taken `chains` at a time, each into its own accumulators
     chains = max(1, CHAINS // rows)

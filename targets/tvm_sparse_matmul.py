@@ -32,12 +32,13 @@ IN_FLIGHT = 8
 _BIG = 3.0e38
 
 
-def _rows_tile(m: int, bn: int, lanes: int, registers: int) -> int:
-    """Largest row tile dividing ``m`` whose accumulators + one weight vector + one broadcast fit."""
+def rows_tile(extent: int, bn: int, lanes: int, registers: int, max_rows: int = MAX_ROWS) -> int:
+    """Largest row tile (at most `max_rows`) dividing ``extent`` whose accumulators + one weight vector + one
+    broadcast fit in the vector registers."""
     n_vec = -(-bn // lanes)
     best = 1
-    for r in range(1, min(m, MAX_ROWS) + 1):
-        if m % r == 0 and r * n_vec + n_vec + 1 <= registers:
+    for r in range(1, min(extent, max_rows) + 1):
+        if extent % r == 0 and r * n_vec + n_vec + 1 <= registers:
             best = r
     return best
 
@@ -54,7 +55,7 @@ def cpu_block_matmul_kernel(
     bk, bn = bsr.block
     nnzb, nb = bsr.data.shape[0], n // bn
     n_vec = -(-bn // lanes)
-    rows = _rows_tile(m, bn, lanes, registers)
+    rows = rows_tile(m, bn, lanes, registers)
     chains = max(1, min(4, IN_FLIGHT // (rows * n_vec), (registers - n_vec - 1) // (rows * n_vec)))
     row_tiles = m // rows
     tiles = nb * row_tiles
