@@ -14,6 +14,7 @@ the model written).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -208,7 +209,7 @@ UNIFORM_ENOUGH = 0.9
 def weighted_ratio_plan(
     config: PruneConfig,
     analysis: ChannelAnalysis,
-    scores: dict[int, np.ndarray],
+    scores: dict[int, np.ndarray] | Callable[[], dict[int, np.ndarray]],
     table: LatencyTable | None,
     keep_counts: KeepCounts | None,
 ) -> PruningPlan | None:
@@ -234,6 +235,8 @@ def weighted_ratio_plan(
         return None
     if uniform_bound(table, analysis, config.ratio).efficiency >= UNIFORM_ENOUGH:
         return None
+    if callable(scores):  # scored only when the plan applies: data criteria (obs) are not cheap
+        scores = scores()
     return weighted_plan(analysis, scores, table, config.ratio, keep_counts=keep_counts,
                          max_group_ratio=config.max_group_ratio)
 

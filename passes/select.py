@@ -364,7 +364,8 @@ class SelectChannelsPass(Pass):
                                                keep_counts=keep_counts)
             notices += (report.message,) if report.message else ()
             return plan, table, report, notices
-        weighted = weighted_ratio_plan(self.config, analysis, criterion.score_all(analysis), table, keep_counts)
+        weighted = weighted_ratio_plan(self.config, analysis, lambda: criterion.score_all(analysis), table,
+                                       keep_counts)
         if weighted is not None:
             return weighted, table, None, notices
         top = "nearest" if self.config.round_to == "auto" else "up"
