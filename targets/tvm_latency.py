@@ -68,9 +68,18 @@ __all__ = ["SAMPLE_MS", "RemoteDevice", "TvmBackend"]
 SAMPLE_MS = 10.0
 #: Compiled models kept in memory (a ResNet-50 executable and its weights are ~100 MB).
 CACHE_SIZE = 12
-#: The modules whose code decides the compiled kernels: their hash is part of the cache key, so a schedule
-#: change invalidates the cached latencies.
-_SCHEDULE_MODULES = ("tvm_backend.py", "tvm_layout.py", "tvm_schedules.py", "tvm_tiles.py", "tvm_winograd.py")
+#: The compile's entry module: it and every module of this package it imports, directly or through others
+#: (layouts, schedules, register tiles, Winograd, row-wise and fast-math kernels, sparse kernels, tuning,
+#: the target table), decide the compiled kernels, so their hash is part of the cache key: a kernel or
+#: schedule change invalidates the cached latencies (`_schedule_hash`).
+_COMPILE_ENTRY = "tvm_backend.py"
+#: Bump to invalidate every cached TVM latency when what decides the kernels lives outside this package's
+#: sources (2: the hash covers the import closure of `_COMPILE_ENTRY`, 2026-12-03; before, five listed
+#: modules, so tables cached before the row-wise / fast-math / sparse kernels looked current).
+KERNEL_VERSION = 2
+#: Imported by the compile but not deciding its kernels (packaging, messages, toolchain lookup: the TVM
+#: version is in the key on its own): left out, so editing them keeps the cached latencies.
+_NOT_KERNELS = frozenset({"bundle.py", "exporters.py", "launch.py", "messages.py", "toolchains.py", "wasm.py"})
 
 
 @dataclass
@@ -136,11 +145,34 @@ def _one_line(e: BaseException) -> str:
 
 
 def _schedule_hash() -> str:
+    """``v{KERNEL_VERSION}-`` and the sha256 of the sources that decide the compiled kernels
+    (`_compile_modules`), for the latency cache key."""
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for name in _SCHEDULE_MODULES:
-        h.update((here / name).read_bytes())
-    return h.hexdigest()[:12]
+    for name in _compile_modules(here):
+        h.update(name.encode() + b"\0" + (here / name).read_bytes())
+    return f"v{KERNEL_VERSION}-{h.hexdigest()[:12]}"
+
+
+def _compile_modules(here: Path) -> list[str]:
+    """The file names of `_COMPILE_ENTRY` and every module of this package it imports (relative imports,
+    followed transitively, function-level ones included; `_NOT_KERNELS` neither hashed nor followed), sorted."""
+    import ast
+
+    seen: set[str] = set()
+    todo = [_COMPILE_ENTRY]
+    while todo:
+        name = todo.pop()
+        if name in seen or name in _NOT_KERNELS or not (here / name).is_file():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((here / name).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    todo.append(node.module.split(".")[0] + ".py")
+                else:
+                    todo += [f"{alias.name}.py" for alias in node.names]
+    return sorted(seen)
 
 
 def _random_array(spec: B.TensorSpec, rng: np.random.Generator) -> np.ndarray:

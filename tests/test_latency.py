@@ -431,3 +431,20 @@ def test_weighted_plan_removes_the_ratio_where_time_per_mac_is_high(tmp_path):
     for other in (PruneConfig(ratio=0.5, round_to=1), PruneConfig(ratio=0.5, round_to="auto", allocation="uniform"),
                   PruneConfig(ratio=0.5, round_to="auto", global_ranking=True), PruneConfig(ratio=0.0, round_to="auto")):
         assert weighted_ratio_plan(other, analysis, scores, table, None) is None  # explicit choices stay
+
+
+def test_tvm_latency_cache_key_covers_every_kernel_module():
+    pytest.importorskip("tvm")
+    from pathlib import Path
+
+    from onnxprune.targets import tvm_latency
+
+    here = Path(tvm_latency.__file__).parent
+    modules = tvm_latency._compile_modules(here)
+    # today's row-wise and fast-math kernels decide compiled kernels too, through tvm_layout / tvm_schedules
+    for name in ("tvm_backend.py", "tvm_layout.py", "tvm_schedules.py", "tvm_rowwise.py", "tvm_fastmath.py",
+                 "tvm_winograd.py", "tvm_tiles.py"):
+        assert name in modules
+    assert "bundle.py" not in modules and "tvm_latency.py" not in modules
+    key_hash = tvm_latency._schedule_hash()
+    assert key_hash.startswith(f"v{tvm_latency.KERNEL_VERSION}-") and len(key_hash.split("-")[1]) == 12
