@@ -80,8 +80,9 @@ class Emitter:
         return self.op("Mul", [x, self.const(factor, "k")])
 
     def mask(self, cond: str, g: str) -> str:
-        """`g` where `cond`, else 0."""
-        return self.op("Where", [cond, g, self.const(0.0, "zero")])
+        """`g` where `cond`, else 0: a multiply by the condition as 0/1 (onnxruntime's Where with a broadcast
+        scalar was 7x slower than Cast + Mul and 30% of an EfficientNet-Lite0 step)."""
+        return self.mul(g, self.op("Cast", [cond], to=onnx.TensorProto.FLOAT))
 
     def unbroadcast(self, g: str, g_shape: tuple[int, ...], shape: tuple[int, ...]) -> str:
         """Sum `g` (shaped like a broadcast result) back to an operand's `shape`."""
@@ -177,11 +178,10 @@ def _leaky(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None]
 @rule("Clip")
 def _clip(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None]) -> dict[int, str]:
     assert gys[0] is not None
-    x, g = node.input[0], gys[0]
-    for i, cmp in ((1, "Greater"), (2, "Less")):
-        if len(node.input) > i and node.input[i]:
-            g = em.mask(em.op(cmp, [x, node.input[i]]), g)
-    return {0: g}
+    if not any(node.input[1:]):
+        return {0: gys[0]}
+    # inside the bounds the output equals the input: one comparison instead of Greater, Less and And
+    return {0: em.mask(em.op("Equal", [node.input[0], node.output[0]]), gys[0])}
 
 
 @rule("Sigmoid")
@@ -275,9 +275,24 @@ def _explicit_pads(node: onnx.NodeProto, xs: tuple[int, ...], ys: tuple[int, ...
     return list(a.get("pads") or [0] * (2 * nd))
 
 
+def _flipped_weight(w: np.ndarray, group: int) -> np.ndarray:
+    """The weight of the Conv computing a stride-1 ConvTranspose: per group, input and output channels swapped,
+    the kernel rotated by 180 degrees ([Cout, Cin/G, *k] -> [Cin, Cout/G, *k])."""
+    cout, cin_g, *kernel = w.shape
+    per_group = w.reshape(group, cout // group, cin_g, *kernel).swapaxes(1, 2)
+    flipped = np.flip(per_group, axis=tuple(range(3, 3 + len(kernel))))
+    return np.ascontiguousarray(flipped.reshape(group * cin_g, cout // group, *kernel)).astype(np.float32)
+
+
 def _transpose_conv(em: Emitter, g: str, w: str, node: onnx.NodeProto, xs: tuple[int, ...], ys: tuple[int, ...],
-                    kernel: list[int], group: int) -> str:
-    """The input gradient of a convolution-like op: ConvTranspose with the forward geometry."""
+                    kernel: list[int], group: int, weight: np.ndarray | None = None) -> str:
+    """The input gradient of a convolution-like op: ConvTranspose with the forward geometry.
+
+    With stride 1, a kernel larger than 1x1 and the weight's value known, the same gradient is a plain Conv
+    with the flipped weight (`_flipped_weight`) and pads ``dilation * (k - 1) - pad``: onnxruntime runs Conv
+    in its blocked (NCHWc) kernels and ConvTranspose through col2im, so the Conv is 1.5x faster for dense 3x3
+    layers and up to ~25x for depthwise 5x5 ones (EfficientNet-Lite0, batch 4, one thread).
+    """
     a = attrs(node)
     nd = len(kernel)
     strides = list(a.get("strides") or [1] * nd)
@@ -288,6 +303,11 @@ def _transpose_conv(em: Emitter, g: str, w: str, node: onnx.NodeProto, xs: tuple
     if any(e < 0 or e >= max(strides[i], dilations[i]) for i, e in enumerate(extra)):
         raise UnsupportedModelError(f"synthetic calibration: {node.op_type} node {node.name!r} has a geometry "
                                     "ConvTranspose cannot invert")
+    conv_pads = [(kernel[i % nd] - 1) * dilations[i % nd] - pads[i] + (extra[i - nd] if i >= nd else 0)
+                 for i in range(2 * nd)]
+    if weight is not None and all(s == 1 for s in strides) and any(k > 1 for k in kernel) and min(conv_pads) >= 0:
+        return em.op("Conv", [g, em.const(_flipped_weight(weight, group), "wflip")], pads=conv_pads,
+                     dilations=dilations, group=group, kernel_shape=kernel)
     return em.op("ConvTranspose", [g, w], strides=strides, pads=pads, dilations=dilations, group=group,
                  kernel_shape=kernel, output_padding=extra)
 
@@ -300,7 +320,7 @@ def _conv(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None])
     w = cx.need(node, node.input[1])
     group = int(attrs(node).get("group", 1))
     g = _transpose_conv(em, gys[0], node.input[1], node, cx.shape(node.input[0]), cx.shape(node.output[0]),
-                        list(w.shape[2:]), group)
+                        list(w.shape[2:]), group, w)
     return {0: g}
 
 
@@ -339,8 +359,8 @@ def _avgpool(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | Non
             counts[idx] = np.prod([min(idx[i] * strides[i] - pads[i] + kernel[i], xs[2 + i]) - max(idx[i] * strides[i]
                                    - pads[i], 0) for i in range(nd)])
     g = em.scale(gys[0], 1.0 / np.maximum(counts, 1.0))
-    ones = em.const(np.ones((xs[1], 1, *kernel), np.float32), "ones")
-    return {0: _transpose_conv(em, g, ones, node, xs, ys, kernel, xs[1])}
+    ones = np.ones((xs[1], 1, *kernel), np.float32)
+    return {0: _transpose_conv(em, g, em.const(ones, "ones"), node, xs, ys, kernel, xs[1], ones)}
 
 
 @rule("MaxPool")

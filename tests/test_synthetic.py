@@ -50,6 +50,11 @@ def _i64(*v: int) -> np.ndarray:
 CASES: dict[str, Callable[[], onnx.ModelProto]] = {
     "Conv": lambda: _model([_n("Conv", ["x", "w", "b"], strides=[2, 2], pads=[1, 0, 1, 1], dilations=[1, 2],
                                group=2)], {"w": _w(6, 2, 3, 3), "b": _w(6)}),
+    "Conv_stride1_grouped": lambda: _model([_n("Conv", ["x", "w"], pads=[2, 1, 0, 1], dilations=[1, 2], group=2)],
+                                           {"w": _w(6, 2, 3, 3)}),
+    "Conv_depthwise_5x5": lambda: _model([_n("Conv", ["x", "w"], pads=[2, 2, 2, 2], group=4)], {"w": _w(4, 1, 5, 5)}),
+    "Conv_depthwise_stride2": lambda: _model([_n("Conv", ["x", "w"], pads=[1, 1, 1, 1], strides=[2, 2], group=4)],
+                                             {"w": _w(8, 1, 3, 3)}),
     "Conv_same": lambda: _model([_n("Conv", ["x", "w"], auto_pad="SAME_UPPER", strides=[2, 2])], {"w": _w(3, 4, 2, 2)}),
     "BatchNormalization": lambda: _model([_n("BatchNormalization", ["x", "s", "b", "m", "v"])],
                                          {"s": _w(4), "b": _w(4), "m": _w(4), "v": np.abs(_w(4)) + 0.5}),
