@@ -44,6 +44,9 @@ CONFIGS: dict[str, dict] = {
     # writers keep what their readers use, readers what their writers cover (`upscale.coupled`)
     "coupled": {"drive": "coupled"},
     "coupled_ls": {"drive": "coupled", "reader_choice": "ls"},  # readers: least-squares (OBS) column choice
+    # ... and writers into a residual stream refit toward the original stream (`upscale.stream_repair`)
+    "coupled_ls_stream": {"drive": "coupled", "reader_choice": "ls", "stream_repair": True},
+    "share1_stream": {"share": 1.0, "stream_repair": True},  # the stream-aware repair on a constrained plan
 }
 
 

@@ -34,6 +34,10 @@ class UnconstrainedConfig:
     # output's mean; "ls" refits each layer's kept columns by ridge least squares on the original's inputs;
     # "seq" the same on the masked, already repaired model's own inputs, layer by layer; "none": masks only.
     repair: str = "none"
+    # repair="seq" only: writers into a residual stream (conv -> BatchNorm -> Add) refit toward the original
+    # stream minus what the other Add input now carries, so later writers compensate the channels earlier
+    # ones dropped (`upscale.stream_repair`); False: every layer toward its own original output.
+    stream_repair: bool = False
     # With calibration inputs (a repair needs them): readers weight their columns by their input's
     # measured per-channel energy (`scores.measured_energy`) instead of BatchNorm statistics.
     measure: bool = True

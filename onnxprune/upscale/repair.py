@@ -34,6 +34,7 @@ from onnxprune.repair import RepairReport, repair_sequential, repair_weights
 from onnxprune.upscale.config import REPAIRS
 from onnxprune.upscale.oracle import mean_repair, silenced_positions
 from onnxprune.upscale.records import UnconstrainedPlan
+from onnxprune.upscale.stream_repair import repair_stream
 
 # A removal label that stands for "the plan's silenced positions" (`PlanRemovals` ignores the labels, but
 # the repair functions treat an empty label array as "nothing removed").
@@ -69,13 +70,15 @@ def plan_removals(model: onnx.ModelProto, plan: UnconstrainedPlan) -> PlanRemova
 
 
 def repair_plan(model: onnx.ModelProto, plan: UnconstrainedPlan, method: str, calib: dict[str, np.ndarray],
-                *, damp: float = 0.01, seed: int = 0) -> tuple[onnx.ModelProto, RepairReport]:  # fmt: skip
+                *, damp: float = 0.01, seed: int = 0, stream: bool = False) -> tuple[onnx.ModelProto, RepairReport]:  # fmt: skip
     """`model` (the unsplit original) with its layers refitted for `plan` on calibration inputs `calib`.
 
     Args:
         method: "mean" (`oracle.mean_repair`), "ls" or "seq" (see the module docstring); "none": unchanged.
         calib: calibration inputs ``{input name: array}``, samples on axis 0.
         damp: ridge term, relative to the mean diagonal of each consumer's Hessian block.
+        stream: with "seq", writers into a residual stream refit toward the original stream minus what the
+            other Add input carries now (`stream_repair.repair_stream`).
     """
     if method not in REPAIRS:
         raise UsageError(f"unconstrained repair must be one of {', '.join(REPAIRS)}, got {method!r}")
@@ -85,6 +88,8 @@ def repair_plan(model: onnx.ModelProto, plan: UnconstrainedPlan, method: str, ca
         return mean_repair(model, plan, calib), RepairReport()
     removals = plan_removals(model, plan)
     data = CalibrationData({k: np.asarray(v) for k, v in calib.items()})
+    if method == "seq" and stream:
+        return repair_stream(removals, data, damp=damp, seed=seed)
     if method == "seq":
         return repair_sequential(removals, _ALL, data, damp=damp, seed=seed)
     stats = collect_stats(model, data, seed=seed)

@@ -1,0 +1,260 @@
+"""Stream-aware sequential repair of an unconstrained plan (``repair="seq"`` with ``stream_repair=True``).
+
+Start reading at `repair_stream`. Sequential repair (`onnxprune.repair.repair_sequential`) refits every
+consumer, wave by wave through depth, toward its *own* original output: ``W' x~ ~= W x``. On a residual
+stream that leaves each writer blind to the others: after the Add the stream is
+``s~ = skip~ + bn(W' x~)``, and the error the earlier writers left in ``skip~`` (channels they dropped,
+their own imperfect refits) stays on the stream however well this writer matches its own output. In an
+unconstrained plan the writers of one stream keep *different* channels, so a later writer that keeps a
+channel an earlier one dropped can put part of it back, if it is asked to.
+
+Here a *writer* (a consumer whose output reaches an Add of two activations through per-channel affine
+nodes only: ``conv -> BatchNormalization -> Add(., skip)``) refits toward the original stream value minus
+what the other Add input carries now:
+
+    bn(W' x~) ~= s - skip~ = bn(W x) + (skip - skip~)   =>   W' x~ ~= W x + (skip - skip~) / a
+
+with ``a`` the BatchNorm's per-channel scale (1 without one). Solved like the sequential repair (same rows,
+same ridge toward the original weights), the extra term adds ``E[d x~^T]`` to the right-hand side, with
+``d = (skip - skip~) / a`` sampled at the same output positions as the conv's input rows. The skip is
+final when the writer is fitted: everything upstream of it is in earlier waves (a writer whose skip is
+produced by a consumer of the same wave fits its own output, as before). Readers then refit on the
+repaired stream as in `repair_sequential`. Only the rows (output channels) the writer keeps matter: the
+others are masked again.
+
+Measured (pretrained CIFAR-10 ResNet20/44, l2, coupled drive, least-squares reader choice, 256 calibration
+images, all 10,000 test images): see `bench/unconstrained_cifar_results.txt`.
+"""
+
+from __future__ import annotations
+
+from itertools import zip_longest
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.calibration import (
+    CalibrationData,
+    Consumer,
+    consumers,
+    hessian_rows,
+    row_budget,
+    single_threaded_blas,
+)
+from onnxprune.channels import ChannelAnalysis, DimRef
+from onnxprune.graph import ModelGraph
+from onnxprune.layer_inputs import FrontierRunner
+from onnxprune.progress import task
+from onnxprune.repair import RepairReport, bias_slot, slot_value, with_values
+
+_AFFINE = ("BatchNormalization",)  # per-channel affine nodes a writer's output may pass before the Add
+
+
+def stream_writer(graph: ModelGraph, c: Consumer) -> tuple[str, np.ndarray] | None:
+    """(skip tensor, per-output-channel scale a) of a writer into a residual Add, else None.
+
+    The output of `c` must reach an Add of two activations through single-consumer BatchNormalization
+    nodes only (each scales channel j by gamma_j / sqrt(var_j + eps)); the Add's other input is the skip.
+    """
+    if c.kind != "conv":
+        return None
+    w_shape = c.weight_shape(graph)
+    scale = np.ones(w_shape[0])
+    tensor = c.node.output[0]
+    for _ in range(4):
+        uses = graph.consumers.get(tensor, [])
+        if len(uses) != 1:
+            return None
+        node = uses[0].node
+        if node.op_type in _AFFINE and uses[0].index == 0:
+            gamma, var = graph.const(node.input[1]), graph.const(node.input[4])
+            if gamma is None or var is None:
+                return None
+            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            scale = scale * np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
+            tensor = node.output[0]
+            continue
+        if node.op_type != "Add" or len(node.input) != 2:
+            return None
+        skip = node.input[1 - uses[0].index]
+        if graph.const(skip) is not None:
+            return None
+        return skip, scale
+    return None
+
+
+def repair_stream(analysis: ChannelAnalysis, data: CalibrationData, damp: float = 0.01, max_rows: int = 65536,
+                  seed: int = 0) -> tuple[onnx.ModelProto, RepairReport]:  # fmt: skip
+    """Sequential repair of `analysis`'s model with stream-aware writers (see the module docstring).
+
+    `analysis` is an `upscale.repair.PlanRemovals` (its removed positions are the plan's silenced ones); the
+    result is the original model with new values (same shapes, possibly new bias inputs).
+    """
+    from onnxprune.rewrite import apply_mask
+
+    labels = np.zeros(1, dtype=np.int64)  # PlanRemovals ignores the labels
+    graph = analysis.graph
+    report = RepairReport()
+    removed = analysis.removed_positions(labels)
+    if not removed:
+        return graph.model, report
+    cons = [c for c in consumers(graph) if len(graph.consumers.get(c.weight, [])) == 1]
+    for c in consumers(graph):
+        if len(graph.consumers.get(c.weight, [])) != 1 and DimRef(c.weight, c.in_axis) in removed:
+            report.skipped[c.name] = "weight shared with other nodes"
+    by_node = {id(c.node): c for c in cons}
+    cut_of = {c.name: removed.get(DimRef(c.weight, c.in_axis)) for c in cons}
+    changed = {ref.tensor for ref in removed}
+    level: dict[str, int] = {}
+    wave_of: dict[str, int] = {}
+    for node in graph.nodes:
+        ins = [i for i in node.input if i]
+        lv = max([level.get(i, 0) for i in ins], default=0)
+        dirty = any(i in changed for i in ins)
+        fit = by_node.get(id(node))
+        if fit is not None and (fit.x in changed or cut_of[fit.name] is not None):
+            wave_of[fit.name] = level.get(fit.x, 0)
+            lv = max(lv, wave_of[fit.name] + 1)
+            dirty = True
+        for o in node.output:
+            level[o] = lv
+            if dirty:
+                changed.add(o)
+    waves: dict[int, list[Consumer]] = {}
+    for c in cons:
+        if c.name in wave_of:
+            waves.setdefault(wave_of[c.name], []).append(c)
+    # Stream writers whose skip is final when they are fitted (every consumer upstream of it in an earlier wave).
+    writers: dict[str, tuple[str, np.ndarray]] = {}
+    for c in cons:
+        found = stream_writer(graph, c) if c.name in wave_of else None
+        if found is not None and level.get(found[0], 0) <= wave_of[c.name]:
+            writers[c.name] = found
+    base = apply_mask(analysis, labels)
+    base_values = {t.name: t for t in base.graph.initializer}
+    new_values: dict[str, np.ndarray] = {}
+    new_biases: list[tuple[onnx.NodeProto, str, np.ndarray]] = []
+    cur_values: dict[str, np.ndarray] = {}
+    cur_biases: list[tuple[onnx.NodeProto, str, np.ndarray]] = []
+    slots = {c.name: bias_slot(graph, c, c.weight_shape(graph)[c.out_axis]) for c in cons if c.name in wave_of}
+    runners = (FrontierRunner(data), FrontierRunner(data))
+    with task("stream-aware sequential repair", total=len(wave_of)) as progress:
+        for number, k in enumerate(sorted(waves), 1):
+            wave = waves[k]
+            progress.update(f"stream-aware sequential repair: wave {number}/{len(waves)}")
+            current = with_values(base, cur_values, cur_biases)
+            acc = _stream_stats(graph, current, wave, writers, data, max_rows, seed + 7919 * k, runners)
+            for c in progress.track(wave):
+                Ht, C, D = acc[c.name]
+                w = graph.initializer_value(c.weight)
+                wm = c.weight_matrix(w).astype(np.float64)
+                n_out = wm.shape[0]
+                slot = slots[c.name]
+                cut = cut_of[c.name]
+                gone = np.isin(c.feature_channel(w.shape), cut) if cut is not None else np.zeros(wm.shape[1], bool)
+                keep = np.flatnonzero(~gone)
+                if slot is not None:
+                    keep = np.append(keep, len(Ht) - 1)
+                    wa = np.concatenate([wm, slot_value(graph, slot, n_out)[:, None]], axis=1)
+                else:
+                    Ht, C, D = Ht[:-1, :-1], C[:-1, :-1], D[:, :-1]
+                    wa = wm
+                Hk = Ht[np.ix_(keep, keep)]
+                lam = damp * float(np.mean(np.diag(Hk))) + 1e-12
+                Hk[np.diag_indices(len(keep))] += lam
+                rhs = wa @ C[:, keep] + D[:, keep] + lam * wa[:, keep]
+                solved = np.linalg.solve(Hk, rhs.T).T
+                n_feat = int((~gone).sum())
+                new_w = wm.copy()
+                new_w[:, ~gone] = solved[:, :n_feat]
+                new_values[c.weight] = c.from_matrix(new_w, w)
+                cur_values[c.weight] = _remask(removed, base_values, c.weight, new_values[c.weight])
+                if slot is not None:
+                    delta = solved[:, -1] - wa[:, -1]
+                    if np.any(delta != 0):
+                        if slot.kind == "new":
+                            new_biases.append((c.node, slot.tensor, delta.astype(w.dtype)))
+                            masked_delta = delta.copy()
+                            cut_out = removed.get(DimRef(c.weight, c.out_axis))
+                            if cut_out is not None:
+                                masked_delta[cut_out] = 0.0
+                            cur_biases.append((c.node, slot.tensor, masked_delta.astype(w.dtype)))
+                            report.added_biases.append(slot.tensor)
+                        else:
+                            src = new_values.get(slot.tensor, graph.initializer_value(slot.tensor))
+                            val = (src + (slot.sign * delta).reshape(src.shape)).astype(src.dtype)
+                            new_values[slot.tensor] = val
+                            cur_values[slot.tensor] = _remask(removed, base_values, slot.tensor, val)
+                report.repaired.append(c.name)
+    return with_values(graph.model, new_values, new_biases), report
+
+
+def _remask(removed: dict[DimRef, np.ndarray], base_values: dict, name: str, value: np.ndarray) -> np.ndarray:
+    """`value` with every removed position of tensor `name` reset to the masked model's value there."""
+    out = np.array(value, copy=True)
+    masked = None
+    for ref, pos in removed.items():
+        if ref.tensor != name:
+            continue
+        if masked is None:
+            masked = numpy_helper.to_array(base_values[name])
+        index: list = [slice(None)] * out.ndim
+        index[ref.axis] = pos
+        out[tuple(index)] = masked[tuple(index)]
+    return out
+
+
+def output_rows(d: np.ndarray, per_sample: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows [positions, channels] of a conv output `d` ([batch, channels, *spatial]) at the positions
+    `calibration.hessian_rows` draws with the same generator state (same calls, same order)."""
+    parts = []
+    for i in range(d.shape[0]):
+        flat = d[i].reshape(d.shape[1], -1)
+        total = flat.shape[1]
+        pick = None if total <= per_sample else np.sort(rng.choice(total, per_sample, replace=False))
+        parts.append((flat if pick is None else flat[:, pick]).T)
+    return np.concatenate(parts)
+
+
+def _stream_stats(graph: ModelGraph, current: onnx.ModelProto, wave: list[Consumer],
+                  writers: dict[str, tuple[str, np.ndarray]], data: CalibrationData, max_rows: int, seed: int,
+                  runners: tuple[FrontierRunner, FrontierRunner]) -> dict[str, tuple[np.ndarray, ...]]:  # fmt: skip
+    """Per consumer of `wave`: (E[x~ x~^T], E[x x~^T], E[d x~^T]) over the same rows, [x 1] features; d is
+    a writer's stream correction ``(skip - skip~) / a`` at its output positions (zero for the others)."""
+    skips = {writers[c.name][0] for c in wave if c.name in writers}
+    names = sorted({c.x for c in wave} | skips)
+    run_o, run_c = runners
+    w_shapes = {c.name: c.weight_shape(graph) for c in wave}
+    feats = {c.name: c.feature_count(w_shapes[c.name]) for c in wave}
+    per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n))) for k, f in feats.items()}
+    hess = {c.name: np.zeros((feats[c.name] + 1,) * 2) for c in wave}
+    cross = {c.name: np.zeros((feats[c.name] + 1,) * 2) for c in wave}
+    stream = {c.name: np.zeros((w_shapes[c.name][c.out_axis], feats[c.name] + 1)) for c in wave}
+    counts = dict.fromkeys(hess, 0)
+    samples = zip_longest(run_o.run(graph.model, names), run_c.run(current, names))
+    with single_threaded_blas(), task("layer inputs and streams, original and pruned", total=data.n) as progress:
+        for i, (xo, xc) in enumerate(progress.track(samples)):
+            for j, c in enumerate(wave):
+                ro = hessian_rows(np.asarray(xo[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
+                                  np.random.default_rng([seed, i, j]))
+                rc = hessian_rows(np.asarray(xc[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
+                                  np.random.default_rng([seed, i, j]))
+                one = np.ones((len(rc), 1), np.float32)
+                ro, rc = np.concatenate([ro, one], axis=1), np.concatenate([rc, one], axis=1)
+                hess[c.name] += rc.T.astype(np.float64) @ rc
+                cross[c.name] += ro.T.astype(np.float64) @ rc
+                counts[c.name] += len(rc)
+                if c.name in writers:
+                    skip, scale = writers[c.name]
+                    d = np.asarray(xo[skip], np.float64) - np.asarray(xc[skip], np.float64)
+                    d /= _safe(scale).reshape((1, -1) + (1,) * (d.ndim - 2))
+                    rows = output_rows(d, per_sample[c.name], np.random.default_rng([seed, i, j]))
+                    stream[c.name] += rows.T @ rc
+    return {n: (hess[n] / max(1, k), cross[n] / max(1, k), stream[n] / max(1, k)) for n, k in counts.items()}
+
+
+def _safe(scale: np.ndarray) -> np.ndarray:
+    """The BatchNorm scale with near-zero entries kept away from 0 (sign kept)."""
+    floor = 1e-6 * max(float(np.abs(scale).max()), 1e-12)
+    return np.where(np.abs(scale) < floor, np.where(scale < 0, -floor, floor), scale)
