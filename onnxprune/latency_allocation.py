@@ -292,6 +292,12 @@ def solve_latency_target(
         max_group_ratio: the cap the units were made with (named when the target is out of reach).
     """
     predictions = _prefix_predictions(units, analysis, table)
+    if target >= 1:  # the dense model meets it: nothing to remove (measured once for the report; noise on a
+        # loaded machine once made a 1.0x target "correct" itself into pruning)
+        plan = LatencyPlan(plan_from_units([]), 0, float(predictions[0]), table.dense_ms)
+        dense_ms, pruned_ms = measure(plan.plan)
+        attempt = Attempt(plan, pruned_ms / dense_ms, dense_ms, pruned_ms)
+        return LatencyOutcome(target, attempt, (attempt,), True)
     lowest = predictions[_smallest_prefix(predictions)] / table.dense_ms if table.dense_ms > 0 else 1.0
     attempts: list[Attempt] = []
     asked = target  # the predicted ratio asked of the table this round
