@@ -11,8 +11,12 @@
   its sparse kernel is at least :data:`MIN_GAIN` times faster. So a sparse bundle is never slower than the
   dense one, layer by layer. Timings are cached (:data:`CACHE_FILE` under ``ONNXPRUNE_TUNE_CACHE``), keyed by
   target, shape, block and pattern density: the crossover table a recompile reads instead of measuring.
-  Targets that cannot execute here (wasm, arm, CUDA) decide by the cost model's estimate
-  (:data:`MODEL_CROSSOVER`), recorded as ``decided_by: "cost-model"``.
+  Wasm executes here too: the two variants of every candidate are linked into one throw-away wasm program
+  and timed interleaved under node (:func:`.wasm.time_functions`, the runner's ``--time`` mode; entries
+  say ``measured_on: "node (wasm, 1 thread)"``). Measuring needs the backend's ``build`` callable; without
+  one, a layer whose timings are in the cache (a crossover table measured before) is still decided by
+  them, and the rest, like every layer of targets that cannot execute here (arm, CUDA), by the cost
+  model's estimate (:data:`MODEL_CROSSOVER`), recorded as ``decided_by: "cost-model"``.
 * ``force``: every layer with any zeros goes sparse (tests, experiments).
 
 The result is the manifest's ``sparse`` field: the mode, and one entry per candidate layer (name, kind,
@@ -36,6 +40,7 @@ from tvm import relax
 from onnxprune import progress
 from onnxprune.errors import UsageError
 
+from . import wasm
 from .sparse_formats import choose_block, sparsity, to_bsr
 from .spec import TargetSpec
 from .tvm_sparse import Decision, Layer, sparsify
@@ -101,7 +106,8 @@ def measure(
     registers: int,
 ) -> list[tuple[float, float]]:
     """(dense us, sparse us) for each (layer, block), compiled together into one module and timed
-    interleaved on this machine (median of each round, best of the rounds)."""
+    interleaved on this machine (median of each round, best of the rounds): in this process for x86, under
+    node for wasm (:func:`.wasm.time_functions`, one thread). ``build`` compiles the module for ``spec``."""
     bb = relax.BlockBuilder()
     for i, (layer, _) in enumerate(layers):
         for variant in "ds":
@@ -114,11 +120,15 @@ def measure(
     blocks = {f"s{i}": Decision(block) for i, (_, block) in enumerate(layers)}
     mod = sparsify(lambda _layer, func: blocks.get(func), lanes, registers, spec.gpu)(bb.get())
     ex = build(mod)
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(layer.x_shape).astype(np.float32) for layer, _ in layers]
+    if spec.family == "wasm":  # wasm code runs only inside its own runtime: a throw-away program under node
+        calls = [(f"{variant}{i}", i) for i in range(len(layers)) for variant in "ds"]
+        us = wasm.time_functions(ex, spec, calls, arrays, rounds=3)
+        return [(us[f"d{i}"], us[f"s{i}"]) for i in range(len(layers))]
     dev = tvm.cpu()
     vm = relax.VirtualMachine(ex, dev)
-    rng = np.random.default_rng(0)
-    inputs = [tvm.runtime.tensor(rng.standard_normal(layer.x_shape).astype(np.float32), dev)
-              for layer, _ in layers]  # fmt: skip
+    inputs = [tvm.runtime.tensor(a, dev) for a in arrays]
     best = [[float("inf"), float("inf")] for _ in layers]
     for _round in range(3):
         for i in range(len(layers)):
@@ -149,6 +159,7 @@ def apply(
     sparsify(lambda _layer, _func: None, lanes, registers, spec.gpu, record=found)(mod)
     entries: dict[int, dict[str, Any]] = {}
     candidates: list[tuple[Layer, tuple[int, int]]] = []
+    cache = _load_cache() if build is None else {}  # without a builder, only what was measured before
     for layer in found:
         s = sparsity(layer.weight)
         if s == 0 or (mode == "auto" and s < MIN_SPARSITY):
@@ -163,13 +174,13 @@ def apply(
             entry.update(choice="sparse", decided_by="forced")
         elif choice.relative_cost > MAX_ESTIMATE:
             entry.update(choice="dense", decided_by="cost-model")
-        elif build is None:
+        elif build is None and _key(target, layer, choice.block) not in cache:
             entry.update(choice="sparse" if choice.relative_cost < MODEL_CROSSOVER else "dense",
                          decided_by="cost-model")  # fmt: skip
         else:
             candidates.append((layer, choice.block))
     if candidates:
-        _measure_into(candidates, entries, spec, target, build, lanes, registers)
+        _measure_into(candidates, entries, spec, target, build, lanes, registers, cache)
     chosen = {i: Decision(tuple(e["block"])) for i, e in entries.items() if e["choice"] == "sparse"}
     mod = sparsify(lambda layer, _func: chosen.get(layer.index), lanes, registers, spec.gpu)(mod)
     dense_bytes = sparse_bytes = 0
@@ -193,8 +204,9 @@ def _measure_into(
     build: Callable[[tvm.IRModule], Any] | None,
     lanes: int,
     registers: int,
+    cache: dict[str, list[float]] | None = None,
 ) -> None:
-    cache = _load_cache()
+    cache = cache or _load_cache()
     keys = [_key(target, layer, block) for layer, block in candidates]
     todo = [(c, k) for c, k in zip(candidates, keys) if k not in cache]
     if todo and build is not None:
@@ -210,3 +222,5 @@ def _measure_into(
             dense_us=dense_us, sparse_us=sparse_us, gain=round(gain, 3),
             choice="sparse" if gain >= MIN_GAIN else "dense", decided_by="measured",
         )  # fmt: skip
+        if spec.family == "wasm":
+            entries[layer.index]["measured_on"] = "node (wasm, 1 thread)"

@@ -7,6 +7,10 @@ emscripten into ``<runtime cache>/wasm32/libtvm_wasm_runtime.a``, using the mini
 ``runners/wasm/parallel_serial.cc`` runs parallel loops serially. The bundle's ``runner.js`` +
 ``runner.wasm`` run under node (``NODERAWFS``: plain file paths) with the same arguments as the C++ runner. The
 runner's source is not shipped: it is linked into ``runner.wasm`` and a device cannot rebuild it alone.
+
+:func:`time_functions` links any wasm executable the same way into a throw-away program and times some of its
+functions under node (the runner's ``--time`` mode): how the per-layer dense-or-sparse choice
+(:mod:`.tvm_sparse_choice`) measures layers for wasm.
 """
 
 from __future__ import annotations
@@ -16,12 +20,16 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from onnxprune import progress
 from onnxprune.errors import ToolchainError
 
 from .spec import TargetSpec
 from .toolchains import RUNNER_SOURCE, RUNNERS_DIR, _package_dir, require, runtime_cache
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SHIM = RUNNERS_DIR / "wasm" / "shim"
 SERIAL = RUNNERS_DIR / "wasm" / "parallel_serial.cc"
@@ -81,8 +89,8 @@ def wasm_runtime(emcc: str) -> Path:
     return out
 
 
-def export_wasm(ex: object, spec: TargetSpec, out: Path) -> dict[str, object]:
-    """Link the model objects, the runtime and the runner into ``runner.js`` + ``runner.wasm``."""
+def _link(ex: object, spec: TargetSpec, out: Path) -> None:
+    """Link the executable's wasm objects, the runtime and the runner into ``out/runner.js`` + ``runner.wasm``."""
     emcc = require(spec.compiler, f"to build {spec.name} bundles")
     require(spec.emulator, f"to run {spec.name} bundles")
     runtime = wasm_runtime(emcc)
@@ -98,7 +106,7 @@ def export_wasm(ex: object, spec: TargetSpec, out: Path) -> dict[str, object]:
 
         collect.output_format = "o"  # type: ignore[attr-defined]
         with progress.task("writing the model's wasm objects"):
-            ex.export_library(str(Path(tmp) / "model.out"), fcompile=collect)
+            ex.export_library(str(Path(tmp) / "model.out"), fcompile=collect)  # type: ignore[attr-defined]
         cmd = [
             emcc, "-O2", "-std=c++17", "-fexceptions", *_includes(), str(RUNNER_SOURCE), str(SERIAL), *objs,
             "-Wl,--whole-archive", str(runtime), "-Wl,--no-whole-archive", "-s", "NODERAWFS=1",
@@ -107,5 +115,50 @@ def export_wasm(ex: object, spec: TargetSpec, out: Path) -> dict[str, object]:
         ]  # fmt: skip
         with progress.task("linking runner.wasm with emcc"):
             _run(cmd, "linking the wasm bundle with emcc")
+
+
+def export_wasm(ex: object, spec: TargetSpec, out: Path) -> dict[str, object]:
+    """Link the model objects, the runtime and the runner into ``runner.js`` + ``runner.wasm``."""
+    _link(ex, spec, out)
     return {"library": "runner.wasm", "runner": {"program": "runner.js", "kind": "node"},
             "runtime": ["runner.wasm (TVM runtime linked in)"]}  # fmt: skip
+
+
+def time_functions(
+    ex: object, spec: TargetSpec, calls: list[tuple[str, int]], inputs: list[np.ndarray], rounds: int = 3
+) -> dict[str, float]:
+    """Microseconds per call of VM functions of ``ex`` (a wasm executable), timed under node.
+
+    ``calls``: (function name, index into ``inputs``) pairs, each function taking that one input. The
+    functions are timed interleaved inside one runner process (the runner's ``--time`` mode): ``rounds``
+    rounds over the list, each function's median per round, the best round kept.
+
+    Raises:
+        ToolchainError: emcc or node is missing, or the runner failed.
+    """
+    import numpy as np  # not at module level: the CLI's parser imports this module (start-up time)
+
+    node = require(spec.emulator, f"to run {spec.name} code")
+    with tempfile.TemporaryDirectory(prefix="onnxprune-wasmtime-") as tmp:
+        d = Path(tmp)
+        _link(ex, spec, d)
+        paths = []
+        for i, a in enumerate(inputs):
+            paths.append(str(d / f"x{i}.npy"))
+            np.save(paths[-1], np.ascontiguousarray(a))
+        cmd = [node, "--no-experimental-fetch", str(d / "runner.js"), "system", str(d), *paths,
+               "--time", ",".join(f"{name}:{i}" for name, i in calls), "--rounds", str(rounds)]  # fmt: skip
+        with progress.task(f"timing {len(calls)} function(s) under node"):
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=d, timeout=3600)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ToolchainError(f"timing under node failed (exit {proc.returncode}): {last[:300]}")
+    times = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "time_us":
+            times[parts[1]] = float(parts[2])
+    missing = [name for name, _ in calls if name not in times]
+    if missing:
+        raise ToolchainError(f"timing under node printed no time for {missing[0]}")
+    return times

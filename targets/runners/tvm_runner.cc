@@ -1,10 +1,15 @@
 // onnxprune bundle runner: loads a TVM Relax VM library, feeds it .npy inputs, writes .npy outputs.
 //
 // Usage: runner LIB OUT_DIR IN0.npy [IN1.npy ...] [--weights weights.bin] [--repeat N]
+//        runner LIB OUT_DIR IN0.npy [IN1.npy ...] --time NAME:I[,NAME:I ...] [--rounds R]
 //   LIB is the bundle's compiled library (model.so) or "system" for a statically linked system library
 //   (the wasm build). --weights loads the model's weights (TVM parameter-dict format, keys w0000, w0001 …)
 //   and passes them to main after the inputs. Outputs go to OUT_DIR/output_<i>.npy; with --repeat N the
 //   runner times N calls of main and prints "median_ms <value>" on stdout.
+//   --time times VM functions of one input each (function NAME called on input I), interleaved: R rounds
+//   (default 3) over the list, each function's median call time per round, and prints the best round as
+//   "time_us NAME <value>" per function (the per-layer dense-or-sparse choice of the wasm target, which can
+//   only be timed inside its own runtime). main is not called and no outputs are written.
 //
 // Depends only on the tvm-ffi headers (tvm/ffi/*, dlpack) and, at run time, on libtvm_runtime (which
 // registers the Relax VM loader) and libtvm_ffi.
@@ -162,17 +167,77 @@ void DefaultThreadCount() {
 #endif
 }
 
+double Seconds(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Median microseconds per call of f(arg): calls are batched so that one batch lasts >= 5 ms (timer
+// resolution, and node's performance.now() coarsening), 5 batches.
+double MedianCallUs(const ffi::Function& f, const ffi::AnyView& arg) {
+  ffi::Any tmp;
+  f.CallPacked(&arg, 1, &tmp);  // warm: first-call allocations, caches
+  int number = 1;
+  for (;;) {
+    auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < number; ++i) f.CallPacked(&arg, 1, &tmp);
+    double s = Seconds(t0);
+    if (s >= 0.005 || number >= (1 << 20)) break;
+    number = s <= 0 ? number * 10 : std::max(number + 1, static_cast<int>(number * 0.006 / s));
+  }
+  std::vector<double> us;
+  for (int b = 0; b < 5; ++b) {
+    auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < number; ++i) f.CallPacked(&arg, 1, &tmp);
+    us.push_back(Seconds(t0) * 1e6 / number);
+  }
+  std::sort(us.begin(), us.end());
+  return us[us.size() / 2];
+}
+
+// --time NAME:I,... : interleaved rounds over the functions, best round per function.
+void TimeFunctions(ffi::Module vm, const std::string& list, const std::vector<ffi::Any>& inputs, int rounds) {
+  std::vector<std::pair<std::string, size_t>> jobs;
+  std::stringstream ss(list);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    size_t colon = item.rfind(':');
+    if (colon == std::string::npos) Fail("--time expects NAME:INPUT_INDEX items, got " + item);
+    size_t idx = std::stoul(item.substr(colon + 1));
+    if (idx >= inputs.size()) Fail("--time " + item + ": no input " + std::to_string(idx));
+    jobs.emplace_back(item.substr(0, colon), idx);
+  }
+  std::vector<ffi::Function> fns;
+  for (auto& j : jobs) {
+    auto f = vm->GetFunction(j.first);
+    if (!f.has_value()) Fail("--time: the library has no function " + j.first);
+    fns.push_back(f.value());
+  }
+  std::vector<double> best(jobs.size(), 1e300);
+  for (int r = 0; r < rounds; ++r) {
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      best[i] = std::min(best[i], MedianCallUs(fns[i], ffi::AnyView(inputs[jobs[i].second])));
+    }
+  }
+  for (size_t i = 0; i < jobs.size(); ++i) std::printf("time_us %s %.3f\n", jobs[i].first.c_str(), best[i]);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   DefaultThreadCount();
   std::vector<std::string> pos;
   int repeat = 0;
+  int rounds = 3;
   std::string weights;
+  std::string time_list;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--repeat" && i + 1 < argc) {
       repeat = std::atoi(argv[++i]);
+    } else if (a == "--time" && i + 1 < argc) {
+      time_list = argv[++i];
+    } else if (a == "--rounds" && i + 1 < argc) {
+      rounds = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--weights" && i + 1 < argc) {
       weights = argv[++i];
     } else {
@@ -187,6 +252,12 @@ int main(int argc, char** argv) {
     ffi::Module vm = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
     // device type, device id, allocator type (2 = pooled), for the host device.
     vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2);
+    if (!time_list.empty()) {
+      std::vector<ffi::Any> inputs;
+      for (size_t i = 2; i < pos.size(); ++i) inputs.push_back(ReadNpy(pos[i]));
+      TimeFunctions(vm, time_list, inputs, rounds);
+      return 0;
+    }
     ffi::Function main_fn = vm->GetFunction("main").value();
     std::vector<ffi::Any> args;
     for (size_t i = 2; i < pos.size(); ++i) args.push_back(ReadNpy(pos[i]));

@@ -1,0 +1,136 @@
+"""Sparse kernels on wasm, run under node: group-sparse (``group:1x4``) bundles match onnxruntime within 1e-4
+(pointwise convs through the group kernel, a 3x3 conv and a Gemm through the run kernel), the weights file
+shrinks, and the per-layer dense-or-sparse choice is measured under node (the runner's ``--time`` mode),
+cached as the crossover table, and read by the wasm compile (``decided_by: "measured"``). Skips cleanly
+without tvm, emcc or node.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import helper, numpy_helper
+
+from tests.tvm_helpers import (
+    assert_matches,
+    needs_tvm,
+    ort_reference,
+    random_inputs,
+    save_graph,
+    skip_unless_tools,
+)
+
+pytestmark = needs_tvm
+
+
+@pytest.fixture
+def tune_cache(tmp_path, monkeypatch):
+    """A fresh crossover-table cache (timings are never read from another test's run)."""
+    monkeypatch.setenv("ONNXPRUNE_TUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _need_wasm_tools() -> None:
+    skip_unless_tools("emcc", "node", package_hint="apt-get install emscripten nodejs")
+
+
+def group_runs(w_kn: np.ndarray, s: float, rng: np.random.Generator, run: int = 4) -> np.ndarray:
+    """``w_kn`` ([K, N]) with a ``s`` fraction of its runs of ``run`` along K (one output each) zeroed."""
+    k, n = w_kn.shape
+    keep = rng.random((k // run, n)) >= s
+    return (w_kn * np.repeat(keep, run, axis=0)).astype(np.float32)
+
+
+def group_cnn(path: Path, *, s: float = 0.8, c: int = 16, hw: int = 8, seed: int = 0) -> Path:
+    """1x1 conv (bias, ReLU) -> 3x3 conv (pad 1, bias) -> 1x1 conv stride 2 (ReLU6) -> global pool -> Gemm
+    (bias), every weight group-sparse in runs of 4 input channels (the kernels' reduction order
+    (kh, kw, c))."""
+    rng = np.random.default_rng(seed)
+
+    def conv_w(o: int, i: int, k: int) -> np.ndarray:
+        w = group_runs(rng.standard_normal((k * k * i, o)).astype(np.float32) * 0.3, s, rng)
+        return np.ascontiguousarray(w.reshape(k, k, i, o).transpose(3, 2, 0, 1))  # OIHW
+
+    inits = [
+        numpy_helper.from_array(conv_w(2 * c, c, 1), "w1"),
+        numpy_helper.from_array(rng.standard_normal(2 * c).astype(np.float32), "b1"),
+        numpy_helper.from_array(conv_w(2 * c, 2 * c, 3), "w2"),
+        numpy_helper.from_array(rng.standard_normal(2 * c).astype(np.float32), "b2"),
+        numpy_helper.from_array(conv_w(4 * c, 2 * c, 1), "w3"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+        numpy_helper.from_array(np.ascontiguousarray(group_runs(
+            rng.standard_normal((4 * c, 10)).astype(np.float32), s, rng).T), "fw"),  # Gemm transB: [N, K]
+        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fb"),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c2", "w3"], ["c3"], strides=[2, 2]),
+        helper.make_node("Clip", ["c3", "lo", "hi"], ["r3"]),
+        helper.make_node("GlobalAveragePool", ["r3"], ["gp"]),
+        helper.make_node("Flatten", ["gp"], ["fl"]),
+        helper.make_node("Gemm", ["fl", "fw", "fb"], ["y"], transB=1),
+    ]
+    return save_graph(path, nodes, inits, "group_cnn", [1, c, hw, hw], [1, 10])
+
+
+def _dense_weight_bytes(model: Path) -> int:
+    import onnx
+
+    return sum(numpy_helper.to_array(t).nbytes for t in onnx.load(str(model)).graph.initializer
+               if len(t.dims) >= 2)  # fmt: skip
+
+
+def test_wasm_group_sparse_bundle_matches_onnxruntime(tmp_path, tune_cache):
+    """Every layer sparse (``--sparse force``): the bundle's outputs equal onnxruntime's within 1e-4 relative
+    under node, and the weights file holds about the stored fifth of the values (+ indices)."""
+    _need_wasm_tools()
+    from onnxprune.targets import compile_bundle, read_manifest, run_bundle
+
+    model = group_cnn(tmp_path / "m.onnx")
+    bundle = compile_bundle(model, "wasm", tmp_path / "b", sparse="force")
+    manifest = read_manifest(bundle)
+    layers = manifest["sparse"]["layers"]
+    assert [e["kind"] for e in layers] == ["conv2d"] * 3 + ["matmul"], layers
+    assert all(e["choice"] == "sparse" and e["block"] == [4, 1] for e in layers), layers
+    for seed in (0, 1):
+        inputs = random_inputs(manifest, seed)
+        assert_matches(run_bundle(bundle, inputs), ort_reference(model, inputs))
+    ratio = manifest["weights"]["bytes"] / _dense_weight_bytes(model)
+    assert ratio < 0.35, ratio  # 20% of the values + one int32 index per run of 4 (+ biases)
+
+
+def test_wasm_choice_is_measured_under_node_and_read_by_the_compile(tmp_path, tune_cache):
+    """The crossover table for wasm is measured under node: a 90% group-sparse pointwise conv times faster
+    sparse than dense (measured interleaved in one node process: a ratio, robust to load), the timings are
+    cached, and the wasm compile then decides by them and its bundle still matches onnxruntime."""
+    _need_wasm_tools()
+    from onnxprune.targets import compile_bundle, read_manifest, run_bundle
+    from onnxprune.targets.tvm_sparse_choice import CACHE_FILE
+    from onnxprune.targets.tvm_sparse_crossover import measure_crossovers
+
+    model = group_cnn(tmp_path / "m.onnx", s=0.9, c=32, hw=16, seed=3)
+    report = measure_crossovers(model, "wasm")
+    measured = [e for e in report["layers"] if e["decided_by"] == "measured"]
+    assert measured, report["layers"]
+    assert all(
+        e["dense_us"] > 0 and e["sparse_us"] > 0 and e["measured_on"].startswith("node") for e in measured
+    )
+    pointwise = [e for e in measured if e["layer"].startswith("conv0[1x1")]
+    assert pointwise and pointwise[0]["gain"] > 1.5, pointwise
+    cache = json.loads((tune_cache / CACHE_FILE).read_text())
+    assert sum(k.startswith("llvm") and "wasm32" in k for k in cache) == len(measured)
+    bundle = compile_bundle(model, "wasm", tmp_path / "b")  # --sparse auto: reads the table
+    manifest = read_manifest(bundle)
+    by_layer = {e["layer"]: e for e in manifest["sparse"]["layers"]}
+    for e in measured:
+        got = by_layer[e["layer"]]
+        assert (got["decided_by"], got["choice"], got["gain"]) == ("measured", e["choice"], e["gain"])
+    assert manifest["sparse"]["sparse_layer_count"] == sum(e["choice"] == "sparse" for e in report["layers"])
+    inputs = random_inputs(manifest)
+    assert_matches(run_bundle(bundle, inputs), ort_reference(model, inputs))
