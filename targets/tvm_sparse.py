@@ -1,23 +1,18 @@
-"""Sparse kernels in TensorIR and the Relax pass that puts them in place of dense layers.
+"""The Relax pass that puts block-sparse TensorIR kernels in place of dense layers, with their epilogues.
 
 A layer whose constant weight has many zeros (``onnxprune prune --sparsity``, or any pruned model) can run as
 a block-sparse kernel over the compressed weight (:class:`.sparse_formats.BSR`: values, K-block indices,
-block-column pointers). Three kernels are written here as TIR, scheduled by hand (register tile, vector
-width of the target):
+block-column pointers). The kernels, scheduled by hand (register tile, vector width of the target):
 
-* :func:`cpu_matmul_kernel`: ``Y[M, N] = X[M, K] @ W[K, N]`` (Gemm / MatMul with a constant weight). One
-  work item is a tile of ``rows`` inputs by one block column (``bn`` outputs); the accumulator tile
-  ``[rows, bn]`` lives in registers; for each stored block and each of its ``bk`` reduction rows the kernel
-  broadcasts ``rows`` input values and issues ``rows`` vector FMAs of width ``bn``. Zero blocks cost nothing.
-* :func:`cpu_conv_kernel`: a direct NHWC convolution (1x1 pointwise and KxK, any stride/dilation, groups 1)
-  with the same inner loop: the reduction index ``k`` of the ``[KH*KW*C, N]`` weight is decoded into
-  ``(kh, kw, c)`` once per reduction row (im2col without the copy); the tile is ``rows`` neighbouring output
-  pixels of one output row. The input is zero-padded by a separate ``nn.pad``.
-* :func:`cuda_matmul_kernel`: the matmul for CUDA, one thread per output (block column on ``blockIdx.x``,
-  input rows on ``blockIdx.y``, the block's ``bn`` outputs on ``threadIdx.x``).
+* :func:`cpu_matmul_kernel`: ``Y[M, N] = X[M, K] @ W[K, N]`` (Gemm / MatMul with a constant weight): with
+  output blocks :func:`.tvm_sparse_matmul.cpu_block_matmul_kernel`, with runs along K the conv kernel as a
+  1x1 convolution, or the group kernel (:mod:`.tvm_sparse_group`) where it applies;
+* :func:`.tvm_sparse_conv.cpu_conv_kernel`: a direct NHWC convolution (1x1 and KxK);
+* :func:`.tvm_sparse_conv.cuda_matmul_kernel`: the matmul for CUDA.
 
-Each kernel has a fused epilogue: ``+ bias`` then ``max(lo)`` / ``min(hi)`` (ReLU, ReLU6), so the sparse
-kernel replaces the dense kernel *with* its epilogue (:func:`fuse_epilogues`).
+Each kernel has a fused epilogue: ``+ bias`` then ``max(lo)`` / ``min(hi)`` (ReLU, ReLU6); the block matmul
+also ``+ residual`` (before the bounds) and GELU (after them). :func:`fuse_epilogues` folds the Relax ops
+that follow a sparse call into it, so the sparse kernel replaces the dense kernel *with* its epilogue.
 
 :func:`sparsify` is the Relax pass (run after the NHWC layout conversion, before the Winograd pass and
 channel padding): for each ``matmul`` / ``conv2d`` with a constant weight it asks a ``decide`` callback
@@ -29,36 +24,23 @@ into the bundle's weights file (so the file shrinks with the sparsity). Start re
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import tvm
 from tvm import relax, tirx
-from tvm.script import tirx as T
 
 from .sparse_formats import BSR, to_bsr
+from .tvm_sparse_conv import cpu_conv_kernel, cuda_matmul_kernel
 from .tvm_sparse_group import cpu_group_kernel, group_kernel_applies
-from .tvm_sparse_matmul import cpu_block_matmul_kernel, rows_tile
+from .tvm_sparse_matmul import cpu_block_matmul_kernel
 
-__all__ = [
-    "KERNEL_PREFIX",
-    "Layer",
-    "cpu_conv_kernel",
-    "cpu_matmul_kernel",
-    "cuda_matmul_kernel",
-    "fuse_epilogues",
-    "sparsify",
-]
+__all__ = ["KERNEL_PREFIX", "Decision", "Layer", "cpu_matmul_kernel", "fuse_epilogues", "sparsify"]
 
 #: Name prefix of every sparse kernel (the manifest, the schedules and the tests find them by it).
 KERNEL_PREFIX = "sparse_"
-#: Multiply-adds (stored) before a kernel's tiles run in parallel.
-PARALLEL_MIN_WORK = 1 << 16
-#: Most input rows in one register tile (more unrolls for little gain).
-MAX_ROWS = 8
-#: Independent accumulators per output vector (covers the FMA latency when the row tile is short).
-CHAINS = 4
 _BIG = 3.0e38
+_SQRT2 = 1.4142135623730951
 
 
 @dataclass(frozen=True)
@@ -96,205 +78,26 @@ class Layer:
 
 
 def cpu_matmul_kernel(
-    m: int, bsr: BSR, lanes: int, registers: int, lo: float = -_BIG, hi: float = _BIG
-) -> tirx.PrimFunc:
-    """``y[1, 1, m, n] = clip(x[1, 1, m, k] @ W + bias, lo, hi)`` for a BSR weight: with output blocks
-    (``bn > 1``) :func:`.tvm_sparse_matmul.cpu_block_matmul_kernel`, with runs along K the conv kernel with a
-    1x1 window over an ``m``-pixel image (the Relax side reshapes to and from 4-D, which costs nothing)."""
-    k, n = bsr.shape
-    if bsr.block[1] > 1:  # output blocks: the direct kernel (no conv index decoding)
-        return cpu_block_matmul_kernel(m, bsr, lanes, registers, lo, hi)
-    return cpu_conv_kernel((1, 1, m, k), (1, 1, m, n), (1, 1, (1, 1), (0, 0, 0, 0), (1, 1)), bsr, lanes,
-                           registers, lo, hi)  # fmt: skip
-
-
-def cpu_conv_kernel(
-    x_shape: tuple[int, ...],
-    out_shape: tuple[int, ...],
-    conv: tuple,
+    m: int,
     bsr: BSR,
     lanes: int,
     registers: int,
     lo: float = -_BIG,
     hi: float = _BIG,
+    residual: bool = False,
+    act: str = "",
 ) -> tirx.PrimFunc:
-    """Direct NHWC convolution over an already padded input ``x`` with a BSR ``[KH*KW*C, N]`` weight.
-
-    Two inner loops: blocks with ``bn > 1`` vectorise along the block's outputs (one broadcast + one vector
-    FMA per reduction row and tile row); blocks with ``bn == 1`` (runs along the reduction axis, group
-    sparsity ``1xR``) vectorise along the run (contiguous input channels) into per-lane partial sums, added up
-    once per output. ``bk`` divides the input channels, so a block never straddles two window positions.
-    """
-    nb_, hp, wp, c = x_shape
-    _, oh, ow, n = out_shape
-    kh, kw, strides, _pad, dilation = conv
-    sh, sw = strides
-    dh, dw = dilation
-    bk, bn = bsr.block
-    assert kh * kw * c == bsr.shape[0] and c % bk == 0
-    nnzb, nb = bsr.data.shape[0], n // bn
-    by_outputs = bn > 1 or bk == 1
-    width = bn if by_outputs else bk
-    rows = rows_tile(ow, width, lanes, registers, MAX_ROWS)
-    # independent accumulator chains: with a short tile the FMAs of consecutive blocks would otherwise wait
-    # on each other (4-cycle latency); blocks are taken `chains` at a time, each into its own accumulators
-    chains = max(1, CHAINS // rows)
-    per_row = ow // rows
-    tiles = nb_ * oh * per_row * nb
-    outer = T.parallel if bsr.nnz_blocks * bk * bn * nb_ * oh * ow >= PARALLEL_MIN_WORK else T.serial
-    img, win = nb * per_row * oh, nb * per_row  # tile index p -> (image, output row, column tile, block col)
-
-    if by_outputs:
-
-        @T.prim_func(private=True)
-        def kernel(
-            x: T.Buffer((nb_, hp, wp, c), "float32"),
-            data: T.Buffer((nnzb, bk, bn), "float32"),
-            indices: T.Buffer((nnzb,), "int32"),
-            indptr: T.Buffer((nb + 1,), "int32"),
-            bias: T.Buffer((n,), "float32"),
-            y: T.Buffer((nb_, oh, ow, n), "float32"),
-        ):
-            T.func_attr({"tirx.noalias": True})
-            for p in outer(tiles):
-                acc = T.alloc_buffer((chains, rows, bn), "float32", scope="local")
-                for a in T.unroll(chains):
-                    for t in T.unroll(rows):
-                        for v in T.vectorized(bn):
-                            acc[a, t, v] = T.float32(0)
-                for e4 in T.serial((indptr[p % nb + 1] - indptr[p % nb]) // chains):
-                    for a in T.unroll(chains):
-                        for kk in T.unroll(bk):
-                            for t in T.unroll(rows):
-                                for v in T.vectorized(bn):
-                                    acc[a, t, v] = (
-                                        acc[a, t, v]
-                                        + x[
-                                            p // img,
-                                            p // win % oh * sh
-                                            + indices[indptr[p % nb] + e4 * chains + a] * bk // (kw * c) * dh,
-                                            (p // nb % per_row * rows + t) * sw
-                                            + indices[indptr[p % nb] + e4 * chains + a] * bk // c % kw * dw,
-                                            indices[indptr[p % nb] + e4 * chains + a] * bk % c + kk,
-                                        ]
-                                        * data[indptr[p % nb] + e4 * chains + a, kk, v]
-                                    )
-                for e in T.serial(
-                    indptr[p % nb] + (indptr[p % nb + 1] - indptr[p % nb]) // chains * chains,
-                    indptr[p % nb + 1],
-                ):
-                    for kk in T.unroll(bk):
-                        for t in T.unroll(rows):
-                            for v in T.vectorized(bn):
-                                acc[0, t, v] = (
-                                    acc[0, t, v]
-                                    + x[
-                                        p // img,
-                                        p // win % oh * sh + indices[e] * bk // (kw * c) * dh,
-                                        (p // nb % per_row * rows + t) * sw + indices[e] * bk // c % kw * dw,
-                                        indices[e] * bk % c + kk,
-                                    ]
-                                    * data[e, kk, v]
-                                )
-                for a in T.unroll(1, chains):
-                    for t in T.unroll(rows):
-                        for v in T.vectorized(bn):
-                            acc[0, t, v] = acc[0, t, v] + acc[a, t, v]
-                for t in T.unroll(rows):
-                    for v in T.vectorized(bn):
-                        y[p // img, p // win % oh, p // nb % per_row * rows + t, p % nb * bn + v] = T.min(
-                            T.max(acc[0, t, v] + bias[p % nb * bn + v], T.float32(lo)), T.float32(hi)
-                        )
-
-        return kernel
-
-    @T.prim_func(private=True)
-    def kernel_runs(
-        x: T.Buffer((nb_, hp, wp, c), "float32"),
-        data: T.Buffer((nnzb, bk, 1), "float32"),
-        indices: T.Buffer((nnzb,), "int32"),
-        indptr: T.Buffer((nb + 1,), "int32"),
-        bias: T.Buffer((n,), "float32"),
-        y: T.Buffer((nb_, oh, ow, n), "float32"),
-    ):
-        T.func_attr({"tirx.noalias": True})
-        for p in outer(tiles):
-            acc = T.alloc_buffer((chains, rows, bk), "float32", scope="local")
-            total = T.alloc_buffer((rows,), "float32", scope="local")
-            for a in T.unroll(chains):
-                for t in T.unroll(rows):
-                    for kk in T.vectorized(bk):
-                        acc[a, t, kk] = T.float32(0)
-            for e4 in T.serial((indptr[p % nb + 1] - indptr[p % nb]) // chains):
-                for a in T.unroll(chains):
-                    for t in T.unroll(rows):
-                        for kk in T.vectorized(bk):
-                            acc[a, t, kk] = (
-                                acc[a, t, kk]
-                                + x[
-                                    p // img,
-                                    p // win % oh * sh
-                                    + indices[indptr[p % nb] + e4 * chains + a] * bk // (kw * c) * dh,
-                                    (p // nb % per_row * rows + t) * sw
-                                    + indices[indptr[p % nb] + e4 * chains + a] * bk // c % kw * dw,
-                                    indices[indptr[p % nb] + e4 * chains + a] * bk % c + kk,
-                                ]
-                                * data[indptr[p % nb] + e4 * chains + a, kk, 0]
-                            )
-            for e in T.serial(
-                indptr[p % nb] + (indptr[p % nb + 1] - indptr[p % nb]) // chains * chains, indptr[p % nb + 1]
-            ):
-                for t in T.unroll(rows):
-                    for kk in T.vectorized(bk):
-                        acc[0, t, kk] = (
-                            acc[0, t, kk]
-                            + x[
-                                p // img,
-                                p // win % oh * sh + indices[e] * bk // (kw * c) * dh,
-                                (p // nb % per_row * rows + t) * sw + indices[e] * bk // c % kw * dw,
-                                indices[e] * bk % c + kk,
-                            ]
-                            * data[e, kk, 0]
-                        )
-            for t in T.unroll(rows):
-                total[t] = bias[p % nb]
-                for a in T.serial(chains):
-                    for kk in T.serial(bk):
-                        total[t] = total[t] + acc[a, t, kk]
-                y[p // img, p // win % oh, p // nb % per_row * rows + t, p % nb] = T.min(
-                    T.max(total[t], T.float32(lo)), T.float32(hi)
-                )
-
-    return kernel_runs
-
-
-def cuda_matmul_kernel(m: int, bsr: BSR, lo: float = -_BIG, hi: float = _BIG) -> tirx.PrimFunc:
-    """The BSR matmul for CUDA: one thread per output element, the block columns across thread blocks."""
+    """``y[1, 1, m, n] = act(clip(x[1, 1, m, k] @ W + bias [+ res], lo, hi))`` for a BSR weight: with output
+    blocks (``bn > 1``) :func:`.tvm_sparse_matmul.cpu_block_matmul_kernel`, with runs along K the conv kernel
+    with a 1x1 window over an ``m``-pixel image (the Relax side reshapes to and from 4-D, which costs
+    nothing; that kernel has no residual or activation)."""
     k, n = bsr.shape
-    bk, bn = bsr.block
-    nnzb, nb = bsr.data.shape[0], n // bn
-
-    @T.prim_func(private=True)
-    def kernel(
-        x: T.Buffer((m, k), "float32"),
-        data: T.Buffer((nnzb, bk, bn), "float32"),
-        indices: T.Buffer((nnzb,), "int32"),
-        indptr: T.Buffer((nb + 1,), "int32"),
-        bias: T.Buffer((n,), "float32"),
-        y: T.Buffer((m, n), "float32"),
-    ):
-        T.func_attr({"tirx.noalias": True})
-        for j in T.thread_binding(nb, thread="blockIdx.x"):
-            for i in T.thread_binding(m, thread="blockIdx.y"):
-                for v in T.thread_binding(bn, thread="threadIdx.x"):
-                    acc = T.alloc_buffer((1,), "float32", scope="local")
-                    acc[0] = T.float32(0)
-                    for e in T.serial(indptr[j], indptr[j + 1]):
-                        for kk in T.serial(bk):
-                            acc[0] = acc[0] + x[i, indices[e] * bk + kk] * data[e, kk, v]
-                    y[i, j * bn + v] = T.min(T.max(acc[0] + bias[j * bn + v], T.float32(lo)), T.float32(hi))
-
-    return kernel
+    if bsr.block[1] > 1:  # output blocks: the direct kernel (no conv index decoding)
+        return cpu_block_matmul_kernel(m, bsr, lanes, registers, lo, hi, residual, act)
+    if residual or act:
+        raise ValueError("the 1x1-conv form of the sparse matmul has no residual / activation epilogue")
+    return cpu_conv_kernel((1, 1, m, k), (1, 1, m, n), (1, 1, (1, 1), (0, 0, 0, 0), (1, 1)), bsr, lanes,
+                           registers, lo, hi)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,7 +118,10 @@ class _Made:
     bsr: BSR
     lo: float = -_BIG
     hi: float = _BIG
-    has_bias: bool = False
+    #: The kernel adds a residual input (a tensor of the output's shape) before the bounds.
+    residual: bool = False
+    #: Activation after the bounds: "" or "gelu".
+    act: str = ""
 
 
 @dataclass
@@ -331,18 +137,27 @@ class KernelFactory:
         layer = made.layer
         if self.gpu:
             f = cuda_matmul_kernel(layer.rows, made.bsr, made.lo, made.hi)
-        elif group_kernel_applies(made.bsr, layer.rows, self.lanes, (1, 1) if layer.conv is None else layer.conv[:2]):
+        elif group_kernel_applies(
+            made.bsr, layer.rows, self.lanes, (1, 1) if layer.conv is None else layer.conv[:2]
+        ):
             k, n = layer.weight.shape
             x_shape, out_shape = ((1, 1, layer.rows, k), (1, 1, layer.rows, n)) if layer.conv is None else (
                 _padded(layer), layer.out_shape)  # fmt: skip
             strides = (1, 1) if layer.conv is None else layer.conv[2]
             f = cpu_group_kernel(x_shape, out_shape, strides, made.bsr, self.lanes, made.lo, made.hi)
         elif layer.conv is None:
-            f = cpu_matmul_kernel(layer.rows, made.bsr, self.lanes, self.registers, made.lo, made.hi)
+            f = cpu_matmul_kernel(layer.rows, made.bsr, self.lanes, self.registers, made.lo, made.hi,
+                                  made.residual, made.act)  # fmt: skip
         else:
             f = cpu_conv_kernel(_padded(layer), layer.out_shape, layer.conv, made.bsr, self.lanes,
                                 self.registers, made.lo, made.hi)  # fmt: skip
         return f.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)  # opaque: never fused
+
+    def full_epilogue(self, made: _Made) -> bool:
+        """Whether the call's kernel takes a residual and GELU too (the CPU block matmul)."""
+        layer = made.layer
+        return (not self.gpu and layer.conv is None and made.bsr.block[1] > 1
+                and not group_kernel_applies(made.bsr, layer.rows, self.lanes, (1, 1)))  # fmt: skip
 
 
 def _padded(layer: Layer) -> tuple[int, ...]:
@@ -466,9 +281,15 @@ def _scalar(e: relax.Expr) -> float | None:
 
 
 def fuse_epilogues(factory: KernelFactory) -> tvm.transform.Pass:
-    """Relax pass: fold ``add(sparse, bias)``, ``maximum(sparse, lo)``, ``minimum(sparse, hi)`` into the sparse
-    kernel that produced the value (a bias that is constant along all but the last axis; scalar bounds), when
-    the sparse value has no other use. The replaced call becomes dead code."""
+    """Relax pass: fold the element-wise ops that follow a sparse call into its kernel, when the sparse value
+    has no other use; the replaced ops become dead code.
+
+    Folded: ``add(sparse, bias)`` (a constant along the last axis, either operand order; added to the bias
+    the kernel already has), ``maximum(sparse, lo)`` / ``nn.relu`` / ``minimum(sparse, hi)`` (scalar bounds);
+    for the CPU block matmul also ``add(sparse, r)`` with a tensor ``r`` of the same shape (a residual
+    connection, before any bound) and the exact GELU ``x * (erf(x / sqrt 2) + 1) * 0.5`` as BERT exports it
+    (after the bounds, the last op a kernel takes). Each round folds one op per sparse call.
+    """
 
     def uses(func: relax.Function) -> dict[relax.Var, int]:
         count: dict[relax.Var, int] = {}
@@ -482,64 +303,131 @@ def fuse_epilogues(factory: KernelFactory) -> tvm.transform.Pass:
         relax.analysis.post_order_visit(func, visit)
         return count
 
+    def is_op(e: relax.Expr | None, name: str) -> bool:
+        return isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == name
+
     @relax.expr_functor.mutator
     class _Fuse(relax.PyExprMutator):
         def __init__(self, mod: tvm.IRModule, n_uses: dict) -> None:
             super().__init__(mod)
             self.n_uses = n_uses
 
-        def visit_call_(self, call: relax.Call) -> relax.Expr:
-            call = super().visit_call_(call)
-            if not isinstance(call.op, tvm.ir.Op) or call.op.name not in (
-                "relax.add", "relax.maximum", "relax.minimum", "relax.nn.relu"
-            ):  # fmt: skip
-                return call
-            value, other = call.args[0], (call.args[1] if len(call.args) > 1 else None)
-            if call.op.name == "relax.add" and _const(value) is not None:
-                value, other = other, value  # bias + x (Hugging Face exports)
-            src = value
-            inner = self.lookup_binding(src) if isinstance(src, relax.Var) else None
-            reshape_to = None
-            if isinstance(inner, relax.Call) and inner.op == tvm.ir.Op.get("relax.reshape"):
+        def _bound(self, e: relax.Expr) -> relax.Expr | None:
+            return self.lookup_binding(e) if isinstance(e, relax.Var) else None
+
+        def _sparse(self, value: relax.Expr, n_uses: int = 1) -> tuple | None:
+            """``(call_tir, made, reshape_to)`` when ``value`` (used ``n_uses`` times) is a sparse call's
+            only use, through at most one reshape (vars made in this round have no count yet: next round)."""
+            if not isinstance(value, relax.Var) or self.n_uses.get(value) != n_uses:
+                return None
+            src, inner, reshape_to = value, self._bound(value), None
+            if is_op(inner, "relax.reshape"):
                 reshape_to, src = inner.args[1], inner.args[0]
-                inner = self.lookup_binding(src) if isinstance(src, relax.Var) else None
-            if not (isinstance(inner, relax.Call) and inner.op == tvm.ir.Op.get("relax.call_tir")):
-                return call
+                inner = self._bound(src)
+                if self.n_uses.get(src) != 1:
+                    return None
+            if not is_op(inner, "relax.call_tir"):
+                return None
             made = factory.made.get(inner.args[0].name_hint)
-            # only the sparse value's one consumer (vars made in this round have no count yet: next round)
-            if made is None or self.n_uses.get(src) != 1 or self.n_uses.get(value) != 1:
-                return call
-            n = made.layer.weight.shape[1]
-            new = _Made(made.layer, made.bsr, made.lo, made.hi, made.has_bias)
-            fields = list(inner.args[1].fields)
-            if call.op.name == "relax.add":
-                b = _const(other)
-                if made.has_bias or made.lo > -_BIG or made.hi < _BIG or b is None or b.size != n:
-                    return call
-                if b.shape[-1] != n:
-                    return call
-                fields[4] = relax.const(b.reshape(n).astype(np.float32))
-                new.has_bias = True
-            else:
-                bound = 0.0 if call.op.name == "relax.nn.relu" else _scalar(other)
-                if bound is None:
-                    return call
-                if call.op.name in ("relax.maximum", "relax.nn.relu") and made.hi >= _BIG:
-                    new.lo = max(made.lo, bound)
-                elif call.op.name == "relax.minimum":
-                    new.hi = min(made.hi, bound)
-                else:
-                    return call
+            return None if made is None else (inner, made, reshape_to)
+
+        def _emit(self, found: tuple, new: _Made, fields: list[relax.Expr]) -> relax.Expr:
+            inner, made, reshape_to = found
             gv = self.builder_.add_func(factory.func(new), f"{KERNEL_PREFIX}{made.layer.kind}")
-            factory.made[gv.name_hint] = new
+            factory.made[gv.name_hint] = new  # kernels are shared by equal shapes: same flags, same name
             y = relax.call_tir(gv, fields, inner.ty)
             if reshape_to is not None:
                 y = relax.op.reshape(self.builder_.normalize(y), reshape_to)
             return y
 
+        def _gelu_input(self, call: relax.Call) -> relax.Expr | None:
+            """``x`` when ``call`` is ``(x * (erf(x / sqrt 2) + 1)) * 0.5`` (operands in either order)."""
+            a, b = call.args
+            if _scalar(a) == 0.5:
+                a, b = b, a
+            prod = self._bound(a)
+            if _scalar(b) != 0.5 or not is_op(prod, "relax.multiply") or self.n_uses.get(a) != 1:
+                return None
+            for x, one_plus in (prod.args, prod.args[::-1]):
+                add = self._bound(one_plus)
+                if not is_op(add, "relax.add") or self.n_uses.get(one_plus) != 1:
+                    continue
+                erf_var = add.args[0] if _scalar(add.args[1]) == 1.0 else add.args[1]
+                if _scalar(add.args[0]) != 1.0 and _scalar(add.args[1]) != 1.0:
+                    continue
+                erf = self._bound(erf_var)
+                if not is_op(erf, "relax.erf") or self.n_uses.get(erf_var) != 1:
+                    continue
+                scaled = self._bound(erf.args[0])
+                if self.n_uses.get(erf.args[0]) != 1 or not (
+                    (is_op(scaled, "relax.divide") and _close(_scalar(scaled.args[1]), _SQRT2))
+                    or (is_op(scaled, "relax.multiply") and _close(_scalar(scaled.args[1]), 1 / _SQRT2))
+                ):
+                    continue
+                if scaled.args[0].same_as(x):
+                    return x
+            return None
+
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op):
+                return call
+            name = call.op.name
+            if name == "relax.multiply":
+                x = self._gelu_input(call)
+                found = self._sparse(x, n_uses=2) if x is not None else None
+                if found is None or not factory.full_epilogue(found[1]) or found[1].act:
+                    return call
+                return self._emit(found, replace(found[1], act="gelu"), list(found[0].args[1].fields))
+            if name == "relax.add":
+                return self._add(call)
+            if name not in ("relax.maximum", "relax.minimum", "relax.nn.relu"):
+                return call
+            found = self._sparse(call.args[0])
+            if found is None or found[1].act:
+                return call
+            made = found[1]
+            bound = 0.0 if name == "relax.nn.relu" else _scalar(call.args[1])
+            if bound is None:
+                return call
+            if name in ("relax.maximum", "relax.nn.relu") and made.hi >= _BIG:
+                new = replace(made, lo=max(made.lo, bound))
+            elif name == "relax.minimum":
+                new = replace(made, hi=min(made.hi, bound))
+            else:
+                return call
+            return self._emit(found, new, list(found[0].args[1].fields))
+
+        def _add(self, call: relax.Call) -> relax.Expr:
+            for value, other in (call.args, call.args[::-1]):
+                found = self._sparse(value)
+                if found is None:
+                    continue
+                inner, made, _ = found
+                if made.lo > -_BIG or made.hi < _BIG or made.act:
+                    return call
+                n = made.layer.weight.shape[1]
+                fields = list(inner.args[1].fields)
+                b = _const(other)
+                if b is not None:  # a bias, constant along all but the last axis
+                    if made.residual or b.size != n or b.shape[-1] != n:
+                        return call
+                    old = _const(fields[4])
+                    fields[4] = relax.const((old + b.reshape(n)).astype(np.float32))
+                    return self._emit(found, made, fields)
+                # a residual: a tensor of the sparse value's own shape (no broadcasting)
+                if (made.residual or not factory.full_epilogue(made)
+                        or _static(getattr(other.ty, "shape", None)) != _static(value.ty.shape)
+                        or str(other.ty.dtype) != "float32"):  # fmt: skip
+                    return call
+                out_shape = [int(d) for d in inner.ty.shape.values]
+                fields.insert(5, self.builder_.emit(relax.op.reshape(other, out_shape)))
+                return self._emit(found, replace(made, residual=True), fields)
+            return call
+
     @tvm.transform.module_pass(opt_level=0, name="FuseSparseEpilogues")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        for _round in range(4):  # bias, then lo, then hi: one op per round (each needs the previous fused)
+        for _round in range(4):  # e.g. bias, residual, lo, hi: one op per round (each needs the one before)
             for gv, func in list(mod.functions_items()):
                 if isinstance(func, relax.Function):
                     mutator = _Fuse(mod, uses(func))
@@ -549,6 +437,10 @@ def fuse_epilogues(factory: KernelFactory) -> tvm.transform.Pass:
         return _drop_uncalled(mod)
 
     return _pass
+
+
+def _close(a: float | None, b: float) -> bool:
+    return a is not None and abs(a - b) <= 1e-6 * abs(b)
 
 
 def _drop_uncalled(mod: tvm.IRModule) -> tvm.IRModule:
