@@ -91,6 +91,10 @@ NOISY = 0.25
 #: The rounding label of auto rounding with a uniform --ratio (``--allocation uniform``); plain "auto" is the
 #: default, latency-weighted where the uniform bound is below 0.9 (`passes.latency_select.weighted_ratio_plan`).
 UNIFORM = "auto-u"
+#: Auto rounding with the latency table's micro-model prices as they are (``ONNXPRUNE_LATENCY_IN_MODEL=0``:
+#: no calibration against the whole model's profile, `onnxprune.latency.calibrate`), the default before
+#: 2026-12-03 evening: for comparing.
+ALONE = "auto-a"
 
 
 @dataclass
@@ -127,13 +131,15 @@ def shape_flags(shapes: dict[str, list[int]]) -> list[str]:
 
 
 def prune_cli(
-    model: Path, out: Path, flags: Sequence[str], cache: Path
+    model: Path, out: Path, flags: Sequence[str], cache: Path, env: dict[str, str] | None = None
 ) -> tuple[dict, float]:
-    """``onnxprune prune MODEL -o OUT FLAGS --no-verify --json`` in a subprocess; (summary, seconds)."""
+    """``onnxprune prune MODEL -o OUT FLAGS --no-verify --json`` in a subprocess (`env` added to its
+    environment); (summary, seconds)."""
     cmd = [sys.executable, "-m", "onnxprune.cli", "prune", str(model), "-o", str(out), *flags,
            "--no-verify", "--json", "--latency-cache", str(cache)]  # fmt: skip
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
+                          env={**os.environ, **env} if env else None)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -178,10 +184,11 @@ def prune_all(
             for rounding in args.roundings:
                 out = work / f"{name}_{ratio}_{rounding}.onnx"
                 uniform = rounding == UNIFORM
-                flags = ["--ratio", str(ratio), "--round-to", "auto" if uniform else rounding, *shape_flags(shapes),
-                         *(["--allocation", "uniform"] if uniform else [])]
+                flags = ["--ratio", str(ratio), "--round-to", "auto" if rounding in (UNIFORM, ALONE) else rounding,
+                         *shape_flags(shapes), *(["--allocation", "uniform"] if uniform else [])]
+                env = {"ONNXPRUNE_LATENCY_IN_MODEL": "0"} if rounding == ALONE else None
                 try:
-                    summary, seconds = prune_cli(src, out, flags, cache)
+                    summary, seconds = prune_cli(src, out, flags, cache, env)
                 except RuntimeError as e:
                     log.append(f"FAILED {name} ratio {ratio} round-to {rounding}: {e}")
                     print(log[-1], flush=True)
@@ -272,10 +279,10 @@ def efficiency_table(variants: list[Variant], args: argparse.Namespace) -> list[
         )
     lines += ["", "Judged (issue 13): efficiency >= 0.9 and speedup >= 1 with the defaults (round-to auto):"]
     for b in backends:
-        for rounding in ("auto", UNIFORM):
+        for rounding in ("auto", UNIFORM, ALONE):
             judged_row(lines, [v for v in variants if v.rounding == rounding and b in v.speedup
                                and v.model != "minilm_l6"], b, f"{names.get(b, b)} {rounding}")  # fmt: skip
-    for first, second in (("auto", "1"), (UNIFORM, "1"), ("auto", UNIFORM)):
+    for first, second in (("auto", "1"), (UNIFORM, "1"), ("auto", UNIFORM), ("auto", ALONE)):
         head = f"{first} vs round-to {second} (speedup ratio at the same --ratio, > 1: {first} is faster):"
         for b in backends:
             pairs = [(a, o) for a in variants for o in variants if a.rounding == first and o.rounding == second
@@ -352,7 +359,7 @@ def bound_lines(bounds: list[dict], variants: list[Variant], args: argparse.Name
         cells = []
         for row in b["rows"]:
             measured = [f"{v.rounding} {e:.2f}" for v in variants if v.model == b["model"] and v.ratio == row["ratio"]
-                        and v.rounding in ("auto", UNIFORM) and (e := v.efficiency("ort1")) is not None]  # fmt: skip
+                        and v.rounding in ("auto", UNIFORM, ALONE) and (e := v.efficiency("ort1")) is not None]  # fmt: skip
             cells.append(f"{row['ratio']:.1f}: {row['efficiency']:.2f}" + (f" ({', '.join(measured)})" if measured else ""))
             if row["efficiency"] < 0.9:
                 short.append(f"{MODELS[b['model']][0]}@{row['ratio']:.1f} {row['efficiency']:.2f}")
@@ -466,7 +473,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--models", default=None, help=f"comma-separated zoo names (default {','.join(DEFAULT_MODELS)})"
     )
     p.add_argument("--ratios", default=None)
-    p.add_argument("--roundings", default="auto,auto-u,1,16", help="auto (the default), auto-u (auto, --allocation uniform), or N")
+    p.add_argument("--roundings", default="auto,auto-u,1,16",
+                   help="auto (the default), auto-u (auto, --allocation uniform), auto-a (auto, micro-model prices "
+                        "not calibrated in-model), or N")
     p.add_argument("--threads", default=None, help="onnxruntime intra-op threads to time with (default 1,2)")
     p.add_argument("--tvm", default=None, help="MODEL@RATIO,... timed as TVM x86 bundles ('' for none)")
     p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 15, quick 9)")

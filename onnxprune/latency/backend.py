@@ -30,6 +30,7 @@ import functools
 import os
 import platform
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -159,8 +160,9 @@ class OrtBackend:
     def __repr__(self) -> str:
         return f"OrtBackend({self.providers!r}, threads={self.threads})"
 
-    def session(self, model: onnx.ModelProto) -> Any:
-        """An inference session configured as this backend measures."""
+    def session(self, model: onnx.ModelProto, *, profile_prefix: str | None = None) -> Any:
+        """An inference session configured as this backend measures (profiling into files named
+        `profile_prefix` when given)."""
         import onnxruntime as ort
 
         from onnxprune import external
@@ -171,6 +173,9 @@ class OrtBackend:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        if profile_prefix is not None:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
         if external.has_lazy(model):  # onnxruntime needs the weights in memory
             model = external.materialize(model)
         providers = list(self.providers)
@@ -191,6 +196,34 @@ class OrtBackend:
 
     def probe_counts(self, size: int, lowest: int) -> list[int]:
         return ort_probe_counts(size, lowest)
+
+    def profile_nodes(self, model: onnx.ModelProto, *, warmup: int = 3, repeat: int = 20) -> dict[str, float]:
+        """Each kernel's latency inside the whole model: onnxruntime's profiler
+        (``SessionOptions.enable_profiling``), median over `repeat` runs after `warmup` untimed ones, in ms,
+        keyed by the node names of the optimized graph (``<tensor>_nchwc`` for NCHWc convolutions, the fused
+        node's name for fusions, ``ReorderInput``/``ReorderOutput`` for layout conversions).
+        `latency.calibrate` attributes them to the model's nodes."""
+        import json
+        import tempfile
+
+        _require_static(model)
+        feeds = random_feeds(model)
+        with tempfile.TemporaryDirectory(prefix="onnxprune-profile-") as tmp:
+            warm = self.session(model)
+            for _ in range(warmup):  # first runs allocate and pre-pack: not in the profile
+                warm.run(None, feeds)
+            del warm
+            sess = self.session(model, profile_prefix=str(Path(tmp) / "profile"))
+            for _ in range(warmup + repeat):
+                sess.run(None, feeds)
+            events = json.loads(Path(sess.end_profiling()).read_text())
+        durations: dict[str, list[float]] = {}
+        for e in events:
+            name = str(e.get("name", ""))
+            if e.get("cat") == "Node" and name.endswith("_kernel_time"):
+                durations.setdefault(name[: -len("_kernel_time")], []).append(float(e.get("dur", 0.0)))
+        # the session's own first runs (warm-up) are in the profile too: keep the last `repeat` of each node
+        return {n: float(np.median(v[-repeat:])) / 1000.0 for n, v in durations.items()}
 
 
 def random_array(rng: np.random.Generator, shape: Sequence[int], dtype: int) -> np.ndarray:

@@ -103,8 +103,10 @@ def keep_counts(table: LatencyTable, analysis: ChannelAnalysis, *, tolerance: fl
     """The allowed kept counts of every group of `analysis`, ascending, always including the group size.
 
     A group without a curve in `table` (it touches no measured layer) may keep any count. See the module
-    docstring for the rule.
+    docstring for the rule. A table calibrated in-model (`latency.calibrate`) is read through its
+    micro-model prices (``table.alone``): the steps are what the micro-benchmarks measured.
     """
+    table = table.alone or table
     out: dict[int, tuple[int, ...]] = {}
     for g in analysis.groups:
         curve = table.curves.get(g.id)

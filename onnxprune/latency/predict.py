@@ -32,7 +32,7 @@ from onnxprune.latency.grid import next_on_grid, off_grid_penalty
 from onnxprune.latency.table import GroupCurve, LatencyTable
 from onnxprune.metrics import count_macs, node_macs
 
-__all__ = ["Predictor", "UniformBound", "predicted_ms", "predicted_speedup", "uniform_bound"]
+__all__ = ["Predictor", "UniformBound", "macs_reduction", "predicted_ms", "predicted_speedup", "uniform_bound"]
 
 
 def predicted_ms(
@@ -152,18 +152,11 @@ def uniform_bound(table: LatencyTable, analysis: ChannelAnalysis, ratio: float) 
     fraction; layers no group touches: unchanged), so steps, alignment and overheads are ignored: no
     rounding does better. The time shares come from the table, the MACs from the model (`metrics`).
     """
-    groups_of: dict[str, list[int]] = {}
-    for gid, curve in table.curves.items():
-        for node in curve.nodes:
-            groups_of.setdefault(node, []).append(gid)
+    groups_of = _groups_of(table)
     sizes = {g.id: g.size for g in analysis.groups}
     factor = {node: math.prod(max(1, round((1 - ratio) * sizes[g])) / sizes[g] for g in gids)
               for node, gids in groups_of.items()}
-    graph = analysis.graph
-    by_name = {(n.name or n.output[0]): n for n in graph.model.graph.node}
-    macs_total = count_macs(graph)
-    touched = {node: node_macs(graph, by_name[node]) for node in factor if node in by_name}
-    macs_after = macs_total - sum(touched.values()) + sum(m * factor[n] for n, m in touched.items())
+    macs_total, macs_after = _macs_scaled(table, analysis, factor)
     dense = sum(table.node_dense_ms.values())
     time_after = sum(ms * factor.get(node, 1.0) for node, ms in table.node_dense_ms.items())
     linear = sum(ms for node, ms in table.node_dense_ms.items() if len(groups_of.get(node, ())) == 1)
@@ -171,3 +164,31 @@ def uniform_bound(table: LatencyTable, analysis: ChannelAnalysis, ratio: float) 
     speedup = dense / time_after if time_after > 0 else 1.0
     return UniformBound(ratio, macs_reduction, speedup, speedup / macs_reduction,
                         linear / dense if dense > 0 else 0.0)
+
+
+def _groups_of(table: LatencyTable) -> dict[str, list[int]]:
+    groups_of: dict[str, list[int]] = {}
+    for gid, curve in table.curves.items():
+        for node in curve.nodes:
+            groups_of.setdefault(node, []).append(gid)
+    return groups_of
+
+
+def _macs_scaled(table: LatencyTable, analysis: ChannelAnalysis, factor: Mapping[str, float]) -> tuple[int, float]:
+    """(the model's MACs, its MACs with every priced node's scaled by `factor[node]`)."""
+    graph = analysis.graph
+    by_name = {(n.name or n.output[0]): n for n in graph.model.graph.node}
+    macs_total = count_macs(graph)
+    touched = {node: node_macs(graph, by_name[node]) for node in factor if node in by_name}
+    return macs_total, macs_total - sum(touched.values()) + sum(m * factor[n] for n, m in touched.items())
+
+
+def macs_reduction(table: LatencyTable, analysis: ChannelAnalysis, kept: Mapping[int, int]) -> float:
+    """MACs before / after when each group keeps `kept[group]` channels (missing groups: all), counted on the
+    nodes the table prices (each scaled by the kept fraction of every group that touches it) and the model's
+    total; without applying the plan."""
+    sizes = {g.id: g.size for g in analysis.groups}
+    factor = {node: math.prod(kept.get(g, sizes[g]) / sizes[g] for g in gids)
+              for node, gids in _groups_of(table).items()}
+    before, after = _macs_scaled(table, analysis, factor)
+    return before / after if after > 0 else 1.0

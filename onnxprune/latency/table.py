@@ -163,6 +163,10 @@ class LatencyTable:
         seconds: wall time of the build.
         alignment: the backend's channel alignment (`LatencyBackend.alignment`, 1 if it has none):
             `grid.keep_counts` keeps larger groups on its multiples.
+        node_ops: each measured node's kind (op type; ``Conv:grouped`` for grouped and depthwise convs).
+        in_model: node -> in-model time over micro-model price, when the prices were calibrated against a
+            profile of the whole model (`latency.calibrate`); empty: micro-model prices.
+        alone: the uncalibrated table a calibrated one came from (its curves hold the measured steps), or None.
     """
 
     backend: str
@@ -175,6 +179,9 @@ class LatencyTable:
     backend_key: str = field(default="", repr=False)
     node_dense_ms: dict[str, float] = field(default_factory=dict, repr=False)
     alignment: int = 1
+    node_ops: dict[str, str] = field(default_factory=dict, repr=False)
+    in_model: dict[str, float] = field(default_factory=dict, repr=False)
+    alone: LatencyTable | None = field(default=None, repr=False)
 
     def at(self, group: int, kept: int) -> float:
         """Latency of `group`'s layers at `kept` channels (interpolated between measured counts, exact at
@@ -275,6 +282,7 @@ def build_table(
                 tk.advance()
     curves: dict[int, GroupCurve] = {}
     dense_by_node: dict[str, float] = {}
+    ops: dict[str, str] = {}
     for gid, (touches, counts) in plans.items():
         curve = _curve(gid, analysis.group(gid).size, touches, counts, timings)
         if curve is None:
@@ -284,11 +292,12 @@ def build_table(
         for t in touches:
             if t.node in curve.nodes:
                 dense_by_node[t.node] = timings[t.spec.digest][dense_variant(t.spec).key].best_ms
+                ops[t.node] = t.spec.op_type + (":grouped" if int(t.spec.attr("group", 1)) > 1 else "")  # type: ignore[call-overload]
     return LatencyTable(
         backend=backend.name, dense_ms=float(sum(dense_by_node.values())), curves=curves,
         notices=tuple(dict.fromkeys(notices)), measured_ops=len(todo), cached_ops=len(wanted) - len(todo),
         seconds=time.perf_counter() - start, backend_key=backend.key, node_dense_ms=dense_by_node,
-        alignment=int(getattr(backend, "alignment", 1) or 1),
+        alignment=int(getattr(backend, "alignment", 1) or 1), node_ops=ops,
     )
 
 
