@@ -11,7 +11,9 @@ products, pools, Resize, Concat; fused epilogues excluded). Then:
 1. **Prediction error.** Each ratio is pruned with the CLI defaults (``--ratio R``, auto rounding); all
    pruned models are timed round-robin with the dense one; each table predicts the speedup as the CLI
    summary reports it (``predicted_speedup``: the priced layers' dense total over their predicted total),
-   printed with its error against the measured speedup (fastest runs, interleaved).
+   printed with its error against the measured speedup (fastest runs, interleaved); a third prediction
+   uses the full table calibrated in-model (`onnxprune.latency.calibrate`: one onnxruntime profile of the
+   dense model rescales each node's price, net of the micro-model's call overhead).
 2. **Amdahl bound of uniform pruning.** With every group keeping ``1 - r`` of its channels and every priced
    node running in time proportional to its MACs (a layer two groups touch: the product of both ratios;
    depthwise convolutions and memory-bound nodes: linear), the best efficiency (speedup / MACs reduction)
@@ -41,6 +43,7 @@ from onnxprune.channels import ChannelAnalysis, analyze
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import canonicalize
 from onnxprune.latency.backend import OrtBackend, random_feeds
+from onnxprune.latency.calibrate import in_model_table
 from onnxprune.latency.measure import static_inputs
 from onnxprune.latency.predict import predicted_ms, uniform_bound
 from onnxprune.latency.table import build_table
@@ -106,6 +109,7 @@ def bench(name: str, ratios: list[float], threads: int, repeat: int, work: Path,
     backend = OrtBackend(threads=threads)
     heavy = build_table(analysis, backend, light=False)
     full = build_table(analysis, backend, light=True)
+    in_model = in_model_table(full, analysis, backend)
     variants, reductions = [], []
     for r in ratios:
         out = work / f"{name}_{r}.onnx"
@@ -119,18 +123,20 @@ def bench(name: str, ratios: list[float], threads: int, repeat: int, work: Path,
              f"{heavy.dense_ms:.2f} ms, with memory-bound nodes {full.dense_ms:.2f} ms "
              f"({len(full.node_dense_ms) - len(heavy.node_dense_ms)} more nodes); {load()}",
              f"{'ratio':>5} {'MACs /':>7} {'measured':>8} {'eff':>5} | {'pred (conv only)':>16} {'err':>6} | "
-             f"{'pred (+memory)':>14} {'err':>6} | {'uniform bound: MACs /':>21} {'eff':>5}"]
+             f"{'pred (+memory)':>14} {'err':>6} | {'pred (in-model)':>15} {'err':>6} | "
+             f"{'uniform bound: MACs /':>21} {'eff':>5}"]
     for r, red, t, pruned in zip(ratios, reductions, timings[1:], variants):
         kept = kept_counts(analysis, pruned)
         measured = whole / t.best_ms
         cells = []
-        for table in (heavy, full):
+        for table in (heavy, full, in_model):
             predicted = table.dense_ms / predicted_ms(table, kept)
             cells.append((predicted, predicted / measured - 1))
         bound = uniform_bound(full, analysis, r)
         ideal, eff = bound.macs_reduction, bound.efficiency
         lines.append(f"{r:>5.2f} {red:>7.2f} {measured:>8.2f} {measured / red:>5.2f} | {cells[0][0]:>16.2f} "
-                     f"{cells[0][1]:>+6.0%} | {cells[1][0]:>14.2f} {cells[1][1]:>+6.0%} | {ideal:>21.2f} {eff:>5.2f}")
+                     f"{cells[0][1]:>+6.0%} | {cells[1][0]:>14.2f} {cells[1][1]:>+6.0%} | {cells[2][0]:>15.2f} "
+                     f"{cells[2][1]:>+6.0%} | {ideal:>21.2f} {eff:>5.2f}")
     return lines
 
 

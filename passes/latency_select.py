@@ -224,7 +224,9 @@ def weighted_ratio_plan(
     (bound 0.98-1.0; thread CPU time, load 7), weighting made the model slower at the same ratio (0.3: 1.69x
     against 1.88x; 0.7: 6.41x against 7.46x), while on EfficientNet-B0 (bound 0.83/0.69/0.52 at 0.3/0.5/0.7)
     it made it faster (1.81x against 1.37x, 2.48x against 2.22x, 3.73x against 3.48x; the table in
-    `latency.weighted`).
+    `latency.weighted`). The bound and the plan read the table calibrated in-model (`latency.calibrate`:
+    one profile of the dense model, cached), and the plan's weights come from the micro-model or the
+    in-model prices, whichever predicts the more efficient plan (`latency.weighted.best_weighted_plan`).
     """
     from onnxprune.latency.calibrate import in_model_table
     from onnxprune.latency.predict import uniform_bound

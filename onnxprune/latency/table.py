@@ -52,6 +52,10 @@ predicted speedup of the pruned model moved from -4%/-18% to -15%/-28% of the me
 0.5/0.7 (0.3: +3% to -1%). What they change is the *shape* of the curves: a group whose SiLU is priced
 now shows that its time falls only linearly, which `latency_allocation` and the uniform bound use.
 
+`latency.calibrate` rescales these prices against a profile of the whole model (in-model time over
+micro-model price, per node, net of the ~4 us each micro-model run pays): the curves keep their measured
+steps and get the level the model shows; `LatencyTable.alone` keeps the micro-model prices.
+
 Each curve keeps its per-node series (`GroupCurve.node_ms`), so that `predict.predicted_ms` can scale a
 node touched by two groups (its input and output channels) by the product of both ratios; `LatencyTable.at`
 is per group (what a knapsack over groups needs).

@@ -32,6 +32,11 @@ the MACs more closely; on ResNet-50, whose uniform bound is ~1.0, it is slower, 
 `passes.latency_select.weighted_ratio_plan` keeps uniform ratios where the bound reaches 0.9. It moves
 channels from MAC-heavy to time-heavy groups, so the accuracy trade-off differs from uniform pruning (not
 measured here).
+
+**Which prices.** The table's micro-model prices over-rate depthwise convolutions and memory-bound nodes
+against the rest (in the model a depthwise conv costs ~0.35x its price, a pointwise one ~0.7x:
+`latency.calibrate`). `best_weighted_plan` builds the plan from both the micro-model and the in-model
+prices and keeps the one the in-model table predicts more efficient (the table in its docstring).
 """
 
 from __future__ import annotations
