@@ -135,7 +135,7 @@ def _three_groups() -> onnx.ModelProto:
 def test_best_weighted_plan_takes_the_weights_predicted_more_efficient(tmp_path, dw_factor):
     from onnxprune.criteria import Magnitude
     from onnxprune.latency.predict import predicted_speedup
-    from onnxprune.latency.weighted import NEAR_TIE_EFFICIENCY, best_weighted_plan, weighted_plan
+    from onnxprune.latency.weighted import EFFICIENCY_WEIGHT, best_weighted_plan, weighted_plan
 
     analysis = analyze(ModelGraph(_three_groups()))
     assert len(analysis.groups) >= 3
@@ -146,11 +146,9 @@ def test_best_weighted_plan_takes_the_weights_predicted_more_efficient(tmp_path,
     cal = calibrate.calibrated(table, factors)
     kept = [weighted_plan(analysis, scores, t, 0.5).kept(analysis) for t in (table, cal)]
     assert kept[0] != kept[1]  # the two weightings disagree
-    reduction = [macs_reduction(cal, analysis, k) for k in kept]
-    eff = [predicted_speedup(cal, k) / r for k, r in zip(kept, reduction)]
-    if abs(eff[0] - eff[1]) > NEAR_TIE_EFFICIENCY:
-        expected = int(np.argmax(eff))
-    else:  # a near-tie goes to the plan that removes more MACs
-        expected = int(np.argmax(reduction))
+    speedup = [predicted_speedup(cal, k) for k in kept]
+    score = [(s / macs_reduction(cal, analysis, k)) ** EFFICIENCY_WEIGHT * s for s, k in zip(speedup, kept)]
+    expected = int(np.argmax(score))
+    assert abs(score[0] - score[1]) > 1e-3 * max(score)  # a real choice, not a tie
     assert best_weighted_plan(analysis, scores, cal, 0.5).kept(analysis) == kept[expected]
     assert best_weighted_plan(analysis, scores, table, 0.5).kept(analysis) == kept[0]  # uncalibrated: one candidate
