@@ -57,7 +57,7 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
     ) from None
 
 # after the tvm import check above, so a missing tvm is reported as one line
-from . import tvm_layout, tvm_schedules, tvm_sparse_choice
+from . import tvm_attention, tvm_layout, tvm_schedules, tvm_sparse_choice
 from .tvm_tiles import vector_lanes, vector_registers
 
 __all__ = ["build_executable", "build_target", "compile_bundle", "import_onnx"]
@@ -242,7 +242,9 @@ def _relax_pipeline(
             with progress.task("folding constants, NHWC layout"):
                 layout = tvm_layout.relax_layout_passes(target)
                 at = next(i for i, p in enumerate(layout) if p.info.name == "PadConvChannels")
-                mod = tvm.transform.Sequential([relax.transform.FoldConstant(), *layout[:at]])(mod)
+                # attention first: it takes the softmax that the row-wise pass would otherwise claim
+                attention = tvm_attention.fuse_attention(lanes, registers)
+                mod = tvm.transform.Sequential([relax.transform.FoldConstant(), attention, *layout[:at]])(mod)
             mod = tvm_sparse_choice.apply(mod, sparse, spec, target, lanes, registers, measure, report)
             with progress.task("Winograd, channel padding, legalizing"):
                 mod = tvm.transform.Sequential(layout[at:])(mod)
