@@ -220,7 +220,7 @@ def fuse_attention(lanes: int, registers: int = 32) -> tvm.transform.Pass:
             masked = self._bound(sm.args[0])
             if not is_op(masked, "relax.add"):
                 return None
-            for scaled_var, mask in (masked.args, masked.args[::-1]):
+            for scaled_var, mask in (masked.args, masked.args[::-1]):  # noqa: B007 (the mask is used after)
                 scaled = self._bound(scaled_var)
                 if is_op(scaled, "relax.multiply") or is_op(scaled, "relax.divide"):
                     break
@@ -271,7 +271,7 @@ def reference(
     """numpy reference of :func:`attention_kernel` (float64), for tests."""
     b, seq, width = q.shape
     dim = width // heads
-    split = lambda x: x.astype(np.float64).reshape(b, seq, heads, dim).transpose(0, 2, 1, 3)  # noqa: E731
+    split = lambda x: x.astype(np.float64).reshape(b, seq, heads, dim).transpose(0, 2, 1, 3)
     s = split(q) @ split(k).transpose(0, 1, 3, 2) * scale + mask
     s = np.exp(s - s.max(axis=-1, keepdims=True))
     s /= s.sum(axis=-1, keepdims=True)

@@ -7,8 +7,8 @@ Pipeline (:func:`compile_bundle`):
   1. load + check the ONNX model (a file or a ``ModelProto``), fix its input shapes (``--shape``; a dynamic
      batch not fixed there is compiled as 1, with a note), refuse ops the importer lacks, fold BatchNorm
      into the convolutions (:func:`onnxprune.fold.fold_batchnorm`);
-  2. ``from_onnx`` -> Relax; fold constants, NHWC layout and Winograd (:mod:`.tvm_layout`), legalize to TIR,
-     fuse;
+  2. ``from_onnx`` -> Relax; fold constants, fused attention (:mod:`.tvm_attention`), NHWC layout and
+     Winograd (:mod:`.tvm_layout`), legalize to TIR, fuse;
   3. schedule every kernel: CPU rules from :mod:`.tvm_schedules` (no tuning run needed), or MetaSchedule
      tuning with a cached database when ``tune > 0`` (:mod:`.tvm_tune`); dlight GPU rules for CUDA;
   4. build for the row's TVM target and export it with the row's exporter (:mod:`.exporters`);
