@@ -36,7 +36,8 @@ from models.zoo import zoo_model
 from onnxprune.calibration import CalibrationData, collect_stats
 from onnxprune.importer import import_model
 from onnxprune.passes.pruning import PruneConfig, PrunePass
-from onnxprune.synthetic import AUTO_SAMPLES, SynthesisConfig, synthesize
+from onnxprune.synthetic import SynthesisConfig, synthesize
+from onnxprune.synthetic_plan import AUTO_SAMPLES
 from onnxprune.verify import session
 
 RESULTS = ROOT / "bench" / "synthetic_accuracy_results.txt"

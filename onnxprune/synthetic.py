@@ -32,22 +32,26 @@ Transpose, Unsqueeze. Zoo models whose objective builds: CIFAR ResNet20/44, Dens
 (one line, exit 1): PP-OCRv4 det (``no gradient for Resize``); token-id and multi-input models. MobileNetV2
 exported by dynamo has its BN folded: smoothed-noise fallback with a note.
 
-Time budget (`plan`): ``synthetic`` without N plans the work from MACs (`MACS_PER_SECOND`; deterministic, not
-timed) to fit `SynthesisConfig.budget` = 90 s on the reference 2-core machine: as many samples as fit at 100
-Adam steps, up to DEFAULT_SAMPLES = 256; a large model first gets fewer steps (>= 20), then fewer samples
-(>= 4). When fewer than 256 are optimised, augmented *views* of them (the horizontal flip, then shifts by up to
-1/8 of the size, edges repeated: the training augmentation of CIFAR/ImageNet nets) fill up to 4x as many
-calibration samples; below `min_samples` = 64 optimised, the steps shrink first so that views reach 256
-(PP-OCRv4 rec data-free at 20%: 16 x 93 steps, no views 67.0% exact; + views = 64: 75.5%; 64 x 23 + views
-= 256: 91.0%; original 99.5%, calibrated 97.0%). ``synthetic:N`` forces N samples (at least N/4 optimised, the steps shrink to fit). The
-progress bar shows the plan and its estimate. Plans: CIFAR ResNet20 256 optimised x 100 steps (~90 s quiet);
-ResNet44 106 x 83 (whole batches of 64) + views = 256; PP-OCRv4 rec 64 x 23 + views = 256; ResNet-50 at 224 12 x 21 + views = 48 (estimate 88 s; measured 214 s under
-a load of ~11 on the 2 cores). Step times of ResNets match the estimate within ~10% at one onnxruntime thread
-under a load of 6-9 (ResNet-50 at batch 16: 11.1 s per step at 224, 1.47 s at 112); all cores under that load
-are slower, not faster (26.7 s). Known gap: depthwise convolutions (EfficientNet-Lite0, MobileNets) run their
-backward (grouped ConvTranspose) far below MACS_PER_SECOND: Lite0's plan (~26 x 100, "90 s") was still running
-after 8.5 min under load; those models need ``synthetic:N`` with a small N until the plan prices depthwise
-layers separately.
+Time budget (`onnxprune.synthetic_plan.plan`): ``synthetic`` without N plans the work from a cost model of
+one step (dense MACs + activation elements, calibrated on 8 zoo models within 20%; deterministic, not timed) to
+fit `SynthesisConfig.budget` = 90 s of one onnxruntime thread: as many samples as fit at 100 Adam steps, up
+to DEFAULT_SAMPLES = 256; a large model first gets fewer steps (>= 20), then fewer samples (>= 4); a batch
+holds at most 1 GB of forward activations. When fewer than 256 are optimised, augmented *views* of them (the
+horizontal flip, then shifts by up to 1/8 of the size, edges repeated: the training augmentation of
+CIFAR/ImageNet nets) fill up to 4x as many calibration samples; below `min_samples` = 64 optimised, the steps
+shrink first so that views reach 256 (PP-OCRv4 rec data-free at 20%: 16 x 93 steps, no views 67.0% exact;
++ views = 64: 75.5%; 64 x 23 + views = 256: 91.0%; original 99.5%, calibrated 97.0%). ``synthetic:N`` forces
+N samples (at least N/4 optimised, the steps shrink to fit). The progress bar shows the plan and its estimate.
+Plans: CIFAR ResNet20 256 optimised x 100 steps (~58 s); ResNet44 175 x 99 + views = 256; ResNet-50 at 224
+28 x 20 (batches of 7) + views = 112; EfficientNet-Lite0 64 x 20 (batches of 10) + views = 256; MobileNetV2
+64 x 27 + views. One thread by default (`SynthesisConfig.threads`): the plan is in one thread's seconds, and on
+a loaded machine a second thread makes a step slower, not faster (ResNet-50 batch 16 under a load of 6-9:
+26.7 s per step on all cores vs 11.1 s on one).
+
+The backward graph is shaped for onnxruntime's fast kernels (`onnxprune.gradients`): stride-1 convolution
+gradients are Conv with the flipped weight, not ConvTranspose (25x for depthwise 5x5), masks multiply instead
+of ``Where`` (7x), the statistics gradient is one affine map per tap: CPU per step 1.5x less on Lite0, 1.3x on
+ResNet20, 1.1x on ResNet-50 than the first version.
 
 What was measured (``bench/synthetic_accuracy.py`` and one-off runs of this session; CIFAR-10 ResNet20, all
 10,000 test images, obs + seq, ``--round-to 1``, uniform allocation, seed 0, one onnxruntime thread)::
@@ -84,15 +88,10 @@ import onnx
 from onnxprune.errors import DataError, UnsupportedModelError
 from onnxprune.progress import task
 from onnxprune.synthetic_objective import TARGETS, Objective, build_objective, model_input
+from onnxprune.synthetic_plan import AUTO_SAMPLES, DEFAULT_SAMPLES, plan
 
-__all__ = ["AUTO_SAMPLES", "DEFAULT_SAMPLES", "SynthesisConfig", "bn_loss", "parse_spec", "plan", "synthesize"]
+__all__ = ["SynthesisConfig", "bn_loss", "parse_spec", "synthesize"]
 
-#: ``synthetic`` without N: the number of samples is planned from the time budget (`plan`), at most this many.
-DEFAULT_SAMPLES = 256
-#: Fewest samples optimised when the budget is tight (ResNet-50 at 224: 12 x 21 steps in the 90 s budget).
-MIN_OPTIMISED = 4
-#: The sample count `parse_spec` returns for plain ``synthetic`` (= let `plan` choose).
-AUTO_SAMPLES = 0
 SPEC = "synthetic"
 
 
@@ -120,14 +119,8 @@ class SynthesisConfig:
     budget: float = 90.0
     min_steps: int = 20
     min_samples: int = 64  # optimised before the steps shrink: views fill 4x as many (PP-OCR: 91.0 vs 75.5 at 16)
-    threads: int | None = None  # onnxruntime intra-op threads (None: its default, all cores)
+    threads: int | None = 1  # onnxruntime intra-op threads (None: its default, all cores); see above
     views: int = 4  # calibration samples per optimised image at most: itself, its flip, shifted copies
-
-
-#: Multiply-accumulates per second of a forward + backward step on the reference 2-core machine (CIFAR
-#: ResNet20 at batch 64: 3 x 41 MMAC x 64 = 7.9 GMAC per step in 0.22 s, quiet machine). Steps are planned
-#: from MACs, not timed, so the result does not depend on the machine's load.
-MACS_PER_SECOND = 3.5e10
 
 
 def parse_spec(spec: str) -> int | None:
@@ -209,49 +202,6 @@ def _low_resolution_dims(dims: tuple[int, ...], image: tuple[int, int] | None,
     for ax in image:
         out[ax - 1] = max(8, round(dims[ax - 1] * resolution))
     return tuple(out) if tuple(out) != dims else None
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What `synthesize` will do: `optimised` samples by Adam (`steps` per batch of `batch`), grown to `samples`
-    calibration inputs by augmented views; `seconds` is the estimate on the reference machine."""
-
-    samples: int
-    optimised: int
-    batch: int
-    steps: int
-    seconds: float
-
-
-def plan(cfg: SynthesisConfig, n: int, macs_per_sample: float, views: int) -> Plan:
-    """How many samples to optimise, and for how many steps, to fit `cfg.budget` (a step costs forward +
-    backward ~ 3x the forward MACs per sample). Deterministic: planned from MACs, not clocks.
-
-    `n` = AUTO_SAMPLES: optimise as many samples as the budget affords at `cfg.steps` steps; when that is
-    under `cfg.min_samples` the steps shrink (never under `cfg.min_steps`), then the samples (never under
-    MIN_OPTIMISED, the one case that may exceed the budget); return up to `views` times as many samples, at
-    most DEFAULT_SAMPLES. `n` >= 1 forces the number returned; at least n / `views` are optimised.
-
-    Args:
-        cfg: steps, batch and budget.
-        n: calibration samples wanted (AUTO_SAMPLES: planned).
-        macs_per_sample: forward multiply-accumulates of one sample.
-        views: calibration samples per optimised sample at most (1 when the input is not an image).
-    """
-    step_cost = 3.0 * max(macs_per_sample, 1.0) / MACS_PER_SECOND  # seconds per sample per step
-    affordable = cfg.budget / step_cost  # sample-steps
-    if n == AUTO_SAMPLES:
-        optimised = int(min(DEFAULT_SAMPLES, affordable // cfg.steps))
-        if optimised < cfg.min_samples:  # a large model: fewer steps first, then fewer samples (>= MIN_OPTIMISED)
-            optimised = int(max(MIN_OPTIMISED, min(cfg.min_samples, affordable // cfg.min_steps)))
-        n = min(DEFAULT_SAMPLES, optimised * views)
-    else:
-        optimised = int(min(n, max(-(-n // views), min(cfg.min_samples, affordable // cfg.min_steps),
-                                   affordable // cfg.steps)))
-    batch = max(1, min(optimised, cfg.batch))
-    batches = -(-optimised // batch)
-    steps = max(cfg.min_steps, min(cfg.steps, int(affordable // (batches * batch))))
-    return Plan(n, optimised, batch, steps, steps * batches * batch * step_cost)
 
 
 def _views(x: np.ndarray, copies: int, image: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -369,7 +319,8 @@ def synthesize(model: onnx.ModelProto, n: int = AUTO_SAMPLES, seed: int = 0,
         print("onnxprune: note: synthetic calibration: the model has no BatchNormalization statistics on its input's "
               "path (folded or LayerNorm): using smoothed noise, a weak substitute for data", file=sys.stderr)
         return {vi.name: _smoothed_noise(rng, (n or DEFAULT_SAMPLES, *dims), image).astype(dtype)}
-    todo = plan(cfg, n, objective.macs / batch, max(1, cfg.views) if image is not None else 1)
+    todo = plan(cfg, n, objective.step_seconds, max(1, cfg.views) if image is not None else 1,
+                objective.activations)
     if todo.batch != batch:  # the budget chose fewer samples than one batch: rebuild at that batch
         objective = build_objective(model, todo.batch, cfg.classes, cfg.first_weight, low, cfg.threads)
         assert objective is not None

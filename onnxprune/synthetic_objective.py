@@ -32,6 +32,7 @@ from onnxprune.importer import fix_input_shapes
 from onnxprune.metrics import count_macs
 from onnxprune.onnx_utils import opset_of
 from onnxprune.shape_inference import infer_shapes
+from onnxprune.synthetic_plan import forward_cost, step_seconds
 from onnxprune.verify import session
 
 __all__ = ["TARGETS", "Objective", "build_objective", "model_input"]
@@ -48,7 +49,9 @@ class Objective:
     shape: tuple[int, ...]  # with the batch
     taps: int
     macs: int  # one forward pass of the batch
-    classes: int = 0  # > 0: the objective takes one-hot targets of this many classes as TARGETS
+    classes: int = 0
+    step_seconds: float = 0.0  # modelled seconds of one step per sample (`onnxprune.synthetic_plan`)
+    activations: int = 0  # forward activation elements per sample  # > 0: the objective takes one-hot targets of this many classes as TARGETS
 
 
 def model_input(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, tuple[int, ...]]:
@@ -178,6 +181,8 @@ def build_objective(model: onnx.ModelProto, batch: int, class_weight: float = 0.
         loss, gl = _emit_class_loss(em, logits, classes, batch, class_weight)
         losses.append(loss)
         seeds[logits] = gl if logits not in seeds else em.op("Add", [seeds[logits], gl])
+    path, _ = differentiated_nodes(m.graph, vi.name, set(seeds), floats)
+    dense, activations = forward_cost(path, shapes)  # before the backward nodes join
     grad = append_backward(m, vi.name, seeds, em, shapes, floats)
     total = losses[0] if len(losses) == 1 else em.op("Sum", losses)
     del m.graph.output[:]
@@ -185,4 +190,5 @@ def build_objective(model: onnx.ModelProto, batch: int, class_weight: float = 0.
                            helper.make_tensor_value_info(grad, onnx.TensorProto.FLOAT, [batch, *dims])])
     del m.graph.value_info[:]
     remove_dead_code(m.graph)
-    return Objective(session(m, optimize=True, threads=threads), vi.name, (batch, *dims), len(taps), macs, classes)
+    return Objective(session(m, optimize=True, threads=threads), vi.name, (batch, *dims), len(taps), macs, classes,
+                     step_seconds(dense / batch, activations / batch), activations // batch)

@@ -17,7 +17,8 @@ from onnxprune.calibration import load_calib
 from onnxprune.errors import DataError, UnsupportedModelError
 from onnxprune.gradients import Emitter, supported_ops
 from onnxprune.shape_inference import infer_shapes
-from onnxprune.synthetic import AUTO_SAMPLES, SynthesisConfig, bn_loss, parse_spec, synthesize
+from onnxprune.synthetic import SynthesisConfig, bn_loss, parse_spec, synthesize
+from onnxprune.synthetic_plan import AUTO_SAMPLES
 from onnxprune.verify import session
 
 ROOT = Path(__file__).resolve().parents[1]
