@@ -1,7 +1,7 @@
 """Unconstrained vs constrained pruning on the pretrained CIFAR-10 ResNets, at equal parameters.
 
     python bench/unconstrained_cifar.py [--arch resnet20] [--keeps 0.8 0.6] [--criteria l2]
-        [--repairs seq] [--test-n 10000] [--calib-n 256] [--configs free coupled coupled_ls]
+        [--repairs seq] [--test-n 10000] [--calib-n 256] [--calib-seed 0] [--configs free coupled coupled_ls]
 
 For every criterion x repair x parameter fraction kept: constrained pruning (`PrunePass`, uniform
 allocation, ``round_to=1``, the shortest removal meeting ``target_params``) and each unconstrained
@@ -46,6 +46,9 @@ CONFIGS: dict[str, dict] = {
     "coupled_ls": {"drive": "coupled", "reader_choice": "ls"},  # readers: least-squares (OBS) column choice
     # ... and writers into a residual stream refit toward the original stream (`upscale.stream_repair`)
     "coupled_ls_stream": {"drive": "coupled", "reader_choice": "ls", "stream_repair": True},
+    # ... and readers re-choose their columns during that repair, on the pruned model's inputs
+    "coupled_seq_stream": {"drive": "coupled", "reader_choice": "seq", "stream_repair": True},
+    "coupled_seq": {"drive": "coupled", "reader_choice": "seq"},
     "share1_stream": {"share": 1.0, "stream_repair": True},  # the stream-aware repair on a constrained plan
 }
 
@@ -83,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="+", default=["free", "coupled", "coupled_ls"], choices=sorted(CONFIGS))
     ap.add_argument("--test-n", type=int, default=10000)
     ap.add_argument("--calib-n", type=int, default=256, help="calibration images (bench/accuracy_real.py's 256)")
+    ap.add_argument("--calib-seed", type=int, default=0, help="seed of the stratified calibration subset (0: "
+                    "bench/accuracy_real.py's)")
     ap.add_argument("--repeat", type=int, default=200, help="latency runs per model")
     args = ap.parse_args(argv)
     try:
@@ -91,7 +96,7 @@ def main(argv=None) -> int:
 
         model = import_model(zoo.zoo_model(f"cifar_{args.arch}"))
         images, labels = load_cifar10("test", n=None if args.test_n >= 10000 else args.test_n)
-        calib_x, _ = load_cifar10("calib", n=args.calib_n)
+        calib_x, _ = load_cifar10("calib", n=args.calib_n, seed=args.calib_seed)
     except Exception as exc:  # the datasets folder or torch (to build the model) is absent
         print(f"skipped: {exc}")
         return 0
@@ -99,7 +104,7 @@ def main(argv=None) -> int:
     calib = {name: calib_x}
     total = count_params(ModelGraph(model))
     print(f"CIFAR-10 {args.arch}: dense top-1 {top1(model, images, labels):.2f} on {len(labels)} test images, "
-          f"{total} params; calibration {args.calib_n} training images; load average {os.getloadavg()[0]:.1f}")
+          f"{total} params; calibration {args.calib_n} training images (seed {args.calib_seed}); load average {os.getloadavg()[0]:.1f}")
     print(f"{'kept':>5} {'crit':<5}{'repair':<7}{'method':<22}{'top1':>7}{'params':>9}{'nonzero':>9}{'s':>7}"
           f"{'x constr. ms':>14}{'x dense ms':>12}")
     for keep in args.keeps:

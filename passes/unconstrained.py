@@ -127,7 +127,8 @@ class UnconstrainedPass(Pass):
             plan, _ = allocate(prep, c, target, self._allowed(model, prep))
         if c.repair != "none":
             assert self.calib is not None  # checked in __init__
-            repaired, _ = repair_plan(model, plan, c.repair, self.calib, stream=c.stream_repair)
+            repaired, _ = repair_plan(model, plan, c.repair, self.calib, stream=c.stream_repair,
+                                      choose_readers=c.reader_choice == "seq")
             # Repair changes values (and may add a bias input), so the re-analysed units are found by name.
             keeps = {unit_key(pc): pc.keep for gp in plan.groups for pc in gp.pieces if pc.is_unit}
             plan = build_plan(repaired, c, keeps)

@@ -16,9 +16,15 @@ from onnxprune.graph import ModelGraph
 from onnxprune.passes.unconstrained import UnconstrainedPass
 from onnxprune.repair import repair_sequential
 from onnxprune.upscale.config import UnconstrainedConfig
-from onnxprune.upscale.plan import build_plan
+from onnxprune.upscale.plan import build_plan, unit_key
 from onnxprune.upscale.repair import plan_removals
-from onnxprune.upscale.stream_repair import output_rows, repair_stream, stream_writer
+from onnxprune.upscale.stream_repair import (
+    ColumnChoice,
+    choose_columns,
+    output_rows,
+    repair_stream,
+    stream_writer,
+)
 from onnxprune.verify import random_inputs, run
 
 
@@ -46,6 +52,46 @@ def test_output_rows_are_the_positions_hessian_rows_draws(stride):
         out = output_rows(y, per_sample, np.random.default_rng(3))
         assert len(rows) == len(out) == 2 * min(per_sample, y.shape[2] * y.shape[3])
         np.testing.assert_allclose(rows @ c.weight_matrix(w).T, out, rtol=1e-4, atol=1e-4)
+
+
+def _objective(Ht: np.ndarray, rhs: np.ndarray, lam: float, kept: np.ndarray) -> float:
+    """The fit's minimum over the kept features, up to a constant: -tr(rhs_K Hd_KK^-1 rhs_K^T)."""
+    k = np.flatnonzero(kept)
+    Hk = Ht[np.ix_(k, k)] + lam * np.eye(len(k))
+    return -float(np.trace(rhs[:, k] @ np.linalg.solve(Hk, rhs[:, k].T)))
+
+
+def test_choose_columns_is_near_the_best_subset_and_respects_counts():
+    """Greedy OBS removal: within 2% of the best subset (exhaustive), better than every other subset but a
+    few; two choices on one weight keep their own counts; a cut position outside every choice stays cut."""
+    from itertools import combinations
+
+    rng = np.random.default_rng(0)
+    r, positions = 2, 7  # 7 input positions of 2 features each, + the constant
+    x = rng.standard_normal((400, positions * r)) @ rng.standard_normal((positions * r, positions * r))
+    x = np.concatenate([x, np.ones((400, 1))], axis=1)
+    Ht = x.T @ x / len(x)
+    rhs = rng.standard_normal((3, positions * r + 1)) @ Ht
+    fp = np.repeat(np.arange(positions), r)
+    first = ColumnChoice("w", 1, np.arange(5), np.arange(5), keep=3)
+    kept = choose_columns(Ht, rhs, 0.01, fp, [first], cut=np.array([6]))
+    assert kept[-1] and not kept[12:14].any() and kept[10:12].all()  # constant, cut 6, untouched 5
+    assert first.kept is not None and first.kept.sum() == 3
+    np.testing.assert_array_equal(kept[:10], np.repeat(first.kept, r))
+    objectives = []
+    for subset in combinations(range(5), 3):
+        mask = np.zeros(len(Ht), bool)
+        mask[-1] = mask[10:12] = True
+        for p in subset:
+            mask[p * r : p * r + r] = True
+        objectives.append(_objective(Ht, rhs, 0.01, mask))
+    ours, best = _objective(Ht, rhs, 0.01, kept), min(objectives)
+    assert ours <= best + 0.02 * abs(best)
+    assert sum(o < ours - 1e-9 for o in objectives) <= 2
+    a = ColumnChoice("w", 1, np.arange(3), np.arange(3), keep=1)
+    b = ColumnChoice("w", 1, np.arange(3, 7), np.array([5, 6, 7, 8]), keep=3)
+    choose_columns(Ht, rhs, 0.01, fp, [a, b], cut=None)
+    assert a.kept.sum() == 1 and b.kept.sum() == 3
 
 
 def test_writers_are_the_convs_feeding_a_residual_add(fashion):
@@ -112,3 +158,23 @@ def _tensors(model: onnx.ModelProto, names: list[str], inputs: dict[str, np.ndar
     from onnxprune.layer_inputs import truncated
 
     return dict(zip(names, run(truncated(model, names), inputs)))
+
+
+def test_readers_choosing_during_the_repair_keep_their_counts_and_stay_exact(fashion):
+    """``reader_choice="seq"``: readers of multi-writer streams re-choose their columns during the repair;
+    every unit keeps as many channels as with the ``ls`` choice (equal parameters), some readers change
+    their choice, and the export is exact."""
+    model, calib, held_out = fashion
+    plans = {}
+    for choice in ("ls", "seq"):
+        config = UnconstrainedConfig(ratio=0.4, criterion="l2", drive="coupled", repair="seq", reader_choice=choice)
+        result = UnconstrainedPass(config, calib=calib).run(model)
+        unconstrained_exact(model, result, held_out)
+        plans[choice] = result
+    keeps = {c: {unit_key(pc): pc.kept.copy() for gp in r.info["plan"].groups for pc in gp.pieces if pc.is_unit}
+             for c, r in plans.items()}  # fmt: skip
+    assert keeps["ls"].keys() == keeps["seq"].keys()
+    assert all(keeps["ls"][k].sum() == keeps["seq"][k].sum() for k in keeps["ls"])
+    assert any(not np.array_equal(keeps["ls"][k], keeps["seq"][k]) for k in keeps["ls"])
+    summaries = [r.info["summary"]["effective_params_after"] for r in plans.values()]
+    assert summaries[0] == summaries[1]

@@ -65,7 +65,10 @@ class UnconstrainedConfig:
     drive: str = "coupled"
     # drive="coupled" only, with calibration inputs: "ls" lets each reader keep the input channels whose
     # removal its least-squares refit (the ls/seq repair) repairs worst (`coupled.ReaderLS`, OBS on its
-    # calibration Hessian) instead of its own criterion ranking; "score": the criterion's ranking.
+    # calibration Hessian) instead of its own criterion ranking; "score": the criterion's ranking; "seq"
+    # (repair="seq"): "ls" for the plan, then every reader of a stream with several writers chooses again
+    # when the sequential repair fits it, on the pruned and repaired model's own inputs
+    # (`stream_repair.choose_columns`: greedy OBS on what the writers really left on the stream).
     reader_choice: str = "score"
     # drive="reader" only: readers keep fewer channels until each group holds no more parameters than
     # constrained pruning keeps at the same ratio (writers keep their readers' union, more than k).
@@ -104,9 +107,11 @@ class UnconstrainedConfig:
             raise UsageError(f"union_cap must be >= 1 (or None), got {self.union_cap}")
         if self.drive not in DRIVES:
             raise UsageError(f"drive must be one of {', '.join(DRIVES)}, got {self.drive!r}")
-        if self.reader_choice not in ("score", "ls"):
-            raise UsageError(f"reader_choice must be score or ls, got {self.reader_choice!r}")
-        if self.reader_choice == "ls" and self.drive != "coupled":
-            raise UsageError("reader_choice='ls' chooses within drive='coupled' only")
+        if self.reader_choice not in ("score", "ls", "seq"):
+            raise UsageError(f"reader_choice must be score, ls or seq, got {self.reader_choice!r}")
+        if self.reader_choice != "score" and self.drive != "coupled":
+            raise UsageError(f"reader_choice={self.reader_choice!r} chooses within drive='coupled' only")
+        if self.reader_choice == "seq" and self.repair != "seq":
+            raise UsageError("reader_choice='seq' chooses during the sequential repair: it needs repair='seq'")
         if self.naive not in ("scatter", "pad_gather"):
             raise UsageError(f"naive export must be scatter or pad_gather, got {self.naive!r}")

@@ -97,7 +97,7 @@ def prepare(model: onnx.ModelProto, config: UnconstrainedConfig, calib: dict[str
         measured = measured_energy(split.model, [pc for _, pieces, _ in found for pc in pieces], calib)
     boundary_input = {n.name: n.input[0] for n in split.model.graph.node if split.is_boundary(n)}
     stats = None
-    if calib is not None and config.reader_choice == "ls":
+    if calib is not None and config.reader_choice in ("ls", "seq"):
         stats = collect_stats(model, CalibrationData({k: np.asarray(v) for k, v in calib.items()}))
     groups: list[PreparedGroup] = []
     for group, pieces, piece_of in found:

@@ -33,8 +33,8 @@ from onnxprune.graph import ModelGraph
 from onnxprune.repair import RepairReport, repair_sequential, repair_weights
 from onnxprune.upscale.config import REPAIRS
 from onnxprune.upscale.oracle import mean_repair, silenced_positions
-from onnxprune.upscale.records import UnconstrainedPlan
-from onnxprune.upscale.stream_repair import repair_stream
+from onnxprune.upscale.records import Piece, UnconstrainedPlan
+from onnxprune.upscale.stream_repair import ColumnChoice, repair_stream
 
 # A removal label that stands for "the plan's silenced positions" (`PlanRemovals` ignores the labels, but
 # the repair functions treat an empty label array as "nothing removed").
@@ -70,7 +70,8 @@ def plan_removals(model: onnx.ModelProto, plan: UnconstrainedPlan) -> PlanRemova
 
 
 def repair_plan(model: onnx.ModelProto, plan: UnconstrainedPlan, method: str, calib: dict[str, np.ndarray],
-                *, damp: float = 0.01, seed: int = 0, stream: bool = False) -> tuple[onnx.ModelProto, RepairReport]:  # fmt: skip
+                *, damp: float = 0.01, seed: int = 0, stream: bool = False,
+                choose_readers: bool = False) -> tuple[onnx.ModelProto, RepairReport]:  # fmt: skip
     """`model` (the unsplit original) with its layers refitted for `plan` on calibration inputs `calib`.
 
     Args:
@@ -79,6 +80,9 @@ def repair_plan(model: onnx.ModelProto, plan: UnconstrainedPlan, method: str, ca
         damp: ridge term, relative to the mean diagonal of each consumer's Hessian block.
         stream: with "seq", writers into a residual stream refit toward the original stream minus what the
             other Add input carries now (`stream_repair.repair_stream`).
+        choose_readers: with "seq", the readers of streams with several writers re-choose their input
+            channels (as many as they keep) when they are fitted, on the pruned model's own inputs
+            (`stream_repair.choose_columns`); their units' ``keep`` in `plan` is updated in place.
     """
     if method not in REPAIRS:
         raise UsageError(f"unconstrained repair must be one of {', '.join(REPAIRS)}, got {method!r}")
@@ -88,9 +92,35 @@ def repair_plan(model: onnx.ModelProto, plan: UnconstrainedPlan, method: str, ca
         return mean_repair(model, plan, calib), RepairReport()
     removals = plan_removals(model, plan)
     data = CalibrationData({k: np.asarray(v) for k, v in calib.items()})
-    if method == "seq" and stream:
-        return repair_stream(removals, data, damp=damp, seed=seed)
+    if method == "seq" and (stream or choose_readers):
+        choices = reader_choices(plan) if choose_readers else {}
+        by_weight: dict[str, list[ColumnChoice]] = {}
+        for _, choice in choices:
+            by_weight.setdefault(choice.weight, []).append(choice)
+        repaired, report = repair_stream(removals, data, damp=damp, seed=seed, stream=stream, choices=by_weight)
+        for pc, choice in choices:
+            if choice.kept is not None:
+                keep = np.zeros_like(pc.kept)
+                keep[choice.channel_of[choice.kept]] = True
+                pc.keep = keep
+        return repaired, report
     if method == "seq":
         return repair_sequential(removals, _ALL, data, damp=damp, seed=seed)
     stats = collect_stats(model, data, seed=seed)
     return repair_weights(removals, _ALL, "ls", stats, damp=damp)
+
+
+def reader_choices(plan: UnconstrainedPlan) -> list[tuple[Piece, ColumnChoice]]:
+    """The reader units (one weight member) of groups with two or more writer units: the readers whose
+    input channels `repair_stream` re-chooses (a single writer's readers see zeros exactly where it dropped
+    channels, so their choice cannot change). One weight may read several groups (behind a channel Pad)."""
+    out: list[tuple[Piece, ColumnChoice]] = []
+    for gp in plan.groups:
+        if sum(pc.is_unit and pc.has_producer for pc in gp.pieces) < 2:
+            continue
+        for pc in gp.pieces:
+            if pc.is_unit and not pc.has_producer and len(pc.weights) == 1:
+                m = pc.weights[0]
+                out.append((pc, ColumnChoice(m.tensor, m.axis, np.asarray(m.positions), np.asarray(m.channel_of),
+                                             int(pc.kept.sum()))))  # fmt: skip
+    return out

@@ -28,6 +28,7 @@ images, all 10,000 test images): see `bench/unconstrained_cifar_results.txt`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import zip_longest
 
 import numpy as np
@@ -84,12 +85,92 @@ def stream_writer(graph: ModelGraph, c: Consumer) -> tuple[str, np.ndarray] | No
     return None
 
 
+@dataclass
+class ColumnChoice:
+    """A reader whose input channels are chosen during the repair (`choose_columns`): which input positions
+    (on the weight's input axis) hold which of its group's channels, and how many channels it keeps."""
+
+    weight: str
+    axis: int
+    positions: np.ndarray
+    channel_of: np.ndarray
+    keep: int
+    kept: np.ndarray | None = None  # bool over `positions`: set by the repair
+
+
+def choose_columns(Ht: np.ndarray, rhs: np.ndarray, lam: float, feature_position: np.ndarray,
+                   choices: list[ColumnChoice], cut: np.ndarray | None) -> np.ndarray:  # fmt: skip
+    """The features a reader keeps: greedy Optimal Brain Surgeon removal on its *pruned* input.
+
+    The sequential fit minimises ``E||W x + b - W' x~||^2 + lam ||W' - W||^2``, a quadratic with Hessian
+    ``Hd = E[x~ x~^T] + lam I`` whose unconstrained minimum is ``W* = rhs Hd^-1``. Removing the features F of
+    one channel raises it by ``tr(W*_F (G_FF)^-1 W*_F^T)`` with ``G = Hd^-1``; the cheapest channel goes,
+    W* and G are updated (``W* -= W*_F G_FF^-1 G_F:``, ``G -= G_:F G_FF^-1 G_F:``) and the next is chosen,
+    until every choice (one per group the weight reads) keeps its count. A stream channel no writer reaching
+    the reader keeps is zero in x~ and costs nothing: it goes first. Features of positions outside every
+    choice keep their current state (removed when their position is in `cut`); the constant stays.
+
+    Returns:
+        bool over the features (True: kept).
+    """
+    n_pos = int(feature_position.max()) + 1
+    owner = np.full(n_pos, -1)  # position -> key into `keys`
+    keys: list[tuple[int, int]] = []
+    for ci, choice in enumerate(choices):
+        for i, pos in enumerate(choice.positions):
+            owner[pos] = len(keys)
+            keys.append((ci, i))  # (choice, index into its positions)
+    feature_owner = np.append(owner[feature_position], -1)[: len(Ht)]
+    fixed_gone = np.zeros(len(Ht), bool)
+    if cut is not None and len(cut):
+        fixed_gone[: len(feature_position)] = np.isin(feature_position, cut) & (owner[feature_position] < 0)
+    live = np.flatnonzero(~fixed_gone)
+    local_owner = feature_owner[live]
+    feats = {key: np.flatnonzero(local_owner == key) for key in np.unique(local_owner[local_owner >= 0])}
+    remaining = [0] * len(choices)
+    for key in feats:
+        remaining[keys[key][0]] += 1
+    Hd = Ht[np.ix_(live, live)]
+    Hd[np.diag_indices(len(live))] += lam
+    G = np.linalg.inv(Hd)
+    Ws = rhs[:, live] @ G
+    while True:
+        names = [key for key in feats if remaining[keys[key][0]] > choices[keys[key][0]].keep]
+        if not names:
+            break
+        idx = np.stack([feats[key] for key in names])  # [C, r]: every channel has r features
+        blocks = G[idx[:, :, None], idx[:, None, :]]
+        wf = Ws[:, idx].transpose(1, 2, 0)  # [C, r, out]
+        costs = np.einsum("cro,cro->c", wf, np.linalg.solve(blocks, wf))
+        gone = names[int(np.argmin(costs))]
+        f = feats.pop(gone)
+        remaining[keys[gone][0]] -= 1
+        step = np.linalg.solve(G[np.ix_(f, f)], G[f, :])
+        Ws = Ws - Ws[:, f] @ step
+        G = G - G[:, f] @ step
+    kept = ~fixed_gone
+    dropped = [key for key in np.unique(feature_owner[feature_owner >= 0]) if key not in feats]
+    kept[np.isin(feature_owner, dropped)] = False
+    for choice in choices:
+        choice.kept = np.zeros(len(choice.positions), bool)
+    for key in feats:
+        ci, i = keys[key]
+        choices[ci].kept[i] = True
+    return kept
+
+
 def repair_stream(analysis: ChannelAnalysis, data: CalibrationData, damp: float = 0.01, max_rows: int = 65536,
-                  seed: int = 0) -> tuple[onnx.ModelProto, RepairReport]:  # fmt: skip
+                  seed: int = 0, stream: bool = True, choices: dict[str, list[ColumnChoice]] | None = None,
+                  ) -> tuple[onnx.ModelProto, RepairReport]:  # fmt: skip
     """Sequential repair of `analysis`'s model with stream-aware writers (see the module docstring).
 
     `analysis` is an `upscale.repair.PlanRemovals` (its removed positions are the plan's silenced ones); the
     result is the original model with new values (same shapes, possibly new bias inputs).
+
+    Args:
+        stream: False: writers fit their own outputs (plain sequential repair, with `choices`).
+        choices: readers (by weight name: one choice per group the weight reads) that choose their input
+            channels when they are fitted (`choose_columns`); each choice's `kept` is set.
     """
     from onnxprune.rewrite import apply_mask
 
@@ -128,7 +209,7 @@ def repair_stream(analysis: ChannelAnalysis, data: CalibrationData, damp: float 
     # Stream writers whose skip is final when they are fitted (every consumer upstream of it in an earlier wave).
     writers: dict[str, tuple[str, np.ndarray]] = {}
     for c in cons:
-        found = stream_writer(graph, c) if c.name in wave_of else None
+        found = stream_writer(graph, c) if stream and c.name in wave_of else None
         if found is not None and level.get(found[0], 0) <= wave_of[c.name]:
             writers[c.name] = found
     base = apply_mask(analysis, labels)
@@ -160,6 +241,14 @@ def repair_stream(analysis: ChannelAnalysis, data: CalibrationData, damp: float 
                 else:
                     Ht, C, D = Ht[:-1, :-1], C[:-1, :-1], D[:, :-1]
                     wa = wm
+                mine = [ch for ch in (choices or {}).get(c.weight, []) if ch.axis == c.in_axis]
+                if mine:
+                    lam = damp * float(np.mean(np.diag(Ht))) + 1e-12
+                    rhs_all = wa @ C + D + lam * wa
+                    kept_feat = choose_columns(Ht, rhs_all, lam, c.feature_channel(w.shape), mine, cut)
+                    gone = ~kept_feat[: wm.shape[1]]
+                    removed[DimRef(c.weight, c.in_axis)] = np.unique(c.feature_channel(w.shape)[gone])
+                    keep = np.flatnonzero(kept_feat)
                 Hk = Ht[np.ix_(keep, keep)]
                 lam = damp * float(np.mean(np.diag(Hk))) + 1e-12
                 Hk[np.diag_indices(len(keep))] += lam
@@ -170,6 +259,10 @@ def repair_stream(analysis: ChannelAnalysis, data: CalibrationData, damp: float 
                 new_w[:, ~gone] = solved[:, :n_feat]
                 new_values[c.weight] = c.from_matrix(new_w, w)
                 cur_values[c.weight] = _remask(removed, base_values, c.weight, new_values[c.weight])
+                if mine:  # its masked value: the removed columns are zero
+                    cur = c.weight_matrix(cur_values[c.weight]).copy()
+                    cur[:, gone] = 0.0
+                    cur_values[c.weight] = c.from_matrix(cur, w)
                 if slot is not None:
                     delta = solved[:, -1] - wa[:, -1]
                     if np.any(delta != 0):
