@@ -11,7 +11,10 @@
     ``group:1x4`` sparsity (``onnxprune prune --sparsity S --pattern group:1x4``: magnitude, data-free) end to
     end: sparse bundle (``--sparse auto``: each layer timed dense vs sparse, the faster kept) vs the dense
     bundle (``--sparse off``) vs onnxruntime on the dense model. What the per-layer choice did is printed.
-(c) MiniLM-L6 and BERT-tiny (zoo) at 90% ``block:16x1`` sparsity end to end, as (b).
+(c) MiniLM-L6 and BERT-tiny (zoo) at 90% ``block:16x1`` sparsity end to end, as (b); MiniLM-L6 twice: as
+    ``onnxprune prune`` leaves it (its first Q/K/V and its last FFN output stay dense: 4 of 36 linears, 10% of
+    the linear weights) and with every linear at 90% (``minilm_l6_all``). Where the time goes, kernel by
+    kernel: ``bench/sparse_profile.py``.
 (d) Accuracy vs sparsity: helper G's ``bench/sparse_accuracy.py`` (run with its defaults; ``--quick``: one
     model).
 
@@ -124,8 +127,17 @@ def mobilenet_v1(path: Path, size: int = 224, seed: int = 0) -> Path:
     return path
 
 
-def sparsify(model: Path, out: Path, s: float, pattern: str) -> Path:
-    """``onnxprune prune MODEL --sparsity S --pattern P`` (magnitude scores, no data)."""
+def sparsify(model: Path, out: Path, s: float, pattern: str, every_layer: bool = False) -> Path:
+    """``onnxprune prune MODEL --sparsity S --pattern P`` (magnitude scores, no data); ``every_layer``: the same
+    pass through the API with no layer kept dense (the CLI keeps the first and the last layers dense)."""
+    if every_layer:
+        from onnxprune.passes.sparsify import SparsifyPass
+        from onnxprune.sparsity.config import SparsityConfig
+        from onnxprune.sparsity.layers import LayerRules
+
+        config = SparsityConfig(sparsity=s, pattern=pattern, rules=LayerRules(skip_first=False, skip_last=False))
+        onnx.save(SparsifyPass(config).call(onnx.load(model)).model, out)
+        return out
     cmd = [sys.executable, "-m", "onnxprune.cli", "prune", str(model), "--sparsity", str(s), "--pattern", pattern,
            "-o", str(out)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -209,18 +221,20 @@ def time_bundles(bundles: dict[str, Path], model: Path, repeat: int) -> dict[str
 
 
 def end_to_end(label: str, model: Path, sparsities: list[float], pattern: str, work: Path, repeat: int,
-               shapes: dict | None = None) -> list[dict]:  # fmt: skip
+               shapes: dict | None = None, every_layer: bool = False,
+               dense: Path | None = None) -> list[dict]:  # fmt: skip
     from onnxprune.targets import compile_bundle, read_manifest
 
     t = time.perf_counter()
-    dense = compile_bundle(model, "x86", work / f"{label}.dense", sparse="off", shapes=shapes)
+    if dense is None:
+        dense = compile_bundle(model, "x86", work / f"{label}.dense", sparse="off", shapes=shapes)
     dense_w = read_manifest(dense, verify=False)["weights"]["bytes"]
     say(
         f"  {label}: dense bundle compiled in {time.perf_counter() - t:.0f} s, weights {dense_w / 1e6:.2f} MB"
     )
     rows = []
     for s in sparsities:
-        sp_model = sparsify(model, work / f"{label}.s{int(s * 100)}.onnx", s, pattern)
+        sp_model = sparsify(model, work / f"{label}.s{int(s * 100)}.onnx", s, pattern, every_layer)
         t = time.perf_counter()
         bundle = compile_bundle(sp_model, "x86", work / f"{label}.s{int(s * 100)}", shapes=shapes)
         compile_s = time.perf_counter() - t
@@ -243,6 +257,11 @@ def end_to_end(label: str, model: Path, sparsities: list[float], pattern: str, w
             for e in layers
             if e["choice"] == "dense"
         ][:6]
+        replaced, stored = m["sparse"].get("dense_weight_bytes_replaced", 0), m["sparse"].get("sparse_weight_bytes", 0)
+        row.update(replaced_bytes=replaced, replaced_stored_bytes=stored)
+        if replaced:  # the whole file also holds what stays dense (embeddings, kept layers)
+            say(f"      weights of the sparse layers: {replaced / 1e6:.2f} MB dense -> {stored / 1e6:.2f} MB stored "
+                f"({stored / replaced:.3f}; 1 - sparsity = {1 - s:.2f}, + indices)")  # fmt: skip
         say(f"      sparse: {', '.join(gains) or '-'}{' ...' if len(went) > 8 else ''}")
         say(
             f"      kept dense (measured gain, or the cost model's estimate vs dense): {', '.join(kept) or '-'}"
@@ -295,6 +314,9 @@ def part_c(quick: bool, repeat: int, work: Path) -> None:
             fixed = work / f"{name}.static.onnx"
             onnx.save(m, fixed)
         rows += end_to_end(name, fixed, [0.9], "block:16x1", work, repeat)
+        if name == "minilm_l6":  # every encoder linear at 90% (the CLI keeps 3 first and 1 last layer dense)
+            rows += end_to_end(f"{name}_all", fixed, [0.9], "block:16x1", work, repeat, every_layer=True,
+                               dense=work / f"{name}.dense")  # fmt: skip
     for r in rows:
         say(f"bar (c): {r['model']} at 90% block: {r['speedup']:.2f}x (>= 3x: "
             f"{'met' if r['speedup'] >= 3 else 'NOT met'})")  # fmt: skip
