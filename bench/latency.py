@@ -9,7 +9,8 @@ Part 1, **efficiency** (issue 13): every zoo model (ONNXPRUNE_MODEL_CACHE, see m
 the command line a user types, ``onnxprune prune MODEL --ratio R --round-to X --no-verify --json`` (X = auto,
 the default, whose latency table is measured on onnxruntime CPU 1 thread and cached: latency-weighted ratios
 where a uniform ratio cannot track the MACs; auto-u: auto rounding with ``--allocation uniform``, the uniform
-ratio of earlier versions; 1: any count; 16), then
+ratio of earlier versions; auto-a: auto with the table's micro-model prices not calibrated in-model,
+``ONNXPRUNE_LATENCY_IN_MODEL=0``, the default before `onnxprune.latency.calibrate`; 1: any count; 16), then
 all pruned variants of a model are timed in one process on onnxruntime CPU (1 and 2 intra-op threads,
 batch 1), round-robin with the dense model in every round (:func:`onnxprune.latency.timing.interleaved`;
 chunks of :data:`CHUNK` variants, each with the dense model, so memory stays bounded and every speedup is
