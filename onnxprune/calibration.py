@@ -38,6 +38,7 @@ __all__ = [
     "consumers",
     "hessian_rows",
     "load_calib",
+    "output_rows",
     "row_budget",
 ]
 
@@ -335,10 +336,20 @@ def _conv_windows(x: np.ndarray, node: onnx.NodeProto, kshape: tuple[int, ...]) 
 
 
 def hessian_rows(
-    x: np.ndarray, c: Consumer, w_shape: tuple[int, ...], per_sample: int, rng: np.random.Generator
+    x: np.ndarray,
+    c: Consumer,
+    w_shape: tuple[int, ...],
+    per_sample: int,
+    rng: np.random.Generator,
+    positions: list[np.ndarray | None] | None = None,
 ) -> np.ndarray:
     """Hessian rows of `x` (a batch) for consumer `c`: at most `per_sample` uniformly drawn positions per
-    sample, conv inputs unfolded (im2col) only at the drawn positions, features in weight memory order."""
+    sample, conv inputs unfolded (im2col) only at the drawn positions, features in weight memory order.
+
+    `positions`, when given, receives per sample the flat indices of the drawn positions among the layer's
+    *output* positions (convolution output pixels; the rows of a Gemm/MatMul), or None where every position
+    was kept (in order): what lines other per-position values up with these rows (`output_rows`).
+    """
     parts = []
     for i in range(x.shape[0]):
         if c.kind == "conv":
@@ -347,6 +358,8 @@ def hessian_rows(
             out = win.shape[1 : 1 + nd]
             total = int(np.prod(out))
             pick = None if total <= per_sample else np.sort(rng.choice(total, per_sample, replace=False))
+            if positions is not None:
+                positions.append(pick)
             if pick is None:
                 perm = tuple(range(1, 1 + nd)) + (0,) + tuple(range(1 + nd, 1 + 2 * nd))
                 rows = win.transpose(perm).reshape(total, -1)
@@ -356,9 +369,24 @@ def hessian_rows(
         else:
             xi = np.moveaxis(x[i : i + 1], c.x_axis, -1)
             rows = xi.reshape(-1, xi.shape[-1])
-            if len(rows) > per_sample:
-                rows = rows[np.sort(rng.choice(len(rows), per_sample, replace=False))]
+            pick = np.sort(rng.choice(len(rows), per_sample, replace=False)) if len(rows) > per_sample else None
+            if pick is not None:
+                rows = rows[pick]
+            if positions is not None:
+                positions.append(pick)
         parts.append(rows)
+    return np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])
+
+
+def output_rows(y: np.ndarray, c: Consumer, positions: list[np.ndarray | None]) -> np.ndarray:
+    """Rows [positions, outputs] of `y`, a tensor shaped like consumer `c`'s output (a batch), at the
+    `positions` `hessian_rows` drew for the same batch: row i lines up with Hessian row i."""
+    parts = []
+    for i, pick in enumerate(positions):
+        yi = y[i : i + 1]
+        # conv: channels on axis 1; Gemm [N, out] and MatMul [..., out]: on the last axis, like the input's
+        rows = yi[0].reshape(yi.shape[1], -1).T if c.kind == "conv" else yi.reshape(-1, yi.shape[-1])
+        parts.append(rows if pick is None else rows[pick])
     return np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])
 
 

@@ -16,6 +16,8 @@ that follows (`rewrite.apply_plan`) deletes exactly the columns repair accounted
 * ``seq`` (calibrated, sequential; `repair_sequential`): the same least squares, but each consumer is
   fitted on the inputs it will really see, those of the *pruned* model whose earlier consumers are already
   repaired (Optimal Brain Compression / SparseGPT order), so errors do not compound through depth.
+  Options (`repair_stream`, off by default: measured without gain on the CIFAR ResNets): residual-stream
+  writers refitted towards the original stream, and the ridge damp chosen per layer on held-out samples.
 * ``ls`` (calibrated): ridge least squares on the calibration Hessian H = E[[x 1][x 1]^T] of the
   consumer's input (im2col for convolutions): ``[W_K b'] = [W b] H[:, K] (H[K, K] + lambda I)^-1``, the
   Optimal Brain Surgeon update of the kept columns K; the constant feature makes it correct the mean
@@ -40,6 +42,7 @@ from onnxprune.calibration import (
     Consumer,
     consumers,
     hessian_rows,
+    output_rows,
     row_budget,
     single_threaded_blas,
 )
@@ -49,8 +52,11 @@ from onnxprune.graph import ModelGraph
 from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.moments import channel_moments
 from onnxprune.progress import task
+from onnxprune.repair_stream import StreamWrite, choose_damp, ridge_fit, stream_writes
 
 REPAIRS = ("none", "bias", "ls", "seq")
+SEQ_STREAM = False  # `repair_sequential` default: refit residual-stream writers towards the stream
+SEQ_HOLDOUT = 0  # `repair_sequential` default: choose the damp per layer on every N-th sample held out (0: off)
 
 
 @dataclass
@@ -60,6 +66,8 @@ class RepairReport:
     repaired: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     added_biases: list[str] = field(default_factory=list)
+    stream_targets: list[str] = field(default_factory=list)  # seq: refitted towards the residual stream
+    damps: dict[str, float] = field(default_factory=dict)  # seq with held-out damping: the damp chosen per layer
 
     def as_dict(self) -> dict:
         return {"repaired": len(self.repaired), "skipped": dict(self.skipped), "added_biases": len(self.added_biases)}
@@ -253,6 +261,9 @@ def repair_sequential(
     damp: float = 0.01,
     max_rows: int = 65536,
     seed: int = 0,
+    *,
+    stream: bool | None = None,
+    holdout: int | None = None,
 ) -> tuple[onnx.ModelProto, RepairReport]:
     """Least-squares repair of every consumer on the pruned model's own inputs, in waves through depth.
 
@@ -275,8 +286,16 @@ def repair_sequential(
         damp: ridge term, relative to the mean diagonal of the kept block of the pruned input's Hessian.
         max_rows: row budget per consumer and wave (`calibration.row_budget`).
         seed: sampling of the rows (convolution positions).
+        stream: refit layers that write into a residual stream towards the original stream
+            (`repair_stream`); None: `SEQ_STREAM`.
+        holdout: when > 1, every `holdout`-th sample is held out to choose the damp per layer among
+            `repair_stream.DAMPS` (`damp` is then unused), the winner refitted on every sample; None:
+            `SEQ_HOLDOUT`.
     """
     from onnxprune.rewrite import apply_mask
+
+    stream = SEQ_STREAM if stream is None else stream
+    holdout = SEQ_HOLDOUT if holdout is None else holdout
 
     graph = analysis.graph
     report = RepairReport()
@@ -321,15 +340,21 @@ def repair_sequential(
         if c.name in wave_of:
             w = graph.initializer_value(c.weight)
             slots[c.name] = bias_slot(graph, c, c.weight_matrix(w).shape[0])
+    writes = stream_writes(graph, [c for c in cons if c.name in wave_of]) if stream else {}
     runners = (FrontierRunner(data), FrontierRunner(data))  # frontier tensors cached from wave to wave
     with task("sequential repair", total=len(wave_of)) as progress:
         for number, k in enumerate(sorted(waves), 1):
             wave = waves[k]
             progress.update(f"sequential repair: wave {number}/{len(waves)}")
             current = with_values(base, cur_values, cur_biases)
-            acc = cross_stats(graph.model, current, wave, data, max_rows, seed + 7919 * k, runners)
+            # a stream target only where the shortcut is final: nothing of this wave or later upstream of it
+            streams = {c.name: writes[c.name] for c in wave
+                       if c.name in writes and level.get(writes[c.name].other, 0) <= k}
+            folds = sequential_stats(graph.model, current, wave, data, max_rows, seed + 7919 * k, runners,
+                                     streams=streams, holdout=holdout)
             for c in progress.track(wave):
-                Ht, C = acc[c.name]
+                total = folds[c.name].total()
+                n_features = len(total.H)  # with the constant feature
                 w = graph.initializer_value(c.weight)
                 wm = c.weight_matrix(w).astype(np.float64)
                 n_out = wm.shape[0]
@@ -339,17 +364,20 @@ def repair_sequential(
                 gone = np.isin(feat_pos, cut) if cut is not None else np.zeros(len(feat_pos), bool)
                 keep = np.flatnonzero(~gone)
                 if slot is not None:
-                    keep = np.append(keep, len(Ht) - 1)
+                    keep = np.append(keep, n_features - 1)
                     b0 = slot_value(graph, slot, n_out)
                     wa = np.concatenate([wm, b0[:, None]], axis=1)
                 else:
-                    Ht, C = Ht[:-1, :-1], C[:-1, :-1]
                     wa = wm
-                Hk = Ht[np.ix_(keep, keep)]
-                lam = damp * float(np.mean(np.diag(Hk))) + 1e-12
-                Hk[np.diag_indices(len(keep))] += lam
-                rhs = wa @ C[:, keep] + lam * wa[:, keep]
-                solved = np.linalg.solve(Hk, rhs.T).T
+                layer_damp = damp
+                folded = folds[c.name]
+                if folded.held is not None:
+                    with_bias = slot is not None
+                    layer_damp = choose_damp(wa, folded.fit.parts(with_bias), folded.held.parts(with_bias), keep)
+                    report.damps[c.name] = layer_damp
+                solved = ridge_fit(wa, *total.parts(slot is not None), keep, layer_damp)
+                if total.D is not None:
+                    report.stream_targets.append(c.name)
                 n_feat = int((~gone).sum())
                 new_w = wm.copy()
                 new_w[:, ~gone] = solved[:, :n_feat]
@@ -390,6 +418,44 @@ def _remask(removed: dict, base_values: dict, name: str, value: np.ndarray) -> n
     return out
 
 
+@dataclass
+class LayerStats:
+    """Sums over sampled rows of one consumer's input ([x 1] features; x original, x~ pruned-and-repaired)
+    and, for a stream writer, of its residual rows r (`repair_stream`)."""
+
+    H: np.ndarray  # sum x~ x~^T, then E[.] after `mean`
+    C: np.ndarray  # sum x x~^T
+    D: np.ndarray | None  # sum x~ r^T [features + 1, outputs]
+    rows: int = 0
+
+    def mean(self) -> LayerStats:
+        n = max(1, self.rows)
+        return LayerStats(self.H / n, self.C / n, None if self.D is None else self.D / n, self.rows)
+
+    def parts(self, with_bias: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(H, C, D) as `repair_stream.ridge_fit` reads them, without the constant feature unless `with_bias`."""
+        if with_bias:
+            return self.H, self.C, self.D
+        return self.H[:-1, :-1], self.C[:-1, :-1], None if self.D is None else self.D[:-1]
+
+
+@dataclass
+class FoldedStats:
+    """A consumer's `LayerStats` (means) on the fitting samples and, with a held-out fold, on the held-out ones."""
+
+    fit: LayerStats
+    held: LayerStats | None
+
+    def total(self) -> LayerStats:
+        """The means over every sample."""
+        if self.held is None:
+            return self.fit
+        n = self.fit.rows + self.held.rows
+        a, b = self.fit.rows / max(1, n), self.held.rows / max(1, n)
+        D = None if self.fit.D is None or self.held.D is None else a * self.fit.D + b * self.held.D
+        return LayerStats(a * self.fit.H + b * self.held.H, a * self.fit.C + b * self.held.C, D, n)
+
+
 def cross_stats(
     original: onnx.ModelProto,
     current: onnx.ModelProto,
@@ -404,46 +470,87 @@ def cross_stats(
     `runners` (original, current) carry cached frontier tensors from wave to wave (`layer_inputs`); without
     them every sample runs from the graph inputs.
     """
+    folds = sequential_stats(original, current, wave, data, max_rows, seed, runners)
+    return {name: (f.fit.H, f.fit.C) for name, f in folds.items()}
+
+
+def sequential_stats(
+    original: onnx.ModelProto,
+    current: onnx.ModelProto,
+    wave: list[Consumer],
+    data: CalibrationData,
+    max_rows: int,
+    seed: int,
+    runners: tuple[FrontierRunner, FrontierRunner] | None = None,
+    *,
+    streams: dict[str, StreamWrite] | None = None,
+    holdout: int = 0,
+) -> dict[str, FoldedStats]:
+    """Per consumer of `wave`: its `FoldedStats` over the same sampled rows of both models.
+
+    `streams` (consumer name -> `StreamWrite`): also accumulate E[x~ r^T] for the residual rows
+    ``r = (s - s~) / scale`` of the writer's shortcut `other` (original s, current s~). `holdout` > 1:
+    every `holdout`-th sample goes to the held-out fold. `runners` (original, current) carry cached
+    frontier tensors from wave to wave (`layer_inputs`); without them every sample runs from the graph inputs.
+    """
     from itertools import zip_longest
 
-    names = sorted({c.x for c in wave})
+    streams = streams or {}
+    names = sorted({c.x for c in wave} | {w.other for w in streams.values()})
     run_o, run_c = runners or (FrontierRunner(data, budget=0), FrontierRunner(data, budget=0))
     graph = ModelGraph(original)
     w_shapes = {c.name: c.weight_shape(graph) for c in wave}
     feats = {c.name: c.feature_count(w_shapes[c.name]) for c in wave}
+    n_outs = {c.name: w_shapes[c.name][c.out_axis] for c in wave}
     per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n))) for k, f in feats.items()}
-    hessians = {c.name: np.zeros((feats[c.name] + 1,) * 2) for c in wave}
-    crosses = {c.name: np.zeros((feats[c.name] + 1,) * 2) for c in wave}
-    counts = dict.fromkeys(hessians, 0)
+    n_folds = 2 if holdout > 1 and data.n >= 2 * holdout else 1
+    sums = {c.name: [LayerStats(np.zeros((feats[c.name] + 1,) * 2), np.zeros((feats[c.name] + 1,) * 2),
+                                np.zeros((feats[c.name] + 1, n_outs[c.name])) if c.name in streams else None)
+                     for _ in range(n_folds)] for c in wave}
     samples = zip_longest(run_o.run(original, names), run_c.run(current, names))  # both run to the end
-    pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {c.name: [] for c in wave}
+    pending: dict[tuple[str, int], list[tuple[np.ndarray, ...]]] = {}
 
-    def flush(name: str) -> None:
+    def flush(name: str, fold: int) -> None:
         # rows of many samples in one product: a few large GEMMs instead of one tiny one per sample
-        if pending[name]:
-            ro = np.concatenate([p[0] for p in pending[name]])
-            rc = np.concatenate([p[1] for p in pending[name]])
+        parts = pending.pop((name, fold), [])
+        if parts:
+            ro = np.concatenate([p[0] for p in parts])
+            rc = np.concatenate([p[1] for p in parts])
             one = np.ones((len(rc), 1), np.float32)
             ro, rc = np.concatenate([ro, one], axis=1), np.concatenate([rc, one], axis=1)
-            hessians[name] += rc.T @ rc
-            crosses[name] += ro.T @ rc
-            counts[name] += len(rc)
-            pending[name].clear()
+            acc = sums[name][fold]
+            acc.H += rc.T @ rc
+            acc.C += ro.T @ rc
+            if acc.D is not None:
+                acc.D += rc.T @ np.concatenate([p[2] for p in parts])
+
+            acc.rows += len(rc)
 
     # BLAS calls alternate with onnxruntime runs
     with single_threaded_blas(), task("layer inputs, original and pruned", total=data.n) as progress:
         for i, (xo, xc) in enumerate(progress.track(samples)):
+            fold = 1 if n_folds == 2 and i % holdout == holdout - 1 else 0
             for j, c in enumerate(wave):
+                picks: list[np.ndarray | None] = []
                 ro = hessian_rows(np.asarray(xo[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
-                                  np.random.default_rng([seed, i, j]))
+                                  np.random.default_rng([seed, i, j]), picks)
                 rc = hessian_rows(np.asarray(xc[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
                                   np.random.default_rng([seed, i, j]))
-                pending[c.name].append((ro, rc))
-                if sum(len(p[1]) for p in pending[c.name]) >= max(1024, feats[c.name]):
-                    flush(c.name)
+                entry: tuple[np.ndarray, ...] = (ro, rc)
+                write = streams.get(c.name)
+                if write is not None:
+                    diff = np.asarray(xo[write.other], np.float32) - np.asarray(xc[write.other], np.float32)
+                    r = output_rows(diff, c, picks)
+                    entry += (r / write.scale[None, :] if write.scale is not None else r,)
+                buf = pending.setdefault((c.name, fold), [])
+                buf.append(entry)
+                if sum(len(p[1]) for p in buf) >= max(1024, feats[c.name]):
+                    flush(c.name, fold)
         for c in wave:
-            flush(c.name)
-    return {name: (hessians[name] / max(1, n), crosses[name] / max(1, n)) for name, n in counts.items()}
+            for fold in range(n_folds):
+                flush(c.name, fold)
+    return {name: FoldedStats(parts[0].mean(), parts[1].mean() if n_folds == 2 else None)
+            for name, parts in sums.items()}
 
 
 def reanalyze(analysis: ChannelAnalysis, labels: np.ndarray, model: onnx.ModelProto, allow_inexact: bool):
