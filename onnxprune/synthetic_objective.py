@@ -182,7 +182,7 @@ def build_objective(model: onnx.ModelProto, batch: int, class_weight: float = 0.
         losses.append(loss)
         seeds[logits] = gl if logits not in seeds else em.op("Add", [seeds[logits], gl])
     path, _ = differentiated_nodes(m.graph, vi.name, set(seeds), floats)
-    dense, activations = forward_cost(path, shapes)  # before the backward nodes join
+    dense, layer, other = forward_cost(path, shapes)  # before the backward nodes join
     grad = append_backward(m, vi.name, seeds, em, shapes, floats)
     total = losses[0] if len(losses) == 1 else em.op("Sum", losses)
     del m.graph.output[:]
@@ -191,4 +191,4 @@ def build_objective(model: onnx.ModelProto, batch: int, class_weight: float = 0.
     del m.graph.value_info[:]
     remove_dead_code(m.graph)
     return Objective(session(m, optimize=True, threads=threads), vi.name, (batch, *dims), len(taps), macs, classes,
-                     step_seconds(dense / batch, activations / batch), activations // batch)
+                     step_seconds(dense / batch, layer / batch, other / batch), (layer + other) // batch)

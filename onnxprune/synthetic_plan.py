@@ -4,31 +4,37 @@ Start reading at `plan`. ``--calib synthetic`` without N gets as many optimised 
 `SynthesisConfig.budget` (90 s). The cost of one step of one sample (forward, BN-statistics loss, backward;
 `onnxprune.synthetic_objective`) is *modelled*, not timed, so the plan does not depend on the machine's load::
 
-    seconds per sample-step = SECONDS_PER_MAC * dense MACs + SECONDS_PER_ACTIVATION * activation elements
+    seconds per sample-step = SECONDS_PER_MAC * dense MACs
+                              + SECONDS_PER_ACTIVATION * layer activation elements
+                              + SECONDS_PER_ELEMENTWISE * other activation elements
 
-Dense MACs are those of Conv (group 1 or grouped with more than one input channel per group), Gemm and MatMul;
-activation elements are the output sizes of every forward node the objective runs. The second term prices what
-the MAC count misses: elementwise work (BN, activations, their masks, the statistics loss at every tap, the
-gradient sums), layout reorders, and depthwise convolutions, which move as many bytes as an elementwise op and
-do few MACs. The old model (MACs only, 3.5e10 MAC/s) was 2x pessimistic on ResNet-50 and 3x optimistic on
-EfficientNet-Lite0 / MobileNetV2 (Lite0's plan "90 s" ran > 8.5 min under load).
+over the forward nodes the objective runs (input to the last BN tap). Dense MACs are those of Conv (except
+depthwise: one input channel per group), Gemm and MatMul; *layer* activations are the outputs of Conv, BN,
+MatMul/Gemm, pooling and Concat: each carries a backward convolution or a statistics loss, layout reorders,
+gradient sums; depthwise convolutions are priced here, by the bytes they move, not by their few MACs. Other
+activations (Relu, Clip, Add, Mul, ...) cost a mask or a pass in the backward. The old model (MACs only,
+3.5e10 MAC/s) was 2x pessimistic on ResNet-50 and 3x optimistic on EfficientNet-Lite0 / MobileNetV2 (Lite0's
+plan "90 s" ran > 8.5 min under load, at a batch that needed ~8 GB).
 
-Calibration (`fit` below; measured CPU time of one onnxruntime thread per sample-step, batch 4-64, load ~11 on
-the 2 cores, after the backward-graph speedups of this session)::
+Calibration (least squares on relative error; measured CPU seconds of one onnxruntime thread per sample-step,
+batch 1-64, load ~11 on the 2 cores, with the backward graph of this session)::
 
-    model                 dense MMAC   activations   measured ms   model ms
-    CIFAR ResNet20              41        0.68 M          2.05        2.3
-    CIFAR ResNet44              97        1.48 M          4.84        5.2
-    ResNet-50 (224)           4089       37.6 M          174         160
-    EfficientNet-Lite0         351       24.6 M           58.4        63
-    MobileNetV2                280       19.7 M           56.2        50
-    EfficientNet-B0            351       28.3 M           68.0        71
-    DenseNet-121              2834       49.2 M          168         164
-    RegNetY-400MF              402       12.9 M           46.2        37
+    model                 dense MMAC   layer act   other act   measured ms   model / measured
+    CIFAR ResNet20              41       0.37 M      0.30 M          2.05         1.08
+    CIFAR ResNet44              97       0.83 M      0.64 M          4.84         1.04
+    ResNet-50 (224)           4087      22.3 M      14.9 M         174           0.91
+    EfficientNet-Lite0         349      13.4 M      11.1 M          58.4         1.05
+    MobileNetV2                279      13.3 M       6.3 M          56.2         1.04
+    EfficientNet-B0            350      13.4 M      14.7 M          68.0         0.92
+    DenseNet-121              2833      33.4 M      15.6 M         168           1.08
+    RegNetY-400MF              401       7.8 M       5.1 M          46.2         0.83
+    PP-OCRv4 rec (48x320)      625       5.7 M      43.8 M          45.9         1.01
+    Fashion-MNIST ResNet        22       0.16 M      0.09 M           1.01        0.99
 
-(within 20% for all; MACs alone: off by up to 3.5x). The plan treats one thread's CPU seconds as wall seconds
-on the reference 2-core machine: onnxruntime's second thread then is margin (the bar is 120 s for a 90 s
-budget), and a loaded machine is slower by its load, which no plan can know.
+(within 17%; MACs alone: off by up to 3.5x; MACs + all activations alike: 2.7x on PP-OCRv4 rec, whose
+hard-swish is written as Add/Clip/Mul/Div). The plan treats one thread's CPU seconds as wall seconds on the
+reference 2-core machine (`SynthesisConfig.threads` = 1); a loaded machine is slower by its load, which no
+plan can know.
 """
 
 from __future__ import annotations
@@ -40,8 +46,8 @@ import onnx
 
 from onnxprune.graph import attrs
 
-__all__ = ["AUTO_SAMPLES", "BATCH_BYTES", "DEFAULT_SAMPLES", "MIN_OPTIMISED", "SECONDS_PER_ACTIVATION", "SECONDS_PER_MAC",
-           "Plan", "forward_cost", "plan", "step_seconds"]
+__all__ = ["AUTO_SAMPLES", "BATCH_BYTES", "DEFAULT_SAMPLES", "MIN_OPTIMISED", "SECONDS_PER_ACTIVATION",
+           "SECONDS_PER_ELEMENTWISE", "SECONDS_PER_MAC", "Plan", "forward_cost", "plan", "step_seconds"]
 
 #: ``synthetic`` without N: the number of samples is planned from the time budget (`plan`), at most this many.
 DEFAULT_SAMPLES = 256
@@ -50,32 +56,42 @@ MIN_OPTIMISED = 4
 #: The sample count `onnxprune.synthetic.parse_spec` returns for plain ``synthetic`` (= let `plan` choose).
 AUTO_SAMPLES = 0
 #: Seconds per dense multiply-accumulate of a forward pass, for the whole step (forward + backward ~ 3x).
-SECONDS_PER_MAC = 1.8e-11
-#: Seconds per forward activation element, for the whole step (elementwise, loss, depthwise, reorders).
-SECONDS_PER_ACTIVATION = 2.3e-9
+SECONDS_PER_MAC = 1.64e-11
+#: Seconds per layer activation element (Conv, BN, MatMul, pooling, Concat outputs), for the whole step.
+SECONDS_PER_ACTIVATION = 3.88e-9
+#: Seconds per other activation element (elementwise ops), for the whole step.
+SECONDS_PER_ELEMENTWISE = 3.15e-10
+#: Outputs priced at SECONDS_PER_ACTIVATION.
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "MatMul", "Gemm", "MaxPool", "AveragePool",
+                       "GlobalAveragePool", "Concat"})
 #: Bytes of forward activations one batch may hold: the batch shrinks to fit (onnxruntime's peak for the whole
 #: step is ~3.5x the forward activations: EfficientNet-Lite0 at 224, batch 8: 0.97 GB RSS). The old plan ran
 #: Lite0 at batch 26, ~8 GB, which is likely why it ran for minutes.
 BATCH_BYTES = 1 << 30
 
 
-def step_seconds(dense_macs: float, activations: float) -> float:
+def step_seconds(dense_macs: float, layer_activations: float, other_activations: float = 0.0) -> float:
     """Modelled seconds of one optimisation step for one sample (see the module docstring)."""
-    return SECONDS_PER_MAC * dense_macs + SECONDS_PER_ACTIVATION * activations
+    return (SECONDS_PER_MAC * dense_macs + SECONDS_PER_ACTIVATION * layer_activations
+            + SECONDS_PER_ELEMENTWISE * other_activations)
 
 
-def forward_cost(nodes: list[onnx.NodeProto], shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
-    """(dense MACs, activation elements) of `nodes` at the batch their static `shapes` were inferred for.
+def forward_cost(nodes: list[onnx.NodeProto], shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int]:
+    """(dense MACs, layer activation elements, other activation elements) of `nodes` at the batch their static
+    `shapes` were inferred for (`LAYER_OPS`).
 
     A Conv whose weight has one input channel per group and more than one group is depthwise: its MACs are
     not dense (it is priced by its activations)."""
-    dense = activations = 0
+    dense = layer = other = 0
     for node in nodes:
         out = shapes.get(node.output[0]) if node.output else None
         if out is None:
             continue
         numel = int(np.prod(out))
-        activations += numel
+        if node.op_type in LAYER_OPS:
+            layer += numel
+        else:
+            other += numel
         if node.op_type in ("Conv", "ConvTranspose") and node.input[1] in shapes:
             w = shapes[node.input[1]]
             if not (w[1] == 1 and int(attrs(node).get("group", 1)) > 1):
@@ -85,7 +101,7 @@ def forward_cost(nodes: list[onnx.NodeProto], shapes: dict[str, tuple[int, ...]]
             a = shapes[node.input[0]]
             transposed = node.op_type == "Gemm" and int(attrs(node).get("transA", 0))
             dense += numel * int(a[0] if transposed else a[-1])
-    return dense, activations
+    return dense, layer, other
 
 
 @dataclass(frozen=True)
