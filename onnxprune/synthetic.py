@@ -36,15 +36,15 @@ Time budget (`onnxprune.synthetic_plan.plan`): ``synthetic`` without N plans the
 one step (dense MACs + activation elements, calibrated on 8 zoo models within 20%; deterministic, not timed) to
 fit `SynthesisConfig.budget` = 90 s of one onnxruntime thread: as many samples as fit at 100 Adam steps, up
 to DEFAULT_SAMPLES = 256; a large model first gets fewer steps (>= 20), then fewer samples (>= 4); a batch
-holds at most 1 GB of forward activations. When fewer than 256 are optimised, augmented *views* of them (the
+holds at most 512 MB of forward activations, in whole batches. When fewer than 256 are optimised, augmented *views* of them (the
 horizontal flip, then shifts by up to 1/8 of the size, edges repeated: the training augmentation of
 CIFAR/ImageNet nets) fill up to 4x as many calibration samples; below `min_samples` = 64 optimised, the steps
 shrink first so that views reach 256 (PP-OCRv4 rec data-free at 20%: 16 x 93 steps, no views 67.0% exact;
 + views = 64: 75.5%; 64 x 23 + views = 256: 91.0%; original 99.5%, calibrated 97.0%). ``synthetic:N`` forces
 N samples (at least N/4 optimised, the steps shrink to fit). The progress bar shows the plan and its estimate.
-Plans: CIFAR ResNet20 256 optimised x 100 steps (~58 s); ResNet44 175 x 99 + views = 256; ResNet-50 at 224
-28 x 20 (batches of 7) + views = 112; EfficientNet-Lite0 64 x 20 (batches of 10) + views = 256; MobileNetV2
-64 x 27 + views. One thread by default (`SynthesisConfig.threads`): the plan is in one thread's seconds, and on
+Plans: CIFAR ResNet20 256 optimised x 100 steps (~56 s); ResNet44 180 x 99 + views = 256; ResNet-50 at 224
+27 x 20 (batches of 3) + views = 108; EfficientNet-Lite0 65 x 22 (batches of 5) + views = 256; MobileNetV2
+66 x 23 + views; PP-OCRv4 rec 64 x 30 + views. One thread by default (`SynthesisConfig.threads`): the plan is in one thread's seconds, and on
 a loaded machine a second thread makes a step slower, not faster (ResNet-50 batch 16 under a load of 6-9:
 26.7 s per step on all cores vs 11.1 s on one).
 

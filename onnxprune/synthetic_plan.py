@@ -64,10 +64,10 @@ SECONDS_PER_ELEMENTWISE = 3.15e-10
 #: Outputs priced at SECONDS_PER_ACTIVATION.
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "MatMul", "Gemm", "MaxPool", "AveragePool",
                        "GlobalAveragePool", "Concat"})
-#: Bytes of forward activations one batch may hold: the batch shrinks to fit (onnxruntime's peak for the whole
-#: step is ~3.5x the forward activations: EfficientNet-Lite0 at 224, batch 8: 0.97 GB RSS). The old plan ran
-#: Lite0 at batch 26, ~8 GB, which is likely why it ran for minutes.
-BATCH_BYTES = 1 << 30
+#: Bytes of forward activations one batch may hold: the batch shrinks to fit (the process peaks at ~2.4x the
+#: forward activations of a batch: ResNet-50 at 224, batch 7 = 1.05 GB of activations: 2.5 GB RSS). The old
+#: plan ran EfficientNet-Lite0 at batch 26, ~6 GB.
+BATCH_BYTES = 1 << 29
 
 
 def step_seconds(dense_macs: float, layer_activations: float, other_activations: float = 0.0) -> float:
@@ -134,7 +134,8 @@ def plan(cfg, n: int, seconds_per_sample_step: float, views: int, activations: i
     """
     step_cost = max(seconds_per_sample_step, 1e-9)
     affordable = cfg.budget / step_cost  # sample-steps
-    if n == AUTO_SAMPLES:
+    auto = n == AUTO_SAMPLES
+    if auto:
         optimised = int(min(DEFAULT_SAMPLES, affordable // cfg.steps))
         if optimised < cfg.min_samples:  # a large model: fewer steps first, then fewer samples (>= MIN_OPTIMISED)
             optimised = int(max(MIN_OPTIMISED, min(cfg.min_samples, affordable // cfg.min_steps)))
@@ -146,4 +147,9 @@ def plan(cfg, n: int, seconds_per_sample_step: float, views: int, activations: i
     batches = -(-optimised // batch)
     batch = -(-optimised // batches)  # as even as the batch count allows
     steps = max(cfg.min_steps, min(cfg.steps, int(affordable // (batches * batch))))
+    if auto and batches > 1 and steps * batches * batch * step_cost > cfg.budget:
+        batches -= 1  # whole batches only: a partial one costs as much as a full one
+    if auto:
+        optimised = batches * batch
+        n = min(DEFAULT_SAMPLES, optimised * views)
     return Plan(n, optimised, batch, steps, steps * batches * batch * step_cost)
