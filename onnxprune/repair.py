@@ -56,6 +56,7 @@ from onnxprune.repair_stream import StreamWrite, choose_damp, ridge_fit, stream_
 
 REPAIRS = ("none", "bias", "ls", "seq")
 SEQ_STREAM = False  # `repair_sequential` default: refit residual-stream writers towards the stream
+FLUSH_ROWS = 1024  # sequential statistics: rows buffered per consumer before they are multiplied in
 SEQ_HOLDOUT = 0  # `repair_sequential` default: choose the damp per layer on every N-th sample held out (0: off)
 
 
@@ -510,14 +511,22 @@ def sequential_stats(
     samples = zip_longest(run_o.run(original, names), run_c.run(current, names))  # both run to the end
     pending: dict[tuple[str, int], list[tuple[np.ndarray, ...]]] = {}
 
+    def with_one(parts: list[np.ndarray]) -> np.ndarray:
+        """The rows of `parts` stacked, with the constant feature appended: one copy."""
+        out = np.empty((sum(len(p) for p in parts), parts[0].shape[1] + 1), np.float32)
+        out[:, -1] = 1.0
+        at = 0
+        for p in parts:
+            out[at : at + len(p), :-1] = p
+            at += len(p)
+        return out
+
     def flush(name: str, fold: int) -> None:
         # rows of many samples in one product: a few large GEMMs instead of one tiny one per sample
         parts = pending.pop((name, fold), [])
         if parts:
-            ro = np.concatenate([p[0] for p in parts])
-            rc = np.concatenate([p[1] for p in parts])
-            one = np.ones((len(rc), 1), np.float32)
-            ro, rc = np.concatenate([ro, one], axis=1), np.concatenate([rc, one], axis=1)
+            ro = with_one([p[0] for p in parts])
+            rc = with_one([p[1] for p in parts])
             acc = sums[name][fold]
             acc.H += rc.T @ rc
             acc.C += ro.T @ rc
@@ -544,7 +553,9 @@ def sequential_stats(
                     entry += (r / write.scale[None, :] if write.scale is not None else r,)
                 buf = pending.setdefault((c.name, fold), [])
                 buf.append(entry)
-                if sum(len(p[1]) for p in buf) >= max(1024, feats[c.name]):
+                # ~1,024 rows make an efficient GEMM; more only hold memory (a 4,608-feature layer's 4,608 rows
+                # were 85 MB per model)
+                if sum(len(p[1]) for p in buf) >= FLUSH_ROWS:
                     flush(c.name, fold)
         for c in wave:
             for fold in range(n_folds):
