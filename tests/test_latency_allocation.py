@@ -19,7 +19,7 @@ from onnxprune.channels import analyze
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import canonicalize
 from onnxprune.latency.table import GroupCurve, LatencyTable
-from onnxprune.latency_allocation import latency_order, plan_for_latency
+from onnxprune.latency_allocation import DATA_FREE_MIN_KEEP, latency_order, plan_for_latency
 from onnxprune.sensitivity import SensitivityRow
 
 
@@ -107,7 +107,7 @@ def test_units_that_save_no_time_are_never_taken():
     table = LatencyTable(backend="fake", dense_ms=40.0, curves=curves)
     units = latency_order(analysis, _flat_scores(analysis), table, "global")
     kept = _kept(analysis, units)
-    assert kept[a] == 4 and kept[b] == 16 and kept[c] == math.ceil(0.1 * 32)
+    assert kept[a] == 4 and kept[b] == 16 and kept[c] == math.ceil(DATA_FREE_MIN_KEEP * 32)  # the data-free floor
 
 
 def test_a_target_the_dense_model_meets_removes_nothing_whatever_the_noise():
@@ -124,3 +124,19 @@ def test_a_target_the_dense_model_meets_removes_nothing_whatever_the_noise():
 
     outcome = solve_latency_target(units, analysis, table, 1.0, noisy)
     assert outcome.reached and outcome.plan.channels_removed == 0 and len(calls) == 1
+
+
+def test_a_coupled_group_costs_every_layer_it_runs_through():
+    """residual: the residual stream couples several convs; at equal milliseconds per channel and equal
+    scores, a plain group loses channels before the stream does."""
+    analysis = _analysis("residual")
+    members = {g.id: len(g.param_members) for g in analysis.groups}
+    stream = max(members, key=members.get)
+    plain = min((g for g in analysis.groups if g.size == analysis.groups[stream].size), key=lambda g: members[g.id]).id
+    assert members[stream] > members[plain]
+    table = _table(analysis, {stream: 1.0, plain: 1.0})
+    units = latency_order(analysis, _flat_scores(analysis), table, "global")
+    first = [u.group for u in units]
+    assert first.index(plain) < first.index(stream)
+    kept = _kept(analysis, units[: plan_for_latency(units, analysis, table, table.dense_ms - 4.0).units])
+    assert kept[stream] == analysis.groups[stream].size and kept[plain] < analysis.groups[plain].size
