@@ -106,8 +106,8 @@ def measure(
     registers: int,
 ) -> list[tuple[float, float]]:
     """(dense us, sparse us) for each (layer, block), compiled together into one module and timed
-    interleaved on this machine (median of each round, best of the rounds): in this process for x86, under
-    node for wasm (:func:`.wasm.time_functions`, one thread). ``build`` compiles the module for ``spec``."""
+    interleaved on this machine: in this process for x86 (median of each round, best of the rounds), under
+    node for wasm (:func:`.wasm.time_functions`, one thread, fastest of 15 interleaved batches). ``build`` compiles the module for ``spec``."""
     bb = relax.BlockBuilder()
     for i, (layer, _) in enumerate(layers):
         for variant in "ds":

@@ -130,8 +130,9 @@ def time_functions(
     """Microseconds per call of VM functions of ``ex`` (a wasm executable), timed under node.
 
     ``calls``: (function name, index into ``inputs``) pairs, each function taking that one input. The
-    functions are timed interleaved inside one runner process (the runner's ``--time`` mode): ``rounds``
-    rounds over the list, each function's median per round, the best round kept.
+    functions are timed interleaved inside one runner process (the runner's ``--time`` mode): ``5 * rounds``
+    passes over the list, one batch (>= 5 ms) of each function per pass, each function's fastest batch kept
+    (time per call): on a loaded machine other processes only add time.
 
     Raises:
         ToolchainError: emcc or node is missing, or the runner failed.

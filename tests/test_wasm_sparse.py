@@ -79,6 +79,23 @@ def group_cnn(path: Path, *, s: float = 0.8, c: int = 16, hw: int = 8, seed: int
     return save_graph(path, nodes, inits, "group_cnn", [1, c, hw, hw], [1, 10])
 
 
+def pointwise_pair(path: Path, seed: int = 3) -> Path:
+    """Two 1x1 convs 128 -> 128 at 14x14 (MobileNet-v1's 5th block), 90% then 30% group-sparse, bias + ReLU."""
+    rng = np.random.default_rng(seed)
+    inits = []
+    for i, s in enumerate((0.9, 0.3)):
+        w = group_runs(rng.standard_normal((128, 128)).astype(np.float32) * 0.1, s, rng)  # [K, N]
+        inits += [numpy_helper.from_array(np.ascontiguousarray(w.T).reshape(128, 128, 1, 1), f"w{i}"),
+                  numpy_helper.from_array(rng.standard_normal(128).astype(np.float32), f"b{i}")]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"]),
+        helper.make_node("Relu", ["c1"], ["y"]),
+    ]
+    return save_graph(path, nodes, inits, "pointwise_pair", [1, 128, 14, 14], [1, 128, 14, 14])
+
+
 def _dense_weight_bytes(model: Path) -> int:
     import onnx
 
@@ -114,15 +131,15 @@ def test_wasm_choice_is_measured_under_node_and_read_by_the_compile(tmp_path, tu
     from onnxprune.targets.tvm_sparse_choice import CACHE_FILE
     from onnxprune.targets.tvm_sparse_crossover import measure_crossovers
 
-    model = group_cnn(tmp_path / "m.onnx", s=0.9, c=32, hw=16, seed=3)
+    model = pointwise_pair(tmp_path / "m.onnx")
     report = measure_crossovers(model, "wasm")
     measured = [e for e in report["layers"] if e["decided_by"] == "measured"]
     assert measured, report["layers"]
     assert all(
         e["dense_us"] > 0 and e["sparse_us"] > 0 and e["measured_on"].startswith("node") for e in measured
     )
-    pointwise = [e for e in measured if e["layer"].startswith("conv0[1x1")]
-    assert pointwise and pointwise[0]["gain"] > 1.5, pointwise
+    assert [e["layer"] for e in measured] == ["conv0[1x1x128->128]", "conv1[1x1x128->128]"], measured
+    assert measured[0]["gain"] > 1.5, measured  # 90%: 3-4x (load 17)
     cache = json.loads((tune_cache / CACHE_FILE).read_text())
     assert sum("wasm32" in k for k in cache) == len(measured)  # keyed by target, shape, pattern
     bundle = compile_bundle(model, "wasm", tmp_path / "b")  # --sparse auto: reads the table

@@ -6,9 +6,9 @@
 //   (the wasm build). --weights loads the model's weights (TVM parameter-dict format, keys w0000, w0001 …)
 //   and passes them to main after the inputs. Outputs go to OUT_DIR/output_<i>.npy; with --repeat N the
 //   runner times N calls of main and prints "median_ms <value>" on stdout.
-//   --time times VM functions of one input each (function NAME called on input I), interleaved: R rounds
-//   (default 3) over the list, each function's median call time per round, and prints the best round as
-//   "time_us NAME <value>" per function (the per-layer dense-or-sparse choice of the wasm target, which can
+//   --time times VM functions of one input each (function NAME called on input I), interleaved batch by
+//   batch (5 x R passes over the list, R = --rounds, default 3), and prints each function's fastest time per
+//   call as "time_us NAME <value>" (the per-layer dense-or-sparse choice of the wasm target, which can
 //   only be timed inside its own runtime). main is not called and no outputs are written.
 //
 // Depends only on the tvm-ffi headers (tvm/ffi/*, dlpack) and, at run time, on libtvm_runtime (which
@@ -171,30 +171,24 @@ double Seconds(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Median microseconds per call of f(arg): calls are batched so that one batch lasts >= 5 ms (timer
-// resolution, and node's performance.now() coarsening), 5 batches.
-double MedianCallUs(const ffi::Function& f, const ffi::AnyView& arg) {
+// Calls of f(arg) per timed batch: enough for one batch to last >= 5 ms (timer resolution, and node's
+// performance.now() coarsening), after one warm-up call (first-call allocations, caches).
+int BatchSize(const ffi::Function& f, const ffi::AnyView& arg) {
   ffi::Any tmp;
-  f.CallPacked(&arg, 1, &tmp);  // warm: first-call allocations, caches
+  f.CallPacked(&arg, 1, &tmp);
   int number = 1;
   for (;;) {
     auto t0 = std::chrono::steady_clock::now();
     for (int i = 0; i < number; ++i) f.CallPacked(&arg, 1, &tmp);
     double s = Seconds(t0);
-    if (s >= 0.005 || number >= (1 << 20)) break;
+    if (s >= 0.005 || number >= (1 << 20)) return number;
     number = s <= 0 ? number * 10 : std::max(number + 1, static_cast<int>(number * 0.006 / s));
   }
-  std::vector<double> us;
-  for (int b = 0; b < 5; ++b) {
-    auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < number; ++i) f.CallPacked(&arg, 1, &tmp);
-    us.push_back(Seconds(t0) * 1e6 / number);
-  }
-  std::sort(us.begin(), us.end());
-  return us[us.size() / 2];
 }
 
-// --time NAME:I,... : interleaved rounds over the functions, best round per function.
+// --time NAME:I,... : 5 x rounds passes, each timing one batch of every function in turn (interleaved at
+// batch granularity, so a load change hits all functions alike); per function the fastest batch's time per
+// call is kept: other processes only ever add time (on a loaded 2-core VM a median was off by 8x).
 void TimeFunctions(ffi::Module vm, const std::string& list, const std::vector<ffi::Any>& inputs, int rounds) {
   std::vector<std::pair<std::string, size_t>> jobs;
   std::stringstream ss(list);
@@ -207,15 +201,21 @@ void TimeFunctions(ffi::Module vm, const std::string& list, const std::vector<ff
     jobs.emplace_back(item.substr(0, colon), idx);
   }
   std::vector<ffi::Function> fns;
+  std::vector<int> number;
   for (auto& j : jobs) {
     auto f = vm->GetFunction(j.first);
     if (!f.has_value()) Fail("--time: the library has no function " + j.first);
     fns.push_back(f.value());
+    number.push_back(BatchSize(fns.back(), ffi::AnyView(inputs[j.second])));
   }
   std::vector<double> best(jobs.size(), 1e300);
-  for (int r = 0; r < rounds; ++r) {
+  for (int pass = 0; pass < 5 * rounds; ++pass) {
     for (size_t i = 0; i < jobs.size(); ++i) {
-      best[i] = std::min(best[i], MedianCallUs(fns[i], ffi::AnyView(inputs[jobs[i].second])));
+      ffi::AnyView arg(inputs[jobs[i].second]);
+      ffi::Any tmp;
+      auto t0 = std::chrono::steady_clock::now();
+      for (int k = 0; k < number[i]; ++k) fns[i].CallPacked(&arg, 1, &tmp);
+      best[i] = std::min(best[i], Seconds(t0) * 1e6 / number[i]);
     }
   }
   for (size_t i = 0; i < jobs.size(); ++i) std::printf("time_us %s %.3f\n", jobs[i].first.c_str(), best[i]);
