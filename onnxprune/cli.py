@@ -422,7 +422,7 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
                                  drive=args.drive or "coupled", reorder=not args.no_reorder, tune=args.tune, repair=args.repair,
                                  allocation=args.allocation or ("global" if args.global_ranking else "uniform"),
                                  target_params=args.target_params, group_budget=args.group_budget,
-                                 reader_choice=args.reader_choice)
+                                 reader_choice=args.reader_choice, stream_repair=args.stream_repair)
     model = _load(args)
     calib = _calib(args, model)
     if args.round_to == "auto" and (ratio > 0 or args.target_params is not None):

@@ -102,9 +102,13 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="unconstrained (default coupled): free = every layer its own top channels; writer = readers choose among what "
                         "reaches them; reader = writers keep what their readers read; coupled = writers keep what "
                         "their readers use, readers what their writers cover")
-    p.add_argument("--reader-choice", choices=("score", "ls"), default="score",
+    p.add_argument("--reader-choice", choices=("score", "ls", "seq"), default="score",
                    help="unconstrained --drive coupled with --calib: ls = each reader keeps the input channels its "
-                        "least-squares refit needs (OBS on its calibration Hessian); score = its criterion ranking")
+                        "least-squares refit needs (OBS on its calibration Hessian); seq (--repair seq) = ls, then "
+                        "readers of multi-writer streams choose again during the repair; score = its criterion ranking")
+    p.add_argument("--stream-repair", action="store_true",
+                   help="unconstrained --repair seq: writers into a residual stream refit toward the original stream "
+                        "minus what the skip now carries (later writers compensate channels earlier ones dropped)")
     p.add_argument("--group-budget", action="store_true",
                    help="unconstrained: a group's layers keep fewer channels until it holds no more parameters than "
                         "constrained pruning keeps there (a reader-driven writer keeps its readers' union)")
