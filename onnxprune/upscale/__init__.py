@@ -4,8 +4,9 @@ Start reading at `plan.build_plan` (what every layer keeps), then `export.export
 from it); `onnxprune.passes.unconstrained.UnconstrainedPass` runs the steps below in order.
 
 Modules: `config` (the options), `boundaries` (step 1), `records` (the plan's dataclasses), `scores`,
-`plan`, `coupled` and `allocate` (step 2), `oracle` (step 3 and the mean repair), `repair` (least-squares repairs of
-a plan), `export` with `copies` (step 4), `costmodel`, `layout` and `tuning` (step 5), `naive` (step 6),
+`plan`, `coupled` and `allocate` (step 2), `oracle` (step 3 and the mean repair), `repair` (least-squares
+repairs of a plan) with `stream_repair` (stream-aware sequential repair), `export` with `copies` (step 4),
+`costmodel`, `layout` and `tuning` (step 5), `naive` (step 6),
 `report` (copy ops and nonzero parameters of an export).
 
 The algorithm:
@@ -60,7 +61,8 @@ The algorithm:
    (`oracle.mean_repair`) restores each Conv/Gemm output's mean by its bias / the following BatchNorm's
    running mean; ``ls`` and ``seq`` refit every layer's kept columns by ridge least squares (constrained
    repair's maths with the plan's silenced positions as the removed ones; ``seq`` fits layer by layer on the
-   masked, already repaired model's own inputs).
+   masked, already repaired model's own inputs; with ``stream_repair`` a writer into a residual Add refits
+   toward the original stream minus what the skip now carries, `stream_repair.repair_stream`).
 3. **Oracle** (`oracle.mask_model`): the original model with each parameter silenced outside its own
    piece's kept set (zero; 1 for variances/divisors: `oracle.silenced_positions`, one description of what
    is silenced, used by the oracle, the export and the repair alike). The export computes exactly this.
