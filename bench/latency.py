@@ -590,6 +590,7 @@ def render(path: Path, args: argparse.Namespace) -> int:
     variants = [Variant(**{k: v for k, v in d.items() if k in keep}) for d in data["variants"]]
     for key in ("models", "ratios", "roundings", "threads"):
         setattr(args, key, data["args"][key])
+    args.loaded = bool(data["args"].get("loaded", False))  # the header says how the rows were timed
     accuracy: tuple[list[str], list[dict]] = ([], data.get("accuracy", []))
     names = dict.fromkeys(r["model"] for r in accuracy[1])
     accuracy[0].extend(_accuracy_rows(n, accuracy[1]) for n in names)
