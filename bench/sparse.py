@@ -131,12 +131,14 @@ def sparsify(model: Path, out: Path, s: float, pattern: str, every_layer: bool =
     """``onnxprune prune MODEL --sparsity S --pattern P`` (magnitude scores, no data); ``every_layer``: the same
     pass through the API with no layer kept dense (the CLI keeps the first and the last layers dense)."""
     if every_layer:
+        from onnxprune.importer import canonicalize
         from onnxprune.passes.sparsify import SparsifyPass
         from onnxprune.sparsity.config import SparsityConfig
         from onnxprune.sparsity.layers import LayerRules
 
         config = SparsityConfig(sparsity=s, pattern=pattern, rules=LayerRules(skip_first=False, skip_last=False))
-        onnx.save(SparsifyPass(config).call(onnx.load(model)).model, out)
+        canonical, _ = canonicalize(onnx.load(model))  # as the CLI: weight transposes folded into the MatMuls
+        onnx.save(SparsifyPass(config).call(canonical).model, out)
         return out
     cmd = [sys.executable, "-m", "onnxprune.cli", "prune", str(model), "--sparsity", str(s), "--pattern", pattern,
            "-o", str(out)]  # fmt: skip
