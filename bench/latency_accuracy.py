@@ -26,7 +26,8 @@ shared by its rows. Then the dense model and all variants are timed on onnxrunti
 batch 1, round-robin (`OrtBackend.time_models`: every round runs each model once, in chunks of `CHUNK`
 variants each timed with the dense model), and latency = pruned median / dense median of the same rounds.
 Accuracy is interpolated on the FLOPs-based and uniform accuracy-vs-measured-latency curves at each
-latency-aware model's measured latency (the bar: latency-aware >= FLOPs-based there). The bar "auto rounding
+latency-aware model's measured latency, and on the latency-aware curve at each FLOPs-based model's (the bar:
+latency-aware >= FLOPs-based - `TIE`; every curve starts at the dense model, 1.0x). The bar "auto rounding
 is never slower than unrounded" is checked on the same models: plain ``--ratio R`` (data-free config) with
 the default ``--round-to auto`` and with ``--round-to 1``, timed in the same rounds.
 
@@ -177,7 +178,7 @@ LABELS = {"calibrated": "obs + seq (calibrated), knapsack curves", "data-free": 
 def settings(quick: bool) -> dict[str, list[str]]:
     if quick:
         return {"latency-aware": ["0.8", "0.6"], "FLOPs-based": ["85", "65", "45"], "uniform": ["0.1", "0.3", "0.5"]}
-    return {"latency-aware": ["0.85", "0.7", "0.55"], "FLOPs-based": ["90", "70", "50", "35"],
+    return {"latency-aware": ["0.95", "0.85", "0.7", "0.55"], "FLOPs-based": ["90", "70", "50", "35"],
             "uniform": ["0.1", "0.2", "0.35", "0.5"]}
 
 
@@ -270,10 +271,12 @@ def time_all(dense: onnx.ModelProto, variants: list[Variant], repeat: int, wall:
 # ------------------------------------------------------------------------------------------------ tables
 
 
-def curve_at(records: list[dict], config: str, kind: str, latency: float) -> float | None:
-    """Accuracy of `kind`'s accuracy-vs-measured-latency curve at `latency` (None outside its range)."""
-    points = sorted((r["latency_fraction"], r["accuracy"]) for r in records
-                    if r["config"] == config and r["kind"] == kind and np.isfinite(r["latency_fraction"]))
+def curve_at(records: list[dict], config: str, kind: str, latency: float, dense: float) -> float | None:
+    """Accuracy of `kind`'s accuracy-vs-measured-latency curve at `latency` (None outside its range); every
+    curve starts at the dense model (1.0x, `dense`): pruning nothing is a point of every allocation."""
+    points = sorted([(1.0, dense)] + [(r["latency_fraction"], r["accuracy"]) for r in records
+                                      if r["config"] == config and r["kind"] == kind
+                                      and np.isfinite(r["latency_fraction"])])
     if len(points) < 2 or not points[0][0] <= latency <= points[-1][0]:
         return None
     lat, acc = zip(*points)
@@ -297,8 +300,8 @@ def model_lines(result: dict) -> tuple[list[str], list[dict]]:
                          f"{r['macs_reduction']:>7.2f} {r['accuracy']:>6.2f}%")  # fmt: skip
         lines.append("    at equal measured latency (FLOPs-based / uniform interpolated on their curves):")
         for r in (x for x in records if x["config"] == config and x["kind"] == "latency-aware" and not x["error"]):
-            flops = curve_at(records, config, "FLOPs-based", r["latency_fraction"])
-            uniform = curve_at(records, config, "uniform", r["latency_fraction"])
+            flops = curve_at(records, config, "FLOPs-based", r["latency_fraction"], result["dense"])
+            uniform = curve_at(records, config, "uniform", r["latency_fraction"], result["dense"])
             cells = [f"latency-aware {r['accuracy']:.2f}%",
                      f"FLOPs-based {flops:.2f}%" if flops is not None else "FLOPs-based - (outside its range)",
                      f"uniform {uniform:.2f}%" if uniform is not None else "uniform - (outside its range)"]
@@ -306,6 +309,17 @@ def model_lines(result: dict) -> tuple[list[str], list[dict]]:
             lines.append(f"      {r['latency_fraction']:.3f}x: " + ", ".join(cells) + verdict)
             comparisons.append({"model": result["model"], "config": config, "latency": r["latency_fraction"],
                                 "latency_aware": r["accuracy"], "flops": flops, "uniform": uniform})
+        lines.append("    and at each FLOPs-based model's measured latency (latency-aware interpolated on its curve):")
+        for r in (x for x in records if x["config"] == config and x["kind"] == "FLOPs-based" and not x["error"]):
+            aware = curve_at(records, config, "latency-aware", r["latency_fraction"], result["dense"])
+            if aware is None:
+                lines.append(f"      {r['latency_fraction']:.3f}x: FLOPs-based {r['accuracy']:.2f}%, latency-aware - "
+                             "(outside its range)")
+                continue
+            lines.append(f"      {r['latency_fraction']:.3f}x: FLOPs-based {r['accuracy']:.2f}%, latency-aware "
+                         f"{aware:.2f}%  {'PASS' if aware >= r['accuracy'] - TIE else 'FAIL'}")
+            comparisons.append({"model": result["model"], "config": config, "latency": r["latency_fraction"],
+                                "latency_aware": aware, "flops": r["accuracy"], "uniform": None})
     rounds = int(result.get("repeat", 101))
     bar = [r for r in records if r["kind"] in ("auto", "round-to-1") and not r["error"]]
     if bar:
