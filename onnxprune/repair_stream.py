@@ -115,8 +115,9 @@ def ridge_fit(
     if D is not None:
         rhs += D[keep].T
     # LU in place (Hk is a fresh copy): a 4,608-feature conv's Hessian is 170 MB; LU, not Cholesky, as
-    # `repair._ridge_solve` says
-    return solve(Hk, rhs.T, overwrite_a=True, check_finite=False).T
+    # `repair._ridge_solve` says.
+    # Hk is symmetric: its transpose is the Fortran-ordered view LAPACK factors in place (no 4th copy)
+    return solve(Hk.T, rhs.T, overwrite_a=True, check_finite=False).T
 
 
 def heldout_error(
