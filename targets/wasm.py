@@ -147,7 +147,11 @@ def time_functions(
         for i, a in enumerate(inputs):
             paths.append(str(d / f"x{i}.npy"))
             np.save(paths[-1], np.ascontiguousarray(a))
-        cmd = [node, "--no-experimental-fetch", str(d / "runner.js"), "system", str(d), *paths,
+        # --no-liftoff: V8 compiles every function with its optimising tier up front; otherwise the kernels
+        # start in the baseline tier and are swapped for optimised code whenever a background compile
+        # finishes (seconds on a loaded machine), so which variant ran optimised varied: a 90%-sparse layer
+        # measured 0.4x, 0.8x and 2.4-6.8x in three runs
+        cmd = [node, "--no-experimental-fetch", "--no-liftoff", str(d / "runner.js"), "system", str(d), *paths,
                "--time", ",".join(f"{name}:{i}" for name, i in calls), "--rounds", str(rounds)]  # fmt: skip
         with progress.task(f"timing {len(calls)} function(s) under node"):
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=d, timeout=3600)
