@@ -11,8 +11,9 @@ needs to build the model the export must equal.
 
 Best configuration with calibration data (pretrained CIFAR-10 ResNet20/44, all 10,000 test images, 256
 calibration images, equal parameters, l2 + ``repair="seq"`` in both modes, `bench/unconstrained_cifar.py`):
-``drive="coupled", reader_choice="ls"`` (CLI ``--drive coupled --reader-choice ls``): R20 90.00 / 86.00 vs
-constrained 89.60 / 85.12 at 20% / 40% of parameters removed, R44 91.89 / 88.75 vs 91.14 / 87.73.
+``drive="coupled", reader_choice="ls", stream_repair=True`` (CLI ``--drive coupled --reader-choice ls
+--stream-repair``): R20 90.07 / 86.27 vs constrained 89.60 / 85.12 at 20% / 40% of parameters removed, R44
+89.27 vs 87.73 at 40% (without ``stream_repair``: 90.00 / 86.00 and 88.75; R44 at 20%: 91.89 vs 91.14).
 ``drive="free"`` loses on R20 (89.29 / 83.53): writers keep rows no reader reads and readers read stream
 channels some writers dropped (`upscale.coupled` explains it). Data-free (2,000 test images, l1/energy):
 ``criterion="energy", drive="free"`` beats the same ranking constrained (``share=1``), 67.1 vs 64.3 and 28.3
