@@ -162,6 +162,10 @@ def add_sparsity_options(p: argparse.ArgumentParser) -> None:
                    help="which weights --sparsity zeroes: magnitude, wanda (|W| x input RMS, needs --calib) or obs "
                         "(SparseGPT's second-order choice, needs --calib) (default: magnitude without --calib, wanda "
                         "with it, obs with --repair ls or seq)")
+    p.add_argument("--sparse-layers", choices=("inner", "all"), default="inner",
+                   help="which layers --sparsity prunes: inner (default: the first layers and a last layer holding "
+                        "at most a fifth of the weights stay dense) or all (every candidate layer, e.g. every "
+                        "linear of an encoder for a compiled sparse bundle)")
 
 
 def sparsity_config(args: argparse.Namespace):  # -> SparsityConfig | None (imported only when asked for)
@@ -183,8 +187,13 @@ def sparsity_config(args: argparse.Namespace):  # -> SparsityConfig | None (impo
     if not sparsity:
         return None
     allocation = args.allocation or ("global" if args.global_ranking else "uniform")
+    from onnxprune.sparsity.layers import LayerRules
+
+    every = getattr(args, "sparse_layers", "inner") == "all"
+    rules = LayerRules(skip_first=False, skip_last=False) if every else LayerRules()
     return SparsityConfig(sparsity=sparsity, pattern=pattern.text, criterion=args.sparse_criterion,
-                          allocation=allocation, repair=args.repair, seed=args.seed, calib_samples=args.calib_samples)
+                          allocation=allocation, repair=args.repair, seed=args.seed, calib_samples=args.calib_samples,
+                          rules=rules)
 
 
 def add_sensitivity_options(p: argparse.ArgumentParser) -> None:

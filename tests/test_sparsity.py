@@ -324,3 +324,23 @@ def test_calibrated_repairs_on_test_models(name):
     assert errors["seq"] < errors["none"], errors
     if name == "residual":
         assert errors["ls"] < errors["none"], errors
+
+
+def test_cli_sparse_layers_all_prunes_the_stem_and_classifier_too(capsys, tmp_path):
+    inner, every = tmp_path / "inner.onnx", tmp_path / "all.onnx"
+    code, out, err = _prune(capsys, RESNET, "-o", inner, "--round-to", "1", "--sparsity", "0.5", "--json")
+    assert code == 0, err
+    dense_inner = json.loads(out)["sparsity"]["dense"]
+    code, out, err = _prune(capsys, RESNET, "-o", every, "--round-to", "1", "--sparsity", "0.5", "--json",
+                            "--sparse-layers", "all")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["verification"]["passed"]
+    dense_all = data["sparsity"]["dense"]
+    assert len(dense_all) < len(dense_inner)  # the first / last layers were exempt by default only
+    freed = set(dense_inner) - set(dense_all)
+    assert freed and freed <= set(data["sparsity"]["layers"])  # ... and are pruned now
+    graph = ModelGraph(onnx.load(str(every)))
+    by_name = {layer.consumer.name: layer for layer in sparse_layers(graph)}
+    for name in freed:
+        assert (graph.initializer_value(by_name[name].weight) == 0).mean() > 0.3, name
