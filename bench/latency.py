@@ -1,7 +1,7 @@
 """Do pruned models get faster? Efficiency = realized speedup / MACs reduction, per model, ratio and rounding.
 
     python bench/latency.py [--quick | --full] [--models resnet50,...] [--ratios 0.1,0.3,...]
-                            [--roundings auto,auto-u,1,16] [--threads 1,2] [--tvm MODEL@R,...] [--no-accuracy]
+                            [--roundings auto,auto-u,1,16] [--threads 1,2] [--tvm MODEL@R,...]
                             [--loaded]
                             [--out bench/latency_results]
 
@@ -19,11 +19,8 @@ bundles run (:class:`onnxprune.targets.tvm_latency.TvmBackend`: the bundle's com
 interleaved the same way). The issue's Torch-Pruning 1.6.1 numbers (and its own "before" numbers) are
 printed as quoted reference rows.
 
-Part 2, **accuracy at equal measured latency** on the two bundled trained Fashion-MNIST models (data: Debian
-package dataset-fashion-mnist): latency-aware (``--target-latency Fx``), FLOPs-based (``--allocation global
---target-macs P%``) and uniform (``--ratio R``) pruning; every model is timed interleaved with the dense one
-(batch 1, onnxruntime 1 thread), top-1 on the test split; the FLOPs-based and uniform curves (accuracy vs
-measured latency) are interpolated at each latency-aware model's measured latency.
+Accuracy at equal measured latency (latency-aware vs FLOPs-based vs uniform allocation, on the real models)
+is `bench/latency_accuracy.py`.
 
 After each model, the Amdahl bound of uniform ``--ratio`` (`onnxprune.latency.predict.uniform_bound`, from
 its latency table) is printed next to the measured efficiencies, with the reason where it is below 0.9.
@@ -32,9 +29,9 @@ The machine's load average is printed with the results: timings on a shared mach
 (``--loaded`` times 1-thread rows by thread CPU time and compares fastest runs, for such a machine).
 Default mode: ratios 0.1/0.3/0.5/0.7, both thread counts, TVM for MobileNetV2 0.3/0.5. Measured at load
 17-27 (eight agents on this 2-core machine): 46 min for the efficiency part (first-run onnxruntime latency
-tables included, 14 min of them TVM compiles) and 23 min for the accuracy part; on a quiet machine with the
-tables cached it is expected to take a fraction of that (not yet timed). ``--tvm ''`` and ``--no-accuracy``
-trim it; ``--quick``: two models, two ratios, 1 thread, no TVM, a short accuracy part; ``--full``: ratios
+tables included, 14 min of them TVM compiles); on a quiet machine with the
+tables cached it is expected to take a fraction of that (not yet timed). ``--tvm ''``
+trims it; ``--quick``: two models, two ratios, 1 thread, no TVM; ``--full``: ratios
 0.1..0.7 in steps of 0.1; ``--render RESULTS.json`` re-writes the text and plot of an earlier run.
 """
 
@@ -86,7 +83,6 @@ QUOTED = [
     ("ResNet-50", 0.5, {"onnxprune before, round-to 1": 0.94, "onnxprune before, round-to 8": 0.95,
                         "onnxprune before, round-to 16": 0.96, "Torch-Pruning 1.6.1": 1.01}),
 ]  # fmt: skip
-FASHION = ("fashion_mnist_cnn", "fashion_mnist_resnet")
 #: A timing whose interquartile spread exceeds this fraction of its median is marked "?" (a loaded machine).
 NOISY = 0.25
 #: The rounding label of auto rounding with a uniform --ratio (``--allocation uniform``); plain "auto" is the
@@ -374,95 +370,6 @@ def bound_lines(bounds: list[dict], variants: list[Variant], args: argparse.Name
     return lines
 
 
-# ------------------------------------------------------------------------------------------------ part 2
-
-
-def accuracy_part(args: argparse.Namespace, work: Path, cache: Path) -> tuple[list[str], list[dict]]:
-    """Accuracy at equal measured latency: latency-aware vs FLOPs-based vs uniform (module docstring)."""
-    try:
-        from models.fashion_mnist import load_fashion_mnist
-
-        images, labels = load_fashion_mnist("test")
-    except Exception as e:
-        return [f"accuracy part skipped: {e}"], []
-    n = 2000 if args.quick else len(images)
-    images, labels = images[:n], labels[:n]
-    targets = (0.7, 0.5) if args.quick else (0.8, 0.65, 0.5, 0.4)
-    macs = (80, 60, 40) if args.quick else (90, 75, 60, 50, 40, 30, 20)
-    ratios = (0.2, 0.4, 0.6) if args.quick else (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-    shape = ["--shape", "image=1,1,28,28"]
-    lines: list[str] = []
-    records: list[dict] = []
-    for name in FASHION:
-        src = ROOT / "models" / f"{name}.onnx"
-        runs: list[tuple[str, str, list[str]]] = (
-            [("latency-aware", f"{t}x", ["--target-latency", f"{t}x"]) for t in targets]
-            + [("FLOPs-based", f"{p}%", ["--allocation", "global", "--target-macs", f"{p}%"]) for p in macs]
-            + [("uniform", f"{r}", ["--ratio", str(r)]) for r in ratios]
-        )
-        made: list[tuple[str, str, Path, dict]] = []
-        for kind, setting, flags in runs:
-            out = work / f"{name}_{kind}_{setting}.onnx".replace("%", "pct")
-            try:
-                summary, _ = prune_cli(src, out, [*flags, *shape], cache)
-            except RuntimeError as e:
-                lines.append(f"  {name} {kind} {setting}: FAILED {e}")
-                continue
-            made.append((kind, setting, out, summary))
-            print(f"  pruned {name} {kind} {setting}", flush=True)
-        if not made:
-            continue
-        dense = static_inputs(onnx.load(str(src)), {"image": [1, 1, 28, 28]})
-        pruned = [onnx.load(str(p)) for _, _, p, _ in made]
-        speedups = timed_against_dense(
-            dense, pruned, OrtBackend(threads=1), max(args.repeat, 41)
-        )  # ~0.1 ms models
-        base = top1(dense, images, labels)
-        for (kind, setting, _, summary), model, (s, _) in zip(made, pruned, speedups):
-            records.append({"model": name, "kind": kind, "setting": setting, "speedup": s,
-                            "latency_fraction": 1 / s, "top1": top1(model, images, labels), "dense_top1": base, "images": n,
-                            "macs_reduction": summary["macs_before"] / max(summary["macs_after"], 1),
-                            "cli_latency": summary.get("latency")})  # fmt: skip
-        lines.append(_accuracy_rows(name, records))
-    return lines, records
-
-
-def top1(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0].name
-    batch = sess.get_inputs()[0].shape[0]
-    step = batch if isinstance(batch, int) else 1000
-    out = np.concatenate(
-        [sess.run(None, {inp: images[i : i + step]})[0] for i in range(0, len(images), step)]
-    )
-    return float((out.argmax(1) == labels).mean() * 100)
-
-
-def _accuracy_rows(name: str, records: list[dict]) -> str:
-    mine = [r for r in records if r["model"] == name]
-    rows = [f"{name}: dense top-1 {mine[0]['dense_top1']:.2f}% on {mine[0].get('images', '?')} test images"]
-    rows += [f"  {'kind':<14} {'setting':>8} {'latency':>8} {'MACs /':>7} {'top-1':>7}"]
-    for r in mine:
-        rows.append(f"  {r['kind']:<14} {r['setting']:>8} {r['latency_fraction']:>7.2f}x {r['macs_reduction']:>7.2f} "
-                    f"{r['top1']:>6.2f}%")  # fmt: skip
-    rows.append(
-        "  at equal measured latency (FLOPs-based / uniform interpolated on their accuracy-vs-latency curves):"
-    )
-    for r in (x for x in mine if x["kind"] == "latency-aware"):
-        cells = [f"latency-aware {r['top1']:.2f}%"]
-        for kind in ("FLOPs-based", "uniform"):
-            curve = sorted((x["latency_fraction"], x["top1"]) for x in mine if x["kind"] == kind)
-            if len(curve) >= 2 and curve[0][0] <= r["latency_fraction"] <= curve[-1][0]:
-                lat, acc = zip(*curve)
-                cells.append(f"{kind} {float(np.interp(r['latency_fraction'], lat, acc)):.2f}%")
-            else:
-                cells.append(f"{kind} - (outside its measured range)")
-        rows.append(f"    {r['latency_fraction']:.2f}x: " + ", ".join(cells))
-    return "\n".join(rows)
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -480,10 +387,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", default=None, help="onnxruntime intra-op threads to time with (default 1,2)")
     p.add_argument("--tvm", default=None, help="MODEL@RATIO,... timed as TVM x86 bundles ('' for none)")
     p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 15, quick 9)")
-    p.add_argument("--no-accuracy", action="store_true", help="skip the Fashion-MNIST accuracy part")
     p.add_argument("--loaded", action="store_true",
                    help="a shared machine: 1-thread rows by thread CPU time, every speedup from the fastest runs")
-    p.add_argument("--no-efficiency", action="store_true", help="skip the efficiency part (accuracy only)")
     p.add_argument(
         "--render",
         metavar="RESULTS.json",
@@ -522,16 +427,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(log[-1], flush=True)
     variants: list[Variant] = []
     bounds: list[dict] = []
-    accuracy: tuple[list[str], list[dict]] = (["  (not run)"], [])
     with tempfile.TemporaryDirectory(prefix="onnxprune-bench-latency-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         cache = Path(
             os.environ.get("ONNXPRUNE_LATENCY_CACHE", Path.home() / ".cache" / "onnxprune" / "latency")
         )
-        for name in (
-            [] if args.no_efficiency else args.models
-        ):  # model by model, the results written after each (a long run stays useful)
+        for name in args.models:  # model by model, the results written after each (a long run stays useful)
             mine = prune_all(args, [name], work, cache, log)
             measure_all(mine, args)
             measure_tvm(mine, args)
@@ -541,11 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as e:  # the bound is commentary: the measured rows stand without it
                 log.append(f"{name}: uniform bound not computed: {type(e).__name__}: {e}")
             log.append(f"{name}: {len(mine)} variants pruned and timed; {load()}")
-            write_results(out, args, variants, accuracy, log, started, final=False, bounds=bounds)
-        if not args.no_accuracy:
-            accuracy = accuracy_part(args, work, cache)
-            log.append(f"after the accuracy part: {load()}")
-    print(write_results(out, args, variants, accuracy, log, started, final=True, bounds=bounds))
+            write_results(out, args, variants, log, started, final=False, bounds=bounds)
+    print(write_results(out, args, variants, log, started, final=True, bounds=bounds))
     return 0
 
 
@@ -553,7 +452,6 @@ def write_results(
     out: Path,
     args: argparse.Namespace,
     variants: list[Variant],
-    accuracy: tuple[list[str], list[dict]],
     log: list[str],
     started: float,
     *,
@@ -568,8 +466,7 @@ def write_results(
            "(provisional: a shared machine)."] if getattr(args, "loaded", False) else []),
         *([] if final else ["(partial: the run is still going)"]),
         *efficiency_table(variants, args), *bound_lines(bounds or [], variants, args), "",
-        "Accuracy at equal measured latency (Fashion-MNIST, onnxruntime CPU 1 thread, batch 1):",
-        *accuracy[0], "", *log, *([f"total {time.time() - started:.0f} s"] if started else []),
+        "Accuracy at equal measured latency: bench/latency_accuracy.py.", "", *log, *([f"total {time.time() - started:.0f} s"] if started else []),
     ]  # fmt: skip
     report = "\n".join(text) + "\n"
     out.with_suffix(".txt").write_text(report)
@@ -577,7 +474,7 @@ def write_results(
         {"args": vars(args), "log": log,
          "variants": [{**asdict(v), "macs_reduction": v.macs_reduction,
                        "efficiency": {b: v.efficiency(b) for b in v.speedup}} for v in variants],
-         "accuracy": accuracy[1], "quoted": QUOTED, "bounds": bounds or []}, indent=1))  # fmt: skip
+         "quoted": QUOTED, "bounds": bounds or []}, indent=1))  # fmt: skip
     if variants:
         plot(variants, args, out.with_suffix(".png"))
     return report
@@ -591,10 +488,7 @@ def render(path: Path, args: argparse.Namespace) -> int:
     for key in ("models", "ratios", "roundings", "threads"):
         setattr(args, key, data["args"][key])
     args.loaded = bool(data["args"].get("loaded", False))  # the header says how the rows were timed
-    accuracy: tuple[list[str], list[dict]] = ([], data.get("accuracy", []))
-    names = dict.fromkeys(r["model"] for r in accuracy[1])
-    accuracy[0].extend(_accuracy_rows(n, accuracy[1]) for n in names)
-    print(write_results(path.with_suffix(""), args, variants, accuracy, data["log"], 0.0, final=True,
+    print(write_results(path.with_suffix(""), args, variants, data["log"], 0.0, final=True,
                         bounds=data.get("bounds", [])))
     return 0
 
