@@ -278,7 +278,7 @@ E2E_HEADER = (f"  {'model':<13} {'spars':>5} {'dense ms':>9} {'sparse ms':>9} {'
 def part_b(quick: bool, repeat: int, work: Path) -> None:
     sparsities = [0.3, 0.9] if quick else [0.3, 0.5, 0.7, 0.9]
     say(
-        "(b) group:1x4 sparsity end to end (x86): sparse bundle (--sparse auto) vs dense bundle vs onnxruntime"
+        "(b) group:1x4 sparsity end to end (x86, then wasm): sparse bundle (--sparse auto) vs dense bundle vs onnxruntime"
     )
     say(E2E_HEADER)
     rows = end_to_end("mobilenet_v1", mobilenet_v1(work / "mobilenet_v1.onnx"), sparsities, "group:1x4", work,
@@ -293,6 +293,15 @@ def part_b(quick: bool, repeat: int, work: Path) -> None:
             say(f"bar (b): {r['model']} at 30%: {r['speedup']:.2f}x (>= 1.3x: "
                 f"{'met' if r['speedup'] >= 1.3 else 'NOT met'})")  # fmt: skip
     RESULTS["b"] = rows
+    # the same pruned models as wasm bundles under node (1 thread; no onnxruntime column: no wasm build of it here)
+    from bench.sparse_wasm import wasm_end_to_end
+    from onnxprune.errors import ToolchainError
+
+    wasm_models = [("mobilenet_v1", work / "mobilenet_v1.onnx")] + ([("resnet18", resnet)] if resnet.is_file() else [])
+    try:
+        RESULTS["b_wasm"] = wasm_end_to_end(wasm_models, sparsities, work, min(repeat, 10), say, sparsify)
+    except ToolchainError as e:
+        say(f"  wasm rows skipped: {e}")
 
 
 def part_c(quick: bool, repeat: int, work: Path) -> None:
