@@ -66,7 +66,8 @@ from onnxprune.metrics import count_params
 from onnxprune.passes.pruning import PruneConfig, PrunePass
 
 # The unconstrained rows' configuration (`UnconstrainedConfig` fields; the target is the row's).
-UNCONSTRAINED_BEST: dict[str, Any] = {"criterion": "l2", "repair": "seq", "drive": "coupled", "reader_choice": "ls"}
+UNCONSTRAINED_BEST: dict[str, Any] = {"criterion": "l2", "repair": "seq", "drive": "coupled", "reader_choice": "ls",
+                                      "stream_repair": True}
 RECOMMENDED_ALLOCATION = "knapsack"  # the rows the issue's calibrated and data-free bars are judged on
 
 METHODS = ("l1", "l2-bias", "synthetic", "synthetic-knapsack", "calibrated", "calibrated-knapsack", "constrained",
@@ -80,7 +81,8 @@ LABELS = {
     "calibrated": "obs + seq, calibrated, uniform",
     "calibrated-knapsack": f"obs + seq, calibrated, {RECOMMENDED_ALLOCATION}",
     "constrained": "constrained l2 + seq",
-    "unconstrained": "unconstrained {criterion} + {repair}, {drive}, reader {reader_choice}".format(**UNCONSTRAINED_BEST),
+    "unconstrained": "unconstrained {criterion} + {repair}, {drive}, reader {reader_choice}, stream repair".format(
+        **UNCONSTRAINED_BEST),
     "onnxsim": "onnxsim 0.8.1 (l2)",
 }
 # method -> (criterion, repair, data, allocation); data: None, "synthetic" or "calib"
