@@ -172,7 +172,8 @@ class Bench:
 
     def synthetic(self) -> None:
         t = time.perf_counter()
-        self.syn = load_calib(f"synthetic:{self.args.synthetic}", self.model)
+        spec = "synthetic" if self.args.synthetic == 0 else f"synthetic:{self.args.synthetic}"
+        self.syn = load_calib(spec, self.model)
         self.t_syn = time.perf_counter() - t
         t = time.perf_counter()
         self.syn_stats = collect_stats(self.model, self.syn)
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fractions", default="0.2,0.4")
     ap.add_argument("--calib-samples", type=int, default=None,
                     help=f"calibration samples (default: per model, `CALIB_SAMPLES`, else {DEFAULT_CALIB_SAMPLES})")
-    ap.add_argument("--synthetic", type=int, default=64, help="synthetic samples (--calib synthetic:N)")
+    ap.add_argument("--synthetic", type=int, default=0,
+                    help="synthetic samples (--calib synthetic:N); 0: the planned default (--calib synthetic)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--lite0-methods", default="l1,l2-bias,calibrated",
                     help="methods run on EfficientNet-Lite0 (no images: time and RSS only)")
