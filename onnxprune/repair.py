@@ -255,6 +255,58 @@ def with_values(model: onnx.ModelProto, values: dict[str, np.ndarray], new_biase
 # ---------------------------------------------------------------------------------------------------
 # Sequential repair
 # ---------------------------------------------------------------------------------------------------
+@dataclass
+class FitWaves:
+    """The order of a sequential repair: every consumer whose input or weight the pruning changed, in waves
+    (a wave's consumers read tensors that only earlier waves change, so one forward pass feeds a wave).
+
+    Attributes:
+        consumers: the consumers with an unshared weight (a shared one is in the report's `skipped`).
+        cut_of: consumer name -> its removed input positions (None: only its input changed).
+        level: tensor -> the wave after which it no longer changes.
+        wave_of: consumer name -> its wave (only consumers to fit).
+        waves: wave -> its consumers, in graph order.
+    """
+
+    consumers: list[Consumer]
+    cut_of: dict[str, np.ndarray | None]
+    level: dict[str, int]
+    wave_of: dict[str, int]
+    waves: dict[int, list[Consumer]]
+
+
+def fit_waves(graph: ModelGraph, removed: dict, report: RepairReport) -> FitWaves:
+    """The consumers a sequential repair fits and their waves (`FitWaves`); shared weights go to
+    ``report.skipped``."""
+    cons = [c for c in consumers(graph) if len(graph.consumers.get(c.weight, [])) == 1]
+    for c in consumers(graph):
+        if len(graph.consumers.get(c.weight, [])) != 1 and DimRef(c.weight, c.in_axis) in removed:
+            report.skipped[c.name] = "weight shared with other nodes"
+    by_node = {id(c.node): c for c in cons}
+    cut_of = {c.name: removed.get(DimRef(c.weight, c.in_axis)) for c in cons}
+    changed = {ref.tensor for ref in removed}  # tensors that differ from the original
+    level: dict[str, int] = {}
+    wave_of: dict[str, int] = {}
+    for node in graph.nodes:
+        ins = [i for i in node.input if i]
+        lv = max([level.get(i, 0) for i in ins], default=0)
+        dirty = any(i in changed for i in ins)
+        fit = by_node.get(id(node))
+        if fit is not None and (fit.x in changed or cut_of[fit.name] is not None):
+            wave_of[fit.name] = level.get(fit.x, 0)
+            lv = max(lv, wave_of[fit.name] + 1)
+            dirty = True
+        for o in node.output:
+            level[o] = lv
+            if dirty:
+                changed.add(o)
+    waves: dict[int, list[Consumer]] = {}
+    for c in cons:
+        if c.name in wave_of:
+            waves.setdefault(wave_of[c.name], []).append(c)
+    return FitWaves(cons, cut_of, level, wave_of, waves)
+
+
 def repair_sequential(
     analysis: ChannelAnalysis,
     removed_labels: np.ndarray,
@@ -303,33 +355,8 @@ def repair_sequential(
     removed = analysis.removed_positions(removed_labels)
     if not removed:
         return graph.model, report
-    cons = [c for c in consumers(graph) if len(graph.consumers.get(c.weight, [])) == 1]
-    for c in consumers(graph):
-        if len(graph.consumers.get(c.weight, [])) != 1 and DimRef(c.weight, c.in_axis) in removed:
-            report.skipped[c.name] = "weight shared with other nodes"
-    by_node = {id(c.node): c for c in cons}
-    cut_of = {c.name: removed.get(DimRef(c.weight, c.in_axis)) for c in cons}
-    # Which tensors differ from the original, and the wave of every consumer to fit.
-    changed = {ref.tensor for ref in removed}
-    level: dict[str, int] = {}
-    wave_of: dict[str, int] = {}
-    for node in graph.nodes:
-        ins = [i for i in node.input if i]
-        lv = max([level.get(i, 0) for i in ins], default=0)
-        dirty = any(i in changed for i in ins)
-        fit = by_node.get(id(node))
-        if fit is not None and (fit.x in changed or cut_of[fit.name] is not None):
-            wave_of[fit.name] = level.get(fit.x, 0)
-            lv = max(lv, wave_of[fit.name] + 1)
-            dirty = True
-        for o in node.output:
-            level[o] = lv
-            if dirty:
-                changed.add(o)
-    waves: dict[int, list[Consumer]] = {}
-    for c in cons:
-        if c.name in wave_of:
-            waves.setdefault(wave_of[c.name], []).append(c)
+    fits = fit_waves(graph, removed, report)
+    cons, cut_of, level, wave_of, waves = fits.consumers, fits.cut_of, fits.level, fits.wave_of, fits.waves
     base = apply_mask(analysis, removed_labels)
     new_values: dict[str, np.ndarray] = {}
     new_biases: list[tuple[onnx.NodeProto, str, np.ndarray]] = []

@@ -44,7 +44,6 @@ from onnx import numpy_helper
 from onnxprune.calibration import (
     CalibrationData,
     Consumer,
-    consumers,
     hessian_rows,
     row_budget,
     single_threaded_blas,
@@ -53,7 +52,7 @@ from onnxprune.channels import ChannelAnalysis, DimRef
 from onnxprune.graph import ModelGraph
 from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.progress import task
-from onnxprune.repair import RepairReport, bias_slot, slot_value, with_values
+from onnxprune.repair import RepairReport, bias_slot, fit_waves, slot_value, with_values
 
 _AFFINE = ("BatchNormalization",)  # per-channel affine nodes a writer's output may pass before the Add
 
@@ -186,32 +185,8 @@ def repair_stream(analysis: ChannelAnalysis, data: CalibrationData, damp: float 
     removed = analysis.removed_positions(labels)
     if not removed:
         return graph.model, report
-    cons = [c for c in consumers(graph) if len(graph.consumers.get(c.weight, [])) == 1]
-    for c in consumers(graph):
-        if len(graph.consumers.get(c.weight, [])) != 1 and DimRef(c.weight, c.in_axis) in removed:
-            report.skipped[c.name] = "weight shared with other nodes"
-    by_node = {id(c.node): c for c in cons}
-    cut_of = {c.name: removed.get(DimRef(c.weight, c.in_axis)) for c in cons}
-    changed = {ref.tensor for ref in removed}
-    level: dict[str, int] = {}
-    wave_of: dict[str, int] = {}
-    for node in graph.nodes:
-        ins = [i for i in node.input if i]
-        lv = max([level.get(i, 0) for i in ins], default=0)
-        dirty = any(i in changed for i in ins)
-        fit = by_node.get(id(node))
-        if fit is not None and (fit.x in changed or cut_of[fit.name] is not None):
-            wave_of[fit.name] = level.get(fit.x, 0)
-            lv = max(lv, wave_of[fit.name] + 1)
-            dirty = True
-        for o in node.output:
-            level[o] = lv
-            if dirty:
-                changed.add(o)
-    waves: dict[int, list[Consumer]] = {}
-    for c in cons:
-        if c.name in wave_of:
-            waves.setdefault(wave_of[c.name], []).append(c)
+    fits = fit_waves(graph, removed, report)
+    cons, cut_of, level, wave_of, waves = fits.consumers, fits.cut_of, fits.level, fits.wave_of, fits.waves
     # Stream writers whose skip is final when they are fitted (every consumer upstream of it in an earlier wave).
     writers: dict[str, tuple[str, np.ndarray]] = {}
     for c in cons:
