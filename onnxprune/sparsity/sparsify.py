@@ -32,7 +32,8 @@ from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.metrics import count_params
 from onnxprune.moments import channel_moments
 from onnxprune.progress import task
-from onnxprune.repair import BiasSlot, bias_slot, cross_stats, slot_value, with_values
+from onnxprune.repair import BiasSlot, bias_slot, slot_value, with_values
+from onnxprune.repair_stats import cross_stats
 from onnxprune.sparsity.config import SparsityConfig
 from onnxprune.sparsity.layers import SparseLayer, sparse_layers
 from onnxprune.sparsity.patterns import Pattern, check_mask, mask_for

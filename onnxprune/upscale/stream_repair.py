@@ -39,7 +39,6 @@ from itertools import zip_longest
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxprune.calibration import (
     CalibrationData,
@@ -52,7 +51,15 @@ from onnxprune.channels import ChannelAnalysis, DimRef
 from onnxprune.graph import ModelGraph
 from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.progress import task
-from onnxprune.repair import RepairReport, bias_slot, fit_waves, slot_value, with_values
+from onnxprune.repair import (
+    RepairReport,
+    add_bias_delta,
+    bias_slot,
+    fit_waves,
+    remask,
+    slot_value,
+    with_values,
+)
 
 _AFFINE = ("BatchNormalization",)  # per-channel affine nodes a writer's output may pass before the Add
 
@@ -239,44 +246,16 @@ def repair_stream(analysis: ChannelAnalysis, data: CalibrationData, damp: float 
                 new_w = wm.copy()
                 new_w[:, ~gone] = solved[:, :n_feat]
                 new_values[c.weight] = c.from_matrix(new_w, w)
-                cur_values[c.weight] = _remask(removed, base_values, c.weight, new_values[c.weight])
+                cur_values[c.weight] = remask(removed, base_values, c.weight, new_values[c.weight])
                 if mine:  # its masked value: the removed columns are zero
                     cur = c.weight_matrix(cur_values[c.weight]).copy()
                     cur[:, gone] = 0.0
                     cur_values[c.weight] = c.from_matrix(cur, w)
                 if slot is not None:
-                    delta = solved[:, -1] - wa[:, -1]
-                    if np.any(delta != 0):
-                        if slot.kind == "new":
-                            new_biases.append((c.node, slot.tensor, delta.astype(w.dtype)))
-                            masked_delta = delta.copy()
-                            cut_out = removed.get(DimRef(c.weight, c.out_axis))
-                            if cut_out is not None:
-                                masked_delta[cut_out] = 0.0
-                            cur_biases.append((c.node, slot.tensor, masked_delta.astype(w.dtype)))
-                            report.added_biases.append(slot.tensor)
-                        else:
-                            src = new_values.get(slot.tensor, graph.initializer_value(slot.tensor))
-                            val = (src + (slot.sign * delta).reshape(src.shape)).astype(src.dtype)
-                            new_values[slot.tensor] = val
-                            cur_values[slot.tensor] = _remask(removed, base_values, slot.tensor, val)
+                    add_bias_delta(graph, c, slot, solved[:, -1] - wa[:, -1], removed, base_values,
+                                   (new_values, cur_values), (new_biases, cur_biases), report)
                 report.repaired.append(c.name)
     return with_values(graph.model, new_values, new_biases), report
-
-
-def _remask(removed: dict[DimRef, np.ndarray], base_values: dict, name: str, value: np.ndarray) -> np.ndarray:
-    """`value` with every removed position of tensor `name` reset to the masked model's value there."""
-    out = np.array(value, copy=True)
-    masked = None
-    for ref, pos in removed.items():
-        if ref.tensor != name:
-            continue
-        if masked is None:
-            masked = numpy_helper.to_array(base_values[name])
-        index: list = [slice(None)] * out.ndim
-        index[ref.axis] = pos
-        out[tuple(index)] = masked[tuple(index)]
-    return out
 
 
 def output_rows(d: np.ndarray, per_sample: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,0 +1,172 @@
+"""Calibration statistics of the sequential repair: per consumer, the input moments of the original and the
+pruned model over the same rows (`sequential_stats`), and the cross moments the sparse repair reads
+(`cross_stats`). Split from `repair` (the fits) by concept; `repair.repair_sequential` is the caller to start
+reading from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxprune.calibration import (
+    CalibrationData,
+    Consumer,
+    hessian_rows,
+    output_rows,
+    row_budget,
+    single_threaded_blas,
+)
+from onnxprune.graph import ModelGraph
+from onnxprune.layer_inputs import FrontierRunner
+from onnxprune.progress import task
+from onnxprune.repair_stream import StreamWrite
+
+FLUSH_ROWS = 1024  # sequential statistics: rows buffered per consumer before they are multiplied in
+
+
+@dataclass
+class LayerStats:
+    """Sums over sampled rows of one consumer's input ([x 1] features; x original, x~ pruned-and-repaired)
+    and, for a stream writer, of its residual rows r (`repair_stream`)."""
+
+    H: np.ndarray  # sum x~ x~^T, then E[.] after `mean`
+    C: np.ndarray  # sum x x~^T
+    D: np.ndarray | None  # sum x~ r^T [features + 1, outputs]
+    rows: int = 0
+
+    def mean(self) -> LayerStats:
+        n = max(1, self.rows)
+        return LayerStats(self.H / n, self.C / n, None if self.D is None else self.D / n, self.rows)
+
+    def parts(self, with_bias: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(H, C, D) as `repair_stream.ridge_fit` reads them, without the constant feature unless `with_bias`."""
+        if with_bias:
+            return self.H, self.C, self.D
+        return self.H[:-1, :-1], self.C[:-1, :-1], None if self.D is None else self.D[:-1]
+
+
+@dataclass
+class FoldedStats:
+    """A consumer's `LayerStats` (means) on the fitting samples and, with a held-out fold, on the held-out ones."""
+
+    fit: LayerStats
+    held: LayerStats | None
+
+    def total(self) -> LayerStats:
+        """The means over every sample."""
+        if self.held is None:
+            return self.fit
+        n = self.fit.rows + self.held.rows
+        a, b = self.fit.rows / max(1, n), self.held.rows / max(1, n)
+        D = None if self.fit.D is None or self.held.D is None else a * self.fit.D + b * self.held.D
+        return LayerStats(a * self.fit.H + b * self.held.H, a * self.fit.C + b * self.held.C, D, n)
+
+
+def cross_stats(
+    original: onnx.ModelProto,
+    current: onnx.ModelProto,
+    wave: list[Consumer],
+    data: CalibrationData,
+    max_rows: int,
+    seed: int,
+    runners: tuple[FrontierRunner, FrontierRunner] | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per consumer of `wave`: (E[x~ x~^T], E[x x~^T]) over the same sampled rows, [x 1] features.
+
+    `runners` (original, current) carry cached frontier tensors from wave to wave (`layer_inputs`); without
+    them every sample runs from the graph inputs.
+    """
+    folds = sequential_stats(original, current, wave, data, max_rows, seed, runners)
+    return {name: (f.fit.H, f.fit.C) for name, f in folds.items()}
+
+
+def sequential_stats(
+    original: onnx.ModelProto,
+    current: onnx.ModelProto,
+    wave: list[Consumer],
+    data: CalibrationData,
+    max_rows: int,
+    seed: int,
+    runners: tuple[FrontierRunner, FrontierRunner] | None = None,
+    *,
+    streams: dict[str, StreamWrite] | None = None,
+    holdout: int = 0,
+) -> dict[str, FoldedStats]:
+    """Per consumer of `wave`: its `FoldedStats` over the same sampled rows of both models.
+
+    `streams` (consumer name -> `StreamWrite`): also accumulate E[x~ r^T] for the residual rows
+    ``r = (s - s~) / scale`` of the writer's shortcut `other` (original s, current s~). `holdout` > 1:
+    every `holdout`-th sample goes to the held-out fold. `runners` (original, current) carry cached
+    frontier tensors from wave to wave (`layer_inputs`); without them every sample runs from the graph inputs.
+    """
+    from itertools import zip_longest
+
+    streams = streams or {}
+    names = sorted({c.x for c in wave} | {w.other for w in streams.values()})
+    run_o, run_c = runners or (FrontierRunner(data, budget=0), FrontierRunner(data, budget=0))
+    graph = ModelGraph(original)
+    w_shapes = {c.name: c.weight_shape(graph) for c in wave}
+    feats = {c.name: c.feature_count(w_shapes[c.name]) for c in wave}
+    n_outs = {c.name: w_shapes[c.name][c.out_axis] for c in wave}
+    per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n))) for k, f in feats.items()}
+    n_folds = 2 if holdout > 1 and data.n >= 2 * holdout else 1
+    sums = {c.name: [LayerStats(np.zeros((feats[c.name] + 1,) * 2), np.zeros((feats[c.name] + 1,) * 2),
+                                np.zeros((feats[c.name] + 1, n_outs[c.name])) if c.name in streams else None)
+                     for _ in range(n_folds)] for c in wave}
+    samples = zip_longest(run_o.run(original, names), run_c.run(current, names))  # both run to the end
+    pending: dict[tuple[str, int], list[tuple[np.ndarray, ...]]] = {}
+
+    def with_one(parts: list[np.ndarray]) -> np.ndarray:
+        """The rows of `parts` stacked, with the constant feature appended: one copy."""
+        out = np.empty((sum(len(p) for p in parts), parts[0].shape[1] + 1), np.float32)
+        out[:, -1] = 1.0
+        at = 0
+        for p in parts:
+            out[at : at + len(p), :-1] = p
+            at += len(p)
+        return out
+
+    def flush(name: str, fold: int) -> None:
+        # rows of many samples in one product: a few large GEMMs instead of one tiny one per sample
+        parts = pending.pop((name, fold), [])
+        if parts:
+            ro = with_one([p[0] for p in parts])
+            rc = with_one([p[1] for p in parts])
+            acc = sums[name][fold]
+            acc.H += rc.T @ rc
+            acc.C += ro.T @ rc
+            if acc.D is not None:
+                acc.D += rc.T @ np.concatenate([p[2] for p in parts])
+
+            acc.rows += len(rc)
+
+    # BLAS calls alternate with onnxruntime runs
+    with single_threaded_blas(), task("layer inputs, original and pruned", total=data.n) as progress:
+        for i, (xo, xc) in enumerate(progress.track(samples)):
+            fold = 1 if n_folds == 2 and i % holdout == holdout - 1 else 0
+            for j, c in enumerate(wave):
+                picks: list[np.ndarray | None] = []
+                ro = hessian_rows(np.asarray(xo[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
+                                  np.random.default_rng([seed, i, j]), picks)
+                rc = hessian_rows(np.asarray(xc[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
+                                  np.random.default_rng([seed, i, j]))
+                entry: tuple[np.ndarray, ...] = (ro, rc)
+                write = streams.get(c.name)
+                if write is not None:
+                    diff = np.asarray(xo[write.other], np.float32) - np.asarray(xc[write.other], np.float32)
+                    r = output_rows(diff, c, picks)
+                    entry += (r / write.scale[None, :] if write.scale is not None else r,)
+                buf = pending.setdefault((c.name, fold), [])
+                buf.append(entry)
+                # ~1,024 rows make an efficient GEMM; more only hold memory (a 4,608-feature layer's 4,608 rows
+                # were 85 MB per model)
+                if sum(len(p[1]) for p in buf) >= FLUSH_ROWS:
+                    flush(c.name, fold)
+        for c in wave:
+            for fold in range(n_folds):
+                flush(c.name, fold)
+    return {name: FoldedStats(parts[0].mean(), parts[1].mean() if n_folds == 2 else None)
+            for name, parts in sums.items()}
