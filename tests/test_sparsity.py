@@ -138,6 +138,40 @@ def test_matrix_rows_are_outputs(op):
     assert np.all(diff[np.arange(len(diff)) != row] == 0) and diff[row] > 0
 
 
+def test_conv_runs_go_along_input_channels_with_hessian_in_the_same_order():
+    """A 3x3 conv's view reduces over (kh, kw, C), channels innermost (the NHWC kernels' order): a
+    ``group:1x4`` run is 4 input channels at one tap; the Hessian (im2col (C, kh, kw) order) permuted by
+    `SparseLayer.hessian` gives the same quadratic form, and the ``ls`` repair keeps runs along C."""
+    from onnxprune.calibration import CalibrationData, collect_stats
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(8, 8, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "c3", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    layer = sparse_layers(ModelGraph(model), LayerRules(min_weights=0, skip_first=False, skip_last=False))[0]
+    m = layer.matrix(w)
+    assert np.array_equal(m[:, :8], w[:, :, 0, 0]) and np.array_equal(m[:, 8:16], w[:, :, 0, 1])
+    assert np.array_equal(layer.from_matrix(m), w)
+    assert np.array_equal(layer.feature_channel(), np.tile(np.arange(8), 9))
+    x = rng.normal(size=(4, 8, 6, 6)).astype(np.float32) * rng.uniform(0.1, 3, size=(1, 8, 1, 1)).astype(np.float32)
+    stats = collect_stats(model, CalibrationData({"x": x}), [layer.consumer])
+    H = stats.stats[layer.consumer.name].H
+    wa, ma = w.reshape(8, -1).astype(np.float64), m.astype(np.float64)
+    Hp = layer.hessian(H)
+    assert np.allclose(Hp[-1], np.append(H[-1][layer.feature_order], H[-1, -1]))  # the constant stays last
+    assert np.allclose(ma @ Hp[:-1, :-1] @ ma.T, wa @ H[:-1, :-1] @ wa.T)
+    pruned, _ = sparsify_model(model, SparsityConfig(sparsity=0.5, pattern="group:1x4", repair="ls",
+                                                     rules=LayerRules(min_weights=0, skip_first=False,
+                                                                      skip_last=False)),
+                               calib=CalibrationData({"x": x}))
+    new = ModelGraph(pruned).initializer_value("w")
+    runs = (new != 0).reshape(8, 2, 4, 3, 3)  # [out, run, 4 channels, kh, kw]
+    assert np.all(runs.all(axis=2) | ~runs.any(axis=2)) and abs(float((new == 0).mean()) - 0.5) < 1e-9
+
+
 # ---------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------
@@ -212,7 +246,7 @@ def test_second_order_repair_reduces_layer_output_error(resnet):
                 continue
             w0 = layer.matrix(graph.initializer_value(layer.weight)).astype(np.float64)
             w1 = layer.matrix(g.initializer_value(layer.weight)).astype(np.float64)
-            H = held_out.stats[layer.consumer.name].H[:-1, :-1]
+            H = layer.hessian(held_out.stats[layer.consumer.name].H)[:-1, :-1]  # the view's column order
             d = w0 - w1
             per_layer.append(float(np.trace(d @ H @ d.T) / np.trace(w0 @ H @ w0.T)))
         errors[repair] = np.array(per_layer)

@@ -5,10 +5,14 @@ Rows are outputs, the reduction axis is what one output sums over; patterns (`pa
 =================  ======================  ======================================================================
 op                 weight shape            rows x reduction (`SparseLayer.matrix`)
 =================  ======================  ======================================================================
-Conv (group g)     [M, C/g, k1, ..]        rows = M output channels (axis 0); reduction = (C/g, k1, ..) flattened
-                                           in memory order (the im2col feature order of `calibration.hessian_rows`).
-                                           In a grouped conv each row sums over its own group's C/g channels,
-                                           so a run never crosses groups.
+Conv (group g)     [M, C/g, k1, ..]        rows = M output channels (axis 0); reduction = (k1, .., C/g) flattened,
+                                           input channels innermost: the order an NHWC kernel reduces in
+                                           (HWIO), so a ``group:1x4`` run is 4 input channels at one kernel tap
+                                           (the sparse kernels' vectors), not 4 taps of one channel. The
+                                           Hessian features of `calibration.hessian_rows` are (C, k1, ..):
+                                           `SparseLayer.feature_order` maps the view's columns to them. In a
+                                           grouped conv each row sums over its own group's C/g channels, so
+                                           a run never crosses groups.
 ConvTranspose (g)  [C, M/g, k1, ..]        rows = the M output channels (group, M/g); reduction = (C/g, k1, ..) of
                                            the input channels of that group, memory order.
 Gemm, transB=0     B [K, N]                rows = N (axis 1); reduction = K (axis 0): the matrix is B^T.
@@ -92,11 +96,45 @@ class SparseLayer:
     def size(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
+    @property
+    def feature_order(self) -> np.ndarray | None:
+        """For each reduction column of `matrix`, the index of its feature in the consumer's Hessian order
+        (a Conv's (C, k1, ..) im2col order; the constant feature stays last, outside this array); None
+        when the two orders agree (Gemm, MatMul, 1x1 convs, layers without a consumer)."""
+        if self.node.op_type != "Conv" or self.consumer is None:
+            return None
+        taps = int(np.prod(self.shape[2:], dtype=np.int64))
+        if taps == 1:
+            return None
+        # column (tap, c) of the view is feature c * taps + tap of the Hessian
+        return np.arange(self.shape[1] * taps).reshape(self.shape[1], taps).T.ravel()
+
+    def feature_channel(self) -> np.ndarray:
+        """Input channel (on the consumer's input axis) of each reduction column of `matrix`.
+
+        Raises:
+            ValueError: the layer has no calibration consumer.
+        """
+        if self.consumer is None:
+            raise ValueError(f"{self.name}: no calibration consumer")
+        feat = self.consumer.feature_channel(self.shape)
+        order = self.feature_order
+        return feat if order is None else feat[order]
+
+    def hessian(self, H: np.ndarray) -> np.ndarray:
+        """A consumer's ``[F+1, F+1]`` statistic (Hessian order, constant feature last) in the order of the
+        columns of `matrix` (constant still last); `H` itself when the orders agree."""
+        order = self.feature_order
+        if order is None:
+            return H
+        full = np.append(order, len(order)) if len(H) == len(order) + 1 else order
+        return H[np.ix_(full, full)]
+
     def matrix(self, w: np.ndarray) -> np.ndarray:
         """The weight as ``[rows, reduction]`` (a view when no transpose is needed)."""
         op = self.node.op_type
         if op == "Conv":
-            return w.reshape(w.shape[0], -1)
+            return np.moveaxis(w, 1, -1).reshape(w.shape[0], -1)
         if op == "ConvTranspose":
             g = int(attrs(self.node).get("group", 1))
             c, mg = w.shape[0], w.shape[1]
@@ -110,7 +148,7 @@ class SparseLayer:
         """Inverse of `matrix`: a ``[rows, reduction]`` array back in the weight's shape."""
         op, shape = self.node.op_type, self.shape
         if op == "Conv":
-            return m.reshape(shape)
+            return np.moveaxis(m.reshape(shape[0], *shape[2:], shape[1]), -1, 1)
         if op == "ConvTranspose":
             g = int(attrs(self.node).get("group", 1))
             c, mg = shape[0], shape[1]

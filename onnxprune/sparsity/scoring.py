@@ -40,7 +40,7 @@ def input_rms(layer: SparseLayer, stats: CalibrationStats | None) -> np.ndarray 
         return None
     st = stats.stats[c.name]
     rms = np.sqrt(st.sq_sum / max(1, st.count))
-    return rms[c.feature_channel(layer.shape)]
+    return rms[layer.feature_channel()]
 
 
 def element_scores(layer: SparseLayer, matrix: np.ndarray, score: str, stats: CalibrationStats | None) -> np.ndarray:

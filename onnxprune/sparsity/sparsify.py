@@ -189,7 +189,7 @@ def _bias_correction(state: _State, layer: SparseLayer, w: np.ndarray, new: np.n
     if mom is None or slot is None:
         report.not_repaired[layer.name] = "no BatchNorm statistics upstream" if mom is None else "no bias to correct"
         return
-    feat = c.feature_channel(layer.shape)
+    feat = layer.feature_channel()
     state.add_bias(c, slot, (w - new) @ mom[0][feat], state.graph.initializer_value(layer.weight).dtype)
     if slot.kind == "bn_mean":
         # The BatchNorm normalised the full output variance; the kept weights carry sum_kept W^2 var /
@@ -206,7 +206,7 @@ def _hessian(layer: SparseLayer, stats: CalibrationStats | None) -> np.ndarray |
     c = layer.consumer
     if c is None or stats is None or c.name not in stats.stats or stats.stats[c.name].hessian.size == 0:
         return None
-    return stats.stats[c.name].H
+    return layer.hessian(stats.stats[c.name].H)
 
 
 def _obs_saliency(layer: SparseLayer, w: np.ndarray, stats: CalibrationStats | None, damp: float) -> np.ndarray:
@@ -226,7 +226,8 @@ def _obs_saliency(layer: SparseLayer, w: np.ndarray, stats: CalibrationStats | N
 def _solve(state: _State, layer: SparseLayer, w: np.ndarray, H: np.ndarray | None, pattern: Pattern,
            sparsity: float, mask: np.ndarray | None, config: SparsityConfig, report: SparsityReport,
            base: np.ndarray | None = None) -> None:
-    """SparseGPT on one layer with Hessian `H` ([F+1]^2, the constant feature last); magnitude mask without.
+    """SparseGPT on one layer with Hessian `H` ([F+1]^2 in the order of the layer's matrix columns, the
+    constant feature last); magnitude mask without.
 
     `base`: the weights (with the bias as a last column when there is a slot) to prune, when they differ
     from `w` (the sequential refit); the bias delta is measured against the layer's original bias.
@@ -286,7 +287,7 @@ def _sequential(state: _State, model: onnx.ModelProto, active: list[SparseLayer]
             for layer in progress.track(wave):
                 c = layer.consumer
                 assert c is not None
-                Ht, C = acc[c.name]
+                Ht, C = (layer.hessian(a) for a in acc[c.name])
                 w = matrices[layer.name]
                 n_out, f = w.shape
                 slot = bias_slot(graph, c, n_out)
