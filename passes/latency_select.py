@@ -213,24 +213,25 @@ def weighted_ratio_plan(
     table: LatencyTable | None,
     keep_counts: KeepCounts | None,
 ) -> PruningPlan | None:
-    """The latency-weighted plan of a plain ``--ratio`` under auto rounding, or None when the configuration
-    asks for something else.
+    """The plan of a plain ``--ratio`` under auto rounding (`latency.ratio_choice.choose_ratio_plan`), or
+    None when the configuration asks for something else or the uniform ratio on the grid is the choice
+    (the caller's `plan.make_plan` builds that one).
 
     It applies when the rounding is ``auto`` with a table, the allocation was not chosen (``allocation`` is
-    None, no ``--global``) and no parameter, MAC or latency target replaces the ratio: then the same fraction
-    of channels is removed, each group's share weighted by its time per MAC (`latency.weighted`). An
-    explicit ``--allocation uniform`` keeps the uniform ratio, and so does a model whose uniform pruning
-    can track its MACs (`latency.predict.uniform_bound` at least `UNIFORM_ENOUGH`): measured on ResNet-50
-    (bound 0.98-1.0; thread CPU time, load 7), weighting made the model slower at the same ratio (0.3: 1.69x
-    against 1.88x; 0.7: 6.41x against 7.46x), while on EfficientNet-B0 (bound 0.83/0.69/0.52 at 0.3/0.5/0.7)
-    it made it faster (1.81x against 1.37x, 2.48x against 2.22x, 3.73x against 3.48x; the table in
-    `latency.weighted`). The plan reads the table calibrated in-model (`latency.calibrate`: one profile of
-    the dense model, cached) and takes its weights from the micro-model or the in-model prices, whichever
-    predicts the more efficient plan (`latency.weighted.best_weighted_plan`).
+    None, no ``--global``) and no parameter, MAC or latency target replaces the ratio. Every candidate
+    removes the same fraction of channels; the chosen one is predicted no slower than the unrounded uniform
+    ratio (``--round-to 1``). Latency-weighted candidates compete only where the uniform ratio cannot track
+    its MACs (`latency.predict.uniform_bound` below `UNIFORM_ENOUGH`): measured on ResNet-50 (bound
+    0.98-1.0; thread CPU time, load 7), weighting made the model slower at the same ratio (0.3: 1.69x against
+    1.88x; 0.7: 6.41x against 7.46x), while on EfficientNet-B0 (bound 0.83/0.69/0.52 at 0.3/0.5/0.7) it made
+    it faster (1.81x against 1.37x, 2.48x against 2.22x, 3.73x against 3.48x; the table in
+    `latency.weighted`). Predictions read the table calibrated in-model (`latency.calibrate`: one profile of
+    the dense model, cached).
     """
     from onnxprune.latency.calibrate import in_model_table
     from onnxprune.latency.predict import uniform_bound
-    from onnxprune.latency.weighted import best_weighted_plan
+    from onnxprune.latency.ratio_choice import UNIFORM_ANY, UNIFORM_GRID, choose_ratio_plan
+    from onnxprune.plan import make_plan
 
     if (config.round_to != "auto" or table is None or not table.curves or config.ratio <= 0
             or config.allocation is not None or config.global_ranking or config.target_latency is not None
@@ -238,13 +239,21 @@ def weighted_ratio_plan(
         return None
     # the bound as tuned (micro-model prices: in-model ones lift MobileNetV2@0.3 to 0.92, whose uniform
     # ratio measured 0.84); the plan reads in-model prices (a profile of the dense model, cached)
-    if uniform_bound(table, analysis, config.ratio).efficiency >= UNIFORM_ENOUGH:
-        return None
+    weighted = uniform_bound(table, analysis, config.ratio).efficiency < UNIFORM_ENOUGH
     table = in_model_table(table, analysis, latency_backend(config), cache_dir=_cache_dir(config))
-    if callable(scores):  # scored only when the plan applies: data criteria (obs) are not cheap
-        scores = scores()
-    return best_weighted_plan(analysis, scores, table, config.ratio, keep_counts=keep_counts,
-                              max_group_ratio=config.max_group_ratio)
+    # The uniform candidates' kept counts do not depend on the scores: score (data criteria such as obs are
+    # not cheap) only when a weighted plan may win, or when the unrounded plan won.
+    scored = (scores() if callable(scores) else scores) if weighted else None
+    flat = {g.id: np.zeros(g.size) for g in analysis.groups}
+    choice = choose_ratio_plan(analysis, scored or flat, table, config.ratio, keep_counts=keep_counts,
+                               weighted=weighted, max_group_ratio=config.max_group_ratio)
+    if choice.chosen.name == UNIFORM_GRID:
+        return None
+    if choice.chosen.name == UNIFORM_ANY:
+        if scored is None:
+            scored = scores() if callable(scores) else scores
+        return make_plan(analysis, scored, config.ratio)
+    return choice.plan
 
 
 def _static(model: onnx.ModelProto) -> onnx.ModelProto:

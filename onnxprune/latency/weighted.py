@@ -119,15 +119,23 @@ def weighted_plan(
     alpha: float = 2.0,
     max_group_ratio: float = 0.9,
     top: str = "nearest",
+    blend: float = 0.0,
 ) -> PruningPlan:
     """Remove about `ratio` of all channels, each group its `weighted_fractions` share, lowest scores first,
-    kept counts snapped to `keep_counts` (`plan.snap_keep`)."""
+    kept counts snapped to `keep_counts` (`plan.snap_keep`).
+
+    Args:
+        blend: in [0, 1]: each group's fraction is ``(1 - blend) * weighted + blend * ratio`` (both remove
+            `ratio` of all channels, so every blend does; 1 is the uniform ratio).
+    """
     plan = PruningPlan()
     if ratio <= 0:
         return plan
     sizes = {g.id: g.size for g in analysis.groups}
     fractions = weighted_fractions(sizes, time_density(table, analysis), ratio, alpha=alpha,
                                    max_group_ratio=max_group_ratio)
+    if blend > 0:
+        fractions = {g: (1 - blend) * f + blend * ratio for g, f in fractions.items()}
     for g in analysis.groups:
         keep = snap_keep(g.size - int(math.floor(fractions[g.id] * g.size + 1e-9)), allowed_counts(g, keep_counts), top)
         if keep < g.size:

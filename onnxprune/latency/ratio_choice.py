@@ -1,0 +1,149 @@
+"""The plan of a plain ``--ratio`` under auto rounding: never predicted slower than the unrounded plan.
+
+Start reading at `choose_ratio_plan`. ``--ratio R`` promises to remove the fraction R of the channels (README:
+of every group with a uniform ratio; auto rounding may weight each group's share by the time its channels
+buy, `latency.weighted`, and still removes R of all channels). Within that promise there are many plans, so
+the default builds a few and lets the latency table choose:
+
+* the *reference*: the uniform ratio at any count, what ``--round-to 1`` gives;
+* the uniform ratio on the latency grid (`plan.make_plan` with the grid, the default where a uniform ratio
+  can track the MACs, `latency.predict.uniform_bound` >= 0.9: ResNet-50);
+* latency-weighted plans (`latency.weighted.weighted_plan`) for both price sources (the micro-model prices,
+  ``table.alone``, and the in-model ones, `latency.calibrate`), weight exponents `ALPHAS`, each also
+  blended halfway with the uniform ratio (`BLENDS`: every blend removes R of the channels too).
+
+Every candidate is priced by the in-model table with grid-aware pricing of off-grid counts
+(`latency.predict.predicted_ms` with ``grids``), so the reference pays what an unrounded count costs.
+A candidate is *eligible* when it is predicted no slower than the reference: the uniform grid plan at
+equal prediction (its counts are the reference's snapped to step bottoms), a weighted or blended plan only
+with `SAFETY` to spare (its prediction errs more: it moves channels between groups). Among the eligible the
+highest ``efficiency ** EFFICIENCY_WEIGHT * speedup`` wins (predicted speedup over the predicted MACs
+reduction, as `latency.weighted.best_weighted_plan` scored its two candidates); the reference itself only
+when nothing else is eligible. Where the uniform bound reaches 0.9 only the two uniform plans compete.
+
+Why: measured before this module (onnxruntime 1 thread; quiet machine), the latency-weighted plan won the
+efficiency bar on the depthwise networks but could be slower than ``--round-to 1`` at the same ratio: CIFAR
+ResNet20 at 0.5 kept its three residual-stream groups whole (MACs /1.82 against /3.22 uniform), 0.807x
+of the dense latency against 0.621x unrounded; the bundled Fashion-MNIST CNN likewise. The table orders
+such pairs correctly (five of five measured weighted-vs-uniform pairs), so the eligibility test removes them
+before scoring. Weight exponent 4 (`ALPHAS`) joins 2 because on MobileNetV2 and EfficientNet-B0 at 0.7 it
+is predicted more efficient (0.77 against 0.72, 0.81 against 0.74), where the measured efficiency of
+exponent 2 was 0.85 and 0.80; diminishing beyond 4 (6: 0.77, 0.82). Results: `bench/latency_results.txt`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxprune.channels import ChannelAnalysis
+from onnxprune.latency.predict import macs_reduction, predicted_ms
+from onnxprune.latency.table import LatencyTable
+from onnxprune.latency.weighted import EFFICIENCY_WEIGHT, weighted_plan
+from onnxprune.plan import KeepCounts, PruningPlan, make_plan
+
+__all__ = ["ALPHAS", "BLENDS", "SAFETY", "Candidate", "RatioChoice", "choose_ratio_plan"]
+
+#: weight exponents of the latency-weighted candidates (`weighted.weighted_fractions`)
+ALPHAS = (2.0, 4.0)
+#: shares of the uniform ratio blended into each weighted candidate (0: purely weighted)
+BLENDS = (0.0, 0.5)
+#: a weighted candidate must be predicted this much faster than the reference (its prediction errs more)
+SAFETY = 0.03
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One plan of the ratio, priced by the table.
+
+    Attributes:
+        name: what it is ("uniform, any count", "uniform, on the grid", "weighted a=4 in-model blend 0.5", ...).
+        plan: the plan.
+        predicted_ms: the table's prediction of the priced layers (grid-aware).
+        dense_ms: the table's dense total.
+        macs_reduction: MACs before / after (`predict.macs_reduction`).
+    """
+
+    name: str
+    plan: PruningPlan
+    predicted_ms: float
+    dense_ms: float
+    macs_reduction: float
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.predicted_ms if self.predicted_ms > 0 else 1.0
+
+    @property
+    def efficiency(self) -> float:
+        return self.speedup / self.macs_reduction if self.macs_reduction > 0 else 0.0
+
+    @property
+    def score(self) -> float:
+        return self.efficiency**EFFICIENCY_WEIGHT * self.speedup
+
+
+@dataclass(frozen=True)
+class RatioChoice:
+    """What `choose_ratio_plan` found: the chosen candidate, the reference and every candidate."""
+
+    chosen: Candidate
+    reference: Candidate
+    candidates: tuple[Candidate, ...]
+
+    @property
+    def plan(self) -> PruningPlan:
+        return self.chosen.plan
+
+    def describe(self) -> str:
+        """One line: the choice, its predicted speedup and efficiency against the reference's."""
+        c, r = self.chosen, self.reference
+        return (f"ratio plan: {c.name}, predicted {c.speedup:.2f}x (efficiency {c.efficiency:.2f}) against "
+                f"{r.speedup:.2f}x ({r.efficiency:.2f}) at any count")
+
+
+UNIFORM_ANY, UNIFORM_GRID = "uniform, any count", "uniform, on the grid"
+
+
+def choose_ratio_plan(
+    analysis: ChannelAnalysis,
+    scores: Mapping[int, np.ndarray],
+    table: LatencyTable,
+    ratio: float,
+    *,
+    keep_counts: KeepCounts | None,
+    weighted: bool = True,
+    max_group_ratio: float = 0.9,
+) -> RatioChoice:
+    """The best eligible plan removing `ratio` of the channels (module docstring).
+
+    Args:
+        table: the table to predict with (calibrated in-model where possible; its ``alone`` gives the
+            micro-model weights).
+        keep_counts: the auto grid (also prices off-grid counts).
+        weighted: also build latency-weighted candidates (False: only the two uniform plans).
+    """
+
+    def priced(name: str, plan: PruningPlan) -> Candidate:
+        kept = plan.kept(analysis)
+        return Candidate(name, plan, predicted_ms(table, kept, grids=keep_counts), table.dense_ms,
+                         macs_reduction(table, analysis, kept))
+
+    reference = priced(UNIFORM_ANY, make_plan(analysis, dict(scores), ratio))
+    grid_plan = priced(UNIFORM_GRID, make_plan(analysis, dict(scores), ratio, keep_counts=keep_counts, top="nearest"))
+    candidates = [reference, grid_plan]
+    if weighted:
+        sources = [("micro-model", table.alone), ("in-model", table)] if table.alone is not None else [("table", table)]
+        for label, source in sources:
+            for alpha in ALPHAS:
+                for blend in BLENDS:
+                    plan = weighted_plan(analysis, scores, source, ratio, keep_counts=keep_counts, alpha=alpha,
+                                         max_group_ratio=max_group_ratio, blend=blend)
+                    name = f"weighted a={alpha:g} {label}" + (f" blend {blend:g}" if blend else "")
+                    candidates.append(priced(name, plan))
+    limit = reference.predicted_ms * (1 + 1e-9)
+    eligible = [c for c in candidates[1:] if c.predicted_ms <= (limit if c is grid_plan else limit * (1 - SAFETY))]
+    chosen = max(eligible, key=lambda c: c.score) if eligible else reference
+    return RatioChoice(chosen, reference, tuple(candidates))
