@@ -179,6 +179,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from onnxprune.io import save_model
     from onnxprune.passes.cleanup import CheckPass
     from onnxprune.passes.config import PruneConfig, check_data
+    from onnxprune.passes.latency_select import with_latency_allocation
     from onnxprune.passes.remove import PruneSummary, RemoveChannelsPass, RemovedChannels
     from onnxprune.passes.repair import RepairChannelsPass
     from onnxprune.passes.select import ChannelSelection, SelectChannelsPass
@@ -202,6 +203,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples, target_latency=args.target_latency, latency_backend=_backend_name(args),
         latency_threads=args.latency_threads, rpc=args.rpc, device_key=args.device_key, latency_cache=args.latency_cache,
     )
+    config = with_latency_allocation(config, has_calib=bool(args.calib))  # --target-latency + --calib: knapsack
     _latency_backends(config)
     for notice in check_data(config, has_calib=bool(args.calib)):  # bad criterion / missing --calib: before loading
         print(f"onnxprune: note: {notice}", file=sys.stderr)

@@ -78,6 +78,22 @@ def latency_backend(config: PruneConfig) -> LatencyBackend:
                        device_key=config.device_key)
 
 
+def with_latency_allocation(config: PruneConfig, *, has_calib: bool) -> PruneConfig:
+    """`config` with ``allocation="knapsack"`` when a latency target comes with calibration data and no
+    allocation was chosen (neither ``--allocation`` nor ``--global``); else `config` itself.
+
+    With samples the latency knapsack prices importance by each group's measured end-to-end error curve
+    (`allocation_knapsack.measure_curves`, `latency_allocation.latency_order`) rather than the data-free
+    share of squared scores, which cannot see a group collapse (hence its floor,
+    `latency_allocation.DATA_FREE_MIN_KEEP`). The samples are there anyway (a data criterion or repair reads
+    them); the curves cost one sweep of end-to-end errors per group. ``--allocation global`` keeps the
+    data-free cost.
+    """
+    if config.target_latency is None or config.allocation is not None or config.global_ranking or not has_calib:
+        return config
+    return replace(config, allocation="knapsack")
+
+
 def _cache_dir(config: PruneConfig) -> Path | None:
     return Path(config.latency_cache) if config.latency_cache else None
 

@@ -1,0 +1,158 @@
+"""The default ``--ratio`` plan under auto rounding (`onnxprune.latency.ratio_choice`) and the latency
+target's allocation with calibration data (`passes.latency_select.with_latency_allocation`).
+
+Everything runs on deterministic fake backends: the choice is a property of the table's predictions, and
+the latency target is verified by a backend whose "latency" is the model's MAC count.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune.channels import analyze
+from onnxprune.criteria import Magnitude
+from onnxprune.graph import ModelGraph
+from onnxprune.latency import calibrate, ratio_choice
+from onnxprune.latency.backend import BACKENDS, ort_probe_counts
+from onnxprune.latency.grid import keep_counts
+from onnxprune.latency.predict import predicted_ms
+from onnxprune.latency.ratio_choice import SAFETY, UNIFORM_ANY, UNIFORM_GRID, choose_ratio_plan
+from onnxprune.latency.table import build_table
+from onnxprune.latency.timing import Timing
+from onnxprune.metrics import count_macs
+from onnxprune.plan import PruningPlan, make_plan
+from tests.test_latency import FakeBackend
+from tests.test_latency_calibrate import _three_groups
+
+
+def _setup(tmp_path):
+    analysis = analyze(ModelGraph(_three_groups()))
+    table = build_table(analysis, FakeBackend(), cache_dir=tmp_path)
+    return analysis, table, keep_counts(table, analysis), Magnitude(1).score_all(analysis)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.7])
+def test_the_choice_is_never_predicted_slower_than_unrounded_and_wins_on_score(tmp_path, ratio):
+    analysis, table, grid, scores = _setup(tmp_path)
+    choice = choose_ratio_plan(analysis, scores, table, ratio, keep_counts=grid)
+    ref = choice.reference
+    assert ref.name == UNIFORM_ANY and ref.plan.kept(analysis) == make_plan(analysis, scores, ratio).kept(analysis)
+    assert ref.predicted_ms == pytest.approx(predicted_ms(table, ref.plan.kept(analysis), grids=grid))
+    assert choice.chosen.predicted_ms <= ref.predicted_ms * (1 + 1e-9)
+    per_source = len(ratio_choice.ALPHAS) * len(ratio_choice.BLENDS)
+    assert len(choice.candidates) == 2 + per_source  # an uncalibrated table: one price source
+    eligible = [c for c in choice.candidates[1:]
+                if c.predicted_ms <= ref.predicted_ms * (1 + 1e-9) * (1 if c.name == UNIFORM_GRID else 1 - SAFETY)]
+    if eligible:
+        assert choice.chosen.score == max(c.score for c in eligible)
+    total = sum(g.size for g in analysis.groups)
+    for c in choice.candidates:  # every candidate keeps the --ratio promise (up to snapping to the grid)
+        assert abs(c.plan.channels_removed / total - ratio) <= 0.2, c.name
+    factors = dict.fromkeys(table.node_dense_ms, 1.0)
+    factors["dw"] = 0.3  # in the model the depthwise conv costs a third of its price (latency.calibrate)
+    both = choose_ratio_plan(analysis, scores, calibrate.calibrated(table, factors), ratio, keep_counts=grid)
+    assert len(both.candidates) == 2 + 2 * per_source  # micro-model and in-model weights
+    assert both.chosen.predicted_ms <= both.reference.predicted_ms * (1 + 1e-9)
+    only_uniform = choose_ratio_plan(analysis, scores, table, ratio, keep_counts=grid, weighted=False)
+    assert {c.name for c in only_uniform.candidates} == {UNIFORM_ANY, UNIFORM_GRID}
+
+
+def test_a_weighted_plan_predicted_slower_than_unrounded_is_never_chosen(tmp_path, monkeypatch):
+    """The failure this guards against (CIFAR ResNet20 at 0.5: the weighted plan left the residual streams
+    whole and ran at 0.81x of the dense latency against 0.62x unrounded): weighted plans that remove
+    little time must lose to the uniform ones however efficient they look."""
+    analysis, table, grid, scores = _setup(tmp_path)
+    dw = next(g for g in analysis.groups if "dw" in table.curves[g.id].nodes)
+    step = int(sorted(grid[dw.id])[-2])  # one step down the depthwise group: time without MACs, little of it
+    lazy = PruningPlan({dw.id: np.arange(dw.size - step)})
+    monkeypatch.setattr(ratio_choice, "weighted_plan", lambda *a, **k: lazy)
+    choice = choose_ratio_plan(analysis, scores, table, 0.5, keep_counts=grid)
+    weighted = [c for c in choice.candidates if c.name.startswith("weighted")]
+    assert weighted and all(c.predicted_ms > choice.reference.predicted_ms for c in weighted)
+    assert max(c.efficiency for c in weighted) > choice.chosen.efficiency  # it would have won on score alone
+    assert choice.chosen.name in (UNIFORM_GRID, UNIFORM_ANY)
+
+    def grid_plan_slow(analysis, scores, ratio, keep_counts=None, **k):  # the grid plan predicted slower too
+        return lazy if keep_counts is not None else make_plan(analysis, scores, ratio, **k)
+
+    monkeypatch.setattr(ratio_choice, "make_plan", grid_plan_slow)
+    nothing = choose_ratio_plan(analysis, scores, table, 0.5, keep_counts=grid)  # nothing beats the reference
+    assert nothing.chosen is nothing.reference
+
+
+# -- --target-latency with --calib and no --allocation: the knapsack's measured curves ------------------------
+
+
+class MacsBackend:
+    """Deterministic "latency": a model's MACs (plus a fixed call cost), so targets are reachable exactly."""
+
+    name = "macs"
+    key = "macs|test"
+    emulated = False
+
+    def time_models(self, models, *, warmup=3, repeat=15, progress=None):
+        return [Timing(1e-3 + 1e-6 * count_macs(ModelGraph(onnx.shape_inference.infer_shapes(m))), 0.0, repeat)
+                for m in models]
+
+    def probe_counts(self, size, lowest):
+        return ort_probe_counts(size, lowest)
+
+
+@pytest.fixture()
+def macs_cli(monkeypatch, tmp_path):
+    from onnxprune import cli
+
+    monkeypatch.setitem(BACKENDS, "macs", lambda option, **kw: MacsBackend())
+    monkeypatch.setattr(cli, "_latency_backends", lambda config: None)  # no compile targets to load
+    from tests.test_latency_pruning import _convnet
+
+    model = tmp_path / "convnet.onnx"
+    onnx.save(_convnet(), str(model))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=np.random.default_rng(0).standard_normal((8, 3, 56, 56)).astype(np.float32))
+
+    def prune(capsys, *args):
+        code = cli.main(["prune", str(model), "--latency-backend", "macs", "--latency-cache", str(tmp_path / "t"),
+                         "--no-verify", "--json", *map(str, args)])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return json.loads(captured.out)
+
+    return prune, calib, tmp_path
+
+
+def _weights(path) -> dict[str, tuple[int, ...]]:
+    return {t.name: tuple(t.dims) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_target_latency_with_calib_allocates_by_measured_curves(macs_cli, capsys, monkeypatch):
+    from onnxprune.passes import select
+
+    prune, calib, tmp = macs_cli
+    measured: list[str] = []
+    original = select.measure_sensitivity
+
+    def counting(config, *args):
+        measured.append(config.allocation_name)
+        return original(config, *args)
+
+    monkeypatch.setattr(select, "measure_sensitivity", counting)
+    default = prune(capsys, "-o", tmp / "d.onnx", "--target-latency", "0.6x", "--calib", calib)
+    assert measured == ["knapsack"]  # the curves were measured once, for the knapsack
+    assert default["config"]["allocation"] == "knapsack"
+    explicit = prune(capsys, "-o", tmp / "k.onnx", "--target-latency", "0.6x", "--calib", calib,
+                     "--allocation", "knapsack")
+    assert _weights(tmp / "d.onnx") == _weights(tmp / "k.onnx")  # the same plan as asking for it
+    for summary in (default, explicit):
+        assert summary["latency"]["reached"]
+        assert abs(summary["latency"]["pruned_ms"] / summary["latency"]["dense_ms"] / 0.6 - 1) <= 0.1
+
+    measured.clear()
+    data_free = prune(capsys, "-o", tmp / "g.onnx", "--target-latency", "0.6x")  # no samples: data-free cost
+    assert measured == [] and data_free["config"]["allocation"] in (None, "global")
+    chosen = prune(capsys, "-o", tmp / "c.onnx", "--target-latency", "0.6x", "--calib", calib, "--allocation", "global")
+    assert measured == [] and chosen["config"]["allocation"] == "global"  # an explicit allocation stays
