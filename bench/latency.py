@@ -69,6 +69,8 @@ MODELS: dict[str, tuple[str, dict[str, list[int]]]] = {
     "minilm_l6": ("MiniLM-L6 (BERT-like, seq 128)",
                   {"input_ids": [1, 128], "attention_mask": [1, 128], "token_type_ids": [1, 128]}),
     "bert_tiny": ("BERT-tiny (seq 16)", {}),
+    "cifar_resnet20": ("CIFAR ResNet20", {}),  # small nets where weighting once lost to --round-to 1
+    "fashion_mnist_cnn": ("Fashion-MNIST CNN", {}),  # bundled (models/), not a zoo download
 }  # fmt: skip
 DEFAULT_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "minilm_l6")
 #: Quoted from issue 13 (torch 2.13 exports, onnxruntime CPU, 1 thread, batch 1, interleaved): efficiency of
@@ -116,6 +118,12 @@ class Variant:
     def efficiency(self, backend: str) -> float | None:
         s = self.speedup.get(backend)
         return None if s is None else s / self.macs_reduction
+
+
+def model_path(name: str) -> Path:
+    """A bundled model (``models/NAME.onnx``) or a zoo one (`models.zoo.zoo_model`)."""
+    bundled = ROOT / "models" / f"{name}.onnx"
+    return bundled if bundled.exists() else zoo.zoo_model(name)
 
 
 def load() -> str:
@@ -176,7 +184,7 @@ def prune_all(
     variants: list[Variant] = []
     for name in names:
         label, shapes = MODELS[name]
-        src = zoo.zoo_model(name)
+        src = model_path(name)
         for ratio in args.ratios:
             for rounding in args.roundings:
                 out = work / f"{name}_{ratio}_{rounding}.onnx"
@@ -204,7 +212,7 @@ def measure_all(variants: list[Variant], args: argparse.Namespace) -> None:
         if not mine:
             continue
         shapes = MODELS[name][1]
-        dense = static_inputs(onnx.load(str(zoo.zoo_model(name))), shapes or None)
+        dense = static_inputs(onnx.load(str(model_path(name))), shapes or None)
         pruned = [static_inputs(onnx.load(v.path), shapes or None) for v in mine]
         for threads in args.threads:
             key = f"ort{threads}"
@@ -235,7 +243,7 @@ def measure_tvm(variants: list[Variant], args: argparse.Namespace) -> None:
         if not mine:
             continue
         shapes = MODELS[name][1]
-        dense = static_inputs(onnx.load(str(zoo.zoo_model(name))), shapes or None)
+        dense = static_inputs(onnx.load(str(model_path(name))), shapes or None)
         t0 = time.perf_counter()
         pruned = [static_inputs(onnx.load(v.path), shapes or None) for v in mine]
         for v, (s, spread) in zip(
@@ -330,19 +338,36 @@ def plot(variants: list[Variant], args: argparse.Namespace, path: Path) -> None:
 
 def uniform_bounds(name: str, ratios: Sequence[float], cache: Path) -> dict:
     """The Amdahl bound of uniform ``--ratio`` on `name` (`onnxprune.latency.predict.uniform_bound`), from
-    the model's latency table on onnxruntime CPU, 1 thread (the CLI's; cached)."""
+    the model's latency table on onnxruntime CPU, 1 thread (the CLI's; cached), and what the table predicts
+    for the default plan and for ``--round-to 1`` (`onnxprune.latency.ratio_choice`, as the CLI chooses)."""
     from onnxprune.channels import analyze
+    from onnxprune.criteria import Magnitude
     from onnxprune.graph import ModelGraph
     from onnxprune.importer import canonicalize
+    from onnxprune.latency.calibrate import in_model_table
+    from onnxprune.latency.grid import keep_counts
     from onnxprune.latency.predict import uniform_bound
+    from onnxprune.latency.ratio_choice import choose_ratio_plan
     from onnxprune.latency.table import build_table
+    from onnxprune.passes.latency_select import UNIFORM_ENOUGH, never_slower
 
-    model = static_inputs(canonicalize(onnx.load(str(zoo.zoo_model(name))))[0], MODELS[name][1] or None)
+    model = static_inputs(canonicalize(onnx.load(str(model_path(name))))[0], MODELS[name][1] or None)
     analysis = analyze(ModelGraph(model))
-    table = build_table(analysis, OrtBackend(threads=1), cache_dir=cache)
-    rows = [uniform_bound(table, analysis, r) for r in ratios]
-    return {"model": name, "linear_share": rows[0].linear_share if rows else 0.0,
-            "rows": [{"ratio": b.ratio, "macs_reduction": b.macs_reduction, "efficiency": b.efficiency} for b in rows]}
+    backend = OrtBackend(threads=1)
+    table = build_table(analysis, backend, cache_dir=cache)
+    grid = never_slower(keep_counts(table, analysis), table)
+    calibrated = in_model_table(table, analysis, backend, cache_dir=cache)
+    scores = Magnitude(1).score_all(analysis)  # the CLI's default criterion (l1)
+    rows, linear = [], 0.0
+    for r in ratios:
+        b = uniform_bound(table, analysis, r)
+        linear = b.linear_share
+        choice = choose_ratio_plan(analysis, scores, calibrated, r, keep_counts=grid,
+                                   weighted=b.efficiency < UNIFORM_ENOUGH)
+        rows.append({"ratio": b.ratio, "macs_reduction": b.macs_reduction, "efficiency": b.efficiency,
+                     "chosen": choice.chosen.name, "predicted_speedup": choice.chosen.speedup,
+                     "predicted_efficiency": choice.chosen.efficiency, "reference_speedup": choice.reference.speedup})
+    return {"model": name, "linear_share": linear, "rows": rows}
 
 
 def bound_lines(bounds: list[dict], variants: list[Variant], args: argparse.Namespace) -> list[str]:
@@ -361,6 +386,19 @@ def bound_lines(bounds: list[dict], variants: list[Variant], args: argparse.Name
             if row["efficiency"] < 0.9:
                 short.append(f"{MODELS[b['model']][0]}@{row['ratio']:.1f} {row['efficiency']:.2f}")
         lines.append(f"  {MODELS[b['model']][0]:<16} linear {b['linear_share']:4.0%}  " + "  ".join(cells))
+    lines += ["", "Predicted by the latency table (in-model prices, off-grid counts priced by the grid) at the same "
+              "--ratio: the default plan (its kind) against --round-to 1; measured ort 1T speedups in brackets:"]
+    for b in bounds:
+        for row in b["rows"]:
+            if "chosen" not in row:
+                continue
+            got = {v.rounding: v.speedup.get("ort1") for v in variants
+                   if v.model == b["model"] and v.ratio == row["ratio"]}  # fmt: skip
+            measured = (f" (measured {got['auto']:.2f}x against {got['1']:.2f}x)"
+                        if got.get("auto") and got.get("1") else "")
+            lines.append(f"  {MODELS[b['model']][0]:<16} {row['ratio']:.1f}: default {row['predicted_speedup']:.2f}x "
+                         f"(eff {row['predicted_efficiency']:.2f}, {row['chosen']}) against "
+                         f"{row['reference_speedup']:.2f}x{measured}")
     if short:
         lines.append("  0.9 is out of reach of a uniform --ratio at: " + ", ".join(short) + ". Reason: the layers "
                      "one group scales shrink in time as (1 - r) while the pointwise layers' MACs, between two "

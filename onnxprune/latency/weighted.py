@@ -185,6 +185,10 @@ def best_weighted_plan(
     the rows: 0.05-0.07 where the in-model weights won clearly (0.5 and 0.7), at most 0.05 with a 12-17%
     slower plan at 0.1-0.3. Scoring efficiency squared times speed takes the micro-model weights at
     0.1-0.3 and MobileNetV2 0.5 and the in-model ones at EfficientNet-B0 0.5 and both 0.7 rows.
+
+    The CLI's default no longer calls this: `latency.ratio_choice` scores the same way over more candidates
+    (weight exponents 2 and 4, blends with the uniform ratio, the uniform plans) and drops those predicted
+    slower than ``--round-to 1``.
     """
     from onnxprune.latency.predict import macs_reduction, predicted_speedup
 
