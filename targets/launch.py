@@ -88,6 +88,7 @@ class NativeRunner(ProcessRunner):
     """The C++ runner started directly: the bundle's architecture is this machine's."""
 
     kind = "native"
+    times_layers = True
 
     def check(self, spec: TargetSpec) -> None:
         if spec.arch != platform.machine():
@@ -122,6 +123,7 @@ class NodeRunner(ProcessRunner):
     """``runner.js`` (emscripten's loader of ``runner.wasm``) under node; the model is a system library."""
 
     kind = "node"
+    times_layers = True
 
     def check(self, spec: TargetSpec) -> None:
         require(spec.emulator, f"to run {spec.name} bundles on this machine")

@@ -77,9 +77,13 @@ class Runner(ABC):
 
     Attributes:
         kind: Short name (``native``, ``qemu``, ``node``, ``cuda``), written to the manifest's ``runner``.
+        times_layers: Whether the compile may time a layer's dense and sparse kernels through this runner to
+            choose between them: the code runs as the target runs it (natively, or under node for wasm). Not
+            under qemu (emulation, not timing) nor on a GPU (the CUDA pipeline has no per-layer choice).
     """
 
     kind: ClassVar[str]
+    times_layers: ClassVar[bool] = False
 
     @abstractmethod
     def check(self, spec: TargetSpec) -> None:

@@ -219,9 +219,9 @@ def _relax_pipeline(
 
     report = sparse_report if sparse_report is not None else {}
     lanes, registers = vector_lanes(target), vector_registers(target)
-    # layers are timed dense vs sparse where the target's code runs on this machine: x86 in-process, wasm under node
+    # layers are timed dense vs sparse where the target's code runs, as the target runs it, on this machine
     measure = None
-    if spec.family in ("x86", "wasm") and spec.runner.can_run_here(spec):
+    if spec.runner.times_layers and spec.runner.can_run_here(spec):
         measure = lambda m: build_executable(m, spec, sparse="off")
 
     if spec.gpu:

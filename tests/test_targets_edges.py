@@ -228,3 +228,15 @@ def test_failed_compile_keeps_tvm_messages_and_names_them(tmp_path, capfd, monke
     finally:
         kept.unlink()
     assert not (tmp_path / "b").exists()
+
+
+def test_only_runners_that_run_target_code_as_the_target_does_time_layers():
+    """The compile's dense-vs-sparse choice times kernels only where the timing means something: natively and
+    under node (wasm); qemu is emulation, and the CUDA pipeline chooses no layers."""
+    from onnxprune.targets.table import TARGETS
+
+    timed = {t.name: t.runner.times_layers for t in TARGETS}
+    assert {name for name, yes in timed.items() if yes} == {
+        t.name for t in TARGETS if t.runner.kind in ("native", "node")
+    }
+    assert timed["x86"] and timed["wasm"] and not timed["arm"] and not timed["cuda"]
