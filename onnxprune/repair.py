@@ -48,7 +48,7 @@ from onnxprune.graph import ModelGraph
 from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.moments import channel_moments
 from onnxprune.progress import task
-from onnxprune.repair_stats import sequential_stats
+from onnxprune.repair_stats import LayerStats, sequential_stats
 from onnxprune.repair_stream import choose_damp, ridge_fit, stream_writes
 
 REPAIRS = ("none", "bias", "ls", "seq")
@@ -374,32 +374,39 @@ def repair_sequential(
             # a stream target only where the shortcut is final: nothing of this wave or later upstream of it
             streams = {c.name: writes[c.name] for c in wave
                        if c.name in writes and level.get(writes[c.name].other, 0) <= k}
+            targets = {}  # consumers whose fit reads [W b] E[x x~^T] accumulated directly (`sequential_stats`)
+            if holdout <= 1:
+                for c in wave:
+                    wa = original_target(graph, c, slots[c.name])
+                    if 2 * len(wa) < wa.shape[1]:
+                        targets[c.name] = wa
             folds = sequential_stats(graph.model, current, wave, data, max_rows, seed + 7919 * k, runners,
-                                     streams=streams, holdout=holdout)
+                                     streams=streams, holdout=holdout, targets=targets)
             for c in progress.track(wave):
                 total = folds[c.name].total()
                 n_features = len(total.H)  # with the constant feature
                 w = graph.initializer_value(c.weight)
                 wm = c.weight_matrix(w).astype(np.float64)
-                n_out = wm.shape[0]
                 slot = slots[c.name]
                 feat_pos = c.feature_channel(w.shape)
                 cut = cut_of[c.name]
                 gone = np.isin(feat_pos, cut) if cut is not None else np.zeros(len(feat_pos), bool)
                 keep = np.flatnonzero(~gone)
+                wa = original_target(graph, c, slot)
                 if slot is not None:
                     keep = np.append(keep, n_features - 1)
-                    b0 = slot_value(graph, slot, n_out)
-                    wa = np.concatenate([wm, b0[:, None]], axis=1)
                 else:
-                    wa = wm
+                    wa = wa[:, :-1]
                 layer_damp = damp
                 folded = folds[c.name]
                 if folded.held is not None:
                     with_bias = slot is not None
                     layer_damp = choose_damp(wa, folded.fit.parts(with_bias), folded.held.parts(with_bias), keep)
                     report.damps[c.name] = layer_damp
-                solved = ridge_fit(wa, *total.parts(slot is not None), keep, layer_damp)
+                if total.P is not None:
+                    solved = projected_ridge_fit(wa, total, slot is not None, keep, layer_damp)
+                else:
+                    solved = ridge_fit(wa, *total.parts(slot is not None), keep, layer_damp)
                 if total.D is not None:
                     report.stream_targets.append(c.name)
                 n_feat = int((~gone).sum())
@@ -412,6 +419,31 @@ def repair_sequential(
                                    (new_values, cur_values), (new_biases, cur_biases), report)
                 report.repaired.append(c.name)
     return with_values(graph.model, new_values, new_biases), report
+
+
+def original_target(graph: ModelGraph, c: Consumer, slot: BiasSlot | None) -> np.ndarray:
+    """Consumer `c`'s original ``[W b]`` as [outputs, features + 1], float64 (b = 0 without a bias slot, and
+    relative for a new bias or a BatchNorm mean: `slot_value`)."""
+    wm = c.weight_matrix(graph.initializer_value(c.weight)).astype(np.float64)
+    b0 = slot_value(graph, slot, len(wm)) if slot is not None else np.zeros(len(wm))
+    return np.concatenate([wm, b0[:, None]], axis=1)
+
+
+def projected_ridge_fit(wa: np.ndarray, stats: LayerStats, with_bias: bool, keep: np.ndarray, damp: float) -> np.ndarray:
+    """`repair_stream.ridge_fit` from ``P = [W b] E[x x~^T]`` (`LayerStats.P`) instead of C: the same solution,
+    ``(P[:, K] + E[r x~_K^T] + lambda wa_K)(E[x~_K x~_K^T] + lambda I)^-1``."""
+    from scipy.linalg import solve
+
+    assert stats.P is not None
+    H, P, D = (stats.H, stats.P, stats.D) if with_bias else (stats.H[:-1, :-1], stats.P[:, :-1],
+                                                           None if stats.D is None else stats.D[:-1])
+    Hk = H[np.ix_(keep, keep)]
+    lam = damp * float(np.mean(np.diag(Hk))) + 1e-12
+    Hk[np.diag_indices(len(keep))] += lam
+    rhs = P[:, keep] + lam * wa[:, keep]
+    if D is not None:
+        rhs += D[keep].T
+    return solve(Hk.T, rhs.T, overwrite_a=True, check_finite=False).T  # LU in place, as `ridge_fit`
 
 
 def add_bias_delta(

@@ -88,7 +88,7 @@ class ChannelSelection:
         labels: component labels, in `analysis`, of the channels to remove.
         plan: group id -> removed channel indices, in the groups of `source`.
         source: channel analysis of the model the selection was made on (before any repair).
-        stats: calibration statistics the criterion or the repair reads, or None.
+        stats: calibration statistics the ``ls`` repair reads, or None (dropped after selection otherwise).
         notices: one-line notices (data-free fallbacks).
         repair: what the repair did, once it ran.
         sensitivity: the measured per-group errors, when the sensitivity allocation ran.
@@ -382,7 +382,11 @@ class SelectChannelsPass(Pass):
         if self.config.allocation_name in ("sensitivity", "knapsack"):
             measured = measure_sensitivity(self.config, analysis, stats, self.calib)
         plan, table, latency, more = self.choose(analysis, stats, measured)
-        selection = ChannelSelection(self.config, analysis, plan.labels(analysis), plan, analysis, stats,
+        # Only the ls repair reads the statistics after selection: the seq repair computes its own per wave, and
+        # ResNet-50's Hessians (~475 MB) would otherwise stay alive in the selection artifact through it.
+        kept_stats = stats if self.config.repair == "ls" else None
+        del stats
+        selection = ChannelSelection(self.config, analysis, plan.labels(analysis), plan, analysis, kept_stats,
                                      notices + more, sensitivity=measured, started=started, latency_table=table,
                                      latency=latency)
         analyses().put(model, ChannelSelection, selection)
