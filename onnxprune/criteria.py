@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxprune.calibration import single_threaded_blas
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, ChannelSlice
 
 
@@ -227,6 +228,28 @@ def damped_inverse(H: np.ndarray, damp: float) -> np.ndarray:
     return np.linalg.inv(np.asarray(H, dtype=np.float64) + lam * np.eye(n))
 
 
+def channel_saliency(wm: np.ndarray, K: np.ndarray, feat_ch: np.ndarray, size: int, inverse: bool) -> np.ndarray:
+    """Per channel k with features f: ``tr(W_f K_ff^-1 W_f^T)`` (`inverse`) or ``tr(W_f K_ff W_f^T)``.
+
+    Channels with the same number of features (every channel of a conv: kh x kw) are solved as one batch,
+    and each trace is a sum of an elementwise product (no [outputs, outputs] matrix per channel, as before:
+    ResNet-50's obs scoring spent 44% of its time forming those).
+    """
+    sal = np.zeros(size)
+    order = np.argsort(feat_ch, kind="stable")
+    order = order[feat_ch[order] >= 0]
+    counts = np.bincount(feat_ch[order], minlength=size)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    for m in np.unique(counts[counts > 0]):
+        chans = np.flatnonzero(counts == m)
+        idx = order[starts[chans][:, None] + np.arange(m)[None, :]]  # [channels, m] feature indices
+        blocks = K[idx[:, :, None], idx[:, None, :]].astype(np.float64)  # [channels, m, m]
+        wf = np.transpose(wm[:, idx], (1, 2, 0))  # [channels, m, outputs]
+        other = np.linalg.solve(blocks, wf) if inverse else blocks @ wf
+        sal[chans] = np.einsum("cmo,cmo->c", wf, other)
+    return sal
+
+
 @dataclass(frozen=True)
 class OBS(DataCriterion):
     """Optimal Brain Surgeon saliency over all consumer layers of the group.
@@ -279,21 +302,13 @@ class OBS(DataCriterion):
                 H = st.H
                 wa = np.concatenate([wm, np.zeros((wm.shape[0], 1))], axis=1).astype(H.dtype)  # no float64 H copy
                 energy = float(((wa @ H) * wa).sum(dtype=np.float64)) + 1e-12
-                sal = np.zeros(group.size)
                 if self.repair == "ls":
-                    K = damped_inverse(H, self.damp)
+                    with single_threaded_blas():  # OpenBLAS threads spinning on 2 loaded cores: 5x the CPU time
+                        K = damped_inverse(H, self.damp)
                 else:  # no weight update: the error is the removed part's own (centred if bias-repaired) energy
                     mu = H[-1, :-1]
                     K = H[:-1, :-1] - (np.outer(mu, mu) if self.repair == "bias" else 0.0)
-                for k in range(group.size):
-                    f = np.flatnonzero(feat_ch == k)
-                    if len(f) == 0:
-                        continue
-                    wf = wm[:, f]
-                    if self.repair == "ls":
-                        sal[k] = np.trace(wf @ np.linalg.solve(K[np.ix_(f, f)], wf.T))
-                    else:
-                        sal[k] = float(((wf @ K[np.ix_(f, f)]) * wf).sum())
+                sal = channel_saliency(wm, K, feat_ch, group.size, inverse=self.repair == "ls")
             else:
                 mom = channel_moments(analysis.graph, c.x, c.x_axis)
                 var = np.ones(w.shape[c.in_axis]) if mom is None else mom[1] + 1e-12

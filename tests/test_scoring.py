@@ -125,3 +125,28 @@ def test_pruning_removes_the_chosen_channel_in_onnxruntime(setup, name, repair, 
         assert max_rel_error(run(zeroed, feeds), run(result.model, feeds)) <= 1e-5
         if k == 2:  # the dead channel: pruning changes nothing at all
             assert max_rel_error(run(model, feeds), run(result.model, feeds)) <= 1e-6
+
+
+@pytest.mark.parametrize("inverse", [True, False])
+def test_batched_channel_saliency_is_the_per_channel_trace(inverse):
+    """`criteria.channel_saliency` (channels batched by feature count) equals tr(W_f K_ff^(-1) W_f^T) (or
+    tr(W_f K_ff W_f^T)) computed channel by channel, with uneven counts and features of no channel."""
+    from onnxprune.criteria import channel_saliency
+
+    rng = np.random.default_rng(3)
+    features = 45
+    x = rng.standard_normal((200, features))
+    K = x.T @ x / 200
+    wm = rng.standard_normal((7, features))
+    feat_ch = np.repeat(np.arange(5), 9)
+    feat_ch[3] = -1  # a feature outside the group (another group's channel)
+    feat_ch[10:12] = -1
+    expected = np.zeros(6)  # channel 5 has no feature: saliency 0
+    for k in range(5):
+        f = np.flatnonzero(feat_ch == k)
+        wf = wm[:, f]
+        block = K[np.ix_(f, f)]
+        expected[k] = np.trace(wf @ np.linalg.solve(block, wf.T)) if inverse else np.trace(wf @ block @ wf.T)
+    got = channel_saliency(wm, K, feat_ch, 6, inverse=inverse)
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    assert got[5] == 0.0 and np.all(got[:5] > 0)
