@@ -7,8 +7,9 @@
 
 Part 1, **efficiency** (issue 13): every zoo model (ONNXPRUNE_MODEL_CACHE, see models/zoo.py) is pruned with
 the command line a user types, ``onnxprune prune MODEL --ratio R --round-to X --no-verify --json`` (X = auto,
-the default, whose latency table is measured on onnxruntime CPU 1 thread and cached: latency-weighted ratios
-where a uniform ratio cannot track the MACs; auto-u: auto rounding with ``--allocation uniform``, the uniform
+the default, whose latency table is measured on onnxruntime CPU 1 thread and cached: the most efficient of
+uniform and latency-weighted plans that the table predicts no slower than ``--round-to 1``,
+`onnxprune.latency.ratio_choice`; auto-u: auto rounding with ``--allocation uniform``, the uniform
 ratio of earlier versions; auto-a: auto with the table's micro-model prices not calibrated in-model,
 ``ONNXPRUNE_LATENCY_IN_MODEL=0``, the default before `onnxprune.latency.calibrate`; 1: any count; 16), then
 all pruned variants of a model are timed in one process on onnxruntime CPU (1 and 2 intra-op threads,
@@ -23,7 +24,10 @@ Accuracy at equal measured latency (latency-aware vs FLOPs-based vs uniform allo
 is `bench/latency_accuracy.py`.
 
 After each model, the Amdahl bound of uniform ``--ratio`` (`onnxprune.latency.predict.uniform_bound`, from
-its latency table) is printed next to the measured efficiencies, with the reason where it is below 0.9.
+its latency table) is printed next to the measured efficiencies, with the reason where it is below 0.9, and
+the table's predicted speedups of the default plan and of ``--round-to 1`` next to the measured ones.
+``cifar_resnet20`` (zoo) and ``fashion_mnist_cnn`` (bundled, ``models/``) are small nets where the
+latency-weighted plan once lost to ``--round-to 1``.
 
 The machine's load average is printed with the results: timings on a shared machine are provisional
 (``--loaded`` times 1-thread rows by thread CPU time and compares fastest runs, for such a machine).
@@ -386,6 +390,13 @@ def bound_lines(bounds: list[dict], variants: list[Variant], args: argparse.Name
             if row["efficiency"] < 0.9:
                 short.append(f"{MODELS[b['model']][0]}@{row['ratio']:.1f} {row['efficiency']:.2f}")
         lines.append(f"  {MODELS[b['model']][0]:<16} linear {b['linear_share']:4.0%}  " + "  ".join(cells))
+    if short:
+        lines.append("  0.9 is out of reach of a uniform --ratio at: " + ", ".join(short) + ". Reason: the layers "
+                     "one group scales shrink in time as (1 - r) while the pointwise layers' MACs, between two "
+                     "pruned groups, shrink as (1 - r)^2, so the MACs fall faster than the time. The default auto "
+                     "(not auto-u) then also weighs each group's share of the same fraction of channels by its "
+                     "time per MAC, and keeps the plan the table predicts most efficient among those no slower "
+                     "than --round-to 1 (onnxprune.latency.ratio_choice).")  # fmt: skip
     lines += ["", "Predicted by the latency table (in-model prices, off-grid counts priced by the grid) at the same "
               "--ratio: the default plan (its kind) against --round-to 1; measured ort 1T speedups in brackets:"]
     for b in bounds:
@@ -399,12 +410,6 @@ def bound_lines(bounds: list[dict], variants: list[Variant], args: argparse.Name
             lines.append(f"  {MODELS[b['model']][0]:<16} {row['ratio']:.1f}: default {row['predicted_speedup']:.2f}x "
                          f"(eff {row['predicted_efficiency']:.2f}, {row['chosen']}) against "
                          f"{row['reference_speedup']:.2f}x{measured}")
-    if short:
-        lines.append("  0.9 is out of reach of a uniform --ratio at: " + ", ".join(short) + ". Reason: the layers "
-                     "one group scales shrink in time as (1 - r) while the pointwise layers' MACs, between two "
-                     "pruned groups, shrink as (1 - r)^2, so the MACs fall faster than the time. The default auto "
-                     "(not auto-u) then removes the same fraction of channels with each group's share weighted by "
-                     "its time per MAC.")  # fmt: skip
     return lines
 
 

@@ -156,3 +156,42 @@ def test_target_latency_with_calib_allocates_by_measured_curves(macs_cli, capsys
     assert measured == [] and data_free["config"]["allocation"] in (None, "global")
     chosen = prune(capsys, "-o", tmp / "c.onnx", "--target-latency", "0.6x", "--calib", calib, "--allocation", "global")
     assert measured == [] and chosen["config"]["allocation"] == "global"  # an explicit allocation stays
+
+
+# -- the choice is confirmed by timing the two models ---------------------------------------------------------
+
+
+class ScriptedBackend:
+    """Times [reference, chosen] as scripted (ms each), and records the models it was given."""
+
+    name = key = "scripted"
+    emulated = False
+
+    def __init__(self, ms):
+        self.ms, self.models = ms, []
+
+    def time_models(self, models, *, warmup=3, repeat=15, progress=None):
+        self.models += list(models)
+        return [Timing(m, 0.0, repeat, m) for m in self.ms]
+
+
+@pytest.mark.parametrize(("ms", "keeps"), [((1.0, 1.5), False), ((1.0, 1.01), True), ((1.0, 0.5), True)])
+def test_a_choice_measured_slower_than_unrounded_falls_back_to_it(tmp_path, monkeypatch, ms, keeps):
+    from onnxprune.passes import latency_select
+    from onnxprune.passes.config import PruneConfig
+
+    analysis, table, grid, scores = _setup(tmp_path)
+    choices = [choose_ratio_plan(analysis, scores, table, r, keep_counts=grid) for r in (0.3, 0.7, 0.4, 0.6)]
+    choice = next(c for c in choices  # a real choice to confirm: the plan differs from the unrounded one
+                  if c.chosen.plan.kept(analysis) != c.reference.plan.kept(analysis))
+    backend = ScriptedBackend(ms)
+    monkeypatch.setattr(latency_select, "latency_backend", lambda config: backend)
+    got = latency_select.confirmed(PruneConfig(ratio=0.5, round_to="auto"), analysis, choice)
+    assert got is (choice.chosen if keeps else choice.reference)
+    assert len(backend.models) == 2  # the two pruned models, timed together
+    sizes = [{t.name: tuple(t.dims) for t in m.graph.initializer} for m in backend.models]
+    assert sizes[0] != sizes[1] and all(m.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+                                        for m in backend.models)
+    same = ratio_choice.RatioChoice(choice.reference, choice.reference, choice.candidates)
+    assert latency_select.confirmed(PruneConfig(ratio=0.5, round_to="auto"), analysis, same) is choice.reference
+    assert len(backend.models) == 2  # nothing to confirm: not timed again

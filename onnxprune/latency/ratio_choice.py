@@ -20,6 +20,11 @@ with `SAFETY` to spare (its prediction errs more: it moves channels between grou
 highest ``efficiency ** EFFICIENCY_WEIGHT * speedup`` wins (predicted speedup over the predicted MACs
 reduction, as `latency.weighted.best_weighted_plan` scored its two candidates); the reference itself only
 when nothing else is eligible. Where the uniform bound reaches 0.9 only the two uniform plans compete.
+The choice is then *confirmed* by timing it against the reference, both applied to the model
+(`passes.latency_select.confirmed`): the table prices layers alone, and on small nets a whole model can
+disagree (CIFAR ResNet20 at 0.5: the table priced its first residual stream slower at 8 channels than at 16,
+the model with 8 ran 2.06x faster than dense against 1.71x with 16); a choice measured slower falls back
+to the reference.
 
 Why: measured before this module (onnxruntime 1 thread; quiet machine), the latency-weighted plan won the
 efficiency bar on the depthwise networks but could be slower than ``--round-to 1`` at the same ratio: CIFAR
