@@ -17,9 +17,11 @@ sparsity, a random weight is pruned with each group pattern (magnitude, whole ti
 * ``ort``: onnxruntime's dense Conv (NCHW, 1 intra-op thread) on the same weight;
 * ``fma-peak``: a register-only FMA loop (16 independent accumulators, no loads): the machine's FMA peak.
 
-All TVM variants of a shape are compiled into ONE Relax module and timed interleaved in this process (median
-of ``repeat`` calls per round, the best round), 1 thread (``TVM_NUM_THREADS=1``); only ratios measured this
-way are compared. ``uptime`` load averages are printed before and after each shape. The text goes to
+All TVM variants of a shape are compiled into ONE Relax module and timed interleaved with onnxruntime in this
+process, 1 thread (``TVM_NUM_THREADS=1``): per round each variant is called ``repeat`` times (~40 ms of dense
+work) and its **CPU time** per call taken (the wall clock of a loaded shared machine counts the slices spent
+waiting for a core: see :func:`time_calls`), the best of ``--rounds`` rounds; only ratios measured this way are
+compared. Calls go through the Relax VM from Python (a few microseconds each, the same for every TVM variant). ``uptime`` load averages are printed before and after each shape. The text goes to
 ``bench/sparse_pointwise_results.txt`` (``--out``) as it is measured.
 """
 
@@ -149,16 +151,20 @@ def ort_session(w_kn: np.ndarray, h: int):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def time_ort(sess, x_nchw: np.ndarray, repeat: int) -> float:
-    """Median ms of ``repeat`` calls (after 3 warm-up calls)."""
-    for _ in range(3):
-        sess.run(None, {"x": x_nchw})
-    ts = []
+def time_calls(f, repeat: int) -> tuple[float, float]:
+    """(CPU ms, wall ms) per call of ``f`` over ``repeat`` calls after 2 warm-up calls.
+
+    CPU time of this process, because on a machine shared with other processes the wall clock counts the
+    time slices this process waits for a core (at load 8-10 on 2 cores a call's wall time was 3-4x its CPU
+    time, and more so for longer measurement windows); every variant runs on this one thread
+    (``TVM_NUM_THREADS=1``, onnxruntime with 1 intra-op thread), so CPU time is its run time."""
+    for _ in range(2):
+        f()
+    c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(repeat):
-        t = time.perf_counter()
-        sess.run(None, {"x": x_nchw})
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts) * 1e3)
+        f()
+    c1, t1 = time.process_time(), time.perf_counter()
+    return (c1 - c0) / repeat * 1e3, (t1 - t0) / repeat * 1e3
 
 
 def bench_shape(h: int, k: int, n: int, sparsities: list[float], patterns: list[str], rounds: int,
@@ -195,21 +201,25 @@ def bench_shape(h: int, k: int, n: int, sparsities: list[float], patterns: list[
     if with_ort:
         x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
         sessions = {s: ort_session(variants[f"{patterns[0]}_s{round(s * 100)}"][0], h) for s in sparsities}
-    names = ["dense", *variants]
-    best = {v: float("inf") for v in [*names, *(f"ort_s{round(s * 100)}" for s in sessions)]}
+    calls = {"dense": lambda: vm["dense"](xin)}
+    calls.update({v: (lambda v=v: vm[v](xin)) for v in variants})
+    calls.update({f"ort_s{round(s * 100)}": (lambda sess=sess: sess.run(None, {"x": x_nchw}))
+                  for s, sess in sessions.items()})  # fmt: skip
+    best = {v: float("inf") for v in calls}
+    wall = {v: float("inf") for v in calls}
     load_before = load_average()
+    repeat = max(5, min(200, int(2e9 / (h * h * k * n))))  # ~40 ms of dense work per measurement
     for _ in range(rounds):
-        for v in names:
-            t = vm.time_evaluator(v, dev, number=1, repeat=7, min_repeat_ms=20)(xin)
-            best[v] = min(best[v], t.median * 1e3)
-        for s, sess in sessions.items():
-            best[f"ort_s{round(s * 100)}"] = min(best[f"ort_s{round(s * 100)}"], time_ort(sess, x_nchw, 15))
+        for v, f in calls.items():
+            cpu_ms, wall_ms = time_calls(f, repeat)
+            best[v], wall[v] = min(best[v], cpu_ms), min(wall[v], wall_ms)
     macs = h * h * k * n
     dense = best["dense"]
     gmacs = macs / dense / 1e6
     peak = f", {gmacs / peak_gmacs:.0%} of the FMA peak" if peak_gmacs else ""
     say(f"{h}x{h}x{k}->{n}  ({macs / 1e6:.1f} M MAC; compiled in {build_s:.0f} s; load {load_before} -> "
-        f"{load_average()})  dense {dense:.3f} ms = {gmacs:.1f} GMAC/s{peak}", out)  # fmt: skip
+        f"{load_average()})  dense {dense:.3f} ms CPU ({wall['dense']:.3f} ms wall) = {gmacs:.1f} GMAC/s{peak}",
+        out)  # fmt: skip
     say(f"  {'spars':>5} {'pattern':>9} {'kernel':>10} {'dense ms':>9} {'sparse ms':>10} {'ratio':>6} "
         f"{'MAC/s eff':>9} {'ort ms':>7}", out)  # fmt: skip
     rows = []
@@ -242,9 +252,9 @@ def fma_peak(rounds: int = 3) -> float:
                       target=tb.build_target(get_target("x86")))  # fmt: skip
     a = tvm.runtime.tensor(np.full(16, 0.999, np.float32))
     y = tvm.runtime.tensor(np.zeros((16, 16), np.float32))
-    mod = lib.jit() if hasattr(lib, "jit") else lib
-    best = min(mod.time_evaluator("main", tvm.cpu(), number=3, repeat=5)(a, y).median for _ in range(rounds))
-    return macs / best / 1e9
+    main_fn = (lib.jit() if hasattr(lib, "jit") else lib)["main"]
+    best_ms = min(time_calls(lambda: main_fn(a, y), 20)[0] for _ in range(rounds))
+    return macs / best_ms / 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default="all", help="all, quick (3 shapes) or indices into SHAPES: 0,4,6")
     ap.add_argument("--sparsity", default="0.3,0.5")
     ap.add_argument("--patterns", default=",".join(PATTERNS))
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-ort", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
@@ -263,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"bench/sparse_pointwise.py  {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC  load average "
         f"{load_average()}  threads: {os.environ['TVM_NUM_THREADS']}", args.out)  # fmt: skip
     peak = fma_peak()
-    say(f"FMA peak (register-only loop, 16 x 16-lane accumulators): {peak:.1f} GMAC/s "
+    say(f"FMA peak (register-only loop, 16 x 16-lane accumulators, CPU time): {peak:.1f} GMAC/s "
         f"(= {2 * peak:.0f} GFLOP/s; load {load_average()})", args.out)  # fmt: skip
     say("ratio = dense ms / sparse ms (> 1: sparse faster); MAC/s eff = the sparse kernel's multiply-adds per second "
         "(stored weights only) / the dense kernel's (1.0: as efficient per FMA as dense)", args.out)  # fmt: skip
