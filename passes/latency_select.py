@@ -264,7 +264,7 @@ def weighted_ratio_plan(
     flat = {g.id: np.zeros(g.size) for g in analysis.groups}
     choice = choose_ratio_plan(analysis, scored or flat, table, config.ratio, keep_counts=keep_counts,
                                weighted=weighted, max_group_ratio=config.max_group_ratio)
-    chosen = confirmed(config, analysis, choice)
+    chosen = confirmed(config, analysis, choice, table.backend_key)
     if chosen.name == UNIFORM_GRID:
         return None
     if chosen.name == UNIFORM_ANY:
@@ -278,7 +278,7 @@ def weighted_ratio_plan(
 CONFIRM_TOLERANCE = 0.02
 
 
-def confirmed(config: PruneConfig, analysis: ChannelAnalysis, choice: RatioChoice) -> Candidate:
+def confirmed(config: PruneConfig, analysis: ChannelAnalysis, choice: RatioChoice, table_key: str) -> Candidate:
     """The chosen candidate if, applied to the model, it measures no slower than the reference (the uniform
     ratio at any count, ``--round-to 1``) within `CONFIRM_TOLERANCE`, else the reference.
 
@@ -287,14 +287,18 @@ def confirmed(config: PruneConfig, analysis: ChannelAnalysis, choice: RatioChoic
     slower at 8 channels than at 16 (micro-models of 0.43 against 0.41 ms), so the grid keeps 16; the
     model with 8 ran 2.06x faster than dense, the grid plan 1.71x. Both models are timed interleaved
     (fastest runs: robust on a loaded machine); the cost is one timing of two models (ResNet-50: seconds).
-    A plan equal to the reference, or a failed measurement, keeps the choice.
+    A plan equal to the reference, a table measured elsewhere (`table_key`, the table's backend key, is not
+    the configured backend's) or a failed measurement keeps the choice.
     """
     reference = choice.reference
     if choice.chosen is reference or choice.chosen.plan.kept(analysis) == reference.plan.kept(analysis):
         return choice.chosen
     try:
+        backend = latency_backend(config)
+        if backend.key != table_key:
+            return choice.chosen
         pair = [_pruned(analysis, c.plan) for c in (reference, choice.chosen)]
-        ref_t, chosen_t = latency_backend(config).time_models(pair)
+        ref_t, chosen_t = backend.time_models(pair)
     except Exception:  # the prediction stands when the models cannot be timed (a dynamic input size, ...)
         return choice.chosen
     return choice.chosen if chosen_t.best_ms <= ref_t.best_ms * (1 + CONFIRM_TOLERANCE) else reference

@@ -164,7 +164,8 @@ def test_target_latency_with_calib_allocates_by_measured_curves(macs_cli, capsys
 class ScriptedBackend:
     """Times [reference, chosen] as scripted (ms each), and records the models it was given."""
 
-    name = key = "scripted"
+    name = "scripted"
+    key = FakeBackend.key  # where the table was measured
     emulated = False
 
     def __init__(self, ms):
@@ -186,12 +187,14 @@ def test_a_choice_measured_slower_than_unrounded_falls_back_to_it(tmp_path, monk
                   if c.chosen.plan.kept(analysis) != c.reference.plan.kept(analysis))
     backend = ScriptedBackend(ms)
     monkeypatch.setattr(latency_select, "latency_backend", lambda config: backend)
-    got = latency_select.confirmed(PruneConfig(ratio=0.5, round_to="auto"), analysis, choice)
+    config = PruneConfig(ratio=0.5, round_to="auto")
+    got = latency_select.confirmed(config, analysis, choice, table.backend_key)
     assert got is (choice.chosen if keeps else choice.reference)
     assert len(backend.models) == 2  # the two pruned models, timed together
     sizes = [{t.name: tuple(t.dims) for t in m.graph.initializer} for m in backend.models]
     assert sizes[0] != sizes[1] and all(m.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
                                         for m in backend.models)
     same = ratio_choice.RatioChoice(choice.reference, choice.reference, choice.candidates)
-    assert latency_select.confirmed(PruneConfig(ratio=0.5, round_to="auto"), analysis, same) is choice.reference
-    assert len(backend.models) == 2  # nothing to confirm: not timed again
+    assert latency_select.confirmed(config, analysis, same, table.backend_key) is choice.reference
+    assert latency_select.confirmed(config, analysis, choice, "elsewhere") is choice.chosen  # not the table's device
+    assert len(backend.models) == 2  # neither was timed
