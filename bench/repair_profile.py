@@ -7,7 +7,8 @@ Phases: calibration statistics (`calibration.collect_stats`, the obs criterion's
 scores, uniform allocation, round-to 1), sequential repair (`repair.repair_sequential`), removal. Inputs are
 seeded N(0, 1) noise at the model's input size (what images cost). Peak RSS is per phase (the kernel's
 high-water mark is reset between phases through /proc/self/clear_refs). The issue's bar: ResNet-50 with 256
-samples <= 60 s and <= 2 GB on 2 cores. Results: bench/accuracy_real_results.txt (ResNet-50 section).
+samples <= 60 s and <= 2 GB on 2 cores. Results: bench/repair_speed_results.txt (issue 17 sections; also
+``--model efficientnet_lite0``). The end-to-end figure is the CLI under ``/usr/bin/time -v`` (same file).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     phase("collect_stats")
     cfg = PruneConfig(criterion="obs", repair="seq", target_params=args.target_params, round_to=1)
     selection = SelectChannelsPass(cfg, calib=data, stats=stats).call(model).artifacts[0]
+    del stats  # as in `onnxprune prune`: the seq repair never reads them (the selection keeps them for ls only)
     phase("select (obs scores)")
     repaired, _ = repair_sequential(selection.analysis, selection.labels, data)
     phase("repair_sequential")

@@ -435,11 +435,18 @@ def activation_source(graph: ModelGraph, tensor: str, axis: int) -> str:
     return tensor
 
 
-def row_budget(features: int, max_rows: int = 65536, flops: float = 2e10) -> int:
+# `row_budget`'s defaults: multiply-adds of one consumer's ``X^T X``, and the fewest rows per feature.
+ROW_FLOPS = 2e10
+ROWS_PER_FEATURE = 4
+
+
+def row_budget(features: int, max_rows: int = 65536, flops: float | None = None) -> int:
     """Hessian rows kept for a consumer with `features` inputs: at most `max_rows`, and at most what an
-    ``X^T X`` of `flops` multiply-adds allows, but never fewer than 4 rows per feature (a well-posed ridge
-    fit). Small layers keep everything; a 3x3 conv over 512 channels keeps ~18k rows instead of 65k."""
-    return int(min(max_rows, max(4 * features, flops // max(1, features) ** 2)))
+    ``X^T X`` of `flops` multiply-adds allows (None: `ROW_FLOPS`), but never fewer than `ROWS_PER_FEATURE`
+    rows per feature (a well-posed ridge fit). Small layers keep everything; a 3x3 conv over 512 channels
+    keeps ~18k rows instead of 65k."""
+    flops = ROW_FLOPS if flops is None else flops
+    return int(min(max_rows, max(ROWS_PER_FEATURE * features, flops // max(1, features) ** 2)))
 
 
 def single_threaded_blas() -> threadpool_limits:

@@ -56,3 +56,26 @@ def test_cached_runs_match_plain_runs_while_downstream_weights_change(monkeypatc
         # sequential repair, which asks for consumer inputs and then rewrites those consumers)
         current = _with_weight(current, f"w{k}", np.full((4, 4, 1, 1), 0.1 * (k + 1), np.float32))
     assert not plain.cache
+
+
+def test_a_tensor_fitting_only_in_float16_is_cached_so_and_fed_back_as_float32(monkeypatch):
+    monkeypatch.setattr(layer_inputs, "OPTIMIZE", False)
+    model = _chain()
+    data = CalibrationData({"x": np.random.default_rng(2).standard_normal((5, 4, 3, 3)).astype(np.float32)})
+    # one frontier tensor: 5 x 36 floats = 720 bytes in float32, 360 in float16
+    half, plain = FrontierRunner(data, budget=400), FrontierRunner(data, budget=0)
+    current = model
+    for k in range(4):
+        names = [f"a{k - 1}", f"r{k - 1}"] if k else ["x"]
+        for a, b in zip(half.run(current, names), plain.run(current, names)):
+            for name in names:
+                assert a[name].dtype == np.float32
+                np.testing.assert_allclose(a[name], b[name], rtol=2e-3, atol=2e-3 * float(np.abs(b[name]).max()))
+        assert sum(v.nbytes for v in half.cache.values()) <= 400
+        if k:
+            assert half.cache and all(v.dtype == np.float16 for v in half.cache.values())
+        current = _with_weight(current, f"w{k}", np.full((4, 4, 1, 1), 0.1 * (k + 1), np.float32))
+    monkeypatch.setattr(layer_inputs, "HALF_CACHE", False)  # off: nothing that size is cached
+    off = FrontierRunner(data, budget=400)
+    list(off.run(model, ["a0", "r0"]))
+    assert not off.cache
