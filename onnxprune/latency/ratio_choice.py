@@ -49,7 +49,7 @@ from onnxprune.latency.table import LatencyTable
 from onnxprune.latency.weighted import EFFICIENCY_WEIGHT, weighted_plan
 from onnxprune.plan import KeepCounts, PruningPlan, make_plan
 
-__all__ = ["ALPHAS", "BLENDS", "SAFETY", "Candidate", "RatioChoice", "choose_ratio_plan"]
+__all__ = ["ALPHAS", "BLENDS", "EFFICIENCY_CAP", "SAFETY", "Candidate", "RatioChoice", "choose_ratio_plan"]
 
 #: weight exponents of the latency-weighted candidates (`weighted.weighted_fractions`)
 ALPHAS = (2.0, 4.0)
@@ -57,6 +57,9 @@ ALPHAS = (2.0, 4.0)
 BLENDS = (0.0, 0.5)
 #: a weighted candidate must be predicted this much faster than the reference (its prediction errs more)
 SAFETY = 0.03
+#: predicted efficiency above this earns no more score: among plans that already get as much faster as
+#: they get smaller, the faster one wins (EfficientNet-B0 at 0.3, below)
+EFFICIENCY_CAP = 1.0
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ class Candidate:
 
     @property
     def score(self) -> float:
-        return self.efficiency**EFFICIENCY_WEIGHT * self.speedup
+        """``min(efficiency, EFFICIENCY_CAP) ** EFFICIENCY_WEIGHT * speedup``."""
+        return min(self.efficiency, EFFICIENCY_CAP) ** EFFICIENCY_WEIGHT * self.speedup
 
 
 @dataclass(frozen=True)
