@@ -33,7 +33,25 @@ of the dense latency against 0.621x unrounded; the bundled Fashion-MNIST CNN lik
 such pairs correctly (five of five measured weighted-vs-uniform pairs), so the eligibility test removes them
 before scoring. Weight exponent 4 (`ALPHAS`) joins 2 because on MobileNetV2 and EfficientNet-B0 at 0.7 it
 is predicted more efficient (0.77 against 0.72, 0.81 against 0.74), where the measured efficiency of
-exponent 2 was 0.85 and 0.80; diminishing beyond 4 (6: 0.77, 0.82). Results: `bench/latency_results.txt`.
+exponent 2 was 0.85 and 0.80 on the quiet machine; diminishing beyond 4 (6: 0.77, 0.82).
+
+Measured (onnxruntime 1 thread, thread CPU time, fastest of 40 interleaved runs, load average 18 on 2
+cores; the same canonical model, plans applied by the library; speedup (efficiency); before =
+`latency.weighted.best_weighted_plan`, the default until this module):
+
+===============  =====  ==============  ==============  ==============
+model            ratio  before          this choice     --round-to 1
+===============  =====  ==============  ==============  ==============
+MobileNetV2      0.3    1.72x (0.97)    1.86x (1.06)    0.80x (0.42)
+MobileNetV2      0.5    2.36x (0.96)    2.43x (0.99)    2.26x (0.63)
+MobileNetV2      0.7    3.20x (0.87)    3.35x (1.02)    2.00x (0.23)
+EfficientNet-B0  0.5    2.19x (1.00)    2.34x (1.05)    2.15x (0.60)
+EfficientNet-B0  0.7    3.48x (0.88)    3.30x (0.95)    1.93x (0.23)
+===============  =====  ==============  ==============  ==============
+
+EfficientNet-B0 at 0.3 first took a plan predicted 0.06 more efficient and 9% slower (measured 1.68x
+(1.10) against 1.97x (1.11)); `EFFICIENCY_CAP` keeps the faster one (the plan before this module). The
+whole-CLI rows, both bars and the small nets: `bench/latency_results.txt` (2026-12-03 20:10 block).
 """
 
 from __future__ import annotations
