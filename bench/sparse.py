@@ -1,6 +1,7 @@
 """Sparse kernels vs dense, from one layer to whole models (issue 14, part 5).
 
     python bench/sparse.py [--quick] [--parts a,b,c,d] [--repeat N] [--cache DIR] [--threads N] [--out FILE]
+                           [--b-models mobilenet_v1,resnet18] [--b-sparsities 0.3,0.5,0.7,0.9] [--b-targets x86,wasm]
 
 (a) One linear layer 768x3072 (BERT-base FFN) at batch 1 and 16, block sparsity (``block:16x1``: 16 outputs
     share one input position, stored as [1, 16] blocks, one AVX-512 vector) and group sparsity (``group:1x4``:
@@ -275,33 +276,60 @@ E2E_HEADER = (f"  {'model':<13} {'spars':>5} {'dense ms':>9} {'sparse ms':>9} {'
               f"{'vs ort':>8} {'sparse/cand':>11} {'w file':>6}")  # fmt: skip
 
 
+#: Part (b)'s models, sparsities and targets (``--b-models``, ``--b-sparsities``, ``--b-targets``).
+B_OPTIONS: dict[str, list] = {"models": ["mobilenet_v1", "resnet18"], "sparsities": [], "targets": ["x86", "wasm"]}
+
+
 def part_b(quick: bool, repeat: int, work: Path) -> None:
-    sparsities = [0.3, 0.9] if quick else [0.3, 0.5, 0.7, 0.9]
+    sparsities = B_OPTIONS["sparsities"] or ([0.3, 0.9] if quick else [0.3, 0.5, 0.7, 0.9])
+    models = B_OPTIONS["models"]
     say(
         "(b) group:1x4 sparsity end to end (x86, then wasm): sparse bundle (--sparse auto) vs dense bundle vs onnxruntime"
     )
     say(E2E_HEADER)
-    rows = end_to_end("mobilenet_v1", mobilenet_v1(work / "mobilenet_v1.onnx"), sparsities, "group:1x4", work,
-                      repeat)  # fmt: skip
+    rows = []
     resnet = ZOO / "resnet18.onnx"
-    if resnet.is_file():
-        rows += end_to_end("resnet18", resnet, sparsities, "group:1x4", work, repeat)
-    else:
-        say(f"  resnet18: {resnet} not found (ONNXPRUNE_MODEL_CACHE), skipped")
+    if "x86" in B_OPTIONS["targets"]:
+        if "mobilenet_v1" in models:
+            rows += end_to_end("mobilenet_v1", mobilenet_v1(work / "mobilenet_v1.onnx"), sparsities, "group:1x4",
+                               work, repeat)  # fmt: skip
+        if "resnet18" in models and resnet.is_file():
+            rows += end_to_end("resnet18", resnet, sparsities, "group:1x4", work, repeat)
+        elif "resnet18" in models:
+            say(f"  resnet18: {resnet} not found (ONNXPRUNE_MODEL_CACHE), skipped")
+        conv_gains(rows)
     for r in rows:
         if r["sparsity"] == 0.3:
             say(f"bar (b): {r['model']} at 30%: {r['speedup']:.2f}x (>= 1.3x: "
                 f"{'met' if r['speedup'] >= 1.3 else 'NOT met'})")  # fmt: skip
     RESULTS["b"] = rows
+    if "wasm" not in B_OPTIONS["targets"]:
+        return
     # the same pruned models as wasm bundles under node (1 thread; no onnxruntime column: no wasm build of it here)
     from bench.sparse_wasm import wasm_end_to_end
     from onnxprune.errors import ToolchainError
 
-    wasm_models = [("mobilenet_v1", work / "mobilenet_v1.onnx")] + ([("resnet18", resnet)] if resnet.is_file() else [])
+    wasm_models = ([("mobilenet_v1", mobilenet_v1(work / "mobilenet_v1.onnx"))] if "mobilenet_v1" in models else []) + (
+        [("resnet18", resnet)] if resnet.is_file() and "resnet18" in models else [])  # fmt: skip
     try:
         RESULTS["b_wasm"] = wasm_end_to_end(wasm_models, sparsities, work, min(repeat, 10), say, sparsify)
     except ToolchainError as e:
         say(f"  wasm rows skipped: {e}")
+
+
+def conv_gains(rows: list[dict]) -> None:
+    """Per KxK convolution of each row: the measured dense and sparse microseconds and the choice."""
+    for r in rows:
+        convs = [e for e in r["layers"] if e["layer"].startswith("conv") and not e["layer"].split("[")[1].startswith("1x1")]
+        if not convs:
+            continue
+        say(f"    {r['model']} {r['sparsity']:.2f}: KxK convolutions (dense us / sparse us = gain, choice)")
+        for e in convs:
+            if "gain" in e:
+                say(f"      {e['layer']:<24} s={e['sparsity']:.2f} {e['dense_us']:>9.1f} / {e['sparse_us']:>9.1f} = "
+                    f"{e['gain']:.2f}x  {e['choice']}")  # fmt: skip
+            else:
+                say(f"      {e['layer']:<24} s={e['sparsity']:.2f} est {e['estimate']:.2f}  {e['choice']} ({e['decided_by']})")
 
 
 def part_c(quick: bool, repeat: int, work: Path) -> None:
@@ -359,7 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="threads for TVM and onnxruntime (default: every usable CPU); "
                     "1 keeps a loaded machine's thread-pool stalls out of the numbers")  # fmt: skip
     ap.add_argument("--out", help="results file (default bench/sparse_results.txt; .json next to it)")
+    ap.add_argument("--b-models", default="mobilenet_v1,resnet18", help="part (b)'s models (comma separated)")
+    ap.add_argument("--b-sparsities", default="", help="part (b)'s sparsities (default 0.3,0.5,0.7,0.9)")
+    ap.add_argument("--b-targets", default="x86,wasm", help="part (b)'s targets (x86, wasm)")
     args = ap.parse_args(argv)
+    B_OPTIONS.update(models=args.b_models.split(","), targets=args.b_targets.split(","),
+                     sparsities=[float(v) for v in args.b_sparsities.split(",") if v])  # fmt: skip
     if args.out:
         global OUT
         OUT = Path(args.out)

@@ -7,7 +7,9 @@ block-column pointers). The kernels, scheduled by hand (register tile, vector wi
 * :func:`cpu_matmul_kernel`: ``Y[M, N] = X[M, K] @ W[K, N]`` (Gemm / MatMul with a constant weight): with
   output blocks :func:`.tvm_sparse_matmul.cpu_block_matmul_kernel`, with runs along K the conv kernel as a
   1x1 convolution, or the group kernel (:mod:`.tvm_sparse_group`) where it applies;
-* :func:`.tvm_sparse_conv.cpu_conv_kernel`: a direct NHWC convolution (1x1 and KxK);
+* :func:`.tvm_sparse_conv.cpu_conv_kernel`: a direct NHWC convolution (1x1 and KxK) for output blocks and
+  runs too short for the pixel vectors; runs along the input channels (``group:1x4``) go to the
+  pixel-vectorised group kernels: :mod:`.tvm_sparse_group` (1x1), :mod:`.tvm_sparse_planes` (KxK);
 * :func:`.tvm_sparse_conv.cuda_matmul_kernel`: the matmul for CUDA.
 
 Each kernel has a fused epilogue: ``+ bias`` then ``max(lo)`` / ``min(hi)`` (ReLU, ReLU6); the block matmul
@@ -33,6 +35,7 @@ from tvm import relax, tirx
 from .sparse_formats import BSR, to_bsr
 from .tvm_sparse_conv import cpu_conv_kernel, cuda_matmul_kernel
 from .tvm_sparse_group import cpu_group_kernel, group_kernel_applies
+from .tvm_sparse_planes import Planes, cpu_planes_kernel, plane_offsets, planes_input
 from .tvm_sparse_matmul import cpu_block_matmul_kernel
 
 __all__ = ["KERNEL_PREFIX", "Decision", "Layer", "cpu_matmul_kernel", "fuse_epilogues", "sparsify"]
@@ -122,6 +125,9 @@ class _Made:
     residual: bool = False
     #: Activation after the bounds: "" or "gelu".
     act: str = ""
+    #: For a KxK convolution with runs along C: the phase planes its input is read from
+    #: (:mod:`.tvm_sparse_planes`; ``bsr.indices`` are then plane offsets).
+    planes: Planes | None = None
 
 
 @dataclass
@@ -137,6 +143,8 @@ class KernelFactory:
         layer = made.layer
         if self.gpu:
             f = cuda_matmul_kernel(layer.rows, made.bsr, made.lo, made.hi)
+        elif made.planes is not None:
+            f = cpu_planes_kernel(made.planes, made.bsr, self.lanes, self.registers, made.lo, made.hi)
         elif group_kernel_applies(
             made.bsr, layer.rows, self.lanes, (1, 1) if layer.conv is None else layer.conv[:2]
         ):
@@ -152,6 +160,19 @@ class KernelFactory:
             f = cpu_conv_kernel(_padded(layer), layer.out_shape, layer.conv, made.bsr, self.lanes,
                                 self.registers, made.lo, made.hi)  # fmt: skip
         return f.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)  # opaque: never fused
+
+    def compress(self, layer: Layer, block: tuple[int, int]) -> _Made:
+        """The layer's weight compressed for the kernel :meth:`func` will pick: :func:`.sparse_formats.to_bsr`,
+        with the K-block indices resolved to phase-plane offsets for a KxK convolution with runs along C."""
+        bsr = to_bsr(layer.weight, block)
+        if self.gpu or layer.conv is None or tuple(layer.conv[:2]) == (1, 1):
+            return _Made(layer, bsr)
+        if not group_kernel_applies(bsr, layer.rows, self.lanes, layer.conv[:2]):
+            return _Made(layer, bsr)
+        kh, kw, strides, padding, dilation = layer.conv
+        g = Planes(layer.x_shape[0], layer.x_shape[3], (kh, kw), tuple(strides), tuple(dilation), tuple(padding),
+                   tuple(layer.x_shape[1:3]), tuple(layer.out_shape[1:3]))  # fmt: skip
+        return _Made(layer, replace(bsr, indices=plane_offsets(bsr, g)), planes=g)
 
     def full_epilogue(self, made: _Made) -> bool:
         """Whether the call's kernel takes a residual and GELU too (the CPU block matmul)."""
@@ -206,9 +227,11 @@ def sparsify(
             decision = decide(layer, self.func_name)
             if decision is None:
                 return call
-            bsr = to_bsr(layer.weight, decision.block)
+            made = factory.compress(layer, decision.block)
             x = call.args[0]
-            if layer.conv is not None:
+            if made.planes is not None:
+                x = planes_input(self.builder_, x, made.planes)
+            elif layer.conv is not None:
                 top, left, bottom, right = layer.conv[3]
                 if top or left or bottom or right:
                     x = self.builder_.normalize(relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0]))
@@ -216,7 +239,7 @@ def sparsify(
                 x = self.builder_.normalize(relax.op.reshape(x, [1, 1, layer.rows, layer.weight.shape[0]]))
             elif len(layer.x_shape) != 2:
                 x = self.builder_.normalize(relax.op.reshape(x, [layer.rows, layer.weight.shape[0]]))
-            return self._emit(_Made(layer, bsr), x, relax.const(np.zeros(layer.weight.shape[1], np.float32)))
+            return self._emit(made, x, relax.const(np.zeros(layer.weight.shape[1], np.float32)))
 
         def _emit(self, made: _Made, x: relax.Expr, bias: relax.Expr) -> relax.Expr:
             gv = self.builder_.add_func(factory.func(made), f"{KERNEL_PREFIX}{made.layer.kind}")

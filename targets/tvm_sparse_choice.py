@@ -58,6 +58,9 @@ MODEL_CROSSOVER = 0.6
 #: Candidates estimated above this relative cost are not even measured.
 MAX_ESTIMATE = 0.9
 CACHE_FILE = "sparse_timings.json"
+#: Version of the sparse kernels in the timing cache's keys: bumped when a kernel changes, so timings of the
+#: old kernels are not read as the new ones' (2: KxK convolutions with runs along C use the group kernels).
+KERNEL_VERSION = 2
 
 
 def _cache_path() -> Path:
@@ -67,7 +70,7 @@ def _cache_path() -> Path:
 
 def _key(target: tvm.target.Target, layer: Layer, block: tuple[int, int]) -> str:
     pattern = hashlib.sha256(np.packbits(layer.weight != 0).tobytes()).hexdigest()[:16]
-    return f"{target}|{layer.kind}|{layer.x_shape}|{layer.out_shape}|{layer.conv}|{block}|{pattern}"
+    return f"v{KERNEL_VERSION}|{target}|{layer.kind}|{layer.x_shape}|{layer.out_shape}|{layer.conv}|{block}|{pattern}"
 
 
 def _load_cache() -> dict[str, list[float]]:
@@ -164,8 +167,7 @@ def apply(
         s = sparsity(layer.weight)
         if s == 0 or (mode == "auto" and s < MIN_SPARSITY):
             continue
-        window = (1, 1) if layer.conv is None else layer.conv[:2]
-        pixel_runs = not spec.gpu and tuple(window) == (1, 1) and layer.rows >= lanes  # the group kernel
+        pixel_runs = not spec.gpu and layer.rows >= lanes  # runs go to the group kernels (1x1 and KxK)
         choice = choose_block(layer.weight, lanes, align=layer.x_shape[-1], pixel_runs=pixel_runs)
         entry = {"layer": layer.name, "kind": layer.kind, "sparsity": round(s, 4), "block": list(choice.block),
                  "block_density": round(choice.density, 4), "estimate": round(choice.relative_cost, 3)}  # fmt: skip

@@ -1,5 +1,6 @@
 """Group-sparse kernel for runs along the reduction axis (``group:1x4``: 4 consecutive inputs of one output
 are zero or not together; BSR blocks ``bk x 1``), for matmuls and 1x1 convolutions (any stride), x86 / wasm.
+KxK convolutions with such runs go to :mod:`.tvm_sparse_planes` (same layout, no per-tile transpose).
 
 The layout of SparseByteNN / XNNPACK's sparse kernels: the output tile is ``pixels`` rows (pixels) of one
 output channel, held as vectors *over the pixels*; for each stored group of the channel the kernel
@@ -35,10 +36,13 @@ _BIG = 3.0e38
 
 
 def group_kernel_applies(bsr: BSR, pixels: int, lanes: int, kernel_hw: tuple[int, int]) -> bool:
-    """Whether :func:`cpu_group_kernel` takes this weight: runs along K (``bn == 1``, ``bk > 1``), a 1x1
-    window, and at least one pixel vector."""
+    """Whether the pixel-vectorised group kernels take this weight (:func:`cpu_group_kernel` for a 1x1 window,
+    :func:`.tvm_sparse_planes.cpu_planes_kernel` for KxK): runs along K (``bn == 1``, ``bk > 1``) that never
+    straddle two kernel taps (``bk`` divides the channels), and at least one pixel vector."""
     bk, bn = bsr.block
-    return bn == 1 and bk > 1 and tuple(kernel_hw) == (1, 1) and pixels >= lanes
+    taps = int(kernel_hw[0]) * int(kernel_hw[1])
+    channels = bsr.shape[0] // taps if bsr.shape[0] % taps == 0 else 0
+    return bn == 1 and bk > 1 and pixels >= lanes and channels > 0 and channels % bk == 0
 
 
 def cpu_group_kernel(
