@@ -124,6 +124,10 @@ class SynthesisConfig:
     min_samples: int = 64  # optimised before the steps shrink: views fill 4x as many (PP-OCR: 91.0 vs 75.5 at 16)
     threads: int | None = 1  # onnxruntime intra-op threads (None: its default, all cores); see above
     views: int = 4  # calibration samples per optimised image at most: itself, its flip, shifted copies
+    # Images only: start from smoothed noise (image-like spatial correlation) instead of white N(0, 1) noise,
+    # plus a random per-image brightness and colour offset of this standard deviation (0: none).
+    smooth_init: bool = False
+    offset: float = 0.0
 
 
 def parse_spec(spec: str) -> int | None:
@@ -254,11 +258,28 @@ def _augment(rng: np.random.Generator, cfg: SynthesisConfig, image: tuple[int, i
     return forward, inverse
 
 
+def _start(rng: np.random.Generator, shape: tuple[int, ...], cfg: SynthesisConfig,
+           image: tuple[int, int] | None) -> np.ndarray:
+    """The starting batch: N(0, 1), or for images with `cfg.smooth_init` smoothed noise, plus per-image
+    brightness and colour offsets of std `cfg.offset` (real batches differ from image to image)."""
+    if image is None or not (cfg.smooth_init or cfg.offset):
+        return rng.standard_normal(shape).astype(np.float32)
+    x = _smoothed_noise(rng, shape, image) if cfg.smooth_init else rng.standard_normal(shape).astype(np.float32)
+    if cfg.offset:
+        per_image = [1] * len(shape)
+        per_image[0] = shape[0]
+        per_channel = list(per_image)
+        channel_axis = next(a for a in range(1, len(shape)) if a not in image)
+        per_channel[channel_axis] = shape[channel_axis]
+        x += cfg.offset * (rng.standard_normal(per_image) + 0.5 * rng.standard_normal(per_channel))
+    return x.astype(np.float32)
+
+
 def _optimise(objective: Objective, cfg: SynthesisConfig, steps: int, rng: np.random.Generator,
               image: tuple[int, int] | None, advance) -> np.ndarray:
     """One batch: Adam with cosine-decayed learning rate on d(loss + prior)/dx from N(0, 1)."""
     sess, name = objective.session, objective.input_name
-    x = rng.standard_normal(objective.shape).astype(np.float32)
+    x = _start(rng, objective.shape, cfg, image)
     feed = {name: x}
     if objective.classes:  # balanced random labels, one per sample
         labels = rng.permutation(np.arange(objective.shape[0]) % objective.classes)

@@ -37,7 +37,7 @@ from onnxprune.metadata import stamp
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.passes.select import channel_analysis
 from onnxprune.passmanager import Pass, PassResult, Summary
-from onnxprune.upscale.allocate import allocate, split_group_ids
+from onnxprune.upscale.allocate import allocate, knapsack_curves, split_group_ids
 from onnxprune.upscale.config import UnconstrainedConfig
 from onnxprune.upscale.export import export
 from onnxprune.upscale.layout import optimize_layout
@@ -125,7 +125,12 @@ class UnconstrainedPass(Pass):
             prep = prepare(model, c, self.calib if c.measure else None)
             target = parse_target(str(c.target_params), count_params(ModelGraph(model)), "params") \
                 if c.target_params is not None else None  # fmt: skip
-            plan, _ = allocate(prep, c, target, self._allowed(model, prep))
+            curves = None
+            if c.allocation == "knapsack":
+                if self.calib is None:
+                    raise UsageError("unconstrained allocation 'knapsack' measures errors: it needs calibration inputs")
+                curves = knapsack_curves(model, prep, c, self.calib)
+            plan, _ = allocate(prep, c, target, self._allowed(model, prep), curves)
         if c.repair != "none":
             assert self.calib is not None  # checked in __init__
             repaired, _ = repair_plan(model, plan, c.repair, self.calib, stream=c.stream_repair,

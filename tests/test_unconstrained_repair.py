@@ -72,6 +72,34 @@ def test_allocations_give_groups_different_counts(fashion, allocation):
     unconstrained_exact(model, result, held_out)
 
 
+def test_knapsack_allocation_follows_measured_curves(fashion):
+    """``allocation="knapsack"``: the groups' kept counts come from the measured cost curves (the greedy
+    knapsack of constrained pruning on the same curves gives the same counts), the target is met and the
+    export is exact; without calibration inputs it is a usage error."""
+    from onnxprune.upscale.allocate import counts_of, knapsack_curves, removal_steps
+    from onnxprune.upscale.plan import prepare
+
+    model, calib, held_out = fashion
+    config = UnconstrainedConfig(criterion="l2", drive="coupled", repair="seq", allocation="knapsack",
+                                 target_params="60%")  # fmt: skip
+    result = UnconstrainedPass(config, calib=calib).run(model)
+    assert result.info["summary"]["effective_params_after"] <= int(count_params(ModelGraph(model)) * 0.6)
+    plan = result.info["plan"]
+    kept = {round(float(pc.kept.mean()), 3) for gp in plan.groups for pc in gp.pieces if pc.is_unit}
+    assert len(kept) >= 3  # layer-adaptive: groups keep different fractions
+    prep = prepare(model, config)
+    curves = knapsack_curves(model, prep, config, calib)
+    assert {r.group for r in curves} <= {pg.group.id for pg in prep.groups} and len(curves) >= len(prep.groups) - 1
+    steps = removal_steps(prep, "knapsack", curves=curves)
+    keys = [u.key for u in steps]
+    assert keys == sorted(keys)  # cheapest measured error per parameter first
+    counts = counts_of(prep, steps[: len(steps) // 2])
+    assert len(set(counts.values())) > 2
+    unconstrained_exact(model, result, held_out)
+    with pytest.raises(UsageError, match="calibration"):
+        UnconstrainedPass(UnconstrainedConfig(allocation="knapsack", target_params="60%")).run(model)
+
+
 @pytest.mark.parametrize("drive", ["free", "writer", "reader"])
 @pytest.mark.parametrize("name", ["residual", "concat"])
 def test_keep_counts_are_honoured(name, drive):

@@ -21,11 +21,16 @@ import math
 from dataclasses import replace
 
 import numpy as np
+import onnx
 
 from onnxprune.allocation import Unit, removal_order
-from onnxprune.channels import ChannelAnalysis, DimRef
+from onnxprune.allocation_knapsack import RATIOS, knapsack_order, measure_curves
+from onnxprune.calibration import CalibrationData
+from onnxprune.channels import ChannelAnalysis, DimRef, analyze
 from onnxprune.criteria import Magnitude
 from onnxprune.errors import UsageError
+from onnxprune.graph import ModelGraph
+from onnxprune.sensitivity import SensitivityRow
 from onnxprune.upscale.config import UnconstrainedConfig
 from onnxprune.upscale.oracle import silenced_positions
 from onnxprune.upscale.plan import Prepared, choose
@@ -67,15 +72,36 @@ def plan_params(plan: UnconstrainedPlan) -> int:
     return total
 
 
-def removal_steps(prep: Prepared, allocation: str, allowed: dict[int, tuple[int, ...]] | None = None) -> list[Unit]:
+def knapsack_curves(model: onnx.ModelProto, prep: Prepared, config: UnconstrainedConfig,
+                    calib: dict[str, np.ndarray]) -> list[SensitivityRow]:
+    """The knapsack's measured cost curves (`allocation_knapsack.measure_curves`: each group of the input
+    pruned alone, *constrained*, with the criterion and the closed-form form of the repair), keyed by the
+    split model's group ids. The constrained curve stands in for the unconstrained one: both remove the
+    same number of channels per unit of the group, and measuring unconstrained plans group by group would
+    cost a plan, repair and export per point."""
+    criterion = "bn" if config.criterion == "energy" else config.criterion
+    repair = config.repair if config.repair in ("ls", "seq") else "none"
+    rows = measure_curves(model, CalibrationData({k: np.asarray(v) for k, v in calib.items()}), criterion, repair)
+    ids = split_group_ids(analyze(ModelGraph(model)), prep.analysis)
+    return [replace(r, group=ids[r.group]) for r in rows if r.group in ids]
+
+
+def removal_steps(prep: Prepared, allocation: str, allowed: dict[int, tuple[int, ...]] | None = None,
+                  curves: list[SensitivityRow] | None = None) -> list[Unit]:
     """The removal order of the prepared groups under `allocation` (constrained pruning's, on the groups'
-    shared scores; LAMP budgets from channel L1 norms, as `SelectChannelsPass` has them). With `allowed`
-    a group's steps end on its allowed kept counts only (each step's key is that of its last channel)."""
+    shared scores; LAMP budgets from channel L1 norms, as `SelectChannelsPass` has them; knapsack: the
+    greedy knapsack over measured `curves`, `knapsack_curves`). With `allowed` a group's steps end on its
+    allowed kept counts only (each step's key is that of its last channel)."""
     groups = [pg.group for pg in prep.groups]
     view = replace(prep.analysis, groups=groups)
     scores = {pg.group.id: pg.shared for pg in prep.groups}
-    budget = Magnitude(1).score_all(view) if allocation == "lamp" else None
-    units = removal_order(view, scores, allocation, max_group_ratio=MAX_GROUP_RATIO, budget_scores=budget)
+    if allocation == "knapsack":
+        if curves is None:
+            raise UsageError("unconstrained allocation 'knapsack' needs measured cost curves (calibration inputs)")
+        units = knapsack_order(view, scores, curves, list(RATIOS), max_group_ratio=MAX_GROUP_RATIO)
+    else:
+        budget = Magnitude(1).score_all(view) if allocation == "lamp" else None
+        units = removal_order(view, scores, allocation, max_group_ratio=MAX_GROUP_RATIO, budget_scores=budget)
     if not allowed:
         return units
     sizes = {g.id: g.size for g in groups}
@@ -108,13 +134,15 @@ def counts_of(prep: Prepared, steps: list[Unit]) -> dict[int, int]:
 
 
 def allocate(prep: Prepared, config: UnconstrainedConfig, target_params: int | None = None,
-             allowed: dict[int, tuple[int, ...]] | None = None) -> tuple[UnconstrainedPlan, dict[int, int]]:  # fmt: skip
+             allowed: dict[int, tuple[int, ...]] | None = None,
+             curves: list[SensitivityRow] | None = None) -> tuple[UnconstrainedPlan, dict[int, int]]:  # fmt: skip
     """The plan and its per-group kept counts for the config's allocation and ratio, or for a target.
 
     Args:
         target_params: parameters to keep (nonzero, `plan_params`): the shortest prefix of the removal
             order whose unconstrained plan has at most this many.
         allowed: per split group id, the kept counts allowed (ascending, ending with the group size).
+        curves: allocation "knapsack" only: the measured cost curves (`knapsack_curves`).
 
     Raises:
         UsageError: the target is below what removing every removable step reaches.
@@ -122,7 +150,7 @@ def allocate(prep: Prepared, config: UnconstrainedConfig, target_params: int | N
     if target_params is None and config.allocation == "uniform":
         counts = {pg.group.id: _ratio_count(pg.group.size, config.ratio, allowed, pg.group.id) for pg in prep.groups}
         return choose(prep, config, counts=counts, allowed_counts=allowed), counts
-    steps = removal_steps(prep, config.allocation, allowed)
+    steps = removal_steps(prep, config.allocation, allowed, curves)
     if target_params is None:  # the prefix removing `ratio` of all channels, as `allocation.plan_for_ratio`
         budget = math.floor(config.ratio * sum(pg.group.size for pg in prep.groups) + 1e-9)
         k, removed = 0, 0

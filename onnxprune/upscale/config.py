@@ -10,7 +10,7 @@ from onnxprune.upscale.costmodel import CostModel
 DRIVES = ("free", "writer", "reader", "coupled")
 CRITERIA = ("energy", "bn", "l1", "l2")
 REPAIRS = ("none", "mean", "ls", "seq")
-ALLOCATIONS = ("uniform", "global", "lamp")
+ALLOCATIONS = ("uniform", "global", "lamp", "knapsack")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ class UnconstrainedConfig:
     # constrained pruning keeps at the same ratio (writers keep their readers' union, more than k).
     group_budget: bool = False
     # How groups share the removal (`upscale.allocate`, constrained pruning's allocations): "uniform" (every
-    # group the ratio), "global" or "lamp" (layer-adaptive budgets); with a target, the order it walks.
+    # group the ratio), "global" or "lamp" (layer-adaptive budgets), "knapsack" (measured error per parameter
+    # removed, `allocate.knapsack_curves`; needs calibration inputs); with a target, the order it walks.
     allocation: str = "uniform"
     # Parameters to keep: a count or "P%" of the input's (nonzero parameters: what every unit keeps; the
     # pass resolves a percentage on the model it prunes); None: the ratio decides.
