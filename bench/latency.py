@@ -398,7 +398,8 @@ def bound_lines(bounds: list[dict], variants: list[Variant], args: argparse.Name
                      "time per MAC, and keeps the plan the table predicts most efficient among those no slower "
                      "than --round-to 1 (onnxprune.latency.ratio_choice).")  # fmt: skip
     lines += ["", "Predicted by the latency table (in-model prices, off-grid counts priced by the grid) at the same "
-              "--ratio: the default plan (its kind) against --round-to 1; measured ort 1T speedups in brackets:"]
+              "--ratio: the default plan (its kind; before the CLI confirms it by timing it against the unrounded plan, "
+              "passes.latency_select.confirmed) against --round-to 1; measured ort 1T speedups in brackets:"]
     for b in bounds:
         for row in b["rows"]:
             if "chosen" not in row:
