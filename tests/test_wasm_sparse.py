@@ -177,9 +177,9 @@ def three_by_three_cnn(path: Path, seed: int = 5) -> Path:
 
 @pytest.mark.parametrize("target", ["x86", "wasm"])
 def test_pruned_3x3_group_convs_match_onnxruntime(tmp_path, tune_cache, target):
-    """3x3 convs pruned by ``onnxprune prune --pattern group:1x4`` (runs along the ONNX reduction order
-    (c, kh, kw), which the kernels' (kh, kw, c) order scatters) run sparse (``--sparse force``) within 1e-4
-    relative of onnxruntime, on x86 and under node."""
+    """3x3 convs pruned by ``onnxprune prune --pattern group:1x4`` (runs of 4 input channels at one kernel
+    tap, the kernels' (kh, kw, c) order) run sparse (``--sparse force``) as runs of 4 (the phase-plane group
+    kernel: padding, stride 2, dilation 2) within 1e-4 relative of onnxruntime, on x86 and under node."""
     import platform
     import subprocess
     import sys
@@ -199,12 +199,40 @@ def test_pruned_3x3_group_convs_match_onnxruntime(tmp_path, tune_cache, target):
     bundle = compile_bundle(pruned, target, tmp_path / "b", sparse="force")
     manifest = read_manifest(bundle)
     layers = manifest["sparse"]["layers"]
-    assert any(
-        e["layer"].startswith("conv") and "[3x3" in e["layer"] and e["choice"] == "sparse" for e in layers
-    )
+    pruned_3x3 = [e for e in layers if e["layer"].startswith("conv") and "[3x3" in e["layer"]]
+    assert len(pruned_3x3) == 2 and all(e["choice"] == "sparse" and e["block"] == [4, 1] for e in pruned_3x3), layers
+    assert all(e["block_density"] == pytest.approx(1 - e["sparsity"]) for e in pruned_3x3), layers
     for seed in (0, 1):
         inputs = random_inputs(manifest, seed)
         assert_matches(run_bundle(bundle, inputs), ort_reference(pruned, inputs))
+
+
+@pytest.mark.parametrize("target", ["x86", "wasm"])
+def test_pruned_3x3_group_convs_are_measured(tmp_path, tune_cache, monkeypatch, target):
+    """Logic only (a fake measurement): the 3x3 convs ``group:1x4`` pruned at 30% and 70% are candidates
+    stored as runs of 4 and are timed dense vs sparse (``decided_by: "measured"``), not left to the cost
+    model, on x86 and wasm."""
+    import onnx
+
+    from onnxprune.sparsity import SparsityConfig, sparsify_model
+    from onnxprune.targets import tvm_sparse_choice
+    from onnxprune.targets.tvm_sparse_crossover import measure_crossovers
+
+    offered: list[str] = []
+
+    def fake_measure(layers, spec, build, lanes, registers):
+        offered.extend(layer.name for layer, _ in layers)
+        return [(100.0, 50.0)] * len(layers)
+
+    monkeypatch.setattr(tvm_sparse_choice, "measure", fake_measure)
+    model = onnx.load(str(three_by_three_cnn(tmp_path / "m.onnx")))
+    for s in (0.3, 0.7):
+        pruned, _ = sparsify_model(model, SparsityConfig(sparsity=s, pattern="group:1x4"))
+        offered.clear()
+        layers = measure_crossovers(pruned, target)["layers"]
+        assert [e["layer"] for e in layers] == ["conv1[3x3x32->32]", "conv2[3x3x32->16]"], layers
+        assert offered == [e["layer"] for e in layers]
+        assert all(e["decided_by"] == "measured" and e["block"] == [4, 1] and e["gain"] == 2.0 for e in layers)
 
 
 def test_without_a_builder_the_choice_reads_the_crossover_table(tmp_path, tune_cache, monkeypatch):
