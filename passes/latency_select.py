@@ -237,7 +237,7 @@ def weighted_ratio_plan(
     It applies when the rounding is ``auto`` with a table, the allocation was not chosen (``allocation`` is
     None, no ``--global``) and no parameter, MAC or latency target replaces the ratio. Every candidate
     removes the same fraction of channels; the chosen one is predicted no slower than the unrounded uniform
-    ratio (``--round-to 1``). Latency-weighted candidates compete only where the uniform ratio cannot track
+    ratio (``--round-to 1``), then timed against it (`confirmed`). Latency-weighted candidates compete only where the uniform ratio cannot track
     its MACs (`latency.predict.uniform_bound` below `UNIFORM_ENOUGH`): measured on ResNet-50 (bound
     0.98-1.0; thread CPU time, load 7), weighting made the model slower at the same ratio (0.3: 1.69x against
     1.88x; 0.7: 6.41x against 7.46x), while on EfficientNet-B0 (bound 0.83/0.69/0.52 at 0.3/0.5/0.7) it made
