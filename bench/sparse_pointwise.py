@@ -45,8 +45,10 @@ OUT = ROOT / "bench" / "sparse_pointwise_results.txt"
 SHAPES = [(112, 32, 64, 1), (56, 64, 128, 1), (56, 128, 128, 1), (28, 128, 256, 1), (28, 256, 256, 1),
           (14, 256, 512, 1), (14, 512, 512, 5), (7, 512, 1024, 1), (7, 1024, 1024, 1)]  # fmt: skip
 #: pattern name -> (group tile rows x cols in the pruner's [out, in] notation, BSR block (bk, bn), kernel)
-PATTERNS = {"group1x4": ((1, 4), (4, 1), "group"), "rows4": ((4, 1), (1, 4), "rows"),
-            "rows8": ((8, 1), (1, 8), "rows")}  # fmt: skip
+PATTERNS = {"group1x4": ((1, 4), (4, 1), "group", {}), "rows4": ((4, 1), (1, 4), "rows", {}),
+            "rows8": ((8, 1), (1, 8), "rows", {}), "rows8p1": ((8, 1), (1, 8), "rows", {"pixel_vectors": 1})}
+#: Patterns timed unless --patterns says otherwise (rows8p1: one pixel vector per tile, an experiment).
+DEFAULT_PATTERNS = ("group1x4", "rows4", "rows8")
 LINES: list[str] = []
 
 
@@ -181,9 +183,9 @@ def bench_shape(h: int, k: int, n: int, sparsities: list[float], patterns: list[
     variants: dict[str, tuple] = {}
     for s in sparsities:
         for p in patterns:
-            tile, block, kind = PATTERNS[p]
+            tile, block, kind, kw = PATTERNS[p]
             w = pruned_weight(rng, k, n, tile, s)
-            variants[f"{p}_s{round(s * 100)}"] = (w, to_bsr(w, block), kind, {})
+            variants[f"{p}_s{round(s * 100)}"] = (w, to_bsr(w, block), kind, kw)
     t0 = time.time()
     ex = tb.build_executable(build_module(h, k, n, variants, 16, 32), get_target("x86"))
     build_s = time.time() - t0
@@ -240,6 +242,50 @@ def bench_shape(h: int, k: int, n: int, sparsities: list[float], patterns: list[
     return rows
 
 
+def bench_shape_wasm(h: int, k: int, n: int, sparsities: list[float], patterns: list[str], rounds: int,
+                     out: Path) -> list[dict]:  # fmt: skip
+    """The same table on wasm (SIMD128: 4 lanes, 16 registers) under node, one thread: every variant linked
+    into one wasm program and timed interleaved by the runner (:func:`onnxprune.targets.wasm.time_functions`:
+    each function's fastest batch of >= 5 ms). Numerics of the wasm-width tiles are checked by
+    tests/test_sparse_kernels_rows.py (4-lane tiles compiled for x86)."""
+    from onnxprune.targets import tvm_backend as tb
+    from onnxprune.targets import wasm
+    from onnxprune.targets.sparse_formats import to_bsr
+    from onnxprune.targets.table import get_target
+    from onnxprune.targets.tvm_tiles import vector_lanes, vector_registers
+
+    spec = get_target("wasm")
+    target = tb.build_target(spec)
+    lanes, registers = vector_lanes(target), vector_registers(target)
+    rng = np.random.default_rng(h * 7 + k + n)
+    variants: dict[str, tuple] = {}
+    for s in sparsities:
+        for p in patterns:
+            tile, block, kind, kw = PATTERNS[p]
+            w = pruned_weight(rng, k, n, tile, s)
+            variants[f"{p}_s{round(s * 100)}"] = (w, to_bsr(w, block), kind, kw)
+    t0 = time.time()
+    ex = tb.build_executable(build_module(h, k, n, variants, lanes, registers), spec)
+    build_s = time.time() - t0
+    x = rng.standard_normal((1, h, h, k)).astype(np.float32)
+    load_before = load_average()
+    us = wasm.time_functions(ex, spec, [(v, 0) for v in ["dense", *variants]], [x], rounds=rounds)
+    dense = us["dense"] / 1e3
+    say(f"wasm {h}x{h}x{k}->{n}  ({h * h * k * n / 1e6:.1f} M MAC; compiled in {build_s:.0f} s; load {load_before} "
+        f"-> {load_average()})  dense {dense:.3f} ms under node", out)  # fmt: skip
+    rows = []
+    for s in sparsities:
+        for p in patterns:
+            name = f"{p}_s{round(s * 100)}"
+            ms = us[name] / 1e3
+            kept = float(np.count_nonzero(variants[name][0])) / (k * n)
+            tile = "x".join(str(v) for v in PATTERNS[p][0])
+            say(f"  {s:5.2f} {'group:' + tile:>9} {p:>10} {dense:9.3f} {ms:10.3f} {dense / ms:5.2f}x "
+                f"{dense / (ms / kept):9.2f}", out)  # fmt: skip
+            rows.append({"shape": (h, k, n), "sparsity": s, "pattern": p, "dense_ms": dense, "sparse_ms": ms})
+    return rows
+
+
 def fma_peak(rounds: int = 3) -> float:
     """GMAC/s of a register-only FMA loop (16 accumulators of 16 lanes): the machine's single-core peak."""
     import tvm
@@ -261,9 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="all", help="all, quick (3 shapes) or indices into SHAPES: 0,4,6")
     ap.add_argument("--sparsity", default="0.3,0.5")
-    ap.add_argument("--patterns", default=",".join(PATTERNS))
+    ap.add_argument("--patterns", default=",".join(DEFAULT_PATTERNS), help=f"of {', '.join(PATTERNS)}")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--wasm", action="store_true", help="time under node (wasm SIMD128) instead of x86")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     shapes = (SHAPES if args.shapes == "all" else [SHAPES[i] for i in (0, 4, 6)] if args.shapes == "quick"
@@ -272,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     patterns = args.patterns.split(",")
     say(f"bench/sparse_pointwise.py  {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC  load average "
         f"{load_average()}  threads: {os.environ['TVM_NUM_THREADS']}", args.out)  # fmt: skip
+    if args.wasm:
+        say("wasm (SIMD128) under node, 1 thread; ratio = dense ms / sparse ms", args.out)
+        for h, k, n, _count in shapes:
+            bench_shape_wasm(h, k, n, sparsities, patterns, min(args.rounds, 3), args.out)
+        say(f"load average at the end: {load_average()}", args.out)
+        return 0
     peak = fma_peak()
     say(f"FMA peak (register-only loop, 16 x 16-lane accumulators, CPU time): {peak:.1f} GMAC/s "
         f"(= {2 * peak:.0f} GFLOP/s; load {load_average()})", args.out)  # fmt: skip

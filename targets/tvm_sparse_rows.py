@@ -3,24 +3,30 @@
 
 XNNPACK's ``mr x nr`` sparse SpMM layout, in TensorIR. Per stored block (one kept input channel ``c`` of
 ``bn`` outputs) the kernel does one vector load of the channel-major input per pixel vector and broadcasts
-each of the ``bn`` weights into ``pixel_vectors`` FMAs: ``pixel_vectors + bn`` loads (+ one index) feed
-``pixel_vectors * bn`` FMAs, the same loads per FMA as the dense register tile (4 weight vectors x 4
-broadcast pixels: 8 loads, 16 FMAs), where the ``group:1x4`` kernel (:mod:`.tvm_sparse_group`) needs ~1.5.
+each of the ``bn`` weights into ``pixel_vectors`` FMAs: with ``bn = 8`` and 2 pixel vectors, 2 loads + 8
+broadcasts + 1 index feed 16 FMAs (0.69 loads per FMA; the dense register tile of 4 weight vectors x 4
+pixels: 0.5), where the ``group:1x4`` kernel (:mod:`.tvm_sparse_group`, runs along K) needs 13 loads per 8
+FMAs (1.6: load-bound).
 
 Two phases in one PrimFunc:
 
 1. the NHWC input (any stride) is transposed once per call into a channel-major scratch ``xt[K, P]`` (``P``
-   output pixels), so every stored index addresses one contiguous pixel row;
-2. work item = a tile of ``tile = pixel_vectors * lanes`` pixels by one block column: accumulators
-   ``[bn, tile]`` in registers, blocks walked ``UNROLL`` at a time, then ``clip(acc + bias, lo, hi)`` stored
-   into the NHWC output (a transposed store: ``bn`` contiguous floats per pixel). Pixel tiles are the outer
-   index so a thread's consecutive work items reuse the tile's ``xt`` rows from L1/L2 over every block
-   column. The last tile is moved back to end at the last pixel (it recomputes a few outputs, same values).
+   output pixels), so every stored index addresses one contiguous row of pixels;
+2. work item = a tile of ``pixel_vectors * lanes`` pixels by one block column: one ``[bn, lanes]``
+   accumulator buffer per pixel vector (separate *global-scope* buffers under 1 KiB: LowerTVMBuiltin puts
+   those on the stack, where LLVM keeps them in registers; a ``"local"`` buffer, or one of 1 KiB, becomes a
+   ``TVMBackendAllocWorkspace`` call per work item, which made the first version 2x slower), then
+   ``clip(acc + bias, lo, hi)`` stored into the NHWC output, ``bn`` contiguous floats per pixel (a
+   vectorised store over the block: LLVM transposes the accumulators with ``vpermt2ps`` shuffles; scalar
+   stores were 10-25% slower). Pixel tiles are the outer index, so a thread's consecutive work items reuse
+   the tile's ``xt`` rows over every block column. The last tile is moved back to end at the last pixel.
 
-The transposes cost ``(K + N) * P`` element moves against ``K * N * P * density`` multiply-adds: nothing for
-the deep layers, a real share for the first pointwise layers (K = 32 or 64). Measurements and the verdict are
-in ``bench/sparse_pointwise_results.txt`` (``bench/sparse_pointwise.py``). Start reading at
-:func:`cpu_rows_kernel`.
+Measured (``bench/sparse_pointwise.py``, results in ``bench/sparse_pointwise_results.txt``; AVX-512, 1 thread,
+MobileNet-v1's pointwise shapes): ``group:8x1`` at 30% runs 1.3-1.5x faster than the dense TVM kernel on the
+56x56 and 28x28 layers, ~1.0x on 14x14 and 0.7x on the 112x112x32 and 7x7 layers: the transposes cost
+``(K + N) * P`` element moves (a real share at K = 32), the 7x7 layers compute 64 pixels for 49, and with
+K >= 512 the ``xt`` tile and the weights live in L2. A per-layer choice (:mod:`.tvm_sparse_choice`) keeps
+those dense. Start reading at :func:`cpu_rows_kernel`.
 """
 
 from __future__ import annotations
@@ -30,12 +36,10 @@ from tvm.script import tirx as T
 
 from .sparse_formats import BSR
 
-__all__ = ["cpu_rows_kernel", "rows_kernel_applies", "pixel_vectors_for"]
+__all__ = ["cpu_rows_kernel", "pixel_vectors_for", "rows_kernel_applies"]
 
 #: Stored multiply-adds before a kernel's tiles run in parallel.
 PARALLEL_MIN_WORK = 1 << 16
-#: Blocks of a column handled per loop trip (the loop and index overhead is paid once per UNROLL blocks).
-UNROLL = 2
 _BIG = 3.0e38
 
 
@@ -47,10 +51,11 @@ def pixel_vectors_for(bn: int, lanes: int, registers: int) -> int:
 
 
 def rows_kernel_applies(bsr: BSR, pixels: int, lanes: int, kernel_hw: tuple[int, int]) -> bool:
-    """Whether :func:`cpu_rows_kernel` takes this weight: blocks of outputs (``bk == 1``, ``bn > 1``), a 1x1
-    window, and at least one pixel vector."""
+    """Whether :func:`cpu_rows_kernel` takes this weight: blocks of 2-8 outputs (``bk == 1``, ``1 < bn <=
+    8``; wider output blocks are whole vectors for :mod:`.tvm_sparse_conv`), a 1x1 window, and at least one
+    pixel vector."""
     bk, bn = bsr.block
-    return bk == 1 and bn > 1 and tuple(kernel_hw) == (1, 1) and pixels >= lanes
+    return bk == 1 and 1 < bn <= 8 and tuple(kernel_hw) == (1, 1) and pixels >= lanes
 
 
 def cpu_rows_kernel(
@@ -75,7 +80,7 @@ def cpu_rows_kernel(
     nnzb = bsr.data.shape[0]
     ncols = n // bn
     pixels = nb_ * oh * ow
-    pv = pixel_vectors or pixel_vectors_for(bn, lanes, registers)
+    pv = min(4, pixel_vectors or pixel_vectors_for(bn, lanes, registers))  # 4 accumulator buffers below
     while pv > 1 and pixels < pv * lanes:
         pv -= 1
     tile = pv * lanes
@@ -84,7 +89,6 @@ def cpu_rows_kernel(
     img = oh * ow
     work = bsr.nnz_blocks * bn * pixels
     outer = T.parallel if work >= PARALLEL_MIN_WORK else T.serial
-    unroll = UNROLL
 
     # accumulators: one [bn, lanes] buffer per pixel vector (a local buffer of 1024 bytes or more goes to a
     # heap workspace, allocated per work item; separate buffers stay on the stack and in registers)
@@ -141,20 +145,23 @@ def cpu_rows_kernel(
                     for _u in T.unroll(pv3):
                         for t in T.vectorized(lanes):
                             a3[r, t] = a3[r, t] + xt[row + 3 * lanes + t] * data[e, 0, r]
-            for r in T.unroll(bn):
-                for t in T.unroll(lanes):
+            for t in T.unroll(lanes):
+                for r in T.vectorized(bn):
                     yf[(q1 + t) * n + j * bn + r] = T.min(
                         T.max(a0[r, t] + bias[j * bn + r], T.float32(lo)), T.float32(hi))
-                for _u in T.unroll(pv1):
-                    for t in T.unroll(lanes):
+            for _u in T.unroll(pv1):
+                for t in T.unroll(lanes):
+                    for r in T.vectorized(bn):
                         yf[(q1 + lanes + t) * n + j * bn + r] = T.min(
                             T.max(a1[r, t] + bias[j * bn + r], T.float32(lo)), T.float32(hi))
-                for _u in T.unroll(pv2):
-                    for t in T.unroll(lanes):
+            for _u in T.unroll(pv2):
+                for t in T.unroll(lanes):
+                    for r in T.vectorized(bn):
                         yf[(q1 + 2 * lanes + t) * n + j * bn + r] = T.min(
                             T.max(a2[r, t] + bias[j * bn + r], T.float32(lo)), T.float32(hi))
-                for _u in T.unroll(pv3):
-                    for t in T.unroll(lanes):
+            for _u in T.unroll(pv3):
+                for t in T.unroll(lanes):
+                    for r in T.vectorized(bn):
                         yf[(q1 + 3 * lanes + t) * n + j * bn + r] = T.min(
                             T.max(a3[r, t] + bias[j * bn + r], T.float32(lo)), T.float32(hi))
 
