@@ -414,8 +414,10 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
     for option in ("target_macs", "target_latency"):
         if getattr(args, option, None) not in (None, "none"):
             raise UsageError(f"--{option.replace('_', '-')} applies to --mode constrained only")
-    if args.allocation in ("sensitivity", "knapsack"):
-        raise UsageError("--mode unconstrained allocates with --allocation uniform, global or lamp")
+    if args.allocation == "sensitivity":
+        raise UsageError("--mode unconstrained allocates with --allocation uniform, global, lamp or knapsack")
+    if args.allocation == "knapsack" and not args.calib:
+        raise UsageError("--mode unconstrained --allocation knapsack measures errors: it needs --calib")
     if args.repair not in ("none", "mean", "ls", "seq"):
         raise UsageError("--mode unconstrained repairs with --repair none, mean, ls or seq")
     if args.repair != "none" and not args.calib:
