@@ -247,15 +247,7 @@ def _solve(state: _State, layer: SparseLayer, w: np.ndarray, H: np.ndarray | Non
     else:
         wa = w if base is None else base[:, :f]
         Ha = H[:f, :f]
-    order = layer.solver_order(pattern.cols)
-    if order is not None:  # solve in channel-group order, the tiles intact (`SparseLayer.solver_order`)
-        full = np.concatenate([order, np.arange(f, wa.shape[1])])
-        wa, Ha, mask = wa[:, full], Ha[np.ix_(full, full)], None if mask is None else mask[:, order]
     new, keep = sparsegpt(wa, Ha, pattern, sparsity, prunable=f, mask=mask, damp=config.damp, block=config.block)
-    if order is not None:
-        back = np.empty_like(full)
-        back[full] = np.arange(len(full))
-        new, keep = new[:, back], keep[:, back[:f]]
     state.set_weight(layer, new[:, :f], keep)
     if slot is not None:
         delta = new[:, f] - slot_value(state.graph, slot, n_out)
