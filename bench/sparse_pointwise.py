@@ -22,7 +22,10 @@ process, 1 thread (``TVM_NUM_THREADS=1``): per round each variant is called ``re
 work) and its **CPU time** per call taken (the wall clock of a loaded shared machine counts the slices spent
 waiting for a core: see :func:`time_calls`), the best of ``--rounds`` rounds; only ratios measured this way are
 compared. Calls go through the Relax VM from Python (a few microseconds each, the same for every TVM variant). ``uptime`` load averages are printed before and after each shape. The text goes to
-``bench/sparse_pointwise_results.txt`` (``--out``) as it is measured.
+``bench/sparse_pointwise_results.txt`` (``--out``) as it is measured; ``--wasm`` times the same variants
+under node instead. The committed results file ends with the wasm rows and a hand-written analysis (loads per
+FMA, where the sparse kernel loses, what was tried): an x86 re-run rewrites the measured part and keeps those
+sections (everything from the first line starting with ``== ``).
 """
 
 from __future__ import annotations
@@ -45,8 +48,12 @@ OUT = ROOT / "bench" / "sparse_pointwise_results.txt"
 SHAPES = [(112, 32, 64, 1), (56, 64, 128, 1), (56, 128, 128, 1), (28, 128, 256, 1), (28, 256, 256, 1),
           (14, 256, 512, 1), (14, 512, 512, 5), (7, 512, 1024, 1), (7, 1024, 1024, 1)]  # fmt: skip
 #: pattern name -> (group tile rows x cols in the pruner's [out, in] notation, BSR block (bk, bn), kernel)
-PATTERNS = {"group1x4": ((1, 4), (4, 1), "group", {}), "rows4": ((4, 1), (1, 4), "rows", {}),
-            "rows8": ((8, 1), (1, 8), "rows", {}), "rows8p1": ((8, 1), (1, 8), "rows", {"pixel_vectors": 1})}
+PATTERNS = {
+    "group1x4": ((1, 4), (4, 1), "group", {}),
+    "rows4": ((4, 1), (1, 4), "rows", {}),
+    "rows8": ((8, 1), (1, 8), "rows", {}),
+    "rows8p1": ((8, 1), (1, 8), "rows", {"pixel_vectors": 1}),
+}
 #: Patterns timed unless --patterns says otherwise (rows8p1: one pixel vector per tile, an experiment).
 DEFAULT_PATTERNS = ("group1x4", "rows4", "rows8")
 LINES: list[str] = []
@@ -123,11 +130,13 @@ def build_module(h: int, k: int, n: int, variants: dict, lanes: int, registers: 
             out = bb.emit_output(relax.op.nn.conv2d(x, relax.const(some_w.reshape(1, 1, k, n)),
                                                     data_layout="NHWC", kernel_layout="HWIO"))  # fmt: skip
         bb.emit_func_output(out)
-    for name, (w, bsr, kind, kw) in variants.items():
+    for name, (_w, bsr, kind, kw) in variants.items():
         x = relax.Var("x", relax.TensorType(x_shape, "float32"))
         with bb.function(name, [x]):
             with bb.dataflow():
-                gv = bb.add_func(sparse_func(kind, x_shape, out_shape, bsr, lanes, registers, **kw), f"k_{name}")
+                gv = bb.add_func(
+                    sparse_func(kind, x_shape, out_shape, bsr, lanes, registers, **kw), f"k_{name}"
+                )
                 args = [x, relax.const(bsr.data), relax.const(bsr.indices), relax.const(bsr.indptr),
                         relax.const(np.zeros(n, np.float32))]  # fmt: skip
                 out = bb.emit_output(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
@@ -137,7 +146,6 @@ def build_module(h: int, k: int, n: int, variants: dict, lanes: int, registers: 
 
 def ort_session(w_kn: np.ndarray, h: int):
     """onnxruntime on a one-Conv NCHW model with the ``[K, N]`` weight, 1 intra-op thread."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -229,7 +237,7 @@ def bench_shape(h: int, k: int, n: int, sparsities: list[float], patterns: list[
         ort_ms = best.get(f"ort_s{round(s * 100)}", float("nan"))
         for p in patterns:
             name = f"{p}_s{round(s * 100)}"
-            w, bsr = variants[name][:2]
+            w = variants[name][0]
             kept = float(np.count_nonzero(w)) / w.size
             ms = best[name]
             # per stored multiply-add, relative to dense per multiply-add (1.0: as efficient as dense)
@@ -317,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
               else [SHAPES[int(i)] for i in args.shapes.split(",")])  # fmt: skip
     sparsities = [float(v) for v in args.sparsity.split(",")]
     patterns = args.patterns.split(",")
+    old = args.out.read_text() if args.out.is_file() and not args.wasm else ""
+    at = old.find("\n== ")
+    kept_sections = old[at:] if at >= 0 else ""  # the wasm rows and the hand-written analysis
     say(f"bench/sparse_pointwise.py  {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC  load average "
         f"{load_average()}  threads: {os.environ['TVM_NUM_THREADS']}", args.out)  # fmt: skip
     if args.wasm:
@@ -337,15 +348,23 @@ def main(argv: list[str] | None = None) -> int:
     say("model total (each shape x its count in MobileNet-v1; pointwise layers only), ms:", args.out)
     counts = {(h, k, n): c for h, k, n, c in shapes}
     for s in sparsities:
-        dense = sum(r["dense_ms"] * counts[r["shape"]] for r in rows if r["sparsity"] == s and r["pattern"] == patterns[0])
+        dense = sum(
+            r["dense_ms"] * counts[r["shape"]]
+            for r in rows
+            if r["sparsity"] == s and r["pattern"] == patterns[0]
+        )
         parts = []
         for p in patterns:
             sel = [r for r in rows if r["sparsity"] == s and r["pattern"] == p]
             sp = sum(r["sparse_ms"] * counts[r["shape"]] for r in sel)
             choice = sum(min(r["sparse_ms"], r["dense_ms"]) * counts[r["shape"]] for r in sel)
-            parts.append(f"{p} {sp:.2f} ({dense / sp:.2f}x; per-layer best of dense/sparse {dense / choice:.2f}x)")
+            parts.append(
+                f"{p} {sp:.2f} ({dense / sp:.2f}x; per-layer best of dense/sparse {dense / choice:.2f}x)"
+            )
         say(f"  {s:.2f}: dense {dense:.2f}; " + "; ".join(parts), args.out)
     say(f"load average at the end: {load_average()}", args.out)
+    if kept_sections:
+        args.out.write_text("\n".join(LINES) + "\n" + kept_sections)
     return 0
 
 

@@ -111,7 +111,9 @@ def cpu_rows_kernel(
             q0 = T.meta_var(T.min(p * tile, last))
             for c in T.serial(k):
                 for t in T.vectorized(tile):
-                    xt[c * pixels + q0 + t] = x[(q0 + t) // img, (q0 + t) % img // ow * sh, (q0 + t) % ow * sw, c]
+                    xt[c * pixels + q0 + t] = x[
+                        (q0 + t) // img, (q0 + t) % img // ow * sh, (q0 + t) % ow * sw, c
+                    ]
         for pj in outer(tiles * ncols):
             q1 = T.meta_var(T.min(pj // ncols * tile, last))
             j = T.meta_var(pj % ncols)
@@ -148,21 +150,25 @@ def cpu_rows_kernel(
             for t in T.unroll(lanes):
                 for r in T.vectorized(bn):
                     yf[(q1 + t) * n + j * bn + r] = T.min(
-                        T.max(a0[r, t] + bias[j * bn + r], T.float32(lo)), T.float32(hi))
+                        T.max(a0[r, t] + bias[j * bn + r], T.float32(lo)), T.float32(hi)
+                    )
             for _u in T.unroll(pv1):
                 for t in T.unroll(lanes):
                     for r in T.vectorized(bn):
                         yf[(q1 + lanes + t) * n + j * bn + r] = T.min(
-                            T.max(a1[r, t] + bias[j * bn + r], T.float32(lo)), T.float32(hi))
+                            T.max(a1[r, t] + bias[j * bn + r], T.float32(lo)), T.float32(hi)
+                        )
             for _u in T.unroll(pv2):
                 for t in T.unroll(lanes):
                     for r in T.vectorized(bn):
                         yf[(q1 + 2 * lanes + t) * n + j * bn + r] = T.min(
-                            T.max(a2[r, t] + bias[j * bn + r], T.float32(lo)), T.float32(hi))
+                            T.max(a2[r, t] + bias[j * bn + r], T.float32(lo)), T.float32(hi)
+                        )
             for _u in T.unroll(pv3):
                 for t in T.unroll(lanes):
                     for r in T.vectorized(bn):
                         yf[(q1 + 3 * lanes + t) * n + j * bn + r] = T.min(
-                            T.max(a3[r, t] + bias[j * bn + r], T.float32(lo)), T.float32(hi))
+                            T.max(a3[r, t] + bias[j * bn + r], T.float32(lo)), T.float32(hi)
+                        )
 
     return kernel

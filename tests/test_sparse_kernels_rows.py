@@ -78,5 +78,7 @@ def test_rows_kernel_matches_onnxruntime_conv():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     ref = sess.run(None, {"x": x})[0].transpose(0, 2, 3, 1)
-    got = _run(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, bias, (1, 6, 6, n), (2, 2), 8, 16, -3e38, 3e38)
+    got = _run(
+        np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, bias, (1, 6, 6, n), (2, 2), 8, 16, -3e38, 3e38
+    )
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
