@@ -39,9 +39,12 @@ class LayerStats:
     P: np.ndarray | None = None  # sum y x~^T [outputs, features + 1], y = [W b] [x 1] the original outputs
 
     def mean(self) -> LayerStats:
+        """The sums turned into means in place (no second copy of a 4,609-wide H: 170 MB), returned."""
         n = max(1, self.rows)
-        scaled = [None if a is None else a / n for a in (self.C, self.D, self.P)]
-        return LayerStats(self.H / n, scaled[0], scaled[1], self.rows, scaled[2])
+        for a in (self.H, self.C, self.D, self.P):
+            if a is not None:
+                a /= n
+        return self
 
     def parts(self, with_bias: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(H, C, D) as `repair_stream.ridge_fit` reads them, without the constant feature unless `with_bias`."""
