@@ -14,6 +14,10 @@ calibration images, equal parameters, l2 + ``repair="seq"`` in both modes, `benc
 ``drive="coupled", reader_choice="ls", stream_repair=True`` (CLI ``--drive coupled --reader-choice ls
 --stream-repair``): R20 90.07 / 86.27 vs constrained 89.60 / 85.12 at 20% / 40% of parameters removed, R44
 89.27 vs 87.73 at 40% (without ``stream_repair``: 90.00 / 86.00 and 88.75; R44 at 20%: 91.89 vs 91.14).
+With ``allocation="knapsack"`` as well (`upscale.allocate`: measured error per parameter removed; CLI
+``--allocation knapsack``; 2,000 calibration images, session 22): R20 90.83 / 87.47 vs constrained l2 + seq
+90.05 / 86.09 (uniform allocation: 90.30 / 86.66), R44 90.17 vs 88.12 at 40%: the best configuration
+(`bench/accuracy_real.py` ``UNCONSTRAINED_BEST``).
 ``drive="free"`` loses on R20 (89.29 / 83.53): writers keep rows no reader reads and readers read stream
 channels some writers dropped (`upscale.coupled` explains it). Data-free (2,000 test images, l1/energy):
 ``criterion="energy", drive="free"`` beats the same ranking constrained (``share=1``), 67.1 vs 64.3 and 28.3
