@@ -236,3 +236,18 @@ def test_unsupported_error_is_typed():
                    {"s": _w(4), "b": _w(4), "m": _w(4), "v": np.abs(_w(4)) + 0.5})
     with pytest.raises(UnsupportedModelError, match="no gradient for Erf"):
         synthesize(model, 2, config=SynthesisConfig(steps=1))
+
+
+def test_start_options_shape_the_initial_images():
+    """``smooth_init`` lowers the neighbour-difference energy of the start (image-like correlation),
+    ``offset`` spreads the per-image mean colour as real batches have it; the default stays N(0, 1)."""
+    from onnxprune.synthetic import _start
+
+    shape, image = (64, 3, 16, 16), (2, 3)
+    white = _start(np.random.default_rng(0), shape, SynthesisConfig(), image)
+    assert np.array_equal(white, np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    smooth = _start(np.random.default_rng(0), shape, SynthesisConfig(smooth_init=True), image)
+    assert np.mean(np.diff(smooth, axis=3) ** 2) < 0.5 * np.mean(np.diff(white, axis=3) ** 2)
+    shifted = _start(np.random.default_rng(0), shape, SynthesisConfig(offset=0.6), image)
+    assert shifted.mean(axis=(2, 3)).std(axis=0).min() > 3 * white.mean(axis=(2, 3)).std(axis=0).max()
+    assert shifted.dtype == np.float32
