@@ -137,7 +137,8 @@ def choose_block(w: np.ndarray, lanes: int, align: int | None = None, pixel_runs
     shapes; whether the sparse kernel is kept is decided by measuring it (:mod:`.tvm_sparse_choice`).
     ``align``: block heights must divide it (a conv's input channels: a block never straddles two window
     positions). ``pixel_runs``: runs (``bn == 1``) go to the group kernel that vectorises over pixels
-    (:mod:`.tvm_sparse_group`: a matmul or 1x1 conv with at least one vector of rows), whose FMAs are as wide
+    (:mod:`.tvm_sparse_group` for a matmul or 1x1 conv, :mod:`.tvm_sparse_planes` for KxK, with at least one
+    vector of rows), whose FMAs are as wide
     as the dense kernel's but need about one more load each: ``PIXEL_RUN_COST`` per stored element.
     """
     k, n = w.shape

@@ -35,8 +35,8 @@ from tvm import relax, tirx
 from .sparse_formats import BSR, to_bsr
 from .tvm_sparse_conv import cpu_conv_kernel, cuda_matmul_kernel
 from .tvm_sparse_group import cpu_group_kernel, group_kernel_applies
-from .tvm_sparse_planes import Planes, cpu_planes_kernel, plane_offsets, planes_input
 from .tvm_sparse_matmul import cpu_block_matmul_kernel
+from .tvm_sparse_planes import Planes, cpu_planes_kernel, plane_offsets, planes_input
 
 __all__ = ["KERNEL_PREFIX", "Decision", "Layer", "cpu_matmul_kernel", "fuse_epilogues", "sparsify"]
 

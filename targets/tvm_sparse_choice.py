@@ -59,7 +59,8 @@ MODEL_CROSSOVER = 0.6
 MAX_ESTIMATE = 0.9
 CACHE_FILE = "sparse_timings.json"
 #: Version of the sparse kernels in the timing cache's keys: bumped when a kernel changes, so timings of the
-#: old kernels are not read as the new ones' (2: KxK convolutions with runs along C use the group kernels).
+#: old kernels are not read as the new ones' (2: KxK convolutions with runs along C use the phase-plane group
+#: kernel).
 KERNEL_VERSION = 2
 
 
