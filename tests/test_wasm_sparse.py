@@ -1,5 +1,6 @@
 """Sparse kernels on wasm, run under node: group-sparse (``group:1x4``) bundles match onnxruntime within 1e-4
-(pointwise convs through the group kernel, a 3x3 conv and a Gemm through the run kernel), the weights file
+(pointwise convs through the group kernel, 3x3 convs through the phase-plane group kernel, a Gemm through
+the run kernel), the weights file
 shrinks, and the per-layer dense-or-sparse choice is measured under node (the runner's ``--time`` mode),
 cached as the crossover table, and read by the wasm compile (``decided_by: "measured"``). Skips cleanly
 without tvm, emcc or node.
