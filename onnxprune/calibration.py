@@ -592,6 +592,9 @@ def collect_stats(
             progress.advance(k)
         if inflight is not None:
             inflight.result()
-    if hessian:  # the rows still buffered
-        _add_blocks([(result.stats[name], b.rest()) for name, b in blocks.items() if b.used])
+    if hessian:  # the rows still buffered: seconds on large models, so a step of its own
+        with task("calibration statistics: Hessians", total=len(result.stats)) as progress:
+            for name, st in progress.track(result.stats.items()):
+                if blocks[name].used:
+                    _add_blocks([(st, blocks[name].rest())])
     return result
