@@ -16,7 +16,7 @@ calibration images, equal parameters, l2 + ``repair="seq"`` in both modes, `benc
 89.27 vs 87.73 at 40% (without ``stream_repair``: 90.00 / 86.00 and 88.75; R44 at 20%: 91.89 vs 91.14).
 With ``allocation="knapsack"`` as well (`upscale.allocate`: measured error per parameter removed; CLI
 ``--allocation knapsack``; 2,000 calibration images, session 22): R20 90.83 / 87.47 vs constrained l2 + seq
-90.05 / 86.09 (uniform allocation: 90.30 / 86.66), R44 90.17 vs 88.12 at 40%: the best configuration
+90.05 / 86.09 (uniform allocation: 90.30 / 86.66), R44 92.34 / 90.17 vs 91.14 / 88.12: the best configuration
 (`bench/accuracy_real.py` ``UNCONSTRAINED_BEST``).
 ``drive="free"`` loses on R20 (89.29 / 83.53): writers keep rows no reader reads and readers read stream
 channels some writers dropped (`upscale.coupled` explains it). Data-free (2,000 test images, l1/energy):
