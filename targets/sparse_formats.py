@@ -33,6 +33,10 @@ BLOCK_ROWS = (1, 2, 4, 8, 16)
 #: Estimated cost of one stored element of a run in the pixel-vectorised group kernel, relative to dense
 #: (plus the run's index load, shared by its ``bk`` elements).
 PIXEL_RUN_COST = 1.1
+#: Cost per stored element, relative to dense, of the output-row-blocked kernel (:mod:`.tvm_sparse_rows`) by
+#: block width: 0.69 loads per FMA at 8 outputs, 0.88 at 4, against the dense tile's 0.5
+#: (``bench/sparse_pointwise_results.txt``: ``group:8x1`` at 30% 1.3-1.5x over dense on 56x56 / 28x28 layers).
+ROW_BLOCK_COST = {8: 1.1, 4: 1.25}
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,9 @@ class BlockChoice:
     relative_cost: float
 
 
-def choose_block(w: np.ndarray, lanes: int, align: int | None = None, pixel_runs: bool = False) -> BlockChoice:
+def choose_block(
+    w: np.ndarray, lanes: int, align: int | None = None, pixel_runs: bool = False, row_blocks: bool = False
+) -> BlockChoice:
     """Pick the block shape that makes the sparse kernel cheapest for this weight's zero pattern.
 
     Cost model (per dense FMA, in vector instructions): a stored block of ``bk x bn`` costs ``bk *
@@ -140,6 +146,8 @@ def choose_block(w: np.ndarray, lanes: int, align: int | None = None, pixel_runs
     (:mod:`.tvm_sparse_group` for a matmul or 1x1 conv, :mod:`.tvm_sparse_planes` for KxK, with at least one
     vector of rows), whose FMAs are as wide
     as the dense kernel's but need about one more load each: ``PIXEL_RUN_COST`` per stored element.
+    ``row_blocks``: output blocks of 4 or 8 (``bk == 1``; ``group:4x1`` / ``group:8x1``) go to the
+    output-row-blocked kernel of a 1x1 conv (:mod:`.tvm_sparse_rows`): ``ROW_BLOCK_COST`` per stored element.
     """
     k, n = w.shape
     widths = [b for b in (4 * lanes, 2 * lanes, lanes, 8, 4, 1) if n % b == 0 and b <= n]
@@ -156,6 +164,8 @@ def choose_block(w: np.ndarray, lanes: int, align: int | None = None, pixel_runs
             cost = d * vec_ops / (bk * bn) * lanes  # per element, relative to dense (1/lanes each)
             if bn == 1 and bk > 1 and pixel_runs:
                 cost = d * (PIXEL_RUN_COST + 0.4 / bk)  # + one index load per run
+            if bk == 1 and bn in ROW_BLOCK_COST and row_blocks:
+                cost = d * ROW_BLOCK_COST[bn]
             if best is None or cost < best.relative_cost - 1e-9:
                 best = BlockChoice((bk, bn), d, cost)
     assert best is not None  # bn = 1 and bk = 1 always tile

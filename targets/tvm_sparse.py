@@ -37,6 +37,7 @@ from .tvm_sparse_conv import cpu_conv_kernel, cuda_matmul_kernel
 from .tvm_sparse_group import cpu_group_kernel, group_kernel_applies
 from .tvm_sparse_matmul import cpu_block_matmul_kernel
 from .tvm_sparse_planes import Planes, cpu_planes_kernel, plane_offsets, planes_input
+from .tvm_sparse_rows import cpu_rows_kernel, rows_kernel_applies
 
 __all__ = ["KERNEL_PREFIX", "Decision", "Layer", "cpu_matmul_kernel", "fuse_epilogues", "sparsify"]
 
@@ -145,6 +146,9 @@ class KernelFactory:
             f = cuda_matmul_kernel(layer.rows, made.bsr, made.lo, made.hi)
         elif made.planes is not None:
             f = cpu_planes_kernel(made.planes, made.bsr, self.lanes, self.registers, made.lo, made.hi)
+        elif layer.conv is not None and rows_kernel_applies(made.bsr, layer.rows, self.lanes, layer.conv[:2]):
+            f = cpu_rows_kernel(_padded(layer), layer.out_shape, layer.conv[2], made.bsr, self.lanes,
+                                self.registers, made.lo, made.hi)  # fmt: skip
         elif group_kernel_applies(
             made.bsr, layer.rows, self.lanes, (1, 1) if layer.conv is None else layer.conv[:2]
         ):

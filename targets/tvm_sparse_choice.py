@@ -61,7 +61,7 @@ CACHE_FILE = "sparse_timings.json"
 #: Version of the sparse kernels in the timing cache's keys: bumped when a kernel changes, so timings of the
 #: old kernels are not read as the new ones' (2: KxK convolutions with runs along C use the phase-plane group
 #: kernel).
-KERNEL_VERSION = 2
+KERNEL_VERSION = 3
 
 
 def _cache_path() -> Path:
@@ -169,7 +169,9 @@ def apply(
         if s == 0 or (mode == "auto" and s < MIN_SPARSITY):
             continue
         pixel_runs = not spec.gpu and layer.rows >= lanes  # runs go to the group kernels (1x1 and KxK)
-        choice = choose_block(layer.weight, lanes, align=layer.x_shape[-1], pixel_runs=pixel_runs)
+        pointwise = layer.conv is not None and tuple(layer.conv[:2]) == (1, 1)
+        choice = choose_block(layer.weight, lanes, align=layer.x_shape[-1], pixel_runs=pixel_runs,
+                              row_blocks=pixel_runs and pointwise)  # fmt: skip
         entry = {"layer": layer.name, "kind": layer.kind, "sparsity": round(s, 4), "block": list(choice.block),
                  "block_density": round(choice.density, 4), "estimate": round(choice.relative_cost, 3)}  # fmt: skip
         entries[layer.index] = entry

@@ -175,6 +175,43 @@ def test_x86_sparse_convs_match_onnxruntime(tmp_path, tune_cache):
     assert [e["kind"] for e in layers] == ["conv2d"] * 4 and all(e["choice"] == "sparse" for e in layers)
 
 
+def test_choose_block_sends_output_blocks_of_pointwise_convs_to_the_rows_kernel():
+    """``group:8x1`` zeros (8 outputs share each kept input) are stored as (1, 8) blocks when the 1x1 conv's
+    output-row-blocked kernel is available, and estimated well below dense at 50%; without it they are not."""
+    rng = np.random.default_rng(3)
+    w = zero_pattern(rng.standard_normal((256, 128)).astype(np.float32), (1, 8), 0.5, rng)
+    rows = choose_block(w, lanes=16, align=256, pixel_runs=True, row_blocks=True)
+    assert rows.block == (1, 8) and rows.relative_cost == pytest.approx(0.55, abs=0.05)
+    assert choose_block(w, lanes=16, align=256, pixel_runs=True).relative_cost > 0.9
+
+
+@needs_tvm
+def test_x86_output_blocked_pointwise_convs_match_onnxruntime(tmp_path, tune_cache):
+    """1x1 convs with ``group:8x1`` / ``group:4x1`` zeros (stride 1 and 2, bias, ReLU) run as the rows kernel
+    (blocks recorded in the manifest) and match onnxruntime."""
+    _skip_unless_x86()
+    rng = np.random.default_rng(4)
+
+    def conv_w(o: int, i: int, block: tuple[int, int]) -> np.ndarray:
+        w = zero_pattern(rng.standard_normal((i, o)).astype(np.float32) * 0.2, block, 0.5, rng)
+        return np.ascontiguousarray(w.T.reshape(o, i, 1, 1))
+
+    inits = [
+        numpy_helper.from_array(conv_w(64, 32, (1, 8)), "w1"),
+        numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b1"),
+        numpy_helper.from_array(conv_w(32, 64, (1, 4)), "w2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["y"], strides=[2, 2]),
+    ]
+    model = save_graph(tmp_path / "m.onnx", nodes, inits, "rows_cnn", [1, 32, 12, 12], [1, 32, 6, 6])
+    manifest = _compile_run_compare(model, "x86", tmp_path / "b", "force")
+    layers = manifest["sparse"]["layers"]
+    assert [e["block"] for e in layers] == [[1, 8], [1, 4]] and all(e["choice"] == "sparse" for e in layers)
+
+
 def _compile_run_compare(model: Path, target: str, out: Path, sparse: str) -> dict:
     from onnxprune.targets import compile_bundle, read_manifest, run_bundle
 
