@@ -46,6 +46,7 @@ from onnxprune.passes.latency_select import (
     latency_grid,
     plan_for_target_latency,
     weighted_ratio_plan,
+    with_latency_allocation,
 )
 from onnxprune.passmanager import Pass, PassResult, analyses
 from onnxprune.plan import KeepCounts, PruningPlan, make_plan
@@ -323,7 +324,8 @@ class SelectChannelsPass(Pass):
         calib: CalibrationData | None = None,
         stats: CalibrationStats | None = None,
     ) -> None:
-        self.config = config or PruneConfig()
+        # a latency target with samples and no allocation: the knapsack's measured curves (as the CLI does)
+        self.config = with_latency_allocation(config or PruneConfig(), has_calib=calib is not None)
         self.criterion = criterion
         self.calib = calib
         self.stats = stats

@@ -198,3 +198,18 @@ def test_a_choice_measured_slower_than_unrounded_falls_back_to_it(tmp_path, monk
     assert latency_select.confirmed(config, analysis, same, table.backend_key) is choice.reference
     assert latency_select.confirmed(config, analysis, choice, "elsewhere") is choice.chosen  # not the table's device
     assert len(backend.models) == 2  # neither was timed
+
+
+def test_the_select_pass_gives_a_latency_target_with_samples_the_knapsack_allocation():
+    """Library users get the CLI's default: `--target-latency` + calibration data and no allocation chosen ->
+    knapsack curves; no samples, an explicit allocation or no latency target -> the config as given."""
+    from onnxprune.calibration import CalibrationData
+    from onnxprune.passes.config import PruneConfig
+    from onnxprune.passes.select import SelectChannelsPass
+
+    calib = CalibrationData({"x": np.zeros((2, 3), np.float32)})
+    assert SelectChannelsPass(PruneConfig(target_latency="0.6x"), calib=calib).config.allocation == "knapsack"
+    assert SelectChannelsPass(PruneConfig(target_latency="0.6x")).config.allocation is None
+    explicit = PruneConfig(target_latency="0.6x", allocation="uniform")
+    assert SelectChannelsPass(explicit, calib=calib).config.allocation == "uniform"
+    assert SelectChannelsPass(PruneConfig(ratio=0.3), calib=calib).config.allocation is None
