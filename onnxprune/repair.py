@@ -48,7 +48,7 @@ from onnxprune.graph import ModelGraph
 from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.moments import channel_moments
 from onnxprune.progress import task
-from onnxprune.repair_stats import LayerStats, sequential_stats
+from onnxprune.repair_stats import sequential_stats
 from onnxprune.repair_stream import choose_damp, ridge_fit, stream_writes
 
 REPAIRS = ("none", "bias", "ls", "seq")
@@ -403,10 +403,8 @@ def repair_sequential(
                     with_bias = slot is not None
                     layer_damp = choose_damp(wa, folded.fit.parts(with_bias), folded.held.parts(with_bias), keep)
                     report.damps[c.name] = layer_damp
-                if total.P is not None:
-                    solved = projected_ridge_fit(wa, total, slot is not None, keep, layer_damp)
-                else:
-                    solved = ridge_fit(wa, *total.parts(slot is not None), keep, layer_damp)
+                H, WC, D = total.projected_parts(wa, slot is not None)
+                solved = ridge_fit(wa, H, WC, D, keep, layer_damp)
                 if total.D is not None:
                     report.stream_targets.append(c.name)
                 n_feat = int((~gone).sum())
@@ -427,23 +425,6 @@ def original_target(graph: ModelGraph, c: Consumer, slot: BiasSlot | None) -> np
     wm = c.weight_matrix(graph.initializer_value(c.weight)).astype(np.float64)
     b0 = slot_value(graph, slot, len(wm)) if slot is not None else np.zeros(len(wm))
     return np.concatenate([wm, b0[:, None]], axis=1)
-
-
-def projected_ridge_fit(wa: np.ndarray, stats: LayerStats, with_bias: bool, keep: np.ndarray, damp: float) -> np.ndarray:
-    """`repair_stream.ridge_fit` from ``P = [W b] E[x x~^T]`` (`LayerStats.P`) instead of C: the same solution,
-    ``(P[:, K] + E[r x~_K^T] + lambda wa_K)(E[x~_K x~_K^T] + lambda I)^-1``."""
-    from scipy.linalg import solve
-
-    assert stats.P is not None
-    H, P, D = (stats.H, stats.P, stats.D) if with_bias else (stats.H[:-1, :-1], stats.P[:, :-1],
-                                                           None if stats.D is None else stats.D[:-1])
-    Hk = H[np.ix_(keep, keep)]
-    lam = damp * float(np.mean(np.diag(Hk))) + 1e-12
-    Hk[np.diag_indices(len(keep))] += lam
-    rhs = P[:, keep] + lam * wa[:, keep]
-    if D is not None:
-        rhs += D[keep].T
-    return solve(Hk.T, rhs.T, overwrite_a=True, check_finite=False).T  # LU in place, as `ridge_fit`
 
 
 def add_bias_delta(

@@ -47,10 +47,21 @@ class LayerStats:
         return self
 
     def parts(self, with_bias: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(H, C, D) as `repair_stream.ridge_fit` reads them, without the constant feature unless `with_bias`."""
+        """(H, C, D) (`repair_stream.choose_damp` reads them), without the constant feature unless `with_bias`."""
+        assert self.C is not None, "projected statistics hold P, not C"
         if with_bias:
             return self.H, self.C, self.D
         return self.H[:-1, :-1], self.C[:-1, :-1], None if self.D is None else self.D[:-1]
+
+    def projected_parts(self, wa: np.ndarray, with_bias: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(H, ``wa @ C``, D) as `repair_stream.ridge_fit` reads them: ``wa @ C`` is `P` (``[W b] E[x x~^T]``,
+        accumulated) where the statistics hold it, else formed here."""
+        if self.P is None:
+            H, C, D = self.parts(with_bias)
+            return H, wa @ C, D
+        if with_bias:
+            return self.H, self.P, self.D
+        return self.H[:-1, :-1], self.P[:, :-1], None if self.D is None else self.D[:-1]
 
 
 @dataclass
@@ -89,7 +100,7 @@ def cross_stats(
     them every sample runs from the graph inputs.
     """
     folds = sequential_stats(original, current, wave, data, max_rows, seed, runners)
-    return {name: (f.fit.H, f.fit.C) for name, f in folds.items()}
+    return {name: f.fit.parts(True)[:2] for name, f in folds.items()}
 
 
 def sequential_stats(

@@ -98,20 +98,21 @@ def stream_writes(graph: ModelGraph, cons: list[Consumer]) -> dict[str, StreamWr
 
 
 def ridge_fit(
-    wa: np.ndarray, H: np.ndarray, C: np.ndarray, D: np.ndarray | None, keep: np.ndarray, damp: float
+    wa: np.ndarray, H: np.ndarray, WC: np.ndarray, D: np.ndarray | None, keep: np.ndarray, damp: float
 ) -> np.ndarray:
     """``[W'_K b'] = (wa E[x x~_K^T] + E[r x~_K^T] + lambda wa_K)(E[x~_K x~_K^T] + lambda I)^-1``.
 
-    `H` = E[x~ x~^T], `C` = E[x x~^T] (features [x 1] or x), `D` = E[x~ r^T] for the stream residual rows r
-    (None: no stream target); `lambda` = `damp` x the mean diagonal of H[K, K]; the ridge pulls towards the
-    original weights `wa`.
+    `H` = E[x~ x~^T]; `WC` = ``wa @ C`` with C = E[x x~^T] (features [x 1] or x), [outputs, F]: the caller
+    forms it, or accumulates it directly (`LayerStats.P`, fewer multiply-adds when outputs < features / 2);
+    `D` = E[x~ r^T] for the stream residual rows r (None: no stream target); `lambda` = `damp` x the mean
+    diagonal of H[K, K]; the ridge pulls towards the original weights `wa`.
     """
     from scipy.linalg import solve
 
     Hk = H[np.ix_(keep, keep)]
     lam = damp * float(np.mean(np.diag(Hk))) + 1e-12
     Hk[np.diag_indices(len(keep))] += lam
-    rhs = (wa @ C)[:, keep] + lam * wa[:, keep]  # wa @ C is [outputs, F]: no copy of C's kept columns
+    rhs = WC[:, keep] + lam * wa[:, keep]
     if D is not None:
         rhs += D[keep].T
     # LU in place (Hk is a fresh copy): a 4,608-feature conv's Hessian is 170 MB; LU, not Cholesky, as
@@ -139,6 +140,8 @@ def choose_damp(
     damps: tuple[float, ...] = DAMPS,
 ) -> float:
     """The damp of `damps` whose fit on the `fit` statistics (H, C, D) has the lowest error on `held`."""
-    errors = [heldout_error(ridge_fit(wa, *fit, keep, d), wa, *held, keep) for d in damps]
+    H, C, D = fit
+    WC = wa @ C
+    errors = [heldout_error(ridge_fit(wa, H, WC, D, keep, d), wa, *held, keep) for d in damps]
     return damps[int(np.argmin(errors))]
 

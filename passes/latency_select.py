@@ -33,8 +33,8 @@ from onnxprune.plan import KeepCounts, PruningPlan
 
 if TYPE_CHECKING:
     from onnxprune.allocation import Unit
-    from onnxprune.latency.ratio_choice import Candidate, RatioChoice
     from onnxprune.latency.backend import LatencyBackend
+    from onnxprune.latency.ratio_choice import Candidate, RatioChoice
     from onnxprune.latency.table import LatencyTable
 
 

@@ -76,10 +76,10 @@ def test_ridge_fit_with_a_stream_target_is_least_squares_on_the_shifted_target()
     H, C, D = xto.T @ xto / n, xo.T @ xto / n, xto.T @ r / n
     keep = np.array([0, 1, 3, 4, f])  # features 2 and 5 removed, the constant kept
     wa = np.c_[W, np.zeros(out)]
-    got = ridge_fit(wa, H.copy(), C, D, keep, 1e-12)
+    got = ridge_fit(wa, H.copy(), wa @ C, D, keep, 1e-12)
     want = np.linalg.lstsq(xto[:, keep], xo @ wa.T + r, rcond=None)[0].T
     assert np.allclose(got, want, atol=1e-6)
-    without = ridge_fit(wa, H.copy(), C, None, keep, 1e-12)
+    without = ridge_fit(wa, H.copy(), wa @ C, None, keep, 1e-12)
     assert np.allclose(without, np.linalg.lstsq(xto[:, keep], xo @ wa.T, rcond=None)[0].T, atol=1e-6)
 
 
