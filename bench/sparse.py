@@ -277,24 +277,24 @@ E2E_HEADER = (f"  {'model':<13} {'spars':>5} {'dense ms':>9} {'sparse ms':>9} {'
 
 
 #: Part (b)'s models, sparsities and targets (``--b-models``, ``--b-sparsities``, ``--b-targets``).
-B_OPTIONS: dict[str, list] = {"models": ["mobilenet_v1", "resnet18"], "sparsities": [], "targets": ["x86", "wasm"]}
+B_OPTIONS: dict[str, list] = {"models": ["mobilenet_v1", "resnet18"], "sparsities": [], "targets": ["x86", "wasm"],
+                              "pattern": ["group:1x4"]}
 
 
 def part_b(quick: bool, repeat: int, work: Path) -> None:
     sparsities = B_OPTIONS["sparsities"] or ([0.3, 0.9] if quick else [0.3, 0.5, 0.7, 0.9])
-    models = B_OPTIONS["models"]
-    say(
-        "(b) group:1x4 sparsity end to end (x86, then wasm): sparse bundle (--sparse auto) vs dense bundle vs onnxruntime"
-    )
+    models, pattern = B_OPTIONS["models"], B_OPTIONS["pattern"][0]
+    say(f"(b) {pattern} sparsity end to end (x86, then wasm): sparse bundle (--sparse auto) vs dense bundle vs "
+        "onnxruntime")  # fmt: skip
     say(E2E_HEADER)
     rows = []
     resnet = ZOO / "resnet18.onnx"
     if "x86" in B_OPTIONS["targets"]:
         if "mobilenet_v1" in models:
-            rows += end_to_end("mobilenet_v1", mobilenet_v1(work / "mobilenet_v1.onnx"), sparsities, "group:1x4",
+            rows += end_to_end("mobilenet_v1", mobilenet_v1(work / "mobilenet_v1.onnx"), sparsities, pattern,
                                work, repeat)  # fmt: skip
         if "resnet18" in models and resnet.is_file():
-            rows += end_to_end("resnet18", resnet, sparsities, "group:1x4", work, repeat)
+            rows += end_to_end("resnet18", resnet, sparsities, pattern, work, repeat)
         elif "resnet18" in models:
             say(f"  resnet18: {resnet} not found (ONNXPRUNE_MODEL_CACHE), skipped")
         conv_gains(rows)
@@ -312,7 +312,7 @@ def part_b(quick: bool, repeat: int, work: Path) -> None:
     wasm_models = ([("mobilenet_v1", mobilenet_v1(work / "mobilenet_v1.onnx"))] if "mobilenet_v1" in models else []) + (
         [("resnet18", resnet)] if resnet.is_file() and "resnet18" in models else [])  # fmt: skip
     try:
-        RESULTS["b_wasm"] = wasm_end_to_end(wasm_models, sparsities, work, min(repeat, 10), say, sparsify)
+        RESULTS["b_wasm"] = wasm_end_to_end(wasm_models, sparsities, work, min(repeat, 10), say, sparsify, pattern)
     except ToolchainError as e:
         say(f"  wasm rows skipped: {e}")
 
@@ -390,9 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--b-models", default="mobilenet_v1,resnet18", help="part (b)'s models (comma separated)")
     ap.add_argument("--b-sparsities", default="", help="part (b)'s sparsities (default 0.3,0.5,0.7,0.9)")
     ap.add_argument("--b-targets", default="x86,wasm", help="part (b)'s targets (x86, wasm)")
+    ap.add_argument("--b-pattern", default="group:1x4", help="part (b)'s sparsity pattern (group:8x1: output "
+                    "blocks of 8, the pointwise rows kernel)")  # fmt: skip
     args = ap.parse_args(argv)
     B_OPTIONS.update(models=args.b_models.split(","), targets=args.b_targets.split(","),
-                     sparsities=[float(v) for v in args.b_sparsities.split(",") if v])  # fmt: skip
+                     sparsities=[float(v) for v in args.b_sparsities.split(",") if v], pattern=[args.b_pattern])  # fmt: skip
     if args.out:
         global OUT
         OUT = Path(args.out)

@@ -177,15 +177,12 @@ def time_calls(f, repeat: int) -> tuple[float, float]:
     return (c1 - c0) / repeat * 1e3, (t1 - t0) / repeat * 1e3
 
 
-def bench_shape(h: int, k: int, n: int, sparsities: list[float], patterns: list[str], rounds: int,
-                with_ort: bool, peak_gmacs: float | None, out: Path) -> list[dict]:  # fmt: skip
-    """Time every variant of one shape at every sparsity (one module, interleaved rounds)."""
-    import tvm
-    from tvm import relax
-
-    from onnxprune.targets import tvm_backend as tb
+def make_variants(
+    h: int, k: int, n: int, sparsities: list[float], patterns: list[str]
+) -> tuple[dict[str, tuple], np.random.Generator]:
+    """``{pattern_sNN: (weight, BSR, kernel kind, kernel options)}`` for one shape, and the shape-seeded
+    generator that drew them (the input is drawn next from it)."""
     from onnxprune.targets.sparse_formats import to_bsr
-    from onnxprune.targets.table import get_target
 
     rng = np.random.default_rng(h * 7 + k + n)
     variants: dict[str, tuple] = {}
@@ -194,6 +191,19 @@ def bench_shape(h: int, k: int, n: int, sparsities: list[float], patterns: list[
             tile, block, kind, kw = PATTERNS[p]
             w = pruned_weight(rng, k, n, tile, s)
             variants[f"{p}_s{round(s * 100)}"] = (w, to_bsr(w, block), kind, kw)
+    return variants, rng
+
+
+def bench_shape(h: int, k: int, n: int, sparsities: list[float], patterns: list[str], rounds: int,
+                with_ort: bool, peak_gmacs: float | None, out: Path) -> list[dict]:  # fmt: skip
+    """Time every variant of one shape at every sparsity (one module, interleaved rounds)."""
+    import tvm
+    from tvm import relax
+
+    from onnxprune.targets import tvm_backend as tb
+    from onnxprune.targets.table import get_target
+
+    variants, rng = make_variants(h, k, n, sparsities, patterns)
     t0 = time.time()
     ex = tb.build_executable(build_module(h, k, n, variants, 16, 32), get_target("x86"))
     build_s = time.time() - t0
@@ -258,20 +268,13 @@ def bench_shape_wasm(h: int, k: int, n: int, sparsities: list[float], patterns: 
     tests/test_sparse_kernels_rows.py (4-lane tiles compiled for x86)."""
     from onnxprune.targets import tvm_backend as tb
     from onnxprune.targets import wasm
-    from onnxprune.targets.sparse_formats import to_bsr
     from onnxprune.targets.table import get_target
     from onnxprune.targets.tvm_tiles import vector_lanes, vector_registers
 
     spec = get_target("wasm")
     target = tb.build_target(spec)
     lanes, registers = vector_lanes(target), vector_registers(target)
-    rng = np.random.default_rng(h * 7 + k + n)
-    variants: dict[str, tuple] = {}
-    for s in sparsities:
-        for p in patterns:
-            tile, block, kind, kw = PATTERNS[p]
-            w = pruned_weight(rng, k, n, tile, s)
-            variants[f"{p}_s{round(s * 100)}"] = (w, to_bsr(w, block), kind, kw)
+    variants, rng = make_variants(h, k, n, sparsities, patterns)
     t0 = time.time()
     ex = tb.build_executable(build_module(h, k, n, variants, lanes, registers), spec)
     build_s = time.time() - t0
