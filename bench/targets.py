@@ -59,6 +59,8 @@ def ort_options() -> ort.SessionOptions:
     """onnxruntime with as many intra-op threads as the TVM runner has workers (like with like)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads()
+    if threads() > 1:  # idle spinning pools of other sessions in the same process steal the cores
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
