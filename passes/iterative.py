@@ -1,0 +1,216 @@
+"""Iterative (gradual) channel selection: reach the final removal in N steps, re-scoring after each repair.
+
+Start reading at `IterativeSelectPass.call`. One-shot pruning scores every channel once on the dense model,
+allocates once (the knapsack measures each group's error curve ALONE on the dense model) and repairs once.
+Gradual pruning, as in gradual OBS / OBC, takes the removal in N steps so later decisions see earlier ones:
+
+1. the one-shot selection (`SelectChannelsPass`) on the dense model fixes each group's FINAL removed count
+   c_g (the allocation and the parameter / MAC / latency target land exactly as one-shot: parameters
+   depend only on how many channels each group keeps);
+2. step k = 1..N removes, in every group, the channels that bring it to round(c_g * k / N) removed: the
+   lowest-scoring channels of the model of step k-1 (the dense model pruned by steps 1..k-1 AND repaired),
+   so the criterion (OBS saliencies with their Hessians) is recomputed after the earlier removals and the
+   repair's update;
+3. the model of step k is the DENSE model repaired for the cumulative removal of steps 1..k and cut: every
+   repair, intermediate or final, fits towards the dense model's activations (the teacher), never the
+   previous step's pruned model, so errors do not compound; the last step's repair is the pipeline's own
+   `RepairChannelsPass`, which runs after this pass on the selection it leaves pending on the dense model.
+
+The pass is a drop-in replacement of `SelectChannelsPass` (select -> repair -> remove): it returns the dense
+model unchanged with a `ChannelSelection` pending on it, whose labels are the union of the N steps'. With
+``steps=1`` it is exactly `SelectChannelsPass`.
+
+Measured (pretrained CIFAR-10 ResNet20, obs + seq, knapsack, 2,000 calibration images, 10,000 test images;
+see `bench/accuracy_real_results.txt`): the table is in that file's session-23 H1 block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import onnx
+
+from onnxprune.calibration import CalibrationData, CalibrationStats, check_calib
+from onnxprune.channels import ChannelAnalysis, ChannelGroup, DimRef, analyze
+from onnxprune.criteria import Criterion
+from onnxprune.errors import PreconditionError, UsageError
+from onnxprune.graph import ModelGraph
+from onnxprune.passes.config import PruneConfig
+from onnxprune.passes.pruning import PrunePass
+from onnxprune.passes.select import (
+    ChannelSelection,
+    SelectChannelsPass,
+    calibration_statistics,
+    criterion_for,
+)
+from onnxprune.passmanager import Pass, PassResult, analyses
+from onnxprune.plan import PruningPlan
+from onnxprune.progress import task
+from onnxprune.repair import reanalyze, repair_sequential, repair_weights
+from onnxprune.rewrite import apply_plan
+from onnxprune.shape_inference import infer_shapes
+
+__all__ = ["IterativePrunePass", "IterativeSelectPass", "step_counts"]
+
+
+def step_counts(final: dict[int, int], steps: int) -> list[dict[int, int]]:
+    """Cumulative removed count per group after each of `steps` steps: round(c * k / steps), the last = `final`."""
+    return [{gid: int(round(c * k / steps)) for gid, c in final.items()} for k in range(1, steps + 1)]
+
+
+def dense_channels_of(dense: ChannelAnalysis, removed: np.ndarray, current: ChannelAnalysis) -> dict[int, tuple[int, np.ndarray]]:
+    """Where each dense group's surviving channels are in the pruned model `current`.
+
+    Args:
+        dense: analysis of the dense model.
+        removed: component labels (in `dense`) of the channels cut from it to give `current`'s model.
+        current: analysis of the pruned (and repaired) model; cutting channels keeps tensor names.
+
+    Returns:
+        dense group id -> (group id in `current`, dense channel index of each of that group's channels).
+
+    Raises:
+        PreconditionError: a group has no counterpart of the expected size (the cut changed the coupling).
+    """
+    slices = {(m.tensor, m.axis): (g, m) for g in current.groups for m in g.members}
+    cut = dense.removed_positions(removed)
+    out: dict[int, tuple[int, np.ndarray]] = {}
+    for g in dense.groups:
+        gone = np.isin(g.labels, removed)
+        members = sorted(g.members, key=lambda m: not m.is_param)  # initializers first: their names are stable
+        member = next((m for m in members if (m.tensor, m.axis) in slices), None)
+        if member is None:
+            raise PreconditionError(f"channel group {g.id} ({g.members[0]}) has no counterpart in the pruned model")
+        found, there = slices[(member.tensor, member.axis)]
+        if found.size != g.size - int(gone.sum()):
+            raise PreconditionError(f"channel group {g.id}: {found.size} channels in the pruned model, "
+                                    f"expected {g.size - int(gone.sum())}")
+        cut_here = np.sort(cut.get(DimRef(member.tensor, member.axis), np.zeros(0, np.int64)))
+        dense_of = np.full(found.size, -1, dtype=np.int64)
+        for channel in np.flatnonzero(~gone):
+            position = int(member.positions[member.channel_of == channel][0])
+            moved = position - int(np.searchsorted(cut_here, position))  # positions before it that were cut
+            at = int(np.searchsorted(there.positions, moved))
+            dense_of[there.channel_of[at]] = channel
+        if (dense_of < 0).any():
+            raise PreconditionError(f"channel group {g.id}: pruned channels do not map onto dense ones")
+        out[g.id] = (found.id, dense_of)
+    return out
+
+
+def cut_and_repair(
+    config: PruneConfig,
+    dense: ChannelAnalysis,
+    removed: np.ndarray,
+    calib: CalibrationData | None,
+    stats: CalibrationStats | None,
+) -> onnx.ModelProto:
+    """The dense model repaired for removing `removed` (towards the dense model's own activations) and cut:
+    what `RepairChannelsPass` + `RemoveChannelsPass` give for that selection."""
+    c = config
+    model = dense.graph.model
+    if c.repair == "seq":
+        assert calib is not None  # SelectChannelsPass.check_data: seq needs samples
+        repaired, _ = repair_sequential(dense, removed, check_calib(calib, model, c.calib_samples), seed=c.seed)
+    elif c.repair in ("bias", "ls"):
+        repaired, _ = repair_weights(dense, removed, c.repair, stats)
+    else:
+        repaired = model
+    analysis, labels = reanalyze(dense, removed, repaired, c.allow_inexact)
+    return infer_shapes(apply_plan(analysis, labels))
+
+
+class IterativeSelectPass(Pass):
+    """`SelectChannelsPass` in `steps` steps, re-scoring on the repaired model after each (module docstring).
+
+    Args:
+        config: what to remove and how (the final target; the repair method of every step).
+        steps: number of steps (1: exactly `SelectChannelsPass`).
+        criterion: a `Criterion` instance overriding `config.criterion` (re-scored at every step).
+        calib: calibration samples (the criterion's statistics, the allocation, the intermediate repairs).
+        stats: precomputed `calibration.collect_stats` of the DENSE model (the first step's scores).
+    """
+
+    def __init__(
+        self,
+        config: PruneConfig | None = None,
+        steps: int = 1,
+        *,
+        criterion: Criterion | None = None,
+        calib: CalibrationData | None = None,
+        stats: CalibrationStats | None = None,
+    ) -> None:
+        if steps < 1:
+            raise UsageError(f"steps must be >= 1, got {steps}")
+        self.first = SelectChannelsPass(config, criterion=criterion, calib=calib, stats=stats)
+        self.config = self.first.config
+        self.steps = steps
+        self.criterion = criterion
+        self.calib = calib
+        self.stats = stats
+
+    @property
+    def name(self) -> str:
+        return "IterativeSelectChannelsPass" if self.steps > 1 else self.first.name
+
+    def check_data(self) -> list[str]:
+        return self.first.check_data()
+
+    def requires(self, model):
+        self.first.requires(model)
+
+    def scores(self, model: onnx.ModelProto, analysis: ChannelAnalysis, dense_stats: bool) -> dict[int, np.ndarray]:
+        """The criterion's channel scores on `model` (statistics of that model, re-collected after step 1)."""
+        stats = self.stats if dense_stats and self.stats is not None else calibration_statistics(
+            self.config, model, self.calib, self.criterion is not None)
+        criterion = self.criterion or criterion_for(self.config, stats)
+        return criterion.score_all(analysis)
+
+    def call(self, model):
+        one_shot = self.first.call(model)
+        if self.steps == 1:
+            return one_shot
+        selection = one_shot.artifacts[0]
+        assert isinstance(selection, ChannelSelection)
+        dense = selection.analysis
+        final = {g.id: int(np.isin(g.labels, selection.labels).sum()) for g in dense.groups}
+        removed = np.zeros(0, dtype=np.int64)
+        current, current_analysis = model, dense
+        with task("iterative selection", total=self.steps) as progress:
+            for k, counts in enumerate(step_counts(final, self.steps), 1):
+                progress.update(f"iterative selection: step {k}/{self.steps}")
+                where = dense_channels_of(dense, removed, current_analysis)
+                scores = self.scores(current, current_analysis, dense_stats=k == 1)
+                chosen = []
+                for g in dense.groups:
+                    more = counts[g.id] - int(np.isin(g.labels, removed).sum())
+                    if more <= 0:
+                        continue
+                    there, dense_of = where[g.id]
+                    lowest = np.argsort(scores[there], kind="stable")[:more]
+                    chosen.append(g.labels[dense_of[lowest]])
+                removed = np.union1d(removed, np.concatenate(chosen)) if chosen else removed
+                if k < self.steps:
+                    current = cut_and_repair(self.config, dense, removed, self.calib, selection.stats)
+                    current_analysis = analyze(ModelGraph(current), allow_inexact=self.config.allow_inexact)
+                progress.advance()
+        plan = PruningPlan({g.id: np.flatnonzero(np.isin(g.labels, removed)) for g in dense.groups
+                            if np.isin(g.labels, removed).any()})
+        note = f"iterative selection: {self.steps} steps, re-scored on the repaired model after each"
+        after = replace(selection, labels=plan.labels(dense), plan=plan, notices=(*selection.notices, note))
+        analyses().put(model, ChannelSelection, after)
+        return PassResult(model, False, artifacts=(after,))
+
+
+class IterativePrunePass(PrunePass):
+    """`PrunePass` with `IterativeSelectPass` as its selection: select in `steps` steps -> repair -> remove ->
+    check (the final repair runs from the dense model on the union of the steps' channels). ``steps=1`` is
+    `PrunePass` exactly."""
+
+    def __init__(self, config: PruneConfig | None = None, steps: int = 1, criterion: Criterion | None = None,
+                 calib: CalibrationData | None = None, stats: CalibrationStats | None = None) -> None:
+        super().__init__(config, criterion, calib, stats)
+        if steps > 1:
+            self.select = IterativeSelectPass(self.config, steps, criterion=criterion, calib=calib, stats=stats)
+            self.passes = (self.select, *self.passes[1:])
