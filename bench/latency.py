@@ -10,7 +10,8 @@ the command line a user types, ``onnxprune prune MODEL --ratio R --round-to X --
 the default, whose latency table is measured on onnxruntime CPU 1 thread and cached: the most efficient of
 uniform and latency-weighted plans that the table predicts no slower than ``--round-to 1``,
 `onnxprune.latency.ratio_choice`; auto-u: auto rounding with ``--allocation uniform``, the uniform
-ratio of earlier versions; auto-a: auto with the table's micro-model prices not calibrated in-model,
+ratio of earlier versions; auto-2t: auto with the latency table measured at 2 threads
+(``--latency-threads 2``); auto-a: auto with the table's micro-model prices not calibrated in-model,
 ``ONNXPRUNE_LATENCY_IN_MODEL=0``, the default before `onnxprune.latency.calibrate`; 1: any count; 16), then
 all pruned variants of a model are timed in one process on onnxruntime CPU (1 and 2 intra-op threads,
 batch 1), round-robin with the dense model in every round (:func:`onnxprune.latency.timing.interleaved`;
@@ -98,6 +99,9 @@ UNIFORM = "auto-u"
 #: no calibration against the whole model's profile, `onnxprune.latency.calibrate`), the default before
 #: 2026-12-03 evening: for comparing.
 ALONE = "auto-a"
+#: Auto rounding with the latency table measured at 2 intra-op threads (``--latency-threads 2``): what a user
+#: deploying at 2 threads asks for; the default table is measured at 1 thread.
+TWO_THREADS = "auto-2t"
 
 
 @dataclass
@@ -193,8 +197,10 @@ def prune_all(
             for rounding in args.roundings:
                 out = work / f"{name}_{ratio}_{rounding}.onnx"
                 uniform = rounding == UNIFORM
-                flags = ["--ratio", str(ratio), "--round-to", "auto" if rounding in (UNIFORM, ALONE) else rounding,
-                         *shape_flags(shapes), *(["--allocation", "uniform"] if uniform else [])]
+                auto = rounding in (UNIFORM, ALONE, TWO_THREADS)
+                flags = ["--ratio", str(ratio), "--round-to", "auto" if auto else rounding, *shape_flags(shapes),
+                         *(["--allocation", "uniform"] if uniform else []),
+                         *(["--latency-threads", "2"] if rounding == TWO_THREADS else [])]
                 env = {"ONNXPRUNE_LATENCY_IN_MODEL": "0"} if rounding == ALONE else None
                 try:
                     summary, seconds = prune_cli(src, out, flags, cache, env)
@@ -288,10 +294,12 @@ def efficiency_table(variants: list[Variant], args: argparse.Namespace) -> list[
         )
     lines += ["", "Judged (issue 13): efficiency >= 0.9 and speedup >= 1 with the defaults (round-to auto):"]
     for b in backends:
-        for rounding in ("auto", UNIFORM, ALONE):
+        for rounding in ("auto", UNIFORM, ALONE, TWO_THREADS):
             judged_row(lines, [v for v in variants if v.rounding == rounding and b in v.speedup
                                and v.model != "minilm_l6"], b, f"{names.get(b, b)} {rounding}")  # fmt: skip
-    for first, second in (("auto", "1"), (UNIFORM, "1"), ("auto", UNIFORM), ("auto", ALONE)):
+    pairs_to_compare = (("auto", "1"), (UNIFORM, "1"), ("auto", UNIFORM), ("auto", ALONE), (TWO_THREADS, "1"),
+                        (TWO_THREADS, "auto"))  # fmt: skip
+    for first, second in pairs_to_compare:
         head = f"{first} vs round-to {second} (speedup ratio at the same --ratio, > 1: {first} is faster):"
         for b in backends:
             pairs = [(a, o) for a in variants for o in variants if a.rounding == first and o.rounding == second
@@ -427,7 +435,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ratios", default=None)
     p.add_argument("--roundings", default="auto,auto-u,1,16",
                    help="auto (the default), auto-u (auto, --allocation uniform), auto-a (auto, micro-model prices "
-                        "not calibrated in-model), or N")
+                        "not calibrated in-model), auto-2t (auto, --latency-threads 2), or N")
     p.add_argument("--threads", default=None, help="onnxruntime intra-op threads to time with (default 1,2)")
     p.add_argument("--tvm", default=None, help="MODEL@RATIO,... timed as TVM x86 bundles ('' for none)")
     p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 15, quick 9)")
