@@ -97,24 +97,6 @@ def parse_latency_target(text: str) -> LatencyTarget:
                      f"milliseconds like 12ms, got {text!r}")
 
 
-def _pooled_ratios(costs: list[float], savings: list[float]) -> list[float]:
-    """Non-decreasing cost-per-saving ratios of consecutive units (pool adjacent violators): each unit
-    gets the ratio of the pooled block it falls in; a block that saves nothing has an infinite ratio."""
-    blocks: list[list[float]] = []  # [cost, saving, units]
-
-    def ratio(block: list[float]) -> float:
-        return block[0] / block[1] if block[1] > 1e-12 else math.inf
-
-    for c, s in zip(costs, savings):
-        block = [c, s, 1.0]
-        while blocks and ratio(blocks[-1]) >= ratio(block) and not (
-                math.isinf(ratio(blocks[-1])) and math.isinf(ratio(block))):
-            top = blocks.pop()
-            block = [top[0] + block[0], top[1] + block[1], top[2] + block[2]]
-        blocks.append(block)
-    return [ratio(b) for b in blocks for _ in range(int(b[2]))]
-
-
 #: the least share of every group the data-free latency allocation keeps (measured curves stop at their own
 #: largest fraction)
 DATA_FREE_MIN_KEEP = 0.25

@@ -7,7 +7,6 @@ measurement with generous margins (the machine is shared).
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from pathlib import Path
@@ -26,7 +25,6 @@ from onnxprune.graph import ModelGraph
 from onnxprune.importer import canonicalize
 from onnxprune.latency.table import GroupCurve, LatencyTable
 from onnxprune.latency_allocation import (
-    _pooled_ratios,
     latency_order,
     parse_latency_target,
     plan_for_latency,
@@ -125,13 +123,6 @@ def _fake_table(analysis, slow: int) -> LatencyTable:
         curves[g.id] = GroupCurve(g.id, counts, tuple(per * math.ceil(c / 4) for c in counts))
     dense = sum(c.ms[-1] for c in curves.values())
     return LatencyTable(backend="fake", dense_ms=dense, curves=curves)
-
-
-def test_pooled_ratios_are_nondecreasing_and_pool_zero_savings():
-    ratios = _pooled_ratios([1.0, 1.0, 1.0, 5.0], [0.0, 0.0, 4.0, 1.0])
-    assert ratios[0] == ratios[1] == ratios[2] == pytest.approx(3 / 4)  # nothing saved until the step
-    assert ratios[3] == pytest.approx(5.0)
-    assert all(a <= b for a, b in itertools.pairwise(ratios))
 
 
 def test_latency_order_spends_importance_where_milliseconds_are():
