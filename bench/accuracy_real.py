@@ -63,7 +63,8 @@ from onnxprune.calibration import CalibrationData, collect_stats, load_calib
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import import_model
 from onnxprune.metrics import count_params
-from onnxprune.passes.pruning import PruneConfig, PrunePass
+from onnxprune.passes.iterative import IterativePrunePass
+from onnxprune.passes.pruning import PruneConfig
 
 # The unconstrained rows' configuration (`UnconstrainedConfig` fields; the target is the row's).
 # allocation knapsack (session 22, 2,000 calibration images): R20 90.83 / 87.47 at 20% / 40% (uniform 90.30 / 86.66,
@@ -97,6 +98,13 @@ CONSTRAINED = {
     "calibrated-knapsack": ("obs", "seq", "calib", RECOMMENDED_ALLOCATION),
     "constrained": ("l2", "seq", "calib", "uniform"),
 }
+# Iterative (gradual) rows (`onnxprune.passes.iterative`): the knapsack configuration reached in N steps, re-scored
+# on the repaired model after each, every repair towards the dense model. method -> (one-shot method, steps).
+ITERATIVE_STEPS = 3
+ITERATIVE = {f"{m}-steps": (m, ITERATIVE_STEPS) for m in ("calibrated-knapsack", "synthetic-knapsack")}
+for _m, (_base, _n) in ITERATIVE.items():
+    LABELS[_m] = f"{LABELS[_base]}, {_n} steps"
+    CONSTRAINED[_m] = CONSTRAINED[_base]
 RESIDUAL = {"cifar_resnet20", "cifar_resnet44"}
 # Calibration samples per model when --calib-samples is not given. Small inputs: every calibration image there
 # is. The seq repair and the knapsack's statistics are cheap at 32x32 and more samples are the lever that
@@ -208,7 +216,8 @@ class Bench:
             calib, stats = {None: (None, None), "synthetic": (self.syn, self.syn_stats),
                             "calib": (self.calib, self.stats)}[data]
             cfg = PruneConfig(criterion=crit, repair=rep, target_params=target, round_to=1, allocation=allocation)
-            res = PrunePass(cfg, calib=calib, stats=stats).run(self.model)
+            steps = ITERATIVE[method][1] if method in ITERATIVE else 1
+            res = IterativePrunePass(cfg, steps, calib=calib, stats=stats).run(self.model)
             pruned = res.model
             s = res.info["summary"]
             removed = 1 - s["params_after"] / s["params_before"]
