@@ -79,3 +79,22 @@ def test_a_tensor_fitting_only_in_float16_is_cached_so_and_fed_back_as_float32(m
     off = FrontierRunner(data, budget=400)
     list(off.run(model, ["a0", "r0"]))
     assert not off.cache
+
+
+def test_the_float16_cache_holds_exactly_numpys_rounding_of_the_float32_values(monkeypatch):
+    """onnxruntime casts to and from the float16 cache (faster than numpy): the stored values are bit for
+    bit numpy's round-to-nearest-even of the float32 ones, and the values read back are those widened."""
+    monkeypatch.setattr(layer_inputs, "OPTIMIZE", False)
+    model = _chain()
+    data = CalibrationData({"x": np.random.default_rng(3).standard_normal((6, 4, 3, 3)).astype(np.float32) * 30})
+    half = FrontierRunner(data, budget=6 * 36 * 2)  # one frontier tensor, only in float16
+    list(half.run(model, ["x"]))
+    list(half.run(model, ["a0", "r0"]))  # computed from the graph input: float32 values as in a plain run
+    assert list(half.cache) == ["a0"] and half.cache["a0"].dtype == np.float16
+    exact = np.stack([v["a0"] for v in FrontierRunner(data, budget=0).run(model, ["a0"])])
+    np.testing.assert_array_equal(half.cache["a0"].view(np.uint16), exact.astype(np.float16).view(np.uint16))
+    assert np.any(half.cache["a0"].astype(np.float32) != exact)  # the test data does round
+    # a cached tensor asked for again comes back through onnxruntime's Cast: the float16 values widened
+    again = np.stack([v["a0"] for v in half.run(model, ["a0"])])
+    assert again.dtype == np.float32
+    np.testing.assert_array_equal(again, half.cache["a0"].astype(np.float32))
