@@ -6,6 +6,7 @@ reading from.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,28 +176,43 @@ def sequential_stats(
 
             acc.rows += len(rc)
 
-    # BLAS calls alternate with onnxruntime runs
-    with single_threaded_blas(), task("layer inputs, original and pruned", total=data.n) as progress:
+    def add_sample(i: int, xo: dict[str, np.ndarray], xc: dict[str, np.ndarray]) -> None:
+        """Sample `i`'s rows of every consumer of the wave, buffered; full buffers multiplied in."""
+        fold = 1 if n_folds == 2 and i % holdout == holdout - 1 else 0
+        for j, c in enumerate(wave):
+            picks: list[np.ndarray | None] = []
+            ro = hessian_rows(np.asarray(xo[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
+                              np.random.default_rng([seed, i, j]), picks)
+            rc = hessian_rows(np.asarray(xc[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
+                              np.random.default_rng([seed, i, j]))
+            entry: tuple[np.ndarray, ...] = (ro, rc)
+            write = streams.get(c.name)
+            if write is not None:
+                diff = np.asarray(xo[write.other], np.float32) - np.asarray(xc[write.other], np.float32)
+                r = output_rows(diff, c, picks)
+                entry += (r / write.scale[None, :] if write.scale is not None else r,)
+            buf = pending.setdefault((c.name, fold), [])
+            buf.append(entry)
+            # ~1,024 rows make an efficient GEMM; more only hold memory (a 4,608-feature layer's 4,608 rows
+            # were 85 MB per model)
+            if sum(len(p[1]) for p in buf) >= FLUSH_ROWS:
+                flush(c.name, fold)
+
+    # One worker thread (one BLAS thread) gathers and multiplies sample i's rows while onnxruntime runs sample
+    # i + 1 on the main thread: the two use both cores. Samples are added in order by that one thread, so the
+    # sums are the same as without it; at most one sample waits, so memory stays bounded.
+    with (
+        single_threaded_blas(),
+        ThreadPoolExecutor(max_workers=1) as pool,
+        task("layer inputs, original and pruned", total=data.n) as progress,
+    ):
+        inflight: Future[None] | None = None
         for i, (xo, xc) in enumerate(progress.track(samples)):
-            fold = 1 if n_folds == 2 and i % holdout == holdout - 1 else 0
-            for j, c in enumerate(wave):
-                picks: list[np.ndarray | None] = []
-                ro = hessian_rows(np.asarray(xo[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
-                                  np.random.default_rng([seed, i, j]), picks)
-                rc = hessian_rows(np.asarray(xc[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
-                                  np.random.default_rng([seed, i, j]))
-                entry: tuple[np.ndarray, ...] = (ro, rc)
-                write = streams.get(c.name)
-                if write is not None:
-                    diff = np.asarray(xo[write.other], np.float32) - np.asarray(xc[write.other], np.float32)
-                    r = output_rows(diff, c, picks)
-                    entry += (r / write.scale[None, :] if write.scale is not None else r,)
-                buf = pending.setdefault((c.name, fold), [])
-                buf.append(entry)
-                # ~1,024 rows make an efficient GEMM; more only hold memory (a 4,608-feature layer's 4,608 rows
-                # were 85 MB per model)
-                if sum(len(p[1]) for p in buf) >= FLUSH_ROWS:
-                    flush(c.name, fold)
+            if inflight is not None:
+                inflight.result()
+            inflight = pool.submit(add_sample, i, xo, xc)
+        if inflight is not None:
+            inflight.result()
         for c in wave:
             for fold in range(n_folds):
                 flush(c.name, fold)
