@@ -179,6 +179,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from onnxprune.io import save_model
     from onnxprune.passes.cleanup import CheckPass
     from onnxprune.passes.config import PruneConfig, check_data
+    from onnxprune.passes.iterative import IterativeSelectPass
     from onnxprune.passes.latency_select import with_latency_allocation
     from onnxprune.passes.remove import PruneSummary, RemoveChannelsPass, RemovedChannels
     from onnxprune.passes.repair import RepairChannelsPass
@@ -210,7 +211,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model = _load(args)
     calib = _calib(args, model)
     # StampInstrument(always=True): the output says what was done even when nothing was removed.
-    pipeline = _pipeline([_normalize(), SelectChannelsPass(config, calib=calib), RepairChannelsPass(calib),
+    select = (SelectChannelsPass(config, calib=calib) if args.steps == 1
+              else IterativeSelectPass(config, args.steps, calib=calib))  # --steps: gradual, re-scored selection
+    pipeline = _pipeline([_normalize(), select, RepairChannelsPass(calib),
                           RemoveChannelsPass(), *_sparsify(sparse, calib), CheckPass()], StampInstrument(always=True))
     result = pipeline.run(model)
     normalized = result.steps[0][1].model  # the original, canonicalised in place

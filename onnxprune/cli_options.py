@@ -129,6 +129,9 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
                         "seq/ls; both need --calib, synthetic works; default: uniform, or global with --global)")
     p.add_argument("--target-params", metavar="N|P%", help="parameters to keep: a count N or a percentage P%%")
     p.add_argument("--target-macs", metavar="N|P%", help="MACs to keep: a count N or a percentage P%%")
+    p.add_argument("--steps", type=positive_int, default=1, metavar="N",
+                   help="reach the removal in N steps, re-scoring the channels on the repaired model after each "
+                        "(every repair fits the original model; same kept counts as 1 step; default: 1)")
     add_sparsity_options(p)
     add_latency_options(p)
 
@@ -249,6 +252,8 @@ def check_prune_flags(args: argparse.Namespace) -> float:
         raise UsageError(f"{targets[0]} and {targets[1]} both say how much to remove: give one of them")
     if getattr(args, "rpc", None) and not getattr(args, "device_key", None):
         raise UsageError("--rpc needs --device-key (the key the device registered with the tracker)")
+    if getattr(args, "steps", 1) != 1 and getattr(args, "mode", None) == "unconstrained":
+        raise UsageError("--steps applies to constrained pruning only (not --mode unconstrained)")
     if args.global_ranking and args.allocation not in (None, "global"):
         raise UsageError(f"--global means --allocation global: it contradicts --allocation {args.allocation}")
     if args.ratio is None and not targets and (getattr(args, "sparsity", None) is not None or getattr(args, "pattern", None)):

@@ -141,3 +141,25 @@ def test_pruned_channels_map_onto_dense_channels(small):
                 np.testing.assert_array_equal(a, b)
             checked += 1
     assert checked > 0
+
+
+def test_cli_steps(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from onnxprune.cli import main
+
+    model = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_resnet.onnx"
+    if not model.is_file():
+        pytest.skip("models/fashion_mnist_resnet.onnx not built")
+    records = {}
+    for steps in ("1", "3"):
+        out = tmp_path / f"steps{steps}.onnx"
+        assert main(["prune", str(model), "--criterion", "l2", "--round-to", "1", "--target-params", "70%",
+                     "--steps", steps, "--no-verify", "-o", str(out), "--json"]) == 0
+        records[steps] = json.loads(capsys.readouterr().out)
+    assert records["3"]["params_after"] == records["1"]["params_after"] < records["1"]["params_before"]
+    assert records["3"]["plan"] == records["1"]["plan"]
+    assert any("3 steps" in n for n in records["3"]["notices"])
+    assert main(["prune", str(model), "--mode", "unconstrained", "--steps", "2", "-o", str(tmp_path / "u.onnx")]) == 2
+    assert "--steps applies to constrained pruning only" in capsys.readouterr().err
