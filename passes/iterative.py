@@ -35,7 +35,9 @@ from onnxprune.calibration import CalibrationData, CalibrationStats, check_calib
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, DimRef, analyze
 from onnxprune.criteria import Criterion
 from onnxprune.errors import PreconditionError, UsageError
+from onnxprune.allocation import parse_target
 from onnxprune.graph import ModelGraph
+from onnxprune.metrics import count_macs, count_params
 from onnxprune.passes.config import PruneConfig
 from onnxprune.passes.pruning import PrunePass
 from onnxprune.passes.select import (
@@ -130,6 +132,10 @@ class IterativeSelectPass(Pass):
         criterion: a `Criterion` instance overriding `config.criterion` (re-scored at every step).
         calib: calibration samples (the criterion's statistics, the allocation, the intermediate repairs).
         stats: precomputed `calibration.collect_stats` of the DENSE model (the first step's scores).
+        reallocate: re-solve the allocation at every step on the model of the step before (the knapsack's
+            curves re-measured there) for that step's share of a parameter or MAC target, instead of
+            approaching the dense model's final counts; the last step meets the target as one-shot does
+            (within one removal unit), not with the same counts. Needs ``target_params`` or ``target_macs``.
     """
 
     def __init__(
@@ -140,9 +146,13 @@ class IterativeSelectPass(Pass):
         criterion: Criterion | None = None,
         calib: CalibrationData | None = None,
         stats: CalibrationStats | None = None,
+        reallocate: bool = False,
     ) -> None:
         if steps < 1:
             raise UsageError(f"steps must be >= 1, got {steps}")
+        if reallocate and config is not None and config.target_params is None and config.target_macs is None:
+            raise UsageError("re-allocating at every step needs a parameter or MAC target")
+        self.reallocate = reallocate
         self.first = SelectChannelsPass(config, criterion=criterion, calib=calib, stats=stats)
         self.config = self.first.config
         self.steps = steps
@@ -181,26 +191,71 @@ class IterativeSelectPass(Pass):
             for k, counts in enumerate(step_counts(final, self.steps), 1):
                 progress.update(f"iterative selection: step {k}/{self.steps}")
                 where = dense_channels_of(dense, removed, current_analysis)
-                scores = self.scores(current, current_analysis, dense_stats=k == 1)
-                chosen = []
-                for g in dense.groups:
-                    more = counts[g.id] - int(np.isin(g.labels, removed).sum())
-                    if more <= 0:
-                        continue
-                    there, dense_of = where[g.id]
-                    lowest = np.argsort(scores[there], kind="stable")[:more]
-                    chosen.append(g.labels[dense_of[lowest]])
-                removed = np.union1d(removed, np.concatenate(chosen)) if chosen else removed
+                if self.reallocate:
+                    more = self.reallocated(k, current, dense, where, selection)
+                else:
+                    more = self.rescored(counts, current, current_analysis, dense, where, removed, first=k == 1)
+                removed = np.union1d(removed, more)
                 if k < self.steps:
                     current = cut_and_repair(self.config, dense, removed, self.calib, selection.stats)
                     current_analysis = analyze(ModelGraph(current), allow_inexact=self.config.allow_inexact)
                 progress.advance()
         plan = PruningPlan({g.id: np.flatnonzero(np.isin(g.labels, removed)) for g in dense.groups
                             if np.isin(g.labels, removed).any()})
-        note = f"iterative selection: {self.steps} steps, re-scored on the repaired model after each"
+        note = (f"iterative selection: {self.steps} steps, "
+                + ("re-allocated" if self.reallocate else "re-scored") + " on the repaired model after each")
         after = replace(selection, labels=plan.labels(dense), plan=plan, notices=(*selection.notices, note))
         analyses().put(model, ChannelSelection, after)
         return PassResult(model, False, artifacts=(after,))
+
+    def rescored(
+        self,
+        counts: dict[int, int],
+        current: onnx.ModelProto,
+        analysis: ChannelAnalysis,
+        dense: ChannelAnalysis,
+        where: dict[int, tuple[int, np.ndarray]],
+        removed: np.ndarray,
+        first: bool,
+    ) -> np.ndarray:
+        """Dense labels of the channels that bring every group to `counts` removed: each group's lowest
+        scores on `current` (the dense model pruned by `removed` and repaired; the dense model itself first)."""
+        scores = self.scores(current, analysis, dense_stats=first)
+        chosen = [np.zeros(0, dtype=np.int64)]
+        for g in dense.groups:
+            more = counts[g.id] - int(np.isin(g.labels, removed).sum())
+            if more > 0:
+                there, dense_of = where[g.id]
+                chosen.append(g.labels[dense_of[np.argsort(scores[there], kind="stable")[:more]]])
+        return np.concatenate(chosen)
+
+    def reallocated(
+        self,
+        k: int,
+        current: onnx.ModelProto,
+        dense: ChannelAnalysis,
+        where: dict[int, tuple[int, np.ndarray]],
+        one_shot: ChannelSelection,
+    ) -> np.ndarray:
+        """Dense labels of the channels step `k`'s own allocation removes from `current` (the dense model
+        pruned and repaired by steps 1..k-1) to reach ``k / steps`` of the way to the final target."""
+        c = self.config
+        metric = "params" if c.target_params is not None else "macs"
+        total = count_params(dense.graph) if metric == "params" else count_macs(dense.graph)
+        final = parse_target(c.target_params if metric == "params" else c.target_macs, total, metric)
+        assert final is not None
+        goal = str(final if k == self.steps else int(round(total - (total - final) * k / self.steps)))
+        config = replace(c, **{f"target_{metric}": goal})
+        select = SelectChannelsPass(config, criterion=self.criterion, calib=self.calib,
+                                    stats=self.stats if k == 1 else None)
+        if k == 1:  # the dense model: the one-shot selection's measured curves serve again
+            plan = select.choose(dense, self.stats or calibration_statistics(
+                config, current, self.calib, self.criterion is not None), one_shot.sensitivity)[0]
+        else:
+            plan = select.call(current).artifacts[0].plan
+        back = {there: (gid, dense_of) for gid, (there, dense_of) in where.items()}
+        parts = [dense.groups[back[there][0]].labels[back[there][1][idx]] for there, idx in plan.removed.items()]
+        return np.concatenate([np.zeros(0, dtype=np.int64), *parts])
 
 
 class IterativePrunePass(PrunePass):
@@ -209,8 +264,10 @@ class IterativePrunePass(PrunePass):
     `PrunePass` exactly."""
 
     def __init__(self, config: PruneConfig | None = None, steps: int = 1, criterion: Criterion | None = None,
-                 calib: CalibrationData | None = None, stats: CalibrationStats | None = None) -> None:
+                 calib: CalibrationData | None = None, stats: CalibrationStats | None = None,
+                 reallocate: bool = False) -> None:
         super().__init__(config, criterion, calib, stats)
         if steps > 1:
-            self.select = IterativeSelectPass(self.config, steps, criterion=criterion, calib=calib, stats=stats)
+            self.select = IterativeSelectPass(self.config, steps, criterion=criterion, calib=calib, stats=stats,
+                                              reallocate=reallocate)
             self.passes = (self.select, *self.passes[1:])
