@@ -54,6 +54,7 @@ from onnxprune.repair_stream import choose_damp, ridge_fit, stream_writes
 REPAIRS = ("none", "bias", "ls", "seq")
 SEQ_STREAM = False  # `repair_sequential` default: refit residual-stream writers towards the stream
 SEQ_HOLDOUT = 0  # `repair_sequential` default: choose the damp per layer on every N-th sample held out (0: off)
+SEQ_COMPACT = True  # `repair_sequential`: statistics of x~ over its kept features only (exact; False: all features)
 
 
 @dataclass
@@ -380,11 +381,15 @@ def repair_sequential(
                     wa = original_target(graph, c, slots[c.name])
                     if 2 * len(wa) < wa.shape[1]:
                         targets[c.name] = wa
+            # x~ only at its kept input positions where some are cut (exact: the others are zeros in x~); not
+            # with a held-out fold, whose damp choice reads the statistics at the original features
+            kept = {} if holdout > 1 or not SEQ_COMPACT else {
+                c.name: np.setdiff1d(np.arange(c.weight_shape(graph)[c.in_axis]), cut_of[c.name])
+                for c in wave if cut_of[c.name] is not None and len(cut_of[c.name])}
             folds = sequential_stats(graph.model, current, wave, data, max_rows, seed + 7919 * k, runners,
-                                     streams=streams, holdout=holdout, targets=targets)
+                                     streams=streams, holdout=holdout, targets=targets, kept=kept)
             for c in progress.track(wave):
                 total = folds[c.name].total()
-                n_features = len(total.H)  # with the constant feature
                 w = graph.initializer_value(c.weight)
                 wm = c.weight_matrix(w).astype(np.float64)
                 slot = slots[c.name]
@@ -394,7 +399,7 @@ def repair_sequential(
                 keep = np.flatnonzero(~gone)
                 wa = original_target(graph, c, slot)
                 if slot is not None:
-                    keep = np.append(keep, n_features - 1)
+                    keep = np.append(keep, wa.shape[1] - 1)  # the constant feature
                 else:
                     wa = wa[:, :-1]
                 layer_damp = damp
@@ -404,7 +409,10 @@ def repair_sequential(
                     layer_damp = choose_damp(wa, folded.fit.parts(with_bias), folded.held.parts(with_bias), keep)
                     report.damps[c.name] = layer_damp
                 H, WC, D = total.projected_parts(wa, slot is not None)
-                solved = ridge_fit(wa, H, WC, D, keep, layer_damp)
+                if c.name in kept:  # statistics over the kept features only, in `keep`'s order
+                    solved = ridge_fit(wa[:, keep], H, WC, D, np.arange(len(keep)), layer_damp)
+                else:
+                    solved = ridge_fit(wa, H, WC, D, keep, layer_damp)
                 if total.D is not None:
                     report.stream_targets.append(c.name)
                 n_feat = int((~gone).sum())
