@@ -6,7 +6,8 @@ non-zero parameters (issue 14, part 5(d); `bench/sparse.py` imports `evaluate` /
 
 Models: the bundled Fashion-MNIST CNN and ResNet (top-1 on the first ``--test`` images of the *test* split,
 calibration images from the *train* split) and PP-OCRv4 rec (exact match on rendered text lines, as in
-bench/ocr_accuracy.py; ``ONNXPRUNE_MODEL_CACHE`` finds the zoo model).
+bench/ocr_accuracy.py, input shapes kept dynamic unless ``--ocr-static``; ``ONNXPRUNE_MODEL_CACHE`` finds the zoo
+model).
 
 Each row zeroes weights with `SparsifyPass` so that the fraction ``f`` of *all* the model's parameters is
 removed (``--sparsity = f * params / prunable``: the prunable weights exclude the stem, layers under 1024
@@ -94,10 +95,15 @@ def fashion_task(which: str, n_test: int, n_calib: int) -> Task:
     return Task(f"fashion_mnist_{which}", model, top1, CalibrationData({"image": calib}), "top-1 %")
 
 
-def ocr_task(n_test: int, n_calib: int, width: int = 320) -> Task:
+def ocr_task(n_test: int, n_calib: int, width: int = 320, dynamic: bool = True) -> Task:
+    """PP-OCRv4 rec; `dynamic` keeps the zoo model's dynamic input ``[batch, 3, 48, width]`` (what a user prunes),
+    else the input is fixed at ``1x3x48xwidth`` as bench/ocr_accuracy.py does (rows before session 23)."""
     from bench.ocr_accuracy import exact, ocr_data, recognise
+    from models.zoo import zoo_model
 
     model, chars, test_lines, _, test_x, calib_x = ocr_data(n_test, n_calib, width)
+    if dynamic:
+        model = import_model(str(zoo_model("ppocrv4_rec")))
     return Task("ppocrv4_rec", model, lambda m: exact(recognise(m, test_x, chars), test_lines),
                 CalibrationData({"x": calib_x}), "exact match %")
 
@@ -180,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", type=int, default=256, help="calibration samples (Fashion-MNIST)")
     ap.add_argument("--ocr-test", type=int, default=200)
     ap.add_argument("--ocr-calib", type=int, default=64)
+    ap.add_argument("--ocr-static", action="store_true",
+                    help="fix PP-OCRv4 rec's input at 1x3x48x320 (default: keep its dynamic batch and width)")
     ap.add_argument("--allocation", default="auto", choices=("auto", "uniform", "global", "lamp"),
                     help="how the tile patterns share the sparsity among layers (the channel baseline uses lamp); "
                          "auto: lamp on Fashion-MNIST, uniform on PP-OCRv4 rec (see the module docstring)")
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("cnn", "resnet"):
             task = fashion_task(name, args.test, args.calib)
         elif name == "ocr":
-            task = ocr_task(args.ocr_test, args.ocr_calib)
+            task = ocr_task(args.ocr_test, args.ocr_calib, dynamic=not args.ocr_static)
         else:
             raise SystemExit(f"unknown model {name!r} (cnn, resnet, ocr)")
         allocation = args.allocation if args.allocation != "auto" else AUTO_ALLOCATION[name]
