@@ -389,7 +389,8 @@ def repair_sequential(
             folds = sequential_stats(graph.model, current, wave, data, max_rows, seed + 7919 * k, runners,
                                      streams=streams, holdout=holdout, targets=targets, kept=kept)
             for c in progress.track(wave):
-                total = folds[c.name].total()
+                folded = folds.pop(c.name)  # released after its fit: a wave's statistics are not all alive at once
+                total = folded.total()
                 w = graph.initializer_value(c.weight)
                 wm = c.weight_matrix(w).astype(np.float64)
                 slot = slots[c.name]
@@ -403,14 +404,14 @@ def repair_sequential(
                 else:
                     wa = wa[:, :-1]
                 layer_damp = damp
-                folded = folds[c.name]
                 if folded.held is not None:
                     with_bias = slot is not None
                     layer_damp = choose_damp(wa, folded.fit.parts(with_bias), folded.held.parts(with_bias), keep)
                     report.damps[c.name] = layer_damp
                 H, WC, D = total.projected_parts(wa, slot is not None)
                 if c.name in kept:  # statistics over the kept features only, in `keep`'s order
-                    solved = ridge_fit(wa[:, keep], H, WC, D, np.arange(len(keep)), layer_damp)
+                    # H is this wave's own sum, read by nothing after: factored in place
+                    solved = ridge_fit(wa[:, keep], H, WC, D, np.arange(len(keep)), layer_damp, overwrite=True)
                 else:
                     solved = ridge_fit(wa, H, WC, D, keep, layer_damp)
                 if total.D is not None:
@@ -424,6 +425,7 @@ def repair_sequential(
                     add_bias_delta(graph, c, slot, solved[:, -1] - wa[:, -1], removed, base_values,
                                    (new_values, cur_values), (new_biases, cur_biases), report)
                 report.repaired.append(c.name)
+                del folded, total, H, WC, D  # not held through the next wave's statistics
     return with_values(graph.model, new_values, new_biases), report
 
 
