@@ -34,6 +34,8 @@ class SparsityConfig:
         block: columns per SparseGPT block.
         seed: sampling of Hessian rows.
         calib_samples: use the first N calibration samples (None: all).
+        refit_dense: with ``seq``, also refit the layers kept dense (the classifier, small layers) that have a
+            pruned layer upstream to the sparsified model's inputs (weights and bias; no zeros added).
     """
 
     sparsity: float = 0.5
@@ -46,6 +48,7 @@ class SparsityConfig:
     block: int = 128
     seed: int = 0
     calib_samples: int | None = None
+    refit_dense: bool = True
 
     def __post_init__(self) -> None:
         p = self.parsed  # raises on a bad pattern

@@ -48,6 +48,7 @@ from onnxprune.graph import ModelGraph, attrs, subgraph_reads
 __all__ = ["LayerRules", "SparseLayer", "sparse_layers"]
 
 OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+SHARED_SKIP = "weight shared with other nodes or a subgraph"
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ def sparse_layers(graph: ModelGraph, rules: LayerRules | None = None) -> list[Sp
         shape = tuple(int(d) for d in graph.initializers[w_name].dims)
         skip = ""
         if len(graph.consumers.get(w_name, [])) != 1 or w_name in read_in_bodies:
-            skip = "weight shared with other nodes or a subgraph"
+            skip = SHARED_SKIP
         elif int(np.prod(shape)) < rules.min_weights:
             skip = f"fewer than {rules.min_weights} weights"
         elif rules.skip_depthwise and node.op_type == "Conv" and int(attrs(node).get("group", 1)) > 1 and shape[1] == 1:

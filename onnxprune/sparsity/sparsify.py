@@ -13,6 +13,9 @@ Start reading at `sparsify_model`:
    with x the given model's input of a layer and x~ the sparsified model's, the layer is first refitted to
    ``W* = W E[x x~^T] E[x~ x~^T]^-1`` (`repair.repair_sequential`'s ridge fit), then pruned against
    E[x~ x~^T]; since W* is the least-squares fit, ``E||W x - W' x~||^2 = E||(W* - W') x~||^2 + const``.
+   Layers kept dense with a pruned layer upstream (the classifier) get the same refit, without pruning
+   (`SparsityConfig.refit_dense`): channel pruning's repair refits the classifier too, and on the
+   Fashion-MNIST CNN at f = 0.5 the refit lifts group:8x1 + seq from 92.34 to 92.54 top-1 (channels 92.42).
 
 Layers the calibration statistics do not cover (grouped convs, ConvTranspose) are masked by magnitude and
 not repaired (listed in the report). The model's structure never changes: only initializer values, plus a
@@ -35,7 +38,7 @@ from onnxprune.progress import task
 from onnxprune.repair import BiasSlot, bias_slot, slot_value, with_values
 from onnxprune.repair_stats import cross_stats
 from onnxprune.sparsity.config import SparsityConfig
-from onnxprune.sparsity.layers import SparseLayer, sparse_layers
+from onnxprune.sparsity.layers import SHARED_SKIP, SparseLayer, sparse_layers
 from onnxprune.sparsity.patterns import Pattern, check_mask, mask_for
 from onnxprune.sparsity.scoring import allocate, element_scores
 from onnxprune.sparsity.solver import inverse_cholesky, sparsegpt
@@ -57,6 +60,7 @@ class SparsityReport:
         dense: layers that stay dense, with the reason.
         repaired: layers whose kept weights (or bias) the repair changed; not_repaired: why not, per layer.
         added_biases: bias inputs the repair created.
+        refitted_dense: layers kept dense that ``seq`` refitted to the sparsified model's inputs.
     """
 
     pattern: str
@@ -73,6 +77,7 @@ class SparsityReport:
     repaired: int = 0
     not_repaired: dict[str, str] = field(default_factory=dict)
     added_biases: int = 0
+    refitted_dense: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -136,7 +141,9 @@ def sparsify_model(
                        config, report)
     else:
         assert data is not None  # check_data: seq has samples
-        _sequential(state, model, active, matrices, data, pattern, share, masks, config, report)
+        refit_dense = [layer for layer in layers if layer.skip and layer.consumer is not None
+                       and layer.skip != SHARED_SKIP] if config.refit_dense else []
+        _sequential(state, model, active, matrices, data, pattern, share, masks, config, report, refit_dense)
     out = with_values(model, state.values, state.new_biases)
     report.added_biases = len(state.new_biases)
     for layer in active:
@@ -257,11 +264,15 @@ def _solve(state: _State, layer: SparseLayer, w: np.ndarray, H: np.ndarray | Non
 
 def _sequential(state: _State, model: onnx.ModelProto, active: list[SparseLayer], matrices: dict[str, np.ndarray],
                 data: CalibrationData, pattern: Pattern, share: dict[str, float], masks: dict[str, np.ndarray],
-                config: SparsityConfig, report: SparsityReport) -> None:
+                config: SparsityConfig, report: SparsityReport, dense: list[SparseLayer] | None = None) -> None:
     """``seq``: layers in waves (wave k: k pruned layers on the deepest path to its input), each refitted on
-    the sparsified model's own inputs, then pruned by SparseGPT against their Hessian."""
+    the sparsified model's own inputs, then pruned by SparseGPT against their Hessian. The `dense` layers
+    (kept dense by the rules, with calibration statistics) that have a pruned layer upstream are refitted
+    in their wave the same way and not pruned: the classifier then reads the sparsified features as the
+    dense model's."""
     graph = state.graph
-    fitted = {id(layer.node): layer for layer in active if layer.consumer is not None}
+    dense_names = {layer.name for layer in dense or []}
+    fitted = {id(layer.node): layer for layer in [*active, *(dense or [])] if layer.consumer is not None}
     for layer in active:
         if layer.consumer is None:  # no statistics: masked up front, like every wave's input sees it
             _solve(state, layer, matrices[layer.name], None, pattern, share[layer.name], masks.get(layer.name),
@@ -271,13 +282,16 @@ def _sequential(state: _State, model: onnx.ModelProto, active: list[SparseLayer]
     for node in graph.nodes:
         lv = max([level.get(i, 0) for i in node.input if i], default=0)
         found = fitted.get(id(node))
-        if found is not None:
+        if found is not None and found.name in dense_names:
+            if lv > 0:  # a dense layer with no pruned layer upstream sees its original inputs: nothing to refit
+                waves.setdefault(lv, []).append(found)
+        elif found is not None:
             waves.setdefault(lv, []).append(found)
             lv += 1
         for o in node.output:
             level[o] = lv
     runners = (FrontierRunner(data), FrontierRunner(data))  # layer inputs resume from the last wave's frontier
-    with task("sequential SparseGPT", total=len(fitted)) as progress:
+    with task("sequential SparseGPT", total=sum(map(len, waves.values()))) as progress:
         for number, k in enumerate(sorted(waves), 1):
             wave = waves[k]
             progress.update(f"sequential SparseGPT: wave {number}/{len(waves)}")
@@ -288,7 +302,8 @@ def _sequential(state: _State, model: onnx.ModelProto, active: list[SparseLayer]
                 c = layer.consumer
                 assert c is not None
                 Ht, C = (layer.hessian(a) for a in acc[c.name])
-                w = matrices[layer.name]
+                w = matrices[layer.name] if layer.name in matrices else \
+                    layer.matrix(graph.initializer_value(layer.weight)).astype(np.float64)
                 n_out, f = w.shape
                 slot = bias_slot(graph, c, n_out)
                 if slot is not None:
@@ -300,5 +315,20 @@ def _sequential(state: _State, model: onnx.ModelProto, active: list[SparseLayer]
                 A = Hr.copy()
                 A[np.diag_indices(len(A))] += lam
                 refit = np.linalg.solve(A, (wa @ Cr + lam * wa).T).T
+                if layer.name in dense_names:
+                    _set_refit(state, layer, w, refit, slot)
+                    report.refitted_dense.append(layer.name)
+                    continue
                 _solve(state, layer, w, Ht, pattern, share[layer.name], masks.get(layer.name), config, report,
                        base=refit)
+
+
+def _set_refit(state: _State, layer: SparseLayer, w: np.ndarray, refit: np.ndarray, slot: BiasSlot | None) -> None:
+    """Write a dense layer's refitted weights (and bias column, when it has a slot) into `state`."""
+    n_out, f = w.shape
+    like = state.graph.initializer_value(layer.weight)
+    state.values[layer.weight] = np.ascontiguousarray(layer.from_matrix(refit[:, :f]).astype(like.dtype))
+    if slot is not None:
+        c = layer.consumer
+        assert c is not None
+        state.add_bias(c, slot, refit[:, f] - slot_value(state.graph, slot, n_out), like.dtype)
