@@ -74,10 +74,13 @@ class FrontierRunner:
         data: the calibration samples.
         budget: bytes of cached tensors (all samples) kept between runs; 0 disables the cache; None:
             `DEFAULT_BUDGET`.
+        threads: onnxruntime intra-op threads of its sessions (None: onnxruntime's default, one per core);
+            1 where two runners run at once (`repair_stats.sequential_stats`).
     """
 
-    def __init__(self, data: CalibrationData, budget: int | None = None) -> None:
+    def __init__(self, data: CalibrationData, budget: int | None = None, threads: int | None = None) -> None:
         self.data = data
+        self.threads = threads
         self.budget = DEFAULT_BUDGET if budget is None else budget
         self.cache: dict[str, np.ndarray] = {}  # tensor -> [samples, *its shape], float16 for some float32 tensors
         self.dtypes: dict[str, np.dtype] = {}  # tensor -> its dtype in the model (what the cache is fed back as)
@@ -96,7 +99,7 @@ class FrontierRunner:
         candidates = [t for t in wanted if t not in self.cache and t not in names]
         out_names = list(names) + candidates  # sample 0 computes every candidate, to learn their sizes
         sub, cached_inputs = self._submodel(model, nodes, needed, out_names)
-        sess = session(sub, optimize=OPTIMIZE, spin=False)
+        sess = session(sub, optimize=OPTIMIZE, spin=False, threads=self.threads)
         feeds = {i.name for i in sess.get_inputs()}
         n = self.data.n
         keep: list[str] = []
@@ -121,7 +124,8 @@ class FrontierRunner:
                     # onnxruntime's Cast: ~10x numpy's float32 -> float16 conversion, the same rounding (to
                     # nearest even); numpy's ran at 0.25-1.3 GB/s, most of this runner's own time on ResNet-50
                     sub = _with_half_outputs(sub, halved)
-                    sess = session(sub, optimize=OPTIMIZE, spin=False)
+                    sess = None  # one session of this sub-model alive at a time (its weights: up to 60 MB)
+                    sess = session(sub, optimize=OPTIMIZE, spin=False, threads=self.threads)
                     out_names += [_half_name(t) for t in halved]
                 else:
                     out_names += [t for t in halved if t not in names]
@@ -166,7 +170,7 @@ class FrontierRunner:
         return kept
 
     def _run_plain(self, model: onnx.ModelProto, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
-        sess = session(truncated(model, names), optimize=OPTIMIZE, spin=False)
+        sess = session(truncated(model, names), optimize=OPTIMIZE, spin=False, threads=self.threads)
         feeds = {i.name for i in sess.get_inputs()}
         for i in range(self.data.n):
             sample = self.data.sample(i)

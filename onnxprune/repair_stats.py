@@ -6,8 +6,10 @@ reading from.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -24,6 +26,8 @@ from onnxprune.graph import ModelGraph
 from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.progress import task
 from onnxprune.repair_stream import StreamWrite
+
+T = TypeVar("T")
 
 FLUSH_ROWS = 1024  # sequential statistics: rows buffered per consumer before they are multiplied in
 
@@ -133,8 +137,6 @@ def sequential_stats(
     x~: the removed positions of x~ are zeros, their rows and columns of the statistics zeros nothing reads
     (`repair.repair_sequential`: ResNet-50 at 20% removed: 0.64x the multiply-adds of H).
     """
-    from itertools import zip_longest
-
     streams = streams or {}
     names = sorted({c.x for c in wave} | {w.other for w in streams.values()})
     run_o, run_c = runners or (FrontierRunner(data, budget=0), FrontierRunner(data, budget=0))
@@ -155,7 +157,6 @@ def sequential_stats(
                                 np.zeros((feats_c[c.name] + 1, n_outs[c.name])) if c.name in streams else None,
                                 P=np.zeros((n_outs[c.name], feats_c[c.name] + 1)) if c.name in targets else None)
                      for _ in range(n_folds)] for c in wave}
-    samples = zip_longest(run_o.run(original, names), run_c.run(current, names))  # both run to the end
     pending: dict[tuple[str, int], list[tuple[np.ndarray, ...]]] = {}
 
     def with_one(parts: list[np.ndarray]) -> np.ndarray:
@@ -210,13 +211,17 @@ def sequential_stats(
                 flush(c.name, fold)
 
     # One worker thread (one BLAS thread) gathers and multiplies sample i's rows while onnxruntime runs sample
-    # i + 1 on the main thread: the two use both cores. Samples are added in order by that one thread, so the
-    # sums are the same as without it; at most one sample waits, so memory stays bounded.
+    # i + 1, the original model in a second thread and the pruned one on the main thread (`paired`): with
+    # one onnxruntime thread per session (`FrontierRunner.threads`) that is both cores without onnxruntime's
+    # per-op synchronisation. Samples are added in order by one thread, so the sums are the same as without
+    # it; at most one sample waits, so memory stays bounded.
     with (
         single_threaded_blas(),
         ThreadPoolExecutor(max_workers=1) as pool,
+        ThreadPoolExecutor(max_workers=1) as runner_pool,
         task("layer inputs, original and pruned", total=data.n) as progress,
     ):
+        samples = paired(run_o.run(original, names), run_c.run(current, names), runner_pool)
         inflight: Future[None] | None = None
         for i, (xo, xc) in enumerate(progress.track(samples)):
             if inflight is not None:
@@ -229,3 +234,16 @@ def sequential_stats(
                 flush(c.name, fold)
     return {name: FoldedStats(parts[0].mean(), parts[1].mean() if n_folds == 2 else None)
             for name, parts in sums.items()}
+
+
+def paired(first: Iterator[T], second: Iterator[T], pool: ThreadPoolExecutor) -> Iterator[tuple[T | None, T | None]]:
+    """``zip_longest(first, second)``, each step of `first` computed in `pool` while `second`'s runs here; both
+    run to their end (a `FrontierRunner.run` refreshes its cache after its last sample)."""
+    done = object()
+    while True:
+        ahead = pool.submit(next, first, done)
+        b = next(second, done)
+        a = ahead.result()
+        if a is done and b is done:
+            return
+        yield (None if a is done else a, None if b is done else b)

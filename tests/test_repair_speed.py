@@ -64,3 +64,31 @@ def onnx_value(t):
 
 def _init(model, name):
     return next((t for t in model.graph.initializer if t.name == name), None)
+
+
+def test_paired_is_zip_longest_with_the_first_iterator_stepped_in_a_thread():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from onnxprune.repair_stats import paired
+
+    threads: set[str] = set()
+
+    def gen(n: int, tag: str):
+        for i in range(n):
+            threads.add(f"{tag}:{threading.current_thread().name}")
+            yield (tag, i)
+        threads.add(f"{tag}-end")  # the code after the last yield runs too (a runner's cache refresh)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        got = list(paired(gen(3, "a"), gen(5, "b"), pool))
+    assert got == [(("a", 0), ("b", 0)), (("a", 1), ("b", 1)), (("a", 2), ("b", 2)), (None, ("b", 3)), (None, ("b", 4))]
+    assert {"a-end", "b-end"} <= threads
+    assert f"b:{threading.current_thread().name}" in threads and not any(t.startswith("a:Main") for t in threads)
+
+    def broken():
+        yield 1
+        raise ValueError("runner failed")
+
+    with ThreadPoolExecutor(max_workers=1) as pool, pytest.raises(ValueError, match="runner failed"):
+        list(paired(broken(), gen(3, "b"), pool))
