@@ -100,11 +100,21 @@ CONSTRAINED = {
 }
 # Iterative (gradual) rows (`onnxprune.passes.iterative`): the knapsack configuration reached in N steps, re-scored
 # on the repaired model after each, every repair towards the dense model. method -> (one-shot method, steps).
+# "-realloc": the knapsack re-solved at every step on the repaired model (`IterativeSelectPass(reallocate=True)`).
+# method -> (one-shot method, steps, reallocate); --steps N changes the steps of every such row.
 ITERATIVE_STEPS = 3
-ITERATIVE = {f"{m}-steps": (m, ITERATIVE_STEPS) for m in ("calibrated-knapsack", "synthetic-knapsack")}
-for _m, (_base, _n) in ITERATIVE.items():
-    LABELS[_m] = f"{LABELS[_base]}, {_n} steps"
-    CONSTRAINED[_m] = CONSTRAINED[_base]
+ITERATIVE = {f"{m}-{kind}": (m, ITERATIVE_STEPS, kind == "realloc")
+             for m in ("calibrated-knapsack", "synthetic-knapsack") for kind in ("steps", "realloc")}
+
+
+def _iterative_labels(steps: int) -> None:
+    for m, (base, _, reallocate) in ITERATIVE.items():
+        ITERATIVE[m] = (base, steps, reallocate)
+        LABELS[m] = f"{LABELS[base]}, {steps} steps" + (", re-allocated" if reallocate else "")
+        CONSTRAINED[m] = CONSTRAINED[base]
+
+
+_iterative_labels(ITERATIVE_STEPS)
 RESIDUAL = {"cifar_resnet20", "cifar_resnet44"}
 # Calibration samples per model when --calib-samples is not given. Small inputs: every calibration image there
 # is. The seq repair and the knapsack's statistics are cheap at 32x32 and more samples are the lever that
@@ -216,8 +226,8 @@ class Bench:
             calib, stats = {None: (None, None), "synthetic": (self.syn, self.syn_stats),
                             "calib": (self.calib, self.stats)}[data]
             cfg = PruneConfig(criterion=crit, repair=rep, target_params=target, round_to=1, allocation=allocation)
-            steps = ITERATIVE[method][1] if method in ITERATIVE else 1
-            res = IterativePrunePass(cfg, steps, calib=calib, stats=stats).run(self.model)
+            _, steps, reallocate = ITERATIVE.get(method, (method, 1, False))
+            res = IterativePrunePass(cfg, steps, calib=calib, stats=stats, reallocate=reallocate).run(self.model)
             pruned = res.model
             s = res.info["summary"]
             removed = 1 - s["params_after"] / s["params_before"]
@@ -260,8 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--lite0-methods", default="l1,l2-bias,calibrated",
                     help="methods run on EfficientNet-Lite0 (no images: time and RSS only)")
+    ap.add_argument("--steps", type=int, default=ITERATIVE_STEPS,
+                    help="steps of the iterative rows (*-knapsack-steps, *-knapsack-realloc)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "accuracy_real_results"))
     args = ap.parse_args(argv)
+    _iterative_labels(args.steps)
     fractions = [float(f) for f in args.fractions.split(",")]
     load_before = os.getloadavg()
     results: dict[str, Any] = {"fractions": fractions, "models": {}, "calib_samples": args.calib_samples,
