@@ -163,3 +163,24 @@ def test_cli_steps(tmp_path, capsys):
     assert any("3 steps" in n for n in records["3"]["notices"])
     assert main(["prune", str(model), "--mode", "unconstrained", "--steps", "2", "-o", str(tmp_path / "u.onnx")]) == 2
     assert "--steps applies to constrained pruning only" in capsys.readouterr().err
+
+
+def test_reallocated_steps_meet_the_target(small):
+    from onnxprune.errors import UsageError
+
+    model, calib, test = small
+    config = PruneConfig(criterion="l2", repair="bias", target_params="70%", round_to=1, allocation="knapsack")
+    with pytest.raises(UsageError):
+        IterativeSelectPass(PruneConfig(criterion="l2", ratio=0.3), 2, calib=calib, reallocate=True)
+    few = CalibrationData({"image": calib.arrays["image"][:8]})  # the knapsack's curves are measured twice
+    result = IterativePrunePass(config, 2, calib=few, reallocate=True).run(model)
+    two = result.get(PruneSummary)
+    target = int(two.params_before * 0.7)
+    assert two.params_after <= target
+    # met as one step meets it (`allocation.plan_for_target`): within one channel of the widest group
+    assert target - two.params_after <= max(int(g.params_per_channel.max()) for g in
+                                            analyze(ModelGraph(model)).groups)
+    assert any("re-allocated" in n for n in two.notices)
+    removed = result.get(RemovedChannels)
+    cert = certify(model, result.model, removed.analysis, removed.labels, inputs=[{"image": test["image"][:4]}])
+    assert cert.passed, cert.as_dict()
