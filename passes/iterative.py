@@ -150,11 +150,11 @@ class IterativeSelectPass(Pass):
     ) -> None:
         if steps < 1:
             raise UsageError(f"steps must be >= 1, got {steps}")
-        if reallocate and config is not None and config.target_params is None and config.target_macs is None:
-            raise UsageError("re-allocating at every step needs a parameter or MAC target")
-        self.reallocate = reallocate
         self.first = SelectChannelsPass(config, criterion=criterion, calib=calib, stats=stats)
         self.config = self.first.config
+        if reallocate and self.config.target_params is None and self.config.target_macs is None:
+            raise UsageError("re-allocating at every step needs a parameter or MAC target")
+        self.reallocate = reallocate
         self.steps = steps
         self.criterion = criterion
         self.calib = calib
