@@ -29,7 +29,11 @@ from onnxprune.verify import session
 
 __all__ = ["FrontierRunner", "truncated"]
 
-DEFAULT_BUDGET = 320 << 20  # bytes of cached frontier tensors per model (all samples)
+# Bytes of cached frontier tensors per model (all samples). While a run refreshes the cache the old and the new
+# tensors are both alive, and sequential repair holds two runners: up to 4 x the budget. ResNet-50 at 224x224, 256
+# samples, peaked at 1,999 MiB (2.10 GB) with 320 MiB, in the statistics of a wave reading the residual stream
+# (bench/repair_speed_results.txt); 256 MiB still holds layer3's stream (205 MB) in float32 and layer2's in float16.
+DEFAULT_BUDGET = 256 << 20
 # A float32 frontier tensor that does not fit the budget is cached in float16 when that fits: ResNet-50 at
 # 224x224 with 256 samples holds a layer2/layer3 residual stream (411 / 205 MB in float32) only so, and without it
 # every wave there ran both models from the graph inputs (81% of the seq repair's time, py-spy). float16 keeps
