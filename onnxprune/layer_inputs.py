@@ -31,13 +31,16 @@ __all__ = ["FrontierRunner", "truncated"]
 
 # Bytes of cached frontier tensors per model (all samples). While a run refreshes the cache the old and the new
 # tensors are both alive, and sequential repair holds two runners: up to 4 x the budget. ResNet-50 at 224x224, 256
-# samples, peaked at 1,999 MiB (2.10 GB) with 320 MiB, in the statistics of a wave reading the residual stream
-# (bench/repair_speed_results.txt); 256 MiB still holds layer3's stream (205 MB) in float32 and layer2's in float16.
-DEFAULT_BUDGET = 256 << 20
+# samples, peaked at 1,999 MiB (2.10 GB) with 320 MiB, in the statistics of a wave reading the residual stream,
+# and at 1,911 MiB (2.003 GB) with 256 (bench/repair_speed_results.txt); 224 MiB still holds layer3's stream
+# (196 MiB) in float32 and layer2's in float16.
+DEFAULT_BUDGET = 224 << 20
 # A float32 frontier tensor that does not fit the budget is cached in float16 when that fits: ResNet-50 at
 # 224x224 with 256 samples holds a layer2/layer3 residual stream (411 / 205 MB in float32) only so, and without it
 # every wave there ran both models from the graph inputs (81% of the seq repair's time, py-spy). float16 keeps
-# 11 bits: the next nodes' inputs change by ~5e-4 relative, far below what the fits resolve.
+# 11 bits: the next nodes' inputs change by ~5e-4 relative, far below what the fits resolve. onnxruntime casts
+# (a Cast node in the sub-model each way): numpy's conversions ran at 0.25-1.3 GB/s and were 15% of ResNet-50's
+# whole prune (py-spy); the values are the same bits (tests/test_layer_inputs.py).
 HALF_CACHE = True
 OPTIMIZE = True  # onnxruntime graph optimisations (BatchNorm folded into Conv, fused activations)
 
