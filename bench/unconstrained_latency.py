@@ -52,9 +52,9 @@ from onnxprune.cli import main as cli_main
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import import_model
 from onnxprune.latency.timing import Timing, interleaved
-from onnxprune.metrics import count_params
+from onnxprune.metrics import count_macs, count_params
 from onnxprune.progress import task
-from onnxprune.upscale.report import effective_params
+from onnxprune.upscale.report import copy_report, effective_params
 
 # `bench/accuracy_real.py` UNCONSTRAINED_BEST as CLI flags (criterion l2, repair seq, drive coupled, reader ls,
 # stream repair, allocation knapsack); constrained gets the same criterion, repair and allocation.
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config {args.config}, clock {args.clock}, {args.threads} intra-op thread(s), {args.repeat} rounds; "
           f"{uptime()} at start", flush=True)
     print(f"{'model':<15}{'target':>7} {'method':<26}{'params':>10}{'nonzero':>10}{'ms':>9}{'min ms':>9}"
-          f"{'x constr.':>11}{'x dense':>9}{'prune s':>9}  load", flush=True)
+          f"{'x constr.':>11}{'x dense':>9}{'MMACs':>9}{'copies':>7}{'copy KB':>8}{'prune s':>9}  load", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             src = Path(zoo.zoo_model(name))
@@ -198,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                     model = import_model(str(path))
                     params = count_params(ModelGraph(model)) if method != "dense" else dense_params
                     nonzero = effective_params(model) if method.startswith("unconstrained") else params
+                    copies = copy_report(model)  # the export's Gather/Concat/Pad copies: what may cost latency
+                    macs = count_macs(ModelGraph(model)) / 1e6
                     print(f"{name:<15}{target:>7} {method:<26}{params:>10}{nonzero:>10}{t:>9.3f}"
-                          f"{timing.min_ms:>9.3f}{t / ms[1]:>11.3f}{t / ms[0]:>9.3f}{seconds:>9.1f}  {load}",
+                          f"{timing.min_ms:>9.3f}{t / ms[1]:>11.3f}{t / ms[0]:>9.3f}{macs:>9.1f}{copies['copy_ops']:>7}"
+                          f"{copies['bytes'] / 1024:>8.1f}{seconds:>9.1f}  {load}",
                           flush=True)
     print(f"{uptime()} at end", flush=True)
     return 0
