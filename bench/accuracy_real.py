@@ -25,6 +25,9 @@ unless the row says otherwise):
   ``--allocation knapsack`` (measured error per parameter removed, `onnxprune.allocation_knapsack`; the
   curves are measured on the same synthetic inputs / calibration images); the issue's bars are judged on
   these rows, the uniform rows stay as the reference;
+* ``calibrated-knapsack-steps`` / ``synthetic-knapsack-steps`` (not in the default ``--methods``): the same in
+  ``--steps`` (3) gradual steps (`onnxprune.passes.iterative`); ``*-knapsack-realloc``: the knapsack re-solved at
+  every step;
 * ``constrained`` / ``unconstrained``: ``l2`` + ``seq`` (calibrated) constrained, and unconstrained mode
   (UPSCALE export) configured by `UNCONSTRAINED_BEST` (the best unconstrained configuration known);
 * ``onnxsim``: onnxsim 0.8.1 ``apply_structured_pruning`` (L2) after ``onnxsim.simplify``, its sparsity
