@@ -37,11 +37,11 @@ from dataclasses import replace
 import numpy as np
 import onnx
 
+from onnxprune.allocation import parse_target
 from onnxprune.calibration import CalibrationData, CalibrationStats, check_calib
-from onnxprune.channels import ChannelAnalysis, ChannelGroup, DimRef, analyze
+from onnxprune.channels import ChannelAnalysis, DimRef, analyze
 from onnxprune.criteria import Criterion
 from onnxprune.errors import PreconditionError, UsageError
-from onnxprune.allocation import parse_target
 from onnxprune.graph import ModelGraph
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.passes.config import PruneConfig
