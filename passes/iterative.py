@@ -176,6 +176,15 @@ class IterativeSelectPass(Pass):
     def requires(self, model):
         self.first.requires(model)
 
+    def plan(self, analysis: ChannelAnalysis, stats: CalibrationStats | None = None) -> PruningPlan:
+        """The plan of the whole gradual selection on an analysed model (`PrunePass.plan`): with more than one
+        step this runs the intermediate repairs; `stats` serves one step only (the pass's own are used)."""
+        if self.steps == 1:
+            return self.first.plan(analysis, stats)
+        selection = self.call(analysis.graph.model).artifacts[0]
+        assert isinstance(selection, ChannelSelection)
+        return selection.plan
+
     def scores(self, model: onnx.ModelProto, analysis: ChannelAnalysis, dense_stats: bool) -> dict[int, np.ndarray]:
         """The criterion's channel scores on `model` (statistics of that model, re-collected after step 1)."""
         stats = self.stats if dense_stats and self.stats is not None else calibration_statistics(

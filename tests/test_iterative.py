@@ -184,3 +184,12 @@ def test_reallocated_steps_meet_the_target(small):
     removed = result.get(RemovedChannels)
     cert = certify(model, result.model, removed.analysis, removed.labels, inputs=[{"image": test["image"][:4]}])
     assert cert.passed, cert.as_dict()
+
+
+def test_plan_of_the_gradual_pass_is_the_plan_its_run_carries_out(small, three_steps):
+    model, calib, _ = small
+    result, _ = three_steps
+    analysis = analyze(ModelGraph(model))
+    planned = IterativePrunePass(CONFIG, 3, calib=calib).plan(analysis)
+    ran = result.get(ChannelSelection).plan
+    assert {g: list(v) for g, v in planned.removed.items()} == {g: list(v) for g, v in ran.removed.items()}
