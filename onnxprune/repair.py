@@ -386,8 +386,8 @@ def repair_sequential(
             # x~ only at its kept input positions where some are cut (exact: the others are zeros in x~); not
             # with a held-out fold, whose damp choice reads the statistics at the original features
             kept = {} if holdout > 1 or not SEQ_COMPACT else {
-                c.name: np.setdiff1d(np.arange(c.weight_shape(graph)[c.in_axis]), cut_of[c.name])
-                for c in wave if cut_of[c.name] is not None and len(cut_of[c.name])}
+                c.name: np.setdiff1d(np.arange(c.weight_shape(graph)[c.in_axis]), cut)
+                for c in wave if (cut := cut_of[c.name]) is not None and len(cut)}
             folds = sequential_stats(graph.model, current, wave, data, max_rows, seed + 7919 * k, runners,
                                      streams=streams, holdout=holdout, targets=targets, kept=kept)
             for c in progress.track(wave):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -224,6 +224,8 @@ def sequential_stats(
         samples = paired(run_o.run(original, names), run_c.run(current, names), runner_pool)
         inflight: Future[None] | None = None
         for i, (xo, xc) in enumerate(progress.track(samples)):
+            if xo is None or xc is None:
+                raise RuntimeError("the original and the pruned model's runners gave different numbers of samples")
             if inflight is not None:
                 inflight.result()
             inflight = pool.submit(add_sample, i, xo, xc)
@@ -239,11 +241,11 @@ def sequential_stats(
 def paired(first: Iterator[T], second: Iterator[T], pool: ThreadPoolExecutor) -> Iterator[tuple[T | None, T | None]]:
     """``zip_longest(first, second)``, each step of `first` computed in `pool` while `second`'s runs here; both
     run to their end (a `FrontierRunner.run` refreshes its cache after its last sample)."""
-    done = object()
+    done: Any = object()
     while True:
         ahead = pool.submit(next, first, done)
-        b = next(second, done)
-        a = ahead.result()
+        b: Any = next(second, done)
+        a: Any = ahead.result()
         if a is done and b is done:
             return
         yield (None if a is done else a, None if b is done else b)
