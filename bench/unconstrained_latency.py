@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.accuracy_real import UNCONSTRAINED_BEST
 from onnxprune.cli import main as cli_main
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import import_model
@@ -55,11 +56,24 @@ from onnxprune.latency.timing import Timing, interleaved
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.progress import task
 from onnxprune.upscale.report import copy_report, effective_params
+from onnxprune.verify import session as verify_session
 
-# `bench/accuracy_real.py` UNCONSTRAINED_BEST as CLI flags (criterion l2, repair seq, drive coupled, reader ls,
-# stream repair, allocation knapsack); constrained gets the same criterion, repair and allocation.
-BEST_UNCONSTRAINED = ["--mode", "unconstrained", "--criterion", "l2", "--repair", "seq", "--drive", "coupled",
-                      "--reader-choice", "ls", "--stream-repair", "--allocation", "knapsack"]
+
+def cli_flags(config: dict) -> list[str]:
+    """CLI flags of a config dict (``reader_choice: "ls"`` -> ``--reader-choice ls``, True -> the bare flag)."""
+    flags: list[str] = []
+    for key, value in config.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is not None and value is not False:
+            flags += [flag, str(value)]
+    return flags
+
+
+# `bench/accuracy_real.py` UNCONSTRAINED_BEST as CLI flags (one definition of the best configuration);
+# constrained gets the same criterion, repair and allocation.
+BEST_UNCONSTRAINED = ["--mode", "unconstrained", *cli_flags(UNCONSTRAINED_BEST)]
 BEST_CONSTRAINED = ["--criterion", "l2", "--repair", "seq", "--allocation", "knapsack"]
 
 
@@ -74,14 +88,9 @@ def prune(src: Path, out: Path, extra: list[str]) -> float:
 
 
 def session(path: Path, threads: int) -> Callable[[], object]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    if threads > 1:  # spinning idle pools of the other interleaved sessions steal the cores (latency/backend.py)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    # no spinning with a pool: the idle pools of the other interleaved sessions would steal the cores
+    # (onnxprune/latency/backend.py); graph optimisations on, as onnxruntime's default
+    sess = verify_session(path, optimize=True, spin=threads == 1, threads=threads)
     inp = sess.get_inputs()[0]
     shape = [d if isinstance(d, int) else 1 for d in inp.shape]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
