@@ -23,15 +23,17 @@ An op without a rule on the path stops the build with `UnsupportedModelError` na
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import UnsupportedModelError
-from onnxprune.gradients import RULES, Context, Emitter, supported_ops
+from onnxprune.gradients import RULES, Context, Emitter, Rule, supported_ops
 from onnxprune.onnx_utils import opset_of
 
-__all__ = ["MIN_OPSET", "append_backward", "differentiated_nodes", "float_tensor_names", "static_shapes"]
+__all__ = ["MIN_OPSET", "append_backward", "backward", "differentiated_nodes", "float_tensor_names", "static_shapes"]
 
 #: ScatterElements, Clip's min/max inputs and Pad's pads input need opset 11.
 MIN_OPSET = 11
@@ -39,11 +41,11 @@ _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLO
 
 
 # ---------------------------------------------------------------------------------------------------
-def differentiated_nodes(graph: onnx.GraphProto, wrt: str, targets: set[str], float_tensors: set[str]
-                         ) -> tuple[list[onnx.NodeProto], set[str]]:
-    """The nodes on a path from `wrt` to any of `targets` (graph order), and the active (input-dependent,
-    floating-point) tensors."""
-    active = {wrt}
+def differentiated_nodes(graph: onnx.GraphProto, wrt: str | Collection[str], targets: set[str],
+                         float_tensors: set[str]) -> tuple[list[onnx.NodeProto], set[str]]:
+    """The nodes on a path from `wrt` (one tensor or several) to any of `targets` (graph order), and the
+    active (`wrt`-dependent, floating-point) tensors."""
+    active = {wrt} if isinstance(wrt, str) else set(wrt)
     for node in graph.node:
         if any(i in active for i in node.input):
             active.update(o for o in node.output if o in float_tensors)
@@ -72,15 +74,29 @@ def append_backward(model: onnx.ModelProto, wrt: str, seeds: dict[str, str], em:
     Raises:
         UnsupportedModelError: a node on the path has an op without a rule (one line naming op and node).
     """
+    result = backward(model, [wrt], seeds, em, shapes, float_tensors)[wrt]
+    if result is None:
+        return em.op("ConstantOfShape", [em.const(list(shapes[wrt]), "shape", np.int64)],
+                     value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    return result
+
+
+def backward(model: onnx.ModelProto, sources: Collection[str], seeds: dict[str, str], em: Emitter,
+             shapes: dict[str, tuple[int, ...]], float_tensors: set[str],
+             rules: Mapping[str, Rule] | None = None) -> dict[str, str | None]:
+    """Append the nodes computing d loss / d each of `sources` (inputs or parameters); the engine of
+    `append_backward`. `rules` override `RULES` per op type (`onnxprune.param_gradients` passes rules that
+    also differentiate weights). Returns source -> gradient tensor name (None: no seed depends on it)."""
     g = model.graph
     opset = opset_of(model)
     if opset < MIN_OPSET:
         raise UnsupportedModelError(f"synthetic calibration needs opset >= {MIN_OPSET} (model: {opset})")
-    path, active = differentiated_nodes(g, wrt, set(seeds), float_tensors)
+    table = {**RULES, **(rules or {})}
+    path, active = differentiated_nodes(g, sources, set(seeds), float_tensors)
     for node in path:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in table:
             raise UnsupportedModelError(f"synthetic calibration: no gradient for {node.op_type} (node {node.name!r}); "
-                                        f"supported: {', '.join(supported_ops())}")
+                                        f"supported: {', '.join(sorted(table))}")
     constants = {t.name: t for t in g.initializer}
     cx = Context(shapes, constants, active, opset)
     grads: dict[str, list[str]] = {k: [v] for k, v in seeds.items()}
@@ -97,14 +113,10 @@ def append_backward(model: onnx.ModelProto, wrt: str, seeds: dict[str, str], em:
             continue
         if gys[0] is None:  # a rule differentiates through output 0 (others: indices, masks)
             continue
-        for i, gi in RULES[node.op_type](em, cx, node, gys).items():
+        for i, gi in table[node.op_type](em, cx, node, gys).items():
             if node.input[i] in active:
                 grads.setdefault(node.input[i], []).append(gi)
-    result = total(wrt)
-    if result is None:
-        return em.op("ConstantOfShape", [em.const(list(shapes[wrt]), "shape", np.int64)],
-                     value=numpy_helper.from_array(np.zeros(1, np.float32)))
-    return result
+    return {s: total(s) for s in sources}
 
 
 def float_tensor_names(model: onnx.ModelProto) -> set[str]:
