@@ -15,6 +15,8 @@ ratio of earlier versions; auto-2t: auto with the latency table measured at 2 th
 ``ONNXPRUNE_LATENCY_IN_MODEL=0``, the default before `onnxprune.latency.calibrate`; 1: any count; 16), then
 all pruned variants of a model are timed in one process on onnxruntime CPU (1 and 2 intra-op threads,
 batch 1), round-robin with the dense model in every round (:func:`onnxprune.latency.timing.interleaved`;
+2 threads: :func:`~onnxprune.latency.timing.in_blocks`, each session alive alone with spinning workers, as
+deployed, ``--repeat`` runs per model in rounds of 10;
 chunks of :data:`CHUNK` variants, each with the dense model, so memory stays bounded and every speedup is
 against a dense model timed in the same rounds). MACs come from the summary. A subset is also timed as TVM x86
 bundles run (:class:`onnxprune.targets.tvm_latency.TvmBackend`: the bundle's compile, TVM's time_evaluator,

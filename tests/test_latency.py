@@ -23,7 +23,7 @@ from onnxprune.latency.measure import measure_speedup, static_inputs
 from onnxprune.latency.microbench import touched_ops, variant
 from onnxprune.latency.predict import Predictor, predicted_ms
 from onnxprune.latency.table import GroupCurve, LatencyTable, build_table
-from onnxprune.latency.timing import Timing, interleaved
+from onnxprune.latency.timing import Timing, in_blocks, interleaved
 from onnxprune.progress import RecordingReporter, reporting
 from tests.conftest import canonical
 
@@ -333,16 +333,60 @@ def test_emulated_backend_and_unknown_backend_are_refused(tmp_path):
         build_table(analyze(ModelGraph(conv_chain())), backend, cache_dir=tmp_path)
     with pytest.raises(UsageError, match=r"known: .*ort"):
         get_backend("nosuch")
-    assert get_backend("ort", threads=2).key.startswith("ort:CPUExecutionProvider|threads=2|spin=0|")
+    assert get_backend("ort", threads=2).key.startswith("ort:CPUExecutionProvider|threads=2|blocks|")
 
 
-def test_multi_thread_sessions_do_not_spin_between_runs():
-    """Interleaved timing gives each model its own session and pool: spinning idle pools would steal the cores
-    from the session being timed (ResNet-50 at 2 threads: dense 117.5 ms spinning vs 32.1 ms not)."""
-    sess = get_backend("ort", threads=2).session(conv_chain())
-    assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    one = get_backend("ort", threads=1)
-    assert "spin" not in one.key  # 1-thread tables (no pool) keep their cache
+def test_multi_thread_sessions_spin_only_when_timed_alone():
+    """Spinning idle pools of sessions alive together steal each other's cores (ResNet-50 at 2 threads: dense
+    75.6 ms with five spinning sessions alive, 24.7 ms alone): a kept session does not spin, a session timed
+    alone in its block does (what one deployed session does)."""
+    backend = get_backend("ort", threads=2)
+    kept = backend.session(conv_chain())
+    assert kept.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    alone = backend.session(conv_chain(), spin=True)  # onnxruntime's default: no entry, workers spin
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        alone.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    assert "blocks" not in get_backend("ort", threads=1).key  # 1-thread tables (no pool) keep their cache
+
+
+def test_multi_thread_timing_opens_one_session_at_a_time(monkeypatch):
+    """`in_blocks` closes each session before the next opens; the backend times multi-thread models that way."""
+    import weakref
+
+    from onnxprune.latency import backend as backend_module
+
+    alive: list[weakref.ref] = []
+    most_alive = [0]
+    real_session = backend_module.OrtBackend.session
+
+    def tracking(self, model, **kw):
+        sess = real_session(self, model, **kw)
+        assert kw.get("spin") is True
+        alive.append(weakref.ref(sess))
+        most_alive[0] = max(most_alive[0], sum(r() is not None for r in alive))
+        return sess
+
+    monkeypatch.setattr(backend_module.OrtBackend, "session", tracking)
+    timings = get_backend("ort", threads=2).time_models([conv_chain(), conv_chain()], warmup=1, repeat=3)
+    assert most_alive[0] == 1 and len(alive) == 6
+    assert [t.runs for t in timings] == [3 * backend_module.MULTI_THREAD_BLOCK] * 2
+
+
+def test_in_blocks_rotates_the_order_and_closes_each_block():
+    events: list[tuple[str, int]] = []
+
+    def opener(i):
+        def open_():
+            events.append(("open", i))
+            return lambda: events.append(("run", i))
+        return open_
+
+    timings = in_blocks([opener(i) for i in range(3)], warmup=1, repeat=2, block=2)
+    assert [t.runs for t in timings] == [4, 4, 4]
+    opens = [i for kind, i in events if kind == "open"]
+    assert opens == [0, 1, 2, 1, 2, 0]
+    # each opening: one warm-up run and two timed runs of that function only, before the next opens
+    assert events[:4] == [("open", 0), ("run", 0), ("run", 0), ("run", 0)]
 
 
 # ---- timing and measurement ---------------------------------------------------------------------------

@@ -36,8 +36,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import onnx
 
+from onnxprune import external
 from onnxprune.errors import UsageError
-from onnxprune.latency.timing import Timing, interleaved
+from onnxprune.latency.timing import Timing, in_blocks, interleaved
 from onnxprune.progress import Task
 
 __all__ = [
@@ -58,6 +59,7 @@ ODD_WINDOW = 8  # and every count this close to it (odd counts: off every vector
 COARSE_STEP = 32  # the coarse sweep's counts are multiples of this
 COARSE_POINTS = 8  # at most this many coarse counts
 RANDOM_POOL = 65_521  # random floats drawn per array at most (a prime: the tiling does not align with rows)
+MULTI_THREAD_BLOCK = 10  # timed runs per opening of a multi-thread session (`timing.in_blocks`)
 ALL_COUNTS_BELOW = 64  # dims with at most this many counts above `lowest`: the window reaches `lowest`
 
 
@@ -155,19 +157,19 @@ class OrtBackend:
         # other providers: no prior
         self.alignment = nchwc_block() if self.providers[0] == "CPUExecutionProvider" else 1
         self.name = f"ort:{self.providers[0]}"
-        # the spin setting is part of the key: tables timed with spinning pools are not comparable
-        spin = "" if self.threads == 1 else "|spin=0"
-        self.key = f"{self.name}|threads={self.threads}{spin}|onnxruntime={ort.__version__}|{device_fingerprint()}"
+        # multi-thread timings are taken in blocks (`timing.in_blocks`): tables timed otherwise are not comparable
+        blocks = "" if self.threads == 1 else "|blocks"
+        self.key = f"{self.name}|threads={self.threads}{blocks}|onnxruntime={ort.__version__}|{device_fingerprint()}"
 
     def __repr__(self) -> str:
         return f"OrtBackend({self.providers!r}, threads={self.threads})"
 
-    def session(self, model: onnx.ModelProto, *, profile_prefix: str | None = None) -> Any:
+    def session(self, model: onnx.ModelProto, *, profile_prefix: str | None = None, spin: bool = False) -> Any:
         """An inference session configured as this backend measures (profiling into files named
-        `profile_prefix` when given)."""
+        `profile_prefix` when given). With several threads its idle workers spin-wait only with `spin`, for
+        a session timed alone (`time_models`): spinning pools of sessions alive together steal each other's
+        cores."""
         import onnxruntime as ort
-
-        from onnxprune import external
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
@@ -175,12 +177,9 @@ class OrtBackend:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        if self.threads > 1:
-            # Idle intra-op workers spin-wait by default, and every timed model has its own session and pool: in
-            # an interleaved round the previous session's spinning workers steal the cores from the next one.
-            # Measured (ResNet-50, 2 threads, 2 cores, quiet): dense 117.5 ms spinning vs 32.1 ms not, and
-            # "speedups" of 1.73-8.48x against a true 1.00-5.12x; MobileNetV2 likewise. Without spinning every
-            # session gets the cores it asks for; the ratios are what one deployed session sees.
+        if self.threads > 1 and not spin:
+            # Idle intra-op workers spin-wait by default; with several sessions alive the spinning pools steal
+            # each other's cores (ResNet-50, 2 threads, 2 cores: dense 117.5 ms interleaved with spinning pools).
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if profile_prefix is not None:
             opts.enable_profiling = True
@@ -195,12 +194,30 @@ class OrtBackend:
     def time_models(
         self, models: Sequence[onnx.ModelProto], *, warmup: int = 3, repeat: int = 15, progress: Task | None = None
     ) -> list[Timing]:
+        """One thread: interleaved runs of live sessions. Several: `timing.in_blocks`, each session alive alone
+        with spinning workers, as one deployed session runs (see `onnxprune.latency.timing`), in rounds of
+        `MULTI_THREAD_BLOCK` runs (a progress task then counts rounds)."""
+        for model in models:
+            _require_static(model)
+        if self.threads > 1:
+            blobs = [external.materialize(m) if external.has_lazy(m) else m for m in models]
+
+            def opener(k: int) -> Callable[[], Callable[[], None]]:
+                def open_() -> Callable[[], None]:
+                    return functools.partial(self.session(blobs[k], spin=True).run, None, feeds[k])
+
+                return open_
+
+            feeds = [random_feeds(m, seed=k) for k, m in enumerate(models)]
+            # about `repeat` timed runs per model, as interleaved timing takes, in at least 3 rotated rounds
+            rounds = max(3, -(-repeat // MULTI_THREAD_BLOCK))
+            return in_blocks([opener(k) for k in range(len(models))], warmup=warmup, repeat=rounds,
+                             block=MULTI_THREAD_BLOCK, progress=progress)
         runs: list[Callable[[], None]] = []
         for k, model in enumerate(models):
-            _require_static(model)
             sess = self.session(model)
-            feeds = random_feeds(model, seed=k)
-            runs.append(functools.partial(sess.run, None, feeds))
+            feeds_k = random_feeds(model, seed=k)
+            runs.append(functools.partial(sess.run, None, feeds_k))
         return interleaved(runs, warmup=warmup, repeat=repeat, progress=progress)
 
     def probe_counts(self, size: int, lowest: int) -> list[int]:
