@@ -30,6 +30,9 @@ unless the row says otherwise):
   every step;
 * ``constrained`` / ``unconstrained``: ``l2`` + ``seq`` (calibrated) constrained, and unconstrained mode
   (UPSCALE export) configured by `UNCONSTRAINED_BEST` (the best unconstrained configuration known);
+* ``unconstrained-synthetic`` (not in the default ``--methods``): the same on the synthetic inputs (data-free;
+  ``--synthetic-seed``); ``unconstrained-steps`` / ``unconstrained-synthetic-steps``: either in ``--steps`` gradual
+  steps (`onnxprune.passes.iterative_unconstrained`);
 * ``onnxsim``: onnxsim 0.8.1 ``apply_structured_pruning`` (L2) after ``onnxsim.simplify``, its sparsity
   bisected to the same fraction of its own (BN-folded) model's parameters (`bench/onnxsim_baseline.py`);
   needs onnxsim (``/tmp/venv-bench/bin/python bench/accuracy_real.py`` when it lives in a venv).
@@ -91,11 +94,14 @@ LABELS = {
         **UNCONSTRAINED_BEST),
     "onnxsim": "onnxsim 0.8.1 (l2)",
 }
-# Unconstrained rows beyond the default `--methods` (method -> (UnconstrainedConfig overrides, data)): the
-# best configuration on the synthetic inputs (data-free) instead of the calibration images.
-UNCONSTRAINED_ROWS: dict[str, tuple[dict[str, Any], str]] = {
-    "unconstrained": ({}, "calib"),
-    "unconstrained-synthetic": ({}, "synthetic"),
+# Unconstrained rows (method -> (UnconstrainedConfig overrides, data, steps)); beyond the default `--methods`: the
+# best configuration on the synthetic inputs (data-free) instead of the calibration images, and either in
+# `--steps` gradual steps (`onnxprune.passes.iterative_unconstrained`).
+UNCONSTRAINED_ROWS: dict[str, tuple[dict[str, Any], str, int]] = {
+    "unconstrained": ({}, "calib", 1),
+    "unconstrained-synthetic": ({}, "synthetic", 1),
+    "unconstrained-steps": ({}, "calib", 3),
+    "unconstrained-synthetic-steps": ({}, "synthetic", 3),
 }
 LABELS["unconstrained-synthetic"] = LABELS["unconstrained"] + ", synthetic"
 # method -> (criterion, repair, data, allocation); data: None, "synthetic" or "calib"
@@ -125,6 +131,16 @@ def _iterative_labels(steps: int) -> None:
 
 
 _iterative_labels(ITERATIVE_STEPS)
+
+
+def _unconstrained_step_labels(steps: int) -> None:
+    for m in ("unconstrained-steps", "unconstrained-synthetic-steps"):
+        overrides, data, _ = UNCONSTRAINED_ROWS[m]
+        UNCONSTRAINED_ROWS[m] = (overrides, data, steps)
+        LABELS[m] = LABELS["unconstrained" + ("-synthetic" if data == "synthetic" else "")] + f", {steps} steps"
+
+
+_unconstrained_step_labels(ITERATIVE_STEPS)
 RESIDUAL = {"cifar_resnet20", "cifar_resnet44"}
 # Calibration samples per model when --calib-samples is not given. Small inputs: every calibration image there
 # is. The seq repair and the knapsack's statistics are cheap at 32x32 and more samples are the lever that
@@ -224,14 +240,14 @@ class Bench:
                 raise RuntimeError("onnxsim cannot prune this model")
             pruned, removed = got.model, got.removed
         elif method in UNCONSTRAINED_ROWS:
-            from onnxprune.passes.unconstrained import UnconstrainedPass
+            from onnxprune.passes.iterative_unconstrained import IterativeUnconstrainedPass
             from onnxprune.upscale.config import UnconstrainedConfig
 
-            overrides, data = UNCONSTRAINED_ROWS[method]
+            overrides, data, steps = UNCONSTRAINED_ROWS[method]
             cfg = UnconstrainedConfig(**{**UNCONSTRAINED_BEST, **overrides, "target_params": target})
             inputs = self.syn if data == "synthetic" else self.calib
             assert inputs is not None  # main() generates the synthetic inputs for every row that needs them
-            res = UnconstrainedPass(cfg, calib=inputs.arrays).run(self.model)
+            res = IterativeUnconstrainedPass(cfg, steps, calib=inputs.arrays).run(self.model)
             pruned = res.model
             removed = 1 - count_params(ModelGraph(pruned)) / self.params
         else:
@@ -266,7 +282,7 @@ def bars(name: str, method: str, fraction: float, cell: dict, base: float | None
     if method == f"calibrated-{RECOMMENDED_ALLOCATION}":
         lim = 1.0 if at20 else 3.0
         return f"{'PASS' if drop <= lim else 'FAIL'} drop {drop:.2f} <= {lim:g}"
-    if method in (f"synthetic-{RECOMMENDED_ALLOCATION}", "unconstrained-synthetic"):
+    if method in (f"synthetic-{RECOMMENDED_ALLOCATION}", "unconstrained-synthetic", "unconstrained-synthetic-steps"):
         lim = 2.0 if at20 else 6.0
         return f"{'PASS' if drop <= lim else 'FAIL'} drop {drop:.2f} <= {lim:g}"
     if method == "unconstrained":
@@ -293,10 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lite0-methods", default="l1,l2-bias,calibrated",
                     help="methods run on EfficientNet-Lite0 (no images: time and RSS only)")
     ap.add_argument("--steps", type=int, default=ITERATIVE_STEPS,
-                    help="steps of the iterative rows (*-knapsack-steps, *-knapsack-realloc)")
+                    help="steps of the iterative rows (*-knapsack-steps, *-knapsack-realloc, unconstrained*-steps)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "accuracy_real_results"))
     args = ap.parse_args(argv)
     _iterative_labels(args.steps)
+    _unconstrained_step_labels(args.steps)
     fractions = [float(f) for f in args.fractions.split(",")]
     load_before = os.getloadavg()
     results: dict[str, Any] = {"fractions": fractions, "models": {}, "calib_samples": args.calib_samples,
