@@ -124,6 +124,8 @@ def conv_weight_gradient(em: Emitter, x: str, g: str, node: onnx.NodeProto, xs: 
     pads = _explicit_pads(node, xs[2:], ys[2:], kernel, strides, dilations)
     n = xs[0]
     space = list(range(3, 3 + nd))
+    if group == 1 and nd == 2:
+        return _weight_gradient_im2col(em, x, g, xs, ys, wshape, pads, strides, dilations)
     if group == 1:
         xt = em.op("Transpose", [x], perm=[1, 0, *range(2, 2 + nd)])  # [Cin, N, *S]
         gt = em.op("Transpose", [g], perm=[1, 0, *range(2, 2 + nd)])  # [Cout, N, *O]
@@ -139,6 +141,28 @@ def conv_weight_gradient(em: Emitter, x: str, g: str, node: onnx.NodeProto, xs: 
     if got != kernel:
         dw = em.slice(dw, [0] * nd, kernel, list(range(2, 2 + nd)))
     return em.op("Transpose", [dw], perm=[1, 0, *range(2, 2 + nd)])
+
+
+def _weight_gradient_im2col(em: Emitter, x: str, g: str, xs: tuple[int, ...], ys: tuple[int, ...],
+                            wshape: tuple[int, ...], pads: list[int], strides: list[int], dilations: list[int]) -> str:
+    """d loss / d W of a 2-D group-1 Conv as one GEMM: ``g [Cout, N*OH*OW] x cols^T``, where the columns stack
+    the padded input's strided windows per kernel offset (``[KH*KW*Cin, N*OH*OW]``). onnxruntime's Conv with an
+    OHxOW kernel (the swapped-axes form) was 4x the forward pass of a CIFAR ResNet20 batch; this is ~1x."""
+    cout, cin, kh, kw = wshape
+    oh, ow = ys[2], ys[3]
+    # channel-major first ([Cin, N, H, W]): the windows then stack along axis 0 and reshape for free
+    xt = em.op("Transpose", [x], perm=[1, 0, 2, 3])
+    xp = em.pad(xt, [0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]]) if any(pads) else xt
+    windows = [em.slice(xp, [i * dilations[0], j * dilations[1]],
+                        [i * dilations[0] + (oh - 1) * strides[0] + 1, j * dilations[1] + (ow - 1) * strides[1] + 1],
+                        [2, 3], [strides[0], strides[1]])
+               if (kh, kw, oh, ow) != (1, 1, xs[2], xs[3]) else xp
+               for i in range(kh) for j in range(kw)]
+    cols = windows[0] if len(windows) == 1 else em.op("Concat", windows, axis=0)  # [KH*KW*Cin, N, OH, OW]
+    cols = em.reshape(cols, [kh * kw * cin, -1])
+    gt = em.reshape(em.op("Transpose", [g], perm=[1, 0, 2, 3]), [cout, -1])
+    dw = em.op("Gemm", [gt, cols], transB=1)  # [Cout, KH*KW*Cin]
+    return em.op("Transpose", [em.reshape(dw, [cout, kh, kw, cin])], perm=[0, 3, 1, 2])
 
 
 def _conv(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None]) -> dict[int, str]:
