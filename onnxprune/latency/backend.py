@@ -211,7 +211,8 @@ class OrtBackend:
             feeds = [random_feeds(m, seed=k) for k, m in enumerate(models)]
             # about `repeat` timed runs per model, as interleaved timing takes, in at least 3 rotated rounds
             rounds = max(3, -(-repeat // MULTI_THREAD_BLOCK))
-            return in_blocks([opener(k) for k in range(len(models))], warmup=warmup, repeat=rounds,
+            # a fresh session's first runs grow its arena and wake its pool: a few more untimed runs than interleaved
+            return in_blocks([opener(k) for k in range(len(models))], warmup=max(warmup, 5), repeat=rounds,
                              block=MULTI_THREAD_BLOCK, progress=progress)
         runs: list[Callable[[], None]] = []
         for k, model in enumerate(models):
