@@ -181,10 +181,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from onnxprune.passes.config import PruneConfig, check_data
     from onnxprune.passes.iterative import IterativeSelectPass
     from onnxprune.passes.latency_select import with_latency_allocation
+    from onnxprune.passes.refine import RefinePass
     from onnxprune.passes.remove import PruneSummary, RemoveChannelsPass, RemovedChannels
     from onnxprune.passes.repair import RepairChannelsPass
     from onnxprune.passes.select import ChannelSelection, SelectChannelsPass
     from onnxprune.passmanager import StampInstrument
+    from onnxprune.refine import RefineConfig, RefineReport
 
     src, out = _output_path(args)
     ratio = opts.check_prune_flags(args)
@@ -213,8 +215,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     # StampInstrument(always=True): the output says what was done even when nothing was removed.
     select = (SelectChannelsPass(config, calib=calib) if args.steps == 1
               else IterativeSelectPass(config, args.steps, calib=calib))  # --steps: gradual, re-scored selection
-    pipeline = _pipeline([_normalize(), select, RepairChannelsPass(calib),
-                          RemoveChannelsPass(), *_sparsify(sparse, calib), CheckPass()], StampInstrument(always=True))
+    refine = ([RefinePass(RefineConfig(epochs=args.refine, loss=args.refine_loss, seed=args.seed), calib, model)]
+              if args.refine else [])  # teacher: `model`, which NormalizePass canonicalises in place
+    pipeline = _pipeline([_normalize(), select, RepairChannelsPass(calib), RemoveChannelsPass(), *refine,
+                          *_sparsify(sparse, calib), CheckPass()], StampInstrument(always=True))
     result = pipeline.run(model)
     normalized = result.steps[0][1].model  # the original, canonicalised in place
     summary_record, removed = result.get(PruneSummary), result.get(RemovedChannels)
@@ -243,6 +247,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                "verification": cert.as_dict() if cert is not None else None}
     if latency is not None:
         summary["latency"] = latency
+    refined = result.get(RefineReport)
+    if refined is not None:  # --refine: epochs, steps, distillation loss before / after, seconds
+        summary["refine"] = refined.as_dict()
     _print(summary, args, lambda: _print_summary(summary))
     return 0
 

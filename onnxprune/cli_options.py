@@ -62,6 +62,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def round_to(text: str) -> int | str:
     """``auto`` or an integer >= 1."""
     return "auto" if text.strip().lower() == "auto" else positive_int(text)
@@ -132,6 +143,11 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=1, metavar="N",
                    help="reach the removal in N steps, re-scoring the channels on the repaired model after each "
                         "(every repair fits the original model; same kept counts as 1 step; default: 1)")
+    p.add_argument("--refine", type=non_negative_int, default=0, metavar="EPOCHS",
+                   help="after removal, distil the original model's outputs into the pruned weights for EPOCHS "
+                        "epochs on the calibration inputs (--calib FILE or synthetic; no labels; 0: off)")
+    p.add_argument("--refine-loss", choices=("mse", "kl"), default="mse",
+                   help="--refine's loss: mse on the outputs or kl on softmax(logits / 4)")
     add_sparsity_options(p)
     add_latency_options(p)
 
@@ -254,6 +270,10 @@ def check_prune_flags(args: argparse.Namespace) -> float:
         raise UsageError("--rpc needs --device-key (the key the device registered with the tracker)")
     if getattr(args, "steps", 1) != 1 and getattr(args, "mode", None) == "unconstrained":
         raise UsageError("--steps applies to constrained pruning only (not --mode unconstrained)")
+    if getattr(args, "refine", 0) and getattr(args, "mode", None) == "unconstrained":
+        raise UsageError("--refine applies to constrained pruning only (not --mode unconstrained)")
+    if getattr(args, "refine", 0) and not getattr(args, "calib", None):
+        raise UsageError("--refine needs calibration inputs: pass --calib FILE.npz or --calib synthetic[:N]")
     if args.global_ranking and args.allocation not in (None, "global"):
         raise UsageError(f"--global means --allocation global: it contradicts --allocation {args.allocation}")
     if args.ratio is None and not targets and (getattr(args, "sparsity", None) is not None or getattr(args, "pattern", None)):

@@ -166,3 +166,102 @@ def test_trainable_parameters_pick_weights_and_biases_only():
                {"w": _w(2, 4, 1, 1), "b": _w(2), "s": _w(2), "sb": _w(2), "m": _w(2), "v": _w(2),
                 "shape": np.array([3, 98], np.int64), "w2": _w(98, 3), "b2": _w(3), "k": _w(3)})
     assert trainable_parameters(m) == ["w", "b", "s", "sb", "w2", "b2"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# refine itself
+def _pruned_fashion_cnn(fraction: float = 0.4):
+    """(dense, pruned with l1 and no repair, train images, test images) of the bundled Fashion-MNIST CNN."""
+    if not FASHION_CNN.exists():
+        pytest.skip("bundled Fashion-MNIST CNN missing")
+    from models import fashion_mnist
+    from onnxprune.importer import import_model
+    from onnxprune.passes.iterative import IterativePrunePass
+    from onnxprune.passes.pruning import PruneConfig
+
+    if not fashion_mnist.is_available():
+        pytest.skip(f"Fashion-MNIST not installed: apt-get install -y {fashion_mnist.DEBIAN_PACKAGE}")
+    dense = import_model(str(FASHION_CNN))
+    cfg = PruneConfig(criterion="l1", repair="none", target_params=f"{(1 - fraction) * 100:.0f}%", round_to=1)
+    pruned = IterativePrunePass(cfg, 1).run(dense).model
+    train, _ = fashion_mnist.load_fashion_mnist("train")
+    test, labels = fashion_mnist.load_fashion_mnist("test")
+    return dense, pruned, train[:512], test[:1000], labels[:1000]
+
+
+def _structure(m: onnx.ModelProto) -> tuple:
+    return ([(n.op_type, tuple(n.input), tuple(n.output), n.SerializeToString()) for n in m.graph.node],
+            [(t.name, tuple(t.dims), t.data_type) for t in m.graph.initializer],
+            [vi.SerializeToString() for vi in [*m.graph.input, *m.graph.output]])
+
+
+def test_refine_with_zero_epochs_is_the_identity():
+    from onnxprune.passes.refine import RefinePass
+    from onnxprune.refine import RefineConfig, refine
+
+    m = GRAD_CASES["conv_stride1_same"]()
+    x = RNG.standard_normal((8, *X[1:])).astype(np.float32)
+    out, report = refine(m, m, x, RefineConfig(epochs=0))
+    assert out is m and report.steps == 0
+    res = RefinePass(RefineConfig(epochs=0), None, m).run(m)
+    assert res.model is m and not res.modified
+
+
+def test_refine_lowers_the_held_out_distillation_loss_and_keeps_the_graph():
+    from onnxprune.passes.refine import RefinePass
+    from onnxprune.calibration import CalibrationData
+    from onnxprune.refine import RefineConfig, RefineReport, distillation_loss
+
+    dense, pruned, calib, held_out, labels = _pruned_fashion_cnn()
+    config = RefineConfig(epochs=3, batch=64, lr=1e-3, threads=1)
+    res = RefinePass(config, CalibrationData({dense.graph.input[0].name: calib}), dense).run(pruned)
+    refined, report = res.model, res.get(RefineReport)
+    assert res.modified and report is not None and report.steps == 3 * (512 // 64)
+    assert report.loss_after < report.loss_before  # on the calibration inputs
+    before = distillation_loss(pruned, dense, held_out, config)
+    after = distillation_loss(refined, dense, held_out, config)
+    assert after < 0.8 * before, (before, after)  # and on images it never saw
+    onnx.checker.check_model(refined, full_check=True)
+    assert _structure(refined) == _structure(pruned)  # only initializer values changed
+    changed = sum(not np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+                  for a, b in zip(refined.graph.initializer, pruned.graph.initializer))
+    assert changed >= 10
+    name = dense.graph.input[0].name
+    y_pruned = session(pruned).run(None, {name: held_out})[0]
+    y_refined = session(refined).run(None, {name: held_out})[0]
+    y_dense = session(dense).run(None, {name: held_out})[0]
+    assert y_refined.shape == y_pruned.shape == y_dense.shape
+    # the refined model agrees with the dense model's decisions more often than the pruned one
+    agree = lambda y: float((y.argmax(1) == y_dense.argmax(1)).mean())  # noqa: E731
+    assert agree(y_refined) >= agree(y_pruned)
+
+
+def test_refine_kl_loss_and_determinism():
+    from onnxprune.refine import RefineConfig, refine
+
+    dense, pruned, calib, _, _ = _pruned_fashion_cnn()
+    config = RefineConfig(epochs=1, batch=64, lr=1e-3, loss="kl", threads=1)
+    a, ra = refine(pruned, dense, calib[:256], config)
+    b, rb = refine(pruned, dense, calib[:256], config)
+    assert ra.loss_after < ra.loss_before and ra.loss == "kl"
+    assert ra.history == rb.history
+    for ta, tb in zip(a.graph.initializer, b.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(ta), numpy_helper.to_array(tb))
+
+
+def test_cli_refine_zero_is_bit_for_bit_and_refine_needs_calib(tmp_path):
+    import subprocess
+    import sys
+
+    if not FASHION_CNN.exists():
+        pytest.skip("bundled Fashion-MNIST CNN missing")
+    outs = []
+    for extra in ([], ["--refine", "0"]):
+        out = tmp_path / f"p{len(outs)}.onnx"
+        subprocess.run([sys.executable, "-m", "onnxprune.cli", "prune", str(FASHION_CNN), "--ratio", "0.3",
+                        "-o", str(out), "--no-verify", *extra], check=True, capture_output=True)
+        outs.append(onnx.load(str(out)))
+    assert outs[0].graph.SerializeToString() == outs[1].graph.SerializeToString()  # metadata holds timings
+    bad = subprocess.run([sys.executable, "-m", "onnxprune.cli", "prune", str(FASHION_CNN), "--ratio", "0.3",
+                          "-o", str(tmp_path / "x.onnx"), "--refine", "2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--refine needs calibration inputs" in bad.stderr
