@@ -1,7 +1,8 @@
 """Accuracy at equal measured latency: latency-aware vs FLOPs-based vs uniform allocation (issue 13).
 
     python bench/latency_accuracy.py [--models fashion_mnist_cnn,fashion_mnist_resnet,cifar_resnet20,...]
-                                     [--configs calibrated,data-free] [--quick] [--repeat 31]
+                                     [--configs calibrated,data-free,l2-bias] [--quick] [--repeat 61]
+                                     [--sample-ms 20] [--timing-study]
                                      [--out bench/latency_accuracy_results]
 
 Models (real data, real labels): the two bundled Fashion-MNIST models (`models/fashion_mnist.py`, Debian
@@ -16,20 +17,37 @@ Each model is pruned three ways, each with the repair a user would use (``--conf
   --allocation knapsack`` (measured error per millisecond saved, `onnxprune.latency_allocation`),
   FLOPs-based = ``--target-macs P% --allocation knapsack`` (the same measured error curves per MAC),
   uniform = ``--ratio R --allocation uniform``;
-* ``data-free``: ``--criterion l2 --repair bias``; latency-aware = ``--target-latency Fx`` (the default
-  allocation: the share of each group's squared scores removed per millisecond saved), FLOPs-based =
-  ``--target-macs P% --allocation global``, uniform = ``--ratio R --allocation uniform``.
+* ``data-free``: the project's data-free path, ``--calib synthetic`` (inputs distilled from the model's
+  BatchNorm statistics, `onnxprune.synthetic`, generated once per model with ``--synthetic-seed``), then the
+  same obs + seq and the same allocations as ``calibrated``;
+* ``l2-bias`` (not in the default ``--configs``): ``--criterion l2 --repair bias``; latency-aware =
+  ``--target-latency Fx`` (the default allocation), FLOPs-based = ``--target-macs P% --allocation global``,
+  uniform = ``--ratio R --allocation uniform`` (the data-free configuration of session 23, which collapses
+  on PP-OCRv4).
 
 Every variant uses the default ``--round-to auto`` and is pruned in this process through `PrunePass` (what
-the CLI runs); the measured error curves and the calibration statistics are computed once per model and
-shared by its rows. Then the dense model and all variants are timed on onnxruntime CPU, 1 intra-op thread,
-batch 1, round-robin (`OrtBackend.time_models`: every round runs each model once, in chunks of `CHUNK`
-variants each timed with the dense model), and latency = pruned median / dense median of the same rounds.
-Accuracy is interpolated on the FLOPs-based and uniform accuracy-vs-measured-latency curves at each
+the CLI runs); the measured error curves and the (calibration or synthetic) statistics are computed once per
+model and shared by its rows.
+
+Timing (`time_all`, statistics in `bench/paired_stats.py`): onnxruntime CPU, 1 intra-op thread, batch 1,
+thread CPU time, round-robin in chunks of `CHUNK` variants, each chunk with the dense model and a second
+session of the dense model (the self-check: its ratio must be 1.00). Each timed sample is K back-to-back
+runs, K chosen so a sample of the dense model lasts ``--sample-ms`` (a 0.2 ms Fashion-MNIST model is timed
+over ~20 ms: above the timer's and the scheduler's granularity). Latency = median over rounds of (variant
+sample / dense sample of the same round), reported with its spread and the median's ~95% interval (ci);
+each curve is checked for monotonicity in MACs within those intervals. ``--timing-study`` also times
+every model of a run twice with K = 1 (the session-23 method: one run per sample, ratio of medians) and
+twice with the chosen K, and prints how well repeated timings agree under each.
+
+Judgement: accuracy is interpolated on the FLOPs-based and uniform accuracy-vs-measured-latency curves at each
 latency-aware model's measured latency, and on the latency-aware curve at each FLOPs-based model's (the bar:
-latency-aware >= FLOPs-based - `TIE`; every curve starts at the dense model, 1.0x). The bar "auto rounding
-is never slower than unrounded" is checked on the same models: plain ``--ratio R`` (data-free config) with
-the default ``--round-to auto`` and with ``--round-to 1``, timed in the same rounds.
+latency-aware >= FLOPs-based - `TIE`, strict, unchanged; every curve starts at the dense model, 1.0x). Next
+to each verdict is McNemar's exact paired test on the per-image correctness (`paired_stats.mcnemar`) and a
+column "significant" (p < 0.05): whether the difference is beyond the test set's sampling noise. An
+interpolated accuracy has no per-image vector: the test uses the nearer of the two measured models bracketing
+it on its curve (named in the line). The bar "auto rounding is never slower than unrounded" is checked on
+the same run: plain ``--ratio R`` (l2 + bias, cheap and data-free) with the default ``--round-to auto`` and
+with ``--round-to 1``, timed in the same rounds.
 
 The load average is recorded before and after each model (other agents may load the machine: only ratios of
 interleaved timings are compared). Results are written after each model to ``--out``.txt / .json.
@@ -57,28 +75,28 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.calibration import CalibrationData, collect_stats
+from bench.latency_accuracy_tables import KINDS, model_lines, summary_lines
+from bench.paired_stats import RatioSummary, monotone_violations, pack
+from onnxprune.calibration import CalibrationData, collect_stats, load_calib
 from onnxprune.errors import OnnxPruneError
 from onnxprune.importer import import_model
 from onnxprune.latency.backend import OrtBackend, random_feeds
 from onnxprune.latency.measure import static_inputs
-from onnxprune.latency.timing import Timing
 from onnxprune.passes import select as select_pass
 from onnxprune.passes.pruning import PruneConfig, PrunePass
 
-CHUNK = 8  # variants timed per round-robin (plus the dense model): bounded memory, shared drift
-KINDS = ("latency-aware", "FLOPs-based", "uniform")
-TIE = 0.1  # points of accuracy counted as equal in the bar (10 of 10,000 test images)
+CHUNK = 16  # variants timed per round-robin (plus the dense model twice): bounded memory, shared drift
 
 
 @dataclass
 class Subject:
-    """A model with its data: `score(model)` is its accuracy metric (%) on the test set."""
+    """A model with its data: `score(model)` is its per-example correctness on the test set (the accuracy
+    metric, %, is its mean x 100)."""
 
     name: str
     model: onnx.ModelProto
     calib: CalibrationData
-    score: Callable[[onnx.ModelProto], float]
+    score: Callable[[onnx.ModelProto], np.ndarray]
     metric: str
 
 
@@ -95,13 +113,15 @@ class Variant:
     latency: float = float("nan")  # pruned / dense, measured interleaved
     spread: float = float("nan")
     accuracy: float = float("nan")
+    correct: np.ndarray | None = None  # per test example
     extra: dict = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         return {"config": self.config, "kind": self.kind, "setting": self.setting, "error": self.error,
                 "latency_fraction": self.latency, "spread": self.spread, "accuracy": self.accuracy,
                 "macs_reduction": self.macs_reduction, "prune_s": round(self.seconds, 1),
-                "cli_latency": self.cli_latency, **self.extra}  # fmt: skip
+                "cli_latency": self.cli_latency,
+                "correct": pack(self.correct) if self.correct is not None else None, **self.extra}  # fmt: skip
 
 
 def load() -> str:
@@ -112,8 +132,10 @@ def load() -> str:
 # ------------------------------------------------------------------------------------------------ models
 
 
-def _top1(images: np.ndarray, labels: np.ndarray, batch: int = 500) -> Callable[[onnx.ModelProto], float]:
-    def score(model: onnx.ModelProto) -> float:
+def _top1(
+    images: np.ndarray, labels: np.ndarray, batch: int = 500
+) -> Callable[[onnx.ModelProto], np.ndarray]:
+    def score(model: onnx.ModelProto) -> np.ndarray:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -122,8 +144,10 @@ def _top1(images: np.ndarray, labels: np.ndarray, batch: int = 500) -> Callable[
         name = sess.get_inputs()[0].name
         fixed = sess.get_inputs()[0].shape[0]
         step = fixed if isinstance(fixed, int) else batch
-        logits = np.concatenate([sess.run(None, {name: images[i : i + step]})[0] for i in range(0, len(images), step)])
-        return float((logits.argmax(1) == labels).mean() * 100)
+        logits = np.concatenate(
+            [sess.run(None, {name: images[i : i + step]})[0] for i in range(0, len(images), step)]
+        )
+        return logits.argmax(1) == labels
 
     return score
 
@@ -136,8 +160,13 @@ def fashion(name: str, quick: bool) -> Subject:
     test, labels = load_fashion_mnist("test")
     n = 2000 if quick else len(test)
     name_in = model.graph.input[0].name
-    return Subject(name, model, CalibrationData({name_in: train[:256]}), _top1(test[:n], labels[:n]),
-                   f"top-1 on {n} test images")
+    return Subject(
+        name,
+        model,
+        CalibrationData({name_in: train[:256]}),
+        _top1(test[:n], labels[:n]),
+        f"top-1 on {n} test images",
+    )
 
 
 def cifar(name: str, quick: bool) -> Subject:
@@ -147,40 +176,62 @@ def cifar(name: str, quick: bool) -> Subject:
     model = import_model(str(zoo_model(name)))
     test, labels = load_cifar10("test", n=2000 if quick else None)
     calib, _ = load_cifar10("calib", n=128)
-    return Subject(name, model, CalibrationData({model.graph.input[0].name: calib}), _top1(test, labels),
-                   f"top-1 on {len(test)} test images")
+    return Subject(
+        name,
+        model,
+        CalibrationData({model.graph.input[0].name: calib}),
+        _top1(test, labels),
+        f"top-1 on {len(test)} test images",
+    )
 
 
 def ocr(name: str, quick: bool) -> Subject:
-    from bench.ocr_accuracy import exact, ocr_data, recognise
+    from bench.ocr_accuracy import ocr_data, recognise
 
     model, chars, test_lines, _, test_x, calib_x = ocr_data(100 if quick else 200, 64, 320)
 
-    def score(m: onnx.ModelProto) -> float:
-        return exact(recognise(m, test_x, chars), test_lines)
+    def score(m: onnx.ModelProto) -> np.ndarray:
+        return np.array([p == t for p, t in zip(recognise(m, test_x, chars), test_lines)])
 
-    return Subject(name, model, CalibrationData({"x": calib_x}), score,
-                   f"exact match on {len(test_lines)} rendered lines")
+    return Subject(
+        name,
+        model,
+        CalibrationData({"x": calib_x}),
+        score,
+        f"exact match on {len(test_lines)} rendered lines",
+    )
 
 
 LOADERS: dict[str, Callable[[str, bool], Subject]] = {
-    "fashion_mnist_cnn": fashion, "fashion_mnist_resnet": fashion, "cifar_resnet20": cifar,
-    "cifar_resnet44": cifar, "ppocrv4_rec": ocr,
+    "fashion_mnist_cnn": fashion,
+    "fashion_mnist_resnet": fashion,
+    "cifar_resnet20": cifar,
+    "cifar_resnet44": cifar,
+    "ppocrv4_rec": ocr,
 }
 
-# config -> (criterion, repair, calibrated, latency-aware allocation, FLOPs-based allocation)
-CONFIGS: dict[str, tuple[str, str, bool, str | None, str]] = {
-    "calibrated": ("obs", "seq", True, "knapsack", "knapsack"),
-    "data-free": ("l2", "bias", False, None, "global"),
+# config -> (criterion, repair, data, latency-aware allocation, FLOPs-based allocation); data: "calib" (the
+# calibration images), "synthetic" (--calib synthetic) or None (data-free by construction)
+CONFIGS: dict[str, tuple[str, str, str | None, str | None, str]] = {
+    "calibrated": ("obs", "seq", "calib", "knapsack", "knapsack"),
+    "data-free": ("obs", "seq", "synthetic", "knapsack", "knapsack"),
+    "l2-bias": ("l2", "bias", None, None, "global"),
 }
-LABELS = {"calibrated": "obs + seq (calibrated), knapsack curves", "data-free": "l2 + bias (data-free)"}
+ROUNDING_CONFIG = "l2-bias"  # the auto-vs-unrounded bar: plain --ratio R, cheap
 
 
 def settings(quick: bool) -> dict[str, list[str]]:
     if quick:
-        return {"latency-aware": ["0.8", "0.6"], "FLOPs-based": ["85", "65", "45"], "uniform": ["0.1", "0.3", "0.5"]}
-    return {"latency-aware": ["0.95", "0.85", "0.7", "0.55"], "FLOPs-based": ["90", "70", "50", "35"],
-            "uniform": ["0.1", "0.2", "0.35", "0.5"]}
+        return {
+            "latency-aware": ["0.8", "0.6"],
+            "FLOPs-based": ["85", "65", "45"],
+            "uniform": ["0.1", "0.3", "0.5"],
+        }
+    return {
+        "latency-aware": ["0.95", "0.85", "0.7", "0.55"],
+        "FLOPs-based": ["90", "70", "50", "35"],
+        "uniform": ["0.1", "0.2", "0.35", "0.5"],
+    }
 
 
 # ------------------------------------------------------------------------------------------------ pruning
@@ -194,9 +245,10 @@ class SharedCurves:
         self.original = select_pass.measure_sensitivity
         self.found: dict[tuple, Any] = {}
         self.subject = ""
+        self.data: str | None = None  # calib | synthetic | None: curves measured on other inputs differ
 
     def __call__(self, config: PruneConfig, analysis, stats, calib):
-        key = (self.subject, config.criterion, config.repair, config.allocation_name)
+        key = (self.subject, self.data, config.criterion, config.repair, config.allocation_name)
         if key not in self.found:
             self.found[key] = self.original(config, analysis, stats, calib)
         return self.found[key]
@@ -213,21 +265,29 @@ def config_for(config: str, kind: str, setting: str, cache: Path) -> PruneConfig
     criterion, repair, _, latency_allocation, flops_allocation = CONFIGS[config]
     common: dict[str, Any] = {"criterion": criterion, "repair": repair, "latency_cache": str(cache)}
     if kind == "latency-aware":
-        return PruneConfig(target_latency=f"{setting}x", allocation=latency_allocation, round_to="auto", **common)
+        return PruneConfig(
+            target_latency=f"{setting}x", allocation=latency_allocation, round_to="auto", **common
+        )
     if kind == "FLOPs-based":
         return PruneConfig(target_macs=f"{setting}%", allocation=flops_allocation, round_to="auto", **common)
     if kind == "uniform":
         return PruneConfig(ratio=float(setting), allocation="uniform", round_to="auto", **common)
-    return PruneConfig(ratio=float(setting), round_to="auto" if kind == "auto" else 1, **common)  # the rounding bar
+    return PruneConfig(
+        ratio=float(setting), round_to="auto" if kind == "auto" else 1, **common
+    )  # the rounding bar
 
 
-def prune(subject: Subject, variant: Variant, cache: Path, stats) -> None:
-    _, _, calibrated, _, _ = CONFIGS[variant.config]
+def prune(
+    subject: Subject, variant: Variant, cache: Path, inputs: dict[str, tuple], curves: SharedCurves
+) -> None:
+    """Prune `variant` in this process; `inputs`: data kind -> (CalibrationData, statistics) (shared per model)."""
+    data = CONFIGS[variant.config][2]
+    calib, stats = inputs.get(data, (None, None)) if data else (None, None)
+    curves.data = data
     cfg = config_for(variant.config, variant.kind, variant.setting, cache)
     t = time.perf_counter()
     try:
-        res = PrunePass(cfg, calib=subject.calib if calibrated else None,
-                        stats=stats if calibrated else None).run(subject.model)
+        res = PrunePass(cfg, calib=calib, stats=stats).run(subject.model)
     except OnnxPruneError as e:
         variant.error = str(e).splitlines()[0][:200]
         return
@@ -239,132 +299,149 @@ def prune(subject: Subject, variant: Variant, cache: Path, stats) -> None:
     variant.macs_reduction = s["macs_before"] / max(s["macs_after"], 1)
 
 
-def cpu_timed(models: list[onnx.ModelProto], backend: OrtBackend, repeat: int, warmup: int = 5) -> list[Timing]:
-    """Thread CPU time of each run, round-robin (1 intra-op thread: onnxruntime runs on the calling thread),
-    so time the scheduler gives other processes is not counted (as `bench/latency_predict.cpu_timed`)."""
-    runs = [(backend.session(m), random_feeds(m, seed=k)) for k, m in enumerate(models)]
+def runs_per_sample(dense: onnx.ModelProto, backend: OrtBackend, sample_ms: float) -> int:
+    """K: back-to-back runs per timed sample so that a sample of the dense model lasts about `sample_ms`."""
+    sess, feeds = backend.session(dense), random_feeds(dense, seed=0)
+    seconds = []
+    for _ in range(25):
+        start = time.thread_time()
+        sess.run(None, feeds)
+        seconds.append(time.thread_time() - start)
+    return max(1, math.ceil(sample_ms / (float(np.median(seconds[5:])) * 1e3)))
+
+
+def samples(
+    models: list[onnx.ModelProto],
+    backend: OrtBackend,
+    repeat: int,
+    runs: int,
+    wall: bool = False,
+    warmup: int = 3,
+) -> list[np.ndarray]:
+    """Per-round time per run (seconds) of each model, round-robin with the order rotated every round; each
+    sample is `runs` back-to-back runs. Thread CPU time (1 intra-op thread: onnxruntime runs on the calling
+    thread), so time the scheduler gives other processes is not counted; `wall`: wall clock."""
+    clock = time.perf_counter if wall else time.thread_time
+    sessions = [(backend.session(m), random_feeds(m, seed=k)) for k, m in enumerate(models)]
     seconds: list[list[float]] = [[] for _ in models]
     for r in range(warmup + repeat):
-        for i in [*range(r % len(runs), len(runs)), *range(r % len(runs))]:  # order rotated every round
-            sess, feeds = runs[i]
-            start = time.thread_time()
-            sess.run(None, feeds)
+        for i in [*range(r % len(sessions), len(sessions)), *range(r % len(sessions))]:
+            sess, feeds = sessions[i]
+            start = clock()
+            for _ in range(runs):
+                sess.run(None, feeds)
             if r >= warmup:
-                seconds[i].append(time.thread_time() - start)
-    return [Timing.of(x) for x in seconds]
+                seconds[i].append((clock() - start) / runs)
+    return [np.asarray(x) for x in seconds]
 
 
-def time_all(dense: onnx.ModelProto, variants: list[Variant], repeat: int, wall: bool = False) -> None:
-    """Latency of every variant / the dense model's, timed round-robin with it in chunks of `CHUNK` (thread
-    CPU time medians; `wall`: wall-clock medians, for a quiet machine)."""
+def time_all(
+    dense: onnx.ModelProto,
+    variants: list[Variant],
+    repeat: int,
+    runs: int,
+    wall: bool = False,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Latency of every variant relative to the dense model, timed round-robin in chunks of `CHUNK` variants,
+    each chunk with the dense model and a second session of it (the self-check), `runs` runs per sample.
+
+    Writes (unless not `write`) each variant's latency (median of per-round ratios), spread, ci and the
+    ratio of medians (the session-23 estimate); returns the self-checks, the dense model's ms per run and a
+    map variant index -> (median of per-round ratios, its ci, ratio of medians)."""
     backend = OrtBackend(threads=1)
-    ready = [v for v in variants if v.model is not None]
+    ready = [k for k, v in enumerate(variants) if v.model is not None]
     fixed = static_inputs(dense, None)
+    checks, dense_ms, found = [], [], {}
     for start in range(0, len(ready), CHUNK):
         chunk = ready[start : start + CHUNK]
-        models = [fixed, *(static_inputs(v.model, None) for v in chunk)]
-        timings = (backend.time_models(models, warmup=5, repeat=repeat) if wall
-                   else cpu_timed(models, backend, repeat))
-        for v, t in zip(chunk, timings[1:]):
-            v.latency = t.median_ms / timings[0].median_ms
-            v.spread = max(t.spread, timings[0].spread)
+        models = [fixed, fixed, *(static_inputs(variants[k].model, None) for k in chunk)]
+        got = samples(models, backend, repeat, runs, wall)
+        self_check = RatioSummary.of(got[1], got[0])
+        checks.append(
+            {
+                "ratio": self_check.ratio,
+                "ci": self_check.ci,
+                "spread": self_check.spread,
+                "ratio_of_medians": float(np.median(got[1]) / np.median(got[0])),
+            }
+        )
+        dense_ms.append(float(np.median(got[0])) * 1e3)
+        for k, x in zip(chunk, got[2:]):
+            summary = RatioSummary.of(x, got[0])
+            found[k] = (summary.ratio, summary.ci, float(np.median(x) / np.median(got[0])))
+            if write:
+                v = variants[k]
+                v.latency, v.spread = summary.ratio, summary.spread
+                v.extra.update(ci=summary.ci, ratio_of_medians=found[k][2])
+    return {
+        "runs_per_sample": runs,
+        "rounds": repeat,
+        "dense_ms": dense_ms,
+        "self_checks": checks,
+        "found": found,
+    }
+
+
+def curve_violations(
+    variants: list[Variant], found: dict[int, tuple[float, float, float]], paired: bool = True
+) -> int:
+    """Monotonicity violations (latency vs MACs, beyond the intervals) summed over every config's curves
+    (`paired`: the median of per-round ratios, else the ratio of medians)."""
+    total = 0
+    for config in dict.fromkeys(v.config for v in variants):
+        for kind in KINDS:
+            pts = [
+                (variants[k].macs_reduction, found[k][0 if paired else 2], found[k][1])
+                for k in found
+                if variants[k].config == config and variants[k].kind == kind
+            ]
+            total += len(monotone_violations(pts))
+    return total
+
+
+def timing_study(dense: onnx.ModelProto, variants: list[Variant], repeat: int, runs: int) -> list[dict]:
+    """Each method timed twice over the same models: K = 1 with 101 rounds and ratio of medians (session 23);
+    K = 1 with as many rounds as the next method's runs (more rounds, the same time) and K = `runs` with `repeat`
+    rounds, both median of per-round ratios. Agreement of the two repetitions (median and max |a - b| over
+    variants), the dense self-check and the curves' monotonicity violations."""
+    rows = []
+    for label, k, rounds, paired in (
+        ("K=1, 101 rounds, ratio of medians (session 23)", 1, 101, False),
+        (f"K=1, {runs * repeat} rounds (the same time), median of per-round ratios", 1, runs * repeat, True),
+        (f"K={runs}, {repeat} rounds, median of per-round ratios", runs, repeat, True),
+    ):
+        t = time.perf_counter()
+        reps = [time_all(dense, variants, rounds, k, write=False) for _ in range(2)]
+        col = 0 if paired else 2
+        a, b = (r["found"] for r in reps)
+        diffs = [abs(a[i][col] - b[i][col]) for i in a]
+        rows.append(
+            {
+                "method": label,
+                "max_repeat_diff": max(diffs),
+                "median_repeat_diff": float(np.median(diffs)),
+                "self_checks": [
+                    c["ratio"] if paired else c["ratio_of_medians"] for r in reps for c in r["self_checks"]
+                ],
+                "violations": [curve_violations(variants, r["found"], paired) for r in reps],
+                "seconds": round(time.perf_counter() - t, 1),
+            }
+        )
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ tables
 
 
-def curve_at(records: list[dict], config: str, kind: str, latency: float, dense: float) -> float | None:
-    """Accuracy of `kind`'s accuracy-vs-measured-latency curve at `latency` (None outside its range); every
-    curve starts at the dense model (1.0x, `dense`): pruning nothing is a point of every allocation."""
-    points = sorted([(1.0, dense)] + [(r["latency_fraction"], r["accuracy"]) for r in records
-                                      if r["config"] == config and r["kind"] == kind
-                                      and np.isfinite(r["latency_fraction"])])
-    if len(points) < 2 or not points[0][0] <= latency <= points[-1][0]:
-        return None
-    lat, acc = zip(*points)
-    return float(np.interp(latency, lat, acc))
-
-
-def model_lines(result: dict) -> tuple[list[str], list[dict]]:
-    """The text of one model's results, and its equal-latency comparisons (for the bar)."""
-    records = result["records"]
-    lines = [f"{result['model']}: dense {result['metric']} {result['dense']:.2f}%  ({result['load_before']}; "
-             f"after: {result['load_after']})"]
-    comparisons: list[dict] = []
-    for config in dict.fromkeys(r["config"] for r in records if r["kind"] in KINDS):
-        lines.append(f"  {LABELS[config]}:")
-        lines.append(f"    {'kind':<14} {'setting':>8} {'latency':>8} {'spread':>7} {'MACs /':>7} {'acc':>7}")
-        for r in (x for x in records if x["config"] == config and x["kind"] in KINDS):
-            if r["error"]:
-                lines.append(f"    {r['kind']:<14} {r['setting']:>8}  {r['error']}")
-                continue
-            lines.append(f"    {r['kind']:<14} {r['setting']:>8} {r['latency_fraction']:>7.3f}x {r['spread']:>7.2f} "
-                         f"{r['macs_reduction']:>7.2f} {r['accuracy']:>6.2f}%")  # fmt: skip
-        lines.append("    at equal measured latency (FLOPs-based / uniform interpolated on their curves):")
-        for r in (x for x in records if x["config"] == config and x["kind"] == "latency-aware" and not x["error"]):
-            flops = curve_at(records, config, "FLOPs-based", r["latency_fraction"], result["dense"])
-            uniform = curve_at(records, config, "uniform", r["latency_fraction"], result["dense"])
-            cells = [f"latency-aware {r['accuracy']:.2f}%",
-                     f"FLOPs-based {flops:.2f}%" if flops is not None else "FLOPs-based - (outside its range)",
-                     f"uniform {uniform:.2f}%" if uniform is not None else "uniform - (outside its range)"]
-            verdict = "" if flops is None else ("  PASS" if r["accuracy"] >= flops - TIE else "  FAIL")
-            lines.append(f"      {r['latency_fraction']:.3f}x: " + ", ".join(cells) + verdict)
-            comparisons.append({"model": result["model"], "config": config, "latency": r["latency_fraction"],
-                                "latency_aware": r["accuracy"], "flops": flops, "uniform": uniform})
-        lines.append("    and at each FLOPs-based model's measured latency (latency-aware interpolated on its curve):")
-        for r in (x for x in records if x["config"] == config and x["kind"] == "FLOPs-based" and not x["error"]):
-            aware = curve_at(records, config, "latency-aware", r["latency_fraction"], result["dense"])
-            if aware is None:
-                lines.append(f"      {r['latency_fraction']:.3f}x: FLOPs-based {r['accuracy']:.2f}%, latency-aware - "
-                             "(outside its range)")
-                continue
-            lines.append(f"      {r['latency_fraction']:.3f}x: FLOPs-based {r['accuracy']:.2f}%, latency-aware "
-                         f"{aware:.2f}%  {'PASS' if aware >= r['accuracy'] - TIE else 'FAIL'}")
-            comparisons.append({"model": result["model"], "config": config, "latency": r["latency_fraction"],
-                                "latency_aware": aware, "flops": r["accuracy"], "uniform": None})
-    rounds = int(result.get("repeat", 101))
-    bar = [r for r in records if r["kind"] in ("auto", "round-to-1") and not r["error"]]
-    if bar:
-        lines.append("  rounding (plain --ratio R, l2 + bias): latency auto vs --round-to 1, same rounds")
-        for ratio in dict.fromkeys(r["setting"] for r in bar):
-            pair = {r["kind"]: r for r in bar if r["setting"] == ratio}
-            if len(pair) == 2:
-                a, one = pair["auto"], pair["round-to-1"]
-                if a.get("graph_sha") and a.get("graph_sha") == one.get("graph_sha"):
-                    lines.append(f"    ratio {ratio}: auto wrote the --round-to 1 model itself (same graph and "
-                                 f"weights; measured {a['latency_fraction']:.3f}x vs {one['latency_fraction']:.3f}x: "
-                                 "the timing noise)  PASS")  # fmt: skip
-                    continue
-                # noise: the median's standard error is ~0.93 x IQR / sqrt(rounds) per model; 2 sigma of the ratio
-                margin = max(0.03, 2 * 0.93 * math.sqrt(2) * max(a["spread"], one["spread"]) / math.sqrt(rounds))
-                ok = a["latency_fraction"] <= one["latency_fraction"] * (1 + margin)
-                lines.append(f"    ratio {ratio}: auto {a['latency_fraction']:.3f}x (MACs /{a['macs_reduction']:.2f}, "
-                             f"{a['accuracy']:.2f}%), round-to 1 {one['latency_fraction']:.3f}x (MACs /"
-                             f"{one['macs_reduction']:.2f}, {one['accuracy']:.2f}%)  "
-                             f"{'PASS' if ok else 'FAIL'} (auto <= unrounded x {1 + margin:.3f}, the timing noise)")  # fmt: skip
-    return lines, comparisons
-
-
-def summary_lines(results: list[dict]) -> list[str]:
-    comparisons = [c for res in results for c in model_lines(res)[1] if c["flops"] is not None]
-    if not comparisons:
-        return []
-    lines = []
-    for config in dict.fromkeys(c["config"] for c in comparisons):
-        mine = [c for c in comparisons if c["config"] == config]
-        wins = sum(c["latency_aware"] >= c["flops"] - TIE for c in mine)
-        mean = float(np.mean([c["latency_aware"] - c["flops"] for c in mine]))
-        worst = min(mine, key=lambda c: c["latency_aware"] - c["flops"])
-        lines.append(f"bar, {LABELS[config]} (latency-aware >= FLOPs-based - {TIE} pt at equal measured latency): "
-                     f"{wins}/{len(mine)}; mean difference {mean:+.2f} pt; worst "
-                     f"{worst['latency_aware'] - worst['flops']:+.2f} pt ({worst['model']}, {worst['latency']:.3f}x)")
-    return lines
-
-
 def write(out: Path, args: argparse.Namespace, results: list[dict], started: float) -> str:
-    lines = [f"bench/latency_accuracy.py {' '.join(sys.argv[1:])}".rstrip(),
-             "Accuracy at equal measured latency (onnxruntime CPU, 1 intra-op thread, batch 1, interleaved; "
-             f"{'wall-clock' if args.wall else 'thread CPU time'} medians)", ""]
+    lines = [
+        f"bench/latency_accuracy.py {' '.join(sys.argv[1:])}".rstrip(),
+        "Accuracy at equal measured latency (onnxruntime CPU, 1 intra-op thread, batch 1, interleaved; "
+        f"{'wall-clock' if args.wall else 'thread CPU time'}; latency = median over rounds of pruned / dense "
+        "sample of the same round)",
+        "",
+    ]
     for res in results:
         lines += model_lines(res)[0] + [""]
     lines += summary_lines(results)
@@ -384,23 +461,53 @@ def run_model(name: str, args: argparse.Namespace, cache: Path, curves: SharedCu
     load_before = load()
     subject = LOADERS[name](name, args.quick)
     curves.subject = name
-    dense_score = subject.score(subject.model)
-    stats = collect_stats(subject.model, subject.calib, hessian=True)
+    dense_correct = subject.score(subject.model)
+    extra: dict[str, Any] = {}
     plan = settings(args.quick)
     variants = [Variant(c, kind, s) for c in args.configs for kind in KINDS for s in plan[kind]]
-    variants += [Variant("data-free", kind, r) for r in args.rounding for kind in ("auto", "round-to-1")]
+    variants += [Variant(ROUNDING_CONFIG, kind, r) for r in args.rounding for kind in ("auto", "round-to-1")]
+    needed = {CONFIGS[v.config][2] for v in variants}
+    inputs: dict[str, tuple] = {}
+    if "calib" in needed:
+        inputs["calib"] = (subject.calib, collect_stats(subject.model, subject.calib, hessian=True))
+    if "synthetic" in needed:  # the project's data-free path, once per model (as the calibration statistics)
+        t = time.perf_counter()
+        spec = "synthetic" if args.synthetic == 0 else f"synthetic:{args.synthetic}"
+        syn = load_calib(spec, subject.model, seed=args.synthetic_seed)
+        inputs["synthetic"] = (syn, collect_stats(subject.model, syn, hessian=True))
+        extra.update(
+            synthetic_s=time.perf_counter() - t, synthetic_n=int(next(iter(syn.arrays.values())).shape[0])
+        )
     with task(f"{name}: pruning", total=len(variants)) as progress:
         for v in variants:
-            prune(subject, v, cache, stats)
+            prune(subject, v, cache, inputs, curves)
             progress.advance()
-    time_all(subject.model, variants, args.repeat, args.wall)
+    runs = args.runs_per_sample or runs_per_sample(
+        static_inputs(subject.model, None), OrtBackend(threads=1), args.sample_ms
+    )
+    if args.timing_study:
+        extra["timing_study"] = timing_study(subject.model, variants, args.repeat, runs)
+    timing = time_all(subject.model, variants, args.repeat, runs, args.wall)
+    timing.pop("found")
     with task(f"{name}: accuracy", total=len(variants)) as progress:
         for v in variants:
             if v.model is not None:
-                v.accuracy = subject.score(v.model)
+                v.correct = subject.score(v.model)
+                v.accuracy = float(v.correct.mean() * 100)
             progress.advance()
-    return {"model": name, "metric": subject.metric, "dense": dense_score, "repeat": args.repeat, "load_before": load_before,
-            "load_after": load(), "records": [v.record() for v in variants]}
+    return {
+        "model": name,
+        "metric": subject.metric,
+        "dense": float(dense_correct.mean() * 100),
+        "n_test": int(dense_correct.size),
+        "dense_correct": pack(dense_correct),
+        "repeat": args.repeat,
+        "load_before": load_before,
+        "load_after": load(),
+        "timing": timing,
+        **extra,
+        "records": [v.record() for v in variants],
+    }
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -408,8 +515,26 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default="cifar_resnet20,fashion_mnist_cnn,fashion_mnist_resnet,cifar_resnet44")
     p.add_argument("--configs", default="calibrated,data-free")
     p.add_argument("--rounding", default="0.3,0.5", help="ratios of the auto-vs-unrounded bar ('' to skip)")
-    p.add_argument("--repeat", type=int, default=101, help="round-robin rounds when timing")
-    p.add_argument("--wall", action="store_true", help="time by wall clock (default: thread CPU time, robust to load)")
+    p.add_argument("--repeat", type=int, default=61, help="round-robin rounds when timing")
+    p.add_argument(
+        "--sample-ms",
+        type=float,
+        default=20.0,
+        help="each timed sample is K back-to-back runs, K chosen so the dense model's sample lasts this",
+    )
+    p.add_argument("--runs-per-sample", type=int, default=0, help="K itself (0: from --sample-ms)")
+    p.add_argument(
+        "--timing-study",
+        action="store_true",
+        help="also time everything twice with K=1 (session 23) and twice with K, and compare",
+    )
+    p.add_argument(
+        "--synthetic", type=int, default=0, help="--calib synthetic:N for data-free (0: the default plan)"
+    )
+    p.add_argument("--synthetic-seed", type=int, default=0)
+    p.add_argument(
+        "--wall", action="store_true", help="time by wall clock (default: thread CPU time, robust to load)"
+    )
     p.add_argument("--quick", action="store_true", help="fewer settings, 2000 test images")
     p.add_argument("--cache", default=None, help="latency table cache folder (default: the user cache)")
     p.add_argument("--out", default=str(ROOT / "bench" / "latency_accuracy_results"))
@@ -444,8 +569,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 results.append(run_model(name, args, cache, curves))
             except Exception as e:  # a missing dataset or model skips that model, the others still run
-                print(f"{name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
-                      flush=True)
+                print(
+                    f"{name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+                    flush=True,
+                )
                 continue
             print("\n".join(model_lines(results[-1])[0]), flush=True)
             write(out, args, results, started)

@@ -1,0 +1,266 @@
+"""The text of `bench/latency_accuracy.py`'s results: per-model tables, equal-latency comparisons with their
+strict verdict and paired significance, the timing checks, and the summary bar.
+
+Start reading at `model_lines`. Every comparison puts two accuracies at the same measured latency: one of a
+measured model, the other interpolated on the other allocation's accuracy-vs-latency curve. The strict
+verdict (PASS: latency-aware >= FLOPs-based - `TIE`) is unchanged from session 23; next to it, McNemar's exact
+test (`bench.paired_stats.mcnemar`) on the per-image correctness of the measured model and of the nearer of
+the two measured models bracketing the interpolated point (an interpolation has no per-image vector), and
+"significant" (p < `ALPHA`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from bench.paired_stats import mcnemar, monotone_violations, nearer, unpack
+
+KINDS = ("latency-aware", "FLOPs-based", "uniform")
+TIE = 0.1  # points of accuracy counted as equal in the bar (10 of 10,000 test images)
+ALPHA = 0.05  # "significant": McNemar p below this
+LABELS = {
+    "calibrated": "obs + seq (calibrated), knapsack curves",
+    "data-free": "obs + seq on --calib synthetic (data-free), knapsack curves",
+    "l2-bias": "l2 + bias (data-free by construction)",
+}
+DENSE = -1  # the id of the dense model among a curve's points
+
+
+def curve_at(
+    records: list[dict], config: str, kind: str, latency: float, dense: float
+) -> tuple[float, int] | None:
+    """Accuracy of `kind`'s accuracy-vs-measured-latency curve at `latency` and the id (index in `records`,
+    `DENSE` for the dense model) of the nearer bracketing measured model; None outside the curve's range.
+    Every curve starts at the dense model (1.0x, `dense`): pruning nothing is a point of every allocation."""
+    points = sorted([(1.0, dense, DENSE)] + [(r["latency_fraction"], r["accuracy"], k) for k, r in enumerate(records)
+                                             if r["config"] == config and r["kind"] == kind and not r["error"]
+                                             and np.isfinite(r["latency_fraction"])])  # fmt: skip
+    if len(points) < 2 or not points[0][0] <= latency <= points[-1][0]:
+        return None
+    lat, acc, ids = zip(*points)
+    near = nearer(list(zip(lat, ids)), latency)
+    assert near is not None  # inside the range
+    return float(np.interp(latency, lat, acc)), near
+
+
+def _correct(result: dict, k: int) -> np.ndarray | None:
+    text = result.get("dense_correct") if k == DENSE else result["records"][k].get("correct")
+    return unpack(text, int(result["n_test"])) if text and result.get("n_test") else None
+
+
+def _paired(result: dict, aware: int, flops: int) -> dict[str, Any]:
+    """McNemar of the latency-aware model `aware` vs the FLOPs-based model `flops` (record ids or `DENSE`)."""
+    a, f = _correct(result, aware), _correct(result, flops)
+    if a is None or f is None:
+        return {"p": None, "significant": None, "text": "paired test n/a (no per-image vectors)"}
+    only_a, only_f, p = mcnemar(a, f)  # images only the latency-aware / only the FLOPs-based model gets right
+    return {"p": p, "significant": p < ALPHA, "text": f"McNemar {only_a}:{only_f} p={p:.3f}"}
+
+
+def _pair_text(result: dict, k: int) -> str:
+    if k == DENSE:
+        return "dense"
+    r = result["records"][k]
+    return f"{r['kind']} {r['setting']} at {r['latency_fraction']:.3f}x"
+
+
+def _comparison_line(
+    result: dict,
+    config: str,
+    latency: float,
+    aware: tuple[float, int],
+    flops: tuple[float, int],
+    interpolated: str,
+) -> tuple[str, dict]:
+    ok = aware[0] >= flops[0] - TIE
+    test = _paired(result, aware[1], flops[1])
+    near = aware[1] if interpolated == "latency-aware" else flops[1]
+    sig = "n/a" if test["significant"] is None else ("yes" if test["significant"] else "no")
+    line = (
+        f"{'PASS' if ok else 'FAIL'}  diff {aware[0] - flops[0]:+.2f} pt, {test['text']} "
+        f"(paired with {_pair_text(result, near)}), significant: {sig}"
+    )
+    return line, {
+        "model": result["model"],
+        "config": config,
+        "latency": latency,
+        "latency_aware": aware[0],
+        "flops": flops[0],
+        "pass": ok,
+        "p": test["p"],
+        "significant": test["significant"],
+    }
+
+
+def timing_lines(result: dict) -> list[str]:
+    """The timing method, its self-check (dense / dense), monotonicity in MACs and the timing study."""
+    timing = result.get("timing")
+    if not timing:
+        return []
+    checks = ", ".join(f"{c['ratio']:.3f} (ci {c['ci']:.3f})" for c in timing["self_checks"])
+    lines = [
+        f"  timing: {timing['runs_per_sample']} back-to-back runs per sample, {timing['rounds']} rounds, dense "
+        f"{np.median(timing['dense_ms']):.3f} ms/run; self-check dense/dense (second session): {checks}"
+    ]
+    records = result["records"]
+    for config in dict.fromkeys(r["config"] for r in records if r["kind"] in KINDS):
+        cells = []
+        for kind in KINDS:
+            mine = [r for r in records if r["config"] == config and r["kind"] == kind and not r["error"]]
+            pts = [(r["macs_reduction"], r["latency_fraction"], r.get("ci", 0.0)) for r in mine]
+            bad = monotone_violations(pts)
+            cells.append(
+                f"{kind} "
+                + (
+                    "yes"
+                    if not bad
+                    else "NO: "
+                    + "; ".join(
+                        f"{mine[j]['setting']} (MACs /{pts[j][0]:.2f}) {pts[j][1]:.3f}x > {mine[i]['setting']} "
+                        f"(/{pts[i][0]:.2f}) {pts[i][1]:.3f}x"
+                        for i, j in bad
+                    )
+                )
+            )
+        lines.append(f"  monotone in MACs within the ci ({config}): " + ", ".join(cells))
+    for row in result.get("timing_study", []):
+        lines.append(
+            f"  timing study, {row['method']}: two repetitions differ by median {row['median_repeat_diff']:.3f}"
+            f" / max {row['max_repeat_diff']:.3f} (latency fraction); dense/dense "
+            + ", ".join(f"{x:.3f}" for x in row["self_checks"])
+            + f"; monotonicity violations {row['violations']}; {row['seconds']:.0f} s"
+        )
+    return lines
+
+
+def model_lines(result: dict) -> tuple[list[str], list[dict]]:
+    """The text of one model's results, and its equal-latency comparisons (for the bar)."""
+    records = result["records"]
+    dense = result["dense"]
+    lines = [
+        f"{result['model']}: dense {result['metric']} {dense:.2f}%  ({result['load_before']}; "
+        f"after: {result['load_after']})"
+    ]
+    if result.get("synthetic_s"):
+        lines.append(
+            f"  --calib synthetic: {result.get('synthetic_n', '?')} inputs in {result['synthetic_s']:.0f} s "
+            "(once per model, shared by its data-free rows)"
+        )
+    lines += timing_lines(result)
+    comparisons: list[dict] = []
+    for config in dict.fromkeys(r["config"] for r in records if r["kind"] in KINDS):
+        lines.append(f"  {LABELS.get(config, config)}:")
+        lines.append(
+            f"    {'kind':<14} {'setting':>8} {'latency':>8} {'ci':>6} {'spread':>7} {'MACs /':>7} {'acc':>7}"
+        )
+        for r in (x for x in records if x["config"] == config and x["kind"] in KINDS):
+            if r["error"]:
+                lines.append(f"    {r['kind']:<14} {r['setting']:>8}  {r['error']}")
+                continue
+            lines.append(f"    {r['kind']:<14} {r['setting']:>8} {r['latency_fraction']:>7.3f}x {r.get('ci', math.nan):>6.3f} "
+                         f"{r['spread']:>7.2f} {r['macs_reduction']:>7.2f} {r['accuracy']:>6.2f}%")  # fmt: skip
+        lines.append(
+            "    at equal measured latency (FLOPs-based / uniform interpolated on their curves; strict verdict, "
+            "then McNemar on per-image correctness):"
+        )
+        for k, r in enumerate(records):
+            if r["config"] != config or r["kind"] != "latency-aware" or r["error"]:
+                continue
+            flops = curve_at(records, config, "FLOPs-based", r["latency_fraction"], dense)
+            uniform = curve_at(records, config, "uniform", r["latency_fraction"], dense)
+            cells = [
+                f"latency-aware {r['accuracy']:.2f}%",
+                f"FLOPs-based {flops[0]:.2f}%" if flops else "FLOPs-based - (outside its range)",
+                f"uniform {uniform[0]:.2f}%" if uniform else "uniform - (outside its range)",
+            ]
+            verdict = ""
+            if flops is not None:
+                verdict, c = _comparison_line(
+                    result, config, r["latency_fraction"], (r["accuracy"], k), flops, "FLOPs-based"
+                )
+                comparisons.append(c)
+            lines.append(
+                f"      {r['latency_fraction']:.3f}x: "
+                + ", ".join(cells)
+                + ("  " + verdict if verdict else "")
+            )
+        lines.append(
+            "    and at each FLOPs-based model's measured latency (latency-aware interpolated on its curve):"
+        )
+        for k, r in enumerate(records):
+            if r["config"] != config or r["kind"] != "FLOPs-based" or r["error"]:
+                continue
+            aware = curve_at(records, config, "latency-aware", r["latency_fraction"], dense)
+            if aware is None:
+                lines.append(
+                    f"      {r['latency_fraction']:.3f}x: FLOPs-based {r['accuracy']:.2f}%, latency-aware - "
+                    "(outside its range)"
+                )
+                continue
+            verdict, c = _comparison_line(
+                result, config, r["latency_fraction"], aware, (r["accuracy"], k), "latency-aware"
+            )
+            comparisons.append(c)
+            lines.append(
+                f"      {r['latency_fraction']:.3f}x: FLOPs-based {r['accuracy']:.2f}%, latency-aware "
+                f"{aware[0]:.2f}%  {verdict}"
+            )
+    lines += rounding_lines(result)
+    return lines, comparisons
+
+
+def rounding_lines(result: dict) -> list[str]:
+    """The bar "auto rounding is never slower than unrounded": plain --ratio R, auto vs --round-to 1."""
+    records, lines = result["records"], []
+    rounds = int(result.get("repeat", 101))
+    bar = [r for r in records if r["kind"] in ("auto", "round-to-1") and not r["error"]]
+    if not bar:
+        return lines
+    lines.append("  rounding (plain --ratio R, l2 + bias): latency auto vs --round-to 1, same rounds")
+    for ratio in dict.fromkeys(r["setting"] for r in bar):
+        pair = {r["kind"]: r for r in bar if r["setting"] == ratio}
+        if len(pair) != 2:
+            continue
+        a, one = pair["auto"], pair["round-to-1"]
+        if a.get("graph_sha") and a.get("graph_sha") == one.get("graph_sha"):
+            lines.append(
+                f"    ratio {ratio}: auto wrote the --round-to 1 model itself (same graph and weights; "
+                f"measured {a['latency_fraction']:.3f}x vs {one['latency_fraction']:.3f}x: the timing noise)  PASS"
+            )
+            continue
+        if "ci" in a and "ci" in one:  # both medians' ~95% intervals (paired per-round ratios)
+            margin = max(0.01, a["ci"] + one["ci"])
+        else:  # session 23: the median's standard error is ~0.93 x IQR / sqrt(rounds) per model; 2 sigma of the ratio
+            margin = max(0.03, 2 * 0.93 * math.sqrt(2) * max(a["spread"], one["spread"]) / math.sqrt(rounds))
+        ok = a["latency_fraction"] <= one["latency_fraction"] * (1 + margin)
+        lines.append(
+            f"    ratio {ratio}: auto {a['latency_fraction']:.3f}x (MACs /{a['macs_reduction']:.2f}, "
+            f"{a['accuracy']:.2f}%), round-to 1 {one['latency_fraction']:.3f}x (MACs /"
+            f"{one['macs_reduction']:.2f}, {one['accuracy']:.2f}%)  "
+            f"{'PASS' if ok else 'FAIL'} (auto <= unrounded x {1 + margin:.3f}, the timing noise)"
+        )
+    return lines
+
+
+def summary_lines(results: list[dict]) -> list[str]:
+    """The bar per config: strict PASS count, and how many FAILs (and wins) are beyond the test set's noise."""
+    comparisons = [c for res in results for c in model_lines(res)[1]]
+    lines = []
+    for config in dict.fromkeys(c["config"] for c in comparisons):
+        mine = [c for c in comparisons if c["config"] == config]
+        wins = sum(c["pass"] for c in mine)
+        fails = [c for c in mine if not c["pass"]]
+        sig_fails = sum(bool(c["significant"]) for c in fails)
+        sig_wins = sum(bool(c["significant"]) and c["latency_aware"] > c["flops"] for c in mine)
+        mean = float(np.mean([c["latency_aware"] - c["flops"] for c in mine]))
+        worst = min(mine, key=lambda c: c["latency_aware"] - c["flops"])
+        lines.append(
+            f"bar, {LABELS.get(config, config)} (latency-aware >= FLOPs-based - {TIE} pt at equal measured "
+            f"latency): {wins}/{len(mine)} PASS; FAILs significant (McNemar p < {ALPHA}): {sig_fails}/"
+            f"{len(fails)}; latency-aware significantly better: {sig_wins}; mean difference {mean:+.2f} pt; "
+            f"worst {worst['latency_aware'] - worst['flops']:+.2f} pt ({worst['model']}, {worst['latency']:.3f}x)"
+        )
+    return lines
