@@ -33,6 +33,9 @@ unless the row says otherwise):
 * ``unconstrained-synthetic`` (not in the default ``--methods``): the same on the synthetic inputs (data-free;
   ``--synthetic-seed``); ``unconstrained-steps`` / ``unconstrained-synthetic-steps``: either in ``--steps`` gradual
   steps (`onnxprune.passes.iterative_unconstrained`);
+* ``*-refine`` / ``*-refine-kl`` (not in the default ``--methods``; after any knapsack or knapsack-steps
+  method): the same, then ``--refine-epochs`` epochs of end-to-end distillation from the dense model on the
+  row's own inputs (calibration images or synthetic; `onnxprune.refine`, MSE on the logits or KL at T = 4);
 * ``onnxsim``: onnxsim 0.8.1 ``apply_structured_pruning`` (L2) after ``onnxsim.simplify``, its sparsity
   bisected to the same fraction of its own (BN-folded) model's parameters (`bench/onnxsim_baseline.py`);
   needs onnxsim (``/tmp/venv-bench/bin/python bench/accuracy_real.py`` when it lives in a venv).
@@ -141,6 +144,21 @@ def _unconstrained_step_labels(steps: int) -> None:
 
 
 _unconstrained_step_labels(ITERATIVE_STEPS)
+# Refined rows (`onnxprune.refine`): a constrained method, then end-to-end distillation from the dense model on the
+# same inputs. method -> (constrained method, loss); epochs and lr: --refine-epochs / --refine-lr.
+# Synthetic rows have ~256 inputs (vs 2,000 images): more epochs for a similar number of steps.
+REFINE_EPOCHS, REFINE_SYNTHETIC_EPOCHS, REFINE_LR = 5, 40, 5e-4
+REFINE = {f"{m}-refine{suffix}": (m, loss)
+          for m in ("calibrated-knapsack", "synthetic-knapsack", "calibrated-knapsack-steps", "synthetic-knapsack-steps")
+          for suffix, loss in (("", "mse"), ("-kl", "kl"))}
+
+
+def _refine_labels(epochs: int, synthetic_epochs: int) -> None:
+    for m, (base, loss) in REFINE.items():
+        LABELS[m] = f"{LABELS[base]}, refine {synthetic_epochs if 'synthetic' in m else epochs} ep {loss}"
+
+
+_refine_labels(REFINE_EPOCHS, REFINE_SYNTHETIC_EPOCHS)
 RESIDUAL = {"cifar_resnet20", "cifar_resnet44"}
 # Calibration samples per model when --calib-samples is not given. Small inputs: every calibration image there
 # is. The seq repair and the knapsack's statistics are cheap at 32x32 and more samples are the lever that
@@ -231,6 +249,7 @@ class Bench:
     def _row(self, method: str, fraction: float) -> dict[str, Any]:
         target = f"{(1 - fraction) * 100:.6f}%"
         t = time.perf_counter()
+        extra: dict[str, float] = {}
         if method == "onnxsim":
             from bench.onnxsim_baseline import match_fraction, pruner, simplified
 
@@ -251,25 +270,37 @@ class Bench:
             pruned = res.model
             removed = 1 - count_params(ModelGraph(pruned)) / self.params
         else:
-            crit, rep, data, allocation = CONSTRAINED[method]
+            base, refine_loss = REFINE.get(method, (method, None))
+            crit, rep, data, allocation = CONSTRAINED[base]
             calib, stats = {None: (None, None), "synthetic": (self.syn, self.syn_stats),
                             "calib": (self.calib, self.stats)}[data]
             cfg = PruneConfig(criterion=crit, repair=rep, target_params=target, round_to=1, allocation=allocation)
-            _, steps, reallocate = ITERATIVE.get(method, (method, 1, False))
+            _, steps, reallocate = ITERATIVE.get(base, (base, 1, False))
             res = IterativePrunePass(cfg, steps, calib=calib, stats=stats, reallocate=reallocate).run(self.model)
             pruned = res.model
             s = res.info["summary"]
             removed = 1 - s["params_after"] / s["params_before"]
+            if refine_loss is not None:
+                from onnxprune.refine import RefineConfig, refine
+
+                assert calib is not None  # refined rows prune with calibration images or synthetic inputs
+                epochs = self.args.refine_synthetic_epochs if data == "synthetic" else self.args.refine_epochs
+                rcfg = RefineConfig(epochs=epochs, lr=self.args.refine_lr, loss=refine_loss, threads=1)
+                t_refine = time.perf_counter()
+                pruned, report = refine(pruned, self.model, calib.arrays[self.input], rcfg)
+                extra = {"refine_seconds": time.perf_counter() - t_refine, "refine_loss_before": report.loss_before,
+                         "refine_loss_after": report.loss_after}
         seconds = time.perf_counter() - t
         rss = _peak_rss_mb()
         acc = top1(pruned, *self.test) if self.test is not None else None
-        return {"top1": acc, "removed": removed, "seconds": seconds, "rss_mb": rss}
+        return {"top1": acc, "removed": removed, "seconds": seconds, "rss_mb": rss, **extra}
 
 
 def data_of(method: str) -> str | None:
     """The inputs a method's row prunes with: None (data-free by construction), "synthetic" or "calib"."""
     if method in UNCONSTRAINED_ROWS:
         return UNCONSTRAINED_ROWS[method][1]
+    method = REFINE.get(method, (method, None))[0]
     return CONSTRAINED[method][2] if method in CONSTRAINED else None
 
 
@@ -279,6 +310,9 @@ def bars(name: str, method: str, fraction: float, cell: dict, base: float | None
         return ""
     drop = base - cell["top1"]
     at20 = fraction <= 0.2 + 1e-9
+    if method in REFINE:  # judged like the rows they refine: calibrated or data-free
+        lim = (1.0 if at20 else 3.0) if data_of(method) == "calib" else (2.0 if at20 else 6.0)
+        return f"{'PASS' if drop <= lim else 'FAIL'} drop {drop:.2f} <= {lim:g}"
     if method == f"calibrated-{RECOMMENDED_ALLOCATION}":
         lim = 1.0 if at20 else 3.0
         return f"{'PASS' if drop <= lim else 'FAIL'} drop {drop:.2f} <= {lim:g}"
@@ -310,9 +344,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="methods run on EfficientNet-Lite0 (no images: time and RSS only)")
     ap.add_argument("--steps", type=int, default=ITERATIVE_STEPS,
                     help="steps of the iterative rows (*-knapsack-steps, *-knapsack-realloc, unconstrained*-steps)")
+    ap.add_argument("--refine-epochs", type=int, default=REFINE_EPOCHS, help="epochs of the *-refine rows")
+    ap.add_argument("--refine-synthetic-epochs", type=int, default=REFINE_SYNTHETIC_EPOCHS,
+                    help="epochs of the synthetic *-refine rows (fewer inputs)")
+    ap.add_argument("--refine-lr", type=float, default=REFINE_LR, help="Adam's peak learning rate of the *-refine rows")
     ap.add_argument("--out", default=str(ROOT / "bench" / "accuracy_real_results"))
     args = ap.parse_args(argv)
     _iterative_labels(args.steps)
+    _refine_labels(args.refine_epochs, args.refine_synthetic_epochs)
     _unconstrained_step_labels(args.steps)
     fractions = [float(f) for f in args.fractions.split(",")]
     load_before = os.getloadavg()
