@@ -57,7 +57,12 @@ def _paired(result: dict, aware: int, flops: int) -> dict[str, Any]:
     if a is None or f is None:
         return {"p": None, "significant": None, "text": "paired test n/a (no per-image vectors)"}
     only_a, only_f, p = mcnemar(a, f)  # images only the latency-aware / only the FLOPs-based model gets right
-    return {"p": p, "significant": p < ALPHA, "text": f"McNemar {only_a}:{only_f} p={p:.3f}"}
+    return {
+        "p": p,
+        "only_aware": only_a,
+        "only_flops": only_f,
+        "text": f"McNemar {only_a}:{only_f} p={p:.3f}",
+    }
 
 
 def _pair_text(result: dict, k: int) -> str:
@@ -78,6 +83,13 @@ def _comparison_line(
     ok = aware[0] >= flops[0] - TIE
     test = _paired(result, aware[1], flops[1])
     near = aware[1] if interpolated == "latency-aware" else flops[1]
+    if (
+        test["p"] is not None
+    ):  # significant: p < ALPHA and the paired models differ the way the comparison does
+        same_way = (test["only_aware"] - test["only_flops"]) * (aware[0] - flops[0]) > 0
+        test["significant"] = bool(test["p"] < ALPHA and same_way)
+        if test["p"] < ALPHA and not same_way:
+            test["text"] += " (the paired models differ the other way)"
     sig = "n/a" if test["significant"] is None else ("yes" if test["significant"] else "no")
     line = (
         f"{'PASS' if ok else 'FAIL'}  diff {aware[0] - flops[0]:+.2f} pt, {test['text']} "
