@@ -98,6 +98,7 @@ class RefineReport:
     loss_after: float
     seconds: float
     history: list[float] = field(default_factory=list)  # mean training loss per epoch
+    kept: bool = True  # False: the refined weights did not lower the loss, the pruned model was returned as is
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -199,10 +200,13 @@ def _run_batches(sess, name: str, x: np.ndarray, batch: int) -> list[np.ndarray]
 def distillation_loss(student: onnx.ModelProto, teacher: onnx.ModelProto, x: np.ndarray,
                       config: RefineConfig = RefineConfig(), batch: int = 256) -> float:
     """The distillation loss of `student` toward `teacher` on inputs `x` (no augmentation)."""
-    name = _input(student).name
-    s = _run_batches(session(student, threads=config.threads), name, x, batch)
-    t = _run_batches(session(teacher, threads=config.threads), _input(teacher).name, x, batch)
-    return _loss(s, t, config)
+    def run(model: onnx.ModelProto) -> list[np.ndarray]:
+        vi = _input(model)
+        dim = vi.type.tensor_type.shape.dim
+        static = dim[0].dim_value if len(dim) and dim[0].HasField("dim_value") else 0  # a model fixed to a batch
+        return _run_batches(session(model, threads=config.threads), vi.name, x, static or batch)
+
+    return _loss(run(student), run(teacher), config)
 
 
 def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -235,8 +239,8 @@ def refine(pruned: onnx.ModelProto, teacher: onnx.ModelProto, x: np.ndarray,
            config: RefineConfig) -> tuple[onnx.ModelProto, RefineReport]:
     """Distil `teacher`'s outputs into `pruned`'s weights on the inputs `x` ([samples, *dims]).
 
-    Returns the refined model (the pruned graph with new initializer values; the same object when
-    ``config.epochs == 0``) and the report.
+    Returns the refined model (the pruned graph with new initializer values; `pruned` itself when
+    ``config.epochs == 0`` or when the refined weights did not lower the distillation loss on `x`) and the report.
 
     Raises:
         UnsupportedModelError: a node between a parameter and the outputs has no gradient rule, or the model has
@@ -293,6 +297,7 @@ def refine(pruned: onnx.ModelProto, teacher: onnx.ModelProto, x: np.ndarray,
             history.append(float(np.mean(losses)) if losses else float("nan"))
     refined = _with_values(pruned, values)
     loss_after = distillation_loss(refined, teacher, x, config)
+    kept = loss_after < loss_before  # never hand back a model further from the teacher than it came
     report = RefineReport(config.epochs, step, config.loss, config.lr, batch, n, len(trainer.params), loss_before,
-                          loss_after, time.perf_counter() - t0, history)
-    return refined, report
+                          loss_after, time.perf_counter() - t0, history, kept)
+    return (refined if kept else pruned), report

@@ -51,7 +51,7 @@ class RefinePass(Pass):
         assert self.calib is not None
         (x,) = self.calib.arrays.values()
         refined, report = refine(model, self.teacher, x, self.config)
-        return PassResult(refined, True, artifacts=(report,))
+        return PassResult(refined, refined is not model, artifacts=(report,))
 
 
 def _structure(model: onnx.ModelProto) -> tuple:

@@ -265,3 +265,17 @@ def test_cli_refine_zero_is_bit_for_bit_and_refine_needs_calib(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "onnxprune.cli", "prune", str(FASHION_CNN), "--ratio", "0.3",
                           "-o", str(tmp_path / "x.onnx"), "--refine", "2"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--refine needs calibration inputs" in bad.stderr
+
+
+def test_refine_hands_back_the_pruned_model_when_the_loss_does_not_drop():
+    from onnxprune.refine import RefineConfig, refine
+
+    teacher = GRAD_CASES["conv_stride1_same"]()
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    student.graph.initializer[0].CopyFrom(numpy_helper.from_array(_w(6, 4, 3, 3), "w"))
+    x = RNG.standard_normal((12, *X[1:])).astype(np.float32)  # the model's batch is 3
+    out, report = refine(student, teacher, x, RefineConfig(epochs=1, batch=3, lr=1e3, augment=False))
+    assert not report.kept and report.loss_after > report.loss_before and out is student
+    good, report = refine(student, teacher, x, RefineConfig(epochs=20, batch=3, lr=1e-2, augment=False))
+    assert report.kept and report.loss_after < 0.5 * report.loss_before and good is not student
