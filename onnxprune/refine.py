@@ -69,7 +69,7 @@ class RefineConfig:
 
     epochs: int = 0
     batch: int = 64
-    lr: float = 1e-4
+    lr: float = 1e-3  # R20 40%: 5 epochs at 5e-4 88.23%, 10 at 1e-3 89.02% (from 86.98)
     loss: str = "mse"
     temperature: float = 4.0
     augment: bool = True
