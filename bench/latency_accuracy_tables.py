@@ -5,8 +5,10 @@ Start reading at `model_lines`. Every comparison puts two accuracies at the same
 measured model, the other interpolated on the other allocation's accuracy-vs-latency curve. The strict
 verdict (PASS: latency-aware >= FLOPs-based - `TIE`) is unchanged from session 23; next to it, McNemar's exact
 test (`bench.paired_stats.mcnemar`) on the per-image correctness of the measured model and of the nearer of
-the two measured models bracketing the interpolated point (an interpolation has no per-image vector), and
-"significant" (p < `ALPHA`).
+the two measured models bracketing the interpolated point (the brief's rule), and "significant" (p < `ALPHA`
+and the paired models differ the same way). The nearer model may sit a few % of latency away, so each line also
+gives an interpolation-aware paired test: the interpolated accuracy w acc(A) + (1 - w) acc(B) is the mean of the
+per-image score w a_i + (1 - w) b_i, compared with the other side's per-image scores (`paired_z`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.paired_stats import mcnemar, monotone_violations, nearer, unpack
+from bench.paired_stats import mcnemar, monotone_violations, nearer, paired_z, unpack
 
 KINDS = ("latency-aware", "FLOPs-based", "uniform")
 TIE = 0.1  # points of accuracy counted as equal in the bar (10 of 10,000 test images)
@@ -31,9 +33,10 @@ DENSE = -1  # the id of the dense model among a curve's points
 
 def curve_at(
     records: list[dict], config: str, kind: str, latency: float, dense: float
-) -> tuple[float, int] | None:
-    """Accuracy of `kind`'s accuracy-vs-measured-latency curve at `latency` and the id (index in `records`,
-    `DENSE` for the dense model) of the nearer bracketing measured model; None outside the curve's range.
+) -> tuple[float, int, dict[int, float]] | None:
+    """Accuracy of `kind`'s accuracy-vs-measured-latency curve at `latency`, the id (index in `records`,
+    `DENSE` for the dense model) of the nearer bracketing measured model, and the interpolation weights of
+    the bracketing models (id -> weight); None outside the curve's range.
     Every curve starts at the dense model (1.0x, `dense`): pruning nothing is a point of every allocation."""
     points = sorted([(1.0, dense, DENSE)] + [(r["latency_fraction"], r["accuracy"], k) for k, r in enumerate(records)
                                              if r["config"] == config and r["kind"] == kind and not r["error"]
@@ -43,12 +46,24 @@ def curve_at(
     lat, acc, ids = zip(*points)
     near = nearer(list(zip(lat, ids)), latency)
     assert near is not None  # inside the range
-    return float(np.interp(latency, lat, acc)), near
+    hi = min(max(int(np.searchsorted(lat, latency)), 1), len(lat) - 1)
+    w = (latency - lat[hi - 1]) / (lat[hi] - lat[hi - 1]) if lat[hi] > lat[hi - 1] else 1.0
+    weights = {ids[hi - 1]: 1.0 - w}
+    weights[ids[hi]] = weights.get(ids[hi], 0.0) + w
+    return float(np.interp(latency, lat, acc)), near, weights
 
 
 def _correct(result: dict, k: int) -> np.ndarray | None:
     text = result.get("dense_correct") if k == DENSE else result["records"][k].get("correct")
     return unpack(text, int(result["n_test"])) if text and result.get("n_test") else None
+
+
+def _score(result: dict, weights: dict[int, float]) -> np.ndarray | None:
+    """Per-image score of a point of a curve: the interpolation weights applied to its models' correctness."""
+    vectors = {k: _correct(result, k) for k in weights}
+    if any(v is None for v in vectors.values()):
+        return None
+    return sum(w * vectors[k].astype(np.float64) for k, w in weights.items())
 
 
 def _paired(result: dict, aware: int, flops: int) -> dict[str, Any]:
@@ -76,24 +91,27 @@ def _comparison_line(
     result: dict,
     config: str,
     latency: float,
-    aware: tuple[float, int],
-    flops: tuple[float, int],
+    aware: tuple[float, int, dict[int, float]],
+    flops: tuple[float, int, dict[int, float]],
     interpolated: str,
 ) -> tuple[str, dict]:
+    """(accuracy, nearer measured model, interpolation weights) of each side -> the verdict text and record."""
     ok = aware[0] >= flops[0] - TIE
     test = _paired(result, aware[1], flops[1])
     near = aware[1] if interpolated == "latency-aware" else flops[1]
-    if (
-        test["p"] is not None
-    ):  # significant: p < ALPHA and the paired models differ the way the comparison does
+    # significant: p < ALPHA and the paired models differ the way the comparison does
+    if test["p"] is not None:
         same_way = (test["only_aware"] - test["only_flops"]) * (aware[0] - flops[0]) > 0
         test["significant"] = bool(test["p"] < ALPHA and same_way)
         if test["p"] < ALPHA and not same_way:
             test["text"] += " (the paired models differ the other way)"
     sig = "n/a" if test["significant"] is None else ("yes" if test["significant"] else "no")
+    score_a, score_f = _score(result, aware[2]), _score(result, flops[2])
+    p_interp = paired_z(score_a, score_f) if score_a is not None and score_f is not None else None
     line = (
         f"{'PASS' if ok else 'FAIL'}  diff {aware[0] - flops[0]:+.2f} pt, {test['text']} "
         f"(paired with {_pair_text(result, near)}), significant: {sig}"
+        + (f"; interpolated per-image z p={p_interp:.3f}" if p_interp is not None else "")
     )
     return line, {
         "model": result["model"],
@@ -104,6 +122,7 @@ def _comparison_line(
         "pass": ok,
         "p": test["p"],
         "significant": test["significant"],
+        "p_interpolated": p_interp,
     }
 
 
@@ -191,7 +210,7 @@ def model_lines(result: dict) -> tuple[list[str], list[dict]]:
             verdict = ""
             if flops is not None:
                 verdict, c = _comparison_line(
-                    result, config, r["latency_fraction"], (r["accuracy"], k), flops, "FLOPs-based"
+                    result, config, r["latency_fraction"], (r["accuracy"], k, {k: 1.0}), flops, "FLOPs-based"
                 )
                 comparisons.append(c)
             lines.append(
@@ -213,7 +232,7 @@ def model_lines(result: dict) -> tuple[list[str], list[dict]]:
                 )
                 continue
             verdict, c = _comparison_line(
-                result, config, r["latency_fraction"], aware, (r["accuracy"], k), "latency-aware"
+                result, config, r["latency_fraction"], aware, (r["accuracy"], k, {k: 1.0}), "latency-aware"
             )
             comparisons.append(c)
             lines.append(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RatioSummary", "mcnemar", "monotone_violations", "nearer", "pack", "unpack"]
+__all__ = ["RatioSummary", "mcnemar", "monotone_violations", "nearer", "pack", "paired_z", "unpack"]
 
 NOTCH = 1.57  # McGill et al.: the median's ~95% interval is +- 1.57 IQR / sqrt(n)
 
@@ -72,6 +72,17 @@ def mcnemar(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
     top = max(logs)
     tail = math.exp(top) * sum(math.exp(x - top) for x in logs)
     return only_a, only_b, min(1.0, 2 * tail)
+
+
+def paired_z(x: np.ndarray, y: np.ndarray) -> float:
+    """Two-sided p-value of mean(x - y) = 0 from per-image differences (normal approximation, n in the
+    thousands). `x`, `y` may be fractional: an accuracy interpolated between two measured models with weights
+    w and 1 - w is the mean of the per-image score w a_i + (1 - w) b_i, so it has a paired test too."""
+    d = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
+    mean, sd = float(d.mean()), float(d.std(ddof=1)) if d.size > 1 else 0.0
+    if sd == 0.0:
+        return 1.0 if mean == 0.0 else 0.0
+    return math.erfc(abs(mean) / (sd / math.sqrt(d.size)) / math.sqrt(2))
 
 
 def pack(correct: np.ndarray) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bench.latency_accuracy_tables import DENSE, curve_at, model_lines, summary_lines
-from bench.paired_stats import RatioSummary, mcnemar, monotone_violations, nearer, pack, unpack
+from bench.paired_stats import RatioSummary, mcnemar, monotone_violations, nearer, pack, paired_z, unpack
 
 
 def test_mcnemar_matches_scipy_exact_binomial():
@@ -49,6 +49,18 @@ def test_paired_ratio_cancels_drift_that_ratio_of_medians_does_not():
     assert abs(s.ratio - 0.5) < 0.05
     with pytest.raises(ValueError):
         RatioSummary.of([1.0, 2.0], [1.0])
+
+
+def test_paired_z_on_fractional_scores():
+    rng = np.random.default_rng(3)
+    a = rng.random(10_000) < 0.9
+    assert paired_z(a, a) == 1.0
+    b = a.copy()
+    b[np.flatnonzero(a)[:200]] = False  # 2 pt worse on the same images: far beyond the noise
+    assert paired_z(a, b) < 1e-10
+    c = a ^ (rng.random(10_000) < 0.02)  # random disagreements: about as many each way
+    d = 0.5 * a + 0.5 * c  # an interpolation halfway: half the differences
+    assert paired_z(a, d) == pytest.approx(paired_z(a, c), abs=1e-12)  # scale-free: the same z
 
 
 def test_pack_roundtrip_and_nearer():
@@ -97,8 +109,13 @@ def test_comparisons_keep_strict_verdict_and_add_paired_significance():
     result = _result()
     records = result["records"]
     # FLOPs-based curve: (0.5, 88.0) (0.7, 92.4) (1.0, 93.0); at 0.8x -> 92.6, nearer measured = 70 (index 2)
-    acc, near = curve_at(records, "calibrated", "FLOPs-based", 0.80, 93.0)
+    acc, near, weights = curve_at(records, "calibrated", "FLOPs-based", 0.80, 93.0)
     assert acc == pytest.approx(92.4 + (93.0 - 92.4) * (0.1 / 0.3)) and near == 2
+    assert weights == {2: pytest.approx(2 / 3), DENSE: pytest.approx(1 / 3)}
+    # the interpolated accuracy is the mean of the weighted per-image scores
+    score = sum(w * (unpack(result["dense_correct"], 10_000) if k == DENSE else unpack(records[k]["correct"], 10_000))
+                for k, w in weights.items())  # fmt: skip
+    assert float(np.mean(score) * 100) == pytest.approx(acc)
     assert curve_at(records, "calibrated", "FLOPs-based", 0.45, 93.0) is None
     lines, comparisons = model_lines(result)
     by_latency = {round(c["latency"], 2): c for c in comparisons}
