@@ -435,8 +435,9 @@ def timing_study(dense: onnx.ModelProto, variants: list[Variant], repeat: int, r
 
 
 def write(out: Path, args: argparse.Namespace, results: list[dict], started: float) -> str:
+    command = getattr(args, "command", None) or " ".join(sys.argv[1:])
     lines = [
-        f"bench/latency_accuracy.py {' '.join(sys.argv[1:])}".rstrip(),
+        f"bench/latency_accuracy.py {command}".rstrip(),
         "Accuracy at equal measured latency (onnxruntime CPU, 1 intra-op thread, batch 1, interleaved; "
         f"{'wall-clock' if args.wall else 'thread CPU time'}; latency = median over rounds of pruned / dense "
         "sample of the same round)",
@@ -445,10 +446,13 @@ def write(out: Path, args: argparse.Namespace, results: list[dict], started: flo
     for res in results:
         lines += model_lines(res)[0] + [""]
     lines += summary_lines(results)
-    lines.append(f"total {time.time() - started:.0f} s")
+    if not getattr(args, "render", None):  # a re-render has no run time of its own
+        lines.append(f"total {time.time() - started:.0f} s")
     text = "\n".join(lines)
     out.with_suffix(".txt").write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    out.with_suffix(".json").write_text(
+        json.dumps({"args": vars(args), "command": command, "results": results}, indent=1)
+    )
     return text
 
 
@@ -559,6 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     if args.render:  # re-write the text of an earlier run from its JSON
         data = json.loads(Path(args.render).read_text())
+        args.command = data.get("command")  # the run's own command line in the header
         print(write(Path(args.render).with_suffix(""), args, data["results"], started))
         return 0
     cache = Path(args.cache) if args.cache else default_cache_dir()

@@ -286,12 +286,13 @@ def summary_lines(results: list[dict]) -> list[str]:
         fails = [c for c in mine if not c["pass"]]
         sig_fails = sum(bool(c["significant"]) for c in fails)
         sig_wins = sum(bool(c["significant"]) and c["latency_aware"] > c["flops"] for c in mine)
+        interp = sum(c.get("p_interpolated") is not None and c["p_interpolated"] < ALPHA for c in fails)
         mean = float(np.mean([c["latency_aware"] - c["flops"] for c in mine]))
         worst = min(mine, key=lambda c: c["latency_aware"] - c["flops"])
         lines.append(
             f"bar, {LABELS.get(config, config)} (latency-aware >= FLOPs-based - {TIE} pt at equal measured "
             f"latency): {wins}/{len(mine)} PASS; FAILs significant (McNemar p < {ALPHA}): {sig_fails}/"
-            f"{len(fails)}; latency-aware significantly better: {sig_wins}; mean difference {mean:+.2f} pt; "
+            f"{len(fails)} (by the interpolated per-image test: {interp}/{len(fails)}); latency-aware significantly better: {sig_wins}; mean difference {mean:+.2f} pt; "
             f"worst {worst['latency_aware'] - worst['flops']:+.2f} pt ({worst['model']}, {worst['latency']:.3f}x)"
         )
     return lines
