@@ -19,8 +19,14 @@ Start reading at `refine`. The steps:
    one run of the training graph, an Adam step in numpy with a cosine learning rate.
 3. The result is the pruned model with new initializer values: same nodes, names and shapes.
 
-The loss before / after is measured on the unaugmented calibration inputs (`distillation_loss`). Deterministic for
-a seed. Measurements are in bench/accuracy_real_results.txt (CIFAR ResNet20, session 24).
+The loss before / after is measured on the unaugmented calibration inputs (`distillation_loss`); when refinement
+did not lower it, the pruned model comes back unchanged (`RefineReport.kept`). Deterministic for a seed.
+
+Measured (CIFAR-10 ResNet20, dense 91.73%, obs + seq + knapsack as bench/accuracy_real.py, all 10,000 test images,
+one onnxruntime thread; bench/accuracy_real_results.txt, session 24), top-1 at 20% / 40% of parameters removed:
+calibrated (2,000 images, 10 epochs, lr 1e-3, MSE) 90.25 / 86.98 -> 91.03 / 89.02; data-free (256 synthetic inputs,
+80 epochs) 89.72 / 85.04 -> 90.18 / 86.62. One step (batch 64) costs ~0.35 s, about 8x the pruned forward pass
+(the weight gradients are one GEMM per Conv, `onnxprune.param_gradients`); 10 epochs of 2,000 images ~3 min.
 """
 
 from __future__ import annotations
