@@ -255,7 +255,9 @@ def refine(pruned: onnx.ModelProto, teacher: onnx.ModelProto, x: np.ndarray,
     t0 = time.perf_counter()
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
-    batch = min(config.batch, n)
+    dim0 = _input(pruned).type.tensor_type.shape.dim[0]
+    # a model imported at a fixed batch has it folded into its shape constants: train at that batch
+    batch = dim0.dim_value if dim0.HasField("dim_value") and dim0.dim_value > 0 else min(config.batch, n)
     if config.epochs == 0 or n == 0:
         return pruned, RefineReport(0, 0, config.loss, config.lr, batch, n, 0, float("nan"), float("nan"), 0.0)
     trainer = build_trainer(pruned, batch, tuple(x.shape[1:]), config)
