@@ -30,7 +30,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import UnsupportedModelError
-from onnxprune.gradients import RULES, Context, Emitter, Rule, supported_ops
+from onnxprune.gradients import RULES, Context, Emitter, Rule
 from onnxprune.onnx_utils import opset_of
 
 __all__ = ["MIN_OPSET", "append_backward", "backward", "differentiated_nodes", "float_tensor_names", "static_shapes"]

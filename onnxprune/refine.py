@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -114,7 +115,7 @@ class RefineReport:
 class Trainer:
     """The training graph's session and what feeding it needs."""
 
-    session: object
+    session: Any  # onnxruntime.InferenceSession
     input_name: str
     batch: int
     params: list[str]
@@ -175,7 +176,9 @@ def build_trainer(pruned: onnx.ModelProto, batch: int, dims: tuple[int, ...], co
     for out in outputs:
         m.graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, list(shapes[out])))
     for p in params:
-        m.graph.output.append(helper.make_tensor_value_info(grads[p], onnx.TensorProto.FLOAT, list(shapes[p])))
+        grad = grads[p]
+        assert grad is not None  # params without a gradient were dropped above
+        m.graph.output.append(helper.make_tensor_value_info(grad, onnx.TensorProto.FLOAT, list(shapes[p])))
     del m.graph.value_info[:]
     remove_dead_code(m.graph)
     return Trainer(session(m, optimize=True, threads=config.threads), vi.name, batch, params, outputs, config)

@@ -208,11 +208,11 @@ def test_refine_with_zero_epochs_is_the_identity():
 
 
 def test_refine_lowers_the_held_out_distillation_loss_and_keeps_the_graph():
-    from onnxprune.passes.refine import RefinePass
     from onnxprune.calibration import CalibrationData
+    from onnxprune.passes.refine import RefinePass
     from onnxprune.refine import RefineConfig, RefineReport, distillation_loss
 
-    dense, pruned, calib, held_out, labels = _pruned_fashion_cnn()
+    dense, pruned, calib, held_out, _ = _pruned_fashion_cnn()
     config = RefineConfig(epochs=3, batch=64, lr=1e-3, threads=1)
     res = RefinePass(config, CalibrationData({dense.graph.input[0].name: calib}), dense).run(pruned)
     refined, report = res.model, res.get(RefineReport)
@@ -232,7 +232,9 @@ def test_refine_lowers_the_held_out_distillation_loss_and_keeps_the_graph():
     y_dense = session(dense).run(None, {name: held_out})[0]
     assert y_refined.shape == y_pruned.shape == y_dense.shape
     # the refined model agrees with the dense model's decisions more often than the pruned one
-    agree = lambda y: float((y.argmax(1) == y_dense.argmax(1)).mean())  # noqa: E731
+    def agree(y: np.ndarray) -> float:
+        return float((y.argmax(1) == y_dense.argmax(1)).mean())
+
     assert agree(y_refined) >= agree(y_pruned)
 
 
