@@ -30,9 +30,10 @@ unless the row says otherwise):
   every step;
 * ``constrained`` / ``unconstrained``: ``l2`` + ``seq`` (calibrated) constrained, and unconstrained mode
   (UPSCALE export) configured by `UNCONSTRAINED_BEST` (the best unconstrained configuration known);
-* ``unconstrained-synthetic`` (not in the default ``--methods``): the same on the synthetic inputs (data-free;
-  ``--synthetic-seed``); ``unconstrained-steps`` / ``unconstrained-synthetic-steps``: either in ``--steps`` gradual
-  steps (`onnxprune.passes.iterative_unconstrained`);
+* ``unconstrained-synthetic``: the same on synthetic inputs (data-free; its own set of `ROW_SYNTHETIC` = 512
+  samples, which it needs, unless ``--synthetic N`` sets every row's; ``--synthetic-seed``), judged on the data-free
+  bars; ``unconstrained-steps`` / ``unconstrained-synthetic-steps`` (not in the default ``--methods``): either in
+  ``--steps`` gradual steps (`onnxprune.passes.iterative_unconstrained`);
 * ``*-refine`` / ``*-refine-kl`` (not in the default ``--methods``; after any knapsack or knapsack-steps
   method): the same, then ``--refine-epochs`` epochs of end-to-end distillation from the dense model on the
   row's own inputs (calibration images or synthetic; `onnxprune.refine`, MSE on the logits or KL at T = 4);
@@ -82,8 +83,8 @@ UNCONSTRAINED_BEST: dict[str, Any] = {"criterion": "l2", "repair": "seq", "drive
                                       "stream_repair": True, "allocation": "knapsack"}
 RECOMMENDED_ALLOCATION = "knapsack"  # the rows the issue's calibrated and data-free bars are judged on
 
-METHODS = ("l1", "l2-bias", "synthetic", "synthetic-knapsack", "calibrated", "calibrated-knapsack", "constrained",
-           "unconstrained", "onnxsim")
+METHODS = ("l1", "l2-bias", "synthetic", "synthetic-knapsack", "unconstrained-synthetic", "calibrated",
+           "calibrated-knapsack", "constrained", "unconstrained", "onnxsim")
 LABELS = {
     "original": "original",
     "l1": "l1, no repair",
@@ -97,16 +98,32 @@ LABELS = {
         **UNCONSTRAINED_BEST),
     "onnxsim": "onnxsim 0.8.1 (l2)",
 }
-# Unconstrained rows (method -> (UnconstrainedConfig overrides, data, steps)); beyond the default `--methods`: the
-# best configuration on the synthetic inputs (data-free) instead of the calibration images, and either in
-# `--steps` gradual steps (`onnxprune.passes.iterative_unconstrained`).
+# Unconstrained rows (method -> (UnconstrainedConfig overrides, data, steps)): "unconstrained-synthetic" is the best
+# configuration on synthetic inputs (data-free; `ROW_SYNTHETIC` samples); beyond the default `--methods`: either in
+# `--steps` gradual steps (`onnxprune.passes.iterative_unconstrained`; they lose 0.2-0.3 on R20 calibrated).
 UNCONSTRAINED_ROWS: dict[str, tuple[dict[str, Any], str, int]] = {
     "unconstrained": ({}, "calib", 1),
     "unconstrained-synthetic": ({}, "synthetic", 1),
     "unconstrained-steps": ({}, "calib", 3),
     "unconstrained-synthetic-steps": ({}, "synthetic", 3),
 }
-LABELS["unconstrained-synthetic"] = LABELS["unconstrained"] + ", synthetic"
+# Synthetic samples of a row whose own count beats the planned default (`--synthetic 0`: 256 for the CIFAR ResNets);
+# `--synthetic N` sets every row's. Unconstrained on synthetic:512 (R20: 408 optimised x 98 steps + views, planned
+# ~89 s; R44: 179 x 99 + views, the same generation cost as the default) vs 256 (session 24, knapsack, seeds 0 / 1 / 2):
+#   R20 40%: 85.89 / 85.20 / - vs 84.14 / 84.50 (constrained obs + seq synthetic knapsack, 256: 85.04 / 84.28 / 83.46;
+#   512: 84.39 / 84.40); R20 20%: - / 90.07 vs 89.86 / 89.90 / 90.14 (constrained 256: 89.72 / 90.09 / 89.71);
+#   R44 40%: 89.51 (constrained 256: 88.37). The constrained rows keep the planned default.
+ROW_SYNTHETIC = {"unconstrained-synthetic": 512, "unconstrained-synthetic-steps": 512}
+
+
+def _synthetic_labels(samples: int) -> None:
+    for m in ("unconstrained-synthetic", "unconstrained-synthetic-steps"):
+        n = samples or ROW_SYNTHETIC.get(m, 0)
+        LABELS[m] = LABELS["unconstrained"] + (f", synthetic {n}" if n else ", synthetic") + (
+            f", {UNCONSTRAINED_ROWS[m][2]} steps" if m.endswith("-steps") else "")
+
+
+_synthetic_labels(0)
 # method -> (criterion, repair, data, allocation); data: None, "synthetic" or "calib"
 CONSTRAINED = {
     "l1": ("l1", "none", None, "uniform"),
@@ -140,7 +157,9 @@ def _unconstrained_step_labels(steps: int) -> None:
     for m in ("unconstrained-steps", "unconstrained-synthetic-steps"):
         overrides, data, _ = UNCONSTRAINED_ROWS[m]
         UNCONSTRAINED_ROWS[m] = (overrides, data, steps)
-        LABELS[m] = LABELS["unconstrained" + ("-synthetic" if data == "synthetic" else "")] + f", {steps} steps"
+        if data != "synthetic":
+            LABELS[m] = LABELS["unconstrained"] + f", {steps} steps"
+    _synthetic_labels(0)
 
 
 _unconstrained_step_labels(ITERATIVE_STEPS)
@@ -231,6 +250,7 @@ class Bench:
         self.stats = collect_stats(self.model, self.calib)
         self.t_stats = time.perf_counter() - t
         self.syn: CalibrationData | None = None
+        self.syn_rows: dict[int, tuple[CalibrationData, float]] = {}  # `ROW_SYNTHETIC` sets: samples -> (data, s)
         self.syn_stats = None
         self.t_syn = self.t_syn_stats = float("nan")
         self.base = top1(self.model, *self.test) if self.test is not None else None
@@ -243,6 +263,17 @@ class Bench:
         t = time.perf_counter()
         self.syn_stats = collect_stats(self.model, self.syn)
         self.t_syn_stats = time.perf_counter() - t
+
+    def row_synthetic(self, samples: int) -> None:
+        """A second synthetic set of `samples` samples (`ROW_SYNTHETIC`), for the rows that use that count."""
+        t = time.perf_counter()
+        self.syn_rows[samples] = (load_calib(f"synthetic:{samples}", self.model, seed=self.args.synthetic_seed),
+                                  time.perf_counter() - t)
+
+    def synthetic_inputs(self, method: str) -> CalibrationData | None:
+        """The synthetic inputs of a row: its own `ROW_SYNTHETIC` set, else the shared one."""
+        n = row_samples(method, self.args.synthetic)
+        return self.syn_rows[n][0] if n else self.syn
 
     def row(self, method: str, fraction: float) -> dict[str, Any]:
         return in_child(self._row, method, fraction)
@@ -265,7 +296,7 @@ class Bench:
 
             overrides, data, steps = UNCONSTRAINED_ROWS[method]
             cfg = UnconstrainedConfig(**{**UNCONSTRAINED_BEST, **overrides, "target_params": target})
-            inputs = self.syn if data == "synthetic" else self.calib
+            inputs = self.synthetic_inputs(method) if data == "synthetic" else self.calib
             assert inputs is not None  # main() generates the synthetic inputs for every row that needs them
             res = IterativeUnconstrainedPass(cfg, steps, calib=inputs.arrays).run(self.model)
             pruned = res.model
@@ -295,6 +326,11 @@ class Bench:
         rss = _peak_rss_mb()
         acc = top1(pruned, *self.test) if self.test is not None else None
         return {"top1": acc, "removed": removed, "seconds": seconds, "rss_mb": rss, **extra}
+
+
+def row_samples(method: str, synthetic: int) -> int:
+    """The synthetic samples of a row's own set (0: the shared set, `--synthetic`)."""
+    return 0 if synthetic else ROW_SYNTHETIC.get(method, 0)
 
 
 def data_of(method: str) -> str | None:
@@ -354,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     _iterative_labels(args.steps)
     _refine_labels(args.refine_epochs, args.refine_synthetic_epochs)
     _unconstrained_step_labels(args.steps)
+    _synthetic_labels(args.synthetic)
     fractions = [float(f) for f in args.fractions.split(",")]
     load_before = os.getloadavg()
     results: dict[str, Any] = {"fractions": fractions, "models": {}, "calib_samples": args.calib_samples,
@@ -371,16 +408,23 @@ def main(argv: list[str] | None = None) -> int:
         except (ZooError, DatasetMissing) as exc:
             emit(f"{name}: skipped ({exc})")
             continue
-        if any(data_of(m) == "synthetic" for m in methods):
+        if any(data_of(m) == "synthetic" and not row_samples(m, args.synthetic) for m in methods):
             try:
                 bench.synthetic()
             except Exception as exc:
                 emit(f"{name}: synthetic calibration failed: {type(exc).__name__}: {exc}")
-                methods = [m for m in methods if data_of(m) != "synthetic"]
+                methods = [m for m in methods if data_of(m) != "synthetic" or row_samples(m, args.synthetic)]
+        for n in sorted({row_samples(m, args.synthetic) for m in methods} - {0}):
+            try:
+                bench.row_synthetic(n)
+            except Exception as exc:
+                emit(f"{name}: synthetic:{n} calibration failed: {type(exc).__name__}: {exc}")
+                methods = [m for m in methods if row_samples(m, args.synthetic) != n]
         base = f"{bench.base:.2f}%" if bench.base is not None else "n/a"
         emit(f"{name}: {bench.params} params, top-1 {base}; statistics of {bench.calib_samples} calibration "
              f"samples {bench.t_stats:.1f}s" + (f"; synthetic:{args.synthetic} generated in {bench.t_syn:.1f}s "
-                                                f"(statistics {bench.t_syn_stats:.1f}s)" if bench.syn else ""))
+                                                f"(statistics {bench.t_syn_stats:.1f}s)" if bench.syn else "")
+             + "".join(f"; synthetic:{n} generated in {t:.1f}s" for n, (_, t) in bench.syn_rows.items()))
         for note in bench.notes:
             emit(f"  note: {note}")
         rows: dict[tuple[str, float], dict] = {}
@@ -397,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         results["models"][name] = {
             "params": bench.params, "top1": bench.base, "stats_seconds": bench.t_stats,
             "calib_samples": bench.calib_samples,
-            "synthetic_seconds": bench.t_syn if bench.syn else None, "notes": bench.notes,
+            "synthetic_seconds": bench.t_syn if bench.syn else None,
+            "row_synthetic_seconds": {str(n): t for n, (_, t) in bench.syn_rows.items()}, "notes": bench.notes,
             "rows": {f"{m}@{f}": {**c, "bar": bars(name, m, f, c, bench.base, rows)} for (m, f), c in rows.items()},
         }
         del bench
