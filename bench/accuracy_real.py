@@ -110,9 +110,9 @@ UNCONSTRAINED_ROWS: dict[str, tuple[dict[str, Any], str, int]] = {
 # Synthetic samples of a row whose own count beats the planned default (`--synthetic 0`: 256 for the CIFAR ResNets);
 # `--synthetic N` sets every row's. Unconstrained on synthetic:512 (R20: 408 optimised x 98 steps + views, planned
 # ~89 s; R44: 179 x 99 + views, the same generation cost as the default) vs 256 (session 24, knapsack, seeds 0 / 1 / 2):
-#   R20 40%: 85.89 / 85.20 / - vs 84.14 / 84.50 (constrained obs + seq synthetic knapsack, 256: 85.04 / 84.28 / 83.46;
-#   512: 84.39 / 84.40); R20 20%: - / 90.07 vs 89.86 / 89.90 / 90.14 (constrained 256: 89.72 / 90.09 / 89.71);
-#   R44 40%: 89.51 (constrained 256: 88.37). The constrained rows keep the planned default.
+#   R20 40%: 85.89 / 85.20 / 85.17 vs 84.14 / 84.50 (constrained obs + seq synthetic knapsack, 256: 85.04 / 84.28 /
+#   83.46; 512: 84.39 / 84.40 / 84.35); R20 20%: 90.33 / 90.07 vs 89.86 / 89.90 / 90.14 (constrained 256: 89.72 /
+#   90.09 / 89.71); R44 40% / 20%: 89.51 / 92.20 (constrained 256: 88.37 / 92.15). Constrained rows keep the default.
 ROW_SYNTHETIC = {"unconstrained-synthetic": 512, "unconstrained-synthetic-steps": 512}
 
 
