@@ -34,7 +34,8 @@ unless the row says otherwise):
   samples, which it needs, unless ``--synthetic N`` sets every row's; ``--synthetic-seed``), judged on the data-free
   bars; ``unconstrained-steps`` / ``unconstrained-synthetic-steps`` (not in the default ``--methods``): either in
   ``--steps`` gradual steps (`onnxprune.passes.iterative_unconstrained`);
-* ``*-refine`` / ``*-refine-kl`` (not in the default ``--methods``; after any knapsack or knapsack-steps
+* ``*-refine`` / ``*-refine-kl`` (``calibrated-knapsack-refine`` and ``synthetic-knapsack-refine`` are in the
+  default ``--methods``: the rows that meet the R20 bars; the others after any knapsack or knapsack-steps
   method): the same, then ``--refine-epochs`` epochs of end-to-end distillation from the dense model on the
   row's own inputs (calibration images or synthetic; `onnxprune.refine`, MSE on the logits or KL at T = 4);
 * ``onnxsim``: onnxsim 0.8.1 ``apply_structured_pruning`` (L2) after ``onnxsim.simplify``, its sparsity
@@ -83,8 +84,8 @@ UNCONSTRAINED_BEST: dict[str, Any] = {"criterion": "l2", "repair": "seq", "drive
                                       "stream_repair": True, "allocation": "knapsack"}
 RECOMMENDED_ALLOCATION = "knapsack"  # the rows the issue's calibrated and data-free bars are judged on
 
-METHODS = ("l1", "l2-bias", "synthetic", "synthetic-knapsack", "unconstrained-synthetic", "calibrated",
-           "calibrated-knapsack", "constrained", "unconstrained", "onnxsim")
+METHODS = ("l1", "l2-bias", "synthetic", "synthetic-knapsack", "synthetic-knapsack-refine", "unconstrained-synthetic",
+           "calibrated", "calibrated-knapsack", "calibrated-knapsack-refine", "constrained", "unconstrained", "onnxsim")
 LABELS = {
     "original": "original",
     "l1": "l1, no repair",
