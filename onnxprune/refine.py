@@ -207,7 +207,7 @@ def _run_batches(sess, name: str, x: np.ndarray, batch: int) -> list[np.ndarray]
 
 
 def distillation_loss(student: onnx.ModelProto, teacher: onnx.ModelProto, x: np.ndarray,
-                      config: RefineConfig = RefineConfig(), batch: int = 256) -> float:
+                      config: RefineConfig = RefineConfig(), batch: int = 64) -> float:
     """The distillation loss of `student` toward `teacher` on inputs `x` (no augmentation)."""
     def run(model: onnx.ModelProto) -> list[np.ndarray]:
         vi = _input(model)
