@@ -20,7 +20,7 @@ from onnxprune.errors import UnsupportedModelError
 from onnxprune.external import tensor_array
 from onnxprune.graph import attrs
 
-__all__ = ["RULES", "Context", "Emitter", "Rule", "rule", "supported_ops"]
+__all__ = ["RULES", "Context", "Emitter", "Rule", "explicit_pads", "rule", "supported_ops", "transpose_conv"]
 
 
 @dataclass
@@ -256,7 +256,7 @@ def _binary(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None
     return out
 
 
-def _explicit_pads(node: onnx.NodeProto, xs: tuple[int, ...], ys: tuple[int, ...], kernel: list[int],
+def explicit_pads(node: onnx.NodeProto, xs: tuple[int, ...], ys: tuple[int, ...], kernel: list[int],
                    strides: list[int], dilations: list[int]) -> list[int]:
     a = attrs(node)
     nd = len(kernel)
@@ -284,30 +284,38 @@ def _flipped_weight(w: np.ndarray, group: int) -> np.ndarray:
     return np.ascontiguousarray(flipped.reshape(group * cin_g, cout // group, *kernel)).astype(np.float32)
 
 
-def _transpose_conv(em: Emitter, g: str, w: str, node: onnx.NodeProto, xs: tuple[int, ...], ys: tuple[int, ...],
-                    kernel: list[int], group: int, weight: np.ndarray | None = None) -> str:
+def transpose_conv(em: Emitter, g: str, w: str, node: onnx.NodeProto, xs: tuple[int, ...], ys: tuple[int, ...],
+                   kernel: list[int], group: int, weight: np.ndarray | None = None,
+                   flipped: Callable[[], str] | None = None, who: str = "synthetic calibration") -> str:
     """The input gradient of a convolution-like op: ConvTranspose with the forward geometry.
 
     With stride 1, a kernel larger than 1x1 and the weight's value known, the same gradient is a plain Conv
     with the flipped weight (`_flipped_weight`) and pads ``dilation * (k - 1) - pad``: onnxruntime runs Conv
     in its blocked (NCHWc) kernels and ConvTranspose through col2im, so the Conv is 1.5x faster for dense 3x3
-    layers and up to ~25x for depthwise 5x5 ones (EfficientNet-Lite0, batch 4, one thread).
+    layers and up to ~25x for depthwise 5x5 ones (EfficientNet-Lite0, batch 4, one thread). A weight that is
+    itself computed (refinement trains it) gives `flipped`, which emits the flipped tensor, instead of `weight`;
+    `who` names the caller in the error.
     """
     a = attrs(node)
     nd = len(kernel)
     strides = list(a.get("strides") or [1] * nd)
     dilations = list(a.get("dilations") or [1] * nd)
-    pads = _explicit_pads(node, xs[2:], ys[2:], kernel, strides, dilations)
+    pads = explicit_pads(node, xs[2:], ys[2:], kernel, strides, dilations)
     extra = [xs[2 + i] - ((ys[2 + i] - 1) * strides[i] - pads[i] - pads[nd + i] + (kernel[i] - 1) * dilations[i] + 1)
              for i in range(nd)]
     if any(e < 0 or e >= max(strides[i], dilations[i]) for i, e in enumerate(extra)):
-        raise UnsupportedModelError(f"synthetic calibration: {node.op_type} node {node.name!r} has a geometry "
+        raise UnsupportedModelError(f"{who}: {node.op_type} node {node.name!r} has a geometry "
                                     "ConvTranspose cannot invert")
     conv_pads = [(kernel[i % nd] - 1) * dilations[i % nd] - pads[i] + (extra[i - nd] if i >= nd else 0)
                  for i in range(2 * nd)]
-    if weight is not None and all(s == 1 for s in strides) and any(k > 1 for k in kernel) and min(conv_pads) >= 0:
-        return em.op("Conv", [g, em.const(_flipped_weight(weight, group), "wflip")], pads=conv_pads,
-                     dilations=dilations, group=group, kernel_shape=kernel)
+    if weight is not None and any(k > 1 for k in kernel):
+        known = weight
+
+        def flipped() -> str:
+            return em.const(_flipped_weight(known, group), "wflip")
+
+    if flipped is not None and all(s == 1 for s in strides) and min(conv_pads) >= 0:
+        return em.op("Conv", [g, flipped()], pads=conv_pads, dilations=dilations, group=group, kernel_shape=kernel)
     return em.op("ConvTranspose", [g, w], strides=strides, pads=pads, dilations=dilations, group=group,
                  kernel_shape=kernel, output_padding=extra)
 
@@ -319,7 +327,7 @@ def _conv(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None])
         raise UnsupportedModelError(f"synthetic calibration: Conv node {node.name!r} has a computed weight")
     w = cx.need(node, node.input[1])
     group = int(attrs(node).get("group", 1))
-    g = _transpose_conv(em, gys[0], node.input[1], node, cx.shape(node.input[0]), cx.shape(node.output[0]),
+    g = transpose_conv(em, gys[0], node.input[1], node, cx.shape(node.input[0]), cx.shape(node.output[0]),
                         list(w.shape[2:]), group, w)
     return {0: g}
 
@@ -352,7 +360,7 @@ def _avgpool(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | Non
     kernel = list(a["kernel_shape"])
     nd = len(kernel)
     strides = list(a.get("strides") or [1] * nd)
-    pads = _explicit_pads(node, xs[2:], ys[2:], kernel, strides, [1] * nd)
+    pads = explicit_pads(node, xs[2:], ys[2:], kernel, strides, [1] * nd)
     counts = np.ones(ys[2:], dtype=np.float64) * float(np.prod(kernel))
     if not a.get("count_include_pad", 0) and any(pads):
         for idx in np.ndindex(*ys[2:]):  # windows clipped to the unpadded input
@@ -360,7 +368,7 @@ def _avgpool(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | Non
                                    - pads[i], 0) for i in range(nd)])
     g = em.scale(gys[0], 1.0 / np.maximum(counts, 1.0))
     ones = np.ones((xs[1], 1, *kernel), np.float32)
-    return {0: _transpose_conv(em, g, em.const(ones, "ones"), node, xs, ys, kernel, xs[1], ones)}
+    return {0: transpose_conv(em, g, em.const(ones, "ones"), node, xs, ys, kernel, xs[1], ones)}
 
 
 @rule("MaxPool")

@@ -32,7 +32,7 @@ import onnx
 
 from onnxprune.autodiff import backward
 from onnxprune.errors import UnsupportedModelError
-from onnxprune.gradients import RULES, Context, Emitter, Rule, _explicit_pads
+from onnxprune.gradients import RULES, Context, Emitter, Rule, explicit_pads, transpose_conv
 from onnxprune.graph import attrs
 
 __all__ = ["PARAM_RULES", "conv_weight_gradient", "parameter_backward", "trainable_parameters"]
@@ -90,25 +90,11 @@ def _flip_live_weight(em: Emitter, w: str, wshape: tuple[int, ...], group: int) 
 
 def _conv_input_gradient(em: Emitter, g: str, w: str, node: onnx.NodeProto, xs: tuple[int, ...],
                          ys: tuple[int, ...], wshape: tuple[int, ...], group: int) -> str:
-    """d loss / d x of a Conv whose weight is a live (trainable) tensor."""
-    kernel = list(wshape[2:])
-    nd = len(kernel)
-    a = attrs(node)
-    strides = list(a.get("strides") or [1] * nd)
-    dilations = list(a.get("dilations") or [1] * nd)
-    pads = _explicit_pads(node, xs[2:], ys[2:], kernel, strides, dilations)
-    extra = [xs[2 + i] - ((ys[2 + i] - 1) * strides[i] - pads[i] - pads[nd + i] + (kernel[i] - 1) * dilations[i] + 1)
-             for i in range(nd)]
-    if any(e < 0 or e >= max(strides[i], dilations[i]) for i, e in enumerate(extra)):
-        raise UnsupportedModelError(f"refine: Conv node {node.name!r} has a geometry ConvTranspose cannot invert")
-    conv_pads = [(kernel[i % nd] - 1) * dilations[i % nd] - pads[i] + (extra[i - nd] if i >= nd else 0)
-                 for i in range(2 * nd)]
-    if all(s == 1 for s in strides) and min(conv_pads) >= 0:
-        # a Conv runs in onnxruntime's blocked kernels; ConvTranspose goes through col2im (1.5x slower, 3x3)
-        return em.op("Conv", [g, _flip_live_weight(em, w, wshape, group)], pads=conv_pads, dilations=dilations,
-                     group=group, kernel_shape=kernel)
-    return em.op("ConvTranspose", [g, w], strides=strides, pads=pads, dilations=dilations, group=group,
-                 kernel_shape=kernel, output_padding=extra)
+    """d loss / d x of a Conv whose weight is a live (trainable) tensor: `transpose_conv` with the weight
+    flipped by graph ops (a Conv runs in onnxruntime's blocked kernels; ConvTranspose through col2im, 1.5x
+    slower for 3x3)."""
+    return transpose_conv(em, g, w, node, xs, ys, list(wshape[2:]), group, who="refine",
+                          flipped=lambda: _flip_live_weight(em, w, wshape, group))
 
 
 def conv_weight_gradient(em: Emitter, x: str, g: str, node: onnx.NodeProto, xs: tuple[int, ...],
@@ -121,7 +107,7 @@ def conv_weight_gradient(em: Emitter, x: str, g: str, node: onnx.NodeProto, xs: 
     group = int(a.get("group", 1))
     strides = list(a.get("strides") or [1] * nd)
     dilations = list(a.get("dilations") or [1] * nd)
-    pads = _explicit_pads(node, xs[2:], ys[2:], kernel, strides, dilations)
+    pads = explicit_pads(node, xs[2:], ys[2:], kernel, strides, dilations)
     n = xs[0]
     space = list(range(3, 3 + nd))
     if group == 1 and nd == 2:

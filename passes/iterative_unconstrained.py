@@ -34,15 +34,12 @@ from dataclasses import replace
 import numpy as np
 import onnx
 
-from onnxprune.allocation import parse_target
 from onnxprune.channels import DimRef
 from onnxprune.errors import PreconditionError, UsageError
-from onnxprune.graph import ModelGraph
-from onnxprune.metrics import count_params
 from onnxprune.passes.unconstrained import UnconstrainedPass
 from onnxprune.passmanager import Pass, PassResult
 from onnxprune.progress import task
-from onnxprune.upscale.allocate import allocate, knapsack_curves
+from onnxprune.upscale.allocate import allocate
 from onnxprune.upscale.config import UnconstrainedConfig
 from onnxprune.upscale.oracle import mask_model
 from onnxprune.upscale.plan import Prepared, build_plan, choose, prepare, unit_key
@@ -115,14 +112,7 @@ class IterativeUnconstrainedPass(Pass):
         c = self.config
         measured = self.calib if c.measure else None
         dense = prepare(model, c, measured)
-        target = parse_target(str(c.target_params), count_params(ModelGraph(model)), "params") \
-            if c.target_params is not None else None  # fmt: skip
-        curves = None
-        if c.allocation == "knapsack":
-            if self.calib is None:
-                raise UsageError("unconstrained allocation 'knapsack' measures errors: it needs calibration inputs")
-            curves = knapsack_curves(model, dense, c, self.calib)
-        allowed = self.one_shot._allowed(model, dense)
+        target, allowed, curves = self.one_shot.allocation_inputs(model, dense)
         _, final = allocate(dense, c, target, allowed, curves)
         sizes = {pg.group.id: pg.group.size for pg in dense.groups}
         keeps: Keeps = {}

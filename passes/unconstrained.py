@@ -117,6 +117,18 @@ class UnconstrainedPass(Pass):
         if self.config.repair != "none" and calib is None:
             raise UsageError(f"unconstrained repair {self.config.repair!r} needs calibration inputs (calib={{input: array}})")
 
+    def allocation_inputs(self, model: onnx.ModelProto, prep: Prepared) -> tuple:
+        """`allocate`'s target, allowed counts and (knapsack) error curves for `model`, analysed as `prep`."""
+        c = self.config
+        target = parse_target(str(c.target_params), count_params(ModelGraph(model)), "params") \
+            if c.target_params is not None else None  # fmt: skip
+        curves = None
+        if c.allocation == "knapsack":
+            if self.calib is None:
+                raise UsageError("unconstrained allocation 'knapsack' measures errors: it needs calibration inputs")
+            curves = knapsack_curves(model, prep, c, self.calib)
+        return target, self._allowed(model, prep), curves
+
     def call(self, model: onnx.ModelProto) -> PassResult:
         start = time.perf_counter()
         c = self.config
@@ -127,14 +139,7 @@ class UnconstrainedPass(Pass):
             plan = build_plan(model, c, self.keeps)
         else:
             prep = prepare(model, c, self.calib if c.measure else None)
-            target = parse_target(str(c.target_params), count_params(ModelGraph(model)), "params") \
-                if c.target_params is not None else None  # fmt: skip
-            curves = None
-            if c.allocation == "knapsack":
-                if self.calib is None:
-                    raise UsageError("unconstrained allocation 'knapsack' measures errors: it needs calibration inputs")
-                curves = knapsack_curves(model, prep, c, self.calib)
-            plan, _ = allocate(prep, c, target, self._allowed(model, prep), curves)
+            plan, _ = allocate(prep, c, *self.allocation_inputs(model, prep))
         if c.repair != "none":
             assert self.calib is not None  # checked in __init__
             repaired, _ = repair_plan(model, plan, c.repair, self.calib, stream=c.stream_repair,
