@@ -206,16 +206,18 @@ def _run_batches(sess, name: str, x: np.ndarray, batch: int) -> list[np.ndarray]
     return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
+def _outputs(model: onnx.ModelProto, x: np.ndarray, config: RefineConfig, batch: int = 64) -> list[np.ndarray]:
+    """`model`'s outputs on `x`, in batches (a model fixed to a batch runs at that batch)."""
+    vi = _input(model)
+    dim = vi.type.tensor_type.shape.dim
+    static = dim[0].dim_value if len(dim) and dim[0].HasField("dim_value") else 0
+    return _run_batches(session(model, threads=config.threads), vi.name, x, static or batch)
+
+
 def distillation_loss(student: onnx.ModelProto, teacher: onnx.ModelProto, x: np.ndarray,
                       config: RefineConfig = RefineConfig(), batch: int = 64) -> float:
     """The distillation loss of `student` toward `teacher` on inputs `x` (no augmentation)."""
-    def run(model: onnx.ModelProto) -> list[np.ndarray]:
-        vi = _input(model)
-        dim = vi.type.tensor_type.shape.dim
-        static = dim[0].dim_value if len(dim) and dim[0].HasField("dim_value") else 0  # a model fixed to a batch
-        return _run_batches(session(model, threads=config.threads), vi.name, x, static or batch)
-
-    return _loss(run(student), run(teacher), config)
+    return _loss(_outputs(student, x, config, batch), _outputs(teacher, x, config, batch), config)
 
 
 def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -268,7 +270,8 @@ def refine(pruned: onnx.ModelProto, teacher: onnx.ModelProto, x: np.ndarray,
     teacher_input = _input(teacher).name
     inits = {t.name: t for t in pruned.graph.initializer}
     values = {p: tensor_array(inits[p]).astype(np.float32).copy() for p in trainer.params}
-    loss_before = distillation_loss(pruned, teacher, x, config)
+    reference = _outputs(teacher, x, config)  # the teacher's outputs on `x`, for the loss before and after
+    loss_before = _loss(_outputs(pruned, x, config), reference, config)
     rng = np.random.default_rng(config.seed)
     steps_per_epoch = n // batch
     total = config.epochs * steps_per_epoch
@@ -307,7 +310,7 @@ def refine(pruned: onnx.ModelProto, teacher: onnx.ModelProto, x: np.ndarray,
                 progress.advance()
             history.append(float(np.mean(losses)) if losses else float("nan"))
     refined = _with_values(pruned, values)
-    loss_after = distillation_loss(refined, teacher, x, config)
+    loss_after = _loss(_outputs(refined, x, config), reference, config)
     kept = loss_after < loss_before  # never hand back a model further from the teacher than it came
     report = RefineReport(config.epochs, step, config.loss, config.lr, batch, n, len(trainer.params), loss_before,
                           loss_after, time.perf_counter() - t0, history, kept)

@@ -36,6 +36,7 @@ import onnx
 
 from onnxprune.channels import DimRef
 from onnxprune.errors import PreconditionError, UsageError
+from onnxprune.passes.iterative import step_counts
 from onnxprune.passes.unconstrained import UnconstrainedPass
 from onnxprune.passmanager import Pass, PassResult
 from onnxprune.progress import task
@@ -54,8 +55,8 @@ Keeps = dict[tuple[tuple[str, int, int], ...], np.ndarray]  # `unit_key` -> kept
 def step_keep_counts(sizes: dict[int, int], final: dict[int, int], steps: int) -> list[dict[int, int]]:
     """Kept count per group after each of `steps` steps: ``size - round((size - final) * k / steps)``; the
     last is `final`."""
-    return [{gid: sizes[gid] - int(round((sizes[gid] - final[gid]) * k / steps)) for gid in final}
-            for k in range(1, steps + 1)]
+    removed = step_counts({gid: sizes[gid] - final[gid] for gid in final}, steps)  # the constrained schedule
+    return [{gid: sizes[gid] - r for gid, r in step.items()} for step in removed]
 
 
 def group_ids_between(source: Prepared, dest: Prepared) -> dict[int, int]:
