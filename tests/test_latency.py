@@ -18,7 +18,7 @@ from onnxprune.channels import analyze
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
 from onnxprune.latency.backend import OrtBackend, get_backend, nchwc_block, ort_probe_counts
-from onnxprune.latency.grid import aligned, curve_counts, keep_counts, multiples
+from onnxprune.latency.grid import aligned, balanced, curve_counts, keep_counts, multiples
 from onnxprune.latency.measure import measure_speedup, static_inputs
 from onnxprune.latency.microbench import touched_ops, variant
 from onnxprune.latency.predict import Predictor, predicted_ms
@@ -171,6 +171,22 @@ def test_backend_alignment_keeps_larger_groups_on_its_multiples(tmp_path):
     assert OrtBackend().alignment == nchwc_block() in (4, 8, 16)
     assert OrtBackend(("CPUExecutionProvider",)).alignment == nchwc_block()
     assert build_table(analyze(ModelGraph(conv_chain())), FakeBackend(), cache_dir=tmp_path).alignment == 1
+
+
+def test_balanced_drops_five_and_seven_blocks_when_the_next_block_is_allowed():
+    grid = tuple(range(16, 257, 16))
+    kept = balanced(grid, 256, 16)
+    assert 80 not in kept and 112 not in kept  # 5 and 7 NCHWc blocks: one thread gets a light filter set
+    assert set(grid) - set(kept) == {80, 112}  # 144 (9 blocks) is a real step at 2 threads too
+    assert balanced((16, 32, 48, 64, 80, 128), 128, 16) == (16, 32, 48, 64, 80, 128)  # 96 not allowed: 80 stays
+    assert balanced(grid, 256, 8) == grid  # other blocks: not measured, unchanged
+    assert balanced((16, 32, 48, 64, 80, 96), 96, 16) == (16, 32, 48, 64, 80, 96)  # below 8 blocks of channels
+    analysis = SimpleNamespace(groups=[SimpleNamespace(id=0, size=256)])
+    table = LatencyTable("fake", 10.0, {0: _curve(ort_probe_counts(256, 26), lambda c: 1 + math.ceil(c / 16))},
+                         alignment=16)
+    first = keep_counts(table, analysis)  # type: ignore[arg-type]
+    assert first[0] == tuple(c for c in range(16, 257, 16) if c not in (80, 112))
+    assert keep_counts(table, analysis) == first  # deterministic for a given table
 
 
 def test_probe_counts_window_and_sweep():

@@ -45,6 +45,11 @@ which the fastest runs the table uses do not see):
 4. Without a fine window (a backend that probes sparsely, e.g. TVM where each count is a compile), the
    allowed counts are the measured ones that are not dominated and top their plateau (the most channels
    among consecutive counts within ``tol`` of each other), plus the size.
+5. *Thread balance* (`balanced`, onnxruntime's NCHWc block of 16 only): in groups of at least 128
+   channels, 80 and 112 (5 and 7 blocks) go when 96 and 128 are allowed: at 2 threads they cost 0.92-0.97
+   of the next block up (one thread gets a light partial filter set), at 1 thread 0.86-0.93. The default
+   table is measured at 1 thread and cannot see this; without the rule the default ResNet-50 plan at
+   ``--ratio 0.7`` kept 80 channels in its 256-channel groups, the weakest 2-thread row of issue 13.
 
 Everything is a function of the table, so the grid is deterministic for a given table.
 
@@ -76,7 +81,7 @@ from onnxprune.channels import ChannelAnalysis
 from onnxprune.latency.table import GroupCurve, LatencyTable
 
 __all__ = [
-    "GridChoice", "aligned", "curve_counts", "fit_period", "fit_residues", "keep_counts", "multiples", "next_on_grid",
+    "GridChoice", "aligned", "balanced", "curve_counts", "fit_period", "fit_residues", "keep_counts", "multiples", "next_on_grid",
     "off_grid_penalty",
 ]
 
@@ -88,6 +93,8 @@ MIN_STEP = 0.005  # a staircase's step must exceed this fraction of the dense la
 NOISE_OF_SPREAD = 0.5  # noise of a median, as a fraction of the runs' interquartile range over median
 MAX_NOISE = 0.2  # a relative noise above this is a load spike in some runs; the median is robust to it
 ALIGN_FROM = 16  # groups of at least this many channels keep multiples of the backend's alignment
+BALANCED_BLOCK = 16  # the NCHWc block `balanced` was measured with (AVX-512)
+FILTER_SET_BLOCKS = 4  # MLAS computes an NCHWc convolution's output in sets of this many blocks
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,7 @@ def keep_counts(table: LatencyTable, analysis: ChannelAnalysis, *, tolerance: fl
     """The allowed kept counts of every group of `analysis`, ascending, always including the group size.
 
     A group without a curve in `table` (it touches no measured layer) may keep any count. See the module
-    docstring for the rule. A table calibrated in-model (`latency.calibrate`) is read through its
+    docstring for the rule; the backend's alignment (`aligned`) and thread balance (`balanced`) apply last. A table calibrated in-model (`latency.calibrate`) is read through its
     micro-model prices (``table.alone``): the steps are what the micro-benchmarks measured.
     """
     table = table.alone or table
@@ -114,7 +121,8 @@ def keep_counts(table: LatencyTable, analysis: ChannelAnalysis, *, tolerance: fl
             out[g.id] = tuple(range(1, g.size + 1))
             continue
         counts = curve_counts(curve, tolerance=tolerance)[0]
-        out[g.id] = aligned(counts, g.size, getattr(table, "alignment", 1))
+        alignment = getattr(table, "alignment", 1)
+        out[g.id] = balanced(aligned(counts, g.size, alignment), g.size, alignment)
     return out
 
 
@@ -142,6 +150,41 @@ def aligned(counts: Sequence[int], size: int, alignment: int) -> tuple[int, ...]
         return tuple(counts)
     kept = tuple(c for c in counts if c % alignment == 0 or c == size)
     return kept if len(kept) > 1 else tuple(counts)
+
+
+def balanced(counts: Sequence[int], size: int, alignment: int) -> tuple[int, ...]:
+    """`counts` without the output counts that split unevenly over two threads: with the NCHWc block of
+    `BALANCED_BLOCK` (16) channels, a count of 5 or 7 blocks (80, 112) when the next block up (96, 128) is
+    allowed too. Unchanged for other alignments (not measured) and when the next block up is not allowed.
+
+    Why a prior and not the table: the default table is measured at 1 thread, where 80 channels are
+    properly cheaper than 96; at 2 threads they are not. MLAS computes an NCHWc convolution's output in filter
+    sets of `FILTER_SET_BLOCKS` blocks (64 channels) and splits (filter set x output row) among the threads,
+    so a count of 5 or 7 blocks leaves one thread a light partial set. Measured per group (onnxruntime 1.32,
+    AVX-512, every multiple of 16 from 15% to 65% of the size, fastest runs, 2 threads timed alone in blocks,
+    other processes paused; `bench/latency_thread_curves.py`), the latency at 80 over that at 96 and at
+    112 over 128, median over the groups of at least 128 channels:
+
+    ================  ===========  ===========  ===========  ===========
+    model             80/96 1T     80/96 2T     112/128 1T   112/128 2T
+    ================  ===========  ===========  ===========  ===========
+    ResNet-50         0.86         0.92         0.90         0.94
+    MobileNetV2       0.86         0.95         0.93         0.94
+    EfficientNet-B0   0.90         0.93         0.92         0.97
+    ================  ===========  ===========  ===========  ===========
+
+    (144 over 160, 9 blocks, stays a real step at 2 threads: ResNet-50 0.87, so the rule stops at 8 blocks.)
+    Whole model, ResNet-50 ``--ratio 0.7`` with its 256-channel groups at 80, 96 or 64 and all else equal
+    (two quiet runs, wall medians; 2 threads 10-30 rounds of 10 runs in blocks, 1 thread 100-300
+    interleaved rounds): efficiency at 2 threads 0.903/0.908 at 80, 0.929/0.937 at 96, 0.917/0.949 at 64;
+    at 1 thread 0.955/0.952, 0.965/0.965, 0.954/0.954. 80 is the worst of the three at 2 threads and no
+    better at 1.
+    """
+    if alignment != BALANCED_BLOCK or size < 2 * FILTER_SET_BLOCKS * alignment:
+        return tuple(counts)
+    allowed = set(counts)
+    uneven = {b * alignment for b in range(FILTER_SET_BLOCKS + 1, 2 * FILTER_SET_BLOCKS, 2)}
+    return tuple(c for c in counts if not (c in uneven and c + alignment in allowed))
 
 
 def multiples(analysis: ChannelAnalysis, n: int) -> dict[int, tuple[int, ...]]:
