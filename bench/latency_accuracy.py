@@ -295,8 +295,33 @@ def prune(
     s = res.info["summary"]
     variant.model = res.model
     variant.extra["graph_sha"] = hashlib.sha256(res.model.graph.SerializeToString()).hexdigest()[:16]
+    # kept channels per group: which groups a plan cut (session 25: plans move with the latency table)
+    variant.extra["kept"] = {str(k): int(n) for k, n in res.info["plan"].kept(res.info["analysis"]).items()}
     variant.cli_latency = s.get("latency")
     variant.macs_reduction = s["macs_before"] / max(s["macs_after"], 1)
+
+
+def table_record(model: onnx.ModelProto, cache: Path) -> dict[str, Any]:
+    """Per group, the auto grid's kept counts and the ms the latency table (read from `cache`) predicts saved at
+    each: plans follow the table, which moves between builds (session 25: 0.019-0.036 ms for one R20 step)."""
+    from onnxprune.channels import analyze
+    from onnxprune.graph import ModelGraph
+    from onnxprune.passes.latency_select import latency_grid
+
+    try:
+        analysis = analyze(ModelGraph(model))
+        grid, table, _ = latency_grid(PruneConfig(round_to="auto", latency_cache=str(cache)), analysis)
+    except OnnxPruneError as e:
+        return {"error": str(e).splitlines()[0][:200]}
+    if table is None:
+        return {}
+    groups = {}
+    for g in analysis.groups:
+        counts = [int(c) for c in (grid or {}).get(g.id, ())]
+        if g.id in table.curves:
+            groups[str(g.id)] = {"kept": counts,
+                                 "saved_ms": [round(table.at(g.id, g.size) - table.at(g.id, c), 5) for c in counts]}
+    return {"dense_ms": round(table.dense_ms, 5), "groups": groups}
 
 
 def runs_per_sample(dense: onnx.ModelProto, backend: OrtBackend, sample_ms: float) -> int:
@@ -482,6 +507,7 @@ def run_model(name: str, args: argparse.Namespace, cache: Path, curves: SharedCu
         extra.update(
             synthetic_s=time.perf_counter() - t, synthetic_n=int(next(iter(syn.arrays.values())).shape[0])
         )
+    extra["latency_table"] = table_record(subject.model, cache)
     with task(f"{name}: pruning", total=len(variants)) as progress:
         for v in variants:
             prune(subject, v, cache, inputs, curves)

@@ -192,7 +192,9 @@ def model_lines(result: dict) -> tuple[list[str], list[dict]]:
                 lines.append(f"    {r['kind']:<14} {r['setting']:>8}  {r['error']}")
                 continue
             lines.append(f"    {r['kind']:<14} {r['setting']:>8} {r['latency_fraction']:>7.3f}x {r.get('ci', math.nan):>6.3f} "
-                         f"{r['spread']:>7.2f} {r['macs_reduction']:>7.2f} {r['accuracy']:>6.2f}%")  # fmt: skip
+                         f"{r['spread']:>7.2f} {r['macs_reduction']:>7.2f} {r['accuracy']:>6.2f}%"
+                         + ("  kept " + " ".join(f"g{g}:{n}" for g, n in sorted(r["kept"].items(), key=lambda x: int(x[0])))
+                            if r.get("kept") else ""))  # fmt: skip
         lines.append(
             "    at equal measured latency (FLOPs-based / uniform interpolated on their curves; strict verdict, "
             "then McNemar on per-image correctness):"

@@ -208,3 +208,11 @@ def test_time_all_self_check_and_ordering_on_onnxruntime():
     assert 0.8 < variants[0].latency < 1.25
     assert variants[1].latency > 2.0
     assert variants[1].extra["ci"] >= 0 and timing["runs_per_sample"] == 4
+
+
+def test_rows_show_the_kept_channels_when_recorded():
+    result = _result()
+    result["records"][0]["kept"] = {"10": 3, "2": 8}  # JSON keys: group ids as strings, shown in group order
+    lines = model_lines(result)[0]
+    assert sum("kept g2:8 g10:3" in line for line in lines) == 1
+    assert sum("kept" in line for line in lines) == 1  # rows without the record print as before
