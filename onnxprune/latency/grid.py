@@ -179,7 +179,7 @@ def balanced(counts: Sequence[int], size: int, alignment: int) -> tuple[int, ...
     interleaved rounds): efficiency at 2 threads 0.903/0.908 at 80, 0.929/0.937 at 96, 0.917/0.949 at 64;
     at 1 thread 0.955/0.952, 0.965/0.965, 0.954/0.954. 80 is the worst of the three at 2 threads and no
     better at 1. Not shown to help where a group's time is mostly depthwise convs and elementwise nodes:
-    EfficientNet-B0 at ``--ratio 0.7`` (two 240-channel groups at 96 instead of 80, 44-53% of their time in
+    EfficientNet-B0 at ``--ratio 0.7`` (one 480-channel group at 128 instead of 112, 51% of its time in
     ungrouped convs) read 0.887/0.847/0.860 at 2 threads against 0.929/0.870/0.897 before (spreads 30-41%).
     """
     if alignment != BALANCED_BLOCK or size < 2 * FILTER_SET_BLOCKS * alignment:
