@@ -45,8 +45,8 @@ from onnxprune.synthetic_plan import AUTO_SAMPLES
 from onnxprune.verify import session
 
 RESULTS = ROOT / "bench" / "synthetic_accuracy_results.txt"
-# ocr refine: off by default; session 25 (bench/accuracy_real_results.txt): 2 epochs at lr 3e-6 lift the row
-# 91.5 -> 92.0 only (~12 min niced), lr >= 1e-5 raises the loss (the guard discards it)
+# ocr refine: off by default; session 25 (bench/accuracy_real_results.txt): at lr 3e-6 the row moves 91.5 -> 92.0
+# (2 epochs) / 91.5 (4 epochs), 5-12 min niced; lr >= 1e-5 raises the loss (the guard discards it)
 OCR_REFINE_EPOCHS, OCR_REFINE_LR = 0, 3e-6
 
 

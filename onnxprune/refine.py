@@ -47,7 +47,8 @@ along them: loss change -0.00917, predicted -0.00927) but the loss surface is ve
 Adam's first steps are) of 1e-5 on every weight lowers one sample's loss 1.53 -> 0.96, 1e-4 raises it to 9.8.
 Adam at lr 1e-3 / 3e-5 / 1e-5 (2-3 epochs) raised the loss on the synthetic inputs (2.21 -> 8.95 / 2.54 / 2.54):
 all discarded by the guard, 91.5% unchanged. At lr 3e-6 / 1e-6 (2 epochs, 64 steps, ~12 min niced under load)
-the loss drops 2.21 -> 1.88 / 1.94 and exact match rises 91.5 -> 92.0 / 92.0: far from the 94.5 bar (session 25,
+the loss drops 2.21 -> 1.88 / 1.94 and exact match rises 91.5 -> 92.0 / 92.0; 4 epochs at 3e-6 reach the lowest
+loss (1.81) at 91.5: the loss on synthetic inputs does not carry over to text, the bar (94.5) is far (session 25,
 bench/accuracy_real_results.txt). The CIFAR-tuned default lr (1e-3) is ~300x too high for this model.
 """
 
