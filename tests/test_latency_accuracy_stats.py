@@ -196,7 +196,8 @@ def _conv_chain(depth: int):
 
 def test_time_all_self_check_and_ordering_on_onnxruntime():
     pytest.importorskip("onnxruntime")
-    from bench.latency_accuracy import Variant, time_all
+    from bench.latency_accuracy import Variant
+    from bench.latency_accuracy_timing import time_all
 
     dense = _conv_chain(2)
     variants = [Variant("calibrated", "uniform", "0", model=_conv_chain(2)),
