@@ -51,7 +51,8 @@ class Objective:
     macs: int  # one forward pass of the batch
     classes: int = 0
     step_seconds: float = 0.0  # modelled seconds of one step per sample (`onnxprune.synthetic_plan`)
-    activations: int = 0  # forward activation elements per sample  # > 0: the objective takes one-hot targets of this many classes as TARGETS
+    activations: int = 0  # forward activation elements per sample
+    positions: int = 0  # > 0: TARGETS are [batch, positions, classes] (a sequence output), else [batch, classes]
 
 
 def model_input(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, tuple[int, ...]]:
@@ -115,18 +116,29 @@ def _emit_bn_loss(em: Emitter, x: str, shape: tuple[int, ...], mean: np.ndarray,
     return (em.scale(loss, weight) if weight != 1.0 else loss), gx
 
 
-def _classifier_output(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int) -> tuple[str, int] | None:
-    """The model's logits (its first output when shaped [batch, classes]), else None."""
+def _classifier_output(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                       batch: int) -> tuple[str, tuple[int, ...]] | None:
+    """The model's logits and their shape without the batch, else None: its first output when shaped
+    [batch, classes], or the input of a last-axis Softmax making a [batch, positions, classes] output
+    (sequence recognisers, e.g. CTC text lines: one target class per position)."""
     out = m.graph.output[0].name
     shape = shapes.get(out)
-    if shape is not None and len(shape) == 2 and shape[0] == batch and shape[1] >= 2:
-        return out, shape[1]
+    if shape is None or shape[0] != batch or shape[-1] < 2:
+        return None
+    if len(shape) == 2:
+        return out, shape[1:]
+    if len(shape) == 3:
+        node = next((n for n in m.graph.node if out in n.output), None)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1) if node is not None else None
+        if node is not None and node.op_type == "Softmax" and axis in (-1, 2) and node.input[0] in shapes:
+            return node.input[0], shape[1:]
     return None
 
 
-def _emit_class_loss(em: Emitter, logits: str, classes: int, batch: int, weight: float) -> tuple[str, str]:
-    """Cross-entropy toward the one-hot TARGETS input, and its gradient ``(softmax - targets) / batch``."""
-    p = em.op("Softmax", [logits], axis=1)
+def _emit_class_loss(em: Emitter, logits: str, batch: int, weight: float) -> tuple[str, str]:
+    """Cross-entropy toward the one-hot TARGETS input (summed over positions), and its gradient
+    ``(softmax - targets) / batch``."""
+    p = em.op("Softmax", [logits], axis=-1)
     loss = em.scale(em.op("ReduceSum", [em.mul(em.op("Log", [em.op("Add", [p, em.const(1e-12)])]), TARGETS)],
                           keepdims=0), -weight / batch)
     return loss, em.scale(em.op("Sub", [p, TARGETS]), weight / batch)
@@ -173,12 +185,13 @@ def build_objective(model: onnx.ModelProto, batch: int, class_weight: float = 0.
         loss, gx = _emit_bn_loss(em, x, shapes[x], mean, var, first_weight if i == 0 else 1.0)
         losses.append(loss)
         seeds[x] = gx if x not in seeds else em.op("Add", [seeds[x], gx])
-    classes = 0
+    classes = positions = 0
     head = _classifier_output(m, shapes, batch) if class_weight else None
     if head is not None:
-        logits, classes = head
-        m.graph.input.append(helper.make_tensor_value_info(TARGETS, onnx.TensorProto.FLOAT, [batch, classes]))
-        loss, gl = _emit_class_loss(em, logits, classes, batch, class_weight)
+        logits, rest = head
+        classes, positions = rest[-1], (rest[0] if len(rest) == 2 else 0)
+        m.graph.input.append(helper.make_tensor_value_info(TARGETS, onnx.TensorProto.FLOAT, [batch, *rest]))
+        loss, gl = _emit_class_loss(em, logits, batch, class_weight)
         losses.append(loss)
         seeds[logits] = gl if logits not in seeds else em.op("Add", [seeds[logits], gl])
     path, _ = differentiated_nodes(m.graph, vi.name, set(seeds), floats)
@@ -191,4 +204,4 @@ def build_objective(model: onnx.ModelProto, batch: int, class_weight: float = 0.
     del m.graph.value_info[:]
     remove_dead_code(m.graph)
     return Objective(session(m, optimize=True, threads=threads), vi.name, (batch, *dims), len(taps), macs, classes,
-                     step_seconds(dense / batch, layer / batch, other / batch), (layer + other) // batch)
+                     step_seconds(dense / batch, layer / batch, other / batch), (layer + other) // batch, positions)

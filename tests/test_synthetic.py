@@ -251,3 +251,44 @@ def test_start_options_shape_the_initial_images():
     shifted = _start(np.random.default_rng(0), shape, SynthesisConfig(offset=0.6), image)
     assert shifted.mean(axis=(2, 3)).std(axis=0).min() > 3 * white.mean(axis=(2, 3)).std(axis=0).max()
     assert shifted.dtype == np.float32
+
+
+def _sequence_model() -> onnx.ModelProto:
+    """x [2, 4, 6, 6] -> BN -> mean over H -> [2, 6 positions, 4] -> MatMul -> Softmax over 5 classes."""
+    return _model([_n("BatchNormalization", ["x", "s", "b", "m", "v"], "bn"),
+                   _n("ReduceMean", ["bn"], "r", axes=[2], keepdims=0), _n("Transpose", ["r"], "t", perm=[0, 2, 1]),
+                   _n("MatMul", ["t", "w"], "l"), _n("Softmax", ["l"], axis=2)],
+                  {"s": _w(4), "b": _w(4), "m": _w(4), "v": np.abs(_w(4)) + 0.5, "w": _w(4, 5, scale=2.0)},
+                  opset=13, out_shape=[2, 6, 5])
+
+
+def test_sequence_targets_cross_entropy_gradient():
+    """A [batch, positions, classes] Softmax output takes one target per position (CTC text lines); the
+    objective's input gradient of BN loss + cross-entropy matches central differences."""
+    from onnxprune.synthetic import _sequence_targets
+    from onnxprune.synthetic_objective import TARGETS, build_objective
+
+    model = _sequence_model()
+    objective = build_objective(model, 2, class_weight=2.0)
+    assert objective is not None and (objective.positions, objective.classes) == (6, 5)
+    rng = np.random.default_rng(0)
+    t = _sequence_targets(rng, 2, 6, 5, SynthesisConfig(blank_rate=0.5, target_classes=(2, 3)))
+    assert t.shape == (2, 6, 5) and np.all(t.sum(-1) == 1) and set(np.unique(t.argmax(-1))) <= {0, 2, 3}
+    x = rng.standard_normal(X).astype(np.float32)
+    feed = {objective.input_name: x, TARGETS: t}
+    _, g = objective.session.run(None, feed)
+    d = (rng.standard_normal(X) * 1e-3).astype(np.float32)
+    la, _ = objective.session.run(None, {**feed, objective.input_name: x + d})
+    lb, _ = objective.session.run(None, {**feed, objective.input_name: x - d})
+    assert abs(float(la - lb) / 2 - float((g * d).sum())) < 0.05 * abs(float((g * d).sum())) + 1e-6
+    plain = build_objective(model, 2)
+    assert plain is not None and plain.positions == 0 and plain.classes == 0
+    out = synthesize(model, 4, config=SynthesisConfig(steps=3, batch=2, classes=1.0, views=1))["x"]
+    assert out.shape == (4, 4, 6, 6) and np.isfinite(out).all()
+
+
+def test_bright_start_is_paper_with_dark_strokes():
+    from onnxprune.synthetic import _start
+
+    x = _start(np.random.default_rng(0), (8, 3, 16, 32), SynthesisConfig(start_mean=1.0), (2, 3))
+    assert 0.7 < x.mean() < 0.9 and 0.05 < (x < 0).mean() < 0.15
