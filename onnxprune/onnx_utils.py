@@ -115,3 +115,14 @@ def gather_list(source: list | None, indices: np.ndarray | None) -> list | None:
         return [source[int(i)] for i in indices.reshape(-1)]
     except IndexError:
         return None
+
+
+def softmax_logits(model: onnx.ModelProto, output: str, rank: int) -> str | None:
+    """The input of the Softmax over the last axis that produces `output` (a tensor of `rank` dims), else None:
+    the logits behind a probability output (classifiers, CTC text recognisers), where distillation and
+    inversion losses are seeded. Before opset 13 a Softmax's default axis is 1 (flattening the rest)."""
+    node = next((n for n in model.graph.node if output in n.output), None)
+    if node is None or node.op_type != "Softmax":
+        return None
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset_of(model) >= 13 else 1)
+    return node.input[0] if axis in (-1, rank - 1) else None

@@ -70,7 +70,7 @@ from onnxprune.errors import UnsupportedModelError, UsageError
 from onnxprune.external import tensor_array
 from onnxprune.gradients import Emitter
 from onnxprune.importer import fix_input_shapes
-from onnxprune.onnx_utils import opset_of
+from onnxprune.onnx_utils import opset_of, softmax_logits
 from onnxprune.param_gradients import parameter_backward, trainable_parameters
 from onnxprune.progress import task
 from onnxprune.shape_inference import infer_shapes
@@ -188,20 +188,15 @@ def _is_probability(t: np.ndarray) -> bool:
 def heads(model: onnx.ModelProto, teacher_outputs: list[np.ndarray], config: RefineConfig) -> list[Head]:
     """The loss of each float output of `model` (in graph order; ``kl``: the first only). `teacher_outputs`: the
     teacher's outputs on some inputs, to recognise probabilities that no trailing Softmax announces."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    opset = opset_of(model)
     temp = config.temperature if config.loss == "kl" else 1.0
     names = [o.name for o in model.graph.output]
     out: list[Head] = []
     for index, (name, t) in enumerate(zip(names, teacher_outputs)):
         if not np.issubdtype(t.dtype, np.floating):
             continue
-        node = producer.get(name)
-        axis = -1
-        if node is not None and node.op_type == "Softmax":
-            axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
-        if node is not None and node.op_type == "Softmax" and axis in (-1, t.ndim - 1):
-            out.append(Head(name, index, "softmax", temp, node.input[0]))
+        logits = softmax_logits(model, name, t.ndim)
+        if logits is not None:
+            out.append(Head(name, index, "softmax", temp, logits))
         elif _is_probability(t):
             out.append(Head(name, index, "prob"))
         else:

@@ -30,7 +30,7 @@ from onnxprune.gradients import Emitter
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import fix_input_shapes
 from onnxprune.metrics import count_macs
-from onnxprune.onnx_utils import opset_of
+from onnxprune.onnx_utils import opset_of, softmax_logits
 from onnxprune.shape_inference import infer_shapes
 from onnxprune.synthetic_plan import forward_cost, step_seconds
 from onnxprune.verify import session
@@ -127,11 +127,9 @@ def _classifier_output(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
         return None
     if len(shape) == 2:
         return out, shape[1:]
-    if len(shape) == 3:
-        node = next((n for n in m.graph.node if out in n.output), None)
-        axis = next((a.i for a in node.attribute if a.name == "axis"), -1) if node is not None else None
-        if node is not None and node.op_type == "Softmax" and axis in (-1, 2) and node.input[0] in shapes:
-            return node.input[0], shape[1:]
+    logits = softmax_logits(m, out, 3) if len(shape) == 3 else None
+    if logits is not None and logits in shapes:
+        return logits, shape[1:]
     return None
 
 

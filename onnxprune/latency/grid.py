@@ -81,8 +81,8 @@ from onnxprune.channels import ChannelAnalysis
 from onnxprune.latency.table import GroupCurve, LatencyTable
 
 __all__ = [
-    "GridChoice", "aligned", "balanced", "curve_counts", "fit_period", "fit_residues", "keep_counts", "multiples", "next_on_grid",
-    "off_grid_penalty",
+    "GridChoice", "aligned", "balanced", "curve_counts", "fit_period", "fit_residues", "keep_counts", "multiples",
+    "next_on_grid", "off_grid_penalty",
 ]
 
 MIN_WINDOW = 8  # densely measured counts needed to fit a period
@@ -110,8 +110,9 @@ def keep_counts(table: LatencyTable, analysis: ChannelAnalysis, *, tolerance: fl
     """The allowed kept counts of every group of `analysis`, ascending, always including the group size.
 
     A group without a curve in `table` (it touches no measured layer) may keep any count. See the module
-    docstring for the rule; the backend's alignment (`aligned`) and thread balance (`balanced`) apply last. A table calibrated in-model (`latency.calibrate`) is read through its
-    micro-model prices (``table.alone``): the steps are what the micro-benchmarks measured.
+    docstring for the rule; the backend's alignment (`aligned`) and thread balance (`balanced`) apply last.
+    A table calibrated in-model (`latency.calibrate`) is read through its micro-model prices
+    (``table.alone``): the steps are what the micro-benchmarks measured.
     """
     table = table.alone or table
     out: dict[int, tuple[int, ...]] = {}
