@@ -93,6 +93,29 @@ def test_reader_least_squares_choice_beats_magnitude():
     assert ls_error < 0.5 * mag_error, (ls_error, mag_error)
 
 
+def test_reader_least_squares_single_feature_path_matches_the_block_path():
+    """One feature per channel (1x1 readers) takes the low-rank path; it must remove the same channels,
+    in the same order, as the general block path (here also with features outside the group and a
+    channel without any)."""
+    from onnxprune.upscale.coupled import ReaderLS
+
+    rng = np.random.default_rng(3)
+    n_feat, n_ch, n_out = 90, 64, 12
+    x = rng.standard_normal((400, n_feat)) @ rng.standard_normal((n_feat, n_feat)) * 0.3 + rng.standard_normal((400, n_feat))
+    inverse = np.linalg.inv(x.T @ x / len(x) + 0.01 * np.eye(n_feat))
+    feature_channel = np.full(n_feat, -1)
+    feature_channel[: n_ch - 1] = np.arange(n_ch - 1)  # channel n_ch - 1 has no feature; the rest are not the group's
+    fit = ReaderLS(rng.standard_normal((n_out, n_feat)), inverse, feature_channel)
+    cover, allowed = rng.uniform(0.2, 1.0, n_ch), np.ones(n_ch, dtype=bool)
+    allowed[[5, 17]] = False
+    feats = {c: np.array([c]) for c in range(n_ch - 1)}
+    for n in (1, 20, 50):
+        fast = fit.select(cover, allowed, n)
+        blocks = fit._select_blocks(cover, allowed.copy(), n, dict(feats))
+        assert int(fast.sum()) == n and np.array_equal(fast, blocks)
+        assert not fast[n_ch - 1] and not fast[5] and not fast[17]  # no features: cost 0, goes first
+
+
 def test_reader_choice_is_checked():
     from onnxprune.errors import UsageError
 

@@ -147,6 +147,12 @@ class ReaderLS:
         keep = allowed.copy()
         chans = np.flatnonzero(np.bincount(self.feature_channel[self.feature_channel >= 0], minlength=len(cover)))
         feats = {int(c): np.flatnonzero(self.feature_channel == c) for c in chans}
+        if all(len(f) == 1 for f in feats.values()):
+            return self._select_single(cover, keep, n, feats)
+        return self._select_blocks(cover, keep, n, feats)
+
+    def _select_blocks(self, cover: np.ndarray, keep: np.ndarray, n: int, feats: dict[int, np.ndarray]) -> np.ndarray:
+        """`select` for channels of several features each (k x k convs): block solves, dense K updates."""
         K = self.inverse.copy()
         while int(keep.sum()) > n:
             cand = [int(c) for c in np.flatnonzero(keep)]
@@ -164,6 +170,38 @@ class ReaderLS:
             f = feats.pop(gone, None)
             if f is not None:
                 K = K - K[:, f] @ np.linalg.solve(K[np.ix_(f, f)], K[f, :])
+        return keep
+
+    def _select_single(self, cover: np.ndarray, keep: np.ndarray, n: int, feats: dict[int, np.ndarray]) -> np.ndarray:
+        """`select` where every channel is one feature (1x1 convs, Gemm/MatMul readers): the same greedy
+        removal, with the cost ``|W_f|^2 / K_ff`` read from K's diagonal and K's updates kept as their
+        rank-1 factors ``u`` (K_t = K - sum u u^T), so a removal costs O(t x features) instead of a dense
+        features^2 update and a batch of solves. Why: ResNet-50's stream readers (1x1 convs on up to 2,048
+        channels) spent minutes per plan in those updates.
+        """
+        colsq = np.einsum("of,of->f", self.weight, self.weight)
+        feature = np.full(len(keep), -1)
+        for c, f in feats.items():
+            feature[c] = int(f[0])
+        diag = np.diagonal(self.inverse).astype(np.float64, copy=True)
+        factors = np.empty((max(int(keep.sum()) - n, 0), len(diag)))
+        t = 0
+        while int(keep.sum()) > n:
+            cand = np.flatnonzero(keep)
+            f = feature[cand]
+            has = f >= 0
+            costs = np.zeros(len(cand))
+            costs[has] = colsq[f[has]] / diag[f[has]]
+            costs *= cover[cand]
+            gone = int(cand[int(np.argmin(costs))])
+            keep[gone] = False
+            g = int(feature[gone])
+            if g >= 0:
+                column = self.inverse[:, g] - factors[:t].T @ factors[:t, g]
+                u = column / np.sqrt(column[g])
+                factors[t] = u
+                t += 1
+                diag -= u * u
         return keep
 
 
