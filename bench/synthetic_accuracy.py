@@ -16,6 +16,9 @@ Three parts, each optional (``--parts cifar,time,ocr``):
   outputs toward random CTC sequences (blank half the positions, else a printable ASCII character of the charset):
   text-like inputs. Off by default: session 25 (bench/accuracy_real_results.txt), W = 3, seeds 0 / 1 / 2:
   91.5 / 98.0 / 93.5 -> 94.5 / 82.5 / 89.5; the synthesis seed alone moves this row by 6.5 pt.
+  ``--ocr-seeds 0,1,2`` synthesises and prunes once per seed (a row each) and judges the mean: session 26, the
+  default at seeds 0-5 reads 91.5 / 98.0 / 93.5 / 96.0 / 92.5 / 94.0 (mean 94.25, bar >= 94.5), so one seed's
+  PASS or FAIL says little. Default: seed 0 only (one synthesis, ~5 min niced under load).
   Then ``--ocr-refine`` epochs of `onnxprune.refine` (distillation of the dense model on the same synthetic
   inputs: KL on the CTC probabilities, 8 samples per step, Adam at ``--ocr-refine-lr``; 0: none): a second row.
 
@@ -23,7 +26,7 @@ Accuracy sessions use one onnxruntime thread (the machine is shared); timings re
 Results: ``bench/synthetic_accuracy_results.txt``.
 
     python bench/synthetic_accuracy.py [--parts cifar,time,ocr] [--fractions 0.2,0.4] [--synthetic 0]
-        [--ocr-targets W] [--ocr-refine EPOCHS] [--ocr-refine-lr LR]
+        [--ocr-targets W] [--ocr-seeds 0[,1,...]] [--ocr-refine EPOCHS] [--ocr-refine-lr LR]
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ RESULTS = ROOT / "bench" / "synthetic_accuracy_results.txt"
 OCR_REFINE_EPOCHS, OCR_REFINE_LR = 0, 3e-6
 # ocr text targets (SynthesisConfig.classes on the CTC output): session 25, no gain beyond the seed noise
 OCR_TARGETS = 0.0
+# ocr synthesis seeds: one row each (+ their mean when > 1). Session 26 (bench/accuracy_real_results.txt): the
+# default pipeline reads 91.5 / 98.0 / 93.5 / 96.0 / 92.5 / 94.0 at seeds 0-5: judge the bar on "0,1,2" or more
+OCR_SEEDS = "0"
 
 
 def _load() -> str:
@@ -118,20 +124,24 @@ def ocr(args: argparse.Namespace, emit) -> None:
 
     model, chars, test_lines, _, test_x, _ = ocr_data(200, 1, 320)
     base = exact(recognise(model, test_x, chars), test_lines)
-    t = time.perf_counter()
     syn_cfg = SynthesisConfig(threads=1)
     if args.ocr_targets:  # CTC targets over the charset's printable ASCII characters (the test lines' alphabet)
         ascii_ids = tuple(i for i, c in enumerate(chars) if i > 0 and (c in string.printable.strip() or c == " "))
         syn_cfg = SynthesisConfig(threads=1, classes=args.ocr_targets, target_classes=ascii_ids)
-    syn = CalibrationData(synthesize(model, args.synthetic, 0, syn_cfg))
-    gen = time.perf_counter() - t
-    n = len(next(iter(syn.arrays.values())))
-    for f in (0.2,):
+    seeds = [int(s) for s in str(args.ocr_seeds).split(",")]
+    accs = []
+    for seed in seeds:  # one row per synthesis seed: the seed alone moves this row by 6.5 pt (OCR_SEEDS)
+        t = time.perf_counter()
+        syn = CalibrationData(synthesize(model, args.synthetic, seed, syn_cfg))
+        gen = time.perf_counter() - t
+        n = len(next(iter(syn.arrays.values())))
+        f = 0.2
         t = time.perf_counter()
         pruned = _prune(model, f, syn, allocation="lamp")
         acc = exact(recognise(pruned, test_x, chars), test_lines)
-        emit(f"PP-OCRv4 rec 1x3x48x320, {f:.0%} removed, obs + seq (lamp), synthetic ({n} samples, {gen:.0f}s"
-             f"{f', text targets {args.ocr_targets:g}' if args.ocr_targets else ''}), "
+        accs.append(acc)
+        emit(f"PP-OCRv4 rec 1x3x48x320, {f:.0%} removed, obs + seq (lamp), synthetic ({n} samples, seed {seed}, "
+             f"{gen:.0f}s{f', text targets {args.ocr_targets:g}' if args.ocr_targets else ''}), "
              f"no real data: exact match {acc:.1f}% vs original {base:.1f}% -> drop {base - acc:.1f} pt "
              f"{'PASS' if base - acc <= 5 else 'FAIL'} <= 5 (prune {time.perf_counter() - t:.0f}s, load {_load()})")
         if args.ocr_refine:
@@ -145,6 +155,10 @@ def ocr(args: argparse.Namespace, emit) -> None:
                  f"{rep.loss_before:.3f} -> {rep.loss_after:.3f}{'' if rep.kept else ' (not kept)'}: exact match "
                  f"{acc:.1f}% -> drop {base - acc:.1f} pt {'PASS' if base - acc <= 5 else 'FAIL'} <= 5 "
                  f"(refine {time.perf_counter() - t:.0f}s, load {_load()})")
+    if len(accs) > 1:
+        mean = float(np.mean(accs))
+        emit(f"  mean over seeds {','.join(map(str, seeds))}: exact match {mean:.1f}% (min {min(accs):.1f}, max "
+             f"{max(accs):.1f}) -> drop {base - mean:.1f} pt {'PASS' if base - mean <= 5 else 'FAIL'} <= 5")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-models", default="resnet50,efficientnet_lite0,cifar_resnet20,cifar_resnet44")
     ap.add_argument("--ocr-targets", type=float, default=OCR_TARGETS,
                     help="weight of the CTC text-target cross-entropy in the ocr part's synthesis (0: none)")
+    ap.add_argument("--ocr-seeds", default=OCR_SEEDS,
+                    help="synthesis seeds of the ocr part, comma-separated: a row each, and their mean when > 1")
     ap.add_argument("--ocr-refine", type=int, default=OCR_REFINE_EPOCHS, help="refine epochs of the ocr part")
     ap.add_argument("--ocr-refine-lr", type=float, default=OCR_REFINE_LR, help="Adam's peak lr of --ocr-refine")
     ap.add_argument("--out", type=Path, default=RESULTS)

@@ -96,6 +96,12 @@ sequence output ([batch, positions, classes] behind a last-axis Softmax, CTC) ge
 paper with dark strokes. Exact match, seeds 0 / 1 / 2: default 91.5 / 98.0 / 93.5 (mean 94.3); targets (weight 3,
 ASCII) 94.5 / 82.5 / 89.5 (mean 88.8); + bright start (seed 0) 93.0. The seed moves the row by 6.5 pt and the
 targets do not help on average: off.
+
+Session 26 (same row, committed code a8a2771): the default at seeds 0-5 reads 91.5 / 98.0 / 93.5 / 96.0 / 92.5 /
+94.0 (mean 94.25, sd 2.4; bar 94.5). Not seed-robust remedies: pooling saved draws (512 = two seeds, 768 = three:
+92.0 / 94.5 / 90.5 and 92.5), and 128 optimised x 15 steps + flips at the same budget (`min_samples` 128,
+`min_steps` 15: 90.5 / 93.0 / 94.5); fewer samples are worse (64 optimised without views: 60.5 / 81.0 / 94.0).
+More synthetic samples past 256 do not move the row toward the original: the gap is in what the samples are.
 """
 
 from __future__ import annotations
