@@ -20,14 +20,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.zoo import zoo_model
-from onnxprune.calibration import CalibrationData, collect_stats
+from onnxprune.calibration import CalibrationData
 from onnxprune.importer import import_model
 from onnxprune.passes.pruning import PruneConfig
-from onnxprune.passes.select import SelectChannelsPass
+from onnxprune.passes.select import SelectChannelsPass, calibration_statistics
 from onnxprune.repair import reanalyze, repair_sequential
 from onnxprune.rewrite import apply_plan
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--target-params", default="80%")
+    ap.add_argument("--out", help="save the pruned model here (to compare the outputs of two code versions)")
     args = ap.parse_args(argv)
     start_cpu, start_wall = time.process_time(), time.perf_counter()
     model = import_model(str(zoo_model(args.model)))
@@ -60,17 +62,19 @@ def main(argv: list[str] | None = None) -> int:
         clock[:] = [time.process_time(), time.perf_counter()]
 
     phase("import + inputs")
-    stats = collect_stats(model, data)
-    phase("collect_stats")
     cfg = PruneConfig(criterion="obs", repair="seq", target_params=args.target_params, round_to=1)
+    stats = calibration_statistics(cfg, model, data)  # what `onnxprune prune` collects for this config
+    phase("collect_stats")
     selection = SelectChannelsPass(cfg, calib=data, stats=stats).call(model).artifacts[0]
     del stats  # as in `onnxprune prune`: the seq repair never reads them (the selection keeps them for ls only)
     phase("select (obs scores)")
     repaired, _ = repair_sequential(selection.analysis, selection.labels, data)
     phase("repair_sequential")
     analysis, labels = reanalyze(selection.analysis, selection.labels, repaired, False)
-    apply_plan(analysis, labels)
+    pruned = apply_plan(analysis, labels)
     phase("reanalyze + remove")
+    if args.out:
+        onnx.save(pruned, args.out)
     print(f"total cpu {time.process_time() - start_cpu:.1f}s wall {time.perf_counter() - start_wall:.1f}s, "
           f"{args.model}, {args.samples} samples ({os.cpu_count()} cores)")
     return 0

@@ -8,8 +8,11 @@ pass per wave and sample (measured: ~240 s of the ~270 s of an `obs` + `seq` pru
 which never change again, so its values are final: `FrontierRunner` keeps, after each wave, the tensors
 that cross the cut between the nodes run so far and the rest (the *frontier*, typically one or two block
 outputs), for every sample, and the next wave runs only the nodes between that frontier and its own
-inputs. The cache holds at most `budget` bytes (tensors nearest the cut first); whatever does not fit is
-recomputed from earlier cached tensors or the graph inputs, so the result never depends on the budget.
+inputs. The cache holds at most `budget` bytes; when the frontier does not fit, the tensors kept (frontier
+tensors, in float16 or not, and tensors cached before) are those that leave the least recomputation
+(`FrontierRunner._cheapest`); whatever is not kept is recomputed from earlier cached tensors or the graph
+inputs, so the result never depends on the budget. An array the cache drops is reused for a new tensor of
+its shape (`FrontierRunner._allocate`).
 The sessions run with onnxruntime's graph optimisations (`OPTIMIZE`: BatchNorm folded, activations fused;
 ~30% less CPU on Lite0; layer inputs then differ from the unoptimised graph's by float32 rounding).
 
@@ -18,6 +21,7 @@ Start reading at `FrontierRunner.run`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -33,7 +37,8 @@ __all__ = ["FrontierRunner", "truncated"]
 # tensors are both alive, and sequential repair holds two runners: up to 4 x the budget. ResNet-50 at 224x224, 256
 # samples, peaked at 1,999 MiB (2.10 GB) with 320 MiB, in the statistics of a wave reading the residual stream,
 # and at 1,911 MiB (2.003 GB) with 256 (bench/repair_speed_results.txt); 224 MiB still holds layer3's stream
-# (196 MiB) in float32 and layer2's in float16.
+# (196 MiB) in float32 and layer2's in float16. Below that the cheapest choice degrades fast: at 192 MiB layer2's
+# stream no longer fits and the seq runners' multiply-adds per sample go 18.9 G -> 44.8 G.
 DEFAULT_BUDGET = 224 << 20
 # A float32 frontier tensor that does not fit the budget is cached in float16 when that fits: ResNet-50 at
 # 224x224 with 256 samples holds a layer2/layer3 residual stream (411 / 205 MB in float32) only so, and without it
@@ -92,6 +97,7 @@ class FrontierRunner:
         self.cache: dict[str, np.ndarray] = {}  # tensor -> [samples, *its shape], float16 for some float32 tensors
         self.dtypes: dict[str, np.dtype] = {}  # tensor -> its dtype in the model (what the cache is fed back as)
         self.done: set[int] = set()  # indices of nodes whose outputs are final and computed at least once
+        self.costs: list[float] | None = None  # per node, its relative cost (`node_costs`; the nodes never change)
 
     def run(self, model: onnx.ModelProto, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
         """Per sample (in order), the values of `names`; the frontier cache is refreshed on the way."""
@@ -110,6 +116,7 @@ class FrontierRunner:
         feeds = {i.name for i in sess.get_inputs()}
         n = self.data.n
         keep: list[str] = []
+        store: dict[str, np.dtype] = {}  # tensor -> the dtype it is cached in after this run
         fresh: dict[str, np.ndarray] = {}
         halved: list[str] = []  # fresh tensors stored in float16 that the session itself casts (after sample 0)
         for i in range(n):
@@ -119,11 +126,15 @@ class FrontierRunner:
             if i == 0:
                 stored = {t: (self.cache[t].dtype if t in self.cache else values[t].dtype) for t in wanted
                           if t in self.cache or t in values}
-                store = self._within_budget([t for t in wanted if t in stored], stored,
-                                            {t: self.cache[t][0].size if t in self.cache else values[t].size
-                                             for t in stored})
+                ordered = [t for t in wanted if t in stored]
+                elements = {t: self.cache[t][0].size if t in self.cache else values[t].size for t in stored}
+                if self.costs is None:
+                    self.costs = node_costs(model)
+                chosen = self._cheapest(ordered, stored, elements, nodes, producer)
+                store = chosen if chosen is not None else self._within_budget(ordered, stored, elements)
                 keep = list(store)
-                fresh = {t: np.empty((n,) + values[t].shape, store[t]) for t in keep if t not in self.cache}
+                fresh = self._allocate({t: (n,) + values[t].shape for t in keep if t not in self.cache}, store,
+                                       set(keep) | set(names))
                 self.dtypes.update({t: values[t].dtype for t in fresh})
                 halved = [t for t, arr in fresh.items() if arr.dtype == np.float16 and values[t].dtype == np.float32]
                 out_names = list(names) + [t for t in fresh if t not in names and t not in halved]
@@ -145,6 +156,29 @@ class FrontierRunner:
             yield {t: values[t] for t in names}
         self.cache = {t: self.cache[t] if t in self.cache else fresh[t] for t in keep}
         self.done = done
+
+    def _allocate(self, shapes: dict[str, tuple[int, ...]], store: dict[str, np.dtype], busy: set[str]
+                  ) -> dict[str, np.ndarray]:
+        """Arrays for the tensors cached fresh by this run: the memory of a cached array this run drops (not in
+        `busy`: kept, or asked for and so yielded) with as many bytes per sample is reused (viewed as the new
+        shape and dtype), else a new array. Exact: sample i of the old tensor is fed to the run before sample
+        i of the new one is written over it, and samples occupy the same bytes in both.
+
+        ResNet-50 at 224x224, 256 samples: each wave of a residual stage reads the stream cached by the one
+        before and caches the next block's stream, both 196 MiB (float16): reusing the array keeps one per
+        model instead of two; layer2's stream in float16 and layer3's in float32 have the same bytes.
+        """
+        spare = [t for t in self.cache if t not in busy and self.cache[t].flags.c_contiguous]
+        out = {}
+        for t, shape in shapes.items():
+            per_sample = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(store[t]).itemsize
+            match = next((s for s in spare if self.cache[s][0].nbytes == per_sample), None)
+            if match is not None:
+                spare.remove(match)
+                out[t] = self.cache[match].reshape(-1).view(np.uint8).view(store[t]).reshape(shape)
+            else:
+                out[t] = np.empty(shape, store[t])
+        return out
 
     def _is_halved(self, tensor: str) -> bool:
         """Is cached `tensor` stored in float16 although the model computes it in float32?"""
@@ -175,6 +209,48 @@ class FrontierRunner:
                     total += size
                     break
         return kept
+
+    def _cheapest(
+        self, ordered: list[str], dtypes: dict[str, np.dtype], elements: dict[str, int], nodes: list[onnx.NodeProto],
+        producer: dict[str, int],
+    ) -> dict[str, np.dtype] | None:
+        """What to cache when not all of the frontier `ordered` fits: the tensors (frontier tensors in their
+        own dtype or float16, and tensors of the current cache kept as they are) within the budget that leave
+        the least recomputation of the whole frontier (`node_costs` of the nodes between what is cached and
+        the frontier), then the fewest float16 copies, then the fewest bytes. None: every frontier tensor fits
+        in its own dtype, or too many choices (`_within_budget` decides).
+
+        ResNet-50 at 224x224, 256 samples: a stream and the branch beside it do not fit together in layer2
+        and layer3 (nor layer1's stream alone), and keeping the tensors nearest the cut made the next waves
+        recompute the stream from far upstream, the stem included (the seq runners' conv multiply-adds per
+        sample: 26.9 G, with 8.2 G for one forward pass of both models).
+        """
+        n = self.data.n
+        if sum(n * elements[t] * np.dtype(dtypes[t]).itemsize for t in ordered) <= self.budget:
+            return None
+        options: list[tuple[str, list[np.dtype | None]]] = []
+        for t in ordered:
+            own = np.dtype(dtypes[t])
+            halves = HALF_CACHE and t not in self.cache and own == np.float32
+            options.append((t, [own, np.dtype(np.float16), None] if halves else [own, None]))
+        # tensors cached before: kept as they are or dropped (not converted to float16: the float32 array and its
+        # copy alive at once were ResNet-50's seq peak, +196 MiB in layer4.0's 3x3 conv wave)
+        options += [(t, [self.cache[t].dtype, None]) for t in self.cache if t not in dtypes]
+        if np.prod([len(o) for _, o in options], dtype=np.float64) > MAX_CHOICES:
+            return None
+        size = {t: n * (elements[t] if t in elements else self.cache[t][0].size) for t, _ in options}
+        costs = self.costs or [1.0] * len(nodes)
+        best: tuple[tuple[float, int, int], dict[str, np.dtype]] | None = None
+        for pick in itertools.product(*(o for _, o in options)):
+            chosen = {t: d for (t, _), d in zip(options, pick) if d is not None}
+            total = sum(size[t] * d.itemsize for t, d in chosen.items())
+            if total > self.budget:
+                continue
+            halved = sum(1 for t, d in chosen.items() if d == np.float16 and np.dtype(self.dtypes.get(t, dtypes.get(t, d))) != d)
+            key = (_recompute(ordered, set(chosen), nodes, producer, costs), halved, total)
+            if best is None or key < best[0]:
+                best = (key, chosen)
+        return best[1] if best is not None else {}
 
     def _run_plain(self, model: onnx.ModelProto, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
         sess = session(truncated(model, names), optimize=OPTIMIZE, spin=False, threads=self.threads)
@@ -246,6 +322,60 @@ class FrontierRunner:
         out = onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
         out.functions.extend(model.functions)
         return out, cached_inputs
+
+
+# `FrontierRunner._cheapest` tries every combination of choices up to this many (a frontier of one to three tensors
+# and a cache of one to three: at most 3^3 x 2^3 = 216 on ResNet-50), else the greedy `_within_budget` decides.
+MAX_CHOICES = 512
+
+
+def node_costs(model: onnx.ModelProto) -> list[float]:
+    """Per node of `model`, a relative cost: multiply-adds of a Conv, Gemm or MatMul with a weight initializer
+    (its weight's size times its output positions), else its output elements; 1 where a shape is unknown.
+    Shapes from onnx's shape inference on a copy without the weights' values (batch and symbolic sizes: 1)."""
+    g = model.graph
+    known = {vi.name for vi in g.input}
+    inits = {t.name: tuple(t.dims) for t in g.initializer}
+    inputs = list(g.input) + [onnx.helper.make_tensor_value_info(name, t.data_type, t.dims)
+                              for t in g.initializer if (name := t.name) not in known]
+    light = onnx.helper.make_model(onnx.helper.make_graph(list(g.node), g.name, inputs, list(g.output)),
+                                   opset_imports=model.opset_import, ir_version=model.ir_version)
+    light.functions.extend(model.functions)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light).graph.value_info
+    except Exception:  # shapes are only a cost estimate: without them every node costs its (unknown) 1
+        inferred = []
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim]
+              for vi in list(inferred) + list(g.output) + list(g.input) if vi.type.HasField("tensor_type")}
+    costs = []
+    for node in g.node:
+        out = shapes.get(node.output[0]) if node.output else None
+        w = inits.get(node.input[1]) if len(node.input) > 1 else None
+        if out is None:
+            costs.append(1.0)
+        elif node.op_type == "Conv" and w is not None:
+            costs.append(float(np.prod(w, dtype=np.float64) * np.prod(out[2:], dtype=np.float64)))
+        elif node.op_type in ("Gemm", "MatMul") and w is not None:
+            costs.append(float(np.prod(w, dtype=np.float64) * np.prod(out[:-1], dtype=np.float64)))
+        else:
+            costs.append(float(np.prod(out, dtype=np.float64)))
+    return costs
+
+
+def _recompute(frontier: list[str], cached: set[str], nodes: list[onnx.NodeProto], producer: dict[str, int],
+               costs: list[float]) -> float:
+    """The cost of computing every tensor of `frontier` from the `cached` tensors and the graph inputs."""
+    seen: set[int] = set()
+    stack = [producer[t] for t in frontier if t not in cached and t in producer]
+    total = 0.0
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        total += costs[i]
+        stack.extend(producer[x] for x in nodes[i].input if x and x not in cached and x in producer)
+    return total
 
 
 def _half_name(tensor: str) -> str:

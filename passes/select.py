@@ -149,7 +149,10 @@ def calibration_statistics(
     if calib is None or not (data_criterion or config.repair == "ls"):
         return None
     data = check_calib(calib, model, config.calib_samples)
-    return collect_stats(model, data, hessian=config.repair == "ls" or config.criterion == "obs", seed=config.seed)
+    # per-position moments only for the criteria that read them (obs and the ls repair read the Hessians alone)
+    moments = custom_criterion or config.criterion in ("activation", "apoz")
+    return collect_stats(model, data, hessian=config.repair == "ls" or config.criterion == "obs", moments=moments,
+                         seed=config.seed)
 
 
 def criterion_for(config: PruneConfig, stats: CalibrationStats | None = None) -> Criterion:

@@ -98,3 +98,73 @@ def test_the_float16_cache_holds_exactly_numpys_rounding_of_the_float32_values(m
     again = np.stack([v["a0"] for v in half.run(model, ["a0"])])
     assert again.dtype == np.float32
     np.testing.assert_array_equal(again, half.cache["a0"].astype(np.float32))
+
+
+def _bottlenecks(depth: int = 4, width: int = 4):
+    """x -> stem Conv -> depth x [a + Conv(Relu(Conv(a)))]: a stream beside each block's inner tensor."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "ws"], ["a-1"], name="stem")]
+    inits = [numpy_helper.from_array(rng.standard_normal((width, width, 1, 1)).astype(np.float32) * 0.5, "ws")]
+    for k in range(depth):
+        for part in "ab":
+            w = rng.standard_normal((width, width, 1, 1)).astype(np.float32) * 0.5
+            inits.append(numpy_helper.from_array(w, f"w{part}{k}"))
+        nodes += [helper.make_node("Conv", [f"a{k - 1}", f"wa{k}"], [f"c{k}"], name=f"conva{k}"),
+                  helper.make_node("Relu", [f"c{k}"], [f"m{k}"], name=f"relu{k}"),
+                  helper.make_node("Conv", [f"m{k}", f"wb{k}"], [f"r{k}"], name=f"convb{k}"),
+                  helper.make_node("Add", [f"a{k - 1}", f"r{k}"], [f"a{k}"], name=f"add{k}")]
+    graph = helper.make_graph(nodes, "bottlenecks",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width, 3, 3])],
+                              [helper.make_tensor_value_info(f"a{depth - 1}", TensorProto.FLOAT, None)], inits)
+    return canonical(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_when_the_frontier_does_not_fit_the_cache_keeps_what_saves_most_recomputation(monkeypatch):
+    """Room for one of a block's inner tensor and the stream beside it: keeping the inner one (nearest the cut)
+    sends the next wave back to the graph input for the stream; the cheapest choice keeps the stream."""
+    monkeypatch.setattr(layer_inputs, "OPTIMIZE", False)
+    monkeypatch.setattr(layer_inputs, "HALF_CACHE", False)
+    model = _bottlenecks()
+    data = CalibrationData({"x": np.random.default_rng(4).standard_normal((5, 4, 3, 3)).astype(np.float32)})
+    runs: list[int] = []
+    submodel = FrontierRunner._submodel
+
+    def counted(self, model, nodes, needed, outputs):
+        runs.append(len(needed))
+        return submodel(self, model, nodes, needed, outputs)
+
+    monkeypatch.setattr(FrontierRunner, "_submodel", counted)
+    nodes_run = {}
+    search = layer_inputs.MAX_CHOICES
+    for choices in (search, 0):  # 0: the greedy choice, nearest the cut first
+        monkeypatch.setattr(layer_inputs, "MAX_CHOICES", choices)
+        runner, plain = FrontierRunner(data, budget=5 * 36 * 4), FrontierRunner(data, budget=0)
+        runs.clear()
+        current = model
+        for k in range(4):  # waves: each block's first conv (reads the stream), then its second (reads m)
+            for names, weight in (([f"a{k - 1}"], f"wa{k}"), ([f"m{k}"], f"wb{k}")):
+                for a, b in zip(runner.run(current, names), plain.run(current, names)):
+                    np.testing.assert_array_equal(a[names[0]], b[names[0]])
+                assert sum(v.nbytes for v in runner.cache.values()) <= 5 * 36 * 4
+                current = _with_weight(current, weight, np.full((4, 4, 1, 1), 0.1 * (k + 1), np.float32))
+        nodes_run[choices] = sum(runs)  # nodes the cached runner ran (the plain one runs whole prefixes)
+    assert nodes_run[search] < nodes_run[0], nodes_run
+
+
+def test_a_dropped_cache_array_is_reused_for_the_next_tensor_of_its_shape(monkeypatch):
+    """A wave reading the cached stream caches the next one: written into the same array (one per model alive,
+    not two), with the values of an uncached run."""
+    monkeypatch.setattr(layer_inputs, "OPTIMIZE", False)
+    monkeypatch.setattr(layer_inputs, "HALF_CACHE", False)  # float32 only: bit for bit
+    model = _chain()
+    data = CalibrationData({"x": np.random.default_rng(5).standard_normal((5, 4, 3, 3)).astype(np.float32)})
+    runner, plain = FrontierRunner(data, budget=5 * 36 * 4), FrontierRunner(data, budget=0)
+    reused = 0
+    for k in range(4):
+        names = [f"r{k - 1}"] if k else ["x"]  # the stream a_k is cached, never asked for (not yielded)
+        before = list(runner.cache.values())
+        for a, b in zip(runner.run(model, names), plain.run(model, names)):
+            np.testing.assert_array_equal(a[names[0]], b[names[0]])
+        reused += any(np.shares_memory(v, w) for v in runner.cache.values() for w in before)
+        assert sum(v.nbytes for v in runner.cache.values()) <= 5 * 36 * 4
+    assert reused >= 2

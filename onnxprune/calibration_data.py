@@ -1,0 +1,153 @@
+"""Calibration data: the samples (`CalibrationData`), read from an ``.npz`` file or distilled (`load_calib`),
+and checked against the model's inputs (`check_calib`). Split from `calibration` (the statistics) by concept;
+`calibration` re-exports every name here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import DataError, UsageError
+from onnxprune.graph import Dim, ModelGraph
+
+__all__ = ["CalibrationData", "check_calib", "load_calib"]
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """Samples per model input name; every array's first axis enumerates samples."""
+
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def n(self) -> int:
+        return min(len(a) for a in self.arrays.values()) if self.arrays else 0
+
+    def sample(self, i: int) -> dict[str, np.ndarray]:
+        return {k: v[i : i + 1] for k, v in self.arrays.items()}
+
+    def head(self, n: int) -> CalibrationData:
+        return CalibrationData({k: v[:n] for k, v in self.arrays.items()})
+
+
+def load_calib(path: str | Path, model: onnx.ModelProto, samples: int | None = None, seed: int = 0) -> CalibrationData:
+    """Load ``FILE.npz`` (keys = the model's input names) and keep the first `samples` samples.
+
+    ``synthetic`` or ``synthetic:N`` instead of a path distils N inputs (default: planned from a 90 s budget, up to 256; `onnxprune.synthetic.plan`) from the model's
+    BatchNorm statistics (`onnxprune.synthetic`, deterministic for `seed`); a file of that name still loads
+    when it exists.
+
+    Raises:
+        DataError: the file is missing, unreadable or not an .npz archive, or its arrays do not fit the
+            model's inputs (`check_calib`); the message is one line naming the file.
+        UnsupportedModelError: synthetic data for a model whose input path has an op without a gradient rule.
+    """
+    if isinstance(path, str) and not Path(path).exists():
+        from onnxprune.synthetic import parse_spec, synthesize
+
+        n = parse_spec(path)
+        if n is not None:
+            return check_calib(CalibrationData(synthesize(model, n, seed)), model, samples, path)
+    path = Path(path)
+    where = str(path)
+    if not path.exists():
+        raise DataError(f"{where}: calibration file not found")
+    if path.is_dir():
+        raise DataError(f"{where}: is a directory, not an .npz calibration file")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        raise DataError(f"{where}: cannot read the calibration file ({exc.strerror or exc})") from None
+    if magic.startswith(b"\x93NUMPY"):
+        raise DataError(f"{where}: a single .npy array, not an .npz archive of named inputs "
+                        "(write one with numpy.savez(path, input_name=array))")
+    if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise DataError(f"{where}: not an .npz archive (write one with numpy.savez(path, input_name=array))")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:  # zipfile/zlib/format errors all mean "not a usable npz"
+        raise DataError(f"{where}: not a readable .npz archive (numpy could not read it: {_first_line(exc)})") from None
+    arrays = {}
+    with archive:
+        for key in archive.files:
+            try:
+                arrays[key] = np.asarray(archive[key])
+            except ValueError as exc:
+                if "allow_pickle" in str(exc):
+                    raise DataError(f"{where}: array {key!r} holds Python objects; calibration inputs must be "
+                                    "numeric arrays") from None
+                raise DataError(f"{where}: array {key!r} cannot be read ({_first_line(exc)})") from None
+            except Exception as exc:  # a damaged member: zlib/zipfile/EOF errors
+                raise DataError(f"{where}: array {key!r} cannot be read ({_first_line(exc)})") from None
+    return check_calib(CalibrationData(arrays), model, samples, where)
+
+
+def check_calib(
+    data: CalibrationData, model: onnx.ModelProto, samples: int | None = None, where: str = "calibration data"
+) -> CalibrationData:
+    """`data` checked against the model's inputs and cast to their dtypes, before anything runs.
+
+    Every graph input needs an array whose axis 0 enumerates samples and whose other axes match the
+    input's static sizes (symbolic or unknown sizes accept anything); values must be numbers, and whole
+    numbers for an integer input. Arrays for names that are not model inputs are ignored.
+
+    Raises:
+        DataError: an input has no array, or its array has the wrong shape or dtype (one line, naming `where`).
+        UsageError: `samples` < 1.
+    """
+    graph = ModelGraph(model)
+    inputs = {vi.name: vi for vi in model.graph.input if vi.name in graph.graph_inputs}
+    missing = sorted(set(inputs) - set(data.arrays))
+    if missing:
+        has = ", ".join(repr(k) for k in sorted(data.arrays)) or "none"
+        raise DataError(f"{where}: no array for model input(s) {', '.join(repr(m) for m in missing)} (it has {has}; "
+                        "keys must be the model's input names)")
+    arrays = {}
+    for name, vi in inputs.items():
+        arrays[name] = _fit_input(data.arrays[name], name, graph.shape(name), vi.type.tensor_type.elem_type, where)
+    out = CalibrationData(arrays)
+    if samples is not None:
+        if samples < 1:
+            raise UsageError(f"calib-samples must be >= 1, got {samples}")
+        out = out.head(samples)
+    return out
+
+
+def _fit_input(arr: np.ndarray, name: str, dims: tuple[Dim, ...] | None, elem_type: int, where: str) -> np.ndarray:
+    """`arr` cast to the input's dtype, or a `DataError` saying why it cannot feed input `name`."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    if dims is not None:
+        # axis 0 holds the samples (fed one or a batch at a time): only the other axes must match
+        fits = arr.ndim == len(dims) and all(not isinstance(d, int) or d == n for d, n in zip(dims[1:], arr.shape[1:]))
+        if not fits:
+            raise DataError(f"{where}: input {name!r} has shape {tuple(arr.shape)} but the model expects "
+                            f"{_format_dims(dims)} (N = samples)")
+    if arr.ndim == 0 or len(arr) == 0:
+        raise DataError(f"{where}: input {name!r} has no samples (shape {tuple(arr.shape)}; axis 0 enumerates samples)")
+    try:
+        target = np.dtype(tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, TypeError, ValueError):  # an element type numpy has no dtype for: leave the array as it is
+        return arr
+    if target.kind in "biuf":
+        if arr.dtype.kind not in "biuf":
+            raise DataError(f"{where}: input {name!r} holds {arr.dtype} values but the model expects {target} numbers")
+        if target.kind in "biu" and arr.dtype.kind == "f" and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
+            raise DataError(f"{where}: input {name!r} holds fractional {arr.dtype} values but the model expects {target}")
+    return arr.astype(target, copy=False)
+
+
+def _format_dims(dims: tuple[Dim, ...]) -> str:
+    """The model's input shape as a tuple, samples axis as N, symbolic sizes by name, unknown ones as ?."""
+    parts = ["N"] + [str(d) if d is not None else "?" for d in dims[1:]] if dims else []
+    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
