@@ -171,14 +171,10 @@ def allocate(prep: Prepared, config: UnconstrainedConfig, target_params: int | N
         counts = counts_of(prep, steps[:k])
         return choose(prep, config, counts=counts, allowed_counts=allowed), counts
 
-    seen: dict[int, tuple[UnconstrainedPlan, dict[int, int], int]] = {}
-
     def at(k: int) -> tuple[UnconstrainedPlan, dict[int, int], int]:
-        if k not in seen:  # each `choose` refits every reader (minutes on ResNet-50): never twice
-            counts = counts_of(prep, steps[:k])
-            plan = choose(prep, config, counts=counts, allowed_counts=allowed)
-            seen[k] = (plan, counts, plan_params(plan))
-        return seen[k]
+        counts = counts_of(prep, steps[:k])
+        plan = choose(prep, config, counts=counts, allowed_counts=allowed)
+        return plan, counts, plan_params(plan)
 
     lo, hi = 0, len(steps)
     if at(lo)[2] <= target_params:
