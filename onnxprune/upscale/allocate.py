@@ -172,6 +172,8 @@ def allocate(prep: Prepared, config: UnconstrainedConfig, target_params: int | N
         return choose(prep, config, counts=counts, allowed_counts=allowed), counts
 
     def at(k: int) -> tuple[UnconstrainedPlan, dict[int, int], int]:
+        # not memoised: `choose` writes the prep's pieces in place, so an earlier plan goes stale (the answer is
+        # recomputed last)
         counts = counts_of(prep, steps[:k])
         plan = choose(prep, config, counts=counts, allowed_counts=allowed)
         return plan, counts, plan_params(plan)
