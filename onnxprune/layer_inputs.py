@@ -21,6 +21,7 @@ Start reading at `FrontierRunner.run`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterator
 
@@ -28,6 +29,8 @@ import numpy as np
 import onnx
 
 from onnxprune.calibration import CalibrationData
+from onnxprune.graph import ModelGraph
+from onnxprune.metrics import node_macs
 from onnxprune.onnx_utils import has_subgraph
 from onnxprune.verify import session
 
@@ -330,35 +333,25 @@ MAX_CHOICES = 512
 
 
 def node_costs(model: onnx.ModelProto) -> list[float]:
-    """Per node of `model`, a relative cost: multiply-adds of a Conv, Gemm or MatMul with a weight initializer
-    (its weight's size times its output positions), else its output elements; 1 where a shape is unknown.
-    Shapes from onnx's shape inference on a copy without the weights' values (batch and symbolic sizes: 1)."""
+    """Per node of `model`, a relative cost: its multiply-adds (`metrics.node_macs`: Conv, Gemm, MatMul), else
+    its output elements; 1 where a shape is unknown. Shapes from onnx's shape inference on a copy without the
+    weights' values (batch and symbolic sizes: 1)."""
     g = model.graph
     known = {vi.name for vi in g.input}
-    inits = {t.name: tuple(t.dims) for t in g.initializer}
     inputs = list(g.input) + [onnx.helper.make_tensor_value_info(name, t.data_type, t.dims)
                               for t in g.initializer if (name := t.name) not in known]
     light = onnx.helper.make_model(onnx.helper.make_graph(list(g.node), g.name, inputs, list(g.output)),
                                    opset_imports=model.opset_import, ir_version=model.ir_version)
     light.functions.extend(model.functions)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light).graph.value_info
-    except Exception:  # shapes are only a cost estimate: without them every node costs its (unknown) 1
-        inferred = []
-    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim]
-              for vi in list(inferred) + list(g.output) + list(g.input) if vi.type.HasField("tensor_type")}
+    with contextlib.suppress(Exception):  # shapes are only a cost estimate: without them every node costs 1
+        light = onnx.shape_inference.infer_shapes(light)
+    graph = ModelGraph(light)
     costs = []
     for node in g.node:
-        out = shapes.get(node.output[0]) if node.output else None
-        w = inits.get(node.input[1]) if len(node.input) > 1 else None
-        if out is None:
-            costs.append(1.0)
-        elif node.op_type == "Conv" and w is not None:
-            costs.append(float(np.prod(w, dtype=np.float64) * np.prod(out[2:], dtype=np.float64)))
-        elif node.op_type in ("Gemm", "MatMul") and w is not None:
-            costs.append(float(np.prod(w, dtype=np.float64) * np.prod(out[:-1], dtype=np.float64)))
-        else:
-            costs.append(float(np.prod(out, dtype=np.float64)))
+        out = graph.shape(node.output[0]) if node.output else None
+        macs = node_macs(graph, node)
+        elements = np.prod([d if isinstance(d, int) and d > 0 else 1 for d in out], dtype=np.float64) if out else 1.0
+        costs.append(float(macs) if macs else float(elements))
     return costs
 
 
