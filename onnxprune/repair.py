@@ -49,7 +49,7 @@ from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.moments import channel_moments
 from onnxprune.progress import task
 from onnxprune.repair_stats import sequential_stats
-from onnxprune.repair_stream import choose_damp, ridge_fit, stream_writes
+from onnxprune.repair_stream import choose_damp, ridge_fit, stream_writes, symmetric_solve
 
 REPAIRS = ("none", "bias", "ls", "seq")
 SEQ_STREAM = False  # `repair_sequential` default: refit residual-stream writers towards the stream
@@ -210,14 +210,14 @@ def repair_weights(
 def _ridge_solve(H: np.ndarray, keep: np.ndarray, wa: np.ndarray, damp: float) -> np.ndarray:
     """``wa H[:, K] (H[K, K] + lambda I)^-1`` for a symmetric H, `lambda` = `damp` x mean diagonal of H[K, K].
 
-    Rows of H are gathered once (contiguous copies) and the ridge is added in place. LU, not Cholesky:
-    OpenBLAS's LU keeps both cores busy where its Cholesky stalls on a loaded machine.
+    Rows of H are gathered once (contiguous copies), the ridge is added in place and the system is solved in
+    place (`repair_stream.symmetric_solve`).
     """
     rows = H[keep]  # = H[:, K]^T
     rhs = rows @ wa.T  # [K, outputs]
-    Hk = rows[:, keep]
+    Hk = np.ascontiguousarray(rows[:, keep], dtype=np.float64)
     Hk[np.diag_indices(len(keep))] += damp * float(np.mean(np.diag(Hk))) + 1e-12
-    return np.linalg.solve(Hk, rhs).T
+    return symmetric_solve(Hk, rhs).T
 
 
 def slot_value(graph: ModelGraph, slot: BiasSlot, n_out: int) -> np.ndarray:

@@ -139,3 +139,20 @@ def test_stream_repair_keeps_dead_channel_semantics_and_lowers_the_stream_error(
         assert max_rel_error(run(apply_mask(work, work_labels), inputs), run(pruned, inputs)) <= 1e-5
         errors[stream] = stream_error(apply_mask(work, work_labels))
     assert errors[True] < errors[False], errors
+
+
+def test_symmetric_solve_matches_numpy_in_place_and_raises_when_singular():
+    from onnxprune.repair_stream import symmetric_solve
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((80, 60))
+    A = a.T @ a / 80 + 0.1 * np.eye(60)
+    B = rng.standard_normal((60, 7))
+    want = np.linalg.solve(A, B)
+    work = A.copy()
+    got = symmetric_solve(work, B.copy())
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert not np.array_equal(work, A)  # factored in place: no copy of a (possibly 170 MB) Hessian
+    singular = np.zeros((4, 4))
+    with pytest.raises(np.linalg.LinAlgError):
+        symmetric_solve(singular, np.ones((4, 1)))
