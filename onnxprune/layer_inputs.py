@@ -37,7 +37,8 @@ from onnxprune.verify import session
 __all__ = ["FrontierRunner", "truncated"]
 
 # Bytes of cached frontier tensors per model (all samples). While a run refreshes the cache the old and the new
-# tensors are both alive, and sequential repair holds two runners: up to 4 x the budget. ResNet-50 at 224x224, 256
+# tensors are both alive, and sequential repair holds two runners: up to 4 x the budget (with the original model's
+# rows drawn once, `dense_rows`, only the pruned model's runner runs, with twice the budget: the same bound). ResNet-50 at 224x224, 256
 # samples, peaked at 1,999 MiB (2.10 GB) with 320 MiB, in the statistics of a wave reading the residual stream,
 # and at 1,911 MiB (2.003 GB) with 256 (bench/repair_speed_results.txt); 224 MiB still holds layer3's stream
 # (196 MiB) in float32 and layer2's in float16. Below that the cheapest choice degrades fast: at 192 MiB layer2's

@@ -30,6 +30,7 @@ for MatMul, a following Add of a constant vector. With no channel removed nothin
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,9 +44,10 @@ from onnxprune.calibration import (
     consumers,
 )
 from onnxprune.channels import ChannelAnalysis, DimRef, analyze
+from onnxprune.dense_rows import dense_rows
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
-from onnxprune.layer_inputs import FrontierRunner
+from onnxprune.layer_inputs import DEFAULT_BUDGET, FrontierRunner
 from onnxprune.moments import channel_moments
 from onnxprune.progress import task
 from onnxprune.repair_stats import sequential_stats
@@ -55,6 +57,9 @@ REPAIRS = ("none", "bias", "ls", "seq")
 SEQ_STREAM = False  # `repair_sequential` default: refit residual-stream writers towards the stream
 SEQ_HOLDOUT = 0  # `repair_sequential` default: choose the damp per layer on every N-th sample held out (0: off)
 SEQ_COMPACT = True  # `repair_sequential`: statistics of x~ over its kept features only (exact; False: all features)
+# `repair_sequential`: the original model's rows drawn once before the waves (`dense_rows`), not by a second runner in
+# every wave (streams and held-out folds keep the runner)
+SEQ_DENSE_ROWS = True
 
 
 @dataclass
@@ -329,6 +334,11 @@ def repair_sequential(
     the original weights, so a consumer whose input did not change and loses nothing stays exactly as it
     was. `lambda` is `damp` x the mean diagonal of the Hessian block. With nothing removed it is a no-op.
 
+    The original model's side (x, or the original outputs ``[W b] [x 1]`` where narrower) is drawn once
+    before the waves (`dense_rows`, `SEQ_DENSE_ROWS`); each wave then runs only the pruned model. ResNet-50,
+    256 samples at 224x224, 20% of parameters removed: 167 -> 116 CPU s (the ridge solves through LAPACK
+    directly, `repair_stream.symmetric_solve`, 60 -> 15 CPU s before that), peak RSS 1,878 -> 1,741 MB.
+
     Args:
         analysis: channel analysis of the model to repair.
         removed_labels: component labels of the channels that will be removed.
@@ -366,9 +376,18 @@ def repair_sequential(
             w = graph.initializer_value(c.weight)
             slots[c.name] = bias_slot(graph, c, c.weight_matrix(w).shape[0])
     writes = stream_writes(graph, [c for c in cons if c.name in wave_of]) if stream else {}
-    # frontier tensors cached from wave to wave; one onnxruntime thread each: the two run at once (`sequential_stats`)
-    runners = (FrontierRunner(data, threads=1), FrontierRunner(data, threads=1))
-    with task("sequential repair", total=len(wave_of)) as progress:
+    dense = None
+    if SEQ_DENSE_ROWS and not stream and holdout <= 1:  # the original model's rows once, not in every wave
+        fitted = [c for c in cons if c.name in wave_of]
+        dense = dense_rows(graph.model, fitted, {c.name: original_target(graph, c, slots[c.name]) for c in fitted},
+                           data, max_rows, seed)
+    # frontier tensors cached from wave to wave; one onnxruntime thread each: the two run at once (`sequential_stats`);
+    # with the dense rows only the pruned model's runner runs, with both runners' budget
+    runners = (FrontierRunner(data, threads=1),
+               FrontierRunner(data, budget=2 * DEFAULT_BUDGET if dense is not None else None, threads=1))
+    with contextlib.ExitStack() as cleanup, task("sequential repair", total=len(wave_of)) as progress:
+        if dense is not None:
+            cleanup.callback(dense.close)  # its temporary file
         for number, k in enumerate(sorted(waves), 1):
             wave = waves[k]
             progress.update(f"sequential repair: wave {number}/{len(waves)}")
@@ -389,7 +408,7 @@ def repair_sequential(
                 c.name: np.setdiff1d(np.arange(c.weight_shape(graph)[c.in_axis]), cut)
                 for c in wave if (cut := cut_of[c.name]) is not None and len(cut)}
             folds = sequential_stats(graph.model, current, wave, data, max_rows, seed + 7919 * k, runners,
-                                     streams=streams, holdout=holdout, targets=targets, kept=kept)
+                                     streams=streams, holdout=holdout, targets=targets, kept=kept, dense=dense)
             for c in progress.track(wave):
                 folded = folds.pop(c.name)  # released after its fit: a wave's statistics are not all alive at once
                 total = folded.total()

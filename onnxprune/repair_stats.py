@@ -22,6 +22,7 @@ from onnxprune.calibration import (
     row_budget,
     single_threaded_blas,
 )
+from onnxprune.dense_rows import DenseRows
 from onnxprune.graph import ModelGraph
 from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.progress import task
@@ -121,6 +122,7 @@ def sequential_stats(
     holdout: int = 0,
     targets: dict[str, np.ndarray] | None = None,
     kept: dict[str, np.ndarray] | None = None,
+    dense: DenseRows | None = None,
 ) -> dict[str, FoldedStats]:
     """Per consumer of `wave`: its `FoldedStats` over the same sampled rows of both models.
 
@@ -136,8 +138,12 @@ def sequential_stats(
     (its features there, then the constant), so H is [K + 1, K + 1] and C, P, D have K + 1 columns / rows for
     x~: the removed positions of x~ are zeros, their rows and columns of the statistics zeros nothing reads
     (`repair.repair_sequential`: ResNet-50 at 20% removed: 0.64x the multiply-adds of H).
+    `dense`: the original model's rows of every consumer of the wave, drawn before the waves (`dense_rows`):
+    only the pruned model runs, its rows drawn at the same positions; consumers whose dense rows are outputs
+    accumulate ``P = E[y x~^T]``. Not with `streams` or a held-out fold.
     """
     streams = streams or {}
+    assert dense is None or not (streams or holdout > 1), "dense rows carry neither stream rows nor folds"
     names = sorted({c.x for c in wave} | {w.other for w in streams.values()})
     run_o, run_c = runners or (FrontierRunner(data, budget=0), FrontierRunner(data, budget=0))
     graph = ModelGraph(original)
@@ -149,14 +155,19 @@ def sequential_stats(
                feats[c.name] * len(kept[c.name]) // w_shapes[c.name][c.in_axis] for c in wave}
     n_outs = {c.name: w_shapes[c.name][c.out_axis] for c in wave}
     per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n))) for k, f in feats.items()}
+    if dense is not None:
+        per_sample = {c.name: dense.per_sample[c.name] for c in wave}
+    outputs_given = set() if dense is None else {c.name for c in wave if c.name in dense.targets}
     n_folds = 2 if holdout > 1 and data.n >= 2 * holdout else 1
     targets = targets or {}
     projections = {name: np.ascontiguousarray(wa.T, dtype=np.float32) for name, wa in targets.items()}
+    with_p = set(targets) | outputs_given
     sums = {c.name: [LayerStats(np.zeros((feats_c[c.name] + 1,) * 2),
-                                None if c.name in targets else np.zeros((feats[c.name] + 1, feats_c[c.name] + 1)),
+                                None if c.name in with_p else np.zeros((feats[c.name] + 1, feats_c[c.name] + 1)),
                                 np.zeros((feats_c[c.name] + 1, n_outs[c.name])) if c.name in streams else None,
-                                P=np.zeros((n_outs[c.name], feats_c[c.name] + 1)) if c.name in targets else None)
+                                P=np.zeros((n_outs[c.name], feats_c[c.name] + 1)) if c.name in with_p else None)
                      for _ in range(n_folds)] for c in wave}
+    loaded = {} if dense is None else {c.name: dense.load(c.name) for c in wave}
     pending: dict[tuple[str, int], list[tuple[np.ndarray, ...]]] = {}
 
     def with_one(parts: list[np.ndarray]) -> np.ndarray:
@@ -173,33 +184,41 @@ def sequential_stats(
         # rows of many samples in one product: a few large GEMMs instead of one tiny one per sample
         parts = pending.pop((name, fold), [])
         if parts:
-            ro = with_one([p[0] for p in parts])
             rc = with_one([p[1] for p in parts])
             acc = sums[name][fold]
             acc.H += rc.T @ rc  # numpy's syrk
-            if acc.P is not None:
-                acc.P += (ro @ projections[name]).T @ rc
+            if name in outputs_given:  # the dense rows are the original outputs y already
+                acc.P += np.concatenate([p[0] for p in parts]).T @ rc
+            elif acc.P is not None:
+                acc.P += (with_one([p[0] for p in parts]) @ projections[name]).T @ rc
             else:
-                acc.C += ro.T @ rc
+                acc.C += with_one([p[0] for p in parts]).T @ rc
             if acc.D is not None:
                 acc.D += rc.T @ np.concatenate([p[2] for p in parts])
 
             acc.rows += len(rc)
 
-    def add_sample(i: int, xo: dict[str, np.ndarray], xc: dict[str, np.ndarray]) -> None:
+    def add_sample(i: int, xo: dict[str, np.ndarray] | None, xc: dict[str, np.ndarray]) -> None:
         """Sample `i`'s rows of every consumer of the wave, buffered; full buffers multiplied in."""
         fold = 1 if n_folds == 2 and i % holdout == holdout - 1 else 0
         for j, c in enumerate(wave):
             picks: list[np.ndarray | None] = []
-            ro = hessian_rows(np.asarray(xo[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
-                              np.random.default_rng([seed, i, j]), picks)
+            if xo is None:  # the dense rows, drawn before the waves
+                assert dense is not None
+                count = dense.count[c.name]
+                ro = loaded[c.name][i * count : (i + 1) * count]
+                rng = dense.rng(c.name, i)
+            else:
+                ro = hessian_rows(np.asarray(xo[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
+                                  np.random.default_rng([seed, i, j]), picks)
+                rng = np.random.default_rng([seed, i, j])
             x_pruned = np.asarray(xc[c.x], np.float32)
             if c.name in kept:  # the same positions are drawn: they do not depend on the channel count
                 x_pruned = np.take(x_pruned, kept[c.name], axis=c.x_axis)
-            rc = hessian_rows(x_pruned, c, w_shapes[c.name], per_sample[c.name], np.random.default_rng([seed, i, j]))
+            rc = hessian_rows(x_pruned, c, w_shapes[c.name], per_sample[c.name], rng)
             entry: tuple[np.ndarray, ...] = (ro, rc)
             write = streams.get(c.name)
-            if write is not None:
+            if write is not None and xo is not None:
                 diff = np.asarray(xo[write.other], np.float32) - np.asarray(xc[write.other], np.float32)
                 r = output_rows(diff, c, picks)
                 entry += (r / write.scale[None, :] if write.scale is not None else r,)
@@ -221,10 +240,11 @@ def sequential_stats(
         ThreadPoolExecutor(max_workers=1) as runner_pool,
         task("layer inputs, original and pruned", total=data.n) as progress,
     ):
-        samples = paired(run_o.run(original, names), run_c.run(current, names), runner_pool)
+        samples = (((None, xc) for xc in run_c.run(current, names)) if dense is not None
+                   else paired(run_o.run(original, names), run_c.run(current, names), runner_pool))
         inflight: Future[None] | None = None
         for i, (xo, xc) in enumerate(progress.track(samples)):
-            if xo is None or xc is None:
+            if (xo is None and dense is None) or xc is None:
                 raise RuntimeError("the original and the pruned model's runners gave different numbers of samples")
             if inflight is not None:
                 inflight.result()

@@ -56,6 +56,69 @@ def test_kept_feature_statistics_give_the_weights_of_all_feature_statistics(name
     assert changed  # the repair did change weights (the comparison is not between two no-ops)
 
 
+@pytest.mark.parametrize("name", ["residual", "chain", "depthwise", "gemm_head", "attention", "concat"])
+def test_dense_rows_drawn_once_give_the_weights_of_the_per_wave_runner(name, monkeypatch):
+    """The original model's rows drawn once before the waves (`repair.SEQ_DENSE_ROWS`; in memory, and in
+    the temporary file) fit the same weights as the second runner drawing them in every wave, where every
+    position is kept (these small maps: the rows are then the same sets in the same order); the pruned model
+    equals the masked one in onnxruntime."""
+    from onnxprune import dense_rows
+
+    model = canonical(TEST_MODELS[name]())
+    calib = _calib(model, 12)
+    analysis = analyze(ModelGraph(model))
+    labels = PrunePass(PruneConfig(ratio=0.4)).plan(analysis).labels(analysis)
+    results = []
+    for use_dense, memory in ((False, None), (True, 1 << 30), (True, 0)):
+        monkeypatch.setattr(repair, "SEQ_DENSE_ROWS", use_dense)
+        if memory is not None:
+            monkeypatch.setattr(dense_rows, "MEMORY_BYTES", memory)
+        repaired, report = repair_sequential(analysis, labels, calib)
+        assert report.repaired
+        results.append({t.name: np.asarray(onnx_value(t), np.float64) for t in repaired.graph.initializer})
+        work, work_labels = reanalyze(analysis, labels, repaired, False)
+        inputs = random_inputs(model, seed=99)
+        assert max_rel_error(run(apply_mask(work, work_labels), inputs),
+                             run(infer_shapes(apply_plan(work, work_labels)), inputs)) <= 1e-5
+    for other in results[1:]:
+        assert other.keys() == results[0].keys()
+        for k, want in results[0].items():
+            scale = max(1e-12, float(np.abs(want).max()))
+            assert float(np.abs(other[k] - want).max()) / scale <= 1e-3, k
+    assert any(not np.array_equal(v, np.asarray(onnx_value(_init(model, k)), np.float64))
+               for k, v in results[0].items() if _init(model, k) is not None)
+
+
+def test_dense_rows_are_the_inputs_or_the_outputs_whichever_is_narrower():
+    """Per consumer the store keeps [x] or y = [W b] [x 1]; the y rows equal the product of the x rows."""
+    from onnxprune.calibration import consumers
+    from onnxprune.dense_rows import dense_rows
+
+    model = canonical(TEST_MODELS["residual"]())
+    calib = _calib(model, 4)
+    graph = ModelGraph(model)
+    cons = consumers(graph)
+    rng = np.random.default_rng(0)
+    targets = {}
+    for c in cons:  # every other consumer gets a target wider than its features: its x rows are kept
+        f = c.feature_count(c.weight_shape(graph))
+        targets[c.name] = rng.standard_normal((f + 3 if len(targets) % 2 else max(1, f // 2), f + 1))
+    store = dense_rows(model, cons, targets, calib, 65536, seed=5)
+    assert store is not None
+    wide = dense_rows(model, cons, {k: np.zeros((10**6, 1)) for k in targets}, calib, 65536, seed=5)  # never y
+    assert wide is not None and not wide.targets
+    assert store.targets and len(store.targets) < len(cons)
+    for c in cons:
+        rows = store.load(c.name)
+        x = wide.load(c.name)
+        assert len(rows) == calib.n * store.count[c.name]
+        if c.name in store.targets:
+            wa = targets[c.name]
+            np.testing.assert_allclose(rows, x @ wa[:, :-1].T + wa[:, -1], rtol=1e-4, atol=1e-4)
+        else:
+            np.testing.assert_array_equal(rows, x)
+
+
 def onnx_value(t):
     from onnx import numpy_helper
 
