@@ -116,7 +116,8 @@ def dense_rows(
     names = sorted({c.x for c in which})
     for name in names:
         probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    sess = session(probe, optimize=OPTIMIZE, spin=False, threads=1)
+    # onnxruntime's default threads beside the worker: ResNet-50's pass 21.4 -> 18.8 s wall (quiet, 2 cores)
+    sess = session(probe, optimize=OPTIMIZE, spin=False)
     feeds = {i.name for i in sess.get_inputs()}
 
     def rows_of(i: int, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -157,7 +158,7 @@ def dense_rows(
             else:
                 os.pwrite(store.file.fileno(), r.tobytes(), store.offsets[name] + i * r.nbytes)
 
-    # onnxruntime runs sample i + 1 (one thread) while a worker draws and writes sample i's rows (one BLAS
+    # onnxruntime runs sample i + 1 while a worker draws and writes sample i's rows (one BLAS
     # thread): both cores, at most one sample's tensors waiting
     inflight: Future[None] | None = None
     try:

@@ -381,10 +381,12 @@ def repair_sequential(
         fitted = [c for c in cons if c.name in wave_of]
         dense = dense_rows(graph.model, fitted, {c.name: original_target(graph, c, slots[c.name]) for c in fitted},
                            data, max_rows, seed)
-    # frontier tensors cached from wave to wave; one onnxruntime thread each: the two run at once (`sequential_stats`);
-    # with the dense rows only the pruned model's runner runs, with both runners' budget
+    # frontier tensors cached from wave to wave; one onnxruntime thread each: the two run at once (`sequential_stats`).
+    # With the dense rows only the pruned model's runner runs, with both runners' budget and onnxruntime's default
+    # threads (ResNet-50, 256 samples, quiet 2 cores: the waves 52.5 -> 47.7 s wall, the same CPU)
     runners = (FrontierRunner(data, threads=1),
-               FrontierRunner(data, budget=2 * DEFAULT_BUDGET if dense is not None else None, threads=1))
+               FrontierRunner(data, budget=2 * DEFAULT_BUDGET, threads=None) if dense is not None
+               else FrontierRunner(data, threads=1))
     with contextlib.ExitStack() as cleanup, task("sequential repair", total=len(wave_of)) as progress:
         if dense is not None:
             cleanup.callback(dense.close)  # its temporary file

@@ -232,8 +232,9 @@ def sequential_stats(
     # One worker thread (one BLAS thread) gathers and multiplies sample i's rows while onnxruntime runs sample
     # i + 1, the original model in a second thread and the pruned one on the main thread (`paired`): with
     # one onnxruntime thread per session (`FrontierRunner.threads`) that is both cores without onnxruntime's
-    # per-op synchronisation. Samples are added in order by one thread, so the sums are the same as without
-    # it; at most one sample waits, so memory stays bounded.
+    # per-op synchronisation (with `dense` rows only the pruned model runs, on the main thread, with the
+    # runner's threads). Samples are added in order by one thread, so the sums are the same as without it; at
+    # most one sample waits, so memory stays bounded.
     with (
         single_threaded_blas(),
         ThreadPoolExecutor(max_workers=1) as pool,
