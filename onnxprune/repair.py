@@ -336,8 +336,9 @@ def repair_sequential(
 
     The original model's side (x, or the original outputs ``[W b] [x 1]`` where narrower) is drawn once
     before the waves (`dense_rows`, `SEQ_DENSE_ROWS`); each wave then runs only the pruned model. ResNet-50,
-    256 samples at 224x224, 20% of parameters removed: 167 -> 116 CPU s (the ridge solves through LAPACK
-    directly, `repair_stream.symmetric_solve`, 60 -> 15 CPU s before that), peak RSS 1,878 -> 1,741 MB.
+    256 samples at 224x224, 20% of parameters removed, 2 quiet cores: 158 -> 110 CPU s, 104 -> 74 s wall,
+    peak RSS 1,878 -> 1,862 MiB, together with the ridge solves through LAPACK directly
+    (`repair_stream.symmetric_solve`; bench/repair_speed_results.txt, round 5).
 
     Args:
         analysis: channel analysis of the model to repair.
