@@ -24,7 +24,10 @@ run LAMP 85.91, global 79.54, sensitivity 79.76, stage-3-only 84.55); 20%: 90.04
 20%. ResNet44 (93.10%): calibrated 92.19 vs 91.19 (20%), 89.32 vs 87.58 (40%); synthetic 91.92 vs 90.33
 (20%), 87.46 vs 83.23 (40%). Curves measured with the in-sample ``seq`` repair
 instead gave 83.69 at 40% (ResNet20), cost = error instead of error^2 79.78, error^3 85.59. The measurement
-costs ~60 s (ResNet20) to ~4 min (ResNet44) on a loaded 2-core machine. The greedy order is additive:
+cost ~60 s (ResNet20) to ~4 min (ResNet44) wall on a loaded 2-core machine while every point built and ran
+the pruned model; measured on the masked original, downstream of the group only (`sensitivity_runs`), the
+scan of 64 samples takes 20.0 -> 6.2 CPU s on ResNet20 and 2,905 -> 876 CPU s on ResNet-50 (224x224, obs +
+ls; bench/sensitivity_speed.py), the same errors to 1.4e-8. The greedy order is additive:
 interactions between groups pruned together are not measured. With all 2,000 calibration images instead of 256
 (curves still on 64 of them; the repair and the obs statistics on all): ResNet20 90.25 / 86.99, ResNet44 92.27 /
 90.67 at 20% / 40%. Curves measured with the real ``seq`` repair on held-out samples were not tried: one repair per
