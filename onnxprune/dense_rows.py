@@ -32,6 +32,7 @@ import onnx
 
 from onnxprune.calibration import CalibrationData, Consumer, hessian_rows, row_budget, single_threaded_blas
 from onnxprune.graph import ModelGraph
+from onnxprune.layer_inputs import truncated
 from onnxprune.progress import task
 from onnxprune.verify import session
 
@@ -111,12 +112,8 @@ def dense_rows(
             projections[c.name] = np.ascontiguousarray(wa.T, dtype=np.float32)
         store.width[c.name] = len(wa) if c.name in store.targets else feats[c.name]
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
     names = sorted({c.x for c in which})
-    for name in names:
-        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    probe = truncated(model, names)  # only the nodes the consumers' inputs need
     # onnxruntime's default threads beside the worker: ResNet-50's pass 21.4 -> 18.8 s wall (quiet, 2 cores)
     sess = session(probe, optimize=OPTIMIZE, spin=False)
     feeds = {i.name for i in sess.get_inputs()}

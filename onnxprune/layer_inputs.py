@@ -31,7 +31,7 @@ import onnx
 from onnxprune.calibration import CalibrationData
 from onnxprune.graph import ModelGraph
 from onnxprune.metrics import node_macs
-from onnxprune.onnx_utils import has_subgraph
+from onnxprune.onnx_utils import has_subgraph, upstream_nodes
 from onnxprune.verify import session
 
 __all__ = ["FrontierRunner", "truncated"]
@@ -265,15 +265,7 @@ class FrontierRunner:
 
     def _needed(self, nodes: list[onnx.NodeProto], producer: dict[str, int], names: list[str]) -> set[int]:
         """Indices of the nodes between the cached tensors (or graph inputs) and `names`."""
-        needed: set[int] = set()
-        stack = [t for t in names if t and t not in self.cache and t in producer]
-        while stack:
-            i = producer[stack.pop()]
-            if i in needed:
-                continue
-            needed.add(i)
-            stack.extend(t for t in nodes[i].input if t and t not in self.cache and t in producer)
-        return needed
+        return upstream_nodes(nodes, producer, names, stop=self.cache)
 
     def _frontier(
         self, nodes: list[onnx.NodeProto], producer: dict[str, int], needed: set[int], done: set[int]

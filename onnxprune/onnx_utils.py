@@ -6,7 +6,7 @@ external-data code all build on it, so none of them has to import another for th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import numpy as np
 import onnx
@@ -70,6 +70,27 @@ def value_names(graph: onnx.GraphProto) -> set[str]:
             names.update(node.output)
     names.discard("")
     return names
+
+
+def upstream_nodes(
+    nodes: list[onnx.NodeProto],
+    producer: dict[str, int],
+    targets: Iterator[str] | Collection[str],
+    stop: Collection[str] = (),
+    within: Collection[int] | None = None,
+) -> set[int]:
+    """Indices of the nodes that compute `targets`, walking back from them and stopping at tensors in `stop`,
+    tensors no node produces (graph inputs, initializers) and, when given, nodes outside `within`.
+    `producer` maps a tensor to the index of the node writing it."""
+    needed: set[int] = set()
+    stack = [t for t in targets if t and t not in stop]
+    while stack:
+        i = producer.get(stack.pop(), -1)
+        if i < 0 or i in needed or (within is not None and i not in within):
+            continue
+        needed.add(i)
+        stack.extend(t for t in nodes[i].input if t and t not in stop)
+    return needed
 
 
 def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:

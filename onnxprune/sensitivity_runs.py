@@ -30,7 +30,7 @@ import onnx
 from onnxprune.calibration import CalibrationData, CalibrationStats, Consumer, consumers
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, DimRef
 from onnxprune.external import tensor_array
-from onnxprune.onnx_utils import has_subgraph
+from onnxprune.onnx_utils import has_subgraph, upstream_nodes
 from onnxprune.plan import PruningPlan
 from onnxprune.rewrite import silence
 from onnxprune.verify import session
@@ -306,15 +306,7 @@ class GroupScan:
     def _between(self, targets: tuple[str, ...], sources: set[str], within: set[int] | None = None) -> list[int]:
         """Indices (in graph order) of the nodes computing `targets` from `sources`, initializers and graph
         inputs (only nodes of `within` when given)."""
-        needed: set[int] = set()
-        stack = [t for t in targets if t not in sources]
-        while stack:
-            i = self.producer.get(stack.pop(), -1)
-            if i < 0 or i in needed or (within is not None and i not in within):
-                continue
-            needed.add(i)
-            stack.extend(t for t in self.nodes[i].input if t and t not in sources)
-        return sorted(needed)
+        return sorted(upstream_nodes(self.nodes, self.producer, targets, stop=sources, within=within))
 
     def _submodel(self, indices: list[int], sources: list[str], outputs: tuple[str, ...],
                   region: Region | None = None) -> onnx.ModelProto:
