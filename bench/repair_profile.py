@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
 
     phase("import + inputs")
     cfg = PruneConfig(criterion="obs", repair="seq", target_params=args.target_params, round_to=1)
-    stats = calibration_statistics(cfg, model, data)  # what `onnxprune prune` collects for this config
+    stats = calibration_statistics(cfg, model, data, seq_rows=True)  # what `onnxprune prune` collects for this config
     phase("collect_stats")
     selection = SelectChannelsPass(cfg, calib=data, stats=stats).call(model).artifacts[0]
     del stats  # as in `onnxprune prune`: the seq repair never reads them (the selection keeps them for ls only)
     phase("select (obs scores)")
-    repaired, _ = repair_sequential(selection.analysis, selection.labels, data)
+    repaired, _ = repair_sequential(selection.analysis, selection.labels, data, dense=selection.dense_rows)
     phase("repair_sequential")
     analysis, labels = reanalyze(selection.analysis, selection.labels, repaired, False)
     pruned = apply_plan(analysis, labels)

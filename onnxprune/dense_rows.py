@@ -2,14 +2,20 @@
 
 Every wave of `repair.repair_sequential` reads, per consumer and calibration sample, sampled rows of the
 consumer's input in two models: the original (x) and the pruned-and-repaired one (x~), at the same positions.
-The original model never changes, so its rows are the same in every wave: `dense_rows` runs it once over
-the samples and keeps, per fitted consumer, either its input rows [x] (F features) or the original outputs
-at them ``y = [W b] [x 1]`` (what the fit reads of x: ``E[y x~^T]``), whichever is narrower. The waves then
+The original model never changes, so its rows are the same in every wave: they are drawn once over the
+samples, keeping per fitted consumer either its input rows [x] (F features) or the original outputs at
+them ``y = [W b] [x 1]`` (what the fit reads of x: ``E[y x~^T]``), whichever is narrower. The waves then
 run only the pruned model (`repair_stats.sequential_stats`), whose frontier cache gets the whole budget.
 
+Who draws them: `calibration.collect_stats` with a `DenseRowsWriter` (`repair.seq_rows_writer`), when the
+obs criterion's statistics pass runs anyway (the selection carries the rows to the repair:
+`ChannelSelection.dense_rows`); otherwise `dense_rows` in a forward pass of its own. ResNet-50 obs + seq,
+256 samples, 2 quiet cores: 173.7 -> 152.4 CPU s, 119 -> 109 s wall, peaks 1,876 / 1,883 MiB
+(bench/repair_speed_results.txt, round 6).
+
 Rows of consumer c for sample i are drawn at the positions ``hessian_rows`` draws from the generator
-``default_rng([seed, i, index of c])``: the pruned side draws the same positions (they do not depend on
-the channel count). The rows are float32, as the on-the-fly ones were; they live in memory up to
+``default_rng([seed, i, index of c among the model's consumers])`` (`row_generator`): the pruned side
+draws the same positions (they do not depend on the channel count), and so do the statistics' Hessians. The rows are float32, as the on-the-fly ones were; they live in memory up to
 `MEMORY_BYTES`, beyond that in an anonymous temporary file (not resident memory: the page cache holds it and
 may write it out), read back one consumer at a time when its wave runs.
 
@@ -20,9 +26,11 @@ runner).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -30,13 +38,20 @@ from typing import BinaryIO
 import numpy as np
 import onnx
 
-from onnxprune.calibration import CalibrationData, Consumer, hessian_rows, row_budget, single_threaded_blas
+from onnxprune.calibration import (
+    CalibrationData,
+    Consumer,
+    consumers,
+    hessian_rows,
+    row_budget,
+    single_threaded_blas,
+)
 from onnxprune.graph import ModelGraph
 from onnxprune.layer_inputs import truncated
 from onnxprune.progress import task
 from onnxprune.verify import session
 
-__all__ = ["DenseRows", "dense_rows"]
+__all__ = ["DenseRows", "DenseRowsWriter", "consumer_index", "data_key", "dense_rows", "row_generator"]
 
 # Rows kept in memory up to this many bytes (all consumers); more go to a temporary file.
 MEMORY_BYTES = 256 << 20
@@ -47,8 +62,9 @@ OPTIMIZE = True  # onnxruntime graph optimisations, as `layer_inputs.OPTIMIZE` (
 class DenseRows:
     """Per consumer: its rows of the original model, all samples in order, ``per_sample[name]`` rows each.
 
-    ``targets[name]`` is the original ``[W b]`` [outputs, F + 1] when the rows are outputs ``y`` (then
-    [rows, outputs]); absent when they are inputs ``x`` ([rows, F], no constant feature).
+    A consumer in `outputs` has the original outputs ``y = [W b] [x 1]`` as rows ([rows, outputs]); the others
+    their inputs ``x`` ([rows, F], no constant feature). `source`, `max_rows`
+    and `data_key` say what the rows were drawn from (`serves`).
     """
 
     seed: int
@@ -56,15 +72,30 @@ class DenseRows:
     per_sample: dict[str, int]  # the row budget per sample `hessian_rows` was given
     count: dict[str, int]  # rows actually drawn per sample (the budget or every position)
     width: dict[str, int]
-    targets: dict[str, np.ndarray]
+    outputs: set[str]
     samples: int
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # in memory
     offsets: dict[str, int] = field(default_factory=dict)  # in `file`
     file: BinaryIO | None = None
+    source: onnx.ModelProto | None = None
+    max_rows: int = 0
+    data_key: str = ""
 
     def rng(self, name: str, sample: int) -> np.random.Generator:
         """The generator consumer `name`'s rows of `sample` are drawn with (on both sides)."""
-        return np.random.default_rng([self.seed, sample, self.index[name]])
+        return row_generator(self.seed, sample, self.index[name])
+
+    def serves(self, model: onnx.ModelProto, which: list[Consumer], data: CalibrationData, max_rows: int,
+               seed: int) -> bool:
+        """True when these are the rows `dense_rows` (model, which, ...) would draw: the same model object,
+        samples, budget and seed, every consumer of `which` stored under its index among the model's
+        consumers (`consumer_index`)."""
+        if self.source is not model or self.seed != seed or self.max_rows != max_rows or self.samples != data.n:
+            return False
+        index = consumer_index(model)
+        if any(self.index.get(c.name) != index.get(c.name) or c.name not in self.count for c in which):
+            return False
+        return self.data_key == data_key(data)
 
     def load(self, name: str) -> np.ndarray:
         """All rows of consumer `name` [samples x count, width], float32."""
@@ -86,59 +117,86 @@ class DenseRows:
             self.file = None
 
 
-def dense_rows(
-    model: onnx.ModelProto,
-    which: list[Consumer],
-    targets: dict[str, np.ndarray],
-    data: CalibrationData,
-    max_rows: int,
-    seed: int,
-) -> DenseRows | None:
-    """Sampled rows of `which`'s inputs in `model` over `data` (see the module docstring), or None when
-    the samples draw different row counts (dynamic shapes) or the temporary file would not fit on disk.
+def row_generator(seed: int, sample: int, index: int) -> np.random.Generator:
+    """The generator of consumer number `index`'s rows of `sample`: the same positions whichever pass draws
+    them (`collect_stats`, `dense_rows`, the pruned side of the waves)."""
+    return np.random.default_rng([seed, sample, index])
 
-    `targets`: consumer name -> its original ``[W b]`` [outputs, F + 1] (`repair.original_target`).
+
+def consumer_index(model: onnx.ModelProto) -> dict[str, int]:
+    """Consumer name -> its place among `calibration.consumers` of `model` (the row generators' index)."""
+    return {c.name: j for j, c in enumerate(consumers(ModelGraph(model)))}
+
+
+def data_key(data: CalibrationData) -> str:
+    """A digest of the calibration samples (names, shapes, and up to 8 samples' bytes): rows drawn from other
+    samples are not served."""
+    h = hashlib.blake2b(digest_size=16)
+    step = max(1, data.n // 8)
+    for name in sorted(data.arrays):
+        arr = np.ascontiguousarray(data.arrays[name][::step])
+        h.update(f"{name}{data.arrays[name].shape}{arr.dtype}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+class DenseRowsWriter:
+    """Builds a `DenseRows` sample by sample: the drawing side asks `rng` and `per_sample`, draws each sample's
+    input rows with `calibration.hessian_rows` and hands them to `add` (in sample order, from one thread);
+    `finish` gives the store, or None when the samples drew different row counts (dynamic shapes) or the
+    temporary file would not fit on disk. `collect_stats` takes one (`RowSink`), so the statistics pass that
+    the obs criterion runs anyway also draws the seq repair's rows (one forward pass of the original, not two).
     """
-    graph = ModelGraph(model)
-    w_shapes = {c.name: c.weight_shape(graph) for c in which}
-    feats = {c.name: c.feature_count(w_shapes[c.name]) for c in which}
-    per_sample = {c.name: max(1, -(-row_budget(feats[c.name], max_rows) // max(1, data.n))) for c in which}
-    store = DenseRows(seed, {c.name: j for j, c in enumerate(which)}, per_sample, {}, {}, {}, data.n)
-    projections = {}
-    for c in which:
-        wa = targets[c.name]
-        if len(wa) < feats[c.name]:  # outputs narrower than the input features: keep y
-            store.targets[c.name] = wa
-            projections[c.name] = np.ascontiguousarray(wa.T, dtype=np.float32)
-        store.width[c.name] = len(wa) if c.name in store.targets else feats[c.name]
 
-    names = sorted({c.x for c in which})
-    probe = truncated(model, names)  # only the nodes the consumers' inputs need
-    # onnxruntime's default threads beside the worker: ResNet-50's pass 21.4 -> 18.8 s wall (quiet, 2 cores)
-    sess = session(probe, optimize=OPTIMIZE, spin=False)
-    feeds = {i.name for i in sess.get_inputs()}
-
-    def rows_of(i: int, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {}
+    def __init__(self, model: onnx.ModelProto, which: list[Consumer],
+                 targets: Mapping[str, np.ndarray] | Callable[[Consumer], np.ndarray],
+                 data: CalibrationData, max_rows: int, seed: int) -> None:
+        graph = ModelGraph(model)
+        index = consumer_index(model)
+        w_shapes = {c.name: c.weight_shape(graph) for c in which}
+        feats = {c.name: c.feature_count(w_shapes[c.name]) for c in which}
+        self.per_sample = {c.name: max(1, -(-row_budget(feats[c.name], max_rows) // max(1, data.n))) for c in which}
+        self.store = DenseRows(seed, {c.name: index[c.name] for c in which}, self.per_sample, {}, {}, set(), data.n,
+                               source=model, max_rows=max_rows, data_key=data_key(data))
+        self.projections = {}
         for c in which:
-            x = np.asarray(values[c.x], np.float32)
-            rows = hessian_rows(x, c, w_shapes[c.name], per_sample[c.name], store.rng(c.name, i))
-            if c.name in store.targets:
-                proj = projections[c.name]
-                rows = rows @ proj[:-1] + proj[-1]  # [x 1] [W b]^T
-            out[c.name] = np.ascontiguousarray(rows, np.float32)
-        return out
+            wa = targets(c) if callable(targets) else targets[c.name]
+            if len(wa) < feats[c.name]:  # outputs narrower than the input features: keep y
+                # float32 only (ResNet-50's float64 [W b] were 200 MB held beside collect_stats' Hessians)
+                self.projections[c.name] = np.ascontiguousarray(wa.T, dtype=np.float32)
+                self.store.outputs.add(c.name)
+            self.store.width[c.name] = len(wa) if c.name in self.store.outputs else feats[c.name]
+            del wa
+        self.failed = False
 
-    def job(i: int, values: dict[str, np.ndarray]) -> None:
-        write(i, rows_of(i, values))
+    def rng(self, name: str, sample: int) -> np.random.Generator:
+        return self.store.rng(name, sample)
 
-    def write(i: int, rows: dict[str, np.ndarray]) -> None:
+    def add(self, i: int, rows: dict[str, np.ndarray]) -> None:
+        """Sample `i`'s input rows of every consumer (float32 [count, F]), projected to y where kept so."""
+        if self.failed:
+            return
+        out = {}
+        for name, r in rows.items():
+            proj = self.projections.get(name)
+            out[name] = np.ascontiguousarray(r @ proj[:-1] + proj[-1] if proj is not None else r, np.float32)
+        try:
+            self._write(i, out)
+        except (_Ragged, _NoRoom):
+            self.failed = True
+            self.store.close()
+
+    def finish(self) -> DenseRows | None:
+        self.projections = {}  # what the store's readers need of [W b] they take from the model
+        return None if self.failed else self.store
+
+    def _write(self, i: int, rows: dict[str, np.ndarray]) -> None:
+        store, n = self.store, self.store.samples
         if i == 0:
             store.count.update({name: len(r) for name, r in rows.items()})
-            total = sum(data.n * len(r) * r.shape[1] * 4 for r in rows.values())
+            total = sum(n * len(r) * r.shape[1] * 4 for r in rows.values())
             if total <= MEMORY_BYTES:
-                store.arrays.update({name: np.empty((data.n * len(r), r.shape[1]), np.float32)
-                                     for name, r in rows.items()})
+                store.arrays.update({name: np.empty((n * len(r), r.shape[1]), np.float32) for name, r in rows.items()})
             else:
                 directory = tempfile.gettempdir()
                 if shutil.disk_usage(directory).free < total + (1 << 30):
@@ -147,37 +205,66 @@ def dense_rows(
                 at = 0
                 for name, r in rows.items():
                     store.offsets[name] = at
-                    at += data.n * len(r) * r.shape[1] * 4
+                    at += n * len(r) * r.shape[1] * 4
         for name, r in rows.items():
             if len(r) != store.count[name]:
                 raise _Ragged
             if store.file is None:
                 store.arrays[name][i * len(r) : (i + 1) * len(r)] = r
             else:
-                os.pwrite(store.file.fileno(), r.tobytes(), store.offsets[name] + i * r.nbytes)
+                view, at = r.reshape(-1).view(np.uint8).data, 0  # the array's own bytes, not a copy
+                while at < len(view):
+                    at += os.pwrite(store.file.fileno(), view[at:], store.offsets[name] + i * r.nbytes + at)
+
+
+def dense_rows(
+    model: onnx.ModelProto,
+    which: list[Consumer],
+    targets: dict[str, np.ndarray],
+    data: CalibrationData,
+    max_rows: int,
+    seed: int,
+) -> DenseRows | None:
+    """Sampled rows of `which`'s inputs in `model` over `data` (see the module docstring), in a forward pass
+    of its own, or None when the samples draw different row counts (dynamic shapes) or the temporary file
+    would not fit on disk. `collect_stats` with a `DenseRowsWriter` draws the same rows in its own pass.
+
+    `targets`: consumer name -> its original ``[W b]`` [outputs, F + 1] (`repair.original_target`).
+    """
+    graph = ModelGraph(model)
+    w_shapes = {c.name: c.weight_shape(graph) for c in which}
+    writer = DenseRowsWriter(model, which, targets, data, max_rows, seed)
+    names = sorted({c.x for c in which})
+    probe = truncated(model, names)  # only the nodes the consumers' inputs need
+    # onnxruntime's default threads beside the worker: ResNet-50's pass 21.4 -> 18.8 s wall (quiet, 2 cores)
+    sess = session(probe, optimize=OPTIMIZE, spin=False)
+    del probe  # onnxruntime holds its own copy (ResNet-50: 100 MB less through the pass)
+    feeds = {i.name for i in sess.get_inputs()}
+
+    def job(i: int, values: dict[str, np.ndarray]) -> None:
+        writer.add(i, {c.name: hessian_rows(np.asarray(values[c.x], np.float32), c, w_shapes[c.name],
+                                            writer.per_sample[c.name], writer.rng(c.name, i)) for c in which})
 
     # onnxruntime runs sample i + 1 while a worker draws and writes sample i's rows (one BLAS
     # thread): both cores, at most one sample's tensors waiting
     inflight: Future[None] | None = None
-    try:
-        with (
-            single_threaded_blas(),
-            ThreadPoolExecutor(max_workers=1) as pool,
-            task("layer inputs of the original model", total=data.n) as progress,
-        ):
-            for i in range(data.n):
-                feed = {k: v for k, v in data.sample(i).items() if k in feeds}
-                values = dict(zip(names, sess.run(names, feed)))
-                if inflight is not None:
-                    inflight.result()
-                inflight = pool.submit(job, i, values)
-                progress.advance(1)
+    with (
+        single_threaded_blas(),
+        ThreadPoolExecutor(max_workers=1) as pool,
+        task("layer inputs of the original model", total=data.n) as progress,
+    ):
+        for i in range(data.n):
+            feed = {k: v for k, v in data.sample(i).items() if k in feeds}
+            values = dict(zip(names, sess.run(names, feed)))
             if inflight is not None:
                 inflight.result()
-    except (_Ragged, _NoRoom):
-        store.close()
-        return None
-    return store
+            inflight = pool.submit(job, i, values)
+            progress.advance(1)
+            if writer.failed:
+                break
+        if inflight is not None:
+            inflight.result()
+    return writer.finish()
 
 
 class _Ragged(Exception):

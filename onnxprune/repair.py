@@ -44,7 +44,7 @@ from onnxprune.calibration import (
     consumers,
 )
 from onnxprune.channels import ChannelAnalysis, DimRef, analyze
-from onnxprune.dense_rows import dense_rows
+from onnxprune.dense_rows import DenseRows, DenseRowsWriter, dense_rows
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
 from onnxprune.layer_inputs import DEFAULT_BUDGET, FrontierRunner
@@ -319,6 +319,7 @@ def repair_sequential(
     *,
     stream: bool | None = None,
     holdout: int | None = None,
+    dense: DenseRows | None = None,
 ) -> tuple[onnx.ModelProto, RepairReport]:
     """Least-squares repair of every consumer on the pruned model's own inputs, in waves through depth.
 
@@ -352,6 +353,9 @@ def repair_sequential(
         holdout: when > 1, every `holdout`-th sample is held out to choose the damp per layer among
             `repair_stream.DAMPS` (`damp` is then unused), the winner refitted on every sample; None:
             `SEQ_HOLDOUT`.
+        dense: the original model's rows drawn by the statistics pass (`seq_rows_writer`, `collect_stats`),
+            used when they are the rows this call would draw (`DenseRows.serves`), else drawn here; closed
+            after use either way.
     """
     from onnxprune.rewrite import apply_mask
 
@@ -377,11 +381,16 @@ def repair_sequential(
             w = graph.initializer_value(c.weight)
             slots[c.name] = bias_slot(graph, c, c.weight_matrix(w).shape[0])
     writes = stream_writes(graph, [c for c in cons if c.name in wave_of]) if stream else {}
-    dense = None
+    given, dense = dense, None
     if SEQ_DENSE_ROWS and not stream and holdout <= 1:  # the original model's rows once, not in every wave
         fitted = [c for c in cons if c.name in wave_of]
-        dense = dense_rows(graph.model, fitted, {c.name: original_target(graph, c, slots[c.name]) for c in fitted},
-                           data, max_rows, seed)
+        if given is not None and given.serves(graph.model, fitted, data, max_rows, seed):
+            dense, given = given, None
+        else:
+            dense = dense_rows(graph.model, fitted, {c.name: original_target(graph, c, slots[c.name])
+                                                     for c in fitted}, data, max_rows, seed)
+    if given is not None:
+        given.close()
     # frontier tensors cached from wave to wave; one onnxruntime thread each: the two run at once (`sequential_stats`).
     # With the dense rows only the pruned model's runner runs, with both runners' budget and onnxruntime's default
     # threads (ResNet-50, 256 samples, quiet 2 cores: the waves 52.5 -> 47.7 s wall, the same CPU)
@@ -451,6 +460,23 @@ def repair_sequential(
                 report.repaired.append(c.name)
                 del folded, total, H, WC, D  # not held through the next wave's statistics
     return with_values(graph.model, new_values, new_biases), report
+
+
+def seq_rows_writer(model: onnx.ModelProto, data: CalibrationData, seed: int,
+                    max_rows: int = 65536) -> DenseRowsWriter | None:
+    """A `DenseRowsWriter` for `collect_stats` that draws the rows `repair_sequential` (with its defaults) reads
+    of the original model, for every consumer it could fit; None where the seq repair would not read them
+    (`SEQ_DENSE_ROWS` off, stream or held-out fits)."""
+    if not SEQ_DENSE_ROWS or SEQ_STREAM or SEQ_HOLDOUT > 1:
+        return None
+    graph = ModelGraph(model)
+    cons = [c for c in consumers(graph) if len(graph.consumers.get(c.weight, [])) == 1]
+
+    def target(c: Consumer) -> np.ndarray:  # one at a time: the writer keeps float32 copies of those it needs
+        n_out = c.weight_matrix(graph.initializer_value(c.weight)).shape[0]
+        return original_target(graph, c, bias_slot(graph, c, n_out))
+
+    return DenseRowsWriter(model, cons, target, data, max_rows, seed)
 
 
 def original_target(graph: ModelGraph, c: Consumer, slot: BiasSlot | None) -> np.ndarray:

@@ -157,7 +157,7 @@ def sequential_stats(
     per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n))) for k, f in feats.items()}
     if dense is not None:
         per_sample = {c.name: dense.per_sample[c.name] for c in wave}
-    outputs_given = set() if dense is None else {c.name for c in wave if c.name in dense.targets}
+    outputs_given = set() if dense is None else {c.name for c in wave if c.name in dense.outputs}
     n_folds = 2 if holdout > 1 and data.n >= 2 * holdout else 1
     targets = targets or {}
     projections = {name: np.ascontiguousarray(wa.T, dtype=np.float32) for name, wa in targets.items()}

@@ -44,10 +44,11 @@ class RepairChannelsPass(Pass):
             return PassResult(model, False)
         if c.repair == "seq":
             data = check_calib(self.calib, model, c.calib_samples)
-            repaired, report = repair_sequential(selection.analysis, selection.labels, data, seed=c.seed)
+            repaired, report = repair_sequential(selection.analysis, selection.labels, data, seed=c.seed,
+                                                 dense=selection.dense_rows)
         else:
             repaired, report = repair_weights(selection.analysis, selection.labels, c.repair, selection.stats)
         analysis, labels = reanalyze(selection.analysis, selection.labels, repaired, c.allow_inexact)
-        after = replace(selection, analysis=analysis, labels=labels, repair=report)
+        after = replace(selection, analysis=analysis, labels=labels, repair=report, dense_rows=None)
         analyses().put(repaired, ChannelSelection, after)
         return PassResult(repaired, repaired is not model, artifacts=(report,))

@@ -36,6 +36,7 @@ from onnxprune import allocation_knapsack as knapsack
 from onnxprune.calibration import CalibrationData, CalibrationStats, check_calib, collect_stats
 from onnxprune.channels import ChannelAnalysis, analyze
 from onnxprune.criteria import Criterion, Magnitude, get_criterion
+from onnxprune.dense_rows import DenseRows
 from onnxprune.errors import PreconditionError, UsageError
 from onnxprune.graph import ModelGraph
 from onnxprune.latency_allocation import latency_order
@@ -50,7 +51,7 @@ from onnxprune.passes.latency_select import (
 )
 from onnxprune.passmanager import Pass, PassResult, analyses
 from onnxprune.plan import KeepCounts, PruningPlan, make_plan
-from onnxprune.repair import RepairReport
+from onnxprune.repair import RepairReport, seq_rows_writer
 from onnxprune.report import SENSITIVITY_METRIC
 from onnxprune.sensitivity import SensitivityRow, sensitivity
 
@@ -96,6 +97,8 @@ class ChannelSelection:
         started: `time.perf_counter()` when the selection began (the summary's `seconds`).
         latency_table: the model's latency table, when auto rounding or a latency target built one.
         latency: the measured latency of the plan, when a latency target verified it.
+        dense_rows: the seq repair's rows of the original model, drawn by the statistics pass
+            (`repair.seq_rows_writer`); the repair uses them once and closes them.
     """
 
     config: PruneConfig
@@ -110,6 +113,7 @@ class ChannelSelection:
     started: float = 0.0
     latency_table: LatencyTable | None = None
     latency: LatencyReport | None = None
+    dense_rows: DenseRows | None = None
 
     @property
     def empty(self) -> bool:
@@ -142,17 +146,27 @@ def pending_selection(model: onnx.ModelProto) -> ChannelSelection:
 
 
 def calibration_statistics(
-    config: PruneConfig, model: onnx.ModelProto, calib: CalibrationData | None, custom_criterion: bool = False
+    config: PruneConfig,
+    model: onnx.ModelProto,
+    calib: CalibrationData | None,
+    custom_criterion: bool = False,
+    seq_rows: bool = False,
 ) -> CalibrationStats | None:
-    """Calibration statistics of `model` when the criterion or the repair reads them, else None."""
+    """Calibration statistics of `model` when the criterion or the repair reads them, else None.
+
+    `seq_rows`: with the seq repair, also draw its rows of the original model in the same pass
+    (`CalibrationStats.rows`, for a repair of this very model object: `ChannelSelection.dense_rows`).
+    """
     data_criterion = not custom_criterion and config.criterion in ("activation", "apoz", "obs")
     if calib is None or not (data_criterion or config.repair == "ls"):
         return None
     data = check_calib(calib, model, config.calib_samples)
     # per-position moments only for the criteria that read them (obs and the ls repair read the Hessians alone)
     moments = custom_criterion or config.criterion in ("activation", "apoz")
+    # the seq repair's rows of the original model drawn in this pass too (`ChannelSelection.dense_rows`)
+    rows = seq_rows_writer(model, data, config.seed) if seq_rows and config.repair == "seq" else None
     return collect_stats(model, data, hessian=config.repair == "ls" or config.criterion == "obs", moments=moments,
-                         seed=config.seed)
+                         seed=config.seed, rows=rows)
 
 
 def criterion_for(config: PruneConfig, stats: CalibrationStats | None = None) -> Criterion:
@@ -344,7 +358,7 @@ class SelectChannelsPass(Pass):
     def statistics(self, model: onnx.ModelProto) -> CalibrationStats | None:
         if self.stats is not None:
             return self.stats
-        return calibration_statistics(self.config, model, self.calib, self.criterion is not None)
+        return calibration_statistics(self.config, model, self.calib, self.criterion is not None, seq_rows=True)
 
     def plan(
         self,
@@ -390,9 +404,10 @@ class SelectChannelsPass(Pass):
         # Only the ls repair reads the statistics after selection: the seq repair computes its own per wave, and
         # ResNet-50's Hessians (~475 MB) would otherwise stay alive in the selection artifact through it.
         kept_stats = stats if self.config.repair == "ls" else None
+        rows = stats.rows if stats is not None and self.config.repair == "seq" else None
         del stats
         selection = ChannelSelection(self.config, analysis, plan.labels(analysis), plan, analysis, kept_stats,
                                      notices + more, sensitivity=measured, started=started, latency_table=table,
-                                     latency=latency)
+                                     latency=latency, dense_rows=rows)
         analyses().put(model, ChannelSelection, selection)
         return PassResult(model, False, artifacts=(selection,))

@@ -106,13 +106,13 @@ def test_dense_rows_are_the_inputs_or_the_outputs_whichever_is_narrower():
     store = dense_rows(model, cons, targets, calib, 65536, seed=5)
     assert store is not None
     wide = dense_rows(model, cons, {k: np.zeros((10**6, 1)) for k in targets}, calib, 65536, seed=5)  # never y
-    assert wide is not None and not wide.targets
-    assert store.targets and len(store.targets) < len(cons)
+    assert wide is not None and not wide.outputs
+    assert store.outputs and len(store.outputs) < len(cons)
     for c in cons:
         rows = store.load(c.name)
         x = wide.load(c.name)
         assert len(rows) == calib.n * store.count[c.name]
-        if c.name in store.targets:
+        if c.name in store.outputs:
             wa = targets[c.name]
             np.testing.assert_allclose(rows, x @ wa[:, :-1].T + wa[:, -1], rtol=1e-4, atol=1e-4)
         else:
@@ -155,3 +155,99 @@ def test_paired_is_zip_longest_with_the_first_iterator_stepped_in_a_thread():
 
     with ThreadPoolExecutor(max_workers=1) as pool, pytest.raises(ValueError, match="runner failed"):
         list(paired(broken(), gen(3, "b"), pool))
+
+
+@pytest.mark.parametrize("name", ["residual", "gemm_head", "attention"])
+def test_statistics_pass_draws_the_rows_the_seq_repair_would_draw(name, monkeypatch):
+    """`collect_stats` with `repair.seq_rows_writer` keeps the same rows as `dense_rows`' own forward pass
+    (inputs, or the original outputs where narrower; in memory and in the temporary file), and its Hessians
+    are the ones it collects without the writer."""
+    from onnxprune import dense_rows as dr
+    from onnxprune.calibration import collect_stats, consumers
+
+    model = canonical(TEST_MODELS[name]())
+    calib = _calib(model, 6)
+    graph = ModelGraph(model)
+    for memory in (1 << 30, 0):
+        monkeypatch.setattr(dr, "MEMORY_BYTES", memory)
+        writer = repair.seq_rows_writer(model, calib, seed=3)
+        assert writer is not None
+        stats = collect_stats(model, calib, seed=3, moments=False, rows=writer)
+        shared = stats.rows
+        assert isinstance(shared, dr.DenseRows) and (shared.file is None) == bool(memory)
+        cons = [c for c in consumers(graph) if c.name in shared.count]
+        assert cons
+        targets = {c.name: _target(c, graph) for c in cons}
+        own = dr.dense_rows(model, cons, targets, calib, 65536, seed=3)
+        assert own is not None and shared.serves(model, cons, calib, 65536, 3)
+        for c in cons:
+            assert (c.name in shared.outputs) == (c.name in own.outputs)
+            np.testing.assert_allclose(shared.load(c.name), own.load(c.name), rtol=1e-5, atol=1e-5)
+        if name == "residual":  # both kinds of rows exercised
+            assert shared.outputs and len(shared.outputs) < len(cons)
+        plain = collect_stats(model, calib, seed=3, moments=False)
+        for k, st in plain.stats.items():
+            np.testing.assert_array_equal(stats.stats[k].hessian, st.hessian)
+        shared.close()
+
+
+def test_rows_are_served_only_to_the_model_samples_and_seed_they_were_drawn_from():
+    from onnxprune.calibration import collect_stats, consumers
+
+    model = canonical(TEST_MODELS["residual"]())
+    calib = _calib(model, 4)
+    stats = collect_stats(model, calib, rows=repair.seq_rows_writer(model, calib, seed=0))
+    rows = stats.rows
+    cons = [c for c in consumers(ModelGraph(model)) if c.name in rows.count]
+    assert rows.serves(model, cons, calib, 65536, 0)
+    copy = type(model)()
+    copy.CopyFrom(model)
+    assert not rows.serves(copy, cons, calib, 65536, 0)  # another model object (it may have been edited)
+    assert not rows.serves(model, cons, _calib(model, 4, seed=50), 65536, 0)
+    assert not rows.serves(model, cons, calib, 65536, 1)
+    assert not rows.serves(model, cons, calib, 4096, 0)
+
+
+@pytest.mark.parametrize("name", ["residual", "depthwise", "gemm_head"])
+def test_prune_with_rows_from_the_statistics_pass_equals_the_prune_drawing_its_own(name, monkeypatch):
+    """obs + seq through `PrunePass`: the selection carries the statistics pass's rows to the repair, which
+    gives the weights of the repair drawing them in a pass of its own (the writer switched off)."""
+    from onnxprune.passes import select
+
+    model = canonical(TEST_MODELS[name]())
+    calib = _calib(model, 8)
+    used = []
+    original = repair.repair_sequential
+
+    def spy(*args, **kwargs):
+        used.append(kwargs.get("dense"))
+        return original(*args, **kwargs)
+
+    drawn = []
+    own_pass = repair.dense_rows
+
+    def counted(*args, **kwargs):
+        drawn.append(1)
+        return own_pass(*args, **kwargs)
+
+    monkeypatch.setattr("onnxprune.passes.repair.repair_sequential", spy)
+    monkeypatch.setattr(repair, "dense_rows", counted)
+    cfg = PruneConfig(ratio=0.4, criterion="obs", repair="seq", round_to=1)
+    shared = PrunePass(cfg, calib=calib).call(model).model
+    assert used[0] is not None and not drawn  # served: no forward pass of its own
+    monkeypatch.setattr(select, "seq_rows_writer", lambda *a, **k: None)
+    own = PrunePass(cfg, calib=calib).call(model).model
+    assert used[1] is None and len(drawn) == 1
+    a = {t.name: onnx_value(t) for t in shared.graph.initializer}
+    b = {t.name: onnx_value(t) for t in own.graph.initializer}
+    assert a.keys() == b.keys()
+    for k, v in b.items():
+        np.testing.assert_allclose(a[k], v, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(v).max())))
+    inputs = random_inputs(model, seed=7)
+    assert max_rel_error(run(shared, inputs), run(own, inputs)) <= 1e-4
+
+
+def _target(c, graph):
+    """Consumer `c`'s original [W b], as the seq repair's writer takes it."""
+    n_out = c.weight_matrix(graph.initializer_value(c.weight)).shape[0]
+    return repair.original_target(graph, c, repair.bias_slot(graph, c, n_out))
