@@ -15,6 +15,7 @@ Importance criteria (`criteria.py`) and the calibrated repair (`repair.py`) read
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -373,6 +374,7 @@ class _RowBlocks:
 # ~74 GMAC/s on one core (256 rows: 29; scipy's ssyrk on 1,024: 60 full-matrix equivalent); the blocks of every
 # consumer together are what collection holds beyond the sums (ResNet-50: ~250 MB at 1,024 rows, 490 at 2,048).
 BLOCK_ROWS = 1024
+QUEUE_BYTES = 64 << 20  # full blocks (and drawn rows) waiting for the worker, at most (but one sample's)
 # onnxruntime's graph optimisations in the probe session (BatchNorm folded into Conv, fused activations; exposed
 # tensors stay computed): ResNet-50's forward 0.085 -> 0.065 CPU s per sample, outputs within 1.5e-6 (float32
 # rounding of the folded weights).
@@ -454,9 +456,11 @@ def collect_stats(
             assert rows is not None
             rows.add(sample, its_rows)
 
-    # Hessian updates run in one worker thread (one BLAS thread) while the next sample's forward pass runs
-    # on onnxruntime's threads; at most one batch of updates is in flight, so memory stays bounded.
-    inflight: Future[None] | None = None
+    # Hessian updates run in one worker thread (one BLAS thread) while the next samples' forward passes run
+    # on onnxruntime's threads; full blocks wait for it up to `QUEUE_BYTES` (a block's product is ~100x a
+    # sample's forward pass, and blocks of many consumers fill at the same sample), so memory stays bounded.
+    queue: deque[tuple[Future[None], int]] = deque()
+    queued = 0
     with (
         single_threaded_blas(),
         ThreadPoolExecutor(max_workers=1) as pool,
@@ -501,12 +505,16 @@ def collect_stats(
                             jobs.extend((st, full) for full in blocks[c.name].add(part))
             del values, cache
             if jobs or kept:
-                if inflight is not None:
-                    inflight.result()
-                inflight = pool.submit(_add_blocks, jobs, kept)
+                size = sum(block.nbytes for _, block in jobs) + sum(a.nbytes for _, r in kept for a in r.values())
+                queue.append((pool.submit(_add_blocks, jobs, kept), size))
+                queued += size
+                while len(queue) > 1 and queued > QUEUE_BYTES:
+                    done, freed = queue.popleft()
+                    done.result()
+                    queued -= freed
             progress.advance(k)
-        if inflight is not None:
-            inflight.result()
+        while queue:
+            queue.popleft()[0].result()
     if hessian:  # the rows still buffered: seconds on large models, so a step of its own
         with task("calibration statistics: Hessians", total=len(result.stats)) as progress:
             for name, st in progress.track(result.stats.items()):

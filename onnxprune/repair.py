@@ -339,7 +339,9 @@ def repair_sequential(
     before the waves (`dense_rows`, `SEQ_DENSE_ROWS`); each wave then runs only the pruned model. ResNet-50,
     256 samples at 224x224, 20% of parameters removed, 2 quiet cores: 158 -> 110 CPU s, 104 -> 74 s wall,
     peak RSS 1,878 -> 1,862 MiB, together with the ridge solves through LAPACK directly
-    (`repair_stream.symmetric_solve`; bench/repair_speed_results.txt, round 5).
+    (`repair_stream.symmetric_solve`; bench/repair_speed_results.txt, round 5). With the obs criterion the
+    statistics pass draws those rows (`dense`), and the products take whole buffers off the main thread
+    (`repair_stats.QUEUE_BYTES`): the whole obs + seq prune 173.7 -> 147.1 CPU s, 119 -> 98 s wall (round 6).
 
     Args:
         analysis: channel analysis of the model to repair.
