@@ -10,14 +10,15 @@ run only the pruned model (`repair_stats.sequential_stats`), whose frontier cach
 Who draws them: `calibration.collect_stats` with a `DenseRowsWriter` (`repair.seq_rows_writer`), when the
 obs criterion's statistics pass runs anyway (the selection carries the rows to the repair:
 `ChannelSelection.dense_rows`); otherwise `dense_rows` in a forward pass of its own. ResNet-50 obs + seq,
-256 samples, 2 quiet cores: 173.7 -> 152.4 CPU s, 119 -> 109 s wall, peaks 1,876 / 1,883 MiB
-(bench/repair_speed_results.txt, round 6).
+256 samples, 2 quiet cores: one pass instead of two, 173.7 -> 152.4 CPU s, 119 -> 109 s wall, peaks 1,876 /
+1,883 MiB (bench/repair_speed_results.txt, round 6).
 
 Rows of consumer c for sample i are drawn at the positions ``hessian_rows`` draws from the generator
 ``default_rng([seed, i, index of c among the model's consumers])`` (`row_generator`): the pruned side
-draws the same positions (they do not depend on the channel count), and so do the statistics' Hessians. The rows are float32, as the on-the-fly ones were; they live in memory up to
-`MEMORY_BYTES`, beyond that in an anonymous temporary file (not resident memory: the page cache holds it and
-may write it out), read back one consumer at a time when its wave runs.
+draws the same positions (they do not depend on the channel count), and so do the statistics' Hessians.
+The rows are float32, as the on-the-fly ones were; they live in memory up to `MEMORY_BYTES`, beyond that in
+an anonymous temporary file (not resident memory: the page cache holds it and may write it out), read back
+one consumer at a time when its wave runs.
 
 ResNet-50 at 224x224, 256 samples, 53 fitted consumers: the narrower form is 1.4 GiB in float32, against
 3.9 GiB of plain input rows; the seq repair's peak RSS stayed at 1,862 MiB (1,878 before, with the second
@@ -63,8 +64,8 @@ class DenseRows:
     """Per consumer: its rows of the original model, all samples in order, ``per_sample[name]`` rows each.
 
     A consumer in `outputs` has the original outputs ``y = [W b] [x 1]`` as rows ([rows, outputs]); the others
-    their inputs ``x`` ([rows, F], no constant feature). `source`, `max_rows`
-    and `data_key` say what the rows were drawn from (`serves`).
+    their inputs ``x`` ([rows, F], no constant feature). `source`, `max_rows` and `data_key` say what the
+    rows were drawn from (`serves`).
     """
 
     seed: int
