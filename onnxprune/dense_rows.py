@@ -221,7 +221,7 @@ class DenseRowsWriter:
 def dense_rows(
     model: onnx.ModelProto,
     which: list[Consumer],
-    targets: dict[str, np.ndarray],
+    targets: Mapping[str, np.ndarray] | Callable[[Consumer], np.ndarray],
     data: CalibrationData,
     max_rows: int,
     seed: int,
@@ -230,7 +230,8 @@ def dense_rows(
     of its own, or None when the samples draw different row counts (dynamic shapes) or the temporary file
     would not fit on disk. `collect_stats` with a `DenseRowsWriter` draws the same rows in its own pass.
 
-    `targets`: consumer name -> its original ``[W b]`` [outputs, F + 1] (`repair.original_target`).
+    `targets`: consumer name -> its original ``[W b]`` [outputs, F + 1] (`repair.original_target`), or a
+    function of the consumer giving it (one at a time: only the float32 projections of output rows are kept).
     """
     graph = ModelGraph(model)
     w_shapes = {c.name: c.weight_shape(graph) for c in which}

@@ -377,11 +377,7 @@ def repair_sequential(
     cur_values: dict[str, np.ndarray] = {}  # the same values with the removed positions masked again
     cur_biases: list[tuple[onnx.NodeProto, str, np.ndarray]] = []
     base_values = {t.name: t for t in base.graph.initializer}
-    slots = {}
-    for c in cons:
-        if c.name in wave_of:
-            w = graph.initializer_value(c.weight)
-            slots[c.name] = bias_slot(graph, c, c.weight_matrix(w).shape[0])
+    slots = {c.name: consumer_slot(graph, c) for c in cons if c.name in wave_of}
     writes = stream_writes(graph, [c for c in cons if c.name in wave_of]) if stream else {}
     given, dense = dense, None
     if SEQ_DENSE_ROWS and not stream and holdout <= 1:  # the original model's rows once, not in every wave
@@ -389,8 +385,8 @@ def repair_sequential(
         if given is not None and given.serves(graph.model, fitted, data, max_rows, seed):
             dense, given = given, None
         else:
-            dense = dense_rows(graph.model, fitted, {c.name: original_target(graph, c, slots[c.name])
-                                                     for c in fitted}, data, max_rows, seed)
+            dense = dense_rows(graph.model, fitted, lambda c: original_target(graph, c, slots[c.name]),
+                               data, max_rows, seed)
     if given is not None:
         given.close()
     # frontier tensors cached from wave to wave; one onnxruntime thread each: the two run at once (`sequential_stats`).
@@ -474,11 +470,15 @@ def seq_rows_writer(model: onnx.ModelProto, data: CalibrationData, seed: int,
     graph = ModelGraph(model)
     cons = [c for c in consumers(graph) if len(graph.consumers.get(c.weight, [])) == 1]
 
-    def target(c: Consumer) -> np.ndarray:  # one at a time: the writer keeps float32 copies of those it needs
-        n_out = c.weight_matrix(graph.initializer_value(c.weight)).shape[0]
-        return original_target(graph, c, bias_slot(graph, c, n_out))
+    # one target at a time: the writer keeps float32 copies of those it needs
+    return DenseRowsWriter(model, cons, lambda c: original_target(graph, c, consumer_slot(graph, c)), data,
+                           max_rows, seed)
 
-    return DenseRowsWriter(model, cons, target, data, max_rows, seed)
+
+def consumer_slot(graph: ModelGraph, c: Consumer) -> BiasSlot | None:
+    """`bias_slot` of consumer `c` at its own output count: the slot `repair_sequential` fits and
+    `seq_rows_writer` projects with (the two must agree)."""
+    return bias_slot(graph, c, c.weight_matrix(graph.initializer_value(c.weight)).shape[0])
 
 
 def original_target(graph: ModelGraph, c: Consumer, slot: BiasSlot | None) -> np.ndarray:
