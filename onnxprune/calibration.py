@@ -327,6 +327,21 @@ def row_budget(features: int, max_rows: int = 65536, flops: float | None = None)
     return int(min(max_rows, max(ROWS_PER_FEATURE * features, flops // max(1, features) ** 2)))
 
 
+def sample_parts(x: np.ndarray, k: int) -> list[np.ndarray]:
+    """A layer input computed for a batch of `k` samples, split per sample along its first axis.
+
+    The first axis is the batch, or the batch flattened with the tokens (``[k x seq, F]``: GPT-2's linear layers
+    run as Gemm on a 2-D input): then each sample is a contiguous block of ``len(x) / k`` rows. Slicing
+    ``x[j : j + 1]`` there took one token per sample (and with one sample per run, the first token only).
+    """
+    if k == 1:
+        return [x]
+    if len(x) % k:
+        raise ValueError(f"a layer input of {len(x)} rows cannot be split among a batch of {k} samples")
+    m = len(x) // k
+    return [x[j * m : (j + 1) * m] for j in range(k)]
+
+
 def single_threaded_blas() -> threadpool_limits:
     """Every loaded BLAS (numpy's and scipy's OpenBLAS copies, MKL, BLIS) limited to one thread inside
     the ``with`` block, restored after (threadpoolctl).
@@ -494,8 +509,8 @@ def collect_stats(
                     st.sq_sum += k * m_x[3]
                 st.count += k
                 if hessian or c.name in shared:
-                    drawn = [hessian_rows(x[j : j + 1], c, w_shapes[c.name], per_sample[c.name],
-                                          _generator(c.name, i + j)) for j in range(k)]
+                    drawn = [hessian_rows(part, c, w_shapes[c.name], per_sample[c.name], _generator(c.name, i + j))
+                             for j, part in enumerate(sample_parts(x, k))]
                     if c.name in shared:
                         for j, part in enumerate(drawn):
                             kept[j][1][c.name] = part

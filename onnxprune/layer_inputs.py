@@ -125,7 +125,8 @@ class FrontierRunner:
         halved: list[str] = []  # fresh tensors stored in float16 that the session itself casts (after sample 0)
         for i in range(n):
             feed = {k: v for k, v in self.data.sample(i).items() if k in feeds and k not in cached_inputs}
-            feed.update({_half_name(t) if self._is_halved(t) else t: self.cache[t][i] for t in cached_inputs})
+            # np.asarray: a cached scalar (a shape value: GPT-2's sequence length) stays a 0-d array for onnxruntime
+            feed.update({_half_name(t) if self._is_halved(t) else t: np.asarray(self.cache[t][i]) for t in cached_inputs})
             values = dict(zip(out_names, sess.run(out_names, feed)))
             if i == 0:
                 stored = {t: (self.cache[t].dtype if t in self.cache else values[t].dtype) for t in wanted

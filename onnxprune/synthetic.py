@@ -116,6 +116,7 @@ from onnxprune.errors import DataError, UnsupportedModelError
 from onnxprune.progress import task
 from onnxprune.synthetic_objective import TARGETS, Objective, build_objective, model_input
 from onnxprune.synthetic_plan import AUTO_SAMPLES, DEFAULT_SAMPLES, plan
+from onnxprune.synthetic_tokens import DEFAULT_SEQUENCES, token_samples, token_spec
 
 __all__ = ["SynthesisConfig", "bn_loss", "parse_spec", "synthesize"]
 
@@ -352,11 +353,18 @@ def synthesize(model: onnx.ModelProto, n: int = AUTO_SAMPLES, seed: int = 0,
         seed: the random start and augmentation (the result is deterministic for a seed).
         config: steps, learning rate, priors, augmentation, budget (defaults: `SynthesisConfig`).
 
+    A token-id model (BERT, GPT, LLaMA exports) gets random sequences of its trained ids instead
+    (`onnxprune.synthetic_tokens`).
+
     Raises:
-        UnsupportedModelError: more than one input, a non-float input, or an op without a gradient rule.
+        UnsupportedModelError: more than one input, a non-float input (other than a token model's), an op
+            without a gradient rule, or a token model input whose role cannot be told.
         DataError: a dynamic input size other than the batch.
     """
     cfg = config or SynthesisConfig()
+    tokens = token_spec(model)
+    if tokens is not None:  # ids cannot be optimised: random sequences of the trained ids (`synthetic_tokens`)
+        return token_samples(tokens, n or DEFAULT_SEQUENCES, seed)
     vi, dims = model_input(model)
     image = _image_axes((1, *dims))
     rng = np.random.default_rng(seed)
