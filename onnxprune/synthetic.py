@@ -29,8 +29,9 @@ Mul, Pad, Pow, ReduceMean, ReduceSum, Relu, Reshape, Sigmoid, Slice, Softmax, Sq
 Transpose, Unsqueeze. Zoo models whose objective builds: CIFAR ResNet20/44, DenseNet-121, EfficientNet-B0 and
 -Lite0, GoogLeNet, MobileNetV2, MobileNetV3-small, RegNetY-400MF, ResNet-50, PP-OCR mobile cls, PP-OCRv4 rec
 (``--shape x=1,3,48,320``: 6 BN layers on the path, one sample at a time), the Fashion-MNIST models. Stopped
-(one line, exit 1): PP-OCRv4 det (``no gradient for Resize``); token-id and multi-input models. MobileNetV2
-exported by dynamo has its BN folded: smoothed-noise fallback with a note.
+(one line, exit 1): PP-OCRv4 det (``no gradient for Resize``); multi-input float models. MobileNetV2
+exported by dynamo has its BN folded: smoothed-noise fallback with a note. Token-id models (BERT, GPT-2,
+LLaMA) are not optimised: random sequences of their trained ids (`onnxprune.synthetic_tokens`).
 
 Time budget (`onnxprune.synthetic_plan.plan`): ``synthetic`` without N plans the work from a cost model of
 one step (dense MACs + activation elements, calibrated on 8 zoo models within 20%; deterministic, not timed) to
