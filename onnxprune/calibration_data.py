@@ -109,7 +109,11 @@ def check_calib(
                         "keys must be the model's input names)")
     arrays = {}
     for name, vi in inputs.items():
-        arrays[name] = _fit_input(data.arrays[name], name, graph.shape(name), vi.type.tensor_type.elem_type, where)
+        dims = graph.shape(name)
+        if dims and isinstance(dims[0], int) and dims[0] > 1:  # every run feeds one sample (or a dynamic batch)
+            raise DataError(f"{where}: model input {name!r} has a fixed batch of {dims[0]}, and calibration runs one "
+                            "sample at a time: export the model with batch 1 or a dynamic batch")
+        arrays[name] = _fit_input(data.arrays[name], name, dims, vi.type.tensor_type.elem_type, where)
     out = CalibrationData(arrays)
     if samples is not None:
         if samples < 1:

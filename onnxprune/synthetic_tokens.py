@@ -9,8 +9,8 @@ unchanged. Start reading at `token_samples`.
 
 Steps (`token_spec`):
 
-1. The token-id input: an integer graph input that reaches, through index-preserving ops (Cast, Reshape,
-   Unsqueeze, ...), the indices of a Gather whose table is a rank-2 initializer. Of several, the one with the
+1. The token-id input: an integer graph input from which integer tensors (Cast, Reshape, Unsqueeze, the
+   negative-index wrap of tf2onnx, ...) reach the indices of a Gather whose table is a rank-2 initializer. Of several, the one with the
    largest table is the vocabulary (the others are segment or position tables).
 2. The other inputs by role: a name with ``mask`` gets ones, ``type`` / ``segment`` zeros, ``position`` the
    positions 0..L-1; an input that reaches a table of at most 16 rows also gets zeros. Any other input is a
@@ -59,7 +59,7 @@ SMALL_TABLE = 16  # a Gather table of at most this many rows reads segment / tok
 
 _INTEGER = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
             onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
-_PASS_INDEX = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Transpose"}
+_INDEX_TYPES = _INTEGER | {onnx.TensorProto.BOOL}
 
 
 @dataclass(frozen=True)
@@ -75,25 +75,46 @@ class TokenSpec:
     length: int = DEFAULT_LENGTH  # tokens per sequence where the length is dynamic
 
 
-def _tables(model: onnx.ModelProto, name: str) -> list[np.ndarray]:
-    """Rank-2 initializer tables whose Gather indices come from graph input `name` through index-preserving ops."""
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Every tensor's element type, by onnx type inference on a copy without the weights' values (the model as
+    loaded has no value_info yet; a copy with its weights would double a large model's memory)."""
+    inputs = {vi.name for vi in model.graph.input}
+    skeleton = onnx.helper.make_model(
+        onnx.helper.make_graph(model.graph.node, model.graph.name,
+                               list(model.graph.input) + [onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                                                          for t in model.graph.initializer if t.name not in inputs],
+                               model.graph.output),
+        opset_imports=model.opset_import, functions=model.functions)
+    skeleton.ir_version = model.ir_version
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton)
+    except Exception:  # a model onnx cannot type (custom domains): types from what the model declares
+        inferred = skeleton
+    graph = inferred.graph
+    return {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.input, *graph.value_info, *graph.output]}
+
+
+def _tables(model: onnx.ModelProto, types: dict[str, int], name: str) -> list[np.ndarray]:
+    """Rank-2 initializer tables whose Gather indices are computed from graph input `name`: the search follows
+    integer and bool tensors through any op (Cast, Reshape, Unsqueeze; tf2onnx's negative-index wrap
+    ``where(i < 0, i + n, i)`` as Less / Add / Mul), never a float one (an attention mask cast to float)."""
     inits = {t.name: t for t in model.graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
-        for _i, t in enumerate(node.input):
+        for t in node.input:
             readers.setdefault(t, []).append(node)
     found, todo, seen = [], [name], {name}
     while todo:
         t = todo.pop()
         for node in readers.get(t, []):
-            if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == t and node.input[0] in inits:
-                if len(inits[node.input[0]].dims) == 2:
+            if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == t:
+                if node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
                     found.append(tensor_array(inits[node.input[0]]))
-            elif node.op_type in _PASS_INDEX and node.input and node.input[0] == t:
-                for out in node.output:
-                    if out not in seen:
-                        seen.add(out)
-                        todo.append(out)
+                continue
+            for out in node.output:
+                if out and out not in seen and types.get(out) in _INDEX_TYPES:
+                    seen.add(out)
+                    todo.append(out)
     return found
 
 
@@ -106,7 +127,8 @@ def token_spec(model: onnx.ModelProto) -> TokenSpec | None:
     """
     inits = {t.name for t in model.graph.initializer}
     inputs = [vi for vi in model.graph.input if vi.name not in inits]
-    tables = {vi.name: _tables(model, vi.name) for vi in inputs if vi.type.tensor_type.elem_type in _INTEGER}
+    types = _element_types(model)
+    tables = {vi.name: _tables(model, types, vi.name) for vi in inputs if vi.type.tensor_type.elem_type in _INTEGER}
     vocab_of = {name: max(len(t) for t in found) for name, found in tables.items() if found}
     if not vocab_of:
         return None

@@ -25,7 +25,7 @@ VOCAB, HIDDEN, FFN = 50, 16, 32
 
 
 def _token_model(extra_inputs: tuple[str, ...] = ("attention_mask", "token_type_ids"), untrained: int = 5,
-                 seq: int | str = "seq") -> onnx.ModelProto:
+                 seq: int | str = "seq", batch: int = 1) -> onnx.ModelProto:
     """Embedding (+ token types) -> MatMul -> Relu -> MatMul, masked by the attention mask: a token model
     with `untrained` embedding rows at a small norm (never updated by training)."""
     rng = np.random.default_rng(0)
@@ -53,9 +53,9 @@ def _token_model(extra_inputs: tuple[str, ...] = ("attention_mask", "token_type_
                   helper.make_node("Unsqueeze", ["mf", "axes"], ["mu"]), helper.make_node("Mul", ["o", "mu"], ["y"])]
         inits["axes"] = np.array([-1], np.int64)
         out = "y"
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, seq])]
-    inputs += [helper.make_tensor_value_info(n, TensorProto.INT64, [1, seq]) for n in extra_inputs]
-    graph = helper.make_graph(nodes, "tokens", inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, seq, HIDDEN])],
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq])]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.INT64, [batch, seq]) for n in extra_inputs]
+    graph = helper.make_graph(nodes, "tokens", inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch, seq, HIDDEN])],
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
     return canonicalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))[0]
 
@@ -168,3 +168,54 @@ def test_decoder_seq_repair_with_synthetic_tokens(name):
     for length in (12, 48):  # other lengths than the calibration's: the repair is not tied to it
         sample = {"input_ids": rng.integers(0, 1000, (1, length))}
         assert _fit_error(model, repaired, sample) < _fit_error(model, plain, sample)
+
+
+def test_wrapped_indices_are_followed_and_a_float_mask_is_not():
+    """tf2onnx wraps negative ids (``where(i < 0, i + n, i)``) before the Gather: the ids are found through
+    integer arithmetic; an integer input cast to float (a mask) never reaches a table."""
+    rng = np.random.default_rng(1)
+    inits = {"emb": rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32), "zero": np.array(0, np.int64),
+             "n": np.array(VOCAB, np.int64), "w": rng.standard_normal((HIDDEN, 4)).astype(np.float32),
+             "axes": np.array([-1], np.int64)}
+    nodes = [helper.make_node("Less", ["tokens", "zero"], ["neg"]), helper.make_node("Add", ["tokens", "n"], ["up"]),
+             helper.make_node("Where", ["neg", "up", "tokens"], ["idx"]), helper.make_node("Gather", ["emb", "idx"], ["e"]),
+             helper.make_node("Cast", ["keep"], ["kf"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["kf", "axes"], ["ku"]), helper.make_node("Mul", ["e", "ku"], ["em"]),
+             helper.make_node("MatMul", ["em", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "wrap", [helper.make_tensor_value_info(n, TensorProto.INT64, [1, 8]) for n in ("tokens", "keep")],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])  # as loaded: no value_info
+    with pytest.raises(UnsupportedModelError, match="'keep'"):  # not a known role, and not token ids
+        token_spec(model)
+    spec = token_spec(_renamed(model, "keep", "attention_mask"))
+    assert spec.ids == "tokens" and spec.roles["attention_mask"] == "ones"
+
+
+def _renamed(model: onnx.ModelProto, old: str, new: str) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for vi in out.graph.input:
+        if vi.name == old:
+            vi.name = new
+    for node in out.graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+    return out
+
+
+def test_a_fixed_batch_above_one_is_a_one_line_data_error(tmp_path):
+    model = _token_model(extra_inputs=(), seq=8, batch=2)
+    path = tmp_path / "b2.onnx"
+    onnx.save(model, path)
+    proc = subprocess.run([sys.executable, "-m", "onnxprune.cli", "prune", str(path), "-o", str(tmp_path / "o.onnx"),
+                           "--round-to", "1", "--criterion", "obs", "--repair", "ls", "--calib", "synthetic:4"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if "note:" not in line]
+    assert len(lines) == 1 and "fixed batch of 2" in lines[0], proc.stderr
+
+
+def test_keras_export_is_a_token_model():
+    model = _zoo("keras_text_transformer")
+    spec = token_spec(model)
+    assert spec is not None and spec.roles == {"tokens": "ids"} and spec.vocab == 1000
