@@ -328,18 +328,14 @@ def row_budget(features: int, max_rows: int = 65536, flops: float | None = None)
 
 
 def sample_parts(x: np.ndarray, k: int) -> list[np.ndarray]:
-    """A layer input computed for a batch of `k` samples, split per sample along its first axis.
-
-    The first axis is the batch, or the batch flattened with the tokens (``[k x seq, F]``: GPT-2's linear layers
-    run as Gemm on a 2-D input): then each sample is a contiguous block of ``len(x) / k`` rows. Slicing
-    ``x[j : j + 1]`` there took one token per sample (and with one sample per run, the first token only).
-    """
+    """A layer input computed for a batch of `k` samples, one part per sample: the whole of `x` for one
+    sample (``x[0:1]`` took the first token only of a ``[seq, F]`` input: GPT-2's Gemm), else its slices along
+    the batch axis, which must lead (`collect_stats` runs one sample at a time otherwise)."""
     if k == 1:
         return [x]
-    if len(x) % k:
-        raise ValueError(f"a layer input of {len(x)} rows cannot be split among a batch of {k} samples")
-    m = len(x) // k
-    return [x[j * m : (j + 1) * m] for j in range(k)]
+    if len(x) != k:
+        raise ValueError(f"a layer input of shape {x.shape} does not lead with the batch of {k} samples")
+    return [x[j : j + 1] for j in range(k)]
 
 
 def single_threaded_blas() -> threadpool_limits:
@@ -481,10 +477,16 @@ def collect_stats(
         ThreadPoolExecutor(max_workers=1) as pool,
         task("calibration statistics", total=data.n) as progress,
     ):
-        for i in range(0, data.n, step):
+        i = 0
+        while i < data.n:
             k = min(step, data.n - i)
             feed = {n: v[i : i + k] for n, v in data.arrays.items() if n in feeds}
             values = dict(zip(names, sess.run(None, feed)))
+            if k > 1 and any(len(values[c.x]) != k for c in which):
+                # a layer input without the batch in front ([batch x seq, F], time-major [T, batch, F]) cannot be
+                # split per sample: one sample per run, as the repair's own passes draw them
+                step = 1
+                continue
             cache: dict[tuple[str, int], tuple[np.ndarray, ...]] = {}  # moments of a tensor several consumers read
             jobs: list[tuple[ConsumerStats, np.ndarray]] = []
             kept: list[tuple[int, dict[str, np.ndarray]]] = [(i + j, {}) for j in range(k)] if shared else []
@@ -528,6 +530,7 @@ def collect_stats(
                     done.result()
                     queued -= freed
             progress.advance(k)
+            i += k
         while queue:
             queue.popleft()[0].result()
     if hessian:  # the rows still buffered: seconds on large models, so a step of its own

@@ -125,12 +125,12 @@ def test_data_free_repair_of_a_token_model_beats_no_repair(repair):
     assert np.mean([e[0] for e in errs]) < 0.75 * np.mean([e[1] for e in errs]), errs
 
 
-def test_sample_parts_splits_flattened_tokens():
+def test_sample_parts_keep_every_row_of_one_sample():
     x = np.arange(24).reshape(6, 4)
-    assert [p[:, 0].tolist() for p in sample_parts(x, 2)] == [[0, 4, 8], [12, 16, 20]]
-    assert sample_parts(x, 1)[0] is x
+    assert sample_parts(x, 1)[0] is x  # [seq, F] of one sample: every token (x[0:1] took the first)
+    assert [p.tolist() for p in sample_parts(x[:2], 2)] == [[x[0].tolist()], [x[1].tolist()]]
     with pytest.raises(ValueError):
-        sample_parts(x, 4)
+        sample_parts(x, 2)  # [batch x seq, F]: collect_stats runs such models one sample at a time
 
 
 def _zoo(name: str) -> onnx.ModelProto:
