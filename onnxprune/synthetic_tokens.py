@@ -10,8 +10,8 @@ unchanged. Start reading at `token_samples`.
 Steps (`token_spec`):
 
 1. The token-id input: an integer graph input from which integer tensors (Cast, Reshape, Unsqueeze, the
-   negative-index wrap of tf2onnx, ...) reach the indices of a Gather whose table is a rank-2 initializer. Of several, the one with the
-   largest table is the vocabulary (the others are segment or position tables).
+   negative-index wrap of tf2onnx, ...) reach the indices of a Gather whose table is a rank-2 initializer.
+   Of several, the one with the largest table is the vocabulary (the others are segment or position tables).
 2. The other inputs by role: a name with ``mask`` gets ones, ``type`` / ``segment`` zeros, ``position`` the
    positions 0..L-1; an input that reaches a table of at most 16 rows also gets zeros. Any other input is a
    one-line `UnsupportedModelError` naming it.
@@ -94,7 +94,7 @@ def _element_types(model: onnx.ModelProto) -> dict[str, int]:
     return {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.input, *graph.value_info, *graph.output]}
 
 
-def _tables(model: onnx.ModelProto, types: dict[str, int], name: str) -> list[np.ndarray]:
+def _tables(model: onnx.ModelProto, types: dict[str, int], name: str) -> list[onnx.TensorProto]:
     """Rank-2 initializer tables whose Gather indices are computed from graph input `name`: the search follows
     integer and bool tensors through any op (Cast, Reshape, Unsqueeze; tf2onnx's negative-index wrap
     ``where(i < 0, i + n, i)`` as Less / Add / Mul), never a float one (an attention mask cast to float)."""
@@ -109,7 +109,7 @@ def _tables(model: onnx.ModelProto, types: dict[str, int], name: str) -> list[np
         for node in readers.get(t, []):
             if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == t:
                 if node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
-                    found.append(tensor_array(inits[node.input[0]]))
+                    found.append(inits[node.input[0]])
                 continue
             for out in node.output:
                 if out and out not in seen and types.get(out) in _INDEX_TYPES:
@@ -127,9 +127,11 @@ def token_spec(model: onnx.ModelProto) -> TokenSpec | None:
     """
     inits = {t.name for t in model.graph.initializer}
     inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    if not any(vi.type.tensor_type.elem_type in _INTEGER for vi in inputs):
+        return None  # an image or feature model: no type inference needed
     types = _element_types(model)
     tables = {vi.name: _tables(model, types, vi.name) for vi in inputs if vi.type.tensor_type.elem_type in _INTEGER}
-    vocab_of = {name: max(len(t) for t in found) for name, found in tables.items() if found}
+    vocab_of = {name: max(int(t.dims[0]) for t in found) for name, found in tables.items() if found}
     if not vocab_of:
         return None
     ids = max(vocab_of, key=lambda k: (vocab_of[k], k))
@@ -148,8 +150,9 @@ def token_spec(model: onnx.ModelProto) -> TokenSpec | None:
             raise UnsupportedModelError(f"synthetic calibration: cannot tell what input {vi.name!r} of this token model "
                                         "holds (token ids, attention mask, token types and position ids are known); "
                                         "pass --calib FILE.npz")
-    table = max(tables[ids], key=len)
-    norms = np.linalg.norm(table.astype(np.float64), axis=1)
+    table = max(tables[ids], key=lambda t: int(t.dims[0]))
+    vocab = int(table.dims[0])
+    norms = _row_norms(tensor_array(table))
     trained = np.flatnonzero(norms >= TRAINED_NORM * np.median(norms))
     dtypes, dims = {}, {}
     for vi in inputs:
@@ -159,8 +162,15 @@ def token_spec(model: onnx.ModelProto) -> TokenSpec | None:
     # a dynamic length stays within every other table a Gather reads (learned positions, rotary caches)
     rows = {t.name: int(t.dims[0]) for t in model.graph.initializer if len(t.dims) == 2}
     others = [rows[n.input[0]] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in rows]
-    longest = min([r for r in others if SMALL_TABLE < r != len(table)], default=DEFAULT_LENGTH)
-    return TokenSpec(ids, len(table), trained, roles, dtypes, dims, min(DEFAULT_LENGTH, longest))
+    longest = min([r for r in others if SMALL_TABLE < r != vocab], default=DEFAULT_LENGTH)
+    return TokenSpec(ids, vocab, trained, roles, dtypes, dims, min(DEFAULT_LENGTH, longest))
+
+
+def _row_norms(table: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Each row's L2 norm, accumulated in float64 a chunk of rows at a time (an LLM's table is gigabytes:
+    no float64 copy of all of it)."""
+    return np.concatenate([np.sqrt(np.einsum("ij,ij->i", part, part, dtype=np.float64))
+                           for part in (table[i : i + chunk] for i in range(0, len(table), chunk))])
 
 
 def token_samples(spec: TokenSpec, n: int, seed: int = 0) -> dict[str, np.ndarray]:
