@@ -217,3 +217,26 @@ def test_keras_export_is_a_token_model():
     model = _zoo("keras_text_transformer")
     spec = token_spec(model)
     assert spec is not None and spec.roles == {"tokens": "ids"} and spec.vocab == 1000
+
+
+def test_data_free_minilm_beats_the_data_free_baseline():
+    """The pretrained all-MiniLM-L6-v2, 20% of its heads + FFN removed: obs + ls on synthetic token sequences keeps
+    the sentence embeddings much nearer the original's than l2 without repair (bench/minilm_accuracy.py: 0.925 vs
+    0.837 on 300 sentences, real sentences 0.980)."""
+    pytest.importorskip("tokenizers")
+    from bench.minilm_accuracy import cosine, embed, encode, sentences, tokenizer
+    from onnxprune.channels import analyze
+    from onnxprune.metrics import count_params
+
+    model = _zoo("minilm_l6")
+    tok = tokenizer()
+    test = encode(tok, sentences(60, seed=7)[:40])
+    ref = embed(model, test)
+    graph = ModelGraph(model)
+    keep = str(count_params(graph) - round(0.2 * analyze(graph).prunable_params))
+    data = CalibrationData(synthesize(model, 128, seed=0))
+    repaired = PrunePass(PruneConfig(criterion="obs", repair="ls", allocation="uniform", target_params=keep),
+                         calib=data).run(model).model
+    baseline = PrunePass(PruneConfig(criterion="l2", repair="none", allocation="uniform", target_params=keep)).run(model).model
+    got, base = cosine(embed(repaired, test), ref), cosine(embed(baseline, test), ref)
+    assert got > base + 0.05, (got, base)
