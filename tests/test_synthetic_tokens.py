@@ -119,7 +119,7 @@ def _fit_error(model, pruned, inputs) -> float:
 @pytest.mark.parametrize("repair", ["ls", "seq"])
 def test_data_free_repair_of_a_token_model_beats_no_repair(repair):
     """Pruned at 40% with synthetic token data and repaired: nearer the original on held-out random sequences
-    than the same channels without repair (the FFN's outputs are refitted)."""
+    than pruned without repair (obs then scores for no repair; the FFN's outputs are not refitted)."""
     model = _token_model()
     data = CalibrationData(synthesize(model, 64, seed=0))
     cfg = {"criterion": "obs", "ratio": 0.4, "round_to": 1}
