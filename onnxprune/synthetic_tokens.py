@@ -50,6 +50,7 @@ import onnx
 
 from onnxprune.errors import UnsupportedModelError
 from onnxprune.external import tensor_array
+from onnxprune.onnx_utils import light_copy
 
 __all__ = ["DEFAULT_LENGTH", "DEFAULT_SEQUENCES", "TRAINED_NORM", "TokenSpec", "token_samples", "token_spec"]
 
@@ -77,21 +78,12 @@ class TokenSpec:
 
 
 def _element_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Every tensor's element type, by onnx type inference on a copy without the weights' values (the model as
-    loaded has no value_info yet; a copy with its weights would double a large model's memory)."""
-    inputs = {vi.name for vi in model.graph.input}
-    skeleton = onnx.helper.make_model(
-        onnx.helper.make_graph(model.graph.node, model.graph.name,
-                               list(model.graph.input) + [onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
-                                                          for t in model.graph.initializer if t.name not in inputs],
-                               model.graph.output),
-        opset_imports=model.opset_import, functions=model.functions)
-    skeleton.ir_version = model.ir_version
+    """Every tensor's element type, by onnx type inference on `onnx_utils.light_copy` (the model as loaded has
+    no value_info yet; a copy with its weights would double a large model's memory)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton)
+        graph = onnx.shape_inference.infer_shapes(light_copy(model)).graph
     except Exception:  # a model onnx cannot type (custom domains): types from what the model declares
-        inferred = skeleton
-    graph = inferred.graph
+        graph = model.graph
     return {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.input, *graph.value_info, *graph.output]}
 
 
