@@ -33,7 +33,9 @@ the table's predicted speedups of the default plan and of ``--round-to 1`` next 
 latency-weighted plan once lost to ``--round-to 1``.
 
 The machine's load average is printed with the results: timings on a shared machine are provisional
-(``--loaded`` times 1-thread rows by thread CPU time and compares fastest runs, for such a machine).
+(``--loaded`` times 1-thread rows by thread CPU time and compares fastest runs, for such a machine). Each
+timing line also gives the dense model's time per chunk and the share of CPU time the host stole from this
+virtual machine (`cpu_ticks`): a 2-thread row is only as good as the second cpu was there.
 Default mode: ratios 0.1/0.3/0.5/0.7, both thread counts, TVM for MobileNetV2 0.3/0.5. Measured at load
 17-27 (eight agents on this 2-core machine): 46 min for the efficiency part (first-run onnxruntime latency
 tables included, 14 min of them TVM compiles); on a quiet machine with the
@@ -141,6 +143,31 @@ def load() -> str:
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} cpus)"
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(all, stolen) CPU ticks since boot (Linux ``/proc/stat``), None elsewhere.
+
+    Stolen ticks are the time this virtual machine's cpus were ready to run while the host ran another guest:
+    load the load average does not show. On this 2-vCPU guest the 2-thread rows read low exactly when it is
+    there (EfficientNet-B0 dense at 2 threads 10.5 ms instead of 6.6, its 1-thread time being 11.8)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(ticks), ticks[7]
+
+
+def stolen_since(start: tuple[int, int] | None) -> str:
+    """``"steal N.N%"``: the share of all cpus' time stolen by the host since `start` (`cpu_ticks`)."""
+    now = cpu_ticks()
+    if start is None or now is None or now[0] <= start[0]:
+        return "steal n/a"
+    return f"steal {100 * (now[1] - start[1]) / (now[0] - start[0]):.1f}%"
+
+
 def shape_flags(shapes: dict[str, list[int]]) -> list[str]:
     return [a for name, dims in shapes.items() for a in ("--shape", f"{name}={','.join(map(str, dims))}")]
 
@@ -164,12 +191,14 @@ def prune_cli(
 
 def timed_against_dense(
     dense: onnx.ModelProto, models: Sequence[onnx.ModelProto], backend: LatencyBackend, repeat: int,
-    loaded: bool = False,
+    loaded: bool = False, dense_ms: list[float] | None = None,
 ) -> list[tuple[float, float]]:
     """(speedup, spread) of every model against ``dense``, timed round-robin in chunks that each include it.
 
     `loaded` (``--loaded``, for a shared machine): 1-thread onnxruntime runs are timed by thread CPU time and
-    compared by their fastest runs (other threads: wall time, fastest runs); otherwise wall-time medians."""
+    compared by their fastest runs (other threads: wall time, fastest runs); otherwise wall-time medians.
+    `dense_ms` receives the dense model's time of each chunk (a check on the machine: at 2 threads it
+    should be well below the 1-thread time)."""
     out: list[tuple[float, float]] = []
     for start in range(0, len(models), CHUNK):
         chunk = list(models[start : start + CHUNK])
@@ -181,6 +210,8 @@ def timed_against_dense(
             timings = backend.time_models([dense, *chunk], warmup=3, repeat=repeat)
         pick = (lambda t: t.best_ms) if loaded else (lambda t: t.median_ms)
         ref = pick(timings[0])
+        if dense_ms is not None:
+            dense_ms.append(ref)
         out += [(ref / pick(t), max(t.spread, timings[0].spread)) for t in timings[1:]]
     return out
 
@@ -218,7 +249,7 @@ def prune_all(
     return variants
 
 
-def measure_all(variants: list[Variant], args: argparse.Namespace) -> None:
+def measure_all(variants: list[Variant], args: argparse.Namespace, log: list[str]) -> None:
     for name in dict.fromkeys(v.model for v in variants):
         mine = [v for v in variants if v.model == name]
         if not mine:
@@ -228,13 +259,17 @@ def measure_all(variants: list[Variant], args: argparse.Namespace) -> None:
         pruned = [static_inputs(onnx.load(v.path), shapes or None) for v in mine]
         for threads in args.threads:
             key = f"ort{threads}"
-            t0 = time.perf_counter()
+            t0, ticks = time.perf_counter(), cpu_ticks()
+            dense_ms: list[float] = []
             for v, (s, spread) in zip(
-                mine, timed_against_dense(dense, pruned, OrtBackend(threads=threads), args.repeat, args.loaded)
+                mine, timed_against_dense(dense, pruned, OrtBackend(threads=threads), args.repeat, args.loaded,
+                                          dense_ms)
             ):
                 v.speedup[key], v.spread[key] = s, spread
-            print(f"  timed {len(mine)} {MODELS[name][0]} variants on onnxruntime, {threads} thread(s), "
-                  f"in {time.perf_counter() - t0:.0f} s; {load()}", flush=True)  # fmt: skip
+            log.append(f"  timed {len(mine)} {MODELS[name][0]} variants on onnxruntime, {threads} thread(s), "
+                       f"in {time.perf_counter() - t0:.0f} s; dense {', '.join(f'{ms:.2f}' for ms in dense_ms)} ms "
+                       f"per chunk; {stolen_since(ticks)}; {load()}")  # fmt: skip
+            print(log[-1], flush=True)
 
 
 def measure_tvm(variants: list[Variant], args: argparse.Namespace) -> None:
@@ -489,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for name in args.models:  # model by model, the results written after each (a long run stays useful)
             mine = prune_all(args, [name], work, cache, log)
-            measure_all(mine, args)
+            measure_all(mine, args, log)
             measure_tvm(mine, args)
             variants += mine
             try:
