@@ -31,7 +31,7 @@ import onnx
 from onnxprune.calibration import CalibrationData
 from onnxprune.graph import ModelGraph
 from onnxprune.metrics import node_macs
-from onnxprune.onnx_utils import has_subgraph, upstream_nodes
+from onnxprune.onnx_utils import has_subgraph, light_copy, upstream_nodes
 from onnxprune.verify import session
 
 __all__ = ["FrontierRunner", "truncated"]
@@ -328,15 +328,10 @@ MAX_CHOICES = 512
 
 def node_costs(model: onnx.ModelProto) -> list[float]:
     """Per node of `model`, a relative cost: its multiply-adds (`metrics.node_macs`: Conv, Gemm, MatMul), else
-    its output elements; 1 where a shape is unknown. Shapes from onnx's shape inference on a copy without the
-    weights' values (batch and symbolic sizes: 1)."""
+    its output elements; 1 where a shape is unknown. Shapes from onnx's shape inference on the weightless copy
+    `onnx_utils.light_copy` (batch and symbolic sizes: 1)."""
     g = model.graph
-    known = {vi.name for vi in g.input}
-    inputs = list(g.input) + [onnx.helper.make_tensor_value_info(name, t.data_type, t.dims)
-                              for t in g.initializer if (name := t.name) not in known]
-    light = onnx.helper.make_model(onnx.helper.make_graph(list(g.node), g.name, inputs, list(g.output)),
-                                   opset_imports=model.opset_import, ir_version=model.ir_version)
-    light.functions.extend(model.functions)
+    light = light_copy(model)
     with contextlib.suppress(Exception):  # shapes are only a cost estimate: without them every node costs 1
         light = onnx.shape_inference.infer_shapes(light)
     graph = ModelGraph(light)
