@@ -1,0 +1,417 @@
+"""The tiny models `test_rules.py` checks every channel rule on: a `Builder`, the `sandwich` around one
+operator (``x -> Conv(3->C) -> t -> [op] -> u -> Conv(->2) -> y``), one body per operator family, and the
+models of the operators that need a graph of their own (layout, gather, recurrent, control flow)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.verify import run
+
+C = 4  # channels of the tensor every row's operator reads
+FLOAT, DOUBLE, INT32, INT64, UINT8 = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT32, TensorProto.INT64,
+                                      TensorProto.UINT8)  # fmt: skip
+
+
+class Builder:
+    """Nodes and seeded weights of one small graph."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.k = 0
+
+    def fresh(self, prefix: str) -> str:
+        self.k += 1
+        return f"{prefix}{self.k}"
+
+    def const(self, value, prefix: str = "c") -> str:
+        name = self.fresh(prefix)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def normal(self, shape) -> str:
+        return self.const(self.rng.standard_normal(shape).astype(np.float32), "w")
+
+    def positive(self, shape, lo: float = 0.5, hi: float = 1.5) -> str:
+        return self.const(self.rng.uniform(lo, hi, shape).astype(np.float32), "p")
+
+    def ints(self, values, dtype=np.int64) -> str:
+        return self.const(np.array(values, dtype=dtype), "i")
+
+    def scalar(self, value, dtype=np.float32) -> str:
+        return self.const(np.array([value], dtype=dtype), "s")
+
+    def __call__(self, op: str, inputs: list[str], n_out: int = 1, **attrs) -> str:
+        outs = [self.fresh(op.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.fresh(f"{op}_"), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def conv(self, x: str, cin: int, cout: int, rank: int = 4) -> str:
+        w = self.normal((cout, cin) + (1,) * (rank - 2))
+        return self("Conv", [x, w, self.normal((cout,))])
+
+    def model(self, inputs: list[tuple[str, int, list]], outputs: list[str], opset: int) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, "rule_row", [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+            [helper.make_tensor_value_info(o, FLOAT, None) for o in outputs], self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        inferred = onnx.shape_inference.infer_shapes(model)
+        del model.graph.output[:]
+        model.graph.output.extend(inferred.graph.output)
+        return model
+
+
+Body = Callable[[Builder, str, str], tuple[str, int]]  # (builder, op, t) -> (u, channels of u)
+
+
+def sandwich(body: Body, rank: int = 4, spatial: int | str = 3, cin: int = C) -> Callable[[str, int], onnx.ModelProto]:
+    """``x -> Conv(3->cin) -> t -> body -> u -> Conv(->2) -> y`` (convolutions 1x1, `rank`-D)."""
+
+    def build(op: str, opset: int) -> onnx.ModelProto:
+        b = Builder()
+        t = b.conv("x", 3, cin, rank)
+        u, channels = body(b, op, t)
+        y = b.conv(u, channels, 2, rank)
+        return b.model([("x", FLOAT, [1, 3] + [spatial] * (rank - 2))], [y], opset)
+
+    return build
+
+
+# ---- bodies -----------------------------------------------------------------------------------------
+# Inputs some unary ops need in their domain (a silenced channel must not turn into NaN or inf either).
+_UNARY_PRE = {
+    "Log": ["Exp"], "Reciprocal": ["Exp"], "Sqrt": ["Abs"], "Acos": ["Tanh"], "Asin": ["Tanh"],
+    "Atanh": ["Tanh", "half"], "Acosh": ["Exp", "plus1"],
+}  # fmt: skip
+
+
+def unary(b: Builder, op: str, t: str) -> tuple[str, int]:
+    for pre in _UNARY_PRE.get(op, []):
+        if pre == "half":
+            t = b("Mul", [t, b.scalar(0.5)])
+        elif pre == "plus1":
+            t = b("Add", [t, b.scalar(1.0)])
+        else:
+            t = b(pre, [t])
+    if op == "Not":
+        return b("Cast", [b("Not", [b("Greater", [t, b.scalar(0.0)])])], to=FLOAT), C
+    if op in ("IsNaN", "IsInf"):
+        return b("Cast", [b(op, [t])], to=FLOAT), C
+    if op == "BitwiseNot":
+        return b("Cast", [b(op, [b("Cast", [t], to=INT32)])], to=FLOAT), C
+    if op == "Cast":
+        return b("Cast", [b(op, [t], to=DOUBLE)], to=FLOAT), C
+    if op == "CastLike":
+        return b("Cast", [b(op, [t, b.scalar(0.0, np.float64)])], to=FLOAT), C
+    return b(op, [t]), C
+
+
+def broadcasting(b: Builder, op: str, t: str) -> tuple[str, int]:
+    per_channel = (1, C, 1, 1)
+    if op in ("Add", "Sub", "Mul", "Max", "Min", "Mean", "Sum"):
+        return b(op, [t, b.normal(per_channel)]), C
+    if op == "Div":
+        return b(op, [t, b.positive(per_channel)]), C
+    if op == "Pow":
+        return b(op, [b("Abs", [t]), b.positive(per_channel)]), C
+    if op == "PRelu":
+        return b(op, [t, b.positive((C, 1, 1), 0.1, 0.3)]), C
+    if op == "Mod":
+        return b(op, [t, b.scalar(1.5)], fmod=1), C
+    if op in ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"):
+        return b("Cast", [b(op, [t, b.normal(per_channel)])], to=FLOAT), C
+    if op in ("And", "Or", "Xor"):
+        return b("Cast", [b(op, [b("Greater", [t, b.scalar(0.0)]), b("Less", [t, b.scalar(0.5)])])], to=FLOAT), C
+    if op == "Where":
+        return b(op, [b("Greater", [t, b.scalar(0.0)]), t, b.normal(per_channel)]), C
+    if op == "BitShift":
+        return b("Cast", [b(op, [b("Cast", [t], to=UINT8), b.ints([1], np.uint8)], direction="LEFT")], to=FLOAT), C
+    if op in ("BitwiseAnd", "BitwiseOr", "BitwiseXor"):
+        ints = b.ints(np.arange(C).reshape(per_channel) + 1, np.int32)
+        return b("Cast", [b(op, [b("Cast", [t], to=INT32), ints])], to=FLOAT), C
+    raise AssertionError(op)
+
+
+def passthrough(b: Builder, op: str, t: str) -> tuple[str, int]:
+    return b(op, [t]), C
+
+
+def clip(b: Builder, op: str, t: str) -> tuple[str, int]:
+    return b(op, [t, b.const(np.float32(-0.5)), b.const(np.float32(0.7))]), C
+
+
+def resize(b: Builder, op: str, t: str) -> tuple[str, int]:
+    scales = b.const(np.array([1, 1, 2, 2], np.float32))
+    return b(op, [t, "", scales] if op == "Resize" else [t, scales]), C
+
+
+def pad(b: Builder, op: str, t: str) -> tuple[str, int]:
+    return b(op, [t, b.ints([0, 0, 1, 1, 0, 0, 1, 1])]), C
+
+
+def pad_channels(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """Zero-pads the channel axis (1 before, 2 after) as option-A ResNet shortcuts do; the padded positions
+    are channels of the consumer alone."""
+    return b(op, [t, b.ints([0, 1, 0, 0, 0, 2, 0, 0])]), C + 3
+
+
+def pad_channels_attribute(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """`pad_channels` before opset 11 (pads as an attribute)."""
+    return b(op, [t], pads=[0, 1, 0, 0, 0, 2, 0, 0]), C + 3
+
+
+def crop_channels(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """A negative pad crops channels 0 and 1: they stay (dead) channels of the producer alone."""
+    return b(op, [t, b.ints([0, -2, 1, 0, 0, 0, 1, 0])]), C - 2
+
+
+def pad_residual(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """Option-A shortcut: the padded stream is added to a wider branch (one group across the pad, one of the
+    padded positions shared with the branch)."""
+    return b("Add", [b(op, [t, b.ints([0, 2, 0, 0, 0, 2, 0, 0])]), b.conv(t, C, 2 * C)]), 2 * C
+
+
+def arg_reduce(b: Builder, op: str, t: str) -> tuple[str, int]:
+    return b("Cast", [b(op, [t], axis=2)], to=FLOAT), C
+
+
+def reduce_channels(b: Builder, op: str, t: str) -> tuple[str, int]:
+    return b(op, [t, b.ints([1])], keepdims=1), 1
+
+
+def along(axis: int) -> Body:
+    return lambda b, op, t: (b(op, [t], axis=axis), C)
+
+
+def pool(b: Builder, op: str, t: str) -> tuple[str, int]:
+    if op.startswith("Global"):
+        return b(op, [t]), C
+    if op == "MaxRoiPool":
+        return b(op, [t, b.const(np.array([[0, 0, 0, 2, 2]], np.float32))], pooled_shape=[2, 2]), C
+    return b(op, [t], kernel_shape=[2, 2]), C
+
+
+def reduce(b: Builder, op: str, t: str) -> tuple[str, int]:
+    if op == "ReduceLogSum":
+        t = b("Exp", [t])
+    return b(op, [t, b.ints([2, 3])], keepdims=1), C
+
+
+def conv_variant(kind: str) -> Callable[[str, int], onnx.ModelProto]:
+    """Regular, depthwise (multiplier 2) and grouped (2 groups) Conv; ConvTranspose."""
+
+    def build(op: str, opset: int) -> onnx.ModelProto:
+        b = Builder()
+        t = b.conv("x", 3, C)
+        if op == "ConvTranspose":
+            u, cu = b(op, [t, b.normal((C, 3, 1, 1)), b.normal((3,))]), 3
+        elif kind == "depthwise":
+            u, cu = b(op, [t, b.normal((2 * C, 1, 1, 1)), b.normal((2 * C,))], group=C), 2 * C
+        elif kind == "grouped":
+            u, cu = b(op, [t, b.normal((C, C // 2, 1, 1)), b.normal((C,))], group=2), C
+        else:
+            u, cu = b("Relu", [t]), C
+        y = b.conv(u, cu, 2)
+        return b.model([("x", FLOAT, [1, 3, 3, 3])], [y], opset)
+
+    return build
+
+
+def linear(op: str, opset: int) -> onnx.ModelProto:
+    """Gemm: ``[2, 6] -> Gemm(6->C) -> Relu -> Gemm(C->2, transB)``; MatMul: ``[1, 5, 6] -> MatMul -> Add -> MatMul``."""
+    b = Builder()
+    if op == "Gemm":
+        h = b("Relu", [b(op, ["x", b.normal((6, C)), b.normal((C,))])])
+        return b.model([("x", FLOAT, [2, 6])], [b(op, [h, b.normal((2, C))], transB=1)], opset)
+    h = b("Add", [b(op, ["x", b.normal((6, C))]), b.normal((C,))])
+    return b.model([("x", FLOAT, [1, 5, 6])], [b(op, [h, b.normal((C, 3))])], opset)
+
+
+def norm(b: Builder, op: str, t: str) -> tuple[str, int]:
+    if op == "BatchNormalization":
+        return b(op, [t, b.normal((C,)), b.normal((C,)), b.normal((C,)), b.positive((C,))]), C
+    if op == "InstanceNormalization":
+        return b(op, [t, b.normal((C,)), b.normal((C,))]), C
+    if op == "GroupNormalization":
+        return b(op, [t, b.normal((C,)), b.normal((C,))], num_groups=2), C
+    return b(op, [t, b.normal((5,)), b.normal((5,))] if op == "LayerNormalization" else [t, b.normal((5,))], axis=-1), C
+
+
+def to_matrix(b: Builder, t: str, features: int) -> str:
+    """A [1, features] tensor times a weight matrix: the channels' consumer after a flattening op."""
+    return b("MatMul", [t, b.normal((features, 2))])
+
+
+def layout(op: str, opset: int) -> onnx.ModelProto:
+    b = Builder()
+    t = b.conv("x", 3, C)
+    if op == "Reshape":
+        y = to_matrix(b, b(op, [t, b.ints([1, C * 9])]), C * 9)
+    elif op == "Flatten":
+        y = to_matrix(b, b(op, [t], axis=1), C * 9)
+    elif op == "Transpose":
+        y = to_matrix(b, b(op, [t], perm=[0, 2, 3, 1]), C)
+    elif op == "Squeeze":
+        y = to_matrix(b, b(op, [b("GlobalAveragePool", [t]), b.ints([2, 3])]), C)
+    elif op == "Expand":
+        y = b.conv(b(op, [b("GlobalAveragePool", [t]), b.ints([1, C, 3, 3])]), C, 2)
+    elif op == "Tile":
+        y = b.conv(b(op, [t, b.ints([1, 1, 2, 1])]), C, 2)
+    elif op == "Slice":  # channels 1..C of C+2: the two cut ones form a group of their own
+        t = b.conv("x", 3, C + 2)
+        y = b.conv(b(op, [t, b.ints([1]), b.ints([C + 1]), b.ints([1])]), C, 2)
+    elif op == "Concat":
+        y = b.conv(b(op, [t, b.conv("x", 3, C)], axis=1), 2 * C, 2)
+    elif op == "Split":
+        left, right = b(op, [t, b.ints([C // 2, C // 2])], n_out=2, axis=1)
+        y = b("Add", [b.conv(left, C // 2, 2), b.conv(right, C // 2, 2)])
+    else:
+        raise AssertionError(op)
+    return b.model([("x", FLOAT, [1, 3, 3, 3])], [y], opset)
+
+
+def unsqueeze(op: str, opset: int) -> onnx.ModelProto:
+    b = Builder()
+    h = b("MatMul", ["x", b.normal((6, C))])
+    y = b.conv(b(op, [h, b.ints([2, 3])]), C, 2)
+    return b.model([("x", FLOAT, [1, 6])], [y], opset)
+
+
+def gather(op: str, opset: int) -> onnx.ModelProto:
+    """An embedding lookup: ``ids [1, 5] -> Gather(E [16, C]) -> MatMul(C->3)``."""
+    b = Builder()
+    y = b("MatMul", [b(op, [b.normal((16, C)), "x"]), b.normal((C, 3))])
+    return b.model([("x", INT64, [1, 5])], [y], opset)
+
+
+def gather_nd(op: str, opset: int) -> onnx.ModelProto:
+    """Last-token pooling: ``x [2, 5, 3] -> MatMul(3->C) -> GatherND(indices [2, 1], batch_dims=1) -> [2, C]
+    -> MatMul(C->3)``; the hidden axis passes through the gather."""
+    b = Builder()
+    t = b("MatMul", ["x", b.normal((3, C))])
+    y = b("MatMul", [b(op, [t, b.ints([[4], [2]])], batch_dims=1), b.normal((C, 3))])
+    return b.model([("x", FLOAT, [2, 5, 3])], [y], opset)
+
+
+def shape_reader(op: str, opset: int) -> onnx.ModelProto:
+    """Shape/Size read the sizes of t (dynamic H, so they are not folded); the value is multiplied by 0."""
+    b = Builder()
+    t = b.conv("x", 3, C)
+    size = b(op, [t])
+    if op == "Shape":
+        size = b("ReduceSum", [size], keepdims=0)
+    zero = b("Mul", [b("Cast", [size], to=FLOAT), b.scalar(0.0)])
+    y = b("Add", [b.conv(b("Relu", [t]), C, 2), zero])
+    return b.model([("x", FLOAT, [1, 3, "H", 3])], [y], opset)
+
+
+def depth_space(op: str, opset: int) -> onnx.ModelProto:
+    b = Builder()
+    if op == "DepthToSpace":
+        y = b.conv(b(op, [b.conv("x", 3, 4 * C)], blocksize=2), C, 2)
+    else:
+        y = b.conv(b(op, [b.conv("x", 3, C)], blocksize=2), 4 * C, 2)
+    return b.model([("x", FLOAT, [1, 3, 4, 4])], [y], opset)
+
+
+def depth_space_zero_check(op: str, opset: int) -> None:
+    """DCR order: output channel c of DepthToSpace reads input channels c, C+c, 2C+c, 3C+c (and the
+    reverse for SpaceToDepth): zeroing those inputs must zero that output."""
+    c = 1
+    if op == "DepthToSpace":
+        shape, zeroed, out_channels = [1, 4 * C, 2, 2], [c + k * C for k in range(4)], [c]
+    else:
+        shape, zeroed, out_channels = [1, C, 4, 4], [c], [c + k * C for k in range(4)]
+    node = helper.make_node(op, ["x"], ["y"], blocksize=2)
+    graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("x", FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", FLOAT, None)])  # fmt: skip
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    x[:, zeroed] = 0
+    y = run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), {"x": x})[0]
+    assert np.all(y[:, out_channels] == 0) and np.any(y != 0)
+
+
+def recurrent(op: str, opset: int) -> onnx.ModelProto:
+    """A bidirectional layer with initial states (hidden 3) between MatMuls over its input and hidden sizes:
+    ``x [5, 1, 6] -> MatMul(6->C) -> op -> Y [5, 2, 1, 3] -> MatMul(3->2)``."""
+    b = Builder()
+    gates, hidden = {"LSTM": 4, "GRU": 3, "RNN": 1}[op], 3
+    x = b("MatMul", ["x", b.normal((6, C))])
+    inputs = [x, b.normal((2, gates * hidden, C)), b.normal((2, gates * hidden, hidden)),
+              b.normal((2, 2 * gates * hidden)), "", b.normal((2, 1, hidden))]  # fmt: skip
+    if op == "LSTM":
+        inputs += [b.normal((2, 1, hidden)), b.normal((2, 3 * hidden))]  # initial_c, peepholes
+    y, _ = b(op, inputs, n_out=2, hidden_size=hidden, direction="bidirectional")
+    return b.model([("x", FLOAT, [5, 1, 6])], [b("MatMul", [y, b.normal((hidden, 2))])], opset)
+
+
+def zero_state(op: str, opset: int) -> onnx.ModelProto:
+    """A zero initial state of the run-time batch size, as exporters build it, for a forward LSTM (hidden 3):
+    ``ConstantOfShape(Concat([1], batch of X, [3])) -> initial_h, initial_c``; x [5, N, 6]."""
+    b = Builder()
+    hidden = 3
+    x = b("MatMul", ["x", b.normal((6, C))])
+    batch = b("Unsqueeze", [b("Gather", [b("Shape", [x]), b.const(np.array(1, np.int64))], axis=0), b.ints([0])])
+    shape = b("Concat", [b.ints([1]), batch, b.ints([hidden])], axis=0)
+    state = b(op, [shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    w, r = b.normal((1, 4 * hidden, C)), b.normal((1, 4 * hidden, hidden))
+    y, _ = b("LSTM", [x, w, r, "", "", state, state], n_out=2, hidden_size=hidden)
+    return b.model([("x", FLOAT, [5, "N", 6])], [b("MatMul", [y, b.normal((hidden, 2))])], opset)
+
+
+def if_branches(op: str, opset: int) -> onnx.ModelProto:
+    """``x -> Conv(3->C) -> t -> If(cond: Relu(t) | Conv(t, w) with w inside the branch) -> u -> Conv(->2)``."""
+    b = Builder()
+    t = b.conv("x", 3, C)
+    w = numpy_helper.from_array(b.rng.standard_normal((C, C, 1, 1)).astype(np.float32), "if_else_w")
+    shape = [1, C, 3, 3]
+    then = helper.make_graph([helper.make_node("Relu", [t], ["if_then_u"], name="if_then_relu")], "then", [],
+                             [helper.make_tensor_value_info("if_then_u", FLOAT, shape)])
+    other = helper.make_graph([helper.make_node("Conv", [t, "if_else_w"], ["if_else_u"], name="if_else_conv")],
+                              "else", [], [helper.make_tensor_value_info("if_else_u", FLOAT, shape)], [w])
+    u = b(op, ["cond"], then_branch=then, else_branch=other)
+    y = b.conv(u, C, 2)
+    # cond of shape [1]: for shape [] `verify.random_inputs` gives a numpy scalar, which onnxruntime refuses
+    return b.model([("cond", TensorProto.BOOL, [1]), ("x", FLOAT, [1, 3, 3, 3])], [y], opset)
+
+
+def loop_carry(op: str, opset: int) -> onnx.ModelProto:
+    """``x -> Conv(3->C) -> t -> Loop(2 iterations carrying t through Relu(Conv(s, w)), w in the body) -> u ->
+    Conv(->2)``: the carried channels are one channel (the body conv's inputs and outputs)."""
+    b = Builder()
+    t = b.conv("x", 3, C)
+    w = numpy_helper.from_array(b.rng.standard_normal((C, C, 1, 1)).astype(np.float32), "loop_w")
+    state = [helper.make_tensor_value_info(n, FLOAT, [1, C, 3, 3]) for n in ("loop_s_in", "loop_s_out")]
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["loop_c_in"], ["loop_c_out"], name="loop_cond"),
+         helper.make_node("Conv", ["loop_s_in", "loop_w"], ["loop_h"], name="loop_conv"),
+         helper.make_node("Relu", ["loop_h"], ["loop_s_out"], name="loop_relu")],
+        "body",
+        [helper.make_tensor_value_info("loop_i", INT64, []), helper.make_tensor_value_info("loop_c_in", TensorProto.BOOL, []),
+         state[0]],
+        [helper.make_tensor_value_info("loop_c_out", TensorProto.BOOL, []), state[1]], [w],
+    )  # fmt: skip
+    keep = b.const(np.array(True), "keep")
+    u = b(op, [b.const(np.array(2, np.int64), "trip"), keep, t], body=body)
+    return b.model([("x", FLOAT, [1, 3, 3, 3])], [b.conv(u, C, 2)], opset)
+
+
+def scan_rows(op: str, opset: int) -> onnx.ModelProto:
+    """``x -> Conv(3->C) -> t -> Scan(rows of t along axis 2 through Relu, stacked back along axis 2) -> u ->
+    Conv(->2)``: a row's channels are the scanned tensor's channels."""
+    b = Builder()
+    t = b.conv("x", 3, C)
+    body = helper.make_graph(
+        [helper.make_node("Relu", ["scan_row"], ["scan_y"], name="scan_relu")], "body",
+        [helper.make_tensor_value_info("scan_row", FLOAT, [1, C, 3])],
+        [helper.make_tensor_value_info("scan_y", FLOAT, [1, C, 3])],
+    )  # fmt: skip
+    u = b(op, [t], body=body, num_scan_inputs=1, scan_input_axes=[2], scan_output_axes=[2])
+    return b.model([("x", FLOAT, [1, 3, 3, 3])], [b.conv(u, C, 2)], opset)
