@@ -243,13 +243,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         stamp(result.model, {**summary_record.as_dict(), "latency": latency})
     keep_external = has_lazy(normalized) or None  # weights came in a data file: write them to one too
     save_model(result.model, out, external_data=keep_external)
+    refined = result.get(RefineReport)  # --refine: epochs, steps, distillation loss before / after, seconds
+    # every option's key is present in every mode, null when the option did nothing (one JSON contract)
     summary = {"input": str(src), "output": str(out), **summary_record.as_dict(),
-               "verification": cert.as_dict() if cert is not None else None}
-    if latency is not None:
-        summary["latency"] = latency
-    refined = result.get(RefineReport)
-    if refined is not None:  # --refine: epochs, steps, distillation loss before / after, seconds
-        summary["refine"] = refined.as_dict()
+               "verification": cert.as_dict() if cert is not None else None, "latency": latency,
+               "refine": refined.as_dict() if refined is not None else None}
     _print(summary, args, lambda: _print_summary(summary))
     return 0
 
@@ -461,7 +459,8 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
     cert = _verify(args, normalized, result.model, check)
     save_model(result.model, out)
     summary = {"input": str(src), "output": str(out), **summary_record.as_dict(),
-               "verification": cert.as_dict() if cert is not None else None}
+               "verification": cert.as_dict() if cert is not None else None,
+               "latency": None, "refine": None}  # not measured / refused in this mode: the keys stay
     _print(summary, args, lambda: _print_summary(summary))
     return 0
 

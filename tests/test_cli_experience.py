@@ -22,7 +22,7 @@ from onnxprune.verify import random_inputs
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = ROOT / "models" / "fashion_mnist_cnn.onnx"
 PRUNE_KEYS = {"input", "output", "params_before", "params_after", "macs_before", "macs_after", "groups",
-              "groups_pruned", "barriers", "group_sizes", "verification"}  # fmt: skip
+              "groups_pruned", "barriers", "group_sizes", "verification", "latency", "refine"}  # fmt: skip
 
 
 def _metadata(path) -> dict[str, str]:
