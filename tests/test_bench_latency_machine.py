@@ -26,3 +26,22 @@ def test_stolen_since_gives_the_share_of_the_interval(monkeypatch):
     assert bench_latency.stolen_since((1_400, 130)) == "steal n/a"  # no time passed
     monkeypatch.setattr(bench_latency, "cpu_ticks", lambda: None)
     assert bench_latency.stolen_since((1_000, 100)) == "steal n/a"
+
+
+def _variant(ratio: float, speedup2: float, dense2: float, dense1: float = 11.6) -> bench_latency.Variant:
+    return bench_latency.Variant("efficientnet_b0", ratio, "auto", "x.onnx", 400, 100, 1.0,
+                                 speedup={"ort2": speedup2, "ort1": 3.8}, spread={"ort2": 0.05, "ort1": 0.05},
+                                 dense_ms={"ort2": dense2, "ort1": dense1})
+
+
+def test_two_thread_rows_timed_without_a_second_thread_are_marked():
+    import argparse
+
+    fast, slow = _variant(0.3, 3.7, 6.6), _variant(0.7, 3.2, 10.8)  # the second thread worth 1.76x / 1.07x
+    assert not fast.second_thread_idle() and slow.second_thread_idle()
+    assert not bench_latency.Variant("m", 0.1, "auto", "x", 1, 1, 0.0).second_thread_idle()  # nothing recorded
+    table = bench_latency.efficiency_table([fast, slow], argparse.Namespace(threads=[2, 1]))
+    rows = [line for line in table if line.startswith("EfficientNet-B0")]
+    assert "~" not in rows[0] and "3.20~" in rows[1]  # the mark sits on the 2-thread speedup
+    judged = [line for line in table if "ort 2T auto:" in line]
+    assert judged and "1/2 CNN variants reach 0.9" in judged[0] and "efficientnet_b0@0.7" in judged[0].split("'~'")[1]
