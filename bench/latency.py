@@ -64,6 +64,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_ticks, load, stolen_since
 from models import zoo
 from onnxprune.latency.backend import LatencyBackend, OrtBackend
 from onnxprune.latency.measure import static_inputs
@@ -148,36 +149,6 @@ def model_path(name: str) -> Path:
     """A bundled model (``models/NAME.onnx``) or a zoo one (`models.zoo.zoo_model`)."""
     bundled = ROOT / "models" / f"{name}.onnx"
     return bundled if bundled.exists() else zoo.zoo_model(name)
-
-
-def load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} cpus)"
-
-
-def cpu_ticks() -> tuple[int, int] | None:
-    """(all, stolen) CPU ticks since boot (Linux ``/proc/stat``), None elsewhere.
-
-    Stolen ticks are the time this virtual machine's cpus were ready to run while the host ran another guest:
-    load the load average does not show. On this 2-vCPU guest the 2-thread rows read low exactly when it is
-    there (EfficientNet-B0 dense at 2 threads 10.5 ms instead of 6.6, its 1-thread time being 11.8)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    if not fields or fields[0] != "cpu" or len(fields) < 9:
-        return None
-    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    return sum(ticks), ticks[7]
-
-
-def stolen_since(start: tuple[int, int] | None) -> str:
-    """``"steal N.N%"``: the share of all cpus' time stolen by the host since `start` (`cpu_ticks`)."""
-    now = cpu_ticks()
-    if start is None or now is None or now[0] <= start[0]:
-        return "steal n/a"
-    return f"steal {100 * (now[1] - start[1]) / (now[0] - start[0]):.1f}%"
 
 
 def shape_flags(shapes: dict[str, list[int]]) -> list[str]:

@@ -76,6 +76,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.latency_accuracy_tables import KINDS, model_lines, summary_lines
 from bench.latency_accuracy_timing import runs_per_sample, time_all, timing_study
+from bench.machine import load
 from bench.paired_stats import pack
 from onnxprune.calibration import CalibrationData, collect_stats, load_calib
 from onnxprune.errors import OnnxPruneError
@@ -120,11 +121,6 @@ class Variant:
                 "macs_reduction": self.macs_reduction, "prune_s": round(self.seconds, 1),
                 "cli_latency": self.cli_latency,
                 "correct": pack(self.correct) if self.correct is not None else None, **self.extra}  # fmt: skip
-
-
-def load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} cpus)"
 
 
 # ------------------------------------------------------------------------------------------------ models

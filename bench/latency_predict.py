@@ -39,6 +39,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import load
 from onnxprune.channels import ChannelAnalysis, analyze
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import canonicalize
@@ -48,11 +49,6 @@ from onnxprune.latency.measure import static_inputs
 from onnxprune.latency.predict import predicted_ms, uniform_bound
 from onnxprune.latency.table import build_table
 from onnxprune.latency.timing import Timing
-
-
-def load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} cpus)"
 
 
 def model_path(name: str) -> Path:

@@ -1,0 +1,39 @@
+"""What the machine was doing while a bench timed: the load average and the CPU time the host stole.
+
+Timings on shared machines are provisional; every latency bench prints `load` with its results, and
+bench/latency.py also `stolen_since` around each timing (a virtual machine's hidden load).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def load() -> str:
+    """``"load average 1.00 0.90 0.80 (2 cpus)"``."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} cpus)"
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(all, stolen) CPU ticks since boot (Linux ``/proc/stat``), None elsewhere.
+
+    Stolen ticks are the time this virtual machine's cpus were ready to run while the host ran another guest:
+    load the load average does not show."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(ticks), ticks[7]
+
+
+def stolen_since(start: tuple[int, int] | None) -> str:
+    """``"steal N.N%"``: the share of all cpus' time stolen by the host since `start` (`cpu_ticks`)."""
+    now = cpu_ticks()
+    if start is None or now is None or now[0] <= start[0]:
+        return "steal n/a"
+    return f"steal {100 * (now[1] - start[1]) / (now[0] - start[0]):.1f}%"
