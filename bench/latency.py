@@ -132,7 +132,7 @@ class Variant:
 
     def second_thread_idle(self) -> bool:
         """Whether its 2-thread row was timed while a second thread sped the dense model up less than
-        `SECOND_THREAD` (the machine's phase, not the plan: see `cpu_ticks`)."""
+        `SECOND_THREAD` times: a phase of the machine, not of the plan (measured in that constant's comment)."""
         one, two = self.dense_ms.get("ort1"), self.dense_ms.get("ort2")
         return bool(one and two and one / two < SECOND_THREAD)
 
