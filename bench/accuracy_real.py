@@ -38,6 +38,9 @@ unless the row says otherwise):
   default ``--methods``: the rows that meet the R20 bars; the others after any knapsack or knapsack-steps
   method): the same, then ``--refine-epochs`` epochs of end-to-end distillation from the dense model on the
   row's own inputs (calibration images or synthetic; `onnxprune.refine`, MSE on the logits or KL at T = 4);
+* ``*-relu`` (``calibrated-knapsack-relu``, ``synthetic-knapsack-relu``, ``calibrated-knapsack-steps-relu``; not
+  in the default ``--methods``): the same with ``--relu-refit`` (`onnxprune.repair_relu`: after the seq repair,
+  layers feeding a ReLU refitted on the post-ReLU error), judged like the rows they refit;
 * ``onnxsim``: onnxsim 0.8.1 ``apply_structured_pruning`` (L2) after ``onnxsim.simplify``, its sparsity
   bisected to the same fraction of its own (BN-folded) model's parameters (`bench/onnxsim_baseline.py`);
   needs onnxsim (``/tmp/venv-bench/bin/python bench/accuracy_real.py`` when it lives in a venv).
@@ -147,7 +150,8 @@ ITERATIVE = {f"{m}-{kind}": (m, ITERATIVE_STEPS, kind == "realloc")
 def _iterative_labels(steps: int) -> None:
     for m, (base, _, reallocate) in ITERATIVE.items():
         ITERATIVE[m] = (base, steps, reallocate)
-        LABELS[m] = f"{LABELS[base]}, {steps} steps" + (", re-allocated" if reallocate else "")
+        LABELS[m] = f"{LABELS[base]}, {steps} steps" + (", re-allocated" if reallocate else "") + (
+            ", relu refit" if m.endswith("-relu") else "")
         CONSTRAINED[m] = CONSTRAINED[base]
 
 
@@ -180,6 +184,14 @@ def _refine_labels(epochs: int, synthetic_epochs: int) -> None:
 
 
 _refine_labels(REFINE_EPOCHS, REFINE_SYNTHETIC_EPOCHS)
+# ReLU-aware rows (`onnxprune.repair_relu`, `--relu-refit`): a constrained obs + seq method whose layers feeding a
+# ReLU are then refitted on the post-ReLU error. method -> the constrained method. Judged like the rows they refit.
+RELU_REFIT = {f"{m}-relu": m for m in ("calibrated-knapsack", "synthetic-knapsack", "calibrated-knapsack-steps")}
+for _m, _base in RELU_REFIT.items():
+    LABELS[_m] = f"{LABELS[_base]}, relu refit"
+    CONSTRAINED[_m] = CONSTRAINED[_base]
+    if _base in ITERATIVE:
+        ITERATIVE[_m] = ITERATIVE[_base]
 RESIDUAL = {"cifar_resnet20", "cifar_resnet44"}
 # Calibration samples per model when --calib-samples is not given. Small inputs: every calibration image there
 # is. The seq repair and the knapsack's statistics are cheap at 32x32 and more samples are the lever that
@@ -307,7 +319,8 @@ class Bench:
             crit, rep, data, allocation = CONSTRAINED[base]
             calib, stats = {None: (None, None), "synthetic": (self.syn, self.syn_stats),
                             "calib": (self.calib, self.stats)}[data]
-            cfg = PruneConfig(criterion=crit, repair=rep, target_params=target, round_to=1, allocation=allocation)
+            cfg = PruneConfig(criterion=crit, repair=rep, target_params=target, round_to=1, allocation=allocation,
+                              relu_refit=base in RELU_REFIT)
             _, steps, reallocate = ITERATIVE.get(base, (base, 1, False))
             res = IterativePrunePass(cfg, steps, calib=calib, stats=stats, reallocate=reallocate).run(self.model)
             pruned = res.model
@@ -348,7 +361,7 @@ def bars(name: str, method: str, fraction: float, cell: dict, base: float | None
         return ""
     drop = base - cell["top1"]
     at20 = fraction <= 0.2 + 1e-9
-    if method in REFINE:  # judged like the rows they refine: calibrated or data-free
+    if method in REFINE or method in RELU_REFIT:  # judged like the rows they refine: calibrated or data-free
         lim = (1.0 if at20 else 3.0) if data_of(method) == "calib" else (2.0 if at20 else 6.0)
         return f"{'PASS' if drop <= lim else 'FAIL'} drop {drop:.2f} <= {lim:g}"
     if method == f"calibrated-{RECOMMENDED_ALLOCATION}":

@@ -202,7 +202,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = PruneConfig(
         ratio=ratio, criterion=args.criterion, global_ranking=args.global_ranking,
         round_to=args.round_to, allow_inexact=args.allow_inexact, seed=args.seed, repair=args.repair,
-        allocation=args.allocation, target_params=args.target_params, target_macs=args.target_macs,
+        relu_refit=args.relu_refit, allocation=args.allocation, target_params=args.target_params, target_macs=args.target_macs,
         calib_samples=args.calib_samples, target_latency=args.target_latency, latency_backend=_backend_name(args),
         latency_threads=args.latency_threads, rpc=args.rpc, device_key=args.device_key, latency_cache=args.latency_cache,
     )

@@ -34,6 +34,7 @@ class PruneConfig:
     max_group_ratio: float = 0.9
     seed: int = 0
     repair: str = "none"  # none | bias (data-free, BatchNorm statistics) | ls | seq (calibrated least squares)
+    relu_refit: bool = False  # seq: then refit layers that feed a ReLU on the post-ReLU error (`repair_relu`)
     allocation: str | None = None  # uniform | global | lamp | sensitivity; None: global if global_ranking else uniform
     target_params: str | None = None  # keep N parameters, or P% of them (overrides ratio)
     target_macs: str | None = None  # keep N MACs, or P% of them (overrides ratio)
@@ -61,6 +62,8 @@ class PruneConfig:
             raise UsageError("--rpc needs --device-key (the key the device registered with the tracker)")
         if self.repair not in REPAIRS:
             raise UsageError(f"unknown repair {self.repair!r} (choose from {', '.join(REPAIRS)})")
+        if self.relu_refit and self.repair != "seq":
+            raise UsageError("--relu-refit refines the sequential repair: it needs --repair seq")
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise UsageError(f"unknown allocation {self.allocation!r} (choose from {', '.join(ALLOCATIONS)})")
         if self.target_params is not None and self.target_macs is not None:

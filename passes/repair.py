@@ -3,7 +3,8 @@
 The second pass of constrained pruning (select -> repair -> remove). It reads the pending
 `ChannelSelection` and repairs with the selection's config: ``bias`` (data-free, BatchNorm statistics) and
 ``ls`` (calibrated least squares, on the selection's statistics) via `onnxprune.repair.repair_weights`,
-``seq`` (least squares layer by layer on the pruned model's own activations) via `repair_sequential`.
+``seq`` (least squares layer by layer on the pruned model's own activations) via `repair_sequential`, then
+with ``relu_refit`` the layers that feed a ReLU refitted on the post-ReLU error (`onnxprune.repair_relu`).
 
 Repair changes weights (and may add biases), never which positions exist, so the selection carries over:
 `onnxprune.repair.reanalyze` analyses the repaired model once and maps the removed positions onto it (and
@@ -20,6 +21,7 @@ from onnxprune.errors import UsageError
 from onnxprune.passes.select import ChannelSelection, pending_selection
 from onnxprune.passmanager import Pass, PassResult, analyses
 from onnxprune.repair import reanalyze, repair_sequential, repair_weights
+from onnxprune.repair_relu import refit_relu
 
 
 class RepairChannelsPass(Pass):
@@ -49,6 +51,10 @@ class RepairChannelsPass(Pass):
         else:
             repaired, report = repair_weights(selection.analysis, selection.labels, c.repair, selection.stats)
         analysis, labels = reanalyze(selection.analysis, selection.labels, repaired, c.allow_inexact)
+        if c.repair == "seq" and c.relu_refit:
+            repaired, relu = refit_relu(selection.analysis, selection.labels, analysis, labels, data, seed=c.seed)
+            report.relu_refit = relu.as_dict()
+            analysis, labels = reanalyze(selection.analysis, selection.labels, repaired, c.allow_inexact)
         after = replace(selection, analysis=analysis, labels=labels, repair=report, dense_rows=None)
         analyses().put(repaired, ChannelSelection, after)
         return PassResult(repaired, repaired is not model, artifacts=(report,))

@@ -1,0 +1,153 @@
+"""ReLU-aware refit after the sequential repair (`onnxprune.repair_relu`, `--relu-refit`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import canonical
+from onnx import helper
+
+from models.testmodels import TEST_MODELS
+from onnxprune.calibration import CalibrationData, consumers
+from onnxprune.channels import analyze
+from onnxprune.errors import UsageError
+from onnxprune.graph import ModelGraph
+from onnxprune.passes.pruning import PruneConfig, PrunePass
+from onnxprune.repair import reanalyze, repair_sequential
+from onnxprune.repair_relu import refit_relu, relu_point
+from onnxprune.rewrite import apply_mask, apply_plan
+from onnxprune.shape_inference import infer_shapes
+from onnxprune.verify import max_rel_error, random_inputs, run
+
+
+def _calib(model, n, seed=0) -> CalibrationData:
+    samples = [random_inputs(model, seed=seed + i) for i in range(n)]
+    return CalibrationData({k: np.concatenate([s[k] for s in samples]) for k in samples[0]})
+
+
+def _relu_inputs(model: onnx.ModelProto) -> list[str]:
+    return [n.input[0] for n in model.graph.node if n.op_type == "Relu"]
+
+
+def _post_relu_error(model: onnx.ModelProto, reference: onnx.ModelProto, calib: CalibrationData) -> float:
+    """Sum over samples and ReLUs of ||relu(z) - relu(z_ref)||^2 / ||relu(z_ref)||^2."""
+    names = _relu_inputs(reference)
+
+    def probe(m: onnx.ModelProto) -> onnx.ModelProto:
+        out = onnx.ModelProto()
+        out.CopyFrom(m)
+        out.graph.output.extend(helper.make_empty_tensor_value_info(a) for a in names)
+        return out
+
+    got_model, want_model = probe(model), probe(reference)
+    total = 0.0
+    for i in range(calib.n):
+        n_out = len(reference.graph.output)
+        got, want = run(got_model, calib.sample(i))[n_out:], run(want_model, calib.sample(i))[n_out:]
+        for g, w in zip(got, want):
+            total += float(np.sum((np.maximum(g, 0) - np.maximum(w, 0)) ** 2) / max(np.sum(np.maximum(w, 0) ** 2), 1e-12))
+    return total
+
+
+def test_relu_point_follows_batchnorm_and_one_stream_add_with_the_batchnorm_scale():
+    graph = ModelGraph(canonical(TEST_MODELS["residual"]()))
+    points = {c.name: relu_point(graph, c) for c in consumers(graph)}
+    convs = {n.name: n for n in graph.nodes if n.op_type == "Conv"}
+    assert any(p is not None for p in points.values())
+    for name, p in points.items():
+        if name not in convs:  # the Gemm head writes the logits: no ReLU
+            assert p is None
+            continue
+        assert p is not None, name
+        relu = graph.consumers[p.tensor][0].node
+        assert relu.op_type == "Relu"
+        bn = graph.consumers[convs[name].output[0]][0].node
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        assert np.allclose(p.scale, graph.const(bn.input[1]) / np.sqrt(graph.const(bn.input[4]) + eps), rtol=1e-6)
+    # MobileNetV3-like blocks: layers feeding HardSwish / Clip keep the sequential repair's fit
+    mobile = ModelGraph(canonical(TEST_MODELS["depthwise"]()))
+    found = [relu_point(mobile, c) for c in consumers(mobile)]
+    assert None in found
+    assert all(graph_op(mobile, p.tensor) == "Relu" for p in found if p is not None)
+
+
+def graph_op(graph: ModelGraph, tensor: str) -> str:
+    return graph.consumers[tensor][0].node.op_type
+
+
+@pytest.mark.parametrize("name", ["chain", "residual", "concat"])
+def test_refit_keeps_dead_channel_semantics_and_lowers_the_post_relu_error(name):
+    """pruned == masked after the refit (onnxruntime), and on the calibration samples the post-ReLU error
+    of every ReLU is lower than after the sequential repair alone."""
+    model = canonical(TEST_MODELS[name]())
+    calib = _calib(model, 24)
+    analysis = analyze(ModelGraph(model))
+    labels = PrunePass(PruneConfig(ratio=0.5)).plan(analysis).labels(analysis)
+    repaired, _ = repair_sequential(analysis, labels, calib)
+    work, work_labels = reanalyze(analysis, labels, repaired, False)
+    refitted, report = refit_relu(analysis, labels, work, work_labels, calib)
+    assert report.refitted and all(report.error_after[k] < report.error_before[k] for k in report.error_after)
+    after, after_labels = reanalyze(analysis, labels, refitted, False)
+    inputs = random_inputs(model, seed=99)
+    pruned = infer_shapes(apply_plan(after, after_labels))
+    assert max_rel_error(run(apply_mask(after, after_labels), inputs), run(pruned, inputs)) <= 1e-5
+    seq_error = _post_relu_error(apply_mask(work, work_labels), model, calib)
+    relu_error = _post_relu_error(apply_mask(after, after_labels), model, calib)
+    assert relu_error < seq_error, (relu_error, seq_error)
+
+
+def test_refit_is_a_no_op_with_nothing_removed_or_no_iterations():
+    model = canonical(TEST_MODELS["residual"]())
+    calib = _calib(model, 8)
+    analysis = analyze(ModelGraph(model))
+    none = np.zeros(0, dtype=int)
+    out, report = refit_relu(analysis, none, analysis, none, calib)
+    assert out is analysis.graph.model and not report.refitted
+    labels = PrunePass(PruneConfig(ratio=0.5)).plan(analysis).labels(analysis)
+    repaired, _ = repair_sequential(analysis, labels, calib)
+    work, work_labels = reanalyze(analysis, labels, repaired, False)
+    out, report = refit_relu(analysis, labels, work, work_labels, calib, iterations=0)
+    assert out is work.graph.model and not report.refitted
+
+
+def test_prune_pass_with_relu_refit_reports_it_and_needs_the_sequential_repair():
+    model = canonical(TEST_MODELS["residual"]())
+    calib = _calib(model, 16)
+    result = PrunePass(PruneConfig(ratio=0.4, repair="seq", relu_refit=True), calib=calib)(model)
+    refit = result.info["summary"]["repair"]["relu_refit"]
+    assert refit["refitted"] > 0 and refit["error_after"] < refit["error_before"]
+    plain = PrunePass(PruneConfig(ratio=0.4, repair="seq"), calib=calib)(model)
+    assert "relu_refit" not in plain.info["summary"]["repair"]
+    inputs = random_inputs(model, seed=5)
+    # the same removal: the refit changes values only
+    assert [i.dims for i in result.model.graph.initializer] == [i.dims for i in plain.model.graph.initializer]
+    assert max_rel_error(run(model, inputs), run(result.model, inputs)) < 1.0
+    with pytest.raises(UsageError, match="--repair seq"):
+        PruneConfig(repair="ls", relu_refit=True)
+
+
+def test_relu_inputs_computed_from_the_layer_rows_match_the_model():
+    """z = scale * (x W^T + b) + shift (+ the stream input): what the refit computes from a layer's input rows
+    and its residual Add's other input equals the ReLU input onnxruntime computes, on every drawn row."""
+    from onnxprune.calibration import hessian_rows, output_rows
+
+    model = canonical(TEST_MODELS["residual"]())
+    graph = ModelGraph(model)
+    sample = random_inputs(model, seed=3)
+    points = [(c, p) for c in consumers(graph) if (p := relu_point(graph, c)) is not None]
+    assert any(p.other is not None for _, p in points)
+    names = sorted({c.x for c, _ in points} | {p.tensor for _, p in points}
+                   | {p.other for _, p in points if p.other is not None})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    values = dict(zip(names, run(probe, sample)[len(model.graph.output):]))
+    for c, p in points:
+        picks: list = []
+        rows = hessian_rows(values[c.x], c, c.weight_shape(graph), 10**6, np.random.default_rng(0), picks)
+        w = c.weight_matrix(graph.initializer_value(c.weight))
+        other = None if p.other is None else output_rows(values[p.other], c, picks)
+        z = p.z_rows(rows @ w.T + p.bias, other)
+        want = output_rows(values[p.tensor], c, picks)
+        assert np.allclose(z, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()), c.name
