@@ -151,3 +151,25 @@ def test_relu_inputs_computed_from_the_layer_rows_match_the_model():
         z = p.z_rows(rows @ w.T + p.bias, other)
         want = output_rows(values[p.tensor], c, picks)
         assert np.allclose(z, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()), c.name
+
+
+@pytest.mark.parametrize("name", sorted(TEST_MODELS))
+def test_refit_keeps_dead_channel_semantics_on_every_test_model(name):
+    """Whatever the architecture (grouped convs, Concat / Split, attention, fp16, norms): after the refit the
+    pruned model computes what the masked original with the refitted values computes."""
+    model = canonical(TEST_MODELS[name]())
+    calib = _calib(model, 6)
+    analysis = analyze(ModelGraph(model))
+    labels = PrunePass(PruneConfig(ratio=0.4)).plan(analysis).labels(analysis)
+    if not len(analysis.removed_positions(labels)):
+        pytest.skip("nothing to remove")
+    repaired, _ = repair_sequential(analysis, labels, calib)
+    work, work_labels = reanalyze(analysis, labels, repaired, False)
+    refitted, report = refit_relu(analysis, labels, work, work_labels, calib)
+    after, after_labels = reanalyze(analysis, labels, refitted, False)
+    inputs = random_inputs(model, seed=7)
+    pruned = infer_shapes(apply_plan(after, after_labels))
+    tol = 1e-2 if name == "fp16" else 1e-5
+    assert max_rel_error(run(apply_mask(after, after_labels), inputs), run(pruned, inputs)) <= tol
+    assert set(report.error_after) == set(report.refitted)
+    assert all(report.error_after[k] < report.error_before[k] for k in report.refitted)
