@@ -38,8 +38,8 @@ unless the row says otherwise):
   default ``--methods``: the rows that meet the R20 bars; the others after any knapsack or knapsack-steps
   method): the same, then ``--refine-epochs`` epochs of end-to-end distillation from the dense model on the
   row's own inputs (calibration images or synthetic; `onnxprune.refine`, MSE on the logits or KL at T = 4);
-* ``*-relu`` (``calibrated-knapsack-relu``, ``synthetic-knapsack-relu``, ``calibrated-knapsack-steps-relu``; not
-  in the default ``--methods``): the same with ``--relu-refit`` (`onnxprune.repair_relu`: after the seq repair,
+* ``*-relu`` (``calibrated-knapsack-relu`` and ``synthetic-knapsack-relu`` are in the default ``--methods``,
+  ``calibrated-knapsack-steps-relu`` is not): the same with ``--relu-refit`` (`onnxprune.repair_relu`: after the seq repair,
   layers feeding a ReLU refitted on the post-ReLU error), judged like the rows they refit;
 * ``onnxsim``: onnxsim 0.8.1 ``apply_structured_pruning`` (L2) after ``onnxsim.simplify``, its sparsity
   bisected to the same fraction of its own (BN-folded) model's parameters (`bench/onnxsim_baseline.py`);
@@ -87,8 +87,9 @@ UNCONSTRAINED_BEST: dict[str, Any] = {"criterion": "l2", "repair": "seq", "drive
                                       "stream_repair": True, "allocation": "knapsack"}
 RECOMMENDED_ALLOCATION = "knapsack"  # the rows the issue's calibrated and data-free bars are judged on
 
-METHODS = ("l1", "l2-bias", "synthetic", "synthetic-knapsack", "synthetic-knapsack-refine", "unconstrained-synthetic",
-           "calibrated", "calibrated-knapsack", "calibrated-knapsack-refine", "constrained", "unconstrained", "onnxsim")
+METHODS = ("l1", "l2-bias", "synthetic", "synthetic-knapsack", "synthetic-knapsack-relu", "synthetic-knapsack-refine",
+           "unconstrained-synthetic", "calibrated", "calibrated-knapsack", "calibrated-knapsack-relu",
+           "calibrated-knapsack-refine", "constrained", "unconstrained", "onnxsim")
 LABELS = {
     "original": "original",
     "l1": "l1, no repair",

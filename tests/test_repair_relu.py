@@ -65,11 +65,16 @@ def test_relu_point_follows_batchnorm_and_one_stream_add_with_the_batchnorm_scal
         bn = graph.consumers[convs[name].output[0]][0].node
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         assert np.allclose(p.scale, graph.const(bn.input[1]) / np.sqrt(graph.const(bn.input[4]) + eps), rtol=1e-6)
-    # MobileNetV3-like blocks: layers feeding HardSwish / Clip keep the sequential repair's fit
+    # MobileNet-like blocks: a Clip (ReLU6) clamps at both of its bounds; layers feeding HardSwish have no point
     mobile = ModelGraph(canonical(TEST_MODELS["depthwise"]()))
     found = [relu_point(mobile, c) for c in consumers(mobile)]
     assert None in found
-    assert all(graph_op(mobile, p.tensor) == "Relu" for p in found if p is not None)
+    ops = {graph_op(mobile, p.tensor) for p in found if p is not None}
+    assert "Clip" in ops and ops <= {"Relu", "Clip"}
+    for p in found:
+        if p is not None and graph_op(mobile, p.tensor) == "Clip":
+            clip = mobile.consumers[p.tensor][0].node
+            assert (p.low, p.high) == (float(mobile.const(clip.input[1])), float(mobile.const(clip.input[2])))
 
 
 def graph_op(graph: ModelGraph, tensor: str) -> str:
@@ -127,16 +132,17 @@ def test_prune_pass_with_relu_refit_reports_it_and_needs_the_sequential_repair()
         PruneConfig(repair="ls", relu_refit=True)
 
 
-def test_relu_inputs_computed_from_the_layer_rows_match_the_model():
+@pytest.mark.parametrize("name", ["residual", "depthwise"])
+def test_relu_inputs_computed_from_the_layer_rows_match_the_model(name):
     """z = scale * (x W^T + b) + shift (+ the stream input): what the refit computes from a layer's input rows
     and its residual Add's other input equals the ReLU input onnxruntime computes, on every drawn row."""
     from onnxprune.calibration import hessian_rows, output_rows
 
-    model = canonical(TEST_MODELS["residual"]())
+    model = canonical(TEST_MODELS[name]())
     graph = ModelGraph(model)
     sample = random_inputs(model, seed=3)
     points = [(c, p) for c in consumers(graph) if (p := relu_point(graph, c)) is not None]
-    assert any(p.other is not None for _, p in points)
+    assert points and (name != "residual" or any(p.other is not None for _, p in points))
     names = sorted({c.x for c, _ in points} | {p.tensor for _, p in points}
                    | {p.other for _, p in points if p.other is not None})
     probe = onnx.ModelProto()
