@@ -50,8 +50,10 @@ from onnxprune.rewrite import apply_mask
 
 RELU_ITERATIONS = 10  # majorize-minimize steps per layer (CIFAR ResNet20 40%, off-tree: 10 -> 87.57, 30 -> 87.66)
 RELU_ROWS = 32768  # rows per layer, at most (the fit keeps them in memory) ...
-RELU_ROW_BYTES = 256 << 20  # ... and at most this many bytes of float32 rows per layer
+RELU_ROW_BYTES = 256 << 20  # ... and at most this many bytes of float32 rows per layer during its fit
+RELU_HELD_BYTES = 384 << 20  # the original model's output rows of all layers, drawn before the waves: at most
 RELU_DAMP = 0.01  # ridge on the change, relative to the mean diagonal of the kept Hessian block
+RELU_STEP_FLOPS = 40_000_000_000  # multiply-adds of the majorize-minimize steps per layer, at most (but 2 steps)
 
 
 @dataclass
@@ -72,11 +74,11 @@ class ReluPoint:
         return np.clip(z, self.low, self.high)
 
     def z_rows(self, u: np.ndarray, other: np.ndarray | None) -> np.ndarray:
-        """z at rows whose layer output is `u` (and stream input `other`)."""
-        z = u * self.scale + self.shift
+        """z (float32) at rows whose layer output is `u`, bias included (and stream input `other`)."""
+        z = u * self.scale.astype(np.float32) + self.shift.astype(np.float32)
         if self.other is not None:
             assert other is not None and self.other_scale is not None
-            z += other * self.other_scale
+            z += other * self.other_scale.astype(np.float32)
         return z
 
 
@@ -234,6 +236,10 @@ def refit_relu(
     order = [c for wave in waves.values() for c in wave]
     index = {c.name: j for j, c in enumerate(order)}
     per_sample = {c.name: _per_sample(graph, c, data.n) for c in order}
+    # the original model's rows of every layer are held from the first wave to each layer's own: within a budget
+    held = sum(per_sample[c.name] * data.n * 4 * c.weight_shape(graph)[c.out_axis] for c in order)
+    if held > RELU_HELD_BYTES:
+        per_sample = {name: max(1, int(n * RELU_HELD_BYTES / held)) for name, n in per_sample.items()}
     original = _original_rows(graph, order, points, data, per_sample, seed)
     # the pruned model resumed from wave to wave (`FrontierRunner`): a wave asks only for tensors no later wave
     # changes (layer inputs, final stream inputs) and computes its ReLU inputs from them
@@ -250,7 +256,7 @@ def refit_relu(
                     continue
                 point = points[c.name]
                 w_cur = rc.weight_matrix(cgraph.initializer_value(rc.weight)).astype(np.float32)
-                z_cur = point.z_rows((x @ w_cur.T).astype(np.float64) + point.bias, other)
+                z_cur = point.z_rows(x @ w_cur.T + point.bias.astype(np.float32), other)
                 change = _fit(rgraph, rc, rremoved, base_values, point, x, z_orig, z_cur, iterations, damp, report)
                 if change is None:
                     continue
@@ -272,9 +278,11 @@ def _with_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.
 
 
 def _per_sample(graph: ModelGraph, c: Consumer, samples: int) -> int:
-    """Rows drawn per sample for consumer `c`: `RELU_ROWS` in all, within `RELU_ROW_BYTES` of float32 rows."""
-    features = c.feature_count(c.weight_shape(graph)) + 1
-    total = min(RELU_ROWS, RELU_ROW_BYTES // (4 * features))
+    """Rows drawn per sample for consumer `c`: `RELU_ROWS` in all, within `RELU_ROW_BYTES` of float32 per layer."""
+    shape = c.weight_shape(graph)
+    # per row: the input features, and ~6 output-wide float32 arrays during the fit (z twice, target, ...)
+    width = c.feature_count(shape) + 1 + 6 * shape[c.out_axis]
+    total = min(RELU_ROWS, RELU_ROW_BYTES // (4 * width))
     return max(1, -(-total // max(1, samples)))
 
 
@@ -345,38 +353,60 @@ def _fit(rgraph: ModelGraph, rc: Consumer, removed: dict, base_values: dict, poi
     X = np.ascontiguousarray(x[:, feats], np.float32)
     if slot is not None:
         X = np.concatenate([X, np.ones((len(X), 1), np.float32)], axis=1)
-    s = point.scale[outs]
-    zo = z_orig[:, outs].astype(np.float64)
-    zc = z_cur[:, outs].astype(np.float64)
+    s = point.scale[outs].astype(np.float32)
+    zo = np.ascontiguousarray(z_orig[:, outs])
+    zc = np.ascontiguousarray(z_cur[:, outs], dtype=np.float32)
     target = (zo - zc) / s  # what the layer's output should add
     H = (X.T @ X).astype(np.float64)
     H[np.diag_indices(len(H))] += damp * float(np.mean(np.diag(H))) + 1e-12
-    L = np.linalg.cholesky(H)
-    delta = np.zeros((len(outs), X.shape[1]))
+    factor = _cholesky(H)
+    delta = np.zeros((len(outs), X.shape[1]), np.float32)
     lo, hi = point.low, point.high
     before = float(np.mean((point.act(zc) - point.act(zo)) ** 2))
     clamps = np.isfinite(lo) or np.isfinite(hi)
-    for _ in range(iterations if clamps else 1):
-        pred = (X @ delta.T.astype(np.float32)).astype(np.float64)
+    # each step is two products of the rows with the change: bounded by RELU_STEP_FLOPS per layer, >= 2 steps
+    steps = min(iterations, max(2, RELU_STEP_FLOPS // max(1, 2 * X.shape[0] * X.shape[1] * len(outs))))
+    pred = np.zeros_like(zc)
+    for _ in range(steps if clamps else 1):
         zn = zc + s * pred
         # pairs both models clamp to the same bound cost nothing: their target is the current prediction
         clamped = ((zo <= lo) & (zn <= lo)) | ((zo >= hi) & (zn >= hi))
-        rhs = (X.T @ np.where(clamped, pred, target).astype(np.float32)).astype(np.float64)
-        delta = np.linalg.solve(L.T, np.linalg.solve(L, rhs)).T
-    pred = (X @ delta.T.astype(np.float32)).astype(np.float64)
+        rhs = X.T @ np.where(clamped, pred, target)
+        delta = _cho_solve(factor, rhs.astype(np.float64)).T.astype(np.float32)
+        pred = X @ delta.T
     after = float(np.mean((point.act(zc + s * pred) - point.act(zo)) ** 2))
     if not after < before:  # nothing gained on its own rows: the sequential repair's weights stay
         return None
     report.error_before[rc.name], report.error_after[rc.name] = before, after
     new = wm.copy()
-    new[np.ix_(outs, feats)] += delta[:, : len(feats)]
+    new[np.ix_(outs, feats)] += delta[:, : len(feats)].astype(np.float64)
     written = rc.from_matrix(new, w)
     change = {rc.weight: (written, remask(removed, base_values, rc.weight, written))}
     if slot is not None:
         value = rgraph.initializer_value(slot.tensor)
         full = np.zeros(n_out)
-        full[outs] = delta[:, -1]
+        full[outs] = delta[:, -1].astype(np.float64)
         biased = (np.asarray(value, np.float64) + (slot.sign * full).reshape(value.shape)).astype(value.dtype)
         change[slot.tensor] = (biased, remask(removed, base_values, slot.tensor, biased))
     return change
 
+
+
+def _cholesky(H: np.ndarray) -> np.ndarray:
+    """The lower Cholesky factor of a symmetric positive definite `H` (LAPACK potrf), for `_cho_solve`."""
+    from scipy.linalg import lapack
+
+    factor, info = lapack.dpotrf(H, lower=1, clean=0, overwrite_a=1)
+    if info != 0:  # H + lambda I of a Gram matrix is positive definite; a NaN in the rows gets here
+        raise np.linalg.LinAlgError(f"Hessian not positive definite (LAPACK potrf info {info})")
+    return factor
+
+
+def _cho_solve(factor: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``H^-1 B`` from `_cholesky`'s factor (LAPACK potrs: two triangular solves, not a factorisation)."""
+    from scipy.linalg import lapack
+
+    x, info = lapack.dpotrs(factor, B, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"LAPACK potrs info {info}")
+    return x
