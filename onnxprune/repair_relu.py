@@ -29,7 +29,10 @@ Measured (CIFAR-10, all 10,000 test images, obs + seq + knapsack, bench/accuracy
 ResNet20 (91.73%) calibrated on the 2,000 training images, 20% / 40% of the parameters removed 90.19 / 86.88 ->
 90.33 / 87.47, data-free (`--calib synthetic`) 89.71 / 84.99 -> 89.86 / 85.60; a control that refits the same
 layers on every row (plain least squares again) leaves the 40% row at 86.91. Exact per-channel Hessians
-instead of the shared one (an off-tree experiment): +0.1, at 1.6x the time.
+instead of the shared one (an off-tree experiment): +0.1, at 1.6x the time. ResNet44 +0.03 / +0.42. Not everywhere:
+the bundled Fashion-MNIST ResNet (256 images) loses 0.07-0.14 pt, and ResNet-50 calibrated on noise (no ImageNet
+images here) gets 25% less post-activation error per layer but not closer logits, in 2x the time (206 s on 2 cores,
+bench/repair_speed_results.txt): an option (`PruneConfig.relu_refit`, `--relu-refit`), not the seq default.
 """
 
 from __future__ import annotations
