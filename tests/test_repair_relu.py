@@ -179,3 +179,27 @@ def test_refit_keeps_dead_channel_semantics_on_every_test_model(name):
     assert max_rel_error(run(apply_mask(after, after_labels), inputs), run(pruned, inputs)) <= tol
     assert set(report.error_after) == set(report.refitted)
     assert all(report.error_after[k] < report.error_before[k] for k in report.refitted)
+
+
+def test_cli_relu_refit_reports_it_in_the_json_and_refuses_other_repairs(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from onnxprune.cli import main
+
+    model_path = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_cnn.onnx"
+    model = onnx.load(str(model_path))
+    samples = [random_inputs(model, seed=i) for i in range(8)]
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **{k: np.concatenate([s[k] for s in samples]) for k in samples[0]})
+    out = tmp_path / "out.onnx"
+    args = ["prune", str(model_path), "-o", str(out), "--ratio", "0.3", "--round-to", "1", "--calib", str(calib)]
+    assert main([*args, "--repair", "seq", "--relu-refit", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verification"]["passed"] is True
+    refit = report["repair"]["relu_refit"]
+    assert refit["refitted"] > 0 and refit["error_after"] < refit["error_before"]
+    summary = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["onnxprune.summary"])
+    assert summary["repair"]["relu_refit"] == refit  # the model says what was done
+    assert main([*args, "--repair", "ls", "--relu-refit"]) == 2
+    assert "--relu-refit" in capsys.readouterr().err
