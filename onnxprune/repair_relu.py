@@ -41,14 +41,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxprune.calibration import CalibrationData, Consumer, consumers, hessian_rows, output_rows
 from onnxprune.channels import ChannelAnalysis, DimRef
 from onnxprune.graph import ModelGraph, attrs
 from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.progress import task
-from onnxprune.repair import RepairReport, bias_slot, fit_waves, remask
+from onnxprune.repair import RepairReport, bias_slot, fit_waves, remask, with_values
 from onnxprune.rewrite import apply_mask
 
 RELU_ITERATIONS = 10  # majorize-minimize steps per layer (CIFAR ResNet20 40%, off-tree: 10 -> 87.57, 30 -> 87.66)
@@ -249,7 +248,7 @@ def refit_relu(
     runner = FrontierRunner(data)
     with task("ReLU-aware refit", total=len(order)) as progress:
         for wave in waves.values():
-            rows = _draw(graph, wave, index, points, runner, _with_values(current, cur_values), per_sample, seed)
+            rows = _draw(graph, wave, index, points, runner, with_values(current, cur_values, []), per_sample, seed)
             for c in wave:
                 x, other = rows.pop(c.name)
                 z_orig = np.concatenate(original.pop(c.name))
@@ -268,16 +267,7 @@ def refit_relu(
                     cur_values[name] = masked
                 report.refitted.append(c.name)
             progress.advance(len(wave))
-    return _with_values(out_model, new_values), report
-
-
-def _with_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for t in out.graph.initializer:
-        if t.name in values:
-            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values[t.name]), t.name))
-    return out
+    return with_values(out_model, new_values, []), report
 
 
 def _per_sample(graph: ModelGraph, c: Consumer, samples: int) -> int:
