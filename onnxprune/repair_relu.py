@@ -27,8 +27,8 @@ own inputs:
 
 Measured (CIFAR-10, all 10,000 test images, obs + seq + knapsack, bench/accuracy_real_results.txt, session 31):
 ResNet20 (91.73%) calibrated on the 2,000 training images, 20% / 40% of the parameters removed 90.19 / 86.88 ->
-90.34 / 87.46 (with --steps 3: 90.68 / 88.13), data-free (`--calib synthetic`) 89.71 / 84.99 -> 89.89 / 85.65; a control that refits the same
-layers on every row (plain least squares again) leaves the 40% row at 86.91. Exact per-channel Hessians
+90.34 / 87.46 (with --steps 3: 90.68 / 88.13), data-free (`--calib synthetic`) 89.71 / 84.99 -> 89.89 / 85.65;
+a control that refits the same layers on every row (plain least squares again) leaves the 40% row at 86.91. Exact per-channel Hessians
 instead of the shared one (an off-tree experiment): +0.1, at 1.6x the time. ResNet44 +0.03 / +0.42. Not everywhere:
 the bundled Fashion-MNIST ResNet (256 images) loses 0.07-0.14 pt, and ResNet-50 calibrated on noise (no ImageNet
 images here) gets 25% less post-activation error per layer but not closer logits, in 2x the time (206 s on 2 cores,
