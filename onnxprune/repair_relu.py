@@ -48,6 +48,7 @@ from onnxprune.graph import ModelGraph, attrs
 from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.progress import task
 from onnxprune.repair import RepairReport, bias_slot, fit_waves, remask, with_values
+from onnxprune.repair_stream import per_channel
 from onnxprune.rewrite import apply_mask
 
 RELU_ITERATIONS = 10  # majorize-minimize steps per layer (CIFAR ResNet20 40%, off-tree: 10 -> 87.57, 30 -> 87.66)
@@ -132,10 +133,10 @@ def relu_point(graph: ModelGraph, c: Consumer) -> ReluPoint | None:
             term = node.input[1 - index]
             b = graph.const(term)
             if b is None:  # a residual stream: its other input
-                if other is not None:
-                    return None
+                if other is not None or (graph.shape(term) is not None and graph.shape(term) != graph.shape(tensor)):
+                    return None  # two streams, or a broadcast whose rows would not line up with the layer's
                 other, other_scale = term, np.ones(n_out)
-            elif b.size == 1 or _per_channel(b, c, graph, n_out):
+            elif b.size == 1 or per_channel(b, c, graph, n_out):
                 shift = shift + np.broadcast_to(np.asarray(b, np.float64).reshape(-1), (n_out,))
             else:
                 return None
@@ -160,13 +161,6 @@ def clip_bounds(graph: ModelGraph, node: onnx.NodeProto) -> tuple[float, float] 
             return None
         out.append(float(np.asarray(v).reshape(-1)[0]))
     return out[0], out[1]
-
-
-def _per_channel(b: np.ndarray, c: Consumer, graph: ModelGraph, n_out: int) -> bool:
-    """A constant that broadcasts along `c`'s output channels only (channel axis counted from the end: spatial rank
-    + 1 for a conv, 1 for Gemm / MatMul)."""
-    from_end = len(graph.initializers[c.weight].dims) - 1 if c.kind == "conv" else 1
-    return b.size == n_out and b.ndim >= from_end and b.shape[-from_end] == n_out
 
 
 def own_bias(graph: ModelGraph, c: Consumer, n_out: int) -> np.ndarray | None:

@@ -55,6 +55,13 @@ class StreamWrite:
     scale: np.ndarray | None
 
 
+def per_channel(b: np.ndarray, c: Consumer, graph: ModelGraph, n_out: int) -> bool:
+    """Whether constant `b` holds one value per output channel of consumer `c`, on the output's channel axis (counted
+    from the end: spatial rank + 1 for a conv, 1 for Gemm / MatMul)."""
+    from_end = len(graph.initializers[c.weight].dims) - 1 if c.kind == "conv" else 1
+    return b.size == n_out and b.ndim >= from_end and b.shape[-from_end] == n_out
+
+
 def stream_writes(graph: ModelGraph, cons: list[Consumer]) -> dict[str, StreamWrite]:
     """Consumer name -> its `StreamWrite`, for every consumer whose output reaches a two-input Add through
     single-consumer BatchNormalization / constant-bias Add nodes only (per-channel affine maps)."""
@@ -81,9 +88,7 @@ def stream_writes(graph: ModelGraph, cons: list[Consumer]) -> dict[str, StreamWr
             other = node.input[1 - index]
             bias = graph.const(other)
             if bias is not None:  # a bias Add: per output channel, or it is no per-channel affine map
-                # the output channel axis counted from the end: 1 (Gemm/MatMul), spatial rank + 1 (Conv)
-                from_end = len(graph.initializers[c.weight].dims) - 1 if c.kind == "conv" else 1
-                if bias.size != n_out or bias.ndim < from_end or bias.shape[-from_end] != n_out:
+                if not per_channel(bias, c, graph, n_out):
                     break
                 tensor = node.output[0]
                 continue
