@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from onnxprune import cli_options as opts
 from onnxprune.errors import OnnxPruneError, UsageError
+from onnxprune.report import prune_record
 from onnxprune.version import __version__
 
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         "groups": [g.as_dict() for g in analysis.groups],
         "barriers": [b.as_dict() for b in analysis.barriers],
         "frozen_weights": analysis.frozen_weights(),
+        "graph": None,  # the --graph path when one was written
     }
     if args.graph:
         from onnxprune.depgraph import write_graph
@@ -244,10 +246,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     keep_external = has_lazy(normalized) or None  # weights came in a data file: write them to one too
     save_model(result.model, out, external_data=keep_external)
     refined = result.get(RefineReport)  # --refine: epochs, steps, distillation loss before / after, seconds
-    # every option's key is present in every mode, null when the option did nothing (one JSON contract)
-    summary = {"input": str(src), "output": str(out), **summary_record.as_dict(),
-               "verification": cert.as_dict() if cert is not None else None, "latency": latency,
-               "refine": refined.as_dict() if refined is not None else None}
+    summary = prune_record({"input": str(src), "output": str(out), **summary_record.as_dict(),
+                            "verification": cert.as_dict() if cert is not None else None, "latency": latency,
+                            "refine": refined.as_dict() if refined is not None else None})
     _print(summary, args, lambda: _print_summary(summary))
     return 0
 
@@ -458,9 +459,8 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
 
     cert = _verify(args, normalized, result.model, check)
     save_model(result.model, out)
-    summary = {"input": str(src), "output": str(out), **summary_record.as_dict(),
-               "verification": cert.as_dict() if cert is not None else None,
-               "latency": None, "refine": None}  # not measured / refused in this mode: the keys stay
+    summary = prune_record({"input": str(src), "output": str(out), "tool": f"onnxprune {__version__}",
+                            **summary_record.as_dict(), "verification": cert.as_dict() if cert is not None else None})
     _print(summary, args, lambda: _print_summary(summary))
     return 0
 

@@ -22,6 +22,31 @@ if TYPE_CHECKING:
 SENSITIVITY_METRIC = "relative L2 error of all outputs"
 
 
+# The `prune --json` contract: these keys, in this order, in every mode; null where the mode or the options
+# leave one empty (README, "Command line"). `prune_record` fills the gaps and refuses a key not listed here.
+PRUNE_KEYS = (
+    "input", "output", "tool", "mode", "config", "params_before", "params_after", "effective_params_after",
+    "macs_before", "macs_after", "groups", "groups_pruned", "channels_removed", "group_sizes", "plan", "barriers",
+    "repair", "sensitivity", "sparsity", "latency", "refine", "verification", "units", "boundaries", "layout",
+    "copies", "tuned", "notices", "seconds",
+)
+
+
+def prune_record(record: dict) -> dict:
+    """`record` (a mode's summary plus the CLI's input, output, verification, latency, refine) as the one prune
+    JSON record: every key of `PRUNE_KEYS` in its order, the missing ones null (``notices``: an empty list).
+    Constrained mode's ``effective_params_after`` is ``params_after`` less the weights ``--sparsity`` zeroed."""
+    unknown = set(record) - set(PRUNE_KEYS)
+    if unknown:
+        raise AssertionError(f"prune JSON keys outside the contract: {sorted(unknown)}")
+    out = {key: record.get(key) for key in PRUNE_KEYS}
+    out["mode"] = out["mode"] or "constrained"
+    out["notices"] = out["notices"] or []
+    if out["effective_params_after"] is None and isinstance(out["params_after"], int):
+        out["effective_params_after"] = out["params_after"] - int((out["sparsity"] or {}).get("zeroed", 0))
+    return out
+
+
 def _console() -> Console:
     """A rich console on stdout whose closed pipe raises BrokenPipeError (the CLI then exits quietly with 0;
     rich's own handling would exit with status 1)."""
@@ -104,7 +129,7 @@ def settings_rows(s: dict) -> list[tuple[str, str]]:
         rows.append(("rounding", rounding_text(config)))
     rows.append(("repair", _repair_text(str(config.get("repair", "none")), s.get("repair"))))
     pruned = f"{s.get('groups_pruned', 0)} of {s.get('groups', '-')}"
-    if "channels_removed" in s:
+    if s.get("channels_removed") is not None:
         pruned += f", {s['channels_removed']} channels removed"
     rows.append(("groups pruned", pruned))
     if unconstrained:
@@ -119,7 +144,7 @@ def settings_rows(s: dict) -> list[tuple[str, str]]:
         missing = next((n for n in s.get("notices") or [] if n.startswith("latency not measured")), None)
         if missing:
             rows.append(("latency", missing.removeprefix("latency ")))
-    if "seconds" in s:
+    if s.get("seconds") is not None:
         rows.append(("time", f"{s['seconds']:.2f} s"))
     return rows
 

@@ -117,3 +117,47 @@ def test_every_subcommand_is_documented():
     text = _readme()
     missing = [s for s in _subcommand_flags() if not re.search(rf"onnxprune {s}\b", text)]
     assert not missing, f"README shows no `onnxprune {missing[0]}` command line (undocumented: {missing})"
+
+
+FASHION_RESNET = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_resnet.onnx"
+
+
+def _json_bullet() -> str:
+    """The README bullet that lists the `--json` keys."""
+    body = next(b for h, b in _sections(_readme()) if h == CLI_SECTION)
+    start = body.index("- `--json` prints one JSON object.")
+    return body[start:body.index("\n- ", start + 1)]
+
+
+def _json(capsys, argv: list[str]) -> dict:
+    import json
+
+    from onnxprune.cli import main
+
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("mode", [[], ["--mode", "unconstrained"], ["--sparsity", "0.5", "--ratio", "0.2"]],
+                         ids=["constrained", "unconstrained", "sparsity"])
+def test_prune_json_is_one_contract_the_readme_lists(mode, capsys, tmp_path):
+    """Every mode prints the same keys in the same order (null where empty), and the README names each."""
+    from onnxprune.report import PRUNE_KEYS
+
+    record = _json(capsys, ["prune", str(FASHION_RESNET), "-o", str(tmp_path / "p.onnx"), "--json", *mode])
+    assert tuple(record) == PRUNE_KEYS
+    assert record["mode"] == ("unconstrained" if "unconstrained" in mode else "constrained")
+    assert record["tool"].startswith("onnxprune ") and isinstance(record["notices"], list)
+    assert 0 < record["effective_params_after"] <= record["params_after"] < record["params_before"]
+    if "--sparsity" in mode:  # the zeroed weights are not counted
+        assert record["effective_params_after"] == record["params_after"] - record["sparsity"]["zeroed"]
+    bullet = _json_bullet()
+    missing = [k for k in record if f"`{k}`" not in bullet]
+    assert not missing, f"README's --json bullet does not name prune's keys {missing}"
+
+
+def test_analyze_json_keys_are_the_readmes(capsys):
+    record = _json(capsys, ["analyze", str(FASHION_RESNET), "--json"])
+    assert record["graph"] is None  # present without --graph
+    missing = [k for k in record if f"`{k}`" not in _json_bullet()]
+    assert not missing, f"README's --json bullet does not name analyze's keys {missing}"
