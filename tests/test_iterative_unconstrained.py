@@ -109,4 +109,3 @@ def test_steps_land_the_target_with_an_exact_export(fashion, three_steps):
                  for k in [tuple(sorted({(m.tensor, m.axis) for m in pc.weights}))]}
     assert keeps.keys() == keeps_one.keys()
     assert any(not np.array_equal(keeps[k], keeps_one[k]) for k in keeps)
-
