@@ -8,7 +8,11 @@ measured for `onnxsim.pruning.apply_structured_pruning(m, sparsity=0.5)` (bench-
 `pip install onnxsim==0.8.1`). Finally what stays whole is printed per model, grouped by reason: barrier ops
 (an op without a rule, or one a rule refused) and frozen weight axes.
 
-    python bench/coverage.py [--only NAME ...] [--json OUT.json]
+    python bench/coverage.py [--only NAME ...] [--json OUT.json] [--out OUT.txt]
+    python bench/coverage.py --from-json bench/coverage_results.json --out bench/coverage_results.txt
+
+`--out` writes the tables at full width (a redirected console is 80 columns and cuts the model names);
+`--from-json` prints the tables of saved rows without measuring again.
 """
 
 from __future__ import annotations
@@ -156,22 +160,40 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="zoo names (default: all)")
     parser.add_argument("--json", help="also write the rows as JSON")
+    parser.add_argument("--out", help="also write the tables as text, at full width")
+    parser.add_argument("--from-json", help="print the tables of rows saved with --json (measures nothing)")
     args = parser.parse_args()
-    names = args.only or list(zoo.ZOO)
     console = Console()
-    rows = []
-    from rich.progress import track
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())
+    else:
+        import onnxruntime as ort
 
-    for name in track(names, description="pruning the zoo", console=console, transient=True):
-        try:
-            rows.append(measure(name))
-        except zoo.ZooError as exc:
-            console.print(f"[yellow]skip {name}: {exc}")
+        ort.set_default_logger_severity(4)  # a pruned model that fails to run is a table cell, not a log line
+        rows = []
+        from rich.progress import track
 
+        for name in track(args.only or list(zoo.ZOO), description="pruning the zoo", console=console,
+                          transient=True):
+            try:
+                rows.append(measure(name))
+            except zoo.ZooError as exc:
+                console.print(f"[yellow]skip {name}: {exc}")
+    render(rows, console)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            render(rows, Console(file=f, width=200, no_color=True))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    return 0
+
+
+def render(rows: list[dict], console: Console) -> None:
+    """The coverage table, the summary line and the what-stays-whole table of `rows`."""
     table = Table(title=f"coverage at {RATIO:.0%}: reach = (weights removed / weights) / {RATIO}")
     for col in ("model", "family", "params", "ours reach", "ours runs", "ours s", "onnxsim reach",
                 "onnxsim runs", "onnxsim s", "ours >= onnxsim"):  # fmt: skip
-        table.add_column(col, justify="left" if col in ("model", "family") else "right")
+        table.add_column(col, justify="left" if col in ("model", "family") else "right", no_wrap=True)
     for r in rows:
         theirs = r.get("onnxsim_reach")
         table.add_row(
@@ -186,7 +208,7 @@ def main() -> int:
     targets = {"cnn": 0.9, "ocr": 0.9, "transformer": 0.8}
     ok_runs = sum(r["ours_runs"] for r in rows)
     ok_reach = sum(r["ours_reach"] >= targets.get(r["family"], 0.9) for r in rows)
-    beats = sum(r["onnxsim_reach"] is None or r["ours_reach"] >= r["onnxsim_reach"] - 1e-9 for r in rows)
+    beats = sum(r.get("onnxsim_reach") is None or r["ours_reach"] >= r["onnxsim_reach"] - 1e-9 for r in rows)
     console.print(
         f"runs: {ok_runs}/{len(rows)}  reach target met (cnn/ocr >= 0.9, transformer >= 0.8): "
         f"{ok_reach}/{len(rows)}  reach >= onnxsim: {beats}/{len(rows)}"
@@ -211,9 +233,6 @@ def main() -> int:
         console.print(table)
     else:
         console.print("barriers and frozen weights across the zoo: none")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
-    return 0
 
 
 if __name__ == "__main__":
