@@ -99,7 +99,8 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--criterion", default="l1",
                    help="importance: l1, l2, bn, random, fpgm, lamp, activation, apoz, obs; "
                         "--mode unconstrained: energy, bn, l1, l2")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random criterion")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="random seed (>= 0): the random criterion, synthetic inputs, row sampling, --refine")
     p.add_argument("--allow-inexact", action="store_true", help="also prune LayerNorm/softmax-coupled groups")
     p.add_argument("--mode", choices=("constrained", "unconstrained"), default="constrained",
                    help="unconstrained: each coupled layer keeps its own channels (UPSCALE export)")

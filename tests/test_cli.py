@@ -125,7 +125,7 @@ def test_checker_failure(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--ratio", "1.0"], ["--ratio", "-0.1"], ["--ratio", "abc"], ["--round-to", "0"],
-                                  ["--criterion", "nope"], ["--bogus"]])  # fmt: skip
+                                  ["--criterion", "nope"], ["--bogus"], ["--seed", "-1", "--criterion", "random"]])  # fmt: skip
 def test_usage_errors_exit_2(residual, args):
     code, _, err = _cli("prune", residual, *args)
     assert code == 2
