@@ -58,6 +58,10 @@ class PruneConfig:
                 raise UsageError("give at most one of --target-latency, --target-params and --target-macs")
         if self.latency_threads < 1:
             raise UsageError(f"latency threads must be >= 1, got {self.latency_threads}")
+        if self.seed < 0:  # numpy's generators take none
+            raise UsageError(f"seed must be >= 0, got {self.seed}")
+        if self.calib_samples is not None and self.calib_samples < 1:
+            raise UsageError(f"calib-samples must be >= 1, got {self.calib_samples}")
         if self.rpc is not None and not self.device_key:
             raise UsageError("--rpc needs --device-key (the key the device registered with the tracker)")
         if self.repair not in REPAIRS:

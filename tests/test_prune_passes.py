@@ -181,3 +181,10 @@ def test_normalize_then_prune_from_an_exported_model():
     selection = result.get(ChannelSelection)
     inputs = random_inputs(raw, seed=4)
     assert max_rel_error(run(apply_mask(selection.source, selection.labels), inputs), run(result.model, inputs)) <= 1e-5
+
+
+@pytest.mark.parametrize("bad", [{"seed": -1}, {"calib_samples": 0}, {"ratio": 1.0}, {"relu_refit": True}])
+def test_prune_config_refuses_bad_values_with_a_usage_error(bad):
+    """The library's config says what is wrong in one line (a negative seed was numpy's ValueError, deep inside)."""
+    with pytest.raises(UsageError):
+        PruneConfig(**bad)
