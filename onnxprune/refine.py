@@ -119,8 +119,8 @@ class RefineConfig:
         if self.loss not in LOSSES:
             raise UsageError(f"refine loss must be one of {', '.join(LOSSES)} (got {self.loss!r})")
         if (self.epochs < 0 or self.batch < 1 or not self.lr > 0 or not self.temperature > 0
-                or not 0 <= self.warmup < 1):
-            raise UsageError("refine: epochs >= 0, batch >= 1, lr > 0, temperature > 0 and 0 <= warmup < 1")
+                or not 0 <= self.warmup < 1 or self.seed < 0):
+            raise UsageError("refine: epochs >= 0, batch >= 1, lr > 0, temperature > 0, 0 <= warmup < 1 and seed >= 0")
 
 
 @dataclass

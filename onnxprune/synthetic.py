@@ -113,7 +113,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
-from onnxprune.errors import DataError, UnsupportedModelError
+from onnxprune.errors import DataError, UnsupportedModelError, UsageError
 from onnxprune.progress import task
 from onnxprune.synthetic_objective import TARGETS, Objective, build_objective, model_input
 from onnxprune.synthetic_plan import AUTO_SAMPLES, DEFAULT_SAMPLES, plan
@@ -161,6 +161,13 @@ class SynthesisConfig:
     blank_rate: float = 0.5
     target_classes: tuple[int, ...] = ()
     start_mean: float = 0.0
+
+    def __post_init__(self) -> None:
+        if (self.steps < 1 or self.batch < 1 or not self.lr > 0 or not self.budget > 0 or self.min_steps < 1
+                or self.min_samples < 1 or self.views < 1 or not 0 < self.resolution <= 1 or self.jitter < 0
+                or not 0 <= self.blank_rate <= 1 or (self.threads is not None and self.threads < 1)):
+            raise UsageError("synthesis: steps, batch, min_steps, min_samples, views >= 1, lr and budget > 0, "
+                             "0 < resolution <= 1, jitter >= 0, 0 <= blank_rate <= 1, threads None or >= 1")
 
 
 def parse_spec(spec: str) -> int | None:

@@ -281,3 +281,13 @@ def test_refine_hands_back_the_pruned_model_when_the_loss_does_not_drop():
     assert not report.kept and report.loss_after > report.loss_before and out is student
     good, report = refine(student, teacher, x, RefineConfig(epochs=20, batch=3, lr=1e-2, augment=False))
     assert report.kept and report.loss_after < 0.5 * report.loss_before and good is not student
+
+
+@pytest.mark.parametrize("bad", [{"seed": -1}, {"epochs": -1}, {"lr": 0.0}, {"warmup": 1.0}, {"loss": "l7"}])
+def test_refine_config_refuses_bad_values(bad):
+    from onnxprune.errors import UsageError
+    from onnxprune.refine import RefineConfig
+
+    with pytest.raises(UsageError):
+        RefineConfig(**bad)
+

@@ -182,3 +182,13 @@ def test_data_free_prune_beats_the_data_free_baseline():
     assert sum(t.ByteSize() for t in data_free.graph.initializer) < 0.8 * params
     acc_syn, acc_base, acc_full = accuracy(data_free), accuracy(baseline), accuracy(model)
     assert acc_syn > acc_base + 0.01 and acc_syn <= acc_full + 0.005, (acc_syn, acc_base, acc_full)
+
+
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"batch": 0}, {"lr": 0.0}, {"budget": -1.0}, {"views": 0},
+                                 {"resolution": 1.5}, {"threads": 0}])
+def test_synthesis_config_refuses_bad_values(bad):
+    from onnxprune.errors import UsageError
+
+    with pytest.raises(UsageError):
+        SynthesisConfig(**bad)
+
