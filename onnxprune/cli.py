@@ -210,7 +210,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     config = with_latency_allocation(config, has_calib=bool(args.calib))  # --target-latency + --calib: knapsack
     _latency_backends(config)
-    for notice in check_data(config, has_calib=bool(args.calib)):  # bad criterion / missing --calib: before loading
+    shown = tuple(check_data(config, has_calib=bool(args.calib)))  # bad criterion / missing --calib: before loading
+    for notice in shown:
         print(f"onnxprune: note: {notice}", file=sys.stderr)
     model = _load(args)
     calib = _calib(args, model)
@@ -249,7 +250,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     summary = prune_record({"input": str(src), "output": str(out), **summary_record.as_dict(),
                             "verification": cert.as_dict() if cert is not None else None, "latency": latency,
                             "refine": refined.as_dict() if refined is not None else None})
-    _print(summary, args, lambda: _print_summary(summary))
+    _print(summary, args, lambda: _print_summary(summary, shown))
     return 0
 
 
@@ -353,10 +354,10 @@ class _WithNotice:
         return {**d, "notices": [*d.get("notices", []), self.notice]}
 
 
-def _print_summary(summary: dict) -> None:
+def _print_summary(summary: dict, shown: tuple[str, ...] = ()) -> None:
     from onnxprune.report import print_prune_summary
 
-    print_prune_summary(summary)
+    print_prune_summary(summary, shown)
 
 
 def _verify(

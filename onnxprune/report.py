@@ -70,8 +70,9 @@ def _pct(after: int, before: int) -> str:
     return f"{100 * (1 - after / before):.1f}%" if before else "-"
 
 
-def print_prune_summary(s: dict) -> None:
-    """The summary of `onnxprune prune`, constrained or unconstrained (the CLI's JSON record)."""
+def print_prune_summary(s: dict, shown: tuple[str, ...] = ()) -> None:
+    """The summary of `onnxprune prune`, constrained or unconstrained (the CLI's JSON record), then its notices
+    as ``note:`` lines, but those in `shown` (printed before the work) and the latency one (a table row)."""
     from rich.table import Table
 
     console = _console()
@@ -95,6 +96,9 @@ def print_prune_summary(s: dict) -> None:
         settings.add_row(name, value)
     console.print(settings)
     _print_barriers(console, s.get("barriers") or [])
+    for notice in s.get("notices") or []:
+        if notice not in shown and not notice.startswith("latency not measured"):
+            console.print(f"note: {notice}", markup=False, highlight=False)
 
 
 def settings_rows(s: dict) -> list[tuple[str, str]]:

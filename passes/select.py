@@ -216,6 +216,20 @@ def choose_plan(
     return alloc.plan_for_ratio(units, analysis, c.ratio)
 
 
+def target_notices(config: PruneConfig, analysis: ChannelAnalysis) -> tuple[str, ...]:
+    """A notice for a count target the model already meets (``--target-params 1e9``): nothing is removed, and
+    the user should hear why rather than read an unchanged model."""
+    out = []
+    for metric, text in (("params", config.target_params), ("macs", config.target_macs)):
+        if text is None or str(text).strip().endswith("%"):
+            continue
+        total = count_params(analysis.graph) if metric == "params" else count_macs(analysis.graph)
+        target = alloc.parse_target(text, total, metric)
+        if target is not None and target >= total:
+            out.append(f"target {metric} {text} is not below the model's {total}: nothing to remove")
+    return tuple(out)
+
+
 def _lamp_budget(config: PruneConfig, analysis: ChannelAnalysis) -> dict[int, np.ndarray] | None:
     # LAMP is layer-adaptive *magnitude* pruning: the per-layer budgets come from LAMP scores of the
     # channel L1 norms, whatever the criterion; the criterion picks which channels go. So every criterion
@@ -401,6 +415,7 @@ class SelectChannelsPass(Pass):
         if self.config.allocation_name in ("sensitivity", "knapsack"):
             measured = measure_sensitivity(self.config, analysis, stats, self.calib)
         plan, table, latency, more = self.choose(analysis, stats, measured)
+        more += target_notices(self.config, analysis)
         # Only the ls repair reads the statistics after selection: the seq repair computes its own per wave, and
         # ResNet-50's Hessians (~475 MB) would otherwise stay alive in the selection artifact through it.
         kept_stats = stats if self.config.repair == "ls" else None

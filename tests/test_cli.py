@@ -216,3 +216,19 @@ def test_prune_stamps_even_when_nothing_is_removed(residual, tmp_path):
     assert main(["prune", str(residual), "--ratio", "0", "-o", str(out_path), "--json"]) == 0
     record = json.loads({p.key: p.value for p in onnx.load(str(out_path)).metadata_props}["onnxprune.summary"])
     assert record["channels_removed"] == 0 and record["params_after"] == record["params_before"]
+
+
+def test_a_count_target_the_model_already_meets_is_said_in_text_and_json(residual, tmp_path):
+    """Nothing to remove is a notice, not a silent copy; the text output prints the selection's notices."""
+    out = tmp_path / "p.onnx"
+    code, text, _ = _cli("prune", residual, "-o", out, "--target-params", "1000000000", "--round-to", "1")
+    assert code == 0 and "note: target params 1000000000 is not below the model's" in text
+    code, js, _ = _cli("prune", residual, "-o", out, "--target-params", "1000000000", "--round-to", "1", "--json")
+    record = json.loads(js)
+    assert record["params_after"] == record["params_before"]
+    assert any(n.startswith("target params 1000000000 is not below") for n in record["notices"])
+
+
+def test_a_data_free_fallback_note_is_printed_once(residual, tmp_path):
+    code, text, err = _cli("prune", residual, "-o", tmp_path / "p.onnx", "--criterion", "obs", "--round-to", "1")
+    assert code == 0 and "BatchNorm Hessian surrogate" in err and "surrogate" not in text
