@@ -143,6 +143,9 @@ def _fit_input(arr: np.ndarray, name: str, dims: tuple[Dim, ...] | None, elem_ty
             raise DataError(f"{where}: input {name!r} holds {arr.dtype} values but the model expects {target} numbers")
         if target.kind in "biu" and arr.dtype.kind == "f" and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
             raise DataError(f"{where}: input {name!r} holds fractional {arr.dtype} values but the model expects {target}")
+        # NaN makes every statistic and repair NaN; infinities stay allowed (an additive attention mask's -inf)
+        if arr.dtype.kind == "f" and np.isnan(arr).any():
+            raise DataError(f"{where}: input {name!r} holds {int(np.isnan(arr).sum())} NaN values of {np.size(arr)}")
     return arr.astype(target, copy=False)
 
 

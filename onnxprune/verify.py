@@ -99,14 +99,23 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0, dims: dict[str, int] | 
 
 
 def max_rel_error(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Largest |a - b| over all outputs, relative to the largest finite |a| of its output (at least 1e-6). Equal
+    values (infinities of one sign, NaN on both sides) agree; a NaN or infinity on one side only is an infinite
+    error (Python's ``max`` would have dropped a NaN and read 0)."""
     worst = 0.0
     for x, y in zip(a, b):
         if x.shape != y.shape:
             return float("inf")
-        x = x.astype(np.float64)
-        y = y.astype(np.float64)
-        scale = max(np.abs(x).max(initial=0.0), 1e-6)
-        worst = max(worst, float(np.abs(x - y).max(initial=0.0) / scale))
+        x = np.asarray(x, np.float64)
+        y = np.asarray(y, np.float64)
+        differ = ~((x == y) | (np.isnan(x) & np.isnan(y)))
+        if not differ.any():
+            continue
+        gaps = np.abs(x[differ] - y[differ])
+        if not np.all(np.isfinite(gaps)):
+            return float("inf")
+        finite = np.abs(x[np.isfinite(x)])
+        worst = max(worst, float(gaps.max() / max(finite.max(initial=0.0), 1e-6)))
     return worst
 
 
@@ -140,3 +149,20 @@ def dead_channel_check(
     expected = run(masked, inputs)
     got = run(pruned, inputs)
     return CheckResult(group.id, n_remove, max_rel_error(expected, got), int(group.params_per_channel[channels].sum()))
+
+
+def nonfinite_weights(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+    """Float initializers of `after` holding NaN or infinities that `before` (same name) did not hold: what a
+    repair fed degenerate statistics writes (the certificate compares two models that both hold them)."""
+    from onnx import numpy_helper
+
+    old = {init.name: init for init in before.graph.initializer}
+    bad = []
+    for init in after.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype.kind != "f" or np.all(np.isfinite(arr)):
+            continue
+        prev = old.get(init.name)
+        if prev is None or np.all(np.isfinite(numpy_helper.to_array(prev))):
+            bad.append(init.name)
+    return bad

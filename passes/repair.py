@@ -17,11 +17,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 from onnxprune.calibration import CalibrationData, check_calib
-from onnxprune.errors import UsageError
+from onnxprune.errors import OnnxPruneError, UsageError
 from onnxprune.passes.select import ChannelSelection, pending_selection
 from onnxprune.passmanager import Pass, PassResult, analyses
 from onnxprune.repair import reanalyze, repair_sequential, repair_weights
 from onnxprune.repair_relu import refit_relu
+from onnxprune.verify import nonfinite_weights
 
 
 class RepairChannelsPass(Pass):
@@ -55,6 +56,10 @@ class RepairChannelsPass(Pass):
             repaired, relu = refit_relu(selection.analysis, selection.labels, analysis, labels, data, seed=c.seed)
             report.relu_refit = relu.as_dict()
             analysis, labels = reanalyze(selection.analysis, selection.labels, repaired, c.allow_inexact)
+        broken = nonfinite_weights(model, repaired)
+        if broken:
+            raise OnnxPruneError(f"the {c.repair} repair wrote NaN or infinite values into {len(broken)} weight(s) "
+                                 f"({', '.join(broken[:3])}): degenerate calibration data or statistics")
         after = replace(selection, analysis=analysis, labels=labels, repair=report, dense_rows=None)
         analyses().put(repaired, ChannelSelection, after)
         return PassResult(repaired, repaired is not model, artifacts=(report,))

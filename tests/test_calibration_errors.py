@@ -51,6 +51,10 @@ def _write(kind: str, path: Path, name: str) -> None:
         np.savez(path, **{name: np.array([None] * 4, dtype=object)})
     elif kind == "empty":
         np.savez(path, **{name: _images(0)})
+    elif kind == "nan":
+        x = _images()
+        x[1, 0, 3, 4], x[2, 0, 5, 6] = np.nan, np.nan
+        np.savez(path, **{name: x})
     elif kind == "npy":
         np.save(path, _images())
     elif kind == "text":
@@ -77,6 +81,7 @@ CASES = {  # kind -> file name, words the message must contain
     "rank": ("calib.npz", ["has shape (10, 28, 28)", "expects (N, 1, 28, 28)"]),
     "dtype": ("calib.npz", ["<U1", "float32"]),
     "empty": ("calib.npz", ["no samples"]),
+    "nan": ("calib.npz", ["2 NaN values of 3136"]),  # the repair wrote 89,530 NaN weights, "verified"
 }
 
 
@@ -92,7 +97,7 @@ def test_bad_calibration_file_is_one_line_exit_1(kind, tmp_path, capsys, input_n
     assert code == 1, err
     assert len(lines) == 1, err
     assert lines[0].startswith(f"onnxprune: error: {calib}: "), err
-    if kind in ("keys", "shape", "rank", "dtype", "empty"):
+    if kind in ("keys", "shape", "rank", "dtype", "empty", "nan"):
         assert repr(input_name) in lines[0]
     for word in words:
         assert word in lines[0], (word, err)

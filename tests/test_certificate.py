@@ -205,3 +205,31 @@ def test_is_cheap():
     assert certificate._symbolic_dims(dynamic) >= 1
     assert certificate._symbolic_dims(static) == 0
     assert estimate_seconds(small, samples=8) > estimate_seconds(small, samples=1)
+
+
+def test_max_rel_error_does_not_read_a_nan_as_agreement():
+    """Python's max drops a NaN: a NaN output once read as error 0.0 and the check passed."""
+    from onnxprune.verify import max_rel_error
+
+    nan, inf = np.nan, np.inf
+    assert max_rel_error([np.array([1.0, 2.0])], [np.array([1.0, nan])]) == inf
+    assert max_rel_error([np.array([1.0, inf])], [np.array([1.0, -inf])]) == inf
+    assert max_rel_error([np.array([1.0, nan, inf])], [np.array([1.0, nan, inf])]) == 0.0  # the same values
+    assert max_rel_error([np.array([2.0, 4.0, inf])], [np.array([2.0, 3.0, inf])]) == 0.25  # by the finite max
+
+
+def test_nonfinite_weights_names_what_a_step_broke():
+    from onnx import helper, numpy_helper
+
+    from onnxprune.verify import nonfinite_weights
+
+    def model(w, b):
+        inits = [numpy_helper.from_array(np.asarray(w, np.float32), "w"), numpy_helper.from_array(np.asarray(b, np.float32), "b")]
+        node = helper.make_node("Add", ["w", "b"], ["y"])
+        graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])], inits)
+        return helper.make_model(graph)
+
+    assert nonfinite_weights(model([1, 2], [3, 4]), model([1, np.nan], [3, 4])) == ["w"]
+    assert nonfinite_weights(model([1, np.inf], [3, 4]), model([1, np.inf], [3, 4])) == []  # it was so before
+    assert nonfinite_weights(model([1, 2], [3, 4]), model([5, 6], [7, 8])) == []
+
