@@ -513,9 +513,12 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from onnxprune.html_report import write_report
+    from onnxprune.html_report import original_mismatch, write_report
 
     path = write_report(args.model, args.output, args.original)
+    mismatch = original_mismatch(args.model, args.original) if args.original else None
+    if mismatch:
+        print(f"onnxprune: note: {mismatch}", file=sys.stderr)
     _print({"report": str(path)}, args, lambda: print(f"report: {path}"))
     return 0
 

@@ -137,6 +137,20 @@ def write_report(
     return out
 
 
+def original_mismatch(model_path: str | os.PathLike, original_path: str | os.PathLike) -> str | None:
+    """Why `original_path` is likely not the model `model_path` was pruned from (its SHA-256 is not the one
+    the equivalence certificate recorded), or None (it is, or the model carries no certificate)."""
+    from onnxprune.certificate import read, sha256_of
+    from onnxprune.importer import load_model
+
+    cert = read(load_model(model_path, check=False)) or {}
+    recorded = cert.get("input_sha256")
+    if not recorded or sha256_of(original_path) == recorded:
+        return None
+    return (f"--original {original_path} is not the file {Path(model_path).name} was pruned from (its SHA-256 "
+            "differs from the certificate's): the before / after columns compare other models")
+
+
 def read_summary(model: onnx.ModelProto, where: str = "model") -> dict:
     """The ``onnxprune.summary`` record of a model.
 

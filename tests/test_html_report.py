@@ -277,3 +277,18 @@ def test_in_a_headless_browser(pruned, tmp_path):
     assert sizes["parameters"][:2] == [f"{summary['params_before']:,}", f"{summary['params_after']:,}"]
     assert len(_body(dom.tables["layers"])) == len(layer_rows(result.model))
     assert "svg" in dom.tags
+
+
+def test_report_notes_an_original_that_is_not_the_pruned_models(tmp_path, capsys):
+    """--original is checked against the SHA-256 the certificate recorded: another model's before / after
+    columns would compare unrelated layers without a word."""
+    from onnxprune.cli import main
+
+    out = tmp_path / "cnn.pruned.onnx"
+    assert main(["prune", str(CNN), "-o", str(out), "--verify", "--json"]) == 0
+    capsys.readouterr()
+    other = ROOT / "models" / "fashion_mnist_resnet.onnx"
+    assert main(["report", str(out), "--original", str(other), "-o", str(tmp_path / "a.html")]) == 0
+    assert "is not the file cnn.pruned.onnx was pruned from" in capsys.readouterr().err
+    assert main(["report", str(out), "--original", str(CNN), "-o", str(tmp_path / "b.html")]) == 0
+    assert capsys.readouterr().err == ""
