@@ -62,6 +62,17 @@ def parse_target(text: str | None, total: int, what: str) -> int | None:
     return int(value)
 
 
+def met_target_notice(text: str | None, total: int, what: str) -> str | None:
+    """A notice when a count target (not a percentage) is not below the model's `total`: nothing is removed,
+    and the user should hear why rather than read an unchanged model."""
+    if text is None or str(text).strip().endswith("%"):
+        return None
+    target = parse_target(text, total, what)
+    if target is None or target < total:
+        return None
+    return f"target {what} {text} is not below the model's {total}: nothing to remove"
+
+
 def group_steps(
     analysis: ChannelAnalysis, round_to: int, keep_counts: KeepCounts | None, max_group_ratio: float
 ) -> dict[int, np.ndarray]:

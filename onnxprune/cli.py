@@ -412,6 +412,7 @@ def _store_if_passed(pruned: onnx.ModelProto, cert: Certificate) -> None:
 
 def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out: Path) -> int:
     """`prune --mode unconstrained`: per-layer kept channels, exact export with reordered channels."""
+    from onnxprune.allocation import met_target_notice
     from onnxprune.io import save_model
     from onnxprune.passes.unconstrained import UnconstrainedPass, UnconstrainedSummary
     from onnxprune.upscale.config import UnconstrainedConfig
@@ -460,8 +461,10 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
 
     cert = _verify(args, normalized, result.model, check)
     save_model(result.model, out)
+    met = met_target_notice(args.target_params, summary_record.params_before, "params")
     summary = prune_record({"input": str(src), "output": str(out), "tool": f"onnxprune {__version__}",
-                            **summary_record.as_dict(), "verification": cert.as_dict() if cert is not None else None})
+                            **summary_record.as_dict(), "verification": cert.as_dict() if cert is not None else None,
+                            "notices": [met] if met else []})
     _print(summary, args, lambda: _print_summary(summary))
     return 0
 

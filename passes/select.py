@@ -217,17 +217,10 @@ def choose_plan(
 
 
 def target_notices(config: PruneConfig, analysis: ChannelAnalysis) -> tuple[str, ...]:
-    """A notice for a count target the model already meets (``--target-params 1e9``): nothing is removed, and
-    the user should hear why rather than read an unchanged model."""
-    out = []
-    for metric, text in (("params", config.target_params), ("macs", config.target_macs)):
-        if text is None or str(text).strip().endswith("%"):
-            continue
-        total = count_params(analysis.graph) if metric == "params" else count_macs(analysis.graph)
-        target = alloc.parse_target(text, total, metric)
-        if target is not None and target >= total:
-            out.append(f"target {metric} {text} is not below the model's {total}: nothing to remove")
-    return tuple(out)
+    """`allocation.met_target_notice` for the config's parameter or MAC target."""
+    notes = (alloc.met_target_notice(config.target_params, count_params(analysis.graph), "params"),
+             alloc.met_target_notice(config.target_macs, count_macs(analysis.graph), "macs"))
+    return tuple(n for n in notes if n)
 
 
 def _lamp_budget(config: PruneConfig, analysis: ChannelAnalysis) -> dict[int, np.ndarray] | None:

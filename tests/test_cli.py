@@ -232,3 +232,9 @@ def test_a_count_target_the_model_already_meets_is_said_in_text_and_json(residua
 def test_a_data_free_fallback_note_is_printed_once(residual, tmp_path):
     code, text, err = _cli("prune", residual, "-o", tmp_path / "p.onnx", "--criterion", "obs", "--round-to", "1")
     assert code == 0 and "BatchNorm Hessian surrogate" in err and "surrogate" not in text
+
+
+def test_unconstrained_mode_says_so_too_when_the_target_is_met(residual, tmp_path):
+    code, js, _ = _cli("prune", residual, "-o", tmp_path / "u.onnx", "--mode", "unconstrained", "--target-params",
+                       "1000000000", "--json")
+    assert code == 0 and any("nothing to remove" in n for n in json.loads(js)["notices"])
