@@ -439,11 +439,11 @@ def bound_lines(bounds: list[dict], variants: list[Variant], args: argparse.Name
                 continue
             got = {v.rounding: v.speedup.get("ort1") for v in variants
                    if v.model == b["model"] and v.ratio == row["ratio"]}  # fmt: skip
-            measured = (f" (measured {got['auto']:.2f}x against {got['1']:.2f}x)"
-                        if got.get("auto") and got.get("1") else "")
+            timed = (f" (measured {got['auto']:.2f}x against {got['1']:.2f}x)"
+                     if got.get("auto") and got.get("1") else "")
             lines.append(f"  {MODELS[b['model']][0]:<16} {row['ratio']:.1f}: default {row['predicted_speedup']:.2f}x "
                          f"(eff {row['predicted_efficiency']:.2f}, {row['chosen']}) against "
-                         f"{row['reference_speedup']:.2f}x{measured}")
+                         f"{row['reference_speedup']:.2f}x{timed}")
     return lines
 
 
