@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pickle
 import resource
@@ -503,7 +504,9 @@ def write(args: argparse.Namespace, results: dict, lines: list[str], load_before
 
 
 def plot(path: Path, results: dict) -> None:
-    """One panel per model with images: top-1 per method, bars grouped by fraction removed."""
+    """One panel per model with images: top-1 per method, bars grouped by fraction removed. A method has one
+    colour in every panel and one legend below them all; the y axis starts where the repaired rows differ (the
+    unrepaired ones, far below, are cut off and labelled with their value)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -512,22 +515,31 @@ def plot(path: Path, results: dict) -> None:
     models = {k: v for k, v in results["models"].items() if v["top1"] is not None}
     if not models:
         return
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.2), dpi=110, squeeze=False)
+    every = list(dict.fromkeys(k.split("@")[0] for res in models.values() for k in res["rows"]))
+    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(every)}
+    floor = 10 * math.floor(min(res["top1"] for res in models.values()) / 10 - 1.5)  # ~15 pt below the originals
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.6), dpi=110, squeeze=False)
     for ax, (name, res) in zip(axes[0], models.items()):
-        methods = list(dict.fromkeys(k.split("@")[0] for k in res["rows"]))
+        methods = [m for m in every if any(k.startswith(f"{m}@") for k in res["rows"])]
         width = 0.8 / max(1, len(methods))
         for j, m in enumerate(methods):
             ys = [res["rows"].get(f"{m}@{f}", {}).get("top1") or 0 for f in results["fractions"]]
             xs = np.arange(len(results["fractions"])) + (j - len(methods) / 2 + 0.5) * width
-            ax.bar(xs, ys, width, label=LABELS[m])
-        ax.axhline(res["top1"], color="k", ls="--", lw=0.8, label="original")
+            ax.bar(xs, ys, width, color=colours[m])
+            for x, y in zip(xs, ys):
+                if 0 < y < floor:  # off the axis: say how far
+                    ax.text(x, floor + 0.5, f"{y:.0f}", ha="center", va="bottom", fontsize=6, rotation=90)
+        ax.axhline(res["top1"], color="k", ls="--", lw=0.8)
         ax.set_xticks(range(len(results["fractions"])), [f"{int(f * 100)}% removed" for f in results["fractions"]])
-        ax.set_ylim(0, 100)
+        ax.set_ylim(floor, 100)
         ax.set_title(f"{name} (CIFAR-10 test, 10,000 images)")
         ax.set_ylabel("top-1 (%)")
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[m]) for m in every]
+    handles.append(plt.Line2D([0], [0], color="k", ls="--", lw=0.8))
+    fig.legend(handles, [LABELS[m] for m in every] + ["original"], loc="lower center", ncol=3, fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.028 * math.ceil((len(every) + 1) / 3), 1, 1))
     fig.savefig(path)
 
 
