@@ -10,3 +10,19 @@ def test_the_accuracy_bench_passes_a_drop_of_exactly_the_bar():
     cell = {"top1": 85.73}
     assert bars("cifar_resnet20", "synthetic-knapsack", 0.4, cell, 91.73, {}).startswith("PASS drop 6.00")
     assert bars("cifar_resnet20", "synthetic-knapsack", 0.4, {"top1": 85.72}, 91.73, {}).startswith("FAIL")
+
+
+def test_the_plot_draws_models_with_different_methods(tmp_path):
+    """Panels with different method sets share one legend and one colour per method (the first version coloured
+    by position: one method had two colours, and the first panel had no legend)."""
+    from bench.accuracy_real import plot
+
+    def model(rows):
+        return {"top1": 91.7, "rows": {f"{m}@{f}": {"top1": t} for (m, f), t in rows.items()}}
+
+    results = {"fractions": [0.2, 0.4], "models": {
+        "a": model({("l1", 0.2): 63.5, ("l1", 0.4): 23.4, ("synthetic-knapsack", 0.2): 89.7,
+                    ("synthetic-knapsack", 0.4): 85.0}),
+        "b": model({("synthetic-knapsack", 0.2): 92.2, ("onnxsim", 0.2): 73.8, ("onnxsim", 0.4): 21.5})}}
+    plot(tmp_path / "p.png", results)
+    assert (tmp_path / "p.png").stat().st_size > 10_000
