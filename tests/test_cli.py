@@ -238,3 +238,11 @@ def test_unconstrained_mode_says_so_too_when_the_target_is_met(residual, tmp_pat
     code, js, _ = _cli("prune", residual, "-o", tmp_path / "u.onnx", "--mode", "unconstrained", "--target-params",
                        "1000000000", "--json")
     assert code == 0 and any("nothing to remove" in n for n in json.loads(js)["notices"])
+
+
+def test_a_parameter_target_below_the_smallest_model_is_a_usage_error(residual, tmp_path):
+    """Known from the model before any work: exit 2 (an unreachable --target-latency is measured: exit 1)."""
+    out = tmp_path / "p.onnx"
+    code, _, err = _cli("prune", residual, "-o", out, "--target-params", "10", "--round-to", "1")
+    assert code == 2 and "is unreachable: the smallest this model can get is" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
