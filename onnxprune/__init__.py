@@ -150,7 +150,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    # the public names (what tab completion offers), not this module's own helpers (importlib, Any, ...)
+    return sorted(set(__all__) | {"__version__"})
 
 
 if TYPE_CHECKING:  # what static type checkers and IDEs see

@@ -41,3 +41,12 @@ def test_sensitivity_plot_leaves_the_callers_backend_alone(tmp_path):
     plot(rows, [0.25, 0.5], tmp_path / "s.png", title="t")
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.get_backend() == before
+
+
+def test_the_package_lists_its_public_names_only():
+    """dir(onnxprune) is the public API (every name resolves), not the module's helpers (importlib, Any, ...)."""
+    import onnxprune
+
+    names = dir(onnxprune)
+    assert set(names) == set(onnxprune.__all__) | {"__version__"}
+    assert all(hasattr(onnxprune, n) for n in names)
