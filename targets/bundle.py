@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxprune.errors import ModelError, UnsupportedModelError, UsageError
+from onnxprune.errors import DataError, ModelError, UnsupportedModelError, UsageError
 from onnxprune.io import file_sha256
 
 from .table import get_target
@@ -210,14 +210,14 @@ def _check_inputs(specs: list[dict], inputs: dict[str, np.ndarray]) -> list[np.n
     missing = [n for n in names if n not in inputs]
     extra = [n for n in inputs if n not in names]
     if missing or extra:
-        raise UsageError(f"bundle inputs are {names}; missing {missing}, unexpected {extra}")
+        raise DataError(f"bundle inputs are {names}; missing {missing}, unexpected {extra}")
     arrays = []
     for s in specs:
         a = np.asarray(inputs[s["name"]])
         if tuple(a.shape) != tuple(s["shape"]):
-            raise UsageError(f"input {s['name']!r}: shape {tuple(a.shape)}, bundle expects {tuple(s['shape'])}")
+            raise DataError(f"input {s['name']!r}: shape {tuple(a.shape)}, bundle expects {tuple(s['shape'])}")
         if a.dtype != np.dtype(s["dtype"]):
-            raise UsageError(f"input {s['name']!r}: dtype {a.dtype}, bundle expects {s['dtype']}")
+            raise DataError(f"input {s['name']!r}: dtype {a.dtype}, bundle expects {s['dtype']}")
         arrays.append(np.ascontiguousarray(a))
     return arrays
 
@@ -237,6 +237,10 @@ def run_bundle(
 
     Returns:
         Outputs by name, in the model's output order.
+
+    Raises:
+        ModelError: the folder is no bundle, or a file does not match the manifest.
+        DataError: `inputs` do not fit the bundle's names, shapes and dtypes (exit 1, as a calibration file).
     """
     bundle = Path(bundle_dir).resolve()  # runners start in the bundle folder; relative paths would break
     manifest = read_manifest(bundle, verify=verify)

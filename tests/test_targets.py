@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.errors import ModelError, ToolchainError, UnsupportedModelError, UsageError
+from onnxprune.errors import DataError, ModelError, ToolchainError, UnsupportedModelError, UsageError
 from tests.tvm_helpers import (
     FASHION,
     HAVE_TVM,
@@ -196,9 +196,10 @@ def test_run_checks_input_shapes(x86_bundle):
     from onnxprune.targets import run_bundle
 
     bundle, _, _ = x86_bundle
-    with pytest.raises(UsageError, match="shape"):
+    # the inputs file does not fit the bundle: a data problem (exit 1), as a calibration file that does not fit
+    with pytest.raises(DataError, match="shape"):
         run_bundle(bundle, {"x": np.zeros((1, 3, 8, 8), np.float32)})
-    with pytest.raises(UsageError, match="missing"):
+    with pytest.raises(DataError, match="missing"):
         run_bundle(bundle, {})
 
 
