@@ -15,8 +15,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from onnxprune.cli_options import non_negative_int
 from onnxprune.errors import ModelError, UsageError
 
 from .table import TARGETS
@@ -98,12 +99,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run a bundle on this machine; write the outputs to an .npz file."""
     import numpy as np
 
+    from onnxprune.errors import OnnxPruneError
+    from onnxprune.io import write_atomically
+
     from . import run_bundle
 
+    out = Path(args.output) if args.output else Path(args.bundle) / "outputs.npz"
+    if not out.parent.is_dir():  # before the run, not after it
+        raise OnnxPruneError(f"{out}: output folder does not exist")
     outputs = run_bundle(args.bundle, _load_npz(args.inputs), repeat=args.repeat)
     median = outputs.pop("__median_ms__", None)
-    out = Path(args.output) if args.output else Path(args.bundle) / "outputs.npz"
-    np.savez(out, **outputs)
+    # through a file object: numpy appends ".npz" to a path without it, and the message would name another file
+    arrays: dict[str, Any] = dict(outputs)  # (numpy's stubs read **kwargs as its allow_pickle flag)
+    write_atomically(out, lambda f: np.savez(f, **arrays))
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs.items())
     print(f"{out}: {shapes}" + (f"; median {float(median):.3f} ms" if median is not None else ""))
     return 0
@@ -128,5 +136,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", help="bundle folder")
     p.add_argument("--inputs", required=True, help=".npz with one array per model input")
     p.add_argument("-o", "--output", help="output .npz (default: BUNDLE/outputs.npz)")
-    p.add_argument("--repeat", type=int, default=0, metavar="N", help="also time N runs, print the median")
+    p.add_argument("--repeat", type=non_negative_int, default=0, metavar="N",
+                   help="also time N runs, print the median")
     p.set_defaults(func=cmd_run)

@@ -192,6 +192,24 @@ def test_weights_file_is_what_the_model_computes_with(x86_bundle, tmp_path):
 
 
 @needs_tvm
+def test_run_cli_output_path_and_bad_flags(x86_bundle, tmp_path, capsys):
+    """`run -o` into a missing folder says so before running (it was FileNotFoundError as an internal error), an
+    output name without .npz is written as given (numpy appended .npz and the message named another file), and a
+    negative --repeat is a usage error (it was accepted)."""
+    from onnxprune.cli import main
+
+    bundle, _, _ = x86_bundle
+    inputs = tmp_path / "in.npz"
+    np.savez(inputs, x=np.zeros((1, 3, 20, 20), np.float32))
+    assert main(["run", str(bundle), "--inputs", str(inputs), "-o", str(tmp_path / "no" / "out.npz")]) == 1
+    assert capsys.readouterr().err.strip().endswith("output folder does not exist")
+    assert main(["run", str(bundle), "--inputs", str(inputs), "-o", str(tmp_path / "outputs")]) == 0
+    assert (tmp_path / "outputs").is_file() and not (tmp_path / "outputs.npz").exists()
+    assert np.load(tmp_path / "outputs").files == ["y"]
+    assert main(["run", str(bundle), "--inputs", str(inputs), "--repeat", "-3"]) == 2
+
+
+@needs_tvm
 def test_run_checks_input_shapes(x86_bundle):
     from onnxprune.targets import run_bundle
 
