@@ -5,6 +5,7 @@ and checked against the model's inputs (`check_calib`). Split from `calibration`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import onnx
 from onnxprune.errors import DataError, UsageError
 from onnxprune.graph import Dim, ModelGraph
 
-__all__ = ["CalibrationData", "check_calib", "load_calib"]
+__all__ = ["CalibLike", "CalibrationData", "as_calibration", "check_calib", "load_calib"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,25 @@ class CalibrationData:
 
     def head(self, n: int) -> CalibrationData:
         return CalibrationData({k: v[:n] for k, v in self.arrays.items()})
+
+
+# What every pass takes as calibration inputs: CalibrationData or a plain {input name: array} (axis 0 = samples).
+CalibLike = CalibrationData | Mapping[str, np.ndarray]
+
+
+def as_calibration(calib: CalibLike | None) -> CalibrationData | None:
+    """`calib` as `CalibrationData`: a plain mapping ``{input name: array}`` (axis 0 = samples) is wrapped, so
+    library callers may pass either to any pass; None stays None.
+
+    Raises:
+        TypeError: anything else (an array without input names, say).
+    """
+    if calib is None or isinstance(calib, CalibrationData):
+        return calib
+    if isinstance(calib, Mapping):
+        return CalibrationData({str(k): np.asarray(v) for k, v in calib.items()})
+    raise TypeError(f"calib must be CalibrationData or a mapping {{input name: array}} (axis 0 = samples), "
+                    f"got {type(calib).__name__}")
 
 
 def load_calib(path: str | Path, model: onnx.ModelProto, samples: int | None = None, seed: int = 0) -> CalibrationData:

@@ -39,6 +39,7 @@ import onnx
 
 from onnxprune.allocation import parse_target
 from onnxprune.calibration import CalibrationData, CalibrationStats, check_calib
+from onnxprune.calibration_data import CalibLike
 from onnxprune.channels import ChannelAnalysis, DimRef, analyze
 from onnxprune.criteria import Criterion
 from onnxprune.errors import PreconditionError, UsageError
@@ -150,7 +151,7 @@ class IterativeSelectPass(Pass):
         steps: int = 1,
         *,
         criterion: Criterion | None = None,
-        calib: CalibrationData | None = None,
+        calib: CalibLike | None = None,
         stats: CalibrationStats | None = None,
         reallocate: bool = False,
     ) -> None:
@@ -163,7 +164,7 @@ class IterativeSelectPass(Pass):
         self.reallocate = reallocate
         self.steps = steps
         self.criterion = criterion
-        self.calib = calib
+        self.calib = self.first.calib  # as CalibrationData
         self.stats = stats
 
     @property
@@ -279,7 +280,7 @@ class IterativePrunePass(PrunePass):
     `PrunePass` exactly."""
 
     def __init__(self, config: PruneConfig | None = None, steps: int = 1, criterion: Criterion | None = None,
-                 calib: CalibrationData | None = None, stats: CalibrationStats | None = None,
+                 calib: CalibLike | None = None, stats: CalibrationStats | None = None,
                  reallocate: bool = False) -> None:
         super().__init__(config, criterion, calib, stats)
         if steps > 1:

@@ -34,6 +34,7 @@ from dataclasses import replace
 import numpy as np
 import onnx
 
+from onnxprune.calibration_data import CalibLike
 from onnxprune.channels import DimRef
 from onnxprune.errors import PreconditionError, UsageError
 from onnxprune.passes.iterative import step_counts
@@ -87,13 +88,13 @@ class IterativeUnconstrainedPass(Pass):
     """
 
     def __init__(self, config: UnconstrainedConfig | None = None, steps: int = 1,
-                 calib: dict[str, np.ndarray] | None = None) -> None:  # fmt: skip
+                 calib: CalibLike | None = None) -> None:  # fmt: skip
         if steps < 1:
             raise UsageError(f"steps must be >= 1, got {steps}")
         self.one_shot = UnconstrainedPass(config, calib=calib)  # validates config and calib
         self.config = self.one_shot.config
         self.steps = steps
-        self.calib = calib
+        self.calib = self.one_shot.calib  # the arrays
 
     @property
     def name(self) -> str:

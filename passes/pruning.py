@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import onnx
 
-from onnxprune.calibration import CalibrationData, CalibrationStats
+from onnxprune.calibration import CalibrationStats
+from onnxprune.calibration_data import CalibLike, as_calibration
 from onnxprune.channels import ChannelAnalysis
 from onnxprune.criteria import Criterion
 from onnxprune.passes.cleanup import CheckPass
@@ -36,8 +37,9 @@ class PrunePass(PassManager):
     """
 
     def __init__(self, config: PruneConfig | None = None, criterion: Criterion | None = None,
-                 calib: CalibrationData | None = None, stats: CalibrationStats | None = None) -> None:
+                 calib: CalibLike | None = None, stats: CalibrationStats | None = None) -> None:
         self.config = config or PruneConfig()
+        calib = as_calibration(calib)  # a plain {input name: array} is welcome too
         self.select = SelectChannelsPass(self.config, criterion=criterion, calib=calib, stats=stats)
         super().__init__([self.select, RepairChannelsPass(calib), RemoveChannelsPass(), CheckPass()],
                          instruments=[StampInstrument()])

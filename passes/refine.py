@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx
 
-from onnxprune.calibration import CalibrationData
+from onnxprune.calibration_data import CalibLike, as_calibration
 from onnxprune.errors import ModelError, UsageError
 from onnxprune.passmanager import Pass, PassResult
 from onnxprune.refine import RefineConfig, refine
@@ -27,9 +27,9 @@ class RefinePass(Pass):
             earlier pass of the same pipeline (the CLI passes the loaded model, which `NormalizePass` canonicalises).
     """
 
-    def __init__(self, config: RefineConfig, calib: CalibrationData | None, teacher: onnx.ModelProto) -> None:
+    def __init__(self, config: RefineConfig, calib: CalibLike | None, teacher: onnx.ModelProto) -> None:
         self.config = config
-        self.calib = calib
+        self.calib = as_calibration(calib)
         self.teacher = teacher
         self._before: tuple | None = None
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from onnxprune.calibration import CalibrationData, check_calib
+from onnxprune.calibration import check_calib
+from onnxprune.calibration_data import CalibLike, as_calibration
 from onnxprune.errors import OnnxPruneError, UsageError
 from onnxprune.passes.select import ChannelSelection, pending_selection
 from onnxprune.passmanager import Pass, PassResult, analyses
@@ -32,8 +33,8 @@ class RepairChannelsPass(Pass):
         calib: calibration samples; required by the ``seq`` repair, which runs the model on them.
     """
 
-    def __init__(self, calib: CalibrationData | None = None) -> None:
-        self.calib = calib
+    def __init__(self, calib: CalibLike | None = None) -> None:
+        self.calib = as_calibration(calib)
 
     def requires(self, model):
         selection = pending_selection(model)

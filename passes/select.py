@@ -34,6 +34,7 @@ import onnx
 from onnxprune import allocation as alloc
 from onnxprune import allocation_knapsack as knapsack
 from onnxprune.calibration import CalibrationData, CalibrationStats, check_calib, collect_stats
+from onnxprune.calibration_data import CalibLike, as_calibration
 from onnxprune.channels import ChannelAnalysis, analyze
 from onnxprune.criteria import Criterion, Magnitude, get_criterion
 from onnxprune.dense_rows import DenseRows
@@ -345,10 +346,11 @@ class SelectChannelsPass(Pass):
         config: PruneConfig | None = None,
         *,
         criterion: Criterion | None = None,
-        calib: CalibrationData | None = None,
+        calib: CalibLike | None = None,
         stats: CalibrationStats | None = None,
     ) -> None:
         # a latency target with samples and no allocation: the knapsack's measured curves (as the CLI does)
+        calib = as_calibration(calib)  # a plain {input name: array} is welcome too
         self.config = with_latency_allocation(config or PruneConfig(), has_calib=calib is not None)
         self.criterion = criterion
         self.calib = calib

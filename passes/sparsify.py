@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import onnx
 
-from onnxprune.calibration import CalibrationData, CalibrationStats
+from onnxprune.calibration import CalibrationStats
+from onnxprune.calibration_data import CalibLike, as_calibration
 from onnxprune.errors import PreconditionError
 from onnxprune.graph import ModelGraph
 from onnxprune.passmanager import Pass, PassResult
@@ -38,10 +39,10 @@ class SparsifyPass(Pass):
         stats: precomputed calibration statistics of the pass's input model (benchmarks reuse them).
     """
 
-    def __init__(self, config: SparsityConfig, calib: CalibrationData | None = None,
+    def __init__(self, config: SparsityConfig, calib: CalibLike | None = None,
                  stats: CalibrationStats | None = None) -> None:
         self.config = config
-        self.calib = calib
+        self.calib = as_calibration(calib)
         self.stats = stats
 
     def requires(self, model: onnx.ModelProto) -> None:

@@ -30,10 +30,10 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import onnx
 
 from onnxprune.allocation import parse_target
+from onnxprune.calibration_data import CalibLike, as_calibration
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import check_model, infer_shapes
@@ -110,10 +110,11 @@ class UnconstrainedPass(Pass):
     """
 
     def __init__(self, config: UnconstrainedConfig | None = None, keeps: dict | None = None,
-                 calib: dict[str, np.ndarray] | None = None) -> None:  # fmt: skip
+                 calib: CalibLike | None = None) -> None:  # fmt: skip
         self.config = config or UnconstrainedConfig()
         self.keeps = keeps
-        self.calib = calib
+        data = as_calibration(calib)  # CalibrationData is welcome too; this pass reads the arrays
+        self.calib = data.arrays if data is not None else None
         if self.config.repair != "none" and calib is None:
             raise UsageError(f"unconstrained repair {self.config.repair!r} needs calibration inputs (calib={{input: array}})")
 

@@ -50,3 +50,28 @@ def test_the_package_lists_its_public_names_only():
     names = dir(onnxprune)
     assert set(names) == set(onnxprune.__all__) | {"__version__"}
     assert all(hasattr(onnxprune, n) for n in names)
+
+
+def test_every_pass_takes_calibration_as_a_plain_mapping_too():
+    """{input name: array} is what a library caller has at hand: constrained passes took only CalibrationData
+    (AttributeError: 'dict' object has no attribute 'arrays'), the unconstrained one only a dict."""
+    from pathlib import Path
+
+    import numpy as np
+    import pytest
+
+    from onnxprune import PruneConfig, PrunePass, UnconstrainedConfig, UnconstrainedPass, load_model
+    from onnxprune.calibration import CalibrationData
+
+    model = load_model(Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_cnn.onnx")
+    x = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+    config = PruneConfig(ratio=0.3, criterion="obs", repair="seq")
+    as_dict = PrunePass(config, calib={"image": x}).run(model)
+    as_data = PrunePass(config, calib=CalibrationData({"image": x})).run(model)
+    assert as_dict.model.graph.SerializeToString() == as_data.model.graph.SerializeToString()  # (metadata: seconds)
+    unconstrained = UnconstrainedConfig(ratio=0.3, repair="ls")
+    a = UnconstrainedPass(unconstrained, calib=CalibrationData({"image": x})).run(model)
+    b = UnconstrainedPass(unconstrained, calib={"image": x}).run(model)
+    assert a.model.graph.SerializeToString() == b.model.graph.SerializeToString()
+    with pytest.raises(TypeError, match="input name: array"):
+        PrunePass(config, calib=x)
