@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import onnx
@@ -37,6 +38,14 @@ class CalibrationData:
 
 # What every pass takes as calibration inputs: CalibrationData or a plain {input name: array} (axis 0 = samples).
 CalibLike = CalibrationData | Mapping[str, np.ndarray]
+
+
+@overload
+def as_calibration(calib: CalibLike) -> CalibrationData: ...
+
+
+@overload
+def as_calibration(calib: None) -> None: ...
 
 
 def as_calibration(calib: CalibLike | None) -> CalibrationData | None:

@@ -462,8 +462,8 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
     cert = _verify(args, normalized, result.model, check)
     save_model(result.model, out)
     met = met_target_notice(args.target_params, summary_record.params_before, "params")
-    summary = prune_record({"input": str(src), "output": str(out), "tool": f"onnxprune {__version__}",
-                            **summary_record.as_dict(), "verification": cert.as_dict() if cert is not None else None,
+    summary = prune_record({"input": str(src), "output": str(out), **summary_record.as_dict(),
+                            "verification": cert.as_dict() if cert is not None else None,
                             "notices": [met] if met else []})
     _print(summary, args, lambda: _print_summary(summary))
     return 0

@@ -50,6 +50,7 @@ from onnxprune.upscale.records import UnconstrainedPlan
 from onnxprune.upscale.repair import repair_plan
 from onnxprune.upscale.report import copy_report, effective_params
 from onnxprune.upscale.tuning import tune_layout
+from onnxprune.version import __version__
 
 __all__ = ["UnconstrainedPass", "UnconstrainedSummary"]
 
@@ -80,6 +81,7 @@ class UnconstrainedSummary(Summary):
     def as_dict(self) -> dict:
         """The JSON record (keys in the order the CLI prints them)."""
         return {
+            "tool": f"onnxprune {__version__}",
             "mode": MODE,
             "config": {k: v for k, v in asdict(self.config).items() if k != "cost"},
             "params_before": self.params_before,

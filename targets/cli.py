@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from onnxprune.cli_options import non_negative_int
-from onnxprune.errors import ModelError, UsageError
+from onnxprune.errors import ModelError, OnnxPruneError, UsageError
 
 from .table import TARGETS
 
@@ -99,7 +99,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run a bundle on this machine; write the outputs to an .npz file."""
     import numpy as np
 
-    from onnxprune.errors import OnnxPruneError
     from onnxprune.io import write_atomically
 
     from . import run_bundle

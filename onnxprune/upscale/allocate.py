@@ -36,7 +36,7 @@ import onnx
 
 from onnxprune.allocation import Unit, removal_order
 from onnxprune.allocation_knapsack import RATIOS, knapsack_order, measure_curves
-from onnxprune.calibration import CalibrationData
+from onnxprune.calibration_data import as_calibration
 from onnxprune.channels import ChannelAnalysis, DimRef, analyze
 from onnxprune.criteria import Magnitude
 from onnxprune.errors import UsageError
@@ -92,7 +92,7 @@ def knapsack_curves(model: onnx.ModelProto, prep: Prepared, config: Unconstraine
     cost a plan, repair and export per point."""
     criterion = "bn" if config.criterion == "energy" else config.criterion
     repair = config.repair if config.repair in ("ls", "seq") else "none"
-    rows = measure_curves(model, CalibrationData({k: np.asarray(v) for k, v in calib.items()}), criterion, repair)
+    rows = measure_curves(model, as_calibration(calib), criterion, repair)
     ids = split_group_ids(analyze(ModelGraph(model)), prep.analysis)
     return [replace(r, group=ids[r.group]) for r in rows if r.group in ids]
 

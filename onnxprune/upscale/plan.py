@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.calibration import CalibrationData, collect_stats
+from onnxprune.calibration import collect_stats
+from onnxprune.calibration_data import as_calibration
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, ChannelSlice, DimRef, analyze
 from onnxprune.graph import ModelGraph, attrs
 from onnxprune.rules.facts import op_facts
@@ -98,7 +99,7 @@ def prepare(model: onnx.ModelProto, config: UnconstrainedConfig, calib: dict[str
     boundary_input = {n.name: n.input[0] for n in split.model.graph.node if split.is_boundary(n)}
     stats = None
     if calib is not None and config.reader_choice in ("ls", "seq"):
-        stats = collect_stats(model, CalibrationData({k: np.asarray(v) for k, v in calib.items()}))
+        stats = collect_stats(model, as_calibration(calib))
     groups: list[PreparedGroup] = []
     for group, pieces, piece_of in found:
         units = [pc for pc in pieces if pc.is_unit]

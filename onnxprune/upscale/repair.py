@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import onnx
 
-from onnxprune.calibration import CalibrationData, collect_stats
+from onnxprune.calibration import collect_stats
+from onnxprune.calibration_data import as_calibration
 from onnxprune.channels import ChannelAnalysis, DimRef
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
@@ -91,7 +92,7 @@ def repair_plan(model: onnx.ModelProto, plan: UnconstrainedPlan, method: str, ca
     if method == "mean":
         return mean_repair(model, plan, calib), RepairReport()
     removals = plan_removals(model, plan)
-    data = CalibrationData({k: np.asarray(v) for k, v in calib.items()})
+    data = as_calibration(calib)
     if method == "seq" and (stream or choose_readers):
         choices = reader_choices(plan) if choose_readers else {}
         by_weight: dict[str, list[ColumnChoice]] = {}
