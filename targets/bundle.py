@@ -21,14 +21,18 @@ dicts of arrays; each target's row says how its bundles run here (:mod:`.launch`
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnxprune.errors import DataError, ModelError, UnsupportedModelError, UsageError
+from onnxprune.errors import DataError, ModelError, OnnxPruneError, UnsupportedModelError, UsageError
 from onnxprune.io import file_sha256
 
 from .table import get_target
@@ -36,12 +40,14 @@ from .table import get_target
 __all__ = [
     "MANIFEST",
     "TensorSpec",
+    "check_destination",
     "dynamic_batch_inputs",
     "file_sha256",
     "model_signature",
     "pruning_summary",
     "read_manifest",
     "run_bundle",
+    "staged_bundle",
     "write_manifest",
 ]
 
@@ -254,10 +260,45 @@ def spec_dicts(specs: list[TensorSpec]) -> list[dict]:
     return [{**asdict(s), "shape": list(s.shape)} for s in specs]
 
 
-def clean_dir(path: Path) -> None:
-    """Empty an existing bundle folder (only if it looks like a bundle) or create it."""
+def check_destination(path: Path) -> None:
+    """Refuse, before any work, a bundle folder that cannot be written.
+
+    Raises:
+        OnnxPruneError: The parent folder is missing or not writable, or ``path`` is a file (exit 1, as for
+            a model output).
+        UsageError: ``path`` is a non-empty folder without a manifest: not a bundle, so not overwritten.
+    """
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxPruneError(f"{path}: output folder does not exist")
+    if not os.access(folder, os.W_OK):
+        raise OnnxPruneError(f"{path}: output folder is not writable")
+    if path.exists() and not path.is_dir():
+        raise OnnxPruneError(f"{path}: exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).is_file():
+        raise UsageError(f"{path} exists and is not a bundle; refusing to overwrite it")
+
+
+@contextmanager
+def staged_bundle(path: Path) -> Iterator[Path]:
+    """A fresh hidden folder beside ``path`` to write a bundle into; it becomes ``path`` when the block ends.
+
+    A compile that fails (or is interrupted) removes the staging folder and leaves ``path`` as it was: an
+    old bundle there survives a failed recompile, and no half-written bundle ever sits at ``path``. An old
+    bundle is moved aside, the new one renamed into place, then the old one deleted (two renames: a kill
+    between them leaves ``path`` absent, never mixed).
+    """
+    check_destination(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    stage = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    stage.mkdir()  # mkdir, not mkdtemp: the bundle gets the umask's permissions, not 0700
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = folder / f".{path.name}.{secrets.token_hex(4)}.old"
     if path.exists():
-        if any(path.iterdir()) and not (path / MANIFEST).is_file():
-            raise UsageError(f"{path} exists and is not a bundle; refusing to overwrite it")
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+        os.replace(path, old)
+    os.replace(stage, path)
+    shutil.rmtree(old, ignore_errors=True)

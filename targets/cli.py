@@ -112,8 +112,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     arrays: dict[str, Any] = dict(outputs)  # (numpy's stubs read **kwargs as its allow_pickle flag)
     write_atomically(out, lambda f: np.savez(f, **arrays))
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs.items())
-    print(f"{out}: {shapes}" + (f"; median {float(median):.3f} ms" if median is not None else ""))
+    timing = ""
+    if median is not None:
+        timing = f"; median {float(median):.3f} ms"
+        if _emulated(args.bundle):  # qemu-user's time says nothing about the device's
+            timing += " (under an emulator: not the device's timing)"
+    print(f"{out}: {shapes}{timing}")
     return 0
+
+
+def _emulated(bundle: str) -> bool:
+    """True when this machine runs the bundle under an emulator (arm bundles under qemu-user)."""
+    from . import read_manifest
+    from .table import get_target
+
+    return get_target(read_manifest(Path(bundle), verify=False)["target"]["name"]).runner.kind == "qemu"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

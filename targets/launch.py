@@ -14,6 +14,7 @@ when a bundle runs too, not with the table (the CLI's parser reads the table: st
 from __future__ import annotations
 
 import platform
+import signal
 import subprocess
 import tempfile
 import time
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from onnxprune.errors import ModelError, ToolchainError
 
+from .cpu_features import missing_cpu_features
 from .spec import Runner, TargetSpec
 from .toolchains import require
 
@@ -44,12 +46,16 @@ class ProcessRunner(Runner):
     def command(self, bundle: Path, spec: TargetSpec, manifest: dict) -> list[str]:
         """The command that starts the bundle's runner here (before the OUT_DIR and input arguments)."""
 
+    def check_bundle(self, bundle: Path, manifest: dict) -> None:
+        """Raise ToolchainError when this machine cannot run this bundle (default: every bundle runs)."""
+
     def run(
         self, bundle: Path, spec: TargetSpec, manifest: dict, arrays: list[np.ndarray], repeat: int
     ) -> dict[str, np.ndarray]:
         import numpy as np
 
         self.check(spec)
+        self.check_bundle(bundle, manifest)
         bundle = bundle.resolve()  # the runner starts in the bundle folder: a relative path would not resolve
         cmd = self.command(bundle, spec, manifest)
         with tempfile.TemporaryDirectory(prefix="onnxprune-run-") as tmp:
@@ -68,8 +74,7 @@ class ProcessRunner(Runner):
             except FileNotFoundError as e:
                 raise ToolchainError(f"cannot start the bundle runner: {e}") from None
             if proc.returncode != 0:
-                last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-                raise ModelError(f"bundle runner failed (exit {proc.returncode}): {last}")
+                raise ModelError(_failure(proc.returncode, proc.stderr, manifest))
             outs: dict[str, np.ndarray] = {}
             for i, s in enumerate(manifest["outputs"]):
                 p = tmpd / f"output_{i}.npy"
@@ -83,6 +88,22 @@ class ProcessRunner(Runner):
         return outs
 
 
+def _failure(returncode: int, stderr: str, manifest: dict) -> str:
+    """One line for a runner that failed: its last line of stderr, or the signal that killed it."""
+    last = (stderr.strip().splitlines() or ["(no output)"])[-1]
+    if returncode >= 0:
+        return f"bundle runner failed (exit {returncode}): {last}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    why = ""
+    if -returncode == signal.SIGILL:
+        mcpu = (manifest.get("target", {}).get("tvm_target") or {}).get("mcpu", "?")
+        why = f": an instruction this CPU lacks (the bundle was compiled for {mcpu}; compile on this machine)"
+    return f"bundle runner killed by {name}{why}"
+
+
 @dataclass(frozen=True)
 class NativeRunner(ProcessRunner):
     """The C++ runner started directly: the bundle's architecture is this machine's."""
@@ -94,6 +115,16 @@ class NativeRunner(ProcessRunner):
         if spec.arch != platform.machine():
             raise ToolchainError(
                 f"{spec.name} bundles run on {spec.arch}; this machine is {platform.machine()}"
+            )
+
+    def check_bundle(self, bundle: Path, manifest: dict) -> None:
+        # a bundle compiled for another CPU (``--target x86`` is the compiling machine's) dies of SIGILL
+        missing = missing_cpu_features(manifest["target"].get("cpu_features") or ())
+        if missing:
+            mcpu = (manifest["target"].get("tvm_target") or {}).get("mcpu", "?")
+            raise ToolchainError(
+                f"{bundle}: compiled for {mcpu}, whose instructions {', '.join(missing)} this CPU lacks; "
+                "compile on this machine, or with --target x86-avx2 for any x86-64 CPU with AVX2"
             )
 
     def command(self, bundle: Path, spec: TargetSpec, manifest: dict) -> list[str]:

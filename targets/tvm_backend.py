@@ -37,6 +37,7 @@ from onnxprune.errors import ModelError, ToolchainError, UnsupportedModelError, 
 from onnxprune.fold import fold_batchnorm
 
 from . import bundle as B
+from .cpu_features import recorded_features
 from .messages import note, tvm_messages
 from .spec import HOST_CPU, TargetSpec
 from .table import get_target
@@ -74,6 +75,16 @@ def build_target(spec: TargetSpec) -> tvm.target.Target:
         host = {"kind": "llvm", "mtriple": f"{spec.arch}-linux-gnu"}
         return tvm.target.Target(d, host=host)
     return tvm.target.Target(d)
+
+
+def cpu_features(spec: TargetSpec) -> list[str] | None:
+    """The x86 extensions the bundle's code may use (see :mod:`.cpu_features`); None for other architectures
+    (arm bundles run under qemu here, which emulates every extension)."""
+    if spec.arch != "x86_64" or spec.gpu:
+        return None
+    from tvm.target import codegen
+
+    return recorded_features(str(f) for f in codegen.llvm_get_cpu_features(build_target(spec)))
 
 
 def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
@@ -400,7 +411,8 @@ def compile_bundle(
     else:
         raise UsageError("compile_bundle: out_dir is required when the model is a ModelProto")
     inputs, outputs = B.model_signature(model, shapes, batch_default=1)
-    # Check the toolchain before the slow part.
+    # Check the destination and the toolchain before the slow part.
+    B.check_destination(out)
     require(spec.compiler, f"to build {spec.name} bundles")
     spec.exporter.check_toolchain(spec)
     defaulted = B.dynamic_batch_inputs(model, shapes)
@@ -412,11 +424,12 @@ def compile_bundle(
     with (
         progress.task(f"compiling {label} for {spec.name}", total=3) as job,
         tempfile.TemporaryDirectory(prefix="onnxprune-compile-") as tmp,
+        B.staged_bundle(out) as stage,
     ):
         captured = Path(tmp) / COMPILE_LOG
         try:
             with tvm_messages(captured):
-                fields, weights_field, outputs, unscheduled = _compile_into(out, spec, model, inputs, outputs,
+                fields, weights_field, outputs, unscheduled = _compile_into(stage, spec, model, inputs, outputs,
                                                                             tune, job, sparse_report,
                                                                             sparse)  # fmt: skip
         except BaseException:
@@ -430,33 +443,34 @@ def compile_bundle(
         if captured.is_file():
             compile_log = COMPILE_LOG
             text = captured.read_bytes()
-            (out / COMPILE_LOG).write_bytes(text if text.endswith(b"\n") else text + b"\n")
-    compile_s = time.perf_counter() - t0
-    manifest: dict[str, Any] = {
-        "model": _model_field(model, model_path),
-        "inputs": B.spec_dicts(inputs),
-        "outputs": B.spec_dicts(outputs),
-        "target": {
-            "name": spec.name,
-            "family": spec.family,
-            "arch": spec.arch,
-            "tvm_target": _target_json(build_target(spec)),
-        },
-        "tvm_version": tvm_version(),
-        "tune_trials": tune,
-        "compile_seconds": round(compile_s, 3),
-        "weights": weights_field,
-        **fields,
-        "pruning_summary": B.pruning_summary(model),
-        "unscheduled_kernels": sorted(unscheduled),
-        "unscheduled_kernel_count": len(unscheduled),
-        "batch_defaulted_to_1": defaulted,
-        "compile_log": compile_log,
-        "sparse": sparse_report,
-    }
-    (out / "README.md").write_text(_readme(spec, manifest))
-    B.write_manifest(out, manifest)
-    json.loads((out / B.MANIFEST).read_text())
+            (stage / COMPILE_LOG).write_bytes(text if text.endswith(b"\n") else text + b"\n")
+        compile_s = time.perf_counter() - t0
+        manifest: dict[str, Any] = {
+            "model": _model_field(model, model_path),
+            "inputs": B.spec_dicts(inputs),
+            "outputs": B.spec_dicts(outputs),
+            "target": {
+                "name": spec.name,
+                "family": spec.family,
+                "arch": spec.arch,
+                "tvm_target": _target_json(build_target(spec)),
+                "cpu_features": cpu_features(spec),
+            },
+            "tvm_version": tvm_version(),
+            "tune_trials": tune,
+            "compile_seconds": round(compile_s, 3),
+            "weights": weights_field,
+            **fields,
+            "pruning_summary": B.pruning_summary(model),
+            "unscheduled_kernels": sorted(unscheduled),
+            "unscheduled_kernel_count": len(unscheduled),
+            "batch_defaulted_to_1": defaulted,
+            "compile_log": compile_log,
+            "sparse": sparse_report,
+        }
+        (stage / "README.md").write_text(_readme(spec, manifest))
+        B.write_manifest(stage, manifest)
+        json.loads((stage / B.MANIFEST).read_text())
     if compile_log:
         note(f"TVM messages in {out / compile_log}")
     return out
@@ -473,7 +487,7 @@ def _compile_into(
     sparse_report: dict[str, Any] | None = None,
     sparse: str = "off",
 ) -> tuple[dict[str, object], object, list[B.TensorSpec], dict[str, str]]:
-    """Import, build and export into ``out`` (emptied first), advancing ``job`` once per step.
+    """Import, build and export into ``out`` (an empty staging folder), advancing ``job`` once per step.
 
     Returns:
         The exporter's manifest fields, the manifest's ``weights``, the outputs with their compiled shapes,
@@ -491,7 +505,6 @@ def _compile_into(
     for kernel, reason in sorted(unscheduled.items()):
         log.info("kernel %s runs (partly) unscheduled: %s", kernel, reason)
     job.advance()
-    B.clean_dir(out)
     with progress.task(f"writing the {spec.name} bundle"):
         fields = spec.exporter.write(ex, out, spec)
         weights_field: object = "embedded in the library (constants)"
