@@ -79,7 +79,9 @@ _COMPILE_ENTRY = "tvm_backend.py"
 KERNEL_VERSION = 2
 #: Imported by the compile but not deciding its kernels (packaging, messages, toolchain lookup: the TVM
 #: version is in the key on its own): left out, so editing them keeps the cached latencies.
-_NOT_KERNELS = frozenset({"bundle.py", "exporters.py", "launch.py", "messages.py", "toolchains.py", "wasm.py"})
+_NOT_KERNELS = frozenset(
+    {"bundle.py", "cpu_features.py", "exporters.py", "launch.py", "messages.py", "toolchains.py", "wasm.py"}
+)
 
 
 @dataclass
