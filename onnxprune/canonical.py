@@ -209,10 +209,12 @@ def _branch_constants_to_initializers(g: onnx.GraphProto) -> bool:
 
 # Constant folding: nodes whose inputs are all constants are evaluated once (onnx's reference
 # evaluator), but only for small tensors — shape arithmetic, masks, index vectors — never to rewrite
-# large weights (folding a Cast of fp16 weights would double the model).
+# large weights (folding a Cast of fp16 weights would double the model). Quantization is never folded:
+# a QDQ model's small weights would come back as floats (`quantized`).
 _FOLD_LIMIT = 1 << 16  # elements, inputs and output
 _NO_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-            "Bernoulli", "Constant", "If", "Loop", "Scan", "SequenceConstruct"}  # fmt: skip
+            "Bernoulli", "Constant", "If", "Loop", "Scan", "SequenceConstruct", "QuantizeLinear",
+            "DequantizeLinear", "DynamicQuantizeLinear"}  # fmt: skip
 
 
 def _evaluate(node: onnx.NodeProto, args: list[np.ndarray], opset: int) -> list[np.ndarray]:

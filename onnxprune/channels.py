@@ -33,6 +33,7 @@ import scipy.sparse.csgraph
 from onnxprune.errors import UnsupportedModelError
 from onnxprune.graph import ModelGraph, subgraph_reads
 from onnxprune.onnx_utils import has_subgraph, opset_of
+from onnxprune.quantized import quantized_initializers, source_initializer
 from onnxprune.rules import RULES
 from onnxprune.rules.protocols import RuleBarrier
 from onnxprune.subgraphs import analysed_nodes, body_reason, descended, refusal, scoped_graph
@@ -252,8 +253,13 @@ class CouplingContext:
             self.inexact.setdefault(ref, reason)
 
     def set_role(self, name: str, role: str) -> None:
-        """Tag an initializer: 'weight' (scored), 'bias', 'scale', 'variance' or 'divisor' (masked to 1)."""
-        if self.graph.is_initializer(name):
+        """Tag an initializer: 'weight' (scored), 'bias', 'scale', 'variance' or 'divisor' (masked to 1),
+        'dequantization scale'.
+
+        A dequantized constant (QDQ) passes its role to the integer initializer behind it."""
+        if not self.graph.is_initializer(name):
+            name = source_initializer(self.graph, name) or ""
+        if name:
             self.roles.setdefault(name, role)
 
 
@@ -460,10 +466,15 @@ def _build_groups(ctx, labels, frozen_labels, inexact_labels, allow_inexact) -> 
     atom_dim = np.empty(ctx.n_atoms, dtype=np.int64)
     for d, (_, (start, n)) in enumerate(dim_list):
         atom_dim[start : start + n] = d
-    # Which labels hold weights at all: only those can be worth removing.
-    is_param_dim = np.array(
-        [graph.is_initializer(ref.tensor) and graph.dtype(ref.tensor) in _FLOAT_TYPES for ref, _ in dim_list]
-    )
+    # Which labels hold weights at all (float, or integers dequantized into weights): only those can be worth
+    # removing.
+    quantized = set(quantized_initializers(graph))
+    counted = {
+        ref.tensor
+        for ref, _ in dim_list
+        if graph.is_initializer(ref.tensor) and (graph.dtype(ref.tensor) in _FLOAT_TYPES or ref.tensor in quantized)
+    }
+    is_param_dim = np.array([ref.tensor in counted for ref, _ in dim_list])
     prunable = np.zeros(n_labels, dtype=bool)
     prunable[labels[is_param_dim[atom_dim]]] = True
     blocked = frozen_labels if allow_inexact else frozen_labels | inexact_labels
@@ -500,7 +511,7 @@ def _build_groups(ctx, labels, frozen_labels, inexact_labels, allow_inexact) -> 
             ch = chan[pos]
             is_param = graph.is_initializer(ref.tensor)
             members.append(ChannelSlice(ref.tensor, ref.axis, pos, ch, is_param))
-            if is_param:
+            if ref.tensor in counted:  # a zero point is sliced with its channel but is no parameter
                 shape = graph.shape(ref.tensor)
                 per_position = int(np.prod([s for i, s in enumerate(shape) if i != ref.axis], dtype=np.int64))
                 params += np.bincount(ch, minlength=len(lab_arr)) * per_position

@@ -14,6 +14,7 @@ import numpy as np
 
 from onnxprune.calibration import single_threaded_blas
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, ChannelSlice
+from onnxprune.quantized import effective_value
 
 
 class Criterion:
@@ -67,7 +68,7 @@ class Magnitude(Criterion):
         total = np.zeros(group.size)
         members = scored_members(group, analysis)
         for m in members:
-            w = analysis.graph.const(m.tensor)
+            w = effective_value(analysis.graph, m.tensor)
             norms = position_norms(w, m.axis, self.p)[m.positions]
             ch = per_channel(m, norms, group.size)
             if self.p == 2:
@@ -127,7 +128,7 @@ class FPGM(Criterion):
     def score(self, group, analysis):
         parts = []
         for m in scored_members(group, analysis):
-            w = np.asarray(analysis.graph.const(m.tensor), dtype=np.float64)
+            w = np.asarray(effective_value(analysis.graph, m.tensor), dtype=np.float64)
             vec = np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1)[m.positions]
             sq = (vec**2).sum(axis=1)
             d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * vec @ vec.T, 0.0)

@@ -39,8 +39,10 @@ import onnx
 
 from onnxprune.certificate import read as read_certificate
 from onnxprune.errors import ModelError
+from onnxprune.graph import ModelGraph
 from onnxprune.io import write_atomically
 from onnxprune.metadata import SUMMARY_KEY, read_json_entry
+from onnxprune.quantized import source_initializer
 from onnxprune.report import SENSITIVITY_METRIC
 
 MAX_PLOTTED_LAYERS = 300  # a bar per layer stays visible up to about this many
@@ -168,7 +170,8 @@ def read_summary(model: onnx.ModelProto, where: str = "model") -> dict:
 
 # ---- layers -----------------------------------------------------------------------------------------
 def layer_rows(model: onnx.ModelProto, original: onnx.ModelProto | None = None) -> list[LayerRow]:
-    """Conv/ConvTranspose/Gemm/MatMul nodes whose weight is an initializer, in graph order."""
+    """Conv/ConvTranspose/Gemm/MatMul nodes whose weight is an initializer (or a dequantized one), in graph
+    order."""
     before = {r.weight: r.channels for r in _layers(original)} if original is not None else {}
     return [
         LayerRow(r.node, r.op_type, r.weight, r.shape, r.channels, before.get(r.weight))
@@ -178,11 +181,13 @@ def layer_rows(model: onnx.ModelProto, original: onnx.ModelProto | None = None) 
 
 def _layers(model: onnx.ModelProto) -> list[LayerRow]:
     dims = {t.name: tuple(int(d) for d in t.dims) for t in model.graph.initializer}
+    graph = ModelGraph(model)
     rows = []
     for k, node in enumerate(model.graph.node):
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
             continue
-        shape = dims.get(node.input[1])
+        # a quantized (QDQ) weight: the integer initializer behind its DequantizeLinear
+        shape = dims.get(node.input[1]) or dims.get(source_initializer(graph, node.input[1]) or "")
         if not shape or len(shape) < 2:
             continue
         channels = _output_channels(node, shape)

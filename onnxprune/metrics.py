@@ -11,15 +11,18 @@ import onnx
 
 from onnxprune.graph import Dim, ModelGraph, attrs
 from onnxprune.onnx_utils import all_graphs
+from onnxprune.quantized import quantized_initializers
 from onnxprune.subgraphs import analysed_nodes, scoped_graph
 
 
 def count_params(graph: ModelGraph) -> int:
-    """Elements of floating-point initializers (integer shape constants are not parameters)."""
+    """Elements of floating-point initializers and of quantized (QDQ) weights and biases: integer shape
+    constants and zero points are not parameters."""
     total = 0
+    quantized = set(quantized_initializers(graph))
     for g in all_graphs(graph.model.graph):
         for t in g.initializer:
-            if t.data_type in (1, 10, 11, 16):  # float, float16, double, bfloat16
+            if t.data_type in (1, 10, 11, 16) or t.name in quantized:  # float, float16, double, bfloat16
                 total += int(np.prod(t.dims, dtype=np.int64))
     return total
 

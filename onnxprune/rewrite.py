@@ -13,6 +13,7 @@ from onnxprune.channels import ChannelAnalysis, DimRef
 from onnxprune.external import MMAP_TYPES
 from onnxprune.graph import Dim, ModelGraph, subgraph_reads
 from onnxprune.onnx_utils import all_graphs, opset_of, value_names
+from onnxprune.quantized import zero_point_fill
 from onnxprune.rules import RULES
 from onnxprune.subgraphs import (
     analysed_nodes,
@@ -226,16 +227,13 @@ def apply_mask(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.Mo
     for t in graph.model.graph.initializer:
         cuts = by_tensor.get(t.name)
         array = graph.initializer_value(t.name)
-        if not cuts or array.dtype.kind != "f":
-            model.graph.initializer.append(t)
+        zero = zero_point_fill(graph, t.name) if cuts else None
+        if not cuts or (array.dtype.kind != "f" and zero is None):
+            model.graph.initializer.append(t)  # zero points stay: the quantized data they serve is silenced
             continue
-        array = array.copy()
-        fill = 1 if analysis.roles.get(t.name) in _ONE_ROLES else 0
-        for axis, pos in cuts:
-            index: list[slice | np.ndarray] = [slice(None)] * array.ndim
-            index[axis] = pos
-            array[tuple(index)] = fill
-        model.graph.initializer.append(numpy_helper.from_array(array, t.name))
+        model.graph.initializer.append(
+            numpy_helper.from_array(silence(array, cuts, analysis.roles.get(t.name), zero), t.name)
+        )
 
     def mask(t: onnx.TensorProto) -> onnx.TensorProto | None:
         array = graph.initializer_value(t.name)
@@ -247,7 +245,9 @@ def apply_mask(analysis: ChannelAnalysis, removed_labels: np.ndarray) -> onnx.Mo
     return model
 
 
-def silence(array: np.ndarray, cuts: list[tuple[int, np.ndarray]], role: str | None = None) -> np.ndarray:
+def silence(
+    array: np.ndarray, cuts: list[tuple[int, np.ndarray]], role: str | None = None, zero: np.ndarray | None = None
+) -> np.ndarray:
     """A copy of `array` with each cut's positions silenced the way `apply_mask` silences channels.
 
     Args:
@@ -255,13 +255,15 @@ def silence(array: np.ndarray, cuts: list[tuple[int, np.ndarray]], role: str | N
         cuts: ``(axis, positions)`` pairs to silence.
         role: the parameter's role in the channel analysis; variances and divisors get 1 (a zero would make
             inf, not silence), everything else 0.
+        zero: for a quantized parameter, its zero point broadcast to its shape (`quantized.zero_point_fill`):
+            the integer that dequantizes to 0.
     """
     out = array.copy()
     fill = 1 if role in _ONE_ROLES else 0
     for axis, positions in cuts:
         index: list[slice | np.ndarray] = [slice(None)] * out.ndim
         index[axis] = positions
-        out[tuple(index)] = fill
+        out[tuple(index)] = fill if zero is None else zero[tuple(index)]
     return out
 
 

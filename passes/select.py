@@ -52,6 +52,7 @@ from onnxprune.passes.latency_select import (
 )
 from onnxprune.passmanager import Pass, PassResult, analyses
 from onnxprune.plan import KeepCounts, PruningPlan, make_plan
+from onnxprune.quantized import FLOAT_WEIGHT_CRITERIA, FLOAT_WEIGHT_REPAIRS, check_float_weights
 from onnxprune.repair import RepairReport, seq_rows_writer
 from onnxprune.report import SENSITIVITY_METRIC
 from onnxprune.sensitivity import SensitivityRow, sensitivity
@@ -321,6 +322,14 @@ def measure_sensitivity(
     return SensitivityReport(tuple(ratios), tuple(rows))
 
 
+def float_weight_options(config: PruneConfig, custom_criterion: bool = False) -> list[str]:
+    """The options of `config` that read or write float weights at the consumers (refused on QDQ weights)."""
+    c = config
+    what = [f"--criterion {c.criterion}"] if c.criterion in FLOAT_WEIGHT_CRITERIA and not custom_criterion else []
+    what += [f"--repair {c.repair}"] if c.repair in FLOAT_WEIGHT_REPAIRS else []
+    return what + (["--relu-refit"] if c.relu_refit else [])
+
+
 class AnalyzeChannelsPass(Pass):
     """Analyse the coupled channel groups; the `ChannelAnalysis` is the artifact. Changes nothing."""
 
@@ -405,6 +414,8 @@ class SelectChannelsPass(Pass):
         started = time.perf_counter()
         notices = tuple(self.check_data())
         analysis = channel_analysis(model, self.config.allow_inexact)
+        params = (m.tensor for g in analysis.groups for m in g.param_members)
+        check_float_weights(analysis.graph, params, float_weight_options(self.config, self.criterion is not None))
         stats = self.statistics(model)
         measured = None
         if self.config.allocation_name in ("sensitivity", "knapsack"):

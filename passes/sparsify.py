@@ -22,6 +22,7 @@ from onnxprune.calibration_data import CalibLike, as_calibration
 from onnxprune.errors import PreconditionError
 from onnxprune.graph import ModelGraph
 from onnxprune.passmanager import Pass, PassResult
+from onnxprune.quantized import check_no_quantized_weights
 from onnxprune.sparsity import SparsityConfig, sparse_layers, sparsify_model
 from onnxprune.sparsity.patterns import check_mask, zero_tiles
 
@@ -49,6 +50,8 @@ class SparsifyPass(Pass):
         self.config.check_data(self.calib is not None or (self.stats is not None and self.config.repair != "seq"))
 
     def call(self, model: onnx.ModelProto) -> PassResult:
+        if self.config.sparsity or self.config.parsed.kind == "nm":
+            check_no_quantized_weights(ModelGraph(model), "--sparsity")
         out, report = sparsify_model(model, self.config, self.calib, self.stats)
         return PassResult(out, out is not model, artifacts=(report,))
 

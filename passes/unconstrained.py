@@ -41,6 +41,7 @@ from onnxprune.metadata import stamp
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.passes.select import channel_analysis
 from onnxprune.passmanager import Pass, PassResult, Summary
+from onnxprune.quantized import check_no_quantized_weights
 from onnxprune.upscale.allocate import allocate, knapsack_curves, split_group_ids
 from onnxprune.upscale.config import UnconstrainedConfig
 from onnxprune.upscale.export import export
@@ -138,6 +139,7 @@ class UnconstrainedPass(Pass):
         if c.ratio == 0 and c.target_params is None and not self.keeps:
             summary = self._summary(model, model, None, {}, None, start)
             return PassResult(model, False, {"summary": summary.as_dict()}, (summary,))
+        check_no_quantized_weights(ModelGraph(model), "--mode unconstrained")
         if self.keeps:
             plan = build_plan(model, c, self.keeps)
         else:

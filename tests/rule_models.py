@@ -415,3 +415,28 @@ def scan_rows(op: str, opset: int) -> onnx.ModelProto:
     )  # fmt: skip
     u = b(op, [t], body=body, num_scan_inputs=1, scan_input_axes=[2], scan_output_axes=[2])
     return b.model([("x", FLOAT, [1, 3, 3, 3])], [b.conv(u, C, 2)], opset)
+
+
+def quantized(per_channel: bool) -> Callable[[str, int], onnx.ModelProto]:
+    """The QDQ format: ``x -> Conv(DQ(W1 uint8, per tensor, zero point 5)) -> t -> QuantizeLinear ->
+    DequantizeLinear (uint8; per tensor, zero point 128, or per channel, zero points 100-130) -> u ->
+    Conv(DQ(W2 int8, per output channel)) -> y``: W1's output axis, the activation's per-channel scale and zero
+    point and W2's input axis are one group. With per-tensor activations a silenced row of W1 is silent only
+    when set to its zero point (5): 0 dequantizes to -0.5."""
+
+    def build(op: str, opset: int) -> onnx.ModelProto:
+        b = Builder()
+        w1 = b.const(b.rng.integers(0, 12, (C, 3, 1, 1)).astype(np.uint8), "w1q")
+        w1 = b("DequantizeLinear", [w1, b.const(np.array(0.1, np.float32), "s"), b.const(np.array(5, np.uint8), "zp")])
+        t = b("Conv", ["x", w1, b.normal((C,))])
+        if per_channel:
+            scale, zero = b.positive((C,), 0.02, 0.04), b.const(np.arange(100, 100 + 10 * C, 10).astype(np.uint8), "zp")
+        else:
+            scale, zero = b.const(np.array(0.03, np.float32), "s"), b.const(np.array(128, np.uint8), "zp")
+        u = b("DequantizeLinear", [b("QuantizeLinear", [t, scale, zero], axis=1), scale, zero], axis=1)
+        w2 = b.const(b.rng.integers(-127, 128, (2, C, 1, 1)).astype(np.int8), "w2q")
+        w2 = b("DequantizeLinear", [w2, b.positive((2,), 0.01, 0.02), b.const(np.array([-3, 2], np.int8), "zp")],
+               axis=0)  # fmt: skip
+        return b.model([("x", FLOAT, [1, 3, 3, 3])], [b("Conv", [u, w2])], opset)
+
+    return build

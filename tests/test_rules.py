@@ -48,6 +48,7 @@ from rule_models import (
     pad_residual,
     passthrough,
     pool,
+    quantized,
     recurrent,
     reduce,
     reduce_channels,
@@ -134,6 +135,9 @@ TABLE = [
     Row("if", ("If",), if_branches, (C,)),
     Row("loop", ("Loop",), loop_carry, (C,)),
     Row("scan", ("Scan",), scan_rows, (C,)),
+    Row("quantize / dequantize (QDQ)", ("QuantizeLinear", "DequantizeLinear"), quantized(per_channel=False), (C,)),
+    Row("QDQ per-channel activations", ("QuantizeLinear", "DequantizeLinear"), quantized(per_channel=True), (C,)),
+    Row("QDQ opset 13", ("QuantizeLinear", "DequantizeLinear"), quantized(per_channel=False), (C,), opset=13),
     Row("depth/space (facts only)", ("DepthToSpace", "SpaceToDepth"), depth_space, None, zero_check=depth_space_zero_check),
 ]  # fmt: skip
 

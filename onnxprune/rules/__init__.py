@@ -12,6 +12,7 @@ from onnxprune.rules import (  # noqa: F401  (registers the rules)
     linear,
     norm,
     pool,
+    quantize,
     recurrent,
     reshape,
     shape,

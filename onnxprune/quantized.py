@@ -1,0 +1,157 @@
+"""Quantized (QDQ) weights: integer initializers read through DequantizeLinear.
+
+A QDQ model (onnxruntime's ``quantize_static`` in QDQ format, PyTorch / TensorFlow quantization-aware exports,
+TensorRT's explicit quantization) keeps each weight as an integer initializer ``W_q`` read by
+``DequantizeLinear(W_q, scale, zero_point, axis)``: the float weight a Conv / Gemm / MatMul sees is
+``(W_q - zero_point) * scale``, per tensor or per channel along ``axis``. The channel rule of
+QuantizeLinear / DequantizeLinear (``rules/quantize.py``) couples ``W_q``'s axes through the dequantization,
+so a group slices ``W_q``, its per-channel scale and zero point like any parameter, and the pruned model
+stays quantized (same integers, same scales). Three places need the quantized view, and ask here:
+
+- roles: the weight / bias role a Conv gives its input belongs to ``W_q`` (:func:`source_initializer`);
+- scoring: criteria score the dequantized values (:func:`effective_value`), not the raw integers, whose
+  per-channel scales differ;
+- the masking oracle: a silenced quantized weight is set to its zero point (:func:`zero_point_fill`), the
+  integer that dequantizes to exactly 0.
+
+What reads or writes float weights at the layers (OBS and activation statistics, the repairs, unconstrained
+mode, sparsity) does not handle quantized ones: :func:`check_float_weights` and
+:func:`check_no_quantized_weights` refuse it in one line rather than skip those layers without a word
+(requantizing repaired weights is not done).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import UsageError
+from onnxprune.graph import ModelGraph, attrs
+
+__all__ = [
+    "FLOAT_WEIGHT_CRITERIA",
+    "FLOAT_WEIGHT_REPAIRS",
+    "check_float_weights",
+    "check_no_quantized_weights",
+    "dequantizer",
+    "effective_value",
+    "quantized_initializers",
+    "source_initializer",
+    "zero_point_fill",
+]
+
+#: Criteria that read each consumer's input statistics and weight matrix as floats (calibration.consumers).
+FLOAT_WEIGHT_CRITERIA = frozenset({"obs", "activation", "apoz"})
+#: Repairs that write new float weights (a quantized weight would need requantizing).
+FLOAT_WEIGHT_REPAIRS = frozenset({"bias", "ls", "seq", "mean"})
+
+
+def dequantizer(graph: ModelGraph, name: str) -> onnx.NodeProto | None:
+    """The DequantizeLinear that reads the integer initializer `name` as its data, with constant scale and
+    zero point, when that is its only reader; else None."""
+    t = graph.initializers.get(name)
+    if t is None or t.data_type in _FLOAT_TYPES:
+        return None
+    uses = graph.consumers.get(name, [])
+    if len(uses) != 1:
+        return None
+    node, slot = uses[0].node, uses[0].index
+    if node.op_type != "DequantizeLinear" or slot != 0 or node.domain not in ("", "ai.onnx"):
+        return None
+    params = [n for n in node.input[1:3] if n]
+    if not all(graph.is_initializer(p) for p in params):
+        return None
+    return node
+
+
+def source_initializer(graph: ModelGraph, name: str) -> str | None:
+    """The integer initializer behind `name` when `name` is the output of a constant DequantizeLinear."""
+    node = graph.producer.get(name)
+    if node is None or node.op_type != "DequantizeLinear" or not node.input:
+        return None
+    source = node.input[0]
+    return source if dequantizer(graph, source) is node else None
+
+
+def quantized_initializers(graph: ModelGraph) -> list[str]:
+    """Integer initializers that are dequantized weights or biases (counted as parameters)."""
+    return [name for name in graph.initializers if dequantizer(graph, name) is not None]
+
+
+def _along_axis(node: onnx.NodeProto, value: np.ndarray, rank: int) -> np.ndarray:
+    """A per-tensor or per-axis scale / zero point shaped to broadcast against the rank-`rank` data."""
+    value = np.asarray(value)
+    if value.ndim == 0 or value.size == 1:
+        return value.reshape(())
+    axis = int(attrs(node).get("axis", 1)) % rank
+    shape = [1] * rank
+    shape[axis] = value.shape[0]
+    return value.reshape(shape)
+
+
+def effective_value(graph: ModelGraph, name: str) -> np.ndarray | None:
+    """The value a parameter stands for: ``(W_q - zero_point) * scale`` (float32) for a quantized one, the
+    initializer itself otherwise (None for run-time tensors)."""
+    node = dequantizer(graph, name)
+    value = graph.const(name)
+    if node is None or value is None:
+        return value
+    scale = _along_axis(node, graph.initializer_value(node.input[1]), value.ndim)
+    zero = np.zeros(())
+    if len(node.input) > 2 and node.input[2]:
+        zero = _along_axis(node, graph.initializer_value(node.input[2]), value.ndim).astype(np.float64)
+    return ((value.astype(np.float64) - zero) * scale.astype(np.float64)).astype(np.float32)
+
+
+def zero_point_fill(graph: ModelGraph, name: str) -> np.ndarray | None:
+    """For a quantized parameter: its zero point broadcast to its shape and dtype (what a silenced position
+    holds so that it dequantizes to 0); None for anything else."""
+    node = dequantizer(graph, name)
+    value = graph.const(name)
+    if node is None or value is None:
+        return None
+    if len(node.input) > 2 and node.input[2]:
+        zero = _along_axis(node, graph.initializer_value(node.input[2]), value.ndim)
+    else:
+        zero = np.zeros((), value.dtype)
+    return np.broadcast_to(zero.astype(value.dtype), value.shape)
+
+
+def check_float_weights(graph: ModelGraph, params: Iterable[str], what: list[str]) -> None:
+    """Refuse, in one line, options that need float weights when the parameters to prune hold quantized ones.
+
+    Args:
+        graph: the model's graph.
+        params: the parameters the channel groups slice (``ChannelSlice.tensor`` of their param members).
+        what: the options in use that read or write float weights (``--repair seq``, ...); empty: nothing to check.
+
+    Raises:
+        UsageError: some of `params` are quantized (QDQ) and `what` is not empty.
+    """
+    if what:
+        _refuse({name for name in params if dequantizer(graph, name) is not None}, what)
+
+
+def check_no_quantized_weights(graph: ModelGraph, what: str) -> None:
+    """Refuse, in one line, a whole-model mode (`what`: ``--mode unconstrained``, ``--sparsity``) that reads and
+    writes float weights only, on a model with quantized ones: it would leave them untouched without a word."""
+    _refuse(set(quantized_initializers(graph)), [what])
+
+
+def _refuse(quantized: set[str], what: list[str]) -> None:
+    if quantized:
+        raise UsageError(
+            f"{len(quantized)} parameters are quantized (QDQ: integers behind DequantizeLinear) and {', '.join(what)} "
+            "reads or writes float weights: prune the quantized model with a weight criterion (l1, l2, fpgm, lamp, "
+            "random) and no repair (exact), or prune the float model and quantize it after"
+        )
+
+
+_FLOAT_TYPES = (
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+)

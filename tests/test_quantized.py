@@ -1,0 +1,241 @@
+"""Quantized (QDQ) models: pruned as they are, staying quantized, checked against their masked original.
+
+The models are real QDQ exports: the bundled Fashion-MNIST models and seeded test models quantized by
+onnxruntime's ``quantize_static`` (per-channel int8 weights, and per-tensor uint8 with non-zero zero points).
+Checked: every group's dead-channel equivalence (the masked original sets silenced integers to their zero
+point); a pruned model that is still QDQ (integer weights behind DequantizeLinear, nothing dequantized into
+floats) with a passed certificate; ratio 0 reproduces the original; scoring reads the dequantized weights;
+options that read or write float weights are refused in one line; blocked quantization is a barrier.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import canonical
+from onnx import TensorProto, helper, numpy_helper
+
+from models.testmodels import TEST_MODELS
+from onnxprune.channels import analyze
+from onnxprune.cli import main
+from onnxprune.graph import ModelGraph
+from onnxprune.html_report import layer_rows
+from onnxprune.metrics import count_params
+from onnxprune.passes.pruning import PruneConfig, PrunePass
+from onnxprune.quantized import dequantizer, effective_value, quantized_initializers
+from onnxprune.verify import dead_channel_check, max_rel_error, random_inputs, run
+
+quantization = pytest.importorskip("onnxruntime.quantization")
+ROOT = Path(__file__).resolve().parents[1]
+FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+
+
+class _Reader(quantization.CalibrationDataReader):
+    def __init__(self, model: onnx.ModelProto, n: int = 8) -> None:
+        self.samples = iter([random_inputs(model, seed=s) for s in range(n)])
+
+    def get_next(self):
+        return next(self.samples, None)
+
+
+def quantize(model: onnx.ModelProto, path: Path, per_channel: bool) -> Path:
+    """`model` quantized by onnxruntime (QDQ): int8 per-channel weights, or uint8 per tensor (zero points != 0)."""
+    src = path.with_suffix(".float.onnx")
+    onnx.save(model, src)
+    kind = quantization.QuantType.QInt8 if per_channel else quantization.QuantType.QUInt8
+    quantization.quantize_static(
+        str(src), str(path), _Reader(model), quant_format=quantization.QuantFormat.QDQ, per_channel=per_channel,
+        weight_type=kind, activation_type=quantization.QuantType.QUInt8,
+    )  # fmt: skip
+    return path
+
+
+def _source(name: str) -> onnx.ModelProto:
+    if name.startswith("fashion_mnist"):
+        path = ROOT / "models" / f"{name}.onnx"
+        if not path.is_file():
+            pytest.skip(f"{path} not built")
+        return onnx.load(path)
+    return TEST_MODELS[name]()
+
+
+MODELS = ["fashion_mnist_cnn", "fashion_mnist_resnet", "chain", "residual", "concat", "depthwise", "gemm_head"]
+
+
+@pytest.fixture(scope="module")
+def qdq(tmp_path_factory):
+    cache: dict[tuple[str, bool], onnx.ModelProto] = {}
+
+    def get(name: str, per_channel: bool) -> onnx.ModelProto:
+        if (name, per_channel) not in cache:
+            path = tmp_path_factory.mktemp("qdq") / f"{name}.onnx"
+            cache[name, per_channel] = canonical(onnx.load(quantize(_source(name), path, per_channel)))
+        return cache[name, per_channel]
+
+    return get
+
+
+def _quantized_weight_inputs(model: onnx.ModelProto) -> list[str]:
+    """The weight inputs of Conv/Gemm/MatMul that are dequantized integers."""
+    graph = ModelGraph(model)
+    out = []
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
+            producer = graph.producer.get(node.input[1])
+            if producer is not None and producer.op_type == "DequantizeLinear" and dequantizer(graph, producer.input[0]):
+                out.append(node.input[1])
+    return out
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["int8-per-channel", "uint8-per-tensor"])
+@pytest.mark.parametrize("name", MODELS)
+def test_every_group_of_a_qdq_model_is_dead_channel_equivalent(name, per_channel, qdq):
+    model = qdq(name, per_channel)
+    graph = ModelGraph(model)
+    assert _quantized_weight_inputs(model), "onnxruntime quantized no weight"
+    analysis = analyze(graph)
+    assert analysis.groups, [str(b) for b in analysis.barriers]
+    assert not [b for b in analysis.barriers if "Quantize" in b.op_type]
+    quantized = set(quantized_initializers(graph))
+    assert any(m.tensor in quantized for g in analysis.groups for m in g.param_members)
+    inputs = random_inputs(model, seed=1)
+    for group in analysis.groups:
+        result = dead_channel_check(analysis, group, inputs)
+        assert result.error <= 1e-5, f"group {group.id} ({[str(m) for m in group.members]}): {result.error}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_ratio_zero_reproduces_a_qdq_model(name, qdq):
+    model = qdq(name, False)
+    result = PrunePass(PruneConfig(ratio=0.0)).run(model)
+    assert result.modified is False
+    inputs = random_inputs(model)
+    assert max_rel_error(run(model, inputs), run(result.model, inputs)) == 0.0
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["int8-per-channel", "uint8-per-tensor"])
+def test_a_pruned_qdq_model_stays_quantized(per_channel, qdq, tmp_path, capsys):
+    """The CLI prunes the quantized Fashion-MNIST ResNet: the certificate passes, every weight that was a
+    dequantized integer still is (smaller), no float copy of a weight appears, and the parameters counted
+    include the integer weights."""
+    model = qdq("fashion_mnist_resnet", per_channel)
+    src, out = tmp_path / "q.onnx", tmp_path / "q.pruned.onnx"
+    onnx.save(model, src)
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.3", "--round-to", "1", "--criterion", "l2",
+                 "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert report["verification"]["passed"] and report["verification"]["exact_max_error"] <= 1e-5
+    assert report["channels_removed"] > 0 and report["params_after"] < report["params_before"]
+    pruned = onnx.load(out)
+    assert count_params(ModelGraph(model)) == report["params_before"]
+    weights_before, weights_after = _quantized_weight_inputs(model), _quantized_weight_inputs(pruned)
+    assert weights_after == weights_before, "a quantized weight became float"
+    biggest_float = max(int(np.prod(t.dims)) for t in pruned.graph.initializer if t.data_type in FLOATS)
+    biggest_before = max(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in FLOATS)
+    assert biggest_float <= biggest_before, "a dequantized weight was folded into a float initializer"
+    assert out.stat().st_size < src.stat().st_size
+    rows = layer_rows(pruned, model)  # the HTML report's per-layer table sees through DequantizeLinear
+    assert len(rows) == len(weights_before)
+    assert any(r.channels < r.channels_before for r in rows if r.channels_before is not None)
+    inputs = random_inputs(model, seed=2)
+    (y,) = run(pruned, inputs)
+    assert y.shape == run(model, inputs)[0].shape and np.isfinite(y).all()
+
+
+def _two_convs(scales: np.ndarray, ints: np.ndarray) -> onnx.ModelProto:
+    """``x -> Conv(DQ(ints, per-channel scales)) -> Relu -> Conv(float) -> y`` (4 channels between)."""
+    c = len(scales)
+    inits = [
+        numpy_helper.from_array(ints.astype(np.int8), "wq"),
+        numpy_helper.from_array(scales.astype(np.float32), "ws"),
+        numpy_helper.from_array(np.zeros(c, np.int8), "wz"),
+        numpy_helper.from_array(np.ones((2, c, 1, 1), np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w1"], axis=0),
+        helper.make_node("Conv", ["x", "w1"], ["t"]),
+        helper.make_node("Relu", ["t"], ["u"]),
+        helper.make_node("Conv", ["u", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    return canonical(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+
+
+def test_scoring_reads_the_dequantized_weights():
+    """Channel 0 holds the largest integers but the smallest scale: by its real (dequantized) weights it is the
+    weakest and goes first; the raw integers would rank it first."""
+    ints = np.stack([np.full((3, 1, 1), v) for v in (120, 40, 50, 60)])
+    scales = np.array([0.001, 0.05, 0.05, 0.05])
+    model = _two_convs(scales, ints)
+    graph = ModelGraph(model)
+    np.testing.assert_allclose(effective_value(graph, "wq"), ints * scales[:, None, None, None], rtol=1e-6)
+    (w1,) = run(_with_output(model, "w1"), random_inputs(model))[-1:]
+    np.testing.assert_allclose(effective_value(graph, "wq"), w1, rtol=1e-6)  # what onnxruntime dequantizes
+    for criterion in ("l1", "l2", "lamp"):
+        result = PrunePass(PruneConfig(ratio=0.25, criterion=criterion)).run(model)
+        kept = numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == "wq"))
+        assert kept.shape[0] == 3 and (kept[:, 0, 0, 0] != 120).all(), (criterion, kept[:, 0, 0, 0])
+
+
+def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return out
+
+
+def test_small_quantized_weights_are_not_folded_into_floats():
+    model = _two_convs(np.full(4, 0.01), np.ones((4, 3, 1, 1)))
+    assert model.graph.node[0].op_type == "DequantizeLinear"
+    assert {t.name: t.data_type for t in model.graph.initializer}["wq"] == TensorProto.INT8
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--criterion", "obs", "--calib", "CALIB"],
+        ["--criterion", "activation", "--calib", "CALIB"],
+        ["--repair", "bias"],
+        ["--repair", "seq", "--calib", "CALIB"],
+        ["--repair", "ls", "--calib", "CALIB"],
+        ["--mode", "unconstrained"],
+        ["--ratio", "0", "--sparsity", "0.5"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_options_that_need_float_weights_are_refused_in_one_line(args, qdq, tmp_path, capsys):
+    model = qdq("chain", True)
+    src, out = tmp_path / "q.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    np.savez(tmp_path / "calib.npz", **{k: np.concatenate([random_inputs(model, seed=s)[k] for s in range(4)])
+                                        for k in random_inputs(model)})  # fmt: skip
+    args = [str(tmp_path / "calib.npz") if a == "CALIB" else a for a in args]
+    ratio = [] if "--ratio" in args else ["--ratio", "0.3"]
+    assert main(["prune", str(src), "-o", str(out), "--round-to", "1", *ratio, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "quantized (QDQ" in err[0] and "prune the float model" in err[0], err
+    assert not out.exists()
+
+
+def test_blocked_quantization_is_a_barrier():
+    inits = [
+        numpy_helper.from_array(np.ones((4, 4), np.int8), "wq"),
+        numpy_helper.from_array(np.full((4, 2), 0.1, np.float32), "ws"),
+        numpy_helper.from_array(np.ones((3, 4), np.float32), "w0"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["t"]),
+        helper.make_node("DequantizeLinear", ["wq", "ws"], ["w1"], axis=1, block_size=2),
+        helper.make_node("MatMul", ["t", "w1"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)  # fmt: skip
+    model = canonical(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    analysis = analyze(ModelGraph(model))
+    (barrier,) = [b for b in analysis.barriers if b.op_type == "DequantizeLinear"]
+    assert barrier.reason.startswith("blocked quantization (block_size)")
