@@ -37,6 +37,7 @@ __all__ = [
     "check_no_quantized_weights",
     "dequantizer",
     "effective_value",
+    "is_quantized_weight",
     "quantized_initializers",
     "source_initializer",
     "zero_point_fill",
@@ -67,12 +68,36 @@ def dequantizer(graph: ModelGraph, name: str) -> onnx.NodeProto | None:
 
 
 def source_initializer(graph: ModelGraph, name: str) -> str | None:
-    """The integer initializer behind `name` when `name` is the output of a constant DequantizeLinear."""
+    """The initializer a weight `name` stands for when it is dequantized: the integers behind a constant
+    DequantizeLinear, or the float weight of a fake-quantized ``DequantizeLinear(QuantizeLinear(W))`` (what
+    quantization-aware exports write); None otherwise."""
     node = graph.producer.get(name)
     if node is None or node.op_type != "DequantizeLinear" or not node.input:
         return None
     source = node.input[0]
-    return source if dequantizer(graph, source) is node else None
+    if dequantizer(graph, source) is node:
+        return source
+    quantize = graph.producer.get(source)
+    if quantize is None or quantize.op_type != "QuantizeLinear" or not quantize.input:
+        return None
+    weight = quantize.input[0]
+    only_reader = len(graph.consumers.get(weight, [])) == 1 and len(graph.consumers.get(source, [])) == 1
+    return weight if graph.is_initializer(weight) and graph.dtype(weight) in _FLOAT_TYPES and only_reader else None
+
+
+def is_quantized_weight(graph: ModelGraph, name: str) -> bool:
+    """True for an initializer a layer reads through quantization: integers behind DequantizeLinear, or a
+    float weight fake-quantized by ``DequantizeLinear(QuantizeLinear(W))``."""
+    if dequantizer(graph, name) is not None:
+        return True
+    uses = graph.consumers.get(name, [])
+    if len(uses) != 1 or uses[0].node.op_type != "QuantizeLinear" or uses[0].index != 0:
+        return False
+    return any(source_initializer(graph, o) == name for o in _dequantized_outputs(graph, uses[0].node))
+
+
+def _dequantized_outputs(graph: ModelGraph, quantize: onnx.NodeProto) -> list[str]:
+    return [u.node.output[0] for u in graph.consumers.get(quantize.output[0], []) if u.node.op_type == "DequantizeLinear"]
 
 
 def quantized_initializers(graph: ModelGraph) -> list[str]:
@@ -131,19 +156,20 @@ def check_float_weights(graph: ModelGraph, params: Iterable[str], what: list[str
         UsageError: some of `params` are quantized (QDQ) and `what` is not empty.
     """
     if what:
-        _refuse({name for name in params if dequantizer(graph, name) is not None}, what)
+        _refuse({name for name in params if is_quantized_weight(graph, name)}, what)
 
 
 def check_no_quantized_weights(graph: ModelGraph, what: str) -> None:
     """Refuse, in one line, a whole-model mode (`what`: ``--mode unconstrained``, ``--sparsity``) that reads and
-    writes float weights only, on a model with quantized ones: it would leave them untouched without a word."""
-    _refuse(set(quantized_initializers(graph)), [what])
+    writes plain float weights only, on a model with quantized ones: it would leave them untouched without a
+    word."""
+    _refuse({name for name in graph.initializers if is_quantized_weight(graph, name)}, [what])
 
 
 def _refuse(quantized: set[str], what: list[str]) -> None:
     if quantized:
         raise UsageError(
-            f"{len(quantized)} parameters are quantized (QDQ: integers behind DequantizeLinear) and {', '.join(what)} "
+            f"{len(quantized)} parameters are quantized (QDQ: read through DequantizeLinear) and {', '.join(what)} "
             "reads or writes float weights: prune the quantized model with a weight criterion (l1, l2, fpgm, lamp, "
             "random) and no repair (exact), or prune the float model and quantize it after"
         )

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from models.testmodels import TEST_MODELS
 from onnxprune.channels import analyze
 from onnxprune.cli import main
+from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
 from onnxprune.html_report import layer_rows
 from onnxprune.metrics import count_params
@@ -239,3 +240,61 @@ def test_blocked_quantization_is_a_barrier():
     analysis = analyze(ModelGraph(model))
     (barrier,) = [b for b in analysis.barriers if b.op_type == "DequantizeLinear"]
     assert barrier.reason.startswith("blocked quantization (block_size)")
+
+
+def _fake_quantized(per_channel: bool) -> onnx.ModelProto:
+    """Quantization-aware exports keep float weights and quantize them in the graph:
+    ``x -> Conv(DQ(Q(W1))) -> QDQ -> Relu -> Conv(DQ(Q(W2))) -> y`` (W1 per output channel or per tensor)."""
+    rng = np.random.default_rng(0)
+    c = 6
+    w1_scale = rng.uniform(0.01, 0.03, c) if per_channel else np.array(0.02)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(w1_scale.astype(np.float32), "w1s"),
+        numpy_helper.from_array(np.zeros(w1_scale.shape, np.int8), "w1z"),
+        numpy_helper.from_array(rng.standard_normal((4, c, 1, 1)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array(0.02, np.float32), "w2s"),
+        numpy_helper.from_array(np.array(0, np.int8), "w2z"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "as"),
+        numpy_helper.from_array(np.array(128, np.uint8), "az"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["w1", "w1s", "w1z"], ["w1q"], axis=0),
+        helper.make_node("DequantizeLinear", ["w1q", "w1s", "w1z"], ["w1d"], axis=0),
+        helper.make_node("Conv", ["x", "w1d"], ["t"], pads=[1, 1, 1, 1]),
+        helper.make_node("QuantizeLinear", ["t", "as", "az"], ["tq"]),
+        helper.make_node("DequantizeLinear", ["tq", "as", "az"], ["td"]),
+        helper.make_node("Relu", ["td"], ["u"]),
+        helper.make_node("QuantizeLinear", ["w2", "w2s", "w2z"], ["w2q"]),
+        helper.make_node("DequantizeLinear", ["w2q", "w2s", "w2z"], ["w2d"]),
+        helper.make_node("Conv", ["u", "w2d"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "fake_quant", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    return canonical(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+def test_fake_quantized_float_weights(per_channel):
+    """``DequantizeLinear(QuantizeLinear(W))`` on a float W: W is the weight (scored, role 'weight'), the
+    channels between the convs are one group, masked and pruned agree, and a pruned model still runs."""
+    model = _fake_quantized(per_channel)
+    analysis = analyze(ModelGraph(model))
+    assert analysis.roles.get("w1") == "weight" and analysis.roles.get("w2") == "weight"
+    (group,) = analysis.groups
+    assert group.size == 6 and {"w1", "w2"} <= {m.tensor for m in group.param_members}
+    inputs = random_inputs(model, seed=5)
+    assert dead_channel_check(analysis, group, inputs).error <= 1e-5
+    result = PrunePass(PruneConfig(ratio=0.5, criterion="l2")).run(model)
+    value = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    rows = np.sqrt((value["w1"] ** 2).sum(axis=(1, 2, 3)))
+    cols = np.sqrt((value["w2"] ** 2).sum(axis=(0, 2, 3)))
+    expected = sorted(np.argsort(rows / rows.mean() + cols / cols.mean())[3:].tolist())  # the float weights' l2
+    w1 = numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == "w1"))
+    kept = [int(np.flatnonzero((value["w1"] == row).all(axis=(1, 2, 3)))[0]) for row in w1]
+    assert kept == expected
+    inputs = random_inputs(model, seed=6)
+    assert np.isfinite(run(result.model, inputs)[0]).all()
+    for options in (PruneConfig(ratio=0.5, repair="ls"), PruneConfig(ratio=0.5, criterion="obs")):
+        with pytest.raises(UsageError, match="quantized"):  # the layers' weights are not plain initializers
+            PrunePass(options, calib={"x": np.random.default_rng(0).random((8, 3, 5, 5), np.float32)}).run(model)
