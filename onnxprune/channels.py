@@ -33,7 +33,7 @@ import scipy.sparse.csgraph
 from onnxprune.errors import UnsupportedModelError
 from onnxprune.graph import ModelGraph, subgraph_reads
 from onnxprune.onnx_utils import has_subgraph, opset_of
-from onnxprune.quantized import quantized_initializers, source_initializer
+from onnxprune.quantized import is_parameter, source_initializer
 from onnxprune.rules import RULES
 from onnxprune.rules.protocols import RuleBarrier
 from onnxprune.subgraphs import analysed_nodes, body_reason, descended, refusal, scoped_graph
@@ -337,6 +337,8 @@ class ChannelAnalysis:
         covered: dict[str, dict[int, set[int]]] = {}
         for g in self.groups:
             for m in g.param_members:
+                if not is_parameter(self.graph, m.tensor):
+                    continue  # a zero point is sliced with its channel but is no parameter
                 covered.setdefault(m.tensor, {}).setdefault(m.axis, set()).update(m.positions.tolist())
         total = 0
         for name, axes in covered.items():
@@ -454,7 +456,6 @@ def _labels_of(ctx: CouplingContext, labels: np.ndarray, dims: dict[DimRef, str]
     return set(np.flatnonzero(hit).tolist())
 
 
-_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 def _build_groups(ctx, labels, frozen_labels, inexact_labels, allow_inexact) -> list[ChannelGroup]:
@@ -468,12 +469,7 @@ def _build_groups(ctx, labels, frozen_labels, inexact_labels, allow_inexact) -> 
         atom_dim[start : start + n] = d
     # Which labels hold weights at all (float, or integers dequantized into weights): only those can be worth
     # removing.
-    quantized = set(quantized_initializers(graph))
-    counted = {
-        ref.tensor
-        for ref, _ in dim_list
-        if graph.is_initializer(ref.tensor) and (graph.dtype(ref.tensor) in _FLOAT_TYPES or ref.tensor in quantized)
-    }
+    counted = {ref.tensor for ref, _ in dim_list if is_parameter(graph, ref.tensor)}
     is_param_dim = np.array([ref.tensor in counted for ref, _ in dim_list])
     prunable = np.zeros(n_labels, dtype=bool)
     prunable[labels[is_param_dim[atom_dim]]] = True

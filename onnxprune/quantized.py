@@ -37,6 +37,7 @@ __all__ = [
     "check_no_quantized_weights",
     "dequantizer",
     "effective_value",
+    "is_parameter",
     "is_quantized_weight",
     "quantized_initializers",
     "source_initializer",
@@ -98,6 +99,13 @@ def is_quantized_weight(graph: ModelGraph, name: str) -> bool:
 
 def _dequantized_outputs(graph: ModelGraph, quantize: onnx.NodeProto) -> list[str]:
     return [u.node.output[0] for u in graph.consumers.get(quantize.output[0], []) if u.node.op_type == "DequantizeLinear"]
+
+
+def is_parameter(graph: ModelGraph, name: str) -> bool:
+    """A float initializer, or integers dequantized into a weight or bias: what parameter counts count (shape
+    constants, indices and zero points do not)."""
+    t = graph.initializers.get(name)
+    return t is not None and (t.data_type in _FLOAT_TYPES or dequantizer(graph, name) is not None)
 
 
 def quantized_initializers(graph: ModelGraph) -> list[str]:

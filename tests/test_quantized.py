@@ -298,3 +298,42 @@ def test_fake_quantized_float_weights(per_channel):
     for options in (PruneConfig(ratio=0.5, repair="ls"), PruneConfig(ratio=0.5, criterion="obs")):
         with pytest.raises(UsageError, match="quantized"):  # the layers' weights are not plain initializers
             PrunePass(options, calib={"x": np.random.default_rng(0).random((8, 3, 5, 5), np.float32)}).run(model)
+
+
+def test_latency_tables_time_quantized_layers_as_integer_kernels(qdq, tmp_path):
+    """A QDQ conv is timed as the pattern onnxruntime fuses (DequantizeLinear -> Conv -> QuantizeLinear becomes
+    QLinearConv), not as a float conv; float layers keep their signatures (and cached timings)."""
+    import onnxruntime as ort
+
+    from onnxprune.latency.microbench import dense_variant, micro_model, touched_ops
+
+    model = qdq("fashion_mnist_cnn", True)
+    analysis = analyze(ModelGraph(model))
+    touches = [t for g in analysis.groups for t in touched_ops(analysis, g)[0]]
+    convs = [t for t in touches if t.spec.op_type == "Conv"]
+    assert convs and all(t.spec.qdq for t in convs)
+    fused = set()
+    for touch in convs:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(micro_model(touch.spec, dense_variant(touch.spec)).SerializeToString(), options)
+        fused |= {n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
+    assert "QLinearConv" in fused and "Conv" not in fused, fused
+
+    float_model = canonical(_source("fashion_mnist_cnn"))
+    float_analysis = analyze(ModelGraph(float_model))
+    for g in float_analysis.groups:
+        for touch in touched_ops(float_analysis, g)[0]:
+            assert touch.spec.qdq == () and '"qdq"' not in touch.spec.signature
+
+
+def test_auto_rounding_measures_a_qdq_model(qdq, tmp_path, capsys):
+    model = qdq("fashion_mnist_cnn", True)
+    src, out = tmp_path / "q.onnx", tmp_path / "q.pruned.onnx"
+    onnx.save(model, src)
+    code = main(["prune", str(src), "-o", str(out), "--ratio", "0.3", "--latency-cache", str(tmp_path / "cache"),
+                 "--json"])  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["latency"] is not None and report["latency"]["pruned_ms"] > 0
+    assert report["verification"]["passed"] and _quantized_weight_inputs(onnx.load(out))
