@@ -370,7 +370,7 @@ def analyze(graph: ModelGraph, *, allow_inexact: bool = False) -> ChannelAnalysi
         ctx.node = node
         tensors = [n for n in node.output if n]
         if rule is None:
-            reason = body_reason(node) or f"no channel rule for {node.domain + '::' if node.domain else ''}{node.op_type}"
+            reason = body_reason(node) or _no_rule_reason(node, opsets[node.domain])
             _freeze_node(ctx, node, reason)
             barriers.append(Barrier(node.name, node.op_type, reason))
             continue
@@ -412,6 +412,14 @@ def analyze(graph: ModelGraph, *, allow_inexact: bool = False) -> ChannelAnalysi
     groups = _build_groups(ctx, labels, frozen_labels, inexact_labels, allow_inexact)
     return ChannelAnalysis(graph, groups, barriers, dict(ctx.dims), labels, dict(ctx.roles), dict(ctx.frozen),
                            dict(ctx.frozen_nodes))
+
+
+def _no_rule_reason(node: onnx.NodeProto, opset: int | None) -> str:
+    """Why an operator without a channel rule is a barrier: its facts-only entry's reason, if it gives one."""
+    reg = RULES.registration(node.domain, node.op_type, opset)
+    if reg is not None and reg.rule.barrier_reason:
+        return reg.rule.barrier_reason
+    return f"no channel rule for {node.domain + '::' if node.domain else ''}{node.op_type}"
 
 
 def _freeze_node(ctx: CouplingContext, node: onnx.NodeProto, reason: str) -> None:

@@ -440,3 +440,24 @@ def quantized(per_channel: bool) -> Callable[[str, int], onnx.ModelProto]:
         return b.model([("x", FLOAT, [1, 3, 3, 3])], [b("Conv", [u, w2])], opset)
 
     return build
+
+
+def integer_operator(op: str, opset: int) -> onnx.ModelProto:
+    """``x -> Conv(3->C) -> t -> QuantizeLinear -> [integer op] -> u -> Conv(->2) -> y`` with the QOperator /
+    integer forms of a 1x1 conv or a matrix product (C -> C) between the float convolutions."""
+    b = Builder()
+    t = b.conv("x", 3, C)
+    s, zp = b.const(np.array(0.05, np.float32), "s"), b.const(np.array(128, np.uint8), "zp")
+    tq = b("QuantizeLinear", [t, s, zp])
+    conv = op in ("QLinearConv", "ConvInteger")
+    w = b.const(b.rng.integers(0, 255, (C, C, 1, 1) if conv else (C, C)).astype(np.uint8), "wq")
+    if op in ("QLinearConv", "QLinearMatMul"):
+        x = tq if conv else b("Transpose", [tq], perm=[0, 2, 3, 1])  # channels last for the matrix product
+        q = b(op, [x, s, zp, w, s, zp, s, zp])
+        u = b("DequantizeLinear", [q, s, zp])
+    else:
+        x = tq if conv else b("Transpose", [tq], perm=[0, 2, 3, 1])
+        u = b("Cast", [b(op, [x, w, zp, zp])], to=FLOAT)
+    if not conv:
+        u = b("Transpose", [u], perm=[0, 3, 1, 2])
+    return b.model([("x", FLOAT, [1, 3, 3, 3])], [b.conv(u, C, 2)], opset)

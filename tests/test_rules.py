@@ -38,6 +38,7 @@ from rule_models import (
     gather,
     gather_nd,
     if_branches,
+    integer_operator,
     layout,
     linear,
     loop_carry,
@@ -138,6 +139,8 @@ TABLE = [
     Row("quantize / dequantize (QDQ)", ("QuantizeLinear", "DequantizeLinear"), quantized(per_channel=False), (C,)),
     Row("QDQ per-channel activations", ("QuantizeLinear", "DequantizeLinear"), quantized(per_channel=True), (C,)),
     Row("QDQ opset 13", ("QuantizeLinear", "DequantizeLinear"), quantized(per_channel=False), (C,), opset=13),
+    Row("integer operators (facts only)", ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"),
+        integer_operator, None),
     Row("depth/space (facts only)", ("DepthToSpace", "SpaceToDepth"), depth_space, None, zero_check=depth_space_zero_check),
 ]  # fmt: skip
 
@@ -179,6 +182,14 @@ def test_coupling(row: Row, op: str, analysed):
         return
     assert not barriers, analysis.barriers
     assert tuple(sorted(g.size for g in analysis.groups)) == row.groups
+
+
+@pytest.mark.parametrize("op", ["QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"])
+def test_integer_operators_are_barriers_that_say_what_to_do(op, analysed):
+    row = next(r for r in TABLE if r.name.startswith("integer operators"))
+    _, analysis = analysed(row, op)
+    (barrier,) = [b for b in analysis.barriers if b.op_type == op]
+    assert barrier.reason.startswith("integer operator (QOperator format): prune the float model, or its QDQ")
 
 
 @pytest.mark.parametrize(("row", "op"), CASES)

@@ -48,6 +48,8 @@ class ChannelRule:
     zero_preserving: Collection[str] = ()
     same_shape: Collection[str] = ()
     couples: bool = True
+    #: a facts-only entry's explanation, reported as the barrier's reason instead of "no channel rule for ..."
+    barrier_reason: str = ""
 
     def static_inputs(self, node: onnx.NodeProto) -> set[int]:
         """Input indices that are shape-like parameters (read for their value, not their channels)."""

@@ -38,3 +38,19 @@ class Quantization(ChannelRule):
                 ctx.link(param, 0, x, int(attrs(node).get("axis", 1)) % rank)
             else:
                 raise RuleBarrier(f"{node.op_type} parameter {param!r} of rank {prank}")
+
+
+@register("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", since=10)
+class IntegerOperator(ChannelRule):
+    """Facts only: the QOperator / integer formats fold scales and zero points into one operator (and
+    ``quantize_dynamic`` computes them at run time); no rule maps their channels, so they are barriers, with
+    the way out as the reason."""
+
+    couples = False
+    barrier_reason = (
+        "integer operator (QOperator format): prune the float model, or its QDQ export "
+        "(onnxruntime quantize_static with quant_format=QuantFormat.QDQ)"
+    )
+
+    def couple(self, node, ctx):
+        raise RuleBarrier(self.barrier_reason)
