@@ -51,6 +51,7 @@ def normalize(model: onnx.ModelProto, inplace: bool = False) -> tuple[onnx.Model
     changed |= _fold_constant_shape_ops(g, opset or 17)
     changed |= _fold_weight_layout_ops(g, opset or 17)
     changed |= remove_dead_code(g)
+    changed |= _unshare_dequantized_constants(g)
     changed |= _unshare_small_initializers(g)
     return out, changed
 
@@ -93,6 +94,60 @@ def _unshare_small_initializers(g: onnx.GraphProto) -> bool:
             g.initializer.append(copy)
             node.input[i] = new
     return True
+
+
+def _unshare_dequantized_constants(g: onnx.GraphProto) -> bool:
+    """The same for quantized models: a small constant DequantizeLinear read by several nodes (quantizers
+    dequantize a deduplicated all-zero bias once for every layer) gets one copy per reader, its integers,
+    scale and zero point copied too, so that each reader's channels stay its own."""
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, int] = {}
+    for node in g.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {o.name for o in g.output}
+    taken = set(inits) | {o for n in g.node for o in n.output}
+
+    def fresh(name: str) -> str:
+        k = 2
+        while f"{name}__{k}" in taken:
+            k += 1
+        taken.add(f"{name}__{k}")
+        return f"{name}__{k}"
+
+    changed = False
+    nodes = list(g.node)
+    for dq in nodes:
+        if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx") or dq.output[0] in outputs:
+            continue
+        params = [n for n in dq.input if n]
+        if readers.get(dq.output[0], 0) < 2 or not all(n in inits for n in params):
+            continue
+        if numel(inits[dq.input[0]]) > UNSHARE_LIMIT or any(readers[n] > 1 for n in params):
+            continue
+        first = True
+        for node in nodes:
+            for i, name in enumerate(node.input):
+                if name != dq.output[0]:
+                    continue
+                if first:
+                    first = False
+                    continue
+                copies = {}
+                for n in params:
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(inits[n])
+                    copy.name = copies[n] = fresh(n)
+                    g.initializer.append(copy)
+                clone = onnx.NodeProto()
+                clone.CopyFrom(dq)
+                clone.name = fresh(dq.name or dq.output[0])
+                clone.input[:] = [copies.get(n, n) for n in dq.input]
+                clone.output[:] = [fresh(dq.output[0])]
+                g.node.insert(list(g.node).index(dq) + 1, clone)
+                node.input[i] = clone.output[0]
+                changed = True
+    return changed
 
 
 def _negative_dims_to_symbols(g: onnx.GraphProto) -> bool:

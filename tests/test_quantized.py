@@ -64,7 +64,8 @@ def _source(name: str) -> onnx.ModelProto:
     return TEST_MODELS[name]()
 
 
-MODELS = ["fashion_mnist_cnn", "fashion_mnist_resnet", "chain", "residual", "concat", "depthwise", "gemm_head"]
+MODELS = ["fashion_mnist_cnn", "fashion_mnist_resnet", "chain", "residual", "concat", "depthwise", "gemm_head",
+          "attention"]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,8 @@ def test_every_group_of_a_qdq_model_is_dead_channel_equivalent(name, per_channel
     graph = ModelGraph(model)
     assert _quantized_weight_inputs(model), "onnxruntime quantized no weight"
     analysis = analyze(graph)
-    assert analysis.groups, [str(b) for b in analysis.barriers]
+    float_groups = analyze(ModelGraph(canonical(_source(name)))).groups
+    assert sorted(g.size for g in analysis.groups) == sorted(g.size for g in float_groups), "QDQ hid some groups"
     assert not [b for b in analysis.barriers if "Quantize" in b.op_type]
     quantized = set(quantized_initializers(graph))
     assert any(m.tensor in quantized for g in analysis.groups for m in g.param_members)
@@ -337,3 +339,36 @@ def test_auto_rounding_measures_a_qdq_model(qdq, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["latency"] is not None and report["latency"]["pruned_ms"] > 0
     assert report["verification"]["passed"] and _quantized_weight_inputs(onnx.load(out))
+
+
+def test_a_dequantized_constant_shared_by_layers_is_unshared():
+    """Quantizers dequantize a deduplicated constant once for every reader (BERT's all-zero biases: the query
+    projection's bias is the embeddings' LayerNorm bias); unshared, each reader keeps its own channels: two
+    independent groups here instead of none."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.zeros(4, np.int8), "bq"),
+        numpy_helper.from_array(np.array(0.1, np.float32), "bs"),
+        numpy_helper.from_array(np.array(0, np.int8), "bz"),
+        *(numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+          for n, s in (("w1", (4, 3, 1, 1)), ("w2", (4, 4, 1, 1)), ("w3", (2, 4, 1, 1)))),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["b"]),
+        helper.make_node("Conv", ["x", "w1", "b"], ["t"]),
+        helper.make_node("Relu", ["t"], ["u"]),
+        helper.make_node("Conv", ["u", "w2", "b"], ["v"]),
+        helper.make_node("Relu", ["v"], ["r"]),
+        helper.make_node("Conv", ["r", "w3"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = canonical(original)
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == 2
+    analysis = analyze(ModelGraph(model))
+    assert sorted(g.size for g in analysis.groups) == [4, 4]
+    inputs = random_inputs(model, seed=3)
+    assert max_rel_error(run(original, inputs), run(model, inputs)) == 0.0
+    for group in analysis.groups:
+        assert dead_channel_check(analysis, group, inputs).error <= 1e-6
