@@ -372,3 +372,25 @@ def test_a_dequantized_constant_shared_by_layers_is_unshared():
     assert max_rel_error(run(original, inputs), run(model, inputs)) == 0.0
     for group in analysis.groups:
         assert dead_channel_check(analysis, group, inputs).error <= 1e-6
+
+
+def test_a_pruned_qdq_model_compiles_and_matches_onnxruntime(qdq, tmp_path, capsys):
+    """The pruned quantized model goes through the TVM backend like any other: the x86 bundle's outputs are
+    onnxruntime's."""
+    from tests.tvm_helpers import HAVE_TVM, skip_unless_tools
+
+    if not HAVE_TVM:
+        pytest.skip("apache-tvm not installed (bash .ci/install-tvm.sh)")
+    skip_unless_tools("g++", package_hint="apt-get install g++")
+    model = qdq("fashion_mnist_cnn", True)
+    src, pruned, bundle = tmp_path / "q.onnx", tmp_path / "q.pruned.onnx", tmp_path / "bundle"
+    onnx.save(model, src)
+    assert main(["prune", str(src), "-o", str(pruned), "--ratio", "0.3", "--round-to", "1"]) == 0
+    assert main(["compile", str(pruned), "--target", "x86", "-o", str(bundle)]) == 0
+    inputs = random_inputs(model, seed=7)
+    np.savez(tmp_path / "in.npz", **inputs)
+    assert main(["run", str(bundle), "--inputs", str(tmp_path / "in.npz"), "-o", str(tmp_path / "out.npz")]) == 0
+    with np.load(tmp_path / "out.npz") as z:
+        (got,) = [z[k] for k in z.files]
+    (expected,) = run(onnx.load(pruned), inputs)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
