@@ -464,8 +464,6 @@ def _labels_of(ctx: CouplingContext, labels: np.ndarray, dims: dict[DimRef, str]
     return set(np.flatnonzero(hit).tolist())
 
 
-
-
 def _build_groups(ctx, labels, frozen_labels, inexact_labels, allow_inexact) -> list[ChannelGroup]:
     graph = ctx.graph
     dim_list = list(ctx.dims.items())

@@ -16,7 +16,7 @@ keeps that pattern (`OpSpec.qdq`: integer weights behind DequantizeLinear, the a
 dequantized, the output quantized and dequantized again), because onnxruntime fuses it into an integer kernel
 (QLinearConv, NHWC) whose steps are not the float kernel's. Timed as float convs, the table saw none of them:
 auto rounding on a QDQ MobileNetV2 at ratio 0.3 sped it up 1.02x (``--round-to 16``: 1.33x); with the
-pattern, 1.64x (efficiency 0.92; 1 thread, ``bench/qdq_latency.py``).
+pattern, 1.58-1.66x in two runs (efficiency 0.85-0.90; 1 thread, ``bench/qdq_latency_results.txt``).
 """
 
 from __future__ import annotations
