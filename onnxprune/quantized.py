@@ -63,8 +63,14 @@ def dequantizer(graph: ModelGraph, name: str) -> onnx.NodeProto | None:
     if node.op_type != "DequantizeLinear" or slot != 0 or node.domain not in ("", "ai.onnx"):
         return None
     params = [n for n in node.input[1:3] if n]
-    if not all(graph.is_initializer(p) for p in params):
+    if not all(graph.is_initializer(p) for p in params) or attrs(node).get("block_size", 0):
         return None
+    rank, axis = len(t.dims), int(attrs(node).get("axis", 1))
+    for p in params:  # per tensor, or one value per position of an axis the data has
+        shape = graph.shape(p)
+        if shape not in ((), (1,)) and (shape is None or len(shape) != 1 or not -rank <= axis < rank
+                                        or shape[0] != t.dims[axis]):  # fmt: skip
+            return None
     return node
 
 

@@ -35,7 +35,7 @@ def session(
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: a failed run raises with the same message, one line is enough
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

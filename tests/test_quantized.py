@@ -394,3 +394,23 @@ def test_a_pruned_qdq_model_compiles_and_matches_onnxruntime(qdq, tmp_path, caps
         (got,) = [z[k] for k in z.files]
     (expected,) = run(onnx.load(pruned), inputs)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_malformed_quantization_parameters_are_barriers():
+    """A per-channel scale along an axis the weight does not have, or of another length: a barrier, never a
+    crash (the checker lets both through; onnxruntime fails only when it runs them)."""
+    for axis, length in ((7, 4), (0, 3)):
+        model = _two_convs(np.full(4, 0.01), np.ones((4, 3, 1, 1)))
+        dq = model.graph.node[0]
+        for a in dq.attribute:
+            if a.name == "axis":
+                a.i = axis
+        for t in model.graph.initializer:
+            if t.name in ("ws", "wz"):
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t)[:1].repeat(length), t.name))
+        graph = ModelGraph(model)
+        assert dequantizer(graph, "wq") is None
+        analysis = analyze(graph)
+        assert any(b.op_type == "DequantizeLinear" for b in analysis.barriers) or not analysis.groups
+        result = PrunePass(PruneConfig(ratio=0.5)).run(model)  # no crash, nothing wrong removed
+        assert result.model is not None
