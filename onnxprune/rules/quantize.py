@@ -25,9 +25,7 @@ class Quantization(ChannelRule):
             raise RuleBarrier("blocked quantization (block_size): blocks, not channels, share a scale")
         ctx.link_all(x, y)
         rank = ctx.rank(x)
-        axis = int(attrs(node).get("axis", 1))
-        if rank is not None and not -rank <= axis < rank:
-            raise RuleBarrier(f"axis {axis} out of range for rank {rank}")
+        axis = int(attrs(node).get("axis", 1))  # read only with per-axis parameters (a bias' default 1 is moot)
         # QuantizeLinear divides by its scale (masked to 1: 0 / 1 quantizes to the zero point); a dequantization
         # scale is masked to 0 and is no BatchNorm gamma (the `bn` criterion reads role "scale")
         ctx.set_role(node.input[1], "divisor" if node.op_type == "QuantizeLinear" else "dequantization scale")
@@ -38,6 +36,8 @@ class Quantization(ChannelRule):
             if prank == 0 or ctx.shape(param) == (1,):
                 ctx.independent_tensor(param)
             elif prank == 1 and rank is not None:
+                if not -rank <= axis < rank:
+                    raise RuleBarrier(f"per-axis {node.op_type} along axis {axis} of a rank-{rank} tensor")
                 ctx.link(param, 0, x, axis % rank)
             else:
                 raise RuleBarrier(f"{node.op_type} parameter {param!r} of rank {prank}")
