@@ -32,6 +32,7 @@ from onnxprune.channels import ChannelAnalysis, DimRef
 from onnxprune.errors import UsageError
 from onnxprune.metrics import count_macs
 from onnxprune.plan import KeepCounts, PruningPlan, allowed_counts, floor_keep, multiples_grid, snap_keep
+from onnxprune.quantized import is_parameter
 
 ALLOCATIONS = ("uniform", "global", "lamp", "sensitivity", "knapsack")
 
@@ -205,8 +206,8 @@ class _PrunedView:
 
     def params(self) -> int:
         total = 0
-        for name, t in self.graph.initializers.items():
-            if t.data_type in (1, 10, 11, 16):
+        for name in self.graph.initializers:
+            if is_parameter(self.graph, name):  # floats, and quantized weights: what `metrics.count_params` counts
                 total += int(np.prod(self.shape(name), dtype=np.int64))
         return total
 

@@ -414,3 +414,16 @@ def test_malformed_quantization_parameters_are_barriers():
         assert any(b.op_type == "DequantizeLinear" for b in analysis.barriers) or not analysis.groups
         result = PrunePass(PruneConfig(ratio=0.5)).run(model)  # no crash, nothing wrong removed
         assert result.model is not None
+
+
+def test_a_parameter_target_counts_the_quantized_weights(qdq, tmp_path, capsys):
+    """``--target-params 70%`` on a QDQ model keeps 70% of its parameters, integer weights included (the
+    predicted counts once saw only float tensors: the target read as met, nothing was removed)."""
+    model = qdq("fashion_mnist_resnet", True)
+    src, out = tmp_path / "q.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    assert main(["prune", str(src), "-o", str(out), "--target-params", "70%", "--round-to", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params_before"] == count_params(ModelGraph(model))
+    assert 0.6 * report["params_before"] < report["params_after"] <= 0.7 * report["params_before"]
+    assert report["params_after"] == count_params(ModelGraph(onnx.load(out)))
