@@ -92,6 +92,12 @@ def _check_weight_sizes(model: onnx.ModelProto) -> None:
     from onnx.helper import tensor_dtype_to_np_dtype
 
     for t in model.graph.initializer:
+        field = _TYPED_FIELDS.get(t.data_type)
+        if not t.raw_data and t.data_location != onnx.TensorProto.EXTERNAL and field is not None:
+            held = len(getattr(t, field))  # values in the typed field (quantizers write small scales this way)
+            if held != numel(t):
+                raise ModelError(f"initializer {t.name!r} holds {held} values for shape {list(t.dims)}")
+            continue
         if t.raw_data and t.data_location != onnx.TensorProto.EXTERNAL:
             try:
                 itemsize = np.dtype(tensor_dtype_to_np_dtype(t.data_type)).itemsize
@@ -101,6 +107,15 @@ def _check_weight_sizes(model: onnx.ModelProto) -> None:
                 continue
             if len(t.raw_data) != numel(t) * itemsize and t.data_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
                 raise ModelError(f"initializer {t.name!r} holds {len(t.raw_data)} bytes for shape {list(t.dims)}")
+
+
+# The typed field holding one value per element, by element type (4-bit, complex and string types left out).
+_T = onnx.TensorProto
+_TYPED_FIELDS = {
+    _T.FLOAT: "float_data", _T.DOUBLE: "double_data", _T.INT64: "int64_data", _T.UINT64: "uint64_data",
+    _T.UINT32: "uint64_data", **dict.fromkeys((_T.INT32, _T.INT16, _T.INT8, _T.UINT16, _T.UINT8, _T.BOOL, _T.FLOAT16,
+                                               _T.BFLOAT16), "int32_data"),
+}  # fmt: skip
 
 
 def _first_line(exc: BaseException) -> str:

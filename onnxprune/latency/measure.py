@@ -7,6 +7,7 @@ fixed first with `static_inputs`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,11 @@ def measure_speedup(
     """Time `dense` and `pruned` interleaved on `backend` (static input shapes: see `static_inputs`)."""
     d, p = backend.time_models([dense, pruned], warmup=warmup, repeat=repeat, progress=progress)
     return Speedup(d, p, d.median_ms / p.median_ms if p.median_ms > 0 else float("inf"))
+
+
+#: Elements of one input (or of one micro-model's input) beyond which nothing is timed: 2^28 floats are 1 GiB, more
+#: than any real layer's activation (an LLM's LM-head weight, 2048 x 128256, has 2^28.0).
+MAX_MEASURED_ELEMENTS = 1 << 28
 
 
 def static_inputs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None = None) -> onnx.ModelProto:
@@ -94,4 +100,8 @@ def static_inputs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | 
                 raise UsageError(f"--shape {vi.name}: sizes must be positive, got {value}")
             d.Clear()
             d.dim_value = value
+        elements = math.prod(d.dim_value for d in dims)
+        if elements > MAX_MEASURED_ELEMENTS:  # random inputs of that size would take minutes and gigabytes
+            raise UsageError(f"input {vi.name!r} has {elements} elements, too many to measure: give smaller sizes "
+                             f"with --shape {vi.name}=" + ",".join("N" for _ in dims))  # fmt: skip
     return out

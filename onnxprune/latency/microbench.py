@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from onnx import helper
 from onnxprune.channels import ChannelAnalysis, ChannelGroup
 from onnxprune.graph import ModelGraph, Use, attrs
 from onnxprune.latency.backend import random_array
+from onnxprune.latency.measure import MAX_MEASURED_ELEMENTS
 from onnxprune.onnx_utils import opset_of
 from onnxprune.quantized import source_initializer
 
@@ -332,6 +334,8 @@ def _spec(graph: ModelGraph, node: onnx.NodeProto) -> tuple[OpSpec | None, str]:
         params.append(is_param)
     if node.op_type == "MatMul" and (len(shapes) != 2 or all(params) or not any(params)):
         return None, "not an activation times a weight"
+    if max(math.prod(s) for s in shapes) > MAX_MEASURED_ELEMENTS:
+        return None, "an input too large to time"
     attrs = []
     for a in node.attribute:
         value = helper.get_attribute_value(a)
