@@ -2,7 +2,7 @@
 
     python bench/fuzz.py [--cases 1000] [--subprocess 50] [--timeout 30] [--save-crashers]
 
-Prints counts of outcomes side by side: ok, one-line errors, crashes (tracebacks / internal errors),
+Seeds: the test models, the bundled CNN and its QDQ quantization. Prints counts of outcomes side by side: ok, one-line errors, crashes (tracebacks / internal errors),
 hangs (over the per-case time limit), and violations (writes outside the output path, modified inputs,
 partial or unauditable outputs). Exit status 1 if any crash, hang or violation occurred.
 """
@@ -25,6 +25,28 @@ from onnxprune.cli import main as cli_main
 from onnxprune.fuzzing import FuzzRunner, Outcome, base_models, layout, make_case, save_crasher, summarize
 
 SEED_FILES = [ROOT / "models" / "fashion_mnist_cnn.onnx"]
+
+
+def quantized_seed(folder: Path) -> list[Path]:
+    """The bundled CNN quantized by onnxruntime (QDQ, int8 per-channel): quantization parameters as typed-field
+    tensors, Q/DQ chains (fuzzing it found two crashes and a hang, 2026-12-05). [] without the quantizer."""
+    try:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    except ImportError:
+        return []
+    import numpy as np
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            self.samples = iter([{"image": rng.random((1, 1, 28, 28), np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    out = folder / "fashion_mnist_cnn_qdq.onnx"
+    quantize_static(str(SEED_FILES[0]), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    return [out]
 
 
 def run_subprocess(case, timeout: float) -> Outcome:
@@ -58,7 +80,8 @@ def main() -> int:
     p.add_argument("--save-crashers", action="store_true", help="store failing cases in tests/fuzz_corpus/")
     a = p.parse_args()
 
-    bases = base_models(TEST_MODELS, SEED_FILES)
+    with tempfile.TemporaryDirectory(prefix="onnxprune-fuzz-seeds-") as tmp:
+        bases = base_models(TEST_MODELS, [*SEED_FILES, *quantized_seed(Path(tmp))])
     cases = [make_case(s, bases) for s in range(a.seed, a.seed + a.cases)]
     start = time.perf_counter()
     runner = FuzzRunner(cli_main, workers=a.workers, timeout=a.timeout)

@@ -82,8 +82,8 @@ def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
     try:
         _check_weight_sizes(model)
         onnx.checker.check_model(light_copy(model), full_check=True)
-    except ModelError:
-        raise
+    except ModelError as exc:
+        raise ModelError(f"{where}{exc}") from None  # which file, as the checker's messages say
     except Exception as exc:
         raise ModelError(f"{where}model fails the ONNX checker: {_first_line(exc)}") from None
 

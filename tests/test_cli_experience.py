@@ -356,3 +356,37 @@ def test_huge_random_inputs_are_refused_in_one_line(tmp_path, capsys):
     assert not certificate.is_cheap(model)
     with pytest.raises(certificate.VerificationUnavailable, match="too many for random inputs"):
         certificate.certify_against(model, model, model)
+
+
+def test_an_initializer_whose_typed_data_does_not_fill_its_shape_is_one_line(tmp_path, capsys):
+    """Found by fuzzing quantized models (their scales are small float_data tensors): only raw_data used to be
+    checked, so a scale declared [2^31] holding one float went on to an internal error or an invalid output."""
+    model = onnx.load(ROOT / "models" / "fashion_mnist_cnn.onnx")
+    t = next(t for t in model.graph.initializer if len(t.dims) == 1)
+    values = onnx.numpy_helper.to_array(t)
+    t.ClearField("raw_data")
+    t.float_data[:] = values[:1].tolist()  # one value for a shape of many
+    onnx.save(model, tmp_path / "m.onnx")
+    assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "--round-to", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"onnxprune: error: {tmp_path / 'm.onnx'}: initializer {t.name!r} holds 1 values for shape "
+                   f"{list(t.dims)}"], err  # fmt: skip
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_an_input_too_large_to_time_is_not_timed(tmp_path, capsys):
+    """A static batch of 2^31 (fuzzing again): auto rounding drew random inputs of that size for minutes; now the
+    layers are left untimed with a notice, and a latency target says how to give a smaller size."""
+    model = onnx.load(ROOT / "models" / "fashion_mnist_cnn.onnx")
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1 << 31
+    onnx.save(model, tmp_path / "m.onnx")
+    code = main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "--no-verify", "--json",
+                 "--latency-cache", str(tmp_path / "cache")])  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert any("too large to time" in n for n in report["notices"]), report["notices"]
+    code = main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--target-latency", "0.6x",
+                 "--latency-cache", str(tmp_path / "cache")])  # fmt: skip
+    assert code == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "too many to measure" in err and "--shape" in err, err
