@@ -266,11 +266,15 @@ def check_destination(path: Path) -> None:
     Raises:
         OnnxPruneError: The parent folder is missing or not writable, or ``path`` is a file (exit 1, as for
             a model output).
-        UsageError: ``path`` is a non-empty folder without a manifest: not a bundle, so not overwritten.
+        UsageError: ``path`` is a non-empty folder without a manifest (not a bundle, so not overwritten), or
+            the current folder or one holding it.
     """
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OnnxPruneError(f"{path}: output folder does not exist")
+    cwd, where = Path.cwd().resolve(), path.resolve()
+    if where == cwd or where in cwd.parents:  # replaced, it would leave the shell in a deleted folder
+        raise UsageError(f"{path} is the current folder or holds it: give the bundle a folder of its own")
     if not os.access(folder, os.W_OK):
         raise OnnxPruneError(f"{path}: output folder is not writable")
     if path.exists() and not path.is_dir():
@@ -289,7 +293,8 @@ def staged_bundle(path: Path) -> Iterator[Path]:
     between them leaves ``path`` absent, never mixed).
     """
     check_destination(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    path = Path(os.path.abspath(path))  # "-o ." names the folder it is in: its parent holds the staging folder
+    folder = path.parent
     stage = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
     stage.mkdir()  # mkdir, not mkdtemp: the bundle gets the umask's permissions, not 0700
     try:

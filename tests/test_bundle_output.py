@@ -32,7 +32,7 @@ def _skip_unless_x86() -> None:
 # ------------------------------------------------------------------------------------------------
 # no tvm needed
 # ------------------------------------------------------------------------------------------------
-def test_destination_is_checked_before_any_work(tmp_path):
+def test_destination_is_checked_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OnnxPruneError, match="exists and is not a folder") as e:
         B.check_destination(tmp_path / "afile")
@@ -44,6 +44,13 @@ def test_destination_is_checked_before_any_work(tmp_path):
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     with pytest.raises(UsageError, match="is not a bundle; refusing to overwrite it"):
         B.check_destination(tmp_path / "notes")
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / B.MANIFEST).write_text("{}")  # even a bundle: replaced, the shell's folder is gone
+    monkeypatch.chdir(tmp_path / "here")
+    for held in (Path("."), tmp_path):
+        with pytest.raises(UsageError, match="is the current folder or holds it"):
+            B.check_destination(held)
+    monkeypatch.chdir(tmp_path)
     B.check_destination(tmp_path / "new")  # absent: fine
     (tmp_path / "empty").mkdir()
     B.check_destination(tmp_path / "empty")  # an empty folder: fine
