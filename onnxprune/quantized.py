@@ -14,10 +14,10 @@ stays quantized (same integers, same scales). Three places need the quantized vi
 - the masking oracle: a silenced quantized weight is set to its zero point (:func:`zero_point_fill`), the
   integer that dequantizes to exactly 0.
 
-What reads or writes float weights at the layers (OBS and activation statistics, the repairs, unconstrained
-mode, sparsity) does not handle quantized ones: :func:`check_float_weights` and
-:func:`check_no_quantized_weights` refuse it in one line rather than skip those layers without a word
-(requantizing repaired weights is not done).
+The sequential repair refits quantized weights as floats and writes them back as integers on their own grid
+(`quantized_repair`). What else reads or writes float weights at the layers (OBS and activation statistics, the
+``bias`` / ``ls`` repairs, unconstrained mode, sparsity) does not handle quantized ones: :func:`check_float_weights`
+and :func:`check_no_quantized_weights` refuse it in one line rather than skip those layers without a word.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from onnxprune.graph import ModelGraph, attrs
 __all__ = [
     "FLOAT_WEIGHT_CRITERIA",
     "FLOAT_WEIGHT_REPAIRS",
+    "along_axis",
     "check_float_weights",
     "check_no_quantized_weights",
     "dequantizer",
@@ -47,7 +48,7 @@ __all__ = [
 #: Criteria that read each consumer's input statistics and weight matrix as floats (calibration.consumers).
 FLOAT_WEIGHT_CRITERIA = frozenset({"obs", "activation", "apoz"})
 #: Repairs that write new float weights (a quantized weight would need requantizing).
-FLOAT_WEIGHT_REPAIRS = frozenset({"bias", "ls", "seq", "mean"})
+FLOAT_WEIGHT_REPAIRS = frozenset({"bias", "ls", "mean"})  # seq: refitted as floats, quantized again
 
 
 def dequantizer(graph: ModelGraph, name: str) -> onnx.NodeProto | None:
@@ -119,7 +120,7 @@ def quantized_initializers(graph: ModelGraph) -> list[str]:
     return [name for name in graph.initializers if dequantizer(graph, name) is not None]
 
 
-def _along_axis(node: onnx.NodeProto, value: np.ndarray, rank: int) -> np.ndarray:
+def along_axis(node: onnx.NodeProto, value: np.ndarray, rank: int) -> np.ndarray:
     """A per-tensor or per-axis scale / zero point shaped to broadcast against the rank-`rank` data."""
     value = np.asarray(value)
     if value.ndim == 0 or value.size == 1:
@@ -137,10 +138,10 @@ def effective_value(graph: ModelGraph, name: str) -> np.ndarray | None:
     value = graph.const(name)
     if node is None or value is None:
         return value
-    scale = _along_axis(node, graph.initializer_value(node.input[1]), value.ndim)
+    scale = along_axis(node, graph.initializer_value(node.input[1]), value.ndim)
     zero = np.zeros(())
     if len(node.input) > 2 and node.input[2]:
-        zero = _along_axis(node, graph.initializer_value(node.input[2]), value.ndim).astype(np.float64)
+        zero = along_axis(node, graph.initializer_value(node.input[2]), value.ndim).astype(np.float64)
     return ((value.astype(np.float64) - zero) * scale.astype(np.float64)).astype(np.float32)
 
 
@@ -152,7 +153,7 @@ def zero_point_fill(graph: ModelGraph, name: str) -> np.ndarray | None:
     if node is None or value is None:
         return None
     if len(node.input) > 2 and node.input[2]:
-        zero = _along_axis(node, graph.initializer_value(node.input[2]), value.ndim)
+        zero = along_axis(node, graph.initializer_value(node.input[2]), value.ndim)
     else:
         zero = np.zeros((), value.dtype)
     return np.broadcast_to(zero.astype(value.dtype), value.shape)
@@ -185,7 +186,7 @@ def _refuse(quantized: set[str], what: list[str]) -> None:
         raise UsageError(
             f"{len(quantized)} parameters are quantized (QDQ: read through DequantizeLinear) and {', '.join(what)} "
             "reads or writes float weights: prune the quantized model with a weight criterion (l1, l2, fpgm, lamp, "
-            "random) and no repair (exact), or prune the float model and quantize it after"
+            "random) and --repair seq or none, or prune the float model and quantize it after"
         )
 
 

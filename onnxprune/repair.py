@@ -72,11 +72,14 @@ class RepairReport:
     stream_targets: list[str] = field(default_factory=list)  # seq: refitted towards the residual stream
     damps: dict[str, float] = field(default_factory=dict)  # seq with held-out damping: the damp chosen per layer
     relu_refit: dict | None = None  # seq with `PruneConfig.relu_refit`: `repair_relu.ReluRefitReport.as_dict`
+    requantized: dict | None = None  # QDQ weights quantized again: `quantized_repair.RequantizeReport.as_dict`
 
     def as_dict(self) -> dict:
         out = {"repaired": len(self.repaired), "skipped": dict(self.skipped), "added_biases": len(self.added_biases)}
         if self.relu_refit is not None:
             out["relu_refit"] = self.relu_refit
+        if self.requantized is not None:
+            out["requantized"] = self.requantized
         return out
 
 

@@ -5,6 +5,8 @@ The second pass of constrained pruning (select -> repair -> remove). It reads th
 ``ls`` (calibrated least squares, on the selection's statistics) via `onnxprune.repair.repair_weights`,
 ``seq`` (least squares layer by layer on the pruned model's own activations) via `repair_sequential`, then
 with ``relu_refit`` the layers that feed a ReLU refitted on the post-ReLU error (`onnxprune.repair_relu`).
+Quantized (QDQ) weights are refitted by ``seq`` as floats and written back as integers on their own grid
+(`onnxprune.quantized_repair`).
 
 Repair changes weights (and may add biases), never which positions exist, so the selection carries over:
 `onnxprune.repair.reanalyze` analyses the repaired model once and maps the removed positions onto it (and
@@ -21,6 +23,7 @@ from onnxprune.calibration_data import CalibLike, as_calibration
 from onnxprune.errors import OnnxPruneError, UsageError
 from onnxprune.passes.select import ChannelSelection, pending_selection
 from onnxprune.passmanager import Pass, PassResult, analyses
+from onnxprune.quantized_repair import float_view, requantize
 from onnxprune.repair import reanalyze, repair_sequential, repair_weights
 from onnxprune.repair_relu import refit_relu
 from onnxprune.verify import nonfinite_weights
@@ -46,16 +49,24 @@ class RepairChannelsPass(Pass):
         c = selection.config
         if c.repair == "none" or selection.empty:
             return PassResult(model, False)
+        # quantized (QDQ) weights are refitted as floats and quantized again on their own grid afterwards
+        view, dequantized = float_view(model) if c.repair == "seq" else (model, {})
+        base, base_labels = reanalyze(selection.analysis, selection.labels, view, c.allow_inexact)
         if c.repair == "seq":
             data = check_calib(self.calib, model, c.calib_samples)
-            repaired, report = repair_sequential(selection.analysis, selection.labels, data, seed=c.seed,
-                                                 dense=selection.dense_rows)
+            repaired, report = repair_sequential(base, base_labels, data, seed=c.seed,
+                                                 dense=None if dequantized else selection.dense_rows)  # fmt: skip
         else:
             repaired, report = repair_weights(selection.analysis, selection.labels, c.repair, selection.stats)
-        analysis, labels = reanalyze(selection.analysis, selection.labels, repaired, c.allow_inexact)
-        if c.repair == "seq" and c.relu_refit:
-            repaired, relu = refit_relu(selection.analysis, selection.labels, analysis, labels, data, seed=c.seed)
+        analysis, labels = reanalyze(base, base_labels, repaired, c.allow_inexact)
+        refit = c.repair == "seq" and c.relu_refit
+        if refit:
+            repaired, relu = refit_relu(base, base_labels, analysis, labels, data, seed=c.seed)
             report.relu_refit = relu.as_dict()
+        if dequantized:
+            repaired, requantized = requantize(repaired, dequantized, model)
+            report.requantized = requantized.as_dict()
+        if refit or dequantized:  # the model changed again: the selection's positions on it
             analysis, labels = reanalyze(selection.analysis, selection.labels, repaired, c.allow_inexact)
         broken = nonfinite_weights(model, repaired)
         if broken:

@@ -327,7 +327,7 @@ def float_weight_options(config: PruneConfig, custom_criterion: bool = False) ->
     c = config
     what = [f"--criterion {c.criterion}"] if c.criterion in FLOAT_WEIGHT_CRITERIA and not custom_criterion else []
     what += [f"--repair {c.repair}"] if c.repair in FLOAT_WEIGHT_REPAIRS else []
-    return what + (["--relu-refit"] if c.relu_refit else [])
+    return what  # --relu-refit follows --repair seq (`quantized_repair`)
 
 
 class AnalyzeChannelsPass(Pass):

@@ -204,7 +204,6 @@ def test_small_quantized_weights_are_not_folded_into_floats():
         ["--criterion", "obs", "--calib", "CALIB"],
         ["--criterion", "activation", "--calib", "CALIB"],
         ["--repair", "bias"],
-        ["--repair", "seq", "--calib", "CALIB"],
         ["--repair", "ls", "--calib", "CALIB"],
         ["--mode", "unconstrained"],
         ["--ratio", "0", "--sparsity", "0.5"],
@@ -427,3 +426,66 @@ def test_a_parameter_target_counts_the_quantized_weights(qdq, tmp_path, capsys):
     assert report["params_before"] == count_params(ModelGraph(model))
     assert 0.6 * report["params_before"] < report["params_after"] <= 0.7 * report["params_before"]
     assert report["params_after"] == count_params(ModelGraph(onnx.load(out)))
+
+
+def test_the_sequential_repair_refits_quantized_weights_and_quantizes_them_again(qdq, tmp_path, capsys):
+    """``--repair seq`` on a QDQ model: the layers are refitted as floats (`quantized_repair.float_view`) and written
+    back as integers on their own scales; the model stays QDQ, the certificate passes, and the pruned model is
+    nearer the original than without the repair."""
+    model = qdq("fashion_mnist_resnet", True)
+    src = tmp_path / "q.onnx"
+    onnx.save(model, src)
+    name = model.graph.input[0].name
+    samples = [random_inputs(model, seed=s)[name] for s in range(64)]
+    np.savez(tmp_path / "calib.npz", **{name: np.concatenate(samples)})
+    outputs = {}
+    for repair in ("none", "seq"):
+        out = tmp_path / f"{repair}.onnx"
+        assert main(["prune", str(src), "-o", str(out), "--ratio", "0.4", "--round-to", "1", "--repair", repair,
+                     "--calib", str(tmp_path / "calib.npz"), "--json"]) == 0  # fmt: skip
+        report = json.loads(capsys.readouterr().out)
+        assert report["verification"]["passed"]
+        pruned = onnx.load(out)
+        assert _quantized_weight_inputs(pruned) == _quantized_weight_inputs(model), "a weight stayed float"
+        outputs[repair] = (report, pruned)
+    requantized = outputs["seq"][0]["repair"]["requantized"]
+    assert requantized["tensors"] > 0 and requantized["clipped"] == 0  # scales grew where values outgrew them
+    fused = [_fused_integer_convs(m, tmp_path) for m in (model, outputs["seq"][1])]
+    assert fused[0] > 0 and fused[1] == fused[0], "a bias scale no longer equals input x weight scale"
+    inputs = random_inputs(model, seed=99)
+    (reference,) = run(model, inputs)
+    errors = {r: max_rel_error([reference], run(m, inputs)) for r, (_, m) in outputs.items()}
+    assert errors["seq"] < errors["none"], errors
+
+
+def _fused_integer_convs(model: onnx.ModelProto, tmp_path: Path) -> int:
+    """How many convolutions onnxruntime fuses into QLinearConv (it needs bias scale = input x weight scale)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(model.SerializeToString(), options)
+    return sum(n.op_type == "QLinearConv" for n in onnx.load(tmp_path / "fused.onnx").graph.node)
+
+
+def test_requantize_grows_only_the_scales_that_must():
+    """A repaired channel three times larger than its range gets a scale three times larger; the others keep
+    theirs; the dequantized values are the repaired ones to within half a step."""
+    from onnxprune.quantized_repair import float_view, requantize
+
+    ints = np.stack([np.full((3, 1, 1), v) for v in (100, 40, 50, 60)])
+    model = _two_convs(np.array([0.01, 0.02, 0.02, 0.02]), ints)
+    view, removed = float_view(model)
+    assert "wq" in removed and not any(n.op_type == "DequantizeLinear" for n in view.graph.node)
+    value = numpy_helper.to_array(next(t for t in view.graph.initializer if t.name == "wq")).copy()
+    value[0] *= 3.81  # 1.0 -> 3.81: 381 steps of 0.01, past int8's 127
+    for t in view.graph.initializer:
+        if t.name == "wq":
+            t.CopyFrom(numpy_helper.from_array(value, "wq"))
+    back, report = requantize(view, removed, model)
+    assert report.as_dict() == {"tensors": 1, "values": 12, "clipped": 0}
+    graph = ModelGraph(back)
+    scale = graph.initializer_value("ws")
+    np.testing.assert_allclose(scale, [0.03, 0.02, 0.02, 0.02], rtol=1e-6)
+    np.testing.assert_allclose(effective_value(graph, "wq"), value, atol=0.5 * scale.max() + 1e-7)
+    assert graph.initializers["wq"].data_type == TensorProto.INT8 and back.graph.node[0].op_type == "DequantizeLinear"
