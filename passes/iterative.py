@@ -56,6 +56,7 @@ from onnxprune.passes.select import (
 from onnxprune.passmanager import Pass, PassResult, analyses
 from onnxprune.plan import PruningPlan
 from onnxprune.progress import task
+from onnxprune.quantized_repair import float_view, requantize
 from onnxprune.repair import reanalyze, repair_sequential, repair_weights
 from onnxprune.rewrite import apply_plan
 from onnxprune.shape_inference import infer_shapes
@@ -121,7 +122,11 @@ def cut_and_repair(
     model = dense.graph.model
     if c.repair == "seq":
         assert calib is not None  # SelectChannelsPass.check_data: seq needs samples
-        repaired, _ = repair_sequential(dense, removed, check_calib(calib, model, c.calib_samples), seed=c.seed)
+        view, dequantized = float_view(model)  # quantized weights: refitted as floats (`quantized_repair`)
+        base, base_removed = reanalyze(dense, removed, view, c.allow_inexact)
+        repaired, _ = repair_sequential(base, base_removed, check_calib(calib, model, c.calib_samples), seed=c.seed)
+        if dequantized:
+            repaired, _ = requantize(repaired, dequantized, model)
     elif c.repair in ("bias", "ls"):
         repaired, _ = repair_weights(dense, removed, c.repair, stats)
     else:

@@ -489,3 +489,16 @@ def test_requantize_grows_only_the_scales_that_must():
     np.testing.assert_allclose(scale, [0.03, 0.02, 0.02, 0.02], rtol=1e-6)
     np.testing.assert_allclose(effective_value(graph, "wq"), value, atol=0.5 * scale.max() + 1e-7)
     assert graph.initializers["wq"].data_type == TensorProto.INT8 and back.graph.node[0].op_type == "DequantizeLinear"
+
+
+def test_gradual_selection_repairs_quantized_weights_at_every_step(qdq, tmp_path, capsys):
+    model = qdq("fashion_mnist_cnn", True)
+    src, out = tmp_path / "q.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    name = model.graph.input[0].name
+    np.savez(tmp_path / "calib.npz", **{name: np.concatenate([random_inputs(model, seed=s)[name] for s in range(32)])})
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.3", "--steps", "2", "--repair", "seq",
+                 "--round-to", "1", "--calib", str(tmp_path / "calib.npz"), "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert report["verification"]["passed"] and report["repair"]["requantized"]["tensors"] > 0
+    assert _quantized_weight_inputs(onnx.load(out)) == _quantized_weight_inputs(model)
