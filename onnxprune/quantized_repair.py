@@ -85,6 +85,12 @@ def requantize(
     out = onnx.ModelProto()
     out.CopyFrom(model)
     report = RequantizeReport()
+    present = {t.name for t in out.graph.initializer}
+    for node in removed.values():  # the scales and zero points, should the repair have dropped them unused
+        for param in node.input[1:]:
+            if param and param not in present:
+                out.graph.initializer.append(source.initializers[param])
+                present.add(param)
     inits = {t.name: t for t in out.graph.initializer}
     growth: dict[str, np.ndarray] = {}  # layer -> per-output-channel (or scalar) factor its weight's scale grew by
     uses: dict[str, Use | None] = {}
@@ -120,12 +126,6 @@ def requantize(
         report.tensors += 1
         report.values += int(value.size)
         report.clipped += clipped
-    present = {t.name for t in out.graph.initializer}
-    for node in removed.values():  # the scales and zero points, should the repair have dropped them unused
-        for param in node.input[1:]:
-            if param and param not in present:
-                out.graph.initializer.append(source.initializers[param])
-                present.add(param)
     back = {name: node.output[0] for name, node in removed.items()}
     nodes = list(out.graph.node)
     for n in nodes:
