@@ -63,12 +63,12 @@ class RepairChannelsPass(Pass):
         if refit:
             repaired, relu = refit_relu(base, base_labels, analysis, labels, data, seed=c.seed)
             report.relu_refit = relu.as_dict()
-        if dequantized:
+        broken = nonfinite_weights(view, repaired)  # on the floats: a NaN rounded into an integer is any integer
+        if dequantized and not broken:
             repaired, requantized = requantize(repaired, dequantized, model)
             report.requantized = requantized.as_dict()
-        if refit or dequantized:  # the model changed again: the selection's positions on it
+        if (refit or dequantized) and not broken:  # the model changed again: the selection's positions on it
             analysis, labels = reanalyze(selection.analysis, selection.labels, repaired, c.allow_inexact)
-        broken = nonfinite_weights(model, repaired)
         if broken:
             raise OnnxPruneError(f"the {c.repair} repair wrote NaN or infinite values into {len(broken)} weight(s) "
                                  f"({', '.join(broken[:3])}): degenerate calibration data or statistics")
