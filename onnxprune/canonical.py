@@ -62,6 +62,15 @@ def normalize(model: onnx.ModelProto, inplace: bool = False) -> tuple[onnx.Model
 UNSHARE_LIMIT = 1 << 20
 
 
+def _fresh_name(name: str, taken: set[str], start: int = 2) -> str:
+    """``name__k`` with the first k >= `start` not in `taken` (which it joins): a copy's name."""
+    k = start
+    while f"{name}__{k}" in taken:
+        k += 1
+    taken.add(f"{name}__{k}")
+    return f"{name}__{k}"
+
+
 def _unshare_small_initializers(g: onnx.GraphProto) -> bool:
     inits = {t.name: t for t in g.initializer}
     uses: dict[str, int] = {}
@@ -83,11 +92,7 @@ def _unshare_small_initializers(g: onnx.GraphProto) -> bool:
             seen[name] = seen.get(name, 0) + 1
             if seen[name] == 1:
                 continue  # the first use keeps the original
-            new, k = f"{name}__{seen[name]}", seen[name]
-            while new in taken:
-                k += 1
-                new = f"{name}__{k}"
-            taken.add(new)
+            new = _fresh_name(name, taken, seen[name])
             copy = onnx.TensorProto()
             copy.CopyFrom(inits[name])
             copy.name = new
@@ -107,14 +112,6 @@ def _unshare_dequantized_constants(g: onnx.GraphProto) -> bool:
             readers[name] = readers.get(name, 0) + 1
     outputs = {o.name for o in g.output}
     taken = set(inits) | {o for n in g.node for o in n.output}
-
-    def fresh(name: str) -> str:
-        k = 2
-        while f"{name}__{k}" in taken:
-            k += 1
-        taken.add(f"{name}__{k}")
-        return f"{name}__{k}"
-
     changed = False
     nodes = list(g.node)
     for dq in nodes:
@@ -137,13 +134,13 @@ def _unshare_dequantized_constants(g: onnx.GraphProto) -> bool:
                 for n in params:
                     copy = onnx.TensorProto()
                     copy.CopyFrom(inits[n])
-                    copy.name = copies[n] = fresh(n)
+                    copy.name = copies[n] = _fresh_name(n, taken)
                     g.initializer.append(copy)
                 clone = onnx.NodeProto()
                 clone.CopyFrom(dq)
-                clone.name = fresh(dq.name or dq.output[0])
+                clone.name = _fresh_name(dq.name or dq.output[0], taken)
                 clone.input[:] = [copies.get(n, n) for n in dq.input]
-                clone.output[:] = [fresh(dq.output[0])]
+                clone.output[:] = [_fresh_name(dq.output[0], taken)]
                 g.node.insert(list(g.node).index(dq) + 1, clone)
                 node.input[i] = clone.output[0]
                 changed = True

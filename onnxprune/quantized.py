@@ -33,13 +33,13 @@ from onnxprune.graph import ModelGraph, attrs
 __all__ = [
     "FLOAT_WEIGHT_CRITERIA",
     "FLOAT_WEIGHT_REPAIRS",
-    "along_axis",
     "check_float_weights",
     "check_no_quantized_weights",
     "dequantizer",
     "effective_value",
     "is_parameter",
     "is_quantized_weight",
+    "quantization_grid",
     "quantized_initializers",
     "source_initializer",
     "zero_point_fill",
@@ -120,7 +120,7 @@ def quantized_initializers(graph: ModelGraph) -> list[str]:
     return [name for name in graph.initializers if dequantizer(graph, name) is not None]
 
 
-def along_axis(node: onnx.NodeProto, value: np.ndarray, rank: int) -> np.ndarray:
+def _along_axis(node: onnx.NodeProto, value: np.ndarray, rank: int) -> np.ndarray:
     """A per-tensor or per-axis scale / zero point shaped to broadcast against the rank-`rank` data."""
     value = np.asarray(value)
     if value.ndim == 0 or value.size == 1:
@@ -138,11 +138,18 @@ def effective_value(graph: ModelGraph, name: str) -> np.ndarray | None:
     value = graph.const(name)
     if node is None or value is None:
         return value
-    scale = along_axis(node, graph.initializer_value(node.input[1]), value.ndim)
-    zero = np.zeros(())
+    scale, zero = quantization_grid(graph, node, value.ndim)
+    return ((value.astype(np.float64) - zero) * scale).astype(np.float32)
+
+
+def quantization_grid(graph: ModelGraph, node: onnx.NodeProto, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The scale and zero point of a DequantizeLinear `node` (float64), shaped to broadcast against its
+    rank-`rank` data."""
+    scale = _along_axis(node, graph.initializer_value(node.input[1]), rank).astype(np.float64)
+    zero = np.zeros((), np.float64)
     if len(node.input) > 2 and node.input[2]:
-        zero = along_axis(node, graph.initializer_value(node.input[2]), value.ndim).astype(np.float64)
-    return ((value.astype(np.float64) - zero) * scale.astype(np.float64)).astype(np.float32)
+        zero = _along_axis(node, graph.initializer_value(node.input[2]), rank).astype(np.float64)
+    return scale, zero
 
 
 def zero_point_fill(graph: ModelGraph, name: str) -> np.ndarray | None:
@@ -153,7 +160,7 @@ def zero_point_fill(graph: ModelGraph, name: str) -> np.ndarray | None:
     if node is None or value is None:
         return None
     if len(node.input) > 2 and node.input[2]:
-        zero = along_axis(node, graph.initializer_value(node.input[2]), value.ndim)
+        zero = _along_axis(node, graph.initializer_value(node.input[2]), value.ndim)
     else:
         zero = np.zeros((), value.dtype)
     return np.broadcast_to(zero.astype(value.dtype), value.shape)

@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.graph import ModelGraph, Use, attrs
-from onnxprune.quantized import along_axis, dequantizer, effective_value, quantized_initializers
+from onnxprune.quantized import dequantizer, effective_value, quantization_grid, quantized_initializers
 from onnxprune.rules.facts import linear_axes
 
 __all__ = ["RequantizeReport", "float_view", "requantize"]
@@ -105,7 +105,7 @@ def requantize(
         value = numpy_helper.to_array(inits[name]).astype(np.float64)
         dtype = numpy_helper.to_array(source.initializers[name]).dtype
         info = np.iinfo(dtype)
-        scale, zero = _grid(source, node, value.ndim)
+        scale, zero = quantization_grid(source, node, value.ndim)
         factor = np.ones(())
         if use is not None and use.index == 2 and use.node.name in growth:
             factor = growth[use.node.name].reshape(-1) if growth[use.node.name].ndim else growth[use.node.name]
@@ -144,12 +144,3 @@ def _growth(value: np.ndarray, scale: np.ndarray, zero: np.ndarray, info: np.iin
     axes = tuple(i for i in range(value.ndim) if scale.ndim == 0 or scale.shape[i] == 1)
     factor = np.maximum(need.max(axis=axes, keepdims=True) / scale, 1.0)
     return factor.reshape(()) if factor.size == 1 and scale.size == 1 else factor
-
-
-def _grid(graph: ModelGraph, node: onnx.NodeProto, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """The scale and zero point of `node`, shaped to broadcast against its rank-`rank` data."""
-    scale = along_axis(node, graph.initializer_value(node.input[1]), rank).astype(np.float64)
-    zero = np.zeros((), np.float64)
-    if len(node.input) > 2 and node.input[2]:
-        zero = along_axis(node, graph.initializer_value(node.input[2]), rank).astype(np.float64)
-    return scale, zero
