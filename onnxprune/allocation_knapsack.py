@@ -77,9 +77,10 @@ def measure_curves(
             none are given.
         allow_inexact: include LayerNorm/softmax-coupled groups.
     """
+    data = data.for_model(model)
     if data.n > SAMPLES:  # evenly spaced: a file sorted by class still gives every class
         pick = np.linspace(0, data.n - 1, SAMPLES).round().astype(int)
-        data = CalibrationData({k: v[pick] for k, v in data.arrays.items()})
+        data = data.take(pick)
     used = measurement_repair(repair)
     if stats is None and (used == "ls" or criterion == "obs"):
         stats = collect_stats(model, data, hessian=True)

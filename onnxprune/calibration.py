@@ -424,6 +424,7 @@ def collect_stats(
     from this pass instead of a second forward pass (ResNet-50, 256 samples: ~17 CPU s of onnxruntime and
     the im2col of ~1.4 GB of rows).
     """
+    data = data.for_model(model)  # a fixed batch runs its inputs B at a time
     graph = ModelGraph(model)
     which = consumers(graph) if which is None else which
     by_name = {c.name: c for c in which}
@@ -445,7 +446,7 @@ def collect_stats(
     result = CalibrationStats(by_name, samples=data.n)
     w_shapes = {c.name: c.weight_shape(graph) for c in which}
     feats_of = {c.name: c.feature_count(w_shapes[c.name]) for c in which}
-    per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n))) for k, f in feats_of.items()}
+    per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n * data.batch))) for k, f in feats_of.items()}
     shared = set() if rows is None else {c.name for c in which} & set(rows.per_sample)
     if rows is not None:
         per_sample.update({name: rows.per_sample[name] for name in shared})
@@ -480,7 +481,8 @@ def collect_stats(
         i = 0
         while i < data.n:
             k = min(step, data.n - i)
-            feed = {n: v[i : i + k] for n, v in data.arrays.items() if n in feeds}
+            whole = data.sample(i) if k == 1 else {n: v[i : i + k] for n, v in data.arrays.items()}  # k > 1: dynamic
+            feed = {n: v for n, v in whole.items() if n in feeds}
             values = dict(zip(names, sess.run(None, feed)))
             if k > 1 and any(len(values[c.x]) != k for c in which):
                 # a layer input without the batch in front ([batch x seq, F], time-major [T, batch, F]) cannot be

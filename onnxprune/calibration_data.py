@@ -6,7 +6,7 @@ and checked against the model's inputs (`check_calib`). Split from `calibration`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import overload
 
@@ -16,24 +16,71 @@ import onnx
 from onnxprune.errors import DataError, UsageError
 from onnxprune.graph import Dim, ModelGraph
 
-__all__ = ["CalibLike", "CalibrationData", "as_calibration", "check_calib", "load_calib"]
+__all__ = ["CalibLike", "CalibrationData", "as_calibration", "check_calib", "fixed_batch", "load_calib"]
 
 
 @dataclass(frozen=True)
 class CalibrationData:
-    """Samples per model input name; every array's first axis enumerates samples."""
+    """Calibration inputs per model input name; every array's first axis enumerates inputs.
+
+    A *sample* is what one model run takes: one input, or for a model exported with a fixed batch B > 1
+    (``batch`` = B; torch.export bakes the example's batch into every shape) B consecutive inputs run
+    together, the statistics then reducing over the batch as over any other position axis. `n` counts
+    samples; the remainder of fewer than B inputs is not used. `for_model` sets `batch` from a model.
+    """
 
     arrays: dict[str, np.ndarray]
+    batch: int = 1
+
+    @property
+    def inputs(self) -> int:
+        """How many inputs the arrays hold (`n` x `batch`, plus an unused remainder)."""
+        return min(len(a) for a in self.arrays.values()) if self.arrays else 0
 
     @property
     def n(self) -> int:
-        return min(len(a) for a in self.arrays.values()) if self.arrays else 0
+        return self.inputs // self.batch
 
     def sample(self, i: int) -> dict[str, np.ndarray]:
-        return {k: v[i : i + 1] for k, v in self.arrays.items()}
+        b = self.batch
+        return {k: v[i * b : (i + 1) * b] for k, v in self.arrays.items()}
 
     def head(self, n: int) -> CalibrationData:
-        return CalibrationData({k: v[:n] for k, v in self.arrays.items()})
+        return CalibrationData({k: v[: n * self.batch] for k, v in self.arrays.items()}, self.batch)
+
+    def take(self, samples: np.ndarray | list[int]) -> CalibrationData:
+        """The samples numbered `samples`, in that order (for a fixed batch: their whole runs)."""
+        idx = np.asarray(samples, dtype=np.int64)
+        rows = (idx[:, None] * self.batch + np.arange(self.batch)).ravel()
+        return CalibrationData({k: v[rows] for k, v in self.arrays.items()}, self.batch)
+
+    def for_model(self, model: onnx.ModelProto | ModelGraph) -> CalibrationData:
+        """These inputs with `batch` = `model`'s fixed batch (`fixed_batch`): what every runner feeding
+        `model` calls first, so that library callers may pass plain arrays for a fixed-batch model.
+
+        Raises:
+            DataError: fewer inputs than one batch.
+        """
+        b = fixed_batch(model)
+        if b == self.batch:
+            return self
+        if self.arrays and self.inputs < b:
+            raise DataError(f"the model has a fixed batch of {b} and runs {b} calibration inputs at a time, but "
+                            f"there are only {self.inputs}")
+        return replace(self, batch=b)
+
+
+def fixed_batch(model: onnx.ModelProto | ModelGraph) -> int:
+    """The batch a model's graph inputs fix: the largest static first size above 1 among them, else 1
+    (dynamic or symbolic batches, batch 1, no inputs). Read off the inputs' declared types: cheap enough to
+    call before every run. `check_calib` refuses inputs fixing different batches.
+    """
+    proto = model.model if isinstance(model, ModelGraph) else model
+    weights = {t.name for t in proto.graph.initializer}
+    sizes = [vi.type.tensor_type.shape.dim[0].dim_value for vi in proto.graph.input
+             if vi.name not in weights and vi.type.tensor_type.shape.dim
+             and vi.type.tensor_type.shape.dim[0].HasField("dim_value")]
+    return max([s for s in sizes if s > 1], default=1)
 
 
 # What every pass takes as calibration inputs: CalibrationData or a plain {input name: array} (axis 0 = samples).
@@ -121,13 +168,16 @@ def check_calib(
 ) -> CalibrationData:
     """`data` checked against the model's inputs and cast to their dtypes, before anything runs.
 
-    Every graph input needs an array whose axis 0 enumerates samples and whose other axes match the
+    Every graph input needs an array whose axis 0 enumerates inputs and whose other axes match the
     input's static sizes (symbolic or unknown sizes accept anything); values must be numbers, and whole
-    numbers for an integer input. Arrays for names that are not model inputs are ignored.
+    numbers for an integer input. Arrays for names that are not model inputs are ignored. A model exported
+    with a fixed batch B > 1 runs B inputs at a time (`CalibrationData.batch`); `samples` counts inputs,
+    and is rounded down to whole runs.
 
     Raises:
-        DataError: an input has no array, or its array has the wrong shape or dtype (one line, naming `where`).
-        UsageError: `samples` < 1.
+        DataError: an input has no array, or its array has the wrong shape or dtype, or fewer inputs than one
+            fixed batch (one line, naming `where`).
+        UsageError: `samples` < 1 or below the fixed batch.
     """
     graph = ModelGraph(model)
     inputs = {vi.name: vi for vi in model.graph.input if vi.name in graph.graph_inputs}
@@ -137,17 +187,26 @@ def check_calib(
         raise DataError(f"{where}: no array for model input(s) {', '.join(repr(m) for m in missing)} (it has {has}; "
                         "keys must be the model's input names)")
     arrays = {}
+    batches = {}
     for name, vi in inputs.items():
         dims = graph.shape(name)
-        if dims and isinstance(dims[0], int) and dims[0] > 1:  # every run feeds one sample (or a dynamic batch)
-            raise DataError(f"{where}: model input {name!r} has a fixed batch of {dims[0]}, and calibration runs one "
-                            "sample at a time: export the model with batch 1 or a dynamic batch")
+        if dims and isinstance(dims[0], int) and dims[0] > 1:  # a fixed batch: B inputs per run
+            batches[name] = dims[0]
         arrays[name] = _fit_input(data.arrays[name], name, dims, vi.type.tensor_type.elem_type, where)
-    out = CalibrationData(arrays)
+    if len(set(batches.values())) > 1:
+        fixed = ", ".join(f"{n!r} {b}" for n, b in batches.items())
+        raise DataError(f"{where}: the model's inputs fix different batches ({fixed}): they cannot run together")
+    batch = max(batches.values(), default=1)
+    out = CalibrationData(arrays, batch)
+    if out.n < 1:
+        raise DataError(f"{where}: the model has a fixed batch of {batch} and runs {batch} inputs at a time, but "
+                        f"the data holds only {out.inputs}")
     if samples is not None:
         if samples < 1:
             raise UsageError(f"calib-samples must be >= 1, got {samples}")
-        out = out.head(samples)
+        if samples < batch:
+            raise UsageError(f"calib-samples {samples} is below the model's fixed batch of {batch} (inputs per run)")
+        out = out.head(samples // batch)
     return out
 
 

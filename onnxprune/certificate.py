@@ -212,7 +212,10 @@ def _feeds(
         feeds = [random_inputs(model, seed=seed + i) for i in range(samples)]
         return feeds, f"random: {len(feeds)} sample{'s' * (len(feeds) != 1)}, seed {seed}"
     if isinstance(inputs, CalibrationData):  # one sample per run: models often have a static batch of 1
+        inputs = inputs.for_model(model)
         feeds = [inputs.sample(i) for i in range(min(inputs.n, samples))]
+        if inputs.batch > 1 and feeds:
+            return feeds, f"calibration: {len(feeds)} run{'s' * (len(feeds) != 1)} of {inputs.batch} inputs"
     else:
         feeds = list(inputs)[:samples]
     if not feeds:

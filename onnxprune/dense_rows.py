@@ -152,11 +152,12 @@ class DenseRowsWriter:
     def __init__(self, model: onnx.ModelProto, which: list[Consumer],
                  targets: Mapping[str, np.ndarray] | Callable[[Consumer], np.ndarray],
                  data: CalibrationData, max_rows: int, seed: int) -> None:
+        data = data.for_model(model)
         graph = ModelGraph(model)
         index = consumer_index(model)
         w_shapes = {c.name: c.weight_shape(graph) for c in which}
         feats = {c.name: c.feature_count(w_shapes[c.name]) for c in which}
-        self.per_sample = {c.name: max(1, -(-row_budget(feats[c.name], max_rows) // max(1, data.n))) for c in which}
+        self.per_sample = {c.name: max(1, -(-row_budget(feats[c.name], max_rows) // max(1, data.n * data.batch))) for c in which}
         self.store = DenseRows(seed, {c.name: index[c.name] for c in which}, self.per_sample, {}, {}, set(), data.n,
                                source=model, max_rows=max_rows, data_key=data_key(data))
         self.projections = {}
@@ -233,6 +234,7 @@ def dense_rows(
     `targets`: consumer name -> its original ``[W b]`` [outputs, F + 1] (`repair.original_target`), or a
     function of the consumer giving it (one at a time: only the float32 projections of output rows are kept).
     """
+    data = data.for_model(model)
     graph = ModelGraph(model)
     w_shapes = {c.name: c.weight_shape(graph) for c in which}
     writer = DenseRowsWriter(model, which, targets, data, max_rows, seed)

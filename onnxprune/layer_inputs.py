@@ -105,6 +105,7 @@ class FrontierRunner:
 
     def run(self, model: onnx.ModelProto, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
         """Per sample (in order), the values of `names`; the frontier cache is refreshed on the way."""
+        self.data = self.data.for_model(model)  # a fixed batch: B inputs a run
         nodes = list(model.graph.node)
         if self.budget <= 0 or any(has_subgraph(n) for n in nodes):
             yield from self._run_plain(model, names)

@@ -320,6 +320,8 @@ def _outputs(model: onnx.ModelProto, x: np.ndarray, config: RefineConfig, batch:
     vi = _input(model)
     dim = vi.type.tensor_type.shape.dim
     static = dim[0].dim_value if len(dim) and dim[0].HasField("dim_value") else 0
+    if static:  # whole batches only: the remainder cannot run
+        x = x[: len(x) - len(x) % static]
     return _run_batches(session(model, threads=config.threads), vi.name, x, static or batch)
 
 
@@ -384,6 +386,9 @@ def refine(pruned: onnx.ModelProto, teacher: onnx.ModelProto, x: np.ndarray,
     dim0 = _input(pruned).type.tensor_type.shape.dim[0]
     # a model imported at a fixed batch has it folded into its shape constants: run at that batch, accumulate
     fixed = dim0.dim_value if dim0.HasField("dim_value") and dim0.dim_value > 0 else 0
+    if fixed:  # whole batches only (the remainder of fewer than `fixed` inputs is not used)
+        x = x[: n - n % fixed]
+        n = len(x)
     micro = fixed or min(config.batch, n)
     accumulate = max(1, min(config.batch, n) // micro) if fixed else 1
     if config.epochs == 0 or n == 0:

@@ -366,6 +366,7 @@ def repair_sequential(
             used when they are the rows this call would draw (`DenseRows.serves`), else drawn here; closed
             after use either way.
     """
+    data = data.for_model(analysis.graph.model)
     from onnxprune.rewrite import apply_mask
 
     stream = SEQ_STREAM if stream is None else stream

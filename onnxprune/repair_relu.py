@@ -43,7 +43,9 @@ import numpy as np
 import onnx
 
 from onnxprune.calibration import CalibrationData, Consumer, consumers, hessian_rows, output_rows
+from onnxprune.calibration_data import fixed_batch
 from onnxprune.channels import ChannelAnalysis, DimRef
+from onnxprune.errors import UnsupportedModelError
 from onnxprune.graph import ModelGraph, attrs
 from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.progress import task
@@ -200,6 +202,9 @@ def refit_relu(
     """
     report = ReluRefitReport()
     graph = analysis.graph
+    if fixed_batch(graph.model) > 1:
+        raise UnsupportedModelError(f"--relu-refit: the model has a fixed batch of {fixed_batch(graph.model)}; the "
+                                    "refit draws rows one input at a time (export with batch 1 or a dynamic batch)")
     removed = analysis.removed_positions(removed_labels)
     out_model = repaired.graph.model
     if not removed or iterations <= 0:

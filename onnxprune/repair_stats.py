@@ -144,6 +144,7 @@ def sequential_stats(
     only the pruned model runs, its rows drawn at the same positions; consumers whose dense rows are outputs
     accumulate ``P = E[y x~^T]``. Not with `streams` or a held-out fold.
     """
+    data = data.for_model(current)
     streams = streams or {}
     assert dense is None or not (streams or holdout > 1), "dense rows carry neither stream rows nor folds"
     names = sorted({c.x for c in wave} | {w.other for w in streams.values()})
@@ -156,7 +157,7 @@ def sequential_stats(
     feats_c = {c.name: feats[c.name] if c.name not in kept else
                feats[c.name] * len(kept[c.name]) // w_shapes[c.name][c.in_axis] for c in wave}
     n_outs = {c.name: w_shapes[c.name][c.out_axis] for c in wave}
-    per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n))) for k, f in feats.items()}
+    per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n * data.batch))) for k, f in feats.items()}
     if dense is not None:
         per_sample = {c.name: dense.per_sample[c.name] for c in wave}
     outputs_given = set() if dense is None else {c.name for c in wave if c.name in dense.outputs}

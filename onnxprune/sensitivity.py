@@ -48,6 +48,7 @@ def relative_error(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
 
 
 def _outputs(model: onnx.ModelProto, data: CalibrationData) -> list[np.ndarray]:
+    data = data.for_model(model)
     from onnxprune.verify import session
 
     sess = session(model)
@@ -76,6 +77,7 @@ def sensitivity(
         stats: calibration statistics of `model`, for data-driven criteria and the "ls" repair.
         allow_inexact: include LayerNorm/softmax-coupled groups.
     """
+    data = data.for_model(model)
     from onnxprune.criteria import get_criterion
     from onnxprune.sensitivity_runs import GroupScan, supported
 

@@ -85,7 +85,7 @@ class GroupScan:
     def __init__(self, analysis: ChannelAnalysis, data: CalibrationData, repair: str = "none",
                  stats: CalibrationStats | None = None, budget: int | None = None) -> None:
         self.analysis = analysis
-        self.data = data
+        self.data = data.for_model(analysis.graph.model)
         self.repair = repair
         self.stats = stats
         self.budget = BUDGET if budget is None else budget

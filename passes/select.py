@@ -34,7 +34,7 @@ import onnx
 from onnxprune import allocation as alloc
 from onnxprune import allocation_knapsack as knapsack
 from onnxprune.calibration import CalibrationData, CalibrationStats, check_calib, collect_stats
-from onnxprune.calibration_data import CalibLike, as_calibration
+from onnxprune.calibration_data import CalibLike, as_calibration, fixed_batch
 from onnxprune.channels import ChannelAnalysis, analyze
 from onnxprune.criteria import Criterion, Magnitude, get_criterion
 from onnxprune.dense_rows import DenseRows
@@ -316,7 +316,7 @@ def measure_sensitivity(
         data = check_calib(calib, model)
         rows = knapsack.measure_curves(model, data, c.criterion, c.repair, stats, c.allow_inexact)
         return SensitivityReport(tuple(knapsack.RATIOS), tuple(rows))
-    data = check_calib(calib, model, min(calib.n, SENSITIVITY_SAMPLES))
+    data = check_calib(calib, model, max(fixed_batch(model), min(calib.inputs, SENSITIVITY_SAMPLES)))  # inputs
     ratios = list(SENSITIVITY_RATIOS)
     rows = sensitivity(model, data, ratios, c.criterion, c.repair, stats, c.allow_inexact)
     return SensitivityReport(tuple(ratios), tuple(rows))

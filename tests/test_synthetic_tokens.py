@@ -4,6 +4,7 @@ sequential repair end to end, compared with the original in onnxruntime."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -209,8 +210,23 @@ def _renamed(model: onnx.ModelProto, old: str, new: str) -> onnx.ModelProto:
     return out
 
 
-def test_a_fixed_batch_above_one_is_a_one_line_data_error(tmp_path):
-    assert "fixed batch of 2" in _synthetic_cli_error(_token_model(extra_inputs=(), seq=8, batch=2), tmp_path)
+def test_a_fixed_batch_above_one_runs_its_inputs_two_at_a_time(tmp_path):
+    """A model exported at batch 2 (torch.export's default) calibrates on synthetic tokens, two per run; a single
+    synthetic input is less than one run: one line, exit 1."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_token_model(extra_inputs=(), seq=8, batch=2), path)
+    proc = subprocess.run([sys.executable, "-m", "onnxprune.cli", "prune", str(path), "-o", str(tmp_path / "o.onnx"),
+                           "--round-to", "1", "--criterion", "obs", "--repair", "seq", "--calib", "synthetic:8",
+                           "--verify", "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["verification"]["inputs"] == "calibration: 4 runs of 2 inputs" and out["repair"]["repaired"] > 0
+    (tmp_path / "o.onnx").unlink()
+    proc = subprocess.run([sys.executable, "-m", "onnxprune.cli", "prune", str(path), "-o", str(tmp_path / "o.onnx"),
+                           "--criterion", "obs", "--repair", "seq", "--calib", "synthetic:1"], capture_output=True, text=True)
+    lines = [line for line in proc.stderr.splitlines() if "note:" not in line]
+    assert proc.returncode == 1 and len(lines) == 1 and "fixed batch of 2" in lines[0], proc.stderr
+    assert not (tmp_path / "o.onnx").exists()
 
 
 def test_keras_export_is_a_token_model():

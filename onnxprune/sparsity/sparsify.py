@@ -112,7 +112,9 @@ def sparsify_model(
     report.dense = {layer.name: layer.skip for layer in layers if layer.skip}
     if config.sparsity == 0 or not active:
         return model, report
-    data = calib if calib is None else calib.head(min(calib.n, config.calib_samples or calib.n))
+    data = None if calib is None else calib.for_model(model)
+    if data is not None and config.calib_samples:  # counts inputs; a fixed batch runs whole batches
+        data = data.head(max(1, config.calib_samples // data.batch))
     needs_hessian = config.repair == "ls" or (score == "obs" and config.repair != "seq")
     if data is not None and stats is None and (score != "magnitude" or config.repair == "ls"):
         which = [layer.consumer for layer in active if layer.consumer is not None]

@@ -184,6 +184,7 @@ def repair_stream(analysis: ChannelAnalysis, data: CalibrationData, damp: float 
         choices: readers (by weight name: one choice per group the weight reads) that choose their input
             channels when they are fitted (`choose_columns`); each choice's `kept` is set.
     """
+    data = data.for_model(analysis.graph.model)
     from onnxprune.rewrite import apply_mask
 
     labels = np.zeros(1, dtype=np.int64)  # PlanRemovals ignores the labels
@@ -280,7 +281,7 @@ def _stream_stats(graph: ModelGraph, current: onnx.ModelProto, wave: list[Consum
     run_o, run_c = runners
     w_shapes = {c.name: c.weight_shape(graph) for c in wave}
     feats = {c.name: c.feature_count(w_shapes[c.name]) for c in wave}
-    per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n))) for k, f in feats.items()}
+    per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n * data.batch))) for k, f in feats.items()}
     hess = {c.name: np.zeros((feats[c.name] + 1,) * 2) for c in wave}
     cross = {c.name: np.zeros((feats[c.name] + 1,) * 2) for c in wave}
     stream = {c.name: np.zeros((w_shapes[c.name][c.out_axis], feats[c.name] + 1)) for c in wave}
