@@ -8,8 +8,9 @@ BatchNorm folded; this float model is the "float" column) and quantized by ``qua
 per-channel weights, int8 activations, calibrated on 256 training images). Both are pruned with the same command
 line, ``onnxprune prune M --target-params P --criterion l2 --round-to 1``, plain, with ``--allocation knapsack
 --calib`` (512 training images; measured error curves, no repair), and with ``--repair seq`` on top (the QDQ
-model's layers refitted as floats and quantized again on their own grid, `onnxprune.quantized_repair`), and scored
-top-1 on all 10,000 test images.
+model's layers refitted as floats and quantized again on their own grid, `onnxprune.quantized_repair`), then the
+same with ``--criterion obs`` (row ``obs+k+seq``: OBS scores from Hessians collected on the QDQ model's float view),
+and scored top-1 on all 10,000 test images.
 
 What it shows: pruning a quantized model as it is costs what pruning its float model costs, and the sequential
 repair brings it back as it does the float model. Skips cleanly (exit 0, one line) without the datasets.
@@ -98,8 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(lines[-1], flush=True)
             for target in args.targets.split(","):
                 knapsack = ["--allocation", "knapsack", "--calib", str(work / "calib.npz")]
-                for label, extra in (("uniform", []), ("knapsack", knapsack),
-                                     ("knap+seq", [*knapsack, "--repair", "seq"])):  # fmt: skip
+                seq = [*knapsack, "--repair", "seq"]
+                for label, extra in (("uniform", []), ("knapsack", knapsack), ("knap+seq", seq),
+                                     ("obs+k+seq", [*seq, "--criterion", "obs"])):  # fmt: skip
                     prune(pre, work / "f.onnx", target, extra)
                     prune(qdq, work / "q.onnx", target, extra)
                     acc = top1(work / "f.onnx", x, y), top1(work / "q.onnx", x, y)

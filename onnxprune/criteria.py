@@ -296,7 +296,7 @@ class OBS(DataCriterion):
         total = np.zeros(group.size)
         found = False
         for c, m, st in self.consumer_members(group, analysis):
-            w = np.asarray(analysis.graph.const(c.weight), dtype=np.float64)
+            w = np.asarray(effective_value(analysis.graph, c.weight), dtype=np.float64)  # QDQ: dequantized
             wm = c.weight_matrix(w)
             feat_pos = c.feature_channel(w.shape)
             pos_channel = np.full(w.shape[c.in_axis], -1)

@@ -14,10 +14,12 @@ stays quantized (same integers, same scales). Three places need the quantized vi
 - the masking oracle: a silenced quantized weight is set to its zero point (:func:`zero_point_fill`), the
   integer that dequantizes to exactly 0.
 
-The sequential repair refits quantized weights as floats and writes them back as integers on their own grid
-(`quantized_repair`). What else reads or writes float weights at the layers (OBS and activation statistics, the
-``bias`` / ``ls`` repairs, unconstrained mode, sparsity) does not handle quantized ones: :func:`check_float_weights`
-and :func:`check_no_quantized_weights` refuse it in one line rather than skip those layers without a word.
+Calibration statistics (the OBS / activation / APoZ criteria, the ``ls`` repair) are collected on a float view of
+the model whose layers read the dequantized weights directly, and every repair (``bias``, ``ls``, ``seq``) refits
+on that view and writes the weights back as integers on their own grid (`quantized_repair`). What still reads
+float weights at the layers without that view (the data criteria's data-free surrogates, unconstrained mode,
+sparsity) does not handle quantized ones: :func:`check_float_weights` and :func:`check_no_quantized_weights` refuse
+it in one line rather than skip those layers without a word.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from onnxprune.graph import ModelGraph, attrs
 
 __all__ = [
     "FLOAT_WEIGHT_CRITERIA",
-    "FLOAT_WEIGHT_REPAIRS",
     "check_float_weights",
     "check_no_quantized_weights",
     "dequantizer",
     "effective_value",
+    "fake_quantized_value",
+    "fake_quantized_weights",
     "is_parameter",
     "is_quantized_weight",
     "quantization_grid",
@@ -45,10 +48,8 @@ __all__ = [
     "zero_point_fill",
 ]
 
-#: Criteria that read each consumer's input statistics and weight matrix as floats (calibration.consumers).
+#: Criteria whose data-free surrogates read float weight matrices at `calibration.consumers` (no QDQ layer there).
 FLOAT_WEIGHT_CRITERIA = frozenset({"obs", "activation", "apoz"})
-#: Repairs that write new float weights (a quantized weight would need requantizing).
-FLOAT_WEIGHT_REPAIRS = frozenset({"bias", "ls", "mean"})  # seq: refitted as floats, quantized again
 
 
 def dequantizer(graph: ModelGraph, name: str) -> onnx.NodeProto | None:
@@ -106,6 +107,41 @@ def is_quantized_weight(graph: ModelGraph, name: str) -> bool:
 
 def _dequantized_outputs(graph: ModelGraph, quantize: onnx.NodeProto) -> list[str]:
     return [u.node.output[0] for u in graph.consumers.get(quantize.output[0], []) if u.node.op_type == "DequantizeLinear"]
+
+
+def fake_quantized_weights(graph: ModelGraph) -> dict[str, tuple[onnx.NodeProto, onnx.NodeProto]]:
+    """Float initializers a layer reads fake-quantized, ``DequantizeLinear(QuantizeLinear(W))`` (quantization-aware
+    exports), by name: their (QuantizeLinear, DequantizeLinear), when both share the grid (the same constant scale
+    and zero point values, per tensor or along the same axis) and the integer type is known (a zero point's)."""
+    out = {}
+    for node in graph.nodes:
+        if node.op_type != "DequantizeLinear" or not node.output:
+            continue
+        weight = source_initializer(graph, node.output[0])
+        quantize = graph.producer.get(node.input[0])
+        if weight is None or quantize is None or quantize.op_type != "QuantizeLinear" or dequantizer(graph, weight):
+            continue
+        q_params, dq_params = list(quantize.input[1:3]), list(node.input[1:3])
+        if len(q_params) != 2 or len(dq_params) != 2 or not all(q_params + dq_params) \
+                or attrs(quantize).get("block_size", 0) or attrs(node).get("block_size", 0):  # fmt: skip
+            continue
+        values = [graph.const(p) for p in q_params + dq_params]
+        if any(v is None for v in values) or values[1].dtype.kind not in "iu":
+            continue
+        same_axis = values[0].size == 1 or attrs(quantize).get("axis", 1) == attrs(node).get("axis", 1)
+        if same_axis and np.array_equal(values[0], values[2]) and np.array_equal(values[1], values[3]):
+            out[weight] = (quantize, node)
+    return out
+
+
+def fake_quantized_value(graph: ModelGraph, name: str, nodes: tuple[onnx.NodeProto, onnx.NodeProto]) -> np.ndarray:
+    """What the layer reads of a fake-quantized weight: ``(clip(round(W / scale) + zero) - zero) * scale``."""
+    quantize, dequantize = nodes
+    value = np.asarray(graph.const(name), dtype=np.float64)
+    scale, zero = quantization_grid(graph, dequantize, value.ndim)
+    info = np.iinfo(np.asarray(graph.const(quantize.input[2])).dtype)
+    ints = np.clip(np.round(value / scale) + zero, info.min, info.max)
+    return ((ints - zero) * scale).astype(np.asarray(graph.const(name)).dtype)
 
 
 def is_parameter(graph: ModelGraph, name: str) -> bool:
@@ -192,8 +228,8 @@ def _refuse(quantized: set[str], what: list[str]) -> None:
     if quantized:
         raise UsageError(
             f"{len(quantized)} parameters are quantized (QDQ: read through DequantizeLinear) and {', '.join(what)} "
-            "reads or writes float weights: prune the quantized model with a weight criterion (l1, l2, fpgm, lamp, "
-            "random) and --repair seq or none, or prune the float model and quantize it after"
+            "reads float weights at the layers: prune the quantized model with --calib (statistics on the dequantized "
+            "weights) or a weight criterion (l1, l2, fpgm, lamp, random), or prune the float model and quantize it after"
         )
 
 

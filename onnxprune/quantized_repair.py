@@ -22,7 +22,14 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.graph import ModelGraph, Use, attrs
-from onnxprune.quantized import dequantizer, effective_value, quantization_grid, quantized_initializers
+from onnxprune.quantized import (
+    dequantizer,
+    effective_value,
+    fake_quantized_value,
+    fake_quantized_weights,
+    quantization_grid,
+    quantized_initializers,
+)
 from onnxprune.rules.facts import linear_axes
 
 __all__ = ["RequantizeReport", "float_view", "requantize"]
@@ -43,23 +50,33 @@ class RequantizeReport:
 def float_view(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.NodeProto]]:
     """A copy of `model` whose quantized weights and biases are float initializers under their integer names,
     read directly by their layers; and the removed DequantizeLinear nodes by that name (for `requantize`).
-    A model without quantized weights comes back as it is, with nothing removed."""
+    A fake-quantized float weight, ``DequantizeLinear(QuantizeLinear(W))``, is read as its rounded value under
+    W's name, both nodes removed (the DequantizeLinear is what `removed` names). A model without quantized
+    weights comes back as it is, with nothing removed."""
     graph = ModelGraph(model)
+    outputs = {o.name for o in model.graph.output}
     removed: dict[str, onnx.NodeProto] = {}
     values: dict[str, np.ndarray] = {}
     for name in quantized_initializers(graph):
         node = dequantizer(graph, name)
         value = effective_value(graph, name)
-        if node is None or value is None or node.output[0] in {o.name for o in model.graph.output}:
+        if node is None or value is None or node.output[0] in outputs:
             continue
         removed[name] = node
         values[name] = value
+    quantizers = set()
+    for name, (quantize, node) in fake_quantized_weights(graph).items():
+        if node.output[0] not in outputs and quantize.output[0] not in outputs:
+            removed[name] = node
+            values[name] = fake_quantized_value(graph, name, (quantize, node))
+            quantizers.add(quantize.output[0])
     if not removed:
         return model, removed  # nothing quantized: the model itself (no copy, no new analysis)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     rename = {node.output[0]: name for name, node in removed.items()}
-    kept = [n for n in out.graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] in rename)]
+    kept = [n for n in out.graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] in rename)
+            and not (n.op_type == "QuantizeLinear" and n.output[0] in quantizers)]
     for n in kept:
         n.input[:] = [rename.get(i, i) for i in n.input]
     del out.graph.node[:]
@@ -87,7 +104,8 @@ def requantize(
     report = RequantizeReport()
     present = {t.name for t in out.graph.initializer}
     for node in removed.values():  # the scales and zero points, should the repair have dropped them unused
-        for param in node.input[1:]:
+        quantize = source.producer.get(node.input[0])
+        for param in [*node.input[1:], *(quantize.input[1:] if quantize is not None else ())]:
             if param and param not in present:
                 out.graph.initializer.append(source.initializers[param])
                 present.add(param)
@@ -98,13 +116,15 @@ def requantize(
         readers = view.consumers.get(name, [])
         uses[name] = readers[0] if len(readers) == 1 else None
     biases = {n for n, use in uses.items() if use is not None and use.index == 2}
+    restored: list[onnx.NodeProto] = []
     for name in sorted(removed, key=lambda n: n in biases):  # weights first: a bias's scale follows its weight's
         node, use = removed[name], uses[name]
         if name not in inits:
             continue
         value = numpy_helper.to_array(inits[name]).astype(np.float64)
         dtype = numpy_helper.to_array(source.initializers[name]).dtype
-        info = np.iinfo(dtype)
+        quantize = source.producer.get(node.input[0]) if dtype.kind == "f" else None  # fake-quantized float W
+        info = np.iinfo(dtype if quantize is None else source.initializer_value(quantize.input[2]).dtype)
         scale, zero = quantization_grid(source, node, value.ndim)
         factor = np.ones(())
         if use is not None and use.index == 2 and use.node.name in growth:
@@ -118,11 +138,18 @@ def requantize(
         if np.any(factor != 1):
             scale = scale * (factor.reshape(scale.shape) if factor.size == scale.size else factor.max())
             stored = source.initializer_value(node.input[1])
-            inits[node.input[1]].CopyFrom(numpy_helper.from_array(
-                scale.reshape(stored.shape).astype(stored.dtype), node.input[1]))  # fmt: skip
+            for param in {node.input[1], *(quantize.input[1:2] if quantize is not None else ())}:
+                inits[param].CopyFrom(numpy_helper.from_array(scale.reshape(stored.shape).astype(stored.dtype), param))
         ints = np.round(value / scale) + zero
         clipped = int(((ints < info.min) | (ints > info.max)).sum())
-        inits[name].CopyFrom(numpy_helper.from_array(np.clip(ints, info.min, info.max).astype(dtype), name))
+        if quantize is None:
+            inits[name].CopyFrom(numpy_helper.from_array(np.clip(ints, info.min, info.max).astype(dtype), name))
+        else:  # the float weight itself, behind its QuantizeLinear again (it rounds at run time); untouched: as it was
+            same = np.array_equal(value.astype(dtype), fake_quantized_value(source, name, (quantize, node)))
+            inits[name].CopyFrom(source.initializers[name] if same and not np.any(factor != 1)
+                                 else numpy_helper.from_array(value.astype(dtype), name))
+            restored.append(quantize)
+        restored.append(node)
         report.tensors += 1
         report.values += int(value.size)
         report.clipped += clipped
@@ -131,7 +158,7 @@ def requantize(
     for n in nodes:
         n.input[:] = [back.get(i, i) for i in n.input]
     del out.graph.node[:]
-    out.graph.node.extend([*(removed[name] for name in removed if name in inits), *nodes])
+    out.graph.node.extend([*restored, *nodes])
     return out, report
 
 

@@ -120,17 +120,18 @@ def cut_and_repair(
     what `RepairChannelsPass` + `RemoveChannelsPass` give for that selection."""
     c = config
     model = dense.graph.model
-    if c.repair == "seq":
-        assert calib is not None  # SelectChannelsPass.check_data: seq needs samples
+    if c.repair == "none":
+        repaired = model
+    else:
         view, dequantized = float_view(model)  # quantized weights: refitted as floats (`quantized_repair`)
         base, base_removed = reanalyze(dense, removed, view, c.allow_inexact)
-        repaired, _ = repair_sequential(base, base_removed, check_calib(calib, model, c.calib_samples), seed=c.seed)
+        if c.repair == "seq":
+            assert calib is not None  # SelectChannelsPass.check_data: seq needs samples
+            repaired, _ = repair_sequential(base, base_removed, check_calib(calib, model, c.calib_samples), seed=c.seed)
+        else:  # bias, ls: `stats` come from the same float view (`select.calibration_statistics`)
+            repaired, _ = repair_weights(base, base_removed, c.repair, stats)
         if dequantized:
             repaired, _ = requantize(repaired, dequantized, model)
-    elif c.repair in ("bias", "ls"):
-        repaired, _ = repair_weights(dense, removed, c.repair, stats)
-    else:
-        repaired = model
     analysis, labels = reanalyze(dense, removed, repaired, c.allow_inexact)
     return infer_shapes(apply_plan(analysis, labels))
 

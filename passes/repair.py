@@ -49,15 +49,16 @@ class RepairChannelsPass(Pass):
         c = selection.config
         if c.repair == "none" or selection.empty:
             return PassResult(model, False)
-        # quantized (QDQ) weights are refitted as floats and quantized again on their own grid afterwards
-        view, dequantized = float_view(model) if c.repair == "seq" else (model, {})
+        # quantized (QDQ) weights are refitted as floats and quantized again on their own grid afterwards (the
+        # selection's statistics were collected on the same float view: `select.calibration_statistics`)
+        view, dequantized = float_view(model)
         base, base_labels = reanalyze(selection.analysis, selection.labels, view, c.allow_inexact)
         if c.repair == "seq":
             data = check_calib(self.calib, model, c.calib_samples)
             repaired, report = repair_sequential(base, base_labels, data, seed=c.seed,
                                                  dense=None if dequantized else selection.dense_rows)  # fmt: skip
         else:
-            repaired, report = repair_weights(selection.analysis, selection.labels, c.repair, selection.stats)
+            repaired, report = repair_weights(base, base_labels, c.repair, selection.stats)
         analysis, labels = reanalyze(base, base_labels, repaired, c.allow_inexact)
         refit = c.repair == "seq" and c.relu_refit
         if refit:

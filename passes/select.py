@@ -52,7 +52,8 @@ from onnxprune.passes.latency_select import (
 )
 from onnxprune.passmanager import Pass, PassResult, analyses
 from onnxprune.plan import KeepCounts, PruningPlan, make_plan
-from onnxprune.quantized import FLOAT_WEIGHT_CRITERIA, FLOAT_WEIGHT_REPAIRS, check_float_weights
+from onnxprune.quantized import FLOAT_WEIGHT_CRITERIA, check_float_weights
+from onnxprune.quantized_repair import float_view
 from onnxprune.repair import RepairReport, seq_rows_writer
 from onnxprune.report import SENSITIVITY_METRIC
 from onnxprune.sensitivity import SensitivityRow, sensitivity
@@ -165,9 +166,11 @@ def calibration_statistics(
     data = check_calib(calib, model, config.calib_samples)
     # per-position moments only for the criteria that read them (obs and the ls repair read the Hessians alone)
     moments = custom_criterion or config.criterion in ("activation", "apoz")
+    # quantized (QDQ) weights: the layers read them as floats here, as the repairs refit them (`quantized_repair`)
+    view, dequantized = float_view(model)
     # the seq repair's rows of the original model drawn in this pass too (`ChannelSelection.dense_rows`)
-    rows = seq_rows_writer(model, data, config.seed) if seq_rows and config.repair == "seq" else None
-    return collect_stats(model, data, hessian=config.repair == "ls" or config.criterion == "obs", moments=moments,
+    rows = seq_rows_writer(view, data, config.seed) if seq_rows and config.repair == "seq" and not dequantized else None
+    return collect_stats(view, data, hessian=config.repair == "ls" or config.criterion == "obs", moments=moments,
                          seed=config.seed, rows=rows)
 
 
@@ -322,12 +325,14 @@ def measure_sensitivity(
     return SensitivityReport(tuple(ratios), tuple(rows))
 
 
-def float_weight_options(config: PruneConfig, custom_criterion: bool = False) -> list[str]:
-    """The options of `config` that read or write float weights at the consumers (refused on QDQ weights)."""
+def float_weight_options(config: PruneConfig, custom_criterion: bool = False, calibrated: bool = True) -> list[str]:
+    """The options of `config` that read float weights at the consumers without a float view of them (refused on
+    QDQ weights): the data criteria without calibration data (their data-free surrogates find only float layers).
+    With calibration data the statistics are collected on the float view (`calibration_statistics`), and every
+    repair refits on it and quantizes again (`quantized_repair`)."""
     c = config
-    what = [f"--criterion {c.criterion}"] if c.criterion in FLOAT_WEIGHT_CRITERIA and not custom_criterion else []
-    what += [f"--repair {c.repair}"] if c.repair in FLOAT_WEIGHT_REPAIRS else []
-    return what  # --relu-refit follows --repair seq (`quantized_repair`)
+    data_free = not calibrated and not custom_criterion
+    return [f"--criterion {c.criterion} without --calib"] if data_free and c.criterion in FLOAT_WEIGHT_CRITERIA else []
 
 
 class AnalyzeChannelsPass(Pass):
@@ -415,7 +420,8 @@ class SelectChannelsPass(Pass):
         notices = tuple(self.check_data())
         analysis = channel_analysis(model, self.config.allow_inexact)
         params = (m.tensor for g in analysis.groups for m in g.param_members)
-        check_float_weights(analysis.graph, params, float_weight_options(self.config, self.criterion is not None))
+        check_float_weights(analysis.graph, params,
+                            float_weight_options(self.config, self.criterion is not None, self.calib is not None))
         stats = self.statistics(model)
         measured = None
         if self.config.allocation_name in ("sensitivity", "knapsack"):
