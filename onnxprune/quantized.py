@@ -125,8 +125,9 @@ def fake_quantized_weights(graph: ModelGraph) -> dict[str, tuple[onnx.NodeProto,
         if len(q_params) != 2 or len(dq_params) != 2 or not all(q_params + dq_params) \
                 or attrs(quantize).get("block_size", 0) or attrs(node).get("block_size", 0):  # fmt: skip
             continue
-        values = [graph.const(p) for p in q_params + dq_params]
-        if any(v is None for v in values) or values[1].dtype.kind not in "iu":
+        found = [graph.const(p) for p in q_params + dq_params]
+        values = [v for v in found if v is not None]
+        if len(values) != 4 or values[1].dtype.kind not in "iu":
             continue
         same_axis = values[0].size == 1 or attrs(quantize).get("axis", 1) == attrs(node).get("axis", 1)
         if same_axis and np.array_equal(values[0], values[2]) and np.array_equal(values[1], values[3]):

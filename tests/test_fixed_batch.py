@@ -81,7 +81,7 @@ def test_fixed_batch_is_read_off_the_inputs():
     assert check_calib(CalibrationData({"x": _inputs(10)}), b4, samples=9).n == 2  # samples count inputs
     with pytest.raises(UsageError, match="below the model's fixed batch of 4"):
         check_calib(CalibrationData({"x": _inputs(10)}), b4, samples=3)
-    with pytest.raises(DataError, match="fixed batch of 4 .* only 3"):
+    with pytest.raises(DataError, match=r"fixed batch of 4 .* only 3"):
         check_calib(CalibrationData({"x": _inputs(3)}), b4)
     with pytest.raises(DataError, match="only 3"):
         CalibrationData({"x": _inputs(3)}).for_model(b4)

@@ -22,7 +22,6 @@ from onnx import TensorProto, helper, numpy_helper
 from models.testmodels import TEST_MODELS
 from onnxprune.channels import analyze
 from onnxprune.cli import main
-from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph
 from onnxprune.html_report import layer_rows
 from onnxprune.metrics import count_params
