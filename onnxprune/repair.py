@@ -388,8 +388,12 @@ def repair_sequential(
     slots = {c.name: consumer_slot(graph, c) for c in cons if c.name in wave_of}
     writes = stream_writes(graph, [c for c in cons if c.name in wave_of]) if stream else {}
     given, dense = dense, None
+    fitted = [c for c in cons if c.name in wave_of]
+    if not fitted:  # nothing reads the removed channels through a layer the repair can refit
+        if given is not None:
+            given.close()
+        return graph.model, report
     if SEQ_DENSE_ROWS and not stream and holdout <= 1:  # the original model's rows once, not in every wave
-        fitted = [c for c in cons if c.name in wave_of]
         if given is not None and given.serves(graph.model, fitted, data, max_rows, seed):
             dense, given = given, None
         else:
