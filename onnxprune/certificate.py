@@ -44,6 +44,7 @@ from onnxprune.graph import ModelGraph
 from onnxprune.io import file_sha256
 from onnxprune.metadata import read_json_entry, set_metadata
 from onnxprune.metrics import count_macs, count_params
+from onnxprune.quantized import without_activation_quantization
 from onnxprune.rewrite import apply_mask
 from onnxprune.verify import max_rel_error, random_inputs, session
 from onnxprune.version import __version__
@@ -90,7 +91,10 @@ class Certificate:
         exact_max_error: max relative output difference, masked original vs pruned (the oracle; about 1e-6
             for an exact pruning, ``inf`` when output shapes differ, ``nan`` for non-finite outputs).
         output_change: max relative output difference, original vs pruned (what pruning changed).
-        inputs: which inputs were used, e.g. ``"calibration: 8 samples"`` or ``"random: 4 samples, seed 0"``.
+        inputs: which inputs were used, e.g. ``"calibration: 8 samples"`` or ``"random: 4 samples, seed 0"``;
+            for a QDQ model ``", activation quantization bypassed"`` follows: the exact check compares the two
+            models with their activation quantizers bypassed (a round-off at a rounding boundary is a whole
+            quantization step otherwise); `output_change` compares the models as they are.
         tolerance: the largest `exact_max_error` that passes.
         passed: `exact_max_error` is finite and at most `tolerance`.
         tool: ``"onnxprune X.Y.Z"``.
@@ -170,10 +174,16 @@ def certify_against(
     tolerance = default_tolerance(original) if tolerance is None else tolerance
     feeds, described = _feeds(original, inputs, samples, seed)
     reference = _outputs(original, feeds, "original")
-    wanted = _outputs(expected, feeds, "masked original")
     got = _outputs(pruned, feeds, "pruned")
-    exact = max((max_rel_error(e, g) for e, g in zip(wanted, got)), default=0.0)
     change = max((max_rel_error(r, g) for r, g in zip(reference, got)), default=0.0)
+    # QDQ: the exact check bypasses activation quantization on both sides (`quantized.without_activation_quantization`)
+    expected_b, pruned_b = without_activation_quantization(expected), without_activation_quantization(pruned)
+    if expected_b is not None and pruned_b is not None:
+        expected, pruned = expected_b, pruned_b
+        got = _outputs(pruned, feeds, "pruned")
+        described += ", activation quantization bypassed"
+    wanted = _outputs(expected, feeds, "masked original")
+    exact = max((max_rel_error(e, g) for e, g in zip(wanted, got)), default=0.0)
     return Certificate(
         exact_max_error=exact,
         output_change=change,

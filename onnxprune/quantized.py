@@ -28,6 +28,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxprune.errors import UsageError
 from onnxprune.graph import ModelGraph, attrs
@@ -45,6 +46,7 @@ __all__ = [
     "quantization_grid",
     "quantized_initializers",
     "source_initializer",
+    "without_activation_quantization",
     "zero_point_fill",
 ]
 
@@ -143,6 +145,52 @@ def fake_quantized_value(graph: ModelGraph, name: str, nodes: tuple[onnx.NodePro
     info = np.iinfo(np.asarray(graph.const(quantize.input[2])).dtype)
     ints = np.clip(np.round(value / scale) + zero, info.min, info.max)
     return ((ints - zero) * scale).astype(np.asarray(graph.const(name)).dtype)
+
+
+def without_activation_quantization(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """`model` with every run-time ``QuantizeLinear -> DequantizeLinear`` pair (per-tensor activation
+    quantization) replaced by a Clip to the range it represents, ``[(qmin - zero) scale, (qmax - zero) scale]``:
+    the saturation stays (a quantizer with zero point 0 is the ReLU onnxruntime's quantizer folded into it), the
+    rounding goes; None when there is no such pair.
+
+    What the certificate compares for a QDQ model: masked original and pruned model differ in float32 round-off,
+    and an activation quantizer turns a round-off at a rounding boundary into a whole step (ResNet-18 quantized by
+    onnxruntime, pruned exactly: up to 6% relative in the outputs at 224x224); without the rounding the round-off
+    stays round-off. Quantized weights (constant DequantizeLinear) and fake-quantized ones stay as they are.
+    """
+    graph = ModelGraph(model)
+    ranges: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}  # DequantizeLinear output -> (input, low, high)
+    for node in graph.nodes:
+        quantize = graph.producer.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.input else None
+        if quantize is None or quantize.op_type != "QuantizeLinear" or len(quantize.input) < 2:
+            continue
+        source = quantize.input[0]
+        if graph.const(source) is not None or (graph.producer.get(source) is None and source not in graph.graph_inputs):
+            continue  # a constant: a fake-quantized weight
+        scale = graph.const(quantize.input[1])
+        zero = graph.const(quantize.input[2]) if len(quantize.input) > 2 and quantize.input[2] else None
+        if scale is None or scale.size != 1 or (zero is not None and zero.size != 1) or "output_dtype" in attrs(quantize):
+            continue  # per-axis activations, a computed scale, an explicit output type: left as they are
+        info = np.iinfo(zero.dtype if zero is not None else np.uint8)
+        z, step = float(zero.reshape(-1)[0]) if zero is not None else 0.0, float(scale.reshape(-1)[0])
+        ranges[node.output[0]] = (source, np.array((info.min - z) * step, scale.dtype),  # the input's float type
+                                  np.array((info.max - z) * step, scale.dtype))
+    if not ranges:
+        return None
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = []
+    for node in out.graph.node:
+        if node.op_type == "DequantizeLinear" and node.output[0] in ranges:
+            source, low, high = ranges[node.output[0]]
+            bounds = [f"{node.output[0]}__low", f"{node.output[0]}__high"]
+            out.graph.initializer.extend(numpy_helper.from_array(v, n) for v, n in zip((low, high), bounds))
+            nodes.append(onnx.helper.make_node("Clip", [source, *bounds], [node.output[0]]))
+        else:
+            nodes.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)  # the QuantizeLinear nodes stay, unread unless something else reads them
+    return out
 
 
 def is_parameter(graph: ModelGraph, name: str) -> bool:

@@ -557,3 +557,57 @@ def test_gradual_selection_repairs_quantized_weights_at_every_step(qdq, tmp_path
     report = json.loads(capsys.readouterr().out)
     assert report["verification"]["passed"] and report["repair"]["requantized"]["tensors"] > 0
     assert _quantized_weight_inputs(onnx.load(out)) == _quantized_weight_inputs(model)
+
+
+def test_activation_quantization_is_bypassed_in_the_exact_check(qdq):
+    """`without_activation_quantization` drops the run-time QuantizeLinear -> DequantizeLinear pairs and keeps the
+    dequantized weights; a float model has none (None)."""
+    from onnxprune.quantized import without_activation_quantization
+
+    model = qdq("residual", True)
+    bypassed = without_activation_quantization(model)
+    assert bypassed is not None and without_activation_quantization(bypassed) is None
+    assert without_activation_quantization(_source("residual")) is None
+    graph = ModelGraph(bypassed)
+    assert _quantized_weight_inputs(bypassed) == _quantized_weight_inputs(model)  # the weights stay integers
+    assert all(graph.producer.get(n.input[0]) is None or graph.producer[n.input[0]].op_type != "QuantizeLinear"
+               for n in bypassed.graph.node if n.op_type == "DequantizeLinear")  # fmt: skip
+    inputs = random_inputs(model, seed=3)
+    float_out, quant_out, bypass_out = run(_source("residual"), inputs), run(model, inputs), run(bypassed, inputs)
+    assert max_rel_error(float_out, bypass_out) < max_rel_error(float_out, quant_out)  # only the weights' rounding
+
+
+def test_an_exact_pruning_of_a_quantized_resnet_is_certified(tmp_path, capsys, monkeypatch):
+    """ResNet-18 (torchvision, 96x96) quantized by onnxruntime and pruned exactly: with its activation quantizers
+    the masked original and the pruned model differ where float round-off crosses a rounding boundary (a whole
+    step; the check failed, exit 1); the certificate compares them with the quantizers bypassed."""
+    torch = pytest.importorskip("torch")
+    from models.zoo_builders import _torchvision
+
+    torchvision = _torchvision()
+    torch.manual_seed(0)
+    float_path, pre, src = tmp_path / "r18.onnx", tmp_path / "pre.onnx", tmp_path / "q.onnx"
+    torch.onnx.export(torchvision.models.resnet18(num_classes=10).eval(), (torch.randn(1, 3, 96, 96),), float_path,
+                      dynamo=False, opset_version=17, do_constant_folding=False, input_names=["x"])  # fmt: skip
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
+    rng = np.random.default_rng(0)
+
+    class Reader(quantization.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.samples = iter([{"x": rng.standard_normal((1, 3, 96, 96)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    quantization.quantize_static(str(pre), str(src), Reader(), quant_format=quantization.QuantFormat.QDQ,
+                                 per_channel=True)  # fmt: skip
+    out = tmp_path / "out.onnx"
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.3", "--verify", "--json"]) == 0
+    cert = json.loads(capsys.readouterr().out)["verification"]
+    assert cert["passed"] and cert["exact_max_error"] < 1e-5 and cert["inputs"].endswith("activation quantization bypassed")
+    out.unlink()
+    monkeypatch.setattr("onnxprune.certificate.without_activation_quantization", lambda model: None)
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.3", "--verify", "--json"]) == 1  # as it was
+    assert "verification failed" in capsys.readouterr().err and not out.exists()
