@@ -43,9 +43,7 @@ import numpy as np
 import onnx
 
 from onnxprune.calibration import CalibrationData, Consumer, consumers, hessian_rows, output_rows
-from onnxprune.calibration_data import fixed_batch
 from onnxprune.channels import ChannelAnalysis, DimRef
-from onnxprune.errors import UnsupportedModelError
 from onnxprune.graph import ModelGraph, attrs
 from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.progress import task
@@ -202,9 +200,7 @@ def refit_relu(
     """
     report = ReluRefitReport()
     graph = analysis.graph
-    if fixed_batch(graph.model) > 1:
-        raise UnsupportedModelError(f"--relu-refit: the model has a fixed batch of {fixed_batch(graph.model)}; the "
-                                    "refit draws rows one input at a time (export with batch 1 or a dynamic batch)")
+    data = data.for_model(graph.model)  # a fixed batch: B inputs a run, rows drawn per input as `hessian_rows` does
     removed = analysis.removed_positions(removed_labels)
     out_model = repaired.graph.model
     if not removed or iterations <= 0:
@@ -236,9 +232,9 @@ def refit_relu(
     waves = {k: wave for k, wave in waves.items() if wave}
     order = [c for wave in waves.values() for c in wave]
     index = {c.name: j for j, c in enumerate(order)}
-    per_sample = {c.name: _per_sample(graph, c, data.n) for c in order}
+    per_sample = {c.name: _per_sample(graph, c, data.n * data.batch) for c in order}
     # the original model's rows of every layer are held from the first wave to each layer's own: within a budget
-    held = sum(per_sample[c.name] * data.n * 4 * c.weight_shape(graph)[c.out_axis] for c in order)
+    held = sum(per_sample[c.name] * data.n * data.batch * 4 * c.weight_shape(graph)[c.out_axis] for c in order)
     if held > RELU_HELD_BYTES:
         per_sample = {name: max(1, int(n * RELU_HELD_BYTES / held)) for name, n in per_sample.items()}
     original = _original_rows(graph, order, points, data, per_sample, seed)
@@ -295,8 +291,9 @@ def _original_rows(graph: ModelGraph, order: list[Consumer], points: dict[str, R
         for i, values in enumerate(progress.track(runner.run(graph.model, names))):
             for j, c in enumerate(order):
                 z = np.asarray(values[points[c.name].tensor], np.float32)
-                pick = _positions(z, c, per_sample[c.name], np.random.default_rng([seed, i, j]))
-                out[c.name].append(output_rows(z, c, [pick]))
+                rng = np.random.default_rng([seed, i, j])  # per input of the run, in order, as `hessian_rows` draws
+                picks = [_positions(z[b : b + 1], c, per_sample[c.name], rng) for b in range(len(z))]
+                out[c.name].append(output_rows(z, c, picks))
     return out
 
 

@@ -87,7 +87,8 @@ def test_fixed_batch_is_read_off_the_inputs():
         CalibrationData({"x": _inputs(3)}).for_model(b4)
 
 
-@pytest.mark.parametrize("flags", [("obs", "seq", "uniform"), ("obs", "ls", "uniform"), ("l2", "seq", "knapsack")])
+@pytest.mark.parametrize("flags", [("obs", "seq", "uniform"), ("obs", "ls", "uniform"), ("l2", "seq", "knapsack"),
+                                   ("obs", "seq", "relu-refit")])
 def test_fixed_batch_prunes_as_the_batch_one_export_does(flags):
     """The same network exported at batch 4 and at batch 1, the same 16 calibration inputs: the same plan, and
     pruned models whose outputs agree on held-out inputs (every Hessian row is kept at 8x8: the statistics are
@@ -96,7 +97,9 @@ def test_fixed_batch_prunes_as_the_batch_one_export_does(flags):
     from onnxprune.importer import canonicalize
 
     criterion, repair, allocation = flags
-    extra = {"allocation": allocation, "target_params": "85%"} if allocation == "knapsack" else {"ratio": 0.3}
+    extra: dict = {"allocation": allocation, "target_params": "85%"} if allocation == "knapsack" else {"ratio": 0.3}
+    if allocation == "relu-refit":
+        extra = {"ratio": 0.3, "relu_refit": True}
     config = PruneConfig(criterion=criterion, repair=repair, **extra)
     calib = {"x": _inputs(16)}
     runs = {b: PrunePass(config, calib=calib).run(canonicalize(_export(b))[0]) for b in (4, 1)}
@@ -104,6 +107,9 @@ def test_fixed_batch_prunes_as_the_batch_one_export_does(flags):
     m4, m1 = runs[4].model, runs[1].model
     assert s4["plan"] == s1["plan"] and s4["params_after"] == s1["params_after"] < s4["params_before"]
     assert s4["repair"]["repaired"] == s1["repair"]["repaired"] > 0
+    if allocation == "relu-refit":
+        assert s4["repair"]["relu_refit"]["refitted"] == s1["repair"]["relu_refit"]["refitted"]
+        assert s4["repair"]["relu_refit"]["refitted"]
     held = _inputs(8, seed=1)
     y4, y1, dense = _outputs(m4, held), _outputs(m1, held), _outputs(_export(1), held)
     assert np.abs(y4 - y1).max() <= 1e-4 * np.abs(y1).max()
@@ -127,8 +133,7 @@ def test_cli_calibrates_a_fixed_batch_model(tmp_path):
     assert out["repair"]["repaired"] > 0 and fixed_batch(onnx.load(tmp_path / "o.onnx")) == 2
     (tmp_path / "o.onnx").unlink()
 
-    for args, code, text in [(("--calib-samples", "1"), 2, "below the model's fixed batch of 2"),
-                             (("--relu-refit",), 1, "fixed batch of 2")]:
+    for args, code, text in [(("--calib-samples", "1"), 2, "below the model's fixed batch of 2")]:
         proc = _cli(tmp_path, "--criterion", "obs", "--repair", "seq", "--calib", str(tmp_path / "c.npz"), *args)
         assert proc.returncode == code and text in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.onnx").exists()
