@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -35,7 +35,7 @@ from onnxprune import allocation as alloc
 from onnxprune import allocation_knapsack as knapsack
 from onnxprune.calibration import CalibrationData, CalibrationStats, check_calib, collect_stats
 from onnxprune.calibration_data import CalibLike, as_calibration, fixed_batch
-from onnxprune.channels import ChannelAnalysis, analyze
+from onnxprune.channels import ChannelAnalysis, ChannelGroup, analyze
 from onnxprune.criteria import Criterion, Magnitude, get_criterion
 from onnxprune.dense_rows import DenseRows
 from onnxprune.errors import PreconditionError, UsageError
@@ -317,12 +317,44 @@ def measure_sensitivity(
     model = analysis.graph.model
     if c.allocation_name == "knapsack":
         data = check_calib(calib, model)
-        rows = knapsack.measure_curves(model, data, c.criterion, c.repair, stats, c.allow_inexact)
-        return SensitivityReport(tuple(knapsack.RATIOS), tuple(rows))
+        # QDQ: measured on the float view, where the measurement's repair can refit the quantized layers too
+        view, measured_on = _float_view_of(analysis, c.allow_inexact)
+        rows = knapsack.measure_curves(view.graph.model, data, c.criterion, c.repair, stats, c.allow_inexact)
+        return SensitivityReport(tuple(knapsack.RATIOS), tuple(_rows_for(analysis, measured_on, rows)))
     data = check_calib(calib, model, max(fixed_batch(model), min(calib.inputs, SENSITIVITY_SAMPLES)))  # inputs
     ratios = list(SENSITIVITY_RATIOS)
     rows = sensitivity(model, data, ratios, c.criterion, c.repair, stats, c.allow_inexact)
     return SensitivityReport(tuple(ratios), tuple(rows))
+
+
+def _float_view_of(analysis: ChannelAnalysis, allow_inexact: bool) -> tuple[ChannelAnalysis, dict[int, int]]:
+    """(the analysis of `analysis`'s model as the repairs see it, its group id -> `analysis`'s group id): the
+    QDQ float view (`quantized_repair.float_view`) when every group of the view is one of `analysis`'s groups
+    (the same weights on the same axes), else `analysis` itself."""
+    view, dequantized = float_view(analysis.graph.model)
+    same = {g.id: g.id for g in analysis.groups}
+    if not dequantized:
+        return analysis, same
+    floats = channel_analysis(view, allow_inexact)
+    tensors = {m.tensor for g in floats.groups for m in g.param_members}
+
+    def key(group: ChannelGroup) -> frozenset:
+        return frozenset((m.tensor, m.axis) for m in group.param_members if m.tensor in tensors)
+
+    ids = {key(g): g.id for g in analysis.groups}
+    matched = {g.id: ids.get(key(g)) for g in floats.groups}
+    if len(floats.groups) != len(analysis.groups) or any(v is None for v in matched.values()):
+        return analysis, same
+    return floats, {k: v for k, v in matched.items() if v is not None}
+
+
+def _rows_for(analysis: ChannelAnalysis, ids: dict[int, int], rows: list[SensitivityRow]) -> list[SensitivityRow]:
+    """Curves measured on another analysis of the model (`_float_view_of`), as rows of `analysis`'s groups."""
+    out = []
+    for r in rows:
+        g = analysis.groups[ids[r.group]]
+        out.append(replace(r, group=g.id, channels=g.size, params=g.params))
+    return out
 
 
 def float_weight_options(config: PruneConfig, custom_criterion: bool = False, calibrated: bool = True) -> list[str]:

@@ -611,3 +611,25 @@ def test_an_exact_pruning_of_a_quantized_resnet_is_certified(tmp_path, capsys, m
     monkeypatch.setattr("onnxprune.certificate.without_activation_quantization", lambda model: None)
     assert main(["prune", str(src), "-o", str(out), "--ratio", "0.3", "--verify", "--json"]) == 1  # as it was
     assert "verification failed" in capsys.readouterr().err and not out.exists()
+
+
+def test_knapsack_curves_of_a_qdq_model_are_measured_with_its_layers_repaired(qdq):
+    """The knapsack's error curves of a QDQ model come from its float view, where the measurement's ls repair
+    refits the quantized layers (on the QDQ model itself no layer is a refittable float weight): one row per
+    group of the QDQ analysis, and lower errors than the same curves measured on the QDQ graph."""
+    from onnxprune import allocation_knapsack as knapsack
+    from onnxprune.calibration import CalibrationData
+    from onnxprune.passes.select import measure_sensitivity
+
+    model = qdq("fashion_mnist_resnet", True)
+    name = model.graph.input[0].name
+    data = CalibrationData({name: np.concatenate([random_inputs(model, seed=s)[name] for s in range(24)])})
+    analysis = analyze(ModelGraph(model))
+    config = PruneConfig(criterion="l2", repair="seq", allocation="knapsack", target_params="70%")
+    rows = measure_sensitivity(config, analysis, None, data).rows
+    direct = {r.group: r for r in knapsack.measure_curves(model, data, "l2", "seq")}
+    assert sorted(r.group for r in rows) == sorted(direct) == sorted(g.id for g in analysis.groups)
+    assert all(r.channels == analysis.groups[r.group].size for r in rows)
+    view_err = np.nanmean([r.errors[-1] for r in rows])
+    qdq_err = np.nanmean([direct[r.group].errors[-1] for r in rows])
+    assert view_err < 0.9 * qdq_err, (view_err, qdq_err)
