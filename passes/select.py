@@ -315,16 +315,16 @@ def measure_sensitivity(
         raise UsageError(f"allocation {c.allocation_name!r} needs calibration data: pass --calib FILE.npz "
                          "(or --calib synthetic)")
     model = analysis.graph.model
+    # QDQ: measured on the float view, where the measurement's repair can refit the quantized layers too
+    view, measured_on = _float_view_of(analysis, c.allow_inexact)
     if c.allocation_name == "knapsack":
         data = check_calib(calib, model)
-        # QDQ: measured on the float view, where the measurement's repair can refit the quantized layers too
-        view, measured_on = _float_view_of(analysis, c.allow_inexact)
         rows = knapsack.measure_curves(view.graph.model, data, c.criterion, c.repair, stats, c.allow_inexact)
         return SensitivityReport(tuple(knapsack.RATIOS), tuple(_rows_for(analysis, measured_on, rows)))
     data = check_calib(calib, model, max(fixed_batch(model), min(calib.inputs, SENSITIVITY_SAMPLES)))  # inputs
     ratios = list(SENSITIVITY_RATIOS)
-    rows = sensitivity(model, data, ratios, c.criterion, c.repair, stats, c.allow_inexact)
-    return SensitivityReport(tuple(ratios), tuple(rows))
+    rows = sensitivity(view.graph.model, data, ratios, c.criterion, c.repair, stats, c.allow_inexact)
+    return SensitivityReport(tuple(ratios), tuple(_rows_for(analysis, measured_on, rows)))
 
 
 def _float_view_of(analysis: ChannelAnalysis, allow_inexact: bool) -> tuple[ChannelAnalysis, dict[int, int]]:

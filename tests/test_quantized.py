@@ -633,3 +633,6 @@ def test_knapsack_curves_of_a_qdq_model_are_measured_with_its_layers_repaired(qd
     view_err = np.nanmean([r.errors[-1] for r in rows])
     qdq_err = np.nanmean([direct[r.group].errors[-1] for r in rows])
     assert view_err < 0.9 * qdq_err, (view_err, qdq_err)
+    config = PruneConfig(criterion="l2", repair="bias", allocation="sensitivity", target_params="70%")
+    rows = measure_sensitivity(config, analysis, None, data.head(2)).rows  # the coarser curves: the same view
+    assert sorted(r.group for r in rows) == sorted(g.id for g in analysis.groups)
