@@ -18,6 +18,29 @@ def canonical(model):
     return canonicalize(model)[0]
 
 
+def torch_export(net, shape: tuple[int, ...]):
+    """`net` (a torch module, seeded by the caller) with trained-looking BatchNorms (moved statistics, affine
+    parameters off 1 / 0), exported by the TorchScript exporter at input `shape` (input "x", output "y"; batch
+    as given: a fixed batch), BatchNorm kept as nodes. Not canonicalised."""
+    import io
+
+    import onnx
+    import torch
+
+    net = net.eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    buf = io.BytesIO()
+    torch.onnx.export(net, (torch.randn(*shape),), buf, dynamo=False, opset_version=17, do_constant_folding=False,
+                      input_names=["x"], output_names=["y"])  # fmt: skip
+    return onnx.load_from_string(buf.getvalue())
+
+
 @pytest.fixture
 def tmp_model(tmp_path):
     """Save a model to a temp file and return the path."""

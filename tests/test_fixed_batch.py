@@ -3,7 +3,6 @@ every run feeds B consecutive inputs (`CalibrationData.batch`), and the result e
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from conftest import torch_export
 
 from onnxprune.calibration_data import CalibrationData, check_calib, fixed_batch
 from onnxprune.errors import DataError, UsageError
@@ -39,18 +39,7 @@ def _export(batch: int) -> onnx.ModelProto:
             return self.fc(torch.flatten(x, 1))
 
     torch.manual_seed(0)
-    net = Net().eval()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-    buf = io.BytesIO()
-    torch.onnx.export(net, (torch.randn(batch, 3, 8, 8),), buf, dynamo=False, opset_version=17,
-                      do_constant_folding=False, input_names=["x"], output_names=["y"])
-    return onnx.load_from_string(buf.getvalue())
+    return torch_export(Net(), (batch, 3, 8, 8))
 
 
 def _inputs(n: int, seed: int = 0) -> np.ndarray:

@@ -4,9 +4,8 @@ masked weights at the original shapes, only the nodes downstream of the group, o
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
-from conftest import canonical
+from conftest import canonical, torch_export
 
 import onnxprune.sensitivity_runs as runs
 from models.testmodels import TEST_MODELS
@@ -70,20 +69,7 @@ def _torch_net(residual: bool):
             return self.fc(self.head(x).mean(dim=(2, 3)))
 
     torch.manual_seed(0)
-    net = Net().eval()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-    import io
-
-    buf = io.BytesIO()
-    torch.onnx.export(net, (torch.randn(1, 3, 12, 12),), buf, dynamo=False, opset_version=17,
-                      do_constant_folding=False, input_names=["x"], output_names=["y"])  # fmt: skip
-    return canonical(onnx.load_from_string(buf.getvalue()))
+    return canonical(torch_export(Net(), (1, 3, 12, 12)))
 
 
 @pytest.mark.parametrize("repair", ["none", "bias", "ls"])
