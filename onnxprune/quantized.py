@@ -15,11 +15,11 @@ stays quantized (same integers, same scales). Three places need the quantized vi
   integer that dequantizes to exactly 0.
 
 Calibration statistics (the OBS / activation / APoZ criteria, the ``ls`` repair) are collected on a float view of
-the model whose layers read the dequantized weights directly, and every repair (``bias``, ``ls``, ``seq``) refits
-on that view and writes the weights back as integers on their own grid (`quantized_repair`). What still reads
-float weights at the layers without that view (the data criteria's data-free surrogates, unconstrained mode,
-sparsity) does not handle quantized ones: :func:`check_float_weights` and :func:`check_no_quantized_weights` refuse
-it in one line rather than skip those layers without a word.
+the model whose layers read the dequantized weights directly, and every repair (``bias``, ``ls``, ``seq``) and the
+fine-grained sparsity refit or zero on that view and write the weights back as integers on their own grid
+(`quantized_repair`). What still reads float weights at the layers without that view (the data criteria's
+data-free surrogates, unconstrained mode) does not handle quantized ones: :func:`check_float_weights` and
+:func:`check_no_quantized_weights` refuse it in one line rather than skip those layers without a word.
 """
 
 from __future__ import annotations

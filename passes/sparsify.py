@@ -2,7 +2,9 @@
 
 A thin pass over `onnxprune.sparsity.sparsify_model`: composed after `RemoveChannelsPass` it zeroes
 `SparsityConfig.sparsity` of what channel pruning left (``--ratio`` then ``--sparsity``). The graph keeps its
-structure (a repair may add a bias input to a Conv/Gemm), so the output is plain ONNX that runs anywhere.
+structure (a repair may add a bias input to a Conv/Gemm), so the output is plain ONNX that runs anywhere. A QDQ
+model is sparsified on its float view and quantized again (`quantized_repair`): it stays QDQ, each zeroed weight its
+zero point.
 
 Contract:
     requires: calibration samples when the criterion or repair needs them (`SparsityConfig.check_data`).
@@ -22,7 +24,7 @@ from onnxprune.calibration_data import CalibLike, as_calibration
 from onnxprune.errors import PreconditionError
 from onnxprune.graph import ModelGraph
 from onnxprune.passmanager import Pass, PassResult
-from onnxprune.quantized import check_no_quantized_weights
+from onnxprune.quantized_repair import float_view, requantize
 from onnxprune.sparsity import SparsityConfig, sparse_layers, sparsify_model
 from onnxprune.sparsity.patterns import check_mask, zero_tiles
 
@@ -50,16 +52,21 @@ class SparsifyPass(Pass):
         self.config.check_data(self.calib is not None or (self.stats is not None and self.config.repair != "seq"))
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        if self.config.sparsity or self.config.parsed.kind == "nm":
-            check_no_quantized_weights(ModelGraph(model), "--sparsity")
-        out, report = sparsify_model(model, self.config, self.calib, self.stats)
-        return PassResult(out, out is not model, artifacts=(report,))
+        # QDQ: zeroed and repaired as floats on the float view, then quantized again on the weights' own grids (a
+        # zero is its zero point exactly; `quantized_repair`)
+        view, dequantized = float_view(model)
+        out, report = sparsify_model(view, self.config, self.calib, self.stats)
+        if out is view:
+            return PassResult(model, False, artifacts=(report,))
+        if dequantized:
+            out, _ = requantize(out, dequantized, model)
+        return PassResult(out, True, artifacts=(report,))
 
     def ensures(self, model: onnx.ModelProto) -> None:
         if self.config.sparsity == 0:
             return
         pattern = self.config.parsed
-        graph = ModelGraph(model)
+        graph = ModelGraph(float_view(model)[0])  # QDQ: the dequantized weights, where a zero point reads 0
         layers = [layer for layer in sparse_layers(graph, self.config.rules) if not layer.skip]
         total = sum(layer.size for layer in layers)
         zeroed = 0

@@ -202,7 +202,6 @@ def test_small_quantized_weights_are_not_folded_into_floats():
     [
         ["--criterion", "obs"],  # its data-free surrogate: no float layer to read
         ["--mode", "unconstrained"],
-        ["--ratio", "0", "--sparsity", "0.5"],
     ],
     ids=lambda a: " ".join(a),
 )
@@ -636,3 +635,33 @@ def test_knapsack_curves_of_a_qdq_model_are_measured_with_its_layers_repaired(qd
     config = PruneConfig(criterion="l2", repair="bias", allocation="sensitivity", target_params="70%")
     rows = measure_sensitivity(config, analysis, None, data.head(2)).rows  # the coarser curves: the same view
     assert sorted(r.group for r in rows) == sorted(g.id for g in analysis.groups)
+
+
+@pytest.mark.parametrize("args", [["--sparsity", "0.5"], ["--pattern", "nm:2:4", "--repair", "ls", "--calib", "CALIB"]],
+                         ids=["50%", "2:4 ls"])
+def test_a_qdq_model_is_sparsified_and_stays_quantized(args, qdq, tmp_path, capsys):
+    """``--sparsity`` / ``--pattern`` on a QDQ model: zeroed (and repaired) on the float view, quantized again; the
+    zeros are zero points, so the dequantized weights hold the pattern; integer weights stay integers."""
+    from onnxprune.quantized_repair import float_view
+    from onnxprune.sparsity import sparse_layers
+    from onnxprune.sparsity.patterns import check_mask, parse_pattern
+
+    model = qdq("fashion_mnist_cnn", False)  # per tensor, uint8 weights: zero points are not 0
+    src, out = tmp_path / "q.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    name = model.graph.input[0].name
+    np.savez(tmp_path / "calib.npz", **{name: np.concatenate([random_inputs(model, seed=s)[name] for s in range(16)])})
+    args = [str(tmp_path / "calib.npz") if a == "CALIB" else a for a in args]
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0", *args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["sparsity"]
+    pruned = onnx.load(out)
+    assert _quantized_weight_inputs(pruned) == _quantized_weight_inputs(model)
+    view = ModelGraph(float_view(pruned)[0])
+    layers = [layer for layer in sparse_layers(view) if not layer.skip]
+    assert layers and report["achieved"] >= 0.49
+    for layer in layers:
+        m = layer.matrix(view.initializer_value(layer.weight))
+        if "nm:2:4" in args:
+            assert check_mask(m != 0, parse_pattern("nm:2:4"))
+    zeros = sum(int((layer.matrix(view.initializer_value(layer.weight)) == 0).sum()) for layer in layers)
+    assert zeros >= 0.49 * sum(layer.size for layer in layers)
