@@ -129,7 +129,7 @@ def requantize(
         factor = np.ones(())
         if use is not None and use.index == 2 and use.node.name in growth:
             factor = growth[use.node.name].reshape(-1) if growth[use.node.name].ndim else growth[use.node.name]
-        elif use is not None and use.index == 1:
+        elif use is not None and use.index == 1 and value.ndim:  # a weight (a scalar constant is no layer's)
             factor = _growth(value, scale, zero, info)
             out_axis = (linear_axes(use.node, view) or (None, None))[1]
             axis = int(attrs(node).get("axis", 1)) % value.ndim

@@ -665,3 +665,25 @@ def test_a_qdq_model_is_sparsified_and_stays_quantized(args, qdq, tmp_path, caps
             assert check_mask(m != 0, parse_pattern("nm:2:4"))
     zeros = sum(int((layer.matrix(view.initializer_value(layer.weight)) == 0).sum()) for layer in layers)
     assert zeros >= 0.49 * sum(layer.size for layer in layers)
+
+
+def test_a_quantized_scalar_constant_survives_the_requantization():
+    """A quantized scalar read by an elementwise node (a transformer's attention scale, quantized by onnxruntime)
+    comes back unchanged; requantizing it divided by its rank 0 (an internal error on BERT)."""
+    from onnxprune.quantized_repair import float_view, requantize
+
+    model = _two_convs(np.array([0.01, 0.02, 0.02, 0.02]), np.stack([np.full((3, 1, 1), v) for v in (100, 40, 50, 60)]))
+    extra = onnx.ModelProto()
+    extra.CopyFrom(model)
+    extra.graph.initializer.extend([numpy_helper.from_array(np.array(50, np.int8), "sq"),
+                                    numpy_helper.from_array(np.array(0.02, np.float32), "ss")])  # fmt: skip
+    extra.graph.node.extend([helper.make_node("DequantizeLinear", ["sq", "ss"], ["s"]),
+                             helper.make_node("Mul", ["y", "s"], ["z"])])  # fmt: skip
+    del extra.graph.output[:]
+    extra.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    view, removed = float_view(extra)
+    assert "sq" in removed
+    back, report = requantize(view, removed, extra)
+    assert report.clipped == 0 and ModelGraph(back).initializer_value("sq") == 50
+    inputs = random_inputs(extra, seed=1)
+    assert max_rel_error(run(extra, inputs), run(back, inputs)) == 0.0
