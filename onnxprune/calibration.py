@@ -43,6 +43,7 @@ __all__ = [
     "load_calib",
     "output_rows",
     "row_budget",
+    "rows_per_input",
 ]
 
 
@@ -327,6 +328,12 @@ def row_budget(features: int, max_rows: int = 65536, flops: float | None = None)
     return int(min(max_rows, max(ROWS_PER_FEATURE * features, flops // max(1, features) ** 2)))
 
 
+def rows_per_input(features: int, max_rows: int, data: CalibrationData) -> int:
+    """Hessian rows drawn per calibration input of a consumer with `features` inputs: its `row_budget` spread over
+    the inputs the runs feed (each input of a fixed-batch run draws its own, as `hessian_rows` does)."""
+    return max(1, -(-row_budget(features, max_rows) // max(1, data.n * data.batch)))
+
+
 def sample_parts(x: np.ndarray, k: int) -> list[np.ndarray]:
     """A layer input computed for a batch of `k` samples, one part per sample: the whole of `x` for one
     sample (``x[0:1]`` took the first token only of a ``[seq, F]`` input: GPT-2's Gemm), else its slices along
@@ -446,7 +453,7 @@ def collect_stats(
     result = CalibrationStats(by_name, samples=data.n)
     w_shapes = {c.name: c.weight_shape(graph) for c in which}
     feats_of = {c.name: c.feature_count(w_shapes[c.name]) for c in which}
-    per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n * data.batch))) for k, f in feats_of.items()}
+    per_sample = {k: rows_per_input(f, max_rows, data) for k, f in feats_of.items()}
     shared = set() if rows is None else {c.name for c in which} & set(rows.per_sample)
     if rows is not None:
         per_sample.update({name: rows.per_sample[name] for name in shared})

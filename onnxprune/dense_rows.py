@@ -44,7 +44,7 @@ from onnxprune.calibration import (
     Consumer,
     consumers,
     hessian_rows,
-    row_budget,
+    rows_per_input,
     single_threaded_blas,
 )
 from onnxprune.graph import ModelGraph
@@ -157,7 +157,7 @@ class DenseRowsWriter:
         index = consumer_index(model)
         w_shapes = {c.name: c.weight_shape(graph) for c in which}
         feats = {c.name: c.feature_count(w_shapes[c.name]) for c in which}
-        self.per_sample = {c.name: max(1, -(-row_budget(feats[c.name], max_rows) // max(1, data.n * data.batch))) for c in which}
+        self.per_sample = {c.name: rows_per_input(feats[c.name], max_rows, data) for c in which}
         self.store = DenseRows(seed, {c.name: index[c.name] for c in which}, self.per_sample, {}, {}, set(), data.n,
                                source=model, max_rows=max_rows, data_key=data_key(data))
         self.projections = {}

@@ -20,7 +20,7 @@ from onnxprune.calibration import (
     Consumer,
     hessian_rows,
     output_rows,
-    row_budget,
+    rows_per_input,
     single_threaded_blas,
 )
 from onnxprune.dense_rows import DenseRows
@@ -157,7 +157,7 @@ def sequential_stats(
     feats_c = {c.name: feats[c.name] if c.name not in kept else
                feats[c.name] * len(kept[c.name]) // w_shapes[c.name][c.in_axis] for c in wave}
     n_outs = {c.name: w_shapes[c.name][c.out_axis] for c in wave}
-    per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n * data.batch))) for k, f in feats.items()}
+    per_sample = {k: rows_per_input(f, max_rows, data) for k, f in feats.items()}
     if dense is not None:
         per_sample = {c.name: dense.per_sample[c.name] for c in wave}
     outputs_given = set() if dense is None else {c.name for c in wave if c.name in dense.outputs}

@@ -44,7 +44,7 @@ from onnxprune.calibration import (
     CalibrationData,
     Consumer,
     hessian_rows,
-    row_budget,
+    rows_per_input,
     single_threaded_blas,
 )
 from onnxprune.channels import ChannelAnalysis, DimRef
@@ -281,7 +281,7 @@ def _stream_stats(graph: ModelGraph, current: onnx.ModelProto, wave: list[Consum
     run_o, run_c = runners
     w_shapes = {c.name: c.weight_shape(graph) for c in wave}
     feats = {c.name: c.feature_count(w_shapes[c.name]) for c in wave}
-    per_sample = {k: max(1, -(-row_budget(f, max_rows) // max(1, data.n * data.batch))) for k, f in feats.items()}
+    per_sample = {k: rows_per_input(f, max_rows, data) for k, f in feats.items()}
     hess = {c.name: np.zeros((feats[c.name] + 1,) * 2) for c in wave}
     cross = {c.name: np.zeros((feats[c.name] + 1,) * 2) for c in wave}
     stream = {c.name: np.zeros((w_shapes[c.name][c.out_axis], feats[c.name] + 1)) for c in wave}
