@@ -54,6 +54,12 @@ class CalibrationData:
         rows = (idx[:, None] * self.batch + np.arange(self.batch)).ravel()
         return CalibrationData({k: v[rows] for k, v in self.arrays.items()}, self.batch)
 
+    def batch_notice(self) -> str | None:
+        """What to tell a user whose model fixes a batch above 1 (its samples run that many at a time), else None."""
+        if self.batch == 1:
+            return None
+        return f"the model's inputs fix a batch of {self.batch}: calibration runs {self.batch} samples at a time ({self.n} runs)"
+
     def for_model(self, model: onnx.ModelProto | ModelGraph) -> CalibrationData:
         """These inputs with `batch` = `model`'s fixed batch (`fixed_batch`): what every runner feeding
         `model` calls first, so that library callers may pass plain arrays for a fixed-batch model.

@@ -215,6 +215,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"onnxprune: note: {notice}", file=sys.stderr)
     model = _load(args)
     calib = _calib(args, model)
+    batch_note = calib.batch_notice() if calib is not None else None
+    if batch_note:  # said before the work: a leading size the model fixes is taken as its batch
+        print(f"onnxprune: note: {batch_note}", file=sys.stderr)
+        shown += (batch_note,)
     # StampInstrument(always=True): the output says what was done even when nothing was removed.
     select = (SelectChannelsPass(config, calib=calib) if args.steps == 1
               else IterativeSelectPass(config, args.steps, calib=calib))  # --steps: gradual, re-scored selection
@@ -244,6 +248,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from onnxprune.metadata import stamp
 
         stamp(result.model, {**summary_record.as_dict(), "latency": latency})
+    if batch_note:
+        summary_record = _WithNotice(summary_record, batch_note)
     keep_external = has_lazy(normalized) or None  # weights came in a data file: write them to one too
     save_model(result.model, out, external_data=keep_external)
     refined = result.get(RefineReport)  # --refine: epochs, steps, distillation loss before / after, seconds
@@ -344,7 +350,7 @@ def _latency_grid(args: argparse.Namespace, model: onnx.ModelProto) -> dict[int,
 
 @dataclass(frozen=True)
 class _WithNotice:
-    """A summary record with one more notice (why latency was not measured)."""
+    """A summary record with one more notice (why latency was not measured, a fixed batch)."""
 
     record: Any
     notice: str
@@ -440,6 +446,9 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
                                  reader_choice=args.reader_choice, stream_repair=args.stream_repair)
     model = _load(args)
     calib = _calib(args, model)
+    batch_note = calib.batch_notice() if calib is not None else None
+    if batch_note:
+        print(f"onnxprune: note: {batch_note}", file=sys.stderr)
     if args.round_to == "auto" and (ratio > 0 or args.target_params is not None):
         model = _pipeline([_normalize()]).run(model).model  # the grid is keyed by the normalised model's groups
         config = dataclasses.replace(config, keep_counts=_latency_grid(args, model))
@@ -464,8 +473,8 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
     met = met_target_notice(args.target_params, summary_record.params_before, "params")
     summary = prune_record({"input": str(src), "output": str(out), **summary_record.as_dict(),
                             "verification": cert.as_dict() if cert is not None else None,
-                            "notices": [met] if met else []})
-    _print(summary, args, lambda: _print_summary(summary))
+                            "notices": [n for n in (batch_note, met) if n]})
+    _print(summary, args, lambda: _print_summary(summary, (batch_note,) if batch_note else ()))
     return 0
 
 

@@ -120,6 +120,12 @@ def test_cli_calibrates_a_fixed_batch_model(tmp_path):
     out = json.loads(proc.stdout)
     assert out["verification"]["passed"] and out["verification"]["inputs"] == "calibration: 4 runs of 2 inputs"
     assert out["repair"]["repaired"] > 0 and fixed_batch(onnx.load(tmp_path / "o.onnx")) == 2
+    note = "the model's inputs fix a batch of 2: calibration runs 2 samples at a time (4 runs)"
+    assert note in out["notices"] and f"note: {note}" in proc.stderr  # said once, before the work
+    assert proc.stderr.count(note) == 1
+    (tmp_path / "o.onnx").unlink()
+    proc = _cli(tmp_path, "--mode", "unconstrained", "--repair", "seq", "--calib", str(tmp_path / "c.npz"), "--json")
+    assert proc.returncode == 0 and note in json.loads(proc.stdout)["notices"], proc.stderr
     (tmp_path / "o.onnx").unlink()
 
     for args, code, text in [(("--calib-samples", "1"), 2, "below the model's fixed batch of 2")]:
