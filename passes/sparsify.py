@@ -59,7 +59,8 @@ class SparsifyPass(Pass):
         if out is view:
             return PassResult(model, False, artifacts=(report,))
         if dequantized:
-            out, _ = requantize(out, dequantized, model)
+            out, requantized = requantize(out, dequantized, model)
+            report.requantized = requantized.as_dict()
         return PassResult(out, True, artifacts=(report,))
 
     def ensures(self, model: onnx.ModelProto) -> None:

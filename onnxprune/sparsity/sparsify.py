@@ -61,6 +61,8 @@ class SparsityReport:
         repaired: layers whose kept weights (or bias) the repair changed; not_repaired: why not, per layer.
         added_biases: bias inputs the repair created.
         refitted_dense: layers kept dense that ``seq`` refitted to the sparsified model's inputs.
+        requantized: QDQ models only: the weights written back as integers
+            (`quantized_repair.RequantizeReport.as_dict`; absent from a float model's dict).
     """
 
     pattern: str
@@ -78,9 +80,13 @@ class SparsityReport:
     not_repaired: dict[str, str] = field(default_factory=dict)
     added_biases: int = 0
     refitted_dense: list[str] = field(default_factory=list)
+    requantized: dict | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.requantized is None:
+            del out["requantized"]
+        return out
 
 
 def sparsify_model(
