@@ -217,7 +217,7 @@ def damped_inverse(H: np.ndarray, damp: float) -> np.ndarray:
     from scipy.linalg import lapack
 
     n = len(H)
-    lam = damp * float(np.mean(np.diag(H)[:-1]))
+    lam = damp * float(np.mean(np.diag(H)[:-1])) + 1e-12  # a dead input (all zeros: H's features 0) stays invertible
     for dtype, potrf, potri in ((np.float32, lapack.spotrf, lapack.spotri), (np.float64, lapack.dpotrf, lapack.dpotri)):
         Hd = np.array(H, dtype=dtype, order="F")  # Fortran order: LAPACK works on it in place
         Hd[np.diag_indices(n)] += lam
@@ -305,7 +305,10 @@ class OBS(DataCriterion):
             if st is not None:
                 H = st.H
                 wa = np.concatenate([wm, np.zeros((wm.shape[0], 1))], axis=1).astype(H.dtype)  # no float64 H copy
-                energy = float(((wa @ H) * wa).sum(dtype=np.float64)) + 1e-12
+                energy = float(((wa @ H) * wa).sum(dtype=np.float64))
+                if energy <= 0:  # a dead input (all zeros on the data): removing any channel costs this layer nothing
+                    found = True
+                    continue
                 if self.repair == "ls":
                     with single_threaded_blas():  # OpenBLAS threads spinning on 2 loaded cores: 5x the CPU time
                         K = damped_inverse(H, self.damp)

@@ -97,6 +97,19 @@ def test_obs_saliency_follows_the_repair(setup):
     assert ls[1] > 5 * max(ls[4], ls[5])  # the L1 choice is expensive once the data is seen
 
 
+@pytest.mark.parametrize("repair", ["none", "ls"])
+def test_obs_scores_a_layer_whose_every_input_is_dead(repair):
+    """A consumer whose inputs are all zero on the calibration data (a dead ReLU layer; MobileViT's random-weight
+    activations that underflow to 0): its Hessian's features are 0, so the damping (a share of their mean) was 0 and
+    the inverse raised ``LinAlgError: Singular matrix``. Every channel costs nothing to remove."""
+    model = mlp(b1=np.full(6, -100, np.float32))
+    x = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+    stats = collect_stats(model, CalibrationData({"x": x}))
+    analysis = analyze(ModelGraph(model))
+    s = get_criterion("obs", 0, stats, repair).score(analysis.groups[0], analysis)
+    assert np.all(np.isfinite(s)) and np.all(s <= 1e-9)
+
+
 def test_random_is_reproducible_and_seed_dependent(setup):
     _, _, analysis, _ = setup
     g = analysis.groups[0]

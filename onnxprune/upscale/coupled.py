@@ -217,7 +217,7 @@ def reader_least_squares(pc: Piece, analysis: ChannelAnalysis, size: int, stats,
     wm = c.weight_matrix(w)
     # With the constant feature (never removed: the repair refits the bias) and the repair's damping.
     H = stats.stats[c.name].H.astype(np.float64)
-    H = H + damp * float(np.mean(np.diag(H)[:-1])) * np.eye(len(H))
+    H = H + (damp * float(np.mean(np.diag(H)[:-1])) + 1e-12) * np.eye(len(H))
     pos_channel = np.full(w.shape[c.in_axis], -1)
     pos_channel[m.positions] = m.channel_of
     feature_channel = np.append(pos_channel[c.feature_channel(w.shape)], -1)
