@@ -57,9 +57,52 @@ def normalize(model: onnx.ModelProto, inplace: bool = False) -> tuple[onnx.Model
 
 
 # Exporters deduplicate identical initializers (freshly initialised BatchNorm scales are all ones), which
-# would couple unrelated layers. Shared tensors up to this size get one copy per use; larger ones are
-# genuine ties (embeddings) and stay shared, so their coupling is real.
+# would couple unrelated layers: such shared tensors (`_coincidental`) up to this size get one copy per use.
 UNSHARE_LIMIT = 1 << 20
+
+
+def _uses(g: onnx.GraphProto) -> dict[str, int]:
+    """Reads of each name: node inputs, subgraph reads and graph outputs."""
+    uses: dict[str, int] = {}
+    for node in g.node:
+        for name in list(node.input) + sorted(subgraph_reads(node)):
+            uses[name] = uses.get(name, 0) + 1
+    for o in g.output:
+        uses[o.name] = uses.get(o.name, 0) + 1
+    return uses
+
+
+def _genuine_ties(g: onnx.GraphProto, inits: dict[str, onnx.TensorProto], uses: dict[str, int]) -> set[str]:
+    """Float initializers the model reads several times that no fold may copy per reader: not `_coincidental`,
+    and not read by Slice nodes only (slices of a tensor store it once either way: torch's LSTM gate blocks)."""
+    slicers: dict[str, int] = {}
+    for node in g.node:
+        if node.op_type == "Slice" and node.input:
+            slicers[node.input[0]] = slicers.get(node.input[0], 0) + 1
+    return {
+        name for name, k in uses.items()
+        if k > 1 and name in inits and inits[name].data_type in _FLOAT_TYPES and slicers.get(name, 0) != k
+        and not _coincidental(inits[name])
+    }  # fmt: skip
+
+
+_FLOAT_TYPES = (1, 10, 11, 16)  # float, float16, double, bfloat16: weights, not shape constants
+
+
+def _coincidental(t: onnx.TensorProto) -> bool:
+    """Whether a shared initializer is shared by an exporter's deduplication of equal values, not by the model:
+    every value the same (fresh BatchNorm scales are all ones, biases zeros, layer scales 1e-6) and at most
+    `UNSHARE_LIMIT` of them. A shared tensor of varied values is one parameter read several times (a tied
+    embedding, ALBERT's layers, RetinaNet's heads over the pyramid levels, RAFT's update block over its
+    iterations): it stays shared, so its readers' channels couple and it is stored once. (Every reader got its
+    own copy below 1 M values before: a "pruned" RAFT-small wrote 3.7 M parameters for the original's 1.0 M.)"""
+    if numel(t) > UNSHARE_LIMIT:
+        return False
+    try:
+        a = ext.tensor_array(t)
+    except (ValueError, TypeError, KeyError, OSError):
+        return False
+    return a.size <= 1 or bool(np.all(a == a.flat[0]))
 
 
 def _fresh_name(name: str, taken: set[str], start: int = 2) -> str:
@@ -79,8 +122,9 @@ def _unshare_small_initializers(g: onnx.GraphProto) -> bool:
             if name in inits:
                 uses[name] = uses.get(name, 0) + 1
     outputs = {o.name for o in g.output}
-    shared = {n for n, k in uses.items() if k > 1 and numel(inits[n]) <= UNSHARE_LIMIT and n not in outputs}
-    shared = {n for n in shared if inits[n].data_type in (1, 10, 11, 16)}  # weights, not shape constants
+    shared = {n for n, k in uses.items() if k > 1 and n not in outputs}
+    shared = {n for n in shared if inits[n].data_type in _FLOAT_TYPES}  # weights, not shape constants
+    shared = {n for n in shared if _coincidental(inits[n])}
     if not shared:
         return False
     taken = set(inits) | {o for n in g.node for o in n.output}
@@ -120,7 +164,7 @@ def _unshare_dequantized_constants(g: onnx.GraphProto) -> bool:
         params = [n for n in dq.input if n]
         if readers.get(dq.output[0], 0) < 2 or not all(n in inits for n in params):
             continue
-        if numel(inits[dq.input[0]]) > UNSHARE_LIMIT or any(readers[n] > 1 for n in params):
+        if not _coincidental(inits[dq.input[0]]) or any(readers[n] > 1 for n in params):
             continue
         first = True
         for node in nodes:
@@ -292,13 +336,14 @@ def _evaluate(node: onnx.NodeProto, args: list[np.ndarray], opset: int) -> list[
 def _fold_constant_shape_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
     outputs = {o.name for o in g.output}
     inits = {t.name: t for t in g.initializer}
+    ties = _genuine_ties(g, inits, _uses(g))  # a tied weight folded per reader would be stored once per reader
     values: dict[str, np.ndarray] = {}
 
     def value(name: str) -> np.ndarray | None:
         if name in values:
             return values[name]
         t = inits.get(name)
-        if t is None or numel(t) > _FOLD_LIMIT or t.data_location == onnx.TensorProto.EXTERNAL:
+        if t is None or numel(t) > _FOLD_LIMIT or t.data_location == onnx.TensorProto.EXTERNAL or name in ties:
             return None
         values[name] = numpy_helper.to_array(t)
         return values[name]
@@ -348,18 +393,16 @@ _LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 def _fold_weight_layout_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
     """Replace layout ops whose data input is an initializer by the re-laid-out initializer.
 
-    A weight that is also read elsewhere and larger than `UNSHARE_LIMIT` is a genuine tie (a tied
-    embedding feeding Gather and, transposed, the output projection): it stays as it is rather than
-    being stored twice.
+    A weight that is also read elsewhere and not `_coincidental` is a genuine tie (a tied embedding feeding
+    Gather and, transposed, the output projection): it stays as it is rather than being stored twice.
     """
     inits = {t.name: t for t in g.initializer}
-    uses: dict[str, int] = {}
-    for node in g.node:
-        for name in list(node.input) + sorted(subgraph_reads(node)):
-            uses[name] = uses.get(name, 0) + 1
+    ties = _genuine_ties(g, inits, _uses(g))
     outputs = {o.name for o in g.output}
-    for name in outputs:
-        uses[name] = uses.get(name, 0) + 1
+
+    def foldable(t: onnx.TensorProto) -> bool:  # folding adds no second copy of a genuine tie
+        return t.name not in ties
+
     keep: list[onnx.NodeProto] = []
     changed = False
     for node in g.node:
@@ -370,21 +413,18 @@ def _fold_weight_layout_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
             src is not None
             and node.op_type in _LAYOUT_OPS
             and plain
-            and (uses.get(src.name, 0) == 1 or numel(src) <= UNSHARE_LIMIT)
+            and foldable(src)
         ):
             folded = _fold_layout(node, src, inits, opset)
         elif plain and node.op_type in ("Slice", "Concat"):
             data = [n for n in (node.input[:1] if node.op_type == "Slice" else node.input) if n]
-            if data and all(n in inits and (uses.get(n, 0) == 1 or numel(inits[n]) <= UNSHARE_LIMIT) for n in data):
+            if data and all(n in inits and foldable(inits[n]) for n in data):
                 folded = _fold_select(node, inits, opset)
         if folded is None:
             keep.append(node)
             continue
         g.initializer.append(folded)
         inits[folded.name] = folded
-        for name in node.input:
-            if name in uses:
-                uses[name] -= 1
         changed = True
     if changed:
         _set_nodes(g, keep)

@@ -98,11 +98,12 @@ def test_fp16_weight_keeps_its_dtype():
     assert max_rel_error(run(model, inputs), run(folded, inputs)) <= 1e-3  # fp16 accumulation order
 
 
-def test_large_tied_weight_stays_shared():
-    """Embedding table read by Gather and, transposed, by the output projection: a genuine tie (above the
-    unsharing limit), so it is not stored twice."""
+@pytest.mark.parametrize("vocab", [20000, 300], ids=["1.28M", "19k"])
+def test_a_tied_embedding_stays_shared(vocab):
+    """Embedding table read by Gather and, transposed, by the output projection: a genuine tie, so it is not
+    stored twice, at any size (below 1 M values each reader got its own copy: a small model grew when pruned)."""
     rng = np.random.default_rng(0)
-    vocab, dim = 20000, 64  # 1.28 M elements > UNSHARE_LIMIT
+    dim = 64
     emb = numpy_helper.from_array((rng.standard_normal((vocab, dim)) * 0.1).astype(np.float32), "E")
     graph = helper.make_graph(
         [helper.make_node("Gather", ["E", "ids"], ["h"]), helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
@@ -239,3 +240,50 @@ def test_weight_assembled_by_slice_and_concat_folds_into_one_initializer(opset: 
     assert max_rel_error(run(model, inputs), run(folded, inputs)) == 0.0
     (group,) = [g for g in analyze(ModelGraph(folded)).groups if g.size == 12]
     assert {m.tensor for m in group.param_members} == {folded.graph.node[0].input[1], "w2"}
+
+
+def _shared_weight_model(w: np.ndarray) -> onnx.ModelProto:
+    """One 3x3 conv weight applied to two inputs (RetinaNet's head over two pyramid levels; RAFT's update block
+    and ALBERT's layers likewise read one weight several times), then a separate 1x1 conv on each."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(w, "W"),
+             *(numpy_helper.from_array(rng.standard_normal((3, 8, 1, 1)).astype(np.float32), n) for n in ("A", "B"))]
+    nodes = [helper.make_node("Conv", ["x1", "W"], ["h1"], pads=[1, 1, 1, 1], name="head_p3"),
+             helper.make_node("Conv", ["x2", "W"], ["h2"], pads=[1, 1, 1, 1], name="head_p4"),
+             helper.make_node("Relu", ["h1"], ["r1"]), helper.make_node("Relu", ["h2"], ["r2"]),
+             helper.make_node("Conv", ["r1", "A"], ["y1"]), helper.make_node("Conv", ["r2", "B"], ["y2"])]
+    graph = helper.make_graph(
+        nodes, "shared_head",
+        [helper.make_tensor_value_info("x1", TensorProto.FLOAT, [1, 4, 8, 8]),
+         helper.make_tensor_value_info("x2", TensorProto.FLOAT, [1, 4, 4, 4])],
+        [helper.make_tensor_value_info("y1", TensorProto.FLOAT, [1, 3, 8, 8]),
+         helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 3, 4, 4])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_weight_the_model_reads_twice_is_pruned_once(tmp_path):
+    """A shared weight of varied values is one parameter: its readers' output channels form one group, it is
+    stored (and counted) once, and the pruned model is smaller than the original, not a copy per reader."""
+    from onnxprune.cli import main
+
+    model = _shared_weight_model(np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32))
+    imported = canonicalize(model)[0]
+    assert [t.name for t in imported.graph.initializer].count("W") == 1 and len(imported.graph.initializer) == 3
+    analysis = analyze(ModelGraph(imported))
+    assert [g.size for g in analysis.groups] == [8]  # both heads' channels: one group
+    assert count_params(ModelGraph(imported)) == 8 * 4 * 9 + 2 * 3 * 8
+    src, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(model, src)
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5", "--round-to", "1", "--verify"]) == 0
+    pruned = onnx.load(out)
+    assert [list(t.dims) for t in pruned.graph.initializer if t.name == "W"] == [[4, 4, 3, 3]]
+    assert sum(int(np.prod(t.dims)) for t in pruned.graph.initializer) == 4 * 4 * 9 + 2 * 3 * 4
+
+
+def test_a_weight_shared_by_deduplication_is_unshared():
+    """Equal values an exporter deduplicated (a fresh layer's all-ones or all-zeros weights) are not a tie: each
+    reader gets its own copy, so unrelated layers keep their own channels."""
+    imported = canonicalize(_shared_weight_model(np.ones((8, 4, 3, 3), np.float32)))[0]
+    assert len(imported.graph.initializer) == 4
+    assert sorted(g.size for g in analyze(ModelGraph(imported)).groups) == [8, 8]
