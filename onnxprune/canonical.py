@@ -409,12 +409,7 @@ def _fold_weight_layout_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
         src = inits.get(node.input[0]) if node.input else None
         folded = None
         plain = node.domain in ("", "ai.onnx") and bool(node.output) and node.output[0] not in outputs
-        if (
-            src is not None
-            and node.op_type in _LAYOUT_OPS
-            and plain
-            and foldable(src)
-        ):
+        if src is not None and node.op_type in _LAYOUT_OPS and plain and foldable(src):
             folded = _fold_layout(node, src, inits, opset)
         elif plain and node.op_type in ("Slice", "Concat"):
             data = [n for n in (node.input[:1] if node.op_type == "Slice" else node.input) if n]
