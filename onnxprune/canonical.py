@@ -21,7 +21,13 @@ from onnxprune import external as ext
 from onnxprune.errors import UnsupportedModelError
 from onnxprune.graph import ModelGraph, subgraph_reads
 from onnxprune.onnx_utils import all_graphs, node_subgraphs, numel, opset_of
-from onnxprune.sharing import genuine_ties, unshare_dequantized_constants, unshare_small_initializers, uses
+from onnxprune.sharing import (
+    FLOAT_TYPES,
+    genuine_ties,
+    unshare_dequantized_constants,
+    unshare_small_initializers,
+    uses,
+)
 
 MIN_OPSET = 7
 
@@ -145,7 +151,18 @@ def _constants_to_initializers(g: onnx.GraphProto, bypass_identity: bool = True)
             and rename.get(node.input[0], node.input[0]) in inits
             and node.output[0] not in outputs
         ):
-            rename[node.output[0]] = rename.get(node.input[0], node.input[0])
+            src = inits[rename.get(node.input[0], node.input[0])]
+            if src.data_type in FLOAT_TYPES:
+                # torch's exporter stores parameters of equal values once and names the others through an
+                # Identity: each is its own parameter again (a projection shortcut's BatchNorm bias equals the
+                # block's last one, both trained by the same gradient from zero), not a tie (`sharing`)
+                copy = onnx.TensorProto()
+                copy.CopyFrom(src)
+                copy.name = node.output[0]
+                g.initializer.append(copy)
+                inits[copy.name] = copy
+            else:
+                rename[node.output[0]] = src.name
             changed = True
             continue
         keep.append(node)

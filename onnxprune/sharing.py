@@ -17,7 +17,7 @@ from onnxprune import external as ext
 from onnxprune.graph import subgraph_reads
 from onnxprune.onnx_utils import numel
 
-__all__ = ["UNSHARE_LIMIT", "genuine_ties", "unshare_dequantized_constants", "unshare_small_initializers", "uses"]
+__all__ = ["FLOAT_TYPES", "UNSHARE_LIMIT", "genuine_ties", "unshare_dequantized_constants", "unshare_small_initializers", "uses"]
 
 
 # Exporters deduplicate identical initializers (freshly initialised BatchNorm scales are all ones), which
@@ -46,12 +46,12 @@ def genuine_ties(g: onnx.GraphProto, inits: dict[str, onnx.TensorProto], reads: 
             slicers[node.input[0]] = slicers.get(node.input[0], 0) + 1
     return {
         name for name, k in reads.items()
-        if k > 1 and name in inits and inits[name].data_type in _FLOAT_TYPES and slicers.get(name, 0) != k
+        if k > 1 and name in inits and inits[name].data_type in FLOAT_TYPES and slicers.get(name, 0) != k
         and not _coincidental(inits[name])
     }  # fmt: skip
 
 
-_FLOAT_TYPES = (1, 10, 11, 16)  # float, float16, double, bfloat16: weights, not shape constants
+FLOAT_TYPES = (1, 10, 11, 16)  # float, float16, double, bfloat16: weights, not shape constants
 
 
 def _coincidental(t: onnx.TensorProto) -> bool:
@@ -89,7 +89,7 @@ def unshare_small_initializers(g: onnx.GraphProto) -> bool:
                 reads[name] = reads.get(name, 0) + 1
     outputs = {o.name for o in g.output}
     shared = {n for n, k in reads.items() if k > 1 and n not in outputs}
-    shared = {n for n in shared if inits[n].data_type in _FLOAT_TYPES}  # weights, not shape constants
+    shared = {n for n in shared if inits[n].data_type in FLOAT_TYPES}  # weights, not shape constants
     shared = {n for n in shared if _coincidental(inits[n])}
     if not shared:
         return False

@@ -287,3 +287,15 @@ def test_a_weight_shared_by_deduplication_is_unshared():
     imported = canonicalize(_shared_weight_model(np.ones((8, 4, 3, 3), np.float32)))[0]
     assert len(imported.graph.initializer) == 4
     assert sorted(g.size for g in analyze(ModelGraph(imported)).groups) == [8, 8]
+
+
+def test_parameters_an_exporter_deduplicated_through_identity_are_their_own_again():
+    """torch's exporter stores parameters of equal values once and names the others through an Identity (a
+    projection shortcut's BatchNorm bias equals the block's last one: the same gradient trained both from zero).
+    Distinct parameters of the model, not a tie: each reader keeps its own copy, under its own name."""
+    model = _shared_weight_model(np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32))
+    model.graph.node.insert(0, helper.make_node("Identity", ["W"], ["W_dup"], name="Identity_0"))
+    model.graph.node[2].input[1] = "W_dup"  # head_p4 reads the deduplicated name
+    imported = canonicalize(model)[0]
+    assert sorted(t.name for t in imported.graph.initializer if t.name.startswith("W")) == ["W", "W_dup"]
+    assert sorted(g.size for g in analyze(ModelGraph(imported)).groups) == [8, 8]
