@@ -78,9 +78,10 @@ SYMBOLIC_DIM = 32  # what `verify.random_inputs` substitutes for a symbolic non-
 
 
 class VerificationUnavailable(OnnxPruneError):
-    """The check cannot run at all: the ORIGINAL model does not run in onnxruntime (a custom op, say), or
-    random inputs for it would be too large. Says nothing about the pruning (a pruned model that fails to
-    run while the original runs is an ordinary `OnnxPruneError`)."""
+    """The check cannot run at all: the ORIGINAL model does not run in onnxruntime (a custom op, say), random
+    inputs for it would be too large, or the plan removed channels of inexact groups (``--allow-inexact``: the
+    pruned model cannot equal the masked original). Says nothing about the pruning (a pruned model that fails
+    to run while the original runs is an ordinary `OnnxPruneError`)."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,12 @@ def certify(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Channe
         OnnxPruneError: a model does not run in onnxruntime on these inputs.
     """
     start = time.perf_counter()
+    removed = set(np.asarray(labels, dtype=np.int64).tolist())
+    inexact = [g for g in analysis.groups if g.inexact and removed.intersection(g.labels.tolist())]
+    if inexact:
+        raise VerificationUnavailable(
+            f"verification: {len(inexact)} inexact groups lost channels (--allow-inexact): their removal changes "
+            "what normalisation statistics see, so no masked original equals the pruned model (--no-verify skips the check)")
     masked = apply_mask(analysis, np.asarray(labels, dtype=np.int64))
     cert = certify_against(original, masked, pruned, inputs, samples, seed, input_path, tolerance)
     return replace(cert, seconds=round(time.perf_counter() - start, 3))  # the masking counts too

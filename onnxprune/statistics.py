@@ -11,6 +11,10 @@ phantom is the same at every removed position, so the exact mean of the original
 
     mean = (ReduceSum(kept) + k * phantom) / C_old        (k removed of C_old channels)
 
+A zero phantom also survives layouts that keep the axis where it is (a reshape of the leading dims, OPT's
+``[B, S, H] -> [B * S, H]``), a concatenation along another axis of zero parts (ViT's class token: a weight,
+zeroed with the group) and a sum or mean over other axes (a mixture of experts over its top-k choices).
+
 Start at `phantom_chain` (does a tensor have a computable phantom along an axis?), then
 `reduce_mean_nodes` and `layer_norm_nodes` (the replacement nodes the rules' `rewrite` emit).
 
@@ -85,8 +89,11 @@ def phantom_chain(graph: ModelGraph, tensor: str, axis: int, depth: int = 24) ->
         if producer.op_type in ZERO_WRITERS:
             return True
         if producer.op_type in LAYOUT:
-            found = walk(producer.input[0], left - 1, aligned=False)
+            keeps = aligned and _keeps_axis(graph, producer, from_end)
+            found = walk(producer.input[0], left - 1, aligned=keeps)
             return True if found is True else (None if found is None else "opaque")
+        if producer.op_type == "Concat" or producer.op_type in ZERO_REDUCE:
+            return True if aligned and _zero_beside_axis(graph, producer, from_end, size, left, walk) else None
         if producer.op_type not in ELEMENTWISE:
             return None
         if producer.name in memo:
@@ -125,7 +132,72 @@ def phantom_chain(graph: ModelGraph, tensor: str, axis: int, depth: int = 24) ->
         return False
 
     found = walk(tensor, depth)
-    return chain if found is True or found is False else None
+    if found is True:
+        return []  # zero (a Mul by a zero operand can leave the other operand's replayed nodes in `chain`)
+    return chain if found is False else None
+
+
+def _shape(graph: ModelGraph, name: str) -> list[int] | None:
+    shape = graph.shape(name)
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return [int(d) for d in shape]  # type: ignore[arg-type]  # all ints, checked above
+
+
+def _keeps_axis(graph: ModelGraph, node: onnx.NodeProto, from_end: int) -> bool:
+    """Does a layout node keep the coupled axis (`from_end` from the last) where it was, every element of it
+    with the same neighbours after it? A reshape that leaves the trailing dimensions alone (OPT's ``[B, S, H]
+    -> [B * S, H]``), a transpose that leaves the axis in place."""
+    shape_in, shape_out = _shape(graph, node.input[0]), _shape(graph, node.output[0])
+    if shape_in is None or shape_out is None or from_end > min(len(shape_in), len(shape_out)):
+        return False
+    k_in, k_out = len(shape_in) - from_end, len(shape_out) - from_end
+    if node.op_type == "Transpose":
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(len(shape_in)))[::-1])
+        return perm[k_out] == k_in and shape_in[k_in:] == shape_out[k_out:]
+    return shape_in[k_in:] == shape_out[k_out:]
+
+
+# Reductions with f(0, ..., 0) = 0: over other axes than the coupled one, a zero phantom stays zero.
+ZERO_REDUCE = frozenset({"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2"})
+
+
+def _zero_beside_axis(graph: ModelGraph, node: onnx.NodeProto, from_end: int, size: int, left: int,
+                      walk: Callable[..., bool | str | None]) -> bool:
+    """A Concat along another axis, or a reduction over other axes (a mixture of experts' sum over its top-k
+    choices), whose every input is zero at the removed positions: a class token concatenated before the patches
+    (ViT), a weight along the axis (zeroed with the group)."""
+    rank = graph.rank(node.output[0])
+    if rank is None or from_end > rank:
+        return False
+    k = rank - from_end
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Concat":
+        if attrs.get("axis", 0) % rank == k:
+            return False
+        operands = [name for name in node.input if name]
+    else:
+        axes = attrs.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            value = graph.const(node.input[1])
+            axes = None if value is None else [int(a) for a in np.asarray(value).ravel()]
+        rank_in = graph.rank(node.input[0])
+        if not axes or rank_in is None:
+            return False  # every axis (or an unknown one) reduced
+        axes = [a % rank_in for a in axes]
+        k_in = rank_in - from_end
+        if k_in in axes or (not attrs.get("keepdims", 1) and any(a > k_in for a in axes)):
+            return False  # the axis itself, or its place from the end, changes
+        operands = [node.input[0]]
+    for name in operands:
+        if graph.const(name) is not None:
+            r = graph.rank(name)
+            if r is None or r - from_end < 0 or graph.size(name, r - from_end) != size or size == 1:
+                return False
+            continue  # a weight along the axis: zeroed with the group
+        if walk(name, left - 1, True) is not True:
+            return False
+    return True
 
 
 class NodeBuilder:

@@ -460,6 +460,9 @@ class SelectChannelsPass(Pass):
             measured = measure_sensitivity(self.config, analysis, stats, self.calib)
         plan, table, latency, more = self.choose(analysis, stats, measured)
         more += target_notices(self.config, analysis)
+        if not analysis.groups:
+            more += (f"no channel group can be pruned ({len(analysis.barriers)} barriers): the output is the model "
+                     "as imported; `onnxprune analyze` gives every frozen weight axis its reason",)
         # Only the ls repair reads the statistics after selection: the seq repair computes its own per wave, and
         # ResNet-50's Hessians (~475 MB) would otherwise stay alive in the selection artifact through it.
         kept_stats = stats if self.config.repair == "ls" else None

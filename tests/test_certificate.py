@@ -233,3 +233,54 @@ def test_nonfinite_weights_names_what_a_step_broke():
     assert nonfinite_weights(model([1, np.inf], [3, 4]), model([1, np.inf], [3, 4])) == []  # it was so before
     assert nonfinite_weights(model([1, 2], [3, 4]), model([5, 6], [7, 8])) == []
 
+
+
+def _inexact_hidden_model() -> onnx.ModelProto:
+    """MatMul -> Sin -> LayerNorm -> MatMul: behind the Sin a removed channel's value is not derived, so the
+    hidden size is an inexact group (`onnxprune.statistics`)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (16, 24)), ("gamma", (24,)), ("beta", (24,)), ("w2", (24, 16)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"]), helper.make_node("Sin", ["h0"], ["h"]),
+             helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["n"], axis=-1),
+             helper.make_node("MatMul", ["n", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "inexact", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16])], inits)  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_inexact_groups_pruned_are_not_verified_against_a_masked_original(tmp_path, capsys):
+    """--allow-inexact prunes groups whose removal changes normalisation statistics: no masked original equals
+    the result, so the check failed every time ("verification failed: max error 0.34"). Now: a note and no
+    certificate by default; an explicit --verify says why it cannot hold (exit 1, nothing written)."""
+    from onnxprune.cli import main
+
+    src, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(_inexact_hidden_model(), src)
+    args = ["prune", str(src), "-o", str(out), "--ratio", "0.5", "--round-to", "1", "--allow-inexact"]
+    assert main([*args, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["verification"] is None and "1 inexact groups lost channels" in captured.err
+    out.unlink()
+    assert main([*args, "--verify"]) == 1
+    assert "inexact groups lost channels" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_model_without_prunable_groups_says_so(tmp_path, capsys):
+    """Nothing prunable (one conv from the input to the output): the run succeeds and a notice says why the
+    output is the input, rather than a silent copy."""
+    from onnx import TensorProto, helper
+
+    from onnxprune.cli import main
+
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "one_conv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [numpy_helper.from_array(np.full((2, 3, 1, 1), 0.3, np.float32), "w")])  # fmt: skip
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    assert main(["prune", str(src), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.3", "--round-to", "1", "--json"]) == 0
+    notices = json.loads(capsys.readouterr().out)["notices"]
+    assert any(n.startswith("no channel group can be pruned") for n in notices)

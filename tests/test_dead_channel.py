@@ -108,6 +108,46 @@ def test_layernorm_hidden_is_exact_with_original_statistics(between):
     assert dead_channel_check(default, hidden[0], inputs).error <= 1e-5
 
 
+def _layernorm_after(kind: str):
+    """MatMul + bias -> [layout / concat / reduction] -> LayerNorm -> MatMul, as exporters write a transformer's
+    stream:
+    OPT flattens ``[B, S, H]`` to ``[B * S, H]`` before its norms; ViT concatenates a class token before the
+    patches; a mixture of experts sums its top-k experts' outputs; a transpose that keeps the hidden axis last."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (32, 48)), ("b1", (48,)), ("gamma", (48,)), ("beta", (48,)), ("w2", (48, 32)),
+                          ("cls", (1, 1, 48)))]  # fmt: skip
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("flat", [8, 48]), ("topk", [1, 4, 2, 48]),
+                                                                             ("axis2", [2]))]  # fmt: skip
+    middle = {
+        "reshape": [helper.make_node("Reshape", ["h0", "flat"], ["h"])],
+        "class_token": [helper.make_node("Concat", ["cls", "h0"], ["h"], axis=1)],
+        "expert_sum": [helper.make_node("Reshape", ["h0", "topk"], ["t"]),
+                       helper.make_node("ReduceSum", ["t", "axis2"], ["h"], keepdims=0)],
+        "transpose": [helper.make_node("Transpose", ["h0"], ["h"], perm=[1, 0, 2])],
+    }[kind]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m"]), helper.make_node("Add", ["m", "b1"], ["h0"]), *middle,
+             helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["n"], axis=-1),
+             helper.make_node("MatMul", ["n", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "ln_stream", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("kind", ["reshape", "class_token", "expert_sum", "transpose"])
+def test_layernorm_statistics_see_through_layouts_concats_and_reductions(kind):
+    """The removed channels stay zero through a reshape that keeps the hidden axis last, a concatenation of a class
+    token (a weight along the axis, zeroed with the group) and a sum over other axes: the hidden size is exact
+    (it was inexact, so OPT, ViT and mixture-of-experts models kept their hidden size by default)."""
+    model = canonical(_layernorm_after(kind))
+    analysis = analyze(ModelGraph(model))
+    hidden = [g for g in analysis.groups if g.size == 48]
+    assert len(hidden) == 1 and not hidden[0].inexact
+    assert dead_channel_check(analysis, hidden[0], random_inputs(model, seed=0)).error <= 1e-5
+
+
 def test_layernorm_hidden_of_unknown_value_stays_inexact_and_opt_in():
     """Behind an op whose value at a removed channel is not derived (Sin here), the statistics cannot be
     kept: the hidden size stays inexact, only with allow_inexact."""
