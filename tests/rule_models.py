@@ -234,6 +234,17 @@ def linear(op: str, opset: int) -> onnx.ModelProto:
     return b.model([("x", FLOAT, [1, 5, 6])], [b(op, [h, b.normal((C, 3))])], opset)
 
 
+def einsum(op: str, opset: int) -> onnx.ModelProto:
+    """Dense layers and attention as Einsums (TensorFlow and MaxViT exports): ``x [1, 5, 6] -> q, k, v
+    (bsi,ic->bsc) -> scores (bic,bjc->bij) -> (bij,bjc->bic) -> (bic,cd->bid)``: one group of the query and key
+    channels the scores contract, one of the value channels the output projection reads."""
+    b = Builder()
+    q, k, v = (b(op, ["x", b.normal((6, C))], equation="bsi,ic->bsc") for _ in range(3))
+    scores = b(op, [q, k], equation="bic, bjc -> bij")
+    out = b(op, [b("Softmax", [scores], axis=-1), b("Add", [v, b.normal((C,))])], equation="bij,bjc->bic")
+    return b.model([("x", FLOAT, [1, 5, 6])], [b(op, [out, b.normal((C, 3))], equation="bic,cd->bid")], opset)
+
+
 def norm(b: Builder, op: str, t: str) -> tuple[str, int]:
     if op == "BatchNormalization":
         return b(op, [t, b.normal((C,)), b.normal((C,)), b.normal((C,)), b.positive((C,))]), C

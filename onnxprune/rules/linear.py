@@ -1,4 +1,4 @@
-"""Gemm and MatMul: the contraction axis couples the two operands, the free axes map to the output.
+"""Gemm, MatMul and Einsum: the contraction axis couples the operands, the free axes map to the output.
 
 Removing a contracted channel from both operands drops only terms that the masked model multiplies by
 zero, so a MatMul between two activations (attention scores) is exact as well.
@@ -73,3 +73,56 @@ class MatMul(ChannelRule):
                 ctx.link(a, batch_a - k, y, batch_y - k)
             if batch_b - k >= 0:
                 ctx.link(b, batch_b - k, y, batch_y - k)
+
+
+def einsum_terms(equation: str, operands: int) -> tuple[list[str], str]:
+    """The letters of each operand's term and of the output (implicit output: the letters used once, sorted).
+
+    Raises:
+        RuleBarrier: an ellipsis, a letter repeated within one term (a diagonal), or a term count that is not
+            the operand count.
+    """
+    eq = equation.replace(" ", "")
+    if "..." in eq:
+        raise RuleBarrier("Einsum with an ellipsis (broadcast axes)")
+    lhs, arrow, out = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != operands:
+        raise RuleBarrier(f"Einsum equation {equation!r} has {len(terms)} terms for {operands} operands")
+    if not arrow:
+        counts: dict[str, int] = {}
+        for letter in "".join(terms):
+            counts[letter] = counts.get(letter, 0) + 1
+        out = "".join(sorted(letter for letter, k in counts.items() if k == 1))
+    if any(len(set(term)) != len(term) for term in [*terms, out]):
+        raise RuleBarrier("Einsum with a repeated index within one term (a diagonal)")
+    return terms, out
+
+
+@register("Einsum", since=12)
+class Einsum(ChannelRule):
+    """Every axis labelled by one letter is one index: its channels are the same in every operand and in the
+    output. A letter summed over (absent from the output) is a contraction, like MatMul's inner axis: removing
+    its channels from every operand drops only terms the masked model multiplies by zero; a letter kept is a
+    free or batch axis, each output channel computed from the operands' same channel. (MaxViT's attention,
+    ``BGHID,BGHJD->BGHIJ``, and TensorFlow's dense layers are Einsums.)"""
+
+    zero_preserving = ("Einsum",)
+
+    def couple(self, node, ctx):
+        equation = attrs(node).get("equation", b"")
+        terms, out = einsum_terms(equation.decode() if isinstance(equation, bytes) else str(equation), len(node.input))
+        places: dict[str, list[tuple[str, int]]] = {}
+        for name, term in zip([*node.input, node.output[0]], [*terms, out]):
+            if ctx.rank(name) is None:
+                raise RuleBarrier("operand ranks unknown")
+            if ctx.rank(name) != len(term):
+                raise RuleBarrier(f"Einsum term {term!r} does not match the rank of {name!r}")
+            for axis, letter in enumerate(term):
+                places.setdefault(letter, []).append((name, axis))
+        for name in node.input:
+            ctx.set_role(name, "weight")
+        for where in places.values():  # every pair: a size-1 (broadcast) place links to none of them
+            for i, (a, axis_a) in enumerate(where):
+                for b, axis_b in where[i + 1:]:
+                    ctx.link(a, axis_a, b, axis_b)
