@@ -199,6 +199,15 @@ def _tanh(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None])
     return {0: em.mul(gys[0], em.op("Sub", [em.const(1.0), em.mul(y, y)]))}
 
 
+@rule("Erf")
+def _erf(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None]) -> dict[int, str]:
+    """``2 / sqrt(pi) * exp(-x^2)``: the exact GELU of torch's exports is ``x * (1 + erf(x / sqrt 2)) / 2``."""
+    assert gys[0] is not None
+    x = node.input[0]
+    bell = em.op("Exp", [em.op("Neg", [em.mul(x, x)])])
+    return {0: em.mul(gys[0], em.scale(bell, 2.0 / float(np.sqrt(np.pi))))}
+
+
 @rule("HardSigmoid", "HardSwish")
 def _hard(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None]) -> dict[int, str]:
     assert gys[0] is not None
@@ -467,6 +476,29 @@ def _reduce(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None
     if node.op_type == "ReduceMean":
         g = em.scale(g, 1.0 / float(np.prod([xs[i] for i in axes])))
     return {0: em.op("Expand", [g, em.const(list(xs), "shape", np.int64)])}
+
+
+@rule("LayerNormalization")
+def _layernorm(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None]) -> dict[int, str]:
+    """``dx = rstd * (d - mean(d) - xhat * mean(d * xhat))`` with ``d = dy * scale``, the means over the
+    normalised axes (from `axis` to the last) and ``xhat``, ``rstd`` recomputed from x. Scale and bias are
+    constants here: synthesis differentiates with respect to the inputs only."""
+    assert gys[0] is not None
+    if any(n in cx.active for n in node.input[1:] if n):
+        raise UnsupportedModelError(f"synthetic calibration: LayerNormalization node {node.name!r} with a computed "
+                                    "scale or bias")
+    x = node.input[0]
+    rank = len(cx.shape(x))
+    a = attrs(node)
+    axes = list(range(int(a.get("axis", -1)) % rank, rank))
+    mean = em.reduce("ReduceMean", x, axes)
+    xc = em.op("Sub", [x, mean])
+    var = em.reduce("ReduceMean", em.mul(xc, xc), axes)
+    rstd = em.op("Reciprocal", [em.op("Sqrt", [em.op("Add", [var, em.const(float(a.get("epsilon", 1e-5)), "eps")])])])
+    xhat = em.mul(xc, rstd)
+    d = em.mul(gys[0], node.input[1])
+    centred = em.op("Sub", [d, em.reduce("ReduceMean", d, axes)])
+    return {0: em.mul(rstd, em.op("Sub", [centred, em.mul(xhat, em.reduce("ReduceMean", em.mul(d, xhat), axes))]))}
 
 
 @rule("Softmax")

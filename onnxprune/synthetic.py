@@ -23,10 +23,11 @@ The input layout comes from the model input's shape: rank 4 with 1/3/4 channels 
 is an image, which gets the total-variation prior; the samples start as N(0, 1), i.e. normalised pixels.
 Every size but the batch must be static (fix dynamic sizes with ``--shape``). Deterministic for a seed.
 
-Gradient ops (34, `gradients.supported_ops()`): Add, AveragePool, BatchNormalization, Cast, Clip, Concat, Conv,
-Div, Dropout, Flatten, Gemm, GlobalAveragePool, HardSigmoid, HardSwish, Identity, LeakyRelu, MatMul, MaxPool,
-Mul, Pad, Pow, ReduceMean, ReduceSum, Relu, Reshape, Sigmoid, Slice, Softmax, Sqrt, Squeeze, Sub, Tanh,
-Transpose, Unsqueeze. Zoo models whose objective builds: CIFAR ResNet20/44, DenseNet-121, EfficientNet-B0 and
+Gradient ops (36, `gradients.supported_ops()`): Add, AveragePool, BatchNormalization, Cast, Clip, Concat, Conv,
+Div, Dropout, Erf, Flatten, Gemm, GlobalAveragePool, HardSigmoid, HardSwish, Identity, LayerNormalization,
+LeakyRelu, MatMul, MaxPool, Mul, Pad, Pow, ReduceMean, ReduceSum, Relu, Reshape, Sigmoid, Slice, Softmax, Sqrt,
+Squeeze, Sub, Tanh, Transpose, Unsqueeze (LayerNormalization and Erf: hybrids of BatchNorm convolutions and
+transformer blocks, MobileViT and SegFormer). Zoo models whose objective builds: CIFAR ResNet20/44, DenseNet-121, EfficientNet-B0 and
 -Lite0, GoogLeNet, MobileNetV2, MobileNetV3-small, RegNetY-400MF, ResNet-50, PP-OCR mobile cls, PP-OCRv4 rec
 (``--shape x=1,3,48,320``: 6 BN layers on the path, one sample at a time), the Fashion-MNIST models. Stopped
 (one line, exit 1): PP-OCRv4 det (``no gradient for Resize``); multi-input float models. MobileNetV2
@@ -113,7 +114,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
-from onnxprune.errors import DataError, UnsupportedModelError, UsageError
+from onnxprune.errors import DataError, OnnxPruneError, UnsupportedModelError, UsageError
 from onnxprune.progress import task
 from onnxprune.synthetic_objective import TARGETS, Objective, build_objective, model_input
 from onnxprune.synthetic_plan import AUTO_SAMPLES, DEFAULT_SAMPLES, plan
@@ -326,6 +327,26 @@ def _sequence_targets(rng: np.random.Generator, batch: int, positions: int, clas
     return np.eye(classes, dtype=np.float32)[labels]
 
 
+class _ProbeFailed(OnnxPruneError):
+    """The objective built but does not run: a size baked into the graph (Paddle's and MobileViT's Reshape targets
+    hold the batch of 1 the model was exported with)."""
+
+
+def _probe(objective: Objective, cfg: SynthesisConfig, image: tuple[int, int] | None) -> None:
+    """One run of the objective on a starting batch; `_ProbeFailed` when onnxruntime refuses it."""
+    rng = np.random.default_rng(0)
+    feed = {objective.input_name: _start(rng, objective.shape, cfg, image)}
+    if objective.classes:
+        batch, positions = objective.shape[0], objective.positions
+        feed[TARGETS] = np.zeros((batch, positions, objective.classes) if positions else (batch, objective.classes),
+                                 np.float32)
+    try:
+        objective.session.run(None, feed)  # type: ignore[attr-defined]
+    except Exception as exc:  # onnxruntime's errors share no base class worth naming
+        raise _ProbeFailed(f"synthetic calibration: the objective does not run at batch {objective.shape[0]}: "
+                           f"{str(exc).splitlines()[0][:200]}") from exc
+
+
 def _optimise(objective: Objective, cfg: SynthesisConfig, steps: int, rng: np.random.Generator,
               image: tuple[int, int] | None, advance) -> np.ndarray:
     """One batch: Adam with cosine-decayed learning rate on d(loss + prior)/dx from N(0, 1)."""
@@ -383,19 +404,23 @@ def synthesize(model: onnx.ModelProto, n: int = AUTO_SAMPLES, seed: int = 0,
     if low is not None:
         try:
             objective = build_objective(model, batch, cfg.classes, cfg.first_weight, low, cfg.threads)
+            if objective is not None:
+                _probe(objective, cfg, image)
         except Exception as exc:
             print(f"onnxprune: note: synthetic calibration at full resolution ({type(exc).__name__} at "
                   f"{'x'.join(str(low[a - 1]) for a in image or ())})", file=sys.stderr)
-            low = None
+            objective, low = None, None
     if objective is None and batch > 1:
         try:
             objective = build_objective(model, batch, cfg.classes, cfg.first_weight, None, cfg.threads)
-        except UnsupportedModelError as exc:  # Reshape targets with a literal batch of 1 (Paddle exports)
-            if "no static shape" not in str(exc):
+            if objective is not None:
+                _probe(objective, cfg, image)
+        except (UnsupportedModelError, OnnxPruneError) as exc:  # Reshape targets with a literal batch of 1
+            if "no static shape" not in str(exc) and not isinstance(exc, _ProbeFailed):
                 raise
             print("onnxprune: note: synthetic calibration: the graph only builds for one sample at a time (fixed "
                   "batch in a Reshape): statistics are matched per sample", file=sys.stderr)
-            batch = 1
+            objective, batch = None, 1
             cfg = replace(cfg, batch=1)
     if objective is None:
         objective = build_objective(model, batch, cfg.classes, cfg.first_weight, None, cfg.threads)
