@@ -153,6 +153,12 @@ _ENTRIES = [
     ZooEntry(
         "llama_tiny_dynseq", "transformer", _transformers_builder("llama", True), _HF, "LLaMA, dynamic seq"
     ),
+    ZooEntry("albert_tiny", "transformer", _transformers_builder("albert", False), _HF,
+             "ALBERT encoder: both layers read one set of weights (ties stay one parameter)"),
+    ZooEntry("opt_tiny", "transformer", _transformers_builder("opt", False), _HF,
+             "OPT LM: tied embedding, [B, S, H] flattened before the LayerNorms"),
+    ZooEntry("mixtral_tiny", "transformer", _transformers_builder("mixtral", False), _HF,
+             "Mixtral LM: mixture of 4 experts, top-2 routing (TopK, Gather of stacked expert weights)"),
     ZooEntry(
         "ppocrv4_det",
         "ocr",

@@ -116,7 +116,7 @@ class _FirstOutput:
     """Wraps a transformers model: input_ids -> first output tensor (logits / last hidden state)."""
 
     @staticmethod
-    def wrap(model: Any) -> Any:
+    def wrap(model: Any, encoder: bool = False) -> Any:
         import torch
 
         class Wrapped(torch.nn.Module):
@@ -128,7 +128,8 @@ class _FirstOutput:
                 # An explicit all-ones mask keeps transformers off its packed-sequence detection,
                 # which uses aten::diff (no ONNX export at opset 17).
                 mask = torch.ones_like(input_ids)
-                out = self.inner(input_ids=input_ids, attention_mask=mask, use_cache=False, return_dict=False)
+                cache = {} if encoder else {"use_cache": False}
+                out = self.inner(input_ids=input_ids, attention_mask=mask, return_dict=False, **cache)
                 return out[0]
 
         return Wrapped()
@@ -168,6 +169,19 @@ def _hf_model(kind: str, attention: str = "eager") -> Any:
             **common,
         )
         return tf.LlamaForCausalLM(config)
+    if kind == "albert":  # one set of layer weights read by both layers: ties that must stay one parameter
+        config = tf.AlbertConfig(embedding_size=64, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=256, max_position_embeddings=64, **common)
+        return tf.AlbertModel(config, add_pooling_layer=False)
+    if kind == "opt":  # tied embedding; the decoder flattens [B, S, H] -> [B * S, H] before its LayerNorms
+        config = tf.OPTConfig(hidden_size=128, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
+                              max_position_embeddings=64, word_embed_proj_dim=128, **common)
+        return tf.OPTForCausalLM(config)
+    if kind == "mixtral":  # 4 experts, top-2 routing; batched_mm: the default grouped_mm has no ONNX export
+        config = tf.MixtralConfig(hidden_size=128, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                  max_position_embeddings=128, experts_implementation="batched_mm", **common)
+        return tf.MixtralForCausalLM(config)
     raise ZooError(f"unknown transformers kind {kind!r}")
 
 
@@ -177,7 +191,7 @@ def _transformers_builder(
     def build(path: Path) -> None:
         import torch
 
-        model = _FirstOutput.wrap(_hf_model(kind, attention))
+        model = _FirstOutput.wrap(_hf_model(kind, attention), encoder=kind == "albert")
         ids = torch.randint(0, 1000, (batch, 16), generator=torch.Generator().manual_seed(0))
         axes = {"input_ids": {1: "seq"}, "output": {1: "seq"}} if dynamic_seq else None
         _export(model, (ids,), path, ["input_ids"], ["output"], dynamic_axes=axes, dynamo=dynamo)
