@@ -302,6 +302,15 @@ def gather(op: str, opset: int) -> onnx.ModelProto:
     return b.model([("x", INT64, [1, 5])], [y], opset)
 
 
+def gather_elements(op: str, opset: int) -> onnx.ModelProto:
+    """Positions reordered along the width by an index of the data's shape (DeBERTa's relative-position
+    gathers): ``Conv(3->C) -> GatherElements(axis=3, index [1, C, 3, 3]) -> Conv(C->2)``; the channels pass."""
+    b = Builder()
+    index = b.ints(np.random.default_rng(1).integers(0, 3, (1, C, 3, 3)))
+    y = b.conv(b(op, [b.conv("x", 3, C), index], axis=3), C, 2)
+    return b.model([("x", FLOAT, [1, 3, 3, 3])], [y], opset)
+
+
 def gather_nd(op: str, opset: int) -> onnx.ModelProto:
     """Last-token pooling: ``x [2, 5, 3] -> MatMul(3->C) -> GatherND(indices [2, 1], batch_dims=1) -> [2, C]
     -> MatMul(C->3)``; the hidden axis passes through the gather."""

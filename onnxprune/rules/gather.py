@@ -1,4 +1,4 @@
-"""GatherND: index the leading axes of a tensor, keep its trailing axes whole.
+"""GatherND and GatherElements: index some axes of a tensor, keep the others whole.
 
 ``GatherND(data, indices, batch_dims=b)`` with ``k = indices.shape[-1]`` reads, for every index tuple, the
 slice ``data[batch..., i_0, .., i_(k-1), :, ..]``; the output is
@@ -39,3 +39,25 @@ class GatherND(ChannelRule):
         for ax in range(b + k, rd):
             ctx.link(data, ax, y, ri - 1 + ax - b - k)
         ctx.freeze(idx, ri - 1, "GatherND index coordinates")
+
+
+@register("GatherElements", since=11)
+class GatherElements(ChannelRule):
+    """``y[.., j, ..] = data[.., index[.., j, ..], ..]`` along `axis`: on every other axis data, index and output
+    line up position by position, so those axes carry their channels (DeBERTa's relative-position gathers keep
+    the heads axis); the gathered axis of the data is addressed by index values (frozen), and the index's axis
+    maps to the output's."""
+
+    zero_preserving = ("GatherElements",)
+
+    def couple(self, node, ctx):
+        data, idx, y = node.input[0], node.input[1], node.output[0]
+        rank = ctx.rank(data)
+        if rank is None or ctx.rank(idx) != rank or ctx.rank(y) != rank:
+            raise RuleBarrier("rank unknown")
+        axis = attrs(node).get("axis", 0) % rank
+        for ax in range(rank):
+            ctx.link(idx, ax, y, ax)
+            if ax != axis:
+                ctx.link(data, ax, y, ax)
+        ctx.freeze(data, axis, "axis indexed by GatherElements")
