@@ -276,8 +276,9 @@ _LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 def _fold_weight_layout_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
     """Replace layout ops whose data input is an initializer by the re-laid-out initializer.
 
-    A weight that is also read elsewhere and not a coincidence (`onnxprune.sharing`) is a genuine tie (a tied embedding feeding
-    Gather and, transposed, the output projection): it stays as it is rather than being stored twice.
+    A weight that is also read elsewhere and not a coincidence (`onnxprune.sharing`) is a genuine tie (a tied
+    embedding feeding Gather and, transposed, the output projection): it stays as it is rather than being
+    stored twice.
     """
     inits = {t.name: t for t in g.initializer}
     ties = genuine_ties(g, inits, uses(g))

@@ -5,7 +5,12 @@ pyramid levels, RAFT's update block over its iterations): one parameter, whose r
 and which is stored once; or a *coincidence*: exporters store equal initializers once (a fresh BatchNorm's all-ones
 scale, an all-zero bias), which would couple unrelated layers. `_coincidental` tells them apart by value (every value
 the same); `unshare_small_initializers` and `unshare_dequantized_constants` give each reader of a coincidence its
-own copy, and `genuine_ties` names the tensors no fold in `onnxprune.canonical` may copy per reader.
+own copy, and `genuine_ties` names the tensors no fold in `onnxprune.canonical` may copy per reader. torch's
+exporter also deduplicates equal *parameters* through Identity nodes (a projection shortcut's BatchNorm bias equals
+the block's last one: the same gradient trained both from zero); `canonical` gives those their own copy back, so
+only a tensor read directly by several nodes can be a tie. Measured on the zoo and 46 more exports (session 35):
+RetinaNet-R50-FPN counted 53.4 M parameters for the 34.0 M it stores, RAFT-small 3.7 M for 1.0 M, ALBERT 339 k
+for 208 k; now 34.1 M, 1.09 M, 208 k, and their pruned files are smaller than the originals.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from onnxprune import external as ext
 from onnxprune.graph import subgraph_reads
 from onnxprune.onnx_utils import numel
 
-__all__ = ["FLOAT_TYPES", "UNSHARE_LIMIT", "genuine_ties", "unshare_dequantized_constants", "unshare_small_initializers", "uses"]
+__all__ = ["FLOAT_TYPES", "UNSHARE_LIMIT", "genuine_ties", "unshare_dequantized_constants",
+           "unshare_small_initializers", "uses"]
 
 
 # Exporters deduplicate identical initializers (freshly initialised BatchNorm scales are all ones), which
