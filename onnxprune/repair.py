@@ -46,7 +46,7 @@ from onnxprune.calibration import (
 from onnxprune.channels import ChannelAnalysis, DimRef, analyze
 from onnxprune.dense_rows import DenseRows, DenseRowsWriter, dense_rows
 from onnxprune.errors import UsageError
-from onnxprune.graph import ModelGraph
+from onnxprune.graph import ModelGraph, attrs
 from onnxprune.layer_inputs import DEFAULT_BUDGET, FrontierRunner
 from onnxprune.moments import channel_moments
 from onnxprune.progress import task
@@ -154,10 +154,11 @@ def repair_weights(
         cut = removed.get(DimRef(c.weight, c.in_axis))
         if cut is not None and len(cut) > 0:
             cuts.append((c, cut))
+    report.skipped.update(shared_weight_layers(graph, removed))
     with task(f"repair ({method})", total=len(cuts)) as progress:
         for c, cut in progress.track(cuts):
             if len(graph.consumers.get(c.weight, [])) != 1:
-                report.skipped[c.name] = "weight shared with other nodes"
+                report.skipped[c.name] = SHARED
                 continue
             w = graph.initializer_value(c.weight)
             wm = c.weight_matrix(w).astype(np.float64)
@@ -284,13 +285,35 @@ class FitWaves:
     waves: dict[int, list[Consumer]]
 
 
+SHARED = "weight shared with other nodes"
+
+
+def shared_weight_layers(graph: ModelGraph, removed: dict) -> dict[str, str]:
+    """The layers reading a cut weight that other nodes read too (a tie: ALBERT's layers, RetinaNet's heads, a tied
+    embedding's output projection), directly or through a layout op: no refit, as one would change every reader.
+    Layer name -> the reason, for the report's ``skipped``."""
+    from onnxprune.rules.facts import linear_axes
+
+    out: dict[str, str] = {}
+    for ref in removed:
+        uses = graph.consumers.get(ref.tensor, []) if ref.tensor in graph.initializers else []
+        for use in uses if len(uses) > 1 else []:
+            node, name, axis = use.node, ref.tensor, ref.axis
+            if node.op_type == "Transpose":  # the layer reads the weight transposed: follow the cut axis
+                perm = list(attrs(node).get("perm", range(len(graph.shape(name) or ()))[::-1]))
+                name, axis = node.output[0], perm.index(axis) if axis in perm else -1
+                node = next((u.node for u in graph.consumers.get(name, [])), node)
+            axes = linear_axes(node, graph) if len(node.input) > 1 and node.input[1] == name else None
+            if axes is not None and axes[0] == axis:  # its input channels were cut
+                out[node.name] = SHARED
+    return out
+
+
 def fit_waves(graph: ModelGraph, removed: dict, report: RepairReport) -> FitWaves:
     """The consumers a sequential repair fits and their waves (`FitWaves`); shared weights go to
     ``report.skipped``."""
     cons = [c for c in consumers(graph) if len(graph.consumers.get(c.weight, [])) == 1]
-    for c in consumers(graph):
-        if len(graph.consumers.get(c.weight, [])) != 1 and DimRef(c.weight, c.in_axis) in removed:
-            report.skipped[c.name] = "weight shared with other nodes"
+    report.skipped.update(shared_weight_layers(graph, removed))
     by_node = {id(c.node): c for c in cons}
     cut_of = {c.name: removed.get(DimRef(c.weight, c.in_axis)) for c in cons}
     changed = {ref.tensor for ref in removed}  # tensors that differ from the original

@@ -157,3 +157,23 @@ def test_hidden_size_is_exact_behind_flattening_experts_and_class_tokens(name):
     hidden = max(analysis.groups, key=lambda g: len(g.param_members))
     assert not hidden.inexact and hidden.size in (128, 192)
     assert dead_channel_check(analysis, hidden, random_inputs(model, seed=1)).error <= 1e-5
+
+
+def test_layers_reading_a_tied_weight_are_reported_unrepaired(tmp_path, capsys):
+    """ALBERT's output projections read their shared weights through a Transpose: the seq repair cannot refit one
+    reader without changing the other, and says so per layer (they were missing from ``skipped``)."""
+    import json
+
+    from onnxprune.cli import main
+
+    try:
+        src = zoo.zoo_model("albert_tiny")
+    except zoo.ZooError as exc:
+        pytest.skip(str(exc))
+    args = ["prune", str(src), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.3", "--round-to", "1", "--criterion",
+            "l2", "--repair", "seq", "--calib", "synthetic:4", "--json"]
+    assert main(args) == 0
+    skipped = json.loads(capsys.readouterr().out)["repair"]["skipped"]
+    shared = sorted(name for name, why in skipped.items() if why == "weight shared with other nodes")
+    assert len(shared) == 4 and all(n.endswith(("/dense/MatMul", "/dense_1/MatMul", "/ffn_output/MatMul",
+                                                "/ffn_output_1/MatMul")) for n in shared), skipped
