@@ -26,10 +26,11 @@ Every size but the batch must be static (fix dynamic sizes with ``--shape``). De
 Gradient ops (36, `gradients.supported_ops()`): Add, AveragePool, BatchNormalization, Cast, Clip, Concat, Conv,
 Div, Dropout, Erf, Flatten, Gemm, GlobalAveragePool, HardSigmoid, HardSwish, Identity, LayerNormalization,
 LeakyRelu, MatMul, MaxPool, Mul, Pad, Pow, ReduceMean, ReduceSum, Relu, Reshape, Sigmoid, Slice, Softmax, Sqrt,
-Squeeze, Sub, Tanh, Transpose, Unsqueeze (LayerNormalization and Erf: hybrids of BatchNorm convolutions and
-transformer blocks, MobileViT and SegFormer). Zoo models whose objective builds: CIFAR ResNet20/44, DenseNet-121, EfficientNet-B0 and
--Lite0, GoogLeNet, MobileNetV2, MobileNetV3-small, RegNetY-400MF, ResNet-50, PP-OCR mobile cls, PP-OCRv4 rec
-(``--shape x=1,3,48,320``: 6 BN layers on the path, one sample at a time), the Fashion-MNIST models. Stopped
+Squeeze, Sub, Tanh, Transpose, Unsqueeze (LayerNormalization and Erf serve BatchNorm + transformer hybrids:
+MobileViT; SegFormer still stops at its Resize). Zoo models whose objective builds: CIFAR ResNet20/44,
+DenseNet-121, EfficientNet-B0 and -Lite0, GoogLeNet, MobileNetV2, MobileNetV3-small, RegNetY-400MF, ResNet-50,
+PP-OCR mobile cls, PP-OCRv4 rec (``--shape x=1,3,48,320``: 6 BN layers on the path, one sample at a time), the
+Fashion-MNIST models. Stopped
 (one line, exit 1): PP-OCRv4 det (``no gradient for Resize``); multi-input float models. MobileNetV2
 exported by dynamo has its BN folded: smoothed-noise fallback with a note. Token-id models (BERT, GPT-2,
 LLaMA) are not optimised: random sequences of their trained ids (`onnxprune.synthetic_tokens`).
