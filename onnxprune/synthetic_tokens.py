@@ -13,8 +13,9 @@ Steps (`token_spec`):
    negative-index wrap of tf2onnx, ...) reach the indices of a Gather whose table is a rank-2 initializer.
    Of several, the one with the largest table is the vocabulary (the others are segment or position tables).
 2. The other inputs by role: a name with ``mask`` gets ones, ``type`` / ``segment`` zeros, ``position`` the
-   positions 0..L-1; an input that reaches a table of at most 16 rows also gets zeros. Any other input is a
-   one-line `UnsupportedModelError` naming it.
+   positions 0..L-1; an input that reaches a table of at most 16 rows also gets zeros, one that reaches a table
+   of the vocabulary's size gets sequences of its own (an encoder-decoder's ``decoder_input_ids``: T5, BART).
+   Any other input is a one-line `UnsupportedModelError` naming it.
 3. Ids uniform over the rows whose norm is at least `TRAINED_NORM` x the median row norm. A model with random
    weights keeps every row.
 4. Sequences of the input's static length, or `DEFAULT_LENGTH` tokens where the length is dynamic, fewer
@@ -71,7 +72,7 @@ class TokenSpec:
     ids: str
     vocab: int
     trained: np.ndarray  # the ids drawn from
-    roles: dict[str, str]  # input name -> "ids" | "ones" | "zeros" | "positions"
+    roles: dict[str, str]  # input name -> "ids" | "more_ids" | "ones" | "zeros" | "positions"
     dtypes: dict[str, np.dtype]
     dims: dict[str, tuple[int, ...]]  # static sizes after the batch axis (0: dynamic)
     length: int = DEFAULT_LENGTH  # tokens per sequence where the length is dynamic
@@ -139,6 +140,8 @@ def token_spec(model: onnx.ModelProto) -> TokenSpec | None:
             roles[vi.name] = "positions"
         elif "type" in low or "segment" in low or vocab_of.get(vi.name, SMALL_TABLE + 1) <= SMALL_TABLE:
             roles[vi.name] = "zeros"
+        elif vocab_of.get(vi.name) == vocab_of[ids]:
+            roles[vi.name] = "more_ids"  # another sequence over the vocabulary: an encoder-decoder's decoder ids
         else:
             raise UnsupportedModelError(f"synthetic calibration: cannot tell what input {vi.name!r} of this token model "
                                         "holds (token ids, attention mask, token types and position ids are known); "
@@ -182,6 +185,9 @@ def token_samples(spec: TokenSpec, n: int, seed: int = 0) -> dict[str, np.ndarra
             tuple(d or spec.length for d in spec.dims[name])
         if role == "ids":
             a = ids
+        elif role == "more_ids":  # drawn on their own, at their own length
+            own = tuple(d or spec.length for d in spec.dims[name])
+            a = spec.trained[rng.integers(0, len(spec.trained), size=(n, *own))]
         elif role == "ones":
             a = np.ones((n, *dims))
         elif role == "zeros":

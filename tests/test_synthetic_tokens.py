@@ -104,6 +104,21 @@ def _synthetic_cli_error(model: onnx.ModelProto, tmp_path) -> str:
     return lines[0]
 
 
+def test_decoder_ids_of_an_encoder_decoder_get_sequences_of_their_own():
+    """T5 / BART read ``decoder_input_ids`` through the same embedding table as the encoder's ids: they get random
+    trained ids at their own length (the input was refused: "cannot tell what input ... holds")."""
+    model = _token_model(extra_inputs=("attention_mask",))
+    model.graph.input.append(helper.make_tensor_value_info("decoder_input_ids", TensorProto.INT64, [1, 7]))
+    model.graph.node.append(helper.make_node("Gather", ["emb", "decoder_input_ids"], ["dec"]))
+    model.graph.output.append(helper.make_tensor_value_info("dec", TensorProto.FLOAT, [1, 7, HIDDEN]))
+    spec = token_spec(model)
+    assert spec is not None and spec.roles["decoder_input_ids"] == "more_ids" and spec.ids == "input_ids"
+    data = synthesize(model, 4, seed=1)
+    dec = data["decoder_input_ids"]
+    assert dec.shape == (4, 7) and dec.dtype == np.int64 and dec.min() >= 5 and dec.max() < VOCAB
+    assert data["input_ids"].shape == (4, DEFAULT_LENGTH)
+
+
 def test_unknown_input_is_one_line_exit_1(tmp_path):
     model = _token_model(extra_inputs=("attention_mask", "cache_index"))
     with pytest.raises(UnsupportedModelError, match="'cache_index'"):
