@@ -284,20 +284,17 @@ def _fold_weight_layout_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
     ties = genuine_ties(g, inits, uses(g))
     outputs = {o.name for o in g.output}
 
-    def foldable(t: onnx.TensorProto) -> bool:  # folding adds no second copy of a genuine tie
-        return t.name not in ties
-
     keep: list[onnx.NodeProto] = []
     changed = False
     for node in g.node:
         src = inits.get(node.input[0]) if node.input else None
         folded = None
         plain = node.domain in ("", "ai.onnx") and bool(node.output) and node.output[0] not in outputs
-        if src is not None and node.op_type in _LAYOUT_OPS and plain and foldable(src):
+        if src is not None and node.op_type in _LAYOUT_OPS and plain and src.name not in ties:
             folded = _fold_layout(node, src, inits, opset)
         elif plain and node.op_type in ("Slice", "Concat"):
             data = [n for n in (node.input[:1] if node.op_type == "Slice" else node.input) if n]
-            if data and all(n in inits and foldable(inits[n]) for n in data):
+            if data and all(n in inits and n not in ties for n in data):  # no second copy of a tie
                 folded = _fold_select(node, inits, opset)
         if folded is None:
             keep.append(node)

@@ -52,6 +52,7 @@ from onnxprune.moments import channel_moments
 from onnxprune.progress import task
 from onnxprune.repair_stats import sequential_stats
 from onnxprune.repair_stream import choose_damp, ridge_fit, stream_writes, symmetric_solve
+from onnxprune.rules.facts import linear_axes
 
 REPAIRS = ("none", "bias", "ls", "seq")
 SEQ_STREAM = False  # `repair_sequential` default: refit residual-stream writers towards the stream
@@ -292,8 +293,6 @@ def shared_weight_layers(graph: ModelGraph, removed: dict) -> dict[str, str]:
     """The layers reading a cut weight that other nodes read too (a tie: ALBERT's layers, RetinaNet's heads, a tied
     embedding's output projection), directly or through a layout op: no refit, as one would change every reader.
     Layer name -> the reason, for the report's ``skipped``."""
-    from onnxprune.rules.facts import linear_axes
-
     out: dict[str, str] = {}
     for ref in removed:
         uses = graph.consumers.get(ref.tensor, []) if ref.tensor in graph.initializers else []
