@@ -14,6 +14,7 @@ import numpy as np
 
 from onnxprune.calibration import single_threaded_blas
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, ChannelSlice
+from onnxprune.greedy_obs import GreedyConsumer, greedy_obs_scores
 from onnxprune.quantized import effective_value
 
 
@@ -269,6 +270,10 @@ class OBS(DataCriterion):
     ``ls`` the OBS update above; with ``bias`` only the mean is restored, so the cost is
     ``tr(W_F Cov_FF W_F^T)`` (centred second moment); with ``none`` nothing is restored and the cost is
     ``tr(W_F H_FF W_F^T)`` (OBD with the off-diagonal terms, uncentred). Data-free: var or var + mean^2.
+
+    With calibration data and the ``ls`` repair the channels are ranked greedily (`onnxprune.greedy_obs`):
+    a channel's saliency is measured after the cheaper channels are gone and the weights updated for them,
+    so two channels that can each stand in for the other are not both scored free.
     """
 
     stats: object = None
@@ -295,6 +300,7 @@ class OBS(DataCriterion):
 
         total = np.zeros(group.size)
         found = False
+        greedy: list[GreedyConsumer] = []
         for c, m, st in self.consumer_members(group, analysis):
             w = np.asarray(effective_value(analysis.graph, c.weight), dtype=np.float64)  # QDQ: dequantized
             wm = c.weight_matrix(w)
@@ -309,13 +315,16 @@ class OBS(DataCriterion):
                 if energy <= 0:  # a dead input (all zeros on the data): removing any channel costs this layer nothing
                     found = True
                     continue
-                if self.repair == "ls":
+                if self.repair == "ls":  # ranked below, every consumer together
                     with single_threaded_blas():  # OpenBLAS threads spinning on 2 loaded cores: 5x the CPU time
                         K = damped_inverse(H, self.damp)
-                else:  # no weight update: the error is the removed part's own (centred if bias-repaired) energy
-                    mu = H[-1, :-1]
-                    K = H[:-1, :-1] - (np.outer(mu, mu) if self.repair == "bias" else 0.0)
-                sal = channel_saliency(wm, K, feat_ch, group.size, inverse=self.repair == "ls")
+                    greedy.append(GreedyConsumer(wa, K, feat_ch, energy, group.size))
+                    found = True
+                    continue
+                # no weight update: the error is the removed part's own (centred if bias-repaired) energy
+                mu = H[-1, :-1]
+                K = H[:-1, :-1] - (np.outer(mu, mu) if self.repair == "bias" else 0.0)
+                sal = channel_saliency(wm, K, feat_ch, group.size, inverse=False)
             else:
                 mom = channel_moments(analysis.graph, c.x, c.x_axis)
                 var = np.ones(w.shape[c.in_axis]) if mom is None else mom[1] + 1e-12
@@ -327,6 +336,9 @@ class OBS(DataCriterion):
                                   minlength=group.size)
             total += sal / energy
             found = True
+        if greedy:
+            with single_threaded_blas():
+                total += greedy_obs_scores(greedy, group.size)
         return total if found else Magnitude(2).score(group, analysis)
 
 
