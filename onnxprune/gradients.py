@@ -563,3 +563,7 @@ def _gemm(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None])
     if len(node.input) > 2 and node.input[2] in cx.active:
         out[2] = em.unbroadcast(em.scale(g, beta), cx.shape(node.output[0]), cx.shape(node.input[2]))
     return out
+
+
+# the upsampling ops (Resize, ConvTranspose) register their rules from their own module
+from onnxprune import gradients_upsample  # noqa: E402, F401

@@ -93,6 +93,22 @@ CASES: dict[str, Callable[[], onnx.ModelProto]] = {
          _n("MatMul", ["q", "t"])], {"s": _i64(2, 4, 36), "w": _w(36, 5)}),
     "Gemm+Flatten": lambda: _model([_n("Flatten", ["x"], "f"), _n("Gemm", ["f", "w", "b"], alpha=0.5, transB=1)],
                                    {"w": _w(7, 144, scale=0.1), "b": _w(7)}),
+    "ConvTranspose": lambda: _model([_n("ConvTranspose", ["x", "w", "b"], strides=[2, 2], pads=[1, 0, 1, 1],
+                                        output_padding=[1, 0], dilations=[1, 2], group=2)],
+                                    {"w": _w(4, 3, 3, 3), "b": _w(6)}),
+    "ConvTranspose_plain": lambda: _model([_n("ConvTranspose", ["x", "w"], strides=[2, 2])], {"w": _w(4, 5, 2, 2)}),
+    "Resize_linear_scales": lambda: _model([_n("Resize", ["x", "", "s"], mode="linear")],
+                                           {"s": np.array([1, 1, 2, 1.5], np.float32)}),
+    "Resize_nearest_sizes_asymmetric": lambda: _model(
+        [_n("Resize", ["x", "", "", "z"], mode="nearest", coordinate_transformation_mode="asymmetric",
+            nearest_mode="floor")], {"z": _i64(2, 4, 13, 9)}),
+    "Resize_cubic_align_corners_downsample": lambda: _model(
+        [_n("Resize", ["x", "", "s"], mode="cubic", coordinate_transformation_mode="align_corners")],
+        {"s": np.array([1, 1, 0.5, 1.5], np.float32)}),
+    "Resize_computed_sizes (linear, sizes from Shape)": lambda: _model(
+        [_n("Shape", ["x"], "sh"), _n("Mul", ["sh", "two"], "z"),
+         _n("Resize", ["x", "", "", "z"], mode="linear", coordinate_transformation_mode="pytorch_half_pixel")],
+        {"two": _i64(1, 1, 2, 2)}),
     "Squeeze+Unsqueeze+Identity+Dropout+Cast": lambda: _model(
         [_n("Unsqueeze", ["x", "a"], "u"), _n("Identity", ["u"], "i"), _n("Dropout", ["i"], "d"),
          _n("Cast", ["d"], "c", to=TensorProto.FLOAT), _n("Squeeze", ["c", "a"])], {"a": _i64(0)}),
@@ -155,6 +171,28 @@ def test_synthetic_inputs_reduce_the_bn_statistics_loss():
     x = synthesize(model, 8, seed=0, config=cfg)["image"]
     start = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)  # synthesis starts from this
     assert bn_loss(model, x) < 0.3 * bn_loss(model, start)
+
+
+def test_an_fpn_with_upsampling_and_a_transposed_conv_head_synthesises():
+    """PP-OCRv4's detector (DBNet) stopped at "no gradient for Resize" (its FPN), then at ConvTranspose (its head).
+    A miniature of it: BatchNorms after a nearest 2x upsampling added to a skip path and after a ConvTranspose; the
+    synthesis must lower their statistics loss through both."""
+    bn = lambda c: {"s": np.abs(_w(c)) + 0.5, "b": _w(c), "m": _w(c, scale=0.2), "v": np.abs(_w(c)) + 0.5}
+    inits = {"w1": _w(8, 4, 3, 3), "w2": _w(8, 8, 3, 3), "wt": _w(8, 4, 2, 2), "sc": np.array([1, 1, 2, 2], np.float32)}
+    for k, v in bn(8).items():
+        inits[f"a{k}"] = v
+    for k, v in bn(4).items():
+        inits[f"t{k}"] = v
+    nodes = [_n("Conv", ["x", "w1"], "c1", pads=[1, 1, 1, 1]), _n("Relu", ["c1"], "r1"),
+             _n("Conv", ["r1", "w2"], "c2", pads=[1, 1, 1, 1], strides=[2, 2]),
+             _n("Resize", ["c2", "", "sc"], "up", mode="nearest"), _n("Add", ["up", "r1"], "sum"),
+             _n("BatchNormalization", ["sum", "as", "ab", "am", "av"], "bn1"), _n("Relu", ["bn1"], "r2"),
+             _n("ConvTranspose", ["r2", "wt"], "ct", strides=[2, 2]),
+             _n("BatchNormalization", ["ct", "ts", "tb", "tm", "tv"])]
+    model = _model(nodes, inits, shape=("N", 4, 8, 8), out_shape=["N", 4, 16, 16])
+    x = synthesize(model, 8, seed=0, config=SynthesisConfig(steps=40, batch=8))["x"]
+    start = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+    assert bn_loss(model, x) < 0.5 * bn_loss(model, start)
 
 
 def test_deterministic_for_a_seed():
