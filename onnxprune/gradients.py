@@ -115,6 +115,12 @@ class Context:
         t = self.constants.get(name)
         return None if t is None else tensor_array(t)
 
+    def weight(self, node: onnx.NodeProto) -> np.ndarray:
+        """The constant weight (input 1) of a convolution-like node; a computed one is refused."""
+        if node.input[1] in self.active:
+            raise UnsupportedModelError(f"synthetic calibration: {node.op_type} node {node.name!r} has a computed weight")
+        return self.need(node, node.input[1])
+
     def need(self, node: onnx.NodeProto, name: str) -> np.ndarray:
         v = self.value(name)
         if v is None:
@@ -332,9 +338,7 @@ def transpose_conv(em: Emitter, g: str, w: str, node: onnx.NodeProto, xs: tuple[
 @rule("Conv")
 def _conv(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None]) -> dict[int, str]:
     assert gys[0] is not None
-    if node.input[1] in cx.active:
-        raise UnsupportedModelError(f"synthetic calibration: Conv node {node.name!r} has a computed weight")
-    w = cx.need(node, node.input[1])
+    w = cx.weight(node)
     group = int(attrs(node).get("group", 1))
     g = transpose_conv(em, gys[0], node.input[1], node, cx.shape(node.input[0]), cx.shape(node.output[0]),
                         list(w.shape[2:]), group, w)

@@ -54,9 +54,7 @@ def _resize(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None
 @rule("ConvTranspose")
 def _conv_transpose(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None]) -> dict[int, str]:
     assert gys[0] is not None
-    if node.input[1] in cx.active:
-        raise UnsupportedModelError(f"synthetic calibration: ConvTranspose node {node.name!r} has a computed weight")
-    w = cx.need(node, node.input[1])
+    w = cx.weight(node)
     a = attrs(node)
     auto = a.get("auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
