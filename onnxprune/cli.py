@@ -83,6 +83,14 @@ def _calib(args: argparse.Namespace, model: onnx.ModelProto) -> CalibrationData 
     return load_calib(args.calib, model, args.calib_samples, seed=getattr(args, "seed", 0))  # seed: --calib synthetic
 
 
+def _batch_note(calib) -> str | None:
+    """Said before the work: a leading size the model fixes is taken as its batch (None: nothing to say)."""
+    note = calib.batch_notice() if calib is not None else None
+    if note:
+        print(f"onnxprune: note: {note}", file=sys.stderr)
+    return note
+
+
 def _load(args: argparse.Namespace) -> onnx.ModelProto:
     """The model file as stored, with any --shape sizes fixed (normalisation is the pipeline's first pass)."""
     from onnxprune.importer import fix_input_shapes, load_model, parse_shapes
@@ -215,9 +223,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"onnxprune: note: {notice}", file=sys.stderr)
     model = _load(args)
     calib = _calib(args, model)
-    batch_note = calib.batch_notice() if calib is not None else None
-    if batch_note:  # said before the work: a leading size the model fixes is taken as its batch
-        print(f"onnxprune: note: {batch_note}", file=sys.stderr)
+    batch_note = _batch_note(calib)
+    if batch_note:
         shown += (batch_note,)
     # StampInstrument(always=True): the output says what was done even when nothing was removed.
     select = (SelectChannelsPass(config, calib=calib) if args.steps == 1
@@ -446,9 +453,7 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
                                  reader_choice=args.reader_choice, stream_repair=args.stream_repair)
     model = _load(args)
     calib = _calib(args, model)
-    batch_note = calib.batch_notice() if calib is not None else None
-    if batch_note:
-        print(f"onnxprune: note: {batch_note}", file=sys.stderr)
+    batch_note = _batch_note(calib)
     if args.round_to == "auto" and (ratio > 0 or args.target_params is not None):
         model = _pipeline([_normalize()]).run(model).model  # the grid is keyed by the normalised model's groups
         config = dataclasses.replace(config, keep_counts=_latency_grid(args, model))
