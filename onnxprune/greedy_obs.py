@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import solve_triangular
 
-__all__ = ["GREEDY_STEPS", "GreedyConsumer", "greedy_obs_scores"]
+__all__ = ["GREEDY_MAX_FEATURES", "GREEDY_STEPS", "GreedyConsumer", "greedy_obs_scores", "one_shot_scores"]
 
 # At most this many removal steps per group (a step takes ceil(size / GREEDY_STEPS) channels): one channel per
 # step below 65 channels (every CIFAR ResNet group), ResNet-50's 2,048-channel stream 32 at a time.
@@ -41,6 +41,10 @@ GREEDY_STEPS = 64
 # ~4x the greedy part), and CIFAR ResNet20's rows (20% / 40% removed, uniform and knapsack) are identical to the
 # whole greedy order's.
 GREEDY_FRACTION = 0.5
+# A group with a consumer wider than this keeps the one-shot order (`one_shot_scores`): its greedy columns would
+# add ~F^2 / 2 float32 to the F^2 of its inverse Hessian (R3D-18's 3x3x3 convs over 512 channels: 13,824 features,
+# 382 MB more beside 764 MB), and the updates ~F^3 / 8 multiply-adds.
+GREEDY_MAX_FEATURES = 8192
 
 
 class GreedyConsumer:
@@ -60,7 +64,8 @@ class GreedyConsumer:
         # V^T, a step appends rows: at most the features of the channels the greedy steps remove (the last step,
         # which takes the rest, updates nothing); R3D-18's 13,824-feature convs would need 764 MB for all
         steps = min(size, int(np.ceil(GREEDY_FRACTION * size)) + _per_step(size))
-        self.Vt = np.empty((int(np.sort(counts)[::-1][:steps].sum()), len(K)), dtype=np.float32)
+        self.rows = int(np.sort(counts)[::-1][:steps].sum())
+        self.Vt = np.empty((0, len(K)), dtype=np.float32)  # allocated by the first removal
         self.used = 0
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         self.batches = []  # channels with the same feature count (a conv: kh x kw): (channels, [c, m] features, K'_JJ)
@@ -87,6 +92,8 @@ class GreedyConsumer:
         feats = np.flatnonzero(np.isin(self.feat_ch, channels))
         if len(feats) == 0:
             return
+        if not self.used:
+            self.Vt = np.empty((self.rows, len(self.K)), dtype=np.float32)
         # K'_B: = K_B: - V_B V^T, as rows: K is symmetric, and row gathers are contiguous
         rows = np.array(self.K[feats], dtype=np.float32)
         if self.used:
@@ -117,8 +124,17 @@ def _per_step(size: int) -> int:
     return -(-size // GREEDY_STEPS)
 
 
+def one_shot_scores(consumers: list[GreedyConsumer], size: int) -> np.ndarray:
+    """Every channel's saliency against the dense layers, summed over the consumers (one-shot OBS)."""
+    alive = np.ones(size, dtype=bool)
+    return sum((c.saliency(alive, size) for c in consumers), np.zeros(size))
+
+
 def greedy_obs_scores(consumers: list[GreedyConsumer], size: int) -> np.ndarray:
-    """Scores of a group's `size` channels whose ascending order is the greedy joint OBS removal order."""
+    """Scores of a group's `size` channels whose ascending order is the greedy joint OBS removal order
+    (`one_shot_scores` when a consumer is wider than `GREEDY_MAX_FEATURES`)."""
+    if any(len(c.K) - 1 > GREEDY_MAX_FEATURES for c in consumers):
+        return one_shot_scores(consumers, size)
     alive = np.ones(size, dtype=bool)
     scores = np.zeros(size)
     per_step = _per_step(size)

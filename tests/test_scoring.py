@@ -201,3 +201,22 @@ def test_batched_channel_saliency_is_the_per_channel_trace(inverse):
     got = channel_saliency(wm, K, feat_ch, 6, inverse=inverse)
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     assert got[5] == 0.0 and np.all(got[:5] > 0)
+
+
+def test_a_group_with_a_very_wide_consumer_keeps_the_one_shot_order(monkeypatch):
+    """Past `GREEDY_MAX_FEATURES` (R3D-18's 13,824-feature 3x3x3 convs) the greedy columns would cost as much memory
+    as half the inverse Hessian again: the group is scored one-shot, every channel against the dense layer."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((100, 8))
+    x[:, 5] = x[:, 1]  # a duplicate: one-shot scores both (nearly) free
+    xa = np.concatenate([x, np.ones((100, 1))], axis=1)
+    K = damped_inverse(xa.T @ xa / 100, 0.01)
+    W = rng.standard_normal((3, 9))
+    feat_ch = np.arange(8)
+    one_shot = channel_saliency(W[:, :-1], K, feat_ch, 8, inverse=True)
+    monkeypatch.setattr(greedy_obs, "GREEDY_MAX_FEATURES", 7)
+    wide = greedy_obs_scores([GreedyConsumer(W, K, feat_ch, 1.0, 8)], 8)
+    np.testing.assert_allclose(wide, one_shot, rtol=1e-4)
+    monkeypatch.setattr(greedy_obs, "GREEDY_MAX_FEATURES", 8)
+    greedy = greedy_obs_scores([GreedyConsumer(W, K, feat_ch, 1.0, 8)], 8)
+    assert set(np.argsort(wide)[:2]) == {1, 5} and not {1, 5} <= set(np.argsort(greedy)[:2])
