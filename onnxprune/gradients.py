@@ -4,6 +4,8 @@ The registry `RULES` (op type -> rule) is what `autodiff.append_backward` walks;
 constants with fresh names and the opset's spelling (axes as attributes or inputs). Add an op with a
 function decorated ``@rule("OpType")`` and a case in ``tests/test_synthetic.py`` (a test fails for a rule
 without one). The geometry of every rule is explained next to it; the summary is in `onnxprune.autodiff`.
+The upsampling ops (Resize, ConvTranspose) have their rules in `onnxprune.gradients_upsample`, which
+`onnxprune.autodiff` imports so the registry is whole wherever it is walked.
 """
 
 from __future__ import annotations
@@ -567,7 +569,3 @@ def _gemm(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | None])
     if len(node.input) > 2 and node.input[2] in cx.active:
         out[2] = em.unbroadcast(em.scale(g, beta), cx.shape(node.output[0]), cx.shape(node.input[2]))
     return out
-
-
-# the upsampling ops (Resize, ConvTranspose) register their rules from their own module
-from onnxprune import gradients_upsample  # noqa: E402, F401
