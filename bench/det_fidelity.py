@@ -8,7 +8,7 @@ through the dense and the pruned model, and the score is the IoU of their text m
 DBNet binarisation threshold) plus the mean absolute probability change. Rows: l2 without / with bias repair,
 the data-free path (``--calib synthetic``, which reaches this model's BatchNorms through Resize and
 ConvTranspose), the same with the knapsack allocation, and calibrated on other rendered pages (the ceiling).
-Every row prunes with the CLI at the same ``--ratio``; the model comes from the zoo (``ppocrv4_det``, the
+Every row prunes with the CLI at the same ``--ratio`` (batch 1: a calibration sample is one page); the model comes from the zoo (``ppocrv4_det``, the
 rapidocr-onnxruntime wheel). Results: bench/det_fidelity_results.txt.
 """
 
@@ -57,7 +57,7 @@ def text_maps(path: str | Path, images: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(None, {"x": images[i : i + 8]})[0] for i in range(0, len(images), 8)])
+    return np.concatenate([sess.run(None, {"x": images[i : i + 1]})[0] for i in range(len(images))])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'method':52s} {'params kept':>11s} {'IoU':>6s} {'mean |dp|':>9s} {'s':>5s}")
     for name, options in rows.items():
         out = tmp / "pruned.onnx"
-        cmd = ["onnxprune", "prune", model, "--shape", "x=8,3,320,320", "--ratio", args.ratio, "-o", str(out),
+        cmd = ["onnxprune", "prune", model, "--shape", "x=1,3,320,320", "--ratio", args.ratio, "-o", str(out),
                "--no-verify", "--json", "--seed", str(args.seed), *options.split()]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:

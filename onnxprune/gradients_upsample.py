@@ -8,9 +8,9 @@ the values: along axis a the output is ``y = R_a x`` for a fixed matrix R_a [out
 R_a is not re-derived from the coordinate rules here (seven transformations, three rounding modes, cubic
 coefficients, antialias filters): it is read off onnxruntime by running the node itself on one-hot probes,
 basis vectors along axis a held constant along the other resized axes (interpolation weights sum to 1 in every
-mode, so a constant stays constant), one probe per position of the axes the node leaves alone. The matrices are
-then checked on a random input against the node's own output; a node they do not reproduce is refused in one
-line.
+mode, so a constant stays constant), one run holding a probe at every position of the axes the node leaves
+alone (a slab of them where constant scales allow a smaller input). The matrices are then checked on a random
+input against the node's own output; a node they do not reproduce is refused in one line.
 
 ConvTranspose's input gradient is the plain convolution with the same weight (its adjoint): the output gradient
 is placed back into the uncropped output (``pads`` crop it; ``output_padding`` rows received no input) and
@@ -32,7 +32,6 @@ from onnxprune.gradients import Context, Emitter, rule
 from onnxprune.graph import attrs
 
 __all__ = ["resize_matrices"]
-
 
 
 @rule("Resize")
