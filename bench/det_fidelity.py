@@ -1,6 +1,6 @@
 """PP-OCRv4 text detection (DBNet) pruned: how much of the dense model's text map each method keeps.
 
-    python bench/det_fidelity.py [--ratio 0.2] [--seed 0] [--pages 48] [--calib-pages 64]
+    python bench/det_fidelity.py [--target-params 80%] [--seed 0] [--pages 48] [--calib-pages 64]
 
 No labelled detection data here, so the reference is the dense model itself: pages of rendered text (DejaVu
 Sans, random words, sizes, positions, ink and paper shades, 320x320, PP-OCR's ImageNet normalisation) go
@@ -8,8 +8,9 @@ through the dense and the pruned model, and the score is the IoU of their text m
 DBNet binarisation threshold) plus the mean absolute probability change. Rows: l2 without / with bias repair,
 the data-free path (``--calib synthetic``, which reaches this model's BatchNorms through Resize and
 ConvTranspose), the same with the knapsack allocation, and calibrated on other rendered pages (the ceiling).
-Every row prunes with the CLI at the same ``--ratio`` (batch 1: a calibration sample is one page); the model comes from the zoo (``ppocrv4_det``, the
-rapidocr-onnxruntime wheel). Results: bench/det_fidelity_results.txt.
+Every row prunes with the CLI to the same ``--target-params`` (batch 1: a calibration sample is one page);
+the model comes from the zoo (``ppocrv4_det``, the rapidocr-onnxruntime wheel).
+Results: bench/det_fidelity_results.txt.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def text_maps(path: str | Path, images: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ratio", default="0.2")
+    ap.add_argument("--target-params", default="80%")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pages", type=int, default=48)
     ap.add_argument("--calib-pages", type=int, default=64)
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     np.savez(tmp / "calib.npz", x=calib)
     dense = text_maps(model, test)
     mask = dense > 0.3
-    print(f"PP-OCRv4 det, ratio {args.ratio}, {args.pages} rendered pages (seed {args.seed}); dense text pixels "
+    print(f"PP-OCRv4 det, --target-params {args.target_params}, {args.pages} rendered pages (seed {args.seed}); dense text pixels "
           f"{mask.mean():.3f}; load average {os.getloadavg()[0]:.1f}")
     rows = {
         "l2, no repair": "--criterion l2 --repair none",
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'method':52s} {'params kept':>11s} {'IoU':>6s} {'mean |dp|':>9s} {'s':>5s}")
     for name, options in rows.items():
         out = tmp / "pruned.onnx"
-        cmd = ["onnxprune", "prune", model, "--shape", "x=1,3,320,320", "--ratio", args.ratio, "-o", str(out),
+        cmd = ["onnxprune", "prune", model, "--shape", "x=1,3,320,320", "--target-params", args.target_params, "-o", str(out),
                "--no-verify", "--json", "--seed", str(args.seed), *options.split()]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
