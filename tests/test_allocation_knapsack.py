@@ -139,3 +139,20 @@ def test_knapsack_beats_uniform_on_a_trained_models_held_out_output_error():
         assert s["params_after"] <= 0.5 * s["params_before"]
         errors[allocation] = relative_error(reference, run(res.model, {name: held}))
     assert errors["knapsack"] < 0.9 * errors["uniform"], errors
+
+
+def test_curves_are_measured_on_the_same_number_of_inputs_whatever_the_fixed_batch(monkeypatch):
+    """A model exported with a fixed batch B runs B inputs per calibration sample: the curves take `SAMPLES` inputs
+    (SAMPLES / B runs), not SAMPLES runs of B (PP-OCRv4's detector at batch 8: > 25 min for its curves)."""
+    import onnxprune.allocation_knapsack as knapsack
+
+    seen = []
+    monkeypatch.setattr(knapsack, "sensitivity", lambda model, data, *args, **kw: seen.append((data.n, data.batch)) or [])
+    for batch in (1, 8):
+        model = canonical(TEST_MODELS["residual"]())
+        name = model.graph.input[0].name
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        dims[0].dim_value = batch  # the batch an exporter baked in (the model is not run: l1, no repair)
+        x = np.random.default_rng(0).standard_normal((256, *[d.dim_value for d in dims[1:]])).astype(np.float32)
+        knapsack.measure_curves(model, CalibrationData({name: x}), "l1", "none")
+    assert seen == [(knapsack.SAMPLES, 1), (knapsack.SAMPLES // 8, 8)]
