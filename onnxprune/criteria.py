@@ -14,7 +14,7 @@ import numpy as np
 
 from onnxprune.calibration import single_threaded_blas
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, ChannelSlice
-from onnxprune.greedy_obs import GreedyConsumer, greedy_obs_scores
+from onnxprune.greedy_obs import GreedyConsumer, block_traces, channel_blocks, greedy_obs_scores
 from onnxprune.quantized import effective_value
 
 
@@ -236,22 +236,14 @@ def damped_inverse(H: np.ndarray, damp: float) -> np.ndarray:
 def channel_saliency(wm: np.ndarray, K: np.ndarray, feat_ch: np.ndarray, size: int, inverse: bool) -> np.ndarray:
     """Per channel k with features f: ``tr(W_f K_ff^-1 W_f^T)`` (`inverse`) or ``tr(W_f K_ff W_f^T)``.
 
-    Channels with the same number of features (every channel of a conv: kh x kw) are solved as one batch,
-    and each trace is a sum of an elementwise product (no [outputs, outputs] matrix per channel, as before:
-    ResNet-50's obs scoring spent 44% of its time forming those).
+    Channels with the same number of features (every channel of a conv: kh x kw) are one batch
+    (`greedy_obs.channel_blocks`), each trace an elementwise product with an m x m Gram (`greedy_obs.block_traces`;
+    no [outputs, outputs] matrix per channel, as before: ResNet-50's obs scoring spent 44% of its time forming those).
     """
     sal = np.zeros(size)
-    order = np.argsort(feat_ch, kind="stable")
-    order = order[feat_ch[order] >= 0]
-    counts = np.bincount(feat_ch[order], minlength=size)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    for m in np.unique(counts[counts > 0]):
-        chans = np.flatnonzero(counts == m)
-        idx = order[starts[chans][:, None] + np.arange(m)[None, :]]  # [channels, m] feature indices
+    for chans, idx in channel_blocks(feat_ch, size):
         blocks = K[idx[:, :, None], idx[:, None, :]].astype(np.float64)  # [channels, m, m]
-        wf = np.transpose(wm[:, idx], (1, 2, 0))  # [channels, m, outputs]
-        other = np.linalg.solve(blocks, wf) if inverse else blocks @ wf
-        sal[chans] = np.einsum("cmo,cmo->c", wf, other)
+        sal[chans] = block_traces(blocks, np.transpose(wm[:, idx], (1, 2, 0)), inverse)  # wf: [channels, m, outputs]
     return sal
 
 

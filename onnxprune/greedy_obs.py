@@ -30,7 +30,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import solve_triangular
 
-__all__ = ["GREEDY_MAX_FEATURES", "GREEDY_STEPS", "GreedyConsumer", "greedy_obs_scores", "one_shot_scores"]
+__all__ = ["GREEDY_MAX_FEATURES", "GREEDY_STEPS", "GreedyConsumer", "block_traces", "channel_blocks", "greedy_obs_scores",
+           "one_shot_scores"]
 
 # At most this many removal steps per group (a step takes ceil(size / GREEDY_STEPS) channels): one channel per
 # step below 65 channels (every CIFAR ResNet group), ResNet-50's 2,048-channel stream 32 at a time.
@@ -58,21 +59,16 @@ class GreedyConsumer:
         self.K = K
         self.feat_ch = feat_ch
         self.energy = energy
-        order = np.argsort(feat_ch, kind="stable")
-        order = order[feat_ch[order] >= 0]
-        counts = np.bincount(feat_ch[order], minlength=size)
+        counts = np.bincount(feat_ch[feat_ch >= 0], minlength=size)
         # V^T, a step appends rows: at most the features of the channels the greedy steps remove (the last step,
         # which takes the rest, updates nothing); R3D-18's 13,824-feature convs would need 764 MB for all
         steps = min(size, int(np.ceil(GREEDY_FRACTION * size)) + _per_step(size))
         self.rows = int(np.sort(counts)[::-1][:steps].sum())
         self.Vt = np.empty((0, len(K)), dtype=np.float32)  # allocated by the first removal
         self.used = 0
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        self.batches = []  # channels with the same feature count (a conv: kh x kw): (channels, [c, m] features, K'_JJ)
-        for m in np.unique(counts[counts > 0]):
-            chans = np.flatnonzero(counts == m)
-            idx = order[starts[chans][:, None] + np.arange(m)[None, :]]
-            self.batches.append((chans, idx, K[idx[:, :, None], idx[:, None, :]].astype(np.float64)))
+        # (channels, [c, m] features, K'_JJ) per feature count
+        self.batches = [(chans, idx, K[idx[:, :, None], idx[:, None, :]].astype(np.float64))
+                        for chans, idx in channel_blocks(feat_ch, size)]
 
     def saliency(self, alive: np.ndarray, size: int) -> np.ndarray:
         """``tr(W'_J (K'_JJ)^-1 W'_J^T) / energy`` of every alive channel J (0 elsewhere)."""
@@ -80,11 +76,7 @@ class GreedyConsumer:
         for chans, idx, blocks in self.batches:
             live = alive[chans]
             if live.any():
-                wf = self.wt[idx[live]]  # [channels, m, outputs]
-                # tr(W_J B^-1 W_J^T) = <B^-1, W_J^T W_J>: m x m Grams and inverses, 10-50x faster than solving
-                # against every output (ResNet-50: 512 channels x 9 features x 512 outputs, 38 -> 4 ms)
-                gram = wf @ np.transpose(wf, (0, 2, 1))
-                sal[chans[live]] = (np.linalg.inv(blocks[live]) * gram).sum(axis=(1, 2))
+                sal[chans[live]] = block_traces(blocks[live], self.wt[idx[live]], inverse=True)
         return sal / self.energy
 
     def remove(self, channels: np.ndarray) -> None:
@@ -107,6 +99,28 @@ class GreedyConsumer:
         for _, idx, blocks in self.batches:
             part = new.T[idx]  # [channels, m, |B|]
             blocks -= part @ np.transpose(part, (0, 2, 1))
+
+
+def channel_blocks(feat_ch: np.ndarray, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The group's channels batched by feature count (every channel of a conv has kh x kw): (channels, their
+    [channels, m] feature indices) per count m; `feat_ch` gives each feature's channel (-1: outside the group)."""
+    order = np.argsort(feat_ch, kind="stable")
+    order = order[feat_ch[order] >= 0]
+    counts = np.bincount(feat_ch[order], minlength=size)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out = []
+    for m in np.unique(counts[counts > 0]):
+        chans = np.flatnonzero(counts == m)
+        out.append((chans, order[starts[chans][:, None] + np.arange(m)[None, :]]))
+    return out
+
+
+def block_traces(blocks: np.ndarray, wf: np.ndarray, inverse: bool) -> np.ndarray:
+    """``tr(W_J B^-1 W_J^T)`` (`inverse`) or ``tr(W_J B W_J^T)`` per channel, `wf` [channels, m, outputs]: as
+    ``<B^-1, W_J^T W_J>`` with m x m Grams, 10-50x faster than solving against every output (ResNet-50: 512
+    channels x 9 features x 512 outputs, 38 -> 4 ms)."""
+    gram = wf @ np.transpose(wf, (0, 2, 1))
+    return ((np.linalg.inv(blocks) if inverse else blocks) * gram).sum(axis=(1, 2))
 
 
 def _cholesky(block: np.ndarray) -> np.ndarray:
