@@ -50,6 +50,7 @@ from models.zoo_builders import (
     _torchvision_builder,
     _transformers_builder,
     _vit_tiny,
+    _vit_tiny_opset23,
     _wheel_file,
 )
 from models.zoo_frameworks import _child as _framework_child
@@ -90,6 +91,7 @@ def cache_dir() -> Path:
 _TV = ("torch", "torchvision")
 _TV_DYNAMO = ("torch", "torchvision", "onnxscript")
 _HF = ("torch", "transformers")
+_HF_DYNAMO = (*_HF, "onnxscript")
 _OCR = ("rapidocr_onnxruntime",)
 
 _ENTRIES = [
@@ -125,6 +127,8 @@ _ENTRIES = [
     ),
     ZooEntry("swin_t", "cnn", _torchvision_builder("swin_t"), _TV, "windowed attention, roll, patch merging"),
     ZooEntry("vit_tiny_16", "cnn", _vit_tiny, _TV, "ViT-B/16 topology, 4 layers, hidden 192"),
+    ZooEntry("vit_tiny_16_opset23", "cnn", _vit_tiny_opset23, (*_TV, "onnxscript"),
+             "the same ViT at opset 23 (torch.export-based exporter): fused Attention ops"),
     ZooEntry(
         "resnet18_dynamo",
         "cnn",
@@ -153,6 +157,15 @@ _ENTRIES = [
     ZooEntry(
         "llama_tiny_dynseq", "transformer", _transformers_builder("llama", True), _HF, "LLaMA, dynamic seq"
     ),
+    ZooEntry("llama_tiny_opset23", "transformer",
+             _transformers_builder("llama", False, dynamo=True, attention="sdpa", opset=23), _HF_DYNAMO,
+             "LLaMA at opset 23 (torch.export-based exporter, SDPA): fused Attention and RMSNormalization ops"),
+    ZooEntry("llama_tiny_opset23_dynseq", "transformer",
+             _transformers_builder("llama", True, dynamo=True, attention="sdpa", opset=23), _HF_DYNAMO,
+             "LLaMA at opset 23, dynamic seq: Attention, RMSNormalization and fused RotaryEmbedding ops"),
+    ZooEntry("bert_tiny_opset23", "transformer",
+             _transformers_builder("bert", False, dynamo=True, attention="sdpa", opset=23), _HF_DYNAMO,
+             "BERT encoder at opset 23: fused Attention with an additive mask"),
     ZooEntry("albert_tiny", "transformer", _transformers_builder("albert", False), _HF,
              "ALBERT encoder: both layers read one set of weights (ties stay one parameter)"),
     ZooEntry("opt_tiny", "transformer", _transformers_builder("opt", False), _HF,

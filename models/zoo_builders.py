@@ -49,6 +49,7 @@ def _export(
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]] | None = None,
     dynamo: bool = False,
+    opset: int | None = None,
 ) -> None:
     import torch
 
@@ -70,6 +71,7 @@ def _export(
                 dynamic_shapes=dynamic_shapes,
                 external_data=False,
                 verbose=False,
+                **({"opset_version": opset} if opset else {}),
             )
             program.save(str(path), external_data=False)
         else:
@@ -100,7 +102,7 @@ def _torchvision_builder(
     return build
 
 
-def _vit_tiny(path: Path) -> None:
+def _vit_tiny(path: Path, dynamo: bool = False, opset: int | None = None) -> None:
     """ViT-B/16 topology shrunk (4 layers, hidden 192, 3 heads) so export and tests stay quick."""
     import torch
 
@@ -109,7 +111,12 @@ def _vit_tiny(path: Path) -> None:
     model = tv.models.VisionTransformer(
         image_size=224, patch_size=16, num_layers=4, num_heads=3, hidden_dim=192, mlp_dim=768
     )
-    _export(model, (torch.randn(1, 3, 224, 224),), path, ["input"], ["output"])
+    _export(model, (torch.randn(1, 3, 224, 224),), path, ["input"], ["output"], dynamo=dynamo, opset=opset)
+
+
+def _vit_tiny_opset23(path: Path) -> None:
+    """The same ViT through the torch.export-based exporter at opset 23: one fused ``Attention`` per layer."""
+    _vit_tiny(path, dynamo=True, opset=23)
 
 
 class _FirstOutput:
@@ -186,7 +193,8 @@ def _hf_model(kind: str, attention: str = "eager") -> Any:
 
 
 def _transformers_builder(
-    kind: str, dynamic_seq: bool, batch: int = 1, dynamo: bool = False, attention: str = "eager"
+    kind: str, dynamic_seq: bool, batch: int = 1, dynamo: bool = False, attention: str = "eager",
+    opset: int | None = None,
 ) -> Callable[[Path], None]:
     def build(path: Path) -> None:
         import torch
@@ -194,7 +202,7 @@ def _transformers_builder(
         model = _FirstOutput.wrap(_hf_model(kind, attention), encoder=kind == "albert")
         ids = torch.randint(0, 1000, (batch, 16), generator=torch.Generator().manual_seed(0))
         axes = {"input_ids": {1: "seq"}, "output": {1: "seq"}} if dynamic_seq else None
-        _export(model, (ids,), path, ["input_ids"], ["output"], dynamic_axes=axes, dynamo=dynamo)
+        _export(model, (ids,), path, ["input_ids"], ["output"], dynamic_axes=axes, dynamo=dynamo, opset=opset)
 
     return build
 

@@ -36,7 +36,7 @@ from onnxprune.graph import ModelGraph
 
 # Producers at which a removed channel is zero in the oracle (its weights, or scale and bias, are zeroed).
 ZERO_WRITERS = frozenset({
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "LayerNormalization", "BatchNormalization",
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "LayerNormalization", "BatchNormalization", "RMSNormalization",
 })
 # Elementwise ops replayed on phantoms (any operand broadcast along the axis is used as it is).
 ELEMENTWISE = frozenset({

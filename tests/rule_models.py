@@ -481,3 +481,65 @@ def integer_operator(op: str, opset: int) -> onnx.ModelProto:
     if not conv:
         u = b("Transpose", [u], perm=[0, 3, 1, 2])
     return b.model([("x", FLOAT, [1, 3, 3, 3])], [b.conv(u, C, 2)], opset)
+
+
+def attention(variant: str) -> Callable[[str, int], onnx.ModelProto]:
+    """Fused attention (opset 23) between projections from ``x [1, 5, 6]`` and an output projection.
+
+    ``3d``: ``[1, 5, heads * size]`` operands, 4 query heads sharing 2 key/value heads (q / k size 3, v size 2) and a
+    mask with a head axis: one group of the 2 KV heads, each with its 2 query heads. ``4d``: the heads of
+    ``MatMul -> Reshape [1, 5, H, d] -> Transpose`` operands (the head size is frozen by the split), GQA in the
+    operator: one group of 2. ``4d-features``: a single head ``Unsqueeze``d from the projections, so the query/key
+    and value features are the channels (the rewrite pins the default scale): groups of 2 and 3."""
+
+    def build(op: str, opset: int) -> onnx.ModelProto:
+        b = Builder()
+        x = "x"
+        if variant == "3d":
+            q, k, v = (b("MatMul", [x, b.normal((6, n))]) for n in (4 * 3, 2 * 3, 2 * 2))
+            mask = b.normal((1, 4, 5, 5))
+            y = b(op, [q, k, v, mask], q_num_heads=4, kv_num_heads=2)
+            out = b("MatMul", [y, b.normal((4 * 2, 3))])
+        elif variant == "4d":
+            def heads(n: int, size: int) -> str:
+                t = b("Reshape", [b("MatMul", [x, b.normal((6, n * size))]), b.ints([1, 5, n, size])])
+                return b("Transpose", [t], perm=[0, 2, 1, 3])
+            y = b(op, [heads(4, 3), heads(2, 3), heads(2, 2)], is_causal=1)
+            flat = b("Reshape", [b("Transpose", [y], perm=[0, 2, 1, 3]), b.ints([1, 5, 4 * 2])])
+            out = b("MatMul", [flat, b.normal((4 * 2, 3))])
+        else:
+            q, k, v = (b("Unsqueeze", [b("MatMul", [x, b.normal((6, n))]), b.ints([1])]) for n in (3, 3, 2))
+            y = b(op, [q, k, v])
+            out = b("MatMul", [b("Squeeze", [y, b.ints([1])]), b.normal((2, 3))])
+        return b.model([(x, FLOAT, [1, 5, 6])], [out], opset)
+
+    return build
+
+
+def rotary(variant: str) -> Callable[[str, int], onnx.ModelProto]:
+    """RotaryEmbedding between projections: 3 heads of size 4 of ``x [1, 5, 6]``, 3-D (``num_heads``) or 4-D
+    (``Reshape -> Transpose`` heads): one group of the 3 heads (features within a head are rotated in pairs)."""
+
+    def build(op: str, opset: int) -> onnx.ModelProto:
+        b = Builder()
+        angles = np.arange(5)[:, None] * np.array([1.0, 0.1])[None]
+        cos, sin = b.const(np.cos(angles).astype(np.float32)), b.const(np.sin(angles).astype(np.float32))
+        positions = b.ints([[0, 1, 2, 3, 4]])
+        t = b("MatMul", ["x", b.normal((6, 12))])
+        if variant == "3d":
+            u = b(op, [t, cos, sin, positions], num_heads=3)
+        else:
+            t = b("Transpose", [b("Reshape", [t, b.ints([1, 5, 3, 4])])], perm=[0, 2, 1, 3])
+            u = b("Reshape", [b("Transpose", [b(op, [t, cos, sin, positions])], perm=[0, 2, 1, 3]), b.ints([1, 5, 12])])
+        return b.model([("x", FLOAT, [1, 5, 6])], [b("MatMul", [u, b.normal((12, 3))])], opset)
+
+    return build
+
+
+def norm_over_channels(op: str, opset: int) -> onnx.ModelProto:
+    """``x [1, 5, 6] -> MatMul (+ bias) -> [op] over the last axis (the channels) -> MatMul``: exact, the pruned node
+    keeping the statistics of the original width."""
+    b = Builder()
+    t = b("Add", [b("MatMul", ["x", b.normal((6, C))]), b.normal((C,))])
+    u = b(op, [t, b.positive((C,))], axis=-1, epsilon=0.5)
+    return b.model([("x", FLOAT, [1, 5, 6])], [b("MatMul", [u, b.normal((C, 3))])], opset)

@@ -5,7 +5,8 @@ statistics per group of channels, so a whole norm group is one channel (removing
 groups' statistics untouched). LayerNormalization / RMSNormalization average over their normalised axes:
 removing channels there changes every statistic, so those dims are *inexact* (prunable only on request) —
 except a LayerNormalization over the last axis whose input's removed channels have a computable value
-(`onnxprune.statistics`): it is rewritten to keep the statistics of its original width, exactly.
+(`onnxprune.statistics`): it is rewritten to keep the statistics of its original width, exactly; and an
+RMSNormalization over the last axis whose removed channels are zero, rewritten by its epsilon and scale.
 """
 
 from __future__ import annotations
@@ -128,4 +129,34 @@ class LayerNorm(_NormOverTrailingAxes):
 
 @register("RMSNormalization")
 class RMSNorm(_NormOverTrailingAxes):
+    """Exact over the last axis when the removed channels are zero in the oracle (their writers are zeroed): the
+    sum of squares is then the kept channels' alone, and only the divisor changes, ``N_old -> N_new``. Since
+    ``sqrt(S / N_new + eps * N_old / N_new) = sqrt(N_old / N_new) * sqrt(S / N_old + eps)``, the pruned node keeps
+    the original statistics with ``epsilon * N_old / N_new`` and its scale times ``sqrt(N_old / N_new)``: no new
+    node (a transformers Llama exported at opset 23 normalises its hidden size this way)."""
+
     same_shape = ("RMSNormalization",)
+    exact_statistics = True
+
+    def correctable(self, node, ctx) -> bool:
+        x = node.input[0]
+        rank = ctx.rank(x)
+        return (
+            rank is not None
+            and attrs(node).get("axis", -1) % rank == rank - 1
+            and ctx.const(node.input[1]) is not None
+            and phantom_chain(ctx.graph, x, rank - 1) == []
+        )
+
+    def rewrite(self, node, ctx):
+        x, scale = node.input[0], node.input[1]
+        rank = ctx.rank(x)
+        if rank is None or not len(ctx.removed(x, rank - 1)) or not self.correctable(node, ctx):
+            return
+        old, new = ctx.old_size(x, rank - 1), ctx.new_size(x, rank - 1)
+        value = np.asarray(ctx.const(scale))
+        if value.ndim and value.shape[-1] == old:
+            value = np.delete(value, ctx.removed(x, rank - 1), axis=-1)
+        ratio = old / new
+        ctx.replace_input(node, 1, (value * np.sqrt(ratio)).astype(value.dtype))
+        set_attr(node, "epsilon", float(attrs(node).get("epsilon", 1e-5)) * ratio)
