@@ -172,7 +172,7 @@ def _shape(e: relax.Expr) -> list[int] | None:
 def _scalar(e: relax.Expr) -> float | None:
     if isinstance(e, tvm.ir.expr.Constant):
         v = e.value.numpy()
-        return float(v) if v.size == 1 else None
+        return float(v.reshape(())) if v.size == 1 else None
     return None
 
 

@@ -39,6 +39,7 @@ from onnxprune.fold import fold_batchnorm
 from . import bundle as B
 from .cpu_features import recorded_features
 from .messages import note, tvm_messages
+from .onnx_prepare import UNSUPPORTED_CONVERTERS, expand_functions, positive_axes
 from .spec import HOST_CPU, TargetSpec
 from .table import get_target
 from .toolchains import require, tvm_version
@@ -108,7 +109,7 @@ def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | 
 def _check_ops(model: onnx.ModelProto) -> None:
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-    known = set(_get_convert_map())
+    known = set(_get_convert_map()) - UNSUPPORTED_CONVERTERS
     ops = {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}
     custom = {f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")}
     missing = sorted(ops - known) + sorted(custom)
@@ -119,10 +120,12 @@ def _check_ops(model: onnx.ModelProto) -> None:
 def import_onnx(model: onnx.ModelProto, inputs: list[B.TensorSpec]) -> tvm.IRModule:
     """ONNX -> Relax with static input shapes, weights bound as constants."""
     from tvm.relax.frontend.onnx import from_onnx
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
+    model, _ = expand_functions(model, set(_get_convert_map()))  # opset-23 Attention / RotaryEmbedding
     _check_ops(model)
     model = _fold_shape_computations(model, inputs)
-    model = fold_batchnorm(model)
+    model = fold_batchnorm(positive_axes(model))
     shape_dict = {s.name: list(s.shape) for s in inputs}
     dtype_dict = {s.name: s.dtype for s in inputs}
     try:

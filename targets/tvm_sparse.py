@@ -304,7 +304,7 @@ def sparsify(
 
 def _scalar(e: relax.Expr) -> float | None:
     v = _const(e)
-    return float(v) if v is not None and v.size == 1 else None
+    return float(v.reshape(())) if v is not None and v.size == 1 else None
 
 
 def fuse_epilogues(factory: KernelFactory) -> tvm.transform.Pass:

@@ -28,8 +28,8 @@ from onnx import helper
 from rule_models import (
     C,
     along,
-    attention,
     arg_reduce,
+    attention,
     broadcasting,
     clip,
     conv_variant,
