@@ -24,7 +24,8 @@ From code: ``zoo_model("resnet18")`` returns the cached path, building it first 
 
 Exports use the legacy TorchScript exporter (``dynamo=False``) with ``do_constant_folding=False`` so
 BatchNormalization stays a node, opset 17, batch 1; ``*_dynamo`` entries use the torch.export-based
-exporter instead (its default opset, graph optimisation on, as users get it).
+exporter instead (its default opset, graph optimisation on, as users get it), ``*_opset23`` entries the same
+exporter at ``opset_version=23`` (fused Attention, RMSNormalization and RotaryEmbedding ops).
 """
 
 from __future__ import annotations
