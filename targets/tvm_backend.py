@@ -122,9 +122,12 @@ def import_onnx(model: onnx.ModelProto, inputs: list[B.TensorSpec]) -> tvm.IRMod
     from tvm.relax.frontend.onnx import from_onnx
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-    model, _ = expand_functions(model, set(_get_convert_map()))  # opset-23 Attention / RotaryEmbedding
+    # opset-23 Attention / RotaryEmbedding: after the folding (an Attention's mask may fold into a constant, which
+    # its direct form needs), then the bodies' own shape arithmetic folded
+    model, expanded = expand_functions(_fold_shape_computations(model, inputs), set(_get_convert_map()))
+    if expanded:
+        model = _fold_shape_computations(model, inputs)
     _check_ops(model)
-    model = _fold_shape_computations(model, inputs)
     model = fold_batchnorm(positive_axes(model))
     shape_dict = {s.name: list(s.shape) for s in inputs}
     dtype_dict = {s.name: s.dtype for s in inputs}

@@ -97,6 +97,63 @@ def test_ops_the_importer_converts_stay():
     assert ops == ["Attention"]  # TVM's "Attention" converter is the com.microsoft operator: expanded anyway
 
 
+def _plain_attention(attributes: dict, mask: np.ndarray | None, k_transposed: bool = False) -> onnx.ModelProto:
+    """4 heads of size 8 over 6 keys, 5 queries; the mask a constant; K made by a Transpose of ``[1, 6, 4, 8]``."""
+    inputs = [helper.make_tensor_value_info("q", FLOAT, [1, 4, 5, 8]), helper.make_tensor_value_info("v", FLOAT, [1, 4, 6, 8])]
+    nodes, inits = [], []
+    if k_transposed:
+        inputs.append(helper.make_tensor_value_info("k4", FLOAT, [1, 6, 4, 8]))
+        nodes.append(helper.make_node("Transpose", ["k4"], ["k"], perm=[0, 2, 1, 3]))
+    else:
+        inputs.append(helper.make_tensor_value_info("k", FLOAT, [1, 4, 6, 8]))
+    names = ["q", "k", "v"]
+    if mask is not None:
+        inits.append(numpy_helper.from_array(mask, "m"))
+        names.append("m")
+    nodes.append(helper.make_node("Attention", names, ["y"], name="att", **attributes))
+    graph = helper.make_graph(nodes, "attention", inputs, [helper.make_tensor_value_info("y", FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
+_MASK = np.random.default_rng(1).standard_normal((1, 1, 5, 6)).astype(np.float32)
+_BOOL = np.random.default_rng(2).random((5, 6)) > 0.3
+_BOOL[:, 0] = True
+_DEAD_ROW = _MASK.copy()
+_DEAD_ROW[..., 2, :] = -np.inf
+DIRECT = {  # case -> (model, direct form expected)
+    "unmasked": (_plain_attention({}, None), True),
+    "scale, float mask": (_plain_attention({"scale": 0.3}, _MASK), True),
+    "causal": (_plain_attention({"is_causal": 1}, None), True),
+    "causal and boolean mask, K transposed": (_plain_attention({"is_causal": 1}, _BOOL, k_transposed=True), True),
+    "a fully masked row": (_plain_attention({}, _DEAD_ROW), False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIRECT))
+def test_plain_attention_becomes_the_five_ops_of_the_fused_kernel(case):
+    """The common 4-D case inlines as Transpose / MatMul / Mul / Add / Softmax / MatMul (what `tvm_attention` fuses
+    into one kernel); a constant mask with a fully masked row keeps the standard's body (zeros there, not NaN)."""
+    model, direct = DIRECT[case]
+    expanded, ops = expand_functions(model, convertible={"MatMul"})
+    assert ops == ["Attention"]
+    kinds = [n.op_type for n in expanded.graph.node]
+    if direct:
+        biased = case != "unmasked"
+        expected = ["Transpose", "MatMul", "Mul", *(["Add"] if biased else []), "Softmax", "MatMul"]
+        assert kinds[-len(expected):] == expected and kinds.count("Transpose") == 1 + ("K transposed" in case)
+        if "K transposed" in case:  # one transpose of k4 straight to K^T: [0, 2, 1, 3] then [0, 1, 3, 2]
+            kt = next(n for n in expanded.graph.node if n.name == "att/kt")
+            assert list(kt.input) == ["k4"] and list(kt.attribute[0].ints) == [0, 2, 3, 1]
+    else:
+        assert "Where" in kinds
+    rng = np.random.default_rng(0)
+    feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+             for i in model.graph.input}  # fmt: skip
+    want, got = _run(model, feeds)[0], _run(expanded, feeds)[0]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("opset", [11, 13])
 def test_negative_squeeze_axes_are_counted_from_the_front(opset):
     inits, nodes = [], []
@@ -170,3 +227,19 @@ def test_vit_at_opset_23_compiles_and_matches_onnxruntime(zoo, tmp_path):
     reference = ort_reference(path, inputs)
     assert np.abs(reference[0]).max() > 0.1
     assert_matches(run_bundle(bundle, inputs), reference)
+
+
+@needs_tvm
+def test_bert_at_opset_23_runs_the_fused_attention_kernel(zoo):
+    """BERT's Attention (a constant mask once the input shape is fixed) takes the direct form, which
+    `tvm_attention.fuse_attention` turns into one kernel per layer, as for the opset-17 export."""
+    from tvm import relax
+
+    from onnxprune.targets import bundle as B
+    from onnxprune.targets import tvm_backend as tb
+    from onnxprune.targets.tvm_attention import fuse_attention
+
+    model = onnx.load(_zoo_path(zoo, "bert_tiny_opset23"))
+    mod = relax.transform.FoldConstant()(tb.import_onnx(model, [B.TensorSpec("input_ids", (1, 16), "int64")]))
+    text = str(fuse_attention(16)(mod)["main"])
+    assert text.count("R.call_tir(attention") == 2 and "R.nn.softmax" not in text
