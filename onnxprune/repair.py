@@ -61,6 +61,7 @@ SEQ_COMPACT = True  # `repair_sequential`: statistics of x~ over its kept featur
 # `repair_sequential`: the original model's rows drawn once before the waves (`dense_rows`), not by a second runner in
 # every wave (streams and held-out folds keep the runner)
 SEQ_DENSE_ROWS = True
+NO_STATISTICS = "no BatchNorm statistics upstream"  # why `bias` skips a layer
 
 
 @dataclass
@@ -170,7 +171,7 @@ def repair_weights(
             if method == "bias":
                 mom = channel_moments(graph, c.x, c.x_axis)
                 if mom is None:
-                    report.skipped[c.name] = "no BatchNorm statistics upstream"
+                    report.skipped[c.name] = NO_STATISTICS
                     continue
                 if slot is None:
                     report.skipped[c.name] = "no bias to compensate into"

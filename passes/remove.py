@@ -22,6 +22,7 @@ from onnxprune.graph import ModelGraph
 from onnxprune.metrics import count_macs, count_params
 from onnxprune.passes.select import ChannelSelection, pending_selection
 from onnxprune.passmanager import Pass, PassResult, Summary
+from onnxprune.repair import NO_STATISTICS
 from onnxprune.rewrite import apply_plan
 from onnxprune.shape_inference import infer_shapes
 from onnxprune.version import __version__
@@ -64,7 +65,7 @@ class PruneSummary(Summary):
             plan={str(gid): len(idx) for gid, idx in plan.removed.items() if len(idx)},
             barriers=[b.as_dict() for b in source.barriers],
             repair=selection.repair.as_dict() if selection.repair is not None else None,
-            notices=list(selection.notices),
+            notices=[*selection.notices, *_repair_notice(selection)],
             seconds=round(time.perf_counter() - selection.started, 3),
             group_sizes={str(g.id): g.size for g in source.groups},
             sensitivity=selection.sensitivity.as_dict() if selection.sensitivity is not None else None,
@@ -72,6 +73,21 @@ class PruneSummary(Summary):
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _repair_notice(selection: ChannelSelection) -> list[str]:
+    """One notice when the data-free bias repair found no BatchNorm statistics for any layer it was to repair; a model
+    with convolutions and no BatchNorm at all had them folded by its exporter (torch.onnx.export's default)."""
+    report = selection.repair
+    if report is None or report.repaired or not report.skipped or set(report.skipped.values()) != {NO_STATISTICS}:
+        return []
+    ops = {n.op_type for n in selection.source.graph.model.graph.node}
+    if "BatchNormalization" not in ops and ops & {"Conv", "ConvTranspose"}:
+        return ["repair bias repaired nothing: the exporter folded the BatchNorms into the convolutions "
+                "(torch.onnx.export's default graph optimisation); export with optimize=False (or dynamo=False) to "
+                "keep the statistics it uses, or calibrate (--calib FILE or --calib synthetic, --repair seq)"]
+    return ["repair bias repaired nothing: no BatchNorm statistics upstream of the pruned layers; calibrate instead "
+            "(--calib FILE or --calib synthetic, --repair seq)"]
 
 
 @dataclass(frozen=True, eq=False)  # holds an analysis and arrays: compared by identity

@@ -88,6 +88,22 @@ def test_repair_then_remove_equals_the_masked_repaired_model(repair):
     assert result.get(PruneSummary).repair == repaired.get(RepairReport).as_dict()
 
 
+def test_bias_repair_on_folded_batchnorms_says_why_it_did_nothing():
+    """torch.onnx.export folds BatchNorms into the convolutions by default: the data-free bias repair then has no
+    statistics, repairs nothing, and the summary's notices say so and how to export with them."""
+    from onnxprune.fold import fold_batchnorm
+
+    model = canonical(TEST_MODELS["residual"]())
+    kept = _pipeline(PruneConfig(ratio=0.4, repair="bias")).run(model).get(PruneSummary)
+    assert kept.repair["repaired"] > 0 and not kept.notices
+    folded = canonical(fold_batchnorm(model))
+    assert "BatchNormalization" not in {n.op_type for n in folded.graph.node}
+    summary = _pipeline(PruneConfig(ratio=0.4, repair="bias")).run(folded).get(PruneSummary)
+    assert summary.repair["repaired"] == 0
+    (notice,) = summary.notices
+    assert "folded the BatchNorms" in notice and "optimize=False" in notice
+
+
 def test_repair_none_changes_nothing():
     model = canonical(TEST_MODELS["chain"]())
     result = _pipeline(PruneConfig(ratio=0.5)).run(model)

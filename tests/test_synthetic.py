@@ -214,11 +214,19 @@ def test_spec_parsing():
 
 
 def test_model_without_batchnorm_falls_back_with_a_notice(capsys):
+    """Convolutions without any BatchNorm: folded by the exporter (torch.onnx.export's default), and the note says
+    how to keep them; a model without convolutions (LayerNorm, MLP) gets the general note."""
     model = _model([_n("Conv", ["x", "w"]), ], {"w": _w(3, 4, 3, 3)}, shape=(1, 4, 6, 6))
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     data = load_calib("synthetic:5", model)
     assert data.arrays["x"].shape == (5, 4, 6, 6)
-    assert "no BatchNormalization statistics" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "folded the BatchNorms" in err and "optimize=False" in err and len(err.splitlines()) == 1
+    mlp = _model([_n("MatMul", ["x", "w"])], {"w": _w(6, 3)}, shape=(1, 6))
+    mlp.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    assert load_calib("synthetic:5", mlp).arrays["x"].shape == (5, 6)
+    err = capsys.readouterr().err
+    assert "no BatchNormalization statistics" in err and "optimize=False" not in err
 
 
 def test_dynamic_spatial_size_asks_for_shape():
