@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune import gradients_upsample  # noqa: F401  (registers the Resize and ConvTranspose rules)
+from onnxprune import gradients_attention, gradients_upsample  # noqa: F401  (register Attention, Resize, ConvTranspose)
 from onnxprune.errors import UnsupportedModelError
 from onnxprune.gradients import RULES, Context, Emitter, Rule
 from onnxprune.onnx_utils import opset_of

@@ -23,11 +23,13 @@ The input layout comes from the model input's shape: rank 4 with 1/3/4 channels 
 is an image, which gets the total-variation prior; the samples start as N(0, 1), i.e. normalised pixels.
 Every size but the batch must be static (fix dynamic sizes with ``--shape``). Deterministic for a seed.
 
-Gradient ops (38, `gradients.supported_ops()`): Add, AveragePool, BatchNormalization, Cast, Clip, Concat, Conv,
+Gradient ops (39, `gradients.supported_ops()`): Add, Attention, AveragePool, BatchNormalization, Cast, Clip, Concat, Conv,
 ConvTranspose, Div, Dropout, Erf, Flatten, Gemm, GlobalAveragePool, HardSigmoid, HardSwish, Identity,
 LayerNormalization, LeakyRelu, MatMul, MaxPool, Mul, Pad, Pow, ReduceMean, ReduceSum, Relu, Reshape, Resize,
 Sigmoid, Slice, Softmax, Sqrt, Squeeze, Sub, Tanh, Transpose, Unsqueeze (LayerNormalization and Erf serve BatchNorm
-+ transformer hybrids: MobileViT; Resize and ConvTranspose FPNs and decoders, `onnxprune.gradients_upsample`).
++ transformer hybrids: MobileViT; Resize and ConvTranspose FPNs and decoders, `onnxprune.gradients_upsample`;
+opset-23 ``Attention``, `onnxprune.gradients_attention`). The objective model is canonicalised at its batch, so sizes
+an export computes from ``Shape`` (a dynamic batch through torch.export) fold.
 Zoo models whose objective builds: CIFAR ResNet20/44, DenseNet-121, EfficientNet-B0 and -Lite0, GoogLeNet,
 MobileNetV2, MobileNetV3-small, RegNetY-400MF, ResNet-50, PP-OCR mobile cls, PP-OCRv4 rec (``--shape
 x=1,3,48,320``: 6 BN layers on the path, one sample at a time), PP-OCRv4 det (``--shape x=1,3,320,320``), the

@@ -23,12 +23,12 @@ import onnx
 from onnx import helper
 
 from onnxprune.autodiff import append_backward, differentiated_nodes, float_tensor_names, static_shapes
-from onnxprune.canonical import normalize, remove_dead_code
+from onnxprune.canonical import remove_dead_code
 from onnxprune.errors import DataError, UnsupportedModelError
 from onnxprune.external import tensor_array
 from onnxprune.gradients import Emitter
 from onnxprune.graph import ModelGraph
-from onnxprune.importer import fix_input_shapes
+from onnxprune.importer import canonicalize, fix_input_shapes
 from onnxprune.metrics import count_macs
 from onnxprune.onnx_utils import opset_of, softmax_logits
 from onnxprune.shape_inference import infer_shapes
@@ -166,7 +166,7 @@ def build_objective(model: onnx.ModelProto, batch: int, class_weight: float = 0.
     fix_input_shapes(m, {vi.name: [batch, *dims]})
     for graph_output in m.graph.output:  # declared outputs keep a symbolic batch: let inference fill them
         graph_output.type.tensor_type.ClearField("shape")
-    m, _ = normalize(m, inplace=True)
+    m, _ = canonicalize(m, inplace=True)  # sizes computed from Shape (dynamo's reshapes) fold at this batch
     m = infer_shapes(m, symbolic=False)
     macs = count_macs(ModelGraph(m))  # the forward pass at this batch, before the backward nodes join
     floats = float_tensor_names(m)

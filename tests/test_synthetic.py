@@ -109,6 +109,16 @@ CASES: dict[str, Callable[[], onnx.ModelProto]] = {
         [_n("Shape", ["x"], "sh"), _n("Mul", ["sh", "two"], "z"),
          _n("Resize", ["x", "", "", "z"], mode="linear", coordinate_transformation_mode="pytorch_half_pixel")],
         {"two": _i64(1, 1, 2, 2)}),
+    # x as 4 heads of 6 positions x 6 features: K and V made from it too, a causal and a constant mask
+    "Attention_4d_causal_masked": lambda: _model(
+        [_n("Mul", ["x", "wk"], "k"), _n("Add", ["x", "bv"], "v"),
+         _n("Attention", ["x", "k", "v", "m"], is_causal=1, scale=0.3)],
+        {"wk": _w(6), "bv": _w(6), "m": _w(1, 1, 6, 6)}, opset=23),
+    # [2, 4, 36] as 6 query heads of 6 over 2 key/value heads (values of 3): grouped-query attention
+    "Attention_3d_grouped": lambda: _model(
+        [_n("Reshape", ["x", "shape"], "r"), _n("MatMul", ["r", "wk"], "k"), _n("MatMul", ["r", "wv"], "v"),
+         _n("Attention", ["r", "k", "v"], q_num_heads=6, kv_num_heads=2)],
+        {"shape": _i64(2, 4, 36), "wk": _w(36, 12), "wv": _w(36, 6)}, opset=23),
     "Squeeze+Unsqueeze+Identity+Dropout+Cast": lambda: _model(
         [_n("Unsqueeze", ["x", "a"], "u"), _n("Identity", ["u"], "i"), _n("Dropout", ["i"], "d"),
          _n("Cast", ["d"], "c", to=TensorProto.FLOAT), _n("Squeeze", ["c", "a"])], {"a": _i64(0)}),
@@ -193,6 +203,45 @@ def test_an_fpn_with_upsampling_and_a_transposed_conv_head_synthesises():
     x = synthesize(model, 8, seed=0, config=SynthesisConfig(steps=40, batch=8))["x"]
     start = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
     assert bn_loss(model, x) < 0.5 * bn_loss(model, start)
+
+
+def test_a_batchnorm_network_with_fused_attention_synthesises(tmp_path):
+    """A BatchNorm CNN with a self-attention block, exported as users do at opset 23 (``Attention``; BNs kept with
+    optimize=False; a dynamic batch, so its reshapes compute their sizes from Shape): the synthesis differentiates
+    through the Attention node and lowers the BN statistics loss, in batches (the sizes fold at the batch)."""
+    torch = pytest.importorskip("torch")
+    nn, F = torch.nn, torch.nn.functional
+
+    class Hybrid(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+            self.qkv, self.proj = nn.Conv2d(16, 48, 1), nn.Conv2d(16, 16, 1)
+            self.c2 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+
+        def forward(self, x):
+            x = self.c1(x)
+            b, c, h, w = x.shape
+            q, k, v = self.qkv(x).flatten(2).transpose(1, 2).reshape(b, h * w, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v).permute(0, 1, 3, 2).reshape(b, c, h, w)
+            return self.c2(x + self.proj(a)).mean((2, 3))
+
+    torch.manual_seed(0)
+    net = Hybrid().eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    program = torch.onnx.export(net, (torch.randn(1, 3, 8, 8),), dynamo=True, opset_version=23, optimize=False,
+                                dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    program.save(str(tmp_path / "hybrid.onnx"))
+    model = onnx.load(tmp_path / "hybrid.onnx")
+    assert "Attention" in {n.op_type for n in model.graph.node}
+    name = model.graph.input[0].name
+    x = synthesize(model, 8, seed=0, config=SynthesisConfig(steps=40, batch=8))[name]
+    start = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+    assert bn_loss(model, x) < 0.75 * bn_loss(model, start)  # random running statistics: 15.2 -> 10.2 (9.5 at 100)
 
 
 def test_deterministic_for_a_seed():
