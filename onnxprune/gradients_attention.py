@@ -59,7 +59,7 @@ def _attention(em: Emitter, cx: Context, node: onnx.NodeProto, gys: list[str | N
     rank = len(shapes[0])
     if rank == 3:
         hq, hkv = int(a["q_num_heads"]), int(a["kv_num_heads"])
-        (b, t, wq), (_, s, wk), (_, _, wv) = shapes
+        (b, t, wq), (_, s, _), (_, _, wv) = shapes
         d, dv = wq // hq, wv // hkv
 
         def heads(x: str, n: int, size: int, length: int) -> str:
