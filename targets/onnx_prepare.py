@@ -98,11 +98,14 @@ def _direct_attention(
             return None
         mask = consts[mask_name]
         bias = np.where(mask, 0.0, -np.inf).astype(np.float32) if mask.dtype == np.bool_ else mask.astype(np.float32)
-    if at.get("is_causal", 0):
-        causal = np.where(np.arange(length)[None, :] <= np.arange(t)[:, None], 0.0, -np.inf).astype(np.float32)
-        bias = causal if bias is None else bias + causal
-    if bias is not None and np.isneginf(bias).all(axis=-1).any():
-        return None  # a fully masked row: the standard's body gives it zeros, a plain softmax NaNs
+    try:
+        if at.get("is_causal", 0):
+            causal = np.where(np.arange(length)[None, :] <= np.arange(t)[:, None], 0.0, -np.inf).astype(np.float32)
+            bias = causal if bias is None else bias + causal
+        if bias is not None and np.isneginf(np.broadcast_to(bias, (*bias.shape[:-2], t, length))).all(axis=-1).any():
+            return None  # a fully masked row: the standard's body gives it zeros, a plain softmax NaNs
+    except ValueError:  # a mask that does not broadcast to the scores: left to the body (and the importer)
+        return None
     scale = at.get("scale") or 1.0 / np.sqrt(d)
     name = node.name or node.output[0]
     made = [f"{name}/{part}" for part in ("kt", "scores", "scaled", "biased", "probs", "scale", "bias")]
@@ -132,8 +135,9 @@ def _direct_attention(
 
 def expand_functions(model: onnx.ModelProto, convertible: Collection[str]) -> tuple[onnx.ModelProto, list[str]]:
     """`model` with every default-domain node whose op is not in `convertible` (or is in
-    `UNSUPPORTED_CONVERTERS`) replaced by the standard's function body, and the op types expanded. Nodes without
-    a body stay (the importer's own check names them). The input model is not modified."""
+    `UNSUPPORTED_CONVERTERS`) replaced by the standard's function body (the common Attention by its direct form,
+    `_direct_attention`), and the op types expanded. Nodes without a body stay (the importer's own check names
+    them). The input model is not modified."""
     opset = _opset(model)
     wanted = [
         n for n in model.graph.node
