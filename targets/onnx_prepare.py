@@ -1,7 +1,8 @@
 """ONNX rewrites before TVM's importer: operators it cannot convert, and spellings it mis-handles.
 
 :func:`expand_functions` replaces operators TVM's importer cannot convert by the ONNX standard's own function
-bodies; :func:`positive_axes` spells Squeeze / Unsqueeze axes as non-negative numbers.
+bodies (the common Attention and RotaryEmbedding in direct forms the CPU schedules and the fused attention kernel
+take); :func:`positive_axes` spells Squeeze / Unsqueeze axes as non-negative numbers.
 
 Many newer ONNX operators are *functions*: the standard defines each as a graph of older ops (onnx ships the body,
 built for the node's attributes and input types). Exports at opset >= 23 use some that TVM 0.27's importer
@@ -133,6 +134,58 @@ def _direct_attention(
     return nodes, inits
 
 
+def _direct_rotary(
+    node: onnx.NodeProto, types: dict[str, onnx.TypeProto], consts: dict[str, np.ndarray], producers: dict
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None:
+    """A 4-D, non-interleaved ``RotaryEmbedding`` as Slice / Mul / Sub / Add / Concat (the rotate-half form the
+    opset-17 exports write, which the CPU schedules take; the standard's body splits into kernels they leave as
+    naive loop nests). Rows of the caches are gathered by the position ids (a constant gather when both are
+    constants). None when the node is not that case."""
+    at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    x = node.input[0]
+    shape = _static_shape(types, x)
+    if shape is None or len(shape) != 4 or at.get("interleaved", 0) or types[x].tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        return None
+    b, _, length, size = shape
+    rot = int(at.get("rotary_embedding_dim", 0) or size)
+    half = rot // 2
+    prefix = node.name or node.output[0]
+    positions = node.input[3] if len(node.input) > 3 else ""
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+
+    def made(part: str) -> str:
+        return f"{prefix}/{part}"
+
+    def const(part: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(value, made(part)))
+        return made(part)
+
+    def op(op_type: str, inputs: list[str], part: str, **kwargs) -> str:
+        nodes.append(helper.make_node(op_type, inputs, [made(part)], name=made(part), **kwargs))
+        return made(part)
+
+    tables = []
+    for cache, part in ((node.input[1], "cos"), (node.input[2], "sin")):
+        value = consts.get(cache)
+        if value is not None and (not positions or positions in consts):  # [B, S, half], constant
+            table = value[consts[positions]] if positions else value
+            tables.append(const(part, table.reshape(b, 1, length, half).astype(np.float32)))
+        else:
+            rows = op("Gather", [cache, positions], f"{part}_rows") if positions else cache
+            tables.append(op("Reshape", [rows, const(f"{part}_shape", np.array([b, 1, length, half], np.int64))], part))
+    cos, sin = tables
+    ends = {"x1": (0, half), "x2": (half, rot), "rest": (rot, size)}
+    parts = {p: op("Slice", [x, const(f"{p}_lo", np.array([lo], np.int64)), const(f"{p}_hi", np.array([hi], np.int64)),
+                             const(f"{p}_axis", np.array([-1], np.int64))], p)
+             for p, (lo, hi) in ends.items() if hi > lo}  # fmt: skip
+    real = op("Sub", [op("Mul", [parts["x1"], cos], "x1_cos"), op("Mul", [parts["x2"], sin], "x2_sin")], "real")
+    imag = op("Add", [op("Mul", [parts["x1"], sin], "x1_sin"), op("Mul", [parts["x2"], cos], "x2_cos")], "imag")
+    nodes.append(helper.make_node("Concat", [real, imag, *([parts["rest"]] if "rest" in parts else [])],
+                                  [node.output[0]], axis=-1, name=made("output")))  # fmt: skip
+    return nodes, inits
+
+
 def expand_functions(model: onnx.ModelProto, convertible: Collection[str]) -> tuple[onnx.ModelProto, list[str]]:
     """`model` with every default-domain node whose op is not in `convertible` (or is in
     `UNSUPPORTED_CONVERTERS`) replaced by the standard's function body (the common Attention by its direct form,
@@ -160,7 +213,8 @@ def expand_functions(model: onnx.ModelProto, convertible: Collection[str]) -> tu
             node.op_type not in convertible or node.op_type in UNSUPPORTED_CONVERTERS
         ):
             continue
-        direct = _direct_attention(node, types, consts, producers) if node.op_type == "Attention" else None
+        direct = {"Attention": _direct_attention, "RotaryEmbedding": _direct_rotary}.get(node.op_type)
+        direct = direct(node, types, consts, producers) if direct is not None else None
         if direct is not None:
             nodes[-1:] = direct[0]
             out.graph.initializer.extend(direct[1])

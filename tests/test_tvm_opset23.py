@@ -48,16 +48,24 @@ def _attention(rank: int, attributes: dict, mask: bool = False, past: bool = Fal
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
 
 
-def _rotary(rank: int) -> onnx.ModelProto:
-    shape = [1, 3, 5, 4] if rank == 4 else [1, 5, 12]
-    angles = np.arange(5)[:, None] * np.array([1.0, 0.1])[None]
+def _rotary(rank: int, partial: bool = False, positions_input: bool = False) -> onnx.ModelProto:
+    """3 heads of size 4 (8 with `partial`: only the first 4 features rotate) over 5 positions, from constant
+    position ids or a graph input."""
+    size = 8 if partial else 4
+    shape = [1, 3, 5, size] if rank == 4 else [1, 5, 3 * size]
+    angles = np.arange(7)[:, None] * np.array([1.0, 0.1])[None]
     inits = [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
-             numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin"),
-             numpy_helper.from_array(np.arange(5, dtype=np.int64)[None], "pos")]  # fmt: skip
+             numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")]  # fmt: skip
+    inputs = [helper.make_tensor_value_info("x", FLOAT, shape)]
+    if positions_input:
+        inputs.append(helper.make_tensor_value_info("pos", TensorProto.INT64, [1, 5]))
+    else:
+        inits.append(numpy_helper.from_array(np.arange(5, dtype=np.int64)[None] + 1, "pos"))
     attributes = {"num_heads": 3} if rank == 3 else {}
+    if partial:
+        attributes["rotary_embedding_dim"] = 4
     node = helper.make_node("RotaryEmbedding", ["x", "cos", "sin", "pos"], ["y"], **attributes)
-    graph = helper.make_graph([node], "rotary", [helper.make_tensor_value_info("x", FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", FLOAT, None)], inits)  # fmt: skip
+    graph = helper.make_graph([node], "rotary", inputs, [helper.make_tensor_value_info("y", FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
 
 
@@ -68,6 +76,7 @@ CASES = {
     "3-D, mask": _attention(3, {"scale": 0.5}, mask=True),
     "3-D, causal with caches": _attention(3, {"is_causal": 1}, past=True),
     "rotary 4-D": _rotary(4),
+    "rotary 4-D, partial, positions input": _rotary(4, partial=True, positions_input=True),
     "rotary 3-D": _rotary(3),
 }
 
@@ -81,10 +90,14 @@ def test_function_bodies_compute_what_the_fused_node_does(case):
     assert ops == [model.graph.node[0].op_type]
     assert not {n.op_type for n in expanded.graph.node} & {"Attention", "RotaryEmbedding"}
     assert {o.domain for o in expanded.opset_import} == {""} and not expanded.functions
+    if case.startswith("rotary 4-D"):  # the direct rotate-half form, not the body's Split (unscheduled in TVM)
+        assert "Split" not in {n.op_type for n in expanded.graph.node}
     onnx.checker.check_model(expanded)
     rng = np.random.default_rng(0)
     feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
              for i in model.graph.input}  # fmt: skip
+    if "pos" in feeds:
+        feeds["pos"] = np.array([[3, 0, 6, 2, 2]], np.int64)
     for want, got in zip(_run(model, feeds), _run(expanded, feeds), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -189,19 +202,22 @@ def _zoo_path(zoo, name: str):
 
 
 @needs_tvm
-def test_pruned_llama_at_opset_23_compiles_and_matches_onnxruntime(zoo, tmp_path):
-    """Attention (4-D, its KV heads pruned), RMSNormalization (its hidden size pruned), int64 token input."""
+@pytest.mark.parametrize("name", ["llama_tiny_opset23", "llama_tiny_opset23_dynseq"])
+def test_pruned_llama_at_opset_23_compiles_and_matches_onnxruntime(zoo, tmp_path, name):
+    """Attention (4-D, its KV heads pruned), RMSNormalization (its hidden size pruned), int64 token input; the
+    dynamic-length export also RotaryEmbedding (no TVM converter: the standard's body), compiled at length 16."""
     from onnxprune.importer import import_model
     from onnxprune.passes.pruning import PruneConfig, PrunePass
     from onnxprune.targets import compile_bundle, read_manifest, run_bundle
 
     skip_unless_tools("g++", package_hint="apt-get install g++")
-    model = import_model(_zoo_path(zoo, "llama_tiny_opset23"))
+    model = import_model(_zoo_path(zoo, name))
     pruned = PrunePass(PruneConfig(ratio=0.5, round_to=1)).run(model).model
-    assert {"Attention", "RMSNormalization"} <= {n.op_type for n in pruned.graph.node}
+    fused = {"Attention", "RMSNormalization"} | ({"RotaryEmbedding"} if "dynseq" in name else set())
+    assert fused <= {n.op_type for n in pruned.graph.node}
     path = tmp_path / "llama.onnx"
     onnx.save(pruned, path)
-    bundle = compile_bundle(path, "x86", tmp_path / "bundle")
+    bundle = compile_bundle(path, "x86", tmp_path / "bundle", shapes={"input_ids": [1, 16]})
     assert read_manifest(bundle)["unscheduled_kernels"] == []
     inputs = {"input_ids": np.random.default_rng(0).integers(0, 1000, (1, 16)).astype(np.int64)}
     assert_matches(run_bundle(bundle, inputs), ort_reference(path, inputs))
