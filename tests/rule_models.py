@@ -543,3 +543,16 @@ def norm_over_channels(op: str, opset: int) -> onnx.ModelProto:
     t = b("Add", [b("MatMul", ["x", b.normal((6, C))]), b.normal((C,))])
     u = b(op, [t, b.positive((C,))], axis=-1, epsilon=0.5)
     return b.model([("x", FLOAT, [1, 5, 6])], [b("MatMul", [u, b.normal((C, 3))])], opset)
+
+
+def cumsum(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """A running sum along the last spatial axis: the channels pass."""
+    return b(op, [t, b.const(np.array(3, np.int64))]), C
+
+
+def range_positions(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """Positions 0..W-1 of a run-time width (Range of a Shape element) added along the last axis: off the
+    channels' path, and no barrier."""
+    width = b("Squeeze", [b("Gather", [b("Shape", [t]), b.ints([3])]), b.ints([0])])
+    positions = b("Cast", [b(op, [b.const(np.array(0, np.int64)), width, b.const(np.array(1, np.int64))])], to=FLOAT)
+    return b("Add", [t, positions]), C

@@ -27,8 +27,8 @@ def residual():
     return analyze(ModelGraph(canonicalize(TEST_MODELS["residual"]())[0]))
 
 
-def _conv_cumsum_conv():
-    """Conv -> CumSum (no channel rule: a barrier) -> Conv; two nodes share a name, one has none."""
+def _conv_lrn_conv():
+    """Conv -> LRN (no channel rule: a barrier) -> Conv; two nodes share a name, one has none."""
 
     def weight(name, shape):
         return numpy_helper.from_array(
@@ -37,14 +37,13 @@ def _conv_cumsum_conv():
 
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], name="same", pads=[1, 1, 1, 1]),
-        helper.make_node("CumSum", ["c1", "axis"], ["s"], name=""),
+        helper.make_node("LRN", ["c1"], ["s"], name="", size=3),
         helper.make_node("Conv", ["s", "w2"], ["c2"], name="same", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c2"], ["y"], name=""),
     ]
     inits = [
         weight("w1", (8, 3, 3, 3)),
         weight("w2", (4, 8, 3, 3)),
-        numpy_helper.from_array(np.array(1), "axis"),
     ]
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
@@ -57,11 +56,11 @@ def _conv_cumsum_conv():
 
 # ---- ModelGraph.nx and its queries ---------------------------------------------------------------------
 def test_nx_keys_ops_by_index_when_names_are_empty_or_duplicated():
-    graph = ModelGraph(_conv_cumsum_conv())
+    graph = ModelGraph(_conv_lrn_conv())
     ops = {key: data for key, data in graph.nx.nodes(data=True) if data["kind"] == "op"}
     assert sorted(ops) == [("op", k) for k in range(4)]
     assert [ops["op", k]["name"] for k in range(4)] == ["same", "", "same", ""]
-    assert [n.op_type for n in graph.topological_nodes()] == ["Conv", "CumSum", "Conv", "Relu"]
+    assert [n.op_type for n in graph.topological_nodes()] == ["Conv", "LRN", "Conv", "Relu"]
     assert graph.op(("op", 2)) is graph.nodes[2]
     assert graph.nx.nodes["tensor", "w2"] == {
         "kind": "tensor", "name": "w2", "shape": (4, 8, 3, 3), "dtype": TensorProto.FLOAT,
@@ -149,8 +148,8 @@ def test_export_loads_back(residual, tmp_path, suffix):
 
 @pytest.mark.parametrize("suffix", [".graphml", ".json"])
 def test_barrier_on_the_op_without_a_rule(tmp_path, suffix):
-    analysis = analyze(ModelGraph(_conv_cumsum_conv()))
-    assert [b.op_type for b in analysis.barriers] == ["CumSum"]
+    analysis = analyze(ModelGraph(_conv_lrn_conv()))
+    assert [b.op_type for b in analysis.barriers] == ["LRN"]
     path = write_graph(analysis, tmp_path / f"deps{suffix}")
     loaded = (
         nx.read_graphml(path)
@@ -159,7 +158,7 @@ def test_barrier_on_the_op_without_a_rule(tmp_path, suffix):
     )
     barriers = {key: data["barrier"] for key, data in loaded.nodes(data=True) if "barrier" in data}
     assert list(barriers) == ["op:1"]
-    assert "no channel rule for CumSum" in barriers["op:1"]
+    assert "no channel rule for LRN" in barriers["op:1"]
 
 
 def test_export_replaces_an_existing_file(residual, tmp_path):

@@ -305,6 +305,37 @@ class Gather(ChannelRule):
         ctx.set_role(data, "weight")
 
 
+@register("Range", since=11)
+class Range(ChannelRule):
+    """Scalars in, positions out (a dynamic-length transformer's position ids): no channel anywhere; its output
+    axis is frozen like every axis a rule leaves unmapped, and the node is not a barrier."""
+
+    def couple(self, node, ctx):
+        pass
+
+
+@register("CumSum", since=11)
+class CumSum(ChannelRule):
+    """A running sum along one axis (constant `axis` input): positions along it mix, every other axis maps to
+    the output's (RoBERTa's position ids are a CumSum of its padding mask)."""
+
+    def static_inputs(self, node):
+        return {1}
+
+    def couple(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        axis, rank = ctx.const(node.input[1]), ctx.rank(x)
+        if axis is None or axis.size != 1 or rank is None:
+            raise RuleBarrier("CumSum axis or rank unknown")
+        axis = int(axis.reshape(-1)[0]) % rank
+        for ax in range(rank):
+            if ax == axis:
+                ctx.freeze(x, ax, "cumulative axis")
+                ctx.freeze(y, ax, "cumulative axis")
+            else:
+                ctx.link(x, ax, y, ax)
+
+
 @register("Shape", "Size")
 class ShapeOf(ChannelRule):
     """Reads only sizes; shape arithmetic that feeds a Reshape/Expand is checked by that rule."""
