@@ -68,15 +68,20 @@ def _forget_placeholders_after(model: onnx.ModelProto, filled: set[str]) -> None
 
 def _fill_same_shape(model: onnx.ModelProto) -> set[str]:
     """Give the output of a same-shape operator its input's type where onnx's inference gave up (function
-    ops such as GroupNormalization-21). Looked up by op type in the default domain: a contrib op named
-    like a standard one (com.microsoft Gelu) keeps the standard op's shape contract. Returns the names of
-    the tensors given (more of) a shape."""
+    ops such as GroupNormalization-21, onnxruntime's contrib ops: `rules.contrib`). Looked up in the node's
+    domain, then by op type in the default domain: a contrib op named like a standard one keeps the standard
+    op's shape contract. Returns the names of the tensors given (more of) a shape."""
     g = model.graph
     known = {vi.name: vi for vi in list(g.input) + list(g.value_info) + list(g.output) if _has_shape(vi)}
     opset = opset_of(model) or None
+
+    def same_shape(node: onnx.NodeProto) -> bool:
+        own = node.domain not in ("", "ai.onnx") and op_facts(node.op_type, node.domain, None).same_shape
+        return own or op_facts(node.op_type, "", opset).same_shape
+
     filled: set[str] = set()
     for node in g.node:
-        if not op_facts(node.op_type, "", opset).same_shape or not node.output or node.output[0] in known:
+        if not node.output or node.output[0] in known or not same_shape(node):
             continue
         src = known.get(node.input[0]) if node.input else None
         if src is None:

@@ -56,12 +56,14 @@ class Builder:
         w = self.normal((cout, cin) + (1,) * (rank - 2))
         return self("Conv", [x, w, self.normal((cout,))])
 
-    def model(self, inputs: list[tuple[str, int, list]], outputs: list[str], opset: int) -> onnx.ModelProto:
+    def model(self, inputs: list[tuple[str, int, list]], outputs: list[str], opset: int,
+              domains: tuple[str, ...] = ()) -> onnx.ModelProto:
         graph = helper.make_graph(
             self.nodes, "rule_row", [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
             [helper.make_tensor_value_info(o, FLOAT, None) for o in outputs], self.inits,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        opsets = [helper.make_opsetid("", opset), *(helper.make_opsetid(d, 1) for d in domains)]
+        model = helper.make_model(graph, opset_imports=opsets)
         inferred = onnx.shape_inference.infer_shapes(model)
         del model.graph.output[:]
         model.graph.output.extend(inferred.graph.output)
@@ -556,3 +558,19 @@ def range_positions(b: Builder, op: str, t: str) -> tuple[str, int]:
     width = b("Squeeze", [b("Gather", [b("Shape", [t]), b.ints([3])]), b.ints([0])])
     positions = b("Cast", [b(op, [b.const(np.array(0, np.int64)), width, b.const(np.array(1, np.int64))])], to=FLOAT)
     return b("Add", [t, positions]), C
+
+
+def contrib(op: str, opset: int) -> onnx.ModelProto:
+    """onnxruntime's contrib ops (`rules.contrib`) between projections. The Gelu family on ``MatMul(x [1, 5, 6])``
+    (a bias along the channels where the op takes one); the skip norms as the op over the length axis of
+    ``[1, C, 5]``, the skip from a second convolution (the channel axis passes, exactly)."""
+    b = Builder()
+    ms = {"domain": "com.microsoft"}
+    if op in ("Gelu", "QuickGelu", "FastGelu", "BiasGelu"):
+        t = b("MatMul", ["x", b.normal((6, C))])
+        u = b(op, [t, b.normal((C,))] if op in ("FastGelu", "BiasGelu") else [t], **ms)
+        return b.model([("x", FLOAT, [1, 5, 6])], [b("MatMul", [u, b.normal((C, 3))])], opset, ("com.microsoft",))
+    t, skip = b.conv("x", 3, C, rank=3), b.conv("x", 3, C, rank=3)
+    params = [b.positive((5,)), b.normal((5,)), b.normal((5,))][: 3 if op == "SkipLayerNormalization" else 2]
+    u = b(op, [t, skip, *params], **ms)
+    return b.model([("x", FLOAT, [1, 3, 5])], [b.conv(u, C, 2, rank=3)], opset, ("com.microsoft",))

@@ -6,6 +6,7 @@ analysis); `facts` answers per-operator questions from the same registry.
 
 from onnxprune.rules import (  # noqa: F401  (registers the rules)
     attention,
+    contrib,
     control,
     conv,
     elementwise,
