@@ -2,7 +2,8 @@
 
 :func:`expand_functions` replaces operators TVM's importer cannot convert by the ONNX standard's own function
 bodies (the common Attention and RotaryEmbedding in direct forms the CPU schedules and the fused attention kernel
-take); :func:`positive_axes` spells Squeeze / Unsqueeze axes as non-negative numbers.
+take); :func:`expand_contrib` writes onnxruntime's contrib ops (its transformer optimizer's SkipLayerNormalization and
+Gelu family) in standard ops; :func:`positive_axes` spells Squeeze / Unsqueeze axes as non-negative numbers.
 
 Many newer ONNX operators are *functions*: the standard defines each as a graph of older ops (onnx ships the body,
 built for the node's attributes and input types). Exports at opset >= 23 use some that TVM 0.27's importer
@@ -31,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import defs, helper, inliner, numpy_helper, shape_inference
 
-__all__ = ["UNSUPPORTED_CONVERTERS", "expand_functions", "positive_axes"]
+__all__ = ["UNSUPPORTED_CONVERTERS", "expand_contrib", "expand_functions", "positive_axes"]
 
 # Standard ops whose TVM converter implements a different operator of the same name.
 UNSUPPORTED_CONVERTERS = frozenset({"Attention"})
@@ -289,3 +290,109 @@ def positive_axes(model: onnx.ModelProto) -> onnx.ModelProto:
         else:
             next(a for a in node.attribute if a.name == "axes").ints[:] = [int(v) for v in axes]
     return out
+
+
+_SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
+
+
+def _contrib_nodes(node: onnx.NodeProto, opset: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None:
+    """`node`, an onnxruntime contrib op (com.microsoft) of its transformer optimizer, in standard ops; None for
+    another op (or a LayerNorm below opset 17)."""
+    at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    prefix = node.name or node.output[0]
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+
+    def op(op_type: str, inputs: list[str], part: str, out: str | None = None, n_out: int = 1, **kwargs) -> str:
+        outs = [out or f"{prefix}/{part}"] + [f"{prefix}/{part}_{k}" for k in range(1, n_out)]
+        nodes.append(helper.make_node(op_type, inputs, outs, name=f"{prefix}/{part}", **kwargs))
+        return outs[0]
+
+    def const(part: str, value: float) -> str:
+        inits.append(numpy_helper.from_array(np.array(value, np.float32), f"{prefix}/{part}"))
+        return f"{prefix}/{part}"
+
+    x, y = node.input[0], node.output[0]
+    kind = node.op_type
+    if kind in ("Gelu", "BiasGelu", "FastGelu", "QuickGelu"):
+        if len(node.input) > 1 and node.input[1]:
+            x = op("Add", [x, node.input[1]], "biased")
+        if kind == "QuickGelu":  # x * sigmoid(alpha x)
+            op("Mul", [x, op("Sigmoid", [op("Mul", [x, const("alpha", at.get("alpha", 1.702))], "ax")], "s")], "y", y)
+        elif kind == "FastGelu":  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+            cube = op("Mul", [op("Mul", [x, x], "x2"), x], "x3")
+            inner = op("Mul", [op("Add", [x, op("Mul", [cube, const("c", 0.044715)], "cx3")], "poly"),
+                               const("k", _SQRT_2_OVER_PI)], "inner")  # fmt: skip
+            half = op("Mul", [x, const("half", 0.5)], "half_x")
+            op("Mul", [half, op("Add", [op("Tanh", [inner], "t"), const("one", 1.0)], "t1")], "y", y)
+        else:  # 0.5 x (1 + erf(x / sqrt 2))
+            erf = op("Erf", [op("Mul", [x, const("r", float(1 / np.sqrt(2.0)))], "xr")], "erf")
+            half = op("Mul", [x, const("half", 0.5)], "half_x")
+            op("Mul", [half, op("Add", [erf, const("one", 1.0)], "e1")], "y", y)
+        return nodes, inits
+    if kind in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"):
+        skip, gamma = node.input[1], node.input[2]
+        simplified = kind == "SkipSimplifiedLayerNormalization"
+        beta = "" if simplified else (node.input[3] if len(node.input) > 3 else "")
+        bias = node.input[3 if simplified else 4] if len(node.input) > (3 if simplified else 4) else ""
+        total = node.output[3] if len(node.output) > 3 and node.output[3] else None
+        summed = op("Add", [x, skip], "sum", None if bias else total)
+        if bias:
+            summed = op("Add", [summed, bias], "sum_bias", total)
+        eps = float(at.get("epsilon", 1e-12))  # onnxruntime's default for both
+        extra = list(node.output[1:3])
+        if any(extra) and simplified:
+            return None
+        if simplified:  # x * gamma / sqrt(mean(x^2) + eps)
+            sq = op("Mul", [summed, summed], "sq")
+            if opset < 18:
+                mean = op("ReduceMean", [sq], "ms", axes=[-1], keepdims=1)
+            else:
+                mean = op("ReduceMean", [sq, _axes(inits, prefix)], "ms", keepdims=1)
+            rms = op("Sqrt", [op("Add", [mean, const("eps", eps)], "mse")], "rms")
+            op("Mul", [op("Div", [summed, rms], "norm"), gamma], "y", y)
+            return nodes, inits
+        if opset < 17:
+            return None
+        outs = [y, *(o or "" for o in extra)]
+        while outs and not outs[-1]:
+            outs.pop()
+        nodes.append(helper.make_node("LayerNormalization", [summed, gamma, *([beta] if beta else [])], outs,
+                                      name=f"{prefix}/layer_norm", axis=-1, epsilon=eps))  # fmt: skip
+        return nodes, inits
+    return None
+
+
+def _axes(inits: list[onnx.TensorProto], prefix: str) -> str:
+    inits.append(numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}/axes"))
+    return f"{prefix}/axes"
+
+
+def expand_contrib(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """`model` with the onnxruntime contrib ops of its transformer optimizer (Gelu family, skip norms) written in
+    standard ops (exact; TVM's own converters refuse a SkipLayerNormalization without beta and bias), and the op
+    types rewritten. The input model is not modified."""
+    opset = _opset(model)
+    if not any(n.domain == "com.microsoft" for n in model.graph.node):
+        return model, []
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes: list[onnx.NodeProto] = []
+    expanded: list[str] = []
+    for node in out.graph.node:
+        made = _contrib_nodes(node, opset) if node.domain == "com.microsoft" else None
+        if made is None:
+            nodes.append(node)
+            continue
+        nodes += made[0]
+        out.graph.initializer.extend(made[1])
+        expanded.append(node.op_type)
+    if not expanded:
+        return model, []
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    if not any(n.domain == "com.microsoft" for n in nodes):
+        keep = [o for o in out.opset_import if o.domain != "com.microsoft"]
+        del out.opset_import[:]
+        out.opset_import.extend(keep)
+    return out, sorted(set(expanded))

@@ -39,7 +39,7 @@ from onnxprune.fold import fold_batchnorm
 from . import bundle as B
 from .cpu_features import recorded_features
 from .messages import note, tvm_messages
-from .onnx_prepare import UNSUPPORTED_CONVERTERS, expand_functions, positive_axes
+from .onnx_prepare import UNSUPPORTED_CONVERTERS, expand_contrib, expand_functions, positive_axes
 from .spec import HOST_CPU, TargetSpec
 from .table import get_target
 from .toolchains import require, tvm_version
@@ -124,6 +124,7 @@ def import_onnx(model: onnx.ModelProto, inputs: list[B.TensorSpec]) -> tvm.IRMod
 
     # opset-23 Attention / RotaryEmbedding: after the folding (an Attention's mask may fold into a constant, which
     # its direct form needs), then the bodies' own shape arithmetic folded
+    model, _ = expand_contrib(model)  # onnxruntime's optimizer output: SkipLayerNormalization, the Gelu family
     model, expanded = expand_functions(_fold_shape_computations(model, inputs), set(_get_convert_map()))
     if expanded:
         model = _fold_shape_computations(model, inputs)
