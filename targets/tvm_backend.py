@@ -122,9 +122,9 @@ def import_onnx(model: onnx.ModelProto, inputs: list[B.TensorSpec]) -> tvm.IRMod
     from tvm.relax.frontend.onnx import from_onnx
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
+    model, _ = expand_contrib(model)  # onnxruntime's optimizer output: SkipLayerNormalization, the Gelu family
     # opset-23 Attention / RotaryEmbedding: after the folding (an Attention's mask may fold into a constant, which
     # its direct form needs), then the bodies' own shape arithmetic folded
-    model, _ = expand_contrib(model)  # onnxruntime's optimizer output: SkipLayerNormalization, the Gelu family
     model, expanded = expand_functions(_fold_shape_computations(model, inputs), set(_get_convert_map()))
     if expanded:
         model = _fold_shape_computations(model, inputs)
