@@ -22,7 +22,7 @@ import onnx
 
 from onnxprune.graph import ModelGraph
 from onnxprune.onnx_utils import gather_list, light_copy, opset_of
-from onnxprune.rules.facts import op_facts
+from onnxprune.rules.facts import op_facts, output_shape
 
 
 def infer_shapes(model: onnx.ModelProto, symbolic: bool = True) -> onnx.ModelProto:
@@ -68,7 +68,8 @@ def _forget_placeholders_after(model: onnx.ModelProto, filled: set[str]) -> None
 
 def _fill_same_shape(model: onnx.ModelProto) -> set[str]:
     """Give the output of a same-shape operator its input's type where onnx's inference gave up (function
-    ops such as GroupNormalization-21, onnxruntime's contrib ops: `rules.contrib`). Looked up in the node's
+    ops such as GroupNormalization-21, onnxruntime's contrib ops: `rules.contrib`), and a contrib op whose rule
+    computes its output's shape (`ChannelRule.output_shape`) that shape. Looked up in the node's
     domain, then by op type in the default domain: a contrib op named like a standard one keeps the standard
     op's shape contract. Returns the names of the tensors given (more of) a shape."""
     g = model.graph
@@ -79,15 +80,28 @@ def _fill_same_shape(model: onnx.ModelProto) -> set[str]:
         own = node.domain not in ("", "ai.onnx") and op_facts(node.op_type, node.domain, None).same_shape
         return own or op_facts(node.op_type, "", opset).same_shape
 
+    weights = {t.name: tuple(t.dims) for t in g.initializer}
+
+    def dims(name: str) -> tuple | None:
+        vi = known.get(name)
+        if vi is None:
+            return weights.get(name)
+        return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim)
+
     filled: set[str] = set()
     for node in g.node:
-        if not node.output or node.output[0] in known or not same_shape(node):
+        if not node.output or node.output[0] in known:
             continue
         src = known.get(node.input[0]) if node.input else None
         if src is None:
             continue
         vi = onnx.ValueInfoProto()
-        vi.CopyFrom(src)
+        if same_shape(node):
+            vi.CopyFrom(src)
+        elif node.domain not in ("", "ai.onnx") and (shape := output_shape(node, dims)) is not None:
+            vi.CopyFrom(onnx.helper.make_tensor_value_info("", src.type.tensor_type.elem_type, list(shape)))
+        else:
+            continue
         vi.name = node.output[0]
         outputs = {o.name: o for o in g.output}
         if vi.name in outputs:

@@ -561,11 +561,16 @@ def range_positions(b: Builder, op: str, t: str) -> tuple[str, int]:
 
 
 def contrib(op: str, opset: int) -> onnx.ModelProto:
-    """onnxruntime's contrib ops (`rules.contrib`) between projections. The Gelu family on ``MatMul(x [1, 5, 6])``
+    """onnxruntime's contrib ops (`rules.contrib`) between projections. Packed Attention: its 2 heads and the 6 input
+    features it contracts. The Gelu family on ``MatMul(x [1, 5, 6])``
     (a bias along the channels where the op takes one); the skip norms as the op over the length axis of
     ``[1, C, 5]``, the skip from a second convolution (the channel axis passes, exactly)."""
     b = Builder()
     ms = {"domain": "com.microsoft"}
+    if op == "Attention":  # packed q / k / v of 2 heads (values narrower: qkv_hidden_sizes) from MatMul(x)
+        t = b("MatMul", ["x", b.normal((6, 6))])
+        u = b(op, [t, b.normal((6, 8 + 8 + 4)), b.normal((20,))], num_heads=2, qkv_hidden_sizes=[8, 8, 4], **ms)
+        return b.model([("x", FLOAT, [1, 5, 6])], [b("MatMul", [u, b.normal((4, 3))])], opset, ("com.microsoft",))
     if op in ("Gelu", "QuickGelu", "FastGelu", "BiasGelu"):
         t = b("MatMul", ["x", b.normal((6, C))])
         u = b(op, [t, b.normal((C,))] if op in ("FastGelu", "BiasGelu") else [t], **ms)

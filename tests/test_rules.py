@@ -125,6 +125,7 @@ TABLE = [
     Row("layer norm", ("LayerNormalization",), sandwich(norm, rank=3, spatial=5), (C,)),
     Row("rms norm", ("RMSNormalization",), sandwich(norm, rank=3, spatial=5), (C,), opset=23),
     Row("rms norm over the channels", ("RMSNormalization",), norm_over_channels, (C,), opset=23),
+    Row("onnxruntime contrib: packed attention", ("Attention",), contrib, (2, 6)),
     Row("onnxruntime contrib: Gelu family", ("Gelu", "QuickGelu", "FastGelu", "BiasGelu"), contrib, (C,)),
     Row("onnxruntime contrib: skip norms", ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"), contrib,
         (C,)),

@@ -73,6 +73,11 @@ class ChannelRule:
         """For a linear layer: (input-channel axis, output-channel axis) of its weight (input 1)."""
         return None
 
+    def output_shape(self, node: onnx.NodeProto, shape_of: Callable[[str], tuple | None]) -> tuple | None:
+        """Output 0's shape from the inputs' (`shape_of(name)`: sizes, symbols or None each; None when unknown),
+        for an operator onnx's shape inference does not know (a contrib op); None: not declared."""
+        return None
+
 
 @dataclass(frozen=True)
 class Registration:

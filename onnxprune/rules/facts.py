@@ -2,7 +2,8 @@
 
 `op_facts(op_type, domain, opset)` says whether an operator maps an all-silenced channel to zero (what
 unconstrained pruning needs to narrow a producer) and whether its first output has its first input's
-shape (what shape inference falls back on); `linear_axes(node, graph)` says which weight axes of a
+shape (what shape inference falls back on; `output_shape` where a rule computes another shape);
+`linear_axes(node, graph)` says which weight axes of a
 linear layer read input channels and write output channels. Each rule declares these for the op types
 it registers (`base.ChannelRule`); this module only looks them up.
 """
@@ -15,7 +16,7 @@ from onnxprune.graph import ModelGraph
 from onnxprune.onnx_utils import opset_of
 from onnxprune.rules.base import RULES, OpFacts
 
-__all__ = ["OpFacts", "linear_axes", "op_facts"]
+__all__ = ["OpFacts", "linear_axes", "op_facts", "output_shape"]
 
 
 def op_facts(op_type: str, domain: str = "", opset: int | None = None) -> OpFacts:
@@ -31,3 +32,10 @@ def linear_axes(node: onnx.NodeProto, graph: ModelGraph) -> tuple[int, int] | No
     """
     reg = RULES.registration(node.domain, node.op_type, opset_of(graph.model, node.domain) or None)
     return reg.rule.linear_axes(node, graph) if reg is not None else None
+
+
+def output_shape(node: onnx.NodeProto, shape_of) -> tuple | None:
+    """Output 0's shape as the node's rule computes it from its inputs' shapes (`ChannelRule.output_shape`), for
+    operators onnx cannot infer; None when the rule does not say."""
+    reg = RULES.registration(node.domain, node.op_type, None)
+    return reg.rule.output_shape(node, shape_of) if reg is not None else None
