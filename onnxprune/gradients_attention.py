@@ -27,21 +27,35 @@ def _refuse(node: onnx.NodeProto, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"synthetic calibration: Attention node {node.name!r}: {why}")
 
 
-def _bias(cx: Context, node: onnx.NodeProto, t: int, s: int) -> np.ndarray | None:
-    """The constant additive bias of the scores (mask and causal), or None."""
-    a = attrs(node)
+def scores_bias(mask: np.ndarray | None, causal: bool, t: int, s: int) -> np.ndarray | None:
+    """The constant additive bias of an Attention node's [t, s] scores: the mask (additive, or boolean as 0 /
+    -inf) plus the causal mask (query i sees keys j <= i, as the standard's body); None without either.
+
+    Raises:
+        ValueError: a mask that does not broadcast to the scores, or one that masks a whole row (the standard
+            gives such a row zeros, a plain softmax NaNs).
+    """
     bias = None
+    if mask is not None:
+        bias = np.where(mask, 0.0, -np.inf) if mask.dtype == np.bool_ else mask.astype(np.float64)
+    if causal:
+        rule = np.where(np.arange(s)[None, :] <= np.arange(t)[:, None], 0.0, -np.inf)
+        bias = rule if bias is None else bias + rule
+    if bias is not None and np.isneginf(np.broadcast_to(bias, (*bias.shape[:-2], t, s))).all(axis=-1).any():
+        raise ValueError("a mask that masks a whole row")
+    return None if bias is None else bias.astype(np.float32)
+
+
+def _bias(cx: Context, node: onnx.NodeProto, t: int, s: int) -> np.ndarray | None:
+    mask = None
     if len(node.input) > 3 and node.input[3]:
         if node.input[3] in cx.active:
             raise _refuse(node, "a computed attention mask")
         mask = cx.need(node, node.input[3])
-        bias = np.where(mask, 0.0, -np.inf) if mask.dtype == np.bool_ else mask.astype(np.float64)
-    if a.get("is_causal", 0):
-        causal = np.where(np.arange(s)[None, :] <= np.arange(t)[:, None], 0.0, -np.inf)
-        bias = causal if bias is None else bias + causal
-    if bias is not None and np.isneginf(np.broadcast_to(bias, (*bias.shape[:-2], t, s))).all(axis=-1).any():
-        raise _refuse(node, "a mask that masks a whole row")
-    return None if bias is None else bias.astype(np.float32)
+    try:
+        return scores_bias(mask, bool(attrs(node).get("is_causal", 0)), t, s)
+    except ValueError as exc:
+        raise _refuse(node, str(exc)) from None
 
 
 @rule("Attention")

@@ -32,6 +32,8 @@ import numpy as np
 import onnx
 from onnx import defs, helper, inliner, numpy_helper, shape_inference
 
+from onnxprune.gradients_attention import scores_bias
+
 __all__ = ["UNSUPPORTED_CONVERTERS", "expand_contrib", "expand_functions", "positive_axes"]
 
 # Standard ops whose TVM converter implements a different operator of the same name.
@@ -94,19 +96,11 @@ def _direct_attention(
     if heads != kv_heads or d != d_k:
         return None
     mask_name = node.input[3] if len(node.input) > 3 else ""
-    bias = None
-    if mask_name:
-        if mask_name not in consts:
-            return None
-        mask = consts[mask_name]
-        bias = np.where(mask, 0.0, -np.inf).astype(np.float32) if mask.dtype == np.bool_ else mask.astype(np.float32)
+    if mask_name and mask_name not in consts:
+        return None
     try:
-        if at.get("is_causal", 0):
-            causal = np.where(np.arange(length)[None, :] <= np.arange(t)[:, None], 0.0, -np.inf).astype(np.float32)
-            bias = causal if bias is None else bias + causal
-        if bias is not None and np.isneginf(np.broadcast_to(bias, (*bias.shape[:-2], t, length))).all(axis=-1).any():
-            return None  # a fully masked row: the standard's body gives it zeros, a plain softmax NaNs
-    except ValueError:  # a mask that does not broadcast to the scores: left to the body (and the importer)
+        bias = scores_bias(consts[mask_name] if mask_name else None, bool(at.get("is_causal", 0)), t, length)
+    except ValueError:  # a fully masked row, or a mask that does not broadcast: left to the body
         return None
     scale = at.get("scale") or 1.0 / np.sqrt(d)
     name = node.name or node.output[0]
