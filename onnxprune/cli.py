@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from onnxprune import cli_options as opts
-from onnxprune.errors import OnnxPruneError, UsageError
+from onnxprune.errors import OnnxPruneError, UsageError, missing_calibration
 from onnxprune.report import prune_record
 from onnxprune.version import __version__
 
@@ -441,11 +441,11 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
     if args.allocation == "sensitivity":
         raise UsageError("--mode unconstrained allocates with --allocation uniform, global, lamp or knapsack")
     if args.allocation == "knapsack" and not args.calib:
-        raise UsageError("--mode unconstrained --allocation knapsack measures errors: it needs --calib")
+        raise missing_calibration("--mode unconstrained --allocation knapsack")
     if args.repair not in ("none", "mean", "ls", "seq"):
         raise UsageError("--mode unconstrained repairs with --repair none, mean, ls or seq")
     if args.repair != "none" and not args.calib:
-        raise UsageError(f"--repair {args.repair} needs --calib (calibration inputs)")
+        raise missing_calibration(f"--mode unconstrained --repair {args.repair}", fallback="--repair none")
     config = UnconstrainedConfig(ratio=ratio, criterion=args.criterion, share=args.share, union_cap=args.union_cap,
                                  drive=args.drive or "coupled", reorder=not args.no_reorder, tune=args.tune, repair=args.repair,
                                  allocation=args.allocation or ("global" if args.global_ranking else "uniform"),

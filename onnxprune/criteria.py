@@ -354,14 +354,14 @@ def get_criterion(name: str, seed: int = 0, stats=None, repair: str = "ls") -> C
     `repair` is the repair that will follow (none | bias | ls): the OBS saliency measures the error left
     after exactly that repair.
     """
-    from onnxprune.errors import UsageError
+    from onnxprune.errors import UsageError, missing_calibration
 
     if name == "random":
         return Random(seed)
     if name not in CRITERIA:
         raise UsageError(f"unknown criterion {name!r} (choose from {', '.join(sorted(CRITERIA))})")
     if name in DATA_CRITERIA and stats is None:
-        raise UsageError(f"criterion {name!r} needs calibration data: pass --calib FILE.npz")
+        raise missing_calibration(f"criterion {name!r}")
     if name == "obs":
         return OBS(stats=stats, repair=repair)
     if name == "activation" and stats is not None:

@@ -45,7 +45,7 @@ from onnxprune.calibration import (
 )
 from onnxprune.channels import ChannelAnalysis, DimRef, analyze
 from onnxprune.dense_rows import DenseRows, DenseRowsWriter, dense_rows
-from onnxprune.errors import UsageError
+from onnxprune.errors import UsageError, missing_calibration
 from onnxprune.graph import ModelGraph, attrs
 from onnxprune.layer_inputs import DEFAULT_BUDGET, FrontierRunner
 from onnxprune.moments import channel_moments
@@ -143,7 +143,7 @@ def repair_weights(
     if method == "seq":
         raise UsageError("repair 'seq' runs the model on calibration samples: use repair_sequential")
     if method == "ls" and stats is None:
-        raise UsageError("repair 'ls' needs calibration data: pass --calib FILE.npz (or use --repair bias)")
+        raise missing_calibration("repair 'ls'", fallback="--repair bias")
     graph = analysis.graph
     report = RepairReport()
     removed = analysis.removed_positions(removed_labels)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from onnxprune.allocation import ALLOCATIONS
 from onnxprune.criteria import CRITERIA, DATA_CRITERIA
-from onnxprune.errors import UsageError
+from onnxprune.errors import UsageError, missing_calibration
 from onnxprune.latency_allocation import parse_latency_target
 from onnxprune.repair import REPAIRS
 
@@ -103,13 +103,13 @@ def check_data(
     if not custom_criterion and c.criterion not in CRITERIA:
         raise UsageError(f"unknown criterion {c.criterion!r} (choose from {', '.join(sorted(CRITERIA))})")
     if not has_calib and c.repair == "seq":
-        raise UsageError("repair 'seq' needs calibration samples: pass --calib FILE.npz (or use --repair bias)")
+        raise missing_calibration("repair 'seq'", fallback="--repair bias")
     if has_stats:
         return []
     if not has_calib and not custom_criterion and c.criterion in DATA_CRITERIA:
-        raise UsageError(f"criterion {c.criterion!r} needs calibration data: pass --calib FILE.npz")
+        raise missing_calibration(f"criterion {c.criterion!r}")
     if not has_calib and c.repair == "ls":
-        raise UsageError("repair 'ls' needs calibration data: pass --calib FILE.npz (or use --repair bias)")
+        raise missing_calibration("repair 'ls'", fallback="--repair bias")
     notices = []
     if not has_calib and not custom_criterion and c.criterion == "obs":
         notices.append("criterion obs without --calib: using the data-free BatchNorm Hessian surrogate")

@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from onnxprune.calibration import check_calib
 from onnxprune.calibration_data import CalibLike, as_calibration
-from onnxprune.errors import OnnxPruneError, UsageError
+from onnxprune.errors import OnnxPruneError, missing_calibration
 from onnxprune.passes.select import ChannelSelection, pending_selection
 from onnxprune.passmanager import Pass, PassResult, analyses
 from onnxprune.quantized_repair import float_view, requantize
@@ -42,7 +42,7 @@ class RepairChannelsPass(Pass):
     def requires(self, model):
         selection = pending_selection(model)
         if selection.config.repair == "seq" and self.calib is None:
-            raise UsageError("repair 'seq' needs calibration samples: pass --calib FILE.npz (or use --repair bias)")
+            raise missing_calibration("repair 'seq'", fallback="--repair bias")
 
     def call(self, model):
         selection = pending_selection(model)

@@ -38,7 +38,7 @@ from onnxprune.calibration_data import CalibLike, as_calibration, fixed_batch
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, analyze
 from onnxprune.criteria import Criterion, Magnitude, get_criterion
 from onnxprune.dense_rows import DenseRows
-from onnxprune.errors import PreconditionError, UsageError
+from onnxprune.errors import PreconditionError, missing_calibration
 from onnxprune.graph import ModelGraph
 from onnxprune.latency_allocation import latency_order
 from onnxprune.metrics import count_macs, count_params
@@ -312,8 +312,7 @@ def measure_sensitivity(
     for the knapsack allocation its finer curves (`allocation_knapsack.measure_curves`)."""
     c = config
     if calib is None:
-        raise UsageError(f"allocation {c.allocation_name!r} needs calibration data: pass --calib FILE.npz "
-                         "(or --calib synthetic)")
+        raise missing_calibration(f"allocation {c.allocation_name!r}")
     model = analysis.graph.model
     # QDQ: measured on the float view, where the measurement's repair can refit the quantized layers too
     view, measured_on = _float_view_of(analysis, c.allow_inexact)

@@ -132,6 +132,16 @@ def test_usage_errors_exit_2(residual, args):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args", [["--repair", "seq"], ["--repair", "ls"], ["--criterion", "activation"],
+                                  ["--allocation", "knapsack"], ["--sparsity", "0.5", "--sparse-criterion", "wanda"],
+                                  ["--mode", "unconstrained", "--repair", "ls"]])  # fmt: skip
+def test_options_needing_data_name_both_real_and_distilled_inputs(residual, args):
+    """Without samples a user is pointed at --calib synthetic too, not only at the weak data-free repair."""
+    code, _, err = _cli("prune", residual, "--ratio", "0.3", *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--calib FILE.npz" in err and "--calib synthetic" in err, err
+
+
 def test_output_equal_to_input_refused(residual):
     digest = _sha(residual)
     code, _, _ = _cli("prune", residual, "-o", residual)

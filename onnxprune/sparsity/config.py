@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from onnxprune.errors import UsageError
+from onnxprune.errors import UsageError, missing_calibration
 from onnxprune.sparsity.layers import LayerRules
 from onnxprune.sparsity.patterns import Pattern, parse_pattern
 from onnxprune.sparsity.scoring import ALLOCATIONS, SCORES
@@ -83,7 +83,6 @@ class SparsityConfig:
         if has_calib:
             return
         if self.repair in ("ls", "seq"):
-            raise UsageError(f"repair {self.repair!r} with --sparsity needs calibration data: pass --calib FILE.npz "
-                             "(or use --repair bias)")
+            raise missing_calibration(f"repair {self.repair!r} with --sparsity", fallback="--repair bias")
         if self.criterion in ("wanda", "obs"):
-            raise UsageError(f"sparse criterion {self.criterion!r} needs calibration data: pass --calib FILE.npz")
+            raise missing_calibration(f"sparse criterion {self.criterion!r}")
