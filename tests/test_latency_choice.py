@@ -158,46 +158,112 @@ def test_target_latency_with_calib_allocates_by_measured_curves(macs_cli, capsys
     assert measured == [] and chosen["config"]["allocation"] == "global"  # an explicit allocation stays
 
 
-# -- the choice is confirmed by timing the two models ---------------------------------------------------------
+# -- the table shortlists, the measurement chooses ---------------------------------------------------------------
 
 
 class ScriptedBackend:
-    """Times [reference, chosen] as scripted (ms each), and records the models it was given."""
+    """Times each call's models as scripted (ms by position: [dense,] reference, shortlist...), and records them."""
 
     name = "scripted"
     key = FakeBackend.key  # where the table was measured
     emulated = False
 
     def __init__(self, ms):
-        self.ms, self.models = ms, []
+        self.ms, self.calls = ms, []
 
     def time_models(self, models, *, warmup=3, repeat=15, progress=None):
-        self.models += list(models)
-        return [Timing(m, 0.0, repeat, m) for m in self.ms]
+        self.calls.append(list(models))
+        assert len(models) <= len(self.ms)
+        return [Timing(m, 0.0, repeat, m) for m in self.ms[: len(models)]]
 
 
-@pytest.mark.parametrize(("ms", "keeps"), [((1.0, 1.5), False), ((1.0, 1.01), True), ((1.0, 0.5), True)])
-def test_a_choice_measured_slower_than_unrounded_falls_back_to_it(tmp_path, monkeypatch, ms, keeps):
+def _confirm(tmp_path, monkeypatch, ms, *, only_chosen=False, table_chose_reference=False):
+    """`latency_select.confirmed` on a real multi-candidate choice, timed by `ScriptedBackend(ms)`."""
     from onnxprune.passes import latency_select
     from onnxprune.passes.config import PruneConfig
 
     analysis, table, grid, scores = _setup(tmp_path)
     choices = [choose_ratio_plan(analysis, scores, table, r, keep_counts=grid) for r in (0.3, 0.7, 0.4, 0.6)]
-    choice = next(c for c in choices  # a real choice to confirm: the plan differs from the unrounded one
+    choice = next(c for c in choices  # a real choice to measure: the plan differs from the unrounded one
                   if c.chosen.plan.kept(analysis) != c.reference.plan.kept(analysis))
+    if only_chosen:
+        choice = ratio_choice.RatioChoice(choice.chosen, choice.reference, (choice.reference, choice.chosen))
+    if table_chose_reference:
+        choice = ratio_choice.RatioChoice(choice.reference, choice.reference, choice.candidates)
     backend = ScriptedBackend(ms)
     monkeypatch.setattr(latency_select, "latency_backend", lambda config: backend)
-    config = PruneConfig(ratio=0.5, round_to="auto")
-    got = latency_select.confirmed(config, analysis, choice, table.backend_key)
+    got = latency_select.confirmed(PruneConfig(ratio=0.5, round_to="auto"), analysis, choice, table.backend_key)
+    return got, choice, backend, analysis, table
+
+
+@pytest.mark.parametrize(("ms", "keeps"), [((1.0, 1.5), False), ((1.0, 1.01), True), ((1.0, 0.5), True)])
+def test_a_lone_choice_measured_slower_than_unrounded_falls_back_to_it(tmp_path, monkeypatch, ms, keeps):
+    from onnxprune.passes import latency_select
+    from onnxprune.passes.config import PruneConfig
+
+    got, choice, backend, analysis, table = _confirm(tmp_path, monkeypatch, ms, only_chosen=True)
     assert got is (choice.chosen if keeps else choice.reference)
-    assert len(backend.models) == 2  # the two pruned models, timed together
-    sizes = [{t.name: tuple(t.dims) for t in m.graph.initializer} for m in backend.models]
-    assert sizes[0] != sizes[1] and all(m.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
-                                        for m in backend.models)
-    same = ratio_choice.RatioChoice(choice.reference, choice.reference, choice.candidates)
+    [models] = backend.calls  # one candidate: the reference and it, timed together (no dense model needed)
+    assert len(models) == 2
+    sizes = [{t.name: tuple(t.dims) for t in m.graph.initializer} for m in models]
+    assert sizes[0] != sizes[1] and all(m.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1 for m in models)
+    config = PruneConfig(ratio=0.5, round_to="auto")
+    same = ratio_choice.RatioChoice(choice.reference, choice.reference, (choice.reference,))
     assert latency_select.confirmed(config, analysis, same, table.backend_key) is choice.reference
     assert latency_select.confirmed(config, analysis, choice, "elsewhere") is choice.chosen  # not the table's device
-    assert len(backend.models) == 2  # neither was timed
+    assert len(backend.calls) == 1  # neither was timed
+
+
+def test_the_measurement_chooses_among_the_shortlist(tmp_path, monkeypatch):
+    """The table's choice measured slower than --round-to 1, a lower-ranked candidate faster: the faster one wins
+    (the table predicted it worse); every timed model is a distinct plan, the dense model first."""
+    from onnxprune.graph import ModelGraph
+    from onnxprune.passes import latency_select
+
+    # dense, reference, then the shortlist in predicted order: only the third is no slower than the reference
+    got, choice, backend, analysis, _ = _confirm(tmp_path, monkeypatch, (10.0, 5.0, 6.0, 7.0, 4.5, 8.0))
+    [models] = backend.calls
+    shortlist = list(choice.by_score())[: latency_select.SHORTLIST]
+    assert len(models) >= 4 and shortlist[0] is choice.chosen
+    assert count_macs(ModelGraph(models[0])) == count_macs(ModelGraph(_three_groups()))  # the dense model
+    kept = {tuple(sorted(c.plan.kept(analysis).items())) for c in (choice.reference, *shortlist)}
+    assert len(kept) == len(models) - 1  # one timing per distinct plan
+    assert got is not choice.chosen and got is not choice.reference
+    assert got.plan.kept(analysis) != choice.chosen.plan.kept(analysis)
+    # all slower than the reference: the reference
+    slow, choice, _, _, _ = _confirm(tmp_path, monkeypatch, (10.0, 5.0, 6.0, 7.0, 8.0, 9.0))
+    assert slow is choice.reference
+
+
+def test_measured_ties_on_speed_go_to_the_plan_that_removed_fewer_macs(tmp_path, monkeypatch):
+    """Equal measured times: the score (efficiency capped at 1, squared, times speedup) prefers the plan that got
+    as much faster with fewer MACs removed, counted on the timed models."""
+    from onnxprune.graph import ModelGraph
+
+    got, _choice, backend, analysis, _ = _confirm(tmp_path, monkeypatch, (10.0, 9.0) + (8.0,) * 4)
+    [models] = backend.calls
+    dense_macs = count_macs(ModelGraph(models[0]))
+    macs = [count_macs(ModelGraph(m)) for m in models[2:]]
+    efficiency = [10.0 / 8.0 * m / dense_macs for m in macs]
+    assert max(efficiency) < 1  # not capped: the score orders them by MACs kept
+    best = max(range(len(macs)), key=lambda i: macs[i])
+    chosen_macs = count_macs(ModelGraph(latency_select_pruned(analysis, got)))
+    assert chosen_macs == macs[best] and len(set(macs)) > 1
+
+
+def test_a_plan_the_table_never_offered_wins_when_measured_faster(tmp_path, monkeypatch):
+    """The table predicted every other plan slower than --round-to 1 and kept the reference (the Fashion-MNIST
+    ResNet at 0.7: 4.01x predicted, 3.21x measured); they are still timed, and one measured faster wins."""
+    got, choice, backend, _analysis, _ = _confirm(tmp_path, monkeypatch, (10.0, 5.0, 6.0, 3.0, 7.0, 8.0),
+                                                 table_chose_reference=True)
+    assert choice.chosen is choice.reference and len(backend.calls) == 1
+    assert got is not choice.reference and got in choice.candidates
+
+
+def latency_select_pruned(analysis, candidate):
+    from onnxprune.passes import latency_select
+
+    return latency_select._pruned(analysis, candidate.plan)
 
 
 def test_the_select_pass_gives_a_latency_target_with_samples_the_knapsack_allocation():
