@@ -251,6 +251,23 @@ def test_measured_ties_on_speed_go_to_the_plan_that_removed_fewer_macs(tmp_path,
     assert chosen_macs == macs[best] and len(set(macs)) > 1
 
 
+def test_measured_efficiency_outweighs_a_little_more_speed(tmp_path, monkeypatch):
+    """A plan that removed fewer MACs and is a little slower beats one that removed more for slightly more speed:
+    timings chosen between the two weights (efficiency squared would take the faster, to the 4th the other)."""
+    from onnxprune.graph import ModelGraph
+    from onnxprune.passes import latency_select
+
+    _, _, backend, analysis, _ = _confirm(tmp_path, monkeypatch, (10.0, 9.0) + (8.0,) * 4)
+    macs = [count_macs(ModelGraph(m)) for m in backend.calls[0][2:]]
+    lean, heavy = int(np.argmin(macs)), int(np.argmax(macs))  # fewest MACs kept (most removed), most kept
+    speed = (macs[lean] / macs[heavy]) ** -0.73  # between r^(-2/3) and r^(-4/5): the weights disagree
+    ms = [10.0, 9.0] + [9.5] * len(macs)  # the others slower than the two
+    ms[2 + heavy], ms[2 + lean] = 8.0, 8.0 / speed
+    assert latency_select.MEASURED_EFFICIENCY_WEIGHT == 4
+    got, _, backend, analysis, _ = _confirm(tmp_path, monkeypatch, tuple(ms))
+    assert count_macs(ModelGraph(latency_select_pruned(analysis, got))) == macs[heavy]
+
+
 def test_a_plan_the_table_never_offered_wins_when_measured_faster(tmp_path, monkeypatch):
     """The table predicted every other plan slower than --round-to 1 and kept the reference (the Fashion-MNIST
     ResNet at 0.7: 4.01x predicted, 3.21x measured); they are still timed, and one measured faster wins."""
