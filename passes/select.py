@@ -47,6 +47,7 @@ from onnxprune.passes.latency_select import (
     LatencyReport,
     latency_grid,
     plan_for_target_latency,
+    rounding_notice,
     weighted_ratio_plan,
     with_latency_allocation,
 )
@@ -458,7 +459,7 @@ class SelectChannelsPass(Pass):
         if self.config.allocation_name in ("sensitivity", "knapsack"):
             measured = measure_sensitivity(self.config, analysis, stats, self.calib)
         plan, table, latency, more = self.choose(analysis, stats, measured)
-        more += target_notices(self.config, analysis)
+        more += target_notices(self.config, analysis) + rounding_notice(self.config, analysis, plan)
         if not analysis.groups:
             more += (f"no channel group can be pruned ({len(analysis.barriers)} barriers): the output is the model "
                      "as imported; `onnxprune analyze` gives every frozen weight axis its reason",)

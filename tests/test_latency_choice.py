@@ -296,3 +296,21 @@ def test_the_select_pass_gives_a_latency_target_with_samples_the_knapsack_alloca
     explicit = PruneConfig(target_latency="0.6x", allocation="uniform")
     assert SelectChannelsPass(explicit, calib=calib).config.allocation == "uniform"
     assert SelectChannelsPass(PruneConfig(ratio=0.3), calib=calib).config.allocation is None
+
+
+def test_auto_rounding_that_removes_little_of_the_ratio_says_so(tmp_path):
+    """The bundled Fashion-MNIST CNN at --ratio 0.1 kept every group whole under auto rounding, silently."""
+    from onnxprune.passes.config import PruneConfig
+    from onnxprune.passes.latency_select import rounding_notice
+
+    analysis, _, _, scores = _setup(tmp_path)
+    total = sum(g.size for g in analysis.groups)
+    nothing = PruningPlan({})
+    half = make_plan(analysis, scores, 0.3)
+    assert 0.15 * total <= half.channels_removed
+    auto = PruneConfig(ratio=0.3, round_to="auto")
+    [note] = rounding_notice(auto, analysis, nothing)
+    assert "removed 0.0% of the channels, not the 30% asked" in note and "--round-to 1" in note
+    assert rounding_notice(auto, analysis, half) == ()  # at least half the ratio went
+    assert rounding_notice(PruneConfig(ratio=0.3, round_to=1), analysis, nothing) == ()
+    assert rounding_notice(PruneConfig(ratio=0.3, round_to="auto", target_params="50%"), analysis, nothing) == ()
