@@ -278,29 +278,34 @@ def weighted_ratio_plan(
 CONFIRM_TOLERANCE = 0.02
 #: plans timed against the unrounded one: the table's choice and the next best by predicted score
 SHORTLIST = 4
-#: the measured score is efficiency ** this * speedup (efficiency capped at 1). The table's score weighs efficiency
-#: 2 (`latency.weighted.EFFICIENCY_WEIGHT`) against predictions that underestimate it (EfficientNet-B0 / MobileNetV2
-#: at 0.7: 0.79-0.85 predicted, 0.89-0.97 measured); measured, a plan must be clearly faster to beat a more
-#: efficient one, which removed less of the model's compute for its speed (EfficientNet-B0@0.7: 4.38x at 0.914
-#: against 4.24x at 0.923: 2 takes the first, 4 the second)
-MEASURED_EFFICIENCY_WEIGHT = 4.0
-#: interleaved rounds when a shortlist is timed: the score goes as time^-5, so 3% of timing noise moves it 15%
-#: (EfficientNet-B0@0.7 at 15 rounds picked either of two plans 6% apart in score from run to run)
+#: the measured score is efficiency ** this * speedup (efficiency capped at 1): efficiency first, as the default is
+#: judged (realized speedup / MACs reduction): 1% less efficient must buy 8% more speed. Candidates trade the two
+#: nearly in proportion (EfficientNet-B0@0.7, measured when chosen: 3.56x at 0.945, 4.24x at 0.923, 4.38x at
+#: 0.914), so a weight of 2 or 4 left the choice to timing noise, and the faster plans measured 0.87-0.92 in later
+#: runs; the table's score weighs 2 (`latency.weighted.EFFICIENCY_WEIGHT`) against predictions that underestimate
+#: efficiency (0.79-0.85 predicted, 0.89-0.97 measured at 0.7)
+MEASURED_EFFICIENCY_WEIGHT = 8.0
+#: a measured candidate replaces the table's choice only when it scores this much higher (the run-to-run spread of
+#: a model's fastest-of-40 time is a few percent; the score goes as time^-9)
+REPLACE_MARGIN = 0.05
+#: interleaved rounds when a shortlist is timed (15 for a lone candidate against the reference, as before)
 SHORTLIST_REPEAT = 40
 
 
 def confirmed(config: PruneConfig, analysis: ChannelAnalysis, choice: RatioChoice, table_key: str) -> Candidate:
-    """The best *measured* of the table's `SHORTLIST` best candidates that runs no slower than the reference (the
-    uniform ratio at any count, ``--round-to 1``) within `CONFIRM_TOLERANCE`, else the reference.
+    """The table's choice, unless a candidate of its `SHORTLIST` measures clearly better; never a plan measured slower
+    than the reference (the uniform ratio at any count, ``--round-to 1``) beyond `CONFIRM_TOLERANCE`.
 
     The table prices each layer alone; a whole model can disagree, and at high ratios it does by more than the
-    candidates differ. So the table only shortlists: its choice and the next best by predicted score (including
-    plans it predicted slower than the reference, which it then never offered) are applied to the model and timed
-    interleaved with the reference and the dense model (fastest runs: robust on a loaded machine), and the best
-    measured score wins (efficiency capped at 1, to the power `MEASURED_EFFICIENCY_WEIGHT`, times speedup; MACs
-    counted on the models). One candidate is only timed against the reference. A plan equal to the
-    reference is not timed; a table measured elsewhere (`table_key`, the table's backend key, is not the
-    configured backend's) or a failed measurement keeps the table's choice.
+    candidates differ. So the table's choice and the next best by predicted score (including plans it predicted
+    slower than the reference, which it then never offered) are applied to the model and timed interleaved with
+    the reference and the dense model (fastest runs: robust on a loaded machine). Measured score: efficiency
+    capped at 1, to the power `MEASURED_EFFICIENCY_WEIGHT`, times speedup (MACs counted on the models). The
+    table's choice stands if it measured no slower than the reference (else the reference stands in for it)
+    unless another candidate no slower than the reference scores `REPLACE_MARGIN` higher. One candidate is only
+    timed against the reference. A plan equal to the reference is not timed; a table measured elsewhere
+    (`table_key`, the table's backend key, is not the configured backend's) or a failed measurement keeps the
+    table's choice.
 
     What the measurement saw when it chose (onnxruntime 1 thread, quiet machine, `onnxprune prune MODEL --ratio 0.7`;
     speedup (efficiency), fastest of 40 interleaved runs; all candidates: bench/latency_results_quiet.txt, session 38):
@@ -339,18 +344,17 @@ def confirmed(config: PruneConfig, analysis: ChannelAnalysis, choice: RatioChoic
         if backend.key != table_key:
             return choice.chosen
         models = [_pruned(analysis, c.plan) for c in timed]
+        unrounded = _pruned(analysis, reference.plan)
         dense = [_static(analysis.graph.model)] if len(timed) > 1 else []
-        timings = backend.time_models([*dense, _pruned(analysis, reference.plan), *models],
+        timings = backend.time_models([*dense, unrounded, *models],
                                       **({"repeat": SHORTLIST_REPEAT} if dense else {}))
     except Exception:  # the prediction stands when the models cannot be timed (a dynamic input size, ...)
         return choice.chosen
     ref_ms = timings[len(dense)].best_ms
     fast = [(c, m, t.best_ms) for c, m, t in zip(timed, models, timings[len(dense) + 1:])
             if t.best_ms <= ref_ms * (1 + CONFIRM_TOLERANCE)]
-    if not fast:
-        return reference
     if not dense:
-        return fast[0][0]
+        return fast[0][0] if fast else reference
     dense_ms, dense_macs = timings[0].best_ms, count_macs(ModelGraph(dense[0]))
 
     def measured_score(entry: tuple[Candidate, onnx.ModelProto, float]) -> float:
@@ -359,7 +363,10 @@ def confirmed(config: PruneConfig, analysis: ChannelAnalysis, choice: RatioChoic
         efficiency = speedup * count_macs(ModelGraph(model)) / max(dense_macs, 1)
         return min(efficiency, EFFICIENCY_CAP) ** MEASURED_EFFICIENCY_WEIGHT * speedup
 
-    return max(fast, key=measured_score)[0]
+    # the table's choice stands (the reference when it chose nothing or measured slower) unless beaten clearly
+    incumbent = next((e for e in fast if e[0] is choice.chosen), (reference, unrounded, ref_ms))
+    best = max(fast, key=measured_score, default=incumbent)
+    return best[0] if measured_score(best) >= measured_score(incumbent) * (1 + REPLACE_MARGIN) else incumbent[0]
 
 
 def rounding_notice(config: PruneConfig, analysis: ChannelAnalysis, plan: PruningPlan) -> tuple[str, ...]:

@@ -253,19 +253,45 @@ def test_measured_ties_on_speed_go_to_the_plan_that_removed_fewer_macs(tmp_path,
 
 def test_measured_efficiency_outweighs_a_little_more_speed(tmp_path, monkeypatch):
     """A plan that removed fewer MACs and is a little slower beats one that removed more for slightly more speed:
-    timings chosen between the two weights (efficiency squared would take the faster, to the 4th the other)."""
+    timings chosen between the weights (efficiency squared would take the faster one, to the 8th the other)."""
     from onnxprune.graph import ModelGraph
     from onnxprune.passes import latency_select
 
     _, _, backend, analysis, _ = _confirm(tmp_path, monkeypatch, (10.0, 9.0) + (8.0,) * 4)
     macs = [count_macs(ModelGraph(m)) for m in backend.calls[0][2:]]
     lean, heavy = int(np.argmin(macs)), int(np.argmax(macs))  # fewest MACs kept (most removed), most kept
-    speed = (macs[lean] / macs[heavy]) ** -0.73  # between r^(-2/3) and r^(-4/5): the weights disagree
+    r = macs[lean] / macs[heavy]
+    assert r < 0.9
+    speed = r**-0.7  # between r^(-2/3) and r^(-8/9): the weights disagree
     ms = [10.0, 9.0] + [9.5] * len(macs)  # the others slower than the two
     ms[2 + heavy], ms[2 + lean] = 8.0, 8.0 / speed
-    assert latency_select.MEASURED_EFFICIENCY_WEIGHT == 4
+    assert latency_select.MEASURED_EFFICIENCY_WEIGHT == 8
     got, _, backend, analysis, _ = _confirm(tmp_path, monkeypatch, tuple(ms))
     assert count_macs(ModelGraph(latency_select_pruned(analysis, got))) == macs[heavy]
+
+
+def test_the_tables_choice_stands_unless_measured_clearly_better(tmp_path, monkeypatch):
+    """Another shortlisted plan replaces the table's choice only `REPLACE_MARGIN` above it in measured score."""
+    from onnxprune.graph import ModelGraph
+    from onnxprune.passes import latency_select
+
+    _, choice, backend, analysis, _ = _confirm(tmp_path, monkeypatch, (10.0, 9.0) + (8.0,) * 4)
+    models = backend.calls[0]
+    dense_macs = count_macs(ModelGraph(models[0]))
+    macs = [count_macs(ModelGraph(m)) for m in models[2:]]  # [the table's choice, the next ...]
+    w = latency_select.MEASURED_EFFICIENCY_WEIGHT
+
+    def score(m, ms):
+        speedup = 10.0 / ms
+        return min(speedup * m / dense_macs, 1.0) ** w * speedup
+
+    assert all(10.0 / 8.0 * m / dense_macs < 1 for m in macs)  # uncapped at these times
+    for gain, replaced in ((1.03, False), (1.08, True)):
+        # time of the second candidate at which it scores `gain` x the table's choice at 8.0 ms (score ~ t^-(w+1))
+        t = 8.0 * (score(macs[1], 8.0) / (gain * score(macs[0], 8.0))) ** (1 / (w + 1))
+        got, choice, _, _, _ = _confirm(tmp_path, monkeypatch, (10.0, 9.0, 8.0, t) + (9.5,) * (len(macs) - 2))
+        assert (got is not choice.chosen) == replaced, gain
+        assert got is choice.chosen or got.plan.kept(analysis) != choice.chosen.plan.kept(analysis)
 
 
 def test_a_plan_the_table_never_offered_wins_when_measured_faster(tmp_path, monkeypatch):
