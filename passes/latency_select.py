@@ -237,11 +237,12 @@ def weighted_ratio_plan(
     It applies when the rounding is ``auto`` with a table, the allocation was not chosen (``allocation`` is
     None, no ``--global``) and no parameter, MAC or latency target replaces the ratio. Every candidate
     removes the same fraction of channels; the table's choice and the next best by predicted score are timed
-    against the unrounded uniform ratio (``--round-to 1``), and the best measured one no slower than it wins
-    (`confirmed`). Latency-weighted candidates compete only where the uniform ratio cannot track its MACs
-    (`latency.predict.uniform_bound` below `UNIFORM_ENOUGH`): measured on ResNet-50 (bound 0.98-1.0; thread
-    CPU time, load 7), weighting made the model slower at the same ratio (0.3: 1.69x against 1.88x; 0.7: 6.41x
-    against 7.46x), while on EfficientNet-B0 (bound 0.83/0.69/0.52 at 0.3/0.5/0.7) it made it faster (1.81x against 1.37x, 2.48x against 2.22x, 3.73x against 3.48x; the table in
+    against the unrounded uniform ratio (``--round-to 1``), and the table's choice stands unless measured
+    slower than it or clearly beaten (`confirmed`). Latency-weighted candidates compete only where the uniform
+    ratio cannot track its MACs (`latency.predict.uniform_bound` below `UNIFORM_ENOUGH`): measured on
+    ResNet-50 (bound 0.98-1.0; thread CPU time, load 7), weighting made the model slower at the same ratio
+    (0.3: 1.69x against 1.88x; 0.7: 6.41x against 7.46x), while on EfficientNet-B0 (bound 0.83/0.69/0.52 at
+    0.3/0.5/0.7) it made it faster (1.81x against 1.37x, 2.48x against 2.22x, 3.73x against 3.48x; the table in
     `latency.weighted`). Predictions read the table calibrated in-model (`latency.calibrate`: one profile of
     the dense model, cached).
     """
@@ -317,8 +318,8 @@ def confirmed(config: PruneConfig, analysis: ChannelAnalysis, choice: RatioChoic
     0.7                    3.38x (0.33)              3.65x (0.84)
     MobileNetV2 0.7        a=4 micro-model blend     a=2 micro-model           2.54x (0.30)
                            4.15x (0.91)              4.26x (0.95)
-    EfficientNet-B0 0.7    a=4 in-model              a=4 micro-model           2.21x (0.26)
-                           3.56x (0.95)              4.24x (0.92)
+    EfficientNet-B0 0.7    a=4 in-model              the same (a=4 micro-model 2.21x (0.26)
+                           3.56x (0.95)              4.24x (0.92) scores less)
     =====================  ========================  ========================  =====================
 
     The table predicted 3.56-3.62x for the MobileNetV2@0.7 candidates (measured 3.91-4.26x) and 4.01x for the
@@ -383,9 +384,9 @@ def rounding_notice(config: PruneConfig, analysis: ChannelAnalysis, plan: Prunin
     removed = plan.channels_removed
     if total == 0 or removed >= 0.5 * config.ratio * total:
         return ()
-    return (f"auto rounding removed {removed / total:.1%} of the channels, not the {config.ratio:.0%} asked: this model's latency "
-            f"steps on {config.latency_backend} are coarser than that (a group keeps the count at the bottom of "
-            "its step); --round-to 1 removes the ratio exactly",)
+    return (f"auto rounding removed {removed / total:.1%} of the channels, not the {config.ratio:.0%} asked: this "
+            f"model's latency steps on {config.latency_backend} are coarser than that (a group keeps the count at "
+            "the bottom of its step); --round-to 1 removes the ratio exactly",)
 
 
 def _counts_key(kept: dict[int, int]) -> tuple[tuple[int, int], ...]:
