@@ -289,8 +289,11 @@ MEASURED_EFFICIENCY_WEIGHT = 8.0
 #: a measured candidate replaces the table's choice only when it scores this much higher (the run-to-run spread of
 #: a model's fastest-of-40 time is a few percent; the score goes as time^-9)
 REPLACE_MARGIN = 0.05
-#: interleaved rounds when a shortlist is timed (15 for a lone candidate against the reference, as before)
+#: interleaved rounds when a shortlist is timed (15 for a lone candidate against the reference, as before), fewer
+#: (down to 10) where `SHORTLIST_BUDGET_MS` of predicted time would not fit them: it runs on every --ratio prune,
+#: cached table or not (MobileNetV2: 40 rounds of six models in ~1 s)
 SHORTLIST_REPEAT = 40
+SHORTLIST_BUDGET_MS = 10_000.0
 
 
 def confirmed(config: PruneConfig, analysis: ChannelAnalysis, choice: RatioChoice, table_key: str) -> Candidate:
@@ -348,7 +351,7 @@ def confirmed(config: PruneConfig, analysis: ChannelAnalysis, choice: RatioChoic
         unrounded = _pruned(analysis, reference.plan)
         dense = [_static(analysis.graph.model)] if len(timed) > 1 else []
         timings = backend.time_models([*dense, unrounded, *models],
-                                      **({"repeat": SHORTLIST_REPEAT} if dense else {}))
+                                      **({"repeat": _shortlist_rounds(reference, timed)} if dense else {}))
     except Exception:  # the prediction stands when the models cannot be timed (a dynamic input size, ...)
         return choice.chosen
     ref_ms = timings[len(dense)].best_ms
@@ -387,6 +390,13 @@ def rounding_notice(config: PruneConfig, analysis: ChannelAnalysis, plan: Prunin
     return (f"auto rounding removed {removed / total:.1%} of the channels, not the {config.ratio:.0%} asked: this "
             f"model's latency steps on {config.latency_backend} are coarser than that (a group keeps the count at "
             "the bottom of its step); --round-to 1 removes the ratio exactly",)
+
+
+def _shortlist_rounds(reference: Candidate, timed: list[Candidate]) -> int:
+    """Rounds of the shortlist's timing: `SHORTLIST_REPEAT`, fewer (>= 10) where the table's prices of one round
+    (the dense model, the reference and every timed plan) would not fit `SHORTLIST_BUDGET_MS`."""
+    one_round = reference.dense_ms + reference.predicted_ms + sum(c.predicted_ms for c in timed)
+    return int(min(SHORTLIST_REPEAT, max(10, SHORTLIST_BUDGET_MS // max(one_round, 1e-3))))
 
 
 def _counts_key(kept: dict[int, int]) -> tuple[tuple[int, int], ...]:

@@ -8,6 +8,7 @@ the latency target is verified by a backend whose "latency" is the model's MAC c
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -340,3 +341,20 @@ def test_auto_rounding_that_removes_little_of_the_ratio_says_so(tmp_path):
     assert rounding_notice(auto, analysis, half) == ()  # at least half the ratio went
     assert rounding_notice(PruneConfig(ratio=0.3, round_to=1), analysis, nothing) == ()
     assert rounding_notice(PruneConfig(ratio=0.3, round_to="auto", target_params="50%"), analysis, nothing) == ()
+
+
+def test_the_shortlist_timing_fits_a_budget_on_slow_models(tmp_path):
+    """40 rounds where they fit the budget by the table's prices; fewer, never below 10, on a slow model."""
+    from onnxprune.passes import latency_select
+
+    analysis, table, grid, scores = _setup(tmp_path)
+    choice = choose_ratio_plan(analysis, scores, table, 0.5, keep_counts=grid)
+    timed = list(choice.by_score())[:4]
+    assert latency_select._shortlist_rounds(choice.reference, timed) == latency_select.SHORTLIST_REPEAT  # fast model
+    slow = [replace(c, predicted_ms=c.predicted_ms * 1e4, dense_ms=c.dense_ms * 1e4) for c in (choice.reference, *timed)]
+    one_round = slow[0].dense_ms + sum(c.predicted_ms for c in slow)
+    expected = max(10, int(latency_select.SHORTLIST_BUDGET_MS // one_round))
+    assert expected < latency_select.SHORTLIST_REPEAT
+    assert latency_select._shortlist_rounds(slow[0], slow[1:]) == expected
+    huge = [replace(c, predicted_ms=1e6, dense_ms=1e6) for c in slow]
+    assert latency_select._shortlist_rounds(huge[0], huge[1:]) == 10
