@@ -197,6 +197,13 @@ def _confirm(tmp_path, monkeypatch, ms, *, only_chosen=False, table_chose_refere
     return got, choice, backend, analysis, table
 
 
+def _pruned_model(analysis, candidate):
+    """The model a candidate's plan gives, as `confirmed` times it."""
+    from onnxprune.passes import latency_select
+
+    return latency_select._pruned(analysis, candidate.plan)
+
+
 @pytest.mark.parametrize(("ms", "keeps"), [((1.0, 1.5), False), ((1.0, 1.01), True), ((1.0, 0.5), True)])
 def test_a_lone_choice_measured_slower_than_unrounded_falls_back_to_it(tmp_path, monkeypatch, ms, keeps):
     from onnxprune.passes import latency_select
@@ -237,7 +244,7 @@ def test_the_measurement_chooses_among_the_shortlist(tmp_path, monkeypatch):
 
 
 def test_measured_ties_on_speed_go_to_the_plan_that_removed_fewer_macs(tmp_path, monkeypatch):
-    """Equal measured times: the score (efficiency capped at 1, squared, times speedup) prefers the plan that got
+    """Equal measured times: the score (efficiency capped at 1, to the 8th, times speedup) prefers the plan that got
     as much faster with fewer MACs removed, counted on the timed models."""
     from onnxprune.graph import ModelGraph
 
@@ -248,7 +255,7 @@ def test_measured_ties_on_speed_go_to_the_plan_that_removed_fewer_macs(tmp_path,
     efficiency = [10.0 / 8.0 * m / dense_macs for m in macs]
     assert max(efficiency) < 1  # not capped: the score orders them by MACs kept
     best = max(range(len(macs)), key=lambda i: macs[i])
-    chosen_macs = count_macs(ModelGraph(latency_select_pruned(analysis, got)))
+    chosen_macs = count_macs(ModelGraph(_pruned_model(analysis, got)))
     assert chosen_macs == macs[best] and len(set(macs)) > 1
 
 
@@ -268,7 +275,7 @@ def test_measured_efficiency_outweighs_a_little_more_speed(tmp_path, monkeypatch
     ms[2 + heavy], ms[2 + lean] = 8.0, 8.0 / speed
     assert latency_select.MEASURED_EFFICIENCY_WEIGHT == 8
     got, _, backend, analysis, _ = _confirm(tmp_path, monkeypatch, tuple(ms))
-    assert count_macs(ModelGraph(latency_select_pruned(analysis, got))) == macs[heavy]
+    assert count_macs(ModelGraph(_pruned_model(analysis, got))) == macs[heavy]
 
 
 def test_the_tables_choice_stands_unless_measured_clearly_better(tmp_path, monkeypatch):
@@ -302,12 +309,6 @@ def test_a_plan_the_table_never_offered_wins_when_measured_faster(tmp_path, monk
                                                  table_chose_reference=True)
     assert choice.chosen is choice.reference and len(backend.calls) == 1
     assert got is not choice.reference and got in choice.candidates
-
-
-def latency_select_pruned(analysis, candidate):
-    from onnxprune.passes import latency_select
-
-    return latency_select._pruned(analysis, candidate.plan)
 
 
 def test_the_select_pass_gives_a_latency_target_with_samples_the_knapsack_allocation():
