@@ -307,7 +307,8 @@ def confirmed(config: PruneConfig, analysis: ChannelAnalysis, choice: RatioChoic
     capped at 1, to the power `MEASURED_EFFICIENCY_WEIGHT`, times speedup (MACs counted on the models). The
     table's choice stands if it measured no slower than the reference (else the reference stands in for it)
     unless another candidate no slower than the reference scores `REPLACE_MARGIN` higher. One candidate is only
-    timed against the reference. A plan equal to the reference is not timed; a table measured elsewhere
+    timed against the reference; a backend that compiles each model it times (``compiles_models``: TVM) times
+    only the table's choice (or its best other plan when it chose the reference). A plan equal to the reference is not timed; a table measured elsewhere
     (`table_key`, the table's backend key, is not the configured backend's) or a failed measurement keeps the
     table's choice.
 
@@ -334,19 +335,24 @@ def confirmed(config: PruneConfig, analysis: ChannelAnalysis, choice: RatioChoic
     from onnxprune.latency.ratio_choice import EFFICIENCY_CAP
 
     reference = choice.reference
+    try:
+        backend = latency_backend(config)
+    except Exception:  # the prediction stands when there is nothing to time on
+        return choice.chosen
+    if backend.key != table_key:
+        return choice.chosen
+    # a backend that compiles every model it times (TVM: ~10-30 s a CNN) times the table's choice alone
+    size = 1 if getattr(backend, "compiles_models", False) else SHORTLIST
     seen = {_counts_key(reference.plan.kept(analysis))}
     timed: list[Candidate] = []
     for candidate in choice.by_score():
         key = _counts_key(candidate.plan.kept(analysis))
-        if key not in seen and len(timed) < SHORTLIST:
+        if key not in seen and len(timed) < size:
             seen.add(key)
             timed.append(candidate)
     if not timed:
         return choice.chosen
     try:
-        backend = latency_backend(config)
-        if backend.key != table_key:
-            return choice.chosen
         models = [_pruned(analysis, c.plan) for c in timed]
         unrounded = _pruned(analysis, reference.plan)
         dense = [_static(analysis.graph.model)] if len(timed) > 1 else []

@@ -195,6 +195,8 @@ class TvmBackend:
     """
 
     emulated = False
+    # every model timed is a compile: the auto --ratio choice times one plan against --round-to 1, not a shortlist
+    compiles_models = True
     # TVM fuses elementwise ops into the convolution before them, and every micro-model is a compile: tables
     # on TVM price the Conv/Gemm/MatMul layers only (`onnxprune.latency.microbench.light_nodes`)
     light_ops = False

@@ -222,6 +222,18 @@ def test_a_lone_choice_measured_slower_than_unrounded_falls_back_to_it(tmp_path,
     assert len(backend.calls) == 1  # neither was timed
 
 
+def test_a_backend_that_compiles_each_model_times_one_plan(tmp_path, monkeypatch):
+    """TVM compiles every model it times: the choice is timed against --round-to 1 alone, as before shortlists."""
+    from onnxprune.targets.tvm_latency import TvmBackend
+
+    assert TvmBackend.compiles_models
+    monkeypatch.setattr(ScriptedBackend, "compiles_models", True, raising=False)
+    got, choice, backend, analysis, _ = _confirm(tmp_path, monkeypatch, (1.0, 0.9))
+    [models] = backend.calls
+    assert len(models) == 2 and got is choice.chosen
+    assert len([c for c in choice.candidates if c.plan.kept(analysis) != choice.reference.plan.kept(analysis)]) > 2
+
+
 def test_the_measurement_chooses_among_the_shortlist(tmp_path, monkeypatch):
     """The table's choice measured slower than --round-to 1, a lower-ranked candidate faster: the faster one wins
     (the table predicted it worse); every timed model is a distinct plan, the dense model first."""

@@ -75,7 +75,8 @@ class LatencyBackend(Protocol):
     Optional attribute ``alignment: int`` (read with ``getattr``, default 1): channel counts of groups of 16
     or more are kept on its multiples (`grid.aligned`), for constraints a one-layer micro-model cannot show.
     Optional attribute ``light_ops: bool`` (default True): whether tables price memory-bound nodes too
-    (`microbench.light_nodes`).
+    (`microbench.light_nodes`). Optional attribute ``compiles_models: bool`` (default False): each model timed
+    is compiled first, so callers time as few as they can (`passes.latency_select.confirmed`).
     """
 
     name: str
