@@ -21,11 +21,12 @@ highest ``efficiency ** EFFICIENCY_WEIGHT * speedup`` wins (predicted speedup ov
 reduction, as `latency.weighted.best_weighted_plan` scored its two candidates); the reference itself only
 when nothing else is eligible. Where the uniform bound reaches 0.9 only the two uniform plans compete.
 The table's choice is then *measured* (`passes.latency_select.confirmed`): it and the next best by predicted
-score (`RatioChoice.by_score`) are applied to the model and timed with the reference and the dense model, and
-the best measured score among those no slower than the reference wins, else the reference. The table prices
-layers alone and a whole model can disagree by more than the candidates differ (CIFAR ResNet20 at 0.5: the
-table priced its first residual stream slower at 8 channels than at 16, the model with 8 ran 2.06x faster
-than dense against 1.71x with 16; MobileNetV2 at 0.7: 3.56-3.62x predicted for candidates measured 4.06-4.22x).
+score (`RatioChoice.by_score`) are applied to the model and timed with the reference and the dense model; the
+table's choice stands unless another plan no slower than the reference measures clearly better (efficiency
+first), and a plan measured slower than the reference is never taken. The table prices layers alone and a
+whole model can disagree by more than the candidates differ (CIFAR ResNet20 at 0.5: the table priced its first
+residual stream slower at 8 channels than at 16, the model with 8 ran 2.06x faster than dense against 1.71x
+with 16; MobileNetV2 at 0.7: 3.56-3.62x predicted for candidates measured 3.91-4.26x).
 
 Why: measured before this module (onnxruntime 1 thread; quiet machine), the latency-weighted plan won the
 efficiency bar on the depthwise networks but could be slower than ``--round-to 1`` at the same ratio: CIFAR
