@@ -246,10 +246,41 @@ def weighted_ratio_plan(
     `latency.weighted`). Predictions read the table calibrated in-model (`latency.calibrate`: one profile of
     the dense model, cached).
     """
+    from onnxprune.latency.ratio_choice import UNIFORM_ANY, UNIFORM_GRID
+    from onnxprune.plan import make_plan
+
+    memo: dict[str, dict[int, np.ndarray]] = {}
+
+    def scored() -> dict[int, np.ndarray]:  # data criteria such as obs are not cheap: score once, if at all
+        if "s" not in memo:
+            memo["s"] = scores() if callable(scores) else scores
+        return memo["s"]
+
+    choice = ratio_choice(config, analysis, scored, table, keep_counts)
+    if choice is None:
+        return None
+    assert table is not None
+    chosen = confirmed(config, analysis, choice, table.backend_key)
+    if chosen.name == UNIFORM_GRID:
+        return None
+    if chosen.name == UNIFORM_ANY:
+        return make_plan(analysis, scored(), config.ratio)
+    return chosen.plan
+
+
+def ratio_choice(
+    config: PruneConfig,
+    analysis: ChannelAnalysis,
+    scores: Callable[[], dict[int, np.ndarray]],
+    table: LatencyTable | None,
+    keep_counts: KeepCounts | None,
+) -> RatioChoice | None:
+    """The table's candidates and choice for a plain ``--ratio`` under auto rounding, before any measurement
+    (`weighted_ratio_plan` then measures them; bench/ratio_candidates.py times every one), or None when the
+    configuration asks for something else (the conditions of `weighted_ratio_plan`)."""
     from onnxprune.latency.calibrate import in_model_table
     from onnxprune.latency.predict import uniform_bound
-    from onnxprune.latency.ratio_choice import UNIFORM_ANY, UNIFORM_GRID, choose_ratio_plan
-    from onnxprune.plan import make_plan
+    from onnxprune.latency.ratio_choice import choose_ratio_plan
 
     if (config.round_to != "auto" or table is None or not table.curves or config.ratio <= 0
             or config.allocation is not None or config.global_ranking or config.target_latency is not None
@@ -259,20 +290,10 @@ def weighted_ratio_plan(
     # ratio measured 0.84); the plan reads in-model prices (a profile of the dense model, cached)
     weighted = uniform_bound(table, analysis, config.ratio).efficiency < UNIFORM_ENOUGH
     table = in_model_table(table, analysis, latency_backend(config), cache_dir=_cache_dir(config))
-    # The uniform candidates' kept counts do not depend on the scores: score (data criteria such as obs are
-    # not cheap) only when a weighted plan may win, or when the unrounded plan won.
-    scored = (scores() if callable(scores) else scores) if weighted else None
+    # The uniform candidates' kept counts do not depend on the scores: score only when a weighted plan may win
     flat = {g.id: np.zeros(g.size) for g in analysis.groups}
-    choice = choose_ratio_plan(analysis, scored or flat, table, config.ratio, keep_counts=keep_counts,
-                               weighted=weighted, max_group_ratio=config.max_group_ratio)
-    chosen = confirmed(config, analysis, choice, table.backend_key)
-    if chosen.name == UNIFORM_GRID:
-        return None
-    if chosen.name == UNIFORM_ANY:
-        if scored is None:
-            scored = scores() if callable(scores) else scores
-        return make_plan(analysis, scored, config.ratio)
-    return chosen.plan
+    return choose_ratio_plan(analysis, scores() if weighted else flat, table, config.ratio, keep_counts=keep_counts,
+                             weighted=weighted, max_group_ratio=config.max_group_ratio)
 
 
 #: the chosen plan may measure this much slower than the unrounded one and stand (timing noise)
@@ -353,8 +374,8 @@ def confirmed(config: PruneConfig, analysis: ChannelAnalysis, choice: RatioChoic
     if not timed:
         return choice.chosen
     try:
-        models = [_pruned(analysis, c.plan) for c in timed]
-        unrounded = _pruned(analysis, reference.plan)
+        models = [timed_model(analysis, c.plan) for c in timed]
+        unrounded = timed_model(analysis, reference.plan)
         dense = [_static(analysis.graph.model)] if len(timed) > 1 else []
         timings = backend.time_models([*dense, unrounded, *models],
                                       **({"repeat": _shortlist_rounds(reference, timed)} if dense else {}))
@@ -409,7 +430,7 @@ def _counts_key(kept: dict[int, int]) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(kept.items()))
 
 
-def _pruned(analysis: ChannelAnalysis, plan: PruningPlan) -> onnx.ModelProto:
+def timed_model(analysis: ChannelAnalysis, plan: PruningPlan) -> onnx.ModelProto:
     """`plan` applied to the analysed model, with static input sizes (for timing)."""
     from onnxprune.rewrite import apply_plan
     from onnxprune.shape_inference import infer_shapes

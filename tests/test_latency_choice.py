@@ -201,7 +201,7 @@ def _pruned_model(analysis, candidate):
     """The model a candidate's plan gives, as `confirmed` times it."""
     from onnxprune.passes import latency_select
 
-    return latency_select._pruned(analysis, candidate.plan)
+    return latency_select.timed_model(analysis, candidate.plan)
 
 
 @pytest.mark.parametrize(("ms", "keeps"), [((1.0, 1.5), False), ((1.0, 1.01), True), ((1.0, 0.5), True)])
