@@ -14,6 +14,7 @@ the model written).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -249,12 +250,9 @@ def weighted_ratio_plan(
     from onnxprune.latency.ratio_choice import UNIFORM_ANY, UNIFORM_GRID
     from onnxprune.plan import make_plan
 
-    memo: dict[str, dict[int, np.ndarray]] = {}
-
+    @functools.cache
     def scored() -> dict[int, np.ndarray]:  # data criteria such as obs are not cheap: score once, if at all
-        if "s" not in memo:
-            memo["s"] = scores() if callable(scores) else scores
-        return memo["s"]
+        return scores() if callable(scores) else scores
 
     choice = ratio_choice(config, analysis, scored, table, keep_counts)
     if choice is None:
