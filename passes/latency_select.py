@@ -280,9 +280,8 @@ def ratio_choice(
     from onnxprune.latency.predict import uniform_bound
     from onnxprune.latency.ratio_choice import choose_ratio_plan
 
-    if (config.round_to != "auto" or table is None or not table.curves or config.ratio <= 0
-            or config.allocation is not None or config.global_ranking or config.target_latency is not None
-            or config.target_params is not None or config.target_macs is not None):
+    if (not _plain_auto_ratio(config) or table is None or not table.curves or config.allocation is not None
+            or config.global_ranking):
         return None
     # the bound as tuned (micro-model prices: in-model ones lift MobileNetV2@0.3 to 0.92, whose uniform
     # ratio measured 0.84); the plan reads in-model prices (a profile of the dense model, cached)
@@ -405,8 +404,7 @@ def rounding_notice(config: PruneConfig, analysis: ChannelAnalysis, plan: Prunin
     step below is about as near; where a model's steps are coarse against the ratio, little or nothing goes
     (the bundled Fashion-MNIST CNN at ``--ratio 0.1``: no channel of its 6 groups). The user should hear that
     rather than read an unchanged model, and how to remove the ratio exactly."""
-    if (config.round_to != "auto" or config.ratio <= 0 or config.target_latency is not None
-            or config.target_params is not None or config.target_macs is not None):
+    if not _plain_auto_ratio(config):
         return ()
     total = sum(g.size for g in analysis.groups)
     removed = plan.channels_removed
@@ -422,6 +420,12 @@ def _shortlist_rounds(reference: Candidate, timed: list[Candidate]) -> int:
     (the dense model, the reference and every timed plan) would not fit `SHORTLIST_BUDGET_MS`."""
     one_round = reference.dense_ms + reference.predicted_ms + sum(c.predicted_ms for c in timed)
     return int(min(SHORTLIST_REPEAT, max(10, SHORTLIST_BUDGET_MS // max(one_round, 1e-3))))
+
+
+def _plain_auto_ratio(config: PruneConfig) -> bool:
+    """A ``--ratio`` under auto rounding that no parameter, MAC or latency target replaces."""
+    return (config.round_to == "auto" and config.ratio > 0 and config.target_latency is None
+            and config.target_params is None and config.target_macs is None)
 
 
 def _counts_key(kept: dict[int, int]) -> tuple[tuple[int, int], ...]:
