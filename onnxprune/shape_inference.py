@@ -26,13 +26,14 @@ from onnxprune.rules.facts import op_facts, output_shape
 
 
 def infer_shapes(model: onnx.ModelProto, symbolic: bool = True) -> onnx.ModelProto:
-    """Shape inference with data propagation, completed for same-shape ops onnx cannot infer.
+    """Shape inference with data propagation, completed from the rule registry where onnx cannot infer (same-shape
+    ops, contrib ops whose rule declares the output shape).
 
     Updates `model.graph.value_info` in place and returns the model.
     """
     model = _infer_once(model, symbolic)
     for _ in range(8):
-        filled = _fill_same_shape(model)
+        filled = _fill_shapes_from_rules(model)
         if not filled:
             break
         _forget_placeholders_after(model, filled)
@@ -66,7 +67,7 @@ def _forget_placeholders_after(model: onnx.ModelProto, filled: set[str]) -> None
         model.graph.value_info.extend(keep)
 
 
-def _fill_same_shape(model: onnx.ModelProto) -> set[str]:
+def _fill_shapes_from_rules(model: onnx.ModelProto) -> set[str]:
     """Give the output of a same-shape operator its input's type where onnx's inference gave up (function
     ops such as GroupNormalization-21, onnxruntime's contrib ops: `rules.contrib`), and a contrib op whose rule
     computes its output's shape (`ChannelRule.output_shape`) that shape. Looked up in the node's
