@@ -374,6 +374,25 @@ def recurrent(op: str, opset: int) -> onnx.ModelProto:
     return b.model([("x", FLOAT, [5, 1, 6])], [b("MatMul", [y, b.normal((hidden, 2))])], opset)
 
 
+def fill_like(value: float) -> Body:
+    """``t + fill_like(t)``: ConstantOfShape(Shape(t)) holding `value`; t's spatial size is dynamic (no folding)."""
+
+    def body(b: Builder, op: str, t: str) -> tuple[str, int]:
+        fill = b(op, [b("Shape", [t])], value=numpy_helper.from_array(np.full(1, value, np.float32)))
+        return b("Add", [t, fill]), C
+
+    return body
+
+
+def zero_channels(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """``Concat(t, zeros(1, 2, H, W))`` on the channels: the fill's channel count is a constant element of its
+    shape vector, its spatial sizes are read from t at run time."""
+    spatial = b("Slice", [b("Shape", [t]), b.ints([2]), b.ints([4])])
+    shape = b("Concat", [b.ints([1, 2]), spatial], axis=0)
+    fill = b(op, [shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    return b("Concat", [t, fill], axis=1), C + 2
+
+
 def zero_state(op: str, opset: int) -> onnx.ModelProto:
     """A zero initial state of the run-time batch size, as exporters build it, for a forward LSTM (hidden 3):
     ``ConstantOfShape(Concat([1], batch of X, [3])) -> initial_h, initial_c``; x [5, N, 6]."""

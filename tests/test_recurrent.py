@@ -301,19 +301,33 @@ def test_torch_crnn_dynamic_batch_zero_state(tmp_path):
     _check_crnn(model)
 
 
-def test_constant_of_shape_elsewhere_stays_a_barrier():
-    """Only a recurrent layer's zero initial state passes channels; a filled tensor elsewhere is a barrier."""
+@pytest.mark.parametrize("value", [0.0, 1.0], ids=["zeros", "ones"])
+def test_fill_beside_a_recurrent_layer(value: float):
+    """``Y + fill_like(Y)`` (ConstantOfShape of Shape(Y)): never a barrier. A zero fill follows Y's sizes, so the
+    hidden channels stay prunable and removing them is exact; a nonzero fill would put its value back into a
+    removed channel, so it freezes them, saying why."""
     model = recurrent_model(Variant("GRU"))
     g = model.graph
     g.input[0].type.tensor_type.shape.dim[1].dim_param = "batch"  # a run-time size: nothing folds
     g.node.extend([
         helper.make_node("Shape", ["Y"], ["y_shape"]),
-        helper.make_node("ConstantOfShape", ["y_shape"], ["zeros"]),
-        helper.make_node("Add", ["Y", "zeros"], ["Y_plus"]),
+        helper.make_node("ConstantOfShape", ["y_shape"], ["fill"],
+                         value=numpy_helper.from_array(np.full(1, value, np.float32))),
+        helper.make_node("Add", ["Y", "fill"], ["Y_plus"]),
+        helper.make_node("MatMul", ["Y_plus", "w_out"], ["out_plus"]),
     ])  # fmt: skip
-    g.output.append(helper.make_tensor_value_info("Y_plus", TensorProto.FLOAT, None))
-    analysis = analyze(ModelGraph(canonical(model)))
-    assert [(b.op_type, b.reason) for b in analysis.barriers] == [("ConstantOfShape", "no channel rule for ConstantOfShape")]
+    g.output.append(helper.make_tensor_value_info("out_plus", TensorProto.FLOAT, None))
+    model = canonical(model)
+    analysis = analyze(ModelGraph(model))
+    assert analysis.barriers == []
+    hidden = [grp for grp in analysis.groups if any(m.tensor == "fill" for m in grp.members)]
+    if value:
+        assert hidden == []
+        assert "a nonzero fill (ConstantOfShape) cannot lose channels" in analysis.frozen_reasons.values()
+        return
+    (group,) = hidden
+    inputs = random_inputs(model, seed=5)
+    assert dead_channel_check(analysis, group, inputs).error <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["crnn_lstm", "crnn_gru"])

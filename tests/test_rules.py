@@ -39,6 +39,7 @@ from rule_models import (
     depth_space,
     depth_space_zero_check,
     einsum,
+    fill_like,
     gather,
     gather_elements,
     gather_nd,
@@ -67,6 +68,7 @@ from rule_models import (
     shape_reader,
     unary,
     unsqueeze,
+    zero_channels,
     zero_state,
 )
 
@@ -155,6 +157,9 @@ TABLE = [
     Row("range", ("Range",), sandwich(range_positions, spatial="W"), (C,)),
     Row("recurrent", ("LSTM", "GRU", "RNN"), recurrent, (3, C)),
     Row("recurrent zero state", ("ConstantOfShape",), zero_state, (3, C)),
+    Row("zero fill of a run-time shape", ("ConstantOfShape",), sandwich(fill_like(0.0), spatial="W"), (C,)),
+    Row("zero channels concatenated", ("ConstantOfShape",), sandwich(zero_channels, spatial="W"), (2, C)),
+    Row("nonzero fill: frozen, not a barrier", ("ConstantOfShape",), sandwich(fill_like(1.0), spatial="W"), ()),
     Row("if", ("If",), if_branches, (C,)),
     Row("loop", ("Loop",), loop_carry, (C,)),
     Row("scan", ("Scan",), scan_rows, (C,)),

@@ -21,20 +21,18 @@ This needs activations that map 0 to 0 where they produce the state (LSTM g and 
 other activation (Sigmoid, HardSigmoid, Softplus, Affine) makes the rule a barrier.
 
 Exporters build zero initial states of a run-time batch size as ``ConstantOfShape(Concat(dirs, batch,
-H))``; `InitialState` passes such a tensor's hidden axis (its constant size element is rewritten). Any
-other ConstantOfShape stays a barrier ("no channel rule"), as before this rule.
+H))``: the fill rule (`rules.shape.Fill`) passes such a tensor's hidden axis to the layer (its constant size
+element is rewritten).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxprune.graph import attrs, set_attr
 from onnxprune.rules.base import ChannelRule, register
 from onnxprune.rules.protocols import CouplingContext, RewriteContext, RuleBarrier
-from onnxprune.rules.shape_inputs import shape_elements
 
 # Activations f with f(0) == 0 for every alpha/beta (ThresholdedRelu: x if x > alpha else 0).
 _ZERO_AT_ZERO = {"tanh", "relu", "leakyrelu", "thresholdedrelu", "scaledtanh", "elu", "softsign"}
@@ -156,53 +154,3 @@ class RNN(_Recurrent):
     default_activations = ("Tanh",)
     state_activations = (0,)
 
-
-# Inputs of each recurrent op that take an initial state (initial_h; initial_c of an LSTM).
-_STATE_INPUTS = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
-
-
-@register("ConstantOfShape", since=9)
-class InitialState(ChannelRule):
-    """ConstantOfShape, only as a recurrent layer's zero initial state ``zeros(dirs, batch, H)``.
-
-    A zero-filled tensor can lose any positions: an axis whose size is a constant element of the shape
-    input is left to its consumer (the layer couples it with the hidden channels) and that element is
-    rewritten; an axis sized at run time from another tensor's size (the batch) follows that size.
-    """
-
-    def static_inputs(self, node: onnx.NodeProto) -> set[int]:
-        return {0}
-
-    def couple(self, node: onnx.NodeProto, ctx: CouplingContext) -> None:
-        y = node.output[0]
-        value = attrs(node).get("value")
-        fill = numpy_helper.to_array(value) if value is not None else np.zeros(1)
-        if np.any(fill != 0) or not _only_initial_states(ctx, y):
-            raise RuleBarrier("no channel rule for ConstantOfShape")
-        targets = shape_elements(ctx, node, 0)
-        if targets is None or len(targets) != ctx.rank(y):
-            raise RuleBarrier("initial state shape unknown")
-        for axis, (size, location) in enumerate(targets):
-            if location is not None:
-                ctx.independent(y, axis)
-            elif isinstance(size, tuple) and size[0] == "size":
-                ctx.link(y, axis, size[1], size[2])
-            else:
-                ctx.freeze(y, axis, "initial state size computed at run time")
-
-    def rewrite(self, node: onnx.NodeProto, ctx: RewriteContext) -> None:
-        y = node.output[0]
-        for axis, (_, location) in enumerate(shape_elements(ctx, node, 0) or []):
-            new = ctx.new_size(y, axis)
-            if location is not None and isinstance(new, int) and new != ctx.old_size(y, axis):
-                ctx.set_element(location, new)
-
-
-def _only_initial_states(ctx: CouplingContext, name: str) -> bool:
-    """Is `name` read only as the initial state of recurrent layers (and not a graph output)?"""
-    uses = ctx.graph.consumers.get(name, [])
-    return (
-        bool(uses)
-        and not ctx.graph.is_graph_io(name)
-        and all(use.index in _STATE_INPUTS.get(use.node.op_type, ()) and not use.node.domain for use in uses)
-    )

@@ -1,5 +1,5 @@
-"""Layout operators: Transpose, Squeeze/Unsqueeze, Concat, Split, Slice, Expand, Tile, Gather, Shape
-(Reshape and Flatten live in `reshape`, GatherND in `gather`).
+"""Layout operators: Transpose, Squeeze/Unsqueeze, Concat, Split, Slice, Expand, Tile, Gather, Shape, and the
+fills whose shape is an input (ConstantOfShape); Reshape and Flatten live in `reshape`, GatherND in `gather`.
 
 Each maps axes one to one, by offset (Concat, Split, Slice) or not at all (a gathered axis). Shape
 constants (Split sizes, Slice bounds, Expand shapes) are rewritten in place when a dim shrinks; a dim whose
@@ -9,11 +9,13 @@ target value is computed at run time is frozen instead.
 from __future__ import annotations
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 from onnxprune.graph import attrs, set_attr
 from onnxprune.rules.base import ChannelRule, register
 from onnxprune.rules.protocols import RuleBarrier
-from onnxprune.rules.shape_inputs import read_axes, shape_elements
+from onnxprune.rules.shape_inputs import read_axes, runtime_sizes, shape_elements
 
 INT_MAX = 2**62
 
@@ -354,3 +356,60 @@ class DepthSpace(ChannelRule):
 
     def couple(self, node, ctx):
         raise RuleBarrier(f"no channel rule for {node.op_type}")
+
+
+@register("ConstantOfShape", since=9)
+class Fill(ChannelRule):
+    """ConstantOfShape: one value repeated over a shape read from input 0 (a recurrent layer's zero initial
+    state ``zeros(dirs, batch, H)``, ``zeros_like`` / ``ones_like``, attention-mask buffers).
+
+    Every position of a fill holds the same value, so a *zero* fill can lose positions on any axis: an axis
+    whose size is a constant element of the shape input is left to the fill's readers (they couple it) and
+    that element is rewritten; an axis sized at run time from another tensor's size follows that size (linked
+    to it); an axis sized otherwise is frozen. A nonzero fill is not coupled: a removed channel must read zero
+    in the model the pruned one equals (its producers silenced), and ``x + ones_like(x)`` would put a one
+    back there; its axes are frozen, with the tensor axes its sizes are read from (they would resize it). Its
+    shape vector carries no channels: a fill is a barrier only when that vector cannot be read.
+    """
+
+    def static_inputs(self, node: onnx.NodeProto) -> set[int]:
+        return {0}
+
+    def couple(self, node, ctx):
+        y = node.output[0]
+        value = attrs(node).get("value")
+        fill = numpy_helper.to_array(value) if value is not None else np.zeros(1)
+        targets = _fill_sizes(ctx, node)
+        if targets is None or len(targets) != ctx.rank(y):
+            raise RuleBarrier("fill shape unknown")
+        zero = not np.any(fill != 0)
+        for axis, (size, location) in enumerate(targets):
+            runtime = isinstance(size, tuple) and size[0] == "size"
+            if not zero:
+                ctx.freeze(y, axis, "a nonzero fill (ConstantOfShape) cannot lose channels")
+                if runtime:
+                    ctx.freeze(size[1], size[2], "sizes a nonzero fill (ConstantOfShape)")
+            elif location is not None:
+                ctx.independent(y, axis)
+            elif runtime:
+                ctx.link(y, axis, size[1], size[2])
+            else:
+                ctx.freeze(y, axis, "fill size computed at run time")
+
+    def rewrite(self, node, ctx):
+        y = node.output[0]
+        for axis, (_, location) in enumerate(_fill_sizes(ctx, node) or []):
+            new = ctx.new_size(y, axis)
+            if location is not None and isinstance(new, int) and new != ctx.old_size(y, axis):
+                ctx.set_element(location, new)
+
+
+def _fill_sizes(ctx, node: onnx.NodeProto) -> list | None:
+    """`shape_elements` of a fill's shape vector; a vector read whole from tensor sizes (``Shape(x)``, slices
+    and gathers of it) gives each element's size source."""
+    targets = shape_elements(ctx, node, 0)
+    if targets is not None and all(v is None and loc is None for v, loc in targets):
+        sizes = runtime_sizes(ctx, node.input[0])
+        if sizes is not None and len(sizes) == len(targets):
+            return [(size, None) for size in sizes]
+    return targets

@@ -73,7 +73,7 @@ def shape_elements(ctx: ShapeView, node: onnx.NodeProto, index: int) -> list[tup
             if pv is not None:
                 out += [(int(v), (producer, j, k)) for k, v in enumerate(pv.reshape(-1))]
                 continue
-            sizes = _runtime_sizes(ctx, piece)
+            sizes = runtime_sizes(ctx, piece)
             if sizes is not None:
                 out += [(sz, None) for sz in sizes]
                 continue
@@ -95,7 +95,7 @@ def _is_minus_one_guard(ctx: ShapeView, where: onnx.NodeProto) -> bool:
     return value is not None and bool(np.all(value == -1))
 
 
-def _runtime_sizes(ctx: ShapeView, name: str, depth: int = 4) -> list[Any] | None:
+def runtime_sizes(ctx: ShapeView, name: str, depth: int = 4) -> list[Any] | None:
     """``[("size", tensor, axis), ...]`` if `name` is read from tensor sizes (Shape, Gather of Shape)."""
     node = ctx.graph.producer.get(name)
     while node is not None and depth and node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
@@ -110,12 +110,12 @@ def _runtime_sizes(ctx: ShapeView, name: str, depth: int = 4) -> list[Any] | Non
         start, end = at.get("start", 0), at.get("end", rank)
         return [("size", node.input[0], k) for k in range(rank)[start:end]]
     if node.op_type == "Slice" and len(node.input) >= 3:
-        src = _runtime_sizes(ctx, node.input[0], depth - 1)
+        src = runtime_sizes(ctx, node.input[0], depth - 1)
         bounds = [ctx.const(n) if n else None for n in list(node.input[1:5]) + [""] * (5 - len(node.input))]
         if src is None or bounds[0] is None or bounds[1] is None:
             return None
         step = int(bounds[3].reshape(-1)[0]) if bounds[3] is not None else 1
         return src[int(bounds[0].reshape(-1)[0]) : int(bounds[1].reshape(-1)[0]) : step]
     if node.op_type == "Gather":
-        return gather_list(_runtime_sizes(ctx, node.input[0], depth - 1), ctx.const(node.input[1]))
+        return gather_list(runtime_sizes(ctx, node.input[0], depth - 1), ctx.const(node.input[1]))
     return None
