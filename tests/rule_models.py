@@ -184,6 +184,19 @@ def arg_reduce(b: Builder, op: str, t: str) -> tuple[str, int]:
     return b("Cast", [b(op, [t], axis=2)], to=FLOAT), C
 
 
+def top_k(axis: int, read_indices: bool = True) -> Body:
+    """``TopK(t, k=2)`` along `axis`: the values go on, and with `read_indices` the indices too (cast to float and
+    scaled by 0: the rule must keep whatever channel reaches them)."""
+
+    def body(b: Builder, op: str, t: str) -> tuple[str, int]:
+        values, indices = b(op, [t, b.ints([2])], n_out=2, axis=axis)
+        if read_indices:
+            values = b("Add", [values, b("Mul", [b("Cast", [indices], to=FLOAT), b.scalar(0.0)])])
+        return values, (2 if axis == 1 else C)
+
+    return body
+
+
 def reduce_channels(b: Builder, op: str, t: str) -> tuple[str, int]:
     return b(op, [t, b.ints([1])], keepdims=1), 1
 

@@ -177,3 +177,14 @@ def test_layers_reading_a_tied_weight_are_reported_unrepaired(tmp_path, capsys):
     shared = sorted(name for name, why in skipped.items() if why == "weight shared with other nodes")
     assert len(shared) == 4 and all(n.endswith(("/dense/MatMul", "/dense_1/MatMul", "/ffn_output/MatMul",
                                                 "/ffn_output_1/MatMul")) for n in shared), skipped
+
+
+def test_moe_router_ranks_experts_without_a_barrier():
+    """Mixtral's router ranks its experts with TopK: not a barrier. The expert axis stays whole (the indices
+    address its positions); the groups are as they were with the barrier: the hidden size, the heads of each
+    layer, each layer's expert FFN channels."""
+    model = _model("mixtral_tiny")
+    analysis = analyze(ModelGraph(model))
+    assert analysis.barriers == []
+    assert "ranked by TopK: its indices address these positions" in analysis.frozen_reasons.values()
+    assert sorted(g.size for g in analysis.groups) == [2, 2, 128, 128, 128]

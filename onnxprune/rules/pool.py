@@ -217,6 +217,29 @@ class ArgReduce(ChannelRule):
                 ctx.link(x, ax, y, ax if (keepdims or ax < axis) else ax - 1)
 
 
+@register("TopK")
+class TopK(ChannelRule):
+    """The k largest (or smallest) along one axis: values and indices, k positions there. Every other axis maps
+    the input to the values one to one: each slice is ranked on its own, and a silenced slice's top values
+    are its zeros. The ranked axis is frozen: the indices address its positions by value (an MoE router's
+    expert axis: experts are not removable units). The indices' axes stay frozen too: a silenced slice's
+    indices are 0..k-1, not zeros, so a channel that reaches them is kept."""
+
+    def static_inputs(self, node):
+        return {1}  # K (opset >= 10)
+
+    def couple(self, node, ctx):
+        x, values = node.input[0], node.output[0]
+        rank = ctx.rank(x)
+        if rank is None:
+            raise RuleBarrier("rank unknown")
+        axis = attrs(node).get("axis", -1) % rank
+        ctx.freeze(x, axis, "ranked by TopK: its indices address these positions")
+        for ax in range(rank):
+            if ax != axis:
+                ctx.link(x, ax, values, ax)
+
+
 class _SoftmaxFamily(ChannelRule):
     """Softmax-like normalisation over `normalised_axes`: those dims are inexact, the rest pass through."""
 
