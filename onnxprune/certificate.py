@@ -149,7 +149,7 @@ def certify(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Channe
     if inexact:
         raise VerificationUnavailable(
             f"verification: {len(inexact)} inexact groups lost channels (--allow-inexact): their removal changes "
-            "what normalisation statistics see, so no masked original equals the pruned model "
+            "what normalisation statistics (or a TopK's choice) see, so no masked original equals the pruned model "
             "(--no-verify skips the check)")
     masked = apply_mask(analysis, np.asarray(labels, dtype=np.int64))
     cert = certify_against(original, masked, pruned, inputs, samples, seed, input_path, tolerance)

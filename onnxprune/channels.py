@@ -86,6 +86,7 @@ class ChannelGroup:
     labels: np.ndarray  # component label of each channel
     params_per_channel: np.ndarray  # parameter elements each channel holds
     inexact: bool = False
+    min_keep: int = 1  # fewest channels the group may keep (a TopK choosing that many of them)
 
     @property
     def params(self) -> int:
@@ -117,6 +118,7 @@ class CouplingContext:
     frozen: dict[DimRef, str] = field(default_factory=dict)
     frozen_nodes: dict[DimRef, str] = field(default_factory=dict)  # the node being coupled when a dim froze
     inexact: dict[DimRef, str] = field(default_factory=dict)
+    kept_at_least: dict[DimRef, int] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
     mentioned: set[DimRef] = field(default_factory=set)  # by the current node
     node: onnx.NodeProto | None = None
@@ -252,6 +254,15 @@ class CouplingContext:
         if self.atoms(name, axis % rank) is not None:
             self.inexact.setdefault(ref, reason)
 
+    def require_kept(self, name: str, axis: int, count: int) -> None:
+        """At least `count` positions of this dim must stay (a TopK choosing `count` of them)."""
+        rank = self.rank(name)
+        if rank is None:
+            return
+        ref = DimRef(name, axis % rank)
+        self.mentioned.add(ref)
+        self.kept_at_least[ref] = max(int(count), self.kept_at_least.get(ref, 1))
+
     def set_role(self, name: str, role: str) -> None:
         """Tag an initializer: 'weight' (scored), 'bias', 'scale', 'variance' or 'divisor' (masked to 1),
         'dequantization scale'.
@@ -275,6 +286,7 @@ class ChannelAnalysis:
     roles: dict[str, str]
     frozen_reasons: dict[DimRef, str]  # reasons never hold node names: those are in `frozen_nodes`
     frozen_nodes: dict[DimRef, str] = field(default_factory=dict)  # the node that froze each dim ("" for none)
+    inexact_reasons: dict[DimRef, str] = field(default_factory=dict)  # why a dim's removal is approximate
 
     def group(self, gid: int) -> ChannelGroup:
         return self.groups[gid]
@@ -312,6 +324,10 @@ class ChannelAnalysis:
         for ref, reason in self.frozen_reasons.items():
             for lab in np.unique(self.dim_labels(ref)).tolist():
                 cause_of_label.setdefault(lab, (reason, self.frozen_nodes.get(ref, "")))
+        # kept only because their removal is approximate; the reason marked last (nearest the output) first
+        for ref, reason in reversed(list(self.inexact_reasons.items())):
+            for lab in np.unique(self.dim_labels(ref)).tolist():
+                cause_of_label.setdefault(lab, (f"removal would be inexact ({reason}); see --allow-inexact", ""))
         rows: dict[str, dict] = {}
         for ref in self.dims:
             if self.roles.get(ref.tensor) != "weight" or (ref.tensor, ref.axis) in in_group:
@@ -411,7 +427,7 @@ def analyze(graph: ModelGraph, *, allow_inexact: bool = False) -> ChannelAnalysi
     inexact_labels = _labels_of(ctx, labels, ctx.inexact)
     groups = _build_groups(ctx, labels, frozen_labels, inexact_labels, allow_inexact)
     return ChannelAnalysis(graph, groups, barriers, dict(ctx.dims), labels, dict(ctx.roles), dict(ctx.frozen),
-                           dict(ctx.frozen_nodes))
+                           dict(ctx.frozen_nodes), dict(ctx.inexact))
 
 
 def _no_rule_reason(node: onnx.NodeProto, opset: int | None) -> str:
@@ -519,7 +535,10 @@ def _build_groups(ctx, labels, frozen_labels, inexact_labels, allow_inexact) -> 
                 params += np.bincount(ch, minlength=len(lab_arr)) * per_position
         lookup[lab_arr] = -1
         inexact = bool(set(lab_arr.tolist()) & inexact_labels)
-        groups.append(ChannelGroup(len(groups), len(lab_arr), tuple(members), lab_arr, params, inexact))
+        min_keep = max(ctx.kept_at_least.get(DimRef(m.tensor, m.axis), 1) for m in members)
+        if min_keep >= len(lab_arr):
+            continue  # must keep every channel
+        groups.append(ChannelGroup(len(groups), len(lab_arr), tuple(members), lab_arr, params, inexact, min_keep))
     # Groups in graph order (by the first node touching any member): stable, readable ids.
     first_use: dict[str, int] = {}
     for i, node in enumerate(graph.nodes):

@@ -61,10 +61,12 @@ def multiples_grid(analysis: ChannelAnalysis, n: int) -> dict[int, tuple[int, ..
 
 
 def allowed_counts(group: ChannelGroup, keep_counts: KeepCounts | None) -> np.ndarray:
-    """The group's allowed kept counts (ascending, >= 1, ending at its size); every count without a grid."""
+    """The group's allowed kept counts (ascending, >= its `min_keep`, ending at its size); every count without a
+    grid."""
+    lowest = max(1, group.min_keep)
     if keep_counts is None or group.id not in keep_counts:
-        return np.arange(1, group.size + 1)
-    counts = sorted({int(c) for c in keep_counts[group.id] if 1 <= int(c) <= group.size} | {group.size})
+        return np.arange(lowest, group.size + 1)
+    counts = sorted({int(c) for c in keep_counts[group.id] if lowest <= int(c) <= group.size} | {group.size})
     return np.asarray(counts, dtype=np.int64)
 
 

@@ -8,13 +8,17 @@ whole zoo. Models are exported by `models/zoo.py` into its cache (built on first
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
-from onnxprune.channels import analyze
+from onnxprune.channels import DimRef, analyze
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import check_model, import_model
 from onnxprune.metrics import count_params
 from onnxprune.passes.pruning import PruneConfig, PrunePass
+from onnxprune.plan import make_plan
+from onnxprune.rewrite import apply_plan
+from onnxprune.shape_inference import infer_shapes
 from onnxprune.verify import dead_channel_check, max_rel_error, random_inputs, run
 
 zoo = pytest.importorskip("models.zoo")
@@ -180,11 +184,55 @@ def test_layers_reading_a_tied_weight_are_reported_unrepaired(tmp_path, capsys):
 
 
 def test_moe_router_ranks_experts_without_a_barrier():
-    """Mixtral's router ranks its experts with TopK: not a barrier. The expert axis stays whole (the indices
-    address its positions); the groups are as they were with the barrier: the hidden size, the heads of each
-    layer, each layer's expert FFN channels."""
+    """Mixtral's router ranks its experts with TopK: not a barrier. By default the experts stay whole, and the
+    report says why (their removal is inexact); the groups are as they were with the barrier: the hidden size,
+    the heads of each layer, each layer's expert FFN channels."""
     model = _model("mixtral_tiny")
     analysis = analyze(ModelGraph(model))
     assert analysis.barriers == []
-    assert "ranked by TopK: its indices address these positions" in analysis.frozen_reasons.values()
     assert sorted(g.size for g in analysis.groups) == [2, 2, 128, 128, 128]
+    reasons = {row["reason"]: row["count"] for row in analysis.frozen_weights()}
+    assert reasons["removal would be inexact (experts chosen by TopK: a removed one is never chosen); see "
+                   "--allow-inexact"] == 6  # per layer: the router's column axis and the two stacked slabs
+
+
+def _experts_never_chosen(model: onnx.ModelProto, topk: onnx.NodeProto, experts: np.ndarray) -> onnx.ModelProto:
+    """`model` with the router scores of `experts` at -1e9 before the softmax that `topk` ranks: the oracle of
+    expert removal (a removed expert is never chosen; a zeroed router row would still be)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    softmax = next(n for n in out.graph.node if topk.input[0] in n.output)
+    n_experts = ModelGraph(model).shape(topk.input[0])[-1]
+    bias = np.zeros(n_experts, np.float32)
+    bias[experts] = -1e9
+    out.graph.initializer.append(onnx.numpy_helper.from_array(bias, "expert_mask__test"))
+    masked = softmax.input[0] + "__masked"
+    out.graph.node.insert(list(out.graph.node).index(softmax),
+                          onnx.helper.make_node("Add", [softmax.input[0], "expert_mask__test"], [masked]))
+    softmax.input[0] = masked
+    return out
+
+
+def test_moe_experts_are_removable_units():
+    """Mixtral's experts: with --allow-inexact each layer's experts are one group (router column, stacked
+    gate/up and down slabs), inexact (a token that chose a removed expert takes its next-best), keeping at
+    least top-k; the pruned model equals the original with the removed experts' router scores at -inf."""
+    model = _model("mixtral_tiny")
+    assert not [g for g in analyze(ModelGraph(model)).groups if g.inexact]
+    analysis = analyze(ModelGraph(model), allow_inexact=True)
+    experts = [g for g in analysis.groups if g.inexact]
+    assert [g.size for g in experts] == [4, 4] and [g.min_keep for g in experts] == [2, 2]
+    group = experts[0]
+    removed = group.labels[[1, 2]]
+    stacked = next(m for m in group.members if m.tensor.endswith("layers.0.mlp.experts.gate_up_proj"))
+    gone = analysis.removed_positions(removed)[DimRef(stacked.tensor, stacked.axis)]
+    pruned = infer_shapes(apply_plan(analysis, removed))
+    check_model(pruned)
+    topk = next(n for n in model.graph.node if n.op_type == "TopK")
+    oracle = _experts_never_chosen(model, topk, gone)
+    inputs = random_inputs(model, seed=2)
+    assert max_rel_error(run(oracle, inputs), run(pruned, inputs)) <= 1e-5
+    assert max_rel_error(run(model, inputs), run(pruned, inputs)) > 1e-3  # the routing did change
+    plan = make_plan(analysis, {g.id: np.arange(g.size, dtype=float) for g in analysis.groups}, 0.9,
+                     groups=experts)
+    assert all(g.size - len(plan.removed[g.id]) == 2 for g in experts)  # top-2 keeps two experts

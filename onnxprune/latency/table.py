@@ -244,7 +244,7 @@ def build_table(
                 skipped_by_reason[reason].append(node)
         if not touches:
             continue
-        lowest = max(1, math.ceil(min_keep_ratio * g.size))
+        lowest = max(1, g.min_keep, math.ceil(min_keep_ratio * g.size))
         counts = sorted({c for c in backend.probe_counts(g.size, lowest) if 1 <= c <= g.size} | {g.size})
         plans[g.id] = (touches, counts)
         for t in touches:

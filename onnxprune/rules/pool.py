@@ -10,6 +10,7 @@ import onnx
 from onnxprune.graph import attrs, set_attr
 from onnxprune.rules.base import ChannelRule, register
 from onnxprune.rules.protocols import RuleBarrier
+from onnxprune.rules.routing import expert_routes, topk_count
 from onnxprune.rules.shape_inputs import read_axes, shape_elements
 from onnxprune.statistics import NodeBuilder, phantom_chain, reduce_mean_nodes
 
@@ -221,9 +222,12 @@ class ArgReduce(ChannelRule):
 class TopK(ChannelRule):
     """The k largest (or smallest) along one axis: values and indices, k positions there. Every other axis maps
     the input to the values one to one: each slice is ranked on its own, and a silenced slice's top values
-    are its zeros. The ranked axis is frozen: the indices address its positions by value (an MoE router's
-    expert axis: experts are not removable units). The indices' axes stay frozen too: a silenced slice's
-    indices are 0..k-1, not zeros, so a channel that reaches them is kept."""
+    are its zeros. The indices' axes stay frozen: a silenced slice's indices are 0..k-1, not zeros.
+
+    The ranked axis: its positions are addressed by the indices' values. When they only choose slices of
+    stacked weights (an MoE router choosing experts: `rules.routing.expert_routes`), the axis is linked to
+    those stacked axes (one channel = one expert), at least k of them stay, and removal is inexact (a token
+    that chose a removed expert takes its next-best). Otherwise the ranked axis is frozen."""
 
     def static_inputs(self, node):
         return {1}  # K (opset >= 10)
@@ -234,7 +238,14 @@ class TopK(ChannelRule):
         if rank is None:
             raise RuleBarrier("rank unknown")
         axis = attrs(node).get("axis", -1) % rank
-        ctx.freeze(x, axis, "ranked by TopK: its indices address these positions")
+        routes = expert_routes(ctx, node)
+        if routes is None:
+            ctx.freeze(x, axis, "ranked by TopK: its indices address these positions")
+        else:
+            ctx.mark_inexact(x, axis, "experts chosen by TopK: a removed one is never chosen")
+            ctx.require_kept(x, axis, topk_count(ctx, node) or 1)
+            for _, data, data_axis in routes:
+                ctx.link(x, axis, data, data_axis)
         for ax in range(rank):
             if ax != axis:
                 ctx.link(x, ax, values, ax)

@@ -38,8 +38,9 @@ class CouplingContext(ShapeView, Protocol):
 
     A *dim* is ``(tensor, axis)``. `link` identifies positions of two dims (all of them, or the given
     position arrays), `freeze` makes a dim unprunable, `mark_inexact` makes its removal approximate,
-    `independent` says the node deliberately leaves a dim uncoupled, `set_role` tags an initializer for
-    the masking oracle ('weight', 'bias', 'scale', 'variance', 'divisor').
+    `independent` says the node deliberately leaves a dim uncoupled, `require_kept` sets the fewest positions
+    a dim may keep (a TopK choosing k of them), `set_role` tags an initializer for the masking oracle
+    ('weight', 'bias', 'scale', 'variance', 'divisor').
     """
 
     def link(self, a: str, axis_a: int, b: str, axis_b: int, pos_a: Any = None, pos_b: Any = None) -> None: ...
@@ -55,6 +56,8 @@ class CouplingContext(ShapeView, Protocol):
     def freeze_tensor(self, name: str, reason: str) -> None: ...
 
     def mark_inexact(self, name: str, axis: int, reason: str) -> None: ...
+
+    def require_kept(self, name: str, axis: int, count: int) -> None: ...
 
     def set_role(self, name: str, role: str) -> None: ...
 

@@ -15,6 +15,7 @@ from onnx import numpy_helper
 from onnxprune.graph import attrs, set_attr
 from onnxprune.rules.base import ChannelRule, register
 from onnxprune.rules.protocols import RuleBarrier
+from onnxprune.rules.routing import expert_routes, topk_of_indices
 from onnxprune.rules.shape_inputs import read_axes, runtime_sizes, shape_elements
 
 INT_MAX = 2**62
@@ -303,7 +304,12 @@ class Gather(ChannelRule):
                 ctx.link(data, ax, y, ax + ri - 1)
         for ax in range(ri):
             ctx.link(idx, ax, y, axis + ax)
-        ctx.freeze(data, axis, "gathered axis")
+        topk = topk_of_indices(ctx, idx)
+        routes = expert_routes(ctx, topk) if topk is not None else None
+        if routes and any(gather is node for gather, _, _ in routes):
+            ctx.independent(data, axis)  # stacked experts: the TopK rule links this axis (`rules.routing`)
+        else:
+            ctx.freeze(data, axis, "gathered axis")
         ctx.set_role(data, "weight")
 
 
