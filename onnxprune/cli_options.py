@@ -79,7 +79,7 @@ def round_to(text: str) -> int | str:
 def add_analyze_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ONNX model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--allow-inexact", action="store_true", help="include LayerNorm/softmax-coupled groups")
+    p.add_argument("--allow-inexact", action="store_true", help="include LayerNorm/softmax-coupled groups and MoE experts")
     p.add_argument("--graph", metavar="OUT.graphml|OUT.json",
                    help="also write the dependency graph annotated with the groups (GraphML or node-link JSON)")
     add_shape_option(p)
@@ -101,7 +101,7 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
                         "--mode unconstrained: energy, bn, l1, l2")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="random seed (>= 0): the random criterion, synthetic inputs, row sampling, --refine")
-    p.add_argument("--allow-inexact", action="store_true", help="also prune LayerNorm/softmax-coupled groups")
+    p.add_argument("--allow-inexact", action="store_true", help="also prune LayerNorm/softmax-coupled groups and MoE experts (inexact)")
     p.add_argument("--mode", choices=("constrained", "unconstrained"), default="constrained",
                    help="unconstrained: each coupled layer keeps its own channels (UPSCALE export)")
     p.add_argument("--share", type=float, default=0.0, metavar="S",
@@ -222,7 +222,7 @@ def add_sensitivity_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--criterion", default="l1", help="importance criterion used to order channels")
     p.add_argument("--ratios", default="0.1,0.25,0.5,0.75", help="comma-separated ratios in (0, 1)")
     p.add_argument("--plot", help="PNG path (default: MODEL.sensitivity.png beside the input)")
-    p.add_argument("--allow-inexact", action="store_true", help="include LayerNorm/softmax-coupled groups")
+    p.add_argument("--allow-inexact", action="store_true", help="include LayerNorm/softmax-coupled groups and MoE experts")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_accuracy_options(p, samples=32)
 
