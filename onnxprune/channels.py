@@ -218,11 +218,18 @@ class CouplingContext:
         for name in (a, b):
             self.freeze_tensor(name, "rank unknown")
 
+    def _mention(self, name: str, axis: int) -> DimRef | None:
+        """The dim (`axis` taken modulo the rank), recorded as mentioned by the current node; None without a rank."""
+        rank = self.rank(name)
+        if rank is None:
+            return None
+        ref = DimRef(name, axis % rank)
+        self.mentioned.add(ref)
+        return ref
+
     def independent(self, name: str, axis: int) -> None:
         """This dim is deliberately not coupled through the current node (e.g. read only for its shape)."""
-        rank = self.rank(name)
-        if rank is not None:
-            self.mentioned.add(DimRef(name, axis % rank))
+        self._mention(name, axis)
 
     def independent_tensor(self, name: str) -> None:
         rank = self.rank(name)
@@ -230,13 +237,8 @@ class CouplingContext:
             self.independent(name, ax)
 
     def freeze(self, name: str, axis: int, reason: str) -> None:
-        rank = self.rank(name)
-        if rank is None:
-            return
-        axis %= rank
-        ref = DimRef(name, axis)
-        self.mentioned.add(ref)
-        if self.atoms(name, axis) is not None and ref not in self.frozen:
+        ref = self._mention(name, axis)
+        if ref is not None and self.atoms(name, ref.axis) is not None and ref not in self.frozen:
             self.frozen[ref] = reason
             self.frozen_nodes[ref] = self.node.name if self.node is not None else ""
 
@@ -246,22 +248,15 @@ class CouplingContext:
 
     def mark_inexact(self, name: str, axis: int, reason: str) -> None:
         """Removing channels of this dim changes results (e.g. a mean over it): prunable only on request."""
-        rank = self.rank(name)
-        if rank is None:
-            return
-        ref = DimRef(name, axis % rank)
-        self.mentioned.add(ref)
-        if self.atoms(name, axis % rank) is not None:
+        ref = self._mention(name, axis)
+        if ref is not None and self.atoms(name, ref.axis) is not None:
             self.inexact.setdefault(ref, reason)
 
     def require_kept(self, name: str, axis: int, count: int) -> None:
         """At least `count` positions of this dim must stay (a TopK choosing `count` of them)."""
-        rank = self.rank(name)
-        if rank is None:
-            return
-        ref = DimRef(name, axis % rank)
-        self.mentioned.add(ref)
-        self.kept_at_least[ref] = max(int(count), self.kept_at_least.get(ref, 1))
+        ref = self._mention(name, axis)
+        if ref is not None:
+            self.kept_at_least[ref] = max(int(count), self.kept_at_least.get(ref, 1))
 
     def set_role(self, name: str, role: str) -> None:
         """Tag an initializer: 'weight' (scored), 'bias', 'scale', 'variance' or 'divisor' (masked to 1),
