@@ -146,7 +146,7 @@ def knapsack_order(
             continue
         points = {0: 0.0}
         for r, e in zip(ratios, row.errors):
-            n = min(g.size - 1, int(math.floor(r * g.size + 1e-9)))
+            n = min(g.size - g.min_keep, int(math.floor(r * g.size + 1e-9)))
             if n > 0 and np.isfinite(e):
                 points[n] = max(points.get(n, 0.0), float(e) ** power)
         removed = np.array(sorted(points))

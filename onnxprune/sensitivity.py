@@ -93,7 +93,7 @@ def sensitivity(
         for number, g in enumerate(sorted(groups, key=lambda g: order_of.get(g.id, 0)), 1):
             progress.update(f"sensitivity: group {number}/{len(groups)}")
             order = np.argsort(scores[g.id], kind="stable")
-            counts = [min(g.size - 1, int(math.floor(r * g.size + 1e-9))) for r in ratios]
+            counts = [min(g.size - g.min_keep, int(math.floor(r * g.size + 1e-9))) for r in ratios]  # >= k experts stay
             removals = [np.sort(order[:n]) if n > 0 else None for n in counts]
             if scan is not None and not g.inexact:
                 errors = list(progress.track(scan.errors(g, removals)))

@@ -81,7 +81,8 @@ def dense_channels_of(dense: ChannelAnalysis, removed: np.ndarray, current: Chan
         dense group id -> (group id in `current`, dense channel index of each of that group's channels).
 
     Raises:
-        PreconditionError: a group has no counterpart of the expected size (the cut changed the coupling).
+        PreconditionError: a group has no counterpart of the expected size (the cut changed the coupling); a
+            group left with no more than its `min_keep` channels has none and is left out (nothing more to cut).
     """
     slices = {(m.tensor, m.axis): (g, m) for g in current.groups for m in g.members}
     cut = dense.removed_positions(removed)
@@ -91,6 +92,8 @@ def dense_channels_of(dense: ChannelAnalysis, removed: np.ndarray, current: Chan
         members = sorted(g.members, key=lambda m: not m.is_param)  # initializers first: their names are stable
         member = next((m for m in members if (m.tensor, m.axis) in slices), None)
         if member is None:
+            if g.size - int(gone.sum()) <= g.min_keep:
+                continue  # too few channels left to be a group (2 heads -> 1): its removal is complete
             raise PreconditionError(f"channel group {g.id} ({g.members[0]}) has no counterpart in the pruned model")
         found, there = slices[(member.tensor, member.axis)]
         if found.size != g.size - int(gone.sum()):

@@ -15,6 +15,7 @@ from onnxprune.channels import DimRef, analyze
 from onnxprune.graph import ModelGraph
 from onnxprune.importer import check_model, import_model
 from onnxprune.metrics import count_params
+from onnxprune.passes.iterative import IterativePrunePass
 from onnxprune.passes.pruning import PruneConfig, PrunePass
 from onnxprune.plan import make_plan
 from onnxprune.rewrite import apply_plan
@@ -236,3 +237,32 @@ def test_moe_experts_are_removable_units():
     plan = make_plan(analysis, {g.id: np.arange(g.size, dtype=float) for g in analysis.groups}, 0.9,
                      groups=experts)
     assert all(g.size - len(plan.removed[g.id]) == 2 for g in experts)  # top-2 keeps two experts
+
+
+def test_steps_go_on_after_a_group_shrinks_to_one_channel():
+    """--steps 3 at ratio 0.7 on Mixtral: each layer's two attention heads lose one in step 2 and stop being a
+    group; step 3 goes on (it stopped with 'has no counterpart in the pruned model') and lands the one-shot
+    counts (the channels differ: step 3 ranks on the pruned weights)."""
+    model = _model("mixtral_tiny")
+    config = PruneConfig(ratio=0.7, round_to=1)
+    stepped = IterativePrunePass(config, steps=3).run(model)
+    one_shot = PrunePass(config).run(model)
+    assert stepped.info["summary"]["plan"] == one_shot.info["summary"]["plan"]
+    assert count_params(ModelGraph(stepped.model)) == count_params(ModelGraph(one_shot.model))
+    inputs = random_inputs(model, seed=3)
+    assert all(np.isfinite(o).all() for o in run(stepped.model, inputs))
+
+
+def test_knapsack_curves_keep_the_top_k_experts():
+    """The knapsack's error curves measure each group at up to 90% removed on the pruned model (inexact groups):
+    an expert group stops at k kept (a TopK over fewer experts than k does not run), and the allocation too."""
+    from onnxprune.calibration_data import CalibrationData
+
+    model = _model("mixtral_tiny")
+    calib = CalibrationData({"input_ids": np.random.default_rng(0).integers(0, 1000, (8, 16)).astype(np.int64)})
+    config = PruneConfig(allocation="knapsack", criterion="obs", repair="ls", target_params="40%", round_to=1,
+                         allow_inexact=True)
+    result = PrunePass(config, calib=calib).run(model)
+    stacked = [t for t in result.model.graph.initializer if t.name.endswith("mlp.experts.gate_up_proj")]
+    assert len(stacked) == 2 and all(t.dims[0] >= 2 for t in stacked)
+    assert all(np.isfinite(o).all() for o in run(result.model, random_inputs(model, seed=4)))
