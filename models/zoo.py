@@ -173,6 +173,9 @@ _ENTRIES = [
              "OPT LM: tied embedding, [B, S, H] flattened before the LayerNorms"),
     ZooEntry("mixtral_tiny", "transformer", _transformers_builder("mixtral", False), _HF,
              "Mixtral LM: mixture of 4 experts, top-2 routing (TopK, Gather of stacked expert weights)"),
+    ZooEntry("qwen2_moe_tiny", "transformer", _transformers_builder("qwen2_moe", False), _HF,
+             "Qwen2-MoE LM: 4 routed experts (softmax then top-2, not renormalised) beside a shared expert "
+             "behind a sigmoid gate"),
     ZooEntry(
         "ppocrv4_det",
         "ocr",

@@ -189,6 +189,12 @@ def _hf_model(kind: str, attention: str = "eager") -> Any:
                                   num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                                   max_position_embeddings=128, experts_implementation="batched_mm", **common)
         return tf.MixtralForCausalLM(config)
+    if kind == "qwen2_moe":  # 4 routed experts (softmax, top-2, not renormalised) + a shared expert behind a sigmoid gate
+        config = tf.Qwen2MoeConfig(hidden_size=128, num_hidden_layers=2, intermediate_size=256, moe_intermediate_size=64,
+                                   shared_expert_intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                   num_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+                                   experts_implementation="batched_mm", **common)
+        return tf.Qwen2MoeForCausalLM(config)
     raise ZooError(f"unknown transformers kind {kind!r}")
 
 

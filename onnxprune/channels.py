@@ -102,6 +102,8 @@ class ChannelGroup:
             "channels": self.size,
             "params": self.params,
             "members": [str(m) for m in self.members if m.is_param],
+            "inexact": self.inexact,  # only with --allow-inexact
+            "min_keep": self.min_keep,
         }
 
 

@@ -67,7 +67,7 @@ def test_analyze_json_contract(residual):
     data = json.loads(out)
     assert ANALYZE_KEYS <= data.keys()
     assert data["prunable_params"] > 0
-    assert {"id", "channels", "params", "members"} <= data["groups"][0].keys()
+    assert {"id", "channels", "params", "members", "inexact", "min_keep"} <= data["groups"][0].keys()
 
 
 def test_barrier_reported_for_op_without_rule(tmp_model, capsys):

@@ -202,7 +202,10 @@ def _experts_never_chosen(model: onnx.ModelProto, topk: onnx.NodeProto, experts:
     expert removal (a removed expert is never chosen; a zeroed router row would still be)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    softmax = next(n for n in out.graph.node if topk.input[0] in n.output)
+    producer = {o: n for n in out.graph.node for o in n.output}
+    softmax = producer[topk.input[0]]
+    while softmax.op_type != "Softmax":  # Qwen2-MoE casts the probabilities before ranking them
+        softmax = producer[softmax.input[0]]
     n_experts = ModelGraph(model).shape(topk.input[0])[-1]
     bias = np.zeros(n_experts, np.float32)
     bias[experts] = -1e9
@@ -214,26 +217,27 @@ def _experts_never_chosen(model: onnx.ModelProto, topk: onnx.NodeProto, experts:
     return out
 
 
-def test_moe_experts_are_removable_units():
-    """Mixtral's experts: with --allow-inexact each layer's experts are one group (router column, stacked
-    gate/up and down slabs), inexact (a token that chose a removed expert takes its next-best), keeping at
-    least top-k; the pruned model equals the original with the removed experts' router scores at -inf."""
-    model = _model("mixtral_tiny")
+@pytest.mark.parametrize("name", ["mixtral_tiny", "qwen2_moe_tiny"])
+def test_moe_experts_are_removable_units(name):
+    """The experts of each MoE layer: with --allow-inexact one group per layer (router column, stacked gate/up
+    and down slabs), inexact (a token that chose a removed expert takes its next-best), keeping at least top-k;
+    the pruned model equals the original with the removed experts' router scores at -inf. Mixtral renormalises
+    its top-2 weights; Qwen2-MoE does not and adds a shared expert behind a sigmoid gate, which stays whole."""
+    model = _model(name)
     assert not [g for g in analyze(ModelGraph(model)).groups if g.inexact]
     analysis = analyze(ModelGraph(model), allow_inexact=True)
     experts = [g for g in analysis.groups if g.inexact]
     assert [g.size for g in experts] == [4, 4] and [g.min_keep for g in experts] == [2, 2]
-    group = experts[0]
-    removed = group.labels[[1, 2]]
-    stacked = next(m for m in group.members if m.tensor.endswith("layers.0.mlp.experts.gate_up_proj"))
-    gone = analysis.removed_positions(removed)[DimRef(stacked.tensor, stacked.axis)]
-    pruned = infer_shapes(apply_plan(analysis, removed))
-    check_model(pruned)
-    topk = next(n for n in model.graph.node if n.op_type == "TopK")
-    oracle = _experts_never_chosen(model, topk, gone)
     inputs = random_inputs(model, seed=2)
-    assert max_rel_error(run(oracle, inputs), run(pruned, inputs)) <= 1e-5
-    assert max_rel_error(run(model, inputs), run(pruned, inputs)) > 1e-3  # the routing did change
+    for layer, (group, topk) in enumerate(zip(experts, [n for n in model.graph.node if n.op_type == "TopK"])):
+        removed = group.labels[[1, 2]]
+        stacked = next(m for m in group.members if m.tensor.endswith(f"layers.{layer}.mlp.experts.gate_up_proj"))
+        gone = analysis.removed_positions(removed)[DimRef(stacked.tensor, stacked.axis)]
+        pruned = infer_shapes(apply_plan(analysis, removed))
+        check_model(pruned)
+        oracle = _experts_never_chosen(model, topk, gone)
+        assert max_rel_error(run(oracle, inputs), run(pruned, inputs)) <= 1e-5
+        assert max_rel_error(run(model, inputs), run(pruned, inputs)) > 1e-3  # the routing did change
     plan = make_plan(analysis, {g.id: np.arange(g.size, dtype=float) for g in analysis.groups}, 0.9,
                      groups=experts)
     assert all(g.size - len(plan.removed[g.id]) == 2 for g in experts)  # top-2 keeps two experts
@@ -266,3 +270,22 @@ def test_knapsack_curves_keep_the_top_k_experts():
     stacked = [t for t in result.model.graph.initializer if t.name.endswith("mlp.experts.gate_up_proj")]
     assert len(stacked) == 2 and all(t.dims[0] >= 2 for t in stacked)
     assert all(np.isfinite(o).all() for o in run(result.model, random_inputs(model, seed=4)))
+
+
+def test_analyze_json_names_the_experts_min_keep(capsys):
+    """`onnxprune analyze --allow-inexact --json` on Qwen2-MoE: each layer's experts are an inexact group that
+    keeps at least its top-k (2); every other group is exact and may shrink to one channel."""
+    import json
+
+    from onnxprune.cli import main
+
+    try:
+        path = zoo.zoo_model("qwen2_moe_tiny")
+    except zoo.ZooError as exc:
+        pytest.skip(str(exc))
+    assert main(["analyze", str(path), "--allow-inexact", "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    experts = [g for g in groups if g["inexact"]]
+    assert [(g["channels"], g["min_keep"]) for g in experts] == [(4, 2), (4, 2)]
+    assert all(g["min_keep"] == 1 for g in groups if not g["inexact"])
+    assert any("experts.gate_up_proj[axis 0]" in m for m in experts[0]["members"])
