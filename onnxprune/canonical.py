@@ -7,7 +7,8 @@ weights as [out, in] and transpose them in the graph), initializers also listed 
 (IR < 4), unnamed nodes, and small shape computations made of constants (torch's legacy exporter
 builds Reshape targets with Unsqueeze/Concat of constants). `normalize` turns all of these into one
 canonical form: weights are initializers in the layout their consumer reads, every node has a unique
-name, constant shape arithmetic is folded. `fold_static_shapes` folds sizes that shape inference made
+name, constant shape arithmetic is folded, and weight parametrizations (weight norm) become the weight
+they compute (`parametrizations`). `fold_static_shapes` folds sizes that shape inference made
 static; `importer.canonicalize` alternates it with `shape_inference.infer_shapes`.
 """
 
@@ -21,6 +22,7 @@ from onnxprune import external as ext
 from onnxprune.errors import UnsupportedModelError
 from onnxprune.graph import ModelGraph, subgraph_reads
 from onnxprune.onnx_utils import all_graphs, node_subgraphs, numel, opset_of
+from onnxprune.parametrizations import fold_parametrizations
 from onnxprune.sharing import (
     FLOAT_TYPES,
     genuine_ties,
@@ -57,6 +59,7 @@ def normalize(model: onnx.ModelProto, inplace: bool = False) -> tuple[onnx.Model
     changed |= _branch_constants_to_initializers(g)
     changed |= _fold_constant_shape_ops(g, opset or 17)
     changed |= _fold_weight_layout_ops(g, opset or 17)
+    changed |= fold_parametrizations(g, opset or 17)
     changed |= remove_dead_code(g)
     changed |= unshare_dequantized_constants(g)
     changed |= unshare_small_initializers(g)
