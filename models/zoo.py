@@ -9,6 +9,7 @@ Extra packages (install with ``bash models/install_zoo_deps.sh``)::
     pip install torch==2.13.0                                   # CPU wheel; never another version
     pip install --no-deps torchvision==0.28.0                   # cnn family
     pip install transformers==5.24.0                            # transformer family
+    pip install diffusers==0.42.1                               # unet2d_* entries (models/zoo_diffusion.py)
     pip install onnxscript==0.7.2                               # the *_dynamo entries (torch.export)
     pip install --no-deps rapidocr-onnxruntime==1.4.4           # ocr family (pretrained ONNX files)
     pip install tensorflow-cpu==2.21.0 tf2onnx==1.17.0          # keras_* entries (models/zoo_frameworks.py)
@@ -54,7 +55,11 @@ from models.zoo_builders import (
     _vit_tiny_opset23,
     _wheel_file,
 )
+from models.zoo_diffusion import unet2d_cond_tiny, unet2d_tiny
 from models.zoo_frameworks import _child as _framework_child
+from models.zoo_segmentation import detection_builder, segmentation_builder
+from models.zoo_seq2seq import seq2seq_builder
+from models.zoo_speech import hubert_ctc_tiny, wav2vec2_ctc_tiny
 
 __all__ = ["INPUT_SHAPES", "ZOO", "ZooEntry", "ZooError", "cache_dir", "zoo_model"]
 
@@ -261,6 +266,67 @@ _ENTRIES += [  # newer pretrained models shipped in wheels
              "pretrained PP-OCRv6 small text detector (rapidocr 3.10 wheel)"),
     ZooEntry("yolov8n_nudenet", "cnn", _wheel_file("nudenet", "320n.onnx"), ("nudenet",),
              "pretrained YOLOv8n detector (nudenet 3.4 wheel, ultralytics export): C2f Split/Concat, DFL head"),
+]
+
+_ENTRIES += [  # encoder-decoder transformers (cross-attention): models/zoo_seq2seq.py
+    ZooEntry("t5_tiny", "transformer", seq2seq_builder("t5"), _HF,
+             "T5 seq2seq: relative position bias shared by a stack's layers, RMS LayerNorm, ReLU FFN, tied "
+             "embedding read by encoder, decoder and the d_model**-0.5-scaled lm_head; [1, 16] -> [1, 8] logits"),
+    ZooEntry("t5_v11_tiny", "transformer", seq2seq_builder("t5_v11"), _HF,
+             "T5 v1.1 / Flan-T5 seq2seq: gated-GELU FFN (wi_0, wi_1), unscaled lm_head (transformers 5 ties it "
+             "to the embedding either way)"),
+    ZooEntry("t5_tiny_dynseq", "transformer", seq2seq_builder("t5", dynamic_lengths=True), _HF,
+             "T5, dynamic source and target lengths: relative position buckets computed at run time"),
+    ZooEntry("bart_tiny", "transformer", seq2seq_builder("bart"), _HF,
+             "BART seq2seq: learned positions, LayerNorms, biases, tied lm_head + final_logits_bias"),
+    ZooEntry("bart_tiny_dynseq", "transformer", seq2seq_builder("bart", dynamic_lengths=True), _HF,
+             "BART, dynamic lengths: the encoder reads the length off inputs_embeds[:, :, -1] (a Gather of the "
+             "last hidden channel, read only by Shape)"),
+    ZooEntry("whisper_tiny", "transformer", seq2seq_builder("whisper"), _HF,
+             "Whisper speech seq2seq: [1, 80, 64] mel frames through two Conv1d + GELU, sinusoidal positions, "
+             "decoder with cross-attention over the encoder's own hidden size"),
+    ZooEntry("whisper_tiny_dynamo", "transformer", seq2seq_builder("whisper", dynamo=True), _HF_DYNAMO,
+             "the same Whisper through the torch.export-based exporter"),
+]
+
+_DIFFUSERS = ("torch", "diffusers")
+_ENTRIES += [  # diffusion U-Nets (models/zoo_diffusion.py) and speech encoders with a conv front end (zoo_speech.py)
+    ZooEntry("unet2d_tiny", "cnn", unet2d_tiny, _DIFFUSERS,
+             "diffusers UNet2DModel: GroupNorm (Reshape-InstanceNorm-Reshape), timestep MLP as per-channel bias, "
+             "skip Concats, attention, nearest Resize; [1, 3, 32, 32] + timestep"),
+    ZooEntry("unet2d_cond_tiny", "cnn", unet2d_cond_tiny, _DIFFUSERS,
+             "diffusers UNet2DConditionModel: Transformer2D blocks with cross-attention on [1, 8, 32] context, "
+             "GEGLU; [1, 4, 16, 16] latent"),
+    ZooEntry("wav2vec2_ctc_tiny", "transformer", wav2vec2_ctc_tiny, _HF,
+             "Wav2Vec2ForCTC: Conv1d front end (GroupNorm, GELU), grouped weight-normed positional conv, "
+             "post-LN encoder; raw audio [1, 8000]"),
+    ZooEntry("hubert_ctc_tiny", "transformer", hubert_ctc_tiny, _HF,
+             "HubertForCTC, large layout: LayerNorm after every front-end conv, pre-LN encoder; audio [1, 8000]"),
+]
+
+_ENTRIES += [  # semantic segmentation and detection (torchvision, random init): models/zoo_segmentation.py
+    ZooEntry("lraspp_mobilenet_v3_large", "cnn", segmentation_builder("lraspp_mobilenet_v3_large"), _TV,
+             "LR-ASPP segmenter: SE blocks, a sigmoid-gated pooled branch times the high branch, bilinear Resize "
+             "to the input; [1, 3, 96, 128]"),
+    ZooEntry("lraspp_mobilenet_v3_large_dynamic", "cnn",
+             segmentation_builder("lraspp_mobilenet_v3_large", dynamic=True), _TV,
+             "the same LR-ASPP with batch, height and width dynamic: Resize sizes read from Shape at run time"),
+    ZooEntry("deeplabv3_mobilenet_v3_large", "cnn", segmentation_builder("deeplabv3_mobilenet_v3_large"), _TV,
+             "DeepLabV3 segmenter: ASPP (parallel dilated convs, a global-pooling branch resized back, Concat, "
+             "projection); [1, 3, 96, 128]"),
+    ZooEntry("deeplabv3_mobilenet_v3_large_dynamic", "cnn",
+             segmentation_builder("deeplabv3_mobilenet_v3_large", dynamic=True), _TV,
+             "the same DeepLabV3, dynamic batch, height and width: the pooling branch resized to a run-time size"),
+    ZooEntry("fcn_resnet50", "cnn", segmentation_builder("fcn_resnet50"), _TV,
+             "FCN segmenter on a dilated ResNet-50 (output stride 8); [1, 3, 96, 128]"),
+    ZooEntry("ssdlite320_mobilenet_v3_large", "cnn", detection_builder("ssdlite320_mobilenet_v3_large"), _TV,
+             "SSDlite detector with its post-processing: per-class score filter (NonZero), TopK, batched "
+             "NonMaxSuppression inside an If, box decoding; [1, 3, 320, 320] -> boxes, scores, labels"),
+    ZooEntry("fasterrcnn_mobilenet_v3_large_320_fpn", "cnn",
+             detection_builder("fasterrcnn_mobilenet_v3_large_320_fpn", box_score_thresh=0.001), _TV,
+             "Faster R-CNN, FPN: RPN (TopK, NMS per level), MultiScaleRoIAlign (RoiAlign per level merged by "
+             "ScatterElements), two-layer box head, post-processing (score threshold 0.001, as mAP evaluations "
+             "run it); [1, 3, 320, 320] -> boxes, scores, labels"),
 ]
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}

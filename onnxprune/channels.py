@@ -334,7 +334,9 @@ class ChannelAnalysis:
             labels = np.unique(self.dim_labels(ref)).tolist()
             reason, node = next(
                 (cause_of_label[lab] for lab in labels if lab in cause_of_label),
-                ("removal would be inexact (normalisation statistics); see --allow-inexact", ""),
+                # neither frozen nor inexact (those have causes above): channels alone in their extent
+                ("coupled across differing sets of tensors (e.g. norm groups straddling a Concat): no two channels "
+                 "alike, and a lone channel is kept", ""),
             )
             row = rows.setdefault(reason, {"reason": reason, "count": 0, "examples": [], "nodes": []})
             row["count"] += 1

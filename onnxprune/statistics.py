@@ -45,8 +45,9 @@ ELEMENTWISE = frozenset({
 })
 
 
-# Layout ops pass a zero phantom through (the coupled axis keeps its removed positions' zeros).
-LAYOUT = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+# Layout ops pass a zero phantom through (the coupled axis keeps its removed positions' zeros); so does a Slice,
+# whose every output element is an input element of the same channel (wav2vec2's positional conv drops a step).
+LAYOUT = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice"})
 # Unary ops with f(0) = 0, and binary ops whose result is zero when these operands are.
 _ZERO_UNARY = frozenset({"Relu", "Identity", "Cast", "Neg", "Abs", "Sqrt", "Tanh", "Erf", "LeakyRelu",
                          "HardSwish", "Gelu"})

@@ -154,6 +154,15 @@ def resize(b: Builder, op: str, t: str) -> tuple[str, int]:
     return b(op, [t, "", scales] if op == "Resize" else [t, scales]), C
 
 
+def resize_to_run_time_sizes(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """``F.interpolate(t, size=...)`` as torch exports it with a dynamic image size: the sizes vector is
+    ``Concat(Shape(t)[:2], 2 * Shape(t)[2:])``, read at run time; its channel element follows t's channels."""
+    shape = b("Shape", [t])
+    spatial = b("Mul", [b("Slice", [shape, b.ints([2]), b.ints([4])]), b.ints([2])])
+    sizes = b("Concat", [b("Slice", [shape, b.ints([0]), b.ints([2])]), spatial], axis=0)
+    return b(op, [t, "", "", sizes], mode="linear"), C
+
+
 def pad(b: Builder, op: str, t: str) -> tuple[str, int]:
     return b(op, [t, b.ints([0, 0, 1, 1, 0, 0, 1, 1])]), C
 
@@ -195,6 +204,33 @@ def top_k(axis: int, read_indices: bool = True) -> Body:
         return values, (2 if axis == 1 else C)
 
     return body
+
+
+def _plus_nothing(b: Builder, t: str, indices: str) -> str:
+    """``t + 0 * size(indices)``: the index list is read, the channels pass on."""
+    return b("Add", [t, b("Mul", [b("Cast", [b("Size", [indices])], to=FLOAT), b.scalar(0.0)])])
+
+
+def nonzero(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """``NonZero(t)`` beside the channels (a detector's score filter): its indices address every axis of t, so the
+    channels stay (no group), and it is no barrier."""
+    return _plus_nothing(b, t, b(op, [t])), C
+
+
+def non_max_suppression(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """t read as the scores of C classes over 9 boxes (``Reshape [1, C, 9]``): the indices NonMaxSuppression
+    returns number the classes, so the channels stay (no group), and it is no barrier."""
+    corner = np.arange(9, dtype=np.float32)[:, None] * 0.5  # boxes 1x1 along the diagonal, overlapping
+    boxes = b.const(np.concatenate([corner, corner, corner + 1, corner + 1], axis=1)[None])
+    scores = b("Reshape", [t, b.ints([1, C, 9])])
+    selected = b(op, [boxes, scores, b.ints([2]), b.const(np.array([0.5], np.float32))])
+    return _plus_nothing(b, t, selected), C
+
+
+def roi_align(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """Two regions of interest pooled to 2x2 from t [1, C, 4, 4] (Faster R-CNN's box head input): [2, C, 2, 2]."""
+    rois = b.const(np.array([[0.0, 0.0, 2.5, 2.0], [1.0, 0.5, 3.5, 3.5]], np.float32))
+    return b(op, [t, rois, b.ints([0, 0])], output_height=2, output_width=2, sampling_ratio=2), C
 
 
 def reduce_channels(b: Builder, op: str, t: str) -> tuple[str, int]:
@@ -270,6 +306,15 @@ def norm(b: Builder, op: str, t: str) -> tuple[str, int]:
     return b(op, [t, b.normal((5,)), b.normal((5,))] if op == "LayerNormalization" else [t, b.normal((5,))], axis=-1), C
 
 
+def group_norm_torch(b: Builder, op: str, t: str) -> tuple[str, int]:
+    """GroupNorm(2, C) as torch exports it at opset <= 17: Reshape [N, 2, -1], InstanceNormalization, Reshape
+    back, per-channel Mul and Add. Both reshapes regroup the channel axis: a norm group is one channel."""
+    g = b(op, [t, b.ints([0, 2, -1])])
+    g = b("InstanceNormalization", [g, b.const(np.ones(2, np.float32)), b.const(np.zeros(2, np.float32))])
+    g = b(op, [g, b.ints([1, C, 3, 3])])
+    return b("Add", [b("Mul", [g, b.positive((C, 1, 1))]), b.normal((C, 1, 1))]), C
+
+
 def to_matrix(b: Builder, t: str, features: int) -> str:
     """A [1, features] tensor times a weight matrix: the channels' consumer after a flattening op."""
     return b("MatMul", [t, b.normal((features, 2))])
@@ -317,6 +362,19 @@ def gather(op: str, opset: int) -> onnx.ModelProto:
     return b.model([("x", INT64, [1, 5])], [y], opset)
 
 
+def gather_sizes(op: str, opset: int) -> onnx.ModelProto:
+    """A Gather read only for its sizes (BART's encoder takes its length from ``inputs_embeds[:, :, -1]``):
+    ``Conv(3->C) -> t -> Conv(C->2)``, plus ``Gather(t, C - 1, axis=1) -> Shape`` times 0. The channels pass: the
+    gathered axis is in no size read; index C - 1, out of range once channels go, is rewritten."""
+    b = Builder()
+    t = b.conv("x", 3, C)
+    picked = b(op, [t, b.const(np.array(C - 1, np.int64))], axis=1)
+    size = b("ReduceSum", [b("Shape", [picked])], keepdims=0)
+    zero = b("Mul", [b("Cast", [size], to=FLOAT), b.scalar(0.0)])
+    y = b("Add", [b.conv(t, C, 2), zero])
+    return b.model([("x", FLOAT, [1, 3, "H", 3])], [y], opset)
+
+
 def gather_elements(op: str, opset: int) -> onnx.ModelProto:
     """Positions reordered along the width by an index of the data's shape (DeBERTa's relative-position
     gathers): ``Conv(3->C) -> GatherElements(axis=3, index [1, C, 3, 3]) -> Conv(C->2)``; the channels pass."""
@@ -324,6 +382,29 @@ def gather_elements(op: str, opset: int) -> onnx.ModelProto:
     index = b.ints(np.random.default_rng(1).integers(0, 3, (1, C, 3, 3)))
     y = b.conv(b(op, [b.conv("x", 3, C), index], axis=3), C, 2)
     return b.model([("x", FLOAT, [1, 3, 3, 3])], [y], opset)
+
+
+def scatter_levels(runtime_target: bool) -> Callable[[str, int], onnx.ModelProto]:
+    """torchvision's MultiScaleRoIAlign merging pooled levels: ``x [N, 3, 3, 3] -> Conv(3->C) -> t``, then
+    ``ScatterElements(zeros [N, C, 3, 3], Expand(slot [N, 1, 1, 1], sizes), t, axis=0) -> Conv(C->2)``. The
+    Expand broadcasts each row's slot over the channels; its channel size is a constant of the sizes vector
+    (`runtime_target` False: the export folds it) or read from ``Shape(t)``. The channels pass through both."""
+
+    def build(op: str, opset: int) -> onnx.ModelProto:
+        b = Builder()
+        t = b.conv("x", 3, C)
+        rows = b("Slice", [b("Shape", [t]), b.ints([0]), b.ints([1])])
+        rest = b("Slice", [b("Shape", [t]), b.ints([1]), b.ints([4])]) if runtime_target else b.ints([C, 3, 3])
+        sizes = b("Concat", [rows, rest], axis=0)
+        zeros = b("ConstantOfShape", [b("Concat", [rows, b.ints([C, 3, 3])], axis=0)],
+                  value=numpy_helper.from_array(np.zeros(1, np.float32)))  # fmt: skip
+        count = b("Squeeze", [rows, b.ints([0])])
+        slots = b("Reshape", [b("Range", [b.const(np.array(0, np.int64)), count, b.const(np.array(1, np.int64))]),
+                              b.ints([-1, 1, 1, 1])])  # fmt: skip
+        merged = b("ScatterElements", [zeros, b("Expand", [slots, sizes]), t], axis=0)  # one model for both ops
+        return b.model([("x", FLOAT, ["N", 3, 3, 3])], [b.conv(merged, C, 2)], opset)
+
+    return build
 
 
 def gather_nd(op: str, opset: int) -> onnx.ModelProto:

@@ -17,6 +17,7 @@ from onnxprune.rules import (  # noqa: F401  (registers the rules)
     quantize,
     recurrent,
     reshape,
+    selection,
     shape,
 )
 from onnxprune.rules.base import RULES, ChannelRule, OpFacts, register

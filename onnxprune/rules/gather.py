@@ -1,4 +1,4 @@
-"""GatherND and GatherElements: index some axes of a tensor, keep the others whole.
+"""GatherND, GatherElements and ScatterElements: index some axes of a tensor, keep the others whole.
 
 ``GatherND(data, indices, batch_dims=b)`` with ``k = indices.shape[-1]`` reads, for every index tuple, the
 slice ``data[batch..., i_0, .., i_(k-1), :, ..]``; the output is
@@ -61,3 +61,29 @@ class GatherElements(ChannelRule):
             if ax != axis:
                 ctx.link(data, ax, y, ax)
         ctx.freeze(data, axis, "axis indexed by GatherElements")
+
+
+@register("ScatterElements", since=11)
+class ScatterElements(ChannelRule):
+    """``y = data`` with ``y[.., index[.., i, ..], ..] = updates[.., i, ..]`` along `axis` (torchvision's
+    MultiScaleRoIAlign merges the pyramid levels' pooled features this way, into zeros): on every other axis data,
+    index, updates and output line up position by position, so those axes carry their channels; a silenced channel
+    scatters zeros into zeros (under any reduction), whatever its index values. Along `axis` positions are
+    addressed by index values (frozen)."""
+
+    zero_preserving = ("ScatterElements",)
+
+    def couple(self, node, ctx):
+        data, idx, updates, y = node.input[0], node.input[1], node.input[2], node.output[0]
+        rank = ctx.rank(data)
+        if rank is None or ctx.rank(idx) != rank or ctx.rank(updates) != rank:
+            raise RuleBarrier("rank unknown")
+        axis = attrs(node).get("axis", 0) % rank
+        for ax in range(rank):
+            if ax == axis:
+                for name in (data, idx, updates, y):
+                    ctx.freeze(name, ax, "axis indexed by ScatterElements")
+                continue
+            ctx.link(data, ax, y, ax)
+            ctx.link(updates, ax, y, ax)
+            ctx.link(idx, ax, y, ax)

@@ -29,6 +29,18 @@ class Pool(ChannelRule):
         ctx.link(x, 1, y, 1)
 
 
+@register("RoiAlign", since=10)
+class RoiAlign(ChannelRule):
+    """Pools each region of interest channel by channel: ``X [N, C, H, W] -> Y [R, C, h, w]`` (torchvision's
+    MultiScaleRoIAlign on the FPN levels), so the channel axis passes; a silenced channel samples zeros. The
+    regions (their boxes and batch indices) are no channels."""
+
+    zero_preserving = ("RoiAlign",)
+
+    def couple(self, node, ctx):
+        ctx.link(node.input[0], 1, node.output[0], 1)
+
+
 class _SameSizeAxes(ChannelRule):
     """Axes whose size does not change are identities; for Resize the `sizes` vector is rewritten."""
 
@@ -43,7 +55,14 @@ class _SameSizeAxes(ChannelRule):
         for ax, (a, b) in enumerate(zip(sx, sy)):
             if a == b and a is not None and ax not in skip:
                 if sizes and (ax >= len(sizes) or sizes[ax][1] is None):
-                    continue  # a run-time sizes vector would not follow
+                    value = sizes[ax][0] if ax < len(sizes) else None
+                    if not (isinstance(value, tuple) and value[0] == "size"):
+                        ctx.freeze(x, ax, "resize sizes computed at run time")
+                        ctx.freeze(y, ax, "resize sizes computed at run time")
+                        continue  # a size computed otherwise would not follow a pruned axis
+                    # Read from a tensor's size (torch's interpolate(size=...) with dynamic shapes takes
+                    # Shape(x)[:2]): it follows that tensor after pruning, so the axis is that tensor's too.
+                    ctx.link(value[1], value[2], y, ax)
                 ctx.link(x, ax, y, ax)
 
     def rewrite(self, node, ctx):

@@ -4,7 +4,9 @@ Reshape is decomposed into segments of input and output axes with equal products
 1:1 segment is an identity. When axes merge (``[C, H, W] -> [C*H*W]``) the major input axis owns blocks of
 the merged axis: channel c becomes positions ``c*H*W .. (c+1)*H*W-1``. When an axis splits
 (``[C] -> [heads, head_dim]``) the major output axis (heads) owns blocks of the input axis, so a head is
-one channel. The minor axes of a merge or split cannot lose positions independently and are frozen.
+one channel. The minor axes of a merge or split cannot lose positions independently and are frozen. When
+both sides have several axes and one major size is k times the other (``[C, H, W] -> [G, C/G*H*W]``: torch's
+GroupNorm at opset <= 17), k positions of the larger major axis are one of the smaller (`_couple_regroup`).
 
 Which axis carries the channels (`_carrier`) has three exceptions to "the major one": a small leading
 axis later taken apart (fused Q/K/V ``3*E -> [3, E]``) is a stack, so the axis after it carries; an
@@ -290,10 +292,53 @@ def _couple_reshape(ctx, x: str, y: str, targets=None) -> None:
                 if b != big_out[c]:
                     ctx.freeze(y, b, "split off a larger axis by reshape")
             continue
+        if _couple_regroup(ctx, x, y, ii, big_in, big_out, targets):
+            continue
         for a in ii:
             ctx.freeze(x, a, "reshape regroups axes")
         for b in jj:
             ctx.freeze(y, b, "reshape regroups axes")
+
+
+def _couple_regroup(ctx, x: str, y: str, ii: list[int], big_in: list[int], big_out: list[int], targets) -> bool:
+    """Couple a reshape that regroups its major axis: ``[C, H, W] -> [G, C/G*H*W]`` (torch's GroupNorm at opset
+    <= 17: Reshape, InstanceNormalization, Reshape back) or back, ``[G, C/G*H*W] -> [C, H, W]``.
+
+    When the larger of the two major sizes is k times the smaller (and the segment's products agree), flat
+    position ``c*R + r`` of the major axis with k times more positions lands at ``c // k`` of the other: k
+    channels of one side are one position of the other (a GroupNorm group is one channel), and removing
+    whole units keeps every other element where it was. The minor axes keep their sizes (frozen). Returns
+    False (the caller freezes) when the sizes do not divide or a target could not follow.
+    """
+    if not big_in or not big_out or len(big_in) + len(big_out) < 3:
+        return False
+    in_shape, out_shape = ctx.shape(x), ctx.shape(y)
+    a0, b0 = big_in[0], big_out[0]
+    n_in, n_out = in_shape[a0], out_shape[b0]
+    small, large = min(n_in, n_out), max(n_in, n_out)
+    if large % small:
+        return False
+    if targets is not None:  # Flatten has none: its output sizes follow the input
+        if targets is False or b0 >= len(targets) or len(targets) != len(out_shape):
+            return False
+        value, loc = targets[b0]
+        if not ((loc is not None and value != 0) or value == -1):
+            return False  # the major target is rewritten in place or inferred; a copy (0) could not follow
+        for b in big_out[1:]:  # minors keep their sizes: a literal, -1, or a copy (0) of a minor input axis
+            value, loc = targets[b]
+            literal = loc is not None and value not in (0, -1)
+            if not (literal or value == -1 or (value == 0 and b in ii and b != a0)):
+                return False
+    k = large // small
+    if n_in >= n_out:
+        ctx.link(x, a0, y, b0, np.arange(n_in), np.arange(n_in) // k)
+    else:
+        ctx.link(x, a0, y, b0, np.arange(n_out) // k, np.arange(n_out))
+    for a in big_in[1:]:
+        ctx.freeze(x, a, "regrouped with a larger axis by reshape")
+    for b in big_out[1:]:
+        ctx.freeze(y, b, "regrouped with a larger axis by reshape")
+    return True
 
 
 @register("Reshape")

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.graph import attrs, set_attr
+from onnxprune.graph import attrs, set_attr, subgraph_reads
+from onnxprune.onnx_utils import has_subgraph
 from onnxprune.rules.base import ChannelRule, register
 from onnxprune.rules.protocols import RuleBarrier
 from onnxprune.rules.routing import expert_routes, topk_of_indices
@@ -261,7 +262,14 @@ class Expand(ChannelRule):
             elif sx != 1:
                 ctx.freeze(x, in_axis, "expand target computed at run time")
                 ctx.freeze(y, out_axis, "expand target computed at run time")
-            # sx == 1: the output size is created by the target shape: left unmapped, hence frozen
+            elif (loc is not None or _is_size(value)) and _index_broadcast(ctx.graph, y, out_axis):
+                # One index repeated along an axis its readers do not index (torchvision's MultiScaleRoIAlign
+                # expands each RoI's slot over [R, C, h, w] for ScatterElements): no value along the axis is
+                # read as data, so the readers couple it; a constant target is rewritten, a run-time one follows.
+                ctx.independent(y, out_axis)
+                if _is_size(value):
+                    ctx.link(value[1], value[2], y, out_axis)
+            # otherwise (sx == 1) the output size is created by the target shape: left unmapped, hence frozen
 
     def rewrite(self, node, ctx):
         y = node.output[0]
@@ -271,6 +279,25 @@ class Expand(ChannelRule):
             ax = k + offset
             if ax >= 0 and value not in (1, None) and loc is not None and ctx.new_size(y, ax) != ctx.old_size(y, ax):
                 ctx.set_element(loc, ctx.new_size(y, ax))
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, tuple) and value[0] == "size"
+
+
+def _index_broadcast(graph, name: str, axis: int) -> bool:
+    """Is `name` read only as the indices of ScatterElements / GatherElements along another axis than `axis`?
+    Then its positions along `axis` address nothing: the reader keeps index, data and output aligned there."""
+    uses = graph.consumers.get(name, [])
+    if not uses or graph.is_graph_io(name) or any(has_subgraph(n) and name in subgraph_reads(n) for n in graph.nodes):
+        return False
+    for use in uses:
+        node, rank = use.node, graph.rank(name)
+        if node.op_type not in ("ScatterElements", "GatherElements") or use.index != 1 or rank is None:
+            return False
+        if list(node.input).count(name) != 1 or attrs(node).get("axis", 0) % rank == axis:
+            return False
+    return True
 
 
 @register("Tile")
@@ -308,9 +335,31 @@ class Gather(ChannelRule):
         routes = expert_routes(ctx, topk) if topk is not None else None
         if routes and any(gather is node for gather, _, _ in routes):
             ctx.independent(data, axis)  # stacked experts: the TopK rule links this axis (`rules.routing`)
+        elif ctx.const(idx) is not None and _sizes_only(ctx.graph, y):
+            # Only the output's sizes are read, and the gathered axis is not one of them (BART's encoder takes
+            # the length of ``inputs_embeds[:, :, -1]``): the axis is free; `rewrite` keeps the indices in range.
+            ctx.independent(data, axis)
         else:
             ctx.freeze(data, axis, "gathered axis")
         ctx.set_role(data, "weight")
+
+    def rewrite(self, node, ctx):
+        data, idx = node.input[0], node.input[1]
+        value, rank = ctx.const(idx), ctx.rank(data)
+        if value is None or rank is None or not _sizes_only(ctx.graph, node.output[0]):
+            return
+        axis = attrs(node).get("axis", 0) % rank
+        new = ctx.new_size(data, axis)
+        if isinstance(new, int) and new != ctx.old_size(data, axis) and np.any((value >= new) | (value < -new)):
+            ctx.replace_input(node, 1, np.zeros_like(value))  # any index in range gives the same sizes
+
+
+def _sizes_only(graph, name: str) -> bool:
+    """Is `name` read only by Shape / Size nodes (not a graph output, not read inside a subgraph)?"""
+    uses = graph.consumers.get(name, [])
+    if not uses or graph.is_graph_io(name) or any(u.node.op_type not in ("Shape", "Size") for u in uses):
+        return False
+    return not any(has_subgraph(n) and name in subgraph_reads(n) for n in graph.nodes)
 
 
 @register("Range", since=11)
