@@ -219,10 +219,13 @@ def _evaluate(node: onnx.NodeProto, args: list[np.ndarray], opset: int) -> list[
     return results
 
 
-def _fold_constant_shape_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
+def _fold_constant_shape_ops(g: onnx.GraphProto, opset: int = 17, outer: dict | None = None) -> bool:
+    """Fold small constant arithmetic of `g`; then of its If/Loop/Scan bodies, where the enclosing graphs'
+    initializers (`outer`) are constants too (torchvision's batched NMS slices with axes Unsqueezed from one)."""
     outputs = {o.name for o in g.output}
-    inits = {t.name: t for t in g.initializer}
-    ties = genuine_ties(g, inits, uses(g))  # a tied weight folded per reader would be stored once per reader
+    local = {t.name: t for t in g.initializer}
+    inits = {**(outer or {}), **local}
+    ties = genuine_ties(g, local, uses(g))  # a tied weight folded per reader would be stored once per reader
     values: dict[str, np.ndarray] = {}
 
     def value(name: str) -> np.ndarray | None:
@@ -265,6 +268,9 @@ def _fold_constant_shape_ops(g: onnx.GraphProto, opset: int = 17) -> bool:
         keep.append(node)
     if changed:
         _set_nodes(g, keep)
+    for node in g.node:
+        for sub in node_subgraphs(node):
+            changed |= _fold_constant_shape_ops(sub, opset, inits)
     return changed
 
 

@@ -517,6 +517,23 @@ def if_branches(op: str, opset: int) -> onnx.ModelProto:
     return b.model([("cond", TensorProto.BOOL, [1]), ("x", FLOAT, [1, 3, 3, 3])], [y], opset)
 
 
+def if_constant_branch(op: str, opset: int) -> onnx.ModelProto:
+    """``x -> Conv(3->C) -> t -> If(cond: a Constant [1, C, 3, 3] | Conv(t, w)) -> u -> Conv(->2)``: a branch whose
+    output is a Constant node (an initializer cannot be a branch's output; torchvision's batched NMS returns an
+    empty index list so). Its sizes are fixed, so u's channels stay; t's still prune through the other branch."""
+    b = Builder()
+    t = b.conv("x", 3, C)
+    w = numpy_helper.from_array(b.rng.standard_normal((C, C, 1, 1)).astype(np.float32), "ifc_else_w")
+    shape = [1, C, 3, 3]
+    fill = numpy_helper.from_array(np.full(shape, 0.5, np.float32), "ifc_fill")
+    then = helper.make_graph([helper.make_node("Constant", [], ["ifc_then_u"], name="ifc_then_const", value=fill)],
+                             "then", [], [helper.make_tensor_value_info("ifc_then_u", FLOAT, shape)])
+    other = helper.make_graph([helper.make_node("Conv", [t, "ifc_else_w"], ["ifc_else_u"], name="ifc_else_conv")],
+                              "else", [], [helper.make_tensor_value_info("ifc_else_u", FLOAT, shape)], [w])
+    u = b("If", ["cond"], then_branch=then, else_branch=other)  # the row covers If and the branch's Constant
+    return b.model([("cond", TensorProto.BOOL, [1]), ("x", FLOAT, [1, 3, 3, 3])], [b.conv(u, C, 2)], opset)
+
+
 def loop_carry(op: str, opset: int) -> onnx.ModelProto:
     """``x -> Conv(3->C) -> t -> Loop(2 iterations carrying t through Relu(Conv(s, w)), w in the body) -> u ->
     Conv(->2)``: the carried channels are one channel (the body conv's inputs and outputs)."""

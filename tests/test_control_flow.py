@@ -303,3 +303,35 @@ def test_params_and_macs_count_weights_inside_branches():
     main_only = sum(int(np.prod(t.dims)) for t in inner.model.graph.initializer if t.data_type == 1)
     assert count_params(inner) > main_only  # the branch weights are counted
     assert count_macs(inner) > sum(node_macs(inner, n) for n in inner.nodes)  # and the branch convs' MACs
+
+
+def test_branch_arithmetic_on_outer_constants_is_folded():
+    """A branch that Slices with axes Unsqueezed from an outer-scope constant (torchvision's batched NMS inside its
+    ``If``): canonicalisation folds the Unsqueeze inside the branch, so the Slice reads constant axes and is no
+    barrier ("slice axes computed at run time"); the channels of x pass through it and prune exactly."""
+    axis = numpy_helper.from_array(np.array(2, np.int64), "outer_axis")  # a main-graph constant
+    then = helper.make_graph(
+        [helper.make_node("Unsqueeze", ["outer_axis", "zero_axis"], ["slice_axes"], name="fold_me"),
+         helper.make_node("Slice", ["h", "starts", "ends", "slice_axes"], ["t_y"], name="branch_slice")],
+        "then", [], [helper.make_tensor_value_info("t_y", TensorProto.FLOAT, [1, 8, 3, 6])],
+        [numpy_helper.from_array(np.array([0], np.int64), n) for n in ("zero_axis", "starts")]
+        + [numpy_helper.from_array(np.array([3], np.int64), "ends")])
+    other = helper.make_graph(
+        [helper.make_node("Slice", ["h", "starts2", "ends2", "axes2"], ["e_y"], name="else_slice")],
+        "else", [], [helper.make_tensor_value_info("e_y", TensorProto.FLOAT, [1, 8, 3, 6])],
+        [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("starts2", 3), ("ends2", 6), ("axes2", 2))])
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1"),
+         helper.make_node("If", ["cond"], ["u"], name="branch", then_branch=then, else_branch=other),
+         helper.make_node("Conv", ["u", "w2"], ["y"], name="conv2")],
+        "outer_constant", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [1]),
+                           helper.make_tensor_value_info("x", TensorProto.FLOAT, X_SHAPE)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3, 6])], [axis, _w("w1", 8, 3, 1, 1), _w("w2", 4, 8, 1, 1)])
+    model = canonical(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    analysis = analyze(ModelGraph(model))
+    assert analysis.barriers == []
+    (group,) = analysis.groups
+    assert group.size == 8
+    for cond in (True, False):
+        inputs = {"cond": np.array([cond]), "x": RNG.standard_normal(X_SHAPE).astype(np.float32)}
+        assert dead_channel_check(analysis, group, inputs).error <= 1e-5

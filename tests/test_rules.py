@@ -46,6 +46,7 @@ from rule_models import (
     gather_sizes,
     group_norm_torch,
     if_branches,
+    if_constant_branch,
     integer_operator,
     layout,
     linear,
@@ -82,6 +83,7 @@ from rule_models import (
 
 from onnxprune.channels import ChannelAnalysis, analyze
 from onnxprune.graph import ModelGraph
+from onnxprune.onnx_utils import all_graphs
 from onnxprune.rewrite import apply_mask
 from onnxprune.rules import RULES, ChannelRule
 from onnxprune.rules.base import RuleRegistry
@@ -183,6 +185,7 @@ TABLE = [
     Row("zero channels concatenated", ("ConstantOfShape",), sandwich(zero_channels, spatial="W"), (2, C)),
     Row("nonzero fill: frozen, not a barrier", ("ConstantOfShape",), sandwich(fill_like(1.0), spatial="W"), ()),
     Row("if", ("If",), if_branches, (C,)),
+    Row("if, a branch returning a Constant", ("If", "Constant"), if_constant_branch, (C,), check_facts=False),
     Row("loop", ("Loop",), loop_carry, (C,)),
     Row("scan", ("Scan",), scan_rows, (C,)),
     Row("quantize / dequantize (QDQ)", ("QuantizeLinear", "DequantizeLinear"), quantized(per_channel=False), (C,)),
@@ -224,7 +227,8 @@ def analysed():
 @pytest.mark.parametrize(("row", "op"), CASES)
 def test_coupling(row: Row, op: str, analysed):
     model, analysis = analysed(row, op)
-    assert any(n.op_type == op for n in model.graph.node), f"canonicalisation removed the {op} under test"
+    assert any(n.op_type == op for g in all_graphs(model.graph) for n in g.node), \
+        f"canonicalisation removed the {op} under test"
     barriers = [b.op_type for b in analysis.barriers]
     if row.groups is None:
         assert op in barriers

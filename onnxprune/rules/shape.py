@@ -371,6 +371,16 @@ class Range(ChannelRule):
         pass
 
 
+@register("Constant")
+class ConstantNode(ChannelRule):
+    """A Constant left as a node: canonicalisation makes every other one an initializer, but a subgraph's output
+    cannot be one (torchvision's batched NMS returns an empty index list from an If branch). No inputs, sizes
+    fixed by its value: its axes are frozen like every axis a rule leaves unmapped, and it is not a barrier."""
+
+    def couple(self, node, ctx):
+        pass
+
+
 @register("CumSum", since=11)
 class CumSum(ChannelRule):
     """A running sum along one axis (constant `axis` input): positions along it mix, every other axis maps to
