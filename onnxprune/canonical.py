@@ -221,7 +221,8 @@ def _evaluate(node: onnx.NodeProto, args: list[np.ndarray], opset: int) -> list[
 
 def _fold_constant_shape_ops(g: onnx.GraphProto, opset: int = 17, outer: dict | None = None) -> bool:
     """Fold small constant arithmetic of `g`; then of its If/Loop/Scan bodies, where the enclosing graphs'
-    initializers (`outer`) are constants too (torchvision's batched NMS slices with axes Unsqueezed from one)."""
+    integer initializers (`outer`) are constants too (torchvision's batched NMS slices with axes Unsqueezed from
+    one)."""
     outputs = {o.name for o in g.output}
     local = {t.name: t for t in g.initializer}
     inits = {**(outer or {}), **local}
@@ -268,10 +269,16 @@ def _fold_constant_shape_ops(g: onnx.GraphProto, opset: int = 17, outer: dict | 
         keep.append(node)
     if changed:
         _set_nodes(g, keep)
+    # Integer constants only: a float weight folded into a body would be a second copy there (silero-vad's LSTM
+    # weights Unsqueezed inside its branches), which no group could shrink.
+    sizes = {name: t for name, t in inits.items() if t.data_type in _SIZE_TYPES}
     for node in g.node:
         for sub in node_subgraphs(node):
-            changed |= _fold_constant_shape_ops(sub, opset, inits)
+            changed |= _fold_constant_shape_ops(sub, opset, sizes)
     return changed
+
+
+_SIZE_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
 
 # Layout ops applied to a weight (any size): the export stores a Linear weight as [out, in] and feeds
