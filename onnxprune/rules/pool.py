@@ -11,7 +11,7 @@ from onnxprune.graph import attrs, set_attr
 from onnxprune.rules.base import ChannelRule, register
 from onnxprune.rules.protocols import RuleBarrier
 from onnxprune.rules.routing import expert_routes, topk_count
-from onnxprune.rules.shape_inputs import read_axes, shape_elements
+from onnxprune.rules.shape_inputs import is_runtime_size, read_axes, shape_elements
 from onnxprune.statistics import NodeBuilder, phantom_chain, reduce_mean_nodes
 
 
@@ -56,7 +56,7 @@ class _SameSizeAxes(ChannelRule):
             if a == b and a is not None and ax not in skip:
                 if sizes and (ax >= len(sizes) or sizes[ax][1] is None):
                     value = sizes[ax][0] if ax < len(sizes) else None
-                    if not (isinstance(value, tuple) and value[0] == "size"):
+                    if not is_runtime_size(value):
                         ctx.freeze(x, ax, "resize sizes computed at run time")
                         ctx.freeze(y, ax, "resize sizes computed at run time")
                         continue  # a size computed otherwise would not follow a pruned axis

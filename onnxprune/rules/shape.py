@@ -17,7 +17,7 @@ from onnxprune.onnx_utils import has_subgraph
 from onnxprune.rules.base import ChannelRule, register
 from onnxprune.rules.protocols import RuleBarrier
 from onnxprune.rules.routing import expert_routes, topk_of_indices
-from onnxprune.rules.shape_inputs import read_axes, runtime_sizes, shape_elements
+from onnxprune.rules.shape_inputs import is_runtime_size, read_axes, runtime_sizes, shape_elements
 
 INT_MAX = 2**62
 
@@ -262,12 +262,12 @@ class Expand(ChannelRule):
             elif sx != 1:
                 ctx.freeze(x, in_axis, "expand target computed at run time")
                 ctx.freeze(y, out_axis, "expand target computed at run time")
-            elif (loc is not None or _is_size(value)) and _index_broadcast(ctx.graph, y, out_axis):
+            elif (loc is not None or is_runtime_size(value)) and _index_broadcast(ctx.graph, y, out_axis):
                 # One index repeated along an axis its readers do not index (torchvision's MultiScaleRoIAlign
                 # expands each RoI's slot over [R, C, h, w] for ScatterElements): no value along the axis is
                 # read as data, so the readers couple it; a constant target is rewritten, a run-time one follows.
                 ctx.independent(y, out_axis)
-                if _is_size(value):
+                if is_runtime_size(value):
                     ctx.link(value[1], value[2], y, out_axis)
             # otherwise (sx == 1) the output size is created by the target shape: left unmapped, hence frozen
 
@@ -279,10 +279,6 @@ class Expand(ChannelRule):
             ax = k + offset
             if ax >= 0 and value not in (1, None) and loc is not None and ctx.new_size(y, ax) != ctx.old_size(y, ax):
                 ctx.set_element(loc, ctx.new_size(y, ax))
-
-
-def _is_size(value) -> bool:
-    return isinstance(value, tuple) and value[0] == "size"
 
 
 def _index_broadcast(graph, name: str, axis: int) -> bool:
@@ -449,7 +445,7 @@ class Fill(ChannelRule):
             raise RuleBarrier("fill shape unknown")
         zero = not np.any(fill != 0)
         for axis, (size, location) in enumerate(targets):
-            runtime = isinstance(size, tuple) and size[0] == "size"
+            runtime = is_runtime_size(size)
             if not zero:
                 ctx.freeze(y, axis, "a nonzero fill (ConstantOfShape) cannot lose channels")
                 if runtime:

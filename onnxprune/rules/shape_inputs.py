@@ -8,7 +8,7 @@ tensor (it follows that tensor after pruning by itself), or unknown.
 
 from __future__ import annotations
 
-from typing import Any, overload
+from typing import Any, TypeGuard, overload
 
 import numpy as np
 import onnx
@@ -93,6 +93,11 @@ def _is_minus_one_guard(ctx: ShapeView, where: onnx.NodeProto) -> bool:
     other = cond.input[1] if cond.input[0] == where.input[2] else cond.input[0]
     value = ctx.const(other)
     return value is not None and bool(np.all(value == -1))
+
+
+def is_runtime_size(value: Any) -> TypeGuard[tuple[str, str, int]]:
+    """Is a `shape_elements` / `runtime_sizes` value ``("size", tensor, axis)``: read from a tensor's size at run time?"""
+    return isinstance(value, tuple) and len(value) == 3 and value[0] == "size"
 
 
 def runtime_sizes(ctx: ShapeView, name: str, depth: int = 4) -> list[Any] | None:
