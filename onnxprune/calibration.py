@@ -180,6 +180,7 @@ class RowSink(Protocol):
     """Receives per sample the drawn input rows of the consumers in `per_sample` (`dense_rows.DenseRowsWriter`)."""
 
     per_sample: dict[str, int]
+    output_tensors: dict[str, str]  # consumers whose rows `add` takes from this tensor (`output_rows`), not the input
 
     def rng(self, name: str, sample: int) -> np.random.Generator: ...
 
@@ -256,6 +257,16 @@ def hessian_rows(
                 positions.append(pick)
         parts.append(rows)
     return np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])
+
+
+def drawn_positions(y: np.ndarray, c: Consumer, per_sample: int, rng: np.random.Generator) -> list[np.ndarray | None]:
+    """The `positions` `hessian_rows` would draw with `rng` for the batch whose consumer-`c` output is `y`
+    (conv: [N, C_out, *out]; otherwise [..., outputs]), read off the output's shape without unfolding the input."""
+    out: list[np.ndarray | None] = []
+    for i in range(y.shape[0]):
+        total = int(np.prod(y.shape[2:] if c.kind == "conv" else y[i : i + 1].shape[:-1], dtype=np.int64))
+        out.append(None if total <= per_sample else np.sort(rng.choice(total, per_sample, replace=False)))
+    return out
 
 
 def output_rows(y: np.ndarray, c: Consumer, positions: list[np.ndarray | None]) -> np.ndarray:
@@ -436,7 +447,9 @@ def collect_stats(
     which = consumers(graph) if which is None else which
     by_name = {c.name: c for c in which}
     source = {c.name: activation_source(graph, c.x, c.x_axis) if moments else c.x for c in which}
-    tensors = sorted({c.x for c in which} | set(source.values()))
+    # the rows handed to `rows` of these consumers are their outputs', at the drawn positions
+    y_of = {} if rows is None else {n: t for n, t in rows.output_tensors.items() if n in by_name}
+    tensors = sorted({c.x for c in which} | set(source.values()) | set(y_of.values()))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
@@ -520,11 +533,14 @@ def collect_stats(
                     st.sq_sum += k * m_x[3]
                 st.count += k
                 if hessian or c.name in shared:
-                    drawn = [hessian_rows(part, c, w_shapes[c.name], per_sample[c.name], _generator(c.name, i + j))
-                             for j, part in enumerate(sample_parts(x, k))]
+                    picks: list[list[np.ndarray | None]] = [[] for _ in range(k)]  # drawn positions, per part
+                    drawn = [hessian_rows(part, c, w_shapes[c.name], per_sample[c.name], _generator(c.name, i + j),
+                                          picks[j]) for j, part in enumerate(sample_parts(x, k))]
                     if c.name in shared:
+                        y = y_of.get(c.name)
                         for j, part in enumerate(drawn):
-                            kept[j][1][c.name] = part
+                            kept[j][1][c.name] = part if y is None else output_rows(
+                                sample_parts(values[y], k)[j], c, picks[j])
 
                     if hessian:
                         for part in drawn:

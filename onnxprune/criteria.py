@@ -8,6 +8,8 @@ criterion derives its generator from (seed, group id).
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -275,6 +277,26 @@ class OBS(DataCriterion):
 
     needs_data = False  # works data-free with the BatchNorm surrogate
 
+    def score_all(self, analysis, groups=None):
+        """Every group's `score`; with calibration Hessians, `SCORE_THREADS` groups at once, largest first.
+
+        A group's scores read only its own consumers' Hessians, so groups are independent and the result is
+        the same in any order. The work is LAPACK/BLAS (Cholesky inverses, the greedy order's rank-k updates),
+        which releases the GIL: ResNet-50, 256 samples, 20% removed, 2 quiet cores: 13.3 -> 7.7 s wall.
+        """
+        groups = list(analysis.groups if groups is None else groups)
+        if self.stats is None or SCORE_THREADS <= 1 or len(groups) < 2:
+            return super().score_all(analysis, groups)
+
+        def cost(group: ChannelGroup) -> int:  # a Cholesky inverse is cubic in the consumer's features
+            return sum(len(st.H) ** 3 for _, _, st in self.consumer_members(group, analysis))
+
+        # BLAS single-threaded once around the pool: each score's own `single_threaded_blas` then restores
+        # one thread, not the process default another thread's block set
+        with single_threaded_blas(), ThreadPoolExecutor(SCORE_THREADS) as pool:
+            futures = {g.id: pool.submit(self.score, g, analysis) for g in sorted(groups, key=cost, reverse=True)}
+            return {g.id: futures[g.id].result() for g in groups}
+
     def consumer_members(self, group, analysis):
         if self.stats is not None:
             return super().consumer_members(group, analysis)
@@ -333,6 +355,9 @@ class OBS(DataCriterion):
                 total += greedy_obs_scores(greedy, group.size)
         return total if found else Magnitude(2).score(group, analysis)
 
+
+# groups scored at once by `OBS.score_all` (one BLAS thread each)
+SCORE_THREADS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 CRITERIA: dict[str, Criterion] = {
     "l1": Magnitude(1),

@@ -187,7 +187,10 @@ def test_statistics_pass_draws_the_rows_the_seq_repair_would_draw(name, monkeypa
             assert shared.outputs and len(shared.outputs) < len(cons)
         plain = collect_stats(model, calib, seed=3, moments=False)
         for k, st in plain.stats.items():
-            np.testing.assert_array_equal(stats.stats[k].hessian, st.hessian)
+            # the same rows; exposing the layers' outputs the writer reads keeps onnxruntime from folding a
+            # BatchNorm into the conv before it, so the inputs differ by float32 rounding
+            np.testing.assert_allclose(stats.stats[k].hessian, st.hessian, rtol=1e-5,
+                                       atol=1e-6 * float(np.abs(st.hessian).max()))
         shared.close()
 
 
@@ -241,8 +244,9 @@ def test_prune_with_rows_from_the_statistics_pass_equals_the_prune_drawing_its_o
     a = {t.name: onnx_value(t) for t in shared.graph.initializer}
     b = {t.name: onnx_value(t) for t in own.graph.initializer}
     assert a.keys() == b.keys()
-    for k, v in b.items():
-        np.testing.assert_allclose(a[k], v, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(v).max())))
+    for k, v in b.items():  # the rows agree to float32 rounding (two onnxruntime sessions), which the ridge
+        # solves amplify to ~1e-4 of the weights' scale
+        np.testing.assert_allclose(a[k], v, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(v).max())))
     inputs = random_inputs(model, seed=7)
     assert max_rel_error(run(shared, inputs), run(own, inputs)) <= 1e-4
 
