@@ -25,6 +25,7 @@ import onnx
 from threadpoolctl import threadpool_limits
 
 from onnxprune.calibration_data import CalibrationData, check_calib, load_calib
+from onnxprune.gram import add_gram, fill_upper
 from onnxprune.graph import ModelGraph, attrs, subgraph_reads
 from onnxprune.progress import task
 from onnxprune.rules.facts import linear_axes
@@ -399,9 +400,9 @@ class _RowBlocks:
         return self.block[: self.used]
 
 
-# Rows per Hessian update: float32 ``x.T @ x`` (numpy's syrk) on 1,024 rows of a 4,609-feature conv runs at
-# ~74 GMAC/s on one core (256 rows: 29; scipy's ssyrk on 1,024: 60 full-matrix equivalent); the blocks of every
-# consumer together are what collection holds beyond the sums (ResNet-50: ~250 MB at 1,024 rows, 490 at 2,048).
+# Rows per Hessian update (`add_gram`): larger blocks multiply faster (float32 X^T X of a 4,609-feature conv on one
+# core: 256 rows ~29 GMAC/s, 1,024 ~74); the blocks of every consumer together are what collection holds beyond
+# the sums (ResNet-50: ~250 MB at 1,024 rows, 490 at 2,048).
 BLOCK_ROWS = 1024
 QUEUE_BYTES = 64 << 20  # full blocks (and drawn rows) waiting for the worker, at most (but one sample's)
 # onnxruntime's graph optimisations in the probe session (BatchNorm folded into Conv, fused activations; exposed
@@ -482,7 +483,7 @@ def collect_stats(
     def _add_blocks(jobs: list[tuple[ConsumerStats, np.ndarray]],
                     kept: list[tuple[int, dict[str, np.ndarray]]] | None = None) -> None:
         for st, block in jobs:
-            st.hessian += block.T @ block  # numpy dispatches X^T X to syrk and fills the whole matrix
+            add_gram(st.hessian, block)  # the lower triangle: `fill_upper` below
             st.rows += len(block)
         for sample, its_rows in kept or []:
             assert rows is not None
@@ -563,6 +564,7 @@ def collect_stats(
             for name, st in progress.track(result.stats.items()):
                 if blocks[name].used:
                     _add_blocks([(st, blocks[name].rest())])
+                fill_upper(st.hessian)
     if rows is not None:
         result.rows = rows.finish()
     return result

@@ -255,3 +255,83 @@ def _target(c, graph):
     """Consumer `c`'s original [W b], as the seq repair's writer takes it."""
     n_out = c.weight_matrix(graph.initializer_value(c.weight)).shape[0]
     return repair.original_target(graph, c, repair.bias_slot(graph, c, n_out))
+
+
+def test_in_place_products_equal_numpy():
+    """`gram`: the BLAS sums into their accumulators give numpy's products; only the lower triangle is summed
+    until `fill_upper`, over sizes around its block."""
+    from onnxprune.gram import add_gram, add_product, fill_upper
+
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 256, 300):
+        rows = [rng.standard_normal((m, n)).astype(np.float32) for m in (5, 40)]
+        acc = np.zeros((n, n), np.float32)
+        for r in rows:
+            add_gram(acc, r)
+        want = sum(r.T.astype(np.float64) @ r for r in rows)
+        np.testing.assert_allclose(np.tril(acc), np.tril(want), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(fill_upper(acc), want, rtol=1e-4, atol=1e-4)
+        y = rng.standard_normal((40, 3))  # float64: cast to float32 on the way
+        p = np.ones((n, 3), np.float32)
+        add_product(p, rows[1], y)
+        np.testing.assert_allclose(p, 1 + rows[1].T @ y, rtol=1e-4, atol=1e-4)
+
+
+def test_outputs_stand_for_projected_rows_only_where_they_are_the_layers_product():
+    """`dense_rows.output_source`: a Conv / plain Gemm's own output, less its own bias, is [W b][x 1]; a scaled
+    Gemm, a bias computed at run time, or a target that is not the layer's weight keep the projection."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune.calibration import consumers
+    from onnxprune.dense_rows import output_source
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+
+    def gemm_model(alpha, bias_const):
+        nodes = [helper.make_node("Gemm", ["x", "w", "b" if bias_const else "bb"], ["y"], transB=1, alpha=alpha,
+                                  name="fc")]
+        inits = [numpy_helper.from_array(w, "w")]
+        if bias_const:
+            inits.append(numpy_helper.from_array(b, "b"))
+        else:
+            nodes.insert(0, helper.make_node("Relu", ["b_in"], ["bb"]))
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])]
+        if not bias_const:
+            inputs.append(helper.make_tensor_value_info("b_in", TensorProto.FLOAT, [4]))
+        graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                                  inits)
+        return infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+    wa = np.concatenate([w, (b + 1.0)[:, None]], axis=1).astype(np.float64)  # b relative: own bias + 1
+    model = gemm_model(1.0, True)
+    graph = ModelGraph(model)
+    (c,) = consumers(graph)
+    tensor, offset = output_source(graph, c, wa)
+    assert tensor == "y"
+    np.testing.assert_allclose(offset, np.ones(4), atol=1e-6)
+    assert output_source(graph, c, wa + 0.5) is None  # another W than the layer's
+    scaled = gemm_model(2.0, True)
+    assert output_source(ModelGraph(scaled), consumers(ModelGraph(scaled))[0], wa) is None
+    computed = gemm_model(1.0, False)
+    cons = consumers(ModelGraph(computed))
+    assert cons and output_source(ModelGraph(computed), cons[0], wa) is None
+
+
+def test_obs_scores_groups_in_threads_as_one_at_a_time(monkeypatch):
+    """`OBS.score_all` scores groups two at a time: the scores are those of one group after the other."""
+    from onnxprune import criteria
+    from onnxprune.calibration import collect_stats
+
+    model = canonical(TEST_MODELS["residual"]())
+    stats = collect_stats(model, _calib(model, 6), moments=False)
+    analysis = analyze(ModelGraph(model))
+    crit = criteria.get_criterion("obs", stats=stats, repair="ls")
+    monkeypatch.setattr(criteria, "SCORE_THREADS", 2)
+    both = crit.score_all(analysis)
+    monkeypatch.setattr(criteria, "SCORE_THREADS", 1)
+    one = crit.score_all(analysis)
+    assert both.keys() == one.keys() and len(one) > 1
+    for k, v in one.items():
+        np.testing.assert_array_equal(both[k], v)
