@@ -6,6 +6,9 @@ The original model never changes, so its rows are the same in every wave: they a
 samples, keeping per fitted consumer either its input rows [x] (F features) or the original outputs at
 them ``y = [W b] [x 1]`` (what the fit reads of x: ``E[y x~^T]``), whichever is narrower. The waves then
 run only the pruned model (`repair_stats.sequential_stats`), whose frontier cache gets the whole budget.
+Where the layer's own output is that y (`output_source`: a Conv, a plain Gemm or MatMul with its own weight),
+y is gathered from the forward pass at the drawn positions instead of multiplied out again (ResNet-50, 256
+samples: 9 CPU s less in the statistics pass).
 
 Who draws them: `calibration.collect_stats` with a `DenseRowsWriter` (`repair.seq_rows_writer`), when the
 obs criterion's statistics pass runs anyway (the selection carries the rows to the repair:
