@@ -335,3 +335,67 @@ def test_obs_scores_groups_in_threads_as_one_at_a_time(monkeypatch):
     assert both.keys() == one.keys() and len(one) > 1
     for k, v in one.items():
         np.testing.assert_array_equal(both[k], v)
+
+
+def _strided_model():
+    """Convs with stride, padding, dilation and SAME padding, then a MatMul over [1, positions, channels]: the
+    layouts whose output positions must line up with the drawn input windows."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                         name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[3, 3], dilations=[2, 2], pads=[2, 2, 2, 2],
+                         name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], kernel_shape=[3, 3], strides=[2, 2],
+                         auto_pad="SAME_UPPER", name="conv3"),
+        helper.make_node("Relu", ["c3"], ["r3"]),
+        helper.make_node("Reshape", ["r3", "shape"], ["flat"]),
+        helper.make_node("Transpose", ["flat"], ["seq"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["seq", "w4"], ["y"], name="proj"),
+    ]
+    inits = [init("w1", 8, 3, 3, 3), init("b1", 8), init("w2", 8, 8, 3, 3), init("w3", 6, 8, 3, 3), init("b3", 6),
+             init("w4", 6, 2), numpy_helper.from_array(np.array([1, 6, 9], np.int64), "shape")]
+    graph = helper.make_graph(nodes, "strided", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 9, 2])], inits)
+    return infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_output_rows_are_the_projected_rows_for_strided_dilated_and_same_padded_layers(monkeypatch):
+    """The seq repair's original-side rows gathered from the layers' outputs (`dense_rows.output_source`) equal
+    the drawn input rows multiplied by [W b], both in the statistics pass and in `dense_rows`' own pass, with
+    positions sampled (a small row budget) and whole."""
+    from onnxprune import dense_rows as dr
+    from onnxprune.calibration import collect_stats, consumers
+
+    model = _strided_model()
+    graph = ModelGraph(model)
+    cons = consumers(graph)
+    assert {c.name for c in cons} == {"conv1", "conv2", "conv3", "proj"}
+    targets = {c.name: _target(c, graph) for c in cons}
+    calib = _calib(model, 5)
+    for max_rows in (10, 65536):
+        own = dr.dense_rows(model, cons, targets, calib, max_rows, seed=2)
+        writer = dr.DenseRowsWriter(model, cons, targets, calib, max_rows, seed=2)
+        assert set(writer.output_tensors) == {c.name for c in cons}  # every layer here is narrower than its input
+        shared = collect_stats(model, calib, seed=2, moments=False, max_rows=max_rows, rows=writer).rows
+        monkeypatch.setattr(dr, "output_source", lambda *a: None)  # the reference: input rows times [W b]
+        projected = dr.dense_rows(model, cons, targets, calib, max_rows, seed=2)
+        monkeypatch.undo()
+        assert own is not None and shared is not None and projected is not None
+        # a small budget draws some of the positions (conv1: 36 of them), a large one all
+        assert (projected.count["conv1"] < 36) == (max_rows == 10)
+        for c in cons:
+            want = projected.load(c.name)
+            assert c.name in projected.outputs and len(want) == calib.n * projected.count[c.name]
+            np.testing.assert_allclose(own.load(c.name), want, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(shared.load(c.name), want, rtol=1e-4, atol=1e-5)
+        for store in (own, shared, projected):
+            store.close()
