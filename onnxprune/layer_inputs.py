@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from onnxprune.calibration import CalibrationData
+from onnxprune.concurrency import in_order
 from onnxprune.graph import ModelGraph
 from onnxprune.metrics import node_macs
 from onnxprune.onnx_utils import has_subgraph, light_copy, upstream_nodes
@@ -92,11 +93,14 @@ class FrontierRunner:
             `DEFAULT_BUDGET`.
         threads: onnxruntime intra-op threads of its sessions (None: onnxruntime's default, one per core);
             1 where two runners run at once (`repair_stats.sequential_stats`).
+        concurrent: samples run at once (after the first), each on `threads`, yielded in order.
     """
 
-    def __init__(self, data: CalibrationData, budget: int | None = None, threads: int | None = None) -> None:
+    def __init__(self, data: CalibrationData, budget: int | None = None, threads: int | None = None,
+                 concurrent: int = 1) -> None:
         self.data = data
         self.threads = threads
+        self.concurrent = concurrent
         self.budget = DEFAULT_BUDGET if budget is None else budget
         self.cache: dict[str, np.ndarray] = {}  # tensor -> [samples, *its shape], float16 for some float32 tensors
         self.dtypes: dict[str, np.dtype] = {}  # tensor -> its dtype in the model (what the cache is fed back as)
@@ -124,42 +128,52 @@ class FrontierRunner:
         store: dict[str, np.dtype] = {}  # tensor -> the dtype it is cached in after this run
         fresh: dict[str, np.ndarray] = {}
         halved: list[str] = []  # fresh tensors stored in float16 that the session itself casts (after sample 0)
-        for i in range(n):
+
+        def feed_of(i: int) -> dict[str, np.ndarray]:
             feed = {k: v for k, v in self.data.sample(i).items() if k in feeds and k not in cached_inputs}
             # np.asarray: a cached scalar (a shape value: GPT-2's sequence length) stays a 0-d array for onnxruntime
             feed.update({_half_name(t) if self._is_halved(t) else t: np.asarray(self.cache[t][i]) for t in cached_inputs})
-            values = dict(zip(out_names, sess.run(out_names, feed)))
-            if i == 0:
-                stored = {t: (self.cache[t].dtype if t in self.cache else values[t].dtype) for t in wanted
-                          if t in self.cache or t in values}
-                ordered = [t for t in wanted if t in stored]
-                elements = {t: self.cache[t][0].size if t in self.cache else values[t].size for t in stored}
-                if self.costs is None:
-                    self.costs = node_costs(model)
-                chosen = self._cheapest(ordered, stored, elements, nodes, producer)
-                store = chosen if chosen is not None else self._within_budget(ordered, stored, elements)
-                keep = list(store)
-                fresh = self._allocate({t: (n,) + values[t].shape for t in keep if t not in self.cache}, store,
-                                       set(keep) | set(names))
-                self.dtypes.update({t: values[t].dtype for t in fresh})
-                halved = [t for t, arr in fresh.items() if arr.dtype == np.float16 and values[t].dtype == np.float32]
-                out_names = list(names) + [t for t in fresh if t not in names and t not in halved]
-                if halved and n > 1:
-                    # onnxruntime's Cast: ~10x numpy's float32 -> float16 conversion, the same rounding (to
-                    # nearest even); numpy's ran at 0.25-1.3 GB/s, most of this runner's own time on ResNet-50
-                    sub = _with_half_outputs(sub, halved)
-                    sess = None  # one session of this sub-model alive at a time (its weights: up to 60 MB)
-                    sess = session(sub, optimize=OPTIMIZE, spin=False, threads=self.threads)
-                    out_names += [_half_name(t) for t in halved]
-                else:
-                    out_names += [t for t in halved if t not in names]
-                    halved = []
-                for t, arr in fresh.items():
-                    arr[0] = values[t]
+            return feed
+
+        def later(i: int) -> dict[str, np.ndarray]:
+            """Sample i > 0: its values of `names`, its fresh tensors written into the cache (its own index only,
+            so runs of different samples may overlap)."""
+            values = dict(zip(out_names, sess.run(out_names, feed_of(i))))
+            for t, arr in fresh.items():
+                arr[i] = values[_half_name(t) if t in halved else t]
+            return {t: values[t] for t in names}
+
+        if n:  # sample 0 decides what is cached (and may rebuild the session)
+            values = dict(zip(out_names, sess.run(out_names, feed_of(0))))
+            stored = {t: (self.cache[t].dtype if t in self.cache else values[t].dtype) for t in wanted
+                      if t in self.cache or t in values}
+            ordered = [t for t in wanted if t in stored]
+            elements = {t: self.cache[t][0].size if t in self.cache else values[t].size for t in stored}
+            if self.costs is None:
+                self.costs = node_costs(model)
+            chosen = self._cheapest(ordered, stored, elements, nodes, producer)
+            store = chosen if chosen is not None else self._within_budget(ordered, stored, elements)
+            keep = list(store)
+            fresh = self._allocate({t: (n,) + values[t].shape for t in keep if t not in self.cache}, store,
+                                   set(keep) | set(names))
+            self.dtypes.update({t: values[t].dtype for t in fresh})
+            halved = [t for t, arr in fresh.items() if arr.dtype == np.float16 and values[t].dtype == np.float32]
+            out_names = list(names) + [t for t in fresh if t not in names and t not in halved]
+            if halved and n > 1:
+                # onnxruntime's Cast: ~10x numpy's float32 -> float16 conversion, the same rounding (to
+                # nearest even); numpy's ran at 0.25-1.3 GB/s, most of this runner's own time on ResNet-50
+                sub = _with_half_outputs(sub, halved)
+                sess = None  # one session of this sub-model alive at a time (its weights: up to 60 MB)
+                sess = session(sub, optimize=OPTIMIZE, spin=False, threads=self.threads)
+                out_names += [_half_name(t) for t in halved]
             else:
-                for t, arr in fresh.items():
-                    arr[i] = values[_half_name(t) if t in halved else t]
+                out_names += [t for t in halved if t not in names]
+                halved = []
+            for t, arr in fresh.items():
+                arr[0] = values[t]
             yield {t: values[t] for t in names}
+        # `concurrent` samples in flight, yielded in order: the caller works on sample i while i + 1 runs
+        yield from in_order(later, range(1, n), self.concurrent)
         self.cache = {t: self.cache[t] if t in self.cache else fresh[t] for t in keep}
         self.done = done
 

@@ -428,7 +428,7 @@ def repair_sequential(
     # With the dense rows only the pruned model's runner runs, with both runners' budget and onnxruntime's default
     # threads (ResNet-50, 256 samples, quiet 2 cores: the waves 52.5 -> 47.7 s wall, the same CPU)
     runners = (FrontierRunner(data, threads=1),
-               FrontierRunner(data, budget=2 * DEFAULT_BUDGET, threads=None) if dense is not None
+               FrontierRunner(data, budget=2 * DEFAULT_BUDGET, threads=1, concurrent=2) if dense is not None
                else FrontierRunner(data, threads=1))
     with contextlib.ExitStack() as cleanup, task("sequential repair", total=len(wave_of)) as progress:
         if dense is not None:

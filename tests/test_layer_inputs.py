@@ -41,14 +41,17 @@ def test_cached_runs_match_plain_runs_while_downstream_weights_change(monkeypatc
     model = _chain()
     data = CalibrationData({"x": np.random.default_rng(1).standard_normal((5, 1, 4, 3, 3)).astype(np.float32)[:, 0]})
     cached, plain, tiny = FrontierRunner(data), FrontierRunner(data, budget=0), FrontierRunner(data, budget=200)
+    together = FrontierRunner(data, threads=1, concurrent=3)  # samples run at once, yielded in order
     current = model
     for k in range(4):
         names = [f"a{k - 1}", f"r{k - 1}"] if k else ["x"]  # inputs of the wave's consumer (conv k)
-        got = [list(r.run(current, names)) for r in (cached, plain, tiny)]
-        for a, b, c in zip(*got):
+        got = [list(r.run(current, names)) for r in (cached, plain, tiny, together)]
+        assert all(len(g) == 5 for g in got)
+        for a, b, c, d in zip(*got):
             for name in names:
                 np.testing.assert_array_equal(a[name], b[name])
                 np.testing.assert_array_equal(c[name], b[name])
+                np.testing.assert_array_equal(d[name], b[name])
         if k:
             assert cached.cache and all(v.shape[0] == 5 for v in cached.cache.values())
         assert sum(v.nbytes for v in tiny.cache.values()) <= 200
@@ -168,3 +171,31 @@ def test_a_dropped_cache_array_is_reused_for_the_next_tensor_of_its_shape(monkey
         reused += any(np.shares_memory(v, w) for v in runner.cache.values() for w in before)
         assert sum(v.nbytes for v in runner.cache.values()) <= 5 * 36 * 4
     assert reused >= 2
+
+
+def test_in_order_yields_every_result_in_key_order_with_calls_overlapping():
+    """`concurrency.in_order`: results in the keys' order whatever order the calls finish in, at most `at_once`
+    running, and an iterator closed early leaves no call running."""
+    import threading
+    import time
+
+    from onnxprune.concurrency import in_order
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def slow(k: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02 if k % 2 == 0 else 0.001)  # even keys finish after the odd one behind them
+        with lock:
+            running[0] -= 1
+        return k * k
+
+    assert list(in_order(slow, range(9), 3)) == [k * k for k in range(9)]
+    assert 2 <= peak[0] <= 3
+    assert list(in_order(slow, range(4), 1)) == [0, 1, 4, 9]
+    it = in_order(slow, range(100), 2)
+    assert next(it) == 0
+    it.close()
+    assert running[0] == 0
