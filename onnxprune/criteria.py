@@ -306,7 +306,7 @@ class OBS(DataCriterion):
             return super().score_all(analysis, groups)
 
         def cost(group: ChannelGroup) -> int:  # a Cholesky inverse is cubic in the consumer's features
-            return sum(len(st.H) ** 3 for _, _, st in self.consumer_members(group, analysis))
+            return sum(len(st.hessian) ** 3 for _, _, st in self.consumer_members(group, analysis))
 
         # BLAS single-threaded once around the pool: each score's own `single_threaded_blas` then restores
         # one thread, not the process default another thread's block set
