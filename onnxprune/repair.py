@@ -48,6 +48,7 @@ from onnxprune.dense_rows import DenseRows, DenseRowsWriter, dense_rows
 from onnxprune.errors import UsageError, missing_calibration
 from onnxprune.graph import ModelGraph, attrs
 from onnxprune.layer_inputs import DEFAULT_BUDGET, FrontierRunner
+from onnxprune.model_values import WorkingCopy, with_values
 from onnxprune.moments import channel_moments
 from onnxprune.progress import task
 from onnxprune.repair_stats import sequential_stats
@@ -242,28 +243,6 @@ def slot_value(graph: ModelGraph, slot: BiasSlot, n_out: int) -> np.ndarray:
     return np.asarray(graph.const(slot.tensor), dtype=np.float64).reshape(-1)
 
 
-def with_values(model: onnx.ModelProto, values: dict[str, np.ndarray], new_biases) -> onnx.ModelProto:
-    """A copy of `model` with initializers replaced by `values` and the `new_biases` (node, name, value) added."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for t in out.graph.initializer:
-        if t.name in values:
-            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values[t.name]), t.name))
-    if new_biases:
-        names = {n.name: n for n in out.graph.node}
-        existing = {t.name for t in out.graph.initializer}
-        for node, name, value in new_biases:
-            while name in existing:
-                name += "_"
-            existing.add(name)
-            out.graph.initializer.append(numpy_helper.from_array(value, name))
-            target = names[node.name]
-            while len(target.input) < 3:
-                target.input.append("")
-            target.input[2] = name
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------
 # Sequential repair
 # ---------------------------------------------------------------------------------------------------
@@ -430,14 +409,14 @@ def repair_sequential(
     runners = (FrontierRunner(data, threads=1),
                FrontierRunner(data, budget=2 * DEFAULT_BUDGET, threads=1, concurrent=2) if dense is not None
                else FrontierRunner(data, threads=1))
+    working = WorkingCopy(base)  # one copy of the masked model, brought up to date wave by wave
     with contextlib.ExitStack() as cleanup, task("sequential repair", total=len(wave_of)) as progress:
         if dense is not None:
             cleanup.callback(dense.close)  # its temporary file
         for number, k in enumerate(sorted(waves), 1):
             wave = waves[k]
             progress.update(f"sequential repair: wave {number}/{len(waves)}")
-            current = None  # the last wave's copy of the model released before the next is built (100 MB on ResNet-50)
-            current = with_values(base, cur_values, cur_biases)
+            current = working.update(cur_values, cur_biases)  # the weights fitted so far
             # a stream target only where the shortcut is final: nothing of this wave or later upstream of it
             streams = {c.name: writes[c.name] for c in wave
                        if c.name in writes and level.get(writes[c.name].other, 0) <= k}

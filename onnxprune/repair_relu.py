@@ -46,8 +46,9 @@ from onnxprune.calibration import CalibrationData, Consumer, consumers, hessian_
 from onnxprune.channels import ChannelAnalysis, DimRef
 from onnxprune.graph import ModelGraph, attrs
 from onnxprune.layer_inputs import FrontierRunner
+from onnxprune.model_values import WorkingCopy, with_values
 from onnxprune.progress import task
-from onnxprune.repair import RepairReport, bias_slot, fit_waves, remask, with_values
+from onnxprune.repair import RepairReport, bias_slot, fit_waves, remask
 from onnxprune.repair_stream import per_channel
 from onnxprune.rewrite import apply_mask
 
@@ -241,9 +242,10 @@ def refit_relu(
     # the pruned model resumed from wave to wave (`FrontierRunner`): a wave asks only for tensors no later wave
     # changes (layer inputs, final stream inputs) and computes its ReLU inputs from them
     runner = FrontierRunner(data)
+    working = WorkingCopy(current)
     with task("ReLU-aware refit", total=len(order)) as progress:
         for wave in waves.values():
-            rows = _draw(graph, wave, index, points, runner, with_values(current, cur_values, []), per_sample, seed)
+            rows = _draw(graph, wave, index, points, runner, working.update(cur_values, []), per_sample, seed)
             for c in wave:
                 x, other = rows.pop(c.name)
                 z_orig = np.concatenate(original.pop(c.name))

@@ -33,9 +33,10 @@ from onnxprune.calibration import CalibrationData, CalibrationStats, Consumer, c
 from onnxprune.graph import ModelGraph
 from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.metrics import count_params
+from onnxprune.model_values import WorkingCopy, with_values
 from onnxprune.moments import channel_moments
 from onnxprune.progress import task
-from onnxprune.repair import BiasSlot, bias_slot, slot_value, with_values
+from onnxprune.repair import BiasSlot, bias_slot, slot_value
 from onnxprune.repair_stats import cross_stats
 from onnxprune.sparsity.config import SparsityConfig
 from onnxprune.sparsity.layers import SHARED_SKIP, SparseLayer, sparse_layers
@@ -299,11 +300,12 @@ def _sequential(state: _State, model: onnx.ModelProto, active: list[SparseLayer]
         for o in node.output:
             level[o] = lv
     runners = (FrontierRunner(data), FrontierRunner(data))  # layer inputs resume from the last wave's frontier
+    working = WorkingCopy(model)
     with task("sequential SparseGPT", total=sum(map(len, waves.values()))) as progress:
         for number, k in enumerate(sorted(waves), 1):
             wave = waves[k]
             progress.update(f"sequential SparseGPT: wave {number}/{len(waves)}")
-            current = with_values(model, state.values, state.new_biases)
+            current = working.update(state.values, state.new_biases)
             consumers = [layer.consumer for layer in wave if layer.consumer is not None]
             acc = cross_stats(model, current, consumers, data, 65536, config.seed + 7919 * k, runners)
             for layer in progress.track(wave):

@@ -50,6 +50,7 @@ from onnxprune.calibration import (
 from onnxprune.channels import ChannelAnalysis, DimRef
 from onnxprune.graph import ModelGraph
 from onnxprune.layer_inputs import FrontierRunner
+from onnxprune.model_values import WorkingCopy, with_values
 from onnxprune.progress import task
 from onnxprune.repair import (
     RepairReport,
@@ -58,7 +59,6 @@ from onnxprune.repair import (
     fit_waves,
     remask,
     slot_value,
-    with_values,
 )
 
 _AFFINE = ("BatchNormalization",)  # per-channel affine nodes a writer's output may pass before the Add
@@ -209,11 +209,12 @@ def repair_stream(analysis: ChannelAnalysis, data: CalibrationData, damp: float 
     cur_biases: list[tuple[onnx.NodeProto, str, np.ndarray]] = []
     slots = {c.name: bias_slot(graph, c, c.weight_shape(graph)[c.out_axis]) for c in cons if c.name in wave_of}
     runners = (FrontierRunner(data), FrontierRunner(data))
+    working = WorkingCopy(base)
     with task("stream-aware sequential repair", total=len(wave_of)) as progress:
         for number, k in enumerate(sorted(waves), 1):
             wave = waves[k]
             progress.update(f"stream-aware sequential repair: wave {number}/{len(waves)}")
-            current = with_values(base, cur_values, cur_biases)
+            current = working.update(cur_values, cur_biases)
             acc = _stream_stats(graph, current, wave, writers, data, max_rows, seed + 7919 * k, runners)
             for c in progress.track(wave):
                 Ht, C, D = acc[c.name]
