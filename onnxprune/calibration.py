@@ -26,6 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from onnxprune.calibration_data import CalibrationData, check_calib, load_calib
 from onnxprune.concurrency import AT_ONCE, in_order
+from onnxprune.conv_rows import conv_geometry, conv_rows
 from onnxprune.gram import add_gram, fill_upper
 from onnxprune.graph import ModelGraph, attrs, subgraph_reads
 from onnxprune.progress import task
@@ -191,33 +192,6 @@ class RowSink(Protocol):
     def finish(self) -> Any: ...
 
 
-def _conv_windows(x: np.ndarray, node: onnx.NodeProto, kshape: tuple[int, ...]) -> np.ndarray:
-    """[C, *spatial] -> a strided view [C, *out, *kernel] of every receptive field (no copy but the pad)."""
-    a = attrs(node)
-    nd = len(kshape)
-    strides = a.get("strides", [1] * nd)
-    dil = a.get("dilations", [1] * nd)
-    pads = a.get("pads", [0] * (2 * nd))
-    auto = a.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * (2 * nd)
-        for i in range(nd):
-            size = x.shape[1 + i]
-            out = -(-size // strides[i])
-            total = max(0, (out - 1) * strides[i] + (kshape[i] - 1) * dil[i] + 1 - size)
-            lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
-            pads[i], pads[nd + i] = lo, total - lo
-    if any(pads):
-        x = np.pad(x, [(0, 0)] + [(pads[i], pads[nd + i]) for i in range(nd)])
-    ext = [(kshape[i] - 1) * dil[i] + 1 for i in range(nd)]
-    win = np.lib.stride_tricks.sliding_window_view(x, ext, axis=tuple(range(1, nd + 1)))
-    # win: [C, *out_full, *ext] -> stride and dilate
-    sl = (slice(None),) + tuple(slice(None, None, strides[i]) for i in range(nd))
-    sl += tuple(slice(None, None, dil[i]) for i in range(nd))
-    return win[sl]
-
-
 def hessian_rows(
     x: np.ndarray,
     c: Consumer,
@@ -236,19 +210,12 @@ def hessian_rows(
     parts = []
     for i in range(x.shape[0]):
         if c.kind == "conv":
-            win = _conv_windows(x[i], c.node, w_shape[2:])
-            nd = len(w_shape) - 2
-            out = win.shape[1 : 1 + nd]
-            total = int(np.prod(out))
+            geo = conv_geometry(c.node, x.shape[2:], tuple(w_shape[2:]))
+            total = geo.positions
             pick = None if total <= per_sample else np.sort(rng.choice(total, per_sample, replace=False))
             if positions is not None:
                 positions.append(pick)
-            if pick is None:
-                perm = tuple(range(1, 1 + nd)) + (0,) + tuple(range(1 + nd, 1 + 2 * nd))
-                rows = win.transpose(perm).reshape(total, -1)
-            else:
-                sel = win[(slice(None),) + np.unravel_index(pick, out)]  # [C, n, *kernel]
-                rows = np.moveaxis(sel, 1, 0).reshape(len(pick), -1)
+            rows = conv_rows(x[i], geo, pick)
         else:
             xi = np.moveaxis(x[i : i + 1], c.x_axis, -1)
             rows = xi.reshape(-1, xi.shape[-1])
