@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxprune import conv_rows as conv_rows_module
 from onnxprune.calibration import Consumer, hessian_rows, output_rows
 from onnxprune.conv_rows import conv_geometry, conv_rows
 from onnxprune.verify import run
@@ -38,6 +39,14 @@ def _padded_unfold(x: np.ndarray, node: onnx.NodeProto, kshape: tuple[int, ...])
     return out, win.transpose(perm).reshape(int(np.prod(out)), -1)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_geometries():
+    """Geometries cached under a patched `CACHED_ENTRIES` do not outlive the test that patched it."""
+    conv_rows_module._geometry.cache_clear()
+    yield
+    conv_rows_module._geometry.cache_clear()
+
+
 GEOMETRIES = [  # (spatial, kernel, attributes)
     ((9, 11), (3, 3), {"pads": [1, 1, 1, 1]}),
     ((9, 11), (3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
@@ -53,8 +62,11 @@ GEOMETRIES = [  # (spatial, kernel, attributes)
 ]
 
 
+@pytest.mark.parametrize("cached", [True, False], ids=["index-cached", "index-per-call"])
 @pytest.mark.parametrize("spatial,kernel,extra", GEOMETRIES)
-def test_gathered_rows_equal_the_padded_unfold(spatial, kernel, extra):
+def test_gathered_rows_equal_the_padded_unfold(spatial, kernel, extra, cached, monkeypatch):
+    """Both ways of indexing: the whole geometry's index kept (small geometries) and computed per call (large)."""
+    monkeypatch.setattr(conv_rows_module, "CACHED_ENTRIES", 1 << 18 if cached else 0)
     node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=list(kernel), **extra)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, *spatial)).astype(np.float32)
@@ -62,6 +74,7 @@ def test_gathered_rows_equal_the_padded_unfold(spatial, kernel, extra):
     out, want = _padded_unfold(x, node, kernel)
     geo = conv_geometry(node, spatial, kernel)
     assert geo.out == out
+    assert (geo.flat is not None) == cached
     assert np.array_equal(conv_rows(x, geo, None), want)
     for n in (1, max(1, geo.positions // 3), geo.positions):
         pick = np.sort(rng.choice(geo.positions, n, replace=False))
