@@ -17,6 +17,8 @@ import numpy as np
 # inside that block it ran two spinning threads against onnxruntime's (the seq repair's waves 31 -> 36 s)
 from scipy.linalg import blas
 
+from onnxprune import cblas
+
 __all__ = ["add_gram", "add_product", "fill_upper"]
 
 
@@ -24,6 +26,10 @@ def add_gram(acc: np.ndarray, rows: np.ndarray) -> None:
     """``acc += rows^T rows`` in place (float32), into the lower triangle of `acc` only: its upper triangle is
     left as it was until `fill_upper` completes it, once the sums are done."""
     assert acc.dtype == np.float32 and acc.flags.c_contiguous, "a C-ordered float32 accumulator"
+    lib = cblas.library()  # ctypes: the GIL released for the product (`cblas`)
+    if lib is not None:
+        cblas.syrk_lower(lib, acc, np.ascontiguousarray(rows, np.float32))
+        return
     # acc.T is Fortran-ordered: its upper triangle is acc's lower one; rows.T is Fortran-ordered too (no copy)
     out = blas.ssyrk(1.0, np.ascontiguousarray(rows, np.float32).T, beta=1.0, c=acc.T, trans=0, lower=0,
                      overwrite_c=1)
@@ -33,6 +39,10 @@ def add_gram(acc: np.ndarray, rows: np.ndarray) -> None:
 def add_product(acc: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     """``acc += a^T b`` in place (float32; `a` [rows, m], `b` [rows, n], `acc` [m, n])."""
     assert acc.dtype == np.float32 and acc.flags.c_contiguous, "a C-ordered float32 accumulator"
+    lib = cblas.library()
+    if lib is not None:
+        cblas.gemm_tn(lib, acc, np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32))
+        return
     # in Fortran order acc is acc.T = b^T a: both transposed operands are Fortran views (no copies)
     out = blas.sgemm(1.0, np.ascontiguousarray(b, np.float32).T, np.ascontiguousarray(a, np.float32).T, beta=1.0,
                      c=acc.T, trans_b=1, overwrite_c=1)

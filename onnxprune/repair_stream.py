@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxprune import cblas
 from onnxprune.calibration import Consumer
 from onnxprune.graph import ModelGraph, attrs
 
@@ -135,9 +136,15 @@ def symmetric_solve(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     (4,147 features: 5.4 -> 1.4 s), results equal to 1e-14 relative (scipy 1.17's solve adds structure checks,
     a condition estimate and copies). `numpy.linalg.solve`: 1.7 s, and a copy of A.
     """
-    from scipy.linalg import lapack
+    lib = cblas.library()  # ctypes: the GIL released (onnxruntime's runs and the products go on meanwhile)
+    if lib is not None:
+        fortran = A.T if A.dtype == np.float64 and A.flags.c_contiguous else np.asfortranarray(A.T, np.float64)
+        x = np.array(B, dtype=np.float64, order="F")
+        info = cblas.gesv(lib, fortran, x)
+    else:
+        from scipy.linalg import lapack
 
-    _, _, x, info = lapack.dgesv(A.T, np.asfortranarray(B), overwrite_a=1, overwrite_b=1)
+        _, _, x, info = lapack.dgesv(A.T, np.asfortranarray(B), overwrite_a=1, overwrite_b=1)
     if info != 0:  # what scipy.linalg.solve raised; A + lambda I of a PSD A never gets here
         raise np.linalg.LinAlgError(f"singular system (LAPACK gesv info {info})")
     return x
