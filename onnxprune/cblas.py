@@ -69,6 +69,12 @@ def _bind(lib: ctypes.CDLL, prefix: str, suffix: str, it: type) -> Cblas | None:
         dgesv = fn("LAPACKE_dgesv", it, ctypes.c_int, it, it, p, it, p, p, it)
     except AttributeError:
         return None
+    # LAPACKE scans its inputs for NaN (an extra pass, and an error where LAPACK itself, as scipy's wrappers call
+    # it, returns NaNs): off, so both paths behave alike. Only LAPACKE callers of this library see the setting.
+    nancheck = getattr(lib, prefix + "LAPACKE_set_nancheck" + suffix, None)
+    if nancheck is not None:
+        nancheck.restype, nancheck.argtypes = None, [ctypes.c_int]
+        nancheck(0)
     return Cblas(lib._name, ssyrk, sgemm, potrf, potri, dgesv, it)
 
 
