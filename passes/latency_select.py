@@ -308,8 +308,8 @@ MEASURED_EFFICIENCY_WEIGHT = 8.0
 #: a model's fastest-of-40 time is a few percent; the score goes as time^-9)
 REPLACE_MARGIN = 0.05
 #: interleaved rounds when a shortlist is timed (15 for a lone candidate against the reference, as before), fewer
-#: (down to 10) where `SHORTLIST_BUDGET_MS` of predicted time would not fit them: it runs on every --ratio prune,
-#: cached table or not (MobileNetV2: 40 rounds of six models in ~1 s)
+#: (down to 10) where `SHORTLIST_BUDGET_MS` of predicted time would not fit them: it runs on the first --ratio prune
+#: of a model on a device, then its timings are read from the cache (MobileNetV2: 40 rounds of six models in ~1 s)
 SHORTLIST_REPEAT = 40
 SHORTLIST_BUDGET_MS = 10_000.0
 
@@ -326,7 +326,9 @@ def confirmed(config: PruneConfig, analysis: ChannelAnalysis, choice: RatioChoic
     table's choice stands if it measured no slower than the reference (else the reference stands in for it)
     unless another candidate no slower than the reference scores `REPLACE_MARGIN` higher. One candidate is only
     timed against the reference; a backend that compiles each model it times (``compiles_models``: TVM) times
-    only the table's choice (or its best other plan when it chose the reference). A plan equal to the reference is not timed; a table measured elsewhere
+    only the table's choice (or its best other plan when it chose the reference). The timings are cached with the
+    table's (`latency.model_timings`: per model structure, device and kept counts timed), so a re-run on the same
+    device chooses again what it chose. A plan equal to the reference is not timed; a table measured elsewhere
     (`table_key`, the table's backend key, is not the configured backend's) or a failed measurement keeps the
     table's choice.
 
@@ -350,7 +352,9 @@ def confirmed(config: PruneConfig, analysis: ChannelAnalysis, choice: RatioChoic
     stream slower at 8 channels than at 16, so the grid kept 16; the model with 8 ran 2.06x faster than dense,
     the grid plan 1.71x: the reference stands.
     """
+    from onnxprune.latency.model_timings import cached_model_timings
     from onnxprune.latency.ratio_choice import EFFICIENCY_CAP
+    from onnxprune.latency.table import default_cache_dir
 
     reference = choice.reference
     try:
@@ -374,8 +378,12 @@ def confirmed(config: PruneConfig, analysis: ChannelAnalysis, choice: RatioChoic
         models = [timed_model(analysis, c.plan) for c in timed]
         unrounded = timed_model(analysis, reference.plan)
         dense = [_static(analysis.graph.model)] if len(timed) > 1 else []
-        timings = backend.time_models([*dense, unrounded, *models],
-                                      **({"repeat": _shortlist_rounds(reference, timed)} if dense else {}))
+        rounds = {"repeat": _shortlist_rounds(reference, timed)} if dense else {}
+        # cached per model structure, device and kept counts: the same command here writes the same model again
+        timings = cached_model_timings(
+            _cache_dir(config) or default_cache_dir(), backend.key, analysis.graph.model,
+            [*(["dense"] if dense else []), *(_counts_key(c.plan.kept(analysis)) for c in (reference, *timed))],
+            lambda: backend.time_models([*dense, unrounded, *models], **rounds), how=rounds)
     except Exception:  # the prediction stands when the models cannot be timed (a dynamic input size, ...)
         return choice.chosen
     ref_ms = timings[len(dense)].best_ms

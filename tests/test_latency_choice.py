@@ -8,6 +8,7 @@ the latency target is verified by a backend whose "latency" is the model's MAC c
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import replace
 
 import numpy as np
@@ -178,8 +179,9 @@ class ScriptedBackend:
         return [Timing(m, 0.0, repeat, m) for m in self.ms[: len(models)]]
 
 
-def _confirm(tmp_path, monkeypatch, ms, *, only_chosen=False, table_chose_reference=False):
-    """`latency_select.confirmed` on a real multi-candidate choice, timed by `ScriptedBackend(ms)`."""
+def _confirm(tmp_path, monkeypatch, ms, *, only_chosen=False, table_chose_reference=False, cache=None):
+    """`latency_select.confirmed` on a real multi-candidate choice, timed by `ScriptedBackend(ms)`; its timings
+    cached in `cache` (default: a new folder)."""
     from onnxprune.passes import latency_select
     from onnxprune.passes.config import PruneConfig
 
@@ -193,7 +195,9 @@ def _confirm(tmp_path, monkeypatch, ms, *, only_chosen=False, table_chose_refere
         choice = ratio_choice.RatioChoice(choice.reference, choice.reference, choice.candidates)
     backend = ScriptedBackend(ms)
     monkeypatch.setattr(latency_select, "latency_backend", lambda config: backend)
-    got = latency_select.confirmed(PruneConfig(ratio=0.5, round_to="auto"), analysis, choice, table.backend_key)
+    # a folder of its own per call: the shortlist's timings are cached (`latency.model_timings`)
+    config = PruneConfig(ratio=0.5, round_to="auto", latency_cache=cache or tempfile.mkdtemp(dir=tmp_path))
+    got = latency_select.confirmed(config, analysis, choice, table.backend_key)
     return got, choice, backend, analysis, table
 
 
@@ -253,6 +257,47 @@ def test_the_measurement_chooses_among_the_shortlist(tmp_path, monkeypatch):
     # all slower than the reference: the reference
     slow, choice, _, _, _ = _confirm(tmp_path, monkeypatch, (10.0, 5.0, 6.0, 7.0, 8.0, 9.0))
     assert slow is choice.reference
+
+
+def test_a_rerun_on_the_same_device_makes_the_same_choice(tmp_path, monkeypatch):
+    """The shortlist's timings are cached (`latency.model_timings`): a second run whose timings would differ (noise
+    on a loaded machine: CI saw the bundled CNN keep 96 channels of a layer in one run, 64 in the next) reads the
+    first run's and chooses what it chose; another folder measures again."""
+    folder = str(tmp_path / "shared")
+    first, choice, backend, analysis, _ = _confirm(tmp_path, monkeypatch, (10.0, 5.0, 6.0, 7.0, 4.5, 8.0), cache=folder)
+    assert len(backend.calls) == 1 and first is not choice.chosen
+    noisy = (10.0, 5.0, 4.0, 7.0, 8.0, 8.0)  # now the table's choice would win
+    again, _, backend2, analysis2, _ = _confirm(tmp_path, monkeypatch, noisy, cache=folder)
+    assert backend2.calls == []  # nothing timed
+    assert (again.name, again.plan.kept(analysis2)) == (first.name, first.plan.kept(analysis))
+    elsewhere, choice3, backend3, _, _ = _confirm(tmp_path, monkeypatch, noisy)
+    assert len(backend3.calls) == 1 and elsewhere is choice3.chosen
+
+
+def test_cached_model_timings_read_only_what_was_timed(tmp_path):
+    from onnxprune.latency.model_timings import cached_model_timings
+
+    model = _three_groups()
+    calls = []
+
+    def measure(ms):
+        calls.append(ms)
+        return [Timing(ms, 0.1, 15, ms * 0.9), Timing(ms * 2, 0.2, 15, ms * 1.8)]
+
+    first = cached_model_timings(tmp_path, "cpu", model, ["a", "b"], lambda: measure(1.0), how={"repeat": 15})
+    assert cached_model_timings(tmp_path, "cpu", model, ["a", "b"], lambda: measure(2.0), how={"repeat": 15}) == first
+    assert calls == [1.0]
+    # other models, rounds or device: timed again
+    cached_model_timings(tmp_path, "cpu", model, ["a", "c"], lambda: measure(3.0), how={"repeat": 15})
+    cached_model_timings(tmp_path, "cpu", model, ["a", "b"], lambda: measure(4.0), how={"repeat": 40})
+    cached_model_timings(tmp_path, "gpu", model, ["a", "b"], lambda: measure(5.0), how={"repeat": 15})
+    assert calls == [1.0, 3.0, 4.0, 5.0]
+    for path in tmp_path.glob("models-*.json"):  # unreadable: timed again, and stored again
+        path.write_text("{")
+    assert cached_model_timings(tmp_path, "cpu", model, ["a", "b"], lambda: measure(6.0), how={"repeat": 15})[0].median_ms == 6.0
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert cached_model_timings(blocked, "cpu", model, ["a"], lambda: measure(7.0))[0].median_ms == 7.0  # not stored
 
 
 def test_measured_ties_on_speed_go_to_the_plan_that_removed_fewer_macs(tmp_path, monkeypatch):

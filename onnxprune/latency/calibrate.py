@@ -41,7 +41,6 @@ A backend without a profiler (TVM's ``time_evaluator`` times whole functions) ge
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -57,6 +56,7 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.io import write_atomically
 from onnxprune.latency.backend import LatencyBackend
 from onnxprune.latency.microbench import HEAVY_OPS
+from onnxprune.latency.model_timings import structure_digest
 from onnxprune.latency.table import GroupCurve, LatencyTable, default_cache_dir
 
 __all__ = ["attribute", "calibrated", "in_model_factors", "in_model_table"]
@@ -110,9 +110,11 @@ def in_model_factors(
         overhead = call_overhead_ms(backend)
     except Exception:  # calibration is a refinement: the uncalibrated table still stands
         return None
-    in_model = attribute(model, profile, table.node_dense_ms)
-    payload = json.dumps({"version": CALIBRATION_VERSION, "backend": table.backend_key, "call_ms": round(overhead, 6),
-                          "in_model_ms": {k: round(v, 6) for k, v in sorted(in_model.items())}}, indent=1).encode()
+    # rounded as stored, so that this run prices with what every later run reads from the cache
+    overhead = round(overhead, 6)
+    in_model = {k: round(v, 6) for k, v in sorted(attribute(model, profile, table.node_dense_ms).items())}
+    payload = json.dumps({"version": CALIBRATION_VERSION, "backend": table.backend_key, "call_ms": overhead,
+                          "in_model_ms": in_model}, indent=1).encode()
     with contextlib.suppress(OnnxPruneError, OSError):
         folder.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda f: f.write(payload))
@@ -249,15 +251,8 @@ def calibrated(table: LatencyTable, factors: Mapping[str, float], overhead: floa
 
 
 def _model_digest(model: onnx.ModelProto, backend_key: str) -> str:
-    """What the profile depends on: the nodes and the initializers' shapes (not their values), the inputs."""
-    h = hashlib.sha256(f"{CALIBRATION_VERSION}|{backend_key}|".encode())
-    for n in model.graph.node:
-        h.update(n.SerializeToString())
-    for t in model.graph.initializer:
-        h.update(f"{t.name}:{list(t.dims)}:{t.data_type};".encode())
-    for vi in model.graph.input:
-        h.update(vi.SerializeToString())
-    return h.hexdigest()[:32]
+    """What the profile depends on: the model's structure (`model_timings.structure_digest`), not its values."""
+    return structure_digest(model, str(CALIBRATION_VERSION), backend_key)
 
 
 def mean_factor(factors: Mapping[str, float], weights: Mapping[str, float]) -> float:
