@@ -9,7 +9,8 @@ Part 1, **efficiency** (issue 13): every zoo model (ONNXPRUNE_MODEL_CACHE, see m
 the command line a user types, ``onnxprune prune MODEL --ratio R --round-to X --no-verify --json`` (X = auto,
 the default, whose latency table is measured on onnxruntime CPU 1 thread and cached: the table shortlists
 uniform and latency-weighted plans, `onnxprune.latency.ratio_choice`, and timing them against ``--round-to 1``
-chooses, `passes.latency_select.confirmed`; auto-u: auto rounding with ``--allocation uniform``, the uniform
+chooses, `passes.latency_select.confirmed`, whose timings are cached with the table: a re-run prunes the same
+plans, a fresh ``ONNXPRUNE_LATENCY_CACHE`` folder measures and chooses afresh; auto-u: auto rounding with ``--allocation uniform``, the uniform
 ratio of earlier versions; auto-2t: auto with the latency table measured at 2 threads
 (``--latency-threads 2``); auto-a: auto with the table's micro-model prices not calibrated in-model,
 ``ONNXPRUNE_LATENCY_IN_MODEL=0``, the default before `onnxprune.latency.calibrate`; 1: any count; 16), then

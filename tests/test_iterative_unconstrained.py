@@ -43,6 +43,7 @@ def test_steps_must_be_positive():
 @pytest.mark.parametrize("target", ["70%", None])
 def test_one_step_is_the_unconstrained_pass_exactly(fashion, target):
     model, calib, _ = fashion
+    calib = {"image": calib["image"][:16]}  # equality needs no more (64: 24 s of the suite)
     config = UnconstrainedConfig(**BEST, target_params=target, ratio=0.3 if target else 0.0)
     ours = IterativeUnconstrainedPass(config, 1, calib=calib).run(model)
     today = UnconstrainedPass(config, calib=calib).run(model)

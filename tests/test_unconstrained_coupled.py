@@ -116,6 +116,50 @@ def test_reader_least_squares_single_feature_path_matches_the_block_path():
         assert not fast[n_ch - 1] and not fast[5] and not fast[17]  # no features: cost 0, goes first
 
 
+def _select_blocks_before(fit, cover, keep, n, feats):
+    """`ReaderLS._select_blocks` as it was (session 42): every candidate's block solved against all outputs, the
+    whole K updated per removal. The reference the faster version must agree with."""
+    K = fit.inverse.copy()
+    while int(keep.sum()) > n:
+        cand = [int(c) for c in np.flatnonzero(keep)]
+        costs = np.zeros(len(cand))
+        with_feats = [i for i, c in enumerate(cand) if c in feats]
+        if with_feats:
+            idx = np.stack([feats[cand[i]] for i in with_feats])
+            blocks = K[idx[:, :, None], idx[:, None, :]]
+            wf = fit.weight[:, idx].transpose(1, 2, 0)
+            costs[with_feats] = np.einsum("cro,cro->c", wf, np.linalg.solve(blocks, wf))
+        costs *= cover[cand]
+        gone = cand[int(np.argmin(costs))]
+        keep[gone] = False
+        f = feats.pop(gone, None)
+        if f is not None:
+            K = K - K[:, f] @ np.linalg.solve(K[np.ix_(f, f)], K[f, :])
+    return keep
+
+
+@pytest.mark.parametrize(("n_ch", "r"), [(24, 9), (40, 4), (12, 25)])
+def test_reader_least_squares_block_path_removes_what_it_removed_before(n_ch, r):
+    """k x k readers: the same channels removed as the whole-K version, for any count left (features shuffled,
+    some outside the group, a channel without features, channels not allowed)."""
+    from onnxprune.upscale.coupled import ReaderLS
+
+    rng = np.random.default_rng(n_ch)
+    n_feat = n_ch * r + 3
+    x = rng.standard_normal((2000, n_feat)) @ rng.standard_normal((n_feat, n_feat)) * 0.2
+    x += rng.standard_normal((2000, n_feat))
+    inverse = np.linalg.inv(x.T @ x / len(x) + 0.01 * np.eye(n_feat))
+    feature_channel = np.full(n_feat, -1)
+    feature_channel[: n_ch * r] = rng.permutation(np.repeat(np.arange(n_ch), r))
+    fit = ReaderLS(rng.standard_normal((16, n_feat)), inverse, feature_channel)
+    feats = {c: np.flatnonzero(feature_channel == c) for c in range(n_ch - 1)}  # the last channel: no features
+    cover, allowed = rng.uniform(0.2, 1.0, n_ch), np.ones(n_ch, dtype=bool)
+    allowed[2] = False
+    for n in (1, n_ch // 3, n_ch // 2, n_ch - 2):
+        got = fit._select_blocks(cover, allowed.copy(), n, dict(feats))
+        assert int(got.sum()) == n and np.array_equal(got, _select_blocks_before(fit, cover, allowed.copy(), n, dict(feats)))
+
+
 def test_reader_choice_is_checked():
     from onnxprune.errors import UsageError
 

@@ -176,7 +176,9 @@ def three_by_three_cnn(path: Path, seed: int = 5) -> Path:
     return save_graph(path, nodes, inits, "three_by_three", [1, 16, 12, 12], [1, 16, 6, 6])
 
 
-@pytest.mark.parametrize("target", ["x86", "wasm"])
+# wasm in the slow tier (26 s of compiling): its group kernel with padding runs in the default tier
+# (`test_wasm_group_sparse_bundle_matches_onnxruntime`), stride and dilation on x86 here
+@pytest.mark.parametrize("target", ["x86", pytest.param("wasm", marks=pytest.mark.slow)])
 def test_pruned_3x3_group_convs_match_onnxruntime(tmp_path, tune_cache, target):
     """3x3 convs pruned by ``onnxprune prune --pattern group:1x4`` (runs of 4 input channels at one kernel
     tap, the kernels' (kh, kw, c) order) run sparse (``--sparse force``) as runs of 4 (the phase-plane group

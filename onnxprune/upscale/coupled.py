@@ -152,24 +152,50 @@ class ReaderLS:
         return self._select_blocks(cover, keep, n, feats)
 
     def _select_blocks(self, cover: np.ndarray, keep: np.ndarray, n: int, feats: dict[int, np.ndarray]) -> np.ndarray:
-        """`select` for channels of several features each (k x k convs): block solves, dense K updates."""
-        K = self.inverse.copy()
+        """`select` for channels of several features each (k x k convs).
+
+        K' is kept over the features of the channels still there only (the Schur complement of the removed
+        ones: ``K'_RR - K'_RB (K'_BB)^-1 K'_BR``, then the removed rows and columns dropped), and a channel's
+        cost ``tr(W_F (K'_FF)^-1 W_F^T)`` is ``<(K'_FF)^-1, W_F^T W_F>`` with the r x r Grams of the fixed W
+        (`greedy_obs.block_traces`). It was the Schur update of the whole F x F K per removal and a solve of every
+        candidate's block against all outputs: the Fashion-MNIST ResNet's unconstrained plan at a parameter
+        target (12 allocations): 11.3 -> 6.9 s here, the same channels (the products' cost: ~m^2 r per removal on
+        the m features left).
+        """
+        chans = np.array(sorted(feats), dtype=np.int64)
+        slot = np.full(len(keep), -1)
+        slot[chans] = np.arange(len(chans))
+        r = len(feats[int(chans[0])]) if len(chans) else 1
+        idx = np.stack([feats[int(c)] for c in chans]) if len(chans) else np.zeros((0, r), np.int64)  # [C, r]
+        wf = self.weight[:, idx].transpose(1, 2, 0)  # [C, r, out]
+        gram = wf @ wf.transpose(0, 2, 1)
+        alive = np.ones(len(chans), dtype=bool)
+        # K' over the alive channels' features, r consecutive rows per channel in channel order; a removed
+        # channel's rows and columns are shifted out (slice copies: fancy-indexing the rest costs ~10x)
+        Ka = np.array(self.inverse[np.ix_(idx.ravel(), idx.ravel())], dtype=np.float64)
+        m = len(Ka)
         while int(keep.sum()) > n:
-            cand = [int(c) for c in np.flatnonzero(keep)]
+            cand = np.flatnonzero(keep)
+            at = slot[cand]
+            has = at >= 0
             costs = np.zeros(len(cand))
-            with_feats = [i for i, c in enumerate(cand) if c in feats]
-            if with_feats:
-                idx = np.stack([feats[cand[i]] for i in with_feats])  # [C, r]: every channel has r features
-                blocks = K[idx[:, :, None], idx[:, None, :]]  # [C, r, r]
-                wf = self.weight[:, idx].transpose(1, 2, 0)  # [C, r, out]
-                solved = np.linalg.solve(blocks, wf)
-                costs[with_feats] = np.einsum("cro,cro->c", wf, solved)
+            rank = np.cumsum(alive) - 1  # a channel's place among the alive ones
+            if has.any():
+                local = rank[at[has]][:, None] * r + np.arange(r)[None, :]
+                blocks = Ka[local[:, :, None], local[:, None, :]]
+                costs[has] = (np.linalg.inv(blocks) * gram[at[has]]).sum(axis=(1, 2))
             costs *= cover[cand]
-            gone = cand[int(np.argmin(costs))]
+            gone = int(cand[int(np.argmin(costs))])
             keep[gone] = False
-            f = feats.pop(gone, None)
-            if f is not None:
-                K = K - K[:, f] @ np.linalg.solve(K[np.ix_(f, f)], K[f, :])
+            if slot[gone] < 0:
+                continue
+            b0 = int(rank[slot[gone]]) * r
+            rows = Ka[b0 : b0 + r, :m]  # K'_B:
+            Ka[:m, :m] -= rows.T @ (np.linalg.inv(rows[:, b0 : b0 + r]) @ rows)  # the Schur complement
+            Ka[b0 : m - r, :m] = Ka[b0 + r : m, :m]
+            Ka[: m - r, b0 : m - r] = Ka[: m - r, b0 + r : m]
+            m -= r
+            alive[slot[gone]] = False
         return keep
 
     def _select_single(self, cover: np.ndarray, keep: np.ndarray, n: int, feats: dict[int, np.ndarray]) -> np.ndarray:
