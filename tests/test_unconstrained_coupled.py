@@ -167,3 +167,32 @@ def test_reader_choice_is_checked():
         UnconstrainedConfig(reader_choice="obs")
     with pytest.raises(UsageError, match="coupled"):
         UnconstrainedConfig(reader_choice="ls", drive="free")
+
+
+@pytest.mark.parametrize("name", ["residual", "concat"])
+def test_a_parameter_target_takes_the_shortest_prefix_and_skips_the_emptiest_plan(name, monkeypatch):
+    """`allocate` with a target: the shortest removal prefix whose plan meets it (checked against every prefix),
+    the plan removing every step chosen only when the search ends there (the costliest choice), and an
+    unreachable target refused with the smallest count."""
+    from onnxprune.errors import UsageError
+    from onnxprune.upscale import allocate as alloc
+    from onnxprune.upscale.plan import prepare
+
+    model = canonical(TEST_MODELS[name]())
+    config = UnconstrainedConfig(allocation="global", stream_multiple=1)
+    prep = prepare(model, config)
+    steps = alloc.removal_steps(prep, config.allocation)
+    every = [alloc.plan_params(alloc.choose(prep, config, counts=alloc.counts_of(prep, steps[:k])))
+             for k in range(len(steps) + 1)]
+    everything = alloc.counts_of(prep, steps)
+    seen: list[dict[int, int]] = []
+    choose = alloc.choose
+    monkeypatch.setattr(alloc, "choose", lambda prep, config, counts, **kw: seen.append(counts) or
+                        choose(prep, config, counts=counts, **kw))
+    target = (every[0] + every[-1]) // 2
+    plan, counts = alloc.allocate(prep, config, target_params=target)
+    k = next(k for k, p in enumerate(every) if p <= target)
+    assert alloc.plan_params(plan) == every[k] and counts == alloc.counts_of(prep, steps[:k])
+    assert everything not in seen and len(seen) <= 2 + int(np.ceil(np.log2(len(steps))))
+    with pytest.raises(UsageError, match=f"unreachable: the smallest this plan can get is {every[-1]}"):
+        alloc.allocate(prep, config, target_params=every[-1] - 1)

@@ -171,25 +171,34 @@ def allocate(prep: Prepared, config: UnconstrainedConfig, target_params: int | N
         counts = counts_of(prep, steps[:k])
         return choose(prep, config, counts=counts, allowed_counts=allowed), counts
 
-    def at(k: int) -> tuple[UnconstrainedPlan, dict[int, int], int]:
-        # not memoised: `choose` writes the prep's pieces in place, so an earlier plan goes stale (the answer is
-        # recomputed last)
-        counts = counts_of(prep, steps[:k])
-        plan = choose(prep, config, counts=counts, allowed_counts=allowed)
-        return plan, counts, plan_params(plan)
+    last: dict[int, tuple[UnconstrainedPlan, dict[int, int], int]] = {}
 
+    def at(k: int) -> tuple[UnconstrainedPlan, dict[int, int], int]:
+        # `choose` writes the prep's pieces in place, so only the plan evaluated last is current (an earlier k is
+        # recomputed when it is the answer)
+        if k not in last:
+            last.clear()
+            counts = counts_of(prep, steps[:k])
+            plan = choose(prep, config, counts=counts, allowed_counts=allowed)
+            last[k] = (plan, counts, plan_params(plan))
+        return last[k]
+
+    # bisection for the shortest prefix that meets the target; the prefix removing every step (the costliest
+    # plan to choose: its readers' greedy choices run almost to the end) is evaluated only if the search ends
+    # there, to say the target is unreachable
     lo, hi = 0, len(steps)
     if at(lo)[2] <= target_params:
         return at(lo)[:2]
-    if at(hi)[2] > target_params:
-        raise UsageError(f"target params {target_params} is unreachable: the smallest this plan can get is {at(hi)[2]}")
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if at(mid)[2] <= target_params:
             hi = mid
         else:
             lo = mid
-    return at(hi)[:2]
+    plan, counts, params = at(hi)
+    if params > target_params:
+        raise UsageError(f"target params {target_params} is unreachable: the smallest this plan can get is {params}")
+    return plan, counts
 
 
 def _ratio_count(size: int, ratio: float, allowed: dict[int, tuple[int, ...]] | None, gid: int) -> int:
