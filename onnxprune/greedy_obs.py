@@ -30,8 +30,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import solve_triangular
 
-__all__ = ["GREEDY_MAX_FEATURES", "GREEDY_STEPS", "GreedyConsumer", "block_traces", "channel_blocks", "greedy_obs_scores",
-           "one_shot_scores"]
+__all__ = ["GREEDY_MAX_FEATURES", "GREEDY_STEPS", "GreedyConsumer", "block_cholesky", "block_traces", "channel_blocks",
+           "greedy_obs_scores", "one_shot_scores"]
 
 # At most this many removal steps per group (a step takes ceil(size / GREEDY_STEPS) channels): one channel per
 # step below 65 channels (every CIFAR ResNet group), ResNet-50's 2,048-channel stream 32 at a time.
@@ -90,7 +90,7 @@ class GreedyConsumer:
         rows = np.array(self.K[feats], dtype=np.float32)
         if self.used:
             rows -= self.Vt[: self.used, feats].T @ self.Vt[: self.used]
-        L = _cholesky(rows[:, feats].astype(np.float64))
+        L = block_cholesky(rows[:, feats].astype(np.float64))
         new = solve_triangular(L, rows, lower=True).astype(np.float32)  # L^-1 K'_B:, so K'_:B K'_BB^-1 K'_B: = new^T new
         self.wt -= new.T @ solve_triangular(L, self.wt[feats], lower=True).astype(np.float32)  # W' -= W'_B L^-T new
         self.wt[feats] = 0.0  # exactly (the update leaves rounding there)
@@ -123,7 +123,7 @@ def block_traces(blocks: np.ndarray, wf: np.ndarray, inverse: bool) -> np.ndarra
     return ((np.linalg.inv(blocks) if inverse else blocks) * gram).sum(axis=(1, 2))
 
 
-def _cholesky(block: np.ndarray) -> np.ndarray:
+def block_cholesky(block: np.ndarray) -> np.ndarray:
     """Lower Cholesky factor of a (damped, so positive definite) inverse-Hessian block; float32 rounding in the
     accumulated updates can leave it barely indefinite: then a jitter of its scale is added."""
     block = (block + block.T) / 2

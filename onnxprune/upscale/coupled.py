@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxprune.channels import ChannelAnalysis
+from onnxprune.greedy_obs import block_cholesky
 from onnxprune.upscale.records import Piece
 from onnxprune.upscale.scores import bn_energy, column_norms, measured_on, normalised, writer_output
 
@@ -192,7 +193,7 @@ class ReaderLS:
             live = cols[alive].ravel()  # the columns of the channels still there: the others are never read
             # K'_B, over the live columns: K minus the earlier removals' factors V^T V
             rows = K[idx[g][:, None], idx[alive].ravel()[None, :]] - Vt[:used, cols[g]].T @ Vt[:used, live]
-            factor = np.linalg.cholesky(blocks[g])  # K'_BB
+            factor = block_cholesky(blocks[g])  # K'_BB (a jitter where rounding left it barely indefinite)
             new = np.linalg.solve(factor, rows)  # L^-1 K'_B:, so K'_:B K'_BB^-1 K'_B: = new^T new
             Vt[used : used + r, live] = new
             used += r
