@@ -367,7 +367,9 @@ def zoo_model(name: str, cache: Path | None = None) -> Path:
     if missing:
         raise ZooError(f"{name} needs {', '.join(missing)}: run 'bash models/install_zoo_deps.sh'")
     folder.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial.onnx")
+    # a name of this process's own: two processes building one model at once (benchmarks run side by side) each
+    # write their own file, and the last complete one takes the final name
+    partial = path.with_name(f"{name}.{os.getpid()}.partial.onnx")
     try:
         entry.builder(partial)
     except ZooError:
