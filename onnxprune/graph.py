@@ -70,6 +70,11 @@ class ModelGraph:
             self._dtypes[t.name] = t.data_type
         self._consts: dict[str, np.ndarray] = {}
 
+    def forget_values(self) -> None:
+        """Drop the initializer values `const` cached; a later read converts them again. For a graph that stays
+        referenced through long work that no longer reads them (the selection's analysis through the repair)."""
+        self._consts.clear()
+
     # ---- tensors ------------------------------------------------------------------------------
     def shape(self, name: str) -> tuple[Dim, ...] | None:
         return self._shapes.get(name)
