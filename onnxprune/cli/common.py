@@ -18,6 +18,7 @@ __all__ = ["batch_notice", "emit", "load_calibration", "load_input", "make_pipel
 
 
 def load_calibration(args: argparse.Namespace, model: onnx.ModelProto) -> CalibrationData | None:
+    """--calib (a file, or ``synthetic[:N]`` made from the model), checked against `model`; None without it."""
     if not getattr(args, "calib", None):
         return None
     from onnxprune.calibration import load_calib
@@ -53,6 +54,7 @@ def make_pipeline(passes: list[Pass], *instruments: Instrument) -> PassManager:
 
 
 def normalize_pass() -> Pass:
+    """The pipeline's first pass: the freshly loaded model canonicalised in place."""
     from onnxprune.passes.normalize import NormalizePass
 
     return NormalizePass(inplace=True)  # the CLI owns the freshly loaded model: no copy of its weights
