@@ -100,7 +100,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     refine = ([RefinePass(RefineConfig(epochs=args.refine, loss=args.refine_loss, seed=args.seed), calib, model)]
               if args.refine else [])  # teacher: `model`, which NormalizePass canonicalises in place
     pipeline = make_pipeline([normalize_pass(), select, RepairChannelsPass(calib), RemoveChannelsPass(), *refine,
-                          *_sparsify(sparse, calib), CheckPass()], StampInstrument(always=True))
+                              *_sparsify(sparse, calib), CheckPass()], StampInstrument(always=True))
     result = pipeline.run(model)
     normalized = result.steps[0][1].model  # the original, canonicalised in place
     summary_record, removed = result.get(PruneSummary), result.get(RemovedChannels)
