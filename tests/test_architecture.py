@@ -24,7 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT = {"onnxprune": ROOT / "onnxprune", "onnxprune/passes": ROOT / "passes", "onnxprune/targets": ROOT / "targets"}
-COMPOSERS = {"onnxprune", "onnxprune.cli"}  # and the CLI package's modules (`_layer`)
+COMPOSERS = {"onnxprune", "onnxprune.cli"}
 MAX_LINES = 600
 
 grimp = pytest.importorskip("grimp")
@@ -58,7 +58,7 @@ def graph(installed_tree):
 
 
 def _layer(module: str) -> str:
-    if module in COMPOSERS or module.startswith("onnxprune.cli."):
+    if module in COMPOSERS:
         return "composer"
     for layer in ("passes", "targets"):
         if module == f"onnxprune.{layer}" or module.startswith(f"onnxprune.{layer}."):

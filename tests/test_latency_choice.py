@@ -107,10 +107,9 @@ class MacsBackend:
 @pytest.fixture()
 def macs_cli(monkeypatch, tmp_path):
     from onnxprune import cli
-    from onnxprune.cli import prune as cli_prune
 
     monkeypatch.setitem(BACKENDS, "macs", lambda option, **kw: MacsBackend())
-    monkeypatch.setattr(cli_prune, "_latency_backends", lambda config: None)  # no compile targets to load
+    monkeypatch.setattr(cli, "_latency_backends", lambda config: None)  # no compile targets to load
     from tests.test_latency_pruning import _convnet
 
     model = tmp_path / "convnet.onnx"

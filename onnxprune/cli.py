@@ -1,28 +1,50 @@
-"""`onnxprune prune`: the constrained pipeline (select -> repair -> remove -> refine / sparsify -> check), the
-unconstrained one (`--mode unconstrained`), and what both share: the output path, verification and its
-certificate, latency measurement of the written model and the summary."""
+"""Command line: a thin composition of the importer and passes.
+
+    onnxprune MODEL.onnx                 same as `onnxprune prune MODEL.onnx`
+    onnxprune analyze MODEL.onnx [--json] [--graph OUT.graphml|OUT.json]
+    onnxprune prune MODEL.onnx [-o OUT] [--ratio R | --target-latency 0.6x] [--round-to auto|N] [--criterion C] [--json]
+    onnxprune sensitivity MODEL.onnx [--calib FILE.npz] [--ratios R1,R2,...] [--plot OUT.png] [--json]
+    onnxprune report MODEL.pruned.onnx [-o OUT.html] [--original MODEL.onnx] [--json]
+
+Each command loads the model (`importer.load_model`), then runs a pipeline of passes through `PassManager`,
+starting with `NormalizePass`; `prune` runs normalize -> select channels -> repair -> remove -> check with a
+`StampInstrument` writing the summary into the output model, then (`--verify`, on by default for models
+whose check is cheap) certifies the result (`certificate`) before writing it. Usage errors that need no
+model (a bad criterion, a missing --calib, contradicting flags) come before the model is read. The flags
+are defined in `cli_options`; progress of long steps goes to stderr on a terminal (`progress`). What the commands
+share and needs no pass (reading the model and calibration data, the pipeline, output, verification) is in
+`cli_common`, a core module.
+
+Exit codes: 0 success, 1 model, data or run error (a missing or bad model or calibration file, an output
+that cannot be written, a failed verification), 2 usage error; errors are one line on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from onnxprune import cli_options as opts
-from onnxprune.cli.common import (
+from onnxprune.cli_common import (
+    WithNotice,
     batch_notice,
     emit,
     load_calibration,
     load_input,
     make_pipeline,
-    normalize_pass,
+    output_path,
+    print_summary,
+    verify,
 )
 from onnxprune.errors import OnnxPruneError, UsageError, missing_calibration
 from onnxprune.report import prune_record
+from onnxprune.version import __version__
 
 if TYPE_CHECKING:
     import onnx
@@ -31,25 +53,86 @@ if TYPE_CHECKING:
     from onnxprune.certificate import Certificate
     from onnxprune.passmanager import Pass
 
-__all__ = ["cmd_prune"]
+SUBCOMMANDS = ("analyze", "prune", "compile", "run", "sensitivity", "report")
 
 
-def _output_path(args: argparse.Namespace) -> tuple[Path, Path]:
-    """(input, output) paths of `prune`; refuses an output that would overwrite the input or its data."""
-    from onnxprune.external import referenced_files
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand (``compile`` and ``run`` come from `onnxprune.targets.cli`)."""
+    parser = opts.Parser(prog="onnxprune", description="Structured channel pruning for any ONNX model.",
+                         formatter_class=opts.DefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"onnxprune {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=opts.Parser)
+    commands = (
+        ("analyze", "coupled channel groups, prunable params and MACs, barriers", opts.add_analyze_options,
+         cmd_analyze),
+        ("prune", "remove channels and write the pruned model", opts.add_prune_options, cmd_prune),
+        ("sensitivity", "per-group output error vs ratio (table and PNG plot)", opts.add_sensitivity_options,
+         cmd_sensitivity),
+        ("report", "an HTML report of a pruned model (sizes, settings, verification, kept channels)",
+         opts.add_report_options, cmd_report),
+    )
+    for name, text, add_options, func in commands:
+        p = sub.add_parser(name, help=text, description=text)
+        add_options(p)
+        p.set_defaults(func=func)
+    try:
+        from onnxprune.targets import cli as targets_cli
+    except ImportError:
+        targets_cli = None
+    if targets_cli is not None and hasattr(targets_cli, "register"):
+        targets_cli.register(sub)
+    for p in sub.choices.values():  # every subcommand's --help states its defaults
+        p.formatter_class = opts.DefaultsHelpFormatter
+    return parser
 
-    src = Path(args.model)
-    out = Path(args.output) if args.output else src.with_name(src.name.removesuffix(".onnx") + ".pruned.onnx")
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise UsageError("output path equals the input path; the input is never overwritten")
-    # External data lives inside the model's folder (`external.attach` refuses anything else): only an
-    # existing output there can be one, and only then is the input's proto read for its references.
-    inside = out.exists() and src.parent.resolve() in out.resolve().parents
-    if inside and out.resolve() in referenced_files(src):
-        raise UsageError("output path is an external data file of the input; the input is never overwritten")
-    if not out.parent.is_dir():  # before the work, not after it
-        raise OnnxPruneError(f"{out}: output folder does not exist")
-    return src, out
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from onnxprune.channels import ChannelAnalysis
+    from onnxprune.metrics import count_macs, count_params
+    from onnxprune.passes.select import AnalyzeChannelsPass
+
+    if args.graph:
+        from onnxprune.depgraph import FORMATS
+
+        if Path(args.graph).suffix.lower() not in FORMATS:  # fail before reading the model
+            raise UsageError(f"--graph {args.graph}: must end in .graphml or .json")
+        if not Path(args.graph).parent.is_dir():
+            raise OnnxPruneError(f"{args.graph}: output folder does not exist")
+    model = load_input(args)
+    analysis = make_pipeline([normalize_pass(), AnalyzeChannelsPass(args.allow_inexact)]).run(model).get(ChannelAnalysis)
+    assert analysis is not None  # AnalyzeChannelsPass's artifact
+    graph = analysis.graph
+    result = {
+        "input": args.model,
+        "params": count_params(graph),
+        "macs": count_macs(graph),
+        "prunable_params": analysis.prunable_params,
+        "groups": [g.as_dict() for g in analysis.groups],
+        "barriers": [b.as_dict() for b in analysis.barriers],
+        "frozen_weights": analysis.frozen_weights(),
+        "graph": None,  # the --graph path when one was written
+    }
+    if args.graph:
+        from onnxprune.depgraph import write_graph
+
+        result["graph"] = str(write_graph(analysis, args.graph))
+
+    def text() -> None:
+        from onnxprune.report import print_analysis
+
+        print_analysis(result, analysis)
+        if args.graph:
+            print(f"graph: {result['graph']}")
+
+    emit(result, args, text)
+    return 0
+
+
+def normalize_pass() -> Pass:
+    """The pipeline's first pass: the freshly loaded model canonicalised in place."""
+    from onnxprune.passes.normalize import NormalizePass
+
+    return NormalizePass(inplace=True)  # the CLI owns the freshly loaded model: no copy of its weights
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -66,7 +149,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from onnxprune.passmanager import StampInstrument
     from onnxprune.refine import RefineConfig, RefineReport
 
-    src, out = _output_path(args)
+    src, out = output_path(args)
     ratio = opts.check_prune_flags(args)
     sparse = opts.sparsity_config(args)  # --sparsity: a usage error comes before the model is read
     if sparse is not None:
@@ -114,24 +197,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return certify(normalized, _channels_model(result), removed.analysis, removed.labels, inputs=calib,
                        input_path=src)
 
-    cert = _verify(args, normalized, result.model, check)
+    cert = verify(args, normalized, result.model, check)
     latency = _latency(config, result.get(ChannelSelection), normalized, result.model)
     if latency is not None and "not_measured" in latency:
         notice, latency = f"latency not measured: {latency['not_measured']}", None
-        summary_record = _WithNotice(summary_record, notice)
+        summary_record = WithNotice(summary_record, notice)
     if latency is not None:  # the stored summary says how fast the model measured, too
         from onnxprune.metadata import stamp
 
         stamp(result.model, {**summary_record.as_dict(), "latency": latency})
     if batch_note:
-        summary_record = _WithNotice(summary_record, batch_note)
+        summary_record = WithNotice(summary_record, batch_note)
     keep_external = has_lazy(normalized) or None  # weights came in a data file: write them to one too
     save_model(result.model, out, external_data=keep_external)
     refined = result.get(RefineReport)  # --refine: epochs, steps, distillation loss before / after, seconds
     summary = prune_record({"input": str(src), "output": str(out), **summary_record.as_dict(),
                             "verification": cert.as_dict() if cert is not None else None, "latency": latency,
                             "refine": refined.as_dict() if refined is not None else None})
-    emit(summary, args, lambda: _print_summary(summary, shown))
+    emit(summary, args, lambda: print_summary(summary, shown))
     return 0
 
 
@@ -223,74 +306,6 @@ def _latency_grid(args: argparse.Namespace, model: onnx.ModelProto) -> dict[int,
     return {gid: tuple(counts) for gid, counts in grid.items()} if grid else None
 
 
-@dataclass(frozen=True)
-class _WithNotice:
-    """A summary record with one more notice (why latency was not measured, a fixed batch)."""
-
-    record: Any
-    notice: str
-
-    def as_dict(self) -> dict:
-        d = self.record.as_dict()
-        return {**d, "notices": [*d.get("notices", []), self.notice]}
-
-
-def _print_summary(summary: dict, shown: tuple[str, ...] = ()) -> None:
-    from onnxprune.report import print_prune_summary
-
-    print_prune_summary(summary, shown)
-
-
-def _verify(
-    args: argparse.Namespace, original: onnx.ModelProto, pruned: onnx.ModelProto, check: Callable[[], Certificate]
-) -> Certificate | None:
-    """Run `check` when verification is on and store its passing certificate in `pruned`; None when off.
-
-    A failed check is an error (exit 1; the caller writes nothing). A check that cannot run at all (the
-    original does not run in onnxruntime) is an error only with an explicit --verify, else a note.
-    """
-    from onnxprune.certificate import VerificationUnavailable
-    from onnxprune.progress import task
-
-    if not _wants_verification(args, original):
-        return None
-    try:
-        with task("verifying in onnxruntime"):
-            cert = check()
-    except VerificationUnavailable as exc:
-        if args.verify:
-            raise
-        print(f"onnxprune: note: not verified: {str(exc).removeprefix('verification: ')}", file=sys.stderr)
-        return None
-    _store_if_passed(pruned, cert)
-    return cert
-
-
-def _wants_verification(args: argparse.Namespace, model: onnx.ModelProto) -> bool:
-    """--verify / --no-verify, else on when the check is estimated to be cheap (a one-line note when not)."""
-    if args.verify is not None:
-        return bool(args.verify)
-    from onnxprune.certificate import CHEAP_SECONDS, estimate_seconds
-
-    seconds = estimate_seconds(model)
-    if seconds <= CHEAP_SECONDS:
-        return True
-    print(f"onnxprune: note: not verified (the check would take about {seconds:.0f} s): pass --verify to run it",
-          file=sys.stderr)
-    return False
-
-
-def _store_if_passed(pruned: onnx.ModelProto, cert: Certificate) -> None:
-    """Store the certificate in the pruned model's metadata, or fail (exit 1) so that nothing is written."""
-    from onnxprune.certificate import store
-
-    if not cert.passed:
-        raise OnnxPruneError(f"verification failed: max error {cert.exact_max_error:.3g} > tolerance "
-                             f"{cert.tolerance:.3g} (the pruned model does not compute what the original computes "
-                             "with the removed channels silenced; nothing was written)")
-    store(pruned, cert)
-
-
 def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out: Path) -> int:
     """`prune --mode unconstrained`: per-layer kept channels, exact export with reordered channels."""
     from onnxprune.allocation import met_target_notice
@@ -341,11 +356,128 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
         expected = mask_model(normalized, plan) if plan is not None else normalized
         return certify_against(normalized, expected, result.model, inputs=calib, input_path=src)
 
-    cert = _verify(args, normalized, result.model, check)
+    cert = verify(args, normalized, result.model, check)
     save_model(result.model, out)
     met = met_target_notice(args.target_params, summary_record.params_before, "params")
     summary = prune_record({"input": str(src), "output": str(out), **summary_record.as_dict(),
                             "verification": cert.as_dict() if cert is not None else None,
                             "notices": [n for n in (batch_note, met) if n]})
-    emit(summary, args, lambda: _print_summary(summary, (batch_note,) if batch_note else ()))
+    emit(summary, args, lambda: print_summary(summary, (batch_note,) if batch_note else ()))
     return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from onnxprune.calibration import CalibrationData, check_calib
+    from onnxprune.passes.config import PruneConfig, check_data
+    from onnxprune.passes.select import SensitivityReport, calibration_statistics
+    from onnxprune.sensitivity import plot, sensitivity
+
+    try:
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    except ValueError:
+        raise UsageError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
+    if not ratios or not all(0 < r < 1 for r in ratios):
+        raise UsageError(f"--ratios must lie in (0, 1), got {args.ratios!r}")
+    src = Path(args.model)
+    png = Path(args.plot) if args.plot else src.with_name(src.name.removesuffix(".onnx") + ".sensitivity.png")
+    if not png.parent.is_dir():  # fail before the measurement, like every output
+        raise OnnxPruneError(f"{png}: output folder does not exist")
+    config = PruneConfig(criterion=args.criterion, repair=args.repair)
+    check_data(config, has_calib=bool(args.calib))
+    model = make_pipeline([normalize_pass()]).run(load_input(args)).model
+    data = load_calibration(args, model)
+    if data is None:
+        from onnxprune.verify import random_inputs
+
+        print("onnxprune: note: no --calib: measuring on 8 random inputs", file=sys.stderr)
+        samples = [random_inputs(model, seed=i) for i in range(8)]
+        data = check_calib(CalibrationData({k: np.concatenate([s[k] for s in samples]) for k in samples[0]}), model)
+    stats = calibration_statistics(config, model, data)
+    rows = sensitivity(model, data, ratios, args.criterion, args.repair, stats, args.allow_inexact)
+    try:
+        plot(rows, ratios, png, title=f"{src.name}: sensitivity ({args.criterion}, repair {args.repair})")
+    except OSError as exc:
+        raise OnnxPruneError(f"{png}: cannot write ({exc.strerror or exc})") from None
+    result = {"input": str(src), "plot": str(png), **SensitivityReport(tuple(ratios), tuple(rows)).as_dict()}
+
+    def text() -> None:
+        from onnxprune.report import print_sensitivity
+
+        print_sensitivity(rows, ratios, args.criterion, args.repair)
+        print(f"plot: {png}")
+
+    emit(result, args, text)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from onnxprune.html_report import original_mismatch, write_report
+
+    path = write_report(args.model, args.output, args.original)
+    mismatch = original_mismatch(args.model, args.original) if args.original else None
+    if mismatch:
+        print(f"onnxprune: note: {mismatch}", file=sys.stderr)
+    emit({"report": str(path)}, args, lambda: print(f"report: {path}"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code. Library warnings are silenced: output is results or one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _main(argv)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, with progress of long steps on stderr when it is a terminal and no --json was asked."""
+    from onnxprune.progress import progress_to_stderr
+
+    with progress_to_stderr(sys.stderr.isatty() and not getattr(args, "json", False)):
+        code = int(args.func(args) or 0)
+    sys.stdout.flush()  # inside the handlers below: a closed pipe is seen here, not at exit
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--version"]:  # answered without building the parser (which imports the targets' table)
+        print(f"onnxprune {__version__}")
+        return 0
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        argv.insert(0, "prune")  # `onnxprune MODEL.onnx` = `onnxprune prune MODEL.onnx`
+    try:
+        parser = build_parser()
+        if not argv:
+            parser.print_help(sys.stderr)
+            return 2
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            raise UsageError("missing command")
+        return _run(args)
+    except BrokenPipeError:
+        # The reader went away (`onnxprune analyze M | head`): not an error. Later writes (and the
+        # interpreter's final flush) go to /dev/null, as Python's documentation recommends.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OnnxPruneError as exc:
+        print(f"onnxprune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxprune: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("onnxprune: error: out of memory", file=sys.stderr)
+        return 1
+    except Exception as exc:  # last line of defence: never a traceback (ONNXPRUNE_DEBUG=1 shows it)
+        if os.environ.get("ONNXPRUNE_DEBUG"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"onnxprune: internal error: {type(exc).__name__}: {first}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
