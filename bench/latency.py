@@ -2,7 +2,7 @@
 
     python bench/latency.py [--quick | --full] [--models resnet50,...] [--ratios 0.1,0.3,...]
                             [--roundings auto,auto-u,1,16] [--threads 1,2] [--tvm MODEL@R,...]
-                            [--loaded]
+                            [--tvm-threads 1,2] [--loaded]
                             [--out bench/latency_results]
 
 Part 1, **efficiency** (issue 13): every zoo model (ONNXPRUNE_MODEL_CACHE, see models/zoo.py) is pruned with
@@ -21,7 +21,8 @@ deployed, ``--repeat`` runs per model in rounds of 10;
 chunks of :data:`CHUNK` variants, each with the dense model, so memory stays bounded and every speedup is
 against a dense model timed in the same rounds). MACs come from the summary. A subset is also timed as TVM x86
 bundles run (:class:`onnxprune.targets.tvm_latency.TvmBackend`: the bundle's compile, TVM's time_evaluator,
-interleaved the same way). The issue's Torch-Pruning 1.6.1 numbers (and its own "before" numbers) are
+interleaved the same way; ``--tvm-threads 1,2``: at 1 and 2 TVM runtime threads, each library compiled once).
+The issue's Torch-Pruning 1.6.1 numbers (and its own "before" numbers) are
 printed as quoted reference rows.
 
 Accuracy at equal measured latency (latency-aware vs FLOPs-based vs uniform allocation, on the real models)
@@ -113,6 +114,14 @@ TWO_THREADS = "auto-2t"
 #: this 2-vCPU guest, the second thread is worth 1.8-1.9x to the three CNNs, but in some minutes 1.07x
 #: (EfficientNet-B0 10.8 ms against 11.6, no steal), and then every pruned variant reads ~0.1 lower.
 SECOND_THREAD = 1.33
+#: A 2-thread backend key -> the 1-thread key its dense timing is checked against (`Variant.second_thread_idle`).
+TWO_THREAD_KEYS = {"ort2": "ort1", "tvm2": "tvm"}
+
+
+def tvm_key(threads: int) -> str:
+    """The speedup key of TVM x86 at `threads` runtime threads: ``tvm`` for 1 (the key of earlier results), else
+    ``tvmN``."""
+    return "tvm" if threads == 1 else f"tvm{threads}"
 
 
 @dataclass
@@ -131,10 +140,13 @@ class Variant:
     spread: dict[str, float] = field(default_factory=dict)
     dense_ms: dict[str, float] = field(default_factory=dict)  # the dense model's time in this variant's chunk
 
-    def second_thread_idle(self) -> bool:
-        """Whether its 2-thread row was timed while a second thread sped the dense model up less than
-        `SECOND_THREAD` times: a phase of the machine, not of the plan (measured in that constant's comment)."""
-        one, two = self.dense_ms.get("ort1"), self.dense_ms.get("ort2")
+    def second_thread_idle(self, backend: str = "ort2") -> bool:
+        """Whether its 2-thread row on `backend` (``ort2`` or ``tvm2``) was timed while a second thread sped the
+        dense model up less than `SECOND_THREAD` times: a phase of the machine, not of the plan (measured in that
+        constant's comment). False for a 1-thread backend, or without the 1-thread timing beside it."""
+        if backend not in TWO_THREAD_KEYS:
+            return False
+        one, two = self.dense_ms.get(TWO_THREAD_KEYS[backend]), self.dense_ms.get(backend)
         return bool(one and two and one / two < SECOND_THREAD)
 
     @property
@@ -256,8 +268,9 @@ def measure_all(variants: list[Variant], args: argparse.Namespace, log: list[str
             print(log[-1], flush=True)
 
 
-def measure_tvm(variants: list[Variant], args: argparse.Namespace) -> None:
-    """TVM x86 bundles: the subset ``--tvm MODEL@RATIO``, every rounding, 1 thread."""
+def measure_tvm(variants: list[Variant], args: argparse.Namespace, log: list[str]) -> None:
+    """TVM x86 bundles: the subset ``--tvm MODEL@RATIO``, every rounding, at each of ``--tvm-threads`` (one
+    compile per model: the backend keeps its libraries, only the runtime's thread pool changes)."""
     wanted = [(m, float(r)) for m, _, r in (item.partition("@") for item in args.tvm)]
     if not wanted:
         return
@@ -277,19 +290,25 @@ def measure_tvm(variants: list[Variant], args: argparse.Namespace) -> None:
         dense = static_inputs(onnx.load(str(model_path(name))), shapes or None)
         t0 = time.perf_counter()
         pruned = [static_inputs(onnx.load(v.path), shapes or None) for v in mine]
-        for v, (s, spread) in zip(
-            mine, timed_against_dense(dense, pruned, backend, max(7, args.repeat // 2), args.loaded)
-        ):
-            v.speedup["tvm"], v.spread["tvm"] = s, spread
-        print(f"  compiled and timed {len(mine) + 1} {MODELS[name][0]} models with TVM x86 in "
-              f"{time.perf_counter() - t0:.0f} s; {load()}", flush=True)  # fmt: skip
+        for threads in args.tvm_threads:
+            key, t1, ticks = tvm_key(threads), time.perf_counter(), cpu_ticks()
+            backend.threads = threads  # read when the libraries are loaded for timing (`TvmBackend._device`)
+            dense_ms: list[float] = []
+            for i, (v, (s, spread)) in enumerate(zip(
+                mine, timed_against_dense(dense, pruned, backend, max(7, args.repeat // 2), args.loaded, dense_ms)
+            )):
+                v.speedup[key], v.spread[key], v.dense_ms[key] = s, spread, dense_ms[i // CHUNK]
+            log.append(f"  timed {len(mine)} {MODELS[name][0]} variants as TVM x86 bundles, {threads} thread(s), in "
+                       f"{time.perf_counter() - t1:.0f} s (compiles included: {time.perf_counter() - t0:.0f} s so far);"
+                       f" dense {', '.join(f'{ms:.2f}' for ms in dense_ms)} ms per chunk; {stolen_since(ticks)}; "
+                       f"{load()}")  # fmt: skip
+            print(log[-1], flush=True)
 
 
 def efficiency_table(variants: list[Variant], args: argparse.Namespace) -> list[str]:
-    backends = [f"ort{t}" for t in args.threads] + (
-        ["tvm"] if any("tvm" in v.speedup for v in variants) else []
-    )
-    names = {"ort1": "ort 1T", "ort2": "ort 2T", "tvm": "TVM x86"}
+    timed = {b for v in variants for b in v.speedup}
+    backends = [f"ort{t}" for t in args.threads] + sorted(b for b in timed if b.startswith("tvm"))
+    names = {"ort1": "ort 1T", "ort2": "ort 2T", "tvm": "TVM x86", "tvm2": "TVM x86 2T"}
     head = f"{'model':<32} {'ratio':>5} {'round-to':>8} {'MACs /':>7}"
     for b in backends:
         head += f" {names.get(b, b) + ' speedup':>16} {'eff':>5}"
@@ -303,7 +322,7 @@ def efficiency_table(variants: list[Variant], args: argparse.Namespace) -> list[
             else:
                 # "!": slower than the dense model; "?": noisy (interquartile spread over NOISY of the median);
                 # "~": a 2-thread row timed while the second thread barely helped the dense model
-                idle = b == "ort2" and v.second_thread_idle()
+                idle = v.second_thread_idle(b)
                 mark = "!" if s < 1 else ("?" if v.spread.get(b, 0.0) > NOISY else ("~" if idle else " "))
                 row += f" {s:>15.2f}{mark} {e:>5.2f}"
         lines.append(row)
@@ -340,7 +359,7 @@ def judged_row(lines: list[str], auto: list[Variant], b: str, label: str) -> Non
         worst = min(auto, key=lambda v: v.efficiency(b) or 0.0)
         slower = [f"{v.model}@{v.ratio}" for v in auto if v.speedup[b] < 1]
         ok = sum((v.efficiency(b) or 0) >= 0.9 for v in auto)
-        idle = [f"{v.model}@{v.ratio}" for v in auto if b == "ort2" and v.second_thread_idle()]
+        idle = [f"{v.model}@{v.ratio}" for v in auto if v.second_thread_idle(b)]
         lines.append(f"  {label}: {ok}/{len(auto)} CNN variants reach 0.9; worst {worst.model}@"
                      f"{worst.ratio} {worst.efficiency(b):.2f}; slower than dense: {', '.join(slower) or 'none'}"
                      + (f"; '~' (timed while a second thread gave the dense model < {SECOND_THREAD}x): "
@@ -464,6 +483,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         "not calibrated in-model), auto-2t (auto, --latency-threads 2), or N")
     p.add_argument("--threads", default=None, help="onnxruntime intra-op threads to time with (default 1,2)")
     p.add_argument("--tvm", default=None, help="MODEL@RATIO,... timed as TVM x86 bundles ('' for none)")
+    p.add_argument("--tvm-threads", default="1", help="TVM runtime threads to time the --tvm bundles with (e.g. 1,2)")
     p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 15, quick 9)")
     p.add_argument("--loaded", action="store_true",
                    help="a shared machine: 1-thread rows by thread CPU time, every speedup from the fastest runs")
@@ -491,6 +511,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args.threads = [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]
     tvm_default = "" if args.quick else "mobilenet_v2@0.3,mobilenet_v2@0.5"
     args.tvm = [t for t in (tvm_default if args.tvm is None else args.tvm).split(",") if t]
+    args.tvm_threads = [int(t) for t in args.tvm_threads.split(",") if t]
     args.repeat = args.repeat or (9 if args.quick else 15)
     return args
 
@@ -514,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.models:  # model by model, the results written after each (a long run stays useful)
             mine = prune_all(args, [name], work, cache, log)
             measure_all(mine, args, log)
-            measure_tvm(mine, args)
+            measure_tvm(mine, args, log)
             variants += mine
             try:
                 bounds.append(uniform_bounds(name, args.ratios, cache))
@@ -539,7 +560,7 @@ def write_results(
     """Write ``out``.txt/.json/.png; returns the text."""
     text = [
         "Efficiency = realized speedup / MACs reduction (batch 1; onnxruntime CPU N threads = ort NT; TVM x86 = "
-        "the bundle's compile timed with time_evaluator, 1 thread). '!' marks a model slower than dense, '?' a noisy timing (spread > 25%), "
+        "the bundle's compile timed with time_evaluator, 1 thread; TVM x86 2T: 2 runtime threads). '!' marks a model slower than dense, '?' a noisy timing (spread > 25%), "
         f"'~' a 2-thread row timed while a second thread made the dense model less than {SECOND_THREAD}x faster than one.",
         *(["Timed with --loaded: onnxruntime 1-thread rows by thread CPU time, every speedup from the fastest runs "
            "(provisional: a shared machine)."] if getattr(args, "loaded", False) else []),

@@ -47,3 +47,24 @@ def test_two_thread_rows_timed_without_a_second_thread_are_marked():
     assert "~" not in rows[0] and "3.20~" in rows[1]  # the mark sits on the 2-thread speedup
     judged = [line for line in table if "ort 2T auto:" in line]
     assert judged and "1/2 CNN variants reach 0.9" in judged[0] and "efficientnet_b0@0.7" in judged[0].split("'~'")[1]
+
+
+def test_tvm_two_thread_rows_get_their_own_column_and_mark():
+    import argparse
+
+    def tvm_variant(ratio: float, speedup2: float, dense2: float) -> bench_latency.Variant:
+        return bench_latency.Variant("resnet50", ratio, "auto", "x.onnx", 400, 200, 1.0,
+                                     speedup={"ort1": 1.9, "tvm": 1.95, "tvm2": speedup2},
+                                     spread={"ort1": 0.05, "tvm": 0.05, "tvm2": 0.05},
+                                     dense_ms={"ort1": 50.0, "tvm": 48.0, "tvm2": dense2})
+
+    fast, slow = tvm_variant(0.3, 1.9, 26.0), tvm_variant(0.7, 1.5, 45.0)  # TVM's second thread: 1.85x / 1.07x
+    assert [bench_latency.tvm_key(t) for t in (1, 2)] == ["tvm", "tvm2"]  # 1 thread keeps the earlier results' key
+    assert not fast.second_thread_idle("tvm2") and slow.second_thread_idle("tvm2")
+    assert not slow.second_thread_idle("tvm") and not slow.second_thread_idle("ort2")  # nothing to compare with
+    table = bench_latency.efficiency_table([fast, slow], argparse.Namespace(threads=[1]))
+    assert "TVM x86 speedup" in table[0] and "TVM x86 2T speedup" in table[0]
+    rows = [line for line in table if line.startswith("ResNet-50")]
+    assert "1.50~" in rows[1] and "~" not in rows[0]
+    judged = [line for line in table if "TVM x86 2T auto:" in line]
+    assert judged and "1/2 CNN variants reach 0.9" in judged[0] and "resnet50@0.7" in judged[0].split("'~'")[1]
