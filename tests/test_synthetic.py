@@ -403,3 +403,27 @@ def test_a_batch_baked_into_a_reshape_falls_back_to_one_sample_at_a_time(capsys)
     x = synthesize(model, 3, config=SynthesisConfig(steps=2))["x"]
     assert x.shape == (3, 4, 6, 6) and np.isfinite(x).all()
     assert "one sample at a time" in capsys.readouterr().err
+
+
+def test_the_probe_runs_at_the_batch_the_plan_optimises(monkeypatch):
+    """The probe run that checks the objective runs at all used the starting batch (64), not the planned one:
+    EfficientNet-Lite0 at 224x224 then spent 19 s and peaked at 6.1 GB in that run before optimising 5 at a time.
+    Here the plan's activation cap makes a batch of 2 out of a starting batch of 8: the probe must see 2."""
+    import onnxprune.synthetic as synthetic_mod
+    import onnxprune.synthetic_plan as plan_mod
+
+    model = _model([_n("Conv", ["x", "w"], "c", pads=[1, 1, 1, 1]), _n("BatchNormalization", ["c", "s", "b", "m", "v"])],
+                   {"w": _w(4, 4, 3, 3), "s": _w(4), "b": _w(4), "m": _w(4), "v": np.abs(_w(4)) + 0.5},
+                   shape=(1, 4, 6, 6))  # fmt: skip
+    probed: list[int] = []
+    planned: list[int] = []
+    real_probe, real_plan = synthetic_mod._probe, synthetic_mod.plan
+    monkeypatch.setattr(synthetic_mod, "_probe", lambda obj, cfg, image: (probed.append(obj.shape[0]),
+                                                                          real_probe(obj, cfg, image))[1])
+    monkeypatch.setattr(synthetic_mod, "plan", lambda *a, **k: (p := real_plan(*a, **k), planned.append(p.batch))[0])
+    one_sample = 4 * 4 * 6 * 6  # float32 bytes of one sample's forward activations as the objective counts them
+    monkeypatch.setattr(plan_mod, "BATCH_BYTES", 2 * one_sample)  # room for 2 samples a batch
+    x = synthesize(model, 16, config=SynthesisConfig(steps=2, batch=8, views=1))["x"]
+    assert x.shape == (16, 4, 6, 6) and np.isfinite(x).all()
+    assert planned and planned[-1] < 8  # the cap made the plan's batch smaller than the starting 8
+    assert probed == [planned[-1]], (probed, planned)
