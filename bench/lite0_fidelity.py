@@ -38,7 +38,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.cifar_resnet import SPLITS, DatasetMissing, _data_file, preprocess, stratified
+from bench.machine import proc_status_kb
+from models.cifar_resnet import DatasetMissing, preprocess, raw_cifar10
 
 SIZE = 224
 UNCONSTRAINED_BEST = ("--mode unconstrained --criterion l2 --repair seq --drive coupled --reader-choice ls "
@@ -49,9 +50,7 @@ def natural_images(split: str, n: int, seed: int) -> np.ndarray:
     """`n` stratified CIFAR-10 images of `split` upsampled to 224x224 (bilinear), ImageNet-normalised NCHW."""
     from PIL import Image
 
-    with np.load(_data_file("cifar10", SPLITS[split])) as data:
-        images, labels = data["x"], data["y"]
-    picked = images[stratified(labels, n, seed)]
+    picked, _ = raw_cifar10(split, n, seed)
     big = np.stack([np.asarray(Image.fromarray(a).resize((SIZE, SIZE), Image.BILINEAR)) for a in picked])
     return preprocess(big)
 
@@ -66,28 +65,15 @@ def logits(path: str | Path, images: np.ndarray) -> np.ndarray:
 
 def fidelity(dense: np.ndarray, pruned: np.ndarray) -> dict[str, float]:
     """Top-1 agreement, dense top-1 within pruned top-5, mean KL(dense || pruned), distinct pruned top-1 classes."""
-    def log_softmax(z: np.ndarray) -> np.ndarray:
-        z = z - z.max(axis=1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    from scipy.special import log_softmax
 
-    ld, lp = log_softmax(dense.astype(np.float64)), log_softmax(pruned.astype(np.float64))
+    ld, lp = log_softmax(dense.astype(np.float64), axis=1), log_softmax(pruned.astype(np.float64), axis=1)
     top = dense.argmax(axis=1)
     top5 = np.argsort(-pruned, axis=1)[:, :5]
     return {"agree": float((pruned.argmax(axis=1) == top).mean()),
             "top5": float((top5 == top[:, None]).any(axis=1).mean()),
             "kl": float((np.exp(ld) * (ld - lp)).sum(axis=1).mean()),
             "classes": float(len(np.unique(pruned.argmax(axis=1))))}
-
-
-def _high_water_kb(pid: int) -> int:
-    """The process's peak resident set so far (VmHWM; 0 once it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def run_cli(args: list[str], log: Path) -> tuple[dict | None, float, float, str]:
@@ -100,7 +86,7 @@ def run_cli(args: list[str], log: Path) -> tuple[dict | None, float, float, str]
         proc = subprocess.Popen([sys.executable, "-m", "onnxprune.cli", "prune", *args], stdout=out, stderr=err)
         peak = 0
         while proc.poll() is None:
-            peak = max(peak, _high_water_kb(proc.pid))
+            peak = max(peak, proc_status_kb("VmHWM", proc.pid))
             time.sleep(0.1)
         seconds = time.perf_counter() - t0
         out.seek(0)

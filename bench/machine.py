@@ -15,6 +15,20 @@ def load() -> str:
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} cpus)"
 
 
+def proc_status_kb(key: str, pid: int | str = "self") -> int:
+    """A ``/proc/PID/status`` field in kB (``VmHWM``: peak resident set, ``VmRSS``: current); 0 when the process is
+    gone or the field is not there (Linux only)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            lines = f.read().splitlines()
+        for line in lines:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def cpu_ticks() -> tuple[int, int] | None:
     """(all, stolen) CPU ticks since boot (Linux ``/proc/stat``), None elsewhere.
 

@@ -24,6 +24,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import proc_status_kb
 from models.zoo import zoo_model
 from onnxprune.calibration import CalibrationData
 from onnxprune.importer import import_model
@@ -35,10 +36,7 @@ from onnxprune.rewrite import apply_plan
 
 def _status(key: str) -> int:
     """A /proc/self/status field in MB (VmHWM: peak RSS, VmRSS: current)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) >> 10
-    return -1
+    return proc_status_kb(key) >> 10
 
 
 def main(argv: list[str] | None = None) -> int:

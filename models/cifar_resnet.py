@@ -97,6 +97,13 @@ def load_cifar10(split: str = "test", n: int | None = None, seed: int = 0) -> tu
     Raises:
         DatasetMissing: The datasets folder is absent.
     """
+    images, labels = raw_cifar10(split, n, seed)
+    return preprocess(images), labels
+
+
+def raw_cifar10(split: str = "test", n: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`load_cifar10`'s images as stored (uint8 [N, 32, 32, 3] RGB, e.g. to resize before `preprocess`) and int64
+    labels; the same arguments and errors."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     with np.load(_data_file("cifar10", SPLITS[split])) as data:
@@ -104,7 +111,7 @@ def load_cifar10(split: str = "test", n: int | None = None, seed: int = 0) -> tu
     if n is not None:
         pick = stratified(labels, n, seed)
         images, labels = images[pick], labels[pick]
-    return preprocess(images), labels
+    return images, labels
 
 
 def torch_model(arch: str) -> Any:

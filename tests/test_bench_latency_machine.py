@@ -68,3 +68,12 @@ def test_tvm_two_thread_rows_get_their_own_column_and_mark():
     assert "1.50~" in rows[1] and "~" not in rows[0]
     judged = [line for line in table if "TVM x86 2T auto:" in line]
     assert judged and "1/2 CNN variants reach 0.9" in judged[0] and "resnet50@0.7" in judged[0].split("'~'")[1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
+def test_proc_status_reads_this_process_and_is_zero_for_a_gone_one():
+    import os
+
+    peak, now = machine.proc_status_kb("VmHWM"), machine.proc_status_kb("VmRSS", os.getpid())
+    assert 0 < now <= peak  # kB: the peak resident set is never below the current one
+    assert machine.proc_status_kb("VmHWM", 2**31 - 1) == 0 and machine.proc_status_kb("NoSuchField") == 0
