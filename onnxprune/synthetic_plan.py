@@ -32,9 +32,10 @@ batch 1-64, load ~11 on the 2 cores, with the backward graph of this session)::
     Fashion-MNIST ResNet        22       0.16 M      0.09 M           1.01        0.99
 
 (within 17%; MACs alone: off by up to 3.5x; MACs + all activations alike: 2.7x on PP-OCRv4 rec, whose
-hard-swish is written as Add/Clip/Mul/Div). The plan treats one thread's CPU seconds as wall seconds on the
-reference 2-core machine (`SynthesisConfig.threads` = 1); a loaded machine is slower by its load, which no
-plan can know.
+hard-swish is written as Add/Clip/Mul/Div). The budget and `Plan.seconds` are one onnxruntime thread's CPU
+seconds (`SynthesisConfig.threads` = 1); `onnxprune.synthetic` runs two batches at once, so on 2 quiet cores the
+wall time is about half (EfficientNet-Lite0: plan ~88 s, 75 s wall, session 46's host, whose steps run 1.4x
+slower than this table's); a loaded machine is slower by its load, which no plan can know.
 """
 
 from __future__ import annotations

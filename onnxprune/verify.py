@@ -18,14 +18,16 @@ from onnxprune.channels import ChannelAnalysis, ChannelGroup
 
 
 def session(
-    model: onnx.ModelProto | str | os.PathLike, optimize: bool = False, spin: bool = True, threads: int | None = None
+    model: onnx.ModelProto | str | os.PathLike, optimize: bool = False, spin: bool = True, threads: int | None = None,
+    mem_pattern: bool = True,
 ):
     """An onnxruntime CPU session of a model or a model file (str or path-like).
 
     `spin=False` stops its threads busy-waiting between runs (callers that do heavy numpy/BLAS work between
     runs, e.g. calibration statistics, would otherwise fight them). `threads` fixes the intra-op thread count
     (and one inter-op thread), so timings do not depend on the machine's core count; None: onnxruntime's
-    default."""
+    default. `mem_pattern=False` allocates each tensor from the arena instead of one block planned for the whole
+    run: runs of one session in several threads at once then share freed memory (`onnxprune.synthetic`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -36,6 +38,7 @@ def session(
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     opts.log_severity_level = 4  # fatal only: a failed run raises with the same message, one line is enough
+    opts.enable_mem_pattern = mem_pattern
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

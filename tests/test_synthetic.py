@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -427,3 +428,38 @@ def test_the_probe_runs_at_the_batch_the_plan_optimises(monkeypatch):
     assert x.shape == (16, 4, 6, 6) and np.isfinite(x).all()
     assert planned and planned[-1] < 8  # the cap made the plan's batch smaller than the starting 8
     assert probed == [planned[-1]], (probed, planned)
+
+
+def test_batches_side_by_side_give_the_sequential_result_and_count_every_step(monkeypatch):
+    """Two batches at once (one onnxruntime thread each) must give bit for bit what one batch after another
+    gives (the starts are drawn in batch order first), report every step from the calling thread, and raise a
+    worker's error instead of waiting for steps that never come."""
+    import onnxprune.synthetic as synthetic_mod
+    from onnxprune.progress import RecordingReporter, reporting
+
+    model = onnx.load(FASHION_RESNET)
+    cfg = SynthesisConfig(steps=5, min_steps=5, batch=4, views=1)
+    assert synthetic_mod.batches_at_once(cfg, 3) == 2
+    assert synthetic_mod.batches_at_once(replace(cfg, flip=True), 3) == 1  # per-step draws: sequential
+    with reporting(RecordingReporter()) as reporter:
+        side_by_side = synthesize(model, 12, seed=1, config=cfg)["image"]
+    (total,) = {e[3] for e in reporter.events if e[1].startswith("synthetic calibration")}
+    finished = [e for e in reporter.events if e[0] == "finish" and e[1].startswith("synthetic calibration")]
+    assert total == 3 * 5 and finished[-1][2] == total
+    monkeypatch.setattr(synthetic_mod, "AT_ONCE", 1)
+    assert synthetic_mod.batches_at_once(cfg, 3) == 1
+    np.testing.assert_array_equal(side_by_side, synthesize(model, 12, seed=1, config=cfg)["image"])
+
+    monkeypatch.setattr(synthetic_mod, "AT_ONCE", 2)
+    real = synthetic_mod._descend
+    calls: list[int] = []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("worker failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic_mod, "_descend", second_fails)
+    with pytest.raises(RuntimeError, match="worker failed"):
+        synthesize(model, 12, seed=1, config=cfg)
