@@ -115,9 +115,11 @@ More synthetic samples past 256 do not move the row toward the original: the gap
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -449,20 +451,48 @@ def _optimise_all(objective: Objective, cfg: SynthesisConfig, steps: int, batche
             out.append(_descend(objective, cfg, steps, x, fixed, rng, image, advance))
         return out
     starts = [_initial(objective, cfg, rng, image) for _ in range(batches)]
-    done: queue.SimpleQueue[int] = queue.SimpleQueue()
+    done: queue.SimpleQueue[int] = queue.SimpleQueue()  # 1 per step; 0 wakes the caller when a batch fails
+    stop = threading.Event()
+
+    def step_done() -> None:  # in a worker: count the step, or give up once the caller or another batch stopped
+        if stop.is_set():
+            raise _Stopped
+        done.put(1)
+
+    def run(x: np.ndarray, fixed: dict[str, np.ndarray]) -> np.ndarray:
+        if stop.is_set():
+            raise _Stopped
+        try:
+            return _descend(objective, cfg, steps, x, fixed, rng, image, step_done)
+        except BaseException:
+            stop.set()
+            done.put(0)
+            raise
+
     with ThreadPoolExecutor(at_once) as pool:
-        futures = [pool.submit(_descend, objective, cfg, steps, x, fixed, rng, image, lambda: done.put(1))
-                   for x, fixed in starts]
+        futures = [pool.submit(run, x, fixed) for x, fixed in starts]
         counted = 0
-        while counted < batches * steps:
-            try:
-                counted += done.get(timeout=0.5)
-            except queue.Empty:
-                if all(f.done() for f in futures):
-                    break  # a worker failed: its exception is raised below
-                continue
-            advance()
+        try:
+            while counted < batches * steps and not stop.is_set():
+                with contextlib.suppress(queue.Empty):
+                    if done.get(timeout=0.5):
+                        counted += 1
+                        advance()
+        finally:  # a batch's error or Ctrl-C: the others stop within a step, the queued ones never start
+            if stop.is_set() or counted < batches * steps:
+                stop.set()
+                for f in futures:
+                    f.cancel()
+        wait(futures)
+        errors = [f.exception() for f in futures if not f.cancelled()]
+        first = next((e for e in errors if e is not None and not isinstance(e, _Stopped)), None)
+        if first is not None:
+            raise first
         return [f.result() for f in futures]
+
+
+class _Stopped(Exception):
+    """Raised in a worker once `_optimise_all` has stopped (another batch failed, or the user interrupted)."""
 
 
 def synthesize(model: onnx.ModelProto, n: int = AUTO_SAMPLES, seed: int = 0,

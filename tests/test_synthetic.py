@@ -462,4 +462,5 @@ def test_batches_side_by_side_give_the_sequential_result_and_count_every_step(mo
 
     monkeypatch.setattr(synthetic_mod, "_descend", second_fails)
     with pytest.raises(RuntimeError, match="worker failed"):
-        synthesize(model, 12, seed=1, config=cfg)
+        synthesize(model, 24, seed=1, config=cfg)  # 6 batches: the 4 not yet started never start
+    assert len(calls) == 2
