@@ -471,6 +471,7 @@ def _optimise_all(objective: Objective, cfg: SynthesisConfig, steps: int, batche
 
     with ThreadPoolExecutor(at_once) as pool:
         futures = [pool.submit(run, x, fixed) for x, fixed in starts]
+        del starts  # a start lives until its batch's first step (``synthetic:N`` with a large N: N images)
         counted = 0
         try:
             while counted < batches * steps and not stop.is_set():
