@@ -5,6 +5,8 @@ parallel sections of a batch-1 CNN are short (ResNet-50's layer4 convs: 7x7 posi
 work on sample i overlaps the run of sample i + 1. ResNet-50 at 224x224 with every layer input exposed,
 2 quiet cores: 27.5 ms per sample on 2 intra-op threads, 24.1 with two 1-thread runs at once; the seq repair's
 waves (`layer_inputs.FrontierRunner`) 40 -> 36 s, its weights bit-identical.
+Runs this way: calibration statistics (`calibration`), the seq repair's waves, the sensitivity scan
+(`sensitivity_runs`); synthesis runs whole batches two at once the same way (`synthetic._optimise_all`).
 """
 
 from __future__ import annotations
