@@ -56,6 +56,7 @@ a loaded machine a second thread makes a step slower, not faster (ResNet-50 batc
 thread each (`_optimise_all`, bit-identical to one after the other): EfficientNet-Lite0's 13 batches of 5 x 22
 steps 134.7 -> 75.0 s on 2 quiet cores, peak RSS 1.60 -> 1.83 GB (the objective's session allocates without a
 memory pattern, so the two runs share freed arena blocks: 2.14 GB with it); CIFAR ResNet20 69.2 -> 34.6 s.
+Under load it still pays (Lite0, 4 batches, beside two busy loops: 60.7 s one at a time, 41.6 s two at once).
 
 The backward graph is shaped for onnxruntime's fast kernels (`onnxprune.gradients`): stride-1 convolution
 gradients are Conv with the flipped weight, not ConvTranspose (25x for depthwise 5x5), masks multiply instead
