@@ -204,5 +204,6 @@ def build_objective(model: onnx.ModelProto, batch: int, class_weight: float = 0.
     # no memory pattern: `synthetic` runs batches in two threads at once, which then share the arena's freed blocks
     # (EfficientNet-Lite0, batch 5, two at once: peak 1.40 GB against 2.19 with the pattern; one at a time 0.78
     # against 1.17, as fast within 8%)
-    return Objective(session(m, optimize=True, threads=threads, mem_pattern=False), vi.name, (batch, *dims), len(taps), macs, classes,
+    sess = session(m, optimize=True, threads=threads, mem_pattern=False)
+    return Objective(sess, vi.name, (batch, *dims), len(taps), macs, classes,
                      step_seconds(dense / batch, layer / batch, other / batch), (layer + other) // batch, positions)
