@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import load as machine_load
 from bench.machine import proc_status_kb
 from models.cifar_resnet import DatasetMissing, preprocess, raw_cifar10
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"EfficientNet-Lite0 (ImageNet weights), fidelity to the dense model on {args.images} CIFAR-10 test images at "
              f"224x224 (seed {args.seed}); calibrated rows: {args.calib_images} CIFAR-10 training images; synthetic: "
              f"{len(next(iter(synthetic.values())))} inputs made in {synth_s:.0f} s; dense model predicts "
-             f"{base['classes']:.0f} distinct classes; load average {os.getloadavg()[0]:.1f} (2 cpus)",
+             f"{base['classes']:.0f} distinct classes; {machine_load()}",
              f"{'removed':>7s} {'method':44s} {'params kept':>11s} {'agree %':>7s} {'top-5 %':>7s} {'KL':>7s} "
              f"{'classes':>7s} {'s':>5s} {'MB':>6s}"]
     print("\n".join(lines), flush=True)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{100 * f['agree']:7.1f} {100 * f['top5']:7.1f} {f['kl']:7.3f} {f['classes']:7.0f} "
                              f"{seconds:5.0f} {rss:6.0f}")
             print(lines[-1], flush=True)
-    lines.append(f"load average after {os.getloadavg()[0]:.1f}")
+    lines.append(f"after: {machine_load()}")
     print(lines[-1])
     return 0
 
