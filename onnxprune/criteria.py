@@ -17,13 +17,14 @@ import numpy as np
 from onnxprune import cblas
 from onnxprune.calibration import single_threaded_blas
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, ChannelSlice
-from onnxprune.greedy_obs import GreedyConsumer, block_traces, channel_blocks, greedy_obs_scores
+from onnxprune.greedy_obs import GreedyConsumer, block_traces, channel_blocks, greedy_depth, greedy_obs_scores
 from onnxprune.quantized import effective_value
 
 
 class Criterion:
     needs_data = False
     comparable = False  # scores already compare across groups (no per-group renormalisation)
+    prefix_order = False  # `score_all(needed=...)` saves work when only a prefix of each group's order is taken
 
     @property
     def name(self) -> str:
@@ -33,7 +34,11 @@ class Criterion:
     def score(self, group: ChannelGroup, analysis: ChannelAnalysis) -> np.ndarray:
         raise NotImplementedError
 
-    def score_all(self, analysis: ChannelAnalysis, groups=None) -> dict[int, np.ndarray]:
+    def score_all(self, analysis: ChannelAnalysis, groups=None, needed: dict[int, int] | None = None
+                  ) -> dict[int, np.ndarray]:
+        """Every group's `score`. `needed` (group id -> count): the caller takes only that many of the group's
+        lowest-scored channels, so only their order must be exact (None: every channel's, as allocations that
+        compare groups need); a criterion may save work with it (`OBS`), the others ignore it."""
         return {g.id: self.score(g, analysis) for g in (analysis.groups if groups is None else groups)}
 
 
@@ -302,9 +307,11 @@ class OBS(DataCriterion):
     name = "obs"
 
     needs_data = False  # works data-free with the BatchNorm surrogate
+    prefix_order = True  # the greedy order stops at the channels taken (`greedy_obs.greedy_depth`)
 
-    def score_all(self, analysis, groups=None):
+    def score_all(self, analysis, groups=None, needed=None):
         """Every group's `score`; with calibration Hessians, `SCORE_THREADS` groups at once, largest first.
+        `needed` bounds the greedy order's depth per group (`greedy_obs.greedy_depth`).
 
         A group's scores read only its own consumers' Hessians, so groups are independent and the result is
         the same in any order. The work is LAPACK/BLAS (Cholesky inverses through `cblas`, the greedy order's
@@ -312,8 +319,9 @@ class OBS(DataCriterion):
         unchanged (each 4,609-feature Hessian inverted in place: `damped_inverse(overwrite=True)`).
         """
         groups = list(analysis.groups if groups is None else groups)
+        needed = needed or {}
         if self.stats is None or SCORE_THREADS <= 1 or len(groups) < 2:
-            return super().score_all(analysis, groups)
+            return {g.id: self.score(g, analysis, needed.get(g.id)) for g in groups}
 
         def cost(group: ChannelGroup) -> int:  # a Cholesky inverse is cubic in the consumer's features
             return sum(len(st.hessian) ** 3 for _, _, st in self.consumer_members(group, analysis))
@@ -321,7 +329,8 @@ class OBS(DataCriterion):
         # BLAS single-threaded once around the pool: each score's own `single_threaded_blas` then restores
         # one thread, not the process default another thread's block set
         with single_threaded_blas(), ThreadPoolExecutor(SCORE_THREADS) as pool:
-            futures = {g.id: pool.submit(self.score, g, analysis) for g in sorted(groups, key=cost, reverse=True)}
+            futures = {g.id: pool.submit(self.score, g, analysis, needed.get(g.id))
+                       for g in sorted(groups, key=cost, reverse=True)}
             return {g.id: futures[g.id].result() for g in groups}
 
     def consumer_members(self, group, analysis):
@@ -336,9 +345,10 @@ class OBS(DataCriterion):
                 out.append((c, m, None))
         return out
 
-    def score(self, group, analysis):
+    def score(self, group, analysis, needed: int | None = None):
         from onnxprune.moments import channel_moments
 
+        depth = greedy_depth(group.size, needed)
         total = np.zeros(group.size)
         found = False
         greedy: list[GreedyConsumer] = []
@@ -364,7 +374,7 @@ class OBS(DataCriterion):
                             K = damped_inverse(st.H, self.damp)
                     del H
                     assert K is not None
-                    greedy.append(GreedyConsumer(wa, K, feat_ch, energy, group.size))
+                    greedy.append(GreedyConsumer(wa, K, feat_ch, energy, group.size, depth))
                     found = True
                     continue
                 # no weight update: the error is the removed part's own (centred if bias-repaired) energy
@@ -384,7 +394,7 @@ class OBS(DataCriterion):
             found = True
         if greedy:
             with single_threaded_blas():
-                total += greedy_obs_scores(greedy, group.size)
+                total += greedy_obs_scores(greedy, group.size, depth)
         return total if found else Magnitude(2).score(group, analysis)
 
 

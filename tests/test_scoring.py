@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import canonical
+from conftest import ROOT, canonical
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import greedy_obs
@@ -220,3 +220,52 @@ def test_a_group_with_a_very_wide_consumer_keeps_the_one_shot_order(monkeypatch)
     monkeypatch.setattr(greedy_obs, "GREEDY_MAX_FEATURES", 8)
     greedy = greedy_obs_scores([GreedyConsumer(W, K, feat_ch, 1.0, 8)], 8)
     assert set(np.argsort(wide)[:2]) == {1, 5} and not {1, 5} <= set(np.argsort(greedy)[:2])
+
+
+def test_greedy_order_stopped_at_the_channels_taken_gives_the_same_prefix():
+    """`greedy_obs_scores(depth=k / size)` stops the costly updates after k channels: its k lowest scores are the
+    whole order's first k, in the same order (what a uniform allocation, which takes exactly k, reads)."""
+    rng = np.random.default_rng(5)
+    channels, width = 12, 3
+    features = channels * width
+    x = rng.standard_normal((300, features)) @ rng.standard_normal((features, features))
+    xa = np.concatenate([x, np.ones((300, 1))], axis=1)
+    K = damped_inverse(xa.T @ xa / 300, 0.01)
+    weights = [rng.standard_normal((4, features + 1)), rng.standard_normal((2, features + 1))]
+    feat_ch = np.repeat(np.arange(channels), width)
+
+    def scores(depth):
+        return greedy_obs_scores([GreedyConsumer(w, K, feat_ch, 1.0, channels, depth) for w in weights], channels,
+                                 depth)
+
+    whole = np.argsort(scores(None), kind="stable")
+    for k in range(channels + 1):
+        depth = greedy_obs.greedy_depth(channels, k)
+        assert depth == min(greedy_obs.GREEDY_FRACTION, k / channels)
+        np.testing.assert_array_equal(np.argsort(scores(depth), kind="stable")[:k], whole[:k])
+
+
+@pytest.mark.parametrize("target", [{"ratio": 0.3}, {"target_params": "80%"}])
+def test_uniform_obs_plan_with_the_order_stopped_early_is_the_whole_orders(monkeypatch, target):
+    """The selection asks OBS only for the channels a uniform allocation takes (`Criterion.prefix_order`): the
+    pruned model is the same, bit for bit, as with every group's whole greedy order."""
+    from onnxprune.criteria import OBS
+
+    model = canonical(onnx.load(str(ROOT / "models" / "fashion_mnist_resnet.onnx")))
+    calib = {"image": np.random.default_rng(0).random((24, 1, 28, 28), dtype=np.float32)}
+    config = PruneConfig(criterion="obs", repair="ls", round_to=1, **target)
+    seen = []
+    score_all = OBS.score_all
+
+    def spy(self, analysis, groups=None, needed=None):
+        seen.append(needed)
+        return score_all(self, analysis, groups, needed)
+
+    monkeypatch.setattr(OBS, "score_all", spy)
+    short = PrunePass(config, calib=calib).run(model).model
+    monkeypatch.setattr(OBS, "prefix_order", False)
+    whole = PrunePass(config, calib=calib).run(model).model
+    assert seen[0] and 0 < sum(seen[0].values()) and seen[1] is None
+    a = {t.name: numpy_helper.to_array(t) for t in short.graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in whole.graph.initializer}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
