@@ -199,9 +199,11 @@ def hessian_rows(
     per_sample: int,
     rng: np.random.Generator,
     positions: list[np.ndarray | None] | None = None,
+    channels: np.ndarray | None = None,
 ) -> np.ndarray:
     """Hessian rows of `x` (a batch) for consumer `c`: at most `per_sample` uniformly drawn positions per
     sample, conv inputs unfolded (im2col) only at the drawn positions, features in weight memory order.
+    `channels`: only these positions of x's `c.x_axis` (a pruned consumer's inputs in a masked run).
 
     `positions`, when given, receives per sample the flat indices of the drawn positions among the layer's
     *output* positions (convolution output pixels; the rows of a Gemm/MatMul), or None where every position
@@ -212,12 +214,14 @@ def hessian_rows(
     # ResNet-50's ~15 CPU s of row gathering (256 samples, 53 consumers, statistics and seq repair)
     geo = conv_geometry(c.node, x.shape[2:], tuple(w_shape[2:])) if c.kind == "conv" else None
     total = geo.positions if geo is not None else 0
+    if channels is not None and geo is None:
+        x = np.take(x, channels, axis=c.x_axis)
     for i in range(x.shape[0]):
         if geo is not None:
             pick = None if total <= per_sample else np.sort(rng.choice(total, per_sample, replace=False))
             if positions is not None:
                 positions.append(pick)
-            rows = conv_rows(x[i], geo, pick)
+            rows = conv_rows(x[i], geo, pick, channels)
         else:
             xi = np.moveaxis(x[i : i + 1], c.x_axis, -1)
             rows = xi.reshape(-1, xi.shape[-1])

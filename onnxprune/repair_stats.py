@@ -238,10 +238,9 @@ def sequential_stats(
                 ro = hessian_rows(np.asarray(xo[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name],
                                   np.random.default_rng([seed, i, j]), picks)
                 rng = np.random.default_rng([seed, i, j])
-            x_pruned = np.asarray(xc[c.x], np.float32)
-            if c.name in kept:  # the same positions are drawn: they do not depend on the channel count
-                x_pruned = np.take(x_pruned, kept[c.name], axis=c.x_axis)
-            rc = hessian_rows(x_pruned, c, w_shapes[c.name], per_sample[c.name], rng)
+            # the kept channels only; the same positions are drawn: they do not depend on the channel count
+            rc = hessian_rows(np.asarray(xc[c.x], np.float32), c, w_shapes[c.name], per_sample[c.name], rng,
+                              channels=kept.get(c.name))
             entry: tuple[np.ndarray, ...] = (ro, rc)
             write = streams.get(c.name)
             if write is not None and xo is not None:

@@ -79,6 +79,9 @@ def test_gathered_rows_equal_the_padded_unfold(spatial, kernel, extra, cached, m
     for n in (1, max(1, geo.positions // 3), geo.positions):
         pick = np.sort(rng.choice(geo.positions, n, replace=False))
         assert np.array_equal(conv_rows(x, geo, pick), want[pick])
+        # a channel subset (a masked run's kept inputs), selected after the gather: the rows of x[channels]
+        channels = np.array([2, 0])
+        assert np.array_equal(conv_rows(x, geo, pick, channels), conv_rows(x[channels], geo, pick))
 
 
 def test_hessian_rows_and_output_rows_line_up_with_onnxruntimes_convolution():
