@@ -40,7 +40,8 @@ GREEDY_STEPS = 64
 # that point (conditional on the removed ones) in one last step. The updates cost ~ (share removed)^2 x F^3 / 2
 # multiply-adds per consumer of F features: ResNet-50's obs scores take 18.1 CPU s (one-shot 12.2; the whole order
 # ~4x the greedy part), and CIFAR ResNet20's rows (20% / 40% removed, uniform and knapsack) are identical to the
-# whole greedy order's.
+# whole greedy order's. A uniform allocation stops earlier still (`greedy_depth`): ResNet-50, 20% of the
+# parameters, 256 samples: 17.2 -> 9.8 CPU s, the same plan.
 GREEDY_FRACTION = 0.5
 # A group with a consumer wider than this keeps the one-shot order (`one_shot_scores`): its greedy columns would
 # add ~F^2 / 2 float32 to the F^2 of its inverse Hessian (R3D-18's 3x3x3 convs over 512 channels: 13,824 features,
