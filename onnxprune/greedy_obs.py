@@ -150,9 +150,9 @@ def one_shot_scores(consumers: list[GreedyConsumer], size: int) -> np.ndarray:
 
 
 def greedy_depth(size: int, needed: int | None) -> float | None:
-    """The share of a group's `size` channels whose order the greedy steps must give: `GREEDY_FRACTION`, or
-    less when the caller takes only the `needed` lowest-scored channels (an allocation whose per-group counts
-    do not depend on the scores: uniform). None: `GREEDY_FRACTION`, read when the order is computed."""
+    """The share of a group's `size` channels the greedy steps remove when the caller takes only its `needed`
+    lowest-scored channels (an allocation whose per-group counts do not depend on the scores: uniform), at most
+    `GREEDY_FRACTION`; None when no count is given (`greedy_obs_scores` then reads `GREEDY_FRACTION`)."""
     return None if needed is None else min(GREEDY_FRACTION, max(0, needed) / max(1, size))
 
 
