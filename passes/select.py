@@ -206,46 +206,29 @@ def choose_plan(
         top: how a uniform or global ratio snaps kept counts to the grid (`plan.snap_keep`).
     """
     c = config
+    round_to = c.round_to if isinstance(c.round_to, int) else 1
+    targets = {"params": c.target_params, "macs": c.target_macs}
 
     def plan_from(scores: dict[int, np.ndarray]) -> PruningPlan:
-        return _plan_from_scores(c, analysis, criterion, scores, stats, calib, measured, keep_counts, top)
+        if c.allocation_name not in ("lamp", "sensitivity", "knapsack") and all(v is None for v in targets.values()):
+            return make_plan(analysis, scores, c.ratio, global_ranking=c.global_ranking, round_to=round_to,
+                             max_group_ratio=c.max_group_ratio, keep_counts=keep_counts, top=top)
+        units = _removal_units(config, analysis, criterion, scores, stats, calib, measured, keep_counts)
+        for metric, text in targets.items():
+            if text is not None:
+                total = count_params(analysis.graph) if metric == "params" else count_macs(analysis.graph)
+                target = alloc.parse_target(text, total, metric)
+                assert target is not None  # text is not None
+                return alloc.plan_for_target(units, analysis, target, metric, tight=c.allocation_name == "knapsack")
+        return alloc.plan_for_ratio(units, analysis, c.ratio)
 
-    needed = None
     if criterion.prefix_order and c.allocation_name == "uniform" and not c.global_ranking:
         # uniform counts do not depend on the scores: a placeholder ranking gives them, and the criterion then
         # orders only the channels each group loses (OBS: the greedy order's updates ~ depth^2)
         placeholder = plan_from({g.id: np.zeros(g.size) for g in analysis.groups})
         needed = {g.id: len(placeholder.removed.get(g.id, ())) for g in analysis.groups}
-    return plan_from(criterion.score_all(analysis, needed=needed) if needed is not None
-                     else criterion.score_all(analysis))
-
-
-def _plan_from_scores(
-    config: PruneConfig,
-    analysis: ChannelAnalysis,
-    criterion: Criterion,
-    scores: dict[int, np.ndarray],
-    stats: CalibrationStats | None,
-    calib: CalibrationData | None,
-    measured: SensitivityReport | None,
-    keep_counts: KeepCounts | None,
-    top: str,
-) -> PruningPlan:
-    """`choose_plan` once the scores are known."""
-    c = config
-    round_to = c.round_to if isinstance(c.round_to, int) else 1
-    targets = {"params": c.target_params, "macs": c.target_macs}
-    if c.allocation_name not in ("lamp", "sensitivity", "knapsack") and all(v is None for v in targets.values()):
-        return make_plan(analysis, scores, c.ratio, global_ranking=c.global_ranking, round_to=round_to,
-                         max_group_ratio=c.max_group_ratio, keep_counts=keep_counts, top=top)
-    units = _removal_units(config, analysis, criterion, scores, stats, calib, measured, keep_counts)
-    for metric, text in targets.items():
-        if text is not None:
-            total = count_params(analysis.graph) if metric == "params" else count_macs(analysis.graph)
-            target = alloc.parse_target(text, total, metric)
-            assert target is not None  # text is not None
-            return alloc.plan_for_target(units, analysis, target, metric, tight=c.allocation_name == "knapsack")
-    return alloc.plan_for_ratio(units, analysis, c.ratio)
+        return plan_from(criterion.score_all(analysis, needed=needed))
+    return plan_from(criterion.score_all(analysis))
 
 
 def target_notices(config: PruneConfig, analysis: ChannelAnalysis) -> tuple[str, ...]:
