@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,14 +58,71 @@ def tmp_model(tmp_path):
     return save
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _latency_cache(tmp_path_factory):
-    """Latency tables (``--round-to auto``, the CLI's default) go to one temporary folder per test run, never
-    to ~/.cache: every test of the run shares the tables measured so far."""
-    import os
+class SuiteLock:
+    """Lets a test that times code run alone while the suite runs on several pytest-xdist workers.
 
+    Every test holds the lock shared; a test marked ``exclusive`` holds it exclusively, so it starts once the
+    other workers' tests have ended and they wait until it is done. A gate (held briefly by every test, and by
+    an exclusive test until it ends) keeps the shared holders from starving an exclusive one: `flock` itself
+    would grant a new shared lock while an exclusive request waits.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.gate = open(folder / "gate.lock", "a+")  # noqa: SIM115 - held for the worker's life
+        self.tests = open(folder / "tests.lock", "a+")  # noqa: SIM115
+
+    @contextlib.contextmanager
+    def hold(self, exclusive: bool) -> Iterator[None]:
+        fcntl.flock(self.gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.tests, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            if not exclusive:
+                fcntl.flock(self.gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.tests, fcntl.LOCK_UN)
+            if exclusive:
+                fcntl.flock(self.gate, fcntl.LOCK_UN)
+
+
+_LOCK_KEY = pytest.StashKey[SuiteLock]()
+
+
+def _run_folder(config) -> Path | None:
+    """The folder every worker of this pytest-xdist run shares: the run's base temporary folder, whose
+    subfolders are the workers' (pytest removes old runs' folders). None when the suite runs in one process."""
+    if not hasattr(config, "workerinput") or not config.option.basetemp:
+        return None
+    return Path(config.option.basetemp).parent
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Set-up, call and tear-down of each test under the run's `SuiteLock` (pytest-xdist workers only)."""
+    folder = _run_folder(item.config)
+    if folder is None:
+        yield
+        return
+    lock = item.config.stash.get(_LOCK_KEY, None)
+    if lock is None:
+        lock = item.config.stash[_LOCK_KEY] = SuiteLock(folder)
+    with lock.hold(item.get_closest_marker("exclusive") is not None):
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _latency_cache(tmp_path_factory, pytestconfig):
+    """Latency tables (``--round-to auto``, the CLI's default) go to one temporary folder per test run, never
+    to ~/.cache: every test of the run shares the tables measured so far (every worker's: the tables are
+    written atomically)."""
     before = os.environ.get("ONNXPRUNE_LATENCY_CACHE")
-    os.environ["ONNXPRUNE_LATENCY_CACHE"] = str(tmp_path_factory.mktemp("latency-cache"))
+    shared = _run_folder(pytestconfig)
+    folder = shared / "latency-cache" if shared is not None else tmp_path_factory.mktemp("latency-cache")
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["ONNXPRUNE_LATENCY_CACHE"] = str(folder)
     yield
     if before is None:
         os.environ.pop("ONNXPRUNE_LATENCY_CACHE", None)

@@ -94,6 +94,7 @@ def _longest_stall(products) -> tuple[float, float]:
     return longest, time.perf_counter() - start
 
 
+@pytest.mark.exclusive
 def test_the_gil_is_released_during_the_products(both, monkeypatch):
     """One long product in a thread: beside scipy's wrapper the Python loop here stalls for most of it (the
     check that the measurement can tell), beside the ctypes call it keeps running (a loaded machine's scheduling

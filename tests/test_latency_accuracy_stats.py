@@ -194,6 +194,7 @@ def _conv_chain(depth: int):
     return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+@pytest.mark.exclusive
 def test_time_all_self_check_and_ordering_on_onnxruntime():
     pytest.importorskip("onnxruntime")
     from bench.latency_accuracy import Variant

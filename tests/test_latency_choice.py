@@ -131,6 +131,7 @@ def _weights(path) -> dict[str, tuple[int, ...]]:
     return {t.name: tuple(t.dims) for t in onnx.load(str(path)).graph.initializer}
 
 
+@pytest.mark.exclusive
 def test_target_latency_with_calib_allocates_by_measured_curves(macs_cli, capsys, monkeypatch):
     from onnxprune.passes import select
 

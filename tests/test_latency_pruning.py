@@ -220,6 +220,7 @@ def _interleaved(*paths: Path, repeat: int = 40) -> list[float]:
     return [t.median_ms for t in timings]
 
 
+@pytest.mark.exclusive
 def test_auto_is_never_slower_than_unrounded(convnet, tmp_path, capsys):
     code, auto, err = _prune(capsys, convnet, "-o", tmp_path / "auto.onnx", "--ratio", "0.3")
     assert code == 0, err
@@ -241,6 +242,7 @@ def test_auto_is_never_slower_than_unrounded(convnet, tmp_path, capsys):
     assert auto["verification"]["passed"]
 
 
+@pytest.mark.exclusive
 def test_target_latency_lands_within_ten_percent(convnet, tmp_path, capsys):
     out = tmp_path / "target.onnx"
     code, summary, err = _prune(capsys, convnet, "-o", out, "--target-latency", "0.6x")
@@ -257,6 +259,7 @@ def test_target_latency_lands_within_ten_percent(convnet, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra", [["--criterion", "bn", "--repair", "bias"], ["--allocation", "lamp", "--criterion", "fpgm"],
                                    ["--allocation", "uniform"]])
+@pytest.mark.exclusive
 def test_target_latency_with_other_criteria_repairs_and_allocations(convnet, tmp_path, capsys, extra):
     code, summary, err = _prune(capsys, convnet, "-o", tmp_path / "o.onnx", "--target-latency", "0.7x", *extra)
     assert code == 0, err

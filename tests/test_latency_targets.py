@@ -135,6 +135,7 @@ def test_probe_counts_are_few_step_bottoms_plus_off_grid(size: int, lowest: int)
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exclusive
 @needs_tvm
 def test_x86_backend_matches_onnxruntime_and_times(tmp_path: Path) -> None:
     from onnxprune.targets.tvm_latency import TvmBackend
@@ -211,6 +212,7 @@ def rpc_tracker() -> Iterator[tuple[str, str]]:
         tracker.terminate()
 
 
+@pytest.mark.exclusive
 @needs_tvm
 def test_rpc_measures_end_to_end_through_a_tracker(rpc_tracker: tuple[str, str]) -> None:
     from onnxprune.latency.backend import get_backend as get

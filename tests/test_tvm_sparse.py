@@ -280,6 +280,7 @@ def test_choice_keeps_dense_where_sparse_loses(tmp_path, tune_cache, monkeypatch
     assert calls == [2]
 
 
+@pytest.mark.exclusive
 @needs_tvm
 @pytest.mark.slow
 def test_auto_measures_for_real_and_picks_sparse_at_95_percent(tmp_path, tune_cache):
