@@ -99,6 +99,8 @@ LABELS = {
     "synthetic-knapsack": f"obs + seq, synthetic, {RECOMMENDED_ALLOCATION}",
     "calibrated": "obs + seq, calibrated, uniform",
     "calibrated-knapsack": f"obs + seq, calibrated, {RECOMMENDED_ALLOCATION}",
+    "calibrated-lamp": "obs + seq, calibrated, lamp",
+    "synthetic-lamp": "obs + seq, synthetic, lamp",
     "constrained": "constrained l2 + seq",
     "unconstrained": "unconstrained {criterion} + {repair}, {drive}, reader {reader_choice}, stream repair, {allocation}".format(
         **UNCONSTRAINED_BEST),
@@ -138,6 +140,9 @@ CONSTRAINED = {
     "synthetic-knapsack": ("obs", "seq", "synthetic", RECOMMENDED_ALLOCATION),
     "calibrated": ("obs", "seq", "calib", "uniform"),
     "calibrated-knapsack": ("obs", "seq", "calib", RECOMMENDED_ALLOCATION),
+    # not in the default --methods: LAMP, the better allocation on EfficientNet-Lite0 and PP-OCRv4 rec
+    "calibrated-lamp": ("obs", "seq", "calib", "lamp"),
+    "synthetic-lamp": ("obs", "seq", "synthetic", "lamp"),
     "constrained": ("l2", "seq", "calib", "uniform"),
 }
 # Iterative (gradual) rows (`onnxprune.passes.iterative`): the knapsack configuration reached in N steps, re-scored

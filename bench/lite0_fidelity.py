@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "obs + seq, synthetic, lamp (data-free)": f"--criterion obs --repair seq {syn} --allocation lamp",
         "obs + seq, synthetic, knapsack (data-free)": f"--criterion obs --repair seq {syn} --allocation knapsack",
         "obs + seq, calibrated, uniform": f"--criterion obs --repair seq {cal}",
+        "obs + seq, calibrated, lamp": f"--criterion obs --repair seq {cal} --allocation lamp",
         "obs + seq, calibrated, knapsack": f"--criterion obs --repair seq {cal} --allocation knapsack",
         "unconstrained best, calibrated": f"{UNCONSTRAINED_BEST} {cal}",
     }
