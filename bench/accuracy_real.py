@@ -151,7 +151,8 @@ CONSTRAINED = {
 # method -> (one-shot method, steps, reallocate); --steps N changes the steps of every such row.
 ITERATIVE_STEPS = 3
 ITERATIVE = {f"{m}-{kind}": (m, ITERATIVE_STEPS, kind == "realloc")
-             for m in ("calibrated-knapsack", "synthetic-knapsack") for kind in ("steps", "realloc")}
+             for m in ("calibrated-knapsack", "synthetic-knapsack", "calibrated-lamp", "synthetic-lamp")
+             for kind in ("steps", "realloc")}
 
 
 def _iterative_labels(steps: int) -> None:
@@ -193,7 +194,8 @@ def _refine_labels(epochs: int, synthetic_epochs: int) -> None:
 _refine_labels(REFINE_EPOCHS, REFINE_SYNTHETIC_EPOCHS)
 # ReLU-aware rows (`onnxprune.repair_relu`, `--relu-refit`): a constrained obs + seq method whose layers feeding a
 # ReLU are then refitted on the post-ReLU error. method -> the constrained method. Judged like the rows they refit.
-RELU_REFIT = {f"{m}-relu": m for m in ("calibrated-knapsack", "synthetic-knapsack", "calibrated-knapsack-steps")}
+RELU_REFIT = {f"{m}-relu": m for m in ("calibrated-knapsack", "synthetic-knapsack", "calibrated-knapsack-steps",
+                                       "calibrated-lamp", "calibrated-lamp-steps", "synthetic-lamp")}
 for _m, _base in RELU_REFIT.items():
     LABELS[_m] = f"{LABELS[_base]}, relu refit"
     CONSTRAINED[_m] = CONSTRAINED[_base]
