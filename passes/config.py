@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from onnxprune.allocation import ALLOCATIONS
+from onnxprune.allocation import ALLOCATIONS, default_allocation
 from onnxprune.criteria import CRITERIA, DATA_CRITERIA
 from onnxprune.errors import UsageError, missing_calibration
 from onnxprune.latency_allocation import parse_latency_target
@@ -35,7 +35,7 @@ class PruneConfig:
     seed: int = 0
     repair: str = "none"  # none | bias (data-free, BatchNorm statistics) | ls | seq (calibrated least squares)
     relu_refit: bool = False  # seq: then refit layers that feed a ReLU on the post-ReLU error (`repair_relu`)
-    allocation: str | None = None  # uniform | global | lamp | sensitivity; None: global if global_ranking else uniform
+    allocation: str | None = None  # uniform | global | lamp | sensitivity | knapsack; None: `default_allocation`
     target_params: str | None = None  # keep N parameters, or P% of them (overrides ratio)
     target_macs: str | None = None  # keep N MACs, or P% of them (overrides ratio)
     calib_samples: int | None = None
@@ -75,8 +75,11 @@ class PruneConfig:
 
     @property
     def allocation_name(self) -> str:
-        """The allocation; by default global with --global or a latency target (importance per ms), else uniform."""
-        return self.allocation or ("global" if self.global_ranking or self.target_latency else "uniform")
+        """The allocation; by default global with --global or a latency target (importance per ms), lamp for a
+        parameter or MAC target, else uniform (`allocation.default_allocation`)."""
+        return self.allocation or default_allocation(
+            global_ranking=self.global_ranking, latency_target=bool(self.target_latency),
+            budget=self.target_params is not None or self.target_macs is not None)
 
     @property
     def measures_latency(self) -> bool:

@@ -54,7 +54,8 @@ class PruneSummary(Summary):
         source, plan = selection.source, selection.plan
         return cls(
             tool=f"onnxprune {__version__}",
-            config=asdict(selection.config),
+            # the allocation as run (a default resolved: `PruneConfig.allocation_name`), so the record says it
+            config={**asdict(selection.config), "allocation": selection.config.allocation_name},
             params_before=count_params(source.graph),
             params_after=count_params(pruned_graph),
             macs_before=count_macs(source.graph),

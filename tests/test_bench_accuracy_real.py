@@ -8,8 +8,11 @@ def test_the_accuracy_bench_passes_a_drop_of_exactly_the_bar():
     from bench.accuracy_real import bars
 
     cell = {"top1": 85.73}
-    assert bars("cifar_resnet20", "synthetic-knapsack", 0.4, cell, 91.73, {}).startswith("PASS drop 6.00")
-    assert bars("cifar_resnet20", "synthetic-knapsack", 0.4, {"top1": 85.72}, 91.73, {}).startswith("FAIL")
+    for method in ("synthetic-lamp", "synthetic-knapsack"):
+        assert bars("cifar_resnet20", method, 0.4, cell, 91.73, {}).startswith("PASS drop 6.00")
+        assert bars("cifar_resnet20", method, 0.4, {"top1": 85.72}, 91.73, {}).startswith("FAIL")
+    assert bars("cifar_resnet20", "calibrated-lamp", 0.4, {"top1": 88.73}, 91.73, {}).startswith("PASS drop 3.00")
+    assert bars("cifar_resnet20", "synthetic", 0.4, cell, 91.73, {}) == ""  # uniform: a reference row
 
 
 def test_the_plot_draws_models_with_different_methods(tmp_path):

@@ -253,7 +253,7 @@ def test_uniform_obs_plan_with_the_order_stopped_early_is_the_whole_orders(monke
 
     model = canonical(onnx.load(str(ROOT / "models" / "fashion_mnist_resnet.onnx")))
     calib = {"image": np.random.default_rng(0).random((24, 1, 28, 28), dtype=np.float32)}
-    config = PruneConfig(criterion="obs", repair="ls", round_to=1, **target)
+    config = PruneConfig(criterion="obs", repair="ls", round_to=1, allocation="uniform", **target)
     seen = []
     score_all = OBS.score_all
 
