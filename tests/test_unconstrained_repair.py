@@ -55,8 +55,10 @@ def test_target_params_is_met_like_constrained(fashion, drive):
     assert planned <= summary["effective_params_after"] <= planned * 1.001
     unconstrained_exact(model, result, held_out)
     same = UnconstrainedPass(UnconstrainedConfig(criterion="l1", share=1.0, target_params=target)).run(model)
-    constrained = PrunePass(PruneConfig(criterion="l1", target_params=str(target), allocation="uniform")).run(model)
+    constrained = PrunePass(PruneConfig(criterion="l1", target_params=str(target))).run(model)
     assert same.info["summary"]["params_after"] == count_params(ModelGraph(constrained.model))
+    # both modes allocate a parameter target by LAMP when no allocation is named, and record it
+    assert same.info["summary"]["config"]["allocation"] == constrained.info["summary"]["config"]["allocation"] == "lamp"
 
 
 @pytest.mark.parametrize("allocation", ["global", "lamp"])

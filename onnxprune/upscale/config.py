@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from onnxprune.allocation import default_allocation
 from onnxprune.errors import UsageError
 from onnxprune.upscale.costmodel import CostModel
 
@@ -76,7 +77,8 @@ class UnconstrainedConfig:
     # How groups share the removal (`upscale.allocate`, constrained pruning's allocations): "uniform" (every
     # group the ratio), "global" or "lamp" (layer-adaptive budgets), "knapsack" (measured error per parameter
     # removed, `allocate.knapsack_curves`; needs calibration inputs); with a target, the order it walks.
-    allocation: str = "uniform"
+    # None: as in constrained mode (`allocation.default_allocation`), lamp with a target, else uniform.
+    allocation: str | None = None
     # Parameters to keep: a count or "P%" of the input's (nonzero parameters: what every unit keeps; the
     # pass resolves a percentage on the model it prunes); None: the ratio decides.
     target_params: int | str | None = None
@@ -93,6 +95,8 @@ class UnconstrainedConfig:
             raise UsageError(f"unconstrained criterion must be energy, bn, l1 or l2, got {self.criterion!r}")
         if self.repair not in REPAIRS:
             raise UsageError(f"unconstrained repair must be one of {', '.join(REPAIRS)}, got {self.repair!r}")
+        if self.allocation is None:  # resolved here, so the record and every reader see the allocation that runs
+            object.__setattr__(self, "allocation", default_allocation(budget=self.target_params is not None))
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"unconstrained allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if isinstance(self.target_params, int) and self.target_params < 1:
