@@ -76,10 +76,10 @@ class PruneConfig:
     @property
     def allocation_name(self) -> str:
         """The allocation; by default global with --global or a latency target (importance per ms), lamp for a
-        parameter or MAC target, else uniform (`allocation.default_allocation`)."""
+        parameter target, else uniform (`allocation.default_allocation`)."""
         return self.allocation or default_allocation(
             global_ranking=self.global_ranking, latency_target=bool(self.target_latency),
-            budget=self.target_params is not None or self.target_macs is not None)
+            params_target=self.target_params is not None)
 
     @property
     def measures_latency(self) -> bool:

@@ -385,23 +385,24 @@ def test_lamp_allocation_budgets_do_not_depend_on_the_criterion():
     assert counts["l1"] == counts["random"] == counts["bn"]
 
 
-def test_the_default_allocation_is_lamp_for_a_budget_and_uniform_for_a_ratio(tmp_path, capsys):
-    """A parameter or MAC budget lets groups lose different fractions: LAMP by default (its plan exactly the
-    explicit one's); a ratio is every group's fraction; --global and a latency target rank globally. The record
-    names the allocation that ran."""
+def test_the_default_allocation_is_lamp_for_a_parameter_target_and_uniform_otherwise(tmp_path, capsys):
+    """A parameter target lets groups lose different fractions: LAMP by default (its plan exactly the explicit
+    one's); a ratio is every group's fraction, and so is a MAC target (LAMP's magnitude budgets lose accuracy
+    there); --global and a latency target rank globally. The record names the allocation that ran."""
     assert PruneConfig(ratio=0.3).allocation_name == "uniform"
     assert PruneConfig(target_params="70%").allocation_name == "lamp"
-    assert PruneConfig(target_macs="70%").allocation_name == "lamp"
+    assert PruneConfig(target_macs="70%").allocation_name == "uniform"
     assert PruneConfig(target_params="70%", global_ranking=True).allocation_name == "global"
     assert PruneConfig(target_latency="0.6x").allocation_name == "global"
     assert PruneConfig(target_params="70%", allocation="uniform").allocation_name == "uniform"
     model = import_model(str(FMNIST))
-    for target in ({"target_params": "70%"}, {"target_macs": "60%"}):
+    for target, named in (({"target_params": "70%"}, "lamp"), ({"target_macs": "60%"}, "uniform")):
         default = PrunePass(PruneConfig(**target)).run(model).info["summary"]
         lamp = PrunePass(PruneConfig(allocation="lamp", **target)).run(model).info["summary"]
         uniform = PrunePass(PruneConfig(allocation="uniform", **target)).run(model).info["summary"]
-        assert default["plan"] == lamp["plan"] != uniform["plan"]
-        assert default["config"]["allocation"] == "lamp" and uniform["config"]["allocation"] == "uniform"
+        assert lamp["plan"] != uniform["plan"]
+        assert default["plan"] == (lamp if named == "lamp" else uniform)["plan"]
+        assert default["config"]["allocation"] == named and uniform["config"]["allocation"] == "uniform"
     assert main(["prune", str(FMNIST), "--target-params", "70%", "--round-to", "1", "--no-verify", "--json",
                  "-o", str(tmp_path / "p.onnx")]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["allocation"] == "lamp"

@@ -96,7 +96,7 @@ class UnconstrainedConfig:
         if self.repair not in REPAIRS:
             raise UsageError(f"unconstrained repair must be one of {', '.join(REPAIRS)}, got {self.repair!r}")
         if self.allocation is None:  # resolved here, so the record and every reader see the allocation that runs
-            object.__setattr__(self, "allocation", default_allocation(budget=self.target_params is not None))
+            object.__setattr__(self, "allocation", default_allocation(params_target=self.target_params is not None))
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"unconstrained allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if isinstance(self.target_params, int) and self.target_params < 1:
