@@ -12,8 +12,8 @@ l1, the allocation a parameter target gets when none is named: uniform until ses
 
 ``--config best``: unconstrained with the flags of `bench/accuracy_real.py` ``UNCONSTRAINED_BEST``
 (l2, ``--repair seq``, ``--drive coupled``, ``--reader-choice ls``, ``--stream-repair``,
-``--allocation knapsack``, ``--calib``) against constrained with the same criterion, repair and allocation
-(l2, seq, knapsack, the same ``--calib``) at the (stored) parameter count the unconstrained export reached
+``--allocation``, ``--calib``) against constrained with the same criterion, repair and allocation
+(the same ``--calib``) at the (stored) parameter count the unconstrained export reached
 (``--match``, default; the latency grid's coarse steps can leave either one well under the target); both keep the CLI's ``--round-to auto`` (the latency grid as allowed
 counts). Calibration inputs: CIFAR models a stratified subset of the shared ``calib_train2000.npz`` (training
 images, `models.cifar_resnet.load_cifar10`), ImageNet zoo models N(0, 1) noise at the model's input shape
@@ -74,7 +74,8 @@ def cli_flags(config: dict) -> list[str]:
 # `bench/accuracy_real.py` UNCONSTRAINED_BEST as CLI flags (one definition of the best configuration);
 # constrained gets the same criterion, repair and allocation.
 BEST_UNCONSTRAINED = ["--mode", "unconstrained", *cli_flags(UNCONSTRAINED_BEST)]
-BEST_CONSTRAINED = ["--criterion", "l2", "--repair", "seq", "--allocation", "knapsack"]
+BEST_CONSTRAINED = ["--criterion", UNCONSTRAINED_BEST["criterion"], "--repair", UNCONSTRAINED_BEST["repair"],
+                    "--allocation", UNCONSTRAINED_BEST["allocation"]]
 
 
 def prune(src: Path, out: Path, extra: list[str]) -> float:
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", nargs="+", default=["80%", "60%"], help="--target-params values")
     ap.add_argument("--config", choices=["default", "best"], default="default",
                     help="default: CLI defaults, one unconstrained row per --drives; best: UNCONSTRAINED_BEST "
-                         "vs constrained l2 + seq + knapsack, both with --calib")
+                         "vs constrained with its criterion, repair and allocation, both with --calib")
     ap.add_argument("--drives", nargs="+", default=["free", "coupled"], help="--config default only")
     ap.add_argument("--calib-samples", type=int, default=32, help="--config best: calibration inputs per model")
     ap.add_argument("--match", action=argparse.BooleanOptionalAction, default=True,
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                     # constrained counts its own zero biases, and matching nonzero gave unconstrained ~0.6% more
                     # real weights on MobileNetV2 (2026-12-04 block of the results).
                     goal = str(count_params(ModelGraph(import_model(str(unconstrained))))) if args.match else target
-                    rows.append(("constrained l2 seq knap", out,
+                    rows.append((f"constrained {UNCONSTRAINED_BEST['criterion']} {UNCONSTRAINED_BEST['repair']} "
+                                 f"{UNCONSTRAINED_BEST['allocation'][:4]}", out,
                                  prune(src, out, ["--target-params", goal, *BEST_CONSTRAINED, *calib])))
                     rows.append(("unconstrained best", unconstrained, seconds))
                 else:

@@ -18,11 +18,9 @@ from onnxprune.passes.unconstrained import UnconstrainedPass
 from onnxprune.upscale.config import UnconstrainedConfig
 from onnxprune.verify import run
 
-# The bench's best configuration (`bench/accuracy_real.UNCONSTRAINED_BEST`) at a parameter target, with the
-# uniform allocation: the knapsack's error curves cost ~25 s per run here and are the one-shot pass's own code
-# (`UnconstrainedPass.allocation_inputs`, tested in test_unconstrained_repair.py; steps=1 delegates to that pass).
+# The bench's best configuration (`bench/accuracy_real.UNCONSTRAINED_BEST`) at a parameter target.
 BEST = {"criterion": "l2", "repair": "seq", "drive": "coupled", "reader_choice": "ls", "stream_repair": True,
-        "allocation": "uniform"}
+        "allocation": "lamp"}
 
 
 def _summary(result) -> dict:
