@@ -161,6 +161,7 @@ def allocate(prep: Prepared, config: UnconstrainedConfig, target_params: int | N
     if target_params is None and config.allocation == "uniform":
         counts = {pg.group.id: _ratio_count(pg.group.size, config.ratio, allowed, pg.group.id) for pg in prep.groups}
         return choose(prep, config, counts=counts, allowed_counts=allowed), counts
+    assert config.allocation is not None  # resolved by UnconstrainedConfig.__post_init__
     steps = removal_steps(prep, config.allocation, allowed, curves)
     if target_params is None:  # the prefix removing `ratio` of all channels, as `allocation.plan_for_ratio`
         budget = math.floor(config.ratio * sum(pg.group.size for pg in prep.groups) + 1e-9)
