@@ -137,10 +137,10 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
     add_accuracy_options(p, unconstrained=True)
     add_shape_option(p)
     p.add_argument("--allocation", choices=("uniform", "global", "lamp", "sensitivity", "knapsack"),
-                   help="how groups share the removal (sensitivity: measured per-group output error; knapsack: "
-                        "measured output error per parameter removed, best for --target-params with --repair "
-                        "seq/ls; both need --calib, synthetic works; default: lamp with --target-params, global "
-                        "with --global or --target-latency, else uniform)")
+                   help="how groups share the removal (lamp: layer-adaptive budgets from the weights' magnitudes; "
+                        "sensitivity: measured per-group output error; knapsack: measured output error per "
+                        "parameter removed; both need --calib, synthetic works; default: lamp with --target-params, "
+                        "global with --global or --target-latency, else uniform)")
     p.add_argument("--target-params", metavar="N|P%", help="parameters to keep: a count N or a percentage P%%")
     p.add_argument("--target-macs", metavar="N|P%", help="MACs to keep: a count N or a percentage P%%")
     p.add_argument("--steps", type=positive_int, default=1, metavar="N",
