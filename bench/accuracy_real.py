@@ -94,6 +94,7 @@ from onnxprune.passes.pruning import PruneConfig
 # (knapsack 92.34 / 90.17, uniform 92.06 / 90.09); synthetic R20 90.50 / 86.34 (knapsack 90.33 / 85.89), R44
 # 92.47 / 90.17 (knapsack, session 24: 92.20 / 89.51). Constrained l2 + seq uniform: R20 90.00 / 86.13, R44
 # 91.12 / 88.03; with lamp: R20 90.60 / 87.66, R44 92.66 / 90.49.
+UNCONSTRAINED_LABEL = "unconstrained {criterion} + {repair}, {drive}, reader {reader_choice}, stream repair, {allocation}"
 UNCONSTRAINED_BEST: dict[str, Any] = {"criterion": "l2", "repair": "seq", "drive": "coupled", "reader_choice": "ls",
                                       "stream_repair": True, "allocation": "lamp"}
 # The calibrated and data-free bars are judged on every obs + seq row with a layer-adaptive allocation (`bars`):
@@ -117,8 +118,7 @@ LABELS = {
     "l1-lamp": "l1, no repair, lamp",
     "l2-bias-lamp": "l2 + bias (data-free), lamp",
     "constrained-lamp": "constrained l2 + seq, lamp",
-    "unconstrained": "unconstrained {criterion} + {repair}, {drive}, reader {reader_choice}, stream repair, {allocation}".format(
-        **UNCONSTRAINED_BEST),
+    "unconstrained": UNCONSTRAINED_LABEL.format(**UNCONSTRAINED_BEST),
     "onnxsim": "onnxsim 0.8.1 (l2)",
 }
 # Unconstrained rows (method -> (UnconstrainedConfig overrides, data, steps)): "unconstrained-synthetic" is the best
@@ -147,7 +147,7 @@ ROW_SYNTHETIC = {"unconstrained-synthetic": 512, "unconstrained-synthetic-steps"
 
 def _synthetic_labels(samples: int) -> None:
     for a in OTHER_ALLOCATIONS:
-        LABELS[f"unconstrained-{a}"] = LABELS["unconstrained"].replace(UNCONSTRAINED_BEST["allocation"], a)
+        LABELS[f"unconstrained-{a}"] = UNCONSTRAINED_LABEL.format(**{**UNCONSTRAINED_BEST, "allocation": a})
     for m in ("unconstrained-synthetic", "unconstrained-synthetic-steps",
               *(f"unconstrained-synthetic-{a}" for a in OTHER_ALLOCATIONS)):
         n = samples or ROW_SYNTHETIC.get(m, 0)

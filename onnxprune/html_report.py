@@ -43,7 +43,7 @@ from onnxprune.graph import ModelGraph
 from onnxprune.io import write_atomically
 from onnxprune.metadata import SUMMARY_KEY, read_json_entry
 from onnxprune.quantized import source_initializer
-from onnxprune.report import SENSITIVITY_METRIC
+from onnxprune.report import SENSITIVITY_METRIC, recorded_allocation
 
 MAX_PLOTTED_LAYERS = 300  # a bar per layer stays visible up to about this many
 MAX_LEGEND_GROUPS = 12
@@ -253,12 +253,7 @@ def _summary_section(s: dict) -> str:
         if config.get(key) is not None:
             facts.append([key.replace("_", " "), str(config[key])])
     if "global_ranking" in config or "allocation" in config:
-        facts.append(
-            [
-                "allocation",
-                str(config.get("allocation") or ("global" if config.get("global_ranking") else "uniform")),
-            ]
-        )
+        facts.append(["allocation", recorded_allocation(config)])
     if "round_to" in config:
         facts.append(
             [

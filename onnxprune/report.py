@@ -101,6 +101,14 @@ def print_prune_summary(s: dict, shown: tuple[str, ...] = ()) -> None:
             console.print(f"note: {notice}", markup=False, highlight=False)
 
 
+def recorded_allocation(config: dict) -> str:
+    """The allocation a constrained prune record names; records written before it was stored (always, since the
+    default for a parameter target became lamp) ran the old default: global with --global or a latency target,
+    else uniform."""
+    return str(config.get("allocation") or (
+        "global" if config.get("global_ranking") or config.get("target_latency") else "uniform"))
+
+
 def settings_rows(s: dict) -> list[tuple[str, str]]:
     """(setting, value) rows of a prune summary: how the channels were chosen, what went, the check."""
     config = s.get("config") or {}
@@ -123,8 +131,7 @@ def settings_rows(s: dict) -> list[tuple[str, str]]:
         multiple = config.get("stream_multiple", 1)
         rows.append(("rounding", "none" if multiple == 1 else f"stream widths a multiple of {multiple}"))
     else:
-        allocation = config.get("allocation") or (
-            "global" if config.get("global_ranking") or config.get("target_latency") else "uniform")
+        allocation = recorded_allocation(config)
         if config.get("target_latency"):
             allocation += ", importance per millisecond saved" if allocation != "uniform" else ""
             wanted = str(config["target_latency"])

@@ -292,3 +292,15 @@ def test_report_notes_an_original_that_is_not_the_pruned_models(tmp_path, capsys
     assert "is not the file cnn.pruned.onnx was pruned from" in capsys.readouterr().err
     assert main(["report", str(out), "--original", str(CNN), "-o", str(tmp_path / "b.html")]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_the_allocation_of_a_record_without_one_is_the_default_it_ran_with():
+    """Records written before the allocation was stored ran the old default: global with --global or a latency
+    target, else uniform (the HTML page once said uniform for a latency target); a stored one is read as is."""
+    from onnxprune.report import recorded_allocation
+
+    assert recorded_allocation({"ratio": 0.3}) == "uniform"
+    assert recorded_allocation({"target_params": "70%"}) == "uniform"
+    assert recorded_allocation({"target_latency": "0.6x"}) == "global"
+    assert recorded_allocation({"global_ranking": True}) == "global"
+    assert recorded_allocation({"target_params": "70%", "allocation": "lamp"}) == "lamp"
