@@ -183,6 +183,9 @@ def criterion_for(config: PruneConfig, stats: CalibrationStats | None = None) ->
 
 SENSITIVITY_RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7)
 SENSITIVITY_SAMPLES = 16
+#: Allocations whose per-group counts do not read the criterion's scores (LAMP's budgets come from the channels'
+#: magnitudes, `_lamp_budget`): a criterion with a prefix order ranks only as deep as each group loses.
+SCORE_FREE_COUNTS = frozenset({"uniform", "lamp"})
 
 
 def choose_plan(
@@ -222,9 +225,10 @@ def choose_plan(
                 return alloc.plan_for_target(units, analysis, target, metric, tight=c.allocation_name == "knapsack")
         return alloc.plan_for_ratio(units, analysis, c.ratio)
 
-    if criterion.prefix_order and c.allocation_name == "uniform" and not c.global_ranking:
-        # uniform counts do not depend on the scores: a placeholder ranking gives them, and the criterion then
-        # orders only the channels each group loses (OBS: the greedy order's updates ~ depth^2)
+    if criterion.prefix_order and c.allocation_name in SCORE_FREE_COUNTS and not c.global_ranking:
+        # uniform and LAMP counts do not depend on the scores (LAMP's budgets are the channels' magnitudes):
+        # a placeholder ranking gives them, and the criterion then orders only the channels each group loses
+        # (OBS: the greedy order's updates ~ depth^2)
         placeholder = plan_from({g.id: np.zeros(g.size) for g in analysis.groups})
         needed = {g.id: len(placeholder.removed.get(g.id, ())) for g in analysis.groups}
         return plan_from(criterion.score_all(analysis, needed=needed))

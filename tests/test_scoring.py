@@ -245,15 +245,18 @@ def test_greedy_order_stopped_at_the_channels_taken_gives_the_same_prefix():
         np.testing.assert_array_equal(np.argsort(scores(depth), kind="stable")[:k], whole[:k])
 
 
-@pytest.mark.parametrize("target", [{"ratio": 0.3}, {"target_params": "80%"}])
-def test_uniform_obs_plan_with_the_order_stopped_early_is_the_whole_orders(monkeypatch, target):
-    """The selection asks OBS only for the channels a uniform allocation takes (`Criterion.prefix_order`): the
+@pytest.mark.parametrize("target,allocation", [({"ratio": 0.3}, "uniform"), ({"target_params": "80%"}, "uniform"),
+                                               ({"target_params": "80%"}, "lamp"), ({"target_params": "60%"}, "lamp"),
+                                               ({"target_params": "60%"}, None)])
+def test_obs_plan_with_the_order_stopped_early_is_the_whole_orders(monkeypatch, target, allocation):
+    """The selection asks OBS only for the channels a uniform or LAMP allocation takes (`Criterion.prefix_order`;
+    neither reads the scores to count, `select.SCORE_FREE_COUNTS`; a parameter target defaults to LAMP): the
     pruned model is the same, bit for bit, as with every group's whole greedy order."""
     from onnxprune.criteria import OBS
 
     model = canonical(onnx.load(str(ROOT / "models" / "fashion_mnist_resnet.onnx")))
     calib = {"image": np.random.default_rng(0).random((24, 1, 28, 28), dtype=np.float32)}
-    config = PruneConfig(criterion="obs", repair="ls", round_to=1, allocation="uniform", **target)
+    config = PruneConfig(criterion="obs", repair="ls", round_to=1, allocation=allocation, **target)
     seen = []
     score_all = OBS.score_all
 
