@@ -40,8 +40,10 @@ GREEDY_STEPS = 64
 # that point (conditional on the removed ones) in one last step. The updates cost ~ (share removed)^2 x F^3 / 2
 # multiply-adds per consumer of F features: ResNet-50's obs scores take 18.1 CPU s (one-shot 12.2; the whole order
 # ~4x the greedy part), and CIFAR ResNet20's rows (20% / 40% removed, uniform and knapsack) are identical to the
-# whole greedy order's. A uniform allocation stops earlier still (`greedy_depth`): ResNet-50, 20% of the
-# parameters, 256 samples: 17.2 -> 9.8 CPU s, the same plan.
+# whole greedy order's. A uniform or LAMP allocation, whose counts do not read the scores, stops earlier still
+# (`greedy_depth`, `passes.select.SCORE_FREE_COUNTS`): ResNet-50, 20% of the parameters, 256 samples, uniform:
+# 17.2 -> 9.8 CPU s; LAMP (the default for a parameter target): the whole obs + seq run 60.6-64.3 -> 56.6-60.4 s
+# wall on 2 cores. The same plan either way.
 GREEDY_FRACTION = 0.5
 # A group with a consumer wider than this keeps the one-shot order (`one_shot_scores`): its greedy columns would
 # add ~F^2 / 2 float32 to the F^2 of its inverse Hessian (R3D-18's 3x3x3 convs over 512 channels: 13,824 features,
@@ -151,7 +153,7 @@ def one_shot_scores(consumers: list[GreedyConsumer], size: int) -> np.ndarray:
 
 def greedy_depth(size: int, needed: int | None) -> float | None:
     """The share of a group's `size` channels the greedy steps remove when the caller takes only its `needed`
-    lowest-scored channels (an allocation whose per-group counts do not depend on the scores: uniform), at most
+    lowest-scored channels (an allocation whose per-group counts do not depend on the scores: uniform, LAMP), at most
     `GREEDY_FRACTION`; None when no count is given (`greedy_obs_scores` then reads `GREEDY_FRACTION`)."""
     return None if needed is None else min(GREEDY_FRACTION, max(0, needed) / max(1, size))
 
