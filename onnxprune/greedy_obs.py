@@ -42,8 +42,8 @@ GREEDY_STEPS = 64
 # ~4x the greedy part), and CIFAR ResNet20's rows (20% / 40% removed, uniform and knapsack) are identical to the
 # whole greedy order's. A uniform or LAMP allocation, whose counts do not read the scores, stops earlier still
 # (`greedy_depth`, `passes.select.SCORE_FREE_COUNTS`): ResNet-50, 20% of the parameters, 256 samples, uniform:
-# 17.2 -> 9.8 CPU s; LAMP (the default for a parameter target): the whole obs + seq run 60.6-64.3 -> 56.6-60.4 s
-# wall on 2 cores. The same plan either way.
+# 17.2 -> 9.8 CPU s; LAMP (the default for a parameter target; 2 of the random-weight model's 37 groups pruned,
+# one by 52%): the whole obs + seq run 60.6-64.3 -> 56.6-60.4 s wall on 2 cores. The same plan either way.
 GREEDY_FRACTION = 0.5
 # A group with a consumer wider than this keeps the one-shot order (`one_shot_scores`): its greedy columns would
 # add ~F^2 / 2 float32 to the F^2 of its inverse Hessian (R3D-18's 3x3x3 convs over 512 channels: 13,824 features,
