@@ -91,7 +91,8 @@ from onnxprune.passes.pruning import PruneConfig
 # The unconstrained rows' configuration (`UnconstrainedConfig` fields; the target is the row's).
 # allocation lamp (session 49, 2,000 calibration images / 512 synthetic inputs; the command line's default for a
 # target): R20 90.72 / 88.27 at 20% / 40% (knapsack 90.83 / 87.48, uniform 90.30 / 86.79), R44 92.60 / 90.70
-# (knapsack 92.34 / 90.17, uniform 92.06 / 90.09); synthetic R20 90.50 / 86.34 (knapsack 90.33 / 85.89), R44
+# (knapsack 92.34 / 90.17, uniform 92.06 / 90.09); synthetic R20 90.50 / 86.34 (seeds 1 / 2, session 50: 90.50 /
+# 86.56, 90.49 / 86.87: the data-free bars at every seed; knapsack 90.33 / 85.89), R44
 # 92.47 / 90.17 (knapsack, session 24: 92.20 / 89.51). Constrained l2 + seq uniform: R20 90.00 / 86.13, R44
 # 91.12 / 88.03; with lamp: R20 90.60 / 87.66, R44 92.66 / 90.49.
 UNCONSTRAINED_LABEL = "unconstrained {criterion} + {repair}, {drive}, reader {reader_choice}, stream repair, {allocation}"
