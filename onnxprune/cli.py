@@ -333,7 +333,8 @@ def _prune_unconstrained(args: argparse.Namespace, ratio: float, src: Path, out:
                                  drive=args.drive or "coupled", reorder=not args.no_reorder, tune=args.tune, repair=args.repair,
                                  allocation=args.allocation or ("global" if args.global_ranking else None),
                                  target_params=args.target_params, group_budget=args.group_budget,
-                                 reader_choice=args.reader_choice, stream_repair=args.stream_repair)
+                                 reader_choice=args.reader_choice, stream_repair=args.stream_repair,
+                                 relu_refit=args.relu_refit)
     model = load_input(args)
     calib = load_calibration(args, model)
     batch_note = batch_notice(calib)

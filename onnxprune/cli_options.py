@@ -121,7 +121,7 @@ def add_prune_options(p: argparse.ArgumentParser) -> None:
                         "minus what the skip now carries (later writers compensate channels earlier ones dropped)")
     p.add_argument("--relu-refit", action="store_true",
                    help="--repair seq: then refit every layer that feeds a ReLU on the error after the ReLU, not "
-                        "before it (rows both models clamp cost nothing); constrained mode")
+                        "before it (rows both models clamp cost nothing); both modes")
     p.add_argument("--group-budget", action="store_true",
                    help="unconstrained: a group's layers keep fewer channels until it holds no more parameters than "
                         "constrained pruning keeps there (a reader-driven writer keeps its readers' union)")
@@ -273,8 +273,8 @@ def check_prune_flags(args: argparse.Namespace) -> float:
         raise UsageError("--rpc needs --device-key (the key the device registered with the tracker)")
     if getattr(args, "steps", 1) != 1 and getattr(args, "mode", None) == "unconstrained":
         raise UsageError("--steps applies to constrained pruning only (not --mode unconstrained)")
-    if getattr(args, "relu_refit", False) and getattr(args, "mode", None) == "unconstrained":
-        raise UsageError("--relu-refit applies to constrained pruning only (not --mode unconstrained)")
+    if getattr(args, "relu_refit", False) and getattr(args, "repair", None) != "seq":
+        raise UsageError("--relu-refit refines the sequential repair: it needs --repair seq")
     if getattr(args, "refine", 0) and getattr(args, "mode", None) == "unconstrained":
         raise UsageError("--refine applies to constrained pruning only (not --mode unconstrained)")
     if getattr(args, "refine", 0) and not getattr(args, "calib", None):

@@ -102,7 +102,7 @@ def print_prune_summary(s: dict, shown: tuple[str, ...] = ()) -> None:
 
 
 def recorded_allocation(config: dict) -> str:
-    """The allocation a constrained prune record names; records written before it was stored (always, since the
+    """The allocation a prune record names (either mode); records written before it was stored (always, since the
     default for a parameter target became lamp) ran the old default: global with --global or a latency target,
     else uniform."""
     return str(config.get("allocation") or (
@@ -127,7 +127,7 @@ def settings_rows(s: dict) -> list[tuple[str, str]]:
             extra.append(f"share {config['share']}")
         if config.get("union_cap") is not None:
             extra.append(f"union cap {config['union_cap']}")
-        rows.append(("allocation", "per layer, " + ", ".join(extra)))
+        rows.append(("allocation", f"{recorded_allocation(config)}; per layer, " + ", ".join(extra)))
         multiple = config.get("stream_multiple", 1)
         rows.append(("rounding", "none" if multiple == 1 else f"stream widths a multiple of {multiple}"))
     else:
@@ -138,7 +138,8 @@ def settings_rows(s: dict) -> list[tuple[str, str]]:
             rows[-1] = ("target", f"latency {wanted}" + (" of the dense model's" if wanted.lower().endswith("x") else ""))
         rows.append(("allocation", str(allocation)))
         rows.append(("rounding", rounding_text(config)))
-    rows.append(("repair", _repair_text(str(config.get("repair", "none")), s.get("repair"))))
+    method = str(config.get("repair", "none")) + (" + stream targets" if config.get("stream_repair") else "")
+    rows.append(("repair", _repair_text(method, s.get("repair"))))
     pruned = f"{s.get('groups_pruned', 0)} of {s.get('groups', '-')}"
     if s.get("channels_removed") is not None:
         pruned += f", {s['channels_removed']} channels removed"
@@ -194,7 +195,12 @@ def _repair_text(method: str, info: dict | None) -> str:
         return method
     skipped = info.get("skipped")
     n_skipped = len(skipped) if isinstance(skipped, dict) else skipped
-    return f"{method}: {info.get('repaired', 0)} layers repaired, {n_skipped or 0} skipped"
+    text = f"{method}: {info.get('repaired', 0)} layers repaired, {n_skipped or 0} skipped"
+    relu = info.get("relu_refit")
+    if isinstance(relu, dict):
+        text += (f"; relu refit: {relu.get('refitted', 0)} layers, post-activation error "
+                 f"{relu.get('error_before', 0):.3g} -> {relu.get('error_after', 0):.3g}")
+    return text
 
 
 def verification_text(cert: dict | None) -> str:

@@ -140,6 +140,6 @@ class IterativeUnconstrainedPass(Pass):
         if c.repair != "none":
             assert self.calib is not None  # UnconstrainedPass checked it
             repaired, _ = repair_plan(model, plan, c.repair, self.calib, stream=c.stream_repair,
-                                      choose_readers=c.reader_choice == "seq")
+                                      choose_readers=c.reader_choice == "seq", relu_refit=c.relu_refit)
             keeps = unit_keeps(plan)  # the reader choice of the seq repair may have changed them
         return mask_model(repaired, build_plan(repaired, replace(c, target_params=None), keeps))

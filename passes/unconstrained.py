@@ -78,6 +78,7 @@ class UnconstrainedSummary(Summary):
     tuned: dict | None  # tune > 0: {"ms": {candidate: median ms}, "chosen": candidate}
     copies: dict  # `upscale.report.copy_report` of the export
     seconds: float
+    repair: dict | None = None  # `RepairReport.as_dict` of the repair (None: repair "none" or nothing pruned)
 
     def as_dict(self) -> dict:
         """The JSON record (keys in the order the CLI prints them)."""
@@ -93,6 +94,7 @@ class UnconstrainedSummary(Summary):
             "groups": self.groups,
             "group_sizes": self.group_sizes,
             "barriers": self.barriers,
+            "repair": self.repair,
             "groups_pruned": self.groups_pruned,
             "units": self.units,
             "boundaries": self.boundaries,
@@ -145,10 +147,11 @@ class UnconstrainedPass(Pass):
         else:
             prep = prepare(model, c, self.calib if c.measure else None)
             plan, _ = allocate(prep, c, *self.allocation_inputs(model, prep))
+        report = None
         if c.repair != "none":
             assert self.calib is not None  # checked in __init__
-            repaired, _ = repair_plan(model, plan, c.repair, self.calib, stream=c.stream_repair,
-                                      choose_readers=c.reader_choice == "seq")
+            repaired, report = repair_plan(model, plan, c.repair, self.calib, stream=c.stream_repair,
+                                           choose_readers=c.reader_choice == "seq", relu_refit=c.relu_refit)
             # Repair changes values (and may add a bias input), so the re-analysed units are found by name.
             keeps = {unit_key(pc): pc.keep for gp in plan.groups for pc in gp.pieces if pc.is_unit}
             plan = build_plan(repaired, c, keeps)
@@ -161,7 +164,9 @@ class UnconstrainedPass(Pass):
             pruned = infer_shapes(export(plan, contiguous_ops=c.reorder, scatter=scatter))
             tuned = None
         check_model(pruned)
-        summary = self._summary(model, pruned, plan, layout, tuned, start)
+        # the mean repair keeps no record (it restores every layer's output mean)
+        repair = report.as_dict() if report is not None and c.repair != "mean" else None
+        summary = self._summary(model, pruned, plan, layout, tuned, start, repair)
         record = summary.as_dict()
         # Stamped here, not by a `StampInstrument`: callers running the pass alone get the record too.
         stamp(pruned, record)
@@ -175,7 +180,8 @@ class UnconstrainedPass(Pass):
         return {ids[gid]: tuple(counts) for gid, counts in self.config.keep_counts.items() if gid in ids}
 
     def _summary(self, model: onnx.ModelProto, pruned: onnx.ModelProto, plan: UnconstrainedPlan | None,
-                 layout: dict[str, int], tuned: dict | None, start: float) -> UnconstrainedSummary:  # fmt: skip
+                 layout: dict[str, int], tuned: dict | None, start: float,
+                 repair: dict | None = None) -> UnconstrainedSummary:  # fmt: skip
         """The record of one run; `plan` None: nothing was pruned (`pruned` is `model`)."""
         analysis = channel_analysis(model)  # the input's groups and barriers, as constrained pruning sees them
         before, after = ModelGraph(model), ModelGraph(pruned)
@@ -196,4 +202,5 @@ class UnconstrainedPass(Pass):
             tuned=tuned,
             copies=copy_report(pruned),
             seconds=round(time.perf_counter() - start, 3),
+            repair=repair,
         )

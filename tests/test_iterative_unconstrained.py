@@ -20,7 +20,7 @@ from onnxprune.verify import run
 
 # The bench's best configuration (`bench/accuracy_real.UNCONSTRAINED_BEST`) at a parameter target.
 BEST = {"criterion": "l2", "repair": "seq", "drive": "coupled", "reader_choice": "ls", "stream_repair": True,
-        "allocation": "lamp"}
+        "relu_refit": True, "allocation": "lamp"}
 
 
 def _summary(result) -> dict:
@@ -95,6 +95,7 @@ def test_steps_land_the_target_with_an_exact_export(fashion, three_steps):
     model, config, result, _ = three_steps
     _, calib, held_out = fashion
     unconstrained_exact(model, result, held_out)  # the export computes the repaired, masked model
+    assert result.info["summary"]["repair"]["relu_refit"]["refitted"] > 0  # the last step's repair is refitted too
     dense = count_params(ModelGraph(model))
     one_shot = UnconstrainedPass(config, calib=calib).run(model)
     kept, kept_one_shot = (r.info["summary"]["effective_params_after"] for r in (result, one_shot))

@@ -62,7 +62,8 @@ The algorithm:
    running mean; ``ls`` and ``seq`` refit every layer's kept columns by ridge least squares (constrained
    repair's maths with the plan's silenced positions as the removed ones; ``seq`` fits layer by layer on the
    masked, already repaired model's own inputs; with ``stream_repair`` a writer into a residual Add refits
-   toward the original stream minus what the skip now carries, `stream_repair.repair_stream`).
+   toward the original stream minus what the skip now carries, `stream_repair.repair_stream`; with
+   ``relu_refit`` every layer feeding a ReLU is then refitted on the post-ReLU error, `repair_relu.refit_relu`).
 3. **Oracle** (`oracle.mask_model`): the original model with each parameter silenced outside its own
    piece's kept set (zero; 1 for variances/divisors: `oracle.silenced_positions`, one description of what
    is silenced, used by the oracle, the export and the repair alike). The export computes exactly this.

@@ -39,6 +39,9 @@ class UnconstrainedConfig:
     # stream minus what the other Add input now carries, so later writers compensate the channels earlier
     # ones dropped (`upscale.stream_repair`); False: every layer toward its own original output.
     stream_repair: bool = False
+    # repair="seq" only: then every layer that feeds a ReLU is refitted on the error after the ReLU, not before it
+    # (`repair_relu.refit_relu` on the plan's silenced positions; constrained mode's `--relu-refit`).
+    relu_refit: bool = False
     # With calibration inputs (a repair needs them): readers weight their columns by their input's
     # measured per-channel energy (`scores.measured_energy`) instead of BatchNorm statistics.
     measure: bool = True
@@ -116,6 +119,8 @@ class UnconstrainedConfig:
             raise UsageError(f"reader_choice must be score, ls or seq, got {self.reader_choice!r}")
         if self.reader_choice != "score" and self.drive != "coupled":
             raise UsageError(f"reader_choice={self.reader_choice!r} chooses within drive='coupled' only")
+        if self.relu_refit and self.repair != "seq":
+            raise UsageError("relu_refit refines the sequential repair: it needs repair='seq'")
         if self.reader_choice == "seq" and self.repair != "seq":
             raise UsageError("reader_choice='seq' chooses during the sequential repair: it needs repair='seq'")
         if self.naive not in ("scatter", "pad_gather"):
