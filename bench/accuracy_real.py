@@ -40,7 +40,8 @@ names, uniform where it names none):
   ``unconstrained-synthetic-A`` for A in uniform, lamp, knapsack (not in the default ``--methods``): the best
   configuration with the allocation A;
 * ``constrained-lamp``: ``constrained`` with ``--allocation lamp``, the comparison at the same allocation for the
-  unconstrained lamp rows;
+  unconstrained lamp rows; ``constrained-lamp-relu`` (in the default ``--methods``) adds ``--relu-refit``: the same
+  criterion, repair and allocation as the best unconstrained configuration;
 * ``*-refine`` / ``*-refine-kl`` (``calibrated-knapsack-refine`` and ``synthetic-knapsack-refine`` are in the
   default ``--methods``: the rows that meet the R20 bars; the others after any knapsack or knapsack-steps
   method): the same, then ``--refine-epochs`` epochs of end-to-end distillation from the dense model on the
@@ -107,6 +108,7 @@ UNCONSTRAINED_BEST: dict[str, Any] = {"criterion": "l2", "repair": "seq", "drive
 METHODS = ("l1", "l1-lamp", "l2-bias", "l2-bias-lamp", "synthetic", "synthetic-lamp", "synthetic-knapsack",
            "synthetic-lamp-relu", "synthetic-knapsack-refine", "unconstrained-synthetic", "calibrated", "calibrated-lamp",
            "calibrated-knapsack", "calibrated-lamp-relu", "calibrated-knapsack-refine", "constrained", "constrained-lamp",
+           "constrained-lamp-relu",
            "unconstrained", "onnxsim")
 LABELS = {
     "original": "original",
@@ -228,7 +230,7 @@ _refine_labels(REFINE_EPOCHS, REFINE_SYNTHETIC_EPOCHS)
 # ReLU-aware rows (`onnxprune.repair_relu`, `--relu-refit`): a constrained obs + seq method whose layers feeding a
 # ReLU are then refitted on the post-ReLU error. method -> the constrained method. Judged like the rows they refit.
 RELU_REFIT = {f"{m}-relu": m for m in ("calibrated-knapsack", "synthetic-knapsack", "calibrated-knapsack-steps",
-                                       "calibrated-lamp", "calibrated-lamp-steps", "synthetic-lamp")}
+                                       "calibrated-lamp", "calibrated-lamp-steps", "synthetic-lamp", "constrained-lamp")}
 for _m, _base in RELU_REFIT.items():
     LABELS[_m] = f"{LABELS[_base]}, relu refit"
     CONSTRAINED[_m] = CONSTRAINED[_base]

@@ -11,8 +11,8 @@ l1, the allocation a parameter target gets when none is named: uniform until ses
 ``--mode unconstrained`` with each ``--drive`` (the same defaults otherwise: the latency grid as allowed counts).
 
 ``--config best``: unconstrained with the flags of `bench/accuracy_real.py` ``UNCONSTRAINED_BEST``
-(l2, ``--repair seq``, ``--drive coupled``, ``--reader-choice ls``, ``--stream-repair``,
-``--allocation``, ``--calib``) against constrained with the same criterion, repair and allocation
+(l2, ``--repair seq``, ``--drive coupled``, ``--reader-choice ls``, ``--stream-repair``, ``--relu-refit``
+(values only: the shapes are the same without it), ``--allocation``, ``--calib``) against constrained with the same criterion, repair and allocation
 (the same ``--calib``) at the (stored) parameter count the unconstrained export reached
 (``--match``, default; the latency grid's coarse steps can leave either one well under the target); both keep the CLI's ``--round-to auto`` (the latency grid as allowed
 counts). Calibration inputs: CIFAR models a stratified subset of the shared ``calib_train2000.npz`` (training
