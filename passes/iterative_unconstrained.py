@@ -139,7 +139,9 @@ class IterativeUnconstrainedPass(Pass):
         repaired = model
         if c.repair != "none":
             assert self.calib is not None  # UnconstrainedPass checked it
+            # no ReLU-aware refit here: as in constrained mode's steps only the final repair is refitted (the
+            # intermediate ones serve the re-scoring)
             repaired, _ = repair_plan(model, plan, c.repair, self.calib, stream=c.stream_repair,
-                                      choose_readers=c.reader_choice == "seq", relu_refit=c.relu_refit)
+                                      choose_readers=c.reader_choice == "seq")
             keeps = unit_keeps(plan)  # the reader choice of the seq repair may have changed them
         return mask_model(repaired, build_plan(repaired, replace(c, target_params=None), keeps))
