@@ -43,7 +43,8 @@ names, uniform where it names none):
   unconstrained lamp rows; ``constrained-lamp-relu`` (in the default ``--methods``) adds ``--relu-refit``: the same
   criterion, repair and allocation as the best unconstrained configuration;
 * ``*-refine`` / ``*-refine-kl`` (``calibrated-knapsack-refine`` and ``synthetic-knapsack-refine`` are in the
-  default ``--methods``: the rows that meet the R20 bars; the others after any knapsack or knapsack-steps
+  default ``--methods``: the constrained rows that meet the R20 bars; without distillation the unconstrained
+  rows meet them too, with ``--relu-refit`` since session 51; the others after any knapsack or knapsack-steps
   method): the same, then ``--refine-epochs`` epochs of end-to-end distillation from the dense model on the
   row's own inputs (calibration images or synthetic; `onnxprune.refine`, MSE on the logits or KL at T = 4);
 * ``*-relu`` (``calibrated-lamp-relu`` and ``synthetic-lamp-relu`` are in the default ``--methods``; the knapsack's
