@@ -43,7 +43,7 @@ from onnxprune.graph import ModelGraph
 from onnxprune.io import write_atomically
 from onnxprune.metadata import SUMMARY_KEY, read_json_entry
 from onnxprune.quantized import source_initializer
-from onnxprune.report import SENSITIVITY_METRIC, recorded_allocation
+from onnxprune.report import SENSITIVITY_METRIC, recorded_allocation, repair_text
 
 MAX_PLOTTED_LAYERS = 300  # a bar per layer stays visible up to about this many
 MAX_LEGEND_GROUPS = 12
@@ -262,7 +262,7 @@ def _summary_section(s: dict) -> str:
             ]
         )
     if "repair" in config:
-        facts.append(["repair", _repair_text(str(config["repair"]), s.get("repair"))])
+        facts.append(["repair", repair_text(config, s.get("repair"))])
     for key in ("tool", "seconds"):
         if key in s:
             facts.append([key, str(s[key])])
@@ -274,17 +274,6 @@ def _summary_section(s: dict) -> str:
         + _table(["", "value"], facts, table_id="facts")
         + note_html
         + "</section>\n"
-    )
-
-
-def _repair_text(method: str, info) -> str:
-    if not isinstance(info, dict):
-        return method
-    skipped = info.get("skipped")
-    n_skipped = len(skipped) if isinstance(skipped, dict) else skipped
-    return (
-        f"{method}: {info.get('repaired', 0)} layers repaired, {n_skipped or 0} skipped, "
-        f"{info.get('added_biases', 0)} biases added"
     )
 
 

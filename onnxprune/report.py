@@ -138,8 +138,7 @@ def settings_rows(s: dict) -> list[tuple[str, str]]:
             rows[-1] = ("target", f"latency {wanted}" + (" of the dense model's" if wanted.lower().endswith("x") else ""))
         rows.append(("allocation", str(allocation)))
         rows.append(("rounding", rounding_text(config)))
-    method = str(config.get("repair", "none")) + (" + stream targets" if config.get("stream_repair") else "")
-    rows.append(("repair", _repair_text(method, s.get("repair"))))
+    rows.append(("repair", repair_text(config, s.get("repair"))))
     pruned = f"{s.get('groups_pruned', 0)} of {s.get('groups', '-')}"
     if s.get("channels_removed") is not None:
         pruned += f", {s['channels_removed']} channels removed"
@@ -190,12 +189,17 @@ def sparsity_text(sp: dict) -> str:
             f"{sp.get('repair')} ({sp.get('repaired', 0)} repaired)")
 
 
-def _repair_text(method: str, info: dict | None) -> str:
+def repair_text(config: dict, info: dict | None) -> str:
+    """One line about the repair a record's `config` names and what it did (the record's ``repair``,
+    `repair.RepairReport.as_dict`), for the text and the HTML reports."""
+    method = str(config.get("repair", "none")) + (" + stream targets" if config.get("stream_repair") else "")
     if not isinstance(info, dict):
         return method
     skipped = info.get("skipped")
     n_skipped = len(skipped) if isinstance(skipped, dict) else skipped
     text = f"{method}: {info.get('repaired', 0)} layers repaired, {n_skipped or 0} skipped"
+    if info.get("added_biases"):
+        text += f", {info['added_biases']} biases added"
     relu = info.get("relu_refit")
     if isinstance(relu, dict):
         text += (f"; relu refit: {relu.get('refitted', 0)} layers, post-activation error "
