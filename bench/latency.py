@@ -66,6 +66,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.latency_threads import thread_scaling_lines
 from bench.machine import cpu_ticks, load, stolen_since
 from models import zoo
 from onnxprune.latency.backend import LatencyBackend, OrtBackend
@@ -565,7 +566,7 @@ def write_results(
         *(["Timed with --loaded: onnxruntime 1-thread rows by thread CPU time, every speedup from the fastest runs "
            "(provisional: a shared machine)."] if getattr(args, "loaded", False) else []),
         *([] if final else ["(partial: the run is still going)"]),
-        *efficiency_table(variants, args), *bound_lines(bounds or [], variants, args), "",
+        *efficiency_table(variants, args), *thread_scaling_lines(variants), *bound_lines(bounds or [], variants, args), "",
         "Accuracy at equal measured latency: bench/latency_accuracy.py.", "", *log, *([f"total {time.time() - started:.0f} s"] if started else []),
     ]  # fmt: skip
     report = "\n".join(text) + "\n"

@@ -78,3 +78,33 @@ def test_proc_status_reads_this_process_and_is_zero_for_a_gone_one():
     peak = machine.proc_status_kb("VmHWM")  # read second: the resident set may grow between the two reads
     assert 0 < now <= peak  # kB: the peak resident set is never below an earlier current one
     assert machine.proc_status_kb("VmHWM", 2**31 - 1) == 0 and machine.proc_status_kb("NoSuchField") == 0
+
+
+def test_thread_scaling_splits_a_two_thread_miss_into_the_plan_and_the_second_thread(tmp_path):
+    from bench.latency_threads import thread_scaling_lines
+
+    # dense 12 -> 6 ms (2.0x); pruned MACs / 4: at 1 thread 3.0 ms (eff 1.0), at 2 threads 2.0 ms (1.5x, eff 0.75)
+    model = tmp_path / "p.onnx"
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], [f"y{i}"]) for i in range(3)], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y0", onnx.TensorProto.FLOAT, [1])])  # fmt: skip
+    onnx.save(helper.make_model(graph), model)
+    miss = bench_latency.Variant("efficientnet_b0", 0.7, "auto", str(model), 400, 100, 1.0,
+                                 speedup={"ort1": 4.0, "ort2": 3.0}, dense_ms={"ort1": 12.0, "ort2": 6.0})  # fmt: skip
+    plan = bench_latency.Variant("mobilenet_v2", 0.7, "auto", "gone.onnx", 400, 100, 1.0,
+                                 speedup={"ort1": 3.2, "ort2": 3.2}, dense_ms={"ort1": 8.0, "ort2": 4.0})  # fmt: skip
+    fine = bench_latency.Variant("resnet50", 0.3, "auto", "gone.onnx", 200, 100, 1.0,
+                                 speedup={"ort1": 2.0, "ort2": 1.9}, dense_ms={"ort1": 50.0, "ort2": 25.0})  # fmt: skip
+    untimed = bench_latency.Variant("resnet50", 0.5, "auto", "gone.onnx", 200, 100, 1.0, speedup={"ort1": 2.0})
+    lines = thread_scaling_lines([miss, plan, fine, untimed])
+    assert "median over 3 rows: dense 2.00x, pruned 1.90x" in lines[2]
+    rows = lines[3:]
+    assert len(rows) == 2  # the row at the bar is not listed, the one without 2-thread timings not counted
+    assert rows[0].startswith("  efficientnet_b0@0.7 auto: 2T 0.75 = 1T 1.00 x 1.50 / 2.00; 0.9 at 2T needs 1T >= 1.20")
+    assert "~1000 us of 1-thread time per node" in rows[0] and "the thread scaling" in rows[0]  # 3 ms over 3 nodes
+    assert "needs 1T >= 0.90" in rows[1] and "the plan (under the bar at 1 thread too)" in rows[1]
+    assert "per node" not in rows[1]  # its file is gone: no op count
+    assert thread_scaling_lines([untimed]) == []
