@@ -20,7 +20,19 @@ from scipy.linalg import blas
 
 from onnxprune import cblas
 
-__all__ = ["add_gram", "add_product", "fill_upper"]
+__all__ = ["add_gram", "add_product", "fill_upper", "with_one"]
+
+
+def with_one(parts: list[np.ndarray]) -> np.ndarray:
+    """The rows of `parts` stacked (float32), with a constant feature 1 appended: one copy, the ``[x 1]`` rows of
+    a layer with a bias."""
+    out = np.empty((sum(len(p) for p in parts), parts[0].shape[1] + 1), np.float32)
+    out[:, -1] = 1.0
+    at = 0
+    for p in parts:
+        out[at : at + len(p), :-1] = p
+        at += len(p)
+    return out
 
 
 def add_gram(acc: np.ndarray, rows: np.ndarray) -> None:

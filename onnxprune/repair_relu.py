@@ -358,10 +358,14 @@ def _fit(rgraph: ModelGraph, rc: Consumer, removed: dict, base_values: dict, poi
     # each step is two products of the rows with the change: bounded by RELU_STEP_FLOPS per layer, >= 2 steps
     steps = min(iterations, max(2, RELU_STEP_FLOPS // max(1, 2 * X.shape[0] * X.shape[1] * len(outs))))
     pred = np.zeros_like(zc)
+    zn = np.empty_like(zc)
+    # where the original model clamps: fixed over the steps (a bound at infinity clamps nothing)
+    below, above = (zo <= lo) if np.isfinite(lo) else None, (zo >= hi) if np.isfinite(hi) else None
     for _ in range(steps if clamps else 1):
-        zn = zc + s * pred
+        np.multiply(s, pred, out=zn)
+        zn += zc
         # pairs both models clamp to the same bound cost nothing: their target is the current prediction
-        clamped = ((zo <= lo) & (zn <= lo)) | ((zo >= hi) & (zn >= hi))
+        clamped = _both_clamp(zn, below, above, lo, hi)
         rhs = X.T @ np.where(clamped, pred, target)
         delta = _cho_solve(factor, rhs.astype(np.float64)).T.astype(np.float32)
         pred = X @ delta.T
@@ -381,6 +385,18 @@ def _fit(rgraph: ModelGraph, rc: Consumer, removed: dict, base_values: dict, poi
         change[slot.tensor] = (biased, remask(removed, base_values, slot.tensor, biased))
     return change
 
+
+
+def _both_clamp(zn: np.ndarray, below: np.ndarray | None, above: np.ndarray | None, lo: float,
+                hi: float) -> np.ndarray:
+    """Where the refitted output `zn` is clamped to the same bound as the original (`below` / `above`: the
+    original's clamped entries, None for a bound at infinity)."""
+    out = np.zeros(zn.shape, bool)
+    if below is not None:
+        out |= below & (zn <= lo)
+    if above is not None:
+        out |= above & (zn >= hi)
+    return out
 
 
 def _cholesky(H: np.ndarray) -> np.ndarray:

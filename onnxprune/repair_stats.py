@@ -24,7 +24,7 @@ from onnxprune.calibration import (
     single_threaded_blas,
 )
 from onnxprune.dense_rows import DenseRows
-from onnxprune.gram import add_gram, add_product, fill_upper
+from onnxprune.gram import add_gram, add_product, fill_upper, with_one
 from onnxprune.graph import ModelGraph
 from onnxprune.layer_inputs import FrontierRunner
 from onnxprune.progress import task
@@ -177,16 +177,6 @@ def sequential_stats(
                      for _ in range(n_folds)] for c in wave}
     loaded = {} if dense is None else {c.name: dense.load(c.name) for c in wave}
     pending: dict[tuple[str, int], list[tuple[np.ndarray, ...]]] = {}
-
-    def with_one(parts: list[np.ndarray]) -> np.ndarray:
-        """The rows of `parts` stacked, with the constant feature appended: one copy."""
-        out = np.empty((sum(len(p) for p in parts), parts[0].shape[1] + 1), np.float32)
-        out[:, -1] = 1.0
-        at = 0
-        for p in parts:
-            out[at : at + len(p), :-1] = p
-            at += len(p)
-        return out
 
     queue: deque[tuple[Future[None], int]] = deque()  # products in flight and the bytes of rows they hold
     queued = 0

@@ -180,3 +180,53 @@ def test_readers_choosing_during_the_repair_keep_their_counts_and_stay_exact(fas
     assert any(not np.array_equal(keeps["ls"][k], keeps["seq"][k]) for k in keeps["ls"])
     summaries = [r.info["summary"]["effective_params_after"] for r in plans.values()]
     assert summaries[0] == summaries[1]
+
+
+def test_stream_statistics_are_the_per_sample_float64_sums(fashion):
+    """`_stream_stats` multiplies the rows of many samples at once, in float32 (`gram`): it equals the plain
+    per-sample float64 sums of E[x~ x~^T], E[x x~^T] and the writers' E[d x~^T] to float32 rounding."""
+    from onnxprune.layer_inputs import FrontierRunner
+    from onnxprune.upscale.stream_repair import _safe, _stream_stats
+
+    model, calib, _ = fashion
+    graph = ModelGraph(model)
+    wave = consumers(graph)
+    writers = {c.name: w for c in wave if (w := stream_writer(graph, c)) is not None}
+    assert writers
+    current = onnx.ModelProto()
+    current.CopyFrom(model)
+    for t in current.graph.initializer:  # a "pruned" model: other weights, the same graph
+        if t.dims and len(t.dims) == 4:
+            v = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array((v * 0.9).astype(v.dtype), t.name))
+    data = CalibrationData(calib)
+    assert data.batch == 1  # one sample a run: the reference below slices one at a time
+    got = _stream_stats(graph, current, wave, writers, data, 4096, 11, (FrontierRunner(data), FrontierRunner(data)))
+    from onnxprune.calibration import rows_per_input
+    from onnxprune.layer_inputs import truncated
+
+    names = sorted({c.x for c in wave} | {s for s, _ in writers.values()})
+    xo_all = dict(zip(names, run(truncated(model, names), calib)))
+    xc_all = dict(zip(names, run(truncated(current, names), calib)))
+    for j, c in enumerate(wave):
+        shape = c.weight_shape(graph)
+        per = rows_per_input(c.feature_count(shape), 4096, data)
+        H = C = S = 0.0
+        n = 0
+        for i in range(data.n):
+            ro, rc = (hessian_rows(a[c.x][i : i + 1], c, shape, per, np.random.default_rng([11, i, j]))
+                      for a in (xo_all, xc_all))
+            ro = np.concatenate([ro, np.ones((len(ro), 1))], axis=1)
+            rc = np.concatenate([rc, np.ones((len(rc), 1))], axis=1).astype(np.float64)
+            H, C, n = H + rc.T @ rc, C + ro.T @ rc, n + len(rc)
+            if c.name in writers:
+                skip, scale = writers[c.name]
+                d = xo_all[skip][i : i + 1].astype(np.float64) - xc_all[skip][i : i + 1]
+                d /= _safe(scale).reshape((1, -1) + (1,) * (d.ndim - 2))
+                S = S + output_rows(d, per, np.random.default_rng([11, i, j])).T @ rc
+        for ours, ref in zip(got[c.name], (H / n, C / n, None if c.name not in writers else S / n)):
+            assert ours.dtype == np.float64
+            if ref is None:
+                assert not ours.any()  # not a writer: no stream correction
+            else:
+                np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=2e-5 * float(np.abs(ref).max()))
