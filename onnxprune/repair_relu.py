@@ -358,7 +358,7 @@ def _fit(rgraph: ModelGraph, rc: Consumer, removed: dict, base_values: dict, poi
     # each step is two products of the rows with the change: bounded by RELU_STEP_FLOPS per layer, >= 2 steps
     steps = min(iterations, max(2, RELU_STEP_FLOPS // max(1, 2 * X.shape[0] * X.shape[1] * len(outs))))
     pred = np.zeros_like(zc)
-    zn = np.empty_like(zc)
+    zn, mixed = np.empty_like(zc), np.empty_like(zc)  # reused by every step (no fresh pages per step)
     # where the original model clamps: fixed over the steps (a bound at infinity clamps nothing)
     below, above = (zo <= lo) if np.isfinite(lo) else None, (zo >= hi) if np.isfinite(hi) else None
     for _ in range(steps if clamps else 1):
@@ -366,9 +366,11 @@ def _fit(rgraph: ModelGraph, rc: Consumer, removed: dict, base_values: dict, poi
         zn += zc
         # pairs both models clamp to the same bound cost nothing: their target is the current prediction
         clamped = _both_clamp(zn, below, above, lo, hi)
-        rhs = X.T @ np.where(clamped, pred, target)
+        np.copyto(mixed, target)
+        np.copyto(mixed, pred, where=clamped)
+        rhs = X.T @ mixed
         delta = _cho_solve(factor, rhs.astype(np.float64)).T.astype(np.float32)
-        pred = X @ delta.T
+        np.matmul(X, delta.T, out=pred)
     after = float(np.mean((point.act(zc + s * pred) - point.act(zo)) ** 2))
     if not after < before:  # nothing gained on its own rows: the sequential repair's weights stay
         return None
