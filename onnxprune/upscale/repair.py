@@ -21,7 +21,9 @@ plan's (whatever labels are asked for), and whose masked model (`rewrite.apply_m
   90.72 / 88.27 -> 90.85 / 88.90 (row-sampling seeds 1 / 2: 90.86 / 88.75, 90.87 / 88.80), R44 92.60 / 90.70
   -> 92.60 / 90.88; data-free on ``synthetic:512`` R20 at synthesis seeds 0 / 1 / 2 90.50 / 90.50 / 90.49 ->
   90.63 / 90.61 / 90.53 and 86.34 / 86.56 / 86.87 -> 86.51 / 86.60 / 86.80, R44 92.47 / 90.17 -> 92.55 / 90.36
-  (`bench/accuracy_real_results.txt`, session 51). +15-25 s on R20.
+  (`bench/accuracy_real_results.txt`, session 51; with the stream statistics in float32 BLAS blocks since
+  session 52: R20 90.85 / 88.88, R44 92.60 / 90.89, data-free seed 0 90.64 / 86.51 and 92.54 / 90.36). +15-25 s
+  on R20.
 
 The result is the original model with new values (same shapes, possibly a new bias input); masking it with
 the same kept sets (`plan.build_plan` with the units' keeps) gives the oracle the export must equal.
