@@ -7,6 +7,8 @@ work on sample i overlaps the run of sample i + 1. ResNet-50 at 224x224 with eve
 waves (`layer_inputs.FrontierRunner`) 40 -> 36 s, its weights bit-identical.
 Runs this way: calibration statistics (`calibration`), the seq repair's waves, the sensitivity scan
 (`sensitivity_runs`); synthesis runs whole batches two at once the same way (`synthetic._optimise_all`).
+The ReLU-aware refit's elementwise step passes (`repair_relu._step_targets`) run the two halves of their rows
+this way too: numpy's ufuncs release the GIL.
 """
 
 from __future__ import annotations

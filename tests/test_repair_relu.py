@@ -203,3 +203,37 @@ def test_cli_relu_refit_reports_it_in_the_json_and_refuses_other_repairs(tmp_pat
     assert summary["repair"]["relu_refit"] == refit  # the model says what was done
     assert main([*args, "--repair", "ls", "--relu-refit"]) == 2
     assert "--relu-refit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bounds", [(0.0, np.inf), (0.0, 6.0), (-np.inf, 6.0), (-np.inf, np.inf)])
+@pytest.mark.parametrize("rows", [3, 700])
+def test_step_targets_equal_whole_array_passes_bit_for_bit(bounds, rows, monkeypatch):
+    """`_step_targets` (row blocks, two threads): the current prediction where both models clamp to the same bound,
+    the target elsewhere, exactly as one whole-array pass; the blocks made small so that 700 rows span several
+    of them in each half."""
+    from onnxprune import repair_relu
+
+    monkeypatch.setattr(repair_relu, "STEP_BLOCK", 64)
+    rng = np.random.default_rng(1)
+    lo, hi = bounds
+    width = 9
+    s = (rng.random(width) + 0.5).astype(np.float32)
+    zo = (4 * rng.standard_normal((rows, width))).astype(np.float32)
+    zc = zo + rng.standard_normal((rows, width)).astype(np.float32)
+    target = (zo - zc) / s
+    pred = (0.8 * target + 0.3 * rng.standard_normal((rows, width))).astype(np.float32)
+    below = (zo <= lo) if np.isfinite(lo) else None
+    above = (zo >= hi) if np.isfinite(hi) else None
+
+    zn = s * pred + zc
+    clamped = np.zeros(zn.shape, bool)
+    if below is not None:
+        clamped |= below & (zn <= lo)
+    if above is not None:
+        clamped |= above & (zn >= hi)
+    expected = np.where(clamped, pred, target)
+    assert clamped.any() == (below is not None or above is not None)  # the case is exercised
+
+    out = np.full_like(target, np.nan)
+    repair_relu._step_targets(out, pred, zc, s, target, below, above, lo, hi)
+    assert np.array_equal(out.view(np.int32), expected.view(np.int32))
