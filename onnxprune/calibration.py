@@ -396,6 +396,7 @@ def collect_stats(
     seed: int = 0,
     batch: int = 16,
     rows: RowSink | None = None,
+    index: dict[str, int] | None = None,
 ) -> CalibrationStats:
     """Run the calibration samples through `model` and accumulate every consumer's input statistics.
 
@@ -411,8 +412,9 @@ def collect_stats(
     empty) and the pooled activations they read: what a criterion reading only the Hessian (obs) needs.
     ResNet-50, 256 samples: the moments were ~13% of collection's CPU time.
 
-    Rows of consumer number j (in `which`) for sample i are drawn with ``default_rng([seed, i, j])``, as the
-    sequential repair draws them. `rows` (a `dense_rows.DenseRowsWriter`) also receives, per sample, the rows
+    Rows of consumer number j (in `which`, or `index`'s number for it) for sample i are drawn with
+    ``default_rng([seed, i, j])``, as the sequential repair draws them: a pass over a few consumers numbered as
+    in the whole list (`dense_rows.consumer_index`) draws the rows a pass over all of them would. `rows` (a `dense_rows.DenseRowsWriter`) also receives, per sample, the rows
     of the consumers it names, drawn with its generators and budget: the seq repair's original-model side
     from this pass instead of a second forward pass (ResNet-50, 256 samples: ~17 CPU s of onnxruntime and
     the im2col of ~1.4 GB of rows).
@@ -446,7 +448,7 @@ def collect_stats(
     shared = set() if rows is None else {c.name for c in which} & set(rows.per_sample)
     if rows is not None:
         per_sample.update({name: rows.per_sample[name] for name in shared})
-    index = {c.name: j for j, c in enumerate(which)}
+    index = {c.name: j for j, c in enumerate(which)} if index is None else index
     blocks: dict[str, _RowBlocks] = {}  # rows buffered until a block is full (few large F x F products)
 
     def _generator(name: str, sample: int) -> np.random.Generator:

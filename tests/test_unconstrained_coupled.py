@@ -215,3 +215,40 @@ def test_relu_energy_is_the_normal_models_without_scipy_stats():
     assert np.allclose(_relu_energy(np.array([-1.0, 0.0, 2.0]), np.full(3, 1.5), True),
                        (np.maximum(z, 0) ** 2).mean(axis=0), rtol=0.02)
     assert np.array_equal(_relu_energy(mu, sd, False), mu**2 + sd**2)
+
+
+def test_reader_statistics_are_the_full_pass_hessians_of_the_readers_only(fashion, monkeypatch):
+    """`plan.reader_statistics` (session 53) collects only what the readers' least-squares fits read: the
+    one-weight reader units of groups with several units, no moments, each with the rows a pass over every
+    consumer draws. On the trained ResNet's streams its Hessians equal the full pass's bit for bit, and the
+    prepared fits (inverse Hessians) are the ones the full statistics give."""
+    from onnxprune import calibration
+    from onnxprune.calibration import CalibrationData, collect_stats
+    from onnxprune.upscale import plan as upscale_plan
+
+    model, images, _ = fashion
+    calib = {"image": images["image"][:24]}
+    # fewer rows than positions, so that which rows each consumer draws matters
+    monkeypatch.setattr(calibration, "ROW_FLOPS", 2e6)
+    monkeypatch.setattr(calibration, "ROWS_PER_FEATURE", 2)
+    config = UnconstrainedConfig(ratio=0.4, drive="coupled", reader_choice="ls", criterion="l2")
+    full = collect_stats(model, CalibrationData(calib))
+    seen = {}
+    real = upscale_plan.reader_statistics
+
+    def spy(m, found, c):
+        seen["stats"] = real(m, found, c)
+        return seen["stats"]
+
+    monkeypatch.setattr(upscale_plan, "reader_statistics", spy)
+    prepared = upscale_plan.prepare(model, config, calib)
+    few = seen["stats"]
+    assert 0 < len(few.stats) < len(full.stats)
+    for name, st in few.stats.items():
+        assert np.array_equal(st.H, full.stats[name].H) and st.rows == full.stats[name].rows
+        assert st.rows < calib["image"].shape[0] * 28 * 28  # drawn, not every position
+    fits = [(pg, pid, fit) for pg in prepared.groups for pid, fit in pg.least_squares.items()]
+    assert fits
+    for pg, pid, fit in fits:
+        again = upscale_plan.reader_least_squares(pg.pieces[pid], prepared.analysis, pg.group.size, full)
+        assert again is not None and np.array_equal(fit.inverse, again.inverse)
