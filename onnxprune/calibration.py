@@ -414,10 +414,10 @@ def collect_stats(
 
     Rows of consumer number j (in `which`, or `index`'s number for it) for sample i are drawn with
     ``default_rng([seed, i, j])``, as the sequential repair draws them: a pass over a few consumers numbered as
-    in the whole list (`dense_rows.consumer_index`) draws the rows a pass over all of them would. `rows` (a `dense_rows.DenseRowsWriter`) also receives, per sample, the rows
-    of the consumers it names, drawn with its generators and budget: the seq repair's original-model side
-    from this pass instead of a second forward pass (ResNet-50, 256 samples: ~17 CPU s of onnxruntime and
-    the im2col of ~1.4 GB of rows).
+    in the whole list (`dense_rows.consumer_index`) draws the rows a pass over all of them would. `rows` (a
+    `dense_rows.DenseRowsWriter`) also receives, per sample, the rows of the consumers it names, drawn with its
+    generators and budget: the seq repair's original-model side from this pass instead of a second forward
+    pass (ResNet-50, 256 samples: ~17 CPU s of onnxruntime and the im2col of ~1.4 GB of rows).
     """
     data = data.for_model(model)  # a fixed batch runs its inputs B at a time
     graph = ModelGraph(model)
