@@ -231,7 +231,10 @@ def choose_plan(
         # (OBS: the greedy order's updates ~ depth^2)
         placeholder = plan_from({g.id: np.zeros(g.size) for g in analysis.groups})
         needed = {g.id: len(placeholder.removed.get(g.id, ())) for g in analysis.groups}
-        return plan_from(criterion.score_all(analysis, needed=needed))
+        # a group that loses nothing keeps every channel in any order: not scored (OBS: no Hessian inverted for
+        # it; ResNet-50 under LAMP, random weights: 35 of 37 groups)
+        scores = criterion.score_all(analysis, [g for g in analysis.groups if needed[g.id]], needed=needed)
+        return plan_from({g.id: scores.get(g.id, np.zeros(g.size)) for g in analysis.groups})
     return plan_from(criterion.score_all(analysis))
 
 

@@ -250,18 +250,20 @@ def test_greedy_order_stopped_at_the_channels_taken_gives_the_same_prefix():
                                                ({"target_params": "60%"}, None)])
 def test_obs_plan_with_the_order_stopped_early_is_the_whole_orders(monkeypatch, target, allocation):
     """The selection asks OBS only for the channels a uniform or LAMP allocation takes (`Criterion.prefix_order`;
-    neither reads the scores to count, `select.SCORE_FREE_COUNTS`; a parameter target defaults to LAMP): the
-    pruned model is the same, bit for bit, as with every group's whole greedy order."""
+    neither reads the scores to count, `select.SCORE_FREE_COUNTS`; a parameter target defaults to LAMP), and only
+    of the groups that lose some: the pruned model is the same, bit for bit, as with every group's whole greedy
+    order."""
     from onnxprune.criteria import OBS
 
     model = canonical(onnx.load(str(ROOT / "models" / "fashion_mnist_resnet.onnx")))
     calib = {"image": np.random.default_rng(0).random((24, 1, 28, 28), dtype=np.float32)}
     config = PruneConfig(criterion="obs", repair="ls", round_to=1, allocation=allocation, **target)
-    seen = []
+    seen, scored = [], []
     score_all = OBS.score_all
 
     def spy(self, analysis, groups=None, needed=None):
         seen.append(needed)
+        scored.append(None if groups is None else {g.id for g in groups})
         return score_all(self, analysis, groups, needed)
 
     monkeypatch.setattr(OBS, "score_all", spy)
@@ -269,6 +271,8 @@ def test_obs_plan_with_the_order_stopped_early_is_the_whole_orders(monkeypatch, 
     monkeypatch.setattr(OBS, "prefix_order", False)
     whole = PrunePass(config, calib=calib).run(model).model
     assert seen[0] and 0 < sum(seen[0].values()) and seen[1] is None
+    # only the groups that lose channels are scored (a group that keeps all of them needs no order)
+    assert scored[0] == {gid for gid, n in seen[0].items() if n > 0} and scored[1] is None
     a = {t.name: numpy_helper.to_array(t) for t in short.graph.initializer}
     b = {t.name: numpy_helper.to_array(t) for t in whole.graph.initializer}
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
