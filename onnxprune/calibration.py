@@ -16,6 +16,7 @@ Importance criteria (`criteria.py`) and the calibrated repair (`repair.py`) read
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -390,7 +391,7 @@ def collect_stats(
     data: CalibrationData,
     which: list[Consumer] | None = None,
     *,
-    hessian: bool = True,
+    hessian: bool | Set[str] = True,
     moments: bool = True,
     max_rows: int = 65536,
     seed: int = 0,
@@ -408,9 +409,11 @@ def collect_stats(
     float64, as before) halve what collection and every later step hold: ResNet-50's 54 Hessians are 475 MB
     instead of 951 MB (with float64 sums collection peaked at 2.0 GB RSS on 16 samples at 224x224).
 
-    `moments` False skips the per-position moments (mean |x|, APoZ, mean, mean square: their arrays stay
-    empty) and the pooled activations they read: what a criterion reading only the Hessian (obs) needs.
-    ResNet-50, 256 samples: the moments were ~13% of collection's CPU time.
+    `hessian`: the Hessians of every consumer (True), of none (False), or of the named consumers only (the
+    others' rows still go to `rows`; with `moments` False they get no entry). `moments` False skips the
+    per-position moments (mean |x|, APoZ, mean, mean square: their arrays stay empty) and the pooled activations
+    they read: what a criterion reading only the Hessian (obs) needs. ResNet-50, 256 samples: the moments were
+    ~13% of collection's CPU time.
 
     Rows of consumer number j (in `which`, or `index`'s number for it) for sample i are drawn with
     ``default_rng([seed, i, j])``, as the sequential repair draws them: a pass over a few consumers numbered as
@@ -498,15 +501,20 @@ def collect_stats(
             kept: list[tuple[int, dict[str, np.ndarray]]] = [(i + j, {}) for j in range(k)] if shared else []
             for c in which:
                 x = np.asarray(values[c.x], dtype=np.float32)
-                st = result.stats.get(c.name)
-                if st is None:
+                wants_h = hessian is True or (hessian is not False and c.name in hessian)
+                found = result.stats.get(c.name)
+                if not (wants_h or moments):  # only its rows, for `rows`
+                    st = ConsumerStats(np.zeros((0, 0)))
+                elif found is not None:
+                    st = found
+                else:
                     feats = feats_of[c.name]
                     n_pos = x.shape[c.x_axis]
-                    st = ConsumerStats(np.zeros((feats + 1, feats + 1), np.float32) if hessian else np.zeros((0, 0)))
+                    st = ConsumerStats(np.zeros((feats + 1, feats + 1), np.float32) if wants_h else np.zeros((0, 0)))
                     if moments:
                         st.abs_sum, st.zero_sum, st.sum, st.sq_sum = (np.zeros(n_pos) for _ in range(4))
                     result.stats[c.name] = st
-                    if hessian:
+                    if wants_h:
                         blocks[c.name] = _RowBlocks(feats)
                 if moments:
                     m_x = _cached_moments(cache, values, c.x, c.x_axis)
@@ -516,7 +524,7 @@ def collect_stats(
                     st.sum += k * m_x[2]
                     st.sq_sum += k * m_x[3]
                 st.count += k
-                if hessian or c.name in shared:
+                if wants_h or c.name in shared:
                     picks: list[list[np.ndarray | None]] = [[] for _ in range(k)]  # drawn positions, per part
                     drawn = [hessian_rows(part, c, w_shapes[c.name], per_sample[c.name], _generator(c.name, i + j),
                                           picks[j]) for j, part in enumerate(sample_parts(x, k))]
@@ -526,7 +534,7 @@ def collect_stats(
                             kept[j][1][c.name] = part if y is None else output_rows(
                                 sample_parts(values[y], k)[j], c, picks[j])
 
-                    if hessian:
+                    if wants_h:
                         for part in drawn:
                             jobs.extend((st, full) for full in blocks[c.name].add(part))
             del values, cache
@@ -542,11 +550,12 @@ def collect_stats(
             i += k
         while queue:
             queue.popleft()[0].result()
-    if hessian:  # the rows still buffered: seconds on large models, so a step of its own
-        with task("calibration statistics: Hessians", total=len(result.stats)) as progress:
-            for name, st in progress.track(result.stats.items()):
-                if blocks[name].used:
-                    _add_blocks([(st, blocks[name].rest())])
+    if blocks:  # the rows still buffered: seconds on large models, so a step of its own
+        with task("calibration statistics: Hessians", total=len(blocks)) as progress:
+            for name, block in progress.track(blocks.items()):
+                st = result.stats[name]
+                if block.used:
+                    _add_blocks([(st, block.rest())])
                 fill_upper(st.hessian)
     if rows is not None:
         result.rows = rows.finish()

@@ -102,7 +102,8 @@ def _normalised_mean(parts: list[np.ndarray], size: int) -> np.ndarray:
     return sum(p / (np.mean(np.abs(p)) + 1e-12) for p in parts) / len(parts)
 
 
-def _member(group: ChannelGroup, tensor: str, axis: int) -> ChannelSlice | None:
+def member(group: ChannelGroup, tensor: str, axis: int) -> ChannelSlice | None:
+    """The group's member on `tensor`'s `axis` (a consumer reads the group there), or None."""
     for m in group.members:
         if m.tensor == tensor and m.axis == axis:
             return m
@@ -180,7 +181,7 @@ class DataCriterion(Criterion):
         stats = self.stats
         out = []
         for c in stats.consumers.values():
-            m = _member(group, c.weight, c.in_axis)
+            m = member(group, c.weight, c.in_axis)
             if m is not None and c.name in stats.stats:
                 out.append((c, m, stats.stats[c.name]))
         return out
@@ -340,7 +341,7 @@ class OBS(DataCriterion):
 
         out = []
         for c in consumers(analysis.graph):
-            m = _member(group, c.weight, c.in_axis)
+            m = member(group, c.weight, c.in_axis)
             if m is not None:
                 out.append((c, m, None))
         return out

@@ -33,10 +33,10 @@ import onnx
 
 from onnxprune import allocation as alloc
 from onnxprune import allocation_knapsack as knapsack
-from onnxprune.calibration import CalibrationData, CalibrationStats, check_calib, collect_stats
+from onnxprune.calibration import CalibrationData, CalibrationStats, check_calib, collect_stats, consumers
 from onnxprune.calibration_data import CalibLike, as_calibration, fixed_batch
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, analyze
-from onnxprune.criteria import Criterion, Magnitude, get_criterion
+from onnxprune.criteria import Criterion, Magnitude, get_criterion, member
 from onnxprune.dense_rows import DenseRows
 from onnxprune.errors import PreconditionError, missing_calibration
 from onnxprune.graph import ModelGraph
@@ -61,6 +61,9 @@ from onnxprune.sensitivity import SensitivityRow, sensitivity
 
 if TYPE_CHECKING:
     from onnxprune.latency.table import LatencyTable
+
+    #: `latency_select.latency_grid`'s (kept counts per group, latency table, notices)
+    Grid = tuple[KeepCounts | None, LatencyTable | None, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -155,11 +158,14 @@ def calibration_statistics(
     calib: CalibrationData | None,
     custom_criterion: bool = False,
     seq_rows: bool = False,
+    losing: list[ChannelGroup] | None = None,
 ) -> CalibrationStats | None:
     """Calibration statistics of `model` when the criterion or the repair reads them, else None.
 
     `seq_rows`: with the seq repair, also draw its rows of the original model in the same pass
     (`CalibrationStats.rows`, for a repair of this very model object: `ChannelSelection.dense_rows`).
+    `losing`: the only groups that lose channels, where that is known before the scores (`score_free_counts`):
+    Hessians only of the layers that read them, which are all that OBS and the ls repair then read.
     """
     data_criterion = not custom_criterion and config.criterion in ("activation", "apoz", "obs")
     if calib is None or not (data_criterion or config.repair == "ls"):
@@ -171,8 +177,11 @@ def calibration_statistics(
     view, dequantized = float_view(model)
     # the seq repair's rows of the original model drawn in this pass too (`ChannelSelection.dense_rows`)
     rows = seq_rows_writer(view, data, config.seed) if seq_rows and config.repair == "seq" and not dequantized else None
-    return collect_stats(view, data, hessian=config.repair == "ls" or config.criterion == "obs", moments=moments,
-                         seed=config.seed, rows=rows)
+    hessian: bool | frozenset[str] = config.repair == "ls" or config.criterion == "obs"
+    if hessian and losing is not None:
+        hessian = frozenset(c.name for c in consumers(ModelGraph(view))
+                            if any(member(g, c.weight, c.in_axis) is not None for g in losing))
+    return collect_stats(view, data, hessian=hessian, moments=moments, seed=config.seed, rows=rows)
 
 
 def criterion_for(config: PruneConfig, stats: CalibrationStats | None = None) -> Criterion:
@@ -208,34 +217,50 @@ def choose_plan(
             integer ``config.round_to``.
         top: how a uniform or global ratio snaps kept counts to the grid (`plan.snap_keep`).
     """
-    c = config
-    round_to = c.round_to if isinstance(c.round_to, int) else 1
-    targets = {"params": c.target_params, "macs": c.target_macs}
 
     def plan_from(scores: dict[int, np.ndarray]) -> PruningPlan:
-        if c.allocation_name not in ("lamp", "sensitivity", "knapsack") and all(v is None for v in targets.values()):
-            return make_plan(analysis, scores, c.ratio, global_ranking=c.global_ranking, round_to=round_to,
-                             max_group_ratio=c.max_group_ratio, keep_counts=keep_counts, top=top)
-        units = _removal_units(config, analysis, criterion, scores, stats, calib, measured, keep_counts)
-        for metric, text in targets.items():
-            if text is not None:
-                total = count_params(analysis.graph) if metric == "params" else count_macs(analysis.graph)
-                target = alloc.parse_target(text, total, metric)
-                assert target is not None  # text is not None
-                return alloc.plan_for_target(units, analysis, target, metric, tight=c.allocation_name == "knapsack")
-        return alloc.plan_for_ratio(units, analysis, c.ratio)
+        return _plan_from(config, analysis, criterion, scores, stats, calib, measured, keep_counts, top)
 
-    if criterion.prefix_order and c.allocation_name in SCORE_FREE_COUNTS and not c.global_ranking:
-        # uniform and LAMP counts do not depend on the scores (LAMP's budgets are the channels' magnitudes):
-        # a placeholder ranking gives them, and the criterion then orders only the channels each group loses
-        # (OBS: the greedy order's updates ~ depth^2)
-        placeholder = plan_from({g.id: np.zeros(g.size) for g in analysis.groups})
-        needed = {g.id: len(placeholder.removed.get(g.id, ())) for g in analysis.groups}
+    needed = score_free_counts(config, analysis, criterion, keep_counts=keep_counts, top=top)
+    if needed is not None:
         # a group that loses nothing keeps every channel in any order: not scored (OBS: no Hessian inverted for
         # it; ResNet-50 under LAMP, random weights: 35 of 37 groups)
         scores = criterion.score_all(analysis, [g for g in analysis.groups if needed[g.id]], needed=needed)
         return plan_from({g.id: scores.get(g.id, np.zeros(g.size)) for g in analysis.groups})
     return plan_from(criterion.score_all(analysis))
+
+
+def score_free_counts(config: PruneConfig, analysis: ChannelAnalysis, criterion: Criterion, *,
+                      keep_counts: KeepCounts | None = None, top: str = "up") -> dict[int, int] | None:
+    """Group id -> the channels it loses, where they are known before any score: uniform and LAMP counts do
+    not read the scores (LAMP's budgets are the channels' magnitudes), so a placeholder ranking gives them and
+    a criterion with a prefix order (`Criterion.prefix_order`: OBS's greedy order, ~ depth^2) ranks only that
+    deep. None for other allocations and criteria."""
+    if not (criterion.prefix_order and config.allocation_name in SCORE_FREE_COUNTS and not config.global_ranking):
+        return None
+    placeholder = _plan_from(config, analysis, criterion, {g.id: np.zeros(g.size) for g in analysis.groups},
+                             None, None, None, keep_counts, top)
+    return {g.id: len(placeholder.removed.get(g.id, ())) for g in analysis.groups}
+
+
+def _plan_from(config: PruneConfig, analysis: ChannelAnalysis, criterion: Criterion, scores: dict[int, np.ndarray],
+               stats: CalibrationStats | None, calib: CalibrationData | None, measured: SensitivityReport | None,
+               keep_counts: KeepCounts | None, top: str) -> PruningPlan:
+    """The plan of `choose_plan` for given scores."""
+    c = config
+    round_to = c.round_to if isinstance(c.round_to, int) else 1
+    targets = {"params": c.target_params, "macs": c.target_macs}
+    if c.allocation_name not in ("lamp", "sensitivity", "knapsack") and all(v is None for v in targets.values()):
+        return make_plan(analysis, scores, c.ratio, global_ranking=c.global_ranking, round_to=round_to,
+                         max_group_ratio=c.max_group_ratio, keep_counts=keep_counts, top=top)
+    units = _removal_units(config, analysis, criterion, scores, stats, calib, measured, keep_counts)
+    for metric, text in targets.items():
+        if text is not None:
+            total = count_params(analysis.graph) if metric == "params" else count_macs(analysis.graph)
+            target = alloc.parse_target(text, total, metric)
+            assert target is not None  # text is not None
+            return alloc.plan_for_target(units, analysis, target, metric, tight=c.allocation_name == "knapsack")
+    return alloc.plan_for_ratio(units, analysis, c.ratio)
 
 
 def target_notices(config: PruneConfig, analysis: ChannelAnalysis) -> tuple[str, ...]:
@@ -426,10 +451,23 @@ class SelectChannelsPass(Pass):
     def requires(self, model):
         self.check_data()
 
-    def statistics(self, model: onnx.ModelProto) -> CalibrationStats | None:
+    def statistics(self, model: onnx.ModelProto, losing: list[ChannelGroup] | None = None) -> CalibrationStats | None:
         if self.stats is not None:
             return self.stats
-        return calibration_statistics(self.config, model, self.calib, self.criterion is not None, seq_rows=True)
+        return calibration_statistics(self.config, model, self.calib, self.criterion is not None, seq_rows=True,
+                                      losing=losing)
+
+    def losing_groups(self, analysis: ChannelAnalysis, grid: Grid) -> list[ChannelGroup] | None:
+        """The groups that lose channels when that is known before any statistics (`score_free_counts`, no
+        latency table or target), else None. ResNet-50 under LAMP (random weights, 2 of 37 groups lose channels):
+        the statistics' Hessian products of the other layers are skipped (session 53)."""
+        keep_counts, table, _ = grid
+        if self.stats is not None or table is not None or self.config.target_latency is not None:
+            return None
+        criterion = self.criterion or criterion_for(self.config)
+        top = "nearest" if self.config.round_to == "auto" else "up"
+        needed = score_free_counts(self.config, analysis, criterion, keep_counts=keep_counts, top=top)
+        return None if needed is None else [g for g in analysis.groups if needed[g.id]]
 
     def plan(
         self,
@@ -444,10 +482,12 @@ class SelectChannelsPass(Pass):
         analysis: ChannelAnalysis,
         stats: CalibrationStats | None = None,
         measured: SensitivityReport | None = None,
+        grid: Grid | None = None,
     ) -> tuple[PruningPlan, LatencyTable | None, LatencyReport | None, tuple[str, ...]]:
-        """(the plan, the latency table, the verified latency, notices) for an analysed model."""
+        """(the plan, the latency table, the verified latency, notices) for an analysed model; `grid`: its
+        `latency_grid`, if already made."""
         criterion = self.criterion or criterion_for(self.config, stats)
-        keep_counts, table, notices = latency_grid(self.config, analysis)
+        keep_counts, table, notices = grid or latency_grid(self.config, analysis)
         if self.config.target_latency is not None:
             assert table is not None  # a latency target always builds the table
             plan, report = choose_latency_plan(self.config, analysis, criterion, table, stats, self.calib, measured,
@@ -470,11 +510,12 @@ class SelectChannelsPass(Pass):
         params = (m.tensor for g in analysis.groups for m in g.param_members)
         check_float_weights(analysis.graph, params,
                             float_weight_options(self.config, self.criterion is not None, self.calib is not None))
-        stats = self.statistics(model)
+        grid = latency_grid(self.config, analysis)
+        stats = self.statistics(model, self.losing_groups(analysis, grid))
         measured = None
         if self.config.allocation_name in ("sensitivity", "knapsack"):
             measured = measure_sensitivity(self.config, analysis, stats, self.calib)
-        plan, table, latency, more = self.choose(analysis, stats, measured)
+        plan, table, latency, more = self.choose(analysis, stats, measured, grid)
         more += target_notices(self.config, analysis) + rounding_notice(self.config, analysis, plan)
         if not analysis.groups:
             more += (f"no channel group can be pruned ({len(analysis.barriers)} barriers): the output is the model "

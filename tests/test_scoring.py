@@ -245,34 +245,47 @@ def test_greedy_order_stopped_at_the_channels_taken_gives_the_same_prefix():
         np.testing.assert_array_equal(np.argsort(scores(depth), kind="stable")[:k], whole[:k])
 
 
-@pytest.mark.parametrize("target,allocation", [({"ratio": 0.3}, "uniform"), ({"target_params": "80%"}, "uniform"),
-                                               ({"target_params": "80%"}, "lamp"), ({"target_params": "60%"}, "lamp"),
-                                               ({"target_params": "60%"}, None)])
-def test_obs_plan_with_the_order_stopped_early_is_the_whole_orders(monkeypatch, target, allocation):
+@pytest.mark.parametrize("target,allocation,repair", [
+    ({"ratio": 0.3}, "uniform", "ls"), ({"target_params": "80%"}, "uniform", "ls"), ({"target_params": "80%"}, "lamp", "ls"),
+    ({"target_params": "60%"}, "lamp", "ls"), ({"target_params": "60%"}, None, "ls"), ({"target_params": "80%"}, "lamp", "seq")])
+def test_obs_plan_with_the_order_stopped_early_is_the_whole_orders(monkeypatch, target, allocation, repair):
     """The selection asks OBS only for the channels a uniform or LAMP allocation takes (`Criterion.prefix_order`;
     neither reads the scores to count, `select.SCORE_FREE_COUNTS`; a parameter target defaults to LAMP), and only
-    of the groups that lose some: the pruned model is the same, bit for bit, as with every group's whole greedy
-    order."""
+    of the groups that lose some, whose layers alone get calibration Hessians (`select.score_free_counts`, known
+    before the statistics): the pruned model is the same, bit for bit, as with every layer's Hessian and every
+    group's whole greedy order."""
+    from onnxprune import calibration
     from onnxprune.criteria import OBS
+    from onnxprune.passes import select
 
     model = canonical(onnx.load(str(ROOT / "models" / "fashion_mnist_resnet.onnx")))
     calib = {"image": np.random.default_rng(0).random((24, 1, 28, 28), dtype=np.float32)}
-    config = PruneConfig(criterion="obs", repair="ls", round_to=1, allocation=allocation, **target)
-    seen, scored = [], []
-    score_all = OBS.score_all
+    config = PruneConfig(criterion="obs", repair=repair, round_to=1, allocation=allocation, **target)
+    seen, scored, hessians = [], [], []
+    score_all, collect = OBS.score_all, calibration.collect_stats
 
     def spy(self, analysis, groups=None, needed=None):
         seen.append(needed)
         scored.append(None if groups is None else {g.id for g in groups})
         return score_all(self, analysis, groups, needed)
 
+    def spy_stats(*args, **kwargs):
+        stats = collect(*args, **kwargs)
+        hessians.append({name for name, st in stats.stats.items() if st.hessian.size})
+        return stats
+
     monkeypatch.setattr(OBS, "score_all", spy)
+    monkeypatch.setattr(select, "collect_stats", spy_stats)
     short = PrunePass(config, calib=calib).run(model).model
     monkeypatch.setattr(OBS, "prefix_order", False)
     whole = PrunePass(config, calib=calib).run(model).model
     assert seen[0] and 0 < sum(seen[0].values()) and seen[1] is None
-    # only the groups that lose channels are scored (a group that keeps all of them needs no order)
+    # only the groups that lose channels are scored (a group that keeps all of them needs no order), and only
+    # their readers' Hessians collected
     assert scored[0] == {gid for gid, n in seen[0].items() if n > 0} and scored[1] is None
+    assert hessians[0] <= hessians[1]  # (a layer that reads no group, e.g. the stem, needs none either)
+    if len(scored[0]) < len(seen[0]):
+        assert len(hessians[0]) < len(hessians[1]) - 1
     a = {t.name: numpy_helper.to_array(t) for t in short.graph.initializer}
     b = {t.name: numpy_helper.to_array(t) for t in whole.graph.initializer}
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
