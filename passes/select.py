@@ -36,7 +36,7 @@ from onnxprune import allocation_knapsack as knapsack
 from onnxprune.calibration import CalibrationData, CalibrationStats, check_calib, collect_stats, consumers
 from onnxprune.calibration_data import CalibLike, as_calibration, fixed_batch
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, analyze
-from onnxprune.criteria import Criterion, Magnitude, get_criterion, member
+from onnxprune.criteria import CRITERIA, DATA_CRITERIA, Criterion, Magnitude, get_criterion, member
 from onnxprune.dense_rows import DenseRows
 from onnxprune.errors import PreconditionError, missing_calibration
 from onnxprune.graph import ModelGraph
@@ -195,6 +195,8 @@ SENSITIVITY_SAMPLES = 16
 #: Allocations whose per-group counts do not read the criterion's scores (LAMP's budgets come from the channels'
 #: magnitudes, `_lamp_budget`): a criterion with a prefix order ranks only as deep as each group loses.
 SCORE_FREE_COUNTS = frozenset({"uniform", "lamp"})
+#: The named criteria with `Criterion.prefix_order` (made without statistics, OBS's data-free surrogate).
+PREFIX_ORDER_CRITERIA = frozenset(name for name, c in CRITERIA.items() if c.prefix_order and name not in DATA_CRITERIA)
 
 
 def choose_plan(
@@ -464,6 +466,8 @@ class SelectChannelsPass(Pass):
         keep_counts, table, _ = grid
         if self.stats is not None or table is not None or self.config.target_latency is not None:
             return None
+        if self.criterion is None and self.config.criterion not in PREFIX_ORDER_CRITERIA:
+            return None  # (the data criteria cannot be made before their statistics)
         criterion = self.criterion or criterion_for(self.config)
         top = "nearest" if self.config.round_to == "auto" else "up"
         needed = score_free_counts(self.config, analysis, criterion, keep_counts=keep_counts, top=top)
