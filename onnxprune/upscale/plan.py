@@ -21,6 +21,7 @@ import onnx
 from onnxprune.calibration import CalibrationStats, collect_stats, consumers
 from onnxprune.calibration_data import as_calibration
 from onnxprune.channels import ChannelAnalysis, ChannelGroup, ChannelSlice, DimRef, analyze
+from onnxprune.dense_rows import consumer_index
 from onnxprune.graph import ModelGraph, attrs
 from onnxprune.rules.facts import op_facts
 from onnxprune.upscale.boundaries import SplitModel, roles, split_boundaries
@@ -132,10 +133,8 @@ def reader_statistics(model: onnx.ModelProto, found: list[tuple[ChannelGroup, li
     wanted = {(pc.weights[0].tensor, pc.weights[0].axis) for _, pieces, _ in found
               if sum(pc.is_unit for pc in pieces) > 1
               for pc in pieces if pc.is_unit and not pc.has_producer and len(pc.weights) == 1}  # fmt: skip
-    every = consumers(ModelGraph(model))
-    which = [c for c in every if (c.weight, c.in_axis) in wanted]
-    return collect_stats(model, as_calibration(calib), which, moments=False,
-                         index={c.name: j for j, c in enumerate(every)})
+    which = [c for c in consumers(ModelGraph(model)) if (c.weight, c.in_axis) in wanted]
+    return collect_stats(model, as_calibration(calib), which, moments=False, index=consumer_index(model))
 
 
 def ratio_keep(size: int, ratio: float) -> int:
