@@ -209,6 +209,7 @@ def choose_plan(
     *,
     keep_counts: KeepCounts | None = None,
     top: str = "up",
+    needed: dict[int, int] | None = None,
 ) -> PruningPlan:
     """Which channels of which group go: scores, then the configured allocation and target.
 
@@ -218,12 +219,14 @@ def choose_plan(
         keep_counts: allowed kept counts per group (`latency_select.latency_grid`); None: multiples of an
             integer ``config.round_to``.
         top: how a uniform or global ratio snaps kept counts to the grid (`plan.snap_keep`).
+        needed: `score_free_counts` of these arguments, if the caller already has them.
     """
 
     def plan_from(scores: dict[int, np.ndarray]) -> PruningPlan:
         return _plan_from(config, analysis, criterion, scores, stats, calib, measured, keep_counts, top)
 
-    needed = score_free_counts(config, analysis, criterion, keep_counts=keep_counts, top=top)
+    if needed is None:
+        needed = score_free_counts(config, analysis, criterion, keep_counts=keep_counts, top=top)
     if needed is not None:
         # a group that loses nothing keeps every channel in any order: not scored (OBS: no Hessian inverted for
         # it; ResNet-50 under LAMP, random weights: 35 of 37 groups)
@@ -459,10 +462,10 @@ class SelectChannelsPass(Pass):
         return calibration_statistics(self.config, model, self.calib, self.criterion is not None, seq_rows=True,
                                       losing=losing)
 
-    def losing_groups(self, analysis: ChannelAnalysis, grid: Grid) -> list[ChannelGroup] | None:
-        """The groups that lose channels when that is known before any statistics (`score_free_counts`, no
-        latency table or target), else None. ResNet-50 under LAMP (random weights, 2 of 37 groups lose channels):
-        the statistics' Hessian products of the other layers are skipped (session 53)."""
+    def score_free_counts(self, analysis: ChannelAnalysis, grid: Grid) -> dict[int, int] | None:
+        """The channels each group loses when that is known before any statistics (`score_free_counts`, no
+        latency table or target), else None. Only the groups that lose some then get Hessians: ResNet-50 under
+        LAMP (random weights, 2 of 37 groups lose channels) skips the other layers' products (session 53)."""
         keep_counts, table, _ = grid
         if self.stats is not None or table is not None or self.config.target_latency is not None:
             return None
@@ -470,8 +473,7 @@ class SelectChannelsPass(Pass):
             return None  # (the data criteria cannot be made before their statistics)
         criterion = self.criterion or criterion_for(self.config)
         top = "nearest" if self.config.round_to == "auto" else "up"
-        needed = score_free_counts(self.config, analysis, criterion, keep_counts=keep_counts, top=top)
-        return None if needed is None else [g for g in analysis.groups if needed[g.id]]
+        return score_free_counts(self.config, analysis, criterion, keep_counts=keep_counts, top=top)
 
     def plan(
         self,
@@ -487,9 +489,10 @@ class SelectChannelsPass(Pass):
         stats: CalibrationStats | None = None,
         measured: SensitivityReport | None = None,
         grid: Grid | None = None,
+        needed: dict[int, int] | None = None,
     ) -> tuple[PruningPlan, LatencyTable | None, LatencyReport | None, tuple[str, ...]]:
         """(the plan, the latency table, the verified latency, notices) for an analysed model; `grid`: its
-        `latency_grid`, if already made."""
+        `latency_grid`, and `needed` its `score_free_counts`, if already made."""
         criterion = self.criterion or criterion_for(self.config, stats)
         keep_counts, table, notices = grid or latency_grid(self.config, analysis)
         if self.config.target_latency is not None:
@@ -504,7 +507,7 @@ class SelectChannelsPass(Pass):
             return weighted, table, None, notices
         top = "nearest" if self.config.round_to == "auto" else "up"
         plan = choose_plan(self.config, analysis, criterion, stats, self.calib, measured, keep_counts=keep_counts,
-                           top=top)
+                           top=top, needed=needed)
         return plan, table, None, notices
 
     def call(self, model):
@@ -515,11 +518,12 @@ class SelectChannelsPass(Pass):
         check_float_weights(analysis.graph, params,
                             float_weight_options(self.config, self.criterion is not None, self.calib is not None))
         grid = latency_grid(self.config, analysis)
-        stats = self.statistics(model, self.losing_groups(analysis, grid))
+        needed = self.score_free_counts(analysis, grid)
+        stats = self.statistics(model, None if needed is None else [g for g in analysis.groups if needed[g.id]])
         measured = None
         if self.config.allocation_name in ("sensitivity", "knapsack"):
             measured = measure_sensitivity(self.config, analysis, stats, self.calib)
-        plan, table, latency, more = self.choose(analysis, stats, measured, grid)
+        plan, table, latency, more = self.choose(analysis, stats, measured, grid, needed)
         more += target_notices(self.config, analysis) + rounding_notice(self.config, analysis, plan)
         if not analysis.groups:
             more += (f"no channel group can be pruned ({len(analysis.barriers)} barriers): the output is the model "
