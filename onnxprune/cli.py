@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from onnxprune import cli_options as opts
+from onnxprune import process_settings
 from onnxprune.cli_common import (
     WithNotice,
     batch_notice,
@@ -426,6 +427,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Library warnings are silenced: output is results or one line."""
+    process_settings.apply()  # before anything loads numpy and OpenBLAS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _main(argv)
