@@ -12,10 +12,13 @@ Two libraries under the calibrated paths spend CPU on these 2-core machines that
   2 MiB at a time (`clear_page_erms`: ~5.5% of the samples), also the parts a row block never touches.
   ``NUMPY_MADVISE_HUGEPAGE=0`` leaves the pages at 4 KiB.
 
-Measured on ResNet-50 (random weights, 256 samples at 224x224, ``--criterion obs --repair seq --allocation
-uniform --target-params 80% --round-to 1``, 2 cores; bench/repair_speed_results.txt, session 54): user + sys
-CPU 113-120 -> ~108 s, wall 69-74 -> 67-68 s, peak RSS the same, the pruned model bit-identical (neither
-setting changes what is computed).
+Measured in interleaved pairs of CLI runs against the libraries' own defaults (256 samples at 224x224,
+``--target-params 80% --round-to 1``, 2 cores; bench/repair_speed_results.txt, session 54), the pruned models
+bit-identical (neither setting changes what is computed), peak RSS the same:
+
+    EfficientNet-Lite0, unconstrained best configuration    51.8 / 48.8 -> 38.6 / 36.7 s   (CPU 76 -> 48 s)
+    ResNet-50, obs + seq, uniform                           70.9 / 70.7 / 70.4 -> 65.7 / 71.1 / 64.1 s
+    ResNet-50, obs + seq, lamp (the default)                49.5 / 50.2 -> 48.1 / 45.8 s
 
 Defaults only: a variable already in the environment wins. Nothing is set once numpy is loaded (a library
 caller's process, the tests: the libraries read these variables when they load, so setting them later would
