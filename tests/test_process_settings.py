@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -26,16 +27,17 @@ def test_nothing_is_set_once_numpy_is_loaded():
 def test_the_command_line_sets_them_before_numpy_loads():
     """In a fresh process `cli.main` runs first: numpy then loads with huge pages off, and the variables are set
     for OpenBLAS (read when it loads) and for child processes."""
+    names = sorted(process_settings.DEFAULTS)
     code = (
         "import os, sys, json\n"
         "from onnxprune import cli\n"
         "assert 'numpy' not in sys.modules\n"
         "cli.main(['--version'])\n"
         "from numpy._core import multiarray\n"
-        "print(json.dumps({'env': {k: os.environ.get(k) for k in %r}, 'huge': multiarray._get_madvise_hugepage()}))\n"
-        % (sorted(process_settings.DEFAULTS),)
+        f"print(json.dumps({{'env': {{k: os.environ.get(k) for k in {names!r}}},"
+        " 'huge': multiarray._get_madvise_hugepage()}))\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k not in process_settings.DEFAULTS}
+    env = {k: v for k, v in os.environ.items() if k not in process_settings.DEFAULTS}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["env"] == dict(process_settings.DEFAULTS)
