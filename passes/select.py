@@ -35,7 +35,7 @@ from onnxprune import allocation as alloc
 from onnxprune import allocation_knapsack as knapsack
 from onnxprune.calibration import CalibrationData, CalibrationStats, check_calib, collect_stats, consumers
 from onnxprune.calibration_data import CalibLike, as_calibration, fixed_batch
-from onnxprune.channels import ChannelAnalysis, ChannelGroup, analyze
+from onnxprune.channels import ChannelAnalysis, ChannelGroup, DimRef, analyze
 from onnxprune.criteria import CRITERIA, DATA_CRITERIA, Criterion, Magnitude, get_criterion, member
 from onnxprune.dense_rows import DenseRows
 from onnxprune.errors import PreconditionError, missing_calibration
@@ -165,7 +165,8 @@ def calibration_statistics(
     `seq_rows`: with the seq repair, also draw its rows of the original model in the same pass
     (`CalibrationStats.rows`, for a repair of this very model object: `ChannelSelection.dense_rows`).
     `losing`: the only groups that lose channels, where that is known before the scores (`score_free_counts`):
-    Hessians only of the layers that read them, which are all that OBS and the ls repair then read.
+    Hessians only of the layers that read them, which are all that OBS and the ls repair then read, and the seq
+    repair's rows only of the layers it will fit (`repair.seq_rows_writer`).
     """
     data_criterion = not custom_criterion and config.criterion in ("activation", "apoz", "obs")
     if calib is None or not (data_criterion or config.repair == "ls"):
@@ -176,7 +177,10 @@ def calibration_statistics(
     # quantized (QDQ) weights: the layers read them as floats here, as the repairs refit them (`quantized_repair`)
     view, dequantized = float_view(model)
     # the seq repair's rows of the original model drawn in this pass too (`ChannelSelection.dense_rows`)
-    rows = seq_rows_writer(view, data, config.seed) if seq_rows and config.repair == "seq" and not dequantized else None
+    # with the losing groups known, only the rows of the layers a removal there makes the repair fit
+    cut = None if losing is None else [DimRef(m.tensor, m.axis) for g in losing for m in g.members]
+    rows = (seq_rows_writer(view, data, config.seed, cut=cut) if seq_rows and config.repair == "seq"
+            and not dequantized else None)
     hessian: bool | frozenset[str] = config.repair == "ls" or config.criterion == "obs"
     if hessian and losing is not None:
         hessian = frozenset(c.name for c in consumers(ModelGraph(view))
