@@ -484,7 +484,7 @@ def seq_rows_writer(model: onnx.ModelProto, data: CalibrationData, seed: int,
     `cut`: the only dims that can lose positions, where that is known before the statistics (the groups that
     lose channels under score-free counts): only the consumers a removal there makes the repair fit
     (`fit_waves`), each under its number among all consumers, so its rows are those of a full pass. ResNet-50
-    under LAMP (random weights): 25 of 53 consumers, the others' rows (the large early maps) not drawn."""
+    under LAMP (random weights): 26 of 54 consumers, the others' rows (the large early maps) not drawn."""
     if not SEQ_DENSE_ROWS or SEQ_STREAM or SEQ_HOLDOUT > 1:
         return None
     graph = ModelGraph(model)
